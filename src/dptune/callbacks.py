@@ -1,0 +1,106 @@
+"""Callbacks and logger set-up: checkpoints, Weights & Biases mode and validation visuals."""
+
+from __future__ import annotations
+
+import logging
+import os
+from pathlib import Path
+from typing import Any
+
+import cv2
+import lightning.pytorch as pl
+import numpy as np
+from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import WandbLogger
+
+from dptune.labels import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+
+def wandb_mode() -> str:
+    """``online`` only when credentials exist; never a login prompt, never a hang waiting for one.
+
+    An explicit ``WANDB_MODE`` wins.
+    """
+    explicit = os.environ.get("WANDB_MODE")
+    if explicit:
+        return explicit
+    if os.environ.get("WANDB_API_KEY"):
+        return "online"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        if "api.wandb.ai" in netrc.read_text():
+            return "online"
+    except OSError:
+        pass
+    return "offline"
+
+
+class DPTuneWandbLogger(WandbLogger):
+    """``WandbLogger`` that picks online/offline by itself (see ``wandb_mode``)."""
+
+    def __init__(self, project: str = "dptune", save_dir: str = ".", mode: str | None = None, **kwargs: Any) -> None:
+        """
+        Args:
+            project: W&B project.
+            save_dir: Where the run folder goes; ``train.py`` sets it to ``trainer.default_root_dir``.
+            mode: ``online``, ``offline`` or ``disabled``; default: online when credentials exist.
+        """
+        mode = mode or wandb_mode()
+        os.environ.setdefault("WANDB_SILENT", "true")
+        super().__init__(project=project, save_dir=save_dir, mode=mode, **kwargs)
+
+
+class ValidationVisuals(Callback):
+    """Logs a per-class IoU table and overlays (image, ground truth, prediction) to W&B."""
+
+    def __init__(self, num_images: int | None = None) -> None:
+        self.num_images = num_images
+        self._samples: list[dict[str, np.ndarray]] = []
+
+    @staticmethod
+    def _wandb(trainer: pl.Trainer) -> WandbLogger | None:
+        for lg in trainer.loggers:
+            if isinstance(lg, WandbLogger):
+                return lg
+        return None
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or self._wandb(trainer) is None:
+            return
+        n = self.num_images if self.num_images is not None else pl_module.hparams.get("log_images", 4)
+        self._samples = []
+        for b in range(min(n, batch["image"].shape[0])):
+            h, w = batch["sizes"][b]
+            image = batch["image"][b].permute(1, 2, 0).cpu().numpy()
+            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+            self._samples.append({
+                "image": image,
+                "gt": batch["mask"][b, :h, :w].cpu().numpy().astype(np.uint8),
+                "pred": outputs["preds"][b, :h, :w].cpu().numpy().astype(np.uint8),
+            })
+
+    def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        logger = self._wandb(trainer)
+        if logger is None or trainer.sanity_checking or not trainer.is_global_zero:
+            return
+        import wandb
+
+        names = pl_module.label_set.names
+        metrics = pl_module.last_metrics.get("val")
+        step = trainer.global_step
+        if metrics:
+            rows = [[n, None if np.isnan(v) else float(v)] for n, v in zip(names, metrics["IoU"], strict=True)]
+            logger.log_table("val/per_class_IoU", columns=["class", "IoU"], data=rows, step=step)
+        if self._samples:
+            class_labels = {i: n for i, n in enumerate(names)} | {IGNORE_INDEX: "ignore"}
+            images = [
+                wandb.Image(s["image"], masks={
+                    "ground_truth": {"mask_data": s["gt"], "class_labels": class_labels},
+                    "prediction": {"mask_data": s["pred"], "class_labels": class_labels},
+                })
+                for s in self._samples
+            ]
+            logger.experiment.log({"val/overlays": images, "trainer/global_step": step})
+            self._samples = []

@@ -1,0 +1,8 @@
+from dptune.data.datamodule import SegmentationDataModule
+from dptune.data.dataset import SegmentationDataset, collate
+from dptune.data.sources import FolderSource, HFSource, SyntheticSource, read_image, read_mask
+
+__all__ = [
+    "FolderSource", "HFSource", "SegmentationDataModule", "SegmentationDataset", "SyntheticSource",
+    "collate", "read_image", "read_mask",
+]

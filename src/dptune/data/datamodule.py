@@ -1,0 +1,197 @@
+"""SegmentationDataModule: owns files, label set, checks, augmentations and loaders."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch.utils.data import DataLoader
+
+from dptune.data.dataset import SegmentationDataset, collate, scan
+from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
+from dptune.data.transforms import build_transforms, default_train_transforms
+from dptune.errors import DataError, DataErrors
+from dptune.labels import LabelSet
+
+log = logging.getLogger(__name__)
+
+STAGES = ("train", "val", "test")
+
+
+def _pair(v: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each loader worker its own albumentations stream, derived from torch's worker seed."""
+    info = torch.utils.data.get_worker_info()
+    ds = info.dataset if info is not None else None
+    transform = getattr(ds, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(torch.initial_seed() % 2**32)
+
+
+class SegmentationDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root: str = ".",
+        labels: str | dict[str, Any] | None = "labels.yaml",
+        source: Literal["folder", "hf", "synthetic"] = "folder",
+        splits: dict[str, dict[str, Any]] | None = None,
+        hf: dict[str, Any] | None = None,
+        image_size: int | list[int] = 384,
+        crop_size: int | list[int] | None = None,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        train_transforms: list[dict[str, Any]] | None = None,
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int = 2,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        check: bool = True,
+        cache: bool = False,
+        on_bad_sample: Literal["error", "skip"] = "error",
+    ) -> None:
+        """
+        Args:
+            root: Dataset folder; relative paths in ``labels`` and ``splits`` are relative to it.
+            labels: Label file (``labels.yaml`` format, relative to ``root``) or the same content inline.
+                Not needed for ``source: synthetic``.
+            source: ``folder`` (image glob + mask template), ``hf`` (Hugging Face dataset) or ``synthetic``.
+            splits: Per stage (``train``, ``val``, ``test``) the split spec. folder:
+                ``{images: "train/*.jpg", masks: "trainannot/{stem}.png"}`` (placeholders ``{stem}``,
+                ``{name}``, ``{dir}``); hf: ``{split: validation}``; synthetic: ``{count: 200, seed: 0}``.
+            hf: For ``source: hf``: ``{dataset: <hub name or save_to_disk dir>, image_column, mask_column, config_name}``.
+            image_size: Evaluation and export size (h, w) or one int for square. Whole images are resized
+                to it for validation exactly as the exported image processor will; plain ``transformers``
+                needs it square. Training crops are drawn at this scale.
+            crop_size: Training crop (h, w); defaults to ``image_size``.
+            scale_range: Random rescale range for training, relative to ``image_size``.
+            train_transforms: Replace the default training pipeline: a list of
+                ``{name: <albumentations or dptune transform>, **kwargs}``.
+            batch_size: Training batch size per process.
+            val_batch_size: Validation/test batch size per process (default: ``batch_size``).
+            num_workers: Loader worker processes per loader.
+            pin_memory: Pin host memory (default: on when CUDA is available).
+            persistent_workers: Keep workers alive between epochs.
+            check: Decode every sample before training starts, so bad files stop the run early.
+            cache: Keep decoded images and encoded masks in memory (small datasets: decode once).
+            on_bad_sample: ``error`` stops before training listing the bad files; ``skip`` leaves them
+                out and logs how many.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = os.path.expanduser(root)
+        self.source_kind = source
+        self.splits = splits or {}
+        unknown = set(self.splits) - set(STAGES)
+        if unknown:
+            raise DataError(f"data.splits: unknown stages {sorted(unknown)} (use {list(STAGES)})")
+        self.hf = hf or {}
+        self.image_size = _pair(image_size)
+        self.crop_size = _pair(crop_size) or self.image_size
+        self.scale_range = tuple(scale_range)
+        self.train_transforms_spec = train_transforms
+        self.batch_size = batch_size
+        self.val_batch_size = val_batch_size or batch_size
+        self.num_workers = num_workers
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers and num_workers > 0
+        self.check, self.cache, self.on_bad_sample = check, cache, on_bad_sample
+        self.label_set = self._load_labels(labels)
+        self.datasets: dict[str, SegmentationDataset] = {}
+        self.skipped: dict[str, int] = {}
+
+    # ------------------------------------------------------------------ labels
+    def _load_labels(self, labels: str | dict[str, Any] | None) -> LabelSet:
+        if self.source_kind == "synthetic" and labels in (None, "labels.yaml"):
+            return LabelSet(names=list(SYNTHETIC_NAMES), colors=[list(c) for c in SYNTHETIC_COLORS], source="synthetic")
+        if labels is None:
+            raise DataError("data.labels: a label file (or inline label spec) is required")
+        if isinstance(labels, dict):
+            return LabelSet.from_dict(labels, source="data.labels")
+        path = labels if os.path.isabs(labels) else os.path.join(self.root, labels)
+        return LabelSet.from_yaml(path)
+
+    @property
+    def labels_spec(self) -> dict[str, Any]:
+        """The label set as a plain dict: what the model receives (by ``link_arguments``)."""
+        return self.label_set.to_dict()
+
+    # ------------------------------------------------------------------ datasets
+    def train_transform(self):
+        spec = self.train_transforms_spec or default_train_transforms(
+            self.crop_size, self.scale_range, self.image_size
+        )
+        return build_transforms(spec, seed=int(torch.initial_seed() % 2**32))
+
+    def _dataset(self, stage: str) -> SegmentationDataset:
+        if stage in self.datasets:
+            return self.datasets[stage]
+        if stage not in self.splits:
+            raise DataError(f"data.splits has no {stage!r} split (has {sorted(self.splits)})")
+        src = build_source(
+            self.source_kind, dict(self.splits[stage]), self.root, self.label_set.mask_format == "rgb", stage, self.hf
+        )
+        ds = SegmentationDataset(
+            src, self.label_set, transform=self.train_transform() if stage == "train" else None,
+            image_size=None if stage == "train" else self.image_size,
+        )
+        if self.check or self.cache:
+            self._check(ds, stage)
+        self.datasets[stage] = ds
+        return ds
+
+    def _check(self, ds: SegmentationDataset, stage: str) -> None:
+        good, problems, cache = scan(ds, f"checking {stage} data", keep=self.cache)
+        if problems and self.on_bad_sample == "error":
+            raise DataErrors(problems, hint="Fix them, or pass --data.on_bad_sample skip to leave them out.")
+        if problems:
+            for p in problems:
+                log.warning("skipping %s", p)
+            log.warning("%s: skipped %d bad sample(s) of %d", stage, len(problems), len(ds.indices))
+            if not good:
+                raise DataError(f"{stage}: every sample is bad; nothing to train on")
+        ds.indices = good
+        ds.cache = cache if self.cache else None
+        self.skipped[stage] = len(problems)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage or "fit", STAGES)
+        for s in wanted:
+            if s in self.splits:
+                self._dataset(s)
+        if stage == "fit" and "train" not in self.splits:
+            raise DataError("data.splits needs a 'train' split to fit")
+
+    # ------------------------------------------------------------------ loaders
+    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
+        ds = self._dataset(stage)
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size if stage == "train" else self.val_batch_size,
+            shuffle=shuffle,
+            drop_last=stage == "train" and len(ds) > self.batch_size,
+            num_workers=self.num_workers,
+            pin_memory=self.pin_memory,
+            persistent_workers=self.persistent_workers,
+            collate_fn=collate,
+            worker_init_fn=_seed_worker,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train", shuffle=True)
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val", shuffle=False)
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test", shuffle=False)

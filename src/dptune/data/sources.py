@@ -1,0 +1,246 @@
+"""Where samples come from: folder pairs, Hugging Face datasets, or synthetic shapes.
+
+A source is a sized, indexable collection whose items are ``(image, raw_mask, name)``:
+``image`` is uint8 HxWx3 RGB, ``raw_mask`` is the mask as stored (index HxW or RGB HxWx3),
+and ``name`` identifies the sample in error messages (usually the mask's file path).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from dptune.errors import DataError, DataErrors
+
+
+class Source(Protocol):
+    def __len__(self) -> int: ...
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]: ...
+
+    def name(self, i: int) -> str: ...
+
+
+# ---------------------------------------------------------------------------- decoding
+def _read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image file to uint8 HxWx3 RGB (grayscale, RGBA and 16-bit are converted)."""
+    data = _read_bytes(path)
+    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
+        # libjpeg decodes a truncated JPEG with a grey bottom and only a warning
+        raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
+    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    if img is None:
+        raise DataError(f"{path}: not a readable image")
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{path}: unsupported image type {img.dtype}")
+    if img.ndim == 2:
+        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    if img.shape[2] == 4:
+        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    if img.shape[2] == 3:
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    raise DataError(f"{path}: unsupported number of channels {img.shape[2]}")
+
+
+def pil_to_mask(im: Image.Image, rgb: bool, path: str) -> np.ndarray:
+    """A PIL mask to an array: palette masks give their indices (index format) or colours (rgb)."""
+    if rgb:
+        if im.mode in ("I;16", "I", "F"):
+            raise DataError(f"{path}: RGB mask expected, got a {im.mode} single-channel image")
+        return np.asarray(im.convert("RGB"))
+    if im.mode in ("L", "P", "I;16", "I;16B", "I;16L"):
+        arr = np.asarray(im)
+        return arr.astype(np.uint16) if arr.dtype.kind == "u" and arr.dtype.itemsize > 1 else arr
+    if im.mode == "I":
+        return np.asarray(im)
+    if im.mode in ("RGB", "RGBA", "LA"):
+        return np.asarray(im)  # LabelSet.encode accepts grey-as-RGB, refuses real colour
+    raise DataError(f"{path}: unsupported mask mode {im.mode}")
+
+
+def read_mask(path: str, rgb: bool) -> np.ndarray:
+    """Decode a mask file. PIL, not OpenCV: OpenCV cannot return a palette PNG's indices."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            return pil_to_mask(im, rgb, path)
+    except FileNotFoundError:
+        raise DataError(f"{path}: mask file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a readable mask ({e})") from None
+
+
+# ---------------------------------------------------------------------------- folder pairs
+def mask_path_for(image_path: str, template: str, root: str) -> str:
+    """Fill a mask template: ``{stem}`` file name without extension, ``{name}`` with it,
+    ``{dir}`` the image's folder. Relative results are relative to ``root``."""
+    p = Path(image_path)
+    filled = template.format(stem=p.stem, name=p.name, dir=str(p.parent))
+    if not os.path.isabs(filled):
+        filled = os.path.join(root, filled)
+    return os.path.normpath(filled)
+
+
+class FolderSource:
+    """Image files matched by a glob, each paired with a mask found by a path template."""
+
+    def __init__(self, root: str, images: str, masks: str, rgb_masks: bool = False) -> None:
+        self.root = root
+        pattern = images if os.path.isabs(images) else os.path.join(root, images)
+        self.images = sorted(glob.glob(pattern, recursive=True))
+        if not self.images:
+            raise DataError(f"{pattern}: no images match")
+        self.masks = [mask_path_for(p, masks, root) for p in self.images]
+        self.rgb_masks = rgb_masks
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def name(self, i: int) -> str:
+        return self.images[i]
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        return read_image(self.images[i]), read_mask(self.masks[i], self.rgb_masks), self.images[i]
+
+    def missing_masks(self) -> list[str]:
+        return [f"{img}: no mask at {m}" for img, m in zip(self.images, self.masks, strict=True) if not os.path.exists(m)]
+
+
+# ---------------------------------------------------------------------------- Hugging Face datasets
+class HFSource:
+    """A split of a Hugging Face dataset: a hub name or a ``save_to_disk`` directory."""
+
+    def __init__(
+        self,
+        dataset: str,
+        split: str,
+        image_column: str = "image",
+        mask_column: str = "label",
+        rgb_masks: bool = False,
+        config_name: str | None = None,
+    ) -> None:
+        import datasets
+
+        if os.path.isdir(dataset):
+            ds = datasets.load_from_disk(dataset)
+            if isinstance(ds, datasets.DatasetDict):
+                if split not in ds:
+                    raise DataError(f"{dataset}: no split {split!r} (has {sorted(ds)})")
+                ds = ds[split]
+        else:
+            ds = datasets.load_dataset(dataset, config_name, split=split)
+        for col in (image_column, mask_column):
+            if col not in ds.column_names:
+                raise DataError(f"{dataset}[{split}]: no column {col!r} (has {ds.column_names})")
+        self.ds, self.label = ds, f"{dataset}[{split}]"
+        self.image_column, self.mask_column, self.rgb_masks = image_column, mask_column, rgb_masks
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def name(self, i: int) -> str:
+        return f"{self.label}#{i}"
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        row = self.ds[i]
+        name = self.name(i)
+        image, mask = row[self.image_column], row[self.mask_column]
+        if isinstance(image, Image.Image):
+            image = np.asarray(image.convert("RGB"))
+        else:
+            image = np.asarray(image)
+            if image.ndim == 2:
+                image = np.repeat(image[..., None], 3, axis=2)
+        if isinstance(mask, Image.Image):
+            mask = pil_to_mask(mask, self.rgb_masks, name)
+        else:
+            mask = np.asarray(mask)
+        if image.dtype != np.uint8:
+            raise DataError(f"{name}: image must be uint8, got {image.dtype}")
+        return np.ascontiguousarray(image[..., :3]), mask, name
+
+
+# ---------------------------------------------------------------------------- synthetic shapes
+SYNTHETIC_NAMES = ["background", "disc", "box", "triangle"]
+SYNTHETIC_COLORS = [[40, 40, 40], [230, 80, 60], [60, 160, 230], [240, 210, 60]]
+
+
+class SyntheticSource:
+    """Procedural shapes (discs, boxes, triangles) on textured backgrounds, seeded per sample.
+
+    Each class has its own shape and a hue that varies from sample to sample, so a model has to
+    use both colour and form. Used by the quickstart and the tests; needs no files.
+    """
+
+    def __init__(self, count: int = 200, size: Sequence[int] = (192, 192), seed: int = 0) -> None:
+        self.count, self.size, self.seed = int(count), (int(size[0]), int(size[1])), int(seed)
+
+    def __len__(self) -> int:
+        return self.count
+
+    def name(self, i: int) -> str:
+        return f"synthetic(seed={self.seed})#{i}"
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        rng = np.random.default_rng([self.seed, i])
+        h, w = self.size
+        # low-frequency texture: upsampled noise, tinted
+        noise = cv2.resize(rng.random((h // 16 + 1, w // 16 + 1, 3)).astype(np.float32), (w, h))
+        base = rng.uniform(20, 120, 3).astype(np.float32)
+        image = base + 70 * noise + rng.normal(0, 6, (h, w, 3)).astype(np.float32)
+        mask = np.zeros((h, w), np.uint8)
+        for _ in range(rng.integers(2, 6)):
+            cls = int(rng.integers(1, 4))
+            r = int(rng.integers(min(h, w) // 10, min(h, w) // 4))
+            cy, cx = int(rng.integers(r, h - r)), int(rng.integers(r, w - r))
+            shape = np.zeros((h, w), np.uint8)
+            if cls == 1:
+                cv2.circle(shape, (cx, cy), r, 1, -1)
+            elif cls == 2:
+                cv2.rectangle(shape, (cx - r, cy - r), (cx + r, cy + r), 1, -1)
+            else:
+                pts = np.array([[cx, cy - r], [cx - r, cy + r], [cx + r, cy + r]], np.int32)
+                cv2.fillPoly(shape, [pts], 1)
+            color = np.array(SYNTHETIC_COLORS[cls], np.float32) + rng.normal(0, 25, 3)
+            image[shape == 1] = color + rng.normal(0, 10, (int(shape.sum()), 3))
+            mask[shape == 1] = cls
+        return np.clip(image, 0, 255).astype(np.uint8), mask, self.name(i)
+
+
+def build_source(kind: str, spec: dict[str, Any], root: str, rgb_masks: bool, stage: str, hf: dict[str, Any]) -> Source:
+    """One split's source from its YAML spec (see ``SegmentationDataModule``)."""
+    try:
+        if kind == "folder":
+            src = FolderSource(root, spec["images"], spec["masks"], rgb_masks)
+            missing = src.missing_masks()
+            if missing:
+                raise DataErrors(missing, hint="Every image needs a mask (check the masks template).")
+            return src
+        if kind == "hf":
+            return HFSource(split=spec.get("split", stage), rgb_masks=rgb_masks, **hf)
+        if kind == "synthetic":
+            return SyntheticSource(**spec)
+    except KeyError as e:
+        raise DataError(f"data.splits.{stage}: missing key {e} for source {kind!r}") from None
+    except TypeError as e:
+        raise DataError(f"data.splits.{stage}: {e}") from None
+    raise DataError(f"data.source must be folder, hf or synthetic, got {kind!r}")

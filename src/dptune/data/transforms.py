@@ -1,0 +1,169 @@
+"""Albumentations pipelines: segmentation defaults, YAML-defined pipelines, validation resize.
+
+Images stay uint8 until the module normalises them on the device. Mask geometry is always
+nearest-neighbour and every pixel a transform invents (padding, rotation borders) is 255.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+from PIL import Image
+
+from dptune.labels import IGNORE_INDEX
+
+
+class RandomScaleCrop(A.DualTransform):
+    """Rescale, then take a random ``crop`` window, padding with 255 where the image is smaller.
+
+    Done as one resize of just the cropped region (crop before heavy ops): the image is never
+    rescaled as a whole. ``base_size`` (h, w), when given, is the size the whole image would be
+    resized to at scale 1 (the size evaluation uses); otherwise scale 1 is the native size.
+    The scale factor is drawn uniformly from ``scale``.
+    """
+
+    def __init__(
+        self,
+        crop: Sequence[int] = (512, 512),
+        scale: Sequence[float] = (0.5, 2.0),
+        base_size: Sequence[int] | None = None,
+        fill_mask: int = IGNORE_INDEX,
+        p: float = 1.0,
+    ) -> None:
+        super().__init__(p=p)
+        self.crop = (int(crop[0]), int(crop[1]))
+        self.scale = (float(scale[0]), float(scale[1]))
+        self.base_size = None if base_size is None else (int(base_size[0]), int(base_size[1]))
+        self.fill_mask = fill_mask
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("crop", "scale", "base_size", "fill_mask")
+
+    def _axis(self, length: int, factor: float, out: int) -> tuple[int, int, int, int]:
+        """(src_start, src_len, dst_start, dst_len) along one axis."""
+        region = max(1, round(out / factor))  # source pixels that fill the output window
+        if region <= length:
+            start = int(self.py_random.randint(0, length - region))
+            return start, region, 0, out
+        dst_len = max(1, min(out, round(length * factor)))
+        dst_start = int(self.py_random.randint(0, out - dst_len))
+        return 0, length, dst_start, dst_len
+
+    def get_params_dependent_on_data(self, params: dict[str, Any], data: dict[str, Any]) -> dict[str, Any]:
+        h, w = params["shape"][:2]
+        s = self.py_random.uniform(*self.scale)
+        fy, fx = (s * self.base_size[0] / h, s * self.base_size[1] / w) if self.base_size else (s, s)
+        return {"ys": self._axis(h, fy, self.crop[0]), "xs": self._axis(w, fx, self.crop[1])}
+
+    def _apply(self, arr: np.ndarray, ys: tuple, xs: tuple, fill: int, interp: int) -> np.ndarray:
+        sy, sh, dy, dh = ys
+        sx, sw, dx, dw = xs
+        region = arr[sy : sy + sh, sx : sx + sw]
+        if (sh, sw) != (dh, dw):
+            region = cv2.resize(region, (dw, dh), interpolation=interp)
+        if (dh, dw) == self.crop:
+            return np.ascontiguousarray(region)
+        out = np.full((*self.crop, *arr.shape[2:]), fill, dtype=arr.dtype)
+        out[dy : dy + dh, dx : dx + dw] = region.reshape(dh, dw, *arr.shape[2:])
+        return out
+
+    def apply(self, img: np.ndarray, ys: tuple = (), xs: tuple = (), **params: Any) -> np.ndarray:
+        shrinking = ys[1] > ys[3] or xs[1] > xs[3]
+        return self._apply(img, ys, xs, 0, cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
+
+    def apply_to_mask(self, mask: np.ndarray, ys: tuple = (), xs: tuple = (), **params: Any) -> np.ndarray:
+        return self._apply(mask, ys, xs, self.fill_mask, cv2.INTER_NEAREST)
+
+
+class PhotometricJitter(A.ImageOnlyTransform):
+    """Brightness, contrast and saturation jitter in one lookup-table pass on uint8 images.
+
+    The cheap core of MMSegmentation's PhotoMetricDistortion (hue shifts, the expensive part,
+    are left to ``A.HueSaturationValue`` for pipelines that want them).
+    """
+
+    def __init__(
+        self, brightness: float = 32, contrast: float = 0.5, saturation: float = 0.5, p: float = 0.8
+    ) -> None:
+        super().__init__(p=p)
+        self.brightness, self.contrast, self.saturation = brightness, contrast, saturation
+
+    def get_transform_init_args_names(self) -> tuple[str, ...]:
+        return ("brightness", "contrast", "saturation")
+
+    def get_params(self) -> dict[str, Any]:
+        r = self.py_random
+        return {
+            "delta": r.uniform(-self.brightness, self.brightness),
+            "alpha": r.uniform(1 - self.contrast, 1 + self.contrast),
+            "sat": r.uniform(1 - self.saturation, 1 + self.saturation),
+        }
+
+    def apply(self, img: np.ndarray, delta: float = 0, alpha: float = 1, sat: float = 1, **params: Any) -> np.ndarray:
+        lut = np.clip((np.arange(256, dtype=np.float32) - 128) * alpha + 128 + delta, 0, 255).astype(np.uint8)
+        img = cv2.LUT(img, lut)
+        if sat != 1:
+            grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY)[..., None].astype(np.float32)
+            img = np.clip(grey + (img.astype(np.float32) - grey) * sat, 0, 255).astype(np.uint8)
+        return img
+
+
+CUSTOM = {"RandomScaleCrop": RandomScaleCrop, "PhotometricJitter": PhotometricJitter}
+
+
+def default_train_transforms(
+    crop_size: Sequence[int], scale_range: Sequence[float] = (0.5, 2.0), image_size: Sequence[int] | None = None
+) -> list[dict[str, Any]]:
+    """The default training pipeline, as the YAML list a user would write."""
+    return [
+        {"name": "RandomScaleCrop", "crop": list(crop_size), "scale": list(scale_range),
+         "base_size": list(image_size) if image_size else None},
+        {"name": "HorizontalFlip", "p": 0.5},
+        {"name": "PhotometricJitter", "p": 0.8},
+    ]
+
+
+def _enforce_mask_rules(name: str, kwargs: dict[str, Any], cls: type) -> dict[str, Any]:
+    import inspect
+
+    params = inspect.signature(cls.__init__).parameters
+    if "mask_interpolation" in params:
+        if kwargs.get("mask_interpolation", cv2.INTER_NEAREST) != cv2.INTER_NEAREST:
+            raise ValueError(f"{name}: mask_interpolation must be nearest (0); masks hold class indices")
+        kwargs["mask_interpolation"] = cv2.INTER_NEAREST
+    if "fill_mask" in params:
+        kwargs.setdefault("fill_mask", IGNORE_INDEX)
+    return kwargs
+
+
+def build_transforms(spec: Sequence[dict[str, Any]], seed: int | None = None) -> A.Compose:
+    """A ``Compose`` from a list of ``{name: <albumentations or dptune class>, **kwargs}``."""
+    steps = []
+    for i, item in enumerate(spec):
+        if not isinstance(item, dict) or "name" not in item:
+            raise ValueError(f"transforms[{i}]: expected a mapping with 'name', got {item!r}")
+        kwargs = dict(item)
+        name = kwargs.pop("name")
+        cls = CUSTOM.get(name) or getattr(A, name, None)
+        if cls is None:
+            raise ValueError(f"transforms[{i}]: unknown transform {name!r} (not in albumentations or dptune)")
+        try:
+            steps.append(cls(**_enforce_mask_rules(name, kwargs, cls)))
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"transforms[{i}] {name}: {e}") from None
+    return A.Compose(steps, seed=seed)
+
+
+def resize_like_processor(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
+    """Resize exactly as the exported ``DPTImageProcessor`` does (PIL bicubic on uint8).
+
+    Validation must see what a plain ``transformers`` user feeds the exported model.
+    """
+    h, w = int(size[0]), int(size[1])
+    if image.shape[:2] == (h, w):
+        return image
+    return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))

@@ -1,0 +1,26 @@
+"""Errors that reach the user as one line, without a traceback."""
+
+from __future__ import annotations
+
+
+class DataError(ValueError):
+    """Bad input data. The message names the file and what is wrong with it."""
+
+
+class DataErrors(DataError):
+    """Several bad files found in one pass; ``problems`` holds one line per file."""
+
+    def __init__(self, problems: list[str], total: int | None = None, hint: str = "") -> None:
+        self.problems = problems
+        self.total = total if total is not None else len(problems)
+        self.hint = hint
+        super().__init__(self.render())
+
+    def render(self, cap: int = 20) -> str:
+        lines = self.problems[:cap]
+        if self.total > cap:
+            lines.append(f"... and {self.total - cap} more")
+        summary = f"{self.total} bad sample(s) found before training."
+        if self.hint:
+            summary += f" {self.hint}"
+        return "\n".join([*lines, summary])

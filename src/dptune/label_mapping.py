@@ -1,0 +1,124 @@
+"""Parse the ``labels.yaml`` format into a :class:`~dptune.labels.LabelSet`.
+
+Keys (all optional but ``names``/``from_checkpoint``)::
+
+    names: [Sky, Building, ...]          # class i is names[i]
+    colors: [[r, g, b], ...]             # palette; the encoding when mask_format is rgb
+    mask_format: index | rgb             # default index
+    ignore_values: [11]                  # index masks: source values with no label
+    ignore_colors: [[0, 0, 0]]           # rgb masks: colours with no label
+    reduce_labels: true                  # ADE20K style: value 0 = "other" (ignored), value k = class k-1
+    map: {12: Car, 13: Car, 0: ignore}   # index masks: source value -> class name/index or "ignore";
+                                         # when given it replaces "value i is class i"
+    color_map: [[[r, g, b], Car], ...]   # rgb masks: colour -> class name/index or "ignore";
+                                         # when given it replaces "colors[i] is class i"
+    from_checkpoint: Intel/dpt-large-ade # names (and order) from a checkpoint's config.id2label
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from dptune.labels import IGNORE_INDEX, _color_tuple
+
+if TYPE_CHECKING:
+    from dptune.labels import LabelSet
+
+_KNOWN_KEYS = {
+    "names", "colors", "mask_format", "ignore_values", "ignore_colors", "reduce_labels",
+    "map", "color_map", "from_checkpoint", "value_map",
+}
+
+
+def _names_from_checkpoint(ref: str) -> list[str]:
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(ref)
+    id2label = {int(k): v for k, v in config.id2label.items()}
+    return [id2label[i] for i in range(len(id2label))]
+
+
+def _target(value: Any, names: list[str], source: str) -> int:
+    """A map target: class name (case-insensitive), class index, or 'ignore'/255."""
+    if isinstance(value, str):
+        if value.lower() == "ignore":
+            return IGNORE_INDEX
+        lowered = [n.lower() for n in names]
+        if value.lower() not in lowered:
+            raise ValueError(f"{source}: map target {value!r} is not a class name")
+        return lowered.index(value.lower())
+    if isinstance(value, int) and (0 <= value < len(names) or value == IGNORE_INDEX):
+        return value
+    raise ValueError(f"{source}: map target {value!r} must be a class name, an index or 'ignore'")
+
+
+def _index_map(spec: dict[str, Any], names: list[str], source: str) -> dict[int, int]:
+    if "value_map" in spec:  # the checkpoint form written by LabelSet.to_dict
+        return {int(k): int(v) for k, v in spec["value_map"].items()}
+    if "map" in spec:
+        value_map = {int(k): _target(v, names, source) for k, v in (spec["map"] or {}).items()}
+    elif spec.get("reduce_labels"):
+        value_map = {i + 1: i for i in range(len(names))}
+        value_map[0] = IGNORE_INDEX
+    else:
+        value_map = {i: i for i in range(len(names))}
+    for v in spec.get("ignore_values") or []:
+        v = int(v)
+        if value_map.get(v, IGNORE_INDEX) != IGNORE_INDEX:
+            raise ValueError(f"{source}: value {v} is both a class and in ignore_values")
+        value_map[v] = IGNORE_INDEX
+    return value_map
+
+
+def _color_map(spec: dict[str, Any], names: list[str], colors: list, source: str) -> dict[tuple, int]:
+    if "color_map" in spec:
+        pairs = spec["color_map"] or []
+        cmap = {}
+        for pair in pairs:
+            if not isinstance(pair, (list, tuple)) or len(pair) != 2:
+                raise ValueError(f"{source}: color_map entries are [[r, g, b], class], got {pair!r}")
+            cmap[_color_tuple(pair[0], f"{source}: color_map")] = _target(pair[1], names, source)
+    else:
+        if not colors:
+            raise ValueError(f"{source}: mask_format rgb needs 'colors' (or 'color_map')")
+        cmap = {_color_tuple(c, f"{source}: colors"): i for i, c in enumerate(colors)}
+    for c in spec.get("ignore_colors") or []:
+        c = _color_tuple(c, f"{source}: ignore_colors")
+        if cmap.get(c, IGNORE_INDEX) != IGNORE_INDEX:
+            raise ValueError(f"{source}: colour {list(c)} is both a class and in ignore_colors")
+        cmap[c] = IGNORE_INDEX
+    return cmap
+
+
+def parse_label_spec(cls: type[LabelSet], spec: dict[str, Any], source: str) -> LabelSet:
+    unknown = set(spec) - _KNOWN_KEYS
+    if unknown:
+        raise ValueError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(_KNOWN_KEYS)})")
+    names = spec.get("names")
+    if names is None and spec.get("from_checkpoint"):
+        names = _names_from_checkpoint(str(spec["from_checkpoint"]))
+    if not names or not isinstance(names, list):
+        raise ValueError(f"{source}: 'names' must be a non-empty list (or give 'from_checkpoint')")
+    names = [str(n) for n in names]
+    colors = spec.get("colors") or []
+    mask_format = spec.get("mask_format", "index")
+    if mask_format not in ("index", "rgb"):
+        raise ValueError(f"{source}: mask_format must be 'index' or 'rgb', got {mask_format!r}")
+    if mask_format == "index":
+        if spec.get("ignore_colors") or "color_map" in spec:
+            raise ValueError(f"{source}: ignore_colors/color_map apply to mask_format rgb only")
+        return cls(names=names, colors=colors, mask_format="index",
+                   value_map=_index_map(spec, names, source), source=source)
+    if spec.get("ignore_values") or "map" in spec or spec.get("reduce_labels"):
+        raise ValueError(f"{source}: ignore_values/map/reduce_labels apply to mask_format index only")
+    if "color_map" in spec and not spec["color_map"] and not colors:
+        raise ValueError(f"{source}: empty color_map")
+    cmap = _color_map(spec, names, colors, source)
+    if not colors and "color_map" in spec:
+        # display colours default to the first colour mapped to each class
+        first = {}
+        for c, t in cmap.items():
+            first.setdefault(t, list(c))
+        colors = [first.get(i) for i in range(len(names))]
+        colors = colors if all(c is not None for c in colors) else []
+    return cls(names=names, colors=colors, mask_format="rgb", color_map=cmap, source=source)

@@ -1,0 +1,220 @@
+"""Label sets: class names, colours, and how the pixels of a mask map to class indices.
+
+Everything downstream (loss, metrics, padding, export) relies on two facts established here:
+class indices are contiguous ``0..C-1`` and ``IGNORE_INDEX`` (255) means "no label".
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import yaml
+
+from dptune.errors import DataError
+
+IGNORE_INDEX = 255
+MAX_CLASSES = 255  # 0..254; 255 is reserved for "no label"
+_UNKNOWN = -1
+
+MaskFormat = Literal["index", "rgb"]
+
+
+def default_palette(n: int) -> list[list[int]]:
+    """A deterministic, well-spread palette (the PASCAL VOC bit-interleaving scheme)."""
+    palette = []
+    for i in range(n):
+        r = g = b = 0
+        c = i + 1
+        for j in range(8):
+            r |= ((c >> 0) & 1) << (7 - j)
+            g |= ((c >> 1) & 1) << (7 - j)
+            b |= ((c >> 2) & 1) << (7 - j)
+            c >>= 3
+        palette.append([r, g, b])
+    return palette
+
+
+def _rgb_key(rgb: np.ndarray) -> np.ndarray:
+    """Pack an (..., 3) uint8 array into one int32 per pixel so colours compare in one op."""
+    rgb = rgb.astype(np.int32, copy=False)
+    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+
+
+def _color_tuple(c: Sequence[int], what: str) -> tuple[int, int, int]:
+    if len(c) != 3 or any(not 0 <= int(v) <= 255 for v in c):
+        raise ValueError(f"{what}: expected [r, g, b] with values 0-255, got {list(c)}")
+    return int(c[0]), int(c[1]), int(c[2])
+
+
+@dataclass
+class LabelSet:
+    """Class names and the rule that turns a mask into class indices.
+
+    ``value_map`` (index masks) and ``color_map`` (RGB masks) say which source value or colour
+    becomes which class index (or ``IGNORE_INDEX``). Anything not in the map is an error.
+    """
+
+    names: list[str]
+    colors: list[list[int]] = field(default_factory=list)
+    mask_format: MaskFormat = "index"
+    value_map: dict[int, int] = field(default_factory=dict)
+    color_map: dict[tuple[int, int, int], int] = field(default_factory=dict)
+    source: str = "<labels>"
+
+    def __post_init__(self) -> None:
+        if not self.names:
+            raise ValueError(f"{self.source}: a label set needs at least one class name")
+        if len(self.names) > MAX_CLASSES:
+            raise ValueError(f"{self.source}: at most {MAX_CLASSES} classes (255 means ignore), got {len(self.names)}")
+        if len(set(n.lower() for n in self.names)) != len(self.names):
+            raise ValueError(f"{self.source}: class names must be unique (case-insensitive)")
+        if not self.colors:
+            self.colors = default_palette(len(self.names))
+        if len(self.colors) != len(self.names):
+            raise ValueError(f"{self.source}: {len(self.colors)} colors for {len(self.names)} names")
+        self.colors = [list(_color_tuple(c, f"{self.source}: colors")) for c in self.colors]
+        if self.mask_format == "index" and not self.value_map:
+            self.value_map = {i: i for i in range(len(self.names))}
+        if self.mask_format == "rgb" and not self.color_map:
+            self.color_map = {tuple(c): i for i, c in enumerate(self.colors)}
+        if self.mask_format == "index":
+            # 255 is "no label" everywhere in dptune, also in the masks users bring.
+            self.value_map.setdefault(IGNORE_INDEX, IGNORE_INDEX)
+        self._build_lookup()
+
+    # ------------------------------------------------------------------ construction
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> LabelSet:
+        path = Path(path)
+        try:
+            spec = yaml.safe_load(path.read_text())
+        except FileNotFoundError:
+            raise DataError(f"{path}: label file not found") from None
+        except yaml.YAMLError as e:
+            raise DataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+        if not isinstance(spec, Mapping):
+            raise DataError(f"{path}: expected a mapping with at least 'names'")
+        try:
+            return cls.from_dict(spec, source=str(path))
+        except (ValueError, TypeError, KeyError) as e:
+            raise DataError(str(e) if str(e).startswith(str(path)) else f"{path}: {e}") from None
+
+    @classmethod
+    def from_dict(cls, spec: Mapping[str, Any], source: str = "<labels>") -> LabelSet:
+        from dptune.label_mapping import parse_label_spec
+
+        return parse_label_spec(cls, dict(spec), source)
+
+    @classmethod
+    def from_id2label(cls, id2label: Mapping[int | str, str], source: str = "<id2label>") -> LabelSet:
+        ids = sorted(int(k) for k in id2label)
+        if ids != list(range(len(ids))):
+            raise ValueError(f"{source}: id2label keys must be 0..C-1, got {ids[:5]}...")
+        names = [id2label[i] if i in id2label else id2label[str(i)] for i in ids]
+        return cls(names=list(names), source=source)
+
+    # ------------------------------------------------------------------ properties
+    @property
+    def num_classes(self) -> int:
+        return len(self.names)
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return dict(enumerate(self.names))
+
+    @property
+    def label2id(self) -> dict[str, int]:
+        return {n: i for i, n in enumerate(self.names)}
+
+    def to_dict(self) -> dict[str, Any]:
+        """A plain dict that ``from_dict`` reads back (used in checkpoints)."""
+        spec: dict[str, Any] = {"names": list(self.names), "colors": self.colors, "mask_format": self.mask_format}
+        if self.mask_format == "index":
+            spec["value_map"] = {int(k): int(v) for k, v in self.value_map.items()}
+        else:
+            spec["color_map"] = [[list(k), int(v)] for k, v in self.color_map.items()]
+        return spec
+
+    # ------------------------------------------------------------------ encoding
+    def _build_lookup(self) -> None:
+        for target in [*self.value_map.values(), *self.color_map.values()]:
+            if target != IGNORE_INDEX and not 0 <= target < self.num_classes:
+                raise ValueError(f"{self.source}: mapping points to class {target}, outside 0..{self.num_classes - 1}")
+        size = 65536 if any(v > 255 for v in self.value_map) else 256
+        lut = np.full(size, _UNKNOWN, dtype=np.int16)
+        for src, dst in self.value_map.items():
+            if not 0 <= src < 65536:
+                raise ValueError(f"{self.source}: mask value {src} outside 0..65535")
+            lut[src] = dst
+        self._lut = lut
+        self._color_keys = np.array([_rgb_key(np.array(c, dtype=np.uint8)) for c in self.color_map], dtype=np.int32)
+        self._color_targets = np.array(list(self.color_map.values()), dtype=np.uint8)
+
+    def encode(self, mask: np.ndarray, path: str | Path = "<mask>") -> np.ndarray:
+        """Raw mask (HxW index or HxWx3 RGB) -> HxW uint8 class indices with 255 for ignore.
+
+        Raises ``DataError`` naming ``path`` when the mask holds a value the label set does not know.
+        """
+        if self.mask_format == "index":
+            return self._encode_index(mask, path)
+        return self._encode_rgb(mask, path)
+
+    def _encode_index(self, mask: np.ndarray, path: str | Path) -> np.ndarray:
+        if mask.ndim == 3:
+            if mask.shape[2] >= 3 and np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(
+                mask[..., 0], mask[..., 2]
+            ):
+                mask = mask[..., 0]  # a grey mask saved as RGB: all channels equal
+            else:
+                raise DataError(f"{path}: index mask expected (one channel), got {mask.shape[2]} channels")
+        if mask.dtype not in (np.uint8, np.uint16):
+            if mask.min() < 0 or mask.max() >= 65536 or not np.all(np.equal(np.mod(mask, 1), 0)):
+                raise DataError(f"{path}: mask values must be integers 0..65535")
+            mask = mask.astype(np.uint16)
+        lut = self._lut
+        if int(mask.max()) >= len(lut):
+            bad = np.unique(mask[mask >= len(lut)])
+            raise DataError(f"{path}: mask has values {_fmt_values(bad)} that the label set does not define")
+        out = lut[mask]
+        if (out == _UNKNOWN).any():
+            bad = np.unique(mask[out == _UNKNOWN])
+            raise DataError(
+                f"{path}: mask has values {_fmt_values(bad)} that the label set does not define "
+                f"(known: {_fmt_values(np.array(sorted(self.value_map)))})"
+            )
+        return out.astype(np.uint8)
+
+    def _encode_rgb(self, mask: np.ndarray, path: str | Path) -> np.ndarray:
+        if mask.ndim != 3 or mask.shape[2] not in (3, 4):
+            raise DataError(f"{path}: RGB mask expected (3 channels), got shape {tuple(mask.shape)}")
+        if mask.dtype != np.uint8:
+            raise DataError(f"{path}: RGB mask must be 8-bit per channel, got {mask.dtype}")
+        key = _rgb_key(mask[..., :3])
+        out = np.full(key.shape, _UNKNOWN, dtype=np.int16)
+        for k, target in zip(self._color_keys, self._color_targets, strict=True):
+            out[key == k] = target
+        unknown = out == _UNKNOWN
+        if unknown.any():
+            bad = np.unique(key[unknown])[:5]
+            colors = ", ".join(f"({k >> 16},{(k >> 8) & 255},{k & 255})" for k in bad)
+            raise DataError(
+                f"{path}: mask has {int(unknown.sum())} pixels of colours the label set does not define, e.g. {colors}"
+            )
+        return out.astype(np.uint8)
+
+    def colorize(self, index_mask: np.ndarray, ignore_color: Sequence[int] = (0, 0, 0)) -> np.ndarray:
+        """HxW class indices -> HxWx3 uint8 in the label set's colours (ignore in ``ignore_color``)."""
+        palette = np.zeros((256, 3), dtype=np.uint8)
+        palette[: self.num_classes] = np.array(self.colors, dtype=np.uint8)
+        palette[IGNORE_INDEX] = np.array(ignore_color, dtype=np.uint8)
+        return palette[index_mask]
+
+
+def _fmt_values(values: np.ndarray, limit: int = 8) -> str:
+    vals = [int(v) for v in values[:limit]]
+    more = f", ... ({len(values)} in all)" if len(values) > limit else ""
+    return "[" + ", ".join(map(str, vals)) + more + "]"

@@ -1,0 +1,63 @@
+"""Segmentation metrics from one confusion matrix, updated per batch on the device.
+
+The confusion matrix is a sum of integer counts, so summing it across processes gives exactly
+the single-process result (as long as no sample is counted twice; see the datamodule).
+"""
+
+from __future__ import annotations
+
+import torch
+from torchmetrics import Metric
+
+from dptune.labels import IGNORE_INDEX
+
+
+def confusion_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """(C, C) int64 counts, rows = ground truth, columns = prediction; 255 in ``target`` is skipped."""
+    valid = target != IGNORE_INDEX
+    t = target[valid].long()
+    p = preds[valid].long()
+    return torch.bincount(t * num_classes + p, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+class ConfusionMatrix(Metric):
+    """Accumulates a (C, C) confusion matrix; ``compute`` returns it summed over processes."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, num_classes: int, **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.num_classes = num_classes
+        self.add_state("confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        self.confmat += confusion_counts(preds, target, self.num_classes)
+
+    def compute(self) -> torch.Tensor:
+        return self.confmat
+
+
+def metrics_from_confmat(confmat: torch.Tensor) -> dict[str, torch.Tensor]:
+    """mIoU, per-class IoU, pixel accuracy, mean accuracy.
+
+    Like MMSegmentation, a class that appears neither in the labels nor in the predictions has
+    no IoU (NaN) and is left out of the mean; mean accuracy averages over classes present in
+    the labels.
+    """
+    cm = confmat.double()
+    tp = cm.diag()
+    gt = cm.sum(1)
+    pred = cm.sum(0)
+    union = gt + pred - tp
+    nan = torch.tensor(float("nan"), dtype=cm.dtype, device=cm.device)
+    iou = torch.where(union > 0, tp / union.clamp(min=1), nan)
+    acc = torch.where(gt > 0, tp / gt.clamp(min=1), nan)
+    total = gt.sum()
+    return {
+        "mIoU": torch.nanmean(iou) if (union > 0).any() else nan,
+        "pixel_acc": tp.sum() / total if total > 0 else nan,
+        "mAcc": torch.nanmean(acc) if (gt > 0).any() else nan,
+        "IoU": iou,
+    }

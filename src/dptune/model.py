@@ -1,0 +1,154 @@
+"""Build a DPT for segmentation, adapt its heads to a label set, and run it on any H x W.
+
+The model stays a plain ``transformers.DPTForSemanticSegmentation`` so that an exported
+directory loads without dptune; only the forward pass is ours (see ``segment``).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DPTConfig, DPTForSemanticSegmentation
+
+from dptune.labels import IGNORE_INDEX
+
+log = logging.getLogger(__name__)
+
+DEFAULT_MEAN = (0.5, 0.5, 0.5)  # what Intel/dpt-* checkpoints were trained with
+DEFAULT_STD = (0.5, 0.5, 0.5)
+
+
+def load_config(config: str | Mapping[str, Any]) -> DPTConfig:
+    """A ``DPTConfig`` from a JSON file, a directory holding ``config.json``, or a dict."""
+    if isinstance(config, Mapping):
+        return DPTConfig(**dict(config))
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: model config not found") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: not valid JSON ({e})") from None
+    spec.pop("architectures", None)
+    return DPTConfig(**spec)
+
+
+def build_model(
+    names: Sequence[str],
+    pretrained: str | None = None,
+    config: str | Mapping[str, Any] | None = None,
+    attn_implementation: str = "sdpa",
+) -> DPTForSemanticSegmentation:
+    """A DPT segmentation model whose classifiers match ``names``.
+
+    ``pretrained`` (hub id or local directory) loads weights; ``config`` (JSON path or dict)
+    builds random weights. Exactly one of them must be given.
+    """
+    if (pretrained is None) == (config is None):
+        raise ValueError("give exactly one of model.pretrained (hub id / directory) or model.config (DPTConfig JSON)")
+    if pretrained is not None:
+        model = DPTForSemanticSegmentation.from_pretrained(pretrained, attn_implementation=attn_implementation)
+        carried = adapt_classifiers(model, names)
+        log.info("%s: %d of %d classes carried over from the checkpoint's classifier", pretrained, carried, len(names))
+    else:
+        cfg = load_config(config)
+        cfg.num_labels = len(names)
+        cfg.id2label = dict(enumerate(names))
+        cfg.label2id = {n: i for i, n in enumerate(names)}
+        cfg._attn_implementation = attn_implementation
+        model = DPTForSemanticSegmentation(cfg)
+    model.config.semantic_loss_ignore_index = IGNORE_INDEX
+    return model
+
+
+def _classifiers(model: DPTForSemanticSegmentation) -> list[tuple[nn.Sequential, int]]:
+    """(container, index) of each 1x1 classifier conv: main head and, if present, auxiliary head."""
+    found = []
+    for head in (model.head, model.auxiliary_head):
+        if head is None:
+            continue
+        convs = [i for i, m in enumerate(head.head) if isinstance(m, nn.Conv2d) and m.kernel_size == (1, 1)]
+        found.append((head.head, convs[-1]))
+    return found
+
+
+def adapt_classifiers(model: DPTForSemanticSegmentation, names: Sequence[str]) -> int:
+    """Point the classifiers at ``names``; copy rows of classes the checkpoint already knows.
+
+    Matching is by class name, case-insensitive. Returns how many classes were carried over.
+    """
+    old = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}
+    new_names = list(names)
+    same = [n.lower() for n in new_names] == [
+        str(model.config.id2label[i]).lower() for i in range(len(model.config.id2label))
+    ]
+    carried = sum(n.lower() in old for n in new_names)
+    if not same:
+        for container, idx in _classifiers(model):
+            prev: nn.Conv2d = container[idx]
+            conv = nn.Conv2d(prev.in_channels, len(new_names), kernel_size=1).to(prev.weight.device, prev.weight.dtype)
+            with torch.no_grad():
+                for j, name in enumerate(new_names):
+                    i = old.get(name.lower())
+                    if i is not None and i < prev.out_channels:
+                        conv.weight[j] = prev.weight[i]
+                        conv.bias[j] = prev.bias[i]
+            container[idx] = conv
+    else:
+        carried = len(new_names)
+    model.config.num_labels = len(new_names)
+    model.config.id2label = dict(enumerate(new_names))
+    model.config.label2id = {n: i for i, n in enumerate(new_names)}
+    return carried
+
+
+def head_parameter_names(model: DPTForSemanticSegmentation) -> set[str]:
+    """Names of the decoder's parameters (neck + heads): everything outside the ViT backbone."""
+    return {n for n, _ in model.named_parameters() if not n.startswith("dpt.")}
+
+
+def _backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+    """Hidden states the neck needs, running only the encoder layers that feed it."""
+    cfg = model.config
+    emb = model.dpt.embeddings
+    if cfg.is_hybrid:
+        out = emb(pixel_values, interpolate_pos_encoding=True)
+        features = list(out.intermediate_activations)
+        wanted = list(cfg.backbone_out_indices[2:])
+    else:
+        out = emb(pixel_values)
+        features = []
+        wanted = list(cfg.backbone_out_indices)
+    hidden = out.last_hidden_states
+    last = max(wanted)
+    for i, layer in enumerate(model.dpt.encoder.layer[: last + 1]):
+        hidden = layer(hidden)
+        if i in wanted:
+            features.append(hidden)
+    return features
+
+
+def segment(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, auxiliary logits or None) for normalised images of any H x W divisible by the patch size.
+
+    Unlike ``DPTForSemanticSegmentation.forward`` this passes the patch grid to the neck, so
+    non-square inputs work, and it skips the encoder's final layer norm, which segmentation
+    never reads.
+    """
+    patch = model.config.patch_size
+    h, w = pixel_values.shape[-2:]
+    if h % patch or w % patch:
+        raise ValueError(f"input {h}x{w} is not a multiple of the patch size {patch}")
+    features = _backbone_features(model, pixel_values)
+    features = model.neck(features, patch_height=h // patch, patch_width=w // patch)
+    logits = model.head(features)
+    aux = model.auxiliary_head(features[-1]) if model.auxiliary_head is not None else None
+    return logits, aux

@@ -1,0 +1,291 @@
+"""SegmentationModule: owns the model, loss, metrics, optimizer and schedule."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dptune.labels import IGNORE_INDEX, LabelSet
+from dptune.metrics import ConfusionMatrix, metrics_from_confmat
+from dptune.model import DEFAULT_MEAN, DEFAULT_STD, build_model, head_parameter_names, segment
+
+log = logging.getLogger(__name__)
+
+
+class WarmupPoly:
+    """LR multiplier per optimizer step: linear warmup, then polynomial decay to ``min_ratio``."""
+
+    def __init__(self, total_steps: int, warmup_steps: int, power: float = 1.0, min_ratio: float = 0.0) -> None:
+        self.total, self.warmup, self.power, self.min_ratio = max(1, total_steps), warmup_steps, power, min_ratio
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup:
+            return (step + 1) / self.warmup
+        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
+        return self.min_ratio + (1 - self.min_ratio) * (1 - progress) ** self.power
+
+
+def _processor_mean_std(pretrained: str) -> tuple[list[float], list[float]] | None:
+    """The checkpoint's own normalisation, if it ships an image processor config."""
+    try:
+        from transformers.utils import cached_file
+
+        path = cached_file(pretrained, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    if not path:
+        return None
+    cfg = json.loads(Path(path).read_text())
+    if "image_mean" in cfg and "image_std" in cfg:
+        return list(cfg["image_mean"]), list(cfg["image_std"])
+    return None
+
+
+def _set_head_dropout(model: nn.Module, kind: str) -> None:
+    """Swap the heads' element-wise dropout. Channel dropout (MMSegmentation's choice for decode
+    heads) is ~30x cheaper on CPU than drawing a Bernoulli per activation. Dropout has no
+    weights, so exported checkpoints are unaffected."""
+    if kind == "element":
+        return
+    for head in (model.head, model.auxiliary_head):
+        if head is None:
+            continue
+        for i, m in enumerate(head.head):
+            if isinstance(m, nn.Dropout):
+                head.head[i] = nn.Dropout2d(m.p) if kind == "channel" else nn.Identity()
+
+
+class SegmentationModule(pl.LightningModule):
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: str | dict[str, Any] | None = None,
+        label_spec: dict[str, Any] | None = None,
+        image_size: int | list[int] = 384,
+        lr: float = 1e-4,
+        head_lr_mult: float = 10.0,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.05,
+        warmup_steps: int | None = None,
+        poly_power: float = 1.0,
+        min_lr_ratio: float = 0.0,
+        aux_weight: float = 0.4,
+        class_weights: list[float] | None = None,
+        head_dropout: Literal["channel", "element", "none"] = "channel",
+        attn_implementation: str = "sdpa",
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        gradient_checkpointing: bool = False,
+        log_images: int = 4,
+    ) -> None:
+        """
+        Args:
+            pretrained: Hub id or local directory of a DPT checkpoint (e.g. ``Intel/dpt-large-ade``).
+            config: ``DPTConfig`` JSON file (or dict) for a randomly initialised model.
+            label_spec: Label set, filled in from the datamodule (``link_arguments``); do not set by hand.
+            image_size: Evaluation/export size, filled in from ``data.image_size``.
+            lr: Peak learning rate of the ViT backbone.
+            head_lr_mult: The neck and heads (newly initialised classifiers included) train at ``lr * head_lr_mult``.
+            weight_decay: AdamW weight decay; never applied to norms, biases, position embeddings and CLS token.
+            betas: AdamW betas.
+            warmup_ratio: Linear warmup length as a fraction of all optimizer steps.
+            warmup_steps: Linear warmup length in optimizer steps (overrides ``warmup_ratio``).
+            poly_power: Exponent of the polynomial decay after warmup.
+            min_lr_ratio: Final learning rate as a fraction of the peak.
+            aux_weight: Weight of the auxiliary head's cross-entropy (0 turns it off).
+            class_weights: Per-class cross-entropy weights (length = number of classes).
+            head_dropout: Dropout in the heads: ``channel`` (Dropout2d), ``element`` (as in HF) or ``none``.
+            attn_implementation: ``sdpa`` or ``eager`` attention.
+            image_mean: Normalisation mean (0-1 scale); default: the checkpoint's image processor, else 0.5.
+            image_std: Normalisation std; default as for ``image_mean``.
+            gradient_checkpointing: Recompute ViT activations in backward to save memory.
+            log_images: Validation overlays (image, ground truth, prediction) logged per epoch.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        if label_spec is None:
+            raise ValueError("model.label_spec is empty: it comes from the datamodule's label set (see train.py)")
+        self.label_set = LabelSet.from_dict(label_spec, source="model.label_spec")
+        self.num_classes = self.label_set.num_classes
+        self.model = build_model(self.label_set.names, pretrained, config, attn_implementation)
+        _set_head_dropout(self.model, head_dropout)
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        mean, std = self._mean_std(pretrained, image_mean, image_std)
+        self.image_mean, self.image_std = mean, std
+        # x_uint8 * scale + shift == (x / 255 - mean) / std, fused into one multiply-add
+        self.register_buffer("_scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_shift", (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
+        if class_weights is not None and len(class_weights) != self.num_classes:
+            raise ValueError(f"model.class_weights has {len(class_weights)} values for {self.num_classes} classes")
+        weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
+        self.register_buffer("class_weights", weights, persistent=False)
+        self.val_confmat = ConfusionMatrix(self.num_classes)
+        self.test_confmat = ConfusionMatrix(self.num_classes)
+        self.last_metrics: dict[str, Any] = {}
+
+    @staticmethod
+    def _mean_std(pretrained, mean, std) -> tuple[list[float], list[float]]:
+        if mean is not None and std is not None:
+            return list(mean), list(std)
+        found = _processor_mean_std(pretrained) if pretrained else None
+        m, s = found or (list(DEFAULT_MEAN), list(DEFAULT_STD))
+        return list(mean or m), list(std or s)
+
+    # ------------------------------------------------------------------ forward and loss
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self._shift, images.float(), self._scale)
+
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 (B, 3, H, W) images -> (logits, auxiliary logits)."""
+        return segment(self.model, self.normalize(images))
+
+    def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        if logits.shape[-2:] != target.shape[-2:]:
+            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        total = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=IGNORE_INDEX, reduction="sum")
+        valid = target != IGNORE_INDEX
+        if self.class_weights is None:
+            denom = valid.sum()
+        else:
+            denom = (self.class_weights[target.clamp(max=self.num_classes - 1)] * valid).sum()
+        # a crop with no labelled pixel gives 0, not NaN
+        return total / denom.clamp(min=1)
+
+    def loss(self, logits: torch.Tensor, aux: torch.Tensor | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        main = self._ce(logits, target)
+        out = {"loss": main, "loss_main": main}
+        if aux is not None and self.hparams.aux_weight > 0:
+            out["loss_aux"] = self._ce(aux, target)
+            out["loss"] = main + self.hparams.aux_weight * out["loss_aux"]
+        return out
+
+    # ------------------------------------------------------------------ steps
+    def _shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        target = batch["mask"].long()
+        logits, aux = self(batch["image"])
+        if stage == "train":
+            losses = self.loss(logits, aux, target)
+            bs = target.shape[0]
+            self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
+            if "loss_aux" in losses:
+                self.log("train/loss_main", losses["loss_main"], batch_size=bs)
+                self.log("train/loss_aux", losses["loss_aux"], batch_size=bs)
+            return losses
+        logits = self.resize_logits(logits.float(), batch["sizes"], target.shape[-2:])
+        preds = logits.argmax(1)
+        confmat = self.val_confmat if stage == "val" else self.test_confmat
+        confmat.update(preds, target)
+        self.log(f"{stage}/loss", self._ce(logits, target), batch_size=target.shape[0], sync_dist=True)
+        return {"preds": preds}
+
+    @staticmethod
+    def resize_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
+        """Logits to each sample's label size (bilinear, as ``transformers`` users upsample);
+        padded regions of a mixed-size batch get no prediction (their labels are 255)."""
+        if len(set(sizes)) == 1:
+            return F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False)
+        out = logits.new_zeros(logits.shape[0], logits.shape[1], *padded)
+        for b, (h, w) in enumerate(sizes):
+            out[b, :, :h, :w] = F.interpolate(logits[b : b + 1], size=(h, w), mode="bilinear", align_corners=False)[0]
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._shared_step(batch, "train")
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._shared_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._shared_step(batch, "test")
+
+    def _epoch_metrics(self, stage: str, confmat: ConfusionMatrix) -> None:
+        m = metrics_from_confmat(confmat.compute())
+        confmat.reset()
+        for key in ("mIoU", "pixel_acc", "mAcc"):
+            self.log(f"{stage}/{key}", torch.nan_to_num(m[key].float(), nan=0.0), prog_bar=key == "mIoU")
+        for name, iou in zip(self.label_set.names, m["IoU"].tolist(), strict=True):
+            if not math.isnan(iou):
+                self.log(f"{stage}/IoU/{name}", iou)
+        self.last_metrics[stage] = {k: (v.tolist() if k == "IoU" else float(v)) for k, v in m.items()}
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val", self.val_confmat)
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test", self.test_confmat)
+
+    # ------------------------------------------------------------------ optimizer
+    def param_groups(self) -> list[dict[str, Any]]:
+        head = head_parameter_names(self.model)
+        hp = self.hparams
+        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+        for name, p in self.model.named_parameters():
+            if not p.requires_grad:
+                continue
+            no_decay = p.ndim <= 1 or name.endswith(("position_embeddings", "cls_token"))
+            groups.setdefault((name in head, no_decay), []).append(p)
+        out = []
+        for (is_head, no_decay), params in sorted(groups.items()):
+            out.append({
+                "params": params,
+                "lr": hp.lr * (hp.head_lr_mult if is_head else 1.0),
+                "weight_decay": 0.0 if no_decay else hp.weight_decay,
+                "name": f"{'head' if is_head else 'backbone'}{'_no_decay' if no_decay else ''}",
+            })
+        return out
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        total = int(self.trainer.estimated_stepping_batches)
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
+        schedule = WarmupPoly(total, warmup, hp.poly_power, hp.min_lr_ratio)
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    # ------------------------------------------------------------------ export support
+    def image_processor(self):
+        """The ``DPTImageProcessor`` that reproduces validation preprocessing for plain transformers."""
+        from transformers import DPTImageProcessorPil
+        from transformers.image_utils import PILImageResampling
+
+        size = self.hparams.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        return DPTImageProcessorPil(
+            do_resize=True, size={"height": int(h), "width": int(w)}, resample=PILImageResampling.BICUBIC,
+            keep_aspect_ratio=False, ensure_multiple_of=1, do_rescale=True, rescale_factor=1 / 255,
+            do_normalize=True, image_mean=self.image_mean, image_std=self.image_std, do_pad=False,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # enough to rebuild the model offline, without the hub (see load_module)
+        checkpoint["dptune"] = {
+            "model_config": self.model.config.to_dict(),
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "metrics": self.last_metrics,
+        }
+
+
+def load_module(ckpt_path: str, map_location: str = "cpu") -> SegmentationModule:
+    """Rebuild a module from a dptune checkpoint without touching the hub."""
+    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    if "dptune" not in ckpt or "hyper_parameters" not in ckpt:
+        raise ValueError(f"{ckpt_path}: not a dptune checkpoint (no model config stored)")
+    hp = dict(ckpt["hyper_parameters"])
+    hp.update(pretrained=None, config=ckpt["dptune"]["model_config"],
+              image_mean=ckpt["dptune"]["image_mean"], image_std=ckpt["dptune"]["image_std"])
+    module = SegmentationModule(**hp)
+    module.load_state_dict(ckpt["state_dict"])
+    module.checkpoint_metrics = ckpt["dptune"].get("metrics", {})
+    return module.eval()

@@ -1,0 +1,12 @@
+#!/usr/bin/env python
+"""Fine-tune a DPT for semantic segmentation: ``python train.py fit --config configs/quickstart.yaml``.
+
+Subcommands: fit, validate, test. ``python train.py fit --help`` lists every setting.
+"""
+
+import sys
+
+from dptune.cli import main
+
+if __name__ == "__main__":
+    sys.exit(main())
