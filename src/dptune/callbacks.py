@@ -10,7 +10,7 @@ from typing import Any
 import cv2
 import lightning.pytorch as pl
 import numpy as np
-from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 
 from dptune.labels import IGNORE_INDEX
@@ -50,6 +50,22 @@ class DPTuneWandbLogger(WandbLogger):
         mode = mode or wandb_mode()
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(project=project, save_dir=save_dir, mode=mode, **kwargs)
+
+
+class LRMonitor(LearningRateMonitor):
+    """``LearningRateMonitor`` that stays quiet instead of failing when logging is off."""
+
+    def on_train_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_start(trainer, *args, **kwargs)
+
+    def on_train_batch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_batch_start(trainer, *args, **kwargs)
+
+    def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.loggers:
+            super().on_train_epoch_start(trainer, *args, **kwargs)
 
 
 class ValidationVisuals(Callback):

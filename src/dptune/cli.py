@@ -7,10 +7,10 @@ import os
 import sys
 import warnings
 
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dptune.callbacks import ValidationVisuals
+from dptune.callbacks import LRMonitor, ValidationVisuals
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import DataError
 from dptune.module import SegmentationModule
@@ -50,7 +50,7 @@ def trainer_defaults() -> dict:
     return {
         "default_root_dir": DEFAULT_ROOT,
         "logger": {"class_path": "dptune.callbacks.DPTuneWandbLogger", "init_args": {"project": "dptune"}},
-        "callbacks": [LearningRateMonitor(logging_interval="step"), ValidationVisuals()],
+        "callbacks": [LRMonitor(logging_interval="step"), ValidationVisuals()],
         "log_every_n_steps": 10,
     }
 

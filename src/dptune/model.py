@@ -141,7 +141,8 @@ def segment(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> tu
 
     Unlike ``DPTForSemanticSegmentation.forward`` this passes the patch grid to the neck, so
     non-square inputs work, and it skips the encoder's final layer norm, which segmentation
-    never reads.
+    never reads. Logits come at the input resolution when the patch grid is even in both
+    directions; otherwise the neck rounds the grid up and callers resize (loss and metrics do).
     """
     patch = model.config.patch_size
     h, w = pixel_values.shape[-2:]

@@ -70,7 +70,9 @@ class SegmentationModule(pl.LightningModule):
         config: str | dict[str, Any] | None = None,
         label_spec: dict[str, Any] | None = None,
         image_size: int | list[int] = 384,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 1e-4,
+        momentum: float = 0.9,
         head_lr_mult: float = 10.0,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
@@ -93,9 +95,11 @@ class SegmentationModule(pl.LightningModule):
             config: ``DPTConfig`` JSON file (or dict) for a randomly initialised model.
             label_spec: Label set, filled in from the datamodule (``link_arguments``); do not set by hand.
             image_size: Evaluation/export size, filled in from ``data.image_size``.
+            optimizer: ``adamw`` (default) or ``sgd`` with momentum (the DPT paper's ADE20K recipe).
             lr: Peak learning rate of the ViT backbone.
+            momentum: SGD momentum.
             head_lr_mult: The neck and heads (newly initialised classifiers included) train at ``lr * head_lr_mult``.
-            weight_decay: AdamW weight decay; never applied to norms, biases, position embeddings and CLS token.
+            weight_decay: Weight decay; never applied to norms, biases, position embeddings and CLS token.
             betas: AdamW betas.
             warmup_ratio: Linear warmup length as a fraction of all optimizer steps.
             warmup_steps: Linear warmup length in optimizer steps (overrides ``warmup_ratio``).
@@ -217,6 +221,11 @@ class SegmentationModule(pl.LightningModule):
             if not math.isnan(iou):
                 self.log(f"{stage}/IoU/{name}", iou)
         self.last_metrics[stage] = {k: (v.tolist() if k == "IoU" else float(v)) for k, v in m.items()}
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            log.info(
+                f"epoch {self.current_epoch} step {self.global_step} {stage}: mIoU {self.last_metrics[stage]['mIoU']:.4f}"
+                f" pixel_acc {self.last_metrics[stage]['pixel_acc']:.4f} mAcc {self.last_metrics[stage]['mAcc']:.4f}"
+            )
 
     def on_validation_epoch_end(self) -> None:
         self._epoch_metrics("val", self.val_confmat)
@@ -246,7 +255,10 @@ class SegmentationModule(pl.LightningModule):
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
-        opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(self.param_groups(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
         schedule = WarmupPoly(total, warmup, hp.poly_power, hp.min_lr_ratio)
@@ -282,7 +294,7 @@ def load_module(ckpt_path: str, map_location: str = "cpu") -> SegmentationModule
     ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
     if "dptune" not in ckpt or "hyper_parameters" not in ckpt:
         raise ValueError(f"{ckpt_path}: not a dptune checkpoint (no model config stored)")
-    hp = dict(ckpt["hyper_parameters"])
+    hp = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     hp.update(pretrained=None, config=ckpt["dptune"]["model_config"],
               image_mean=ckpt["dptune"]["image_mean"], image_std=ckpt["dptune"]["image_std"])
     module = SegmentationModule(**hp)

@@ -1,0 +1,57 @@
+"""Shared fixtures: tiny DPT configs and the real datasets in ../shared/data (read in place)."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+def _shared() -> Path:
+    """The read-only datasets beside the checkout (or wherever DPTUNE_SHARED points)."""
+    if os.environ.get("DPTUNE_SHARED"):
+        return Path(os.environ["DPTUNE_SHARED"])
+    for candidate in (REPO.parent / "shared", Path("/work/shared")):
+        if (candidate / "data").is_dir():
+            return candidate
+    return REPO.parent / "shared"
+
+
+SHARED = _shared()
+CAMVID = SHARED / "data" / "camvid"
+DUBAI = SHARED / "data" / "dubai-aerial"
+
+TINY = {
+    "model_type": "dpt",
+    "hidden_size": 32,
+    "num_hidden_layers": 4,
+    "num_attention_heads": 2,
+    "intermediate_size": 64,
+    "image_size": 64,
+    "patch_size": 16,
+    "backbone_out_indices": [0, 1, 2, 3],
+    "neck_hidden_sizes": [8, 16, 32, 32],
+    "fusion_hidden_size": 16,
+    "reassemble_factors": [4, 2, 1, 0.5],
+    "use_auxiliary_head": True,
+    "semantic_loss_ignore_index": 255,
+}
+
+
+def needs(path: Path):
+    return pytest.mark.skipif(not path.exists(), reason=f"{path} not present")
+
+
+@pytest.fixture
+def tiny_config() -> dict:
+    return dict(TINY)
+
+
+@pytest.fixture
+def tiny_config_path(tmp_path: Path) -> Path:
+    p = tmp_path / "dpt-tiny.json"
+    p.write_text(json.dumps(TINY))
+    return p

@@ -1,0 +1,72 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from dptune.labels import IGNORE_INDEX, LabelSet
+from dptune.module import SegmentationModule, WarmupPoly
+
+
+def _module(config, **kw):
+    spec = LabelSet(names=["a", "b", "c"]).to_dict()
+    return SegmentationModule(config=config, label_spec=spec, image_size=64, **kw)
+
+
+def test_loss_with_auxiliary_head_off(tiny_config):
+    cfg = dict(tiny_config, use_auxiliary_head=False)
+    m = _module(cfg)
+    assert m.model.auxiliary_head is None
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    target = torch.randint(0, 3, (2, 64, 64))
+    target[:, :8] = IGNORE_INDEX
+    logits, aux = m(images)
+    assert aux is None
+    losses = m.loss(logits, aux, target)
+    ref = F.cross_entropy(logits, target, ignore_index=IGNORE_INDEX)
+    assert torch.allclose(losses["loss"], ref, atol=1e-6)
+    losses["loss"].backward()
+    with pytest.raises(NameError):  # transformers' own loss cannot do without the aux head (UnboundLocalError)
+        m.model(pixel_values=m.normalize(images), labels=target)
+
+
+def test_aux_term_and_class_weights(tiny_config):
+    m = _module(tiny_config, aux_weight=0.5, class_weights=[1.0, 2.0, 0.5])
+    images = torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8)
+    target = torch.randint(0, 3, (2, 64, 64))
+    logits, aux = m(images)
+    w = torch.tensor([1.0, 2.0, 0.5])
+    up = F.interpolate(aux, size=(64, 64), mode="bilinear", align_corners=False)
+    ref = F.cross_entropy(logits, target, weight=w) + 0.5 * F.cross_entropy(up, target, weight=w)
+    assert torch.allclose(m.loss(logits, aux, target)["loss"], ref, atol=1e-5)
+
+
+def test_all_ignored_crop_gives_zero_loss_not_nan(tiny_config):
+    m = _module(tiny_config)
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    target = torch.full((1, 64, 64), IGNORE_INDEX)
+    loss = m.loss(*m(images), target)["loss"]
+    assert loss.item() == 0.0
+    loss.backward()
+
+
+def test_param_groups_no_decay_and_head_lr(tiny_config):
+    m = _module(tiny_config, lr=1e-4, head_lr_mult=10, weight_decay=0.05)
+    groups = {g["name"]: g for g in m.param_groups()}
+    assert set(groups) == {"backbone", "backbone_no_decay", "head", "head_no_decay"}
+    names = {id(p): n for n, p in m.model.named_parameters()}
+    no_decay = {names[id(p)] for p in groups["backbone_no_decay"]["params"]}
+    assert "dpt.embeddings.cls_token" in no_decay and "dpt.embeddings.position_embeddings" in no_decay
+    assert any(n.endswith("layernorm_before.bias") for n in no_decay)
+    assert groups["backbone_no_decay"]["weight_decay"] == 0 and groups["backbone"]["weight_decay"] == 0.05
+    assert groups["head"]["lr"] == pytest.approx(1e-3) and groups["backbone"]["lr"] == pytest.approx(1e-4)
+    head_names = {names[id(p)] for p in groups["head"]["params"]}
+    assert "head.head.4.weight" in head_names and "auxiliary_head.head.4.weight" in head_names
+    total = sum(len(g["params"]) for g in groups.values())
+    assert total == len(list(m.model.parameters()))
+
+
+def test_warmup_then_poly():
+    s = WarmupPoly(total_steps=110, warmup_steps=10, power=1.0, min_ratio=0.0)
+    assert s(0) == pytest.approx(0.1) and s(9) == pytest.approx(1.0)
+    assert s(10) == pytest.approx(1.0) and s(60) == pytest.approx(0.5) and s(110) == pytest.approx(0.0)
+    s2 = WarmupPoly(total_steps=100, warmup_steps=0, power=0.9, min_ratio=0.1)
+    assert s2(50) == pytest.approx(0.1 + 0.9 * 0.5**0.9)

