@@ -87,6 +87,8 @@ class SegmentationModule(pl.LightningModule):
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         gradient_checkpointing: bool = False,
+        compile: bool = False,
+        channels_last: bool = False,
         log_images: int = 4,
     ) -> None:
         """
@@ -112,6 +114,8 @@ class SegmentationModule(pl.LightningModule):
             image_mean: Normalisation mean (0-1 scale); default: the checkpoint's image processor, else 0.5.
             image_std: Normalisation std; default as for ``image_mean``.
             gradient_checkpointing: Recompute ViT activations in backward to save memory.
+            compile: ``torch.compile`` the forward pass (pays a compile at start; pays off on long GPU runs).
+            channels_last: Channels-last memory format for the convolutional neck and heads (GPU).
             log_images: Validation overlays (image, ground truth, prediction) logged per epoch.
         """
         super().__init__()
@@ -124,6 +128,11 @@ class SegmentationModule(pl.LightningModule):
         _set_head_dropout(self.model, head_dropout)
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
+        if channels_last:
+            for part in (self.model.neck, self.model.head, self.model.auxiliary_head):
+                if part is not None:
+                    part.to(memory_format=torch.channels_last)
+        self._segment = torch.compile(segment) if compile else segment
         mean, std = self._mean_std(pretrained, image_mean, image_std)
         self.image_mean, self.image_std = mean, std
         # x_uint8 * scale + shift == (x / 255 - mean) / std, fused into one multiply-add
@@ -151,7 +160,7 @@ class SegmentationModule(pl.LightningModule):
 
     def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """uint8 (B, 3, H, W) images -> (logits, auxiliary logits)."""
-        return segment(self.model, self.normalize(images))
+        return self._segment(self.model, self.normalize(images))
 
     def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         if logits.shape[-2:] != target.shape[-2:]:

@@ -9,7 +9,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader
+from torch.utils.data import DataLoader, DistributedSampler
 
 from dptune.data.dataset import SegmentationDataset, collate, scan
 from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
@@ -30,13 +30,42 @@ def _pair(v: int | Sequence[int] | None) -> tuple[int, int] | None:
     return (int(v[0]), int(v[1]))
 
 
+def _rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def _augment_seed() -> int:
+    """Per process (and per worker) seed for albumentations: torch's seed, offset by the rank so
+    that processes of a multi-GPU run do not draw the same augmentations."""
+    return (torch.initial_seed() + 1_000_003 * _rank()) % 2**32
+
+
 def _seed_worker(worker_id: int) -> None:
-    """Give each loader worker its own albumentations stream, derived from torch's worker seed."""
     info = torch.utils.data.get_worker_info()
     ds = info.dataset if info is not None else None
     transform = getattr(ds, "transform", None)
     if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(torch.initial_seed() % 2**32)
+        transform.set_random_seed(_augment_seed())
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """Shards evaluation data across processes without padding.
+
+    ``DistributedSampler`` repeats samples to even out the shards, and a repeated sample would
+    be counted twice in the confusion matrix. Here rank r takes samples r, r + W, r + 2W, ...;
+    shards may differ in length by one, which evaluation (no gradient sync) does not mind.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int) -> None:
+        # a DistributedSampler subclass, so that Lightning keeps it instead of installing its own
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.n = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -131,7 +160,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         spec = self.train_transforms_spec or default_train_transforms(
             self.crop_size, self.scale_range, self.image_size
         )
-        return build_transforms(spec, seed=int(torch.initial_seed() % 2**32))
+        return build_transforms(spec, seed=_augment_seed())
 
     def _dataset(self, stage: str) -> SegmentationDataset:
         if stage in self.datasets:
@@ -175,10 +204,15 @@ class SegmentationDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         ds = self._dataset(stage)
+        sampler = None
+        trainer = self.trainer
+        if stage != "train" and trainer is not None and trainer.world_size > 1:
+            sampler = EvalDistributedSampler(ds, trainer.world_size, trainer.global_rank)
         return DataLoader(
             ds,
             batch_size=self.batch_size if stage == "train" else self.val_batch_size,
             shuffle=shuffle,
+            sampler=sampler,
             drop_last=stage == "train" and len(ds) > self.batch_size,
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,

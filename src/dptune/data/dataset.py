@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
@@ -117,8 +118,10 @@ def scan(
         except DataError as e:
             return i, str(e)
 
+    quiet = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0"  # one progress bar per job
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        for i, result in tqdm(pool.map(one, dataset.indices), total=len(dataset.indices), desc=desc, leave=False):
+        results = pool.map(one, dataset.indices)
+        for i, result in tqdm(results, total=len(dataset.indices), desc=desc, leave=False, disable=quiet):
             if isinstance(result, str):
                 problems.append(result)
                 continue

@@ -1,0 +1,286 @@
+"""Training throughput, peak memory and MFU of dptune, and the same for a plain HF Trainer.
+
+    python scripts/benchmark.py --model ../shared/bench/dpt-bench-tiny.json --crop 192 --batch 8 --baseline
+    python scripts/benchmark.py --model dpt-large-ade --crop 512 --batch 16 --precision bf16-mixed \
+        --device cuda --baseline --max-batch
+
+Each measurement runs in a fresh subprocess (clean peak memory, no shared caches), one after
+the other, on the same in-memory batches. Images/s are steady-state: time between the end of
+the first timed step and the end of the last, after ``--warmup`` untimed steps.
+MFU = (training FLOPs per image from ``dptune.flops``) x images/s / peak FLOP/s of the device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import multiprocessing as mp
+import os
+import platform
+import resource
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+REPO = Path(__file__).resolve().parents[2]
+PRESETS = {
+    "dpt-large-ade": REPO / "configs" / "models" / "dpt-large-ade.json",
+    "dpt-tiny": REPO / "configs" / "models" / "dpt-tiny.json",
+    "dpt-bench-tiny": REPO.parent / "shared" / "bench" / "dpt-bench-tiny.json",
+}
+# dense bf16 / fp16 tensor-core peaks (no sparsity), TFLOP/s
+GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "A10": 125.0, "L4": 121.0}
+
+
+def model_config(name: str, num_labels: int | None):
+    from dptune.model import load_config
+
+    path = PRESETS.get(name, Path(name))
+    cfg = load_config(str(path))
+    if num_labels is not None:
+        cfg.num_labels = num_labels
+    return cfg
+
+
+def peak_tflops(device: str, precision: str) -> tuple[float, str]:
+    """Peak FLOP/s of the device, with where the figure comes from."""
+    import torch
+
+    if device == "cuda":
+        name = torch.cuda.get_device_name()
+        for key, tf in GPU_PEAK_TFLOPS.items():
+            if key in name:
+                half = "bf16" in precision or "16" in precision
+                return (tf if half else tf / 2), f"{name} dense {'bf16' if half else 'tf32'} spec"
+        return float("nan"), f"{name}: unknown peak (pass --peak-tflops)"
+    cores = len(os.sched_getaffinity(0))
+    mhz = 0.0
+    try:
+        for line in open("/proc/cpuinfo"):
+            if line.startswith("cpu MHz"):
+                mhz = max(mhz, float(line.split(":")[1]))
+    except OSError:
+        pass
+    flags = open("/proc/cpuinfo").read() if os.path.exists("/proc/cpuinfo") else ""
+    # per core per cycle: AVX-512 = 2 FMA units x 16 fp32 lanes x 2; avx512_bf16 doubles it
+    per_cycle = 64 if "avx512f" in flags else 32
+    if "bf16" in precision and "avx512_bf16" in flags:
+        per_cycle *= 2
+    return cores * mhz * 1e6 * per_cycle / 1e12, f"{cores} cores x {mhz:.0f} MHz x {per_cycle} FLOP/cycle (estimate)"
+
+
+def _batches(cfg, batch: int, crop: int, n: int, seed: int = 0):
+    import torch
+
+    g = torch.Generator().manual_seed(seed)
+    images = torch.randint(0, 256, (n, batch, 3, crop, crop), dtype=torch.uint8, generator=g)
+    masks = torch.randint(0, cfg.num_labels, (n, batch, crop, crop), dtype=torch.uint8, generator=g)
+    masks[:, :, :8] = 255
+    return images, masks
+
+
+def _peak_memory(device: str) -> float:
+    import torch
+
+    if device == "cuda":
+        return torch.cuda.max_memory_allocated() / 2**30
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB -> GiB
+
+
+def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+
+    from dptune.labels import LabelSet
+    from dptune.module import SegmentationModule
+
+    cfg = model_config(opts["model"], opts["num_labels"])
+    names = [f"class{i}" for i in range(cfg.num_labels)]
+    module = SegmentationModule(
+        config=cfg.to_dict(), label_spec=LabelSet(names=names).to_dict(), image_size=opts["crop"],
+        lr=1e-4, gradient_checkpointing=opts["gradient_checkpointing"], compile=opts["compile"],
+        channels_last=opts["channels_last"], warmup_steps=0,
+    )
+    images, masks = _batches(cfg, opts["batch"], opts["crop"], 4)
+    data = [{"image": images[i % 4], "mask": masks[i % 4], "sizes": [(opts["crop"],) * 2] * opts["batch"]}
+            for i in range(opts["warmup"] + opts["steps"])]
+    times: list[float] = []
+
+    class Timer(pl.Callback):
+        def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+            if opts["device"] == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    trainer = pl.Trainer(
+        accelerator="gpu" if opts["device"] == "cuda" else "cpu", devices=1, precision=opts["precision"],
+        max_steps=len(data), logger=False, enable_checkpointing=False, enable_progress_bar=False,
+        enable_model_summary=False, callbacks=[Timer()], limit_val_batches=0, num_sanity_val_steps=0,
+    )
+    trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None, shuffle=False))
+    timed = times[opts["warmup"] - 1:]
+    ips = opts["batch"] * (len(timed) - 1) / (timed[-1] - timed[0])
+    return {"images_per_s": ips, "peak_mem_gib": _peak_memory(opts["device"])}
+
+
+def _time_hf_trainer(opts: dict[str, Any]) -> dict[str, Any]:
+    import torch
+    from transformers import DPTForSemanticSegmentation, Trainer, TrainerCallback, TrainingArguments
+
+    cfg = model_config(opts["model"], opts["num_labels"])
+    model = DPTForSemanticSegmentation(cfg)
+    if opts["gradient_checkpointing"]:
+        model.gradient_checkpointing_enable()
+    images, masks = _batches(cfg, opts["batch"], opts["crop"], 4)
+    pixels = (images.float() / 255 - 0.5) / 0.5
+    rows = [{"pixel_values": pixels[i % 4, b], "labels": masks[i % 4, b].long()}
+            for i in range(opts["warmup"] + opts["steps"]) for b in range(opts["batch"])]
+    times: list[float] = []
+
+    class Timer(TrainerCallback):
+        def on_step_end(self, *args, **kwargs) -> None:
+            if opts["device"] == "cuda":
+                torch.cuda.synchronize()
+            times.append(time.perf_counter())
+
+    args = TrainingArguments(
+        output_dir=os.path.join(opts["tmp"], "hf"), max_steps=opts["warmup"] + opts["steps"],
+        per_device_train_batch_size=opts["batch"], learning_rate=1e-4, lr_scheduler_type="polynomial",
+        bf16="bf16" in opts["precision"], fp16=opts["precision"].startswith("16"), report_to=[],
+        save_strategy="no", logging_strategy="no", dataloader_num_workers=0, use_cpu=opts["device"] == "cpu",
+        disable_tqdm=True, seed=0, remove_unused_columns=False,
+    )
+    Trainer(model=model, args=args, train_dataset=rows, callbacks=[Timer()]).train()
+    timed = times[opts["warmup"] - 1:]
+    ips = opts["batch"] * (len(timed) - 1) / (timed[-1] - timed[0])
+    return {"images_per_s": ips, "peak_mem_gib": _peak_memory(opts["device"])}
+
+
+def _max_batch(opts: dict[str, Any]) -> dict[str, Any]:
+    """Largest batch whose training step fits in GPU memory (doubling, then bisection)."""
+    import torch
+
+    from dptune.labels import LabelSet
+    from dptune.module import SegmentationModule
+
+    cfg = model_config(opts["model"], opts["num_labels"])
+    module = SegmentationModule(
+        config=cfg.to_dict(), label_spec=LabelSet(names=[f"c{i}" for i in range(cfg.num_labels)]).to_dict(),
+        image_size=opts["crop"], gradient_checkpointing=opts["gradient_checkpointing"],
+    ).cuda()
+    opt = torch.optim.AdamW(module.parameters(), lr=1e-4)
+
+    def fits(b: int) -> bool:
+        try:
+            x = torch.randint(0, 256, (b, 3, opts["crop"], opts["crop"]), dtype=torch.uint8, device="cuda")
+            y = torch.randint(0, cfg.num_labels, (b, opts["crop"], opts["crop"]), device="cuda")
+            with torch.autocast("cuda", dtype=torch.bfloat16):
+                loss = module.loss(*module(x), y)["loss"]
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            torch.cuda.synchronize()
+            return True
+        except torch.cuda.OutOfMemoryError:
+            return False
+        finally:
+            torch.cuda.empty_cache()
+
+    lo, hi = 0, opts["batch"]
+    while fits(hi) and hi < 4096:
+        lo, hi = hi, hi * 2
+    while hi - lo > max(1, lo // 16):
+        mid = (lo + hi) // 2
+        lo, hi = (mid, hi) if fits(mid) else (lo, mid)
+    return {"max_batch": lo}
+
+
+_JOBS = {"dptune": _time_dptune, "hf_trainer": _time_hf_trainer, "max_batch": _max_batch}
+
+
+def _child(job: str, opts: dict[str, Any], queue) -> None:
+    try:
+        queue.put(_JOBS[job](opts))
+    except Exception as e:  # reported by the parent as a failed measurement
+        queue.put({"error": f"{type(e).__name__}: {e}"})
+
+
+def run_job(job: str, opts: dict[str, Any]) -> dict[str, Any]:
+    ctx = mp.get_context("spawn")
+    queue = ctx.Queue()
+    proc = ctx.Process(target=_child, args=(job, opts, queue))
+    proc.start()
+    result = queue.get()
+    proc.join()
+    return result
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="dpt-bench-tiny", help=f"preset {sorted(PRESETS)} or a DPTConfig JSON")
+    ap.add_argument("--num-labels", type=int, default=None, help="classes (default: the config's)")
+    ap.add_argument("--crop", type=int, default=192)
+    ap.add_argument("--batch", type=int, default=8)
+    ap.add_argument("--steps", type=int, default=10, help="timed steps")
+    ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
+    ap.add_argument("--precision", default=None, help="32-true, bf16-mixed, 16-mixed (default: bf16-mixed)")
+    ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
+    ap.add_argument("--baseline", action="store_true", help="also time the plain HF Trainer recipe")
+    ap.add_argument("--max-batch", action="store_true", help="largest batch, with and without checkpointing (GPU)")
+    ap.add_argument("--gradient-checkpointing", action="store_true")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
+    ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
+    ap.add_argument("--json", help="write results here")
+    args = ap.parse_args(argv)
+    import tempfile
+
+    import torch
+
+    from dptune.flops import dpt_train_flops
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision = args.precision or "bf16-mixed"
+    cfg = model_config(args.model, args.num_labels)
+    opts = {"model": args.model, "num_labels": cfg.num_labels, "crop": args.crop, "batch": args.batch,
+            "steps": args.steps, "warmup": args.warmup, "precision": precision, "device": device,
+            "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
+            "channels_last": args.channels_last, "tmp": tempfile.mkdtemp(prefix="dptune-bench-")}
+    peak, peak_src = peak_tflops(device, precision)
+    if args.peak_tflops:
+        peak, peak_src = args.peak_tflops, "--peak-tflops"
+    flops = dpt_train_flops(cfg, args.crop, args.crop)
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'}"
+    print(f"# {args.model} crop {args.crop} batch {args.batch} {precision} on {device} ({machine}); "
+          f"train GFLOP/image {flops / 1e9:.1f}; peak {peak:.1f} TFLOP/s ({peak_src})")
+    results: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "precision": precision,
+                               "device": machine, "train_gflop_per_image": flops / 1e9, "peak_tflops": peak,
+                               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
+    jobs = ["dptune"] + (["hf_trainer"] if args.baseline else [])
+    for job in jobs:
+        r = run_job(job, opts)
+        if "error" not in r:
+            r["mfu"] = r["images_per_s"] * flops / (peak * 1e12)
+            print(f"{job:<11} {r['images_per_s']:8.2f} images/s  peak mem {r['peak_mem_gib']:6.2f} GiB  "
+                  f"MFU {100 * r['mfu']:5.1f}%")
+        else:
+            print(f"{job:<11} failed: {r['error']}")
+        results[job] = r
+    if args.baseline and "error" not in results["dptune"] and "error" not in results["hf_trainer"]:
+        ratio = results["dptune"]["images_per_s"] / results["hf_trainer"]["images_per_s"]
+        results["ratio_vs_hf_trainer"] = ratio
+        print(f"dptune / HF Trainer: {ratio:.2f}x")
+    if args.max_batch and device == "cuda":
+        for gc in (False, True):
+            r = run_job("max_batch", dict(opts, gradient_checkpointing=gc))
+            results[f"max_batch{'_checkpointing' if gc else ''}"] = r
+            print(f"max batch{' (gradient checkpointing)' if gc else ''}: {r.get('max_batch', r.get('error'))}")
+    if args.json:
+        Path(args.json).write_text(json.dumps(results, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""Every shipped config parses and builds; the ADE20K recipe with a tiny stand-in model and dataset."""
+
+import json
+
+import pytest
+import torch
+from conftest import CAMVID, DUBAI, REPO, needs
+from test_data import _hf_dataset
+from transformers import DPTConfig, DPTForSemanticSegmentation
+
+from dptune.cli import DPTuneCLI, trainer_defaults
+from dptune.data.datamodule import SegmentationDataModule
+from dptune.module import SegmentationModule
+
+
+def build(args):
+    return DPTuneCLI(SegmentationModule, SegmentationDataModule, trainer_defaults=trainer_defaults(),
+                     seed_everything_default=0, run=False, args=args)
+
+
+def test_ade20k_recipe_builds_with_a_tiny_stand_in(tmp_path, tiny_config):
+    names = {i: f"ade{i}" for i in range(150)}
+    cfg = DPTConfig(**tiny_config, num_labels=150, id2label=names, label2id={v: k for k, v in names.items()})
+    DPTForSemanticSegmentation(cfg).save_pretrained(tmp_path / "stand-in")
+    data = _hf_dataset(tmp_path)
+    cli = build([
+        "--config", str(REPO / "configs" / "ade20k.yaml"),
+        "--model.pretrained", str(tmp_path / "stand-in"),
+        "--data.labels", json.dumps({"from_checkpoint": str(tmp_path / "stand-in"), "reduce_labels": True}),
+        "--data.hf.dataset", str(data), "--data.image_size", "32", "--data.crop_size", "32",
+        "--data.batch_size", "2", "--data.num_workers", "0", "--trainer.logger", "false",
+        "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.precision", "32-true",
+    ])
+    m = cli.model
+    assert m.hparams.optimizer == "sgd" and m.hparams.lr == 0.002 and m.hparams.poly_power == 0.9
+    assert m.num_classes == 150 and m.label_set.names[3] == "ade3"
+    assert cli.datamodule.crop_size == (32, 32) and cli.datamodule.scale_range == (0.5, 2.0)
+    assert cli.trainer.max_epochs == 240
+    opt = m.configure_optimizers  # needs a trainer for the step count; fit two steps instead
+    cli.trainer.fit_loop.max_epochs = 1
+    cli.trainer.limit_train_batches = 2
+    cli.trainer.limit_val_batches = 1
+    cli.trainer.fit(m, datamodule=cli.datamodule)
+    assert cli.trainer.global_step == 2 and callable(opt)
+    assert isinstance(cli.trainer.optimizers[0], torch.optim.SGD)
+
+
+@needs(CAMVID)
+def test_camvid_config_builds(tmp_path, tiny_config_path):
+    cli = build(["--config", str(REPO / "configs" / "camvid.yaml"), "--data.root", str(CAMVID),
+                 "--model.config", str(tiny_config_path), "--trainer.logger", "false"])
+    assert cli.model.label_set.names == cli.datamodule.label_set.names
+    assert cli.model.hparams.image_size == cli.datamodule.hparams.image_size  # linked, not written twice
+
+
+@needs(DUBAI)
+def test_dubai_config_builds(tiny_config_path):
+    cli = build(["--config", str(REPO / "configs" / "dubai.yaml"), "--data.root", str(DUBAI),
+                 "--model.config", str(tiny_config_path), "--trainer.logger", "false"])
+    assert cli.datamodule.label_set.mask_format == "rgb" and cli.model.num_classes == 6
+    ds = cli.datamodule._dataset("val")
+    assert len(ds) == 9
+
+
+def test_quickstart_config_builds():
+    cli = build(["--config", str(REPO / "configs" / "quickstart.yaml"), "--trainer.logger", "false"])
+    assert cli.model.num_classes == 4
+
+
+def test_model_needs_exactly_one_source():
+    with pytest.raises(Exception, match="exactly one"):
+        build(["--config", str(REPO / "configs" / "quickstart.yaml"), "--model.pretrained", "x",
+               "--trainer.logger", "false"])

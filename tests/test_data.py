@@ -1,0 +1,157 @@
+import numpy as np
+import pytest
+import torch
+from conftest import CAMVID, DUBAI, needs
+from PIL import Image
+
+from dptune.data.datamodule import SegmentationDataModule
+from dptune.data.dataset import collate
+from dptune.data.sources import FolderSource, mask_path_for, read_image
+from dptune.errors import DataError
+from dptune.labels import IGNORE_INDEX
+
+CAMVID_SPLITS = {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"},
+                 "val": {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}}
+
+
+def test_mask_template_placeholders():
+    assert mask_path_for("/d/Tile 1/images/a.jpg", "{dir}/../masks/{stem}.png", "/d") == "/d/Tile 1/masks/a.png"
+    assert mask_path_for("/d/train/x.jpg", "trainannot/{stem}.png", "/d") == "/d/trainannot/x.png"
+    assert mask_path_for("/d/train/x.jpg", "m/{name}", "/d") == "/d/m/x.jpg"
+
+
+@needs(CAMVID)
+def test_camvid_reads_in_place_and_validation_keeps_mask_size():
+    dm = SegmentationDataModule(root=str(CAMVID), splits=CAMVID_SPLITS, image_size=96, crop_size=64,
+                                batch_size=2, num_workers=0, cache=True)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 64, 64) and batch["image"].dtype == torch.uint8
+    assert batch["mask"].shape == (2, 64, 64)
+    val = next(iter(dm.val_dataloader()))
+    assert val["image"].shape[-2:] == (96, 96)
+    assert val["mask"].shape[-2:] == (360, 480) and val["sizes"][0] == (360, 480)
+    values = set(torch.unique(val["mask"]).tolist())
+    assert values <= set(range(11)) | {IGNORE_INDEX} and IGNORE_INDEX in values  # void 11 -> 255
+
+
+@needs(DUBAI)
+def test_dubai_layout_with_spaces_and_rgb_masks():
+    dm = SegmentationDataModule(
+        root=str(DUBAI), splits={"val": {"images": "Tile 6/images/*.jpg", "masks": "{dir}/../masks/{stem}.png"}},
+        image_size=64, batch_size=2, num_workers=0, check=False)
+    ds = dm._dataset("val")
+    assert len(ds) == 9
+    item = ds[0]
+    assert item["image"].shape == (3, 64, 64)
+    h, w = item["mask"].shape
+    assert h != w  # native, non-square label size is kept for scoring
+    assert set(torch.unique(item["mask"]).tolist()) <= set(range(6)) | {IGNORE_INDEX}
+
+
+def test_collate_pads_masks_with_255():
+    items = [{"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "mask": torch.zeros(4, 6, dtype=torch.uint8), "index": 0},
+             {"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "mask": torch.ones(5, 3, dtype=torch.uint8), "index": 1}]
+    b = collate(items)
+    assert b["mask"].shape == (2, 5, 6) and b["sizes"] == [(4, 6), (5, 3)]
+    assert (b["mask"][0, 4:] == IGNORE_INDEX).all() and (b["mask"][1, :, 3:] == IGNORE_INDEX).all()
+
+
+def test_synthetic_source_is_seeded():
+    dm = SegmentationDataModule(source="synthetic", splits={"train": {"count": 4, "seed": 3, "size": [64, 64]}},
+                                image_size=64, num_workers=0, check=False)
+    a = dm._dataset("train").source.load(2)
+    b = SegmentationDataModule(source="synthetic", splits={"train": {"count": 4, "seed": 3, "size": [64, 64]}},
+                               image_size=64, num_workers=0, check=False)._dataset("train").source.load(2)
+    assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    assert dm.label_set.names == ["background", "disc", "box", "triangle"]
+
+
+def _hf_dataset(tmp_path, n=4, size=(48, 64)):
+    import datasets
+
+    rng = np.random.default_rng(0)
+
+    def split(k):
+        imgs = [Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)) for _ in range(k)]
+        masks = [Image.fromarray(rng.integers(0, 4, size, dtype=np.uint8)) for _ in range(k)]
+        feats = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+        return datasets.Dataset.from_dict({"image": imgs, "annotation": masks}, features=feats)
+
+    path = tmp_path / "hfds"
+    datasets.DatasetDict({"train": split(n), "validation": split(2)}).save_to_disk(str(path))
+    return path
+
+
+def test_hf_dataset_from_disk_with_reduce_labels(tmp_path):
+    path = _hf_dataset(tmp_path)
+    dm = SegmentationDataModule(
+        source="hf", hf={"dataset": str(path), "image_column": "image", "mask_column": "annotation"},
+        labels={"names": ["a", "b", "c"], "reduce_labels": True},
+        splits={"train": {"split": "train"}, "val": {"split": "validation"}},
+        image_size=32, crop_size=32, batch_size=2, num_workers=0)
+    dm.setup("fit")
+    batch = next(iter(dm.train_dataloader()))
+    assert batch["image"].shape == (2, 3, 32, 32)
+    assert set(torch.unique(batch["mask"]).tolist()) <= {0, 1, 2, IGNORE_INDEX}
+    val = next(iter(dm.val_dataloader()))
+    assert val["mask"].shape[-2:] == (48, 64)
+    with pytest.raises(DataError, match="no column 'label'"):
+        SegmentationDataModule(source="hf", hf={"dataset": str(path)}, labels={"names": ["a"]},
+                               splits={"train": {"split": "train"}}, num_workers=0)._dataset("train")
+
+
+def _broken_copy(tmp_path):
+    """A tiny folder dataset with a missing mask and a mask with an unknown value."""
+    root = tmp_path / "d"
+    (root / "img").mkdir(parents=True)
+    (root / "ann").mkdir()
+    (root / "labels.yaml").write_text("names: [a, b]\n")
+    rng = np.random.default_rng(0)
+    for i in range(4):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(root / "img" / f"{i}.png")
+        mask = rng.integers(0, 2, (32, 32), dtype=np.uint8)
+        if i == 1:
+            mask[3, 3] = 200
+        if i != 2:
+            Image.fromarray(mask).save(root / "ann" / f"{i}.png")
+    return root
+
+
+def test_bad_samples_error_lists_each_file(tmp_path):
+    root = _broken_copy(tmp_path)
+    dm = SegmentationDataModule(root=str(root), splits={"train": {"images": "img/*.png", "masks": "ann/{stem}.png"}},
+                                image_size=32, num_workers=0)
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert "2.png: no mask" in str(err.value)
+
+
+def test_bad_samples_skip(tmp_path, caplog):
+    root = _broken_copy(tmp_path)
+    (root / "ann" / "2.png").write_bytes((root / "ann" / "0.png").read_bytes())
+    dm = SegmentationDataModule(root=str(root), splits={"train": {"images": "img/*.png", "masks": "ann/{stem}.png"}},
+                                image_size=32, num_workers=0, on_bad_sample="skip")
+    dm.setup("fit")
+    assert len(dm.datasets["train"]) == 3 and dm.skipped["train"] == 1
+    dm2 = SegmentationDataModule(root=str(root), splits={"train": {"images": "img/*.png", "masks": "ann/{stem}.png"}},
+                                 image_size=32, num_workers=0)
+    with pytest.raises(DataError, match=r"1\.png: mask has values \[200\]"):
+        dm2.setup("fit")
+
+
+def test_truncated_jpeg_is_refused(tmp_path):
+    p = tmp_path / "x.jpg"
+    Image.fromarray(np.zeros((64, 64, 3), np.uint8)).save(p, quality=90)
+    data = p.read_bytes()
+    p.write_bytes(data[: len(data) // 2])
+    with pytest.raises(DataError, match="truncated JPEG"):
+        read_image(str(p))
+    g = tmp_path / "g.jpg"
+    Image.fromarray(np.full((8, 8), 7, np.uint8)).save(g)
+    assert read_image(str(g)).shape == (8, 8, 3)  # grayscale becomes RGB
+
+
+def test_folder_source_no_match(tmp_path):
+    with pytest.raises(DataError, match="no images match"):
+        FolderSource(str(tmp_path), "nothing/*.jpg", "{stem}.png")
