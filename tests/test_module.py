@@ -70,3 +70,31 @@ def test_warmup_then_poly():
     assert s(10) == pytest.approx(1.0) and s(60) == pytest.approx(0.5) and s(110) == pytest.approx(0.0)
     s2 = WarmupPoly(total_steps=100, warmup_steps=0, power=0.9, min_ratio=0.1)
     assert s2(50) == pytest.approx(0.1 + 0.9 * 0.5**0.9)
+
+
+def test_dice_matches_a_one_hot_reference(tiny_config):
+    m = _module(tiny_config, region_loss="dice", aux_weight=0.0)
+    logits = torch.randn(2, 3, 16, 16, requires_grad=True)
+    target = torch.randint(0, 2, (2, 16, 16))  # class 2 absent: left out of the mean
+    target[:, :3] = IGNORE_INDEX
+    valid = (target != IGNORE_INDEX).unsqueeze(1).float()
+    probs = logits.softmax(1) * valid
+    onehot = F.one_hot(target.clamp(max=2), 3).permute(0, 3, 1, 2).float() * valid
+    inter, denom = (probs * onehot).sum((0, 2, 3)), probs.sum((0, 2, 3)) + onehot.sum((0, 2, 3))
+    ref = 1 - ((2 * inter + 1) / (denom + 1))[:2].mean()
+    ours = m._dice(logits, target)
+    assert torch.allclose(ours, ref, atol=1e-6)
+    ours.backward()
+    assert logits.grad is not None and torch.isfinite(logits.grad).all()
+    total = m.loss(logits, None, target)
+    assert torch.allclose(total["loss"], total["loss_main"] + total["loss_dice"])
+
+
+def test_aux_head_runs_only_when_the_loss_reads_it(tiny_config):
+    images = torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8)
+    m = _module(tiny_config)
+    assert m(images)[1] is not None  # training, aux_weight 0.4
+    m.eval()
+    assert m(images)[1] is None
+    m.train()
+    assert _module(tiny_config, aux_weight=0.0)(images)[1] is None

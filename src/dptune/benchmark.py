@@ -186,6 +186,7 @@ def _max_batch(opts: dict[str, Any]) -> dict[str, Any]:
         except torch.cuda.OutOfMemoryError:
             return False
         finally:
+            opt.zero_grad(set_to_none=True)
             torch.cuda.empty_cache()
 
     lo, hi = 0, opts["batch"]

@@ -7,10 +7,9 @@ import os
 import sys
 import warnings
 
-from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
-from dptune.callbacks import LRMonitor, ValidationVisuals
+from dptune.callbacks import Checkpoint, LRMonitor, ValidationVisuals
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import DataError
 from dptune.module import SegmentationModule
@@ -23,7 +22,7 @@ class DPTuneCLI(LightningCLI):
         # data facts reach the model once, by link, never written twice
         parser.link_arguments("data.labels_spec", "model.label_spec", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.image_size")
-        parser.add_lightning_class_args(ModelCheckpoint, "checkpoint")
+        parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/mIoU",
             "checkpoint.mode": "max",

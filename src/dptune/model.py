@@ -136,12 +136,15 @@ def _backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Te
     return features
 
 
-def segment(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+def segment(
+    model: DPTForSemanticSegmentation, pixel_values: torch.Tensor, with_aux: bool = True
+) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, auxiliary logits or None) for normalised images of any H x W divisible by the patch size.
 
     Unlike ``DPTForSemanticSegmentation.forward`` this passes the patch grid to the neck, so
     non-square inputs work, and it skips the encoder's final layer norm, which segmentation
-    never reads. Logits come at the input resolution when the patch grid is even in both
+    never reads. ``with_aux=False`` skips the auxiliary head (only the loss reads it; it costs
+    as much as the main head). Logits come at the input resolution when the patch grid is even in both
     directions; otherwise the neck rounds the grid up and callers resize (loss and metrics do).
     """
     patch = model.config.patch_size
@@ -151,5 +154,5 @@ def segment(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> tu
     features = _backbone_features(model, pixel_values)
     features = model.neck(features, patch_height=h // patch, patch_width=w // patch)
     logits = model.head(features)
-    aux = model.auxiliary_head(features[-1]) if model.auxiliary_head is not None else None
+    aux = model.auxiliary_head(features[-1]) if with_aux and model.auxiliary_head is not None else None
     return logits, aux

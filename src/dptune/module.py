@@ -82,6 +82,8 @@ class SegmentationModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         aux_weight: float = 0.4,
         class_weights: list[float] | None = None,
+        region_loss: Literal["none", "dice"] = "none",
+        region_weight: float = 1.0,
         head_dropout: Literal["channel", "element", "none"] = "channel",
         attn_implementation: str = "sdpa",
         image_mean: list[float] | None = None,
@@ -108,7 +110,11 @@ class SegmentationModule(pl.LightningModule):
             poly_power: Exponent of the polynomial decay after warmup.
             min_lr_ratio: Final learning rate as a fraction of the peak.
             aux_weight: Weight of the auxiliary head's cross-entropy (0 turns it off).
-            class_weights: Per-class cross-entropy weights (length = number of classes).
+            class_weights: Per-class cross-entropy weights (length = number of classes); see
+                ``scripts/inspect_data.py --class-weights``.
+            region_loss: Add a region loss to the main head's cross-entropy: ``dice`` (soft Dice over
+                the classes present in the batch) or ``none``.
+            region_weight: Weight of the region loss.
             head_dropout: Dropout in the heads: ``channel`` (Dropout2d), ``element`` (as in HF) or ``none``.
             attn_implementation: ``sdpa`` or ``eager`` attention.
             image_mean: Normalisation mean (0-1 scale); default: the checkpoint's image processor, else 0.5.
@@ -158,13 +164,29 @@ class SegmentationModule(pl.LightningModule):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         return torch.addcmul(self._shift, images.float(), self._scale)
 
-    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """uint8 (B, 3, H, W) images -> (logits, auxiliary logits)."""
-        return self._segment(self.model, self.normalize(images))
+    def forward(self, images: torch.Tensor, with_aux: bool | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """uint8 (B, 3, H, W) images -> (logits, auxiliary logits or None).
+
+        The auxiliary head runs only when the loss will read it (training with ``aux_weight > 0``)
+        unless ``with_aux`` says otherwise.
+        """
+        if with_aux is None:
+            with_aux = self.training and self.hparams.aux_weight > 0
+        return self._segment(self.model, self.normalize(images), with_aux)
+
+    @staticmethod
+    def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
+        """Bilinear resize to ``size``, in batch chunks when the result would pass the 2**31-element
+        limit of CUDA's upsampling kernels (large batches of many-class logits)."""
+        if tuple(logits.shape[-2:]) == tuple(size):
+            return logits
+        per_sample = logits.shape[1] * size[0] * size[1]
+        chunk = max(1, (2**31 - 1) // per_sample)
+        parts = [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in logits.split(chunk)]
+        return parts[0] if len(parts) == 1 else torch.cat(parts)
 
     def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        if logits.shape[-2:] != target.shape[-2:]:
-            logits = F.interpolate(logits, size=target.shape[-2:], mode="bilinear", align_corners=False)
+        logits = self.upsample(logits, target.shape[-2:])
         total = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=IGNORE_INDEX, reduction="sum")
         valid = target != IGNORE_INDEX
         if self.class_weights is None:
@@ -174,12 +196,33 @@ class SegmentationModule(pl.LightningModule):
         # a crop with no labelled pixel gives 0, not NaN
         return total / denom.clamp(min=1)
 
+    def _dice(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        """1 - mean soft Dice over the classes present in the batch's labels (ignore excluded).
+
+        Per-class sums come from scatter-adds over the true class, not a one-hot tensor.
+        """
+        logits = self.upsample(logits, target.shape[-2:])
+        probs = logits.float().softmax(1)
+        valid = (target != IGNORE_INDEX).float()
+        t = target.clamp(max=self.num_classes - 1).flatten()
+        zeros = probs.new_zeros(self.num_classes)
+        p_true = probs.gather(1, target.clamp(max=self.num_classes - 1).unsqueeze(1)).squeeze(1) * valid
+        inter = zeros.scatter_add(0, t, p_true.flatten())
+        label_sum = zeros.scatter_add(0, t, valid.flatten())
+        prob_sum = (probs * valid.unsqueeze(1)).sum((0, 2, 3))
+        present = label_sum > 0
+        dice = (2 * inter + 1.0) / (prob_sum + label_sum + 1.0)
+        return 1 - (dice * present).sum() / present.sum().clamp(min=1)
+
     def loss(self, logits: torch.Tensor, aux: torch.Tensor | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
         main = self._ce(logits, target)
         out = {"loss": main, "loss_main": main}
+        if self.hparams.region_loss == "dice":
+            out["loss_dice"] = self._dice(logits, target)
+            out["loss"] = out["loss"] + self.hparams.region_weight * out["loss_dice"]
         if aux is not None and self.hparams.aux_weight > 0:
             out["loss_aux"] = self._ce(aux, target)
-            out["loss"] = main + self.hparams.aux_weight * out["loss_aux"]
+            out["loss"] = out["loss"] + self.hparams.aux_weight * out["loss_aux"]
         return out
 
     # ------------------------------------------------------------------ steps
@@ -267,7 +310,10 @@ class SegmentationModule(pl.LightningModule):
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(self.param_groups(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:
-            opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay)
+            # the fused kernel (CPU and CUDA) beats the per-tensor loop the CPU otherwise gets
+            fused = all(p.device.type in ("cpu", "cuda") for p in self.model.parameters())
+            opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
+                                    weight_decay=hp.weight_decay, fused=fused)
         total = int(self.trainer.estimated_stepping_batches)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
         schedule = WarmupPoly(total, warmup, hp.poly_power, hp.min_lr_ratio)

@@ -82,7 +82,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         train_transforms: list[dict[str, Any]] | None = None,
         batch_size: int = 8,
         val_batch_size: int | None = None,
-        num_workers: int = 2,
+        num_workers: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         check: bool = True,
@@ -108,7 +108,8 @@ class SegmentationDataModule(pl.LightningDataModule):
                 ``{name: <albumentations or dptune transform>, **kwargs}``.
             batch_size: Training batch size per process.
             val_batch_size: Validation/test batch size per process (default: ``batch_size``).
-            num_workers: Loader worker processes per loader.
+            num_workers: Loader worker processes per loader. Default: none on machines with 2 cores or
+                fewer (a worker would compete with the model for them), else half the cores, at most 8.
             pin_memory: Pin host memory (default: on when CUDA is available).
             persistent_workers: Keep workers alive between epochs.
             check: Decode every sample before training starts, so bad files stop the run early.
@@ -131,6 +132,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.train_transforms_spec = train_transforms
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
+        if num_workers is None:
+            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+            num_workers = 0 if cores <= 2 else min(8, cores // 2)
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0

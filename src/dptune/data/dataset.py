@@ -54,7 +54,7 @@ class SegmentationDataset(Dataset):
         mask = self.labels.encode(raw, name)
         if image.shape[:2] != mask.shape[:2]:
             raise DataError(
-                f"{name}: image is {image.shape[1]}x{image.shape[0]} but its mask is {mask.shape[1]}x{mask.shape[0]}"
+                f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}"
             )
         return image, mask
 

@@ -119,7 +119,8 @@ class FolderSource:
         return self.images[i]
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
-        return read_image(self.images[i]), read_mask(self.masks[i], self.rgb_masks), self.images[i]
+        # problems found in the mask (unknown values, size) are reported against the mask file
+        return read_image(self.images[i]), read_mask(self.masks[i], self.rgb_masks), self.masks[i]
 
     def missing_masks(self) -> list[str]:
         return [f"{img}: no mask at {m}" for img, m in zip(self.images, self.masks, strict=True) if not os.path.exists(m)]
