@@ -124,7 +124,10 @@ def test_bad_samples_error_lists_each_file(tmp_path):
                                 image_size=32, num_workers=0)
     with pytest.raises(DataError) as err:
         dm.setup("fit")
-    assert "2.png: no mask" in str(err.value)
+    lines = str(err.value).splitlines()
+    assert any("img/2.png: no mask" in ln for ln in lines)
+    assert any("ann/1.png: mask has values [200]" in ln for ln in lines)
+    assert lines[-1].startswith("2 bad sample(s)")
 
 
 def test_bad_samples_skip(tmp_path, caplog):

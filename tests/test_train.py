@@ -141,3 +141,59 @@ def test_unknown_mask_value_stops_before_training_with_one_line(tmp_path, tiny_c
     bad = [ln for ln in proc.stderr.splitlines() if "[200]" in ln]
     assert len(bad) == 1 and "trainannot/" in bad[0] and bad[0].count("0001TP") == 1
     assert not (tmp_path / "run" / "checkpoints" / "last.ckpt").exists()
+
+
+def _planted_faults(tmp_path: Path) -> Path:
+    """A copy of a few CamVid frames with the faults users bring (the originals stay untouched)."""
+    import cv2
+    from PIL import Image
+
+    root = tmp_path / "faulty"
+    for sub in ("train", "trainannot", "val", "valannot"):
+        (root / sub).mkdir(parents=True)
+    (root / "labels.yaml").write_text((CAMVID / "labels.yaml").read_text())
+    frames = sorted((CAMVID / "train").glob("0001TP_006[89]*.jpg"))[:7]
+    for f in frames:
+        (root / "train" / f.name).write_bytes(f.read_bytes())
+        (root / "trainannot" / f"{f.stem}.png").write_bytes((CAMVID / "trainannot" / f"{f.stem}.png").read_bytes())
+    for f in sorted((CAMVID / "val").glob("0016E5_0799*.jpg")):
+        (root / "val" / f.name).symlink_to(f)
+        (root / "valannot" / f"{f.stem}.png").symlink_to(CAMVID / "valannot" / f"{f.stem}.png")
+    names = [f.stem for f in frames]
+    data = (root / "train" / f"{names[0]}.jpg").read_bytes()
+    (root / "train" / f"{names[0]}.jpg").write_bytes(data[: len(data) // 2])  # truncated JPEG
+    mask = np.asarray(Image.open(root / "trainannot" / f"{names[1]}.png"))
+    Image.fromarray(mask[:300, :400]).save(root / "trainannot" / f"{names[1]}.png")  # wrong size
+    (root / "trainannot" / f"{names[2]}.png").unlink()  # missing mask
+    bad = mask.copy()
+    bad[10, 10] = 200
+    Image.fromarray(bad).save(root / "trainannot" / f"{names[3]}.png")  # unknown value
+    grey = cv2.imread(str(root / "train" / f"{names[4]}.jpg"), cv2.IMREAD_GRAYSCALE)
+    cv2.imwrite(str(root / "train" / f"{names[4]}.jpg"), grey)  # grayscale JPEG: must work
+    m16 = np.asarray(Image.open(root / "trainannot" / f"{names[5]}.png")).astype(np.uint16)
+    cv2.imwrite(str(root / "trainannot" / f"{names[5]}.png"), m16)  # 16-bit mask: must work
+    return root
+
+
+def test_planted_faults_stop_before_training_or_are_skipped(tmp_path, tiny_config_path):
+    root = _planted_faults(tmp_path)
+    before = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    splits = json.dumps({"train": {"images": "train/*.jpg", "masks": "trainannot/{stem}.png"}, "val": VAL})
+    args = camvid_args(tmp_path / "run", tiny_config_path, epochs=1, root=root)
+    args[args.index("--data.splits") + 1] = splits
+    proc = run_train(args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "0001TP" in ln]
+    assert len(lines) == 4, proc.stderr[-3000:]
+    text = "\n".join(lines)
+    assert "truncated JPEG" in text and "no mask" in text and "[200]" in text and "but its image is 480x360" in text
+    assert "4 bad sample(s)" in proc.stderr
+    assert not (tmp_path / "run" / "checkpoints").exists()
+
+    proc = run_train([*args, "--data.on_bad_sample", "skip"], cwd=tmp_path)
+    assert "skipped 4 bad sample(s) of 7" in proc.stderr
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 1  # 3 good frames, batch 2
+    after = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
+    assert after == before  # nothing written over the input data

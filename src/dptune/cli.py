@@ -7,7 +7,8 @@ import os
 import sys
 import warnings
 
-from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
+from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import Logger
 
 from dptune.callbacks import Checkpoint, LRMonitor, ValidationVisuals
 from dptune.data.datamodule import SegmentationDataModule
@@ -17,11 +18,22 @@ from dptune.module import SegmentationModule
 DEFAULT_ROOT = "runs/dptune"
 
 
+class LoggedSaveConfig(SaveConfigCallback):
+    """Writes ``config.yaml`` beside the checkpoints and logs the whole resolved config (trainer
+    settings included, not only the model's and data's hyperparameters) to the logger."""
+
+    def save_config(self, trainer, pl_module, stage: str) -> None:
+        for logger in trainer.loggers:
+            if isinstance(logger, Logger):
+                logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
+
+
 class DPTuneCLI(LightningCLI):
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         # data facts reach the model once, by link, never written twice
         parser.link_arguments("data.labels_spec", "model.label_spec", apply_on="instantiate")
         parser.link_arguments("data.image_size", "model.image_size")
+        parser.link_arguments("data.val_mode", "model.val_mode")
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.set_defaults({
             "checkpoint.monitor": "val/mIoU",
@@ -72,6 +84,7 @@ def main(args: list[str] | None = None) -> int:
             SegmentationDataModule,
             trainer_defaults=trainer_defaults(),
             seed_everything_default=0,
+            save_config_callback=LoggedSaveConfig,
             save_config_kwargs={"overwrite": True},
             args=args,
         )

@@ -10,27 +10,15 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from dptune.labels import IGNORE_INDEX, LabelSet
+from dptune.labels import LabelSet
+from dptune.losses import cross_entropy, dice_loss, upsample
 from dptune.metrics import ConfusionMatrix, metrics_from_confmat
-from dptune.model import DEFAULT_MEAN, DEFAULT_STD, build_model, head_parameter_names, segment
+from dptune.model import DEFAULT_MEAN, DEFAULT_STD, build_model, segment
+from dptune.optim import WarmupPoly, param_groups
 
 log = logging.getLogger(__name__)
-
-
-class WarmupPoly:
-    """LR multiplier per optimizer step: linear warmup, then polynomial decay to ``min_ratio``."""
-
-    def __init__(self, total_steps: int, warmup_steps: int, power: float = 1.0, min_ratio: float = 0.0) -> None:
-        self.total, self.warmup, self.power, self.min_ratio = max(1, total_steps), warmup_steps, power, min_ratio
-
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.min_ratio + (1 - self.min_ratio) * (1 - progress) ** self.power
 
 
 def _processor_mean_std(pretrained: str) -> tuple[list[float], list[float]] | None:
@@ -70,6 +58,8 @@ class SegmentationModule(pl.LightningModule):
         config: str | dict[str, Any] | None = None,
         label_spec: dict[str, Any] | None = None,
         image_size: int | list[int] = 384,
+        val_mode: Literal["resize", "slide"] = "resize",
+        slide_stride: float = 2 / 3,
         optimizer: Literal["adamw", "sgd"] = "adamw",
         lr: float = 1e-4,
         momentum: float = 0.9,
@@ -99,6 +89,9 @@ class SegmentationModule(pl.LightningModule):
             config: ``DPTConfig`` JSON file (or dict) for a randomly initialised model.
             label_spec: Label set, filled in from the datamodule (``link_arguments``); do not set by hand.
             image_size: Evaluation/export size, filled in from ``data.image_size``.
+            val_mode: Filled in from ``data.val_mode``: ``resize`` scores whole images resized to
+                ``image_size``; ``slide`` scores at native resolution with ``image_size`` windows.
+            slide_stride: Window stride as a fraction of the window (``slide`` mode).
             optimizer: ``adamw`` (default) or ``sgd`` with momentum (the DPT paper's ADE20K recipe).
             lr: Peak learning rate of the ViT backbone.
             momentum: SGD momentum.
@@ -174,61 +167,24 @@ class SegmentationModule(pl.LightningModule):
             with_aux = self.training and self.hparams.aux_weight > 0
         return self._segment(self.model, self.normalize(images), with_aux)
 
-    @staticmethod
-    def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
-        """Bilinear resize to ``size``, in batch chunks when the result would pass the 2**31-element
-        limit of CUDA's upsampling kernels (large batches of many-class logits)."""
-        if tuple(logits.shape[-2:]) == tuple(size):
-            return logits
-        per_sample = logits.shape[1] * size[0] * size[1]
-        chunk = max(1, (2**31 - 1) // per_sample)
-        parts = [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in logits.split(chunk)]
-        return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _ce(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        logits = self.upsample(logits, target.shape[-2:])
-        total = F.cross_entropy(logits, target, weight=self.class_weights, ignore_index=IGNORE_INDEX, reduction="sum")
-        valid = target != IGNORE_INDEX
-        if self.class_weights is None:
-            denom = valid.sum()
-        else:
-            denom = (self.class_weights[target.clamp(max=self.num_classes - 1)] * valid).sum()
-        # a crop with no labelled pixel gives 0, not NaN
-        return total / denom.clamp(min=1)
-
-    def _dice(self, logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
-        """1 - mean soft Dice over the classes present in the batch's labels (ignore excluded).
-
-        Per-class sums come from scatter-adds over the true class, not a one-hot tensor.
-        """
-        logits = self.upsample(logits, target.shape[-2:])
-        probs = logits.float().softmax(1)
-        valid = (target != IGNORE_INDEX).float()
-        t = target.clamp(max=self.num_classes - 1).flatten()
-        zeros = probs.new_zeros(self.num_classes)
-        p_true = probs.gather(1, target.clamp(max=self.num_classes - 1).unsqueeze(1)).squeeze(1) * valid
-        inter = zeros.scatter_add(0, t, p_true.flatten())
-        label_sum = zeros.scatter_add(0, t, valid.flatten())
-        prob_sum = (probs * valid.unsqueeze(1)).sum((0, 2, 3))
-        present = label_sum > 0
-        dice = (2 * inter + 1.0) / (prob_sum + label_sum + 1.0)
-        return 1 - (dice * present).sum() / present.sum().clamp(min=1)
-
     def loss(self, logits: torch.Tensor, aux: torch.Tensor | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
-        main = self._ce(logits, target)
+        main = cross_entropy(logits, target, self.class_weights)
         out = {"loss": main, "loss_main": main}
         if self.hparams.region_loss == "dice":
-            out["loss_dice"] = self._dice(logits, target)
+            out["loss_dice"] = dice_loss(logits, target)
             out["loss"] = out["loss"] + self.hparams.region_weight * out["loss_dice"]
         if aux is not None and self.hparams.aux_weight > 0:
-            out["loss_aux"] = self._ce(aux, target)
+            out["loss_aux"] = cross_entropy(aux, target, self.class_weights)
             out["loss"] = out["loss"] + self.hparams.aux_weight * out["loss_aux"]
         return out
 
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         target = batch["mask"].long()
-        logits, aux = self(batch["image"])
+        if stage != "train" and self.hparams.val_mode == "slide":
+            logits, aux = None, None  # computed window by window below
+        else:
+            logits, aux = self(batch["image"])
         if stage == "train":
             losses = self.loss(logits, aux, target)
             bs = target.shape[0]
@@ -237,11 +193,15 @@ class SegmentationModule(pl.LightningModule):
                 self.log("train/loss_main", losses["loss_main"], batch_size=bs)
                 self.log("train/loss_aux", losses["loss_aux"], batch_size=bs)
             return losses
-        logits = self.resize_logits(logits.float(), batch["sizes"], target.shape[-2:])
+        if self.hparams.val_mode == "slide":
+            logits = self.slide(batch["image"], batch["sizes"], target.shape[-2:])
+        else:
+            logits = self.resize_logits(logits.float(), batch["sizes"], target.shape[-2:])
         preds = logits.argmax(1)
         confmat = self.val_confmat if stage == "val" else self.test_confmat
         confmat.update(preds, target)
-        self.log(f"{stage}/loss", self._ce(logits, target), batch_size=target.shape[0], sync_dist=True)
+        self.log(f"{stage}/loss", cross_entropy(logits, target, self.class_weights), batch_size=target.shape[0],
+                 sync_dist=True)
         return {"preds": preds}
 
     @staticmethod
@@ -249,10 +209,25 @@ class SegmentationModule(pl.LightningModule):
         """Logits to each sample's label size (bilinear, as ``transformers`` users upsample);
         padded regions of a mixed-size batch get no prediction (their labels are 255)."""
         if len(set(sizes)) == 1:
-            return F.interpolate(logits, size=sizes[0], mode="bilinear", align_corners=False)
+            return upsample(logits, sizes[0])
         out = logits.new_zeros(logits.shape[0], logits.shape[1], *padded)
         for b, (h, w) in enumerate(sizes):
-            out[b, :, :h, :w] = F.interpolate(logits[b : b + 1], size=(h, w), mode="bilinear", align_corners=False)[0]
+            out[b, :, :h, :w] = upsample(logits[b : b + 1], (h, w))[0]
+        return out
+
+    def slide(self, images: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
+        """Sliding-window logits at each image's native size (``image_size`` windows)."""
+        from dptune.inference import slide_logits
+
+        size = self.hparams.image_size
+        window = (size, size) if isinstance(size, int) else tuple(size)
+        stride = [max(1, round(s * self.hparams.slide_stride)) for s in window]
+        out = None
+        for b, (h, w) in enumerate(sizes):
+            logits = slide_logits(lambda x: self(x)[0], images[b : b + 1, :, :h, :w], window, stride)
+            if out is None:
+                out = logits.new_zeros(len(sizes), logits.shape[1], *padded)
+            out[b, :, :h, :w] = logits[0]
         return out
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
@@ -287,23 +262,8 @@ class SegmentationModule(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:
-        head = head_parameter_names(self.model)
         hp = self.hparams
-        groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
-        for name, p in self.model.named_parameters():
-            if not p.requires_grad:
-                continue
-            no_decay = p.ndim <= 1 or name.endswith(("position_embeddings", "cls_token"))
-            groups.setdefault((name in head, no_decay), []).append(p)
-        out = []
-        for (is_head, no_decay), params in sorted(groups.items()):
-            out.append({
-                "params": params,
-                "lr": hp.lr * (hp.head_lr_mult if is_head else 1.0),
-                "weight_decay": 0.0 if no_decay else hp.weight_decay,
-                "name": f"{'head' if is_head else 'backbone'}{'_no_decay' if no_decay else ''}",
-            })
-        return out
+        return param_groups(self.model, hp.lr, hp.head_lr_mult, hp.weight_decay)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -80,6 +80,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         crop_size: int | list[int] | None = None,
         scale_range: tuple[float, float] = (0.5, 2.0),
         train_transforms: list[dict[str, Any]] | None = None,
+        val_mode: Literal["resize", "slide"] = "resize",
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int | None = None,
@@ -106,6 +107,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             scale_range: Random rescale range for training, relative to ``image_size``.
             train_transforms: Replace the default training pipeline: a list of
                 ``{name: <albumentations or dptune transform>, **kwargs}``.
+            val_mode: ``resize``: validate on whole images resized to ``image_size`` (what a plain
+                ``transformers`` user does with the exported processor); ``slide``: validate at native
+                resolution with ``image_size`` sliding windows, and draw training crops at native scale
+                (large images such as aerial tiles).
             batch_size: Training batch size per process.
             val_batch_size: Validation/test batch size per process (default: ``batch_size``).
             num_workers: Loader worker processes per loader. Default: none on machines with 2 cores or
@@ -130,6 +135,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.crop_size = _pair(crop_size) or self.image_size
         self.scale_range = tuple(scale_range)
         self.train_transforms_spec = train_transforms
+        self.val_mode = val_mode
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
         if num_workers is None:
@@ -161,9 +167,8 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     # ------------------------------------------------------------------ datasets
     def train_transform(self):
-        spec = self.train_transforms_spec or default_train_transforms(
-            self.crop_size, self.scale_range, self.image_size
-        )
+        base = self.image_size if self.val_mode == "resize" else None  # native scale for sliding windows
+        spec = self.train_transforms_spec or default_train_transforms(self.crop_size, self.scale_range, base)
         return build_transforms(spec, seed=_augment_seed())
 
     def _dataset(self, stage: str) -> SegmentationDataset:
@@ -176,7 +181,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
         ds = SegmentationDataset(
             src, self.label_set, transform=self.train_transform() if stage == "train" else None,
-            image_size=None if stage == "train" else self.image_size,
+            image_size=None if stage == "train" or self.val_mode == "slide" else self.image_size,
         )
         if self.check or self.cache:
             self._check(ds, stage)

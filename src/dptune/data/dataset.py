@@ -58,6 +58,17 @@ class SegmentationDataset(Dataset):
             )
         return image, mask
 
+    def check(self, i: int) -> None:
+        """Raise ``DataError`` if sample ``i`` is unusable, reading as little as the source allows."""
+        probe = getattr(self.source, "probe", None)
+        if probe is None:
+            self.load(i)
+            return
+        (h, w), raw, name = probe(i)
+        mask = self.labels.encode(raw, name)
+        if (h, w) != mask.shape[:2]:
+            raise DataError(f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}")
+
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k]
         image, mask = self.load(i)
@@ -106,15 +117,19 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 def scan(
     dataset: SegmentationDataset, desc: str, keep: bool, workers: int = 2
 ) -> tuple[list[int], list[str], dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """Decode every sample once: return good indices, one problem line per bad sample, and,
-    when ``keep``, the decoded samples (the in-memory cache)."""
+    """Check every sample once: return good indices, one problem line per bad sample, and,
+    when ``keep``, the decoded samples (the in-memory cache). Without ``keep`` images are only
+    checked from their headers; masks are always decoded (their values must be known)."""
     good: list[int] = []
     problems: list[str] = []
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def one(i: int) -> tuple[int, Any]:
         try:
-            return i, dataset.load(i)
+            if keep:
+                return i, dataset.load(i)
+            dataset.check(i)
+            return i, None
         except DataError as e:
             return i, str(e)
 

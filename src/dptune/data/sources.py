@@ -17,7 +17,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
-from dptune.errors import DataError, DataErrors
+from dptune.errors import DataError
 
 
 class Source(Protocol):
@@ -59,6 +59,27 @@ def read_image(path: str) -> np.ndarray:
     if img.shape[2] == 3:
         return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     raise DataError(f"{path}: unsupported number of channels {img.shape[2]}")
+
+
+def image_header_size(path: str) -> tuple[int, int]:
+    """(h, w) from the file header, without decoding the pixels."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            if head == b"\xff\xd8":
+                f.seek(-2, os.SEEK_END)
+                if f.read(2) != b"\xff\xd9":
+                    raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
+        with Image.open(path) as im:
+            if im.mode not in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "CMYK", "YCbCr"):
+                raise DataError(f"{path}: unsupported image mode {im.mode}")
+            return im.size[1], im.size[0]
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: not a readable image ({e})") from None
 
 
 def pil_to_mask(im: Image.Image, rgb: bool, path: str) -> np.ndarray:
@@ -118,12 +139,21 @@ class FolderSource:
     def name(self, i: int) -> str:
         return self.images[i]
 
+    def _mask(self, i: int) -> np.ndarray:
+        if not os.path.exists(self.masks[i]):
+            raise DataError(f"{self.images[i]}: no mask (expected {self.masks[i]})")
+        return read_mask(self.masks[i], self.rgb_masks)
+
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         # problems found in the mask (unknown values, size) are reported against the mask file
-        return read_image(self.images[i]), read_mask(self.masks[i], self.rgb_masks), self.masks[i]
+        mask = self._mask(i)
+        return read_image(self.images[i]), mask, self.masks[i]
 
-    def missing_masks(self) -> list[str]:
-        return [f"{img}: no mask at {m}" for img, m in zip(self.images, self.masks, strict=True) if not os.path.exists(m)]
+    def probe(self, i: int) -> tuple[tuple[int, int], np.ndarray, str]:
+        """Cheap check of sample ``i``: the image's size from its header (plus the JPEG end
+        marker), the mask fully decoded (its values must be checked)."""
+        mask = self._mask(i)
+        return image_header_size(self.images[i]), mask, self.masks[i]
 
 
 # ---------------------------------------------------------------------------- Hugging Face datasets
@@ -231,11 +261,7 @@ def build_source(kind: str, spec: dict[str, Any], root: str, rgb_masks: bool, st
     """One split's source from its YAML spec (see ``SegmentationDataModule``)."""
     try:
         if kind == "folder":
-            src = FolderSource(root, spec["images"], spec["masks"], rgb_masks)
-            missing = src.missing_masks()
-            if missing:
-                raise DataErrors(missing, hint="Every image needs a mask (check the masks template).")
-            return src
+            return FolderSource(root, spec["images"], spec["masks"], rgb_masks)
         if kind == "hf":
             return HFSource(split=spec.get("split", stage), rgb_masks=rgb_masks, **hf)
         if kind == "synthetic":

@@ -1,0 +1,98 @@
+"""Whole-image and sliding-window prediction, with flip / multi-scale test-time augmentation.
+
+``forward`` maps a uint8 (B, 3, h, w) batch to logits (B, C, h', w'); dptune's module is such a
+callable. Every function returns float logits at the input image's own resolution.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+
+import torch
+import torch.nn.functional as F
+
+Forward = Callable[[torch.Tensor], torch.Tensor]
+
+
+def _resize(x: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+    if tuple(x.shape[-2:]) == tuple(size):
+        return x
+    if x.dtype == torch.uint8:
+        return F.interpolate(x.float(), size=tuple(size), mode=mode, align_corners=False, antialias=True).round().clamp(
+            0, 255).to(torch.uint8)
+    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+
+
+def whole_logits(forward: Forward, images: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
+    """Resize to ``size`` (or not), predict, upsample the logits back to the input size."""
+    h, w = images.shape[-2:]
+    logits = forward(_resize(images, size) if size is not None else images).float()
+    return _resize(logits, (h, w))
+
+
+def _starts(length: int, window: int, stride: int) -> list[int]:
+    if length <= window:
+        return [0]
+    starts = list(range(0, length - window + 1, stride))
+    if starts[-1] != length - window:
+        starts.append(length - window)  # the last window ends at the border
+    return starts
+
+
+def slide_logits(
+    forward: Forward, images: torch.Tensor, window: Sequence[int], stride: Sequence[int], batch: int = 8
+) -> torch.Tensor:
+    """Sliding windows of ``window`` at native resolution, logits of overlaps averaged.
+
+    Images smaller than a window are padded (bottom/right) for the forward pass only.
+    Windows are run ``batch`` at a time.
+    """
+    wh, ww = int(window[0]), int(window[1])
+    b, _, h, w = images.shape
+    ph, pw = max(h, wh), max(w, ww)
+    if (ph, pw) != (h, w):
+        images = F.pad(images, (0, pw - w, 0, ph - h))
+    boxes = [(y, x) for y in _starts(ph, wh, int(stride[0])) for x in _starts(pw, ww, int(stride[1]))]
+    total = None
+    count = images.new_zeros((1, 1, ph, pw), dtype=torch.float32)
+    for i in range(0, len(boxes), max(1, batch // b)):
+        chunk = boxes[i : i + max(1, batch // b)]
+        crops = torch.cat([images[:, :, y : y + wh, x : x + ww] for y, x in chunk])
+        logits = _resize(forward(crops).float(), (wh, ww))
+        if total is None:
+            total = logits.new_zeros((b, logits.shape[1], ph, pw))
+        for k, (y, x) in enumerate(chunk):
+            total[:, :, y : y + wh, x : x + ww] += logits[k * b : (k + 1) * b]
+            count[:, :, y : y + wh, x : x + ww] += 1
+    return (total / count)[:, :, :h, :w]
+
+
+def predict_probs(
+    forward: Forward,
+    images: torch.Tensor,
+    mode: str = "whole",
+    size: Sequence[int] | None = None,
+    stride: Sequence[int] | None = None,
+    flip: bool = False,
+    scales: Sequence[float] = (1.0,),
+) -> torch.Tensor:
+    """Class probabilities at the input size by ``whole`` (resize to ``size``) or ``slide`` (windows of ``size``),
+    averaged over ``scales`` (image rescaled first) and, with ``flip``, horizontal flips."""
+    h, w = images.shape[-2:]
+    if mode == "slide" and stride is None:
+        stride = [max(1, round(s * 2 / 3)) for s in size]
+    out = None
+    n = 0
+    for scale in scales:
+        scaled = images if scale == 1.0 else _resize(images, (round(h * scale), round(w * scale)))
+        for flipped in ([False, True] if flip else [False]):
+            x = scaled.flip(-1) if flipped else scaled
+            if mode == "slide":
+                logits = slide_logits(forward, x, size, stride)
+            else:
+                logits = whole_logits(forward, x, size)
+            logits = logits.flip(-1) if flipped else logits
+            logits = _resize(logits, (h, w)).softmax(1)  # average probabilities across views
+            out = logits if out is None else out + logits
+            n += 1
+    return out / n

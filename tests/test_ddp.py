@@ -1,0 +1,45 @@
+"""Two CPU processes (gloo DDP): one log, one set of checkpoints, exact validation metrics."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from conftest import CAMVID, REPO, needs
+from test_train import VAL, camvid_args, run_train
+
+pytestmark = [pytest.mark.slow, needs(CAMVID)]
+
+
+def _val_metrics(stdout: str) -> dict[str, float]:
+    out = {}
+    for key in ("val/mIoU", "val/pixel_acc", "val/mAcc"):
+        line = next(ln for ln in stdout.splitlines() if f" {key} " in ln)
+        out[key] = float(line.split()[-2])
+    return out
+
+
+def test_ddp_fit_logs_once_and_validation_is_exact(tmp_path, tiny_config_path):
+    run = tmp_path / "run"
+    args = camvid_args(run, tiny_config_path, epochs=1)
+    proc = run_train([*args, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                      "--trainer.strategy", "ddp"], cwd=tmp_path)
+    assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # rank 0 only
+    assert len([p for p in (run / "checkpoints").iterdir() if p.name.startswith("best-")]) == 1
+    assert proc.stderr.count("val: mIoU") + proc.stdout.count("val: mIoU") == 1
+    ckpt = run / "checkpoints" / "last.ckpt"
+    assert torch.load(ckpt, weights_only=False, map_location="cpu")["global_step"] == 2  # 7 frames / (2 x 2), rounded down
+
+    # 5 val frames, batch 2, 2 processes: shards of 3 and 2, nothing repeated
+    common = ["validate", "--config", str(REPO / "configs" / "camvid.yaml"), "--data.root", str(CAMVID),
+              "--model.config", str(tiny_config_path), "--data.splits", json.dumps({"val": VAL}),
+              "--data.image_size", "64", "--data.val_batch_size", "2", "--trainer.logger", "false",
+              "--trainer.precision", "32-true", "--ckpt_path", str(ckpt)]
+    single = run_train([*common, "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+                        "--trainer.default_root_dir", str(tmp_path / "v1")], cwd=tmp_path)
+    double = run_train([*common, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                        "--trainer.default_root_dir", str(tmp_path / "v2")], cwd=tmp_path)
+    one, two = _val_metrics(single.stdout), _val_metrics(double.stdout)
+    for key in one:
+        assert abs(one[key] - two[key]) < 1e-6, (key, one[key], two[key])

@@ -1,0 +1,37 @@
+"""The FLOPs formula behind MFU agrees with torch.utils.flop_counter (tiny on CPU, Large on meta)."""
+
+import pytest
+import torch
+from conftest import REPO
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import DPTForSemanticSegmentation
+
+from dptune.flops import dpt_forward_flops, dpt_train_flops
+from dptune.model import load_config, segment
+
+
+def counted(cfg, h, w, device):
+    cfg._attn_implementation = "eager"  # the CPU flash kernel is invisible to the counter
+    with torch.device(device):
+        model = DPTForSemanticSegmentation(cfg)
+        x = torch.randn(1, 3, h, w)
+    with FlopCounterMode(display=False) as fc:
+        segment(model, x)
+    return fc.get_total_flops()
+
+
+@pytest.mark.parametrize("h,w", [(192, 192), (192, 256)])
+def test_tiny_formula_matches_counter(h, w):
+    cfg = load_config(REPO / "configs" / "models" / "dpt-tiny.json")
+    cfg.num_labels = 11
+    ref = counted(cfg, h, w, "cpu")
+    assert abs(dpt_forward_flops(cfg, h, w) / ref - 1) < 0.05
+
+
+def test_large_formula_matches_counter_on_meta():
+    cfg = load_config(REPO / "configs" / "models" / "dpt-large-ade.json")
+    ref = counted(cfg, 512, 512, "meta")
+    ours = dpt_forward_flops(cfg, 512, 512)
+    assert abs(ours / ref - 1) < 0.05
+    assert dpt_train_flops(cfg, 512, 512) == 3 * ours
+    assert 3.0e12 < dpt_train_flops(cfg, 512, 512) < 3.5e12  # ~3.2 TFLOP per 512x512 image

@@ -1,0 +1,47 @@
+import pytest
+import torch
+
+from dptune.inference import _starts, predict_probs, slide_logits, whole_logits
+from dptune.labels import LabelSet
+from dptune.module import SegmentationModule
+
+
+def pixels_as_logits(x: torch.Tensor) -> torch.Tensor:
+    return x.float()  # 3 "classes" whose logits are the pixel values: position-exact
+
+
+@pytest.mark.parametrize("h,w", [(50, 70), (20, 30), (64, 64)])
+def test_slide_reassembles_exactly(h, w):
+    images = torch.randint(0, 256, (2, 3, h, w), dtype=torch.uint8)
+    out = slide_logits(pixels_as_logits, images, (32, 32), (21, 21), batch=3)
+    assert out.shape == (2, 3, h, w)
+    assert torch.equal(out, images.float())
+
+
+def test_window_starts_cover_the_image():
+    assert _starts(100, 32, 21) == [0, 21, 42, 63, 68]
+    assert _starts(20, 32, 21) == [0]
+
+
+def test_whole_and_tta_return_input_size():
+    images = torch.randint(0, 256, (1, 3, 40, 60), dtype=torch.uint8)
+    assert whole_logits(pixels_as_logits, images, (32, 32)).shape == (1, 3, 40, 60)
+    probs = predict_probs(pixels_as_logits, images, mode="slide", size=(32, 32), flip=True, scales=(0.75, 1.0))
+    assert probs.shape == (1, 3, 40, 60)
+    assert torch.allclose(probs.sum(1), torch.ones(1, 40, 60), atol=1e-5)
+
+
+def test_module_validates_with_sliding_windows_on_non_square_images(tiny_config):
+    spec = LabelSet(names=["a", "b", "c"]).to_dict()
+    m = SegmentationModule(config=tiny_config, label_spec=spec, image_size=32, val_mode="slide").eval()
+    images = torch.zeros(2, 3, 48, 80, dtype=torch.uint8)
+    images[0] = torch.randint(0, 256, (3, 48, 80), dtype=torch.uint8)
+    images[1, :, :40, :70] = torch.randint(0, 256, (3, 40, 70), dtype=torch.uint8)
+    mask = torch.randint(0, 3, (2, 48, 80))
+    mask[1, 40:] = 255
+    mask[1, :, 70:] = 255
+    with torch.no_grad():
+        logits = m.slide(images, [(48, 80), (40, 70)], mask.shape[-2:])
+        ref = slide_logits(lambda x: m(x)[0], images[1:, :, :40, :70], (32, 32), (21, 21))
+    assert logits.shape == (2, 3, 48, 80)
+    assert torch.allclose(logits[1, :, :40, :70], ref[0], atol=1e-5)
