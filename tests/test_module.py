@@ -63,7 +63,10 @@ def test_param_groups_no_decay_and_head_lr(tiny_config):
     head_names = {names[id(p)] for p in groups["head"]["params"]}
     assert "head.head.4.weight" in head_names and "auxiliary_head.head.4.weight" in head_names
     total = sum(len(g["params"]) for g in groups.values())
-    assert total == len(list(m.model.parameters()))
+    trainable = [n for n, p in m.model.named_parameters() if p.requires_grad]
+    assert total == len(trainable)
+    # the encoder's final layer norm is never run by dptune's forward: frozen, not optimized
+    assert "dpt.layernorm.weight" not in trainable and "dpt.layernorm.weight" in m.model.state_dict()
 
 
 def test_warmup_then_poly():

@@ -66,7 +66,34 @@ def build_model(
         cfg._attn_implementation = attn_implementation
         model = DPTForSemanticSegmentation(cfg)
     model.config.semantic_loss_ignore_index = IGNORE_INDEX
+    freeze_unused(model)
     return model
+
+
+def freeze_unused(model: DPTForSemanticSegmentation) -> list[str]:
+    """Turn off gradients of weights ``segment`` never uses, found by one small forward pass:
+    the encoder's final layer norm, encoder layers after the last one the neck reads, the first
+    fusion layer's unused residual unit. They stay in the checkpoint (plain ``transformers``
+    expects them), but the optimizer skips them and DDP, which fails on parameters that get no
+    gradient, does not see them. Returns the frozen names."""
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    ref = params[0][1]
+    side = 4 * model.config.patch_size
+    was_training = model.training
+    model.eval()  # BatchNorm on a 1-image probe
+    try:
+        x = torch.zeros(1, model.config.num_channels, side, side, device=ref.device, dtype=ref.dtype)
+        logits, aux = segment(model, x)
+        out = logits.sum() + (aux.sum() if aux is not None else 0)
+        grads = torch.autograd.grad(out, [p for _, p in params], allow_unused=True)
+    finally:
+        model.train(was_training)
+    frozen = []
+    for (name, p), g in zip(params, grads, strict=True):
+        if g is None:
+            p.requires_grad_(False)
+            frozen.append(name)
+    return frozen
 
 
 def _classifiers(model: DPTForSemanticSegmentation) -> list[tuple[nn.Sequential, int]]:

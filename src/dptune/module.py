@@ -125,6 +125,8 @@ class SegmentationModule(pl.LightningModule):
         self.num_classes = self.label_set.num_classes
         self.model = build_model(self.label_set.names, pretrained, config, attn_implementation)
         _set_head_dropout(self.model, head_dropout)
+        if aux_weight <= 0 and self.model.auxiliary_head is not None:
+            self.model.auxiliary_head.requires_grad_(False)  # never run (see forward), so never trained
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if channels_last:

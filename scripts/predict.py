@@ -1,0 +1,9 @@
+#!/usr/bin/env python
+"""Predict masks and overlays: see ``python scripts/predict.py --help``."""
+
+import sys
+
+from dptune.predict import main
+
+if __name__ == "__main__":
+    sys.exit(main())

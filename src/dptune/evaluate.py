@@ -1,0 +1,145 @@
+"""Score a model on labelled images: mIoU, pixel accuracy, mean accuracy, per-class IoU.
+
+    python scripts/evaluate.py --model RUN/checkpoints/last.ckpt --config configs/camvid.yaml \
+        --root ../shared/data/camvid --split val
+    python scripts/evaluate.py --model OUT --images "val/*.jpg" --masks "valannot/{stem}.png" \
+        --labels labels.yaml --root ../shared/data/camvid --mode slide --flip \
+        --json scores.json --confusion confusion.png
+
+``--model`` is a dptune checkpoint or an exported directory; ``--mode whole`` resizes like the
+exported image processor, ``--mode slide`` slides windows of the processor size at native
+resolution. Optional test-time augmentation: ``--flip`` and ``--scales 0.75,1,1.25``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+import yaml
+from tqdm.auto import tqdm
+
+from dptune.errors import DataError
+from dptune.labels import IGNORE_INDEX, LabelSet
+from dptune.metrics import metrics_from_confmat
+
+
+def confusion_image(confmat: np.ndarray, names: list[str], path: str, cell: int = 40) -> None:
+    """Row-normalised confusion matrix as a picture, class names on both axes."""
+    import cv2
+
+    c = len(names)
+    rows = confmat / np.maximum(confmat.sum(1, keepdims=True), 1)
+    margin = 10 + 8 * max(len(n) for n in names)
+    img = np.full((margin + c * cell + 40, margin + c * cell + 10, 3), 255, np.uint8)
+    for i in range(c):
+        for j in range(c):
+            v = rows[i, j]
+            color = tuple(int(255 - v * (255 - x)) for x in (180, 80, 20))  # white -> blue
+            y0, x0 = margin + i * cell, margin + j * cell
+            cv2.rectangle(img, (x0, y0), (x0 + cell - 1, y0 + cell - 1), color, -1)
+            cv2.putText(img, f"{v:.2f}", (x0 + 3, y0 + cell // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.35,
+                        (255, 255, 255) if v > 0.5 else (0, 0, 0), 1, cv2.LINE_AA)
+        cv2.putText(img, names[i], (5, margin + i * cell + cell // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4,
+                    (0, 0, 0), 1, cv2.LINE_AA)
+    col_names = np.full((margin, c * cell, 3), 255, np.uint8)
+    for j, n in enumerate(names):  # column names written rotated
+        strip = np.full((cell, margin, 3), 255, np.uint8)
+        cv2.putText(strip, n, (5, cell // 2 + 4), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        col_names[:, j * cell : (j + 1) * cell] = np.rot90(strip)
+    img[:margin, margin : margin + c * cell] = col_names
+    cv2.putText(img, "rows: ground truth, columns: prediction (row-normalised)", (5, img.shape[0] - 12),
+                cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.imwrite(path, cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+
+
+def _source_and_labels(args) -> tuple[object, LabelSet]:
+    from dptune.data.datamodule import SegmentationDataModule
+    from dptune.data.sources import FolderSource, build_source
+
+    if args.config:
+        data = dict((yaml.safe_load(open(args.config)) or {}).get("data") or {})
+        if args.root:
+            data["root"] = args.root
+        data.update(check=False, cache=False, num_workers=0)
+        dm = SegmentationDataModule(**data)
+        if args.split not in dm.splits:
+            raise DataError(f"{args.config}: no split {args.split!r}")
+        src = build_source(dm.source_kind, dict(dm.splits[args.split]), dm.root,
+                           dm.label_set.mask_format == "rgb", args.split, dm.hf)
+        return src, dm.label_set
+    if not (args.images and args.masks and args.labels):
+        raise DataError("give --config (and --split), or --images, --masks and --labels")
+    root = args.root or "."
+    labels = LabelSet.from_yaml(args.labels if Path(args.labels).is_absolute() else Path(root) / args.labels)
+    return FolderSource(root, args.images, args.masks, labels.mask_format == "rgb"), labels
+
+
+def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool, scales: tuple[float, ...]) -> np.ndarray:
+    c = predictor.labels.num_classes
+    if c != labels.num_classes:
+        raise DataError(f"the model has {c} classes, the label set {labels.num_classes}")
+    confmat = np.zeros((c, c), np.int64)
+    for i in tqdm(range(len(source)), desc="evaluating"):
+        image, raw, name = source.load(i)
+        mask = labels.encode(raw, name)
+        pred = predictor.probs(image, mode=mode, flip=flip, scales=scales).argmax(0).numpy()
+        valid = mask != IGNORE_INDEX
+        confmat += np.bincount(mask[valid].astype(np.int64) * c + pred[valid], minlength=c * c).reshape(c, c)
+    return confmat
+
+
+def report(confmat: np.ndarray, names: list[str]) -> dict:
+    m = metrics_from_confmat(torch.from_numpy(confmat))
+    out = {"mIoU": float(m["mIoU"]), "pixel_acc": float(m["pixel_acc"]), "mAcc": float(m["mAcc"]),
+           "IoU": {n: (None if np.isnan(v) else float(v)) for n, v in zip(names, m["IoU"].tolist(), strict=True)}}
+    return out
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="dptune .ckpt or exported directory")
+    ap.add_argument("--config", help="train.py YAML whose data: section describes the split")
+    ap.add_argument("--split", default="val")
+    ap.add_argument("--root", help="data root (overrides the config's)")
+    ap.add_argument("--images", help="image glob (relative to --root)")
+    ap.add_argument("--masks", help="mask template with {stem}/{name}/{dir}")
+    ap.add_argument("--labels", help="labels.yaml")
+    ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
+    ap.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    ap.add_argument("--scales", default="1", help="comma-separated test scales, e.g. 0.75,1,1.25")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--json", help="write the scores here")
+    ap.add_argument("--confusion", help="write a row-normalised confusion-matrix picture here (.png)")
+    args = ap.parse_args(argv)
+    from dptune.predictor import Predictor
+
+    try:
+        source, labels = _source_and_labels(args)
+        predictor = Predictor.load(args.model, args.device)
+        scales = tuple(float(s) for s in args.scales.split(","))
+        confmat = evaluate(predictor, source, labels, args.mode, args.flip, scales)
+    except (DataError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    names = predictor.labels.names
+    scores = report(confmat, names)
+    print(f"mIoU {scores['mIoU']:.4f}  pixel_acc {scores['pixel_acc']:.4f}  mAcc {scores['mAcc']:.4f}"
+          f"  ({len(source)} images, mode {args.mode}{', flip' if args.flip else ''}, scales {args.scales})")
+    for n, v in scores["IoU"].items():
+        print(f"  {n:<20} {'-' if v is None else f'{v:.4f}'}")
+    if args.json:
+        scores.update(model=args.model, mode=args.mode, flip=args.flip, scales=list(scales), images=len(source),
+                      confusion=confmat.tolist())
+        Path(args.json).write_text(json.dumps(scores, indent=2))
+    if args.confusion:
+        confusion_image(confmat, names, args.confusion)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

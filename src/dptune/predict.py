@@ -1,0 +1,112 @@
+"""Predict masks for images: class-index PNGs, colour overlays with a legend, confidence maps.
+
+    python scripts/predict.py --model OUT --images "photos/*.jpg" --out preds
+    python scripts/predict.py --model RUN/checkpoints/last.ckpt --images frame.jpg --out preds \
+        --mode slide --flip --confidence --device cuda
+
+For each image ``<stem>.png`` holds class indices (uint8, the model's id2label order),
+``<stem>_overlay.png`` the prediction in the label colours blended on the image with a legend of
+the classes present, and with ``--confidence`` ``<stem>_confidence.png`` the top-class
+probability (black 0, white 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dptune.data.sources import read_image
+from dptune.errors import DataError
+from dptune.labels import LabelSet
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+
+
+def list_images(spec: str) -> list[str]:
+    """A file, a folder (its images) or a glob."""
+    if os.path.isdir(spec):
+        return sorted(str(p) for p in Path(spec).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+    if os.path.isfile(spec):
+        return [spec]
+    found = sorted(glob.glob(spec, recursive=True))
+    if not found:
+        raise DataError(f"{spec}: no images found")
+    return found
+
+
+def overlay(image: np.ndarray, pred: np.ndarray, labels: LabelSet, alpha: float = 0.5) -> np.ndarray:
+    """The prediction in label colours blended on the image, a legend of present classes on the right."""
+    color = labels.colorize(pred)
+    blend = (image.astype(np.float32) * (1 - alpha) + color.astype(np.float32) * alpha).astype(np.uint8)
+    present = [int(c) for c in np.unique(pred) if c < labels.num_classes]
+    row = 22
+    width = 16 + 9 * max((len(labels.names[c]) for c in present), default=4) + 30
+    legend = np.full((max(blend.shape[0], row * len(present) + 10), width, 3), 255, np.uint8)
+    for k, c in enumerate(present):
+        y = 8 + k * row
+        cv2.rectangle(legend, (8, y), (24, y + 14), tuple(int(v) for v in labels.colors[c]), -1)
+        cv2.rectangle(legend, (8, y), (24, y + 14), (0, 0, 0), 1)
+        cv2.putText(legend, labels.names[c], (30, y + 12), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    canvas = np.full((legend.shape[0], blend.shape[1] + width, 3), 255, np.uint8)
+    canvas[: blend.shape[0], : blend.shape[1]] = blend
+    canvas[:, blend.shape[1]:] = legend
+    return canvas
+
+
+def write_rgb(path: Path, rgb: np.ndarray) -> None:
+    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", required=True, help="dptune .ckpt or exported directory")
+    ap.add_argument("--images", required=True, help="an image file, a folder or a glob")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
+    ap.add_argument("--flip", action="store_true")
+    ap.add_argument("--scales", default="1")
+    ap.add_argument("--confidence", action="store_true", help="also write the top-class probability")
+    ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    args = ap.parse_args(argv)
+    from dptune.predictor import Predictor
+
+    try:
+        paths = list_images(args.images)
+        predictor = Predictor.load(args.model, args.device)
+    except (DataError, OSError, ValueError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    scales = tuple(float(s) for s in args.scales.split(","))
+    failed = 0
+    for path in tqdm(paths, desc="predicting"):
+        try:
+            image = read_image(path)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        probs = predictor.probs(image, mode=args.mode, flip=args.flip, scales=scales)
+        conf, pred = probs.max(0)
+        pred = pred.numpy().astype(np.uint8)
+        stem = Path(path).stem
+        cv2.imwrite(str(out / f"{stem}.png"), pred)
+        write_rgb(out / f"{stem}_overlay.png", overlay(image, pred, predictor.labels, args.alpha))
+        if args.confidence:
+            cv2.imwrite(str(out / f"{stem}_confidence.png"), (conf.numpy() * 255).round().astype(np.uint8))
+    print(f"{len(paths) - failed} predictions in {out}" + (f", {failed} unreadable images" if failed else ""))
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
