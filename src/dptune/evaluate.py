@@ -87,7 +87,7 @@ def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool, scales:
     for i in tqdm(range(len(source)), desc="evaluating"):
         image, raw, name = source.load(i)
         mask = labels.encode(raw, name)
-        pred = predictor.probs(image, mode=mode, flip=flip, scales=scales).argmax(0).numpy()
+        pred, _ = predictor.predict(image, mode=mode, flip=flip, scales=scales)
         valid = mask != IGNORE_INDEX
         confmat += np.bincount(mask[valid].astype(np.int64) * c + pred[valid], minlength=c * c).reshape(c, c)
     return confmat

@@ -1,50 +1,166 @@
-"""Export a dptune checkpoint to a directory plain ``transformers`` loads (and serves)."""
+"""Export to a directory plain ``transformers`` loads (and serves), optionally ONNX too.
+
+    python scripts/export.py RUN/checkpoints/last.ckpt OUT [--onnx] [--fp16] [--push-to-hub user/repo]
+
+The source can also be a directory written by this script (re-export, e.g. to add ONNX).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 from pathlib import Path
 
+import numpy as np
 import torch
+from torch import nn
+
+from dptune.model import segment
 
 log = logging.getLogger(__name__)
 
 
-def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
-    """Write ``model.safetensors`` + ``config.json`` (id2label) + ``preprocessor_config.json``.
+class LogitsOnly(nn.Module):
+    """``pixel_values -> logits`` through dptune's forward (any H x W, auxiliary head skipped)."""
 
-    The image processor carries the size and normalisation the model was validated with, so
-    ``AutoImageProcessor.from_pretrained(out_dir)`` reproduces dptune's validation input.
-    """
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return segment(self.model, pixel_values, with_aux=False)[0]
+
+
+def _load(src: str):
+    """(model, image processor, label set, metrics) from a checkpoint or an exported directory."""
+    from dptune.labels import LabelSet
+
+    if Path(src).is_dir():
+        from transformers import AutoImageProcessor, DPTForSemanticSegmentation
+
+        model = DPTForSemanticSegmentation.from_pretrained(src)
+        metrics = {}
+        card = Path(src) / "dptune.json"
+        if card.exists():
+            metrics = json.loads(card.read_text()).get("metrics", {})
+        labels = LabelSet.from_id2label(model.config.id2label, source=src)
+        return model, AutoImageProcessor.from_pretrained(src), labels, metrics
     from dptune.module import load_module
 
-    module = load_module(str(ckpt))
+    module = load_module(src)
+    return module.model, module.image_processor(), module.label_set, getattr(module, "checkpoint_metrics", {})
+
+
+def model_card(labels, processor, metrics: dict, source: str) -> str:
+    size = processor.size
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: image-segmentation", "tags: [dpt, semantic-segmentation, dptune]",
+        "---", "", "# DPT semantic segmentation (fine-tuned with dptune)", "",
+        f"Exported from `{Path(source).name}`. Input: images resized to {size['height']}x{size['width']} "
+        f"by the bundled image processor, normalised with mean {processor.image_mean} and std {processor.image_std}.",
+        "", "```python", "from transformers import pipeline", "segmenter = pipeline(\"image-segmentation\", model=\"<this dir>\")",
+        "```", "", "## Classes", "", "| id | name | colour |", "| --- | --- | --- |",
+    ]
+    lines += [f"| {i} | {n} | {tuple(c)} |" for i, (n, c) in enumerate(zip(labels.names, labels.colors, strict=True))]
+    val = metrics.get("val") if isinstance(metrics, dict) else None
+    if val:
+        lines += ["", "## Validation metrics (last validation of the run)", "",
+                  f"mIoU {val['mIoU']:.4f}, pixel accuracy {val['pixel_acc']:.4f}, mean accuracy {val['mAcc']:.4f}", "",
+                  "| class | IoU |", "| --- | --- |"]
+        lines += [f"| {n} | {'-' if v != v else f'{v:.4f}'} |" for n, v in zip(labels.names, val["IoU"], strict=True)]
+    return "\n".join(lines) + "\n"
+
+
+def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], opset: int = 17) -> Path:
+    """ONNX with dynamic batch, height and width; input ``pixel_values``, output ``logits``.
+
+    Traced on an input whose patch grid is odd both ways: the fusion blocks then take their
+    resize-the-skip-connection branch, which the graph must hold for odd grids (for even grids
+    it resizes to the same size, an exact copy)."""
+    wrapper = LogitsOnly(model).eval().float()
+    p = model.config.patch_size
+    x = torch.randn(1, 3, *((s // p) // 2 * 2 * p + p for s in size))
+    dyn = {0: "batch", 2: "height", 3: "width"}
+    torch.onnx.export(wrapper, (x,), str(path), input_names=["pixel_values"], output_names=["logits"],
+                      dynamic_axes={"pixel_values": dyn, "logits": dyn}, opset_version=opset, dynamo=False)
+    return path
+
+
+def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]], seed: int = 0) -> float:
+    """Largest |torch - onnxruntime| / max|torch| over random inputs of the given (B, H, W) shapes."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wrapper = LogitsOnly(model).eval().float()
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for b, h, w in shapes:
+        x = torch.randn(b, 3, h, w, generator=g)
+        with torch.no_grad():
+            ref = wrapper(x).numpy()
+        got = sess.run(["logits"], {"pixel_values": x.numpy()})[0]
+        if got.shape != ref.shape:
+            raise ValueError(f"ONNX output {got.shape} != torch {ref.shape} for input {b}x3x{h}x{w}")
+        worst = max(worst, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
+    return worst
+
+
+def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False, push_to_hub: str | None = None,
+           tolerance: float = 1e-4) -> Path:
+    """Write ``model.safetensors``, ``config.json`` (id2label), ``preprocessor_config.json``, a model
+    card ``README.md`` and, with ``onnx``, ``model.onnx`` checked against torch."""
+    model, processor, labels, metrics = _load(str(src))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model = module.model
     model.config.architectures = ["DPTForSemanticSegmentation"]
+    if onnx:
+        size = (processor.size["height"], processor.size["width"])
+        export_onnx(model, out / "model.onnx", size)
+        p = model.config.patch_size
+        shapes = [(1, *size), (2, size[0], size[1] + 2 * p), (1, size[0] + 3 * p, max(p, size[1] - 5 * p))]
+        err = onnx_parity(model, out / "model.onnx", shapes)
+        log.info("ONNX parity: max relative difference %.2e over %s", err, shapes)
+        if err > tolerance:
+            (out / "model.onnx").unlink()
+            raise ValueError(f"ONNX export differs from torch by {err:.2e} (> {tolerance:.0e}); not written")
+    if fp16:
+        model = model.half()
     model.save_pretrained(out, safe_serialization=True)
-    module.image_processor().save_pretrained(out)
-    log.info("exported %s -> %s (%d classes)", ckpt, out, module.num_classes)
+    processor.save_pretrained(out)
+    (out / "README.md").write_text(model_card(labels, processor, metrics, str(src)))
+    (out / "dptune.json").write_text(json.dumps({"source": str(src), "labels": labels.to_dict(), "metrics": metrics},
+                                                indent=2, default=str))
+    if push_to_hub:
+        model.push_to_hub(push_to_hub)
+        processor.push_to_hub(push_to_hub)
+        log.info("pushed to https://huggingface.co/%s", push_to_hub)
+    log.info("exported %s -> %s (%d classes)", src, out, labels.num_classes)
     return out
 
 
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
+    return export(str(ckpt), out_dir)
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__)
-    parser.add_argument("checkpoint", help="dptune Lightning checkpoint (.ckpt)")
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="dptune checkpoint (.ckpt) or an exported directory")
     parser.add_argument("out_dir", help="output directory (created if missing)")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch/height/width)")
+    parser.add_argument("--fp16", action="store_true", help="store the weights in float16")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hugging Face repo")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if not Path(args.checkpoint).is_file():
-        print(f"error: {args.checkpoint}: checkpoint not found", file=sys.stderr)
+    if not Path(args.source).exists():
+        print(f"error: {args.source}: not found", file=sys.stderr)
         return 2
     try:
         with torch.no_grad():
-            out = export_checkpoint(args.checkpoint, args.out_dir)
+            out = export(args.source, args.out_dir, onnx=args.onnx, fp16=args.fp16, push_to_hub=args.push_to_hub)
     except (ValueError, OSError, KeyError) as e:
-        print(f"error: {args.checkpoint}: {e}", file=sys.stderr)
+        print(f"error: {args.source}: {e}", file=sys.stderr)
         return 2
     print(out)
     return 0

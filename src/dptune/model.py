@@ -82,10 +82,11 @@ def freeze_unused(model: DPTForSemanticSegmentation) -> list[str]:
     was_training = model.training
     model.eval()  # BatchNorm on a 1-image probe
     try:
-        x = torch.zeros(1, model.config.num_channels, side, side, device=ref.device, dtype=ref.dtype)
-        logits, aux = segment(model, x)
-        out = logits.sum() + (aux.sum() if aux is not None else 0)
-        grads = torch.autograd.grad(out, [p for _, p in params], allow_unused=True)
+        with torch.enable_grad():  # callers may sit under no_grad (export, inference)
+            x = torch.zeros(1, model.config.num_channels, side, side, device=ref.device, dtype=ref.dtype)
+            logits, aux = segment(model, x)
+            out = logits.sum() + (aux.sum() if aux is not None else 0)
+            grads = torch.autograd.grad(out, [p for _, p in params], allow_unused=True)
     finally:
         model.train(was_training)
     frozen = []

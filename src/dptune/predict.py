@@ -96,14 +96,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: {e}", file=sys.stderr)
             failed += 1
             continue
-        probs = predictor.probs(image, mode=args.mode, flip=args.flip, scales=scales)
-        conf, pred = probs.max(0)
-        pred = pred.numpy().astype(np.uint8)
+        pred, conf = predictor.predict(image, mode=args.mode, flip=args.flip, scales=scales)
         stem = Path(path).stem
         cv2.imwrite(str(out / f"{stem}.png"), pred)
         write_rgb(out / f"{stem}_overlay.png", overlay(image, pred, predictor.labels, args.alpha))
         if args.confidence:
-            cv2.imwrite(str(out / f"{stem}_confidence.png"), (conf.numpy() * 255).round().astype(np.uint8))
+            cv2.imwrite(str(out / f"{stem}_confidence.png"), (conf * 255).round().astype(np.uint8))
     print(f"{len(paths) - failed} predictions in {out}" + (f", {failed} unreadable images" if failed else ""))
     return 2 if failed else 0
 

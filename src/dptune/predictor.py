@@ -8,7 +8,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dptune.data.transforms import resize_like_processor
 from dptune.inference import predict_probs
 from dptune.labels import LabelSet
 from dptune.model import segment
@@ -22,6 +21,7 @@ class Predictor:
     mean: list[float]
     std: list[float]
     device: torch.device
+    processor: object = None  # the exported DPTImageProcessor: whole-image inputs bit for bit
 
     @classmethod
     def load(cls, ref: str, device: str = "cpu") -> Predictor:
@@ -32,18 +32,15 @@ class Predictor:
 
             model = DPTForSemanticSegmentation.from_pretrained(ref)
             proc = AutoImageProcessor.from_pretrained(ref)
-            size = (int(proc.size["height"]), int(proc.size["width"]))
             labels = LabelSet.from_id2label(model.config.id2label, source=ref)
-            mean, std = list(proc.image_mean), list(proc.image_std)
         else:
             from dptune.module import load_module
 
             module = load_module(ref)
-            model, labels = module.model, module.label_set
-            s = module.hparams.image_size
-            size = (s, s) if isinstance(s, int) else (int(s[0]), int(s[1]))
-            mean, std = module.image_mean, module.image_std
-        return cls(model.eval().to(dev), labels, size, mean, std, dev)
+            model, labels, proc = module.model, module.label_set, module.image_processor()
+        size = (int(proc.size["height"]), int(proc.size["width"]))
+        mean, std = list(proc.image_mean), list(proc.image_std)
+        return cls(model.eval().to(dev), labels, size, mean, std, dev, proc)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -51,22 +48,41 @@ class Predictor:
         x = images.to(self.device).float() / 255
         mean = torch.tensor(self.mean, device=self.device).view(1, 3, 1, 1)
         std = torch.tensor(self.std, device=self.device).view(1, 3, 1, 1)
-        return segment(self.model, (x - mean) / std, with_aux=False)[0]
+        return self.normalized_logits((x - mean) / std)
+
+    @torch.no_grad()
+    def normalized_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        return segment(self.model, pixel_values.to(self.device), with_aux=False)[0]
+
+    def predict(self, image: np.ndarray, mode: str = "whole", flip: bool = False,
+                scales: tuple[float, ...] = (1.0,), stride: float = 2 / 3) -> tuple[np.ndarray, np.ndarray]:
+        """(class indices HxW uint8, top-class probability HxW float32) for one uint8 HxWx3 image.
+
+        A single-view ``whole`` prediction is what plain ``transformers`` computes: the exported
+        image processor's input, logits upsampled to the image size, argmax of the logits.
+        Test-time augmentation averages class probabilities over the views.
+        """
+        h, w = image.shape[:2]
+        if mode == "whole" and scales == (1.0,) and not flip:
+            x = self.processor(images=image, return_tensors="pt")["pixel_values"]
+            lg = torch.nn.functional.interpolate(self.normalized_logits(x).float(), size=(h, w), mode="bilinear",
+                                                 align_corners=False)[0].cpu()
+            return lg.argmax(0).numpy().astype(np.uint8), lg.softmax(0).max(0).values.numpy()
+        probs = self.probs(image, mode, flip, scales, stride)
+        conf, pred = probs.max(0)
+        return pred.numpy().astype(np.uint8), conf.numpy()
 
     def probs(self, image: np.ndarray, mode: str = "whole", flip: bool = False,
               scales: tuple[float, ...] = (1.0,), stride: float = 2 / 3) -> torch.Tensor:
-        """Class probabilities (C, H, W) for one uint8 HxWx3 image at its own size.
-
-        ``whole`` resizes exactly like the exported image processor (PIL bicubic), so a
-        single-view ``whole`` prediction is what plain ``transformers`` computes.
-        """
+        """Class probabilities (C, H, W) for one uint8 HxWx3 image at its own size, averaged over
+        the views (the image, its flip, each scale)."""
         h, w = image.shape[:2]
         if mode == "whole" and scales == (1.0,):
-            x = torch.from_numpy(resize_like_processor(image, self.size)).permute(2, 0, 1)[None]
+            x = self.processor(images=image, return_tensors="pt")["pixel_values"]
             views = [x] + ([x.flip(-1)] if flip else [])
             out = 0
             for k, v in enumerate(views):
-                lg = self.logits(v).float()
+                lg = self.normalized_logits(v).float()
                 lg = lg.flip(-1) if k == 1 else lg
                 out = out + torch.nn.functional.interpolate(lg, size=(h, w), mode="bilinear",
                                                             align_corners=False).softmax(1)

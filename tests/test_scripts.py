@@ -1,0 +1,123 @@
+"""evaluate.py and predict.py against plain transformers on real CamVid frames."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import CAMVID, needs
+from PIL import Image
+
+from dptune.evaluate import main as evaluate_main
+from dptune.labels import LabelSet
+from dptune.module import SegmentationModule
+from dptune.predict import main as predict_main
+
+pytestmark = needs(CAMVID)
+VAL = "val/0016E5_0799*.jpg"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from conftest import TINY
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("export")
+    labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
+    m = SegmentationModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64).eval()
+    with torch.no_grad():  # give the classifier some spread so predictions are not one class
+        m.model.head.head[4].weight.normal_(0, 2.0)
+    m.model.save_pretrained(out)
+    m.image_processor().save_pretrained(out)
+    return out
+
+
+def plain_transformers(out, frames):
+    """The independent evaluator: transformers + numpy, the directory's own processor."""
+    from transformers import AutoImageProcessor, DPTForSemanticSegmentation
+
+    model = DPTForSemanticSegmentation.from_pretrained(out).eval()
+    proc = AutoImageProcessor.from_pretrained(out)
+    preds = {}
+    for f in frames:
+        img = Image.open(f).convert("RGB")
+        with torch.no_grad():
+            logits = model(**proc(images=img, return_tensors="pt")).logits
+        up = torch.nn.functional.interpolate(logits, size=img.size[::-1], mode="bilinear", align_corners=False)
+        preds[f.stem] = up.argmax(1)[0].numpy()
+    return preds
+
+
+def test_evaluate_matches_the_independent_evaluator(exported, tmp_path):
+    frames = sorted(CAMVID.glob(VAL))
+    preds = plain_transformers(exported, frames)
+    cm = np.zeros((11, 11), np.int64)
+    for f in frames:
+        gt = np.asarray(Image.open(CAMVID / "valannot" / f"{f.stem}.png"))
+        v = gt < 11
+        cm += np.bincount(gt[v].astype(np.int64) * 11 + preds[f.stem][v], minlength=121).reshape(11, 11)
+    tp = np.diag(cm)
+    union = cm.sum(0) + cm.sum(1) - tp
+    ref = np.nanmean(np.where(union > 0, tp / np.maximum(union, 1), np.nan))
+    rc = evaluate_main(["--model", str(exported), "--images", VAL, "--masks", "valannot/{stem}.png",
+                        "--labels", "labels.yaml", "--root", str(CAMVID), "--device", "cpu",
+                        "--json", str(tmp_path / "s.json"), "--confusion", str(tmp_path / "cm.png")])
+    assert rc == 0
+    scores = json.loads((tmp_path / "s.json").read_text())
+    assert abs(scores["mIoU"] - ref) < 1e-9
+    assert np.array_equal(np.array(scores["confusion"]), cm)
+    assert (tmp_path / "cm.png").stat().st_size > 1000
+
+
+def test_predict_masks_equal_the_transformers_pipeline(exported, tmp_path):
+    from transformers import pipeline
+
+    frames = sorted(CAMVID.glob(VAL))[:2]
+    rc = predict_main(["--model", str(exported), "--images", str(CAMVID / VAL), "--out", str(tmp_path),
+                       "--confidence", "--device", "cpu"])
+    assert rc == 0
+    seg = pipeline("image-segmentation", model=str(exported))
+    names = {v: int(k) for k, v in seg.model.config.id2label.items()}
+    for f in frames:
+        ours = np.asarray(Image.open(tmp_path / f"{f.stem}.png"))
+        theirs = np.full(ours.shape, 255, np.uint8)
+        for r in seg(Image.open(f)):
+            theirs[np.asarray(r["mask"]) > 0] = names[r["label"]]
+        assert np.array_equal(ours, theirs)
+        overlay = np.asarray(Image.open(tmp_path / f"{f.stem}_overlay.png"))
+        assert overlay.shape[0] == 360 and overlay.shape[1] > 480  # image plus legend
+        assert (tmp_path / f"{f.stem}_confidence.png").exists()
+
+
+def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
+    rc = evaluate_main(["--model", str(tmp_path / "nope"), "--images", "x/*.jpg", "--masks", "{stem}.png",
+                        "--labels", str(CAMVID / "labels.yaml"), "--root", str(tmp_path)])
+    assert rc == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("error:")
+
+
+def test_export_cli_onnx_parity_and_re_export(exported, tmp_path):
+    import onnxruntime as ort
+
+    from dptune.export import main as export_main
+
+    out = tmp_path / "again"
+    assert export_main([str(exported), str(out), "--onnx"]) == 0  # from an exported directory
+    for f in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "model.onnx"):
+        assert (out / f).exists(), f
+    assert "| 3 | Road |" in (out / "README.md").read_text()
+    from transformers import DPTForSemanticSegmentation
+
+    from dptune.model import segment
+
+    model = DPTForSemanticSegmentation.from_pretrained(out).eval()
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for shape in [(1, 3, 64, 64), (2, 3, 64, 96), (1, 3, 96, 48)]:  # square and non-square
+        x = torch.randn(*shape)
+        with torch.no_grad():
+            ref = segment(model, x, with_aux=False)[0].numpy()
+        got = sess.run(["logits"], {"pixel_values": x.numpy()})[0]
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
