@@ -103,3 +103,17 @@ def test_aux_head_runs_only_when_the_loss_reads_it(tiny_config):
     assert m(images)[1] is None
     m.train()
     assert _module(tiny_config, aux_weight=0.0)(images)[1] is None
+
+
+def test_sync_batchnorm_only_for_multi_gpu():
+    from types import SimpleNamespace
+
+    from dptune.module import wants_sync_batchnorm
+
+    def trainer(world, device):
+        return SimpleNamespace(world_size=world, strategy=SimpleNamespace(root_device=torch.device(device)))
+
+    assert wants_sync_batchnorm(trainer(2, "cuda"))
+    assert not wants_sync_batchnorm(trainer(1, "cuda"))
+    assert not wants_sync_batchnorm(trainer(2, "cpu"))  # gloo DDP on CPU: plain BatchNorm
+    assert not wants_sync_batchnorm(None)

@@ -60,6 +60,28 @@ class Checkpoint(ModelCheckpoint):
     from or export.
     """
 
+    def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        # atomic: a job killed while writing leaves the previous file, never half of a new one
+        partial = f"{filepath}.partial"
+        super()._save_checkpoint(trainer, partial)
+        if trainer.is_global_zero:
+            os.replace(partial, filepath)
+        trainer.strategy.barrier("dptune-checkpoint")
+        self._last_checkpoint_saved = filepath
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """On SIGTERM (preemption; Lightning stops at the next step) write ``last.ckpt`` mid-epoch,
+        so that ``--ckpt_path last`` resumes at the same global step."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+        super().on_exception(trainer, pl_module, exception)
+        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
+            if self._last_global_step_saved != trainer.global_step:
+                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+            if trainer.is_global_zero:
+                log.warning("SIGTERM: saved %s at step %d; resume with --ckpt_path last",
+                            self.last_model_path, trainer.global_step)
+
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             if self._last_global_step_saved != trainer.global_step:

@@ -51,6 +51,11 @@ def _set_head_dropout(model: nn.Module, kind: str) -> None:
                 head.head[i] = nn.Dropout2d(m.p) if kind == "channel" else nn.Identity()
 
 
+def wants_sync_batchnorm(trainer) -> bool:
+    """SyncBatchNorm for multi-process GPU runs (NCCL); it has no CPU implementation."""
+    return trainer is not None and trainer.world_size > 1 and trainer.strategy.root_device.type == "cuda"
+
+
 class SegmentationModule(pl.LightningModule):
     def __init__(
         self,
@@ -79,6 +84,7 @@ class SegmentationModule(pl.LightningModule):
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         gradient_checkpointing: bool = False,
+        sync_batchnorm: bool = True,
         compile: bool = False,
         channels_last: bool = False,
         log_images: int = 4,
@@ -113,6 +119,8 @@ class SegmentationModule(pl.LightningModule):
             image_mean: Normalisation mean (0-1 scale); default: the checkpoint's image processor, else 0.5.
             image_std: Normalisation std; default as for ``image_mean``.
             gradient_checkpointing: Recompute ViT activations in backward to save memory.
+            sync_batchnorm: In multi-GPU runs, synchronise the BatchNorm statistics of the fusion
+                blocks and heads across processes (GPU only; CPU/gloo runs keep plain BatchNorm).
             compile: ``torch.compile`` the forward pass (pays a compile at start; pays off on long GPU runs).
             channels_last: Channels-last memory format for the convolutional neck and heads (GPU).
             log_images: Validation overlays (image, ground truth, prediction) logged per epoch.
@@ -154,6 +162,12 @@ class SegmentationModule(pl.LightningModule):
         found = _processor_mean_std(pretrained) if pretrained else None
         m, s = found or (list(DEFAULT_MEAN), list(DEFAULT_STD))
         return list(mean or m), list(std or s)
+
+    def setup(self, stage: str) -> None:
+        # before the strategy wraps the model in DDP
+        if self.hparams.sync_batchnorm and wants_sync_batchnorm(self.trainer):
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            log.info("BatchNorm layers synchronised across %d processes", self.trainer.world_size)
 
     # ------------------------------------------------------------------ forward and loss
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
