@@ -41,6 +41,9 @@ def _augment_seed() -> int:
 
 
 def _seed_worker(worker_id: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
     info = torch.utils.data.get_worker_info()
     ds = info.dataset if info is not None else None
     transform = getattr(ds, "transform", None)
