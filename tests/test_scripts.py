@@ -31,6 +31,7 @@ def exported(tmp_path_factory):
         m.model.head.head[4].weight.normal_(0, 2.0)
     m.model.save_pretrained(out)
     m.image_processor().save_pretrained(out)
+    (out / "dptune.json").write_text(json.dumps({"labels": labels.to_dict()}))  # as export.py writes it
     return out
 
 
@@ -108,7 +109,10 @@ def test_export_cli_onnx_parity_and_re_export(exported, tmp_path):
     assert export_main([str(exported), str(out), "--onnx"]) == 0  # from an exported directory
     for f in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "model.onnx"):
         assert (out / f).exists(), f
-    assert "| 3 | Road |" in (out / "README.md").read_text()
+    assert "| 3 | Road | (128, 64, 128) |" in (out / "README.md").read_text()
+    from dptune.predictor import Predictor
+
+    assert Predictor.load(str(out)).labels.colors == LabelSet.from_yaml(CAMVID / "labels.yaml").colors
     from transformers import DPTForSemanticSegmentation
 
     from dptune.model import segment

@@ -35,17 +35,15 @@ class LogitsOnly(nn.Module):
 
 def _load(src: str):
     """(model, image processor, label set, metrics) from a checkpoint or an exported directory."""
-    from dptune.labels import LabelSet
-
     if Path(src).is_dir():
         from transformers import AutoImageProcessor, DPTForSemanticSegmentation
 
         model = DPTForSemanticSegmentation.from_pretrained(src)
-        metrics = {}
+        from dptune.predictor import exported_labels
+
         card = Path(src) / "dptune.json"
-        if card.exists():
-            metrics = json.loads(card.read_text()).get("metrics", {})
-        labels = LabelSet.from_id2label(model.config.id2label, source=src)
+        metrics = json.loads(card.read_text()).get("metrics", {}) if card.exists() else {}
+        labels = exported_labels(src, model.config.id2label)
         return model, AutoImageProcessor.from_pretrained(src), labels, metrics
     from dptune.module import load_module
 

@@ -13,6 +13,19 @@ from dptune.labels import LabelSet
 from dptune.model import segment
 
 
+def exported_labels(ref: str, id2label: dict) -> LabelSet:
+    """The label set of an exported directory: dptune.json's (names and colours) when the export
+    wrote one, else the names in config.json's id2label with a default palette."""
+    import json
+
+    card = Path(ref) / "dptune.json"
+    if card.exists():
+        labels = LabelSet.from_dict(json.loads(card.read_text())["labels"], source=str(card))
+        if labels.names == [id2label[i] for i in sorted(id2label)]:
+            return labels
+    return LabelSet.from_id2label(id2label, source=ref)
+
+
 @dataclass
 class Predictor:
     model: torch.nn.Module
@@ -32,7 +45,7 @@ class Predictor:
 
             model = DPTForSemanticSegmentation.from_pretrained(ref)
             proc = AutoImageProcessor.from_pretrained(ref)
-            labels = LabelSet.from_id2label(model.config.id2label, source=ref)
+            labels = exported_labels(ref, model.config.id2label)
         else:
             from dptune.module import load_module
 
