@@ -1,3 +1,5 @@
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -18,6 +20,15 @@ def test_mask_template_placeholders():
     assert mask_path_for("/d/Tile 1/images/a.jpg", "{dir}/../masks/{stem}.png", "/d") == "/d/Tile 1/masks/a.png"
     assert mask_path_for("/d/train/x.jpg", "trainannot/{stem}.png", "/d") == "/d/trainannot/x.png"
     assert mask_path_for("/d/train/x.jpg", "m/{name}", "/d") == "/d/m/x.jpg"
+    # a relative root, as in --data.root ../shared/data/dubai-aerial
+    assert mask_path_for("../s/d/Tile 1/images/a.jpg", "{dir}/../masks/{stem}.png", "../s/d") == "../s/d/Tile 1/masks/a.png"
+
+
+@needs(DUBAI)
+def test_relative_root_finds_every_mask(monkeypatch):
+    monkeypatch.chdir(DUBAI.parent)
+    src = FolderSource("dubai-aerial", "Tile [1-5]/images/*.jpg", "{dir}/../masks/{stem}.png", rgb_masks=True)
+    assert len(src) == 45 and all(Path(m).exists() for m in src.masks)
 
 
 @needs(CAMVID)

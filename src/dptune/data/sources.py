@@ -113,9 +113,10 @@ def read_mask(path: str, rgb: bool) -> np.ndarray:
 # ---------------------------------------------------------------------------- folder pairs
 def mask_path_for(image_path: str, template: str, root: str) -> str:
     """Fill a mask template: ``{stem}`` file name without extension, ``{name}`` with it,
-    ``{dir}`` the image's folder. Relative results are relative to ``root``."""
+    ``{dir}`` the image's folder relative to ``root``. Relative results are relative to ``root``."""
     p = Path(image_path)
-    filled = template.format(stem=p.stem, name=p.name, dir=str(p.parent))
+    folder = os.path.relpath(p.parent, root) if not os.path.isabs(template) else str(p.parent.resolve())
+    filled = template.format(stem=p.stem, name=p.name, dir=folder)
     if not os.path.isabs(filled):
         filled = os.path.join(root, filled)
     return os.path.normpath(filled)
