@@ -8,6 +8,8 @@ image processor (square size, as plain transformers needs).
 
     python scripts/hf_baseline.py --data-root ../shared/data/camvid \
         --model-config ../shared/bench/dpt-bench-tiny.json --epochs 16 --out runs/hf-baseline
+    python scripts/hf_baseline.py --dataset dubai --data-root ../shared/data/dubai-aerial \
+        --model-config ../shared/bench/dpt-bench-tiny.json --epochs 40 --crop 384 --out runs/hf-dubai
 
 It prints images/s over the whole script (start to end, evaluation included) and val mIoU.
 """
@@ -34,14 +36,33 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
+CAMVID = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
+          "Bicyclist"]
+DUBAI = {"Building": (60, 16, 152), "Land": (132, 41, 246), "Road": (110, 193, 228), "Vegetation": (254, 221, 58),
+         "Water": (226, 169, 41), "Unlabeled": (155, 155, 155)}
+
 
 def camvid_pairs(root: str, split: str) -> list[tuple[str, str]]:
     images = sorted(glob.glob(os.path.join(root, split, "*.jpg")))
     return [(p, os.path.join(root, split + "annot", os.path.basename(p)[:-4] + ".png")) for p in images]
 
 
-def remap(mask: np.ndarray, num_labels: int) -> np.ndarray:
-    mask = mask.astype(np.int64)
+def dubai_pairs(root: str, split: str) -> list[tuple[str, str]]:
+    tiles = "[1-5]" if split == "train" else "6"  # tile 6 held out, as in configs/dubai.yaml
+    images = sorted(glob.glob(os.path.join(root, f"Tile {tiles}", "images", "*.jpg")))
+    return [(p, os.path.join(os.path.dirname(p), "..", "masks", os.path.basename(p)[:-4] + ".png")) for p in images]
+
+
+def read_mask(path: str, num_labels: int) -> np.ndarray:
+    im = Image.open(path)
+    if num_labels == len(DUBAI):  # RGB colour codes, some palette PNGs; black borders unlabelled
+        rgb = np.asarray(im.convert("RGB")).astype(np.int64)
+        key = (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
+        mask = np.full(key.shape, 255, np.int64)
+        for i, (r, g, b) in enumerate(DUBAI.values()):
+            mask[key == (r << 16 | g << 8 | b)] = i
+        return mask
+    mask = np.asarray(im).astype(np.int64)
     mask[mask >= num_labels] = 255  # CamVid's 11 = void
     return mask
 
@@ -60,7 +81,7 @@ class TrainSet(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int) -> dict:
         img = np.asarray(Image.open(self.pairs[i][0]).convert("RGB"))
-        mask = remap(np.asarray(Image.open(self.pairs[i][1])), self.num_labels)
+        mask = read_mask(self.pairs[i][1], self.num_labels)
         out = self.aug(image=img, mask=mask)
         pv = self.processor(images=out["image"], do_resize=False, return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pv, "labels": torch.from_numpy(out["mask"].astype(np.int64))}
@@ -69,7 +90,7 @@ class TrainSet(torch.utils.data.Dataset):
 class EvalSet(TrainSet):
     def __getitem__(self, i: int) -> dict:
         img = Image.open(self.pairs[i][0]).convert("RGB")
-        mask = remap(np.asarray(Image.open(self.pairs[i][1])), self.num_labels)
+        mask = read_mask(self.pairs[i][1], self.num_labels)
         pv = self.processor(images=img, return_tensors="pt")["pixel_values"][0]
         return {"pixel_values": pv, "labels": torch.from_numpy(mask)}
 
@@ -86,7 +107,7 @@ def make_compute_metrics(num_labels: int):
         logits = logits[0] if isinstance(logits, tuple) else logits
         up = torch.nn.functional.interpolate(torch.from_numpy(logits), size=labels.shape[-2:], mode="bilinear")
         p = up.argmax(1).numpy()
-        v = labels != 255
+        v = (labels >= 0) & (labels != 255)  # the Trainer pads label maps of other sizes with -100
         cm = np.bincount(labels[v] * num_labels + p[v], minlength=num_labels**2).reshape(num_labels, num_labels)
         return {"mIoU": miou(cm)}
 
@@ -96,6 +117,7 @@ def make_compute_metrics(num_labels: int):
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--data-root", required=True)
+    ap.add_argument("--dataset", choices=["camvid", "dubai"], default="camvid")
     ap.add_argument("--model-config", required=True)
     ap.add_argument("--epochs", type=int, default=16)
     ap.add_argument("--batch-size", type=int, default=8)
@@ -106,8 +128,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/hf-baseline")
     args = ap.parse_args()
     torch.manual_seed(0)
-    names = ["Sky", "Building", "Pole", "Road", "Pavement", "Tree", "SignSymbol", "Fence", "Car", "Pedestrian",
-             "Bicyclist"]
+    names = CAMVID if args.dataset == "camvid" else list(DUBAI)
+    pairs = camvid_pairs if args.dataset == "camvid" else dubai_pairs
     cfg = json.load(open(args.model_config))
     cfg.pop("architectures", None)
     config = DPTConfig(**cfg, num_labels=len(names), id2label=dict(enumerate(names)),
@@ -115,8 +137,8 @@ def main() -> None:
     model = DPTForSemanticSegmentation(config)
     processor = DPTImageProcessorPil(size={"height": args.crop, "width": args.crop},
                                      image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    train = TrainSet(camvid_pairs(args.data_root, "train"), processor, args.crop, len(names))
-    val = EvalSet(camvid_pairs(args.data_root, "val"), processor, args.crop, len(names))
+    train = TrainSet(pairs(args.data_root, "train"), processor, args.crop, len(names))
+    val = EvalSet(pairs(args.data_root, "val"), processor, args.crop, len(names))
     targs = TrainingArguments(
         output_dir=args.out, num_train_epochs=args.epochs, per_device_train_batch_size=args.batch_size,
         per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="polynomial",
