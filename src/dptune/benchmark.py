@@ -250,7 +250,7 @@ def _time_loader(opts: dict[str, Any]) -> dict[str, Any]:
         data["root"] = opts["root"]
     data.update(check=False, cache=opts["cache"], num_workers=0)
     dm = SegmentationDataModule(**data)
-    ds = dm._dataset("train") if not opts["cache"] else (dm.setup("fit"), dm.datasets["train"])[1]
+    ds = dm._dataset("train")  # with cache=True this decodes every sample once, as train.py does
     if opts["pipeline"] == "pil":
         src = ds.source
         ds = PILPipeline(list(zip(src.images, src.masks, strict=True)), dm.label_set, dm.crop_size[0],

@@ -197,28 +197,27 @@ class SegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------------ steps
     def _shared_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         target = batch["mask"].long()
-        if stage != "train" and self.hparams.val_mode == "slide":
-            logits, aux = None, None  # computed window by window below
-        else:
-            logits, aux = self(batch["image"])
         if stage == "train":
-            losses = self.loss(logits, aux, target)
+            losses = self.loss(*self(batch["image"]), target)
             bs = target.shape[0]
             self.log("train/loss", losses["loss"], prog_bar=True, batch_size=bs)
             if "loss_aux" in losses:
                 self.log("train/loss_main", losses["loss_main"], batch_size=bs)
                 self.log("train/loss_aux", losses["loss_aux"], batch_size=bs)
             return losses
-        if self.hparams.val_mode == "slide":
-            logits = self.slide(batch["image"], batch["sizes"], target.shape[-2:])
-        else:
-            logits = self.resize_logits(logits.float(), batch["sizes"], target.shape[-2:])
+        logits = self.eval_logits(batch["image"], batch["sizes"], target.shape[-2:])
         preds = logits.argmax(1)
         confmat = self.val_confmat if stage == "val" else self.test_confmat
         confmat.update(preds, target)
         self.log(f"{stage}/loss", cross_entropy(logits, target, self.class_weights), batch_size=target.shape[0],
                  sync_dist=True)
         return {"preds": preds}
+
+    def eval_logits(self, images: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
+        """Float logits at each sample's label size: whole (resized) images or sliding windows."""
+        if self.hparams.val_mode == "slide":
+            return self.slide(images, sizes, padded)
+        return self.resize_logits(self(images)[0].float(), sizes, padded)
 
     @staticmethod
     def resize_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
