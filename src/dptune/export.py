@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
+from dptune import dpt_backbone
+from dptune.dpt_backbone import input_multiple, uses_backbone
 from dptune.model import segment
 
 log = logging.getLogger(__name__)
@@ -36,10 +38,12 @@ class LogitsOnly(nn.Module):
 def _load(src: str):
     """(model, image processor, label set, metrics) from a checkpoint or an exported directory."""
     if Path(src).is_dir():
-        from transformers import AutoImageProcessor, DPTForSemanticSegmentation
+        from transformers import AutoImageProcessor
 
-        model = DPTForSemanticSegmentation.from_pretrained(src)
+        from dptune.model import load_exported
         from dptune.predictor import exported_labels
+
+        model = load_exported(src)
 
         card = Path(src) / "dptune.json"
         metrics = json.loads(card.read_text()).get("metrics", {}) if card.exists() else {}
@@ -51,14 +55,44 @@ def _load(src: str):
     return module.model, module.image_processor(), module.label_set, getattr(module, "checkpoint_metrics", {})
 
 
-def model_card(labels, processor, metrics: dict, source: str) -> str:
+REMOTE_MODULE = "modeling_dptune"
+
+
+def remote_code(model: nn.Module, out: Path) -> None:
+    """Ship the model class beside the weights: plain ``transformers`` has no DPT segmentation
+    model for Swinv2/BEiT/DINOv2 backbones, but loads this one with ``trust_remote_code=True``."""
+    (out / f"{REMOTE_MODULE}.py").write_text(Path(dpt_backbone.__file__).read_text())
+    cls = f"{REMOTE_MODULE}.{type(model).__name__}"
+    model.config.auto_map = {"AutoModel": cls, "AutoModelForSemanticSegmentation": cls}
+
+
+def fit_hybrid_positions(model: nn.Module, size: tuple[int, int]) -> None:
+    """Plain ``transformers`` runs DPT-Hybrid only at ``config.image_size``: store the position
+    embeddings resized to the processor's grid (the same resize the forward pass does) and
+    declare that size, so the exported model takes what its image processor produces."""
+    cfg = model.config
+    h, w = size
+    if list(cfg.image_size if not isinstance(cfg.image_size, int) else [cfg.image_size] * 2) == [h, w]:
+        return
+    emb = model.dpt.embeddings
+    with torch.no_grad():
+        grid = emb._resize_pos_embed(emb.position_embeddings, h // cfg.patch_size, w // cfg.patch_size)
+    emb.position_embeddings = nn.Parameter(grid.contiguous())
+    emb.image_size = (h, w)
+    cfg.image_size = [h, w]
+    if cfg.backbone_featmap_shape is not None:
+        cfg.backbone_featmap_shape = [*cfg.backbone_featmap_shape[:2], h // cfg.patch_size, w // cfg.patch_size]
+
+
+def model_card(labels, processor, metrics: dict, source: str, remote: bool = False) -> str:
     size = processor.size
     lines = [
         "---", "library_name: transformers", "pipeline_tag: image-segmentation", "tags: [dpt, semantic-segmentation, dptune]",
         "---", "", "# DPT semantic segmentation (fine-tuned with dptune)", "",
         f"Exported from `{Path(source).name}`. Input: images resized to {size['height']}x{size['width']} "
         f"by the bundled image processor, normalised with mean {processor.image_mean} and std {processor.image_std}.",
-        "", "```python", "from transformers import pipeline", "segmenter = pipeline(\"image-segmentation\", model=\"<this dir>\")",
+        "", "```python", "from transformers import pipeline",
+        "segmenter = pipeline(\"image-segmentation\", model=\"<this dir>\"" + (", trust_remote_code=True)" if remote else ")"),
         "```", "", "## Classes", "", "| id | name | colour |", "| --- | --- | --- |",
     ]
     lines += [f"| {i} | {n} | {tuple(c)} |" for i, (n, c) in enumerate(zip(labels.names, labels.colors, strict=True))]
@@ -71,16 +105,28 @@ def model_card(labels, processor, metrics: dict, source: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def onnx_dynamic_size(model: nn.Module) -> bool:
+    """Whether the ONNX graph can take any H x W. DPT-Hybrid's BiT stem computes its "same"
+    padding in Python, which tracing freezes to the traced size: its graph keeps the processor's
+    size (the bundled image processor resizes every image to it anyway)."""
+    return not model.config.is_hybrid
+
+
 def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], opset: int = 17) -> Path:
-    """ONNX with dynamic batch, height and width; input ``pixel_values``, output ``logits``.
+    """ONNX with dynamic batch, height and width (see ``onnx_dynamic_size``); input
+    ``pixel_values``, output ``logits``.
 
     Traced on an input whose patch grid is odd both ways: the fusion blocks then take their
     resize-the-skip-connection branch, which the graph must hold for odd grids (for even grids
     it resizes to the same size, an exact copy)."""
     wrapper = LogitsOnly(model).eval().float()
-    p = model.config.patch_size
-    x = torch.randn(1, 3, *((s // p) // 2 * 2 * p + p for s in size))
-    dyn = {0: "batch", 2: "height", 3: "width"}
+    p = input_multiple(model.config)
+    if onnx_dynamic_size(model):
+        x = torch.randn(1, 3, *((s // p) // 2 * 2 * p + p for s in size))
+        dyn = {0: "batch", 2: "height", 3: "width"}
+    else:
+        x = torch.randn(1, 3, *size)
+        dyn = {0: "batch"}
     torch.onnx.export(wrapper, (x,), str(path), input_names=["pixel_values"], output_names=["logits"],
                       dynamic_axes={"pixel_values": dyn, "logits": dyn}, opset_version=opset, dynamo=False)
     return path
@@ -112,12 +158,19 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     model, processor, labels, metrics = _load(str(src))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    model.config.architectures = ["DPTForSemanticSegmentation"]
+    model.config.architectures = [type(model).__name__]
+    if model.config.is_hybrid:
+        fit_hybrid_positions(model, (processor.size["height"], processor.size["width"]))
+    if uses_backbone(model.config):
+        remote_code(model, out)
     if onnx:
         size = (processor.size["height"], processor.size["width"])
         export_onnx(model, out / "model.onnx", size)
-        p = model.config.patch_size
+        p = input_multiple(model.config)
         shapes = [(1, *size), (2, size[0], size[1] + 2 * p), (1, size[0] + 3 * p, max(p, size[1] - 5 * p))]
+        if not onnx_dynamic_size(model):
+            shapes = [(1, *size), (2, *size)]
+            log.info("ONNX: DPT-Hybrid graph takes %dx%d inputs only (dynamic batch)", *size)
         err = onnx_parity(model, out / "model.onnx", shapes)
         log.info("ONNX parity: max relative difference %.2e over %s", err, shapes)
         if err > tolerance:
@@ -127,7 +180,7 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
         model = model.half()
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    (out / "README.md").write_text(model_card(labels, processor, metrics, str(src)))
+    (out / "README.md").write_text(model_card(labels, processor, metrics, str(src), uses_backbone(model.config)))
     (out / "dptune.json").write_text(json.dumps({"source": str(src), "labels": labels.to_dict(), "metrics": metrics},
                                                 indent=2, default=str))
     if push_to_hub:

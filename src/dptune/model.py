@@ -1,7 +1,8 @@
 """Build a DPT for segmentation, adapt its heads to a label set, and run it on any H x W.
 
-The model stays a plain ``transformers.DPTForSemanticSegmentation`` so that an exported
-directory loads without dptune; only the forward pass is ours (see ``segment``).
+With DPT's own ViT (and DPT-Hybrid) the model stays a plain ``transformers.DPTForSemanticSegmentation``
+so that an exported directory loads without dptune; only the forward pass is ours (see ``segment``).
+Other backbones (Swinv2, BEiT, DINOv2, ...) run in ``DPTBackboneForSemanticSegmentation``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DPTConfig, DPTForSemanticSegmentation
+from transformers import AutoConfig, DPTConfig, DPTForSemanticSegmentation, PretrainedConfig, PreTrainedModel
 
+from dptune.backbones import check_family, dpt_config_for_backbone, load_backbone_weights, model_class
+from dptune.dpt_backbone import input_multiple, uses_backbone
 from dptune.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -24,10 +27,11 @@ DEFAULT_MEAN = (0.5, 0.5, 0.5)  # what Intel/dpt-* checkpoints were trained with
 DEFAULT_STD = (0.5, 0.5, 0.5)
 
 
-def load_config(config: str | Mapping[str, Any]) -> DPTConfig:
-    """A ``DPTConfig`` from a JSON file, a directory holding ``config.json``, or a dict."""
+def load_config(config: str | Mapping[str, Any]) -> PretrainedConfig:
+    """A ``DPTConfig`` (or a bare backbone's config, e.g. ``"model_type": "dinov2"``) from a JSON
+    file, a directory holding ``config.json``, or a dict."""
     if isinstance(config, Mapping):
-        return DPTConfig(**dict(config))
+        return _config_from_dict(dict(config))
     path = Path(config)
     if path.is_dir():
         path = path / "config.json"
@@ -37,8 +41,13 @@ def load_config(config: str | Mapping[str, Any]) -> DPTConfig:
         raise FileNotFoundError(f"{path}: model config not found") from None
     except json.JSONDecodeError as e:
         raise ValueError(f"{path}: not valid JSON ({e})") from None
-    spec.pop("architectures", None)
-    return DPTConfig(**spec)
+    return _config_from_dict(spec)
+
+
+def _config_from_dict(spec: dict[str, Any]) -> PretrainedConfig:
+    spec = {k: v for k, v in spec.items() if k not in ("architectures", "auto_map")}
+    kind = spec.pop("model_type", "dpt")
+    return DPTConfig(**spec) if kind == "dpt" else AutoConfig.for_model(kind, **spec)
 
 
 def build_model(
@@ -46,31 +55,54 @@ def build_model(
     pretrained: str | None = None,
     config: str | Mapping[str, Any] | None = None,
     attn_implementation: str = "sdpa",
-) -> DPTForSemanticSegmentation:
+    backbone: str | None = None,
+) -> PreTrainedModel:
     """A DPT segmentation model whose classifiers match ``names``.
 
     ``pretrained`` (hub id or local directory) loads weights; ``config`` (JSON path or dict)
-    builds random weights. Exactly one of them must be given.
+    builds random weights. Exactly one of them must be given. Either may be a whole DPT or a
+    bare backbone (e.g. ``facebook/dinov2-small``), which gets a fresh DPT neck and heads.
+    ``backbone`` (``vit``, ``hybrid``, ``dinov2``, ...) checks that the model is of that family.
     """
     if (pretrained is None) == (config is None):
         raise ValueError("give exactly one of model.pretrained (hub id / directory) or model.config (DPTConfig JSON)")
     if pretrained is not None:
-        model = DPTForSemanticSegmentation.from_pretrained(pretrained, attn_implementation=attn_implementation)
-        carried = adapt_classifiers(model, names)
-        log.info("%s: %d of %d classes carried over from the checkpoint's classifier", pretrained, carried, len(names))
+        cfg = AutoConfig.from_pretrained(pretrained)
+        check_family(cfg, backbone, pretrained)
+        if cfg.model_type != "dpt":
+            model = _fresh_model(dpt_config_for_backbone(cfg), names, attn_implementation)
+            load_backbone_weights(model, pretrained)
+        else:
+            # a depth checkpoint's head does not fit a segmentation head: those weights start fresh
+            model = model_class(cfg).from_pretrained(
+                pretrained, attn_implementation={"": attn_implementation}, ignore_mismatched_sizes=True
+            )
+            carried = adapt_classifiers(model, names)
+            log.info("%s: %d of %d classes carried over from the checkpoint's classifier", pretrained, carried, len(names))
     else:
         cfg = load_config(config)
-        cfg.num_labels = len(names)
-        cfg.id2label = dict(enumerate(names))
-        cfg.label2id = {n: i for i, n in enumerate(names)}
-        cfg._attn_implementation = attn_implementation
-        model = DPTForSemanticSegmentation(cfg)
+        check_family(cfg, backbone, "model.config")
+        model = _fresh_model(cfg if cfg.model_type == "dpt" else dpt_config_for_backbone(cfg), names, attn_implementation)
     model.config.semantic_loss_ignore_index = IGNORE_INDEX
     freeze_unused(model)
     return model
 
 
-def freeze_unused(model: DPTForSemanticSegmentation) -> list[str]:
+def _fresh_model(cfg: DPTConfig, names: Sequence[str], attn_implementation: str) -> PreTrainedModel:
+    cfg.num_labels = len(names)
+    cfg.id2label = dict(enumerate(names))
+    cfg.label2id = {n: i for i, n in enumerate(names)}
+    # the DPT's own ViT only: backbones such as BiT or Swinv2 have no SDPA and pick their own
+    cfg._attn_implementation = {"": attn_implementation}
+    return model_class(cfg)(cfg)
+
+
+def load_exported(path: str) -> PreTrainedModel:
+    """A model directory written by ``save_pretrained`` (e.g. ``scripts/export.py``), whatever its backbone."""
+    return model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+
+
+def freeze_unused(model: PreTrainedModel) -> list[str]:
     """Turn off gradients of weights ``segment`` never uses, found by one small forward pass:
     the encoder's final layer norm, encoder layers after the last one the neck reads, the first
     fusion layer's unused residual unit. They stay in the checkpoint (plain ``transformers``
@@ -78,7 +110,7 @@ def freeze_unused(model: DPTForSemanticSegmentation) -> list[str]:
     gradient, does not see them. Returns the frozen names."""
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ref = params[0][1]
-    side = 4 * model.config.patch_size
+    side = 4 * input_multiple(model.config)
     was_training = model.training
     model.eval()  # BatchNorm on a 1-image probe
     try:
@@ -97,7 +129,7 @@ def freeze_unused(model: DPTForSemanticSegmentation) -> list[str]:
     return frozen
 
 
-def _classifiers(model: DPTForSemanticSegmentation) -> list[tuple[nn.Sequential, int]]:
+def _classifiers(model: PreTrainedModel) -> list[tuple[nn.Sequential, int]]:
     """(container, index) of each 1x1 classifier conv: main head and, if present, auxiliary head."""
     found = []
     for head in (model.head, model.auxiliary_head):
@@ -108,7 +140,7 @@ def _classifiers(model: DPTForSemanticSegmentation) -> list[tuple[nn.Sequential,
     return found
 
 
-def adapt_classifiers(model: DPTForSemanticSegmentation, names: Sequence[str]) -> int:
+def adapt_classifiers(model: PreTrainedModel, names: Sequence[str]) -> int:
     """Point the classifiers at ``names``; copy rows of classes the checkpoint already knows.
 
     Matching is by class name, case-insensitive. Returns how many classes were carried over.
@@ -138,9 +170,12 @@ def adapt_classifiers(model: DPTForSemanticSegmentation, names: Sequence[str]) -
     return carried
 
 
-def head_parameter_names(model: DPTForSemanticSegmentation) -> set[str]:
-    """Names of the decoder's parameters (neck + heads): everything outside the ViT backbone."""
-    return {n for n, _ in model.named_parameters() if not n.startswith("dpt.")}
+BACKBONE_PREFIXES = ("dpt.", "backbone.")
+
+
+def head_parameter_names(model: PreTrainedModel) -> set[str]:
+    """Names of the decoder's parameters (neck + heads): everything outside the backbone."""
+    return {n for n, _ in model.named_parameters() if not n.startswith(BACKBONE_PREFIXES)}
 
 
 def _backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> list[torch.Tensor]:
@@ -165,7 +200,7 @@ def _backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Te
 
 
 def segment(
-    model: DPTForSemanticSegmentation, pixel_values: torch.Tensor, with_aux: bool = True
+    model: PreTrainedModel, pixel_values: torch.Tensor, with_aux: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(logits, auxiliary logits or None) for normalised images of any H x W divisible by the patch size.
 
@@ -175,12 +210,15 @@ def segment(
     as much as the main head). Logits come at the input resolution when the patch grid is even in both
     directions; otherwise the neck rounds the grid up and callers resize (loss and metrics do).
     """
-    patch = model.config.patch_size
+    multiple = input_multiple(model.config)
     h, w = pixel_values.shape[-2:]
-    if h % patch or w % patch:
-        raise ValueError(f"input {h}x{w} is not a multiple of the patch size {patch}")
-    features = _backbone_features(model, pixel_values)
-    features = model.neck(features, patch_height=h // patch, patch_width=w // patch)
+    if h % multiple or w % multiple:
+        raise ValueError(f"input {h}x{w} is not a multiple of {multiple} (the backbone's patch size / stride)")
+    if uses_backbone(model.config):
+        features = model.features(pixel_values)
+    else:
+        features = _backbone_features(model, pixel_values)
+        features = model.neck(features, patch_height=h // multiple, patch_width=w // multiple)
     logits = model.head(features)
     aux = model.auxiliary_head(features[-1]) if with_aux and model.auxiliary_head is not None else None
     return logits, aux

@@ -12,6 +12,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from dptune.dpt_backbone import input_multiple
 from dptune.labels import LabelSet
 from dptune.losses import cross_entropy, dice_loss, upsample
 from dptune.metrics import ConfusionMatrix, metrics_from_confmat
@@ -61,6 +62,7 @@ class SegmentationModule(pl.LightningModule):
         self,
         pretrained: str | None = None,
         config: str | dict[str, Any] | None = None,
+        backbone: str | None = None,
         label_spec: dict[str, Any] | None = None,
         image_size: int | list[int] = 384,
         val_mode: Literal["resize", "slide"] = "resize",
@@ -69,6 +71,7 @@ class SegmentationModule(pl.LightningModule):
         lr: float = 1e-4,
         momentum: float = 0.9,
         head_lr_mult: float = 10.0,
+        layer_decay: float = 1.0,
         weight_decay: float = 0.01,
         betas: tuple[float, float] = (0.9, 0.999),
         warmup_ratio: float = 0.05,
@@ -93,6 +96,11 @@ class SegmentationModule(pl.LightningModule):
         Args:
             pretrained: Hub id or local directory of a DPT checkpoint (e.g. ``Intel/dpt-large-ade``).
             config: ``DPTConfig`` JSON file (or dict) for a randomly initialised model.
+                ``pretrained`` and ``config`` may also name a bare backbone (e.g. ``facebook/dinov2-small``
+                or a ``"model_type": "dinov2"`` JSON): it gets a fresh DPT neck and heads.
+            backbone: Backbone family the model must be: ``vit`` (DPT's own), ``hybrid`` (DPT-Hybrid),
+                ``swinv2``, ``beit``, ``dinov2`` or another ``transformers`` backbone type. Optional; a
+                mismatch with what ``pretrained``/``config`` holds is an error.
             label_spec: Label set, filled in from the datamodule (``link_arguments``); do not set by hand.
             image_size: Evaluation/export size, filled in from ``data.image_size``.
             val_mode: Filled in from ``data.val_mode``: ``resize`` scores whole images resized to
@@ -102,6 +110,9 @@ class SegmentationModule(pl.LightningModule):
             lr: Peak learning rate of the ViT backbone.
             momentum: SGD momentum.
             head_lr_mult: The neck and heads (newly initialised classifiers included) train at ``lr * head_lr_mult``.
+            layer_decay: Layer-wise learning-rate decay of the backbone: block ``i`` of ``n`` trains at
+                ``lr * layer_decay ** (n + 1 - i)``, the embeddings at ``lr * layer_decay ** (n + 1)``.
+                ``1.0`` (default) turns it off; the BEiT recipe uses 0.9.
             weight_decay: Weight decay; never applied to norms, biases, position embeddings and CLS token.
             betas: AdamW betas.
             warmup_ratio: Linear warmup length as a fraction of all optimizer steps.
@@ -131,7 +142,7 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError("model.label_spec is empty: it comes from the datamodule's label set (see train.py)")
         self.label_set = LabelSet.from_dict(label_spec, source="model.label_spec")
         self.num_classes = self.label_set.num_classes
-        self.model = build_model(self.label_set.names, pretrained, config, attn_implementation)
+        self.model = build_model(self.label_set.names, pretrained, config, attn_implementation, backbone)
         _set_head_dropout(self.model, head_dropout)
         if aux_weight <= 0 and self.model.auxiliary_head is not None:
             self.model.auxiliary_head.requires_grad_(False)  # never run (see forward), so never trained
@@ -163,7 +174,19 @@ class SegmentationModule(pl.LightningModule):
         m, s = found or (list(DEFAULT_MEAN), list(DEFAULT_STD))
         return list(mean or m), list(std or s)
 
+    def check_sizes(self, **sizes: Any) -> None:
+        """Image, crop and window sizes must be multiples of what the backbone divides by."""
+        m = input_multiple(self.model.config)
+        for what, size in sizes.items():
+            pair = [size, size] if isinstance(size, int) else list(size or [])
+            if any(int(v) % m for v in pair):
+                fix = [max(m, round(int(v) / m) * m) for v in pair]
+                raise ValueError(f"data.{what} {pair} is not a multiple of {m} (the backbone's patch size / stride); "
+                                 f"use e.g. {fix}")
+
     def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        self.check_sizes(image_size=self.hparams.image_size, crop_size=getattr(dm, "crop_size", None))
         # before the strategy wraps the model in DDP
         if self.hparams.sync_batchnorm and wants_sync_batchnorm(self.trainer):
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
@@ -278,7 +301,7 @@ class SegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:
         hp = self.hparams
-        return param_groups(self.model, hp.lr, hp.head_lr_mult, hp.weight_decay)
+        return param_groups(self.model, hp.lr, hp.head_lr_mult, hp.weight_decay, hp.layer_decay)
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -2,32 +2,76 @@
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
 from torch import nn
 
-from dptune.model import head_parameter_names
+from dptune.model import BACKBONE_PREFIXES, head_parameter_names
+
+# an item of a block list: ViT / DINOv2 ``encoder.layer.i``, BEiT ``layers.i``, Swin ``layers.s.blocks.b``
+_ITEM = re.compile(r"(?:^|\.)(?:layer|layers|blocks)\.\d+$")
 
 
-def param_groups(model: nn.Module, lr: float, head_lr_mult: float, weight_decay: float) -> list[dict[str, Any]]:
+def transformer_blocks(model: nn.Module) -> list[str]:
+    """Names of the backbone's transformer blocks in forward order: items of ``layer``/``layers``/
+    ``blocks`` lists that hold attention and no smaller such item (so a Swin stage is not a block,
+    and a hybrid's ResNet layers, which hold no attention, are not blocks either)."""
+    found = []
+    for name, module in model.named_modules():
+        if name.startswith(BACKBONE_PREFIXES) and _ITEM.search(name):
+            if any("attention" in sub or "attn" in sub for sub, _ in module.named_modules()):
+                found.append(name)
+    return [b for b in found if not any(o.startswith(b + ".") for o in found)]
+
+
+def backbone_depths(model: nn.Module) -> tuple[dict[str, int], int]:
+    """Depth of each backbone parameter, for layer-wise LR decay, and the number of blocks ``n``.
+
+    Blocks are found by module name: block ``k`` (in forward order) has depth ``k``; what comes
+    before the first block (patch / position embeddings, a hybrid's ResNet stem) has depth 0;
+    what sits between blocks (Swin's patch merging) takes the depth of the block before it;
+    what follows the last block (final norms) has depth ``n + 1``, like the heads.
+    """
+    blocks = transformer_blocks(model)
+    index = {name: k for k, name in enumerate(blocks, start=1)}
+    depths: dict[str, int] = {}
+    current = 0
+    for name, _ in model.named_parameters():
+        if not name.startswith(BACKBONE_PREFIXES):
+            continue
+        owner = next((b for b in blocks if name.startswith(b + ".")), None)
+        if owner is not None:
+            current = index[owner]
+            depths[name] = current
+        else:
+            depths[name] = len(blocks) + 1 if blocks and current == len(blocks) else current
+    return depths, len(blocks)
+
+
+def param_groups(
+    model: nn.Module, lr: float, head_lr_mult: float, weight_decay: float, layer_decay: float = 1.0
+) -> list[dict[str, Any]]:
     """AdamW/SGD groups: backbone vs. neck+heads (``lr * head_lr_mult``), each split into
-    decayed weights and never-decayed norms, biases, position embeddings and CLS token."""
+    decayed weights and never-decayed norms, biases, position embeddings and CLS token; with
+    ``layer_decay < 1`` the backbone is further split by depth (see ``backbone_depths``)."""
     head = head_parameter_names(model)
-    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    depths, n = backbone_depths(model) if layer_decay != 1.0 else ({}, 0)
+    if layer_decay != 1.0 and n == 0:
+        raise ValueError("model.layer_decay: no transformer blocks found in this backbone")
+    groups: dict[tuple[bool, bool, int], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        no_decay = p.ndim <= 1 or name.endswith(("position_embeddings", "cls_token"))
-        groups.setdefault((name in head, no_decay), []).append(p)
-    return [
-        {
-            "params": params,
-            "lr": lr * (head_lr_mult if is_head else 1.0),
-            "weight_decay": 0.0 if no_decay else weight_decay,
-            "name": f"{'head' if is_head else 'backbone'}{'_no_decay' if no_decay else ''}",
-        }
-        for (is_head, no_decay), params in sorted(groups.items())
-    ]
+        no_decay = p.ndim <= 1 or name.endswith(("position_embeddings", "cls_token", "relative_position_bias_table"))
+        groups.setdefault((name in head, no_decay, depths.get(name, -1)), []).append(p)
+    out = []
+    for (is_head, no_decay, depth), params in sorted(groups.items()):
+        name = "head" if is_head else "backbone" if depth < 0 else f"backbone_{depth:02d}"
+        scale = head_lr_mult if is_head else 1.0 if depth < 0 else layer_decay ** (n + 1 - depth)
+        out.append({"params": params, "lr": lr * scale, "weight_decay": 0.0 if no_decay else weight_decay,
+                    "name": name + ("_no_decay" if no_decay else "")})
+    return out
 
 
 class WarmupPoly:

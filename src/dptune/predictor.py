@@ -41,9 +41,11 @@ class Predictor:
         """``ref``: a dptune ``.ckpt`` or a directory written by ``scripts/export.py``."""
         dev = torch.device(device)
         if Path(ref).is_dir():
-            from transformers import AutoImageProcessor, DPTForSemanticSegmentation
+            from transformers import AutoImageProcessor
 
-            model = DPTForSemanticSegmentation.from_pretrained(ref)
+            from dptune.model import load_exported
+
+            model = load_exported(ref)
             proc = AutoImageProcessor.from_pretrained(ref)
             labels = exported_labels(ref, model.config.id2label)
         else:

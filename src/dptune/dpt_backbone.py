@@ -1,0 +1,89 @@
+"""DPT semantic segmentation on any ``transformers`` backbone (Swinv2, BEiT, DINOv2, ...).
+
+``transformers`` wires ``backbone_config`` only into ``DPTForDepthEstimation``; its
+``DPTForSemanticSegmentation`` always builds DPT's own ViT (transformers issue 31249). This
+class is the segmentation twin of the depth model: the backbone from ``load_backbone``, DPT's
+neck, segmentation head and auxiliary head, with the same attribute names as the depth model so
+that its checkpoints (``backbone.*``, ``neck.*``) load into it.
+
+This file imports only ``torch`` and ``transformers``: ``scripts/export.py`` copies it next to
+an exported model as ``modeling_dptune.py`` so that
+``AutoModelForSemanticSegmentation.from_pretrained(dir, trust_remote_code=True)`` works
+without dptune installed.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+from transformers import DPTConfig
+from transformers.backbone_utils import load_backbone
+from transformers.modeling_outputs import SemanticSegmenterOutput
+from transformers.models.dpt.modeling_dpt import (
+    DPTAuxiliaryHead,
+    DPTNeck,
+    DPTPreTrainedModel,
+    DPTSemanticSegmentationHead,
+)
+
+IGNORE_INDEX = 255
+
+
+def input_multiple(config: DPTConfig) -> int:
+    """Image sides must be multiples of this: the patch size of a ViT-like backbone, the
+    patch size times the total downsampling of a hierarchical one (Swin)."""
+    bb = config.backbone_config
+    if bb is None or config.is_hybrid:
+        return int(config.patch_size)
+    patch = int(bb.patch_size if isinstance(bb.patch_size, int) else bb.patch_size[0])
+    depths = getattr(bb, "depths", None)
+    return patch * 2 ** (len(depths) - 1) if depths else patch
+
+
+def uses_backbone(config: DPTConfig) -> bool:
+    """True when the model needs this class (``backbone_config`` set and not DPT-Hybrid)."""
+    return getattr(config, "backbone_config", None) is not None and not config.is_hybrid
+
+
+class DPTBackboneForSemanticSegmentation(DPTPreTrainedModel):
+    """DPT neck and heads on ``load_backbone(config)``'s feature maps; any H x W that is a
+    multiple of ``input_multiple(config)``."""
+
+    base_model_prefix = "backbone"
+
+    def __init__(self, config: DPTConfig) -> None:
+        super().__init__(config)
+        if not uses_backbone(config):
+            raise ValueError("DPTBackboneForSemanticSegmentation needs config.backbone_config (and is_hybrid=False)")
+        self.backbone = load_backbone(config)
+        self.neck = DPTNeck(config)
+        self.head = DPTSemanticSegmentationHead(config)
+        self.auxiliary_head = DPTAuxiliaryHead(config) if config.use_auxiliary_head else None
+        self.post_init()
+
+    def features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+        """The neck's output for normalised images."""
+        maps = list(self.backbone(pixel_values).feature_maps)
+        patch = self.config.backbone_config.patch_size
+        patch = int(patch if isinstance(patch, int) else patch[0])
+        h, w = pixel_values.shape[-2:]
+        # ViT-like backbones give tokens (B, 1 + h*w, C); the neck needs the grid to fold them
+        return self.neck(maps, patch_height=h // patch, patch_width=w // patch)
+
+    def forward(
+        self, pixel_values: torch.Tensor, labels: torch.LongTensor | None = None, **kwargs
+    ) -> SemanticSegmenterOutput:
+        features = self.features(pixel_values)
+        logits = self.head(features)
+        loss = None
+        if labels is not None:
+            big = nn.functional.interpolate(logits, size=labels.shape[-2:], mode="bilinear", align_corners=False)
+            loss = nn.functional.cross_entropy(big, labels, ignore_index=IGNORE_INDEX)
+            if self.auxiliary_head is not None:
+                aux = nn.functional.interpolate(
+                    self.auxiliary_head(features[-1]), size=labels.shape[-2:], mode="bilinear", align_corners=False
+                )
+                loss = loss + self.config.auxiliary_loss_weight * nn.functional.cross_entropy(
+                    aux, labels, ignore_index=IGNORE_INDEX
+                )
+        return SemanticSegmenterOutput(loss=loss, logits=logits)
