@@ -312,7 +312,11 @@ class SegmentationModule(pl.LightningModule):
             fused = all(p.device.type in ("cpu", "cuda") for p in self.model.parameters())
             opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
                                     weight_decay=hp.weight_decay, fused=fused)
-        total = int(self.trainer.estimated_stepping_batches)
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ValueError("the training data is a stream (no length): set --trainer.max_steps for the LR schedule "
+                             "and --trainer.val_check_interval in steps")
+        total = int(total)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
         schedule = WarmupPoly(total, warmup, hp.poly_power, hp.min_lr_ratio)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)

@@ -13,6 +13,7 @@ from torch.utils.data import DataLoader, DistributedSampler
 
 from dptune.data.dataset import SegmentationDataset, collate, scan
 from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
+from dptune.data.streaming import StreamingSegmentation, open_stream
 from dptune.data.transforms import build_transforms, default_train_transforms
 from dptune.errors import DataError, DataErrors
 from dptune.labels import LabelSet
@@ -102,7 +103,10 @@ class SegmentationDataModule(pl.LightningDataModule):
             splits: Per stage (``train``, ``val``, ``test``) the split spec. folder:
                 ``{images: "train/*.jpg", masks: "trainannot/{stem}.png"}`` (placeholders ``{stem}``,
                 ``{name}``, ``{dir}``); hf: ``{split: validation}``; synthetic: ``{count: 200, seed: 0}``.
-            hf: For ``source: hf``: ``{dataset: <hub name or save_to_disk dir>, image_column, mask_column, config_name}``.
+            hf: For ``source: hf``: ``{dataset: <hub name or save_to_disk dir>, image_column, mask_column, config_name}``;
+                add ``streaming: true`` to stream instead of downloading (each process reads its own
+                shards; training repeats the stream, so set ``trainer.max_steps``; ``shuffle_buffer``
+                (1000) examples are shuffled at a time; a ``save_to_disk`` dir streams as ``num_shards`` (8)).
             image_size: Evaluation and export size (h, w) or one int for square. Whole images are resized
                 to it for validation exactly as the exported image processor will; plain ``transformers``
                 needs it square. Training crops are drawn at this scale.
@@ -174,13 +178,38 @@ class SegmentationDataModule(pl.LightningDataModule):
         spec = self.train_transforms_spec or default_train_transforms(self.crop_size, self.scale_range, base)
         return build_transforms(spec, seed=_augment_seed())
 
-    def _dataset(self, stage: str) -> SegmentationDataset:
+    @property
+    def streaming(self) -> bool:
+        return self.source_kind == "hf" and bool(self.hf.get("streaming"))
+
+    def _stream(self, stage: str) -> StreamingSegmentation:
+        hf = dict(self.hf)
+        trainer = self.trainer
+        stream = open_stream(hf["dataset"], self.splits[stage].get("split", stage), hf.get("config_name"),
+                             hf.get("num_shards", 8))
+        return StreamingSegmentation(
+            stream, self.label_set, f"{hf['dataset']}[{self.splits[stage].get('split', stage)}]",
+            columns=(hf.get("image_column", "image"), hf.get("mask_column", "label")),
+            rgb_masks=self.label_set.mask_format == "rgb",
+            transform=self.train_transform() if stage == "train" else None,
+            image_size=None if stage == "train" or self.val_mode == "slide" else self.image_size,
+            train=stage == "train", on_bad_sample=self.on_bad_sample, shuffle_buffer=hf.get("shuffle_buffer", 1000),
+            seed=_augment_seed(), rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+        )
+
+    def _dataset(self, stage: str) -> SegmentationDataset | StreamingSegmentation:
         if stage in self.datasets:
             return self.datasets[stage]
         if stage not in self.splits:
             raise DataError(f"data.splits has no {stage!r} split (has {sorted(self.splits)})")
+        if self.streaming:
+            if "dataset" not in self.hf:
+                raise DataError("data.hf.dataset: required for source hf")
+            self.datasets[stage] = self._stream(stage)
+            return self.datasets[stage]
+        hf = {k: v for k, v in self.hf.items() if k not in ("streaming", "shuffle_buffer", "num_shards")}
         src = build_source(
-            self.source_kind, dict(self.splits[stage]), self.root, self.label_set.mask_format == "rgb", stage, self.hf
+            self.source_kind, dict(self.splits[stage]), self.root, self.label_set.mask_format == "rgb", stage, hf
         )
         ds = SegmentationDataset(
             src, self.label_set, transform=self.train_transform() if stage == "train" else None,
@@ -218,14 +247,16 @@ class SegmentationDataModule(pl.LightningDataModule):
         ds = self._dataset(stage)
         sampler = None
         trainer = self.trainer
-        if stage != "train" and trainer is not None and trainer.world_size > 1:
+        if isinstance(ds, StreamingSegmentation):
+            shuffle = False  # the stream shuffles itself and is already this rank's part
+        elif stage != "train" and trainer is not None and trainer.world_size > 1:
             sampler = EvalDistributedSampler(ds, trainer.world_size, trainer.global_rank)
         return DataLoader(
             ds,
             batch_size=self.batch_size if stage == "train" else self.val_batch_size,
             shuffle=shuffle,
             sampler=sampler,
-            drop_last=stage == "train" and len(ds) > self.batch_size,
+            drop_last=stage == "train" and (isinstance(ds, StreamingSegmentation) or len(ds) > self.batch_size),
             num_workers=self.num_workers,
             pin_memory=self.pin_memory,
             persistent_workers=self.persistent_workers,

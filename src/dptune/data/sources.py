@@ -193,22 +193,30 @@ class HFSource:
         return f"{self.label}#{i}"
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
-        row = self.ds[i]
-        name = self.name(i)
-        image, mask = row[self.image_column], row[self.mask_column]
-        if isinstance(image, Image.Image):
-            image = np.asarray(image.convert("RGB"))
-        else:
-            image = np.asarray(image)
-            if image.ndim == 2:
-                image = np.repeat(image[..., None], 3, axis=2)
-        if isinstance(mask, Image.Image):
-            mask = pil_to_mask(mask, self.rgb_masks, name)
-        else:
-            mask = np.asarray(mask)
-        if image.dtype != np.uint8:
-            raise DataError(f"{name}: image must be uint8, got {image.dtype}")
-        return np.ascontiguousarray(image[..., :3]), mask, name
+        return decode_row(self.ds[i], self.name(i), self.image_column, self.mask_column, self.rgb_masks)
+
+
+def decode_row(
+    row: dict[str, Any], name: str, image_column: str, mask_column: str, rgb_masks: bool
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(uint8 HxWx3 image, raw mask, name) from a Hugging Face dataset row (PIL images or arrays)."""
+    try:
+        image, mask = row[image_column], row[mask_column]
+    except KeyError as e:
+        raise DataError(f"{name}: no column {e} (has {sorted(row)})") from None
+    if isinstance(image, Image.Image):
+        image = np.asarray(image.convert("RGB"))
+    else:
+        image = np.asarray(image)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+    if isinstance(mask, Image.Image):
+        mask = pil_to_mask(mask, rgb_masks, name)
+    else:
+        mask = np.asarray(mask)
+    if image.dtype != np.uint8:
+        raise DataError(f"{name}: image must be uint8, got {image.dtype}")
+    return np.ascontiguousarray(image[..., :3]), mask, name
 
 
 # ---------------------------------------------------------------------------- synthetic shapes

@@ -1,0 +1,126 @@
+"""Hugging Face ``datasets`` streaming (``hf: {streaming: true}``): data larger than local disk.
+
+Each process reads its own part of the stream (``datasets.distributed.split_dataset_by_node``:
+whole shards per rank when the shard count divides evenly, else every ``world_size``-th
+example), and ``datasets`` splits a rank's shards across its loader workers. A training stream
+is shuffled through a buffer, reshuffled each pass and repeats, so every rank always has a next
+batch and the run length is ``trainer.max_steps``. An evaluation stream is read once: every
+example lands on exactly one rank, so summed confusion matrices count each once.
+
+A stream cannot be checked before training: a bad example stops the run with one line naming
+it, or with ``data.on_bad_sample skip`` is skipped with a warning that names it and a count.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import numpy as np
+import torch
+from torch.utils.data import IterableDataset
+
+from dptune.data.sources import decode_row
+from dptune.data.transforms import resize_like_processor
+from dptune.errors import DataError
+from dptune.labels import LabelSet
+
+log = logging.getLogger(__name__)
+
+
+def open_stream(dataset: str, split: str, config_name: str | None = None, num_shards: int = 8):
+    """A ``datasets.IterableDataset``: streamed from the hub (or a loader script / data files),
+    or, for a ``save_to_disk`` directory, its Arrow files read as ``num_shards`` shards."""
+    import datasets
+
+    if os.path.isdir(dataset):
+        ds = datasets.load_from_disk(dataset)
+        if isinstance(ds, datasets.DatasetDict):
+            if split not in ds:
+                raise DataError(f"{dataset}: no split {split!r} (has {sorted(ds)})")
+            ds = ds[split]
+        return ds.to_iterable_dataset(num_shards=num_shards)
+    return datasets.load_dataset(dataset, config_name, split=split, streaming=True)
+
+
+def shard_for_rank(stream, rank: int, world_size: int):
+    """This process's part of the stream (the whole stream in a single-process run)."""
+    if world_size <= 1:
+        return stream
+    from datasets.distributed import split_dataset_by_node
+
+    return split_dataset_by_node(stream, rank=rank, world_size=world_size)
+
+
+class StreamingSegmentation(IterableDataset):
+    """Items as ``SegmentationDataset`` gives them, from a stream (see the module docstring)."""
+
+    def __init__(
+        self,
+        stream,
+        labels: LabelSet,
+        label: str,
+        columns: tuple[str, str] = ("image", "label"),
+        rgb_masks: bool = False,
+        transform: Callable[..., dict[str, Any]] | None = None,
+        image_size: tuple[int, int] | None = None,
+        train: bool = False,
+        on_bad_sample: str = "error",
+        shuffle_buffer: int = 1000,
+        seed: int = 0,
+        rank: int = 0,
+        world_size: int = 1,
+    ) -> None:
+        self.stream = shard_for_rank(stream, rank, world_size)
+        self.labels, self.label, self.columns, self.rgb_masks = labels, label, columns, rgb_masks
+        self.transform, self.image_size, self.train = transform, image_size, train
+        self.on_bad_sample, self.shuffle_buffer, self.seed, self.rank = on_bad_sample, shuffle_buffer, seed, rank
+        self.skipped = 0
+
+    def _item(self, row: dict[str, Any], name: str, index: int) -> dict[str, Any]:
+        image, raw, _ = decode_row(row, name, *self.columns, self.rgb_masks)
+        mask = self.labels.encode(raw, name)
+        if image.shape[:2] != mask.shape[:2]:
+            raise DataError(f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
+                            f"{image.shape[1]}x{image.shape[0]}")
+        if self.transform is not None:
+            out = self.transform(image=image, mask=mask)
+            image, mask = out["image"], out["mask"]
+        elif self.image_size is not None:
+            image = resize_like_processor(image, self.image_size)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "mask": torch.from_numpy(np.ascontiguousarray(mask)), "index": index}
+
+    def passes(self) -> Iterator[Any]:
+        """The stream once (evaluation) or reshuffled pass after pass (training)."""
+        if not self.train:
+            yield self.stream
+            return
+        epoch = 0
+        shuffled = self.stream.shuffle(seed=self.seed, buffer_size=self.shuffle_buffer)
+        while True:
+            shuffled.set_epoch(epoch)
+            yield shuffled
+            epoch += 1
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = torch.utils.data.get_worker_info()
+        where = f"{self.label} rank {self.rank}" + (f" worker {info.id}" if info else "")
+        for part in self.passes():
+            seen = 0
+            for k, row in enumerate(part):
+                seen += 1
+                name = f"{where} example {k}"
+                try:
+                    yield self._item(row, name, k)
+                except DataError as e:
+                    if self.on_bad_sample != "skip":
+                        raise
+                    self.skipped += 1
+                    log.warning("skipping %s (%d skipped so far)", e, self.skipped)
+            if seen == 0:
+                if self.train and info is None:
+                    raise DataError(f"{where}: the stream is empty")
+                return  # a worker with no shard of its own (more workers than shards)

@@ -1,0 +1,96 @@
+"""Hugging Face streaming: per-rank shards that cover the data exactly once, a repeating
+shuffled training stream, bad examples named, and a real train.py fit on a stream."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from dptune.data.streaming import StreamingSegmentation, open_stream
+from dptune.errors import DataError
+from dptune.labels import LabelSet
+
+LABELS = LabelSet(names=["a", "b", "c"], source="test")
+
+
+def _dataset(tmp_path, n: int, bad: int | None = None):
+    """Rows whose image carries the row number in pixel (0, 0); row ``bad`` has mask value 9."""
+    import datasets
+
+    imgs, masks = [], []
+    for i in range(n):
+        img = np.full((32, 48, 3), 100, np.uint8)
+        img[0, 0] = [i, i, i]
+        mask = np.full((32, 48), i % 3, np.uint8)
+        if i == bad:
+            mask[5, 5] = 9
+        imgs.append(Image.fromarray(img))
+        masks.append(Image.fromarray(mask))
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    path = tmp_path / "hf"
+    ds = datasets.Dataset.from_dict({"image": imgs, "label": masks}, features=feats)
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(path))
+    return path
+
+
+def _rows(dataset: StreamingSegmentation, limit: int | None = None) -> list[int]:
+    out = []
+    for item in dataset:
+        out.append(int(item["image"][0, 0, 0]))
+        if limit and len(out) == limit:
+            break
+    return out
+
+
+@pytest.mark.parametrize("n, shards", [(7, 4), (8, 4), (5, 5)])
+def test_eval_stream_gives_each_rank_a_disjoint_part_covering_everything(tmp_path, n, shards):
+    path = _dataset(tmp_path, n)
+    parts = [_rows(StreamingSegmentation(open_stream(str(path), "validation", num_shards=shards), LABELS, "v",
+                                         rank=r, world_size=2)) for r in range(2)]
+    assert sorted(parts[0] + parts[1]) == list(range(n))
+    assert parts[0] and parts[1]
+
+
+def test_train_stream_repeats_and_reshuffles_each_pass(tmp_path):
+    n = 12
+    path = _dataset(tmp_path, n)
+    ds = StreamingSegmentation(open_stream(str(path), "train", num_shards=4), LABELS, "t", train=True,
+                               shuffle_buffer=n, seed=0)
+    rows = _rows(ds, limit=3 * n)
+    passes = [rows[i * n:(i + 1) * n] for i in range(3)]
+    assert all(sorted(p) == list(range(n)) for p in passes)
+    assert passes[0] != passes[1] or passes[1] != passes[2]
+
+
+def test_bad_example_is_named_or_skipped_and_counted(tmp_path):
+    path = _dataset(tmp_path, 4, bad=2)
+    strict = StreamingSegmentation(open_stream(str(path), "validation", num_shards=1), LABELS, "hf[validation]")
+    with pytest.raises(DataError, match=r"hf\[validation\] rank 0 example 2: .*9"):
+        _rows(strict)
+    lenient = StreamingSegmentation(open_stream(str(path), "validation", num_shards=1), LABELS, "hf[validation]",
+                                    on_bad_sample="skip")
+    assert _rows(lenient) == [0, 1, 3] and lenient.skipped == 1
+
+
+def test_fit_on_a_stream_needs_max_steps_and_then_runs_them(tmp_path):
+    from test_train import REPO, run_train
+
+    path = _dataset(tmp_path, 10)
+    args = ["fit", "--model.config", str(REPO / "configs" / "models" / "dpt-tiny.json"),
+            "--data.source", "hf", "--data.hf", json.dumps({"dataset": str(path), "streaming": True, "num_shards": 2}),
+            "--data.labels", json.dumps({"names": ["a", "b", "c"]}),
+            "--data.splits", json.dumps({"train": {"split": "train"}, "val": {"split": "validation"}}),
+            "--data.image_size", "32", "--data.crop_size", "32", "--data.batch_size", "2", "--data.num_workers", "0",
+            "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"]
+    proc = run_train(args, cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "set --trainer.max_steps" in proc.stderr.strip().splitlines()[-1]
+    run_train([*args, "--trainer.max_steps", "7", "--trainer.val_check_interval", "7"], cwd=tmp_path)
+    import torch
+
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    assert ckpt["global_step"] == 7  # more steps than one pass over the 10 examples (5 batches)
+    assert 0.0 <= ckpt["dptune"]["metrics"]["val"]["mIoU"] <= 1.0
