@@ -159,3 +159,38 @@ def test_fit_resume_export_onnx(fam, tmp_path):
         ref = module(torch.from_numpy(resized).permute(2, 0, 1)[None])[0]
         assert torch.allclose(theirs(pixel_values=pixels).logits, ref, atol=1e-4)
         assert torch.allclose(segment(ours, pixels)[0], ref, atol=1e-4)
+
+
+@pytest.mark.parametrize("fam", ["vit", *FAMILIES])
+def test_fsdp_strategy_shards_each_transformer_block(fam):
+    """FSDP needs GPUs under Lightning; what can be checked here is which modules become units."""
+    from dptune.optim import transformer_blocks
+    from dptune.strategies import DPTFSDPStrategy
+
+    model = build_model(NAMES, config=str(MODELS / "dpt-tiny.json") if fam == "vit" else tiny(fam))
+    strategy = DPTFSDPStrategy(activation_checkpointing=True)
+    assert strategy.kwargs["use_orig_params"] is True
+    units = strategy.kwargs["auto_wrap_policy"]._run_policy(model, set(), {})  # what FSDP would wrap
+    wrapped = {name for name, m in model.named_modules() if m in units and m is not model}
+    checkpointed = strategy._activation_checkpointing_kwargs["auto_wrap_policy"]._run_policy(model, set(), {})
+    assert {m for m in checkpointed if m is not model} == {m for m in units if m is not model}
+    blocks = set(transformer_blocks(model))
+    if fam == "swinv2":  # Swin checkpoints (and shards) whole stages, each holding its blocks
+        assert wrapped and all(any(b.startswith(w + ".") for w in wrapped) for b in blocks)
+    else:
+        assert wrapped == blocks
+
+
+def test_param_groups_read_names_through_fsdp_wrappers():
+    """FSDP (use_orig_params) inserts ``_fsdp_wrapped_module.`` into names; groups must not change."""
+    model = build_model(NAMES, config=tiny("dinov2"))
+    plain = param_groups(model, 1.0, 10.0, 0.05, layer_decay=0.8)
+
+    class Wrapped(torch.nn.Module):
+        def __init__(self, inner):
+            super().__init__()
+            self._fsdp_wrapped_module = inner
+
+    model.backbone.encoder.layer[1] = Wrapped(model.backbone.encoder.layer[1])
+    wrapped = param_groups(model, 1.0, 10.0, 0.05, layer_decay=0.8)
+    assert [(g["name"], g["lr"], len(g["params"])) for g in plain] == [(g["name"], g["lr"], len(g["params"])) for g in wrapped]

@@ -7,9 +7,10 @@ from typing import Any
 
 from torch import nn
 
-from dptune.model import BACKBONE_PREFIXES, head_parameter_names
+from dptune.model import BACKBONE_PREFIXES
 
 # an item of a block list: ViT / DINOv2 ``encoder.layer.i``, BEiT ``layers.i``, Swin ``layers.s.blocks.b``
+FSDP_PREFIX = "_fsdp_wrapped_module."  # what FSDP (use_orig_params) inserts into parameter names
 _ITEM = re.compile(r"(?:^|\.)(?:layer|layers|blocks)\.\d+$")
 
 
@@ -33,11 +34,12 @@ def backbone_depths(model: nn.Module) -> tuple[dict[str, int], int]:
     what sits between blocks (Swin's patch merging) takes the depth of the block before it;
     what follows the last block (final norms) has depth ``n + 1``, like the heads.
     """
-    blocks = transformer_blocks(model)
+    blocks = [b.replace(FSDP_PREFIX, "") for b in transformer_blocks(model)]
     index = {name: k for k, name in enumerate(blocks, start=1)}
     depths: dict[str, int] = {}
     current = 0
     for name, _ in model.named_parameters():
+        name = name.replace(FSDP_PREFIX, "")
         if not name.startswith(BACKBONE_PREFIXES):
             continue
         owner = next((b for b in blocks if name.startswith(b + ".")), None)
@@ -55,7 +57,6 @@ def param_groups(
     """AdamW/SGD groups: backbone vs. neck+heads (``lr * head_lr_mult``), each split into
     decayed weights and never-decayed norms, biases, position embeddings and CLS token; with
     ``layer_decay < 1`` the backbone is further split by depth (see ``backbone_depths``)."""
-    head = head_parameter_names(model)
     depths, n = backbone_depths(model) if layer_decay != 1.0 else ({}, 0)
     if layer_decay != 1.0 and n == 0:
         raise ValueError("model.layer_decay: no transformer blocks found in this backbone")
@@ -63,8 +64,9 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
+        name = name.replace(FSDP_PREFIX, "")
         no_decay = p.ndim <= 1 or name.endswith(("position_embeddings", "cls_token", "relative_position_bias_table"))
-        groups.setdefault((name in head, no_decay, depths.get(name, -1)), []).append(p)
+        groups.setdefault((not name.startswith(BACKBONE_PREFIXES), no_decay, depths.get(name, -1)), []).append(p)
     out = []
     for (is_head, no_decay, depth), params in sorted(groups.items()):
         name = "head" if is_head else "backbone" if depth < 0 else f"backbone_{depth:02d}"
