@@ -72,3 +72,32 @@ def test_model_needs_exactly_one_source():
     with pytest.raises(Exception, match="exactly one"):
         build(["--config", str(REPO / "configs" / "quickstart.yaml"), "--model.pretrained", "x",
                "--trainer.logger", "false"])
+
+
+def _stand_in(family: str, path) -> str:
+    """A tiny local checkpoint of the kind each backbone preset names on the hub."""
+    from transformers import Dinov2Config, Dinov2Model, DPTForDepthEstimation
+
+    from dptune.model import load_config
+
+    if family == "dinov2":  # a bare backbone, like facebook/dinov2-small
+        spec = json.loads((REPO / "configs" / "models" / "dinov2-tiny-backbone.json").read_text())
+        spec.pop("model_type")
+        Dinov2Model(Dinov2Config(**spec)).save_pretrained(path)
+    else:  # a DPT depth model with that backbone, like Intel/dpt-swinv2-tiny-256
+        DPTForDepthEstimation(load_config(REPO / "configs" / "models" / f"dpt-{family}-tiny.json")).save_pretrained(path)
+    return str(path)
+
+
+@needs(CAMVID)
+@pytest.mark.parametrize("family", ["hybrid", "swinv2", "beit", "dinov2"])
+def test_backbone_presets_build_with_tiny_stand_ins(tmp_path, family):
+    cli = build(["--config", str(REPO / "configs" / "camvid.yaml"),
+                 "--config", str(REPO / "configs" / "backbones" / f"{family}.yaml"), "--data.root", str(CAMVID),
+                 "--model.pretrained", _stand_in(family, tmp_path / "ckpt"), "--trainer.logger", "false"])
+    from dptune.backbones import family as family_of
+
+    m = cli.model
+    assert family_of(m.model.config) == family and m.hparams.backbone == family
+    m.check_sizes(image_size=cli.datamodule.image_size, crop_size=cli.datamodule.crop_size)
+    assert m.num_classes == 11 and m.model.head.head[4].out_channels == 11

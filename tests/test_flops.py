@@ -35,3 +35,21 @@ def test_large_formula_matches_counter_on_meta():
     assert abs(ours / ref - 1) < 0.05
     assert dpt_train_flops(cfg, 512, 512) == 3 * ours
     assert 3.0e12 < dpt_train_flops(cfg, 512, 512) < 3.5e12  # ~3.2 TFLOP per 512x512 image
+
+
+def test_backbone_models_are_counted_on_meta():
+    """Hybrid/Swinv2/BEiT/DINOv2 FLOPs come from flop_counter on the meta device; a real CPU
+    count of the same training step must agree."""
+    from dptune.backbones import model_class
+    from dptune.flops import train_flops
+    from dptune.model import load_config, segment
+
+    cfg = load_config(REPO / "configs" / "models" / "dpt-dinov2-tiny.json")
+    flops, how = train_flops(cfg, 56, 84)
+    assert how == "flop_counter"
+    model = model_class(cfg)(cfg).train()
+    with FlopCounterMode(display=False) as fc:
+        logits, aux = segment(model, torch.randn(1, 3, 56, 84))
+        (logits.sum() + aux.sum()).backward()
+    assert fc.get_total_flops() > 0
+    assert abs(flops - fc.get_total_flops()) < 0.01 * fc.get_total_flops()  # attention kernels differ slightly

@@ -330,13 +330,18 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from dptune.flops import dpt_train_flops
+    from dptune.dpt_backbone import uses_backbone
+    from dptune.flops import train_flops
 
     if args.data:
         return loader_benchmark(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     precision = args.precision or "bf16-mixed"
     cfg = model_config(args.model, args.num_labels)
+    if args.baseline and uses_backbone(cfg):
+        print(f"error: {args.model}: plain transformers has no segmentation model for a "
+              f"{cfg.backbone_config.model_type} backbone, so there is no Trainer baseline to run", file=sys.stderr)
+        return 2
     opts = {"model": args.model, "num_labels": cfg.num_labels, "crop": args.crop, "batch": args.batch,
             "steps": args.steps, "warmup": args.warmup, "precision": precision, "device": device,
             "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
@@ -344,10 +349,10 @@ def main(argv: list[str] | None = None) -> int:
     peak, peak_src = peak_tflops(device, precision)
     if args.peak_tflops:
         peak, peak_src = args.peak_tflops, "--peak-tflops"
-    flops = dpt_train_flops(cfg, args.crop, args.crop)
+    flops, flops_src = train_flops(cfg, args.crop, args.crop)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'}"
     print(f"# {args.model} crop {args.crop} batch {args.batch} {precision} on {device} ({machine}); "
-          f"train GFLOP/image {flops / 1e9:.1f}; peak {peak:.1f} TFLOP/s ({peak_src})")
+          f"train GFLOP/image {flops / 1e9:.1f} ({flops_src}); peak {peak:.1f} TFLOP/s ({peak_src})")
     results: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "precision": precision,
                                "device": machine, "train_gflop_per_image": flops / 1e9, "peak_tflops": peak,
                                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}

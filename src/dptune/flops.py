@@ -80,3 +80,28 @@ def dpt_forward_flops(cfg: DPTConfig, height: int, width: int, layers_run: int |
 def dpt_train_flops(cfg: DPTConfig, height: int, width: int) -> int:
     """FLOPs of one image's training step (forward + backward)."""
     return 3 * dpt_forward_flops(cfg, height, width)
+
+
+def counted_train_flops(cfg, height: int, width: int) -> int:
+    """One image's training-step FLOPs counted by ``torch.utils.flop_counter`` on the meta device:
+    for backbones the formula above does not cover (DPT-Hybrid, Swinv2, BEiT, DINOv2)."""
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from dptune.backbones import model_class
+    from dptune.model import segment
+
+    with torch.device("meta"):
+        model = model_class(cfg)(cfg).train()
+        x = torch.zeros(1, cfg.num_channels, height, width)
+    with FlopCounterMode(display=False) as counter:
+        logits, aux = segment(model, x)
+        (logits.sum() + (aux.sum() if aux is not None else 0)).backward()
+    return int(counter.get_total_flops())
+
+
+def train_flops(cfg, height: int, width: int) -> tuple[int, str]:
+    """(FLOPs of one image's training step, how they were obtained)."""
+    if cfg.is_hybrid or getattr(cfg, "backbone_config", None) is not None:
+        return counted_train_flops(cfg, height, width), "flop_counter"
+    return dpt_train_flops(cfg, height, width), "formula"
