@@ -125,3 +125,39 @@ def test_export_cli_onnx_parity_and_re_export(exported, tmp_path):
             ref = segment(model, x, with_aux=False)[0].numpy()
         got = sess.run(["logits"], {"pixel_values": x.numpy()})[0]
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_onnx_masks_equal_the_pipeline_on_real_frames(exported, tmp_path):
+    """Check 1 of the inference issue: pipeline, predict.py and ONNX Runtime give the same masks on
+    held-out frames; ONNX also on non-square inputs (the frame's own aspect, 64 x 96)."""
+    import onnxruntime as ort
+    from transformers import AutoImageProcessor, pipeline
+
+    from dptune.export import main as export_main
+
+    out = tmp_path / "onnx"
+    assert export_main([str(exported), str(out), "--onnx"]) == 0
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    proc = AutoImageProcessor.from_pretrained(out)
+    seg = pipeline("image-segmentation", model=str(out))
+    names = {v: int(k) for k, v in seg.model.config.id2label.items()}
+    assert predict_main(["--model", str(out), "--images", str(CAMVID / VAL), "--out", str(tmp_path / "p")]) == 0
+    for f in sorted(CAMVID.glob(VAL))[:3]:
+        img = Image.open(f).convert("RGB")
+        logits = sess.run(["logits"], {"pixel_values": proc(images=img, return_tensors="np")["pixel_values"]})[0]
+        up = torch.nn.functional.interpolate(torch.from_numpy(logits), size=img.size[::-1], mode="bilinear",
+                                             align_corners=False)
+        onnx_mask = up.argmax(1)[0].numpy().astype(np.uint8)
+        piped = np.full(onnx_mask.shape, 255, np.uint8)
+        for r in seg(img):
+            piped[np.asarray(r["mask"]) > 0] = names[r["label"]]
+        assert np.array_equal(onnx_mask, piped)
+        assert np.array_equal(onnx_mask, np.asarray(Image.open(tmp_path / "p" / f"{f.stem}.png")))
+        wide = proc(images=img, size={"height": 64, "width": 96}, return_tensors="np")["pixel_values"]
+        got = sess.run(["logits"], {"pixel_values": wide})[0]
+        from dptune.model import segment
+
+        with torch.no_grad():
+            ref = segment(seg.model, torch.from_numpy(wide), with_aux=False)[0].numpy()
+        assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+        assert np.array_equal(got.argmax(1), ref.argmax(1))
