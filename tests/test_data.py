@@ -169,3 +169,36 @@ def test_truncated_jpeg_is_refused(tmp_path):
 def test_folder_source_no_match(tmp_path):
     with pytest.raises(DataError, match="no images match"):
         FolderSource(str(tmp_path), "nothing/*.jpg", "{stem}.png")
+
+
+@needs(CAMVID)
+def test_disk_cache_serves_the_decoded_samples_and_follows_file_changes(tmp_path):
+    """cache: disk writes each sample once (outside the data), later runs read it back unchanged,
+    and a touched mask misses the cache."""
+    import os
+    import shutil
+
+    root = tmp_path / "camvid"
+    for sub in ("train", "trainannot"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", root / "labels.yaml")
+    for f in sorted((CAMVID / "train").glob("*.jpg"))[:3]:
+        shutil.copy(f, root / "train" / f.name)
+        shutil.copy(CAMVID / "trainannot" / f"{f.stem}.png", root / "trainannot" / f"{f.stem}.png")
+    kw = dict(root=str(root), splits={"train": {"images": "train/*.jpg", "masks": "trainannot/{stem}.png"}},
+              image_size=64, num_workers=0, cache="disk", cache_dir=str(tmp_path / "cache"))
+    before = sorted(p.name for p in root.rglob("*"))
+    ds = SegmentationDataModule(**kw)._dataset("train")
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 6
+    assert sorted(p.name for p in root.rglob("*")) == before  # nothing written beside the data
+    plain = SegmentationDataModule(**{**kw, "cache": False})._dataset("train")
+    for i in range(3):
+        a, b = ds.load(i), plain.load(i)
+        assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
+    again = SegmentationDataModule(**kw)._dataset("train")
+    assert all(i in again.cache for i in range(3))
+    mask = root / "trainannot" / f"{Path(again.source.images[1]).stem}.png"
+    os.utime(mask, ns=(1, 1))
+    third = SegmentationDataModule(**kw)._dataset("train")  # re-checked and re-written
+    assert len(list((tmp_path / "cache").rglob("*.npy"))) == 8
+    assert all(i in third.cache for i in range(3))

@@ -249,8 +249,10 @@ def _time_loader(opts: dict[str, Any]) -> dict[str, Any]:
     if opts.get("root"):
         data["root"] = opts["root"]
     data.update(check=False, cache=opts["cache"], num_workers=0)
+    if opts["cache"] == "disk":
+        data["cache_dir"] = os.path.join(opts["tmp"], "cache")
     dm = SegmentationDataModule(**data)
-    ds = dm._dataset("train")  # with cache=True this decodes every sample once, as train.py does
+    ds = dm._dataset("train")  # with a cache this decodes every sample once (and writes it), as train.py does
     if opts["pipeline"] == "pil":
         src = ds.source
         ds = PILPipeline(list(zip(src.images, src.masks, strict=True)), dm.label_set, dm.crop_size[0],
@@ -287,16 +289,18 @@ def run_job(job: str, opts: dict[str, Any]) -> dict[str, Any]:
 def loader_benchmark(args) -> int:
     """Per-worker loader throughput: dptune's pipeline (disk and in-memory cache) against PIL."""
     results: dict[str, Any] = {"data": args.data, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
-    base = {"data": args.data, "root": args.root, "samples": args.samples}
-    runs = [("dptune", {"pipeline": "dptune", "cache": False}), ("dptune_cached", {"pipeline": "dptune", "cache": True}),
-            ("pil", {"pipeline": "pil", "cache": False})]
+    import tempfile
+
+    base = {"data": args.data, "root": args.root, "samples": args.samples, "tmp": tempfile.mkdtemp(prefix="dptune-")}
+    runs = [("dptune", {"pipeline": "dptune", "cache": False}), ("dptune_disk", {"pipeline": "dptune", "cache": "disk"}),
+            ("dptune_cached", {"pipeline": "dptune", "cache": "memory"}), ("pil", {"pipeline": "pil", "cache": False})]
     print(f"# loader images/s per worker (one process), {args.data}, {args.samples} samples")
     for name, o in runs:
         r = run_job("loader", {**base, **o})
         results[name] = r
         print(f"{name:<14} {r.get('images_per_s', float('nan')):8.1f} images/s" + (f"  {r['error']}" if "error" in r else ""))
     if "error" not in results["pil"]:
-        for name in ("dptune", "dptune_cached"):
+        for name in ("dptune", "dptune_disk", "dptune_cached"):
             if "error" not in results[name]:
                 results[f"{name}_vs_pil"] = results[name]["images_per_s"] / results["pil"]["images_per_s"]
                 print(f"{name} / PIL: {results[f'{name}_vs_pil']:.2f}x")

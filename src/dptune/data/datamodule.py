@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
+from dptune.data.cache import DiskCache
 from dptune.data.dataset import SegmentationDataset, collate, scan
 from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
 from dptune.data.streaming import StreamingSegmentation, open_stream
@@ -91,7 +92,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
         check: bool = True,
-        cache: bool = False,
+        cache: bool | Literal["memory", "disk"] = False,
+        cache_dir: str | None = None,
         on_bad_sample: Literal["error", "skip"] = "error",
     ) -> None:
         """
@@ -125,7 +127,11 @@ class SegmentationDataModule(pl.LightningDataModule):
             pin_memory: Pin host memory (default: on when CUDA is available).
             persistent_workers: Keep workers alive between epochs.
             check: Decode every sample before training starts, so bad files stop the run early.
-            cache: Keep decoded images and encoded masks in memory (small datasets: decode once).
+            cache: ``memory`` (or ``true``): keep decoded images and encoded masks in memory (small
+                datasets: decode once per run). ``disk``: write them once as raw arrays under
+                ``cache_dir`` and read those in every later epoch and run (folder sources; shared by
+                processes and workers; entries follow file and label-set changes).
+            cache_dir: Where ``cache: disk`` writes (default ``~/.cache/dptune/samples``).
             on_bad_sample: ``error`` stops before training listing the bad files; ``skip`` leaves them
                 out and logs how many.
         """
@@ -151,7 +157,9 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.num_workers = num_workers
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
-        self.check, self.cache, self.on_bad_sample = check, cache, on_bad_sample
+        self.cache = "memory" if cache is True else cache or None
+        self.cache_dir = cache_dir
+        self.check, self.on_bad_sample = check, on_bad_sample
         self.label_set = self._load_labels(labels)
         self.datasets: dict[str, SegmentationDataset] = {}
         self.skipped: dict[str, int] = {}
@@ -221,7 +229,8 @@ class SegmentationDataModule(pl.LightningDataModule):
         return ds
 
     def _check(self, ds: SegmentationDataset, stage: str) -> None:
-        good, problems, cache = scan(ds, f"checking {stage} data", keep=self.cache)
+        store = DiskCache(ds.source, self.label_set, self.cache_dir) if self.cache == "disk" else None
+        good, problems, cache = scan(ds, f"checking {stage} data", keep=self.cache == "memory", store=store)
         if problems and self.on_bad_sample == "error":
             raise DataErrors(problems, hint="Fix them, or pass --data.on_bad_sample skip to leave them out.")
         if problems:
@@ -231,7 +240,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             if not good:
                 raise DataError(f"{stage}: every sample is bad; nothing to train on")
         ds.indices = good
-        ds.cache = cache if self.cache else None
+        ds.cache = store if store is not None else cache if self.cache == "memory" else None
         self.skipped[stage] = len(problems)
 
     def setup(self, stage: str | None = None) -> None:

@@ -115,17 +115,23 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def scan(
-    dataset: SegmentationDataset, desc: str, keep: bool, workers: int = 2
+    dataset: SegmentationDataset, desc: str, keep: bool, workers: int = 2, store: Any = None
 ) -> tuple[list[int], list[str], dict[int, tuple[np.ndarray, np.ndarray]]]:
     """Check every sample once: return good indices, one problem line per bad sample, and,
     when ``keep``, the decoded samples (the in-memory cache). Without ``keep`` images are only
-    checked from their headers; masks are always decoded (their values must be known)."""
+    checked from their headers; masks are always decoded (their values must be known).
+    With ``store`` (a ``DiskCache``) samples already in it pass (they were checked when
+    written), the others are decoded, checked and written to it."""
     good: list[int] = []
     problems: list[str] = []
     cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
 
     def one(i: int) -> tuple[int, Any]:
         try:
+            if store is not None:
+                if i not in store:
+                    store.put(i, *dataset.load(i))
+                return i, None
             if keep:
                 return i, dataset.load(i)
             dataset.check(i)
