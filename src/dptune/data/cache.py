@@ -66,7 +66,9 @@ class DiskCache:
 
     def __getitem__(self, i: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self._paths(i)
-        return np.load(image_path), np.load(mask_path)
+        # the image memory-mapped (a training crop reads only the pages it covers; every consumer
+        # copies it), the small mask read whole (it may reach torch untouched, which wants it writable)
+        return np.load(image_path, mmap_mode="r"), np.load(mask_path)
 
     def put(self, i: int, image: np.ndarray, mask: np.ndarray) -> None:
         paths = self._paths(i)
