@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -194,3 +195,34 @@ def test_param_groups_read_names_through_fsdp_wrappers():
     model.backbone.encoder.layer[1] = Wrapped(model.backbone.encoder.layer[1])
     wrapped = param_groups(model, 1.0, 10.0, 0.05, layer_decay=0.8)
     assert [(g["name"], g["lr"], len(g["params"])) for g in plain] == [(g["name"], g["lr"], len(g["params"])) for g in wrapped]
+
+
+def test_push_to_hub_uploads_the_whole_directory(tmp_path, monkeypatch):
+    """No hub here: the upload is recorded instead of sent. Everything the export wrote must go,
+    remote code included (a DINOv2 model does not load on the hub without it)."""
+    import huggingface_hub
+
+    from dptune.export import export
+    from dptune.labels import LabelSet
+    from dptune.module import SegmentationModule
+
+    calls = []
+
+    class FakeApi:
+        def create_repo(self, repo, exist_ok=False):
+            calls.append(("create", repo, exist_ok))
+
+        def upload_folder(self, folder_path, repo_id, commit_message=""):
+            calls.append(("upload", repo_id, sorted(p.name for p in Path(folder_path).iterdir())))
+
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    labels = LabelSet(names=NAMES)
+    module = SegmentationModule(config=tiny("dinov2"), label_spec=labels.to_dict(), image_size=56)
+    src = tmp_path / "src"
+    module.model.save_pretrained(src)
+    module.image_processor().save_pretrained(src)
+    export(str(src), tmp_path / "out", push_to_hub="someone/dpt-dinov2-test")
+    assert calls[0] == ("create", "someone/dpt-dinov2-test", True)
+    assert calls[1][0] == "upload" and calls[1][1] == "someone/dpt-dinov2-test"
+    for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_dptune.py"):
+        assert name in calls[1][2], name

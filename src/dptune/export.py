@@ -151,6 +151,20 @@ def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]]
     return worst
 
 
+def push_folder(out: Path, repo: str) -> str:
+    """Upload the whole exported directory (weights, processor, model card, ``dptune.json`` and,
+    where present, ``model.onnx`` and ``modeling_dptune.py``), not just what ``save_pretrained``
+    writes: a Swinv2/BEiT/DINOv2 model does not load on the hub without its remote code."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(folder_path=str(out), repo_id=repo, commit_message="Upload DPT segmentation model (dptune)")
+    url = f"https://huggingface.co/{repo}"
+    log.info("pushed %s to %s", out, url)
+    return url
+
+
 def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False, push_to_hub: str | None = None,
            tolerance: float = 1e-4) -> Path:
     """Write ``model.safetensors``, ``config.json`` (id2label), ``preprocessor_config.json``, a model
@@ -184,9 +198,7 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     (out / "dptune.json").write_text(json.dumps({"source": str(src), "labels": labels.to_dict(), "metrics": metrics},
                                                 indent=2, default=str))
     if push_to_hub:
-        model.push_to_hub(push_to_hub)
-        processor.push_to_hub(push_to_hub)
-        log.info("pushed to https://huggingface.co/%s", push_to_hub)
+        push_folder(out, push_to_hub)
     log.info("exported %s -> %s (%d classes)", src, out, labels.num_classes)
     return out
 
