@@ -101,3 +101,16 @@ def test_backbone_presets_build_with_tiny_stand_ins(tmp_path, family):
     assert family_of(m.model.config) == family and m.hparams.backbone == family
     m.check_sizes(image_size=cli.datamodule.image_size, crop_size=cli.datamodule.crop_size)
     assert m.num_classes == 11 and m.model.head.head[4].out_channels == 11
+
+
+def test_fsdp_strategy_is_reachable_from_the_command_line():
+    import subprocess
+    import sys
+
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
+                           "--trainer.strategy", "dptune.strategies.DPTFSDPStrategy",
+                           "--trainer.strategy.activation_checkpointing", "true", "--print_config"],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "class_path: dptune.strategies.DPTFSDPStrategy" in proc.stdout
+    assert "activation_checkpointing: true" in proc.stdout
