@@ -45,3 +45,15 @@ def test_module_validates_with_sliding_windows_on_non_square_images(tiny_config)
         ref = slide_logits(lambda x: m(x)[0], images[1:, :, :40, :70], (32, 32), (21, 21))
     assert logits.shape == (2, 3, 48, 80)
     assert torch.allclose(logits[1, :, :40, :70], ref[0], atol=1e-5)
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_flip_tta_flips_the_logits_back(mode):
+    """A per-pixel model is flip-equivariant, so flip TTA must not change its output; a missing
+    flip-back would mirror half of the averaged probabilities."""
+    images = torch.randint(0, 256, (1, 3, 40, 60), dtype=torch.uint8)
+    plain = predict_probs(pixels_as_logits, images, mode=mode, size=(40, 60) if mode == "whole" else (32, 32))
+    flipped = predict_probs(pixels_as_logits, images, mode=mode, size=(40, 60) if mode == "whole" else (32, 32),
+                            flip=True)
+    assert torch.allclose(plain, flipped, atol=1e-5)
+    assert not torch.allclose(plain, plain.flip(-1), atol=1e-3)  # the test image is not symmetric
