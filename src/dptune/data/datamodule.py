@@ -191,12 +191,12 @@ class SegmentationDataModule(pl.LightningDataModule):
         return self.source_kind == "hf" and bool(self.hf.get("streaming"))
 
     def _stream(self, stage: str) -> StreamingSegmentation:
-        hf = dict(self.hf)
+        hf = self.hf
         trainer = self.trainer
-        stream = open_stream(hf["dataset"], self.splits[stage].get("split", stage), hf.get("config_name"),
-                             hf.get("num_shards", 8))
+        split = self.splits[stage].get("split", stage)
+        stream = open_stream(hf["dataset"], split, hf.get("config_name"), hf.get("num_shards", 8))
         return StreamingSegmentation(
-            stream, self.label_set, f"{hf['dataset']}[{self.splits[stage].get('split', stage)}]",
+            stream, self.label_set, f"{hf['dataset']}[{split}]",
             columns=(hf.get("image_column", "image"), hf.get("mask_column", "label")),
             rgb_masks=self.label_set.mask_format == "rgb",
             transform=self.train_transform() if stage == "train" else None,

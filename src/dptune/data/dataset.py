@@ -21,6 +21,34 @@ from dptune.labels import IGNORE_INDEX, LabelSet
 log = logging.getLogger(__name__)
 
 
+def encode_sample(image: np.ndarray, raw: np.ndarray, name: str, labels: LabelSet) -> tuple[np.ndarray, np.ndarray]:
+    """(image, class-index mask); an unknown mask value or a mask of another size is a ``DataError``."""
+    mask = labels.encode(raw, name)
+    check_same_size(name, image.shape[:2], mask)
+    return image, mask
+
+
+def check_same_size(name: str, image_hw: tuple[int, int], mask: np.ndarray) -> None:
+    h, w = image_hw
+    if (h, w) != mask.shape[:2]:
+        raise DataError(f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}")
+
+
+def make_item(image: np.ndarray, mask: np.ndarray, index: int, transform: Callable[..., dict[str, Any]] | None,
+              image_size: Sequence[int] | None) -> dict[str, Any]:
+    """A dataset item: augmented (training) or resized like the exported processor (evaluation)."""
+    if transform is not None:
+        out = transform(image=image, mask=mask)
+        image, mask = out["image"], out["mask"]
+    elif image_size is not None:
+        image = resize_like_processor(image, image_size)
+    return {
+        "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+        "mask": torch.from_numpy(np.ascontiguousarray(mask)),
+        "index": index,
+    }
+
+
 class SegmentationDataset(Dataset):
     """Items are ``{"image": uint8 (3, H, W), "mask": uint8 (h, w), "index": int}``.
 
@@ -51,12 +79,7 @@ class SegmentationDataset(Dataset):
         if self.cache is not None and i in self.cache:
             return self.cache[i]
         image, raw, name = self.source.load(i)
-        mask = self.labels.encode(raw, name)
-        if image.shape[:2] != mask.shape[:2]:
-            raise DataError(
-                f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {image.shape[1]}x{image.shape[0]}"
-            )
-        return image, mask
+        return encode_sample(image, raw, name, self.labels)
 
     def check(self, i: int) -> None:
         """Raise ``DataError`` if sample ``i`` is unusable, reading as little as the source allows."""
@@ -64,24 +87,12 @@ class SegmentationDataset(Dataset):
         if probe is None:
             self.load(i)
             return
-        (h, w), raw, name = probe(i)
-        mask = self.labels.encode(raw, name)
-        if (h, w) != mask.shape[:2]:
-            raise DataError(f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}")
+        image_hw, raw, name = probe(i)
+        check_same_size(name, image_hw, self.labels.encode(raw, name))
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k]
-        image, mask = self.load(i)
-        if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        elif self.image_size is not None:
-            image = resize_like_processor(image, self.image_size)
-        return {
-            "image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-            "mask": torch.from_numpy(np.ascontiguousarray(mask)),
-            "index": i,
-        }
+        return make_item(*self.load(i), i, self.transform, self.image_size)
 
 
 def collate(items: list[dict[str, Any]]) -> dict[str, Any]:

@@ -158,6 +158,22 @@ class FolderSource:
 
 
 # ---------------------------------------------------------------------------- Hugging Face datasets
+def open_hf_split(dataset: str, split: str, config_name: str | None = None, streaming: bool = False,
+                  num_shards: int = 8):
+    """One split of a hub dataset or a ``save_to_disk`` directory. With ``streaming`` an
+    ``IterableDataset``: streamed from the hub, or a directory's Arrow files read as ``num_shards`` shards."""
+    import datasets
+
+    if not os.path.isdir(dataset):
+        return datasets.load_dataset(dataset, config_name, split=split, streaming=streaming)
+    ds = datasets.load_from_disk(dataset)
+    if isinstance(ds, datasets.DatasetDict):
+        if split not in ds:
+            raise DataError(f"{dataset}: no split {split!r} (has {sorted(ds)})")
+        ds = ds[split]
+    return ds.to_iterable_dataset(num_shards=num_shards) if streaming else ds
+
+
 class HFSource:
     """A split of a Hugging Face dataset: a hub name or a ``save_to_disk`` directory."""
 
@@ -170,16 +186,7 @@ class HFSource:
         rgb_masks: bool = False,
         config_name: str | None = None,
     ) -> None:
-        import datasets
-
-        if os.path.isdir(dataset):
-            ds = datasets.load_from_disk(dataset)
-            if isinstance(ds, datasets.DatasetDict):
-                if split not in ds:
-                    raise DataError(f"{dataset}: no split {split!r} (has {sorted(ds)})")
-                ds = ds[split]
-        else:
-            ds = datasets.load_dataset(dataset, config_name, split=split)
+        ds = open_hf_split(dataset, split, config_name)
         for col in (image_column, mask_column):
             if col not in ds.column_names:
                 raise DataError(f"{dataset}[{split}]: no column {col!r} (has {ds.column_names})")

@@ -14,16 +14,14 @@ it, or with ``data.on_bad_sample skip`` is skipped with a warning that names it 
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Iterator
 from typing import Any
 
-import numpy as np
 import torch
 from torch.utils.data import IterableDataset
 
-from dptune.data.sources import decode_row
-from dptune.data.transforms import resize_like_processor
+from dptune.data.dataset import encode_sample, make_item
+from dptune.data.sources import decode_row, open_hf_split
 from dptune.errors import DataError
 from dptune.labels import LabelSet
 
@@ -31,18 +29,8 @@ log = logging.getLogger(__name__)
 
 
 def open_stream(dataset: str, split: str, config_name: str | None = None, num_shards: int = 8):
-    """A ``datasets.IterableDataset``: streamed from the hub (or a loader script / data files),
-    or, for a ``save_to_disk`` directory, its Arrow files read as ``num_shards`` shards."""
-    import datasets
-
-    if os.path.isdir(dataset):
-        ds = datasets.load_from_disk(dataset)
-        if isinstance(ds, datasets.DatasetDict):
-            if split not in ds:
-                raise DataError(f"{dataset}: no split {split!r} (has {sorted(ds)})")
-            ds = ds[split]
-        return ds.to_iterable_dataset(num_shards=num_shards)
-    return datasets.load_dataset(dataset, config_name, split=split, streaming=True)
+    """A ``datasets.IterableDataset`` (see ``open_hf_split``)."""
+    return open_hf_split(dataset, split, config_name, streaming=True, num_shards=num_shards)
 
 
 def shard_for_rank(stream, rank: int, world_size: int):
@@ -81,17 +69,7 @@ class StreamingSegmentation(IterableDataset):
 
     def _item(self, row: dict[str, Any], name: str, index: int) -> dict[str, Any]:
         image, raw, _ = decode_row(row, name, *self.columns, self.rgb_masks)
-        mask = self.labels.encode(raw, name)
-        if image.shape[:2] != mask.shape[:2]:
-            raise DataError(f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is "
-                            f"{image.shape[1]}x{image.shape[0]}")
-        if self.transform is not None:
-            out = self.transform(image=image, mask=mask)
-            image, mask = out["image"], out["mask"]
-        elif self.image_size is not None:
-            image = resize_like_processor(image, self.image_size)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "mask": torch.from_numpy(np.ascontiguousarray(mask)), "index": index}
+        return make_item(*encode_sample(image, raw, name, self.labels), index, self.transform, self.image_size)
 
     def passes(self) -> Iterator[Any]:
         """The stream once (evaluation) or reshuffled pass after pass (training)."""
