@@ -17,9 +17,6 @@ from dptune.dpt_backbone import DPTBackboneForSemanticSegmentation, uses_backbon
 
 log = logging.getLogger(__name__)
 
-OWN_FAMILIES = ("vit", "hybrid")
-
-
 def family(config: PretrainedConfig) -> str:
     """``vit``, ``hybrid`` or the backbone's model type, for a DPT config or a bare backbone config."""
     if config.model_type != "dpt":

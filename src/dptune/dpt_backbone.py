@@ -35,9 +35,14 @@ def input_multiple(config: DPTConfig) -> int:
     bb = config.backbone_config
     if bb is None or config.is_hybrid:
         return int(config.patch_size)
-    patch = int(bb.patch_size if isinstance(bb.patch_size, int) else bb.patch_size[0])
+    patch = _patch_size(bb)
     depths = getattr(bb, "depths", None)
     return patch * 2 ** (len(depths) - 1) if depths else patch
+
+
+def _patch_size(backbone_config) -> int:
+    p = backbone_config.patch_size
+    return int(p if isinstance(p, int) else p[0])
 
 
 def uses_backbone(config: DPTConfig) -> bool:
@@ -64,8 +69,7 @@ class DPTBackboneForSemanticSegmentation(DPTPreTrainedModel):
     def features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The neck's output for normalised images."""
         maps = list(self.backbone(pixel_values).feature_maps)
-        patch = self.config.backbone_config.patch_size
-        patch = int(patch if isinstance(patch, int) else patch[0])
+        patch = _patch_size(self.config.backbone_config)
         h, w = pixel_values.shape[-2:]
         # ViT-like backbones give tokens (B, 1 + h*w, C); the neck needs the grid to fold them
         return self.neck(maps, patch_height=h // patch, patch_width=w // patch)

@@ -173,16 +173,17 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
+    size = (processor.size["height"], processor.size["width"])
     if model.config.is_hybrid:
-        fit_hybrid_positions(model, (processor.size["height"], processor.size["width"]))
+        fit_hybrid_positions(model, size)
     if uses_backbone(model.config):
         remote_code(model, out)
     if onnx:
-        size = (processor.size["height"], processor.size["width"])
         export_onnx(model, out / "model.onnx", size)
         p = input_multiple(model.config)
-        shapes = [(1, *size), (2, size[0], size[1] + 2 * p), (1, size[0] + 3 * p, max(p, size[1] - 5 * p))]
-        if not onnx_dynamic_size(model):
+        if onnx_dynamic_size(model):
+            shapes = [(1, *size), (2, size[0], size[1] + 2 * p), (1, size[0] + 3 * p, max(p, size[1] - 5 * p))]
+        else:
             shapes = [(1, *size), (2, *size)]
             log.info("ONNX: DPT-Hybrid graph takes %dx%d inputs only (dynamic batch)", *size)
         err = onnx_parity(model, out / "model.onnx", shapes)

@@ -170,12 +170,8 @@ def adapt_classifiers(model: PreTrainedModel, names: Sequence[str]) -> int:
     return carried
 
 
+# parameter names of the backbone (DPT's own ViT, or a transformers backbone); the rest is neck + heads
 BACKBONE_PREFIXES = ("dpt.", "backbone.")
-
-
-def head_parameter_names(model: PreTrainedModel) -> set[str]:
-    """Names of the decoder's parameters (neck + heads): everything outside the backbone."""
-    return {n for n, _ in model.named_parameters() if not n.startswith(BACKBONE_PREFIXES)}
 
 
 def _backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> list[torch.Tensor]:

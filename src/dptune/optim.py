@@ -9,8 +9,8 @@ from torch import nn
 
 from dptune.model import BACKBONE_PREFIXES
 
-# an item of a block list: ViT / DINOv2 ``encoder.layer.i``, BEiT ``layers.i``, Swin ``layers.s.blocks.b``
 FSDP_PREFIX = "_fsdp_wrapped_module."  # what FSDP (use_orig_params) inserts into parameter names
+# an item of a block list: ViT / DINOv2 ``encoder.layer.i``, BEiT ``layers.i``, Swin ``layers.s.blocks.b``
 _ITEM = re.compile(r"(?:^|\.)(?:layer|layers|blocks)\.\d+$")
 
 
