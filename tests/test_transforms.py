@@ -54,6 +54,25 @@ def test_scale_crop_base_size_matches_evaluation_scale():
     assert out["mask"].shape == (32, 32)
 
 
+def test_scale_crop_cat_max_ratio_redraws_windows_dominated_by_one_class():
+    # a 120x120 class-1 block in a 400x400 class-0 mask: a 100x100 window is balanced (class 0
+    # under 75%) only where it overlaps the block by more than a quarter
+    image = np.zeros((400, 400, 3), np.uint8)
+    mask = np.zeros((400, 400), np.uint8)
+    mask[:120, :120] = 1
+
+    def balanced_share(ratio):
+        t = RandomScaleCrop(crop=(100, 100), scale=(1.0, 1.0), cat_max_ratio=ratio)
+        t.set_random_seed(0)
+        share = [(t(image=image, mask=mask)["mask"] == 1).mean() for _ in range(400)]
+        return np.mean([0.25 < s < 0.75 for s in share])
+
+    plain, redrawn = balanced_share(1.0), balanced_share(0.75)
+    assert plain < 0.1 and redrawn > 2.5 * plain
+    with pytest.raises(ValueError, match="cat_max_ratio"):
+        RandomScaleCrop(cat_max_ratio=0)
+
+
 def test_yaml_pipeline_gets_255_fill_and_nearest_masks():
     pipe = build_transforms([{"name": "PadIfNeeded", "min_height": 64, "min_width": 64},
                              {"name": "Rotate", "limit": 30, "p": 1.0}], seed=0)

@@ -24,6 +24,10 @@ class RandomScaleCrop(A.DualTransform):
     rescaled as a whole. ``base_size`` (h, w), when given, is the size the whole image would be
     resized to at scale 1 (the size evaluation uses); otherwise scale 1 is the native size.
     The scale factor is drawn uniformly from ``scale``.
+
+    ``cat_max_ratio`` < 1 redraws the window (up to 10 tries, as MMSegmentation's RandomCrop
+    does) while one class covers more than that fraction of its labelled pixels, so crops of
+    large images are not mostly the dominant class.
     """
 
     def __init__(
@@ -32,16 +36,20 @@ class RandomScaleCrop(A.DualTransform):
         scale: Sequence[float] = (0.5, 2.0),
         base_size: Sequence[int] | None = None,
         fill_mask: int = IGNORE_INDEX,
+        cat_max_ratio: float = 1.0,
         p: float = 1.0,
     ) -> None:
         super().__init__(p=p)
+        if not 0 < cat_max_ratio <= 1:
+            raise ValueError(f"RandomScaleCrop: cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
+        self.cat_max_ratio = float(cat_max_ratio)
         self.crop = (int(crop[0]), int(crop[1]))
         self.scale = (float(scale[0]), float(scale[1]))
         self.base_size = None if base_size is None else (int(base_size[0]), int(base_size[1]))
         self.fill_mask = fill_mask
 
     def get_transform_init_args_names(self) -> tuple[str, ...]:
-        return ("crop", "scale", "base_size", "fill_mask")
+        return ("crop", "scale", "base_size", "fill_mask", "cat_max_ratio")
 
     def _axis(self, length: int, factor: float, out: int) -> tuple[int, int, int, int]:
         """(src_start, src_len, dst_start, dst_len) along one axis."""
@@ -57,7 +65,19 @@ class RandomScaleCrop(A.DualTransform):
         h, w = params["shape"][:2]
         s = self.py_random.uniform(*self.scale)
         fy, fx = (s * self.base_size[0] / h, s * self.base_size[1] / w) if self.base_size else (s, s)
-        return {"ys": self._axis(h, fy, self.crop[0]), "xs": self._axis(w, fx, self.crop[1])}
+        mask = data.get("mask")
+        for _ in range(10 if self.cat_max_ratio < 1 and mask is not None else 1):
+            ys, xs = self._axis(h, fy, self.crop[0]), self._axis(w, fx, self.crop[1])
+            if self.cat_max_ratio >= 1 or mask is None or self._balanced(mask, ys, xs):
+                break
+        return {"ys": ys, "xs": xs}
+
+    def _balanced(self, mask: np.ndarray, ys: tuple, xs: tuple) -> bool:
+        """Whether no class covers more than ``cat_max_ratio`` of the window's labelled pixels
+        (counted on every 4th pixel of the source region)."""
+        region = mask[ys[0] : ys[0] + ys[1] : 4, xs[0] : xs[0] + xs[1] : 4]
+        counts = np.bincount(region[region != self.fill_mask].ravel())
+        return counts.sum() == 0 or len(np.flatnonzero(counts)) > 1 and counts.max() < self.cat_max_ratio * counts.sum()
 
     def _apply(self, arr: np.ndarray, ys: tuple, xs: tuple, fill: int, interp: int) -> np.ndarray:
         sy, sh, dy, dh = ys
