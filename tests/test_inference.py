@@ -1,7 +1,15 @@
 import pytest
 import torch
 
-from dptune.inference import _starts, predict_probs, slide_logits, whole_logits
+from dptune.inference import (
+    _starts,
+    flip_views,
+    from_view,
+    predict_probs,
+    slide_logits,
+    to_view,
+    whole_logits,
+)
 from dptune.labels import LabelSet
 from dptune.module import SegmentationModule
 
@@ -47,13 +55,38 @@ def test_module_validates_with_sliding_windows_on_non_square_images(tiny_config)
     assert torch.allclose(logits[1, :, :40, :70], ref[0], atol=1e-5)
 
 
+@pytest.mark.parametrize("flip", [True, "hv", "d4"])
 @pytest.mark.parametrize("mode", ["whole", "slide"])
-def test_flip_tta_flips_the_logits_back(mode):
-    """A per-pixel model is flip-equivariant, so flip TTA must not change its output; a missing
-    flip-back would mirror half of the averaged probabilities."""
+def test_flip_tta_flips_the_logits_back(mode, flip):
+    """A per-pixel model is flip- and rotation-equivariant, so flip TTA must not change its output;
+    a missing or wrong inverse would mirror or turn part of the averaged probabilities. The image
+    is not square, so a quarter turn also has to swap the window / resize sides."""
     images = torch.randint(0, 256, (1, 3, 40, 60), dtype=torch.uint8)
-    plain = predict_probs(pixels_as_logits, images, mode=mode, size=(40, 60) if mode == "whole" else (32, 32))
-    flipped = predict_probs(pixels_as_logits, images, mode=mode, size=(40, 60) if mode == "whole" else (32, 32),
-                            flip=True)
+    size = (40, 60) if mode == "whole" else (32, 24)
+    plain = predict_probs(pixels_as_logits, images, mode=mode, size=size)
+    shapes = set()
+
+    def recording(x):
+        shapes.add(tuple(x.shape[-2:]))
+        return pixels_as_logits(x)
+
+    flipped = predict_probs(recording, images, mode=mode, size=size, flip=flip)
+    assert flipped.shape == plain.shape
+    # turned views see the same windows of the image, turned
+    assert shapes == ({size} if flip in (True, "hv") else {size, size[::-1]})
     assert torch.allclose(plain, flipped, atol=1e-5)
     assert not torch.allclose(plain, plain.flip(-1), atol=1e-3)  # the test image is not symmetric
+    assert not torch.allclose(plain, plain.flip(-2), atol=1e-3)
+
+
+def test_flip_views_are_distinct_and_invert():
+    x = torch.arange(16.0).view(1, 1, 4, 4)  # no symmetry of the square maps it to itself
+    for name, count in (("none", 1), ("h", 2), ("hv", 4), ("d4", 8)):
+        views = flip_views(name)
+        assert len(views) == count
+        seen = [to_view(x, t, f) for t, f in views]
+        assert all(not torch.equal(a, b) for i, a in enumerate(seen) for b in seen[i + 1:])
+        assert all(torch.equal(from_view(v, t, f), x) for v, (t, f) in zip(seen, views, strict=True))
+    assert flip_views(True) == flip_views("h") and flip_views(False) == flip_views(None) == flip_views("none")
+    with pytest.raises(ValueError, match="flip must be one of"):
+        flip_views("v")

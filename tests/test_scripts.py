@@ -72,6 +72,37 @@ def test_evaluate_matches_the_independent_evaluator(exported, tmp_path):
     assert (tmp_path / "cm.png").stat().st_size > 1000
 
 
+def test_d4_tta_averages_the_eight_turned_views(exported, tmp_path):
+    """--flip d4 = mean class probabilities of plain transformers on the processor's input turned
+    by 0/90/180/270 degrees, with and without a mirror, each turned back."""
+    from transformers import AutoImageProcessor, DPTForSemanticSegmentation
+
+    from dptune.predictor import Predictor
+
+    frame = sorted(CAMVID.glob(VAL))[0]
+    img = Image.open(frame).convert("RGB")
+    model = DPTForSemanticSegmentation.from_pretrained(exported).eval()
+    x = AutoImageProcessor.from_pretrained(exported)(images=img, return_tensors="pt")["pixel_values"]
+    ref = 0
+    with torch.no_grad():
+        for turns in range(4):
+            for mirror in (False, True):
+                v = torch.rot90(x, turns, (2, 3))
+                lg = model(pixel_values=v.flip(3) if mirror else v).logits
+                lg = torch.rot90(lg.flip(3) if mirror else lg, -turns, (2, 3))
+                ref = ref + torch.nn.functional.interpolate(lg, size=img.size[::-1], mode="bilinear",
+                                                            align_corners=False).softmax(1)
+    predictor = Predictor.load(str(exported), "cpu")
+    ours = predictor.probs(np.asarray(img), mode="whole", flip="d4")
+    assert torch.allclose(ours, ref[0] / 8, atol=1e-5)
+    single = predictor.probs(np.asarray(img), mode="whole")
+    assert (ours.argmax(0) != single.argmax(0)).float().mean() > 0.01  # the views disagree: TTA is not a no-op
+    rc = evaluate_main(["--model", str(exported), "--images", VAL, "--masks", "valannot/{stem}.png",
+                        "--labels", "labels.yaml", "--root", str(CAMVID), "--device", "cpu", "--mode", "slide",
+                        "--flip", "d4", "--json", str(tmp_path / "s.json")])
+    assert rc == 0 and json.loads((tmp_path / "s.json").read_text())["flip"] == "d4"
+
+
 def test_predict_masks_equal_the_transformers_pipeline(exported, tmp_path):
     from transformers import pipeline
 

@@ -79,7 +79,7 @@ def _source_and_labels(args) -> tuple[object, LabelSet]:
     return FolderSource(root, args.images, args.masks, labels.mask_format == "rgb"), labels
 
 
-def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool, scales: tuple[float, ...]) -> np.ndarray:
+def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool | str, scales: tuple[float, ...]) -> np.ndarray:
     c = predictor.labels.num_classes
     if c != labels.num_classes:
         raise DataError(f"the model has {c} classes, the label set {labels.num_classes}")
@@ -110,7 +110,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--masks", help="mask template with {stem}/{name}/{dir}")
     ap.add_argument("--labels", help="labels.yaml")
     ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
-    ap.add_argument("--flip", action="store_true", help="average with the horizontally flipped image")
+    ap.add_argument("--flip", nargs="?", const="h", default="none", choices=["none", "h", "hv", "d4"],
+                    help="flip TTA: h (left-right, the default when given bare), hv (also up-down), d4 (also "
+                         "90-degree turns: 8 views, for imagery with no up such as aerial tiles)")
     ap.add_argument("--scales", default="1", help="comma-separated test scales, e.g. 0.75,1,1.25")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write the scores here")
@@ -129,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
     names = predictor.labels.names
     scores = report(confmat, names)
     print(f"mIoU {scores['mIoU']:.4f}  pixel_acc {scores['pixel_acc']:.4f}  mAcc {scores['mAcc']:.4f}"
-          f"  ({len(source)} images, mode {args.mode}{', flip' if args.flip else ''}, scales {args.scales})")
+          f"  ({len(source)} images, mode {args.mode}{'' if args.flip == 'none' else ', flip ' + args.flip}, scales {args.scales})")
     for n, v in scores["IoU"].items():
         print(f"  {n:<20} {'-' if v is None else f'{v:.4f}'}")
     if args.json:

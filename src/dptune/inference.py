@@ -1,4 +1,4 @@
-"""Whole-image and sliding-window prediction, with flip / multi-scale test-time augmentation.
+"""Whole-image and sliding-window prediction, with flip / rotation / multi-scale test-time augmentation.
 
 ``forward`` maps a uint8 (B, 3, h, w) batch to logits (B, C, h', w'); dptune's module is such a
 callable. Every function returns float logits at the input image's own resolution.
@@ -21,6 +21,36 @@ def _resize(x: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> tor
         return F.interpolate(x.float(), size=tuple(size), mode=mode, align_corners=False, antialias=True).round().clamp(
             0, 255).to(torch.uint8)
     return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+
+
+# Test-time flips: each view is (quarter turns, horizontal flip). "h" is the usual left-right flip;
+# "hv" adds the up-down flip and both (four views); "d4" is the eight symmetries of the square
+# (rotations by 0/90/180/270 degrees, each with and without a flip) for imagery with no "up",
+# such as aerial tiles trained with VerticalFlip + RandomRotate90.
+FLIP_VIEWS: dict[str, tuple[tuple[int, bool], ...]] = {
+    "none": ((0, False),),
+    "h": ((0, False), (0, True)),
+    "hv": ((0, False), (0, True), (2, True), (2, False)),  # (2, True) = up-down flip
+    "d4": tuple((k, f) for k in range(4) for f in (False, True)),
+}
+
+
+def flip_views(flip: bool | str | None) -> tuple[tuple[int, bool], ...]:
+    """The views of a ``flip`` setting: False/None/"none", True/"h", "hv" or "d4"."""
+    key = "h" if flip is True else "none" if flip is None or flip is False else flip
+    if key not in FLIP_VIEWS:
+        raise ValueError(f"flip must be one of {', '.join(FLIP_VIEWS)}, got {flip!r}")
+    return FLIP_VIEWS[key]
+
+
+def to_view(x: torch.Tensor, turns: int, flipped: bool) -> torch.Tensor:
+    x = torch.rot90(x, turns, dims=(-2, -1)) if turns else x
+    return x.flip(-1) if flipped else x
+
+
+def from_view(x: torch.Tensor, turns: int, flipped: bool) -> torch.Tensor:
+    x = x.flip(-1) if flipped else x
+    return torch.rot90(x, -turns, dims=(-2, -1)) if turns else x
 
 
 def whole_logits(forward: Forward, images: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
@@ -73,25 +103,28 @@ def predict_probs(
     mode: str = "whole",
     size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
-    flip: bool = False,
+    flip: bool | str = False,
     scales: Sequence[float] = (1.0,),
 ) -> torch.Tensor:
     """Class probabilities at the input size by ``whole`` (resize to ``size``) or ``slide`` (windows of ``size``),
-    averaged over ``scales`` (image rescaled first) and, with ``flip``, horizontal flips."""
+    averaged over ``scales`` (image rescaled first) and the flips of ``flip`` (see ``FLIP_VIEWS``)."""
     h, w = images.shape[-2:]
     if mode == "slide" and stride is None:
         stride = [max(1, round(s * 2 / 3)) for s in size]
+    views = flip_views(flip)
     out = None
     n = 0
     for scale in scales:
         scaled = images if scale == 1.0 else _resize(images, (round(h * scale), round(w * scale)))
-        for flipped in ([False, True] if flip else [False]):
-            x = scaled.flip(-1) if flipped else scaled
+        for turns, flipped in views:
+            x = to_view(scaled, turns, flipped)
+            # a quarter turn swaps the axes of the window (or whole-image) size and stride too
+            vsize = None if size is None else (tuple(size)[::-1] if turns % 2 else tuple(size))
             if mode == "slide":
-                logits = slide_logits(forward, x, size, stride)
+                logits = slide_logits(forward, x, vsize, tuple(stride)[::-1] if turns % 2 else stride)
             else:
-                logits = whole_logits(forward, x, size)
-            logits = logits.flip(-1) if flipped else logits
+                logits = whole_logits(forward, x, vsize)
+            logits = from_view(logits, turns, flipped)
             logits = _resize(logits, (h, w)).softmax(1)  # average probabilities across views
             out = logits if out is None else out + logits
             n += 1

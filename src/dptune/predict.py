@@ -71,7 +71,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", required=True, help="an image file, a folder or a glob")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
-    ap.add_argument("--flip", action="store_true")
+    ap.add_argument("--flip", nargs="?", const="h", default="none", choices=["none", "h", "hv", "d4"],
+                    help="flip TTA: h, hv (also up-down) or d4 (also 90-degree turns); bare --flip = h")
     ap.add_argument("--scales", default="1")
     ap.add_argument("--confidence", action="store_true", help="also write the top-class probability")
     ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dptune.inference import predict_probs
+from dptune.inference import FLIP_VIEWS, flip_views, from_view, predict_probs, to_view
 from dptune.labels import LabelSet
 from dptune.model import segment
 
@@ -69,7 +69,7 @@ class Predictor:
     def normalized_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return segment(self.model, pixel_values.to(self.device), with_aux=False)[0]
 
-    def predict(self, image: np.ndarray, mode: str = "whole", flip: bool = False,
+    def predict(self, image: np.ndarray, mode: str = "whole", flip: bool | str = False,
                 scales: tuple[float, ...] = (1.0,), stride: float = 2 / 3) -> tuple[np.ndarray, np.ndarray]:
         """(class indices HxW uint8, top-class probability HxW float32) for one uint8 HxWx3 image.
 
@@ -78,7 +78,7 @@ class Predictor:
         Test-time augmentation averages class probabilities over the views.
         """
         h, w = image.shape[:2]
-        if mode == "whole" and scales == (1.0,) and not flip:
+        if mode == "whole" and scales == (1.0,) and flip_views(flip) == FLIP_VIEWS["none"]:
             x = self.processor(images=image, return_tensors="pt")["pixel_values"]
             lg = torch.nn.functional.interpolate(self.normalized_logits(x).float(), size=(h, w), mode="bilinear",
                                                  align_corners=False)[0].cpu()
@@ -87,18 +87,17 @@ class Predictor:
         conf, pred = probs.max(0)
         return pred.numpy().astype(np.uint8), conf.numpy()
 
-    def probs(self, image: np.ndarray, mode: str = "whole", flip: bool = False,
+    def probs(self, image: np.ndarray, mode: str = "whole", flip: bool | str = False,
               scales: tuple[float, ...] = (1.0,), stride: float = 2 / 3) -> torch.Tensor:
         """Class probabilities (C, H, W) for one uint8 HxWx3 image at its own size, averaged over
-        the views (the image, its flip, each scale)."""
+        the views (the image, its flips / turns, each scale)."""
         h, w = image.shape[:2]
         if mode == "whole" and scales == (1.0,):
             x = self.processor(images=image, return_tensors="pt")["pixel_values"]
-            views = [x] + ([x.flip(-1)] if flip else [])
+            views = flip_views(flip)
             out = 0
-            for k, v in enumerate(views):
-                lg = self.normalized_logits(v).float()
-                lg = lg.flip(-1) if k == 1 else lg
+            for turns, flipped in views:
+                lg = from_view(self.normalized_logits(to_view(x, turns, flipped)).float(), turns, flipped)
                 out = out + torch.nn.functional.interpolate(lg, size=(h, w), mode="bilinear",
                                                             align_corners=False).softmax(1)
             return (out / len(views))[0].cpu()
