@@ -125,9 +125,10 @@ def main() -> None:
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--bf16", action="store_true", help="bf16 autocast (the Trainer's --bf16)")
+    ap.add_argument("--seed", type=int, default=0, help="model init and data order (albumentations draws its own seed)")
     ap.add_argument("--out", default="runs/hf-baseline")
     args = ap.parse_args()
-    torch.manual_seed(0)
+    torch.manual_seed(args.seed)
     names = CAMVID if args.dataset == "camvid" else list(DUBAI)
     pairs = camvid_pairs if args.dataset == "camvid" else dubai_pairs
     cfg = json.load(open(args.model_config))
@@ -144,7 +145,7 @@ def main() -> None:
         per_device_eval_batch_size=args.batch_size, learning_rate=args.lr, lr_scheduler_type="polynomial",
         warmup_steps=0, weight_decay=0.01, eval_strategy="epoch", save_strategy="no", logging_steps=20,
         dataloader_num_workers=args.workers, report_to=[], use_cpu=not torch.cuda.is_available(),
-        bf16=args.bf16, seed=0, remove_unused_columns=False, disable_tqdm=True,
+        bf16=args.bf16, seed=args.seed, remove_unused_columns=False, disable_tqdm=True,
     )
     trainer = Trainer(model=model, args=targs, train_dataset=train, eval_dataset=val,
                       compute_metrics=make_compute_metrics(len(names)))
