@@ -1,9 +1,10 @@
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from dptune.labels import IGNORE_INDEX, LabelSet
-from dptune.losses import dice_loss
+from dptune.losses import dice_loss, lovasz_loss
 from dptune.module import SegmentationModule
 from dptune.optim import WarmupPoly
 
@@ -93,6 +94,31 @@ def test_dice_matches_a_one_hot_reference(tiny_config):
     assert logits.grad is not None and torch.isfinite(logits.grad).all()
     total = m.loss(logits, None, target)
     assert torch.allclose(total["loss"], total["loss_main"] + total["loss_dice"])
+
+
+def test_lovasz_is_one_minus_iou_for_hard_predictions(tiny_config):
+    """The Lovasz extension agrees with the Jaccard loss on one-hot probabilities: for each class
+    present in the target, 1 - IoU over the batch (numpy), averaged; predicted-only classes and
+    ignored pixels do not count."""
+    rng = np.random.default_rng(0)
+    target = torch.from_numpy(rng.integers(0, 3, (2, 12, 12)))  # class 3 only ever predicted
+    target[:, :2] = IGNORE_INDEX
+    pred = target.clone()
+    flip = torch.from_numpy(rng.random((2, 12, 12)) < 0.3)
+    pred[flip] = torch.from_numpy(rng.integers(0, 4, (2, 12, 12)))[flip]
+    pred[pred == IGNORE_INDEX] = 3
+    logits = F.one_hot(pred, 4).permute(0, 3, 1, 2).float() * 100  # softmax = one-hot
+    t, p = target.numpy().ravel(), pred.numpy().ravel()
+    t, p = t[t != IGNORE_INDEX], p[t != IGNORE_INDEX]
+    ref = np.mean([1 - ((t == c) & (p == c)).sum() / ((t == c) | (p == c)).sum() for c in np.unique(t)])
+    assert abs(lovasz_loss(logits, target).item() - ref) < 1e-5
+    soft = torch.randn(2, 4, 12, 12, requires_grad=True)
+    value = lovasz_loss(soft, target)
+    value.backward()
+    assert 0 < value.item() < 1 and torch.isfinite(soft.grad).all() and soft.grad.abs().sum() > 0
+    m = _module(tiny_config, region_loss="lovasz", aux_weight=0.0)
+    total = m.loss(soft, None, target)
+    assert torch.allclose(total["loss"], total["loss_main"] + total["loss_lovasz"])
 
 
 def test_aux_head_runs_only_when_the_loss_reads_it(tiny_config):

@@ -53,3 +53,33 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     present = label_sum > 0
     dice = (2 * inter + 1.0) / (prob_sum + label_sum + 1.0)
     return 1 - (dice * present).sum() / present.sum().clamp(min=1)
+
+
+def lovasz_loss(logits: torch.Tensor, target: torch.Tensor, stride: int = 1) -> torch.Tensor:
+    """Lovasz-softmax (Berman et al., 2018): a convex surrogate of 1 - IoU per class, averaged
+    over the classes present in the target (ignore excluded). For one-hot probabilities it is
+    exactly 1 - IoU of each class over the whole batch.
+
+    ``stride`` > 1 scores every ``stride``-th pixel in both directions: the per-class sort over
+    all pixels of a batch is the costly part.
+    """
+    logits = upsample(logits, target.shape[-2:])
+    if stride > 1:
+        logits, target = logits[..., ::stride, ::stride], target[..., ::stride, ::stride]
+    num_classes = logits.shape[1]
+    probs = logits.float().softmax(1).permute(0, 2, 3, 1).reshape(-1, num_classes)
+    target = target.reshape(-1)
+    keep = target != IGNORE_INDEX
+    probs, target = probs[keep], target[keep]
+    losses = []
+    for c in target.unique().tolist():
+        fg = (target == c).float()
+        errors, order = (fg - probs[:, c]).abs().sort(descending=True)
+        fg = fg[order]
+        # gradient of the Lovasz extension of the Jaccard loss at the sorted errors
+        inter = fg.sum() - fg.cumsum(0)
+        union = fg.sum() + (1 - fg).cumsum(0)
+        jaccard = 1 - inter / union
+        jaccard = torch.cat([jaccard[:1], jaccard[1:] - jaccard[:-1]])
+        losses.append(torch.dot(errors, jaccard))
+    return torch.stack(losses).mean() if losses else logits.sum() * 0

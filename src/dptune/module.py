@@ -14,7 +14,7 @@ from torch import nn
 
 from dptune.dpt_backbone import input_multiple
 from dptune.labels import LabelSet
-from dptune.losses import cross_entropy, dice_loss, upsample
+from dptune.losses import cross_entropy, dice_loss, lovasz_loss, upsample
 from dptune.metrics import ConfusionMatrix, metrics_from_confmat
 from dptune.model import DEFAULT_MEAN, DEFAULT_STD, build_model, segment
 from dptune.optim import WarmupPoly, param_groups
@@ -80,7 +80,7 @@ class SegmentationModule(pl.LightningModule):
         min_lr_ratio: float = 0.0,
         aux_weight: float = 0.4,
         class_weights: list[float] | None = None,
-        region_loss: Literal["none", "dice"] = "none",
+        region_loss: Literal["none", "dice", "lovasz"] = "none",
         region_weight: float = 1.0,
         head_dropout: Literal["channel", "element", "none"] = "channel",
         attn_implementation: str = "sdpa",
@@ -123,7 +123,8 @@ class SegmentationModule(pl.LightningModule):
             class_weights: Per-class cross-entropy weights (length = number of classes); see
                 ``scripts/inspect_data.py --class-weights``.
             region_loss: Add a region loss to the main head's cross-entropy: ``dice`` (soft Dice over
-                the classes present in the batch) or ``none``.
+                the classes present in the batch), ``lovasz`` (Lovasz-softmax, a surrogate of 1 - IoU
+                per present class, scored on every 2nd pixel) or ``none``.
             region_weight: Weight of the region loss.
             head_dropout: Dropout in the heads: ``channel`` (Dropout2d), ``element`` (as in HF) or ``none``.
             attn_implementation: ``sdpa`` or ``eager`` attention.
@@ -212,6 +213,9 @@ class SegmentationModule(pl.LightningModule):
         if self.hparams.region_loss == "dice":
             out["loss_dice"] = dice_loss(logits, target)
             out["loss"] = out["loss"] + self.hparams.region_weight * out["loss_dice"]
+        elif self.hparams.region_loss == "lovasz":
+            out["loss_lovasz"] = lovasz_loss(logits, target, stride=2)
+            out["loss"] = out["loss"] + self.hparams.region_weight * out["loss_lovasz"]
         if aux is not None and self.hparams.aux_weight > 0:
             out["loss_aux"] = cross_entropy(aux, target, self.class_weights)
             out["loss"] = out["loss"] + self.hparams.aux_weight * out["loss_aux"]
