@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -101,6 +102,43 @@ def test_d4_tta_averages_the_eight_turned_views(exported, tmp_path):
                         "--labels", "labels.yaml", "--root", str(CAMVID), "--device", "cpu", "--mode", "slide",
                         "--flip", "d4", "--json", str(tmp_path / "s.json")])
     assert rc == 0 and json.loads((tmp_path / "s.json").read_text())["flip"] == "d4"
+
+
+def test_score_plain_agrees_with_evaluate_whole_and_slide(exported, tmp_path):
+    """scripts/score_plain.py (plain transformers + numpy, no dptune) and dptune agree: equal
+    whole-image scores, and equal sliding-window probabilities on every frame (this random
+    model's classes differ by ~1e-6 in probability, so its argmax is left to rounding: the
+    probabilities are compared, not the slide scores)."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+
+    from dptune.predictor import Predictor
+
+    script = Path(__file__).resolve().parents[1] / "scripts" / "score_plain.py"
+    res = subprocess.run([sys.executable, str(script), str(exported), "--images", str(CAMVID / VAL),
+                          "--masks", str(CAMVID / "valannot" / "{stem}.png"), "--num-classes", "11", "--mode", "both"],
+                         capture_output=True, text=True, check=True)
+    plain = {d["mode"]: d for d in map(json.loads, res.stdout.strip().splitlines())}
+    assert set(plain) == {"whole", "slide"} and all(d["images"] == len(list(CAMVID.glob(VAL))) for d in plain.values())
+    assert evaluate_main(["--model", str(exported), "--images", VAL, "--masks", "valannot/{stem}.png",
+                          "--labels", "labels.yaml", "--root", str(CAMVID), "--device", "cpu",
+                          "--json", str(tmp_path / "whole.json")]) == 0
+    assert abs(json.loads((tmp_path / "whole.json").read_text())["mIoU"] - plain["whole"]["mIoU"]) < 1e-4
+
+    spec = importlib.util.spec_from_file_location("score_plain", script)
+    score_plain = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(score_plain)
+    model = AutoModelForSemanticSegmentation.from_pretrained(exported).eval()
+    proc = AutoImageProcessor.from_pretrained(exported)
+    predictor = Predictor.load(str(exported), "cpu")
+    for frame in sorted(CAMVID.glob(VAL)):
+        img = Image.open(frame).convert("RGB")
+        ref = score_plain.slide_logits(model, proc, img).softmax(1)[0]
+        assert torch.allclose(predictor.probs(np.asarray(img), mode="slide"), ref, atol=1e-6)
+    assert score_plain.starts(100, 32, 21) == [0, 21, 42, 63, 68]
 
 
 def test_predict_masks_equal_the_transformers_pipeline(exported, tmp_path):
