@@ -24,6 +24,7 @@ import yaml
 from tqdm.auto import tqdm
 
 from dptune.errors import DataError
+from dptune.inference import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet
 from dptune.metrics import metrics_from_confmat
 
@@ -110,7 +111,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--masks", help="mask template with {stem}/{name}/{dir}")
     ap.add_argument("--labels", help="labels.yaml")
     ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
-    ap.add_argument("--flip", nargs="?", const="h", default="none", choices=["none", "h", "hv", "d4"],
+    ap.add_argument("--flip", nargs="?", const="h", default="none", choices=list(FLIP_VIEWS),
                     help="flip TTA: h (left-right, the default when given bare), hv (also up-down), d4 (also "
                          "90-degree turns: 8 views, for imagery with no up such as aerial tiles)")
     ap.add_argument("--scales", default="1", help="comma-separated test scales, e.g. 0.75,1,1.25")

@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from dptune.data.sources import read_image
 from dptune.errors import DataError
+from dptune.inference import FLIP_VIEWS
 from dptune.labels import LabelSet
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
@@ -71,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--images", required=True, help="an image file, a folder or a glob")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
-    ap.add_argument("--flip", nargs="?", const="h", default="none", choices=["none", "h", "hv", "d4"],
+    ap.add_argument("--flip", nargs="?", const="h", default="none", choices=list(FLIP_VIEWS),
                     help="flip TTA: h, hv (also up-down) or d4 (also 90-degree turns); bare --flip = h")
     ap.add_argument("--scales", default="1")
     ap.add_argument("--confidence", action="store_true", help="also write the top-class probability")

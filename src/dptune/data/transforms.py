@@ -66,9 +66,10 @@ class RandomScaleCrop(A.DualTransform):
         s = self.py_random.uniform(*self.scale)
         fy, fx = (s * self.base_size[0] / h, s * self.base_size[1] / w) if self.base_size else (s, s)
         mask = data.get("mask")
-        for _ in range(10 if self.cat_max_ratio < 1 and mask is not None else 1):
+        tries = 10 if self.cat_max_ratio < 1 and mask is not None else 1
+        for _ in range(tries):
             ys, xs = self._axis(h, fy, self.crop[0]), self._axis(w, fx, self.crop[1])
-            if self.cat_max_ratio >= 1 or mask is None or self._balanced(mask, ys, xs):
+            if tries == 1 or self._balanced(mask, ys, xs):
                 break
         return {"ys": ys, "xs": xs}
 
