@@ -60,3 +60,57 @@ def test_square_forward_matches_transformers(tiny_config):
 def test_exactly_one_model_source(tiny_config):
     with pytest.raises(ValueError, match="exactly one"):
         build_model(["a"], pretrained=None, config=None)
+
+
+def _neck_output_std(model, x):
+    out = {}
+
+    def keep(module, inputs, outputs):
+        out["std"] = outputs[-1].std().item()
+
+    hook = model.neck.fusion_stage.register_forward_hook(keep)
+    with torch.no_grad():
+        segment(model.eval(), x)
+    hook.remove()
+    return out["std"]
+
+
+def test_fresh_neck_keeps_the_signal_with_he_init(tiny_config):
+    """transformers' N(0, 0.02) start shrinks the neck's signal by orders of magnitude (why a DPT
+    from scratch learns slowly); He init keeps it at the input's scale."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 3, 64, 64)
+    he = build_model(["a", "b", "c"], config=tiny_config)
+    hf = build_model(["a", "b", "c"], config=tiny_config, fresh_init="hf")
+    assert _neck_output_std(he, x) > 0.3
+    assert _neck_output_std(hf, x) < 0.01
+    for name, layer in he.named_modules():
+        if isinstance(layer, torch.nn.Conv2d) and name.startswith("neck.fusion_stage"):
+            fan_in = layer.weight[0].numel()
+            assert abs(layer.weight.std().item() / (2 / fan_in) ** 0.5 - 1) < 0.2, name
+    classifier = he.head.head[4]
+    assert abs(classifier.weight.std().item() / (2 / classifier.in_channels) ** 0.5 - 1) < 0.3
+    # the ViT keeps transformers' init
+    assert abs(he.dpt.encoder.layer[0].attention.attention.query.weight.std().item() - 0.02) < 0.005
+    with pytest.raises(ValueError, match="fresh_init"):
+        build_model(["a"], config=tiny_config, fresh_init="xavier")
+
+
+def test_he_init_only_touches_layers_the_checkpoint_lacks(tmp_path, tiny_config):
+    """A pretrained DPT keeps every weight it has; a depth checkpoint's missing segmentation head starts He-normal."""
+    from transformers import DPTForDepthEstimation
+
+    torch.manual_seed(0)
+    cfg = DPTConfig(**tiny_config, num_labels=2, id2label={0: "a", 1: "b"}, label2id={"a": 0, "b": 1})
+    seg = DPTForSemanticSegmentation(cfg)
+    seg.save_pretrained(tmp_path / "seg")
+    model = build_model(["a", "b"], pretrained=str(tmp_path / "seg"))
+    theirs = seg.state_dict()
+    assert all(torch.equal(v, theirs[k]) for k, v in model.state_dict().items())
+
+    depth = DPTForDepthEstimation(DPTConfig(**tiny_config))
+    depth.save_pretrained(tmp_path / "depth")
+    model = build_model(["a", "b"], pretrained=str(tmp_path / "depth"))
+    assert torch.equal(model.neck.convs[0].weight, depth.neck.convs[0].weight)
+    conv = model.head.head[0]  # 3x3 conv of the segmentation head, not in the depth checkpoint
+    assert abs(conv.weight.std().item() / (2 / conv.weight[0].numel()) ** 0.5 - 1) < 0.2

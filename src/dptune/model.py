@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -56,6 +57,7 @@ def build_model(
     config: str | Mapping[str, Any] | None = None,
     attn_implementation: str = "sdpa",
     backbone: str | None = None,
+    fresh_init: str = "he",
 ) -> PreTrainedModel:
     """A DPT segmentation model whose classifiers match ``names``.
 
@@ -63,7 +65,11 @@ def build_model(
     builds random weights. Exactly one of them must be given. Either may be a whole DPT or a
     bare backbone (e.g. ``facebook/dinov2-small``), which gets a fresh DPT neck and heads.
     ``backbone`` (``vit``, ``hybrid``, ``dinov2``, ...) checks that the model is of that family.
+    ``fresh_init``: ``he`` re-initialises the convolutional neck and heads wherever they start
+    from random weights (see ``he_init``); ``hf`` keeps ``transformers``' N(0, 0.02).
     """
+    if fresh_init not in ("he", "hf"):
+        raise ValueError(f"model.fresh_init must be 'he' or 'hf', not {fresh_init!r}")
     if (pretrained is None) == (config is None):
         raise ValueError("give exactly one of model.pretrained (hub id / directory) or model.config (DPTConfig JSON)")
     if pretrained is not None:
@@ -72,20 +78,67 @@ def build_model(
         if cfg.model_type != "dpt":
             model = _fresh_model(dpt_config_for_backbone(cfg), names, attn_implementation)
             load_backbone_weights(model, pretrained)
+            fresh = _head_layers(model)
         else:
             # a depth checkpoint's head does not fit a segmentation head: those weights start fresh
-            model = model_class(cfg).from_pretrained(
-                pretrained, attn_implementation={"": attn_implementation}, ignore_mismatched_sizes=True
+            model, info = model_class(cfg).from_pretrained(
+                pretrained, attn_implementation={"": attn_implementation}, ignore_mismatched_sizes=True,
+                output_loading_info=True,
             )
+            # layers the checkpoint lacks, or has in another shape (a depth head), start from random weights
+            missing = set(info.get("missing_keys", ()))
+            missing |= {k[0] if isinstance(k, tuple | list) else k for k in info.get("mismatched_keys", ())}
+            fresh = [(n, m) for n, m in _head_layers(model) if f"{n}.weight" in missing]
             carried = adapt_classifiers(model, names)
             log.info("%s: %d of %d classes carried over from the checkpoint's classifier", pretrained, carried, len(names))
     else:
         cfg = load_config(config)
         check_family(cfg, backbone, "model.config")
         model = _fresh_model(cfg if cfg.model_type == "dpt" else dpt_config_for_backbone(cfg), names, attn_implementation)
+        fresh = _head_layers(model)
+    if fresh_init == "he":
+        he_init(m for _, m in fresh)
     model.config.semantic_loss_ignore_index = IGNORE_INDEX
     freeze_unused(model)
     return model
+
+
+def _head_layers(model: PreTrainedModel) -> list[tuple[str, nn.Module]]:
+    """(name, layer) of the convolutions and linear layers of the neck and heads, classifiers included."""
+    return [
+        (name, layer)
+        for name, layer in model.named_modules()
+        if name.split(".")[0] in ("neck", "head", "auxiliary_head")
+        and isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear))
+    ]
+
+
+def he_init(layers) -> int:
+    """He-normal weights (fan-in, ReLU gain: std sqrt(2 / fan_in)) and zero biases.
+
+    ``transformers`` starts every convolution of a fresh DPT neck and head at N(0, 0.02), which
+    for a 3x3 convolution over 64-256 channels is 3-7x below He's scale; the signal shrinks at
+    every layer and a DPT trained from scratch learns little more than the largest classes in a
+    few hundred steps (docs/benchmarks.md, "Initialisation and colour"). The 1x1 classifiers get
+    He's scale too: kept at N(0, 0.02) they left Dubai's Vegetation unlearned in a 150-step
+    probe for two seeds out of two.
+    A transposed convolution whose stride equals its kernel (DPT's upsampling) gives every output
+    pixel one tap per input channel, so its fan-in is its input channels. Returns the number of
+    layers set.
+    """
+    n = 0
+    with torch.no_grad():
+        for layer in layers:
+            if isinstance(layer, nn.ConvTranspose2d):
+                taps = math.prod(max(1, k // s) for k, s in zip(layer.kernel_size, layer.stride, strict=True))
+                fan_in = layer.in_channels // layer.groups * taps
+            else:  # Conv2d (out, in / groups, kh, kw) or Linear (out, in)
+                fan_in = layer.weight[0].numel()
+            layer.weight.normal_(0.0, math.sqrt(2.0 / fan_in))
+            if layer.bias is not None:
+                layer.bias.zero_()
+            n += 1
+    return n
 
 
 def _fresh_model(cfg: DPTConfig, names: Sequence[str], attn_implementation: str) -> PreTrainedModel:

@@ -84,6 +84,7 @@ class SegmentationModule(pl.LightningModule):
         region_weight: float = 1.0,
         head_dropout: Literal["channel", "element", "none"] = "channel",
         attn_implementation: str = "sdpa",
+        fresh_init: Literal["he", "hf"] = "he",
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
         gradient_checkpointing: bool = False,
@@ -128,6 +129,10 @@ class SegmentationModule(pl.LightningModule):
             region_weight: Weight of the region loss.
             head_dropout: Dropout in the heads: ``channel`` (Dropout2d), ``element`` (as in HF) or ``none``.
             attn_implementation: ``sdpa`` or ``eager`` attention.
+            fresh_init: How the convolutional neck and heads start where they have no pretrained
+                weights (a model from ``config``, a bare backbone, a checkpoint without a segmentation
+                head): ``he`` (He-normal; default) or ``hf`` (``transformers``' N(0, 0.02), which
+                leaves a DPT trained from scratch stuck on the largest classes; docs/benchmarks.md).
             image_mean: Normalisation mean (0-1 scale); default: the checkpoint's image processor, else 0.5.
             image_std: Normalisation std; default as for ``image_mean``.
             gradient_checkpointing: Recompute ViT activations in backward to save memory.
@@ -143,7 +148,9 @@ class SegmentationModule(pl.LightningModule):
             raise ValueError("model.label_spec is empty: it comes from the datamodule's label set (see train.py)")
         self.label_set = LabelSet.from_dict(label_spec, source="model.label_spec")
         self.num_classes = self.label_set.num_classes
-        self.model = build_model(self.label_set.names, pretrained, config, attn_implementation, backbone)
+        self.model = build_model(
+            self.label_set.names, pretrained, config, attn_implementation, backbone, fresh_init
+        )
         _set_head_dropout(self.model, head_dropout)
         if aux_weight <= 0 and self.model.auxiliary_head is not None:
             self.model.auxiliary_head.requires_grad_(False)  # never run (see forward), so never trained
