@@ -86,8 +86,7 @@ def build_model(
                 output_loading_info=True,
             )
             # layers the checkpoint lacks, or has in another shape (a depth head), start from random weights
-            missing = set(info.get("missing_keys", ()))
-            missing |= {k[0] if isinstance(k, tuple | list) else k for k in info.get("mismatched_keys", ())}
+            missing = set(info["missing_keys"]) | {key for key, *_shapes in info["mismatched_keys"]}
             fresh = [(n, m) for n, m in _head_layers(model) if f"{n}.weight" in missing]
             carried = adapt_classifiers(model, names)
             log.info("%s: %d of %d classes carried over from the checkpoint's classifier", pretrained, carried, len(names))
@@ -113,7 +112,7 @@ def _head_layers(model: PreTrainedModel) -> list[tuple[str, nn.Module]]:
     ]
 
 
-def he_init(layers) -> int:
+def he_init(layers) -> None:
     """He-normal weights (fan-in, ReLU gain: std sqrt(2 / fan_in)) and zero biases.
 
     ``transformers`` starts every convolution of a fresh DPT neck and head at N(0, 0.02), which
@@ -123,10 +122,8 @@ def he_init(layers) -> int:
     He's scale too: kept at N(0, 0.02) they left Dubai's Vegetation unlearned in a 150-step
     probe for two seeds out of two.
     A transposed convolution whose stride equals its kernel (DPT's upsampling) gives every output
-    pixel one tap per input channel, so its fan-in is its input channels. Returns the number of
-    layers set.
+    pixel one tap per input channel, so its fan-in is its input channels.
     """
-    n = 0
     with torch.no_grad():
         for layer in layers:
             if isinstance(layer, nn.ConvTranspose2d):
@@ -137,8 +134,6 @@ def he_init(layers) -> int:
             layer.weight.normal_(0.0, math.sqrt(2.0 / fan_in))
             if layer.bias is not None:
                 layer.bias.zero_()
-            n += 1
-    return n
 
 
 def _fresh_model(cfg: DPTConfig, names: Sequence[str], attn_implementation: str) -> PreTrainedModel:

@@ -215,6 +215,7 @@ class SegmentationModule(pl.LightningModule):
         return self._segment(self.model, self.normalize(images), with_aux)
 
     def loss(self, logits: torch.Tensor, aux: torch.Tensor | None, target: torch.Tensor) -> dict[str, torch.Tensor]:
+        logits = upsample(logits, target.shape[-2:])  # once, for the cross-entropy and the region loss
         main = cross_entropy(logits, target, self.class_weights)
         out = {"loss": main, "loss_main": main}
         if self.hparams.region_loss == "dice":
