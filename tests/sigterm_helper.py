@@ -1,15 +1,57 @@
-"""A callback the preemption test adds on the command line: SIGTERM to itself at a given step."""
+"""Callbacks the end-to-end tests add on the command line (``--trainer.callbacks+=sigterm_helper.X``)."""
 
+import json
 import os
 import signal
 
 import lightning.pytorch as pl
+import torch
 
 
 class SigtermAt(pl.Callback):
+    """SIGTERM to itself at a given step (preemption)."""
+
     def __init__(self, step: int = 5) -> None:
         self.step = step
 
     def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
         if trainer.global_step == self.step and trainer.is_global_zero:
             os.kill(os.getpid(), signal.SIGTERM)
+
+
+class StepLog(pl.Callback):
+    """Appends one JSON line per optimizer step (step, the LR of every group, the loss) to ``path``,
+    and at the start of training a fingerprint of the weights and optimizer state it starts from."""
+
+    def __init__(self, path: str) -> None:
+        self.path = path
+
+    def _write(self, record: dict) -> None:
+        with open(self.path, "a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        opt = trainer.optimizers[0]
+        moments = [s["exp_avg"].double().abs().sum().item() for s in opt.state.values() if "exp_avg" in s]
+        weights = sum(v.double().abs().sum().item() for v in pl_module.state_dict().values() if v.is_floating_point())
+        self._write({"start": trainer.global_step, "weights": weights, "exp_avg": sum(moments)})
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        self._lrs = [g["lr"] for g in trainer.optimizers[0].param_groups]  # the LR this step trains at
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        loss = outputs["loss"] if isinstance(outputs, dict) else outputs
+        self._write({"step": trainer.global_step, "lr": self._lrs, "loss": float(torch.as_tensor(loss))})
+
+
+def read_log(path) -> tuple[list[dict], list[dict]]:
+    """(start records, step records) of a StepLog file."""
+    rows = [json.loads(line) for line in open(path)]
+    return [r for r in rows if "start" in r], [r for r in rows if "step" in r]
+
+
+class RaiseAt(pl.Callback):
+    """Raises ``ValueError`` at the first training step: a stand-in for a bug deep inside a run."""
+
+    def on_train_batch_start(self, *args, **kwargs) -> None:
+        raise ValueError("planted bug")

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dptune.dpt_backbone import input_multiple
+from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.losses import cross_entropy, dice_loss, lovasz_loss, upsample
 from dptune.metrics import ConfusionMatrix, metrics_from_confmat
@@ -145,7 +146,7 @@ class SegmentationModule(pl.LightningModule):
         super().__init__()
         self.save_hyperparameters()
         if label_spec is None:
-            raise ValueError("model.label_spec is empty: it comes from the datamodule's label set (see train.py)")
+            raise ConfigError("model.label_spec is empty: it comes from the datamodule's label set (see train.py)")
         self.label_set = LabelSet.from_dict(label_spec, source="model.label_spec")
         self.num_classes = self.label_set.num_classes
         self.model = build_model(
@@ -167,7 +168,7 @@ class SegmentationModule(pl.LightningModule):
         self.register_buffer("_scale", (1.0 / (255.0 * torch.tensor(std))).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_shift", (-torch.tensor(mean) / torch.tensor(std)).view(1, 3, 1, 1), persistent=False)
         if class_weights is not None and len(class_weights) != self.num_classes:
-            raise ValueError(f"model.class_weights has {len(class_weights)} values for {self.num_classes} classes")
+            raise ConfigError(f"model.class_weights has {len(class_weights)} values for {self.num_classes} classes")
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
         self.val_confmat = ConfusionMatrix(self.num_classes)
@@ -189,7 +190,7 @@ class SegmentationModule(pl.LightningModule):
             pair = [size, size] if isinstance(size, int) else list(size or [])
             if any(int(v) % m for v in pair):
                 fix = [max(m, round(int(v) / m) * m) for v in pair]
-                raise ValueError(f"data.{what} {pair} is not a multiple of {m} (the backbone's patch size / stride); "
+                raise ConfigError(f"data.{what} {pair} is not a multiple of {m} (the backbone's patch size / stride); "
                                  f"use e.g. {fix}")
 
     def setup(self, stage: str) -> None:
@@ -320,19 +321,25 @@ class SegmentationModule(pl.LightningModule):
         if hp.optimizer == "sgd":
             opt = torch.optim.SGD(self.param_groups(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
         else:
-            # the fused kernel (CPU and CUDA) beats the per-tensor loop the CPU otherwise gets
-            fused = all(p.device.type in ("cpu", "cuda") for p in self.model.parameters())
             opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
-                                    weight_decay=hp.weight_decay, fused=fused)
+                                    weight_decay=hp.weight_decay, fused=self._fused_adamw())
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
-            raise ValueError("the training data is a stream (no length): set --trainer.max_steps for the LR schedule "
-                             "and --trainer.val_check_interval in steps")
+            raise ConfigError("the training data is a stream (no length): set --trainer.max_steps for the LR schedule "
+                              "and --trainer.val_check_interval in steps")
         total = int(total)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
-        schedule = WarmupPoly(total, warmup, hp.poly_power, hp.min_lr_ratio)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, schedule)
+        sched = WarmupPoly(opt, total, warmup, hp.poly_power, hp.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _fused_adamw(self) -> bool:
+        """The fused AdamW kernel (CPU and CUDA) beats the per-tensor loop, but it unscales
+        gradients inside its step, so Lightning cannot clip gradients before it: with
+        ``gradient_clip_val`` set the optimizer is the unfused one."""
+        if any(p.device.type not in ("cpu", "cuda") for p in self.model.parameters()):
+            return False
+        clip = self.trainer.gradient_clip_val if self._trainer is not None else None
+        return not clip
 
     # ------------------------------------------------------------------ export support
     def image_processor(self):
@@ -362,7 +369,7 @@ def load_module(ckpt_path: str, map_location: str = "cpu") -> SegmentationModule
     """Rebuild a module from a dptune checkpoint without touching the hub."""
     ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
     if "dptune" not in ckpt or "hyper_parameters" not in ckpt:
-        raise ValueError(f"{ckpt_path}: not a dptune checkpoint (no model config stored)")
+        raise ConfigError(f"{ckpt_path}: not a dptune checkpoint (no model config stored)")
     hp = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
     hp.update(pretrained=None, config=ckpt["dptune"]["model_config"],
               image_mean=ckpt["dptune"]["image_mean"], image_std=ckpt["dptune"]["image_std"])

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import logging
 import re
 from typing import Any
 
 from torch import nn
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LRScheduler
 
+from dptune.errors import ConfigError
 from dptune.model import BACKBONE_PREFIXES
+
+log = logging.getLogger(__name__)
 
 FSDP_PREFIX = "_fsdp_wrapped_module."  # what FSDP (use_orig_params) inserts into parameter names
 # an item of a block list: ViT / DINOv2 ``encoder.layer.i``, BEiT ``layers.i``, Swin ``layers.s.blocks.b``
@@ -59,7 +65,7 @@ def param_groups(
     ``layer_decay < 1`` the backbone is further split by depth (see ``backbone_depths``)."""
     depths, n = backbone_depths(model) if layer_decay != 1.0 else ({}, 0)
     if layer_decay != 1.0 and n == 0:
-        raise ValueError("model.layer_decay: no transformer blocks found in this backbone")
+        raise ConfigError("model.layer_decay: no transformer blocks found in this backbone")
     groups: dict[tuple[bool, bool, int], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
@@ -76,14 +82,50 @@ def param_groups(
     return out
 
 
-class WarmupPoly:
-    """LR multiplier per optimizer step: linear warmup, then polynomial decay to ``min_ratio``."""
+def warmup_poly(step: int, total: int, warmup: int, power: float = 1.0, min_ratio: float = 0.0) -> float:
+    """LR multiplier at optimizer step ``step``: linear warmup, then polynomial decay to ``min_ratio``."""
+    if step < warmup:
+        return (step + 1) / warmup
+    progress = min(1.0, (step - warmup) / max(1, total - warmup))
+    return min_ratio + (1 - min_ratio) * (1 - progress) ** power
 
-    def __init__(self, total_steps: int, warmup_steps: int, power: float = 1.0, min_ratio: float = 0.0) -> None:
-        self.total, self.warmup, self.power, self.min_ratio = max(1, total_steps), warmup_steps, power, min_ratio
 
-    def __call__(self, step: int) -> float:
-        if step < self.warmup:
-            return (step + 1) / self.warmup
-        progress = min(1.0, (step - self.warmup) / max(1, self.total - self.warmup))
-        return self.min_ratio + (1 - self.min_ratio) * (1 - progress) ** self.power
+class WarmupPoly(LRScheduler):
+    """Linear warmup, then polynomial decay, over the optimizer steps of the *current* run.
+
+    A checkpoint restores where the schedule stands (the step), never how long it is: the run
+    that resumes knows its own length (``trainer.estimated_stepping_batches``), so resuming a
+    1-epoch run into a 3-epoch one follows the 3-epoch schedule instead of sitting at the
+    finished schedule's final LR. (``LambdaLR`` with a callable object saves and restores the
+    object's fields, the old length included.)
+    """
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int, power: float = 1.0,
+                 min_ratio: float = 0.0) -> None:
+        self.total, self.warmup = max(1, int(total_steps)), int(warmup_steps)
+        self.power, self.min_ratio = float(power), float(min_ratio)
+        super().__init__(optimizer)
+
+    def factor(self, step: int) -> float:
+        return warmup_poly(step, self.total, self.warmup, self.power, self.min_ratio)
+
+    def get_lr(self) -> list[float]:
+        return [base * self.factor(self.last_epoch) for base in self.base_lrs]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "base_lrs": list(self.base_lrs),
+                "total_steps": self.total, "warmup_steps": self.warmup}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.last_epoch = int(state["last_epoch"])
+        self._step_count = int(state.get("_step_count", self.last_epoch + 1))
+        self.base_lrs = list(state.get("base_lrs", self.base_lrs))
+        saved = state.get("total_steps")
+        if saved is not None and int(saved) != self.total:
+            log.info("LR schedule: the checkpoint's run had %d optimizer steps, this run has %d; the schedule "
+                     "follows this run (warmup %d steps, resuming at step %d)", saved, self.total, self.warmup,
+                     self.last_epoch)
+        # the optimizer's restored LRs belong to the old schedule; set this step's
+        for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
+            group["lr"] = lr
+        self._last_lr = [group["lr"] for group in self.optimizer.param_groups]

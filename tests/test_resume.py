@@ -1,0 +1,85 @@
+"""Resume and clipping through train.py on the synthetic quickstart (no data files needed)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import REPO
+from sigterm_helper import read_log
+
+pytestmark = pytest.mark.slow
+
+SPLITS = {"train": {"count": 32, "seed": 0, "size": [64, 64]}, "val": {"count": 8, "seed": 1, "size": [64, 64]}}
+
+
+def quickstart(run: Path, epochs: int, *extra: str, check: bool = True) -> subprocess.CompletedProcess:
+    args = ["fit", "--config", "configs/quickstart.yaml", "--data.splits", json.dumps(SPLITS),
+            "--data.image_size", "64", "--data.crop_size", "64", "--data.batch_size", "8",
+            "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(run),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO / "tests"))
+    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 or not check, proc.stderr[-4000:]
+    return proc
+
+
+def _ckpt(run: Path) -> dict:
+    return torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+
+
+def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
+    """1 epoch, then --ckpt_path last with 3 epochs: every resumed step trains at the LR of an
+    uninterrupted 3-epoch run. (Before: the restored schedule kept the 1-epoch length and trained at LR 0.)"""
+    full = tmp_path / "full"
+    quickstart(full, 3, "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={full}.log")
+    run = tmp_path / "cut"
+    log = f"--trainer.callbacks.path={run}.log"
+    quickstart(run, 1, "--trainer.callbacks+=sigterm_helper.StepLog", log)
+    one = _ckpt(run)
+    resumed = quickstart(run, 3, "--trainer.callbacks+=sigterm_helper.StepLog", log, "--ckpt_path", "last")
+    assert "the schedule follows this run" in resumed.stderr
+
+    _, ref = read_log(f"{full}.log")
+    starts, got = read_log(f"{run}.log")
+    assert [r["step"] for r in got] == [r["step"] for r in ref] == list(range(1, 13))
+    for a, b in zip(got[4:], ref[4:], strict=True):  # steps 5-12: the resumed run
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-9, abs=1e-15), (a, b)
+    assert max(got[-2]["lr"]) > 0  # the resumed epochs train (the last step's LR is the poly end, 0)
+    end, end_ref = _ckpt(run), _ckpt(full)
+    assert [g["lr"] for g in end["optimizer_states"][0]["param_groups"]] == pytest.approx(
+        [g["lr"] for g in end_ref["optimizer_states"][0]["param_groups"]], rel=1e-9, abs=1e-15)
+    assert end["lr_schedulers"][0]["total_steps"] == end_ref["lr_schedulers"][0]["total_steps"] == 12
+    # the resumed run started from the checkpoint's weights and Adam moments, not from scratch
+    weights = sum(v.double().abs().sum().item() for v in one["state_dict"].values() if v.is_floating_point())
+    moments = sum(s["exp_avg"].double().abs().sum().item() for s in one["optimizer_states"][0]["state"].values())
+    assert starts[1]["start"] == 4 and starts[1]["exp_avg"] == pytest.approx(moments, rel=1e-9)
+    assert starts[1]["weights"] == pytest.approx(weights, rel=1e-9)
+
+
+@pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
+def test_gradient_clipping_works_with_every_precision(tmp_path, precision):
+    """Lightning refuses to clip for an optimizer that unscales inside its step (fused AdamW);
+    with --trainer.gradient_clip_val the optimizer is the unfused one."""
+    run = tmp_path / precision
+    quickstart(run, 1, "--trainer.precision", precision, "--trainer.gradient_clip_val", "1.0")
+    assert _ckpt(run)["global_step"] == 4
+
+
+def test_fused_adamw_only_without_clipping(tiny_config):
+    from types import SimpleNamespace
+
+    from dptune.labels import LabelSet
+    from dptune.module import SegmentationModule
+
+    m = SegmentationModule(config=tiny_config, label_spec=LabelSet(names=["a", "b"]).to_dict(), image_size=64)
+    for clip, fused in [(None, True), (0, True), (1.0, False)]:
+        m._trainer = SimpleNamespace(gradient_clip_val=clip, estimated_stepping_batches=10)
+        opt = m.configure_optimizers()["optimizer"]
+        assert bool(opt.defaults["fused"]) is fused, clip
