@@ -114,3 +114,36 @@ def test_he_init_only_touches_layers_the_checkpoint_lacks(tmp_path, tiny_config)
     assert torch.equal(model.neck.convs[0].weight, depth.neck.convs[0].weight)
     conv = model.head.head[0]  # 3x3 conv of the segmentation head, not in the depth checkpoint
     assert abs(conv.weight.std().item() / (2 / conv.weight[0].numel()) ** 0.5 - 1) < 0.2
+
+
+def _he_ratio(weight: torch.Tensor) -> float:
+    """Measured std over He-normal's std for this layer's fan-in (1.0 = He)."""
+    return weight.std().item() / (2 / weight[0].numel()) ** 0.5
+
+
+def test_classifiers_replaced_for_a_new_label_set_start_he(tmp_path, tiny_config):
+    """adapt_classifiers swaps in new classifier convs; those (not the modules they replace) must be
+    He-initialised. Fails when the fresh-layer list is taken before the swap: the new convs then keep
+    PyTorch's default init (std 0.58 / sqrt(fan_in), ratio ~0.41)."""
+    from transformers import DPTForDepthEstimation
+
+    torch.manual_seed(0)
+    names = [f"class{i}" for i in range(40)]
+    DPTForDepthEstimation(DPTConfig(**tiny_config)).save_pretrained(tmp_path / "depth")
+    model = build_model(names, pretrained=str(tmp_path / "depth"))
+    for classifier in (model.head.head[4], model.auxiliary_head.head[4]):
+        assert classifier.out_channels == 40
+        assert abs(_he_ratio(classifier.weight) - 1) < 0.2
+        assert classifier.bias.abs().max() == 0
+
+    # a segmentation checkpoint adapted to new classes: carried rows are the checkpoint's, new rows He
+    cfg = DPTConfig(**tiny_config, num_labels=2, id2label={0: "class0", 1: "class1"},
+                    label2id={"class0": 0, "class1": 1})
+    seg = DPTForSemanticSegmentation(cfg)
+    seg.save_pretrained(tmp_path / "seg")
+    model = build_model(names, pretrained=str(tmp_path / "seg"))
+    new = model.head.head[4].weight
+    assert torch.equal(new[:2], seg.head.head[4].weight)
+    assert abs(_he_ratio(new[2:]) - 1) < 0.2
+    hf = build_model(names, pretrained=str(tmp_path / "seg"), fresh_init="hf")
+    assert abs(hf.head.head[4].weight[2:].std().item() - 0.02) < 0.005  # transformers' own N(0, 0.02)

@@ -14,6 +14,7 @@ import logging
 from transformers import DPTConfig, DPTForSemanticSegmentation, PretrainedConfig
 
 from dptune.dpt_backbone import DPTBackboneForSemanticSegmentation, uses_backbone
+from dptune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def model_class(config: DPTConfig) -> type:
 
 def check_family(config: PretrainedConfig, wanted: str | None, source: str) -> None:
     if wanted is not None and family(config).lower() != wanted.lower():
-        raise ValueError(f"model.backbone is {wanted!r} but {source} holds a {family(config)!r} model")
+        raise ConfigError(f"model.backbone is {wanted!r} but {source} holds a {family(config)!r} model")
 
 
 def _is_hierarchical(bb: PretrainedConfig) -> bool:
@@ -75,5 +76,5 @@ def load_backbone_weights(model: DPTBackboneForSemanticSegmentation, ref: str) -
     pretrained = type(model.backbone).from_pretrained(ref, config=model.config.backbone_config)
     missing, unexpected = model.backbone.load_state_dict(pretrained.state_dict(), strict=False)
     if missing or unexpected:
-        raise ValueError(f"{ref}: backbone weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
+        raise ConfigError(f"{ref}: backbone weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")
     log.info("%s: backbone weights loaded (%d tensors)", ref, len(pretrained.state_dict()))

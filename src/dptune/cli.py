@@ -12,7 +12,7 @@ from lightning.pytorch.loggers import Logger
 
 from dptune.callbacks import Checkpoint, LRMonitor, ValidationVisuals
 from dptune.data.datamodule import SegmentationDataModule
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 from dptune.module import SegmentationModule
 
 DEFAULT_ROOT = "runs/dptune"
@@ -76,7 +76,8 @@ def _quiet() -> None:
 
 
 def main(args: list[str] | None = None) -> int:
-    """Run the CLI; bad input ends in one line per problem and exit code 2, not a traceback."""
+    """Run the CLI. Bad data and settings end in one line per problem and exit code 2; any other
+    exception is a bug (ours or a library's) and keeps its traceback."""
     _quiet()
     try:
         DPTuneCLI(
@@ -88,11 +89,7 @@ def main(args: list[str] | None = None) -> int:
             save_config_kwargs={"overwrite": True},
             args=args,
         )
-    except DataError as e:
+    except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
-        return 2
-    except (FileNotFoundError, ValueError) as e:
-        # configuration mistakes that surface while building the model or data
-        print(f"error: {str(e).splitlines()[-1] if str(e) else type(e).__name__}", file=sys.stderr)
         return 2
     return 0

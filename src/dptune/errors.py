@@ -3,6 +3,11 @@
 from __future__ import annotations
 
 
+class ConfigError(ValueError):
+    """A setting that cannot work (conflicting options, a size the backbone cannot take, a model
+    reference that does not resolve). The message names the setting and, where one exists, the fix."""
+
+
 class DataError(ValueError):
     """Bad input data. The message names the file and what is wrong with it."""
 

@@ -19,7 +19,7 @@ import numpy as np
 import yaml
 from tqdm.auto import tqdm
 
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet
 
 
@@ -95,7 +95,7 @@ def class_weights(stats: SplitStats, mode: str) -> list[float]:
         med = np.median(freq[freq > 0])
         w = np.where(freq > 0, med / np.maximum(freq, 1e-12), 0.0)
     else:
-        raise ValueError(f"--class-weights must be inverse or median, got {mode!r}")
+        raise ConfigError(f"--class-weights must be inverse or median, got {mode!r}")
     return [round(float(x), 4) for x in w]
 
 

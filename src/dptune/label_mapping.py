@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX, _color_tuple
 
 if TYPE_CHECKING:
@@ -45,11 +46,11 @@ def _target(value: Any, names: list[str], source: str) -> int:
             return IGNORE_INDEX
         lowered = [n.lower() for n in names]
         if value.lower() not in lowered:
-            raise ValueError(f"{source}: map target {value!r} is not a class name")
+            raise ConfigError(f"{source}: map target {value!r} is not a class name")
         return lowered.index(value.lower())
     if isinstance(value, int) and (0 <= value < len(names) or value == IGNORE_INDEX):
         return value
-    raise ValueError(f"{source}: map target {value!r} must be a class name, an index or 'ignore'")
+    raise ConfigError(f"{source}: map target {value!r} must be a class name, an index or 'ignore'")
 
 
 def _index_map(spec: dict[str, Any], names: list[str], source: str) -> dict[int, int]:
@@ -65,7 +66,7 @@ def _index_map(spec: dict[str, Any], names: list[str], source: str) -> dict[int,
     for v in spec.get("ignore_values") or []:
         v = int(v)
         if value_map.get(v, IGNORE_INDEX) != IGNORE_INDEX:
-            raise ValueError(f"{source}: value {v} is both a class and in ignore_values")
+            raise ConfigError(f"{source}: value {v} is both a class and in ignore_values")
         value_map[v] = IGNORE_INDEX
     return value_map
 
@@ -76,16 +77,16 @@ def _color_map(spec: dict[str, Any], names: list[str], colors: list, source: str
         cmap = {}
         for pair in pairs:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
-                raise ValueError(f"{source}: color_map entries are [[r, g, b], class], got {pair!r}")
+                raise ConfigError(f"{source}: color_map entries are [[r, g, b], class], got {pair!r}")
             cmap[_color_tuple(pair[0], f"{source}: color_map")] = _target(pair[1], names, source)
     else:
         if not colors:
-            raise ValueError(f"{source}: mask_format rgb needs 'colors' (or 'color_map')")
+            raise ConfigError(f"{source}: mask_format rgb needs 'colors' (or 'color_map')")
         cmap = {_color_tuple(c, f"{source}: colors"): i for i, c in enumerate(colors)}
     for c in spec.get("ignore_colors") or []:
         c = _color_tuple(c, f"{source}: ignore_colors")
         if cmap.get(c, IGNORE_INDEX) != IGNORE_INDEX:
-            raise ValueError(f"{source}: colour {list(c)} is both a class and in ignore_colors")
+            raise ConfigError(f"{source}: colour {list(c)} is both a class and in ignore_colors")
         cmap[c] = IGNORE_INDEX
     return cmap
 
@@ -93,26 +94,26 @@ def _color_map(spec: dict[str, Any], names: list[str], colors: list, source: str
 def parse_label_spec(cls: type[LabelSet], spec: dict[str, Any], source: str) -> LabelSet:
     unknown = set(spec) - _KNOWN_KEYS
     if unknown:
-        raise ValueError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(_KNOWN_KEYS)})")
+        raise ConfigError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(_KNOWN_KEYS)})")
     names = spec.get("names")
     if names is None and spec.get("from_checkpoint"):
         names = _names_from_checkpoint(str(spec["from_checkpoint"]))
     if not names or not isinstance(names, list):
-        raise ValueError(f"{source}: 'names' must be a non-empty list (or give 'from_checkpoint')")
+        raise ConfigError(f"{source}: 'names' must be a non-empty list (or give 'from_checkpoint')")
     names = [str(n) for n in names]
     colors = spec.get("colors") or []
     mask_format = spec.get("mask_format", "index")
     if mask_format not in ("index", "rgb"):
-        raise ValueError(f"{source}: mask_format must be 'index' or 'rgb', got {mask_format!r}")
+        raise ConfigError(f"{source}: mask_format must be 'index' or 'rgb', got {mask_format!r}")
     if mask_format == "index":
         if spec.get("ignore_colors") or "color_map" in spec:
-            raise ValueError(f"{source}: ignore_colors/color_map apply to mask_format rgb only")
+            raise ConfigError(f"{source}: ignore_colors/color_map apply to mask_format rgb only")
         return cls(names=names, colors=colors, mask_format="index",
                    value_map=_index_map(spec, names, source), source=source)
     if spec.get("ignore_values") or "map" in spec or spec.get("reduce_labels"):
-        raise ValueError(f"{source}: ignore_values/map/reduce_labels apply to mask_format index only")
+        raise ConfigError(f"{source}: ignore_values/map/reduce_labels apply to mask_format index only")
     if "color_map" in spec and not spec["color_map"] and not colors:
-        raise ValueError(f"{source}: empty color_map")
+        raise ConfigError(f"{source}: empty color_map")
     cmap = _color_map(spec, names, colors, source)
     if not colors and "color_map" in spec:
         # display colours default to the first colour mapped to each class

@@ -14,7 +14,7 @@ from typing import Any, Literal
 import numpy as np
 import yaml
 
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 
 IGNORE_INDEX = 255
 MAX_CLASSES = 255  # 0..254; 255 is reserved for "no label"
@@ -46,7 +46,7 @@ def _rgb_key(rgb: np.ndarray) -> np.ndarray:
 
 def _color_tuple(c: Sequence[int], what: str) -> tuple[int, int, int]:
     if len(c) != 3 or any(not 0 <= int(v) <= 255 for v in c):
-        raise ValueError(f"{what}: expected [r, g, b] with values 0-255, got {list(c)}")
+        raise ConfigError(f"{what}: expected [r, g, b] with values 0-255, got {list(c)}")
     return int(c[0]), int(c[1]), int(c[2])
 
 
@@ -67,15 +67,15 @@ class LabelSet:
 
     def __post_init__(self) -> None:
         if not self.names:
-            raise ValueError(f"{self.source}: a label set needs at least one class name")
+            raise ConfigError(f"{self.source}: a label set needs at least one class name")
         if len(self.names) > MAX_CLASSES:
-            raise ValueError(f"{self.source}: at most {MAX_CLASSES} classes (255 means ignore), got {len(self.names)}")
+            raise ConfigError(f"{self.source}: at most {MAX_CLASSES} classes (255 means ignore), got {len(self.names)}")
         if len(set(n.lower() for n in self.names)) != len(self.names):
-            raise ValueError(f"{self.source}: class names must be unique (case-insensitive)")
+            raise ConfigError(f"{self.source}: class names must be unique (case-insensitive)")
         if not self.colors:
             self.colors = default_palette(len(self.names))
         if len(self.colors) != len(self.names):
-            raise ValueError(f"{self.source}: {len(self.colors)} colors for {len(self.names)} names")
+            raise ConfigError(f"{self.source}: {len(self.colors)} colors for {len(self.names)} names")
         self.colors = [list(_color_tuple(c, f"{self.source}: colors")) for c in self.colors]
         if self.mask_format == "index" and not self.value_map:
             self.value_map = {i: i for i in range(len(self.names))}
@@ -113,7 +113,7 @@ class LabelSet:
     def from_id2label(cls, id2label: Mapping[int | str, str], source: str = "<id2label>") -> LabelSet:
         ids = sorted(int(k) for k in id2label)
         if ids != list(range(len(ids))):
-            raise ValueError(f"{source}: id2label keys must be 0..C-1, got {ids[:5]}...")
+            raise ConfigError(f"{source}: id2label keys must be 0..C-1, got {ids[:5]}...")
         names = [id2label[i] if i in id2label else id2label[str(i)] for i in ids]
         return cls(names=list(names), source=source)
 
@@ -143,12 +143,12 @@ class LabelSet:
     def _build_lookup(self) -> None:
         for target in [*self.value_map.values(), *self.color_map.values()]:
             if target != IGNORE_INDEX and not 0 <= target < self.num_classes:
-                raise ValueError(f"{self.source}: mapping points to class {target}, outside 0..{self.num_classes - 1}")
+                raise ConfigError(f"{self.source}: mapping points to class {target}, outside 0..{self.num_classes - 1}")
         size = 65536 if any(v > 255 for v in self.value_map) else 256
         lut = np.full(size, _UNKNOWN, dtype=np.int16)
         for src, dst in self.value_map.items():
             if not 0 <= src < 65536:
-                raise ValueError(f"{self.source}: mask value {src} outside 0..65535")
+                raise ConfigError(f"{self.source}: mask value {src} outside 0..65535")
             lut[src] = dst
         self._lut = lut
         self._color_keys = np.array([_rgb_key(np.array(c, dtype=np.uint8)) for c in self.color_map], dtype=np.int32)

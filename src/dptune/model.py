@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +20,7 @@ from transformers import AutoConfig, DPTConfig, DPTForSemanticSegmentation, Pret
 
 from dptune.backbones import check_family, dpt_config_for_backbone, load_backbone_weights, model_class
 from dptune.dpt_backbone import input_multiple, uses_backbone
+from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
@@ -39,9 +40,9 @@ def load_config(config: str | Mapping[str, Any]) -> PretrainedConfig:
     try:
         spec = json.loads(path.read_text())
     except FileNotFoundError:
-        raise FileNotFoundError(f"{path}: model config not found") from None
+        raise ConfigError(f"{path}: model config not found") from None
     except json.JSONDecodeError as e:
-        raise ValueError(f"{path}: not valid JSON ({e})") from None
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
     return _config_from_dict(spec)
 
 
@@ -49,6 +50,16 @@ def _config_from_dict(spec: dict[str, Any]) -> PretrainedConfig:
     spec = {k: v for k, v in spec.items() if k not in ("architectures", "auto_map")}
     kind = spec.pop("model_type", "dpt")
     return DPTConfig(**spec) if kind == "dpt" else AutoConfig.for_model(kind, **spec)
+
+
+def pretrained_config(ref: str) -> PretrainedConfig:
+    """The config of a hub id or local directory; one clear line when it cannot be had."""
+    try:
+        return AutoConfig.from_pretrained(ref)
+    except OSError as e:
+        where = "local directory" if Path(ref).exists() else "hub id (offline, or no such repository?)"
+        raise ConfigError(f"model.pretrained {ref!r}: cannot load its config.json as a {where}: "
+                          f"{str(e).splitlines()[0]}") from None
 
 
 def build_model(
@@ -69,11 +80,11 @@ def build_model(
     from random weights (see ``he_init``); ``hf`` keeps ``transformers``' N(0, 0.02).
     """
     if fresh_init not in ("he", "hf"):
-        raise ValueError(f"model.fresh_init must be 'he' or 'hf', not {fresh_init!r}")
+        raise ConfigError(f"model.fresh_init must be 'he' or 'hf', not {fresh_init!r}")
     if (pretrained is None) == (config is None):
-        raise ValueError("give exactly one of model.pretrained (hub id / directory) or model.config (DPTConfig JSON)")
+        raise ConfigError("give exactly one of model.pretrained (hub id / directory) or model.config (DPTConfig JSON)")
     if pretrained is not None:
-        cfg = AutoConfig.from_pretrained(pretrained)
+        cfg = pretrained_config(pretrained)
         check_family(cfg, backbone, pretrained)
         if cfg.model_type != "dpt":
             model = _fresh_model(dpt_config_for_backbone(cfg), names, attn_implementation)
@@ -87,9 +98,15 @@ def build_model(
             )
             # layers the checkpoint lacks, or has in another shape (a depth head), start from random weights
             missing = set(info["missing_keys"]) | {key for key, *_shapes in info["mismatched_keys"]}
-            fresh = [(n, m) for n, m in _head_layers(model) if f"{n}.weight" in missing]
-            carried = adapt_classifiers(model, names)
-            log.info("%s: %d of %d classes carried over from the checkpoint's classifier", pretrained, carried, len(names))
+            fresh_names = {n for n, _ in _head_layers(model) if f"{n}.weight" in missing}
+            init = he_init_layer if fresh_init == "he" else model._init_weights
+            carried = adapt_classifiers(model, names, init)
+            if any(n.startswith("head.") for n in fresh_names):
+                carried = []  # the checkpoint had no segmentation head: nothing was really carried
+            log.info("%s: %d of %d classes carried over from the checkpoint's classifier%s", pretrained,
+                     len(carried), len(names), f" ({', '.join(carried)})" if carried else "")
+            # resolved after adapt_classifiers, which replaces the classifier modules
+            fresh = [(n, m) for n, m in _head_layers(model) if n in fresh_names]
     else:
         cfg = load_config(config)
         check_family(cfg, backbone, "model.config")
@@ -124,16 +141,23 @@ def he_init(layers) -> None:
     A transposed convolution whose stride equals its kernel (DPT's upsampling) gives every output
     pixel one tap per input channel, so its fan-in is its input channels.
     """
-    with torch.no_grad():
-        for layer in layers:
-            if isinstance(layer, nn.ConvTranspose2d):
-                taps = math.prod(max(1, k // s) for k, s in zip(layer.kernel_size, layer.stride, strict=True))
-                fan_in = layer.in_channels // layer.groups * taps
-            else:  # Conv2d (out, in / groups, kh, kw) or Linear (out, in)
-                fan_in = layer.weight[0].numel()
-            layer.weight.normal_(0.0, math.sqrt(2.0 / fan_in))
-            if layer.bias is not None:
-                layer.bias.zero_()
+    for layer in layers:
+        he_init_layer(layer)
+
+
+@torch.no_grad()
+def he_init_layer(layer: nn.Module) -> None:
+    """He-normal init of one convolution or linear layer (see ``he_init``); other modules are left alone."""
+    if not isinstance(layer, (nn.Conv2d, nn.ConvTranspose2d, nn.Linear)):
+        return
+    if isinstance(layer, nn.ConvTranspose2d):
+        taps = math.prod(max(1, k // s) for k, s in zip(layer.kernel_size, layer.stride, strict=True))
+        fan_in = layer.in_channels // layer.groups * taps
+    else:  # Conv2d (out, in / groups, kh, kw) or Linear (out, in)
+        fan_in = layer.weight[0].numel()
+    layer.weight.normal_(0.0, math.sqrt(2.0 / fan_in))
+    if layer.bias is not None:
+        layer.bias.zero_()
 
 
 def _fresh_model(cfg: DPTConfig, names: Sequence[str], attn_implementation: str) -> PreTrainedModel:
@@ -188,21 +212,26 @@ def _classifiers(model: PreTrainedModel) -> list[tuple[nn.Sequential, int]]:
     return found
 
 
-def adapt_classifiers(model: PreTrainedModel, names: Sequence[str]) -> int:
+def adapt_classifiers(model: PreTrainedModel, names: Sequence[str],
+                      init: Callable[[nn.Module], None] | None = None) -> list[str]:
     """Point the classifiers at ``names``; copy rows of classes the checkpoint already knows.
 
-    Matching is by class name, case-insensitive. Returns how many classes were carried over.
+    Matching is by class name, case-insensitive. A replaced classifier starts from ``init``
+    (a per-layer initialiser; default: PyTorch's) before the known rows are copied in, so the
+    rows of new classes start like every other fresh layer. Returns the carried class names.
     """
     old = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}
     new_names = list(names)
     same = [n.lower() for n in new_names] == [
         str(model.config.id2label[i]).lower() for i in range(len(model.config.id2label))
     ]
-    carried = sum(n.lower() in old for n in new_names)
+    carried = [n for n in new_names if n.lower() in old]
     if not same:
         for container, idx in _classifiers(model):
             prev: nn.Conv2d = container[idx]
             conv = nn.Conv2d(prev.in_channels, len(new_names), kernel_size=1).to(prev.weight.device, prev.weight.dtype)
+            if init is not None:
+                init(conv)
             with torch.no_grad():
                 for j, name in enumerate(new_names):
                     i = old.get(name.lower())
@@ -211,7 +240,7 @@ def adapt_classifiers(model: PreTrainedModel, names: Sequence[str]) -> int:
                         conv.bias[j] = prev.bias[i]
             container[idx] = conv
     else:
-        carried = len(new_names)
+        carried = list(new_names)
     model.config.num_labels = len(new_names)
     model.config.id2label = dict(enumerate(new_names))
     model.config.label2id = {n: i for i, n in enumerate(new_names)}

@@ -14,6 +14,7 @@ import cv2
 import numpy as np
 from PIL import Image
 
+from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
 
 
@@ -41,7 +42,7 @@ class RandomScaleCrop(A.DualTransform):
     ) -> None:
         super().__init__(p=p)
         if not 0 < cat_max_ratio <= 1:
-            raise ValueError(f"RandomScaleCrop: cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
+            raise ConfigError(f"RandomScaleCrop: cat_max_ratio must be in (0, 1], got {cat_max_ratio}")
         self.cat_max_ratio = float(cat_max_ratio)
         self.crop = (int(crop[0]), int(crop[1]))
         self.scale = (float(scale[0]), float(scale[1]))
@@ -154,7 +155,7 @@ def _enforce_mask_rules(name: str, kwargs: dict[str, Any], cls: type) -> dict[st
     params = inspect.signature(cls.__init__).parameters
     if "mask_interpolation" in params:
         if kwargs.get("mask_interpolation", cv2.INTER_NEAREST) != cv2.INTER_NEAREST:
-            raise ValueError(f"{name}: mask_interpolation must be nearest (0); masks hold class indices")
+            raise ConfigError(f"{name}: mask_interpolation must be nearest (0); masks hold class indices")
         kwargs["mask_interpolation"] = cv2.INTER_NEAREST
     if "fill_mask" in params:
         kwargs.setdefault("fill_mask", IGNORE_INDEX)
@@ -166,16 +167,16 @@ def build_transforms(spec: Sequence[dict[str, Any]], seed: int | None = None) ->
     steps = []
     for i, item in enumerate(spec):
         if not isinstance(item, dict) or "name" not in item:
-            raise ValueError(f"transforms[{i}]: expected a mapping with 'name', got {item!r}")
+            raise ConfigError(f"transforms[{i}]: expected a mapping with 'name', got {item!r}")
         kwargs = dict(item)
         name = kwargs.pop("name")
         cls = CUSTOM.get(name) or getattr(A, name, None)
         if cls is None:
-            raise ValueError(f"transforms[{i}]: unknown transform {name!r} (not in albumentations or dptune)")
+            raise ConfigError(f"transforms[{i}]: unknown transform {name!r} (not in albumentations or dptune)")
         try:
             steps.append(cls(**_enforce_mask_rules(name, kwargs, cls)))
         except (TypeError, ValueError) as e:
-            raise ValueError(f"transforms[{i}] {name}: {e}") from None
+            raise ConfigError(f"transforms[{i}] {name}: {e}") from None
     return A.Compose(steps, seed=seed)
 
 
