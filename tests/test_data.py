@@ -202,3 +202,87 @@ def test_disk_cache_serves_the_decoded_samples_and_follows_file_changes(tmp_path
     third = SegmentationDataModule(**kw)._dataset("train")  # re-checked and re-written
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 8
     assert all(i in third.cache for i in range(3))
+
+
+def _binary_camvid(tmp_path: Path, frames: int = 6) -> Path:
+    """CamVid frames turned into Car vs rest, masks written as 0/255 (images linked, not copied)."""
+    root = tmp_path / "cars"
+    for sub in ("train", "trainannot"):
+        (root / sub).mkdir(parents=True)
+    for f in sorted((CAMVID / "train").glob("0001TP_0069*.jpg"))[:frames]:
+        (root / "train" / f.name).symlink_to(f)
+        mask = np.asarray(Image.open(CAMVID / "trainannot" / f"{f.stem}.png"))
+        Image.fromarray(np.where(mask == 8, 255, 0).astype(np.uint8)).save(root / "trainannot" / f"{f.stem}.png")
+    return root
+
+
+@needs(CAMVID)
+def test_binary_masks_stored_as_0_255_stop_with_the_fix_named(tmp_path):
+    """A two-class label set over 0/255 masks: 255 is 'no label' unless the file says otherwise, so
+    Car would silently never be trained. The pre-flight check stops and names both fixes."""
+    root = _binary_camvid(tmp_path)
+    split = {"train": {"images": "train/*.jpg", "masks": "trainannot/{stem}.png"}}
+
+    def setup(labels):
+        dm = SegmentationDataModule(root=str(root), labels=labels, splits=split, image_size=64, num_workers=0)
+        dm.setup("fit")
+        return dm
+
+    with pytest.raises(DataError) as err:
+        setup({"names": ["background", "Car"]})
+    msg = str(err.value)
+    assert "class 'Car' never occurs" in msg and "map: {255: Car}" in msg and "ignore_values: [255]" in msg
+    assert "trainannot/{stem}.png" in msg and "%" in msg
+    # the fix: 255 is Car; every Car pixel of the source masks reaches training as class 1
+    dm = setup({"names": ["background", "Car"], "map": {0: "background", 255: "Car"}})
+    ds = dm.datasets["train"]
+    cars = sum(int((ds.load(i)[1] == 1).sum()) for i in ds.indices)
+    ref = sum(int((np.asarray(Image.open(CAMVID / "trainannot" / f"{Path(p).stem}.png")) == 8).sum())
+              for p in ds.source.images)
+    assert cars == ref > 0
+    # or it is stated as ignore: then an absent class is only a warning
+    setup({"names": ["background", "Car"], "ignore_values": [255]})
+
+
+def test_label_file_round_trip_keeps_whether_255_was_stated():
+    from dptune.labels import LabelSet
+
+    implied, stated = LabelSet(names=["a", "b"]), LabelSet.from_dict({"names": ["a", "b"], "ignore_values": [255]})
+    assert implied.implicit_ignore and not stated.implicit_ignore
+    assert LabelSet.from_dict(implied.to_dict()).implicit_ignore
+    assert not LabelSet.from_dict(stated.to_dict()).implicit_ignore
+    raw = np.array([[0, 255], [1, 255]], np.uint8)
+    assert implied.implicit_ignore_pixels(raw) == 2 and stated.implicit_ignore_pixels(raw) == 0
+    assert np.array_equal(implied.encode(raw), stated.encode(raw))  # same encoding either way
+
+
+@needs(CAMVID)
+def test_png_with_a_corrupt_body_is_caught_before_training(tmp_path):
+    """The header of such a PNG reads fine; only decoding the pixels finds the damage."""
+    import cv2
+
+    root = tmp_path / "corrupt"
+    for sub in ("train", "trainannot"):
+        (root / sub).mkdir(parents=True)
+    frames = sorted((CAMVID / "train").glob("0001TP_0069*.jpg"))[:3]
+    for f in frames:
+        cv2.imwrite(str(root / "train" / f"{f.stem}.png"), cv2.imread(str(f)))
+        (root / "trainannot" / f"{f.stem}.png").symlink_to(CAMVID / "trainannot" / f"{f.stem}.png")
+    bad = root / "train" / f"{frames[1].stem}.png"
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2 : len(data) // 2 + 4000] = bytes(4000)  # zeros in the middle of the pixel data
+    bad.write_bytes(bytes(data))
+    from PIL import Image as PILImage
+
+    with PILImage.open(bad) as im:
+        assert im.size == (480, 360)  # the header is intact
+    split = {"train": {"images": "train/*.png", "masks": "trainannot/{stem}.png"}}
+    labels = str(CAMVID / "labels.yaml")
+    dm = SegmentationDataModule(root=str(root), labels=labels, splits=split, image_size=64, num_workers=0)
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert str(bad) in str(err.value) and "1 bad sample" in str(err.value)
+    fast = SegmentationDataModule(root=str(root), labels=labels, splits=split, image_size=64, num_workers=0,
+                                  check="header")
+    fast.setup("fit")  # header-only: documented to miss it
+    assert len(fast.datasets["train"]) == 3

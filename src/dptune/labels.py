@@ -81,8 +81,10 @@ class LabelSet:
             self.value_map = {i: i for i in range(len(self.names))}
         if self.mask_format == "rgb" and not self.color_map:
             self.color_map = {tuple(c): i for i, c in enumerate(self.colors)}
+        # 255 is "no label" everywhere in dptune, also in the masks users bring; whether the label
+        # file said so is kept: an unstated 255 may be a class stored as 0/255 (binary masks)
+        self.implicit_ignore = self.mask_format == "index" and IGNORE_INDEX not in self.value_map
         if self.mask_format == "index":
-            # 255 is "no label" everywhere in dptune, also in the masks users bring.
             self.value_map.setdefault(IGNORE_INDEX, IGNORE_INDEX)
         self._build_lookup()
 
@@ -134,7 +136,8 @@ class LabelSet:
         """A plain dict that ``from_dict`` reads back (used in checkpoints)."""
         spec: dict[str, Any] = {"names": list(self.names), "colors": self.colors, "mask_format": self.mask_format}
         if self.mask_format == "index":
-            spec["value_map"] = {int(k): int(v) for k, v in self.value_map.items()}
+            spec["value_map"] = {int(k): int(v) for k, v in self.value_map.items()
+                                 if not (self.implicit_ignore and k == IGNORE_INDEX)}
         else:
             spec["color_map"] = [[list(k), int(v)] for k, v in self.color_map.items()]
         return spec
@@ -205,6 +208,15 @@ class LabelSet:
                 f"{path}: mask has {int(unknown.sum())} pixels of colours the label set does not define, e.g. {colors}"
             )
         return out.astype(np.uint8)
+
+    def implicit_ignore_pixels(self, raw: np.ndarray) -> int:
+        """Pixels of a raw mask whose value is 255 when the label file did not state 255 as
+        ignore (``ignore_values: [255]`` or a ``map`` entry): such pixels are read as "no label"."""
+        if not self.implicit_ignore:
+            return 0
+        if raw.ndim == 3:
+            raw = raw[..., 0]
+        return int(np.count_nonzero(raw == IGNORE_INDEX))
 
     def colorize(self, index_mask: np.ndarray, ignore_color: Sequence[int] = (0, 0, 0)) -> np.ndarray:
         """HxW class indices -> HxWx3 uint8 in the label set's colours (ignore in ``ignore_color``)."""

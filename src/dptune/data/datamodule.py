@@ -8,6 +8,7 @@ from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
+import numpy as np
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
@@ -53,6 +54,26 @@ def _seed_worker(worker_id: int) -> None:
         transform.set_random_seed(_augment_seed())
 
 
+def check_coverage(labels: LabelSet, class_pixels: np.ndarray, implicit_ignore: int, where: str) -> None:
+    """Stop when a class never occurs in the training masks while raw 255, which the label file
+    never declared as "no label", does: binary masks stored as 0/255 would otherwise train on the
+    background alone. An implied 255 with every class present, or an absent class without it,
+    is logged loudly instead."""
+    missing = [n for n, count in zip(labels.names, class_pixels[: labels.num_classes], strict=True) if count == 0]
+    total = int(class_pixels.sum())
+    if implicit_ignore and missing:
+        share = implicit_ignore / max(1, total)
+        raise DataError(
+            f"{where}: class {missing[0]!r} never occurs in the training masks, while {share:.1%} of their pixels "
+            f"are 255, which dptune reads as 'no label'. If 255 stores {missing[0]!r} (masks saved as 0/255), add "
+            f"'map: {{255: {missing[0]}}}' to the label file; if 255 means no label, say so with 'ignore_values: [255]'")
+    if implicit_ignore:
+        log.warning("%s: %.1f%% of the training pixels are 255 and read as 'no label' (ignore_values does not list "
+                    "255; add it to say that this is meant)", where, 100 * implicit_ignore / max(1, total))
+    for name in missing:
+        log.warning("%s: class %r never occurs in the training masks", where, name)
+
+
 class EvalDistributedSampler(DistributedSampler):
     """Shards evaluation data across processes without padding.
 
@@ -91,7 +112,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         num_workers: int | None = None,
         pin_memory: bool | None = None,
         persistent_workers: bool = True,
-        check: bool = True,
+        check: bool | Literal["header"] = True,
         cache: bool | Literal["memory", "disk"] = False,
         cache_dir: str | None = None,
         on_bad_sample: Literal["error", "skip"] = "error",
@@ -126,7 +147,10 @@ class SegmentationDataModule(pl.LightningDataModule):
                 fewer (a worker would compete with the model for them), else half the cores, at most 8.
             pin_memory: Pin host memory (default: on when CUDA is available).
             persistent_workers: Keep workers alive between epochs.
-            check: Decode every sample before training starts, so bad files stop the run early.
+            check: Decode every sample before training starts, so bad files stop the run early (and
+                count the classes: a class that never occurs in training next to unstated 255s stops
+                the run). ``header``: images are checked from their headers only (faster; a corrupt
+                image body then stops the run when training reaches it); masks are always decoded.
             cache: ``memory`` (or ``true``): keep decoded images and encoded masks in memory (small
                 datasets: decode once per run). ``disk``: write them once as raw arrays under
                 ``cache_dir`` and read those in every later epoch and run (folder sources; shared by
@@ -230,7 +254,9 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def _check(self, ds: SegmentationDataset, stage: str) -> None:
         store = DiskCache(ds.source, self.label_set, self.cache_dir) if self.cache == "disk" else None
-        good, problems, cache = scan(ds, f"checking {stage} data", keep=self.cache == "memory", store=store)
+        found = scan(ds, f"checking {stage} data", keep=self.cache == "memory", store=store,
+                     decode_images=self.check != "header")
+        problems, good = found.problems, found.good
         if problems and self.on_bad_sample == "error":
             raise DataErrors(problems, hint="Fix them, or pass --data.on_bad_sample skip to leave them out.")
         if problems:
@@ -239,9 +265,15 @@ class SegmentationDataModule(pl.LightningDataModule):
             log.warning("%s: skipped %d bad sample(s) of %d", stage, len(problems), len(ds.indices))
             if not good:
                 raise DataError(f"{stage}: every sample is bad; nothing to train on")
+        if stage == "train":
+            check_coverage(self.label_set, found.class_pixels, found.implicit_ignore, self._where(stage))
         ds.indices = good
-        ds.cache = store if store is not None else cache if self.cache == "memory" else None
+        ds.cache = store if store is not None else found.cache if self.cache == "memory" else None
         self.skipped[stage] = len(problems)
+
+    def _where(self, stage: str) -> str:
+        spec = self.splits.get(stage, {})
+        return f"data.splits.{stage} ({spec.get('masks', spec.get('split', stage))})"
 
     def setup(self, stage: str | None = None) -> None:
         wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage or "fit", STAGES)

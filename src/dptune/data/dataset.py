@@ -6,6 +6,7 @@ import logging
 import os
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
@@ -81,14 +82,22 @@ class SegmentationDataset(Dataset):
         image, raw, name = self.source.load(i)
         return encode_sample(image, raw, name, self.labels)
 
-    def check(self, i: int) -> None:
-        """Raise ``DataError`` if sample ``i`` is unusable, reading as little as the source allows."""
+    def inspect(self, i: int, decode_image: bool = True) -> tuple[np.ndarray | None, np.ndarray, int]:
+        """Check sample ``i``: (decoded image, or None when only its header was read; encoded mask;
+        raw pixels read as "no label" only because 255 is implied). Raises ``DataError`` if unusable.
+
+        Without ``decode_image`` a folder source reads just the image header (and a JPEG's end
+        marker): fast, but a corrupt image body then surfaces only when training reaches it."""
         probe = getattr(self.source, "probe", None)
-        if probe is None:
-            self.load(i)
-            return
-        image_hw, raw, name = probe(i)
-        check_same_size(name, image_hw, self.labels.encode(raw, name))
+        if decode_image or probe is None:
+            image, raw, name = self.source.load(i)
+            image_hw = image.shape[:2]
+        else:
+            image = None
+            image_hw, raw, name = probe(i)
+        mask = self.labels.encode(raw, name)
+        check_same_size(name, image_hw, mask)
+        return image, mask, self.labels.implicit_ignore_pixels(raw)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k]
@@ -125,39 +134,49 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     }
 
 
+@dataclass
+class ScanResult:
+    good: list[int] = field(default_factory=list)  # indices that passed
+    problems: list[str] = field(default_factory=list)  # one line per bad sample
+    cache: dict[int, tuple[np.ndarray, np.ndarray]] = field(default_factory=dict)  # with ``keep``
+    class_pixels: np.ndarray = field(default_factory=lambda: np.zeros(256, np.int64))  # encoded values
+    implicit_ignore: int = 0  # raw 255 pixels read as "no label" without the label file saying so
+
+
 def scan(
-    dataset: SegmentationDataset, desc: str, keep: bool, workers: int = 2, store: Any = None
-) -> tuple[list[int], list[str], dict[int, tuple[np.ndarray, np.ndarray]]]:
-    """Check every sample once: return good indices, one problem line per bad sample, and,
-    when ``keep``, the decoded samples (the in-memory cache). Without ``keep`` images are only
-    checked from their headers; masks are always decoded (their values must be known).
-    With ``store`` (a ``DiskCache``) samples already in it pass (they were checked when
-    written), the others are decoded, checked and written to it."""
-    good: list[int] = []
-    problems: list[str] = []
-    cache: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    dataset: SegmentationDataset, desc: str, keep: bool, workers: int = 2, store: Any = None,
+    decode_images: bool = True,
+) -> ScanResult:
+    """Check every sample once: good indices, one problem line per bad sample, per-class pixel
+    counts and, when ``keep``, the decoded samples (the in-memory cache). Masks are always decoded
+    (their values must be known); images too unless ``decode_images`` is off (header only).
+    With ``store`` (a ``DiskCache``) samples already in it pass (they were checked when written,
+    under the same label set) and count their cached masks; the others are decoded, checked and
+    written to it."""
+    result = ScanResult()
 
     def one(i: int) -> tuple[int, Any]:
         try:
+            if store is not None and i in store:
+                return i, (None, store[i][1], 0)
+            image, mask, implicit = dataset.inspect(i, decode_images or keep or store is not None)
             if store is not None:
-                if i not in store:
-                    store.put(i, *dataset.load(i))
-                return i, None
-            if keep:
-                return i, dataset.load(i)
-            dataset.check(i)
-            return i, None
+                store.put(i, image, mask)
+            return i, (image, mask, implicit)
         except DataError as e:
             return i, str(e)
 
     quiet = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0"  # one progress bar per job
     with ThreadPoolExecutor(max(1, workers)) as pool:
         results = pool.map(one, dataset.indices)
-        for i, result in tqdm(results, total=len(dataset.indices), desc=desc, leave=False, disable=quiet):
-            if isinstance(result, str):
-                problems.append(result)
+        for i, outcome in tqdm(results, total=len(dataset.indices), desc=desc, leave=False, disable=quiet):
+            if isinstance(outcome, str):
+                result.problems.append(outcome)
                 continue
-            good.append(i)
+            image, mask, implicit = outcome
+            result.good.append(i)
+            result.class_pixels += np.bincount(mask.ravel(), minlength=256)
+            result.implicit_ignore += implicit
             if keep:
-                cache[i] = result
-    return good, problems, cache
+                result.cache[i] = (image, mask)
+    return result
