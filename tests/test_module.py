@@ -160,3 +160,29 @@ def test_sync_batchnorm_only_for_multi_gpu():
     assert not wants_sync_batchnorm(trainer(1, "cuda"))
     assert not wants_sync_batchnorm(trainer(2, "cpu"))  # gloo DDP on CPU: plain BatchNorm
     assert not wants_sync_batchnorm(None)
+
+
+def test_normalisation_without_an_image_processor_follows_the_family(tmp_path, tiny_config, caplog):
+    """No preprocessor_config.json: DINOv2 gets ImageNet statistics (not DPT's 0.5), and the log says
+    where mean/std came from in every case."""
+    import json
+    import logging
+
+    from conftest import REPO
+
+    caplog.set_level(logging.INFO, logger="dptune")
+    dino = json.loads((REPO / "configs" / "models" / "dpt-dinov2-tiny.json").read_text())
+    m = _module(dino)
+    assert m.image_mean == pytest.approx([0.485, 0.456, 0.406]) and m.image_std == pytest.approx([0.229, 0.224, 0.225])
+    assert "dinov2 family's published statistics" in caplog.text
+    caplog.clear()
+    assert _module(tiny_config).image_mean == [0.5, 0.5, 0.5]
+    assert "vit family" in caplog.text
+    # a checkpoint directory that ships no processor says so
+    caplog.clear()
+    from transformers import DPTConfig, DPTForSemanticSegmentation
+
+    DPTForSemanticSegmentation(DPTConfig(**tiny_config)).save_pretrained(tmp_path / "ckpt")
+    spec = LabelSet(names=["a", "b", "c"]).to_dict()
+    SegmentationModule(pretrained=str(tmp_path / "ckpt"), label_spec=spec, image_size=64)
+    assert "ships no preprocessor_config.json" in caplog.text

@@ -232,3 +232,32 @@ def test_onnx_masks_equal_the_pipeline_on_real_frames(exported, tmp_path):
             ref = segment(seg.model, torch.from_numpy(wide), with_aux=False)[0].numpy()
         assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
         assert np.array_equal(got.argmax(1), ref.argmax(1))
+
+
+def test_evaluate_refuses_a_label_set_with_other_names_or_order(exported, tmp_path, capsys):
+    """Same class count, other names (or the same names reordered): scoring would compare class i of
+    one label set with class i of the other. One line, exit 2."""
+    names = LabelSet.from_yaml(CAMVID / "labels.yaml").names
+    for changed, message in [([*names[:3], "Street", *names[4:]], "class 3 is 'Road' in the model but 'Street'"),
+                             ([names[1], names[0], *names[2:]], "same classes in another order")]:
+        labels = tmp_path / "labels.yaml"
+        labels.write_text(json.dumps({"names": changed, "ignore_values": [11]}))
+        rc = evaluate_main(["--model", str(exported), "--images", VAL, "--masks", "valannot/{stem}.png",
+                            "--labels", str(labels), "--root", str(CAMVID)])
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert rc == 2 and len(errors) == 1 and message in errors[0] and "Traceback" not in err, err
+
+
+def test_model_card_says_how_the_metrics_were_measured():
+    from transformers import DPTImageProcessorPil
+
+    from dptune.export import model_card
+
+    labels = LabelSet(names=["a", "b"])
+    proc = DPTImageProcessorPil(size={"height": 192, "width": 192})
+    metrics = {"val": {"mIoU": 0.5, "pixel_acc": 0.7, "mAcc": 0.6, "IoU": [0.4, 0.6]}}
+    slide = model_card(labels, proc, metrics, "x.ckpt", evaluation={"mode": "slide", "size": 192, "stride": 2 / 3})
+    assert "sliding 192x192 windows at each image's native resolution" in slide and "--mode slide" in slide
+    whole = model_card(labels, proc, metrics, "x.ckpt", evaluation={"mode": "resize", "size": 192})
+    assert "whole images resized to 192x192" in whole and "sliding" not in whole

@@ -18,6 +18,22 @@ from dptune.errors import ConfigError
 
 log = logging.getLogger(__name__)
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+HALF = (0.5, 0.5, 0.5)
+# what each family's published checkpoints were trained with: DPT's own ViT/Hybrid and BEiT
+# normalise with 0.5/0.5; DINOv2 and Swin/Swinv2 with ImageNet's statistics
+FAMILY_NORMALIZATION = {"vit": (HALF, HALF), "hybrid": (HALF, HALF), "beit": (HALF, HALF),
+                        "dinov2": (IMAGENET_MEAN, IMAGENET_STD), "swinv2": (IMAGENET_MEAN, IMAGENET_STD),
+                        "swin": (IMAGENET_MEAN, IMAGENET_STD)}
+
+
+def default_normalization(config: PretrainedConfig) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
+    """(mean, std, known) for a model whose checkpoint ships no image processor: the family's own
+    statistics when ``known``, else ImageNet's."""
+    found = FAMILY_NORMALIZATION.get(family(config).lower())
+    return (*(found or (IMAGENET_MEAN, IMAGENET_STD)), found is not None)
+
+
 def family(config: PretrainedConfig) -> str:
     """``vit``, ``hybrid`` or the backbone's model type, for a DPT config or a bare backbone config."""
     if config.model_type != "dpt":

@@ -46,13 +46,15 @@ def _load(src: str):
         model = load_exported(src)
 
         card = Path(src) / "dptune.json"
-        metrics = json.loads(card.read_text()).get("metrics", {}) if card.exists() else {}
+        meta = json.loads(card.read_text()) if card.exists() else {}
         labels = exported_labels(src, model.config.id2label)
-        return model, AutoImageProcessor.from_pretrained(src), labels, metrics
+        return (model, AutoImageProcessor.from_pretrained(src), labels, meta.get("metrics", {}),
+                meta.get("evaluation", {}))
     from dptune.module import load_module
 
     module = load_module(src)
-    return module.model, module.image_processor(), module.label_set, getattr(module, "checkpoint_metrics", {})
+    return (module.model, module.image_processor(), module.label_set, module.checkpoint_metrics,
+            module.checkpoint_evaluation)
 
 
 REMOTE_MODULE = "modeling_dptune"
@@ -84,7 +86,23 @@ def fit_hybrid_positions(model: nn.Module, size: tuple[int, int]) -> None:
         cfg.backbone_featmap_shape = [*cfg.backbone_featmap_shape[:2], h // cfg.patch_size, w // cfg.patch_size]
 
 
-def model_card(labels, processor, metrics: dict, source: str, remote: bool = False) -> str:
+def measured_how(evaluation: dict, processor) -> str:
+    """One sentence on how the card's metrics were measured."""
+    if evaluation.get("mode") == "slide":
+        size = evaluation.get("size")
+        h, w = (size, size) if isinstance(size, int) else (size or ["?", "?"])
+        stride = evaluation.get("stride", 2 / 3)
+        return (f"Measured with sliding {h}x{w} windows at each image's native resolution (stride {stride:.2f} of the "
+                "window, overlapping logits averaged), not on whole images resized by the bundled image processor: "
+                "`pipeline(...)` scores lower on large images. Reproduce with "
+                "`scripts/evaluate.py --mode slide` or predict with `scripts/predict.py --mode slide`.")
+    size = processor.size
+    return (f"Measured on whole images resized to {size['height']}x{size['width']} as the bundled image processor "
+            "does, logits upsampled to the label size: what `pipeline(...)` computes.")
+
+
+def model_card(labels, processor, metrics: dict, source: str, remote: bool = False,
+               evaluation: dict | None = None) -> str:
     size = processor.size
     lines = [
         "---", "library_name: transformers", "pipeline_tag: image-segmentation", "tags: [dpt, semantic-segmentation, dptune]",
@@ -99,6 +117,7 @@ def model_card(labels, processor, metrics: dict, source: str, remote: bool = Fal
     val = metrics.get("val") if isinstance(metrics, dict) else None
     if val:
         lines += ["", "## Validation metrics (last validation of the run)", "",
+                  measured_how(evaluation or {}, processor), "",
                   f"mIoU {val['mIoU']:.4f}, pixel accuracy {val['pixel_acc']:.4f}, mean accuracy {val['mAcc']:.4f}", "",
                   "| class | IoU |", "| --- | --- |"]
         lines += [f"| {n} | {'-' if v != v else f'{v:.4f}'} |" for n, v in zip(labels.names, val["IoU"], strict=True)]
@@ -169,7 +188,7 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
            tolerance: float = 1e-4) -> Path:
     """Write ``model.safetensors``, ``config.json`` (id2label), ``preprocessor_config.json``, a model
     card ``README.md`` and, with ``onnx``, ``model.onnx`` checked against torch."""
-    model, processor, labels, metrics = _load(str(src))
+    model, processor, labels, metrics, evaluation = _load(str(src))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
@@ -195,9 +214,10 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
         model = model.half()
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
-    (out / "README.md").write_text(model_card(labels, processor, metrics, str(src), uses_backbone(model.config)))
-    (out / "dptune.json").write_text(json.dumps({"source": str(src), "labels": labels.to_dict(), "metrics": metrics},
-                                                indent=2, default=str))
+    (out / "README.md").write_text(model_card(labels, processor, metrics, str(src), uses_backbone(model.config),
+                                              evaluation))
+    (out / "dptune.json").write_text(json.dumps({"source": str(src), "labels": labels.to_dict(), "metrics": metrics,
+                                                 "evaluation": evaluation}, indent=2, default=str))
     if push_to_hub:
         push_folder(out, push_to_hub)
     log.info("exported %s -> %s (%d classes)", src, out, labels.num_classes)

@@ -25,8 +25,6 @@ from dptune.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
-DEFAULT_MEAN = (0.5, 0.5, 0.5)  # what Intel/dpt-* checkpoints were trained with
-DEFAULT_STD = (0.5, 0.5, 0.5)
 
 
 def load_config(config: str | Mapping[str, Any]) -> PretrainedConfig:

@@ -12,12 +12,13 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from dptune.backbones import default_normalization, family
 from dptune.dpt_backbone import input_multiple
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.losses import cross_entropy, dice_loss, lovasz_loss, upsample
 from dptune.metrics import ConfusionMatrix, metrics_from_confmat
-from dptune.model import DEFAULT_MEAN, DEFAULT_STD, build_model, segment
+from dptune.model import build_model, segment
 from dptune.optim import WarmupPoly, param_groups
 
 log = logging.getLogger(__name__)
@@ -134,7 +135,9 @@ class SegmentationModule(pl.LightningModule):
                 weights (a model from ``config``, a bare backbone, a checkpoint without a segmentation
                 head): ``he`` (He-normal; default) or ``hf`` (``transformers``' N(0, 0.02), which
                 leaves a DPT trained from scratch stuck on the largest classes; docs/benchmarks.md).
-            image_mean: Normalisation mean (0-1 scale); default: the checkpoint's image processor, else 0.5.
+            image_mean: Normalisation mean (0-1 scale); default: the checkpoint's image processor, else the
+                backbone family's published statistics (0.5 for DPT's ViT/Hybrid and BEiT, ImageNet's for
+                DINOv2 and Swin); the log says which was used.
             image_std: Normalisation std; default as for ``image_mean``.
             gradient_checkpointing: Recompute ViT activations in backward to save memory.
             sync_batchnorm: In multi-GPU runs, synchronise the BatchNorm statistics of the fusion
@@ -175,13 +178,27 @@ class SegmentationModule(pl.LightningModule):
         self.test_confmat = ConfusionMatrix(self.num_classes)
         self.last_metrics: dict[str, Any] = {}
 
-    @staticmethod
-    def _mean_std(pretrained, mean, std) -> tuple[list[float], list[float]]:
+    def _mean_std(self, pretrained, mean, std) -> tuple[list[float], list[float]]:
+        """The normalisation, from (in order) the settings, the checkpoint's image processor, or
+        the backbone family's published statistics; one log line says which."""
         if mean is not None and std is not None:
+            log.info("normalisation: mean %s std %s (model.image_mean/image_std)", list(mean), list(std))
             return list(mean), list(std)
         found = _processor_mean_std(pretrained) if pretrained else None
-        m, s = found or (list(DEFAULT_MEAN), list(DEFAULT_STD))
-        return list(mean or m), list(std or s)
+        known = True
+        if found is not None:
+            why = f"{pretrained}'s preprocessor_config.json"
+        else:
+            m, s, known = default_normalization(self.model.config)
+            found, kind = (list(m), list(s)), family(self.model.config)
+            why = (f"the {kind} family's published statistics" if known else
+                   f"ImageNet statistics: no image processor and no known default for the {kind!r} family; "
+                   "set model.image_mean/image_std if its checkpoints used others")
+            if pretrained:
+                why = f"{pretrained} ships no preprocessor_config.json; {why}"
+        mean, std = list(mean or found[0]), list(std or found[1])
+        (log.info if known else log.warning)("normalisation: mean %s std %s (%s)", mean, std, why)
+        return mean, std
 
     def check_sizes(self, **sizes: Any) -> None:
         """Image, crop and window sizes must be multiples of what the backbone divides by."""
@@ -362,6 +379,9 @@ class SegmentationModule(pl.LightningModule):
             "image_mean": self.image_mean,
             "image_std": self.image_std,
             "metrics": self.last_metrics,
+            # how the metrics were measured (the model card states it)
+            "evaluation": {"mode": self.hparams.val_mode, "size": self.hparams.image_size,
+                           "stride": self.hparams.slide_stride},
         }
 
 
@@ -376,4 +396,5 @@ def load_module(ckpt_path: str, map_location: str = "cpu") -> SegmentationModule
     module = SegmentationModule(**hp)
     module.load_state_dict(ckpt["state_dict"])
     module.checkpoint_metrics = ckpt["dptune"].get("metrics", {})
+    module.checkpoint_evaluation = ckpt["dptune"].get("evaluation", {"mode": hp.get("val_mode", "resize")})
     return module.eval()
