@@ -226,3 +226,16 @@ def test_push_to_hub_uploads_the_whole_directory(tmp_path, monkeypatch):
     assert calls[1][0] == "upload" and calls[1][1] == "someone/dpt-dinov2-test"
     for name in ("config.json", "model.safetensors", "preprocessor_config.json", "README.md", "modeling_dptune.py"):
         assert name in calls[1][2], name
+
+
+def test_swinv2_logit_scale_and_position_bias_mlp_get_no_weight_decay():
+    """Official Swin-V2 exempts logit_scale and the continuous position bias MLP (cpb_mlp) from
+    weight decay; both are >= 2-d tensors, so a norms-and-biases rule alone decays them."""
+    model = build_model(NAMES, config=tiny("swinv2"))
+    groups = param_groups(model, 1e-4, 10.0, 0.05)
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    decayed = {name_of[id(p)] for g in groups if g["weight_decay"] > 0 for p in g["params"]}
+    special = [n for n, p in model.named_parameters()
+               if p.requires_grad and ("logit_scale" in n or "continuous_position_bias_mlp" in n)]
+    assert len(special) >= 10 and not decayed & set(special)
+    assert any(n.endswith("attention.self.query.weight") for n in decayed)  # ordinary weights still decay

@@ -94,3 +94,27 @@ def test_fit_on_a_stream_needs_max_steps_and_then_runs_them(tmp_path):
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
     assert ckpt["global_step"] == 7  # more steps than one pass over the 10 examples (5 batches)
     assert 0.0 <= ckpt["dptune"]["metrics"]["val"]["mIoU"] <= 1.0
+
+
+@pytest.mark.parametrize("shards", [3, 4])
+def test_train_stream_first_pass_is_split_exactly_across_ranks(tmp_path, monkeypatch, shards):
+    """Each rank's first pass over the shuffled training stream the datamodule builds: together they
+    hold every example once, also when the world size does not divide the shard count (datasets
+    then keeps every world_size-th example on each rank: a partition only if every rank shuffles
+    alike, so the shuffle seed must not differ per rank as augmentation seeds do)."""
+    from types import SimpleNamespace
+
+    from dptune.data.datamodule import SegmentationDataModule
+
+    n = 12
+    path = _dataset(tmp_path, n)
+    parts = []
+    for rank in range(2):
+        monkeypatch.setenv("RANK", str(rank))
+        dm = SegmentationDataModule(source="hf", labels={"names": ["a", "b", "c"]}, splits={"train": {"split": "train"}},
+                                    hf={"dataset": str(path), "streaming": True, "num_shards": shards,
+                                        "shuffle_buffer": 4}, image_size=32, num_workers=0)
+        dm.trainer = SimpleNamespace(global_rank=rank, world_size=2)
+        first = next(dm._stream("train").passes())
+        parts.append([int(np.asarray(row["image"])[0, 0, 0]) for row in first])
+    assert sorted(parts[0] + parts[1]) == list(range(n)), parts

@@ -57,6 +57,17 @@ def backbone_depths(model: nn.Module) -> tuple[dict[str, int], int]:
     return depths, len(blocks)
 
 
+# besides norms and biases: embeddings and tokens, and what the official Swin-V2 recipe exempts
+# (the attention's logit_scale and the continuous position bias MLP, "cpb_mlp" there)
+_NO_DECAY_SUFFIXES = ("position_embeddings", "cls_token", "relative_position_bias_table", "logit_scale")
+_NO_DECAY_PARTS = (".continuous_position_bias_mlp.",)
+
+
+def exempt_from_decay(name: str) -> bool:
+    """Whether a parameter of 2 or more dimensions is still exempt from weight decay, by name."""
+    return name.endswith(_NO_DECAY_SUFFIXES) or any(part in name for part in _NO_DECAY_PARTS)
+
+
 def param_groups(
     model: nn.Module, lr: float, head_lr_mult: float, weight_decay: float, layer_decay: float = 1.0
 ) -> list[dict[str, Any]]:
@@ -71,7 +82,7 @@ def param_groups(
         if not p.requires_grad:
             continue
         name = name.replace(FSDP_PREFIX, "")
-        no_decay = p.ndim <= 1 or name.endswith(("position_embeddings", "cls_token", "relative_position_bias_table"))
+        no_decay = p.ndim <= 1 or exempt_from_decay(name)
         groups.setdefault((not name.startswith(BACKBONE_PREFIXES), no_decay, depths.get(name, -1)), []).append(p)
     out = []
     for (is_head, no_decay, depth), params in sorted(groups.items()):

@@ -43,6 +43,13 @@ def _augment_seed() -> int:
     return (torch.initial_seed() + 1_000_003 * _rank()) % 2**32
 
 
+def stream_seed() -> int:
+    """The shuffle seed of a training stream: the run's seed, the same on every rank. When the
+    world size does not divide the shard count, ``datasets`` gives each rank every
+    ``world_size``-th example of the stream, which splits it exactly only if all ranks shuffle alike."""
+    return torch.initial_seed() % 2**32
+
+
 def _seed_worker(worker_id: int) -> None:
     import cv2
 
@@ -226,7 +233,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             transform=self.train_transform() if stage == "train" else None,
             image_size=None if stage == "train" or self.val_mode == "slide" else self.image_size,
             train=stage == "train", on_bad_sample=self.on_bad_sample, shuffle_buffer=hf.get("shuffle_buffer", 1000),
-            seed=_augment_seed(), rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
+            seed=stream_seed(), rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
         )
 
     def _dataset(self, stage: str) -> SegmentationDataset | StreamingSegmentation:
