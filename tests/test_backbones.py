@@ -141,7 +141,7 @@ def test_fit_resume_export_onnx(fam, tmp_path):
     run_train([*args, "--trainer.max_epochs", "1"], cwd=tmp_path)
     last = tmp_path / "run" / "checkpoints" / "last.ckpt"
     run_train([*args, "--trainer.max_epochs", "2", "--ckpt_path", str(last)], cwd=tmp_path)
-    ckpt = torch.load(last, weights_only=False, map_location="cpu")
+    ckpt = torch.load(last, map_location="cpu")
     assert ckpt["global_step"] == 6 and ckpt["epoch"] == 1  # 3 steps per epoch, resumed once
     assert 0.0 <= ckpt["dptune"]["metrics"]["val"]["mIoU"] <= 1.0
 

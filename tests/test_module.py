@@ -186,3 +186,47 @@ def test_normalisation_without_an_image_processor_follows_the_family(tmp_path, t
     spec = LabelSet(names=["a", "b", "c"]).to_dict()
     SegmentationModule(pretrained=str(tmp_path / "ckpt"), label_spec=spec, image_size=64)
     assert "ships no preprocessor_config.json" in caplog.text
+
+
+def test_slide_mode_overlays_line_up_with_their_masks_in_mixed_size_batches():
+    """Slide-mode validation batches hold native-size images padded to the largest: the overlay of
+    a smaller image is its own pixels, not the padded canvas stretched to its size."""
+    from types import SimpleNamespace
+
+    from dptune.callbacks import ValidationVisuals
+    from dptune.data.dataset import collate
+
+    rng = np.random.default_rng(0)
+    images = [rng.integers(0, 256, (3, h, w), dtype=np.uint8) for h, w in [(48, 80), (32, 40)]]
+    items = [{"image": torch.from_numpy(im), "mask": torch.zeros(im.shape[1:], dtype=torch.uint8), "index": i}
+             for i, im in enumerate(images)]
+    batch = collate(items)
+    trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True)
+    module = SimpleNamespace(hparams={"val_mode": "slide", "log_images": 2})
+    cb = ValidationVisuals()
+    cb._wandb = lambda trainer: object()  # only "is a W&B logger attached" is asked here
+    cb.on_validation_batch_end(trainer, module, {"preds": batch["mask"]}, batch, 0)
+    for sample, image in zip(cb._samples, images, strict=True):
+        assert np.array_equal(sample["image"], image.transpose(1, 2, 0))
+        assert sample["gt"].shape == image.shape[1:]
+
+
+def test_checkpoints_load_without_unpickling_code(tmp_path, tiny_config, monkeypatch):
+    """load_module reads with weights_only=True; a file holding arbitrary objects is refused in one
+    line unless the user says the source is trusted."""
+    from dptune.errors import ConfigError
+    from dptune.module import load_checkpoint
+
+    safe = tmp_path / "safe.ckpt"
+    torch.save({"state_dict": {"w": torch.zeros(2)}, "dptune": {"metrics": {}}}, safe)
+    assert torch.equal(load_checkpoint(str(safe))["state_dict"]["w"], torch.zeros(2))
+    unsafe = tmp_path / "unsafe.ckpt"
+    torch.save({"state_dict": {}, "extra": _Opaque()}, unsafe)
+    with pytest.raises(ConfigError, match="DPTUNE_TRUST_CHECKPOINTS=1"):
+        load_checkpoint(str(unsafe))
+    monkeypatch.setenv("DPTUNE_TRUST_CHECKPOINTS", "1")
+    assert isinstance(load_checkpoint(str(unsafe))["extra"], _Opaque)
+
+
+class _Opaque:
+    """A class torch's safe loader does not allow."""

@@ -34,7 +34,7 @@ def _args(run, config):
 def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_config_path):
     full, _ = _run(_args(tmp_path / "full", tiny_config_path), tmp_path)
     assert full.returncode == 0, full.stderr[-3000:]
-    ref = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ref = torch.load(tmp_path / "full" / "checkpoints" / "last.ckpt", map_location="cpu")
 
     run = tmp_path / "cut"
     cut, seconds = _run([*_args(run, tiny_config_path), "--trainer.callbacks+=sigterm_helper.SigtermAt",
@@ -42,13 +42,13 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_conf
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert seconds < 60
     assert "SIGTERM: saved" in cut.stderr
-    mid = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    mid = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert mid["global_step"] == 3  # mid-epoch: epoch 1 of 2-step epochs
     assert not list((run / "checkpoints").glob("*.partial"))
 
     resumed, _ = _run([*_args(run, tiny_config_path), "--ckpt_path", "last"], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
-    end = torch.load(run / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    end = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert end["global_step"] == ref["global_step"] == 6
     lr = [g["lr"] for g in end["optimizer_states"][0]["param_groups"]]
     lr_ref = [g["lr"] for g in ref["optimizer_states"][0]["param_groups"]]

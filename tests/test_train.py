@@ -60,7 +60,7 @@ def test_fit_writes_checkpoints_and_offline_wandb_run(trained):
     media = runs[0] / "files" / "media"
     assert list((media / "images" / "val").glob("overlays_*.png")), "validation overlays"
     assert list((media / "table" / "val").glob("per_class_IoU_*.table.json")), "per-class IoU table"
-    ckpt = torch.load(trained["run"] / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(trained["run"] / "checkpoints" / "last.ckpt", map_location="cpu")
     # 7 frames, batch 2, last partial batch dropped: 3 steps per epoch; last.ckpt is the final
     # state even when val/mIoU did not improve in the last epoch
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 6
@@ -71,9 +71,9 @@ def test_fit_writes_checkpoints_and_offline_wandb_run(trained):
 def test_resume_from_last_continues_the_step_count(trained):
     run = trained["run"]
     last = run / "checkpoints" / "last.ckpt"
-    before = torch.load(last, weights_only=False, map_location="cpu")
+    before = torch.load(last, map_location="cpu")
     run_train([*camvid_args(run, trained["config"], epochs=3), "--ckpt_path", str(last)], cwd=trained["tmp"])
-    after = torch.load(last, weights_only=False, map_location="cpu")
+    after = torch.load(last, map_location="cpu")
     assert after["global_step"] == before["global_step"] + 3
     assert after["epoch"] == 2
     # the LR schedule continued rather than restarting: the scheduler saw every step
@@ -112,7 +112,7 @@ def test_validate_subcommand_reports_the_same_miou(trained):
                       "--data.num_workers", "0", "--trainer.default_root_dir", str(trained["tmp"] / "v"),
                       "--trainer.logger", "false", "--trainer.precision", "32-true",
                       "--ckpt_path", str(trained["run"] / "checkpoints" / "last.ckpt")], cwd=trained["tmp"])
-    ckpt = torch.load(trained["run"] / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(trained["run"] / "checkpoints" / "last.ckpt", map_location="cpu")
     expected = ckpt["dptune"]["metrics"]["val"]["mIoU"]
     line = next(ln for ln in proc.stdout.splitlines() if "val/mIoU" in ln)
     assert abs(float(line.split()[-2]) - expected) < 1e-6, line
@@ -193,7 +193,7 @@ def test_planted_faults_stop_before_training_or_are_skipped(tmp_path, tiny_confi
 
     proc = run_train([*args, "--data.on_bad_sample", "skip"], cwd=tmp_path)
     assert "skipped 4 bad sample(s) of 7" in proc.stderr
-    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", weights_only=False, map_location="cpu")
+    ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu")
     assert ckpt["global_step"] == 1  # 3 good frames, batch 2
     after = {p: p.stat().st_mtime_ns for p in root.rglob("*") if p.is_file()}
     assert after == before  # nothing written over the input data

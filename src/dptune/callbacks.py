@@ -138,10 +138,15 @@ class ValidationVisuals(Callback):
             return
         n = self.num_images if self.num_images is not None else pl_module.hparams.get("log_images", 4)
         self._samples = []
+        native = pl_module.hparams.get("val_mode") == "slide"
         for b in range(min(n, batch["image"].shape[0])):
             h, w = batch["sizes"][b]
-            image = batch["image"][b].permute(1, 2, 0).cpu().numpy()
-            image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+            # slide mode: images at native size, padded to the batch's largest (crop the padding);
+            # resize mode: every image at image_size (stretch back to the label size)
+            image = batch["image"][b, :, :h, :w] if native else batch["image"][b]
+            image = image.permute(1, 2, 0).cpu().numpy()
+            if image.shape[:2] != (h, w):
+                image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
             self._samples.append({
                 "image": image,
                 "gt": batch["mask"][b, :h, :w].cpu().numpy().astype(np.uint8),

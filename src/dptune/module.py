@@ -385,9 +385,26 @@ class SegmentationModule(pl.LightningModule):
         }
 
 
+def load_checkpoint(path: str, map_location: str = "cpu") -> dict[str, Any]:
+    """A checkpoint read with ``weights_only=True`` (tensors and plain types: what dptune writes),
+    so that opening a checkpoint cannot run code. One that holds other Python objects is refused,
+    unless ``DPTUNE_TRUST_CHECKPOINTS=1`` says its source is trusted."""
+    import os
+    import pickle
+
+    if os.environ.get("DPTUNE_TRUST_CHECKPOINTS") == "1":
+        return torch.load(path, map_location=map_location, weights_only=False)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as e:
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"{path}: holds Python objects beyond tensors and plain types ({first}); loading it could "
+                          "run code. If you trust its source, set DPTUNE_TRUST_CHECKPOINTS=1") from None
+
+
 def load_module(ckpt_path: str, map_location: str = "cpu") -> SegmentationModule:
     """Rebuild a module from a dptune checkpoint without touching the hub."""
-    ckpt = torch.load(ckpt_path, map_location=map_location, weights_only=False)
+    ckpt = load_checkpoint(ckpt_path, map_location)
     if "dptune" not in ckpt or "hyper_parameters" not in ckpt:
         raise ConfigError(f"{ckpt_path}: not a dptune checkpoint (no model config stored)")
     hp = {k: v for k, v in ckpt["hyper_parameters"].items() if not k.startswith("_")}
