@@ -37,13 +37,16 @@ def test_ade20k_recipe_builds_with_a_tiny_stand_in(tmp_path, tiny_config):
     assert m.num_classes == 150 and m.label_set.names[3] == "ade3"
     assert cli.datamodule.crop_size == (32, 32) and cli.datamodule.scale_range == (0.5, 2.0)
     assert cli.trainer.max_epochs == 240
-    opt = m.configure_optimizers  # needs a trainer for the step count; fit two steps instead
+    # the optimizer needs a trainer for the step count: fit two steps
     cli.trainer.fit_loop.max_epochs = 1
     cli.trainer.limit_train_batches = 2
     cli.trainer.limit_val_batches = 1
     cli.trainer.fit(m, datamodule=cli.datamodule)
-    assert cli.trainer.global_step == 2 and callable(opt)
-    assert isinstance(cli.trainer.optimizers[0], torch.optim.SGD)
+    assert cli.trainer.global_step == 2
+    opt = cli.trainer.optimizers[0]
+    assert isinstance(opt, torch.optim.SGD) and opt.defaults["momentum"] == 0.9
+    sched = cli.trainer.lr_scheduler_configs[0].scheduler
+    assert (sched.total, sched.power, sched.last_epoch) == (2, 0.9, 2)  # poly 0.9 over this run's 2 steps
 
 
 @needs(CAMVID)

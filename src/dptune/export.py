@@ -97,8 +97,24 @@ def measured_how(evaluation: dict, processor) -> str:
                 "`pipeline(...)` scores lower on large images. Reproduce with "
                 "`scripts/evaluate.py --mode slide` or predict with `scripts/predict.py --mode slide`.")
     size = processor.size
+    backend = evaluation.get("processor_backend")
+    how = "" if backend is None else (
+        f" Images were resized with the {backend} backend of `DPTImageProcessor`, the one `AutoImageProcessor` "
+        f"picks when torchvision is {'installed' if backend == 'torchvision' else 'absent'}; the other backend's "
+        "bicubic resize differs by up to one grey level.")
     return (f"Measured on whole images resized to {size['height']}x{size['width']} as the bundled image processor "
-            "does, logits upsampled to the label size: what `pipeline(...)` computes.")
+            f"does, logits upsampled to the label size: what `pipeline(...)` computes.{how}")
+
+
+def warn_backend(evaluation: dict, source: str) -> None:
+    """Say so when this environment resizes with the other image-processor backend than validation did."""
+    from dptune.data.transforms import processor_backend
+
+    used, here = evaluation.get("processor_backend"), processor_backend()
+    if used and used != here:
+        log.warning("%s was validated with the %s backend of DPTImageProcessor; AutoImageProcessor resolves to %s "
+                    "here (torchvision %s), whose resize differs by up to one grey level: metrics may move slightly",
+                    source, used, here, "installed" if here == "torchvision" else "absent")
 
 
 def model_card(labels, processor, metrics: dict, source: str, remote: bool = False,
@@ -189,6 +205,7 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     """Write ``model.safetensors``, ``config.json`` (id2label), ``preprocessor_config.json``, a model
     card ``README.md`` and, with ``onnx``, ``model.onnx`` checked against torch."""
     model, processor, labels, metrics, evaluation = _load(str(src))
+    warn_backend(evaluation, str(src))
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from dptune.backbones import default_normalization, family
+from dptune.data.transforms import processor_backend
 from dptune.dpt_backbone import input_multiple
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
@@ -361,12 +362,14 @@ class SegmentationModule(pl.LightningModule):
     # ------------------------------------------------------------------ export support
     def image_processor(self):
         """The ``DPTImageProcessor`` that reproduces validation preprocessing for plain transformers."""
-        from transformers import DPTImageProcessorPil
+        from transformers import DPTImageProcessor, DPTImageProcessorPil
         from transformers.image_utils import PILImageResampling
 
         size = self.hparams.image_size
         h, w = (size, size) if isinstance(size, int) else size
-        return DPTImageProcessorPil(
+        # the class AutoImageProcessor gives the export here, so a checkpoint predicts like its export
+        cls = DPTImageProcessor if processor_backend() == "torchvision" else DPTImageProcessorPil
+        return cls(
             do_resize=True, size={"height": int(h), "width": int(w)}, resample=PILImageResampling.BICUBIC,
             keep_aspect_ratio=False, ensure_multiple_of=1, do_rescale=True, rescale_factor=1 / 255,
             do_normalize=True, image_mean=self.image_mean, image_std=self.image_std, do_pad=False,
@@ -381,7 +384,7 @@ class SegmentationModule(pl.LightningModule):
             "metrics": self.last_metrics,
             # how the metrics were measured (the model card states it)
             "evaluation": {"mode": self.hparams.val_mode, "size": self.hparams.image_size,
-                           "stride": self.hparams.slide_stride},
+                           "stride": self.hparams.slide_stride, "processor_backend": processor_backend()},
         }
 
 

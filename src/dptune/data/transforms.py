@@ -6,6 +6,7 @@ nearest-neighbour and every pixel a transform invents (padding, rotation borders
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -180,12 +181,36 @@ def build_transforms(spec: Sequence[dict[str, Any]], seed: int | None = None) ->
     return A.Compose(steps, seed=seed)
 
 
-def resize_like_processor(image: np.ndarray, size: Sequence[int]) -> np.ndarray:
-    """Resize exactly as the exported ``DPTImageProcessor`` does (PIL bicubic on uint8).
+@functools.cache
+def processor_backend() -> str:
+    """The ``DPTImageProcessor`` backend that ``AutoImageProcessor.from_pretrained(export)`` and
+    ``pipeline(...)`` resolve to in this environment: ``torchvision`` whenever torchvision is
+    installed (transformers 5), else ``pil``. The exported config cannot pin it."""
+    try:
+        from transformers.models.auto.image_processing_auto import _resolve_backend
 
-    Validation must see what a plain ``transformers`` user feeds the exported model.
+        return _resolve_backend(None, None, "DPTImageProcessor")
+    except ImportError:  # a transformers without the private resolver: its documented rule
+        from transformers.utils import is_torchvision_available
+
+        return "torchvision" if is_torchvision_available() else "pil"
+
+
+def resize_like_processor(image: np.ndarray, size: Sequence[int], backend: str | None = None) -> np.ndarray:
+    """Resize exactly as the exported ``DPTImageProcessor`` does in this environment (see
+    ``processor_backend``): PIL bicubic, or torchvision's antialiased bicubic on uint8.
+
+    Validation must see what a plain ``transformers`` user feeds the exported model; the two
+    backends differ by up to one grey level (docs/benchmarks.md, "Image processor backends").
     """
     h, w = int(size[0]), int(size[1])
     if image.shape[:2] == (h, w):
         return image
+    if (backend or processor_backend()) == "torchvision":
+        import torch
+        from torchvision.transforms import InterpolationMode
+        from torchvision.transforms.v2.functional import resize
+
+        chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
+        return resize(chw, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True).permute(1, 2, 0).numpy()
     return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
