@@ -1,7 +1,8 @@
 """Score an exported directory with plain ``transformers`` + numpy, no dptune import: what whoever
 receives the model can run to check it. Each image goes through the directory's own image
-processor, logits are upsampled bilinearly to the mask size, and a confusion matrix gives mIoU
-(mean over classes present in the masks or the predictions).
+processor (by default whichever backend ``AutoImageProcessor`` resolves to: torchvision when it is
+installed; ``--backend pil|torchvision`` forces one), logits are upsampled bilinearly to the mask
+size, and a confusion matrix gives mIoU (mean over classes present in the masks or the predictions).
 
     python scripts/score_plain.py OUT --images "../shared/data/camvid/val/*.jpg" \
         --masks "../shared/data/camvid/valannot/{stem}.png" --num-classes 11
@@ -85,9 +86,12 @@ def main() -> None:
     ap.add_argument("--num-classes", type=int, required=True)
     ap.add_argument("--colors", help="labels.yaml with a colors list: the masks are RGB colour codes")
     ap.add_argument("--mode", choices=["whole", "slide", "both"], default="whole")
+    ap.add_argument("--backend", choices=["auto", "pil", "torchvision"], default="auto",
+                    help="DPTImageProcessor backend (auto: what AutoImageProcessor picks here: torchvision if installed)")
     args = ap.parse_args()
     model = AutoModelForSemanticSegmentation.from_pretrained(args.model_dir, trust_remote_code=True).eval()
-    proc = AutoImageProcessor.from_pretrained(args.model_dir)
+    proc = AutoImageProcessor.from_pretrained(args.model_dir, **({} if args.backend == "auto" else {"backend": args.backend}))
+    print(f"image processor: {type(proc).__name__}")
     n = args.num_classes
     colors = yaml.safe_load(open(args.colors))["colors"] if args.colors else None
     modes = ["whole", "slide"] if args.mode == "both" else [args.mode]

@@ -118,6 +118,7 @@ def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
         accelerator="gpu" if opts["device"] == "cuda" else "cpu", devices=1, precision=opts["precision"],
         max_steps=len(data), logger=False, enable_checkpointing=False, enable_progress_bar=False,
         enable_model_summary=False, callbacks=[Timer()], limit_val_batches=0, num_sanity_val_steps=0,
+        gradient_clip_val=opts.get("gradient_clip_val"),
     )
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None, shuffle=False))
     timed = times[opts["warmup"] - 1:]
@@ -324,6 +325,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--gradient-clip-val", type=float, default=None, help="clip gradients (unfused AdamW then)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
     ap.add_argument("--data", help="loader benchmark instead: a train.py config whose data: section to read")
     ap.add_argument("--root", help="with --data: override data.root")
@@ -349,7 +351,8 @@ def main(argv: list[str] | None = None) -> int:
     opts = {"model": args.model, "num_labels": cfg.num_labels, "crop": args.crop, "batch": args.batch,
             "steps": args.steps, "warmup": args.warmup, "precision": precision, "device": device,
             "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
-            "channels_last": args.channels_last, "tmp": tempfile.mkdtemp(prefix="dptune-bench-")}
+            "channels_last": args.channels_last, "gradient_clip_val": args.gradient_clip_val,
+            "tmp": tempfile.mkdtemp(prefix="dptune-bench-")}
     peak, peak_src = peak_tflops(device, precision)
     if args.peak_tflops:
         peak, peak_src = args.peak_tflops, "--peak-tflops"
