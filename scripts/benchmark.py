@@ -3,7 +3,7 @@
 
 import sys
 
-from dptune.benchmark import main
+from dptune.tools.benchmark import main
 
 if __name__ == "__main__":
     sys.exit(main())

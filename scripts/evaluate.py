@@ -3,7 +3,7 @@
 
 import sys
 
-from dptune.evaluate import main
+from dptune.tools.evaluate import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -3,7 +3,7 @@
 
 import sys
 
-from dptune.inspect import main
+from dptune.tools.inspect import main
 
 if __name__ == "__main__":
     sys.exit(main())

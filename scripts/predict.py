@@ -3,7 +3,7 @@
 
 import sys
 
-from dptune.predict import main
+from dptune.tools.predict import main
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -91,7 +91,6 @@ def main() -> None:
     args = ap.parse_args()
     model = AutoModelForSemanticSegmentation.from_pretrained(args.model_dir, trust_remote_code=True).eval()
     proc = AutoImageProcessor.from_pretrained(args.model_dir, **({} if args.backend == "auto" else {"backend": args.backend}))
-    print(f"image processor: {type(proc).__name__}")
     n = args.num_classes
     colors = yaml.safe_load(open(args.colors))["colors"] if args.colors else None
     modes = ["whole", "slide"] if args.mode == "both" else [args.mode]
@@ -114,7 +113,7 @@ def main() -> None:
             pred = logits.argmax(1)[0].numpy()
             cms[mode] += np.bincount(n * gt[valid] + pred[valid], minlength=n * n).reshape(n, n)
     for mode in modes:
-        print(json.dumps({"images": len(files), "mode": mode, **scores(cms[mode])}))
+        print(json.dumps({"images": len(files), "mode": mode, "processor": type(proc).__name__, **scores(cms[mode])}))
 
 
 if __name__ == "__main__":

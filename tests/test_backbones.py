@@ -11,10 +11,10 @@ import torch
 from conftest import CAMVID, REPO, needs
 from PIL import Image
 
-from dptune.backbones import family
-from dptune.dpt_backbone import input_multiple
-from dptune.model import build_model, load_exported, segment
-from dptune.optim import backbone_depths, param_groups
+from dptune.models import build_model, load_exported, segment
+from dptune.models.backbones import family
+from dptune.models.dpt_backbone import input_multiple
+from dptune.tasks.optim import backbone_depths, param_groups
 
 MODELS = REPO / "configs" / "models"
 FAMILIES = {"hybrid": 4, "swinv2": 5, "beit": 4, "dinov2": 4}  # family -> transformer blocks in the tiny config
@@ -103,7 +103,7 @@ def test_depth_checkpoint_backbone_and_neck_carry_over(tmp_path):
     """A DPT depth model with a backbone (like ``facebook/dpt-dinov2-small-kitti``) starts a segmenter."""
     from transformers import DPTForDepthEstimation
 
-    from dptune.model import load_config
+    from dptune.models import load_config
 
     torch.manual_seed(2)
     depth = DPTForDepthEstimation(load_config(tiny("dinov2")))
@@ -129,7 +129,7 @@ def test_fit_resume_export_onnx(fam, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     from dptune.export import export
-    from dptune.module import load_module
+    from dptune.tasks.segmentation import load_module
 
     size = 70 if fam == "dinov2" else 64
     args = ["fit", "--config", str(REPO / "configs" / "camvid.yaml"), "--data.root", str(CAMVID),
@@ -165,8 +165,8 @@ def test_fit_resume_export_onnx(fam, tmp_path):
 @pytest.mark.parametrize("fam", ["vit", *FAMILIES])
 def test_fsdp_strategy_shards_each_transformer_block(fam):
     """FSDP needs GPUs under Lightning; what can be checked here is which modules become units."""
-    from dptune.optim import transformer_blocks
     from dptune.strategies import DPTFSDPStrategy
+    from dptune.tasks.optim import transformer_blocks
 
     model = build_model(NAMES, config=str(MODELS / "dpt-tiny.json") if fam == "vit" else tiny(fam))
     strategy = DPTFSDPStrategy(activation_checkpointing=True)
@@ -204,7 +204,7 @@ def test_push_to_hub_uploads_the_whole_directory(tmp_path, monkeypatch):
 
     from dptune.export import export
     from dptune.labels import LabelSet
-    from dptune.module import SegmentationModule
+    from dptune.tasks.segmentation import SegmentationModule
 
     calls = []
 

@@ -10,7 +10,7 @@ from transformers import DPTConfig, DPTForSemanticSegmentation
 
 from dptune.cli import DPTuneCLI, trainer_defaults
 from dptune.data.datamodule import SegmentationDataModule
-from dptune.module import SegmentationModule
+from dptune.tasks.segmentation import SegmentationModule
 
 
 def build(args):
@@ -81,7 +81,7 @@ def _stand_in(family: str, path) -> str:
     """A tiny local checkpoint of the kind each backbone preset names on the hub."""
     from transformers import Dinov2Config, Dinov2Model, DPTForDepthEstimation
 
-    from dptune.model import load_config
+    from dptune.models import load_config
 
     if family == "dinov2":  # a bare backbone, like facebook/dinov2-small
         spec = json.loads((REPO / "configs" / "models" / "dinov2-tiny-backbone.json").read_text())
@@ -98,7 +98,7 @@ def test_backbone_presets_build_with_tiny_stand_ins(tmp_path, family):
     cli = build(["--config", str(REPO / "configs" / "camvid.yaml"),
                  "--config", str(REPO / "configs" / "backbones" / f"{family}.yaml"), "--data.root", str(CAMVID),
                  "--model.pretrained", _stand_in(family, tmp_path / "ckpt"), "--trainer.logger", "false"])
-    from dptune.backbones import family as family_of
+    from dptune.models.backbones import family as family_of
 
     m = cli.model
     assert family_of(m.model.config) == family and m.hparams.backbone == family

@@ -6,8 +6,8 @@ from conftest import REPO
 from torch.utils.flop_counter import FlopCounterMode
 from transformers import DPTForSemanticSegmentation
 
-from dptune.flops import dpt_forward_flops, dpt_train_flops
-from dptune.model import load_config, segment
+from dptune.models import load_config, segment
+from dptune.models.flops import dpt_forward_flops, dpt_train_flops
 
 
 def counted(cfg, h, w, device):
@@ -44,9 +44,9 @@ def test_large_formula_matches_counter_on_meta():
 def test_backbone_models_are_counted_on_meta():
     """Hybrid/Swinv2/BEiT/DINOv2 FLOPs come from flop_counter on the meta device; a real CPU
     count of the same training step must agree."""
-    from dptune.backbones import model_class
-    from dptune.flops import train_flops
-    from dptune.model import load_config, segment
+    from dptune.models import load_config, segment
+    from dptune.models.backbones import model_class
+    from dptune.models.flops import train_flops
 
     cfg = load_config(REPO / "configs" / "models" / "dpt-dinov2-tiny.json")
     flops, how = train_flops(cfg, 56, 84)

@@ -11,7 +11,7 @@ from dptune.inference import (
     whole_logits,
 )
 from dptune.labels import LabelSet
-from dptune.module import SegmentationModule
+from dptune.tasks.segmentation import SegmentationModule
 
 
 def pixels_as_logits(x: torch.Tensor) -> torch.Tensor:

@@ -3,7 +3,7 @@ import yaml
 from conftest import CAMVID, REPO, needs
 from PIL import Image
 
-from dptune.inspect import class_weights, main
+from dptune.tools.inspect import class_weights, main
 
 pytestmark = needs(CAMVID)
 
@@ -29,7 +29,7 @@ def test_camvid_pixel_frequencies_match_numpy(capsys, tmp_path):
 
 
 def test_median_frequency_weights():
-    from dptune.inspect import SplitStats
+    from dptune.tools.inspect import SplitStats
 
     s = SplitStats("train", pixels=np.array([90, 10, 0, 5]), present=np.array([100, 50, 0]))
     w = class_weights(s, "median")  # freq 0.9, 0.2 -> median 0.55

@@ -1,7 +1,7 @@
 import numpy as np
 import torch
 
-from dptune.metrics import ConfusionMatrix, metrics_from_confmat
+from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 
 
 def numpy_reference(preds, target, c):

@@ -2,7 +2,7 @@ import pytest
 import torch
 from transformers import DPTConfig, DPTForSemanticSegmentation
 
-from dptune.model import build_model, segment
+from dptune.models import build_model, segment
 
 
 def test_classifier_rows_carried_over_by_name(tmp_path, tiny_config):

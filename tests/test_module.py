@@ -4,9 +4,9 @@ import torch
 import torch.nn.functional as F
 
 from dptune.labels import IGNORE_INDEX, LabelSet
-from dptune.losses import dice_loss, lovasz_loss
-from dptune.module import SegmentationModule
-from dptune.optim import WarmupPoly
+from dptune.losses.segmentation import dice_loss, lovasz_loss
+from dptune.tasks.optim import WarmupPoly
+from dptune.tasks.segmentation import SegmentationModule
 
 
 def _module(config, **kw):
@@ -151,7 +151,7 @@ def test_aux_head_runs_only_when_the_loss_reads_it(tiny_config):
 def test_sync_batchnorm_only_for_multi_gpu():
     from types import SimpleNamespace
 
-    from dptune.module import wants_sync_batchnorm
+    from dptune.tasks.segmentation import wants_sync_batchnorm
 
     def trainer(world, device):
         return SimpleNamespace(world_size=world, strategy=SimpleNamespace(root_device=torch.device(device)))
@@ -215,7 +215,7 @@ def test_checkpoints_load_without_unpickling_code(tmp_path, tiny_config, monkeyp
     """load_module reads with weights_only=True; a file holding arbitrary objects is refused in one
     line unless the user says the source is trusted."""
     from dptune.errors import ConfigError
-    from dptune.module import load_checkpoint
+    from dptune.tasks.segmentation import load_checkpoint
 
     safe = tmp_path / "safe.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "dptune": {"metrics": {}}}, safe)

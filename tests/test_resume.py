@@ -76,7 +76,7 @@ def test_fused_adamw_only_without_clipping(tiny_config):
     from types import SimpleNamespace
 
     from dptune.labels import LabelSet
-    from dptune.module import SegmentationModule
+    from dptune.tasks.segmentation import SegmentationModule
 
     m = SegmentationModule(config=tiny_config, label_spec=LabelSet(names=["a", "b"]).to_dict(), image_size=64)
     for clip, fused in [(None, True), (0, True), (1.0, False)]:

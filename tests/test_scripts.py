@@ -11,10 +11,10 @@ import torch
 from conftest import CAMVID, needs
 from PIL import Image
 
-from dptune.evaluate import main as evaluate_main
 from dptune.labels import LabelSet
-from dptune.module import SegmentationModule
-from dptune.predict import main as predict_main
+from dptune.tasks.segmentation import SegmentationModule
+from dptune.tools.evaluate import main as evaluate_main
+from dptune.tools.predict import main as predict_main
 
 pytestmark = needs(CAMVID)
 VAL = "val/0016E5_0799*.jpg"
@@ -186,7 +186,7 @@ def test_export_cli_onnx_parity_and_re_export(exported, tmp_path):
     assert Predictor.load(str(out)).labels.colors == LabelSet.from_yaml(CAMVID / "labels.yaml").colors
     from transformers import DPTForSemanticSegmentation
 
-    from dptune.model import segment
+    from dptune.models import segment
 
     model = DPTForSemanticSegmentation.from_pretrained(out).eval()
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
@@ -226,7 +226,7 @@ def test_onnx_masks_equal_the_pipeline_on_real_frames(exported, tmp_path):
         assert np.array_equal(onnx_mask, np.asarray(Image.open(tmp_path / "p" / f"{f.stem}.png")))
         wide = proc(images=img, size={"height": 64, "width": 96}, return_tensors="np")["pixel_values"]
         got = sess.run(["logits"], {"pixel_values": wide})[0]
-        from dptune.model import segment
+        from dptune.models import segment
 
         with torch.no_grad():
             ref = segment(seg.model, torch.from_numpy(wide), with_aux=False)[0].numpy()

@@ -13,7 +13,7 @@ from lightning.pytorch.loggers import Logger
 from dptune.callbacks import Checkpoint, LRMonitor, ValidationVisuals
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
-from dptune.module import SegmentationModule
+from dptune.tasks.segmentation import SegmentationModule
 
 DEFAULT_ROOT = "runs/dptune"
 

@@ -17,9 +17,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from dptune import dpt_backbone
-from dptune.dpt_backbone import input_multiple, uses_backbone
-from dptune.model import segment
+from dptune.models import dpt_backbone, segment
+from dptune.models.dpt_backbone import input_multiple, uses_backbone
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def _load(src: str):
     if Path(src).is_dir():
         from transformers import AutoImageProcessor
 
-        from dptune.model import load_exported
+        from dptune.models import load_exported
         from dptune.predictor import exported_labels
 
         model = load_exported(src)
@@ -50,7 +49,7 @@ def _load(src: str):
         labels = exported_labels(src, model.config.id2label)
         return (model, AutoImageProcessor.from_pretrained(src), labels, meta.get("metrics", {}),
                 meta.get("evaluation", {}))
-    from dptune.module import load_module
+    from dptune.tasks.segmentation import load_module
 
     module = load_module(src)
     return (module.model, module.image_processor(), module.label_set, module.checkpoint_metrics,

@@ -10,7 +10,7 @@ import torch
 
 from dptune.inference import FLIP_VIEWS, flip_views, from_view, predict_probs, to_view
 from dptune.labels import LabelSet
-from dptune.model import segment
+from dptune.models import segment
 
 
 def exported_labels(ref: str, id2label: dict) -> LabelSet:
@@ -43,13 +43,13 @@ class Predictor:
         if Path(ref).is_dir():
             from transformers import AutoImageProcessor
 
-            from dptune.model import load_exported
+            from dptune.models import load_exported
 
             model = load_exported(ref)
             proc = AutoImageProcessor.from_pretrained(ref)
             labels = exported_labels(ref, model.config.id2label)
         else:
-            from dptune.module import load_module
+            from dptune.tasks.segmentation import load_module
 
             module = load_module(ref)
             model, labels, proc = module.model, module.label_set, module.image_processor()

@@ -88,8 +88,8 @@ def counted_train_flops(cfg, height: int, width: int) -> int:
     import torch
     from torch.utils.flop_counter import FlopCounterMode
 
-    from dptune.backbones import model_class
-    from dptune.model import segment
+    from dptune.models import segment
+    from dptune.models.backbones import model_class
 
     with torch.device("meta"):
         model = model_class(cfg)(cfg).train()

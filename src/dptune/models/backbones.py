@@ -13,8 +13,8 @@ import logging
 
 from transformers import DPTConfig, DPTForSemanticSegmentation, PretrainedConfig
 
-from dptune.dpt_backbone import DPTBackboneForSemanticSegmentation, uses_backbone
 from dptune.errors import ConfigError
+from dptune.models.dpt_backbone import DPTBackboneForSemanticSegmentation, uses_backbone
 
 log = logging.getLogger(__name__)
 

@@ -7,7 +7,7 @@
 Each measurement runs in a fresh subprocess (clean peak memory, no shared caches), one after
 the other, on the same in-memory batches. Images/s are steady-state: time between the end of
 the first timed step and the end of the last, after ``--warmup`` untimed steps.
-MFU = (training FLOPs per image from ``dptune.flops``) x images/s / peak FLOP/s of the device.
+MFU = (training FLOPs per image from ``dptune.models.flops``) x images/s / peak FLOP/s of the device.
 """
 
 from __future__ import annotations
@@ -34,7 +34,7 @@ GPU_PEAK_TFLOPS = {"H200": 989.0, "H100": 989.0, "A100": 312.0, "L40S": 362.0, "
 
 
 def model_config(name: str, num_labels: int | None):
-    from dptune.model import load_config
+    from dptune.models import load_config
 
     path = PRESETS.get(name, Path(name))
     cfg = load_config(str(path))
@@ -94,7 +94,7 @@ def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
     from torch.utils.data import DataLoader
 
     from dptune.labels import LabelSet
-    from dptune.module import SegmentationModule
+    from dptune.tasks.segmentation import SegmentationModule
 
     cfg = model_config(opts["model"], opts["num_labels"])
     names = [f"class{i}" for i in range(cfg.num_labels)]
@@ -164,7 +164,7 @@ def _max_batch(opts: dict[str, Any]) -> dict[str, Any]:
     import torch
 
     from dptune.labels import LabelSet
-    from dptune.module import SegmentationModule
+    from dptune.tasks.segmentation import SegmentationModule
 
     cfg = model_config(opts["model"], opts["num_labels"])
     module = SegmentationModule(
@@ -336,8 +336,8 @@ def main(argv: list[str] | None = None) -> int:
 
     import torch
 
-    from dptune.dpt_backbone import uses_backbone
-    from dptune.flops import train_flops
+    from dptune.models.dpt_backbone import uses_backbone
+    from dptune.models.flops import train_flops
 
     if args.data:
         return loader_benchmark(args)

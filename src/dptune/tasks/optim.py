@@ -11,7 +11,7 @@ from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
 
 from dptune.errors import ConfigError
-from dptune.model import BACKBONE_PREFIXES
+from dptune.models import BACKBONE_PREFIXES
 
 log = logging.getLogger(__name__)
 

@@ -26,7 +26,7 @@ from tqdm.auto import tqdm
 from dptune.errors import DataError
 from dptune.inference import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet
-from dptune.metrics import metrics_from_confmat
+from dptune.metrics.segmentation import metrics_from_confmat
 
 
 def confusion_image(confmat: np.ndarray, names: list[str], path: str, cell: int = 40) -> None:

@@ -12,15 +12,15 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from dptune.backbones import default_normalization, family
 from dptune.data.transforms import processor_backend
-from dptune.dpt_backbone import input_multiple
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
-from dptune.losses import cross_entropy, dice_loss, lovasz_loss, upsample
-from dptune.metrics import ConfusionMatrix, metrics_from_confmat
-from dptune.model import build_model, segment
-from dptune.optim import WarmupPoly, param_groups
+from dptune.losses.segmentation import cross_entropy, dice_loss, lovasz_loss, upsample
+from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
+from dptune.models import build_model, segment
+from dptune.models.backbones import default_normalization, family
+from dptune.models.dpt_backbone import input_multiple
+from dptune.tasks.optim import WarmupPoly, param_groups
 
 log = logging.getLogger(__name__)
 

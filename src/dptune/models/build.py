@@ -7,6 +7,7 @@ Other backbones (Swinv2, BEiT, DINOv2, ...) run in ``DPTBackboneForSemanticSegme
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import math
@@ -16,12 +17,13 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, DPTConfig, DPTForSemanticSegmentation, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, DPTConfig, PretrainedConfig, PreTrainedModel
 
-from dptune.backbones import check_family, dpt_config_for_backbone, load_backbone_weights, model_class
-from dptune.dpt_backbone import input_multiple, uses_backbone
 from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
+from dptune.models.backbones import check_family, dpt_config_for_backbone, load_backbone_weights, model_class
+from dptune.models.dpt_backbone import input_multiple
+from dptune.models.forward import segment
 
 log = logging.getLogger(__name__)
 
@@ -82,16 +84,17 @@ def build_model(
     if (pretrained is None) == (config is None):
         raise ConfigError("give exactly one of model.pretrained (hub id / directory) or model.config (DPTConfig JSON)")
     if pretrained is not None:
-        cfg = pretrained_config(pretrained)
+        ref = resolve_pretrained(pretrained)
+        cfg = pretrained_config(ref)
         check_family(cfg, backbone, pretrained)
         if cfg.model_type != "dpt":
             model = _fresh_model(dpt_config_for_backbone(cfg), names, attn_implementation)
-            load_backbone_weights(model, pretrained)
+            load_backbone_weights(model, ref)
             fresh = _head_layers(model)
         else:
             # a depth checkpoint's head does not fit a segmentation head: those weights start fresh
             model, info = model_class(cfg).from_pretrained(
-                pretrained, attn_implementation={"": attn_implementation}, ignore_mismatched_sizes=True,
+                ref, attn_implementation={"": attn_implementation}, ignore_mismatched_sizes=True,
                 output_loading_info=True,
             )
             # layers the checkpoint lacks, or has in another shape (a depth head), start from random weights
@@ -172,22 +175,30 @@ def load_exported(path: str) -> PreTrainedModel:
     return model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
 
 
-def freeze_unused(model: PreTrainedModel) -> list[str]:
-    """Turn off gradients of weights ``segment`` never uses, found by one small forward pass:
-    the encoder's final layer norm, encoder layers after the last one the neck reads, the first
-    fusion layer's unused residual unit. They stay in the checkpoint (plain ``transformers``
-    expects them), but the optimizer skips them and DDP, which fails on parameters that get no
-    gradient, does not see them. Returns the frozen names."""
+def input_side(model: PreTrainedModel) -> int:
+    """The multiple input sides must be of (DPT configs and Depth Anything's)."""
+    cfg = model.config
+    return input_multiple(cfg) if cfg.model_type == "dpt" else int(cfg.patch_size)
+
+
+def freeze_unused(model: PreTrainedModel, forward: Callable | None = None) -> list[str]:
+    """Turn off gradients of weights the forward pass (``segment``, or a task's ``forward(model, x)``
+    returning one or two tensors) never uses, found by one small forward pass: the encoder's final
+    layer norm, encoder layers after the last one the neck reads, the first fusion layer's unused
+    residual unit. They stay in the checkpoint (plain ``transformers`` expects them), but the
+    optimizer skips them and DDP, which fails on parameters that get no gradient, does not see
+    them. Returns the frozen names."""
+    forward = forward or segment
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     ref = params[0][1]
-    side = 4 * input_multiple(model.config)
+    side = 4 * input_side(model)
     was_training = model.training
     model.eval()  # BatchNorm on a 1-image probe
     try:
         with torch.enable_grad():  # callers may sit under no_grad (export, inference)
-            x = torch.zeros(1, model.config.num_channels, side, side, device=ref.device, dtype=ref.dtype)
-            logits, aux = segment(model, x)
-            out = logits.sum() + (aux.sum() if aux is not None else 0)
+            x = torch.zeros(1, 3, side, side, device=ref.device, dtype=ref.dtype)
+            main, aux = forward(model, x)
+            out = main.sum() + (aux.sum() if aux is not None else 0)
             grads = torch.autograd.grad(out, [p for _, p in params], allow_unused=True)
     finally:
         model.train(was_training)
@@ -197,6 +208,25 @@ def freeze_unused(model: PreTrainedModel) -> list[str]:
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
+
+
+@functools.cache
+def resolve_pretrained(ref: str) -> str:
+    """A ``from_pretrained`` reference for ``ref``: hub ids and directories as they are; a dptune
+    ``.ckpt`` (either task) written out once as a directory (weights, config, image processor), so
+    that its backbone and neck can start a model of either task."""
+    if not (ref.endswith(".ckpt") and Path(ref).is_file()):
+        return ref
+    import tempfile
+
+    from dptune.tasks.checkpoints import load_module
+
+    module = load_module(ref)
+    out = tempfile.mkdtemp(prefix="dptune-ckpt-")
+    module.model.save_pretrained(out)
+    module.image_processor().save_pretrained(out)
+    log.info("%s: %s checkpoint unpacked to %s", ref, module.task, out)
+    return out
 
 
 def _classifiers(model: PreTrainedModel) -> list[tuple[nn.Sequential, int]]:
@@ -243,53 +273,3 @@ def adapt_classifiers(model: PreTrainedModel, names: Sequence[str],
     model.config.id2label = dict(enumerate(new_names))
     model.config.label2id = {n: i for i, n in enumerate(new_names)}
     return carried
-
-
-# parameter names of the backbone (DPT's own ViT, or a transformers backbone); the rest is neck + heads
-BACKBONE_PREFIXES = ("dpt.", "backbone.")
-
-
-def _backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> list[torch.Tensor]:
-    """Hidden states the neck needs, running only the encoder layers that feed it."""
-    cfg = model.config
-    emb = model.dpt.embeddings
-    if cfg.is_hybrid:
-        out = emb(pixel_values, interpolate_pos_encoding=True)
-        features = list(out.intermediate_activations)
-        wanted = list(cfg.backbone_out_indices[2:])
-    else:
-        out = emb(pixel_values)
-        features = []
-        wanted = list(cfg.backbone_out_indices)
-    hidden = out.last_hidden_states
-    last = max(wanted)
-    for i, layer in enumerate(model.dpt.encoder.layer[: last + 1]):
-        hidden = layer(hidden)
-        if i in wanted:
-            features.append(hidden)
-    return features
-
-
-def segment(
-    model: PreTrainedModel, pixel_values: torch.Tensor, with_aux: bool = True
-) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """(logits, auxiliary logits or None) for normalised images of any H x W divisible by the patch size.
-
-    Unlike ``DPTForSemanticSegmentation.forward`` this passes the patch grid to the neck, so
-    non-square inputs work, and it skips the encoder's final layer norm, which segmentation
-    never reads. ``with_aux=False`` skips the auxiliary head (only the loss reads it; it costs
-    as much as the main head). Logits come at the input resolution when the patch grid is even in both
-    directions; otherwise the neck rounds the grid up and callers resize (loss and metrics do).
-    """
-    multiple = input_multiple(model.config)
-    h, w = pixel_values.shape[-2:]
-    if h % multiple or w % multiple:
-        raise ValueError(f"input {h}x{w} is not a multiple of {multiple} (the backbone's patch size / stride)")
-    if uses_backbone(model.config):
-        features = model.features(pixel_values)
-    else:
-        features = _backbone_features(model, pixel_values)
-        features = model.neck(features, patch_height=h // multiple, patch_width=w // multiple)
-    logits = model.head(features)
-    aux = model.auxiliary_head(features[-1]) if with_aux and model.auxiliary_head is not None else None
-    return logits, aux

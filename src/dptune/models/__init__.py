@@ -1,0 +1,19 @@
+"""Building DPTs (hub id, directory, config, backbone family), fresh-layer initialisation, the
+forward passes, FLOPs."""
+
+from dptune.models.build import (
+    adapt_classifiers,
+    build_model,
+    freeze_unused,
+    he_init,
+    he_init_layer,
+    load_config,
+    load_exported,
+    pretrained_config,
+)
+from dptune.models.forward import BACKBONE_PREFIXES, segment
+
+__all__ = [
+    "BACKBONE_PREFIXES", "adapt_classifiers", "build_model", "freeze_unused", "he_init", "he_init_layer",
+    "load_config", "load_exported", "pretrained_config", "segment",
+]

@@ -1,0 +1,1 @@
+"""Lightning modules: what every task shares (``base``) and each task on top of it."""

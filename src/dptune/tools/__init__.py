@@ -1,0 +1,1 @@
+"""Command-line tools (evaluate, predict, inspect, benchmark); ``scripts/`` are thin wrappers."""
