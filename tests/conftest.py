@@ -28,7 +28,9 @@ def _shared() -> Path:
 SHARED = _shared()
 CAMVID = SHARED / "data" / "camvid"
 DUBAI = SHARED / "data" / "dubai-aerial"
-DATASETS = (CAMVID, DUBAI)  # what the suite reads; tests that need one skip without it, except in CI
+KITCHEN = SHARED / "data" / "7scenes-kitchen"
+DEPTH_FORMATS = SHARED / "data" / "depth-formats"
+DATASETS = (CAMVID, DUBAI, KITCHEN, DEPTH_FORMATS)  # what the suite reads; tests that need one skip without it, except in CI
 
 
 def pytest_sessionstart(session) -> None:

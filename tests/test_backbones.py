@@ -129,7 +129,7 @@ def test_fit_resume_export_onnx(fam, tmp_path):
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
     from dptune.export import export
-    from dptune.tasks.segmentation import load_module
+    from dptune.tasks.checkpoints import load_module
 
     size = 70 if fam == "dinov2" else 64
     args = ["fit", "--config", str(REPO / "configs" / "camvid.yaml"), "--data.root", str(CAMVID),

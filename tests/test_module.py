@@ -151,7 +151,7 @@ def test_aux_head_runs_only_when_the_loss_reads_it(tiny_config):
 def test_sync_batchnorm_only_for_multi_gpu():
     from types import SimpleNamespace
 
-    from dptune.tasks.segmentation import wants_sync_batchnorm
+    from dptune.tasks.base import wants_sync_batchnorm
 
     def trainer(world, device):
         return SimpleNamespace(world_size=world, strategy=SimpleNamespace(root_device=torch.device(device)))
@@ -193,6 +193,8 @@ def test_slide_mode_overlays_line_up_with_their_masks_in_mixed_size_batches():
     a smaller image is its own pixels, not the padded canvas stretched to its size."""
     from types import SimpleNamespace
 
+    from conftest import TINY
+
     from dptune.callbacks import ValidationVisuals
     from dptune.data.dataset import collate
 
@@ -202,7 +204,7 @@ def test_slide_mode_overlays_line_up_with_their_masks_in_mixed_size_batches():
              for i, im in enumerate(images)]
     batch = collate(items)
     trainer = SimpleNamespace(sanity_checking=False, is_global_zero=True)
-    module = SimpleNamespace(hparams={"val_mode": "slide", "log_images": 2})
+    module = _module(dict(TINY), val_mode="slide", log_images=2)
     cb = ValidationVisuals()
     cb._wandb = lambda trainer: object()  # only "is a W&B logger attached" is asked here
     cb.on_validation_batch_end(trainer, module, {"preds": batch["mask"]}, batch, 0)
@@ -215,7 +217,7 @@ def test_checkpoints_load_without_unpickling_code(tmp_path, tiny_config, monkeyp
     """load_module reads with weights_only=True; a file holding arbitrary objects is refused in one
     line unless the user says the source is trusted."""
     from dptune.errors import ConfigError
-    from dptune.tasks.segmentation import load_checkpoint
+    from dptune.tasks.checkpoints import load_checkpoint
 
     safe = tmp_path / "safe.ckpt"
     torch.save({"state_dict": {"w": torch.zeros(2)}, "dptune": {"metrics": {}}}, safe)

@@ -85,7 +85,7 @@ def test_export_then_from_pretrained_gives_identical_logits(trained):
     from transformers import AutoImageProcessor, DPTForSemanticSegmentation
 
     from dptune.export import export_checkpoint
-    from dptune.tasks.segmentation import load_module
+    from dptune.tasks.checkpoints import load_module
 
     out = export_checkpoint(trained["run"] / "checkpoints" / "last.ckpt", trained["tmp"] / "export")
     assert (out / "model.safetensors").exists()

@@ -7,13 +7,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-import cv2
 import lightning.pytorch as pl
 import numpy as np
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.loggers import WandbLogger
-
-from dptune.labels import IGNORE_INDEX
 
 log = logging.getLogger(__name__)
 
@@ -120,7 +117,9 @@ class LRMonitor(LearningRateMonitor):
 
 
 class ValidationVisuals(Callback):
-    """Logs a per-class IoU table and overlays (image, ground truth, prediction) to W&B."""
+    """Logs the task's validation pictures to W&B once per validation: the task says what they are
+    (``visual_samples`` from the first batch, ``log_visuals``): segmentation overlays and a per-class
+    IoU table, depth panels."""
 
     def __init__(self, num_images: int | None = None) -> None:
         self.num_images = num_images
@@ -137,42 +136,11 @@ class ValidationVisuals(Callback):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or self._wandb(trainer) is None:
             return
         n = self.num_images if self.num_images is not None else pl_module.hparams.get("log_images", 4)
-        self._samples = []
-        native = pl_module.hparams.get("val_mode") == "slide"
-        for b in range(min(n, batch["image"].shape[0])):
-            h, w = batch["sizes"][b]
-            # slide mode: images at native size, padded to the batch's largest (crop the padding);
-            # resize mode: every image at image_size (stretch back to the label size)
-            image = batch["image"][b, :, :h, :w] if native else batch["image"][b]
-            image = image.permute(1, 2, 0).cpu().numpy()
-            if image.shape[:2] != (h, w):
-                image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-            self._samples.append({
-                "image": image,
-                "gt": batch["mask"][b, :h, :w].cpu().numpy().astype(np.uint8),
-                "pred": outputs["preds"][b, :h, :w].cpu().numpy().astype(np.uint8),
-            })
+        self._samples = pl_module.visual_samples(batch, outputs, n)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logger = self._wandb(trainer)
         if logger is None or trainer.sanity_checking or not trainer.is_global_zero:
             return
-        import wandb
-
-        names = pl_module.label_set.names
-        metrics = pl_module.last_metrics.get("val")
-        step = trainer.global_step
-        if metrics:
-            rows = [[n, None if np.isnan(v) else float(v)] for n, v in zip(names, metrics["IoU"], strict=True)]
-            logger.log_table("val/per_class_IoU", columns=["class", "IoU"], data=rows, step=step)
-        if self._samples:
-            class_labels = {i: n for i, n in enumerate(names)} | {IGNORE_INDEX: "ignore"}
-            images = [
-                wandb.Image(s["image"], masks={
-                    "ground_truth": {"mask_data": s["gt"], "class_labels": class_labels},
-                    "prediction": {"mask_data": s["pred"], "class_labels": class_labels},
-                })
-                for s in self._samples
-            ]
-            logger.experiment.log({"val/overlays": images, "trainer/global_step": step})
-            self._samples = []
+        pl_module.log_visuals(logger, self._samples, trainer.global_step)
+        self._samples = []

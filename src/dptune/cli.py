@@ -6,7 +6,9 @@ import logging
 import os
 import sys
 import warnings
+from typing import Any
 
+import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
@@ -28,19 +30,69 @@ class LoggedSaveConfig(SaveConfigCallback):
                 logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
 
 
+# per task: the module, the datamodule, data facts linked into the model, what "best" means
+TASKS: dict[str, dict[str, Any]] = {
+    "segmentation": {
+        "links": [("data.labels_spec", "model.label_spec", "instantiate"), ("data.image_size", "model.image_size", None),
+                  ("data.val_mode", "model.val_mode", None)],
+        "monitor": ("val/mIoU", "max", "best-epoch{epoch:02d}-mIoU{val/mIoU:.4f}"),
+    },
+    "depth": {
+        "links": [("data.image_size", "model.image_size", None), ("data.eval_crop", "model.eval_crop", None)],
+        "monitor": ("val/abs_rel", "min", "best-epoch{epoch:02d}-absrel{val/abs_rel:.4f}"),
+    },
+}
+
+
+def task_classes(task: str) -> tuple[type, type]:
+    if task == "depth":
+        from dptune.data.depth_datamodule import DepthDataModule
+        from dptune.tasks.depth import DepthModule
+
+        return DepthModule, DepthDataModule
+    return SegmentationModule, SegmentationDataModule
+
+
+def task_from_args(args: list[str]) -> str:
+    """The task a command line asks for: ``--task NAME``, else a ``task:`` key at the top of a
+    ``--config`` file (the last one that has it), else segmentation."""
+    task = None
+    for i, arg in enumerate(args):
+        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
+        if arg.startswith("--config") and value and os.path.isfile(value):
+            spec = yaml.safe_load(open(value)) or {}
+            task = spec.get("task", task) if isinstance(spec, dict) else task
+    for i, arg in enumerate(args):
+        if arg == "--task" and i + 1 < len(args):
+            task = args[i + 1]
+        elif arg.startswith("--task="):
+            task = arg.split("=", 1)[1]
+    task = task or "segmentation"
+    if task not in TASKS:
+        raise ConfigError(f"task {task!r}: dptune trains {' and '.join(TASKS)}")
+    return task
+
+
 class DPTuneCLI(LightningCLI):
+    def __init__(self, *args: Any, task: str = "segmentation", **kwargs: Any) -> None:
+        self.task = task
+        super().__init__(*args, **kwargs)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
+        parser.add_argument("--task", choices=list(TASKS), default="segmentation",
+                            help="What to train: segmentation (default) or depth; a config file may say it as task: depth")
         # data facts reach the model once, by link, never written twice
-        parser.link_arguments("data.labels_spec", "model.label_spec", apply_on="instantiate")
-        parser.link_arguments("data.image_size", "model.image_size")
-        parser.link_arguments("data.val_mode", "model.val_mode")
+        for source, target, when in TASKS[self.task]["links"]:
+            parser.link_arguments(source, target, **({"apply_on": when} if when else {}))
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        monitor, mode, filename = TASKS[self.task]["monitor"]
         parser.set_defaults({
-            "checkpoint.monitor": "val/mIoU",
-            "checkpoint.mode": "max",
+            "task": self.task,
+            "checkpoint.monitor": monitor,
+            "checkpoint.mode": mode,
             "checkpoint.save_last": True,
             "checkpoint.save_top_k": 1,
-            "checkpoint.filename": "best-epoch{epoch:02d}-mIoU{val/mIoU:.4f}",
+            "checkpoint.filename": filename,
             "checkpoint.auto_insert_metric_name": False,
         })
 
@@ -79,10 +131,13 @@ def main(args: list[str] | None = None) -> int:
     """Run the CLI. Bad data and settings end in one line per problem and exit code 2; any other
     exception is a bug (ours or a library's) and keeps its traceback."""
     _quiet()
+    argv = sys.argv[1:] if args is None else list(args)
     try:
+        model_class, data_class = task_classes(task_from_args(argv))
         DPTuneCLI(
-            SegmentationModule,
-            SegmentationDataModule,
+            model_class,
+            data_class,
+            task=task_from_args(argv),
             trainer_defaults=trainer_defaults(),
             seed_everything_default=0,
             save_config_callback=LoggedSaveConfig,

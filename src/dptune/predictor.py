@@ -49,7 +49,7 @@ class Predictor:
             proc = AutoImageProcessor.from_pretrained(ref)
             labels = exported_labels(ref, model.config.id2label)
         else:
-            from dptune.tasks.segmentation import load_module
+            from dptune.tasks.checkpoints import load_module
 
             module = load_module(ref)
             model, labels, proc = module.model, module.label_set, module.image_processor()

@@ -4,14 +4,14 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
 from typing import Any, Literal
 
 import lightning.pytorch as pl
 import numpy as np
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader
 
+from dptune.data.base import STAGES, augment_seed, default_workers, make_loader, pair, stream_seed
 from dptune.data.cache import DiskCache
 from dptune.data.dataset import SegmentationDataset, collate, scan
 from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
@@ -22,43 +22,6 @@ from dptune.labels import LabelSet
 
 log = logging.getLogger(__name__)
 
-STAGES = ("train", "val", "test")
-
-
-def _pair(v: int | Sequence[int] | None) -> tuple[int, int] | None:
-    if v is None:
-        return None
-    if isinstance(v, int):
-        return (v, v)
-    return (int(v[0]), int(v[1]))
-
-
-def _rank() -> int:
-    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
-
-
-def _augment_seed() -> int:
-    """Per process (and per worker) seed for albumentations: torch's seed, offset by the rank so
-    that processes of a multi-GPU run do not draw the same augmentations."""
-    return (torch.initial_seed() + 1_000_003 * _rank()) % 2**32
-
-
-def stream_seed() -> int:
-    """The shuffle seed of a training stream: the run's seed, the same on every rank. When the
-    world size does not divide the shard count, ``datasets`` gives each rank every
-    ``world_size``-th example of the stream, which splits it exactly only if all ranks shuffle alike."""
-    return torch.initial_seed() % 2**32
-
-
-def _seed_worker(worker_id: int) -> None:
-    import cv2
-
-    cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
-    info = torch.utils.data.get_worker_info()
-    ds = info.dataset if info is not None else None
-    transform = getattr(ds, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(_augment_seed())
 
 
 def check_coverage(labels: LabelSet, class_pixels: np.ndarray, implicit_ignore: int, where: str) -> None:
@@ -79,26 +42,6 @@ def check_coverage(labels: LabelSet, class_pixels: np.ndarray, implicit_ignore: 
                     "255; add it to say that this is meant)", where, 100 * implicit_ignore / max(1, total))
     for name in missing:
         log.warning("%s: class %r never occurs in the training masks", where, name)
-
-
-class EvalDistributedSampler(DistributedSampler):
-    """Shards evaluation data across processes without padding.
-
-    ``DistributedSampler`` repeats samples to even out the shards, and a repeated sample would
-    be counted twice in the confusion matrix. Here rank r takes samples r, r + W, r + 2W, ...;
-    shards may differ in length by one, which evaluation (no gradient sync) does not mind.
-    """
-
-    def __init__(self, dataset, num_replicas: int, rank: int) -> None:
-        # a DistributedSampler subclass, so that Lightning keeps it instead of installing its own
-        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
-        self.n = len(dataset)
-
-    def __iter__(self):
-        return iter(range(self.rank, self.n, self.num_replicas))
-
-    def __len__(self) -> int:
-        return len(range(self.rank, self.n, self.num_replicas))
 
 
 class SegmentationDataModule(pl.LightningDataModule):
@@ -175,17 +118,14 @@ class SegmentationDataModule(pl.LightningDataModule):
         if unknown:
             raise DataError(f"data.splits: unknown stages {sorted(unknown)} (use {list(STAGES)})")
         self.hf = hf or {}
-        self.image_size = _pair(image_size)
-        self.crop_size = _pair(crop_size) or self.image_size
+        self.image_size = pair(image_size)
+        self.crop_size = pair(crop_size) or self.image_size
         self.scale_range = tuple(scale_range)
         self.train_transforms_spec = train_transforms
         self.val_mode = val_mode
         self.batch_size = batch_size
         self.val_batch_size = val_batch_size or batch_size
-        if num_workers is None:
-            cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-            num_workers = 0 if cores <= 2 else min(8, cores // 2)
-        self.num_workers = num_workers
+        self.num_workers = num_workers = default_workers(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and num_workers > 0
         self.cache = "memory" if cache is True else cache or None
@@ -215,7 +155,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def train_transform(self):
         base = self.image_size if self.val_mode == "resize" else None  # native scale for sliding windows
         spec = self.train_transforms_spec or default_train_transforms(self.crop_size, self.scale_range, base)
-        return build_transforms(spec, seed=_augment_seed())
+        return build_transforms(spec, seed=augment_seed())
 
     @property
     def streaming(self) -> bool:
@@ -293,24 +233,10 @@ class SegmentationDataModule(pl.LightningDataModule):
     # ------------------------------------------------------------------ loaders
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:
         ds = self._dataset(stage)
-        sampler = None
-        trainer = self.trainer
-        if isinstance(ds, StreamingSegmentation):
-            shuffle = False  # the stream shuffles itself and is already this rank's part
-        elif stage != "train" and trainer is not None and trainer.world_size > 1:
-            sampler = EvalDistributedSampler(ds, trainer.world_size, trainer.global_rank)
-        return DataLoader(
-            ds,
-            batch_size=self.batch_size if stage == "train" else self.val_batch_size,
-            shuffle=shuffle,
-            sampler=sampler,
-            drop_last=stage == "train" and (isinstance(ds, StreamingSegmentation) or len(ds) > self.batch_size),
-            num_workers=self.num_workers,
-            pin_memory=self.pin_memory,
-            persistent_workers=self.persistent_workers,
-            collate_fn=collate,
-            worker_init_fn=_seed_worker,
-        )
+        size = self.batch_size if stage == "train" else self.val_batch_size
+        # a stream shuffles itself and is already this rank's part
+        return make_loader(ds, stage, size, self.trainer, self.num_workers, self.pin_memory, self.persistent_workers,
+                           collate, streaming=isinstance(ds, StreamingSegmentation))
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train", shuffle=True)

@@ -171,8 +171,14 @@ def _fresh_model(cfg: DPTConfig, names: Sequence[str], attn_implementation: str)
 
 
 def load_exported(path: str) -> PreTrainedModel:
-    """A model directory written by ``save_pretrained`` (e.g. ``scripts/export.py``), whatever its backbone."""
-    return model_class(AutoConfig.from_pretrained(path)).from_pretrained(path)
+    """A model directory written by ``save_pretrained`` (e.g. ``scripts/export.py``), whatever its
+    task and backbone."""
+    cfg = AutoConfig.from_pretrained(path)
+    if any("DepthEstimation" in a for a in cfg.architectures or []):
+        from transformers import AutoModelForDepthEstimation
+
+        return AutoModelForDepthEstimation.from_pretrained(path)
+    return model_class(cfg).from_pretrained(path)
 
 
 def input_side(model: PreTrainedModel) -> int:

@@ -6,6 +6,11 @@
         --labels labels.yaml --root ../shared/data/camvid --mode slide --flip \
         --json scores.json --confusion confusion.png
 
+Depth models (the metrics of ``dptune.tools.depth``):
+
+    python scripts/evaluate.py --model DEPTH-OUT --root ../shared/data/7scenes-kitchen \
+        --images "val/rgb/*.jpg" --depth "val/depth/{stem}.png" --depth-scale 1000
+
 ``--model`` is a dptune checkpoint or an exported directory; ``--mode whole`` resizes like the
 exported image processor, ``--mode slide`` slides windows of the processor size at native
 resolution. Optional test-time augmentation: ``--flip`` and ``--scales 0.75,1,1.25``.
@@ -132,10 +137,20 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--json", help="write the scores here")
     ap.add_argument("--confusion", help="write a row-normalised confusion-matrix picture here (.png)")
+    depth = ap.add_argument_group("depth models")
+    depth.add_argument("--depth", help="depth map template with {stem}/{name}/{dir}")
+    depth.add_argument("--depth-scale", type=float, default=1000.0, help="stored value per metre (1000: mm PNG)")
+    depth.add_argument("--min-depth", type=float, default=1e-3)
+    depth.add_argument("--max-depth", type=float, default=None, help="default: the model's")
+    depth.add_argument("--alignment", choices=["none", "median", "lstsq"], help="default: the model's")
+    depth.add_argument("--eval-crop", choices=["none", "eigen", "garg"], help="default: the model's")
     args = ap.parse_args(argv)
     from dptune.predictor import Predictor
+    from dptune.tools.depth import evaluate_depth, model_task
 
     try:
+        if model_task(args.model) == "depth":
+            return evaluate_depth(args)
         source, labels = _source_and_labels(args)
         predictor = Predictor.load(args.model, args.device)
         scales = tuple(float(s) for s in args.scales.split(","))

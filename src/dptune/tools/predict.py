@@ -1,13 +1,16 @@
-"""Predict masks for images: class-index PNGs, colour overlays with a legend, confidence maps.
+"""Predict masks (segmentation models) or depth maps (depth models) for images.
 
     python scripts/predict.py --model OUT --images "photos/*.jpg" --out preds
+    python scripts/predict.py --model DEPTH-OUT --images "frames/*.jpg" --out depth \
+        --intrinsics ../shared/data/7scenes-kitchen/camera-intrinsics.txt
     python scripts/predict.py --model RUN/checkpoints/last.ckpt --images frame.jpg --out preds \
         --mode slide --flip --confidence --device cuda
 
 For each image ``<stem>.png`` holds class indices (uint8, the model's id2label order),
 ``<stem>_overlay.png`` the prediction in the label colours blended on the image with a legend of
 the classes present, and with ``--confidence`` ``<stem>_confidence.png`` the top-class
-probability (black 0, white 1).
+probability (black 0, white 1). Depth models: see ``dptune.tools.depth`` (16-bit depth PNGs in
+millimetres, colourised maps, ``.ply`` point clouds with ``--intrinsics``).
 """
 
 from __future__ import annotations
@@ -78,11 +81,15 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confidence", action="store_true", help="also write the top-class probability")
     ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--intrinsics", help="depth models: fx,fy,cx,cy or a 3x3 camera matrix file; writes <stem>.ply")
     args = ap.parse_args(argv)
     from dptune.predictor import Predictor
+    from dptune.tools.depth import model_task, predict_depth
 
     try:
         paths = list_images(args.images)
+        if model_task(args.model) == "depth":
+            return predict_depth(args, paths)
         predictor = Predictor.load(args.model, args.device)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,93 @@
+"""What every datamodule shares: sizes, worker seeding, the evaluation sampler that counts each
+sample once across processes, and the loaders."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable, Sequence
+
+import torch
+from torch.utils.data import DataLoader, DistributedSampler
+
+STAGES = ("train", "val", "test")
+
+
+def pair(v: int | Sequence[int] | None) -> tuple[int, int] | None:
+    if v is None:
+        return None
+    if isinstance(v, int):
+        return (v, v)
+    return (int(v[0]), int(v[1]))
+
+
+def rank() -> int:
+    return int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")))
+
+
+def augment_seed() -> int:
+    """Per process (and per worker) seed for albumentations: torch's seed, offset by the rank so
+    that processes of a multi-GPU run do not draw the same augmentations."""
+    return (torch.initial_seed() + 1_000_003 * rank()) % 2**32
+
+
+def stream_seed() -> int:
+    """The shuffle seed of a training stream: the run's seed, the same on every rank. When the
+    world size does not divide the shard count, ``datasets`` gives each rank every
+    ``world_size``-th example of the stream, which splits it exactly only if all ranks shuffle alike."""
+    return torch.initial_seed() % 2**32
+
+
+def seed_worker(worker_id: int) -> None:
+    import cv2
+
+    cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
+    info = torch.utils.data.get_worker_info()
+    ds = info.dataset if info is not None else None
+    transform = getattr(ds, "transform", None)
+    if transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(augment_seed())
+
+
+class EvalDistributedSampler(DistributedSampler):
+    """Shards evaluation data across processes without padding.
+
+    ``DistributedSampler`` repeats samples to even out the shards, and a repeated sample would
+    be counted twice in the confusion matrix. Here rank r takes samples r, r + W, r + 2W, ...;
+    shards may differ in length by one, which evaluation (no gradient sync) does not mind.
+    """
+
+    def __init__(self, dataset, num_replicas: int, rank: int) -> None:
+        # a DistributedSampler subclass, so that Lightning keeps it instead of installing its own
+        super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=False, drop_last=False)
+        self.n = len(dataset)
+
+    def __iter__(self):
+        return iter(range(self.rank, self.n, self.num_replicas))
+
+    def __len__(self) -> int:
+        return len(range(self.rank, self.n, self.num_replicas))
+
+
+
+def default_workers(num_workers: int | None) -> int:
+    """Loader workers: none on machines with 2 cores or fewer (a worker would compete with the
+    model for them), else half the cores, at most 8."""
+    if num_workers is not None:
+        return num_workers
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return 0 if cores <= 2 else min(8, cores // 2)
+
+
+def make_loader(ds, stage: str, batch_size: int, trainer, num_workers: int, pin_memory: bool,
+                persistent_workers: bool, collate_fn: Callable, streaming: bool = False) -> DataLoader:
+    """A training loader (shuffled, last partial batch dropped) or an evaluation loader (each sample
+    on exactly one process)."""
+    sampler = None
+    if not streaming and stage != "train" and trainer is not None and trainer.world_size > 1:
+        sampler = EvalDistributedSampler(ds, trainer.world_size, trainer.global_rank)
+    return DataLoader(
+        ds, batch_size=batch_size, shuffle=stage == "train" and not streaming, sampler=sampler,
+        drop_last=stage == "train" and (streaming or len(ds) > batch_size), num_workers=num_workers,
+        pin_memory=pin_memory, persistent_workers=persistent_workers, collate_fn=collate_fn,
+        worker_init_fn=seed_worker,
+    )

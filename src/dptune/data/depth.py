@@ -1,0 +1,210 @@
+"""Depth data: readers (16-bit PNG with a scale, .npy, float TIFF), folder and Hugging Face sources,
+the dataset, augmentations that keep depth exact, and the standard evaluation crops.
+
+Depth is float32 metres, 0 = no measurement. Geometry reaches depth by nearest-neighbour only (a
+resize never averages a valid pixel with an invalid one, or two surfaces into a depth between
+them); photometric changes touch the image only.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import albumentations as A
+import cv2
+import numpy as np
+import torch
+from torch.utils.data import Dataset
+
+from dptune.data.sources import _read_bytes, image_header_size, mask_path_for, open_hf_split, read_image
+from dptune.data.transforms import PhotometricJitter, resize_like_processor
+from dptune.errors import ConfigError, DataError
+
+DEPTH_EXTENSIONS = (".png", ".npy", ".tif", ".tiff", ".exr")
+
+
+def read_depth(path: str, scale: float = 1000.0) -> np.ndarray:
+    """A depth file as float32 metres, 0 where there is no measurement. Integer files are divided
+    by ``scale`` (NYU and 7-Scenes 16-bit PNGs: millimetres, 1000; KITTI: 256); float files
+    (``.npy``, float TIFF) are metres divided by ``scale`` too (give 1 for metres). NaN and
+    infinite values become 0 (invalid)."""
+    ext = os.path.splitext(path)[1].lower()
+    if ext == ".npy":
+        try:
+            raw = np.load(path, allow_pickle=False)
+        except FileNotFoundError:
+            raise DataError(f"{path}: depth file not found") from None
+        except (OSError, ValueError) as e:
+            raise DataError(f"{path}: not a readable .npy depth map ({e})") from None
+    else:
+        data = _read_bytes(path)
+        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
+        if raw is None:
+            raise DataError(f"{path}: not a readable depth map (truncated or not an image)")
+        if ext == ".png" and raw.dtype == np.uint8:
+            raise DataError(f"{path}: 8-bit PNG where a 16-bit depth map is expected (depth in 1/{scale:g} m "
+                            "needs 16 bits; an 8-bit file is usually a visualisation, not the measurement)")
+    if raw.ndim == 3 and raw.shape[2] == 1:
+        raw = raw[..., 0]
+    if raw.ndim != 2:
+        raise DataError(f"{path}: depth must have one channel, got shape {tuple(raw.shape)}")
+    if raw.dtype.kind not in "uif":
+        raise DataError(f"{path}: unsupported depth type {raw.dtype}")
+    depth = raw.astype(np.float32) / np.float32(scale)
+    depth[~np.isfinite(depth) | (depth < 0)] = 0.0
+    return depth
+
+
+def depth_header_size(path: str) -> tuple[int, int]:
+    """(h, w) of a depth file without decoding it where the format allows (PNG/TIFF headers)."""
+    if path.lower().endswith(".npy"):
+        return read_depth(path).shape[:2]
+    return image_header_size(path)
+
+
+class DepthFolderSource:
+    """Images matched by a glob, each paired with a depth file found by a path template
+    (``{stem}``, ``{name}``, ``{dir}``, as for masks)."""
+
+    def __init__(self, root: str, images: str, depth: str, scale: float = 1000.0) -> None:
+        pattern = images if os.path.isabs(images) else os.path.join(root, images)
+        self.images = sorted(glob.glob(pattern, recursive=True))
+        if not self.images:
+            raise DataError(f"{pattern}: no images match")
+        self.depths = [mask_path_for(p, depth, root) for p in self.images]
+        self.scale = scale
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def name(self, i: int) -> str:
+        return self.images[i]
+
+    def _depth(self, i: int) -> np.ndarray:
+        if not os.path.exists(self.depths[i]):
+            raise DataError(f"{self.images[i]}: no depth map (expected {self.depths[i]})")
+        return read_depth(self.depths[i], self.scale)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        depth = self._depth(i)
+        return read_image(self.images[i]), depth, self.depths[i]
+
+
+class HFDepthSource:
+    """A split of a Hugging Face dataset with an image column and a depth column (a 16-bit or
+    float image, or an array), depth divided by ``scale``."""
+
+    def __init__(self, dataset: str, split: str, image_column: str = "image", depth_column: str = "depth",
+                 scale: float = 1.0, config_name: str | None = None) -> None:
+        ds = open_hf_split(dataset, split, config_name)
+        for col in (image_column, depth_column):
+            if col not in ds.column_names:
+                raise DataError(f"{dataset}[{split}]: no column {col!r} (has {ds.column_names})")
+        self.ds, self.label = ds, f"{dataset}[{split}]"
+        self.image_column, self.depth_column, self.scale = image_column, depth_column, scale
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def name(self, i: int) -> str:
+        return f"{self.label}#{i}"
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        row, name = self.ds[i], self.name(i)
+        image = row[self.image_column]
+        image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
+        if image.ndim == 2:
+            image = np.repeat(image[..., None], 3, axis=2)
+        if image.dtype != np.uint8:
+            raise DataError(f"{name}: image must be uint8, got {image.dtype}")
+        raw = np.asarray(row[self.depth_column])
+        if raw.ndim != 2 or raw.dtype.kind not in "uif":
+            raise DataError(f"{name}: depth must be one channel of numbers, got {raw.dtype} {tuple(raw.shape)}")
+        depth = raw.astype(np.float32) / np.float32(self.scale)
+        depth[~np.isfinite(depth) | (depth < 0)] = 0.0
+        return np.ascontiguousarray(image[..., :3]), depth, name
+
+
+def eval_crop_mask(shape: tuple[int, int], crop: str) -> np.ndarray | None:
+    """The standard evaluation crops as a boolean mask of an (h, w) depth map: ``eigen`` (NYU Depth
+    v2, rows 45-470 and columns 41-600 of 480x640, scaled to other sizes) and ``garg`` (KITTI:
+    rows 40.8%-99.2%, columns 3.6%-96.4%); ``none`` gives None."""
+    h, w = shape
+    if crop == "none":
+        return None
+    mask = np.zeros((h, w), bool)
+    if crop == "eigen":
+        mask[round(45 / 480 * h) : round(471 / 480 * h), round(41 / 640 * w) : round(601 / 640 * w)] = True
+    elif crop == "garg":
+        mask[int(0.40810811 * h) : int(0.99189189 * h), int(0.03594771 * w) : int(0.96405229 * w)] = True
+    else:
+        raise ConfigError(f"data.eval_crop must be none, eigen or garg, got {crop!r}")
+    return mask
+
+
+def depth_train_transforms(size: Sequence[int], crop: Sequence[int] | None, jitter: bool = True) -> A.Compose:
+    """Resize to ``size`` (h, w) (image area-averaged, depth nearest), optional random ``crop``,
+    horizontal flip, and photometric jitter of the image. No random rescale: zooming an image
+    changes the depth it shows, so metric depth would have to change with it."""
+    h, w = int(size[0]), int(size[1])
+    steps: list[Any] = [A.Resize(h, w, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST)]
+    if crop is not None and tuple(crop) != (h, w):
+        steps.append(A.RandomCrop(int(crop[0]), int(crop[1])))
+    steps.append(A.HorizontalFlip(p=0.5))
+    if jitter:
+        steps.append(PhotometricJitter(p=0.8))
+    return A.Compose(steps, additional_targets={"depth": "mask"})
+
+
+class DepthDataset(Dataset):
+    """Items ``{"image": uint8 (3, H, W), "depth": float32 (h, w) metres, "index": int}``: augmented
+    (training) or, for evaluation, the image resized like the exported processor and the depth at
+    its own resolution (metrics are computed on the original ground truth)."""
+
+    def __init__(self, source, transform: Callable[..., dict[str, Any]] | None = None,
+                 image_size: Sequence[int] | None = None) -> None:
+        self.source, self.transform, self.image_size = source, transform, image_size
+        self.indices = list(range(len(source)))
+        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+
+    def __len__(self) -> int:
+        return len(self.indices)
+
+    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+        if self.cache is not None and i in self.cache:
+            return self.cache[i]
+        image, depth, name = self.source.load(i)
+        if image.shape[:2] != depth.shape:
+            raise DataError(f"{name}: depth map is {depth.shape[1]}x{depth.shape[0]} but its image is "
+                            f"{image.shape[1]}x{image.shape[0]}")
+        return image, depth
+
+    def __getitem__(self, k: int) -> dict[str, Any]:
+        i = self.indices[k]
+        image, depth = self.load(i)
+        if self.transform is not None:
+            out = self.transform(image=image, depth=depth)
+            image, depth = out["image"], out["depth"]
+        elif self.image_size is not None:
+            image = resize_like_processor(image, self.image_size)
+        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "depth": torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32)), "index": i}
+
+
+def collate_depth(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """Stack a batch; depth maps of different sizes are padded with 0 (invalid)."""
+    sizes = [tuple(it["depth"].shape) for it in items]
+    images = torch.stack([it["image"] for it in items]) if len({it["image"].shape for it in items}) == 1 else None
+    if images is None:
+        hh, ww = max(it["image"].shape[1] for it in items), max(it["image"].shape[2] for it in items)
+        images = torch.zeros(len(items), 3, hh, ww, dtype=torch.uint8)
+        for b, it in enumerate(items):
+            images[b, :, : it["image"].shape[1], : it["image"].shape[2]] = it["image"]
+    hh, ww = max(s[0] for s in sizes), max(s[1] for s in sizes)
+    depth = torch.zeros(len(items), hh, ww)
+    for b, it in enumerate(items):
+        depth[b, : sizes[b][0], : sizes[b][1]] = it["depth"]
+    return {"image": images, "depth": depth, "index": torch.tensor([it["index"] for it in items]), "sizes": sizes}

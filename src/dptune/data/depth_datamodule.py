@@ -1,0 +1,189 @@
+"""DepthDataModule: images with depth maps from folders or Hugging Face datasets, checked before
+training, augmented without changing depth, batched for one or many processes."""
+
+from __future__ import annotations
+
+import logging
+from concurrent.futures import ThreadPoolExecutor
+from typing import Any, Literal
+
+import lightning.pytorch as pl
+import numpy as np
+import torch
+from torch.utils.data import DataLoader
+from tqdm.auto import tqdm
+
+from dptune.data.base import STAGES, augment_seed, default_workers, make_loader, pair, rank
+from dptune.data.depth import (
+    DepthDataset,
+    DepthFolderSource,
+    HFDepthSource,
+    collate_depth,
+    depth_train_transforms,
+    eval_crop_mask,
+)
+from dptune.data.sources import image_header_size
+from dptune.errors import DataError, DataErrors
+
+log = logging.getLogger(__name__)
+
+
+class DepthDataModule(pl.LightningDataModule):
+    def __init__(
+        self,
+        root: str = ".",
+        source: Literal["folder", "hf"] = "folder",
+        splits: dict[str, dict[str, Any]] | None = None,
+        hf: dict[str, Any] | None = None,
+        depth_scale: float = 1000.0,
+        image_size: int | list[int] = 384,
+        crop_size: int | list[int] | None = None,
+        jitter: bool = True,
+        eval_crop: Literal["none", "eigen", "garg"] = "none",
+        batch_size: int = 8,
+        val_batch_size: int | None = None,
+        num_workers: int | None = None,
+        pin_memory: bool | None = None,
+        persistent_workers: bool = True,
+        check: bool | Literal["header"] = True,
+        cache: bool = False,
+        on_bad_sample: Literal["error", "skip"] = "error",
+    ) -> None:
+        """
+        Args:
+            root: Dataset folder; relative paths in ``splits`` are relative to it.
+            source: ``folder`` (image glob + depth path template) or ``hf`` (Hugging Face dataset).
+            splits: Per stage (``train``, ``val``, ``test``). folder:
+                ``{images: "train/rgb/*.jpg", depth: "train/depth/{stem}.png"}`` (placeholders
+                ``{stem}``, ``{name}``, ``{dir}``); hf: ``{split: validation}``.
+            hf: For ``source: hf``: ``{dataset: <hub name or save_to_disk dir>, image_column, depth_column,
+                config_name}``.
+            depth_scale: Stored value per metre: 1000 for millimetre PNGs (NYU, 7-Scenes), 256 for
+                KITTI, 1 for depth already in metres (.npy, float TIFF, float dataset columns).
+                0 is "no measurement" in every format.
+            image_size: Input size (h, w) for training and evaluation, and of the exported processor;
+                multiples of the patch size. Keep the images' aspect ratio (e.g. [192, 256] for 4:3).
+            crop_size: Optional random crop (h, w) of the resized training images.
+            jitter: Brightness/contrast/saturation jitter of training images (depth untouched).
+            eval_crop: Score only the standard crop: ``eigen`` (NYU Depth v2) or ``garg`` (KITTI).
+            batch_size: Training batch size per process.
+            val_batch_size: Validation/test batch size per process (default: ``batch_size``).
+            num_workers: Loader worker processes. Default: none with 2 cores or fewer, else half the cores, at most 8.
+            pin_memory: Pin host memory (default: on when CUDA is available).
+            persistent_workers: Keep workers alive between epochs.
+            check: Decode every image and depth map before training, so bad files stop the run early;
+                ``header``: images by their headers only (faster; a corrupt image body then stops the
+                run when training reaches it). Depth maps are always decoded.
+            cache: Keep decoded samples in memory (small datasets: decode once per run).
+            on_bad_sample: ``error`` stops before training listing the bad files; ``skip`` leaves them
+                out and logs how many.
+        """
+        super().__init__()
+        self.save_hyperparameters()
+        self.root, self.source_kind, self.splits, self.hf = root, source, splits or {}, hf or {}
+        unknown = set(self.splits) - set(STAGES)
+        if unknown:
+            raise DataError(f"data.splits: unknown stages {sorted(unknown)} (use {list(STAGES)})")
+        eval_crop_mask((8, 8), eval_crop)  # an unknown crop name stops here
+        self.image_size, self.crop_size = pair(image_size), pair(crop_size)
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers = default_workers(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers and self.num_workers > 0
+        self.datasets: dict[str, DepthDataset] = {}
+        self.skipped: dict[str, int] = {}
+
+    def _source(self, stage: str):
+        spec = dict(self.splits[stage])
+        try:
+            if self.source_kind == "folder":
+                return DepthFolderSource(self.root, spec["images"], spec["depth"], self.hparams.depth_scale)
+            if self.source_kind == "hf":
+                hf = {k: v for k, v in self.hf.items() if k != "streaming"}
+                return HFDepthSource(split=spec.get("split", stage), scale=self.hparams.depth_scale, **hf)
+        except KeyError as e:
+            raise DataError(f"data.splits.{stage}: missing key {e} for source {self.source_kind!r}") from None
+        except TypeError as e:
+            raise DataError(f"data.splits.{stage}: {e}") from None
+        raise DataError(f"data.source must be folder or hf, got {self.source_kind!r}")
+
+    def _dataset(self, stage: str) -> DepthDataset:
+        if stage in self.datasets:
+            return self.datasets[stage]
+        if stage not in self.splits:
+            raise DataError(f"data.splits has no {stage!r} split (has {sorted(self.splits)})")
+        train = stage == "train"
+        transform = None
+        if train:
+            transform = depth_train_transforms(self.image_size, self.crop_size, self.hparams.jitter)
+            transform.set_random_seed(augment_seed())
+        ds = DepthDataset(self._source(stage), transform=transform, image_size=None if train else self.image_size)
+        if self.hparams.check or self.hparams.cache:
+            self._check(ds, stage)
+        self.datasets[stage] = ds
+        return ds
+
+    def _check(self, ds: DepthDataset, stage: str) -> None:
+        """Every sample once, before training: unreadable files, 8-bit depth, sizes that differ and
+        missing depth maps are listed together (or skipped under ``on_bad_sample: skip``)."""
+        keep = bool(self.hparams.cache)
+        full = keep or self.hparams.check != "header" or not hasattr(ds.source, "depths")
+
+        def one(i: int):
+            try:
+                if full:
+                    return i, ds.load(i)
+                image_hw = image_header_size(ds.source.images[i])
+                depth = ds.source._depth(i)
+                if image_hw != depth.shape:
+                    raise DataError(f"{ds.source.depths[i]}: depth map is {depth.shape[1]}x{depth.shape[0]} but its "
+                                    f"image is {image_hw[1]}x{image_hw[0]}")
+                return i, (None, depth)
+            except DataError as e:
+                return i, str(e)
+
+        good, problems, cache, empty = [], [], {}, 0
+        with ThreadPoolExecutor(2) as pool:
+            for i, out in tqdm(pool.map(one, ds.indices), total=len(ds.indices), desc=f"checking {stage} data",
+                               leave=False, disable=rank() != 0):
+                if isinstance(out, str):
+                    problems.append(out)
+                    continue
+                good.append(i)
+                empty += not np.any(out[1] > 0)
+                if keep:
+                    cache[i] = out
+        if problems and self.hparams.on_bad_sample == "error":
+            raise DataErrors(problems, hint="Fix them, or pass --data.on_bad_sample skip to leave them out.")
+        for p in problems:
+            log.warning("skipping %s", p)
+        if problems:
+            log.warning("%s: skipped %d bad sample(s) of %d", stage, len(problems), len(ds.indices))
+            if not good:
+                raise DataError(f"{stage}: every sample is bad; nothing to train on")
+        if empty:
+            log.warning("%s: %d depth map(s) have no valid pixel; they count in no loss and no metric", stage, empty)
+        ds.indices, ds.cache = good, cache if keep else None
+        self.skipped[stage] = len(problems)
+
+    def setup(self, stage: str | None = None) -> None:
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage or "fit", STAGES)
+        for s in wanted:
+            if s in self.splits:
+                self._dataset(s)
+        if stage == "fit" and "train" not in self.splits:
+            raise DataError("data.splits needs a 'train' split to fit")
+
+    def _loader(self, stage: str) -> DataLoader:
+        size = self.batch_size if stage == "train" else self.val_batch_size
+        return make_loader(self._dataset(stage), stage, size, self.trainer, self.num_workers, self.pin_memory,
+                           self.persistent_workers, collate_depth)
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

@@ -1,0 +1,61 @@
+"""Depth prediction from a dptune checkpoint or an exported directory, exactly as plain
+``transformers`` computes it: the image processor's input, ``predicted_depth`` upsampled by the
+processor's ``post_process_depth_estimation`` (what ``pipeline("depth-estimation")`` returns)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from dptune.models.depth import depth_forward
+
+
+@dataclass
+class DepthPredictor:
+    model: torch.nn.Module
+    processor: object
+    device: torch.device
+    meta: dict = field(default_factory=dict)  # mode, units, min/max depth, alignment, eval crop
+
+    @property
+    def mode(self) -> str:
+        return self.meta.get("mode", getattr(self.model.config, "depth_mode", "metric"))
+
+    @classmethod
+    def load(cls, ref: str, device: str = "cpu") -> DepthPredictor:
+        """``ref``: a dptune depth ``.ckpt`` or a directory written by ``scripts/export.py``."""
+        dev = torch.device(device)
+        if Path(ref).is_dir():
+            from transformers import AutoImageProcessor
+
+            from dptune.models import load_exported
+
+            model, processor = load_exported(ref), AutoImageProcessor.from_pretrained(ref)
+            card = Path(ref) / "dptune.json"
+            meta = json.loads(card.read_text()).get("depth", {}) if card.exists() else {}
+        else:
+            from dptune.tasks.checkpoints import load_module
+
+            module = load_module(ref)
+            model, processor, meta = module.model, module.image_processor(), module.checkpoint_meta.get("depth", {})
+        return cls(model.eval().to(dev), processor, dev, meta)
+
+    @torch.no_grad()
+    def predict(self, image: np.ndarray) -> np.ndarray:
+        """float32 HxW depth at the image's own size for one uint8 HxWx3 image (metres in metric mode)."""
+        h, w = image.shape[:2]
+        x = self.processor(images=image, return_tensors="pt")["pixel_values"].to(self.device)
+        depth = depth_forward(self.model, x).float().cpu()
+        out = self.processor.post_process_depth_estimation(_Outputs(depth), target_sizes=[(h, w)])
+        return out[0]["predicted_depth"].numpy().astype(np.float32)
+
+
+class _Outputs:
+    """What ``post_process_depth_estimation`` reads from a model output."""
+
+    def __init__(self, predicted_depth: torch.Tensor) -> None:
+        self.predicted_depth = predicted_depth

@@ -1,0 +1,185 @@
+"""Export to a directory plain ``transformers`` loads (and serves), optionally ONNX too.
+
+    python scripts/export.py RUN/checkpoints/last.ckpt OUT [--onnx] [--fp16] [--push-to-hub user/repo]
+
+The source can also be a directory written by this script (re-export, e.g. to add ONNX).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from dptune.export.card import depth_card, model_card, warn_backend
+from dptune.export.onnx import export_onnx, onnx_dynamic_size, onnx_parity
+from dptune.models import dpt_backbone
+from dptune.models.build import input_side
+from dptune.models.dpt_backbone import uses_backbone
+
+log = logging.getLogger(__name__)
+
+
+def is_depth(model: nn.Module) -> bool:
+    return "DepthEstimation" in type(model).__name__
+
+
+def _load(src: str) -> dict:
+    """What export needs from a checkpoint or an exported directory, for either task: model, image
+    processor, metrics, task metadata (label set or depth mode) and how the metrics were measured."""
+    if Path(src).is_dir():
+        from transformers import AutoImageProcessor
+
+        from dptune.models import load_exported
+
+        model = load_exported(src)
+        card = Path(src) / "dptune.json"
+        meta = json.loads(card.read_text()) if card.exists() else {}
+        out = {"model": model, "processor": AutoImageProcessor.from_pretrained(src), "metrics": meta.get("metrics", {}),
+               "meta": meta, "evaluation": meta.get("evaluation", {})}
+        if not is_depth(model):
+            from dptune.predictor import exported_labels
+
+            out["labels"] = exported_labels(src, model.config.id2label)
+        return out
+    from dptune.tasks.checkpoints import load_module
+
+    module = load_module(src)
+    return {"model": module.model, "processor": module.image_processor(), "metrics": module.checkpoint_metrics,
+            "meta": module.checkpoint_meta, "evaluation": module.checkpoint_evaluation,
+            "labels": getattr(module, "label_set", None)}
+
+
+REMOTE_MODULE = "modeling_dptune"
+
+
+def remote_code(model: nn.Module, out: Path) -> None:
+    """Ship the model class beside the weights: plain ``transformers`` has no DPT segmentation
+    model for Swinv2/BEiT/DINOv2 backbones, but loads this one with ``trust_remote_code=True``."""
+    (out / f"{REMOTE_MODULE}.py").write_text(Path(dpt_backbone.__file__).read_text())
+    cls = f"{REMOTE_MODULE}.{type(model).__name__}"
+    model.config.auto_map = {"AutoModel": cls, "AutoModelForSemanticSegmentation": cls}
+
+
+def fit_hybrid_positions(model: nn.Module, size: tuple[int, int]) -> None:
+    """Plain ``transformers`` runs DPT-Hybrid only at ``config.image_size``: store the position
+    embeddings resized to the processor's grid (the same resize the forward pass does) and
+    declare that size, so the exported model takes what its image processor produces."""
+    cfg = model.config
+    h, w = size
+    if list(cfg.image_size if not isinstance(cfg.image_size, int) else [cfg.image_size] * 2) == [h, w]:
+        return
+    emb = model.dpt.embeddings
+    with torch.no_grad():
+        grid = emb._resize_pos_embed(emb.position_embeddings, h // cfg.patch_size, w // cfg.patch_size)
+    emb.position_embeddings = nn.Parameter(grid.contiguous())
+    emb.image_size = (h, w)
+    cfg.image_size = [h, w]
+    if cfg.backbone_featmap_shape is not None:
+        cfg.backbone_featmap_shape = [*cfg.backbone_featmap_shape[:2], h // cfg.patch_size, w // cfg.patch_size]
+
+
+def push_folder(out: Path, repo: str) -> str:
+    """Upload the whole exported directory (weights, processor, model card, ``dptune.json`` and,
+    where present, ``model.onnx`` and ``modeling_dptune.py``), not just what ``save_pretrained``
+    writes: a Swinv2/BEiT/DINOv2 model does not load on the hub without its remote code."""
+    from huggingface_hub import HfApi
+
+    api = HfApi()
+    api.create_repo(repo, exist_ok=True)
+    api.upload_folder(folder_path=str(out), repo_id=repo, commit_message="Upload DPT segmentation model (dptune)")
+    url = f"https://huggingface.co/{repo}"
+    log.info("pushed %s to %s", out, url)
+    return url
+
+
+def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False, push_to_hub: str | None = None,
+           tolerance: float = 1e-4) -> Path:
+    """Write ``model.safetensors``, ``config.json`` (id2label, or the depth mode and units),
+    ``preprocessor_config.json``, a model card ``README.md``, ``dptune.json`` and, with ``onnx``,
+    ``model.onnx`` checked against torch. Segmentation or depth, whichever ``src`` holds."""
+    got = _load(str(src))
+    model, processor, metrics, evaluation = got["model"], got["processor"], got["metrics"], got["evaluation"]
+    warn_backend(evaluation, str(src))
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    model.config.architectures = [type(model).__name__]
+    size = (processor.size["height"], processor.size["width"])
+    if getattr(model.config, "is_hybrid", False):
+        fit_hybrid_positions(model, size)
+    if not is_depth(model) and uses_backbone(model.config):
+        remote_code(model, out)  # transformers' DPTForDepthEstimation takes any backbone itself
+    if onnx:
+        write_onnx(model, out / "model.onnx", size, tolerance)
+    if fp16:
+        model = model.half()
+    model.save_pretrained(out, safe_serialization=True)
+    processor.save_pretrained(out)
+    if is_depth(model):
+        meta = {k: got["meta"].get(k) for k in ("task", "depth") if k in got["meta"]}
+        (out / "README.md").write_text(depth_card(got["meta"], processor, metrics, str(src)))
+        summary = f"depth, {got['meta'].get('depth', {}).get('mode', 'metric')}"
+    else:
+        labels = got["labels"]
+        meta = {"labels": labels.to_dict()}
+        (out / "README.md").write_text(model_card(labels, processor, metrics, str(src), uses_backbone(model.config),
+                                                  evaluation))
+        summary = f"{labels.num_classes} classes"
+    (out / "dptune.json").write_text(json.dumps({"source": str(src), **meta, "metrics": metrics,
+                                                 "evaluation": evaluation}, indent=2, default=str))
+    if push_to_hub:
+        push_folder(out, push_to_hub)
+    log.info("exported %s -> %s (%s)", src, out, summary)
+    return out
+
+
+def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], tolerance: float) -> None:
+    """``model.onnx``, kept only if ONNX Runtime reproduces torch within ``tolerance`` on square and
+    non-square inputs (processor-size inputs only for DPT-Hybrid)."""
+    export_onnx(model, path, size)
+    p = input_side(model)
+    if onnx_dynamic_size(model):
+        shapes = [(1, *size), (2, size[0], size[1] + 2 * p), (1, size[0] + 3 * p, max(p, size[1] - 5 * p))]
+    else:
+        shapes = [(1, *size), (2, *size)]
+        log.info("ONNX: DPT-Hybrid graph takes %dx%d inputs only (dynamic batch)", *size)
+    err = onnx_parity(model, path, shapes)
+    log.info("ONNX parity: max relative difference %.2e over %s", err, shapes)
+    if err > tolerance:
+        path.unlink()
+        raise ValueError(f"ONNX export differs from torch by {err:.2e} (> {tolerance:.0e}); not written")
+
+
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
+    return export(str(ckpt), out_dir)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("source", help="dptune checkpoint (.ckpt) or an exported directory")
+    parser.add_argument("out_dir", help="output directory (created if missing)")
+    parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch/height/width)")
+    parser.add_argument("--fp16", action="store_true", help="store the weights in float16")
+    parser.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hugging Face repo")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    if not Path(args.source).exists():
+        print(f"error: {args.source}: not found", file=sys.stderr)
+        return 2
+    try:
+        with torch.no_grad():
+            out = export(args.source, args.out_dir, onnx=args.onnx, fp16=args.fp16, push_to_hub=args.push_to_hub)
+    except (ValueError, OSError, KeyError) as e:
+        print(f"error: {args.source}: {e}", file=sys.stderr)
+        return 2
+    print(out)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

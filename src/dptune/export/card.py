@@ -1,0 +1,95 @@
+"""Model cards of exported directories: what the model predicts, how to load it, its metrics and
+how they were measured."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+log = logging.getLogger(__name__)
+
+
+def measured_how(evaluation: dict, processor) -> str:
+    """One sentence on how the card's metrics were measured."""
+    if evaluation.get("mode") == "slide":
+        size = evaluation.get("size")
+        h, w = (size, size) if isinstance(size, int) else (size or ["?", "?"])
+        stride = evaluation.get("stride", 2 / 3)
+        return (f"Measured with sliding {h}x{w} windows at each image's native resolution (stride {stride:.2f} of the "
+                "window, overlapping logits averaged), not on whole images resized by the bundled image processor: "
+                "`pipeline(...)` scores lower on large images. Reproduce with "
+                "`scripts/evaluate.py --mode slide` or predict with `scripts/predict.py --mode slide`.")
+    size = processor.size
+    backend = evaluation.get("processor_backend")
+    how = "" if backend is None else (
+        f" Images were resized with the {backend} backend of `DPTImageProcessor`, the one `AutoImageProcessor` "
+        f"picks when torchvision is {'installed' if backend == 'torchvision' else 'absent'}; the other backend's "
+        "bicubic resize differs by up to one grey level.")
+    return (f"Measured on whole images resized to {size['height']}x{size['width']} as the bundled image processor "
+            f"does, logits upsampled to the label size: what `pipeline(...)` computes.{how}")
+
+
+def warn_backend(evaluation: dict, source: str) -> None:
+    """Say so when this environment resizes with the other image-processor backend than validation did."""
+    from dptune.data.transforms import processor_backend
+
+    used, here = evaluation.get("processor_backend"), processor_backend()
+    if used and used != here:
+        log.warning("%s was validated with the %s backend of DPTImageProcessor; AutoImageProcessor resolves to %s "
+                    "here (torchvision %s), whose resize differs by up to one grey level: metrics may move slightly",
+                    source, used, here, "installed" if here == "torchvision" else "absent")
+
+
+def model_card(labels, processor, metrics: dict, source: str, remote: bool = False,
+               evaluation: dict | None = None) -> str:
+    size = processor.size
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: image-segmentation", "tags: [dpt, semantic-segmentation, dptune]",
+        "---", "", "# DPT semantic segmentation (fine-tuned with dptune)", "",
+        f"Exported from `{Path(source).name}`. Input: images resized to {size['height']}x{size['width']} "
+        f"by the bundled image processor, normalised with mean {processor.image_mean} and std {processor.image_std}.",
+        "", "```python", "from transformers import pipeline",
+        "segmenter = pipeline(\"image-segmentation\", model=\"<this dir>\"" + (", trust_remote_code=True)" if remote else ")"),
+        "```", "", "## Classes", "", "| id | name | colour |", "| --- | --- | --- |",
+    ]
+    lines += [f"| {i} | {n} | {tuple(c)} |" for i, (n, c) in enumerate(zip(labels.names, labels.colors, strict=True))]
+    val = metrics.get("val") if isinstance(metrics, dict) else None
+    if val:
+        lines += ["", "## Validation metrics (last validation of the run)", "",
+                  measured_how(evaluation or {}, processor), "",
+                  f"mIoU {val['mIoU']:.4f}, pixel accuracy {val['pixel_acc']:.4f}, mean accuracy {val['mAcc']:.4f}", "",
+                  "| class | IoU |", "| --- | --- |"]
+        lines += [f"| {n} | {'-' if v != v else f'{v:.4f}'} |" for n, v in zip(labels.names, val["IoU"], strict=True)]
+    return "\n".join(lines) + "\n"
+
+
+def depth_card(meta: dict, processor, metrics: dict, source: str) -> str:
+    """The card of a depth export: output mode and units, loading, validation metrics."""
+    depth = meta.get("depth", {})
+    mode, units = depth.get("mode", "metric"), depth.get("units", "metres")
+    size = processor.size
+    lines = [
+        "---", "library_name: transformers", "pipeline_tag: depth-estimation", "tags: [dpt, depth-estimation, dptune]",
+        "---", "", "# DPT monocular depth (fine-tuned with dptune)", "",
+        f"Exported from `{Path(source).name}`. Output: `predicted_depth`, **{mode}** depth in **{units}**"
+        + (f", trained on ground truth in [{depth.get('min_depth')}, {depth.get('max_depth')}] m." if mode == "metric"
+           else "; align it to metric depth per image (scale and shift of inverse depth) before comparing."),
+        f"Input: images resized to {size['height']}x{size['width']} by the bundled image processor, normalised with "
+        f"mean {processor.image_mean} and std {processor.image_std}.",
+        "", "```python", "from transformers import pipeline",
+        "depth = pipeline(\"depth-estimation\", model=\"<this dir>\")",
+        "out = depth(image)  # out[\"predicted_depth\"] at the model's resolution; out[\"depth\"] a picture",
+        "```",
+    ]
+    val = metrics.get("val") if isinstance(metrics, dict) else None
+    if val:
+        how = ("Predictions upsampled (bilinear) to the ground truth's size, scored per image on pixels with ground "
+               "truth and averaged over images" + (f", after per-image {depth.get('alignment')} alignment"
+                                                  if depth.get("alignment") not in (None, "none") else "")
+               + (f", {depth.get('eval_crop')} crop" if depth.get("eval_crop") not in (None, "none") else "") + ".")
+        lines += ["", "## Validation metrics (last validation of the run)", "", how, "",
+                  "| AbsRel | SqRel | RMSE | RMSE log | log10 | SILog | delta1 | delta2 | delta3 |",
+                  "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+                  "| " + " | ".join(f"{val[k]:.4f}" for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog",
+                                                           "delta1", "delta2", "delta3")) + " |"]
+    return "\n".join(lines) + "\n"

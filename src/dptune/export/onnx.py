@@ -1,0 +1,77 @@
+"""ONNX export of either task's network, checked against torch with ONNX Runtime."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from dptune.models import segment
+from dptune.models.build import input_side
+
+
+class TaskOutput(nn.Module):
+    """``pixel_values -> logits`` (segmentation; auxiliary head skipped) or ``-> predicted_depth``
+    (depth), through dptune's forward passes (any H x W that is a multiple of the patch size)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        super().__init__()
+        self.model = model
+        self.depth = "DepthEstimation" in type(model).__name__
+        self.output = "predicted_depth" if self.depth else "logits"
+
+    def forward(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.depth:
+            from dptune.models.depth import depth_forward
+
+            return depth_forward(self.model, pixel_values)
+        return segment(self.model, pixel_values, with_aux=False)[0]
+
+
+def onnx_dynamic_size(model: nn.Module) -> bool:
+    """Whether the ONNX graph can take any H x W. DPT-Hybrid's BiT stem computes its "same"
+    padding in Python, which tracing freezes to the traced size: its graph keeps the processor's
+    size (the bundled image processor resizes every image to it anyway)."""
+    return not getattr(model.config, "is_hybrid", False)
+
+
+def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], opset: int = 17) -> Path:
+    """ONNX with dynamic batch, height and width (see ``onnx_dynamic_size``); input
+    ``pixel_values``, output ``logits`` (segmentation) or ``predicted_depth`` (depth).
+
+    Traced on an input whose patch grid is odd both ways: the fusion blocks then take their
+    resize-the-skip-connection branch, which the graph must hold for odd grids (for even grids
+    it resizes to the same size, an exact copy)."""
+    wrapper = TaskOutput(model).eval().float()
+    p = input_side(model)
+    if onnx_dynamic_size(model):
+        x = torch.randn(1, 3, *((s // p) // 2 * 2 * p + p for s in size))
+        dyn = {0: "batch", 2: "height", 3: "width"}
+    else:
+        x = torch.randn(1, 3, *size)
+        dyn = {0: "batch"}
+    out_dyn = dyn if wrapper.output == "logits" else {k - (k > 0): v for k, v in dyn.items()}  # (B, H, W) depth
+    torch.onnx.export(wrapper, (x,), str(path), input_names=["pixel_values"], output_names=[wrapper.output],
+                      dynamic_axes={"pixel_values": dyn, wrapper.output: out_dyn}, opset_version=opset, dynamo=False)
+    return path
+
+
+def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]], seed: int = 0) -> float:
+    """Largest |torch - onnxruntime| / max|torch| over random inputs of the given (B, H, W) shapes."""
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    wrapper = TaskOutput(model).eval().float()
+    g = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for b, h, w in shapes:
+        x = torch.randn(b, 3, h, w, generator=g)
+        with torch.no_grad():
+            ref = wrapper(x).numpy()
+        got = sess.run([wrapper.output], {"pixel_values": x.numpy()})[0]
+        if got.shape != ref.shape:
+            raise ValueError(f"ONNX output {got.shape} != torch {ref.shape} for input {b}x3x{h}x{w}")
+        worst = max(worst, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
+    return worst

@@ -1,0 +1,86 @@
+"""Depth metrics: the standard monocular-depth set, per image on valid pixels, averaged over images.
+
+Each image's metrics are computed on its own valid pixels and added to running float64 sums with
+an image count; both are summed across processes. Every image is scored by exactly one process
+(see the datamodule's evaluation sampler), so 1 and 2 processes give the same figures up to
+float64 rounding.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torchmetrics import Metric
+
+NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
+LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
+
+
+def image_metrics(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """The nine metrics of one image from its valid pixels (1-d tensors, metres, both > 0).
+    ``silog`` is 100 x the scale-invariant log error (the KITTI benchmark's unit)."""
+    p, g = pred.double(), gt.double()
+    diff = p - g
+    log_diff = p.log() - g.log()
+    ratio = torch.maximum(p / g, g / p)
+    return torch.stack([
+        (diff.abs() / g).mean(),
+        (diff**2 / g).mean(),
+        diff.pow(2).mean().sqrt(),
+        log_diff.pow(2).mean().sqrt(),
+        (log_diff.abs() / math.log(10)).mean(),
+        (log_diff.pow(2).mean() - log_diff.mean() ** 2).clamp(min=0).sqrt() * 100,
+        (ratio < 1.25).double().mean(),
+        (ratio < 1.25**2).double().mean(),
+        (ratio < 1.25**3).double().mean(),
+    ])
+
+
+def align(pred: torch.Tensor, gt: torch.Tensor, mode: str, max_depth: float | None = None) -> torch.Tensor:
+    """A relative prediction (affine-invariant inverse depth) turned into metres on one image's
+    valid pixels: ``median`` scales the predicted depth (1 / prediction) to the ground truth's
+    median; ``lstsq`` fits scale and shift of the inverse depth by least squares (MiDaS's protocol)."""
+    pred = pred.double()
+    if mode == "median":
+        depth = 1.0 / pred.clamp(min=1e-8)
+        return depth * (gt.median() / depth.median())
+    if mode == "lstsq":
+        target = 1.0 / gt.double()
+        a = torch.stack([pred, torch.ones_like(pred)], 1)
+        scale, shift = torch.linalg.lstsq(a, target[:, None]).solution[:, 0]
+        floor = 1.0 / max_depth if max_depth else 1e-8
+        return 1.0 / (scale * pred + shift).clamp(min=floor)
+    raise ValueError(f"alignment must be median or lstsq, got {mode!r}")
+
+
+class DepthMetrics(Metric):
+    """Per-image depth metrics averaged over images, exact across processes."""
+
+    full_state_update = False
+    is_differentiable = False
+    higher_is_better = None
+
+    def __init__(self, min_depth: float = 1e-3, max_depth: float | None = None, alignment: str | None = None,
+                 **kwargs) -> None:
+        super().__init__(**kwargs)
+        self.min_depth, self.max_depth, self.alignment = min_depth, max_depth, alignment
+        self.add_state("sums", default=torch.zeros(len(NAMES), dtype=torch.float64), dist_reduce_fx="sum")
+        self.add_state("images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+
+    def update(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> None:
+        """``pred`` and ``gt`` (B, H, W) in metres (``pred`` relative when ``alignment`` is set),
+        ``valid`` (B, H, W) bool. Images without a valid pixel are not counted."""
+        for p, g, v in zip(pred, gt, valid, strict=True):
+            if not v.any():
+                continue
+            p, g = p[v], g[v]
+            if self.alignment:
+                p = align(p, g, self.alignment, self.max_depth)
+            p = p.clamp(min=self.min_depth, max=self.max_depth)  # the usual protocol clips predictions
+            self.sums += image_metrics(p, g.double())
+            self.images += 1
+
+    def compute(self) -> dict[str, torch.Tensor]:
+        n = self.images.clamp(min=1).double()
+        return {name: self.sums[i] / n for i, name in enumerate(NAMES)}

@@ -1,0 +1,133 @@
+"""Depth models: ``DPTForDepthEstimation`` (DPT's own ViT, DPT-Hybrid, or any ``transformers``
+backbone) and Depth Anything (``DepthAnythingForDepthEstimation``), from a hub id, a directory, a
+dptune checkpoint or export of either task, a bare backbone, or a config with random weights.
+
+The models stay the stock ``transformers`` classes, so an exported directory loads with
+``AutoModelForDepthEstimation`` and ``pipeline("depth-estimation")`` without dptune; only the
+forward pass is ours (``depth_forward``: any H x W that is a multiple of the patch size).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import torch
+from torch import nn
+from transformers import DepthAnythingForDepthEstimation, DPTForDepthEstimation, PreTrainedModel
+
+from dptune.errors import ConfigError
+from dptune.models.backbones import check_family, dpt_config_for_backbone, load_backbone_weights
+from dptune.models.build import _head_layers, freeze_unused, he_init, load_config, pretrained_config
+from dptune.models.dpt_backbone import input_multiple, uses_backbone
+from dptune.models.forward import _backbone_features
+
+log = logging.getLogger(__name__)
+
+MODES = ("metric", "relative")
+UNITS = {"metric": "metres", "relative": "affine-invariant inverse depth (larger = nearer; no unit)"}
+
+
+def _depth_class(cfg) -> type:
+    return DepthAnythingForDepthEstimation if cfg.model_type == "depth_anything" else DPTForDepthEstimation
+
+
+def _set_output(cfg, mode: str, max_depth: float | None) -> None:
+    """What the model predicts, stored in its config so that it travels with checkpoints and exports.
+    Depth Anything's metric head is bounded (sigmoid x ``max_depth``) when ``max_depth`` is given."""
+    cfg.depth_mode, cfg.depth_units = mode, UNITS[mode]
+    if cfg.model_type == "depth_anything":
+        bounded = mode == "metric" and max_depth is not None
+        cfg.depth_estimation_type = "metric" if bounded else "relative"
+        if bounded:
+            cfg.max_depth = float(max_depth)
+
+
+def build_depth_model(
+    pretrained: str | None = None,
+    config: str | Mapping[str, Any] | None = None,
+    attn_implementation: str = "sdpa",
+    backbone: str | None = None,
+    fresh_init: str = "he",
+    mode: str = "metric",
+    max_depth: float | None = None,
+    init_depth: float = 1.0,
+) -> PreTrainedModel:
+    """A depth model; exactly one of ``pretrained`` and ``config``. Layers the source lacks (a
+    segmentation checkpoint's depth head, the neck and head of a bare backbone) start fresh: He
+    init (``fresh_init``), the last layer set so that the first predictions are ``init_depth``."""
+    if mode not in MODES:
+        raise ConfigError(f"model.mode must be metric or relative, not {mode!r}")
+    if (pretrained is None) == (config is None):
+        raise ConfigError("give exactly one of model.pretrained (hub id / directory / .ckpt) or model.config")
+    if pretrained is not None:
+        from dptune.models.build import resolve_pretrained
+
+        ref = resolve_pretrained(pretrained)
+        cfg = pretrained_config(ref)
+        check_family(cfg, backbone, pretrained)
+        if cfg.model_type in ("dpt", "depth_anything"):
+            _set_output(cfg, mode, max_depth)
+            model, info = _depth_class(cfg).from_pretrained(
+                ref, config=cfg, ignore_mismatched_sizes=True, output_loading_info=True,
+                **({"attn_implementation": {"": attn_implementation}} if cfg.model_type == "dpt" else {}))
+            missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
+            fresh = [(n, m) for n, m in _head_layers(model) if f"{n}.weight" in missing]
+            log.info("%s: %s carried over; %d fresh layers (%s)", pretrained,
+                     "backbone and neck" if not any(n.startswith("neck.") for n, _ in fresh) else "backbone",
+                     len(fresh), ", ".join(sorted({n.split(".")[0] for n, _ in fresh})) or "none")
+        else:  # a bare backbone
+            cfg = dpt_config_for_backbone(cfg)
+            _set_output(cfg, mode, max_depth)
+            model = DPTForDepthEstimation(cfg)
+            load_backbone_weights(model, ref)
+            fresh = _head_layers(model)
+    else:
+        cfg = load_config(config)
+        check_family(cfg, backbone, "model.config")
+        if cfg.model_type not in ("dpt", "depth_anything"):
+            cfg = dpt_config_for_backbone(cfg)
+        if cfg.model_type == "dpt":
+            cfg._attn_implementation = {"": attn_implementation}
+        _set_output(cfg, mode, max_depth)
+        model = _depth_class(cfg)(cfg)
+        fresh = _head_layers(model)
+    if fresh_init == "he":
+        he_init(m for _, m in fresh)
+    last = [m for m in model.head.modules() if isinstance(m, nn.Conv2d)][-1]
+    if any(m is last for _, m in fresh):
+        start_at(model, last, init_depth)
+    freeze_unused(model, forward=lambda m, x: (depth_forward(m, x), None))
+    return model
+
+
+@torch.no_grad()
+def start_at(model: PreTrainedModel, last: nn.Conv2d, depth: float) -> None:
+    """A fresh depth head's last convolution: zero weights and the bias that gives ``depth``, so
+    that every first prediction is ``depth`` (the head ends in a ReLU, or a sigmoid x max depth,
+    and a prediction at 0 would get no gradient through the ReLU nor from a log-space loss). Its
+    weights get gradients from the first step, the layers below from the second."""
+    last.weight.zero_()
+    bounded = getattr(model.config, "depth_estimation_type", None) == "metric"
+    if bounded:
+        ratio = min(max(depth / model.config.max_depth, 1e-3), 1 - 1e-3)
+        last.bias.fill_(math.log(ratio / (1 - ratio)))
+    else:
+        last.bias.fill_(depth)
+
+
+def depth_forward(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
+    """(B, h, w) predicted depth for normalised images of any H x W divisible by the patch size.
+    DPT's own ViT (and Hybrid) get the patch grid passed to the neck, which the stock forward does
+    not do; models on a ``transformers`` backbone and Depth Anything pass it themselves."""
+    multiple = input_multiple(model.config) if model.config.model_type == "dpt" else model.config.patch_size
+    h, w = pixel_values.shape[-2:]
+    if h % multiple or w % multiple:
+        raise ValueError(f"input {h}x{w} is not a multiple of {multiple} (the backbone's patch size / stride)")
+    if isinstance(model, DPTForDepthEstimation) and not uses_backbone(model.config):
+        features = _backbone_features(model, pixel_values)
+        features = model.neck(features, patch_height=h // multiple, patch_width=w // multiple)
+        return model.head(features)
+    return model(pixel_values=pixel_values).predicted_depth

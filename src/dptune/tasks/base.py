@@ -1,0 +1,260 @@
+"""What every dptune task shares: building the network, normalisation, parameter groups with
+layer-wise LR decay, the warmup-poly schedule, precision and memory switches, SyncBatchNorm,
+checkpoint metadata, and rebuilding a task from its checkpoint. Nothing here knows what the
+heads predict: each task (``segmentation``, ``depth``) owns its head, loss, metrics and export."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+from pathlib import Path
+from typing import Any, ClassVar, Literal
+
+import lightning.pytorch as pl
+import torch
+from torch import nn
+
+from dptune.data.transforms import processor_backend
+from dptune.errors import ConfigError
+from dptune.models.backbones import default_normalization, family
+from dptune.models.dpt_backbone import input_multiple, uses_backbone
+from dptune.tasks.optim import WarmupPoly, param_groups
+
+log = logging.getLogger(__name__)
+
+
+def _processor_mean_std(pretrained: str) -> tuple[list[float], list[float]] | None:
+    """The checkpoint's own normalisation, if it ships an image processor config."""
+    try:
+        from transformers.utils import cached_file
+
+        path = cached_file(pretrained, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+    except OSError:
+        return None
+    if not path:
+        return None
+    cfg = json.loads(Path(path).read_text())
+    if "image_mean" in cfg and "image_std" in cfg:
+        return list(cfg["image_mean"]), list(cfg["image_std"])
+    return None
+
+
+def wants_sync_batchnorm(trainer) -> bool:
+    """SyncBatchNorm for multi-process GPU runs (NCCL); it has no CPU implementation."""
+    return trainer is not None and trainer.world_size > 1 and trainer.strategy.root_device.type == "cuda"
+
+
+class DPTTask(pl.LightningModule):
+    """Base of every task. A task implements ``build_network`` (returning the ``transformers`` model,
+    built from ``self.hparams``), its forward pass, loss, metrics and ``task_metadata``."""
+
+    task: ClassVar[str] = ""
+    # the parts of the network that are convolutional (channels-last, see __init__)
+    conv_parts: ClassVar[tuple[str, ...]] = ("neck", "head")
+
+    def __init__(
+        self,
+        pretrained: str | None = None,
+        config: str | dict[str, Any] | None = None,
+        backbone: str | None = None,
+        image_size: int | list[int] = 384,
+        optimizer: Literal["adamw", "sgd"] = "adamw",
+        lr: float = 1e-4,
+        momentum: float = 0.9,
+        head_lr_mult: float = 10.0,
+        layer_decay: float = 1.0,
+        weight_decay: float = 0.01,
+        betas: tuple[float, float] = (0.9, 0.999),
+        warmup_ratio: float = 0.05,
+        warmup_steps: int | None = None,
+        poly_power: float = 1.0,
+        min_lr_ratio: float = 0.0,
+        attn_implementation: str = "sdpa",
+        fresh_init: Literal["he", "hf"] = "he",
+        image_mean: list[float] | None = None,
+        image_std: list[float] | None = None,
+        gradient_checkpointing: bool = False,
+        sync_batchnorm: bool = True,
+        compile: bool = False,
+        channels_last: bool = False,
+        log_images: int = 4,
+    ) -> None:
+        """
+        Args:
+            pretrained: Hub id or local directory of a checkpoint (e.g. ``Intel/dpt-large-ade``), or a
+                dptune ``.ckpt`` / export of either task: what fits carries over (backbone, neck, and
+                the head when it is this task's).
+            config: ``DPTConfig`` JSON file (or dict) for a randomly initialised model.
+                ``pretrained`` and ``config`` may also name a bare backbone (e.g. ``facebook/dinov2-small``
+                or a ``"model_type": "dinov2"`` JSON): it gets a fresh DPT neck and heads.
+            backbone: Backbone family the model must be: ``vit`` (DPT's own), ``hybrid`` (DPT-Hybrid),
+                ``swinv2``, ``beit``, ``dinov2`` or another ``transformers`` backbone type. Optional; a
+                mismatch with what ``pretrained``/``config`` holds is an error.
+            image_size: Evaluation/export size, filled in from ``data.image_size``.
+            optimizer: ``adamw`` (default) or ``sgd`` with momentum (the DPT paper's ADE20K recipe).
+            lr: Peak learning rate of the backbone.
+            momentum: SGD momentum.
+            head_lr_mult: The neck and heads (newly initialised layers included) train at ``lr * head_lr_mult``.
+            layer_decay: Layer-wise learning-rate decay of the backbone: block ``i`` of ``n`` trains at
+                ``lr * layer_decay ** (n + 1 - i)``, the embeddings at ``lr * layer_decay ** (n + 1)``.
+                ``1.0`` (default) turns it off; the BEiT recipe uses 0.9.
+            weight_decay: Weight decay; never applied to norms, biases, position embeddings, CLS token
+                and Swin-V2's logit scale and position-bias MLP.
+            betas: AdamW betas.
+            warmup_ratio: Linear warmup length as a fraction of all optimizer steps.
+            warmup_steps: Linear warmup length in optimizer steps (overrides ``warmup_ratio``).
+            poly_power: Exponent of the polynomial decay after warmup.
+            min_lr_ratio: Final learning rate as a fraction of the peak.
+            attn_implementation: ``sdpa`` or ``eager`` attention.
+            fresh_init: How the convolutional neck and heads start where they have no pretrained
+                weights (a model from ``config``, a bare backbone, a checkpoint of the other task):
+                ``he`` (He-normal; default) or ``hf`` (``transformers``' N(0, 0.02), which leaves a DPT
+                trained from scratch stuck on the largest classes; docs/benchmarks.md).
+            image_mean: Normalisation mean (0-1 scale); default: the checkpoint's image processor, else the
+                backbone family's published statistics (0.5 for DPT's ViT/Hybrid and BEiT, ImageNet's for
+                DINOv2 and Swin); the log says which was used.
+            image_std: Normalisation std; default as for ``image_mean``.
+            gradient_checkpointing: Recompute backbone activations in backward to save memory.
+            sync_batchnorm: In multi-GPU runs, synchronise the BatchNorm statistics of the fusion
+                blocks and heads across processes (GPU only; CPU/gloo runs keep plain BatchNorm).
+            compile: ``torch.compile`` the forward pass (pays a compile at start; pays off on long GPU runs).
+            channels_last: Channels-last memory format for the convolutional neck and heads (GPU).
+            log_images: Validation images logged per epoch (overlays or depth panels).
+        """
+        super().__init__()
+        self.save_hyperparameters()  # the task's own arguments too (Lightning collects every __init__ frame)
+        self.model = self.build_network()
+        if gradient_checkpointing:
+            self.model.gradient_checkpointing_enable()
+        if channels_last:
+            for name in self.conv_parts:
+                part = getattr(self.model, name, None)
+                if part is not None:
+                    part.to(memory_format=torch.channels_last)
+        self._run = torch.compile(self.network_forward) if compile else self.network_forward
+        self.image_mean, self.image_std = self._mean_std(pretrained, image_mean, image_std)
+        # x_uint8 * scale + shift == (x / 255 - mean) / std, fused into one multiply-add
+        std, mean = torch.tensor(self.image_std), torch.tensor(self.image_mean)
+        self.register_buffer("_scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1), persistent=False)
+        self.register_buffer("_shift", (-mean / std).view(1, 3, 1, 1), persistent=False)
+        self.last_metrics: dict[str, Any] = {}
+
+    # ------------------------------------------------------------------ what a task provides
+    def build_network(self) -> nn.Module:
+        raise NotImplementedError
+
+    def network_forward(self, model: nn.Module, pixel_values: torch.Tensor, *args: Any) -> Any:
+        """The task's forward pass on normalised images (compiled with ``compile``)."""
+        raise NotImplementedError
+
+    def task_metadata(self) -> dict[str, Any]:
+        """Task facts a checkpoint carries beside the weights (read by export and ``load_module``)."""
+        return {}
+
+    # ------------------------------------------------------------------ normalisation and sizes
+    def _mean_std(self, pretrained, mean, std) -> tuple[list[float], list[float]]:
+        """The normalisation, from (in order) the settings, the checkpoint's image processor, or
+        the backbone family's published statistics; one log line says which."""
+        if mean is not None and std is not None:
+            log.info("normalisation: mean %s std %s (model.image_mean/image_std)", list(mean), list(std))
+            return list(mean), list(std)
+        found = _processor_mean_std(pretrained) if pretrained else None
+        known = True
+        if found is not None:
+            why = f"{pretrained}'s preprocessor_config.json"
+        else:
+            m, s, known = default_normalization(self.model.config)
+            found, kind = (list(m), list(s)), family(self.model.config)
+            why = (f"the {kind} family's published statistics" if known else
+                   f"ImageNet statistics: no image processor and no known default for the {kind!r} family; "
+                   "set model.image_mean/image_std if its checkpoints used others")
+            if pretrained:
+                why = f"{pretrained} ships no preprocessor_config.json; {why}"
+        mean, std = list(mean or found[0]), list(std or found[1])
+        (log.info if known else log.warning)("normalisation: mean %s std %s (%s)", mean, std, why)
+        return mean, std
+
+    def normalize(self, images: torch.Tensor) -> torch.Tensor:
+        return torch.addcmul(self._shift, images.float(), self._scale)
+
+    def check_sizes(self, **sizes: Any) -> None:
+        """Image, crop and window sizes must be multiples of what the backbone divides by."""
+        m = input_multiple(self.model.config)
+        for what, size in sizes.items():
+            pair = [size, size] if isinstance(size, int) else list(size or [])
+            if any(int(v) % m for v in pair):
+                fix = [max(m, round(int(v) / m) * m) for v in pair]
+                raise ConfigError(f"data.{what} {pair} is not a multiple of {m} (the backbone's patch size / stride); "
+                                  f"use e.g. {fix}")
+
+    def setup(self, stage: str) -> None:
+        dm = getattr(self.trainer, "datamodule", None)
+        self.check_sizes(image_size=self.hparams.image_size, crop_size=getattr(dm, "crop_size", None))
+        size = self.hparams.image_size
+        square = isinstance(size, int) or int(size[0]) == int(size[1])
+        stock_vit = self.model.config.model_type == "dpt" and not uses_backbone(self.model.config)
+        if stage == "fit" and not square and stock_vit:
+            log.warning("image_size %s is not square: dptune trains and validates on it, but plain transformers' DPT "
+                        "(ViT) forward runs square inputs only, so the export will not run in pipeline(...)", size)
+        # before the strategy wraps the model in DDP
+        if self.hparams.sync_batchnorm and wants_sync_batchnorm(self.trainer):
+            self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
+            log.info("BatchNorm layers synchronised across %d processes", self.trainer.world_size)
+
+    # ------------------------------------------------------------------ optimizer
+    def param_groups(self) -> list[dict[str, Any]]:
+        hp = self.hparams
+        return param_groups(self.model, hp.lr, hp.head_lr_mult, hp.weight_decay, hp.layer_decay)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(self.param_groups(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
+                                    weight_decay=hp.weight_decay, fused=self._fused_adamw())
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ConfigError("the training data is a stream (no length): set --trainer.max_steps for the LR schedule "
+                              "and --trainer.val_check_interval in steps")
+        total = int(total)
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
+        sched = WarmupPoly(opt, total, warmup, hp.poly_power, hp.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _fused_adamw(self) -> bool:
+        """The fused AdamW kernel (CPU and CUDA) beats the per-tensor loop, but it unscales
+        gradients inside its step, so Lightning cannot clip gradients before it: with
+        ``gradient_clip_val`` set the optimizer is the unfused one."""
+        if any(p.device.type not in ("cpu", "cuda") for p in self.model.parameters()):
+            return False
+        clip = self.trainer.gradient_clip_val if self._trainer is not None else None
+        return not clip
+
+    # ------------------------------------------------------------------ export support
+    def image_processor(self):
+        """The ``DPTImageProcessor`` that reproduces validation preprocessing for plain transformers."""
+        from transformers import DPTImageProcessor, DPTImageProcessorPil
+        from transformers.image_utils import PILImageResampling
+
+        size = self.hparams.image_size
+        h, w = (size, size) if isinstance(size, int) else size
+        # the class AutoImageProcessor gives the export here, so a checkpoint predicts like its export
+        cls = DPTImageProcessor if processor_backend() == "torchvision" else DPTImageProcessorPil
+        return cls(
+            do_resize=True, size={"height": int(h), "width": int(w)}, resample=PILImageResampling.BICUBIC,
+            keep_aspect_ratio=False, ensure_multiple_of=1, do_rescale=True, rescale_factor=1 / 255,
+            do_normalize=True, image_mean=self.image_mean, image_std=self.image_std, do_pad=False,
+        )
+
+    def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        # enough to rebuild the model offline, without the hub (see load_module)
+        checkpoint["dptune"] = {
+            "task": self.task,
+            "model_config": self.model.config.to_dict(),
+            "image_mean": self.image_mean,
+            "image_std": self.image_std,
+            "metrics": self.last_metrics,
+            **self.task_metadata(),
+        }

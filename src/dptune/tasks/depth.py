@@ -1,0 +1,173 @@
+"""Monocular depth: DPT's depth head (or Depth Anything's), metric or relative output, losses on
+valid pixels only, per-image metrics averaged over images, validation panels."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import numpy as np
+import torch
+from torch import nn
+
+from dptune.data.depth import eval_crop_mask
+from dptune.errors import ConfigError
+from dptune.losses.depth import LOSSES, upsample_depth
+from dptune.metrics.depth import NAMES, DepthMetrics
+from dptune.models.depth import UNITS, build_depth_model, depth_forward
+from dptune.tasks.base import DPTTask
+
+log = logging.getLogger(__name__)
+
+
+class DepthModule(DPTTask):
+    task = "depth"
+
+    def __init__(
+        self,
+        mode: Literal["metric", "relative"] = "metric",
+        min_depth: float = 1e-3,
+        max_depth: float | None = None,
+        loss: Literal["silog", "ssi", "l1", "berhu"] | None = None,
+        alignment: Literal["none", "median", "lstsq"] | None = None,
+        init_depth: float = 2.0,
+        eval_crop: Literal["none", "eigen", "garg"] = "none",
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            mode: ``metric``: depth in metres; ``relative``: affine-invariant inverse depth (what
+                MiDaS/DPT checkpoints output), scored after per-image alignment.
+            min_depth: Ground truth below this (metres) is invalid; predictions are clipped to it
+                when scored.
+            max_depth: Ground truth above this is invalid; predictions are clipped to it when scored.
+                Depth Anything models in ``metric`` mode get a bounded head (sigmoid x max_depth).
+            loss: ``silog`` (scale-invariant log; the default for metric), ``ssi`` (scale-and-shift
+                invariant + multi-scale gradient matching, MiDaS; the default for relative), ``l1``
+                or ``berhu``. Every loss reads valid pixels only.
+            alignment: How predictions are aligned to the ground truth before scoring, per image:
+                ``none`` (default for metric), ``median`` (scale) or ``lstsq`` (scale and shift of
+                inverse depth; default for relative).
+            init_depth: What a fresh depth head predicts at first (metres for metric): the typical
+                depth of your scenes (about 2 indoors, 15-20 for driving).
+            eval_crop: Filled in from ``data.eval_crop``: ``eigen`` (NYU) or ``garg`` (KITTI) crop.
+            **kwargs: What every task takes (model source, optimizer, schedule, precision switches): see
+                ``dptune.tasks.base.DPTTask``.
+        """
+        super().__init__(**kwargs)
+        hp = self.hparams
+        self.loss_name = loss or ("silog" if mode == "metric" else "ssi")
+        if mode == "metric" and self.loss_name == "ssi":
+            raise ConfigError("model.loss ssi is scale-and-shift invariant: it cannot train metric depth (use silog)")
+        self.alignment = alignment or ("none" if mode == "metric" else "lstsq")
+        if mode == "relative" and self.alignment == "none":
+            raise ConfigError("model.alignment none cannot score relative depth (use lstsq or median)")
+        align = None if self.alignment == "none" else self.alignment
+        self.val_metrics = DepthMetrics(min_depth, hp.max_depth, align)
+        self.test_metrics = DepthMetrics(min_depth, hp.max_depth, align)
+
+    def build_network(self) -> nn.Module:
+        hp = self.hparams
+        return build_depth_model(hp.pretrained, hp.config, hp.attn_implementation, hp.backbone, hp.fresh_init,
+                                 hp.mode, hp.max_depth, hp.init_depth if hp.mode == "metric" else 1.0)
+
+    def network_forward(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
+        return depth_forward(model, pixel_values)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """uint8 (B, 3, H, W) images -> (B, h, w) predicted depth (metres, or relative inverse depth)."""
+        return self._run(self.model, self.normalize(images))
+
+    def task_metadata(self) -> dict[str, Any]:
+        from dptune.data.transforms import processor_backend
+
+        hp = self.hparams
+        return {"depth": {"mode": hp.mode, "units": UNITS[hp.mode], "min_depth": hp.min_depth,
+                          "max_depth": hp.max_depth, "alignment": self.alignment, "eval_crop": hp.eval_crop,
+                          "loss": self.loss_name},
+                "evaluation": {"mode": "resize", "size": hp.image_size, "processor_backend": processor_backend()}}
+
+    # ------------------------------------------------------------------ steps
+    def valid(self, depth: torch.Tensor) -> torch.Tensor:
+        """Ground truth that counts: > 0 (measured) and inside [min_depth, max_depth]."""
+        ok = (depth > 0) & (depth >= self.hparams.min_depth)
+        return ok & (depth <= self.hparams.max_depth) if self.hparams.max_depth else ok
+
+    def loss(self, pred: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
+        pred = upsample_depth(pred.float(), depth.shape[-2:])
+        return LOSSES[self.loss_name](pred, depth, self.valid(depth))
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        loss = self.loss(self(batch["image"]), batch["depth"])
+        self.log("train/loss", loss, prog_bar=True, batch_size=batch["depth"].shape[0])
+        return loss
+
+    def eval_depth(self, images: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
+        """Predictions upsampled (bilinear, as ``pipeline`` does) to each sample's ground-truth size."""
+        pred = self(images).float()
+        if len(set(sizes)) == 1:
+            return upsample_depth(pred, sizes[0])
+        out = pred.new_zeros(pred.shape[0], *padded)
+        for b, (h, w) in enumerate(sizes):
+            out[b, :h, :w] = upsample_depth(pred[b : b + 1], (h, w))[0]
+        return out
+
+    def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
+        depth = batch["depth"]
+        pred = self.eval_depth(batch["image"], batch["sizes"], depth.shape[-2:])
+        valid = self.valid(depth)
+        if self.hparams.eval_crop != "none":
+            crop = torch.zeros_like(valid)
+            for b, (h, w) in enumerate(batch["sizes"]):
+                crop[b, :h, :w] = torch.from_numpy(eval_crop_mask((h, w), self.hparams.eval_crop))
+            valid &= crop
+        (self.val_metrics if stage == "val" else self.test_metrics).update(pred, depth, valid)
+        self.log(f"{stage}/loss", LOSSES[self.loss_name](pred, depth, valid), batch_size=depth.shape[0],
+                 sync_dist=True)
+        return {"preds": pred}
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "val")
+
+    def test_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
+        return self._eval_step(batch, "test")
+
+    def _epoch_metrics(self, stage: str, metrics: DepthMetrics) -> None:
+        values = {k: float(v) for k, v in metrics.compute().items()}
+        images = int(metrics.images)
+        metrics.reset()
+        for name in NAMES:
+            self.log(f"{stage}/{name}", values[name], prog_bar=name in ("abs_rel", "delta1"))
+        self.last_metrics[stage] = {**values, "images": images}
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            log.info(f"epoch {self.current_epoch} step {self.global_step} {stage}: abs_rel {values['abs_rel']:.4f} "
+                     f"rmse {values['rmse']:.4f} delta1 {values['delta1']:.4f} ({images} images)")
+
+    def on_validation_epoch_end(self) -> None:
+        self._epoch_metrics("val", self.val_metrics)
+
+    def on_test_epoch_end(self) -> None:
+        self._epoch_metrics("test", self.test_metrics)
+
+    # ------------------------------------------------------------------ visuals
+    def visual_samples(self, batch: dict[str, Any], outputs: dict[str, Any], n: int) -> list[dict[str, np.ndarray]]:
+        import cv2
+
+        out = []
+        for b in range(min(n, batch["image"].shape[0])):
+            h, w = batch["sizes"][b]
+            image = cv2.resize(batch["image"][b].permute(1, 2, 0).cpu().numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
+            out.append({"image": image, "gt": batch["depth"][b, :h, :w].cpu().numpy(),
+                        "pred": outputs["preds"][b, :h, :w].float().cpu().numpy()})
+        return out
+
+    def log_visuals(self, logger, samples: list[dict[str, np.ndarray]], step: int) -> None:
+        import wandb
+
+        from dptune.visualize import depth_panel
+
+        relative = self.hparams.mode == "relative"
+        panels = [wandb.Image(depth_panel(s["image"], s["gt"], s["pred"], relative),
+                              caption="image | ground truth | prediction | |error| (same colour scale)")
+                  for s in samples]
+        logger.experiment.log({"val/depth": panels, "trainer/global_step": step})

@@ -1,0 +1,137 @@
+"""The depth side of ``scripts/predict.py`` and ``scripts/evaluate.py``.
+
+predict: ``<stem>_depth.png`` (16-bit: millimetres for metric models, i.e. value / 1000 = metres;
+relative models: the prediction scaled to 0-65535 per image), ``<stem>_depth_color.png`` (turbo,
+near = warm) and, with ``--intrinsics fx,fy,cx,cy`` (or a 3x3 matrix file), ``<stem>.ply``: a
+coloured point cloud in metres (metric models only).
+evaluate: AbsRel, SqRel, RMSE, RMSE log, log10, SILog, delta < 1.25^k per image on valid pixels,
+averaged over images, on any folder of images and depth maps.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from dptune.data.depth import DepthFolderSource, eval_crop_mask
+from dptune.data.sources import read_image
+from dptune.errors import DataError
+from dptune.metrics.depth import NAMES, DepthMetrics
+from dptune.visualize import colorize_depth, depth_range
+
+
+def model_task(ref: str) -> str:
+    """``depth`` or ``segmentation``: what a checkpoint or exported directory holds."""
+    if Path(ref).is_dir():
+        cfg = json.loads((Path(ref) / "config.json").read_text())
+        return "depth" if any("DepthEstimation" in a for a in cfg.get("architectures") or []) else "segmentation"
+    from dptune.tasks.checkpoints import load_checkpoint
+
+    return load_checkpoint(ref).get("dptune", {}).get("task", "segmentation")
+
+
+def intrinsics(spec: str) -> tuple[float, float, float, float]:
+    """``fx,fy,cx,cy`` or a file holding a 3x3 camera matrix (e.g. 7-Scenes' camera-intrinsics.txt)."""
+    if Path(spec).is_file():
+        k = np.loadtxt(spec).reshape(3, 3)
+        return float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])
+    values = [float(v) for v in spec.split(",")]
+    if len(values) != 4:
+        raise DataError(f"--intrinsics {spec!r}: give fx,fy,cx,cy or a 3x3 matrix file")
+    return values[0], values[1], values[2], values[3]
+
+
+def write_ply(path: Path, depth: np.ndarray, image: np.ndarray, k: tuple[float, float, float, float]) -> int:
+    """Back-project every pixel with depth > 0 (pinhole model) into a binary little-endian PLY with colours."""
+    fx, fy, cx, cy = k
+    v, u = np.nonzero(depth > 0)
+    z = depth[v, u].astype(np.float32)
+    xyz = np.stack([(u - cx) * z / fx, (v - cy) * z / fy, z], 1).astype(np.float32)
+    rgb = image[v, u].astype(np.uint8)
+    vertex = np.empty(len(z), dtype=[("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"),
+                                     ("blue", "u1")])
+    vertex["x"], vertex["y"], vertex["z"] = xyz.T
+    vertex["red"], vertex["green"], vertex["blue"] = rgb.T
+    header = ("ply\nformat binary_little_endian 1.0\n"
+              f"element vertex {len(z)}\nproperty float x\nproperty float y\nproperty float z\n"
+              "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
+    with open(path, "wb") as f:
+        f.write(header.encode())
+        f.write(vertex.tobytes())
+    return len(z)
+
+
+def predict_depth(args, paths: list[str]) -> int:
+    from dptune.depth_predictor import DepthPredictor
+
+    predictor = DepthPredictor.load(args.model, args.device)
+    metric = predictor.mode == "metric"
+    k = intrinsics(args.intrinsics) if args.intrinsics else None
+    if k is not None and not metric:
+        print("warning: a relative model's output has no metres; no point clouds written", file=sys.stderr)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    failed = 0
+    for path in tqdm(paths, desc="predicting depth"):
+        try:
+            image = read_image(path)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed += 1
+            continue
+        depth = np.clip(predictor.predict(image), 0, None)
+        stem = Path(path).stem
+        if metric:
+            stored = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)  # millimetres
+        else:
+            stored = np.round(65535 * (depth - depth.min()) / max(float(np.ptp(depth)), 1e-12)).astype(np.uint16)
+        cv2.imwrite(str(out / f"{stem}_depth.png"), stored)
+        shown = depth if metric else 1.0 / np.clip(depth, 1e-6, None)  # relative: inverse depth, near = large
+        lo, hi = depth_range(shown)
+        cv2.imwrite(str(out / f"{stem}_depth_color.png"), colorize_depth(shown, lo, hi)[..., ::-1])
+        if k is not None and metric:
+            write_ply(out / f"{stem}.ply", depth, image, k)
+    scale = "millimetres (value / 1000 = metres)" if metric else "relative inverse depth scaled to 0-65535 per image"
+    print(f"{len(paths) - failed} depth maps in {out}: <stem>_depth.png in {scale}"
+          + (f", {failed} unreadable images" if failed else ""))
+    return 2 if failed else 0
+
+
+def evaluate_depth(args) -> int:
+    from dptune.depth_predictor import DepthPredictor
+
+    if not (args.images and args.depth):
+        raise DataError("for a depth model give --images and --depth (a template with {stem}), and --depth-scale")
+    source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale)
+    predictor = DepthPredictor.load(args.model, args.device)
+    align = args.alignment or predictor.meta.get("alignment") or ("none" if predictor.mode == "metric" else "lstsq")
+    crop = args.eval_crop or predictor.meta.get("eval_crop") or "none"
+    max_depth = args.max_depth if args.max_depth is not None else predictor.meta.get("max_depth")
+    metric = DepthMetrics(args.min_depth, max_depth, None if align == "none" else align)
+    for i in tqdm(range(len(source)), desc="evaluating"):
+        image, gt, name = source.load(i)
+        if image.shape[:2] != gt.shape:
+            raise DataError(f"{name}: depth map is {gt.shape[1]}x{gt.shape[0]} but its image is "
+                            f"{image.shape[1]}x{image.shape[0]}")
+        pred = torch.from_numpy(predictor.predict(image))[None]
+        gt_t = torch.from_numpy(gt)[None]
+        valid = (gt_t > 0) & (gt_t >= args.min_depth)
+        if max_depth:
+            valid &= gt_t <= max_depth
+        mask = eval_crop_mask(gt.shape, crop)
+        if mask is not None:
+            valid &= torch.from_numpy(mask)[None]
+        metric.update(pred, gt_t, valid)
+    scores = {k: float(v) for k, v in metric.compute().items()}
+    print(f"{int(metric.images)} images, {predictor.mode} depth, alignment {align}, crop {crop}")
+    print("  ".join(f"{k} {scores[k]:.4f}" for k in NAMES))
+    if args.json:
+        Path(args.json).write_text(json.dumps({"model": args.model, "images": int(metric.images), "alignment": align,
+                                               "eval_crop": crop, **scores}, indent=2))
+    return 0

@@ -1,0 +1,83 @@
+"""Depth readers against numpy on real NYU, KITTI and 7-Scenes files; augmentations keep depth exact."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from conftest import DEPTH_FORMATS, KITCHEN, needs
+from PIL import Image
+
+from dptune.data.depth import collate_depth, depth_train_transforms, eval_crop_mask, read_depth
+from dptune.errors import DataError
+
+
+@needs(DEPTH_FORMATS)
+@pytest.mark.parametrize("kind, scale, lo, hi", [("nyu", 1000, 0.5, 10.0), ("kitti", 256, 1.0, 90.0)])
+def test_nyu_and_kitti_16_bit_pngs_read_to_metres(kind, scale, lo, hi):
+    files = sorted((DEPTH_FORMATS / kind / "depth").glob("*.png"))
+    assert len(files) == 3
+    for f in files:
+        ours = read_depth(str(f), scale)
+        raw = np.asarray(Image.open(f)).astype(np.float64)  # PIL reads the 16-bit PNG as I;16
+        assert ours.dtype == np.float32 and ours.shape == raw.shape
+        np.testing.assert_allclose(ours, raw / scale, rtol=1e-6)
+        valid = ours[ours > 0]
+        assert lo < valid.min() and valid.max() < hi  # metres: a room (NYU), a road (KITTI)
+        assert np.array_equal(ours == 0, raw == 0)  # 0 stays "no measurement"
+    if kind == "kitti":  # sparse projected LiDAR: most pixels have no return
+        assert (read_depth(str(files[0]), 256) == 0).mean() > 0.7
+
+
+def test_npy_and_float_tiff_are_metres_divided_by_scale(tmp_path):
+    import cv2
+
+    depth = np.array([[0.0, 1.5], [np.nan, 3.25]], np.float32)
+    np.save(tmp_path / "d.npy", depth)
+    cv2.imwrite(str(tmp_path / "d.tiff"), depth)
+    for name in ("d.npy", "d.tiff"):
+        got = read_depth(str(tmp_path / name), 1.0)
+        assert np.array_equal(got, np.array([[0.0, 1.5], [0.0, 3.25]], np.float32)), name  # NaN -> invalid
+
+
+@needs(KITCHEN)
+def test_bad_depth_files_are_named(tmp_path):
+    good = KITCHEN / "train" / "depth" / "frame-000000.png"
+    data = good.read_bytes()
+    (tmp_path / "cut.png").write_bytes(data[: len(data) // 3])
+    Image.fromarray((np.asarray(Image.open(good)) // 256).astype(np.uint8)).save(tmp_path / "eight.png")
+    for name, message in [("cut.png", "not a readable depth map"), ("eight.png", "8-bit PNG"),
+                          ("missing.png", "file not found")]:
+        with pytest.raises(DataError, match=message) as err:
+            read_depth(str(tmp_path / name), 1000)
+        assert name in str(err.value)
+
+
+def test_augmentations_never_invent_depth():
+    """Resize, crop and flip reach depth by nearest neighbour: every output value is an input value
+    (an average of 1 m and 0 = invalid would be a 0.5 m surface that does not exist); the image is
+    jittered, depth is not."""
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (120, 160, 3), dtype=np.uint8)
+    depth = rng.choice(np.array([0.0, 1.0, 2.5, 7.0], np.float32), size=(120, 160))
+    pipe = depth_train_transforms((48, 64), (32, 48))
+    pipe.set_random_seed(0)
+    values = set(np.unique(depth).tolist())
+    for _ in range(20):
+        out = pipe(image=image, depth=depth)
+        assert out["depth"].shape == (32, 48) and out["image"].shape == (32, 48, 3)
+        assert set(np.unique(out["depth"]).tolist()) <= values
+
+
+def test_eval_crops_and_padding():
+    eigen = eval_crop_mask((480, 640), "eigen")
+    assert eigen.sum() == (471 - 45) * (601 - 41) and eigen[45, 41] and not eigen[44, 41]
+    garg = eval_crop_mask((375, 1242), "garg")
+    assert garg[int(0.40810811 * 375), int(0.03594771 * 1242)] and not garg[0, 0]
+    assert eval_crop_mask((10, 10), "none") is None
+    import torch
+
+    items = [{"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "depth": torch.ones(4, 6), "index": 0},
+             {"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "depth": torch.ones(5, 3), "index": 1}]
+    batch = collate_depth(items)
+    assert batch["depth"].shape == (2, 5, 6) and batch["sizes"] == [(4, 6), (5, 3)]
+    assert (batch["depth"][0, 4:] == 0).all() and (batch["depth"][1, :, 3:] == 0).all()  # padding is invalid

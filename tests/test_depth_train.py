@@ -1,0 +1,169 @@
+"""Depth end to end on real 7-Scenes frames: train.py fit, export, plain transformers / ONNX Runtime /
+predict agreement, exact 2-process validation, a segmentation checkpoint as the start, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CAMVID, KITCHEN, REPO, TINY, needs
+from PIL import Image
+from test_train import camvid_args, run_train
+
+pytestmark = [pytest.mark.slow, needs(KITCHEN)]
+
+TRAIN = {"images": "train/rgb/frame-0000[0-3]*.jpg", "depth": "train/depth/{stem}.png"}  # 20 frames
+VAL = {"images": "val/rgb/frame-00060[0-9].jpg", "depth": "val/depth/{stem}.png"}  # 5 frames: odd
+DEPTH_TINY = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+
+
+def depth_args(run: Path, config: Path, epochs: int = 2, root: Path = KITCHEN, train=TRAIN, val=VAL) -> list[str]:
+    return ["fit", "--config", str(REPO / "configs" / "depth" / "7scenes.yaml"), "--data.root", str(root),
+            "--model.config", str(config), "--data.splits", json.dumps({"train": train, "val": val}),
+            "--data.image_size", "64", "--data.batch_size", "4", "--data.num_workers", "0",
+            "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(run),
+            "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"]
+
+
+@pytest.fixture(scope="module")
+def depth_run(tmp_path_factory) -> dict:
+    tmp = tmp_path_factory.mktemp("depth-run")
+    config = tmp / "tiny.json"
+    config.write_text(json.dumps(DEPTH_TINY))
+    run = tmp / "run"
+    proc = run_train(depth_args(run, config), cwd=tmp)
+    return {"tmp": tmp, "run": run, "config": config, "stderr": proc.stderr}
+
+
+def test_fit_logs_depth_metrics_and_writes_checkpoints(depth_run):
+    ckpts = sorted(p.name for p in (depth_run["run"] / "checkpoints").iterdir())
+    assert "last.ckpt" in ckpts and any(n.startswith("best-") and "absrel" in n for n in ckpts)
+    ckpt = torch.load(depth_run["run"] / "checkpoints" / "last.ckpt", map_location="cpu")
+    meta = ckpt["dptune"]
+    assert meta["task"] == "depth" and meta["depth"]["mode"] == "metric" and meta["depth"]["units"] == "metres"
+    val = meta["metrics"]["val"]
+    assert val["images"] == 5 and 0 < val["abs_rel"] < 1 and 0 <= val["delta1"] <= 1
+    runs = list((depth_run["run"] / "wandb").glob("offline-run-*"))
+    assert list((runs[0] / "files" / "media" / "images" / "val").glob("depth_*.png")), "validation depth panels"
+
+
+def test_export_loads_in_plain_transformers_and_onnx_and_predict_agree(depth_run, tmp_path):
+    """pipeline("depth-estimation"), ONNX Runtime and scripts/predict.py give the same depth."""
+    import onnxruntime as ort
+    from transformers import AutoImageProcessor, AutoModelForDepthEstimation, pipeline
+
+    from dptune.export import export
+    from dptune.tools.predict import main as predict_main
+
+    out = export(depth_run["run"] / "checkpoints" / "last.ckpt", tmp_path / "export", onnx=True)
+    card = (out / "README.md").read_text()
+    assert "metric** depth in **metres" in card and "AbsRel" in card
+    model = AutoModelForDepthEstimation.from_pretrained(out).eval()
+    assert type(model).__name__ == "DPTForDepthEstimation" and model.config.depth_units == "metres"
+    pipe = pipeline("depth-estimation", model=str(out))
+    frames = sorted((KITCHEN / "val" / "rgb").glob("frame-00060*.jpg"))[:2]
+    assert predict_main(["--model", str(out), "--images", str(frames[0].parent / "frame-00060[02].jpg"),
+                         "--out", str(tmp_path / "pred"),
+                         "--intrinsics", str(KITCHEN / "camera-intrinsics.txt")]) == 0
+    proc = AutoImageProcessor.from_pretrained(out)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    for f in frames:
+        theirs = pipe(Image.open(f))["predicted_depth"].numpy()
+        assert theirs.shape == (480, 640)
+        ours = np.asarray(Image.open(tmp_path / "pred" / f"{f.stem}_depth.png")).astype(np.float64) / 1000
+        assert np.abs(ours - np.clip(theirs, 0, None)).max() <= 0.0005 + 1e-6  # 16-bit millimetres: rounding only
+        x = proc(images=Image.open(f), return_tensors="pt")["pixel_values"]
+        onnx_depth = sess.run(["predicted_depth"], {"pixel_values": x.numpy()})[0]
+        with torch.no_grad():
+            torch_depth = model(pixel_values=x).predicted_depth.numpy()
+        assert np.abs(onnx_depth - torch_depth).max() <= 1e-4 * np.abs(torch_depth).max()
+        assert (tmp_path / "pred" / f"{f.stem}_depth_color.png").exists() and (tmp_path / "pred" / f"{f.stem}.ply").exists()
+    # non-square input of another size: ONNX and dptune's forward agree (the stock ViT forward cannot do this)
+    from dptune.models.depth import depth_forward
+
+    x = torch.randn(1, 3, 64, 160)
+    with torch.no_grad():
+        ref = depth_forward(model, x).numpy()
+    got = sess.run(["predicted_depth"], {"pixel_values": x.numpy()})[0]
+    assert got.shape == ref.shape == (1, 64, 160)
+    assert np.abs(got - ref).max() <= 1e-4 * np.abs(ref).max()
+
+
+def test_two_process_validation_equals_one(depth_run):
+    """5 val frames, batch 2, 2 processes: shards of 3 and 2; the per-image averages agree to 1e-6."""
+    ckpt = depth_run["run"] / "checkpoints" / "last.ckpt"
+    common = ["validate", "--config", str(REPO / "configs" / "depth" / "7scenes.yaml"), "--data.root", str(KITCHEN),
+              "--model.config", str(depth_run["config"]), "--data.splits", json.dumps({"val": VAL}),
+              "--data.image_size", "64", "--data.val_batch_size", "2", "--trainer.logger", "false",
+              "--trainer.precision", "32-true", "--ckpt_path", str(ckpt), "--trainer.accelerator", "cpu"]
+    tmp = depth_run["tmp"]
+    one = run_train([*common, "--trainer.devices", "1", "--trainer.default_root_dir", str(tmp / "v1")], cwd=tmp)
+    two = run_train([*common, "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                     "--trainer.default_root_dir", str(tmp / "v2")], cwd=tmp)
+
+    def metrics(stdout: str) -> dict[str, float]:
+        return {key: float(next(ln for ln in stdout.splitlines() if f" {key} " in ln).split()[-2])
+                for key in ("val/abs_rel", "val/rmse", "val/silog", "val/delta1")}
+
+    a, b = metrics(one.stdout), metrics(two.stdout)
+    for key in a:
+        assert abs(a[key] - b[key]) < 1e-6, (key, a[key], b[key])
+
+
+@needs(CAMVID)
+def test_a_segmentation_checkpoint_starts_a_depth_model_with_its_backbone_and_neck(tmp_path, tiny_config_path):
+    from dptune.models.depth import build_depth_model
+    from dptune.tasks.checkpoints import load_module
+
+    run_train(camvid_args(tmp_path / "seg", tiny_config_path, epochs=1), cwd=tmp_path)
+    ckpt = str(tmp_path / "seg" / "checkpoints" / "last.ckpt")
+    seg = load_module(ckpt).model.state_dict()
+    depth = build_depth_model(pretrained=ckpt).state_dict()
+    carried = [k for k in seg if k.startswith(("dpt.", "neck."))]
+    assert len(carried) > 50
+    assert all(torch.equal(seg[k], depth[k]) for k in carried)
+    assert not any(k.startswith("auxiliary_head") for k in depth)
+    # and back: a depth model's backbone and neck start a segmentation model
+    from dptune.models import build_model
+
+    back = build_model(["a", "b"], pretrained=ckpt).state_dict()
+    assert all(torch.equal(back[k], seg[k]) for k in carried)
+
+
+def test_bad_depth_input_is_named_before_training(tmp_path):
+    """Truncated PNG, 8-bit depth, a depth map of another size, a missing depth map: one line each,
+    exit 2, no traceback, no checkpoint."""
+    root = tmp_path / "kitchen"
+    for sub in ("train/rgb", "train/depth", "val/rgb", "val/depth"):
+        (root / sub).mkdir(parents=True)
+    frames = sorted((KITCHEN / "train" / "rgb").glob("*.jpg"))[:6]
+    for f in frames:
+        (root / "train" / "rgb" / f.name).symlink_to(f)
+        (root / "train" / "depth" / f"{f.stem}.png").write_bytes((KITCHEN / "train" / "depth" / f"{f.stem}.png").read_bytes())
+    for f in sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[:2]:
+        (root / "val" / "rgb" / f.name).symlink_to(f)
+        (root / "val" / "depth" / f"{f.stem}.png").symlink_to(KITCHEN / "val" / "depth" / f"{f.stem}.png")
+    d = root / "train" / "depth"
+    data = (d / f"{frames[0].stem}.png").read_bytes()
+    (d / f"{frames[0].stem}.png").write_bytes(data[: len(data) // 2])
+    depth = np.asarray(Image.open(d / f"{frames[1].stem}.png"))
+    Image.fromarray((depth // 256).astype(np.uint8)).save(d / f"{frames[1].stem}.png")
+    Image.fromarray(depth[:240, :320]).save(d / f"{frames[2].stem}.png")
+    os.remove(d / f"{frames[3].stem}.png")
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(DEPTH_TINY))
+    all_frames = {"images": "train/rgb/*.jpg", "depth": "train/depth/{stem}.png"}
+    val = {"images": "val/rgb/*.jpg", "depth": "val/depth/{stem}.png"}
+    proc = run_train(depth_args(tmp_path / "run", config, root=root, train=all_frames, val=val), cwd=tmp_path,
+                     check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    lines = [ln for ln in proc.stderr.splitlines() if "frame-0000" in ln]
+    assert len(lines) == 4, proc.stderr[-3000:]
+    text = "\n".join(lines)
+    assert "not a readable depth map" in text and "8-bit PNG" in text and "no depth map" in text
+    assert "depth map is 320x240 but its image is 640x480" in text
+    assert not (tmp_path / "run" / "checkpoints").exists()
