@@ -1,0 +1,69 @@
+"""Score an exported depth model with plain ``transformers`` + numpy, no dptune import: what whoever
+receives the model can run to check it. Each image goes through the directory's own image
+processor (whichever backend ``AutoImageProcessor`` resolves to), ``predicted_depth`` is upsampled
+to the ground truth's size by the processor's own ``post_process_depth_estimation`` (what
+``pipeline("depth-estimation")`` does: bicubic), and the standard metrics are computed per image on pixels
+with ground truth (> 0, at most ``--max-depth``), then averaged over images. Metric depth, no
+alignment; predictions are clipped to [1e-3, max depth] as the usual protocol does.
+
+    python scripts/score_depth_plain.py OUT --images "../shared/data/7scenes-kitchen/val/rgb/*.jpg" \
+        --depth "../shared/data/7scenes-kitchen/val/depth/{stem}.png" --depth-scale 1000 --max-depth 10
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import AutoImageProcessor, AutoModelForDepthEstimation
+
+
+def metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
+    ratio = np.maximum(pred / gt, gt / pred)
+    log_diff = np.log(pred) - np.log(gt)
+    return {
+        "abs_rel": float(np.mean(np.abs(pred - gt) / gt)),
+        "sq_rel": float(np.mean((pred - gt) ** 2 / gt)),
+        "rmse": float(np.sqrt(np.mean((pred - gt) ** 2))),
+        "rmse_log": float(np.sqrt(np.mean(log_diff**2))),
+        "log10": float(np.mean(np.abs(np.log10(pred) - np.log10(gt)))),
+        "silog": float(np.sqrt(max(np.mean(log_diff**2) - np.mean(log_diff) ** 2, 0)) * 100),
+        "delta1": float(np.mean(ratio < 1.25)),
+        "delta2": float(np.mean(ratio < 1.25**2)),
+        "delta3": float(np.mean(ratio < 1.25**3)),
+    }
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("model_dir")
+    ap.add_argument("--images", required=True, help="image glob")
+    ap.add_argument("--depth", required=True, help="depth path template with {stem}")
+    ap.add_argument("--depth-scale", type=float, default=1000.0, help="stored value per metre (16-bit PNG)")
+    ap.add_argument("--max-depth", type=float, default=10.0)
+    args = ap.parse_args()
+    model = AutoModelForDepthEstimation.from_pretrained(args.model_dir).eval()
+    proc = AutoImageProcessor.from_pretrained(args.model_dir)
+    files = sorted(glob.glob(args.images))
+    per_image = []
+    for f in files:
+        img = Image.open(f).convert("RGB")
+        gt = np.asarray(Image.open(args.depth.format(stem=Path(f).stem))).astype(np.float64) / args.depth_scale
+        with torch.no_grad():
+            outputs = model(**proc(images=img, return_tensors="pt"))
+        up = proc.post_process_depth_estimation(outputs, target_sizes=[gt.shape])[0]["predicted_depth"]
+        up = up.double().numpy()
+        valid = (gt > 0) & (gt <= args.max_depth)
+        if valid.any():
+            per_image.append(metrics(np.clip(up[valid], 1e-3, args.max_depth), gt[valid]))
+    mean = {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
+    print(json.dumps({"images": len(per_image), "processor": type(proc).__name__, **mean}))
+
+
+if __name__ == "__main__":
+    main()
