@@ -167,3 +167,24 @@ def test_bad_depth_input_is_named_before_training(tmp_path):
     assert "not a readable depth map" in text and "8-bit PNG" in text and "no depth map" in text
     assert "depth map is 320x240 but its image is 640x480" in text
     assert not (tmp_path / "run" / "checkpoints").exists()
+
+
+def test_evaluate_agrees_with_the_independent_scorer(depth_run, tmp_path, capsys):
+    """scripts/evaluate.py on an export = scripts/score_depth_plain.py (plain transformers + numpy)."""
+    import subprocess
+    import sys
+
+    from dptune.export import export
+    from dptune.tools.evaluate import main as evaluate_main
+
+    out = export(depth_run["run"] / "checkpoints" / "last.ckpt", tmp_path / "export")
+    images, depth = str(KITCHEN / VAL["images"]), str(KITCHEN / "val" / "depth" / "{stem}.png")
+    plain = subprocess.run([sys.executable, str(REPO / "scripts" / "score_depth_plain.py"), str(out), "--images", images,
+                            "--depth", depth, "--depth-scale", "1000", "--max-depth", "10"],
+                           capture_output=True, text=True, check=True)
+    theirs = json.loads(plain.stdout.strip().splitlines()[-1])
+    assert evaluate_main(["--model", str(out), "--images", images, "--depth", depth, "--json", str(tmp_path / "s.json")]) == 0
+    ours = json.loads((tmp_path / "s.json").read_text())
+    assert ours["images"] == theirs["images"] == 5
+    for key in ("abs_rel", "rmse", "silog", "delta1"):
+        assert abs(ours[key] - theirs[key]) < 1e-6, (key, ours[key], theirs[key])

@@ -42,7 +42,10 @@ def _set_output(cfg, mode: str, max_depth: float | None) -> None:
         bounded = mode == "metric" and max_depth is not None
         cfg.depth_estimation_type = "metric" if bounded else "relative"
         if bounded:
-            cfg.max_depth = float(max_depth)
+            if not float(max_depth).is_integer():  # transformers types DepthAnythingConfig.max_depth as int
+                raise ConfigError(f"model.max_depth {max_depth}: Depth Anything's config stores a whole number of "
+                                  f"metres; use e.g. {round(max_depth)}")
+            cfg.max_depth = int(max_depth)
 
 
 def build_depth_model(
@@ -105,11 +108,12 @@ def build_depth_model(
 
 @torch.no_grad()
 def start_at(model: PreTrainedModel, last: nn.Conv2d, depth: float) -> None:
-    """A fresh depth head's last convolution: zero weights and the bias that gives ``depth``, so
-    that every first prediction is ``depth`` (the head ends in a ReLU, or a sigmoid x max depth,
-    and a prediction at 0 would get no gradient through the ReLU nor from a log-space loss). Its
-    weights get gradients from the first step, the layers below from the second."""
-    last.weight.zero_()
+    """A fresh depth head's last convolution: the bias that gives ``depth`` and weights of std 1e-4,
+    so that every first prediction is ``depth`` give or take a few thousandths: positive (the head
+    ends in a ReLU, or a sigmoid x max depth, and a prediction at 0 would get no gradient through
+    the ReLU nor from a log-space loss) yet not constant (a constant prediction has no
+    scale-and-shift alignment, so the relative loss would give no gradient)."""
+    last.weight.normal_(0.0, 1e-4)
     bounded = getattr(model.config, "depth_estimation_type", None) == "metric"
     if bounded:
         ratio = min(max(depth / model.config.max_depth, 1e-3), 1 - 1e-3)
