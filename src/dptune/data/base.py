@@ -91,3 +91,16 @@ def make_loader(ds, stage: str, batch_size: int, trainer, num_workers: int, pin_
         pin_memory=pin_memory, persistent_workers=persistent_workers, collate_fn=collate_fn,
         worker_init_fn=seed_worker,
     )
+
+
+def setup_splits(splits: dict, stage: str | None, build: Callable[[str], object]) -> None:
+    """Build (and check) the datasets a Lightning stage needs; fitting needs a training split."""
+    from dptune.errors import DataError
+
+    wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage or "fit", STAGES)
+    for s in wanted:
+        if s in splits:
+            build(s)
+    if stage == "fit" and "train" not in splits:
+        raise DataError("data.splits needs a 'train' split to fit")
+

@@ -11,7 +11,15 @@ import numpy as np
 import torch
 from torch.utils.data import DataLoader
 
-from dptune.data.base import STAGES, augment_seed, default_workers, make_loader, pair, stream_seed
+from dptune.data.base import (
+    STAGES,
+    augment_seed,
+    default_workers,
+    make_loader,
+    pair,
+    setup_splits,
+    stream_seed,
+)
 from dptune.data.cache import DiskCache
 from dptune.data.dataset import SegmentationDataset, collate, scan
 from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
@@ -223,12 +231,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         return f"data.splits.{stage} ({spec.get('masks', spec.get('split', stage))})"
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage or "fit", STAGES)
-        for s in wanted:
-            if s in self.splits:
-                self._dataset(s)
-        if stage == "fit" and "train" not in self.splits:
-            raise DataError("data.splits needs a 'train' split to fit")
+        setup_splits(self.splits, stage, self._dataset)
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:

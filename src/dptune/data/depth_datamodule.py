@@ -13,7 +13,7 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dptune.data.base import STAGES, augment_seed, default_workers, make_loader, pair, rank
+from dptune.data.base import STAGES, augment_seed, default_workers, make_loader, pair, rank, setup_splits
 from dptune.data.depth import (
     DepthDataset,
     DepthFolderSource,
@@ -167,12 +167,7 @@ class DepthDataModule(pl.LightningDataModule):
         self.skipped[stage] = len(problems)
 
     def setup(self, stage: str | None = None) -> None:
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage or "fit", STAGES)
-        for s in wanted:
-            if s in self.splits:
-                self._dataset(s)
-        if stage == "fit" and "train" not in self.splits:
-            raise DataError("data.splits needs a 'train' split to fit")
+        setup_splits(self.splits, stage, self._dataset)
 
     def _loader(self, stage: str) -> DataLoader:
         size = self.batch_size if stage == "train" else self.val_batch_size

@@ -20,7 +20,6 @@ import torch
 from tqdm.auto import tqdm
 
 from dptune.data.depth import DepthFolderSource, eval_crop_mask
-from dptune.data.sources import read_image
 from dptune.errors import DataError
 from dptune.metrics.depth import NAMES, DepthMetrics
 from dptune.visualize import colorize_depth, depth_range
@@ -69,6 +68,7 @@ def write_ply(path: Path, depth: np.ndarray, image: np.ndarray, k: tuple[float, 
 
 def predict_depth(args, paths: list[str]) -> int:
     from dptune.depth_predictor import DepthPredictor
+    from dptune.tools.predict import readable_images
 
     predictor = DepthPredictor.load(args.model, args.device)
     metric = predictor.mode == "metric"
@@ -77,14 +77,8 @@ def predict_depth(args, paths: list[str]) -> int:
         print("warning: a relative model's output has no metres; no point clouds written", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    failed = 0
-    for path in tqdm(paths, desc="predicting depth"):
-        try:
-            image = read_image(path)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
+    failed: list[str] = []
+    for path, image in readable_images(paths, "predicting depth", failed):
         depth = np.clip(predictor.predict(image), 0, None)
         stem = Path(path).stem
         if metric:
@@ -98,8 +92,8 @@ def predict_depth(args, paths: list[str]) -> int:
         if k is not None and metric:
             write_ply(out / f"{stem}.ply", depth, image, k)
     scale = "millimetres (value / 1000 = metres)" if metric else "relative inverse depth scaled to 0-65535 per image"
-    print(f"{len(paths) - failed} depth maps in {out}: <stem>_depth.png in {scale}"
-          + (f", {failed} unreadable images" if failed else ""))
+    print(f"{len(paths) - len(failed)} depth maps in {out}: <stem>_depth.png in {scale}"
+          + (f", {len(failed)} unreadable images" if failed else ""))
     return 2 if failed else 0
 
 

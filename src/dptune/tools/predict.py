@@ -19,6 +19,7 @@ import argparse
 import glob
 import os
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import cv2
@@ -65,6 +66,17 @@ def overlay(image: np.ndarray, pred: np.ndarray, labels: LabelSet, alpha: float 
     return canvas
 
 
+def readable_images(paths: list[str], desc: str, failed: list[str]) -> Iterator[tuple[str, np.ndarray]]:
+    """(path, uint8 HxWx3 image) of each readable file, with a progress bar; an unreadable one is
+    reported in one line and appended to ``failed``."""
+    for path in tqdm(paths, desc=desc):
+        try:
+            yield path, read_image(path)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            failed.append(path)
+
+
 def write_rgb(path: Path, rgb: np.ndarray) -> None:
     cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
@@ -97,21 +109,15 @@ def main(argv: list[str] | None = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     scales = tuple(float(s) for s in args.scales.split(","))
-    failed = 0
-    for path in tqdm(paths, desc="predicting"):
-        try:
-            image = read_image(path)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed += 1
-            continue
+    failed: list[str] = []
+    for path, image in readable_images(paths, "predicting", failed):
         pred, conf = predictor.predict(image, mode=args.mode, flip=args.flip, scales=scales)
         stem = Path(path).stem
         cv2.imwrite(str(out / f"{stem}.png"), pred)
         write_rgb(out / f"{stem}_overlay.png", overlay(image, pred, predictor.labels, args.alpha))
         if args.confidence:
             cv2.imwrite(str(out / f"{stem}_confidence.png"), (conf * 255).round().astype(np.uint8))
-    print(f"{len(paths) - failed} predictions in {out}" + (f", {failed} unreadable images" if failed else ""))
+    print(f"{len(paths) - len(failed)} predictions in {out}" + (f", {len(failed)} unreadable images" if failed else ""))
     return 2 if failed else 0
 
 
