@@ -167,6 +167,12 @@ def test_bad_depth_input_is_named_before_training(tmp_path):
     assert "not a readable depth map" in text and "8-bit PNG" in text and "no depth map" in text
     assert "depth map is 320x240 but its image is 640x480" in text
     assert not (tmp_path / "run" / "checkpoints").exists()
+    # or left out, counted, and the other two frames train
+    args = depth_args(tmp_path / "run", config, epochs=1, root=root, train=all_frames, val=val)
+    proc = run_train([*args, "--data.on_bad_sample", "skip", "--data.batch_size", "2", "--trainer.logger", "false"],
+                     cwd=tmp_path)
+    assert "skipped 4 bad sample(s) of 6" in proc.stderr
+    assert torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 1
 
 
 def test_evaluate_agrees_with_the_independent_scorer(depth_run, tmp_path, capsys):
