@@ -3,6 +3,7 @@
     python scripts/benchmark.py --model ../shared/bench/dpt-bench-tiny.json --crop 192 --batch 8 --baseline
     python scripts/benchmark.py --model dpt-large-ade --crop 512 --batch 16 --precision bf16-mixed \
         --device cuda --baseline --max-batch
+    python scripts/benchmark.py --joint --model dpt-large-ade --crop 384 --precision 32-true --steps 5
 
 Each measurement runs in a fresh subprocess (clean peak memory, no shared caches), one after
 the other, on the same in-memory batches. Images/s are steady-state: time between the end of
@@ -23,7 +24,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-REPO = Path(__file__).resolve().parents[2]
+REPO = Path(__file__).resolve().parents[3]  # src/dptune/tools/ -> the repository
 PRESETS = {
     "dpt-large-ade": REPO / "configs" / "models" / "dpt-large-ade.json",
     "dpt-tiny": REPO / "configs" / "models" / "dpt-tiny.json",
@@ -330,6 +331,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--data", help="loader benchmark instead: a train.py config whose data: section to read")
     ap.add_argument("--root", help="with --data: override data.root")
     ap.add_argument("--samples", type=int, default=200, help="with --data: samples to time")
+    ap.add_argument("--joint", action="store_true",
+                    help="inference instead: one segmentation + depth DPT against the two single-task models")
     ap.add_argument("--json", help="write results here")
     args = ap.parse_args(argv)
     import tempfile
@@ -358,6 +361,16 @@ def main(argv: list[str] | None = None) -> int:
         peak, peak_src = args.peak_tflops, "--peak-tflops"
     flops, flops_src = train_flops(cfg, args.crop, args.crop)
     machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'}"
+    if args.joint:
+        from dptune.tools.joint_bench import joint_benchmark
+
+        print(f"# {args.model} {args.crop}x{args.crop} batch 1 inference, {precision} on {device} ({machine}), "
+              f"torch {torch.__version__}, {args.warmup} warm-up + {args.steps} timed passes each")
+        r = joint_benchmark(args, cfg, device, precision)
+        if args.json:
+            Path(args.json).write_text(json.dumps({**r, "model": args.model, "crop": args.crop, "device": machine,
+                                                   "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}))
+        return 0
     print(f"# {args.model} crop {args.crop} batch {args.batch} {precision} on {device} ({machine}); "
           f"train GFLOP/image {flops / 1e9:.1f} ({flops_src}); peak {peak:.1f} TFLOP/s ({peak_src})")
     results: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "precision": precision,
