@@ -41,6 +41,11 @@ TASKS: dict[str, dict[str, Any]] = {
         "links": [("data.image_size", "model.image_size", None), ("data.eval_crop", "model.eval_crop", None)],
         "monitor": ("val/abs_rel", "min", "best-epoch{epoch:02d}-absrel{val/abs_rel:.4f}"),
     },
+    # with model.references set, --checkpoint.monitor val/delta_m --checkpoint.mode max selects on both tasks
+    "multitask": {
+        "links": [("data.labels_spec", "model.label_spec", "instantiate"), ("data.image_size", "model.image_size", None)],
+        "monitor": ("val/mIoU", "max", "best-epoch{epoch:02d}-mIoU{val/mIoU:.4f}"),
+    },
 }
 
 
@@ -50,6 +55,11 @@ def task_classes(task: str) -> tuple[type, type]:
         from dptune.tasks.depth import DepthModule
 
         return DepthModule, DepthDataModule
+    if task == "multitask":
+        from dptune.data.multitask_datamodule import MultiTaskDataModule
+        from dptune.tasks.multitask import MultiTaskModule
+
+        return MultiTaskModule, MultiTaskDataModule
     return SegmentationModule, SegmentationDataModule
 
 
@@ -80,7 +90,8 @@ class DPTuneCLI(LightningCLI):
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--task", choices=list(TASKS), default="segmentation",
-                            help="What to train: segmentation (default) or depth; a config file may say it as task: depth")
+                            help="What to train: segmentation (default), depth, or multitask (both in one model); "
+                                 "a config file may say it as task: depth")
         # data facts reach the model once, by link, never written twice
         for source, target, when in TASKS[self.task]["links"]:
             parser.link_arguments(source, target, **({"apply_on": when} if when else {}))

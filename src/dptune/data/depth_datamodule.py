@@ -90,6 +90,9 @@ class DepthDataModule(pl.LightningDataModule):
         self.num_workers = default_workers(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and self.num_workers > 0
+        # settings as attributes: self.hparams is not reliable when another datamodule builds this one
+        self.depth_scale, self.jitter, self.eval_crop = depth_scale, jitter, eval_crop
+        self.check, self.cache, self.on_bad_sample = check, cache, on_bad_sample
         self.datasets: dict[str, DepthDataset] = {}
         self.skipped: dict[str, int] = {}
 
@@ -97,10 +100,10 @@ class DepthDataModule(pl.LightningDataModule):
         spec = dict(self.splits[stage])
         try:
             if self.source_kind == "folder":
-                return DepthFolderSource(self.root, spec["images"], spec["depth"], self.hparams.depth_scale)
+                return DepthFolderSource(self.root, spec["images"], spec["depth"], self.depth_scale)
             if self.source_kind == "hf":
                 hf = {k: v for k, v in self.hf.items() if k != "streaming"}
-                return HFDepthSource(split=spec.get("split", stage), scale=self.hparams.depth_scale, **hf)
+                return HFDepthSource(split=spec.get("split", stage), scale=self.depth_scale, **hf)
         except KeyError as e:
             raise DataError(f"data.splits.{stage}: missing key {e} for source {self.source_kind!r}") from None
         except TypeError as e:
@@ -115,10 +118,10 @@ class DepthDataModule(pl.LightningDataModule):
         train = stage == "train"
         transform = None
         if train:
-            transform = depth_train_transforms(self.image_size, self.crop_size, self.hparams.jitter)
+            transform = depth_train_transforms(self.image_size, self.crop_size, self.jitter)
             transform.set_random_seed(augment_seed())
         ds = DepthDataset(self._source(stage), transform=transform, image_size=None if train else self.image_size)
-        if self.hparams.check or self.hparams.cache:
+        if self.check or self.cache:
             self._check(ds, stage)
         self.datasets[stage] = ds
         return ds
@@ -126,8 +129,8 @@ class DepthDataModule(pl.LightningDataModule):
     def _check(self, ds: DepthDataset, stage: str) -> None:
         """Every sample once, before training: unreadable files, 8-bit depth, sizes that differ and
         missing depth maps are listed together (or skipped under ``on_bad_sample: skip``)."""
-        keep = bool(self.hparams.cache)
-        full = keep or self.hparams.check != "header" or not hasattr(ds.source, "depths")
+        keep = bool(self.cache)
+        full = keep or self.check != "header" or not hasattr(ds.source, "depths")
 
         def one(i: int):
             try:
@@ -153,7 +156,7 @@ class DepthDataModule(pl.LightningDataModule):
                 empty += not np.any(out[1] > 0)
                 if keep:
                     cache[i] = out
-        if problems and self.hparams.on_bad_sample == "error":
+        if problems and self.on_bad_sample == "error":
             raise DataErrors(problems, hint="Fix them, or pass --data.on_bad_sample skip to leave them out.")
         for p in problems:
             log.warning("skipping %s", p)

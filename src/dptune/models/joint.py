@@ -45,6 +45,14 @@ class JointDPT(nn.Module):
         tie_backbones(seg, depth, share_reassemble)
         self.seg, self.depth = seg, depth
 
+    @property
+    def config(self):
+        """The segmentation model's config: the shared backbone's and input facts (patch size)."""
+        return self.seg.config
+
+    def gradient_checkpointing_enable(self) -> None:
+        self.seg.gradient_checkpointing_enable()  # the shared backbone
+
     def features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The backbone's hidden states the necks read (tokens for ViT-like backbones)."""
         if uses_backbone(self.seg.config):

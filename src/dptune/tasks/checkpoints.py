@@ -27,9 +27,10 @@ def load_checkpoint(path: str, map_location: str = "cpu") -> dict[str, Any]:
 
 def task_class(task: str):
     from dptune.tasks.depth import DepthModule
+    from dptune.tasks.multitask import MultiTaskModule
     from dptune.tasks.segmentation import SegmentationModule
 
-    classes = {"segmentation": SegmentationModule, "depth": DepthModule}
+    classes = {"segmentation": SegmentationModule, "depth": DepthModule, "multitask": MultiTaskModule}
     if task not in classes:
         raise ConfigError(f"unknown dptune task {task!r} (known: {sorted(classes)})")
     return classes[task]

@@ -16,6 +16,13 @@ from dptune.models import BACKBONE_PREFIXES
 log = logging.getLogger(__name__)
 
 FSDP_PREFIX = "_fsdp_wrapped_module."  # what FSDP (use_orig_params) inserts into parameter names
+_TASK_PREFIX = re.compile(r"^(?:seg|depth)\.")  # the two models of a joint segmentation + depth DPT
+
+
+def canonical(name: str) -> str:
+    """A parameter name as a single DPT has it: without FSDP's wrapper prefix and without the
+    ``seg.`` / ``depth.`` prefix of a joint model (its shared backbone is ``seg.dpt.*``)."""
+    return _TASK_PREFIX.sub("", name.replace(FSDP_PREFIX, ""))
 # an item of a block list: ViT / DINOv2 ``encoder.layer.i``, BEiT ``layers.i``, Swin ``layers.s.blocks.b``
 _ITEM = re.compile(r"(?:^|\.)(?:layer|layers|blocks)\.\d+$")
 
@@ -26,7 +33,7 @@ def transformer_blocks(model: nn.Module) -> list[str]:
     and a hybrid's ResNet layers, which hold no attention, are not blocks either)."""
     found = []
     for name, module in model.named_modules():
-        if name.startswith(BACKBONE_PREFIXES) and _ITEM.search(name):
+        if canonical(name).startswith(BACKBONE_PREFIXES) and _ITEM.search(name):
             if any("attention" in sub or "attn" in sub for sub, _ in module.named_modules()):
                 found.append(name)
     return [b for b in found if not any(o.startswith(b + ".") for o in found)]
@@ -40,12 +47,12 @@ def backbone_depths(model: nn.Module) -> tuple[dict[str, int], int]:
     what sits between blocks (Swin's patch merging) takes the depth of the block before it;
     what follows the last block (final norms) has depth ``n + 1``, like the heads.
     """
-    blocks = [b.replace(FSDP_PREFIX, "") for b in transformer_blocks(model)]
+    blocks = [canonical(b) for b in transformer_blocks(model)]
     index = {name: k for k, name in enumerate(blocks, start=1)}
     depths: dict[str, int] = {}
     current = 0
     for name, _ in model.named_parameters():
-        name = name.replace(FSDP_PREFIX, "")
+        name = canonical(name)
         if not name.startswith(BACKBONE_PREFIXES):
             continue
         owner = next((b for b in blocks if name.startswith(b + ".")), None)
@@ -81,7 +88,7 @@ def param_groups(
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        name = name.replace(FSDP_PREFIX, "")
+        name = canonical(name)
         no_decay = p.ndim <= 1 or exempt_from_decay(name)
         groups.setdefault((not name.startswith(BACKBONE_PREFIXES), no_decay, depths.get(name, -1)), []).append(p)
     out = []

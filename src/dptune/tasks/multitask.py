@@ -1,0 +1,170 @@
+"""Segmentation and depth in one DPT (``models.joint.JointDPT``): one backbone, two necks and heads,
+partial labels (a sample may carry a mask, a depth map or both), fixed or learned loss weights,
+each task's metrics on its own validation data, and a combined score for "best" checkpoints."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Literal
+
+import torch
+from torch import nn
+
+from dptune.errors import ConfigError
+from dptune.labels import LabelSet
+from dptune.losses.depth import LOSSES, upsample_depth
+from dptune.losses.segmentation import cross_entropy, upsample
+from dptune.metrics.depth import DepthMetrics
+from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
+from dptune.models import build_model
+from dptune.models.depth import build_depth_model
+from dptune.models.joint import JointDPT, UncertaintyWeighting, labelled_rows
+from dptune.tasks.base import DPTTask
+
+log = logging.getLogger(__name__)
+
+
+def delta_m(metrics: dict[str, float], references: dict[str, float]) -> float:
+    """The multi-task Delta_m (%) of the literature: the mean over tasks of the relative change against
+    the single-task reference, signed so that better is positive (mIoU up, AbsRel down)."""
+    signs = {"mIoU": 1.0, "abs_rel": -1.0}
+    terms = [signs[k] * (metrics[k] - ref) / ref for k, ref in references.items()]
+    return 100.0 * sum(terms) / len(terms)
+
+
+class MultiTaskModule(DPTTask):
+    task = "multitask"
+    conv_parts = ()
+
+    def __init__(
+        self,
+        label_spec: dict[str, Any] | None = None,
+        weighting: Literal["fixed", "uncertainty"] = "uncertainty",
+        segmentation_weight: float = 1.0,
+        depth_weight: float = 1.0,
+        aux_weight: float = 0.4,
+        depth_mode: Literal["metric"] = "metric",
+        min_depth: float = 1e-3,
+        max_depth: float | None = None,
+        depth_loss: Literal["silog", "l1", "berhu"] = "silog",
+        init_depth: float = 2.0,
+        share_reassemble: bool = False,
+        references: dict[str, float] | None = None,
+        **kwargs: Any,
+    ) -> None:
+        """
+        Args:
+            label_spec: Label set of the segmentation data, filled in from the datamodule.
+            weighting: ``uncertainty`` (learned, Kendall et al. 2018) or ``fixed`` (the two weights below).
+            segmentation_weight: Weight of the segmentation loss with ``fixed`` weighting.
+            depth_weight: Weight of the depth loss with ``fixed`` weighting.
+            aux_weight: Weight of the segmentation auxiliary head's cross-entropy.
+            depth_mode: ``metric`` (metres).
+            min_depth: Depth ground truth below this is invalid.
+            max_depth: Depth ground truth above this is invalid; predictions are clipped to it when scored.
+            depth_loss: ``silog``, ``l1`` or ``berhu``.
+            init_depth: What a fresh depth head predicts at first (metres).
+            share_reassemble: Share the necks' reassemble stage too (fewer weights, less compute).
+            references: Single-task figures (``{mIoU: ..., abs_rel: ...}``) for ``val/delta_m``, the
+                multi-task Delta_m; monitor it for "best" checkpoints.
+            **kwargs: What every task takes: see ``dptune.tasks.base.DPTTask``.
+        """
+        if label_spec is None:
+            raise ConfigError("model.label_spec is empty: it comes from the datamodule's label set")
+        if references and set(references) - {"mIoU", "abs_rel"}:
+            raise ConfigError("model.references takes mIoU and abs_rel")
+        super().__init__(**kwargs)
+        self.weights = UncertaintyWeighting(["segmentation", "depth"]) if weighting == "uncertainty" else None
+        self.val_confmat = ConfusionMatrix(self.num_classes)
+        self.val_depth = DepthMetrics(min_depth, max_depth)
+
+    def build_network(self) -> nn.Module:
+        hp = self.hparams
+        self.label_set = LabelSet.from_dict(hp.label_spec, source="model.label_spec")
+        self.num_classes = self.label_set.num_classes
+        seg = build_model(self.label_set.names, hp.pretrained, hp.config, hp.attn_implementation, hp.backbone,
+                          hp.fresh_init)
+        depth = build_depth_model(hp.pretrained, hp.config, hp.attn_implementation, hp.backbone, hp.fresh_init,
+                                  hp.depth_mode, hp.max_depth, hp.init_depth)
+        return JointDPT(seg, depth, hp.share_reassemble)
+
+    def network_forward(self, model: nn.Module, pixel_values: torch.Tensor, seg_rows=None, depth_rows=None,
+                        with_aux: bool = False):
+        return model(pixel_values, seg_rows, depth_rows, with_aux)
+
+    def forward(self, images: torch.Tensor, seg_rows=None, depth_rows=None, with_aux: bool = False):
+        return self._run(self.model, self.normalize(images), seg_rows, depth_rows, with_aux)
+
+    def valid_depth(self, depth: torch.Tensor) -> torch.Tensor:
+        ok = (depth > 0) & (depth >= self.hparams.min_depth)
+        return ok & (depth <= self.hparams.max_depth) if self.hparams.max_depth else ok
+
+    def task_metadata(self) -> dict[str, Any]:
+        return {"segmentation": {"labels": self.label_set.to_dict()},
+                "depth": {"mode": self.hparams.depth_mode, "units": "metres", "max_depth": self.hparams.max_depth}}
+
+    # ------------------------------------------------------------------ training
+    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
+        """Each task's loss from the samples (and pixels) that carry its label."""
+        mask, depth = batch["mask"].long(), batch["depth"]
+        seg_rows, depth_rows = labelled_rows(mask, depth)
+        logits, aux, pred = self(batch["image"], seg_rows, depth_rows, with_aux=self.hparams.aux_weight > 0)
+        out: dict[str, torch.Tensor] = {}
+        if logits is not None:
+            target = mask[seg_rows]
+            out["segmentation"] = cross_entropy(upsample(logits, target.shape[-2:]), target)
+            if aux is not None:
+                out["segmentation"] = out["segmentation"] + self.hparams.aux_weight * cross_entropy(aux, target)
+        if pred is not None:
+            gt = depth[depth_rows]
+            out["depth"] = LOSSES[self.hparams.depth_loss](upsample_depth(pred.float(), gt.shape[-2:]), gt,
+                                                          self.valid_depth(gt))
+        return out
+
+    def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
+        losses = self.losses(batch)
+        if self.weights is not None:
+            total = self.weights(losses)
+            for task, w in self.weights.weights().items():
+                self.log(f"train/weight_{task}", w)
+        else:
+            w = {"segmentation": self.hparams.segmentation_weight, "depth": self.hparams.depth_weight}
+            total = sum(w[t] * v for t, v in losses.items())
+        bs = batch["image"].shape[0]
+        for task, value in losses.items():
+            self.log(f"train/loss_{task}", value, batch_size=bs)
+        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        return total
+
+    # ------------------------------------------------------------------ validation: each task on its own data
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
+        if "mask" in batch:
+            logits, _, _ = self(batch["image"], depth_rows=torch.tensor([], dtype=torch.long))
+            target = batch["mask"].long()
+            self.val_confmat.update(upsample(logits.float(), target.shape[-2:]).argmax(1), target)
+        else:
+            _, _, pred = self(batch["image"], seg_rows=torch.tensor([], dtype=torch.long))
+            gt = batch["depth"]
+            self.val_depth.update(upsample_depth(pred.float(), gt.shape[-2:]), gt, self.valid_depth(gt))
+
+    def on_validation_epoch_end(self) -> None:
+        seg = metrics_from_confmat(self.val_confmat.compute())
+        self.val_confmat.reset()
+        depth = {k: float(v) for k, v in self.val_depth.compute().items()}
+        self.val_depth.reset()
+        values = {"mIoU": float(torch.nan_to_num(seg["mIoU"].float())), "pixel_acc": float(seg["pixel_acc"]),
+                  **{k: depth[k] for k in ("abs_rel", "rmse", "delta1")}}
+        if self.hparams.references:
+            values["delta_m"] = delta_m(values, self.hparams.references)
+        for key, value in values.items():
+            self.log(f"val/{key}", value, prog_bar=key in ("mIoU", "abs_rel", "delta_m"))
+        self.last_metrics["val"] = values
+        if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            log.info("epoch %d step %d val: %s", self.current_epoch, self.global_step,
+                     " ".join(f"{k} {v:.4f}" for k, v in values.items()))
+
+    def visual_samples(self, batch, outputs, n):
+        return []
+
+    def log_visuals(self, logger, samples, step) -> None:
+        return None
