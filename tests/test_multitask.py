@@ -42,6 +42,35 @@ def test_joint_fit_validates_each_task_and_rebuilds_from_its_checkpoint(tmp_path
     assert module.task == "multitask" and module.model.depth.dpt is module.model.seg.dpt
     assert module.label_set.names[0] == "Sky"
 
+    # export: one stock directory per task, one ONNX graph with both outputs
+    import numpy as np
+    import onnxruntime as ort
+    from PIL import Image
+    from transformers import AutoModelForDepthEstimation, DPTForSemanticSegmentation, pipeline
+
+    from dptune.export import export
+
+    out = export(ckpt, tmp_path / "export", onnx=True)
+    seg_model = DPTForSemanticSegmentation.from_pretrained(out / "segmentation").eval()
+    depth_model = AutoModelForDepthEstimation.from_pretrained(out / "depth").eval()
+    assert seg_model.config.id2label[0] == "Sky" and depth_model.config.depth_units == "metres"
+    assert "mIoU" in (out / "segmentation" / "README.md").read_text()
+    assert "AbsRel" in (out / "depth" / "README.md").read_text()
+    frame = Image.open(sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[0])
+    assert pipeline("depth-estimation", model=str(out / "depth"))(frame)["predicted_depth"].shape == (480, 640)
+    assert len(pipeline("image-segmentation", model=str(out / "segmentation"))(frame)) >= 1
+    x = torch.randn(1, 3, 64, 96)
+    sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
+    logits, depth = sess.run(["logits", "predicted_depth"], {"pixel_values": x.numpy()})
+    with torch.no_grad():
+        ref = module.model.eval()(x)
+        square = torch.randn(1, 3, 64, 64)  # plain transformers' ViT DPT: square inputs
+        joint_logits, _, joint_depth = module.model(square)
+        assert torch.allclose(seg_model(pixel_values=square).logits, joint_logits, atol=1e-5)
+        assert torch.allclose(depth_model(pixel_values=square).predicted_depth, joint_depth, atol=1e-5)
+    assert np.abs(logits - ref[0].numpy()).max() <= 1e-4 * np.abs(ref[0].numpy()).max()
+    assert np.abs(depth - ref[2].numpy()).max() <= 1e-4 * np.abs(ref[2].numpy()).max()
+
 
 def test_mixed_stream_fills_the_missing_label_and_follows_the_ratio():
     seg = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "mask": torch.ones(4, 4, dtype=torch.uint8), "index": i}
@@ -56,3 +85,37 @@ def test_mixed_stream_fills_the_missing_label_and_follows_the_ratio():
     drawn = list(WeightedRandomSampler(weights, 4000, generator=torch.Generator().manual_seed(0)))
     share = sum(k < 30 for k in drawn) / len(drawn)
     assert abs(share - 0.25) < 0.03
+
+
+def test_predict_writes_masks_and_depth_from_one_forward_equal_to_each_export(tmp_path):
+    """scripts/predict.py on a segmentation + depth export: masks equal the segmentation export's,
+    depth equals the depth export's (16-bit millimetres), from one backbone pass."""
+    import numpy as np
+    from PIL import Image
+
+    from dptune.depth_predictor import DepthPredictor
+    from dptune.models import build_model
+    from dptune.models.depth import build_depth_model
+    from dptune.models.joint import JointDPT
+    from dptune.predictor import Predictor
+    from dptune.tools.predict import main as predict_main
+
+    depth_cfg = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+    torch.manual_seed(0)
+    joint = JointDPT(build_model(["a", "b", "c"], config=dict(TINY)), build_depth_model(config=depth_cfg)).eval()
+    from transformers import DPTImageProcessorPil
+
+    proc = DPTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    for name, model in (("segmentation", joint.seg), ("depth", joint.depth)):
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(tmp_path / "out" / name)
+        proc.save_pretrained(tmp_path / "out" / name)
+    frame = sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[0]
+    assert predict_main(["--model", str(tmp_path / "out"), "--images", str(frame), "--out", str(tmp_path / "p")]) == 0
+    image = np.asarray(Image.open(frame).convert("RGB"))
+    mask = np.asarray(Image.open(tmp_path / "p" / f"{frame.stem}.png"))
+    assert np.array_equal(mask, Predictor.load(str(tmp_path / "out" / "segmentation")).predict(image)[0])
+    depth = np.asarray(Image.open(tmp_path / "p" / f"{frame.stem}_depth.png")).astype(np.float64) / 1000
+    ref = np.clip(DepthPredictor.load(str(tmp_path / "out" / "depth")).predict(image), 0, None)
+    assert np.abs(depth - ref).max() <= 0.0005 + 1e-6
+

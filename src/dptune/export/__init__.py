@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from dptune.export.card import depth_card, model_card, warn_backend
-from dptune.export.onnx import export_onnx, onnx_dynamic_size, onnx_parity
+from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
 from dptune.models import dpt_backbone
 from dptune.models.build import input_side
 from dptune.models.dpt_backbone import uses_backbone
@@ -52,7 +52,7 @@ def _load(src: str) -> dict:
     module = load_module(src)
     return {"model": module.model, "processor": module.image_processor(), "metrics": module.checkpoint_metrics,
             "meta": module.checkpoint_meta, "evaluation": module.checkpoint_evaluation,
-            "labels": getattr(module, "label_set", None)}
+            "labels": getattr(module, "label_set", None), "task": module.task}
 
 
 REMOTE_MODULE = "modeling_dptune"
@@ -104,9 +104,18 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     ``preprocessor_config.json``, a model card ``README.md``, ``dptune.json`` and, with ``onnx``,
     ``model.onnx`` checked against torch. Segmentation or depth, whichever ``src`` holds."""
     got = _load(str(src))
+    if got.get("task") == "multitask":
+        return export_multitask(got, Path(out_dir), str(src), onnx, fp16, tolerance)
+    out = write_directory(got, Path(out_dir), str(src), onnx, fp16, tolerance)
+    if push_to_hub:
+        push_folder(out, push_to_hub)
+    return out
+
+
+def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float) -> Path:
+    """One task's directory: weights, config, image processor, model card, dptune.json, ONNX."""
     model, processor, metrics, evaluation = got["model"], got["processor"], got["metrics"], got["evaluation"]
-    warn_backend(evaluation, str(src))
-    out = Path(out_dir)
+    warn_backend(evaluation, src)
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
     size = (processor.size["height"], processor.size["width"])
@@ -122,19 +131,37 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     processor.save_pretrained(out)
     if is_depth(model):
         meta = {k: got["meta"].get(k) for k in ("task", "depth") if k in got["meta"]}
-        (out / "README.md").write_text(depth_card(got["meta"], processor, metrics, str(src)))
+        (out / "README.md").write_text(depth_card(got["meta"], processor, metrics, src))
         summary = f"depth, {got['meta'].get('depth', {}).get('mode', 'metric')}"
     else:
         labels = got["labels"]
         meta = {"labels": labels.to_dict()}
-        (out / "README.md").write_text(model_card(labels, processor, metrics, str(src), uses_backbone(model.config),
+        (out / "README.md").write_text(model_card(labels, processor, metrics, src, uses_backbone(model.config),
                                                   evaluation))
         summary = f"{labels.num_classes} classes"
-    (out / "dptune.json").write_text(json.dumps({"source": str(src), **meta, "metrics": metrics,
+    (out / "dptune.json").write_text(json.dumps({"source": src, **meta, "metrics": metrics,
                                                  "evaluation": evaluation}, indent=2, default=str))
-    if push_to_hub:
-        push_folder(out, push_to_hub)
     log.info("exported %s -> %s (%s)", src, out, summary)
+    return out
+
+
+def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float) -> Path:
+    """A segmentation + depth checkpoint: ``out/segmentation`` and ``out/depth`` (each a stock
+    ``transformers`` directory with its own card) and, with ``onnx``, ``out/model.onnx``: one graph,
+    one backbone pass, outputs ``logits`` and ``predicted_depth``."""
+    joint, metrics = got["model"], got["metrics"]
+    common = {"processor": got["processor"], "evaluation": got["evaluation"]}
+    write_directory({**common, "model": joint.seg, "labels": got["labels"], "meta": {"task": "segmentation"},
+                     "metrics": metrics.get("segmentation", {})}, out / "segmentation", src, False, fp16, tolerance)
+    write_directory({**common, "model": joint.depth, "meta": {"task": "depth", "depth": got["meta"].get("depth", {})},
+                     "metrics": metrics.get("depth", {})}, out / "depth", src, False, fp16, tolerance)
+    if onnx:
+        size = (got["processor"].size["height"], got["processor"].size["width"])
+        err = export_joint_onnx(joint.float().eval(), out / "model.onnx", size)
+        log.info("ONNX parity (both outputs): max relative difference %.2e", err)
+        if err > tolerance:
+            (out / "model.onnx").unlink()
+            raise ValueError(f"ONNX export differs from torch by {err:.2e} (> {tolerance:.0e}); not written")
     return out
 
 

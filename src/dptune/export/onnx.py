@@ -75,3 +75,41 @@ def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]]
             raise ValueError(f"ONNX output {got.shape} != torch {ref.shape} for input {b}x3x{h}x{w}")
         worst = max(worst, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
     return worst
+
+
+class JointOutputs(nn.Module):
+    """``pixel_values -> (logits, predicted_depth)`` of a joint segmentation + depth DPT."""
+
+    def __init__(self, joint: nn.Module) -> None:
+        super().__init__()
+        self.joint = joint
+
+    def forward(self, pixel_values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        logits, _, depth = self.joint(pixel_values)
+        return logits, depth
+
+
+def export_joint_onnx(joint: nn.Module, path: Path, size: tuple[int, int], opset: int = 17) -> float:
+    """One ONNX graph with both outputs (dynamic batch, height and width), and its parity: the
+    largest |torch - onnxruntime| / max|torch| over both outputs, square and non-square inputs."""
+    import onnxruntime as ort
+
+    wrapper = JointOutputs(joint).eval()
+    p = input_side(joint.seg)
+    x = torch.randn(1, 3, *((s // p) // 2 * 2 * p + p for s in size))  # odd grid: see export_onnx
+    dyn = {0: "batch", 2: "height", 3: "width"}
+    torch.onnx.export(wrapper, (x,), str(path), input_names=["pixel_values"], output_names=["logits", "predicted_depth"],
+                      dynamic_axes={"pixel_values": dyn, "logits": dyn, "predicted_depth": {0: "batch", 1: "height",
+                                                                                           2: "width"}},
+                      opset_version=opset, dynamo=False)
+    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    g = torch.Generator().manual_seed(0)
+    worst = 0.0
+    for b, h, w in [(1, *size), (2, size[0], size[1] + 2 * p)]:
+        x = torch.randn(b, 3, h, w, generator=g)
+        with torch.no_grad():
+            refs = [r.numpy() for r in wrapper(x)]
+        for ref, got in zip(refs, sess.run(["logits", "predicted_depth"], {"pixel_values": x.numpy()}), strict=True):
+            worst = max(worst, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
+    return worst
+

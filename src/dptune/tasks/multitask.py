@@ -159,6 +159,9 @@ class MultiTaskModule(DPTTask):
         for key, value in values.items():
             self.log(f"val/{key}", value, prog_bar=key in ("mIoU", "abs_rel", "delta_m"))
         self.last_metrics["val"] = values
+        # each task's full figures, for its exported directory's model card
+        self.last_metrics["segmentation"] = {"val": {k: (v.tolist() if k == "IoU" else float(v)) for k, v in seg.items()}}
+        self.last_metrics["depth"] = {"val": depth}
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             log.info("epoch %d step %d val: %s", self.current_epoch, self.global_step,
                      " ".join(f"{k} {v:.4f}" for k, v in values.items()))

@@ -26,7 +26,11 @@ from dptune.visualize import colorize_depth, depth_range
 
 
 def model_task(ref: str) -> str:
-    """``depth`` or ``segmentation``: what a checkpoint or exported directory holds."""
+    """``depth``, ``segmentation`` or ``multitask``: what a checkpoint or exported directory holds."""
+    from dptune.tools.multitask import is_joint_export
+
+    if is_joint_export(ref):
+        return "multitask"
     if Path(ref).is_dir():
         cfg = json.loads((Path(ref) / "config.json").read_text())
         return "depth" if any("DepthEstimation" in a for a in cfg.get("architectures") or []) else "segmentation"

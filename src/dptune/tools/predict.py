@@ -100,8 +100,13 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         paths = list_images(args.images)
-        if model_task(args.model) == "depth":
+        task = model_task(args.model)
+        if task == "depth":
             return predict_depth(args, paths)
+        if task == "multitask":
+            from dptune.tools.multitask import predict_both
+
+            return predict_both(args, paths)
         predictor = Predictor.load(args.model, args.device)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
