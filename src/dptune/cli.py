@@ -144,11 +144,12 @@ def main(args: list[str] | None = None) -> int:
     _quiet()
     argv = sys.argv[1:] if args is None else list(args)
     try:
-        model_class, data_class = task_classes(task_from_args(argv))
+        task = task_from_args(argv)
+        model_class, data_class = task_classes(task)
         DPTuneCLI(
             model_class,
             data_class,
-            task=task_from_args(argv),
+            task=task,
             trainer_defaults=trainer_defaults(),
             seed_everything_default=0,
             save_config_callback=LoggedSaveConfig,

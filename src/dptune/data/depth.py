@@ -53,9 +53,20 @@ def read_depth(path: str, scale: float = 1000.0) -> np.ndarray:
         raise DataError(f"{path}: depth must have one channel, got shape {tuple(raw.shape)}")
     if raw.dtype.kind not in "uif":
         raise DataError(f"{path}: unsupported depth type {raw.dtype}")
+    return to_metres(raw, scale)
+
+
+def to_metres(raw: np.ndarray, scale: float) -> np.ndarray:
+    """Stored depth values / ``scale`` as float32 metres; NaN, infinite and negative become 0 (invalid)."""
     depth = raw.astype(np.float32) / np.float32(scale)
     depth[~np.isfinite(depth) | (depth < 0)] = 0.0
     return depth
+
+
+def check_depth_size(name: str, image_hw: tuple[int, int], depth: np.ndarray) -> None:
+    if tuple(image_hw) != depth.shape[:2]:
+        raise DataError(f"{name}: depth map is {depth.shape[1]}x{depth.shape[0]} but its image is "
+                        f"{image_hw[1]}x{image_hw[0]}")
 
 
 def depth_header_size(path: str) -> tuple[int, int]:
@@ -123,9 +134,7 @@ class HFDepthSource:
         raw = np.asarray(row[self.depth_column])
         if raw.ndim != 2 or raw.dtype.kind not in "uif":
             raise DataError(f"{name}: depth must be one channel of numbers, got {raw.dtype} {tuple(raw.shape)}")
-        depth = raw.astype(np.float32) / np.float32(self.scale)
-        depth[~np.isfinite(depth) | (depth < 0)] = 0.0
-        return np.ascontiguousarray(image[..., :3]), depth, name
+        return np.ascontiguousarray(image[..., :3]), to_metres(raw, self.scale), name
 
 
 def eval_crop_mask(shape: tuple[int, int], crop: str) -> np.ndarray | None:
@@ -177,9 +186,7 @@ class DepthDataset(Dataset):
         if self.cache is not None and i in self.cache:
             return self.cache[i]
         image, depth, name = self.source.load(i)
-        if image.shape[:2] != depth.shape:
-            raise DataError(f"{name}: depth map is {depth.shape[1]}x{depth.shape[0]} but its image is "
-                            f"{image.shape[1]}x{image.shape[0]}")
+        check_depth_size(name, image.shape[:2], depth)
         return image, depth
 
     def __getitem__(self, k: int) -> dict[str, Any]:

@@ -18,6 +18,7 @@ from dptune.data.depth import (
     DepthDataset,
     DepthFolderSource,
     HFDepthSource,
+    check_depth_size,
     collate_depth,
     depth_train_transforms,
     eval_crop_mask,
@@ -136,11 +137,8 @@ class DepthDataModule(pl.LightningDataModule):
             try:
                 if full:
                     return i, ds.load(i)
-                image_hw = image_header_size(ds.source.images[i])
                 depth = ds.source._depth(i)
-                if image_hw != depth.shape:
-                    raise DataError(f"{ds.source.depths[i]}: depth map is {depth.shape[1]}x{depth.shape[0]} but its "
-                                    f"image is {image_hw[1]}x{image_hw[0]}")
+                check_depth_size(ds.source.depths[i], image_header_size(ds.source.images[i]), depth)
                 return i, (None, depth)
             except DataError as e:
                 return i, str(e)

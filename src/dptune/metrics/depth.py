@@ -17,6 +17,12 @@ NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "d
 LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
 
 
+def valid_depth(depth: torch.Tensor, min_depth: float, max_depth: float | None) -> torch.Tensor:
+    """Ground truth that counts in losses and metrics: measured (> 0) and inside [min_depth, max_depth]."""
+    ok = (depth > 0) & (depth >= min_depth)
+    return ok & (depth <= max_depth) if max_depth else ok
+
+
 def image_metrics(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     """The nine metrics of one image from its valid pixels (1-d tensors, metres, both > 0).
     ``silog`` is 100 x the scale-invariant log error (the KITTI benchmark's unit)."""

@@ -13,7 +13,7 @@ from torch import nn
 from dptune.data.depth import eval_crop_mask
 from dptune.errors import ConfigError
 from dptune.losses.depth import LOSSES, upsample_depth
-from dptune.metrics.depth import NAMES, DepthMetrics
+from dptune.metrics.depth import NAMES, DepthMetrics, valid_depth
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
 from dptune.tasks.base import DPTTask
 
@@ -90,8 +90,7 @@ class DepthModule(DPTTask):
     # ------------------------------------------------------------------ steps
     def valid(self, depth: torch.Tensor) -> torch.Tensor:
         """Ground truth that counts: > 0 (measured) and inside [min_depth, max_depth]."""
-        ok = (depth > 0) & (depth >= self.hparams.min_depth)
-        return ok & (depth <= self.hparams.max_depth) if self.hparams.max_depth else ok
+        return valid_depth(depth, self.hparams.min_depth, self.hparams.max_depth)
 
     def loss(self, pred: torch.Tensor, depth: torch.Tensor) -> torch.Tensor:
         pred = upsample_depth(pred.float(), depth.shape[-2:])

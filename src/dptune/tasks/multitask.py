@@ -14,7 +14,7 @@ from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
-from dptune.metrics.depth import DepthMetrics
+from dptune.metrics.depth import DepthMetrics, valid_depth
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model
 from dptune.models.depth import build_depth_model
@@ -96,8 +96,7 @@ class MultiTaskModule(DPTTask):
         return self._run(self.model, self.normalize(images), seg_rows, depth_rows, with_aux)
 
     def valid_depth(self, depth: torch.Tensor) -> torch.Tensor:
-        ok = (depth > 0) & (depth >= self.hparams.min_depth)
-        return ok & (depth <= self.hparams.max_depth) if self.hparams.max_depth else ok
+        return valid_depth(depth, self.hparams.min_depth, self.hparams.max_depth)
 
     def task_metadata(self) -> dict[str, Any]:
         return {"segmentation": {"labels": self.label_set.to_dict()},

@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dptune.data.depth import DepthFolderSource, eval_crop_mask
+from dptune.data.depth import DepthFolderSource, check_depth_size, eval_crop_mask
 from dptune.errors import DataError
-from dptune.metrics.depth import NAMES, DepthMetrics
+from dptune.metrics.depth import NAMES, DepthMetrics, valid_depth
 from dptune.visualize import colorize_depth, depth_range
 
 
@@ -114,14 +114,10 @@ def evaluate_depth(args) -> int:
     metric = DepthMetrics(args.min_depth, max_depth, None if align == "none" else align)
     for i in tqdm(range(len(source)), desc="evaluating"):
         image, gt, name = source.load(i)
-        if image.shape[:2] != gt.shape:
-            raise DataError(f"{name}: depth map is {gt.shape[1]}x{gt.shape[0]} but its image is "
-                            f"{image.shape[1]}x{image.shape[0]}")
+        check_depth_size(name, image.shape[:2], gt)
         pred = torch.from_numpy(predictor.predict(image))[None]
         gt_t = torch.from_numpy(gt)[None]
-        valid = (gt_t > 0) & (gt_t >= args.min_depth)
-        if max_depth:
-            valid &= gt_t <= max_depth
+        valid = valid_depth(gt_t, args.min_depth, max_depth)
         mask = eval_crop_mask(gt.shape, crop)
         if mask is not None:
             valid &= torch.from_numpy(mask)[None]
