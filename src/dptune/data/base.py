@@ -104,3 +104,22 @@ def setup_splits(splits: dict, stage: str | None, build: Callable[[str], object]
     if stage == "fit" and "train" not in splits:
         raise DataError("data.splits needs a 'train' split to fit")
 
+
+def settle_problems(problems: list[str], good: list[int], total: int, stage: str, on_bad_sample: str) -> None:
+    """What the pre-flight check does with bad samples: stop listing them all (``error``), or log
+    each and how many were left out (``skip``); a split with no good sample left stops either way."""
+    import logging
+
+    from dptune.errors import DataError, DataErrors
+
+    if problems and on_bad_sample == "error":
+        raise DataErrors(problems, hint="Fix them, or pass --data.on_bad_sample skip to leave them out.")
+    if not problems:
+        return
+    log = logging.getLogger("dptune.data")
+    for p in problems:
+        log.warning("skipping %s", p)
+    log.warning("%s: skipped %d bad sample(s) of %d", stage, len(problems), total)
+    if not good:
+        raise DataError(f"{stage}: every sample is bad; nothing to train on")
+

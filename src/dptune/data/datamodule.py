@@ -17,6 +17,7 @@ from dptune.data.base import (
     default_workers,
     make_loader,
     pair,
+    settle_problems,
     setup_splits,
     stream_seed,
 )
@@ -25,7 +26,7 @@ from dptune.data.dataset import SegmentationDataset, collate, scan
 from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
 from dptune.data.streaming import StreamingSegmentation, open_stream
 from dptune.data.transforms import build_transforms, default_train_transforms
-from dptune.errors import DataError, DataErrors
+from dptune.errors import DataError
 from dptune.labels import LabelSet
 
 log = logging.getLogger(__name__)
@@ -212,14 +213,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         found = scan(ds, f"checking {stage} data", keep=self.cache == "memory", store=store,
                      decode_images=self.check != "header")
         problems, good = found.problems, found.good
-        if problems and self.on_bad_sample == "error":
-            raise DataErrors(problems, hint="Fix them, or pass --data.on_bad_sample skip to leave them out.")
-        if problems:
-            for p in problems:
-                log.warning("skipping %s", p)
-            log.warning("%s: skipped %d bad sample(s) of %d", stage, len(problems), len(ds.indices))
-            if not good:
-                raise DataError(f"{stage}: every sample is bad; nothing to train on")
+        settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample)
         if stage == "train":
             check_coverage(self.label_set, found.class_pixels, found.implicit_ignore, self._where(stage))
         ds.indices = good

@@ -13,7 +13,16 @@ import torch
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from dptune.data.base import STAGES, augment_seed, default_workers, make_loader, pair, rank, setup_splits
+from dptune.data.base import (
+    STAGES,
+    augment_seed,
+    default_workers,
+    make_loader,
+    pair,
+    rank,
+    settle_problems,
+    setup_splits,
+)
 from dptune.data.depth import (
     DepthDataset,
     DepthFolderSource,
@@ -24,7 +33,7 @@ from dptune.data.depth import (
     eval_crop_mask,
 )
 from dptune.data.sources import image_header_size
-from dptune.errors import DataError, DataErrors
+from dptune.errors import DataError
 
 log = logging.getLogger(__name__)
 
@@ -154,14 +163,7 @@ class DepthDataModule(pl.LightningDataModule):
                 empty += not np.any(out[1] > 0)
                 if keep:
                     cache[i] = out
-        if problems and self.on_bad_sample == "error":
-            raise DataErrors(problems, hint="Fix them, or pass --data.on_bad_sample skip to leave them out.")
-        for p in problems:
-            log.warning("skipping %s", p)
-        if problems:
-            log.warning("%s: skipped %d bad sample(s) of %d", stage, len(problems), len(ds.indices))
-            if not good:
-                raise DataError(f"{stage}: every sample is bad; nothing to train on")
+        settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample)
         if empty:
             log.warning("%s: %d depth map(s) have no valid pixel; they count in no loss and no metric", stage, empty)
         ds.indices, ds.cache = good, cache if keep else None
