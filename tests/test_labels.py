@@ -97,3 +97,32 @@ def test_dubai_rgb_and_palette_masks_encode():
     for m in modes.values():
         out = ls.encode(read_mask(str(m), rgb=True), m)
         assert set(np.unique(out).tolist()) <= set(range(6)) | {IGNORE_INDEX}
+
+
+def test_retarget_reads_a_sources_masks_into_a_larger_class_list_by_name():
+    """Several sources, one model: raw value -> the source's class -> the model's class of that name."""
+    from dptune.errors import ConfigError
+
+    own = LabelSet.from_dict({"names": ["road", "Car"], "map": {0: "road", 7: "car", 9: "ignore"}}, source="src")
+    joint = own.retarget(["Sky", "Car", "Road", "Tree"])
+    raw = np.array([[0, 7], [9, 255]], np.uint8)
+    assert np.array_equal(joint.encode(raw), [[2, 1], [IGNORE_INDEX, IGNORE_INDEX]])
+    assert joint.names == ["Sky", "Car", "Road", "Tree"] and joint.annotated == [1, 2]
+    assert joint.implicit_ignore == own.implicit_ignore  # an unstated 255 stays unstated
+    with pytest.raises(DataError, match=r"values \[3\]"):
+        joint.encode(np.array([[3]], np.uint8))  # unknown to the source stays unknown
+    with pytest.raises(ConfigError, match=r"\['Car'\] are not in the model's label set"):
+        own.retarget(["road", "Sky"])
+
+
+@needs(DUBAI)
+def test_retargeted_rgb_masks_match_a_name_lookup_of_the_source_classes():
+    own = LabelSet.from_yaml(DUBAI / "labels.yaml")
+    names = ["Sky", "Building", "Road", "Water", "Land", "Vegetation", "Unlabeled"]
+    joint = own.retarget(names)
+    raw = read_mask(str(sorted(DUBAI.glob("*/masks/*.png"))[0]), rgb=True)
+    lookup = np.full(256, IGNORE_INDEX, np.uint8)
+    for i, n in enumerate(own.names):
+        lookup[i] = names.index(n)
+    assert np.array_equal(joint.encode(raw), lookup[own.encode(raw)])
+    assert joint.annotated == sorted(names.index(n) for n in own.names)

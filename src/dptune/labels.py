@@ -6,6 +6,7 @@ class indices are contiguous ``0..C-1`` and ``IGNORE_INDEX`` (255) means "no lab
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -64,6 +65,9 @@ class LabelSet:
     value_map: dict[int, int] = field(default_factory=dict)
     color_map: dict[tuple[int, int, int], int] = field(default_factory=dict)
     source: str = "<labels>"
+    # the classes this source's masks can hold (None: all); a label set retargeted to a larger
+    # class list (several sources, one model) annotates only the classes its own names matched
+    annotated: list[int] | None = None
 
     def __post_init__(self) -> None:
         if not self.names:
@@ -120,6 +124,28 @@ class LabelSet:
         return cls(names=list(names), source=source)
 
     # ------------------------------------------------------------------ properties
+    def retarget(self, names: Sequence[str], colors: Sequence[Sequence[int]] | None = None) -> LabelSet:
+        """The same masks read into another class list, matched by name (case-insensitive): raw
+        value (or colour) -> this set's class -> the class of the same name in ``names``. Every
+        class of this set must be in ``names``; classes of ``names`` this set lacks are never
+        annotated by its masks (``annotated``)."""
+        where = {n.lower(): i for i, n in enumerate(names)}
+        missing = [n for n in self.names if n.lower() not in where]
+        if missing:
+            raise ConfigError(f"{self.source}: classes {missing} are not in the model's label set {list(names)} "
+                              "(add them there, or map them to another class or to ignore in this source's labels)")
+        to = [where[n.lower()] for n in self.names]
+
+        def move(v: int) -> int:
+            return IGNORE_INDEX if v == IGNORE_INDEX else to[v]
+
+        value_map = {k: move(v) for k, v in self.value_map.items() if not (self.implicit_ignore and k == IGNORE_INDEX)}
+        return LabelSet(names=list(names), colors=[list(c) for c in colors] if colors else [],
+                        mask_format=self.mask_format, value_map=value_map,
+                        color_map={k: move(v) for k, v in self.color_map.items()}, source=self.source,
+                        annotated=sorted({move(v) for v in [*self.value_map.values(), *self.color_map.values()]}
+                                         - {IGNORE_INDEX}))
+
     @property
     def num_classes(self) -> int:
         return len(self.names)
@@ -224,6 +250,15 @@ class LabelSet:
         palette[: self.num_classes] = np.array(self.colors, dtype=np.uint8)
         palette[IGNORE_INDEX] = np.array(ignore_color, dtype=np.uint8)
         return palette[index_mask]
+
+
+def load_labels(labels: str | Mapping[str, Any] | None, root: str, where: str = "data.labels") -> LabelSet:
+    """A label set from a file (``labels.yaml`` format, relative to ``root``) or the same content inline."""
+    if labels is None:
+        raise DataError(f"{where}: a label file (or inline label spec) is required")
+    if isinstance(labels, Mapping):
+        return LabelSet.from_dict(labels, source=where)
+    return LabelSet.from_yaml(labels if os.path.isabs(labels) else os.path.join(root, labels))
 
 
 def _fmt_values(values: np.ndarray, limit: int = 8) -> str:

@@ -27,7 +27,7 @@ from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
 from dptune.data.streaming import StreamingSegmentation, open_stream
 from dptune.data.transforms import build_transforms, default_train_transforms
 from dptune.errors import DataError
-from dptune.labels import LabelSet
+from dptune.labels import LabelSet, load_labels
 
 log = logging.getLogger(__name__)
 
@@ -38,7 +38,8 @@ def check_coverage(labels: LabelSet, class_pixels: np.ndarray, implicit_ignore: 
     never declared as "no label", does: binary masks stored as 0/255 would otherwise train on the
     background alone. An implied 255 with every class present, or an absent class without it,
     is logged loudly instead."""
-    missing = [n for n, count in zip(labels.names, class_pixels[: labels.num_classes], strict=True) if count == 0]
+    classes = range(labels.num_classes) if labels.annotated is None else labels.annotated
+    missing = [labels.names[c] for c in classes if class_pixels[c] == 0]
     total = int(class_pixels.sum())
     if implicit_ignore and missing:
         share = implicit_ignore / max(1, total)
@@ -148,12 +149,7 @@ class SegmentationDataModule(pl.LightningDataModule):
     def _load_labels(self, labels: str | dict[str, Any] | None) -> LabelSet:
         if self.source_kind == "synthetic" and labels in (None, "labels.yaml"):
             return LabelSet(names=list(SYNTHETIC_NAMES), colors=[list(c) for c in SYNTHETIC_COLORS], source="synthetic")
-        if labels is None:
-            raise DataError("data.labels: a label file (or inline label spec) is required")
-        if isinstance(labels, dict):
-            return LabelSet.from_dict(labels, source="data.labels")
-        path = labels if os.path.isabs(labels) else os.path.join(self.root, labels)
-        return LabelSet.from_yaml(path)
+        return load_labels(labels, self.root)
 
     @property
     def labels_spec(self) -> dict[str, Any]:
