@@ -19,9 +19,18 @@ import numpy as np
 import torch
 from torch.utils.data import Dataset
 
-from dptune.data.sources import _read_bytes, image_header_size, mask_path_for, open_hf_split, read_image
+from dptune.data.dataset import check_same_size
+from dptune.data.sources import (
+    _read_bytes,
+    image_header_size,
+    mask_path_for,
+    open_hf_split,
+    read_image,
+    read_mask,
+)
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError
+from dptune.labels import IGNORE_INDEX, LabelSet
 
 DEPTH_EXTENSIONS = (".png", ".npy", ".tif", ".tiff", ".exr")
 
@@ -78,15 +87,18 @@ def depth_header_size(path: str) -> tuple[int, int]:
 
 class DepthFolderSource:
     """Images matched by a glob, each paired with a depth file found by a path template
-    (``{stem}``, ``{name}``, ``{dir}``, as for masks)."""
+    (``{stem}``, ``{name}``, ``{dir}``, as for masks), and optionally with a mask too (a sample
+    that carries both labels, for segmentation + depth in one model)."""
 
-    def __init__(self, root: str, images: str, depth: str, scale: float = 1000.0) -> None:
+    def __init__(self, root: str, images: str, depth: str, scale: float = 1000.0, masks: str | None = None,
+                 rgb_masks: bool = False) -> None:
         pattern = images if os.path.isabs(images) else os.path.join(root, images)
         self.images = sorted(glob.glob(pattern, recursive=True))
         if not self.images:
             raise DataError(f"{pattern}: no images match")
         self.depths = [mask_path_for(p, depth, root) for p in self.images]
-        self.scale = scale
+        self.masks = [mask_path_for(p, masks, root) for p in self.images] if masks else None
+        self.scale, self.rgb_masks = scale, rgb_masks
 
     def __len__(self) -> int:
         return len(self.images)
@@ -102,6 +114,12 @@ class DepthFolderSource:
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         depth = self._depth(i)
         return read_image(self.images[i]), depth, self.depths[i]
+
+    def mask(self, i: int) -> tuple[np.ndarray, str]:
+        """The raw mask of sample ``i`` and its path."""
+        if not os.path.exists(self.masks[i]):
+            raise DataError(f"{self.images[i]}: no mask (expected {self.masks[i]})")
+        return read_mask(self.masks[i], self.rgb_masks), self.masks[i]
 
 
 class HFDepthSource:
@@ -171,38 +189,52 @@ def depth_train_transforms(size: Sequence[int], crop: Sequence[int] | None, jitt
 class DepthDataset(Dataset):
     """Items ``{"image": uint8 (3, H, W), "depth": float32 (h, w) metres, "index": int}``: augmented
     (training) or, for evaluation, the image resized like the exported processor and the depth at
-    its own resolution (metrics are computed on the original ground truth)."""
+    its own resolution (metrics are computed on the original ground truth). With ``labels`` (a
+    source whose samples carry masks too) items also hold ``"mask"``: uint8 class indices, 255 =
+    no label, moved by the same geometry as the depth map."""
 
     def __init__(self, source, transform: Callable[..., dict[str, Any]] | None = None,
-                 image_size: Sequence[int] | None = None) -> None:
-        self.source, self.transform, self.image_size = source, transform, image_size
+                 image_size: Sequence[int] | None = None, labels: LabelSet | None = None) -> None:
+        self.source, self.transform, self.image_size, self.labels = source, transform, image_size, labels
+        if labels is not None and getattr(source, "masks", None) is None:
+            raise ConfigError("a depth source with labels needs a masks template in its splits")
         self.indices = list(range(len(source)))
-        self.cache: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+        self.cache: dict[int, tuple[np.ndarray, ...]] | None = None
 
     def __len__(self) -> int:
         return len(self.indices)
 
-    def load(self, i: int) -> tuple[np.ndarray, np.ndarray]:
+    def load(self, i: int) -> tuple[np.ndarray, ...]:
+        """(image, depth) or, with labels, (image, depth, mask)."""
         if self.cache is not None and i in self.cache:
             return self.cache[i]
         image, depth, name = self.source.load(i)
         check_depth_size(name, image.shape[:2], depth)
-        return image, depth
+        if self.labels is None:
+            return image, depth
+        raw, mask_name = self.source.mask(i)
+        mask = self.labels.encode(raw, mask_name)
+        check_same_size(mask_name, image.shape[:2], mask)
+        return image, depth, mask
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k]
-        image, depth = self.load(i)
+        image, depth, *mask = self.load(i)
+        targets = {"depth": depth, **({"mask": mask[0]} if mask else {})}
         if self.transform is not None:
-            out = self.transform(image=image, depth=depth)
-            image, depth = out["image"], out["depth"]
+            out = self.transform(image=image, **targets)
+            image, targets = out["image"], {key: out[key] for key in targets}
         elif self.image_size is not None:
             image = resize_like_processor(image, self.image_size)
-        return {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
-                "depth": torch.from_numpy(np.ascontiguousarray(depth, dtype=np.float32)), "index": i}
+        item = {"image": torch.from_numpy(np.ascontiguousarray(image.transpose(2, 0, 1))),
+                "depth": torch.from_numpy(np.ascontiguousarray(targets["depth"], dtype=np.float32)), "index": i}
+        if mask:
+            item["mask"] = torch.from_numpy(np.ascontiguousarray(targets["mask"]))
+        return item
 
 
 def collate_depth(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a batch; depth maps of different sizes are padded with 0 (invalid)."""
+    """Stack a batch; depth maps of different sizes are padded with 0 (invalid), masks with 255."""
     sizes = [tuple(it["depth"].shape) for it in items]
     images = torch.stack([it["image"] for it in items]) if len({it["image"].shape for it in items}) == 1 else None
     if images is None:
@@ -211,7 +243,10 @@ def collate_depth(items: list[dict[str, Any]]) -> dict[str, Any]:
         for b, it in enumerate(items):
             images[b, :, : it["image"].shape[1], : it["image"].shape[2]] = it["image"]
     hh, ww = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    depth = torch.zeros(len(items), hh, ww)
-    for b, it in enumerate(items):
-        depth[b, : sizes[b][0], : sizes[b][1]] = it["depth"]
-    return {"image": images, "depth": depth, "index": torch.tensor([it["index"] for it in items]), "sizes": sizes}
+    batch = {"image": images, "index": torch.tensor([it["index"] for it in items]), "sizes": sizes}
+    for key, fill, dtype in (("depth", 0.0, torch.float32), ("mask", IGNORE_INDEX, torch.uint8)):
+        if key in items[0]:
+            batch[key] = torch.full((len(items), hh, ww), fill, dtype=dtype)
+            for b, it in enumerate(items):
+                batch[key][b, : sizes[b][0], : sizes[b][1]] = it[key]
+    return batch

@@ -34,6 +34,7 @@ from dptune.data.depth import (
 )
 from dptune.data.sources import image_header_size
 from dptune.errors import DataError
+from dptune.labels import load_labels
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +59,7 @@ class DepthDataModule(pl.LightningDataModule):
         check: bool | Literal["header"] = True,
         cache: bool = False,
         on_bad_sample: Literal["error", "skip"] = "error",
+        labels: str | dict[str, Any] | None = None,
     ) -> None:
         """
         Args:
@@ -87,6 +89,9 @@ class DepthDataModule(pl.LightningDataModule):
             cache: Keep decoded samples in memory (small datasets: decode once per run).
             on_bad_sample: ``error`` stops before training listing the bad files; ``skip`` leaves them
                 out and logs how many.
+            labels: Samples that carry a mask too (segmentation + depth in one model): a label file
+                (relative to ``root``) or inline label spec; folder splits then name ``masks`` (a path
+                template, as ``depth``). Masks are read only when this is set.
         """
         super().__init__()
         self.save_hyperparameters()
@@ -103,6 +108,7 @@ class DepthDataModule(pl.LightningDataModule):
         # settings as attributes: self.hparams is not reliable when another datamodule builds this one
         self.depth_scale, self.jitter, self.eval_crop = depth_scale, jitter, eval_crop
         self.check, self.cache, self.on_bad_sample = check, cache, on_bad_sample
+        self.label_set = None if labels is None else load_labels(labels, self.root)
         self.datasets: dict[str, DepthDataset] = {}
         self.skipped: dict[str, int] = {}
 
@@ -110,7 +116,11 @@ class DepthDataModule(pl.LightningDataModule):
         spec = dict(self.splits[stage])
         try:
             if self.source_kind == "folder":
-                return DepthFolderSource(self.root, spec["images"], spec["depth"], self.depth_scale)
+                masks = spec["masks"] if self.label_set is not None else None
+                return DepthFolderSource(self.root, spec["images"], spec["depth"], self.depth_scale, masks,
+                                         self.label_set is not None and self.label_set.mask_format == "rgb")
+            if self.label_set is not None:
+                raise DataError("data.labels (masks beside depth) needs source: folder")
             if self.source_kind == "hf":
                 hf = {k: v for k, v in self.hf.items() if k != "streaming"}
                 return HFDepthSource(split=spec.get("split", stage), scale=self.depth_scale, **hf)
@@ -130,7 +140,8 @@ class DepthDataModule(pl.LightningDataModule):
         if train:
             transform = depth_train_transforms(self.image_size, self.crop_size, self.jitter)
             transform.set_random_seed(augment_seed())
-        ds = DepthDataset(self._source(stage), transform=transform, image_size=None if train else self.image_size)
+        ds = DepthDataset(self._source(stage), transform=transform, image_size=None if train else self.image_size,
+                          labels=self.label_set)
         if self.check or self.cache:
             self._check(ds, stage)
         self.datasets[stage] = ds
@@ -140,7 +151,7 @@ class DepthDataModule(pl.LightningDataModule):
         """Every sample once, before training: unreadable files, 8-bit depth, sizes that differ and
         missing depth maps are listed together (or skipped under ``on_bad_sample: skip``)."""
         keep = bool(self.cache)
-        full = keep or self.check != "header" or not hasattr(ds.source, "depths")
+        full = keep or self.check != "header" or not hasattr(ds.source, "depths") or ds.labels is not None
 
         def one(i: int):
             try:
