@@ -136,7 +136,7 @@ class ValidationVisuals(Callback):
         if batch_idx != 0 or trainer.sanity_checking or not trainer.is_global_zero or self._wandb(trainer) is None:
             return
         n = self.num_images if self.num_images is not None else pl_module.hparams.get("log_images", 4)
-        self._samples = pl_module.visual_samples(batch, outputs, n)
+        self._samples.extend(pl_module.visual_samples(batch, outputs, n))  # first batch of each loader
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         logger = self._wandb(trainer)

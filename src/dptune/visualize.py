@@ -1,4 +1,5 @@
-"""Pictures of depth: colourised maps on a shared scale, and validation panels."""
+"""Validation pictures: colourised depth maps on a shared scale, depth panels, and the W&B images of
+both tasks (class overlays, depth panels) that every task logs the same way."""
 
 from __future__ import annotations
 
@@ -46,3 +47,26 @@ def depth_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, relative: b
                                 cv2.COLORMAP_INFERNO)[..., ::-1].copy()
     err_rgb[gt <= 0] = 0
     return np.concatenate([image, colorize_depth(gt, lo, hi), colorize_depth(pred, lo, hi), err_rgb], axis=1)
+
+
+def overlay_images(samples: list[dict[str, np.ndarray]], names: list[str]) -> list:
+    """W&B images of ``image`` with ``gt`` and ``pred`` class masks as toggleable overlays."""
+    import wandb
+
+    class_labels = dict(enumerate(names)) | {255: "ignore"}
+    return [wandb.Image(s["image"], masks={"ground_truth": {"mask_data": s["gt"], "class_labels": class_labels},
+                                           "prediction": {"mask_data": s["pred"], "class_labels": class_labels}})
+            for s in samples]
+
+
+def depth_images(samples: list[dict[str, np.ndarray]], relative: bool = False) -> list:
+    """W&B images of depth panels from ``image``, ``gt`` and ``pred`` depth."""
+    import wandb
+
+    return [wandb.Image(depth_panel(s["image"], s["gt"], s["pred"], relative),
+                        caption="image | ground truth | prediction | |error| (same colour scale)") for s in samples]
+
+
+def log_iou_table(logger, names: list[str], iou: list[float], step: int, key: str = "val/per_class_IoU") -> None:
+    rows = [[n, None if np.isnan(v) else float(v)] for n, v in zip(names, iou, strict=True)]
+    logger.log_table(key, columns=["class", "IoU"], data=rows, step=step)

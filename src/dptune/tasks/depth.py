@@ -12,6 +12,7 @@ from torch import nn
 
 from dptune.data.depth import eval_crop_mask
 from dptune.errors import ConfigError
+from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.metrics.depth import NAMES, DepthMetrics, valid_depth
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
@@ -101,19 +102,9 @@ class DepthModule(DPTTask):
         self.log("train/loss", loss, prog_bar=True, batch_size=batch["depth"].shape[0])
         return loss
 
-    def eval_depth(self, images: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
-        """Predictions upsampled (bilinear, as ``pipeline`` does) to each sample's ground-truth size."""
-        pred = self(images).float()
-        if len(set(sizes)) == 1:
-            return upsample_depth(pred, sizes[0])
-        out = pred.new_zeros(pred.shape[0], *padded)
-        for b, (h, w) in enumerate(sizes):
-            out[b, :h, :w] = upsample_depth(pred[b : b + 1], (h, w))[0]
-        return out
-
     def _eval_step(self, batch: dict[str, Any], stage: str) -> dict[str, Any]:
         depth = batch["depth"]
-        pred = self.eval_depth(batch["image"], batch["sizes"], depth.shape[-2:])
+        pred = resize_per_sample(self(batch["image"]).float(), batch["sizes"], depth.shape[-2:], upsample_depth)
         valid = self.valid(depth)
         if self.hparams.eval_crop != "none":
             crop = torch.zeros_like(valid)
@@ -161,12 +152,7 @@ class DepthModule(DPTTask):
         return out
 
     def log_visuals(self, logger, samples: list[dict[str, np.ndarray]], step: int) -> None:
-        import wandb
+        from dptune.visualize import depth_images
 
-        from dptune.visualize import depth_panel
-
-        relative = self.hparams.mode == "relative"
-        panels = [wandb.Image(depth_panel(s["image"], s["gt"], s["pred"], relative),
-                              caption="image | ground truth | prediction | |error| (same colour scale)")
-                  for s in samples]
-        logger.experiment.log({"val/depth": panels, "trainer/global_step": step})
+        logger.experiment.log({"val/depth": depth_images(samples, self.hparams.mode == "relative"),
+                               "trainer/global_step": step})

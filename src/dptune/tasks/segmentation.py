@@ -12,7 +12,8 @@ import torch
 from torch import nn
 
 from dptune.errors import ConfigError
-from dptune.labels import IGNORE_INDEX, LabelSet
+from dptune.labels import LabelSet
+from dptune.losses import resize_per_sample
 from dptune.losses.segmentation import cross_entropy, dice_loss, lovasz_loss, upsample
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model, segment
@@ -147,18 +148,7 @@ class SegmentationModule(DPTTask):
         """Float logits at each sample's label size: whole (resized) images or sliding windows."""
         if self.hparams.val_mode == "slide":
             return self.slide(images, sizes, padded)
-        return self.resize_logits(self(images)[0].float(), sizes, padded)
-
-    @staticmethod
-    def resize_logits(logits: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
-        """Logits to each sample's label size (bilinear, as ``transformers`` users upsample);
-        padded regions of a mixed-size batch get no prediction (their labels are 255)."""
-        if len(set(sizes)) == 1:
-            return upsample(logits, sizes[0])
-        out = logits.new_zeros(logits.shape[0], logits.shape[1], *padded)
-        for b, (h, w) in enumerate(sizes):
-            out[b, :, :h, :w] = upsample(logits[b : b + 1], (h, w))[0]
-        return out
+        return resize_per_sample(self(images)[0].float(), sizes, padded, upsample)
 
     def slide(self, images: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
         """Sliding-window logits at each image's native size (``image_size`` windows)."""
@@ -229,21 +219,11 @@ class SegmentationModule(DPTTask):
 
     def log_visuals(self, logger, samples: list[dict[str, np.ndarray]], step: int) -> None:
         """A per-class IoU table and overlays with class labels."""
-        import wandb
+        from dptune.visualize import log_iou_table, overlay_images
 
-        names = self.label_set.names
-        metrics = self.last_metrics.get("val")
-        if metrics:
-            rows = [[n, None if np.isnan(v) else float(v)] for n, v in zip(names, metrics["IoU"], strict=True)]
-            logger.log_table("val/per_class_IoU", columns=["class", "IoU"], data=rows, step=step)
+        if self.last_metrics.get("val"):
+            log_iou_table(logger, self.label_set.names, self.last_metrics["val"]["IoU"], step)
         if samples:
-            class_labels = {i: n for i, n in enumerate(names)} | {IGNORE_INDEX: "ignore"}
-            images = [
-                wandb.Image(s["image"], masks={
-                    "ground_truth": {"mask_data": s["gt"], "class_labels": class_labels},
-                    "prediction": {"mask_data": s["pred"], "class_labels": class_labels},
-                })
-                for s in samples
-            ]
-            logger.experiment.log({"val/overlays": images, "trainer/global_step": step})
+            logger.experiment.log({"val/overlays": overlay_images(samples, self.label_set.names),
+                                   "trainer/global_step": step})
 
