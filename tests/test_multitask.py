@@ -3,19 +3,22 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
-from conftest import CAMVID, KITCHEN, REPO, TINY, needs
+from conftest import CAMVID, DUBAI, KITCHEN, REPO, TINY, needs
 from test_train import run_train
 
 from dptune.data.multitask_datamodule import JointTrainSet, source_weights
+from dptune.errors import ConfigError
+from dptune.labels import LabelSet
 
 pytestmark = [needs(CAMVID), needs(KITCHEN)]
 
 
 @pytest.mark.slow
-def test_joint_fit_validates_each_task_and_rebuilds_from_its_checkpoint(tmp_path):
+def test_joint_fit_validates_each_task_and_rebuilds_from_its_checkpoint(tmp_path, monkeypatch):
     from dptune.tasks.checkpoints import load_module
 
     config = tmp_path / "tiny.json"
@@ -51,6 +54,8 @@ def test_joint_fit_validates_each_task_and_rebuilds_from_its_checkpoint(tmp_path
     from dptune.export import export
 
     out = export(ckpt, tmp_path / "export", onnx=True)
+    card = (out / "README.md").read_text()
+    assert 'subfolder="depth"' in card and "mIoU" in card and "AbsRel" in card and "model.onnx" in card
     seg_model = DPTForSemanticSegmentation.from_pretrained(out / "segmentation").eval()
     depth_model = AutoModelForDepthEstimation.from_pretrained(out / "depth").eval()
     assert seg_model.config.id2label[0] == "Sky" and depth_model.config.depth_units == "metres"
@@ -71,20 +76,153 @@ def test_joint_fit_validates_each_task_and_rebuilds_from_its_checkpoint(tmp_path
     assert np.abs(logits - ref[0].numpy()).max() <= 1e-4 * np.abs(ref[0].numpy()).max()
     assert np.abs(depth - ref[2].numpy()).max() <= 1e-4 * np.abs(ref[2].numpy()).max()
 
+    # --push-to-hub uploads both subfolders, the graph and the top-level card (recorded: no hub here)
+    import huggingface_hub
 
-def test_mixed_stream_fills_the_missing_label_and_follows_the_ratio():
+    class FakeApi:
+        def create_repo(self, repo, exist_ok=False):
+            pass
+
+        def upload_folder(self, folder_path, repo_id, commit_message=""):
+            uploaded[repo_id] = sorted(str(p.relative_to(folder_path)) for p in Path(folder_path).rglob("*"))
+
+    uploaded: dict[str, list[str]] = {}
+    monkeypatch.setattr(huggingface_hub, "HfApi", FakeApi)
+    export(ckpt, tmp_path / "pushed", push_to_hub="someone/joint")
+    files = uploaded["someone/joint"]
+    assert {"README.md", "segmentation/config.json", "depth/model.safetensors", "depth/README.md"} <= set(files)
+    assert 'from_pretrained("someone/joint", subfolder="segmentation")' in (tmp_path / "pushed" / "README.md").read_text()
+
+
+def test_mixed_stream_fills_the_missing_label_and_follows_the_weights():
     seg = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "mask": torch.ones(4, 4, dtype=torch.uint8), "index": i}
            for i in range(30)]
     depth = [{"image": torch.zeros(3, 4, 4, dtype=torch.uint8), "depth": torch.ones(4, 4), "index": i} for i in range(10)]
-    data = JointTrainSet(seg, depth)
+    data = JointTrainSet([seg, depth])
     assert len(data) == 40
     assert (data[0]["depth"] == 0).all() and (data[35]["mask"] == 255).all()  # "no label" of the other task
+    assert (data[29]["mask"] == 1).all() and (data[30]["depth"] == 1).all()
     from torch.utils.data import WeightedRandomSampler
 
-    weights = source_weights(30, 10, 0.25)  # a quarter of the samples from segmentation
+    weights = source_weights([30, 10], [1.0, 3.0])  # a quarter of the samples from segmentation
     drawn = list(WeightedRandomSampler(weights, 4000, generator=torch.Generator().manual_seed(0)))
     share = sum(k < 30 for k in drawn) / len(drawn)
     assert abs(share - 0.25) < 0.03
+
+
+def _near_far_masks(tmp_path, frames):
+    """Masks for 7-Scenes frames made from their own depth: Near (< 1.5 m), Far, 255 without depth."""
+    import numpy as np
+    from PIL import Image
+
+    from dptune.data.depth import read_depth
+
+    (tmp_path / "masks").mkdir()
+    for frame in frames:
+        depth = read_depth(str(KITCHEN / "train" / "depth" / f"{frame.stem}.png"))
+        mask = np.where(depth == 0, 255, np.where(depth < 1.5, 0, 1)).astype(np.uint8)
+        Image.fromarray(mask).save(tmp_path / "masks" / f"{frame.stem}.png")
+    return {"names": ["Near", "Far"], "ignore_values": [255]}
+
+
+@needs(DUBAI)
+def test_sources_map_their_label_sets_by_name_and_a_source_may_carry_both_labels(tmp_path):
+    """CamVid (11 classes) and Dubai (6, RGB masks) share Building and Road by name; 7-Scenes frames
+    with masks made from their depth carry both labels, moved by the same augmentation."""
+    import numpy as np
+
+    from dptune.data.multitask_datamodule import MultiTaskDataModule
+
+    frames = sorted((KITCHEN / "train" / "rgb").glob("frame-0000[0-1]*.jpg"))
+    both = {"root": str(KITCHEN), "name": "kitchen", "labels": _near_far_masks(tmp_path, frames),
+            "splits": {"train": {"images": "train/rgb/frame-0000[0-1]*.jpg", "depth": "train/depth/{stem}.png",
+                                 "masks": str(tmp_path / "masks" / "{stem}.png")}}}
+    camvid = {"root": str(CAMVID), "labels": "labels.yaml",
+              "splits": {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"}}}
+    dubai = {"root": str(DUBAI), "name": "dubai", "labels": "labels.yaml",
+             "splits": {"train": {"images": "Tile 1/images/image_part_00[1-2].jpg", "masks": "Tile 1/masks/{stem}.png"}}}
+    dm = MultiTaskDataModule(segmentation=[camvid, dubai], depth=both, image_size=64, batch_size=2, num_workers=0)
+    names = dm.label_set.names
+    assert names[:11] == LabelSet.from_yaml(CAMVID / "labels.yaml").names
+    assert names[11:] == ["Land", "Vegetation", "Water", "Unlabeled", "Near", "Far"]  # Building, Road shared
+    assert [(s.name, s.kind) for s in dm.sources] == [("camvid", "segmentation"), ("dubai", "segmentation"),
+                                                      ("kitchen", "both")]
+    dm.setup("fit")
+    data = dm.train_dataloader().dataset
+    own = LabelSet.from_yaml(DUBAI / "labels.yaml")
+    for k in range(len(data)):
+        item = data[k]
+        source = next(s for j, s in enumerate(dm.sources) if k < data.starts[j + 1])
+        classes = set(np.unique(item["mask"].numpy()).tolist()) - {255}
+        assert classes <= set(source.dm.label_set.annotated)  # each source labels only its own classes
+        if source.kind == "segmentation":
+            assert (item["depth"] == 0).all() and classes
+        else:  # both labels, the same geometry: the mask is still the depth's near/far split
+            depth, mask = item["depth"].numpy(), item["mask"].numpy()
+            expected = np.where(depth == 0, 255, np.where(depth < 1.5, names.index("Near"), names.index("Far")))
+            assert np.array_equal(mask, expected) and (depth > 0).mean() > 0.5
+    dubai_ds = dm.sources[1].dm._dataset("train")
+    image, mask = dubai_ds.load(dubai_ds.indices[0])
+    from dptune.data.sources import read_mask
+
+    raw = read_mask(dubai_ds.source.masks[dubai_ds.indices[0]], rgb=True)
+    by_name = np.array([names.index(n) for n in own.names] + [255] * (256 - own.num_classes), np.uint8)
+    assert np.array_equal(mask, by_name[own.encode(raw)])
+
+
+@pytest.mark.slow
+@needs(DUBAI)
+def test_several_sources_validate_each_on_its_own_data_and_log_both_kinds_of_picture(tmp_path):
+    """Two segmentation sources and a source carrying both labels through train.py: per-source
+    validation figures under each source's name, W&B overlays and depth panels."""
+    import yaml
+
+    frames = sorted((KITCHEN / "train" / "rgb").glob("frame-0000[0-1]*.jpg"))
+    split = {"images": "train/rgb/frame-0000[0-1]*.jpg", "depth": "train/depth/{stem}.png",
+             "masks": str(tmp_path / "masks" / "{stem}.png")}
+    camvid_split = {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}
+    dubai_split = {"images": "Tile 1/images/image_part_00[1-3].jpg", "masks": "Tile 1/masks/{stem}.png"}
+    data = {"image_size": 64, "batch_size": 4, "num_workers": 0,
+            "segmentation": [{"root": str(CAMVID), "labels": "labels.yaml",
+                              "splits": {"train": camvid_split, "val": camvid_split}},
+                             {"root": str(DUBAI), "name": "dubai", "labels": "labels.yaml",
+                              "splits": {"train": dubai_split, "val": dubai_split}}],
+            "depth": {"root": str(KITCHEN), "name": "kitchen", "labels": _near_far_masks(tmp_path, frames),
+                      "splits": {"train": split, "val": split}}}
+    (tmp_path / "sources.yaml").write_text(yaml.safe_dump({"data": data}))
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    run = tmp_path / "run"
+    run_train(["fit", "--config", str(REPO / "configs" / "multitask" / "camvid-7scenes.yaml"),
+               "--config", str(tmp_path / "sources.yaml"), "--model.config", str(config),
+               "--trainer.max_epochs", "1", "--trainer.precision", "32-true", "--trainer.enable_progress_bar", "false",
+               "--trainer.default_root_dir", str(run)], cwd=tmp_path)
+    meta = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["dptune"]
+    val = meta["metrics"]["val"]
+    assert {"camvid/mIoU", "dubai/mIoU", "kitchen/mIoU", "mIoU", "abs_rel"} <= set(val)
+    assert "kitchen/abs_rel" not in val  # one depth source: its figures are val/abs_rel
+    assert meta["segmentation"]["labels"]["names"][-2:] == ["Near", "Far"]
+    media = next((run / "wandb").glob("offline-run-*")) / "files" / "media"
+    assert len(list((media / "images" / "val").glob("overlays_*.png"))) >= 3  # camvid, dubai, kitchen
+    assert list((media / "images" / "val").glob("depth_*.png")), "depth panels of the kitchen frames"
+    assert list((media / "table" / "val").glob("per_class_IoU_*.json"))
+
+
+def test_without_weights_every_sample_is_drawn_once_per_epoch():
+    from dptune.data.multitask_datamodule import MultiTaskDataModule
+
+    seg = {"root": str(CAMVID), "splits": {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"}}}
+    depth = {"root": str(KITCHEN), "splits": {"train": {"images": "train/rgb/frame-0000[0-2]*.jpg",
+                                                         "depth": "train/depth/{stem}.png"}}}
+    dm = MultiTaskDataModule(segmentation=seg, depth=depth, image_size=64, batch_size=4, num_workers=0)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    order = list(loader.sampler)
+    assert sorted(order) == list(range(len(loader.dataset))) and order != sorted(order)
+    with pytest.raises(ConfigError, match="to every source or to none"):
+        MultiTaskDataModule(segmentation={**seg, "weight": 1.0}, depth=depth)
+    with pytest.raises(ConfigError, match="each task needs a source"):
+        MultiTaskDataModule(segmentation=[seg, {**seg, "name": "again"}])
 
 
 def test_predict_writes_masks_and_depth_from_one_forward_equal_to_each_export(tmp_path):
@@ -119,3 +257,32 @@ def test_predict_writes_masks_and_depth_from_one_forward_equal_to_each_export(tm
     ref = np.clip(DepthPredictor.load(str(tmp_path / "out" / "depth")).predict(image), 0, None)
     assert np.abs(depth - ref).max() <= 0.0005 + 1e-6
 
+
+
+def test_weighted_draws_are_split_across_processes_without_overlap():
+    """Under DDP Lightning wraps the weighted sampler in a DistributedSamplerWrapper: every rank must
+    list the same draw for the ranks' parts to be one draw, split."""
+    import copy
+    from collections import Counter
+
+    from lightning.fabric.utilities.distributed import DistributedSamplerWrapper
+
+    from dptune.data.multitask_datamodule import MultiTaskDataModule
+
+    seg = {"root": str(CAMVID), "weight": 3.0,
+           "splits": {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"}}}
+    depth = {"root": str(KITCHEN), "weight": 1.0,
+             "splits": {"train": {"images": "train/rgb/frame-0000[0-2]*.jpg", "depth": "train/depth/{stem}.png"}}}
+    draws, parts = [], []
+    for rank in (0, 1):
+        torch.manual_seed(0)  # seed_everything on each rank
+        dm = MultiTaskDataModule(segmentation=seg, depth=depth, image_size=64, batch_size=4, num_workers=0)
+        dm.setup("fit")
+        sampler = dm.train_dataloader().sampler
+        draws.append(list(copy.deepcopy(sampler)))  # what this rank's sampler draws (generator state copied)
+        parts.append(list(DistributedSamplerWrapper(sampler, num_replicas=2, rank=rank, shuffle=True, seed=0)))
+    assert draws[0] == draws[1]
+    n = len(draws[0])
+    assert len(parts[0]) == len(parts[1]) == (n + 1) // 2  # DistributedSampler pads to equal parts
+    both = Counter(parts[0]) + Counter(parts[1])
+    assert not Counter(draws[0]) - both and (both - Counter(draws[0])).total() == n % 2

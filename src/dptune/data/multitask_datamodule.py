@@ -1,11 +1,15 @@
-"""MultiTaskDataModule: segmentation and depth sources mixed into one training stream (a sample
-carries a mask, a depth map or, from a source with both, both; what is missing is filled with
-"no label": 255 in masks, 0 in depth), with a sampling ratio between the sources; each task
-validates on its own data."""
+"""MultiTaskDataModule: segmentation and depth sources mixed into one training stream.
+
+A sample carries a mask, a depth map or, from a depth source that names masks too, both; what is
+missing is filled with "no label" (255 in masks, 0 in depth). Several segmentation sources each
+keep their own label set, mapped by class name into the model's one label set. Sources are drawn
+by ``weight`` (default: every sample once per epoch); each source validates on its own data."""
 
 from __future__ import annotations
 
-from typing import Any
+import os
+from dataclasses import dataclass
+from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
@@ -15,31 +19,54 @@ from dptune.data.base import default_workers, seed_worker
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
 from dptune.errors import ConfigError
-from dptune.labels import IGNORE_INDEX
+from dptune.labels import IGNORE_INDEX, LabelSet, default_palette
+
+Kind = Literal["segmentation", "depth", "both"]
+
+
+@dataclass
+class MixSource:
+    name: str
+    kind: Kind
+    dm: SegmentationDataModule | DepthDataModule
+    weight: float | None
+
+    @property
+    def has_masks(self) -> bool:
+        return self.kind != "depth"
+
+    @property
+    def has_depth(self) -> bool:
+        return self.kind != "segmentation"
 
 
 class JointTrainSet(Dataset):
-    """Segmentation items followed by depth items, each completed with the other task's "no label"."""
+    """The sources' training items one after the other, each completed with "no label" for the task
+    its source does not label."""
 
-    def __init__(self, seg: Dataset, depth: Dataset) -> None:
-        self.seg, self.depth = seg, depth
+    def __init__(self, datasets: list[Dataset]) -> None:
+        self.datasets = datasets
+        self.starts = [0]
+        for ds in datasets:
+            self.starts.append(self.starts[-1] + len(ds))
 
     def __len__(self) -> int:
-        return len(self.seg) + len(self.depth)
+        return self.starts[-1]
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        if k < len(self.seg):
-            item = dict(self.seg[k])
-            item["depth"] = torch.zeros(item["mask"].shape, dtype=torch.float32)
-        else:
-            item = dict(self.depth[k - len(self.seg)])
-            item["mask"] = torch.full(item["depth"].shape, IGNORE_INDEX, dtype=torch.uint8)
+        s = next(j for j in range(len(self.datasets)) if k < self.starts[j + 1])
+        item = dict(self.datasets[s][k - self.starts[s]])
+        shape = (item["mask"] if "mask" in item else item["depth"]).shape
+        item.setdefault("depth", torch.zeros(shape, dtype=torch.float32))
+        item.setdefault("mask", torch.full(shape, IGNORE_INDEX, dtype=torch.uint8))
         return item
 
 
-def source_weights(n_seg: int, n_depth: int, ratio: float) -> list[float]:
-    """Per-sample draw weights so that a share ``ratio`` of the drawn samples is segmentation's."""
-    return [ratio / n_seg] * n_seg + [(1 - ratio) / n_depth] * n_depth
+def source_weights(sizes: list[int], weights: list[float]) -> list[float]:
+    """Per-sample draw weights so that source ``j`` gives a share ``weights[j] / sum(weights)`` of the
+    drawn samples, spread evenly over its own samples."""
+    total = sum(weights)
+    return [w / total / n for n, w in zip(sizes, weights, strict=True) for _ in range(n)]
 
 
 def collate_joint(items: list[dict[str, Any]]) -> dict[str, Any]:
@@ -48,61 +75,119 @@ def collate_joint(items: list[dict[str, Any]]) -> dict[str, Any]:
             "depth": torch.stack([it["depth"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
 
 
+def joint_label_set(label_sets: list[LabelSet], names: list[str] | None) -> LabelSet:
+    """The model's label set: ``names`` when given, else every source's classes by name (case-insensitive,
+    first spelling and colour kept) in source order."""
+    if names is None:
+        names, seen = [], set()
+        for ls in label_sets:
+            for n in ls.names:
+                if n.lower() not in seen:
+                    seen.add(n.lower())
+                    names.append(n)
+    colors: dict[str, list[int]] = {}
+    for ls in label_sets:
+        for n, c in zip(ls.names, ls.colors, strict=True):
+            if n.lower() not in colors and c not in colors.values():
+                colors[n.lower()] = c
+    spare = iter(c for c in default_palette(len(names) + len(colors)) if c not in colors.values())
+    return LabelSet(names=list(names), colors=[colors.get(n.lower()) or next(spare) for n in names],
+                    source="data.labels")
+
+
 class MultiTaskDataModule(pl.LightningDataModule):
     def __init__(
         self,
-        segmentation: dict[str, Any] | None = None,
-        depth: dict[str, Any] | None = None,
+        segmentation: dict[str, Any] | list[dict[str, Any]] | None = None,
+        depth: dict[str, Any] | list[dict[str, Any]] | None = None,
+        labels: list[str] | None = None,
         image_size: int = 224,
-        ratio: float = 0.5,
         batch_size: int = 8,
         val_batch_size: int | None = None,
         num_workers: int | None = None,
     ) -> None:
         """
         Args:
-            segmentation: The segmentation source: ``SegmentationDataModule`` settings (root, labels,
-                splits, cache, ...), e.g. CamVid's.
-            depth: The depth source: ``DepthDataModule`` settings (root, splits, depth_scale, ...),
-                e.g. 7-Scenes'.
+            segmentation: A segmentation source, or a list of them: ``SegmentationDataModule`` settings
+                (root, labels, splits, cache, ...), e.g. CamVid's, plus optional ``name`` (default: the
+                root folder's name; names the source's validation metrics) and ``weight``.
+            depth: A depth source, or a list: ``DepthDataModule`` settings (root, splits, depth_scale,
+                ...) plus ``name`` and ``weight``. Give it ``labels`` and a ``masks`` template in its
+                splits when its samples carry masks too: they then train both tasks.
+            labels: The model's class names. Default: every source's classes, matched by name
+                (case-insensitive), in source order. Each source's own label set is mapped into it by
+                name; a class a source lacks is simply never labelled in that source's masks.
             image_size: Training crop and evaluation size of both tasks (square for plain transformers).
-            ratio: Share of training samples drawn from the segmentation source (the rest from the depth
-                source); an epoch has as many samples as both sources together.
             batch_size: Training batch size per process (mixed sources).
             val_batch_size: Validation batch size (default: ``batch_size``).
             num_workers: Loader workers (default as for the single-task datamodules).
+
+        Sampling: without weights every training sample is drawn once per epoch (shuffled); with a
+        ``weight`` on every source, source ``j`` gives ``weight_j / sum(weights)`` of the drawn samples
+        (drawn with replacement; an epoch has as many samples as all sources together).
         """
         super().__init__()
         self.save_hyperparameters()
-        if not (segmentation and depth):
-            raise ConfigError("data.segmentation and data.depth are both needed (one source per task)")
-        if not 0 < ratio < 1:
-            raise ConfigError(f"data.ratio must be in (0, 1), got {ratio}")
         common = {"image_size": image_size, "batch_size": batch_size, "val_batch_size": val_batch_size,
                   "num_workers": num_workers}
-        self.seg = SegmentationDataModule(**{**segmentation, **common, "crop_size": image_size})
-        self.depth = DepthDataModule(**{**depth, **common, "crop_size": None})
-        self.image_size, self.batch_size, self.ratio = image_size, batch_size, ratio
+        self.sources: list[MixSource] = []
+        for task, specs in (("segmentation", segmentation), ("depth", depth)):
+            for j, spec in enumerate(specs if isinstance(specs, list) else [specs] if specs else []):
+                self.sources.append(self._source(task, j, dict(spec), common))
+        if not any(s.has_masks for s in self.sources) or not any(s.has_depth for s in self.sources):
+            raise ConfigError("data.segmentation and data.depth: each task needs a source (a depth source with "
+                              "labels and masks counts for both)")
+        names = [s.name for s in self.sources]
+        if len(set(names)) != len(names):
+            raise ConfigError(f"data: source names must differ, got {names} (set name: in each source)")
+        given = [s.weight is not None for s in self.sources]
+        if any(given) and not all(given):
+            raise ConfigError("data: give a weight to every source or to none (none: every sample once per epoch)")
+        self.label_set = joint_label_set([s.dm.label_set for s in self.sources if s.has_masks], labels)
+        for s in self.sources:
+            if s.has_masks:
+                s.dm.label_set = s.dm.label_set.retarget(self.label_set.names, self.label_set.colors)
+        self.image_size, self.batch_size = image_size, batch_size
         self.num_workers = default_workers(num_workers)
+
+    @staticmethod
+    def _source(task: str, j: int, spec: dict[str, Any], common: dict[str, Any]) -> MixSource:
+        name = spec.pop("name", None) or os.path.basename(os.path.normpath(spec.get("root", "."))) or f"{task}{j}"
+        weight = spec.pop("weight", None)
+        if weight is not None and not weight > 0:
+            raise ConfigError(f"data.{task} source {name!r}: weight must be > 0, got {weight}")
+        if task == "segmentation":
+            dm = SegmentationDataModule(**{**spec, **common, "crop_size": common["image_size"]})
+            return MixSource(name, "segmentation", dm, weight)
+        dm = DepthDataModule(**{**spec, **common, "crop_size": None})
+        return MixSource(name, "both" if dm.label_set is not None else "depth", dm, weight)
 
     @property
     def labels_spec(self) -> dict[str, Any]:
-        return self.seg.labels_spec
+        return self.label_set.to_dict()
+
+    @property
+    def val_sources(self) -> list[MixSource]:
+        """The sources with a validation split, in the order of ``val_dataloader``."""
+        return [s for s in self.sources if "val" in s.dm.splits]
 
     def setup(self, stage: str | None = None) -> None:
-        for dm in (self.seg, self.depth):
-            dm.trainer = self.trainer
-            dm.setup(stage)
+        for s in self.sources:
+            s.dm.trainer = self.trainer
+            s.dm.setup(stage)
 
     def train_dataloader(self) -> DataLoader:
-        seg, depth = self.seg._dataset("train"), self.depth._dataset("train")
-        data = JointTrainSet(seg, depth)
-        weights = source_weights(len(seg), len(depth), self.ratio)
-        generator = torch.Generator().manual_seed(torch.initial_seed() % 2**32)
-        sampler = WeightedRandomSampler(weights, num_samples=len(data), replacement=True, generator=generator)
-        return DataLoader(data, batch_size=self.batch_size, sampler=sampler, drop_last=len(data) > self.batch_size,
-                          num_workers=self.num_workers, collate_fn=collate_joint, worker_init_fn=seed_worker,
+        datasets = [s.dm._dataset("train") for s in self.sources]
+        data = JointTrainSet(datasets)
+        sampler = None
+        if self.sources[0].weight is not None:
+            weights = source_weights([len(d) for d in datasets], [s.weight for s in self.sources])
+            generator = torch.Generator().manual_seed(torch.initial_seed() % 2**32)  # same on every rank
+            sampler = WeightedRandomSampler(weights, num_samples=len(data), replacement=True, generator=generator)
+        return DataLoader(data, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
+                          drop_last=len(data) > self.batch_size, num_workers=self.num_workers,
+                          collate_fn=collate_joint, worker_init_fn=seed_worker,
                           persistent_workers=self.num_workers > 0)
 
     def val_dataloader(self) -> list[DataLoader]:
-        return [self.seg.val_dataloader(), self.depth.val_dataloader()]
+        return [s.dm.val_dataloader() for s in self.val_sources]

@@ -7,11 +7,13 @@ from __future__ import annotations
 import logging
 from typing import Any, Literal
 
+import numpy as np
 import torch
 from torch import nn
 
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
+from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
 from dptune.metrics.depth import DepthMetrics, valid_depth
@@ -77,6 +79,8 @@ class MultiTaskModule(DPTTask):
         self.weights = UncertaintyWeighting(["segmentation", "depth"]) if weighting == "uncertainty" else None
         self.val_confmat = ConfusionMatrix(self.num_classes)
         self.val_depth = DepthMetrics(min_depth, max_depth)
+        self.per_source = nn.ModuleDict()  # per-source metrics when a task validates on several sources
+        self.val_names: list[str] = []
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
@@ -135,16 +139,39 @@ class MultiTaskModule(DPTTask):
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
         return total
 
-    # ------------------------------------------------------------------ validation: each task on its own data
-    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> None:
-        if "mask" in batch:
-            logits, _, _ = self(batch["image"], depth_rows=torch.tensor([], dtype=torch.long))
+    # ------------------------------------------------------------------ validation: each source on its own data
+    def on_validation_epoch_start(self) -> None:
+        """Per-source metrics too when a task has several validation sources (names from the datamodule)."""
+        sources = getattr(self.trainer.datamodule, "val_sources", None) or []
+        self.val_names = [s.name for s in sources]
+        seg = [k for k, s in enumerate(sources) if s.has_masks]
+        depth = [k for k, s in enumerate(sources) if s.has_depth]
+        self.per_source = nn.ModuleDict(
+            {**({f"seg{k}": ConfusionMatrix(self.num_classes) for k in seg} if len(seg) > 1 else {}),
+             **({f"depth{k}": DepthMetrics(self.hparams.min_depth, self.hparams.max_depth)
+                 for k in depth} if len(depth) > 1 else {})}).to(self.device)
+
+    def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
+        """A batch of one source: masks, depth or both, scored at each sample's own label size."""
+        none = torch.tensor([], dtype=torch.long)
+        seg, dep = "mask" in batch, "depth" in batch
+        logits, _, pred = self(batch["image"], None if seg else none, None if dep else none)
+        out: dict[str, Any] = {}
+        if seg:
             target = batch["mask"].long()
-            self.val_confmat.update(upsample(logits.float(), target.shape[-2:]).argmax(1), target)
-        else:
-            _, _, pred = self(batch["image"], seg_rows=torch.tensor([], dtype=torch.long))
+            out["preds"] = resize_per_sample(logits.float(), batch["sizes"], target.shape[-2:], upsample).argmax(1)
+            for metric in (self.val_confmat, self.per_source[f"seg{dataloader_idx}"]
+                           if f"seg{dataloader_idx}" in self.per_source else None):
+                if metric is not None:
+                    metric.update(out["preds"], target)
+        if dep:
             gt = batch["depth"]
-            self.val_depth.update(upsample_depth(pred.float(), gt.shape[-2:]), gt, self.valid_depth(gt))
+            out["depth"] = resize_per_sample(pred.float(), batch["sizes"], gt.shape[-2:], upsample_depth)
+            for metric in (self.val_depth, self.per_source[f"depth{dataloader_idx}"]
+                           if f"depth{dataloader_idx}" in self.per_source else None):
+                if metric is not None:
+                    metric.update(out["depth"], gt, self.valid_depth(gt))
+        return out
 
     def on_validation_epoch_end(self) -> None:
         seg = metrics_from_confmat(self.val_confmat.compute())
@@ -153,6 +180,13 @@ class MultiTaskModule(DPTTask):
         self.val_depth.reset()
         values = {"mIoU": float(torch.nan_to_num(seg["mIoU"].float())), "pixel_acc": float(seg["pixel_acc"]),
                   **{k: depth[k] for k in ("abs_rel", "rmse", "delta1")}}
+        for key, metric in self.per_source.items():
+            name = self.val_names[int(key.removeprefix("seg").removeprefix("depth"))]
+            if key.startswith("seg"):
+                values[f"{name}/mIoU"] = float(torch.nan_to_num(metrics_from_confmat(metric.compute())["mIoU"].float()))
+            else:
+                values[f"{name}/abs_rel"] = float(metric.compute()["abs_rel"])
+            metric.reset()
         if self.hparams.references:
             values["delta_m"] = delta_m(values, self.hparams.references)
         for key, value in values.items():
@@ -165,8 +199,34 @@ class MultiTaskModule(DPTTask):
             log.info("epoch %d step %d val: %s", self.current_epoch, self.global_step,
                      " ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
-    def visual_samples(self, batch, outputs, n):
-        return []
+    def visual_samples(self, batch: dict[str, Any], outputs: dict[str, Any], n: int) -> list[dict[str, Any]]:
+        """Image with ground truth and prediction of whichever tasks the batch's source labels."""
+        import cv2
 
-    def log_visuals(self, logger, samples, step) -> None:
-        return None
+        samples = []
+        for b in range(min(n, batch["image"].shape[0])):
+            h, w = batch["sizes"][b]
+            image = cv2.resize(batch["image"][b].permute(1, 2, 0).cpu().numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
+            sample: dict[str, Any] = {"image": image}
+            if "preds" in outputs:
+                sample["seg"] = {"image": image, "gt": batch["mask"][b, :h, :w].cpu().numpy().astype(np.uint8),
+                                 "pred": outputs["preds"][b, :h, :w].cpu().numpy().astype(np.uint8)}
+            if "depth" in outputs:
+                sample["depth"] = {"image": image, "gt": batch["depth"][b, :h, :w].cpu().numpy(),
+                                   "pred": outputs["depth"][b, :h, :w].cpu().numpy()}
+            samples.append(sample)
+        return samples
+
+    def log_visuals(self, logger, samples: list[dict[str, Any]], step: int) -> None:
+        """Class overlays of the segmentation samples, depth panels of the depth samples, per-class IoU."""
+        from dptune.visualize import depth_images, log_iou_table, overlay_images
+
+        names = self.label_set.names
+        if self.last_metrics.get("segmentation"):
+            log_iou_table(logger, names, self.last_metrics["segmentation"]["val"]["IoU"], step)
+        seg = [s["seg"] for s in samples if "seg" in s]
+        depth = [s["depth"] for s in samples if "depth" in s]
+        images = {**({"val/overlays": overlay_images(seg, names)} if seg else {}),
+                  **({"val/depth": depth_images(depth)} if depth else {})}
+        if images:
+            logger.experiment.log({**images, "trainer/global_step": step})
