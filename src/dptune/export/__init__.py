@@ -16,7 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dptune.export.card import depth_card, model_card, warn_backend
+from dptune.export.card import depth_card, model_card, multitask_card, warn_backend
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
 from dptune.models import dpt_backbone
 from dptune.models.build import input_side
@@ -92,7 +92,7 @@ def push_folder(out: Path, repo: str) -> str:
 
     api = HfApi()
     api.create_repo(repo, exist_ok=True)
-    api.upload_folder(folder_path=str(out), repo_id=repo, commit_message="Upload DPT segmentation model (dptune)")
+    api.upload_folder(folder_path=str(out), repo_id=repo, commit_message="Upload DPT model (dptune)")
     url = f"https://huggingface.co/{repo}"
     log.info("pushed %s to %s", out, url)
     return url
@@ -105,8 +105,9 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     ``model.onnx`` checked against torch. Segmentation or depth, whichever ``src`` holds."""
     got = _load(str(src))
     if got.get("task") == "multitask":
-        return export_multitask(got, Path(out_dir), str(src), onnx, fp16, tolerance)
-    out = write_directory(got, Path(out_dir), str(src), onnx, fp16, tolerance)
+        out = export_multitask(got, Path(out_dir), str(src), onnx, fp16, tolerance, push_to_hub)
+    else:
+        out = write_directory(got, Path(out_dir), str(src), onnx, fp16, tolerance)
     if push_to_hub:
         push_folder(out, push_to_hub)
     return out
@@ -145,10 +146,12 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     return out
 
 
-def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float) -> Path:
+def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float,
+                     repo: str | None = None) -> Path:
     """A segmentation + depth checkpoint: ``out/segmentation`` and ``out/depth`` (each a stock
-    ``transformers`` directory with its own card) and, with ``onnx``, ``out/model.onnx``: one graph,
-    one backbone pass, outputs ``logits`` and ``predicted_depth``."""
+    ``transformers`` directory with its own card), a top-level ``README.md`` saying how to load each
+    (``subfolder=``, also from a hub repo) and, with ``onnx``, ``out/model.onnx``: one graph, one
+    backbone pass, outputs ``logits`` and ``predicted_depth``."""
     joint, metrics = got["model"], got["metrics"]
     common = {"processor": got["processor"], "evaluation": got["evaluation"]}
     write_directory({**common, "model": joint.seg, "labels": got["labels"], "meta": {"task": "segmentation"},
@@ -162,6 +165,7 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
         if err > tolerance:
             (out / "model.onnx").unlink()
             raise ValueError(f"ONNX export differs from torch by {err:.2e} (> {tolerance:.0e}); not written")
+    (out / "README.md").write_text(multitask_card(got["labels"], metrics, src, onnx, repo))
     return out
 
 

@@ -83,7 +83,8 @@ def depth_card(meta: dict, processor, metrics: dict, source: str) -> str:
     ]
     val = metrics.get("val") if isinstance(metrics, dict) else None
     if val:
-        how = ("Predictions upsampled (bilinear) to the ground truth's size, scored per image on pixels with ground "
+        how = ("Predictions upsampled (bicubic, as `pipeline` does) to the ground truth's size, scored per image "
+               "on pixels with ground "
                "truth and averaged over images" + (f", after per-image {depth.get('alignment')} alignment"
                                                   if depth.get("alignment") not in (None, "none") else "")
                + (f", {depth.get('eval_crop')} crop" if depth.get("eval_crop") not in (None, "none") else "") + ".")
@@ -92,4 +93,34 @@ def depth_card(meta: dict, processor, metrics: dict, source: str) -> str:
                   "| --- | --- | --- | --- | --- | --- | --- | --- | --- |",
                   "| " + " | ".join(f"{val[k]:.4f}" for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog",
                                                            "delta1", "delta2", "delta3")) + " |"]
+    return "\n".join(lines) + "\n"
+
+
+def multitask_card(labels, metrics: dict, source: str, onnx: bool, repo: str | None = None) -> str:
+    """The top-level card of a segmentation + depth export: one subfolder per task, each a stock
+    ``transformers`` model, and (with ONNX) one graph computing both outputs in one pass."""
+    where = repo or "<this dir>"
+    seg = (metrics.get("segmentation") or {}).get("val") or {}
+    depth = (metrics.get("depth") or {}).get("val") or {}
+    lines = [
+        "---", "library_name: transformers", "tags: [dpt, semantic-segmentation, depth-estimation, multi-task, dptune]",
+        "---", "", "# DPT segmentation + depth, one backbone (fine-tuned with dptune)", "",
+        f"Exported from `{Path(source).name}`: one backbone trained by both tasks, with a segmentation head "
+        f"({labels.num_classes} classes: {', '.join(labels.names)}) and a metric depth head (metres).",
+        "Each task is a stock `transformers` model in its own subfolder (its own card and processor); the two "
+        "share the backbone's weights.", "",
+        "```python", "from transformers import AutoModelForDepthEstimation, DPTForSemanticSegmentation",
+        f"seg = DPTForSemanticSegmentation.from_pretrained(\"{where}\", subfolder=\"segmentation\")",
+        f"depth = AutoModelForDepthEstimation.from_pretrained(\"{where}\", subfolder=\"depth\")",
+        "```",
+    ]
+    if onnx:
+        lines += ["", "`model.onnx` runs the backbone once and returns both `logits` and `predicted_depth` "
+                  "(inputs normalised as the subfolders' processors do)."]
+    if seg or depth:
+        lines += ["", "## Validation metrics (last validation of the run; each task on its own data)", ""]
+        if seg:
+            lines.append(f"- segmentation: mIoU {seg['mIoU']:.4f}, pixel accuracy {seg['pixel_acc']:.4f}")
+        if depth:
+            lines.append(f"- depth: AbsRel {depth['abs_rel']:.4f}, RMSE {depth['rmse']:.4f} m, delta1 {depth['delta1']:.4f}")
     return "\n".join(lines) + "\n"
