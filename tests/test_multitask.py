@@ -76,6 +76,18 @@ def test_joint_fit_validates_each_task_and_rebuilds_from_its_checkpoint(tmp_path
     assert np.abs(logits - ref[0].numpy()).max() <= 1e-4 * np.abs(ref[0].numpy()).max()
     assert np.abs(depth - ref[2].numpy()).max() <= 1e-4 * np.abs(ref[2].numpy()).max()
 
+    # a multitask checkpoint or export starts either task (or both) with its weights
+    from dptune.models import build_model
+    from dptune.models.depth import build_depth_model
+
+    names = module.label_set.names
+    for source in (str(ckpt), str(out)):
+        seg_start = build_model(names, pretrained=source).eval()
+        depth_start = build_depth_model(pretrained=source, max_depth=10.0).eval()
+        with torch.no_grad():
+            assert torch.allclose(seg_start(pixel_values=square).logits, joint_logits, atol=1e-5)
+            assert torch.allclose(depth_start(pixel_values=square).predicted_depth, joint_depth, atol=1e-5)
+
     # --push-to-hub uploads both subfolders, the graph and the top-level card (recorded: no hub here)
     import huggingface_hub
 

@@ -84,7 +84,7 @@ def build_model(
     if (pretrained is None) == (config is None):
         raise ConfigError("give exactly one of model.pretrained (hub id / directory) or model.config (DPTConfig JSON)")
     if pretrained is not None:
-        ref = resolve_pretrained(pretrained)
+        ref = resolve_pretrained(pretrained, "segmentation")
         cfg = pretrained_config(ref)
         check_family(cfg, backbone, pretrained)
         if cfg.model_type != "dpt":
@@ -217,22 +217,35 @@ def freeze_unused(model: PreTrainedModel, forward: Callable | None = None) -> li
 
 
 @functools.cache
-def resolve_pretrained(ref: str) -> str:
+def resolve_pretrained(ref: str, part: str = "segmentation") -> str:
     """A ``from_pretrained`` reference for ``ref``: hub ids and directories as they are; a dptune
-    ``.ckpt`` (either task) written out once as a directory (weights, config, image processor), so
-    that its backbone and neck can start a model of either task."""
-    if not (ref.endswith(".ckpt") and Path(ref).is_file()):
-        return ref
+    ``.ckpt`` (any task) written out once as a directory (weights, config, image processor), so
+    that its backbone and neck can start a model of either task. A segmentation + depth source (a
+    multitask ``.ckpt`` or export directory) gives its ``part`` (``segmentation`` or ``depth``)."""
+    if ref.endswith(".ckpt") and Path(ref).is_file():
+        ref = _unpack_checkpoint(str(Path(ref).resolve()), Path(ref).stat().st_mtime_ns)
+    joint = Path(ref) / part
+    if Path(ref).is_dir() and not (Path(ref) / "config.json").exists() and (joint / "config.json").exists():
+        return str(joint)
+    return ref
+
+
+@functools.lru_cache(maxsize=4)
+def _unpack_checkpoint(ckpt: str, mtime_ns: int) -> str:
+    """Once per checkpoint file and version (a multitask build asks for both parts)."""
     import tempfile
 
     from dptune.tasks.checkpoints import load_module
 
-    module = load_module(ref)
-    out = tempfile.mkdtemp(prefix="dptune-ckpt-")
-    module.model.save_pretrained(out)
-    module.image_processor().save_pretrained(out)
-    log.info("%s: %s checkpoint unpacked to %s", ref, module.task, out)
-    return out
+    module = load_module(ckpt)
+    out = Path(tempfile.mkdtemp(prefix="dptune-ckpt-"))
+    parts = {"segmentation": module.model.seg, "depth": module.model.depth} if module.task == "multitask" else {
+        ".": module.model}
+    for name, model in parts.items():
+        model.save_pretrained(out / name)
+        module.image_processor().save_pretrained(out / name)
+    log.info("%s: %s checkpoint unpacked to %s", ckpt, module.task, out)
+    return str(out)
 
 
 def _classifiers(model: PreTrainedModel) -> list[tuple[nn.Sequential, int]]:

@@ -68,7 +68,7 @@ def build_depth_model(
     if pretrained is not None:
         from dptune.models.build import resolve_pretrained
 
-        ref = resolve_pretrained(pretrained)
+        ref = resolve_pretrained(pretrained, "depth")
         cfg = pretrained_config(ref)
         check_family(cfg, backbone, pretrained)
         if cfg.model_type in ("dpt", "depth_anything"):
