@@ -219,6 +219,24 @@ def test_several_sources_validate_each_on_its_own_data_and_log_both_kinds_of_pic
     assert list((media / "images" / "val").glob("depth_*.png")), "depth panels of the kitchen frames"
     assert list((media / "table" / "val").glob("per_class_IoU_*.json"))
 
+    # every figure, per source too, is the same from two processes (gloo) as from one
+    common = ["validate", "--config", str(REPO / "configs" / "multitask" / "camvid-7scenes.yaml"),
+              "--config", str(tmp_path / "sources.yaml"), "--model.config", str(config), "--data.val_batch_size", "2",
+              "--trainer.logger", "false", "--trainer.precision", "32-true", "--trainer.accelerator", "cpu",
+              "--ckpt_path", str(run / "checkpoints" / "last.ckpt")]
+
+    def figures(devices: str) -> dict[str, float]:
+        extra = ["--trainer.strategy", "ddp"] if devices == "2" else []
+        out = run_train([*common, "--trainer.devices", devices, *extra, "--trainer.default_root_dir",
+                         str(tmp_path / f"v{devices}")], cwd=tmp_path)
+        words = next(ln for ln in (out.stdout + out.stderr).splitlines() if " val: " in ln).split(" val: ")[1].split()
+        return {k: float(v) for k, v in zip(words[::2], words[1::2], strict=True)}
+
+    one, two = figures("1"), figures("2")
+    assert set(one) == set(two) and "dubai/mIoU" in one
+    for key in one:
+        assert abs(one[key] - two[key]) < 1e-6, (key, one[key], two[key])
+
 
 def test_without_weights_every_sample_is_drawn_once_per_epoch():
     from dptune.data.multitask_datamodule import MultiTaskDataModule
