@@ -66,15 +66,27 @@ def test_joint_fit_validates_each_task_and_rebuilds_from_its_checkpoint(tmp_path
     assert len(pipeline("image-segmentation", model=str(out / "segmentation"))(frame)) >= 1
     x = torch.randn(1, 3, 64, 96)
     sess = ort.InferenceSession(str(out / "model.onnx"), providers=["CPUExecutionProvider"])
-    logits, depth = sess.run(["logits", "predicted_depth"], {"pixel_values": x.numpy()})
+    onnx_logits, onnx_depth = sess.run(["logits", "predicted_depth"], {"pixel_values": x.numpy()})
     with torch.no_grad():
         ref = module.model.eval()(x)
         square = torch.randn(1, 3, 64, 64)  # plain transformers' ViT DPT: square inputs
         joint_logits, _, joint_depth = module.model(square)
         assert torch.allclose(seg_model(pixel_values=square).logits, joint_logits, atol=1e-5)
         assert torch.allclose(depth_model(pixel_values=square).predicted_depth, joint_depth, atol=1e-5)
-    assert np.abs(logits - ref[0].numpy()).max() <= 1e-4 * np.abs(ref[0].numpy()).max()
-    assert np.abs(depth - ref[2].numpy()).max() <= 1e-4 * np.abs(ref[2].numpy()).max()
+    assert np.abs(onnx_logits - ref[0].numpy()).max() <= 1e-4 * np.abs(ref[0].numpy()).max()
+    assert np.abs(onnx_depth - ref[2].numpy()).max() <= 1e-4 * np.abs(ref[2].numpy()).max()
+
+    # evaluate.py scores each part of the checkpoint and of the export as validation did
+    from dptune.tools.evaluate import main as evaluate_main
+
+    for model in (str(ckpt), str(out)):
+        seg_json, depth_json = tmp_path / "seg.json", tmp_path / "depth.json"
+        assert evaluate_main(["--model", model, "--root", str(CAMVID), "--images", seg["val"]["images"],
+                              "--masks", seg["val"]["masks"], "--labels", "labels.yaml", "--json", str(seg_json)]) == 0
+        assert evaluate_main(["--model", model, "--root", str(KITCHEN), "--images", depth["val"]["images"],
+                              "--depth", depth["val"]["depth"], "--max-depth", "10", "--json", str(depth_json)]) == 0
+        assert json.loads(seg_json.read_text())["mIoU"] == pytest.approx(val["mIoU"], abs=1e-6)
+        assert json.loads(depth_json.read_text())["abs_rel"] == pytest.approx(val["abs_rel"], abs=1e-5)
 
     # a multitask checkpoint or export starts either task (or both) with its weights
     from dptune.models import build_model

@@ -27,12 +27,16 @@ class DepthPredictor:
 
     @classmethod
     def load(cls, ref: str, device: str = "cpu") -> DepthPredictor:
-        """``ref``: a dptune depth ``.ckpt`` or a directory written by ``scripts/export.py``."""
+        """``ref``: a dptune depth ``.ckpt`` or a directory written by ``scripts/export.py``; of a
+        segmentation + depth model, its depth part."""
         dev = torch.device(device)
         if Path(ref).is_dir():
             from transformers import AutoImageProcessor
 
             from dptune.models import load_exported
+            from dptune.models.build import joint_part
+
+            ref = joint_part(ref, "depth")
 
             model, processor = load_exported(ref), AutoImageProcessor.from_pretrained(ref)
             card = Path(ref) / "dptune.json"
@@ -41,7 +45,8 @@ class DepthPredictor:
             from dptune.tasks.checkpoints import load_module
 
             module = load_module(ref)
-            model, processor, meta = module.model, module.image_processor(), module.checkpoint_meta.get("depth", {})
+            model = module.model.depth if module.task == "multitask" else module.model
+            processor, meta = module.image_processor(), module.checkpoint_meta.get("depth", {})
         return cls(model.eval().to(dev), processor, dev, meta)
 
     @torch.no_grad()

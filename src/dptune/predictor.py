@@ -38,12 +38,16 @@ class Predictor:
 
     @classmethod
     def load(cls, ref: str, device: str = "cpu") -> Predictor:
-        """``ref``: a dptune ``.ckpt`` or a directory written by ``scripts/export.py``."""
+        """``ref``: a dptune ``.ckpt`` or a directory written by ``scripts/export.py``; of a
+        segmentation + depth model, its segmentation part."""
         dev = torch.device(device)
         if Path(ref).is_dir():
             from transformers import AutoImageProcessor
 
             from dptune.models import load_exported
+            from dptune.models.build import joint_part
+
+            ref = joint_part(ref, "segmentation")
 
             model = load_exported(ref)
             proc = AutoImageProcessor.from_pretrained(ref)
@@ -52,7 +56,8 @@ class Predictor:
             from dptune.tasks.checkpoints import load_module
 
             module = load_module(ref)
-            model, labels, proc = module.model, module.label_set, module.image_processor()
+            model = module.model.seg if module.task == "multitask" else module.model
+            labels, proc = module.label_set, module.image_processor()
         size = (int(proc.size["height"]), int(proc.size["width"]))
         mean, std = list(proc.image_mean), list(proc.image_std)
         return cls(model.eval().to(dev), labels, size, mean, std, dev, proc)

@@ -224,10 +224,17 @@ def resolve_pretrained(ref: str, part: str = "segmentation") -> str:
     multitask ``.ckpt`` or export directory) gives its ``part`` (``segmentation`` or ``depth``)."""
     if ref.endswith(".ckpt") and Path(ref).is_file():
         ref = _unpack_checkpoint(str(Path(ref).resolve()), Path(ref).stat().st_mtime_ns)
-    joint = Path(ref) / part
-    if Path(ref).is_dir() and not (Path(ref) / "config.json").exists() and (joint / "config.json").exists():
-        return str(joint)
-    return ref
+    return joint_part(ref, part)
+
+
+def is_joint_export(ref: str) -> bool:
+    """A segmentation + depth export: ``segmentation/`` and ``depth/``, each a model directory."""
+    return (Path(ref) / "segmentation" / "config.json").is_file() and (Path(ref) / "depth" / "config.json").is_file()
+
+
+def joint_part(ref: str, part: str) -> str:
+    """``ref/part`` when ``ref`` is a segmentation + depth export, else ``ref``."""
+    return str(Path(ref) / part) if is_joint_export(ref) else ref
 
 
 @functools.lru_cache(maxsize=4)

@@ -11,7 +11,8 @@ Depth models (the metrics of ``dptune.tools.depth``):
     python scripts/evaluate.py --model DEPTH-OUT --root ../shared/data/7scenes-kitchen \
         --images "val/rgb/*.jpg" --depth "val/depth/{stem}.png" --depth-scale 1000
 
-``--model`` is a dptune checkpoint or an exported directory; ``--mode whole`` resizes like the
+``--model`` is a dptune checkpoint or an exported directory (of a segmentation + depth model, the
+part that ``--depth`` or the masks score); ``--mode whole`` resizes like the
 exported image processor, ``--mode slide`` slides windows of the processor size at native
 resolution. Optional test-time augmentation: ``--flip`` and ``--scales 0.75,1,1.25``.
 """
@@ -149,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
     from dptune.tools.depth import evaluate_depth, model_task
 
     try:
-        if model_task(args.model) == "depth":
+        task = model_task(args.model)
+        if task == "depth" or (task == "multitask" and args.depth):  # a joint model: the part the labels score
             return evaluate_depth(args)
         source, labels = _source_and_labels(args)
         predictor = Predictor.load(args.model, args.device)

@@ -12,9 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-
-def is_joint_export(ref: str) -> bool:
-    return (Path(ref) / "segmentation" / "config.json").is_file() and (Path(ref) / "depth" / "config.json").is_file()
+from dptune.models.build import is_joint_export
 
 
 def load_joint(ref: str, device: str):
