@@ -108,3 +108,24 @@ def test_benchmark_presets_resolve_and_the_joint_benchmark_runs(capsys):
     assert main(["--joint", "--model", str(REPO / "configs" / "models" / "dpt-tiny.json"), "--crop", "64",
                  "--steps", "1", "--warmup", "0", "--precision", "32-true"]) == 0
     assert "speed-up" in capsys.readouterr().out
+
+
+def test_a_segmentation_model_starts_both_tasks_of_a_joint_model(tmp_path):
+    """model.pretrained = a segmentation directory: the segmentation part loads whole, the depth part
+    takes its backbone (shared) and neck, and only the depth head starts fresh (predicting init_depth)."""
+    from dptune.labels import LabelSet
+    from dptune.tasks.multitask import MultiTaskModule
+
+    torch.manual_seed(0)
+    seg = build_model(NAMES, config=dict(TINY))
+    seg.save_pretrained(tmp_path / "seg")
+    module = MultiTaskModule(pretrained=str(tmp_path / "seg"), label_spec=LabelSet(names=NAMES).to_dict(),
+                             image_size=64, init_depth=2.0)
+    j, ref = module.model, seg.state_dict()
+    assert all(torch.equal(v, ref[k]) for k, v in j.seg.state_dict().items())
+    depth = j.depth.state_dict()
+    assert all(torch.equal(depth[k], ref[k]) for k in ref if k.startswith(("dpt.", "neck.")))
+    assert j.depth.dpt is j.seg.dpt
+    with torch.no_grad():
+        pred = j.depth.eval()(pixel_values=torch.randn(1, 3, 64, 64)).predicted_depth
+    assert torch.allclose(pred, torch.full_like(pred, 2.0), atol=0.05)
