@@ -7,6 +7,7 @@ by ``weight`` (default: every sample once per epoch); each source validates on i
 
 from __future__ import annotations
 
+import bisect
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -54,7 +55,7 @@ class JointTrainSet(Dataset):
         return self.starts[-1]
 
     def __getitem__(self, k: int) -> dict[str, Any]:
-        s = next(j for j in range(len(self.datasets)) if k < self.starts[j + 1])
+        s = bisect.bisect_right(self.starts, k) - 1
         item = dict(self.datasets[s][k - self.starts[s]])
         shape = (item["mask"] if "mask" in item else item["depth"]).shape
         item.setdefault("depth", torch.zeros(shape, dtype=torch.float32))
