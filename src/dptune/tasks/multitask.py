@@ -160,18 +160,18 @@ class MultiTaskModule(DPTTask):
         if seg:
             target = batch["mask"].long()
             out["preds"] = resize_per_sample(logits.float(), batch["sizes"], target.shape[-2:], upsample).argmax(1)
-            for metric in (self.val_confmat, self.per_source[f"seg{dataloader_idx}"]
-                           if f"seg{dataloader_idx}" in self.per_source else None):
-                if metric is not None:
-                    metric.update(out["preds"], target)
+            for metric in self._metrics(self.val_confmat, f"seg{dataloader_idx}"):
+                metric.update(out["preds"], target)
         if dep:
             gt = batch["depth"]
             out["depth"] = resize_per_sample(pred.float(), batch["sizes"], gt.shape[-2:], upsample_depth)
-            for metric in (self.val_depth, self.per_source[f"depth{dataloader_idx}"]
-                           if f"depth{dataloader_idx}" in self.per_source else None):
-                if metric is not None:
-                    metric.update(out["depth"], gt, self.valid_depth(gt))
+            for metric in self._metrics(self.val_depth, f"depth{dataloader_idx}"):
+                metric.update(out["depth"], gt, self.valid_depth(gt))
         return out
+
+    def _metrics(self, overall: nn.Module, source: str) -> list[nn.Module]:
+        """The task's overall metric and, with several sources of the task, this source's own."""
+        return [overall, self.per_source[source]] if source in self.per_source else [overall]
 
     def on_validation_epoch_end(self) -> None:
         seg = metrics_from_confmat(self.val_confmat.compute())
