@@ -45,7 +45,7 @@ class Predictor:
             from transformers import AutoImageProcessor
 
             from dptune.models import load_exported
-            from dptune.models.build import joint_part
+            from dptune.models.source import joint_part
 
             ref = joint_part(ref, "segmentation")
 

@@ -7,11 +7,10 @@ from dptune.models.build import (
     freeze_unused,
     he_init,
     he_init_layer,
-    load_config,
     load_exported,
-    pretrained_config,
 )
 from dptune.models.forward import BACKBONE_PREFIXES, segment
+from dptune.models.source import load_config, pretrained_config
 
 __all__ = [
     "BACKBONE_PREFIXES", "adapt_classifiers", "build_model", "freeze_unused", "he_init", "he_init_layer",

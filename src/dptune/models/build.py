@@ -7,59 +7,24 @@ Other backbones (Swinv2, BEiT, DINOv2, ...) run in ``DPTBackboneForSemanticSegme
 
 from __future__ import annotations
 
-import functools
-import json
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
-from transformers import AutoConfig, DPTConfig, PretrainedConfig, PreTrainedModel
+from transformers import AutoConfig, DPTConfig, PreTrainedModel
 
 from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
-from dptune.models.backbones import check_family, dpt_config_for_backbone, load_backbone_weights, model_class
+from dptune.models.backbones import dpt_config_for_backbone, load_backbone_weights, model_class
 from dptune.models.dpt_backbone import input_multiple
 from dptune.models.forward import segment
+from dptune.models.source import model_source
 
 log = logging.getLogger(__name__)
 
-
-
-def load_config(config: str | Mapping[str, Any]) -> PretrainedConfig:
-    """A ``DPTConfig`` (or a bare backbone's config, e.g. ``"model_type": "dinov2"``) from a JSON
-    file, a directory holding ``config.json``, or a dict."""
-    if isinstance(config, Mapping):
-        return _config_from_dict(dict(config))
-    path = Path(config)
-    if path.is_dir():
-        path = path / "config.json"
-    try:
-        spec = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError(f"{path}: model config not found") from None
-    except json.JSONDecodeError as e:
-        raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return _config_from_dict(spec)
-
-
-def _config_from_dict(spec: dict[str, Any]) -> PretrainedConfig:
-    spec = {k: v for k, v in spec.items() if k not in ("architectures", "auto_map")}
-    kind = spec.pop("model_type", "dpt")
-    return DPTConfig(**spec) if kind == "dpt" else AutoConfig.for_model(kind, **spec)
-
-
-def pretrained_config(ref: str) -> PretrainedConfig:
-    """The config of a hub id or local directory; one clear line when it cannot be had."""
-    try:
-        return AutoConfig.from_pretrained(ref)
-    except OSError as e:
-        where = "local directory" if Path(ref).exists() else "hub id (offline, or no such repository?)"
-        raise ConfigError(f"model.pretrained {ref!r}: cannot load its config.json as a {where}: "
-                          f"{str(e).splitlines()[0]}") from None
 
 
 def build_model(
@@ -81,12 +46,8 @@ def build_model(
     """
     if fresh_init not in ("he", "hf"):
         raise ConfigError(f"model.fresh_init must be 'he' or 'hf', not {fresh_init!r}")
-    if (pretrained is None) == (config is None):
-        raise ConfigError("give exactly one of model.pretrained (hub id / directory) or model.config (DPTConfig JSON)")
-    if pretrained is not None:
-        ref = resolve_pretrained(pretrained, "segmentation")
-        cfg = pretrained_config(ref)
-        check_family(cfg, backbone, pretrained)
+    ref, cfg = model_source(pretrained, config, backbone, "segmentation")
+    if ref is not None:
         if cfg.model_type != "dpt":
             model = _fresh_model(dpt_config_for_backbone(cfg), names, attn_implementation)
             load_backbone_weights(model, ref)
@@ -109,8 +70,6 @@ def build_model(
             # resolved after adapt_classifiers, which replaces the classifier modules
             fresh = [(n, m) for n, m in _head_layers(model) if n in fresh_names]
     else:
-        cfg = load_config(config)
-        check_family(cfg, backbone, "model.config")
         model = _fresh_model(cfg if cfg.model_type == "dpt" else dpt_config_for_backbone(cfg), names, attn_implementation)
         fresh = _head_layers(model)
     if fresh_init == "he":
@@ -214,45 +173,6 @@ def freeze_unused(model: PreTrainedModel, forward: Callable | None = None) -> li
             p.requires_grad_(False)
             frozen.append(name)
     return frozen
-
-
-@functools.cache
-def resolve_pretrained(ref: str, part: str = "segmentation") -> str:
-    """A ``from_pretrained`` reference for ``ref``: hub ids and directories as they are; a dptune
-    ``.ckpt`` (any task) written out once as a directory (weights, config, image processor), so
-    that its backbone and neck can start a model of either task. A segmentation + depth source (a
-    multitask ``.ckpt`` or export directory) gives its ``part`` (``segmentation`` or ``depth``)."""
-    if ref.endswith(".ckpt") and Path(ref).is_file():
-        ref = _unpack_checkpoint(str(Path(ref).resolve()), Path(ref).stat().st_mtime_ns)
-    return joint_part(ref, part)
-
-
-def is_joint_export(ref: str) -> bool:
-    """A segmentation + depth export: ``segmentation/`` and ``depth/``, each a model directory."""
-    return (Path(ref) / "segmentation" / "config.json").is_file() and (Path(ref) / "depth" / "config.json").is_file()
-
-
-def joint_part(ref: str, part: str) -> str:
-    """``ref/part`` when ``ref`` is a segmentation + depth export, else ``ref``."""
-    return str(Path(ref) / part) if is_joint_export(ref) else ref
-
-
-@functools.lru_cache(maxsize=4)
-def _unpack_checkpoint(ckpt: str, mtime_ns: int) -> str:
-    """Once per checkpoint file and version (a multitask build asks for both parts)."""
-    import tempfile
-
-    from dptune.tasks.checkpoints import load_module
-
-    module = load_module(ckpt)
-    out = Path(tempfile.mkdtemp(prefix="dptune-ckpt-"))
-    parts = {"segmentation": module.model.seg, "depth": module.model.depth} if module.task == "multitask" else {
-        ".": module.model}
-    for name, model in parts.items():
-        model.save_pretrained(out / name)
-        module.image_processor().save_pretrained(out / name)
-    log.info("%s: %s checkpoint unpacked to %s", ckpt, module.task, out)
-    return str(out)
 
 
 def _classifiers(model: PreTrainedModel) -> list[tuple[nn.Sequential, int]]:

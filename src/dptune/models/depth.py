@@ -19,10 +19,11 @@ from torch import nn
 from transformers import DepthAnythingForDepthEstimation, DPTForDepthEstimation, PreTrainedModel
 
 from dptune.errors import ConfigError
-from dptune.models.backbones import check_family, dpt_config_for_backbone, load_backbone_weights
-from dptune.models.build import _head_layers, freeze_unused, he_init, load_config, pretrained_config
+from dptune.models.backbones import dpt_config_for_backbone, load_backbone_weights
+from dptune.models.build import _head_layers, freeze_unused, he_init
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
 from dptune.models.forward import _backbone_features
+from dptune.models.source import model_source
 
 log = logging.getLogger(__name__)
 
@@ -63,14 +64,8 @@ def build_depth_model(
     init (``fresh_init``), the last layer set so that the first predictions are ``init_depth``."""
     if mode not in MODES:
         raise ConfigError(f"model.mode must be metric or relative, not {mode!r}")
-    if (pretrained is None) == (config is None):
-        raise ConfigError("give exactly one of model.pretrained (hub id / directory / .ckpt) or model.config")
-    if pretrained is not None:
-        from dptune.models.build import resolve_pretrained
-
-        ref = resolve_pretrained(pretrained, "depth")
-        cfg = pretrained_config(ref)
-        check_family(cfg, backbone, pretrained)
+    ref, cfg = model_source(pretrained, config, backbone, "depth")
+    if ref is not None:
         if cfg.model_type in ("dpt", "depth_anything"):
             _set_output(cfg, mode, max_depth)
             model, info = _depth_class(cfg).from_pretrained(
@@ -88,8 +83,6 @@ def build_depth_model(
             load_backbone_weights(model, ref)
             fresh = _head_layers(model)
     else:
-        cfg = load_config(config)
-        check_family(cfg, backbone, "model.config")
         if cfg.model_type not in ("dpt", "depth_anything"):
             cfg = dpt_config_for_backbone(cfg)
         if cfg.model_type == "dpt":

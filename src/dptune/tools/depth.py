@@ -27,7 +27,7 @@ from dptune.visualize import colorize_depth, depth_range
 
 def model_task(ref: str) -> str:
     """``depth``, ``segmentation`` or ``multitask``: what a checkpoint or exported directory holds."""
-    from dptune.models.build import is_joint_export
+    from dptune.models.source import is_joint_export
 
     if is_joint_export(ref):
         return "multitask"

@@ -12,7 +12,7 @@ import cv2
 import numpy as np
 import torch
 
-from dptune.models.build import is_joint_export
+from dptune.models.source import is_joint_export
 
 
 def load_joint(ref: str, device: str):

@@ -1,0 +1,106 @@
+"""Where a model comes from: a config (JSON file, directory or dict), a hub id or directory, a dptune
+``.ckpt`` (unpacked once per file version), or one part of a segmentation + depth model."""
+
+from __future__ import annotations
+
+import functools
+import json
+import logging
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from transformers import AutoConfig, DPTConfig, PretrainedConfig
+
+from dptune.errors import ConfigError
+from dptune.models.backbones import check_family
+
+log = logging.getLogger(__name__)
+
+
+def model_source(pretrained: str | None, config: str | Mapping[str, Any] | None, backbone: str | None,
+                 part: str) -> tuple[str | None, PretrainedConfig]:
+    """What every model builder starts from: (a ``from_pretrained`` reference or None, its config),
+    from exactly one of ``pretrained`` and ``config``, checked against the ``backbone`` family."""
+    if (pretrained is None) == (config is None):
+        raise ConfigError("give exactly one of model.pretrained (hub id / directory / .ckpt) or model.config "
+                          "(DPTConfig JSON)")
+    if pretrained is None:
+        cfg = load_config(config)
+        check_family(cfg, backbone, "model.config")
+        return None, cfg
+    ref = resolve_pretrained(pretrained, part)
+    cfg = pretrained_config(ref)
+    check_family(cfg, backbone, pretrained)
+    return ref, cfg
+
+
+def load_config(config: str | Mapping[str, Any]) -> PretrainedConfig:
+    """A ``DPTConfig`` (or a bare backbone's config, e.g. ``"model_type": "dinov2"``) from a JSON
+    file, a directory holding ``config.json``, or a dict."""
+    if isinstance(config, Mapping):
+        return _config_from_dict(dict(config))
+    path = Path(config)
+    if path.is_dir():
+        path = path / "config.json"
+    try:
+        spec = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise ConfigError(f"{path}: model config not found") from None
+    except json.JSONDecodeError as e:
+        raise ConfigError(f"{path}: not valid JSON ({e})") from None
+    return _config_from_dict(spec)
+
+
+def _config_from_dict(spec: dict[str, Any]) -> PretrainedConfig:
+    spec = {k: v for k, v in spec.items() if k not in ("architectures", "auto_map")}
+    kind = spec.pop("model_type", "dpt")
+    return DPTConfig(**spec) if kind == "dpt" else AutoConfig.for_model(kind, **spec)
+
+
+def pretrained_config(ref: str) -> PretrainedConfig:
+    """The config of a hub id or local directory; one clear line when it cannot be had."""
+    try:
+        return AutoConfig.from_pretrained(ref)
+    except OSError as e:
+        where = "local directory" if Path(ref).exists() else "hub id (offline, or no such repository?)"
+        raise ConfigError(f"model.pretrained {ref!r}: cannot load its config.json as a {where}: "
+                          f"{str(e).splitlines()[0]}") from None
+
+
+def resolve_pretrained(ref: str, part: str = "segmentation") -> str:
+    """A ``from_pretrained`` reference for ``ref``: hub ids and directories as they are; a dptune
+    ``.ckpt`` (any task) written out once as a directory (weights, config, image processor), so
+    that its backbone and neck can start a model of either task. A segmentation + depth source (a
+    multitask ``.ckpt`` or export directory) gives its ``part`` (``segmentation`` or ``depth``)."""
+    if ref.endswith(".ckpt") and Path(ref).is_file():
+        ref = _unpack_checkpoint(str(Path(ref).resolve()), Path(ref).stat().st_mtime_ns)
+    return joint_part(ref, part)
+
+
+def is_joint_export(ref: str) -> bool:
+    """A segmentation + depth export: ``segmentation/`` and ``depth/``, each a model directory."""
+    return (Path(ref) / "segmentation" / "config.json").is_file() and (Path(ref) / "depth" / "config.json").is_file()
+
+
+def joint_part(ref: str, part: str) -> str:
+    """``ref/part`` when ``ref`` is a segmentation + depth export, else ``ref``."""
+    return str(Path(ref) / part) if is_joint_export(ref) else ref
+
+
+@functools.lru_cache(maxsize=4)
+def _unpack_checkpoint(ckpt: str, mtime_ns: int) -> str:
+    """Once per checkpoint file and version (a multitask build asks for both parts)."""
+    import tempfile
+
+    from dptune.tasks.checkpoints import load_module
+
+    module = load_module(ckpt)
+    out = Path(tempfile.mkdtemp(prefix="dptune-ckpt-"))
+    parts = {"segmentation": module.model.seg, "depth": module.model.depth} if module.task == "multitask" else {
+        ".": module.model}
+    for name, model in parts.items():
+        model.save_pretrained(out / name)
+        module.image_processor().save_pretrained(out / name)
+    log.info("%s: %s checkpoint unpacked to %s", ckpt, module.task, out)
+    return str(out)
