@@ -44,3 +44,19 @@ def test_relative_mode_trains_with_the_shift_invariant_loss_and_is_scored_after_
     assert torch.isfinite(loss) and any(p.grad is not None and p.grad.abs().sum() > 0 for p in m.parameters())
     with pytest.raises(ValueError, match="cannot train metric depth"):
         DepthModule(config=json.loads(DA_TINY.read_text()), mode="metric", loss="ssi", image_size=56)
+
+
+@pytest.mark.parametrize("build", ["segmentation", "depth"])
+def test_an_unknown_fresh_init_is_refused_by_every_builder(build):
+    """A typo in model.fresh_init must not silently mean transformers' initialisation."""
+    from conftest import TINY
+
+    from dptune.errors import ConfigError
+    from dptune.models import build_model
+
+    config = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+    with pytest.raises(ConfigError, match="fresh_init must be 'he' or 'hf'"):
+        if build == "segmentation":
+            build_model(["a", "b"], config=config, fresh_init="xavier")
+        else:
+            build_depth_model(config=config, fresh_init="xavier")

@@ -16,7 +16,6 @@ import torch
 from torch import nn
 from transformers import AutoConfig, DPTConfig, PreTrainedModel
 
-from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
 from dptune.models.backbones import dpt_config_for_backbone, load_backbone_weights, model_class
 from dptune.models.dpt_backbone import input_multiple
@@ -44,9 +43,7 @@ def build_model(
     ``fresh_init``: ``he`` re-initialises the convolutional neck and heads wherever they start
     from random weights (see ``he_init``); ``hf`` keeps ``transformers``' N(0, 0.02).
     """
-    if fresh_init not in ("he", "hf"):
-        raise ConfigError(f"model.fresh_init must be 'he' or 'hf', not {fresh_init!r}")
-    ref, cfg = model_source(pretrained, config, backbone, "segmentation")
+    ref, cfg = model_source(pretrained, config, backbone, "segmentation", fresh_init)
     if ref is not None:
         if cfg.model_type != "dpt":
             model = _fresh_model(dpt_config_for_backbone(cfg), names, attn_implementation)

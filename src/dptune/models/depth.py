@@ -64,7 +64,7 @@ def build_depth_model(
     init (``fresh_init``), the last layer set so that the first predictions are ``init_depth``."""
     if mode not in MODES:
         raise ConfigError(f"model.mode must be metric or relative, not {mode!r}")
-    ref, cfg = model_source(pretrained, config, backbone, "depth")
+    ref, cfg = model_source(pretrained, config, backbone, "depth", fresh_init)
     if ref is not None:
         if cfg.model_type in ("dpt", "depth_anything"):
             _set_output(cfg, mode, max_depth)

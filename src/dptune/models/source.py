@@ -19,9 +19,12 @@ log = logging.getLogger(__name__)
 
 
 def model_source(pretrained: str | None, config: str | Mapping[str, Any] | None, backbone: str | None,
-                 part: str) -> tuple[str | None, PretrainedConfig]:
+                 part: str, fresh_init: str) -> tuple[str | None, PretrainedConfig]:
     """What every model builder starts from: (a ``from_pretrained`` reference or None, its config),
-    from exactly one of ``pretrained`` and ``config``, checked against the ``backbone`` family."""
+    from exactly one of ``pretrained`` and ``config``, checked against the ``backbone`` family;
+    ``fresh_init`` (how layers without weights start) checked too."""
+    if fresh_init not in ("he", "hf"):
+        raise ConfigError(f"model.fresh_init must be 'he' or 'hf', not {fresh_init!r}")
     if (pretrained is None) == (config is None):
         raise ConfigError("give exactly one of model.pretrained (hub id / directory / .ckpt) or model.config "
                           "(DPTConfig JSON)")
