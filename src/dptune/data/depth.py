@@ -8,7 +8,6 @@ them); photometric changes touch the image only.
 
 from __future__ import annotations
 
-import glob
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -24,9 +23,10 @@ from dptune.data.sources import (
     _read_bytes,
     image_header_size,
     mask_path_for,
+    match_images,
     open_hf_split,
     read_image,
-    read_mask,
+    read_paired_mask,
 )
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError
@@ -92,10 +92,7 @@ class DepthFolderSource:
 
     def __init__(self, root: str, images: str, depth: str, scale: float = 1000.0, masks: str | None = None,
                  rgb_masks: bool = False) -> None:
-        pattern = images if os.path.isabs(images) else os.path.join(root, images)
-        self.images = sorted(glob.glob(pattern, recursive=True))
-        if not self.images:
-            raise DataError(f"{pattern}: no images match")
+        self.images = match_images(root, images)
         self.depths = [mask_path_for(p, depth, root) for p in self.images]
         self.masks = [mask_path_for(p, masks, root) for p in self.images] if masks else None
         self.scale, self.rgb_masks = scale, rgb_masks
@@ -117,9 +114,7 @@ class DepthFolderSource:
 
     def mask(self, i: int) -> tuple[np.ndarray, str]:
         """The raw mask of sample ``i`` and its path."""
-        if not os.path.exists(self.masks[i]):
-            raise DataError(f"{self.images[i]}: no mask (expected {self.masks[i]})")
-        return read_mask(self.masks[i], self.rgb_masks), self.masks[i]
+        return read_paired_mask(self.images[i], self.masks[i], self.rgb_masks), self.masks[i]
 
 
 class HFDepthSource:

@@ -122,15 +122,28 @@ def mask_path_for(image_path: str, template: str, root: str) -> str:
     return os.path.normpath(filled)
 
 
+def match_images(root: str, images: str) -> list[str]:
+    """The image files a glob (relative to ``root`` unless absolute) matches, sorted; none is an error."""
+    pattern = images if os.path.isabs(images) else os.path.join(root, images)
+    found = sorted(glob.glob(pattern, recursive=True))
+    if not found:
+        raise DataError(f"{pattern}: no images match")
+    return found
+
+
+def read_paired_mask(image: str, path: str, rgb: bool) -> np.ndarray:
+    """The mask an image's template points to; a missing one is named against its image."""
+    if not os.path.exists(path):
+        raise DataError(f"{image}: no mask (expected {path})")
+    return read_mask(path, rgb)
+
+
 class FolderSource:
     """Image files matched by a glob, each paired with a mask found by a path template."""
 
     def __init__(self, root: str, images: str, masks: str, rgb_masks: bool = False) -> None:
         self.root = root
-        pattern = images if os.path.isabs(images) else os.path.join(root, images)
-        self.images = sorted(glob.glob(pattern, recursive=True))
-        if not self.images:
-            raise DataError(f"{pattern}: no images match")
+        self.images = match_images(root, images)
         self.masks = [mask_path_for(p, masks, root) for p in self.images]
         self.rgb_masks = rgb_masks
 
@@ -141,9 +154,7 @@ class FolderSource:
         return self.images[i]
 
     def _mask(self, i: int) -> np.ndarray:
-        if not os.path.exists(self.masks[i]):
-            raise DataError(f"{self.images[i]}: no mask (expected {self.masks[i]})")
-        return read_mask(self.masks[i], self.rgb_masks)
+        return read_paired_mask(self.images[i], self.masks[i], self.rgb_masks)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         # problems found in the mask (unknown values, size) are reported against the mask file
