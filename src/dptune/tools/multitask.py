@@ -4,7 +4,6 @@ from one forward pass of a joint model (a multitask ``.ckpt``, or an exported di
 
 from __future__ import annotations
 
-import json
 import sys
 from pathlib import Path
 
@@ -17,19 +16,13 @@ from dptune.models.source import is_joint_export
 
 def load_joint(ref: str, device: str):
     """(joint model, image processor, label set, depth metadata)."""
-    if is_joint_export(ref):
-        from transformers import AutoImageProcessor
-
-        from dptune.models import load_exported
+    if is_joint_export(ref):  # each part as its own predictor reads it, the backbones tied back into one
+        from dptune.depth_predictor import DepthPredictor
         from dptune.models.joint import JointDPT
-        from dptune.predictor import exported_labels
+        from dptune.predictor import Predictor
 
-        seg, depth = load_exported(str(Path(ref) / "segmentation")), load_exported(str(Path(ref) / "depth"))
-        card = Path(ref) / "depth" / "dptune.json"
-        meta = json.loads(card.read_text()).get("depth", {}) if card.exists() else {}
-        labels = exported_labels(str(Path(ref) / "segmentation"), seg.config.id2label)
-        joint = JointDPT(seg, depth)
-        processor = AutoImageProcessor.from_pretrained(str(Path(ref) / "segmentation"))
+        seg, depth = Predictor.load(ref), DepthPredictor.load(ref)
+        joint, processor, labels, meta = JointDPT(seg.model, depth.model), seg.processor, seg.labels, depth.meta
     else:
         from dptune.tasks.checkpoints import load_module
 
