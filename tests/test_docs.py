@@ -7,9 +7,37 @@ import re
 
 from conftest import REPO
 
+FENCE = re.compile(r"^\s*```")
+
 
 def test_the_declared_licence_ships_as_a_file():
     assert re.search(r'^license = "Apache-2.0"$', (REPO / "pyproject.toml").read_text(), re.M)
     text = (REPO / "LICENSE").read_text()
     assert text.split()[:4] == ["Apache", "License", "Version", "2.0,"]
     assert "END OF TERMS AND CONDITIONS" in text and "9. Accepting Warranty or Additional Liability." in text
+
+
+def test_code_fences_open_and_close_on_lines_of_their_own():
+    """A fence with text after it on the same line does not close the block (CommonMark): the prose
+    after it, and every section down to the next fence, renders as code."""
+    for doc in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md"))]:
+        inside = False
+        for n, line in enumerate(doc.read_text().splitlines(), 1):
+            if "```" not in line:
+                continue
+            assert FENCE.match(line), f"{doc.name}:{n}: ``` inside a line: {line!r}"
+            info = line.strip()[3:]
+            assert not (inside and info), f"{doc.name}:{n}: a closing fence takes no text: {line!r}"
+            inside = not inside
+        assert not inside, f"{doc.name}: a code block is never closed"
+
+
+def test_readme_installs_cpu_torch_from_the_cpu_index():
+    """On PyPI, ``torch==X`` for Linux is the CUDA build; the CPU build comes from PyTorch's CPU index.
+    The README's pin is the one CI installs."""
+    ci_pin = re.search(r"torch==([\d.]+)", (REPO / ".ci" / "run").read_text()).group(1)
+    readme = (REPO / "README.md").read_text()
+    assert f"pip install torch=={ci_pin} --index-url https://download.pytorch.org/whl/cpu" in readme
+    for line in readme.splitlines():
+        if "torch==" in line and "--index-url" not in line:
+            assert "CPU" not in line, f"a plain PyPI pin called the CPU build: {line!r}"
