@@ -41,3 +41,13 @@ def test_readme_installs_cpu_torch_from_the_cpu_index():
     for line in readme.splitlines():
         if "torch==" in line and "--index-url" not in line:
             assert "CPU" not in line, f"a plain PyPI pin called the CPU build: {line!r}"
+
+
+def test_the_camvid_result_is_the_benchmark_tables_figure_with_its_command():
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("## CamVid results", 1)[1].split("\n## ", 1)[0]
+    figure = re.search(r"val mIoU \*\*(0\.\d+)\*\*", section).group(1)
+    assert "python train.py fit --config configs/camvid.yaml" in section, "the command beside the figure"
+    bench = (REPO / "docs" / "benchmarks.md").read_text()
+    table = bench.split("## CamVid end to end", 1)[1].split("\n#", 1)[0]
+    assert f"**{figure}**" in table
