@@ -1,6 +1,6 @@
 import numpy as np
 import yaml
-from conftest import CAMVID, REPO, needs
+from conftest import CAMVID, KITCHEN, REPO, needs
 from PIL import Image
 
 from dptune.tools.inspect import class_weights, main
@@ -36,3 +36,59 @@ def test_median_frequency_weights():
     assert w[0] == round(0.55 / 0.9, 4) and w[1] == round(0.55 / 0.2, 4) and w[2] == 0.0
     inv = class_weights(s, "inverse")
     assert abs(np.mean([x for x in inv if x > 0]) - 1) < 1e-3
+
+
+def _field(out: str, key: str) -> list[str]:
+    return next(ln for ln in out.splitlines() if key in ln).split(key, 1)[1].split()
+
+
+@needs(KITCHEN)
+def test_depth_config_reports_valid_share_and_range_in_metres(capsys):
+    rc = main([str(REPO / "configs" / "depth" / "7scenes.yaml"), "--root", str(KITCHEN), "--splits", "val"])
+    out = capsys.readouterr().out
+    assert rc == 0
+    files = sorted((KITCHEN / "val" / "depth").glob("*.png"))
+    raw = np.stack([np.asarray(Image.open(f)) for f in files]).astype(np.float64) / 1000
+    valid = raw[raw > 0]
+    assert f"== val: {len(files)} samples, 0 with problems" in out
+    assert abs(float(_field(out, "valid depth pixels:")[0]) - valid.size / raw.size) < 1e-4
+    lo, med, hi = (float(v) for v in _field(out, "valid depth (m): min")[0::2][:3])
+    assert abs(lo - valid.min()) < 1e-3 and abs(hi - valid.max()) < 1e-3
+    assert abs(med - np.median(valid)) <= 1e-3  # 1 mm bins
+
+
+@needs(KITCHEN)
+def test_depth_config_refuses_segmentation_options_in_one_line(capsys):
+    rc = main([str(REPO / "configs" / "depth" / "7scenes.yaml"), "--root", str(KITCHEN), "--splits", "val",
+               "--class-weights", "median"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and len(err) == 1 and "--class-weights" in err[0] and "depth" in err[0]
+
+
+@needs(KITCHEN)
+def test_multitask_config_reports_each_source_as_its_own_task_does(capsys, tmp_path):
+    cfg = yaml.safe_load((REPO / "configs" / "multitask" / "camvid-7scenes.yaml").read_text())
+    cfg["data"]["segmentation"].update(root=str(CAMVID), splits={"val": {"images": "val/0016E5_0799*.jpg",
+                                                                        "masks": "valannot/{stem}.png"}})
+    cfg["data"]["depth"].update(root=str(KITCHEN), splits={"val": {"images": "val/rgb/frame-00060*.jpg",
+                                                                  "depth": "val/depth/{stem}.png"}})
+    joint = tmp_path / "joint.yaml"
+    joint.write_text(yaml.safe_dump(cfg))
+    assert main([str(joint), "--splits", "val"]) == 0
+    out = capsys.readouterr().out
+    assert "camvid (segmentation)" in out and "7scenes-kitchen (depth)" in out
+
+    seg = tmp_path / "seg.yaml"
+    seg.write_text(yaml.safe_dump({"data": {**cfg["data"]["segmentation"], "image_size": 224}}))
+    assert main([str(seg), "--splits", "val"]) == 0
+    seg_out = capsys.readouterr().out
+    depth = tmp_path / "depth.yaml"
+    depth.write_text(yaml.safe_dump({"task": "depth", "data": cfg["data"]["depth"]}))
+    assert main([str(depth), "--splits", "val"]) == 0
+    depth_out = capsys.readouterr().out
+    seg_part, depth_part = out.split("7scenes-kitchen (depth)")
+    assert seg_out.strip() in seg_part and depth_out.strip() in depth_part
+
+    assert main([str(joint), "--root", str(CAMVID)]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--root" in err[0]

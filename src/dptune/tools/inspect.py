@@ -1,16 +1,23 @@
-"""Look at a dataset before training on it: sizes, class frequencies, bad masks, class weights.
+"""Look at a dataset before training on it: sizes, class frequencies, bad masks, class weights;
+for depth, the share of valid depth pixels and the valid depth range in metres.
 
     python scripts/inspect_data.py configs/camvid.yaml --root ../shared/data/camvid
     python scripts/inspect_data.py configs/camvid.yaml --class-weights median --out weights.yaml
     python train.py fit --config configs/camvid.yaml --config weights.yaml
+    python scripts/inspect_data.py configs/depth/7scenes.yaml --root ../shared/data/7scenes-kitchen
+    python scripts/inspect_data.py configs/multitask/camvid-7scenes.yaml
 
-Reads the ``data:`` section of a train.py config (no train.py needed).
+Reads the ``data:`` section of a train.py config of any task (no train.py needed), through the
+task's own datamodule: a multitask config gets each source's report (classes for segmentation
+sources, depth for depth sources, both for depth sources with masks). Class weights are for
+segmentation configs only. Exit status: 0 clean, 1 some samples are bad, 2 an error.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
@@ -22,6 +29,11 @@ from tqdm.auto import tqdm
 from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet
 
+TASKS = ("segmentation", "depth", "multitask")
+KINDS = {"segmentation": "segmentation", "depth": "depth", "both": "depth + segmentation"}  # of a multitask source
+BUILDS = {"train": "fit", "val": "validate", "test": "test"}  # the Lightning stage that builds each split
+MAX_MM = 1_000_000  # the median's histogram stops at 1 km; min and max are exact
+
 
 @dataclass
 class SplitStats:
@@ -31,6 +43,24 @@ class SplitStats:
     pixels: np.ndarray | None = None  # per class, plus ignore at index C
     present: np.ndarray | None = None  # pixels of the images in which each class appears
     problems: list[str] = field(default_factory=list)
+
+
+@dataclass
+class DepthStats:
+    name: str
+    samples: int = 0
+    sizes: list[tuple[int, int]] = field(default_factory=list)
+    pixels: int = 0
+    valid: int = 0
+    empty: int = 0  # maps with no valid pixel
+    lo: float = float("inf")
+    hi: float = 0.0
+    mm: np.ndarray = field(default_factory=lambda: np.zeros(MAX_MM + 1, np.int64))  # valid depth, 1 mm bins
+    problems: list[str] = field(default_factory=list)
+
+    def median(self) -> float:
+        """Median valid depth in metres, to the millimetre."""
+        return float(np.searchsorted(np.cumsum(self.mm), (self.valid - 1) // 2 + 1)) / 1000
 
 
 def image_size(source: Any, i: int) -> tuple[int, int]:
@@ -45,6 +75,12 @@ def image_size(source: Any, i: int) -> tuple[int, int]:
     return image.shape[:2]
 
 
+def class_counts(enc: np.ndarray, labels: LabelSet) -> np.ndarray:
+    """Per-class pixel counts of an encoded mask (ignore counted in the last slot)."""
+    counts = np.bincount(enc.ravel(), minlength=256)
+    return np.append(counts[: labels.num_classes], counts[IGNORE_INDEX])
+
+
 def mask_counts(source: Any, labels: LabelSet, i: int) -> np.ndarray:
     """Per-class pixel counts of one encoded mask (ignore counted in the last slot)."""
     from dptune.data.sources import read_mask
@@ -53,32 +89,73 @@ def mask_counts(source: Any, labels: LabelSet, i: int) -> np.ndarray:
         raw, name = read_mask(source.masks[i], labels.mask_format == "rgb"), source.masks[i]
     else:
         _, raw, name = source.load(i)
-    enc = labels.encode(raw, name)
-    counts = np.bincount(enc.ravel(), minlength=256)
-    return np.append(counts[: labels.num_classes], counts[IGNORE_INDEX])
+    return class_counts(labels.encode(raw, name), labels)
+
+
+def scan(stage: str, n: int, one: Callable[[int], Any], workers: int = 2) -> Iterator[Any]:
+    """``one(i)`` of every sample, or the message of the DataError it raised, with a progress bar."""
+
+    def safe(i: int) -> Any:
+        try:
+            return one(i)
+        except DataError as e:
+            return str(e)
+
+    with ThreadPoolExecutor(workers) as pool:
+        yield from tqdm(pool.map(safe, range(n)), total=n, desc=stage, leave=False)
+
+
+def new_split_stats(stage: str, images: int, labels: LabelSet) -> SplitStats:
+    c = labels.num_classes
+    return SplitStats(stage, images=images, pixels=np.zeros(c + 1, np.int64), present=np.zeros(c, np.int64))
+
+
+def add_counts(stats: SplitStats, counts: np.ndarray) -> None:
+    stats.pixels += counts
+    stats.present += np.where(counts[:-1] > 0, counts.sum(), 0)
 
 
 def inspect_split(stage: str, source: Any, labels: LabelSet, workers: int = 2) -> SplitStats:
-    stats = SplitStats(stage, images=len(source))
-    c = labels.num_classes
-    stats.pixels = np.zeros(c + 1, np.int64)
-    stats.present = np.zeros(c, np.int64)
-
-    def one(i: int):
-        try:
-            return image_size(source, i), mask_counts(source, labels, i)
-        except DataError as e:
-            return None, str(e)
-
-    with ThreadPoolExecutor(workers) as pool:
-        for size, counts in tqdm(pool.map(one, range(len(source))), total=len(source), desc=stage, leave=False):
-            if size is None:
-                stats.problems.append(counts)
-                continue
-            stats.sizes.append(size)
-            stats.pixels += counts
-            stats.present += np.where(counts[:c] > 0, counts.sum(), 0)
+    stats = new_split_stats(stage, len(source), labels)
+    for out in scan(stage, len(source), lambda i: (image_size(source, i), mask_counts(source, labels, i)), workers):
+        if isinstance(out, str):
+            stats.problems.append(out)
+            continue
+        stats.sizes.append(out[0])
+        add_counts(stats, out[1])
     return stats
+
+
+def depth_sample(ds: Any, i: int) -> tuple[tuple[int, int], np.ndarray, np.ndarray | None]:
+    """(image size, valid depths in metres, encoded mask or None) of one sample, read by the dataset."""
+    image, depth, *mask = ds.load(i)
+    return image.shape[:2], depth[depth > 0], (mask[0] if mask else None)
+
+
+def add_depth(stats: DepthStats, size: tuple[int, int], valid: np.ndarray) -> None:
+    stats.sizes.append(size)
+    stats.pixels += size[0] * size[1]
+    stats.valid += valid.size
+    stats.empty += valid.size == 0
+    if valid.size:
+        stats.lo, stats.hi = min(stats.lo, float(valid.min())), max(stats.hi, float(valid.max()))
+        mm = np.bincount(np.minimum(np.round(valid.astype(np.float64) * 1000), MAX_MM).astype(np.int64))
+        stats.mm[: mm.size] += mm
+
+
+def inspect_depth_split(stage: str, ds: Any, workers: int = 2) -> tuple[DepthStats, SplitStats | None]:
+    """Depth facts of a split and, when its samples carry masks too, their class counts."""
+    stats = DepthStats(stage, samples=len(ds))
+    classes = None if ds.labels is None else new_split_stats(stage, len(ds), ds.labels)
+    for out in scan(stage, len(ds), lambda i: depth_sample(ds, i), workers):
+        if isinstance(out, str):
+            stats.problems.append(out)
+            continue
+        add_depth(stats, out[0], out[1])
+        if classes is not None:
+            classes.sizes.append(out[0])
+            add_counts(classes, class_counts(out[2], ds.labels))
+    return stats, classes
 
 
 def class_weights(stats: SplitStats, mode: str) -> list[float]:
@@ -99,66 +176,165 @@ def class_weights(stats: SplitStats, mode: str) -> list[float]:
     return [round(float(x), 4) for x in w]
 
 
-def format_report(stats: SplitStats, labels: LabelSet) -> str:
-    lines = [f"== {stats.name}: {stats.images} images, {len(stats.problems)} with problems"]
-    if stats.sizes:
-        hs = np.array([s[0] for s in stats.sizes])
-        ws = np.array([s[1] for s in stats.sizes])
-        lines.append(f"   size (w x h): min {ws.min()}x{hs.min()}  median {int(np.median(ws))}x{int(np.median(hs))}"
-                     f"  max {ws.max()}x{hs.max()}")
+def size_line(sizes: list[tuple[int, int]]) -> list[str]:
+    if not sizes:
+        return []
+    hs, ws = np.array([s[0] for s in sizes]), np.array([s[1] for s in sizes])
+    return [f"   size (w x h): min {ws.min()}x{hs.min()}  median {int(np.median(ws))}x{int(np.median(hs))}"
+            f"  max {ws.max()}x{hs.max()}"]
+
+
+def class_table(stats: SplitStats, labels: LabelSet) -> list[str]:
     total = max(int(stats.pixels.sum()), 1)
-    lines.append(f"   ignored pixels: {stats.pixels[-1] / total:.4f}")
-    lines.append(f"   {'class':<20} {'pixels':>12} {'frequency':>10}")
+    lines = [f"   ignored pixels: {stats.pixels[-1] / total:.4f}", f"   {'class':<20} {'pixels':>12} {'frequency':>10}"]
     labelled = max(int(stats.pixels[:-1].sum()), 1)
     for name, n in zip(labels.names, stats.pixels[:-1], strict=True):
         lines.append(f"   {name:<20} {int(n):>12d} {n / labelled:>10.4f}")
-    for p in stats.problems[:20]:
-        lines.append(f"   bad: {p}")
-    if len(stats.problems) > 20:
-        lines.append(f"   ... and {len(stats.problems) - 20} more")
+    return lines
+
+
+def problem_lines(problems: list[str]) -> list[str]:
+    lines = [f"   bad: {p}" for p in problems[:20]]
+    return lines + ([f"   ... and {len(problems) - 20} more"] if len(problems) > 20 else [])
+
+
+def format_report(stats: SplitStats, labels: LabelSet) -> str:
+    lines = [f"== {stats.name}: {stats.images} images, {len(stats.problems)} with problems"]
+    lines += size_line(stats.sizes) + class_table(stats, labels) + problem_lines(stats.problems)
     return "\n".join(lines)
+
+
+def format_depth_report(stats: DepthStats, classes: SplitStats | None = None, labels: LabelSet | None = None) -> str:
+    lines = [f"== {stats.name}: {stats.samples} samples, {len(stats.problems)} with problems"]
+    lines += size_line(stats.sizes)
+    lines.append(f"   valid depth pixels: {stats.valid / max(stats.pixels, 1):.4f} of {stats.pixels}"
+                 f" ({stats.empty} maps with none)")
+    if stats.valid:
+        lines.append(f"   valid depth (m): min {stats.lo:.3f}  median {stats.median():.3f}  max {stats.hi:.3f}")
+    if classes is not None and labels is not None:
+        lines += class_table(classes, labels)
+    return "\n".join(lines + problem_lines(stats.problems))
+
+
+def report_segmentation(dm: Any, stages: list[str]) -> dict[str, SplitStats]:
+    """Class statistics of each split of a SegmentationDataModule, printed as they come."""
+    from dptune.data.sources import build_source
+
+    results = {}
+    for stage in stages:
+        if stage in dm.splits:
+            src = build_source(dm.source_kind, dict(dm.splits[stage]), dm.root, dm.label_set.mask_format == "rgb",
+                               stage, dm.hf)
+            results[stage] = inspect_split(stage, src, dm.label_set)
+            print(format_report(results[stage], dm.label_set))
+    return results
+
+
+def report_depth(dm: Any, stages: list[str]) -> list[list[str]]:
+    """Depth statistics (and class counts of samples that carry masks) of each split of a
+    DepthDataModule, read by its own datasets; the problems of each split."""
+    problems = []
+    for stage in stages:
+        if stage in dm.splits:
+            dm.setup(BUILDS[stage])
+            stats, classes = inspect_depth_split(stage, dm.datasets[stage])
+            print(format_depth_report(stats, classes, dm.label_set))
+            problems.append(stats.problems)
+    return problems
+
+
+def quiet(spec: dict[str, Any]) -> dict[str, Any]:
+    """A datamodule's settings for inspection: no pre-flight check, no cache (this reads every file once)."""
+    return {**spec, "check": False, "cache": False}
+
+
+def inspect_config(task: str, data: dict[str, Any], stages: list[str]) -> tuple[dict[str, SplitStats], bool]:
+    """Print the report of a config's data; (segmentation results by split, whether any sample is bad)."""
+    if task == "segmentation":
+        from dptune.data.datamodule import SegmentationDataModule
+
+        results = report_segmentation(SegmentationDataModule(**quiet(data), num_workers=0), stages)
+        return results, any(r.problems for r in results.values())
+    if task == "depth":
+        from dptune.data.depth_datamodule import DepthDataModule
+
+        return {}, any(report_depth(DepthDataModule(**quiet(data), num_workers=0), stages))
+    from dptune.data.multitask_datamodule import MultiTaskDataModule
+
+    for key in ("segmentation", "depth"):
+        specs = data.get(key)
+        if specs:
+            data[key] = [quiet(s) for s in specs] if isinstance(specs, list) else quiet(specs)
+    dm, bad = MultiTaskDataModule(**data, num_workers=0), False
+    for s in dm.sources:
+        print(f"### {s.name} ({KINDS[s.kind]})")
+        if s.kind == "segmentation":
+            bad |= any(r.problems for r in report_segmentation(s.dm, stages).values())
+        else:
+            bad |= any(report_depth(s.dm, stages))
+    return {}, bad
+
+
+def refusal(args: argparse.Namespace, task: str) -> str | None:
+    """Why the options cannot work for this config's task, or None."""
+    if task not in TASKS:
+        return f"{args.config}: task {task!r} is not one of {', '.join(TASKS)}"
+    if args.class_weights and task != "segmentation":
+        return (f"--class-weights is for segmentation configs; {args.config} is a {task} config "
+                "(its model takes no class weights)")
+    if args.out and not args.class_weights:
+        return "--out writes the class weights: give --class-weights too"
+    if args.root and task == "multitask":
+        return (f"--root: {args.config} is a multitask config with a root per source "
+                "(data.segmentation.root, data.depth.root); set them in the config")
+    return None
+
+
+def write_weights(args: argparse.Namespace, results: dict[str, SplitStats]) -> int:
+    if "train" not in results:
+        print("error: --class-weights needs a train split", file=sys.stderr)
+        return 2
+    w = class_weights(results["train"], args.class_weights)
+    print(f"class_weights ({args.class_weights}): {w}")
+    if args.out:
+        with open(args.out, "w") as f:
+            f.write(f"# {args.class_weights}-frequency class weights from {args.config} (train split)\n")
+            yaml.safe_dump({"model": {"class_weights": w}}, f, default_flow_style=None)
+    return 0
 
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("config", help="train.py YAML config; its data: section is used")
-    ap.add_argument("--root", help="override data.root")
+    ap.add_argument("config", help="train.py YAML config (any task); its data: section is used")
+    ap.add_argument("--root", help="override data.root (segmentation and depth configs)")
     ap.add_argument("--splits", default="train,val,test", help="comma-separated stages to inspect")
-    ap.add_argument("--class-weights", choices=["inverse", "median"], help="compute weights from the train split")
-    ap.add_argument("--out", help="write the weights as a YAML config fragment (model.class_weights)")
+    ap.add_argument("--class-weights", choices=["inverse", "median"],
+                    help="segmentation configs: compute weights from the train split")
+    ap.add_argument("--out", help="with --class-weights: write the weights as a YAML config fragment "
+                                  "(model.class_weights)")
     args = ap.parse_args(argv)
-    from dptune.data.datamodule import SegmentationDataModule
-    from dptune.data.sources import build_source
-
     try:
         cfg = yaml.safe_load(open(args.config)) or {}
+        task = str(cfg.get("task") or "segmentation")
+        why = refusal(args, task)
+        if why:
+            print(f"error: {why}", file=sys.stderr)
+            return 2
         data = dict(cfg.get("data") or {})
         if args.root:
             data["root"] = args.root
-        data.update(check=False, cache=False, num_workers=0)
-        dm = SegmentationDataModule(**data)
-        results = {}
-        for stage in args.splits.split(","):
-            if stage not in dm.splits:
-                continue
-            src = build_source(dm.source_kind, dict(dm.splits[stage]), dm.root,
-                               dm.label_set.mask_format == "rgb", stage, dm.hf)
-            results[stage] = inspect_split(stage, src, dm.label_set)
-            print(format_report(results[stage], dm.label_set))
-    except (DataError, OSError, yaml.YAMLError) as e:
+        results, bad = inspect_config(task, data, args.splits.split(","))
+    except (DataError, ConfigError, OSError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except TypeError as e:  # a key the datamodule does not take
+        print(f"error: {args.config}: data: {e}", file=sys.stderr)
+        return 2
     if args.class_weights:
-        if "train" not in results:
-            print("error: --class-weights needs a train split", file=sys.stderr)
-            return 2
-        w = class_weights(results["train"], args.class_weights)
-        print(f"class_weights ({args.class_weights}): {w}")
-        if args.out:
-            with open(args.out, "w") as f:
-                f.write(f"# {args.class_weights}-frequency class weights from {args.config} (train split)\n")
-                yaml.safe_dump({"model": {"class_weights": w}}, f, default_flow_style=None)
-    return 1 if any(r.problems for r in results.values()) else 0
+        rc = write_weights(args, results)
+        if rc:
+            return rc
+    return 1 if bad else 0
 
 
 if __name__ == "__main__":
