@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -104,13 +107,34 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     ``preprocessor_config.json``, a model card ``README.md``, ``dptune.json`` and, with ``onnx``,
     ``model.onnx`` checked against torch. Segmentation or depth, whichever ``src`` holds."""
     got = _load(str(src))
-    if got.get("task") == "multitask":
-        out = export_multitask(got, Path(out_dir), str(src), onnx, fp16, tolerance, push_to_hub)
-    else:
-        out = write_directory(got, Path(out_dir), str(src), onnx, fp16, tolerance)
+    with plain_file_modes(Path(out_dir)):
+        if got.get("task") == "multitask":
+            out = export_multitask(got, Path(out_dir), str(src), onnx, fp16, tolerance, push_to_hub)
+        else:
+            out = write_directory(got, Path(out_dir), str(src), onnx, fp16, tolerance)
     if push_to_hub:
         push_folder(out, push_to_hub)
     return out
+
+
+@contextmanager
+def plain_file_modes(out: Path) -> Iterator[None]:
+    """Give the files written under ``out`` the modes a plain ``open()`` gives: a new file 0666 less
+    the umask, an overwritten one its old mode. safetensors (0.8) writes through a temporary file,
+    created 0600, that it renames into place, so ``model.safetensors`` would be readable by its
+    owner only, unlike the config beside it."""
+    files = [p for p in out.rglob("*") if p.is_file() and not p.is_symlink()] if out.is_dir() else []
+    before = {p: p.stat().st_mode & 0o7777 for p in files}
+    yield
+    if os.name != "posix":
+        return
+    mask = os.umask(0)
+    os.umask(mask)
+    for p in out.rglob("*"):
+        if p.is_file() and not p.is_symlink():
+            mode = before.get(p, 0o666 & ~mask)
+            if p.stat().st_mode & 0o7777 != mode:
+                p.chmod(mode)
 
 
 def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float) -> Path:

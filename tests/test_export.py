@@ -1,0 +1,65 @@
+"""What export writes besides the weights' values: file modes a team can share."""
+
+from __future__ import annotations
+
+import json
+import os
+import stat
+from contextlib import contextmanager
+
+import pytest
+import torch
+from conftest import TINY
+
+from dptune.labels import LabelSet
+
+
+@pytest.fixture(scope="module")
+def source(tmp_path_factory):
+    """An exported-directory source (what export.py re-exports), tiny random 3-class DPT."""
+    from dptune.tasks.segmentation import SegmentationModule
+
+    torch.manual_seed(0)
+    out = tmp_path_factory.mktemp("source")
+    labels = LabelSet(names=["a", "b", "c"])
+    m = SegmentationModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64).eval()
+    m.model.save_pretrained(out)
+    m.image_processor().save_pretrained(out)
+    (out / "dptune.json").write_text(json.dumps({"labels": labels.to_dict()}))
+    return out
+
+
+@contextmanager
+def umask(mask: int):
+    old = os.umask(mask)
+    try:
+        yield
+    finally:
+        os.umask(old)
+
+
+def _modes(root) -> dict[str, int]:
+    return {str(p.relative_to(root)): stat.S_IMODE(p.stat().st_mode) for p in root.rglob("*") if p.is_file()}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_exported_files_follow_the_umask_like_any_new_file(source, tmp_path):
+    """safetensors writes through a 0600 temp file renamed into place: without care the weights are
+    private to the exporting user while config.json beside them is world-readable."""
+    from dptune.export import export
+
+    for mask, mode in ((0o022, 0o644), (0o027, 0o640)):
+        out = tmp_path / f"out{mask:o}"
+        with umask(mask):
+            export(str(source), out)
+        modes = _modes(out)
+        assert "model.safetensors" in modes and "README.md" in modes
+        assert modes == dict.fromkeys(modes, mode), modes
+
+    # exporting over an existing directory keeps the modes its files had, as any overwrite does
+    again = tmp_path / "out22"
+    (again / "model.safetensors").chmod(0o640)
+    with umask(0o022):
+        export(str(source), again)
+    modes = _modes(again)
+    assert modes.pop("model.safetensors") == 0o640 and set(modes.values()) == {0o644}, modes
