@@ -95,7 +95,7 @@ def test_validation_resize_is_what_auto_image_processor_resolves_to_here(tmp_pat
     in both kinds of environment: see docs/benchmarks.md)."""
     from transformers import AutoImageProcessor
 
-    from dptune.data.transforms import processor_backend
+    from dptune.preprocessing import processor_backend
 
     DPTImageProcessorPil(size={"height": 64, "width": 48}, image_mean=[0.5] * 3, image_std=[0.5] * 3).save_pretrained(
         tmp_path)

@@ -6,7 +6,6 @@ nearest-neighbour and every pixel a transform invents (padding, rotation borders
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Sequence
 from typing import Any
 
@@ -17,6 +16,7 @@ from PIL import Image
 
 from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
+from dptune.preprocessing import processor_backend
 
 
 class RandomScaleCrop(A.DualTransform):
@@ -179,21 +179,6 @@ def build_transforms(spec: Sequence[dict[str, Any]], seed: int | None = None) ->
         except (TypeError, ValueError) as e:
             raise ConfigError(f"transforms[{i}] {name}: {e}") from None
     return A.Compose(steps, seed=seed)
-
-
-@functools.cache
-def processor_backend() -> str:
-    """The ``DPTImageProcessor`` backend that ``AutoImageProcessor.from_pretrained(export)`` and
-    ``pipeline(...)`` resolve to in this environment: ``torchvision`` whenever torchvision is
-    installed (transformers 5), else ``pil``. The exported config cannot pin it."""
-    try:
-        from transformers.models.auto.image_processing_auto import _resolve_backend
-
-        return _resolve_backend(None, None, "DPTImageProcessor")
-    except ImportError:  # a transformers without the private resolver: its documented rule
-        from transformers.utils import is_torchvision_available
-
-        return "torchvision" if is_torchvision_available() else "pil"
 
 
 def resize_like_processor(image: np.ndarray, size: Sequence[int], backend: str | None = None) -> np.ndarray:

@@ -11,7 +11,13 @@ from __future__ import annotations
 
 import logging
 
-from transformers import DPTConfig, DPTForSemanticSegmentation, PretrainedConfig
+from transformers import (
+    DepthAnythingForDepthEstimation,
+    DPTConfig,
+    DPTForDepthEstimation,
+    DPTForSemanticSegmentation,
+    PretrainedConfig,
+)
 
 from dptune.errors import ConfigError
 from dptune.models.dpt_backbone import DPTBackboneForSemanticSegmentation, uses_backbone
@@ -44,7 +50,13 @@ def family(config: PretrainedConfig) -> str:
 
 
 def model_class(config: DPTConfig) -> type:
+    """The segmentation class of a DPT config."""
     return DPTBackboneForSemanticSegmentation if uses_backbone(config) else DPTForSemanticSegmentation
+
+
+def depth_model_class(config: PretrainedConfig) -> type:
+    """The depth class of a DPT (any backbone) or Depth Anything config."""
+    return DepthAnythingForDepthEstimation if config.model_type == "depth_anything" else DPTForDepthEstimation
 
 
 def check_family(config: PretrainedConfig, wanted: str | None, source: str) -> None:

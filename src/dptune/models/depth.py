@@ -16,10 +16,10 @@ from typing import Any
 
 import torch
 from torch import nn
-from transformers import DepthAnythingForDepthEstimation, DPTForDepthEstimation, PreTrainedModel
+from transformers import DPTForDepthEstimation, PreTrainedModel
 
 from dptune.errors import ConfigError
-from dptune.models.backbones import dpt_config_for_backbone, load_backbone_weights
+from dptune.models.backbones import depth_model_class, dpt_config_for_backbone, load_backbone_weights
 from dptune.models.build import _head_layers, freeze_unused, he_init
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
 from dptune.models.forward import _backbone_features
@@ -29,10 +29,6 @@ log = logging.getLogger(__name__)
 
 MODES = ("metric", "relative")
 UNITS = {"metric": "metres", "relative": "affine-invariant inverse depth (larger = nearer; no unit)"}
-
-
-def _depth_class(cfg) -> type:
-    return DepthAnythingForDepthEstimation if cfg.model_type == "depth_anything" else DPTForDepthEstimation
 
 
 def _set_output(cfg, mode: str, max_depth: float | None) -> None:
@@ -68,7 +64,7 @@ def build_depth_model(
     if ref is not None:
         if cfg.model_type in ("dpt", "depth_anything"):
             _set_output(cfg, mode, max_depth)
-            model, info = _depth_class(cfg).from_pretrained(
+            model, info = depth_model_class(cfg).from_pretrained(
                 ref, config=cfg, ignore_mismatched_sizes=True, output_loading_info=True,
                 **({"attn_implementation": {"": attn_implementation}} if cfg.model_type == "dpt" else {}))
             missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
@@ -88,7 +84,7 @@ def build_depth_model(
         if cfg.model_type == "dpt":
             cfg._attn_implementation = {"": attn_implementation}
         _set_output(cfg, mode, max_depth)
-        model = _depth_class(cfg)(cfg)
+        model = depth_model_class(cfg)(cfg)
         fresh = _head_layers(model)
     if fresh_init == "he":
         he_init(m for _, m in fresh)

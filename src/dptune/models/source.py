@@ -3,17 +3,22 @@
 
 from __future__ import annotations
 
+import atexit
 import functools
 import json
 import logging
+import shutil
+import tempfile
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
 from transformers import AutoConfig, DPTConfig, PretrainedConfig
 
+from dptune.checkpoint_file import dptune_parts, load_checkpoint
 from dptune.errors import ConfigError
-from dptune.models.backbones import check_family
+from dptune.models.backbones import check_family, depth_model_class, model_class
+from dptune.preprocessing import image_processor
 
 log = logging.getLogger(__name__)
 
@@ -93,17 +98,38 @@ def joint_part(ref: str, part: str) -> str:
 
 @functools.lru_cache(maxsize=4)
 def _unpack_checkpoint(ckpt: str, mtime_ns: int) -> str:
-    """Once per checkpoint file and version (a multitask build asks for both parts)."""
-    import tempfile
-
-    from dptune.tasks.checkpoints import load_module
-
-    module = load_module(ckpt)
+    """Once per checkpoint file and version (a multitask build asks for both parts): each model of
+    a dptune ``.ckpt`` (one, or a joint model's two) written as a ``from_pretrained`` directory with
+    its image processor, removed when the process ends. Built from the stored configs and weights
+    alone, never through a task module: the run that asks may be building one, and Lightning's CLI
+    hands its own settings to every module built meanwhile."""
+    state = load_checkpoint(ckpt)
+    meta, hp = dptune_parts(state, ckpt)
     out = Path(tempfile.mkdtemp(prefix="dptune-ckpt-"))
-    parts = {"segmentation": module.model.seg, "depth": module.model.depth} if module.task == "multitask" else {
-        ".": module.model}
-    for name, model in parts.items():
+    atexit.register(shutil.rmtree, out, ignore_errors=True)
+    processor = image_processor(hp["image_size"], meta["image_mean"], meta["image_std"])
+    for name, (prefix, cfg, cls) in _checkpoint_parts(meta).items():
+        model = cls(cfg)
+        weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
+        try:
+            model.load_state_dict(weights)
+        except RuntimeError as e:
+            raise ConfigError(f"{ckpt}: its weights do not fit the model config it stores "
+                              f"({str(e).strip().splitlines()[0]})") from None
         model.save_pretrained(out / name)
-        module.image_processor().save_pretrained(out / name)
-    log.info("%s: %s checkpoint unpacked to %s", ckpt, module.task, out)
+        processor.save_pretrained(out / name)
+    log.info("%s: %s checkpoint unpacked to %s", ckpt, meta.get("task", "segmentation"), out)
     return str(out)
+
+
+def _checkpoint_parts(meta: dict[str, Any]) -> dict[str, tuple[str, PretrainedConfig, type]]:
+    """(state-dict prefix, config, class) of each model a checkpoint holds, by directory name. A
+    segmentation + depth checkpoint stores its depth model's config beside it (older ones did not:
+    their depth model was built from the segmentation config)."""
+    cfg = _config_from_dict(dict(meta["model_config"]))
+    task = meta.get("task", "segmentation")
+    if task == "multitask":
+        depth = _config_from_dict(dict(meta.get("depth_model_config") or meta["model_config"]))
+        return {"segmentation": ("model.seg.", cfg, model_class(cfg)),
+                "depth": ("model.depth.", depth, depth_model_class(depth))}
+    return {".": ("model.", cfg, depth_model_class(cfg) if task == "depth" else model_class(cfg))}

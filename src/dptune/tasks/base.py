@@ -15,21 +15,24 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from dptune.data.transforms import processor_backend
 from dptune.errors import ConfigError
 from dptune.models.backbones import default_normalization, family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
+from dptune.models.source import resolve_pretrained
+from dptune.preprocessing import image_processor
 from dptune.tasks.optim import WarmupPoly, param_groups
 
 log = logging.getLogger(__name__)
 
 
 def _processor_mean_std(pretrained: str) -> tuple[list[float], list[float]] | None:
-    """The checkpoint's own normalisation, if it ships an image processor config."""
+    """The checkpoint's own normalisation, if it ships an image processor config (a dptune ``.ckpt``
+    or segmentation + depth export: its unpacked model directory's; both parts share it)."""
     try:
         from transformers.utils import cached_file
 
-        path = cached_file(pretrained, "preprocessor_config.json", _raise_exceptions_for_missing_entries=False)
+        path = cached_file(resolve_pretrained(pretrained), "preprocessor_config.json",
+                           _raise_exceptions_for_missing_entries=False)
     except OSError:
         return None
     if not path:
@@ -202,6 +205,19 @@ class DPTTask(pl.LightningModule):
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             log.info("BatchNorm layers synchronised across %d processes", self.trainer.world_size)
 
+    def on_fit_start(self) -> None:
+        """Train the whole network in train mode. ``from_pretrained`` hands models over in eval mode
+        (BatchNorm on frozen running statistics, dropout off) and Lightning keeps the modes it finds,
+        so every start from weights would otherwise fine-tune in eval mode. What stays frozen on
+        purpose (weights the forward pass never reads) is said once."""
+        switched = sum(not m.training for m in self.modules())
+        self.train()
+        frozen = [n for n, p in self.named_parameters() if not p.requires_grad]
+        if self.trainer.is_global_zero:
+            log.info("training in train mode (%d of %d modules were in eval mode); %d parameter tensors frozen: "
+                     "unused by the forward pass%s", switched, len(list(self.modules())), len(frozen),
+                     f" ({', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''})" if frozen else "")
+
     # ------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:
         hp = self.hparams
@@ -235,18 +251,7 @@ class DPTTask(pl.LightningModule):
     # ------------------------------------------------------------------ export support
     def image_processor(self):
         """The ``DPTImageProcessor`` that reproduces validation preprocessing for plain transformers."""
-        from transformers import DPTImageProcessor, DPTImageProcessorPil
-        from transformers.image_utils import PILImageResampling
-
-        size = self.hparams.image_size
-        h, w = (size, size) if isinstance(size, int) else size
-        # the class AutoImageProcessor gives the export here, so a checkpoint predicts like its export
-        cls = DPTImageProcessor if processor_backend() == "torchvision" else DPTImageProcessorPil
-        return cls(
-            do_resize=True, size={"height": int(h), "width": int(w)}, resample=PILImageResampling.BICUBIC,
-            keep_aspect_ratio=False, ensure_multiple_of=1, do_rescale=True, rescale_factor=1 / 255,
-            do_normalize=True, image_mean=self.image_mean, image_std=self.image_std, do_pad=False,
-        )
+        return image_processor(self.hparams.image_size, self.image_mean, self.image_std)
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # enough to rebuild the model offline, without the hub (see load_module)

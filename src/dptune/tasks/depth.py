@@ -80,7 +80,7 @@ class DepthModule(DPTTask):
         return self._run(self.model, self.normalize(images))
 
     def task_metadata(self) -> dict[str, Any]:
-        from dptune.data.transforms import processor_backend
+        from dptune.preprocessing import processor_backend
 
         hp = self.hparams
         return {"depth": {"mode": hp.mode, "units": UNITS[hp.mode], "min_depth": hp.min_depth,

@@ -104,7 +104,8 @@ class MultiTaskModule(DPTTask):
 
     def task_metadata(self) -> dict[str, Any]:
         return {"segmentation": {"labels": self.label_set.to_dict()},
-                "depth": {"mode": self.hparams.depth_mode, "units": "metres", "max_depth": self.hparams.max_depth}}
+                "depth": {"mode": self.hparams.depth_mode, "units": "metres", "max_depth": self.hparams.max_depth},
+                "depth_model_config": self.model.depth.config.to_dict()}
 
     # ------------------------------------------------------------------ training
     def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:

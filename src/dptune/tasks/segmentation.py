@@ -93,7 +93,7 @@ class SegmentationModule(DPTTask):
         return segment(model, pixel_values, with_aux)
 
     def task_metadata(self) -> dict[str, Any]:
-        from dptune.data.transforms import processor_backend
+        from dptune.preprocessing import processor_backend
 
         # how the metrics were measured (the model card states it)
         return {"evaluation": {"mode": self.hparams.val_mode, "size": self.hparams.image_size,

@@ -1,0 +1,115 @@
+"""Fine-tuning from weights, through train.py as a user runs it: every start (an export, a dptune
+``.ckpt`` of either task, a segmentation + depth export) trains with the whole network in train
+mode (``from_pretrained`` hands models over in eval mode: frozen BatchNorm statistics, no dropout),
+and a ``.ckpt`` start finishes."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import CAMVID, KITCHEN, REPO, TINY, needs
+from test_depth_train import DEPTH_TINY, depth_args
+from test_train import camvid_args, run_train
+
+pytestmark = [pytest.mark.slow, needs(CAMVID), needs(KITCHEN)]
+
+JOINT_SEG = {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"},
+             "val": {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}}
+JOINT_DEPTH = {"train": {"images": "train/rgb/frame-0000[0-2]*.jpg", "depth": "train/depth/{stem}.png"},
+               "val": {"images": "val/rgb/frame-00060[0-4].jpg", "depth": "val/depth/{stem}.png"}}
+
+
+def joint_args(run: Path, model: list[str]) -> list[str]:
+    return ["fit", "--config", str(REPO / "configs" / "multitask" / "camvid-7scenes.yaml"),
+            "--data.segmentation.root", str(CAMVID), "--data.depth.root", str(KITCHEN),
+            "--data.segmentation.splits", json.dumps(JOINT_SEG), "--data.depth.splits", json.dumps(JOINT_DEPTH),
+            *model, "--data.image_size", "64", "--data.batch_size", "4", "--data.num_workers", "0",
+            "--trainer.max_epochs", "1", "--trainer.precision", "32-true", "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run)]
+
+
+def probed_fit(args: list[str], tmp: Path) -> dict:
+    """Run ``train.py fit`` with a callback that records, at the first training step, the modules
+    that are in eval mode."""
+    probe = tmp / f"probe-{len(list(tmp.glob('probe-*')))}.json"
+    env = {"DPTUNE_MODE_PROBE": str(probe), "PYTHONPATH": os.pathsep.join(filter(None, [
+        str(REPO / "tests"), os.environ.get("PYTHONPATH")]))}
+    old = {k: os.environ.get(k) for k in env}
+    os.environ.update(env)
+    try:
+        proc = run_train([*args, "--trainer.callbacks+=mode_probe.ModeProbe"], cwd=tmp)
+    finally:
+        for k, v in old.items():
+            os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
+    return {**json.loads(probe.read_text()), "stderr": proc.stderr}
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory) -> dict:
+    """A segmentation run and a segmentation + depth run (one epoch each, tiny DPT), exported."""
+    from dptune.export import export
+
+    tmp = tmp_path_factory.mktemp("finetune")
+    config = tmp / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    run_train(camvid_args(tmp / "seg", config, epochs=1) + ["--trainer.logger", "false"], cwd=tmp)
+    run_train(joint_args(tmp / "joint", ["--model.config", str(config)]), cwd=tmp)
+    seg_ckpt, joint_ckpt = tmp / "seg" / "checkpoints" / "last.ckpt", tmp / "joint" / "checkpoints" / "last.ckpt"
+    return {"tmp": tmp, "config": config, "seg_ckpt": seg_ckpt, "joint_ckpt": joint_ckpt,
+            "seg_export": export(seg_ckpt, tmp / "seg-export"), "joint_export": export(joint_ckpt, tmp / "joint-export")}
+
+
+def test_a_fit_from_an_export_trains_every_module_in_train_mode(sources):
+    tmp = sources["tmp"]
+    args = camvid_args(tmp / "from-export", sources["config"], epochs=1)
+    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
+                                                                            str(sources["seg_export"])]
+    probe = probed_fit([*args, "--trainer.logger", "false"], tmp)
+    assert probe["modules"] > 100 and probe["eval"] == [], probe["eval"][:10]
+
+
+def test_a_fit_from_a_dptune_ckpt_finishes_in_train_mode_for_either_task(sources):
+    tmp = sources["tmp"]
+    args = camvid_args(tmp / "from-ckpt", sources["config"], epochs=1)
+    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
+                                                                            str(sources["seg_ckpt"])]
+    probe = probed_fit([*args, "--trainer.logger", "false"], tmp)
+    assert probe["eval"] == [], probe["eval"][:10]
+    assert "11 of 11 classes carried over" in probe["stderr"]
+    assert (tmp / "from-ckpt" / "checkpoints" / "last.ckpt").is_file()
+
+    # a depth model from the segmentation checkpoint: backbone and neck carry over, the head starts fresh
+    depth_config = tmp / "depth-tiny.json"
+    depth_config.write_text(json.dumps(DEPTH_TINY))
+    args = depth_args(tmp / "depth-from-seg", depth_config, epochs=1)
+    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
+                                                                            str(sources["seg_ckpt"])]
+    probe = probed_fit([*args, "--trainer.logger", "false"], tmp)
+    assert probe["eval"] == [], probe["eval"][:10]
+    assert "backbone and neck carried over" in probe["stderr"]
+    ckpt = torch.load(tmp / "depth-from-seg" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert ckpt["dptune"]["task"] == "depth"
+
+
+def test_a_joint_fit_from_a_joint_export_or_ckpt_trains_in_train_mode(sources):
+    tmp = sources["tmp"]
+    for name in ("joint_export", "joint_ckpt"):
+        probe = probed_fit(joint_args(tmp / f"from-{name}", ["--model.pretrained", str(sources[name])]), tmp)
+        assert probe["eval"] == [], (name, probe["eval"][:10])
+        assert (tmp / f"from-{name}" / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_ckpt_start_leaves_no_temporary_directory_behind(sources, tmp_path):
+    """The checkpoint is unpacked for ``from_pretrained``; what was unpacked is gone when the run ends."""
+    import tempfile
+
+    before = set(Path(tempfile.gettempdir()).glob("dptune-ckpt-*"))
+    args = camvid_args(tmp_path / "run", sources["config"], epochs=1)
+    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
+                                                                            str(sources["seg_ckpt"])]
+    run_train([*args, "--trainer.logger", "false", "--trainer.max_steps", "1"], cwd=tmp_path)
+    assert set(Path(tempfile.gettempdir()).glob("dptune-ckpt-*")) == before
