@@ -6,22 +6,60 @@ from __future__ import annotations
 import cv2
 import numpy as np
 
+MIN_SPAN = 0.5  # a colour scale spans at least this fraction of the median depth
 
-def depth_range(depth: np.ndarray) -> tuple[float, float]:
-    """The 2nd-98th percentile of the valid (> 0) values: a colour scale robust to outliers."""
-    valid = depth[depth > 0]
+
+def depth_range(depth: np.ndarray, min_span: float = MIN_SPAN) -> tuple[float, float]:
+    """The colour scale of a depth map: the 2nd-98th percentile of its valid (> 0) values (robust to
+    outliers), widened about its middle to at least ``min_span`` x the median depth, so that a
+    near-constant map (a wall, a model that predicts one depth everywhere) shows as nearly one colour
+    instead of its noise stretched over the whole colour map."""
+    valid = depth[np.isfinite(depth) & (depth > 0)]
     if valid.size == 0:
         return 0.0, 1.0
-    lo, hi = np.percentile(valid, [2, 98])
-    return float(lo), float(max(hi, lo + 1e-6))
+    lo, hi = (float(v) for v in np.percentile(valid, [2, 98]))
+    span = max(hi - lo, min_span * float(np.median(valid)), 1e-6)
+    lo = max((lo + hi - span) / 2, 0.0)
+    return lo, lo + span
 
 
-def colorize_depth(depth: np.ndarray, lo: float, hi: float, invalid=(0, 0, 0)) -> np.ndarray:
-    """HxW depth -> HxWx3 uint8 RGB (turbo colour map, near = warm), invalid (<= 0) pixels in ``invalid``."""
-    scaled = np.clip((depth - lo) / (hi - lo), 0, 1)
-    rgb = cv2.applyColorMap(((1 - scaled) * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1].copy()
-    rgb[depth <= 0] = invalid
-    return rgb
+def _turbo(scaled: np.ndarray) -> np.ndarray:
+    """0-1 -> RGB uint8, 0 (near) warm, 1 (far) cold."""
+    return cv2.applyColorMap(((1 - np.clip(scaled, 0, 1)) * 255).astype(np.uint8), cv2.COLORMAP_TURBO)[..., ::-1].copy()
+
+
+def _inferno(scaled: np.ndarray) -> np.ndarray:
+    return cv2.applyColorMap((np.clip(scaled, 0, 1) * 255).astype(np.uint8), cv2.COLORMAP_INFERNO)[..., ::-1].copy()
+
+
+def _value(v: float, units: str) -> str:
+    digits = 2 if abs(v) < 10 else 1 if abs(v) < 100 else 0
+    return f"{v:.{digits}f} {units}".rstrip()
+
+
+def color_bar(height: int, lo: float, hi: float, units: str = "m", cmap=_turbo) -> np.ndarray:
+    """A vertical colour bar for the scale ``lo``-``hi`` (``hi`` at the top), its two ends labelled with
+    their values in ``units``, on white: HxWx3 uint8 to put beside a picture of the same height."""
+    scale = float(np.clip(height / 400, 0.3, 0.8))
+    labels = [_value(hi, units), _value(lo, units)]
+    (tw, th), base = max((cv2.getTextSize(t, cv2.FONT_HERSHEY_SIMPLEX, scale, 1) for t in labels), key=lambda x: x[0][0])
+    bar_w, pad = max(8, height // 24), 3
+    out = np.full((height, pad + bar_w + pad + tw + pad, 3), 255, np.uint8)
+    out[:, pad:pad + bar_w] = cmap(np.linspace(1, 0, height)[:, None].repeat(bar_w, 1))
+    x = pad + bar_w + pad
+    cv2.putText(out, labels[0], (x, min(height - 1, th + 1)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1, cv2.LINE_AA)
+    cv2.putText(out, labels[1], (x, max(th, height - 1 - base)), cv2.FONT_HERSHEY_SIMPLEX, scale, (0, 0, 0), 1,
+                cv2.LINE_AA)
+    return out
+
+
+def colorize_depth(depth: np.ndarray, lo: float, hi: float, invalid=(0, 0, 0), colorbar: bool = True,
+                   units: str = "m") -> np.ndarray:
+    """HxW depth -> HxWx3 uint8 RGB (turbo colour map, near = warm), invalid (<= 0) pixels in ``invalid``;
+    with ``colorbar`` a bar on the right giving the scale, ``lo`` and ``hi`` written at its ends in ``units``."""
+    rgb = _turbo((depth - lo) / (hi - lo))
+    rgb[~(depth > 0)] = invalid
+    return np.concatenate([rgb, color_bar(depth.shape[0], lo, hi, units)], axis=1) if colorbar else rgb
 
 
 def align_for_display(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
@@ -36,17 +74,18 @@ def align_for_display(pred: np.ndarray, gt: np.ndarray) -> np.ndarray:
 
 
 def depth_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, relative: bool = False) -> np.ndarray:
-    """image | ground truth | prediction | absolute error, ground truth and prediction on one
-    colour scale (the ground truth's), the error on its own (invalid ground truth black)."""
+    """image | ground truth | prediction + colour bar | absolute error + colour bar: ground truth and
+    prediction on one colour scale, the ground truth's (a prediction's own noise is never stretched),
+    the error on its own (invalid ground truth black)."""
     if relative:
         pred = align_for_display(pred, gt)
     lo, hi = depth_range(gt)
     err = np.where(gt > 0, np.abs(pred - gt), 0.0)
-    err_hi = float(np.percentile(err[gt > 0], 98)) if (gt > 0).any() else 1.0
-    err_rgb = cv2.applyColorMap((np.clip(err / max(err_hi, 1e-6), 0, 1) * 255).astype(np.uint8),
-                                cv2.COLORMAP_INFERNO)[..., ::-1].copy()
+    err_hi = max(float(np.percentile(err[gt > 0], 98)) if (gt > 0).any() else 1.0, 1e-6)
+    err_rgb = _inferno(err / err_hi)
     err_rgb[gt <= 0] = 0
-    return np.concatenate([image, colorize_depth(gt, lo, hi), colorize_depth(pred, lo, hi), err_rgb], axis=1)
+    return np.concatenate([image, colorize_depth(gt, lo, hi, colorbar=False), colorize_depth(pred, lo, hi),
+                           err_rgb, color_bar(gt.shape[0], 0.0, err_hi, "m", _inferno)], axis=1)
 
 
 def overlay_images(samples: list[dict[str, np.ndarray]], names: list[str]) -> list:
@@ -64,7 +103,7 @@ def depth_images(samples: list[dict[str, np.ndarray]], relative: bool = False) -
     import wandb
 
     return [wandb.Image(depth_panel(s["image"], s["gt"], s["pred"], relative),
-                        caption="image | ground truth | prediction | |error| (same colour scale)") for s in samples]
+                        caption="image | ground truth | prediction (the ground truth's colour scale, in metres) | |error|") for s in samples]
 
 
 def log_iou_table(logger, names: list[str], iou: list[float], step: int, key: str = "val/per_class_IoU") -> None:
