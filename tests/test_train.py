@@ -28,6 +28,31 @@ def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.Comp
     return proc
 
 
+def wandb_offline_config(run: Path) -> dict:
+    """The run config an offline W&B run recorded (its last config record), read from the run's
+    ``.wandb`` file: a LevelDB-style log (7-byte W&B header, 32 KiB blocks of records with a 7-byte
+    header: crc, length, type) of ``Record`` protobufs. Offline runs write no ``config.yaml``."""
+    import struct
+
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    raw = next(run.glob("*.wandb")).read_bytes()
+    pos, pending, config = 7, b"", {}
+    while pos + 7 <= len(raw):
+        if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is padding
+            pos += 32768 - pos % 32768
+            continue
+        _crc, size, kind = struct.unpack("<IHB", raw[pos:pos + 7])
+        pending, pos = pending + raw[pos + 7:pos + 7 + size], pos + 7 + size
+        if kind in (1, 4):  # a whole record, or a record's last fragment
+            record = pb.Record()
+            record.ParseFromString(pending)
+            pending = b""
+            if record.WhichOneof("record_type") == "config":
+                config = {item.key: json.loads(item.value_json) for item in record.config.update}
+    return config
+
+
 def camvid_args(run: Path, config: Path, epochs: int, train=TRAIN, root: Path = CAMVID) -> list[str]:
     return [
         "fit", "--config", str(REPO / "configs" / "camvid.yaml"),
@@ -47,8 +72,8 @@ def trained(tmp_path_factory) -> dict:
 
     config.write_text(json.dumps(TINY))
     run = tmp / "run"
-    run_train(camvid_args(run, config, epochs=2), cwd=tmp)
-    return {"tmp": tmp, "run": run, "config": config}
+    proc = run_train([*camvid_args(run, config, epochs=2), "--progress.every", "0"], cwd=tmp)
+    return {"tmp": tmp, "run": run, "config": config, "stderr": proc.stderr}
 
 
 def test_fit_writes_checkpoints_and_offline_wandb_run(trained):
@@ -66,6 +91,28 @@ def test_fit_writes_checkpoints_and_offline_wandb_run(trained):
     assert ckpt["epoch"] == 1 and ckpt["global_step"] == 6
     assert ckpt["dptune"]["model_config"]["id2label"][0] == "Sky"
     assert 0.0 <= ckpt["dptune"]["metrics"]["val"]["mIoU"] <= 1.0
+
+
+def test_a_redirected_run_logs_progress_and_ends_naming_its_checkpoints_and_wandb_run(trained):
+    """Output to a file (no terminal): progress as lines, and the end of the run says where things are."""
+    err, run = trained["stderr"], trained["run"]
+    steps = [ln for ln in err.splitlines() if "images/s" in ln]
+    assert any("epoch 1/2 step 1/6" in ln for ln in steps) and any("epoch 2/2 step 6/6" in ln for ln in steps), steps
+    assert all("train/loss" in ln and "elapsed" in ln for ln in steps)
+    assert f"last checkpoint: {run / 'checkpoints' / 'last.ckpt'}" in err
+    assert f"best checkpoint: {run / 'checkpoints'}" in err
+    wandb_run = next((run / "wandb").glob("offline-run-*"))
+    assert f"upload it with: wandb sync {wandb_run}" in err
+    # the W&B run keeps the whole resolved config (the model's own ``config`` setting must not replace it)
+    resolved = wandb_offline_config(wandb_run)["resolved_config"]
+    assert resolved["trainer"]["max_epochs"] == 2 and resolved["data"]["image_size"] == 64
+    assert resolved["model"]["config"] == str(trained["config"])
+
+
+def test_train_py_predict_is_not_offered_and_says_what_to_use(tmp_path):
+    proc = run_train(["predict", "--config", str(REPO / "configs" / "camvid.yaml")], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
+    assert "scripts/predict.py" in proc.stderr
 
 
 def test_resume_from_last_continues_the_step_count(trained):

@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -114,6 +117,93 @@ class LRMonitor(LearningRateMonitor):
     def on_train_epoch_start(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
         if trainer.loggers:
             super().on_train_epoch_start(trainer, *args, **kwargs)
+
+
+def _clock(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class ProgressLog(Callback):
+    """Progress as log lines where no progress bar can be seen: output redirected to a file (nohup,
+    SLURM, CI) or the bar turned off. A line at most every ``every`` seconds while training or
+    validating (epoch, step of all steps, loss, images/s, elapsed, ETA); at the end of ``fit``,
+    where the checkpoints and the W&B run are (and how to sync an offline run)."""
+
+    def __init__(self, every: float = 30.0) -> None:
+        """
+        Args:
+            every: Seconds between two progress lines (0: one per step).
+        """
+        self.every = every
+        self._start = self._last = 0.0
+        self._images = self._first_step = 0
+
+    @staticmethod
+    def _active(trainer: pl.Trainer) -> bool:
+        return trainer.is_global_zero and (trainer.progress_bar_callback is None or not sys.stdout.isatty())
+
+    def _due(self) -> bool:
+        now = time.monotonic()
+        if now - self._last < self.every:
+            return False
+        self._last = now
+        return True
+
+    def on_train_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._start = self._last = time.monotonic()
+        self._images, self._first_step = 0, trainer.global_step  # a resumed run starts past 0
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        self._images += _batch_size(batch)
+        if not self._active(trainer) or not self._due():
+            return
+        elapsed = time.monotonic() - self._start
+        total, done = trainer.estimated_stepping_batches, trainer.global_step
+        steps = f"step {done}/{int(total)} ({100 * done / total:.0f}%)" if math.isfinite(total) else f"step {done}"
+        ran = done - self._first_step
+        eta = f", ETA {_clock(elapsed * (total - done) / ran)}" if math.isfinite(total) and ran > 0 else ""
+        loss = trainer.callback_metrics.get("train/loss")
+        log.info("epoch %d/%d %s%s | %.1f images/s | elapsed %s%s", trainer.current_epoch + 1, trainer.max_epochs,
+                 steps, f" | train/loss {float(loss):.4f}" if loss is not None else "",
+                 self._images / max(elapsed, 1e-9), _clock(elapsed), eta)
+
+    def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
+        if trainer.sanity_checking or not self._active(trainer) or not self._due():
+            return
+        counts = trainer.num_val_batches
+        total = counts[dataloader_idx] if dataloader_idx < len(counts) else "?"
+        log.info("validating: batch %d/%s%s", batch_idx + 1, total,
+                 f" of loader {dataloader_idx + 1}/{len(counts)}" if len(counts) > 1 else "")
+
+    def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        if trainer.is_global_zero:
+            for line in run_locations(trainer):
+                log.info(line)
+
+
+def _batch_size(batch: Any) -> int:
+    image = batch.get("image") if isinstance(batch, dict) else None
+    return int(image.shape[0]) if image is not None else 0
+
+
+def run_locations(trainer: pl.Trainer) -> list[str]:
+    """Where a run left its results: checkpoints (best and last) and the W&B run."""
+    lines = []
+    for cb in trainer.checkpoint_callbacks:
+        if getattr(cb, "best_model_path", ""):
+            lines.append(f"best checkpoint: {cb.best_model_path}")
+        if getattr(cb, "last_model_path", ""):
+            lines.append(f"last checkpoint: {cb.last_model_path} (resume: --ckpt_path {cb.last_model_path})")
+    for lg in trainer.loggers:
+        if isinstance(lg, WandbLogger):
+            run = lg.experiment
+            folder = Path(run.dir).parent
+            if getattr(run.settings, "mode", None) == "offline" or getattr(run, "offline", False):
+                lines.append(f"W&B run (offline): {folder}; upload it with: wandb sync {folder}")
+            else:
+                lines.append(f"W&B run: {getattr(run, 'url', None) or folder} (files in {folder})")
+    return lines
 
 
 class ValidationVisuals(Callback):

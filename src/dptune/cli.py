@@ -12,7 +12,7 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
-from dptune.callbacks import Checkpoint, LRMonitor, ValidationVisuals
+from dptune.callbacks import Checkpoint, LRMonitor, ProgressLog, ValidationVisuals
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
 from dptune.tasks.segmentation import SegmentationModule
@@ -25,9 +25,11 @@ class LoggedSaveConfig(SaveConfigCallback):
     settings included, not only the model's and data's hyperparameters) to the logger."""
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
+        # under its own key: the model's hyperparameters, logged too, have a ``config`` of their own
+        resolved = yaml.safe_load(self.parser.dump(self.config, skip_none=False))
         for logger in trainer.loggers:
             if isinstance(logger, Logger):
-                logger.log_hyperparams({"config": self.parser.dump(self.config, skip_none=False)})
+                logger.log_hyperparams({"resolved_config": resolved})
 
 
 # per task: the module, the datamodule, data facts linked into the model, what "best" means
@@ -84,6 +86,11 @@ def task_from_args(args: list[str]) -> str:
 
 
 class DPTuneCLI(LightningCLI):
+    @staticmethod
+    def subcommands() -> dict[str, set[str]]:
+        # no predict: dptune's tasks have no predict loop; scripts/predict.py writes predictions
+        return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
+
     def __init__(self, *args: Any, task: str = "segmentation", **kwargs: Any) -> None:
         self.task = task
         super().__init__(*args, **kwargs)
@@ -96,6 +103,7 @@ class DPTuneCLI(LightningCLI):
         for source, target, when in TASKS[self.task]["links"]:
             parser.link_arguments(source, target, **({"apply_on": when} if when else {}))
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
+        parser.add_lightning_class_args(ProgressLog, "progress")
         monitor, mode, filename = TASKS[self.task]["monitor"]
         parser.set_defaults({
             "task": self.task,
@@ -126,6 +134,8 @@ def trainer_defaults() -> dict:
         "logger": {"class_path": "dptune.callbacks.DPTuneWandbLogger", "init_args": {"project": "dptune"}},
         "callbacks": [LRMonitor(logging_interval="step"), ValidationVisuals()],
         "log_every_n_steps": 10,
+        # a bar only on a terminal; redirected output (nohup, SLURM) gets progress lines (ProgressLog)
+        "enable_progress_bar": sys.stdout.isatty(),
     }
 
 
@@ -143,6 +153,10 @@ def main(args: list[str] | None = None) -> int:
     exception is a bug (ours or a library's) and keeps its traceback."""
     _quiet()
     argv = sys.argv[1:] if args is None else list(args)
+    if argv[:1] == ["predict"]:
+        print("error: train.py has no predict subcommand; predict with scripts/predict.py --model "
+              "RUN/checkpoints/last.ckpt --images 'photos/*.jpg' --out preds", file=sys.stderr)
+        return 2
     try:
         task = task_from_args(argv)
         model_class, data_class = task_classes(task)
