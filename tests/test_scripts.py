@@ -163,6 +163,16 @@ def test_predict_masks_equal_the_transformers_pipeline(exported, tmp_path):
         assert (tmp_path / f"{f.stem}_confidence.png").exists()
 
 
+def test_predict_refuses_what_a_segmentation_model_cannot_do_in_one_line(exported, tmp_path, capsys):
+    """--intrinsics was ignored on a segmentation model; a bad --scales ended in a traceback."""
+    frame = str(sorted(CAMVID.glob(VAL))[0])
+    for extra in (["--intrinsics", "585,585,320,240"], ["--scales", "1,big"], ["--scales", "0"]):
+        rc = predict_main(["--model", str(exported), "--images", frame, "--out", str(tmp_path), *extra])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+        assert rc == 2 and len(err) == 1 and extra[0] in err[0], err
+    assert not list(tmp_path.iterdir())
+
+
 def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
     rc = evaluate_main(["--model", str(tmp_path / "nope"), "--images", "x/*.jpg", "--masks", "{stem}.png",
                         "--labels", str(CAMVID / "labels.yaml"), "--root", str(tmp_path)])

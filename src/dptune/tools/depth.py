@@ -3,7 +3,12 @@
 predict: ``<stem>_depth.png`` (16-bit: millimetres for metric models, i.e. value / 1000 = metres;
 relative models: the prediction scaled to 0-65535 per image), ``<stem>_depth_color.png`` (turbo,
 near = warm) and, with ``--intrinsics fx,fy,cx,cy`` (or a 3x3 matrix file), ``<stem>.ply``: a
-coloured point cloud in metres (metric models only).
+coloured point cloud in metres (metric models only). Depth is predicted on the whole image at one
+scale: a window or a zoom shows the scene at another focal length, so its metric depth would be
+wrong (``--mode slide`` and ``--scales`` are refused; of a segmentation + depth model they apply
+to the masks). ``--flip`` (any setting) averages the prediction with that of the left-right
+mirror, the one flip depth trains with; up-down flips and turns show scenes a depth model has
+not seen.
 evaluate: AbsRel, SqRel, RMSE, RMSE log, log10, SILog, delta < 1.25^k per image on valid pixels,
 averaged over images, on any folder of images and depth maps.
 """
@@ -20,7 +25,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dptune.data.depth import DepthFolderSource, check_depth_size, eval_crop_mask
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 from dptune.metrics.depth import NAMES, DepthMetrics, valid_depth
 from dptune.visualize import colorize_depth, depth_range
 
@@ -41,13 +46,77 @@ def model_task(ref: str) -> str:
 
 def intrinsics(spec: str) -> tuple[float, float, float, float]:
     """``fx,fy,cx,cy`` or a file holding a 3x3 camera matrix (e.g. 7-Scenes' camera-intrinsics.txt)."""
-    if Path(spec).is_file():
-        k = np.loadtxt(spec).reshape(3, 3)
-        return float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])
-    values = [float(v) for v in spec.split(",")]
+    try:
+        if Path(spec).is_file():
+            k = np.loadtxt(spec).reshape(3, 3)
+            return float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])
+        values = [float(v) for v in spec.split(",")]
+    except ValueError as e:
+        raise DataError(f"--intrinsics {spec}: not fx,fy,cx,cy nor a 3x3 camera matrix file ({e})") from None
     if len(values) != 4:
         raise DataError(f"--intrinsics {spec!r}: give fx,fy,cx,cy or a 3x3 matrix file")
     return values[0], values[1], values[2], values[3]
+
+
+def cloud_intrinsics(spec: str | None, metric: bool) -> tuple[float, float, float, float] | None:
+    """The camera for point clouds, or None: none asked for, or a relative model (no metres)."""
+    if spec is None:
+        return None
+    k = intrinsics(spec)
+    if not metric:
+        print("warning: a relative model's output has no metres; no point clouds written", file=sys.stderr)
+        return None
+    return k
+
+
+def refuse_segmentation_options(args) -> None:
+    """A depth model predicts the whole image at one scale and has no class probabilities: the options
+    that only a segmentation model honours stop here, in one line."""
+    from dptune.tools.predict import parse_scales
+
+    why = "a depth model predicts the whole image at one scale (a window or a zoom would change its metric depth)"
+    if args.mode != "whole":
+        raise ConfigError(f"--mode {args.mode}: {why}; sliding windows are for segmentation models")
+    if parse_scales(args.scales) != (1.0,):
+        raise ConfigError(f"--scales {args.scales}: {why}; multi-scale views are for segmentation models")
+    if args.confidence:
+        raise ConfigError("--confidence: a depth model has no class probabilities; it is for segmentation models")
+
+
+def mirror_note(flip: str) -> str:
+    """What ``--flip`` does to depth, for the log."""
+    if flip == "none":
+        return ""
+    rest = f" (the up-down flips and turns of --flip {flip} are not: depth never trains on them)" if flip != "h" else ""
+    return f"depth averaged with its left-right mirror{rest}"
+
+
+def depth_views(predictor, image: np.ndarray, flip: str = "none") -> np.ndarray:
+    """Depth (clipped at 0) of one uint8 HxWx3 image at its size; with any ``flip`` but ``none`` the
+    mean of the image's prediction and its left-right mirror's (see ``mirror_note``)."""
+    depth = predictor.predict(image)
+    if flip != "none":
+        depth = (depth + predictor.predict(np.ascontiguousarray(image[:, ::-1]))[:, ::-1]) / 2
+    return np.clip(depth, 0, None)
+
+
+def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, metric: bool,
+                k: tuple[float, float, float, float] | None) -> None:
+    """``<stem>_depth.png``, ``<stem>_depth_color.png`` and, with ``k`` (metric models), ``<stem>.ply``."""
+    if metric:
+        stored = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)  # millimetres
+    else:
+        stored = np.round(65535 * (depth - depth.min()) / max(float(np.ptp(depth)), 1e-12)).astype(np.uint16)
+    cv2.imwrite(str(out / f"{stem}_depth.png"), stored)
+    shown = depth if metric else 1.0 / np.clip(depth, 1e-6, None)  # relative: inverse depth, near = large
+    lo, hi = depth_range(shown)
+    cv2.imwrite(str(out / f"{stem}_depth_color.png"), colorize_depth(shown, lo, hi)[..., ::-1])
+    if k is not None and metric:
+        write_ply(out / f"{stem}.ply", depth, image, k)
+
+
+def depth_units(metric: bool) -> str:
+    return "millimetres (value / 1000 = metres)" if metric else "relative inverse depth scaled to 0-65535 per image"
 
 
 def write_ply(path: Path, depth: np.ndarray, image: np.ndarray, k: tuple[float, float, float, float]) -> int:
@@ -74,29 +143,18 @@ def predict_depth(args, paths: list[str]) -> int:
     from dptune.depth_predictor import DepthPredictor
     from dptune.tools.predict import readable_images
 
+    refuse_segmentation_options(args)
     predictor = DepthPredictor.load(args.model, args.device)
     metric = predictor.mode == "metric"
-    k = intrinsics(args.intrinsics) if args.intrinsics else None
-    if k is not None and not metric:
-        print("warning: a relative model's output has no metres; no point clouds written", file=sys.stderr)
+    k = cloud_intrinsics(args.intrinsics, metric)
+    if mirror_note(args.flip):
+        print(f"note: {mirror_note(args.flip)}", file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     for path, image in readable_images(paths, "predicting depth", failed):
-        depth = np.clip(predictor.predict(image), 0, None)
-        stem = Path(path).stem
-        if metric:
-            stored = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)  # millimetres
-        else:
-            stored = np.round(65535 * (depth - depth.min()) / max(float(np.ptp(depth)), 1e-12)).astype(np.uint16)
-        cv2.imwrite(str(out / f"{stem}_depth.png"), stored)
-        shown = depth if metric else 1.0 / np.clip(depth, 1e-6, None)  # relative: inverse depth, near = large
-        lo, hi = depth_range(shown)
-        cv2.imwrite(str(out / f"{stem}_depth_color.png"), colorize_depth(shown, lo, hi)[..., ::-1])
-        if k is not None and metric:
-            write_ply(out / f"{stem}.ply", depth, image, k)
-    scale = "millimetres (value / 1000 = metres)" if metric else "relative inverse depth scaled to 0-65535 per image"
-    print(f"{len(paths) - len(failed)} depth maps in {out}: <stem>_depth.png in {scale}"
+        write_depth(out, Path(path).stem, depth_views(predictor, image, args.flip), image, metric, k)
+    print(f"{len(paths) - len(failed)} depth maps in {out}: <stem>_depth.png in {depth_units(metric)}"
           + (f", {len(failed)} unreadable images" if failed else ""))
     return 2 if failed else 0
 

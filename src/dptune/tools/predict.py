@@ -1,4 +1,5 @@
-"""Predict masks (segmentation models) or depth maps (depth models) for images.
+"""Predict masks (segmentation models), depth maps (depth models) or both (segmentation + depth
+models) for images.
 
     python scripts/predict.py --model OUT --images "photos/*.jpg" --out preds
     python scripts/predict.py --model DEPTH-OUT --images "frames/*.jpg" --out depth \
@@ -10,7 +11,11 @@ For each image ``<stem>.png`` holds class indices (uint8, the model's id2label o
 ``<stem>_overlay.png`` the prediction in the label colours blended on the image with a legend of
 the classes present, and with ``--confidence`` ``<stem>_confidence.png`` the top-class
 probability (black 0, white 1). Depth models: see ``dptune.tools.depth`` (16-bit depth PNGs in
-millimetres, colourised maps, ``.ply`` point clouds with ``--intrinsics``).
+millimetres, colourised maps, ``.ply`` point clouds with ``--intrinsics``; the whole image at one
+scale, so ``--mode slide``, ``--scales`` and ``--confidence`` are refused; ``--flip`` averages the
+left-right mirror). Segmentation + depth models write both sets of files and take every option:
+``--mode``, ``--flip`` and ``--scales`` shape the masks as for a segmentation model, depth is the
+depth model's (see ``dptune.tools.multitask``).
 """
 
 from __future__ import annotations
@@ -28,7 +33,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dptune.data.sources import read_image
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 from dptune.inference import FLIP_VIEWS
 from dptune.labels import LabelSet
 
@@ -81,19 +86,42 @@ def write_rgb(path: Path, rgb: np.ndarray) -> None:
     cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
 
 
+def write_masks(out: Path, stem: str, image: np.ndarray, pred: np.ndarray, conf: np.ndarray, labels: LabelSet,
+                args: argparse.Namespace) -> None:
+    """``<stem>.png``, ``<stem>_overlay.png`` and, with ``--confidence``, ``<stem>_confidence.png``."""
+    cv2.imwrite(str(out / f"{stem}.png"), pred)
+    write_rgb(out / f"{stem}_overlay.png", overlay(image, pred, labels, args.alpha))
+    if args.confidence:
+        cv2.imwrite(str(out / f"{stem}_confidence.png"), (conf * 255).round().astype(np.uint8))
+
+
+def parse_scales(spec: str) -> tuple[float, ...]:
+    """``--scales``: comma-separated positive factors."""
+    try:
+        scales = tuple(float(s) for s in spec.split(","))
+    except ValueError:
+        scales = ()
+    if not scales or not all(s > 0 for s in scales):
+        raise ConfigError(f"--scales {spec!r}: give comma-separated positive factors, e.g. 0.75,1,1.25")
+    return scales
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="dptune .ckpt or exported directory")
     ap.add_argument("--images", required=True, help="an image file, a folder or a glob")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
+    ap.add_argument("--mode", choices=["whole", "slide"], default="whole",
+                    help="masks: whole image or sliding windows (depth: whole image only)")
     ap.add_argument("--flip", nargs="?", const="h", default="none", choices=list(FLIP_VIEWS),
-                    help="flip TTA: h, hv (also up-down) or d4 (also 90-degree turns); bare --flip = h")
-    ap.add_argument("--scales", default="1")
-    ap.add_argument("--confidence", action="store_true", help="also write the top-class probability")
+                    help="flip TTA: h, hv (also up-down) or d4 (also 90-degree turns); bare --flip = h. "
+                         "Depth averages only the left-right mirror")
+    ap.add_argument("--scales", default="1", help="masks: comma-separated scales to average (depth: 1 only)")
+    ap.add_argument("--confidence", action="store_true", help="also write the top-class probability (masks)")
     ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--intrinsics", help="depth models: fx,fy,cx,cy or a 3x3 camera matrix file; writes <stem>.ply")
+    ap.add_argument("--intrinsics", help="depth and segmentation + depth models: fx,fy,cx,cy or a 3x3 camera "
+                                         "matrix file; writes <stem>.ply")
     args = ap.parse_args(argv)
     from dptune.predictor import Predictor
     from dptune.tools.depth import model_task, predict_depth
@@ -107,21 +135,19 @@ def main(argv: list[str] | None = None) -> int:
             from dptune.tools.multitask import predict_both
 
             return predict_both(args, paths)
+        scales = parse_scales(args.scales)
+        if args.intrinsics:
+            raise ConfigError("--intrinsics: point clouds need depth; this is a segmentation model")
         predictor = Predictor.load(args.model, args.device)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    scales = tuple(float(s) for s in args.scales.split(","))
     failed: list[str] = []
     for path, image in readable_images(paths, "predicting", failed):
         pred, conf = predictor.predict(image, mode=args.mode, flip=args.flip, scales=scales)
-        stem = Path(path).stem
-        cv2.imwrite(str(out / f"{stem}.png"), pred)
-        write_rgb(out / f"{stem}_overlay.png", overlay(image, pred, predictor.labels, args.alpha))
-        if args.confidence:
-            cv2.imwrite(str(out / f"{stem}_confidence.png"), (conf * 255).round().astype(np.uint8))
+        write_masks(out, Path(path).stem, image, pred, conf, predictor.labels, args)
     print(f"{len(paths) - len(failed)} predictions in {out}" + (f", {len(failed)} unreadable images" if failed else ""))
     return 2 if failed else 0
 
