@@ -1,61 +1,76 @@
 """The segmentation + depth side of ``scripts/predict.py``: class masks, overlays and depth maps
-from one forward pass of a joint model (a multitask ``.ckpt``, or an exported directory holding
-``segmentation/`` and ``depth/``, whose identical backbones are tied back into one)."""
+of a joint model (a multitask ``.ckpt``, or an exported directory holding ``segmentation/`` and
+``depth/``), each task read by its own predictor, their backbones tied back into one.
+
+Every option does what it does for a model of one task: ``--confidence`` writes the top-class
+probability, ``--intrinsics`` the ``.ply`` point cloud; ``--mode slide``, ``--flip`` and
+``--scales`` shape the masks as the segmentation predictor does, while depth stays the depth
+predictor's whole image at one scale (``--flip`` averages its left-right mirror; see
+``dptune.tools.depth``). Without those three, both come from one backbone pass.
+"""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 
-from dptune.models.source import is_joint_export
-
 
 def load_joint(ref: str, device: str):
-    """(joint model, image processor, label set, depth metadata)."""
-    if is_joint_export(ref):  # each part as its own predictor reads it, the backbones tied back into one
-        from dptune.depth_predictor import DepthPredictor
-        from dptune.models.joint import JointDPT
-        from dptune.predictor import Predictor
+    """(segmentation predictor, depth predictor, the joint model that runs both heads on one
+    backbone pass): each part loaded as its predictor reads it, the depth part then using the
+    segmentation part's backbone (the two are the same weights)."""
+    from dptune.depth_predictor import DepthPredictor
+    from dptune.models.joint import JointDPT
+    from dptune.predictor import Predictor
 
-        seg, depth = Predictor.load(ref), DepthPredictor.load(ref)
-        joint, processor, labels, meta = JointDPT(seg.model, depth.model), seg.processor, seg.labels, depth.meta
-    else:
-        from dptune.tasks.checkpoints import load_module
+    seg, depth = Predictor.load(ref, device), DepthPredictor.load(ref, device)
+    return seg, depth, JointDPT(seg.model, depth.model).eval()
 
-        module = load_module(ref)
-        joint, processor, labels = module.model, module.image_processor(), module.label_set
-        meta = module.checkpoint_meta.get("depth", {})
-    return joint.eval().to(device), processor, labels, meta
+
+@torch.no_grad()
+def one_pass(joint, seg, depth, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(class indices, top-class probability, depth clipped at 0) of one image from one backbone pass:
+    what ``seg.predict`` and ``depth.predict`` give for the whole image, one view."""
+    from transformers.modeling_outputs import DepthEstimatorOutput
+
+    h, w = image.shape[:2]
+    x = seg.processor(images=image, return_tensors="pt")["pixel_values"].to(seg.device)
+    logits, _, raw = joint(x)
+    up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)[0]
+    conf, pred = up.cpu().softmax(0).max(0)
+    metres = depth.processor.post_process_depth_estimation(DepthEstimatorOutput(predicted_depth=raw.float().cpu()),
+                                                           target_sizes=[(h, w)])[0]["predicted_depth"].numpy()
+    return pred.numpy().astype(np.uint8), conf.numpy(), np.clip(metres, 0, None)
 
 
 def predict_both(args, paths: list[str]) -> int:
-    from dptune.depth_predictor import _Outputs
-    from dptune.tools.predict import overlay, readable_images, write_rgb
-    from dptune.visualize import colorize_depth, depth_range
+    from dptune.tools.depth import cloud_intrinsics, depth_units, depth_views, mirror_note, write_depth
+    from dptune.tools.predict import parse_scales, readable_images, write_masks
 
-    joint, processor, labels, _ = load_joint(args.model, args.device)
+    scales = parse_scales(args.scales)
+    seg, depth, joint = load_joint(args.model, args.device)
+    metric = depth.mode == "metric"
+    k = cloud_intrinsics(args.intrinsics, metric)
+    shared = args.mode == "whole" and scales == (1.0,) and args.flip == "none"
+    if not shared:
+        notes = [mirror_note(args.flip)] if args.flip != "none" else []
+        print("note: --mode/--flip/--scales shape the masks; depth is predicted on the whole image at one scale"
+              + "".join(f"; {n}" for n in notes), file=sys.stderr)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
     for path, image in readable_images(paths, "predicting masks and depth", failed):
-        h, w = image.shape[:2]
-        x = processor(images=image, return_tensors="pt")["pixel_values"].to(args.device)
-        with torch.no_grad():
-            logits, _, depth = joint(x)  # one backbone pass for both
-        up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)
-        pred = up.argmax(1)[0].cpu().numpy().astype(np.uint8)
-        metres = processor.post_process_depth_estimation(_Outputs(depth.float().cpu()), target_sizes=[(h, w)])
-        metres = np.clip(metres[0]["predicted_depth"].numpy(), 0, None)
+        if shared:
+            pred, conf, metres = one_pass(joint, seg, depth, image)
+        else:
+            pred, conf = seg.predict(image, mode=args.mode, flip=args.flip, scales=scales)
+            metres = depth_views(depth, image, args.flip)
         stem = Path(path).stem
-        cv2.imwrite(str(out / f"{stem}.png"), pred)
-        write_rgb(out / f"{stem}_overlay.png", overlay(image, pred, labels, args.alpha))
-        cv2.imwrite(str(out / f"{stem}_depth.png"), np.clip(np.round(metres * 1000), 0, 65535).astype(np.uint16))
-        lo, hi = depth_range(metres)
-        cv2.imwrite(str(out / f"{stem}_depth_color.png"), colorize_depth(metres, lo, hi)[..., ::-1])
-    print(f"{len(paths) - len(failed)} masks and depth maps in {out} (<stem>_depth.png in millimetres)"
-          + (f", {len(failed)} unreadable images" if failed else ""), file=sys.stdout)
+        write_masks(out, stem, image, pred, conf, seg.labels, args)
+        write_depth(out, stem, metres, image, metric, k)
+    print(f"{len(paths) - len(failed)} masks and depth maps in {out} (<stem>_depth.png in {depth_units(metric)})"
+          + (f", {len(failed)} unreadable images" if failed else ""))
     return 2 if failed else 0

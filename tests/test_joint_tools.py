@@ -1,0 +1,133 @@
+"""scripts/predict.py on a segmentation + depth model: every option does what it does on the
+single-task paths (point clouds, confidence, sliding windows, flips and scales), or is refused."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import KITCHEN, TINY, needs
+from PIL import Image
+
+from dptune.tools.predict import main as predict_main
+
+pytestmark = needs(KITCHEN)
+FRAME = sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[0] if KITCHEN.is_dir() else Path("missing.jpg")
+INTRINSICS = str(KITCHEN / "camera-intrinsics.txt")
+
+
+@pytest.fixture(scope="module")
+def joint_export(tmp_path_factory) -> Path:
+    """A tiny segmentation + depth export: ``segmentation/`` and ``depth/``, backbones identical."""
+    from transformers import DPTImageProcessorPil
+
+    from dptune.models import build_model
+    from dptune.models.depth import build_depth_model
+    from dptune.models.joint import JointDPT
+
+    out = tmp_path_factory.mktemp("joint")
+    depth_cfg = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+    torch.manual_seed(0)
+    joint = JointDPT(build_model(["a", "b", "c"], config=dict(TINY)), build_depth_model(config=depth_cfg)).eval()
+    with torch.no_grad():  # a fresh head predicts one depth everywhere: vary it, so a mirrored view tells
+        joint.depth.head.head[-2].weight.normal_(0, 0.02)
+    proc = DPTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    for name, model in (("segmentation", joint.seg), ("depth", joint.depth)):
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(out / name)
+        proc.save_pretrained(out / name)
+    return out
+
+
+def predict(model: Path, out: Path, *extra: str) -> int:
+    return predict_main(["--model", str(model), "--images", str(FRAME), "--out", str(out), *extra])
+
+
+def read_png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path)).astype(np.float64)
+
+
+def read_ply(path: Path) -> np.ndarray:
+    data = path.read_bytes()
+    end = data.index(b"end_header\n") + len(b"end_header\n")
+    dtype = [("x", "<f4"), ("y", "<f4"), ("z", "<f4"), ("red", "u1"), ("green", "u1"), ("blue", "u1")]
+    return np.frombuffer(data[end:], dtype=dtype)
+
+
+def test_joint_intrinsics_write_the_point_cloud_of_the_depth_path(joint_export, tmp_path):
+    assert predict(joint_export, tmp_path / "joint", "--intrinsics", INTRINSICS) == 0
+    assert predict(joint_export / "depth", tmp_path / "depth", "--intrinsics", INTRINSICS) == 0
+    joint, alone = read_ply(tmp_path / "joint" / f"{FRAME.stem}.ply"), read_ply(tmp_path / "depth" / f"{FRAME.stem}.ply")
+    assert len(joint) == len(alone) > 0
+    for axis in "xyz":
+        assert np.allclose(joint[axis], alone[axis], atol=1e-4)
+    assert np.array_equal(joint["red"], alone["red"])
+
+
+def test_joint_confidence_is_the_segmentation_paths(joint_export, tmp_path):
+    assert predict(joint_export, tmp_path / "joint", "--confidence") == 0
+    assert predict(joint_export / "segmentation", tmp_path / "seg", "--confidence") == 0
+    name = f"{FRAME.stem}_confidence.png"
+    assert np.abs(read_png(tmp_path / "joint" / name) - read_png(tmp_path / "seg" / name)).max() <= 1
+
+
+def test_joint_slide_flip_scales_masks_as_the_segmentation_path_depth_mirrored(joint_export, tmp_path, capsys):
+    tta = ["--mode", "slide", "--flip", "--scales", "1,0.75"]
+    assert predict(joint_export, tmp_path / "joint", *tta) == 0
+    said = capsys.readouterr()
+    assert "whole image" in said.out + said.err  # says what depth does with these options
+    assert predict(joint_export / "segmentation", tmp_path / "seg", *tta) == 0
+    assert predict(joint_export, tmp_path / "plain") == 0
+    mask = read_png(tmp_path / "joint" / f"{FRAME.stem}.png")
+    assert np.array_equal(mask, read_png(tmp_path / "seg" / f"{FRAME.stem}.png"))
+    assert not np.array_equal(mask, read_png(tmp_path / "plain" / f"{FRAME.stem}.png"))  # not ignored
+
+    from dptune.depth_predictor import DepthPredictor
+
+    image = np.asarray(Image.open(FRAME).convert("RGB"))
+    dp = DepthPredictor.load(str(joint_export / "depth"))
+    mirrored = (dp.predict(image) + dp.predict(np.ascontiguousarray(image[:, ::-1]))[:, ::-1]) / 2
+    depth = read_png(tmp_path / "joint" / f"{FRAME.stem}_depth.png") / 1000
+    assert np.abs(depth - np.clip(mirrored, 0, None)).max() <= 0.0005 + 1e-6
+
+
+def test_depth_only_flip_mirrors_and_segmentation_options_are_refused(joint_export, tmp_path, capsys):
+    """The depth path ignored --flip, --mode slide, --scales and --confidence without a word."""
+    assert predict(joint_export / "depth", tmp_path / "flip", "--flip") == 0
+    assert predict(joint_export, tmp_path / "joint", "--flip") == 0
+    name = f"{FRAME.stem}_depth.png"
+    assert np.abs(read_png(tmp_path / "flip" / name) - read_png(tmp_path / "joint" / name)).max() <= 1
+    assert predict(joint_export / "depth", tmp_path / "plain") == 0
+    assert not np.array_equal(read_png(tmp_path / "flip" / name), read_png(tmp_path / "plain" / name))
+    capsys.readouterr()
+    for extra in (["--mode", "slide"], ["--scales", "1,1.5"], ["--confidence"]):
+        assert predict(joint_export / "depth", tmp_path / "refused", *extra) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+        assert len(err) == 1 and extra[0] in err[0], err
+
+
+def test_joint_checkpoint_point_cloud_and_confidence_from_one_pass_equal_each_predictor(tmp_path):
+    """A multitask .ckpt: one backbone pass gives each predictor's masks, confidence and depth."""
+    from dptune.depth_predictor import DepthPredictor
+    from dptune.predictor import Predictor
+    from dptune.tasks.multitask import MultiTaskModule
+    from dptune.tools.depth import intrinsics
+
+    torch.manual_seed(0)
+    module = MultiTaskModule(config=dict(TINY), label_spec={"names": ["a", "b", "c"]}, image_size=64)
+    ckpt = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(ckpt)  # what the trainer's checkpoint holds for dptune
+    torch.save(ckpt, tmp_path / "joint.ckpt")
+    assert predict(tmp_path / "joint.ckpt", tmp_path / "p", "--intrinsics", INTRINSICS, "--confidence") == 0
+    image = np.asarray(Image.open(FRAME).convert("RGB"))
+    mask, conf = Predictor.load(str(tmp_path / "joint.ckpt")).predict(image)
+    assert np.array_equal(read_png(tmp_path / "p" / f"{FRAME.stem}.png"), mask)
+    assert np.abs(read_png(tmp_path / "p" / f"{FRAME.stem}_confidence.png") - np.round(conf * 255)).max() <= 1
+    depth = np.clip(DepthPredictor.load(str(tmp_path / "joint.ckpt")).predict(image), 0, None)
+    cloud = read_ply(tmp_path / "p" / f"{FRAME.stem}.ply")
+    assert len(cloud) == int((depth > 0).sum()) and np.allclose(np.sort(cloud["z"]), np.sort(depth[depth > 0]), atol=1e-4)
+    fx, _, cx, _ = intrinsics(INTRINSICS)
+    v, u = np.nonzero(depth > 0)
+    assert np.allclose(cloud["x"], (u - cx) * depth[v, u] / fx, atol=1e-4)
