@@ -29,7 +29,9 @@ def test_ddp_fit_logs_once_and_validation_is_exact(tmp_path, tiny_config_path):
     assert len([p for p in (run / "checkpoints").iterdir() if p.name.startswith("best-")]) == 1
     assert proc.stderr.count("val: mIoU") + proc.stdout.count("val: mIoU") == 1
     ckpt = run / "checkpoints" / "last.ckpt"
-    assert torch.load(ckpt, map_location="cpu")["global_step"] == 2  # 7 frames / (2 x 2), rounded down
+    saved = torch.load(ckpt, map_location="cpu")
+    assert saved["global_step"] == 2  # 7 frames / (2 x 2), rounded down
+    assert saved["dptune"]["metrics"]["val"]["images"] == 5  # shards of 3 and 2, summed
 
     # 5 val frames, batch 2, 2 processes: shards of 3 and 2, nothing repeated
     common = ["validate", "--config", str(REPO / "configs" / "camvid.yaml"), "--data.root", str(CAMVID),

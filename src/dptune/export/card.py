@@ -40,6 +40,12 @@ def warn_backend(evaluation: dict, source: str) -> None:
                     source, used, here, "installed" if here == "torchvision" else "absent")
 
 
+def on_images(val: dict) -> str:
+    """`` on N validation images`` where the checkpoint counted them (older ones did not)."""
+    n = val.get("images")
+    return "" if n is None else f" on {int(n)} validation image{'' if int(n) == 1 else 's'}"
+
+
 def model_card(labels, processor, metrics: dict, source: str, remote: bool = False,
                evaluation: dict | None = None) -> str:
     size = processor.size
@@ -57,7 +63,7 @@ def model_card(labels, processor, metrics: dict, source: str, remote: bool = Fal
     if val:
         lines += ["", "## Validation metrics (last validation of the run)", "",
                   measured_how(evaluation or {}, processor), "",
-                  f"mIoU {val['mIoU']:.4f}, pixel accuracy {val['pixel_acc']:.4f}, mean accuracy {val['mAcc']:.4f}", "",
+                  f"mIoU {val['mIoU']:.4f}{on_images(val)}, pixel accuracy {val['pixel_acc']:.4f}, mean accuracy {val['mAcc']:.4f}", "",
                   "| class | IoU |", "| --- | --- |"]
         lines += [f"| {n} | {'-' if v != v else f'{v:.4f}'} |" for n, v in zip(labels.names, val["IoU"], strict=True)]
     return "\n".join(lines) + "\n"
@@ -83,10 +89,11 @@ def depth_card(meta: dict, processor, metrics: dict, source: str) -> str:
     ]
     val = metrics.get("val") if isinstance(metrics, dict) else None
     if val:
+        over = on_images(val).removeprefix(" on ") or "images"
         how = ("Predictions upsampled (bicubic, as `pipeline` does) to the ground truth's size, scored per image "
-               "on pixels with ground "
-               "truth and averaged over images" + (f", after per-image {depth.get('alignment')} alignment"
-                                                  if depth.get("alignment") not in (None, "none") else "")
+               f"on pixels with ground truth and averaged over {over}"
+               + (f", after per-image {depth.get('alignment')} alignment"
+                  if depth.get("alignment") not in (None, "none") else "")
                + (f", {depth.get('eval_crop')} crop" if depth.get("eval_crop") not in (None, "none") else "") + ".")
         lines += ["", "## Validation metrics (last validation of the run)", "", how, "",
                   "| AbsRel | SqRel | RMSE | RMSE log | log10 | SILog | delta1 | delta2 | delta3 |",
@@ -120,7 +127,7 @@ def multitask_card(labels, metrics: dict, source: str, onnx: bool, repo: str | N
     if seg or depth:
         lines += ["", "## Validation metrics (last validation of the run; each task on its own data)", ""]
         if seg:
-            lines.append(f"- segmentation: mIoU {seg['mIoU']:.4f}, pixel accuracy {seg['pixel_acc']:.4f}")
+            lines.append(f"- segmentation: mIoU {seg['mIoU']:.4f}{on_images(seg)}, pixel accuracy {seg['pixel_acc']:.4f}")
         if depth:
-            lines.append(f"- depth: AbsRel {depth['abs_rel']:.4f}, RMSE {depth['rmse']:.4f} m, delta1 {depth['delta1']:.4f}")
+            lines.append(f"- depth: AbsRel {depth['abs_rel']:.4f}{on_images(depth)}, RMSE {depth['rmse']:.4f} m, delta1 {depth['delta1']:.4f}")
     return "\n".join(lines) + "\n"

@@ -61,7 +61,8 @@ def align(pred: torch.Tensor, gt: torch.Tensor, mode: str, max_depth: float | No
 
 
 class DepthMetrics(Metric):
-    """Per-image depth metrics averaged over images, exact across processes."""
+    """Per-image depth metrics averaged over images, exact across processes. ``images`` counts the
+    images scored (``dptune.metrics.summed_state`` sums it over processes)."""
 
     full_state_update = False
     is_differentiable = False

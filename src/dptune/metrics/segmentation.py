@@ -21,7 +21,8 @@ def confusion_counts(preds: torch.Tensor, target: torch.Tensor, num_classes: int
 
 
 class ConfusionMatrix(Metric):
-    """Accumulates a (C, C) confusion matrix; ``compute`` returns it summed over processes."""
+    """Accumulates a (C, C) confusion matrix; ``compute`` returns it summed over processes. ``images``
+    counts the samples with a labelled pixel (``dptune.metrics.summed_state`` sums it over processes)."""
 
     full_state_update = False
     is_differentiable = False
@@ -31,9 +32,12 @@ class ConfusionMatrix(Metric):
         super().__init__(**kwargs)
         self.num_classes = num_classes
         self.add_state("confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
+        """``preds`` and ``target`` (B, H, W) class indices, 255 in ``target`` for no label."""
         self.confmat += confusion_counts(preds, target, self.num_classes)
+        self.images += (target != IGNORE_INDEX).reshape(target.shape[0], -1).any(1).sum()
 
     def compute(self) -> torch.Tensor:
         return self.confmat

@@ -14,6 +14,7 @@ from dptune.data.depth import eval_crop_mask
 from dptune.errors import ConfigError
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
+from dptune.metrics import summed_state
 from dptune.metrics.depth import NAMES, DepthMetrics, valid_depth
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
 from dptune.tasks.base import DPTTask
@@ -124,7 +125,7 @@ class DepthModule(DPTTask):
 
     def _epoch_metrics(self, stage: str, metrics: DepthMetrics) -> None:
         values = {k: float(v) for k, v in metrics.compute().items()}
-        images = int(metrics.images)
+        images = int(summed_state(metrics, "images"))  # metrics.images is this process's own count
         metrics.reset()
         for name in NAMES:
             self.log(f"{stage}/{name}", values[name], prog_bar=name in ("abs_rel", "delta1"))

@@ -16,6 +16,7 @@ from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
+from dptune.metrics import summed_state
 from dptune.metrics.depth import DepthMetrics, valid_depth
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model
@@ -176,6 +177,8 @@ class MultiTaskModule(DPTTask):
 
     def on_validation_epoch_end(self) -> None:
         seg = metrics_from_confmat(self.val_confmat.compute())
+        images = {"segmentation": int(summed_state(self.val_confmat, "images")),
+                  "depth": int(summed_state(self.val_depth, "images"))}
         self.val_confmat.reset()
         depth = {k: float(v) for k, v in self.val_depth.compute().items()}
         self.val_depth.reset()
@@ -194,8 +197,9 @@ class MultiTaskModule(DPTTask):
             self.log(f"val/{key}", value, prog_bar=key in ("mIoU", "abs_rel", "delta_m"))
         self.last_metrics["val"] = values
         # each task's full figures, for its exported directory's model card
-        self.last_metrics["segmentation"] = {"val": {k: (v.tolist() if k == "IoU" else float(v)) for k, v in seg.items()}}
-        self.last_metrics["depth"] = {"val": depth}
+        self.last_metrics["segmentation"] = {"val": {**{k: (v.tolist() if k == "IoU" else float(v)) for k, v in seg.items()},
+                                                     "images": images["segmentation"]}}
+        self.last_metrics["depth"] = {"val": {**depth, "images": images["depth"]}}
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             log.info("epoch %d step %d val: %s", self.current_epoch, self.global_step,
                      " ".join(f"{k} {v:.4f}" for k, v in values.items()))

@@ -15,6 +15,7 @@ from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
 from dptune.losses.segmentation import cross_entropy, dice_loss, lovasz_loss, upsample
+from dptune.metrics import summed_state
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model, segment
 from dptune.tasks.base import DPTTask
@@ -176,17 +177,19 @@ class SegmentationModule(DPTTask):
 
     def _epoch_metrics(self, stage: str, confmat: ConfusionMatrix) -> None:
         m = metrics_from_confmat(confmat.compute())
+        images = int(summed_state(confmat, "images"))
         confmat.reset()
         for key in ("mIoU", "pixel_acc", "mAcc"):
             self.log(f"{stage}/{key}", torch.nan_to_num(m[key].float(), nan=0.0), prog_bar=key == "mIoU")
         for name, iou in zip(self.label_set.names, m["IoU"].tolist(), strict=True):
             if not math.isnan(iou):
                 self.log(f"{stage}/IoU/{name}", iou)
-        self.last_metrics[stage] = {k: (v.tolist() if k == "IoU" else float(v)) for k, v in m.items()}
+        self.last_metrics[stage] = {**{k: (v.tolist() if k == "IoU" else float(v)) for k, v in m.items()}, "images": images}
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             log.info(
                 f"epoch {self.current_epoch} step {self.global_step} {stage}: mIoU {self.last_metrics[stage]['mIoU']:.4f}"
                 f" pixel_acc {self.last_metrics[stage]['pixel_acc']:.4f} mAcc {self.last_metrics[stage]['mAcc']:.4f}"
+                f" ({images} images)"
             )
 
     def on_validation_epoch_end(self) -> None:
