@@ -1,5 +1,6 @@
 #!/usr/bin/env python
-"""Dataset report and class weights: ``python scripts/inspect_data.py configs/camvid.yaml``."""
+"""Dataset report of a config of any task (classes, depth range) and class weights:
+``python scripts/inspect_data.py configs/camvid.yaml``, ``configs/depth/7scenes.yaml``, ``configs/multitask/...``."""
 
 import sys
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Predict masks and overlays: see ``python scripts/predict.py --help``."""
+"""Predict masks, depth maps or both (segmentation + depth models): see ``python scripts/predict.py --help``."""
 
 import sys
 

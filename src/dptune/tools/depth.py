@@ -110,7 +110,8 @@ def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, metr
     cv2.imwrite(str(out / f"{stem}_depth.png"), stored)
     shown = depth if metric else 1.0 / np.clip(depth, 1e-6, None)  # relative: inverse depth, near = large
     lo, hi = depth_range(shown)
-    cv2.imwrite(str(out / f"{stem}_depth_color.png"), colorize_depth(shown, lo, hi)[..., ::-1])
+    units = "m" if metric else ""  # the bar of a relative map: 1 / its inverse depth, no unit
+    cv2.imwrite(str(out / f"{stem}_depth_color.png"), colorize_depth(shown, lo, hi, units=units)[..., ::-1])
     if k is not None and metric:
         write_ply(out / f"{stem}.ply", depth, image, k)
 
