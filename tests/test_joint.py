@@ -60,9 +60,18 @@ def test_a_mixed_batch_gives_each_task_gradients_from_its_own_samples_only():
     total = UncertaintyWeighting(["segmentation", "depth"])({"segmentation": seg_loss, "depth": depth_loss})
     total.backward()
     assert torch.isfinite(total) and all(torch.isfinite(p.grad).all() for p in m.parameters() if p.grad is not None)
-    # a batch without any depth label: the depth head is not run, nothing is NaN
-    logits, _, depth = m(x, torch.arange(3), torch.tensor([], dtype=torch.long))
-    assert depth is None and logits.shape[0] == 3
+    # a batch without any depth label: the depth head runs on no rows; its BatchNorm statistics stay
+    # as they were and every one of its weights gets a zero gradient (DDP needs one from every process)
+    for seg_rows, depth_rows, idle in ((torch.arange(3), [], m.depth), ([], torch.arange(3), m.seg)):
+        m.zero_grad()
+        stats = {n: b.clone() for n, b in idle.named_buffers() if "running" in n}
+        logits, _, depth = m(x, torch.as_tensor(seg_rows, dtype=torch.long), torch.as_tensor(depth_rows, dtype=torch.long))
+        assert (logits.shape[0], depth.shape[0]) == (len(seg_rows), len(depth_rows))
+        assert all(torch.equal(b, dict(idle.named_buffers())[n]) for n, b in stats.items())
+        (logits.sum() + depth.sum()).backward()
+        head = [p for n, p in idle.named_parameters() if n.startswith(("neck.", "head.")) and p.requires_grad]
+        assert head and all(p.grad is not None and p.grad.abs().max() == 0 for p in head)
+    assert any("running" in n for n, _ in m.seg.named_buffers())  # the segmentation head's BatchNorm
 
 
 def test_uncertainty_weighting_by_hand():

@@ -7,7 +7,8 @@ tasks, and each model still saves and loads on its own (one exported directory p
 Option: the necks' reassemble stage is shared too.
 
 Each head runs only on the samples that carry its task's label: a batch mixing masks-only,
-depth-only and both gives each task gradients (and BatchNorm statistics) from its own samples.
+depth-only and both gives each task gradients (and BatchNorm statistics) from its own samples; a
+head whose task has no sample in the batch runs on none.
 """
 
 from __future__ import annotations
@@ -71,15 +72,13 @@ class JointDPT(nn.Module):
         def rows(sel):
             return states if sel is None else [s[sel] for s in states]
 
-        logits = aux = depth = None
-        seg_states = rows(seg_rows)
-        if seg_states[0].shape[0]:
-            neck = self._neck(self.seg, seg_states, h, w)
-            logits = self.seg.head(neck)
-            aux = self.seg.auxiliary_head(neck[-1]) if with_aux and self.seg.auxiliary_head is not None else None
-        depth_states = rows(depth_rows)
-        if depth_states[0].shape[0]:
-            depth = self.depth.head(self._neck(self.depth, depth_states, h, w))
+        # both heads always run, on no rows if need be (an empty batch: no BatchNorm statistics
+        # change, every weight gets a zero gradient), so that every process of a DDP run reduces the
+        # same parameters and runs the same SyncBatchNorm collectives whatever its batch holds
+        neck = self._neck(self.seg, rows(seg_rows), h, w)
+        logits = self.seg.head(neck)
+        aux = self.seg.auxiliary_head(neck[-1]) if with_aux and self.seg.auxiliary_head is not None else None
+        depth = self.depth.head(self._neck(self.depth, rows(depth_rows), h, w))
         return logits, aux, depth
 
 

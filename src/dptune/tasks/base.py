@@ -220,8 +220,21 @@ class DPTTask(pl.LightningModule):
 
     # ------------------------------------------------------------------ optimizer
     def param_groups(self) -> list[dict[str, Any]]:
+        """The network's groups (backbone / neck and heads, decay, layer-wise LR), and a ``task``
+        group (``lr * head_lr_mult``, no decay) for what the task owns beside the network, such as
+        learned loss weights. Every trainable parameter of the module is in exactly one group."""
         hp = self.hparams
-        return param_groups(self.model, hp.lr, hp.head_lr_mult, hp.weight_decay, hp.layer_decay)
+        groups = param_groups(self.model, hp.lr, hp.head_lr_mult, hp.weight_decay, hp.layer_decay)
+        network = {id(p) for p in self.model.parameters()}
+        own = [p for p in self.parameters() if p.requires_grad and id(p) not in network]
+        if own:
+            groups.append({"params": own, "lr": hp.lr * hp.head_lr_mult, "weight_decay": 0.0, "name": "task"})
+        grouped = [id(p) for g in groups for p in g["params"]]
+        trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        if len(grouped) != len(set(grouped)) or set(grouped) != trainable:
+            raise RuntimeError(f"optimizer groups cover {len(set(grouped))} of {len(trainable)} trainable parameters "
+                               f"({len(grouped) - len(set(grouped))} twice): a bug in {type(self).__name__}")
+        return groups
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

@@ -109,25 +109,28 @@ class MultiTaskModule(DPTTask):
                 "depth_model_config": self.model.depth.config.to_dict()}
 
     # ------------------------------------------------------------------ training
-    def losses(self, batch: dict[str, Any]) -> dict[str, torch.Tensor]:
-        """Each task's loss from the samples (and pixels) that carry its label."""
+    def losses(self, batch: dict[str, Any]) -> tuple[dict[str, torch.Tensor], torch.Tensor]:
+        """Each task's loss from the samples (and pixels) that carry its label, and a zero that
+        still reaches the heads of a task with no sample in the batch: added to the total, it gives
+        their weights a (zero) gradient, so every DDP process reduces the same parameters."""
         mask, depth = batch["mask"].long(), batch["depth"]
         seg_rows, depth_rows = labelled_rows(mask, depth)
         logits, aux, pred = self(batch["image"], seg_rows, depth_rows, with_aux=self.hparams.aux_weight > 0)
         out: dict[str, torch.Tensor] = {}
-        if logits is not None:
+        unused = [t for t in (logits, aux, pred) if t is not None and t.shape[0] == 0]
+        if len(seg_rows):
             target = mask[seg_rows]
             out["segmentation"] = cross_entropy(upsample(logits, target.shape[-2:]), target)
             if aux is not None:
                 out["segmentation"] = out["segmentation"] + self.hparams.aux_weight * cross_entropy(aux, target)
-        if pred is not None:
+        if len(depth_rows):
             gt = depth[depth_rows]
             out["depth"] = LOSSES[self.hparams.depth_loss](upsample_depth(pred.float(), gt.shape[-2:]), gt,
                                                           self.valid_depth(gt))
-        return out
+        return out, sum((t.float().sum() for t in unused), torch.zeros((), device=self.device))
 
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> torch.Tensor:
-        losses = self.losses(batch)
+        losses, unused = self.losses(batch)
         if self.weights is not None:
             total = self.weights(losses)
             for task, w in self.weights.weights().items():
@@ -139,7 +142,7 @@ class MultiTaskModule(DPTTask):
         for task, value in losses.items():
             self.log(f"train/loss_{task}", value, batch_size=bs)
         self.log("train/loss", total, prog_bar=True, batch_size=bs)
-        return total
+        return total + unused
 
     # ------------------------------------------------------------------ validation: each source on its own data
     def on_validation_epoch_start(self) -> None:

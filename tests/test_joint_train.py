@@ -1,0 +1,58 @@
+"""Joint (segmentation + depth) training as it runs: the learned loss weights really learn, and a
+two-process DDP fit whose batches hold one task only runs to the end."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CAMVID, KITCHEN, TINY, needs
+from test_finetune import joint_args
+from test_train import run_train
+
+from dptune.labels import LabelSet
+
+
+def _module(**kwargs):
+    from dptune.tasks.multitask import MultiTaskModule
+
+    labels = LabelSet.from_dict({"names": ["a", "b", "c"]}).to_dict()
+    return MultiTaskModule(label_spec=labels, config=dict(TINY), image_size=64, **kwargs)
+
+
+@pytest.mark.parametrize("weighting", ["uncertainty", "fixed"])
+def test_the_optimizer_covers_every_trainable_parameter_of_the_module(weighting):
+    module = _module(weighting=weighting)
+    grouped = [p for g in module.param_groups() for p in g["params"]]
+    trainable = [p for p in module.parameters() if p.requires_grad]
+    assert {id(p) for p in grouped} == {id(p) for p in trainable} and len(grouped) == len(trainable)
+    if weighting == "uncertainty":
+        task = next(g for g in module.param_groups() if g["name"] == "task")
+        assert task["params"] == [module.weights.log_vars] and task["weight_decay"] == 0.0
+
+
+def test_a_trainable_parameter_outside_the_network_gets_the_task_group():
+    module = _module()
+    module.extra = torch.nn.Linear(2, 2)  # trainable, outside the network: must be optimised too
+    groups = module.param_groups()
+    assert [g["name"] for g in groups].count("task") == 1
+    assert sum(p.numel() for g in groups if g["name"] == "task" for p in g["params"]) == 2 + 6  # log_vars + Linear
+
+
+@pytest.mark.slow
+@needs(CAMVID)
+@needs(KITCHEN)
+def test_a_two_process_joint_fit_with_single_task_batches_runs_to_the_end_and_learns_its_weights(tmp_path, tiny_config_path):
+    """Batches of one sample per process: every step at least one process has a batch without one
+    of the tasks (its head runs on no rows). DDP's default (find_unused_parameters=False) must not
+    fail, and the learned task weights must move away from 1."""
+    run = tmp_path / "run"
+    args = joint_args(run, ["--model.config", str(tiny_config_path)])
+    args[args.index("--data.batch_size") + 1] = "1"
+    proc = run_train([*args, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--progress.every", "0"], cwd=tmp_path)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    log_vars = ckpt["state_dict"]["weights.log_vars"]
+    assert (log_vars.abs() > 1e-3).all(), log_vars  # exp(-s) != 1: the weights learned
+    steps = [ln for ln in proc.stderr.splitlines() if "images/s" in ln]
+    total = int(steps[-1].split("step ")[1].split("/")[1].split()[0])
+    assert ckpt["global_step"] == total > 1
