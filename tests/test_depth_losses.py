@@ -97,3 +97,55 @@ def test_l1_and_berhu_by_hand():
     assert l1(pred, gt, valid, min_valid=1).item() == pytest.approx((0.5 + 0 + 5) / 3)
     c = 0.2 * 5.0  # berHu: |x| up to c, (x^2 + c^2) / 2c beyond
     assert berhu(pred, gt, valid, min_valid=1).item() == pytest.approx((0.5 + 0 + (25 + c * c) / (2 * c)) / 3)
+
+
+def test_ssi_stays_exact_at_real_resolution_when_the_prediction_barely_varies():
+    """A fresh relative head predicts almost a constant: an exactly affine prediction of spread 3e-4
+    around 5 at 384 x 384 must score (nearly) 0, not the 1e12 of float32 normal equations."""
+    torch.manual_seed(0)
+    gt = torch.rand(2, 384, 384) * 3 + 0.5
+    target = 1 / gt
+    pred = (5.0 + 3e-4 * (target - target.mean()) / target.std()).requires_grad_()
+    loss = scale_shift_invariant(pred, gt, gt > 0)
+    loss.backward()
+    assert loss.item() < 5e-3 and torch.isfinite(pred.grad).all()
+    # against numpy's float64 least squares on a less trivial prediction
+    pred = 5.0 + 3e-4 * torch.randn(2, 384, 384)
+    residuals = []
+    for b in range(2):
+        a = np.stack([pred[b].double().flatten().numpy(), np.ones(384 * 384)], 1)
+        t = target[b].double().flatten().numpy()
+        residuals.append(np.abs(a @ np.linalg.lstsq(a, t, rcond=None)[0] - t).mean())
+    ours = scale_shift_invariant(pred, gt, gt > 0, grad_weight=0.0)
+    assert ours.item() == pytest.approx(np.mean(residuals), rel=1e-3)
+
+
+@pytest.mark.skipif(not __import__("conftest").KITCHEN.exists(), reason="7-Scenes data not present")
+def test_a_fresh_relative_head_trains_from_its_first_step_at_384():
+    """Real 7-Scenes frames at 384 x 384, a relative-mode DPT with a fresh head: the SSI loss is
+    finite from the first step and falls over a few optimizer steps."""
+    from conftest import KITCHEN, TINY
+    from PIL import Image
+
+    from dptune.models.depth import build_depth_model, depth_forward
+
+    torch.manual_seed(0)
+    config = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+    model = build_depth_model(config={**config, "image_size": 384}, mode="relative").train()
+    frames = sorted((KITCHEN / "train" / "rgb").glob("*.jpg"))[:2]
+    images = torch.stack([torch.from_numpy(np.asarray(Image.open(f).convert("RGB").resize((384, 384), Image.BICUBIC)))
+                          .permute(2, 0, 1).float() / 127.5 - 1 for f in frames])
+    depth = torch.stack([torch.from_numpy(np.asarray(Image.open(KITCHEN / "train" / "depth" / f"{f.stem}.png")
+                                                     .resize((384, 384), Image.NEAREST)).astype(np.float32) / 1000)
+                         for f in frames])
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(12):
+        loss = scale_shift_invariant(depth_forward(model, images), depth, depth > 0)
+        assert torch.isfinite(loss), losses
+        opt.zero_grad()
+        loss.backward()
+        assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
+        opt.step()
+        losses.append(loss.item())
+    assert losses[0] < 10 and min(losses[-3:]) < 0.95 * losses[0], losses
