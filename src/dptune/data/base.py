@@ -37,15 +37,27 @@ def stream_seed() -> int:
     return torch.initial_seed() % 2**32
 
 
+def _datasets(ds) -> list:
+    """``ds`` and every dataset it is made of (``datasets``: a joint set, ``ConcatDataset``), depth first."""
+    found = [ds]
+    for child in getattr(ds, "datasets", None) or []:
+        found.extend(_datasets(child))
+    return found
+
+
 def seed_worker(worker_id: int) -> None:
+    """Each loader worker reseeds the augmentations of every dataset it reads (a joint set's sources
+    too), so that workers do not replay the main process's random stream; each dataset gets its own."""
     import cv2
 
     cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
     info = torch.utils.data.get_worker_info()
-    ds = info.dataset if info is not None else None
-    transform = getattr(ds, "transform", None)
-    if transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(augment_seed())
+    if info is None:
+        return
+    for k, ds in enumerate(_datasets(info.dataset)):
+        transform = getattr(ds, "transform", None)
+        if transform is not None and hasattr(transform, "set_random_seed"):
+            transform.set_random_seed((augment_seed() + 7919 * k) % 2**32)
 
 
 class EvalDistributedSampler(DistributedSampler):
@@ -79,14 +91,15 @@ def default_workers(num_workers: int | None) -> int:
 
 
 def make_loader(ds, stage: str, batch_size: int, trainer, num_workers: int, pin_memory: bool,
-                persistent_workers: bool, collate_fn: Callable, streaming: bool = False) -> DataLoader:
-    """A training loader (shuffled, last partial batch dropped) or an evaluation loader (each sample
-    on exactly one process)."""
-    sampler = None
-    if not streaming and stage != "train" and trainer is not None and trainer.world_size > 1:
+                persistent_workers: bool, collate_fn: Callable, streaming: bool = False,
+                sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
+    """The loader of every datamodule: a training loader (shuffled unless a ``sampler`` draws, last
+    partial batch dropped) or an evaluation loader (each sample on exactly one process); workers
+    reseed the augmentations (``seed_worker``)."""
+    if sampler is None and not streaming and stage != "train" and trainer is not None and trainer.world_size > 1:
         sampler = EvalDistributedSampler(ds, trainer.world_size, trainer.global_rank)
     return DataLoader(
-        ds, batch_size=batch_size, shuffle=stage == "train" and not streaming, sampler=sampler,
+        ds, batch_size=batch_size, shuffle=stage == "train" and not streaming and sampler is None, sampler=sampler,
         drop_last=stage == "train" and (streaming or len(ds) > batch_size), num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=persistent_workers, collate_fn=collate_fn,
         worker_init_fn=seed_worker,

@@ -16,7 +16,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from dptune.data.base import default_workers, seed_worker
+from dptune.data.base import default_workers, make_loader
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
 from dptune.errors import ConfigError
@@ -185,10 +185,8 @@ class MultiTaskDataModule(pl.LightningDataModule):
             weights = source_weights([len(d) for d in datasets], [s.weight for s in self.sources])
             generator = torch.Generator().manual_seed(torch.initial_seed() % 2**32)  # same on every rank
             sampler = WeightedRandomSampler(weights, num_samples=len(data), replacement=True, generator=generator)
-        return DataLoader(data, batch_size=self.batch_size, shuffle=sampler is None, sampler=sampler,
-                          drop_last=len(data) > self.batch_size, num_workers=self.num_workers,
-                          collate_fn=collate_joint, worker_init_fn=seed_worker,
-                          persistent_workers=self.num_workers > 0)
+        return make_loader(data, "train", self.batch_size, self.trainer, self.num_workers,
+                           self.sources[0].dm.pin_memory, self.num_workers > 0, collate_joint, sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [s.dm.val_dataloader() for s in self.val_sources]
