@@ -45,7 +45,7 @@ def probed_fit(args: list[str], tmp: Path) -> dict:
     finally:
         for k, v in old.items():
             os.environ.pop(k) if v is None else os.environ.__setitem__(k, v)
-    return {**json.loads(probe.read_text()), "stderr": proc.stderr}
+    return {**json.loads(probe.read_text()), "stderr": proc.stderr, "stdout": proc.stdout}
 
 
 @pytest.fixture(scope="module")
@@ -70,6 +70,9 @@ def test_a_fit_from_an_export_trains_every_module_in_train_mode(sources):
                                                                             str(sources["seg_export"])]
     probe = probed_fit([*args, "--trainer.logger", "false"], tmp)
     assert probe["modules"] > 100 and probe["eval"] == [], probe["eval"][:10]
+    # Lightning's model summary (printed at fit start, before the first step) counts the modes too
+    summary = [ln for ln in probe["stdout"].splitlines() if "Modules in eval mode" in ln]
+    assert summary and all(ln.split(":")[-1].split()[0] == "0" for ln in summary), summary
 
 
 def test_a_fit_from_a_dptune_ckpt_finishes_in_train_mode_for_either_task(sources):

@@ -155,25 +155,27 @@ class ProgressLog(Callback):
         self._images, self._first_step = 0, trainer.global_step  # a resumed run starts past 0
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
-        self._images += _batch_size(batch)
+        self._images += _batch_size(batch) * trainer.world_size  # every process trains a batch this size
         if not self._active(trainer) or not self._due():
             return
         elapsed = time.monotonic() - self._start
         total, done = trainer.estimated_stepping_batches, trainer.global_step
-        steps = f"step {done}/{int(total)} ({100 * done / total:.0f}%)" if math.isfinite(total) else f"step {done}"
+        known = math.isfinite(total) and total > 0  # a stream without max_steps has no end to count to
+        steps = f"step {done}/{int(total)} ({100 * done / total:.0f}%)" if known else f"step {done}"
         ran = done - self._first_step
-        eta = f", ETA {_clock(elapsed * (total - done) / ran)}" if math.isfinite(total) and ran > 0 else ""
+        eta = f", ETA {_clock(elapsed * max(0, total - done) / ran)}" if known and ran > 0 else ""
+        epochs = f"/{trainer.max_epochs}" if trainer.max_epochs and trainer.max_epochs > 0 else ""
         loss = trainer.callback_metrics.get("train/loss")
-        log.info("epoch %d/%d %s%s | %.1f images/s | elapsed %s%s", trainer.current_epoch + 1, trainer.max_epochs,
-                 steps, f" | train/loss {float(loss):.4f}" if loss is not None else "",
+        log.info("epoch %d%s %s%s | %.1f images/s | elapsed %s%s", trainer.current_epoch + 1, epochs, steps,
+                 f" | train/loss {float(loss):.4f}" if loss is not None else "",
                  self._images / max(elapsed, 1e-9), _clock(elapsed), eta)
 
     def on_validation_batch_end(self, trainer, pl_module, outputs, batch, batch_idx, dataloader_idx=0) -> None:
         if trainer.sanity_checking or not self._active(trainer) or not self._due():
             return
         counts = trainer.num_val_batches
-        total = counts[dataloader_idx] if dataloader_idx < len(counts) else "?"
-        log.info("validating: batch %d/%s%s", batch_idx + 1, total,
+        total = counts[dataloader_idx] if dataloader_idx < len(counts) else math.inf
+        log.info("validating: batch %d%s%s", batch_idx + 1, f"/{int(total)}" if math.isfinite(total) else "",
                  f" of loader {dataloader_idx + 1}/{len(counts)}" if len(counts) > 1 else "")
 
     def on_fit_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
@@ -198,8 +200,11 @@ def run_locations(trainer: pl.Trainer) -> list[str]:
     for lg in trainer.loggers:
         if isinstance(lg, WandbLogger):
             run = lg.experiment
-            folder = Path(run.dir).parent
-            if getattr(run.settings, "mode", None) == "offline" or getattr(run, "offline", False):
+            mode = getattr(getattr(run, "settings", None), "mode", None)
+            if mode == "disabled" or getattr(run, "disabled", False):
+                continue  # nothing was written
+            folder = Path(run.dir).parent.resolve()
+            if mode == "offline" or getattr(run, "offline", False):
                 lines.append(f"W&B run (offline): {folder}; upload it with: wandb sync {folder}")
             else:
                 lines.append(f"W&B run: {getattr(run, 'url', None) or folder} (files in {folder})")

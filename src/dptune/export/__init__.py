@@ -119,22 +119,22 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
 
 @contextmanager
 def plain_file_modes(out: Path) -> Iterator[None]:
-    """Give the files written under ``out`` the modes a plain ``open()`` gives: a new file 0666 less
-    the umask, an overwritten one its old mode. safetensors (0.8) writes through a temporary file,
-    created 0600, that it renames into place, so ``model.safetensors`` would be readable by its
-    owner only, unlike the config beside it."""
-    files = [p for p in out.rglob("*") if p.is_file() and not p.is_symlink()] if out.is_dir() else []
-    before = {p: p.stat().st_mode & 0o7777 for p in files}
+    """Give the files under ``out`` the mode a new file gets from a plain ``open()``: 0666 less the
+    umask. safetensors (0.8) writes through a temporary file, created 0600, that it renames into
+    place, so ``model.safetensors`` would be readable by its owner only, unlike the config beside
+    it. Only what this export wrote is touched (an older export's 0600 weights, written anew, too)."""
+    import time
+
+    start = time.time_ns() - 2_000_000_000  # file systems with coarse timestamps
     yield
     if os.name != "posix":
         return
     mask = os.umask(0)
     os.umask(mask)
     for p in out.rglob("*"):
-        if p.is_file() and not p.is_symlink():
-            mode = before.get(p, 0o666 & ~mask)
-            if p.stat().st_mode & 0o7777 != mode:
-                p.chmod(mode)
+        if p.is_file() and not p.is_symlink() and p.stat().st_mtime_ns >= start:
+            if p.stat().st_mode & 0o7777 != 0o666 & ~mask:
+                p.chmod(0o666 & ~mask)
 
 
 def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float) -> Path:

@@ -200,16 +200,19 @@ class DPTTask(pl.LightningModule):
         if stage == "fit" and not square and stock_vit:
             log.warning("image_size %s is not square: dptune trains and validates on it, but plain transformers' DPT "
                         "(ViT) forward runs square inputs only, so the export will not run in pipeline(...)", size)
+        if stage == "fit":
+            self._train_mode()
         # before the strategy wraps the model in DDP
         if self.hparams.sync_batchnorm and wants_sync_batchnorm(self.trainer):
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             log.info("BatchNorm layers synchronised across %d processes", self.trainer.world_size)
 
-    def on_fit_start(self) -> None:
+    def _train_mode(self) -> None:
         """Train the whole network in train mode. ``from_pretrained`` hands models over in eval mode
         (BatchNorm on frozen running statistics, dropout off) and Lightning keeps the modes it finds,
-        so every start from weights would otherwise fine-tune in eval mode. What stays frozen on
-        purpose (weights the forward pass never reads) is said once."""
+        so every start from weights would otherwise fine-tune in eval mode. Called from ``setup``,
+        before any callback's ``on_fit_start`` (the model summary counts modes there). What stays
+        frozen on purpose (weights the forward pass never reads) is said once."""
         switched = sum(not m.training for m in self.modules())
         self.train()
         frozen = [n for n, p in self.named_parameters() if not p.requires_grad]

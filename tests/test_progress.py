@@ -1,0 +1,56 @@
+"""ProgressLog's lines in the cases a real run meets: several processes, a step budget instead of
+epochs, a stream with no length, a validation loader with no length; and where a run's results are
+when W&B is off."""
+
+from __future__ import annotations
+
+import logging
+import math
+from types import SimpleNamespace
+
+import torch
+
+from dptune.callbacks import ProgressLog, run_locations
+
+
+def _trainer(**kw) -> SimpleNamespace:
+    base = {"is_global_zero": True, "progress_bar_callback": None, "world_size": 1, "global_step": 0,
+            "estimated_stepping_batches": 10, "max_epochs": 2, "current_epoch": 0, "callback_metrics": {},
+            "sanity_checking": False, "num_val_batches": [4], "checkpoint_callbacks": [], "loggers": []}
+    return SimpleNamespace(**{**base, **kw})
+
+
+def _lines(caplog, trainer, steps: int = 2, val: bool = False) -> list[str]:
+    cb = ProgressLog(every=0)
+    cb.on_train_start(trainer, None)
+    with caplog.at_level(logging.INFO, logger="dptune.callbacks"):
+        for _ in range(steps):
+            trainer.global_step += 1
+            cb.on_train_batch_end(trainer, None, None, {"image": torch.zeros(4, 3, 8, 8)}, 0)
+        if val:
+            cb.on_validation_batch_end(trainer, None, None, {}, 2)
+    return [r.getMessage() for r in caplog.records]
+
+
+def test_images_per_second_count_every_process(caplog, monkeypatch):
+    clock = iter([0.0])  # the run starts at 0 s; every later reading is 10 s
+    monkeypatch.setattr("dptune.callbacks.time.monotonic", lambda: next(clock, 10.0))
+    one = _lines(caplog, _trainer(world_size=2), steps=1)[-1]
+    # 4 images per process, 2 processes, 10 s
+    assert "0.8 images/s" in one and "epoch 1/2 step 1/10 (10%)" in one and "ETA 0:01:30" in one, one
+
+
+def test_no_epoch_count_step_total_or_eta_where_there_is_none(caplog):
+    lines = _lines(caplog, _trainer(max_epochs=-1, estimated_stepping_batches=-1,
+                                    num_val_batches=[math.inf]), val=True)
+    assert lines[0].startswith("epoch 1 step 1 |"), lines
+    assert all("-1" not in ln and "ETA" not in ln and "inf" not in ln for ln in lines), lines
+    assert lines[-1] == "validating: batch 3", lines
+
+
+def test_a_disabled_wandb_run_is_not_named(tmp_path, monkeypatch):
+    from dptune.callbacks import DPTuneWandbLogger
+
+    monkeypatch.setenv("WANDB_MODE", "disabled")
+    logger = DPTuneWandbLogger(save_dir=str(tmp_path))
+    assert run_locations(_trainer(loggers=[logger])) == []
