@@ -347,3 +347,15 @@ def test_loader_workers_of_the_joint_task_draw_different_augmentations():
         loader = make_loader(data, "train", 1, None, 2, False, False, collate_joint, sampler=[index] * 6)
         draws = [b["image"][0].flatten().tolist() for b in loader]
         assert len({tuple(d) for d in draws}) == 6, f"sample {index}: repeated augmentations across workers"
+
+
+@pytest.mark.parametrize("task,setting", [("segmentation", {"val_mode": "slide"}), ("depth", {"eval_crop": "eigen"})])
+def test_settings_the_joint_validation_cannot_honour_stop_with_one_line(task, setting):
+    from dptune.data.multitask_datamodule import MultiTaskDataModule
+
+    seg = {"root": str(CAMVID), "splits": {"train": {"images": "train/0001TP_006900.jpg", "masks": "trainannot/{stem}.png"}}}
+    depth = {"root": str(KITCHEN), "splits": {"train": {"images": "train/rgb/frame-000000.jpg", "depth": "train/depth/{stem}.png"}}}
+    sources = {"segmentation": seg, "depth": depth}
+    sources[task] = {**sources[task], **setting}
+    with pytest.raises(ConfigError, match=f"{next(iter(setting))} .* is not supported in segmentation \\+ depth"):
+        MultiTaskDataModule(**sources, image_size=64)

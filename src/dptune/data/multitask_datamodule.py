@@ -157,6 +157,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
         weight = spec.pop("weight", None)
         if weight is not None and not weight > 0:
             raise ConfigError(f"data.{task} source {name!r}: weight must be > 0, got {weight}")
+        # what validation of the joint task does not do yet stops here, rather than being ignored
+        if task == "segmentation" and spec.get("val_mode", "resize") != "resize":
+            raise ConfigError(f"data.segmentation source {name!r}: val_mode {spec['val_mode']!r} is not supported in "
+                              "segmentation + depth training (it validates whole images resized to image_size); "
+                              "score the exported segmentation part with scripts/evaluate.py --mode slide")
+        if task == "depth" and spec.get("eval_crop", "none") != "none":
+            raise ConfigError(f"data.depth source {name!r}: eval_crop {spec['eval_crop']!r} is not supported in "
+                              "segmentation + depth training (it scores every valid pixel); score the exported "
+                              f"depth part with scripts/evaluate.py --depth TEMPLATE --eval-crop {spec['eval_crop']}")
         if task == "segmentation":
             dm = SegmentationDataModule(**{**spec, **common, "crop_size": common["image_size"]})
             return MixSource(name, "segmentation", dm, weight)
