@@ -4,6 +4,7 @@ predict agreement, exact 2-process validation, a segmentation checkpoint as the 
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -194,3 +195,18 @@ def test_evaluate_agrees_with_the_independent_scorer(depth_run, tmp_path, capsys
     assert ours["images"] == theirs["images"] == 5
     for key in ("abs_rel", "rmse", "silog", "delta1"):
         assert abs(ours[key] - theirs[key]) < 1e-6, (key, ours[key], theirs[key])
+
+
+def test_a_validation_that_scores_no_depth_image_is_nan_and_never_the_best_checkpoint(tmp_path):
+    """No ground truth inside [min_depth, max_depth]: nothing is scored, so the figures are NaN (they
+    were 0.0, which won a mode: min checkpoint), a warning says so, and no best-*.ckpt is written."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(DEPTH_TINY))
+    run = tmp_path / "run"
+    proc = run_train([*depth_args(run, config, epochs=1), "--trainer.logger", "false",
+                      "--model.min_depth", "0.0001", "--model.max_depth", "0.001"], cwd=tmp_path)
+    meta = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["dptune"]
+    assert meta["metrics"]["val"]["images"] == 0 and math.isnan(meta["metrics"]["val"]["abs_rel"])
+    assert "no depth image had a valid pixel" in proc.stderr
+    assert "val/abs_rel is NaN" in proc.stderr
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("best-")]

@@ -82,6 +82,18 @@ class Checkpoint(ModelCheckpoint):
                 log.warning("SIGTERM: saved %s at step %d; resume with --ckpt_path last",
                             self.last_model_path, trainer.global_step)
 
+    def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        """A NaN monitored value (nothing was scored) is no result: it never becomes "best"."""
+        import torch
+
+        current = monitor_candidates.get(self.monitor) if self.monitor else None
+        if current is not None and torch.isnan(torch.as_tensor(current)).any():
+            if trainer.is_global_zero:
+                log.warning("%s is NaN at step %d (nothing was scored): no best checkpoint from it", self.monitor,
+                            trainer.global_step)
+            return
+        super()._save_topk_checkpoint(trainer, monitor_candidates)
+
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):
             if self._last_global_step_saved != trainer.global_step:

@@ -8,10 +8,13 @@ float64 rounding.
 
 from __future__ import annotations
 
+import logging
 import math
 
 import torch
 from torchmetrics import Metric
+
+log = logging.getLogger(__name__)
 
 NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
 LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
@@ -89,5 +92,13 @@ class DepthMetrics(Metric):
             self.images += 1
 
     def compute(self) -> dict[str, torch.Tensor]:
-        n = self.images.clamp(min=1).double()
+        # no image scored is no result: NaN, never the perfect-looking 0 of an empty sum
+        n = torch.where(self.images > 0, self.images.double(), torch.nan)
         return {name: self.sums[i] / n for i, name in enumerate(NAMES)}
+
+
+def warn_if_none_scored(images: int, where: str, min_depth: float, max_depth: float | None) -> None:
+    """One warning when a validation scored no depth image: its metrics are NaN, not a result."""
+    if images == 0:
+        log.warning("%s: no depth image had a valid pixel in [%s, %s] m: the depth metrics are NaN (no result; is "
+                    "depth_scale right?)", where, min_depth, max_depth if max_depth else "inf")

@@ -15,7 +15,7 @@ from dptune.errors import ConfigError
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.metrics import summed_state
-from dptune.metrics.depth import NAMES, DepthMetrics, valid_depth
+from dptune.metrics.depth import NAMES, DepthMetrics, valid_depth, warn_if_none_scored
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
 from dptune.tasks.base import DPTTask
 
@@ -131,6 +131,7 @@ class DepthModule(DPTTask):
             self.log(f"{stage}/{name}", values[name], prog_bar=name in ("abs_rel", "delta1"))
         self.last_metrics[stage] = {**values, "images": images}
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            warn_if_none_scored(images, stage, self.hparams.min_depth, self.hparams.max_depth)
             log.info(f"epoch {self.current_epoch} step {self.global_step} {stage}: abs_rel {values['abs_rel']:.4f} "
                      f"rmse {values['rmse']:.4f} delta1 {values['delta1']:.4f} ({images} images)")
 

@@ -5,6 +5,7 @@ each task's metrics on its own validation data, and a combined score for "best" 
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any, Literal
 
 import numpy as np
@@ -17,7 +18,7 @@ from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
 from dptune.metrics import summed_state
-from dptune.metrics.depth import DepthMetrics, valid_depth
+from dptune.metrics.depth import DepthMetrics, valid_depth, warn_if_none_scored
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model
 from dptune.models.depth import build_depth_model
@@ -185,7 +186,9 @@ class MultiTaskModule(DPTTask):
         self.val_confmat.reset()
         depth = {k: float(v) for k, v in self.val_depth.compute().items()}
         self.val_depth.reset()
-        values = {"mIoU": float(torch.nan_to_num(seg["mIoU"].float())), "pixel_acc": float(seg["pixel_acc"]),
+        # a task with nothing scored has no figures (NaN): they must not look perfect, nor count in delta_m
+        miou = float(torch.nan_to_num(seg["mIoU"].float())) if images["segmentation"] else math.nan
+        values = {"mIoU": miou, "pixel_acc": float(seg["pixel_acc"]) if images["segmentation"] else math.nan,
                   **{k: depth[k] for k in ("abs_rel", "rmse", "delta1")}}
         for key, metric in self.per_source.items():
             name = self.val_names[int(key.removeprefix("seg").removeprefix("depth"))]
@@ -204,6 +207,7 @@ class MultiTaskModule(DPTTask):
                                                      "images": images["segmentation"]}}
         self.last_metrics["depth"] = {"val": {**depth, "images": images["depth"]}}
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            warn_if_none_scored(images["depth"], "val", self.hparams.min_depth, self.hparams.max_depth)
             log.info("epoch %d step %d val: %s", self.current_epoch, self.global_step,
                      " ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
