@@ -37,6 +37,37 @@ def test_npy_and_float_tiff_are_metres_divided_by_scale(tmp_path):
     for name in ("d.npy", "d.tiff"):
         got = read_depth(str(tmp_path / name), 1.0)
         assert np.array_equal(got, np.array([[0.0, 1.5], [0.0, 3.25]], np.float32)), name  # NaN -> invalid
+        # no scale given: float files are metres (they were divided by 1000: 2.5 m read as 0.0025 m)
+        assert np.array_equal(read_depth(str(tmp_path / name)), got), name
+    cv2.imwrite(str(tmp_path / "mm.png"), np.array([[0, 1500], [2000, 3250]], np.uint16))
+    assert np.array_equal(read_depth(str(tmp_path / "mm.png")), np.array([[0, 1.5], [2.0, 3.25]], np.float32))
+
+
+@needs(KITCHEN)
+@pytest.mark.parametrize("store, scale, expected", [
+    ("metres-in-png", None, "with data.depth_scale 1 the median would be"),  # AbsRel 61.9 without a word before
+    ("millimetres", 1.0, "with data.depth_scale 1000 the median would be"),
+    ("zeros", None, "no depth map has a valid"),
+])
+def test_a_split_whose_depth_cannot_be_metres_stops_naming_the_likely_scale(tmp_path, store, scale, expected):
+    """7-Scenes frames stored as whole metres in a 16-bit PNG, millimetres read with scale 1, or no
+    measurement at all: the pre-flight check stops before training."""
+    import cv2
+
+    from dptune.data.depth_datamodule import DepthDataModule
+
+    for sub in ("rgb", "depth"):
+        (tmp_path / "train" / sub).mkdir(parents=True)
+    for f in sorted((KITCHEN / "train" / "rgb").glob("*.jpg"))[:3]:
+        (tmp_path / "train" / "rgb" / f.name).symlink_to(f)
+        mm = np.asarray(Image.open(KITCHEN / "train" / "depth" / f"{f.stem}.png")).astype(np.uint16)
+        raw = {"metres-in-png": np.round(mm / 1000.0), "millimetres": mm, "zeros": mm * 0}[store]
+        cv2.imwrite(str(tmp_path / "train" / "depth" / f"{f.stem}.png"), raw.astype(np.uint16))
+    dm = DepthDataModule(root=str(tmp_path), depth_scale=scale, image_size=64, num_workers=0,
+                         splits={"train": {"images": "train/rgb/*.jpg", "depth": "train/depth/{stem}.png"}})
+    with pytest.raises(DataError, match=expected) as err:
+        dm.setup("fit")
+    assert "data.splits.train" in str(err.value)
 
 
 @needs(KITCHEN)

@@ -35,11 +35,16 @@ from dptune.labels import IGNORE_INDEX, LabelSet
 DEPTH_EXTENSIONS = (".png", ".npy", ".tif", ".tiff", ".exr")
 
 
-def read_depth(path: str, scale: float = 1000.0) -> np.ndarray:
-    """A depth file as float32 metres, 0 where there is no measurement. Integer files are divided
-    by ``scale`` (NYU and 7-Scenes 16-bit PNGs: millimetres, 1000; KITTI: 256); float files
-    (``.npy``, float TIFF) are metres divided by ``scale`` too (give 1 for metres). NaN and
-    infinite values become 0 (invalid)."""
+def read_depth(path: str, scale: float | None = None) -> np.ndarray:
+    """A depth file as float32 metres, 0 where there is no measurement: stored values divided by
+    ``scale`` (NYU and 7-Scenes 16-bit PNGs: millimetres, 1000; KITTI: 256; metres: 1); ``None``
+    (default) picks it by the file's type (see ``default_scale``). NaN and infinite values become
+    0 (invalid)."""
+    return to_metres(read_raw_depth(path, scale), scale)
+
+
+def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
+    """A depth file's stored values (one channel of numbers), as they are in the file."""
     ext = os.path.splitext(path)[1].lower()
     if ext == ".npy":
         try:
@@ -54,20 +59,28 @@ def read_depth(path: str, scale: float = 1000.0) -> np.ndarray:
         if raw is None:
             raise DataError(f"{path}: not a readable depth map (truncated or not an image)")
         if ext == ".png" and raw.dtype == np.uint8:
-            raise DataError(f"{path}: 8-bit PNG where a 16-bit depth map is expected (depth in 1/{scale:g} m "
-                            "needs 16 bits; an 8-bit file is usually a visualisation, not the measurement)")
+            raise DataError(f"{path}: 8-bit PNG where a 16-bit depth map is expected (depth in "
+                            f"1/{scale or 1000:g} m needs 16 bits; an 8-bit file is usually a visualisation, not "
+                            "the measurement)")
     if raw.ndim == 3 and raw.shape[2] == 1:
         raw = raw[..., 0]
     if raw.ndim != 2:
         raise DataError(f"{path}: depth must have one channel, got shape {tuple(raw.shape)}")
     if raw.dtype.kind not in "uif":
         raise DataError(f"{path}: unsupported depth type {raw.dtype}")
-    return to_metres(raw, scale)
+    return raw
 
 
-def to_metres(raw: np.ndarray, scale: float) -> np.ndarray:
-    """Stored depth values / ``scale`` as float32 metres; NaN, infinite and negative become 0 (invalid)."""
-    depth = raw.astype(np.float32) / np.float32(scale)
+def default_scale(raw: np.ndarray) -> float:
+    """The stored value per metre when none is given: 1 for floating-point data (.npy, float TIFF,
+    float columns: metres), 1000 for integers (16-bit PNG and TIFF: millimetres, as NYU and 7-Scenes)."""
+    return 1.0 if raw.dtype.kind == "f" else 1000.0
+
+
+def to_metres(raw: np.ndarray, scale: float | None) -> np.ndarray:
+    """Stored depth values / ``scale`` (``None``: by type, see ``default_scale``) as float32 metres;
+    NaN, infinite and negative become 0 (invalid)."""
+    depth = raw.astype(np.float32) / np.float32(default_scale(raw) if scale is None else scale)
     depth[~np.isfinite(depth) | (depth < 0)] = 0.0
     return depth
 
@@ -90,7 +103,7 @@ class DepthFolderSource:
     (``{stem}``, ``{name}``, ``{dir}``, as for masks), and optionally with a mask too (a sample
     that carries both labels, for segmentation + depth in one model)."""
 
-    def __init__(self, root: str, images: str, depth: str, scale: float = 1000.0, masks: str | None = None,
+    def __init__(self, root: str, images: str, depth: str, scale: float | None = None, masks: str | None = None,
                  rgb_masks: bool = False) -> None:
         self.images = match_images(root, images)
         self.depths = [mask_path_for(p, depth, root) for p in self.images]
@@ -106,7 +119,9 @@ class DepthFolderSource:
     def _depth(self, i: int) -> np.ndarray:
         if not os.path.exists(self.depths[i]):
             raise DataError(f"{self.images[i]}: no depth map (expected {self.depths[i]})")
-        return read_depth(self.depths[i], self.scale)
+        raw = read_raw_depth(self.depths[i], self.scale)
+        self.used_scale = self.scale if self.scale is not None else default_scale(raw)  # what the check reports
+        return to_metres(raw, self.used_scale)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         depth = self._depth(i)
@@ -119,10 +134,10 @@ class DepthFolderSource:
 
 class HFDepthSource:
     """A split of a Hugging Face dataset with an image column and a depth column (a 16-bit or
-    float image, or an array), depth divided by ``scale``."""
+    float image, or an array), depth divided by ``scale`` (``None``: by type, see ``default_scale``)."""
 
     def __init__(self, dataset: str, split: str, image_column: str = "image", depth_column: str = "depth",
-                 scale: float = 1.0, config_name: str | None = None) -> None:
+                 scale: float | None = None, config_name: str | None = None) -> None:
         ds = open_hf_split(dataset, split, config_name)
         for col in (image_column, depth_column):
             if col not in ds.column_names:
@@ -147,7 +162,8 @@ class HFDepthSource:
         raw = np.asarray(row[self.depth_column])
         if raw.ndim != 2 or raw.dtype.kind not in "uif":
             raise DataError(f"{name}: depth must be one channel of numbers, got {raw.dtype} {tuple(raw.shape)}")
-        return np.ascontiguousarray(image[..., :3]), to_metres(raw, self.scale), name
+        self.used_scale = self.scale if self.scale is not None else default_scale(raw)  # what the check reports
+        return np.ascontiguousarray(image[..., :3]), to_metres(raw, self.used_scale), name
 
 
 def eval_crop_mask(shape: tuple[int, int], crop: str) -> np.ndarray | None:
@@ -245,3 +261,24 @@ def collate_depth(items: list[dict[str, Any]]) -> dict[str, Any]:
             for b, it in enumerate(items):
                 batch[key][b, : sizes[b][0], : sizes[b][1]] = it[key]
     return batch
+
+
+PLAUSIBLE_DEPTH = (0.05, 1000.0)  # metres: what real scenes' median measured depth lies within
+
+
+def check_depth_values(where: str, medians: list[float], scale: float) -> None:
+    """Stop when a split's depth cannot be metres: no valid pixel in any map, or a median valid depth
+    (over maps) far outside ``PLAUSIBLE_DEPTH``, which is what a wrong ``depth_scale`` gives (metres
+    read as millimetres: 0.0025 m; millimetres read as metres: 2500 m). ``scale`` is the stored
+    value per metre that was used; the likely right one is named."""
+    if not medians:
+        raise DataError(f"{where}: no depth map has a valid (> 0) pixel; nothing to train or score on")
+    median = float(np.median(medians))
+    lo, hi = PLAUSIBLE_DEPTH
+    if lo <= median <= hi:
+        return
+    fixes = [s for s in (1.0, 256.0, 1000.0) if s != scale and lo <= median * scale / s <= hi]
+    best = min(fixes, key=lambda s: abs(np.log(median * scale / s / 3.0))) if fixes else None
+    hint = f"; with data.depth_scale {best:g} the median would be {median * scale / best:.3g} m" if best else ""
+    raise DataError(f"{where}: median valid depth {median:.4g} m (stored values / depth_scale {scale:g}) is not "
+                    f"plausible for metres (expected {lo:g}-{hi:g} m){hint}")

@@ -28,6 +28,7 @@ from dptune.data.depth import (
     DepthFolderSource,
     HFDepthSource,
     check_depth_size,
+    check_depth_values,
     collate_depth,
     depth_train_transforms,
     eval_crop_mask,
@@ -46,7 +47,7 @@ class DepthDataModule(pl.LightningDataModule):
         source: Literal["folder", "hf"] = "folder",
         splits: dict[str, dict[str, Any]] | None = None,
         hf: dict[str, Any] | None = None,
-        depth_scale: float = 1000.0,
+        depth_scale: float | None = None,
         image_size: int | list[int] = 384,
         crop_size: int | list[int] | None = None,
         jitter: bool = True,
@@ -71,8 +72,11 @@ class DepthDataModule(pl.LightningDataModule):
             hf: For ``source: hf``: ``{dataset: <hub name or save_to_disk dir>, image_column, depth_column,
                 config_name}``.
             depth_scale: Stored value per metre: 1000 for millimetre PNGs (NYU, 7-Scenes), 256 for
-                KITTI, 1 for depth already in metres (.npy, float TIFF, float dataset columns).
-                0 is "no measurement" in every format.
+                KITTI, 1 for depth already in metres. Default: by the file's type, 1 for floating-point
+                data (.npy, float TIFF, float dataset columns: metres) and 1000 for integers (16-bit PNG
+                or TIFF: millimetres). 0 is "no measurement" in every format. A split whose median
+                valid depth is not plausible metres (outside 0.05-1000 m) stops the run naming the
+                likely scale.
             image_size: Input size (h, w) for training and evaluation, and of the exported processor;
                 multiples of the patch size. Keep the images' aspect ratio (e.g. [192, 256] for 4:3).
             crop_size: Optional random crop (h, w) of the resized training images.
@@ -163,7 +167,7 @@ class DepthDataModule(pl.LightningDataModule):
             except DataError as e:
                 return i, str(e)
 
-        good, problems, cache, empty = [], [], {}, 0
+        good, problems, cache, empty, medians = [], [], {}, 0, []
         with ThreadPoolExecutor(2) as pool:
             for i, out in tqdm(pool.map(one, ds.indices), total=len(ds.indices), desc=f"checking {stage} data",
                                leave=False, disable=rank() != 0):
@@ -171,10 +175,14 @@ class DepthDataModule(pl.LightningDataModule):
                     problems.append(out)
                     continue
                 good.append(i)
-                empty += not np.any(out[1] > 0)
+                measured = out[1][out[1] > 0]
+                empty += not measured.size
+                if measured.size:
+                    medians.append(float(np.median(measured)))
                 if keep:
                     cache[i] = out
         settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample)
+        check_depth_values(f"data.splits.{stage}", medians, getattr(ds.source, "used_scale", None) or 1.0)
         if empty:
             log.warning("%s: %d depth map(s) have no valid pixel; they count in no loss and no metric", stage, empty)
         ds.indices, ds.cache = good, cache if keep else None

@@ -140,7 +140,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confusion", help="write a row-normalised confusion-matrix picture here (.png)")
     depth = ap.add_argument_group("depth models")
     depth.add_argument("--depth", help="depth map template with {stem}/{name}/{dir}")
-    depth.add_argument("--depth-scale", type=float, default=1000.0, help="stored value per metre (1000: mm PNG)")
+    depth.add_argument("--depth-scale", type=float, default=None,
+                       help="stored value per metre (1000: mm PNG, 256: KITTI, 1: metres); default by file type: 1 for float, 1000 for integer files")
     depth.add_argument("--min-depth", type=float, default=1e-3)
     depth.add_argument("--max-depth", type=float, default=None, help="default: the model's")
     depth.add_argument("--alignment", choices=["none", "median", "lstsq"], help="default: the model's")
