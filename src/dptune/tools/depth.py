@@ -1,7 +1,8 @@
 """The depth side of ``scripts/predict.py`` and ``scripts/evaluate.py``.
 
-predict: ``<stem>_depth.png`` (16-bit: millimetres for metric models, i.e. value / 1000 = metres;
-relative models: the prediction scaled to 0-65535 per image), ``<stem>_depth_color.png`` (turbo,
+predict: ``<stem>_depth.png`` (16-bit: for metric models millimetres, i.e. value / 1000 = metres,
+or KITTI's value / 256 = metres when the model's range passes 65.535 m; relative models: the
+prediction scaled to 0-65535 per image; ``depth_format.json`` says which), ``<stem>_depth_color.png`` (turbo,
 near = warm) and, with ``--intrinsics fx,fy,cx,cy`` (or a 3x3 matrix file), ``<stem>.ply``: a
 coloured point cloud in metres (metric models only). Depth is predicted on the whole image at one
 scale: a window or a zoom shows the scene at another focal length, so its metric depth would be
@@ -100,11 +101,26 @@ def depth_views(predictor, image: np.ndarray, flip: str = "none") -> np.ndarray:
     return np.clip(depth, 0, None)
 
 
-def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, metric: bool,
-                k: tuple[float, float, float, float] | None) -> None:
-    """``<stem>_depth.png``, ``<stem>_depth_color.png`` and, with ``k`` (metric models), ``<stem>.ply``."""
+def png_per_metre(predictor) -> float | None:
+    """The stored value per metre of a metric model's 16-bit depth PNGs: millimetres (1000, up to
+    65.535 m) when the model's range fits, else KITTI's convention (256, up to 255.99 m at 3.9 mm
+    steps); None for a relative model (its maps are scaled per image)."""
+    if predictor.mode != "metric":
+        return None
+    max_depth = predictor.meta.get("max_depth")
+    return 1000.0 if max_depth and float(max_depth) <= 65535 / 1000 else 256.0
+
+
+def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, per_metre: float | None,
+                k: tuple[float, float, float, float] | None) -> bool:
+    """``<stem>_depth.png``, ``<stem>_depth_color.png`` and, with ``k`` (metric models), ``<stem>.ply``.
+    ``per_metre`` (``png_per_metre``) is the stored value per metre of a metric map; returns whether
+    the map had depth beyond what the PNG holds (clipped there)."""
+    metric = per_metre is not None
+    clipped = False
     if metric:
-        stored = np.clip(np.round(depth * 1000), 0, 65535).astype(np.uint16)  # millimetres
+        clipped = bool((depth * per_metre > 65535).any())
+        stored = np.clip(np.round(depth * per_metre), 0, 65535).astype(np.uint16)
     else:
         stored = np.round(65535 * (depth - depth.min()) / max(float(np.ptp(depth)), 1e-12)).astype(np.uint16)
     cv2.imwrite(str(out / f"{stem}_depth.png"), stored)
@@ -114,10 +130,23 @@ def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, metr
     cv2.imwrite(str(out / f"{stem}_depth_color.png"), colorize_depth(shown, lo, hi, units=units)[..., ::-1])
     if k is not None and metric:
         write_ply(out / f"{stem}.ply", depth, image, k)
+    return clipped
 
 
-def depth_units(metric: bool) -> str:
-    return "millimetres (value / 1000 = metres)" if metric else "relative inverse depth scaled to 0-65535 per image"
+def write_depth_format(out: Path, per_metre: float | None) -> str:
+    """``depth_format.json`` beside the maps (how to read ``<stem>_depth.png``), and the same in words."""
+    import json
+
+    if per_metre is None:
+        spec = {"file": "<stem>_depth.png", "dtype": "uint16", "metric": False,
+                "meaning": "relative inverse depth (larger = nearer), scaled to 0-65535 per image"}
+        words = "relative inverse depth scaled to 0-65535 per image"
+    else:
+        spec = {"file": "<stem>_depth.png", "dtype": "uint16", "metric": True, "value_per_metre": per_metre,
+                "max_metres": round(65535 / per_metre, 3), "invalid": 0}
+        words = f"value / {per_metre:g} = metres, up to {65535 / per_metre:.2f} m"
+    (out / "depth_format.json").write_text(json.dumps(spec, indent=2) + "\n")
+    return words
 
 
 def write_ply(path: Path, depth: np.ndarray, image: np.ndarray, k: tuple[float, float, float, float]) -> int:
@@ -153,11 +182,20 @@ def predict_depth(args, paths: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
+    per_metre, clipped = png_per_metre(predictor), []
     for path, image in readable_images(paths, "predicting depth", failed):
-        write_depth(out, Path(path).stem, depth_views(predictor, image, args.flip), image, metric, k)
-    print(f"{len(paths) - len(failed)} depth maps in {out}: <stem>_depth.png in {depth_units(metric)}"
-          + (f", {len(failed)} unreadable images" if failed else ""))
+        if write_depth(out, Path(path).stem, depth_views(predictor, image, args.flip), image, per_metre, k):
+            clipped.append(path)
+    print(f"{len(paths) - len(failed)} depth maps in {out}: <stem>_depth.png ({write_depth_format(out, per_metre)}; "
+          "depth_format.json)" + (f", {len(failed)} unreadable images" if failed else ""))
+    warn_clipped(clipped, per_metre)
     return 2 if failed else 0
+
+
+def warn_clipped(clipped: list[str], per_metre: float | None) -> None:
+    if clipped:
+        print(f"warning: {len(clipped)} depth map(s) reach beyond {65535 / per_metre:.2f} m, what a 16-bit PNG at "
+              f"{per_metre:g} per metre holds; clipped there (first: {clipped[0]})", file=sys.stderr)
 
 
 def evaluate_depth(args) -> int:
