@@ -60,3 +60,35 @@ def test_an_unknown_fresh_init_is_refused_by_every_builder(build):
             build_model(["a", "b"], config=config, fresh_init="xavier")
         else:
             build_depth_model(config=config, fresh_init="xavier")
+
+
+def test_a_relative_checkpoint_starting_a_metric_model_restarts_its_head(tmp_path, caplog):
+    """Intel/dpt-large-style checkpoints predict MiDaS inverse depth (near = large) and their config
+    says nothing: as metres the head would train from the wrong sign. A metric model from one gets
+    a fresh head (starting at init_depth), says so, and keeps backbone and neck; a relative model
+    keeps the head; a dptune metric export starting a metric model keeps it too."""
+    import logging
+
+    from conftest import TINY
+    from transformers import DPTConfig, DPTForDepthEstimation
+
+    config = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+    torch.manual_seed(0)
+    hub_like = DPTForDepthEstimation(DPTConfig(**config))  # no depth_mode: a published MiDaS-style DPT
+    hub_like.save_pretrained(tmp_path / "midas")
+    head = {n: p.clone() for n, p in hub_like.head.named_parameters()}
+    x = torch.randn(1, 3, 64, 64)
+    with caplog.at_level(logging.INFO, logger="dptune.models.depth"):
+        metric = build_depth_model(pretrained=str(tmp_path / "midas"), mode="metric", init_depth=2.5).eval()
+    assert "predicts relative depth, this model metric: the head starts fresh" in caplog.text
+    assert not torch.equal(dict(metric.head.named_parameters())["head.0.weight"], head["head.0.weight"])
+    assert torch.equal(metric.neck.fusion_stage.layers[0].projection.weight,
+                       hub_like.neck.fusion_stage.layers[0].projection.weight)
+    with torch.no_grad():
+        assert torch.allclose(depth_forward(metric, x), torch.full((1, 64, 64), 2.5), atol=0.05)
+    relative = build_depth_model(pretrained=str(tmp_path / "midas"), mode="relative")
+    assert all(torch.equal(p, head[n]) for n, p in relative.head.named_parameters())
+
+    metric.save_pretrained(tmp_path / "metric")  # depth_mode: metric travels in the config
+    again = build_depth_model(pretrained=str(tmp_path / "metric"), mode="metric")
+    assert all(torch.equal(p, dict(metric.head.named_parameters())[n]) for n, p in again.head.named_parameters())

@@ -63,14 +63,21 @@ def build_depth_model(
     ref, cfg = model_source(pretrained, config, backbone, "depth", fresh_init)
     if ref is not None:
         if cfg.model_type in ("dpt", "depth_anything"):
+            source_mode = head_mode(cfg)  # before _set_output says what this model will predict
             _set_output(cfg, mode, max_depth)
             model, info = depth_model_class(cfg).from_pretrained(
                 ref, config=cfg, ignore_mismatched_sizes=True, output_loading_info=True,
                 **({"attn_implementation": {"": attn_implementation}} if cfg.model_type == "dpt" else {}))
             missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
             fresh = [(n, m) for n, m in _head_layers(model) if f"{n}.weight" in missing]
-            log.info("%s: %s carried over; %d fresh layers (%s)", pretrained,
-                     "backbone and neck" if not any(n.startswith("neck.") for n, _ in fresh) else "backbone",
+            if source_mode not in (None, mode) and not any(n.startswith("head.") for n, _ in fresh):
+                # an inverse-depth head (MiDaS: near = large) read as metres would train from the wrong sign
+                log.info("%s: its depth head predicts %s depth, this model %s: the head starts fresh", pretrained,
+                         source_mode, mode)
+                fresh += [(n, m) for n, m in _head_layers(model) if n.startswith("head.")]
+            parts = ["backbone", *(p for p in ("neck", "head") if not any(n.startswith(f"{p}.") for n, _ in fresh))]
+            carried = " and ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 else parts[0]
+            log.info("%s: %s carried over; %d fresh layers (%s)", pretrained, carried,
                      len(fresh), ", ".join(sorted({n.split(".")[0] for n, _ in fresh})) or "none")
         else:  # a bare backbone
             cfg = dpt_config_for_backbone(cfg)
@@ -93,6 +100,20 @@ def build_depth_model(
         start_at(model, last, init_depth)
     freeze_unused(model, forward=lambda m, x: (depth_forward(m, x), None))
     return model
+
+
+def head_mode(cfg) -> str | None:
+    """What a depth checkpoint's head predicts (``metric`` or ``relative``); None without a depth
+    head. dptune's exports say it (``depth_mode``), Depth Anything by ``depth_estimation_type``;
+    the published DPT depth checkpoints (``Intel/dpt-large``, ``dpt-hybrid-midas``) are MiDaS's
+    relative inverse depth and say nothing."""
+    if getattr(cfg, "depth_mode", None) in MODES:
+        return cfg.depth_mode
+    if cfg.model_type == "depth_anything":
+        return "metric" if getattr(cfg, "depth_estimation_type", "relative") == "metric" else "relative"
+    if any("DepthEstimation" in a for a in getattr(cfg, "architectures", None) or []):
+        return "relative"
+    return None
 
 
 @torch.no_grad()
