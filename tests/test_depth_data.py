@@ -112,3 +112,12 @@ def test_eval_crops_and_padding():
     batch = collate_depth(items)
     assert batch["depth"].shape == (2, 5, 6) and batch["sizes"] == [(4, 6), (5, 3)]
     assert (batch["depth"][0, 4:] == 0).all() and (batch["depth"][1, :, 3:] == 0).all()  # padding is invalid
+
+
+@pytest.mark.parametrize("scale", [0, -1000])
+def test_a_depth_scale_that_is_no_scale_is_refused(scale):
+    from dptune.data.depth_datamodule import DepthDataModule
+    from dptune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="depth_scale must be a positive number"):
+        DepthDataModule(root=".", depth_scale=scale, splits={"train": {"images": "x/*.jpg", "depth": "{stem}.png"}})

@@ -64,3 +64,43 @@ def test_exported_files_follow_the_umask_like_any_new_file(source, tmp_path):
         export(str(source), again)
     modes = _modes(again)
     assert modes == dict.fromkeys(modes, 0o644), modes
+
+
+def test_an_fp16_export_leaves_the_model_it_was_given_in_float32(tmp_path):
+    """A joint export writes each part (fp16 with --fp16) and then traces ONNX from the same modules:
+    halving them in place made the float32 ONNX graph from fp16-rounded weights."""
+    import torch
+    from conftest import TINY
+
+    from dptune.export import write_directory
+    from dptune.labels import LabelSet
+    from dptune.models import build_model
+    from dptune.preprocessing import image_processor
+
+    model = build_model(["a", "b"], config=dict(TINY)).eval()
+    before = {n: p.clone() for n, p in model.state_dict().items()}
+    got = {"model": model, "processor": image_processor(64, [0.5] * 3, [0.5] * 3), "metrics": {}, "evaluation": {},
+           "labels": LabelSet.from_dict({"names": ["a", "b"]}), "meta": {"task": "segmentation"}}
+    write_directory(got, tmp_path / "out", "x.ckpt", onnx=False, fp16=True, tolerance=1e-4)
+    assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
+    from safetensors.torch import load_file
+
+    stored = load_file(tmp_path / "out" / "model.safetensors").values()
+    assert {t.dtype for t in stored if t.is_floating_point()} == {torch.float16}
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_export_leaves_the_modes_of_files_it_did_not_write(source, tmp_path):
+    """A private key beside the export (even one with a future timestamp) keeps its 0600."""
+    from dptune.export import export
+
+    out = tmp_path / "out"
+    (out / "keys").mkdir(parents=True)
+    key = out / "keys" / "id_rsa"
+    key.write_text("secret")
+    key.chmod(0o600)
+    os.utime(key, (2e9, 2e9))  # 2033
+    with umask(0o022):
+        export(str(source), out)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644

@@ -116,3 +116,41 @@ def test_a_ckpt_start_leaves_no_temporary_directory_behind(sources, tmp_path):
                                                                             str(sources["seg_ckpt"])]
     run_train([*args, "--trainer.logger", "false", "--trainer.max_steps", "1"], cwd=tmp_path)
     assert set(Path(tempfile.gettempdir()).glob("dptune-ckpt-*")) == before
+
+
+def test_a_damaged_or_foreign_ckpt_as_the_start_is_one_line_naming_it(sources, tmp_path):
+    """Empty, truncated, not a torch file, a dptune checkpoint missing what rebuilding needs, a task
+    dptune does not know, a config that is no DPT: one line naming the file, never a traceback, and
+    never a silent start as another task."""
+    from dptune.errors import ConfigError
+    from dptune.models.source import resolve_pretrained
+
+    good = torch.load(sources["seg_ckpt"], map_location="cpu", weights_only=True)
+    raw = sources["seg_ckpt"].read_bytes()
+
+    def edited(change) -> dict:
+        ckpt = {**good, "dptune": dict(good["dptune"]), "hyper_parameters": dict(good["hyper_parameters"])}
+        change(ckpt)
+        return ckpt
+
+    cases = {
+        "empty.ckpt": (b"", "not a readable checkpoint"),
+        "truncated.ckpt": (raw[:100_000], "not a readable checkpoint"),
+        "text.ckpt": (b"hello, not a checkpoint\n", "not a readable checkpoint"),
+        "no-config.ckpt": (edited(lambda c: c["dptune"].pop("model_config")), "without dptune.model_config"),
+        "no-size.ckpt": (edited(lambda c: c["hyper_parameters"].pop("image_size")), "without hyper_parameters.image_size"),
+        "bogus-task.ckpt": (edited(lambda c: c["dptune"].update(task="bogus")), "unknown dptune task 'bogus'"),
+        "bert.ckpt": (edited(lambda c: c["dptune"].update(model_config={"model_type": "bert"})), "not a DPT"),
+    }
+    for name, (content, message) in cases.items():
+        path = tmp_path / name
+        path.write_bytes(content) if isinstance(content, bytes) else torch.save(content, path)
+        with pytest.raises(ConfigError, match=message) as err:
+            resolve_pretrained(str(path))
+        assert name in str(err.value), (name, str(err.value))
+
+    args = camvid_args(tmp_path / "run", sources["config"], epochs=1)
+    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
+                                                                            str(tmp_path / "empty.ckpt")]
+    proc = run_train([*args, "--trainer.logger", "false"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "empty.ckpt" in proc.stderr, proc.stderr[-2000:]

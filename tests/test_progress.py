@@ -54,3 +54,13 @@ def test_a_disabled_wandb_run_is_not_named(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_MODE", "disabled")
     logger = DPTuneWandbLogger(save_dir=str(tmp_path))
     assert run_locations(_trainer(loggers=[logger])) == []
+
+
+def test_a_negative_or_endless_interval_is_refused():
+    import pytest
+
+    from dptune.errors import ConfigError
+
+    for every in (-5, math.inf, math.nan):
+        with pytest.raises(ConfigError, match="progress.every"):
+            ProgressLog(every=every)

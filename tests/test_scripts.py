@@ -166,7 +166,8 @@ def test_predict_masks_equal_the_transformers_pipeline(exported, tmp_path):
 def test_predict_refuses_what_a_segmentation_model_cannot_do_in_one_line(exported, tmp_path, capsys):
     """--intrinsics was ignored on a segmentation model; a bad --scales ended in a traceback."""
     frame = str(sorted(CAMVID.glob(VAL))[0])
-    for extra in (["--intrinsics", "585,585,320,240"], ["--scales", "1,big"], ["--scales", "0"]):
+    bad_scales = [["--scales", s] for s in ("1,big", "0", "inf", "0.001", "1e3")]  # inf, tiny, huge: tracebacks before
+    for extra in (["--intrinsics", "585,585,320,240"], *bad_scales):
         rc = predict_main(["--model", str(exported), "--images", frame, "--out", str(tmp_path), *extra])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
         assert rc == 2 and len(err) == 1 and extra[0] in err[0], err

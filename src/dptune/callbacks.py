@@ -147,6 +147,10 @@ class ProgressLog(Callback):
         Args:
             every: Seconds between two progress lines (0: one per step).
         """
+        if not 0 <= every < math.inf:
+            from dptune.errors import ConfigError
+
+            raise ConfigError(f"progress.every must be a number of seconds >= 0, got {every}")
         self.every = every
         self._start = self._last = 0.0
         self._images = self._first_step = 0

@@ -34,7 +34,7 @@ from dptune.data.depth import (
     eval_crop_mask,
 )
 from dptune.data.sources import image_header_size
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 from dptune.labels import load_labels
 
 log = logging.getLogger(__name__)
@@ -110,6 +110,8 @@ class DepthDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and self.num_workers > 0
         # settings as attributes: self.hparams is not reliable when another datamodule builds this one
+        if depth_scale is not None and not 0 < depth_scale < float("inf"):
+            raise ConfigError(f"data.depth_scale must be a positive number of stored values per metre, got {depth_scale}")
         self.depth_scale, self.jitter, self.eval_crop = depth_scale, jitter, eval_crop
         self.check, self.cache, self.on_bad_sample = check, cache, on_bad_sample
         self.label_set = None if labels is None else load_labels(labels, self.root)

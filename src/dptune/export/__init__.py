@@ -119,22 +119,24 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
 
 @contextmanager
 def plain_file_modes(out: Path) -> Iterator[None]:
-    """Give the files under ``out`` the mode a new file gets from a plain ``open()``: 0666 less the
-    umask. safetensors (0.8) writes through a temporary file, created 0600, that it renames into
-    place, so ``model.safetensors`` would be readable by its owner only, unlike the config beside
-    it. Only what this export wrote is touched (an older export's 0600 weights, written anew, too)."""
-    import time
+    """Give the files this export creates under ``out`` the mode a new file gets from a plain
+    ``open()``: 0666 less the umask. safetensors (0.8) writes through a temporary file, created 0600,
+    that it renames into place, so ``model.safetensors`` would be readable by its owner only, unlike
+    the config beside it. A file counts as created when its path or its inode is new (a rename into
+    place, an older export's 0600 weights included); files rewritten in place keep their mode, and
+    nothing else under ``out`` is touched."""
+    def inodes() -> dict[Path, int]:
+        return {p: p.stat().st_ino for p in out.rglob("*") if p.is_file() and not p.is_symlink()} if out.is_dir() else {}
 
-    start = time.time_ns() - 2_000_000_000  # file systems with coarse timestamps
+    before = inodes()
     yield
     if os.name != "posix":
         return
     mask = os.umask(0)
     os.umask(mask)
-    for p in out.rglob("*"):
-        if p.is_file() and not p.is_symlink() and p.stat().st_mtime_ns >= start:
-            if p.stat().st_mode & 0o7777 != 0o666 & ~mask:
-                p.chmod(0o666 & ~mask)
+    for p, inode in inodes().items():
+        if before.get(p) != inode and p.stat().st_mode & 0o7777 != 0o666 & ~mask:
+            p.chmod(0o666 & ~mask)
 
 
 def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float) -> Path:
@@ -150,8 +152,10 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
         remote_code(model, out)  # transformers' DPTForDepthEstimation takes any backbone itself
     if onnx:
         write_onnx(model, out / "model.onnx", size, tolerance)
-    if fp16:
-        model = model.half()
+    if fp16:  # a copy: the caller's model stays float32 (a joint export traces its ONNX graph from it next)
+        import copy
+
+        model = copy.deepcopy(model).half()
     model.save_pretrained(out, safe_serialization=True)
     processor.save_pretrained(out)
     if is_depth(model):

@@ -69,6 +69,12 @@ def model_card(labels, processor, metrics: dict, source: str, remote: bool = Fal
     return "\n".join(lines) + "\n"
 
 
+def depth_range_words(depth: dict) -> str:
+    """The ground-truth range a metric model trained on, in words ("from 0.001 m up to 10 m")."""
+    lo, hi = depth.get("min_depth"), depth.get("max_depth")
+    return (f"from {lo if lo is not None else 0.001:g} m" + (f" up to {hi:g} m" if hi is not None else " (no upper limit)"))
+
+
 def depth_card(meta: dict, processor, metrics: dict, source: str) -> str:
     """The card of a depth export: output mode and units, loading, validation metrics."""
     depth = meta.get("depth", {})
@@ -78,13 +84,13 @@ def depth_card(meta: dict, processor, metrics: dict, source: str) -> str:
         "---", "library_name: transformers", "pipeline_tag: depth-estimation", "tags: [dpt, depth-estimation, dptune]",
         "---", "", "# DPT monocular depth (fine-tuned with dptune)", "",
         f"Exported from `{Path(source).name}`. Output: `predicted_depth`, **{mode}** depth in **{units}**"
-        + (f", trained on ground truth in [{depth.get('min_depth')}, {depth.get('max_depth')}] m." if mode == "metric"
+        + (f", trained on ground truth {depth_range_words(depth)}." if mode == "metric"
            else "; align it to metric depth per image (scale and shift of inverse depth) before comparing."),
         f"Input: images resized to {size['height']}x{size['width']} by the bundled image processor, normalised with "
         f"mean {processor.image_mean} and std {processor.image_std}.",
         "", "```python", "from transformers import pipeline",
         "depth = pipeline(\"depth-estimation\", model=\"<this dir>\")",
-        "out = depth(image)  # out[\"predicted_depth\"] at the model's resolution; out[\"depth\"] a picture",
+        "out = depth(image)  # out[\"predicted_depth\"]: resized (bicubic) to the image's size; out[\"depth\"] a picture",
         "```",
     ]
     val = metrics.get("val") if isinstance(metrics, dict) else None

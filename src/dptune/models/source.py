@@ -108,7 +108,11 @@ def _unpack_checkpoint(ckpt: str, mtime_ns: int) -> str:
     out = Path(tempfile.mkdtemp(prefix="dptune-ckpt-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
     processor = image_processor(hp["image_size"], meta["image_mean"], meta["image_std"])
-    for name, (prefix, cfg, cls) in _checkpoint_parts(meta).items():
+    try:
+        parts = _checkpoint_parts(meta)
+    except (ConfigError, TypeError, ValueError) as e:
+        raise ConfigError(f"{ckpt}: {e}") from None
+    for name, (prefix, cfg, cls) in parts.items():
         model = cls(cfg)
         weights = {k[len(prefix):]: v for k, v in state["state_dict"].items() if k.startswith(prefix)}
         try:
@@ -128,6 +132,8 @@ def _checkpoint_parts(meta: dict[str, Any]) -> dict[str, tuple[str, PretrainedCo
     their depth model was built from the segmentation config)."""
     cfg = _config_from_dict(dict(meta["model_config"]))
     task = meta.get("task", "segmentation")
+    if cfg.model_type not in ("dpt", "depth_anything") or (task != "depth" and cfg.model_type != "dpt"):
+        raise ConfigError(f"its stored model config is a {cfg.model_type!r} model, not a DPT")
     if task == "multitask":
         depth = _config_from_dict(dict(meta.get("depth_model_config") or meta["model_config"]))
         return {"segmentation": ("model.seg.", cfg, model_class(cfg)),

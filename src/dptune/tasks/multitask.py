@@ -106,7 +106,8 @@ class MultiTaskModule(DPTTask):
 
     def task_metadata(self) -> dict[str, Any]:
         return {"segmentation": {"labels": self.label_set.to_dict()},
-                "depth": {"mode": self.hparams.depth_mode, "units": "metres", "max_depth": self.hparams.max_depth},
+                "depth": {"mode": self.hparams.depth_mode, "units": "metres", "min_depth": self.hparams.min_depth,
+                          "max_depth": self.hparams.max_depth},
                 "depth_model_config": self.model.depth.config.to_dict()}
 
     # ------------------------------------------------------------------ training

@@ -95,14 +95,18 @@ def write_masks(out: Path, stem: str, image: np.ndarray, pred: np.ndarray, conf:
         cv2.imwrite(str(out / f"{stem}_confidence.png"), (conf * 255).round().astype(np.uint8))
 
 
+SCALE_RANGE = (0.125, 4.0)  # beyond: views of a few pixels, or of a size no memory holds
+
+
 def parse_scales(spec: str) -> tuple[float, ...]:
-    """``--scales``: comma-separated positive factors."""
+    """``--scales``: comma-separated factors within ``SCALE_RANGE``."""
     try:
         scales = tuple(float(s) for s in spec.split(","))
     except ValueError:
         scales = ()
-    if not scales or not all(s > 0 for s in scales):
-        raise ConfigError(f"--scales {spec!r}: give comma-separated positive factors, e.g. 0.75,1,1.25")
+    lo, hi = SCALE_RANGE
+    if not scales or not all(lo <= s <= hi for s in scales):  # NaN and inf fail too
+        raise ConfigError(f"--scales {spec!r}: give comma-separated factors from {lo:g} to {hi:g}, e.g. 0.75,1,1.25")
     return scales
 
 
