@@ -3,8 +3,13 @@ receives the model can run to check it. Each image goes through the directory's 
 processor (whichever backend ``AutoImageProcessor`` resolves to), ``predicted_depth`` is upsampled
 to the ground truth's size by the processor's own ``post_process_depth_estimation`` (what
 ``pipeline("depth-estimation")`` does: bicubic), and the standard metrics are computed per image on pixels
-with ground truth (> 0, at most ``--max-depth``), then averaged over images. Metric depth, no
-alignment; predictions are clipped to [1e-3, max depth] as the usual protocol does.
+with ground truth (> 0, at most ``--max-depth``), then averaged over images. Metric depth is scored
+as it is (``--align none``, default); a relative model's output (affine-invariant inverse depth) is
+first aligned per image: ``--align lstsq`` fits scale and shift of its inverse depth by least
+squares (MiDaS's protocol), ``--align median`` scales its depth (1 / output) to the ground truth's
+median. Predictions are clipped to [1e-3, max depth] as the usual protocol does. ``--constant``
+scores a prediction that is the same everywhere instead of the model (with alignment: what a
+model that learned nothing scores).
 
     python scripts/score_depth_plain.py OUT --images "../shared/data/7scenes-kitchen/val/rgb/*.jpg" \
         --depth "../shared/data/7scenes-kitchen/val/depth/{stem}.png" --depth-scale 1000 --max-depth 10
@@ -39,6 +44,16 @@ def metrics(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     }
 
 
+def align(pred: np.ndarray, gt: np.ndarray, how: str) -> np.ndarray:
+    """Per-image alignment of a relative output (inverse depth) to metric ground truth, as depth."""
+    if how == "median":
+        depth = 1.0 / np.clip(pred, 1e-8, None)
+        return depth * np.median(gt) / np.median(depth)
+    a = np.stack([pred, np.ones_like(pred)], 1)
+    scale, shift = np.linalg.lstsq(a, 1.0 / gt, rcond=None)[0]
+    return 1.0 / np.clip(scale * pred + shift, 1e-8, None)
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
@@ -46,6 +61,9 @@ def main() -> None:
     ap.add_argument("--depth", required=True, help="depth path template with {stem}")
     ap.add_argument("--depth-scale", type=float, default=1000.0, help="stored value per metre (16-bit PNG)")
     ap.add_argument("--max-depth", type=float, default=10.0)
+    ap.add_argument("--align", choices=["none", "median", "lstsq"], default="none",
+                    help="per-image alignment of a relative model's inverse depth (none: metric depth)")
+    ap.add_argument("--constant", action="store_true", help="score a constant prediction instead of the model")
     args = ap.parse_args()
     model = AutoModelForDepthEstimation.from_pretrained(args.model_dir).eval()
     proc = AutoImageProcessor.from_pretrained(args.model_dir)
@@ -59,10 +77,14 @@ def main() -> None:
         up = proc.post_process_depth_estimation(outputs, target_sizes=[gt.shape])[0]["predicted_depth"]
         up = up.double().numpy()
         valid = (gt > 0) & (gt <= args.max_depth)
+        if args.constant:
+            up = np.ones_like(up)
         if valid.any():
-            per_image.append(metrics(np.clip(up[valid], 1e-3, args.max_depth), gt[valid]))
+            pred = up[valid] if args.align == "none" else align(up[valid], gt[valid], args.align)
+            per_image.append(metrics(np.clip(pred, 1e-3, args.max_depth), gt[valid]))
     mean = {k: float(np.mean([m[k] for m in per_image])) for k in per_image[0]}
-    print(json.dumps({"images": len(per_image), "processor": type(proc).__name__, **mean}))
+    print(json.dumps({"images": len(per_image), "processor": type(proc).__name__, "align": args.align,
+                      "constant": args.constant, **mean}))
 
 
 if __name__ == "__main__":

@@ -196,6 +196,17 @@ def test_evaluate_agrees_with_the_independent_scorer(depth_run, tmp_path, capsys
     for key in ("abs_rel", "rmse", "silog", "delta1"):
         assert abs(ours[key] - theirs[key]) < 1e-6, (key, ours[key], theirs[key])
 
+    # without --min-depth the model's own min_depth applies (it was 0.001 m whatever the model said)
+    meta = json.loads((out / "dptune.json").read_text())
+    meta["depth"]["min_depth"] = 1.5
+    (out / "dptune.json").write_text(json.dumps(meta))
+    scores = {}
+    for name, extra in (("model's", []), ("given", ["--min-depth", "1.5"]), ("low", ["--min-depth", "0.001"])):
+        assert evaluate_main(["--model", str(out), "--images", images, "--depth", depth, *extra,
+                              "--json", str(tmp_path / f"{name}.json")]) == 0
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["abs_rel"]
+    assert scores["model's"] == scores["given"] != scores["low"], scores
+
 
 def test_a_validation_that_scores_no_depth_image_is_nan_and_never_the_best_checkpoint(tmp_path):
     """No ground truth inside [min_depth, max_depth]: nothing is scored, so the figures are NaN (they

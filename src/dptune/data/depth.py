@@ -32,8 +32,6 @@ from dptune.data.transforms import PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet
 
-DEPTH_EXTENSIONS = (".png", ".npy", ".tif", ".tiff", ".exr")
-
 
 def read_depth(path: str, scale: float | None = None) -> np.ndarray:
     """A depth file as float32 metres, 0 where there is no measurement: stored values divided by

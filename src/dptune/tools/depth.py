@@ -208,13 +208,14 @@ def evaluate_depth(args) -> int:
     align = args.alignment or predictor.meta.get("alignment") or ("none" if predictor.mode == "metric" else "lstsq")
     crop = args.eval_crop or predictor.meta.get("eval_crop") or "none"
     max_depth = args.max_depth if args.max_depth is not None else predictor.meta.get("max_depth")
-    metric = DepthMetrics(args.min_depth, max_depth, None if align == "none" else align)
+    min_depth = args.min_depth if args.min_depth is not None else predictor.meta.get("min_depth") or 1e-3
+    metric = DepthMetrics(min_depth, max_depth, None if align == "none" else align)
     for i in tqdm(range(len(source)), desc="evaluating"):
         image, gt, name = source.load(i)
         check_depth_size(name, image.shape[:2], gt)
         pred = torch.from_numpy(predictor.predict(image))[None]
         gt_t = torch.from_numpy(gt)[None]
-        valid = valid_depth(gt_t, args.min_depth, max_depth)
+        valid = valid_depth(gt_t, min_depth, max_depth)
         mask = eval_crop_mask(gt.shape, crop)
         if mask is not None:
             valid &= torch.from_numpy(mask)[None]
