@@ -45,4 +45,4 @@ def test_warm_start_from_an_export_beats_random_init_on_a_new_label_set(tmp_path
     assert "3 of 5 classes carried over from the checkpoint's classifier (Sky, Road, Car)" in log
     fit(tmp_path / "cold", ["--model.config", str(config)], epochs=1, merged=True)
     warm, cold = val_miou(tmp_path / "warm"), val_miou(tmp_path / "cold")
-    assert warm > cold + 0.05, (warm, cold)  # 0.438 vs 0.303 here (seeded, CPU)
+    assert warm > cold + 0.05, (warm, cold)  # 0.465 vs 0.303 here (seeded, CPU; 0.438 warm in eval mode)
