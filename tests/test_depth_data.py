@@ -121,3 +121,29 @@ def test_a_depth_scale_that_is_no_scale_is_refused(scale):
 
     with pytest.raises(ConfigError, match="depth_scale must be a positive number"):
         DepthDataModule(root=".", depth_scale=scale, splits={"train": {"images": "x/*.jpg", "depth": "{stem}.png"}})
+
+
+@needs(KITCHEN)
+def test_flips_and_crops_keep_image_and_depth_aligned_on_an_image_drawn_from_its_depth():
+    """A real 7-Scenes depth map drawn as the image (grey level = depth): after resize, random crop,
+    flip and photometric jitter (monotonic in grey level), the image's grey levels must still rank
+    like the depth at the same pixels. Noise images (as above) cannot tell a flip of one but not the
+    other: here the image flipped alone ranks unlike the depth."""
+    depth = read_depth(str(KITCHEN / "train" / "depth" / "frame-000000.png"), 1000)
+    grey = np.clip(depth * 60, 0, 255).astype(np.uint8)
+    pipe = depth_train_transforms((192, 256), (160, 224))
+    pipe.set_random_seed(0)
+
+    def rank_corr(a: np.ndarray, b: np.ndarray) -> float:
+        ra, rb = np.argsort(np.argsort(a)), np.argsort(np.argsort(b))
+        return float(np.corrcoef(ra, rb)[0, 1])
+
+    flips = 0
+    for _ in range(20):
+        out = pipe(image=np.repeat(grey[..., None], 3, 2), depth=depth)
+        valid = out["depth"] > 0
+        assert rank_corr(out["image"][..., 0][valid], out["depth"][valid]) > 0.9
+        assert rank_corr(out["image"][:, ::-1, 0][valid], out["depth"][valid]) < 0.6  # the test can tell
+        w = out["depth"].shape[1] // 3
+        flips += (out["depth"][:, :w].mean() > out["depth"][:, -w:].mean()) != (depth[:, :213].mean() > depth[:, -213:].mean())
+    assert 0 < flips < 20  # both orientations were drawn
