@@ -104,3 +104,26 @@ def test_export_leaves_the_modes_of_files_it_did_not_write(source, tmp_path):
         export(str(source), out)
     assert stat.S_IMODE(key.stat().st_mode) == 0o600
     assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+
+
+def test_a_validation_that_scored_nothing_has_no_figures_in_cards_or_json():
+    """NaN figures (nothing scored) must not print as 'nan' tables nor be written as JSON's non-standard NaN."""
+    import json
+    import math
+
+    from dptune.export import nan_to_null
+    from dptune.export.card import NOT_SCORED, depth_card, multitask_card
+    from dptune.labels import LabelSet
+    from dptune.preprocessing import image_processor
+
+    nan = {k: math.nan for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2",
+                                 "delta3")}
+    card = depth_card({"depth": {"mode": "metric"}}, image_processor(64, [0.5] * 3, [0.5] * 3),
+                      {"val": {**nan, "images": 0}}, "x.ckpt")
+    assert NOT_SCORED in card and "nan" not in card
+    labels = LabelSet.from_dict({"names": ["a", "b"]})
+    top = multitask_card(labels, {"segmentation": {"val": {"mIoU": 0.5, "pixel_acc": 0.7, "images": 3}},
+                                  "depth": {"val": {**nan, "images": 0}}}, "x.ckpt", onnx=False)
+    assert "mIoU 0.5000 on 3 validation images" in top and f"- depth: {NOT_SCORED}" in top and "nan" not in top
+    text = json.dumps(nan_to_null({"val": {**nan, "IoU": [0.5, math.nan]}}), allow_nan=False)
+    assert json.loads(text)["val"]["abs_rel"] is None and json.loads(text)["val"]["IoU"] == [0.5, None]

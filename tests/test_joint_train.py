@@ -56,3 +56,40 @@ def test_a_two_process_joint_fit_with_single_task_batches_runs_to_the_end_and_le
     steps = [ln for ln in proc.stderr.splitlines() if "images/s" in ln]
     total = int(steps[-1].split("step ")[1].split("/")[1].split()[0])
     assert ckpt["global_step"] == total > 1
+
+
+@pytest.mark.parametrize("aux_weight", [0.0, 0.4])
+def test_every_trainable_parameter_gets_a_gradient_from_a_single_task_batch(aux_weight):
+    """What DDP (find_unused_parameters=False) needs of every step: a batch of segmentation samples
+    only, with or without the auxiliary head, reaches every trainable parameter."""
+    module = _module(aux_weight=aux_weight).train()
+    batch = {"image": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
+             "mask": torch.randint(0, 3, (2, 64, 64), dtype=torch.uint8), "depth": torch.zeros(2, 64, 64)}
+    module.training_step(batch, 0).backward()
+    missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing[:5]
+
+
+@pytest.mark.slow
+@needs(CAMVID)
+@needs(KITCHEN)
+def test_a_joint_checkpoint_from_before_the_task_group_resumes(tmp_path, tiny_config_path):
+    """Checkpoints written before the learned loss weights had an optimizer group hold one group (and
+    one scheduler base LR) fewer; resuming one must work, not stop on 'different number of groups'."""
+    run = tmp_path / "run"
+    run_train(joint_args(run, ["--model.config", str(tiny_config_path)]), cwd=tmp_path)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    opt = ckpt["optimizer_states"][0]
+    task = opt["param_groups"].pop()
+    assert task["name"] == "task"
+    for i in task["params"]:
+        opt["state"].pop(i, None)
+    ckpt["lr_schedulers"][0]["base_lrs"].pop()
+    old = tmp_path / "old.ckpt"
+    torch.save(ckpt, old)
+    args = joint_args(tmp_path / "resumed", ["--model.config", str(tiny_config_path)])
+    args[args.index("--trainer.max_epochs") + 1] = "2"
+    proc = run_train([*args, "--ckpt_path", str(old)], cwd=tmp_path)
+    assert "resume with a fresh optimizer state" in proc.stderr
+    after = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
+    assert after["global_step"] > ckpt["global_step"] and len(after["optimizer_states"][0]["param_groups"]) == 5

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import sys
 from collections.abc import Iterator
@@ -139,6 +140,18 @@ def plain_file_modes(out: Path) -> Iterator[None]:
             p.chmod(0o666 & ~mask)
 
 
+def nan_to_null(value):
+    """``value`` with every NaN or infinity replaced by None: strict JSON (figures of a validation that
+    scored nothing are NaN, and JSON has no NaN)."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {k: nan_to_null(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [nan_to_null(v) for v in value]
+    return value
+
+
 def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float) -> Path:
     """One task's directory: weights, config, image processor, model card, dptune.json, ONNX."""
     model, processor, metrics, evaluation = got["model"], got["processor"], got["metrics"], got["evaluation"]
@@ -168,8 +181,9 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
         (out / "README.md").write_text(model_card(labels, processor, metrics, src, uses_backbone(model.config),
                                                   evaluation))
         summary = f"{labels.num_classes} classes"
-    (out / "dptune.json").write_text(json.dumps({"source": src, **meta, "metrics": metrics,
-                                                 "evaluation": evaluation}, indent=2, default=str))
+    (out / "dptune.json").write_text(json.dumps(nan_to_null({"source": src, **meta, "metrics": metrics,
+                                                             "evaluation": evaluation}),
+                                                indent=2, default=str, allow_nan=False))
     log.info("exported %s -> %s (%s)", src, out, summary)
     return out
 

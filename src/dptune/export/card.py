@@ -40,6 +40,14 @@ def warn_backend(evaluation: dict, source: str) -> None:
                     source, used, here, "installed" if here == "torchvision" else "absent")
 
 
+NOT_SCORED = "No validation image was scored in the run's last validation, so there are no figures."
+
+
+def scored(val: dict | None) -> bool:
+    """Whether a validation's figures are results: it scored something (NaN figures are none)."""
+    return bool(val) and val.get("images", 1) != 0 and all(v == v for v in val.values() if isinstance(v, float))
+
+
 def on_images(val: dict) -> str:
     """`` on N validation images`` where the checkpoint counted them (older ones did not)."""
     n = val.get("images")
@@ -60,7 +68,9 @@ def model_card(labels, processor, metrics: dict, source: str, remote: bool = Fal
     ]
     lines += [f"| {i} | {n} | {tuple(c)} |" for i, (n, c) in enumerate(zip(labels.names, labels.colors, strict=True))]
     val = metrics.get("val") if isinstance(metrics, dict) else None
-    if val:
+    if val and not scored(val):
+        lines += ["", "## Validation metrics", "", NOT_SCORED]
+    elif val:
         lines += ["", "## Validation metrics (last validation of the run)", "",
                   measured_how(evaluation or {}, processor), "",
                   f"mIoU {val['mIoU']:.4f}{on_images(val)}, pixel accuracy {val['pixel_acc']:.4f}, mean accuracy {val['mAcc']:.4f}", "",
@@ -94,7 +104,9 @@ def depth_card(meta: dict, processor, metrics: dict, source: str) -> str:
         "```",
     ]
     val = metrics.get("val") if isinstance(metrics, dict) else None
-    if val:
+    if val and not scored(val):
+        lines += ["", "## Validation metrics", "", NOT_SCORED]
+    elif val:
         over = on_images(val).removeprefix(" on ") or "images"
         how = ("Predictions upsampled (bicubic, as `pipeline` does) to the ground truth's size, scored per image "
                f"on pixels with ground truth and averaged over {over}"
@@ -133,7 +145,9 @@ def multitask_card(labels, metrics: dict, source: str, onnx: bool, repo: str | N
     if seg or depth:
         lines += ["", "## Validation metrics (last validation of the run; each task on its own data)", ""]
         if seg:
-            lines.append(f"- segmentation: mIoU {seg['mIoU']:.4f}{on_images(seg)}, pixel accuracy {seg['pixel_acc']:.4f}")
+            lines.append(f"- segmentation: mIoU {seg['mIoU']:.4f}{on_images(seg)}, pixel accuracy {seg['pixel_acc']:.4f}"
+                         if scored(seg) else f"- segmentation: {NOT_SCORED}")
         if depth:
-            lines.append(f"- depth: AbsRel {depth['abs_rel']:.4f}{on_images(depth)}, RMSE {depth['rmse']:.4f} m, delta1 {depth['delta1']:.4f}")
+            lines.append(f"- depth: AbsRel {depth['abs_rel']:.4f}{on_images(depth)}, RMSE {depth['rmse']:.4f} m, "
+                         f"delta1 {depth['delta1']:.4f}" if scored(depth) else f"- depth: {NOT_SCORED}")
     return "\n".join(lines) + "\n"

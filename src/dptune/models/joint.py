@@ -8,7 +8,7 @@ Option: the necks' reassemble stage is shared too.
 
 Each head runs only on the samples that carry its task's label: a batch mixing masks-only,
 depth-only and both gives each task gradients (and BatchNorm statistics) from its own samples; a
-head whose task has no sample in the batch runs on none.
+head whose task has no sample in the batch runs on none (its running statistics unchanged).
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ class JointDPT(nn.Module):
         def rows(sel):
             return states if sel is None else [s[sel] for s in states]
 
-        # both heads always run, on no rows if need be (an empty batch: no BatchNorm statistics
-        # change, every weight gets a zero gradient), so that every process of a DDP run reduces the
-        # same parameters and runs the same SyncBatchNorm collectives whatever its batch holds
+        # both heads always run, on no rows if need be (an empty batch leaves BatchNorm's running
+        # mean and variance as they were, only num_batches_tracked counts it; every weight gets a zero
+        # gradient), so that every process of a DDP run reduces the same parameters and runs the same
+        # SyncBatchNorm collectives whatever its batch holds
         neck = self._neck(self.seg, rows(seg_rows), h, w)
         logits = self.seg.head(neck)
         aux = self.seg.auxiliary_head(neck[-1]) if with_aux and self.seg.auxiliary_head is not None else None

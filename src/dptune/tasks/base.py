@@ -239,6 +239,29 @@ class DPTTask(pl.LightningModule):
                                f"({len(grouped) - len(set(grouped))} twice): a bug in {type(self).__name__}")
         return groups
 
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A run resumed from a checkpoint written before the task's own parameters (learned loss
+        weights) had an optimizer group: its optimizer and schedule lack the last, ``task`` group.
+        Add it, empty (those parameters restart their optimizer state), so that the resume works."""
+        groups = self.param_groups()
+        if groups[-1]["name"] != "task":
+            return
+        names = [g["name"] for g in groups]
+        for state in checkpoint.get("optimizer_states") or []:
+            saved = state.get("param_groups", [])
+            if [g.get("name") for g in saved] != names[:-1]:
+                continue
+            first = 1 + max((i for g in saved for i in g["params"]), default=-1)
+            task = {k: v for k, v in saved[-1].items() if k != "params"}
+            task.update(params=list(range(first, first + len(groups[-1]["params"]))), lr=groups[-1]["lr"],
+                        initial_lr=groups[-1]["lr"], weight_decay=0.0, name="task")
+            saved.append(task)
+            for sched in checkpoint.get("lr_schedulers") or []:
+                if len(sched.get("base_lrs", [])) == len(saved) - 1:
+                    sched["base_lrs"].append(groups[-1]["lr"])
+            log.info("the checkpoint's optimizer has no group for %s's own parameters (written before they had "
+                     "one): they resume with a fresh optimizer state", type(self).__name__)
+
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
         if hp.optimizer == "sgd":

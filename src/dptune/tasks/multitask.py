@@ -78,6 +78,8 @@ class MultiTaskModule(DPTTask):
         if references and set(references) - {"mIoU", "abs_rel"}:
             raise ConfigError("model.references takes mIoU and abs_rel")
         super().__init__(**kwargs)
+        if aux_weight <= 0 and self.model.seg.auxiliary_head is not None:
+            self.model.seg.auxiliary_head.requires_grad_(False)  # never run, so never trained (and DDP needs it so)
         self.weights = UncertaintyWeighting(["segmentation", "depth"]) if weighting == "uncertainty" else None
         self.val_confmat = ConfusionMatrix(self.num_classes)
         self.val_depth = DepthMetrics(min_depth, max_depth)
@@ -194,7 +196,9 @@ class MultiTaskModule(DPTTask):
         for key, metric in self.per_source.items():
             name = self.val_names[int(key.removeprefix("seg").removeprefix("depth"))]
             if key.startswith("seg"):
-                values[f"{name}/mIoU"] = float(torch.nan_to_num(metrics_from_confmat(metric.compute())["mIoU"].float()))
+                confmat = metric.compute()  # NaN when this source scored nothing, as the overall figure
+                values[f"{name}/mIoU"] = (float(torch.nan_to_num(metrics_from_confmat(confmat)["mIoU"].float()))
+                                          if confmat.sum() else math.nan)
             else:
                 values[f"{name}/abs_rel"] = float(metric.compute()["abs_rel"])
             metric.reset()
