@@ -80,7 +80,7 @@ def test_a_relative_checkpoint_starting_a_metric_model_restarts_its_head(tmp_pat
     x = torch.randn(1, 3, 64, 64)
     with caplog.at_level(logging.INFO, logger="dptune.models.depth"):
         metric = build_depth_model(pretrained=str(tmp_path / "midas"), mode="metric", init_depth=2.5).eval()
-    assert "predicts relative depth, this model metric: the head starts fresh" in caplog.text
+    assert "predicts relative depth, this model metric depth: the head starts fresh" in caplog.text
     assert not torch.equal(dict(metric.head.named_parameters())["head.0.weight"], head["head.0.weight"])
     assert torch.equal(metric.neck.fusion_stage.layers[0].projection.weight,
                        hub_like.neck.fusion_stage.layers[0].projection.weight)
@@ -92,3 +92,24 @@ def test_a_relative_checkpoint_starting_a_metric_model_restarts_its_head(tmp_pat
     metric.save_pretrained(tmp_path / "metric")  # depth_mode: metric travels in the config
     again = build_depth_model(pretrained=str(tmp_path / "metric"), mode="metric")
     assert all(torch.equal(p, dict(metric.head.named_parameters())[n]) for n, p in again.head.named_parameters())
+
+
+@pytest.mark.parametrize("max_depth", [None, 10.0])
+def test_a_bounded_depth_anything_head_restarts_when_its_bound_changes(tmp_path, caplog, max_depth):
+    """A metric Depth Anything head ends in sigmoid x max_depth: read without the bound (a ReLU) it
+    predicts 0 everywhere and gets no gradient; read with another bound, every depth is rescaled.
+    Either way the head starts fresh (at init_depth); the same bound keeps it."""
+    import logging
+
+    config = json.loads(DA_TINY.read_text())
+    torch.manual_seed(0)
+    source = build_depth_model(config=config, mode="metric", max_depth=20.0, init_depth=3.0)
+    source.save_pretrained(tmp_path / "da")
+    x = torch.randn(1, 3, 56, 56)
+    with caplog.at_level(logging.INFO, logger="dptune.models.depth"):
+        model = build_depth_model(pretrained=str(tmp_path / "da"), mode="metric", max_depth=max_depth, init_depth=2.0)
+    assert "bounded at 20 m" in caplog.text and "the head starts fresh" in caplog.text
+    with torch.no_grad():
+        assert torch.allclose(depth_forward(model.eval(), x), torch.full((1, 56, 56), 2.0), atol=0.1)
+    same = build_depth_model(pretrained=str(tmp_path / "da"), mode="metric", max_depth=20.0)
+    assert all(torch.equal(p, dict(source.head.named_parameters())[n]) for n, p in same.head.named_parameters())

@@ -63,17 +63,18 @@ def build_depth_model(
     ref, cfg = model_source(pretrained, config, backbone, "depth", fresh_init)
     if ref is not None:
         if cfg.model_type in ("dpt", "depth_anything"):
-            source_mode = head_mode(cfg)  # before _set_output says what this model will predict
+            source = head_output(cfg)  # before _set_output says what this model will predict
             _set_output(cfg, mode, max_depth)
             model, info = depth_model_class(cfg).from_pretrained(
                 ref, config=cfg, ignore_mismatched_sizes=True, output_loading_info=True,
                 **({"attn_implementation": {"": attn_implementation}} if cfg.model_type == "dpt" else {}))
             missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
             fresh = [(n, m) for n, m in _head_layers(model) if f"{n}.weight" in missing]
-            if source_mode not in (None, mode) and not any(n.startswith("head.") for n, _ in fresh):
-                # an inverse-depth head (MiDaS: near = large) read as metres would train from the wrong sign
-                log.info("%s: its depth head predicts %s depth, this model %s: the head starts fresh", pretrained,
-                         source_mode, mode)
+            if source not in (None, head_output(cfg)) and not any(n.startswith("head.") for n, _ in fresh):
+                # an inverse-depth head (MiDaS: near = large) read as metres would train from the wrong
+                # sign; a sigmoid x max_depth head read through another bound or a ReLU, from the wrong scale
+                log.info("%s: its depth head predicts %s, this model %s: the head starts fresh", pretrained,
+                         _words(source), _words(head_output(cfg)))
                 fresh += [(n, m) for n, m in _head_layers(model) if n.startswith("head.")]
             parts = ["backbone", *(p for p in ("neck", "head") if not any(n.startswith(f"{p}.") for n, _ in fresh))]
             carried = " and ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 else parts[0]
@@ -116,6 +117,23 @@ def head_mode(cfg) -> str | None:
     return None
 
 
+def head_output(cfg) -> tuple | None:
+    """What a depth head's output means, as far as its weights depend on it: the mode, and for Depth
+    Anything whether it ends in a sigmoid x ``max_depth`` (bounded) or not, and that bound. None
+    without a depth head."""
+    mode = head_mode(cfg)
+    if mode is None or cfg.model_type != "depth_anything":
+        return None if mode is None else (mode,)
+    bounded = getattr(cfg, "depth_estimation_type", "relative") == "metric"
+    return (mode, bounded, float(cfg.max_depth) if bounded else None)
+
+
+def _words(output: tuple) -> str:
+    if len(output) == 1 or not output[1]:
+        return f"{output[0]} depth"
+    return f"{output[0]} depth bounded at {output[2]:g} m"
+
+
 @torch.no_grad()
 def start_at(model: PreTrainedModel, last: nn.Conv2d, depth: float) -> None:
     """A fresh depth head's last convolution: the bias that gives ``depth`` and weights of std 1e-4,
@@ -123,13 +141,15 @@ def start_at(model: PreTrainedModel, last: nn.Conv2d, depth: float) -> None:
     ends in a ReLU, or a sigmoid x max depth, and a prediction at 0 would get no gradient through
     the ReLU nor from a log-space loss) yet not constant (a constant prediction has no
     scale-and-shift alignment, so the relative loss would give no gradient)."""
-    last.weight.normal_(0.0, 1e-4)
     bounded = getattr(model.config, "depth_estimation_type", None) == "metric"
     if bounded:
+        last.weight.normal_(0.0, 1e-4)
         ratio = min(max(depth / model.config.max_depth, 1e-3), 1 - 1e-3)
         last.bias.fill_(math.log(ratio / (1 - ratio)))
-    else:
-        last.bias.fill_(depth)
+    else:  # Depth Anything's unbounded head multiplies its ReLU by max_depth too (DPT's does not)
+        scale = float(model.config.max_depth) if model.config.model_type == "depth_anything" else 1.0
+        last.weight.normal_(0.0, 1e-4 / scale)
+        last.bias.fill_(depth / scale)
 
 
 def depth_forward(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
