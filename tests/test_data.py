@@ -231,9 +231,9 @@ def test_binary_masks_stored_as_0_255_stop_with_the_fix_named(tmp_path):
     with pytest.raises(DataError) as err:
         setup({"names": ["background", "Car"]})
     msg = str(err.value)
-    assert "class 'Car' never occurs" in msg and "map: {255: Car}" in msg and "ignore_values: [255]" in msg
+    assert "class 'Car' never occurs" in msg and "map: {0: background, 255: Car}" in msg and "ignore_values: [255]" in msg
     assert "trainannot/{stem}.png" in msg and "%" in msg
-    # the fix: 255 is Car; every Car pixel of the source masks reaches training as class 1
+    # the fix the message names: 255 is Car; every Car pixel of the source masks reaches training as class 1
     dm = setup({"names": ["background", "Car"], "map": {0: "background", 255: "Car"}})
     ds = dm.datasets["train"]
     cars = sum(int((ds.load(i)[1] == 1).sum()) for i in ds.indices)

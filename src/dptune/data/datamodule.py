@@ -43,10 +43,12 @@ def check_coverage(labels: LabelSet, class_pixels: np.ndarray, implicit_ignore: 
     total = int(class_pixels.sum())
     if implicit_ignore and missing:
         share = implicit_ignore / max(1, total)
+        # a map names every stored value: the other classes keep their index, 255 becomes the missing class
+        mapping = ", ".join([f"{i}: {n}" for i, n in enumerate(labels.names) if n != missing[0]] + [f"255: {missing[0]}"])
         raise DataError(
             f"{where}: class {missing[0]!r} never occurs in the training masks, while {share:.1%} of their pixels "
             f"are 255, which dptune reads as 'no label'. If 255 stores {missing[0]!r} (masks saved as 0/255), add "
-            f"'map: {{255: {missing[0]}}}' to the label file; if 255 means no label, say so with 'ignore_values: [255]'")
+            f"'map: {{{mapping}}}' to the label file; if 255 means no label, say so with 'ignore_values: [255]'")
     if implicit_ignore:
         log.warning("%s: %.1f%% of the training pixels are 255 and read as 'no label' (ignore_values does not list "
                     "255; add it to say that this is meant)", where, 100 * implicit_ignore / max(1, total))
