@@ -76,7 +76,7 @@ def test_bad_depth_files_are_named(tmp_path):
     data = good.read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 3])
     Image.fromarray((np.asarray(Image.open(good)) // 256).astype(np.uint8)).save(tmp_path / "eight.png")
-    for name, message in [("cut.png", "not a readable depth map"), ("eight.png", "8-bit PNG"),
+    for name, message in [("cut.png", "not a readable depth map"), ("eight.png", "8-bit image"),
                           ("missing.png", "file not found")]:
         with pytest.raises(DataError, match=message) as err:
             read_depth(str(tmp_path / name), 1000)
@@ -147,3 +147,26 @@ def test_flips_and_crops_keep_image_and_depth_aligned_on_an_image_drawn_from_its
         w = out["depth"].shape[1] // 3
         flips += (out["depth"][:, :w].mean() > out["depth"][:, -w:].mean()) != (depth[:, :213].mean() > depth[:, -213:].mean())
     assert 0 < flips < 20  # both orientations were drawn
+
+
+@needs(KITCHEN)
+def test_a_map_in_another_unit_than_its_split_is_named(tmp_path):
+    """Three 7-Scenes maps in millimetres and one in metres (same 16-bit PNG format): the split is
+    plausible, the odd map is not; it stops the run naming that file (or is skipped when asked)."""
+    import cv2
+
+    from dptune.data.depth_datamodule import DepthDataModule
+
+    for sub in ("rgb", "depth"):
+        (tmp_path / "train" / sub).mkdir(parents=True)
+    frames = sorted((KITCHEN / "train" / "rgb").glob("*.jpg"))[:4]
+    for k, f in enumerate(frames):
+        (tmp_path / "train" / "rgb" / f.name).symlink_to(f)
+        mm = np.asarray(Image.open(KITCHEN / "train" / "depth" / f"{f.stem}.png")).astype(np.float64)
+        cv2.imwrite(str(tmp_path / "train" / "depth" / f"{f.stem}.png"), (np.round(mm / 1000) if k == 3 else mm).astype(np.uint16))
+    splits = {"train": {"images": "train/rgb/*.jpg", "depth": "train/depth/{stem}.png"}}
+    with pytest.raises(DataError, match=f"{frames[3].stem}.png: median valid depth .* not plausible metres"):
+        DepthDataModule(root=str(tmp_path), image_size=64, num_workers=0, splits=splits).setup("fit")
+    dm = DepthDataModule(root=str(tmp_path), image_size=64, num_workers=0, splits=splits, on_bad_sample="skip")
+    dm.setup("fit")
+    assert len(dm.datasets["train"].indices) == 3 and dm.skipped["train"] == 1

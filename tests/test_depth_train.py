@@ -165,7 +165,7 @@ def test_bad_depth_input_is_named_before_training(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if "frame-0000" in ln]
     assert len(lines) == 4, proc.stderr[-3000:]
     text = "\n".join(lines)
-    assert "not a readable depth map" in text and "8-bit PNG" in text and "no depth map" in text
+    assert "not a readable depth map" in text and "8-bit image" in text and "no depth map" in text
     assert "depth map is 320x240 but its image is 640x480" in text
     assert not (tmp_path / "run" / "checkpoints").exists()
     # or left out, counted, and the other two frames train
@@ -214,10 +214,25 @@ def test_a_validation_that_scores_no_depth_image_is_nan_and_never_the_best_check
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(DEPTH_TINY))
     run = tmp_path / "run"
-    proc = run_train([*depth_args(run, config, epochs=1), "--trainer.logger", "false",
+    # no pre-flight check (and no cache, which runs it): it would stop this run at start (next test)
+    proc = run_train([*depth_args(run, config, epochs=1), "--trainer.logger", "false", "--data.check", "false", "--data.cache", "false",
                       "--model.min_depth", "0.0001", "--model.max_depth", "0.001"], cwd=tmp_path)
     meta = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["dptune"]
     assert meta["metrics"]["val"]["images"] == 0 and math.isnan(meta["metrics"]["val"]["abs_rel"])
     assert "no depth image had a valid pixel" in proc.stderr
     assert "val/abs_rel is NaN" in proc.stderr
     assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("best-")]
+
+
+def test_data_wholly_outside_the_model_range_stops_before_training(tmp_path):
+    """Training maps all beyond max_depth (here: 10 m with a 1 m model) would train on nothing with a
+    zero loss; the run stops at start naming the split and the range. Some maps outside: a warning."""
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(DEPTH_TINY))
+    proc = run_train([*depth_args(tmp_path / "run", config, epochs=1), "--trainer.logger", "false",
+                      "--model.max_depth", "0.5"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert "data.splits.train: no depth map has valid depth inside the model's range [0.001, 0.5] m" in proc.stderr
+    bad = run_train([*depth_args(tmp_path / "bad", config, epochs=1), "--model.min_depth", "5",
+                     "--model.max_depth", "1"], cwd=tmp_path, check=False)
+    assert bad.returncode == 2 and "model.max_depth must be above model.min_depth" in bad.stderr

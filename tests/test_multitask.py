@@ -350,13 +350,18 @@ def test_loader_workers_of_the_joint_task_draw_different_augmentations():
         assert len({tuple(d) for d in draws}) == 6, f"sample {index}: repeated augmentations across workers"
 
 
-@pytest.mark.parametrize("task,setting", [("segmentation", {"val_mode": "slide"}), ("depth", {"eval_crop": "eigen"})])
-def test_settings_the_joint_validation_cannot_honour_stop_with_one_line(task, setting):
+@pytest.mark.parametrize("task,setting,message", [
+    ("segmentation", {"val_mode": "slide"}, "val_mode 'slide' is not supported in segmentation \\+ depth"),
+    ("depth", {"eval_crop": "eigen"}, "eval_crop 'eigen' is not supported in segmentation \\+ depth"),
+    ("depth", {"eval_crop": None}, "eval_crop must be none, eigen or garg, got None"),
+    ("segmentation", {"val_mode": None}, "val_mode must be resize, got None"),
+])
+def test_settings_the_joint_validation_cannot_honour_stop_with_one_line(task, setting, message):
     from dptune.data.multitask_datamodule import MultiTaskDataModule
 
     seg = {"root": str(CAMVID), "splits": {"train": {"images": "train/0001TP_006900.jpg", "masks": "trainannot/{stem}.png"}}}
     depth = {"root": str(KITCHEN), "splits": {"train": {"images": "train/rgb/frame-000000.jpg", "depth": "train/depth/{stem}.png"}}}
     sources = {"segmentation": seg, "depth": depth}
     sources[task] = {**sources[task], **setting}
-    with pytest.raises(ConfigError, match=f"{next(iter(setting))} .* is not supported in segmentation \\+ depth"):
+    with pytest.raises(ConfigError, match=message):
         MultiTaskDataModule(**sources, image_size=64)

@@ -8,6 +8,8 @@ them); photometric changes touch the image only.
 
 from __future__ import annotations
 
+import logging
+import math
 import os
 from collections.abc import Callable, Sequence
 from typing import Any
@@ -31,6 +33,8 @@ from dptune.data.sources import (
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet
+
+log = logging.getLogger(__name__)
 
 
 def read_depth(path: str, scale: float | None = None) -> np.ndarray:
@@ -56,8 +60,8 @@ def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
         raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
         if raw is None:
             raise DataError(f"{path}: not a readable depth map (truncated or not an image)")
-        if ext == ".png" and raw.dtype == np.uint8:
-            raise DataError(f"{path}: 8-bit PNG where a 16-bit depth map is expected (depth in "
+        if raw.dtype == np.uint8:  # PNG, TIFF or JPEG alike (JPEG is lossy on top)
+            raise DataError(f"{path}: 8-bit image where a 16-bit or float depth map is expected (depth in "
                             f"1/{scale or 1000:g} m needs 16 bits; an 8-bit file is usually a visualisation, not "
                             "the measurement)")
     if raw.ndim == 3 and raw.shape[2] == 1:
@@ -280,3 +284,21 @@ def check_depth_values(where: str, medians: list[float], scale: float) -> None:
     hint = f"; with data.depth_scale {best:g} the median would be {median * scale / best:.3g} m" if best else ""
     raise DataError(f"{where}: median valid depth {median:.4g} m (stored values / depth_scale {scale:g}) is not "
                     f"plausible for metres (expected {lo:g}-{hi:g} m){hint}")
+
+
+def check_depth_range(where: str, stats: list[tuple[str, float, float, float]], min_depth: float,
+                      max_depth: float | None) -> None:
+    """The model's valid range against a split's depth (each map's name and 1%, 50%, 99% valid
+    depth): when no map has depth inside [min_depth, max_depth] the run would train (or score) on
+    nothing, so it stops; maps wholly outside the range are named in a warning."""
+    if not stats:
+        return
+    hi = max_depth if max_depth else math.inf
+    outside = [s for s in stats if s[3] < min_depth or s[1] > hi]
+    if len(outside) == len(stats):
+        raise DataError(f"{where}: no depth map has valid depth inside the model's range [{min_depth:g}, "
+                        f"{hi:g}] m (median {float(np.median([s[2] for s in stats])):.3g} m); check data.depth_scale "
+                        "and model.min_depth / model.max_depth")
+    if outside:
+        log.warning("%s: %d of %d depth maps lie wholly outside the model's range [%g, %g] m and count in no loss or "
+                    "metric (first: %s)", where, len(outside), len(stats), min_depth, hi, outside[0][0])

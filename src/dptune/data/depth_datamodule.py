@@ -24,6 +24,7 @@ from dptune.data.base import (
     setup_splits,
 )
 from dptune.data.depth import (
+    PLAUSIBLE_DEPTH,
     DepthDataset,
     DepthFolderSource,
     HFDepthSource,
@@ -117,6 +118,9 @@ class DepthDataModule(pl.LightningDataModule):
         self.label_set = None if labels is None else load_labels(labels, self.root)
         self.datasets: dict[str, DepthDataset] = {}
         self.skipped: dict[str, int] = {}
+        # per split, each map's (name, 1%, 50%, 99% of its valid depth): the model checks its range on them
+        self.depth_stats: dict[str, list[tuple[str, float, float, float]]] = {}
+        self.config_path = "data"  # where this datamodule's settings sit in the config (a joint task's source: deeper)
 
     def _source(self, stage: str):
         spec = dict(self.splits[stage])
@@ -169,7 +173,7 @@ class DepthDataModule(pl.LightningDataModule):
             except DataError as e:
                 return i, str(e)
 
-        good, problems, cache, empty, medians = [], [], {}, 0, []
+        good, problems, cache, empty, stats = [], [], {}, 0, {}
         with ThreadPoolExecutor(2) as pool:
             for i, out in tqdm(pool.map(one, ds.indices), total=len(ds.indices), desc=f"checking {stage} data",
                                leave=False, disable=rank() != 0):
@@ -179,16 +183,36 @@ class DepthDataModule(pl.LightningDataModule):
                 good.append(i)
                 measured = out[1][out[1] > 0]
                 empty += not measured.size
-                if measured.size:
-                    medians.append(float(np.median(measured)))
+                if measured.size:  # per map: 1%, 50%, 99% of its valid depth
+                    stats[i] = np.quantile(measured, (0.01, 0.5, 0.99))
                 if keep:
                     cache[i] = out
         settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample)
-        check_depth_values(f"data.splits.{stage}", medians, getattr(ds.source, "used_scale", None) or 1.0)
+        good = self._check_values(ds, stage, good, stats)
         if empty:
             log.warning("%s: %d depth map(s) have no valid pixel; they count in no loss and no metric", stage, empty)
-        ds.indices, ds.cache = good, cache if keep else None
-        self.skipped[stage] = len(problems)
+        self.skipped[stage] = len(ds.indices) - len(good)
+        ds.indices, ds.cache = good, {i: cache[i] for i in good} if keep else None
+
+    def _check_values(self, ds: DepthDataset, stage: str, good: list[int], stats: dict) -> list[int]:
+        """The split's depth must be plausible metres (else the likely scale is named), and so must
+        each map's (a map in another unit among the rest is a bad sample); records each map's depth
+        quantiles (``depth_stats``) for the model's range check. Returns the samples kept."""
+        where = f"{self.config_path}.splits.{stage}"
+        scale = getattr(ds.source, "used_scale", None) or getattr(ds.source, "scale", None) or 1000.0
+        check_depth_values(where, [q[1] for q in stats.values()], scale)
+        lo, hi = PLAUSIBLE_DEPTH
+        odd = [i for i, q in stats.items() if not lo <= q[1] <= hi]
+        name = ds.source.depths.__getitem__ if hasattr(ds.source, "depths") else ds.source.name
+        settle_problems([f"{name(i)}: median valid depth {stats[i][1]:.4g} m is not plausible metres (stored value / "
+                         f"{scale:g}); is this map in another unit than the rest of the split?" for i in odd],
+                        [i for i in good if i not in odd], len(good), stage, self.on_bad_sample)
+        kept = [i for i in good if i not in odd]
+        self.depth_stats[stage] = [(name(i), *stats[i]) for i in kept if i in stats]
+        medians = [q[1] for i, q in stats.items() if i in kept]
+        log.info("%s: depth = stored value / %g per metre; median valid depth %.3g m over %d maps", where, scale,
+                 float(np.median(medians)), len(medians))
+        return kept
 
     def setup(self, stage: str | None = None) -> None:
         setup_splits(self.splits, stage, self._dataset)

@@ -158,10 +158,15 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if weight is not None and not weight > 0:
             raise ConfigError(f"data.{task} source {name!r}: weight must be > 0, got {weight}")
         # what validation of the joint task does not do yet stops here, rather than being ignored
-        if task == "segmentation" and spec.get("val_mode", "resize") != "resize":
-            raise ConfigError(f"data.segmentation source {name!r}: val_mode {spec['val_mode']!r} is not supported in "
+        if task == "segmentation" and spec.get("val_mode", "resize") == "slide":
+            raise ConfigError(f"data.segmentation source {name!r}: val_mode 'slide' is not supported in "
                               "segmentation + depth training (it validates whole images resized to image_size); "
                               "score the exported segmentation part with scripts/evaluate.py --mode slide")
+        if task == "segmentation" and spec.get("val_mode", "resize") != "resize":
+            raise ConfigError(f"data.segmentation source {name!r}: val_mode must be resize, got {spec['val_mode']!r}")
+        if task == "depth" and spec.get("eval_crop", "none") not in ("none", "eigen", "garg"):
+            raise ConfigError(f"data.depth source {name!r}: eval_crop must be none, eigen or garg, got "
+                              f"{spec['eval_crop']!r}")
         if task == "depth" and spec.get("eval_crop", "none") != "none":
             raise ConfigError(f"data.depth source {name!r}: eval_crop {spec['eval_crop']!r} is not supported in "
                               "segmentation + depth training (it scores every valid pixel); score the exported "
@@ -170,6 +175,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             dm = SegmentationDataModule(**{**spec, **common, "crop_size": common["image_size"]})
             return MixSource(name, "segmentation", dm, weight)
         dm = DepthDataModule(**{**spec, **common, "crop_size": None})
+        dm.config_path = f"data.depth source {name!r}: data.depth"  # its messages name the source
         return MixSource(name, "both" if dm.label_set is not None else "depth", dm, weight)
 
     @property

@@ -10,12 +10,12 @@ import numpy as np
 import torch
 from torch import nn
 
-from dptune.data.depth import eval_crop_mask
+from dptune.data.depth import check_depth_range, eval_crop_mask
 from dptune.errors import ConfigError
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.metrics import summed_state
-from dptune.metrics.depth import NAMES, DepthMetrics, valid_depth, warn_if_none_scored
+from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
 from dptune.tasks.base import DPTTask
 
@@ -56,6 +56,7 @@ class DepthModule(DPTTask):
             **kwargs: What every task takes (model source, optimizer, schedule, precision switches): see
                 ``dptune.tasks.base.DPTTask``.
         """
+        check_range(min_depth, max_depth)
         super().__init__(**kwargs)
         hp = self.hparams
         self.loss_name = loss or ("silog" if mode == "metric" else "ssi")
@@ -67,6 +68,13 @@ class DepthModule(DPTTask):
         align = None if self.alignment == "none" else self.alignment
         self.val_metrics = DepthMetrics(min_depth, hp.max_depth, align)
         self.test_metrics = DepthMetrics(min_depth, hp.max_depth, align)
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":  # the data's depth against the range this model trains and scores on
+            stats = getattr(getattr(self.trainer, "datamodule", None), "depth_stats", {})
+            for split, maps in stats.items():
+                check_depth_range(f"data.splits.{split}", maps, self.hparams.min_depth, self.hparams.max_depth)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams

@@ -12,13 +12,14 @@ import numpy as np
 import torch
 from torch import nn
 
+from dptune.data.depth import check_depth_range
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
 from dptune.metrics import summed_state
-from dptune.metrics.depth import DepthMetrics, valid_depth, warn_if_none_scored
+from dptune.metrics.depth import DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model
 from dptune.models.depth import build_depth_model
@@ -77,6 +78,7 @@ class MultiTaskModule(DPTTask):
             raise ConfigError("model.label_spec is empty: it comes from the datamodule's label set")
         if references and set(references) - {"mIoU", "abs_rel"}:
             raise ConfigError("model.references takes mIoU and abs_rel")
+        check_range(min_depth, max_depth)
         super().__init__(**kwargs)
         if aux_weight <= 0 and self.model.seg.auxiliary_head is not None:
             self.model.seg.auxiliary_head.requires_grad_(False)  # never run, so never trained (and DDP needs it so)
@@ -85,6 +87,14 @@ class MultiTaskModule(DPTTask):
         self.val_depth = DepthMetrics(min_depth, max_depth)
         self.per_source = nn.ModuleDict()  # per-source metrics when a task validates on several sources
         self.val_names: list[str] = []
+
+    def setup(self, stage: str) -> None:
+        super().setup(stage)
+        if stage == "fit":  # each depth source's data against the range this model trains and scores on
+            for source in getattr(getattr(self.trainer, "datamodule", None), "sources", []):
+                for split, maps in getattr(source.dm, "depth_stats", {}).items():
+                    check_depth_range(f"{source.dm.config_path}.splits.{split}", maps, self.hparams.min_depth,
+                                      self.hparams.max_depth)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
