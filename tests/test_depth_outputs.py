@@ -1,30 +1,55 @@
-"""What predict writes for depth: 16-bit PNGs that hold the model's range, and say how to read them."""
+"""What predict writes for depth: maps that hold the model's range, a depth_format.json that says how to
+read them (and that dptune's reader follows), never overwritten by other maps' description."""
 
 from __future__ import annotations
 
 import json
 from types import SimpleNamespace
 
-import cv2
 import numpy as np
 import pytest
 
-from dptune.tools.depth import png_per_metre, write_depth, write_depth_format
+from dptune.data.depth import read_depth
+from dptune.errors import DataError
+from dptune.tools.depth import depth_encoding, write_depth, write_depth_format
 
 
-@pytest.mark.parametrize("max_depth, per_metre", [(10.0, 1000.0), (65.535, 1000.0), (80.0, 256.0), (None, 256.0)])
-def test_the_png_encoding_follows_the_model_range(max_depth, per_metre):
-    assert png_per_metre(SimpleNamespace(mode="metric", meta={"max_depth": max_depth})) == per_metre
-    assert png_per_metre(SimpleNamespace(mode="relative", meta={})) is None
+def _model(max_depth, mode="metric"):
+    return SimpleNamespace(mode=mode, meta={"max_depth": max_depth})
 
 
-def test_a_driving_scene_keeps_its_far_depth(tmp_path):
-    """KITTI's recipe goes to 80 m: a millimetre PNG saturates at 65.535 m; 256 per metre holds it."""
-    depth = np.linspace(2.0, 79.5, 64 * 48, dtype=np.float32).reshape(48, 64)
-    image = np.zeros((48, 64, 3), np.uint8)
-    assert not write_depth(tmp_path, "far", depth, image, 256.0, None)
-    back = cv2.imread(str(tmp_path / "far_depth.png"), cv2.IMREAD_UNCHANGED).astype(np.float64) / 256
-    assert np.abs(back - depth).max() <= 0.5 / 256 + 1e-6
-    assert write_depth(tmp_path, "mm", depth, image, 1000.0, None)  # clipped: the caller warns
-    spec = json.loads((tmp_path / "depth_format.json").read_text()) if write_depth_format(tmp_path, 256.0) else {}
-    assert spec["value_per_metre"] == 256.0 and spec["max_metres"] == pytest.approx(255.996) and spec["invalid"] == 0
+@pytest.mark.parametrize("max_depth, dtype, per_metre", [
+    (10.0, "uint16", 1000.0), (65.535, "uint16", 1000.0), (80.0, "uint16", 256.0), (255.99, "uint16", 256.0),
+    (300.0, "float32", 1.0), (None, "float32", 1.0)])
+def test_the_encoding_follows_the_model_range(max_depth, dtype, per_metre):
+    enc = depth_encoding(_model(max_depth))
+    assert (enc["dtype"], enc["value_per_metre"]) == (dtype, per_metre)
+    assert enc["file"].endswith(".tiff" if dtype == "float32" else ".png")
+    assert depth_encoding(_model(None, "relative"))["metric"] is False
+
+
+@pytest.mark.parametrize("max_depth, far", [(80.0, 79.5), (300.0, 290.0)])
+def test_far_depth_survives_and_dptune_reads_it_back_in_metres(tmp_path, max_depth, far):
+    """KITTI's recipe goes to 80 m: a millimetre PNG saturates at 65.535 m; 256 per metre holds it, and
+    beyond 256 m float TIFF does. dptune's depth reader, given no scale, follows depth_format.json."""
+    depth = np.linspace(2.0, far, 64 * 48, dtype=np.float32).reshape(48, 64)
+    enc = depth_encoding(_model(max_depth))
+    write_depth_format(tmp_path, enc)
+    assert not write_depth(tmp_path, "far", depth, np.zeros((48, 64, 3), np.uint8), enc, None)
+    back = read_depth(str(tmp_path / enc["file"].replace("<stem>", "far")))
+    assert np.abs(back - depth).max() <= 0.5 / enc["value_per_metre"] + 1e-4
+    mm = depth_encoding(_model(10.0))
+    assert write_depth(tmp_path, "mm", depth, np.zeros((48, 64, 3), np.uint8), mm, None)  # clipped: the caller warns
+
+
+def test_a_depth_format_json_saying_otherwise_is_never_overwritten(tmp_path):
+    (tmp_path / "depth_format.json").write_text('{"mine": "user notes"}')
+    with pytest.raises(DataError, match="already there and describes other depth maps"):
+        write_depth_format(tmp_path, depth_encoding(_model(10.0)))
+    assert json.loads((tmp_path / "depth_format.json").read_text()) == {"mine": "user notes"}
+    other = tmp_path / "other"
+    other.mkdir()
+    write_depth_format(other, depth_encoding(_model(10.0)))
+    write_depth_format(other, depth_encoding(_model(10.0)))  # the same description: fine
+    with pytest.raises(DataError, match="describes other depth maps"):
+        write_depth_format(other, depth_encoding(_model(80.0)))

@@ -207,6 +207,17 @@ def test_evaluate_agrees_with_the_independent_scorer(depth_run, tmp_path, capsys
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["abs_rel"]
     assert scores["model's"] == scores["given"] != scores["low"], scores
 
+    # what fit refuses, evaluate refuses too, in one line: no scale, no range, nothing scored, not metres
+    capsys.readouterr()
+    for extra, message in ((["--depth-scale", "0"], "--depth-scale must be a positive number"),
+                           (["--min-depth", "5", "--max-depth", "1"], "--max-depth must be above --min-depth"),
+                           (["--min-depth", "20", "--max-depth", "30"], "nothing was scored"),
+                           (["--depth-scale", "1"], "not plausible for metres")):
+        assert evaluate_main(["--model", str(out), "--images", images, "--depth", depth, *extra]) == 2, extra
+        said = capsys.readouterr().err
+        err = [ln for ln in said.splitlines() if ln.startswith("error")]
+        assert len(err) == 1 and message in err[0] and "Traceback" not in said, (extra, err)
+
 
 def test_a_validation_that_scores_no_depth_image_is_nan_and_never_the_best_checkpoint(tmp_path):
     """No ground truth inside [min_depth, max_depth]: nothing is scored, so the figures are NaN (they

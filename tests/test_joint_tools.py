@@ -89,18 +89,20 @@ def test_joint_slide_flip_scales_masks_as_the_segmentation_path_depth_mirrored(j
     image = np.asarray(Image.open(FRAME).convert("RGB"))
     dp = DepthPredictor.load(str(joint_export / "depth"))
     mirrored = (dp.predict(image) + dp.predict(np.ascontiguousarray(image[:, ::-1]))[:, ::-1]) / 2
-    # no max_depth in this hand-made export: the PNG takes KITTI's 256 per metre, as depth_format.json says
-    per_metre = __import__("json").loads((tmp_path / "joint" / "depth_format.json").read_text())["value_per_metre"]
-    depth = read_png(tmp_path / "joint" / f"{FRAME.stem}_depth.png") / per_metre
-    assert per_metre == 256.0 and np.abs(depth - np.clip(mirrored, 0, None)).max() <= 0.5 / per_metre + 1e-6
+    # no max_depth in this hand-made export: float32 metres in a TIFF, as depth_format.json says
+    from dptune.data.depth import read_depth
+
+    spec = __import__("json").loads((tmp_path / "joint" / "depth_format.json").read_text())
+    depth = read_depth(str(tmp_path / "joint" / spec["file"].replace("<stem>", FRAME.stem)))
+    assert spec["dtype"] == "float32" and np.abs(depth - np.clip(mirrored, 0, None)).max() <= 1e-5
 
 
 def test_depth_only_flip_mirrors_and_segmentation_options_are_refused(joint_export, tmp_path, capsys):
     """The depth path ignored --flip, --mode slide, --scales and --confidence without a word."""
     assert predict(joint_export / "depth", tmp_path / "flip", "--flip") == 0
     assert predict(joint_export, tmp_path / "joint", "--flip") == 0
-    name = f"{FRAME.stem}_depth.png"
-    assert np.abs(read_png(tmp_path / "flip" / name) - read_png(tmp_path / "joint" / name)).max() <= 1
+    name = f"{FRAME.stem}_depth.tiff"  # no max_depth in this export: float32 metres
+    assert np.abs(read_png(tmp_path / "flip" / name) - read_png(tmp_path / "joint" / name)).max() <= 1e-5
     assert predict(joint_export / "depth", tmp_path / "plain") == 0
     assert not np.array_equal(read_png(tmp_path / "flip" / name), read_png(tmp_path / "plain" / name))
     capsys.readouterr()

@@ -295,10 +295,12 @@ def test_predict_writes_masks_and_depth_from_one_forward_equal_to_each_export(tm
     image = np.asarray(Image.open(frame).convert("RGB"))
     mask = np.asarray(Image.open(tmp_path / "p" / f"{frame.stem}.png"))
     assert np.array_equal(mask, Predictor.load(str(tmp_path / "out" / "segmentation")).predict(image)[0])
-    per_metre = json.loads((tmp_path / "p" / "depth_format.json").read_text())["value_per_metre"]  # no max_depth: 256
-    depth = np.asarray(Image.open(tmp_path / "p" / f"{frame.stem}_depth.png")).astype(np.float64) / per_metre
+    from dptune.data.depth import read_depth
+
+    spec = json.loads((tmp_path / "p" / "depth_format.json").read_text())  # no max_depth: float32 metres
+    depth = read_depth(str(tmp_path / "p" / spec["file"].replace("<stem>", frame.stem)))
     ref = np.clip(DepthPredictor.load(str(tmp_path / "out" / "depth")).predict(image), 0, None)
-    assert np.abs(depth - ref).max() <= 0.5 / per_metre + 1e-6
+    assert np.abs(depth - ref).max() <= 1e-5
 
 
 

@@ -8,10 +8,12 @@ them); photometric changes touch the image only.
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import os
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import albumentations as A
@@ -40,9 +42,10 @@ log = logging.getLogger(__name__)
 def read_depth(path: str, scale: float | None = None) -> np.ndarray:
     """A depth file as float32 metres, 0 where there is no measurement: stored values divided by
     ``scale`` (NYU and 7-Scenes 16-bit PNGs: millimetres, 1000; KITTI: 256; metres: 1); ``None``
-    (default) picks it by the file's type (see ``default_scale``). NaN and infinite values become
-    0 (invalid)."""
-    return to_metres(read_raw_depth(path, scale), scale)
+    (default): what a ``depth_format.json`` beside the file says, else by the file's type (see
+    ``effective_scale``). NaN and infinite values become 0 (invalid)."""
+    raw = read_raw_depth(path, scale)
+    return to_metres(raw, effective_scale(path, raw, scale))
 
 
 def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
@@ -71,6 +74,29 @@ def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
     if raw.dtype.kind not in "uif":
         raise DataError(f"{path}: unsupported depth type {raw.dtype}")
     return raw
+
+
+@functools.lru_cache(maxsize=64)
+def sidecar_scale(folder: str) -> float | None:
+    """The stored value per metre that a ``depth_format.json`` in ``folder`` gives (dptune's predict
+    writes one beside its maps: millimetres, 256 per metre or float metres), else None."""
+    import json
+
+    try:
+        spec = json.loads(Path(folder, "depth_format.json").read_text())
+    except (OSError, ValueError):
+        return None
+    per_metre = spec.get("value_per_metre") if isinstance(spec, dict) and spec.get("metric") else None
+    return float(per_metre) if isinstance(per_metre, (int, float)) and per_metre > 0 else None
+
+
+def effective_scale(path: str, raw: np.ndarray, scale: float | None) -> float:
+    """The stored value per metre of a depth file: ``scale`` when given, else what a
+    ``depth_format.json`` beside it says, else by the data's type (``default_scale``)."""
+    if scale is not None:
+        return scale
+    beside = sidecar_scale(os.path.dirname(os.path.abspath(path)))
+    return beside if beside is not None else default_scale(raw)
 
 
 def default_scale(raw: np.ndarray) -> float:
@@ -122,7 +148,7 @@ class DepthFolderSource:
         if not os.path.exists(self.depths[i]):
             raise DataError(f"{self.images[i]}: no depth map (expected {self.depths[i]})")
         raw = read_raw_depth(self.depths[i], self.scale)
-        self.used_scale = self.scale if self.scale is not None else default_scale(raw)  # what the check reports
+        self.used_scale = effective_scale(self.depths[i], raw, self.scale)  # what the check reports
         return to_metres(raw, self.used_scale)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:

@@ -20,14 +20,16 @@ NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "d
 LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
 
 
-def check_range(min_depth: float, max_depth: float | None) -> None:
-    """A valid-depth range that can hold a measurement: 0 <= min_depth < max_depth (None: no maximum)."""
+def check_range(min_depth: float, max_depth: float | None, low: str = "model.min_depth",
+                high: str = "model.max_depth") -> None:
+    """A valid-depth range that can hold a measurement: 0 <= min_depth < max_depth (None: no maximum);
+    ``low`` and ``high`` name the settings in the message."""
     from dptune.errors import ConfigError
 
     if not 0 <= min_depth < math.inf:
-        raise ConfigError(f"model.min_depth must be a depth >= 0 in metres, got {min_depth}")
+        raise ConfigError(f"{low} must be a depth >= 0 in metres, got {min_depth}")
     if max_depth is not None and not min_depth < max_depth < math.inf:
-        raise ConfigError(f"model.max_depth must be above model.min_depth ({min_depth}) or null, got {max_depth}")
+        raise ConfigError(f"{high} must be above {low} ({min_depth}) or left out, got {max_depth}")
 
 
 def valid_depth(depth: torch.Tensor, min_depth: float, max_depth: float | None) -> torch.Tensor:

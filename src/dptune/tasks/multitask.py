@@ -223,6 +223,9 @@ class MultiTaskModule(DPTTask):
         self.last_metrics["depth"] = {"val": {**depth, "images": images["depth"]}}
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
             warn_if_none_scored(images["depth"], "val", self.hparams.min_depth, self.hparams.max_depth)
+            if not images["segmentation"]:
+                log.warning("val: no segmentation image had a labelled pixel: the segmentation figures are NaN (no "
+                            "result)")
             log.info("epoch %d step %d val: %s", self.current_epoch, self.global_step,
                      " ".join(f"{k} {v:.4f}" for k, v in values.items()))
 

@@ -17,6 +17,7 @@ averaged over images, on any folder of images and depth maps.
 from __future__ import annotations
 
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -25,9 +26,9 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dptune.data.depth import DepthFolderSource, check_depth_size, eval_crop_mask
+from dptune.data.depth import DepthFolderSource, check_depth_size, check_depth_values, eval_crop_mask
 from dptune.errors import ConfigError, DataError
-from dptune.metrics.depth import NAMES, DepthMetrics, valid_depth
+from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
 from dptune.visualize import colorize_depth, depth_range
 
 
@@ -101,29 +102,44 @@ def depth_views(predictor, image: np.ndarray, flip: str = "none") -> np.ndarray:
     return np.clip(depth, 0, None)
 
 
-def png_per_metre(predictor) -> float | None:
-    """The stored value per metre of a metric model's 16-bit depth PNGs: millimetres (1000, up to
-    65.535 m) when the model's range fits, else KITTI's convention (256, up to 255.99 m at 3.9 mm
-    steps); None for a relative model (its maps are scaled per image)."""
+def depth_encoding(predictor) -> dict:
+    """How predicted maps are stored (what ``depth_format.json`` says): a metric model's as 16-bit
+    millimetres when its max_depth fits (up to 65.535 m), else KITTI's 256 per metre (up to 255.99 m
+    at 3.9 mm steps), else (a larger or no bound) float32 TIFF in metres; a relative model's as 16-bit
+    scaled to 0-65535 per image."""
     if predictor.mode != "metric":
-        return None
-    max_depth = predictor.meta.get("max_depth")
-    return 1000.0 if max_depth and float(max_depth) <= 65535 / 1000 else 256.0
+        return {"file": "<stem>_depth.png", "dtype": "uint16", "metric": False,
+                "meaning": "relative inverse depth (larger = nearer), scaled to 0-65535 per image"}
+    max_depth = float(predictor.meta.get("max_depth") or "inf")
+    for per_metre in (1000.0, 256.0):
+        if max_depth <= 65535 / per_metre:
+            return {"file": "<stem>_depth.png", "dtype": "uint16", "metric": True, "value_per_metre": per_metre,
+                    "max_metres": round(65535 / per_metre, 3), "invalid": 0}
+    return {"file": "<stem>_depth.tiff", "dtype": "float32", "metric": True, "value_per_metre": 1.0, "invalid": 0}
 
 
-def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, per_metre: float | None,
+def encoding_words(enc: dict) -> str:
+    if not enc["metric"]:
+        return "relative inverse depth scaled to 0-65535 per image"
+    if enc["dtype"] == "float32":
+        return "float32 metres"
+    return f"value / {enc['value_per_metre']:g} = metres, up to {enc['max_metres']:.3f} m"
+
+
+def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, enc: dict,
                 k: tuple[float, float, float, float] | None) -> bool:
-    """``<stem>_depth.png``, ``<stem>_depth_color.png`` and, with ``k`` (metric models), ``<stem>.ply``.
-    ``per_metre`` (``png_per_metre``) is the stored value per metre of a metric map; returns whether
-    the map had depth beyond what the PNG holds (clipped there)."""
-    metric = per_metre is not None
-    clipped = False
-    if metric:
-        clipped = bool((depth * per_metre > 65535).any())
-        stored = np.clip(np.round(depth * per_metre), 0, 65535).astype(np.uint16)
+    """The map as ``enc`` says (``depth_encoding``), ``<stem>_depth_color.png`` and, with ``k`` (metric
+    models), ``<stem>.ply``; returns whether the map had depth beyond what a 16-bit PNG holds
+    (clipped there)."""
+    metric, clipped = enc["metric"], False
+    if enc["dtype"] == "float32":
+        stored = depth.astype(np.float32)
+    elif metric:
+        clipped = bool((depth * enc["value_per_metre"] > 65535).any())
+        stored = np.clip(np.round(depth * enc["value_per_metre"]), 0, 65535).astype(np.uint16)
     else:
         stored = np.round(65535 * (depth - depth.min()) / max(float(np.ptp(depth)), 1e-12)).astype(np.uint16)
-    cv2.imwrite(str(out / f"{stem}_depth.png"), stored)
+    cv2.imwrite(str(out / enc["file"].replace("<stem>", stem)), stored)
     shown = depth if metric else 1.0 / np.clip(depth, 1e-6, None)  # relative: inverse depth, near = large
     lo, hi = depth_range(shown)
     units = "m" if metric else ""  # the bar of a relative map: 1 / its inverse depth, no unit
@@ -133,20 +149,23 @@ def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, per_
     return clipped
 
 
-def write_depth_format(out: Path, per_metre: float | None) -> str:
-    """``depth_format.json`` beside the maps (how to read ``<stem>_depth.png``), and the same in words."""
+def write_depth_format(out: Path, enc: dict) -> str:
+    """``depth_format.json`` beside the maps (how to read them; dptune's depth reader follows it),
+    written before any map: one already there that says otherwise (another model's maps, or not
+    dptune's file) stops the run instead of being overwritten. Returns the encoding in words."""
     import json
 
-    if per_metre is None:
-        spec = {"file": "<stem>_depth.png", "dtype": "uint16", "metric": False,
-                "meaning": "relative inverse depth (larger = nearer), scaled to 0-65535 per image"}
-        words = "relative inverse depth scaled to 0-65535 per image"
-    else:
-        spec = {"file": "<stem>_depth.png", "dtype": "uint16", "metric": True, "value_per_metre": per_metre,
-                "max_metres": round(65535 / per_metre, 3), "invalid": 0}
-        words = f"value / {per_metre:g} = metres, up to {65535 / per_metre:.2f} m"
-    (out / "depth_format.json").write_text(json.dumps(spec, indent=2) + "\n")
-    return words
+    path = out / "depth_format.json"
+    if path.exists():
+        try:
+            there = json.loads(path.read_text())
+        except (OSError, ValueError):
+            there = None
+        if there != enc:
+            raise DataError(f"{path}: already there and describes other depth maps ({there}); predict into "
+                            "another folder (or remove it) so that it stays true for every map beside it")
+    path.write_text(json.dumps(enc, indent=2) + "\n")
+    return encoding_words(enc)
 
 
 def write_ply(path: Path, depth: np.ndarray, image: np.ndarray, k: tuple[float, float, float, float]) -> int:
@@ -182,20 +201,21 @@ def predict_depth(args, paths: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
-    per_metre, clipped = png_per_metre(predictor), []
+    enc, clipped = depth_encoding(predictor), []
+    words = write_depth_format(out, enc)
     for path, image in readable_images(paths, "predicting depth", failed):
-        if write_depth(out, Path(path).stem, depth_views(predictor, image, args.flip), image, per_metre, k):
+        if write_depth(out, Path(path).stem, depth_views(predictor, image, args.flip), image, enc, k):
             clipped.append(path)
-    print(f"{len(paths) - len(failed)} depth maps in {out}: <stem>_depth.png ({write_depth_format(out, per_metre)}; "
-          "depth_format.json)" + (f", {len(failed)} unreadable images" if failed else ""))
-    warn_clipped(clipped, per_metre)
+    print(f"{len(paths) - len(failed)} depth maps in {out}: {enc['file']} ({words}; depth_format.json)"
+          + (f", {len(failed)} unreadable images" if failed else ""))
+    warn_clipped(clipped, enc)
     return 2 if failed else 0
 
 
-def warn_clipped(clipped: list[str], per_metre: float | None) -> None:
+def warn_clipped(clipped: list[str], enc: dict) -> None:
     if clipped:
-        print(f"warning: {len(clipped)} depth map(s) reach beyond {65535 / per_metre:.2f} m, what a 16-bit PNG at "
-              f"{per_metre:g} per metre holds; clipped there (first: {clipped[0]})", file=sys.stderr)
+        print(f"warning: {len(clipped)} depth map(s) reach beyond {enc['max_metres']:.3f} m, what a 16-bit PNG at "
+              f"{enc['value_per_metre']:g} per metre holds; clipped there (first: {clipped[0]})", file=sys.stderr)
 
 
 def evaluate_depth(args) -> int:
@@ -203,16 +223,21 @@ def evaluate_depth(args) -> int:
 
     if not (args.images and args.depth):
         raise DataError("for a depth model give --images and --depth (a template with {stem}), and --depth-scale")
+    if args.depth_scale is not None and not 0 < args.depth_scale < math.inf:
+        raise ConfigError(f"--depth-scale must be a positive number of stored values per metre, got {args.depth_scale}")
     source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale)
     predictor = DepthPredictor.load(args.model, args.device)
     align = args.alignment or predictor.meta.get("alignment") or ("none" if predictor.mode == "metric" else "lstsq")
     crop = args.eval_crop or predictor.meta.get("eval_crop") or "none"
     max_depth = args.max_depth if args.max_depth is not None else predictor.meta.get("max_depth")
     min_depth = args.min_depth if args.min_depth is not None else predictor.meta.get("min_depth") or 1e-3
-    metric = DepthMetrics(min_depth, max_depth, None if align == "none" else align)
+    check_range(min_depth, max_depth, "--min-depth", "--max-depth")
+    metric, medians = DepthMetrics(min_depth, max_depth, None if align == "none" else align), []
     for i in tqdm(range(len(source)), desc="evaluating"):
         image, gt, name = source.load(i)
         check_depth_size(name, image.shape[:2], gt)
+        if (gt > 0).any():
+            medians.append(float(np.median(gt[gt > 0])))
         pred = torch.from_numpy(predictor.predict(image))[None]
         gt_t = torch.from_numpy(gt)[None]
         valid = valid_depth(gt_t, min_depth, max_depth)
@@ -220,6 +245,10 @@ def evaluate_depth(args) -> int:
         if mask is not None:
             valid &= torch.from_numpy(mask)[None]
         metric.update(pred, gt_t, valid)
+    check_depth_values(args.depth, medians, source.used_scale)  # as training's pre-flight check does
+    if not int(metric.images):
+        raise DataError(f"{args.depth}: no image had ground truth inside [{min_depth:g}, {max_depth or math.inf:g}] m"
+                        f"{' within the ' + crop + ' crop' if crop != 'none' else ''}: nothing was scored")
     scores = {k: float(v) for k, v in metric.compute().items()}
     print(f"{int(metric.images)} images, {predictor.mode} depth, alignment {align}, crop {crop}")
     print("  ".join(f"{k} {scores[k]:.4f}" for k in NAMES))

@@ -49,9 +49,9 @@ def one_pass(joint, seg, depth, image: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def predict_both(args, paths: list[str]) -> int:
     from dptune.tools.depth import (
         cloud_intrinsics,
+        depth_encoding,
         depth_views,
         mirror_note,
-        png_per_metre,
         warn_clipped,
         write_depth,
         write_depth_format,
@@ -70,7 +70,8 @@ def predict_both(args, paths: list[str]) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     failed: list[str] = []
-    per_metre, clipped = png_per_metre(depth), []
+    enc, clipped = depth_encoding(depth), []
+    words = write_depth_format(out, enc)
     for path, image in readable_images(paths, "predicting masks and depth", failed):
         if shared:
             pred, conf, metres = one_pass(joint, seg, depth, image)
@@ -79,9 +80,9 @@ def predict_both(args, paths: list[str]) -> int:
             metres = depth_views(depth, image, args.flip)
         stem = Path(path).stem
         write_masks(out, stem, image, pred, conf, seg.labels, args)
-        if write_depth(out, stem, metres, image, per_metre, k):
+        if write_depth(out, stem, metres, image, enc, k):
             clipped.append(path)
-    print(f"{len(paths) - len(failed)} masks and depth maps in {out} (<stem>_depth.png: "
-          f"{write_depth_format(out, per_metre)}; depth_format.json)" + (f", {len(failed)} unreadable images" if failed else ""))
-    warn_clipped(clipped, per_metre)
+    print(f"{len(paths) - len(failed)} masks and depth maps in {out} ({enc['file']}: {words}; depth_format.json)"
+          + (f", {len(failed)} unreadable images" if failed else ""))
+    warn_clipped(clipped, enc)
     return 2 if failed else 0
