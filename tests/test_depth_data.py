@@ -75,9 +75,11 @@ def test_bad_depth_files_are_named(tmp_path):
     good = KITCHEN / "train" / "depth" / "frame-000000.png"
     data = good.read_bytes()
     (tmp_path / "cut.png").write_bytes(data[: len(data) // 3])
-    Image.fromarray((np.asarray(Image.open(good)) // 256).astype(np.uint8)).save(tmp_path / "eight.png")
+    eight = Image.fromarray((np.asarray(Image.open(good)) // 256).astype(np.uint8))
+    for name in ("eight.png", "eight.tif", "eight.jpg"):  # 8-bit depth in any format (TIFF and JPEG trained before)
+        eight.save(tmp_path / name)
     for name, message in [("cut.png", "not a readable depth map"), ("eight.png", "8-bit image"),
-                          ("missing.png", "file not found")]:
+                          ("eight.tif", "8-bit image"), ("eight.jpg", "8-bit image"), ("missing.png", "file not found")]:
         with pytest.raises(DataError, match=message) as err:
             read_depth(str(tmp_path / name), 1000)
         assert name in str(err.value)
