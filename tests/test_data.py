@@ -256,22 +256,29 @@ def test_label_file_round_trip_keeps_whether_255_was_stated():
     assert np.array_equal(implied.encode(raw), stated.encode(raw))  # same encoding either way
 
 
-@needs(CAMVID)
-def test_png_with_a_corrupt_body_is_caught_before_training(tmp_path):
-    """The header of such a PNG reads fine; only decoding the pixels finds the damage."""
+def camvid_with_a_corrupt_body(root: Path) -> tuple[list[Path], Path]:
+    """Three CamVid frames as PNGs under ``root/train`` (masks linked under ``root/trainannot``), the
+    second with zeros in the middle of its pixel data: its header reads fine. (frames, the bad file)."""
     import cv2
 
-    root = tmp_path / "corrupt"
     for sub in ("train", "trainannot"):
-        (root / sub).mkdir(parents=True)
+        (root / sub).mkdir(parents=True, exist_ok=True)
     frames = sorted((CAMVID / "train").glob("0001TP_0069*.jpg"))[:3]
     for f in frames:
         cv2.imwrite(str(root / "train" / f"{f.stem}.png"), cv2.imread(str(f)))
         (root / "trainannot" / f"{f.stem}.png").symlink_to(CAMVID / "trainannot" / f"{f.stem}.png")
     bad = root / "train" / f"{frames[1].stem}.png"
     data = bytearray(bad.read_bytes())
-    data[len(data) // 2 : len(data) // 2 + 4000] = bytes(4000)  # zeros in the middle of the pixel data
+    data[len(data) // 2 : len(data) // 2 + 4000] = bytes(4000)
     bad.write_bytes(bytes(data))
+    return frames, bad
+
+
+@needs(CAMVID)
+def test_png_with_a_corrupt_body_is_caught_before_training(tmp_path):
+    """The header of such a PNG reads fine; only decoding the pixels finds the damage."""
+    root = tmp_path / "corrupt"
+    frames, bad = camvid_with_a_corrupt_body(root)
     from PIL import Image as PILImage
 
     with PILImage.open(bad) as im:

@@ -32,6 +32,12 @@ def joint_args(run: Path, model: list[str]) -> list[str]:
             "--trainer.enable_progress_bar", "false", "--trainer.default_root_dir", str(run)]
 
 
+def start_from(args: list[str], ref) -> list[str]:
+    """``args`` with ``--model.config X`` replaced by ``--model.pretrained ref``."""
+    i = args.index("--model.config")
+    return [*args[:i], "--model.pretrained", str(ref), *args[i + 2:]]
+
+
 def probed_fit(args: list[str], tmp: Path) -> dict:
     """Run ``train.py fit`` with a callback that records, at the first training step, the modules
     that are in eval mode."""
@@ -66,8 +72,7 @@ def sources(tmp_path_factory) -> dict:
 def test_a_fit_from_an_export_trains_every_module_in_train_mode(sources):
     tmp = sources["tmp"]
     args = camvid_args(tmp / "from-export", sources["config"], epochs=1)
-    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
-                                                                            str(sources["seg_export"])]
+    args = start_from(args, sources["seg_export"])
     probe = probed_fit([*args, "--trainer.logger", "false"], tmp)
     assert probe["modules"] > 100 and probe["eval"] == [], probe["eval"][:10]
     assert "modules were in eval mode" in probe["stderr"] and "training in train mode (0 of" not in probe["stderr"]
@@ -79,8 +84,7 @@ def test_a_fit_from_an_export_trains_every_module_in_train_mode(sources):
 def test_a_fit_from_a_dptune_ckpt_finishes_in_train_mode_for_either_task(sources):
     tmp = sources["tmp"]
     args = camvid_args(tmp / "from-ckpt", sources["config"], epochs=1)
-    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
-                                                                            str(sources["seg_ckpt"])]
+    args = start_from(args, sources["seg_ckpt"])
     probe = probed_fit([*args, "--trainer.logger", "false"], tmp)
     assert probe["eval"] == [], probe["eval"][:10]
     assert "11 of 11 classes carried over" in probe["stderr"]
@@ -90,8 +94,7 @@ def test_a_fit_from_a_dptune_ckpt_finishes_in_train_mode_for_either_task(sources
     depth_config = tmp / "depth-tiny.json"
     depth_config.write_text(json.dumps(DEPTH_TINY))
     args = depth_args(tmp / "depth-from-seg", depth_config, epochs=1)
-    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
-                                                                            str(sources["seg_ckpt"])]
+    args = start_from(args, sources["seg_ckpt"])
     probe = probed_fit([*args, "--trainer.logger", "false"], tmp)
     assert probe["eval"] == [], probe["eval"][:10]
     assert "backbone and neck carried over" in probe["stderr"]
@@ -113,8 +116,7 @@ def test_a_ckpt_start_leaves_no_temporary_directory_behind(sources, tmp_path):
 
     before = set(Path(tempfile.gettempdir()).glob("dptune-ckpt-*"))
     args = camvid_args(tmp_path / "run", sources["config"], epochs=1)
-    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
-                                                                            str(sources["seg_ckpt"])]
+    args = start_from(args, sources["seg_ckpt"])
     run_train([*args, "--trainer.logger", "false", "--trainer.max_steps", "1"], cwd=tmp_path)
     assert set(Path(tempfile.gettempdir()).glob("dptune-ckpt-*")) == before
 
@@ -151,7 +153,6 @@ def test_a_damaged_or_foreign_ckpt_as_the_start_is_one_line_naming_it(sources, t
         assert name in str(err.value), (name, str(err.value))
 
     args = camvid_args(tmp_path / "run", sources["config"], epochs=1)
-    args[args.index("--model.config"):args.index("--model.config") + 2] = ["--model.pretrained",
-                                                                            str(tmp_path / "empty.ckpt")]
+    args = start_from(args, tmp_path / "empty.ckpt")
     proc = run_train([*args, "--trainer.logger", "false"], cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr and "empty.ckpt" in proc.stderr, proc.stderr[-2000:]

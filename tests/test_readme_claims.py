@@ -683,21 +683,13 @@ def test_header_check_stops_at_a_corrupt_body_only_when_training_reads_it_and_ab
         tmp_path, caplog):
     """README:246-248: with ``--data.check header`` "a corrupt image body then stops the run when training
     reaches it"; "a class absent from the training masks is logged"."""
-    import cv2
+
+    from test_data import camvid_with_a_corrupt_body
 
     from dptune.data.datamodule import SegmentationDataModule
     from dptune.errors import DataError
 
-    for sub in ("train", "trainannot"):
-        (tmp_path / sub).mkdir()
-    frames = sorted((CAMVID / "train").glob("0001TP_0069*.jpg"))[:3]
-    for f in frames:
-        cv2.imwrite(str(tmp_path / "train" / f"{f.stem}.png"), cv2.imread(str(f)))
-        (tmp_path / "trainannot" / f"{f.stem}.png").symlink_to(CAMVID / "trainannot" / f"{f.stem}.png")
-    bad = tmp_path / "train" / f"{frames[1].stem}.png"
-    data = bytearray(bad.read_bytes())
-    data[len(data) // 2:len(data) // 2 + 4000] = bytes(4000)
-    bad.write_bytes(bytes(data))
+    frames, bad = camvid_with_a_corrupt_body(tmp_path)
     caplog.set_level(logging.WARNING, logger="dptune")
     dm = SegmentationDataModule(root=str(tmp_path), labels=str(CAMVID / "labels.yaml"), check="header", image_size=64,
                                 splits={"train": {"images": "train/*.png", "masks": "trainannot/{stem}.png"}},
