@@ -293,3 +293,14 @@ def test_png_with_a_corrupt_body_is_caught_before_training(tmp_path):
                                   check="header")
     fast.setup("fit")  # header-only: documented to miss it
     assert len(fast.datasets["train"]) == 3
+
+
+def test_loader_workers_default_to_none_on_two_cores_else_half_up_to_eight(monkeypatch):
+    """README: no loader worker on machines with 2 cores or fewer, else half the cores up to 8 (the
+    cores this process may use); an explicit data.num_workers wins."""
+    from dptune.data.base import default_workers
+
+    for cores, workers in ((1, 0), (2, 0), (3, 1), (4, 2), (12, 6), (64, 8)):
+        monkeypatch.setattr("os.sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
+        assert default_workers(None) == workers, cores
+    assert default_workers(5) == 5 and default_workers(0) == 0

@@ -64,12 +64,16 @@ def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
 
 
 @pytest.mark.parametrize("precision", ["bf16-mixed", "16-mixed", "32-true"])
-def test_gradient_clipping_works_with_every_precision(tmp_path, precision):
+def test_gradient_clipping_and_accumulation_work_with_every_precision(tmp_path, precision):
     """Lightning refuses to clip for an optimizer that unscales inside its step (fused AdamW);
-    with --trainer.gradient_clip_val the optimizer is the unfused one."""
+    with --trainer.gradient_clip_val the optimizer is the unfused one. Accumulating 2 batches
+    halves the optimizer steps (4 batches: 2 steps)."""
     run = tmp_path / precision
     quickstart(run, 1, "--trainer.precision", precision, "--trainer.gradient_clip_val", "1.0")
     assert _ckpt(run)["global_step"] == 4
+    quickstart(tmp_path / "accumulate", 1, "--trainer.precision", precision, "--trainer.gradient_clip_val", "1.0",
+               "--trainer.accumulate_grad_batches", "2")
+    assert _ckpt(tmp_path / "accumulate")["global_step"] == 2
 
 
 def test_fused_adamw_only_without_clipping(tiny_config):
