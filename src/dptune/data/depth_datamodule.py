@@ -28,6 +28,7 @@ from dptune.data.depth import (
     DepthDataset,
     DepthFolderSource,
     HFDepthSource,
+    check_depth_range,
     check_depth_size,
     check_depth_values,
     collate_depth,
@@ -193,6 +194,11 @@ class DepthDataModule(pl.LightningDataModule):
             log.warning("%s: %d depth map(s) have no valid pixel; they count in no loss and no metric", stage, empty)
         self.skipped[stage] = len(ds.indices) - len(good)
         ds.indices, ds.cache = good, {i: cache[i] for i in good} if keep else None
+
+    def check_model_range(self, min_depth: float, max_depth: float | None) -> None:
+        """Each checked split's depth against the range a model trains and scores on (``check_depth_range``)."""
+        for split, maps in self.depth_stats.items():
+            check_depth_range(f"{self.config_path}.splits.{split}", maps, min_depth, max_depth)
 
     def _check_values(self, ds: DepthDataset, stage: str, good: list[int], stats: dict) -> list[int]:
         """The split's depth must be plausible metres (else the likely scale is named), and so must

@@ -10,7 +10,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from dptune.data.depth import check_depth_range, eval_crop_mask
+from dptune.data.depth import eval_crop_mask
 from dptune.errors import ConfigError
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
@@ -72,9 +72,9 @@ class DepthModule(DPTTask):
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit":  # the data's depth against the range this model trains and scores on
-            stats = getattr(getattr(self.trainer, "datamodule", None), "depth_stats", {})
-            for split, maps in stats.items():
-                check_depth_range(f"data.splits.{split}", maps, self.hparams.min_depth, self.hparams.max_depth)
+            dm = getattr(self.trainer, "datamodule", None)
+            if hasattr(dm, "check_model_range"):
+                dm.check_model_range(self.hparams.min_depth, self.hparams.max_depth)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams

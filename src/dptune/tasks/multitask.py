@@ -12,7 +12,6 @@ import numpy as np
 import torch
 from torch import nn
 
-from dptune.data.depth import check_depth_range
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
@@ -92,9 +91,8 @@ class MultiTaskModule(DPTTask):
         super().setup(stage)
         if stage == "fit":  # each depth source's data against the range this model trains and scores on
             for source in getattr(getattr(self.trainer, "datamodule", None), "sources", []):
-                for split, maps in getattr(source.dm, "depth_stats", {}).items():
-                    check_depth_range(f"{source.dm.config_path}.splits.{split}", maps, self.hparams.min_depth,
-                                      self.hparams.max_depth)
+                if hasattr(source.dm, "check_model_range"):
+                    source.dm.check_model_range(self.hparams.min_depth, self.hparams.max_depth)
 
     def build_network(self) -> nn.Module:
         hp = self.hparams
