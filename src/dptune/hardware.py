@@ -1,0 +1,154 @@
+"""What the machine a run lands on can do fast, and the precision chosen from it.
+
+``precision: auto`` (the default of every shipped config, of ``train.py`` and of
+``scripts/benchmark.py``) resolves, where the run starts, to:
+
+- CUDA with bf16 support -> ``bf16-mixed``; CUDA without (pre-Ampere) -> ``16-mixed``;
+- CPU with native bf16 (AVX-512 BF16 or AMX, as oneDNN reports it to torch) -> ``bf16-mixed``;
+- any other CPU -> ``32-true`` (there bf16 is emulated: about ten times slower than fp32).
+
+An explicit precision (``--trainer.precision bf16-mixed``) is always used as given.
+``ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2`` makes an AVX-512 machine dispatch, and
+resolve, as an AVX2 one does.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import platform
+from typing import Any, Literal, Optional, Union
+
+import torch
+from lightning.fabric.connector import _PRECISION_INPUT
+from lightning.pytorch import Callback, Trainer
+
+log = logging.getLogger("dptune")
+
+AUTO = "auto"
+PrecisionSetting = Optional[Union[_PRECISION_INPUT, Literal["auto"]]]
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_native_bf16() -> tuple[bool, str]:
+    """Whether this CPU runs bf16 matrix products natively, and the evidence, in words."""
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    flags = cpu_flags()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    capability = torch.backends.cpu.get_cpu_capability()
+    if flags and not native:
+        return False, f"CPU without native bf16 (torch dispatches {capability}; no avx512_bf16/amx_bf16 flag)"
+    if not onednn:
+        return False, f"CPU without bf16 support in oneDNN (torch dispatches {capability})"
+    if capability not in ("AVX512", "AMX"):
+        return False, f"CPU restricted to {capability} kernels (ATEN_CPU_CAPABILITY)"
+    evidence = "/".join(native) if native else "oneDNN bf16"
+    return True, f"CPU with native bf16 ({evidence}, torch dispatches {capability})"
+
+
+def usable_cores() -> int:
+    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers,
+    SLURM) where one is set."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    for path, split in (("/sys/fs/cgroup/cpu.max", None), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "v1")):
+        try:
+            if split is None:
+                quota, period = open(path).read().split()[:2]
+            else:
+                quota, period = open(path).read().strip(), open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().strip()
+        except (OSError, ValueError):
+            continue
+        if quota not in ("max", "-1") and int(period) > 0:
+            cores = min(cores, max(1, -(-int(quota) // int(period))))
+        break
+    return max(1, cores)
+
+
+def fit_threads() -> str | None:
+    """Caps torch's intra-op threads at the usable cores (torch counts the machine's cores, not a
+    container's quota: more threads than cores makes every matrix product wait on the others).
+    Returns what was changed, in words, or None."""
+    cores = usable_cores()
+    if torch.get_num_threads() > cores:
+        before = torch.get_num_threads()
+        torch.set_num_threads(cores)
+        return f"torch threads {before} -> {cores} (the cores this process may use)"
+    return None
+
+
+def _uses_cuda(accelerator: Any) -> bool:
+    name = accelerator if isinstance(accelerator, str) else type(accelerator).__name__.lower()
+    name = (name or AUTO).lower()
+    if name in ("cpu", "cpuaccelerator"):
+        return False
+    if name in ("auto", "gpu", "cuda", "cudaaccelerator"):
+        return torch.cuda.is_available()
+    return False
+
+
+def resolve_precision(precision: Any, accelerator: Any = AUTO) -> tuple[Any, str]:
+    """The precision a run uses and why. Anything but ``"auto"`` (or None) comes back as given."""
+    if precision is not None and str(precision) != AUTO:
+        return precision, "as given"
+    if _uses_cuda(accelerator):
+        name = torch.cuda.get_device_name(0)
+        if torch.cuda.is_bf16_supported():
+            return "bf16-mixed", f"CUDA device {name} supports bf16"
+        return "16-mixed", f"CUDA device {name} has no bf16; fp16 with loss scaling"
+    native, why = cpu_native_bf16()
+    return ("bf16-mixed" if native else "32-true"), why
+
+
+def machine() -> str:
+    """One line naming the machine, for logs, benchmarks and checkpoints."""
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
+                 platform.processor() or platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
+    return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
+
+
+class DPTuneTrainer(Trainer):
+    """Lightning's Trainer with ``precision="auto"`` resolved for the machine it starts on.
+
+    ``precision_reason`` says why the precision was chosen; the choice is logged once.
+    """
+
+    def __init__(self, *args: Any, precision: PrecisionSetting = AUTO, **kwargs: Any) -> None:
+        resolved, reason = resolve_precision(precision, kwargs.get("accelerator", AUTO))
+        self.precision_requested = AUTO if precision is None else precision
+        self.precision_reason = reason
+        threads = None if _uses_cuda(kwargs.get("accelerator", AUTO)) else fit_threads()
+        super().__init__(*args, precision=resolved, **kwargs)
+        if self.is_global_zero:
+            if reason != "as given":
+                log.info("precision %s chosen: %s (--trainer.precision overrides)", self.precision, reason)
+            if threads:
+                log.info(threads)
+
+
+class PrecisionRecord(Callback):
+    """Writes the precision a run used (and what was asked for) into each checkpoint it saves,
+    under ``checkpoint["dptune_precision"]``; the export's model card reads it from there."""
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
+        checkpoint["dptune_precision"] = {
+            "precision": str(trainer.precision),
+            "requested": str(getattr(trainer, "precision_requested", trainer.precision)),
+            "reason": getattr(trainer, "precision_reason", "as given"),
+            "machine": machine(),
+        }
