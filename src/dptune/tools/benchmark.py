@@ -230,7 +230,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--batch", type=int, default=8)
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
-    ap.add_argument("--precision", default=None, help="32-true, bf16-mixed, 16-mixed (default: bf16-mixed)")
+    ap.add_argument("--precision", default="auto",
+                    help="auto (default: what is fast on this machine, see dptune.hardware), 32-true, bf16-mixed, 16-mixed")
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
     ap.add_argument("--baseline", action="store_true", help="also time the plain HF Trainer recipe")
     ap.add_argument("--max-batch", action="store_true", help="largest batch, with and without checkpointing (GPU)")
@@ -258,7 +259,11 @@ def main(argv: list[str] | None = None) -> int:
 
         return loader_benchmark(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    precision = args.precision or "bf16-mixed"
+    from dptune.hardware import resolve_precision
+
+    precision, why = resolve_precision(args.precision, device)
+    if why != "as given":
+        print(f"# precision {precision} chosen: {why} (--precision overrides)")
     cfg = model_config(args.model, args.num_labels)
     if args.baseline and uses_backbone(cfg):
         print(f"error: {args.model}: plain transformers has no segmentation model for a "
