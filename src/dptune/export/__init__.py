@@ -1,8 +1,13 @@
 """Export to a directory plain ``transformers`` loads (and serves), optionally ONNX too.
 
-    python scripts/export.py RUN/checkpoints/last.ckpt OUT [--onnx] [--fp16] [--push-to-hub user/repo]
+    python scripts/export.py RUN/checkpoints/last.ckpt OUT [--onnx] [--fp16] [--push-to-hub user/repo] [--overwrite]
 
-The source can also be a directory written by this script (re-export, e.g. to add ONNX).
+The source can also be a directory written by this script (re-export, e.g. to add ONNX). OUT must be
+new or empty: the export is built in a hidden temporary directory and moved into place only when
+complete, so nothing of another model (or of yours) is mixed in and a failed export leaves nothing
+behind. ``--overwrite`` replaces an earlier export in OUT as a whole (nothing of it remains; a
+directory holding no model is not replaced). When OUT is a symbolic link, the export goes to the
+directory it points to, and says so.
 """
 
 from __future__ import annotations
@@ -12,7 +17,10 @@ import json
 import logging
 import math
 import os
+import secrets
+import shutil
 import sys
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -20,6 +28,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from dptune.errors import ConfigError
 from dptune.export.card import depth_card, model_card, multitask_card, warn_backend
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
 from dptune.models import dpt_backbone
@@ -103,19 +112,124 @@ def push_folder(out: Path, repo: str) -> str:
 
 
 def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False, push_to_hub: str | None = None,
-           tolerance: float = 1e-4) -> Path:
+           tolerance: float = 1e-4, overwrite: bool = False) -> Path:
     """Write ``model.safetensors``, ``config.json`` (id2label, or the depth mode and units),
     ``preprocessor_config.json``, a model card ``README.md``, ``dptune.json`` and, with ``onnx``,
-    ``model.onnx`` checked against torch. Segmentation or depth, whichever ``src`` holds."""
+    ``model.onnx`` checked against torch. Segmentation or depth, whichever ``src`` holds.
+
+    ``out_dir`` must be new or empty (``OutputDirError`` otherwise); with ``overwrite`` an earlier export
+    there is replaced as a whole. The export is built in a hidden directory and moved into place complete."""
+    target = export_target(Path(out_dir), Path(src), overwrite)
     got = _load(str(src))
-    with plain_file_modes(Path(out_dir)):
+    with staged(target, replace=overwrite) as stage, plain_file_modes(stage):
         if got.get("task") == "multitask":
-            out = export_multitask(got, Path(out_dir), str(src), onnx, fp16, tolerance, push_to_hub)
+            export_multitask(got, stage, str(src), onnx, fp16, tolerance, push_to_hub, shown=Path(out_dir))
         else:
-            out = write_directory(got, Path(out_dir), str(src), onnx, fp16, tolerance)
+            write_directory(got, stage, str(src), onnx, fp16, tolerance, shown=Path(out_dir))
+    out = Path(out_dir)
     if push_to_hub:
         push_folder(out, push_to_hub)
     return out
+
+
+class OutputDirError(ConfigError):
+    """An output directory the export may not occupy; the message names it."""
+
+
+MODEL_FILES = ("config.json", "dptune.json", "model.safetensors")
+
+
+def holds_model(path: Path) -> bool:
+    """Whether ``path`` holds a model directory (an earlier export, one task's or a joint one's parts)."""
+    return any((d / f).is_file() for d in (path, path / "segmentation", path / "depth") for f in MODEL_FILES)
+
+
+def export_target(out: Path, src: Path, overwrite: bool) -> Path:
+    """The directory the export will occupy, checked before any work: ``out`` itself, or where it
+    points when it is a symbolic link (said in a warning). Refused with one line: a file, a link to
+    nothing, a non-empty directory without ``overwrite``; with ``overwrite``, a directory that holds
+    no earlier export, the current directory (or one above it), or one the source lies in."""
+    target = out.resolve()  # a new or empty directory is used as it is; the links above it lead where it is
+    if out.is_symlink():
+        if not target.exists():
+            raise OutputDirError(f"{out}: a symbolic link to {target}, which does not exist; create it or "
+                                 "choose another output directory")
+        log.warning("%s is a symbolic link: the export goes to %s", out, target)
+    if target.exists() and not target.is_dir():
+        raise OutputDirError(f"{out}: exists and is not a directory")
+    entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    if not entries:
+        return target
+    shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
+    if not overwrite:
+        raise OutputDirError(f"{out}: not empty ({shown}); an export goes into a new or empty directory, "
+                             "--overwrite replaces an earlier export there as a whole")
+    cwd = Path.cwd().resolve()
+    if target == cwd or target in cwd.parents:
+        raise OutputDirError(f"{out}: --overwrite would remove the current directory; choose another output directory")
+    if target in src.resolve().parents:
+        raise OutputDirError(f"{out}: --overwrite would remove the source {src}, which lies in it; "
+                             "choose another output directory")
+    if not holds_model(target):
+        raise OutputDirError(f"{out}: holds no earlier export (no {', '.join(MODEL_FILES)}) but {shown}; "
+                             "--overwrite replaces only an export, choose a new or empty directory")
+    return target
+
+
+@contextmanager
+def staged(target: Path, replace: bool = False) -> Iterator[Path]:
+    """A new hidden directory to build the export in, moved into place when the block completes and
+    removed when it fails: nothing is mixed in, a failed export leaves nothing behind.
+
+    A new ``target`` is built beside it (same filesystem) and renamed into place in one step. An
+    existing one (empty, or an earlier export ``export_target`` let go) is kept as the directory it
+    is (its mode, owner, mount): the export is built inside it, the earlier entries are moved aside
+    only once it is complete, the new ones moved up (all renames within the directory), and then the
+    earlier ones deleted; if a move fails, the earlier entries are put back. Entries that appeared
+    meanwhile in a directory that was empty are left alone unless ``replace`` (the export fails)."""
+    if not target.is_dir():
+        target.parent.mkdir(parents=True, exist_ok=True)
+        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        try:
+            yield stage
+            mask = os.umask(0)
+            os.umask(mask)
+            stage.chmod(0o777 & ~mask)  # what a plain mkdir makes (mkdtemp's is 0700)
+            stage.rename(target)
+        finally:
+            if stage.exists():
+                shutil.rmtree(stage)
+        return
+    tag = secrets.token_hex(4)
+    stage, aside = target / f".dptune-export.{tag}.partial", target / f".dptune-export.{tag}.replaced"
+    stage.mkdir()
+    try:
+        yield stage
+        earlier = [p for p in target.iterdir() if p != stage]
+        if earlier and not replace:
+            raise OutputDirError(f"{target}: {earlier[0].name} appeared there during the export; nothing written")
+        moved: list[tuple[Path, Path]] = []
+        try:
+            if earlier:
+                aside.mkdir()
+                for p in earlier:
+                    p.rename(aside / p.name)
+                    moved.append((aside / p.name, p))
+            for p in list(stage.iterdir()):
+                p.rename(target / p.name)
+                moved.append((target / p.name, stage / p.name))
+        except OSError:
+            for now, was in reversed(moved):
+                now.rename(was)
+            raise
+        if earlier:
+            log.info("replaced the earlier contents of %s", target)
+            shutil.rmtree(aside)
+    finally:
+        if stage.is_dir():
+            shutil.rmtree(stage)  # only what this export wrote
+        if aside.is_dir() and not any(aside.iterdir()):
+            aside.rmdir()  # what is left in it is the earlier export's: kept, never deleted on failure
 
 
 @contextmanager
@@ -152,8 +266,10 @@ def nan_to_null(value):
     return value
 
 
-def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float) -> Path:
-    """One task's directory: weights, config, image processor, model card, dptune.json, ONNX."""
+def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float,
+                    shown: Path | None = None) -> Path:
+    """One task's directory: weights, config, image processor, model card, dptune.json, ONNX.
+    ``shown``: the directory's name in the log (where it will end up; ``out`` may be a staging one)."""
     model, processor, metrics, evaluation = got["model"], got["processor"], got["metrics"], got["evaluation"]
     warn_backend(evaluation, src)
     out.mkdir(parents=True, exist_ok=True)
@@ -184,12 +300,12 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     (out / "dptune.json").write_text(json.dumps(nan_to_null({"source": src, **meta, "metrics": metrics,
                                                              "evaluation": evaluation}),
                                                 indent=2, default=str, allow_nan=False))
-    log.info("exported %s -> %s (%s)", src, out, summary)
+    log.info("exported %s -> %s (%s)", src, shown or out, summary)
     return out
 
 
 def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float,
-                     repo: str | None = None) -> Path:
+                     repo: str | None = None, shown: Path | None = None) -> Path:
     """A segmentation + depth checkpoint: ``out/segmentation`` and ``out/depth`` (each a stock
     ``transformers`` directory with its own card), a top-level ``README.md`` saying how to load each
     (``subfolder=``, also from a hub repo) and, with ``onnx``, ``out/model.onnx``: one graph, one
@@ -197,9 +313,11 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
     joint, metrics = got["model"], got["metrics"]
     common = {"processor": got["processor"], "evaluation": got["evaluation"]}
     write_directory({**common, "model": joint.seg, "labels": got["labels"], "meta": {"task": "segmentation"},
-                     "metrics": metrics.get("segmentation", {})}, out / "segmentation", src, False, fp16, tolerance)
+                     "metrics": metrics.get("segmentation", {})}, out / "segmentation", src, False, fp16, tolerance,
+                    (shown or out) / "segmentation")
     write_directory({**common, "model": joint.depth, "meta": {"task": "depth", "depth": got["meta"].get("depth", {})},
-                     "metrics": metrics.get("depth", {})}, out / "depth", src, False, fp16, tolerance)
+                     "metrics": metrics.get("depth", {})}, out / "depth", src, False, fp16, tolerance,
+                    (shown or out) / "depth")
     if onnx:
         size = (got["processor"].size["height"], got["processor"].size["width"])
         err = export_joint_onnx(joint.float().eval(), out / "model.onnx", size)
@@ -228,17 +346,19 @@ def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], tolerance: f
         raise ValueError(f"ONNX export differs from torch by {err:.2e} (> {tolerance:.0e}); not written")
 
 
-def export_checkpoint(ckpt: str | Path, out_dir: str | Path) -> Path:
-    return export(str(ckpt), out_dir)
+def export_checkpoint(ckpt: str | Path, out_dir: str | Path, overwrite: bool = False) -> Path:
+    return export(str(ckpt), out_dir, overwrite=overwrite)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("source", help="dptune checkpoint (.ckpt) or an exported directory")
-    parser.add_argument("out_dir", help="output directory (created if missing)")
+    parser.add_argument("out_dir", help="output directory: new or empty (created if missing)")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch/height/width)")
     parser.add_argument("--fp16", action="store_true", help="store the weights in float16")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hugging Face repo")
+    parser.add_argument("--overwrite", action="store_true",
+                        help="replace an earlier export in out_dir as a whole (nothing of it remains)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not Path(args.source).exists():
@@ -246,7 +366,11 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         with torch.no_grad():
-            out = export(args.source, args.out_dir, onnx=args.onnx, fp16=args.fp16, push_to_hub=args.push_to_hub)
+            out = export(args.source, args.out_dir, onnx=args.onnx, fp16=args.fp16, push_to_hub=args.push_to_hub,
+                         overwrite=args.overwrite)
+    except OutputDirError as e:  # names the output directory itself
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     except (ValueError, OSError, KeyError) as e:
         print(f"error: {args.source}: {e}", file=sys.stderr)
         return 2
