@@ -17,7 +17,8 @@ Index masks (values >= num-classes are ignored), or RGB colour-coded masks with 
 ``--mode slide`` runs windows of the processor's size over the image at its own resolution
 (stride 2/3 of a window, bottom/right windows flush with the edge, logits averaged where they
 overlap), normalised with the processor's mean and std. Models exported with a Swinv2, BEiT or
-DINOv2 backbone ship their class as ``modeling_dptune.py``, loaded with ``trust_remote_code``.
+DINOv2 backbone ship their class as ``modeling_dptune.py``: pass ``--trust-remote-code`` to run it
+(refused without it: plain ``transformers`` would load its own class and leave the backbone unused).
 """
 
 from __future__ import annotations
@@ -25,13 +26,32 @@ from __future__ import annotations
 import argparse
 import glob
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import torch
 import yaml
 from PIL import Image
-from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
+from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation, PretrainedConfig
+
+
+def remote_code_error(model_dir: str, trust: bool) -> str | None:
+    """The one-line error when ``model_dir``'s config.json names code shipped with the model
+    (``auto_map``, e.g. dptune's ``modeling_dptune.py`` for Swinv2/BEiT/DINOv2 backbones) and
+    ``--trust-remote-code`` was not given: without it ``transformers`` would load its own class
+    instead, silently leaving the backbone's weights unused. None when the model may load."""
+    try:
+        config, _ = PretrainedConfig.get_config_dict(model_dir)
+    except (OSError, ValueError) as e:
+        return f"error: {model_dir}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+    auto_map = config.get("auto_map")
+    if not auto_map or trust:
+        return None
+    refs = [r for v in auto_map.values() for r in (v if isinstance(v, (list, tuple)) else [v]) if r]
+    files = sorted({r.split("--")[-1].rsplit(".", 1)[0] + ".py" for r in refs})  # "repo--module.Class" on the hub
+    return (f"error: {model_dir}: config.json's auto_map loads code shipped with the model ({', '.join(files)}); "
+            "read it, then pass --trust-remote-code to run it")
 
 
 def read_gt(path: str, n: int, colors: list | None) -> np.ndarray:
@@ -78,7 +98,7 @@ def scores(cm: np.ndarray) -> dict:
             "IoU": [None if np.isnan(v) else round(float(v), 4) for v in iou]}
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("model_dir")
     ap.add_argument("--images", required=True, help="image glob")
@@ -88,8 +108,15 @@ def main() -> None:
     ap.add_argument("--mode", choices=["whole", "slide", "both"], default="whole")
     ap.add_argument("--backend", choices=["auto", "pil", "torchvision"], default="auto",
                     help="DPTImageProcessor backend (auto: what AutoImageProcessor picks here: torchvision if installed)")
-    args = ap.parse_args()
-    model = AutoModelForSemanticSegmentation.from_pretrained(args.model_dir, trust_remote_code=True).eval()
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="run the model code the directory ships (auto_map in its config.json: dptune's "
+                         "modeling_dptune.py for Swinv2, BEiT and DINOv2 backbones); off by default")
+    args = ap.parse_args(argv)
+    if error := remote_code_error(args.model_dir, args.trust_remote_code):
+        print(error, file=sys.stderr)
+        return 2
+    model = AutoModelForSemanticSegmentation.from_pretrained(args.model_dir,
+                                                             trust_remote_code=args.trust_remote_code).eval()
     proc = AutoImageProcessor.from_pretrained(args.model_dir, **({} if args.backend == "auto" else {"backend": args.backend}))
     n = args.num_classes
     colors = yaml.safe_load(open(args.colors))["colors"] if args.colors else None
@@ -97,7 +124,8 @@ def main() -> None:
     cms = {m: np.zeros((n, n), np.int64) for m in modes}
     files = sorted(glob.glob(args.images))
     if not files:
-        raise SystemExit(f"error: no images match {args.images}")
+        print(f"error: no images match {args.images}", file=sys.stderr)
+        return 2
     for f in files:
         img = Image.open(f).convert("RGB")
         gt = read_gt(args.masks.format(stem=Path(f).stem), n, colors)
@@ -114,7 +142,8 @@ def main() -> None:
             cms[mode] += np.bincount(n * gt[valid] + pred[valid], minlength=n * n).reshape(n, n)
     for mode in modes:
         print(json.dumps({"images": len(files), "mode": mode, "processor": type(proc).__name__, **scores(cms[mode])}))
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
