@@ -57,7 +57,11 @@ def _index_map(spec: dict[str, Any], names: list[str], source: str) -> dict[int,
     if "value_map" in spec:  # the checkpoint form written by LabelSet.to_dict
         return {int(k): int(v) for k, v in spec["value_map"].items()}
     if "map" in spec:
-        value_map = {int(k): _target(v, names, source) for k, v in (spec["map"] or {}).items()}
+        value_map = {}
+        for k, v in (spec["map"] or {}).items():
+            if int(k) in value_map:  # 12 and "12" are one mask value: the second would silently win
+                raise ConfigError(f"{source}: mask value {int(k)} is mapped twice in 'map'")
+            value_map[int(k)] = _target(v, names, source)
     elif spec.get("reduce_labels"):
         value_map = {i + 1: i for i in range(len(names))}
         value_map[0] = IGNORE_INDEX
@@ -78,11 +82,20 @@ def _color_map(spec: dict[str, Any], names: list[str], colors: list, source: str
         for pair in pairs:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise ConfigError(f"{source}: color_map entries are [[r, g, b], class], got {pair!r}")
-            cmap[_color_tuple(pair[0], f"{source}: color_map")] = _target(pair[1], names, source)
+            color = _color_tuple(pair[0], f"{source}: color_map")
+            if color in cmap:  # the second entry would silently relabel the first's pixels
+                raise ConfigError(f"{source}: colour {list(color)} is mapped twice in 'color_map'")
+            cmap[color] = _target(pair[1], names, source)
     else:
         if not colors:
             raise ConfigError(f"{source}: mask_format rgb needs 'colors' (or 'color_map')")
-        cmap = {_color_tuple(c, f"{source}: colors"): i for i, c in enumerate(colors)}
+        cmap = {}
+        for i, c in enumerate(colors):
+            color = _color_tuple(c, f"{source}: colors")
+            if color in cmap:  # an RGB mask cannot tell the two classes apart: one would never be read
+                raise ConfigError(f"{source}: classes {names[cmap[color]]!r} and {names[i] if i < len(names) else i!r} "
+                                  f"have the same colour {list(color)}")
+            cmap[color] = i
     for c in spec.get("ignore_colors") or []:
         c = _color_tuple(c, f"{source}: ignore_colors")
         if cmap.get(c, IGNORE_INDEX) != IGNORE_INDEX:

@@ -106,16 +106,37 @@ def make_loader(ds, stage: str, batch_size: int, trainer, num_workers: int, pin_
     )
 
 
-def setup_splits(splits: dict, stage: str | None, build: Callable[[str], object]) -> None:
-    """Build (and check) the datasets a Lightning stage needs; fitting needs a training split."""
+def setup_splits(splits: dict, stage: str | None, build: Callable[[str], object], trainer=None,
+                 where: str = "data") -> None:
+    """Build (and check) the datasets a Lightning stage needs; fitting needs a training split, and
+    each evaluation split needs a sample for every process (``check_eval_shards``)."""
     from dptune.errors import DataError
 
     wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage or "fit", STAGES)
-    for s in wanted:
-        if s in splits:
-            build(s)
+    built = {s: build(s) for s in wanted if s in splits}
     if stage == "fit" and "train" not in splits:
-        raise DataError("data.splits needs a 'train' split to fit")
+        raise DataError(f"{where}.splits needs a 'train' split to fit")
+    check_eval_shards(where, built, trainer)
+
+
+_SPLIT_WORDS = {"val": "validation", "test": "test"}
+
+
+def check_eval_shards(where: str, datasets: dict[str, object], trainer) -> None:
+    """Stop when an evaluation split (after bad samples were left out) has fewer samples than there
+    are processes. Evaluation shards are not padded (a repeated sample would count twice), so a
+    process would get none: Lightning stops that rank, and the others wait in the metric sync for
+    it. A process that scores nothing cannot join that sync, so exact metrics need a sample on
+    each. Streams (no length) split by shards and are not counted here."""
+    from dptune.errors import DataError
+
+    world = getattr(trainer, "world_size", 1) if trainer is not None else 1
+    for split, ds in datasets.items():
+        n = len(ds) if split != "train" and hasattr(ds, "__len__") else None
+        if n is not None and 0 < n < world:
+            raise DataError(f"{where}.splits.{split}: {n} {_SPLIT_WORDS.get(split, split)} image(s) for {world} "
+                            f"processes; each process scores its own share and needs at least one (use at most {n} "
+                            "processes, trainer.devices x trainer.num_nodes, or give the split more images)")
 
 
 def settle_problems(problems: list[str], good: list[int], total: int, stage: str, on_bad_sample: str) -> None:

@@ -146,6 +146,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.label_set = self._load_labels(labels)
         self.datasets: dict[str, SegmentationDataset] = {}
         self.skipped: dict[str, int] = {}
+        self.config_path = "data"  # where this datamodule's settings sit in the config (a joint task's source: deeper)
 
     # ------------------------------------------------------------------ labels
     def _load_labels(self, labels: str | dict[str, Any] | None) -> LabelSet:
@@ -220,10 +221,10 @@ class SegmentationDataModule(pl.LightningDataModule):
 
     def _where(self, stage: str) -> str:
         spec = self.splits.get(stage, {})
-        return f"data.splits.{stage} ({spec.get('masks', spec.get('split', stage))})"
+        return f"{self.config_path}.splits.{stage} ({spec.get('masks', spec.get('split', stage))})"
 
     def setup(self, stage: str | None = None) -> None:
-        setup_splits(self.splits, stage, self._dataset)
+        setup_splits(self.splits, stage, self._dataset, self.trainer, self.config_path)
 
     # ------------------------------------------------------------------ loaders
     def _loader(self, stage: str, shuffle: bool) -> DataLoader:

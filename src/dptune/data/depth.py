@@ -14,7 +14,7 @@ import math
 import os
 from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import albumentations as A
 import cv2
@@ -39,13 +39,58 @@ from dptune.labels import IGNORE_INDEX, LabelSet
 log = logging.getLogger(__name__)
 
 
-def read_depth(path: str, scale: float | None = None) -> np.ndarray:
+NegativeDepth = Literal["error", "invalid"]
+
+
+def read_depth(path: str, scale: float | None = None, negative: NegativeDepth = "error") -> np.ndarray:
     """A depth file as float32 metres, 0 where there is no measurement: stored values divided by
     ``scale`` (NYU and 7-Scenes 16-bit PNGs: millimetres, 1000; KITTI: 256; metres: 1); ``None``
     (default): what a ``depth_format.json`` beside the file says, else by the file's type (see
-    ``effective_scale``). NaN and infinite values become 0 (invalid)."""
+    ``effective_scale``). NaN and infinite values become 0 (invalid); negative values are an error
+    naming the file (``check_negative``) unless ``negative`` is ``invalid``."""
     raw = read_raw_depth(path, scale)
+    check_negative(path, raw, negative)
     return to_metres(raw, effective_scale(path, raw, scale))
+
+
+def check_negative(name: str, raw: np.ndarray, negative: NegativeDepth = "error") -> None:
+    """Depth is a distance: a negative stored value is not a measurement. Some formats mark missing
+    depth with -1; ``negative: invalid`` reads such values as "no measurement" (0). Otherwise the
+    file is bad, named with how many values are negative."""
+    if raw.dtype.kind == "u" or negative == "invalid":
+        return
+    below = raw < 0
+    n = int(np.count_nonzero(below))
+    if n:
+        raise DataError(f"{name}: {n} negative depth value(s) (lowest {float(raw[below].min()):g}); depth is a "
+                        "distance (if this format marks missing depth with negative values, set negative_depth: "
+                        "invalid to read them as no measurement)")
+
+
+def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
+    """Pinhole camera intrinsics ``(fx, fy, cx, cy)`` from ``fx,fy,cx,cy`` or a file holding a 3x3
+    camera matrix (e.g. 7-Scenes' camera-intrinsics.txt). Every value must be finite and the focal
+    lengths positive: a NaN would turn every back-projected point into NaN without a word."""
+    is_file = Path(spec).is_file()
+    name = spec if is_file else f"--intrinsics {spec!r}"
+    try:
+        if is_file:
+            k = np.loadtxt(spec)
+            if k.size != 9:
+                raise ValueError(f"{k.size} values, not a 3x3 matrix")
+            k = k.reshape(3, 3)
+            values = [float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])]
+        else:
+            values = [float(v) for v in spec.split(",")]
+    except ValueError as e:
+        raise DataError(f"{name}: not fx,fy,cx,cy nor a 3x3 camera matrix file ({e})") from None
+    if len(values) != 4:
+        raise DataError(f"{name}: give fx,fy,cx,cy or a 3x3 matrix file")
+    if not all(math.isfinite(v) for v in values):
+        raise DataError(f"{name}: camera intrinsics fx, fy, cx, cy = {values} are not finite")
+    if values[0] <= 0 or values[1] <= 0:
+        raise DataError(f"{name}: focal length fx, fy = {values[0]:g}, {values[1]:g} must be > 0")
+    return values[0], values[1], values[2], values[3]
 
 
 def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
@@ -107,7 +152,8 @@ def default_scale(raw: np.ndarray) -> float:
 
 def to_metres(raw: np.ndarray, scale: float | None) -> np.ndarray:
     """Stored depth values / ``scale`` (``None``: by type, see ``default_scale``) as float32 metres;
-    NaN, infinite and negative become 0 (invalid)."""
+    NaN, infinite and negative become 0 (invalid). Readers refuse negative values before this
+    (``check_negative``) unless told to read them as invalid."""
     depth = raw.astype(np.float32) / np.float32(default_scale(raw) if scale is None else scale)
     depth[~np.isfinite(depth) | (depth < 0)] = 0.0
     return depth
@@ -132,11 +178,11 @@ class DepthFolderSource:
     that carries both labels, for segmentation + depth in one model)."""
 
     def __init__(self, root: str, images: str, depth: str, scale: float | None = None, masks: str | None = None,
-                 rgb_masks: bool = False) -> None:
+                 rgb_masks: bool = False, negative: NegativeDepth = "error") -> None:
         self.images = match_images(root, images)
         self.depths = [mask_path_for(p, depth, root) for p in self.images]
         self.masks = [mask_path_for(p, masks, root) for p in self.images] if masks else None
-        self.scale, self.rgb_masks = scale, rgb_masks
+        self.scale, self.rgb_masks, self.negative = scale, rgb_masks, negative
 
     def __len__(self) -> int:
         return len(self.images)
@@ -148,6 +194,7 @@ class DepthFolderSource:
         if not os.path.exists(self.depths[i]):
             raise DataError(f"{self.images[i]}: no depth map (expected {self.depths[i]})")
         raw = read_raw_depth(self.depths[i], self.scale)
+        check_negative(self.depths[i], raw, self.negative)
         self.used_scale = effective_scale(self.depths[i], raw, self.scale)  # what the check reports
         return to_metres(raw, self.used_scale)
 
@@ -165,13 +212,13 @@ class HFDepthSource:
     float image, or an array), depth divided by ``scale`` (``None``: by type, see ``default_scale``)."""
 
     def __init__(self, dataset: str, split: str, image_column: str = "image", depth_column: str = "depth",
-                 scale: float | None = None, config_name: str | None = None) -> None:
+                 scale: float | None = None, config_name: str | None = None, negative: NegativeDepth = "error") -> None:
         ds = open_hf_split(dataset, split, config_name)
         for col in (image_column, depth_column):
             if col not in ds.column_names:
                 raise DataError(f"{dataset}[{split}]: no column {col!r} (has {ds.column_names})")
         self.ds, self.label = ds, f"{dataset}[{split}]"
-        self.image_column, self.depth_column, self.scale = image_column, depth_column, scale
+        self.image_column, self.depth_column, self.scale, self.negative = image_column, depth_column, scale, negative
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -190,6 +237,7 @@ class HFDepthSource:
         raw = np.asarray(row[self.depth_column])
         if raw.ndim != 2 or raw.dtype.kind not in "uif":
             raise DataError(f"{name}: depth must be one channel of numbers, got {raw.dtype} {tuple(raw.shape)}")
+        check_negative(name, raw, self.negative)
         self.used_scale = self.scale if self.scale is not None else default_scale(raw)  # what the check reports
         return np.ascontiguousarray(image[..., :3]), to_metres(raw, self.used_scale), name
 

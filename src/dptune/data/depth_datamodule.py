@@ -63,6 +63,7 @@ class DepthDataModule(pl.LightningDataModule):
         cache: bool = False,
         on_bad_sample: Literal["error", "skip"] = "error",
         labels: str | dict[str, Any] | None = None,
+        negative_depth: Literal["error", "invalid"] = "error",
     ) -> None:
         """
         Args:
@@ -98,6 +99,9 @@ class DepthDataModule(pl.LightningDataModule):
             labels: Samples that carry a mask too (segmentation + depth in one model): a label file
                 (relative to ``root``) or inline label spec; folder splits then name ``masks`` (a path
                 template, as ``depth``). Masks are read only when this is set.
+            negative_depth: A negative stored depth is not a distance: ``error`` names the file and how
+                many values are negative (a bad sample, see ``on_bad_sample``); ``invalid`` reads them as
+                "no measurement", for formats that mark missing depth with -1 (logged once per split).
         """
         super().__init__()
         self.save_hyperparameters()
@@ -116,6 +120,9 @@ class DepthDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.depth_scale must be a positive number of stored values per metre, got {depth_scale}")
         self.depth_scale, self.jitter, self.eval_crop = depth_scale, jitter, eval_crop
         self.check, self.cache, self.on_bad_sample = check, cache, on_bad_sample
+        if negative_depth not in ("error", "invalid"):
+            raise ConfigError(f"data.negative_depth must be error or invalid, got {negative_depth!r}")
+        self.negative_depth = negative_depth
         self.label_set = None if labels is None else load_labels(labels, self.root)
         self.datasets: dict[str, DepthDataset] = {}
         self.skipped: dict[str, int] = {}
@@ -129,12 +136,14 @@ class DepthDataModule(pl.LightningDataModule):
             if self.source_kind == "folder":
                 masks = spec["masks"] if self.label_set is not None else None
                 return DepthFolderSource(self.root, spec["images"], spec["depth"], self.depth_scale, masks,
-                                         self.label_set is not None and self.label_set.mask_format == "rgb")
+                                         self.label_set is not None and self.label_set.mask_format == "rgb",
+                                         self.negative_depth)
             if self.label_set is not None:
                 raise DataError("data.labels (masks beside depth) needs source: folder")
             if self.source_kind == "hf":
                 hf = {k: v for k, v in self.hf.items() if k != "streaming"}
-                return HFDepthSource(split=spec.get("split", stage), scale=self.depth_scale, **hf)
+                return HFDepthSource(split=spec.get("split", stage), scale=self.depth_scale,
+                                     negative=self.negative_depth, **hf)
         except KeyError as e:
             raise DataError(f"data.splits.{stage}: missing key {e} for source {self.source_kind!r}") from None
         except TypeError as e:
@@ -153,6 +162,9 @@ class DepthDataModule(pl.LightningDataModule):
             transform.set_random_seed(augment_seed())
         ds = DepthDataset(self._source(stage), transform=transform, image_size=None if train else self.image_size,
                           labels=self.label_set)
+        if self.negative_depth == "invalid":
+            log.info("%s.splits.%s: negative depth values are read as no measurement (negative_depth: invalid)",
+                     self.config_path, stage)
         if self.check or self.cache:
             self._check(ds, stage)
         self.datasets[stage] = ds
@@ -221,7 +233,7 @@ class DepthDataModule(pl.LightningDataModule):
         return kept
 
     def setup(self, stage: str | None = None) -> None:
-        setup_splits(self.splits, stage, self._dataset)
+        setup_splits(self.splits, stage, self._dataset, self.trainer, self.config_path)
 
     def _loader(self, stage: str) -> DataLoader:
         size = self.batch_size if stage == "train" else self.val_batch_size

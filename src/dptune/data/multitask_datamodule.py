@@ -8,6 +8,7 @@ by ``weight`` (default: every sample once per epoch); each source validates on i
 from __future__ import annotations
 
 import bisect
+import logging
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -16,13 +17,15 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from dptune.data.base import default_workers, make_loader
+from dptune.data.base import default_workers, make_loader, rank
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
 from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX, LabelSet, default_palette
 
 Kind = Literal["segmentation", "depth", "both"]
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -96,6 +99,32 @@ def joint_label_set(label_sets: list[LabelSet], names: list[str] | None) -> Labe
                     source="data.labels")
 
 
+def check_every_class_labelled(label_set: LabelSet, sources: list[MixSource]) -> None:
+    """Stop when a class of the model's list is marked by no source's masks (named in ``data.labels``
+    but in no source's labels, or in a label file that maps no mask value to it). Such a class is
+    only ever trained as "not this class": it can never be learned, yet the exported model would
+    offer it. (A class that a source can mark but whose pixels happen to be absent is the data's
+    business: the per-source check on the training masks warns about it.)"""
+    labelled = set()
+    for s in sources:
+        ls = s.dm.label_set
+        labelled.update(range(ls.num_classes) if ls.annotated is None else ls.annotated)
+    never = [n for i, n in enumerate(label_set.names) if i not in labelled]
+    if never:
+        raise ConfigError(f"data.labels: classes {never} are labelled by no source "
+                          f"({', '.join(s.name for s in sources)}), so they can never be learned; remove them "
+                          "from data.labels, or add a source (or a map entry in a source's label file) that labels them")
+
+
+def class_list_line(label_set: LabelSet, sources: list[MixSource]) -> str:
+    """The model's classes, index and name, and which source labels which (one log line)."""
+    classes = ", ".join(f"{i} {n}" for i, n in enumerate(label_set.names))
+    counts = [label_set.num_classes if s.dm.label_set.annotated is None else len(s.dm.label_set.annotated)
+              for s in sources]
+    labelled = "; ".join(f"{s.name}: {n}" for s, n in zip(sources, counts, strict=True))
+    return f"model classes ({label_set.num_classes}): {classes} (classes each source labels: {labelled})"
+
+
 class MultiTaskDataModule(pl.LightningDataModule):
     def __init__(
         self,
@@ -117,7 +146,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
                 splits when its samples carry masks too: they then train both tasks.
             labels: The model's class names. Default: every source's classes, matched by name
                 (case-insensitive), in source order. Each source's own label set is mapped into it by
-                name; a class a source lacks is simply never labelled in that source's masks.
+                name; a class a source lacks is simply never labelled in that source's masks, but a
+                class that no source labels stops the run (it could never be learned). The merged
+                list is logged at setup.
             image_size: Training crop and evaluation size of both tasks (square for plain transformers).
             batch_size: Training batch size per process (mixed sources).
             val_batch_size: Validation batch size (default: ``batch_size``).
@@ -148,8 +179,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
         for s in self.sources:
             if s.has_masks:
                 s.dm.label_set = s.dm.label_set.retarget(self.label_set.names, self.label_set.colors)
+        check_every_class_labelled(self.label_set, [s for s in self.sources if s.has_masks])
         self.image_size, self.batch_size = image_size, batch_size
         self.num_workers = default_workers(num_workers)
+        self._logged_classes = False
 
     @staticmethod
     def _source(task: str, j: int, spec: dict[str, Any], common: dict[str, Any]) -> MixSource:
@@ -173,6 +206,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
                               f"depth part with scripts/evaluate.py --depth TEMPLATE --eval-crop {spec['eval_crop']}")
         if task == "segmentation":
             dm = SegmentationDataModule(**{**spec, **common, "crop_size": common["image_size"]})
+            dm.config_path = f"data.segmentation source {name!r}: data.segmentation"  # its messages name the source
             return MixSource(name, "segmentation", dm, weight)
         dm = DepthDataModule(**{**spec, **common, "crop_size": None})
         dm.config_path = f"data.depth source {name!r}: data.depth"  # its messages name the source
@@ -191,6 +225,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         for s in self.sources:
             s.dm.trainer = self.trainer
             s.dm.setup(stage)
+        if not self._logged_classes and rank() == 0:
+            log.info("%s", class_list_line(self.label_set, [s for s in self.sources if s.has_masks]))
+            self._logged_classes = True
 
     def train_dataloader(self) -> DataLoader:
         datasets = [s.dm._dataset("train") for s in self.sources]

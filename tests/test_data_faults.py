@@ -1,0 +1,245 @@
+"""Faults in label files and data that used to pass silently: a key given twice in a label file, a
+class that no joint source labels, fewer validation images than processes, negative depth, NaN
+camera intrinsics. Each ends in one line naming the file (or setting) and the problem."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from conftest import CAMVID, KITCHEN, REPO, needs
+
+from dptune.errors import ConfigError, DataError
+from dptune.labels import LabelSet
+
+CAMVID_TRAIN = {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"}
+KITCHEN_TRAIN = {"images": "train/rgb/frame-00000[0-2].jpg", "depth": "train/depth/{stem}.png"}
+
+
+# ---------------------------------------------------------------------------------------- label files
+@pytest.mark.parametrize("text, key, lines", [
+    ("names: [a, b]\ncolors: [[0, 0, 0], [1, 1, 1]]\nnames: [c, d]\n", "key 'names'", (1, 3)),
+    ("names: [Car, Road]\nmap:\n  12: Car\n  13: Road\n  12: Road\n", "key 12", (3, 5)),
+    ("names: [Car, Road]\nmap: {12: Car, 12: Road}\n", "key 12", (2, 2)),
+])
+def test_a_key_given_twice_in_a_label_file_stops_naming_the_file_the_key_and_both_lines(tmp_path, text, key, lines):
+    """YAML keeps the last of two equal keys; a label file whose second ``names:`` or ``map`` entry
+    silently replaced the first trained on other classes than the user wrote."""
+    path = tmp_path / "labels.yaml"
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        LabelSet.from_yaml(path)
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and key in msg, msg
+    assert f"lines {lines[0]} and {lines[1]}" in msg, msg
+
+
+def test_merge_keys_and_distinct_keys_still_load(tmp_path):
+    """What is not a duplicate keeps loading: a YAML merge key overridden on purpose, nested maps,
+    and the shared example label files."""
+    path = tmp_path / "labels.yaml"
+    path.write_text("names: [Car, Road]\nmap:\n  <<: {12: Car, 13: Road}\n  12: Road\n  0: ignore\n")
+    assert LabelSet.from_yaml(path).value_map == {12: 1, 13: 1, 0: 255, 255: 255}  # YAML's override rule
+    for shared in (CAMVID / "labels.yaml", CAMVID.parent / "dubai-aerial" / "labels.yaml"):
+        if shared.exists():
+            assert LabelSet.from_yaml(shared).num_classes > 1
+
+
+@pytest.mark.parametrize("spec, message", [
+    ({"names": ["Car", "Road"], "map": {12: "Car", "12": "Road"}}, "mask value 12 is mapped twice"),
+    ({"names": ["Car", "Road"], "mask_format": "rgb",
+      "color_map": [[[1, 2, 3], "Car"], [[9, 9, 9], "Road"], [[1, 2, 3], "Road"]]}, "colour [1, 2, 3] is mapped twice"),
+    ({"names": ["Car", "Road"], "mask_format": "rgb", "colors": [[1, 2, 3], [1, 2, 3]]},
+     "classes 'Car' and 'Road' have the same colour [1, 2, 3]"),
+])
+def test_a_value_or_colour_mapped_twice_stops(spec, message):
+    """The same rule one level down: ``12`` and ``"12"`` are one mask value, a colour listed twice in
+    ``color_map`` is one colour; keeping the last one silently relabels those pixels."""
+    with pytest.raises(ConfigError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        LabelSet.from_dict(spec, source="labels.yaml")
+
+
+# ---------------------------------------------------------------------------------------- joint labels
+def _joint(labels=None, seg_labels="labels.yaml"):
+    from dptune.data.multitask_datamodule import MultiTaskDataModule
+
+    return MultiTaskDataModule(
+        segmentation={"root": str(CAMVID), "labels": seg_labels, "splits": {"train": CAMVID_TRAIN}},
+        depth={"root": str(KITCHEN), "name": "kitchen", "splits": {"train": KITCHEN_TRAIN}},
+        labels=labels, image_size=64, batch_size=2, num_workers=0)
+
+
+@needs(CAMVID)
+@needs(KITCHEN)
+def test_a_joint_class_that_no_source_labels_stops_naming_it():
+    """A class in the model's list that no source's labels can ever mark is only ever trained as
+    "not this class": it can never be learned, and the exported model would still offer it."""
+    names = LabelSet.from_yaml(CAMVID / "labels.yaml").names
+    with pytest.raises(ConfigError) as err:
+        _joint(labels=[*names, "Boat", "Tram"])
+    msg = str(err.value)
+    assert "\n" not in msg and "'Boat'" in msg and "'Tram'" in msg and "data.labels" in msg, msg
+    # a source's label file that names a class but maps no mask value to it is the same case
+    spec = {"names": ["Sky", "Road", "Car"], "map": {0: "Sky", 3: "Road", 8: "ignore"}}
+    with pytest.raises(ConfigError, match="'Car'"):
+        _joint(seg_labels=spec)
+
+
+@needs(CAMVID)
+@needs(KITCHEN)
+def test_the_joint_class_list_is_logged_once_at_setup(caplog):
+    dm = _joint()
+    with caplog.at_level(logging.INFO, logger="dptune"):
+        dm.setup("fit")
+        dm.setup("fit")
+    lines = [r.getMessage() for r in caplog.records if "model classes" in r.getMessage()]
+    assert len(lines) == 1, lines
+    assert "0 Sky" in lines[0] and "10 Bicyclist" in lines[0] and "camvid" in lines[0], lines[0]
+
+
+# ---------------------------------------------------------------------------------------- DDP, 1 val image
+@pytest.mark.slow
+@needs(CAMVID)
+def test_fewer_validation_images_than_processes_stops_before_training(tmp_path, tiny_config_path):
+    """Two gloo processes, one validation image: one process would score nothing, which Lightning
+    answers with a crash on that rank and collective errors (or a hang) on the others. It stops
+    before training in one line, saying how many images for how many processes."""
+    from test_train import TRAIN
+
+    args = ["fit", "--config", str(REPO / "configs" / "camvid.yaml"), "--data.root", str(CAMVID),
+            "--model.config", str(tiny_config_path),
+            "--data.splits", json.dumps({"train": TRAIN, "val": {"images": "val/0016E5_07991.jpg",
+                                                                 "masks": "valannot/{stem}.png"}}),
+            "--data.image_size", "64", "--data.batch_size", "2", "--data.num_workers", "0",
+            "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
+            "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp"]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
+    proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)  # the whole group: the launched ranks too
+        out, err = proc.communicate()
+        pytest.fail(f"train.py hung with 1 validation image on 2 processes:\n{err[-3000:]}")
+    assert proc.returncode == 2, (proc.returncode, err[-3000:])
+    assert "Traceback" not in err, err[-3000:]
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert errors and "1 validation image" in errors[0] and "2 processes" in errors[0], err[-3000:]
+    assert "data.splits.val" in errors[0], errors[0]
+    assert not (tmp_path / "run" / "checkpoints").exists() or not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+def test_the_process_count_check_counts_what_is_left_after_skipping():
+    """The unit under the test above: a split that holds at least one sample per process passes; one
+    with fewer stops; no trainer (or one process) never stops."""
+    from types import SimpleNamespace
+
+    from dptune.data.base import check_eval_shards
+
+    two = SimpleNamespace(world_size=2)
+    check_eval_shards("data", {"val": list(range(2))}, two)
+    check_eval_shards("data", {"val": [0]}, None)
+    check_eval_shards("data", {"val": [0], "train": [0]}, SimpleNamespace(world_size=1))
+    check_eval_shards("data", {"train": [0]}, two)  # training shards are padded by the sampler
+    with pytest.raises(DataError, match=r"data.splits.test: 1 test image\(s\) for 2 processes"):
+        check_eval_shards("data", {"test": [0]}, two)
+
+
+# ---------------------------------------------------------------------------------------- depth values
+def _depth_folder(tmp_path: Path) -> Path:
+    """Three real 7-Scenes frames as metres (.npy); the second's depth is 2 m with -1 on every 7th pixel."""
+    from PIL import Image
+
+    for sub in ("rgb", "depth"):
+        (tmp_path / "train" / sub).mkdir(parents=True)
+    for k, f in enumerate(sorted((KITCHEN / "train" / "rgb").glob("*.jpg"))[:3]):
+        (tmp_path / "train" / "rgb" / f.name).symlink_to(f)
+        depth = np.asarray(Image.open(KITCHEN / "train" / "depth" / f"{f.stem}.png")).astype(np.float32) / 1000
+        if k == 1:
+            depth = np.where(np.arange(depth.size).reshape(depth.shape) % 7 == 0, -1.0, 2.0).astype(np.float32)
+        np.save(tmp_path / "train" / "depth" / f"{f.stem}.npy", depth)
+    return tmp_path
+
+
+def test_negative_depth_is_reported_naming_the_file_and_count(tmp_path):
+    from dptune.data.depth import read_depth
+
+    np.save(tmp_path / "d.npy", np.array([[1.0, -0.5], [-2.0, np.nan]], np.float32))
+    with pytest.raises(DataError) as err:
+        read_depth(str(tmp_path / "d.npy"))
+    msg = str(err.value)
+    assert "\n" not in msg and str(tmp_path / "d.npy") in msg and "2 negative" in msg, msg
+    # an explicit setting reads them as "no measurement" (formats that mark missing depth with -1)
+    got = read_depth(str(tmp_path / "d.npy"), negative="invalid")
+    assert np.array_equal(got, np.array([[1.0, 0.0], [0.0, 0.0]], np.float32))
+
+
+@needs(KITCHEN)
+def test_a_depth_split_with_negative_values_stops_before_training_or_reads_them_as_invalid_when_told(
+        tmp_path, caplog):
+    from dptune.data.depth_datamodule import DepthDataModule
+
+    root = _depth_folder(tmp_path)
+    splits = {"train": {"images": "train/rgb/*.jpg", "depth": "train/depth/{stem}.npy"}}
+    dm = DepthDataModule(root=str(root), image_size=64, num_workers=0, splits=splits)
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    msg = str(err.value)
+    bad = sorted((root / "train" / "depth").glob("*.npy"))[1]
+    assert str(bad) in msg and "negative" in msg, msg
+    n = int(np.count_nonzero(np.load(bad) < 0))
+    assert f"{n} negative" in msg, msg
+
+    dm = DepthDataModule(root=str(root), image_size=64, num_workers=0, splits=splits, negative_depth="invalid")
+    with caplog.at_level(logging.INFO, logger="dptune"):
+        dm.setup("fit")
+    assert len(dm._dataset("train")) == 3
+    assert any("negative_depth" in r.getMessage() for r in caplog.records)
+
+
+# ---------------------------------------------------------------------------------------- intrinsics
+@pytest.mark.parametrize("text, problem", [
+    ("nan 0 320\n0 585 240\n0 0 1\n", "not finite"),
+    ("585 0 320\n0 inf 240\n0 0 1\n", "not finite"),
+    ("0 0 320\n0 585 240\n0 0 1\n", "focal length"),
+])
+def test_bad_camera_intrinsics_stop_naming_the_file(tmp_path, text, problem):
+    from dptune.data.depth import read_intrinsics
+
+    path = tmp_path / "camera-intrinsics.txt"
+    path.write_text(text)
+    with pytest.raises(DataError) as err:
+        read_intrinsics(str(path))
+    msg = str(err.value)
+    assert "\n" not in msg and str(path) in msg and problem in msg, msg
+    with pytest.raises(DataError, match="not finite"):
+        read_intrinsics("585,nan,320,240")
+
+
+@needs(KITCHEN)
+def test_real_camera_intrinsics_read():
+    from dptune.data.depth import read_intrinsics
+
+    assert read_intrinsics(str(KITCHEN / "camera-intrinsics.txt")) == (585.0, 585.0, 320.0, 240.0)
+    assert read_intrinsics("585,585,320,240.5") == (585.0, 585.0, 320.0, 240.5)
+
+
+@pytest.mark.xfail(strict=True, reason="src/dptune/tools/depth.py:intrinsics must delegate to "
+                                        "dptune.data.depth.read_intrinsics (not this helper's file)")
+def test_predict_intrinsics_with_nan_stop(tmp_path):
+    from dptune.tools.depth import intrinsics
+
+    path = tmp_path / "k.txt"
+    path.write_text("nan 0 320\n0 585 240\n0 0 1\n")
+    with pytest.raises(DataError, match="not finite"):
+        intrinsics(str(path))
