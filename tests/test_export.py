@@ -56,12 +56,12 @@ def test_exported_files_follow_the_umask_like_any_new_file(source, tmp_path):
         assert "model.safetensors" in modes and "README.md" in modes
         assert modes == dict.fromkeys(modes, mode), modes
 
-    # exporting over an earlier export (whose weights an older dptune wrote 0600) gives every file the
-    # umask's mode: the files are written anew (safetensors renames a new file into place)
+    # replacing an earlier export (whose weights an older dptune wrote 0600) gives every file the
+    # umask's mode: the files are written anew
     again = tmp_path / "out22"
     (again / "model.safetensors").chmod(0o600)
     with umask(0o022):
-        export(str(source), again)
+        export(str(source), again, overwrite=True)
     modes = _modes(again)
     assert modes == dict.fromkeys(modes, 0o644), modes
 
@@ -91,8 +91,9 @@ def test_an_fp16_export_leaves_the_model_it_was_given_in_float32(tmp_path):
 
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_export_leaves_the_modes_of_files_it_did_not_write(source, tmp_path):
-    """A private key beside the export (even one with a future timestamp) keeps its 0600."""
-    from dptune.export import export
+    """A private key in the output directory (even one with a future timestamp) keeps its 0600 and
+    its content: the export is refused there, --overwrite included (the directory holds no export)."""
+    from dptune.export import OutputDirError, export
 
     out = tmp_path / "out"
     (out / "keys").mkdir(parents=True)
@@ -100,10 +101,11 @@ def test_export_leaves_the_modes_of_files_it_did_not_write(source, tmp_path):
     key.write_text("secret")
     key.chmod(0o600)
     os.utime(key, (2e9, 2e9))  # 2033
-    with umask(0o022):
-        export(str(source), out)
-    assert stat.S_IMODE(key.stat().st_mode) == 0o600
-    assert stat.S_IMODE((out / "model.safetensors").stat().st_mode) == 0o644
+    for overwrite in (False, True):
+        with umask(0o022), pytest.raises(OutputDirError):
+            export(str(source), out, overwrite=overwrite)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600 and key.read_text() == "secret"
+    assert sorted(p.name for p in out.rglob("*")) == ["id_rsa", "keys"]
 
 
 def test_a_validation_that_scored_nothing_has_no_figures_in_cards_or_json():
