@@ -39,13 +39,78 @@ def _read_bytes(path: str) -> bytes:
         raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
 
 
+DECODE_AS_STORED = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+ORIENTATION = 0x0112  # the EXIF tag: how a viewer turns the stored pixels to show the picture upright
+
+
+def exif_orientation(im: Image.Image, data: bytes | None = None, decoded: bool = False) -> int:
+    """The EXIF orientation (1-8) still to apply to an opened image, read as
+    ``PIL.ImageOps.exif_transpose`` reads it; 1 when there is none (or it cannot be parsed, or the
+    decoders apply it themselves, as for TIFF). A PNG may keep its eXIf chunk after the
+    pixels, where PIL finds it only by decoding them (``decoded``: already done): with ``data``
+    (the file's bytes) that is done only when the bytes hold such a chunk; without either, such a
+    late chunk is looked for in the file."""
+    if im.format == "TIFF":
+        return 1  # PIL (its size from the moment it opens one) and OpenCV turn a TIFF upright themselves
+    if im.format == "PNG" and "exif" not in im.info and "Raw profile type exif" not in im.info:
+        if decoded:
+            return 1  # every chunk has been read: there is none
+        if data is None:
+            with open(im.filename, "rb") as f:  # type: ignore[arg-type]
+                data = f.read()
+        if b"eXIf" not in data:
+            return 1
+    try:
+        value = im.getexif().get(ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """``img`` (H, W[, C]) turned upright as ``PIL.ImageOps.exif_transpose`` turns an image whose EXIF
+    orientation is ``orientation`` (2-8 mirror and/or rotate; 1 or anything else: unchanged)."""
+    turned = {
+        2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+        3: lambda a: a[::-1, ::-1],  # ROTATE_180
+        4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+        5: lambda a: a.swapaxes(0, 1),  # TRANSPOSE
+        6: lambda a: np.rot90(a, -1),  # ROTATE_270 (a quarter turn clockwise)
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # TRANSVERSE
+        8: lambda a: np.rot90(a, 1),  # ROTATE_90 (a quarter turn counter-clockwise)
+    }.get(orientation)
+    return img if turned is None else np.ascontiguousarray(turned(img))
+
+
+def file_orientation(data: bytes) -> int:
+    """The EXIF orientation of an image file's bytes (see ``exif_orientation``); 1 where PIL cannot open it."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return exif_orientation(im, data)
+    except Exception:  # a format only OpenCV reads: no EXIF to follow
+        return 1
+
+
 def read_image(path: str) -> np.ndarray:
-    """Decode an image file to uint8 HxWx3 RGB (grayscale, RGBA and 16-bit are converted)."""
+    """Decode an image file to uint8 HxWx3 RGB, upright: its EXIF orientation applied as
+    ``PIL.ImageOps.exif_transpose`` (and so ``transformers``' ``load_image`` and ``pipeline``)
+    applies it, so a phone photo stored turned comes out as it is shown. Grayscale, RGBA and
+    16-bit are converted. The one reader of RGB image files: training, validation, predict,
+    evaluate and inspect, for segmentation, depth and joint models."""
     data = _read_bytes(path)
+    if not data:
+        raise DataError(f"{path}: empty file (0 bytes), not an image")
     if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
         # libjpeg decodes a truncated JPEG with a grey bottom and only a warning
         raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
-    img = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED)
+    try:
+        # the pixels as stored, in colour: the orientation is applied below, once, as PIL reads it
+        # (OpenCV turns a TIFF upright itself, as PIL does: ``exif_orientation`` leaves TIFFs alone)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), DECODE_AS_STORED)
+    except cv2.error as e:
+        raise DataError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from None
     if img is None:
         raise DataError(f"{path}: not a readable image")
     if img.dtype == np.uint16:
@@ -53,19 +118,24 @@ def read_image(path: str) -> np.ndarray:
     elif img.dtype != np.uint8:
         raise DataError(f"{path}: unsupported image type {img.dtype}")
     if img.ndim == 2:
-        return cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
-    if img.shape[2] == 4:
-        return cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
-    if img.shape[2] == 3:
-        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
-    raise DataError(f"{path}: unsupported number of channels {img.shape[2]}")
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    elif img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    else:
+        raise DataError(f"{path}: unsupported number of channels {img.shape[2]}")
+    return apply_orientation(img, file_orientation(data))
 
 
 def image_header_size(path: str) -> tuple[int, int]:
-    """(h, w) from the file header, without decoding the pixels."""
+    """(h, w) of the image as ``read_image`` returns it (EXIF orientation applied) from the file
+    header, without decoding the pixels."""
     try:
         with open(path, "rb") as f:
             head = f.read(2)
+            if not head:
+                raise DataError(f"{path}: empty file (0 bytes), not an image")
             if head == b"\xff\xd8":
                 f.seek(-2, os.SEEK_END)
                 if f.read(2) != b"\xff\xd9":
@@ -73,7 +143,8 @@ def image_header_size(path: str) -> tuple[int, int]:
         with Image.open(path) as im:
             if im.mode not in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "CMYK", "YCbCr"):
                 raise DataError(f"{path}: unsupported image mode {im.mode}")
-            return im.size[1], im.size[0]
+            h, w = im.size[1], im.size[0]
+            return (w, h) if exif_orientation(im) in (5, 6, 7, 8) else (h, w)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -99,11 +170,13 @@ def pil_to_mask(im: Image.Image, rgb: bool, path: str) -> np.ndarray:
 
 
 def read_mask(path: str, rgb: bool) -> np.ndarray:
-    """Decode a mask file. PIL, not OpenCV: OpenCV cannot return a palette PNG's indices."""
+    """Decode a mask file, upright as ``read_image`` reads images (an EXIF orientation applied; label
+    PNGs rarely carry one). PIL, not OpenCV: OpenCV cannot return a palette PNG's indices."""
     try:
         with Image.open(path) as im:
             im.load()
-            return pil_to_mask(im, rgb, path)
+            # turned upright like its image (and like Hugging Face datasets decode masks)
+            return apply_orientation(pil_to_mask(im, rgb, path), exif_orientation(im, decoded=True))
     except FileNotFoundError:
         raise DataError(f"{path}: mask file not found") from None
     except (OSError, SyntaxError, ValueError) as e:
@@ -122,10 +195,29 @@ def mask_path_for(image_path: str, template: str, root: str) -> str:
     return os.path.normpath(filled)
 
 
+def any_case_extension(pattern: str) -> str:
+    """``pattern`` with the letters of its literal file extension matching either case: ``*.jpg``
+    finds ``.JPG`` and ``.Jpg`` too (cameras and phones write upper case). Patterns whose extension
+    holds wildcards or brackets are left as they are."""
+    head, tail = os.path.split(pattern)
+    stem, dot, ext = tail.rpartition(".")
+    if not dot or not stem or not ext or any(c in ext for c in "*?[]"):
+        return pattern
+    letters = "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() and c.lower() != c.upper() else c for c in ext)
+    return os.path.join(head, f"{stem}.{letters}")
+
+
+def glob_files(pattern: str) -> list[str]:
+    """The files a glob matches (``**`` recursive; the file extension in either case, see
+    ``any_case_extension``), sorted, each once."""
+    return sorted({p for p in glob.glob(any_case_extension(pattern), recursive=True) if os.path.isfile(p)})
+
+
 def match_images(root: str, images: str) -> list[str]:
-    """The image files a glob (relative to ``root`` unless absolute) matches, sorted; none is an error."""
+    """The image files a glob (relative to ``root`` unless absolute) matches, sorted, the extension
+    in any case (``*.jpg`` takes ``.JPG`` too); none is an error."""
     pattern = images if os.path.isabs(images) else os.path.join(root, images)
-    found = sorted(glob.glob(pattern, recursive=True))
+    found = glob_files(pattern)
     if not found:
         raise DataError(f"{pattern}: no images match")
     return found
@@ -159,13 +251,36 @@ class FolderSource:
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         # problems found in the mask (unknown values, size) are reported against the mask file
         mask = self._mask(i)
-        return read_image(self.images[i]), mask, self.masks[i]
+        image = read_image(self.images[i])
+        check_turned_pair(self.images[i], image.shape[:2], self.masks[i], mask)
+        return image, mask, self.masks[i]
 
     def probe(self, i: int) -> tuple[tuple[int, int], np.ndarray, str]:
         """Cheap check of sample ``i``: the image's size from its header (plus the JPEG end
         marker), the mask fully decoded (its values must be checked)."""
         mask = self._mask(i)
-        return image_header_size(self.images[i]), mask, self.masks[i]
+        hw = image_header_size(self.images[i])
+        check_turned_pair(self.images[i], hw, self.masks[i], mask)
+        return hw, mask, self.masks[i]
+
+
+def check_turned_pair(image_path: str, image_hw: tuple[int, int], label_path: str, label: np.ndarray) -> None:
+    """A label map whose size is its image's with the sides swapped, beside an image that its EXIF
+    orientation turns a quarter: one line that says so (the label was drawn on the pixels as
+    stored, not as the photo is shown). Any other size difference is left to the size check."""
+    h, w = image_hw
+    if label.shape[:2] != (w, h) or (h, w) == (w, h):
+        return
+    try:
+        with Image.open(image_path) as im:
+            orientation = exif_orientation(im)
+    except (OSError, SyntaxError, ValueError):
+        return
+    if orientation in (5, 6, 7, 8):
+        raise DataError(f"{label_path}: is {h}x{w} but its image {image_path} is {w}x{h} as shown: the image's "
+                        f"EXIF orientation ({orientation}) turns its stored {h}x{w} pixels a quarter, as every "
+                        "viewer and transformers' pipeline do; draw the label on the upright image (or save the "
+                        "image upright, without the orientation tag)")
 
 
 # ---------------------------------------------------------------------------- Hugging Face datasets
@@ -222,14 +337,16 @@ def decode_row(
         image, mask = row[image_column], row[mask_column]
     except KeyError as e:
         raise DataError(f"{name}: no column {e} (has {sorted(row)})") from None
-    if isinstance(image, Image.Image):
-        image = np.asarray(image.convert("RGB"))
+    if isinstance(image, Image.Image):  # upright (datasets applies the EXIF orientation itself; older ones did not)
+        image.load()
+        image = apply_orientation(np.asarray(image.convert("RGB")), exif_orientation(image, decoded=True))
     else:
         image = np.asarray(image)
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
     if isinstance(mask, Image.Image):
-        mask = pil_to_mask(mask, rgb_masks, name)
+        mask.load()
+        mask = apply_orientation(pil_to_mask(mask, rgb_masks, name), exif_orientation(mask, decoded=True))
     else:
         mask = np.asarray(mask)
     if image.dtype != np.uint8:
