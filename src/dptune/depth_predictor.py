@@ -26,19 +26,17 @@ class DepthPredictor:
         return self.meta.get("mode", getattr(self.model.config, "depth_mode", "metric"))
 
     @classmethod
-    def load(cls, ref: str, device: str = "cpu") -> DepthPredictor:
+    def load(cls, ref: str, device: str = "cpu", trust_remote_code: bool = False) -> DepthPredictor:
         """``ref``: a dptune depth ``.ckpt`` or a directory written by ``scripts/export.py``; of a
-        segmentation + depth model, its depth part."""
+        segmentation + depth model, its depth part. Code shipped with a directory runs only with
+        ``trust_remote_code`` (see ``dptune.predictor.load_export``)."""
         dev = torch.device(device)
         if Path(ref).is_dir():
-            from transformers import AutoImageProcessor
-
-            from dptune.models import load_exported
             from dptune.models.source import joint_part
+            from dptune.predictor import load_export
 
             ref = joint_part(ref, "depth")
-
-            model, processor = load_exported(ref), AutoImageProcessor.from_pretrained(ref)
+            model, processor = load_export(ref, trust_remote_code)
             card = Path(ref) / "dptune.json"
             meta = json.loads(card.read_text()).get("depth", {}) if card.exists() else {}
         else:
@@ -53,10 +51,13 @@ class DepthPredictor:
     def predict(self, image: np.ndarray) -> np.ndarray:
         """float32 HxW depth at the image's own size for one uint8 HxWx3 image (metres in metric mode)."""
         h, w = image.shape[:2]
-        x = self.processor(images=image, return_tensors="pt")["pixel_values"].to(self.device)
+        # channels last said, not guessed (transformers guesses channels first for an image 1 or 3 pixels tall)
+        x = self.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+        x = x.to(self.device)
         depth = depth_forward(self.model, x).float().cpu()
         out = self.processor.post_process_depth_estimation(_Outputs(depth), target_sizes=[(h, w)])
-        return out[0]["predicted_depth"].numpy().astype(np.float32)
+        # the post-processing squeezes: a map 1 pixel tall or wide would lose that axis
+        return out[0]["predicted_depth"].numpy().astype(np.float32).reshape(h, w)
 
 
 class _Outputs:

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dptune.errors import ConfigError
 from dptune.inference import FLIP_VIEWS, flip_views, from_view, predict_probs, to_view
 from dptune.labels import LabelSet
 from dptune.models import segment
@@ -26,6 +27,33 @@ def exported_labels(ref: str, id2label: dict) -> LabelSet:
     return LabelSet.from_id2label(id2label, source=ref)
 
 
+def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Module, object]:
+    """(model, image processor) of an exported directory (segmentation or depth), loaded without
+    ever asking at a terminal whether to run code shipped with it: ``trust_remote_code`` goes to
+    every ``transformers`` loader, and a directory that needs such code (an ``auto_map`` to a class
+    ``transformers`` does not have) stops without it in one line saying how to allow it. dptune's
+    own exports load with the stock or dptune class and never need it: the ``modeling_dptune.py``
+    they ship is for plain ``transformers``. (What ``dptune.models.load_exported`` does, with the
+    flag passed on.)"""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForDepthEstimation
+
+    from dptune.models.backbones import model_class
+
+    try:
+        cfg = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        processor = AutoImageProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        if any("DepthEstimation" in a for a in cfg.architectures or []):
+            model = AutoModelForDepthEstimation.from_pretrained(ref, config=cfg, trust_remote_code=trust_remote_code)
+        else:
+            model = model_class(cfg).from_pretrained(ref, config=cfg)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ConfigError(f"{ref}: the model's config asks to run code shipped with it (auto_map), which is not run "
+                          "unless you allow it: give --trust-remote-code if you trust where it came from") from None
+    return model, processor
+
+
 @dataclass
 class Predictor:
     model: torch.nn.Module
@@ -37,20 +65,16 @@ class Predictor:
     processor: object = None  # the exported DPTImageProcessor: whole-image inputs bit for bit
 
     @classmethod
-    def load(cls, ref: str, device: str = "cpu") -> Predictor:
+    def load(cls, ref: str, device: str = "cpu", trust_remote_code: bool = False) -> Predictor:
         """``ref``: a dptune ``.ckpt`` or a directory written by ``scripts/export.py``; of a
-        segmentation + depth model, its segmentation part."""
+        segmentation + depth model, its segmentation part. Code shipped with a directory runs only
+        with ``trust_remote_code`` (see ``load_export``)."""
         dev = torch.device(device)
         if Path(ref).is_dir():
-            from transformers import AutoImageProcessor
-
-            from dptune.models import load_exported
             from dptune.models.source import joint_part
 
             ref = joint_part(ref, "segmentation")
-
-            model = load_exported(ref)
-            proc = AutoImageProcessor.from_pretrained(ref)
+            model, proc = load_export(ref, trust_remote_code)
             labels = exported_labels(ref, model.config.id2label)
         else:
             from dptune.tasks.checkpoints import load_module
@@ -74,6 +98,11 @@ class Predictor:
     def normalized_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         return segment(self.model, pixel_values.to(self.device), with_aux=False)[0]
 
+    def pixel_values(self, image: np.ndarray) -> torch.Tensor:
+        """The exported processor's input for one uint8 HxWx3 image. Channels last is said, not
+        guessed: ``transformers`` guesses channels first for an image 1 or 3 pixels tall."""
+        return self.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+
     def predict(self, image: np.ndarray, mode: str = "whole", flip: bool | str = False,
                 scales: tuple[float, ...] = (1.0,), stride: float = 2 / 3) -> tuple[np.ndarray, np.ndarray]:
         """(class indices HxW uint8, top-class probability HxW float32) for one uint8 HxWx3 image.
@@ -84,7 +113,7 @@ class Predictor:
         """
         h, w = image.shape[:2]
         if mode == "whole" and scales == (1.0,) and flip_views(flip) == FLIP_VIEWS["none"]:
-            x = self.processor(images=image, return_tensors="pt")["pixel_values"]
+            x = self.pixel_values(image)
             lg = torch.nn.functional.interpolate(self.normalized_logits(x).float(), size=(h, w), mode="bilinear",
                                                  align_corners=False)[0].cpu()
             return lg.argmax(0).numpy().astype(np.uint8), lg.softmax(0).max(0).values.numpy()
@@ -98,7 +127,7 @@ class Predictor:
         the views (the image, its flips / turns, each scale)."""
         h, w = image.shape[:2]
         if mode == "whole" and scales == (1.0,):
-            x = self.processor(images=image, return_tensors="pt")["pixel_values"]
+            x = self.pixel_values(image)
             views = flip_views(flip)
             out = 0
             for turns, flipped in views:

@@ -21,7 +21,6 @@ import math
 import sys
 from pathlib import Path
 
-import cv2
 import numpy as np
 import torch
 from tqdm.auto import tqdm
@@ -29,6 +28,8 @@ from tqdm.auto import tqdm
 from dptune.data.depth import DepthFolderSource, check_depth_size, check_depth_values, eval_crop_mask
 from dptune.errors import ConfigError, DataError
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
+from dptune.tools.evaluate import json_is_ours, refuse_output
+from dptune.tools.predict import imwrite
 from dptune.visualize import colorize_depth, depth_range
 
 
@@ -126,6 +127,12 @@ def encoding_words(enc: dict) -> str:
     return f"value / {enc['value_per_metre']:g} = metres, up to {enc['max_metres']:.3f} m"
 
 
+def depth_files(stem: str, enc: dict, k: tuple[float, float, float, float] | None) -> list[str]:
+    """What ``write_depth`` writes for one input."""
+    return [enc["file"].replace("<stem>", stem), f"{stem}_depth_color.png"] + ([f"{stem}.ply"] if k and enc["metric"]
+                                                                               else [])
+
+
 def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, enc: dict,
                 k: tuple[float, float, float, float] | None) -> bool:
     """The map as ``enc`` says (``depth_encoding``), ``<stem>_depth_color.png`` and, with ``k`` (metric
@@ -139,11 +146,11 @@ def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, enc:
         stored = np.clip(np.round(depth * enc["value_per_metre"]), 0, 65535).astype(np.uint16)
     else:
         stored = np.round(65535 * (depth - depth.min()) / max(float(np.ptp(depth)), 1e-12)).astype(np.uint16)
-    cv2.imwrite(str(out / enc["file"].replace("<stem>", stem)), stored)
+    imwrite(out / enc["file"].replace("<stem>", stem), stored)
     shown = depth if metric else 1.0 / np.clip(depth, 1e-6, None)  # relative: inverse depth, near = large
     lo, hi = depth_range(shown)
     units = "m" if metric else ""  # the bar of a relative map: 1 / its inverse depth, no unit
-    cv2.imwrite(str(out / f"{stem}_depth_color.png"), colorize_depth(shown, lo, hi, units=units)[..., ::-1])
+    imwrite(out / f"{stem}_depth_color.png", colorize_depth(shown, lo, hi, units=units)[..., ::-1])
     if k is not None and metric:
         write_ply(out / f"{stem}.ply", depth, image, k)
     return clipped
@@ -188,28 +195,29 @@ def write_ply(path: Path, depth: np.ndarray, image: np.ndarray, k: tuple[float, 
     return len(z)
 
 
-def predict_depth(args, paths: list[str]) -> int:
+def predict_depth(args, paths: list[str], stems: list[str]) -> int:
+    """Depth maps of ``paths`` into ``args.out`` (outputs named by ``stems``, see ``output_stems``)."""
     from dptune.depth_predictor import DepthPredictor
-    from dptune.tools.predict import readable_images
+    from dptune.tools.predict import failures, predict_each, prepare_out
 
     refuse_segmentation_options(args)
-    predictor = DepthPredictor.load(args.model, args.device)
+    predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)
     metric = predictor.mode == "metric"
     k = cloud_intrinsics(args.intrinsics, metric)
     if mirror_note(args.flip):
         print(f"note: {mirror_note(args.flip)}", file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed: list[str] = []
     enc, clipped = depth_encoding(predictor), []
+    out = prepare_out(args.out, [f for s in stems for f in depth_files(s, enc, k)], args.overwrite)
     words = write_depth_format(out, enc)
-    for path, image in readable_images(paths, "predicting depth", failed):
-        if write_depth(out, Path(path).stem, depth_views(predictor, image, args.flip), image, enc, k):
+
+    def one(path: str, stem: str, image: np.ndarray) -> None:
+        if write_depth(out, stem, depth_views(predictor, image, args.flip), image, enc, k):
             clipped.append(path)
-    print(f"{len(paths) - len(failed)} depth maps in {out}: {enc['file']} ({words}; depth_format.json)"
-          + (f", {len(failed)} unreadable images" if failed else ""))
+
+    failed = predict_each(paths, stems, "predicting depth", one)
+    print(f"{len(paths) - len(failed)} depth maps in {out}: {enc['file']} ({words}; depth_format.json)")
     warn_clipped(clipped, enc)
-    return 2 if failed else 0
+    return failures(failed, len(paths))
 
 
 def warn_clipped(clipped: list[str], enc: dict) -> None:
@@ -226,7 +234,9 @@ def evaluate_depth(args) -> int:
     if args.depth_scale is not None and not 0 < args.depth_scale < math.inf:
         raise ConfigError(f"--depth-scale must be a positive number of stored values per metre, got {args.depth_scale}")
     source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale)
-    predictor = DepthPredictor.load(args.model, args.device)
+    if args.json:
+        refuse_output(args.json, "--json", [*source.images, *source.depths], args, json_is_ours)
+    predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)
     align = args.alignment or predictor.meta.get("alignment") or ("none" if predictor.mode == "metric" else "lstsq")
     crop = args.eval_crop or predictor.meta.get("eval_crop") or "none"
     max_depth = args.max_depth if args.max_depth is not None else predictor.meta.get("max_depth")
@@ -254,5 +264,5 @@ def evaluate_depth(args) -> int:
     print("  ".join(f"{k} {scores[k]:.4f}" for k in NAMES))
     if args.json:
         Path(args.json).write_text(json.dumps({"model": args.model, "images": int(metric.images), "alignment": align,
-                                               "eval_crop": crop, **scores}, indent=2))
+                                               "eval_crop": crop, **scores}, indent=2) + "\n")
     return 0

@@ -14,7 +14,15 @@ Depth models (the metrics of ``dptune.tools.depth``):
 ``--model`` is a dptune checkpoint or an exported directory (of a segmentation + depth model, the
 part that ``--depth`` or the masks score); ``--mode whole`` resizes like the
 exported image processor, ``--mode slide`` slides windows of the processor size at native
-resolution. Optional test-time augmentation: ``--flip`` and ``--scales 0.75,1,1.25``.
+resolution. Optional test-time augmentation: ``--flip`` and ``--scales 0.75,1,1.25``. Images are
+read upright (their EXIF orientation applied, as ``transformers``' ``pipeline`` does); ``*.jpg``
+takes ``.JPG`` too.
+
+Inputs are never written: ``--json`` and ``--confusion`` may not be an input (image, mask, depth map,
+config, label file, model) nor lie in the folder of an image, mask or depth map or in an exported
+model's directory (refused in one line before scoring). An existing file there is replaced only
+when evaluate wrote it (scores JSON, confusion PNG) or with ``--overwrite``. Loading a model never
+runs code shipped with it unless ``--trust-remote-code`` is given (dptune's exports never need it).
 """
 
 from __future__ import annotations
@@ -29,15 +37,63 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 from dptune.inference import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet
 from dptune.metrics.segmentation import metrics_from_confmat
 
+CONFUSION_TAG = "dptune evaluate: confusion matrix"  # the PNG's Software text: how a later run knows it wrote it
+
+
+def json_is_ours(path: Path) -> bool:
+    """A scores file evaluate wrote (segmentation or depth)."""
+    try:
+        spec = json.loads(Path(path).read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(spec, dict) and "model" in spec and ("mIoU" in spec or "abs_rel" in spec)
+
+
+def confusion_is_ours(path: Path) -> bool:
+    """A confusion-matrix picture evaluate wrote (its PNG text says so)."""
+    from PIL import Image
+
+    try:
+        with Image.open(path) as im:
+            return getattr(im, "text", {}).get("Software") == CONFUSION_TAG
+    except (OSError, SyntaxError, ValueError):
+        return False
+
+
+def refuse_output(path: str, flag: str, files: list[str], args, is_ours) -> None:
+    """An output file of evaluate: never among the inputs (``files``: the data; the config, label
+    file and model too, see ``refuse_among_inputs``), and an existing file that evaluate did not
+    write (``is_ours``) is replaced only with ``--overwrite``."""
+    from dptune.tools.predict import refuse_among_inputs
+
+    model = Path(args.model)
+    labels = getattr(args, "labels", None)
+    singles = [f for f in (args.config, labels, labels and Path(args.root or ".") / labels, args.model) if f]
+    refuse_among_inputs(path, files, flag, folders=[model] if model.is_dir() else [], singles=singles)
+    if not Path(path).resolve().parent.is_dir():
+        raise ConfigError(f"{flag} {path}: its folder {Path(path).parent} does not exist")
+    if Path(path).is_dir():
+        raise ConfigError(f"{flag} {path}: is a folder; give a file path")
+    if Path(path).exists() and not args.overwrite and not is_ours(Path(path)):
+        raise ConfigError(f"{flag} {path}: already there and not written by evaluate; give another path, or "
+                          "--overwrite to replace it")
+
+
+def source_files(source) -> list[str]:
+    """The files a source reads (images, masks or depth maps); none for a Hugging Face dataset."""
+    return [f for attr in ("images", "masks", "depths") for f in (getattr(source, attr, None) or [])]
+
 
 def confusion_image(confmat: np.ndarray, names: list[str], path: str, cell: int = 40) -> None:
-    """Row-normalised confusion matrix as a picture, class names on both axes."""
+    """Row-normalised confusion matrix as a picture, class names on both axes (a PNG says in its
+    text that evaluate wrote it)."""
     import cv2
+    from PIL import Image, PngImagePlugin
 
     c = len(names)
     rows = confmat / np.maximum(confmat.sum(1, keepdims=True), 1)
@@ -61,7 +117,12 @@ def confusion_image(confmat: np.ndarray, names: list[str], path: str, cell: int 
     img[:margin, margin : margin + c * cell] = col_names
     cv2.putText(img, "rows: ground truth, columns: prediction (row-normalised)", (5, img.shape[0] - 12),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
-    cv2.imwrite(path, cv2.cvtColor(img, cv2.COLOR_RGB2BGR))
+    info = PngImagePlugin.PngInfo()
+    info.add_text("Software", CONFUSION_TAG)
+    try:
+        Image.fromarray(img).save(path, pnginfo=info)
+    except (OSError, ValueError) as e:  # no such folder, an extension PIL does not know
+        raise DataError(f"--confusion {path}: could not be written ({e})") from None
 
 
 def _source_and_labels(args) -> tuple[object, LabelSet]:
@@ -136,8 +197,14 @@ def main(argv: list[str] | None = None) -> int:
                          "90-degree turns: 8 views, for imagery with no up such as aerial tiles)")
     ap.add_argument("--scales", default="1", help="comma-separated test scales, e.g. 0.75,1,1.25")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ap.add_argument("--json", help="write the scores here")
-    ap.add_argument("--confusion", help="write a row-normalised confusion-matrix picture here (.png)")
+    ap.add_argument("--json", help="write the scores here (not among the inputs)")
+    ap.add_argument("--confusion", help="write a row-normalised confusion-matrix picture here (.png; not among the "
+                                        "inputs)")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace an existing --json / --confusion file that evaluate did not write")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow a model whose config asks for code shipped with it (auto_map) to run that code; "
+                         "never needed for dptune's exports")
     depth = ap.add_argument_group("depth models")
     depth.add_argument("--depth", help="depth map template with {stem}/{name}/{dir}")
     depth.add_argument("--depth-scale", type=float, default=None,
@@ -155,7 +222,11 @@ def main(argv: list[str] | None = None) -> int:
         if task == "depth" or (task == "multitask" and args.depth):  # a joint model: the part the labels score
             return evaluate_depth(args)
         source, labels = _source_and_labels(args)
-        predictor = Predictor.load(args.model, args.device)
+        for path, flag, is_ours in ((args.json, "--json", json_is_ours),
+                                    (args.confusion, "--confusion", confusion_is_ours)):
+            if path:
+                refuse_output(path, flag, source_files(source), args, is_ours)
+        predictor = Predictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)
         scales = tuple(float(s) for s in args.scales.split(","))
         confmat = evaluate(predictor, source, labels, args.mode, args.flip, scales)
     except (DataError, OSError, ValueError) as e:
@@ -170,9 +241,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         scores.update(model=args.model, mode=args.mode, flip=args.flip, scales=list(scales), images=len(source),
                       confusion=confmat.tolist())
-        Path(args.json).write_text(json.dumps(scores, indent=2))
+        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
     if args.confusion:
-        confusion_image(confmat, names, args.confusion)
+        try:
+            confusion_image(confmat, names, args.confusion)
+        except DataError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
     return 0
 
 

@@ -11,6 +11,11 @@ Reads the ``data:`` section of a train.py config of any task (no train.py needed
 task's own datamodule: a multitask config gets each source's report (classes for segmentation
 sources, depth for depth sources, both for depth sources with masks). Class weights are for
 segmentation configs only. Exit status: 0 clean, 1 some samples are bad, 2 an error.
+
+Images are measured upright (their EXIF orientation applied, as training reads them); ``*.jpg``
+takes ``.JPG`` too. ``--out`` may not be the config nor lie in a folder of the data's images or
+masks (refused in one line before the scan), and replaces an existing file only when it is
+inspect's own weights fragment, or with ``--overwrite``.
 """
 
 from __future__ import annotations
@@ -64,13 +69,13 @@ class DepthStats:
 
 
 def image_size(source: Any, i: int) -> tuple[int, int]:
-    """(h, w) from the header when the source is a folder, by decoding otherwise."""
+    """(h, w) as training reads the image (EXIF orientation applied): from the header when the
+    source is a folder, by decoding otherwise."""
     path = getattr(source, "images", None)
     if path is not None:
-        from PIL import Image
+        from dptune.data.sources import image_header_size
 
-        with Image.open(path[i]) as im:
-            return im.size[1], im.size[0]
+        return image_header_size(path[i])
     image, _, _ = source.load(i)
     return image.shape[:2]
 
@@ -216,17 +221,20 @@ def format_depth_report(stats: DepthStats, classes: SplitStats | None = None, la
     return "\n".join(lines + problem_lines(stats.problems))
 
 
-def report_segmentation(dm: Any, stages: list[str]) -> dict[str, SplitStats]:
-    """Class statistics of each split of a SegmentationDataModule, printed as they come."""
+def segmentation_sources(dm: Any, stages: list[str]) -> dict[str, Any]:
+    """The source of each split of a SegmentationDataModule that ``stages`` names."""
     from dptune.data.sources import build_source
 
+    return {stage: build_source(dm.source_kind, dict(dm.splits[stage]), dm.root, dm.label_set.mask_format == "rgb",
+                                stage, dm.hf) for stage in stages if stage in dm.splits}
+
+
+def report_segmentation(dm: Any, stages: list[str], sources: dict[str, Any] | None = None) -> dict[str, SplitStats]:
+    """Class statistics of each split of a SegmentationDataModule, printed as they come."""
     results = {}
-    for stage in stages:
-        if stage in dm.splits:
-            src = build_source(dm.source_kind, dict(dm.splits[stage]), dm.root, dm.label_set.mask_format == "rgb",
-                               stage, dm.hf)
-            results[stage] = inspect_split(stage, src, dm.label_set)
-            print(format_report(results[stage], dm.label_set))
+    for stage, src in (sources if sources is not None else segmentation_sources(dm, stages)).items():
+        results[stage] = inspect_split(stage, src, dm.label_set)
+        print(format_report(results[stage], dm.label_set))
     return results
 
 
@@ -248,12 +256,18 @@ def quiet(spec: dict[str, Any]) -> dict[str, Any]:
     return {**spec, "check": False, "cache": False}
 
 
-def inspect_config(task: str, data: dict[str, Any], stages: list[str]) -> tuple[dict[str, SplitStats], bool]:
-    """Print the report of a config's data; (segmentation results by split, whether any sample is bad)."""
+def inspect_config(task: str, data: dict[str, Any], stages: list[str],
+                   check_out: Callable[[list[str]], None] | None = None) -> tuple[dict[str, SplitStats], bool]:
+    """Print the report of a config's data; (segmentation results by split, whether any sample is bad).
+    ``check_out`` (segmentation) sees the data's files before any is read."""
     if task == "segmentation":
         from dptune.data.datamodule import SegmentationDataModule
 
-        results = report_segmentation(SegmentationDataModule(**quiet(data), num_workers=0), stages)
+        dm = SegmentationDataModule(**quiet(data), num_workers=0)
+        sources = segmentation_sources(dm, stages)
+        if check_out is not None:
+            check_out([f for s in sources.values() for a in ("images", "masks") for f in getattr(s, a, None) or []])
+        results = report_segmentation(dm, stages, sources)
         return results, any(r.problems for r in results.values())
     if task == "depth":
         from dptune.data.depth_datamodule import DepthDataModule
@@ -290,6 +304,30 @@ def refusal(args: argparse.Namespace, task: str) -> str | None:
     return None
 
 
+WEIGHTS_HEADER = "-frequency class weights from "  # in the first line of the fragment inspect writes
+
+
+def check_weights_out(args: argparse.Namespace, files: list[str]) -> None:
+    """``--out`` is not the config nor among the data (``files``), and replaces only inspect's own
+    weights fragment unless ``--overwrite``."""
+    from pathlib import Path
+
+    from dptune.tools.predict import refuse_among_inputs
+
+    refuse_among_inputs(args.out, files, "--out", singles=[args.config])
+    out = Path(args.out)
+    if out.is_dir() or not out.resolve().parent.is_dir():
+        raise ConfigError(f"--out {args.out}: give a file path in a folder that exists")
+    if out.exists() and not args.overwrite:
+        try:
+            first = out.read_text().split("\n", 1)[0]
+        except (OSError, UnicodeDecodeError):
+            first = ""
+        if not (first.startswith("# ") and WEIGHTS_HEADER in first):
+            raise ConfigError(f"--out {args.out}: already there and not a class-weights fragment inspect wrote; "
+                              "give another path, or --overwrite to replace it")
+
+
 def write_weights(args: argparse.Namespace, results: dict[str, SplitStats]) -> int:
     if "train" not in results:
         print("error: --class-weights needs a train split", file=sys.stderr)
@@ -298,7 +336,7 @@ def write_weights(args: argparse.Namespace, results: dict[str, SplitStats]) -> i
     print(f"class_weights ({args.class_weights}): {w}")
     if args.out:
         with open(args.out, "w") as f:
-            f.write(f"# {args.class_weights}-frequency class weights from {args.config} (train split)\n")
+            f.write(f"# {args.class_weights}{WEIGHTS_HEADER}{args.config} (train split)\n")
             yaml.safe_dump({"model": {"class_weights": w}}, f, default_flow_style=None)
     return 0
 
@@ -311,7 +349,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--class-weights", choices=["inverse", "median"],
                     help="segmentation configs: compute weights from the train split")
     ap.add_argument("--out", help="with --class-weights: write the weights as a YAML config fragment "
-                                  "(model.class_weights)")
+                                  "(model.class_weights); not the config, not among the data")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="let --out replace a file that is not inspect's own weights fragment")
     args = ap.parse_args(argv)
     try:
         cfg = yaml.safe_load(open(args.config)) or {}
@@ -323,7 +363,8 @@ def main(argv: list[str] | None = None) -> int:
         data = dict(cfg.get("data") or {})
         if args.root:
             data["root"] = args.root
-        results, bad = inspect_config(task, data, args.splits.split(","))
+        results, bad = inspect_config(task, data, args.splits.split(","),
+                                      (lambda files: check_weights_out(args, files)) if args.out else None)
     except (DataError, ConfigError, OSError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -12,13 +12,12 @@ predictor's whole image at one scale (``--flip`` averages its left-right mirror;
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 
 
-def load_joint(ref: str, device: str):
+def load_joint(ref: str, device: str, trust_remote_code: bool = False):
     """(segmentation predictor, depth predictor, the joint model that runs both heads on one
     backbone pass): each part loaded as its predictor reads it, the depth part then using the
     segmentation part's backbone (the two are the same weights)."""
@@ -26,7 +25,8 @@ def load_joint(ref: str, device: str):
     from dptune.models.joint import JointDPT
     from dptune.predictor import Predictor
 
-    seg, depth = Predictor.load(ref, device), DepthPredictor.load(ref, device)
+    seg = Predictor.load(ref, device, trust_remote_code=trust_remote_code)
+    depth = DepthPredictor.load(ref, device, trust_remote_code=trust_remote_code)
     return seg, depth, JointDPT(seg.model, depth.model).eval()
 
 
@@ -37,29 +37,40 @@ def one_pass(joint, seg, depth, image: np.ndarray) -> tuple[np.ndarray, np.ndarr
     from transformers.modeling_outputs import DepthEstimatorOutput
 
     h, w = image.shape[:2]
-    x = seg.processor(images=image, return_tensors="pt")["pixel_values"].to(seg.device)
+    x = seg.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
+    x = x.to(seg.device)
     logits, _, raw = joint(x)
     up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)[0]
     conf, pred = up.cpu().softmax(0).max(0)
     metres = depth.processor.post_process_depth_estimation(DepthEstimatorOutput(predicted_depth=raw.float().cpu()),
                                                            target_sizes=[(h, w)])[0]["predicted_depth"].numpy()
+    metres = metres.reshape(h, w)  # the post-processing squeezes a map 1 pixel tall or wide
     return pred.numpy().astype(np.uint8), conf.numpy(), np.clip(metres, 0, None)
 
 
-def predict_both(args, paths: list[str]) -> int:
+def predict_both(args, paths: list[str], stems: list[str]) -> int:
+    """Masks and depth maps of ``paths`` into ``args.out`` (outputs named by ``stems``, see ``output_stems``)."""
     from dptune.tools.depth import (
         cloud_intrinsics,
         depth_encoding,
+        depth_files,
         depth_views,
         mirror_note,
         warn_clipped,
         write_depth,
         write_depth_format,
     )
-    from dptune.tools.predict import parse_scales, readable_images, write_masks
+    from dptune.tools.predict import (
+        failures,
+        mask_files,
+        parse_scales,
+        predict_each,
+        prepare_out,
+        write_masks,
+    )
 
     scales = parse_scales(args.scales)
-    seg, depth, joint = load_joint(args.model, args.device)
+    seg, depth, joint = load_joint(args.model, args.device, trust_remote_code=args.trust_remote_code)
     metric = depth.mode == "metric"
     k = cloud_intrinsics(args.intrinsics, metric)
     shared = args.mode == "whole" and scales == (1.0,) and args.flip == "none"
@@ -67,22 +78,22 @@ def predict_both(args, paths: list[str]) -> int:
         notes = [mirror_note(args.flip)] if args.flip != "none" else []
         print("note: --mode/--flip/--scales shape the masks; depth is predicted on the whole image at one scale"
               + "".join(f"; {n}" for n in notes), file=sys.stderr)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed: list[str] = []
     enc, clipped = depth_encoding(depth), []
+    planned = [f for s in stems for f in mask_files(s, args.confidence) + depth_files(s, enc, k)]
+    out = prepare_out(args.out, planned, args.overwrite)
     words = write_depth_format(out, enc)
-    for path, image in readable_images(paths, "predicting masks and depth", failed):
+
+    def one(path: str, stem: str, image: np.ndarray) -> None:
         if shared:
             pred, conf, metres = one_pass(joint, seg, depth, image)
         else:
             pred, conf = seg.predict(image, mode=args.mode, flip=args.flip, scales=scales)
             metres = depth_views(depth, image, args.flip)
-        stem = Path(path).stem
         write_masks(out, stem, image, pred, conf, seg.labels, args)
         if write_depth(out, stem, metres, image, enc, k):
             clipped.append(path)
-    print(f"{len(paths) - len(failed)} masks and depth maps in {out} ({enc['file']}: {words}; depth_format.json)"
-          + (f", {len(failed)} unreadable images" if failed else ""))
+
+    failed = predict_each(paths, stems, "predicting masks and depth", one)
+    print(f"{len(paths) - len(failed)} masks and depth maps in {out} ({enc['file']}: {words}; depth_format.json)")
     warn_clipped(clipped, enc)
-    return 2 if failed else 0
+    return failures(failed, len(paths))

@@ -16,15 +16,30 @@ scale, so ``--mode slide``, ``--scales`` and ``--confidence`` are refused; ``--f
 left-right mirror). Segmentation + depth models write both sets of files and take every option:
 ``--mode``, ``--flip`` and ``--scales`` shape the masks as for a segmentation model, depth is the
 depth model's (see ``dptune.tools.multitask``).
+
+Inputs: a file, a folder (its images, extensions in any case) or a glob (``*.jpg`` takes ``.JPG``
+too). Each image is read upright: its EXIF orientation applied as ``transformers``' ``pipeline``
+applies it. ``<stem>`` is the file name without its extension; inputs from several folders keep
+their folders below their common one (``a/x.jpg``, ``b/x.jpg`` -> ``OUT/a/x.png``, ``OUT/b/x.png``),
+and inputs that would still share a name get the extension added (``x.jpg``, ``x.png`` -> ``x``,
+``x_png``), so no prediction replaces another. An image that cannot be read or predicted is named
+in one line and the rest go on; the exit status is then 2, with the count.
+
+Inputs are never written: ``--out`` may not be an input, an input's folder or inside one (refused in
+one line before anything is written). ``OUT/dptune-predict.json`` lists the files predict wrote
+there; those are replaced by a later run, any other file in the way stops the run before
+anything is written unless ``--overwrite`` is given. Loading a model never runs code shipped with
+it unless ``--trust-remote-code`` is given (dptune's own exports never need it).
 """
 
 from __future__ import annotations
 
 import argparse
-import glob
+import itertools
+import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import cv2
@@ -32,24 +47,147 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dptune.data.sources import read_image
+from dptune.data.sources import glob_files, read_image
 from dptune.errors import ConfigError, DataError
 from dptune.inference import FLIP_VIEWS
 from dptune.labels import LabelSet
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+# every file name predict may derive from a stem: two inputs never share one (see ``output_stems``)
+OUTPUT_SUFFIXES = (".png", "_overlay.png", "_confidence.png", "_depth.png", "_depth.tiff", "_depth_color.png", ".ply")
+MANIFEST = "dptune-predict.json"  # in --out: the files predict wrote there (what a later run may replace)
 
 
 def list_images(spec: str) -> list[str]:
-    """A file, a folder (its images) or a glob."""
+    """A file, a folder (its images, the extension in any case) or a glob (the extension in any case)."""
     if os.path.isdir(spec):
-        return sorted(str(p) for p in Path(spec).iterdir() if p.suffix.lower() in IMAGE_EXTS)
+        return sorted(str(p) for p in Path(spec).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
     if os.path.isfile(spec):
         return [spec]
-    found = sorted(glob.glob(spec, recursive=True))
+    found = glob_files(spec)
     if not found:
         raise DataError(f"{spec}: no images found")
     return found
+
+
+def output_stems(paths: list[str]) -> list[str]:
+    """Where each input's outputs go below ``--out``, without the suffix: the input's path below
+    the common folder of all inputs, without its extension (one folder: the bare stem). Inputs that
+    would still share an output file (``x.jpg`` and ``x.png``; ``x.jpg`` and ``x_overlay.jpg``;
+    names equal but for case, which a case-insensitive disk cannot tell apart) get their extension
+    added, then a number: no prediction ever replaces another's."""
+    absolute = [os.path.abspath(p) for p in paths]
+    base = os.path.commonpath([os.path.dirname(p) for p in absolute]) if absolute else ""
+    taken: set[str] = set()
+    stems = []
+    for p in absolute:
+        root, ext = os.path.splitext(os.path.relpath(p, base))
+        tagged = f"{root}_{ext.lstrip('.')}" if ext else root
+        for stem in itertools.chain([root, tagged], (f"{tagged}_{n}" for n in itertools.count(2))):
+            names = {(stem + s).casefold() for s in OUTPUT_SUFFIXES}
+            if not names & taken:
+                break
+        taken |= names
+        stems.append(stem)
+    return stems
+
+
+def refuse_among_inputs(target: str | Path, files: Iterable[str | Path], flag: str,
+                        folders: Iterable[str | Path] = (), singles: Iterable[str | Path] = ()) -> None:
+    """An output path (``flag`` names the option) that is an input (one of ``files``: data; of
+    ``singles``: a config, a label file, a checkpoint), the folder of one of ``files``, one of
+    ``folders`` (an exported model) or inside such a folder stops here in one line: the inputs and
+    their folders stay byte-for-byte as they were."""
+    t = Path(target).resolve()
+    data = {Path(f).resolve() for f in files}
+    if t in data | {Path(f).resolve() for f in singles}:
+        raise ConfigError(f"{flag} {target}: is one of the inputs; it would be overwritten. Write to another path")
+    for d in sorted({f.parent for f in data} | {Path(d).resolve() for d in folders}):
+        if t == d or d in t.parents:
+            raise ConfigError(f"{flag} {target}: {'is' if t == d else 'is inside'} {d}, a folder of the inputs; "
+                              "dptune never writes among its inputs (it would add files to that folder, or "
+                              "replace some). Write to a folder of its own")
+
+
+def refuse_out_among_inputs(out: str, paths: list[str], stems: list[str]) -> None:
+    """``--out``, and every folder below it that the outputs go to, outside the inputs and their folders."""
+    refuse_among_inputs(out, paths, "--out")
+    for sub in sorted({os.path.dirname(s) for s in stems} - {""}):
+        try:
+            refuse_among_inputs(Path(out) / sub, paths, "--out")
+        except ConfigError:
+            raise ConfigError(f"--out {out}: the predictions of the inputs in {sub}/ would go to {Path(out) / sub}, "
+                              "a folder of the inputs; write them to a folder of their own") from None
+
+
+def _manifest(out: Path) -> set[str]:
+    """The files a previous run listed in ``OUT/dptune-predict.json``; a file of that name that is
+    not such a list stops the run (it is the user's)."""
+    path = out / MANIFEST
+    if not path.exists():
+        return set()
+    try:
+        spec = json.loads(path.read_text())
+        files = spec["files"] if spec.get("written_by") == "dptune predict" else None
+    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+        files = None
+    if not isinstance(files, list):
+        raise ConfigError(f"{path}: already there and not dptune's list of its predictions; predict into another "
+                          "folder")
+    return {str(f) for f in files}
+
+
+def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) -> Path:
+    """The output folder, made, its list of predict's files (``MANIFEST``) updated with ``planned``
+    (file names below it) before any is written. A planned file already there that predict did not
+    write (not in the list) stops the run in one line unless ``overwrite``."""
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"--out {out}: is a file, not a folder")
+    ours = _manifest(out)
+    foreign = [f for f in planned if f not in ours and (out / f).exists()]
+    if foreign and not overwrite:
+        raise ConfigError(f"--out {out}: {len(foreign)} file(s) there that predict did not write would be "
+                          f"overwritten (first: {out / foreign[0]}); predict into another folder, or give "
+                          "--overwrite")
+    for folder in sorted({(out / f).parent for f in planned} | {out}):
+        folder.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{MANIFEST}.tmp"
+    tmp.write_text(json.dumps({"written_by": "dptune predict", "files": sorted(ours | set(planned))}, indent=1) + "\n")
+    tmp.replace(out / MANIFEST)
+    return out
+
+
+def imwrite(path: Path, array: np.ndarray) -> None:
+    """``cv2.imwrite`` that fails loudly (it returns False on a full disk or a bad path)."""
+    if not cv2.imwrite(str(path), array):
+        raise DataError(f"{path}: could not be written")
+
+
+def predict_each(paths: list[str], stems: list[str], desc: str,
+                 one: Callable[[str, str, np.ndarray], None]) -> list[str]:
+    """``one(path, stem, image)`` for each input, with a progress bar; an image that cannot be read
+    (empty, damaged, not an image) or predicted is named in one line and the others go on. Returns
+    the inputs that failed."""
+    failed: list[str] = []
+    for path, stem in tqdm(list(zip(paths, stems, strict=True)), desc=desc):
+        try:
+            one(path, stem, read_image(path))
+        except (ValueError, RuntimeError, OSError, cv2.error) as e:  # DataError is a ValueError
+            lines = str(e).strip().splitlines()  # OpenCV's reason is its last line
+            why = (lines[-1] if isinstance(e, cv2.error) else lines[0]) if lines else type(e).__name__
+            tqdm.write(f"error: {why if why.startswith(path) else f'{path}: {why}'}", file=sys.stderr)  # own line
+            failed.append(path)
+    return failed
+
+
+def failures(failed: list[str], total: int) -> int:
+    """The exit status, with one line that counts the failures (each was named as it happened)."""
+    if not failed:
+        return 0
+    print(f"error: {len(failed)} of {total} images could not be predicted (each named above, first {failed[0]}); "
+          f"the other {total - len(failed)} were predicted", file=sys.stderr)
+    return 2
 
 
 def overlay(image: np.ndarray, pred: np.ndarray, labels: LabelSet, alpha: float = 0.5) -> np.ndarray:
@@ -71,28 +209,22 @@ def overlay(image: np.ndarray, pred: np.ndarray, labels: LabelSet, alpha: float 
     return canvas
 
 
-def readable_images(paths: list[str], desc: str, failed: list[str]) -> Iterator[tuple[str, np.ndarray]]:
-    """(path, uint8 HxWx3 image) of each readable file, with a progress bar; an unreadable one is
-    reported in one line and appended to ``failed``."""
-    for path in tqdm(paths, desc=desc):
-        try:
-            yield path, read_image(path)
-        except DataError as e:
-            print(f"error: {e}", file=sys.stderr)
-            failed.append(path)
-
-
 def write_rgb(path: Path, rgb: np.ndarray) -> None:
-    cv2.imwrite(str(path), cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+    imwrite(path, cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR))
+
+
+def mask_files(stem: str, confidence: bool) -> list[str]:
+    """What ``write_masks`` writes for one input."""
+    return [f"{stem}.png", f"{stem}_overlay.png"] + ([f"{stem}_confidence.png"] if confidence else [])
 
 
 def write_masks(out: Path, stem: str, image: np.ndarray, pred: np.ndarray, conf: np.ndarray, labels: LabelSet,
                 args: argparse.Namespace) -> None:
     """``<stem>.png``, ``<stem>_overlay.png`` and, with ``--confidence``, ``<stem>_confidence.png``."""
-    cv2.imwrite(str(out / f"{stem}.png"), pred)
+    imwrite(out / f"{stem}.png", pred)
     write_rgb(out / f"{stem}_overlay.png", overlay(image, pred, labels, args.alpha))
     if args.confidence:
-        cv2.imwrite(str(out / f"{stem}_confidence.png"), (conf * 255).round().astype(np.uint8))
+        imwrite(out / f"{stem}_confidence.png", (conf * 255).round().astype(np.uint8))
 
 
 SCALE_RANGE = (0.125, 4.0)  # beyond: views of a few pixels, or of a size no memory holds
@@ -113,8 +245,14 @@ def parse_scales(spec: str) -> tuple[float, ...]:
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", required=True, help="dptune .ckpt or exported directory")
-    ap.add_argument("--images", required=True, help="an image file, a folder or a glob")
-    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--images", required=True, help="an image file, a folder or a glob (extensions in any case)")
+    ap.add_argument("--out", required=True, help="output folder: not an input, nor an input's folder or inside one")
+    ap.add_argument("--overwrite", action="store_true",
+                    help="replace files in --out that predict did not write (its own, listed in "
+                         f"{MANIFEST}, are always replaced); without it such a file stops the run")
+    ap.add_argument("--trust-remote-code", action="store_true",
+                    help="allow a model whose config asks for code shipped with it (auto_map) to run that code; "
+                         "never needed for dptune's exports")
     ap.add_argument("--mode", choices=["whole", "slide"], default="whole",
                     help="masks: whole image or sliding windows (depth: whole image only)")
     ap.add_argument("--flip", nargs="?", const="h", default="none", choices=list(FLIP_VIEWS),
@@ -132,28 +270,31 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         paths = list_images(args.images)
+        stems = output_stems(paths)
+        refuse_out_among_inputs(args.out, paths, stems)
         task = model_task(args.model)
         if task == "depth":
-            return predict_depth(args, paths)
+            return predict_depth(args, paths, stems)
         if task == "multitask":
             from dptune.tools.multitask import predict_both
 
-            return predict_both(args, paths)
+            return predict_both(args, paths, stems)
         scales = parse_scales(args.scales)
         if args.intrinsics:
             raise ConfigError("--intrinsics: point clouds need depth; this is a segmentation model")
-        predictor = Predictor.load(args.model, args.device)
+        predictor = Predictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)
+        out = prepare_out(args.out, [f for s in stems for f in mask_files(s, args.confidence)], args.overwrite)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    failed: list[str] = []
-    for path, image in readable_images(paths, "predicting", failed):
+
+    def one(path: str, stem: str, image: np.ndarray) -> None:
         pred, conf = predictor.predict(image, mode=args.mode, flip=args.flip, scales=scales)
-        write_masks(out, Path(path).stem, image, pred, conf, predictor.labels, args)
-    print(f"{len(paths) - len(failed)} predictions in {out}" + (f", {len(failed)} unreadable images" if failed else ""))
-    return 2 if failed else 0
+        write_masks(out, stem, image, pred, conf, predictor.labels, args)
+
+    failed = predict_each(paths, stems, "predicting", one)
+    print(f"{len(paths) - len(failed)} predictions in {out}")
+    return failures(failed, len(paths))
 
 
 if __name__ == "__main__":

@@ -1,0 +1,393 @@
+"""The files users really have: phone photos stored turned with an EXIF orientation tag, ``.JPG``
+beside ``.jpg``, one file name in two folders, empty and tiny images, exports that ship code, and
+output paths that point at the inputs. Read the way every viewer and ``transformers`` read them,
+none left out or overwritten without a word."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from conftest import CAMVID, REPO, TINY, needs
+from PIL import Image, ImageOps
+
+from dptune.data.sources import FolderSource, image_header_size, read_image, read_mask
+from dptune.errors import ConfigError, DataError
+from dptune.tools.evaluate import main as evaluate_main
+from dptune.tools.inspect import main as inspect_main
+from dptune.tools.predict import main as predict_main
+
+pytestmark = needs(CAMVID)
+FRAMES = sorted((CAMVID / "val").glob("*.jpg"))[:3] if CAMVID.is_dir() else []
+UPRIGHT_ROTATION = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270, 3: Image.Transpose.ROTATE_180}
+
+
+@pytest.fixture(scope="module")
+def models(tmp_path_factory) -> Path:
+    """A tiny segmentation + depth export: ``joint/``, with ``joint/segmentation`` and ``joint/depth``
+    the single-task models (each a stock transformers directory)."""
+    from transformers import DPTImageProcessorPil
+
+    from dptune.models import build_model
+    from dptune.models.depth import build_depth_model
+    from dptune.models.joint import JointDPT
+
+    out = tmp_path_factory.mktemp("models") / "joint"
+    depth_cfg = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+    torch.manual_seed(0)
+    joint = JointDPT(build_model(["a", "b", "c"], config=dict(TINY)), build_depth_model(config=depth_cfg)).eval()
+    with torch.no_grad():
+        joint.depth.head.head[-2].weight.normal_(0, 0.02)
+    proc = DPTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    for name, model in (("segmentation", joint.seg), ("depth", joint.depth)):
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(out / name)
+        proc.save_pretrained(out / name)
+    return out
+
+
+def turned(frame: Path, orientation: int) -> Image.Image:
+    """The frame's pixels stored as a phone stores them: turned so that ``orientation`` brings them upright."""
+    return Image.open(frame).convert("RGB").transpose(UPRIGHT_ROTATION[orientation])
+
+
+def exif(orientation: int) -> Image.Exif:
+    tags = Image.Exif()
+    tags[0x0112] = orientation
+    return tags
+
+
+def snapshot(folder: Path) -> dict[str, str]:
+    """Every file and folder below ``folder`` with its content hash: what "byte-for-byte unchanged" compares."""
+    return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
+            for p in sorted(folder.rglob("*"))}
+
+
+def errors(capsys) -> list[str]:
+    return [ln.strip() for ln in capsys.readouterr().err.replace("\r", "\n").splitlines() if ln.strip().startswith("error")]
+
+
+def read_png(path: Path) -> np.ndarray:
+    return np.asarray(Image.open(path))
+
+
+# ============================================================================ EXIF orientation
+@pytest.mark.parametrize("fmt", ["jpeg", "png"])
+def test_every_exif_orientation_is_applied_as_pil_exif_transpose_does(tmp_path, fmt):
+    frame = Image.open(FRAMES[0]).convert("RGB")
+    for orientation in range(1, 9):
+        path = tmp_path / f"o{orientation}.{fmt}"
+        frame.save(path, exif=exif(orientation), **({"quality": 95} if fmt == "jpeg" else {}))
+        ref = np.asarray(ImageOps.exif_transpose(Image.open(path)).convert("RGB"))
+        ours = read_image(str(path))
+        assert ours.shape == ref.shape, orientation
+        assert np.abs(ours.astype(int) - ref).max() <= (1 if fmt == "jpeg" else 0), orientation
+        assert image_header_size(str(path)) == ref.shape[:2], orientation  # the header-only check agrees
+    if fmt == "png":  # a label map with the tag is turned the same way (as Hugging Face datasets decode it)
+        label = Image.open(CAMVID / "valannot" / f"{FRAMES[0].stem}.png")
+        for orientation in range(1, 9):
+            label.save(tmp_path / "label.png", exif=exif(orientation))
+            ref = np.asarray(ImageOps.exif_transpose(Image.open(tmp_path / "label.png")))
+            assert np.array_equal(read_mask(str(tmp_path / "label.png"), rgb=False), ref), orientation
+
+
+def test_a_photo_stored_turned_trains_aligned_with_its_label(tmp_path):
+    """A CamVid frame stored turned a quarter with orientation 6 (as phones store portrait photos),
+    its label drawn on the picture as shown: training and validation read the two aligned, both in
+    the pre-flight check (header sizes) and in the batches."""
+    from dptune.data.datamodule import SegmentationDataModule
+
+    root = tmp_path / "d"
+    for sub in ("img", "ann"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", root / "labels.yaml")
+    for frame in FRAMES[:2]:
+        turned(frame, 6).save(root / "img" / f"{frame.stem}.jpg", quality=95, exif=exif(6))
+        shutil.copy(CAMVID / "valannot" / f"{frame.stem}.png", root / "ann" / f"{frame.stem}.png")
+    splits = {s: {"images": "img/*.jpg", "masks": "ann/{stem}.png"} for s in ("train", "val")}
+    for check in (True, "header"):
+        dm = SegmentationDataModule(root=str(root), splits=splits, image_size=64, batch_size=2, num_workers=0,
+                                    check=check)
+        dm.setup("fit")  # stopped with "mask is 480x360 but its image is 360x480" before
+        image, mask = dm.datasets["train"].load(0)
+        assert image.shape[:2] == mask.shape == (360, 480)
+        upright = np.asarray(Image.open(FRAMES[0]).convert("RGB")).astype(int)
+        assert np.abs(image.astype(int) - upright).mean() < 3  # the picture as shown, not turned
+        batch = next(iter(dm.val_dataloader()))
+        assert tuple(batch["mask"].shape[-2:]) == (360, 480) and batch["sizes"][0] == (360, 480)
+
+
+def test_a_label_drawn_on_the_stored_pixels_is_one_line_that_names_exif(tmp_path):
+    frame = FRAMES[0]
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ann").mkdir()
+    turned(frame, 6).save(tmp_path / "img" / "x.jpg", quality=95, exif=exif(6))
+    Image.open(CAMVID / "valannot" / f"{frame.stem}.png").transpose(UPRIGHT_ROTATION[6]).save(tmp_path / "ann" / "x.png")
+    source = FolderSource(str(tmp_path), "img/*.jpg", "ann/{stem}.png")
+    for read in (source.load, source.probe):
+        with pytest.raises(DataError, match=r"ann/x\.png: is 360x480 but its image .*x\.jpg is 480x360 .*EXIF orientation \(6\)"):
+            read(0)
+
+
+def test_predict_reads_a_turned_photo_as_pipeline_does(models, tmp_path):
+    """Masks, overlays and depth of a photo stored turned (orientation 8, JPEG and lossless PNG) are
+    those of the upright picture: what ``pipeline(...)`` gives for the same file."""
+    from transformers import pipeline
+
+    frame = FRAMES[1]
+    (tmp_path / "in").mkdir()
+    turned(frame, 8).save(tmp_path / "in" / "phone.jpg", quality=95, exif=exif(8))
+    turned(frame, 8).save(tmp_path / "in" / "phone.png", exif=exif(8))
+    Image.open(frame).convert("RGB").save(tmp_path / "in" / "upright.png")
+    assert predict_main(["--model", str(models), "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"),
+                         "--device", "cpu"]) == 0
+    out = tmp_path / "out"
+    assert read_png(out / "phone.png").shape == (360, 480)  # phone.jpg; phone.png's are phone_png*
+    assert np.array_equal(read_png(out / "phone_png.png"), read_png(out / "upright.png"))
+    assert np.array_equal(read_png(out / "phone_png_depth.tiff"), read_png(out / "upright_depth.tiff"))
+    seg = pipeline("image-segmentation", model=str(models / "segmentation"))
+    names = {v: int(k) for k, v in seg.model.config.id2label.items()}
+    theirs = np.full((360, 480), 255, np.uint8)
+    for r in seg(str(tmp_path / "in" / "phone.jpg")):
+        theirs[np.asarray(r["mask"]) > 0] = names[r["label"]]
+    assert np.array_equal(read_png(out / "phone.png"), theirs)
+
+
+# ============================================================================ nothing left out
+def test_a_jpg_glob_takes_the_upper_case_extensions_too(models, tmp_path):
+    """5 ``.jpg`` and 3 ``.JPG`` (as cameras write them): all 8 train and all 8 are predicted."""
+    root = tmp_path / "d"
+    for sub in ("img", "ann"):
+        (root / sub).mkdir(parents=True)
+    for i in range(8):
+        name = f"f{i}.{'JPG' if i % 3 == 1 else 'jpg'}"
+        shutil.copy(FRAMES[i % len(FRAMES)], root / "img" / name)
+        shutil.copy(CAMVID / "valannot" / f"{FRAMES[i % len(FRAMES)].stem}.png", root / "ann" / f"f{i}.png")
+    assert len(FolderSource(str(root), "img/*.jpg", "ann/{stem}.png")) == 8  # 5 before
+    assert predict_main(["--model", str(models / "segmentation"), "--images", str(root / "img" / "*.jpg"),
+                         "--out", str(tmp_path / "out"), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in (tmp_path / "out").glob("f?.png")) == [f"f{i}.png" for i in range(8)]
+
+
+def test_inputs_that_share_a_name_each_get_their_own_prediction(models, tmp_path):
+    """``a/x.jpg`` and ``b/x.jpg`` (and ``x.jpg`` beside ``x.png``) gave one prediction, the last."""
+    (tmp_path / "in" / "a").mkdir(parents=True)
+    (tmp_path / "in" / "b").mkdir()
+    shutil.copy(FRAMES[0], tmp_path / "in" / "a" / "x.jpg")
+    shutil.copy(FRAMES[1], tmp_path / "in" / "b" / "x.jpg")
+    Image.open(FRAMES[2]).save(tmp_path / "in" / "b" / "x.png")
+    for frame in FRAMES:
+        shutil.copy(frame, tmp_path / "in" / frame.name)
+    out = tmp_path / "out"
+    assert predict_main(["--model", str(models / "segmentation"), "--images", str(tmp_path / "in" / "**" / "*.*"),
+                         "--out", str(out), "--device", "cpu"]) == 0
+    alone = {}
+    for i, frame in enumerate(FRAMES):  # the same pixels predicted on their own
+        assert predict_main(["--model", str(models / "segmentation"), "--images", str(frame), "--out",
+                             str(tmp_path / f"alone{i}"), "--device", "cpu"]) == 0
+        alone[i] = read_png(tmp_path / f"alone{i}" / f"{frame.stem}.png")
+    assert np.array_equal(read_png(out / "a" / "x.png"), alone[0])
+    assert np.array_equal(read_png(out / "b" / "x.png"), alone[1])
+    assert np.array_equal(read_png(out / "b" / "x_png.png"), alone[2])
+    assert not np.array_equal(alone[0], alone[1])  # the two x.png really are two predictions
+    assert len(list(out.rglob("*_overlay.png"))) == 3 + len(FRAMES)
+
+
+# ============================================================================ bad files: one line each
+def test_an_empty_jpg_in_training_is_one_line_naming_it(tmp_path):
+    from dptune.data.datamodule import SegmentationDataModule
+
+    root = tmp_path / "d"
+    for sub in ("img", "ann"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", root / "labels.yaml")
+    for frame in FRAMES[:2]:
+        shutil.copy(frame, root / "img" / frame.name)
+        shutil.copy(CAMVID / "valannot" / f"{frame.stem}.png", root / "ann" / f"{frame.stem}.png")
+    (root / "img" / "empty.jpg").write_bytes(b"")
+    shutil.copy(CAMVID / "valannot" / f"{FRAMES[0].stem}.png", root / "ann" / "empty.png")
+    with pytest.raises(DataError, match=r"empty\.jpg: empty file \(0 bytes\)"):
+        read_image(str(root / "img" / "empty.jpg"))  # a cv2.error traceback before
+    splits = {"train": {"images": "img/*.jpg", "masks": "ann/{stem}.png"}}
+    for check in (True, "header"):
+        dm = SegmentationDataModule(root=str(root), splits=splits, image_size=64, num_workers=0, check=check)
+        with pytest.raises(DataError) as err:
+            dm.setup("fit")
+        assert [ln for ln in str(err.value).splitlines() if "empty.jpg" in ln][0].endswith("empty file (0 bytes), not an image")
+
+
+def test_predict_names_each_bad_file_goes_on_and_exits_non_zero_with_the_count(models, tmp_path, capsys):
+    """An empty ``.jpg`` stopped predict with a traceback and the rest of the folder was lost; a 1x1
+    image (and one 3 pixels tall, which transformers takes for channels first; one 1 pixel tall,
+    whose depth lost an axis) aborted it without naming the file."""
+    (tmp_path / "in").mkdir()
+    shutil.copy(FRAMES[0], tmp_path / "in" / "a.jpg")
+    (tmp_path / "in" / "b_empty.jpg").write_bytes(b"")
+    (tmp_path / "in" / "c_text.png").write_text("not an image")
+    Image.new("RGB", (1, 1), (200, 30, 30)).save(tmp_path / "in" / "d_dot.png")
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (3, 5, 3), np.uint8)).save(tmp_path / "in" / "e_strip.png")
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (1, 6, 3), np.uint8)).save(tmp_path / "in" / "e_row.png")
+    shutil.copy(FRAMES[1], tmp_path / "in" / "f.jpg")
+    for model in ("segmentation", "depth", ""):
+        out = tmp_path / f"out-{model or 'joint'}"
+        rc = predict_main(["--model", str(models / model), "--images", str(tmp_path / "in"), "--out", str(out),
+                           "--device", "cpu"])
+        lines = errors(capsys)
+        assert rc == 2, model
+        assert len(lines) == 3, lines
+        assert "b_empty.jpg: empty file" in lines[0] and "c_text.png: not a readable image" in lines[1]
+        assert lines[-1].startswith("error: 2 of 7 images could not be predicted")
+        for stem, shape in (("a", (360, 480)), ("d_dot", (1, 1)), ("e_strip", (3, 5)), ("e_row", (1, 6)),
+                            ("f", (360, 480))):
+            if model != "depth":
+                assert read_png(out / f"{stem}.png").shape == shape, (model, stem)
+            if model != "segmentation":
+                assert read_png(out / f"{stem}_depth.tiff").shape == shape, (model, stem)
+
+
+# ============================================================================ never write among the inputs
+@pytest.mark.parametrize("model", ["segmentation", "depth", ""])
+def test_predict_never_writes_into_its_input_folder(models, tmp_path, capsys, model):
+    """``--out`` at the image folder wrote masks over PNG images of the same name. Refused in one
+    line for every model, as is a folder inside it, an input file, and a folder whose subfolders
+    (the inputs' folders mirrored) would be the inputs' own; the inputs stay byte-for-byte as they were."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    for frame in FRAMES[:2]:
+        Image.open(frame).save(images / f"{frame.stem}.png")
+    (tmp_path / "tree" / "b").mkdir(parents=True)
+    (tmp_path / "tree" / "c" / "b").mkdir(parents=True)
+    shutil.copy(FRAMES[2], tmp_path / "tree" / "b" / "x.jpg")  # its prediction would go to OUT/b/x.png
+    shutil.copy(FRAMES[2], tmp_path / "tree" / "c" / "b" / "y.jpg")
+    before = snapshot(tmp_path)
+    cases = [(str(images), str(images)), (str(images), str(images / "preds")),
+             (str(images / f"{FRAMES[0].stem}.png"), str(images / f"{FRAMES[0].stem}.png")),
+             (str(tmp_path / "tree" / "**" / "*.jpg"), str(tmp_path / "tree" / "c"))]  # tree/c/b: an input folder
+    for spec, out in cases:
+        rc = predict_main(["--model", str(models / model), "--images", spec, "--out", out, "--device", "cpu"])
+        lines = errors(capsys)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --out"), (spec, out, lines)
+        assert "a folder of the inputs" in lines[0] or "is one of the inputs" in lines[0], lines
+        assert snapshot(tmp_path) == before, (spec, out)
+
+
+def test_predict_replaces_its_own_files_and_no_others_unless_told(models, tmp_path, capsys):
+    frame = FRAMES[0]
+    out = tmp_path / "preds"
+    out.mkdir()
+    (out / f"{frame.stem}.png").write_bytes(b"my drawing")
+    (out / "notes.txt").write_text("mine")
+    args = ["--model", str(models / "segmentation"), "--images", str(frame), "--out", str(out), "--device", "cpu"]
+    assert predict_main(args) == 2
+    lines = errors(capsys)
+    assert len(lines) == 1 and "predict did not write" in lines[0] and "--overwrite" in lines[0]
+    assert (out / f"{frame.stem}.png").read_bytes() == b"my drawing" and len(list(out.iterdir())) == 2
+    assert predict_main([*args, "--overwrite"]) == 0  # the user said so
+    assert read_png(out / f"{frame.stem}.png").shape == (360, 480)
+    (out / f"{frame.stem}_overlay.png").write_bytes(b"")  # a file predict wrote: a rerun replaces it
+    assert predict_main(args) == 0
+    assert read_png(out / f"{frame.stem}_overlay.png").shape[0] == 360
+    assert (out / "notes.txt").read_text() == "mine"
+
+
+def test_evaluate_never_writes_among_its_inputs_nor_over_other_files(models, tmp_path, capsys):
+    from dptune.labels import LabelSet
+    from dptune.tasks.segmentation import SegmentationModule
+
+    data = tmp_path / "data"
+    for sub in ("val", "valannot"):
+        (data / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", data / "labels.yaml")
+    for frame in FRAMES[:2]:
+        shutil.copy(frame, data / "val" / frame.name)
+        shutil.copy(CAMVID / "valannot" / f"{frame.stem}.png", data / "valannot" / f"{frame.stem}.png")
+    labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
+    model = tmp_path / "model"
+    m = SegmentationModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64).eval()
+    m.model.save_pretrained(model)
+    m.image_processor().save_pretrained(model)
+    base = ["--model", str(model), "--images", "val/*.jpg", "--masks", "valannot/{stem}.png", "--labels",
+            "labels.yaml", "--root", str(data), "--device", "cpu"]
+    before = snapshot(tmp_path)
+    for flag, path in (("--json", data / "valannot" / "scores.json"), ("--json", data / "labels.yaml"),
+                       ("--confusion", data / "val" / f"{FRAMES[0].stem}.jpg"), ("--json", model / "scores.json"),
+                       ("--confusion", data / "valannot" / f"{FRAMES[0].stem}.png")):
+        assert evaluate_main([*base, flag, str(path)]) == 2, (flag, path)
+        lines = errors(capsys)
+        assert len(lines) == 1 and flag in lines[0], lines
+        assert snapshot(tmp_path) == before, (flag, path)
+    (tmp_path / "report").mkdir()
+    mine = tmp_path / "report" / "scores.json"
+    mine.write_text('{"my": "notes"}')
+    assert evaluate_main([*base, "--json", str(mine)]) == 2 and "--overwrite" in errors(capsys)[0]
+    assert mine.read_text() == '{"my": "notes"}'
+    outs = ["--json", str(tmp_path / "report" / "s.json"), "--confusion", str(tmp_path / "report" / "cm.png")]
+    assert evaluate_main([*base, *outs]) == 0
+    assert evaluate_main([*base, *outs]) == 0  # its own files: replaced without asking
+    assert json.loads((tmp_path / "report" / "s.json").read_text())["images"] == 2
+
+
+def test_inspect_never_writes_its_weights_over_the_config_or_among_the_data(tmp_path, capsys):
+    data = tmp_path / "data"
+    for sub in ("train", "trainannot"):
+        (data / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", data / "labels.yaml")
+    for frame in FRAMES[:2]:
+        shutil.copy(frame, data / "train" / frame.name)
+        shutil.copy(CAMVID / "valannot" / f"{frame.stem}.png", data / "trainannot" / f"{frame.stem}.png")
+    config = tmp_path / "camvid.yaml"
+    shutil.copy(REPO / "configs" / "camvid.yaml", config)
+    base = [str(config), "--root", str(data), "--splits", "train", "--class-weights", "median"]
+    before = snapshot(tmp_path)
+    for out in (config, data / "trainannot" / "w.yaml"):
+        assert inspect_main([*base, "--out", str(out)]) == 2  # the config was overwritten before
+        lines = errors(capsys)
+        assert len(lines) == 1 and "--out" in lines[0], lines
+        assert snapshot(tmp_path) == before
+    (tmp_path / "w.yaml").write_text("# my own notes\n")
+    assert inspect_main([*base, "--out", str(tmp_path / "w.yaml")]) == 2 and "--overwrite" in errors(capsys)[0]
+    assert (tmp_path / "w.yaml").read_text() == "# my own notes\n"
+    assert inspect_main([*base, "--out", str(tmp_path / "w2.yaml")]) == 0
+    assert inspect_main([*base, "--out", str(tmp_path / "w2.yaml")]) == 0  # its own fragment: replaced
+
+
+# ============================================================================ code shipped with a model
+def test_an_export_asking_for_remote_code_never_prompts_and_says_how_to_allow_it(models, tmp_path, capsys,
+                                                                               monkeypatch):
+    """transformers asks "Do you wish to run the custom code? [y/N]" at the terminal when a config's
+    ``auto_map`` names code and ``trust_remote_code`` is not given: dptune passes it, False unless
+    ``--trust-remote-code``."""
+    import builtins
+
+    import transformers.dynamic_module_utils as dynamic
+
+    from dptune.predictor import Predictor
+
+    model = tmp_path / "custom"
+    shutil.copytree(models / "segmentation", model)
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.update(model_type="dptune-test-custom", auto_map={"AutoConfig": "custom_dpt.CustomDPTConfig"})
+    (model / "config.json").write_text(json.dumps(cfg))
+    (model / "custom_dpt.py").write_text("from transformers import DPTConfig\n\n\nclass CustomDPTConfig(DPTConfig):\n"
+                                         "    model_type = 'dptune-test-custom'\n")
+    asked = []
+    monkeypatch.setattr(builtins, "input", lambda prompt="": asked.append(prompt) or "n")
+    monkeypatch.setattr(dynamic, "HF_MODULES_CACHE", str(tmp_path / "modules"))
+    frame = str(FRAMES[0])
+    with pytest.raises(ConfigError, match="--trust-remote-code"):
+        Predictor.load(str(model))
+    assert predict_main(["--model", str(model), "--images", frame, "--out", str(tmp_path / "p"), "--device", "cpu"]) == 2
+    lines = errors(capsys)
+    assert len(lines) == 1 and "--trust-remote-code" in lines[0]
+    assert evaluate_main(["--model", str(model), "--images", frame, "--masks", str(CAMVID / "valannot" / "{stem}.png"),
+                          "--labels", str(CAMVID / "labels.yaml"), "--device", "cpu"]) == 2
+    assert "--trust-remote-code" in errors(capsys)[0]
+    assert asked == []
+    assert predict_main(["--model", str(model), "--images", frame, "--out", str(tmp_path / "p"), "--device", "cpu",
+                         "--trust-remote-code"]) == 0
+    assert asked == [] and read_png(tmp_path / "p" / f"{FRAMES[0].stem}.png").shape == (360, 480)
