@@ -943,12 +943,16 @@ def test_data_labels_sets_the_joint_models_classes_and_sources_map_into_them_by_
     seg = {"root": str(CAMVID), "labels": "labels.yaml", "splits": {"train": TRAIN}}
     depth = {"root": str(KITCHEN), "splits": {"train": {"images": "train/rgb/*.jpg", "depth": "train/depth/{stem}.png"}}}
     assert MultiTaskDataModule(segmentation=seg, depth=depth).label_set.names == camvid
-    names = ["Water", *[n.lower() for n in reversed(camvid)]]
+    names = [n.lower() for n in reversed(camvid)]
     dm = MultiTaskDataModule(segmentation=seg, depth=depth, labels=names)
     assert dm.label_set.names == names and dm.labels_spec["names"] == names
     raw = np.array([[0, 3, 8, 11]], np.uint8)  # Sky, Road, Car, void
     assert dm.sources[0].dm.label_set.encode(raw).tolist() == [[names.index("sky"), names.index("road"),
                                                                 names.index("car"), 255]]
+    from dptune.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="'Water'"):  # a class no source labels could never be learned
+        MultiTaskDataModule(segmentation=seg, depth=depth, labels=["Water", *names])
 
 
 @needs(CAMVID)
