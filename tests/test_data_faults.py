@@ -234,8 +234,6 @@ def test_real_camera_intrinsics_read():
     assert read_intrinsics("585,585,320,240.5") == (585.0, 585.0, 320.0, 240.5)
 
 
-@pytest.mark.xfail(strict=True, reason="src/dptune/tools/depth.py:intrinsics must delegate to "
-                                        "dptune.data.depth.read_intrinsics (not this helper's file)")
 def test_predict_intrinsics_with_nan_stop(tmp_path):
     from dptune.tools.depth import intrinsics
 

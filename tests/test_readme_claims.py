@@ -915,8 +915,8 @@ def test_predict_of_a_joint_model_runs_the_backbone_once_per_image_without_tta(j
     passes = []
     load = multitask.load_joint
 
-    def counted(ref, device):
-        seg, depth, joint = load(ref, device)
+    def counted(ref, device, **kw):
+        seg, depth, joint = load(ref, device, **kw)
         seg.model.dpt.embeddings.register_forward_hook(lambda *_: passes.append(1))
         return seg, depth, joint
 

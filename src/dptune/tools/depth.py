@@ -25,7 +25,13 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dptune.data.depth import DepthFolderSource, check_depth_size, check_depth_values, eval_crop_mask
+from dptune.data.depth import (
+    DepthFolderSource,
+    check_depth_size,
+    check_depth_values,
+    eval_crop_mask,
+    read_intrinsics,
+)
 from dptune.errors import ConfigError, DataError
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
 from dptune.tools.evaluate import json_is_ours, refuse_output
@@ -48,17 +54,9 @@ def model_task(ref: str) -> str:
 
 
 def intrinsics(spec: str) -> tuple[float, float, float, float]:
-    """``fx,fy,cx,cy`` or a file holding a 3x3 camera matrix (e.g. 7-Scenes' camera-intrinsics.txt)."""
-    try:
-        if Path(spec).is_file():
-            k = np.loadtxt(spec).reshape(3, 3)
-            return float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])
-        values = [float(v) for v in spec.split(",")]
-    except ValueError as e:
-        raise DataError(f"--intrinsics {spec}: not fx,fy,cx,cy nor a 3x3 camera matrix file ({e})") from None
-    if len(values) != 4:
-        raise DataError(f"--intrinsics {spec!r}: give fx,fy,cx,cy or a 3x3 matrix file")
-    return values[0], values[1], values[2], values[3]
+    """``fx,fy,cx,cy`` or a file holding a 3x3 camera matrix (e.g. 7-Scenes' camera-intrinsics.txt);
+    non-finite values and focal lengths <= 0 are refused."""
+    return read_intrinsics(spec)
 
 
 def cloud_intrinsics(spec: str | None, metric: bool) -> tuple[float, float, float, float] | None:
