@@ -58,9 +58,48 @@ class Checkpoint(ModelCheckpoint):
     Lightning 2.6 only refreshes ``last.ckpt`` when a top-k checkpoint is written in the same
     step, so a run whose metric stops improving would leave a stale ``last.ckpt`` to resume
     from or export.
+
+    A run whose weights or optimizer state hold a NaN or inf has diverged: no checkpoint of it is
+    written or selected as best (the run stops with one line instead; while Lightning handles
+    another exception, such a checkpoint is left unwritten with a warning).
     """
 
+    _in_exception = False
+
+    @staticmethod
+    def _nonfinite(trainer: pl.Trainer) -> list[str]:
+        """This process's parameters, buffers and optimizer state tensors that hold a NaN or inf."""
+        from dptune.tasks.optim import nonfinite_tensors
+
+        module = trainer.lightning_module
+        named = [*module.named_parameters(), *module.named_buffers()]
+        for i, opt in enumerate(trainer.optimizers):
+            for state in opt.state.values():
+                named += [(f"optimizer {i} state {k}", v) for k, v in state.items()]
+        return nonfinite_tensors(named)
+
+    def _check_weights(self, trainer: pl.Trainer) -> None:
+        """Stop (on every process alike) rather than write or select a checkpoint of non-finite weights."""
+        if self._in_exception:
+            return  # ``_save_checkpoint`` looks, without collectives
+        if getattr(self, "_finite_at_step", None) == trainer.global_step:
+            return  # checked for the other checkpoint of this step
+        bad = self._nonfinite(trainer)
+        if trainer.strategy.reduce_boolean_decision(not bad, all=True):
+            self._finite_at_step = trainer.global_step
+            return
+        from dptune.errors import ConfigError
+
+        raise ConfigError(f"training diverged: at step {trainer.global_step} {len(bad) or 'some'} tensors of the run "
+                          f"hold NaN/inf (e.g. {bad[0] if bad else 'on another process'}); no checkpoint written. "
+                          f"Resume from an earlier checkpoint with a lower --model.lr")
+
     def _save_checkpoint(self, trainer: pl.Trainer, filepath: str) -> None:
+        if self._in_exception:
+            bad = self._nonfinite(trainer)
+            if bad:
+                log.warning("not writing %s: %d tensors hold NaN/inf (e.g. %s)", filepath, len(bad), bad[0])
+                return
         # atomic: a job killed while writing leaves the previous file, never half of a new one
         partial = f"{filepath}.partial"
         super()._save_checkpoint(trainer, partial)
@@ -74,18 +113,24 @@ class Checkpoint(ModelCheckpoint):
         so that ``--ckpt_path last`` resumes at the same global step."""
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-        super().on_exception(trainer, pl_module, exception)
-        if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
-            if self._last_global_step_saved != trainer.global_step:
-                self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-            if trainer.is_global_zero:
-                log.warning("SIGTERM: saved %s at step %d; resume with --ckpt_path last",
-                            self.last_model_path, trainer.global_step)
+        self._in_exception = True  # no collectives, no new exception: a non-finite state is left unwritten
+        try:
+            super().on_exception(trainer, pl_module, exception)
+            if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
+                if self._last_global_step_saved != trainer.global_step:
+                    self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
+                if trainer.is_global_zero:
+                    log.warning("SIGTERM: saved %s at step %d; resume with --ckpt_path last",
+                                self.last_model_path, trainer.global_step)
+        finally:
+            self._in_exception = False
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
-        """A NaN monitored value (nothing was scored) is no result: it never becomes "best"."""
+        """A NaN monitored value (nothing was scored) is no result: it never becomes "best"; nor
+        do non-finite weights (see ``_check_weights``)."""
         import torch
 
+        self._check_weights(trainer)
         current = monitor_candidates.get(self.monitor) if self.monitor else None
         if current is not None and torch.isnan(torch.as_tensor(current)).any():
             if trainer.is_global_zero:
@@ -93,6 +138,11 @@ class Checkpoint(ModelCheckpoint):
                             trainer.global_step)
             return
         super()._save_topk_checkpoint(trainer, monitor_candidates)
+
+    def _save_last_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
+        if self.save_last:
+            self._check_weights(trainer)
+        super()._save_last_checkpoint(trainer, monitor_candidates)
 
     def _refresh_last(self, trainer: pl.Trainer) -> None:
         if self.save_last and not self._should_skip_saving_checkpoint(trainer):

@@ -1,11 +1,13 @@
-"""Parameter groups and the learning-rate schedule."""
+"""Parameter groups, the learning-rate schedule, and the count of non-finite steps."""
 
 from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import nn
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LRScheduler
@@ -147,3 +149,40 @@ class WarmupPoly(LRScheduler):
         for group, lr in zip(self.optimizer.param_groups, self.get_lr(), strict=True):
             group["lr"] = lr
         self._last_lr = [group["lr"] for group in self.optimizer.param_groups]
+
+
+class NonFiniteSteps:
+    """Counts the optimizer steps whose loss or gradients are not finite (NaN or inf). Up to
+    ``limit`` of them in a row are skipped (the weights are not updated); one more means the run
+    has diverged and must stop. A finite step resets the count in a row; ``skipped`` is the
+    run's total and ``updates`` the steps that did update the weights."""
+
+    def __init__(self, limit: int) -> None:
+        if isinstance(limit, bool) or not isinstance(limit, int) or limit < 0:
+            raise ConfigError(f"model.nonfinite_skips must be a whole number >= 0, got {limit!r}")
+        self.limit = limit
+        self.in_a_row = self.skipped = self.updates = 0
+
+    def update(self, finite: bool) -> str:
+        """``"step"`` (update the weights), ``"skip"`` (leave them) or ``"stop"`` (diverged)."""
+        if finite:
+            self.in_a_row = 0
+            self.updates += 1
+            return "step"
+        self.in_a_row += 1
+        self.skipped += 1
+        return "skip" if self.in_a_row <= self.limit else "stop"
+
+
+def nonfinite_tensors(named: Iterable[tuple[str, Any]]) -> list[str]:
+    """The names of the floating-point tensors among ``named`` that hold a NaN or inf (one
+    device sync per device, not one per tensor)."""
+    flags: dict[torch.device, list[tuple[str, torch.Tensor]]] = {}
+    for name, t in named:
+        if isinstance(t, torch.Tensor) and t.is_floating_point() and t.numel():
+            flags.setdefault(t.device, []).append((name, torch.isfinite(t.detach()).all()))
+    bad = []
+    for items in flags.values():
+        finite = torch.stack([f for _, f in items]).tolist()
+        bad += [name for (name, _), ok in zip(items, finite, strict=True) if not ok]
+    return bad

@@ -1,0 +1,283 @@
+"""A run that diverges (NaN/inf loss or gradients) stops with one line naming the step; a few
+isolated non-finite steps are skipped without touching the weights; no checkpoint ever holds a
+non-finite tensor."""
+
+from __future__ import annotations
+
+import logging
+import math
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from conftest import CAMVID, needs
+from torch.utils.data import DataLoader, Dataset
+
+from dptune.callbacks import Checkpoint
+from dptune.errors import ConfigError
+from dptune.labels import LabelSet
+from dptune.tasks.segmentation import SegmentationModule
+
+
+def test_the_count_skips_up_to_its_limit_in_a_row_then_stops():
+    from dptune.tasks.optim import NonFiniteSteps
+
+    count = NonFiniteSteps(2)
+    verdicts = [count.update(ok) for ok in (True, False, False, True, False, False, False)]
+    assert verdicts == ["step", "skip", "skip", "step", "skip", "skip", "stop"]
+    assert (count.updates, count.skipped, count.in_a_row) == (2, 5, 3)
+    assert NonFiniteSteps(0).update(False) == "stop"
+    with pytest.raises(ConfigError, match="nonfinite_skips"):
+        NonFiniteSteps(-1)
+
+
+# ---------------------------------------------------------------------------- in-process runs
+class Frames(Dataset):
+    def __len__(self) -> int:
+        return 64
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8),
+                "mask": torch.randint(0, 3, (64, 64), generator=g)}
+
+
+class Poisoned(SegmentationModule):
+    """NaN loss (``loss``) or an inf gradient (``grad``) at the given optimizer steps (0-based)."""
+
+    def __init__(self, *args, bad_steps=(), how: str = "loss", **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.bad_steps, self.how = set(bad_steps), how
+
+    def loss(self, *args):
+        out = super().loss(*args)
+        if self.how == "loss" and self.trainer.global_step in self.bad_steps:
+            out["loss"] = out["loss"] * float("nan")
+        return out
+
+    def on_after_backward(self) -> None:
+        if self.how == "grad" and self.trainer.global_step in self.bad_steps:
+            next(p for p in self.parameters() if p.grad is not None).grad.view(-1)[0] = math.inf
+
+
+class States(pl.Callback):
+    """The weights, BatchNorm statistics and optimizer state after every optimizer step."""
+
+    def __init__(self) -> None:
+        self.after: list[dict[str, torch.Tensor]] = []
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        state = {k: v.detach().clone() for k, v in pl_module.state_dict().items()}
+        opt = trainer.optimizers[0]
+        state.update({f"opt{i}.{k}": v.clone() for i, s in enumerate(opt.state.values()) for k, v in s.items()})
+        self.after.append(state)
+
+
+def _module(tiny_config, **kw) -> Poisoned:
+    spec = LabelSet(names=["a", "b", "c"]).to_dict()
+    return Poisoned(config=tiny_config, label_spec=spec, image_size=64, lr=1e-3, warmup_steps=0, **kw)
+
+
+def _fit(module, steps: int, callbacks=(), precision: str = "32-true", **kw) -> pl.Trainer:
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=steps, precision=precision, logger=False,
+                         enable_progress_bar=False, enable_model_summary=False,
+                         enable_checkpointing=any(isinstance(c, Checkpoint) for c in callbacks),
+                         callbacks=list(callbacks), limit_val_batches=0, **kw)
+    trainer.fit(module, DataLoader(Frames(), batch_size=2))
+    return trainer
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> list[str]:
+    return [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("how", ["loss", "grad"])
+def test_an_isolated_non_finite_step_is_skipped_and_leaves_everything_as_it_was(tiny_config, how, caplog):
+    states = States()
+    module = _module(tiny_config, bad_steps={2}, how=how)
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        trainer = _fit(module, 5, [states])
+    assert trainer.global_step == 5  # the run went on
+    before, skipped, after = states.after[1], states.after[2], states.after[3]
+    # the skipped step changed no weight, no BatchNorm statistic, no optimizer moment
+    assert _same(before, skipped) == []
+    assert _same(skipped, after), "the next step trains again"
+    assert all(torch.isfinite(v).all() for v in states.after[-1].values() if v.is_floating_point())
+    warned = [r.getMessage() for r in caplog.records if "skipped" in r.getMessage()]
+    what = "non-finite loss (train/loss=nan" if how == "loss" else "non-finite gradients"
+    assert len(warned) == 1 and warned[0].startswith("step 3 (epoch 1, batch 3): " + what), warned
+
+
+def test_persistent_non_finite_losses_stop_the_run_naming_the_step_and_the_cause(tiny_config):
+    module = _module(tiny_config, bad_steps=set(range(1, 100)), nonfinite_skips=2)
+    with pytest.raises(ConfigError) as err:
+        _fit(module, 10)
+    msg = str(err.value)
+    assert "\n" not in msg
+    assert msg.startswith("training diverged at step 4 (epoch 1, batch 4): non-finite loss (train/loss=nan")
+    assert "3 steps in a row, more than model.nonfinite_skips=2" in msg
+    assert "likely cause: a learning rate too high (model.lr 0.001" in msg and "--model.lr" in msg
+
+
+def test_a_non_finite_loss_before_any_update_blames_the_data_or_the_starting_weights(tiny_config):
+    with pytest.raises(ConfigError, match=r"at step 1 .*likely cause: the starting weights or the data"):
+        _fit(_module(tiny_config, bad_steps={0}, nonfinite_skips=0), 3)
+
+
+def test_bf16_gradients_are_checked_too(tiny_config, caplog):
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        trainer = _fit(_module(tiny_config, bad_steps={1}, how="grad"), 3, precision="bf16-mixed")
+    assert trainer.global_step == 3
+    assert any("step 2 (epoch 1, batch 2): non-finite gradients" in r.getMessage() for r in caplog.records)
+
+
+@pytest.mark.parametrize("fused", [True, False])
+def test_under_a_grad_scaler_a_non_finite_loss_is_skipped_and_overflow_left_to_the_scaler(tiny_config, fused, caplog):
+    """16-mixed: the GradScaler skips steps whose gradients overflow (and lowers its scale); that is
+    no divergence. A non-finite loss is, and its step changes nothing, whether the optimizer
+    unscales its gradients itself (fused AdamW) or the scaler does before the step. (fp16 autocast
+    and a GradScaler on the CPU: Lightning's 16-mixed needs a GPU.)"""
+    from lightning.pytorch.plugins.precision import MixedPrecision
+
+    def fit(how):
+        module, states = _module(tiny_config, bad_steps={2}, how=how), States()
+        module._fused_adamw = lambda: fused
+        plugin = MixedPrecision("16-mixed", "cpu", scaler=torch.amp.GradScaler("cpu"))
+        with caplog.at_level(logging.WARNING, logger="dptune"):
+            trainer = _fit(module, 4, [states], precision=None, plugins=[plugin])
+        assert bool(trainer.optimizers[0].defaults.get("fused")) == fused
+        assert trainer.precision_plugin.scaler.get_scale() == 2.0**15  # one step skipped by the scaler
+        return states.after
+
+    caplog.clear()
+    after = fit("loss")
+    assert _same(after[1], after[2]) == [] and _same(after[2], after[3])
+    assert [r.getMessage()[:35] for r in caplog.records] == ["step 3 (epoch 1, batch 3): non-fini"]
+
+    caplog.clear()
+    after = fit("grad")
+    assert [k for k in _same(after[1], after[2]) if "running" not in k and "num_batches" not in k] == []
+    assert caplog.records == []  # the scaler's business
+
+
+class Joint(Dataset):
+    def __len__(self) -> int:
+        return 8
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        g = torch.Generator().manual_seed(i)
+        return {"image": torch.randint(0, 256, (3, 64, 64), generator=g, dtype=torch.uint8),
+                "mask": torch.randint(0, 3, (64, 64), generator=g), "depth": 1 + 4 * torch.rand(64, 64, generator=g)}
+
+
+def test_a_joint_model_stops_on_one_task_s_non_finite_loss_and_names_it(tiny_config):
+    from dptune.tasks.multitask import MultiTaskModule
+
+    module = MultiTaskModule(config=tiny_config, label_spec=LabelSet(names=["a", "b", "c"]).to_dict(), image_size=64,
+                             max_depth=10.0, nonfinite_skips=1)
+
+    def poison(head, args, output):
+        return output * math.nan if module.trainer.global_step >= 1 else output
+
+    module.model.depth.head.register_forward_hook(poison)
+    trainer = pl.Trainer(accelerator="cpu", devices=1, max_steps=5, logger=False, enable_progress_bar=False,
+                         enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0)
+    with pytest.raises(ConfigError) as err:
+        trainer.fit(module, DataLoader(Joint(), batch_size=2))
+    msg = str(err.value)
+    assert msg.startswith("training diverged at step 3 (epoch 1, batch 3): non-finite loss (train/loss_depth=nan, "
+                          "train/loss=nan) in 2 steps in a row"), msg
+    assert all(torch.isfinite(p).all() for p in module.parameters())
+
+
+class Corrupt(pl.Callback):
+    """NaN into one weight after the last step: a state the step checks cannot have let through."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == trainer.max_steps:
+            with torch.no_grad():
+                next(pl_module.parameters()).view(-1)[0] = math.nan
+
+
+@pytest.mark.parametrize("on_exception", [False, True])
+def test_no_checkpoint_of_non_finite_weights_is_written_or_selected(tiny_config, tmp_path, on_exception):
+    ckpt = Checkpoint(dirpath=tmp_path, save_last=True, save_on_exception=on_exception)
+    with pytest.raises(ConfigError, match=r"training diverged: at step 3 .* hold NaN/inf .*no checkpoint written"):
+        _fit(_module(tiny_config), 3, [ckpt, Corrupt()])
+    assert list(tmp_path.iterdir()) == []
+    assert ckpt.best_model_path == ""
+
+
+# ---------------------------------------------------------------------------- train.py
+def _all_finite(path) -> list[str]:
+    """Names of the non-finite tensors among a checkpoint's weights and optimizer state."""
+    saved = torch.load(path, map_location="cpu", weights_only=False)
+    named = list(saved["state_dict"].items())
+    for opt in saved["optimizer_states"]:
+        named += [(f"optimizer {k}", v) for s in opt["state"].values() for k, v in s.items()]
+    return [k for k, v in named if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+
+
+@pytest.mark.slow
+@needs(CAMVID)
+def test_a_diverging_camvid_run_exits_2_with_one_line_and_finite_checkpoints(tmp_path, tiny_config_path):
+    from test_train import camvid_args, run_train
+
+    run = tmp_path / "run"
+    proc = run_train([*camvid_args(run, tiny_config_path, epochs=2), "--model.lr", "1e4", "--trainer.logger", "false"],
+                     cwd=tmp_path, check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr
+    assert len(errors) == 1 and errors[0].startswith("error: training diverged at step "), errors
+    assert "likely cause: a learning rate too high (model.lr 10000" in errors[0]
+    ckpts = sorted(run.rglob("*.ckpt"))
+    assert ckpts, "the first epoch's checkpoints are still there"
+    for path in ckpts:
+        assert _all_finite(path) == [], path
+
+
+class NaNOnOneRank(pl.Callback):
+    """From optimizer step ``step`` on, the segmentation head of process ``rank`` outputs NaN
+    (``--trainer.callbacks+=test_divergence.NaNOnOneRank``): one process diverges, the other not."""
+
+    def __init__(self, rank: int = 1, step: int = 1) -> None:
+        self.rank, self.step = rank, step
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        def poison(module, args, output):
+            bad = trainer.global_rank == self.rank and trainer.global_step >= self.step and module.training
+            return output * math.nan if bad else output
+
+        pl_module.model.head.register_forward_hook(poison)
+
+
+@pytest.mark.slow
+@needs(CAMVID)
+def test_ddp_stops_every_process_when_one_diverges(tmp_path, tiny_config_path):
+    import os
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from test_train import camvid_args
+
+    run = tmp_path / "run"
+    args = [*camvid_args(run, tiny_config_path, epochs=2), "--trainer.logger", "false", "--model.nonfinite_skips", "1",
+            "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+            "--trainer.callbacks+=test_divergence.NaNOnOneRank", "--trainer.callbacks.step=2"]
+    env = dict(os.environ, WANDB_MODE="offline",
+               PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True,
+                          text=True, timeout=300)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    # 7 frames over 2 processes, batch 2: 2 steps per epoch; steps 3 and 4 non-finite on process 1 alone, and
+    # both processes stop there, saying the same (process 0 sees it in the gradients DDP averaged)
+    assert errors, proc.stderr[-3000:]
+    for line in errors:
+        assert line.startswith("error: training diverged at step 4 (epoch 2, batch 2): non-finite loss"), line
+        assert "on 1 of 2 processes in 2 steps in a row, more than model.nonfinite_skips=1" in line, line
+    for path in sorted(run.rglob("*.ckpt")):
+        assert _all_finite(path) == [], path
