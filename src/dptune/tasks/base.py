@@ -20,7 +20,7 @@ from dptune.models.backbones import default_normalization, family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
 from dptune.models.source import resolve_pretrained
 from dptune.preprocessing import image_processor
-from dptune.tasks.optim import NonFiniteSteps, WarmupPoly, nonfinite_tensors, param_groups
+from dptune.tasks.optim import NonFiniteSteps, WarmupPoly, any_nonfinite, nonfinite_tensors, param_groups
 
 log = logging.getLogger(__name__)
 
@@ -337,7 +337,7 @@ class DPTTask(pl.LightningModule):
             finite[0] = self._loss_finite
         grads = [p.grad for g in optimizer.param_groups for p in g["params"] if p.grad is not None]
         if scaler is None and grads:
-            finite[1] = torch.isfinite(torch.nn.utils.get_total_norm(grads, norm_type=math.inf)).to(self.device)
+            finite[1] = ~any_nonfinite(grads).to(self.device)
         self._loss_finite, self._window_open = None, False
         # how many processes found a non-finite loss, non-finite gradients: one collective, one decision
         counts = trainer.strategy.reduce((~finite).float(), reduce_op="sum")

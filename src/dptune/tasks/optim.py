@@ -174,6 +174,21 @@ class NonFiniteSteps:
         return "skip" if self.in_a_row <= self.limit else "stop"
 
 
+def any_nonfinite(tensors: list[torch.Tensor]) -> torch.Tensor:
+    """A 0-d bool tensor: does any of these tensors hold a NaN or inf? One fused pass per device and
+    dtype (the kernel GradScaler uses, with a scale of 1), without a wait for the device; a norm
+    over ~150 gradient tensors costs 40x more on CPU."""
+    groups: dict[tuple, list[torch.Tensor]] = {}
+    for t in tensors:
+        groups.setdefault((t.device, t.dtype), []).append(t)
+    found = []
+    for (device, _dtype), group in groups.items():
+        flag = torch.zeros(1, device=device)
+        torch._amp_foreach_non_finite_check_and_unscale_(group, flag, torch.ones(1, device=device))
+        found.append(flag.to(tensors[0].device))
+    return torch.cat(found).any()
+
+
 def nonfinite_tensors(named: Iterable[tuple[str, Any]]) -> list[str]:
     """The names of the floating-point tensors among ``named`` that hold a NaN or inf (one
     device sync per device, not one per tensor)."""
