@@ -391,3 +391,23 @@ def test_an_export_asking_for_remote_code_never_prompts_and_says_how_to_allow_it
     assert predict_main(["--model", str(model), "--images", frame, "--out", str(tmp_path / "p"), "--device", "cpu",
                          "--trust-remote-code"]) == 0
     assert asked == [] and read_png(tmp_path / "p" / f"{FRAMES[0].stem}.png").shape == (360, 480)
+
+
+def test_a_disk_cache_entry_decoded_before_exif_orientation_is_not_served(tmp_path):
+    """An entry written by the EXIF-blind reader (keyed without a decoder version) must miss:
+    serving it would train on the stored, unturned pixels while predict reads them upright."""
+    from dptune.data.cache import DiskCache, _stamp
+    from dptune.data.sources import FolderSource
+    from dptune.labels import load_labels
+
+    labels = load_labels("labels.yaml", str(CAMVID))
+    source = FolderSource(str(CAMVID), "val/0016E5_07997.jpg", "valannot/{stem}.png")
+    cache = DiskCache(source, labels, tmp_path / "cache")
+    old = f"{_stamp(source.images[0])}|{_stamp(source.masks[0])}|" + hashlib.sha1(
+        json.dumps(labels.to_dict(), sort_keys=True).encode()).hexdigest()
+    key = hashlib.sha1(old.encode()).hexdigest()
+    base = tmp_path / "cache" / key[:2] / key
+    base.parent.mkdir(parents=True)
+    np.save(base.with_suffix(".image.npy"), np.zeros((4, 4, 3), np.uint8))
+    np.save(base.with_suffix(".mask.npy"), np.zeros((4, 4), np.uint8))
+    assert 0 not in cache

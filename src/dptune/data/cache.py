@@ -4,8 +4,9 @@ times faster than decoding a JPEG/PNG, and unlike the in-memory cache it survive
 is shared by all processes and loader workers on a machine.
 
 An entry is keyed by the image and mask paths, their sizes and modification times, and the
-label set, so an edited file or a changed ``labels.yaml`` misses the cache instead of serving
-stale data. Entries are written to a temporary file and renamed (processes of a multi-GPU run
+label set and the version of the decoder (``DECODER``), so an edited file or a changed ``labels.yaml`` misses the cache instead of serving
+stale data, and an entry an earlier reader decoded differently (before EXIF orientation was
+applied, say) is decoded anew. Entries are written to a temporary file and renamed (processes of a multi-GPU run
 may write the same entry at once). The cache never writes next to the input data.
 """
 
@@ -20,6 +21,9 @@ import numpy as np
 
 from dptune.errors import DataError
 from dptune.labels import LabelSet
+
+# bumped whenever decoding changes what a file reads as (2: EXIF orientation applied)
+DECODER = 2
 
 
 def default_cache_dir() -> Path:
@@ -47,7 +51,7 @@ class DiskCache:
     def _key(self, i: int) -> str | None:
         if i not in self._keys:
             try:
-                stamp = f"{_stamp(self.source.images[i])}|{_stamp(self.source.masks[i])}|{self.labels_key}"
+                stamp = f"{_stamp(self.source.images[i])}|{_stamp(self.source.masks[i])}|{self.labels_key}|decoder{DECODER}"
                 self._keys[i] = hashlib.sha1(stamp.encode()).hexdigest()
             except OSError:  # a missing file: the checks report it; nothing to cache
                 self._keys[i] = None
