@@ -107,7 +107,7 @@ def test_a_symlinked_file_in_the_directory_is_not_written_through(sources, tmp_p
     assert rc == 2 and len(err) == 1 and "not empty" in err[0], err
     assert notes.read_text() == "my notes\n" and (out / "README.md").is_symlink()
     # replacing it removes the link, never the file it points to
-    (out / "config.json").write_text("{}")  # as an earlier export's
+    (out / "dptune.json").write_text("{}")  # as an earlier export's
     rc, err = export_cli(capsys, sources["vit"], out, "--overwrite")
     assert rc == 0, err
     assert notes.read_text() == "my notes\n"
@@ -172,16 +172,39 @@ def test_overwrite_never_removes_a_directory_that_holds_no_export_the_source_or_
         assert (earlier / "depth" / "model.safetensors").exists()
 
 
+def test_overwrite_never_deletes_what_an_export_does_not_write(sources, tmp_path, capsys):
+    """A project that happens to hold a config.json, and an earlier export a user has added notes and
+    a .git to: --overwrite refuses both, naming what it would have deleted, and touches nothing."""
+    project = tmp_path / "project"
+    (project / "src").mkdir(parents=True)
+    (project / "config.json").write_text('{"name": "my app"}')
+    (project / "src" / "app.py").write_text("print(1)\n")
+    before = tree(project)
+    rc, err = export_cli(capsys, sources["vit"], project, "--overwrite")
+    assert rc == 2 and len(err) == 1 and "holds no earlier export" in err[0], err
+    assert tree(project) == before
+
+    out = tmp_path / "out"
+    assert export_cli(capsys, sources["joint"], out)[0] == 0
+    (out / ".git").mkdir()
+    (out / ".git" / "HEAD").write_text("ref: refs/heads/main\n")
+    (out / "segmentation" / "NOTES.md").write_text("my notes\n")
+    before = tree(out)
+    rc, err = export_cli(capsys, sources["vit"], out, "--overwrite")
+    assert rc == 2 and len(err) == 1 and ".git" in err[0] and "segmentation/NOTES.md" in err[0], err
+    assert tree(out) == before
+
+
 def test_re_exporting_a_directory_into_itself_takes_overwrite(sources, tmp_path, capsys):
     """README: "the source may also be an exported directory" (e.g. to add ONNX): in place only
     with --overwrite, and then the directory holds the new export alone."""
     out = tmp_path / "out"
     assert export_cli(capsys, sources["vit"], out)[0] == 0
-    (out / "stale.txt").write_text("x")
+    (out / "model.onnx").write_bytes(b"an earlier graph")
     assert export_cli(capsys, out, out)[0] == 2
     rc, err = export_cli(capsys, out, out, "--overwrite")
     assert rc == 0, err
-    assert not (out / "stale.txt").exists() and (out / "model.safetensors").exists()
+    assert not (out / "model.onnx").exists() and (out / "model.safetensors").exists()
 
 
 # ---------------------------------------------------------------------------- links and failures

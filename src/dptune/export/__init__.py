@@ -144,6 +144,25 @@ def holds_model(path: Path) -> bool:
     return any((d / f).is_file() for d in (path, path / "segmentation", path / "depth") for f in MODEL_FILES)
 
 
+# every name an export writes (a joint export: its parts in segmentation/ and depth/)
+EXPORT_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "dptune.json",
+                "model.onnx", "model.onnx.data", f"{REMOTE_MODULE}.py"}
+PART_DIRS = {"segmentation", "depth"}
+
+
+def foreign_entries(path: Path) -> list[str]:
+    """What in ``path`` an export does not write (a user's notes, a ``.git``, a project): ``--overwrite``
+    replaces a directory as a whole only when it holds a dptune export and nothing else."""
+    foreign = []
+    for p in sorted(path.iterdir()):
+        if p.name in PART_DIRS and p.is_dir() and not p.is_symlink():
+            foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir())
+                        if q.name not in EXPORT_FILES or not q.is_file() or q.is_symlink()]
+        elif p.name not in EXPORT_FILES or not p.is_file():
+            foreign.append(p.name)
+    return foreign
+
+
 def export_target(out: Path, src: Path, overwrite: bool) -> Path:
     """The directory the export will occupy, checked before any work: ``out`` itself, or where it
     points when it is a symbolic link (said in a warning). Refused with one line: a file, a link to
@@ -170,9 +189,15 @@ def export_target(out: Path, src: Path, overwrite: bool) -> Path:
     if target in src.resolve().parents:
         raise OutputDirError(f"{out}: --overwrite would remove the source {src}, which lies in it; "
                              "choose another output directory")
-    if not holds_model(target):
-        raise OutputDirError(f"{out}: holds no earlier export (no {', '.join(MODEL_FILES)}) but {shown}; "
+    if not any((d / "dptune.json").is_file() for d in (target, *(target / p for p in PART_DIRS))):
+        raise OutputDirError(f"{out}: holds no earlier export (no dptune.json) but {shown}; "
                              "--overwrite replaces only an export, choose a new or empty directory")
+    foreign = foreign_entries(target)
+    if foreign:
+        more = f" and {len(foreign) - 5} more" if len(foreign) > 5 else ""
+        raise OutputDirError(f"{out}: holds files an export does not write ({', '.join(foreign[:5])}{more}); "
+                             "--overwrite replaces an export as a whole and would delete them: move them out "
+                             "or choose another output directory")
     return target
 
 
