@@ -207,6 +207,29 @@ def test_a_depth_split_with_negative_values_stops_before_training_or_reads_them_
     assert any("negative_depth" in r.getMessage() for r in caplog.records)
 
 
+def test_evaluate_scores_depth_with_negative_values_only_when_told(tmp_path, capsys):
+    """A test set that marks missing depth with -1 (trained with data.negative_depth: invalid) must be
+    scorable too: evaluate.py --negative-depth invalid; without it, one line naming the file."""
+    import torch
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessorPil
+
+    from dptune.tools.evaluate import main as evaluate
+
+    root = _depth_folder(tmp_path / "data")
+    torch.manual_seed(0)
+    cfg = {k: v for k, v in json.loads((REPO / "configs" / "models" / "dpt-tiny.json").read_text()).items()
+           if k not in ("use_auxiliary_head", "semantic_loss_ignore_index", "num_labels")}
+    model = DPTForDepthEstimation(DPTConfig(**cfg)).eval()
+    model.save_pretrained(tmp_path / "m")
+    DPTImageProcessorPil(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "m")
+    args = ["--model", str(tmp_path / "m"), "--root", str(root), "--images", "train/rgb/*.jpg",
+            "--depth", "train/depth/{stem}.npy", "--device", "cpu"]
+    assert evaluate(args) == 2
+    err = [line for line in capsys.readouterr().err.splitlines() if line.startswith("error:")]
+    assert len(err) == 1 and "negative" in err[0] and "--negative-depth invalid" in err[0], err
+    assert evaluate([*args, "--negative-depth", "invalid"]) == 0
+
+
 # ---------------------------------------------------------------------------------------- intrinsics
 @pytest.mark.parametrize("text, problem", [
     ("nan 0 320\n0 585 240\n0 0 1\n", "not finite"),

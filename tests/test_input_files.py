@@ -411,3 +411,25 @@ def test_a_disk_cache_entry_decoded_before_exif_orientation_is_not_served(tmp_pa
     np.save(base.with_suffix(".image.npy"), np.zeros((4, 4, 3), np.uint8))
     np.save(base.with_suffix(".mask.npy"), np.zeros((4, 4), np.uint8))
     assert 0 not in cache
+
+
+@pytest.mark.parametrize("where", ["export", "checkpoint"])
+def test_predict_never_writes_into_the_models_folder(models, tmp_path, capsys, where):
+    """``--out`` at (or inside) an exported model, or in the folder of the checkpoint predicted with,
+    would mix masks into the model (and a later export --overwrite there would delete them)."""
+    images = tmp_path / "photos"
+    images.mkdir()
+    shutil.copy(FRAMES[0], images / "a.jpg")
+    model = tmp_path / "model"
+    shutil.copytree(models / "segmentation", model)
+    if where == "checkpoint":
+        model = tmp_path / "run" / "checkpoints" / "last.ckpt"
+        model.parent.mkdir(parents=True)
+        model.write_bytes(b"never read: the output is refused first")
+    before = snapshot(tmp_path)
+    for out in (model if where == "export" else model.parent, (model if where == "export" else model.parent) / "p"):
+        rc = predict_main(["--model", str(model), "--images", str(images / "*.jpg"), "--out", str(out),
+                           "--device", "cpu"])
+        lines = errors(capsys)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --out"), lines
+        assert snapshot(tmp_path) == before

@@ -63,8 +63,8 @@ def check_negative(name: str, raw: np.ndarray, negative: NegativeDepth = "error"
     n = int(np.count_nonzero(below))
     if n:
         raise DataError(f"{name}: {n} negative depth value(s) (lowest {float(raw[below].min()):g}); depth is a "
-                        "distance (if this format marks missing depth with negative values, set negative_depth: "
-                        "invalid to read them as no measurement)")
+                        "distance (if this format marks missing depth with negative values, set data.negative_depth: "
+                        "invalid, or evaluate.py --negative-depth invalid, to read them as no measurement)")
 
 
 def read_intrinsics(spec: str) -> tuple[float, float, float, float]:

@@ -231,7 +231,8 @@ def evaluate_depth(args) -> int:
         raise DataError("for a depth model give --images and --depth (a template with {stem}), and --depth-scale")
     if args.depth_scale is not None and not 0 < args.depth_scale < math.inf:
         raise ConfigError(f"--depth-scale must be a positive number of stored values per metre, got {args.depth_scale}")
-    source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale)
+    source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale,
+                               negative=getattr(args, "negative_depth", "error"))
     if args.json:
         refuse_output(args.json, "--json", [*source.images, *source.depths], args, json_is_ours)
     predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)

@@ -209,6 +209,9 @@ def main(argv: list[str] | None = None) -> int:
     depth.add_argument("--depth", help="depth map template with {stem}/{name}/{dir}")
     depth.add_argument("--depth-scale", type=float, default=None,
                        help="stored value per metre (1000: mm PNG, 256: KITTI, 1: metres); default by file type: 1 for float, 1000 for integer files")
+    depth.add_argument("--negative-depth", choices=["error", "invalid"], default="error",
+                       help="a negative stored depth: error (default; names the file) or invalid (the format marks "
+                            "missing depth that way: read as no measurement, as data.negative_depth in training)")
     depth.add_argument("--min-depth", type=float, default=None, help="default: the model's (else 0.001 m)")
     depth.add_argument("--max-depth", type=float, default=None, help="default: the model's")
     depth.add_argument("--alignment", choices=["none", "median", "lstsq"], help="default: the model's")

@@ -109,12 +109,25 @@ def refuse_among_inputs(target: str | Path, files: Iterable[str | Path], flag: s
                               "replace some). Write to a folder of its own")
 
 
-def refuse_out_among_inputs(out: str, paths: list[str], stems: list[str]) -> None:
-    """``--out``, and every folder below it that the outputs go to, outside the inputs and their folders."""
-    refuse_among_inputs(out, paths, "--out")
+def model_paths(model: str) -> tuple[list[Path], list[Path]]:
+    """The folders and files of a local model that outputs must stay out of: an exported directory;
+    a checkpoint and the folder it lies in (a run's checkpoints). A hub id has none."""
+    path = Path(model)
+    if path.is_dir():
+        return [path], []
+    if path.is_file():
+        return [path.parent], [path]
+    return [], []
+
+
+def refuse_out_among_inputs(out: str, paths: list[str], stems: list[str], model: str | None = None) -> None:
+    """``--out``, and every folder below it that the outputs go to, outside the inputs and their
+    folders, and outside the model's folder."""
+    folders, singles = model_paths(model) if model else ([], [])
+    refuse_among_inputs(out, paths, "--out", folders=folders, singles=singles)
     for sub in sorted({os.path.dirname(s) for s in stems} - {""}):
         try:
-            refuse_among_inputs(Path(out) / sub, paths, "--out")
+            refuse_among_inputs(Path(out) / sub, paths, "--out", folders=folders, singles=singles)
         except ConfigError:
             raise ConfigError(f"--out {out}: the predictions of the inputs in {sub}/ would go to {Path(out) / sub}, "
                               "a folder of the inputs; write them to a folder of their own") from None
@@ -271,7 +284,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         paths = list_images(args.images)
         stems = output_stems(paths)
-        refuse_out_among_inputs(args.out, paths, stems)
+        refuse_out_among_inputs(args.out, paths, stems, args.model)
         task = model_task(args.model)
         if task == "depth":
             return predict_depth(args, paths, stems)
