@@ -17,7 +17,7 @@ from __future__ import annotations
 import logging
 import os
 import platform
-from typing import Any, Literal, Optional, Union
+from typing import Any, Literal
 
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT
@@ -26,7 +26,7 @@ from lightning.pytorch import Callback, Trainer
 log = logging.getLogger("dptune")
 
 AUTO = "auto"
-PrecisionSetting = Optional[Union[_PRECISION_INPUT, Literal["auto"]]]
+PrecisionSetting = _PRECISION_INPUT | Literal["auto"] | None
 
 
 def cpu_flags() -> set[str]:
