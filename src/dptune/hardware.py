@@ -21,7 +21,7 @@ from typing import Any, Literal
 
 import torch
 from lightning.fabric.connector import _PRECISION_INPUT
-from lightning.pytorch import Callback, Trainer
+from lightning.pytorch import Trainer
 
 log = logging.getLogger("dptune")
 
@@ -139,16 +139,3 @@ class DPTuneTrainer(Trainer):
                 log.info("precision %s chosen: %s (--trainer.precision overrides)", self.precision, reason)
             if threads:
                 log.info(threads)
-
-
-class PrecisionRecord(Callback):
-    """Writes the precision a run used (and what was asked for) into each checkpoint it saves,
-    under ``checkpoint["dptune_precision"]``; the export's model card reads it from there."""
-
-    def on_save_checkpoint(self, trainer: Trainer, pl_module: Any, checkpoint: dict) -> None:
-        checkpoint["dptune_precision"] = {
-            "precision": str(trainer.precision),
-            "requested": str(getattr(trainer, "precision_requested", trainer.precision)),
-            "reason": getattr(trainer, "precision_reason", "as given"),
-            "machine": machine(),
-        }

@@ -29,7 +29,7 @@ import torch
 from torch import nn
 
 from dptune.errors import ConfigError
-from dptune.export.card import depth_card, model_card, multitask_card, warn_backend
+from dptune.export.card import depth_card, model_card, multitask_card, training_precision, warn_backend
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
 from dptune.models import dpt_backbone
 from dptune.models.build import input_side
@@ -322,6 +322,11 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
         (out / "README.md").write_text(model_card(labels, processor, metrics, src, uses_backbone(model.config),
                                                   evaluation))
         summary = f"{labels.num_classes} classes"
+    precision = got["meta"].get("precision")
+    if precision:  # what the run trained in (precision: auto resolved on its machine)
+        with open(out / "README.md", "a") as card:
+            card.write(training_precision(precision))
+        meta["precision"] = precision
     (out / "dptune.json").write_text(json.dumps(nan_to_null({"source": src, **meta, "metrics": metrics,
                                                              "evaluation": evaluation}),
                                                 indent=2, default=str, allow_nan=False))
@@ -337,10 +342,12 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
     backbone pass, outputs ``logits`` and ``predicted_depth``."""
     joint, metrics = got["model"], got["metrics"]
     common = {"processor": got["processor"], "evaluation": got["evaluation"]}
-    write_directory({**common, "model": joint.seg, "labels": got["labels"], "meta": {"task": "segmentation"},
+    write_directory({**common, "model": joint.seg, "labels": got["labels"],
+                     "meta": {"task": "segmentation", "precision": got["meta"].get("precision")},
                      "metrics": metrics.get("segmentation", {})}, out / "segmentation", src, False, fp16, tolerance,
                     (shown or out) / "segmentation")
-    write_directory({**common, "model": joint.depth, "meta": {"task": "depth", "depth": got["meta"].get("depth", {})},
+    write_directory({**common, "model": joint.depth, "meta": {"task": "depth", "depth": got["meta"].get("depth", {}),
+                                                               "precision": got["meta"].get("precision")},
                      "metrics": metrics.get("depth", {})}, out / "depth", src, False, fp16, tolerance,
                     (shown or out) / "depth")
     if onnx:
@@ -350,7 +357,8 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
         if err > tolerance:
             (out / "model.onnx").unlink()
             raise ValueError(f"ONNX export differs from torch by {err:.2e} (> {tolerance:.0e}); not written")
-    (out / "README.md").write_text(multitask_card(got["labels"], metrics, src, onnx, repo))
+    (out / "README.md").write_text(multitask_card(got["labels"], metrics, src, onnx, repo)
+                                   + training_precision(got["meta"].get("precision")))
     return out
 
 

@@ -151,3 +151,11 @@ def multitask_card(labels, metrics: dict, source: str, onnx: bool, repo: str | N
             lines.append(f"- depth: AbsRel {depth['abs_rel']:.4f}{on_images(depth)}, RMSE {depth['rmse']:.4f} m, "
                          f"delta1 {depth['delta1']:.4f}" if scored(depth) else f"- depth: {NOT_SCORED}")
     return "\n".join(lines) + "\n"
+
+
+def training_precision(precision: dict | None) -> str:
+    """The card's line on the precision the run trained in (and why, where ``auto`` chose it)."""
+    if not precision:
+        return ""
+    why = "" if precision.get("reason", "as given") == "as given" else f" (precision: auto; {precision['reason']})"
+    return f"\n## Training\n\nTrained in `{precision['precision']}`{why}.\n"

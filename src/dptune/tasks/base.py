@@ -410,3 +410,10 @@ class DPTTask(pl.LightningModule):
             "metrics": self.last_metrics,
             **self.task_metadata(),
         }
+        trainer = self._trainer
+        if trainer is not None:  # the precision it trained in, and why (precision: auto); export's card says it
+            checkpoint["dptune"]["precision"] = {
+                "precision": str(trainer.precision),
+                "requested": str(getattr(trainer, "precision_requested", trainer.precision)),
+                "reason": getattr(trainer, "precision_reason", "as given"),
+            }
