@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import os
 import pickle
+import re
+import zipfile
 from typing import Any
 
 import torch
@@ -12,29 +14,62 @@ import torch
 from dptune.errors import ConfigError
 
 
-def load_checkpoint(path: str, map_location: str = "cpu") -> dict[str, Any]:
+def is_remote(path: Any) -> bool:
+    """A URL (``https://``, ``s3://``, ...) rather than a local file."""
+    return isinstance(path, str) and re.match(r"^[A-Za-z][A-Za-z0-9+.-]*://", path) is not None
+
+
+# what torch's safe unpickler says of a file that holds Python objects beyond tensors and plain
+# types; any other refusal (an unknown opcode, a string too long, ...) comes from a damaged file
+_OBJECT_REFUSALS = ("Unsupported global", "GLOBAL", "Can only create new object", "Can only build",
+                    "unrecognized function")
+
+
+def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False,
+                    trusted: bool | None = None) -> dict[str, Any]:
     """A checkpoint read with ``weights_only=True`` (tensors and plain types: what dptune writes),
     so that opening a checkpoint cannot run code. One that holds other Python objects is refused,
-    unless ``DPTUNE_TRUST_CHECKPOINTS=1`` says its source is trusted."""
-    trusted = os.environ.get("DPTUNE_TRUST_CHECKPOINTS") == "1"
+    unless ``trusted`` (default: ``DPTUNE_TRUST_CHECKPOINTS=1``) says its source is. A missing,
+    empty, truncated or damaged file, and a URL, is one line naming the file. ``mmap``: map the
+    tensors instead of reading them (a quick look at the metadata of a large file)."""
+    if is_remote(path):
+        raise ConfigError(f"{path}: a URL; dptune reads checkpoints from local files only (Lightning would unpickle a "
+                          "remote one with weights_only=False, which can run code): download it first and pass its path")
+    if trusted is None:
+        trusted = os.environ.get("DPTUNE_TRUST_CHECKPOINTS") == "1"
     try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=not trusted)
+        mmap = mmap and zipfile.is_zipfile(path)  # torch maps only its zip format
+        ckpt = torch.load(path, map_location=map_location, weights_only=not trusted, mmap=mmap)
     except FileNotFoundError:
         raise ConfigError(f"{path}: checkpoint not found") from None
     except IsADirectoryError:
         raise ConfigError(f"{path}: a directory, not a checkpoint file") from None
     except pickle.UnpicklingError as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if "weights_only" not in str(e) and "Unsupported global" not in str(e):
-            raise ConfigError(f"{path}: not a readable checkpoint (truncated or not a torch file: {first})") from None
-        raise ConfigError(f"{path}: holds Python objects beyond tensors and plain types ({first}); loading it could "
-                          "run code. If you trust its source, set DPTUNE_TRUST_CHECKPOINTS=1") from None
-    except (EOFError, RuntimeError, KeyError, ValueError, OSError, IndexError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{path}: not a readable checkpoint (empty, truncated or not a torch file: {first})") from None
+        text = str(e).strip()
+        if trusted or not any(mark in text for mark in _OBJECT_REFUSALS):
+            raise ConfigError(f"{path}: not a readable checkpoint (damaged, truncated or not a torch file: "
+                              f"{_reason(text, e)})") from None
+        raise ConfigError(f"{path}: holds Python objects beyond tensors and plain types ({_reason(text, e)}); "
+                          "loading it could run code. If you trust its source, set DPTUNE_TRUST_CHECKPOINTS=1") from None
+    except (EOFError, RuntimeError, KeyError, ValueError, OSError, IndexError, TypeError, AttributeError,
+            UnicodeDecodeError, OverflowError) as e:
+        raise ConfigError(f"{path}: not a readable checkpoint (empty, truncated or not a torch file: "
+                          f"{_reason(str(e).strip(), e)})") from None
     if not isinstance(ckpt, dict):
         raise ConfigError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, not a dict)")
     return ckpt
+
+
+def _reason(text: str, e: BaseException) -> str:
+    """The line of an error message that says what went wrong (torch's safe-loader messages open
+    with a paragraph on ``weights_only``, whose advice does not apply to a damaged file)."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    for ln in lines:
+        if ln.startswith("WeightsUnpickler error:"):
+            return ln.split(":", 1)[1].strip()
+    useful = [ln for ln in lines if "weights_only" not in ln and not ln.startswith("Check the documentation")]
+    first = (useful or lines or [type(e).__name__])[0]
+    return first.split(". ")[0]  # torch's zip reader goes on about how files get corrupted
 
 
 TASKS = ("segmentation", "depth", "multitask")

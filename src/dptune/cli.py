@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger
 from dptune.callbacks import Checkpoint, LRMonitor, ProgressLog, ValidationVisuals
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
+from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
 
 DEFAULT_ROOT = "runs/dptune"
@@ -65,15 +66,47 @@ def task_classes(task: str) -> tuple[type, type]:
     return SegmentationModule, SegmentationDataModule
 
 
+def config_files(args: list[str]) -> list[str]:
+    """The ``--config`` / ``-c`` values of a command line, in order."""
+    found = []
+    for i, arg in enumerate(args):
+        if arg in ("--config", "-c") and i + 1 < len(args):
+            found.append(args[i + 1])
+        elif arg.startswith("--config="):
+            found.append(arg.split("=", 1)[1])
+    return found
+
+
+def read_config(path: str) -> dict[str, Any] | None:
+    """The settings of a ``--config`` file; one line naming it when it is not YAML or not a mapping
+    of settings. None when ``path`` is no file (the parser also takes a config given inline)."""
+    if not os.path.isfile(path):
+        return None
+    try:
+        with open(path, encoding="utf-8") as f:
+            spec = yaml.safe_load(f)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
+    if spec is None:
+        return {}
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a config holds settings as a mapping (key: value lines), "
+                          f"not a {type(spec).__name__}")
+    return spec
+
+
 def task_from_args(args: list[str]) -> str:
     """The task a command line asks for: ``--task NAME``, else a ``task:`` key at the top of a
-    ``--config`` file (the last one that has it), else segmentation."""
+    ``--config`` file (the last one that has it), else segmentation. Every config file is read
+    here, so that one that is not YAML or not a mapping is one line naming it."""
     task = None
-    for i, arg in enumerate(args):
-        value = arg.split("=", 1)[1] if "=" in arg else (args[i + 1] if i + 1 < len(args) else None)
-        if arg.startswith("--config") and value and os.path.isfile(value):
-            spec = yaml.safe_load(open(value)) or {}
-            task = spec.get("task", task) if isinstance(spec, dict) else task
+    for path in config_files(args):
+        task = (read_config(path) or {}).get("task", task)
     for i, arg in enumerate(args):
         if arg == "--task" and i + 1 < len(args):
             task = args[i + 1]
@@ -115,6 +148,18 @@ class DPTuneCLI(LightningCLI):
             "checkpoint.auto_insert_metric_name": False,
         })
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning's CLI puts the hyperparameters of a ``--ckpt_path`` file over the run's settings:
+        ``--ckpt_path RUN --model.lr 0.123`` trained (and logged) the old LR, and a setting the user
+        had removed came back. Here a run's settings are its own; the checkpoint brings the weights,
+        the optimizer state and the progress, and ``ResumeCheck`` decides, when Lightning reads it,
+        what the run may change. Said here, before anything is built: a URL, a file that is not a
+        readable dptune checkpoint, one of another task."""
+        sub = self.config.get("subcommand")
+        path = self.config[sub].get("ckpt_path") if sub else None
+        if path is not None:
+            check_ckpt_path(str(path), self.task, sub)
+
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         root = cfg.trainer.default_root_dir or DEFAULT_ROOT
@@ -132,7 +177,7 @@ def trainer_defaults() -> dict:
     return {
         "default_root_dir": DEFAULT_ROOT,
         "logger": {"class_path": "dptune.callbacks.DPTuneWandbLogger", "init_args": {"project": "dptune"}},
-        "callbacks": [LRMonitor(logging_interval="step"), ValidationVisuals()],
+        "callbacks": [LRMonitor(logging_interval="step"), ValidationVisuals(), ResumeCheck()],
         "log_every_n_steps": 10,
         # a bar only on a terminal; redirected output (nohup, SLURM) gets progress lines (ProgressLog)
         "enable_progress_bar": sys.stdout.isatty(),
