@@ -15,6 +15,7 @@ from lightning.pytorch.loggers import Logger
 from dptune.callbacks import Checkpoint, LRMonitor, ProgressLog, ValidationVisuals
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
+from dptune.hardware import DPTuneTrainer
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
 
@@ -126,6 +127,7 @@ class DPTuneCLI(LightningCLI):
 
     def __init__(self, *args: Any, task: str = "segmentation", **kwargs: Any) -> None:
         self.task = task
+        kwargs.setdefault("trainer_class", DPTuneTrainer)  # precision: auto resolved for the machine
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
