@@ -210,12 +210,53 @@ def test_no_checkpoint_of_non_finite_weights_is_written_or_selected(tiny_config,
 
 # ---------------------------------------------------------------------------- train.py
 def _all_finite(path) -> list[str]:
-    """Names of the non-finite tensors among a checkpoint's weights and optimizer state."""
-    saved = torch.load(path, map_location="cpu", weights_only=False)
-    named = list(saved["state_dict"].items())
-    for opt in saved["optimizer_states"]:
-        named += [(f"optimizer {k}", v) for s in opt["state"].values() for k, v in s.items()]
-    return [k for k, v in named if torch.is_tensor(v) and v.is_floating_point() and not torch.isfinite(v).all()]
+    """Names of the non-finite floating tensors anywhere in a checkpoint: weights, optimizer state,
+    callbacks' state (Lightning's "no k-th best yet" sentinel is +-inf), everything."""
+    def walk(obj, name):
+        if torch.is_tensor(obj):
+            if obj.is_floating_point() and not torch.isfinite(obj).all():
+                yield name
+        elif isinstance(obj, dict):
+            for k, v in obj.items():
+                yield from walk(v, f"{name}/{k}")
+        elif isinstance(obj, (list, tuple)):
+            for i, v in enumerate(obj):
+                yield from walk(v, f"{name}/{i}")
+
+    return list(walk(torch.load(path, map_location="cpu", weights_only=False), ""))
+
+
+def _outputs_finite(path) -> bool:
+    """Whether the checkpoint's model gives finite outputs on a real CamVid frame."""
+    import numpy as np
+    from PIL import Image
+
+    from dptune.tasks.checkpoints import load_module
+
+    module = load_module(str(path)).eval()
+    image = np.asarray(Image.open(sorted((CAMVID / "val").glob("*.jpg"))[0]).convert("RGB").resize((64, 64)))
+    x = torch.from_numpy(image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    with torch.no_grad():
+        logits = module.model(pixel_values=x).logits
+    return bool(torch.isfinite(logits).all())
+
+
+@pytest.mark.slow
+@needs(CAMVID)
+def test_a_run_whose_weights_overflow_the_forward_pass_selects_no_checkpoint_by_nan_predictions(
+        tmp_path, tiny_config_path):
+    """One finite update at lr 1e4 leaves finite weights whose forward pass overflows: validation must
+    call that no result (NaN), not score the NaN logits' argmax as class 0 and keep it as "best"."""
+    from test_train import camvid_args, run_train
+
+    run = tmp_path / "run"
+    proc = run_train([*camvid_args(run, tiny_config_path, epochs=4), "--model.lr", "1e4", "--trainer.max_steps", "12",
+                      "--trainer.logger", "false"], cwd=tmp_path, check=False)
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    for path in sorted(run.rglob("*.ckpt")):
+        assert _all_finite(path) == [], path
+        if path.name.startswith("best"):
+            assert _outputs_finite(path), f"{path.name} was chosen as best but its predictions are NaN"
 
 
 @pytest.mark.slow

@@ -66,6 +66,21 @@ class Checkpoint(ModelCheckpoint):
 
     _in_exception = False
 
+    def state_dict(self) -> dict[str, Any]:
+        """Lightning's state, without the +-inf "no k-th best yet" sentinel: a checkpoint holds no
+        non-finite tensor at all (the sentinel is rebuilt from the mode on load)."""
+        import torch
+
+        state = super().state_dict()
+        for key in ("kth_value", "best_model_score", "current_score"):
+            value = state.get(key)
+            if isinstance(value, torch.Tensor) and not bool(torch.isfinite(value).all()):
+                if key == "kth_value":
+                    del state[key]
+                else:
+                    state[key] = None
+        return state
+
     @staticmethod
     def _nonfinite(trainer: pl.Trainer) -> list[str]:
         """This process's parameters, buffers and optimizer state tensors that hold a NaN or inf."""
@@ -134,7 +149,8 @@ class Checkpoint(ModelCheckpoint):
         current = monitor_candidates.get(self.monitor) if self.monitor else None
         if current is not None and torch.isnan(torch.as_tensor(current)).any():
             if trainer.is_global_zero:
-                log.warning("%s is NaN at step %d (nothing was scored): no best checkpoint from it", self.monitor,
+                log.warning("%s is NaN at step %d (nothing was scored, or the predictions were non-finite): no best "
+                            "checkpoint from it", self.monitor,
                             trainer.global_step)
             return
         super()._save_topk_checkpoint(trainer, monitor_candidates)

@@ -6,6 +6,19 @@ import torch
 from torchmetrics import Metric
 
 
+def warn_if_nonfinite(metric: Metric, where: str) -> int:
+    """How many images (over all processes) gave non-finite predictions, with one warning if any:
+    their metrics are NaN (no result), so no checkpoint is chosen as best by them. A collective."""
+    import logging
+
+    n = int(summed_state(metric, "nonfinite"))
+    if n:
+        logging.getLogger("dptune").warning(
+            "%s: %d image(s) gave non-finite predictions (NaN/inf: the model's outputs overflow); the metrics are "
+            "NaN, no result", where, n)
+    return n
+
+
 def summed_state(metric: Metric, name: str) -> torch.Tensor:
     """A state of ``metric`` summed over processes (e.g. its image count), the local value kept for
     further updates. Reading ``metric.<name>`` after ``compute()`` gives this process's own value:

@@ -89,6 +89,7 @@ class DepthMetrics(Metric):
         self.min_depth, self.max_depth, self.alignment = min_depth, max_depth, alignment
         self.add_state("sums", default=torch.zeros(len(NAMES), dtype=torch.float64), dist_reduce_fx="sum")
         self.add_state("images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("nonfinite", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
     def update(self, pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor) -> None:
         """``pred`` and ``gt`` (B, H, W) in metres (``pred`` relative when ``alignment`` is set),
@@ -97,6 +98,9 @@ class DepthMetrics(Metric):
             if not v.any():
                 continue
             p, g = p[v], g[v]
+            if not bool(torch.isfinite(p).all()):  # an overflowing model: no result (compute gives NaN)
+                self.nonfinite += 1
+                continue
             if self.alignment:
                 p = align(p, g, self.alignment, self.max_depth)
             p = p.clamp(min=self.min_depth, max=self.max_depth)  # the usual protocol clips predictions
@@ -105,7 +109,7 @@ class DepthMetrics(Metric):
 
     def compute(self) -> dict[str, torch.Tensor]:
         # no image scored is no result: NaN, never the perfect-looking 0 of an empty sum
-        n = torch.where(self.images > 0, self.images.double(), torch.nan)
+        n = torch.where((self.images > 0) & (self.nonfinite == 0), self.images.double(), torch.nan)
         return {name: self.sums[i] / n for i, name in enumerate(NAMES)}
 
 

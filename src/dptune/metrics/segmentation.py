@@ -33,13 +33,23 @@ class ConfusionMatrix(Metric):
         self.num_classes = num_classes
         self.add_state("confmat", default=torch.zeros(num_classes, num_classes, dtype=torch.long), dist_reduce_fx="sum")
         self.add_state("images", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
+        self.add_state("nonfinite", default=torch.zeros((), dtype=torch.long), dist_reduce_fx="sum")
 
-    def update(self, preds: torch.Tensor, target: torch.Tensor) -> None:
-        """``preds`` and ``target`` (B, H, W) class indices, 255 in ``target`` for no label."""
+    def update(self, preds: torch.Tensor, target: torch.Tensor, scores: torch.Tensor | None = None) -> None:
+        """``preds`` and ``target`` (B, H, W) class indices, 255 in ``target`` for no label. ``scores``
+        (B, C, H, W), the logits ``preds`` came from: an image whose scores hold a NaN or inf is
+        counted in ``nonfinite`` (its argmax is meaningless) and makes the whole result NaN."""
+        if scores is not None:
+            bad = ~torch.isfinite(scores).reshape(scores.shape[0], -1).all(1)
+            self.nonfinite += bad.sum()
         self.confmat += confusion_counts(preds, target, self.num_classes)
         self.images += (target != IGNORE_INDEX).reshape(target.shape[0], -1).any(1).sum()
 
     def compute(self) -> torch.Tensor:
+        """The summed matrix; all NaN when an image's scores were non-finite (a model whose outputs
+        overflow has no result, never the real-looking score of its NaN argmax)."""
+        if self.nonfinite > 0:
+            return torch.full(self.confmat.shape, float("nan"), dtype=torch.float64, device=self.confmat.device)
         return self.confmat
 
 

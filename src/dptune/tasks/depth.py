@@ -14,7 +14,7 @@ from dptune.data.depth import eval_crop_mask
 from dptune.errors import ConfigError
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
-from dptune.metrics import summed_state
+from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
 from dptune.tasks.base import DPTTask
@@ -134,6 +134,8 @@ class DepthModule(DPTTask):
     def _epoch_metrics(self, stage: str, metrics: DepthMetrics) -> None:
         values = {k: float(v) for k, v in metrics.compute().items()}
         images = int(summed_state(metrics, "images"))  # metrics.images is this process's own count
+        if not self.trainer.sanity_checking:
+            warn_if_nonfinite(metrics, stage)
         metrics.reset()
         for name in NAMES:
             self.log(f"{stage}/{name}", values[name], prog_bar=name in ("abs_rel", "delta1"))

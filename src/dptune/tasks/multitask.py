@@ -17,7 +17,7 @@ from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
-from dptune.metrics import summed_state
+from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.depth import DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model
@@ -176,9 +176,10 @@ class MultiTaskModule(DPTTask):
         out: dict[str, Any] = {}
         if seg:
             target = batch["mask"].long()
-            out["preds"] = resize_per_sample(logits.float(), batch["sizes"], target.shape[-2:], upsample).argmax(1)
+            scores = resize_per_sample(logits.float(), batch["sizes"], target.shape[-2:], upsample)
+            out["preds"] = scores.argmax(1)
             for metric in self._metrics(self.val_confmat, f"seg{dataloader_idx}"):
-                metric.update(out["preds"], target)
+                metric.update(out["preds"], target, scores)
         if dep:
             gt = batch["depth"]
             out["depth"] = resize_per_sample(pred.float(), batch["sizes"], gt.shape[-2:], upsample_depth)
@@ -192,13 +193,17 @@ class MultiTaskModule(DPTTask):
 
     def on_validation_epoch_end(self) -> None:
         seg = metrics_from_confmat(self.val_confmat.compute())
+        overflow = 0
+        if not self.trainer.sanity_checking:
+            overflow = warn_if_nonfinite(self.val_confmat, "val segmentation")
+            warn_if_nonfinite(self.val_depth, "val depth")
         images = {"segmentation": int(summed_state(self.val_confmat, "images")),
                   "depth": int(summed_state(self.val_depth, "images"))}
         self.val_confmat.reset()
         depth = {k: float(v) for k, v in self.val_depth.compute().items()}
         self.val_depth.reset()
         # a task with nothing scored has no figures (NaN): they must not look perfect, nor count in delta_m
-        miou = float(torch.nan_to_num(seg["mIoU"].float())) if images["segmentation"] else math.nan
+        miou = float(torch.nan_to_num(seg["mIoU"].float())) if images["segmentation"] and not overflow else math.nan
         values = {"mIoU": miou, "pixel_acc": float(seg["pixel_acc"]) if images["segmentation"] else math.nan,
                   **{k: depth[k] for k in ("abs_rel", "rmse", "delta1")}}
         for key, metric in self.per_source.items():

@@ -15,7 +15,7 @@ from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
 from dptune.losses.segmentation import cross_entropy, dice_loss, lovasz_loss, upsample
-from dptune.metrics import summed_state
+from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model, segment
 from dptune.tasks.base import DPTTask
@@ -140,7 +140,7 @@ class SegmentationModule(DPTTask):
         logits = self.eval_logits(batch["image"], batch["sizes"], target.shape[-2:])
         preds = logits.argmax(1)
         confmat = self.val_confmat if stage == "val" else self.test_confmat
-        confmat.update(preds, target)
+        confmat.update(preds, target, logits)
         self.log(f"{stage}/loss", cross_entropy(logits, target, self.class_weights), batch_size=target.shape[0],
                  sync_dist=True)
         return {"preds": preds}
@@ -178,9 +178,11 @@ class SegmentationModule(DPTTask):
     def _epoch_metrics(self, stage: str, confmat: ConfusionMatrix) -> None:
         m = metrics_from_confmat(confmat.compute())
         images = int(summed_state(confmat, "images"))
+        nonfinite = warn_if_nonfinite(confmat, stage) if not self.trainer.sanity_checking else 0
         confmat.reset()
         for key in ("mIoU", "pixel_acc", "mAcc"):
-            self.log(f"{stage}/{key}", torch.nan_to_num(m[key].float(), nan=0.0), prog_bar=key == "mIoU")
+            value = m[key].float() if nonfinite else torch.nan_to_num(m[key].float(), nan=0.0)
+            self.log(f"{stage}/{key}", value, prog_bar=key == "mIoU")
         for name, iou in zip(self.label_set.names, m["IoU"].tolist(), strict=True):
             if not math.isnan(iou):
                 self.log(f"{stage}/IoU/{name}", iou)
