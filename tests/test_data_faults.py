@@ -264,3 +264,32 @@ def test_predict_intrinsics_with_nan_stop(tmp_path):
     path.write_text("nan 0 320\n0 585 240\n0 0 1\n")
     with pytest.raises(DataError, match="not finite"):
         intrinsics(str(path))
+
+
+@pytest.mark.parametrize("text, expect", [
+    ("585 0 0\n0 585 0\n320 240 1\n", "transposed"),      # K written column by column
+    ("585 0 320\n0 585 240\n0 0 0\n", "not a pinhole camera matrix"),
+])
+def test_intrinsics_that_are_not_a_pinhole_matrix_are_refused(tmp_path, text, expect):
+    from dptune.data.depth import read_intrinsics
+
+    (tmp_path / "k.txt").write_text(text)
+    with pytest.raises(DataError, match=expect):
+        read_intrinsics(str(tmp_path / "k.txt"))
+    with pytest.raises(DataError, match="no such file"):
+        read_intrinsics(str(tmp_path / "missing.txt"))
+    assert read_intrinsics("585,585,320,240") == (585.0, 585.0, 320.0, 240.0)
+
+
+def test_a_split_mostly_beyond_max_depth_is_warned_about(caplog):
+    """Depth x8 (median 15 m) against max_depth 10: most valid pixels count in nothing; say so."""
+    from dptune.data.depth import check_depth_range
+
+    stats = [(f"d{i}.png", 9.0, 15.0, 20.0) for i in range(4)]
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        check_depth_range("data.splits.train", stats, 0.001, 10.0)
+    assert any("4 of 4 depth maps have most of their valid depth outside" in r.getMessage() for r in caplog.records)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        check_depth_range("data.splits.train", [(f"d{i}.png", 1.0, 3.0, 9.0) for i in range(4)], 0.001, 10.0)
+    assert not caplog.records

@@ -79,7 +79,13 @@ def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
             if k.size != 9:
                 raise ValueError(f"{k.size} values, not a 3x3 matrix")
             k = k.reshape(3, 3)
+            if not np.allclose(k[2], (0, 0, 1)) or k[1, 0] != 0:
+                rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in k)
+                raise ValueError(f"[{rows}] is not a pinhole camera matrix [fx 0 cx; 0 fy cy; 0 0 1]"
+                                 + (" (transposed?)" if np.allclose(k[:, 2], (0, 0, 1)) else ""))
             values = [float(k[0, 0]), float(k[1, 1]), float(k[0, 2]), float(k[1, 2])]
+        elif "," not in spec and (os.sep in spec or Path(spec).suffix[1:].isalpha()):
+            raise ValueError("no such file")
         else:
             values = [float(v) for v in spec.split(",")]
     except ValueError as e:
@@ -376,3 +382,9 @@ def check_depth_range(where: str, stats: list[tuple[str, float, float, float]], 
     if outside:
         log.warning("%s: %d of %d depth maps lie wholly outside the model's range [%g, %g] m and count in no loss or "
                     "metric (first: %s)", where, len(outside), len(stats), min_depth, hi, outside[0][0])
+    mostly = [s for s in stats if not min_depth <= s[2] <= hi]
+    if len(mostly) * 2 > len(stats):
+        median = float(np.median([s[2] for s in stats]))
+        log.warning("%s: %d of %d depth maps have most of their valid depth outside the model's range [%g, %g] m "
+                    "(median %.3g m): those pixels count in no loss or metric; check model.min_depth / "
+                    "model.max_depth and data.depth_scale", where, len(mostly), len(stats), min_depth, hi, median)
