@@ -433,3 +433,239 @@ def test_predict_never_writes_into_the_models_folder(models, tmp_path, capsys, w
         lines = errors(capsys)
         assert rc == 2 and len(lines) == 1 and lines[0].startswith("error: --out"), lines
         assert snapshot(tmp_path) == before
+
+
+# ============================================================================ outputs replace, never write through
+def linked_inputs(tmp_path: Path) -> tuple[Path, Path]:
+    """``imgs/`` (two PNG frames, as phones and exports store them) and ``out/``, whose entries at
+    the names predict writes are links to those images: hard links and symbolic ones."""
+    images, out = tmp_path / "imgs", tmp_path / "out"
+    images.mkdir()
+    out.mkdir()
+    for frame in FRAMES[:2]:
+        Image.open(frame).save(images / f"{frame.stem}.png")
+    return images, out
+
+
+@pytest.mark.parametrize("model", ["segmentation", "depth", ""])
+def test_predict_overwrite_replaces_links_in_out_never_writes_through_them(models, tmp_path, model):
+    """``out/x.png`` hard-linked (or symlinked) to ``imgs/x.png``: ``--overwrite`` wrote the mask
+    into the input image's inode. Every file predict writes replaces its directory entry."""
+    images, out = linked_inputs(tmp_path)
+    a, b = (f"{f.stem}" for f in FRAMES[:2])
+    for i, name in enumerate([f"{a}.png", f"{a}_overlay.png", f"{a}_depth_color.png", f"{b}.png",
+                              f"{b}_depth_color.png", f"{b}_overlay.png"]):
+        target = images / (f"{a}.png" if i % 2 == 0 else f"{b}.png")
+        if i < 3:
+            (out / name).hardlink_to(target)
+        else:
+            (out / name).symlink_to(target)
+    before = snapshot(images)
+    args = ["--model", str(models / model), "--images", str(images), "--out", str(out), "--device", "cpu",
+            "--overwrite", *(["--intrinsics", "500,500,240,180"] if model != "segmentation" else [])]
+    assert predict_main(args) == 0
+    assert snapshot(images) == before  # the inputs, byte for byte
+    written = [out / f for f in json.loads((out / "dptune-predict.json").read_text())["files"]]
+    assert len(written) >= 4 and not [p for p in written if p.is_symlink() or p.stat().st_nlink > 1]
+    if model != "depth":
+        assert read_png(out / f"{a}.png").ndim == 2  # the mask now, not the image
+    assert not list(out.glob(".*tmp*"))  # no temporary file left behind
+
+
+def test_evaluate_and_inspect_overwrite_replace_a_hard_link_to_an_input(models, tmp_path, capsys):
+    """``--json``/``--confusion``/``--out`` at a hard link to a data file: ``--overwrite`` replaced
+    the link, and the file it shared its content with (a mask, the label file) stays as it was."""
+    from dptune.labels import LabelSet
+    from dptune.tasks.segmentation import SegmentationModule
+
+    data = tmp_path / "data"
+    for sub in ("train", "trainannot"):
+        (data / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", data / "labels.yaml")
+    for frame in FRAMES[:2]:
+        shutil.copy(frame, data / "train" / frame.name)
+        shutil.copy(CAMVID / "valannot" / f"{frame.stem}.png", data / "trainannot" / f"{frame.stem}.png")
+    model = tmp_path / "model"
+    m = SegmentationModule(config=dict(TINY), label_spec=LabelSet.from_yaml(CAMVID / "labels.yaml").to_dict(),
+                           image_size=64).eval()
+    m.model.save_pretrained(model)
+    m.image_processor().save_pretrained(model)
+    report = tmp_path / "report"
+    report.mkdir()
+    mask = data / "trainannot" / f"{FRAMES[0].stem}.png"
+    (report / "s.json").hardlink_to(data / "labels.yaml")
+    (report / "cm.png").hardlink_to(mask)
+    (report / "w.yaml").hardlink_to(data / "labels.yaml")
+    before = snapshot(data)
+    assert evaluate_main(["--model", str(model), "--images", "train/*.jpg", "--masks", "trainannot/{stem}.png",
+                          "--labels", "labels.yaml", "--root", str(data), "--device", "cpu", "--overwrite",
+                          "--json", str(report / "s.json"), "--confusion", str(report / "cm.png")]) == 0
+    config = tmp_path / "camvid.yaml"
+    shutil.copy(REPO / "configs" / "camvid.yaml", config)
+    assert inspect_main([str(config), "--root", str(data), "--splits", "train", "--class-weights", "median",
+                         "--out", str(report / "w.yaml"), "--overwrite"]) == 0
+    assert snapshot(data) == before
+    assert json.loads((report / "s.json").read_text())["images"] == 2
+    assert "class_weights" in (report / "w.yaml").read_text()
+    assert all(p.stat().st_nlink == 1 for p in report.iterdir())
+
+
+# ============================================================================ files a config names are inputs
+def test_the_label_file_a_config_names_is_an_input_with_or_without_overwrite(models, tmp_path, capsys):
+    """``evaluate --config C --json ROOT/labels.yaml --overwrite`` replaced the label file the config
+    names (``data.labels``, relative to the root); inspect's ``--out`` too. It is one of the inputs,
+    and the refusal does not offer ``--overwrite``."""
+    from dptune.labels import LabelSet
+    from dptune.tasks.segmentation import SegmentationModule
+
+    data = tmp_path / "data"
+    for sub in ("train", "trainannot"):
+        (data / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", data / "mylabels.yaml")
+    for frame in FRAMES[:2]:
+        shutil.copy(frame, data / "train" / frame.name)
+        shutil.copy(CAMVID / "valannot" / f"{frame.stem}.png", data / "trainannot" / f"{frame.stem}.png")
+    config = tmp_path / "cfg" / "c.yaml"
+    config.parent.mkdir()
+    config.write_text("data:\n  root: ../data\n  labels: mylabels.yaml\n  splits:\n"
+                      "    train: {images: 'train/*.jpg', masks: 'trainannot/{stem}.png'}\n")
+    model = tmp_path / "model"
+    m = SegmentationModule(config=dict(TINY), label_spec=LabelSet.from_yaml(CAMVID / "labels.yaml").to_dict(),
+                           image_size=64).eval()
+    m.model.save_pretrained(model)
+    m.image_processor().save_pretrained(model)
+    before = snapshot(tmp_path)
+    for overwrite in ([], ["--overwrite"]):
+        rc = evaluate_main(["--model", str(model), "--config", str(config), "--root", str(data), "--split", "train",
+                            "--device", "cpu", "--json", str(data / "mylabels.yaml"), *overwrite])
+        lines = errors(capsys)
+        assert rc == 2 and len(lines) == 1 and "is one of the inputs" in lines[0] and "--overwrite" not in lines[0]
+        assert snapshot(tmp_path) == before
+        rc = inspect_main([str(config), "--root", str(data), "--splits", "train", "--class-weights", "median",
+                           "--out", str(data / "mylabels.yaml"), *overwrite])
+        lines = errors(capsys)
+        assert rc == 2 and len(lines) == 1 and "is one of the inputs" in lines[0] and "--overwrite" not in lines[0]
+        assert snapshot(tmp_path) == before
+
+
+# ============================================================================ JPEGs with a trailer, truncated ones
+def motion_photo(frame: Path) -> bytes:
+    """A JPEG as Google's and Samsung's Motion Photos store it: the picture, then an MP4 after its
+    end-of-image marker (random bytes, end markers among them, stand in for the video)."""
+    rng = np.random.default_rng(0)
+    video = rng.integers(0, 256, 20000, np.uint8).tobytes() + b"\xff\xd9" + rng.integers(0, 256, 999, np.uint8).tobytes()
+    return frame.read_bytes() + b"\x00\x00\x00\x18ftypmp42" + video
+
+
+def with_exif_thumbnail(frame: Path) -> bytes:
+    """The frame's JPEG with an EXIF block (APP1) holding a thumbnail: a JPEG of its own, whose
+    end-of-image marker lies in the header of the file."""
+    import io
+    import struct
+
+    buf = io.BytesIO()
+    Image.open(frame).resize((60, 45)).save(buf, "JPEG")
+    thumb = buf.getvalue()
+    ifd1 = 8 + 2 + 12 + 4
+    tiff = (b"II*\x00" + struct.pack("<I", 8) + struct.pack("<H", 1) + struct.pack("<HHII", 0x0112, 3, 1, 1)
+            + struct.pack("<I", ifd1) + struct.pack("<H", 2)
+            + struct.pack("<HHII", 0x0201, 4, 1, ifd1 + 2 + 24 + 4) + struct.pack("<HHII", 0x0202, 4, 1, len(thumb))
+            + struct.pack("<I", 0) + thumb)
+    app1 = b"Exif\x00\x00" + tiff
+    data = frame.read_bytes()
+    return data[:2] + b"\xff\xe1" + struct.pack(">H", len(app1) + 2) + app1 + data[2:]
+
+
+def test_a_jpeg_with_data_after_its_end_marker_is_read_and_a_cut_one_is_one_line(models, tmp_path, capsys):
+    """A Motion Photo (a JPEG, then its MP4) was refused as "truncated JPEG" in training and
+    predict, though every reader takes its picture; a JPEG cut in its compressed data, whose EXIF
+    thumbnail's end marker lies in its header, is still one line naming it."""
+    from dptune.data.datamodule import SegmentationDataModule
+
+    root = tmp_path / "d"
+    for sub in ("img", "ann"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", root / "labels.yaml")
+    (root / "img" / "motion.jpg").write_bytes(motion_photo(FRAMES[0]))
+    shutil.copy(CAMVID / "valannot" / f"{FRAMES[0].stem}.png", root / "ann" / "motion.png")
+    thumbed = with_exif_thumbnail(FRAMES[1])
+    assert read_image_bytes(tmp_path, thumbed).shape == (360, 480, 3)  # the whole file with its thumbnail reads
+    cut = tmp_path / "cut.jpg"
+    cut.write_bytes(thumbed[: len(thumbed) * 2 // 3])
+    for read, size in ((read_image, lambda a: a.shape[:2]), (image_header_size, tuple)):
+        assert size(read(str(root / "img" / "motion.jpg"))) == (360, 480)
+        with pytest.raises(DataError, match=r"cut\.jpg: truncated JPEG"):
+            read(str(cut))
+    motion = read_image(str(root / "img" / "motion.jpg"))
+    assert np.array_equal(motion, np.asarray(Image.open(root / "img" / "motion.jpg").convert("RGB")))  # as PIL reads it
+    assert np.abs(motion.astype(int) - np.asarray(Image.open(FRAMES[0]).convert("RGB"))).max() <= 1
+    splits = {"train": {"images": "img/*.jpg", "masks": "ann/{stem}.png"}}
+    for check in (True, "header"):
+        dm = SegmentationDataModule(root=str(root), splits=splits, image_size=64, num_workers=0, check=check)
+        dm.setup("fit")  # "truncated JPEG (no end-of-image marker)" before
+        assert len(dm.datasets["train"]) == 1
+    shutil.copy(cut, root / "img" / "cut.jpg")
+    assert predict_main(["--model", str(models / "segmentation"), "--images", str(root / "img"), "--out",
+                         str(tmp_path / "out"), "--device", "cpu"]) == 2
+    lines = errors(capsys)
+    assert len(lines) == 2 and "cut.jpg: truncated JPEG" in lines[0], lines
+    assert read_png(tmp_path / "out" / "motion.png").shape == (360, 480)
+
+
+def read_image_bytes(tmp_path: Path, data: bytes) -> np.ndarray:
+    path = tmp_path / "whole.jpg"
+    path.write_bytes(data)
+    assert image_header_size(str(path)) == (360, 480)
+    return read_image(str(path))
+
+
+# ============================================================================ other spellings of an extension
+def test_jpeg_files_beside_a_jpg_glob_are_counted_in_a_warning_never_dropped_silently(tmp_path, caplog):
+    """``*.jpg`` takes ``.JPG`` but left ``.jpeg``/``.Jpeg`` files in the same folders out without a
+    word (training, validation, inspect, predict): one warning per glob with the count, an example
+    and a glob that takes them, which does (upper case too)."""
+    import logging
+
+    from dptune.data.sources import glob_files
+    from dptune.tools.predict import list_images
+
+    root = tmp_path / "d"
+    (root / "train").mkdir(parents=True)
+    for i, ext in enumerate(["jpg", "JPG", "jpg", "jpeg", "Jpeg", "JPEG", "png"]):
+        shutil.copy(FRAMES[i % len(FRAMES)], root / "train" / f"f{i}.{ext}")
+    with caplog.at_level(logging.WARNING):
+        assert len(FolderSource(str(root), "train/*.jpg", "ann/{stem}.png")) == 3
+        assert len(FolderSource(str(root), "train/*.jpg", "ann/{stem}.png")) == 3  # the same split again
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1, warned
+    assert warned[0].startswith("3 image file(s) in the folders of 'train/*.jpg' do not match it (e.g. f3.jpeg)")
+    assert "'train/*.jp*g'" in warned[0]
+    assert len(FolderSource(str(root), "train/*.jp*g", "ann/{stem}.png")) == 6  # the glob it offers takes all six
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        assert len(list_images(str(root / "train" / "f*.jpg"))) == 3  # predict --images GLOB
+    assert any("3 image file(s)" in r.getMessage() for r in caplog.records)
+    (tmp_path / "only").mkdir()
+    shutil.copy(FRAMES[0], tmp_path / "only" / "a.jpeg")
+    with pytest.raises(DataError, match=r"no images match; 1 image file\(s\) .* \(e\.g\. a\.jpeg\)"):
+        FolderSource(str(tmp_path), "only/*.jpg", "ann/{stem}.png")
+    assert glob_files(str(tmp_path / "only" / "*.jpg")) == []
+
+
+# ============================================================================ a mask's own EXIF tag
+def test_a_mask_turned_by_its_own_stray_exif_tag_is_one_line_that_names_the_tag(tmp_path):
+    from dptune.data.datamodule import SegmentationDataModule
+
+    root = tmp_path / "d"
+    for sub in ("img", "ann"):
+        (root / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", root / "labels.yaml")
+    shutil.copy(FRAMES[0], root / "img" / "x.jpg")  # upright, no tag
+    Image.open(CAMVID / "valannot" / f"{FRAMES[0].stem}.png").save(root / "ann" / "x.png", exif=exif(6))
+    splits = {"train": {"images": "img/*.jpg", "masks": "ann/{stem}.png"}}
+    for check in (True, "header"):
+        dm = SegmentationDataModule(root=str(root), splits=splits, image_size=64, num_workers=0, check=check)
+        with pytest.raises(DataError) as err:
+            dm.setup("fit")
+        line = [ln for ln in str(err.value).splitlines() if "x.png" in ln][0]
+        assert "mask is 360x480" in line and "its image is 480x360" in line and "EXIF orientation (6)" in line, line

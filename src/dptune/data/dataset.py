@@ -14,7 +14,7 @@ import torch
 from torch.utils.data import Dataset
 from tqdm.auto import tqdm
 
-from dptune.data.sources import Source
+from dptune.data.sources import Source, path_orientation
 from dptune.data.transforms import resize_like_processor
 from dptune.errors import DataError
 from dptune.labels import IGNORE_INDEX, LabelSet
@@ -30,9 +30,19 @@ def encode_sample(image: np.ndarray, raw: np.ndarray, name: str, labels: LabelSe
 
 
 def check_same_size(name: str, image_hw: tuple[int, int], mask: np.ndarray) -> None:
+    """The mask (``name``: its file, where it has one) the size of its image; a mask whose own EXIF
+    orientation turned it a quarter (as PIL's ``exif_transpose`` and Hugging Face datasets read it)
+    into the other shape is named with that tag."""
     h, w = image_hw
     if (h, w) != mask.shape[:2]:
+        turned = path_orientation(name) if mask.shape[:2] == (w, h) else 1
+        if turned in (5, 6, 7, 8):
+            raise DataError(f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} as shown but its image is {w}x{h}: "
+                            f"the mask's own EXIF orientation ({turned}) turns its stored {w}x{h} pixels a quarter, "
+                            "as every viewer and Hugging Face datasets do; remove the orientation tag from the "
+                            "mask (or store it turned like the tag says)")
         raise DataError(f"{name}: mask is {mask.shape[1]}x{mask.shape[0]} but its image is {w}x{h}")
+
 
 
 def make_item(image: np.ndarray, mask: np.ndarray, index: int, transform: Callable[..., dict[str, Any]] | None,

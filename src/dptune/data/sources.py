@@ -7,17 +7,21 @@ and ``name`` identifies the sample in error messages (usually the mask's file pa
 
 from __future__ import annotations
 
+import fnmatch
 import glob
+import logging
 import os
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, BinaryIO, Protocol
 
 import cv2
 import numpy as np
 from PIL import Image
 
 from dptune.errors import DataError
+
+log = logging.getLogger(__name__)
 
 
 class Source(Protocol):
@@ -93,6 +97,72 @@ def file_orientation(data: bytes) -> int:
         return 1
 
 
+JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7: markers without a length
+JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
+
+
+def jpeg_scan_start(f: BinaryIO) -> int | None:
+    """Where the main image's entropy-coded data begins (just past its first SOS marker) in a JPEG
+    read from ``f`` (positioned anywhere; read from its SOI): each marker segment before it (APPn
+    such as EXIF with its thumbnail, COM, DQT, DHT, SOFn, ...) is skipped by its length, so an end
+    marker inside one does not count. None when the file ends (or an end marker comes) first.
+    Fill bytes (0xFF runs) are skipped, and stray bytes between segments are passed over up to the
+    next marker, as libjpeg does."""
+    f.seek(2)
+    while True:
+        byte = f.read(1)
+        if not byte:
+            return None
+        if byte != b"\xff":
+            continue  # stray data between segments: libjpeg skips it with a warning
+        marker = f.read(1)
+        while marker == b"\xff":
+            marker = f.read(1)
+        if not marker:
+            return None
+        code = marker[0]
+        if code == 0x00 or code in JPEG_STANDALONE or code == 0xD8:
+            continue
+        if code == JPEG_EOI:
+            return None
+        size = f.read(2)
+        if len(size) < 2:
+            return None
+        length = int.from_bytes(size, "big")
+        if code == JPEG_SOS:
+            return f.tell() - 4
+        if length < 2:
+            return None
+        start = f.tell()
+        f.seek(length - 2, os.SEEK_CUR)
+        if f.tell() != start + length - 2 or not f.read(1):  # a segment cut short: the file ends inside it
+            return None
+        f.seek(-1, os.SEEK_CUR)
+
+
+def check_jpeg_end(f: BinaryIO, path: str, chunk: int = 1 << 20) -> None:
+    """A JPEG (``f`` at any position) must hold an end-of-image marker after the start of its main
+    image's scan (``jpeg_scan_start``): a file cut short in its compressed data, which libjpeg
+    decodes with a grey bottom and only a warning, is one line. Data after the end marker (the video
+    of a Motion Photo, the second picture of an MPO, any other trailer) is left alone, as every
+    reader leaves it. Reads the header, the last bytes and, only when the file does not end with
+    the marker, the rest."""
+    scan = jpeg_scan_start(f)
+    if scan is None:
+        raise DataError(f"{path}: truncated JPEG (no image data: the file ends in its header)")
+    end = f.seek(0, os.SEEK_END)
+    f.seek(max(scan, end - 64))
+    if f.read().rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return  # the usual file: its last bytes are the end marker
+    f.seek(scan)
+    tail = b""
+    while block := f.read(chunk):
+        if b"\xff\xd9" in tail[-1:] + block:
+            return
+        tail = block
+    raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
+
+
 def read_image(path: str) -> np.ndarray:
     """Decode an image file to uint8 HxWx3 RGB, upright: its EXIF orientation applied as
     ``PIL.ImageOps.exif_transpose`` (and so ``transformers``' ``load_image`` and ``pipeline``)
@@ -102,9 +172,10 @@ def read_image(path: str) -> np.ndarray:
     data = _read_bytes(path)
     if not data:
         raise DataError(f"{path}: empty file (0 bytes), not an image")
-    if data[:2] == b"\xff\xd8" and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-        # libjpeg decodes a truncated JPEG with a grey bottom and only a warning
-        raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
+    if data[:2] == b"\xff\xd8":
+        import io
+
+        check_jpeg_end(io.BytesIO(data), path)  # libjpeg decodes a truncated JPEG with a grey bottom, only warning
     try:
         # the pixels as stored, in colour: the orientation is applied below, once, as PIL reads it
         # (OpenCV turns a TIFF upright itself, as PIL does: ``exif_orientation`` leaves TIFFs alone)
@@ -137,9 +208,7 @@ def image_header_size(path: str) -> tuple[int, int]:
             if not head:
                 raise DataError(f"{path}: empty file (0 bytes), not an image")
             if head == b"\xff\xd8":
-                f.seek(-2, os.SEEK_END)
-                if f.read(2) != b"\xff\xd9":
-                    raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
+                check_jpeg_end(f, path)
         with Image.open(path) as im:
             if im.mode not in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "CMYK", "YCbCr"):
                 raise DataError(f"{path}: unsupported image mode {im.mode}")
@@ -197,29 +266,87 @@ def mask_path_for(image_path: str, template: str, root: str) -> str:
 
 def any_case_extension(pattern: str) -> str:
     """``pattern`` with the letters of its literal file extension matching either case: ``*.jpg``
-    finds ``.JPG`` and ``.Jpg`` too (cameras and phones write upper case). Patterns whose extension
-    holds wildcards or brackets are left as they are."""
+    finds ``.JPG`` and ``.Jpg`` too (cameras and phones write upper case), ``*.jp*g`` ``.JPEG``.
+    Wildcards stay wildcards; an extension holding brackets is left as it is."""
     head, tail = os.path.split(pattern)
     stem, dot, ext = tail.rpartition(".")
-    if not dot or not stem or not ext or any(c in ext for c in "*?[]"):
+    if not dot or not stem or not ext or any(c in ext for c in "[]"):
         return pattern
     letters = "".join(f"[{c.lower()}{c.upper()}]" if c.isalpha() and c.lower() != c.upper() else c for c in ext)
     return os.path.join(head, f"{stem}.{letters}")
 
 
-def glob_files(pattern: str) -> list[str]:
+# spellings of one format's extension: a glob naming one leaves out the files named with another
+SAME_FORMAT_EXTENSIONS = ({"jpg", "jpeg", "jpe", "jfif"}, {"tif", "tiff"})
+_warned_spellings: set[str] = set()
+
+
+def other_spellings(pattern: str, found: Sequence[str]) -> tuple[list[str], str] | None:
+    """Files in the folders of ``found`` (the files ``pattern`` matched; one listing per folder;
+    none matched: the pattern's own folder, when it names one) that the glob leaves out only for
+    another spelling of its extension (``a.jpeg`` beside ``*.jpg``), and the extension of a glob
+    that takes them (``jp*g``); None when there are none."""
+    head, tail = os.path.split(pattern)
+    stem, dot, ext = tail.rpartition(".")
+    group = next((g for g in SAME_FORMAT_EXTENSIONS if ext.lower() in g), None)
+    if not dot or group is None:
+        return None
+    folders = {os.path.dirname(p) for p in found}
+    if not found and not glob.has_magic(head):
+        folders = {head or "."}
+    taken, missed = set(found), []
+    for folder in sorted(folders):
+        try:
+            names = os.listdir(folder)
+        except OSError:
+            continue
+        for name in names:
+            base, _, other = name.rpartition(".")
+            if (base and other.lower() in group and other.lower() != ext.lower()
+                    and fnmatch.fnmatchcase(f"{base}.{ext}", tail) and os.path.join(folder, name) not in taken
+                    and os.path.isfile(os.path.join(folder, name))):
+                missed.append(os.path.join(folder, name))
+    if not missed:
+        return None
+    return sorted(missed), {"jpg": "jp*g", "jpeg": "jp*g", "tif": "tif*", "tiff": "tif*"}.get(ext.lower(), "*")
+
+
+def spelling_note(pattern: str, found: Sequence[str], shown: str | None = None) -> str | None:
+    """The words for ``other_spellings`` (``shown``: the glob as the user wrote it), or None."""
+    missed = other_spellings(pattern, found)
+    if missed is None:
+        return None
+    files, wider = missed
+    shown = shown or pattern
+    head, tail = os.path.split(shown)
+    return (f"{len(files)} image file(s) in the folders of {shown!r} do not match it (e.g. "
+            f"{os.path.basename(files[0])}): another spelling of its extension; widen the glob, e.g. "
+            f"{os.path.join(head, tail.rpartition('.')[0] + '.' + wider)!r}, to take them")
+
+
+def glob_files(pattern: str, shown: str | None = None) -> list[str]:
     """The files a glob matches (``**`` recursive; the file extension in either case, see
-    ``any_case_extension``), sorted, each once."""
-    return sorted({p for p in glob.glob(any_case_extension(pattern), recursive=True) if os.path.isfile(p)})
+    ``any_case_extension``), sorted, each once. Files beside them left out only for another
+    spelling of the extension (``.jpeg`` beside ``*.jpg``, see ``other_spellings``) are counted in
+    a warning, once per pattern (``shown``: as the user wrote it), never dropped without a word."""
+    found = sorted({p for p in glob.glob(any_case_extension(pattern), recursive=True) if os.path.isfile(p)})
+    if found and pattern not in _warned_spellings:
+        note = spelling_note(pattern, found, shown)
+        if note:
+            _warned_spellings.add(pattern)
+            log.warning("%s", note)
+    return found
 
 
 def match_images(root: str, images: str) -> list[str]:
     """The image files a glob (relative to ``root`` unless absolute) matches, sorted, the extension
-    in any case (``*.jpg`` takes ``.JPG`` too); none is an error."""
+    in any case (``*.jpg`` takes ``.JPG`` too; ``.jpeg`` files beside them are counted in a
+    warning); none is an error (that names such files when the folder holds them)."""
     pattern = images if os.path.isabs(images) else os.path.join(root, images)
-    found = glob_files(pattern)
+    found = glob_files(pattern, shown=images)
     if not found:
-        raise DataError(f"{pattern}: no images match")
+        note = spelling_note(pattern, [], images)
+        raise DataError(f"{pattern}: no images match" + (f"; {note}" if note else ""))
     return found
 
 
@@ -264,6 +391,18 @@ class FolderSource:
         return hw, mask, self.masks[i]
 
 
+def path_orientation(path: str) -> int:
+    """The EXIF orientation an image or label file carries (see ``exif_orientation``); 1 when it
+    has none, or is not a file PIL opens."""
+    if not os.path.isfile(path):
+        return 1
+    try:
+        with Image.open(path) as im:
+            return exif_orientation(im)
+    except (OSError, SyntaxError, ValueError):
+        return 1
+
+
 def check_turned_pair(image_path: str, image_hw: tuple[int, int], label_path: str, label: np.ndarray) -> None:
     """A label map whose size is its image's with the sides swapped, beside an image that its EXIF
     orientation turns a quarter: one line that says so (the label was drawn on the pixels as
@@ -271,11 +410,9 @@ def check_turned_pair(image_path: str, image_hw: tuple[int, int], label_path: st
     h, w = image_hw
     if label.shape[:2] != (w, h) or (h, w) == (w, h):
         return
-    try:
-        with Image.open(image_path) as im:
-            orientation = exif_orientation(im)
-    except (OSError, SyntaxError, ValueError):
-        return
+    if path_orientation(label_path) in (5, 6, 7, 8):
+        return  # the label's own tag turned it: the size check names that tag (``check_same_size``)
+    orientation = path_orientation(image_path)
     if orientation in (5, 6, 7, 8):
         raise DataError(f"{label_path}: is {h}x{w} but its image {image_path} is {w}x{h} as shown: the image's "
                         f"EXIF orientation ({orientation}) turns its stored {h}x{w} pixels a quarter, as every "

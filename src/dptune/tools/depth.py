@@ -35,7 +35,7 @@ from dptune.data.depth import (
 from dptune.errors import ConfigError, DataError
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
 from dptune.tools.evaluate import json_is_ours, refuse_output
-from dptune.tools.predict import imwrite
+from dptune.tools.predict import imwrite, write_replacing, write_text
 from dptune.visualize import colorize_depth, depth_range
 
 
@@ -169,7 +169,7 @@ def write_depth_format(out: Path, enc: dict) -> str:
         if there != enc:
             raise DataError(f"{path}: already there and describes other depth maps ({there}); predict into "
                             "another folder (or remove it) so that it stays true for every map beside it")
-    path.write_text(json.dumps(enc, indent=2) + "\n")
+    write_text(path, json.dumps(enc, indent=2) + "\n")
     return encoding_words(enc)
 
 
@@ -187,9 +187,7 @@ def write_ply(path: Path, depth: np.ndarray, image: np.ndarray, k: tuple[float, 
     header = ("ply\nformat binary_little_endian 1.0\n"
               f"element vertex {len(z)}\nproperty float x\nproperty float y\nproperty float z\n"
               "property uchar red\nproperty uchar green\nproperty uchar blue\nend_header\n")
-    with open(path, "wb") as f:
-        f.write(header.encode())
-        f.write(vertex.tobytes())
+    write_replacing(path, lambda tmp: Path(tmp).write_bytes(header.encode() + vertex.tobytes()))
     return len(z)
 
 
@@ -262,6 +260,6 @@ def evaluate_depth(args) -> int:
     print(f"{int(metric.images)} images, {predictor.mode} depth, alignment {align}, crop {crop}")
     print("  ".join(f"{k} {scores[k]:.4f}" for k in NAMES))
     if args.json:
-        Path(args.json).write_text(json.dumps({"model": args.model, "images": int(metric.images), "alignment": align,
-                                               "eval_crop": crop, **scores}, indent=2) + "\n")
+        write_text(args.json, json.dumps({"model": args.model, "images": int(metric.images), "alignment": align,
+                                          "eval_crop": crop, **scores}, indent=2) + "\n")
     return 0

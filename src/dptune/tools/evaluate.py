@@ -19,9 +19,10 @@ read upright (their EXIF orientation applied, as ``transformers``' ``pipeline`` 
 takes ``.JPG`` too.
 
 Inputs are never written: ``--json`` and ``--confusion`` may not be an input (image, mask, depth map,
-config, label file, model) nor lie in the folder of an image, mask or depth map or in an exported
+config, any file the config names such as its label file, model) nor lie in the folder of an image, mask or depth map or in an exported
 model's directory (refused in one line before scoring). An existing file there is replaced only
-when evaluate wrote it (scores JSON, confusion PNG) or with ``--overwrite``. Loading a model never
+when evaluate wrote it (scores JSON, confusion PNG) or with ``--overwrite``, and always by replacing
+its directory entry (a link there is replaced, never written through). Loading a model never
 runs code shipped with it unless ``--trust-remote-code`` is given (dptune's exports never need it).
 """
 
@@ -69,11 +70,12 @@ def refuse_output(path: str, flag: str, files: list[str], args, is_ours) -> None
     """An output file of evaluate: never among the inputs (``files``: the data; the config, label
     file and model too, see ``refuse_among_inputs``), and an existing file that evaluate did not
     write (``is_ours``) is replaced only with ``--overwrite``."""
-    from dptune.tools.predict import refuse_among_inputs
+    from dptune.tools.predict import config_inputs, refuse_among_inputs
 
     model = Path(args.model)
     labels = getattr(args, "labels", None)
-    singles = [f for f in (args.config, labels, labels and Path(args.root or ".") / labels, args.model) if f]
+    singles = [f for f in (labels, labels and Path(args.root or ".") / labels, args.model) if f]
+    singles += config_inputs(args.config, args.root)  # the config and the files it names (its label file, ...)
     refuse_among_inputs(path, files, flag, folders=[model] if model.is_dir() else [], singles=singles)
     if not Path(path).resolve().parent.is_dir():
         raise ConfigError(f"{flag} {path}: its folder {Path(path).parent} does not exist")
@@ -94,6 +96,8 @@ def confusion_image(confmat: np.ndarray, names: list[str], path: str, cell: int 
     text that evaluate wrote it)."""
     import cv2
     from PIL import Image, PngImagePlugin
+
+    from dptune.tools.predict import write_replacing
 
     c = len(names)
     rows = confmat / np.maximum(confmat.sum(1, keepdims=True), 1)
@@ -117,10 +121,13 @@ def confusion_image(confmat: np.ndarray, names: list[str], path: str, cell: int 
     img[:margin, margin : margin + c * cell] = col_names
     cv2.putText(img, "rows: ground truth, columns: prediction (row-normalised)", (5, img.shape[0] - 12),
                 cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+    if Path(path).suffix.lower() not in Image.registered_extensions():
+        raise DataError(f"--confusion {path}: could not be written (unknown file extension "
+                        f"{Path(path).suffix or '(none)'}; give a .png path)")
     info = PngImagePlugin.PngInfo()
     info.add_text("Software", CONFUSION_TAG)
     try:
-        Image.fromarray(img).save(path, pnginfo=info)
+        write_replacing(path, lambda tmp: Image.fromarray(img).save(tmp, pnginfo=info))
     except (OSError, ValueError) as e:  # no such folder, an extension PIL does not know
         raise DataError(f"--confusion {path}: could not be written ({e})") from None
 
@@ -219,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from dptune.predictor import Predictor
     from dptune.tools.depth import evaluate_depth, model_task
+    from dptune.tools.predict import write_text
 
     try:
         task = model_task(args.model)
@@ -244,7 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         scores.update(model=args.model, mode=args.mode, flip=args.flip, scales=list(scales), images=len(source),
                       confusion=confmat.tolist())
-        Path(args.json).write_text(json.dumps(scores, indent=2) + "\n")
+        try:
+            write_text(args.json, json.dumps(scores, indent=2) + "\n")
+        except OSError as e:
+            print(f"error: --json {args.json}: could not be written ({e.strerror or e})", file=sys.stderr)
+            return 2
     if args.confusion:
         try:
             confusion_image(confmat, names, args.confusion)

@@ -13,9 +13,11 @@ sources, depth for depth sources, both for depth sources with masks). Class weig
 segmentation configs only. Exit status: 0 clean, 1 some samples are bad, 2 an error.
 
 Images are measured upright (their EXIF orientation applied, as training reads them); ``*.jpg``
-takes ``.JPG`` too. ``--out`` may not be the config nor lie in a folder of the data's images or
-masks (refused in one line before the scan), and replaces an existing file only when it is
-inspect's own weights fragment, or with ``--overwrite``.
+takes ``.JPG`` too (``.jpeg`` files beside are counted in a warning). ``--out`` may not be the config
+nor a file it names (its label file, ...) nor lie in a folder of the data's images or masks
+(refused in one line before the scan), and replaces an existing file only when it is inspect's own
+weights fragment, or with ``--overwrite``; it replaces the directory entry (a link there is
+replaced, never written through).
 """
 
 from __future__ import annotations
@@ -312,9 +314,10 @@ def check_weights_out(args: argparse.Namespace, files: list[str]) -> None:
     weights fragment unless ``--overwrite``."""
     from pathlib import Path
 
-    from dptune.tools.predict import refuse_among_inputs
+    from dptune.tools.predict import config_inputs, refuse_among_inputs
 
-    refuse_among_inputs(args.out, files, "--out", singles=[args.config])
+    # the config and every file it names (its label file, ...) are inputs too
+    refuse_among_inputs(args.out, files, "--out", singles=config_inputs(args.config, args.root))
     out = Path(args.out)
     if out.is_dir() or not out.resolve().parent.is_dir():
         raise ConfigError(f"--out {args.out}: give a file path in a folder that exists")
@@ -335,9 +338,10 @@ def write_weights(args: argparse.Namespace, results: dict[str, SplitStats]) -> i
     w = class_weights(results["train"], args.class_weights)
     print(f"class_weights ({args.class_weights}): {w}")
     if args.out:
-        with open(args.out, "w") as f:
-            f.write(f"# {args.class_weights}{WEIGHTS_HEADER}{args.config} (train split)\n")
-            yaml.safe_dump({"model": {"class_weights": w}}, f, default_flow_style=None)
+        from dptune.tools.predict import write_text
+
+        write_text(args.out, f"# {args.class_weights}{WEIGHTS_HEADER}{args.config} (train split)\n"
+                   + yaml.safe_dump({"model": {"class_weights": w}}, default_flow_style=None))
     return 0
 
 

@@ -18,7 +18,7 @@ left-right mirror). Segmentation + depth models write both sets of files and tak
 depth model's (see ``dptune.tools.multitask``).
 
 Inputs: a file, a folder (its images, extensions in any case) or a glob (``*.jpg`` takes ``.JPG``
-too). Each image is read upright: its EXIF orientation applied as ``transformers``' ``pipeline``
+too; ``.jpeg`` files beside the ones it takes are counted in a warning that offers ``*.jp*g``). Each image is read upright: its EXIF orientation applied as ``transformers``' ``pipeline``
 applies it. ``<stem>`` is the file name without its extension; inputs from several folders keep
 their folders below their common one (``a/x.jpg``, ``b/x.jpg`` -> ``OUT/a/x.png``, ``OUT/b/x.png``),
 and inputs that would still share a name get the extension added (``x.jpg``, ``x.png`` -> ``x``,
@@ -28,7 +28,9 @@ in one line and the rest go on; the exit status is then 2, with the count.
 Inputs are never written: ``--out`` may not be an input, an input's folder or inside one (refused in
 one line before anything is written). ``OUT/dptune-predict.json`` lists the files predict wrote
 there; those are replaced by a later run, any other file in the way stops the run before
-anything is written unless ``--overwrite`` is given. Loading a model never runs code shipped with
+anything is written unless ``--overwrite`` is given. Every file is written beside its place and
+then moved into it: a link found in ``--out`` at an output's name (to an input, say) is replaced,
+never written through. Loading a model never runs code shipped with
 it unless ``--trust-remote-code`` is given (dptune's own exports never need it).
 """
 
@@ -47,7 +49,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from dptune.data.sources import glob_files, read_image
+from dptune.data.sources import glob_files, read_image, spelling_note
 from dptune.errors import ConfigError, DataError
 from dptune.inference import FLIP_VIEWS
 from dptune.labels import LabelSet
@@ -66,7 +68,8 @@ def list_images(spec: str) -> list[str]:
         return [spec]
     found = glob_files(spec)
     if not found:
-        raise DataError(f"{spec}: no images found")
+        note = spelling_note(spec, [])
+        raise DataError(f"{spec}: no images found" + (f"; {note}" if note else ""))
     return found
 
 
@@ -107,6 +110,49 @@ def refuse_among_inputs(target: str | Path, files: Iterable[str | Path], flag: s
             raise ConfigError(f"{flag} {target}: {'is' if t == d else 'is inside'} {d}, a folder of the inputs; "
                               "dptune never writes among its inputs (it would add files to that folder, or "
                               "replace some). Write to a folder of its own")
+
+
+def config_inputs(config: str | Path | None, root: str | None = None) -> list[Path]:
+    """The config file and every file it names: any string in it (at any depth: ``data.labels``,
+    ``model.pretrained``, a class-weights file, ...) that is the path of an existing file, relative
+    to the working folder, the config's folder, ``root`` (``--root``) or any ``root`` the config
+    sets (``data.root``, ``data.segmentation.root``, ...). Inputs all: an output may not be one."""
+    import yaml
+
+    if not config:
+        return []
+    try:
+        with open(config) as f:
+            spec = yaml.safe_load(f)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        return [Path(config)]
+    strings: list[str] = []
+    roots: list[str] = [root] if root else []
+
+    def walk(node: object, key: object = None) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, k)
+        elif isinstance(node, list):
+            for v in node:
+                walk(v)
+        elif isinstance(node, str) and node:
+            strings.append(node)
+            if key == "root":
+                roots.append(node)
+
+    walk(spec)
+    bases = [Path("."), Path(config).parent, *(Path(os.path.expanduser(r)) for r in roots)]
+    found = [Path(config)]
+    for s in strings:
+        p = Path(os.path.expanduser(s))
+        for candidate in ([p] if p.is_absolute() else [b / p for b in bases]):
+            try:
+                if candidate.is_file():
+                    found.append(candidate)
+            except (OSError, ValueError):  # a name too long, a NUL: not a file
+                pass
+    return found
 
 
 def model_paths(model: str) -> tuple[list[Path], list[Path]]:
@@ -165,16 +211,44 @@ def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) ->
                           "--overwrite")
     for folder in sorted({(out / f).parent for f in planned} | {out}):
         folder.mkdir(parents=True, exist_ok=True)
-    tmp = out / f".{MANIFEST}.tmp"
-    tmp.write_text(json.dumps({"written_by": "dptune predict", "files": sorted(ours | set(planned))}, indent=1) + "\n")
-    tmp.replace(out / MANIFEST)
+    write_text(out / MANIFEST, json.dumps({"written_by": "dptune predict", "files": sorted(ours | set(planned))},
+                                          indent=1) + "\n")
     return out
 
 
+def write_replacing(path: str | Path, write: Callable[[str], object]) -> None:
+    """Write the file at ``path`` by replacing its directory entry, never by writing into the file
+    already there: ``write(tmp)`` writes a new file beside it (same folder, same extension, so that
+    writers that go by the extension keep their format), which ``os.replace`` then puts in its
+    place. A symbolic or hard link found at ``path`` (to an input, say) is replaced, and what it
+    pointed to stays as it was; a write that fails leaves ``path`` untouched and no temporary file
+    behind. The one way predict, evaluate and inspect write their outputs."""
+    import secrets
+
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.{secrets.token_hex(6)}.tmp{path.suffix}")
+    try:
+        write(str(tmp))
+        os.replace(tmp, path)
+    finally:
+        if os.path.lexists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    """A text file written by ``write_replacing``."""
+    write_replacing(path, lambda tmp: Path(tmp).write_text(text))
+
+
 def imwrite(path: Path, array: np.ndarray) -> None:
-    """``cv2.imwrite`` that fails loudly (it returns False on a full disk or a bad path)."""
-    if not cv2.imwrite(str(path), array):
-        raise DataError(f"{path}: could not be written")
+    """``cv2.imwrite`` (through ``write_replacing``) that fails loudly (it returns False on a full
+    disk or a bad path)."""
+
+    def write(tmp: str) -> None:
+        if not cv2.imwrite(tmp, array):
+            raise DataError(f"{path}: could not be written")
+
+    write_replacing(path, write)
 
 
 def predict_each(paths: list[str], stems: list[str], desc: str,
