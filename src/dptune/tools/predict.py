@@ -156,21 +156,25 @@ def config_inputs(config: str | Path | None, root: str | None = None) -> list[Pa
 
 
 def model_paths(model: str) -> tuple[list[Path], list[Path]]:
-    """The folders and files of a local model that outputs must stay out of: an exported directory;
-    a checkpoint and the folder it lies in (a run's checkpoints). A hub id has none."""
+    """The folders and files of a local model that outputs must stay out of: an exported directory
+    (and everything in it); a checkpoint. A hub id has none."""
     path = Path(model)
     if path.is_dir():
         return [path], []
     if path.is_file():
-        return [path.parent], [path]
+        return [], [path]
     return [], []
 
 
 def refuse_out_among_inputs(out: str, paths: list[str], stems: list[str], model: str | None = None) -> None:
     """``--out``, and every folder below it that the outputs go to, outside the inputs and their
-    folders, and outside the model's folder."""
+    folders, outside an exported model's folder, and not the folder a checkpoint lies in (a run's
+    checkpoints: a folder next to it, ``./preds`` beside ``./model.ckpt``, is fine)."""
     folders, singles = model_paths(model) if model else ([], [])
     refuse_among_inputs(out, paths, "--out", folders=folders, singles=singles)
+    if singles and Path(out).resolve() == singles[0].resolve().parent:
+        raise ConfigError(f"--out {out}: is the folder of the checkpoint {model}; predictions would mix with "
+                          "the run's checkpoints. Write them to a folder of their own")
     for sub in sorted({os.path.dirname(s) for s in stems} - {""}):
         try:
             refuse_among_inputs(Path(out) / sub, paths, "--out", folders=folders, singles=singles)
