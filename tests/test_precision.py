@@ -58,6 +58,17 @@ def test_cuda_choice(monkeypatch):
     assert resolve_precision("auto", "cpu")[0] in ("32-true", "bf16-mixed")  # --trainer.accelerator cpu: the CPU decides
 
 
+def test_a_forked_gpu_strategy_asks_for_an_explicit_precision(monkeypatch):
+    """Asking the GPU what it supports starts CUDA, which ddp_fork / ddp_notebook forbid before the fork."""
+    from dptune.errors import ConfigError
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: pytest.fail("CUDA started before the fork"))
+    with pytest.raises(ConfigError, match="--trainer.precision"):
+        resolve_precision("auto", "gpu", "ddp_fork")
+    assert resolve_precision("16-mixed", "gpu", "ddp_fork") == ("16-mixed", "as given")
+
+
 def test_every_shipped_config_says_auto():
     for path in sorted((REPO / "configs").rglob("*.yaml")):
         trainer = (yaml.safe_load(path.read_text()) or {}).get("trainer") or {}

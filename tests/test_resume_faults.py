@@ -134,6 +134,8 @@ def _damaged(seg: dict, kind: str) -> Path:
         state = ckpt(seg["last"])
         if kind == "missing-tensor":
             del state["state_dict"]["model.head.head.0.weight"]
+        elif kind == "nan-tensor":  # damaged bytes: torch keeps no checksum
+            state["state_dict"]["model.head.head.0.weight"][0].fill_(float("nan"))
         else:  # weights only
             del state["optimizer_states"], state["lr_schedulers"]
         torch.save(state, path)
@@ -154,6 +156,37 @@ def test_a_checkpoint_missing_a_tensor_is_one_line(seg, capsys):
     path = _damaged(seg, "missing-tensor")
     for args in (fit_args(seg, "missing", ckpt_path=path), validate_args(seg, ckpt_path=path)):
         stops(capsys, args, str(path), "lacks 1 of the model's", "model.head.head.0.weight")
+
+
+def test_a_checkpoint_with_nan_weights_is_one_line_naming_it(seg, capsys):
+    """Validate scored NaN weights as a real model (mIoU 0.0078); a resume stopped without naming the file."""
+    path = _damaged(seg, "nan-tensor")
+    for args in (fit_args(seg, "nan", ckpt_path=path), validate_args(seg, ckpt_path=path)):
+        stops(capsys, args, str(path), "hold NaN/inf", "model.head.head.0.weight")
+
+
+def test_the_same_classes_read_from_the_masks_another_way_stop_a_resume(seg, capsys, tmp_path):
+    """Building and Road swapped by a map: the same 11 names, other pixels for two classes. The
+    resume went on without a word."""
+    import yaml
+
+    spec = yaml.safe_load((CAMVID / "labels.yaml").read_text())
+    swapped = {**spec, "map": {**{i: i for i in range(11)}, 1: 3, 3: 1, 11: "ignore"}}
+    spec.pop("ignore_values", None)
+    swapped.pop("ignore_values", None)
+    (tmp_path / "swapped.yaml").write_text(yaml.safe_dump(swapped))
+    labels = ["--data.labels", str(tmp_path / "swapped.yaml")]
+    for args in (fit_args(seg, "swapped", *labels), validate_args(seg, *labels)):
+        stops(capsys, args, str(seg["last"]), "reads masks differently")
+
+
+def test_lightning_s_last_best_and_hpc_that_stand_for_no_file_are_one_line(seg, capsys, tmp_path):
+    """validate --ckpt_path last with no last.ckpt scored an untrained model (exit 0); best in a new
+    process and hpc with no hpc checkpoint were tracebacks."""
+    fresh = ["--trainer.default_root_dir", str(tmp_path / "fresh")]
+    stops(capsys, [*validate_args(seg, ckpt_path="last"), *fresh], "--ckpt_path last: no", "untrained")
+    stops(capsys, [*validate_args(seg, ckpt_path="best"), *fresh], "--ckpt_path best")
+    stops(capsys, [*validate_args(seg, ckpt_path="hpc"), *fresh], "--ckpt_path hpc: no hpc_ckpt")
 
 
 def test_a_weights_only_checkpoint_cannot_resume(seg, capsys):
@@ -229,6 +262,7 @@ def test_a_multitask_resume_with_fixed_weighting_drops_the_learned_weights(tmp_p
     ("model:\n  lr: [1, 2\n", "not valid YAML"),
     ("- a\n- b\n", "not a list"),
     ("just words\n", "not a str"),
+    ("# only a comment\n", "an empty config"),
 ])
 def test_a_config_file_that_is_not_a_mapping_of_settings_is_one_line(tmp_path, capsys, text, problem):
     bad = tmp_path / "bad.yaml"

@@ -94,7 +94,8 @@ def read_config(path: str) -> dict[str, Any] | None:
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
     if spec is None:
-        return {}
+        raise ConfigError(f"{path}: an empty config (no settings in it); give a config with settings, or leave "
+                          "--config out")
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a config holds settings as a mapping (key: value lines), "
                           f"not a {type(spec).__name__}")
@@ -160,7 +161,10 @@ class DPTuneCLI(LightningCLI):
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
         if path is not None:
-            check_ckpt_path(str(path), self.task, sub)
+            cfg = self.config[sub]
+            root = cfg.trainer.default_root_dir or DEFAULT_ROOT
+            dirpath = cfg.checkpoint.dirpath or os.path.join(root, "checkpoints")
+            check_ckpt_path(str(path), self.task, sub, dirpath=dirpath, root=root)
 
     def before_instantiate_classes(self) -> None:
         cfg = self.config[self.subcommand] if self.subcommand else self.config

@@ -100,13 +100,20 @@ def _uses_cuda(accelerator: Any) -> bool:
     return False
 
 
-def resolve_precision(precision: Any, accelerator: Any = AUTO) -> tuple[Any, str]:
+def resolve_precision(precision: Any, accelerator: Any = AUTO, strategy: Any = AUTO) -> tuple[Any, str]:
     """The precision a run uses and why. Anything but ``"auto"`` (or None) comes back as given."""
     if precision is not None and str(precision) != AUTO:
         return precision, "as given"
     if _uses_cuda(accelerator):
+        if any(word in str(strategy) for word in ("fork", "notebook")):
+            from dptune.errors import ConfigError
+
+            raise ConfigError(f"trainer.precision auto asks the GPU what it supports, which a forked strategy "
+                              f"({strategy}) forbids before the fork; give --trainer.precision bf16-mixed (Ampere "
+                              "and newer) or 16-mixed")
         name = torch.cuda.get_device_name(0)
-        if torch.cuda.is_bf16_supported():
+        # native bf16 only (Ampere and newer): torch also says yes where it is emulated, slowly (T4, V100)
+        if torch.cuda.is_bf16_supported(including_emulation=False):
             return "bf16-mixed", f"CUDA device {name} supports bf16"
         return "16-mixed", f"CUDA device {name} has no bf16; fp16 with loss scaling"
     native, why = cpu_native_bf16()
@@ -129,7 +136,7 @@ class DPTuneTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, precision: PrecisionSetting = AUTO, **kwargs: Any) -> None:
-        resolved, reason = resolve_precision(precision, kwargs.get("accelerator", AUTO))
+        resolved, reason = resolve_precision(precision, kwargs.get("accelerator", AUTO), kwargs.get("strategy", AUTO))
         self.precision_requested = AUTO if precision is None else precision
         self.precision_reason = reason
         threads = None if _uses_cuda(kwargs.get("accelerator", AUTO)) else fit_threads()

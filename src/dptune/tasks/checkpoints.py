@@ -19,8 +19,11 @@ from __future__ import annotations
 import copy
 import logging
 import math
+import os
+import re
 from typing import Any
 
+import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
@@ -79,16 +82,49 @@ _CONFIG_IGNORED = frozenset({
 })
 
 
-def check_ckpt_path(path: str, task: str, stage: str) -> None:
+def lightning_path(path: str, stage: str, dirpath: str, root: str) -> str | None:
+    """The file Lightning's ``last`` / ``best`` / ``hpc`` stands for, or None (fit starts afresh when
+    there is no ``last``). Lightning itself would score an untrained model for a missing ``last``
+    (validate, test) and stop with a traceback for ``best`` in a new process or a missing ``hpc``."""
+    import glob
+
+    if path == "best":
+        found = sorted(glob.glob(os.path.join(glob.escape(dirpath), "best*.ckpt")))
+        raise ConfigError("--ckpt_path best: only a running fit knows its best checkpoint; give the file"
+                          + (f" ({', '.join(found[:3])})" if found else f" (none in {dirpath})"))
+    if path == "hpc":
+        found = sorted(glob.glob(os.path.join(glob.escape(root), "hpc_ckpt_*.ckpt")))
+        if not found:
+            raise ConfigError(f"--ckpt_path hpc: no hpc_ckpt_*.ckpt in {root} (trainer.default_root_dir)")
+        return max(found, key=lambda f: int(re.sub(r"\D", "", os.path.basename(f)) or 0))
+    last = os.path.join(dirpath, "last.ckpt")
+    if os.path.isfile(last):
+        return last
+    if stage != "fit":
+        raise ConfigError(f"--ckpt_path last: no {last} ({stage} would score an untrained model); give the "
+                          "checkpoint's path, or the run's --trainer.default_root_dir")
+    log.info("--ckpt_path last: no %s yet; the run starts from the beginning", last)
+    return None
+
+
+def check_ckpt_path(path: str, task: str, stage: str, dirpath: str | None = None, root: str | None = None) -> None:
     """What can be said of ``--ckpt_path`` before anything is built: a URL is refused (Lightning
     would unpickle it with ``weights_only=False``), a file that is not a readable dptune checkpoint
-    or is one of another task is one line. Reads the metadata only (the tensors are mapped)."""
+    or is one of another task is one line, and so are ``last`` / ``best`` / ``hpc`` that stand for
+    no file (``dirpath``: the run's checkpoint folder; ``root``: its default_root_dir). Reads the
+    metadata only (the tensors are mapped)."""
     if is_remote(path):
         raise ConfigError(f"--ckpt_path {path}: a URL; train.py resumes and scores local files only (Lightning would "
                           "unpickle a remote one with weights_only=False, which can run code): download it first "
                           "and pass its path")
-    if path in _LIGHTNING_PATHS or path.lower().startswith("registry"):
+    if path.lower() == "registry" or path.lower().startswith("registry:"):
         return
+    if path in _LIGHTNING_PATHS:
+        if dirpath is None:
+            return
+        path = lightning_path(path, stage, dirpath, root or os.path.dirname(dirpath))
+        if path is None:
+            return
     meta, _ = dptune_parts(load_checkpoint(path, mmap=True), path)
     check_task(meta.get("task", "segmentation"), task, path, stage)
 
@@ -160,6 +196,14 @@ def check_resume(module, ckpt: dict[str, Any], path: str, stage: str, say: bool 
 def _check_labels(old: dict[str, Any], new: dict[str, Any], path: str, fix: str) -> None:
     a, b = list(old.get("names", [])), list(new.get("names", []))
     if a == b:
+        # same classes, read from the masks another way (a map, colours, ignored values): the model
+        # would learn class i from other pixels than before, without a word
+        differ = sorted(k for k in set(old) | set(new) if k != "names" and _plain(old.get(k)) != _plain(new.get(k)))
+        if differ:
+            key = differ[0]
+            raise ConfigError(f"{path}: the same classes, but this run's label set reads masks differently: {key} is "
+                              f"{_show(old.get(key))} in the checkpoint, {_show(new.get(key))} in this run; the label "
+                              f"set (data.labels) is part of the model: {fix}")
         return
 
     def names(n: list[str]) -> str:
@@ -219,6 +263,11 @@ def _check_state_dict(state: dict[str, Any], module, path: str, word: str, say: 
     if alien:
         raise ConfigError(f"{path}: holds {len(alien)} tensors this run's model does not have ({some(alien)}): it was "
                           "written by another model")
+    damaged = [k for k, v in state.items() if k.startswith("model.") and torch.is_tensor(v) and v.is_floating_point()
+               and not bool(torch.isfinite(v).all())]
+    if damaged:
+        raise ConfigError(f"{path}: {len(damaged)} of the model's tensors hold NaN/inf ({some(damaged)}): the file is "
+                          "damaged, or was written by a diverged run; use an earlier checkpoint")
     for key, value in want.items():
         old = state.get(key)
         if hasattr(old, "shape") and tuple(old.shape) != tuple(value.shape):
