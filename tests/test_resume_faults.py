@@ -189,6 +189,40 @@ def test_lightning_s_last_best_and_hpc_that_stand_for_no_file_are_one_line(seg, 
     stops(capsys, [*validate_args(seg, ckpt_path="hpc"), *fresh], "--ckpt_path hpc: no hpc_ckpt")
 
 
+def test_a_missing_or_directory_config_is_one_line(tmp_path, capsys):
+    for path, problem in ((tmp_path / "nope.yaml", "no such config file"), (tmp_path, "a directory")):
+        stops(capsys, ["fit", "--config", path, "--trainer.default_root_dir", tmp_path / "run"], f"{path}: {problem}")
+
+
+def test_a_refused_resume_leaves_the_run_s_config_yaml_as_it_was(seg, capsys):
+    """Lightning wrote config.yaml (and started a W&B run) before the checkpoint was checked: a
+    refused resume overwrote the run's record with the settings it refused."""
+    run = seg["tmp"] / "run"
+    before = (run / "config.yaml").read_bytes()
+    args = fit_args(seg, "run", "--config", REPO / "configs" / "camvid-merged5.yaml", "--model.lr", "0.3")
+    stops(capsys, args, "label set has 5")
+    assert (run / "config.yaml").read_bytes() == before
+
+
+def test_a_resume_with_nothing_left_to_train_says_so(seg, capsys):
+    """A finished 1-epoch run resumed with --trainer.max_epochs 1 trained nothing and exited 0."""
+    args = fit_args(seg, "nothing")
+    args[args.index("--trainer.max_epochs") + 1] = "1"
+    stops(capsys, args, "nothing is left to train", "--trainer.max_epochs")
+
+
+def test_predict_and_export_of_a_checkpoint_missing_a_tensor_are_one_line(seg, tmp_path, capsys):
+    from dptune.export import main as export
+    from dptune.tools.predict import main as predict
+
+    path = _damaged(seg, "missing-tensor")
+    assert export([str(path), str(tmp_path / "out")]) == 2
+    image = sorted((CAMVID / "val").glob("*.jpg"))[0]
+    assert predict(["--model", str(path), "--images", str(image), "--out", str(tmp_path / "p"), "--device", "cpu"]) == 2
+    lines = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 2 and all("lacks 1 of the model's" in ln for ln in lines), lines
+
+
 def test_a_weights_only_checkpoint_cannot_resume(seg, capsys):
     path = _damaged(seg, "weights-only")
     stops(capsys, fit_args(seg, "wo", ckpt_path=path), str(path), "optimizer_states", "--model.pretrained")
@@ -263,6 +297,8 @@ def test_a_multitask_resume_with_fixed_weighting_drops_the_learned_weights(tmp_p
     ("- a\n- b\n", "not a list"),
     ("just words\n", "not a str"),
     ("# only a comment\n", "an empty config"),
+    ("model:\n  lr: 0.1\nmodel:\n  lr: 0.2\n", "key 'model' given twice"),
+    ("a: &a [*a]\n", "refers to itself"),
 ])
 def test_a_config_file_that_is_not_a_mapping_of_settings_is_one_line(tmp_path, capsys, text, problem):
     bad = tmp_path / "bad.yaml"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import sys
@@ -16,6 +17,7 @@ from dptune.callbacks import Checkpoint, LRMonitor, ProgressLog, ValidationVisua
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
 from dptune.hardware import DPTuneTrainer
+from dptune.labels import DuplicateKey, UniqueKeyLoader
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
 
@@ -25,6 +27,21 @@ DEFAULT_ROOT = "runs/dptune"
 class LoggedSaveConfig(SaveConfigCallback):
     """Writes ``config.yaml`` beside the checkpoints and logs the whole resolved config (trainer
     settings included, not only the model's and data's hyperparameters) to the logger."""
+
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        # a resume is checked against this run when Lightning reads the checkpoint, after setup: the
+        # run's config.yaml (and its W&B run) are written only once that check has passed, so a
+        # refused resume leaves the run's record as it was
+        if stage == "fit" and self.config.get("ckpt_path") is not None:
+            self._deferred = (trainer, pl_module, stage)
+            return
+        super().setup(trainer, pl_module, stage)
+
+    def on_fit_start(self, trainer, pl_module) -> None:
+        deferred = getattr(self, "_deferred", None)
+        if deferred is not None:
+            self._deferred = None
+            super().setup(*deferred)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         # under its own key: the model's hyperparameters, logged too, have a ``config`` of their own
@@ -81,11 +98,17 @@ def config_files(args: list[str]) -> list[str]:
 def read_config(path: str) -> dict[str, Any] | None:
     """The settings of a ``--config`` file; one line naming it when it is not YAML or not a mapping
     of settings. None when ``path`` is no file (the parser also takes a config given inline)."""
+    if os.path.isdir(path):
+        raise ConfigError(f"{path}: a directory, not a config file")
     if not os.path.isfile(path):
-        return None
+        if "\n" in path or ":" in path or path.startswith("{"):
+            return None  # settings given inline
+        raise ConfigError(f"{path}: no such config file")
     try:
         with open(path, encoding="utf-8") as f:
-            spec = yaml.safe_load(f)
+            spec = yaml.load(f, Loader=UniqueKeyLoader)
+    except DuplicateKey as e:
+        raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
@@ -99,6 +122,10 @@ def read_config(path: str) -> dict[str, Any] | None:
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a config holds settings as a mapping (key: value lines), "
                           f"not a {type(spec).__name__}")
+    try:
+        json.dumps(spec, default=str)
+    except ValueError:
+        raise ConfigError(f"{path}: a YAML alias refers to itself (a setting that contains itself)") from None
     return spec
 
 

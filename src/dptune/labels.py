@@ -51,11 +51,11 @@ def _color_tuple(c: Sequence[int], what: str) -> tuple[int, int, int]:
     return int(c[0]), int(c[1]), int(c[2])
 
 
-class _DuplicateKey(ValueError):
+class DuplicateKey(ValueError):
     pass
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
+class UniqueKeyLoader(yaml.SafeLoader):
     """``yaml.safe_load`` that refuses a key given twice in one mapping. YAML keeps the last of two
     equal keys, so a second ``names:`` (or ``map`` entry) would silently replace the first. A merge
     key (``<<``) overridden by an explicit key is YAML's stated rule and stays allowed."""
@@ -72,7 +72,7 @@ class _UniqueKeyLoader(yaml.SafeLoader):
                 continue
             line = key_node.start_mark.line + 1
             if first is not None:
-                raise _DuplicateKey(f"key {key!r} given twice (lines {first} and {line}); YAML would keep only "
+                raise DuplicateKey(f"key {key!r} given twice (lines {first} and {line}); YAML would keep only "
                                     "the last, so say it once")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
@@ -124,10 +124,10 @@ class LabelSet:
     def from_yaml(cls, path: str | Path) -> LabelSet:
         path = Path(path)
         try:
-            spec = yaml.load(path.read_text(), Loader=_UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
+            spec = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
         except FileNotFoundError:
             raise DataError(f"{path}: label file not found") from None
-        except _DuplicateKey as e:
+        except DuplicateKey as e:
             raise DataError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
             raise DataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None

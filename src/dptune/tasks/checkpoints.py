@@ -53,6 +53,7 @@ def load_module(ckpt_path: str, map_location: str = "cpu"):
     hp = {k: v for k, v in hp.items() if not k.startswith("_")}
     hp.update(pretrained=None, config=meta["model_config"], image_mean=meta["image_mean"], image_std=meta["image_std"])
     module = task_class(meta.get("task", "segmentation"))(**hp)
+    _check_state_dict(ckpt["state_dict"], module, ckpt_path, "loading", say=False)
     module.load_state_dict(ckpt["state_dict"])
     module.checkpoint_metrics = meta.get("metrics", {})
     module.checkpoint_meta = meta

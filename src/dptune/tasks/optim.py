@@ -141,6 +141,12 @@ class WarmupPoly(LRScheduler):
         self._step_count = int(state.get("_step_count", self.last_epoch + 1))
         self.base_lrs = list(state.get("base_lrs", self.base_lrs))
         saved = state.get("total_steps")
+        if self.last_epoch >= self.total:
+            from dptune.errors import ConfigError
+
+            raise ConfigError(f"the checkpoint has done {self.last_epoch} optimizer steps and this run has "
+                              f"{self.total} in all: nothing is left to train; raise --trainer.max_epochs (or "
+                              "max_steps) to extend the run")
         if saved is not None and int(saved) != self.total:
             log.info("LR schedule: the checkpoint's run had %d optimizer steps, this run has %d; the schedule "
                      "follows this run (warmup %d steps, resuming at step %d)", saved, self.total, self.warmup,
