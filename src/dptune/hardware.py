@@ -129,6 +129,16 @@ def machine() -> str:
     return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
 
 
+# Trainer settings read outside ``__init__``: LightningCLI (jsonargparse) reads a ``kwargs.get`` in its
+# body as a new, untyped setting, which would shadow Lightning's typed ``strategy``
+def _resolve_for(precision: Any, settings: dict[str, Any]) -> tuple[Any, str]:
+    return resolve_precision(precision, settings.get("accelerator", AUTO), settings.get("strategy", AUTO))
+
+
+def _threads_for(settings: dict[str, Any]) -> str | None:
+    return None if _uses_cuda(settings.get("accelerator", AUTO)) else fit_threads()
+
+
 class DPTuneTrainer(Trainer):
     """Lightning's Trainer with ``precision="auto"`` resolved for the machine it starts on.
 
@@ -136,10 +146,10 @@ class DPTuneTrainer(Trainer):
     """
 
     def __init__(self, *args: Any, precision: PrecisionSetting = AUTO, **kwargs: Any) -> None:
-        resolved, reason = resolve_precision(precision, kwargs.get("accelerator", AUTO), kwargs.get("strategy", AUTO))
+        resolved, reason = _resolve_for(precision, kwargs)
         self.precision_requested = AUTO if precision is None else precision
         self.precision_reason = reason
-        threads = None if _uses_cuda(kwargs.get("accelerator", AUTO)) else fit_threads()
+        threads = _threads_for(kwargs)
         super().__init__(*args, precision=resolved, **kwargs)
         if self.is_global_zero:
             if reason != "as given":
