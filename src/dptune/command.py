@@ -1,0 +1,62 @@
+"""The ``dptune`` command: one entry point for training and every tool.
+
+    dptune fit --config configs/quickstart.yaml         # also validate, test (python train.py ...)
+    dptune export RUN/checkpoints/last.ckpt OUT        # python scripts/export.py ...
+    dptune predict --model OUT --images "photos/*.jpg" --out preds
+    dptune evaluate --model OUT --config configs/camvid.yaml --root DATA --split val
+    dptune inspect configs/camvid.yaml
+    dptune benchmark --baseline
+
+``dptune COMMAND --help`` lists a command's options. ``train.py`` and ``scripts/*.py`` run the same
+code for people who run files.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+
+# command -> (module, what it does); fit / validate / test share train.py's LightningCLI
+COMMANDS: dict[str, tuple[str, str]] = {
+    "fit": ("dptune.cli", "train (segmentation, depth, or both: --task / task: in the config)"),
+    "validate": ("dptune.cli", "score a checkpoint on the validation split"),
+    "test": ("dptune.cli", "score a checkpoint on the test split"),
+    "export": ("dptune.export", "a checkpoint as a plain transformers directory (+ ONNX)"),
+    "predict": ("dptune.tools.predict", "masks, depth maps or both for images"),
+    "evaluate": ("dptune.tools.evaluate", "scores of a checkpoint or export on labelled data"),
+    "inspect": ("dptune.tools.inspect", "class counts / depth statistics of a config's data"),
+    "benchmark": ("dptune.tools.benchmark", "training throughput, against the plain HF Trainer with --baseline"),
+}
+
+
+def usage() -> str:
+    width = max(map(len, COMMANDS))
+    lines = ["usage: dptune COMMAND [options]   (dptune COMMAND --help for a command's options)", "", "commands:"]
+    lines += [f"  {name:<{width}}  {what}" for name, (_, what) in COMMANDS.items()]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if not argv or argv[0] in ("-h", "--help", "help"):
+        print(usage())
+        return 0
+    if argv[0] in ("-V", "--version"):
+        from importlib.metadata import version
+
+        print(f"dptune {version('dptune')}")
+        return 0
+    name = argv[0]
+    if name not in COMMANDS:
+        print(f"error: dptune has no command {name!r}\n{usage()}", file=sys.stderr)
+        return 2
+    module = importlib.import_module(COMMANDS[name][0])
+    if module.__name__ == "dptune.cli":
+        sys.argv[0] = "dptune"
+        return module.main(argv)  # the subcommand stays: LightningCLI reads it
+    sys.argv[0] = f"dptune {name}"  # argparse's usage line names the command
+    return module.main(argv[1:])
+
+
+if __name__ == "__main__":
+    sys.exit(main())
