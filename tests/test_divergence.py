@@ -152,12 +152,14 @@ def test_under_a_grad_scaler_a_non_finite_loss_is_skipped_and_overflow_left_to_t
     caplog.clear()
     after = fit("loss")
     assert _same(after[1], after[2]) == [] and _same(after[2], after[3])
-    assert [r.getMessage()[:35] for r in caplog.records] == ["step 3 (epoch 1, batch 3): non-fini"]
+    # warnings only: an earlier test in the same process may have set dptune's loggers to INFO
+    warned = [r.getMessage()[:35] for r in caplog.records if r.levelno >= logging.WARNING]
+    assert warned == ["step 3 (epoch 1, batch 3): non-fini"]
 
     caplog.clear()
     after = fit("grad")
     assert [k for k in _same(after[1], after[2]) if "running" not in k and "num_batches" not in k] == []
-    assert caplog.records == []  # the scaler's business
+    assert [r for r in caplog.records if r.levelno >= logging.WARNING] == []  # the scaler's business
 
 
 class Joint(Dataset):
