@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import logging
 import os
-import platform
 from typing import Any, Literal
 
 import torch
@@ -118,15 +117,6 @@ def resolve_precision(precision: Any, accelerator: Any = AUTO, strategy: Any = A
         return "16-mixed", f"CUDA device {name} has no bf16; fp16 with loss scaling"
     native, why = cpu_native_bf16()
     return ("bf16-mixed" if native else "32-true"), why
-
-
-def machine() -> str:
-    """One line naming the machine, for logs, benchmarks and checkpoints."""
-    if torch.cuda.is_available():
-        return torch.cuda.get_device_name(0)
-    model = next((line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")),
-                 platform.processor() or platform.machine()) if os.path.exists("/proc/cpuinfo") else platform.machine()
-    return f"{model}, {len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()} cores"
 
 
 # Trainer settings read outside ``__init__``: LightningCLI (jsonargparse) reads a ``kwargs.get`` in its
