@@ -165,8 +165,8 @@ def test_fit_resume_export_onnx(fam, tmp_path):
 @pytest.mark.parametrize("fam", ["vit", *FAMILIES])
 def test_fsdp_strategy_shards_each_transformer_block(fam):
     """FSDP needs GPUs under Lightning; what can be checked here is which modules become units."""
-    from dptune.strategies import DPTFSDPStrategy
     from dptune.tasks.optim import transformer_blocks
+    from dptune.training.strategies import DPTFSDPStrategy
 
     model = build_model(NAMES, config=str(MODELS / "dpt-tiny.json") if fam == "vit" else tiny(fam))
     strategy = DPTFSDPStrategy(activation_checkpointing=True)

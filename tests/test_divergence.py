@@ -13,10 +13,10 @@ import torch
 from conftest import CAMVID, needs
 from torch.utils.data import DataLoader, Dataset
 
-from dptune.callbacks import Checkpoint
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.tasks.segmentation import SegmentationModule
+from dptune.training.callbacks import Checkpoint
 
 
 def test_the_count_skips_up_to_its_limit_in_a_row_then_stops():

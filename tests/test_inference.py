@@ -1,7 +1,7 @@
 import pytest
 import torch
 
-from dptune.inference import (
+from dptune.inference.windows import (
     _starts,
     flip_views,
     from_view,

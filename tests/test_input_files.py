@@ -366,7 +366,7 @@ def test_an_export_asking_for_remote_code_never_prompts_and_says_how_to_allow_it
 
     import transformers.dynamic_module_utils as dynamic
 
-    from dptune.predictor import Predictor
+    from dptune.inference.predictor import Predictor
 
     model = tmp_path / "custom"
     shutil.copytree(models / "segmentation", model)
@@ -628,7 +628,7 @@ def test_jpeg_files_beside_a_jpg_glob_are_counted_in_a_warning_never_dropped_sil
     import logging
 
     from dptune.data.sources import glob_files
-    from dptune.tools.predict import list_images
+    from dptune.tools.outputs import list_images
 
     root = tmp_path / "d"
     (root / "train").mkdir(parents=True)

@@ -84,7 +84,7 @@ def test_joint_slide_flip_scales_masks_as_the_segmentation_path_depth_mirrored(j
     assert np.array_equal(mask, read_png(tmp_path / "seg" / f"{FRAME.stem}.png"))
     assert not np.array_equal(mask, read_png(tmp_path / "plain" / f"{FRAME.stem}.png"))  # not ignored
 
-    from dptune.depth_predictor import DepthPredictor
+    from dptune.inference.depth_predictor import DepthPredictor
 
     image = np.asarray(Image.open(FRAME).convert("RGB"))
     dp = DepthPredictor.load(str(joint_export / "depth"))
@@ -114,8 +114,8 @@ def test_depth_only_flip_mirrors_and_segmentation_options_are_refused(joint_expo
 
 def test_joint_checkpoint_point_cloud_and_confidence_from_one_pass_equal_each_predictor(tmp_path):
     """A multitask .ckpt: one backbone pass gives each predictor's masks, confidence and depth."""
-    from dptune.depth_predictor import DepthPredictor
-    from dptune.predictor import Predictor
+    from dptune.inference.depth_predictor import DepthPredictor
+    from dptune.inference.predictor import Predictor
     from dptune.tasks.multitask import MultiTaskModule
     from dptune.tools.depth import intrinsics
 

@@ -195,8 +195,8 @@ def test_slide_mode_overlays_line_up_with_their_masks_in_mixed_size_batches():
 
     from conftest import TINY
 
-    from dptune.callbacks import ValidationVisuals
     from dptune.data.dataset import collate
+    from dptune.training.callbacks import ValidationVisuals
 
     rng = np.random.default_rng(0)
     images = [rng.integers(0, 256, (3, h, w), dtype=np.uint8) for h, w in [(48, 80), (32, 40)]]

@@ -273,11 +273,11 @@ def test_predict_writes_masks_and_depth_from_one_forward_equal_to_each_export(tm
     import numpy as np
     from PIL import Image
 
-    from dptune.depth_predictor import DepthPredictor
+    from dptune.inference.depth_predictor import DepthPredictor
+    from dptune.inference.predictor import Predictor
     from dptune.models import build_model
     from dptune.models.depth import build_depth_model
     from dptune.models.joint import JointDPT
-    from dptune.predictor import Predictor
     from dptune.tools.predict import main as predict_main
 
     depth_cfg = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}

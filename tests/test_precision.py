@@ -14,8 +14,8 @@ import torch
 import yaml
 from conftest import CAMVID, REPO, TINY, needs
 
-from dptune import hardware
-from dptune.hardware import resolve_precision
+from dptune.training import hardware
+from dptune.training.hardware import resolve_precision
 
 # what torch dispatches on an AVX2-only CPU: both torch's own kernels and oneDNN held to AVX2
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
@@ -42,7 +42,7 @@ def test_cpu_with_native_bf16_runs_bf16(monkeypatch):
 def test_an_avx2_dispatch_resolves_to_fp32_in_a_fresh_process():
     """The real check, not a patched one: a process whose torch and oneDNN are held to AVX2 (as
     on an AVX2-only EPYC) picks fp32, whatever this machine has."""
-    code = "from dptune.hardware import resolve_precision; print(resolve_precision('auto', 'cpu')[0])"
+    code = "from dptune.training.hardware import resolve_precision; print(resolve_precision('auto', 'cpu')[0])"
     out = subprocess.run([sys.executable, "-c", code], env=dict(os.environ, **AVX2), capture_output=True,
                          text=True, check=True).stdout.split()[-1]
     assert out == "32-true"
@@ -114,7 +114,7 @@ def test_a_run_logs_and_records_its_precision(tmp_path, extra, expect, requested
 
 
 def test_threads_are_capped_at_the_usable_cores():
-    code = ("import torch; torch.set_num_threads(64); from dptune.hardware import fit_threads, usable_cores; "
+    code = ("import torch; torch.set_num_threads(64); from dptune.training.hardware import fit_threads, usable_cores; "
             "said = fit_threads(); print(torch.get_num_threads(), usable_cores(), bool(said))")
     threads, cores, said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                           check=True).stdout.split()

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import torch
 
-from dptune.callbacks import ProgressLog, run_locations
+from dptune.training.callbacks import ProgressLog, run_locations
 
 
 def _trainer(**kw) -> SimpleNamespace:
@@ -23,7 +23,7 @@ def _trainer(**kw) -> SimpleNamespace:
 def _lines(caplog, trainer, steps: int = 2, val: bool = False) -> list[str]:
     cb = ProgressLog(every=0)
     cb.on_train_start(trainer, None)
-    with caplog.at_level(logging.INFO, logger="dptune.callbacks"):
+    with caplog.at_level(logging.INFO, logger="dptune.training.callbacks"):
         for _ in range(steps):
             trainer.global_step += 1
             cb.on_train_batch_end(trainer, None, None, {"image": torch.zeros(4, 3, 8, 8)}, 0)
@@ -34,7 +34,7 @@ def _lines(caplog, trainer, steps: int = 2, val: bool = False) -> list[str]:
 
 def test_images_per_second_count_every_process(caplog, monkeypatch):
     clock = iter([0.0])  # the run starts at 0 s; every later reading is 10 s
-    monkeypatch.setattr("dptune.callbacks.time.monotonic", lambda: next(clock, 10.0))
+    monkeypatch.setattr("dptune.training.callbacks.time.monotonic", lambda: next(clock, 10.0))
     one = _lines(caplog, _trainer(world_size=2), steps=1)[-1]
     # 4 images per process, 2 processes, 10 s
     assert "0.8 images/s" in one and "epoch 1/2 step 1/10 (10%)" in one and "ETA 0:01:30" in one, one
@@ -49,7 +49,7 @@ def test_no_epoch_count_step_total_or_eta_where_there_is_none(caplog):
 
 
 def test_a_disabled_wandb_run_is_not_named(tmp_path, monkeypatch):
-    from dptune.callbacks import DPTuneWandbLogger
+    from dptune.training.callbacks import DPTuneWandbLogger
 
     monkeypatch.setenv("WANDB_MODE", "disabled")
     logger = DPTuneWandbLogger(save_dir=str(tmp_path))

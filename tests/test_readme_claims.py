@@ -214,7 +214,7 @@ def test_a_fit_writes_the_resolved_config_and_a_best_checkpoint_named_by_epoch_a
 
 def test_wandb_is_online_only_with_credentials_and_never_asks(tmp_path, monkeypatch):
     """README:31 and :217-218: offline unless logged in (``WANDB_API_KEY`` or ``~/.netrc``), never a prompt."""
-    from dptune.callbacks import DPTuneWandbLogger, wandb_mode
+    from dptune.training.callbacks import DPTuneWandbLogger, wandb_mode
 
     for var in ("WANDB_MODE", "WANDB_API_KEY", "NETRC"):
         monkeypatch.delenv(var, raising=False)
@@ -413,7 +413,7 @@ def test_transformers_init_shrinks_the_bench_tiny_necks_signal_about_3600_fold()
     (ViT features of std 0.43 leave it at 0.0001, bench-tiny config)"; He-normal keeps it. Measured on
     CamVid frames for three seeds (the figures move with the seed: 3,300-4,000-fold here)."""
     from dptune.models import build_model
-    from dptune.models.forward import _backbone_features
+    from dptune.models.forward import backbone_features
 
     bench = SHARED_BENCH / "dpt-bench-tiny.json"
     if not bench.exists():
@@ -429,7 +429,7 @@ def test_transformers_init_shrinks_the_bench_tiny_necks_signal_about_3600_fold()
             torch.manual_seed(seed)
             model = build_model(names, config=str(bench), fresh_init=init).eval()
             with torch.no_grad():
-                features = _backbone_features(model, x)
+                features = backbone_features(model, x)
                 stds[init] = model.neck(features, patch_height=12, patch_width=12)[-1].std().item()
         feature_std = torch.cat(features).std().item()
         assert 0.3 < feature_std < 0.5
@@ -641,7 +641,7 @@ def test_logger_false_writes_no_wandb_run(depth_run):
 def test_progress_every_30_seconds_by_default_a_bar_on_a_terminal_and_the_resume_hint(seg_run, monkeypatch):
     """README:222-227: a progress bar on a terminal; redirected, a line at most every
     ``--progress.every`` seconds (default 30); the end of ``fit`` names the ``--ckpt_path`` to resume."""
-    import dptune.callbacks as callbacks
+    import dptune.training.callbacks as callbacks
     from dptune.cli import trainer_defaults
 
     assert yaml.safe_load((seg_run["run"] / "config.yaml").read_text())["progress"]["every"] == 30
@@ -839,9 +839,9 @@ def test_depth_validation_scores_what_the_depth_estimation_pipeline_predicts(dep
 def test_colour_maps_span_half_the_median_depth_and_predicts_map_carries_the_panels_bar(depth_export, tmp_path):
     """README:305-307: colourised maps "span at least half the median depth"; ``predict.py``'s
     ``_depth_color.png`` "carries the same bar" as the validation panels."""
-    from dptune.depth_predictor import DepthPredictor
+    from dptune.inference.depth_predictor import DepthPredictor
+    from dptune.tasks.visuals import color_bar, colorize_depth, depth_range
     from dptune.tools.predict import main as predict_main
-    from dptune.visualize import color_bar, colorize_depth, depth_range
 
     rng = np.random.default_rng(0)
     for median in (0.8, 2.0, 10.0, 40.0):  # near-flat maps: the scale is widened to half their median
@@ -1048,8 +1048,8 @@ def test_a_joint_validation_that_scores_nothing_is_nan_with_a_warning_and_never_
     checkpoint", for the segmentation + depth task (tests/test_depth_train.py has the depth task)."""
     from lightning.pytorch import Trainer
 
-    from dptune.callbacks import Checkpoint
     from dptune.tasks.multitask import MultiTaskModule
+    from dptune.training.callbacks import Checkpoint
 
     caplog.set_level(logging.WARNING, logger="dptune")
     torch.manual_seed(0)
@@ -1137,8 +1137,8 @@ def test_evaluate_scores_a_checkpoint_on_a_configs_split_as_validation_did(seg_r
 def test_scales_repeat_every_view_at_each_scale(monkeypatch):
     """README:423: "``--scales 0.75,1,1.25`` repeats every view at each scale" (whole image and sliding
     windows; with ``--flip`` two views)."""
-    import dptune.inference as inference
-    from dptune.predictor import Predictor
+    import dptune.inference.windows as inference
+    from dptune.inference.predictor import Predictor
 
     torch.manual_seed(0)
     module = seg_module().eval()
@@ -1337,7 +1337,7 @@ def test_sync_batchnorm_false_keeps_plain_batchnorm_on_a_multi_gpu_run():
 
 def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_file_whole(tmp_path):
     """README:633-634: ``last.ckpt`` is "written to a temporary file and renamed, so never half-written"."""
-    from dptune.callbacks import Checkpoint
+    from dptune.training.callbacks import Checkpoint
 
     class Killed(BaseException):
         pass

@@ -80,7 +80,7 @@ def test_d4_tta_averages_the_eight_turned_views(exported, tmp_path):
     by 0/90/180/270 degrees, with and without a mirror, each turned back."""
     from transformers import AutoImageProcessor, DPTForSemanticSegmentation
 
-    from dptune.predictor import Predictor
+    from dptune.inference.predictor import Predictor
 
     frame = sorted(CAMVID.glob(VAL))[0]
     img = Image.open(frame).convert("RGB")
@@ -117,7 +117,7 @@ def test_score_plain_agrees_with_evaluate_whole_and_slide(exported, tmp_path):
 
     from transformers import AutoImageProcessor, AutoModelForSemanticSegmentation
 
-    from dptune.predictor import Predictor
+    from dptune.inference.predictor import Predictor
 
     script = Path(__file__).resolve().parents[1] / "scripts" / "score_plain.py"
     res = subprocess.run([sys.executable, str(script), str(exported), "--images", str(CAMVID / VAL),
@@ -192,7 +192,7 @@ def test_export_cli_onnx_parity_and_re_export(exported, tmp_path):
     for f in ("model.safetensors", "config.json", "preprocessor_config.json", "README.md", "model.onnx"):
         assert (out / f).exists(), f
     assert "| 3 | Road | (128, 64, 128) |" in (out / "README.md").read_text()
-    from dptune.predictor import Predictor
+    from dptune.inference.predictor import Predictor
 
     assert Predictor.load(str(out)).labels.colors == LabelSet.from_yaml(CAMVID / "labels.yaml").colors
     from transformers import DPTForSemanticSegmentation

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from dptune.visualize import colorize_depth, depth_panel, depth_range
+from dptune.tasks.visuals import colorize_depth, depth_panel, depth_range
 
 H, W = 48, 64
 

@@ -13,13 +13,13 @@ import yaml
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
-from dptune.callbacks import Checkpoint, LRMonitor, ProgressLog, ValidationVisuals
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
-from dptune.hardware import DPTuneTrainer
 from dptune.labels import DuplicateKey, UniqueKeyLoader
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
+from dptune.training.callbacks import Checkpoint, LRMonitor, ProgressLog, ValidationVisuals
+from dptune.training.hardware import DPTuneTrainer
 
 DEFAULT_ROOT = "runs/dptune"
 
@@ -209,7 +209,7 @@ class DPTuneCLI(LightningCLI):
 def trainer_defaults() -> dict:
     return {
         "default_root_dir": DEFAULT_ROOT,
-        "logger": {"class_path": "dptune.callbacks.DPTuneWandbLogger", "init_args": {"project": "dptune"}},
+        "logger": {"class_path": "dptune.training.callbacks.DPTuneWandbLogger", "init_args": {"project": "dptune"}},
         "callbacks": [LRMonitor(logging_interval="step"), ValidationVisuals(), ResumeCheck()],
         "log_every_n_steps": 10,
         # a bar only on a terminal; redirected output (nohup, SLURM) gets progress lines (ProgressLog)

@@ -13,14 +13,17 @@ def processor_backend() -> str:
     """The ``DPTImageProcessor`` backend that ``AutoImageProcessor.from_pretrained(export)`` and
     ``pipeline(...)`` resolve to in this environment: ``torchvision`` whenever torchvision is
     installed (transformers 5), else ``pil``. The exported config cannot pin it."""
-    try:
-        from transformers.models.auto.image_processing_auto import _resolve_backend
+    from transformers.utils import is_torchvision_available
 
-        return _resolve_backend(None, None, "DPTImageProcessor")
-    except ImportError:  # a transformers without the private resolver: its documented rule
-        from transformers.utils import is_torchvision_available
-
-        return "torchvision" if is_torchvision_available() else "pil"
+    try:  # processors transformers keeps on PIL by default (their resample needs it)
+        from transformers.models.auto.image_processing_auto import (
+            DEFAULT_TO_PIL_BACKEND_IMAGE_PROCESSORS as on_pil,
+        )
+    except ImportError:
+        on_pil = ()
+    if "DPTImageProcessor" in on_pil:
+        return "pil"
+    return "torchvision" if is_torchvision_available() else "pil"
 
 
 def image_processor(size: int | Sequence[int], mean: Sequence[float], std: Sequence[float]):

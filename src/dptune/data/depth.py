@@ -24,11 +24,11 @@ from torch.utils.data import Dataset
 
 from dptune.data.dataset import check_same_size
 from dptune.data.sources import (
-    _read_bytes,
     image_header_size,
     mask_path_for,
     match_images,
     open_hf_split,
+    read_bytes,
     read_image,
     read_paired_mask,
 )
@@ -110,7 +110,7 @@ def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a readable .npy depth map ({e})") from None
     else:
-        data = _read_bytes(path)
+        data = read_bytes(path)
         raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
         if raw is None:
             raise DataError(f"{path}: not a readable depth map (truncated or not an image)")

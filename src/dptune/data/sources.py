@@ -33,7 +33,7 @@ class Source(Protocol):
 
 
 # ---------------------------------------------------------------------------- decoding
-def _read_bytes(path: str) -> bytes:
+def read_bytes(path: str) -> bytes:
     try:
         with open(path, "rb") as f:
             return f.read()
@@ -169,7 +169,7 @@ def read_image(path: str) -> np.ndarray:
     applies it, so a phone photo stored turned comes out as it is shown. Grayscale, RGBA and
     16-bit are converted. The one reader of RGB image files: training, validation, predict,
     evaluate and inspect, for segmentation, depth and joint models."""
-    data = _read_bytes(path)
+    data = read_bytes(path)
     if not data:
         raise DataError(f"{path}: empty file (0 bytes), not an image")
     if data[:2] == b"\xff\xd8":

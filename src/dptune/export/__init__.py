@@ -56,7 +56,7 @@ def _load(src: str) -> dict:
         out = {"model": model, "processor": AutoImageProcessor.from_pretrained(src), "metrics": meta.get("metrics", {}),
                "meta": meta, "evaluation": meta.get("evaluation", {})}
         if not is_depth(model):
-            from dptune.predictor import exported_labels
+            from dptune.inference.predictor import exported_labels
 
             out["labels"] = exported_labels(src, model.config.id2label)
         return out

@@ -48,7 +48,7 @@ def build_model(
         if cfg.model_type != "dpt":
             model = _fresh_model(dpt_config_for_backbone(cfg), names, attn_implementation)
             load_backbone_weights(model, ref)
-            fresh = _head_layers(model)
+            fresh = head_layers(model)
         else:
             # a depth checkpoint's head does not fit a segmentation head: those weights start fresh
             model, info = model_class(cfg).from_pretrained(
@@ -57,7 +57,7 @@ def build_model(
             )
             # layers the checkpoint lacks, or has in another shape (a depth head), start from random weights
             missing = set(info["missing_keys"]) | {key for key, *_shapes in info["mismatched_keys"]}
-            fresh_names = {n for n, _ in _head_layers(model) if f"{n}.weight" in missing}
+            fresh_names = {n for n, _ in head_layers(model) if f"{n}.weight" in missing}
             init = he_init_layer if fresh_init == "he" else model._init_weights
             carried = adapt_classifiers(model, names, init)
             if any(n.startswith("head.") for n in fresh_names):
@@ -65,10 +65,10 @@ def build_model(
             log.info("%s: %d of %d classes carried over from the checkpoint's classifier%s", pretrained,
                      len(carried), len(names), f" ({', '.join(carried)})" if carried else "")
             # resolved after adapt_classifiers, which replaces the classifier modules
-            fresh = [(n, m) for n, m in _head_layers(model) if n in fresh_names]
+            fresh = [(n, m) for n, m in head_layers(model) if n in fresh_names]
     else:
         model = _fresh_model(cfg if cfg.model_type == "dpt" else dpt_config_for_backbone(cfg), names, attn_implementation)
-        fresh = _head_layers(model)
+        fresh = head_layers(model)
     if fresh_init == "he":
         he_init(m for _, m in fresh)
     model.config.semantic_loss_ignore_index = IGNORE_INDEX
@@ -76,7 +76,7 @@ def build_model(
     return model
 
 
-def _head_layers(model: PreTrainedModel) -> list[tuple[str, nn.Module]]:
+def head_layers(model: PreTrainedModel) -> list[tuple[str, nn.Module]]:
     """(name, layer) of the convolutions and linear layers of the neck and heads, classifiers included."""
     return [
         (name, layer)

@@ -20,9 +20,9 @@ from transformers import DPTForDepthEstimation, PreTrainedModel
 
 from dptune.errors import ConfigError
 from dptune.models.backbones import depth_model_class, dpt_config_for_backbone, load_backbone_weights
-from dptune.models.build import _head_layers, freeze_unused, he_init
+from dptune.models.build import freeze_unused, he_init, head_layers
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
-from dptune.models.forward import _backbone_features
+from dptune.models.forward import backbone_features
 from dptune.models.source import model_source
 
 log = logging.getLogger(__name__)
@@ -69,13 +69,13 @@ def build_depth_model(
                 ref, config=cfg, ignore_mismatched_sizes=True, output_loading_info=True,
                 **({"attn_implementation": {"": attn_implementation}} if cfg.model_type == "dpt" else {}))
             missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
-            fresh = [(n, m) for n, m in _head_layers(model) if f"{n}.weight" in missing]
+            fresh = [(n, m) for n, m in head_layers(model) if f"{n}.weight" in missing]
             if source not in (None, head_output(cfg)) and not any(n.startswith("head.") for n, _ in fresh):
                 # an inverse-depth head (MiDaS: near = large) read as metres would train from the wrong
                 # sign; a sigmoid x max_depth head read through another bound or a ReLU, from the wrong scale
                 log.info("%s: its depth head predicts %s, this model %s: the head starts fresh", pretrained,
                          _words(source), _words(head_output(cfg)))
-                fresh += [(n, m) for n, m in _head_layers(model) if n.startswith("head.")]
+                fresh += [(n, m) for n, m in head_layers(model) if n.startswith("head.")]
             parts = ["backbone", *(p for p in ("neck", "head") if not any(n.startswith(f"{p}.") for n, _ in fresh))]
             carried = " and ".join([", ".join(parts[:-1]), parts[-1]]) if len(parts) > 1 else parts[0]
             log.info("%s: %s carried over; %d fresh layers (%s)", pretrained, carried,
@@ -85,7 +85,7 @@ def build_depth_model(
             _set_output(cfg, mode, max_depth)
             model = DPTForDepthEstimation(cfg)
             load_backbone_weights(model, ref)
-            fresh = _head_layers(model)
+            fresh = head_layers(model)
     else:
         if cfg.model_type not in ("dpt", "depth_anything"):
             cfg = dpt_config_for_backbone(cfg)
@@ -93,7 +93,7 @@ def build_depth_model(
             cfg._attn_implementation = {"": attn_implementation}
         _set_output(cfg, mode, max_depth)
         model = depth_model_class(cfg)(cfg)
-        fresh = _head_layers(model)
+        fresh = head_layers(model)
     if fresh_init == "he":
         he_init(m for _, m in fresh)
     last = [m for m in model.head.modules() if isinstance(m, nn.Conv2d)][-1]
@@ -161,7 +161,7 @@ def depth_forward(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.T
     if h % multiple or w % multiple:
         raise ValueError(f"input {h}x{w} is not a multiple of {multiple} (the backbone's patch size / stride)")
     if isinstance(model, DPTForDepthEstimation) and not uses_backbone(model.config):
-        features = _backbone_features(model, pixel_values)
+        features = backbone_features(model, pixel_values)
         features = model.neck(features, patch_height=h // multiple, patch_width=w // multiple)
         return model.head(features)
     return model(pixel_values=pixel_values).predicted_depth

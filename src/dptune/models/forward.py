@@ -16,7 +16,7 @@ from dptune.models.dpt_backbone import input_multiple, uses_backbone
 BACKBONE_PREFIXES = ("dpt.", "backbone.")
 
 
-def _backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> list[torch.Tensor]:
+def backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Tensor) -> list[torch.Tensor]:
     """Hidden states the neck needs, running only the encoder layers that feed it."""
     cfg = model.config
     emb = model.dpt.embeddings
@@ -55,7 +55,7 @@ def segment(
     if uses_backbone(model.config):
         features = model.features(pixel_values)
     else:
-        features = _backbone_features(model, pixel_values)
+        features = backbone_features(model, pixel_values)
         features = model.neck(features, patch_height=h // multiple, patch_width=w // multiple)
     logits = model.head(features)
     aux = model.auxiliary_head(features[-1]) if with_aux and model.auxiliary_head is not None else None

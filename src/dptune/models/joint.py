@@ -21,7 +21,7 @@ from transformers import PreTrainedModel
 
 from dptune.models.build import input_side
 from dptune.models.dpt_backbone import uses_backbone
-from dptune.models.forward import _backbone_features
+from dptune.models.forward import backbone_features
 
 
 def tie_backbones(seg: PreTrainedModel, depth: PreTrainedModel, share_reassemble: bool = False) -> None:
@@ -58,7 +58,7 @@ class JointDPT(nn.Module):
         """The backbone's hidden states the necks read (tokens for ViT-like backbones)."""
         if uses_backbone(self.seg.config):
             return list(self.seg.backbone(pixel_values).feature_maps)
-        return _backbone_features(self.seg, pixel_values)
+        return backbone_features(self.seg, pixel_values)
 
     def _neck(self, model: PreTrainedModel, states: list[torch.Tensor], h: int, w: int) -> list[torch.Tensor]:
         p = input_side(model) if not uses_backbone(model.config) else _patch(model)

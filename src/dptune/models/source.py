@@ -15,9 +15,9 @@ from typing import Any
 
 from transformers import AutoConfig, DPTConfig, PretrainedConfig
 
-from dptune.checkpoint_file import dptune_parts, load_checkpoint
 from dptune.errors import ConfigError
 from dptune.models.backbones import check_family, depth_model_class, model_class
+from dptune.models.checkpoint_file import dptune_parts, load_checkpoint
 from dptune.preprocessing import image_processor
 
 log = logging.getLogger(__name__)

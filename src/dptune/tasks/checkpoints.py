@@ -27,8 +27,8 @@ import torch
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
-from dptune.checkpoint_file import dptune_parts, is_remote, load_checkpoint
 from dptune.errors import ConfigError
+from dptune.models.checkpoint_file import dptune_parts, is_remote, load_checkpoint
 
 __all__ = ["ResumeCheck", "check_ckpt_path", "check_resume", "load_checkpoint", "load_module", "task_class"]
 

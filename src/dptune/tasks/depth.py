@@ -164,7 +164,7 @@ class DepthModule(DPTTask):
         return out
 
     def log_visuals(self, logger, samples: list[dict[str, np.ndarray]], step: int) -> None:
-        from dptune.visualize import depth_images
+        from dptune.tasks.visuals import depth_images
 
         logger.experiment.log({"val/depth": depth_images(samples, self.hparams.mode == "relative"),
                                "trainer/global_step": step})

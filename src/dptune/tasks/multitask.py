@@ -252,7 +252,7 @@ class MultiTaskModule(DPTTask):
 
     def log_visuals(self, logger, samples: list[dict[str, Any]], step: int) -> None:
         """Class overlays of the segmentation samples, depth panels of the depth samples, per-class IoU."""
-        from dptune.visualize import depth_images, log_iou_table, overlay_images
+        from dptune.tasks.visuals import depth_images, log_iou_table, overlay_images
 
         names = self.label_set.names
         if self.last_metrics.get("segmentation"):

@@ -153,7 +153,7 @@ class SegmentationModule(DPTTask):
 
     def slide(self, images: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
         """Sliding-window logits at each image's native size (``image_size`` windows)."""
-        from dptune.inference import slide_logits
+        from dptune.inference.windows import slide_logits
 
         size = self.hparams.image_size
         window = (size, size) if isinstance(size, int) else tuple(size)
@@ -224,7 +224,7 @@ class SegmentationModule(DPTTask):
 
     def log_visuals(self, logger, samples: list[dict[str, np.ndarray]], step: int) -> None:
         """A per-class IoU table and overlays with class labels."""
-        from dptune.visualize import log_iou_table, overlay_images
+        from dptune.tasks.visuals import log_iou_table, overlay_images
 
         if self.last_metrics.get("val"):
             log_iou_table(logger, self.label_set.names, self.last_metrics["val"]["IoU"], step)

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing as mp
 import os
 import platform
 import resource
@@ -24,7 +23,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from dptune.tools.loader_bench import _time_loader
+from dptune.tools.jobs import run_job
 
 REPO = Path(__file__).resolve().parents[3]  # src/dptune/tools/ -> the repository
 PRESETS = {
@@ -202,26 +201,6 @@ def _max_batch(opts: dict[str, Any]) -> dict[str, Any]:
     return {"max_batch": lo}
 
 
-_JOBS = {"loader": _time_loader, "dptune": _time_dptune, "hf_trainer": _time_hf_trainer, "max_batch": _max_batch}
-
-
-def _child(job: str, opts: dict[str, Any], queue) -> None:
-    try:
-        queue.put(_JOBS[job](opts))
-    except Exception as e:  # reported by the parent as a failed measurement
-        queue.put({"error": f"{type(e).__name__}: {e}"})
-
-
-def run_job(job: str, opts: dict[str, Any]) -> dict[str, Any]:
-    ctx = mp.get_context("spawn")
-    queue = ctx.Queue()
-    proc = ctx.Process(target=_child, args=(job, opts, queue))
-    proc.start()
-    result = queue.get()
-    proc.join()
-    return result
-
-
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dpt-bench-tiny", help=f"preset {sorted(PRESETS)} or a DPTConfig JSON")
@@ -231,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=10, help="timed steps")
     ap.add_argument("--warmup", type=int, default=3, help="untimed steps first")
     ap.add_argument("--precision", default="auto",
-                    help="auto (default: what is fast on this machine, see dptune.hardware), 32-true, bf16-mixed, 16-mixed")
+                    help="auto (default: what is fast on this machine, see dptune.training.hardware), 32-true, bf16-mixed, 16-mixed")
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
     ap.add_argument("--baseline", action="store_true", help="also time the plain HF Trainer recipe")
     ap.add_argument("--max-batch", action="store_true", help="largest batch, with and without checkpointing (GPU)")
@@ -259,7 +238,7 @@ def main(argv: list[str] | None = None) -> int:
 
         return loader_benchmark(args)
     device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from dptune.hardware import resolve_precision
+    from dptune.training.hardware import resolve_precision
 
     precision, why = resolve_precision(args.precision, device)
     if why != "as given":
@@ -296,7 +275,7 @@ def main(argv: list[str] | None = None) -> int:
                                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     jobs = ["dptune"] + (["hf_trainer"] if args.baseline else [])
     for job in jobs:
-        r = run_job(job, opts)
+        r = run_job({"dptune": _time_dptune, "hf_trainer": _time_hf_trainer}[job], opts)
         if "error" not in r:
             r["mfu"] = r["images_per_s"] * flops / (peak * 1e12)
             print(f"{job:<11} {r['images_per_s']:8.2f} images/s  peak mem {r['peak_mem_gib']:6.2f} GiB  "
@@ -310,7 +289,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"dptune / HF Trainer: {ratio:.2f}x")
     if args.max_batch and device == "cuda":
         for gc in (False, True):
-            r = run_job("max_batch", dict(opts, gradient_checkpointing=gc))
+            r = run_job(_max_batch, dict(opts, gradient_checkpointing=gc))
             results[f"max_batch{'_checkpointing' if gc else ''}"] = r
             print(f"max batch{' (gradient checkpointing)' if gc else ''}: {r.get('max_batch', r.get('error'))}")
     if args.json:

@@ -34,23 +34,18 @@ from dptune.data.depth import (
 )
 from dptune.errors import ConfigError, DataError
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
-from dptune.tools.evaluate import json_is_ours, refuse_output
-from dptune.tools.predict import imwrite, write_replacing, write_text
-from dptune.visualize import colorize_depth, depth_range
-
-
-def model_task(ref: str) -> str:
-    """``depth``, ``segmentation`` or ``multitask``: what a checkpoint or exported directory holds."""
-    from dptune.models.source import is_joint_export
-
-    if is_joint_export(ref):
-        return "multitask"
-    if Path(ref).is_dir():
-        cfg = json.loads((Path(ref) / "config.json").read_text())
-        return "depth" if any("DepthEstimation" in a for a in cfg.get("architectures") or []) else "segmentation"
-    from dptune.tasks.checkpoints import load_checkpoint
-
-    return load_checkpoint(ref).get("dptune", {}).get("task", "segmentation")
+from dptune.tasks.visuals import colorize_depth, depth_range
+from dptune.tools.outputs import (
+    failures,
+    imwrite,
+    json_is_ours,
+    parse_scales,
+    predict_each,
+    prepare_out,
+    refuse_output,
+    write_replacing,
+    write_text,
+)
 
 
 def intrinsics(spec: str) -> tuple[float, float, float, float]:
@@ -73,7 +68,6 @@ def cloud_intrinsics(spec: str | None, metric: bool) -> tuple[float, float, floa
 def refuse_segmentation_options(args) -> None:
     """A depth model predicts the whole image at one scale and has no class probabilities: the options
     that only a segmentation model honours stop here, in one line."""
-    from dptune.tools.predict import parse_scales
 
     why = "a depth model predicts the whole image at one scale (a window or a zoom would change its metric depth)"
     if args.mode != "whole":
@@ -193,8 +187,7 @@ def write_ply(path: Path, depth: np.ndarray, image: np.ndarray, k: tuple[float, 
 
 def predict_depth(args, paths: list[str], stems: list[str]) -> int:
     """Depth maps of ``paths`` into ``args.out`` (outputs named by ``stems``, see ``output_stems``)."""
-    from dptune.depth_predictor import DepthPredictor
-    from dptune.tools.predict import failures, predict_each, prepare_out
+    from dptune.inference.depth_predictor import DepthPredictor
 
     refuse_segmentation_options(args)
     predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)
@@ -223,7 +216,7 @@ def warn_clipped(clipped: list[str], enc: dict) -> None:
 
 
 def evaluate_depth(args) -> int:
-    from dptune.depth_predictor import DepthPredictor
+    from dptune.inference.depth_predictor import DepthPredictor
 
     if not (args.images and args.depth):
         raise DataError("for a depth model give --images and --depth (a template with {stem}), and --depth-scale")

@@ -38,21 +38,13 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from dptune.errors import ConfigError, DataError
-from dptune.inference import FLIP_VIEWS
+from dptune.errors import DataError
+from dptune.inference.windows import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet
 from dptune.metrics.segmentation import metrics_from_confmat
+from dptune.tools.outputs import json_is_ours, refuse_output, write_replacing, write_text
 
 CONFUSION_TAG = "dptune evaluate: confusion matrix"  # the PNG's Software text: how a later run knows it wrote it
-
-
-def json_is_ours(path: Path) -> bool:
-    """A scores file evaluate wrote (segmentation or depth)."""
-    try:
-        spec = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
-        return False
-    return isinstance(spec, dict) and "model" in spec and ("mIoU" in spec or "abs_rel" in spec)
 
 
 def confusion_is_ours(path: Path) -> bool:
@@ -66,26 +58,6 @@ def confusion_is_ours(path: Path) -> bool:
         return False
 
 
-def refuse_output(path: str, flag: str, files: list[str], args, is_ours) -> None:
-    """An output file of evaluate: never among the inputs (``files``: the data; the config, label
-    file and model too, see ``refuse_among_inputs``), and an existing file that evaluate did not
-    write (``is_ours``) is replaced only with ``--overwrite``."""
-    from dptune.tools.predict import config_inputs, refuse_among_inputs
-
-    model = Path(args.model)
-    labels = getattr(args, "labels", None)
-    singles = [f for f in (labels, labels and Path(args.root or ".") / labels, args.model) if f]
-    singles += config_inputs(args.config, args.root)  # the config and the files it names (its label file, ...)
-    refuse_among_inputs(path, files, flag, folders=[model] if model.is_dir() else [], singles=singles)
-    if not Path(path).resolve().parent.is_dir():
-        raise ConfigError(f"{flag} {path}: its folder {Path(path).parent} does not exist")
-    if Path(path).is_dir():
-        raise ConfigError(f"{flag} {path}: is a folder; give a file path")
-    if Path(path).exists() and not args.overwrite and not is_ours(Path(path)):
-        raise ConfigError(f"{flag} {path}: already there and not written by evaluate; give another path, or "
-                          "--overwrite to replace it")
-
-
 def source_files(source) -> list[str]:
     """The files a source reads (images, masks or depth maps); none for a Hugging Face dataset."""
     return [f for attr in ("images", "masks", "depths") for f in (getattr(source, attr, None) or [])]
@@ -97,7 +69,6 @@ def confusion_image(confmat: np.ndarray, names: list[str], path: str, cell: int 
     import cv2
     from PIL import Image, PngImagePlugin
 
-    from dptune.tools.predict import write_replacing
 
     c = len(names)
     rows = confmat / np.maximum(confmat.sum(1, keepdims=True), 1)
@@ -224,9 +195,9 @@ def main(argv: list[str] | None = None) -> int:
     depth.add_argument("--alignment", choices=["none", "median", "lstsq"], help="default: the model's")
     depth.add_argument("--eval-crop", choices=["none", "eigen", "garg"], help="default: the model's")
     args = ap.parse_args(argv)
-    from dptune.predictor import Predictor
-    from dptune.tools.depth import evaluate_depth, model_task
-    from dptune.tools.predict import write_text
+    from dptune.inference.predictor import Predictor
+    from dptune.tools.depth import evaluate_depth
+    from dptune.tools.outputs import model_task
 
     try:
         task = model_task(args.model)

@@ -314,7 +314,7 @@ def check_weights_out(args: argparse.Namespace, files: list[str]) -> None:
     weights fragment unless ``--overwrite``."""
     from pathlib import Path
 
-    from dptune.tools.predict import config_inputs, refuse_among_inputs
+    from dptune.tools.outputs import config_inputs, refuse_among_inputs
 
     # the config and every file it names (its label file, ...) are inputs too
     refuse_among_inputs(args.out, files, "--out", singles=config_inputs(args.config, args.root))
@@ -338,7 +338,7 @@ def write_weights(args: argparse.Namespace, results: dict[str, SplitStats]) -> i
     w = class_weights(results["train"], args.class_weights)
     print(f"class_weights ({args.class_weights}): {w}")
     if args.out:
-        from dptune.tools.predict import write_text
+        from dptune.tools.outputs import write_text
 
         write_text(args.out, f"# {args.class_weights}{WEIGHTS_HEADER}{args.config} (train split)\n"
                    + yaml.safe_dump({"model": {"class_weights": w}}, default_flow_style=None))

@@ -53,7 +53,7 @@ class PILPipeline:
         return torch.from_numpy(arr.transpose(2, 0, 1).copy()), torch.from_numpy(np.asarray(mask).astype(np.int64))
 
 
-def _time_loader(opts: dict[str, Any]) -> dict[str, Any]:
+def time_loader(opts: dict[str, Any]) -> dict[str, Any]:
     """Images/s of one loader worker: the dataset's __getitem__ in a loop, in this process."""
     import cv2
     import yaml
@@ -85,7 +85,7 @@ def _time_loader(opts: dict[str, Any]) -> dict[str, Any]:
 
 def loader_benchmark(args) -> int:
     """Per-worker loader throughput: dptune's pipeline (disk and in-memory cache) against PIL."""
-    from dptune.tools.benchmark import run_job
+    from dptune.tools.jobs import run_job
 
     results: dict[str, Any] = {"data": args.data, "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     import tempfile
@@ -95,7 +95,7 @@ def loader_benchmark(args) -> int:
             ("dptune_cached", {"pipeline": "dptune", "cache": "memory"}), ("pil", {"pipeline": "pil", "cache": False})]
     print(f"# loader images/s per worker (one process), {args.data}, {args.samples} samples")
     for name, o in runs:
-        r = run_job("loader", {**base, **o})
+        r = run_job(time_loader, {**base, **o})
         results[name] = r
         print(f"{name:<14} {r.get('images_per_s', float('nan')):8.1f} images/s" + (f"  {r['error']}" if "error" in r else ""))
     if "error" not in results["pil"]:

@@ -21,9 +21,9 @@ def load_joint(ref: str, device: str, trust_remote_code: bool = False):
     """(segmentation predictor, depth predictor, the joint model that runs both heads on one
     backbone pass): each part loaded as its predictor reads it, the depth part then using the
     segmentation part's backbone (the two are the same weights)."""
-    from dptune.depth_predictor import DepthPredictor
+    from dptune.inference.depth_predictor import DepthPredictor
+    from dptune.inference.predictor import Predictor
     from dptune.models.joint import JointDPT
-    from dptune.predictor import Predictor
 
     seg = Predictor.load(ref, device, trust_remote_code=trust_remote_code)
     depth = DepthPredictor.load(ref, device, trust_remote_code=trust_remote_code)
@@ -60,14 +60,8 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
         write_depth,
         write_depth_format,
     )
-    from dptune.tools.predict import (
-        failures,
-        mask_files,
-        parse_scales,
-        predict_each,
-        prepare_out,
-        write_masks,
-    )
+    from dptune.tools.masks import mask_files, write_masks
+    from dptune.tools.outputs import failures, parse_scales, predict_each, prepare_out
 
     scales = parse_scales(args.scales)
     seg, depth, joint = load_joint(args.model, args.device, trust_remote_code=args.trust_remote_code)

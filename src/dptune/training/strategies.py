@@ -1,4 +1,4 @@
-"""FSDP for large backbones: ``--trainer.strategy dptune.strategies.DPTFSDPStrategy``.
+"""FSDP for large backbones: ``--trainer.strategy dptune.training.strategies.DPTFSDPStrategy``.
 
 Lightning's ``fsdp`` strategy wraps the whole model as one unit unless told what to shard. This
 one makes each transformer block its own FSDP unit, for every backbone family: in

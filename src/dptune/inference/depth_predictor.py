@@ -29,11 +29,11 @@ class DepthPredictor:
     def load(cls, ref: str, device: str = "cpu", trust_remote_code: bool = False) -> DepthPredictor:
         """``ref``: a dptune depth ``.ckpt`` or a directory written by ``scripts/export.py``; of a
         segmentation + depth model, its depth part. Code shipped with a directory runs only with
-        ``trust_remote_code`` (see ``dptune.predictor.load_export``)."""
+        ``trust_remote_code`` (see ``dptune.inference.predictor.load_export``)."""
         dev = torch.device(device)
         if Path(ref).is_dir():
+            from dptune.inference.predictor import load_export
             from dptune.models.source import joint_part
-            from dptune.predictor import load_export
 
             ref = joint_part(ref, "depth")
             model, processor = load_export(ref, trust_remote_code)

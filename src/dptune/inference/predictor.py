@@ -9,7 +9,7 @@ import numpy as np
 import torch
 
 from dptune.errors import ConfigError
-from dptune.inference import FLIP_VIEWS, flip_views, from_view, predict_probs, to_view
+from dptune.inference.windows import FLIP_VIEWS, flip_views, from_view, predict_probs, to_view
 from dptune.labels import LabelSet
 from dptune.models import segment
 

@@ -17,13 +17,10 @@ Keys (all optional but ``names``/``from_checkpoint``)::
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from dptune.errors import ConfigError
-from dptune.labels import IGNORE_INDEX, _color_tuple
-
-if TYPE_CHECKING:
-    from dptune.labels import LabelSet
+from dptune.labels.base import IGNORE_INDEX, color_tuple
 
 _KNOWN_KEYS = {
     "names", "colors", "mask_format", "ignore_values", "ignore_colors", "reduce_labels",
@@ -82,7 +79,7 @@ def _color_map(spec: dict[str, Any], names: list[str], colors: list, source: str
         for pair in pairs:
             if not isinstance(pair, (list, tuple)) or len(pair) != 2:
                 raise ConfigError(f"{source}: color_map entries are [[r, g, b], class], got {pair!r}")
-            color = _color_tuple(pair[0], f"{source}: color_map")
+            color = color_tuple(pair[0], f"{source}: color_map")
             if color in cmap:  # the second entry would silently relabel the first's pixels
                 raise ConfigError(f"{source}: colour {list(color)} is mapped twice in 'color_map'")
             cmap[color] = _target(pair[1], names, source)
@@ -91,20 +88,21 @@ def _color_map(spec: dict[str, Any], names: list[str], colors: list, source: str
             raise ConfigError(f"{source}: mask_format rgb needs 'colors' (or 'color_map')")
         cmap = {}
         for i, c in enumerate(colors):
-            color = _color_tuple(c, f"{source}: colors")
+            color = color_tuple(c, f"{source}: colors")
             if color in cmap:  # an RGB mask cannot tell the two classes apart: one would never be read
                 raise ConfigError(f"{source}: classes {names[cmap[color]]!r} and {names[i] if i < len(names) else i!r} "
                                   f"have the same colour {list(color)}")
             cmap[color] = i
     for c in spec.get("ignore_colors") or []:
-        c = _color_tuple(c, f"{source}: ignore_colors")
+        c = color_tuple(c, f"{source}: ignore_colors")
         if cmap.get(c, IGNORE_INDEX) != IGNORE_INDEX:
             raise ConfigError(f"{source}: colour {list(c)} is both a class and in ignore_colors")
         cmap[c] = IGNORE_INDEX
     return cmap
 
 
-def parse_label_spec(cls: type[LabelSet], spec: dict[str, Any], source: str) -> LabelSet:
+def parse_label_spec(cls: type, spec: dict[str, Any], source: str) -> Any:
+    """``cls(...)`` (a :class:`~dptune.labels.LabelSet`) from a ``labels.yaml`` mapping."""
     unknown = set(spec) - _KNOWN_KEYS
     if unknown:
         raise ConfigError(f"{source}: unknown keys {sorted(unknown)} (known: {sorted(_KNOWN_KEYS)})")

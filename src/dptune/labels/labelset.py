@@ -1,8 +1,4 @@
-"""Label sets: class names, colours, and how the pixels of a mask map to class indices.
-
-Everything downstream (loss, metrics, padding, export) relies on two facts established here:
-class indices are contiguous ``0..C-1`` and ``IGNORE_INDEX`` (255) means "no label".
-"""
+"""A :class:`LabelSet`: class names, colours, and how the pixels of a mask map to class indices."""
 
 from __future__ import annotations
 
@@ -10,72 +6,25 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 import yaml
 
 from dptune.errors import ConfigError, DataError
+from dptune.labels.base import (
+    IGNORE_INDEX,
+    MAX_CLASSES,
+    DuplicateKey,
+    MaskFormat,
+    UniqueKeyLoader,
+    color_tuple,
+    default_palette,
+    rgb_key,
+)
+from dptune.labels.spec import parse_label_spec
 
-IGNORE_INDEX = 255
-MAX_CLASSES = 255  # 0..254; 255 is reserved for "no label"
-_UNKNOWN = -1
-
-MaskFormat = Literal["index", "rgb"]
-
-
-def default_palette(n: int) -> list[list[int]]:
-    """A deterministic, well-spread palette (the PASCAL VOC bit-interleaving scheme)."""
-    palette = []
-    for i in range(n):
-        r = g = b = 0
-        c = i + 1
-        for j in range(8):
-            r |= ((c >> 0) & 1) << (7 - j)
-            g |= ((c >> 1) & 1) << (7 - j)
-            b |= ((c >> 2) & 1) << (7 - j)
-            c >>= 3
-        palette.append([r, g, b])
-    return palette
-
-
-def _rgb_key(rgb: np.ndarray) -> np.ndarray:
-    """Pack an (..., 3) uint8 array into one int32 per pixel so colours compare in one op."""
-    rgb = rgb.astype(np.int32, copy=False)
-    return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
-
-
-def _color_tuple(c: Sequence[int], what: str) -> tuple[int, int, int]:
-    if len(c) != 3 or any(not 0 <= int(v) <= 255 for v in c):
-        raise ConfigError(f"{what}: expected [r, g, b] with values 0-255, got {list(c)}")
-    return int(c[0]), int(c[1]), int(c[2])
-
-
-class DuplicateKey(ValueError):
-    pass
-
-
-class UniqueKeyLoader(yaml.SafeLoader):
-    """``yaml.safe_load`` that refuses a key given twice in one mapping. YAML keeps the last of two
-    equal keys, so a second ``names:`` (or ``map`` entry) would silently replace the first. A merge
-    key (``<<``) overridden by an explicit key is YAML's stated rule and stays allowed."""
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict:
-        seen: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                first = seen.get(key)
-            except TypeError:  # an unhashable key: SafeLoader says so itself
-                continue
-            line = key_node.start_mark.line + 1
-            if first is not None:
-                raise DuplicateKey(f"key {key!r} given twice (lines {first} and {line}); YAML would keep only "
-                                    "the last, so say it once")
-            seen[key] = line
-        return super().construct_mapping(node, deep=deep)
+_UNKNOWN = -1  # a source value no rule maps
 
 
 @dataclass
@@ -107,7 +56,7 @@ class LabelSet:
             self.colors = default_palette(len(self.names))
         if len(self.colors) != len(self.names):
             raise ConfigError(f"{self.source}: {len(self.colors)} colors for {len(self.names)} names")
-        self.colors = [list(_color_tuple(c, f"{self.source}: colors")) for c in self.colors]
+        self.colors = [list(color_tuple(c, f"{self.source}: colors")) for c in self.colors]
         if self.mask_format == "index" and not self.value_map:
             self.value_map = {i: i for i in range(len(self.names))}
         if self.mask_format == "rgb" and not self.color_map:
@@ -140,7 +89,6 @@ class LabelSet:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any], source: str = "<labels>") -> LabelSet:
-        from dptune.label_mapping import parse_label_spec
 
         return parse_label_spec(cls, dict(spec), source)
 
@@ -209,7 +157,7 @@ class LabelSet:
                 raise ConfigError(f"{self.source}: mask value {src} outside 0..65535")
             lut[src] = dst
         self._lut = lut
-        self._color_keys = np.array([_rgb_key(np.array(c, dtype=np.uint8)) for c in self.color_map], dtype=np.int32)
+        self._color_keys = np.array([rgb_key(np.array(c, dtype=np.uint8)) for c in self.color_map], dtype=np.int32)
         self._color_targets = np.array(list(self.color_map.values()), dtype=np.uint8)
 
     def encode(self, mask: np.ndarray, path: str | Path = "<mask>") -> np.ndarray:
@@ -251,7 +199,7 @@ class LabelSet:
             raise DataError(f"{path}: RGB mask expected (3 channels), got shape {tuple(mask.shape)}")
         if mask.dtype != np.uint8:
             raise DataError(f"{path}: RGB mask must be 8-bit per channel, got {mask.dtype}")
-        key = _rgb_key(mask[..., :3])
+        key = rgb_key(mask[..., :3])
         out = np.full(key.shape, _UNKNOWN, dtype=np.int16)
         for k, target in zip(self._color_keys, self._color_targets, strict=True):
             out[key == k] = target
