@@ -119,3 +119,18 @@ def test_threads_are_capped_at_the_usable_cores():
     threads, cores, said = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                                           check=True).stdout.split()
     assert threads == cores and said == "True"
+
+
+def test_the_precision_setting_takes_every_value_lightning_takes_and_auto():
+    """dptune spells out Lightning's precision values (its alias is private); a value Lightning adds
+    must not be refused by dptune's typed CLI."""
+    import typing
+
+    from lightning.fabric import connector
+
+    def flat(tp) -> set:
+        args = typing.get_args(tp)
+        return {tp} if not args else set().union(*(flat(a) for a in args))
+
+    ours = flat(hardware.PrecisionSetting) - {type(None)}
+    assert ours == flat(connector._PRECISION_INPUT) | {"auto"}

@@ -19,13 +19,16 @@ import os
 from typing import Any, Literal
 
 import torch
-from lightning.fabric.connector import _PRECISION_INPUT
 from lightning.pytorch import Trainer
 
 log = logging.getLogger("dptune")
 
 AUTO = "auto"
-PrecisionSetting = _PRECISION_INPUT | Literal["auto"] | None
+# Lightning's precision values (tests/test_precision.py keeps this list equal to Lightning's own) and "auto"
+PrecisionSetting = Literal[
+    64, 32, 16, "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
+    "32-true", "64-true", "64", "32", "16", "bf16", "auto",
+] | None
 
 
 def cpu_flags() -> set[str]:
