@@ -5,11 +5,24 @@ from __future__ import annotations
 
 import os
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch.utils.data import DataLoader, DistributedSampler
 
 STAGES = ("train", "val", "test")
+
+
+@dataclass(frozen=True)
+class ValidationSource:
+    """What a datamodule declares about one of its validation loaders, for a task's metrics: the
+    ``name`` its figures are logged under (``val/<name>/mIoU``) and which labels its batches carry
+    (``masks``, ``depth``). A datamodule with several validation loaders lists them, in loader order,
+    from ``validation_sources()``; the task reads that once, in ``setup``."""
+
+    name: str
+    masks: bool
+    depth: bool
 
 
 def pair(v: int | Sequence[int] | None) -> tuple[int, int] | None:

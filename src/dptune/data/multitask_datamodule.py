@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from dptune.data.base import default_workers, make_loader, rank
+from dptune.data.base import ValidationSource, default_workers, make_loader, rank
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
 from dptune.errors import ConfigError
@@ -220,6 +220,17 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def val_sources(self) -> list[MixSource]:
         """The sources with a validation split, in the order of ``val_dataloader``."""
         return [s for s in self.sources if "val" in s.dm.splits]
+
+    def validation_sources(self) -> list[ValidationSource]:
+        """What the task's per-source metrics are declared from: each validation loader's source
+        name and labels, in the order of ``val_dataloader``."""
+        return [ValidationSource(s.name, s.has_masks, s.has_depth) for s in self.val_sources]
+
+    def check_model_range(self, min_depth: float, max_depth: float | None) -> None:
+        """Each depth source's checked splits against the range the model trains and scores on."""
+        for s in self.sources:
+            if s.has_depth:
+                s.dm.check_model_range(min_depth, max_depth)
 
     def setup(self, stage: str | None = None) -> None:
         for s in self.sources:

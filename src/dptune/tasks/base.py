@@ -15,6 +15,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
+from dptune.data.base import ValidationSource
 from dptune.errors import ConfigError
 from dptune.models.backbones import default_normalization, family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
@@ -49,8 +50,8 @@ def wants_sync_batchnorm(trainer) -> bool:
 
 
 class DPTTask(pl.LightningModule):
-    """Base of every task. A task implements ``build_network`` (returning the ``transformers`` model,
-    built from ``self.hparams``), its forward pass, loss, metrics and ``task_metadata``."""
+    """Base of every task. A task implements the ``configure_*`` hooks (network, losses, metrics;
+    see "what a task provides"), its forward pass, steps and ``task_metadata``."""
 
     task: ClassVar[str] = ""
     # the parts of the network that are convolutional (channels-last, see __init__)
@@ -131,7 +132,7 @@ class DPTTask(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()  # the task's own arguments too (Lightning collects every __init__ frame)
-        self.model = self.build_network()
+        self.configure_models()  # the hooks' order: see "what a task provides" below
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if channels_last:
@@ -145,13 +146,33 @@ class DPTTask(pl.LightningModule):
         std, mean = torch.tensor(self.image_std), torch.tensor(self.image_mean)
         self.register_buffer("_scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("_shift", (-mean / std).view(1, 3, 1, 1), persistent=False)
+        self.configure_losses()
+        self.configure_metrics()
         self.last_metrics: dict[str, Any] = {}
         self._nonfinite = NonFiniteSteps(nonfinite_skips)  # checks the setting now, before any data loads
         self._window_open = False  # an accumulation window (of batches, up to an optimizer step) has started
 
     # ------------------------------------------------------------------ what a task provides
-    def build_network(self) -> nn.Module:
+    # ``__init__`` calls the three ``configure_*`` hooks in this order: ``configure_models`` first
+    # (the network switches and the normalisation read ``self.model``), then ``configure_losses``,
+    # then ``configure_metrics``; each may read what the hooks before it set, and ``self.hparams``.
+    # ``setup`` then calls ``configure_source_metrics`` with what the datamodule declares.
+    def configure_models(self) -> None:
+        """Build the network from ``self.hparams`` into ``self.model`` (a ``transformers`` model),
+        and set up its parts (frozen heads, dropout kind)."""
         raise NotImplementedError
+
+    def configure_losses(self) -> None:
+        """The loss settings and anything the losses own (class weights, learned task weights:
+        trainable parameters outside ``self.model`` are optimised too, see ``param_groups``)."""
+
+    def configure_metrics(self) -> None:
+        """The validation and test metrics (``torchmetrics`` modules)."""
+
+    def configure_source_metrics(self, sources: list[ValidationSource]) -> None:
+        """Metrics that depend on the validation data: called from ``setup`` with the datamodule's
+        ``validation_sources()`` (``dptune.data.base.ValidationSource``, one per validation loader,
+        in loader order; empty when the datamodule declares none)."""
 
     def network_forward(self, model: nn.Module, pixel_values: torch.Tensor, *args: Any) -> Any:
         """The task's forward pass on normalised images (compiled with ``compile``)."""
@@ -208,6 +229,7 @@ class DPTTask(pl.LightningModule):
                         "(ViT) forward runs square inputs only, so the export will not run in pipeline(...)", size)
         if stage == "fit":
             self._train_mode()
+        self.configure_source_metrics(list(dm.validation_sources()) if hasattr(dm, "validation_sources") else [])
         # before the strategy wraps the model in DDP
         if self.hparams.sync_batchnorm and wants_sync_batchnorm(self.trainer):
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)

@@ -18,8 +18,17 @@ from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
 from dptune.tasks.base import DPTTask
+from dptune.tasks.visuals import depth_samples, log_validation_images
 
 log = logging.getLogger(__name__)
+
+
+def check_data_range(trainer, min_depth: float, max_depth: float | None) -> None:
+    """The training data's depth against the range a model trains and scores on, where the
+    datamodule can tell (``check_model_range``: the depth and the joint datamodules)."""
+    dm = getattr(trainer, "datamodule", None)
+    if hasattr(dm, "check_model_range"):
+        dm.check_model_range(min_depth, max_depth)
 
 
 class DepthModule(DPTTask):
@@ -58,28 +67,31 @@ class DepthModule(DPTTask):
         """
         check_range(min_depth, max_depth)
         super().__init__(**kwargs)
-        hp = self.hparams
-        self.loss_name = loss or ("silog" if mode == "metric" else "ssi")
-        if mode == "metric" and self.loss_name == "ssi":
-            raise ConfigError("model.loss ssi is scale-and-shift invariant: it cannot train metric depth (use silog)")
-        self.alignment = alignment or ("none" if mode == "metric" else "lstsq")
-        if mode == "relative" and self.alignment == "none":
-            raise ConfigError("model.alignment none cannot score relative depth (use lstsq or median)")
-        align = None if self.alignment == "none" else self.alignment
-        self.val_metrics = DepthMetrics(min_depth, hp.max_depth, align)
-        self.test_metrics = DepthMetrics(min_depth, hp.max_depth, align)
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit":  # the data's depth against the range this model trains and scores on
-            dm = getattr(self.trainer, "datamodule", None)
-            if hasattr(dm, "check_model_range"):
-                dm.check_model_range(self.hparams.min_depth, self.hparams.max_depth)
+            check_data_range(self.trainer, self.hparams.min_depth, self.hparams.max_depth)
 
-    def build_network(self) -> nn.Module:
+    def configure_models(self) -> None:
         hp = self.hparams
-        return build_depth_model(hp.pretrained, hp.config, hp.attn_implementation, hp.backbone, hp.fresh_init,
-                                 hp.mode, hp.max_depth, hp.init_depth if hp.mode == "metric" else 1.0)
+        self.model = build_depth_model(hp.pretrained, hp.config, hp.attn_implementation, hp.backbone, hp.fresh_init,
+                                       hp.mode, hp.max_depth, hp.init_depth if hp.mode == "metric" else 1.0)
+
+    def configure_losses(self) -> None:
+        hp = self.hparams
+        self.loss_name = hp.loss or ("silog" if hp.mode == "metric" else "ssi")
+        if hp.mode == "metric" and self.loss_name == "ssi":
+            raise ConfigError("model.loss ssi is scale-and-shift invariant: it cannot train metric depth (use silog)")
+
+    def configure_metrics(self) -> None:
+        hp = self.hparams
+        self.alignment = hp.alignment or ("none" if hp.mode == "metric" else "lstsq")
+        if hp.mode == "relative" and self.alignment == "none":
+            raise ConfigError("model.alignment none cannot score relative depth (use lstsq or median)")
+        align = None if self.alignment == "none" else self.alignment
+        self.val_metrics = DepthMetrics(hp.min_depth, hp.max_depth, align)
+        self.test_metrics = DepthMetrics(hp.min_depth, hp.max_depth, align)
 
     def network_forward(self, model: nn.Module, pixel_values: torch.Tensor) -> torch.Tensor:
         return depth_forward(model, pixel_values)
@@ -151,20 +163,9 @@ class DepthModule(DPTTask):
     def on_test_epoch_end(self) -> None:
         self._epoch_metrics("test", self.test_metrics)
 
-    # ------------------------------------------------------------------ visuals
+    # ------------------------------------------------------------------ visuals (drawn by tasks/visuals.py)
     def visual_samples(self, batch: dict[str, Any], outputs: dict[str, Any], n: int) -> list[dict[str, np.ndarray]]:
-        import cv2
-
-        out = []
-        for b in range(min(n, batch["image"].shape[0])):
-            h, w = batch["sizes"][b]
-            image = cv2.resize(batch["image"][b].permute(1, 2, 0).cpu().numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
-            out.append({"image": image, "gt": batch["depth"][b, :h, :w].cpu().numpy(),
-                        "pred": outputs["preds"][b, :h, :w].float().cpu().numpy()})
-        return out
+        return depth_samples(batch, outputs["preds"], n)
 
     def log_visuals(self, logger, samples: list[dict[str, np.ndarray]], step: int) -> None:
-        from dptune.tasks.visuals import depth_images
-
-        logger.experiment.log({"val/depth": depth_images(samples, self.hparams.mode == "relative"),
-                               "trainer/global_step": step})
+        log_validation_images(logger, step, depth=samples, relative=self.hparams.mode == "relative")

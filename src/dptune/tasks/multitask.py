@@ -8,12 +8,11 @@ import logging
 import math
 from typing import Any, Literal
 
-import numpy as np
 import torch
 from torch import nn
 
+from dptune.data.base import ValidationSource
 from dptune.errors import ConfigError
-from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
@@ -24,6 +23,9 @@ from dptune.models import build_model
 from dptune.models.depth import build_depth_model
 from dptune.models.joint import JointDPT, UncertaintyWeighting, labelled_rows
 from dptune.tasks.base import DPTTask
+from dptune.tasks.depth import check_data_range
+from dptune.tasks.segmentation import LabelledTask
+from dptune.tasks.visuals import joint_samples, log_validation_images
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +38,7 @@ def delta_m(metrics: dict[str, float], references: dict[str, float]) -> float:
     return 100.0 * sum(terms) / len(terms)
 
 
-class MultiTaskModule(DPTTask):
+class MultiTaskModule(LabelledTask, DPTTask):
     task = "multitask"
     conv_parts = ()
 
@@ -79,30 +81,42 @@ class MultiTaskModule(DPTTask):
             raise ConfigError("model.references takes mIoU and abs_rel")
         check_range(min_depth, max_depth)
         super().__init__(**kwargs)
-        if aux_weight <= 0 and self.model.seg.auxiliary_head is not None:
-            self.model.seg.auxiliary_head.requires_grad_(False)  # never run, so never trained (and DDP needs it so)
-        self.weights = UncertaintyWeighting(["segmentation", "depth"]) if weighting == "uncertainty" else None
-        self.val_confmat = ConfusionMatrix(self.num_classes)
-        self.val_depth = DepthMetrics(min_depth, max_depth)
-        self.per_source = nn.ModuleDict()  # per-source metrics when a task validates on several sources
-        self.val_names: list[str] = []
 
     def setup(self, stage: str) -> None:
         super().setup(stage)
         if stage == "fit":  # each depth source's data against the range this model trains and scores on
-            for source in getattr(getattr(self.trainer, "datamodule", None), "sources", []):
-                if hasattr(source.dm, "check_model_range"):
-                    source.dm.check_model_range(self.hparams.min_depth, self.hparams.max_depth)
+            check_data_range(self.trainer, self.hparams.min_depth, self.hparams.max_depth)
 
-    def build_network(self) -> nn.Module:
+    def configure_models(self) -> None:
         hp = self.hparams
-        self.label_set = LabelSet.from_dict(hp.label_spec, source="model.label_spec")
-        self.num_classes = self.label_set.num_classes
         seg = build_model(self.label_set.names, hp.pretrained, hp.config, hp.attn_implementation, hp.backbone,
                           hp.fresh_init)
         depth = build_depth_model(hp.pretrained, hp.config, hp.attn_implementation, hp.backbone, hp.fresh_init,
                                   hp.depth_mode, hp.max_depth, hp.init_depth)
-        return JointDPT(seg, depth, hp.share_reassemble)
+        self.model = JointDPT(seg, depth, hp.share_reassemble)
+        if hp.aux_weight <= 0 and self.model.seg.auxiliary_head is not None:
+            self.model.seg.auxiliary_head.requires_grad_(False)  # never run, so never trained (and DDP needs it so)
+
+    def configure_losses(self) -> None:
+        """Learned task weights (``uncertainty``) are the task's own parameters, beside the network:
+        ``param_groups`` gives them the ``task`` group."""
+        self.weights = UncertaintyWeighting(["segmentation", "depth"]) if self.hparams.weighting == "uncertainty" else None
+
+    def configure_metrics(self) -> None:
+        self.val_confmat = ConfusionMatrix(self.num_classes)
+        self.val_depth = DepthMetrics(self.hparams.min_depth, self.hparams.max_depth)
+        self.configure_source_metrics([])
+
+    def configure_source_metrics(self, sources: list[ValidationSource]) -> None:
+        """Each source's own figures too (``val/<name>/mIoU``, ``val/<name>/abs_rel``) when a task
+        validates on several sources; ``per_source`` is keyed by the source's loader index."""
+        self.val_names = [s.name for s in sources]
+        seg = [k for k, s in enumerate(sources) if s.masks]
+        depth = [k for k, s in enumerate(sources) if s.depth]
+        self.per_source = nn.ModuleDict(
+            {**({f"seg{k}": ConfusionMatrix(self.num_classes) for k in seg} if len(seg) > 1 else {}),
+             **({f"depth{k}": DepthMetrics(self.hparams.min_depth, self.hparams.max_depth)
+                 for k in depth} if len(depth) > 1 else {})}).to(self.device)
 
     def network_forward(self, model: nn.Module, pixel_values: torch.Tensor, seg_rows=None, depth_rows=None,
                         with_aux: bool = False):
@@ -157,17 +171,6 @@ class MultiTaskModule(DPTTask):
         return total + unused
 
     # ------------------------------------------------------------------ validation: each source on its own data
-    def on_validation_epoch_start(self) -> None:
-        """Per-source metrics too when a task has several validation sources (names from the datamodule)."""
-        sources = getattr(self.trainer.datamodule, "val_sources", None) or []
-        self.val_names = [s.name for s in sources]
-        seg = [k for k, s in enumerate(sources) if s.has_masks]
-        depth = [k for k, s in enumerate(sources) if s.has_depth]
-        self.per_source = nn.ModuleDict(
-            {**({f"seg{k}": ConfusionMatrix(self.num_classes) for k in seg} if len(seg) > 1 else {}),
-             **({f"depth{k}": DepthMetrics(self.hparams.min_depth, self.hparams.max_depth)
-                 for k in depth} if len(depth) > 1 else {})}).to(self.device)
-
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """A batch of one source: masks, depth or both, scored at each sample's own label size."""
         none = torch.tensor([], dtype=torch.long)
@@ -232,34 +235,14 @@ class MultiTaskModule(DPTTask):
             log.info("epoch %d step %d val: %s", self.current_epoch, self.global_step,
                      " ".join(f"{k} {v:.4f}" for k, v in values.items()))
 
+    # ------------------------------------------------------------------ visuals (drawn by tasks/visuals.py)
     def visual_samples(self, batch: dict[str, Any], outputs: dict[str, Any], n: int) -> list[dict[str, Any]]:
         """Image with ground truth and prediction of whichever tasks the batch's source labels."""
-        import cv2
-
-        samples = []
-        for b in range(min(n, batch["image"].shape[0])):
-            h, w = batch["sizes"][b]
-            image = cv2.resize(batch["image"][b].permute(1, 2, 0).cpu().numpy(), (w, h), interpolation=cv2.INTER_LINEAR)
-            sample: dict[str, Any] = {"image": image}
-            if "preds" in outputs:
-                sample["seg"] = {"image": image, "gt": batch["mask"][b, :h, :w].cpu().numpy().astype(np.uint8),
-                                 "pred": outputs["preds"][b, :h, :w].cpu().numpy().astype(np.uint8)}
-            if "depth" in outputs:
-                sample["depth"] = {"image": image, "gt": batch["depth"][b, :h, :w].cpu().numpy(),
-                                   "pred": outputs["depth"][b, :h, :w].cpu().numpy()}
-            samples.append(sample)
-        return samples
+        return joint_samples(batch, outputs, n)
 
     def log_visuals(self, logger, samples: list[dict[str, Any]], step: int) -> None:
         """Class overlays of the segmentation samples, depth panels of the depth samples, per-class IoU."""
-        from dptune.tasks.visuals import depth_images, log_iou_table, overlay_images
-
-        names = self.label_set.names
-        if self.last_metrics.get("segmentation"):
-            log_iou_table(logger, names, self.last_metrics["segmentation"]["val"]["IoU"], step)
-        seg = [s["seg"] for s in samples if "seg" in s]
-        depth = [s["depth"] for s in samples if "depth" in s]
-        images = {**({"val/overlays": overlay_images(seg, names)} if seg else {}),
-                  **({"val/depth": depth_images(depth)} if depth else {})}
-        if images:
-            logger.experiment.log({**images, "trainer/global_step": step})
+        seg = (self.last_metrics.get("segmentation") or {}).get("val") or {}
+        log_validation_images(logger, step, self.label_set.names, seg.get("IoU"),
+                              seg=[s["seg"] for s in samples if "seg" in s],
+                              depth=[s["depth"] for s in samples if "depth" in s])

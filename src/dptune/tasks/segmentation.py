@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 import math
+from functools import cached_property
 from typing import Any, Literal
 
 import numpy as np
@@ -19,6 +20,7 @@ from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model, segment
 from dptune.tasks.base import DPTTask
+from dptune.tasks.visuals import log_validation_images, segmentation_samples
 
 log = logging.getLogger(__name__)
 
@@ -37,7 +39,20 @@ def _set_head_dropout(model: nn.Module, kind: str) -> None:
                 head.head[i] = nn.Dropout2d(m.p) if kind == "channel" else nn.Identity()
 
 
-class SegmentationModule(DPTTask):
+class LabelledTask:
+    """Mixin of the tasks that predict classes: their label set, read from ``model.label_spec``
+    (``self.hparams``) when first asked, so that every ``configure_*`` hook may use it."""
+
+    @cached_property
+    def label_set(self) -> LabelSet:
+        return LabelSet.from_dict(self.hparams.label_spec, source="model.label_spec")
+
+    @property
+    def num_classes(self) -> int:
+        return self.label_set.num_classes
+
+
+class SegmentationModule(LabelledTask, DPTTask):
     task = "segmentation"
     conv_parts = ("neck", "head", "auxiliary_head")
 
@@ -73,22 +88,25 @@ class SegmentationModule(DPTTask):
         if label_spec is None:
             raise ConfigError("model.label_spec is empty: it comes from the datamodule's label set (see train.py)")
         super().__init__(**kwargs)
-        _set_head_dropout(self.model, head_dropout)
-        if aux_weight <= 0 and self.model.auxiliary_head is not None:
+
+    def configure_models(self) -> None:
+        hp = self.hparams
+        self.model = build_model(self.label_set.names, hp.pretrained, hp.config, hp.attn_implementation, hp.backbone,
+                                 hp.fresh_init)
+        _set_head_dropout(self.model, hp.head_dropout)
+        if hp.aux_weight <= 0 and self.model.auxiliary_head is not None:
             self.model.auxiliary_head.requires_grad_(False)  # never run (see forward), so never trained
+
+    def configure_losses(self) -> None:
+        class_weights = self.hparams.class_weights
         if class_weights is not None and len(class_weights) != self.num_classes:
             raise ConfigError(f"model.class_weights has {len(class_weights)} values for {self.num_classes} classes")
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
+
+    def configure_metrics(self) -> None:
         self.val_confmat = ConfusionMatrix(self.num_classes)
         self.test_confmat = ConfusionMatrix(self.num_classes)
-
-    def build_network(self) -> nn.Module:
-        hp = self.hparams
-        self.label_set = LabelSet.from_dict(hp.label_spec, source="model.label_spec")
-        self.num_classes = self.label_set.num_classes
-        return build_model(self.label_set.names, hp.pretrained, hp.config, hp.attn_implementation, hp.backbone,
-                           hp.fresh_init)
 
     def network_forward(self, model: nn.Module, pixel_values: torch.Tensor, with_aux: bool = True):
         return segment(model, pixel_values, with_aux)
@@ -200,35 +218,12 @@ class SegmentationModule(DPTTask):
     def on_test_epoch_end(self) -> None:
         self._epoch_metrics("test", self.test_confmat)
 
-    # ------------------------------------------------------------------ visuals
+    # ------------------------------------------------------------------ visuals (drawn by tasks/visuals.py)
     def visual_samples(self, batch: dict[str, Any], outputs: dict[str, Any], n: int) -> list[dict[str, np.ndarray]]:
         """Image, ground truth and prediction of the first ``n`` samples, at the label size."""
-        import cv2
-
-        native = self.hparams.get("val_mode") == "slide"
-        samples = []
-        for b in range(min(n, batch["image"].shape[0])):
-            h, w = batch["sizes"][b]
-            # slide mode: images at native size, padded to the batch's largest (crop the padding);
-            # resize mode: every image at image_size (stretch back to the label size)
-            image = batch["image"][b, :, :h, :w] if native else batch["image"][b]
-            image = image.permute(1, 2, 0).cpu().numpy()
-            if image.shape[:2] != (h, w):
-                image = cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
-            samples.append({
-                "image": image,
-                "gt": batch["mask"][b, :h, :w].cpu().numpy().astype(np.uint8),
-                "pred": outputs["preds"][b, :h, :w].cpu().numpy().astype(np.uint8),
-            })
-        return samples
+        return segmentation_samples(batch, outputs["preds"], n, native=self.hparams.get("val_mode") == "slide")
 
     def log_visuals(self, logger, samples: list[dict[str, np.ndarray]], step: int) -> None:
         """A per-class IoU table and overlays with class labels."""
-        from dptune.tasks.visuals import log_iou_table, overlay_images
-
-        if self.last_metrics.get("val"):
-            log_iou_table(logger, self.label_set.names, self.last_metrics["val"]["IoU"], step)
-        if samples:
-            logger.experiment.log({"val/overlays": overlay_images(samples, self.label_set.names),
-                                   "trainer/global_step": step})
-
+        log_validation_images(logger, step, self.label_set.names, (self.last_metrics.get("val") or {}).get("IoU"),
+                              seg=samples)

@@ -109,3 +109,64 @@ def depth_images(samples: list[dict[str, np.ndarray]], relative: bool = False) -
 def log_iou_table(logger, names: list[str], iou: list[float], step: int, key: str = "val/per_class_IoU") -> None:
     rows = [[n, None if np.isnan(v) else float(v)] for n, v in zip(names, iou, strict=True)]
     logger.log_table(key, columns=["class", "IoU"], data=rows, step=step)
+
+
+# ---------------------------------------------------------------------- a validation batch's samples
+def _image_at(batch: dict, b: int, h: int, w: int, native: bool = False) -> np.ndarray:
+    """Sample ``b``'s image (HxWx3 uint8) at its label size ``h`` x ``w``: cropped out of the batch's
+    padding (``native``: images at native size, sliding-window validation) or resized back from
+    ``image_size`` (whole-image validation)."""
+    image = batch["image"][b, :, :h, :w] if native else batch["image"][b]
+    image = image.permute(1, 2, 0).cpu().numpy()
+    return image if image.shape[:2] == (h, w) else cv2.resize(image, (w, h), interpolation=cv2.INTER_LINEAR)
+
+
+def segmentation_samples(batch: dict, preds, n: int, native: bool = False) -> list[dict[str, np.ndarray]]:
+    """Image, ground truth and predicted classes of a batch's first ``n`` samples, at the label size."""
+    samples = []
+    for b in range(min(n, batch["image"].shape[0])):
+        h, w = batch["sizes"][b]
+        samples.append({"image": _image_at(batch, b, h, w, native),
+                        "gt": batch["mask"][b, :h, :w].cpu().numpy().astype(np.uint8),
+                        "pred": preds[b, :h, :w].cpu().numpy().astype(np.uint8)})
+    return samples
+
+
+def depth_samples(batch: dict, preds, n: int) -> list[dict[str, np.ndarray]]:
+    """Image, ground truth and predicted depth of a batch's first ``n`` samples, at the label size."""
+    samples = []
+    for b in range(min(n, batch["image"].shape[0])):
+        h, w = batch["sizes"][b]
+        samples.append({"image": _image_at(batch, b, h, w), "gt": batch["depth"][b, :h, :w].cpu().numpy(),
+                        "pred": preds[b, :h, :w].float().cpu().numpy()})
+    return samples
+
+
+def joint_samples(batch: dict, outputs: dict, n: int) -> list[dict]:
+    """A segmentation + depth batch's samples: ``seg`` and/or ``depth`` parts, whichever the batch's
+    source labels (``outputs`` holds ``preds`` for classes, ``depth`` for depth)."""
+    seg = segmentation_samples(batch, outputs["preds"], n) if "preds" in outputs else None
+    depth = depth_samples(batch, outputs["depth"], n) if "depth" in outputs else None
+    count = len(seg if seg is not None else depth if depth is not None else [])
+    samples = []
+    for b in range(count):
+        sample: dict = {"image": (seg or depth)[b]["image"]}
+        if seg is not None:
+            sample["seg"] = seg[b]
+        if depth is not None:
+            sample["depth"] = depth[b]
+        samples.append(sample)
+    return samples
+
+
+def log_validation_images(logger, step: int, names: list[str] | None = None, iou: list[float] | None = None,
+                          seg: list[dict] | None = None, depth: list[dict] | None = None,
+                          relative: bool = False) -> None:
+    """One validation's W&B pictures: the per-class IoU table (``names``, ``iou``), class overlays
+    of the ``seg`` samples, depth panels of the ``depth`` samples."""
+    if iou:
+        log_iou_table(logger, names, iou, step)
+    images = {**({"val/overlays": overlay_images(seg, names)} if seg else {}),
+              **({"val/depth": depth_images(depth, relative)} if depth else {})}
+    if images:
+        logger.experiment.log({**images, "trainer/global_step": step})
