@@ -75,11 +75,11 @@ def test_an_fp16_export_leaves_the_model_it_was_given_in_float32(tmp_path):
     from dptune.export import write_directory
     from dptune.labels import LabelSet
     from dptune.models import build_model
-    from dptune.preprocessing import image_processor
+    from dptune.preprocessing import Preprocessing
 
     model = build_model(["a", "b"], config=dict(TINY)).eval()
     before = {n: p.clone() for n, p in model.state_dict().items()}
-    got = {"model": model, "processor": image_processor(64, [0.5] * 3, [0.5] * 3), "metrics": {}, "evaluation": {},
+    got = {"model": model, "processor": Preprocessing.of_task(64, [0.5] * 3, [0.5] * 3).processor(), "metrics": {}, "evaluation": {},
            "labels": LabelSet.from_dict({"names": ["a", "b"]}), "meta": {"task": "segmentation"}}
     write_directory(got, tmp_path / "out", "x.ckpt", onnx=False, fp16=True, tolerance=1e-4)
     assert all(torch.equal(p, before[n]) for n, p in model.state_dict().items())
@@ -116,11 +116,11 @@ def test_a_validation_that_scored_nothing_has_no_figures_in_cards_or_json():
     from dptune.export import nan_to_null
     from dptune.export.card import NOT_SCORED, depth_card, multitask_card
     from dptune.labels import LabelSet
-    from dptune.preprocessing import image_processor
+    from dptune.preprocessing import Preprocessing
 
     nan = {k: math.nan for k in ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2",
                                  "delta3")}
-    card = depth_card({"depth": {"mode": "metric"}}, image_processor(64, [0.5] * 3, [0.5] * 3),
+    card = depth_card({"depth": {"mode": "metric"}}, Preprocessing.of_task(64, [0.5] * 3, [0.5] * 3).processor(),
                       {"val": {**nan, "images": 0}}, "x.ckpt")
     assert NOT_SCORED in card and "nan" not in card
     labels = LabelSet.from_dict({"names": ["a", "b"]})

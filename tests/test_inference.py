@@ -11,6 +11,7 @@ from dptune.inference.windows import (
     whole_logits,
 )
 from dptune.labels import LabelSet
+from dptune.preprocessing import Preprocessing
 from dptune.tasks.segmentation import SegmentationModule
 
 
@@ -33,8 +34,9 @@ def test_window_starts_cover_the_image():
 
 def test_whole_and_tta_return_input_size():
     images = torch.randint(0, 256, (1, 3, 40, 60), dtype=torch.uint8)
-    assert whole_logits(pixels_as_logits, images, (32, 32)).shape == (1, 3, 40, 60)
-    probs = predict_probs(pixels_as_logits, images, mode="slide", size=(32, 32), flip=True, scales=(0.75, 1.0))
+    prep = Preprocessing((32, 32), (0.5,) * 3, (0.5,) * 3)
+    assert whole_logits(pixels_as_logits, images, prep).shape == (1, 3, 40, 60)
+    probs = predict_probs(pixels_as_logits, images, prep, mode="slide", flip=True, scales=(0.75, 1.0))
     assert probs.shape == (1, 3, 40, 60)
     assert torch.allclose(probs.sum(1), torch.ones(1, 40, 60), atol=1e-5)
 
@@ -63,14 +65,15 @@ def test_flip_tta_flips_the_logits_back(mode, flip):
     is not square, so a quarter turn also has to swap the window / resize sides."""
     images = torch.randint(0, 256, (1, 3, 40, 60), dtype=torch.uint8)
     size = (40, 60) if mode == "whole" else (32, 24)
-    plain = predict_probs(pixels_as_logits, images, mode=mode, size=size)
+    prep = Preprocessing(size, (0.5,) * 3, (0.5,) * 3)
+    plain = predict_probs(pixels_as_logits, images, prep, mode=mode)
     shapes = set()
 
     def recording(x):
         shapes.add(tuple(x.shape[-2:]))
         return pixels_as_logits(x)
 
-    flipped = predict_probs(recording, images, mode=mode, size=size, flip=flip)
+    flipped = predict_probs(recording, images, prep, mode=mode, flip=flip)
     assert flipped.shape == plain.shape
     # turned views see the same windows of the image, turned
     assert shapes == ({size} if flip in (True, "hv") else {size, size[::-1]})

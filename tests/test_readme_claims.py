@@ -1143,7 +1143,7 @@ def test_scales_repeat_every_view_at_each_scale(monkeypatch):
 
     torch.manual_seed(0)
     module = seg_module().eval()
-    predictor = Predictor(module.model, module.label_set, (64, 64), [0.5] * 3, [0.5] * 3, torch.device("cpu"),
+    predictor = Predictor(module.model, module.label_set, module.preprocessing, torch.device("cpu"),
                           module.image_processor())
     image = np.random.default_rng(0).integers(0, 256, (96, 128, 3), dtype=np.uint8)
     calls = []

@@ -25,7 +25,7 @@ from dptune.data.cache import DiskCache
 from dptune.data.dataset import SegmentationDataset, collate, scan
 from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
 from dptune.data.streaming import StreamingSegmentation, open_stream
-from dptune.data.transforms import build_transforms, default_train_transforms
+from dptune.data.transforms import build_transforms, default_train_transforms, eval_preprocessing
 from dptune.errors import DataError
 from dptune.labels import LabelSet, load_labels
 
@@ -179,7 +179,7 @@ class SegmentationDataModule(pl.LightningDataModule):
             columns=(hf.get("image_column", "image"), hf.get("mask_column", "label")),
             rgb_masks=self.label_set.mask_format == "rgb",
             transform=self.train_transform() if stage == "train" else None,
-            image_size=None if stage == "train" or self.val_mode == "slide" else self.image_size,
+            image_size=None if stage == "train" or self.val_mode == "slide" else eval_preprocessing(self.trainer, self.image_size),
             train=stage == "train", on_bad_sample=self.on_bad_sample, shuffle_buffer=hf.get("shuffle_buffer", 1000),
             seed=stream_seed(), rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
         )
@@ -200,7 +200,7 @@ class SegmentationDataModule(pl.LightningDataModule):
         )
         ds = SegmentationDataset(
             src, self.label_set, transform=self.train_transform() if stage == "train" else None,
-            image_size=None if stage == "train" or self.val_mode == "slide" else self.image_size,
+            image_size=None if stage == "train" or self.val_mode == "slide" else eval_preprocessing(self.trainer, self.image_size),
         )
         if self.check or self.cache:
             self._check(ds, stage)

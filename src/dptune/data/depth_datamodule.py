@@ -36,6 +36,7 @@ from dptune.data.depth import (
     eval_crop_mask,
 )
 from dptune.data.sources import image_header_size
+from dptune.data.transforms import eval_preprocessing
 from dptune.errors import ConfigError, DataError
 from dptune.labels import load_labels
 
@@ -160,7 +161,8 @@ class DepthDataModule(pl.LightningDataModule):
         if train:
             transform = depth_train_transforms(self.image_size, self.crop_size, self.jitter)
             transform.set_random_seed(augment_seed())
-        ds = DepthDataset(self._source(stage), transform=transform, image_size=None if train else self.image_size,
+        ds = DepthDataset(self._source(stage), transform=transform,
+                          image_size=None if train else eval_preprocessing(self.trainer, self.image_size),
                           labels=self.label_set)
         if self.negative_depth == "invalid":
             log.info("%s.splits.%s: negative depth values are read as no measurement (negative_depth: invalid)",

@@ -12,11 +12,10 @@ from typing import Any
 import albumentations as A
 import cv2
 import numpy as np
-from PIL import Image
 
 from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
-from dptune.preprocessing import processor_backend
+from dptune.preprocessing import Preprocessing, processor_backend
 
 
 class RandomScaleCrop(A.DualTransform):
@@ -181,21 +180,23 @@ def build_transforms(spec: Sequence[dict[str, Any]], seed: int | None = None) ->
     return A.Compose(steps, seed=seed)
 
 
-def resize_like_processor(image: np.ndarray, size: Sequence[int], backend: str | None = None) -> np.ndarray:
-    """Resize exactly as the exported ``DPTImageProcessor`` does in this environment (see
-    ``processor_backend``): PIL bicubic, or torchvision's antialiased bicubic on uint8.
+def resize_like_processor(image: np.ndarray, size: Sequence[int] | Preprocessing,
+                          backend: str | None = None) -> np.ndarray:
+    """Resize for evaluation exactly as the exported ``DPTImageProcessor`` does: ``size`` is the
+    task's ``Preprocessing`` (its size, resample and backend), or a bare (h, w) for the default
+    spec (bicubic, the backend ``transformers`` resolves to here, see ``processor_backend``).
 
     Validation must see what a plain ``transformers`` user feeds the exported model; the two
     backends differ by up to one grey level (docs/benchmarks.md, "Image processor backends").
     """
-    h, w = int(size[0]), int(size[1])
-    if image.shape[:2] == (h, w):
-        return image
-    if (backend or processor_backend()) == "torchvision":
-        import torch
-        from torchvision.transforms import InterpolationMode
-        from torchvision.transforms.v2.functional import resize
+    if not isinstance(size, Preprocessing):
+        size = Preprocessing(size, backend=backend or processor_backend())
+    return size.resize(image)
 
-        chw = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)
-        return resize(chw, [h, w], interpolation=InterpolationMode.BICUBIC, antialias=True).permute(1, 2, 0).numpy()
-    return np.asarray(Image.fromarray(image).resize((w, h), Image.BICUBIC))
+
+def eval_preprocessing(trainer: Any, image_size: Sequence[int]) -> Preprocessing:
+    """What a datamodule resizes evaluation images with: the spec of the task the trainer runs
+    (its size, resample and backend), else ``image_size`` with the default spec (a datamodule
+    used on its own: the data tools, a loader benchmark)."""
+    spec = getattr(getattr(trainer, "lightning_module", None), "preprocessing", None) if trainer is not None else None
+    return spec if isinstance(spec, Preprocessing) else Preprocessing(image_size)

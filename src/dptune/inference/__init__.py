@@ -1,6 +1,7 @@
 """Prediction with a trained model: ``windows`` (whole-image and sliding-window logits, test-time
-augmentation), ``predictor`` (segmentation from a dptune checkpoint or an exported directory) and
-``depth_predictor`` (depth, the same way).
+augmentation), ``loading`` (one path from a dptune checkpoint or an exported directory to a model
+part, its image processor and ``Preprocessing`` spec), ``predictor`` (segmentation) and
+``depth_predictor`` (depth).
 
 ``from dptune.inference import Predictor, DepthPredictor`` works; the predictors are imported on
 first use, so the training code that needs only ``windows`` does not load them."""

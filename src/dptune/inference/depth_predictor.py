@@ -4,14 +4,14 @@ processor's ``post_process_depth_estimation`` (what ``pipeline("depth-estimation
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
-from pathlib import Path
 
 import numpy as np
 import torch
 
+from dptune.inference.loading import load_part
 from dptune.models.depth import depth_forward
+from dptune.preprocessing import Preprocessing
 
 
 @dataclass
@@ -25,27 +25,18 @@ class DepthPredictor:
     def mode(self) -> str:
         return self.meta.get("mode", getattr(self.model.config, "depth_mode", "metric"))
 
+    @property
+    def preprocessing(self) -> Preprocessing:
+        """The spec its processor prepares images by (size, resample, mean/std)."""
+        return Preprocessing.from_processor(self.processor)
+
     @classmethod
     def load(cls, ref: str, device: str = "cpu", trust_remote_code: bool = False) -> DepthPredictor:
         """``ref``: a dptune depth ``.ckpt`` or a directory written by ``scripts/export.py``; of a
-        segmentation + depth model, its depth part. Code shipped with a directory runs only with
-        ``trust_remote_code`` (see ``dptune.inference.predictor.load_export``)."""
+        segmentation + depth model, its depth part (see ``dptune.inference.loading.load_part``)."""
         dev = torch.device(device)
-        if Path(ref).is_dir():
-            from dptune.inference.predictor import load_export
-            from dptune.models.source import joint_part
-
-            ref = joint_part(ref, "depth")
-            model, processor = load_export(ref, trust_remote_code)
-            card = Path(ref) / "dptune.json"
-            meta = json.loads(card.read_text()).get("depth", {}) if card.exists() else {}
-        else:
-            from dptune.tasks.checkpoints import load_module
-
-            module = load_module(ref)
-            model = module.model.depth if module.task == "multitask" else module.model
-            processor, meta = module.image_processor(), module.checkpoint_meta.get("depth", {})
-        return cls(model.eval().to(dev), processor, dev, meta)
+        part = load_part(ref, "depth", trust_remote_code)
+        return cls(part.model.eval().to(dev), part.processor, dev, part.meta)
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:

@@ -1,7 +1,10 @@
 """Whole-image and sliding-window prediction, with flip / rotation / multi-scale test-time augmentation.
 
 ``forward`` maps a uint8 (B, 3, h, w) batch to logits (B, C, h', w'); dptune's module is such a
-callable. Every function returns float logits at the input image's own resolution.
+callable. Every uint8 image that is resized here (to the whole-image size, or rescaled for a
+test-time scale) is resized by the model's ``Preprocessing`` spec, exactly as its exported
+processor resizes; sliding windows are native crops, never resized. Every function returns float
+logits at the input image's own resolution.
 """
 
 from __future__ import annotations
@@ -11,16 +14,15 @@ from collections.abc import Callable, Sequence
 import torch
 import torch.nn.functional as F
 
+from dptune.preprocessing import Preprocessing
+
 Forward = Callable[[torch.Tensor], torch.Tensor]
 
 
-def _resize(x: torch.Tensor, size: Sequence[int], mode: str = "bilinear") -> torch.Tensor:
+def _resize_logits(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
     if tuple(x.shape[-2:]) == tuple(size):
         return x
-    if x.dtype == torch.uint8:
-        return F.interpolate(x.float(), size=tuple(size), mode=mode, align_corners=False, antialias=True).round().clamp(
-            0, 255).to(torch.uint8)
-    return F.interpolate(x, size=tuple(size), mode=mode, align_corners=False)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=False)
 
 
 # Test-time flips: each view is (quarter turns, horizontal flip). "h" is the usual left-right flip;
@@ -53,11 +55,14 @@ def from_view(x: torch.Tensor, turns: int, flipped: bool) -> torch.Tensor:
     return torch.rot90(x, -turns, dims=(-2, -1)) if turns else x
 
 
-def whole_logits(forward: Forward, images: torch.Tensor, size: Sequence[int] | None = None) -> torch.Tensor:
-    """Resize to ``size`` (or not), predict, upsample the logits back to the input size."""
+def whole_logits(forward: Forward, images: torch.Tensor, prep: Preprocessing | None = None,
+                 size: Sequence[int] | None = None) -> torch.Tensor:
+    """Resize to ``size`` (default ``prep.size``) as ``prep`` does, predict, upsample the logits
+    back to the input size. Without ``prep`` the images go in as they are."""
     h, w = images.shape[-2:]
-    logits = forward(_resize(images, size) if size is not None else images).float()
-    return _resize(logits, (h, w))
+    if prep is not None:
+        images = prep.resize(images, size or prep.size)
+    return _resize_logits(forward(images).float(), (h, w))
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:
@@ -88,7 +93,7 @@ def slide_logits(
     for i in range(0, len(boxes), max(1, batch // b)):
         chunk = boxes[i : i + max(1, batch // b)]
         crops = torch.cat([images[:, :, y : y + wh, x : x + ww] for y, x in chunk])
-        logits = _resize(forward(crops).float(), (wh, ww))
+        logits = _resize_logits(forward(crops).float(), (wh, ww))
         if total is None:
             total = logits.new_zeros((b, logits.shape[1], ph, pw))
         for k, (y, x) in enumerate(chunk):
@@ -100,32 +105,34 @@ def slide_logits(
 def predict_probs(
     forward: Forward,
     images: torch.Tensor,
+    prep: Preprocessing,
     mode: str = "whole",
-    size: Sequence[int] | None = None,
     stride: Sequence[int] | None = None,
     flip: bool | str = False,
     scales: Sequence[float] = (1.0,),
 ) -> torch.Tensor:
-    """Class probabilities at the input size by ``whole`` (resize to ``size``) or ``slide`` (windows of ``size``),
-    averaged over ``scales`` (image rescaled first) and the flips of ``flip`` (see ``FLIP_VIEWS``)."""
+    """Class probabilities at the input size by ``whole`` (resize to ``prep.size``) or ``slide``
+    (windows of ``prep.size``), averaged over ``scales`` (the image rescaled first, by ``prep``)
+    and the flips of ``flip`` (see ``FLIP_VIEWS``)."""
     h, w = images.shape[-2:]
+    size = prep.size
     if mode == "slide" and stride is None:
         stride = [max(1, round(s * 2 / 3)) for s in size]
     views = flip_views(flip)
     out = None
     n = 0
     for scale in scales:
-        scaled = images if scale == 1.0 else _resize(images, (round(h * scale), round(w * scale)))
+        scaled = images if scale == 1.0 else prep.resize(images, (round(h * scale), round(w * scale)))
         for turns, flipped in views:
             x = to_view(scaled, turns, flipped)
             # a quarter turn swaps the axes of the window (or whole-image) size and stride too
-            vsize = None if size is None else (tuple(size)[::-1] if turns % 2 else tuple(size))
+            vsize = tuple(size)[::-1] if turns % 2 else tuple(size)
             if mode == "slide":
                 logits = slide_logits(forward, x, vsize, tuple(stride)[::-1] if turns % 2 else stride)
             else:
-                logits = whole_logits(forward, x, vsize)
+                logits = whole_logits(forward, x, prep, vsize)
             logits = from_view(logits, turns, flipped)
-            logits = _resize(logits, (h, w)).softmax(1)  # average probabilities across views
+            logits = _resize_logits(logits, (h, w)).softmax(1)  # average probabilities across views
             out = logits if out is None else out + logits
             n += 1
     return out / n

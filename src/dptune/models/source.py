@@ -18,7 +18,7 @@ from transformers import AutoConfig, DPTConfig, PretrainedConfig
 from dptune.errors import ConfigError
 from dptune.models.backbones import check_family, depth_model_class, model_class
 from dptune.models.checkpoint_file import dptune_parts, load_checkpoint
-from dptune.preprocessing import image_processor
+from dptune.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _unpack_checkpoint(ckpt: str, mtime_ns: int) -> str:
     meta, hp = dptune_parts(state, ckpt)
     out = Path(tempfile.mkdtemp(prefix="dptune-ckpt-"))
     atexit.register(shutil.rmtree, out, ignore_errors=True)
-    processor = image_processor(hp["image_size"], meta["image_mean"], meta["image_std"])
+    processor = Preprocessing.of_task(hp["image_size"], meta["image_mean"], meta["image_std"]).processor()
     try:
         parts = _checkpoint_parts(meta)
     except (ConfigError, TypeError, ValueError) as e:

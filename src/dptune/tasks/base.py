@@ -20,7 +20,7 @@ from dptune.errors import ConfigError
 from dptune.models.backbones import default_normalization, family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
 from dptune.models.source import resolve_pretrained
-from dptune.preprocessing import image_processor
+from dptune.preprocessing import Preprocessing
 from dptune.tasks.optim import NonFiniteSteps, WarmupPoly, any_nonfinite, nonfinite_tensors, param_groups
 
 log = logging.getLogger(__name__)
@@ -142,10 +142,11 @@ class DPTTask(pl.LightningModule):
                     part.to(memory_format=torch.channels_last)
         self._run = torch.compile(self.network_forward) if compile else self.network_forward
         self.image_mean, self.image_std = self._mean_std(pretrained, image_mean, image_std)
-        # x_uint8 * scale + shift == (x / 255 - mean) / std, fused into one multiply-add
-        std, mean = torch.tensor(self.image_std), torch.tensor(self.image_mean)
-        self.register_buffer("_scale", (1.0 / (255.0 * std)).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("_shift", (-mean / std).view(1, 3, 1, 1), persistent=False)
+        # how images are prepared, defined once (validation, windows, predictors and export read it)
+        self.preprocessing = Preprocessing.of_task(self.hparams.image_size, self.image_mean, self.image_std)
+        scale, shift = self.preprocessing.scale_shift()  # (x / 255 - mean) / std as one multiply-add
+        self.register_buffer("_scale", scale, persistent=False)
+        self.register_buffer("_shift", shift, persistent=False)
         self.configure_losses()
         self.configure_metrics()
         self.last_metrics: dict[str, Any] = {}
@@ -420,7 +421,7 @@ class DPTTask(pl.LightningModule):
     # ------------------------------------------------------------------ export support
     def image_processor(self):
         """The ``DPTImageProcessor`` that reproduces validation preprocessing for plain transformers."""
-        return image_processor(self.hparams.image_size, self.image_mean, self.image_std)
+        return self.preprocessing.processor()
 
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         # enough to rebuild the model offline, without the hub (see load_module)

@@ -173,8 +173,7 @@ class SegmentationModule(LabelledTask, DPTTask):
         """Sliding-window logits at each image's native size (``image_size`` windows)."""
         from dptune.inference.windows import slide_logits
 
-        size = self.hparams.image_size
-        window = (size, size) if isinstance(size, int) else tuple(size)
+        window = self.preprocessing.size
         stride = [max(1, round(s * self.hparams.slide_stride)) for s in window]
         out = None
         for b, (h, w) in enumerate(sizes):

@@ -132,12 +132,16 @@ def _time_hf_trainer(opts: dict[str, Any]) -> dict[str, Any]:
     import torch
     from transformers import DPTForSemanticSegmentation, Trainer, TrainerCallback, TrainingArguments
 
+    from dptune.models.backbones import default_normalization
+    from dptune.preprocessing import Preprocessing
+
     cfg = model_config(opts["model"], opts["num_labels"])
     model = DPTForSemanticSegmentation(cfg)
     if opts["gradient_checkpointing"]:
         model.gradient_checkpointing_enable()
     images, masks = _batches(cfg, opts["batch"], opts["crop"], 4)
-    pixels = (images.float() / 255 - 0.5) / 0.5
+    # prepared as dptune prepares this model's images (its family's normalisation, no pretrained processor)
+    pixels = Preprocessing.of_task(opts["crop"], *default_normalization(cfg)[:2]).pixel_values(images, resize=False)
     rows = [{"pixel_values": pixels[i % 4, b], "labels": masks[i % 4, b].long()}
             for i in range(opts["warmup"] + opts["steps"]) for b in range(opts["batch"])]
     times: list[float] = []

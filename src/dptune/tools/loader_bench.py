@@ -16,12 +16,14 @@ from typing import Any
 
 class PILPipeline:
     """The same augmentations done the common PIL way, for the loader comparison: decode with PIL,
-    rescale the whole image, pad, crop, flip, jitter with ImageEnhance, normalise to float32."""
+    rescale the whole image, pad, crop, flip, jitter with ImageEnhance, normalise to float32 by
+    ``prep`` (the model's mean/std)."""
 
-    def __init__(self, pairs, labels, crop: int, base: int, scale=(0.75, 1.5), seed: int = 0) -> None:
+    def __init__(self, pairs, labels, crop: int, base: int, prep, scale=(0.75, 1.5), seed: int = 0) -> None:
         import random
 
         self.pairs, self.labels, self.crop, self.base, self.scale = pairs, labels, crop, base, scale
+        self.prep = prep
         self.rng = random.Random(seed)
 
     def __len__(self) -> int:
@@ -49,8 +51,20 @@ class PILPipeline:
         if r.random() < 0.8:
             for enh in (ImageEnhance.Brightness, ImageEnhance.Contrast, ImageEnhance.Color):
                 img = enh(img).enhance(r.uniform(0.75, 1.25))
-        arr = (np.asarray(img, np.float32) / 255 - 0.5) / 0.5
-        return torch.from_numpy(arr.transpose(2, 0, 1).copy()), torch.from_numpy(np.asarray(mask).astype(np.int64))
+        pixels = self.prep.pixel_values(np.asarray(img), resize=False)[0]
+        return pixels, torch.from_numpy(np.asarray(mask).astype(np.int64))
+
+
+def _preprocessing(model: dict[str, Any], size):
+    """The spec a run of this config would prepare images with: its ``model.image_mean/image_std``,
+    else a DPT's own (the ViT family's published statistics)."""
+    from transformers import DPTConfig
+
+    from dptune.models.backbones import default_normalization
+    from dptune.preprocessing import Preprocessing
+
+    mean, std, _ = default_normalization(DPTConfig())
+    return Preprocessing.of_task(size, model.get("image_mean") or mean, model.get("image_std") or std)
 
 
 def time_loader(opts: dict[str, Any]) -> dict[str, Any]:
@@ -61,7 +75,8 @@ def time_loader(opts: dict[str, Any]) -> dict[str, Any]:
     from dptune.data.datamodule import SegmentationDataModule
 
     cv2.setNumThreads(0)  # as in loader workers
-    data = dict((yaml.safe_load(open(opts["data"])) or {}).get("data") or {})
+    config = yaml.safe_load(open(opts["data"])) or {}
+    data = dict(config.get("data") or {})
     if opts.get("root"):
         data["root"] = opts["root"]
     data.update(check=False, cache=opts["cache"], num_workers=0)
@@ -72,7 +87,7 @@ def time_loader(opts: dict[str, Any]) -> dict[str, Any]:
     if opts["pipeline"] == "pil":
         src = ds.source
         ds = PILPipeline(list(zip(src.images, src.masks, strict=True)), dm.label_set, dm.crop_size[0],
-                         dm.image_size[0], dm.scale_range)
+                         dm.image_size[0], _preprocessing(config.get("model") or {}, dm.image_size), dm.scale_range)
     n = min(len(ds), opts["samples"])
     for i in range(3):
         ds[i]

@@ -1,0 +1,92 @@
+"""One loading path for the predictors: the model part (segmentation or depth), its image
+processor and ``Preprocessing`` spec, label set and task facts, from a dptune ``.ckpt`` or an
+exported directory (of a segmentation + depth model, the part asked for)."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+
+from dptune.errors import ConfigError
+from dptune.labels import LabelSet
+from dptune.preprocessing import Preprocessing
+
+
+def exported_labels(ref: str, id2label: dict) -> LabelSet:
+    """The label set of an exported directory: dptune.json's (names and colours) when the export
+    wrote one, else the names in config.json's id2label with a default palette."""
+    card = Path(ref) / "dptune.json"
+    if card.exists():
+        labels = LabelSet.from_dict(json.loads(card.read_text())["labels"], source=str(card))
+        if labels.names == [id2label[i] for i in sorted(id2label)]:
+            return labels
+    return LabelSet.from_id2label(id2label, source=ref)
+
+
+def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Module, object]:
+    """(model, image processor) of an exported directory (segmentation or depth), loaded without
+    ever asking at a terminal whether to run code shipped with it: ``trust_remote_code`` goes to
+    every ``transformers`` loader, and a directory that needs such code (an ``auto_map`` to a class
+    ``transformers`` does not have) stops without it in one line saying how to allow it. dptune's
+    own exports load with the stock or dptune class and never need it: the ``modeling_dptune.py``
+    they ship is for plain ``transformers``. (What ``dptune.models.load_exported`` does, with the
+    flag passed on.)"""
+    from transformers import AutoConfig, AutoImageProcessor, AutoModelForDepthEstimation
+
+    from dptune.models.backbones import model_class
+
+    try:
+        cfg = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        processor = AutoImageProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        if any("DepthEstimation" in a for a in cfg.architectures or []):
+            model = AutoModelForDepthEstimation.from_pretrained(ref, config=cfg, trust_remote_code=trust_remote_code)
+        else:
+            model = model_class(cfg).from_pretrained(ref, config=cfg)
+    except ValueError as e:
+        if "trust_remote_code" not in str(e):
+            raise
+        raise ConfigError(f"{ref}: the model's config asks to run code shipped with it (auto_map), which is not run "
+                          "unless you allow it: give --trust-remote-code if you trust where it came from") from None
+    return model, processor
+
+
+@dataclass
+class Loaded:
+    """What a predictor needs of a model part."""
+
+    model: torch.nn.Module
+    processor: object  # the DPTImageProcessor plain transformers uses with it
+    preprocessing: Preprocessing  # the spec: the checkpoint's own, or the export's processor's
+    labels: LabelSet | None = None  # segmentation
+    meta: dict = field(default_factory=dict)  # depth: mode, units, min/max depth, alignment, eval crop
+
+
+def load_part(ref: str, part: Literal["segmentation", "depth"], trust_remote_code: bool = False) -> Loaded:
+    """``ref``: a dptune ``.ckpt`` or a directory written by ``scripts/export.py``; of a
+    segmentation + depth model, its ``part``. Code shipped with a directory runs only with
+    ``trust_remote_code`` (see ``load_export``)."""
+    if Path(ref).is_dir():
+        from dptune.models.source import joint_part
+
+        ref = joint_part(ref, part)
+        model, processor = load_export(ref, trust_remote_code)
+        if part == "segmentation":
+            return Loaded(model, processor, Preprocessing.from_processor(processor),
+                          labels=exported_labels(ref, model.config.id2label))
+        card = Path(ref) / "dptune.json"
+        meta = json.loads(card.read_text()).get("depth", {}) if card.exists() else {}
+        return Loaded(model, processor, Preprocessing.from_processor(processor), meta=meta)
+    from dptune.tasks.checkpoints import load_module
+
+    module = load_module(ref)
+    model = module.model
+    if module.task == "multitask":
+        model = module.model.seg if part == "segmentation" else module.model.depth
+    common = (model, module.image_processor(), module.preprocessing)
+    if part == "segmentation":
+        return Loaded(*common, labels=module.label_set)
+    return Loaded(*common, meta=module.checkpoint_meta.get("depth", {}))
