@@ -6,8 +6,8 @@ import torch
 from conftest import CAMVID, DUBAI, needs
 from PIL import Image
 
+from dptune.data.base import collate
 from dptune.data.datamodule import SegmentationDataModule
-from dptune.data.dataset import collate
 from dptune.data.sources import FolderSource, mask_path_for, read_image
 from dptune.errors import DataError
 from dptune.labels import IGNORE_INDEX
@@ -66,6 +66,22 @@ def test_collate_pads_masks_with_255():
     b = collate(items)
     assert b["mask"].shape == (2, 5, 6) and b["sizes"] == [(4, 6), (5, 3)]
     assert (b["mask"][0, 4:] == IGNORE_INDEX).all() and (b["mask"][1, :, 3:] == IGNORE_INDEX).all()
+
+
+def test_one_collate_pads_images_masks_and_depth_each_with_its_own_no_label():
+    """Samples that carry a mask and a depth map (segmentation + depth), at different sizes."""
+    items = [{"image": torch.full((3, 4, 6), 7, dtype=torch.uint8), "mask": torch.zeros(4, 6, dtype=torch.uint8),
+              "depth": torch.ones(4, 6), "index": 0},
+             {"image": torch.full((3, 5, 3), 9, dtype=torch.uint8), "mask": torch.ones(5, 3, dtype=torch.uint8),
+              "depth": torch.full((5, 3), 2.0), "index": 1}]
+    b = collate(items)
+    assert b["image"].shape == (2, 3, 5, 6) and b["image"].dtype == torch.uint8
+    assert (b["image"][0, :, 4:] == 0).all() and (b["image"][1, :, :, 3:] == 0).all() and (b["image"][1, :, :, :3] == 9).all()
+    assert (b["mask"][0, 4:] == IGNORE_INDEX).all() and (b["mask"][1, :, 3:] == IGNORE_INDEX).all()
+    assert b["depth"].dtype == torch.float32 and (b["depth"][0, 4:] == 0).all() and (b["depth"][1, :, :3] == 2).all()
+    assert b["sizes"] == [(4, 6), (5, 3)] and b["index"].tolist() == [0, 1]
+    same = collate([items[0], items[0]])  # one size: stacked as they are
+    assert same["image"].shape == (2, 3, 4, 6) and same["depth"].shape == (2, 4, 6)
 
 
 def test_synthetic_source_is_seeded():

@@ -7,7 +7,8 @@ import pytest
 from conftest import DEPTH_FORMATS, KITCHEN, needs
 from PIL import Image
 
-from dptune.data.depth import collate_depth, depth_train_transforms, eval_crop_mask, read_depth
+from dptune.data.base import collate
+from dptune.data.depth import depth_train_transforms, eval_crop_mask, read_depth
 from dptune.errors import DataError
 
 
@@ -111,7 +112,7 @@ def test_eval_crops_and_padding():
 
     items = [{"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "depth": torch.ones(4, 6), "index": 0},
              {"image": torch.zeros(3, 8, 8, dtype=torch.uint8), "depth": torch.ones(5, 3), "index": 1}]
-    batch = collate_depth(items)
+    batch = collate(items)
     assert batch["depth"].shape == (2, 5, 6) and batch["sizes"] == [(4, 6), (5, 3)]
     assert (batch["depth"][0, 4:] == 0).all() and (batch["depth"][1, :, 3:] == 0).all()  # padding is invalid
 

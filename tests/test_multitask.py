@@ -337,8 +337,8 @@ def test_loader_workers_of_the_joint_task_draw_different_augmentations():
     """Two workers read the same training sample over and over: every draw (crop, flip, scale)
     must differ. The joint set holds its sources' datasets; worker seeding must reach their
     transforms (it reached only a dataset's own ``transform``, so worker 1 replayed worker 0)."""
-    from dptune.data.base import make_loader
-    from dptune.data.multitask_datamodule import MultiTaskDataModule, collate_joint
+    from dptune.data.base import collate, make_loader
+    from dptune.data.multitask_datamodule import MultiTaskDataModule
 
     seg = {"root": str(CAMVID), "splits": {"train": {"images": "train/0001TP_006900.jpg", "masks": "trainannot/{stem}.png"}}}
     depth = {"root": str(KITCHEN), "splits": {"train": {"images": "train/rgb/frame-000000.jpg", "depth": "train/depth/{stem}.png"}}}
@@ -347,7 +347,7 @@ def test_loader_workers_of_the_joint_task_draw_different_augmentations():
     dm.setup("fit")
     data = dm.train_dataloader().dataset
     for index in (0, 1):  # the segmentation sample, then the depth sample
-        loader = make_loader(data, "train", 1, None, 2, False, False, collate_joint, sampler=[index] * 6)
+        loader = make_loader(data, "train", 1, None, 2, False, False, collate, sampler=[index] * 6)
         draws = [b["image"][0].flatten().tolist() for b in loader]
         assert len({tuple(d) for d in draws}) == 6, f"sample {index}: repeated augmentations across workers"
 

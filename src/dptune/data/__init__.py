@@ -1,5 +1,6 @@
+from dptune.data.base import collate
 from dptune.data.datamodule import SegmentationDataModule
-from dptune.data.dataset import SegmentationDataset, collate
+from dptune.data.dataset import SegmentationDataset
 from dptune.data.sources import FolderSource, HFSource, SyntheticSource, read_image, read_mask
 
 __all__ = [

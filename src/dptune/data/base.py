@@ -4,11 +4,16 @@ sample once across processes, and the loaders."""
 from __future__ import annotations
 
 import os
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import Any
 
+import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, DistributedSampler
+from torch.utils.data import DataLoader, DistributedSampler, IterableDataset
+
+from dptune.labels import IGNORE_INDEX
 
 STAGES = ("train", "val", "test")
 
@@ -94,6 +99,55 @@ class EvalDistributedSampler(DistributedSampler):
 
 
 
+# what a batch's labels are padded with where samples differ in size: "no label" of each kind
+LABEL_PADDING = (("mask", IGNORE_INDEX), ("depth", 0.0))
+
+
+def _stack_padded(tensors: list[torch.Tensor], fill: float) -> torch.Tensor:
+    """Stack tensors of one rank; where their sizes differ, each at the top left of a ``fill`` tensor
+    of the largest size."""
+    if len({tuple(t.shape) for t in tensors}) == 1:
+        return torch.stack(tensors)
+    shape = [max(t.shape[d] for t in tensors) for d in range(tensors[0].ndim)]
+    out = tensors[0].new_full((len(tensors), *shape), fill)
+    for b, t in enumerate(tensors):
+        out[b][tuple(slice(0, n) for n in t.shape)] = t
+    return out
+
+
+def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
+    """The batch of every datamodule: images, and whichever labels the items carry (``mask``,
+    ``depth``), stacked; where sizes differ (evaluation at native label size) padded at the bottom
+    and right, images with 0 and labels with "no label" (``LABEL_PADDING``: 255 in masks, 0 in
+    depth). ``sizes`` keeps each sample's label size (h, w) so that predictions are resized per sample."""
+    labels = [(key, fill) for key, fill in LABEL_PADDING if key in items[0]]
+    batch = {"image": _stack_padded([it["image"] for it in items], 0)}
+    for key, fill in labels:
+        batch[key] = _stack_padded([it[key] for it in items], fill)
+    batch["index"] = torch.tensor([it["index"] for it in items])
+    batch["sizes"] = [tuple(it[labels[0][0]].shape) for it in items]
+    return batch
+
+
+def check_each(indices: Sequence[int], check: Callable[[int], Any], desc: str,
+               workers: int = 2) -> Iterator[tuple[int, Any, str | None]]:
+    """The pre-flight check of every datamodule: ``check(i)`` on every sample ``i`` (in a thread pool,
+    results in order, one progress bar per job). Yields ``(i, result, None)``, or ``(i, None, problem)``
+    where ``check`` raised a ``DataError``: its one line naming the file."""
+    from tqdm.auto import tqdm
+
+    from dptune.errors import DataError
+
+    def one(i: int) -> tuple[int, Any, str | None]:
+        try:
+            return i, check(i), None
+        except DataError as e:
+            return i, None, str(e)
+
+    with ThreadPoolExecutor(max(1, workers)) as pool:
+        yield from tqdm(pool.map(one, indices), total=len(indices), desc=desc, leave=False, disable=rank() != 0)
+
+
 def default_workers(num_workers: int | None) -> int:
     """Loader workers: none on machines with 2 cores or fewer (a worker would compete with the
     model for them), else half the cores, at most 8."""
@@ -170,3 +224,47 @@ def settle_problems(problems: list[str], good: list[int], total: int, stage: str
     if not good:
         raise DataError(f"{stage}: every sample is bad; nothing to train on")
 
+
+
+class SplitDataModule(pl.LightningDataModule):
+    """What the segmentation and the depth datamodules share: their ``splits`` (train / val / test),
+    the loader settings, the datasets a stage needs, built and checked in ``setup``, and the loaders
+    (``make_loader``, ``collate``; a stream shuffles itself and is already this process's part). A
+    subclass calls ``init_splits_and_loaders`` from its ``__init__`` and builds a split's dataset
+    in ``_dataset(stage)``; ``config_path`` is where its settings sit in the config."""
+
+    config_path = "data"
+
+    def init_splits_and_loaders(self, splits: dict | None, batch_size: int, val_batch_size: int | None,
+                                num_workers: int | None, pin_memory: bool | None, persistent_workers: bool) -> None:
+        from dptune.errors import DataError
+
+        self.splits = splits or {}
+        unknown = set(self.splits) - set(STAGES)
+        if unknown:
+            raise DataError(f"data.splits: unknown stages {sorted(unknown)} (use {list(STAGES)})")
+        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
+        self.num_workers = default_workers(num_workers)
+        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
+        self.persistent_workers = persistent_workers and self.num_workers > 0
+
+    def _dataset(self, stage: str):
+        raise NotImplementedError
+
+    def setup(self, stage: str | None = None) -> None:
+        setup_splits(self.splits, stage, self._dataset, self.trainer, self.config_path)
+
+    def _loader(self, stage: str) -> DataLoader:
+        ds = self._dataset(stage)
+        size = self.batch_size if stage == "train" else self.val_batch_size
+        return make_loader(ds, stage, size, self.trainer, self.num_workers, self.pin_memory, self.persistent_workers,
+                           collate, streaming=isinstance(ds, IterableDataset))
+
+    def train_dataloader(self) -> DataLoader:
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        return self._loader("test")

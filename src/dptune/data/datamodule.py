@@ -6,23 +6,17 @@ import logging
 import os
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
 
 from dptune.data.base import (
-    STAGES,
+    SplitDataModule,
     augment_seed,
-    default_workers,
-    make_loader,
     pair,
     settle_problems,
-    setup_splits,
     stream_seed,
 )
 from dptune.data.cache import DiskCache
-from dptune.data.dataset import SegmentationDataset, collate, scan
+from dptune.data.dataset import SegmentationDataset, scan
 from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
 from dptune.data.streaming import StreamingSegmentation, open_stream
 from dptune.data.transforms import build_transforms, default_train_transforms, eval_preprocessing
@@ -56,7 +50,7 @@ def check_coverage(labels: LabelSet, class_pixels: np.ndarray, implicit_ignore: 
         log.warning("%s: class %r never occurs in the training masks", where, name)
 
 
-class SegmentationDataModule(pl.LightningDataModule):
+class SegmentationDataModule(SplitDataModule):
     def __init__(
         self,
         root: str = ".",
@@ -125,21 +119,13 @@ class SegmentationDataModule(pl.LightningDataModule):
         self.save_hyperparameters()
         self.root = os.path.expanduser(root)
         self.source_kind = source
-        self.splits = splits or {}
-        unknown = set(self.splits) - set(STAGES)
-        if unknown:
-            raise DataError(f"data.splits: unknown stages {sorted(unknown)} (use {list(STAGES)})")
+        self.init_splits_and_loaders(splits, batch_size, val_batch_size, num_workers, pin_memory, persistent_workers)
         self.hf = hf or {}
         self.image_size = pair(image_size)
         self.crop_size = pair(crop_size) or self.image_size
         self.scale_range = tuple(scale_range)
         self.train_transforms_spec = train_transforms
         self.val_mode = val_mode
-        self.batch_size = batch_size
-        self.val_batch_size = val_batch_size or batch_size
-        self.num_workers = num_workers = default_workers(num_workers)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = persistent_workers and num_workers > 0
         self.cache = "memory" if cache is True else cache or None
         self.cache_dir = cache_dir
         self.check, self.on_bad_sample = check, on_bad_sample
@@ -222,23 +208,3 @@ class SegmentationDataModule(pl.LightningDataModule):
     def _where(self, stage: str) -> str:
         spec = self.splits.get(stage, {})
         return f"{self.config_path}.splits.{stage} ({spec.get('masks', spec.get('split', stage))})"
-
-    def setup(self, stage: str | None = None) -> None:
-        setup_splits(self.splits, stage, self._dataset, self.trainer, self.config_path)
-
-    # ------------------------------------------------------------------ loaders
-    def _loader(self, stage: str, shuffle: bool) -> DataLoader:
-        ds = self._dataset(stage)
-        size = self.batch_size if stage == "train" else self.val_batch_size
-        # a stream shuffles itself and is already this rank's part
-        return make_loader(ds, stage, size, self.trainer, self.num_workers, self.pin_memory, self.persistent_workers,
-                           collate, streaming=isinstance(ds, StreamingSegmentation))
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train", shuffle=True)
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val", shuffle=False)
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test", shuffle=False)

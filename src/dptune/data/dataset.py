@@ -3,21 +3,19 @@
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import Callable, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
 import torch
 from torch.utils.data import Dataset
-from tqdm.auto import tqdm
 
+from dptune.data.base import check_each
 from dptune.data.sources import Source, path_orientation
 from dptune.data.transforms import resize_like_processor
 from dptune.errors import DataError
-from dptune.labels import IGNORE_INDEX, LabelSet
+from dptune.labels import LabelSet
 
 log = logging.getLogger(__name__)
 
@@ -114,36 +112,6 @@ class SegmentationDataset(Dataset):
         return make_item(*self.load(i), i, self.transform, self.image_size)
 
 
-def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a batch; masks (and images) of different sizes are padded (masks with 255).
-
-    ``sizes`` keeps each mask's true (h, w) so predictions can be resized per sample.
-    """
-    sizes = [tuple(it["mask"].shape) for it in items]
-    images = [it["image"] for it in items]
-    if len({tuple(im.shape) for im in images}) == 1:
-        image = torch.stack(images)
-    else:
-        hh = max(im.shape[1] for im in images)
-        ww = max(im.shape[2] for im in images)
-        image = torch.zeros(len(images), 3, hh, ww, dtype=images[0].dtype)
-        for b, im in enumerate(images):
-            image[b, :, : im.shape[1], : im.shape[2]] = im
-    if len(set(sizes)) == 1:
-        mask = torch.stack([it["mask"] for it in items])
-    else:
-        hh, ww = max(s[0] for s in sizes), max(s[1] for s in sizes)
-        mask = torch.full((len(items), hh, ww), IGNORE_INDEX, dtype=items[0]["mask"].dtype)
-        for b, it in enumerate(items):
-            mask[b, : sizes[b][0], : sizes[b][1]] = it["mask"]
-    return {
-        "image": image,
-        "mask": mask,
-        "index": torch.tensor([it["index"] for it in items]),
-        "sizes": sizes,
-    }
-
-
 @dataclass
 class ScanResult:
     good: list[int] = field(default_factory=list)  # indices that passed
@@ -165,28 +133,22 @@ def scan(
     written to it."""
     result = ScanResult()
 
-    def one(i: int) -> tuple[int, Any]:
-        try:
-            if store is not None and i in store:
-                return i, (None, store[i][1], 0)
-            image, mask, implicit = dataset.inspect(i, decode_images or keep or store is not None)
-            if store is not None:
-                store.put(i, image, mask)
-            return i, (image, mask, implicit)
-        except DataError as e:
-            return i, str(e)
+    def one(i: int) -> tuple[np.ndarray | None, np.ndarray, int]:
+        if store is not None and i in store:
+            return None, store[i][1], 0
+        image, mask, implicit = dataset.inspect(i, decode_images or keep or store is not None)
+        if store is not None:
+            store.put(i, image, mask)
+        return image, mask, implicit
 
-    quiet = os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0")) != "0"  # one progress bar per job
-    with ThreadPoolExecutor(max(1, workers)) as pool:
-        results = pool.map(one, dataset.indices)
-        for i, outcome in tqdm(results, total=len(dataset.indices), desc=desc, leave=False, disable=quiet):
-            if isinstance(outcome, str):
-                result.problems.append(outcome)
-                continue
-            image, mask, implicit = outcome
-            result.good.append(i)
-            result.class_pixels += np.bincount(mask.ravel(), minlength=256)
-            result.implicit_ignore += implicit
-            if keep:
-                result.cache[i] = (image, mask)
+    for i, outcome, problem in check_each(dataset.indices, one, desc, workers):
+        if problem is not None:
+            result.problems.append(problem)
+            continue
+        image, mask, implicit = outcome
+        result.good.append(i)
+        result.class_pixels += np.bincount(mask.ravel(), minlength=256)
+        result.implicit_ignore += implicit
+        if keep:
+            result.cache[i] = (image, mask)
     return result

@@ -24,17 +24,18 @@ from torch.utils.data import Dataset
 
 from dptune.data.dataset import check_same_size
 from dptune.data.sources import (
+    HFSplit,
     image_header_size,
     mask_path_for,
     match_images,
-    open_hf_split,
     read_bytes,
     read_image,
     read_paired_mask,
+    row_image,
 )
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError
-from dptune.labels import IGNORE_INDEX, LabelSet
+from dptune.labels import LabelSet
 
 log = logging.getLogger(__name__)
 
@@ -213,39 +214,25 @@ class DepthFolderSource:
         return read_paired_mask(self.images[i], self.masks[i], self.rgb_masks), self.masks[i]
 
 
-class HFDepthSource:
+class HFDepthSource(HFSplit):
     """A split of a Hugging Face dataset with an image column and a depth column (a 16-bit or
     float image, or an array), depth divided by ``scale`` (``None``: by type, see ``default_scale``)."""
 
     def __init__(self, dataset: str, split: str, image_column: str = "image", depth_column: str = "depth",
                  scale: float | None = None, config_name: str | None = None, negative: NegativeDepth = "error") -> None:
-        ds = open_hf_split(dataset, split, config_name)
-        for col in (image_column, depth_column):
-            if col not in ds.column_names:
-                raise DataError(f"{dataset}[{split}]: no column {col!r} (has {ds.column_names})")
-        self.ds, self.label = ds, f"{dataset}[{split}]"
-        self.image_column, self.depth_column, self.scale, self.negative = image_column, depth_column, scale, negative
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def name(self, i: int) -> str:
-        return f"{self.label}#{i}"
+        super().__init__(dataset, split, image_column, depth_column, config_name)
+        self.depth_column, self.scale, self.negative = depth_column, scale, negative
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         row, name = self.ds[i], self.name(i)
-        image = row[self.image_column]
-        image = np.asarray(image.convert("RGB")) if hasattr(image, "convert") else np.asarray(image)
-        if image.ndim == 2:
-            image = np.repeat(image[..., None], 3, axis=2)
-        if image.dtype != np.uint8:
-            raise DataError(f"{name}: image must be uint8, got {image.dtype}")
+        # as stored, not turned by an EXIF orientation: the depth map (an array) is read as stored too
+        image = row_image(row[self.image_column], name, upright=False)
         raw = np.asarray(row[self.depth_column])
         if raw.ndim != 2 or raw.dtype.kind not in "uif":
             raise DataError(f"{name}: depth must be one channel of numbers, got {raw.dtype} {tuple(raw.shape)}")
         check_negative(name, raw, self.negative)
         self.used_scale = self.scale if self.scale is not None else default_scale(raw)  # what the check reports
-        return np.ascontiguousarray(image[..., :3]), to_metres(raw, self.used_scale), name
+        return image, to_metres(raw, self.used_scale), name
 
 
 def eval_crop_mask(shape: tuple[int, int], crop: str) -> np.ndarray | None:
@@ -324,25 +311,6 @@ class DepthDataset(Dataset):
         if mask:
             item["mask"] = torch.from_numpy(np.ascontiguousarray(targets["mask"]))
         return item
-
-
-def collate_depth(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Stack a batch; depth maps of different sizes are padded with 0 (invalid), masks with 255."""
-    sizes = [tuple(it["depth"].shape) for it in items]
-    images = torch.stack([it["image"] for it in items]) if len({it["image"].shape for it in items}) == 1 else None
-    if images is None:
-        hh, ww = max(it["image"].shape[1] for it in items), max(it["image"].shape[2] for it in items)
-        images = torch.zeros(len(items), 3, hh, ww, dtype=torch.uint8)
-        for b, it in enumerate(items):
-            images[b, :, : it["image"].shape[1], : it["image"].shape[2]] = it["image"]
-    hh, ww = max(s[0] for s in sizes), max(s[1] for s in sizes)
-    batch = {"image": images, "index": torch.tensor([it["index"] for it in items]), "sizes": sizes}
-    for key, fill, dtype in (("depth", 0.0, torch.float32), ("mask", IGNORE_INDEX, torch.uint8)):
-        if key in items[0]:
-            batch[key] = torch.full((len(items), hh, ww), fill, dtype=dtype)
-            for b, it in enumerate(items):
-                batch[key][b, : sizes[b][0], : sizes[b][1]] = it[key]
-    return batch
 
 
 PLAUSIBLE_DEPTH = (0.05, 1000.0)  # metres: what real scenes' median measured depth lies within

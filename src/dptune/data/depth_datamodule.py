@@ -4,24 +4,16 @@ training, augmented without changing depth, batched for one or many processes.""
 from __future__ import annotations
 
 import logging
-from concurrent.futures import ThreadPoolExecutor
 from typing import Any, Literal
 
-import lightning.pytorch as pl
 import numpy as np
-import torch
-from torch.utils.data import DataLoader
-from tqdm.auto import tqdm
 
 from dptune.data.base import (
-    STAGES,
+    SplitDataModule,
     augment_seed,
-    default_workers,
-    make_loader,
+    check_each,
     pair,
-    rank,
     settle_problems,
-    setup_splits,
 )
 from dptune.data.depth import (
     PLAUSIBLE_DEPTH,
@@ -31,7 +23,6 @@ from dptune.data.depth import (
     check_depth_range,
     check_depth_size,
     check_depth_values,
-    collate_depth,
     depth_train_transforms,
     eval_crop_mask,
 )
@@ -43,7 +34,7 @@ from dptune.labels import load_labels
 log = logging.getLogger(__name__)
 
 
-class DepthDataModule(pl.LightningDataModule):
+class DepthDataModule(SplitDataModule):
     def __init__(
         self,
         root: str = ".",
@@ -106,16 +97,10 @@ class DepthDataModule(pl.LightningDataModule):
         """
         super().__init__()
         self.save_hyperparameters()
-        self.root, self.source_kind, self.splits, self.hf = root, source, splits or {}, hf or {}
-        unknown = set(self.splits) - set(STAGES)
-        if unknown:
-            raise DataError(f"data.splits: unknown stages {sorted(unknown)} (use {list(STAGES)})")
+        self.root, self.source_kind, self.hf = root, source, hf or {}
+        self.init_splits_and_loaders(splits, batch_size, val_batch_size, num_workers, pin_memory, persistent_workers)
         eval_crop_mask((8, 8), eval_crop)  # an unknown crop name stops here
         self.image_size, self.crop_size = pair(image_size), pair(crop_size)
-        self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
-        self.num_workers = default_workers(num_workers)
-        self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
-        self.persistent_workers = persistent_workers and self.num_workers > 0
         # settings as attributes: self.hparams is not reliable when another datamodule builds this one
         if depth_scale is not None and not 0 < depth_scale < float("inf"):
             raise ConfigError(f"data.depth_scale must be a positive number of stored values per metre, got {depth_scale}")
@@ -178,30 +163,25 @@ class DepthDataModule(pl.LightningDataModule):
         keep = bool(self.cache)
         full = keep or self.check != "header" or not hasattr(ds.source, "depths") or ds.labels is not None
 
-        def one(i: int):
-            try:
-                if full:
-                    return i, ds.load(i)
-                depth = ds.source._depth(i)
-                check_depth_size(ds.source.depths[i], image_header_size(ds.source.images[i]), depth)
-                return i, (None, depth)
-            except DataError as e:
-                return i, str(e)
+        def one(i: int) -> tuple[np.ndarray | None, ...]:
+            if full:
+                return ds.load(i)
+            depth = ds.source._depth(i)
+            check_depth_size(ds.source.depths[i], image_header_size(ds.source.images[i]), depth)
+            return None, depth
 
         good, problems, cache, empty, stats = [], [], {}, 0, {}
-        with ThreadPoolExecutor(2) as pool:
-            for i, out in tqdm(pool.map(one, ds.indices), total=len(ds.indices), desc=f"checking {stage} data",
-                               leave=False, disable=rank() != 0):
-                if isinstance(out, str):
-                    problems.append(out)
-                    continue
-                good.append(i)
-                measured = out[1][out[1] > 0]
-                empty += not measured.size
-                if measured.size:  # per map: 1%, 50%, 99% of its valid depth
-                    stats[i] = np.quantile(measured, (0.01, 0.5, 0.99))
-                if keep:
-                    cache[i] = out
+        for i, out, problem in check_each(ds.indices, one, f"checking {stage} data"):
+            if problem is not None:
+                problems.append(problem)
+                continue
+            good.append(i)
+            measured = out[1][out[1] > 0]
+            empty += not measured.size
+            if measured.size:  # per map: 1%, 50%, 99% of its valid depth
+                stats[i] = np.quantile(measured, (0.01, 0.5, 0.99))
+            if keep:
+                cache[i] = out
         settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample)
         good = self._check_values(ds, stage, good, stats)
         if empty:
@@ -233,20 +213,3 @@ class DepthDataModule(pl.LightningDataModule):
         log.info("%s: depth = stored value / %g per metre; median valid depth %.3g m over %d maps", where, scale,
                  float(np.median(medians)), len(medians))
         return kept
-
-    def setup(self, stage: str | None = None) -> None:
-        setup_splits(self.splits, stage, self._dataset, self.trainer, self.config_path)
-
-    def _loader(self, stage: str) -> DataLoader:
-        size = self.batch_size if stage == "train" else self.val_batch_size
-        return make_loader(self._dataset(stage), stage, size, self.trainer, self.num_workers, self.pin_memory,
-                           self.persistent_workers, collate_depth)
-
-    def train_dataloader(self) -> DataLoader:
-        return self._loader("train")
-
-    def val_dataloader(self) -> DataLoader:
-        return self._loader("val")
-
-    def test_dataloader(self) -> DataLoader:
-        return self._loader("test")

@@ -17,7 +17,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from dptune.data.base import ValidationSource, default_workers, make_loader, rank
+from dptune.data.base import ValidationSource, collate, default_workers, make_loader, rank
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
 from dptune.errors import ConfigError
@@ -71,12 +71,6 @@ def source_weights(sizes: list[int], weights: list[float]) -> list[float]:
     drawn samples, spread evenly over its own samples."""
     total = sum(weights)
     return [w / total / n for n, w in zip(sizes, weights, strict=True) for _ in range(n)]
-
-
-def collate_joint(items: list[dict[str, Any]]) -> dict[str, Any]:
-    """Training crops share one size: stack images, masks and depth maps."""
-    return {"image": torch.stack([it["image"] for it in items]), "mask": torch.stack([it["mask"] for it in items]),
-            "depth": torch.stack([it["depth"] for it in items]), "index": torch.tensor([it["index"] for it in items])}
 
 
 def joint_label_set(label_sets: list[LabelSet], names: list[str] | None) -> LabelSet:
@@ -249,7 +243,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             generator = torch.Generator().manual_seed(torch.initial_seed() % 2**32)  # same on every rank
             sampler = WeightedRandomSampler(weights, num_samples=len(data), replacement=True, generator=generator)
         return make_loader(data, "train", self.batch_size, self.trainer, self.num_workers,
-                           self.sources[0].dm.pin_memory, self.num_workers > 0, collate_joint, sampler=sampler)
+                           self.sources[0].dm.pin_memory, self.num_workers > 0, collate, sampler=sampler)
 
     def val_dataloader(self) -> list[DataLoader]:
         return [s.dm.val_dataloader() for s in self.val_sources]

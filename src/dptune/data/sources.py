@@ -437,8 +437,28 @@ def open_hf_split(dataset: str, split: str, config_name: str | None = None, stre
     return ds.to_iterable_dataset(num_shards=num_shards) if streaming else ds
 
 
-class HFSource:
-    """A split of a Hugging Face dataset: a hub name or a ``save_to_disk`` directory."""
+class HFSplit:
+    """A split of a Hugging Face dataset (a hub name or a ``save_to_disk`` directory) whose rows
+    hold an image and a label column; sample ``i`` is named ``dataset[split]#i``. The sources of
+    each task say how a row's label is read (``load``)."""
+
+    def __init__(self, dataset: str, split: str, image_column: str, label_column: str,
+                 config_name: str | None = None) -> None:
+        ds = open_hf_split(dataset, split, config_name)
+        for col in (image_column, label_column):
+            if col not in ds.column_names:
+                raise DataError(f"{dataset}[{split}]: no column {col!r} (has {ds.column_names})")
+        self.ds, self.label, self.image_column = ds, f"{dataset}[{split}]", image_column
+
+    def __len__(self) -> int:
+        return len(self.ds)
+
+    def name(self, i: int) -> str:
+        return f"{self.label}#{i}"
+
+
+class HFSource(HFSplit):
+    """A split of a Hugging Face dataset with an image and a mask column."""
 
     def __init__(
         self,
@@ -449,46 +469,46 @@ class HFSource:
         rgb_masks: bool = False,
         config_name: str | None = None,
     ) -> None:
-        ds = open_hf_split(dataset, split, config_name)
-        for col in (image_column, mask_column):
-            if col not in ds.column_names:
-                raise DataError(f"{dataset}[{split}]: no column {col!r} (has {ds.column_names})")
-        self.ds, self.label = ds, f"{dataset}[{split}]"
-        self.image_column, self.mask_column, self.rgb_masks = image_column, mask_column, rgb_masks
-
-    def __len__(self) -> int:
-        return len(self.ds)
-
-    def name(self, i: int) -> str:
-        return f"{self.label}#{i}"
+        super().__init__(dataset, split, image_column, mask_column, config_name)
+        self.mask_column, self.rgb_masks = mask_column, rgb_masks
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         return decode_row(self.ds[i], self.name(i), self.image_column, self.mask_column, self.rgb_masks)
 
 
-def decode_row(
-    row: dict[str, Any], name: str, image_column: str, mask_column: str, rgb_masks: bool
-) -> tuple[np.ndarray, np.ndarray, str]:
-    """(uint8 HxWx3 image, raw mask, name) from a Hugging Face dataset row (PIL images or arrays)."""
-    try:
-        image, mask = row[image_column], row[mask_column]
-    except KeyError as e:
-        raise DataError(f"{name}: no column {e} (has {sorted(row)})") from None
-    if isinstance(image, Image.Image):  # upright (datasets applies the EXIF orientation itself; older ones did not)
+def row_image(image: Any, name: str, upright: bool = True) -> np.ndarray:
+    """uint8 HxWx3 from a dataset row's image (a PIL image or an array; grey becomes RGB). With
+    ``upright`` a PIL image is turned by its EXIF orientation (``datasets`` applies it itself; older
+    versions did not), as its label is (``decode_row``)."""
+    if isinstance(image, Image.Image):
         image.load()
-        image = apply_orientation(np.asarray(image.convert("RGB")), exif_orientation(image, decoded=True))
+        turned = exif_orientation(image, decoded=True) if upright else 1
+        image = apply_orientation(np.asarray(image.convert("RGB")), turned)
     else:
         image = np.asarray(image)
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
+    if image.dtype != np.uint8:
+        raise DataError(f"{name}: image must be uint8, got {image.dtype}")
+    return np.ascontiguousarray(image[..., :3])
+
+
+def decode_row(
+    row: dict[str, Any], name: str, image_column: str, mask_column: str, rgb_masks: bool
+) -> tuple[np.ndarray, np.ndarray, str]:
+    """(uint8 HxWx3 image, raw mask, name) from a Hugging Face dataset row (PIL images or arrays);
+    both upright (their EXIF orientation applied)."""
+    try:
+        image, mask = row[image_column], row[mask_column]
+    except KeyError as e:
+        raise DataError(f"{name}: no column {e} (has {sorted(row)})") from None
+    image = row_image(image, name)
     if isinstance(mask, Image.Image):
         mask.load()
         mask = apply_orientation(pil_to_mask(mask, rgb_masks, name), exif_orientation(mask, decoded=True))
     else:
         mask = np.asarray(mask)
-    if image.dtype != np.uint8:
-        raise DataError(f"{name}: image must be uint8, got {image.dtype}")
-    return np.ascontiguousarray(image[..., :3]), mask, name
+    return image, mask, name
 
 
 # ---------------------------------------------------------------------------- synthetic shapes
