@@ -1,6 +1,15 @@
 """Export to a directory plain ``transformers`` loads (and serves), optionally ONNX too.
 
     python scripts/export.py RUN/checkpoints/last.ckpt OUT [--onnx] [--fp16] [--push-to-hub user/repo] [--overwrite]
+    python scripts/export.py RUN/checkpoints/last.ckpt OUT --int8 [--onnx-fp16] [--calibrate-temperature] \
+        [--calibration-images "calib/*.jpg"] [--data configs/camvid.yaml]
+
+``--int8`` writes ``model_int8.onnx`` (static INT8, calibrated on a few dozen validation images, or the
+``--calibration-images``), ``--onnx-fp16`` ``model_fp16.onnx`` (for GPUs); both also write ``model.onnx``
+and measure each graph against the fp32 torch model on held-back validation images (card and
+``dptune.json``). ``--calibrate-temperature`` folds a fitted temperature into a segmentation model's
+classifier (calibrated confidences; masks unchanged). The validation split is read from the run's
+``config.yaml`` (beside ``checkpoints/``) unless ``--data`` names a config.
 
 The source can also be a directory written by this script (re-export, e.g. to add ONNX). OUT must be
 new or empty: the export is built in a hidden temporary directory and moved into place only when
@@ -31,6 +40,10 @@ from torch import nn
 from dptune.errors import ConfigError
 from dptune.export.card import depth_card, model_card, multitask_card, training_precision, warn_backend
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
+from dptune.export.ort import OnnxMissing
+from dptune.export.quantize import CALIBRATION_METHODS
+from dptune.export.serving import ServingOptions
+from dptune.export.serving_data import DEFAULT_COUNT, CalibrationError
 from dptune.models import dpt_backbone
 from dptune.models.build import input_side
 from dptune.models.dpt_backbone import uses_backbone
@@ -112,7 +125,7 @@ def push_folder(out: Path, repo: str) -> str:
 
 
 def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False, push_to_hub: str | None = None,
-           tolerance: float = 1e-4, overwrite: bool = False) -> Path:
+           tolerance: float = 1e-4, overwrite: bool = False, serving: ServingOptions | None = None) -> Path:
     """Write ``model.safetensors``, ``config.json`` (id2label, or the depth mode and units),
     ``preprocessor_config.json``, a model card ``README.md``, ``dptune.json`` and, with ``onnx``,
     ``model.onnx`` checked against torch. Segmentation or depth, whichever ``src`` holds.
@@ -121,6 +134,11 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     there is replaced as a whole. The export is built in a hidden directory and moved into place complete."""
     target = export_target(Path(out_dir), Path(src), overwrite)
     got = _load(str(src))
+    if serving is not None and serving.any:  # calibration data checked (and the temperature folded) first
+        from dptune.export.serving import prepare_export
+
+        got["serving"] = prepare_export(got, str(src), serving)
+        onnx = True  # the INT8 / fp16 graphs derive from model.onnx, and are measured against it
     with staged(target, replace=overwrite) as stage, plain_file_modes(stage):
         if got.get("task") == "multitask":
             export_multitask(got, stage, str(src), onnx, fp16, tolerance, push_to_hub, shown=Path(out_dir))
@@ -146,7 +164,7 @@ def holds_model(path: Path) -> bool:
 
 # every name an export writes (a joint export: its parts in segmentation/ and depth/)
 EXPORT_FILES = {"config.json", "model.safetensors", "preprocessor_config.json", "README.md", "dptune.json",
-                "model.onnx", "model.onnx.data", f"{REMOTE_MODULE}.py"}
+                "model.onnx", "model.onnx.data", "model_int8.onnx", "model_fp16.onnx", f"{REMOTE_MODULE}.py"}
 PART_DIRS = {"segmentation", "depth"}
 
 
@@ -306,6 +324,11 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
         remote_code(model, out)  # transformers' DPTForDepthEstimation takes any backbone itself
     if onnx:
         write_onnx(model, out / "model.onnx", size, tolerance)
+    served = {}
+    if got.get("serving") and onnx:
+        from dptune.export.serving import serve
+
+        served = serve(got, model, out / "model.onnx", joint=False)
     if fp16:  # a copy: the caller's model stays float32 (a joint export traces its ONNX graph from it next)
         import copy
 
@@ -327,6 +350,13 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
         with open(out / "README.md", "a") as card:
             card.write(training_precision(precision))
         meta["precision"] = precision
+    from dptune.export.serving import serving_sections
+
+    with open(out / "README.md", "a") as card:  # serving graphs, their measured cost, calibration, depth values
+        card.write(serving_sections(got, model, served, onnx_dynamic_size(model)))
+    if served or (got.get("serving") or {}).get("calibration"):
+        meta["serving"] = {**served, **({"calibration": got["serving"]["calibration"]}
+                                        if got["serving"].get("calibration") else {})}
     (out / "dptune.json").write_text(json.dumps(nan_to_null({"source": src, **meta, "metrics": metrics,
                                                              "evaluation": evaluation}),
                                                 indent=2, default=str, allow_nan=False))
@@ -342,7 +372,9 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
     backbone pass, outputs ``logits`` and ``predicted_depth``."""
     joint, metrics = got["model"], got["metrics"]
     common = {"processor": got["processor"], "evaluation": got["evaluation"]}
+    calibration = (got.get("serving") or {}).get("calibration")
     write_directory({**common, "model": joint.seg, "labels": got["labels"],
+                     **({"serving": {"calibration": calibration}} if calibration else {}),
                      "meta": {"task": "segmentation", "precision": got["meta"].get("precision")},
                      "metrics": metrics.get("segmentation", {})}, out / "segmentation", src, False, fp16, tolerance,
                     (shown or out) / "segmentation")
@@ -357,7 +389,16 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
         if err > tolerance:
             (out / "model.onnx").unlink()
             raise ValueError(f"ONNX export differs from torch by {err:.2e} (> {tolerance:.0e}); not written")
+    served = {}
+    if got.get("serving") and onnx:
+        from dptune.export.serving import record_joint, serve
+
+        served = serve(got, joint, out / "model.onnx", joint=True)
+        record_joint(out, served)  # each part's dptune.json gets the figures of its task
+    from dptune.export.serving import serving_card
+
     (out / "README.md").write_text(multitask_card(got["labels"], metrics, src, onnx, repo)
+                                   + serving_card({**served, "calibration": calibration}, True)
                                    + training_precision(got["meta"].get("precision")))
     return out
 
@@ -392,16 +433,44 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hugging Face repo")
     parser.add_argument("--overwrite", action="store_true",
                         help="replace an earlier export in out_dir as a whole (nothing of it remains)")
+    serve = parser.add_argument_group("serving graphs and calibrated confidence (need onnx + onnxruntime: "
+                                      "pip install 'dptune[onnx]')")
+    serve.add_argument("--int8", action="store_true",
+                       help="also write model_int8.onnx: static INT8 (QDQ) for CPUs, calibrated on images; implies --onnx")
+    serve.add_argument("--onnx-fp16", action="store_true",
+                       help="also write model_fp16.onnx (float16, float32 inputs/outputs) for GPUs; implies --onnx")
+    serve.add_argument("--calibrate-temperature", action="store_true",
+                       help="segmentation: fit a temperature on validation images (NLL) and fold it into the "
+                            "classifier, so confidences are calibrated (masks unchanged); ECE before/after in the card")
+    serve.add_argument("--calibration-images", metavar="GLOB",
+                       help="INT8 calibration images (default: a few dozen images of the run's validation split)")
+    serve.add_argument("--calibration-count", type=int, default=DEFAULT_COUNT, metavar="N",
+                       help=f"calibration images used at most (default {DEFAULT_COUNT}; spread evenly over the split "
+                            "or the glob's matches)")
+    serve.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax",
+                       help="how INT8 activation ranges are taken from the calibration images (default minmax)")
+    serve.add_argument("--int8-keep-float", action="append", default=[], metavar="NODE",
+                       help="an ONNX node name to keep in float besides dptune's choice (repeatable)")
+    serve.add_argument("--data", metavar="CONFIG",
+                       help="train.py config whose data: section names the validation split (default: the run's "
+                            "config.yaml beside checkpoints/); its held-back part measures every graph")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     if not Path(args.source).exists():
         print(f"error: {args.source}: not found", file=sys.stderr)
         return 2
+    serving = ServingOptions(int8=args.int8, fp16=args.onnx_fp16, temperature=args.calibrate_temperature,
+                             calibration_images=args.calibration_images, data=args.data, count=args.calibration_count,
+                             method=args.calibration_method, keep_float=tuple(args.int8_keep_float))
+    if not serving.any and (args.calibration_images or args.data or args.int8_keep_float):
+        print("error: --calibration-images, --data and --int8-keep-float apply to --int8, --onnx-fp16 or "
+              "--calibrate-temperature", file=sys.stderr)
+        return 2
     try:
         with torch.no_grad():
             out = export(args.source, args.out_dir, onnx=args.onnx, fp16=args.fp16, push_to_hub=args.push_to_hub,
-                         overwrite=args.overwrite)
-    except OutputDirError as e:  # names the output directory itself
+                         overwrite=args.overwrite, serving=serving)
+    except (OutputDirError, CalibrationError, OnnxMissing) as e:  # each names its file, glob or the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError) as e:

@@ -1,0 +1,157 @@
+"""Serving graphs derived from an export's fp32 ``model.onnx``:
+
+- ``model_int8.onnx``: ONNX Runtime static quantization (QDQ), activations calibrated on real images
+  prepared by the export's image processor. Only the operators that carry the arithmetic are
+  quantized (``Conv``, ``MatMul``: the patch embedding, attention and MLP projections, the neck's and
+  head's convolutions); LayerNorm, Softmax, GELU, Resize and the transposed convolutions stay in
+  float, where int8 costs accuracy for next to no time. The first convolution (it sees the
+  normalised pixels) and the convolutions that compute each output (the classifier's logits, the
+  depth head) stay in float too: their error is the output's error. ``KEPT_FLOAT`` says so in the
+  card and ``dptune.json`` lists the nodes.
+- ``model_fp16.onnx``: every weight and activation in float16 except the graph's inputs and
+  outputs (float32, ``keep_io_types``), for GPUs (CUDA / TensorRT execution providers). On a CPU it
+  runs, slower than fp32.
+
+Both keep the fp32 graph's dynamic batch / height / width (a DPT-Hybrid graph takes its
+processor's size only, as its fp32 graph does)."""
+
+from __future__ import annotations
+
+import logging
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from dptune.export.ort import require_onnx, require_onnxruntime
+
+log = logging.getLogger(__name__)
+
+QUANTIZED_OPS = ["Conv", "MatMul"]
+KEPT_FLOAT = ("Only Conv and MatMul with weights run in int8 (weights per output channel, activations uint8 from the "
+              "calibration images' ranges); LayerNorm, Softmax, GELU, Resize and transposed convolutions stay in "
+              "float, and so do the attention's activation-by-activation products (Q K^T, softmax x V), the first "
+              "convolution (the normalised pixels) and the convolutions that compute the outputs (the node names "
+              "are listed in dptune.json).")
+CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+
+
+def _reader(batches: Iterable[np.ndarray], name: str):
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class Reader(CalibrationDataReader):
+        """Feeds the calibration images' ``pixel_values`` to ONNX Runtime's calibrator, one at a time."""
+
+        def __init__(self) -> None:
+            self.it = iter(batches)
+
+        def get_next(self):
+            x = next(self.it, None)
+            return None if x is None else {name: np.ascontiguousarray(x, dtype=np.float32)}
+
+    return Reader()
+
+
+def _producers(graph) -> dict[str, object]:
+    return {o: n for n in graph.node for o in n.output}
+
+
+def boundary_convs(model) -> list[str]:
+    """Names of the Conv nodes kept in float: those the graph's input reaches first and, for each
+    output, the last ones on the way back from it (through any nodes but ``Shape``, whose paths
+    carry sizes, not values)."""
+    g = model.graph
+    prod = _producers(g)
+    consumers: dict[str, list] = {}
+    for n in g.node:
+        for i in n.input:
+            consumers.setdefault(i, []).append(n)
+    keep: list[str] = []
+
+    def walk(start: list, step) -> None:
+        seen: set[str] = set()
+        todo = list(start)
+        while todo:
+            n = todo.pop()
+            if n is None or n.name in seen or n.op_type == "Shape":
+                continue
+            seen.add(n.name)
+            if n.op_type in ("Conv", "ConvTranspose"):
+                if n.op_type == "Conv" and n.name not in keep:
+                    keep.append(n.name)
+                continue
+            todo += step(n)
+
+    walk([c for c in consumers.get(g.input[0].name, [])], lambda n: [c for o in n.output for c in consumers.get(o, [])])
+    walk([prod.get(o.name) for o in g.output], lambda n: [prod.get(i) for i in n.input])
+    return keep
+
+
+def activation_matmuls(model) -> list[str]:
+    """Names of the MatMul nodes that multiply two activations (attention scores ``Q K^T`` and
+    ``softmax x V``): kept in float. Quantized, ONNX Runtime fuses the Softmax between them into a
+    QLinearSoftmax slower than the float one, and 8-bit attention probabilities cost accuracy."""
+    weights = {i.name for i in model.graph.initializer}
+    return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
+
+
+def quantize_int8(fp32: Path, out: Path, batches: Iterable[np.ndarray], method: str = "minmax",
+                  exclude: list[str] | None = None) -> dict:
+    """Write ``out`` (int8 QDQ) from the graph ``fp32`` calibrated on ``batches`` of ``pixel_values``;
+    returns what was done (for ``dptune.json``)."""
+    onnx = require_onnx("INT8 quantization")
+    require_onnxruntime("INT8 quantization")
+    from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    if method not in CALIBRATION_METHODS:
+        raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    with tempfile.TemporaryDirectory(prefix="dptune-int8-") as tmp:
+        pre = Path(tmp) / "pre.onnx"
+        # shape inference and ORT's graph optimisation (constant folding, fusions) first, as ORT asks:
+        # a bias behind an Identity node (deduplicated weights) is otherwise not quantized with its Conv
+        _quiet(lambda: quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True))
+        model = onnx.load(str(pre))
+        kept = boundary_convs(model) + activation_matmuls(model) + list(exclude or [])
+        names = {n.name for n in model.graph.node}
+        unknown = [k for k in exclude or [] if k not in names]
+        if unknown:
+            raise ValueError(f"--int8-keep-float: no node {unknown[0]!r} in the graph")
+        cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
+              "entropy": CalibrationMethod.Entropy}[method]
+        extra: dict = {}
+        if method == "percentile":
+            extra["CalibPercentile"] = 99.999
+        _quiet(lambda: quantize_static(
+            str(pre), str(out), _reader(batches, model.graph.input[0].name), quant_format=QuantFormat.QDQ,
+            op_types_to_quantize=QUANTIZED_OPS, per_channel=True, reduce_range=False,
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept,
+            calibrate_method=cm, extra_options=extra))
+    quantized = sum(1 for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "QuantizeLinear")
+    return {"file": out.name, "format": "QDQ", "activations": "uint8 (per tensor)", "weights": "int8 (per channel)",
+            "calibration_method": method, "quantized_op_types": QUANTIZED_OPS, "kept_float_nodes": kept,
+            "quantize_nodes": quantized}
+
+
+def convert_fp16(fp32: Path, out: Path) -> dict:
+    """Write ``out``: ``fp32`` with float16 weights and activations, float32 inputs and outputs."""
+    onnx = require_onnx("fp16 conversion")
+    require_onnxruntime("fp16 conversion")
+    from onnxruntime.transformers.float16 import convert_float_to_float16
+
+    model = onnx.load(str(fp32))
+    half = _quiet(lambda: convert_float_to_float16(model, keep_io_types=True))
+    onnx.save(half, str(out))
+    return {"file": out.name, "weights": "float16", "io": "float32 (keep_io_types)"}
+
+
+def _quiet(fn):
+    """Run ``fn`` with onnxruntime.quantization's chatter (root logger warnings) held back."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(max(level, logging.ERROR))
+    try:
+        return fn()
+    finally:
+        root.setLevel(level)

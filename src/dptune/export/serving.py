@@ -1,0 +1,392 @@
+"""What ``export --int8 / --onnx-fp16 / --calibrate-temperature`` adds to an export, and what it costs.
+
+- ``calibrate``: temperature scaling of a segmentation model (or a joint model's segmentation head),
+  fitted on the validation split's fit part and folded into the classifier (``dptune.export.temperature``);
+  ECE before / after on the held-back part.
+- ``write_graphs``: ``model_int8.onnx`` / ``model_fp16.onnx`` from the export's ``model.onnx``
+  (``dptune.export.quantize``), INT8 calibrated on the calibration images.
+- ``measure``: every graph written (fp32, int8, and fp16 where ONNX Runtime runs it on this CPU)
+  scored against the fp32 torch model on the held-back images: mIoU and pixel accuracy against the
+  masks (segmentation), AbsRel and delta1 against the depth maps (depth), and how often / how far
+  each graph departs from torch's own output.
+
+The figures go into the model card (``serving_card``) and ``dptune.json`` (``serving``)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+from dptune.export.ort import GRAPHS, OnnxGraph
+from dptune.export.serving_data import DEFAULT_COUNT, ServingData, prepare, serving_data
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ServingOptions:
+    int8: bool = False
+    fp16: bool = False  # model_fp16.onnx (the --fp16 of export stores float16 safetensors)
+    temperature: bool = False
+    calibration_images: str | None = None
+    data: str | None = None  # a train.py config naming the validation split (default: the run's config.yaml)
+    count: int = DEFAULT_COUNT
+    method: str = "minmax"
+    keep_float: tuple[str, ...] = ()
+
+    @property
+    def any(self) -> bool:
+        return self.int8 or self.fp16 or self.temperature
+
+    @property
+    def needs_data(self) -> bool:  # calibration, temperature, and the measurement of every graph
+        return self.any
+
+
+class Reference(nn.Module):
+    """``pixel_values -> {output name: tensor}`` of the torch model, for one task or a joint model."""
+
+    def __init__(self, model: nn.Module, joint: bool) -> None:
+        super().__init__()
+        from dptune.export.onnx import JointOutputs, TaskOutput
+
+        self.joint = joint
+        self.net = (JointOutputs(model) if joint else TaskOutput(model)).eval().float()
+
+    @torch.no_grad()
+    def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
+        out = self.net(torch.from_numpy(x))
+        if self.joint:
+            return {"logits": out[0].numpy(), "predicted_depth": out[1].numpy()}
+        return {self.net.output: out.numpy()}
+
+
+def segmentation_model(model: nn.Module, joint: bool) -> nn.Module:
+    return model.seg if joint else model
+
+
+# ----------------------------------------------------------------------------------------- temperature
+def calibrate(model: nn.Module, processor, labels, data: ServingData, joint: bool) -> dict:
+    """Fit T on the segmentation split's fit part, fold it into ``model``; ECE before / after on
+    the held-back part."""
+    from dptune.export.temperature import calibration_report, fold_temperature, pixel_logits
+
+    seg = data.tasks["segmentation"]
+    ref = Reference(model, joint)
+    rng = np.random.default_rng(0)
+
+    def gather(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+        xs, ys = [], []
+        for i in indices:
+            image, raw, name = seg.source.load(i)
+            mask = labels.encode(raw, name)
+            x, y = pixel_logits(ref(prepare(processor, image))["logits"], mask, rng)
+            xs.append(x)
+            ys.append(y)
+        return torch.cat(xs), torch.cat(ys)
+
+    fit, held = gather(seg.fit), gather(seg.held)
+    if not len(fit[1]) or not len(held[1]):
+        raise ValueError(f"{data.where}: no labelled pixel in the validation images to fit a temperature on")
+    report = calibration_report(fit, held, len(seg.fit), len(seg.held))
+    fold_temperature(segmentation_model(model, joint), report["temperature"])
+    log.info("temperature %.3f folded into the classifier: ECE %.4f -> %.4f on %d held-back images",
+             report["temperature"], report["ece_before"], report["ece_after"], len(seg.held))
+    return report
+
+
+# ----------------------------------------------------------------------------------------------- graphs
+def write_graphs(fp32: Path, processor, data: ServingData | None, options: ServingOptions) -> dict:
+    """``model_int8.onnx`` and / or ``model_fp16.onnx`` beside ``fp32``; what each holds."""
+    from dptune.export.quantize import convert_fp16, quantize_int8
+
+    done = {}
+    if options.int8:
+        batches = (prepare(processor, p) for p in data.calibration)
+        done["int8"] = quantize_int8(fp32, fp32.parent / GRAPHS["int8"], batches, options.method,
+                                     list(options.keep_float))
+        done["int8"].update(calibration_images=len(data.calibration),
+                            calibration_source=data.glob or f"validation split of {data.where} (fit part)")
+        log.info("INT8 graph: %s calibrated on %d images (%s); kept in float: %s", GRAPHS["int8"],
+                 len(data.calibration), options.method, ", ".join(done["int8"]["kept_float_nodes"]) or "none")
+    if options.fp16:
+        done["fp16"] = convert_fp16(fp32, fp32.parent / GRAPHS["fp16"])
+        log.info("fp16 graph: %s", GRAPHS["fp16"])
+    return done
+
+
+def _graphs(folder: Path, precisions: list[str]) -> dict[str, OnnxGraph | str]:
+    """Sessions of the graphs to measure; a graph ONNX Runtime cannot run on this CPU is the reason why."""
+    out: dict[str, OnnxGraph | str] = {}
+    for p in precisions:
+        try:
+            g = OnnxGraph(folder / GRAPHS[p])
+            out[p] = g
+        except Exception as e:  # fp16 kernels missing on this CPU build, typically
+            out[p] = f"not run on this CPU ({str(e).splitlines()[0][:160]})"
+    return out
+
+
+def _run(g: OnnxGraph | str, x: np.ndarray) -> dict[str, np.ndarray] | None:
+    if isinstance(g, str):
+        return None
+    return g(x)
+
+
+def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, folder: Path,
+            precisions: list[str], joint: bool) -> dict:
+    """Each graph in ``folder`` (``precisions``) and the fp32 torch model scored on the held-back
+    images of each task; returns ``{task: {"images": n, "torch": {...}, "fp32": {...}, ...}}``."""
+    from dptune.metrics.depth import DepthMetrics, valid_depth
+    from dptune.metrics.segmentation import metrics_from_confmat
+
+    ref = Reference(model, joint)
+    graphs = _graphs(folder, precisions)
+    result: dict[str, dict] = {}
+    for task, part in data.tasks.items():
+        names = ["torch", *graphs]
+        if task == "segmentation":
+            c = labels.num_classes
+            conf = {n: np.zeros((c, c), np.int64) for n in names}
+            agree = dict.fromkeys(names, 0)
+            pixels = 0
+            for i in part.held:
+                image, raw, name = part.source.load(i)
+                mask = labels.encode(raw, name)
+                x = prepare(processor, image)
+                outs = {"torch": ref(x), **{n: _run(g, x) for n, g in graphs.items()}}
+                ok = mask != 255
+                target = torch.from_numpy(mask[ok].astype(np.int64))
+                base = None
+                for n, o in outs.items():
+                    if o is None:
+                        continue
+                    pred = F.interpolate(torch.from_numpy(o["logits"]), size=mask.shape, mode="bilinear",
+                                         align_corners=False)[0].argmax(0)
+                    base = pred if n == "torch" else base
+                    agree[n] += int((pred == base).sum())
+                    conf[n] += np.bincount((target * c + pred[torch.from_numpy(ok)]).numpy(),
+                                           minlength=c * c).reshape(c, c)
+                pixels += mask.size
+            task_out = {"images": len(part.held)}
+            for n in names:
+                if isinstance(graphs.get(n), str):
+                    task_out[n] = {"skipped": graphs[n]}
+                    continue
+                m = metrics_from_confmat(torch.from_numpy(conf[n]))
+                task_out[n] = {"mIoU": float(m["mIoU"]), "pixel_acc": float(m["pixel_acc"]),
+                               "agreement_with_torch": agree[n] / max(pixels, 1)}
+        else:
+            depth = meta.get("depth", {}) or {}
+            lo, hi = float(depth.get("min_depth") or 1e-3), depth.get("max_depth")
+            align = depth.get("alignment") if depth.get("alignment") not in (None, "none") else None
+            scores = {n: DepthMetrics(min_depth=lo, max_depth=hi, alignment=align) for n in names}
+            dev = dict.fromkeys(names, 0.0)
+            for i in part.held:
+                image, gt, _ = part.source.load(i)
+                x = prepare(processor, image)
+                outs = {"torch": ref(x), **{n: _run(g, x) for n, g in graphs.items()}}
+                g_t = torch.from_numpy(np.asarray(gt, np.float32))[None]
+                valid = valid_depth(g_t, lo, hi)
+                base = None
+                for n, o in outs.items():
+                    if o is None:
+                        continue
+                    pred = F.interpolate(torch.from_numpy(o["predicted_depth"])[:, None], size=gt.shape[:2],
+                                         mode="bicubic", align_corners=False)[:, 0]
+                    base = pred if n == "torch" else base
+                    scores[n].update(pred, g_t, valid)
+                    dev[n] += float(((pred - base).abs() / base.abs().clamp(min=1e-6)).mean())
+            task_out = {"images": len(part.held)}
+            for n in names:
+                if isinstance(graphs.get(n), str):
+                    task_out[n] = {"skipped": graphs[n]}
+                    continue
+                m = scores[n].compute()
+                task_out[n] = {"abs_rel": float(m["abs_rel"]), "delta1": float(m["delta1"]),
+                               "rel_difference_to_torch": dev[n] / max(len(part.held), 1)}
+        for n in names[1:]:  # the cost, relative to the torch model's own figure
+            row, base = task_out[n], task_out["torch"]
+            key = "mIoU" if task == "segmentation" else "abs_rel"
+            if key in row and base.get(key):
+                row[f"{key}_relative_change"] = (row[key] - base[key]) / base[key]
+        result[task] = task_out
+        log.info("measured on %d held-back %s images: %s", len(part.held), task,
+                 "; ".join(f"{n} {_summary(task, task_out[n])}" for n in names))
+    return result
+
+
+def _summary(task: str, row: dict) -> str:
+    if "skipped" in row:
+        return row["skipped"]
+    if task == "segmentation":
+        return f"mIoU {row['mIoU']:.4f} pixel acc {row['pixel_acc']:.4f}"
+    return f"AbsRel {row['abs_rel']:.4f} delta1 {row['delta1']:.4f}"
+
+
+# ------------------------------------------------------------------------------------------------- card
+def serving_card(serving: dict, dynamic: bool, command: str | None = None) -> str:
+    """The card's section on the serving graphs, the measured cost, and the calibration."""
+    from dptune.export.quantize import KEPT_FLOAT
+
+    lines = []
+    graphs = serving.get("graphs", {})
+    if graphs or serving.get("measured"):
+        lines += ["", "## ONNX graphs for serving", "",
+                  "| file | precision | for |", "| --- | --- | --- |",
+                  f"| `{GRAPHS['fp32']}` | float32 | reference; any ONNX Runtime execution provider |"]
+        if "int8" in graphs:
+            lines.append(f"| `{GRAPHS['int8']}` | int8 (QDQ, static) | CPUs (ONNX Runtime CPU execution provider) |")
+        if "fp16" in graphs:
+            lines.append(f"| `{GRAPHS['fp16']}` | float16, float32 inputs/outputs | GPUs (CUDA / TensorRT providers) |")
+        lines += ["", "Input `pixel_values` (batch, 3, height, width), float32, prepared by the bundled image processor; "
+                  + ("batch, height and width are dynamic (height and width multiples of the patch size)."
+                     if dynamic else "the batch is dynamic; height and width are the processor's size only "
+                     "(DPT-Hybrid: its BiT stem's padding is fixed when traced).")]
+        if "int8" in graphs:
+            g = graphs["int8"]
+            lines += ["", f"INT8: calibrated on {g['calibration_images']} images ({g['calibration_source']}), "
+                      f"{g['calibration_method']} ranges. {KEPT_FLOAT}"]
+    measured = serving.get("measured")
+    if measured:
+        lines += ["", "### What each graph costs (measured at export)", "",
+                  "Scored on validation images held back from calibration, whole images resized by the bundled "
+                  "image processor, outputs upsampled to the labels' size (as `pipeline` does); `torch` is the "
+                  "exported model run in float32 by PyTorch."]
+        for task, rows in measured.items():
+            lines.append("")
+            if task == "segmentation":
+                lines += [f"Segmentation, {rows['images']} held-back images:", "",
+                          "| model | mIoU | pixel accuracy | mIoU change | pixels agreeing with torch |",
+                          "| --- | --- | --- | --- | --- |"]
+                for n, r in rows.items():
+                    if n == "images":
+                        continue
+                    if "skipped" in r:
+                        lines.append(f"| {n} | {r['skipped']} | | | |")
+                        continue
+                    change = "-" if n == "torch" else f"{100 * r.get('mIoU_relative_change', 0):+.2f}%"
+                    lines.append(f"| {n} | {r['mIoU']:.4f} | {r['pixel_acc']:.4f} | {change} | "
+                                 f"{100 * r['agreement_with_torch']:.2f}% |")
+            else:
+                lines += [f"Depth, {rows['images']} held-back images:", "",
+                          "| model | AbsRel | delta1 | AbsRel change | mean relative difference to torch |",
+                          "| --- | --- | --- | --- | --- |"]
+                for n, r in rows.items():
+                    if n == "images":
+                        continue
+                    if "skipped" in r:
+                        lines.append(f"| {n} | {r['skipped']} | | | |")
+                        continue
+                    change = "-" if n == "torch" else f"{100 * r.get('abs_rel_relative_change', 0):+.2f}%"
+                    lines.append(f"| {n} | {r['abs_rel']:.4f} | {r['delta1']:.4f} | {change} | "
+                                 f"{100 * r['rel_difference_to_torch']:.3f}% |")
+    cal = serving.get("calibration")
+    if cal:
+        lines += ["", "## Calibrated confidence", "",
+                  f"The class probabilities are temperature-scaled: T = {cal['temperature']:.4f}, fitted on "
+                  f"{cal['fitted_on_images']} validation images (negative log-likelihood of the labelled pixels) and "
+                  "folded into the classifier's weights and bias, so `softmax(logits)` of the stock class, "
+                  "`pipeline(\"image-segmentation\")`, the ONNX graphs and `predict`'s confidence maps are the "
+                  "calibrated probabilities. The masks (argmax) are those of the uncalibrated model.", "",
+                  f"Expected calibration error ({cal['bins']} bins, top-1 confidence, labelled pixels of "
+                  f"{cal['held_back_images']} held-back images): {cal['ece_before']:.4f} before, "
+                  f"{cal['ece_after']:.4f} after; NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}."]
+    if command and lines:
+        lines += ["", f"Written by `{command}`."]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def depth_values_card(meta: dict, model: nn.Module | None = None) -> str:
+    """What a depth export's values mean: units, range, what invalid looks like (no uncertainty)."""
+    from dptune.models.depth import head_output
+
+    depth = meta.get("depth", {}) or {}
+    mode, units = depth.get("mode", "metric"), depth.get("units", "metres")
+    hi, lo = depth.get("max_depth"), depth.get("min_depth")
+    head = head_output(model.config) if model is not None else None
+    bound = head[2] if head and len(head) > 2 else None
+    if mode == "metric":
+        rng = (f"Values lie in [0, {bound:g}] {units} (the head ends in a sigmoid times {bound:g})" if bound
+               else f"Values are >= 0 {units} (the head ends in a ReLU; no upper bound)")
+        what = (f"`predicted_depth` is metric depth in {units} along the camera axis for each pixel of the "
+                f"processor-sized input. {rng}; the model was trained and scored on ground truth "
+                f"from {lo if lo is not None else 0.001:g} {units}" + (f" to {hi:g} {units}" if hi else "") + ".")
+    else:
+        what = ("`predicted_depth` is relative (affine-invariant inverse) depth: larger is nearer; it has no unit "
+                "until aligned per image (scale and shift) to metric depth.")
+    return ("\n## What the depth values mean\n\n" + what + " The model outputs a value for every pixel: there is no "
+            "invalid marker and no per-pixel uncertainty (none is estimated). Sky, glass, mirrors and pixels "
+            "beyond the trained range still get a value; the ground truth it was scored on marked missing depth "
+            "as 0, and those pixels were left out of the metrics.\n")
+
+
+def prepare_serving(src: str, task: str, options: ServingOptions) -> ServingData | None:
+    """The data the options need (None when they need none)."""
+    if not options.needs_data:
+        return None
+    return serving_data(src, task, options.data, options.calibration_images, options.count)
+
+
+# ------------------------------------------------------------------------------- the export's hooks
+def prepare_export(got: dict, src: str, options: ServingOptions) -> dict:
+    """Before anything is written: the data the options need (checked, one line when unusable) and,
+    with ``options.temperature``, the temperature fitted and folded into ``got["model"]``."""
+    from dptune.errors import ConfigError
+    from dptune.export.ort import require_onnx, require_onnxruntime
+
+    joint = got.get("task") == "multitask"
+    depth = "DepthEstimation" in type(got["model"]).__name__
+    task = "multitask" if joint else "depth" if depth else "segmentation"
+    if options.temperature and depth:
+        raise ConfigError("--calibrate-temperature: a depth model has no class probabilities to calibrate "
+                          "(its card says what its values mean)")
+    if options.int8 or options.fp16:
+        require_onnxruntime("--int8 / --onnx-fp16")
+        require_onnx("--int8 / --onnx-fp16")
+    data = prepare_serving(src, task, options)
+    calibration = None
+    if options.temperature:
+        calibration = calibrate(got["model"], got["processor"], got["labels"], data, joint)
+    return {"options": options, "data": data, "calibration": calibration, "task": task}
+
+
+def serve(got: dict, model: nn.Module, fp32: Path, joint: bool) -> dict:
+    """The serving graphs beside ``fp32`` and every graph's measured cost (for ``dptune.json``)."""
+    s = got["serving"]
+    options, data = s["options"], s["data"]
+    graphs = write_graphs(fp32, got["processor"], data, options) if (options.int8 or options.fp16) else {}
+    measured = measure(model, got["processor"], got.get("labels"), got.get("meta") or {}, data, fp32.parent,
+                       ["fp32", *graphs], joint)
+    return {"graphs": graphs, "measured": measured, "measured_on": f"held-back part of the validation split of "
+                                                                   f"{data.where}"}
+
+
+def serving_sections(got: dict, model: nn.Module, served: dict, dynamic: bool) -> str:
+    """What a task directory's card says beyond the run: serving graphs and their cost, calibrated
+    confidence, and (depth) what the output values mean."""
+    calibration = (got.get("serving") or {}).get("calibration")
+    text = serving_card({**served, "calibration": calibration}, dynamic)
+    if "DepthEstimation" in type(model).__name__:
+        text += depth_values_card(got.get("meta") or {}, model)
+    return text
+
+
+def record_joint(out: Path, served: dict) -> None:
+    """A joint export's graphs lie at its top; each part's ``dptune.json`` records its task's figures."""
+    import json
+
+    for task in ("segmentation", "depth"):
+        path = out / task / "dptune.json"
+        if not path.is_file() or task not in served.get("measured", {}):
+            continue
+        meta = json.loads(path.read_text())
+        meta["serving"] = {**meta.get("serving", {}), "graphs_in": "..", "graphs": served["graphs"],
+                           "measured": {task: served["measured"][task]}, "measured_on": served["measured_on"]}
+        path.write_text(json.dumps(meta, indent=2, default=str))

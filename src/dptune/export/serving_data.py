@@ -1,0 +1,171 @@
+"""The images an export calibrates and measures its serving graphs on.
+
+The run's validation split (read from its ``config.yaml``, which sits beside ``checkpoints/``, or
+from ``--data CONFIG``) is cut in two: a *fit* part (up to ``count`` images, evenly spaced, so a
+split of video frames is sampled end to end) that calibrates INT8 activations and fits the
+temperature, and the *held-back* rest, on which each graph and the temperature are scored against
+the fp32 torch model. ``--calibration-images GLOB`` replaces the fit part as INT8 calibration data
+(its images are then left out of the held-back part too).
+
+Images are prepared exactly as the exported image processor prepares them (``pixel_values``)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import yaml
+
+from dptune.errors import ConfigError, DataError
+
+MIN_IMAGES = 4  # fewer calibration images than this give activation ranges of no use
+DEFAULT_COUNT = 32  # "a few dozen"
+MAX_HELD = 100  # held-back images scored per task (the measurement's time stays in seconds on a CPU)
+
+
+class CalibrationError(ConfigError):
+    """Calibration or measurement data that cannot be used; the message names the file or glob."""
+
+
+@dataclass
+class TaskData:
+    """One task's validation split: a folder source and which of its images fit / are held back."""
+
+    task: str  # "segmentation" or "depth"
+    source: object  # FolderSource / DepthFolderSource
+    fit: list[int] = field(default_factory=list)
+    held: list[int] = field(default_factory=list)
+
+    def image(self, i: int) -> str:
+        return self.source.images[i]
+
+
+@dataclass
+class ServingData:
+    """Calibration images (paths) and each task's validation split, cut into fit and held-back."""
+
+    calibration: list[str]
+    tasks: dict[str, TaskData]
+    where: str  # where the split was read from (the card says it)
+    glob: str | None = None
+
+
+def run_config(src: str) -> Path | None:
+    """The ``config.yaml`` a dptune run wrote beside its ``checkpoints/`` folder, if there is one."""
+    p = Path(src)
+    if p.is_file():
+        for d in (p.parent, p.parent.parent):
+            if (d / "config.yaml").is_file():
+                return d / "config.yaml"
+    return None
+
+
+def _data_section(config: Path) -> dict:
+    try:
+        data = (yaml.safe_load(config.read_text()) or {}).get("data")
+    except (yaml.YAMLError, AttributeError, OSError) as e:
+        raise CalibrationError(f"{config}: not a readable train.py config ({str(e).splitlines()[0]})") from None
+    if not isinstance(data, dict):
+        raise CalibrationError(f"{config}: no data: section naming a validation split")
+    return data.get("init_args", data) if "class_path" in data else data
+
+
+def _val_source(data: dict, task: str, config: Path, split: str = "val"):
+    """A folder source of the config's validation split for ``task``."""
+    from dptune.data.depth import DepthFolderSource
+    from dptune.data.sources import FolderSource
+
+    splits = data.get("splits") or {}
+    if data.get("source", "folder") != "folder" or data.get("hf"):
+        raise CalibrationError(f"{config}: the {task} data is not a folder split (a Hugging Face dataset); give "
+                               "--data CONFIG naming a folder validation split")
+    if split not in splits:
+        raise CalibrationError(f"{config}: no {split!r} split in the {task} data (splits: {', '.join(splits) or 'none'})")
+    spec, root = splits[split], str(data.get("root") or ".")
+    if not Path(root).is_dir():
+        raise CalibrationError(f"{config}: data root {root} not found from {Path.cwd()} (run export where training "
+                               "ran, or give --data CONFIG with a root that resolves here)")
+    try:
+        if task == "depth":
+            return DepthFolderSource(root, spec["images"], spec["depth"], scale=data.get("depth_scale"))
+        return FolderSource(root, spec["images"], spec["masks"], False)  # rgb masks: see labels (encode)
+    except KeyError as e:
+        raise CalibrationError(f"{config}: the {split} split of the {task} data has no {e.args[0]!r}") from None
+    except DataError as e:
+        raise CalibrationError(f"{config}: {e}") from None
+
+
+def spread(n: int, k: int) -> list[int]:
+    """``k`` of ``range(n)`` evenly spaced (all when ``k >= n``)."""
+    if k >= n:
+        return list(range(n))
+    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
+
+
+def cut(source, count: int, task: str, where: str) -> TaskData:
+    n = len(source)
+    if n < 2 * MIN_IMAGES:
+        raise CalibrationError(f"{where}: the {task} validation split has {n} image{'s' if n != 1 else ''}; "
+                               f"calibrating and measuring needs at least {2 * MIN_IMAGES}")
+    fit = spread(n, min(count, n // 2))
+    rest = [i for i in range(n) if i not in set(fit)]
+    return TaskData(task, source, fit, [rest[i] for i in spread(len(rest), MAX_HELD)])
+
+
+def glob_images(pattern: str, count: int) -> list[str]:
+    from dptune.data.sources import glob_files
+
+    found = [p for p in glob_files(os.path.expanduser(pattern)) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+    if not found:
+        raise CalibrationError(f"--calibration-images {pattern}: no images match")
+    if len(found) < MIN_IMAGES:
+        raise CalibrationError(f"--calibration-images {pattern}: {len(found)} image{'s' if len(found) != 1 else ''} "
+                               f"match; calibration needs at least {MIN_IMAGES} (a few dozen is better)")
+    return [found[i] for i in spread(len(found), count)]
+
+
+IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
+
+
+def serving_data(src: str, task: str, data_config: str | None = None, pattern: str | None = None,
+                 count: int = DEFAULT_COUNT) -> ServingData:
+    """The calibration images and validation splits of an export of ``task`` (segmentation, depth,
+    multitask) from ``src``: its run's ``config.yaml`` unless ``data_config`` names another."""
+    if count < MIN_IMAGES:
+        raise CalibrationError(f"--calibration-count {count}: calibration needs at least {MIN_IMAGES} images")
+    config = Path(data_config) if data_config else run_config(src)
+    if config is None:
+        raise CalibrationError(f"{src}: no run config.yaml beside it to find the validation split; give --data "
+                               "CONFIG (a train.py config whose data: section names a val split)")
+    if not config.is_file():
+        raise CalibrationError(f"--data {config}: not found")
+    data = _data_section(config)
+    parts = {"segmentation": data.get("segmentation"), "depth": data.get("depth")} if task == "multitask" else {task: data}
+    tasks = {}
+    for t, section in parts.items():
+        if not isinstance(section, dict):
+            raise CalibrationError(f"{config}: no data.{t} section for the joint model's {t} split")
+        share = count if task != "multitask" else max(MIN_IMAGES, count // 2)
+        tasks[t] = cut(_val_source(section, t, config), share, t, str(config))
+    if pattern:
+        calibration = glob_images(pattern, count)
+        chosen = {os.path.realpath(p) for p in calibration}
+        for d in tasks.values():  # the held-back images are never calibration ones
+            d.held = [i for i in d.held if os.path.realpath(d.image(i)) not in chosen]
+            if not d.held:
+                raise CalibrationError(f"--calibration-images {pattern}: takes every held-back {d.task} image of "
+                                       f"{config}; leave some validation images out of it")
+    else:
+        calibration = [d.image(i) for d in tasks.values() for i in d.fit]
+    return ServingData(calibration, tasks, str(config), pattern)
+
+
+def prepare(processor, path_or_image) -> np.ndarray:
+    """``pixel_values`` (1, 3, H, W) float32 of one image, as the exported image processor makes them
+    (the image read upright, as ``pipeline`` reads it)."""
+    from dptune.data.sources import read_image
+
+    image = read_image(path_or_image) if isinstance(path_or_image, (str, Path)) else path_or_image
+    return np.asarray(processor(images=image, return_tensors="np")["pixel_values"], dtype=np.float32)

@@ -1,0 +1,225 @@
+"""INT8 and fp16 ONNX graphs of an export: calibrated on real images, dynamic shapes kept, both outputs
+of a joint graph, every graph measured against the fp32 torch model on held-back images, and the
+options' bad input as one line."""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import CAMVID, KITCHEN, TINY, needs
+
+from dptune.labels import LabelSet
+
+pytest.importorskip("onnxruntime")
+pytestmark = [needs(CAMVID), needs(KITCHEN)]
+
+SEG_IMAGES = "val/0016E5_079*.jpg"  # 21 CamVid frames
+DEPTH_IMAGES = "val/rgb/frame-0006[0-3]*.jpg"  # 20 7-Scenes frames
+DEPTH_TINY = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+
+
+def seg_data(root: Path = CAMVID) -> dict:
+    return {"root": str(root), "labels": "labels.yaml", "source": "folder",
+            "splits": {"val": {"images": SEG_IMAGES, "masks": "valannot/{stem}.png"}}}
+
+
+def depth_data() -> dict:
+    return {"root": str(KITCHEN), "depth_scale": 1000,
+            "splits": {"val": {"images": DEPTH_IMAGES, "depth": "val/depth/{stem}.png"}}}
+
+
+def write_config(path: Path, data: dict, task: str = "segmentation") -> Path:
+    path.write_text(yaml.safe_dump({"task": task, "data": data}))
+    return path
+
+
+@pytest.fixture(scope="module")
+def sources(tmp_path_factory):
+    """Tiny random DPTs: a CamVid segmentation directory, a 7-Scenes depth directory, and a joint
+    checkpoint inside a run folder (``RUN/checkpoints/last.ckpt`` beside ``RUN/config.yaml``)."""
+    from dptune.tasks.depth import DepthModule
+    from dptune.tasks.multitask import MultiTaskModule
+    from dptune.tasks.segmentation import SegmentationModule
+
+    root = tmp_path_factory.mktemp("src")
+    labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
+    torch.manual_seed(0)
+    seg = SegmentationModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64).eval()
+    seg.model.save_pretrained(root / "seg")
+    seg.image_processor().save_pretrained(root / "seg")
+    (root / "seg" / "dptune.json").write_text(json.dumps({"labels": labels.to_dict()}))
+    depth = DepthModule(config=dict(DEPTH_TINY), image_size=64, max_depth=10.0).eval()
+    depth.model.save_pretrained(root / "depth")
+    depth.image_processor().save_pretrained(root / "depth")
+    (root / "depth" / "dptune.json").write_text(json.dumps({"task": "depth", **depth.task_metadata()}))
+    joint = MultiTaskModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64, max_depth=10.0).eval()
+    ckpt = {"state_dict": joint.state_dict(), "hyper_parameters": dict(joint.hparams)}
+    joint.on_save_checkpoint(ckpt)
+    (root / "run" / "checkpoints").mkdir(parents=True)
+    torch.save(ckpt, root / "run" / "checkpoints" / "last.ckpt")
+    write_config(root / "run" / "config.yaml", {"segmentation": seg_data(), "depth": depth_data()}, "multitask")
+    return {"seg": root / "seg", "depth": root / "depth", "joint": root / "run" / "checkpoints" / "last.ckpt",
+            "seg_config": write_config(root / "seg.yaml", seg_data()),
+            "depth_config": write_config(root / "depth.yaml", depth_data(), "depth")}
+
+
+def export_cli(capsys, *argv) -> tuple[int, list[str]]:
+    from dptune.export import main
+
+    rc = main([str(a) for a in argv])
+    err = capsys.readouterr().err.replace("\r", "\n").splitlines()
+    return rc, [ln for ln in err if ln.startswith("error")]
+
+
+def run(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
+    from dptune.export.ort import OnnxGraph
+
+    return OnnxGraph(path)(x)
+
+
+def quantized_nodes(path: Path) -> int:
+    import onnx
+
+    return sum(n.op_type == "QuantizeLinear" for n in onnx.load(str(path)).graph.node)
+
+
+@pytest.fixture(scope="module")
+def seg_export(sources, tmp_path_factory):
+    from dptune.export import export
+    from dptune.export.serving import ServingOptions
+
+    out = tmp_path_factory.mktemp("exports") / "seg"
+    with torch.no_grad():
+        export(str(sources["seg"]), out, serving=ServingOptions(int8=True, fp16=True, data=str(sources["seg_config"]),
+                                                                count=6))
+    return out
+
+
+def test_segmentation_int8_and_fp16_graphs_are_written_measured_and_keep_dynamic_shapes(seg_export):
+    out = seg_export
+    for name in ("model.onnx", "model_int8.onnx", "model_fp16.onnx"):
+        assert (out / name).is_file(), name
+    assert quantized_nodes(out / "model_int8.onnx") > 10
+    assert quantized_nodes(out / "model.onnx") == 0
+    # dynamic batch, height and width survive quantization and the fp16 conversion
+    x = np.random.default_rng(0).standard_normal((2, 3, 64, 96)).astype(np.float32)
+    ref = run(out / "model.onnx", x)["logits"]
+    for name in ("model_int8.onnx", "model_fp16.onnx"):
+        got = run(out / name, x)["logits"]
+        assert got.shape == ref.shape == (2, 11, 64, 96) and got.dtype == np.float32
+        assert np.corrcoef(got.ravel(), ref.ravel())[0, 1] > 0.9, name  # the same function, less precisely
+
+    meta = json.loads((out / "dptune.json").read_text())["serving"]
+    int8 = meta["graphs"]["int8"]
+    assert int8["calibration_images"] == 6 and int8["kept_float_nodes"]  # boundary convs / attention kept float
+    seg = meta["measured"]["segmentation"]
+    assert seg["images"] == 21 - 6  # the held-back part: never the calibration images
+    assert {"torch", "fp32", "int8", "fp16"} <= set(seg)
+    assert seg["fp32"]["agreement_with_torch"] > 0.999 and abs(seg["fp32"]["mIoU"] - seg["torch"]["mIoU"]) < 1e-3
+    assert 0 <= seg["int8"]["mIoU"] <= 1 and "mIoU_relative_change" in seg["int8"]
+    card = (out / "README.md").read_text()
+    assert "## ONNX graphs for serving" in card and "model_int8.onnx" in card and "| int8 |" in card
+    assert f"Segmentation, {seg['images']} held-back images" in card
+
+
+def test_the_measured_figures_are_what_the_graphs_score(seg_export, sources):
+    """The card's int8 figures are reproduced by scoring the graph directly on the held-back images."""
+    from transformers import AutoImageProcessor
+
+    from dptune.export.serving_data import prepare, serving_data
+    from dptune.metrics.segmentation import metrics_from_confmat
+
+    data = serving_data(str(sources["seg"]), "segmentation", str(sources["seg_config"]), count=6)
+    part = data.tasks["segmentation"]
+    assert not set(part.fit) & set(part.held)
+    labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
+    proc = AutoImageProcessor.from_pretrained(seg_export)
+    conf = torch.zeros(11, 11, dtype=torch.long)
+    for i in part.held:
+        image, raw, name = part.source.load(i)
+        mask = torch.from_numpy(labels.encode(raw, name).astype(np.int64))
+        logits = torch.from_numpy(run(seg_export / "model_int8.onnx", prepare(proc, image))["logits"])
+        pred = torch.nn.functional.interpolate(logits, size=mask.shape, mode="bilinear")[0].argmax(0)
+        ok = mask != 255
+        conf += torch.bincount(mask[ok] * 11 + pred[ok], minlength=121).reshape(11, 11)
+    recorded = json.loads((seg_export / "dptune.json").read_text())["serving"]["measured"]["segmentation"]["int8"]
+    assert float(metrics_from_confmat(conf)["mIoU"]) == pytest.approx(recorded["mIoU"], abs=1e-6)
+
+
+def test_depth_int8_graph_is_measured_by_absrel_and_the_card_says_what_values_mean(sources, tmp_path):
+    from dptune.export import export
+    from dptune.export.serving import ServingOptions
+
+    out = tmp_path / "depth"
+    with torch.no_grad():
+        export(str(sources["depth"]), out, serving=ServingOptions(int8=True, data=str(sources["depth_config"]), count=4))
+    x = np.random.default_rng(1).standard_normal((1, 3, 96, 64)).astype(np.float32)
+    assert run(out / "model_int8.onnx", x)["predicted_depth"].shape == (1, 96, 64)
+    depth = json.loads((out / "dptune.json").read_text())["serving"]["measured"]["depth"]
+    assert depth["images"] == 20 - 4 and {"abs_rel", "delta1"} <= set(depth["int8"])
+    assert depth["fp32"]["rel_difference_to_torch"] < 1e-4
+    card = (out / "README.md").read_text()
+    assert "| model | AbsRel | delta1 |" in card and "## What the depth values mean" in card
+    assert "metres" in card and "no per-pixel uncertainty" in card
+
+
+def test_joint_int8_graph_gives_both_outputs_and_each_part_records_its_task(sources, tmp_path, capsys):
+    """From a run's checkpoint: the validation splits come from the run's config.yaml by default."""
+    out = tmp_path / "joint"
+    rc, err = export_cli(capsys, sources["joint"], out, "--int8", "--calibration-count", "8")
+    assert rc == 0, err
+    x = np.random.default_rng(2).standard_normal((2, 3, 64, 96)).astype(np.float32)
+    got = run(out / "model_int8.onnx", x)
+    assert got["logits"].shape == (2, 11, 64, 96) and got["predicted_depth"].shape == (2, 64, 96)
+    seg = json.loads((out / "segmentation" / "dptune.json").read_text())["serving"]
+    depth = json.loads((out / "depth" / "dptune.json").read_text())["serving"]
+    assert "mIoU" in seg["measured"]["segmentation"]["int8"] and "depth" not in seg["measured"]
+    assert "abs_rel" in depth["measured"]["depth"]["int8"] and seg["graphs_in"] == ".."
+    card = (out / "README.md").read_text()
+    assert "Segmentation, " in card and "Depth, " in card
+
+
+def test_bad_calibration_input_is_one_line(sources, tmp_path, capsys):
+    seg, cfg = sources["seg"], sources["seg_config"]
+    rc, err = export_cli(capsys, seg, tmp_path / "a", "--int8", "--data", cfg, "--calibration-images",
+                         str(tmp_path / "nothing" / "*.jpg"))
+    assert rc == 2 and len(err) == 1 and "no images match" in err[0] and "nothing" in err[0], err
+    few = tmp_path / "few"
+    few.mkdir()
+    for p in sorted(CAMVID.glob("val/0016E5_08*.jpg"))[:2]:
+        (few / p.name).symlink_to(p)
+    rc, err = export_cli(capsys, seg, tmp_path / "b", "--int8", "--data", cfg, "--calibration-images",
+                         str(few / "*.jpg"))
+    assert rc == 2 and len(err) == 1 and "2 images match" in err[0] and "at least" in err[0], err
+    rc, err = export_cli(capsys, seg, tmp_path / "c", "--int8")  # an exported directory has no run config
+    assert rc == 2 and len(err) == 1 and "--data" in err[0], err
+    rc, err = export_cli(capsys, sources["depth"], tmp_path / "d", "--calibrate-temperature", "--data",
+                         sources["depth_config"])
+    assert rc == 2 and len(err) == 1 and "depth model" in err[0], err
+    rc, err = export_cli(capsys, seg, tmp_path / "e", "--data", cfg)
+    assert rc == 2 and len(err) == 1 and "--int8" in err[0], err
+    assert not any((tmp_path / d).exists() for d in "abcde")
+
+
+def test_a_missing_onnxruntime_says_how_to_install_it(sources, tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "onnxruntime", None)  # import fails as if not installed
+    rc, err = export_cli(capsys, sources["seg"], tmp_path / "out", "--int8", "--data", sources["seg_config"])
+    assert rc == 2 and len(err) == 1 and "dptune[onnx]" in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
+def test_calibration_images_from_a_glob_are_left_out_of_the_held_back_part(sources):
+    from dptune.export.serving_data import serving_data
+
+    glob = str(CAMVID / "val" / "0016E5_0796*.jpg")
+    data = serving_data(str(sources["seg"]), "segmentation", str(sources["seg_config"]), glob, count=32)
+    chosen = {Path(p).resolve() for p in data.calibration}
+    assert len(chosen) == len(list(CAMVID.glob("val/0016E5_0796*.jpg"))) >= 4
+    held = {Path(data.tasks["segmentation"].image(i)).resolve() for i in data.tasks["segmentation"].held}
+    assert held and not held & chosen
