@@ -21,6 +21,8 @@ from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import Checkpoint, LRMonitor, ProgressLog, ValidationVisuals
 from dptune.training.hardware import DPTuneTrainer
 
+log = logging.getLogger(__name__)
+
 DEFAULT_ROOT = "runs/dptune"
 
 
@@ -147,6 +149,51 @@ def task_from_args(args: list[str]) -> str:
     return task
 
 
+# modules whose classes a saved run config may name, and where they live now
+MOVED = {"dptune.callbacks.": "dptune.training.callbacks.", "dptune.strategies.": "dptune.training.strategies.",
+         "dptune.hardware.": "dptune.training.hardware."}
+PARSER_MODE = "dptune"
+SAID: set[str] = set()  # moved names already warned about in this process
+
+
+def renamed(value: Any, said: set[str]) -> Any:
+    """``value`` with class paths of ``MOVED`` modules spelled where they live now; one warning per
+    old name (``said``: the names already warned about)."""
+    if isinstance(value, dict):
+        return {k: renamed(v, said) for k, v in value.items()}
+    if isinstance(value, list):
+        return [renamed(v, said) for v in value]
+    if isinstance(value, str):
+        for old, new in MOVED.items():
+            if value.startswith(old):
+                now = new + value[len(old):]
+                if value not in said:
+                    said.add(value)
+                    log.warning("%s has moved to %s; read as that (update the config to silence this)", value, now)
+                return now
+    return value
+
+
+def renamed_args(args: list[str], said: set[str]) -> list[str]:
+    """Command-line values naming a moved class (``--trainer.strategy dptune.strategies.X`` or
+    ``--trainer.strategy=...``) renamed as a config's are; jsonargparse keeps a value it cannot
+    import as a plain string, so these are renamed before it reads them."""
+    out = []
+    for arg in args:
+        key, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
+        out.append(f"{key}{eq}{renamed(value, said)}" if (eq or not key) else arg)
+    return out
+
+
+def register_loader() -> None:
+    """jsonargparse's YAML loader, for config files and command-line values alike, with moved class
+    paths renamed (``renamed``)."""
+    from jsonargparse import get_loader, set_loader
+
+    plain = get_loader("yaml")
+    set_loader(PARSER_MODE, lambda text: renamed(plain(text), SAID), exceptions=(yaml.YAMLError,))
+
+
 class DPTuneCLI(LightningCLI):
     @staticmethod
     def subcommands() -> dict[str, set[str]]:
@@ -156,6 +203,9 @@ class DPTuneCLI(LightningCLI):
     def __init__(self, *args: Any, task: str = "segmentation", **kwargs: Any) -> None:
         self.task = task
         kwargs.setdefault("trainer_class", DPTuneTrainer)  # precision: auto resolved for the machine
+        register_loader()
+        mode = {"parser_mode": PARSER_MODE}
+        kwargs.setdefault("parser_kwargs", {**mode, **{sub: mode for sub in self.subcommands()}})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -236,6 +286,7 @@ def main(args: list[str] | None = None) -> int:
               "RUN/checkpoints/last.ckpt --images 'photos/*.jpg' --out preds", file=sys.stderr)
         return 2
     try:
+        argv = renamed_args(argv, SAID)
         task = task_from_args(argv)
         model_class, data_class = task_classes(task)
         DPTuneCLI(
@@ -246,7 +297,7 @@ def main(args: list[str] | None = None) -> int:
             seed_everything_default=0,
             save_config_callback=LoggedSaveConfig,
             save_config_kwargs={"overwrite": True},
-            args=args,
+            args=argv,
         )
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
