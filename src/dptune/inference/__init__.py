@@ -1,25 +1,8 @@
 """Prediction with a trained model: ``windows`` (whole-image and sliding-window logits, test-time
-augmentation), ``loading`` (one path from a dptune checkpoint or an exported directory to a model
-part, its image processor and ``Preprocessing`` spec), ``predictor`` (segmentation) and
-``depth_predictor`` (depth).
+augmentation; the tasks' sliding-window validation uses it too), ``loading`` (one path from a dptune
+checkpoint or an exported directory to a model part, its image processor and ``Preprocessing``
+spec), ``predictor`` (segmentation: ``from dptune.inference.predictor import Predictor``) and
+``depth_predictor`` (depth: ``DepthPredictor``).
 
-``from dptune.inference import Predictor, DepthPredictor`` works; the predictors are imported on
-first use, so the training code that needs only ``windows`` does not load them."""
-
-from __future__ import annotations
-
-from typing import Any
-
-__all__ = ["DepthPredictor", "Predictor"]
-
-
-def __getattr__(name: str) -> Any:
-    if name == "Predictor":
-        from dptune.inference.predictor import Predictor
-
-        return Predictor
-    if name == "DepthPredictor":
-        from dptune.inference.depth_predictor import DepthPredictor
-
-        return DepthPredictor
-    raise AttributeError(f"module 'dptune.inference' has no attribute {name!r}")
+This file imports nothing: the tasks import ``windows`` without loading the predictors, which read
+checkpoints through the tasks."""

@@ -119,12 +119,40 @@ def summary(title: str) -> str:
     return help_text(title)
 
 
-def options(parser) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
+def declared_types(task: str) -> dict[str, Any]:
+    """``section.option`` -> the type its class declares (``__init__``'s hints), for the sections
+    dptune defines: what the CLI builds each option from, read with ``typing``."""
+    import typing
+
+    from lightning.pytorch import Trainer
+    from lightning.pytorch.cli import LightningCLI
+
+    from dptune import cli
+
+    model_class, data_class = cli.task_classes(task)
+    found: dict[str, Any] = {}
+    for section, cls in (("model", model_class), ("data", data_class), ("progress", cli.ProgressLog),
+                         ("checkpoint", cli.Checkpoint), ("trainer", cli.DPTuneTrainer)):
+        for klass in reversed(cls.__mro__):  # a subclass's hint wins over its base's
+            if "__init__" in vars(klass):
+                try:
+                    hints = typing.get_type_hints(klass.__init__)
+                except (NameError, TypeError):
+                    continue
+                found.update({f"{section}.{k}": v for k, v in hints.items() if k != "return"})
+    # the top-level options: the trainer method's, the seed's and the optimizer's (LightningCLI's own)
+    fit, optim = typing.get_type_hints(Trainer.fit), typing.get_type_hints(LightningCLI.configure_optimizers)
+    found.update(ckpt_path=fit["ckpt_path"], weights_only=fit["weights_only"],
+                 seed_everything=typing.get_type_hints(LightningCLI.__init__)["seed_everything_default"],
+                 optimizer=optim["optimizer"] | None, lr_scheduler=optim["lr_scheduler"])
+    return found
+
+
+def options(parser, types: dict[str, Any]) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
     """dest -> {type, default, help, link} for every settable option (help and config actions left
     out; linked options, filled in from another setting, carry ``link``), and section -> the title
     of its group (the first line of its class's docstring)."""
     from jsonargparse import ActionConfigFile
-    from jsonargparse._typehints import ActionTypeHint
 
     found: dict[str, dict[str, Any]] = {}
     titles: dict[str, str] = {}
@@ -140,8 +168,8 @@ def options(parser) -> tuple[dict[str, dict[str, Any]], dict[str, str]]:
             if (not action.option_strings or action.help == argparse.SUPPRESS or action.default == argparse.SUPPRESS
                     or isinstance(action, ActionConfigFile) or kind.startswith(("_Help", "_ActionHelp", "_ActionPrint"))):
                 continue
-            if isinstance(action, ActionTypeHint):
-                typ = type_name(action._typehint)
+            if action.dest in types:
+                typ = type_name(types[action.dest])
             elif action.choices:
                 typ = " | ".join(map(str, action.choices))
             else:
@@ -180,7 +208,7 @@ def entry(name: str, opt: dict[str, Any], defaults: dict[str, Any] | None = None
 
 
 def render() -> str:
-    parsed = {task: options(fit_parser(task)) for task in TASKS}
+    parsed = {task: options(fit_parser(task), declared_types(task)) for task in TASKS}
     per_task = {task: found for task, (found, _) in parsed.items()}
     titles = {section: summary(title) for section, title in parsed["segmentation"][1].items()}
     lightning = lightning_defaults()
