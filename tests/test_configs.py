@@ -62,7 +62,7 @@ def test_dubai_config_builds(tiny_config_path):
     cli = build(["--config", str(REPO / "configs" / "dubai.yaml"), "--data.root", str(DUBAI),
                  "--model.config", str(tiny_config_path), "--trainer.logger", "false"])
     assert cli.datamodule.label_set.mask_format == "rgb" and cli.model.num_classes == 6
-    ds = cli.datamodule._dataset("val")
+    ds = cli.datamodule.dataset("val")
     assert len(ds) == 9
 
 

@@ -51,7 +51,7 @@ def test_dubai_layout_with_spaces_and_rgb_masks():
     dm = SegmentationDataModule(
         root=str(DUBAI), splits={"val": {"images": "Tile 6/images/*.jpg", "masks": "{dir}/../masks/{stem}.png"}},
         image_size=64, batch_size=2, num_workers=0, check=False)
-    ds = dm._dataset("val")
+    ds = dm.dataset("val")
     assert len(ds) == 9
     item = ds[0]
     assert item["image"].shape == (3, 64, 64)
@@ -87,9 +87,9 @@ def test_one_collate_pads_images_masks_and_depth_each_with_its_own_no_label():
 def test_synthetic_source_is_seeded():
     dm = SegmentationDataModule(source="synthetic", splits={"train": {"count": 4, "seed": 3, "size": [64, 64]}},
                                 image_size=64, num_workers=0, check=False)
-    a = dm._dataset("train").source.load(2)
+    a = dm.dataset("train").source.load(2)
     b = SegmentationDataModule(source="synthetic", splits={"train": {"count": 4, "seed": 3, "size": [64, 64]}},
-                               image_size=64, num_workers=0, check=False)._dataset("train").source.load(2)
+                               image_size=64, num_workers=0, check=False).dataset("train").source.load(2)
     assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
     assert dm.label_set.names == ["background", "disc", "box", "triangle"]
 
@@ -125,7 +125,7 @@ def test_hf_dataset_from_disk_with_reduce_labels(tmp_path):
     assert val["mask"].shape[-2:] == (48, 64)
     with pytest.raises(DataError, match="no column 'label'"):
         SegmentationDataModule(source="hf", hf={"dataset": str(path)}, labels={"names": ["a"]},
-                               splits={"train": {"split": "train"}}, num_workers=0)._dataset("train")
+                               splits={"train": {"split": "train"}}, num_workers=0).dataset("train")
 
 
 def _broken_copy(tmp_path):
@@ -204,18 +204,18 @@ def test_disk_cache_serves_the_decoded_samples_and_follows_file_changes(tmp_path
     kw = dict(root=str(root), splits={"train": {"images": "train/*.jpg", "masks": "trainannot/{stem}.png"}},
               image_size=64, num_workers=0, cache="disk", cache_dir=str(tmp_path / "cache"))
     before = sorted(p.name for p in root.rglob("*"))
-    ds = SegmentationDataModule(**kw)._dataset("train")
+    ds = SegmentationDataModule(**kw).dataset("train")
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 6
     assert sorted(p.name for p in root.rglob("*")) == before  # nothing written beside the data
-    plain = SegmentationDataModule(**{**kw, "cache": False})._dataset("train")
+    plain = SegmentationDataModule(**{**kw, "cache": False}).dataset("train")
     for i in range(3):
         a, b = ds.load(i), plain.load(i)
         assert np.array_equal(a[0], b[0]) and np.array_equal(a[1], b[1])
-    again = SegmentationDataModule(**kw)._dataset("train")
+    again = SegmentationDataModule(**kw).dataset("train")
     assert all(i in again.cache for i in range(3))
     mask = root / "trainannot" / f"{Path(again.source.images[1]).stem}.png"
     os.utime(mask, ns=(1, 1))
-    third = SegmentationDataModule(**kw)._dataset("train")  # re-checked and re-written
+    third = SegmentationDataModule(**kw).dataset("train")  # re-checked and re-written
     assert len(list((tmp_path / "cache").rglob("*.npy"))) == 8
     assert all(i in third.cache for i in range(3))
 

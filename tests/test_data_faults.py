@@ -203,7 +203,7 @@ def test_a_depth_split_with_negative_values_stops_before_training_or_reads_them_
     dm = DepthDataModule(root=str(root), image_size=64, num_workers=0, splits=splits, negative_depth="invalid")
     with caplog.at_level(logging.INFO, logger="dptune"):
         dm.setup("fit")
-    assert len(dm._dataset("train")) == 3
+    assert len(dm.dataset("train")) == 3
     assert any("negative_depth" in r.getMessage() for r in caplog.records)
 
 

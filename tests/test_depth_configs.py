@@ -79,7 +79,7 @@ def test_nyu_recipe_on_a_hugging_face_stand_in(tmp_path):
                  "--model.pretrained", stand_in(tmp_path), "--data.image_size", "96", *COMMON,
                  "--trainer.default_root_dir", str(tmp_path / "run")])
     assert cli.model.hparams.eval_crop == "eigen"
-    sample = cli.datamodule._dataset("val").load(0)[1]
+    sample = cli.datamodule.dataset("val").load(0)[1]
     ref = np.asarray(Image.open(DEPTH_FORMATS / "nyu" / "depth" / "sync_depth_00000.png")).astype(np.float32) / 1000
     assert torch.allclose(torch.from_numpy(sample), torch.from_numpy(ref))
     one_step(cli)

@@ -185,7 +185,7 @@ def test_sources_map_their_label_sets_by_name_and_a_source_may_carry_both_labels
             depth, mask = item["depth"].numpy(), item["mask"].numpy()
             expected = np.where(depth == 0, 255, np.where(depth < 1.5, names.index("Near"), names.index("Far")))
             assert np.array_equal(mask, expected) and (depth > 0).mean() > 0.5
-    dubai_ds = dm.sources[1].dm._dataset("train")
+    dubai_ds = dm.sources[1].dm.dataset("train")
     image, mask = dubai_ds.load(dubai_ds.indices[0])
     from dptune.data.sources import read_mask
 

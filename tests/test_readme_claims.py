@@ -1378,7 +1378,7 @@ def test_each_process_draws_its_own_augmentations(monkeypatch):
         dm = DepthDataModule(root=str(KITCHEN), splits={"train": {"images": "train/rgb/frame-00000[0-1].jpg",
                                                                   "depth": "train/depth/{stem}.png"}},
                              depth_scale=1000, image_size=64, check=False, num_workers=0)
-        t = dm._dataset("train").transform
+        t = dm.dataset("train").transform
         return out + [t(image=image, depth=depth)["image"] for _ in range(3)]
 
     rank0, again, rank1 = draws(0), draws(0), draws(1)

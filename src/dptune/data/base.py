@@ -231,7 +231,7 @@ class SplitDataModule(pl.LightningDataModule):
     the loader settings, the datasets a stage needs, built and checked in ``setup``, and the loaders
     (``make_loader``, ``collate``; a stream shuffles itself and is already this process's part). A
     subclass calls ``init_splits_and_loaders`` from its ``__init__`` and builds a split's dataset
-    in ``_dataset(stage)``; ``config_path`` is where its settings sit in the config."""
+    in ``dataset(stage)``; ``config_path`` is where its settings sit in the config."""
 
     config_path = "data"
 
@@ -248,14 +248,14 @@ class SplitDataModule(pl.LightningDataModule):
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory
         self.persistent_workers = persistent_workers and self.num_workers > 0
 
-    def _dataset(self, stage: str):
+    def dataset(self, stage: str):
         raise NotImplementedError
 
     def setup(self, stage: str | None = None) -> None:
-        setup_splits(self.splits, stage, self._dataset, self.trainer, self.config_path)
+        setup_splits(self.splits, stage, self.dataset, self.trainer, self.config_path)
 
     def _loader(self, stage: str) -> DataLoader:
-        ds = self._dataset(stage)
+        ds = self.dataset(stage)
         size = self.batch_size if stage == "train" else self.val_batch_size
         return make_loader(ds, stage, size, self.trainer, self.num_workers, self.pin_memory, self.persistent_workers,
                            collate, streaming=isinstance(ds, IterableDataset))

@@ -170,7 +170,7 @@ class SegmentationDataModule(SplitDataModule):
             seed=stream_seed(), rank=trainer.global_rank if trainer else 0, world_size=trainer.world_size if trainer else 1,
         )
 
-    def _dataset(self, stage: str) -> SegmentationDataset | StreamingSegmentation:
+    def dataset(self, stage: str) -> SegmentationDataset | StreamingSegmentation:
         if stage in self.datasets:
             return self.datasets[stage]
         if stage not in self.splits:

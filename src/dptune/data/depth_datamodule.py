@@ -136,7 +136,7 @@ class DepthDataModule(SplitDataModule):
             raise DataError(f"data.splits.{stage}: {e}") from None
         raise DataError(f"data.source must be folder or hf, got {self.source_kind!r}")
 
-    def _dataset(self, stage: str) -> DepthDataset:
+    def dataset(self, stage: str) -> DepthDataset:
         if stage in self.datasets:
             return self.datasets[stage]
         if stage not in self.splits:

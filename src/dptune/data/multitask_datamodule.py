@@ -235,7 +235,7 @@ class MultiTaskDataModule(pl.LightningDataModule):
             self._logged_classes = True
 
     def train_dataloader(self) -> DataLoader:
-        datasets = [s.dm._dataset("train") for s in self.sources]
+        datasets = [s.dm.dataset("train") for s in self.sources]
         data = JointTrainSet(datasets)
         sampler = None
         if self.sources[0].weight is not None:

@@ -83,7 +83,7 @@ def time_loader(opts: dict[str, Any]) -> dict[str, Any]:
     if opts["cache"] == "disk":
         data["cache_dir"] = os.path.join(opts["tmp"], "cache")
     dm = SegmentationDataModule(**data)
-    ds = dm._dataset("train")  # with a cache this decodes every sample once (and writes it), as train.py does
+    ds = dm.dataset("train")  # with a cache this decodes every sample once (and writes it), as train.py does
     if opts["pipeline"] == "pil":
         src = ds.source
         ds = PILPipeline(list(zip(src.images, src.masks, strict=True)), dm.label_set, dm.crop_size[0],
