@@ -206,6 +206,10 @@ def _max_batch(opts: dict[str, Any]) -> dict[str, Any]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    if any(a == "--infer" or a.startswith("--infer=") for a in (sys.argv[1:] if argv is None else argv)):
+        from dptune.tools.infer_bench import main as infer_main  # inference speed of an export instead
+
+        return infer_main(argv)
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--model", default="dpt-bench-tiny", help=f"preset {sorted(PRESETS)} or a DPTConfig JSON")
     ap.add_argument("--num-labels", type=int, default=None, help="classes (default: the config's)")
