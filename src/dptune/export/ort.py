@@ -96,3 +96,27 @@ def find_graph(model_dir: str | Path, precision: str = "fp32") -> Path:
             return d / GRAPHS[precision]
     flag = {"fp32": "--onnx", "int8": "--int8", "fp16": "--onnx-fp16"}[precision]
     raise ConfigError(f"{p}: no {GRAPHS[precision]} (export with {flag} to write it)")
+
+
+BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-fp16")
+
+
+def backend_graph(ref: str, backend: str = "torch", device: str = "cpu") -> OnnxGraph | None:
+    """The ONNX graph ``predict`` / ``evaluate --backend`` run instead of the torch model (None for
+    ``torch``): ``onnx`` is the export's ``model.onnx``, ``onnx-int8`` / ``onnx-fp16`` its other graphs."""
+    if backend in (None, "torch"):
+        return None
+    if backend not in BACKENDS:
+        raise ConfigError(f"--backend {backend}: one of {', '.join(BACKENDS)}")
+    if not Path(ref).is_dir():
+        raise ConfigError(f"--backend {backend}: {ref} is not an exported directory; the ONNX backend runs an "
+                          "export's graph (scripts/export.py --onnx / --int8 / --onnx-fp16)")
+    require_onnxruntime(f"--backend {backend}")
+    precision = backend.partition("-")[2] or "fp32"
+    providers = None
+    if str(device).startswith("cuda"):
+        import onnxruntime as ort
+
+        if "CUDAExecutionProvider" in ort.get_available_providers():
+            providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    return OnnxGraph(find_graph(ref, precision), providers=providers)

@@ -331,7 +331,8 @@ def prepare_serving(src: str, task: str, options: ServingOptions) -> ServingData
     """The data the options need (None when they need none)."""
     if not options.needs_data:
         return None
-    return serving_data(src, task, options.data, options.calibration_images, options.count)
+    return serving_data(src, task, options.data, options.calibration_images, options.count,
+                        fit_part=options.temperature)
 
 
 # ------------------------------------------------------------------------------- the export's hooks

@@ -130,9 +130,11 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def serving_data(src: str, task: str, data_config: str | None = None, pattern: str | None = None,
-                 count: int = DEFAULT_COUNT) -> ServingData:
+                 count: int = DEFAULT_COUNT, fit_part: bool = True) -> ServingData:
     """The calibration images and validation splits of an export of ``task`` (segmentation, depth,
-    multitask) from ``src``: its run's ``config.yaml`` unless ``data_config`` names another."""
+    multitask) from ``src``: its run's ``config.yaml`` unless ``data_config`` names another. With a
+    ``pattern`` and no need of a ``fit_part`` (no temperature to fit), every split image the pattern
+    does not match is held back."""
     if count < MIN_IMAGES:
         raise CalibrationError(f"--calibration-count {count}: calibration needs at least {MIN_IMAGES} images")
     config = Path(data_config) if data_config else run_config(src)
@@ -153,7 +155,9 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
         calibration = glob_images(pattern, count)
         chosen = {os.path.realpath(p) for p in calibration}
         for d in tasks.values():  # the held-back images are never calibration ones
-            d.held = [i for i in d.held if os.path.realpath(d.image(i)) not in chosen]
+            pool = d.held if fit_part else list(range(len(d.source)))
+            held = [i for i in pool if os.path.realpath(d.image(i)) not in chosen]
+            d.held = [held[i] for i in spread(len(held), MAX_HELD)]
             if not d.held:
                 raise CalibrationError(f"--calibration-images {pattern}: takes every held-back {d.task} image of "
                                        f"{config}; leave some validation images out of it")

@@ -20,6 +20,7 @@ class DepthPredictor:
     processor: object
     device: torch.device
     meta: dict = field(default_factory=dict)  # mode, units, min/max depth, alignment, eval crop
+    graph: object = None  # an ONNX graph run instead of ``model`` (--backend onnx; see dptune.export.ort)
 
     @property
     def mode(self) -> str:
@@ -31,12 +32,18 @@ class DepthPredictor:
         return Preprocessing.from_processor(self.processor)
 
     @classmethod
-    def load(cls, ref: str, device: str = "cpu", trust_remote_code: bool = False) -> DepthPredictor:
+    def load(cls, ref: str, device: str = "cpu", trust_remote_code: bool = False,
+             backend: str = "torch") -> DepthPredictor:
         """``ref``: a dptune depth ``.ckpt`` or a directory written by ``scripts/export.py``; of a
-        segmentation + depth model, its depth part (see ``dptune.inference.loading.load_part``)."""
+        segmentation + depth model, its depth part (see ``dptune.inference.loading.load_part``).
+        ``backend``: ``torch``, or ``onnx`` / ``onnx-int8`` / ``onnx-fp16`` to run the export's graph
+        (``predicted_depth`` output)."""
+        from dptune.export.ort import backend_graph
+
+        graph = backend_graph(ref, backend, device)
         dev = torch.device(device)
         part = load_part(ref, "depth", trust_remote_code)
-        return cls(part.model.eval().to(dev), part.processor, dev, part.meta)
+        return cls(part.model.eval().to(dev), part.processor, dev, part.meta, graph)
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
@@ -44,8 +51,10 @@ class DepthPredictor:
         h, w = image.shape[:2]
         # channels last said, not guessed (transformers guesses channels first for an image 1 or 3 pixels tall)
         x = self.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
-        x = x.to(self.device)
-        depth = depth_forward(self.model, x).float().cpu()
+        if self.graph is not None:
+            depth = torch.from_numpy(self.graph(x)["predicted_depth"])
+        else:
+            depth = depth_forward(self.model, x.to(self.device)).float().cpu()
         out = self.processor.post_process_depth_estimation(_Outputs(depth), target_sizes=[(h, w)])
         # the post-processing squeezes: a map 1 pixel tall or wide would lose that axis
         return out[0]["predicted_depth"].numpy().astype(np.float32).reshape(h, w)

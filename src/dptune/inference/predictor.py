@@ -25,6 +25,7 @@ class Predictor:
     preprocessing: Preprocessing  # size (whole-image size, window size) and resample of every view
     device: torch.device
     processor: object = None  # the DPTImageProcessor: every view's rescale and normalisation, bit for bit
+    graph: object = None  # an ONNX graph run instead of ``model`` (--backend onnx; see dptune.export.ort)
 
     def __post_init__(self) -> None:
         if self.processor is None:
@@ -35,12 +36,16 @@ class Predictor:
         return self.preprocessing.size
 
     @classmethod
-    def load(cls, ref: str, device: str = "cpu", trust_remote_code: bool = False) -> Predictor:
+    def load(cls, ref: str, device: str = "cpu", trust_remote_code: bool = False, backend: str = "torch") -> Predictor:
         """``ref``: a dptune ``.ckpt`` or a directory written by ``scripts/export.py``; of a
-        segmentation + depth model, its segmentation part (see ``load_part``)."""
+        segmentation + depth model, its segmentation part (see ``load_part``). ``backend``: ``torch``,
+        or ``onnx`` / ``onnx-int8`` / ``onnx-fp16`` to run the export's graph (``logits`` output)."""
+        from dptune.export.ort import backend_graph
+
+        graph = backend_graph(ref, backend, device)
         dev = torch.device(device)
         part = load_part(ref, "segmentation", trust_remote_code)
-        return cls(part.model.eval().to(dev), part.labels, part.preprocessing, dev, part.processor)
+        return cls(part.model.eval().to(dev), part.labels, part.preprocessing, dev, part.processor, graph)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -50,6 +55,8 @@ class Predictor:
 
     @torch.no_grad()
     def normalized_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        if self.graph is not None:
+            return torch.from_numpy(self.graph(pixel_values)["logits"])
         return segment(self.model, pixel_values.to(self.device), with_aux=False)[0]
 
     def pixel_values(self, images: np.ndarray | torch.Tensor, resize: bool = True) -> torch.Tensor:

@@ -190,7 +190,8 @@ def predict_depth(args, paths: list[str], stems: list[str]) -> int:
     from dptune.inference.depth_predictor import DepthPredictor
 
     refuse_segmentation_options(args)
-    predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code,
+                                    backend=getattr(args, "backend", "torch"))
     metric = predictor.mode == "metric"
     k = cloud_intrinsics(args.intrinsics, metric)
     if mirror_note(args.flip):
@@ -226,7 +227,8 @@ def evaluate_depth(args) -> int:
                                negative=getattr(args, "negative_depth", "error"))
     if args.json:
         refuse_output(args.json, "--json", [*source.images, *source.depths], args, json_is_ours)
-    predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)
+    predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code,
+                                    backend=getattr(args, "backend", "torch"))
     align = args.alignment or predictor.meta.get("alignment") or ("none" if predictor.mode == "metric" else "lstsq")
     crop = args.eval_crop or predictor.meta.get("eval_crop") or "none"
     max_depth = args.max_depth if args.max_depth is not None else predictor.meta.get("max_depth")

@@ -175,6 +175,9 @@ def main(argv: list[str] | None = None) -> int:
                          "90-degree turns: 8 views, for imagery with no up such as aerial tiles)")
     ap.add_argument("--scales", default="1", help="comma-separated test scales, e.g. 0.75,1,1.25")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "onnx-fp16"], default="torch",
+                    help="run the export's ONNX graph instead of torch: onnx (model.onnx), onnx-int8 "
+                         "(model_int8.onnx), onnx-fp16 (model_fp16.onnx); --model must be an exported directory")
     ap.add_argument("--json", help="write the scores here (not among the inputs)")
     ap.add_argument("--confusion", help="write a row-normalised confusion-matrix picture here (.png; not among the "
                                         "inputs)")
@@ -208,7 +211,8 @@ def main(argv: list[str] | None = None) -> int:
                                     (args.confusion, "--confusion", confusion_is_ours)):
             if path:
                 refuse_output(path, flag, source_files(source), args, is_ours)
-        predictor = Predictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)
+        predictor = Predictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code,
+                                   backend=args.backend)
         scales = tuple(float(s) for s in args.scales.split(","))
         confmat = evaluate(predictor, source, labels, args.mode, args.flip, scales)
     except (DataError, OSError, ValueError) as e:

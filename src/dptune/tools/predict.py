@@ -77,6 +77,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--confidence", action="store_true", help="also write the top-class probability (masks)")
     ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "onnx-fp16"], default="torch",
+                    help="run the export's ONNX graph instead of torch: onnx (model.onnx), onnx-int8 "
+                         "(model_int8.onnx), onnx-fp16 (model_fp16.onnx); --model must be an exported directory")
     ap.add_argument("--intrinsics", help="depth and segmentation + depth models: fx,fy,cx,cy or a 3x3 camera "
                                          "matrix file; writes <stem>.ply")
     args = ap.parse_args(argv)
@@ -94,11 +97,16 @@ def main(argv: list[str] | None = None) -> int:
         if task == "multitask":
             from dptune.tools.multitask import predict_both
 
+            if args.backend != "torch":
+                raise ConfigError(f"--backend {args.backend}: give one part of the joint export ("
+                                  f"{args.model}/segmentation or {args.model}/depth); each runs the joint graph")
+
             return predict_both(args, paths, stems)
         scales = parse_scales(args.scales)
         if args.intrinsics:
             raise ConfigError("--intrinsics: point clouds need depth; this is a segmentation model")
-        predictor = Predictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code)
+        predictor = Predictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code,
+                                   backend=args.backend)
         out = prepare_out(args.out, [f for s in stems for f in mask_files(s, args.confidence)], args.overwrite)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)

@@ -1,0 +1,142 @@
+"""predict / evaluate --backend onnx: the export's graph gives the torch path's outputs (masks,
+confidence, depth maps) for the fp32 graph, and evaluate scores the INT8 graph as the card says."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+from conftest import CAMVID, KITCHEN, TINY, needs
+from PIL import Image
+
+from dptune.labels import LabelSet
+
+pytest.importorskip("onnxruntime")
+pytestmark = [needs(CAMVID), needs(KITCHEN)]
+
+EVAL_IMAGES = "val/0016E5_079[0-8]*.jpg"  # the split the card measures on (calibration images outside it)
+DEPTH_TINY = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+
+
+@pytest.fixture(scope="module")
+def exports(tmp_path_factory):
+    """A tiny CamVid segmentation export with model.onnx + model_int8.onnx (calibrated on other frames),
+    and a tiny 7-Scenes depth export with model.onnx."""
+    from dptune.export import export
+    from dptune.export.serving import ServingOptions
+    from dptune.tasks.depth import DepthModule
+    from dptune.tasks.segmentation import SegmentationModule
+
+    root = tmp_path_factory.mktemp("onnx-backend")
+    labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
+    torch.manual_seed(0)
+    seg = SegmentationModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64).eval()
+    seg.model.save_pretrained(root / "seg-src")
+    seg.image_processor().save_pretrained(root / "seg-src")
+    (root / "seg-src" / "dptune.json").write_text(json.dumps({"labels": labels.to_dict()}))
+    cfg = root / "data.yaml"
+    cfg.write_text(yaml.safe_dump({"data": {"root": str(CAMVID), "labels": "labels.yaml", "splits": {
+        "val": {"images": EVAL_IMAGES, "masks": "valannot/{stem}.png"}}}}))
+    depth = DepthModule(config=dict(DEPTH_TINY), image_size=64, max_depth=10.0).eval()
+    depth.model.save_pretrained(root / "depth-src")
+    depth.image_processor().save_pretrained(root / "depth-src")
+    (root / "depth-src" / "dptune.json").write_text(json.dumps({"task": "depth", **depth.task_metadata()}))
+    with torch.no_grad():
+        export(str(root / "seg-src"), root / "seg", serving=ServingOptions(
+            int8=True, data=str(cfg), calibration_images=str(CAMVID / "val" / "0016E5_08[01]*.jpg"), count=8))
+        export(str(root / "depth-src"), root / "depth", onnx=True)
+    return root
+
+
+def predict(*argv) -> int:
+    from dptune.tools.predict import main
+
+    return main([str(a) for a in argv])
+
+
+def test_predict_on_the_fp32_graph_writes_the_torch_masks_and_confidence(exports, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted(CAMVID.glob("val/0016E5_08*.jpg"))[:3]:
+        (images / p.name).symlink_to(p)
+    for backend in ("torch", "onnx"):
+        assert predict("--model", exports / "seg", "--images", images, "--out", tmp_path / backend,
+                       "--confidence", "--backend", backend) == 0
+    for p in sorted(images.iterdir()):
+        a = np.array(Image.open(tmp_path / "torch" / f"{p.stem}.png"))
+        b = np.array(Image.open(tmp_path / "onnx" / f"{p.stem}.png"))
+        assert a.shape == b.shape and (a == b).mean() > 0.999  # to rounding: a tie may break the other way
+        ca = np.array(Image.open(tmp_path / "torch" / f"{p.stem}_confidence.png")).astype(int)
+        cb = np.array(Image.open(tmp_path / "onnx" / f"{p.stem}_confidence.png")).astype(int)
+        assert np.abs(ca - cb).max() <= 1
+        assert (tmp_path / "onnx" / f"{p.stem}_overlay.png").is_file()
+
+
+def test_evaluate_on_the_int8_graph_gives_the_cards_figures(exports, tmp_path, capsys):
+    from dptune.tools.evaluate import main
+
+    out = tmp_path / "scores.json"
+    rc = main(["--model", str(exports / "seg"), "--root", str(CAMVID), "--images", EVAL_IMAGES, "--masks",
+               "valannot/{stem}.png", "--labels", "labels.yaml", "--backend", "onnx-int8", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    measured = json.loads((exports / "seg" / "dptune.json").read_text())["serving"]["measured"]["segmentation"]
+    scores = json.loads(out.read_text())
+    assert measured["images"] == scores["images"] == len(list(CAMVID.glob(EVAL_IMAGES)))
+    assert scores["mIoU"] == pytest.approx(measured["int8"]["mIoU"], abs=1e-6)
+    assert scores["pixel_acc"] == pytest.approx(measured["int8"]["pixel_acc"], abs=1e-6)
+
+
+def test_depth_predict_on_the_fp32_graph_writes_the_torch_depth_maps(exports, tmp_path):
+    images = tmp_path / "images"
+    images.mkdir()
+    for p in sorted(KITCHEN.glob("val/rgb/*.jpg"))[:2]:
+        (images / p.name).symlink_to(p)
+    for backend in ("torch", "onnx"):
+        assert predict("--model", exports / "depth", "--images", images, "--out", tmp_path / backend,
+                       "--backend", backend) == 0
+    written = sorted(p.name for p in (tmp_path / "torch").iterdir())
+    assert written == sorted(p.name for p in (tmp_path / "onnx").iterdir())
+    assert sum(n.endswith("_depth.png") for n in written) == 2, written
+    for name in written:
+        if name.endswith("_depth.png"):
+            a = np.array(Image.open(tmp_path / "torch" / name)).astype(int)
+            b = np.array(Image.open(tmp_path / "onnx" / name)).astype(int)
+            assert np.abs(a - b).max() <= 1, name
+
+
+def test_the_onnx_backend_needs_an_export_with_the_graph(exports, tmp_path, capsys):
+    image = sorted(CAMVID.glob("val/*.jpg"))[0]
+    assert predict("--model", exports / "depth", "--images", image, "--out", tmp_path / "a",
+                   "--backend", "onnx-int8") == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(err) == 1 and "model_int8.onnx" in err[0] and "--int8" in err[0], err
+    ckpt = tmp_path / "x.ckpt"
+    ckpt.write_bytes(b"")
+    from dptune.errors import ConfigError
+    from dptune.export.ort import backend_graph
+
+    with pytest.raises(ConfigError, match="not an exported directory"):
+        backend_graph(str(ckpt), "onnx")
+    assert not Path(tmp_path / "a").exists()
+
+
+def test_the_inference_benchmark_times_each_engine_and_says_what_it_ran_on(exports, tmp_path, capsys):
+    from dptune.tools.benchmark import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--infer", str(exports / "seg"), "--threads", "1", "--runs", "3", "--warmup", "1", "--batch", "2",
+                 "--engines", "eager,ort-fp32,ort-int8,ort-fp16", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert json.loads(capsys.readouterr().out) == got
+    assert got["threads"] == 1 and got["cpu"]["model"] and "onnxruntime" in got["versions"]
+    assert got["sizes"]["export"] == [64, 64] and got["sizes"]["non_square"][1] > 64
+    for engine in ("torch-eager", "ort-fp32", "ort-int8"):
+        row = got["engines"][engine]
+        assert 0 < row["export_size"]["p50_ms"] <= row["export_size"]["p95_ms"], engine
+        assert row["non_square"]["p50_ms"] > 0 and row["throughput"]["images_per_s"] > 0 and row["throughput"]["batch"] == 2
+    assert "skipped" in got["engines"]["ort-fp16"]  # no model_fp16.onnx in this export
+    assert got["int8_speedup_vs_fp32_batch1"] > 0
