@@ -117,7 +117,7 @@ def test_the_onnx_backend_needs_an_export_with_the_graph(exports, tmp_path, caps
     ckpt = tmp_path / "x.ckpt"
     ckpt.write_bytes(b"")
     from dptune.errors import ConfigError
-    from dptune.export.ort import backend_graph
+    from dptune.inference.onnx_runner import backend_graph
 
     with pytest.raises(ConfigError, match="not an exported directory"):
         backend_graph(str(ckpt), "onnx")

@@ -78,7 +78,7 @@ def export_cli(capsys, *argv) -> tuple[int, list[str]]:
 
 
 def run(path: Path, x: np.ndarray) -> dict[str, np.ndarray]:
-    from dptune.export.ort import OnnxGraph
+    from dptune.inference.onnx_runner import OnnxGraph
 
     return OnnxGraph(path)(x)
 

@@ -40,10 +40,10 @@ from torch import nn
 from dptune.errors import ConfigError
 from dptune.export.card import depth_card, model_card, multitask_card, training_precision, warn_backend
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
-from dptune.export.ort import OnnxMissing
 from dptune.export.quantize import CALIBRATION_METHODS
 from dptune.export.serving import ServingOptions
 from dptune.export.serving_data import DEFAULT_COUNT, CalibrationError
+from dptune.inference.onnx_runner import OnnxMissing
 from dptune.models import dpt_backbone
 from dptune.models.build import input_side
 from dptune.models.dpt_backbone import uses_backbone

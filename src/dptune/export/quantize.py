@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from dptune.export.ort import require_onnx, require_onnxruntime
+from dptune.inference.onnx_runner import require_onnx, require_onnxruntime
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
-from dptune.export.ort import GRAPHS, OnnxGraph
 from dptune.export.serving_data import DEFAULT_COUNT, ServingData, prepare, serving_data
+from dptune.inference.onnx_runner import GRAPHS, OnnxGraph
 
 log = logging.getLogger(__name__)
 
@@ -340,7 +340,7 @@ def prepare_export(got: dict, src: str, options: ServingOptions) -> dict:
     """Before anything is written: the data the options need (checked, one line when unusable) and,
     with ``options.temperature``, the temperature fitted and folded into ``got["model"]``."""
     from dptune.errors import ConfigError
-    from dptune.export.ort import require_onnx, require_onnxruntime
+    from dptune.inference.onnx_runner import require_onnx, require_onnxruntime
 
     joint = got.get("task") == "multitask"
     depth = "DepthEstimation" in type(got["model"]).__name__

@@ -20,7 +20,7 @@ class DepthPredictor:
     processor: object
     device: torch.device
     meta: dict = field(default_factory=dict)  # mode, units, min/max depth, alignment, eval crop
-    graph: object = None  # an ONNX graph run instead of ``model`` (--backend onnx; see dptune.export.ort)
+    graph: object = None  # an ONNX graph run instead of ``model`` (--backend onnx; see dptune.inference.onnx_runner)
 
     @property
     def mode(self) -> str:
@@ -38,7 +38,7 @@ class DepthPredictor:
         segmentation + depth model, its depth part (see ``dptune.inference.loading.load_part``).
         ``backend``: ``torch``, or ``onnx`` / ``onnx-int8`` / ``onnx-fp16`` to run the export's graph
         (``predicted_depth`` output)."""
-        from dptune.export.ort import backend_graph
+        from dptune.inference.onnx_runner import backend_graph
 
         graph = backend_graph(ref, backend, device)
         dev = torch.device(device)

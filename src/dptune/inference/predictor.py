@@ -25,7 +25,7 @@ class Predictor:
     preprocessing: Preprocessing  # size (whole-image size, window size) and resample of every view
     device: torch.device
     processor: object = None  # the DPTImageProcessor: every view's rescale and normalisation, bit for bit
-    graph: object = None  # an ONNX graph run instead of ``model`` (--backend onnx; see dptune.export.ort)
+    graph: object = None  # an ONNX graph run instead of ``model`` (--backend onnx; see dptune.inference.onnx_runner)
 
     def __post_init__(self) -> None:
         if self.processor is None:
@@ -40,7 +40,7 @@ class Predictor:
         """``ref``: a dptune ``.ckpt`` or a directory written by ``scripts/export.py``; of a
         segmentation + depth model, its segmentation part (see ``load_part``). ``backend``: ``torch``,
         or ``onnx`` / ``onnx-int8`` / ``onnx-fp16`` to run the export's graph (``logits`` output)."""
-        from dptune.export.ort import backend_graph
+        from dptune.inference.onnx_runner import backend_graph
 
         graph = backend_graph(ref, backend, device)
         dev = torch.device(device)

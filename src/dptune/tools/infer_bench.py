@@ -124,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run(export: Path, args) -> dict:
     from dptune.export.onnx import TaskOutput
-    from dptune.export.ort import GRAPHS, OnnxGraph, require_onnxruntime
+    from dptune.inference.onnx_runner import GRAPHS, OnnxGraph, require_onnxruntime
     from dptune.models import load_exported
 
     if not export.is_dir():
