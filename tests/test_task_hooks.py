@@ -132,3 +132,54 @@ def test_the_joint_datamodule_declares_its_validation_sources_in_loader_order():
     dm = MultiTaskDataModule(segmentation=seg, depth=depth, image_size=64, batch_size=2, num_workers=0)
     # the depth source has no validation split: it has no loader, so it is not declared
     assert dm.validation_sources() == [ValidationSource("camvid", masks=True, depth=False)]
+
+
+def test_a_task_written_for_build_network_is_told_its_hook_is_configure_models():
+    """build_network is gone; a subclass that still defines it would have its network silently
+    replaced by the stock one, so defining it is refused where the class is written."""
+    with pytest.raises(TypeError, match=r"Legacy.build_network.*configure_models"):
+        class Legacy(SegmentationModule):
+            def build_network(self):
+                return None
+
+    from dptune.tasks.base import DPTTask
+
+    class Minimal(DPTTask):
+        pass
+
+    with pytest.raises(NotImplementedError, match=r"Minimal.configure_models: set self.model"):
+        Minimal(config=TINY)
+
+
+def test_the_one_collate_gives_float32_depth_whatever_the_items_hold():
+    """Depth batches are float32 (what the losses and metrics compute in) for items of any dtype,
+    mixed ones included: the first item's dtype does not round the others."""
+    from dptune.data.base import collate
+
+    def item(i, dtype, hw):
+        return {"image": torch.zeros(3, *hw, dtype=torch.uint8), "depth": torch.full(hw, 1.0009765, dtype=dtype),
+                "index": i}
+
+    batch = collate([item(0, torch.float16, (4, 4)), item(1, torch.float32, (4, 6)), item(2, torch.float64, (4, 4))])
+    assert batch["depth"].dtype == torch.float32
+    assert batch["depth"][1, :, :6].eq(torch.tensor(1.0009765, dtype=torch.float32)).all()  # not rounded to fp16
+    assert batch["depth"][0, :, 4:].eq(0).all()  # padded as "no depth"
+
+
+def test_several_validation_loaders_without_declared_sources_are_warned_about(caplog):
+    """A datamodule with no validation_sources() gets no per-source figures; with a second loader
+    that is said once, rather than its samples silently folding into the overall figures."""
+    import logging
+
+    module = MultiTaskModule(label_spec=SPEC, config=dict(TINY), image_size=64)
+    _stub_trainer(module, object())  # a datamodule that declares nothing
+    module.setup("validate")
+    batch = {"image": torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8),
+             "mask": torch.randint(0, 3, (1, 64, 64), dtype=torch.uint8), "sizes": [(64, 64)]}
+    module.eval()
+    with caplog.at_level(logging.WARNING, logger="dptune"), torch.no_grad():
+        for idx in (0, 1, 1):
+            module.validation_step(batch, 0, dataloader_idx=idx)
+    said = [r for r in caplog.records if r.levelno >= logging.WARNING and "validation_sources" in r.getMessage()]
+    assert len(said) == 1 and "loader 1" in said[0].getMessage()
+    assert int(module.val_confmat.images) == 3

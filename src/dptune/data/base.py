@@ -123,7 +123,10 @@ def collate(items: list[dict[str, Any]]) -> dict[str, Any]:
     labels = [(key, fill) for key, fill in LABEL_PADDING if key in items[0]]
     batch = {"image": _stack_padded([it["image"] for it in items], 0)}
     for key, fill in labels:
-        batch[key] = _stack_padded([it[key] for it in items], fill)
+        values = [it[key] for it in items]
+        if key == "depth":  # metres in float32, whatever each item holds (no item's dtype rounds another's)
+            values = [v.float() for v in values]
+        batch[key] = _stack_padded(values, fill)
     batch["index"] = torch.tensor([it["index"] for it in items])
     batch["sizes"] = [tuple(it[labels[0][0]].shape) for it in items]
     return batch

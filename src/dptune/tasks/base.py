@@ -5,10 +5,8 @@ heads predict: each task (``segmentation``, ``depth``) owns its head, loss, metr
 
 from __future__ import annotations
 
-import json
 import logging
 import math
-from pathlib import Path
 from typing import Any, ClassVar, Literal
 
 import lightning.pytorch as pl
@@ -17,31 +15,13 @@ from torch import nn
 
 from dptune.data.base import ValidationSource
 from dptune.errors import ConfigError
-from dptune.models.backbones import default_normalization, family
+from dptune.models.backbones import family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
-from dptune.models.source import resolve_pretrained
+from dptune.models.normalization import resolve_normalization
 from dptune.preprocessing import Preprocessing
 from dptune.tasks.optim import NonFiniteSteps, WarmupPoly, any_nonfinite, nonfinite_tensors, param_groups
 
 log = logging.getLogger(__name__)
-
-
-def _processor_mean_std(pretrained: str) -> tuple[list[float], list[float]] | None:
-    """The checkpoint's own normalisation, if it ships an image processor config (a dptune ``.ckpt``
-    or segmentation + depth export: its unpacked model directory's; both parts share it)."""
-    try:
-        from transformers.utils import cached_file
-
-        path = cached_file(resolve_pretrained(pretrained), "preprocessor_config.json",
-                           _raise_exceptions_for_missing_entries=False)
-    except OSError:
-        return None
-    if not path:
-        return None
-    cfg = json.loads(Path(path).read_text())
-    if "image_mean" in cfg and "image_std" in cfg:
-        return list(cfg["image_mean"]), list(cfg["image_std"])
-    return None
 
 
 def wants_sync_batchnorm(trainer) -> bool:
@@ -161,7 +141,14 @@ class DPTTask(pl.LightningModule):
     def configure_models(self) -> None:
         """Build the network from ``self.hparams`` into ``self.model`` (a ``transformers`` model),
         and set up its parts (frozen heads, dropout kind)."""
-        raise NotImplementedError
+        raise NotImplementedError(f"{type(self).__qualname__}.configure_models: set self.model (the network, built "
+                                  "from self.hparams) in this hook; every task implements it")
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "build_network" in vars(cls):  # the hook's old name: the stock network would silently win
+            raise TypeError(f"{cls.__qualname__}.build_network: dptune builds a task's network in configure_models "
+                            "now; rename the method and set self.model there instead of returning the network")
 
     def configure_losses(self) -> None:
         """The loss settings and anything the losses own (class weights, learned task weights:
@@ -186,23 +173,9 @@ class DPTTask(pl.LightningModule):
     # ------------------------------------------------------------------ normalisation and sizes
     def _mean_std(self, pretrained, mean, std) -> tuple[list[float], list[float]]:
         """The normalisation, from (in order) the settings, the checkpoint's image processor, or
-        the backbone family's published statistics; one log line says which."""
-        if mean is not None and std is not None:
-            log.info("normalisation: mean %s std %s (model.image_mean/image_std)", list(mean), list(std))
-            return list(mean), list(std)
-        found = _processor_mean_std(pretrained) if pretrained else None
-        known = True
-        if found is not None:
-            why = f"{pretrained}'s preprocessor_config.json"
-        else:
-            m, s, known = default_normalization(self.model.config)
-            found, kind = (list(m), list(s)), family(self.model.config)
-            why = (f"the {kind} family's published statistics" if known else
-                   f"ImageNet statistics: no image processor and no known default for the {kind!r} family; "
-                   "set model.image_mean/image_std if its checkpoints used others")
-            if pretrained:
-                why = f"{pretrained} ships no preprocessor_config.json; {why}"
-        mean, std = list(mean or found[0]), list(std or found[1])
+        the backbone family's published statistics (``resolve_normalization``, which the loader
+        benchmark reads too); one log line says which."""
+        mean, std, why, known = resolve_normalization(mean, std, pretrained, family(self.model.config))
         (log.info if known else log.warning)("normalisation: mean %s std %s (%s)", mean, std, why)
         return mean, std
 

@@ -111,6 +111,7 @@ class MultiTaskModule(LabelledTask, DPTTask):
         """Each source's own figures too (``val/<name>/mIoU``, ``val/<name>/abs_rel``) when a task
         validates on several sources; ``per_source`` is keyed by the source's loader index."""
         self.val_names = [s.name for s in sources]
+        self._undeclared_said = False
         seg = [k for k, s in enumerate(sources) if s.masks]
         depth = [k for k, s in enumerate(sources) if s.depth]
         self.per_source = nn.ModuleDict(
@@ -173,6 +174,10 @@ class MultiTaskModule(LabelledTask, DPTTask):
     # ------------------------------------------------------------------ validation: each source on its own data
     def validation_step(self, batch: dict[str, Any], batch_idx: int, dataloader_idx: int = 0) -> dict[str, Any]:
         """A batch of one source: masks, depth or both, scored at each sample's own label size."""
+        if dataloader_idx >= len(self.val_names) and dataloader_idx > 0 and not self._undeclared_said:
+            self._undeclared_said = True
+            log.warning("validation loader %d has no declared source (the datamodule has no validation_sources()): "
+                        "its samples count only in the overall figures, with no per-source ones", dataloader_idx)
         none = torch.tensor([], dtype=torch.long)
         seg, dep = "mask" in batch, "depth" in batch
         logits, _, pred = self(batch["image"], None if seg else none, None if dep else none)
