@@ -151,8 +151,9 @@ class DPTTask(pl.LightningModule):
                             "now; rename the method and set self.model there instead of returning the network")
 
     def configure_losses(self) -> None:
-        """The loss settings and anything the losses own (class weights, learned task weights:
-        trainable parameters outside ``self.model`` are optimised too, see ``param_groups``)."""
+        """The loss settings and anything the losses own (class weights, learned task weights).
+        Trainable parameters set here, outside ``self.model``, are optimised too: in one ``task``
+        group at ``lr * head_lr_mult`` without weight decay (see ``param_groups``)."""
 
     def configure_metrics(self) -> None:
         """The validation and test metrics (``torchmetrics`` modules)."""
