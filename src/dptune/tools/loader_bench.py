@@ -56,15 +56,15 @@ class PILPipeline:
 
 
 def _preprocessing(model: dict[str, Any], size):
-    """The spec a run of this config would prepare images with: its ``model.image_mean/image_std``,
-    else a DPT's own (the ViT family's published statistics)."""
-    from transformers import DPTConfig
-
-    from dptune.models.backbones import default_normalization
+    """The spec a run of this config would prepare images with: its normalisation resolved as the
+    task resolves it (``resolve_normalization``: ``model.image_mean/image_std``, else the
+    pretrained checkpoint's image processor, else the backbone family's statistics)."""
+    from dptune.models.normalization import resolve_normalization, settings_family
     from dptune.preprocessing import Preprocessing
 
-    mean, std, _ = default_normalization(DPTConfig())
-    return Preprocessing.of_task(size, model.get("image_mean") or mean, model.get("image_std") or std)
+    mean, std, _, _ = resolve_normalization(model.get("image_mean"), model.get("image_std"), model.get("pretrained"),
+                                            settings_family(model))
+    return Preprocessing.of_task(size, mean, std)
 
 
 def time_loader(opts: dict[str, Any]) -> dict[str, Any]:
