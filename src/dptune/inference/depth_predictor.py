@@ -11,7 +11,7 @@ import torch
 
 from dptune.inference.loading import load_part
 from dptune.models.depth import depth_forward
-from dptune.preprocessing import Preprocessing
+from dptune.preprocessing import Preprocessing, check_image
 
 
 @dataclass
@@ -47,7 +47,9 @@ class DepthPredictor:
 
     @torch.no_grad()
     def predict(self, image: np.ndarray) -> np.ndarray:
-        """float32 HxW depth at the image's own size for one uint8 HxWx3 image (metres in metric mode)."""
+        """float32 HxW depth at the image's own size for one uint8 HxWx3 RGB image (metres in metric
+        mode; anything else is a ``ValueError``: see ``dptune.preprocessing.check_image``)."""
+        check_image(image)
         h, w = image.shape[:2]
         # channels last said, not guessed (transformers guesses channels first for an image 1 or 3 pixels tall)
         x = self.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]

@@ -75,11 +75,11 @@ def load_part(ref: str, part: Literal["segmentation", "depth"], trust_remote_cod
         ref = joint_part(ref, part)
         model, processor = load_export(ref, trust_remote_code)
         if part == "segmentation":
-            return Loaded(model, processor, Preprocessing.from_processor(processor),
+            return Loaded(model, processor, Preprocessing.from_processor(processor, ref),
                           labels=exported_labels(ref, model.config.id2label))
         card = Path(ref) / "dptune.json"
         meta = json.loads(card.read_text()).get("depth", {}) if card.exists() else {}
-        return Loaded(model, processor, Preprocessing.from_processor(processor), meta=meta)
+        return Loaded(model, processor, Preprocessing.from_processor(processor, ref), meta=meta)
     from dptune.tasks.checkpoints import load_module
 
     module = load_module(ref)

@@ -10,10 +10,10 @@ import numpy as np
 import torch
 
 from dptune.inference.loading import exported_labels, load_export, load_part
-from dptune.inference.windows import FLIP_VIEWS, flip_views, from_view, predict_probs, to_view
+from dptune.inference.windows import FLIP_VIEWS, flip_views, predict_probs
 from dptune.labels import LabelSet
 from dptune.models import segment
-from dptune.preprocessing import Preprocessing
+from dptune.preprocessing import Preprocessing, check_image
 
 __all__ = ["Predictor", "exported_labels", "load_export"]
 
@@ -49,9 +49,9 @@ class Predictor:
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
-        """uint8 (B, 3, H, W) images (windows, views) -> logits of the main head, each image
-        rescaled and normalised by the processor as it is (never resized)."""
-        return self.normalized_logits(self.pixel_values(images, resize=False))
+        """uint8 (B, 3, H, W) images (sliding windows) -> logits of the main head, each image
+        rescaled and normalised by the processor as it is (never resized nor padded)."""
+        return self.normalized_logits(self.prepare(images, False))
 
     @torch.no_grad()
     def normalized_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
@@ -59,28 +59,34 @@ class Predictor:
             return torch.from_numpy(self.graph(pixel_values)["logits"])
         return segment(self.model, pixel_values.to(self.device), with_aux=False)[0]
 
-    def pixel_values(self, images: np.ndarray | torch.Tensor, resize: bool = True) -> torch.Tensor:
-        """The processor's input for one uint8 HxWx3 image, or for a uint8 (B, 3, H, W) batch of
-        views: what plain ``transformers`` computes, resized to the processor's size unless
-        ``resize`` is False. Channels are said, not guessed: ``transformers`` guesses channels
-        first for an image 1 or 3 pixels tall."""
-        if isinstance(images, np.ndarray):
-            return self.processor(images=images, do_resize=resize, return_tensors="pt",
-                                  input_data_format="channels_last")["pixel_values"]
+    def prepare(self, images: torch.Tensor, whole: bool) -> torch.Tensor:
+        """The model input of a uint8 (B, 3, H, W) batch: a whole-image view (``whole``) exactly as
+        plain ``transformers`` prepares the image (resize to the processor's size for it, rescale,
+        normalise, pad); a sliding window rescaled and normalised as it is (already the window
+        size: a resize or a pad would move it off its place in the image)."""
         views = [np.ascontiguousarray(v.numpy()) for v in images.cpu()]
-        return self.processor(images=views, do_resize=resize, return_tensors="pt",
-                              input_data_format="channels_first")["pixel_values"]
+        kw = {} if whole else {"do_resize": False, "do_pad": False}
+        return self.processor(images=views, return_tensors="pt", input_data_format="channels_first", **kw)["pixel_values"]
+
+    def pixel_values(self, image: np.ndarray) -> torch.Tensor:
+        """The processor's input for one uint8 HxWx3 image: what plain ``transformers`` computes.
+        Channels are said, not guessed: ``transformers`` guesses channels first for an image 1 or
+        3 pixels tall."""
+        check_image(image)
+        return self.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
 
     def predict(self, image: np.ndarray, mode: str = "whole", flip: bool | str = False,
                 scales: tuple[float, ...] = (1.0,), stride: float = 2 / 3) -> tuple[np.ndarray, np.ndarray]:
-        """(class indices HxW uint8, top-class probability HxW float32) for one uint8 HxWx3 image.
+        """(class indices HxW uint8, top-class probability HxW float32) for one uint8 HxWx3 RGB
+        image (anything else is a ``ValueError``: see ``dptune.preprocessing.check_image``).
 
         A single-view ``whole`` prediction is what plain ``transformers`` computes: the exported
         image processor's input, logits upsampled to the image size, argmax of the logits.
         Test-time augmentation averages class probabilities over the views.
         """
+        check_image(image)
         h, w = image.shape[:2]
-        if mode == "whole" and scales == (1.0,) and flip_views(flip) == FLIP_VIEWS["none"]:
+        if mode == "whole" and tuple(scales) == (1.0,) and flip_views(flip) == FLIP_VIEWS["none"]:
             x = self.pixel_values(image)
             lg = torch.nn.functional.interpolate(self.normalized_logits(x).float(), size=(h, w), mode="bilinear",
                                                  align_corners=False)[0].cpu()
@@ -91,19 +97,12 @@ class Predictor:
 
     def probs(self, image: np.ndarray, mode: str = "whole", flip: bool | str = False,
               scales: tuple[float, ...] = (1.0,), stride: float = 2 / 3) -> torch.Tensor:
-        """Class probabilities (C, H, W) for one uint8 HxWx3 image at its own size, averaged over
-        the views (the image, its flips / turns, each scale)."""
-        h, w = image.shape[:2]
-        if mode == "whole" and scales == (1.0,):
-            x = self.pixel_values(image)
-            views = flip_views(flip)
-            out = 0
-            for turns, flipped in views:
-                lg = from_view(self.normalized_logits(to_view(x, turns, flipped)).float(), turns, flipped)
-                out = out + torch.nn.functional.interpolate(lg, size=(h, w), mode="bilinear",
-                                                            align_corners=False).softmax(1)
-            return (out / len(views))[0].cpu()
+        """Class probabilities (C, H, W) for one uint8 HxWx3 RGB image at its own size, averaged
+        over the views (the image, its flips / turns, each scale); every whole-image view the
+        image at its scale prepared by the processor, then flipped or turned (one path for any
+        ``scales``)."""
+        check_image(image)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
         strides = [max(1, round(s * stride)) for s in self.size]
-        return predict_probs(self.logits, x, self.preprocessing, mode=mode, stride=strides, flip=flip,
-                             scales=scales)[0].cpu()
+        return predict_probs(self.normalized_logits, x, self.preprocessing, mode=mode, stride=strides, flip=flip,
+                             scales=scales, prepare=self.prepare)[0].cpu()

@@ -1,10 +1,13 @@
 """Whole-image and sliding-window prediction, with flip / rotation / multi-scale test-time augmentation.
 
-``forward`` maps a uint8 (B, 3, h, w) batch to logits (B, C, h', w'); dptune's module is such a
-callable. Every uint8 image that is resized here (to the whole-image size, or rescaled for a
-test-time scale) is resized by the model's ``Preprocessing`` spec, exactly as its exported
-processor resizes; sliding windows are native crops, never resized. Every function returns float
-logits at the input image's own resolution.
+``forward`` maps a model input (B, 3, h, w) to logits (B, C, h', w'); ``prepare(images, whole)``
+turns uint8 (B, 3, h, w) images into that input: a whole image resized as the model's image
+processor does (``whole``), a sliding window as it is (native crops, never resized or padded).
+The predictor's ``prepare`` is its processor; without one the images are resized by the model's
+``Preprocessing`` spec and go in as uint8 (dptune's module normalises them itself). One path: a
+whole-image view at any test-time scale is the scaled image prepared whole, then flipped or
+turned; a test-time scale resizes by the spec too. Every function returns float logits at the
+input image's own resolution.
 """
 
 from __future__ import annotations
@@ -17,6 +20,13 @@ import torch.nn.functional as F
 from dptune.preprocessing import Preprocessing
 
 Forward = Callable[[torch.Tensor], torch.Tensor]
+Prepare = Callable[[torch.Tensor, bool], torch.Tensor]
+
+
+def spec_prepare(prep: Preprocessing | None) -> Prepare:
+    """Without a processor: a whole image resized by ``prep`` (to the size its processor would
+    give it), a window as it is; uint8 either way."""
+    return lambda images, whole: prep.resize(images) if whole and prep is not None else images
 
 
 def _resize_logits(x: torch.Tensor, size: Sequence[int]) -> torch.Tensor:
@@ -56,13 +66,13 @@ def from_view(x: torch.Tensor, turns: int, flipped: bool) -> torch.Tensor:
 
 
 def whole_logits(forward: Forward, images: torch.Tensor, prep: Preprocessing | None = None,
-                 size: Sequence[int] | None = None) -> torch.Tensor:
-    """Resize to ``size`` (default ``prep.size``) as ``prep`` does, predict, upsample the logits
-    back to the input size. Without ``prep`` the images go in as they are."""
+                 view: tuple[int, bool] = (0, False), prepare: Prepare | None = None) -> torch.Tensor:
+    """The whole image prepared (``prepare(images, True)``, default: resized by ``prep`` as its
+    processor does), turned / flipped as ``view`` (quarter turns, mirror), predicted, the logits
+    turned back and upsampled to the input size."""
     h, w = images.shape[-2:]
-    if prep is not None:
-        images = prep.resize(images, size or prep.size)
-    return _resize_logits(forward(images).float(), (h, w))
+    x = to_view((prepare or spec_prepare(prep))(images, True), *view)
+    return _resize_logits(from_view(forward(x).float(), *view), (h, w))
 
 
 def _starts(length: int, window: int, stride: int) -> list[int]:
@@ -110,10 +120,13 @@ def predict_probs(
     stride: Sequence[int] | None = None,
     flip: bool | str = False,
     scales: Sequence[float] = (1.0,),
+    prepare: Prepare | None = None,
 ) -> torch.Tensor:
-    """Class probabilities at the input size by ``whole`` (resize to ``prep.size``) or ``slide``
-    (windows of ``prep.size``), averaged over ``scales`` (the image rescaled first, by ``prep``)
-    and the flips of ``flip`` (see ``FLIP_VIEWS``)."""
+    """Class probabilities at the input size by ``whole`` (the image prepared as its processor
+    does) or ``slide`` (native windows of ``prep.size``), averaged over ``scales`` (the image
+    rescaled first, by ``prep``) and the flips of ``flip`` (see ``FLIP_VIEWS``). ``prepare``: see
+    the module's docstring (default ``spec_prepare(prep)``)."""
+    prepare = prepare or spec_prepare(prep)
     h, w = images.shape[-2:]
     size = prep.size
     if mode == "slide" and stride is None:
@@ -124,14 +137,13 @@ def predict_probs(
     for scale in scales:
         scaled = images if scale == 1.0 else prep.resize(images, (round(h * scale), round(w * scale)))
         for turns, flipped in views:
-            x = to_view(scaled, turns, flipped)
-            # a quarter turn swaps the axes of the window (or whole-image) size and stride too
-            vsize = tuple(size)[::-1] if turns % 2 else tuple(size)
             if mode == "slide":
-                logits = slide_logits(forward, x, vsize, tuple(stride)[::-1] if turns % 2 else stride)
+                # windows of the turned image: a quarter turn swaps the sides of the window and stride
+                x = to_view(scaled, turns, flipped)
+                window, step = (size[::-1], tuple(stride)[::-1]) if turns % 2 else (size, stride)
+                logits = from_view(slide_logits(lambda v: forward(prepare(v, False)), x, window, step), turns, flipped)
             else:
-                logits = whole_logits(forward, x, prep, vsize)
-            logits = from_view(logits, turns, flipped)
+                logits = whole_logits(forward, scaled, prep, (turns, flipped), prepare)
             logits = _resize_logits(logits, (h, w)).softmax(1)  # average probabilities across views
             out = logits if out is None else out + logits
             n += 1
