@@ -40,7 +40,7 @@ class DepthPredictor:
         (``predicted_depth`` output)."""
         from dptune.inference.onnx_runner import backend_graph
 
-        graph = backend_graph(ref, backend, device)
+        graph = backend_graph(ref, backend, device, "predicted_depth")
         dev = torch.device(device)
         part = load_part(ref, "depth", trust_remote_code)
         return cls(part.model.eval().to(dev), part.processor, dev, part.meta, graph)

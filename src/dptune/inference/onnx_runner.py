@@ -39,6 +39,35 @@ def require_onnx(what: str = "ONNX export"):
     return onnx
 
 
+SIMD_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "avx512_bf16", "amx_tile",
+              "amx_int8", "amx_bf16")
+
+
+def cpu_info() -> dict:
+    """The CPU's model name and the SIMD flags that decide int8 speed and accuracy (Linux /proc/cpuinfo):
+    without a VNNI flag (avx512_vnni, avx_vnni) or AMX, ONNX Runtime's u8 x s8 kernels add pairs of
+    products in 16 bits, which clip (see ``dptune.export.quantize``)."""
+    import os
+    import platform
+
+    info: dict = {"machine": platform.machine(), "cores_usable": len(os.sched_getaffinity(0))
+                  if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name") and "model" not in info:
+                info["model"] = line.split(":", 1)[1].strip()
+            if line.startswith("flags") and not flags:
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    info.setdefault("model", platform.processor() or "unknown")
+    info["flags"] = sorted(f for f in flags if f in SIMD_FLAGS)
+    x86 = info["machine"].lower() in ("x86_64", "amd64", "i686", "x86")
+    info["vnni"] = bool(flags & {"avx512_vnni", "avx_vnni", "amx_int8"}) if x86 and flags else None
+    return info
+
+
 def cpu_providers() -> list[str]:
     return ["CPUExecutionProvider"]
 
@@ -85,25 +114,51 @@ class OnnxGraph:
 
 def find_graph(model_dir: str | Path, precision: str = "fp32") -> Path:
     """The graph of ``precision`` (fp32, int8, fp16) in an export, or the file itself when
-    ``model_dir`` is an ``.onnx`` file; one line naming what is missing otherwise."""
+    ``model_dir`` is an ``.onnx`` file; one line naming what is missing otherwise.
+
+    A joint export's parts (``segmentation/``, ``depth/``) have no graph of their own: theirs is the
+    joint graph one level up, which their ``dptune.json`` says (``serving.graphs_in: ".."``). No other
+    export looks above itself: a graph there is another model's."""
     p = Path(model_dir)
     if p.is_file() and p.suffix == ".onnx":
         return p
     if precision not in GRAPHS:
         raise ConfigError(f"unknown ONNX precision {precision!r} (one of {', '.join(GRAPHS)})")
-    for d in (p, p.parent):  # a joint export's graph lies above its segmentation/ and depth/ parts
+    for d in (p, *([p.parent] if graphs_in(p) else [])):
         if (d / GRAPHS[precision]).is_file():
             return d / GRAPHS[precision]
     flag = {"fp32": "--onnx", "int8": "--int8", "fp16": "--onnx-fp16"}[precision]
     raise ConfigError(f"{p}: no {GRAPHS[precision]} (export with {flag} to write it)")
 
 
+def graphs_in(export: Path) -> str | None:
+    """Where an export's ``dptune.json`` says its graphs lie (``..`` for a joint export's part), or None."""
+    import json
+
+    try:
+        serving = json.loads((export / "dptune.json").read_text()).get("serving") or {}
+    except (OSError, ValueError, AttributeError):
+        return None
+    where = serving.get("graphs_in") if isinstance(serving, dict) else None
+    return where if where == ".." else None
+
+
+def check_output(graph: OnnxGraph, output: str | None) -> OnnxGraph:
+    """``graph`` when it computes ``output`` (``logits`` / ``predicted_depth``); one line otherwise (it
+    is another task's or another model's graph)."""
+    if output and output not in graph.outputs:
+        raise ConfigError(f"{graph.path}: has no {output!r} output (its outputs: {', '.join(graph.outputs)}); it is "
+                          f"not the graph of this {'segmentation' if output == 'logits' else 'depth'} model")
+    return graph
+
+
 BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-fp16")
 
 
-def backend_graph(ref: str, backend: str = "torch", device: str = "cpu") -> OnnxGraph | None:
+def backend_graph(ref: str, backend: str = "torch", device: str = "cpu", output: str | None = None) -> OnnxGraph | None:
     """The ONNX graph ``predict`` / ``evaluate --backend`` run instead of the torch model (None for
-    ``torch``): ``onnx`` is the export's ``model.onnx``, ``onnx-int8`` / ``onnx-fp16`` its other graphs."""
+    ``torch``): ``onnx`` is the export's ``model.onnx``, ``onnx-int8`` / ``onnx-fp16`` its other graphs.
+    ``output``: what the caller reads (``logits`` or ``predicted_depth``); a graph without it is one line."""
     if backend in (None, "torch"):
         return None
     if backend not in BACKENDS:
@@ -119,4 +174,4 @@ def backend_graph(ref: str, backend: str = "torch", device: str = "cpu") -> Onnx
 
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return OnnxGraph(find_graph(ref, precision), providers=providers)
+    return check_output(OnnxGraph(find_graph(ref, precision), providers=providers), output)

@@ -42,7 +42,7 @@ class Predictor:
         or ``onnx`` / ``onnx-int8`` / ``onnx-fp16`` to run the export's graph (``logits`` output)."""
         from dptune.inference.onnx_runner import backend_graph
 
-        graph = backend_graph(ref, backend, device)
+        graph = backend_graph(ref, backend, device, "logits")
         dev = torch.device(device)
         part = load_part(ref, "segmentation", trust_remote_code)
         return cls(part.model.eval().to(dev), part.labels, part.preprocessing, dev, part.processor, graph)
