@@ -45,6 +45,23 @@ def test_ece_of_a_calibrated_model_is_near_zero_and_ignored_pixels_are_not_sampl
     assert x.shape == (16, 3) and set(y.tolist()) == {1}
 
 
+def test_ece_bins_are_closed_below_and_gathered_over_images_as_in_one_pass():
+    """Bin i holds [i/15, (i+1)/15) (1.0 in the last): a confidence on an edge counts in the bin above;
+    the ECE gathered image by image (what the export measures per graph) is the one-pass ECE."""
+    from dptune.export.temperature import ECEBins
+
+    edge = torch.tensor([1 / 15, 1 / 15, 1.0], dtype=torch.float64)
+    bins = ECEBins()
+    bins.add(edge, torch.tensor([True, False, True]))
+    assert bins.count[1] == 2 and bins.count[0] == 0 and bins.count[14] == 1
+    logits, labels = overconfident(t=2.0, n=6000)
+    parts = ECEBins()
+    for x, y in zip(logits.split(1000), labels.split(1000), strict=True):
+        conf, pred = torch.softmax(x.double(), 1).max(1)
+        parts.add(conf, pred == y)
+    assert parts.value() == pytest.approx(ece(logits, labels), abs=1e-12)
+
+
 def test_folding_divides_the_logits_and_keeps_every_argmax():
     from dptune.models import build_model, segment
 

@@ -90,6 +90,97 @@ def test_evaluate_on_the_int8_graph_gives_the_cards_figures(exports, tmp_path, c
     assert scores["pixel_acc"] == pytest.approx(measured["int8"]["pixel_acc"], abs=1e-6)
 
 
+@pytest.fixture(scope="module")
+def default_export(exports):
+    """The default export: INT8 calibrated on the validation split's fit part, the rest held back."""
+    from dptune.export import export
+    from dptune.export.serving import ServingOptions
+
+    with torch.no_grad():
+        export(str(exports / "seg-src"), exports / "seg-default",
+               serving=ServingOptions(int8=True, data=str(exports / "data.yaml"), count=4))
+    return exports / "seg-default"
+
+
+def test_evaluate_held_back_reproduces_the_cards_figures_in_the_default_export(exports, default_export, tmp_path,
+                                                                                capsys):
+    from dptune.tools.evaluate import main
+
+    meta = json.loads((default_export / "dptune.json").read_text())["serving"]
+    data, measured = meta["data"], meta["measured"]["segmentation"]
+    split = sorted(CAMVID.glob(EVAL_IMAGES))
+    held = data["segmentation"]["held_back"]
+    assert data["segmentation"]["root"] == str(CAMVID) and len(data["segmentation"]["fit"]) == 4
+    assert len(held) == measured["images"] == len(split) - 4 and not set(held) & set(data["segmentation"]["fit"])
+    assert all((CAMVID / rel).is_file() and not rel.startswith("/") for rel in held)  # relative to the root
+    command = meta["reproduce"]["segmentation"]
+    assert "--held-back" in command and "--backend onnx-int8" in command and str(exports / "data.yaml") in command
+    assert command.replace("EXPORT_DIR", "<this dir>") in (default_export / "README.md").read_text()
+    out = tmp_path / "scores.json"
+    rc = main(["--model", str(default_export), "--config", str(exports / "data.yaml"), "--backend", "onnx-int8",
+               "--held-back", "--json", str(out)])
+    assert rc == 0, capsys.readouterr().err
+    scores = json.loads(out.read_text())
+    assert scores["images"] == len(held)
+    assert scores["mIoU"] == pytest.approx(measured["int8"]["mIoU"], abs=1e-6)
+    assert scores["pixel_acc"] == pytest.approx(measured["int8"]["pixel_acc"], abs=1e-6)
+
+
+def test_held_back_of_an_export_without_a_list_is_one_line(exports, tmp_path, capsys):
+    from dptune.tools.evaluate import main
+
+    rc = main(["--model", str(exports / "depth"), "--root", str(KITCHEN), "--images", "val/rgb/*.jpg", "--depth",
+               "val/depth/{stem}.png", "--depth-scale", "1000", "--held-back"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert rc == 2 and len(err) == 1 and "held-back" in err[0] and str(exports / "depth") in err[0], err
+
+
+def test_a_graph_is_looked_for_above_only_a_joint_exports_part_and_must_have_the_tasks_output(exports, tmp_path,
+                                                                                              capsys):
+    """A segmentation export without graphs in a folder holding another model's graph: not used. A
+    joint export's part (dptune.json: graphs_in "..") uses the one above. A graph without the task's
+    output is one line naming it, not a traceback."""
+    import shutil
+
+    from dptune.export import export
+    from dptune.inference.onnx_runner import find_graph
+
+    nest = tmp_path / "nest"
+    with torch.no_grad():
+        export(str(exports / "seg-src"), nest / "camvid")  # no graphs
+    shutil.copy(exports / "depth" / "model.onnx", nest / "model.onnx")  # another model's
+    image = sorted(CAMVID.glob("val/*.jpg"))[0]
+    assert predict("--model", nest / "camvid", "--images", image, "--out", tmp_path / "a", "--backend", "onnx") == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(err) == 1 and "no model.onnx" in err[0] and "Traceback" not in err[0], err
+    # a joint export's part: its graph lies one level up, as its dptune.json says
+    part = tmp_path / "joint" / "segmentation"
+    shutil.copytree(nest / "camvid", part)
+    meta = json.loads((part / "dptune.json").read_text())
+    (part / "dptune.json").write_text(json.dumps({**meta, "serving": {"graphs_in": ".."}}))
+    shutil.copy(exports / "seg" / "model.onnx", part.parent / "model.onnx")
+    assert find_graph(part, "fp32") == part.parent / "model.onnx"
+    # ... and a graph lacking the task's output (a depth graph beside a segmentation model)
+    wrong = tmp_path / "wrong"
+    shutil.copytree(nest / "camvid", wrong)
+    shutil.copy(exports / "depth" / "model.onnx", wrong / "model.onnx")
+    assert predict("--model", wrong, "--images", image, "--out", tmp_path / "b", "--backend", "onnx") == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(err) == 1 and str(wrong / "model.onnx") in err[0] and "'logits'" in err[0], err
+    assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
+
+
+def test_the_benchmark_interleaves_the_engines():
+    from dptune.tools.infer_bench import interleaved
+
+    calls = []
+    got = interleaved({e: (lambda x, e=e: calls.append(e)) for e in "abc"}, np.zeros(1), warmup=1, runs=4)
+    timed = calls[3:]
+    assert [sorted(timed[i:i + 3]) for i in range(0, 12, 3)] == [list("abc")] * 4  # every round runs each once
+    assert [timed[i] for i in range(0, 12, 3)] == list("abca")  # the first engine rotates
+    assert all(len(g["wall_s"]) == 4 and g["cpu_per_wall"] >= 0 for g in got.values())
+
+
 def test_depth_predict_on_the_fp32_graph_writes_the_torch_depth_maps(exports, tmp_path):
     images = tmp_path / "images"
     images.mkdir()
@@ -139,4 +230,7 @@ def test_the_inference_benchmark_times_each_engine_and_says_what_it_ran_on(expor
         assert 0 < row["export_size"]["p50_ms"] <= row["export_size"]["p95_ms"], engine
         assert row["non_square"]["p50_ms"] > 0 and row["throughput"]["images_per_s"] > 0 and row["throughput"]["batch"] == 2
     assert "skipped" in got["engines"]["ort-fp16"]  # no model_fp16.onnx in this export
+    assert got["timing"].startswith("interleaved") and "torch" in got["threads_note"]
+    assert set(got["load_average_1min"]) == {"before", "after"}
+    assert all(got["engines"][e]["export_size"]["cpu_per_wall"] > 0 for e in ("torch-eager", "ort-fp32", "ort-int8"))
     assert got["int8_speedup_vs_fp32_batch1"] > 0

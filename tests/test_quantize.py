@@ -140,16 +140,26 @@ def test_the_measured_figures_are_what_the_graphs_score(seg_export, sources):
     assert not set(part.fit) & set(part.held)
     labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
     proc = AutoImageProcessor.from_pretrained(seg_export)
+    from dptune.export.temperature import ece
+
     conf = torch.zeros(11, 11, dtype=torch.long)
+    xs, ys = [], []
     for i in part.held:
         image, raw, name = part.source.load(i)
         mask = torch.from_numpy(labels.encode(raw, name).astype(np.int64))
         logits = torch.from_numpy(run(seg_export / "model_int8.onnx", prepare(proc, image))["logits"])
-        pred = torch.nn.functional.interpolate(logits, size=mask.shape, mode="bilinear")[0].argmax(0)
+        up = torch.nn.functional.interpolate(logits, size=mask.shape, mode="bilinear")[0]
+        pred = up.argmax(0)
         ok = mask != 255
         conf += torch.bincount(mask[ok] * 11 + pred[ok], minlength=121).reshape(11, 11)
-    recorded = json.loads((seg_export / "dptune.json").read_text())["serving"]["measured"]["segmentation"]["int8"]
-    assert float(metrics_from_confmat(conf)["mIoU"]) == pytest.approx(recorded["mIoU"], abs=1e-6)
+        xs.append(up.reshape(11, -1)[:, ok.reshape(-1)].T)
+        ys.append(mask[ok])
+    recorded = json.loads((seg_export / "dptune.json").read_text())["serving"]["measured"]["segmentation"]
+    assert float(metrics_from_confmat(conf)["mIoU"]) == pytest.approx(recorded["int8"]["mIoU"], abs=1e-6)
+    # the ECE of what the INT8 graph serves (the temperature is fitted on fp32 logits), in the card too
+    assert recorded["int8"]["ece"] == pytest.approx(ece(torch.cat(xs), torch.cat(ys)), abs=1e-9)
+    card = (seg_export / "README.md").read_text()
+    assert "| ECE |" in card and f"{recorded['int8']['ece']:.4f} |" in card
 
 
 def test_depth_int8_graph_is_measured_by_absrel_and_the_card_says_what_values_mean(sources, tmp_path):
@@ -183,6 +193,16 @@ def test_joint_int8_graph_gives_both_outputs_and_each_part_records_its_task(sour
     assert "abs_rel" in depth["measured"]["depth"]["int8"] and seg["graphs_in"] == ".."
     card = (out / "README.md").read_text()
     assert "Segmentation, " in card and "Depth, " in card
+    assert seg["data"]["segmentation"]["held_back"] and "depth" not in seg["data"]
+    assert depth["data"]["depth"]["held_back"] and "--held-back" in depth["reproduce"]["depth"]
+    # the inference benchmark's torch engine runs both heads, as the joint graph does
+    from dptune.tools.infer_bench import task_dir, torch_model
+
+    with torch.no_grad():
+        logits, pred = torch_model(out, task_dir(out))(torch.from_numpy(x))
+    ref = run(out / "model.onnx", x)
+    assert np.allclose(logits.numpy(), ref["logits"], atol=1e-4) and np.allclose(pred.numpy(), ref["predicted_depth"],
+                                                                                  atol=1e-4)
 
 
 def test_bad_calibration_input_is_one_line(sources, tmp_path, capsys):
@@ -223,3 +243,54 @@ def test_calibration_images_from_a_glob_are_left_out_of_the_held_back_part(sourc
     assert len(chosen) == len(list(CAMVID.glob("val/0016E5_0796*.jpg"))) >= 4
     held = {Path(data.tasks["segmentation"].image(i)).resolve() for i in data.tasks["segmentation"].held}
     assert held and not held & chosen
+
+
+def int8_weights(path: Path) -> np.ndarray:
+    import onnx
+    from onnx import numpy_helper
+
+    model = onnx.load(str(path))
+    return np.concatenate([numpy_helper.to_array(i).ravel().astype(int) for i in model.graph.initializer
+                           if i.data_type == onnx.TensorProto.INT8])
+
+
+def test_int8_weights_are_7_bit_by_default_and_the_card_says_which_cpu_measured(seg_export, tmp_path):
+    """ONNX Runtime's u8 x s8 kernels on AVX2 without VNNI add pairs of products in int16, which clip
+    with 8-bit weights: the default graph has 7-bit weights (reduce_range), the same on any x86 CPU;
+    --int8-target vnni keeps 8 bits."""
+    from dptune.export.quantize import quantize_int8
+
+    portable = int8_weights(seg_export / "model_int8.onnx")
+    assert len(portable) > 1000 and np.abs(portable).max() <= 64
+    batches = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) for i in range(4)]
+    done = quantize_int8(seg_export / "model.onnx", tmp_path / "vnni.onnx", batches, target="vnni")
+    assert done["reduce_range"] is False and np.abs(int8_weights(tmp_path / "vnni.onnx")).max() > 64
+    import onnx
+
+    quantize_int8(seg_export / "model.onnx", tmp_path / "u8.onnx", batches, target="u8")  # u8 x u8: no int16 sums
+    types = {i.data_type for i in onnx.load(str(tmp_path / "u8.onnx")).graph.initializer}
+    assert onnx.TensorProto.UINT8 in types and onnx.TensorProto.INT8 not in types
+    meta = json.loads((seg_export / "dptune.json").read_text())["serving"]
+    assert meta["graphs"]["int8"]["reduce_range"] is True and meta["graphs"]["int8"]["target"] == "portable"
+    cpu = meta["measured_by"]["cpu"]
+    assert cpu["model"] and isinstance(cpu["flags"], list) and meta["measured_by"]["onnxruntime"]
+    card = (seg_export / "README.md").read_text()
+    assert f"Measured on {cpu['model']}" in card and "7-bit" in card
+
+
+def test_keep_float_names_are_model_onnx_node_names(seg_export, tmp_path):
+    """--int8-keep-float takes the names model.onnx shows (one that ONNX Runtime's pre-processing folds
+    away included); a name not in model.onnx is one line naming the file."""
+    import onnx
+
+    from dptune.export.quantize import quantize_int8
+
+    model = onnx.load(str(seg_export / "model.onnx"))
+    folded = next(n.name for n in model.graph.node if n.op_type == "Constant")
+    conv = [n.name for n in model.graph.node if n.op_type == "Conv"][3]
+    batches = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) for i in range(4)]
+    done = quantize_int8(seg_export / "model.onnx", tmp_path / "a.onnx", list(batches), exclude=[folded, conv])
+    assert conv in done["kept_float_nodes"]
+    with pytest.raises(ValueError, match="no node '/no/such/Conv' in .*model.onnx"):
+        quantize_int8(seg_export / "model.onnx", tmp_path / "b.onnx", list(batches), exclude=["/no/such/Conv"])
+    assert not (tmp_path / "b.onnx").exists()

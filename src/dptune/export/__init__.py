@@ -40,7 +40,7 @@ from torch import nn
 from dptune.errors import ConfigError
 from dptune.export.card import depth_card, model_card, multitask_card, training_precision, warn_backend
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
-from dptune.export.quantize import CALIBRATION_METHODS
+from dptune.export.quantize import CALIBRATION_METHODS, TARGETS
 from dptune.export.serving import ServingOptions
 from dptune.export.serving_data import DEFAULT_COUNT, CalibrationError
 from dptune.inference.onnx_runner import OnnxMissing
@@ -450,7 +450,12 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax",
                        help="how INT8 activation ranges are taken from the calibration images (default minmax)")
     serve.add_argument("--int8-keep-float", action="append", default=[], metavar="NODE",
-                       help="an ONNX node name to keep in float besides dptune's choice (repeatable)")
+                       help="a node name of model.onnx to keep in float besides dptune's choice (repeatable)")
+    serve.add_argument("--int8-target", choices=TARGETS, default="portable",
+                       help="portable (default): 7-bit weights (ONNX Runtime's reduce_range), the same results on any "
+                            "x86 CPU, AVX2 without VNNI included; vnni: full 8-bit weights, for CPUs with AVX512-VNNI, "
+                            "AVX-VNNI or AMX only (on AVX2 alone their int16 sums can clip); u8: full 8-bit uint8 weights, u8 x u8 "
+                            "kernels without the clipping on any CPU")
     serve.add_argument("--data", metavar="CONFIG",
                        help="train.py config whose data: section names the validation split (default: the run's "
                             "config.yaml beside checkpoints/); its held-back part measures every graph")
@@ -461,10 +466,14 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     serving = ServingOptions(int8=args.int8, fp16=args.onnx_fp16, temperature=args.calibrate_temperature,
                              calibration_images=args.calibration_images, data=args.data, count=args.calibration_count,
-                             method=args.calibration_method, keep_float=tuple(args.int8_keep_float))
+                             method=args.calibration_method, keep_float=tuple(args.int8_keep_float),
+                             target=args.int8_target)
     if not serving.any and (args.calibration_images or args.data or args.int8_keep_float):
         print("error: --calibration-images, --data and --int8-keep-float apply to --int8, --onnx-fp16 or "
               "--calibrate-temperature", file=sys.stderr)
+        return 2
+    if not args.int8 and (args.int8_keep_float or args.int8_target != "portable"):
+        print("error: --int8-keep-float and --int8-target apply to --int8", file=sys.stderr)
         return 2
     try:
         with torch.no_grad():

@@ -12,6 +12,14 @@
   outputs (float32, ``keep_io_types``), for GPUs (CUDA / TensorRT execution providers). On a CPU it
   runs, slower than fp32.
 
+Weights are quantized to 7 bits (``reduce_range``) by default, as ONNX Runtime recommends for x86
+CPUs without VNNI: there its u8 x s8 kernels (``VPMADDUBSW``) add pairs of products in 16 bits, which
+clip with full 8-bit weights; 7-bit weights cannot clip. The graph then gives the same figures on any
+x86 CPU. ``target="vnni"`` (``--int8-target vnni``) keeps the full 8-bit range, for CPUs with
+AVX512-VNNI / AVX-VNNI / AMX only (elsewhere its accuracy is not what was measured); ``target="u8"``
+(``--int8-target u8``) stores uint8 weights at the full 8-bit range, which ONNX Runtime's u8 x u8
+kernels multiply without 16-bit overflow on any CPU (ONNX Runtime's other remedy for non-VNNI CPUs).
+
 Both keep the fp32 graph's dynamic batch / height / width (a DPT-Hybrid graph takes its
 processor's size only, as its fp32 graph does)."""
 
@@ -35,6 +43,14 @@ KEPT_FLOAT = ("Only Conv and MatMul with weights run in int8 (weights per output
               "convolution (the normalised pixels) and the convolutions that compute the outputs (the node names "
               "are listed in dptune.json).")
 CALIBRATION_METHODS = ("minmax", "percentile", "entropy")
+# reduce_range on (7-bit int8 weights, any x86 CPU) / off (8-bit, VNNI or AMX CPUs only) / uint8 weights (any CPU)
+TARGETS = ("portable", "vnni", "u8")
+TARGET_WORDS = {"portable": "int8 per output channel, 7-bit range (reduce_range): no 16-bit overflow on AVX2 CPUs "
+                            "without VNNI, the same results on any x86 CPU",
+                "vnni": "int8 per output channel, full 8-bit range: for CPUs with AVX512-VNNI, AVX-VNNI or AMX only "
+                        "(AVX2 without VNNI adds products in 16 bits, which can clip)",
+                "u8": "uint8 per output channel, full 8-bit range (u8 x u8 kernels: no 16-bit overflow on any CPU; "
+                      "they do not use VNNI's u8 x s8 instructions)"}
 
 
 def _reader(batches: Iterable[np.ndarray], name: str):
@@ -97,9 +113,10 @@ def activation_matmuls(model) -> list[str]:
 
 
 def quantize_int8(fp32: Path, out: Path, batches: Iterable[np.ndarray], method: str = "minmax",
-                  exclude: list[str] | None = None) -> dict:
+                  exclude: list[str] | None = None, target: str = "portable") -> dict:
     """Write ``out`` (int8 QDQ) from the graph ``fp32`` calibrated on ``batches`` of ``pixel_values``;
-    returns what was done (for ``dptune.json``)."""
+    returns what was done (for ``dptune.json``). ``exclude``: node names of ``fp32`` (``model.onnx``)
+    kept in float besides dptune's choice; ``target``: see ``TARGETS``."""
     onnx = require_onnx("INT8 quantization")
     require_onnxruntime("INT8 quantization")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -107,17 +124,21 @@ def quantize_int8(fp32: Path, out: Path, batches: Iterable[np.ndarray], method: 
 
     if method not in CALIBRATION_METHODS:
         raise ValueError(f"calibration method must be one of {', '.join(CALIBRATION_METHODS)}, got {method!r}")
+    if target not in TARGETS:
+        raise ValueError(f"--int8-target must be one of {', '.join(TARGETS)}, got {target!r}")
+    # the names a user reads are model.onnx's (Netron, onnx.load); pre-processing keeps every Conv / MatMul name
+    names = {n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node}
+    unknown = [k for k in exclude or [] if k not in names]
+    if unknown:
+        raise ValueError(f"--int8-keep-float: no node {unknown[0]!r} in {fp32}")
     with tempfile.TemporaryDirectory(prefix="dptune-int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         # shape inference and ORT's graph optimisation (constant folding, fusions) first, as ORT asks:
         # a bias behind an Identity node (deduplicated weights) is otherwise not quantized with its Conv
         _quiet(lambda: quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True))
         model = onnx.load(str(pre))
-        kept = boundary_convs(model) + activation_matmuls(model) + list(exclude or [])
-        names = {n.name for n in model.graph.node}
-        unknown = [k for k in exclude or [] if k not in names]
-        if unknown:
-            raise ValueError(f"--int8-keep-float: no node {unknown[0]!r} in the graph")
+        kept = boundary_convs(model) + activation_matmuls(model)
+        kept += [k for k in exclude or [] if k not in kept]
         cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[method]
         extra: dict = {}
@@ -125,12 +146,13 @@ def quantize_int8(fp32: Path, out: Path, batches: Iterable[np.ndarray], method: 
             extra["CalibPercentile"] = 99.999
         _quiet(lambda: quantize_static(
             str(pre), str(out), _reader(batches, model.graph.input[0].name), quant_format=QuantFormat.QDQ,
-            op_types_to_quantize=QUANTIZED_OPS, per_channel=True, reduce_range=False,
-            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8, nodes_to_exclude=kept,
+            op_types_to_quantize=QUANTIZED_OPS, per_channel=True, reduce_range=target == "portable",
+            activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if target == "u8" else QuantType.QInt8,
+            nodes_to_exclude=kept,
             calibrate_method=cm, extra_options=extra))
     quantized = sum(1 for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "QuantizeLinear")
-    return {"file": out.name, "format": "QDQ", "activations": "uint8 (per tensor)", "weights": "int8 (per channel)",
-            "calibration_method": method, "quantized_op_types": QUANTIZED_OPS, "kept_float_nodes": kept,
+    return {"file": out.name, "format": "QDQ", "activations": "uint8 (per tensor)", "weights": TARGET_WORDS[target],
+            "target": target, "reduce_range": target == "portable", "per_channel": True, "calibration_method": method, "quantized_op_types": QUANTIZED_OPS, "kept_float_nodes": kept,
             "quantize_nodes": quantized}
 
 

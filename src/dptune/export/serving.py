@@ -39,6 +39,7 @@ class ServingOptions:
     count: int = DEFAULT_COUNT
     method: str = "minmax"
     keep_float: tuple[str, ...] = ()
+    target: str = "portable"  # INT8 weights: 7-bit (any x86 CPU) or "vnni" (full 8-bit; VNNI / AMX CPUs only)
 
     @property
     def any(self) -> bool:
@@ -110,7 +111,7 @@ def write_graphs(fp32: Path, processor, data: ServingData | None, options: Servi
     if options.int8:
         batches = (prepare(processor, p) for p in data.calibration)
         done["int8"] = quantize_int8(fp32, fp32.parent / GRAPHS["int8"], batches, options.method,
-                                     list(options.keep_float))
+                                     list(options.keep_float), options.target)
         done["int8"].update(calibration_images=len(data.calibration),
                             calibration_source=data.glob or f"validation split of {data.where} (fit part)")
         log.info("INT8 graph: %s calibrated on %d images (%s); kept in float: %s", GRAPHS["int8"],
@@ -143,6 +144,7 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
             precisions: list[str], joint: bool) -> dict:
     """Each graph in ``folder`` (``precisions``) and the fp32 torch model scored on the held-back
     images of each task; returns ``{task: {"images": n, "torch": {...}, "fp32": {...}, ...}}``."""
+    from dptune.export.temperature import ECEBins
     from dptune.metrics.depth import DepthMetrics, valid_depth
     from dptune.metrics.segmentation import metrics_from_confmat
 
@@ -155,6 +157,7 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
             c = labels.num_classes
             conf = {n: np.zeros((c, c), np.int64) for n in names}
             agree = dict.fromkeys(names, 0)
+            calibration = {n: ECEBins() for n in names}  # of what each graph serves: T was fitted on fp32 logits
             pixels = 0
             for i in part.held:
                 image, raw, name = part.source.load(i)
@@ -167,9 +170,12 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
                 for n, o in outs.items():
                     if o is None:
                         continue
-                    pred = F.interpolate(torch.from_numpy(o["logits"]), size=mask.shape, mode="bilinear",
-                                         align_corners=False)[0].argmax(0)
+                    up = F.interpolate(torch.from_numpy(o["logits"]), size=mask.shape, mode="bilinear",
+                                       align_corners=False)[0]
+                    pred = up.argmax(0)
                     base = pred if n == "torch" else base
+                    labelled = torch.from_numpy(ok)
+                    calibration[n].add(up.double().softmax(0).amax(0)[labelled], pred[labelled] == target)
                     agree[n] += int((pred == base).sum())
                     conf[n] += np.bincount((target * c + pred[torch.from_numpy(ok)]).numpy(),
                                            minlength=c * c).reshape(c, c)
@@ -181,7 +187,7 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
                     continue
                 m = metrics_from_confmat(torch.from_numpy(conf[n]))
                 task_out[n] = {"mIoU": float(m["mIoU"]), "pixel_acc": float(m["pixel_acc"]),
-                               "agreement_with_torch": agree[n] / max(pixels, 1)}
+                               "agreement_with_torch": agree[n] / max(pixels, 1), "ece": calibration[n].value()}
         else:
             depth = meta.get("depth", {}) or {}
             lo, hi = float(depth.get("min_depth") or 1e-3), depth.get("max_depth")
@@ -252,7 +258,8 @@ def serving_card(serving: dict, dynamic: bool, command: str | None = None) -> st
         if "int8" in graphs:
             g = graphs["int8"]
             lines += ["", f"INT8: calibrated on {g['calibration_images']} images ({g['calibration_source']}), "
-                      f"{g['calibration_method']} ranges. {KEPT_FLOAT}"]
+                      f"{g['calibration_method']} ranges; weights {g.get('weights', 'int8 (per channel)')}. "
+                      f"{KEPT_FLOAT}"]
     measured = serving.get("measured")
     if measured:
         lines += ["", "### What each graph costs (measured at export)", "",
@@ -263,17 +270,18 @@ def serving_card(serving: dict, dynamic: bool, command: str | None = None) -> st
             lines.append("")
             if task == "segmentation":
                 lines += [f"Segmentation, {rows['images']} held-back images:", "",
-                          "| model | mIoU | pixel accuracy | mIoU change | pixels agreeing with torch |",
-                          "| --- | --- | --- | --- | --- |"]
+                          "| model | mIoU | pixel accuracy | mIoU change | pixels agreeing with torch | ECE |",
+                          "| --- | --- | --- | --- | --- | --- |"]
                 for n, r in rows.items():
                     if n == "images":
                         continue
                     if "skipped" in r:
-                        lines.append(f"| {n} | {r['skipped']} | | | |")
+                        lines.append(f"| {n} | {r['skipped']} | | | | |")
                         continue
                     change = "-" if n == "torch" else f"{100 * r.get('mIoU_relative_change', 0):+.2f}%"
+                    ece = f"{r['ece']:.4f}" if r.get("ece") is not None else "-"
                     lines.append(f"| {n} | {r['mIoU']:.4f} | {r['pixel_acc']:.4f} | {change} | "
-                                 f"{100 * r['agreement_with_torch']:.2f}% |")
+                                 f"{100 * r['agreement_with_torch']:.2f}% | {ece} |")
             else:
                 lines += [f"Depth, {rows['images']} held-back images:", "",
                           "| model | AbsRel | delta1 | AbsRel change | mean relative difference to torch |",
@@ -287,6 +295,20 @@ def serving_card(serving: dict, dynamic: bool, command: str | None = None) -> st
                     change = "-" if n == "torch" else f"{100 * r.get('abs_rel_relative_change', 0):+.2f}%"
                     lines.append(f"| {n} | {r['abs_rel']:.4f} | {r['delta1']:.4f} | {change} | "
                                  f"{100 * r['rel_difference_to_torch']:.3f}% |")
+    if measured and any("segmentation" == t for t in measured):
+        lines += ["", "ECE: expected calibration error of each graph's top-1 softmax confidence (15 equal-width bins, "
+                  "every labelled pixel of the held-back images): the confidence each graph serves."]
+    by = serving.get("measured_by")
+    if measured and by:
+        cpu = by.get("cpu", {})
+        vnni = {True: "has VNNI", False: "no VNNI: int8 products are added in 16 bits", None: "not x86"}[cpu.get("vnni")]
+        flags = ", ".join(cpu.get("flags") or []) or "no SIMD flags read"
+        lines += ["", f"Measured on {cpu.get('model', 'an unknown CPU')} ({flags}; {vnni}), "
+                  f"ONNX Runtime {by.get('onnxruntime')}."]
+    for task, command in (serving.get("reproduce") or {}).items():
+        lines += ["", f"Reproduce the {task} int8 row on the same held-back images (listed in `dptune.json`, "
+                  "`serving.data`; `--backend torch`, `onnx` or `onnx-fp16` for the other rows):", "",
+                  f"    {command.replace('EXPORT_DIR', '<this dir>')}"]
     cal = serving.get("calibration")
     if cal:
         lines += ["", "## Calibrated confidence", "",
@@ -359,14 +381,54 @@ def prepare_export(got: dict, src: str, options: ServingOptions) -> dict:
 
 
 def serve(got: dict, model: nn.Module, fp32: Path, joint: bool) -> dict:
-    """The serving graphs beside ``fp32`` and every graph's measured cost (for ``dptune.json``)."""
+    """The serving graphs beside ``fp32`` and every graph's measured cost (for ``dptune.json``): the
+    images it was measured and calibrated on, the machine that measured it and the commands that
+    reproduce the figures."""
+    from dptune.inference.onnx_runner import cpu_info, require_onnxruntime
+
     s = got["serving"]
     options, data = s["options"], s["data"]
     graphs = write_graphs(fp32, got["processor"], data, options) if (options.int8 or options.fp16) else {}
     measured = measure(model, got["processor"], got.get("labels"), got.get("meta") or {}, data, fp32.parent,
                        ["fp32", *graphs], joint)
-    return {"graphs": graphs, "measured": measured, "measured_on": f"held-back part of the validation split of "
-                                                                   f"{data.where}"}
+    return {"graphs": graphs, "measured": measured,
+            "measured_on": f"held-back part of the validation split of {data.where}",
+            "measured_by": {"cpu": cpu_info(), "onnxruntime": require_onnxruntime().__version__},
+            "data": data_record(data, options), "reproduce": reproduce_commands(data)}
+
+
+def data_record(data: ServingData, options: ServingOptions) -> dict:
+    """Which images calibrated and which measured (paths relative to each task's data root)."""
+    out: dict = {"config": data.where, "split": "val"}
+    for task, part in data.tasks.items():
+        out[task] = {"root": part.root, "held_back": part.relative(part.held)}
+        if not data.glob or options.temperature:  # the fit part calibrated INT8 or fitted the temperature
+            out[task]["fit"] = part.relative(part.fit)
+    if data.glob:
+        out["calibration_images"] = {"glob": data.glob, "images": [Path(p).as_posix() for p in data.calibration]}
+    return out
+
+
+def reproduce_commands(data: ServingData) -> dict[str, str]:
+    """Per task, the ``evaluate`` command that scores exactly the held-back images (the int8 row;
+    ``--backend`` torch / onnx / onnx-fp16 for the others)."""
+    import shlex
+
+    out = {}
+    for task, part in data.tasks.items():
+        sec, split = part.section, (part.section.get("splits") or {}).get("val") or {}
+        if task == "segmentation" and len(data.tasks) == 1:
+            where = f"--config {shlex.quote(data.where)}"
+        elif task == "segmentation":
+            labels = sec.get("labels") if isinstance(sec.get("labels"), str) else "LABELS.yaml"
+            where = (f"--root {shlex.quote(part.root)} --images {shlex.quote(split.get('images', ''))} "
+                     f"--masks {shlex.quote(split.get('masks', ''))} --labels {shlex.quote(labels)}")
+        else:
+            scale = sec.get("depth_scale")
+            where = (f"--root {shlex.quote(part.root)} --images {shlex.quote(split.get('images', ''))} "
+                     f"--depth {shlex.quote(split.get('depth', ''))}" + (f" --depth-scale {scale:g}" if scale else ""))
+        out[task] = f"dptune evaluate --model EXPORT_DIR {where} --backend onnx-int8 --held-back"
+    return out
 
 
 def serving_sections(got: dict, model: nn.Module, served: dict, dynamic: bool) -> str:
@@ -388,6 +450,10 @@ def record_joint(out: Path, served: dict) -> None:
         if not path.is_file() or task not in served.get("measured", {}):
             continue
         meta = json.loads(path.read_text())
+        data = served.get("data") or {}
         meta["serving"] = {**meta.get("serving", {}), "graphs_in": "..", "graphs": served["graphs"],
-                           "measured": {task: served["measured"][task]}, "measured_on": served["measured_on"]}
+                           "measured": {task: served["measured"][task]}, "measured_on": served["measured_on"],
+                           "measured_by": served.get("measured_by"),
+                           "data": {k: v for k, v in data.items() if k not in ("segmentation", "depth") or k == task},
+                           "reproduce": {task: (served.get("reproduce") or {}).get(task)}}
         path.write_text(json.dumps(meta, indent=2, default=str))

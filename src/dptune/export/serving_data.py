@@ -37,9 +37,21 @@ class TaskData:
     source: object  # FolderSource / DepthFolderSource
     fit: list[int] = field(default_factory=list)
     held: list[int] = field(default_factory=list)
+    root: str = "."  # the data root the split's paths are relative to
+    section: dict = field(default_factory=dict)  # the config's data section of this task (evaluate's options)
 
     def image(self, i: int) -> str:
         return self.source.images[i]
+
+    def relative(self, indices: list[int]) -> list[str]:
+        """The images ``indices`` as paths relative to the data root (as the config names them)."""
+        return [relative_to(self.image(i), self.root) for i in indices]
+
+
+def relative_to(path: str, root: str) -> str:
+    """``path`` relative to ``root`` when it lies under it, else absolute (POSIX separators)."""
+    rel = os.path.relpath(os.path.abspath(path), os.path.abspath(root))
+    return Path(os.path.abspath(path)).as_posix() if rel.startswith("..") else Path(rel).as_posix()
 
 
 @dataclass
@@ -151,6 +163,7 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
             raise CalibrationError(f"{config}: no data.{t} section for the joint model's {t} split")
         share = count if task != "multitask" else max(MIN_IMAGES, count // 2)
         tasks[t] = cut(_val_source(section, t, config), share, t, str(config))
+        tasks[t].root, tasks[t].section = str(section.get("root") or "."), section
     if pattern:
         calibration = glob_images(pattern, count)
         chosen = {os.path.realpath(p) for p in calibration}
@@ -173,3 +186,51 @@ def prepare(processor, path_or_image) -> np.ndarray:
 
     image = read_image(path_or_image) if isinstance(path_or_image, (str, Path)) else path_or_image
     return np.asarray(processor(images=image, return_tensors="np")["pixel_values"], dtype=np.float32)
+
+
+def held_back_images(model_dir: str | Path, task: str) -> tuple[str, list[str]]:
+    """The data root and the images (relative to it) an export's serving graphs were measured on for
+    ``task`` (its ``dptune.json``: ``serving.data.<task>``; of a joint export, its part's); one line when
+    the export records none."""
+    import json
+
+    d = Path(model_dir)
+    if not d.is_dir():
+        raise CalibrationError(f"--held-back: {d} is not an exported directory; the held-back images are listed in "
+                               "an export's dptune.json")
+    for meta_path in (d / "dptune.json", d / task / "dptune.json"):
+        if not meta_path.is_file():
+            continue
+        try:
+            data = ((json.loads(meta_path.read_text()).get("serving") or {}).get("data") or {}).get(task) or {}
+        except (OSError, ValueError, AttributeError):
+            data = {}
+        if data.get("held_back"):
+            return str(data.get("root") or "."), list(data["held_back"])
+    raise CalibrationError(f"--held-back: {d} records no held-back {task} images (export it with --int8, --onnx-fp16 "
+                           "or --calibrate-temperature, which measure on them)")
+
+
+def keep_held_back(source, source_root: str, model_dir: str | Path, task: str):
+    """``source`` (a folder source of images and masks or depth maps) cut to the export's held-back
+    ``task`` images, matched by their path relative to the data root (or the recorded root's file);
+    one line when one of them is not in ``source``."""
+    root, held = held_back_images(model_dir, task)
+    want = {rel: i for i, rel in enumerate(held)}
+    real = {os.path.realpath(os.path.join(root, rel)): rel for rel in held}
+    keep: dict[str, int] = {}
+    for i, image in enumerate(source.images):
+        rel = relative_to(image, source_root)
+        hit = rel if rel in want else real.get(os.path.realpath(image))
+        if hit is not None and hit not in keep:
+            keep[hit] = i
+    missing = [rel for rel in held if rel not in keep]
+    if missing:
+        raise CalibrationError(f"--held-back: {len(missing)} of the {len(held)} held-back {task} images of {model_dir} "
+                               f"are not among the images given (first: {missing[0]}, relative to {root})")
+    order = [keep[rel] for rel in held]
+    for attr in ("images", "masks", "depths"):
+        values = getattr(source, attr, None)
+        if values:
+            setattr(source, attr, [values[i] for i in order])
+    return source

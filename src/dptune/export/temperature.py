@@ -84,14 +84,36 @@ def ece(logits: torch.Tensor, labels: torch.Tensor, temperature: float = 1.0, bi
     prob = torch.softmax(logits.double() / temperature, dim=1)
     conf, pred = prob.max(1)
     correct = (pred == labels).double()
-    edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
-    which = torch.bucketize(conf, edges[1:-1], right=True)  # bin i holds (edges[i], edges[i+1]]
-    total = 0.0
-    for b in range(bins):
-        sel = which == b
-        if sel.any():
-            total += float(sel.double().mean() * (correct[sel].mean() - conf[sel].mean()).abs())
-    return total
+    acc = ECEBins(bins)
+    acc.add(conf, correct)
+    return acc.value()
+
+
+class ECEBins:
+    """Expected calibration error gathered over images: per equal-width confidence bin, the pixel count
+    and the sums of confidence and of correctness. Bin ``i`` holds confidences in ``[i/bins, (i+1)/bins)``,
+    the last bin also 1.0 (``bucketize(..., right=True)`` on the inner edges)."""
+
+    def __init__(self, bins: int = BINS) -> None:
+        self.bins = bins
+        self.edges = torch.linspace(0, 1, bins + 1, dtype=torch.float64)
+        self.count = torch.zeros(bins, dtype=torch.float64)
+        self.conf = torch.zeros(bins, dtype=torch.float64)
+        self.correct = torch.zeros(bins, dtype=torch.float64)
+
+    def add(self, confidence: torch.Tensor, correct: torch.Tensor) -> None:
+        confidence = confidence.double().reshape(-1)
+        which = torch.bucketize(confidence, self.edges[1:-1], right=True)
+        self.count += torch.bincount(which, minlength=self.bins).double()
+        self.conf += torch.bincount(which, confidence, minlength=self.bins)
+        self.correct += torch.bincount(which, correct.double().reshape(-1), minlength=self.bins)
+
+    def value(self) -> float:
+        n = float(self.count.sum())
+        if not n:
+            return float("nan")
+        used = self.count > 0
+        return float(((self.correct[used] - self.conf[used]).abs()).sum() / n)
 
 
 def calibration_report(fit: tuple[torch.Tensor, torch.Tensor], held: tuple[torch.Tensor, torch.Tensor],

@@ -225,6 +225,10 @@ def evaluate_depth(args) -> int:
         raise ConfigError(f"--depth-scale must be a positive number of stored values per metre, got {args.depth_scale}")
     source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale,
                                negative=getattr(args, "negative_depth", "error"))
+    if getattr(args, "held_back", False):  # the export's held-back images only (evaluate --held-back)
+        from dptune.export.serving_data import keep_held_back
+
+        source = keep_held_back(source, args.root or ".", args.model, "depth")
     if args.json:
         refuse_output(args.json, "--json", [*source.images, *source.depths], args, json_is_ours)
     predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code,

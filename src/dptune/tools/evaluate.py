@@ -153,6 +153,16 @@ def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool | str, s
     return confmat
 
 
+def held_back(source, args, task: str):
+    """``source`` cut to the export's held-back ``task`` images (``--held-back``)."""
+    from dptune.export.serving_data import keep_held_back
+
+    if not hasattr(source, "images"):
+        raise DataError("--held-back: the images are not a folder split (give --config with a folder split, or "
+                        "--images and --masks)")
+    return keep_held_back(source, getattr(source, "root", None) or args.root or ".", args.model, task)
+
+
 def report(confmat: np.ndarray, names: list[str]) -> dict:
     m = metrics_from_confmat(torch.from_numpy(confmat))
     out = {"mIoU": float(m["mIoU"]), "pixel_acc": float(m["pixel_acc"]), "mAcc": float(m["mAcc"]),
@@ -178,6 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "onnx-fp16"], default="torch",
                     help="run the export's ONNX graph instead of torch: onnx (model.onnx), onnx-int8 "
                          "(model_int8.onnx), onnx-fp16 (model_fp16.onnx); --model must be an exported directory")
+    ap.add_argument("--held-back", action="store_true",
+                    help="score only the images an export's serving graphs were measured on (listed in its "
+                         "dptune.json by export --int8 / --onnx-fp16 / --calibrate-temperature): with --backend "
+                         "onnx-int8 it reproduces the card's int8 figures; the images must be among those given")
     ap.add_argument("--json", help="write the scores here (not among the inputs)")
     ap.add_argument("--confusion", help="write a row-normalised confusion-matrix picture here (.png; not among the "
                                         "inputs)")
@@ -207,6 +221,8 @@ def main(argv: list[str] | None = None) -> int:
         if task == "depth" or (task == "multitask" and args.depth):  # a joint model: the part the labels score
             return evaluate_depth(args)
         source, labels = _source_and_labels(args)
+        if args.held_back:
+            source = held_back(source, args, "segmentation")
         for path, flag, is_ours in ((args.json, "--json", json_is_ours),
                                     (args.confusion, "--confusion", confusion_is_ours)):
             if path:
