@@ -233,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--joint", action="store_true",
                     help="inference instead: one segmentation + depth DPT against the two single-task models")
     ap.add_argument("--json", help="write results here")
+    ap.add_argument("--infer", metavar="EXPORT_DIR",
+                    help="time an export's inference instead (torch eager / compiled, ONNX Runtime fp32 / int8 / fp16); "
+                         "its own options: dptune benchmark --infer EXPORT_DIR --help")
     args = ap.parse_args(argv)
     import tempfile
 

@@ -6,13 +6,18 @@ CUDA / TensorRT execution providers where present), in one run on one machine.
 For each engine: batch-1 latency (p50, p95 over ``--runs`` timed runs after ``--warmup``) at the
 export's size and at a non-square size (the export's height x 1.5 its width, rounded to the patch
 size; a graph that takes one size only is timed at it alone), and batch-N throughput (images/s) at
-the export's size. ``torch.compile``'s compile time is reported apart from its runs (or why it did
-not compile). The CPU (lscpu model name, avx2 / avx512 / vnni flags), the threads and the versions
-are printed with the figures as one JSON document. Inputs are random ``pixel_values``: speed does
-not depend on the pixels.
+the export's size. The engines are interleaved: each timed run goes round every engine once (the
+starting engine rotating), so a change in the machine's load falls on every engine alike instead of
+on whichever ran at the time. Per engine and size, ``cpu_per_wall`` is the process CPU time over the
+wall time of its runs: about the thread count on an idle machine, lower when other processes take
+the cores; the 1-minute load average before and after is recorded too. ``torch.compile``'s compile
+time is reported apart from its runs (or why it did not compile). For a joint export torch runs the
+joint model (one backbone pass, both heads), as the ONNX graph does. The CPU (model name, avx2 / avx512 /
+vnni / amx flags), the threads and the versions are printed with the figures as one JSON document.
+Inputs are random ``pixel_values``: speed does not depend on the pixels.
 
-The threads: ``--threads`` (default: ``OMP_NUM_THREADS``, else the cores this process may use) for
-torch's intra-op pool and ONNX Runtime's ``intra_op_num_threads`` alike."""
+The threads: ``--threads`` (default: ``OMP_NUM_THREADS``, else the cores this process may use), the
+same number for torch's intra-op pool and ONNX Runtime's ``intra_op_num_threads``."""
 
 from __future__ import annotations
 
@@ -28,24 +33,7 @@ import numpy as np
 import torch
 
 from dptune.errors import ConfigError
-
-
-def cpu_info() -> dict:
-    """The CPU's model name and the SIMD flags that decide int8 and bf16 speed (Linux: lscpu)."""
-    info = {"machine": platform.machine(), "cores_usable": len(os.sched_getaffinity(0))
-            if hasattr(os, "sched_getaffinity") else os.cpu_count()}
-    flags: set[str] = set()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name") and "model" not in info:
-                info["model"] = line.split(":", 1)[1].strip()
-            if line.startswith("flags") and not flags:
-                flags = set(line.split(":", 1)[1].split())
-    except OSError:
-        info["model"] = platform.processor() or "unknown"
-    info["flags"] = sorted(f for f in flags if f in ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni",
-                                                     "avx512_bf16", "amx_int8", "amx_bf16"))
-    return info
+from dptune.inference.onnx_runner import cpu_info
 
 
 def versions() -> dict:
@@ -58,26 +46,40 @@ def versions() -> dict:
     return out
 
 
-def timed(fn, x, warmup: int, runs: int) -> dict:
+def load_average() -> float | None:
+    try:
+        return float(os.getloadavg()[0])
+    except (OSError, AttributeError):
+        return None
+
+
+def interleaved(fns: dict, x: np.ndarray, warmup: int, runs: int) -> dict[str, dict]:
+    """Time every engine of ``fns`` on ``x``, ``runs`` rounds each going once round the engines (the
+    first engine rotating); per engine the wall times and the process CPU time they took."""
+    names = list(fns)
     for _ in range(warmup):
-        fn(x)
-    ts = []
-    for _ in range(runs):
-        t = time.perf_counter()
-        fn(x)
-        ts.append(time.perf_counter() - t)
-    ms = np.array(ts) * 1000
-    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "runs": runs}
+        for n in names:
+            fns[n](x)
+    wall = {n: [] for n in names}
+    cpu = dict.fromkeys(names, 0.0)
+    for r in range(runs):
+        for n in names[r % len(names):] + names[:r % len(names)]:
+            c, t = time.process_time(), time.perf_counter()
+            fns[n](x)
+            wall[n].append(time.perf_counter() - t)
+            cpu[n] += time.process_time() - c
+    return {n: {"wall_s": wall[n], "cpu_per_wall": cpu[n] / max(sum(wall[n]), 1e-12)} for n in names}
 
 
-def throughput(fn, x, warmup: int, runs: int) -> dict:
-    for _ in range(max(1, warmup // 2)):
-        fn(x)
-    t = time.perf_counter()
-    for _ in range(runs):
-        fn(x)
-    dt = time.perf_counter() - t
-    return {"images_per_s": x.shape[0] * runs / dt, "batch": int(x.shape[0]), "runs": runs}
+def latency(got: dict) -> dict:
+    ms = np.array(got["wall_s"]) * 1000
+    return {"p50_ms": float(np.percentile(ms, 50)), "p95_ms": float(np.percentile(ms, 95)), "runs": len(ms),
+            "cpu_per_wall": got["cpu_per_wall"]}
+
+
+def throughput(got: dict, batch: int) -> dict:
+    return {"images_per_s": batch * len(got["wall_s"]) / sum(got["wall_s"]), "batch": batch,
+            "runs": len(got["wall_s"]), "cpu_per_wall": got["cpu_per_wall"]}
 
 
 def sizes(export: Path, model) -> tuple[tuple[int, int], tuple[int, int]]:
@@ -90,13 +92,28 @@ def sizes(export: Path, model) -> tuple[tuple[int, int], tuple[int, int]]:
 
 
 def task_dir(export: Path) -> Path:
-    """The directory holding the torch model (a joint export: its segmentation part, run with its
-    graph at the top; the torch timing then covers that part alone, said in the output)."""
+    """The directory holding the torch model (a joint export: its segmentation part; the depth part
+    is loaded beside it, see ``torch_model``)."""
     if (export / "config.json").is_file():
         return export
     if (export / "segmentation" / "config.json").is_file():
         return export / "segmentation"
     raise ConfigError(f"{export}: not a dptune export (no config.json)")
+
+
+def torch_model(export: Path, part: Path) -> torch.nn.Module:
+    """``pixel_values -> output(s)`` in torch: the export's model, or for a joint export both parts as
+    one joint model (the depth part on the segmentation part's backbone, whose weights it shares)."""
+    from dptune.export.onnx import JointOutputs, TaskOutput
+    from dptune.models import load_exported
+
+    model = load_exported(str(part)).eval().float()
+    if part == export:
+        return TaskOutput(model).eval()
+    from dptune.models.joint import JointDPT
+
+    depth = load_exported(str(export / "depth")).eval().float()
+    return JointOutputs(JointDPT(model, depth)).eval()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -123,61 +140,50 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(export: Path, args) -> dict:
-    from dptune.export.onnx import TaskOutput
     from dptune.inference.onnx_runner import GRAPHS, OnnxGraph, require_onnxruntime
-    from dptune.models import load_exported
 
     if not export.is_dir():
         raise ConfigError(f"{export}: not a directory")
     threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
     torch.set_num_threads(threads)
     part = task_dir(export)
-    model = load_exported(str(part)).eval().float()
-    square, wide = sizes(part, model)
+    wrapper = torch_model(export, part)
+    from dptune.models import load_exported
+
+    square, wide = sizes(part, load_exported(str(part)))
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    out: dict = {"export": str(export), "threads": threads, "cpu": cpu_info(), "versions": versions(),
+    out: dict = {"export": str(export), "threads": threads,
+                 "threads_note": "the same count for torch (set_num_threads) and ONNX Runtime (intra_op_num_threads)",
+                 "cpu": cpu_info(), "versions": versions(),
                  "sizes": {"export": list(square), "non_square": list(wide)}, "batch": args.batch, "engines": {},
-                 "command": " ".join(sys.argv)}
+                 "timing": "interleaved: each run goes round every engine once", "command": " ".join(sys.argv)}
     if part != export:
-        out["note"] = "joint export: torch times its segmentation part; ONNX graphs compute both outputs"
+        out["note"] = "joint export: torch runs the joint model (both heads, one backbone pass), as the ONNX graphs do"
     rng = np.random.default_rng(0)
 
     def inputs(b: int, hw: tuple[int, int]) -> np.ndarray:
         return rng.standard_normal((b, 3, *hw)).astype(np.float32)
 
-    def measure(fn, fixed: tuple[int, int] | None = None) -> dict:
-        res = {}
-        for name, hw in (("export_size", square), ("non_square", wide)):
-            if fixed and tuple(hw) != tuple(fixed):
-                res[name] = {"skipped": f"the graph takes {fixed[0]}x{fixed[1]} only"}
-                continue
-            res[name] = timed(fn, inputs(1, hw), args.warmup, args.runs)
-        res["throughput"] = throughput(fn, inputs(args.batch, square), args.warmup, max(3, args.runs // args.batch))
-        return res
-
-    wrapper = TaskOutput(model).eval()
+    fns: dict = {}  # engine -> (run on a numpy batch, the one size it takes or None)
     if "eager" in engines:
-        with torch.inference_mode():
-            out["engines"]["torch-eager"] = measure(lambda x: wrapper(torch.from_numpy(x)))
+        fns["torch-eager"] = (lambda x: wrapper(torch.from_numpy(x)), None)
     if "compiled" in engines:
         try:
             compiled = torch.compile(wrapper, dynamic=True)
             t = time.perf_counter()
             with torch.inference_mode():
                 compiled(torch.from_numpy(inputs(1, square)))
-                compile_s = time.perf_counter() - t
-                res = measure(lambda x: compiled(torch.from_numpy(x)))
-            out["engines"]["torch-compiled"] = {"compile_s": compile_s, **res}
+            out["engines"]["torch-compiled"] = {"compile_s": time.perf_counter() - t}
+            fns["torch-compiled"] = (lambda x: compiled(torch.from_numpy(x)), None)
         except Exception as e:  # no C compiler, an unsupported op: say why, time the rest
             out["engines"]["torch-compiled"] = {"skipped": f"torch.compile failed: {str(e).splitlines()[0][:200]}"}
     ort = require_onnxruntime("the ONNX Runtime timings")
     available = ort.get_available_providers()
     out["onnxruntime_providers"] = available
-    graph_dir = export
     for precision in ("fp32", "int8", "fp16"):
         if f"ort-{precision}" not in engines:
             continue
-        path = graph_dir / GRAPHS[precision]
+        path = export / GRAPHS[precision]
         if not path.is_file():
             out["engines"][f"ort-{precision}"] = {"skipped": f"no {path.name} in the export"}
             continue
@@ -193,7 +199,20 @@ def run(export: Path, args) -> dict:
         for prov in providers:
             g = OnnxGraph(path, providers=prov, threads=threads)
             key = f"ort-{precision}" + ("" if prov[0] == "CPUExecutionProvider" else f"-{prov[0].removesuffix('ExecutionProvider').lower()}")
-            out["engines"][key] = {"file": path.name, **measure(g, g.fixed_size)}
+            out["engines"][key] = {"file": path.name}
+            fns[key] = (g, g.fixed_size)
+    out["load_average_1min"] = {"before": load_average()}
+    with torch.inference_mode():
+        for name, hw, batch in (("export_size", square, 1), ("non_square", wide, 1), ("throughput", square, args.batch)):
+            runs = args.runs if batch == 1 else max(3, args.runs // args.batch)
+            able = {k: f for k, (f, fixed) in fns.items() if not fixed or tuple(fixed) == tuple(hw)}
+            for k, (_, fixed) in fns.items():
+                if k not in able:
+                    out["engines"][k][name] = {"skipped": f"the graph takes {fixed[0]}x{fixed[1]} only"}
+            got = interleaved(able, inputs(batch, hw), args.warmup if batch == 1 else max(1, args.warmup // 2), runs)
+            for k, g in got.items():
+                out["engines"].setdefault(k, {})[name] = latency(g) if batch == 1 else throughput(g, batch)
+    out["load_average_1min"]["after"] = load_average()
     eager = out["engines"].get("ort-fp32", {}).get("export_size", {}).get("p50_ms")
     int8 = out["engines"].get("ort-int8", {}).get("export_size", {}).get("p50_ms")
     if eager and int8:
