@@ -305,10 +305,10 @@ def serving_card(serving: dict, dynamic: bool, command: str | None = None) -> st
         flags = ", ".join(cpu.get("flags") or []) or "no SIMD flags read"
         lines += ["", f"Measured on {cpu.get('model', 'an unknown CPU')} ({flags}; {vnni}), "
                   f"ONNX Runtime {by.get('onnxruntime')}."]
-    for task, command in (serving.get("reproduce") or {}).items():
+    for task, evaluate in (serving.get("reproduce") or {}).items():
         lines += ["", f"Reproduce the {task} int8 row on the same held-back images (listed in `dptune.json`, "
                   "`serving.data`; `--backend torch`, `onnx` or `onnx-fp16` for the other rows):", "",
-                  f"    {command.replace('EXPORT_DIR', '<this dir>')}"]
+                  f"    {evaluate.replace('EXPORT_DIR', '<this dir>')}"]
     cal = serving.get("calibration")
     if cal:
         lines += ["", "## Calibrated confidence", "",
