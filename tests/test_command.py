@@ -35,3 +35,38 @@ def test_the_installed_console_script_runs(tmp_path):
         pytest.skip("dptune is not installed as a console script in this environment (pip install -e .)")
     proc = subprocess.run([exe, "predict", "--help"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0 and "usage: dptune predict" in proc.stdout, proc.stderr[-2000:]
+
+
+@pytest.mark.slow
+def test_a_ddp_fit_through_the_console_script_finishes(tmp_path):
+    """``dptune fit`` set sys.argv[0] to "dptune"; Lightning starts the other DDP processes by running
+    ``python abspath(sys.argv[0])`` again: "can't open file .../dptune", and rank 0 waited forever."""
+    import json
+    import os
+    import signal
+    from pathlib import Path
+
+    from conftest import REPO
+
+    exe = Path(sys.executable).parent / "dptune"
+    if not exe.is_file():
+        pytest.skip("dptune is not installed as a console script in this environment (pip install -e .)")
+    splits = {"train": {"count": 8, "seed": 0, "size": [64, 64]}, "val": {"count": 4, "seed": 1, "size": [64, 64]}}
+    run = tmp_path / "run"
+    args = ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--data.splits", json.dumps(splits),
+            "--data.image_size", "64", "--data.crop_size", "64", "--data.batch_size", "2",
+            "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(run), "--trainer.logger", "false",
+            "--trainer.enable_progress_bar", "false", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp", "--trainer.precision", "32-true"]
+    env = dict(os.environ, WANDB_MODE="offline", OMP_NUM_THREADS="1", PL_TORCH_DISTRIBUTED_BACKEND="gloo")
+    proc = subprocess.Popen([str(exe), *args], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, start_new_session=True)
+    try:
+        out, err = proc.communicate(timeout=150)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        out, err = proc.communicate()
+        pytest.fail(f"the DDP fit hung:\n{err[-3000:]}")
+    assert proc.returncode == 0, err[-3000:]
+    assert "can't open file" not in err
+    assert (run / "checkpoints" / "last.ckpt").is_file()

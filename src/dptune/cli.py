@@ -200,12 +200,13 @@ class DPTuneCLI(LightningCLI):
         # no predict: dptune's tasks have no predict loop; scripts/predict.py writes predictions
         return {k: v for k, v in LightningCLI.subcommands().items() if k != "predict"}
 
-    def __init__(self, *args: Any, task: str = "segmentation", **kwargs: Any) -> None:
+    def __init__(self, *args: Any, task: str = "segmentation", prog: str | None = None, **kwargs: Any) -> None:
         self.task = task
         kwargs.setdefault("trainer_class", DPTuneTrainer)  # precision: auto resolved for the machine
         register_loader()
         mode = {"parser_mode": PARSER_MODE}
-        kwargs.setdefault("parser_kwargs", {**mode, **{sub: mode for sub in self.subcommands()}})
+        main_kwargs = {**mode, **({"prog": prog} if prog else {})}  # the usage line's name (``dptune``)
+        kwargs.setdefault("parser_kwargs", {**main_kwargs, **{sub: mode for sub in self.subcommands()}})
         super().__init__(*args, **kwargs)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
@@ -272,13 +273,17 @@ def _quiet() -> None:
         logging.getLogger(name).setLevel(logging.WARNING)
     warnings.filterwarnings("ignore", message=".*does not have many workers.*")
     warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # dptune always hands LightningCLI its argv itself (renamed class paths, the subcommand of the
+    # dptune command): a plain command line is no mistake
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("dptune").setLevel(logging.INFO)
 
 
-def main(args: list[str] | None = None) -> int:
+def main(args: list[str] | None = None, prog: str | None = None) -> int:
     """Run the CLI. Bad data and settings end in one line per problem and exit code 2; any other
-    exception is a bug (ours or a library's) and keeps its traceback."""
+    exception is a bug (ours or a library's) and keeps its traceback. ``prog``: the name usage
+    lines give the command (``dptune`` from the dptune command; else the script's name)."""
     _quiet()
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["predict"]:
@@ -293,6 +298,7 @@ def main(args: list[str] | None = None) -> int:
             model_class,
             data_class,
             task=task,
+            prog=prog,
             trainer_defaults=trainer_defaults(),
             seed_everything_default=0,
             save_config_callback=LoggedSaveConfig,

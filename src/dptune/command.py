@@ -52,8 +52,10 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     module = importlib.import_module(COMMANDS[name][0])
     if module.__name__ == "dptune.cli":
-        sys.argv[0] = "dptune"
-        return module.main(argv)  # the subcommand stays: LightningCLI reads it
+        # the subcommand stays: LightningCLI reads it. sys.argv[0] stays the real script: Lightning's
+        # DDP launcher starts the other processes by running it again (``python ABSPATH(argv[0])``
+        # for the console script, ``python -m dptune.command`` when run as a module)
+        return module.main(argv, prog="dptune")
     sys.argv[0] = f"dptune {name}"  # argparse's usage line names the command
     return module.main(argv[1:])
 
