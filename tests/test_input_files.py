@@ -670,3 +670,87 @@ def test_a_mask_turned_by_its_own_stray_exif_tag_is_one_line_that_names_the_tag(
             dm.setup("fit")
         line = [ln for ln in str(err.value).splitlines() if "x.png" in ln][0]
         assert "mask is 360x480" in line and "its image is 480x360" in line and "EXIF orientation (6)" in line, line
+
+
+# ============================================================================ predict: no images, other models, the manifest
+def test_predict_of_a_folder_without_images_is_one_line_and_makes_no_out(models, tmp_path, capsys):
+    """A folder holding no images predicted "0 predictions", exit 0, and made an empty --out."""
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "a.txt").write_text("not an image")
+    for folder in ("empty", "notes"):
+        out = tmp_path / f"preds-{folder}"
+        rc = predict_main(["--model", str(models / "segmentation"), "--images", str(tmp_path / folder),
+                           "--out", str(out), "--device", "cpu"])
+        lines = errors(capsys)
+        assert rc == 2 and lines == [f"error: no images found in {tmp_path / folder}"], lines
+        assert not out.exists()
+
+
+@pytest.mark.parametrize("kind", ["export", "joint", "card", "checkpoint"])
+def test_predict_never_writes_into_another_models_folder(models, tmp_path, capsys, kind):
+    """``--out out/camvid`` while predicting with out/quickstart put masks and a manifest into the
+    CamVid export (a later ``export --overwrite`` there was then refused). Any dptune export (and
+    anything inside it) or checkpoint folder is refused as the model's own is."""
+    other = tmp_path / "other"
+    if kind == "export":
+        shutil.copytree(models / "segmentation", other)
+    elif kind == "joint":
+        shutil.copytree(models, other)
+    elif kind == "card":
+        other.mkdir()
+        (other / "dptune.json").write_text("{}")
+    else:
+        other.mkdir()
+        (other / "last.ckpt").write_bytes(b"a run's checkpoint")
+    before = snapshot(tmp_path)
+    # an export: the folder and anything in it; a checkpoint's folder (a folder beside a checkpoint is fine)
+    outs = (other,) if kind == "checkpoint" else (other, other / "preds")
+    for out in outs + ((other / "segmentation",) if kind == "joint" else ()):
+        rc = predict_main(["--model", str(models / "segmentation"), "--images", str(FRAMES[0]), "--out", str(out),
+                           "--device", "cpu"])
+        lines = errors(capsys)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --out {out}: is"), lines
+        assert str(other) in lines[0]
+        assert snapshot(tmp_path) == before
+
+
+def test_predict_lists_only_the_files_it_wrote(models, tmp_path, capsys):
+    """After a run where an input failed, dptune-predict.json listed the failed input's planned
+    names; a later run would then replace a user's file of such a name as its own."""
+    images = tmp_path / "in"
+    images.mkdir()
+    shutil.copy(FRAMES[0], images / "a.jpg")
+    (images / "broken.jpg").write_bytes(b"")
+    out = tmp_path / "preds"
+    args = ["--model", str(models / "segmentation"), "--images", str(images), "--out", str(out), "--device", "cpu"]
+    assert predict_main(args) == 2
+    errors(capsys)
+    listed = json.loads((out / "dptune-predict.json").read_text())["files"]
+    assert sorted(listed) == sorted(p.name for p in out.iterdir() if p.name != "dptune-predict.json"), listed
+    assert "broken.png" not in listed and "a.png" in listed
+    (out / "broken.png").write_bytes(b"the user's own")  # a file of the failed input's name, not predict's
+    (images / "broken.jpg").unlink()
+    shutil.copy(FRAMES[1], images / "broken.jpg")
+    assert predict_main(args) == 2  # stopped: broken.png is not predict's to replace
+    assert "predict did not write" in errors(capsys)[0]
+    assert (out / "broken.png").read_bytes() == b"the user's own"
+
+
+def test_predict_with_a_folder_that_is_no_model_is_one_line(tmp_path, capsys):
+    """``--model <empty folder>`` printed a raw ``[Errno 2] ... config.json``."""
+    (tmp_path / "adir").mkdir()
+    rc = predict_main(["--model", str(tmp_path / "adir"), "--images", str(FRAMES[0]), "--out", str(tmp_path / "p"),
+                       "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: --model {tmp_path / 'adir'}: ") and "config.json" in lines[0]
+    assert "Errno" not in lines[0] and not (tmp_path / "p").exists()
+
+
+@pytest.mark.parametrize("scales", ["0,1", "0,abc", "", "nan"])
+def test_bad_scales_name_the_option(models, tmp_path, capsys, scales):
+    rc = predict_main(["--model", str(models / "segmentation"), "--images", str(FRAMES[0]),
+                       "--out", str(tmp_path / "p"), "--scales", scales, "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --scales {scales!r}"), lines

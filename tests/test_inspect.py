@@ -92,3 +92,15 @@ def test_multitask_config_reports_each_source_as_its_own_task_does(capsys, tmp_p
     assert main([str(joint), "--root", str(CAMVID)]) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--root" in err[0]
+
+
+def test_inspect_of_a_picture_or_a_yaml_list_is_one_line(tmp_path, capsys):
+    """``inspect img.jpg`` stopped with a UnicodeDecodeError traceback."""
+    picture = tmp_path / "img.jpg"
+    Image.new("RGB", (8, 8), (200, 30, 30)).save(picture)
+    listing = tmp_path / "list.yaml"
+    listing.write_text("- a\n- b\n")
+    for path in (picture, listing):
+        rc = main([str(path)])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {path}: "), err

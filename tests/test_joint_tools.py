@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import KITCHEN, TINY, needs
+from conftest import CAMVID, KITCHEN, TINY, needs
 from PIL import Image
 
 from dptune.tools.predict import main as predict_main
@@ -135,3 +135,112 @@ def test_joint_checkpoint_point_cloud_and_confidence_from_one_pass_equal_each_pr
     fx, _, cx, _ = intrinsics(INTRINSICS)
     v, u = np.nonzero(depth > 0)
     assert np.allclose(cloud["x"], (u - cx) * depth[v, u] / fx, atol=1e-4)
+
+
+# ============================================================================ evaluate with a config
+def small_joint_config(tmp_path: Path) -> tuple[Path, Path, Path]:
+    """(joint config, CamVid-like data root, kitchen-like data root): two val images per task, the
+    settings written as configs/multitask/camvid-7scenes.yaml writes them."""
+    import shutil
+
+    import yaml
+
+    seg_root, depth_root = tmp_path / "streets", tmp_path / "kitchen"
+    (seg_root / "val").mkdir(parents=True)
+    (seg_root / "valannot").mkdir()
+    (depth_root / "val" / "rgb").mkdir(parents=True)
+    (depth_root / "val" / "depth").mkdir()
+    shutil.copy(CAMVID / "labels.yaml", seg_root / "labels.yaml")
+    for f in sorted((CAMVID / "val").glob("*.jpg"))[:2]:
+        shutil.copy(f, seg_root / "val" / f.name)
+        shutil.copy(CAMVID / "valannot" / f"{f.stem}.png", seg_root / "valannot" / f"{f.stem}.png")
+    for f in sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[:2]:
+        shutil.copy(f, depth_root / "val" / "rgb" / f.name)
+        shutil.copy(KITCHEN / "val" / "depth" / f"{f.stem}.png", depth_root / "val" / "depth" / f"{f.stem}.png")
+    config = tmp_path / "joint.yaml"
+    config.write_text(yaml.safe_dump({"task": "multitask", "data": {
+        "image_size": 64,
+        "segmentation": {"root": str(seg_root), "labels": "labels.yaml", "cache": True,
+                         "splits": {"val": {"images": "val/*.jpg", "masks": "valannot/{stem}.png"}}},
+        "depth": {"root": str(depth_root), "depth_scale": 1000,
+                  "splits": {"val": {"images": "val/rgb/*.jpg", "depth": "val/depth/{stem}.png"}}}}}))
+    return config, seg_root, depth_root
+
+
+@pytest.fixture(scope="module")
+def camvid_joint_export(tmp_path_factory) -> Path:
+    """A tiny segmentation + depth export whose classes are CamVid's."""
+    import yaml
+    from transformers import DPTImageProcessorPil
+
+    from dptune.models import build_model
+    from dptune.models.depth import build_depth_model
+    from dptune.models.joint import JointDPT
+
+    names = yaml.safe_load((CAMVID / "labels.yaml").read_text())["names"]
+    out = tmp_path_factory.mktemp("camvid-joint")
+    depth_cfg = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
+    torch.manual_seed(0)
+    joint = JointDPT(build_model(names, config=dict(TINY)), build_depth_model(config=depth_cfg)).eval()
+    proc = DPTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    for name, model in (("segmentation", joint.seg), ("depth", joint.depth)):
+        model.config.architectures = [type(model).__name__]
+        model.save_pretrained(out / name)
+        proc.save_pretrained(out / name)
+    return out
+
+
+def score_lines(text: str) -> tuple[list[str], list[str]]:
+    lines = text.splitlines()
+    return [ln for ln in lines if ln.startswith("mIoU ")], [ln for ln in lines if ln.startswith("abs_rel ")]
+
+
+@needs(CAMVID)
+def test_evaluate_a_joint_model_with_its_joint_config_scores_each_task_on_its_own_split(camvid_joint_export,
+                                                                                       tmp_path, capsys):
+    """``evaluate --model OUT --config <joint config>`` stopped with a TypeError (the segmentation
+    datamodule given the joint data section); each part is now scored on its own source's split,
+    the same figures as scoring that part alone with the flags the config stands for."""
+    from dptune.tools.evaluate import main as evaluate_main
+
+    config, seg_root, depth_root = small_joint_config(tmp_path)
+    assert evaluate_main(["--model", str(camvid_joint_export), "--config", str(config), "--split", "val",
+                          "--device", "cpu"]) == 0
+    seg, depth = score_lines(capsys.readouterr().out)
+    assert len(seg) == 1 and len(depth) == 1 and "(2 images" in seg[0]
+    assert evaluate_main(["--model", str(camvid_joint_export / "segmentation"), "--root", str(seg_root),
+                          "--images", "val/*.jpg", "--masks", "valannot/{stem}.png", "--labels", "labels.yaml",
+                          "--device", "cpu"]) == 0
+    assert score_lines(capsys.readouterr().out)[0] == seg
+    assert evaluate_main(["--model", str(camvid_joint_export / "depth"), "--root", str(depth_root),
+                          "--images", "val/rgb/*.jpg", "--depth", "val/depth/{stem}.png", "--depth-scale", "1000",
+                          "--device", "cpu"]) == 0
+    assert score_lines(capsys.readouterr().out)[1] == depth
+    # one part of the joint model, or an exported part, with the joint config: that part's section
+    assert evaluate_main(["--model", str(camvid_joint_export), "--config", str(config), "--part", "depth",
+                          "--device", "cpu"]) == 0
+    assert score_lines(capsys.readouterr().out) == ([], depth)
+    assert evaluate_main(["--model", str(camvid_joint_export / "segmentation"), "--config", str(config),
+                          "--device", "cpu"]) == 0
+    assert score_lines(capsys.readouterr().out) == (seg, [])
+
+
+@needs(CAMVID)
+def test_evaluate_with_a_config_of_another_task_is_one_line(camvid_joint_export, tmp_path, capsys):
+    """A segmentation export with a depth config stopped with ``TypeError ... depth_scale``."""
+    import yaml
+
+    from dptune.tools.evaluate import main as evaluate_main
+
+    depth_config = tmp_path / "depth.yaml"
+    depth_config.write_text(yaml.safe_dump({"task": "depth", "data": {"root": str(KITCHEN), "depth_scale": 1000,
+                            "splits": {"val": {"images": "val/rgb/*.jpg", "depth": "val/depth/{stem}.png"}}}}))
+    seg_config = tmp_path / "seg.yaml"
+    seg_config.write_text(yaml.safe_dump({"data": {"root": str(tmp_path), "labels": "labels.yaml",
+                          "splits": {"val": {"images": "*.jpg", "masks": "{stem}.png"}}}}))
+    for model, config, words in ((camvid_joint_export / "segmentation", depth_config, "depth"),
+                                 (camvid_joint_export / "depth", seg_config, "segmentation")):
+        rc = evaluate_main(["--model", str(model), "--config", str(config), "--device", "cpu"])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: --config {config}: a {words} config"), err
+        assert "Traceback" not in err[0]

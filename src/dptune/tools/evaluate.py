@@ -108,7 +108,8 @@ def _source_and_labels(args) -> tuple[object, LabelSet]:
     from dptune.data.sources import FolderSource, build_source
 
     if args.config:
-        data = dict((yaml.safe_load(open(args.config)) or {}).get("data") or {})
+        data = dict(getattr(args, "config_data", None)  # a joint config's segmentation source
+                    or (yaml.safe_load(open(args.config)) or {}).get("data") or {})
         if args.root:
             data["root"] = args.root
         data.update(check=False, cache=False, num_workers=0)
@@ -175,6 +176,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--model", required=True, help="dptune .ckpt or exported directory")
     ap.add_argument("--config", help="train.py YAML whose data: section describes the split")
     ap.add_argument("--split", default="val")
+    ap.add_argument("--part", choices=["segmentation", "depth"],
+                    help="of a segmentation + depth model or config: score only this part (default: each part "
+                         "the config has data for, on its own source's split)")
     ap.add_argument("--root", help="data root (overrides the config's)")
     ap.add_argument("--images", help="image glob (relative to --root)")
     ap.add_argument("--masks", help="mask template with {stem}/{name}/{dir}")
@@ -218,6 +222,12 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         task = model_task(args.model)
+        if args.config and not args.depth:  # each part the config has data for, on its own source's split
+            from dptune.tools.multitask import evaluate_with_config
+
+            rc = evaluate_with_config(args, task, main, sys.argv[1:] if argv is None else list(argv))
+            if rc is not None:
+                return rc
         if task == "depth" or (task == "multitask" and args.depth):  # a joint model: the part the labels score
             return evaluate_depth(args)
         source, labels = _source_and_labels(args)

@@ -345,6 +345,23 @@ def write_weights(args: argparse.Namespace, results: dict[str, SplitStats]) -> i
     return 0
 
 
+def read_config_mapping(path: str) -> dict:
+    """A YAML config's mapping; a file that is not text (a picture) or not a mapping is one ``ConfigError``."""
+    try:
+        with open(path, encoding="utf-8") as f:
+            cfg = yaml.safe_load(f)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a YAML config (not text: a picture or other binary file?)") from None
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not readable YAML ({' '.join(str(e).split())})") from None
+    if cfg is None:
+        return {}
+    if not isinstance(cfg, dict):
+        raise ConfigError(f"{path}: not a config (a YAML mapping with data:, model:, ...; found a "
+                          f"{type(cfg).__name__})")
+    return cfg
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("config", help="train.py YAML config (any task); its data: section is used")
@@ -358,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="let --out replace a file that is not inspect's own weights fragment")
     args = ap.parse_args(argv)
     try:
-        cfg = yaml.safe_load(open(args.config)) or {}
+        cfg = read_config_mapping(args.config)
         task = str(cfg.get("task") or "segmentation")
         why = refusal(args, task)
         if why:

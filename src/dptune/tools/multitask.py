@@ -91,3 +91,100 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
     print(f"{len(paths) - len(failed)} masks and depth maps in {out} ({enc['file']}: {words}; depth_format.json)")
     warn_clipped(clipped, enc)
     return failures(failed, len(paths))
+
+
+TASK_WORDS = {"segmentation": "segmentation", "depth": "depth", "multitask": "segmentation + depth"}
+PARTS = {"segmentation": ("segmentation",), "depth": ("depth",), "multitask": ("segmentation", "depth")}
+
+
+def config_task(path: str) -> tuple[str, dict]:
+    """(task, data section) of a training config: its ``task:``, else what its data section holds
+    (``segmentation:`` / ``depth:`` sources: a joint config; ``depth`` templates in its splits: depth)."""
+    from dptune.errors import ConfigError
+    from dptune.tools.inspect import read_config_mapping
+
+    try:
+        cfg = read_config_mapping(path)
+    except OSError as e:
+        raise ConfigError(f"--config {path}: cannot be read ({e.strerror or e})") from None
+    data = cfg.get("data") or {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {path}: data: is not a mapping")
+    task = cfg.get("task")
+    if not task:
+        splits = data.get("splits") if isinstance(data.get("splits"), dict) else {}
+        task = ("multitask" if "segmentation" in data or "depth" in data
+                else "depth" if any(isinstance(v, dict) and "depth" in v for v in splits.values()) else "segmentation")
+    if task not in PARTS:
+        raise ConfigError(f"--config {path}: task {task!r} is none of {', '.join(PARTS)}")
+    return str(task), data
+
+
+def one_source(path: str, data: dict, part: str) -> dict:
+    """The joint config's ``data.<part>`` source, without the joint-only keys (``name``, ``weight``)."""
+    from dptune.errors import ConfigError
+
+    section = data.get(part)
+    if isinstance(section, list):
+        if len(section) != 1:
+            raise ConfigError(f"--config {path}: data.{part} lists {len(section)} sources; evaluate one at a time "
+                              f"with --images and --{'masks and --labels' if part == 'segmentation' else 'depth'} "
+                              "(and --root)")
+        section = section[0]
+    if not isinstance(section, dict):
+        raise ConfigError(f"--config {path}: data.{part} is not a source (root, splits, ...)")
+    return {k: v for k, v in section.items() if k not in ("name", "weight")}
+
+
+def evaluate_with_config(args, model_task: str, main, argv: list[str]) -> int | None:
+    """``evaluate --config``: each part of the model that the config has data for, on that part's own
+    source and split with the config's settings (a joint model with a joint config: both, one after
+    the other, as ``--part segmentation`` and ``--part depth``). Returns the exit status, or None
+    for the segmentation path of ``evaluate`` to go on with (``args.config_data`` then holds the
+    data section it reads). A config of another task than the model's is one ``ConfigError``."""
+    from dptune.errors import ConfigError, DataError
+
+    ctask, data = config_task(args.config)
+    parts = [p for p in PARTS[ctask] if p in PARTS[model_task] and args.part in (None, p)]
+    if not parts:
+        if args.part and args.part not in PARTS[model_task]:
+            raise ConfigError(f"--part {args.part}: the model {args.model} is a {TASK_WORDS[model_task]} model")
+        if args.part:
+            raise ConfigError(f"--part {args.part}: --config {args.config} is a {TASK_WORDS[ctask]} config")
+        hint = {"segmentation": "a segmentation config (data: root, labels, splits with masks), or --images, "
+                                "--masks and --labels",
+                "depth": "a depth config (data: root, depth_scale, splits with depth), or --images, --depth and "
+                         "--depth-scale"}
+        raise ConfigError(f"--config {args.config}: a {TASK_WORDS[ctask]} config, but {args.model} is a "
+                          f"{TASK_WORDS[model_task]} model: give {hint[PARTS[model_task][0]]}")
+    if len(parts) == 2:
+        for flag, given in (("--json", args.json), ("--root", args.root)):
+            if given:
+                raise ConfigError(f"{flag}: a segmentation + depth config scores two parts (each with its own data "
+                                  f"root); give --part segmentation or --part depth with {flag}")
+        rcs = []
+        for part in parts:
+            print(f"{part} ({one_source(args.config, data, part).get('root', '.')}, split {args.split}):")
+            rcs.append(main([*argv, "--part", part]))
+        return max(rcs)
+    part = parts[0]
+    section = data if ctask == part else one_source(args.config, data, part)
+    if part == "segmentation":
+        args.config_data = section
+        return None
+    from dptune.tools.depth import evaluate_depth
+
+    if section.get("source", "folder") != "folder":
+        raise ConfigError(f"--config {args.config}: a {section.get('source')} depth source; evaluate reads image "
+                          "and depth files: give --images, --depth and --depth-scale")
+    split = (section.get("splits") or {}).get(args.split)
+    if not isinstance(split, dict) or not split.get("images") or not split.get("depth"):
+        raise DataError(f"{args.config}: no depth split {args.split!r} (images and a depth template)")
+    args.images, args.depth = split["images"], split["depth"]
+    args.root = args.root or str(section.get("root", "."))
+    if args.depth_scale is None:
+        args.depth_scale = section.get("depth_scale")
+    if args.negative_depth == "error":
+        args.negative_depth = section.get("negative_depth", "error")
+    args.eval_crop = args.eval_crop or section.get("eval_crop")
+    return evaluate_depth(args)

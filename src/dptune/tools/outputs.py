@@ -31,7 +31,10 @@ MANIFEST = "dptune-predict.json"  # in --out: the files predict wrote there (wha
 def list_images(spec: str) -> list[str]:
     """A file, a folder (its images, the extension in any case) or a glob (the extension in any case)."""
     if os.path.isdir(spec):
-        return sorted(str(p) for p in Path(spec).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        found = sorted(str(p) for p in Path(spec).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        if not found:
+            raise DataError(f"no images found in {spec}")
+        return found
     if os.path.isfile(spec):
         return [spec]
     found = glob_files(spec)
@@ -134,10 +137,47 @@ def model_paths(model: str) -> tuple[list[Path], list[Path]]:
     return [], []
 
 
+def is_export_folder(folder: Path) -> bool:
+    """A dptune export (or any ``from_pretrained`` model directory): ``config.json`` with
+    ``model.safetensors``, a ``dptune.json`` card, or a joint export's ``segmentation/`` + ``depth/``."""
+    from dptune.models.source import is_joint_export
+
+    try:
+        return (((folder / "config.json").is_file() and (folder / "model.safetensors").is_file())
+                or (folder / "dptune.json").is_file() or is_joint_export(str(folder)))
+    except OSError:
+        return False
+
+
+def holds_checkpoint(folder: Path) -> bool:
+    """A folder with a ``.ckpt`` file in it (a run's checkpoints)."""
+    try:
+        return folder.is_dir() and any(p.suffix == ".ckpt" and p.is_file() for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def refuse_model_folders(out: str | Path, flag: str = "--out") -> None:
+    """``out`` is not a dptune export's folder nor inside one, and not a folder holding a checkpoint
+    (a folder beside a checkpoint, ``./preds`` beside ``./model.ckpt``, is fine): any model, not only
+    the one in use, so that outputs never mix into a model (a later ``export --overwrite`` there
+    would then be refused, or delete them)."""
+    t = Path(out).resolve()
+    for d in (t, *t.parents):
+        if d.is_dir() and is_export_folder(d):
+            raise ConfigError(f"{flag} {out}: {'is' if t == d else 'is inside'} {d}, an exported model's folder; "
+                              "dptune never writes into a model (it would add files to that folder, or replace "
+                              "some). Write to a folder of its own")
+    if holds_checkpoint(t):
+        raise ConfigError(f"{flag} {out}: is {t}, a folder of checkpoints; predictions would mix with the run's "
+                          "checkpoints. Write them to a folder of their own")
+
+
 def refuse_out_among_inputs(out: str, paths: list[str], stems: list[str], model: str | None = None) -> None:
     """``--out``, and every folder below it that the outputs go to, outside the inputs and their
-    folders, outside an exported model's folder, and not the folder a checkpoint lies in (a run's
-    checkpoints: a folder next to it, ``./preds`` beside ``./model.ckpt``, is fine)."""
+    folders, outside an exported model's folder (any, see ``refuse_model_folders``), and not the
+    folder a checkpoint lies in (a run's checkpoints: a folder next to it, ``./preds`` beside
+    ``./model.ckpt``, is fine)."""
     folders, singles = model_paths(model) if model else ([], [])
     refuse_among_inputs(out, paths, "--out", folders=folders, singles=singles)
     if singles and Path(out).resolve() == singles[0].resolve().parent:
@@ -149,6 +189,9 @@ def refuse_out_among_inputs(out: str, paths: list[str], stems: list[str], model:
         except ConfigError:
             raise ConfigError(f"--out {out}: the predictions of the inputs in {sub}/ would go to {Path(out) / sub}, "
                               "a folder of the inputs; write them to a folder of their own") from None
+    refuse_model_folders(out)
+    for sub in sorted({os.path.dirname(s) for s in stems} - {""}):
+        refuse_model_folders(Path(out) / sub)
 
 
 def _manifest(out: Path) -> set[str]:
@@ -168,14 +211,65 @@ def _manifest(out: Path) -> set[str]:
     return {str(f) for f in files}
 
 
+def _identity(path: Path) -> tuple[int, int, int] | None:
+    """What tells a file predict has just written (a new directory entry: ``write_replacing``) from
+    the one that was there: inode, device, modification time; None when there is none."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return st.st_ino, st.st_dev, st.st_mtime_ns
+
+
+class _Listing:
+    """``OUT/dptune-predict.json`` of the run under way: the files a previous run wrote (and that are
+    still there) and the files this run has written so far, nothing planned. ``written(stem)`` adds
+    the outputs of one input that are now a new file; the list is saved now and then and at the end,
+    so an interrupted run lists what it wrote up to then (at worst a file it wrote is left out, and a
+    later run then asks for ``--overwrite`` before replacing it: never the other way)."""
+
+    SAVE_EVERY_S = 2.0
+
+    def __init__(self, out: Path, ours: set[str], planned: list[str]) -> None:
+        import time
+
+        self.out, self.files = out, set(ours)
+        self.before = {f: _identity(out / f) for f in planned}
+        self.by_stem: dict[str, list[str]] = {}
+        for f in planned:  # each planned name is one stem's + one of OUTPUT_SUFFIXES (see output_stems)
+            for suffix in OUTPUT_SUFFIXES:
+                if f.endswith(suffix):
+                    self.by_stem.setdefault(f[: -len(suffix)], []).append(f)
+        self.saved_at, self.clock = time.monotonic(), time.monotonic
+
+    def written(self, stem: str, force: bool = False) -> None:
+        for f in self.by_stem.get(stem, []):
+            now = _identity(self.out / f)
+            if now is not None and now != self.before[f]:
+                self.files.add(f)
+        if force or self.clock() - self.saved_at >= self.SAVE_EVERY_S:
+            self.save()
+
+    def save(self) -> None:
+        write_text(self.out / MANIFEST, json.dumps({"written_by": "dptune predict", "files": sorted(self.files)},
+                                                   indent=1) + "\n")
+        self.saved_at = self.clock()
+
+
+_listing: _Listing | None = None  # set by prepare_out, kept up to date by predict_each
+
+
 def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) -> Path:
-    """The output folder, made, its list of predict's files (``MANIFEST``) updated with ``planned``
-    (file names below it) before any is written. A planned file already there that predict did not
-    write (not in the list) stops the run in one line unless ``overwrite``."""
+    """The output folder, made, with its list of predict's files (``MANIFEST``): a previous run's
+    files that are still there; ``predict_each`` adds each file as it is written (only those: a name
+    planned for an input that failed is never listed). A planned file already there that predict
+    did not write (not in the list) stops the run in one line unless ``overwrite``."""
+    global _listing
+
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder")
-    ours = _manifest(out)
+    ours = {f for f in _manifest(out) if os.path.lexists(out / f)}  # a name listed but gone is no longer ours
     foreign = [f for f in planned if f not in ours and (out / f).exists()]
     if foreign and not overwrite:
         raise ConfigError(f"--out {out}: {len(foreign)} file(s) there that predict did not write would be "
@@ -183,8 +277,8 @@ def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) ->
                           "--overwrite")
     for folder in sorted({(out / f).parent for f in planned} | {out}):
         folder.mkdir(parents=True, exist_ok=True)
-    write_text(out / MANIFEST, json.dumps({"written_by": "dptune predict", "files": sorted(ours | set(planned))},
-                                          indent=1) + "\n")
+    _listing = _Listing(out, ours, planned)
+    _listing.save()
     return out
 
 
@@ -228,15 +322,25 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
     """``one(path, stem, image)`` for each input, with a progress bar; an image that cannot be read
     (empty, damaged, not an image) or predicted is named in one line and the others go on. Returns
     the inputs that failed."""
+    global _listing
+
     failed: list[str] = []
-    for path, stem in tqdm(list(zip(paths, stems, strict=True)), desc=desc):
-        try:
-            one(path, stem, read_image(path))
-        except (ValueError, RuntimeError, OSError, cv2.error) as e:  # DataError is a ValueError
-            lines = str(e).strip().splitlines()  # OpenCV's reason is its last line
-            why = (lines[-1] if isinstance(e, cv2.error) else lines[0]) if lines else type(e).__name__
-            tqdm.write(f"error: {why if why.startswith(path) else f'{path}: {why}'}", file=sys.stderr)  # own line
-            failed.append(path)
+    listing, _listing = _listing, None
+    try:
+        for path, stem in tqdm(list(zip(paths, stems, strict=True)), desc=desc):
+            try:
+                one(path, stem, read_image(path))
+            except (ValueError, RuntimeError, OSError, cv2.error) as e:  # DataError is a ValueError
+                lines = str(e).strip().splitlines()  # OpenCV's reason is its last line
+                why = (lines[-1] if isinstance(e, cv2.error) else lines[0]) if lines else type(e).__name__
+                tqdm.write(f"error: {why if why.startswith(path) else f'{path}: {why}'}", file=sys.stderr)  # own line
+                failed.append(path)
+            finally:
+                if listing is not None:  # what this input wrote, even in part, is listed; nothing else
+                    listing.written(stem)
+    finally:
+        if listing is not None:
+            listing.save()
     return failed
 
 
@@ -298,7 +402,15 @@ def model_task(ref: str) -> str:
     if is_joint_export(ref):
         return "multitask"
     if Path(ref).is_dir():
-        cfg = json.loads((Path(ref) / "config.json").read_text())
+        if not (Path(ref) / "config.json").is_file():
+            raise ConfigError(f"--model {ref}: no config.json there: not an exported model (a folder written by "
+                              "dptune export: config.json + model.safetensors, or segmentation/ + depth/)")
+        try:
+            cfg = json.loads((Path(ref) / "config.json").read_text())
+        except (UnicodeDecodeError, ValueError) as e:
+            raise ConfigError(f"--model {ref}: config.json is not readable JSON ({e})") from None
+        if not isinstance(cfg, dict):
+            raise ConfigError(f"--model {ref}: config.json is not a model config (a JSON object)")
         return "depth" if any("DepthEstimation" in a for a in cfg.get("architectures") or []) else "segmentation"
     from dptune.tasks.checkpoints import load_checkpoint
 
