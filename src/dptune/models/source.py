@@ -57,7 +57,17 @@ def load_config(config: str | Mapping[str, Any]) -> PretrainedConfig:
         raise ConfigError(f"{path}: model config not found") from None
     except json.JSONDecodeError as e:
         raise ConfigError(f"{path}: not valid JSON ({e})") from None
-    return _config_from_dict(spec)
+    except UnicodeDecodeError:
+        raise ConfigError(f"{path}: not a text file, so not a model config (a DPTConfig JSON file)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a directory, not a model config (a DPTConfig JSON file)") from None
+    if not isinstance(spec, dict):
+        raise ConfigError(f"{path}: a model config is a JSON object of settings, not a {type(spec).__name__}")
+    try:
+        return _config_from_dict(spec)
+    except (TypeError, ValueError, KeyError) as e:
+        raise ConfigError(f"{path}: not a model config ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
+            from None
 
 
 def _config_from_dict(spec: dict[str, Any]) -> PretrainedConfig:
@@ -68,8 +78,15 @@ def _config_from_dict(spec: dict[str, Any]) -> PretrainedConfig:
 
 def pretrained_config(ref: str) -> PretrainedConfig:
     """The config of a hub id or local directory; one clear line when it cannot be had."""
+    if Path(ref).is_dir() and not (Path(ref) / "config.json").is_file():
+        what = "an empty folder" if not any(Path(ref).iterdir()) else "a folder without config.json"
+        raise ConfigError(f"model.pretrained {ref}: {what}, not a model directory (give a folder that "
+                          "from_pretrained reads, e.g. a dptune export, a hub id, or a dptune .ckpt)")
     try:
         return AutoConfig.from_pretrained(ref)
+    except ValueError as e:
+        raise ConfigError(f"model.pretrained {ref!r}: its config.json is no model config transformers knows: "
+                          f"{str(e).splitlines()[0]}") from None
     except OSError as e:
         where = "local directory" if Path(ref).exists() else "hub id (offline, or no such repository?)"
         raise ConfigError(f"model.pretrained {ref!r}: cannot load its config.json as a {where}: "
