@@ -2,7 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import os
+import subprocess
+import sys
+
 import pytest
+import torch
 from test_resume import quickstart
 
 pytestmark = pytest.mark.slow
@@ -55,3 +61,89 @@ def test_a_saved_config_naming_classes_where_they_used_to_live_still_runs(tmp_pa
     assert len(notes) == 2, proc.stderr[-2000:]
     assert any("dptune.callbacks.DPTuneWandbLogger" in n and "dptune.training.callbacks.DPTuneWandbLogger" in n
                for n in notes)
+
+
+SMALL = json.dumps({"train": {"count": 8, "seed": 0, "size": [64, 64]}, "val": {"count": 4, "seed": 1, "size": [64, 64]}})
+
+
+def _files(folder) -> dict[str, bytes]:
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+def _one_error(proc) -> str:
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1, proc.stderr[-3000:]
+    return errors[0]
+
+
+def test_a_fresh_fit_into_a_folder_holding_a_run_s_checkpoints_is_refused(tmp_path):
+    """A second fit without --ckpt_path wrote last-v1.ckpt beside last.ckpt, a second best-* and a new
+    config.yaml into the first run's folder: now one line, and nothing in the folder changes."""
+    run = tmp_path / "run"
+    quickstart(run, 1, "--data.splits", SMALL)
+    before = _files(run)
+    error = _one_error(quickstart(run, 1, "--data.splits", SMALL, check=False))
+    assert str(run / "checkpoints") in error and "--ckpt_path last" in error and "--trainer.default_root_dir" in error
+    assert _files(run) == before
+
+
+def test_a_run_s_config_given_back_is_never_overwritten_and_does_not_resume_by_itself(tmp_path):
+    """config.yaml given back as --config was rewritten by the run it started (max_epochs 1 for a run
+    that never happened); it stored ckpt_path, and a max_epochs below the checkpoint's epochs was a
+    MisconfigurationException traceback."""
+    import yaml
+    from conftest import REPO
+
+    run = tmp_path / "run"
+    quickstart(run, 2, "--data.splits", SMALL)
+    config = run / "config.yaml"
+    saved = config.read_bytes()
+    assert yaml.safe_load(saved).get("ckpt_path") is None
+
+    def again(*extra: str):
+        env = dict(os.environ, WANDB_MODE="offline")
+        return subprocess.run([sys.executable, "train.py", "fit", "--config", str(config), *extra], cwd=REPO, env=env,
+                              capture_output=True, text=True, timeout=600)
+
+    error = _one_error(again("--ckpt_path", "last", "--trainer.max_epochs", "1"))
+    assert "has trained 2 epochs" in error and "--trainer.max_epochs 3" in error, error
+    assert config.read_bytes() == saved and not (run / "config-2.yaml").exists()
+
+    proc = again("--ckpt_path", "last", "--trainer.max_epochs", "3")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert config.read_bytes() == saved
+    resumed = yaml.safe_load((run / "config-2.yaml").read_text())
+    assert resumed["trainer"]["max_epochs"] == 3 and resumed.get("ckpt_path") is None
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)["epoch"] == 2
+
+    # given back without --ckpt_path, it neither resumes silently nor mixes a second run into the folder
+    assert "--ckpt_path last" in _one_error(again())
+    assert config.read_bytes() == saved
+
+
+def test_a_model_config_or_pretrained_folder_that_is_no_model_is_one_line(tmp_path, monkeypatch, capsys):
+    """--model.config given a JPEG was a UnicodeDecodeError traceback; --model.pretrained given an empty
+    folder, or one without config.json, a ValueError ("Unrecognized model ... model_type key")."""
+    from conftest import REPO
+    from PIL import Image
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    Image.new("RGB", (8, 8), (200, 10, 10)).save(tmp_path / "img.jpg")
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "readme.txt").write_text("not a model")
+    base = ["fit", "--config", "configs/quickstart.yaml", "--trainer.default_root_dir", str(tmp_path / "run"),
+            "--trainer.logger", "false"]
+    cases = [(["--model.config", str(tmp_path / "img.jpg")], f"{tmp_path / 'img.jpg'}: not a text file"),
+             (["--model.config", "null", "--model.pretrained", str(tmp_path / "empty")], "an empty folder"),
+             (["--model.config", "null", "--model.pretrained", str(tmp_path / "notes")], "a folder without config.json")]
+    for extra, message in cases:
+        assert main([*base, *extra]) == 2
+        err = capsys.readouterr().err
+        errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        assert "Traceback" not in err and len(errors) == 1 and message in errors[0], err[-2000:]
+    assert not (tmp_path / "run").exists()

@@ -37,13 +37,41 @@ class LoggedSaveConfig(SaveConfigCallback):
         if stage == "fit" and self.config.get("ckpt_path") is not None:
             self._deferred = (trainer, pl_module, stage)
             return
+        self._write(trainer, pl_module, stage)
+
+    def _write(self, trainer, pl_module, stage: str) -> None:
+        """config.yaml records the run's settings, not where it resumed from: ``ckpt_path`` is left
+        out (null), so that the file given back as ``--config`` starts what it says, and resuming
+        stays a choice made on the command line (``--ckpt_path last``). A config.yaml this run was
+        given as ``--config`` is the user's input: it is left as it is, and this run's settings go
+        to the first free config-N.yaml beside it."""
+        if self.already_saved:
+            return
+        log_dir = trainer.log_dir  # every process: it broadcasts
+        if trainer.is_global_zero and log_dir is not None:
+            inputs = {os.path.realpath(str(getattr(p, "absolute", None) or p)) for p in self.config.get("config") or []}
+            name, n = self.config_filename, 1
+            while os.path.realpath(os.path.join(log_dir, name)) in inputs:
+                n += 1
+                stem, ext = os.path.splitext(self.config_filename)
+                name = f"{stem}-{n}{ext}"
+                while os.path.exists(os.path.join(log_dir, name)):
+                    n += 1
+                    name = f"{stem}-{n}{ext}"
+            if name != self.config_filename:
+                log.info("%s is this run's --config and is left as it is; this run's settings are written to %s",
+                         os.path.join(log_dir, self.config_filename), os.path.join(log_dir, name))
+                self.config_filename = name
+        self.config = self.config.clone()
+        if "ckpt_path" in self.config:
+            self.config.ckpt_path = None
         super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer, pl_module) -> None:
         deferred = getattr(self, "_deferred", None)
         if deferred is not None:
             self._deferred = None
-            super().setup(*deferred)
+            self._write(*deferred)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         # under its own key: the model's hyperparameters, logged too, have a ``config`` of their own
@@ -250,11 +278,30 @@ class DPTuneCLI(LightningCLI):
         cfg.trainer.default_root_dir = root
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
+            refuse_a_second_run(cfg.checkpoint.dirpath)
         loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
         for lg in loggers:
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):
                 init.save_dir = root
+
+
+def refuse_a_second_run(dirpath: str) -> None:
+    """A fit started afresh (no ``--ckpt_path``) into a checkpoint folder that already holds a run's
+    checkpoints would mix two runs (last-v1.ckpt beside last.ckpt, a second best-*, the run's
+    config.yaml rewritten): one line before anything is written. The other processes of a DDP run
+    start once rank 0 is running, and are not asked (the folder may hold its first checkpoint)."""
+    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
+        return
+    if not os.path.isdir(dirpath):
+        return
+    found = sorted(f for f in os.listdir(dirpath) if f.endswith(".ckpt"))
+    if found:
+        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
+        raise ConfigError(f"{dirpath}: already holds the checkpoints of a run ({shown}); a new fit there would mix "
+                          "two runs: resume that run with --ckpt_path last, or start the new one in another "
+                          "--trainer.default_root_dir (or --checkpoint.dirpath)")
 
 
 def trainer_defaults() -> dict:

@@ -335,6 +335,27 @@ def _show(value: Any) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def epochs_done(ckpt: dict[str, Any]) -> int:
+    """The epochs a checkpoint's run has trained through (a checkpoint written as an epoch's
+    validation ends counts that epoch: it is "processed", not yet "completed" in Lightning's loop)."""
+    try:
+        progress = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]
+        return int(max(progress["processed"], progress["completed"]))
+    except (KeyError, TypeError, ValueError):
+        return int(ckpt.get("epoch") or 0)
+
+
+def check_epochs(ckpt: dict[str, Any], path: str, max_epochs: int | None) -> None:
+    """One line, before anything is restored or written, when this run's ``max_epochs`` is below the
+    epochs the checkpoint has trained (Lightning raised a MisconfigurationException with a traceback,
+    after the run's config.yaml was written)."""
+    done = epochs_done(ckpt)
+    if max_epochs is not None and max_epochs != -1 and done > max_epochs:
+        raise ConfigError(f"{path}: the checkpoint has trained {done} epochs; this run sets trainer.max_epochs "
+                          f"{max_epochs}, below that: resume with --trainer.max_epochs {done + 1} or more to train "
+                          f"on, or start a new run from its weights: --model.pretrained {path} without --ckpt_path")
+
+
 class _CheckedIO(TorchCheckpointIO):
     """Lightning's checkpoint reader, made safe: the file is read by ``load_checkpoint`` (tensors
     and plain types only; a damaged file or a URL is one line naming it) and checked against the
@@ -368,6 +389,7 @@ class ResumeCheck(Callback):
         stage = trainer.state.fn.value if trainer.state.fn is not None else "fit"
         changed = check_resume(trainer.lightning_module, ckpt, path, stage, say=trainer.is_global_zero)
         if stage == "fit":
+            check_epochs(ckpt, path, trainer.max_epochs)
             self._pending = (ckpt, path, changed)
             if trainer.optimizers:  # a strategy that restores after setting up the optimizers
                 self.on_fit_start(trainer, trainer.lightning_module)
