@@ -355,4 +355,12 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except SystemExit:
+        from dptune.training.callbacks import INTERRUPTED
+
+        if not INTERRUPTED:
+            raise
+        print(INTERRUPTED.pop(), file=sys.stderr)
+        INTERRUPTED.clear()
+        return 130
     return 0

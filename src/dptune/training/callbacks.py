@@ -17,6 +17,8 @@ from lightning.pytorch.loggers import WandbLogger
 
 log = logging.getLogger(__name__)
 
+INTERRUPTED: list[str] = []  # a fit stopped by Ctrl-C: what to tell the user (set by Checkpoint.on_exception)
+
 
 def wandb_mode() -> str:
     """``online`` only when credentials exist; never a login prompt, never a hang waiting for one.
@@ -131,6 +133,12 @@ class Checkpoint(ModelCheckpoint):
         self._in_exception = True  # no collectives, no new exception: a non-finite state is left unwritten
         try:
             super().on_exception(trainer, pl_module, exception)
+            if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit" and trainer.is_global_zero:
+                # Lightning ends a Ctrl-C with a bare exit 1; dptune.cli.main turns it into this line and 130
+                last = self.last_model_path if self.last_model_path and os.path.isfile(self.last_model_path) else None
+                INTERRUPTED.append(f"interrupted (Ctrl-C) at step {trainer.global_step}; "
+                                   + (f"resume from the last checkpoint with --ckpt_path last ({last})" if last else
+                                      "no checkpoint was written yet: start the run again"))
             if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
                 if self._last_global_step_saved != trainer.global_step:
                     self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
