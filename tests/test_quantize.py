@@ -58,7 +58,11 @@ def sources(tmp_path_factory):
     depth.model.save_pretrained(root / "depth")
     depth.image_processor().save_pretrained(root / "depth")
     (root / "depth" / "dptune.json").write_text(json.dumps({"task": "depth", **depth.task_metadata()}))
-    joint = MultiTaskModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64, max_depth=10.0).eval()
+    # the label set a joint run stores: the sources' classes by name, without CamVid's ignore value (11)
+    from dptune.data.multitask_datamodule import joint_label_set
+
+    joint_labels = joint_label_set([labels], None).to_dict()
+    joint = MultiTaskModule(config=dict(TINY), label_spec=joint_labels, image_size=64, max_depth=10.0).eval()
     ckpt = {"state_dict": joint.state_dict(), "hyper_parameters": dict(joint.hparams)}
     joint.on_save_checkpoint(ckpt)
     (root / "run" / "checkpoints").mkdir(parents=True)
@@ -179,11 +183,17 @@ def test_depth_int8_graph_is_measured_by_absrel_and_the_card_says_what_values_me
     assert "metres" in card and "no per-pixel uncertainty" in card
 
 
-def test_joint_int8_graph_gives_both_outputs_and_each_part_records_its_task(sources, tmp_path, capsys):
-    """From a run's checkpoint: the validation splits come from the run's config.yaml by default."""
+def test_joint_int8_graph_gives_both_outputs_and_each_part_records_its_task(sources, tmp_path, capsys, caplog):
+    """From a run's checkpoint: the validation splits come from the run's config.yaml by default (the
+    CamVid masks' ignore value 11 is read with the source's own label set, not the joint model's)."""
+    import logging
+
     out = tmp_path / "joint"
-    rc, err = export_cli(capsys, sources["joint"], out, "--int8", "--calibration-count", "8")
+    with caplog.at_level(logging.INFO):
+        rc, err = export_cli(capsys, sources["joint"], out, "--int8", "--calibration-count", "8")
     assert rc == 0, err
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("exported")]
+    assert len(said) == 1 and str(out) in said[0] and "11 classes" in said[0] and "depth" in said[0], said
     x = np.random.default_rng(2).standard_normal((2, 3, 64, 96)).astype(np.float32)
     got = run(out / "model_int8.onnx", x)
     assert got["logits"].shape == (2, 11, 64, 96) and got["predicted_depth"].shape == (2, 64, 96)
@@ -294,3 +304,131 @@ def test_keep_float_names_are_model_onnx_node_names(seg_export, tmp_path):
     with pytest.raises(ValueError, match="no node '/no/such/Conv' in .*model.onnx"):
         quantize_int8(seg_export / "model.onnx", tmp_path / "b.onnx", list(batches), exclude=["/no/such/Conv"])
     assert not (tmp_path / "b.onnx").exists()
+
+
+def test_nothing_is_announced_as_exported_before_the_whole_export_succeeded(sources, tmp_path, capsys, caplog,
+                                                                             monkeypatch):
+    import logging
+
+    from dptune.export import serving
+
+    def fail(*args, **kwargs):
+        raise ValueError("quantization failed")
+
+    monkeypatch.setattr(serving, "write_graphs", fail)  # after both parts of the joint export are written
+    with caplog.at_level(logging.INFO):
+        rc, err = export_cli(capsys, sources["joint"], tmp_path / "out", "--int8", "--calibration-count", "8")
+    assert rc == 2 and len(err) == 1 and "quantization failed" in err[0], err
+    assert not [r.getMessage() for r in caplog.records if r.getMessage().startswith("exported")]
+    assert not (tmp_path / "out").exists() and not list(tmp_path.glob(".out.*"))
+
+
+MERGED5 = {"names": ["Sky", "Road", "Car", "Structure", "Other"],
+           "map": {0: "Sky", 3: "Road", 8: "Car", 1: "Structure", 2: "Structure", 6: "Structure", 7: "Structure",
+                   4: "Other", 5: "Other", 9: "Other", 10: "Other", 11: "ignore"}}
+
+
+def test_data_of_another_label_set_task_or_mask_shape_is_refused_before_the_slow_steps(sources, tmp_path, capsys,
+                                                                                       monkeypatch):
+    from PIL import Image
+
+    import dptune.export as ex
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("the data was checked only once the graphs were being written")
+
+    monkeypatch.setattr(ex, "write_onnx", too_late)
+    monkeypatch.setattr(ex, "export_joint_onnx", too_late)
+    m5 = write_config(tmp_path / "m5.yaml", {**seg_data(), "labels": MERGED5})
+    rc, err = export_cli(capsys, sources["seg"], tmp_path / "a", "--int8", "--data", m5)
+    assert rc == 2 and len(err) == 1 and str(m5) in err[0] and "11 classes" in err[0] and "5" in err[0], err
+    rc, err = export_cli(capsys, sources["seg"], tmp_path / "b", "--int8", "--data", sources["depth_config"])
+    assert rc == 2 and len(err) == 1 and "a depth config" in err[0] and "segmentation model" in err[0], err
+    rc, err = export_cli(capsys, sources["depth"], tmp_path / "c", "--int8", "--data", sources["seg_config"])
+    assert rc == 2 and len(err) == 1 and "a segmentation config" in err[0] and "depth model" in err[0], err
+    rc, err = export_cli(capsys, sources["joint"], tmp_path / "d", "--int8", "--data", sources["seg_config"])
+    assert rc == 2 and len(err) == 1 and "a segmentation config" in err[0] and "joint" in err[0], err
+    jm5 = write_config(tmp_path / "jm5.yaml", {"segmentation": {**seg_data(), "labels": MERGED5},
+                                               "depth": depth_data()}, "multitask")
+    rc, err = export_cli(capsys, sources["joint"], tmp_path / "e", "--int8", "--data", jm5)
+    assert rc == 2 and len(err) == 1 and "Structure" in err[0] and str(jm5) in err[0], err
+    # index masks saved as colour pictures (three different channels): found before calibrating
+    rgb = tmp_path / "rgb"
+    (rgb / "val").mkdir(parents=True)
+    (rgb / "valannot").mkdir()
+    (rgb / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
+    for p in sorted(CAMVID.glob(SEG_IMAGES))[:8]:
+        (rgb / "val" / p.name).symlink_to(p)
+        mask = np.array(Image.open(CAMVID / "valannot" / f"{p.stem}.png"))
+        Image.fromarray(np.stack([mask, mask // 2, mask], -1).astype(np.uint8)).save(rgb / "valannot" / f"{p.stem}.png")
+    cfg = write_config(tmp_path / "rgb.yaml", seg_data(rgb))
+    rc, err = export_cli(capsys, sources["seg"], tmp_path / "f", "--int8", "--data", cfg)
+    assert rc == 2 and len(err) == 1 and "3 channels" in err[0] and str(rgb / "valannot") in err[0], err
+    assert not any((tmp_path / d).exists() for d in "abcdef")
+
+
+def test_calibration_options_apply_only_with_what_they_set_and_the_refusal_lists_them(sources, tmp_path, capsys):
+    seg, cfg = sources["seg"], sources["seg_config"]
+    every = ("--calibration-images", "--calibration-count", "--calibration-method", "--data", "--int8-keep-float",
+             "--int8-target")
+    for given in (["--calibration-count", "8"], ["--calibration-method", "entropy"], ["--data", cfg]):
+        rc, err = export_cli(capsys, seg, tmp_path / "a", "--onnx", *given)
+        assert rc == 2 and len(err) == 1 and all(o in err[0] for o in every) and given[0] in err[0].split("given")[-1], err
+    rc, err = export_cli(capsys, seg, tmp_path / "b", "--onnx-fp16", "--data", cfg, "--calibration-method", "entropy")
+    assert rc == 2 and len(err) == 1 and "--calibration-method" in err[0] and "--int8" in err[0], err
+    rc, err = export_cli(capsys, seg, tmp_path / "c", "--onnx-fp16", "--data", cfg, "--calibration-count", "8")
+    assert rc == 2 and len(err) == 1 and "--calibration-count" in err[0] and "--calibrate-temperature" in err[0], err
+    assert not any((tmp_path / d).exists() for d in "abc")
+
+
+SLOW_EXPORT = """
+import signal, sys, time
+from pathlib import Path
+
+signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (a background job ignores it)
+import dptune.export.serving as serving
+
+
+def slow(*args, **kwargs):  # the INT8 calibration, made slow: the signal comes while it runs
+    Path(sys.argv[1]).touch()
+    time.sleep(120)
+
+
+serving.write_graphs = slow
+from dptune.export import main
+
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_an_interrupted_export_says_so_in_one_line_and_leaves_nothing(sources, tmp_path):
+    """SIGINT (Ctrl-C) and SIGTERM while the graphs are being written: one error line, a non-zero exit,
+    and the hidden staging folder removed."""
+    import os
+    import signal
+    import subprocess
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        d = tmp_path / sig.name
+        d.mkdir()
+        procs[sig] = (d, subprocess.Popen(
+            [sys.executable, "-c", SLOW_EXPORT, str(d / "started"), str(sources["seg"]), str(d / "out"), "--int8",
+             "--data", str(sources["seg_config"]), "--calibration-count", "4"],
+            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env))
+    deadline = time.monotonic() + 240
+    for sig, (d, p) in procs.items():
+        while not (d / "started").exists():
+            assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+            time.sleep(0.2)
+        assert list(d.glob(".out.*.partial"))  # the export is being built
+        p.send_signal(sig)
+    for sig, (d, p) in procs.items():
+        _, stderr = p.communicate(timeout=60)
+        err = [ln for ln in stderr.splitlines() if ln.startswith("error")]
+        assert p.returncode == 128 + sig, (sig, p.returncode, stderr[-2000:])
+        assert len(err) == 1 and "interrupted" in err[0] and sig.name in err[0] and str(d / "out") in err[0], stderr
+        assert "Traceback" not in stderr, stderr[-2000:]
+        assert sorted(q.name for q in d.iterdir()) == ["started"], (sig, list(d.iterdir()))

@@ -28,6 +28,7 @@ import math
 import os
 import secrets
 import shutil
+import signal
 import sys
 import tempfile
 from collections.abc import Iterator
@@ -139,14 +140,21 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
 
         got["serving"] = prepare_export(got, str(src), serving)
         onnx = True  # the INT8 / fp16 graphs derive from model.onnx, and are measured against it
+    said: list[tuple[Path, str]] = []  # each directory written and what it holds: said once all is in place
     with staged(target, replace=overwrite) as stage, plain_file_modes(stage):
         if got.get("task") == "multitask":
-            export_multitask(got, stage, str(src), onnx, fp16, tolerance, push_to_hub, shown=Path(out_dir))
+            export_multitask(got, stage, str(src), onnx, fp16, tolerance, push_to_hub, shown=Path(out_dir), said=said)
         else:
-            write_directory(got, stage, str(src), onnx, fp16, tolerance, shown=Path(out_dir))
+            write_directory(got, stage, str(src), onnx, fp16, tolerance, shown=Path(out_dir), said=said)
+    if said:
+        parts = "; ".join(f"{where.name}/: {what}" for where, what in said) if len(said) > 1 else said[0][1]
+        log.info("exported %s -> %s (%s)", src, out_dir, parts)
     out = Path(out_dir)
     if push_to_hub:
-        push_folder(out, push_to_hub)
+        try:
+            push_folder(out, push_to_hub)
+        except Interrupted as e:
+            raise Interrupted(e.signal, f"the export is complete in {out}; its upload to {push_to_hub} was not") from None
     return out
 
 
@@ -310,9 +318,11 @@ def nan_to_null(value):
 
 
 def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float,
-                    shown: Path | None = None) -> Path:
+                    shown: Path | None = None, said: list[tuple[Path, str]] | None = None) -> Path:
     """One task's directory: weights, config, image processor, model card, dptune.json, ONNX.
-    ``shown``: the directory's name in the log (where it will end up; ``out`` may be a staging one)."""
+    ``shown``: the directory's name in the log (where it will end up; ``out`` may be a staging one);
+    ``said``: gets (directory, what it holds) instead of an "exported" line in the log (the caller says
+    it once the whole export is in place)."""
     model, processor, metrics, evaluation = got["model"], got["processor"], got["metrics"], got["evaluation"]
     warn_backend(evaluation, src)
     out.mkdir(parents=True, exist_ok=True)
@@ -360,12 +370,16 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     (out / "dptune.json").write_text(json.dumps(nan_to_null({"source": src, **meta, "metrics": metrics,
                                                              "evaluation": evaluation}),
                                                 indent=2, default=str, allow_nan=False))
-    log.info("exported %s -> %s (%s)", src, shown or out, summary)
+    if said is None:
+        log.info("exported %s -> %s (%s)", src, shown or out, summary)
+    else:
+        said.append((shown or out, summary))
     return out
 
 
 def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tolerance: float,
-                     repo: str | None = None, shown: Path | None = None) -> Path:
+                     repo: str | None = None, shown: Path | None = None,
+                     said: list[tuple[Path, str]] | None = None) -> Path:
     """A segmentation + depth checkpoint: ``out/segmentation`` and ``out/depth`` (each a stock
     ``transformers`` directory with its own card), a top-level ``README.md`` saying how to load each
     (``subfolder=``, also from a hub repo) and, with ``onnx``, ``out/model.onnx``: one graph, one
@@ -377,11 +391,11 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
                      **({"serving": {"calibration": calibration}} if calibration else {}),
                      "meta": {"task": "segmentation", "precision": got["meta"].get("precision")},
                      "metrics": metrics.get("segmentation", {})}, out / "segmentation", src, False, fp16, tolerance,
-                    (shown or out) / "segmentation")
+                    (shown or out) / "segmentation", said)
     write_directory({**common, "model": joint.depth, "meta": {"task": "depth", "depth": got["meta"].get("depth", {}),
                                                                "precision": got["meta"].get("precision")},
                      "metrics": metrics.get("depth", {})}, out / "depth", src, False, fp16, tolerance,
-                    (shown or out) / "depth")
+                    (shown or out) / "depth", said)
     if onnx:
         size = (got["processor"].size["height"], got["processor"].size["width"])
         err = export_joint_onnx(joint.float().eval(), out / "model.onnx", size)
@@ -444,14 +458,14 @@ def main(argv: list[str] | None = None) -> int:
                             "classifier, so confidences are calibrated (masks unchanged); ECE before/after in the card")
     serve.add_argument("--calibration-images", metavar="GLOB",
                        help="INT8 calibration images (default: a few dozen images of the run's validation split)")
-    serve.add_argument("--calibration-count", type=int, default=DEFAULT_COUNT, metavar="N",
+    serve.add_argument("--calibration-count", type=int, default=None, metavar="N",
                        help=f"calibration images used at most (default {DEFAULT_COUNT}; spread evenly over the split "
-                            "or the glob's matches)")
-    serve.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default="minmax",
+                            "or the glob's matches): INT8's, and the temperature's fit images")
+    serve.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=None,
                        help="how INT8 activation ranges are taken from the calibration images (default minmax)")
     serve.add_argument("--int8-keep-float", action="append", default=[], metavar="NODE",
                        help="a node name of model.onnx to keep in float besides dptune's choice (repeatable)")
-    serve.add_argument("--int8-target", choices=TARGETS, default="portable",
+    serve.add_argument("--int8-target", choices=TARGETS, default=None,
                        help="portable (default): 7-bit weights (ONNX Runtime's reduce_range), the same results on any "
                             "x86 CPU, AVX2 without VNNI included; vnni: full 8-bit weights, for CPUs with AVX512-VNNI, "
                             "AVX-VNNI or AMX only (on AVX2 alone their int16 sums can clip); u8: full 8-bit uint8 weights, u8 x u8 "
@@ -464,19 +478,17 @@ def main(argv: list[str] | None = None) -> int:
     if not Path(args.source).exists():
         print(f"error: {args.source}: not found", file=sys.stderr)
         return 2
+    refused = refuse_options(args)
+    if refused:
+        print(f"error: {refused}", file=sys.stderr)
+        return 2
     serving = ServingOptions(int8=args.int8, fp16=args.onnx_fp16, temperature=args.calibrate_temperature,
-                             calibration_images=args.calibration_images, data=args.data, count=args.calibration_count,
-                             method=args.calibration_method, keep_float=tuple(args.int8_keep_float),
-                             target=args.int8_target)
-    if not serving.any and (args.calibration_images or args.data or args.int8_keep_float):
-        print("error: --calibration-images, --data and --int8-keep-float apply to --int8, --onnx-fp16 or "
-              "--calibrate-temperature", file=sys.stderr)
-        return 2
-    if not args.int8 and (args.int8_keep_float or args.int8_target != "portable"):
-        print("error: --int8-keep-float and --int8-target apply to --int8", file=sys.stderr)
-        return 2
+                             calibration_images=args.calibration_images, data=args.data,
+                             count=DEFAULT_COUNT if args.calibration_count is None else args.calibration_count,
+                             method=args.calibration_method or "minmax", keep_float=tuple(args.int8_keep_float),
+                             target=args.int8_target or "portable")
     try:
-        with torch.no_grad():
+        with torch.no_grad(), interruptible():
             out = export(args.source, args.out_dir, onnx=args.onnx, fp16=args.fp16, push_to_hub=args.push_to_hub,
                          overwrite=args.overwrite, serving=serving)
     except (OutputDirError, CalibrationError, OnnxMissing) as e:  # each names its file, glob or the fix
@@ -485,8 +497,69 @@ def main(argv: list[str] | None = None) -> int:
     except (ValueError, OSError, KeyError) as e:
         print(f"error: {args.source}: {e}", file=sys.stderr)
         return 2
+    except Interrupted as e:  # SIGINT (Ctrl-C) or SIGTERM: the staging folder is gone already
+        what = e.after or f"nothing was written to {args.out_dir}"
+        print(f"error: interrupted ({e.signal.name}); {what}", file=sys.stderr)
+        return 128 + e.signal
     print(out)
     return 0
+
+
+# the serving options, and what each needs given to apply
+CALIBRATION_OPTIONS = ("--calibration-images", "--calibration-count", "--calibration-method", "--data",
+                       "--int8-keep-float", "--int8-target")
+
+
+def refuse_options(args) -> str | None:
+    """Why the options given do not go together (None when they do): a calibration option without
+    anything it sets."""
+    given = [o for o, v in zip(CALIBRATION_OPTIONS, (args.calibration_images, args.calibration_count,
+                                                     args.calibration_method, args.data, args.int8_keep_float,
+                                                     args.int8_target), strict=True) if v not in (None, [])]
+    if given and not (args.int8 or args.onnx_fp16 or args.calibrate_temperature):
+        return (f"{', '.join(CALIBRATION_OPTIONS[:-1])} and {CALIBRATION_OPTIONS[-1]} apply to --int8, --onnx-fp16 or "
+                "--calibrate-temperature (--calibration-method, --int8-keep-float and --int8-target to --int8 only); "
+                f"given: {' '.join(given)}")
+    int8_only = [o for o in given if o in ("--calibration-method", "--int8-keep-float", "--int8-target")]
+    if int8_only and not args.int8:
+        return f"--calibration-method, --int8-keep-float and --int8-target apply to --int8; given: {' '.join(int8_only)}"
+    if "--calibration-count" in given and not (args.int8 or args.calibrate_temperature):
+        return ("--calibration-count applies to --int8 (the images INT8 is calibrated on) or --calibrate-temperature "
+                "(the images the temperature is fitted on)")
+    return None
+
+
+class Interrupted(BaseException):
+    """A signal (SIGINT, SIGTERM) stopped the export; raised where it was, so the staging folder is
+    removed on the way out. ``after``: what was already done, when the export itself was complete."""
+
+    def __init__(self, sig: signal.Signals, after: str | None = None) -> None:
+        super().__init__(sig.name)
+        self.signal, self.after = sig, after
+
+
+@contextmanager
+def interruptible() -> Iterator[None]:
+    """SIGINT and SIGTERM raise ``Interrupted`` in the block (SIGTERM would otherwise end the process
+    at once, leaving the hidden ``*.partial`` folder behind). A signal the process ignores stays ignored;
+    the handlers are put back after (only the main thread may set them: elsewhere nothing changes)."""
+    def stop(signum, frame):
+        raise Interrupted(signal.Signals(signum))
+
+    before = {}
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        try:
+            if signal.getsignal(sig) is not signal.SIG_IGN:
+                before[sig] = signal.signal(sig, stop)
+        except ValueError:  # not the main thread
+            break
+    try:
+        yield
+    except KeyboardInterrupt:  # a SIGINT that arrived while the handler was not set (it raises this)
+        raise Interrupted(signal.SIGINT) from None
+    finally:
+        for sig, handler in before.items():
+            signal.signal(sig, handler)
 
 
 if __name__ == "__main__":

@@ -79,6 +79,7 @@ def calibrate(model: nn.Module, processor, labels, data: ServingData, joint: boo
     from dptune.export.temperature import calibration_report, fold_temperature, pixel_logits
 
     seg = data.tasks["segmentation"]
+    labels = seg.labels or labels  # the source's own (its ignore values), in the model's classes
     ref = Reference(model, joint)
     rng = np.random.default_rng(0)
 
@@ -154,6 +155,7 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
     for task, part in data.tasks.items():
         names = ["torch", *graphs]
         if task == "segmentation":
+            encoding = part.labels or labels  # the source's own (its ignore values), in the model's classes
             c = labels.num_classes
             conf = {n: np.zeros((c, c), np.int64) for n in names}
             agree = dict.fromkeys(names, 0)
@@ -161,7 +163,7 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
             pixels = 0
             for i in part.held:
                 image, raw, name = part.source.load(i)
-                mask = labels.encode(raw, name)
+                mask = encoding.encode(raw, name)
                 x = prepare(processor, image)
                 outs = {"torch": ref(x), **{n: _run(g, x) for n, g in graphs.items()}}
                 ok = mask != 255
@@ -349,12 +351,12 @@ def depth_values_card(meta: dict, model: nn.Module | None = None) -> str:
             "as 0, and those pixels were left out of the metrics.\n")
 
 
-def prepare_serving(src: str, task: str, options: ServingOptions) -> ServingData | None:
-    """The data the options need (None when they need none)."""
+def prepare_serving(src: str, task: str, options: ServingOptions, labels=None) -> ServingData | None:
+    """The data the options need (None when they need none), checked against the model's ``labels``."""
     if not options.needs_data:
         return None
     return serving_data(src, task, options.data, options.calibration_images, options.count,
-                        fit_part=options.temperature)
+                        fit_part=options.temperature, labels=labels)
 
 
 # ------------------------------------------------------------------------------- the export's hooks
@@ -373,7 +375,7 @@ def prepare_export(got: dict, src: str, options: ServingOptions) -> dict:
     if options.int8 or options.fp16:
         require_onnxruntime("--int8 / --onnx-fp16")
         require_onnx("--int8 / --onnx-fp16")
-    data = prepare_serving(src, task, options)
+    data = prepare_serving(src, task, options, None if depth else got.get("labels"))
     calibration = None
     if options.temperature:
         calibration = calibrate(got["model"], got["processor"], got["labels"], data, joint)

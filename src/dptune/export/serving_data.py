@@ -39,6 +39,7 @@ class TaskData:
     held: list[int] = field(default_factory=list)
     root: str = "."  # the data root the split's paths are relative to
     section: dict = field(default_factory=dict)  # the config's data section of this task (evaluate's options)
+    labels: object = None  # segmentation: the source's own label set (its ignore values), in the model's classes
 
     def image(self, i: int) -> str:
         return self.source.images[i]
@@ -74,17 +75,99 @@ def run_config(src: str) -> Path | None:
     return None
 
 
-def _data_section(config: Path) -> dict:
+def _data_section(config: Path) -> tuple[str, dict]:
+    """The task a train.py config trains (its ``task:``, segmentation by default; a data section with
+    segmentation and depth parts is a joint one) and its data section."""
     try:
-        data = (yaml.safe_load(config.read_text()) or {}).get("data")
+        raw = yaml.safe_load(config.read_text()) or {}
+        data = raw.get("data")
     except (yaml.YAMLError, AttributeError, OSError) as e:
         raise CalibrationError(f"{config}: not a readable train.py config ({str(e).splitlines()[0]})") from None
     if not isinstance(data, dict):
         raise CalibrationError(f"{config}: no data: section naming a validation split")
-    return data.get("init_args", data) if "class_path" in data else data
+    data = data.get("init_args", data) if "class_path" in data else data
+    task = raw.get("task") if isinstance(raw.get("task"), str) else None
+    if task is None:
+        task = "multitask" if isinstance(data.get("segmentation"), (dict, list)) else "segmentation"
+    return task, data
 
 
-def _val_source(data: dict, task: str, config: Path, split: str = "val"):
+TASK_NAMES = {"segmentation": "segmentation", "depth": "depth", "multitask": "joint segmentation + depth"}
+TASK_DATA = {"segmentation": "whose data: section names a validation split of images and masks",
+             "depth": "whose data: section names a validation split of images and depth maps",
+             "multitask": "with data.segmentation and data.depth sections (as configs/multitask/camvid-7scenes.yaml)"}
+
+
+def check_config_task(config_task: str, task: str, where: str) -> None:
+    """One line when the config trains another task than the model's (a depth config for a
+    segmentation model)."""
+    if config_task != task:
+        raise CalibrationError(f"{where}: a {TASK_NAMES.get(config_task, config_task)} config (task: {config_task}), "
+                               f"but the model is a {TASK_NAMES[task]} model: give a {TASK_NAMES[task]} config "
+                               f"{TASK_DATA[task]}")
+
+
+def check_same_classes(model_names: list[str], data_names: list[str]) -> None:
+    """The model's classes must be the data's, in the same order: a confusion matrix of two
+    different label sets would score class i of one as class i of the other (evaluate's rule, the same
+    words)."""
+    if [n.lower() for n in model_names] == [n.lower() for n in data_names]:
+        return
+    if len(model_names) != len(data_names):
+        raise DataError(f"the model has {len(model_names)} classes, the label set {len(data_names)}")
+    if sorted(n.lower() for n in model_names) == sorted(n.lower() for n in data_names):
+        raise DataError(f"the model and the label set have the same classes in another order (model: "
+                        f"{model_names}, labels: {data_names}); list the names in the model's order")
+    i = next(i for i, (a, b) in enumerate(zip(model_names, data_names, strict=True)) if a.lower() != b.lower())
+    raise DataError(f"class {i} is {model_names[i]!r} in the model but {data_names[i]!r} in the label set "
+                    f"(model: {model_names}, labels: {data_names})")
+
+
+def source_labels(section: dict, model_labels, joint: bool, where: str):
+    """The segmentation source's own label set (its mask format and ignore values), in the model's
+    classes: the same classes as the model's (a single-task export, as evaluate requires), or for a
+    joint model classes it has, mapped by name (as joint training maps each source)."""
+    from dptune.labels import load_labels
+
+    try:
+        labels = load_labels(section.get("labels", "labels.yaml"), str(section.get("root") or "."),
+                             where=f"{where}: data.labels")
+    except (DataError, ConfigError) as e:
+        raise CalibrationError(str(e) if str(e).startswith(where) else f"{where}: {e}") from None
+    if model_labels is None:
+        return labels
+    model, names = list(model_labels.names), list(labels.names)
+    if [n.lower() for n in model] == [n.lower() for n in names]:
+        return labels
+    if joint:
+        try:
+            return labels.retarget(model, getattr(model_labels, "colors", None))
+        except ConfigError as e:
+            raise CalibrationError(f"{where}: its label set does not fit the model: {e}") from None
+    try:
+        check_same_classes(model, names)
+    except DataError as e:
+        both = f" (model: {model}, labels: {names})" if len(model) != len(names) else ""
+        raise CalibrationError(f"{where}: its label set does not match the model's: {e}{both}; give a config "
+                               "with the model's label set") from None
+    return labels
+
+
+def check_readable(part: TaskData, where: str) -> None:
+    """Read what the slow steps will read, before they start: every mask of the fit and held-back
+    images (shape, values) through the source's label set; a depth split's first held-back map."""
+    try:
+        if part.task == "segmentation":
+            for i in dict.fromkeys([*part.fit, *part.held]):
+                _, mask, name = part.source.probe(i)
+                part.labels.encode(mask, name)
+        elif part.held:
+            part.source.load(part.held[0])
+    except DataError as e:
+        raise CalibrationError(f"{where}: {e}") from None
+
+
+def _val_source(data: dict, task: str, config: Path, split: str = "val", rgb_masks: bool = False):
     """A folder source of the config's validation split for ``task``."""
     from dptune.data.depth import DepthFolderSource
     from dptune.data.sources import FolderSource
@@ -102,7 +185,7 @@ def _val_source(data: dict, task: str, config: Path, split: str = "val"):
     try:
         if task == "depth":
             return DepthFolderSource(root, spec["images"], spec["depth"], scale=data.get("depth_scale"))
-        return FolderSource(root, spec["images"], spec["masks"], False)  # rgb masks: see labels (encode)
+        return FolderSource(root, spec["images"], spec["masks"], rgb_masks)
     except KeyError as e:
         raise CalibrationError(f"{config}: the {split} split of the {task} data has no {e.args[0]!r}") from None
     except DataError as e:
@@ -142,11 +225,13 @@ IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def serving_data(src: str, task: str, data_config: str | None = None, pattern: str | None = None,
-                 count: int = DEFAULT_COUNT, fit_part: bool = True) -> ServingData:
+                 count: int = DEFAULT_COUNT, fit_part: bool = True, labels=None) -> ServingData:
     """The calibration images and validation splits of an export of ``task`` (segmentation, depth,
     multitask) from ``src``: its run's ``config.yaml`` unless ``data_config`` names another. With a
     ``pattern`` and no need of a ``fit_part`` (no temperature to fit), every split image the pattern
-    does not match is held back."""
+    does not match is held back. ``labels``: the model's label set, which the config's must match (a
+    joint model: contain); the masks are read with the config's (its ignore values). Checked here,
+    before any slow step: the config's task, its label set, and every mask that will be read."""
     if count < MIN_IMAGES:
         raise CalibrationError(f"--calibration-count {count}: calibration needs at least {MIN_IMAGES} images")
     config = Path(data_config) if data_config else run_config(src)
@@ -155,15 +240,19 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
                                "CONFIG (a train.py config whose data: section names a val split)")
     if not config.is_file():
         raise CalibrationError(f"--data {config}: not found")
-    data = _data_section(config)
+    where = f"--data {config}" if data_config else str(config)
+    config_task, data = _data_section(config)
+    check_config_task(config_task, task, where)
     parts = {"segmentation": data.get("segmentation"), "depth": data.get("depth")} if task == "multitask" else {task: data}
     tasks = {}
     for t, section in parts.items():
         if not isinstance(section, dict):
             raise CalibrationError(f"{config}: no data.{t} section for the joint model's {t} split")
         share = count if task != "multitask" else max(MIN_IMAGES, count // 2)
-        tasks[t] = cut(_val_source(section, t, config), share, t, str(config))
-        tasks[t].root, tasks[t].section = str(section.get("root") or "."), section
+        own = source_labels(section, labels, task == "multitask", where) if t == "segmentation" else None
+        rgb = own is not None and own.mask_format == "rgb"
+        tasks[t] = cut(_val_source(section, t, config, rgb_masks=rgb), share, t, str(config))
+        tasks[t].root, tasks[t].section, tasks[t].labels = str(section.get("root") or "."), section, own
     if pattern:
         calibration = glob_images(pattern, count)
         chosen = {os.path.realpath(p) for p in calibration}
@@ -176,6 +265,8 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
                                        f"{config}; leave some validation images out of it")
     else:
         calibration = [d.image(i) for d in tasks.values() for i in d.fit]
+    for d in tasks.values():
+        check_readable(d, where)
     return ServingData(calibration, tasks, str(config), pattern)
 
 
