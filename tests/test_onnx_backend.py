@@ -235,3 +235,26 @@ def test_the_inference_benchmark_times_each_engine_and_says_what_it_ran_on(expor
     assert set(got["load_average_1min"]) == {"before", "after"}
     assert all(got["engines"][e]["export_size"]["cpu_per_wall"] > 0 for e in ("torch-eager", "ort-fp32", "ort-int8"))
     assert got["int8_speedup_vs_fp32_batch1"] > 0
+
+
+def test_the_inference_benchmark_refuses_bad_counts_threads_and_engines_before_measuring(exports, capsys,
+                                                                                        monkeypatch):
+    import os
+
+    from dptune.tools import infer_bench
+    from dptune.tools.benchmark import main
+
+    def measured(*args, **kwargs):
+        pytest.fail("the benchmark loaded the model before checking its options")
+
+    monkeypatch.setattr(infer_bench, "torch_model", measured)
+    cores = len(os.sched_getaffinity(0))
+    for option, value in (("--batch", "0"), ("--runs", "0"), ("--warmup", "-1"), ("--threads", "0"),
+                          ("--threads", str(cores + 1)), ("--engines", "eager,bogus"), ("--engines", ",")):
+        rc = main(["--infer", str(exports / "seg"), option, value])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and option in err[0], (option, value, err)
+        assert "bogus" in err[0] or value != "eager,bogus"
+    assert main(["--infer", "--help"]) == 0  # the tool's own options, as benchmark --help says
+    assert "--engines" in capsys.readouterr().out
+

@@ -116,18 +116,62 @@ def torch_model(export: Path, part: Path) -> torch.nn.Module:
     return JointOutputs(JointDPT(model, depth)).eval()
 
 
+ENGINES = ("eager", "compiled", "ort-fp32", "ort-int8", "ort-fp16")
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def default_threads() -> int:
+    """``OMP_NUM_THREADS`` (at most the usable cores) when it is a positive number, else the usable cores."""
+    try:
+        n = int(os.environ.get("OMP_NUM_THREADS") or 0)
+    except ValueError:
+        n = 0
+    return min(n, usable_cores()) if n > 0 else usable_cores()
+
+
+def check_options(args) -> None:
+    """One line for options that cannot be measured with, before anything is loaded or timed."""
+    for name, value, least in (("--batch", args.batch, 1), ("--runs", args.runs, 1), ("--warmup", args.warmup, 0)):
+        if value < least:
+            raise ConfigError(f"{name} must be at least {least}, got {value}")
+    cores = usable_cores()
+    if args.threads is not None and not 1 <= args.threads <= cores:
+        raise ConfigError(f"--threads must be between 1 and the {cores} core{'s' if cores != 1 else ''} this process "
+                          f"may use, got {args.threads}")
+    engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    unknown = [e for e in engines if e not in ENGINES]
+    if unknown or not engines:
+        raise ConfigError(f"--engines {args.engines}: " + (f"unknown {', '.join(unknown)}; " if unknown else "none named; ")
+                          + f"choose from {', '.join(ENGINES)}")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--infer", required=True, metavar="EXPORT_DIR", help="an export directory (scripts/export.py)")
-    ap.add_argument("--threads", type=int, default=None)
-    ap.add_argument("--batch", type=int, default=8, help="batch of the throughput runs")
-    ap.add_argument("--runs", type=int, default=50, help="timed batch-1 runs per engine and size")
+    ap.add_argument("--infer", metavar="EXPORT_DIR", help="an export directory (scripts/export.py); required")
+    ap.add_argument("--threads", type=int, default=None,
+                    help="threads of torch and ONNX Runtime, 1 to the cores this process may use (default: "
+                         "OMP_NUM_THREADS, else those cores)")
+    ap.add_argument("--batch", type=int, default=8, help="batch of the throughput runs (at least 1)")
+    ap.add_argument("--runs", type=int, default=50, help="timed batch-1 runs per engine and size (at least 1)")
     ap.add_argument("--warmup", type=int, default=5)
-    ap.add_argument("--engines", default="eager,compiled,ort-fp32,ort-int8,ort-fp16",
+    ap.add_argument("--engines", default=",".join(ENGINES),
                     help="comma-separated subset (a missing graph or provider is skipped and said)")
     ap.add_argument("--json", help="also write the results here")
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if "--infer" in argv and argv.index("--infer") + 1 < len(argv) and argv[argv.index("--infer") + 1] in ("-h", "--help"):
+        ap.print_help()  # "--infer --help": the help, not "expected one argument"
+        return 0
     args = ap.parse_args(argv)
+    if not args.infer:
+        ap.error("--infer EXPORT_DIR is required")
     try:
+        check_options(args)
         result = run(Path(args.infer), args)
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -144,7 +188,7 @@ def run(export: Path, args) -> dict:
 
     if not export.is_dir():
         raise ConfigError(f"{export}: not a directory")
-    threads = args.threads or int(os.environ.get("OMP_NUM_THREADS") or 0) or len(os.sched_getaffinity(0))
+    threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     part = task_dir(export)
     wrapper = torch_model(export, part)
