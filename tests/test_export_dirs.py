@@ -371,3 +371,24 @@ def test_the_plain_scorers_import_no_dptune():
                     for a in (n.names if isinstance(n, ast.Import) else [n])}
         assert imported <= {"__future__", "argparse", "glob", "json", "sys", "pathlib", "numpy", "torch", "yaml",
                             "PIL", "transformers"}, (name, imported)
+
+
+def test_an_upload_that_cannot_reach_the_hub_is_one_line(tmp_path):
+    """--push-to-hub without a network (here: an endpoint nothing listens on) ends in one line that
+    says the export itself is complete, not in the HTTP client's traceback."""
+    import subprocess
+    import sys
+
+    folder = tmp_path / "export"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    code = ("import sys, pathlib; from dptune.errors import ConfigError; from dptune.export import push_folder\n"
+            "try:\n    push_folder(pathlib.Path(sys.argv[1]), 'me/x')\n"
+            "except ConfigError as e:\n    print('error:', e)\n")
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_TOKEN": "hf_not_a_token", "HF_HUB_OFFLINE": "0"}
+    proc = subprocess.run([sys.executable, "-c", code, str(folder)], env=env, capture_output=True, text=True,
+                          timeout=120)
+    assert "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    line = proc.stdout.strip()
+    assert line.startswith("error: --push-to-hub me/x: the upload failed") and str(folder) in line
+    assert line.count("\n") == 0

@@ -118,8 +118,16 @@ def push_folder(out: Path, repo: str) -> str:
     from huggingface_hub import HfApi
 
     api = HfApi()
-    api.create_repo(repo, exist_ok=True)
-    api.upload_folder(folder_path=str(out), repo_id=repo, commit_message="Upload DPT model (dptune)")
+    try:
+        api.create_repo(repo, exist_ok=True)
+        api.upload_folder(folder_path=str(out), repo_id=repo, commit_message="Upload DPT model (dptune)")
+    except Exception as e:
+        # no network, DNS, refused, timeouts: OSErrors (the hub's HTTP errors too) or the HTTP client's own
+        if not (isinstance(e, OSError) or any(c.__name__ == "HTTPError" for c in type(e).__mro__)):
+            raise
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ConfigError(f"--push-to-hub {repo}: the upload failed ({first}); the export is complete in {out}, "
+                          "push it later with huggingface-cli upload") from None
     url = f"https://huggingface.co/{repo}"
     log.info("pushed %s to %s", out, url)
     return url
