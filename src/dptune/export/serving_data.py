@@ -107,27 +107,11 @@ def check_config_task(config_task: str, task: str, where: str) -> None:
                                f"{TASK_DATA[task]}")
 
 
-def check_same_classes(model_names: list[str], data_names: list[str]) -> None:
-    """The model's classes must be the data's, in the same order: a confusion matrix of two
-    different label sets would score class i of one as class i of the other (evaluate's rule, the same
-    words)."""
-    if [n.lower() for n in model_names] == [n.lower() for n in data_names]:
-        return
-    if len(model_names) != len(data_names):
-        raise DataError(f"the model has {len(model_names)} classes, the label set {len(data_names)}")
-    if sorted(n.lower() for n in model_names) == sorted(n.lower() for n in data_names):
-        raise DataError(f"the model and the label set have the same classes in another order (model: "
-                        f"{model_names}, labels: {data_names}); list the names in the model's order")
-    i = next(i for i, (a, b) in enumerate(zip(model_names, data_names, strict=True)) if a.lower() != b.lower())
-    raise DataError(f"class {i} is {model_names[i]!r} in the model but {data_names[i]!r} in the label set "
-                    f"(model: {model_names}, labels: {data_names})")
-
-
 def source_labels(section: dict, model_labels, joint: bool, where: str):
     """The segmentation source's own label set (its mask format and ignore values), in the model's
     classes: the same classes as the model's (a single-task export, as evaluate requires), or for a
     joint model classes it has, mapped by name (as joint training maps each source)."""
-    from dptune.labels import load_labels
+    from dptune.labels import check_same_classes, load_labels
 
     try:
         labels = load_labels(section.get("labels", "labels.yaml"), str(section.get("root") or "."),

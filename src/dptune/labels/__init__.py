@@ -16,9 +16,9 @@ from dptune.labels.base import (
     color_tuple,
     default_palette,
 )
-from dptune.labels.labelset import LabelSet, load_labels
+from dptune.labels.labelset import LabelSet, check_same_classes, load_labels
 
 __all__ = [
-    "IGNORE_INDEX", "MAX_CLASSES", "DuplicateKey", "LabelSet", "MaskFormat", "UniqueKeyLoader", "color_tuple",
+    "IGNORE_INDEX", "MAX_CLASSES", "DuplicateKey", "LabelSet", "MaskFormat", "check_same_classes", "UniqueKeyLoader", "color_tuple",
     "default_palette", "load_labels",
 ]

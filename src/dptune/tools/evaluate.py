@@ -40,7 +40,7 @@ from tqdm.auto import tqdm
 
 from dptune.errors import DataError
 from dptune.inference.windows import FLIP_VIEWS
-from dptune.labels import IGNORE_INDEX, LabelSet
+from dptune.labels import IGNORE_INDEX, LabelSet, check_same_classes
 from dptune.metrics.segmentation import metrics_from_confmat
 from dptune.tools.outputs import json_is_ours, refuse_output, write_replacing, write_text
 
@@ -124,21 +124,6 @@ def _source_and_labels(args) -> tuple[object, LabelSet]:
     root = args.root or "."
     labels = LabelSet.from_yaml(args.labels if Path(args.labels).is_absolute() else Path(root) / args.labels)
     return FolderSource(root, args.images, args.masks, labels.mask_format == "rgb"), labels
-
-
-def check_same_classes(model_names: list[str], data_names: list[str]) -> None:
-    """The model's classes must be the data's, in the same order: a confusion matrix of two
-    different label sets would score class i of one as class i of the other."""
-    if [n.lower() for n in model_names] == [n.lower() for n in data_names]:
-        return
-    if len(model_names) != len(data_names):
-        raise DataError(f"the model has {len(model_names)} classes, the label set {len(data_names)}")
-    if sorted(n.lower() for n in model_names) == sorted(n.lower() for n in data_names):
-        raise DataError(f"the model and the label set have the same classes in another order (model: "
-                        f"{model_names}, labels: {data_names}); list the names in the model's order")
-    i = next(i for i, (a, b) in enumerate(zip(model_names, data_names, strict=True)) if a.lower() != b.lower())
-    raise DataError(f"class {i} is {model_names[i]!r} in the model but {data_names[i]!r} in the label set "
-                    f"(model: {model_names}, labels: {data_names})")
 
 
 def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool | str, scales: tuple[float, ...]) -> np.ndarray:
