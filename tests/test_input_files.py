@@ -12,7 +12,6 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 from conftest import CAMVID, REPO, TINY, needs
 from PIL import Image, ImageOps
 
@@ -31,24 +30,9 @@ UPRIGHT_ROTATION = {6: Image.Transpose.ROTATE_90, 8: Image.Transpose.ROTATE_270,
 def models(tmp_path_factory) -> Path:
     """A tiny segmentation + depth export: ``joint/``, with ``joint/segmentation`` and ``joint/depth``
     the single-task models (each a stock transformers directory)."""
-    from transformers import DPTImageProcessorPil
+    from test_joint_tools import save_joint_export
 
-    from dptune.models import build_model
-    from dptune.models.depth import build_depth_model
-    from dptune.models.joint import JointDPT
-
-    out = tmp_path_factory.mktemp("models") / "joint"
-    depth_cfg = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
-    torch.manual_seed(0)
-    joint = JointDPT(build_model(["a", "b", "c"], config=dict(TINY)), build_depth_model(config=depth_cfg)).eval()
-    with torch.no_grad():
-        joint.depth.head.head[-2].weight.normal_(0, 0.02)
-    proc = DPTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    for name, model in (("segmentation", joint.seg), ("depth", joint.depth)):
-        model.config.architectures = [type(model).__name__]
-        model.save_pretrained(out / name)
-        proc.save_pretrained(out / name)
-    return out
+    return save_joint_export(tmp_path_factory.mktemp("models") / "joint", ["a", "b", "c"])
 
 
 def turned(frame: Path, orientation: int) -> Image.Image:

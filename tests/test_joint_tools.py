@@ -18,27 +18,34 @@ FRAME = sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[0] if KITCHEN.is_dir() e
 INTRINSICS = str(KITCHEN / "camera-intrinsics.txt")
 
 
-@pytest.fixture(scope="module")
-def joint_export(tmp_path_factory) -> Path:
-    """A tiny segmentation + depth export: ``segmentation/`` and ``depth/``, backbones identical."""
+def save_joint_export(out: Path, names: list[str], vary_depth: bool = True) -> Path:
+    """A tiny segmentation + depth export in ``out``: ``segmentation/`` and ``depth/``, each a stock
+    transformers directory, backbones identical (seed 0). ``vary_depth``: a fresh depth head predicts
+    one depth everywhere; its last conv is drawn anew so that a mirrored view tells."""
     from transformers import DPTImageProcessorPil
 
     from dptune.models import build_model
     from dptune.models.depth import build_depth_model
     from dptune.models.joint import JointDPT
 
-    out = tmp_path_factory.mktemp("joint")
     depth_cfg = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
     torch.manual_seed(0)
-    joint = JointDPT(build_model(["a", "b", "c"], config=dict(TINY)), build_depth_model(config=depth_cfg)).eval()
-    with torch.no_grad():  # a fresh head predicts one depth everywhere: vary it, so a mirrored view tells
-        joint.depth.head.head[-2].weight.normal_(0, 0.02)
+    joint = JointDPT(build_model(names, config=dict(TINY)), build_depth_model(config=depth_cfg)).eval()
+    if vary_depth:
+        with torch.no_grad():
+            joint.depth.head.head[-2].weight.normal_(0, 0.02)
     proc = DPTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
     for name, model in (("segmentation", joint.seg), ("depth", joint.depth)):
         model.config.architectures = [type(model).__name__]
         model.save_pretrained(out / name)
         proc.save_pretrained(out / name)
     return out
+
+
+@pytest.fixture(scope="module")
+def joint_export(tmp_path_factory) -> Path:
+    """A tiny segmentation + depth export: ``segmentation/`` and ``depth/``, backbones identical."""
+    return save_joint_export(tmp_path_factory.mktemp("joint"), ["a", "b", "c"])
 
 
 def predict(model: Path, out: Path, *extra: str) -> int:
@@ -171,23 +178,9 @@ def small_joint_config(tmp_path: Path) -> tuple[Path, Path, Path]:
 def camvid_joint_export(tmp_path_factory) -> Path:
     """A tiny segmentation + depth export whose classes are CamVid's."""
     import yaml
-    from transformers import DPTImageProcessorPil
-
-    from dptune.models import build_model
-    from dptune.models.depth import build_depth_model
-    from dptune.models.joint import JointDPT
 
     names = yaml.safe_load((CAMVID / "labels.yaml").read_text())["names"]
-    out = tmp_path_factory.mktemp("camvid-joint")
-    depth_cfg = {k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "semantic_loss_ignore_index")}
-    torch.manual_seed(0)
-    joint = JointDPT(build_model(names, config=dict(TINY)), build_depth_model(config=depth_cfg)).eval()
-    proc = DPTImageProcessorPil(size={"height": 64, "width": 64}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
-    for name, model in (("segmentation", joint.seg), ("depth", joint.depth)):
-        model.config.architectures = [type(model).__name__]
-        model.save_pretrained(out / name)
-        proc.save_pretrained(out / name)
-    return out
+    return save_joint_export(tmp_path_factory.mktemp("camvid-joint"), names, vary_depth=False)
 
 
 def score_lines(text: str) -> tuple[list[str], list[str]]:
