@@ -36,7 +36,13 @@ FAMILY_NORMALIZATION = {"vit": (HALF, HALF), "hybrid": (HALF, HALF), "beit": (HA
 def default_normalization(config: PretrainedConfig) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
     """(mean, std, known) for a model whose checkpoint ships no image processor: the family's own
     statistics when ``known``, else ImageNet's."""
-    found = FAMILY_NORMALIZATION.get(family(config).lower())
+    return family_normalization(family(config))
+
+
+def family_normalization(kind: str) -> tuple[tuple[float, ...], tuple[float, ...], bool]:
+    """(mean, std, known) of the backbone family ``kind`` (``family(config)``): its published
+    statistics when ``known``, else ImageNet's."""
+    found = FAMILY_NORMALIZATION.get(kind.lower())
     return (*(found or (IMAGENET_MEAN, IMAGENET_STD)), found is not None)
 
 

@@ -9,7 +9,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from dptune.models.backbones import FAMILY_NORMALIZATION, IMAGENET_MEAN, IMAGENET_STD, family
+from dptune.models.backbones import family, family_normalization
 from dptune.models.source import resolve_pretrained
 
 
@@ -54,9 +54,8 @@ def resolve_normalization(mean: Sequence[float] | None, std: Sequence[float] | N
     if found is not None:
         why = f"{pretrained}'s preprocessor_config.json"
     else:
-        stats = FAMILY_NORMALIZATION.get(kind.lower())
-        known = stats is not None
-        found = tuple(map(list, stats or (IMAGENET_MEAN, IMAGENET_STD)))
+        fmean, fstd, known = family_normalization(kind)
+        found = (list(fmean), list(fstd))
         why = (f"the {kind} family's published statistics" if known else
                f"ImageNet statistics: no image processor and no known default for the {kind!r} family; "
                "set model.image_mean/image_std if its checkpoints used others")
