@@ -432,3 +432,28 @@ def test_an_interrupted_export_says_so_in_one_line_and_leaves_nothing(sources, t
         assert len(err) == 1 and "interrupted" in err[0] and sig.name in err[0] and str(d / "out") in err[0], stderr
         assert "Traceback" not in stderr, stderr[-2000:]
         assert sorted(q.name for q in d.iterdir()) == ["started"], (sig, list(d.iterdir()))
+
+
+def test_int8_projections_give_float_outputs_and_still_multiply_in_int8(seg_export, tmp_path):
+    """A MatMul with weights (attention and MLP projections) keeps its output in float: requantizing it
+    to 8 bits before the bias and residual adds costs accuracy and a Quantize/Dequantize pair each.
+    ONNX Runtime then runs it as MatMulIntegerToFloat (int8 inputs, float output), not in float."""
+    import onnx
+    import onnxruntime as ort
+
+    model = onnx.load(str(seg_export / "model_int8.onnx"))
+    g = model.graph
+    producers = {o: n for n in g.node for o in n.output}
+    weighted = [n for n in g.node if n.op_type == "MatMul"
+                and any(producers.get(i) is not None and producers[i].op_type == "DequantizeLinear"
+                        and producers[i].input[0] in {t.name for t in g.initializer} for i in n.input)]
+    assert len(weighted) > 10
+    consumers = {i: n for n in g.node for i in n.input}
+    requantized = [n.name for n in weighted if consumers.get(n.output[0]) is not None
+                   and consumers[n.output[0]].op_type == "QuantizeLinear"]
+    assert not requantized, requantized
+    so = ort.SessionOptions()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    ort.InferenceSession(str(seg_export / "model_int8.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert ops.count("MatMulIntegerToFloat") == len(weighted), ops

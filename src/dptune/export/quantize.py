@@ -4,7 +4,10 @@
   prepared by the export's image processor. Only the operators that carry the arithmetic are
   quantized (``Conv``, ``MatMul``: the patch embedding, attention and MLP projections, the neck's and
   head's convolutions); LayerNorm, Softmax, GELU, Resize and the transposed convolutions stay in
-  float, where int8 costs accuracy for next to no time. The first convolution (it sees the
+  float, where int8 costs accuracy for next to no time. A MatMul's output stays in float (not
+requantized before its bias and residual adds): ONNX Runtime runs it as MatMulIntegerToFloat, int8
+inputs and a float result, which is faster and closer to fp32 than QLinearMatMul with a
+Quantize/Dequantize pair after it. The first convolution (it sees the
   normalised pixels) and the convolutions that compute each output (the classifier's logits, the
   depth head) stay in float too: their error is the output's error. ``KEPT_FLOAT`` says so in the
   card and ``dptune.json`` lists the nodes.
@@ -38,7 +41,7 @@ log = logging.getLogger(__name__)
 
 QUANTIZED_OPS = ["Conv", "MatMul"]
 KEPT_FLOAT = ("Only Conv and MatMul with weights run in int8 (weights per output channel, activations uint8 from the "
-              "calibration images' ranges); LayerNorm, Softmax, GELU, Resize and transposed convolutions stay in "
+              "calibration images' ranges; a MatMul's result is not requantized, it stays float); LayerNorm, Softmax, GELU, Resize and transposed convolutions stay in "
               "float, and so do the attention's activation-by-activation products (Q K^T, softmax x V), the first "
               "convolution (the normalised pixels) and the convolutions that compute the outputs (the node names "
               "are listed in dptune.json).")
@@ -149,7 +152,7 @@ def quantize_int8(fp32: Path, out: Path, batches: Iterable[np.ndarray], method: 
             op_types_to_quantize=QUANTIZED_OPS, per_channel=True, reduce_range=target == "portable",
             activation_type=QuantType.QUInt8, weight_type=QuantType.QUInt8 if target == "u8" else QuantType.QInt8,
             nodes_to_exclude=kept,
-            calibrate_method=cm, extra_options=extra))
+            calibrate_method=cm, extra_options={**extra, "OpTypesToExcludeOutputQuantization": ["MatMul"]}))
     quantized = sum(1 for n in onnx.load(str(out), load_external_data=False).graph.node if n.op_type == "QuantizeLinear")
     return {"file": out.name, "format": "QDQ", "activations": "uint8 (per tensor)", "weights": TARGET_WORDS[target],
             "target": target, "reduce_range": target == "portable", "per_channel": True, "calibration_method": method, "quantized_op_types": QUANTIZED_OPS, "kept_float_nodes": kept,
