@@ -175,31 +175,45 @@ def test_the_benchmark_interleaves_the_engines_in_blocks():
     from dptune.tools.infer_bench import interleaved
 
     calls = []
-    got = interleaved({e: (lambda x, e=e: calls.append(e)) for e in "abc"}, np.zeros(1), warmup=1, runs=4, block=2)
-    rounds = calls[3:]  # after one warm-up call each: 2 rounds, each engine 1 settling + 2 timed calls in a row
-    assert rounds == list("aaabbbccc") + list("bbbcccaaa")  # the first engine rotates round by round
-    assert all(len(g["wall_s"]) == 4 and g["cpu_per_wall"] >= 0 for g in got.values())
+    got = interleaved({e: (lambda x, e=e: calls.append(e)) for e in "abc"}, np.zeros(1), warmup=1, runs=6, block=5)
+    rounds = calls[3:]  # after one warm-up call each: 3 rounds, each engine 1 untimed + 2 timed calls in a row
+    assert rounds == list("aaabbbccc") + list("bbbcccaaa") + list("cccaaabbb")  # the first engine rotates
+    assert all(len(g["wall_s"]) == 6 and g["cpu_per_wall"] >= 0 for g in got.values())
+    calls.clear()
+    interleaved({e: (lambda x, e=e: calls.append(e)) for e in "ab"}, np.zeros(1), warmup=0, runs=3)
+    assert calls == list("aabb") + list("bbaa") + list("aabb")  # 3 runs: still 3 rounds, every engine first once
 
 
-def test_the_benchmark_times_an_engine_apart_from_the_one_before():
-    """Thread pools spin for a while after a run (ONNX Runtime's and OpenMP's): an engine run right
-    after another shares the cores with the other's spinning threads. Modelled here by an engine that
-    is slow on the first call after a switch; its figure must be its own speed, not the switch."""
+def test_the_benchmark_times_an_engine_apart_from_the_spinning_threads_of_the_one_before():
+    """Thread pools spin for tens of milliseconds after a run (ONNX Runtime's and OpenMP's): an engine
+    run right after another shares the cores with the other's spinning threads. Modelled by a thread
+    that burns CPU for 80 ms after each call; no call after the warm-up may start while the other
+    engine's thread burns (a run of a fast engine is shorter than the spin)."""
+    import hashlib
+    import threading
     import time
 
     from dptune.tools.infer_bench import interleaved
 
-    last = []
+    state = {"last": None, "until": 0.0}
+    seen = []  # per call: did it start while the other engine's threads spun?
+    block = bytes(1 << 18)
+
+    def burn(until):  # hashing a large buffer releases the GIL: CPU use that leaves the caller running
+        while time.perf_counter() < until:
+            hashlib.sha256(block).digest()
 
     def engine(name):
         def run(x):
-            time.sleep(0.03 if last and last[-1] != name else 0.002)
-            last.append(name)
+            seen.append(state["last"] not in (None, name) and time.perf_counter() < state["until"])
+            time.sleep(0.002)
+            state["last"], state["until"] = name, time.perf_counter() + 0.08
+            threading.Thread(target=burn, args=(state["until"],), daemon=True).start()
         return run
 
     got = interleaved({"a": engine("a"), "b": engine("b")}, np.zeros(1), warmup=1, runs=6)
-    for g in got.values():
-        assert np.median(g["wall_s"]) < 0.015, g["wall_s"]
+    assert len(seen) == 2 + 2 * (3 + 6) and all(len(g["wall_s"]) == 6 for g in got.values())
+    assert not any(seen[2:]), seen
 
 
 def test_depth_predict_on_the_fp32_graph_writes_the_torch_depth_maps(exports, tmp_path):

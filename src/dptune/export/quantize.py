@@ -5,11 +5,11 @@
   quantized (``Conv``, ``MatMul``: the patch embedding, attention and MLP projections, the neck's and
   head's convolutions); LayerNorm, Softmax, GELU, Resize and the transposed convolutions stay in
   float, where int8 costs accuracy for next to no time. A MatMul's output stays in float (not
-requantized before its bias and residual adds): ONNX Runtime runs it as MatMulIntegerToFloat, int8
-inputs and a float result, which is faster and closer to fp32 than QLinearMatMul with a
-Quantize/Dequantize pair after it. The first convolution (it sees the
-  normalised pixels) and the convolutions that compute each output (the classifier's logits, the
-  depth head) stay in float too: their error is the output's error. ``KEPT_FLOAT`` says so in the
+  requantized before its bias and residual adds): ONNX Runtime runs it as MatMulIntegerToFloat, int8
+  inputs and a float result, which is faster and closer to fp32 than QLinearMatMul with a
+  Quantize/Dequantize pair after it. The first convolution (it sees the normalised pixels) and the
+  convolutions that compute each output (the classifier's logits, the depth head) stay in float
+  too: their error is the output's error. ``KEPT_FLOAT`` says so in the
   card and ``dptune.json`` lists the nodes.
 - ``model_fp16.onnx``: every weight and activation in float16 except the graph's inputs and
   outputs (float32, ``keep_io_types``), for GPUs (CUDA / TensorRT execution providers). On a CPU it

@@ -6,10 +6,10 @@ CUDA / TensorRT execution providers where present), in one run on one machine.
 For each engine: batch-1 latency (p50, p95 over ``--runs`` timed runs after ``--warmup``) at the
 export's size and at a non-square size (the export's height x 1.5 its width, rounded to the patch
 size; a graph that takes one size only is timed at it alone), and batch-N throughput (images/s) at
-the export's size. The engines are interleaved in rounds: each round gives every engine a block of
-up to 5 timed runs in a row after one untimed run (the starting engine rotating), so a change in the
-machine's load falls on every engine alike instead of on whichever ran at the time, while no timed
-run shares the cores with the previous engine's still-spinning worker threads. Per engine and size, ``cpu_per_wall`` is the process CPU time over the
+the export's size. The engines are interleaved in rounds (at least 3): each round gives every engine
+a block of up to 5 timed runs in a row (the starting engine rotating), so a change in the machine's
+load falls on every engine alike instead of on whichever ran at the time; each block starts once the
+previous engine's worker threads have stopped spinning, with one untimed run. Per engine and size, ``cpu_per_wall`` is the process CPU time over the
 wall time of its runs: about the thread count on an idle machine, lower when other processes take
 the cores; the 1-minute load average before and after is recorded too. ``torch.compile``'s compile
 time is reported apart from its runs (or why it did not compile). For a joint export torch runs the
@@ -54,34 +54,50 @@ def load_average() -> float | None:
         return None
 
 
-def interleaved(fns: dict, x: np.ndarray, warmup: int, runs: int, block: int = 5) -> dict[str, dict]:
-    """Time every engine of ``fns`` on ``x``: ``runs`` timed calls each, in rounds that give every
-    engine a block of ``block`` calls in a row (the first engine rotating round by round), each
-    block after one untimed call; per engine the wall times and the process CPU time they took.
+def settle(quiet_s: float = 0.01, limit_s: float = 1.0) -> None:
+    """Wait until this process's threads stop using the CPU: ONNX Runtime's and OpenMP's worker
+    threads spin for tens of milliseconds after a run (measured: 30-80 ms after an ONNX Runtime
+    run at 2 threads). Returns once a ``quiet_s`` window used under a tenth of it in CPU time, or
+    after ``limit_s``."""
+    end = time.perf_counter() + limit_s
+    while time.perf_counter() < end:
+        c = time.process_time()
+        time.sleep(quiet_s)
+        if time.process_time() - c < quiet_s / 10:
+            return
 
-    Rounds let a change in machine load fall on all engines alike. Blocks, and the untimed call
-    that starts each, keep one engine's figures free of the one before: ONNX Runtime's and OpenMP's
-    worker threads spin for a while after a run, and an engine called right after another shares
-    the cores with them (engine by engine at 2 threads that doubled the latencies measured)."""
+
+def schedule(runs: int, block: int = 5) -> list[int]:
+    """Timed runs per round: at least 3 rounds when there are 3 runs or more (so the rotation
+    reaches every engine first), blocks of at most ``block`` runs, the rounds as even as can be."""
+    rounds = min(runs, max(3, -(-runs // block)))
+    return [runs // rounds + (r < runs % rounds) for r in range(rounds)]
+
+
+def interleaved(fns: dict, x: np.ndarray, warmup: int, runs: int, block: int = 5) -> dict[str, dict]:
+    """Time every engine of ``fns`` on ``x``: ``runs`` timed calls each, in rounds (``schedule``)
+    that give every engine a block of calls in a row, the first engine rotating round by round;
+    per engine the wall times and the process CPU time they took.
+
+    Rounds let a change in machine load fall on all engines alike. Before each block the previous
+    engine's worker threads are let stop spinning (``settle``) and one untimed call is made, so an
+    engine's figures are its own: timed run by run, each engine shared the cores with the one
+    before (at 2 threads that doubled the latencies measured)."""
     names = list(fns)
     for _ in range(warmup):
         for n in names:
             fns[n](x)
     wall = {n: [] for n in names}
     cpu = dict.fromkeys(names, 0.0)
-    r = 0
-    while any(len(wall[n]) < runs for n in names):
+    for r, todo in enumerate(schedule(runs, block)):
         for n in names[r % len(names):] + names[:r % len(names)]:
-            todo = min(block, runs - len(wall[n]))
-            if todo <= 0:
-                continue
-            fns[n](x)  # settles: the previous engine's threads stop spinning
+            settle()
+            fns[n](x)  # untimed: the engine's own caches and threads are warm again
             for _ in range(todo):
                 c, t = time.process_time(), time.perf_counter()
                 fns[n](x)
                 wall[n].append(time.perf_counter() - t)
                 cpu[n] += time.process_time() - c
-        r += 1
     return {n: {"wall_s": wall[n], "cpu_per_wall": cpu[n] / max(sum(wall[n]), 1e-12)} for n in names}
 
 
@@ -214,7 +230,7 @@ def run(export: Path, args) -> dict:
                  "threads_note": "the same count for torch (set_num_threads) and ONNX Runtime (intra_op_num_threads)",
                  "cpu": cpu_info(), "versions": versions(),
                  "sizes": {"export": list(square), "non_square": list(wide)}, "batch": args.batch, "engines": {},
-                 "timing": "interleaved in rounds: each engine a block of up to 5 timed runs in a row after one untimed run, the first engine rotating", "command": " ".join(sys.argv)}
+                 "timing": "interleaved in rounds (at least 3): each engine a block of up to 5 timed runs in a row, after the previous engine's threads stopped spinning and one untimed run; the first engine rotating", "command": " ".join(sys.argv)}
     if part != export:
         out["note"] = "joint export: torch runs the joint model (both heads, one backbone pass), as the ONNX graphs do"
     rng = np.random.default_rng(0)
