@@ -292,3 +292,110 @@ def test_the_inference_benchmark_refuses_bad_counts_threads_and_engines_before_m
     assert main(["--infer", "--help"]) == 0  # the tool's own options, as benchmark --help says
     assert "--engines" in capsys.readouterr().out
 
+
+
+def bench(capsys, *argv) -> tuple[int, list[str], str]:
+    from dptune.tools.benchmark import main
+
+    rc = main(["--infer", *map(str, argv)])
+    out, err = capsys.readouterr()
+    return rc, [ln for ln in err.splitlines() if ln.strip()], out
+
+
+QUICK = ["--threads", "1", "--runs", "3", "--warmup", "1", "--batch", "2"]
+
+
+def test_the_inference_benchmark_never_overwrites_a_file_it_did_not_write(exports, tmp_path, capsys, monkeypatch):
+    """--json is checked before anything is loaded or timed: a file of the user's, a graph of the
+    export, a folder or a path whose folder is missing is one line and nothing is written."""
+    import shutil
+
+    from dptune.tools import infer_bench
+
+    monkeypatch.setattr(infer_bench, "interleaved", lambda *a, **k: pytest.fail("timed before checking --json"))
+    seg = tmp_path / "seg"
+    shutil.copytree(exports / "seg", seg)
+    notes = tmp_path / "notes.json"
+    notes.write_text('{"mine": 1}')
+    graph = seg / "model.onnx"
+    before = graph.read_bytes()
+    for target, words in ((notes, "not written by"), (graph, "exported model"), (tmp_path, "is a folder"),
+                          (tmp_path / "no" / "such" / "b.json", "does not exist")):
+        rc, err, _ = bench(capsys, seg, *QUICK, "--engines", "ort-fp32", "--json", target)
+        assert rc == 2 and len(err) == 1 and err[0].startswith("error: --json") and words in err[0], (target, err)
+    assert notes.read_text() == '{"mine": 1}' and graph.read_bytes() == before
+
+
+def test_the_inference_benchmark_of_odd_exports_is_a_figure_or_one_line(exports, tmp_path, capsys):
+    import shutil
+
+    import onnx
+
+    # a graph of another model in the export's place is refused, as predict --backend refuses it
+    swapped = tmp_path / "swapped"
+    shutil.copytree(exports / "seg", swapped)
+    shutil.copy(exports / "depth" / "model.onnx", swapped / "model_int8.onnx")
+    rc, err, _ = bench(capsys, swapped, *QUICK, "--engines", "ort-fp32,ort-int8")
+    assert rc == 2 and len(err) == 1 and "model_int8.onnx" in err[0] and "'logits'" in err[0], err
+
+    # a graph that takes one size and batch: timed at them, the other rows skipped and said
+    fixed = tmp_path / "fixed"
+    shutil.copytree(exports / "seg", fixed)
+    model = onnx.load(str(fixed / "model.onnx"))
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, 3, 64, 64)):
+        dim.Clear()
+        dim.dim_value = value
+    onnx.save(model, str(fixed / "model.onnx"))
+    out = tmp_path / "fixed.json"
+    rc, err, _ = bench(capsys, fixed, *QUICK, "--engines", "ort-fp32", "--json", out)
+    assert rc == 0, err
+    row = json.loads(out.read_text())["engines"]["ort-fp32"]
+    assert row["export_size"]["p50_ms"] > 0
+    assert "64x64" in row["non_square"]["skipped"] and "batch 1" in row["throughput"]["skipped"], row
+    # a torch model that cannot be loaded: ONNX engines alone never load it; torch's is one line
+    broken = tmp_path / "broken"
+    shutil.copytree(exports / "seg", broken)
+    (broken / "model.safetensors").write_bytes((broken / "model.safetensors").read_bytes()[:100])
+    rc, err, _ = bench(capsys, broken, *QUICK, "--engines", "ort-fp32")
+    assert rc == 0, err
+    rc, err, _ = bench(capsys, broken, *QUICK, "--engines", "eager,ort-fp32")
+    assert rc == 2 and len(err) == 1 and str(broken) in err[0] and "Traceback" not in err[0], err
+
+
+def test_the_inference_benchmark_records_a_command_that_runs_and_batch_1_throughput(exports, tmp_path, capsys):
+    out = tmp_path / "b.json"
+    rc, err, _ = bench(capsys, exports / "seg", "--threads", "1", "--runs", "3", "--warmup", "0", "--batch", "1",
+                       "--engines", "ort-fp32", "--json", out)
+    got = json.loads(out.read_text())
+    assert rc == 0 and got["engines"]["ort-fp32"]["throughput"]["images_per_s"] > 0
+    assert got["command"].startswith("dptune benchmark --infer ") and " --batch 1 " in got["command"]
+    # rerunning it replaces the file the benchmark wrote
+    rc, err, _ = bench(capsys, exports / "seg", *QUICK, "--engines", "ort-fp32", "--json", out)
+    assert rc == 0, err
+
+
+def test_the_inference_benchmark_stops_on_ctrl_c_and_huge_batches_with_one_line(exports, tmp_path, capsys,
+                                                                                  monkeypatch):
+    from dptune.tools import infer_bench
+
+    def interrupted(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(infer_bench, "interleaved", interrupted)
+    out = tmp_path / "b.json"
+    rc, err, _ = bench(capsys, exports / "seg", *QUICK, "--engines", "ort-fp32", "--json", out)
+    assert rc == 130 and len(err) == 1 and "interrupted" in err[0] and not out.exists(), err
+    rc, err, _ = bench(capsys, exports / "seg", "--batch", "10000000", "--engines", "ort-fp32")
+    assert rc == 2 and len(err) == 1 and "--batch" in err[0] and "memory" in err[0], err
+
+
+def test_the_inference_benchmark_of_a_joint_exports_part_names_the_joint_export(exports, tmp_path, capsys):
+    import shutil
+
+    part = tmp_path / "joint" / "segmentation"
+    shutil.copytree(exports / "seg", part, ignore=shutil.ignore_patterns("*.onnx"))
+    meta = json.loads((part / "dptune.json").read_text())
+    meta["serving"] = {"graphs_in": ".."}
+    (part / "dptune.json").write_text(json.dumps(meta))
+    rc, err, _ = bench(capsys, part, *QUICK, "--engines", "eager,ort-fp32")
+    assert rc == 2 and len(err) == 1 and f"benchmark {part.parent}" in err[0], err

@@ -106,6 +106,12 @@ class OnnxGraph:
         h, w = self.input_shape[2:4]
         return (h, w) if isinstance(h, int) and isinstance(w, int) else None
 
+    @property
+    def fixed_batch(self) -> int | None:
+        """The one batch size the graph takes, when its batch dimension is not dynamic."""
+        b = self.input_shape[0] if self.input_shape else None
+        return b if isinstance(b, int) else None
+
     def __call__(self, pixel_values) -> dict[str, np.ndarray]:
         x = pixel_values.detach().cpu().numpy() if hasattr(pixel_values, "detach") else np.asarray(pixel_values)
         got = self.session.run(self.outputs, {self.input: np.ascontiguousarray(x, dtype=np.float32)})

@@ -139,7 +139,11 @@ def load_exported(path: str) -> PreTrainedModel:
 
 def input_side(model: PreTrainedModel) -> int:
     """The multiple input sides must be of (DPT configs and Depth Anything's)."""
-    cfg = model.config
+    return config_input_side(model.config)
+
+
+def config_input_side(cfg) -> int:
+    """``input_side`` from the model's config alone (no weights loaded)."""
     return input_multiple(cfg) if cfg.model_type == "dpt" else int(cfg.patch_size)
 
 

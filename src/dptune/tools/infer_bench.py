@@ -26,6 +26,7 @@ import argparse
 import json
 import os
 import platform
+import shlex
 import sys
 import time
 from pathlib import Path
@@ -112,13 +113,65 @@ def throughput(got: dict, batch: int) -> dict:
             "runs": len(got["wall_s"]), "cpu_per_wall": got["cpu_per_wall"]}
 
 
-def sizes(export: Path, model) -> tuple[tuple[int, int], tuple[int, int]]:
-    proc = json.loads((export / "preprocessor_config.json").read_text())
-    h, w = proc["size"]["height"], proc["size"]["width"]
-    from dptune.models.build import input_side
+def sizes(export: Path, config) -> tuple[tuple[int, int], tuple[int, int]]:
+    """The export's size (its processor's) and a non-square one, from the files alone."""
+    f = export / "preprocessor_config.json"
+    try:
+        size = json.loads(f.read_text())["size"]
+        h, w = int(size["height"]), int(size["width"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ConfigError(f"{f}: no readable size (height and width) of the image processor ({type(e).__name__}: "
+                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+    from dptune.models.build import config_input_side
 
-    p = input_side(model)
+    p = config_input_side(config)
     return (h, w), (h, max(p, int(round(w * 1.5 / p)) * p))
+
+
+def model_config(part: Path):
+    """The export's model config (no weights): one line when it cannot be read."""
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(str(part))
+    except Exception as e:  # OSError, ValueError, JSONDecodeError, KeyError for an unknown model_type
+        raise ConfigError(f"{part / 'config.json'}: cannot be read as a model config ({first_line(e)})") from None
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:300] if text else type(e).__name__
+
+
+def expected_outputs(export: Path, part: Path) -> list[str]:
+    """What the export's graphs must compute: ``logits`` / ``predicted_depth``, both for a joint export."""
+    parts = [part] if part == export else [export / "segmentation", export / "depth"]
+    return ["predicted_depth" if any("DepthEstimation" in a for a in model_config(d).architectures or []) else "logits"
+            for d in parts]
+
+
+def check_json_out(path: str, export: Path) -> None:
+    """``--json``: a file in an existing folder, outside any export, never a file the benchmark did
+    not write (it is replaced only when it holds an earlier benchmark's figures)."""
+    p = Path(path)
+    if p.is_dir():
+        raise ConfigError(f"--json {path}: is a folder; give a file path")
+    folder = p.resolve().parent
+    if not folder.is_dir():
+        raise ConfigError(f"--json {path}: its folder {p.parent} does not exist")
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"--json {path}: its folder {p.parent} is not writable")
+    from dptune.tools.outputs import refuse_model_folders
+
+    refuse_model_folders(folder, "--json")
+    if p.exists():
+        try:
+            ours = {"engines", "export", "threads"} <= set(json.loads(p.read_text()))
+        except (OSError, ValueError, TypeError):
+            ours = False
+        if not ours:
+            raise ConfigError(f"--json {path}: exists and was not written by benchmark --infer; it is left as it "
+                              "is (give a new file name)")
 
 
 def task_dir(export: Path) -> Path:
@@ -133,17 +186,23 @@ def task_dir(export: Path) -> Path:
 
 def torch_model(export: Path, part: Path) -> torch.nn.Module:
     """``pixel_values -> output(s)`` in torch: the export's model, or for a joint export both parts as
-    one joint model (the depth part on the segmentation part's backbone, whose weights it shares)."""
+    one joint model (the depth part on the segmentation part's backbone, whose weights it shares).
+    One line when the weights cannot be loaded."""
     from dptune.export.onnx import JointOutputs, TaskOutput
     from dptune.models import load_exported
 
-    model = load_exported(str(part)).eval().float()
+    def load(d: Path):
+        try:
+            return load_exported(str(d)).eval().float()
+        except Exception as e:  # OSError, SafetensorError, ValueError: a damaged or incomplete export
+            raise ConfigError(f"{d}: the exported model cannot be loaded ({first_line(e)})") from None
+
+    model = load(part)
     if part == export:
         return TaskOutput(model).eval()
     from dptune.models.joint import JointDPT
 
-    depth = load_exported(str(export / "depth")).eval().float()
-    return JointOutputs(JointDPT(model, depth)).eval()
+    return JointOutputs(JointDPT(model, load(export / "depth"))).eval()
 
 
 ENGINES = ("eager", "compiled", "ort-fp32", "ort-int8", "ort-fp16")
@@ -202,10 +261,16 @@ def main(argv: list[str] | None = None) -> int:
         ap.error("--infer EXPORT_DIR is required")
     try:
         check_options(args)
-        result = run(Path(args.infer), args)
+        if args.json:
+            check_json_out(args.json, Path(args.infer))
+        result = run(Path(args.infer), args, command="dptune benchmark " + shlex.join(argv))
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:
+        print(f"error: interrupted; nothing was measured to the end{' and ' + args.json + ' was not written' if args.json else ''}",
+              file=sys.stderr)
+        return 130
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
@@ -213,24 +278,35 @@ def main(argv: list[str] | None = None) -> int:
     return 0
 
 
-def run(export: Path, args) -> dict:
-    from dptune.inference.onnx_runner import GRAPHS, OnnxGraph, require_onnxruntime
+def run(export: Path, args, command: str = "") -> dict:
+    from dptune.inference.onnx_runner import GRAPHS, OnnxGraph, check_output, graphs_in, require_onnxruntime
 
     if not export.is_dir():
         raise ConfigError(f"{export}: not a directory")
+    if graphs_in(export):
+        raise ConfigError(f"{export}: is one part of the joint export {export.parent}, whose graph computes both "
+                          f"tasks; benchmark {export.parent}")
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     part = task_dir(export)
-    wrapper = torch_model(export, part)
-    from dptune.models import load_exported
-
-    square, wide = sizes(part, load_exported(str(part)))
+    square, wide = sizes(part, model_config(part))
+    need = args.batch * 3 * square[0] * square[1] * 4
+    try:
+        free = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):
+        free = None
+    if free and need * 8 > free:  # the input, the engines' activations (several times it) and their outputs
+        raise ConfigError(f"--batch {args.batch}: a {args.batch}x3x{square[0]}x{square[1]} input alone is "
+                          f"{need / 2**30:.1f} GiB, more than this machine's free memory allows ({free / 2**30:.1f} "
+                          "GiB free); give a smaller --batch")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
+    outputs = expected_outputs(export, part)
+    wrapper = torch_model(export, part) if {"eager", "compiled"} & set(engines) else None
     out: dict = {"export": str(export), "threads": threads,
                  "threads_note": "the same count for torch (set_num_threads) and ONNX Runtime (intra_op_num_threads)",
                  "cpu": cpu_info(), "versions": versions(),
                  "sizes": {"export": list(square), "non_square": list(wide)}, "batch": args.batch, "engines": {},
-                 "timing": "interleaved in rounds (at least 3): each engine a block of up to 5 timed runs in a row, after the previous engine's threads stopped spinning and one untimed run; the first engine rotating", "command": " ".join(sys.argv)}
+                 "timing": "interleaved in rounds (at least 3): each engine a block of up to 5 timed runs in a row, after the previous engine's threads stopped spinning and one untimed run; the first engine rotating", "command": command}
     if part != export:
         out["note"] = "joint export: torch runs the joint model (both heads, one backbone pass), as the ONNX graphs do"
     rng = np.random.default_rng(0)
@@ -238,9 +314,9 @@ def run(export: Path, args) -> dict:
     def inputs(b: int, hw: tuple[int, int]) -> np.ndarray:
         return rng.standard_normal((b, 3, *hw)).astype(np.float32)
 
-    fns: dict = {}  # engine -> (run on a numpy batch, the one size it takes or None)
+    fns: dict = {}  # engine -> (run on a numpy batch, the one size it takes or None, the one batch or None)
     if "eager" in engines:
-        fns["torch-eager"] = (lambda x: wrapper(torch.from_numpy(x)), None)
+        fns["torch-eager"] = (lambda x: wrapper(torch.from_numpy(x)), None, None)
     if "compiled" in engines:
         try:
             compiled = torch.compile(wrapper, dynamic=True)
@@ -248,7 +324,7 @@ def run(export: Path, args) -> dict:
             with torch.inference_mode():
                 compiled(torch.from_numpy(inputs(1, square)))
             out["engines"]["torch-compiled"] = {"compile_s": time.perf_counter() - t}
-            fns["torch-compiled"] = (lambda x: compiled(torch.from_numpy(x)), None)
+            fns["torch-compiled"] = (lambda x: compiled(torch.from_numpy(x)), None, None)
         except Exception as e:  # no C compiler, an unsupported op: say why, time the rest
             out["engines"]["torch-compiled"] = {"skipped": f"torch.compile failed: {str(e).splitlines()[0][:200]}"}
     ort = require_onnxruntime("the ONNX Runtime timings")
@@ -272,20 +348,28 @@ def run(export: Path, args) -> dict:
             providers.append(["CUDAExecutionProvider", "CPUExecutionProvider"])
         for prov in providers:
             g = OnnxGraph(path, providers=prov, threads=threads)
+            for name in outputs:  # another model's graph in this one's place
+                check_output(g, name)
             key = f"ort-{precision}" + ("" if prov[0] == "CPUExecutionProvider" else f"-{prov[0].removesuffix('ExecutionProvider').lower()}")
             out["engines"][key] = {"file": path.name}
-            fns[key] = (g, g.fixed_size)
+            fns[key] = (g, g.fixed_size, g.fixed_batch)
     out["load_average_1min"] = {"before": load_average()}
     with torch.inference_mode():
         for name, hw, batch in (("export_size", square, 1), ("non_square", wide, 1), ("throughput", square, args.batch)):
-            runs = args.runs if batch == 1 else max(3, args.runs // args.batch)
-            able = {k: f for k, (f, fixed) in fns.items() if not fixed or tuple(fixed) == tuple(hw)}
-            for k, (_, fixed) in fns.items():
-                if k not in able:
-                    out["engines"][k][name] = {"skipped": f"the graph takes {fixed[0]}x{fixed[1]} only"}
+            runs = args.runs if name != "throughput" else max(3, args.runs // args.batch)
+            able = {}
+            for k, (f, size, one_batch) in fns.items():
+                if size and tuple(size) != tuple(hw):
+                    out["engines"][k][name] = {"skipped": f"the graph takes {size[0]}x{size[1]} only"}
+                elif one_batch and one_batch != batch:
+                    out["engines"][k][name] = {"skipped": f"the graph takes batch {one_batch} only"}
+                else:
+                    able[k] = f
+            if not able:
+                continue
             got = interleaved(able, inputs(batch, hw), args.warmup if batch == 1 else max(1, args.warmup // 2), runs)
             for k, g in got.items():
-                out["engines"].setdefault(k, {})[name] = latency(g) if batch == 1 else throughput(g, batch)
+                out["engines"].setdefault(k, {})[name] = throughput(g, batch) if name == "throughput" else latency(g)
     out["load_average_1min"]["after"] = load_average()
     eager = out["engines"].get("ort-fp32", {}).get("export_size", {}).get("p50_ms")
     int8 = out["engines"].get("ort-int8", {}).get("export_size", {}).get("p50_ms")
