@@ -392,3 +392,13 @@ def test_an_upload_that_cannot_reach_the_hub_is_one_line(tmp_path):
     line = proc.stdout.strip()
     assert line.startswith("error: --push-to-hub me/x: the upload failed") and str(folder) in line
     assert line.count("\n") == 0
+
+
+# ---------------------------------------------------------------------------- a damaged source
+def test_a_truncated_checkpoint_is_one_line_naming_it_once(sources, tmp_path, capsys):
+    trunc = tmp_path / "trunc.ckpt"
+    trunc.write_bytes(sources["joint"].read_bytes()[:4096])
+    rc, err = export_cli(capsys, trunc, tmp_path / "out")
+    assert rc == 2 and len(err) == 1 and "not a readable checkpoint" in err[0], err
+    assert err[0].count(str(trunc)) == 1, err
+    assert not (tmp_path / "out").exists()

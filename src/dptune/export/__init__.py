@@ -503,7 +503,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError) as e:
-        print(f"error: {args.source}: {e}", file=sys.stderr)
+        print(f"error: {naming_source(str(e), args.source)}", file=sys.stderr)
         return 2
     except Interrupted as e:  # SIGINT (Ctrl-C) or SIGTERM: the staging folder is gone already
         what = e.after or f"nothing was written to {args.out_dir}"
@@ -511,6 +511,15 @@ def main(argv: list[str] | None = None) -> int:
         return 128 + e.signal
     print(out)
     return 0
+
+
+def naming_source(message: str, src: str) -> str:
+    """``message`` led by the source's name, once: one that starts with it already (a checkpoint's
+    loader names the file it could not read; a file in an exported directory) is left as it is."""
+    for name in dict.fromkeys((src, str(Path(src)))):
+        if message.startswith(name) and message[len(name):len(name) + 1] in (":", "/", os.sep):
+            return message
+    return f"{src}: {message}"
 
 
 # the serving options, and what each needs given to apply
