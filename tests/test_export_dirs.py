@@ -402,3 +402,46 @@ def test_a_truncated_checkpoint_is_one_line_naming_it_once(sources, tmp_path, ca
     assert rc == 2 and len(err) == 1 and "not a readable checkpoint" in err[0], err
     assert err[0].count(str(trunc)) == 1, err
     assert not (tmp_path / "out").exists()
+
+
+def damaged(src: Path, where: Path, name: str, how) -> Path:
+    """A copy of the exported directory ``src`` with its file ``name`` changed by ``how(path)``."""
+    import shutil
+
+    out = shutil.copytree(src, where)
+    how(out / name)
+    return out
+
+
+@pytest.mark.parametrize("name, how, says", [
+    ("model.safetensors", lambda p: p.write_bytes(p.read_bytes()[:-100]), "not a readable safetensors file"),
+    ("model.safetensors", lambda p: p.unlink(), "no model.safetensors"),
+    ("config.json", lambda p: p.unlink(), "no config.json"),
+    ("config.json", lambda p: p.write_text('{"model_type": "dpt", '), "not valid JSON"),
+    ("config.json", lambda p: p.write_text('{"hidden_size": 8}'), "no model_type"),
+    ("preprocessor_config.json", lambda p: p.unlink(), "no preprocessor_config.json"),
+    ("preprocessor_config.json", lambda p: p.write_bytes(b"\xff\xfe garbage"), "not valid JSON"),
+    ("dptune.json", lambda p: p.write_text("[1, 2"), "not valid JSON"),
+    ("dptune.json", lambda p: p.write_text('{"metrics": {}}'), "no labels"),
+])
+def test_a_damaged_exported_directory_is_one_line_naming_the_file(sources, tmp_path, capsys, name, how, says):
+    """Re-exporting a damaged export: one line naming the file and what is wrong with it, before any
+    loader reads it (a truncated model.safetensors was safetensors' traceback; a missing config.json,
+    transformers' "Unrecognized model ... model_type"), and nothing written."""
+    src = damaged(sources["vit"], tmp_path / "src", name, how)
+    rc, err = export_cli(capsys, src, tmp_path / "out")
+    assert rc == 2 and len(err) == 1, err
+    assert says in err[0] and name in err[0] and err[0].count(str(src)) == 1, err
+    assert not (tmp_path / "out").exists()
+    no_leftovers(tmp_path)
+
+
+def test_a_joint_exported_directory_as_the_source_says_what_to_export(sources, tmp_path, capsys):
+    joint = tmp_path / "joint"
+    assert export_cli(capsys, sources["joint"], joint)[0] == 0
+    rc, err = export_cli(capsys, joint, tmp_path / "out")
+    assert rc == 2 and len(err) == 1 and "segmentation + depth export" in err[0], err
+    assert str(joint / "segmentation") in err[0] and "checkpoint" in err[0], err
+    rc, err = export_cli(capsys, joint / "depth", tmp_path / "depth")  # one part is an export of its own
+    assert rc == 0, err
+    assert json.loads((tmp_path / "depth" / "dptune.json").read_text())["task"] == "depth"

@@ -63,15 +63,23 @@ def _load(src: str) -> dict:
         from transformers import AutoImageProcessor
 
         from dptune.models import load_exported
+        from dptune.models.folders import check_export_files, json_object
+        from dptune.models.source import is_joint_export
 
+        if is_joint_export(src):
+            raise ConfigError(f"{src}: a segmentation + depth export (segmentation/ and depth/); export again from "
+                              f"its checkpoint, or export one part ({Path(src) / 'segmentation'})")
+        check_export_files(src)  # each file read below, readable: one line naming a damaged one
         model = load_exported(src)
         card = Path(src) / "dptune.json"
-        meta = json.loads(card.read_text()) if card.exists() else {}
+        meta = json_object(card, "dptune's record of the export") if card.exists() else {}
         out = {"model": model, "processor": AutoImageProcessor.from_pretrained(src), "metrics": meta.get("metrics", {}),
                "meta": meta, "evaluation": meta.get("evaluation", {})}
         if not is_depth(model):
             from dptune.inference.predictor import exported_labels
 
+            if card.exists() and "labels" not in meta:
+                raise ConfigError(f"{card}: no labels (the class names a segmentation export records)")
             out["labels"] = exported_labels(src, model.config.id2label)
         return out
     from dptune.tasks.checkpoints import load_module
