@@ -445,3 +445,25 @@ def test_a_joint_exported_directory_as_the_source_says_what_to_export(sources, t
     rc, err = export_cli(capsys, joint / "depth", tmp_path / "depth")  # one part is an export of its own
     assert rc == 0, err
     assert json.loads((tmp_path / "depth" / "dptune.json").read_text())["task"] == "depth"
+
+
+def test_an_export_never_goes_inside_another_export(sources, tmp_path, capsys):
+    """OUT inside an exported model's folder (any: the source's or another's, a joint export's part,
+    through a link) would be mixed into that model, and a later --overwrite of it refused for the
+    stranger inside: one line, nothing written. predict and evaluate refuse the same (one check)."""
+    xsrc = tmp_path / "xsrc"
+    assert export_cli(capsys, sources["vit"], xsrc)[0] == 0
+    joint = tmp_path / "joint"
+    assert export_cli(capsys, sources["joint"], joint)[0] == 0
+    (tmp_path / "link").symlink_to(xsrc)
+    before = tree(tmp_path)
+    for src, out, *opts in ((sources["joint"], xsrc / "sub"), (xsrc, xsrc / "a" / "b"),
+                            (sources["vit"], tmp_path / "link" / "sub"),
+                            (sources["vit"], joint / "segmentation", "--overwrite")):
+        rc, err = export_cli(capsys, src, out, *opts)
+        assert rc == 2 and len(err) == 1, (out, err)
+        inside = joint if "joint" in str(out) else xsrc
+        assert f"is inside {inside}, an exported model's folder" in err[0], err
+    assert tree(tmp_path) == before
+    rc, err = export_cli(capsys, xsrc, xsrc, "--overwrite")  # the export itself is still replaced as a whole
+    assert rc == 0, err

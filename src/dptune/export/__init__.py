@@ -48,6 +48,7 @@ from dptune.inference.onnx_runner import OnnxMissing
 from dptune.models import dpt_backbone
 from dptune.models.build import input_side
 from dptune.models.dpt_backbone import uses_backbone
+from dptune.models.folders import export_folder_around
 
 log = logging.getLogger(__name__)
 
@@ -218,6 +219,11 @@ def export_target(out: Path, src: Path, overwrite: bool) -> Path:
         log.warning("%s is a symbolic link: the export goes to %s", out, target)
     if target.exists() and not target.is_dir():
         raise OutputDirError(f"{out}: exists and is not a directory")
+    model = export_folder_around(target, itself=False)  # the target itself: an earlier export, see below
+    if model is not None:
+        raise OutputDirError(f"{out}: is inside {model}, an exported model's folder; an export goes into a folder "
+                             "of its own (inside another it would be mixed into that model, and a later --overwrite "
+                             "of that one refused)")
     entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
     if not entries:
         return target

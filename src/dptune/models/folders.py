@@ -1,5 +1,7 @@
-"""Exported model folders on disk: the check that one holds readable files before a loader reads it
-(one line naming the file, not the loader's traceback)."""
+"""Model folders on disk: what makes a folder an exported model's (or a run's checkpoints'), the
+refusal to write outputs into one (predict, evaluate and export share it), and the check that an
+exported folder holds readable files before a loader reads it (one line naming the file, not the
+loader's traceback)."""
 
 from __future__ import annotations
 
@@ -60,3 +62,49 @@ def json_object(path: Path, what: str, key: str | None = None) -> dict:
     if key is not None and key not in spec:
         raise ConfigError(f"{path}: no {key}; not {what}")
     return spec
+
+
+def is_export_folder(folder: Path) -> bool:
+    """A dptune export (or any ``from_pretrained`` model directory): ``config.json`` with
+    ``model.safetensors``, a ``dptune.json`` card, or a joint export's ``segmentation/`` + ``depth/``."""
+    from dptune.models.source import is_joint_export
+
+    try:
+        return (((folder / "config.json").is_file() and (folder / "model.safetensors").is_file())
+                or (folder / "dptune.json").is_file() or is_joint_export(str(folder)))
+    except OSError:
+        return False
+
+
+def holds_checkpoint(folder: Path) -> bool:
+    """A folder with a ``.ckpt`` file in it (a run's checkpoints)."""
+    try:
+        return folder.is_dir() and any(p.suffix == ".ckpt" and p.is_file() for p in folder.iterdir())
+    except OSError:
+        return False
+
+
+def export_folder_around(path: str | Path, itself: bool = True) -> Path | None:
+    """The exported model's folder that ``path`` (links resolved) is, or lies inside: the nearest one
+    at or above it (only above it when not ``itself``); None when there is none."""
+    t = Path(path).resolve()
+    for d in (t, *t.parents) if itself else t.parents:
+        if d.is_dir() and is_export_folder(d):
+            return d
+    return None
+
+
+def refuse_model_folders(out: str | Path, flag: str = "--out") -> None:
+    """``out`` is not a dptune export's folder nor inside one, and not a folder holding a checkpoint
+    (a folder beside a checkpoint, ``./preds`` beside ``./model.ckpt``, is fine): any model, not only
+    the one in use, so that outputs never mix into a model (a later ``export --overwrite`` there
+    would then be refused, or delete them)."""
+    t = Path(out).resolve()
+    d = export_folder_around(t)
+    if d is not None:
+        raise ConfigError(f"{flag} {out}: {'is' if t == d else 'is inside'} {d}, an exported model's folder; "
+                          "dptune never writes into a model (it would add files to that folder, or replace "
+                          "some). Write to a folder of its own")
+    if holds_checkpoint(t):
+        raise ConfigError(f"{flag} {out}: is {t}, a folder of checkpoints; predictions would mix with the run's "
+                          "checkpoints. Write them to a folder of their own")

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dptune.data.sources import glob_files, read_image, spelling_note
 from dptune.errors import ConfigError, DataError
+from dptune.models.folders import refuse_model_folders
 
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
 
@@ -135,42 +136,6 @@ def model_paths(model: str) -> tuple[list[Path], list[Path]]:
     if path.is_file():
         return [], [path]
     return [], []
-
-
-def is_export_folder(folder: Path) -> bool:
-    """A dptune export (or any ``from_pretrained`` model directory): ``config.json`` with
-    ``model.safetensors``, a ``dptune.json`` card, or a joint export's ``segmentation/`` + ``depth/``."""
-    from dptune.models.source import is_joint_export
-
-    try:
-        return (((folder / "config.json").is_file() and (folder / "model.safetensors").is_file())
-                or (folder / "dptune.json").is_file() or is_joint_export(str(folder)))
-    except OSError:
-        return False
-
-
-def holds_checkpoint(folder: Path) -> bool:
-    """A folder with a ``.ckpt`` file in it (a run's checkpoints)."""
-    try:
-        return folder.is_dir() and any(p.suffix == ".ckpt" and p.is_file() for p in folder.iterdir())
-    except OSError:
-        return False
-
-
-def refuse_model_folders(out: str | Path, flag: str = "--out") -> None:
-    """``out`` is not a dptune export's folder nor inside one, and not a folder holding a checkpoint
-    (a folder beside a checkpoint, ``./preds`` beside ``./model.ckpt``, is fine): any model, not only
-    the one in use, so that outputs never mix into a model (a later ``export --overwrite`` there
-    would then be refused, or delete them)."""
-    t = Path(out).resolve()
-    for d in (t, *t.parents):
-        if d.is_dir() and is_export_folder(d):
-            raise ConfigError(f"{flag} {out}: {'is' if t == d else 'is inside'} {d}, an exported model's folder; "
-                              "dptune never writes into a model (it would add files to that folder, or replace "
-                              "some). Write to a folder of its own")
-    if holds_checkpoint(t):
-        raise ConfigError(f"{flag} {out}: is {t}, a folder of checkpoints; predictions would mix with the run's "
-                          "checkpoints. Write them to a folder of their own")
 
 
 def refuse_out_among_inputs(out: str, paths: list[str], stems: list[str], model: str | None = None) -> None:
