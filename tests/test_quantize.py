@@ -288,22 +288,50 @@ def test_int8_weights_are_7_bit_by_default_and_the_card_says_which_cpu_measured(
     assert f"Measured on {cpu['model']}" in card and "7-bit" in card
 
 
-def test_keep_float_names_are_model_onnx_node_names(seg_export, tmp_path):
-    """--int8-keep-float takes the names model.onnx shows (one that ONNX Runtime's pre-processing folds
-    away included); a name not in model.onnx is one line naming the file."""
+def test_keep_float_names_are_model_onnx_conv_or_matmul_nodes_listed_once(seg_export, tmp_path):
+    """--int8-keep-float takes the names model.onnx shows, of the nodes INT8 quantizes (Conv, MatMul):
+    any other node (a Constant, which ONNX Runtime's pre-processing folds away; a ConvTranspose, left
+    in float anyway) would be recorded as kept in float while meaning nothing, so it is refused in one
+    line naming the graph, as is a name not in it; a name given twice is kept (and listed) once."""
     import onnx
 
     from dptune.export.quantize import quantize_int8
 
     model = onnx.load(str(seg_export / "model.onnx"))
     folded = next(n.name for n in model.graph.node if n.op_type == "Constant")
+    upsample = next(n.name for n in model.graph.node if n.op_type == "ConvTranspose")
     conv = [n.name for n in model.graph.node if n.op_type == "Conv"][3]
     batches = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) for i in range(4)]
-    done = quantize_int8(seg_export / "model.onnx", tmp_path / "a.onnx", list(batches), exclude=[folded, conv])
-    assert conv in done["kept_float_nodes"]
-    with pytest.raises(ValueError, match="no node '/no/such/Conv' in .*model.onnx"):
-        quantize_int8(seg_export / "model.onnx", tmp_path / "b.onnx", list(batches), exclude=["/no/such/Conv"])
+    done = quantize_int8(seg_export / "model.onnx", tmp_path / "a.onnx", list(batches), exclude=[conv, conv])
+    assert done["kept_float_nodes"].count(conv) == 1
+    assert len(done["kept_float_nodes"]) == len(set(done["kept_float_nodes"]))
+    for name, says in ((folded, "a Constant node"), (upsample, "a ConvTranspose node"), ("/no/such/Conv", "no node")):
+        with pytest.raises(ValueError, match=f"--int8-keep-float {name}: {says}.* in .*model.onnx.*Conv and MatMul"):
+            quantize_int8(seg_export / "model.onnx", tmp_path / "b.onnx", list(batches), exclude=[conv, name])
     assert not (tmp_path / "b.onnx").exists()
+
+
+@pytest.mark.parametrize("which", ["seg", "joint"])
+def test_a_keep_float_name_is_checked_once_the_graph_exists_and_named_where_the_user_can_look(
+        sources, tmp_path, capsys, monkeypatch, which):
+    """Checked as soon as model.onnx is written, before its parity check and the calibration; the
+    line names the graph the user can look at (the export's model.onnx), not the hidden staging
+    folder that is gone by then."""
+    import onnxruntime
+
+    import dptune.export as export
+
+    def too_late(*args, **kwargs):
+        raise AssertionError("ONNX Runtime ran before --int8-keep-float was checked")
+
+    monkeypatch.setattr(export, "onnx_parity", too_late)
+    monkeypatch.setattr(onnxruntime, "InferenceSession", too_late)  # the joint graph's parity
+    out = tmp_path / "out"
+    data = [] if which == "joint" else ["--data", sources["seg_config"]]
+    rc, err = export_cli(capsys, sources[which], out, "--int8", *data, "--int8-keep-float", "/Constant")
+    assert rc == 2 and len(err) == 1 and "--int8-keep-float /Constant: " in err[0], err
+    assert ".partial" not in err[0] and "the model.onnx exported from" in err[0] and str(out) in err[0], err
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
 
 
 def test_nothing_is_announced_as_exported_before_the_whole_export_succeeded(sources, tmp_path, capsys, caplog,

@@ -31,7 +31,7 @@ import shutil
 import signal
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -41,7 +41,7 @@ from torch import nn
 from dptune.errors import ConfigError
 from dptune.export.card import depth_card, model_card, multitask_card, training_precision, warn_backend
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
-from dptune.export.quantize import CALIBRATION_METHODS, TARGETS
+from dptune.export.quantize import CALIBRATION_METHODS, TARGETS, KeepFloatError
 from dptune.export.serving import ServingOptions
 from dptune.export.serving_data import DEFAULT_COUNT, CalibrationError
 from dptune.inference.onnx_runner import OnnxMissing
@@ -355,7 +355,7 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     if not is_depth(model) and uses_backbone(model.config):
         remote_code(model, out)  # transformers' DPTForDepthEstimation takes any backbone itself
     if onnx:
-        write_onnx(model, out / "model.onnx", size, tolerance)
+        write_onnx(model, out / "model.onnx", size, tolerance, keep_float_check(got, src, shown or out))
     served = {}
     if got.get("serving") and onnx:
         from dptune.export.serving import serve
@@ -420,7 +420,8 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
                     (shown or out) / "depth", said)
     if onnx:
         size = (got["processor"].size["height"], got["processor"].size["width"])
-        err = export_joint_onnx(joint.float().eval(), out / "model.onnx", size)
+        err = export_joint_onnx(joint.float().eval(), out / "model.onnx", size,
+                                check=keep_float_check(got, src, shown or out))
         log.info("ONNX parity (both outputs): max relative difference %.2e", err)
         if err > tolerance:
             (out / "model.onnx").unlink()
@@ -439,10 +440,29 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
     return out
 
 
-def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], tolerance: float) -> None:
+def keep_float_check(got: dict, src: str, shown: Path) -> Callable[[Path], object] | None:
+    """What checks the ``--int8-keep-float`` names against ``model.onnx`` as soon as it is written
+    (the earliest they can be: they are its node names), before its parity and the calibration; the
+    message names the graph as the export's (``shown``: where it goes), never the staging folder it
+    was written in, which is gone once the export has failed. None without such names."""
+    serving = got.get("serving") or {}
+    options = serving.get("options")
+    if options is None or not options.int8 or not options.keep_float:
+        return None
+    from dptune.export.quantize import keep_float_names
+
+    hint = f" (`dptune export {src} {shown} --onnx` writes it to {shown / 'model.onnx'}, to look them all up)"
+    return lambda path: keep_float_names(path, options.keep_float, f"the model.onnx exported from {src}", hint)
+
+
+def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], tolerance: float,
+               check: Callable[[Path], object] | None = None) -> None:
     """``model.onnx``, kept only if ONNX Runtime reproduces torch within ``tolerance`` on square and
-    non-square inputs (processor-size inputs only for DPT-Hybrid)."""
+    non-square inputs (processor-size inputs only for DPT-Hybrid). ``check``: called with the graph
+    as soon as it is written, before the parity is measured."""
     export_onnx(model, path, size)
+    if check is not None:
+        check(path)
     p = input_side(model)
     if onnx_dynamic_size(model):
         shapes = [(1, *size), (2, size[0], size[1] + 2 * p), (1, size[0] + 3 * p, max(p, size[1] - 5 * p))]
@@ -486,7 +506,8 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=None,
                        help="how INT8 activation ranges are taken from the calibration images (default minmax)")
     serve.add_argument("--int8-keep-float", action="append", default=[], metavar="NODE",
-                       help="a node name of model.onnx to keep in float besides dptune's choice (repeatable)")
+                       help="a Conv or MatMul node of model.onnx (its name) to keep in float besides dptune's "
+                            "choice (repeatable)")
     serve.add_argument("--int8-target", choices=TARGETS, default=None,
                        help="portable (default): 7-bit weights (ONNX Runtime's reduce_range), the same results on any "
                             "x86 CPU, AVX2 without VNNI included; vnni: full 8-bit weights, for CPUs with AVX512-VNNI, "
@@ -513,7 +534,7 @@ def main(argv: list[str] | None = None) -> int:
         with torch.no_grad(), interruptible():
             out = export(args.source, args.out_dir, onnx=args.onnx, fp16=args.fp16, push_to_hub=args.push_to_hub,
                          overwrite=args.overwrite, serving=serving)
-    except (OutputDirError, CalibrationError, OnnxMissing) as e:  # each names its file, glob or the fix
+    except (OutputDirError, CalibrationError, OnnxMissing, KeepFloatError) as e:  # each names its file, glob or the fix
         print(f"error: {e}", file=sys.stderr)
         return 2
     except (ValueError, OSError, KeyError) as e:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -89,9 +90,11 @@ class JointOutputs(nn.Module):
         return logits, depth
 
 
-def export_joint_onnx(joint: nn.Module, path: Path, size: tuple[int, int], opset: int = 17) -> float:
+def export_joint_onnx(joint: nn.Module, path: Path, size: tuple[int, int], opset: int = 17,
+                      check: Callable[[Path], object] | None = None) -> float:
     """One ONNX graph with both outputs (dynamic batch, height and width), and its parity: the
-    largest |torch - onnxruntime| / max|torch| over both outputs, square and non-square inputs."""
+    largest |torch - onnxruntime| / max|torch| over both outputs, square and non-square inputs.
+    ``check``: called with the graph as soon as it is written, before the parity is measured."""
     import onnxruntime as ort
 
     wrapper = JointOutputs(joint).eval()
@@ -102,6 +105,8 @@ def export_joint_onnx(joint: nn.Module, path: Path, size: tuple[int, int], opset
                       dynamic_axes={"pixel_values": dyn, "logits": dyn, "predicted_depth": {0: "batch", 1: "height",
                                                                                            2: "width"}},
                       opset_version=opset, dynamo=False)
+    if check is not None:
+        check(path)
     sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(0)
     worst = 0.0

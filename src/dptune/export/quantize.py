@@ -35,6 +35,7 @@ from pathlib import Path
 
 import numpy as np
 
+from dptune.errors import ConfigError
 from dptune.inference.onnx_runner import require_onnx, require_onnxruntime
 
 log = logging.getLogger(__name__)
@@ -115,11 +116,36 @@ def activation_matmuls(model) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type == "MatMul" and not any(i in weights for i in n.input)]
 
 
+class KeepFloatError(ConfigError):
+    """An ``--int8-keep-float`` name that is no Conv or MatMul node of the graph; the message names both."""
+
+
+def keep_float_names(fp32: Path, names: Iterable[str], shown: str | None = None, hint: str = "") -> list[str]:
+    """``names`` (``--int8-keep-float``) once each, in order, every one a Conv or MatMul node of the
+    graph ``fp32`` (``model.onnx``): the only nodes INT8 quantizes, so the only ones that keeping in
+    float changes (a Constant is folded away before quantization, a ConvTranspose stays float anyway;
+    either would be recorded as kept while meaning nothing). ``KeepFloatError`` otherwise, naming the
+    graph as ``shown`` (default: its path) with a few names it does have, and then ``hint``."""
+    onnx = require_onnx("INT8 quantization")
+    ops = {n.name: n.op_type for n in onnx.load(str(fp32), load_external_data=False).graph.node}
+    unique = list(dict.fromkeys(names))
+    for name in unique:
+        op = ops.get(name)
+        if op in QUANTIZED_OPS:
+            continue
+        like = " and ".join(repr(next(n for n, o in ops.items() if o == q)) for q in QUANTIZED_OPS if q in ops.values())
+        what = "no node of that name" if op is None else f"a {op} node, not a Conv or MatMul (only those run in int8),"
+        raise KeepFloatError(f"--int8-keep-float {name}: {what} in {shown or fp32}; its Conv and MatMul nodes are "
+                             f"named like {like}{hint}")
+    return unique
+
+
 def quantize_int8(fp32: Path, out: Path, batches: Iterable[np.ndarray], method: str = "minmax",
                   exclude: list[str] | None = None, target: str = "portable") -> dict:
     """Write ``out`` (int8 QDQ) from the graph ``fp32`` calibrated on ``batches`` of ``pixel_values``;
-    returns what was done (for ``dptune.json``). ``exclude``: node names of ``fp32`` (``model.onnx``)
-    kept in float besides dptune's choice; ``target``: see ``TARGETS``."""
+    returns what was done (for ``dptune.json``). ``exclude``: names of Conv / MatMul nodes of ``fp32``
+    (``model.onnx``) kept in float besides dptune's choice (see ``keep_float_names``); ``target``: see
+    ``TARGETS``."""
     onnx = require_onnx("INT8 quantization")
     require_onnxruntime("INT8 quantization")
     from onnxruntime.quantization import CalibrationMethod, QuantFormat, QuantType, quantize_static
@@ -130,18 +156,19 @@ def quantize_int8(fp32: Path, out: Path, batches: Iterable[np.ndarray], method: 
     if target not in TARGETS:
         raise ValueError(f"--int8-target must be one of {', '.join(TARGETS)}, got {target!r}")
     # the names a user reads are model.onnx's (Netron, onnx.load); pre-processing keeps every Conv / MatMul name
-    names = {n.name for n in onnx.load(str(fp32), load_external_data=False).graph.node}
-    unknown = [k for k in exclude or [] if k not in names]
-    if unknown:
-        raise ValueError(f"--int8-keep-float: no node {unknown[0]!r} in {fp32}")
+    exclude = keep_float_names(fp32, exclude or [])
     with tempfile.TemporaryDirectory(prefix="dptune-int8-") as tmp:
         pre = Path(tmp) / "pre.onnx"
         # shape inference and ORT's graph optimisation (constant folding, fusions) first, as ORT asks:
         # a bias behind an Identity node (deduplicated weights) is otherwise not quantized with its Conv
         _quiet(lambda: quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True))
         model = onnx.load(str(pre))
+        lost = [k for k in exclude if k not in {n.name for n in model.graph.node}]
+        if lost:  # kept_float_nodes would list a node that is not there
+            raise KeepFloatError(f"--int8-keep-float {lost[0]}: ONNX Runtime's pre-processing of {fp32.name} removed "
+                                 "that node; it cannot be kept in float")
         kept = boundary_convs(model) + activation_matmuls(model)
-        kept += [k for k in exclude or [] if k not in kept]
+        kept += [k for k in exclude if k not in kept]
         cm = {"minmax": CalibrationMethod.MinMax, "percentile": CalibrationMethod.Percentile,
               "entropy": CalibrationMethod.Entropy}[method]
         extra: dict = {}
