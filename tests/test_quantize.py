@@ -255,6 +255,24 @@ def test_calibration_images_from_a_glob_are_left_out_of_the_held_back_part(sourc
     assert held and not held & chosen
 
 
+def test_a_joint_model_calibrates_on_at_most_the_count_split_between_its_tasks(sources, tmp_path, capsys):
+    """--calibration-count N is "at most N" for a joint model too: N is split between its tasks (the
+    odd one to segmentation), each needing the 4 images a single-task split needs, so a joint N
+    under 8 is one line instead of the 8 images it used to calibrate on."""
+    from dptune.export.serving_data import serving_data
+
+    data = serving_data(str(sources["joint"]), "multitask", count=9)
+    assert len(data.calibration) == 9
+    assert [len(data.tasks[t].fit) for t in ("segmentation", "depth")] == [5, 4]
+    rc, err = export_cli(capsys, sources["joint"], tmp_path / "out", "--int8", "--calibration-count", "4")
+    assert rc == 2 and len(err) == 1 and "--calibration-count 4" in err[0] and "at least 8" in err[0], err
+    assert not (tmp_path / "out").exists()
+    # calibration images of one's own are not split: a joint model takes up to N of them, 4 included
+    # (without a temperature to fit, the splits' fit parts are not used)
+    glob = str(CAMVID / "val" / "0016E5_0796*.jpg")
+    assert len(serving_data(str(sources["joint"]), "multitask", pattern=glob, count=4, fit_part=False).calibration) == 4
+
+
 def int8_weights(path: Path) -> np.ndarray:
     import onnx
     from onnx import numpy_helper

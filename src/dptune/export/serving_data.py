@@ -2,10 +2,11 @@
 
 The run's validation split (read from its ``config.yaml``, which sits beside ``checkpoints/``, or
 from ``--data CONFIG``) is cut in two: a *fit* part (up to ``count`` images, evenly spaced, so a
-split of video frames is sampled end to end) that calibrates INT8 activations and fits the
-temperature, and the *held-back* rest, on which each graph and the temperature are scored against
-the fp32 torch model. ``--calibration-images GLOB`` replaces the fit part as INT8 calibration data
-(its images are then left out of the held-back part too).
+split of video frames is sampled end to end; a joint model's ``count`` is split between its tasks)
+that calibrates INT8 activations and fits the temperature, and the *held-back* rest, on which
+each graph and the temperature are scored against the fp32 torch model. ``--calibration-images
+GLOB`` replaces the fit part as INT8 calibration data (its images are then left out of the
+held-back part too).
 
 Images are prepared exactly as the exported image processor prepares them (``pixel_values``)."""
 
@@ -215,9 +216,15 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
     ``pattern`` and no need of a ``fit_part`` (no temperature to fit), every split image the pattern
     does not match is held back. ``labels``: the model's label set, which the config's must match (a
     joint model: contain); the masks are read with the config's (its ignore values). Checked here,
-    before any slow step: the config's task, its label set, and every mask that will be read."""
+    before any slow step: the config's task, its label set, and every mask that will be read.
+
+    ``count`` bounds the fit images in all: a joint model's are split between its tasks (the odd one
+    to segmentation), each needing ``MIN_IMAGES``; the images of a ``pattern`` are ``count`` at most."""
     if count < MIN_IMAGES:
         raise CalibrationError(f"--calibration-count {count}: calibration needs at least {MIN_IMAGES} images")
+    if task == "multitask" and count < 2 * MIN_IMAGES and (fit_part or not pattern):
+        raise CalibrationError(f"--calibration-count {count}: a joint model's fit images are split between its two "
+                               f"tasks' validation splits, at least {MIN_IMAGES} each: give at least {2 * MIN_IMAGES}")
     config = Path(data_config) if data_config else run_config(src)
     if config is None:
         raise CalibrationError(f"{src}: no run config.yaml beside it to find the validation split; give --data "
@@ -232,7 +239,8 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
     for t, section in parts.items():
         if not isinstance(section, dict):
             raise CalibrationError(f"{config}: no data.{t} section for the joint model's {t} split")
-        share = count if task != "multitask" else max(MIN_IMAGES, count // 2)
+        # at most ``count`` in all, as the option says: a joint model's split between its tasks
+        share = count if task != "multitask" else count - count // 2 if t == "segmentation" else count // 2
         own = source_labels(section, labels, task == "multitask", where) if t == "segmentation" else None
         rgb = own is not None and own.mask_format == "rgb"
         tasks[t] = cut(_val_source(section, t, config, rgb_masks=rgb), share, t, str(config))
