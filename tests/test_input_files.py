@@ -738,3 +738,17 @@ def test_bad_scales_name_the_option(models, tmp_path, capsys, scales):
                        "--out", str(tmp_path / "p"), "--scales", scales, "--device", "cpu"])
     lines = errors(capsys)
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --scales {scales!r}"), lines
+
+
+@pytest.mark.parametrize("part", ["segmentation", "depth"])
+def test_predict_and_evaluate_of_a_damaged_export_are_one_line_naming_the_file(models, tmp_path, capsys, part):
+    """A truncated model.safetensors was safetensors' traceback in predict (export already said it)."""
+    broken = tmp_path / part
+    shutil.copytree(models / part, broken)
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:200])
+    rc = predict_main(["--model", str(broken), "--images", str(FRAMES[0]), "--out", str(tmp_path / "out"),
+                       "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and len(lines) == 1 and str(weights) in lines[0], lines
+    assert not (tmp_path / "out").exists()

@@ -38,7 +38,10 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForDepthEstimation
 
     from dptune.models.backbones import model_class
+    from dptune.models.folders import check_export_files
 
+    if Path(ref).is_dir():  # a damaged folder is one line naming the file; a hub id goes to transformers as it is
+        check_export_files(ref)
     try:
         cfg = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         processor = AutoImageProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
