@@ -423,6 +423,10 @@ def damaged(src: Path, where: Path, name: str, how) -> Path:
     ("preprocessor_config.json", lambda p: p.write_bytes(b"\xff\xfe garbage"), "not valid JSON"),
     ("dptune.json", lambda p: p.write_text("[1, 2"), "not valid JSON"),
     ("dptune.json", lambda p: p.write_text('{"metrics": {}}'), "no labels"),
+    # a processor size dptune cannot prepare images by: the export wrote a model predict then refused
+    ("preprocessor_config.json", lambda p: p.write_text(json.dumps({**json.loads(p.read_text()),
+                                                                     "size": {"shortest_edge": 64}})),
+     "gives its size as"),
 ])
 def test_a_damaged_exported_directory_is_one_line_naming_the_file(sources, tmp_path, capsys, name, how, says):
     """Re-exporting a damaged export: one line naming the file and what is wrong with it, before any

@@ -399,3 +399,34 @@ def test_the_inference_benchmark_of_a_joint_exports_part_names_the_joint_export(
     (part / "dptune.json").write_text(json.dumps(meta))
     rc, err, _ = bench(capsys, part, *QUICK, "--engines", "eager,ort-fp32")
     assert rc == 2 and len(err) == 1 and f"benchmark {part.parent}" in err[0], err
+
+
+def test_the_inference_benchmark_reads_no_json_target_that_is_not_a_file(tmp_path):
+    """--json /dev/stdout or a named pipe: written to, never read to check it (reading one waits for input)."""
+    import os
+    import threading
+
+    from dptune.tools.infer_bench import check_json_out
+
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    done = threading.Event()
+    threading.Thread(target=lambda: (check_json_out(str(fifo), tmp_path / "export"), done.set()), daemon=True).start()
+    assert done.wait(10), "check_json_out blocked reading a named pipe"
+
+
+def test_the_inference_benchmark_sizes_batches_by_the_memory_available(exports, capsys, monkeypatch):
+    """A batch whose inference would not fit is one line before timing; an engine that runs out of
+    memory while timing is one line too (ONNX Runtime's arena error was a traceback)."""
+    from dptune.tools import infer_bench
+
+    monkeypatch.setattr(infer_bench, "available_memory", lambda: 50 * 2**20)
+    rc, err, _ = bench(capsys, exports / "seg", *QUICK[:-2], "--batch", "64", "--engines", "ort-fp32")
+    assert rc == 2 and len(err) == 1 and "--batch 64" in err[0] and "0.05 GiB of memory available" in err[0], err
+
+    def arena(*a, **k):
+        raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : bfc_arena.cc:360 AllocateRaw Failed to allocate memory")
+
+    monkeypatch.setattr(infer_bench, "interleaved", arena)
+    rc, err, _ = bench(capsys, exports / "seg", *QUICK, "--engines", "ort-fp32")
+    assert rc == 2 and len(err) == 1 and "out of memory" in err[0] and "--batch" in err[0], err

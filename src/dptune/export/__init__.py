@@ -49,6 +49,7 @@ from dptune.models import dpt_backbone
 from dptune.models.build import input_side
 from dptune.models.dpt_backbone import uses_backbone
 from dptune.models.folders import export_folder_around
+from dptune.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
 
@@ -74,7 +75,10 @@ def _load(src: str) -> dict:
         model = load_exported(src)
         card = Path(src) / "dptune.json"
         meta = json_object(card, "dptune's record of the export") if card.exists() else {}
-        out = {"model": model, "processor": AutoImageProcessor.from_pretrained(src), "metrics": meta.get("metrics", {}),
+        processor = AutoImageProcessor.from_pretrained(src)
+        # one height x width, as every dptune loader reads it: an export it cannot prepare images for is refused here
+        Preprocessing.from_processor(processor, source=str(Path(src) / "preprocessor_config.json"))
+        out = {"model": model, "processor": processor, "metrics": meta.get("metrics", {}),
                "meta": meta, "evaluation": meta.get("evaluation", {})}
         if not is_depth(model):
             from dptune.inference.predictor import exported_labels
