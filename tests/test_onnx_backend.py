@@ -352,6 +352,14 @@ def test_the_inference_benchmark_of_odd_exports_is_a_figure_or_one_line(exports,
     row = json.loads(out.read_text())["engines"]["ort-fp32"]
     assert row["export_size"]["p50_ms"] > 0
     assert "64x64" in row["non_square"]["skipped"] and "batch 1" in row["throughput"]["skipped"], row
+    # a graph of another size than the export's processor, alone: nothing to time is one line, not a result
+    rc, err, _ = bench(capsys, fixed, *QUICK, "--engines", "ort-fp32,ort-fp16", "--batch", "1", "--threads", "1")
+    assert rc == 0, err  # 64x64 batch 1 is the export's size: timed
+    model = onnx.load(str(fixed / "model.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[3].dim_value = 80  # neither 64x64 nor the 64x96 one
+    onnx.save(model, str(fixed / "model.onnx"))
+    rc, err, _ = bench(capsys, fixed, *QUICK, "--engines", "ort-fp32")
+    assert rc == 2 and len(err) == 1 and "no engine could be timed" in err[0] and "64x80 only" in err[0], err
     # a torch model that cannot be loaded: ONNX engines alone never load it; torch's is one line
     broken = tmp_path / "broken"
     shutil.copytree(exports / "seg", broken)

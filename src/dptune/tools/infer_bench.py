@@ -406,6 +406,11 @@ def run(export: Path, args, command: str = "") -> dict:
             for k, g in got.items():
                 out["engines"].setdefault(k, {})[name] = throughput(g, batch) if name == "throughput" else latency(g)
     out["load_average_1min"]["after"] = load_average()
+    if not any("p50_ms" in row or "images_per_s" in row for e in out["engines"].values() for row in e.values()
+               if isinstance(row, dict)):
+        said = "; ".join(f"{k}: {v.get('skipped') or next((r['skipped'] for r in v.values() if isinstance(r, dict)), '')}"
+                         for k, v in out["engines"].items())
+        raise ConfigError(f"{export}: no engine could be timed ({said})")
     eager = out["engines"].get("ort-fp32", {}).get("export_size", {}).get("p50_ms")
     int8 = out["engines"].get("ort-int8", {}).get("export_size", {}).get("p50_ms")
     if eager and int8:
