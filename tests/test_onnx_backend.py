@@ -438,3 +438,23 @@ def test_the_inference_benchmark_sizes_batches_by_the_memory_available(exports, 
     monkeypatch.setattr(infer_bench, "interleaved", arena)
     rc, err, _ = bench(capsys, exports / "seg", *QUICK, "--engines", "ort-fp32")
     assert rc == 2 and len(err) == 1 and "out of memory" in err[0] and "--batch" in err[0], err
+
+
+def test_the_inference_benchmark_says_when_its_json_cannot_be_written_after_timing(exports, tmp_path, capsys,
+                                                                                    monkeypatch):
+    import shutil
+
+    from dptune.tools import infer_bench
+
+    real = infer_bench.run
+    folder = tmp_path / "gone"
+    folder.mkdir()
+
+    def run_then_folder_removed(*a, **k):
+        got = real(*a, **k)
+        shutil.rmtree(folder)
+        return got
+
+    monkeypatch.setattr(infer_bench, "run", run_then_folder_removed)
+    rc, err, out = bench(capsys, exports / "seg", *QUICK, "--engines", "ort-fp32", "--json", folder / "b.json")
+    assert rc == 1 and len(err) == 1 and "could not be written" in err[0] and json.loads(out)["engines"], err

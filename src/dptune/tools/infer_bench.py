@@ -305,7 +305,12 @@ def main(argv: list[str] | None = None) -> int:
     text = json.dumps(result, indent=2)
     print(text)
     if args.json:
-        Path(args.json).write_text(text + "\n")
+        try:
+            Path(args.json).write_text(text + "\n")
+        except OSError as e:  # checked before timing; the disk may have filled or the folder gone since
+            print(f"error: --json {args.json}: could not be written ({e.strerror or e}); the figures are above",
+                  file=sys.stderr)
+            return 1
     return 0
 
 
