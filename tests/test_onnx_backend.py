@@ -342,7 +342,7 @@ def test_the_inference_benchmark_of_odd_exports_is_a_figure_or_one_line(exports,
     fixed = tmp_path / "fixed"
     shutil.copytree(exports / "seg", fixed)
     model = onnx.load(str(fixed / "model.onnx"))
-    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, 3, 64, 64)):
+    for dim, value in zip(model.graph.input[0].type.tensor_type.shape.dim, (1, 3, 64, 64), strict=True):
         dim.Clear()
         dim.dim_value = value
     onnx.save(model, str(fixed / "model.onnx"))
