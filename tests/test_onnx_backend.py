@@ -458,3 +458,23 @@ def test_the_inference_benchmark_says_when_its_json_cannot_be_written_after_timi
     monkeypatch.setattr(infer_bench, "run", run_then_folder_removed)
     rc, err, out = bench(capsys, exports / "seg", *QUICK, "--engines", "ort-fp32", "--json", folder / "b.json")
     assert rc == 1 and len(err) == 1 and "could not be written" in err[0] and json.loads(out)["engines"], err
+
+
+def test_a_segmentation_graph_with_another_class_count_is_another_models(exports, tmp_path, capsys):
+    """Output names alone let another segmentation model's graph through (predict --backend onnx and the
+    benchmark): its logits' class count must be the model's."""
+    import shutil
+
+    other = tmp_path / "other"
+    shutil.copytree(exports / "seg", other)
+    cfg = json.loads((other / "config.json").read_text())
+    cfg["id2label"] = {str(i): f"c{i}" for i in range(5)}
+    cfg["label2id"] = {f"c{i}": i for i in range(5)}
+    (other / "config.json").write_text(json.dumps(cfg))
+    rc, err, _ = bench(capsys, other, *QUICK, "--engines", "ort-fp32")
+    assert rc == 2 and len(err) == 1 and "11 classes, the model has 5" in err[0], err
+    from dptune.inference.onnx_runner import backend_graph
+
+    with pytest.raises(Exception, match="11 classes, the model has 5"):
+        backend_graph(str(other), "onnx", output="logits")
+    assert backend_graph(str(exports / "seg"), "onnx-int8", output="logits") is not None

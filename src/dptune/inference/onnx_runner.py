@@ -99,6 +99,7 @@ class OnnxGraph:
         self.input = inp.name
         self.input_shape = list(inp.shape)
         self.outputs = [o.name for o in self.session.get_outputs()]
+        self.output_shapes = {o.name: list(o.shape) for o in self.session.get_outputs()}
 
     @property
     def fixed_size(self) -> tuple[int, int] | None:
@@ -149,13 +150,29 @@ def graphs_in(export: Path) -> str | None:
     return where if where == ".." else None
 
 
-def check_output(graph: OnnxGraph, output: str | None) -> OnnxGraph:
-    """``graph`` when it computes ``output`` (``logits`` / ``predicted_depth``); one line otherwise (it
-    is another task's or another model's graph)."""
+def check_output(graph: OnnxGraph, output: str | None, classes: int | None = None) -> OnnxGraph:
+    """``graph`` when it computes ``output`` (``logits`` / ``predicted_depth``) and, for ``logits``, as
+    many classes as the model has (``classes``, where known); one line otherwise (it is another task's
+    or another model's graph)."""
     if output and output not in graph.outputs:
         raise ConfigError(f"{graph.path}: has no {output!r} output (its outputs: {', '.join(graph.outputs)}); it is "
                           f"not the graph of this {'segmentation' if output == 'logits' else 'depth'} model")
+    shape = graph.output_shapes.get(output) or []
+    if output == "logits" and classes and len(shape) > 1 and isinstance(shape[1], int) and shape[1] != classes:
+        raise ConfigError(f"{graph.path}: its logits give {shape[1]} classes, the model has {classes}; it is another "
+                          "model's graph")
     return graph
+
+
+def config_classes(model_dir: str | Path) -> int | None:
+    """The number of classes an exported segmentation model's ``config.json`` names, where it can be read."""
+    import json
+
+    try:
+        labels = json.loads((Path(model_dir) / "config.json").read_text()).get("id2label")
+    except (OSError, ValueError, AttributeError):
+        return None
+    return len(labels) if isinstance(labels, dict) and labels else None
 
 
 BACKENDS = ("torch", "onnx", "onnx-int8", "onnx-fp16")
@@ -180,4 +197,4 @@ def backend_graph(ref: str, backend: str = "torch", device: str = "cpu", output:
 
         if "CUDAExecutionProvider" in ort.get_available_providers():
             providers = ["CUDAExecutionProvider", "CPUExecutionProvider"]
-    return check_output(OnnxGraph(find_graph(ref, precision), providers=providers), output)
+    return check_output(OnnxGraph(find_graph(ref, precision), providers=providers), output, config_classes(ref))

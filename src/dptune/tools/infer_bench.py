@@ -315,7 +315,14 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(export: Path, args, command: str = "") -> dict:
-    from dptune.inference.onnx_runner import GRAPHS, OnnxGraph, check_output, graphs_in, require_onnxruntime
+    from dptune.inference.onnx_runner import (
+        GRAPHS,
+        OnnxGraph,
+        check_output,
+        config_classes,
+        graphs_in,
+        require_onnxruntime,
+    )
 
     if not export.is_dir():
         raise ConfigError(f"{export}: not a directory")
@@ -382,7 +389,7 @@ def run(export: Path, args, command: str = "") -> dict:
         for prov in providers:
             g = OnnxGraph(path, providers=prov, threads=threads)
             for name in outputs:  # another model's graph in this one's place
-                check_output(g, name)
+                check_output(g, name, config_classes(part))
             key = f"ort-{precision}" + ("" if prov[0] == "CPUExecutionProvider" else f"-{prov[0].removesuffix('ExecutionProvider').lower()}")
             out["engines"][key] = {"file": path.name}
             fns[key] = (g, g.fixed_size, g.fixed_batch)
