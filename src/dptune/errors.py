@@ -3,6 +3,13 @@
 from __future__ import annotations
 
 
+def first_line(e: BaseException, limit: int | None = None) -> str:
+    """The first line of an exception's message (at most ``limit`` characters), or its type's name
+    when the message is empty: what a one-line error quotes of a library's exception."""
+    text = str(e).strip()
+    return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
 class ConfigError(ValueError):
     """A setting that cannot work (conflicting options, a size the backbone cannot take, a model
     reference that does not resolve). The message names the setting and, where one exists, the fix."""

@@ -38,7 +38,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, first_line
 from dptune.export.card import depth_card, model_card, multitask_card, training_precision, warn_backend
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
 from dptune.export.quantize import CALIBRATION_METHODS, TARGETS, KeepFloatError
@@ -138,8 +138,7 @@ def push_folder(out: Path, repo: str) -> str:
         # no network, DNS, refused, timeouts: OSErrors (the hub's HTTP errors too) or the HTTP client's own
         if not (isinstance(e, OSError) or any(c.__name__ == "HTTPError" for c in type(e).__mro__)):
             raise
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"--push-to-hub {repo}: the upload failed ({first}); the export is complete in {out}, "
+        raise ConfigError(f"--push-to-hub {repo}: the upload failed ({first_line(e)}); the export is complete in {out}, "
                           "push it later with huggingface-cli upload") from None
     url = f"https://huggingface.co/{repo}"
     log.info("pushed %s to %s", out, url)

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, first_line
 
 # what dptune export writes into a task's folder, as the messages name it
 EXPORT_LAYOUT = "dptune export writes config.json, model.safetensors and preprocessor_config.json"
@@ -41,8 +41,7 @@ def check_export_files(ref: str | Path) -> None:
         with safe_open(str(weights), framework="pt"):  # reads the header, checks it covers the whole file
             pass
     except (SafetensorError, OSError) as e:
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ConfigError(f"{weights}: not a readable safetensors file ({first}): truncated or damaged; export the "
+        raise ConfigError(f"{weights}: not a readable safetensors file ({first_line(e)}): truncated or damaged; export the "
                           "model again from its checkpoint") from None
 
 

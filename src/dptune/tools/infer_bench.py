@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, first_line
 from dptune.inference.onnx_runner import cpu_info
 
 
@@ -121,7 +121,7 @@ def sizes(export: Path, config) -> tuple[tuple[int, int], tuple[int, int]]:
         h, w = int(size["height"]), int(size["width"])
     except (OSError, ValueError, KeyError, TypeError) as e:
         raise ConfigError(f"{f}: no readable size (height and width) of the image processor ({type(e).__name__}: "
-                          f"{str(e).splitlines()[0] if str(e) else ''})") from None
+                          f"{first_line(e, 300)})") from None
     from dptune.models.build import config_input_side
 
     p = config_input_side(config)
@@ -166,19 +166,12 @@ def model_config(part: Path):
     try:
         return AutoConfig.from_pretrained(str(part))
     except Exception as e:  # OSError, ValueError, JSONDecodeError, KeyError for an unknown model_type
-        raise ConfigError(f"{part / 'config.json'}: cannot be read as a model config ({first_line(e)})") from None
+        raise ConfigError(f"{part / 'config.json'}: cannot be read as a model config ({first_line(e, 300)})") from None
 
 
-def first_line(e: BaseException) -> str:
-    text = str(e).strip()
-    return text.splitlines()[0][:300] if text else type(e).__name__
-
-
-def expected_outputs(export: Path, part: Path) -> list[str]:
-    """What the export's graphs must compute: ``logits`` / ``predicted_depth``, both for a joint export."""
-    parts = [part] if part == export else [export / "segmentation", export / "depth"]
-    return ["predicted_depth" if any("DepthEstimation" in a for a in model_config(d).architectures or []) else "logits"
-            for d in parts]
+def expected_output(config) -> str:
+    """What a task's graph output is called: ``predicted_depth`` for a depth model, else ``logits``."""
+    return "predicted_depth" if any("DepthEstimation" in a for a in config.architectures or []) else "logits"
 
 
 def check_json_out(path: str, export: Path) -> None:
@@ -226,7 +219,7 @@ def torch_model(export: Path, part: Path) -> torch.nn.Module:
         try:
             return load_exported(str(d)).eval().float()
         except Exception as e:  # OSError, SafetensorError, ValueError: a damaged or incomplete export
-            raise ConfigError(f"{d}: the exported model cannot be loaded ({first_line(e)})") from None
+            raise ConfigError(f"{d}: the exported model cannot be loaded ({first_line(e, 300)})") from None
 
     model = load(part)
     if part == export:
@@ -332,7 +325,9 @@ def run(export: Path, args, command: str = "") -> dict:
     threads = args.threads or default_threads()
     torch.set_num_threads(threads)
     part = task_dir(export)
-    square, wide = sizes(part, model_config(part))
+    # each task's config, read once: the size multiple and the outputs every graph must give
+    configs = [model_config(d) for d in ([part] if part == export else [export / "segmentation", export / "depth"])]
+    square, wide = sizes(part, configs[0])
     need = args.batch * 3 * square[0] * square[1] * 4 * PEAK_PER_INPUT
     free = available_memory()
     if free and need > free:
@@ -340,7 +335,8 @@ def run(export: Path, args, command: str = "") -> dict:
                           f"{square[0]}x{square[1]} (about {PEAK_PER_INPUT}x its input), more than the "
                           f"{free / 2**30:.2f} GiB of memory available here; give a smaller --batch")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    outputs = expected_outputs(export, part)
+    outputs = [expected_output(c) for c in configs]
+    classes = config_classes(part)  # as config.json names them (transformers would default to 2 without)
     wrapper = torch_model(export, part) if {"eager", "compiled"} & set(engines) else None
     out: dict = {"export": str(export), "threads": threads,
                  "threads_note": "the same count for torch (set_num_threads) and ONNX Runtime (intra_op_num_threads)",
@@ -366,7 +362,7 @@ def run(export: Path, args, command: str = "") -> dict:
             out["engines"]["torch-compiled"] = {"compile_s": time.perf_counter() - t}
             fns["torch-compiled"] = (lambda x: compiled(torch.from_numpy(x)), None, None)
         except Exception as e:  # no C compiler, an unsupported op: say why, time the rest
-            out["engines"]["torch-compiled"] = {"skipped": f"torch.compile failed: {str(e).splitlines()[0][:200]}"}
+            out["engines"]["torch-compiled"] = {"skipped": f"torch.compile failed: {first_line(e, 200)}"}
     ort = require_onnxruntime("the ONNX Runtime timings")
     available = ort.get_available_providers()
     out["onnxruntime_providers"] = available
@@ -389,7 +385,7 @@ def run(export: Path, args, command: str = "") -> dict:
         for prov in providers:
             g = OnnxGraph(path, providers=prov, threads=threads)
             for name in outputs:  # another model's graph in this one's place
-                check_output(g, name, config_classes(part))
+                check_output(g, name, classes)
             key = f"ort-{precision}" + ("" if prov[0] == "CPUExecutionProvider" else f"-{prov[0].removesuffix('ExecutionProvider').lower()}")
             out["engines"][key] = {"file": path.name}
             fns[key] = (g, g.fixed_size, g.fixed_batch)
@@ -413,7 +409,7 @@ def run(export: Path, args, command: str = "") -> dict:
             except Exception as e:  # an engine that ran out of memory: one line; anything else is a defect, raised
                 if not out_of_memory(e):
                     raise
-                raise ConfigError(f"--batch {batch}: out of memory at {hw[0]}x{hw[1]} ({first_line(e)}); give a "
+                raise ConfigError(f"--batch {batch}: out of memory at {hw[0]}x{hw[1]} ({first_line(e, 300)}); give a "
                                   "smaller --batch") from None
             for k, g in got.items():
                 out["engines"].setdefault(k, {})[name] = throughput(g, batch) if name == "throughput" else latency(g)
