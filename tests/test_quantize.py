@@ -270,7 +270,30 @@ def test_a_joint_model_calibrates_on_at_most_the_count_split_between_its_tasks(s
     # calibration images of one's own are not split: a joint model takes up to N of them, 4 included
     # (without a temperature to fit, the splits' fit parts are not used)
     glob = str(CAMVID / "val" / "0016E5_0796*.jpg")
-    assert len(serving_data(str(sources["joint"]), "multitask", pattern=glob, count=4, fit_part=False).calibration) == 4
+    assert len(serving_data(str(sources["joint"]), "multitask", pattern=glob, count=4).calibration) == 4
+
+
+def test_only_a_split_something_is_fitted_on_sets_images_aside(sources):
+    """A split's fit part is held out of the measurement only when something is fitted on it: INT8
+    calibration (without --calibration-images) on every task's, the temperature on segmentation's.
+    A joint model's depth split with --calibration-images and --calibrate-temperature, or any split
+    of an fp16-only export, used to lose its fit part to nothing; now all of it can be measured on."""
+    from dptune.export.serving_data import serving_data
+
+    glob = str(CAMVID / "val" / "0016E5_0796*.jpg")
+    data = serving_data(str(sources["joint"]), "multitask", pattern=glob, count=8, int8=True, temperature=True)
+    seg, depth = data.tasks["segmentation"], data.tasks["depth"]
+    assert len(seg.fit) == 8 and not set(seg.fit) & set(seg.held)  # the temperature's images, all of the count
+    assert depth.fit == [] and depth.held == list(range(len(depth.source)))  # nothing fitted on depth
+    # the count is not split between the tasks when only one fits: 4 is enough for the temperature alone
+    assert len(serving_data(str(sources["joint"]), "multitask", pattern=glob, count=4, temperature=True)
+               .tasks["segmentation"].fit) == 4
+    only_fp16 = serving_data(str(sources["seg"]), "segmentation", str(sources["seg_config"]), int8=False)
+    assert only_fp16.calibration == [] and only_fp16.tasks["segmentation"].fit == []
+    assert only_fp16.tasks["segmentation"].held == list(range(len(only_fp16.tasks["segmentation"].source)))
+    # INT8 from the splits: every task gives calibration images, the count split between them
+    both = serving_data(str(sources["joint"]), "multitask", count=9, int8=True, temperature=True)
+    assert [len(both.tasks[t].fit) for t in ("segmentation", "depth")] == [5, 4] and len(both.calibration) == 9
 
 
 def int8_weights(path: Path) -> np.ndarray:
@@ -503,3 +526,16 @@ def test_int8_projections_give_float_outputs_and_still_multiply_in_int8(seg_expo
     ort.InferenceSession(str(seg_export / "model_int8.onnx"), so, providers=["CPUExecutionProvider"])
     ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
     assert ops.count("MatMulIntegerToFloat") == len(weighted), ops
+
+
+def test_the_histogram_calibrators_leave_stdout_to_the_export(seg_export, tmp_path, capsys):
+    """ONNX Runtime's percentile and entropy calibrators print their progress with print(); stdout is
+    the export's (its last line is the output folder, which scripts read), so those lines go to stderr."""
+    from dptune.export.quantize import quantize_int8
+
+    rng = np.random.default_rng(0)
+    batches = [rng.standard_normal((1, 3, 64, 64)).astype(np.float32) for _ in range(4)]
+    for method in ("percentile", "entropy"):
+        quantize_int8(seg_export / "model.onnx", tmp_path / f"{method}.onnx", iter(batches), method=method)
+        out = capsys.readouterr()
+        assert out.out == "" and "histogram" in out.err.lower(), (method, out.out[:200])

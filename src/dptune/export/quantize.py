@@ -28,7 +28,9 @@ processor's size only, as its fp32 graph does)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import sys
 import tempfile
 from collections.abc import Iterable
 from pathlib import Path
@@ -199,11 +201,13 @@ def convert_fp16(fp32: Path, out: Path) -> dict:
 
 
 def _quiet(fn):
-    """Run ``fn`` with onnxruntime.quantization's chatter (root logger warnings) held back."""
+    """Run ``fn`` with onnxruntime.quantization's chatter (root logger warnings) held back and its
+    progress lines (the histogram calibrators print them) sent to stderr: stdout is the export's."""
     root = logging.getLogger()
     level = root.level
     root.setLevel(max(level, logging.ERROR))
     try:
-        return fn()
+        with contextlib.redirect_stdout(sys.stderr):
+            return fn()
     finally:
         root.setLevel(level)

@@ -356,7 +356,7 @@ def prepare_serving(src: str, task: str, options: ServingOptions, labels=None) -
     if not options.needs_data:
         return None
     return serving_data(src, task, options.data, options.calibration_images, options.count,
-                        fit_part=options.temperature, labels=labels)
+                        int8=options.int8, temperature=options.temperature, labels=labels)
 
 
 # ------------------------------------------------------------------------------- the export's hooks
@@ -404,7 +404,7 @@ def data_record(data: ServingData, options: ServingOptions) -> dict:
     out: dict = {"config": data.where, "split": "val"}
     for task, part in data.tasks.items():
         out[task] = {"root": part.root, "held_back": part.relative(part.held)}
-        if not data.glob or options.temperature:  # the fit part calibrated INT8 or fitted the temperature
+        if part.fit:  # it calibrated INT8 or fitted the temperature
             out[task]["fit"] = part.relative(part.fit)
     if data.glob:
         out["calibration_images"] = {"glob": data.glob, "images": [Path(p).as_posix() for p in data.calibration]}

@@ -1,12 +1,13 @@
 """The images an export calibrates and measures its serving graphs on.
 
 The run's validation split (read from its ``config.yaml``, which sits beside ``checkpoints/``, or
-from ``--data CONFIG``) is cut in two: a *fit* part (up to ``count`` images, evenly spaced, so a
-split of video frames is sampled end to end; a joint model's ``count`` is split between its tasks)
-that calibrates INT8 activations and fits the temperature, and the *held-back* rest, on which
-each graph and the temperature are scored against the fp32 torch model. ``--calibration-images
-GLOB`` replaces the fit part as INT8 calibration data (its images are then left out of the
-held-back part too).
+from ``--data CONFIG``) is cut in two where something is fitted on it: a *fit* part (up to ``count``
+images, evenly spaced, so a split of video frames is sampled end to end; a joint model's ``count``
+is split between its tasks when both fit) that calibrates INT8 activations and, on segmentation,
+fits the temperature, and the *held-back* rest, on which each graph and the temperature are scored
+against the fp32 torch model. ``--calibration-images GLOB`` replaces the fit parts as INT8
+calibration data (its images are then left out of the held-back part too); a split nothing is
+fitted on (depth beside a temperature, every split of an fp16-only export) is all held back.
 
 Images are prepared exactly as the exported image processor prepares them (``pixel_values``)."""
 
@@ -185,11 +186,14 @@ def spread(n: int, k: int) -> list[int]:
 
 
 def cut(source, count: int, task: str, where: str) -> TaskData:
+    """``source`` cut into up to ``count`` fit images (0: none, nothing is fitted on this split) and
+    up to ``MAX_HELD`` of the rest, held back for the measurement."""
     n = len(source)
-    if n < 2 * MIN_IMAGES:
+    need = 2 * MIN_IMAGES if count else MIN_IMAGES
+    if n < need:
         raise CalibrationError(f"{where}: the {task} validation split has {n} image{'s' if n != 1 else ''}; "
-                               f"calibrating and measuring needs at least {2 * MIN_IMAGES}")
-    fit = spread(n, min(count, n // 2))
+                               f"{'calibrating and ' if count else ''}measuring needs at least {need}")
+    fit = spread(n, min(count, n // 2)) if count else []
     rest = [i for i in range(n) if i not in set(fit)]
     return TaskData(task, source, fit, [rest[i] for i in spread(len(rest), MAX_HELD)])
 
@@ -209,20 +213,32 @@ def glob_images(pattern: str, count: int) -> list[str]:
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
-def serving_data(src: str, task: str, data_config: str | None = None, pattern: str | None = None,
-                 count: int = DEFAULT_COUNT, fit_part: bool = True, labels=None) -> ServingData:
-    """The calibration images and validation splits of an export of ``task`` (segmentation, depth,
-    multitask) from ``src``: its run's ``config.yaml`` unless ``data_config`` names another. With a
-    ``pattern`` and no need of a ``fit_part`` (no temperature to fit), every split image the pattern
-    does not match is held back. ``labels``: the model's label set, which the config's must match (a
-    joint model: contain); the masks are read with the config's (its ignore values). Checked here,
-    before any slow step: the config's task, its label set, and every mask that will be read.
+def fitted_tasks(task: str, int8: bool, pattern: str | None, temperature: bool) -> list[str]:
+    """The tasks whose validation split gives a fit part: every task's when INT8 calibrates on the
+    splits (``int8`` without a ``pattern``), segmentation's when a temperature is fitted; the other
+    splits are all measurement."""
+    tasks = ["segmentation", "depth"] if task == "multitask" else [task]
+    return [t for t in tasks if (int8 and not pattern) or (temperature and t == "segmentation")]
 
-    ``count`` bounds the fit images in all: a joint model's are split between its tasks (the odd one
-    to segmentation), each needing ``MIN_IMAGES``; the images of a ``pattern`` are ``count`` at most."""
+
+def serving_data(src: str, task: str, data_config: str | None = None, pattern: str | None = None,
+                 count: int = DEFAULT_COUNT, int8: bool = True, temperature: bool = False,
+                 labels=None) -> ServingData:
+    """The calibration images and validation splits of an export of ``task`` (segmentation, depth,
+    multitask) from ``src``: its run's ``config.yaml`` unless ``data_config`` names another. A split
+    is cut into a fit part and a held-back part only where something is fitted on it (see
+    ``fitted_tasks``); the held-back part never holds an image of ``pattern``. ``labels``: the
+    model's label set, which the config's must match (a joint model: contain); the masks are read
+    with the config's (its ignore values). Checked here, before any slow step: the config's task,
+    its label set, and every mask that will be read.
+
+    ``count`` bounds the fit images in all: split between a joint model's tasks when both fit (the
+    odd one to segmentation), each needing ``MIN_IMAGES``; the images of a ``pattern`` are ``count``
+    at most."""
     if count < MIN_IMAGES:
         raise CalibrationError(f"--calibration-count {count}: calibration needs at least {MIN_IMAGES} images")
-    if task == "multitask" and count < 2 * MIN_IMAGES and (fit_part or not pattern):
+    fitted = fitted_tasks(task, int8, pattern, temperature)
+    if len(fitted) == 2 and count < 2 * MIN_IMAGES:
         raise CalibrationError(f"--calibration-count {count}: a joint model's fit images are split between its two "
                                f"tasks' validation splits, at least {MIN_IMAGES} each: give at least {2 * MIN_IMAGES}")
     config = Path(data_config) if data_config else run_config(src)
@@ -239,8 +255,9 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
     for t, section in parts.items():
         if not isinstance(section, dict):
             raise CalibrationError(f"{config}: no data.{t} section for the joint model's {t} split")
-        # at most ``count`` in all, as the option says: a joint model's split between its tasks
-        share = count if task != "multitask" else count - count // 2 if t == "segmentation" else count // 2
+        # at most ``count`` in all, as the option says: split between a joint model's tasks when both fit
+        share = (0 if t not in fitted else count if len(fitted) == 1
+                 else count - count // 2 if t == "segmentation" else count // 2)
         own = source_labels(section, labels, task == "multitask", where) if t == "segmentation" else None
         rgb = own is not None and own.mask_format == "rgb"
         tasks[t] = cut(_val_source(section, t, config, rgb_masks=rgb), share, t, str(config))
@@ -249,14 +266,14 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
         calibration = glob_images(pattern, count)
         chosen = {os.path.realpath(p) for p in calibration}
         for d in tasks.values():  # the held-back images are never calibration ones
-            pool = d.held if fit_part else list(range(len(d.source)))
+            pool = [i for i in range(len(d.source)) if i not in set(d.fit)]
             held = [i for i in pool if os.path.realpath(d.image(i)) not in chosen]
             d.held = [held[i] for i in spread(len(held), MAX_HELD)]
             if not d.held:
                 raise CalibrationError(f"--calibration-images {pattern}: takes every held-back {d.task} image of "
                                        f"{config}; leave some validation images out of it")
     else:
-        calibration = [d.image(i) for d in tasks.values() for i in d.fit]
+        calibration = [d.image(i) for d in tasks.values() for i in d.fit] if int8 else []
     for d in tasks.values():
         check_readable(d, where)
     return ServingData(calibration, tasks, str(config), pattern)
