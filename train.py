@@ -6,7 +6,7 @@ Subcommands: fit, validate, test. ``python train.py fit --help`` lists every set
 
 import sys
 
-from dptune.cli import main
+from dptune.command import launch
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch("dptune.cli"))

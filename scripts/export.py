@@ -3,7 +3,7 @@
 
 import sys
 
-from dptune.export import main
+from dptune.command import launch
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch("dptune.export"))

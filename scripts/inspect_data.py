@@ -4,7 +4,7 @@
 
 import sys
 
-from dptune.tools.inspect import main
+from dptune.command import launch
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(launch("dptune.tools.inspect"))

@@ -70,3 +70,42 @@ def test_a_ddp_fit_through_the_console_script_finishes(tmp_path):
     assert proc.returncode == 0, err[-3000:]
     assert "can't open file" not in err
     assert (run / "checkpoints" / "last.ckpt").is_file()
+
+
+def test_a_ctrl_c_while_the_libraries_load_is_one_line_from_every_entry_point(tmp_path):
+    """Ctrl-C in the first seconds (torch, transformers, numpy being imported) used to print
+    Python's traceback: the commands' own handlers were not in place yet. Simulated by a numpy
+    whose import raises KeyboardInterrupt, as a SIGINT arriving then does; every entry point a
+    user runs says one line and exits 130."""
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    fake = tmp_path / "fake" / "numpy"
+    fake.mkdir(parents=True)
+    (fake / "__init__.py").write_text("raise KeyboardInterrupt\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{fake.parent}{__import__('os').pathsep}{repo / 'src'}"}
+    runs = [[sys.executable, str(repo / "train.py"), "fit", "--help"],
+            [sys.executable, "-m", "dptune.command", "export", "--help"]]
+    runs += [[sys.executable, str(repo / "scripts" / f"{s}.py"), "--help"] for s in ("export", "predict", "evaluate",
+                                                                                    "inspect_data")]
+    runs.append([sys.executable, str(repo / "scripts" / "benchmark.py"), "--steps", "1"])  # its --help imports nothing
+    bindir = Path(sys.executable).parent
+    runs += [[str(bindir / exe), *sub, "--help"] for exe, sub in (("dptune", ["predict"]), ("dptune-export", []),
+                                                                  ("dptune-inspect", [])) if (bindir / exe).exists()]
+    for cmd in runs:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=tmp_path)
+        lines = proc.stderr.strip().splitlines()
+        assert proc.returncode == 130 and len(lines) == 1 and lines[0].startswith("error: interrupted"), \
+            (cmd, proc.returncode, proc.stderr[-1500:])
+
+
+def test_an_abbreviated_option_is_refused_not_guessed(capsys):
+    """argparse took any unique prefix (``--calibration-c 8``, ``--int8-keep NODE``): a script using one
+    breaks, or silently means another option, once a new option shares the prefix. The tools take
+    full option names only (``--hel`` is not ``--help``)."""
+    for name, (module, _) in COMMANDS.items():
+        if module == "dptune.cli":  # LightningCLI's own parser
+            continue
+        with pytest.raises(SystemExit) as done:
+            main([name, "--hel"])
+        assert done.value.code == 2 and capsys.readouterr().out == "", name  # no help printed, exit 0

@@ -1,7 +1,16 @@
-"""dptune: fine-tune Dense Prediction Transformers for semantic segmentation."""
+"""dptune: fine-tune Dense Prediction Transformers for semantic segmentation and depth."""
 
 from dptune.errors import DataError
-from dptune.labels import IGNORE_INDEX, LabelSet
 
 __all__ = ["IGNORE_INDEX", "DataError", "LabelSet"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name: str):
+    # imported on first use: ``import dptune`` (every entry point's first step, before its Ctrl-C
+    # handling is in place) stays free of numpy and yaml
+    if name in ("IGNORE_INDEX", "LabelSet"):
+        from dptune import labels
+
+        return getattr(labels, name)
+    raise AttributeError(f"module 'dptune' has no attribute {name!r}")

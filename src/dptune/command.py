@@ -50,14 +50,35 @@ def main(argv: list[str] | None = None) -> int:
     if name not in COMMANDS:
         print(f"error: dptune has no command {name!r}\n{usage()}", file=sys.stderr)
         return 2
-    module = importlib.import_module(COMMANDS[name][0])
-    if module.__name__ == "dptune.cli":
+    if COMMANDS[name][0] == "dptune.cli":
         # the subcommand stays: LightningCLI reads it. sys.argv[0] stays the real script: Lightning's
         # DDP launcher starts the other processes by running it again (``python ABSPATH(argv[0])``
         # for the console script, ``python -m dptune.command`` when run as a module)
-        return module.main(argv, prog="dptune")
+        return launch("dptune.cli", argv, prog="dptune")
     sys.argv[0] = f"dptune {name}"  # argparse's usage line names the command
-    return module.main(argv[1:])
+    return launch(COMMANDS[name][0], argv[1:])
+
+
+def launch(module: str, argv: list[str] | None = None, **kwargs) -> int:
+    """Import ``module`` (torch, transformers: seconds) and return its ``main(argv)``. A Ctrl-C that
+    the command does not handle itself (one during those imports, or in a command without a handler
+    of its own) is one line and exit 130, not a traceback. Every entry point goes through here: the
+    ``dptune`` commands, the ``dptune-export`` / ``dptune-inspect`` scripts, ``train.py`` and
+    ``scripts/*.py``."""
+    try:
+        main = importlib.import_module(module).main
+        return main(**kwargs) if argv is None else main(argv, **kwargs)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); the command stopped before it finished", file=sys.stderr)
+        return 130
+
+
+def export_main() -> int:  # the dptune-export script
+    return launch("dptune.export")
+
+
+def inspect_main() -> int:  # the dptune-inspect script
+    return launch("dptune.tools.inspect")
 
 
 if __name__ == "__main__":

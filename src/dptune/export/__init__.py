@@ -484,7 +484,7 @@ def export_checkpoint(ckpt: str | Path, out_dir: str | Path, overwrite: bool = F
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("source", help="dptune checkpoint (.ckpt) or an exported directory")
     parser.add_argument("out_dir", help="output directory: new or empty (created if missing)")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch/height/width)")

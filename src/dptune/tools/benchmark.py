@@ -210,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         from dptune.tools.infer_bench import main as infer_main  # inference speed of an export instead
 
         return infer_main(argv)
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--model", default="dpt-bench-tiny", help=f"preset {sorted(PRESETS)} or a DPTConfig JSON")
     ap.add_argument("--num-labels", type=int, default=None, help="classes (default: the config's)")
     ap.add_argument("--crop", type=int, default=192)

@@ -272,7 +272,7 @@ def render() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m dptune.tools.config_reference", description=__doc__.split("\n")[0])
+    ap = argparse.ArgumentParser(prog="python -m dptune.tools.config_reference", description=__doc__.split("\n")[0], allow_abbrev=False)
     ap.add_argument("--write", nargs="?", const=str(DEFAULT_OUT), metavar="PATH",
                     help=f"write the reference to PATH (default {DEFAULT_OUT}) instead of printing it")
     args = ap.parse_args(argv)

@@ -97,7 +97,7 @@ def run_row(root: str, model: str, opts: list[str], env: dict[str, str], tmp: Pa
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--root", default=str(REPO.parent / "shared" / "data" / "camvid"), help="CamVid (run rows)")
     ap.add_argument("--model", default=str(REPO.parent / "shared" / "bench" / "dpt-bench-tiny.json"))
     ap.add_argument("--isa", choices=["native", "avx2"], default="native")

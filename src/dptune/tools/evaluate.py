@@ -157,7 +157,7 @@ def report(confmat: np.ndarray, names: list[str]) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--model", required=True, help="dptune .ckpt or exported directory")
     ap.add_argument("--config", help="train.py YAML whose data: section describes the split")
     ap.add_argument("--split", default="val")

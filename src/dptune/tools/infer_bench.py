@@ -265,7 +265,7 @@ def check_options(args) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--infer", metavar="EXPORT_DIR", help="an export directory (scripts/export.py); required")
     ap.add_argument("--threads", type=int, default=None,
                     help="threads of torch and ONNX Runtime, 1 to the cores this process may use (default: "

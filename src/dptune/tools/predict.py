@@ -58,7 +58,7 @@ from dptune.tools.outputs import (
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--model", required=True, help="dptune .ckpt or exported directory")
     ap.add_argument("--images", required=True, help="an image file, a folder or a glob (extensions in any case)")
     ap.add_argument("--out", required=True, help="output folder: not an input, nor an input's folder or inside one")
