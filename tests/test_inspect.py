@@ -55,6 +55,12 @@ def test_depth_config_reports_valid_share_and_range_in_metres(capsys):
     lo, med, hi = (float(v) for v in _field(out, "valid depth (m): min")[0::2][:3])
     assert abs(lo - valid.min()) < 1e-3 and abs(hi - valid.max()) < 1e-3
     assert abs(med - np.median(valid)) <= 1e-3  # 1 mm bins
+    # the config's model range (max_depth 10): 7-Scenes marks missing readings 65535 mm, which the
+    # maximum shows as 65.535 m; the range line says how much of the valid depth the model uses
+    line = next(ln for ln in out.splitlines() if "in the model's range" in ln)
+    inside = ((valid >= 1e-3) & (valid <= 10.0)).sum()
+    assert "[0.001, 10] m" in line and f"{inside / valid.size:.4f} of the valid pixels" in line, line
+    assert f"({(valid < 1e-3).sum()} below, {(valid > 10.0).sum()} above)" in line, line
 
 
 @needs(KITCHEN)
@@ -83,7 +89,8 @@ def test_multitask_config_reports_each_source_as_its_own_task_does(capsys, tmp_p
     assert main([str(seg), "--splits", "val"]) == 0
     seg_out = capsys.readouterr().out
     depth = tmp_path / "depth.yaml"
-    depth.write_text(yaml.safe_dump({"task": "depth", "data": cfg["data"]["depth"]}))
+    rng = {k: v for k, v in (cfg.get("model") or {}).items() if k in ("min_depth", "max_depth")}  # the range line
+    depth.write_text(yaml.safe_dump({"task": "depth", "model": rng, "data": cfg["data"]["depth"]}))
     assert main([str(depth), "--splits", "val"]) == 0
     depth_out = capsys.readouterr().out
     seg_part, depth_part = out.split("7scenes-kitchen (depth)")

@@ -18,6 +18,7 @@ log = logging.getLogger(__name__)
 
 NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
 LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
+MIN_DEPTH = 1e-3  # metres: the depth models' default model.min_depth (1 mm)
 
 
 def check_range(min_depth: float, max_depth: float | None, low: str = "model.min_depth",
@@ -83,7 +84,7 @@ class DepthMetrics(Metric):
     is_differentiable = False
     higher_is_better = None
 
-    def __init__(self, min_depth: float = 1e-3, max_depth: float | None = None, alignment: str | None = None,
+    def __init__(self, min_depth: float = MIN_DEPTH, max_depth: float | None = None, alignment: str | None = None,
                  **kwargs) -> None:
         super().__init__(**kwargs)
         self.min_depth, self.max_depth, self.alignment = min_depth, max_depth, alignment

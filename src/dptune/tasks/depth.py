@@ -15,7 +15,7 @@ from dptune.errors import ConfigError
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.metrics import summed_state, warn_if_nonfinite
-from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth, warn_if_none_scored
+from dptune.metrics.depth import MIN_DEPTH, NAMES, DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
 from dptune.tasks.base import DPTTask
 from dptune.tasks.visuals import depth_samples, log_validation_images
@@ -37,7 +37,7 @@ class DepthModule(DPTTask):
     def __init__(
         self,
         mode: Literal["metric", "relative"] = "metric",
-        min_depth: float = 1e-3,
+        min_depth: float = MIN_DEPTH,
         max_depth: float | None = None,
         loss: Literal["silog", "ssi", "l1", "berhu"] | None = None,
         alignment: Literal["none", "median", "lstsq"] | None = None,

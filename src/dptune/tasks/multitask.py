@@ -17,7 +17,7 @@ from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
 from dptune.metrics import summed_state, warn_if_nonfinite
-from dptune.metrics.depth import DepthMetrics, check_range, valid_depth, warn_if_none_scored
+from dptune.metrics.depth import MIN_DEPTH, DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
 from dptune.models import build_model
 from dptune.models.depth import build_depth_model
@@ -50,7 +50,7 @@ class MultiTaskModule(LabelledTask, DPTTask):
         depth_weight: float = 1.0,
         aux_weight: float = 0.4,
         depth_mode: Literal["metric"] = "metric",
-        min_depth: float = 1e-3,
+        min_depth: float = MIN_DEPTH,
         max_depth: float | None = None,
         depth_loss: Literal["silog", "l1", "berhu"] = "silog",
         init_depth: float = 2.0,

@@ -64,6 +64,10 @@ class DepthStats:
     hi: float = 0.0
     mm: np.ndarray = field(default_factory=lambda: np.zeros(MAX_MM + 1, np.int64))  # valid depth, 1 mm bins
     problems: list[str] = field(default_factory=list)
+    # the model's (min_depth, max_depth) from the config: depth outside it counts in no loss or metric
+    depth_range: tuple[float, float | None] | None = None
+    below: int = 0  # valid pixels under min_depth
+    above: int = 0  # valid pixels over max_depth (a sensor's "no reading" code, such as 65535 mm, lands here)
 
     def median(self) -> float:
         """Median valid depth in metres, to the millimetre."""
@@ -146,13 +150,19 @@ def add_depth(stats: DepthStats, size: tuple[int, int], valid: np.ndarray) -> No
     stats.empty += valid.size == 0
     if valid.size:
         stats.lo, stats.hi = min(stats.lo, float(valid.min())), max(stats.hi, float(valid.max()))
+        if stats.depth_range is not None:  # as dptune.metrics.depth.valid_depth draws the line
+            lo, hi = stats.depth_range
+            stats.below += int((valid < lo).sum())
+            stats.above += int((valid > hi).sum()) if hi else 0
         mm = np.bincount(np.minimum(np.round(valid.astype(np.float64) * 1000), MAX_MM).astype(np.int64))
         stats.mm[: mm.size] += mm
 
 
-def inspect_depth_split(stage: str, ds: Any, workers: int = 2) -> tuple[DepthStats, SplitStats | None]:
-    """Depth facts of a split and, when its samples carry masks too, their class counts."""
-    stats = DepthStats(stage, samples=len(ds))
+def inspect_depth_split(stage: str, ds: Any, workers: int = 2,
+                        depth_range: tuple[float, float | None] | None = None) -> tuple[DepthStats, SplitStats | None]:
+    """Depth facts of a split (with ``depth_range``, the model's: how much of it lies outside) and,
+    when its samples carry masks too, their class counts."""
+    stats = DepthStats(stage, samples=len(ds), depth_range=depth_range)
     classes = None if ds.labels is None else new_split_stats(stage, len(ds), ds.labels)
     for out in scan(stage, len(ds), lambda i: depth_sample(ds, i), workers):
         if isinstance(out, str):
@@ -218,6 +228,12 @@ def format_depth_report(stats: DepthStats, classes: SplitStats | None = None, la
                  f" ({stats.empty} maps with none)")
     if stats.valid:
         lines.append(f"   valid depth (m): min {stats.lo:.3f}  median {stats.median():.3f}  max {stats.hi:.3f}")
+    if stats.valid and stats.depth_range is not None:
+        lo, hi = stats.depth_range
+        inside = stats.valid - stats.below - stats.above
+        lines.append(f"   in the model's range [{lo:g}, {f'{hi:g}' if hi else 'no maximum'}] m (model.min_depth / "
+                     f"max_depth; losses and metrics use only these): {inside / stats.valid:.4f} of the valid pixels"
+                     f" ({stats.below} below, {stats.above} above)")
     if classes is not None and labels is not None:
         lines += class_table(classes, labels)
     return "\n".join(lines + problem_lines(stats.problems))
@@ -240,14 +256,14 @@ def report_segmentation(dm: Any, stages: list[str], sources: dict[str, Any] | No
     return results
 
 
-def report_depth(dm: Any, stages: list[str]) -> list[list[str]]:
+def report_depth(dm: Any, stages: list[str], depth_range: tuple[float, float | None] | None = None) -> list[list[str]]:
     """Depth statistics (and class counts of samples that carry masks) of each split of a
     DepthDataModule, read by its own datasets; the problems of each split."""
     problems = []
     for stage in stages:
         if stage in dm.splits:
             dm.setup(BUILDS[stage])
-            stats, classes = inspect_depth_split(stage, dm.datasets[stage])
+            stats, classes = inspect_depth_split(stage, dm.datasets[stage], depth_range=depth_range)
             print(format_depth_report(stats, classes, dm.label_set))
             problems.append(stats.problems)
     return problems
@@ -259,9 +275,11 @@ def quiet(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 def inspect_config(task: str, data: dict[str, Any], stages: list[str],
-                   check_out: Callable[[list[str]], None] | None = None) -> tuple[dict[str, SplitStats], bool]:
+                   check_out: Callable[[list[str]], None] | None = None,
+                   depth_range: tuple[float, float | None] | None = None) -> tuple[dict[str, SplitStats], bool]:
     """Print the report of a config's data; (segmentation results by split, whether any sample is bad).
-    ``check_out`` (segmentation) sees the data's files before any is read."""
+    ``check_out`` (segmentation) sees the data's files before any is read; ``depth_range``: the
+    model's (min_depth, max_depth), reported against the depth maps."""
     if task == "segmentation":
         from dptune.data.datamodule import SegmentationDataModule
 
@@ -274,7 +292,7 @@ def inspect_config(task: str, data: dict[str, Any], stages: list[str],
     if task == "depth":
         from dptune.data.depth_datamodule import DepthDataModule
 
-        return {}, any(report_depth(DepthDataModule(**quiet(data), num_workers=0), stages))
+        return {}, any(report_depth(DepthDataModule(**quiet(data), num_workers=0), stages, depth_range))
     from dptune.data.multitask_datamodule import MultiTaskDataModule
 
     for key in ("segmentation", "depth"):
@@ -287,8 +305,22 @@ def inspect_config(task: str, data: dict[str, Any], stages: list[str],
         if s.kind == "segmentation":
             bad |= any(r.problems for r in report_segmentation(s.dm, stages).values())
         else:
-            bad |= any(report_depth(s.dm, stages))
+            bad |= any(report_depth(s.dm, stages, depth_range))
     return {}, bad
+
+
+def model_depth_range(cfg: dict[str, Any], where: str) -> tuple[float, float | None]:
+    """The config's model.min_depth / model.max_depth (the depth models' defaults where left out)."""
+    from dptune.metrics.depth import MIN_DEPTH, check_range
+
+    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    try:
+        lo = float(model.get("min_depth", MIN_DEPTH))
+        hi = None if model.get("max_depth") is None else float(model["max_depth"])
+    except (TypeError, ValueError):
+        raise ConfigError(f"{where}: model.min_depth / model.max_depth must be numbers") from None
+    check_range(lo, hi)
+    return lo, hi
 
 
 def refusal(args: argparse.Namespace, task: str) -> str | None:
@@ -363,7 +395,7 @@ def read_config_mapping(path: str) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("config", help="train.py YAML config (any task); its data: section is used")
     ap.add_argument("--root", help="override data.root (segmentation and depth configs)")
     ap.add_argument("--splits", default="train,val,test", help="comma-separated stages to inspect")
@@ -385,7 +417,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.root:
             data["root"] = args.root
         results, bad = inspect_config(task, data, args.splits.split(","),
-                                      (lambda files: check_weights_out(args, files)) if args.out else None)
+                                      (lambda files: check_weights_out(args, files)) if args.out else None,
+                                      model_depth_range(cfg, args.config) if task != "segmentation" else None)
     except (DataError, ConfigError, OSError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
