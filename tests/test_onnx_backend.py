@@ -423,6 +423,23 @@ def test_the_inference_benchmark_reads_no_json_target_that_is_not_a_file(tmp_pat
     assert done.wait(10), "check_json_out blocked reading a named pipe"
 
 
+def test_the_inference_benchmark_writes_no_json_among_a_runs_checkpoints(tmp_path):
+    """docs/export.md: --json in a folder of checkpoints is refused (it would mix with the run's
+    checkpoints); the folder beside it is fine, and the message does not speak of predictions."""
+    import pytest
+
+    from dptune.errors import ConfigError
+    from dptune.tools.infer_bench import check_json_out
+
+    ckpts = tmp_path / "run" / "checkpoints"
+    ckpts.mkdir(parents=True)
+    (ckpts / "last.ckpt").write_bytes(b"0")
+    with pytest.raises(ConfigError) as e:
+        check_json_out(str(ckpts / "bench.json"), tmp_path / "export")
+    assert "a folder of checkpoints" in str(e.value) and "predictions" not in str(e.value)
+    check_json_out(str(tmp_path / "run" / "bench.json"), tmp_path / "export")
+
+
 def test_the_inference_benchmark_sizes_batches_by_the_memory_available(exports, capsys, monkeypatch):
     """A batch whose inference would not fit is one line before timing; an engine that runs out of
     memory while timing is one line too (ONNX Runtime's arena error was a traceback)."""

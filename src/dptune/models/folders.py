@@ -105,5 +105,5 @@ def refuse_model_folders(out: str | Path, flag: str = "--out") -> None:
                           "dptune never writes into a model (it would add files to that folder, or replace "
                           "some). Write to a folder of its own")
     if holds_checkpoint(t):
-        raise ConfigError(f"{flag} {out}: is {t}, a folder of checkpoints; predictions would mix with the run's "
-                          "checkpoints. Write them to a folder of their own")
+        raise ConfigError(f"{flag} {out}: is {t}, a folder of checkpoints; what dptune writes would mix with the "
+                          "run's checkpoints. Write it to a folder of its own")
