@@ -12,6 +12,7 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 from torch import nn
+from transformers import PreTrainedModel
 
 from dptune.data.base import ValidationSource
 from dptune.errors import ConfigError
@@ -54,7 +55,7 @@ class DPTTask(pl.LightningModule):
         warmup_steps: int | None = None,
         poly_power: float = 1.0,
         min_lr_ratio: float = 0.0,
-        attn_implementation: str = "sdpa",
+        attn_implementation: str = "auto",
         fresh_init: Literal["he", "hf"] = "he",
         image_mean: list[float] | None = None,
         image_std: list[float] | None = None,
@@ -91,7 +92,9 @@ class DPTTask(pl.LightningModule):
             warmup_steps: Linear warmup length in optimizer steps (overrides ``warmup_ratio``).
             poly_power: Exponent of the polynomial decay after warmup.
             min_lr_ratio: Final learning rate as a fraction of the peak.
-            attn_implementation: ``sdpa`` or ``eager`` attention.
+            attn_implementation: ``auto`` (default): ``eager`` on a CPU in bfloat16 (PyTorch's fused
+                attention is the slower kernel there; ``python -m dptune.models.attention`` times
+                both), ``sdpa`` otherwise; the log says which. ``sdpa`` or ``eager`` choose one.
             fresh_init: How the convolutional neck and heads start where they have no pretrained
                 weights (a model from ``config``, a bare backbone, a checkpoint of the other task):
                 ``he`` (He-normal; default) or ``hf`` (``transformers``' N(0, 0.02), which leaves a DPT
@@ -204,11 +207,34 @@ class DPTTask(pl.LightningModule):
                         "(ViT) forward runs square inputs only, so the export will not run in pipeline(...)", size)
         if stage == "fit":
             self._train_mode()
+        self._choose_attention()
         self.configure_source_metrics(list(dm.validation_sources()) if hasattr(dm, "validation_sources") else [])
         # before the strategy wraps the model in DDP
         if self.hparams.sync_batchnorm and wants_sync_batchnorm(self.trainer):
             self.model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(self.model)
             log.info("BatchNorm layers synchronised across %d processes", self.trainer.world_size)
+
+    @property
+    def built_attention(self) -> str:
+        """The attention the model is built with: ``auto`` builds ``sdpa``; ``setup`` may switch it to
+        ``eager`` once the run's device and precision are known (``dptune.models.attention``)."""
+        impl = self.hparams.attn_implementation
+        return "sdpa" if impl == "auto" else impl
+
+    def _choose_attention(self) -> None:
+        """``attn_implementation: auto``: the kernel ``auto_attention`` picks for this run's device and
+        precision, set on every transformers model of the network; one log line says which and why."""
+        from dptune.models.attention import auto_attention
+
+        if self.hparams.attn_implementation != "auto":
+            return
+        pick, why = auto_attention(self.trainer.strategy.root_device.type, self.trainer.precision)
+        models = [m for m in self.model.modules() if isinstance(m, PreTrainedModel) and m._can_set_attn_implementation()]
+        changed = [m for m in models if m.config._attn_implementation != pick]
+        for m in changed:
+            m.set_attn_implementation(pick)
+        if changed and self.trainer.is_global_zero:
+            log.info("%s attention chosen: %s (model.attn_implementation overrides)", pick, why)
 
     def _train_mode(self) -> None:
         """Train the whole network in train mode. ``from_pretrained`` hands models over in eval mode

@@ -75,7 +75,7 @@ class DepthModule(DPTTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        self.model = build_depth_model(hp.pretrained, hp.config, hp.attn_implementation, hp.backbone, hp.fresh_init,
+        self.model = build_depth_model(hp.pretrained, hp.config, self.built_attention, hp.backbone, hp.fresh_init,
                                        hp.mode, hp.max_depth, hp.init_depth if hp.mode == "metric" else 1.0)
 
     def configure_losses(self) -> None:

@@ -89,9 +89,9 @@ class MultiTaskModule(LabelledTask, DPTTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        seg = build_model(self.label_set.names, hp.pretrained, hp.config, hp.attn_implementation, hp.backbone,
+        seg = build_model(self.label_set.names, hp.pretrained, hp.config, self.built_attention, hp.backbone,
                           hp.fresh_init)
-        depth = build_depth_model(hp.pretrained, hp.config, hp.attn_implementation, hp.backbone, hp.fresh_init,
+        depth = build_depth_model(hp.pretrained, hp.config, self.built_attention, hp.backbone, hp.fresh_init,
                                   hp.depth_mode, hp.max_depth, hp.init_depth)
         self.model = JointDPT(seg, depth, hp.share_reassemble)
         if hp.aux_weight <= 0 and self.model.seg.auxiliary_head is not None:

@@ -91,7 +91,7 @@ class SegmentationModule(LabelledTask, DPTTask):
 
     def configure_models(self) -> None:
         hp = self.hparams
-        self.model = build_model(self.label_set.names, hp.pretrained, hp.config, hp.attn_implementation, hp.backbone,
+        self.model = build_model(self.label_set.names, hp.pretrained, hp.config, self.built_attention, hp.backbone,
                                  hp.fresh_init)
         _set_head_dropout(self.model, hp.head_dropout)
         if hp.aux_weight <= 0 and self.model.auxiliary_head is not None:

@@ -1,0 +1,78 @@
+"""Which attention kernel a run trains with under ``attn_implementation: auto``.
+
+transformers runs a ViT's self-attention either as PyTorch's fused
+``scaled_dot_product_attention`` (``sdpa``, its default) or as ``softmax(Q K^T / sqrt(d)) V`` in
+plain matrix products (``eager``). Both compute the same function. On a CPU in bfloat16 the fused
+kernel is the slower one: forward + backward on the 2-core AVX-512 EPYC of docs/benchmarks.md, eager
+is 3.1x faster at 8 x 3 heads x 197 tokens x 64 (the bench-tiny DPT at 224 px), 2.5x at 16 heads x 577
+tokens (DPT-Large at 384 px) and 1.4x at 1025 tokens; in float32 sdpa is as fast or faster (eager
+0.8-0.9x on short sequences, 0.5x at 577 tokens), on the native and the AVX2 dispatch alike.
+``python -m dptune.models.attention`` prints these times on the machine it runs on.
+
+So ``auto`` (the default) is ``eager`` for a CPU run in bfloat16 (``bf16-mixed``, ``bf16-true``) and
+``sdpa`` otherwise: float32 on a CPU, every GPU run, and float16 (eager's ``Q K^T`` in float16 can
+overflow where the fused kernel, which scales ``Q`` first, does not). A rule, not a timing at start:
+two runs with the same settings compute the same way."""
+
+from __future__ import annotations
+
+import math
+import time
+
+import torch
+import torch.nn.functional as F
+
+ROUNDS = 3  # timed rounds after one warm-up round; each kernel's best round counts
+
+
+def auto_attention(device_type: str, precision: object) -> tuple[str, str]:
+    """(``sdpa`` or ``eager``, why) for ``attn_implementation: auto`` on ``device_type`` at ``precision``."""
+    if device_type == "cpu" and str(precision).startswith("bf16"):
+        return "eager", (f"CPU at {precision}: PyTorch's fused attention (sdpa) is the slower kernel in bfloat16 "
+                         "on a CPU (dptune.models.attention)")
+    return "sdpa", f"{device_type} at {precision}"
+
+
+def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    # as transformers' eager_attention_forward computes it (no mask, no dropout)
+    return torch.softmax(torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5, dim=-1) @ v
+
+
+KERNELS = {"sdpa": F.scaled_dot_product_attention, "eager": _eager}
+
+
+def time_attention(shape: tuple[int, int, int], batch: int, dtype: torch.dtype) -> dict[str, float]:
+    """Seconds per forward + backward of each kernel on ``batch`` x (heads, tokens, head width) in
+    ``dtype``: the best of ``ROUNDS`` rounds, the kernels alternating, after a warm-up round."""
+    heads, tokens, width = shape
+    gen = torch.Generator().manual_seed(0)
+    q, k, v, grad = (torch.randn(batch, heads, tokens, width, generator=gen).to(dtype) for _ in range(4))
+    for t in (q, k, v):
+        t.requires_grad_(True)
+    best = dict.fromkeys(KERNELS, math.inf)
+    for r in range(ROUNDS + 1):
+        for name, kernel in KERNELS.items():
+            start = time.perf_counter()
+            kernel(q, k, v).backward(grad)
+            took = time.perf_counter() - start
+            q.grad = k.grad = v.grad = None
+            if r:
+                best[name] = min(best[name], took)
+    return best
+
+
+SHAPES = (((3, 145, 64), 8), ((3, 197, 64), 8), ((6, 325, 64), 8), ((12, 577, 64), 8), ((16, 577, 64), 2),
+          ((16, 1025, 64), 2))  # (heads, tokens, head width), batch: bench-tiny at 192 / 224 px ... DPT-Large
+
+
+def main() -> None:
+    print(f"# forward + backward, ms (best of {ROUNDS}); {torch.get_num_threads()} threads")
+    for dtype in (torch.float32, torch.bfloat16):
+        for shape, batch in SHAPES:
+            t = time_attention(shape, batch, dtype)
+            print(f"{str(dtype).removeprefix('torch.'):9s} {batch} x {shape}: sdpa {t['sdpa'] * 1e3:8.2f}  "
+                  f"eager {t['eager'] * 1e3:8.2f}  eager / sdpa speed {t['sdpa'] / t['eager']:.2f}x", flush=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,96 @@
+"""``attn_implementation: auto``: a CPU run in bfloat16 trains with eager attention (PyTorch's fused
+kernel is the slower one there), float32 and GPU runs with sdpa; the switch reaches every
+transformers model of the network (a joint model's two), changes no result beyond rounding, and
+is said once in the log. An explicit setting is kept."""
+
+from __future__ import annotations
+
+import json
+import logging
+
+import lightning.pytorch as pl
+import torch
+from conftest import TINY
+from test_divergence import Frames
+from torch.utils.data import DataLoader
+from transformers import PreTrainedModel
+
+from dptune.labels import LabelSet
+from dptune.models.attention import auto_attention, time_attention
+from dptune.tasks.segmentation import SegmentationModule
+
+SPEC = LabelSet(names=["a", "b", "c"]).to_dict()
+
+
+def kernels(module) -> set[str]:
+    return {m.config._attn_implementation for m in module.model.modules() if isinstance(m, PreTrainedModel)}
+
+
+def fit(module, precision: str) -> None:
+    pl.Trainer(accelerator="cpu", devices=1, max_steps=1, precision=precision, logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0
+               ).fit(module, DataLoader(Frames(), batch_size=2))
+
+
+def test_auto_is_eager_for_a_16_bit_cpu_run_and_sdpa_elsewhere():
+    assert auto_attention("cpu", "bf16-mixed")[0] == "eager" and auto_attention("cpu", "bf16-true")[0] == "eager"
+    assert auto_attention("cpu", "32-true")[0] == "sdpa" and auto_attention("cuda", "bf16-mixed")[0] == "sdpa"
+    assert auto_attention("cpu", "16-mixed")[0] == "sdpa"  # float16: eager's Q K^T can overflow
+
+
+def test_a_bf16_cpu_fit_trains_with_eager_attention_and_says_so(caplog):
+    torch.manual_seed(0)
+    module = SegmentationModule(config=dict(TINY), label_spec=SPEC, image_size=64, lr=1e-3, warmup_steps=0)
+    assert kernels(module) == {"sdpa"}  # built as transformers builds it
+    with caplog.at_level(logging.INFO, logger="dptune"):
+        fit(module, "bf16-mixed")
+    assert kernels(module) == {"eager"}
+    said = [r.getMessage() for r in caplog.records if "attention chosen" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("eager attention chosen: CPU at bf16-mixed"), said
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="dptune"):
+        fit(module, "32-true")  # the same module in float32: back to sdpa
+    assert kernels(module) == {"sdpa"}
+
+    pinned = SegmentationModule(config=dict(TINY), label_spec=SPEC, image_size=64, attn_implementation="sdpa")
+    fit(pinned, "bf16-mixed")
+    assert kernels(pinned) == {"sdpa"}  # an explicit setting wins
+
+
+def test_eager_and_sdpa_give_the_same_outputs_and_gradients():
+    """The switch changes no result beyond rounding (float32, the same weights)."""
+    torch.manual_seed(0)
+    module = SegmentationModule(config=dict(TINY), label_spec=SPEC, image_size=64).eval()  # no dropout
+    x = torch.randn(2, 3, 64, 64)
+    out = {}
+    for impl in ("sdpa", "eager"):
+        module.model.set_attn_implementation(impl)
+        module.zero_grad()
+        logits = module.model(pixel_values=x).logits
+        logits.square().mean().backward()
+        grad = module.model.dpt.encoder.layer[0].attention.attention.query.weight.grad.clone()
+        out[impl] = (logits.detach(), grad)
+    torch.testing.assert_close(out["sdpa"][0], out["eager"][0], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(out["sdpa"][1], out["eager"][1], rtol=1e-3, atol=1e-6)
+
+
+def test_a_joint_models_two_networks_both_switch(tmp_path):
+    from dptune.data.multitask_datamodule import joint_label_set
+    from dptune.tasks.multitask import MultiTaskModule
+
+    joint = MultiTaskModule(config=dict(TINY), label_spec=joint_label_set([LabelSet(names=["a", "b"])], None).to_dict(),
+                            image_size=64, max_depth=10.0)
+    nets = [m for m in joint.model.modules() if isinstance(m, PreTrainedModel)]
+    assert len(nets) >= 2
+    trainer = pl.Trainer(accelerator="cpu", devices=1, precision="bf16-mixed", logger=False)
+    joint.trainer = trainer
+    joint._choose_attention()
+    assert kernels(joint) == {"eager"}
+    (tmp_path / "x").mkdir()
+    nets[0].save_pretrained(tmp_path / "x")  # the exported config does not carry the run's kernel
+    assert not [k for k in json.loads((tmp_path / "x" / "config.json").read_text()) if "attn" in k]
+
+
+def test_the_timing_tool_times_both_kernels():
+    t = time_attention((2, 17, 8), 2, torch.float32)
+    assert set(t) == {"sdpa", "eager"} and all(0 < v < 10 for v in t.values())
