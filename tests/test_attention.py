@@ -10,13 +10,13 @@ import logging
 
 import lightning.pytorch as pl
 import torch
-from conftest import TINY
+from conftest import REPO, TINY
 from test_divergence import Frames
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
 
 from dptune.labels import LabelSet
-from dptune.models.attention import auto_attention, time_attention
+from dptune.models.attention import auto_attention, sequence_length, time_attention
 from dptune.tasks.segmentation import SegmentationModule
 
 SPEC = LabelSet(names=["a", "b", "c"]).to_dict()
@@ -32,10 +32,22 @@ def fit(module, precision: str) -> None:
                ).fit(module, DataLoader(Frames(), batch_size=2))
 
 
-def test_auto_is_eager_for_a_16_bit_cpu_run_and_sdpa_elsewhere():
-    assert auto_attention("cpu", "bf16-mixed")[0] == "eager" and auto_attention("cpu", "bf16-true")[0] == "eager"
-    assert auto_attention("cpu", "32-true")[0] == "sdpa" and auto_attention("cuda", "bf16-mixed")[0] == "sdpa"
-    assert auto_attention("cpu", "16-mixed")[0] == "sdpa"  # float16: eager's Q K^T can overflow
+def test_auto_is_eager_for_short_sequences_of_a_bf16_cpu_run_and_sdpa_elsewhere():
+    assert auto_attention("cpu", "bf16-mixed", 197)[0] == "eager" and auto_attention("cpu", "bf16-true", 400)[0] == "eager"
+    assert auto_attention("cpu", "bf16-mixed", 577)[0] == "sdpa"  # DPT-Large at 384 px: no clear winner
+    assert auto_attention("cpu", "bf16-mixed", None)[0] == "sdpa"  # length unknown (windowed attention)
+    assert auto_attention("cpu", "32-true", 197)[0] == "sdpa" and auto_attention("cuda", "bf16-mixed", 197)[0] == "sdpa"
+    assert auto_attention("cpu", "16-mixed", 197)[0] == "sdpa"  # float16: eager's Q K^T can overflow
+
+
+def test_the_sequence_length_is_patches_plus_cls_from_the_model_that_attends():
+    from transformers import DPTConfig
+
+    assert sequence_length(DPTConfig(**TINY), (64, 96)) == 4 * 6 + 1
+    dino = DPTConfig(**json.loads((REPO / "configs" / "models" / "dpt-dinov2-bench-tiny.json").read_text()))
+    assert sequence_length(dino, (182, 182)) == 13 * 13 + 1  # the DINOv2 backbone's patch 14
+    swin = DPTConfig(backbone_config={"model_type": "swinv2", "window_size": 8}, use_autobackbone=True)
+    assert sequence_length(swin, (256, 256)) is None
 
 
 def test_a_bf16_cpu_fit_trains_with_eager_attention_and_says_so(caplog):

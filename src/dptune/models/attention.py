@@ -3,16 +3,20 @@
 transformers runs a ViT's self-attention either as PyTorch's fused
 ``scaled_dot_product_attention`` (``sdpa``, its default) or as ``softmax(Q K^T / sqrt(d)) V`` in
 plain matrix products (``eager``). Both compute the same function. On a CPU in bfloat16 the fused
-kernel is the slower one: forward + backward on the 2-core AVX-512 EPYC of docs/benchmarks.md, eager
-is 3.1x faster at 8 x 3 heads x 197 tokens x 64 (the bench-tiny DPT at 224 px), 2.5x at 16 heads x 577
-tokens (DPT-Large at 384 px) and 1.4x at 1025 tokens; in float32 sdpa is as fast or faster (eager
-0.8-0.9x on short sequences, 0.5x at 577 tokens), on the native and the AVX2 dispatch alike.
-``python -m dptune.models.attention`` prints these times on the machine it runs on.
+kernel is the slower one on short sequences: forward + backward on the 2-core AVX-512 EPYC of
+docs/benchmarks.md, eager is 3.0-4.0x faster at 8 x 3 heads x 145-197 tokens x 64 (the bench-tiny
+DPT at 192-224 px) and 2.5x at 325 tokens; from 577 tokens (DPT-Large at 384 px) the two run from
+a tie to 1.3x either way between runs, and at 1025 sdpa was faster (eager 0.75x). In float32 sdpa
+is as fast or faster (eager 0.9-1.1x on short sequences, 0.4-0.75x from 325 tokens), on the native
+and the AVX2 dispatch alike. ``python -m dptune.models.attention`` prints these times on the
+machine it runs on.
 
-So ``auto`` (the default) is ``eager`` for a CPU run in bfloat16 (``bf16-mixed``, ``bf16-true``) and
-``sdpa`` otherwise: float32 on a CPU, every GPU run, and float16 (eager's ``Q K^T`` in float16 can
-overflow where the fused kernel, which scales ``Q`` first, does not). A rule, not a timing at start:
-two runs with the same settings compute the same way."""
+So ``auto`` (the default) is ``eager`` for a CPU run in bfloat16 (``bf16-mixed``, ``bf16-true``)
+whose sequences are at most ``EAGER_MAX_TOKENS`` long, and ``sdpa`` otherwise: longer sequences,
+float32 on a CPU, every GPU run, float16 (eager's ``Q K^T`` in float16 can overflow where the fused
+kernel, which scales ``Q`` first, does not), and backbones whose sequence length the config does
+not give (Swin's windows). A rule, not a timing at start: two runs with the same settings compute
+the same way."""
 
 from __future__ import annotations
 
@@ -23,14 +27,33 @@ import torch
 import torch.nn.functional as F
 
 ROUNDS = 3  # timed rounds after one warm-up round; each kernel's best round counts
+EAGER_MAX_TOKENS = 400  # longest sequence (patches + CLS) that trains with eager under auto
 
 
-def auto_attention(device_type: str, precision: object) -> tuple[str, str]:
-    """(``sdpa`` or ``eager``, why) for ``attn_implementation: auto`` on ``device_type`` at ``precision``."""
+def sequence_length(config, size: tuple[int, int]) -> int | None:
+    """Tokens of the model's self-attention on ``size`` (h, w) inputs (patches + the CLS token), or
+    None where the config does not give it (windowed attention: Swin)."""
+    backbone = getattr(config, "backbone_config", None)
+    # DPT-Hybrid's backbone_config is its convolutional stem: the attention is DPT's own ViT
+    cfg = backbone if backbone is not None and not getattr(config, "is_hybrid", False) else config
+    if getattr(cfg, "window_size", None):
+        return None
+    patch = getattr(cfg, "patch_size", None)
+    if not isinstance(patch, int) or patch <= 0:
+        return None
+    return (int(size[0]) // patch) * (int(size[1]) // patch) + 1 + int(getattr(cfg, "num_register_tokens", 0) or 0)
+
+
+def auto_attention(device_type: str, precision: object, tokens: int | None) -> tuple[str, str]:
+    """(``sdpa`` or ``eager``, why) for ``attn_implementation: auto`` on ``device_type`` at ``precision``
+    with sequences of ``tokens`` (None: unknown)."""
+    where = f"{'CPU' if device_type == 'cpu' else device_type} at {precision}"
     if device_type == "cpu" and str(precision).startswith("bf16"):
-        return "eager", (f"CPU at {precision}: PyTorch's fused attention (sdpa) is the slower kernel in bfloat16 "
-                         "on a CPU (dptune.models.attention)")
-    return "sdpa", f"{device_type} at {precision}"
+        if tokens is not None and tokens <= EAGER_MAX_TOKENS:
+            return "eager", (f"{where}, {tokens} tokens: PyTorch's fused attention (sdpa) is the slower kernel on "
+                             f"short sequences in bfloat16 on a CPU (dptune.models.attention)")
+        return "sdpa", f"{where}, {tokens or 'an unknown number of'} tokens (eager only up to {EAGER_MAX_TOKENS})"
+    return "sdpa", where
 
 
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
@@ -61,8 +84,8 @@ def time_attention(shape: tuple[int, int, int], batch: int, dtype: torch.dtype) 
     return best
 
 
-SHAPES = (((3, 145, 64), 8), ((3, 197, 64), 8), ((6, 325, 64), 8), ((12, 577, 64), 8), ((16, 577, 64), 2),
-          ((16, 1025, 64), 2))  # (heads, tokens, head width), batch: bench-tiny at 192 / 224 px ... DPT-Large
+SHAPES = (((3, 145, 64), 8), ((3, 197, 64), 8), ((6, 325, 64), 8), ((6, 401, 64), 8), ((12, 577, 64), 8),
+          ((16, 577, 64), 2), ((16, 1025, 64), 2))  # (heads, tokens, head width), batch: bench-tiny at 192 px ...
 
 
 def main() -> None:

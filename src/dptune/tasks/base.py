@@ -92,9 +92,10 @@ class DPTTask(pl.LightningModule):
             warmup_steps: Linear warmup length in optimizer steps (overrides ``warmup_ratio``).
             poly_power: Exponent of the polynomial decay after warmup.
             min_lr_ratio: Final learning rate as a fraction of the peak.
-            attn_implementation: ``auto`` (default): ``eager`` on a CPU in bfloat16 (PyTorch's fused
-                attention is the slower kernel there; ``python -m dptune.models.attention`` times
-                both), ``sdpa`` otherwise; the log says which. ``sdpa`` or ``eager`` choose one.
+            attn_implementation: ``auto`` (default): ``eager`` on a CPU in bfloat16 for sequences of up
+                to 400 tokens (PyTorch's fused attention is the slower kernel there; ``python -m
+                dptune.models.attention`` times both), ``sdpa`` otherwise; the log says which.
+                ``sdpa`` or ``eager`` choose one.
             fresh_init: How the convolutional neck and heads start where they have no pretrained
                 weights (a model from ``config``, a bare backbone, a checkpoint of the other task):
                 ``he`` (He-normal; default) or ``hf`` (``transformers``' N(0, 0.02), which leaves a DPT
@@ -224,11 +225,15 @@ class DPTTask(pl.LightningModule):
     def _choose_attention(self) -> None:
         """``attn_implementation: auto``: the kernel ``auto_attention`` picks for this run's device and
         precision, set on every transformers model of the network; one log line says which and why."""
-        from dptune.models.attention import auto_attention
+        from dptune.models.attention import auto_attention, sequence_length
 
         if self.hparams.attn_implementation != "auto":
             return
-        pick, why = auto_attention(self.trainer.strategy.root_device.type, self.trainer.precision)
+        dm = getattr(self.trainer, "datamodule", None)
+        sizes = [s for s in (self.hparams.image_size, getattr(dm, "crop_size", None)) if s]  # eval and train inputs
+        lengths = [sequence_length(self.model.config, (s, s) if isinstance(s, int) else tuple(s)) for s in sizes]
+        longest = None if not lengths or None in lengths else max(lengths)
+        pick, why = auto_attention(self.trainer.strategy.root_device.type, self.trainer.precision, longest)
         models = [m for m in self.model.modules() if isinstance(m, PreTrainedModel) and m._can_set_attn_implementation()]
         changed = [m for m in models if m.config._attn_implementation != pick]
         for m in changed:

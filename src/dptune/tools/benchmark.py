@@ -103,7 +103,7 @@ def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
     module = SegmentationModule(
         config=cfg.to_dict(), label_spec=LabelSet(names=names).to_dict(), image_size=opts["crop"],
         lr=1e-4, gradient_checkpointing=opts["gradient_checkpointing"], compile=opts["compile"],
-        channels_last=opts["channels_last"], warmup_steps=0,
+        channels_last=opts["channels_last"], warmup_steps=0, attn_implementation=opts.get("attention", "auto"),
     )
     images, masks = _batches(cfg, opts["batch"], opts["crop"], 4)
     data = [{"image": images[i % 4], "mask": masks[i % 4], "sizes": [(opts["crop"],) * 2] * opts["batch"]}
@@ -225,6 +225,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
     ap.add_argument("--channels-last", action="store_true")
+    ap.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
+                    help="dptune's attention kernel (model.attn_implementation; auto: eager on a CPU in bfloat16)")
     ap.add_argument("--gradient-clip-val", type=float, default=None, help="clip gradients (unfused AdamW then)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
     ap.add_argument("--data", help="loader benchmark instead: a train.py config whose data: section to read")
@@ -263,7 +265,12 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps, "warmup": args.warmup, "precision": precision, "device": device,
             "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
             "channels_last": args.channels_last, "gradient_clip_val": args.gradient_clip_val,
-            "tmp": tempfile.mkdtemp(prefix="dptune-bench-")}
+            "attention": args.attention, "tmp": tempfile.mkdtemp(prefix="dptune-bench-")}
+    if args.attention == "auto" and not args.joint:
+        from dptune.models.attention import auto_attention, sequence_length
+
+        kernel, why_kernel = auto_attention(device, precision, sequence_length(cfg, (args.crop, args.crop)))
+        print(f"# attention {kernel} chosen: {why_kernel} (--attention overrides)")
     peak, peak_src = peak_tflops(device, precision)
     if args.peak_tflops:
         peak, peak_src = args.peak_tflops, "--peak-tflops"

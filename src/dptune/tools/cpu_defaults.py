@@ -7,7 +7,7 @@ Two kinds of rows, each in a fresh process, one after the other:
 
 - **step** rows (``dptune benchmark`` on the bench-tiny CamVid model, crop 192, batch 8): the
   training step alone, for what the model's arithmetic decides -- precision, intra-op threads,
-  channels-last, ``torch.compile``. ``wall s`` is the whole process (start-up, compile, warm-up
+  channels-last, the attention kernel, ``torch.compile``. ``wall s`` is the whole process (start-up, compile, warm-up
   and timed steps), so a compile's cost is the difference of two rows' ``wall s``.
 - **run** rows (``dptune fit --config configs/camvid.yaml``, two epochs with validation): the whole
   command, for what the loader decides -- worker processes and the decoded-sample cache.
@@ -38,6 +38,7 @@ STEP_ROWS = [
     ("step", "precision 32-true", ["--precision", "32-true"], {}),
     ("step", "1 intra-op thread", [], {"OMP_NUM_THREADS": "1"}),
     ("step", "channels-last", ["--channels-last"], {}),
+    ("step", "sdpa attention (auto: eager in bfloat16 on a CPU)", ["--attention", "sdpa"], {}),
     ("step", "torch.compile (inductor)", ["--compile"], {}),
 ]
 RUN_ROWS = [
