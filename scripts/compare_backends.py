@@ -37,7 +37,7 @@ def remote_code_error(model_dir: str, trust: bool) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("model_dir")
     ap.add_argument("--images", required=True, help="image glob")
     ap.add_argument("--trust-remote-code", action="store_true",

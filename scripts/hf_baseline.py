@@ -115,7 +115,7 @@ def make_compute_metrics(num_labels: int):
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--dataset", choices=["camvid", "dubai"], default="camvid")
     ap.add_argument("--model-config", required=True)

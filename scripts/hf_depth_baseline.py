@@ -94,7 +94,7 @@ def compute_metrics(pred) -> dict:
 
 
 def main() -> None:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--data-root", required=True)
     ap.add_argument("--model-config", required=True)
     ap.add_argument("--epochs", type=int, default=20)

@@ -75,7 +75,7 @@ def align(pred: np.ndarray, gt: np.ndarray, how: str) -> np.ndarray:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("model_dir")
     ap.add_argument("--images", required=True, help="image glob")
     ap.add_argument("--depth", required=True, help="depth path template with {stem}")

@@ -99,7 +99,7 @@ def scores(cm: np.ndarray) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("model_dir")
     ap.add_argument("--images", required=True, help="image glob")
     ap.add_argument("--masks", required=True, help="mask path template with {stem}")

@@ -9,6 +9,7 @@ import json
 import logging
 
 import lightning.pytorch as pl
+import pytest
 import torch
 from conftest import REPO, TINY
 from test_divergence import Frames
@@ -69,8 +70,23 @@ def test_a_bf16_cpu_fit_trains_with_eager_attention_and_says_so(caplog):
     assert kernels(pinned) == {"sdpa"}  # an explicit setting wins
 
 
-def test_eager_and_sdpa_give_the_same_outputs_and_gradients():
-    """The switch changes no result beyond rounding (float32, the same weights)."""
+def sdpa_calls(monkeypatch) -> list[int]:
+    """Counts the fused kernel's calls (transformers calls it through torch.nn.functional)."""
+    calls = [0]
+    fused = torch.nn.functional.scaled_dot_product_attention
+
+    def counted(*a, **k):
+        calls[0] += 1
+        return fused(*a, **k)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", counted)
+    return calls
+
+
+def test_eager_and_sdpa_give_the_same_outputs_and_gradients(monkeypatch):
+    """The switch reaches the forward pass (the fused kernel is called under sdpa only) and changes
+    no result beyond rounding (float32, the same weights)."""
+    calls = sdpa_calls(monkeypatch)
     torch.manual_seed(0)
     module = SegmentationModule(config=dict(TINY), label_spec=SPEC, image_size=64).eval()  # no dropout
     x = torch.randn(2, 3, 64, 64)
@@ -78,12 +94,42 @@ def test_eager_and_sdpa_give_the_same_outputs_and_gradients():
     for impl in ("sdpa", "eager"):
         module.model.set_attn_implementation(impl)
         module.zero_grad()
+        calls[0] = 0
         logits = module.model(pixel_values=x).logits
+        assert (calls[0] > 0) == (impl == "sdpa"), (impl, calls[0])
         logits.square().mean().backward()
         grad = module.model.dpt.encoder.layer[0].attention.attention.query.weight.grad.clone()
         out[impl] = (logits.detach(), grad)
     torch.testing.assert_close(out["sdpa"][0], out["eager"][0], rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(out["sdpa"][1], out["eager"][1], rtol=1e-3, atol=1e-6)
+
+
+@pytest.mark.parametrize("family", ["dpt-hybrid-tiny", "dpt-dinov2-tiny", "dpt-beit-tiny", "dpt-swinv2-tiny",
+                                    "depth-anything-tiny"])
+def test_every_backbone_family_runs_under_auto_in_float32_and_bfloat16(family, monkeypatch, caplog):
+    """A model without sdpa (DPT-Hybrid's BiT stem, Depth Anything's head) keeps its own kernel; the
+    switch to sdpa in float32 used to ask it for sdpa and stop the run (every GPU run too). In
+    bfloat16 the attending backbone itself runs eager (no fused-kernel call)."""
+    from dptune.tasks.depth import DepthModule
+
+    calls = sdpa_calls(monkeypatch)
+    cfg = json.loads((REPO / "configs" / "models" / f"{family}.json").read_text())
+    if family == "depth-anything-tiny":
+        module = DepthModule(config=cfg, image_size=56, max_depth=10.0)
+    else:
+        module = SegmentationModule(config=cfg, label_spec=SPEC, image_size=64)
+    size = 56 if "anything" in family or "dinov2" in family else 64
+    for precision in ("32-true", "bf16-mixed", "32-true"):
+        module.trainer = pl.Trainer(accelerator="cpu", devices=1, precision=precision, logger=False)
+        with caplog.at_level(logging.INFO, logger="dptune"):
+            module._choose_attention()
+        assert any("attention chosen" in r.getMessage() for r in caplog.records), (family, precision)
+        caplog.clear()
+        calls[0] = 0
+        with torch.no_grad(), torch.autocast("cpu", torch.bfloat16, enabled=precision.startswith("bf16")):
+            module.eval()(torch.randint(0, 256, (1, 3, size, size), dtype=torch.uint8))
+        if precision.startswith("bf16") and family != "dpt-swinv2-tiny":  # Swin's windows keep sdpa
+            assert calls[0] == 0, (family, calls[0])
 
 
 def test_a_joint_models_two_networks_both_switch(tmp_path):

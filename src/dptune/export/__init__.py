@@ -505,9 +505,9 @@ def main(argv: list[str] | None = None) -> int:
                        help="INT8 calibration images (default: a few dozen images of the run's validation split)")
     serve.add_argument("--calibration-count", type=int, default=None, metavar="N",
                        help=f"calibration images used at most (default {DEFAULT_COUNT}; spread evenly over the split "
-                            "or the glob's matches): INT8's, and the temperature's fit images; a joint model's are "
-                            "split between its two tasks' splits (the odd one to segmentation), so N is 8 or more "
-                            "there")
+                            "or the glob's matches): INT8's, and the temperature's fit images; when both of a joint "
+                            "model's splits give fit images (--int8 without --calibration-images) N is split between "
+                            "them (the odd one to segmentation), so N is 8 or more there")
     serve.add_argument("--calibration-method", choices=CALIBRATION_METHODS, default=None,
                        help="how INT8 activation ranges are taken from the calibration images (default minmax)")
     serve.add_argument("--int8-keep-float", action="append", default=[], metavar="NODE",

@@ -234,11 +234,23 @@ class DPTTask(pl.LightningModule):
         lengths = [sequence_length(self.model.config, (s, s) if isinstance(s, int) else tuple(s)) for s in sizes]
         longest = None if not lengths or None in lengths else max(lengths)
         pick, why = auto_attention(self.trainer.strategy.root_device.type, self.trainer.precision, longest)
-        models = [m for m in self.model.modules() if isinstance(m, PreTrainedModel) and m._can_set_attn_implementation()]
-        changed = [m for m in models if m.config._attn_implementation != pick]
-        for m in changed:
-            m.set_attn_implementation(pick)
-        if changed and self.trainer.is_global_zero:
+        from transformers.utils import logging as hf_logging
+
+        verbosity = hf_logging.get_verbosity()
+        hf_logging.set_verbosity_error()  # its note on sub-configs it sets without a sub-model (DINOv2, BEiT)
+        try:
+            for m in self.model.modules():
+                if not isinstance(m, PreTrainedModel) or m.config._attn_implementation == pick:
+                    continue
+                if pick == "sdpa" and not getattr(m, "_supports_sdpa", False):
+                    continue  # a model without sdpa (DPT-Hybrid's BiT stem, Depth Anything's head) keeps its own
+                try:
+                    m.set_attn_implementation(pick)
+                except ValueError:  # transformers refuses the kernel for this model: it keeps its own
+                    continue
+        finally:
+            hf_logging.set_verbosity(verbosity)
+        if self.trainer.is_global_zero:
             log.info("%s attention chosen: %s (model.attn_implementation overrides)", pick, why)
 
     def _train_mode(self) -> None:
