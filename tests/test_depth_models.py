@@ -113,3 +113,22 @@ def test_a_bounded_depth_anything_head_restarts_when_its_bound_changes(tmp_path,
         assert torch.allclose(depth_forward(model.eval(), x), torch.full((1, 56, 56), 2.0), atol=0.1)
     same = build_depth_model(pretrained=str(tmp_path / "da"), mode="metric", max_depth=20.0)
     assert all(torch.equal(p, dict(source.head.named_parameters())[n]) for n, p in same.head.named_parameters())
+
+
+def test_a_depth_anything_model_trains_through_lightning(tmp_path):
+    """The Lightning path (``setup`` checks the input sizes against the backbone's patch) read
+    ``config.is_hybrid``, which only DPT's config has: every Depth Anything fit stopped with an
+    AttributeError before its first step."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    torch.manual_seed(0)
+    module = DepthModule(config=json.loads(DA_TINY.read_text()), image_size=56, max_depth=10.0, lr=1e-3,
+                         warmup_steps=0)
+    batches = [{"image": torch.randint(0, 256, (2, 3, 56, 56), dtype=torch.uint8),
+                "depth": torch.rand(2, 56, 56) * 5 + 0.5} for _ in range(2)]
+    before = module.model.head.conv3.weight.detach().clone()
+    pl.Trainer(accelerator="cpu", devices=1, max_steps=2, logger=False, enable_progress_bar=False,
+               enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
+               default_root_dir=tmp_path).fit(module, DataLoader(batches, batch_size=None))
+    assert not torch.equal(before, module.model.head.conv3.weight.detach())  # it trained

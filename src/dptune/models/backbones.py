@@ -50,7 +50,7 @@ def family(config: PretrainedConfig) -> str:
     """``vit``, ``hybrid`` or the backbone's model type, for a DPT config or a bare backbone config."""
     if config.model_type != "dpt":
         return config.model_type
-    if config.is_hybrid:
+    if getattr(config, "is_hybrid", False):
         return "hybrid"
     return config.backbone_config.model_type if uses_backbone(config) else "vit"
 

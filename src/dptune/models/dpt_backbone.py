@@ -33,7 +33,7 @@ def input_multiple(config: DPTConfig) -> int:
     """Image sides must be multiples of this: the patch size of a ViT-like backbone, the
     patch size times the total downsampling of a hierarchical one (Swin)."""
     bb = config.backbone_config
-    if bb is None or config.is_hybrid:
+    if bb is None or getattr(config, "is_hybrid", False):  # DPT-Hybrid (Depth Anything has no such field)
         return int(config.patch_size)
     patch = _patch_size(bb)
     depths = getattr(bb, "depths", None)
@@ -47,7 +47,7 @@ def _patch_size(backbone_config) -> int:
 
 def uses_backbone(config: DPTConfig) -> bool:
     """True when the model needs this class (``backbone_config`` set and not DPT-Hybrid)."""
-    return getattr(config, "backbone_config", None) is not None and not config.is_hybrid
+    return getattr(config, "backbone_config", None) is not None and not getattr(config, "is_hybrid", False)
 
 
 class DPTBackboneForSemanticSegmentation(DPTPreTrainedModel):

@@ -102,6 +102,6 @@ def counted_train_flops(cfg, height: int, width: int) -> int:
 
 def train_flops(cfg, height: int, width: int) -> tuple[int, str]:
     """(FLOPs of one image's training step, how they were obtained)."""
-    if cfg.is_hybrid or getattr(cfg, "backbone_config", None) is not None:
+    if getattr(cfg, "is_hybrid", False) or getattr(cfg, "backbone_config", None) is not None:
         return counted_train_flops(cfg, height, width), "flop_counter"
     return dpt_train_flops(cfg, height, width), "formula"

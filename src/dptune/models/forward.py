@@ -20,7 +20,7 @@ def backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Ten
     """Hidden states the neck needs, running only the encoder layers that feed it."""
     cfg = model.config
     emb = model.dpt.embeddings
-    if cfg.is_hybrid:
+    if getattr(cfg, "is_hybrid", False):
         out = emb(pixel_values, interpolate_pos_encoding=True)
         features = list(out.intermediate_activations)
         wanted = list(cfg.backbone_out_indices[2:])
