@@ -132,3 +132,16 @@ def test_a_depth_anything_model_trains_through_lightning(tmp_path):
                enable_model_summary=False, enable_checkpointing=False, limit_val_batches=0,
                default_root_dir=tmp_path).fit(module, DataLoader(batches, batch_size=None))
     assert not torch.equal(before, module.model.head.conv3.weight.detach())  # it trained
+
+
+def test_a_depth_anything_onnx_graph_is_fixed_at_the_processors_size_and_matches_torch(tmp_path):
+    """Depth Anything's head computes its output size in Python (``int(patches * patch_size)``),
+    which tracing freezes: traced at another size (the odd patch grid dynamic graphs are traced
+    on), the graph gave 70x70 depth for a 56x56 input and every ONNX export of it failed."""
+    pytest.importorskip("onnxruntime")
+    from dptune.export.onnx import export_onnx, onnx_dynamic_size, onnx_parity
+
+    model = build_depth_model(config=json.loads(DA_TINY.read_text()), mode="metric", max_depth=8.0).eval()
+    assert not onnx_dynamic_size(model)
+    path = export_onnx(model, tmp_path / "model.onnx", (56, 56))
+    assert onnx_parity(model, path, [(1, 56, 56), (2, 56, 56)]) < 1e-4

@@ -33,9 +33,10 @@ class TaskOutput(nn.Module):
 
 def onnx_dynamic_size(model: nn.Module) -> bool:
     """Whether the ONNX graph can take any H x W. DPT-Hybrid's BiT stem computes its "same"
-    padding in Python, which tracing freezes to the traced size: its graph keeps the processor's
-    size (the bundled image processor resizes every image to it anyway)."""
-    return not getattr(model.config, "is_hybrid", False)
+    padding in Python, and Depth Anything's head its output size (``int(patches * patch_size)``),
+    which tracing freezes to the traced size: their graphs keep the processor's size (the bundled
+    image processor resizes every image to it anyway)."""
+    return not (getattr(model.config, "is_hybrid", False) or model.config.model_type == "depth_anything")
 
 
 def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], opset: int = 17) -> Path:
