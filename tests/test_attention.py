@@ -11,7 +11,7 @@ import logging
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import REPO, TINY
+from conftest import CAMVID, REPO, TINY
 from test_divergence import Frames
 from torch.utils.data import DataLoader
 from transformers import PreTrainedModel
@@ -152,3 +152,20 @@ def test_a_joint_models_two_networks_both_switch(tmp_path):
 def test_the_timing_tool_times_both_kernels():
     t = time_attention((2, 17, 8), 2, torch.float32)
     assert set(t) == {"sdpa", "eager"} and all(0 < v < 10 for v in t.values())
+
+
+@pytest.mark.parametrize("value", ["foo", "", "flash_attention_2"])
+def test_an_attention_transformers_cannot_run_here_is_one_line_naming_the_setting(value, tmp_path):
+    """It was transformers' ValueError / ImportError traceback from deep in the model's build."""
+    import subprocess
+    import sys
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "camvid.yaml"),
+                           "--data.root", str(CAMVID), "--model.config", str(cfg), "--model.attn_implementation", value,
+                           "--trainer.default_root_dir", str(tmp_path / "run")],
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert proc.returncode == 2 and len(err) == 1 and "model.attn_implementation" in err[0], proc.stderr[-1500:]
+    assert "Traceback" not in proc.stderr

@@ -111,3 +111,18 @@ def test_inspect_of_a_picture_or_a_yaml_list_is_one_line(tmp_path, capsys):
         rc = main([str(path)])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {path}: "), err
+
+
+@needs(KITCHEN)
+def test_a_depth_configs_model_range_that_fit_would_refuse_is_one_line_naming_the_file(tmp_path, capsys):
+    """model: not a mapping, a boolean max_depth (read as 1 m) and a range below zero were taken as
+    defaults or used as given, or refused without naming the file (adversarial review)."""
+    base = yaml.safe_load((REPO / "configs" / "depth" / "7scenes.yaml").read_text())
+    base["data"]["root"] = str(KITCHEN)
+    for model, words in (("hello", "must be a mapping"), ({"max_depth": True}, "must be numbers"),
+                         ({"max_depth": -5.0}, "model.max_depth must be above")):
+        cfg = tmp_path / "depth.yaml"
+        cfg.write_text(yaml.safe_dump({**base, "model": model}))
+        assert main([str(cfg), "--splits", "val"]) == 2
+        err = capsys.readouterr().err.strip().splitlines()
+        assert len(err) == 1 and str(cfg) in err[0] and words in err[0], (model, err)

@@ -447,7 +447,23 @@ def test_calibration_options_apply_only_with_what_they_set_and_the_refusal_lists
     assert rc == 2 and len(err) == 1 and "--calibration-method" in err[0] and "--int8" in err[0], err
     rc, err = export_cli(capsys, seg, tmp_path / "c", "--onnx-fp16", "--data", cfg, "--calibration-count", "8")
     assert rc == 2 and len(err) == 1 and "--calibration-count" in err[0] and "--calibrate-temperature" in err[0], err
-    assert not any((tmp_path / d).exists() for d in "abc")
+    # calibration images without --int8 would only be set aside from the measurement (the adversarial review)
+    glob = str(CAMVID / "val" / "0016E5_0796*.jpg")
+    for serving in (["--onnx-fp16"], ["--calibrate-temperature"]):
+        rc, err = export_cli(capsys, seg, tmp_path / "d", *serving, "--data", cfg, "--calibration-images", glob)
+        assert rc == 2 and len(err) == 1 and "--calibration-images" in err[0] and "--int8" in err[0], err
+    assert not any((tmp_path / d).exists() for d in "abcd")
+
+
+def test_a_glob_that_leaves_fewer_than_4_held_back_images_is_refused(sources):
+    """A 5-image split and a glob taking 4 of them measured on 1 image (only 0 was refused)."""
+    from dptune.export.serving_data import CalibrationError, serving_data
+
+    glob = str(CAMVID / "val" / "0016E5_0796[1-7].jpg")
+    small = dict(seg_data(), splits={"val": {"images": "val/0016E5_0796*.jpg", "masks": "valannot/{stem}.png"}})
+    config = write_config(sources["seg"].parent / "six.yaml", small)
+    with pytest.raises(CalibrationError, match="leaves 1 held-back segmentation image .*at least 4"):
+        serving_data(str(sources["seg"]), "segmentation", str(config), glob, count=5)
 
 
 SLOW_EXPORT = """

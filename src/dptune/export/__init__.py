@@ -577,9 +577,11 @@ def refuse_options(args) -> str | None:
         return (f"{', '.join(CALIBRATION_OPTIONS[:-1])} and {CALIBRATION_OPTIONS[-1]} apply to --int8, --onnx-fp16 or "
                 "--calibrate-temperature (--calibration-method, --int8-keep-float and --int8-target to --int8 only); "
                 f"given: {' '.join(given)}")
-    int8_only = [o for o in given if o in ("--calibration-method", "--int8-keep-float", "--int8-target")]
+    int8_only = [o for o in given if o in ("--calibration-images", "--calibration-method", "--int8-keep-float",
+                                           "--int8-target")]
     if int8_only and not args.int8:
-        return f"--calibration-method, --int8-keep-float and --int8-target apply to --int8; given: {' '.join(int8_only)}"
+        return ("--calibration-images, --calibration-method, --int8-keep-float and --int8-target apply to --int8 "
+                f"(the temperature is fitted on the validation split); given: {' '.join(int8_only)}")
     if "--calibration-count" in given and not (args.int8 or args.calibrate_temperature):
         return ("--calibration-count applies to --int8 (the images INT8 is calibrated on) or --calibrate-temperature "
                 "(the images the temperature is fitted on)")

@@ -269,9 +269,10 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
             pool = [i for i in range(len(d.source)) if i not in set(d.fit)]
             held = [i for i in pool if os.path.realpath(d.image(i)) not in chosen]
             d.held = [held[i] for i in spread(len(held), MAX_HELD)]
-            if not d.held:
-                raise CalibrationError(f"--calibration-images {pattern}: takes every held-back {d.task} image of "
-                                       f"{config}; leave some validation images out of it")
+            if len(d.held) < MIN_IMAGES:
+                raise CalibrationError(f"--calibration-images {pattern}: leaves {len(d.held)} held-back {d.task} "
+                                       f"image{'s' if len(d.held) != 1 else ''} of {config} to measure on (at least "
+                                       f"{MIN_IMAGES}); leave more validation images out of it")
     else:
         calibration = [d.image(i) for d in tasks.values() for i in d.fit] if int8 else []
     for d in tasks.values():

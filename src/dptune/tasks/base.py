@@ -15,7 +15,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dptune.data.base import ValidationSource
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, first_line
 from dptune.models.backbones import family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
 from dptune.models.normalization import resolve_normalization
@@ -116,7 +116,14 @@ class DPTTask(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()  # the task's own arguments too (Lightning collects every __init__ frame)
-        self.configure_models()  # the hooks' order: see "what a task provides" below
+        try:
+            self.configure_models()  # the hooks' order: see "what a task provides" below
+        except (ValueError, ImportError) as e:
+            if attn_implementation in ("auto", "sdpa", "eager"):
+                raise
+            # an attention transformers does not know, or cannot run here (flash_attention_2 on a CPU)
+            raise ConfigError(f"model.attn_implementation {attn_implementation!r}: {first_line(e, 200)} (auto, sdpa "
+                              "and eager run everywhere)") from None
         if gradient_checkpointing:
             self.model.gradient_checkpointing_enable()
         if channels_last:

@@ -313,14 +313,20 @@ def model_depth_range(cfg: dict[str, Any], where: str) -> tuple[float, float | N
     """The config's model.min_depth / model.max_depth (the depth models' defaults where left out)."""
     from dptune.metrics.depth import MIN_DEPTH, check_range
 
-    model = cfg.get("model") if isinstance(cfg.get("model"), dict) else {}
+    model = cfg.get("model")
+    if model is None:
+        return MIN_DEPTH, None
+    if not isinstance(model, dict):
+        raise ConfigError(f"{where}: model: must be a mapping of model settings, got {type(model).__name__}")
+    lo, hi = model.get("min_depth", MIN_DEPTH), model.get("max_depth")
+    if any(isinstance(v, bool) or not isinstance(v, int | float) for v in (lo, hi) if v is not None):
+        raise ConfigError(f"{where}: model.min_depth / model.max_depth must be numbers (metres), got "
+                          f"{lo!r} / {hi!r}")
     try:
-        lo = float(model.get("min_depth", MIN_DEPTH))
-        hi = None if model.get("max_depth") is None else float(model["max_depth"])
-    except (TypeError, ValueError):
-        raise ConfigError(f"{where}: model.min_depth / model.max_depth must be numbers") from None
-    check_range(lo, hi)
-    return lo, hi
+        check_range(float(lo), None if hi is None else float(hi))
+    except ConfigError as e:
+        raise ConfigError(f"{where}: {e}") from None
+    return float(lo), None if hi is None else float(hi)
 
 
 def refusal(args: argparse.Namespace, task: str) -> str | None:
