@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CAMVID, REPO, TINY, needs
+from conftest import CAMVID, KITCHEN, REPO, TINY, needs
 
 from dptune.training import hardware
 from dptune.training.hardware import resolve_precision
@@ -134,3 +134,35 @@ def test_the_precision_setting_takes_every_value_lightning_takes_and_auto():
 
     ours = flat(hardware.PrecisionSetting) - {type(None)}
     assert ours == flat(connector._PRECISION_INPUT) | {"auto"}
+
+
+@needs(CAMVID)
+def test_a_bf16_true_run_trains_validates_and_checkpoints(tmp_path):
+    """``--trainer.precision bf16-true`` (weights in bfloat16 too) stopped at the first convolution with
+    a RuntimeError traceback: the normalised images stayed float32 while the weights were bfloat16."""
+    from test_train import camvid_args, run_train
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(TINY))
+    args = camvid_args(tmp_path / "run", cfg, 1)
+    args[args.index("--trainer.precision") + 1] = "bf16-true"
+    proc = run_train(args, cwd=tmp_path, check=False)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+@needs(KITCHEN)
+def test_a_16_bit_true_precision_is_refused_for_depth_in_one_line(tmp_path):
+    """bf16-true converts every float tensor of a batch: the ground-truth depth was read in bfloat16
+    (2-3 significant digits) by the loss and the metrics -- silently altered data -- until the
+    validation panels stopped the run with a traceback. Refused before training, one line."""
+    from test_depth_train import DEPTH_TINY, depth_args
+    from test_train import run_train
+
+    cfg = tmp_path / "tiny.json"
+    cfg.write_text(json.dumps(DEPTH_TINY))
+    args = depth_args(tmp_path / "run", cfg, 1)
+    args[args.index("--trainer.precision") + 1] = "bf16-true"
+    proc = run_train(args, cwd=tmp_path, check=False)
+    err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
+    assert proc.returncode == 2 and len(err) == 1 and "bf16-true" in err[0] and "bf16-mixed" in err[0], proc.stderr[-2000:]

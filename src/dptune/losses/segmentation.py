@@ -26,6 +26,8 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
     A batch with no labelled pixel gives 0, not NaN (mean reduction would divide by zero).
     """
     logits = upsample(logits, target.shape[-2:])
+    if weight is not None:  # the class weights follow the module's dtype (bfloat16 under bf16-true)
+        weight = weight.to(logits.dtype)
     total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     valid = target != IGNORE_INDEX
     if weight is None:

@@ -192,7 +192,8 @@ class DPTTask(pl.LightningModule):
         return mean, std
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
-        return torch.addcmul(self._shift, images.float(), self._scale)
+        # in the buffers' dtype: float32, or bfloat16 when the whole module is (bf16-true; 0-255 is exact there)
+        return torch.addcmul(self._shift, images.to(self._scale.dtype), self._scale)
 
     def check_sizes(self, **sizes: Any) -> None:
         """Image, crop and window sizes must be multiples of what the backbone divides by."""

@@ -31,6 +31,16 @@ def check_data_range(trainer, min_depth: float, max_depth: float | None) -> None
         dm.check_model_range(min_depth, max_depth)
 
 
+def check_depth_precision(trainer) -> None:
+    """A ``*-true`` 16-bit precision converts every float tensor of a batch, the ground-truth depth
+    too: losses and metrics would read depth rounded to 2-3 significant digits. Refused."""
+    p = str(trainer.precision)
+    if p in ("bf16-true", "16-true"):
+        raise ConfigError(f"--trainer.precision {p}: Lightning converts every float tensor of a batch to 16 bits, the "
+                          "ground-truth depth too (2-3 significant digits), so losses and metrics would read rounded "
+                          "depth; use bf16-mixed or 16-mixed (weights and targets stay float32)")
+
+
 class DepthModule(DPTTask):
     task = "depth"
 
@@ -69,6 +79,7 @@ class DepthModule(DPTTask):
         super().__init__(**kwargs)
 
     def setup(self, stage: str) -> None:
+        check_depth_precision(self.trainer)
         super().setup(stage)
         if stage == "fit":  # the data's depth against the range this model trains and scores on
             check_data_range(self.trainer, self.hparams.min_depth, self.hparams.max_depth)

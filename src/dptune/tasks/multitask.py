@@ -23,7 +23,7 @@ from dptune.models import build_model
 from dptune.models.depth import build_depth_model
 from dptune.models.joint import JointDPT, UncertaintyWeighting, labelled_rows
 from dptune.tasks.base import DPTTask
-from dptune.tasks.depth import check_data_range
+from dptune.tasks.depth import check_data_range, check_depth_precision
 from dptune.tasks.segmentation import LabelledTask
 from dptune.tasks.visuals import joint_samples, log_validation_images
 
@@ -83,6 +83,7 @@ class MultiTaskModule(LabelledTask, DPTTask):
         super().__init__(**kwargs)
 
     def setup(self, stage: str) -> None:
+        check_depth_precision(self.trainer)
         super().setup(stage)
         if stage == "fit":  # each depth source's data against the range this model trains and scores on
             check_data_range(self.trainer, self.hparams.min_depth, self.hparams.max_depth)
