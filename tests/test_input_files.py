@@ -752,3 +752,38 @@ def test_predict_and_evaluate_of_a_damaged_export_are_one_line_naming_the_file(m
     lines = errors(capsys)
     assert rc == 2 and len(lines) == 1 and str(weights) in lines[0], lines
     assert not (tmp_path / "out").exists()
+
+
+def test_an_interrupted_predict_says_in_its_list_that_it_is_incomplete(models, tmp_path, monkeypatch, capsys):
+    """A Ctrl-C part way left a folder of N of M predictions whose dptune-predict.json read like a
+    finished run's (adversarial review): the list now says inputs, inputs done and complete."""
+    from dptune.tools import outputs
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(3):
+        shutil.copy(FRAMES[i], images / f"f{i}.jpg")
+    shutil.copy(FRAMES[0], images / "f3.jpg")
+    (images / "f4.jpg").write_bytes(b"")  # named as failed: done, not predicted
+    out = tmp_path / "preds"
+    args = ["--model", str(models / "segmentation"), "--images", str(images), "--out", str(out), "--device", "cpu"]
+    assert predict_main(args) == 2
+    errors(capsys)
+    spec = json.loads((out / "dptune-predict.json").read_text())
+    assert (spec["inputs"], spec["inputs_done"], spec["complete"]) == (5, 5, True)
+
+    real, seen = outputs.read_image, []
+
+    def interrupted(path):
+        seen.append(path)
+        if len(seen) == 3:
+            raise KeyboardInterrupt
+        return real(path)
+
+    monkeypatch.setattr(outputs, "read_image", interrupted)
+    out2 = tmp_path / "preds2"
+    with pytest.raises(KeyboardInterrupt):
+        predict_main([*args[:-3], str(out2), "--device", "cpu"])
+    spec = json.loads((out2 / "dptune-predict.json").read_text())
+    assert (spec["inputs"], spec["inputs_done"], spec["complete"]) == (5, 2, False)
+    assert sorted(spec["files"]) == sorted(p.name for p in out2.iterdir() if p.name != "dptune-predict.json")

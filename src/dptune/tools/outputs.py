@@ -206,6 +206,8 @@ class _Listing:
                 if f.endswith(suffix):
                     self.by_stem.setdefault(f[: -len(suffix)], []).append(f)
         self.saved_at, self.clock = time.monotonic(), time.monotonic
+        self.inputs: int | None = None  # the run's inputs and how many were done (each save says so)
+        self.done = 0
 
     def written(self, stem: str, force: bool = False) -> None:
         for f in self.by_stem.get(stem, []):
@@ -216,8 +218,10 @@ class _Listing:
             self.save()
 
     def save(self) -> None:
-        write_text(self.out / MANIFEST, json.dumps({"written_by": "dptune predict", "files": sorted(self.files)},
-                                                   indent=1) + "\n")
+        spec: dict = {"written_by": "dptune predict", "files": sorted(self.files)}
+        if self.inputs is not None:  # a run stopped part way (Ctrl-C, a crash) says so: complete false
+            spec.update(inputs=self.inputs, inputs_done=self.done, complete=self.done == self.inputs)
+        write_text(self.out / MANIFEST, json.dumps(spec, indent=1) + "\n")
         self.saved_at = self.clock()
 
 
@@ -291,6 +295,8 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
 
     failed: list[str] = []
     listing, _listing = _listing, None
+    if listing is not None:
+        listing.inputs = len(paths)
     try:
         for path, stem in tqdm(list(zip(paths, stems, strict=True)), desc=desc):
             try:
@@ -303,6 +309,8 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
             finally:
                 if listing is not None:  # what this input wrote, even in part, is listed; nothing else
                     listing.written(stem)
+            if listing is not None:  # predicted or named as failed: done (a Ctrl-C in it never gets here)
+                listing.done += 1
     finally:
         if listing is not None:
             listing.save()
