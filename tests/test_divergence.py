@@ -325,3 +325,37 @@ def test_ddp_stops_every_process_when_one_diverges(tmp_path, tiny_config_path):
         assert "on 1 of 2 processes in 2 steps in a row, more than model.nonfinite_skips=1" in line, line
     for path in sorted(run.rglob("*.ckpt")):
         assert _all_finite(path) == [], path
+
+
+def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit(tiny_config):
+    """SIGINT raises KeyboardInterrupt wherever Python is; in a finalizer (``__del__``, run by the
+    garbage collector) it is printed as "Exception ignored" and lost, and the run trained to its end
+    with exit 0 (adversarial review). The guard notes the signal and stops at the batch's end."""
+    import signal
+
+    from dptune.training.callbacks import InterruptGuard
+
+    class SwallowedAtStep2(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 2:
+                try:  # a finalizer the signal landed in: Python swallows what it raises
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+                except KeyboardInterrupt:
+                    pass
+
+    guard = InterruptGuard()
+    before = signal.getsignal(signal.SIGINT)
+    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a Ctrl-C
+        _fit(_module(tiny_config), 6, [SwallowedAtStep2(), guard])
+    assert guard.pending is False
+    signal.signal(signal.SIGINT, before)  # Lightning ignores SIGINT once it shut down
+
+
+def test_a_fit_without_a_ctrl_c_leaves_the_sigint_handler_as_it_was(tiny_config):
+    import signal
+
+    from dptune.training.callbacks import InterruptGuard
+
+    before = signal.getsignal(signal.SIGINT)
+    trainer = _fit(_module(tiny_config), 2, [InterruptGuard()])
+    assert trainer.global_step == 2 and signal.getsignal(signal.SIGINT) is before

@@ -18,7 +18,7 @@ from dptune.errors import ConfigError, DataError
 from dptune.labels import DuplicateKey, UniqueKeyLoader
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
-from dptune.training.callbacks import Checkpoint, LRMonitor, ProgressLog, ValidationVisuals
+from dptune.training.callbacks import Checkpoint, InterruptGuard, LRMonitor, ProgressLog, ValidationVisuals
 from dptune.training.hardware import DPTuneTrainer
 
 log = logging.getLogger(__name__)
@@ -308,7 +308,7 @@ def trainer_defaults() -> dict:
     return {
         "default_root_dir": DEFAULT_ROOT,
         "logger": {"class_path": "dptune.training.callbacks.DPTuneWandbLogger", "init_args": {"project": "dptune"}},
-        "callbacks": [LRMonitor(logging_interval="step"), ValidationVisuals(), ResumeCheck()],
+        "callbacks": [LRMonitor(logging_interval="step"), ValidationVisuals(), ResumeCheck(), InterruptGuard()],
         "log_every_n_steps": 10,
         # a bar only on a terminal; redirected output (nohup, SLURM) gets progress lines (ProgressLog)
         "enable_progress_bar": sys.stdout.isatty(),

@@ -189,6 +189,49 @@ class Checkpoint(ModelCheckpoint):
         self._refresh_last(trainer)
 
 
+class InterruptGuard(Callback):
+    """A Ctrl-C is never lost. Python turns SIGINT into a KeyboardInterrupt wherever the program is;
+    when that is a finalizer (``__del__``, run by the garbage collector inside any call) Python prints
+    "Exception ignored" and goes on, and the run trained to its end. While a fit runs, SIGINT notes
+    itself before raising; one that did not stop the run is raised again at the next batch's end."""
+
+    def __init__(self) -> None:
+        self.pending = False
+        self._before = None
+
+    def _sigint(self, signum, frame) -> None:
+        self.pending = True
+        raise KeyboardInterrupt
+
+    def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        import signal
+        import threading
+
+        # only where Python's own handler is in place (a job started in the background ignores SIGINT)
+        if threading.current_thread() is threading.main_thread() and \
+                signal.getsignal(signal.SIGINT) is signal.default_int_handler:
+            self._before = signal.signal(signal.SIGINT, self._sigint)
+
+    def _raise_lost(self, *args: Any) -> None:
+        if self.pending:
+            self.pending = False
+            raise KeyboardInterrupt
+
+    on_train_batch_end = on_validation_batch_end = _raise_lost
+
+    def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        self.pending = False  # it stopped the run
+
+    def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
+        import signal
+
+        # put Python's handler back, unless Lightning has set its own meanwhile (it ignores SIGINT while
+        # it shuts down after a Ctrl-C)
+        if self._before is not None and signal.getsignal(signal.SIGINT) == self._sigint:
+            signal.signal(signal.SIGINT, self._before)
+        self._before = None
+
+
 class LRMonitor(LearningRateMonitor):
     """``LearningRateMonitor`` that stays quiet instead of failing when logging is off."""
 
