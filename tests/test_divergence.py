@@ -345,10 +345,40 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit(tiny_config):
 
     guard = InterruptGuard()
     before = signal.getsignal(signal.SIGINT)
-    with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a Ctrl-C
-        _fit(_module(tiny_config), 6, [SwallowedAtStep2(), guard])
-    assert guard.pending is False
-    signal.signal(signal.SIGINT, before)  # Lightning ignores SIGINT once it shut down
+    try:
+        with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a Ctrl-C
+            _fit(_module(tiny_config), 6, [SwallowedAtStep2(), guard])
+        assert guard.pending is False
+        # Lightning puts back the handlers it found at the fit's start (the guard's): outside a fit it acts as
+        # Python's own and notes nothing, so it stops no later run
+        handler = signal.getsignal(signal.SIGINT)
+        with pytest.raises(KeyboardInterrupt):
+            handler(signal.SIGINT, None)
+        assert guard.pending is False
+        trainer = _fit(_module(tiny_config), 3, [InterruptGuard()])  # a later fit in the same process
+        assert trainer.global_step == 3
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_ctrl_c_swallowed_after_the_last_batch_still_stops_the_fit(tiny_config):
+    import signal
+
+    from dptune.training.callbacks import InterruptGuard
+
+    class SwallowedAtTheEnd(pl.Callback):
+        def on_train_end(self, trainer, pl_module) -> None:
+            try:
+                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+            except KeyboardInterrupt:
+                pass
+
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with pytest.raises(SystemExit):
+            _fit(_module(tiny_config), 2, [SwallowedAtTheEnd(), InterruptGuard()])
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 def test_a_fit_without_a_ctrl_c_leaves_the_sigint_handler_as_it_was(tiny_config):

@@ -776,6 +776,9 @@ def test_an_interrupted_predict_says_in_its_list_that_it_is_incomplete(models, t
 
     def interrupted(path):
         seen.append(path)
+        if len(seen) == 1:  # from the start, the list says a run is under way (a SIGKILL skips every later save)
+            start = json.loads((out2 / "dptune-predict.json").read_text())
+            assert (start["inputs"], start["inputs_done"], start["complete"]) == (5, 0, False), start
         if len(seen) == 3:
             raise KeyboardInterrupt
         return real(path)

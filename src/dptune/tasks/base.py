@@ -216,6 +216,10 @@ class DPTTask(pl.LightningModule):
                         "(ViT) forward runs square inputs only, so the export will not run in pipeline(...)", size)
         if stage == "fit":
             self._train_mode()
+            if str(self.trainer.precision) in ("bf16-true", "16-true") and self.trainer.is_global_zero:
+                log.warning("precision %s keeps the weights in 16 bits: an update smaller than half their spacing is "
+                            "lost (LayerNorm weights barely move at lr 1e-4); bf16-mixed trains in float32 weights",
+                            self.trainer.precision)
         self._choose_attention()
         self.configure_source_metrics(list(dm.validation_sources()) if hasattr(dm, "validation_sources") else [])
         # before the strategy wraps the model in DDP

@@ -297,6 +297,7 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
     listing, _listing = _listing, None
     if listing is not None:
         listing.inputs = len(paths)
+        listing.save()  # from the start, the list says the run is under way (complete: false)
     try:
         for path, stem in tqdm(list(zip(paths, stems, strict=True)), desc=desc):
             try:

@@ -193,20 +193,26 @@ class InterruptGuard(Callback):
     """A Ctrl-C is never lost. Python turns SIGINT into a KeyboardInterrupt wherever the program is;
     when that is a finalizer (``__del__``, run by the garbage collector inside any call) Python prints
     "Exception ignored" and goes on, and the run trained to its end. While a fit runs, SIGINT notes
-    itself before raising; one that did not stop the run is raised again at the next batch's end."""
+    itself before raising; one that did not stop the run is raised again at the next batch's end, or
+    when training ends. Outside a fit the handler acts as Python's own (Lightning puts the handlers it
+    found at the fit's start back after a failed run, this one included). Each process of a DDP run
+    guards itself: a Ctrl-C from a terminal reaches them all."""
 
     def __init__(self) -> None:
         self.pending = False
+        self.active = False
         self._before = None
 
     def _sigint(self, signum, frame) -> None:
-        self.pending = True
+        if self.active:
+            self.pending = True
         raise KeyboardInterrupt
 
     def on_fit_start(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         import signal
         import threading
 
+        self.pending, self.active = False, True
         # only where Python's own handler is in place (a job started in the background ignores SIGINT)
         if threading.current_thread() is threading.main_thread() and \
                 signal.getsignal(signal.SIGINT) is signal.default_int_handler:
@@ -217,16 +223,15 @@ class InterruptGuard(Callback):
             self.pending = False
             raise KeyboardInterrupt
 
-    on_train_batch_end = on_validation_batch_end = _raise_lost
+    on_train_batch_end = on_validation_batch_end = on_train_end = _raise_lost
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
-        self.pending = False  # it stopped the run
+        self.pending, self.active = False, False  # it stopped the run
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         import signal
 
-        # put Python's handler back, unless Lightning has set its own meanwhile (it ignores SIGINT while
-        # it shuts down after a Ctrl-C)
+        self.active = False
         if self._before is not None and signal.getsignal(signal.SIGINT) == self._sigint:
             signal.signal(signal.SIGINT, self._before)
         self._before = None
