@@ -77,7 +77,7 @@ def val_lines(stderr: str) -> list[dict[str, float]]:
 
 def fake_trainer(world_size: int = 1, device: str = "cpu") -> SimpleNamespace:
     """What a task's ``setup`` reads from its trainer."""
-    return SimpleNamespace(datamodule=None, is_global_zero=True, world_size=world_size,
+    return SimpleNamespace(datamodule=None, is_global_zero=True, world_size=world_size, precision="32-true",
                            strategy=SimpleNamespace(root_device=torch.device(device)))
 
 

@@ -58,7 +58,8 @@ def test_a_subclass_changes_the_joint_metrics_through_its_hook_alone():
 
 def _stub_trainer(module, datamodule=None, steps=10):
     trainer = SimpleNamespace(estimated_stepping_batches=steps, gradient_clip_val=None, datamodule=datamodule,
-                              world_size=1, is_global_zero=True)
+                              world_size=1, is_global_zero=True, precision="32-true",
+                              strategy=SimpleNamespace(root_device=torch.device("cpu")))
     module._trainer = trainer
     return trainer
 
