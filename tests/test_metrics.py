@@ -51,3 +51,39 @@ def test_class_only_in_predictions_counts_with_zero_iou():
     assert m["IoU"][1].item() == 0.0
     assert abs(m["mIoU"].item() - (5 / 7 + 0) / 2) < 1e-12
     assert abs(m["mAcc"].item() - 5 / 7) < 1e-12
+
+
+def test_class_map_is_numpy_argmax_with_ties_and_nonfinite_scores():
+    """The validation masks: per pixel the first class of highest score (numpy's argmax), in float32
+    and bfloat16, with tied classes, NaN (counted as the maximum, as numpy does) and infinities."""
+    from dptune.metrics.segmentation import class_map
+
+    rng = np.random.default_rng(0)
+    scores = rng.integers(-3, 4, size=(3, 7, 9, 11)).astype(np.float32)  # small integers: many ties
+    scores[0, 4, 0, 0] = np.nan
+    scores[1, :, 2, 3] = -np.inf
+    scores[2, 5, 1, 1] = np.inf
+    for dtype in (torch.float32, torch.bfloat16):
+        got = class_map(torch.from_numpy(scores).to(dtype))
+        assert got.dtype == torch.long
+        np.testing.assert_array_equal(got.numpy(), np.argmax(scores, axis=1))
+    one = class_map(torch.from_numpy(scores[0]), dim=0)  # one image (C, H, W)
+    np.testing.assert_array_equal(one.numpy(), np.argmax(scores[0], axis=0))
+
+
+def test_finite_rows_flags_exactly_the_samples_holding_nan_or_inf():
+    """Which samples' scores hold a NaN or +-inf, including samples of finite values whose float sum
+    overflows (the fast path sums first): the same as numpy's isfinite over each sample."""
+    from dptune.metrics import finite_rows
+
+    x = np.random.default_rng(1).standard_normal((6, 3, 5, 5)).astype(np.float32)
+    x[1, 0, 2, 2] = np.nan
+    x[2, 2, 4, 4] = np.inf
+    x[3, 1, 0, 0] = -np.inf
+    x[4] = 3.0e38  # finite values; their sum is inf in float32
+    x[5, 0, 0, 0], x[5, 0, 0, 1] = np.inf, -np.inf
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        t = torch.from_numpy(x).to(dtype)
+        expected = torch.isfinite(t).reshape(6, -1).all(1).numpy()
+        np.testing.assert_array_equal(finite_rows(t).numpy(), expected)
+    np.testing.assert_array_equal(finite_rows(torch.from_numpy(x)).numpy(), [True, False, False, False, True, False])

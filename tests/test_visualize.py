@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+
 import numpy as np
 
 from dptune.tasks.visuals import colorize_depth, depth_panel, depth_range
@@ -57,3 +59,41 @@ def test_a_panel_scales_the_prediction_by_the_ground_truth_and_shows_both_bars()
     gt_rgb = colorize_depth(gt, lo, hi, colorbar=False)
     assert np.array_equal(panel[:, W:2 * W], gt_rgb)
     assert _spread(panel[:, 2 * W:3 * W]) < 3  # the flat prediction on the ground truth's scale
+
+
+def test_validation_pictures_reach_the_wandb_run_as_jpeg_with_lossless_masks(tmp_path, monkeypatch):
+    """The pictures logged at each validation: depth panels and segmentation photos as JPEG (PNG took
+    ~0.2 s per panel, every validation; docs/benchmarks.md "Validation cost"), close to the panel
+    drawn; the class masks over a photo stay PNG, class for class."""
+    import glob
+
+    import cv2
+    import wandb
+
+    from dptune.tasks.visuals import log_validation_images
+    from dptune.training.callbacks import DPTuneWandbLogger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:96, 0:128]
+    photo = np.stack([xx * 2, yy * 2, (xx + yy)], -1).astype(np.uint8)
+    gt = (1.0 + xx / 64.0).astype(np.float32)
+    depth = [{"image": photo, "gt": gt, "pred": gt * 1.1}]
+    mask = (xx // 32).astype(np.uint8)
+    seg = [{"image": photo, "gt": mask, "pred": np.where(rng.random(mask.shape) < 0.1, 255, mask).astype(np.uint8)}]
+    logger = DPTuneWandbLogger(project="t", save_dir=str(tmp_path), mode="offline")
+    try:
+        log_validation_images(logger, 3, names=["a", "b", "c", "d"], iou=[0.5] * 4, seg=seg, depth=depth)
+    finally:
+        wandb.finish()
+    media = glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media"), recursive=False)[0]
+    panels = glob.glob(f"{media}/images/val/depth_*.jpg")
+    photos = glob.glob(f"{media}/images/val/overlays_*.jpg")
+    masks = glob.glob(f"{media}/images/mask/**/*.png", recursive=True)
+    assert len(panels) == 1 and len(photos) == 1, os.listdir(f"{media}/images")
+    drawn = depth_panel(photo, gt, gt * 1.1)
+    read = cv2.cvtColor(cv2.imread(panels[0]), cv2.COLOR_BGR2RGB)
+    assert read.shape == drawn.shape and np.abs(read.astype(int) - drawn).mean() < 4
+    assert np.abs(cv2.imread(photos[0])[..., ::-1].astype(int) - photo).mean() < 4
+    read_masks = sorted(cv2.imread(m, cv2.IMREAD_UNCHANGED).tolist() for m in masks)
+    assert read_masks == sorted([seg[0]["gt"].tolist(), seg[0]["pred"].tolist()])

@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from dptune.export.serving_data import DEFAULT_COUNT, ServingData, prepare, serving_data
 from dptune.inference.onnx_runner import GRAPHS, OnnxGraph
+from dptune.metrics.segmentation import class_map
 
 log = logging.getLogger(__name__)
 
@@ -174,7 +175,7 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
                         continue
                     up = F.interpolate(torch.from_numpy(o["logits"]), size=mask.shape, mode="bilinear",
                                        align_corners=False)[0]
-                    pred = up.argmax(0)
+                    pred = class_map(up, 0)
                     base = pred if n == "torch" else base
                     labelled = torch.from_numpy(ok)
                     calibration[n].add(up.double().softmax(0).amax(0)[labelled], pred[labelled] == target)

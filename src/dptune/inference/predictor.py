@@ -12,6 +12,7 @@ import torch
 from dptune.inference.loading import exported_labels, load_export, load_part
 from dptune.inference.windows import FLIP_VIEWS, flip_views, predict_probs
 from dptune.labels import LabelSet
+from dptune.metrics.segmentation import class_map
 from dptune.models import segment
 from dptune.preprocessing import Preprocessing, check_image
 
@@ -90,7 +91,7 @@ class Predictor:
             x = self.pixel_values(image)
             lg = torch.nn.functional.interpolate(self.normalized_logits(x).float(), size=(h, w), mode="bilinear",
                                                  align_corners=False)[0].cpu()
-            return lg.argmax(0).numpy().astype(np.uint8), lg.softmax(0).max(0).values.numpy()
+            return class_map(lg, 0).numpy().astype(np.uint8), lg.softmax(0).max(0).values.numpy()
         probs = self.probs(image, mode, flip, scales, stride)
         conf, pred = probs.max(0)
         return pred.numpy().astype(np.uint8), conf.numpy()

@@ -18,7 +18,7 @@ from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
 from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.depth import MIN_DEPTH, DepthMetrics, check_range, valid_depth, warn_if_none_scored
-from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
+from dptune.metrics.segmentation import ConfusionMatrix, class_map, metrics_from_confmat
 from dptune.models import build_model
 from dptune.models.depth import build_depth_model
 from dptune.models.joint import JointDPT, UncertaintyWeighting, labelled_rows
@@ -186,7 +186,7 @@ class MultiTaskModule(LabelledTask, DPTTask):
         if seg:
             target = batch["mask"].long()
             scores = resize_per_sample(logits.float(), batch["sizes"], target.shape[-2:], upsample)
-            out["preds"] = scores.argmax(1)
+            out["preds"] = class_map(scores)
             for metric in self._metrics(self.val_confmat, f"seg{dataloader_idx}"):
                 metric.update(out["preds"], target, scores)
         if dep:

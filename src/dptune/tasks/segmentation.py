@@ -17,7 +17,7 @@ from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
 from dptune.losses.segmentation import cross_entropy, dice_loss, lovasz_loss, upsample
 from dptune.metrics import summed_state, warn_if_nonfinite
-from dptune.metrics.segmentation import ConfusionMatrix, metrics_from_confmat
+from dptune.metrics.segmentation import ConfusionMatrix, class_map, metrics_from_confmat
 from dptune.models import build_model, segment
 from dptune.tasks.base import DPTTask
 from dptune.tasks.visuals import log_validation_images, segmentation_samples
@@ -156,7 +156,7 @@ class SegmentationModule(LabelledTask, DPTTask):
                 self.log("train/loss_aux", losses["loss_aux"], batch_size=bs)
             return losses
         logits = self.eval_logits(batch["image"], batch["sizes"], target.shape[-2:])
-        preds = logits.argmax(1)
+        preds = class_map(logits)
         confmat = self.val_confmat if stage == "val" else self.test_confmat
         confmat.update(preds, target, logits)
         self.log(f"{stage}/loss", cross_entropy(logits, target, self.class_weights), batch_size=target.shape[0],

@@ -88,13 +88,20 @@ def depth_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, relative: b
                            err_rgb, color_bar(gt.shape[0], 0.0, err_hi, "m", _inferno)], axis=1)
 
 
+# Pictures (photos, depth panels) go to W&B as JPEG: PNG encoding took ~0.2 s per 480x640 depth panel at
+# every validation, 17 of the 270 s of the 7-Scenes run (docs/benchmarks.md, "Validation cost").
+# Class masks stay PNG (W&B writes them itself): a class index must survive exactly.
+PICTURE_FORMAT = "jpg"
+
+
 def overlay_images(samples: list[dict[str, np.ndarray]], names: list[str]) -> list:
     """W&B images of ``image`` with ``gt`` and ``pred`` class masks as toggleable overlays."""
     import wandb
 
     class_labels = dict(enumerate(names)) | {255: "ignore"}
     return [wandb.Image(s["image"], masks={"ground_truth": {"mask_data": s["gt"], "class_labels": class_labels},
-                                           "prediction": {"mask_data": s["pred"], "class_labels": class_labels}})
+                                           "prediction": {"mask_data": s["pred"], "class_labels": class_labels}},
+                        file_type=PICTURE_FORMAT)
             for s in samples]
 
 
@@ -103,7 +110,8 @@ def depth_images(samples: list[dict[str, np.ndarray]], relative: bool = False) -
     import wandb
 
     return [wandb.Image(depth_panel(s["image"], s["gt"], s["pred"], relative),
-                        caption="image | ground truth | prediction (the ground truth's colour scale, in metres) | |error|") for s in samples]
+                        caption="image | ground truth | prediction (the ground truth's colour scale, in metres) | |error|",
+                        file_type=PICTURE_FORMAT) for s in samples]
 
 
 def log_iou_table(logger, names: list[str], iou: list[float], step: int, key: str = "val/per_class_IoU") -> None:
