@@ -87,3 +87,29 @@ def test_finite_rows_flags_exactly_the_samples_holding_nan_or_inf():
         expected = torch.isfinite(t).reshape(6, -1).all(1).numpy()
         np.testing.assert_array_equal(finite_rows(t).numpy(), expected)
     np.testing.assert_array_equal(finite_rows(torch.from_numpy(x)).numpy(), [True, False, False, False, True, False])
+
+
+def test_finite_rows_reads_channels_last_batches_as_they_are():
+    """bfloat16 validation logits come out of the model channels-last: the check gives the same
+    answer on that layout, a NaN in one sample flagging that sample only."""
+    from dptune.metrics import finite_rows
+
+    x = torch.randn(3, 4, 6, 5).contiguous(memory_format=torch.channels_last)
+    x[1, 2, 3, 4] = float("nan")
+    assert not x.is_contiguous()
+    assert finite_rows(x).tolist() == [True, False, True]
+    assert finite_rows(torch.tensor([1.0, float("inf"), 0.0])).tolist() == [True, False, True]
+
+
+def test_the_kernel_timing_table_runs(monkeypatch, capsys):
+    """``python -m dptune.tools.eval_kernels`` (the figures of docs/benchmarks.md "Validation cost")
+    prints one row per kernel with positive times."""
+    from dptune.tools import eval_kernels
+
+    monkeypatch.setattr(eval_kernels, "ROUNDS", 1)
+    eval_kernels.main()
+    lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
+    assert len(lines) == 5
+    for line in lines:
+        before, now = (float(v) for v in line.split("|")[3:5])
+        assert before > 0 and now > 0

@@ -88,8 +88,8 @@ def depth_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, relative: b
                            err_rgb, color_bar(gt.shape[0], 0.0, err_hi, "m", _inferno)], axis=1)
 
 
-# Pictures (photos, depth panels) go to W&B as JPEG: PNG encoding took ~0.2 s per 480x640 depth panel at
-# every validation, 17 of the 270 s of the 7-Scenes run (docs/benchmarks.md, "Validation cost").
+# Pictures (photos, depth panels) go to W&B as JPEG: PNG encoding of the four 480 x 2766 depth panels took
+# 0.8 s at every validation, 17 of the 270 s of a 7-Scenes run (docs/benchmarks.md, "Validation cost").
 # Class masks stay PNG (W&B writes them itself): a class index must survive exactly.
 PICTURE_FORMAT = "jpg"
 
