@@ -24,6 +24,9 @@ from dptune.tasks.optim import NonFiniteSteps, WarmupPoly, any_nonfinite, nonfin
 
 log = logging.getLogger(__name__)
 
+# precisions that keep the weights, and every float tensor of a batch, in 16 bits
+SIXTEEN_BIT_WEIGHTS = ("bf16-true", "16-true")
+
 
 def wants_sync_batchnorm(trainer) -> bool:
     """SyncBatchNorm for multi-process GPU runs (NCCL); it has no CPU implementation."""
@@ -216,7 +219,7 @@ class DPTTask(pl.LightningModule):
                         "(ViT) forward runs square inputs only, so the export will not run in pipeline(...)", size)
         if stage == "fit":
             self._train_mode()
-            if str(self.trainer.precision) in ("bf16-true", "16-true") and self.trainer.is_global_zero:
+            if str(self.trainer.precision) in SIXTEEN_BIT_WEIGHTS and self.trainer.is_global_zero:
                 log.warning("precision %s keeps the weights in 16 bits: an update smaller than half their spacing is "
                             "lost (LayerNorm weights barely move at lr 1e-4); bf16-mixed trains in float32 weights",
                             self.trainer.precision)

@@ -17,7 +17,7 @@ from dptune.losses.depth import LOSSES, upsample_depth
 from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.depth import MIN_DEPTH, NAMES, DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
-from dptune.tasks.base import DPTTask
+from dptune.tasks.base import SIXTEEN_BIT_WEIGHTS, DPTTask
 from dptune.tasks.visuals import depth_samples, log_validation_images
 
 log = logging.getLogger(__name__)
@@ -35,7 +35,7 @@ def check_depth_precision(trainer) -> None:
     """A ``*-true`` 16-bit precision converts every float tensor of a batch, the ground-truth depth
     too: losses and metrics would read depth rounded to 2-3 significant digits. Refused."""
     p = str(trainer.precision)
-    if p in ("bf16-true", "16-true"):
+    if p in SIXTEEN_BIT_WEIGHTS:
         raise ConfigError(f"--trainer.precision {p}: Lightning converts every float tensor of a batch to 16 bits, the "
                           "ground-truth depth too (2-3 significant digits), so losses and metrics would read rounded "
                           "depth; use bf16-mixed or 16-mixed (weights and targets stay float32)")
