@@ -56,6 +56,36 @@ def auto_attention(device_type: str, precision: object, tokens: int | None) -> t
     return "sdpa", where
 
 
+def choose_attention(config, device_type: str, precision: object, sizes: list) -> tuple[str, str]:
+    """(kernel, why) that ``auto`` picks for a model of ``config`` trained or run on ``sizes`` (ints
+    for squares or (h, w); the longest sequence counts, an unknown one makes it unknown)."""
+    lengths = [sequence_length(config, (s, s) if isinstance(s, int) else tuple(s)) for s in sizes if s]
+    longest = None if not lengths or None in lengths else max(lengths)
+    return auto_attention(device_type, precision, longest)
+
+
+def set_attention(model: torch.nn.Module, kernel: str) -> None:
+    """``kernel`` on every transformers model inside ``model``; a model without sdpa (DPT-Hybrid's BiT
+    stem, Depth Anything's head) or one transformers refuses the kernel for keeps its own."""
+    from transformers import PreTrainedModel
+    from transformers.utils import logging as hf_logging
+
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()  # its note on sub-configs it sets without a sub-model (DINOv2, BEiT)
+    try:
+        for m in model.modules():
+            if not isinstance(m, PreTrainedModel) or m.config._attn_implementation == kernel:
+                continue
+            if kernel == "sdpa" and not getattr(m, "_supports_sdpa", False):
+                continue
+            try:
+                m.set_attn_implementation(kernel)
+            except ValueError:
+                continue
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
     # as transformers' eager_attention_forward computes it (no mask, no dropout)
     return torch.softmax(torch.matmul(q, k.transpose(2, 3)) * q.shape[-1] ** -0.5, dim=-1) @ v

@@ -12,7 +12,6 @@ from typing import Any, ClassVar, Literal
 import lightning.pytorch as pl
 import torch
 from torch import nn
-from transformers import PreTrainedModel
 
 from dptune.data.base import ValidationSource
 from dptune.errors import ConfigError, first_line
@@ -238,33 +237,18 @@ class DPTTask(pl.LightningModule):
         return "sdpa" if impl == "auto" else impl
 
     def _choose_attention(self) -> None:
-        """``attn_implementation: auto``: the kernel ``auto_attention`` picks for this run's device and
-        precision, set on every transformers model of the network; one log line says which and why."""
-        from dptune.models.attention import auto_attention, sequence_length
+        """``attn_implementation: auto``: the kernel ``dptune.models.attention`` picks for this run's
+        device, precision and input sizes, set on every transformers model of the network; one log line
+        says which and why."""
+        from dptune.models.attention import choose_attention, set_attention
 
         if self.hparams.attn_implementation != "auto":
             return
         dm = getattr(self.trainer, "datamodule", None)
-        sizes = [s for s in (self.hparams.image_size, getattr(dm, "crop_size", None)) if s]  # eval and train inputs
-        lengths = [sequence_length(self.model.config, (s, s) if isinstance(s, int) else tuple(s)) for s in sizes]
-        longest = None if not lengths or None in lengths else max(lengths)
-        pick, why = auto_attention(self.trainer.strategy.root_device.type, self.trainer.precision, longest)
-        from transformers.utils import logging as hf_logging
-
-        verbosity = hf_logging.get_verbosity()
-        hf_logging.set_verbosity_error()  # its note on sub-configs it sets without a sub-model (DINOv2, BEiT)
-        try:
-            for m in self.model.modules():
-                if not isinstance(m, PreTrainedModel) or m.config._attn_implementation == pick:
-                    continue
-                if pick == "sdpa" and not getattr(m, "_supports_sdpa", False):
-                    continue  # a model without sdpa (DPT-Hybrid's BiT stem, Depth Anything's head) keeps its own
-                try:
-                    m.set_attn_implementation(pick)
-                except ValueError:  # transformers refuses the kernel for this model: it keeps its own
-                    continue
-        finally:
-            hf_logging.set_verbosity(verbosity)
+        sizes = [self.hparams.image_size, getattr(dm, "crop_size", None)]  # eval and train inputs
+        pick, why = choose_attention(self.model.config, self.trainer.strategy.root_device.type, self.trainer.precision,
+                                     sizes)
+        set_attention(self.model, pick)
         if self.trainer.is_global_zero:
             log.info("%s attention chosen: %s (model.attn_implementation overrides)", pick, why)
 

@@ -267,9 +267,9 @@ def main(argv: list[str] | None = None) -> int:
             "channels_last": args.channels_last, "gradient_clip_val": args.gradient_clip_val,
             "attention": args.attention, "tmp": tempfile.mkdtemp(prefix="dptune-bench-")}
     if args.attention == "auto" and not args.joint:
-        from dptune.models.attention import auto_attention, sequence_length
+        from dptune.models.attention import choose_attention
 
-        kernel, why_kernel = auto_attention(device, precision, sequence_length(cfg, (args.crop, args.crop)))
+        kernel, why_kernel = choose_attention(cfg, device, precision, [args.crop])
         print(f"# attention {kernel} chosen: {why_kernel} (--attention overrides)")
     peak, peak_src = peak_tflops(device, precision)
     if args.peak_tflops:
