@@ -69,6 +69,9 @@ def test_class_map_is_numpy_argmax_with_ties_and_nonfinite_scores():
         np.testing.assert_array_equal(got.numpy(), np.argmax(scores, axis=1))
     one = class_map(torch.from_numpy(scores[0]), dim=0)  # one image (C, H, W)
     np.testing.assert_array_equal(one.numpy(), np.argmax(scores[0], axis=0))
+    scores[2, 1, 4, 4] = scores[2, 6, 4, 4] = np.nan  # two NaNs at one pixel: the first
+    laid = torch.from_numpy(scores).contiguous(memory_format=torch.channels_last)  # as validation's logits are
+    np.testing.assert_array_equal(class_map(laid).numpy(), np.argmax(scores, axis=1))
 
 
 def test_finite_rows_flags_exactly_the_samples_holding_nan_or_inf():
@@ -109,7 +112,7 @@ def test_the_kernel_timing_table_runs(monkeypatch, capsys):
     monkeypatch.setattr(eval_kernels, "ROUNDS", 1)
     eval_kernels.main()
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
-    assert len(lines) == 5
+    assert len(lines) == 6
     for line in lines:
         before, now = (float(v) for v in line.split("|")[3:5])
         assert before > 0 and now > 0

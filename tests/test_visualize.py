@@ -64,7 +64,8 @@ def test_a_panel_scales_the_prediction_by_the_ground_truth_and_shows_both_bars()
 def test_validation_pictures_reach_the_wandb_run_as_jpeg_with_lossless_masks(tmp_path, monkeypatch):
     """The pictures logged at each validation: depth panels and segmentation photos as JPEG (PNG took
     ~0.2 s per panel, every validation; docs/benchmarks.md "Validation cost"), close to the panel
-    drawn; the class masks over a photo stay PNG, class for class."""
+    drawn and without coloured halos where depth is missing; the class masks over a photo stay PNG,
+    class for class."""
     import glob
 
     import cv2
@@ -78,6 +79,7 @@ def test_validation_pictures_reach_the_wandb_run_as_jpeg_with_lossless_masks(tmp
     yy, xx = np.mgrid[0:96, 0:128]
     photo = np.stack([xx * 2, yy * 2, (xx + yy)], -1).astype(np.uint8)
     gt = (1.0 + xx / 64.0).astype(np.float32)
+    gt[:, 40:56] = 0  # no measurement: black in the panel, with no coloured halo around it
     depth = [{"image": photo, "gt": gt, "pred": gt * 1.1}]
     mask = (xx // 32).astype(np.uint8)
     seg = [{"image": photo, "gt": mask, "pred": np.where(rng.random(mask.shape) < 0.1, 255, mask).astype(np.uint8)}]
@@ -93,7 +95,10 @@ def test_validation_pictures_reach_the_wandb_run_as_jpeg_with_lossless_masks(tmp
     assert len(panels) == 1 and len(photos) == 1, os.listdir(f"{media}/images")
     drawn = depth_panel(photo, gt, gt * 1.1)
     read = cv2.cvtColor(cv2.imread(panels[0]), cv2.COLOR_BGR2RGB)
-    assert read.shape == drawn.shape and np.abs(read.astype(int) - drawn).mean() < 4
+    error = np.abs(read.astype(int) - drawn).max(-1)
+    assert read.shape == drawn.shape and np.percentile(error, 99) < 16, np.percentile(error, 99)  # W&B's own: 39
+    hole = read[:, 128 + 40:128 + 56]  # the ground truth's missing columns in the panel
+    assert np.percentile(hole.max(-1), 99) < 8, np.percentile(hole.max(-1), 99)  # W&B's own JPEG: 17
     assert np.abs(cv2.imread(photos[0])[..., ::-1].astype(int) - photo).mean() < 4
     read_masks = sorted(cv2.imread(m, cv2.IMREAD_UNCHANGED).tolist() for m in masks)
     assert read_masks == sorted([seg[0]["gt"].tolist(), seg[0]["pred"].tolist()])

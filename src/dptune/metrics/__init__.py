@@ -16,8 +16,8 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     if x.device.type != "cpu" or x.ndim < 2:
         return torch.isfinite(x.reshape(x.shape[0], -1)).all(1)
     ok = torch.isfinite(x.sum(tuple(range(1, x.ndim))))
-    if not bool(ok.all()):
-        ok[~ok] = torch.isfinite(x[~ok].reshape(int((~ok).sum()), -1)).all(1)
+    for i in (~ok).nonzero().flatten().tolist():  # each sample as a view: no copy of a diverged batch
+        ok[i] = bool(torch.isfinite(x[i]).all())
     return ok
 
 

@@ -17,8 +17,9 @@ def class_map(scores: torch.Tensor, dim: int = 1) -> torch.Tensor:
     """The predicted class per pixel: the first class of highest score along ``dim`` (a NaN counts as
     the highest), as ``scores.argmax(dim)`` gives it. ``max(dim).indices`` computes the same faster
     on a CPU, where torch's argmax over a dimension that is not the innermost in memory is slow: about
-    13x for one 720 x 960 image's 11-class logits (``predict``), 1.2x for a bfloat16 validation
-    batch's channels-last logits (``python -m dptune.tools.eval_kernels``; docs/benchmarks.md)."""
+    13x for one 720 x 960 image's 11-class logits (``predict``), 1.2x for the channels-last float32
+    logits of a validation batch (``python -m dptune.tools.eval_kernels``; docs/benchmarks.md). Every
+    caller passes float32 (on a bfloat16 tensor ``max`` is the slower one)."""
     return scores.max(dim).indices
 
 

@@ -3,6 +3,9 @@ both tasks (class overlays, depth panels) that every task logs the same way."""
 
 from __future__ import annotations
 
+import os
+import tempfile
+
 import cv2
 import numpy as np
 
@@ -90,28 +93,42 @@ def depth_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, relative: b
 
 # Pictures (photos, depth panels) go to W&B as JPEG: PNG encoding of the four 480 x 2766 depth panels took
 # 0.8 s at every validation, 17 of the 270 s of a 7-Scenes run (docs/benchmarks.md, "Validation cost").
-# Class masks stay PNG (W&B writes them itself): a class index must survive exactly.
-PICTURE_FORMAT = "jpg"
+# Written here at quality 90 with full colour resolution: W&B's own JPEG (quality 75, halved colour)
+# put coloured halos around missing depth and blurred the colour scale. Class masks stay PNG (W&B
+# writes them itself): a class index must survive exactly.
+JPEG_OPTIONS = {"quality": 90, "subsampling": 0}
 
 
-def overlay_images(samples: list[dict[str, np.ndarray]], names: list[str]) -> list:
-    """W&B images of ``image`` with ``gt`` and ``pred`` class masks as toggleable overlays."""
+def _jpeg(picture: np.ndarray, folder: str) -> str:
+    """``picture`` (HxWx3 uint8) written as a JPEG file in ``folder``; its path."""
+    fd, path = tempfile.mkstemp(suffix=".jpg", dir=folder)
+    os.close(fd)
+    cv2.imwrite(path, cv2.cvtColor(np.ascontiguousarray(picture), cv2.COLOR_RGB2BGR),
+                [cv2.IMWRITE_JPEG_QUALITY, JPEG_OPTIONS["quality"], cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                 cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+    return path
+
+
+def overlay_images(samples: list[dict[str, np.ndarray]], names: list[str], folder: str) -> list:
+    """W&B images of ``image`` with ``gt`` and ``pred`` class masks as toggleable overlays (the photos
+    written to ``folder``, which must last until the images are logged)."""
     import wandb
 
     class_labels = dict(enumerate(names)) | {255: "ignore"}
-    return [wandb.Image(s["image"], masks={"ground_truth": {"mask_data": s["gt"], "class_labels": class_labels},
-                                           "prediction": {"mask_data": s["pred"], "class_labels": class_labels}},
-                        file_type=PICTURE_FORMAT)
+    return [wandb.Image(_jpeg(s["image"], folder),
+                        masks={"ground_truth": {"mask_data": s["gt"], "class_labels": class_labels},
+                               "prediction": {"mask_data": s["pred"], "class_labels": class_labels}})
             for s in samples]
 
 
-def depth_images(samples: list[dict[str, np.ndarray]], relative: bool = False) -> list:
-    """W&B images of depth panels from ``image``, ``gt`` and ``pred`` depth."""
+def depth_images(samples: list[dict[str, np.ndarray]], folder: str, relative: bool = False) -> list:
+    """W&B images of depth panels from ``image``, ``gt`` and ``pred`` depth (written to ``folder``,
+    which must last until the images are logged)."""
     import wandb
 
-    return [wandb.Image(depth_panel(s["image"], s["gt"], s["pred"], relative),
-                        caption="image | ground truth | prediction (the ground truth's colour scale, in metres) | |error|",
-                        file_type=PICTURE_FORMAT) for s in samples]
+    return [wandb.Image(_jpeg(depth_panel(s["image"], s["gt"], s["pred"], relative), folder),
+                        caption="image | ground truth | prediction (the ground truth's colour scale, in metres) | |error|")
+            for s in samples]
 
 
 def log_iou_table(logger, names: list[str], iou: list[float], step: int, key: str = "val/per_class_IoU") -> None:
@@ -174,7 +191,9 @@ def log_validation_images(logger, step: int, names: list[str] | None = None, iou
     of the ``seg`` samples, depth panels of the ``depth`` samples."""
     if iou:
         log_iou_table(logger, names, iou, step)
-    images = {**({"val/overlays": overlay_images(seg, names)} if seg else {}),
-              **({"val/depth": depth_images(depth, relative)} if depth else {})}
-    if images:
+    if not seg and not depth:
+        return
+    with tempfile.TemporaryDirectory(prefix="dptune-pictures-") as folder:  # W&B copies the files when it logs
+        images = {**({"val/overlays": overlay_images(seg, names, folder)} if seg else {}),
+                  **({"val/depth": depth_images(depth, folder, relative)} if depth else {})}
         logger.experiment.log({**images, "trainer/global_step": step})
