@@ -110,7 +110,7 @@ def test_the_kernel_timing_table_runs(monkeypatch, capsys):
     from dptune.tools import eval_kernels
 
     monkeypatch.setattr(eval_kernels, "ROUNDS", 1)
-    eval_kernels.main()
+    eval_kernels.main([])
     lines = [ln for ln in capsys.readouterr().out.splitlines() if ln.startswith("| ") and "---" not in ln][1:]
     assert len(lines) == 6
     for line in lines:

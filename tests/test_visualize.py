@@ -102,3 +102,24 @@ def test_validation_pictures_reach_the_wandb_run_as_jpeg_with_lossless_masks(tmp
     assert np.abs(cv2.imread(photos[0])[..., ::-1].astype(int) - photo).mean() < 4
     read_masks = sorted(cv2.imread(m, cv2.IMREAD_UNCHANGED).tolist() for m in masks)
     assert read_masks == sorted([seg[0]["gt"].tolist(), seg[0]["pred"].tolist()])
+
+
+def test_a_picture_too_wide_for_jpeg_is_logged_as_png(tmp_path, monkeypatch):
+    """JPEG holds at most 65500 px a side: a wider panel (depth frames ~16400 px wide) goes to W&B as
+    PNG instead of stopping the fit at its first validation with no checkpoint (adversarial review)."""
+    import glob
+
+    import wandb
+
+    from dptune.tasks.visuals import log_validation_images
+    from dptune.training.callbacks import DPTuneWandbLogger
+
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    gt = np.full((2, 16500), 2.0, np.float32)
+    depth = [{"image": np.zeros((2, 16500, 3), np.uint8), "gt": gt, "pred": gt}]
+    logger = DPTuneWandbLogger(project="t", save_dir=str(tmp_path), mode="offline")
+    try:
+        log_validation_images(logger, 1, depth=depth)
+    finally:
+        wandb.finish()
+    assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "images" / "val" / "depth_*.png"))) == 1

@@ -99,14 +99,20 @@ def depth_panel(image: np.ndarray, gt: np.ndarray, pred: np.ndarray, relative: b
 JPEG_OPTIONS = {"quality": 90, "subsampling": 0}
 
 
-def _jpeg(picture: np.ndarray, folder: str) -> str:
-    """``picture`` (HxWx3 uint8) written as a JPEG file in ``folder``; its path."""
+JPEG_MAX_SIDE = 65500  # JPEG's largest width or height
+
+
+def _jpeg(picture: np.ndarray, folder: str) -> str | np.ndarray:
+    """``picture`` (HxWx3 uint8) written as a JPEG file in ``folder``: its path; the picture itself (W&B
+    writes it as PNG) where JPEG cannot hold it (a side over 65500 px) or the write fails."""
+    if max(picture.shape[:2]) > JPEG_MAX_SIDE:
+        return picture
     fd, path = tempfile.mkstemp(suffix=".jpg", dir=folder)
     os.close(fd)
-    cv2.imwrite(path, cv2.cvtColor(np.ascontiguousarray(picture), cv2.COLOR_RGB2BGR),
-                [cv2.IMWRITE_JPEG_QUALITY, JPEG_OPTIONS["quality"], cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
-                 cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
-    return path
+    written = cv2.imwrite(path, cv2.cvtColor(np.ascontiguousarray(picture), cv2.COLOR_RGB2BGR),
+                          [cv2.IMWRITE_JPEG_QUALITY, JPEG_OPTIONS["quality"], cv2.IMWRITE_JPEG_SAMPLING_FACTOR,
+                           cv2.IMWRITE_JPEG_SAMPLING_FACTOR_444])
+    return path if written else picture
 
 
 def overlay_images(samples: list[dict[str, np.ndarray]], names: list[str], folder: str) -> list:

@@ -74,7 +74,11 @@ def rows() -> list[tuple[str, str, float, float]]:
     return out
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> None:
+    import argparse
+
+    argparse.ArgumentParser(prog="python -m dptune.tools.eval_kernels", description=__doc__,
+                            formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False).parse_args(argv)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads")
     print("| kernel | shape | before ms | dptune ms | speed-up |")
     print("| --- | --- | --- | --- | --- |")
