@@ -49,7 +49,7 @@ def test_fit_logs_depth_metrics_and_writes_checkpoints(depth_run):
     val = meta["metrics"]["val"]
     assert val["images"] == 5 and 0 < val["abs_rel"] < 1 and 0 <= val["delta1"] <= 1
     runs = list((depth_run["run"] / "wandb").glob("offline-run-*"))
-    assert list((runs[0] / "files" / "media" / "images" / "val").glob("depth_*.png")), "validation depth panels"
+    assert list((runs[0] / "files" / "media" / "images" / "val").glob("depth_*.jpg")), "validation depth panels"
 
 
 def test_export_loads_in_plain_transformers_and_onnx_and_predict_agree(depth_run, tmp_path):

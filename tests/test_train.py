@@ -83,7 +83,7 @@ def test_fit_writes_checkpoints_and_offline_wandb_run(trained):
     runs = list((trained["run"] / "wandb").glob("offline-run-*"))
     assert runs, "expected an offline wandb run"
     media = runs[0] / "files" / "media"
-    assert list((media / "images" / "val").glob("overlays_*.png")), "validation overlays"
+    assert list((media / "images" / "val").glob("overlays_*.jpg")), "validation overlays"
     assert list((media / "table" / "val").glob("per_class_IoU_*.table.json")), "per-class IoU table"
     ckpt = torch.load(trained["run"] / "checkpoints" / "last.ckpt", map_location="cpu")
     # 7 frames, batch 2, last partial batch dropped: 3 steps per epoch; last.ckpt is the final

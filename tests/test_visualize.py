@@ -83,6 +83,7 @@ def test_validation_pictures_reach_the_wandb_run_as_jpeg_with_lossless_masks(tmp
     depth = [{"image": photo, "gt": gt, "pred": gt * 1.1}]
     mask = (xx // 32).astype(np.uint8)
     seg = [{"image": photo, "gt": mask, "pred": np.where(rng.random(mask.shape) < 0.1, 255, mask).astype(np.uint8)}]
+    wandb.finish()  # a run another test left open would be reused, its files elsewhere
     logger = DPTuneWandbLogger(project="t", save_dir=str(tmp_path), mode="offline")
     try:
         log_validation_images(logger, 3, names=["a", "b", "c", "d"], iou=[0.5] * 4, seg=seg, depth=depth)
@@ -117,6 +118,7 @@ def test_a_picture_too_wide_for_jpeg_is_logged_as_png(tmp_path, monkeypatch):
     monkeypatch.setenv("WANDB_SILENT", "true")
     gt = np.full((2, 16500), 2.0, np.float32)
     depth = [{"image": np.zeros((2, 16500, 3), np.uint8), "gt": gt, "pred": gt}]
+    wandb.finish()  # a run another test left open would be reused, its files elsewhere
     logger = DPTuneWandbLogger(project="t", save_dir=str(tmp_path), mode="offline")
     try:
         log_validation_images(logger, 1, depth=depth)
