@@ -109,8 +109,16 @@ def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
     data = [{"image": images[i % 4], "mask": masks[i % 4], "sizes": [(opts["crop"],) * 2] * opts["batch"]}
             for i in range(opts["warmup"] + opts["steps"])]
     times: list[float] = []
+    profiled = min(opts.get("profile") or 0, opts["steps"])
+    first_profiled = len(data) - profiled
+    profiler: list = []
 
     class Timer(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if profiled and batch_idx == first_profiled:
+                profiler.append(torch.profiler.profile(record_shapes=True))
+                profiler[0].__enter__()
+
         def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
             if opts["device"] == "cuda":
                 torch.cuda.synchronize()
@@ -125,7 +133,22 @@ def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None, shuffle=False))
     timed = times[opts["warmup"] - 1:]
     ips = opts["batch"] * (len(timed) - 1) / (timed[-1] - timed[0])
-    return {"images_per_s": ips, "peak_mem_gib": _peak_memory(opts["device"])}
+    out = {"images_per_s": ips, "peak_mem_gib": _peak_memory(opts["device"])}
+    if profiler:
+        profiler[0].__exit__(None, None, None)
+        out["profile"] = profile_rows(profiler[0], profiled)
+    return out
+
+
+def profile_rows(prof, steps: int, top: int = 15) -> list[dict[str, Any]]:
+    """The operators that took the most of ``steps`` profiled training steps (self CPU time: the
+    operator's own kernels, not what it called), by operator and input shapes, each with its
+    milliseconds per step and its share of all operators' self time."""
+    events = prof.key_averages(group_by_input_shape=True)
+    total = sum(e.self_cpu_time_total for e in events) or 1.0
+    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return [{"op": e.key, "shapes": str([list(x) for x in e.input_shapes if x])[:90], "calls_per_step": e.count / steps,
+             "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "share": e.self_cpu_time_total / total} for e in rows]
 
 
 def _time_hf_trainer(opts: dict[str, Any]) -> dict[str, Any]:
@@ -228,6 +251,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--attention", choices=["auto", "sdpa", "eager"], default="auto",
                     help="dptune's attention kernel (model.attn_implementation; auto: eager on a CPU in bfloat16)")
     ap.add_argument("--gradient-clip-val", type=float, default=None, help="clip gradients (unfused AdamW then)")
+    ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                    help="profile dptune's last STEPS timed steps (torch profiler) and print the operators that take "
+                         "the most time (the profiler slows those steps: their images/s count it)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
     ap.add_argument("--data", help="loader benchmark instead: a train.py config whose data: section to read")
     ap.add_argument("--root", help="with --data: override data.root")
@@ -246,6 +272,9 @@ def main(argv: list[str] | None = None) -> int:
     from dptune.models.dpt_backbone import uses_backbone
     from dptune.models.flops import train_flops
 
+    if args.profile < 0:
+        print(f"error: --profile {args.profile}: the number of timed steps to profile, 0 (none) or more", file=sys.stderr)
+        return 2
     if args.data:
         from dptune.tools.loader_bench import loader_benchmark
 
@@ -265,7 +294,7 @@ def main(argv: list[str] | None = None) -> int:
             "steps": args.steps, "warmup": args.warmup, "precision": precision, "device": device,
             "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
             "channels_last": args.channels_last, "gradient_clip_val": args.gradient_clip_val,
-            "attention": args.attention, "tmp": tempfile.mkdtemp(prefix="dptune-bench-")}
+            "attention": args.attention, "profile": args.profile, "tmp": tempfile.mkdtemp(prefix="dptune-bench-")}
     if args.attention == "auto" and not args.joint:
         from dptune.models.attention import choose_attention
 
@@ -300,6 +329,9 @@ def main(argv: list[str] | None = None) -> int:
                   f"MFU {100 * r['mfu']:5.1f}%")
         else:
             print(f"{job:<11} failed: {r['error']}")
+        for row in r.get("profile", []):
+            print(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.1f} ms/step  {row['calls_per_step']:4.1f}x  "
+                  f"{row['op']}  {row['shapes']}")
         results[job] = r
     if args.baseline and "error" not in results["dptune"] and "error" not in results["hf_trainer"]:
         ratio = results["dptune"]["images_per_s"] / results["hf_trainer"]["images_per_s"]
