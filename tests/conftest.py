@@ -33,16 +33,25 @@ DEPTH_FORMATS = SHARED / "data" / "depth-formats"
 DATASETS = (CAMVID, DUBAI, KITCHEN, DEPTH_FORMATS)  # what the suite reads; tests that need one skip without it, except in CI
 
 
+def pytest_xdist_auto_num_workers(config) -> int:
+    """``-n auto``: one worker per core this process may use (affinity, cgroup quota); xdist's own count
+    reads the machine's physical cores where psutil is installed, a container's share nowhere."""
+    from dptune.training.hardware import usable_cores
+
+    return usable_cores()
+
+
 def pytest_configure(config) -> None:
-    """Under pytest-xdist (``-n``, pyproject's default) each worker takes its own share of the cores
+    """Under pytest-xdist (the README's ``-n auto``) each worker takes its own share of the cores
     (affinity, which the subprocesses it starts inherit) and as many torch threads: two workers with
     one core each get through the suite faster than one with two cores (a training step gains 1.4x
-    from the second thread, not 2x), and two workers with all the cores would fight over them."""
+    from the second thread, not 2x), and two workers with all the cores would fight over them. With
+    more workers than cores, workers share a core each, round robin."""
     worker, count = os.environ.get("PYTEST_XDIST_WORKER"), int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if not worker or count < 2 or not hasattr(os, "sched_setaffinity"):
         return
-    cores = sorted(os.sched_getaffinity(0))
-    share = cores[int(worker.removeprefix("gw")) % count::count] or cores
+    cores, index = sorted(os.sched_getaffinity(0)), int(worker.removeprefix("gw"))
+    share = cores[index % count::count] if count <= len(cores) else [cores[index % len(cores)]]
     os.sched_setaffinity(0, share)
     import torch
 

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+import pytest
+
 from dptune.tools.benchmark import main
 
 
@@ -11,12 +13,17 @@ def test_profile_names_the_operators_that_take_the_step(tiny_config_path, tmp_pa
     out = tmp_path / "bench.json"
     assert main(["--model", str(tiny_config_path), "--crop", "64", "--batch", "2", "--steps", "2", "--warmup", "1",
                  "--precision", "32-true", "--profile", "2", "--json", str(out)]) == 0
-    rows = json.loads(out.read_text())["dptune"]["profile"]
-    shares = [r["share"] for r in rows]
-    assert rows and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
-    # a DPT's training step runs convolutions forward and backward: both are among its operators
-    ops = {r["op"] for r in rows}
-    assert {"aten::convolution_backward", "aten::mkldnn_convolution"} & ops, ops
+    result = json.loads(out.read_text())["dptune"]
+    rows = result["profile"]
+    assert result["profiled_steps"] == 2 and not any(r["op"].startswith("Optimizer.") for r in rows)
+    total = [r for r in rows if r["shapes"] == "all"]
+    by_shape = [r for r in rows if r["shapes"] != "all"]
+    for part in (total, by_shape):
+        shares = [r["share"] for r in part]
+        assert part and shares == sorted(shares, reverse=True) and 0 < sum(shares) <= 1 + 1e-9
+    # a DPT's training step runs convolutions backward; in all, the operator takes at least what any of its shapes does
+    backward = [r for r in rows if r["op"] == "aten::convolution_backward"]
+    assert backward and backward[0]["shapes"] == "all" and all(r["share"] <= backward[0]["share"] for r in backward)
     assert all(r["ms_per_step"] > 0 and r["calls_per_step"] > 0 for r in rows)
     printed = capsys.readouterr().out
     assert rows[0]["op"] in printed and "ms/step" in printed
@@ -26,3 +33,15 @@ def test_a_negative_profile_is_refused_in_one_line(capsys):
     assert main(["--profile", "-1"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert len(err) == 1 and err[0].startswith("error: --profile -1"), err
+
+
+def test_options_that_cannot_work_are_refused_in_one_line_before_anything_runs(capsys, monkeypatch):
+    import dptune.tools.benchmark as bench
+
+    monkeypatch.setattr(bench, "run_job", lambda *a, **k: pytest.fail("a job ran"))
+    for args, named in ((["--profile", "2", "--joint"], "--joint"), (["--profile", "2", "--data", "x.yaml"], "--data"),
+                        (["--warmup", "0"], "at least 1"), (["--steps", "0"], "at least 1"),
+                        (["--json", "/nonexistent-folder/bench.json"], "/nonexistent-folder")):
+        assert main(args) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith(f"error: {args[0]}") and named in err[0], err

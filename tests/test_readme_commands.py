@@ -28,7 +28,7 @@ RUN = ["dptune fit --config configs/quickstart.yaml",
 # installs: not run (they would change this environment); checked against what is installed
 SETUP = ("pip install ",)
 # the whole test suite, of which this test is part: not run from here
-SUITE = ["python -m pytest -q"]
+SUITE = ["python -m pytest -q -n auto --dist loadfile"]
 # training commands: resolved with --print_config (they need the shared data, GPUs, or hours)
 PARSE = ("dptune fit ", "dptune validate ", "dptune test ")
 # tool commands on a run's outputs: each option must be one the tool takes (`dptune TOOL --help`)

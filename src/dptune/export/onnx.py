@@ -9,6 +9,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from dptune.inference.onnx_runner import session_options
 from dptune.models import segment
 from dptune.models.build import input_side
 
@@ -64,7 +65,7 @@ def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]]
     """Largest |torch - onnxruntime| / max|torch| over random inputs of the given (B, H, W) shapes."""
     import onnxruntime as ort
 
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     wrapper = TaskOutput(model).eval().float()
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
@@ -108,7 +109,7 @@ def export_joint_onnx(joint: nn.Module, path: Path, size: tuple[int, int], opset
                       opset_version=opset, dynamo=False)
     if check is not None:
         check(path)
-    sess = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for b, h, w in [(1, *size), (2, size[0], size[1] + 2 * p)]:

@@ -73,11 +73,15 @@ def cpu_providers() -> list[str]:
 
 
 def session_options(threads: int | None = None):
+    """ONNX Runtime's options with ``threads`` intra-op threads, by default the cores this process may
+    use (affinity, cgroup quota): left to itself ONNX Runtime counts the machine's cores and pins a
+    thread to each, outside a container's or ``taskset``'s share."""
+    from dptune.training.hardware import usable_cores
+
     ort = require_onnxruntime()
     so = ort.SessionOptions()
-    if threads:
-        so.intra_op_num_threads = int(threads)
-        so.inter_op_num_threads = 1
+    so.intra_op_num_threads = int(threads or usable_cores())
+    so.inter_op_num_threads = 1
     so.log_severity_level = 3  # warnings about unused initialisers etc. are not the user's business
     return so
 

@@ -106,23 +106,25 @@ def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
         channels_last=opts["channels_last"], warmup_steps=0, attn_implementation=opts.get("attention", "auto"),
     )
     images, masks = _batches(cfg, opts["batch"], opts["crop"], 4)
+    # --profile's steps run after the timed ones: the profiler's cost stays out of images/s
+    profiled, timed_end = opts.get("profile") or 0, opts["warmup"] + opts["steps"]
     data = [{"image": images[i % 4], "mask": masks[i % 4], "sizes": [(opts["crop"],) * 2] * opts["batch"]}
-            for i in range(opts["warmup"] + opts["steps"])]
+            for i in range(timed_end + profiled)]
     times: list[float] = []
-    profiled = min(opts.get("profile") or 0, opts["steps"])
-    first_profiled = len(data) - profiled
     profiler: list = []
 
     class Timer(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if profiled and batch_idx == first_profiled:
+            if profiled and batch_idx == timed_end:
                 profiler.append(torch.profiler.profile(record_shapes=True))
                 profiler[0].__enter__()
 
-        def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
+        def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if opts["device"] == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
+            if profiler and batch_idx == len(data) - 1:
+                profiler[0].__exit__(None, None, None)
 
     trainer = pl.Trainer(
         accelerator="gpu" if opts["device"] == "cuda" else "cpu", devices=1, precision=opts["precision"],
@@ -131,24 +133,32 @@ def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
         gradient_clip_val=opts.get("gradient_clip_val"),
     )
     trainer.fit(module, train_dataloaders=DataLoader(data, batch_size=None, shuffle=False))
-    timed = times[opts["warmup"] - 1:]
+    timed = times[opts["warmup"] - 1:timed_end]
     ips = opts["batch"] * (len(timed) - 1) / (timed[-1] - timed[0])
     out = {"images_per_s": ips, "peak_mem_gib": _peak_memory(opts["device"])}
     if profiler:
-        profiler[0].__exit__(None, None, None)
         out["profile"] = profile_rows(profiler[0], profiled)
+        out["profiled_steps"] = profiled
     return out
 
 
 def profile_rows(prof, steps: int, top: int = 15) -> list[dict[str, Any]]:
     """The operators that took the most of ``steps`` profiled training steps (self CPU time: the
-    operator's own kernels, not what it called), by operator and input shapes, each with its
-    milliseconds per step and its share of all operators' self time."""
-    events = prof.key_averages(group_by_input_shape=True)
-    total = sum(e.self_cpu_time_total for e in events) or 1.0
-    rows = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
-    return [{"op": e.key, "shapes": str([list(x) for x in e.input_shapes if x])[:90], "calls_per_step": e.count / steps,
-             "ms_per_step": e.self_cpu_time_total / 1e3 / steps, "share": e.self_cpu_time_total / total} for e in rows]
+    operator's own kernels, not what it called): the ``top`` operators in all (``shapes`` "all"), then
+    the ``top`` by operator and input shapes, each with its milliseconds per step and its share of
+    all the profiled self time. Named ranges are left out of the rows (``Optimizer.step#AdamW.step``
+    spans Lightning's whole closure, forward and backward: its self time is the Python around them),
+    not out of the total."""
+    rows = []
+    for by_shape in (False, True):
+        events = prof.key_averages(group_by_input_shape=by_shape)
+        total = sum(e.self_cpu_time_total for e in events) or 1.0
+        ops = [e for e in events if "#" not in e.key and not e.key.startswith("Optimizer.")]
+        for e in sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
+            rows.append({"op": e.key, "shapes": str([list(x) for x in e.input_shapes if x])[:90] if by_shape else "all",
+                         "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
+                         "share": e.self_cpu_time_total / total})
+    return rows
 
 
 def _time_hf_trainer(opts: dict[str, Any]) -> dict[str, Any]:
@@ -252,8 +262,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="dptune's attention kernel (model.attn_implementation; auto: eager on a CPU in bfloat16)")
     ap.add_argument("--gradient-clip-val", type=float, default=None, help="clip gradients (unfused AdamW then)")
     ap.add_argument("--profile", type=int, default=0, metavar="STEPS",
-                    help="profile dptune's last STEPS timed steps (torch profiler) and print the operators that take "
-                         "the most time (the profiler slows those steps: their images/s count it)")
+                    help="after the timed steps, profile STEPS more of dptune's (torch profiler; not the --baseline's) "
+                         "and print the operators that take the most time, in all and by input shape (the images/s "
+                         "come from the timed steps only; on a GPU the times are the CPU's, kernels run asynchronously)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="override the device's peak")
     ap.add_argument("--data", help="loader benchmark instead: a train.py config whose data: section to read")
     ap.add_argument("--root", help="with --data: override data.root")
@@ -265,6 +276,21 @@ def main(argv: list[str] | None = None) -> int:
                     help="time an export's inference instead (torch eager / compiled, ONNX Runtime fp32 / int8 / fp16); "
                          "its own options: dptune benchmark --infer EXPORT_DIR --help")
     args = ap.parse_args(argv)
+    # the training step's timing starts at the end of a warm-up step; --joint times passes from the start
+    warmup_least = 0 if args.joint or args.data else 1
+    for flag, value, least in (("--profile", args.profile, 0), ("--warmup", args.warmup, warmup_least),
+                               ("--steps", args.steps, 1)):
+        if value < least:
+            print(f"error: {flag} {value}: at least {least} ({'steps to profile after the timed ones' if flag == '--profile' else 'steps'})",
+                  file=sys.stderr)
+            return 2
+    if args.json and not Path(args.json).resolve().parent.is_dir():
+        print(f"error: --json {args.json}: no folder {Path(args.json).resolve().parent} to write it in", file=sys.stderr)
+        return 2
+    if args.profile and (args.joint or args.data):
+        print(f"error: --profile profiles the training step; it does not apply to {'--joint' if args.joint else '--data'}",
+              file=sys.stderr)
+        return 2
     import tempfile
 
     import torch
@@ -272,9 +298,6 @@ def main(argv: list[str] | None = None) -> int:
     from dptune.models.dpt_backbone import uses_backbone
     from dptune.models.flops import train_flops
 
-    if args.profile < 0:
-        print(f"error: --profile {args.profile}: the number of timed steps to profile, 0 (none) or more", file=sys.stderr)
-        return 2
     if args.data:
         from dptune.tools.loader_bench import loader_benchmark
 
@@ -316,7 +339,7 @@ def main(argv: list[str] | None = None) -> int:
                                                    "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}))
         return 0
     print(f"# {args.model} crop {args.crop} batch {args.batch} {precision} on {device} ({machine}); "
-          f"train GFLOP/image {flops / 1e9:.1f} ({flops_src}); peak {peak:.1f} TFLOP/s ({peak_src})")
+          f"train GFLOP/image {flops / 1e9:.1f} ({flops_src}); peak {peak:.3g} TFLOP/s ({peak_src})")
     results: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "precision": precision,
                                "device": machine, "train_gflop_per_image": flops / 1e9, "peak_tflops": peak,
                                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
@@ -344,7 +367,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"max batch{' (gradient checkpointing)' if gc else ''}: {r.get('max_batch', r.get('error'))}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return 1 if any("error" in results[job] for job in jobs) else 0
 
 
 if __name__ == "__main__":
