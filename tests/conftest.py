@@ -36,7 +36,7 @@ DATASETS = (CAMVID, DUBAI, KITCHEN, DEPTH_FORMATS)  # what the suite reads; test
 def pytest_xdist_auto_num_workers(config) -> int:
     """``-n auto``: one worker per core this process may use (affinity, cgroup quota); xdist's own count
     reads the machine's physical cores where psutil is installed, a container's share nowhere."""
-    from dptune.training.hardware import usable_cores
+    from dptune.cores import usable_cores
 
     return usable_cores()
 

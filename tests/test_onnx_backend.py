@@ -500,8 +500,8 @@ def test_a_segmentation_graph_with_another_class_count_is_another_models(exports
 def test_onnx_sessions_take_the_cores_this_process_may_use(monkeypatch):
     """Left to itself ONNX Runtime counts the machine's cores and pins a thread to each, outside the
     share that ``taskset``, a container or a pinned test worker gives the process."""
+    from dptune import cores
     from dptune.inference.onnx_runner import session_options
-    from dptune.training import hardware
 
-    monkeypatch.setattr(hardware, "usable_cores", lambda: 1)
+    monkeypatch.setattr(cores, "usable_cores", lambda: 1)
     assert session_options().intra_op_num_threads == 1 and session_options(3).intra_op_num_threads == 3

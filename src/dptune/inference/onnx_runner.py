@@ -76,7 +76,7 @@ def session_options(threads: int | None = None):
     """ONNX Runtime's options with ``threads`` intra-op threads, by default the cores this process may
     use (affinity, cgroup quota): left to itself ONNX Runtime counts the machine's cores and pins a
     thread to each, outside a container's or ``taskset``'s share."""
-    from dptune.training.hardware import usable_cores
+    from dptune.cores import usable_cores
 
     ort = require_onnxruntime()
     so = ort.SessionOptions()

@@ -15,11 +15,12 @@ resolve, as an AVX2 one does.
 from __future__ import annotations
 
 import logging
-import os
 from typing import Any, Literal
 
 import torch
 from lightning.pytorch import Trainer
+
+from dptune.cores import usable_cores
 
 log = logging.getLogger("dptune")
 
@@ -60,24 +61,6 @@ def cpu_native_bf16() -> tuple[bool, str]:
         return False, f"CPU restricted to {capability} kernels (ATEN_CPU_CAPABILITY)"
     evidence = "/".join(native) if native else "oneDNN bf16"
     return True, f"CPU with native bf16 ({evidence}, torch dispatches {capability})"
-
-
-def usable_cores() -> int:
-    """The cores this process may use: its CPU affinity, capped by a cgroup CPU quota (containers,
-    SLURM) where one is set."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    for path, split in (("/sys/fs/cgroup/cpu.max", None), ("/sys/fs/cgroup/cpu/cpu.cfs_quota_us", "v1")):
-        try:
-            if split is None:
-                quota, period = open(path).read().split()[:2]
-            else:
-                quota, period = open(path).read().strip(), open("/sys/fs/cgroup/cpu/cpu.cfs_period_us").read().strip()
-        except (OSError, ValueError):
-            continue
-        if quota not in ("max", "-1") and int(period) > 0:
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
-        break
-    return max(1, cores)
 
 
 def fit_threads() -> str | None:
