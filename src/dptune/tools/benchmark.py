@@ -111,20 +111,19 @@ def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
     data = [{"image": images[i % 4], "mask": masks[i % 4], "sizes": [(opts["crop"],) * 2] * opts["batch"]}
             for i in range(timed_end + profiled)]
     times: list[float] = []
-    profiler: list = []
+    profiler = torch.profiler.profile(record_shapes=True) if profiled else None
 
     class Timer(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if profiled and batch_idx == timed_end:
-                profiler.append(torch.profiler.profile(record_shapes=True))
-                profiler[0].__enter__()
+            if profiler is not None and batch_idx == timed_end:
+                profiler.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
             if opts["device"] == "cuda":
                 torch.cuda.synchronize()
             times.append(time.perf_counter())
-            if profiler and batch_idx == len(data) - 1:
-                profiler[0].__exit__(None, None, None)
+            if profiler is not None and batch_idx == len(data) - 1:
+                profiler.stop()
 
     trainer = pl.Trainer(
         accelerator="gpu" if opts["device"] == "cuda" else "cpu", devices=1, precision=opts["precision"],
@@ -136,8 +135,8 @@ def _time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
     timed = times[opts["warmup"] - 1:timed_end]
     ips = opts["batch"] * (len(timed) - 1) / (timed[-1] - timed[0])
     out = {"images_per_s": ips, "peak_mem_gib": _peak_memory(opts["device"])}
-    if profiler:
-        out["profile"] = profile_rows(profiler[0], profiled)
+    if profiler is not None:
+        out["profile"] = profile_rows(profiler, profiled)
         out["profiled_steps"] = profiled
     return out
 
