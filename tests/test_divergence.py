@@ -344,7 +344,7 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit(tiny_config):
                     pass
 
     guard = InterruptGuard()
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever ran before
     try:
         with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a Ctrl-C
             _fit(_module(tiny_config), 6, [SwallowedAtStep2(), guard])
@@ -373,10 +373,42 @@ def test_a_ctrl_c_swallowed_after_the_last_batch_still_stops_the_fit(tiny_config
             except KeyboardInterrupt:
                 pass
 
-    before = signal.getsignal(signal.SIGINT)
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
     try:
         with pytest.raises(SystemExit):
             _fit(_module(tiny_config), 2, [SwallowedAtTheEnd(), InterruptGuard()])
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+def test_a_fit_that_failed_leaves_no_handler_that_unguards_the_next_fit(tiny_config):
+    """A fit that fails skips the callbacks' teardown, and Lightning puts back the SIGINT handler it found
+    at the fit's start: the guard's. The next fit in the process (a notebook, a sweep, the test suite)
+    found a handler that was not Python's, left it, and lost a swallowed Ctrl-C (a CI run of the suite)."""
+    import signal
+
+    from dptune.training.callbacks import InterruptGuard
+
+    class Fails(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            raise RuntimeError("a fault in the first step")
+
+    class SwallowedAtStep1(pl.Callback):
+        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+            if trainer.global_step == 1:
+                try:
+                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+                except KeyboardInterrupt:
+                    pass
+
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        with pytest.raises(RuntimeError, match="a fault in the first step"):
+            _fit(_module(tiny_config), 3, [Fails(), InterruptGuard()])
+        with pytest.raises(SystemExit):
+            _fit(_module(tiny_config), 4, [SwallowedAtStep1(), InterruptGuard()])
+        with pytest.raises(KeyboardInterrupt):  # outside a fit, Ctrl-C is Python's own again
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
     finally:
         signal.signal(signal.SIGINT, before)
 
