@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import json
 import os
+import subprocess
+import sys
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -56,6 +59,32 @@ def pytest_configure(config) -> None:
     import torch
 
     torch.set_num_threads(len(share))
+
+
+_WARM = None
+
+
+def run_python(script: Path, args: list[str], cwd: Path, env: dict | None = None, timeout: float = 600) -> subprocess.CompletedProcess:
+    """``subprocess.run([python, script, *args], capture_output=True, text=True)``, forked from a warm
+    Python that imported torch, Lightning, transformers and dptune once (``warm_python.py``): a fresh
+    interpreter spends about 10 s of a core importing them, and the suite starts dozens of runs.
+    ``DPTUNE_TEST_FRESH=1`` starts every run as a plain subprocess; so does a warm Python that cannot
+    fork safely."""
+    global _WARM
+    env = dict(os.environ if env is None else env)
+    if os.environ.get("DPTUNE_TEST_FRESH") != "1":
+        if _WARM is None:
+            import atexit
+
+            from warm_python import WarmPython
+
+            _WARM = WarmPython()
+            atexit.register(_WARM.close)
+        proc = _WARM.run(str(script), [str(a) for a in args], cwd, env, timeout, Path(tempfile.gettempdir()))
+        if proc is not None:
+            return proc
+    return subprocess.run([sys.executable, str(script), *args], cwd=cwd, env=env, capture_output=True, text=True,
+                          timeout=timeout)
 
 
 def pytest_sessionstart(session) -> None:

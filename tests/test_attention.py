@@ -157,15 +157,14 @@ def test_the_timing_tool_times_both_kernels():
 @pytest.mark.parametrize("value", ["foo", "", "flash_attention_2"])
 def test_an_attention_transformers_cannot_run_here_is_one_line_naming_the_setting(value, tmp_path):
     """It was transformers' ValueError / ImportError traceback from deep in the model's build."""
-    import subprocess
-    import sys
 
     cfg = tmp_path / "tiny.json"
     cfg.write_text(json.dumps(TINY))
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "camvid.yaml"),
-                           "--data.root", str(CAMVID), "--model.config", str(cfg), "--model.attn_implementation", value,
-                           "--trainer.default_root_dir", str(tmp_path / "run")],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    from conftest import run_python
+
+    proc = run_python(REPO / "train.py", ["fit", "--config", str(REPO / "configs" / "camvid.yaml"),
+                      "--data.root", str(CAMVID), "--model.config", str(cfg), "--model.attn_implementation", value,
+                      "--trainer.default_root_dir", str(tmp_path / "run")], tmp_path, timeout=300)
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error")]
     assert proc.returncode == 2 and len(err) == 1 and "model.attn_implementation" in err[0], proc.stderr[-1500:]
     assert "Traceback" not in proc.stderr

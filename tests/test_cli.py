@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 
 import pytest
 import torch
@@ -39,14 +38,11 @@ def test_a_saved_config_naming_classes_where_they_used_to_live_still_runs(tmp_pa
     """Run configs saved before callbacks, strategies and hardware moved into dptune.training name
     them by their old module (LightningCLI writes every class path out); they are read as the new
     paths, with one warning line per old name, and so is an old path given on the command line."""
-    import subprocess
-    import sys
 
-    from conftest import REPO
+    from conftest import REPO, run_python
 
     def print_config(*args: str) -> subprocess.CompletedProcess:
-        return subprocess.run([sys.executable, "train.py", "fit", *args, "--print_config"], cwd=REPO,
-                              capture_output=True, text=True, timeout=300)
+        return run_python(REPO / "train.py", ["fit", *args, "--print_config"], REPO, timeout=300)
 
     printed = print_config("--config", "configs/quickstart.yaml").stdout
     assert "dptune.training.callbacks.DPTuneWandbLogger" in printed
@@ -94,7 +90,7 @@ def test_a_run_s_config_given_back_is_never_overwritten_and_does_not_resume_by_i
     that never happened); it stored ckpt_path, and a max_epochs below the checkpoint's epochs was a
     MisconfigurationException traceback."""
     import yaml
-    from conftest import REPO
+    from conftest import REPO, run_python
 
     run = tmp_path / "run"
     quickstart(run, 2, "--data.splits", SMALL)
@@ -104,8 +100,7 @@ def test_a_run_s_config_given_back_is_never_overwritten_and_does_not_resume_by_i
 
     def again(*extra: str):
         env = dict(os.environ, WANDB_MODE="offline")
-        return subprocess.run([sys.executable, "train.py", "fit", "--config", str(config), *extra], cwd=REPO, env=env,
-                              capture_output=True, text=True, timeout=600)
+        return run_python(REPO / "train.py", ["fit", "--config", str(config), *extra], REPO, env, timeout=600)
 
     error = _one_error(again("--ckpt_path", "last", "--trainer.max_epochs", "1"))
     assert "has trained 2 epochs" in error and "--trainer.max_epochs 3" in error, error

@@ -107,13 +107,12 @@ def test_backbone_presets_build_with_tiny_stand_ins(tmp_path, family):
 
 
 def test_fsdp_strategy_is_reachable_from_the_command_line():
-    import subprocess
-    import sys
 
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), "fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
-                           "--trainer.strategy", "dptune.training.strategies.DPTFSDPStrategy",
-                           "--trainer.strategy.activation_checkpointing", "true", "--print_config"],
-                          capture_output=True, text=True, timeout=300)
+    from conftest import run_python
+
+    proc = run_python(REPO / "train.py", ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"),
+                      "--trainer.strategy", "dptune.training.strategies.DPTFSDPStrategy",
+                      "--trainer.strategy.activation_checkpointing", "true", "--print_config"], REPO, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "class_path: dptune.training.strategies.DPTFSDPStrategy" in proc.stdout
     assert "activation_checkpointing: true" in proc.stdout

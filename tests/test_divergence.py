@@ -10,7 +10,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
-from conftest import CAMVID, needs
+from conftest import CAMVID, needs, run_python
 from torch.utils.data import DataLoader, Dataset
 
 from dptune.errors import ConfigError
@@ -300,8 +300,6 @@ class NaNOnOneRank(pl.Callback):
 @needs(CAMVID)
 def test_ddp_stops_every_process_when_one_diverges(tmp_path, tiny_config_path):
     import os
-    import subprocess
-    import sys
 
     from conftest import REPO
     from test_train import camvid_args
@@ -312,8 +310,7 @@ def test_ddp_stops_every_process_when_one_diverges(tmp_path, tiny_config_path):
             "--trainer.callbacks+=test_divergence.NaNOnOneRank", "--trainer.callbacks.step=2"]
     env = dict(os.environ, WANDB_MODE="offline",
                PYTHONPATH=os.pathsep.join(filter(None, [str(REPO / "tests"), os.environ.get("PYTHONPATH")])))
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env, capture_output=True,
-                          text=True, timeout=300)
+    proc = run_python(REPO / "train.py", args, tmp_path, env, timeout=300)
     assert proc.returncode == 2, proc.stderr[-3000:]
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
-from conftest import CAMVID, KITCHEN, REPO, TINY, needs
+from conftest import CAMVID, KITCHEN, REPO, TINY, needs, run_python
 
 from dptune.training import hardware
 from dptune.training.hardware import resolve_precision
@@ -86,8 +86,7 @@ def _tiny_run(tmp: Path, extra: list[str], env: dict) -> tuple[subprocess.Comple
             "--data.image_size", "64", "--data.crop_size", "64", "--data.batch_size", "2", "--data.num_workers", "0",
             "--trainer.max_steps", "2", "--trainer.limit_val_batches", "1", "--trainer.default_root_dir", str(run),
             "--trainer.enable_progress_bar", "false", *extra]
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=tmp, capture_output=True, text=True,
-                          env=dict(os.environ, WANDB_MODE="offline", **env), timeout=600)
+    proc = run_python(REPO / "train.py", args, tmp, dict(os.environ, WANDB_MODE="offline", **env), timeout=600)
     assert proc.returncode == 0, proc.stderr[-4000:]
     return proc, run
 

@@ -5,13 +5,11 @@ from __future__ import annotations
 
 import json
 import os
-import subprocess
-import sys
 import time
 
 import pytest
 import torch
-from conftest import CAMVID, REPO, needs
+from conftest import CAMVID, REPO, needs, run_python
 from sigterm_helper import read_log
 from test_train import VAL, camvid_args
 
@@ -22,8 +20,7 @@ TRAIN = {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"}  
 def _run(args, cwd, extra_env=None):
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO / "tests"), **(extra_env or {}))
     t = time.time()
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_python(REPO / "train.py", args, cwd, env, timeout=600)
     return proc, time.time() - t
 
 

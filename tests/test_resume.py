@@ -5,12 +5,11 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import REPO
+from conftest import REPO, run_python
 from sigterm_helper import read_log
 
 pytestmark = pytest.mark.slow
@@ -24,8 +23,7 @@ def quickstart(run: Path, epochs: int, *extra: str, check: bool = True) -> subpr
             "--trainer.max_epochs", str(epochs), "--trainer.default_root_dir", str(run),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false", *extra]
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO / "tests"))
-    proc = subprocess.run([sys.executable, "train.py", *args], cwd=REPO, env=env, capture_output=True, text=True,
-                          timeout=600)
+    proc = run_python(REPO / "train.py", args, REPO, env, timeout=600)
     assert proc.returncode == 0 or not check, proc.stderr[-4000:]
     return proc
 

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-from conftest import CAMVID, REPO, needs
+from conftest import CAMVID, REPO, needs, run_python
 
 pytestmark = [pytest.mark.slow, needs(CAMVID)]
 
@@ -21,8 +20,7 @@ VAL = {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}
 
 def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.CompletedProcess:
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
-    proc = subprocess.run([sys.executable, str(REPO / "train.py"), *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)
+    proc = run_python(REPO / "train.py", args, cwd, env, timeout=600)
     if check and proc.returncode != 0:
         raise AssertionError(f"train.py failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}")
     return proc

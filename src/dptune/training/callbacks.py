@@ -215,13 +215,11 @@ class InterruptGuard(Callback):
         self.pending, self.active = False, True
         # only where Python's own handler is in place (a job started in the background ignores SIGINT) or an
         # earlier guard's, which acts as Python's outside its fit: a fit that failed skips the teardown that
-        # removes it, and Lightning puts it back as the handler it found; the next fit replaces it
+        # removes it, and Lightning puts it back as the handler it found; the next fit stands in for it
         handler = signal.getsignal(signal.SIGINT)
-        earlier = isinstance(getattr(handler, "__self__", None), InterruptGuard)
         if threading.current_thread() is threading.main_thread() and \
-                (handler is signal.default_int_handler or earlier):
-            signal.signal(signal.SIGINT, self._sigint)
-            self._before = signal.default_int_handler if earlier else handler
+                (handler is signal.default_int_handler or isinstance(getattr(handler, "__self__", None), InterruptGuard)):
+            self._before = signal.signal(signal.SIGINT, self._sigint)
 
     def _raise_lost(self, *args: Any) -> None:
         if self.pending:
