@@ -404,8 +404,10 @@ def test_a_fit_that_failed_leaves_no_handler_that_unguards_the_next_fit(tiny_con
             _fit(_module(tiny_config), 3, [Fails(), InterruptGuard()])
         with pytest.raises(SystemExit):
             _fit(_module(tiny_config), 4, [SwallowedAtStep1(), InterruptGuard()])
-        with pytest.raises(KeyboardInterrupt):  # outside a fit, Ctrl-C is Python's own again
+        with pytest.raises(KeyboardInterrupt):  # the stopped fit's handler, outside its fit, acts as Python's own
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        _fit(_module(tiny_config), 2, [InterruptGuard()])  # a fit that ends well puts Python's own handler back
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
         signal.signal(signal.SIGINT, before)
 
@@ -415,6 +417,9 @@ def test_a_fit_without_a_ctrl_c_leaves_the_sigint_handler_as_it_was(tiny_config)
 
     from dptune.training.callbacks import InterruptGuard
 
-    before = signal.getsignal(signal.SIGINT)
-    trainer = _fit(_module(tiny_config), 2, [InterruptGuard()])
-    assert trainer.global_step == 2 and signal.getsignal(signal.SIGINT) is before
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever ran before
+    try:
+        trainer = _fit(_module(tiny_config), 2, [InterruptGuard()])
+        assert trainer.global_step == 2 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, before)

@@ -37,19 +37,31 @@ def _threads() -> int:
 def _child(job: dict) -> None:
     """Become ``python job['script'] *job['args']`` and never return."""
     import atexit
+    import gc
     import runpy
     import threading
-    import traceback
 
     code = 1
     try:
-        for sig in (signal.SIGTERM, signal.SIGCHLD, signal.SIGPIPE):
+        for sig in (signal.SIGTERM, signal.SIGCHLD):
             signal.signal(sig, signal.SIG_DFL)
-        signal.signal(signal.SIGINT, signal.default_int_handler)
-        null = os.open(os.devnull, os.O_RDONLY)
-        os.dup2(null, 0)
-        os.dup2(os.open(job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 1)
-        os.dup2(os.open(job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644), 2)
+        signal.signal(signal.SIGPIPE, signal.SIG_IGN)  # as CPython sets it at startup
+        # a fresh interpreter started from a process that ignores SIGINT (a background job) keeps ignoring it
+        signal.signal(signal.SIGINT, signal.SIG_IGN if job.get("sigint_ignored") else signal.default_int_handler)
+        for fd, (path, flags) in enumerate([(os.devnull, os.O_RDONLY),
+                                            (job["stdout"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC),
+                                            (job["stderr"], os.O_WRONLY | os.O_CREAT | os.O_TRUNC)]):
+            opened = os.open(path, flags, 0o644)
+            os.dup2(opened, fd)
+            os.close(opened)
+        if job["env"].get("PYTHONUNBUFFERED"):
+            sys.stdout.reconfigure(line_buffering=True)
+        # numpy's and torch's generators as a fresh interpreter seeds them (Python's random reseeds after fork)
+        import numpy
+        import torch
+
+        numpy.random.seed()
+        torch.seed()
         os.chdir(job["cwd"])
         os.environ.clear()
         os.environ.update(job["env"])
@@ -72,13 +84,14 @@ def _child(job: dict) -> None:
                 print(e.code, file=sys.stderr)
                 code = 1
         except KeyboardInterrupt:
-            traceback.print_exc()
+            sys.excepthook(*sys.exc_info())
             code = -signal.SIGINT
         except BaseException:
-            traceback.print_exc()
+            sys.excepthook(*sys.exc_info())
             code = 1
         threading._shutdown()  # what the interpreter does at exit: wait for non-daemon threads, then atexit
         atexit._run_exitfuncs()
+        gc.collect()  # files the run left open are flushed as the interpreter's shutdown would
     finally:
         for stream in (sys.stdout, sys.stderr):
             try:
@@ -124,14 +137,24 @@ def serve() -> None:
 # any other difference (OMP_NUM_THREADS, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, ...) needs a fresh interpreter
 # (PYTEST_CURRENT_TEST: pytest sets it for every test phase; PL_GLOBAL_SEED, PL_SEED_WORKERS: seed_everything
 # in a test's own process sets them, and Lightning reads them when it seeds)
-RUNTIME_ENV = ("WANDB_", "DPTUNE_", "PYTEST_", "PL_", "PYTHONUNBUFFERED", "PYTHONPATH", "XDG_CACHE_HOME", "NETRC", "CI",
+RUNTIME_ENV = ("WANDB_", "DPTUNE_", "PYTEST_", "PL_", "PYTHONUNBUFFERED", "XDG_CACHE_HOME", "NETRC", "CI",
                "COLUMNS", "LINES")
+TESTS = os.path.dirname(os.path.abspath(__file__))
+
+
+def _paths(env: dict) -> set[str]:
+    return {os.path.abspath(p) for p in env.get("PYTHONPATH", "").split(os.pathsep) if p}
 
 
 def warm_enough(env: dict, base: dict, by_imports: dict) -> bool:
     """Whether a child of a server started with ``base``, whose imports set ``by_imports``, runs as a fresh
     interpreter given ``env`` would."""
     changed = {k for k in env.keys() | base.keys() if env.get(k) != base.get(k)}
+    # PYTHONPATH may add this folder (the tests' callbacks) and nothing else: a module the server imported comes
+    # from sys.modules, whatever another folder on PYTHONPATH holds
+    new, old = (_paths(e) for e in (env, base))
+    if new - old <= {TESTS} and old <= new:
+        changed.discard("PYTHONPATH")
     return all(k.startswith(RUNTIME_ENV) or (k in by_imports and env.get(k) == by_imports[k]) for k in changed)
 
 
@@ -146,55 +169,79 @@ class WarmPython:
     text=True)`` gives, or None where the server cannot fork (the caller then starts a subprocess)."""
 
     def __init__(self) -> None:
+        import threading
+
         self.proc: subprocess.Popen | None = None
         self.base: dict = {}
         self.by_imports: dict = {}
         self.broken = False
+        self.lock = threading.Lock()  # one job at a time on the server's pipe
+        self.pending = b""
 
     def _start(self) -> bool:
         if self.broken:
             return False
         if self.proc is None or self.proc.poll() is not None:
             self.proc = subprocess.Popen([sys.executable, __file__], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                         text=True, bufsize=1, env=dict(os.environ))
+                                         bufsize=0, env=dict(os.environ))
+            self.pending = b""
             reply = self._read(120)
-            if not reply or not reply.get("ready") or reply.get("threads") != 1:
+            if not isinstance(reply, dict) or not reply.get("ready") or reply.get("threads") != 1:
                 self.close()
                 self.broken = True
                 return False
             self.base, self.by_imports = reply["env"], reply["by_imports"]
         return True
 
-    def _read(self, timeout: float) -> dict | None:
-        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
-        if not ready:
-            return None
-        line = self.proc.stdout.readline()
-        return json.loads(line) if line else None
+    def _read(self, timeout: float) -> dict | str:
+        """The server's next line, "timeout", or "eof" (the server died). Reads the pipe's bytes itself: a
+        buffered reader can hold a second line that select() then waits for in vain."""
+        deadline = time.monotonic() + timeout
+        while b"\n" not in self.pending:
+            ready, _, _ = select.select([self.proc.stdout], [], [], max(0.0, deadline - time.monotonic()))
+            if not ready:
+                return "timeout"
+            chunk = os.read(self.proc.stdout.fileno(), 65536)
+            if not chunk:
+                return "eof"
+            self.pending += chunk
+        line, self.pending = self.pending.split(b"\n", 1)
+        return json.loads(line)
 
     def run(self, script: str, args: list[str], cwd, env: dict, timeout: float, tmp: Path):
+        with self.lock:
+            return self._run(script, args, cwd, env, timeout, tmp)
+
+    def _run(self, script: str, args: list[str], cwd, env: dict, timeout: float, tmp: Path):
         if not self._start() or not warm_enough(env, self.base, self.by_imports):
             _say(f"fresh: broken={self.broken} env={sorted(k for k in env.keys() | self.base.keys() if env.get(k) != self.base.get(k))}")
             return None
         _say(f"warm: {args[:2]}")
-        out, err = tmp / f"warm-{time.monotonic_ns()}.out", tmp / f"warm-{time.monotonic_ns()}.err"
-        self.proc.stdin.write(json.dumps({"script": script, "args": args, "cwd": str(cwd), "env": env,
-                                          "by_imports": {k: v for k, v in self.by_imports.items() if k not in env},
-                                          "stdout": str(out), "stderr": str(err)}) + "\n")
-        self.proc.stdin.flush()
-        started = self._read(60)
-        if not started or "pid" not in started:
-            self.close()
-            self.broken = True
-            return None
-        done = self._read(timeout)
-        if done is None:  # as subprocess.run(timeout=...) does: kill the run, then say it timed out
-            os.kill(started["pid"], signal.SIGKILL)
-            self._read(60)
-            raise subprocess.TimeoutExpired([sys.executable, script, *args], timeout)
+        stamp = time.monotonic_ns()
+        out, err = tmp / f"warm-{os.getpid()}-{stamp}.out", tmp / f"warm-{os.getpid()}-{stamp}.err"
+        argv = [sys.executable, script, *args]
         try:
-            return subprocess.CompletedProcess([sys.executable, script, *args], done["code"],
-                                               out.read_text(errors="replace"), err.read_text(errors="replace"))
+            self.proc.stdin.write((json.dumps({
+                "script": script, "args": args, "cwd": str(cwd), "env": env,
+                "by_imports": {k: v for k, v in self.by_imports.items() if k not in env},
+                "sigint_ignored": signal.getsignal(signal.SIGINT) is signal.SIG_IGN,
+                "stdout": str(out), "stderr": str(err)}) + "\n").encode())
+            started = self._read(60)
+            if not isinstance(started, dict) or "pid" not in started:
+                self.close()
+                self.broken = True
+                _say(f"fresh: the warm Python did not start the run ({started})")
+                return None
+            done = self._read(timeout)
+            if done == "timeout":  # as subprocess.run(timeout=...) does: kill the run, then say it timed out
+                os.kill(started["pid"], signal.SIGKILL)  # not reaped yet: the server waits for it
+                self._read(60)
+                raise subprocess.TimeoutExpired(argv, timeout, out.read_bytes(), err.read_bytes())
+            if done == "eof":
+                self.close()
+                raise RuntimeError(f"the tests' warm Python died while it ran {argv}")
+            return subprocess.CompletedProcess(argv, done["code"], out.read_text(errors="replace"),
+                                               err.read_text(errors="replace"))
         finally:
             out.unlink(missing_ok=True)
             err.unlink(missing_ok=True)

@@ -236,7 +236,10 @@ class InterruptGuard(Callback):
 
         self.active = False
         if self._before is not None and signal.getsignal(signal.SIGINT) == self._sigint:
-            signal.signal(signal.SIGINT, self._before)
+            earlier = getattr(self._before, "__self__", None)
+            # an earlier guard's handler left behind by a failed fit acts as Python's own: put Python's own back
+            gone = isinstance(earlier, InterruptGuard) and not earlier.active
+            signal.signal(signal.SIGINT, signal.default_int_handler if gone else self._before)
         self._before = None
 
 
