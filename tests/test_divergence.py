@@ -4,8 +4,10 @@ non-finite tensor."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
+import signal
 
 import lightning.pytorch as pl
 import pytest
@@ -324,27 +326,50 @@ def test_ddp_stops_every_process_when_one_diverges(tmp_path, tiny_config_path):
         assert _all_finite(path) == [], path
 
 
+@contextlib.contextmanager
+def _pythons_sigint():
+    """SIGINT handled by Python's own handler, as in a terminal, whatever ran before on this test worker;
+    the handler found is put back afterwards."""
+    before = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, before)
+
+
+class SwallowedCtrlC(pl.Callback):
+    """A SIGINT that lands in a finalizer at the start of step ``step`` (None: when training ends): the
+    handler runs and Python swallows what it raises."""
+
+    def __init__(self, step: int | None = None) -> None:
+        self.step = step
+
+    @staticmethod
+    def _swallow() -> None:
+        try:
+            signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
+        except KeyboardInterrupt:
+            pass
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if self.step is not None and trainer.global_step == self.step:
+            self._swallow()
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        if self.step is None:
+            self._swallow()
+
+
 def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit(tiny_config):
     """SIGINT raises KeyboardInterrupt wherever Python is; in a finalizer (``__del__``, run by the
     garbage collector) it is printed as "Exception ignored" and lost, and the run trained to its end
     with exit 0 (adversarial review). The guard notes the signal and stops at the batch's end."""
-    import signal
-
     from dptune.training.callbacks import InterruptGuard
 
-    class SwallowedAtStep2(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if trainer.global_step == 2:
-                try:  # a finalizer the signal landed in: Python swallows what it raises
-                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-                except KeyboardInterrupt:
-                    pass
-
     guard = InterruptGuard()
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever ran before
-    try:
+    with _pythons_sigint():
         with pytest.raises(SystemExit):  # Lightning's graceful shutdown after a Ctrl-C
-            _fit(_module(tiny_config), 6, [SwallowedAtStep2(), guard])
+            _fit(_module(tiny_config), 6, [SwallowedCtrlC(step=2), guard])
         assert guard.pending is False
         # Lightning puts back the handlers it found at the fit's start (the guard's): outside a fit it acts as
         # Python's own and notes nothing, so it stops no later run
@@ -354,72 +379,39 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit(tiny_config):
         assert guard.pending is False
         trainer = _fit(_module(tiny_config), 3, [InterruptGuard()])  # a later fit in the same process
         assert trainer.global_step == 3
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 def test_a_ctrl_c_swallowed_after_the_last_batch_still_stops_the_fit(tiny_config):
-    import signal
-
     from dptune.training.callbacks import InterruptGuard
 
-    class SwallowedAtTheEnd(pl.Callback):
-        def on_train_end(self, trainer, pl_module) -> None:
-            try:
-                signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-            except KeyboardInterrupt:
-                pass
-
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
-        with pytest.raises(SystemExit):
-            _fit(_module(tiny_config), 2, [SwallowedAtTheEnd(), InterruptGuard()])
-    finally:
-        signal.signal(signal.SIGINT, before)
+    with _pythons_sigint(), pytest.raises(SystemExit):
+        _fit(_module(tiny_config), 2, [SwallowedCtrlC(), InterruptGuard()])
 
 
 def test_a_fit_that_failed_leaves_no_handler_that_unguards_the_next_fit(tiny_config):
     """A fit that fails skips the callbacks' teardown, and Lightning puts back the SIGINT handler it found
     at the fit's start: the guard's. The next fit in the process (a notebook, a sweep, the test suite)
     found a handler that was not Python's, left it, and lost a swallowed Ctrl-C (a CI run of the suite)."""
-    import signal
-
     from dptune.training.callbacks import InterruptGuard
 
     class Fails(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             raise RuntimeError("a fault in the first step")
 
-    class SwallowedAtStep1(pl.Callback):
-        def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
-            if trainer.global_step == 1:
-                try:
-                    signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
-                except KeyboardInterrupt:
-                    pass
-
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)
-    try:
+    with _pythons_sigint():
         with pytest.raises(RuntimeError, match="a fault in the first step"):
             _fit(_module(tiny_config), 3, [Fails(), InterruptGuard()])
         with pytest.raises(SystemExit):
-            _fit(_module(tiny_config), 4, [SwallowedAtStep1(), InterruptGuard()])
+            _fit(_module(tiny_config), 4, [SwallowedCtrlC(step=1), InterruptGuard()])
         with pytest.raises(KeyboardInterrupt):  # the stopped fit's handler, outside its fit, acts as Python's own
             signal.getsignal(signal.SIGINT)(signal.SIGINT, None)
         _fit(_module(tiny_config), 2, [InterruptGuard()])  # a fit that ends well puts Python's own handler back
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, before)
 
 
 def test_a_fit_without_a_ctrl_c_leaves_the_sigint_handler_as_it_was(tiny_config):
-    import signal
-
     from dptune.training.callbacks import InterruptGuard
 
-    before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal, whatever ran before
-    try:
+    with _pythons_sigint():
         trainer = _fit(_module(tiny_config), 2, [InterruptGuard()])
         assert trainer.global_step == 2 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
-    finally:
-        signal.signal(signal.SIGINT, before)
