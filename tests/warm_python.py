@@ -133,8 +133,7 @@ def serve() -> None:
 
 
 # environment variables a run may set differently from the server's own: read when used, not when torch,
-# Lightning or transformers are imported (PYTHONPATH: the child puts it on sys.path as an interpreter would);
-# any other difference (OMP_NUM_THREADS, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, ...) needs a fresh interpreter
+# Lightning or transformers are imported (PYTHONPATH: see warm_enough); any other difference (OMP_NUM_THREADS, ATEN_CPU_CAPABILITY, ONEDNN_MAX_CPU_ISA, ...) needs a fresh interpreter
 # (PYTEST_CURRENT_TEST: pytest sets it for every test phase; PL_GLOBAL_SEED, PL_SEED_WORKERS: seed_everything
 # in a test's own process sets them, and Lightning reads them when it seeds)
 RUNTIME_ENV = ("WANDB_", "DPTUNE_", "PYTEST_", "PL_", "PYTHONUNBUFFERED", "XDG_CACHE_HOME", "NETRC", "CI",
