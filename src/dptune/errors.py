@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 
 def first_line(e: BaseException, limit: int | None = None) -> str:
     """The first line of an exception's message (at most ``limit`` characters), or its type's name
@@ -17,6 +20,21 @@ class ConfigError(ValueError):
 
 class DataError(ValueError):
     """Bad input data. The message names the file and what is wrong with it."""
+
+
+class ModelOutputError(ValueError):
+    """The model's output is NaN or infinite: its weights are non-finite, or finite but so large that
+    the forward pass overflows (a run that diverged after its last finite check). Nothing is predicted,
+    scored, calibrated or exported from such an output."""
+
+
+@contextmanager
+def of_image(name: str) -> Iterator[None]:
+    """A ``ModelOutputError`` raised inside names the image ``name`` whose output it was."""
+    try:
+        yield
+    except ModelOutputError as e:
+        raise ModelOutputError(f"{name}: {e}") from None
 
 
 class DataErrors(DataError):

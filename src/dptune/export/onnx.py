@@ -10,6 +10,7 @@ import torch
 from torch import nn
 
 from dptune.inference.onnx_runner import session_options
+from dptune.metrics import require_finite
 from dptune.models import segment
 from dptune.models.build import input_side
 
@@ -76,8 +77,16 @@ def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]]
         got = sess.run([wrapper.output], {"pixel_values": x.numpy()})[0]
         if got.shape != ref.shape:
             raise ValueError(f"ONNX output {got.shape} != torch {ref.shape} for input {b}x3x{h}x{w}")
-        worst = max(worst, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
+        worst = max(worst, relative_difference(got, ref))
     return worst
+
+
+def relative_difference(got: np.ndarray, ref: np.ndarray) -> float:
+    """``max|got - ref| / max|ref|``; infinite where the graph's output is not finite (``max`` would
+    skip a NaN), and a ``ModelOutputError`` where the torch model's own output is not."""
+    require_finite(ref, "the model's output on a random input")
+    d = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
+    return d if np.isfinite(d) else np.inf
 
 
 class JointOutputs(nn.Module):
@@ -117,6 +126,6 @@ def export_joint_onnx(joint: nn.Module, path: Path, size: tuple[int, int], opset
         with torch.no_grad():
             refs = [r.numpy() for r in wrapper(x)]
         for ref, got in zip(refs, sess.run(["logits", "predicted_depth"], {"pixel_values": x.numpy()}), strict=True):
-            worst = max(worst, float(np.abs(got - ref).max() / max(np.abs(ref).max(), 1e-12)))
+            worst = max(worst, relative_difference(got, ref))
     return worst
 

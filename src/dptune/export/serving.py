@@ -25,6 +25,7 @@ from torch.nn import functional as F
 
 from dptune.export.serving_data import DEFAULT_COUNT, ServingData, prepare, serving_data
 from dptune.inference.onnx_runner import GRAPHS, OnnxGraph
+from dptune.metrics import require_finite
 from dptune.metrics.segmentation import class_map
 
 log = logging.getLogger(__name__)
@@ -64,9 +65,10 @@ class Reference(nn.Module):
     @torch.no_grad()
     def forward(self, x: np.ndarray) -> dict[str, np.ndarray]:
         out = self.net(torch.from_numpy(x))
-        if self.joint:
-            return {"logits": out[0].numpy(), "predicted_depth": out[1].numpy()}
-        return {self.net.output: out.numpy()}
+        outs = {"logits": out[0].numpy(), "predicted_depth": out[1].numpy()} if self.joint else {self.net.output: out.numpy()}
+        for name, value in outs.items():
+            require_finite(value, f"the model's output ({name})")
+        return outs
 
 
 def segmentation_model(model: nn.Module, joint: bool) -> nn.Module:
@@ -139,7 +141,10 @@ def _graphs(folder: Path, precisions: list[str]) -> dict[str, OnnxGraph | str]:
 def _run(g: OnnxGraph | str, x: np.ndarray) -> dict[str, np.ndarray] | None:
     if isinstance(g, str):
         return None
-    return g(x)
+    outs = g(x)
+    for name, value in outs.items():
+        require_finite(value, f"the output ({name}) of {g.path.name}")
+    return outs
 
 
 def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, folder: Path,

@@ -10,6 +10,7 @@ import numpy as np
 import torch
 
 from dptune.inference.loading import load_part
+from dptune.metrics import require_finite
 from dptune.models.depth import depth_forward
 from dptune.preprocessing import Preprocessing, check_image
 
@@ -57,6 +58,7 @@ class DepthPredictor:
             depth = torch.from_numpy(self.graph(x)["predicted_depth"])
         else:
             depth = depth_forward(self.model, x.to(self.device)).float().cpu()
+        require_finite(depth, "the model's output")
         out = self.processor.post_process_depth_estimation(_Outputs(depth), target_sizes=[(h, w)])
         # the post-processing squeezes: a map 1 pixel tall or wide would lose that axis
         return out[0]["predicted_depth"].numpy().astype(np.float32).reshape(h, w)

@@ -12,6 +12,7 @@ import torch
 from dptune.inference.loading import exported_labels, load_export, load_part
 from dptune.inference.windows import FLIP_VIEWS, flip_views, predict_probs
 from dptune.labels import LabelSet
+from dptune.metrics import require_finite
 from dptune.metrics.segmentation import class_map
 from dptune.models import segment
 from dptune.preprocessing import Preprocessing, check_image
@@ -57,8 +58,11 @@ class Predictor:
     @torch.no_grad()
     def normalized_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
         if self.graph is not None:
-            return torch.from_numpy(self.graph(pixel_values)["logits"])
-        return segment(self.model, pixel_values.to(self.device), with_aux=False)[0]
+            logits = torch.from_numpy(self.graph(pixel_values)["logits"])
+        else:
+            logits = segment(self.model, pixel_values.to(self.device), with_aux=False)[0]
+        require_finite(logits, "the model's output")  # NaN logits have an argmax: a mask, silently wrong
+        return logits
 
     def prepare(self, images: torch.Tensor, whole: bool) -> torch.Tensor:
         """The model input of a uint8 (B, 3, H, W) batch: a whole-image view (``whole``) exactly as

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torchmetrics import Metric
 
@@ -19,6 +20,17 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     for i in (~ok).nonzero().flatten().tolist():  # each sample as a view: no copy of a diverged batch
         ok[i] = bool(torch.isfinite(x[i]).all())
     return ok
+
+
+def require_finite(output: torch.Tensor | np.ndarray, what: str) -> None:
+    """A ``ModelOutputError`` unless every value of a model's ``output`` is finite; ``what`` names the
+    output (and the graph that gave it, where that is not the torch model)."""
+    from dptune.errors import ModelOutputError
+
+    x = torch.from_numpy(output) if isinstance(output, np.ndarray) else output.detach()
+    if x.numel() and not bool(finite_rows(x.reshape(1, -1) if x.ndim < 2 else x).all()):
+        raise ModelOutputError(f"{what} is NaN or infinite (the weights are non-finite or overflow the forward "
+                               "pass, e.g. after a learning rate too high); no result from it")
 
 
 def warn_if_nonfinite(metric: Metric, where: str) -> int:

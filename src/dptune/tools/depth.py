@@ -32,7 +32,7 @@ from dptune.data.depth import (
     eval_crop_mask,
     read_intrinsics,
 )
-from dptune.errors import ConfigError, DataError
+from dptune.errors import ConfigError, DataError, of_image
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
 from dptune.tasks.visuals import colorize_depth, depth_range
 from dptune.tools.outputs import (
@@ -244,7 +244,8 @@ def evaluate_depth(args) -> int:
         check_depth_size(name, image.shape[:2], gt)
         if (gt > 0).any():
             medians.append(float(np.median(gt[gt > 0])))
-        pred = torch.from_numpy(predictor.predict(image))[None]
+        with of_image(name):
+            pred = torch.from_numpy(predictor.predict(image))[None]
         gt_t = torch.from_numpy(gt)[None]
         valid = valid_depth(gt_t, min_depth, max_depth)
         mask = eval_crop_mask(gt.shape, crop)

@@ -38,7 +38,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from dptune.errors import DataError
+from dptune.errors import DataError, of_image
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet, check_same_classes
 from dptune.metrics.segmentation import metrics_from_confmat
@@ -133,7 +133,8 @@ def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool | str, s
     for i in tqdm(range(len(source)), desc="evaluating"):
         image, raw, name = source.load(i)
         mask = labels.encode(raw, name)
-        pred, _ = predictor.predict(image, mode=mode, flip=flip, scales=scales)
+        with of_image(name):
+            pred, _ = predictor.predict(image, mode=mode, flip=flip, scales=scales)
         valid = mask != IGNORE_INDEX
         confmat += np.bincount(mask[valid].astype(np.int64) * c + pred[valid], minlength=c * c).reshape(c, c)
     return confmat

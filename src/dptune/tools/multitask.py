@@ -36,10 +36,14 @@ def one_pass(joint, seg, depth, image: np.ndarray) -> tuple[np.ndarray, np.ndarr
     what ``seg.predict`` and ``depth.predict`` give for the whole image, one view."""
     from transformers.modeling_outputs import DepthEstimatorOutput
 
+    from dptune.metrics import require_finite
+
     h, w = image.shape[:2]
     x = seg.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
     x = x.to(seg.device)
     logits, _, raw = joint(x)
+    require_finite(logits, "the model's segmentation output")
+    require_finite(raw, "the model's depth output")
     up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)[0]
     conf, pred = up.cpu().softmax(0).max(0)
     metres = depth.processor.post_process_depth_estimation(DepthEstimatorOutput(predicted_depth=raw.float().cpu()),
