@@ -156,7 +156,9 @@ def default_workers(num_workers: int | None) -> int:
     model for them), else half the cores, at most 8."""
     if num_workers is not None:
         return num_workers
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    from dptune.cores import usable_cores
+
+    cores = usable_cores()
     return 0 if cores <= 2 else min(8, cores // 2)
 
 

@@ -47,11 +47,11 @@ def cpu_info() -> dict:
     """The CPU's model name and the SIMD flags that decide int8 speed and accuracy (Linux /proc/cpuinfo):
     without a VNNI flag (avx512_vnni, avx_vnni) or AMX, ONNX Runtime's u8 x s8 kernels add pairs of
     products in 16 bits, which clip (see ``dptune.export.quantize``)."""
-    import os
     import platform
 
-    info: dict = {"machine": platform.machine(), "cores_usable": len(os.sched_getaffinity(0))
-                  if hasattr(os, "sched_getaffinity") else os.cpu_count()}
+    from dptune.cores import usable_cores
+
+    info: dict = {"machine": platform.machine(), "cores_usable": usable_cores()}
     flags: set[str] = set()
     try:
         for line in Path("/proc/cpuinfo").read_text().splitlines():

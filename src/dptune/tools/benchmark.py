@@ -56,7 +56,9 @@ def peak_tflops(device: str, precision: str) -> tuple[float, str]:
                 half = "bf16" in precision or "16" in precision
                 return (tf if half else tf / 2), f"{name} dense {'bf16' if half else 'tf32'} spec"
         return float("nan"), f"{name}: unknown peak (pass --peak-tflops)"
-    cores = len(os.sched_getaffinity(0))
+    from dptune.cores import usable_cores
+
+    cores = usable_cores()
     mhz = 0.0
     try:
         for line in open("/proc/cpuinfo"):

@@ -34,6 +34,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from dptune.cores import usable_cores
 from dptune.errors import ConfigError, first_line
 from dptune.inference.onnx_runner import cpu_info
 
@@ -230,13 +231,6 @@ def torch_model(export: Path, part: Path) -> torch.nn.Module:
 
 
 ENGINES = ("eager", "compiled", "ort-fp32", "ort-int8", "ort-fp16")
-
-
-def usable_cores() -> int:
-    try:
-        return len(os.sched_getaffinity(0))
-    except AttributeError:  # not Linux
-        return os.cpu_count() or 1
 
 
 def default_threads() -> int:

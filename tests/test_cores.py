@@ -1,0 +1,56 @@
+"""The cores a process may use, as a container or a SLURM job grants them: the CPU affinity capped by
+the cgroup CPU quota. Everything dptune sizes by the machine reads it from one place."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from dptune import cores
+
+
+@pytest.fixture
+def container(tmp_path, monkeypatch):
+    """A 16-core machine's affinity, and ``tmp_path`` standing in for the cgroup folder."""
+    monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
+    monkeypatch.setattr(cores, "CGROUP", tmp_path)
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    return tmp_path
+
+
+@pytest.mark.parametrize("files,expected", [
+    ({"cpu.max": "200000 100000\n"}, 2),  # cgroup v2: 2 CPUs
+    ({"cpu.max": "150000 100000\n"}, 2),  # 1.5 CPUs: a second thread still has half a core
+    ({"cpu.max": "max 100000\n"}, 16),  # no quota
+    ({"cpu/cpu.cfs_quota_us": "300000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 3),  # cgroup v1
+    ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16),
+    ({"cpu.max": "4000000 100000\n"}, 16),  # a quota above the affinity: the affinity
+    ({}, 16),  # no cgroup files (not Linux, or not mounted)
+])
+def test_usable_cores_is_the_affinity_capped_by_the_quota(container, files, expected):
+    for name, text in files.items():
+        (container / name).parent.mkdir(parents=True, exist_ok=True)
+        (container / name).write_text(text)
+    assert cores.usable_cores() == expected
+
+
+def test_every_default_sized_by_the_cores_follows_the_quota(container):
+    """2 CPUs of a 16-core machine: no loader worker (on 16 cores: 8), ONNX Runtime and the inference
+    benchmark on 2 threads, 2 cores in what the benchmarks record and in the training step's peak
+    FLOP/s. Before, all but the training threads and ONNX Runtime's sessions read the affinity (16)."""
+    from dptune.data.base import default_workers
+    from dptune.inference.onnx_runner import cpu_info, session_options
+    from dptune.tools.benchmark import peak_tflops
+    from dptune.tools.infer_bench import default_threads
+    from dptune.training.hardware import usable_cores
+
+    (container / "cpu.max").write_text("200000 100000\n")
+    assert usable_cores() == 2
+    assert default_workers(None) == 0 and default_workers(3) == 3
+    assert default_threads() == 2
+    assert cpu_info()["cores_usable"] == 2
+    assert session_options().intra_op_num_threads == 2
+    assert peak_tflops("cpu", "32-true")[1].startswith("2 cores x ")
+    (container / "cpu.max").write_text("max 100000\n")
+    assert default_workers(None) == 8 and default_threads() == 16
