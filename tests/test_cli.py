@@ -145,10 +145,11 @@ def test_a_model_config_or_pretrained_folder_that_is_no_model_is_one_line(tmp_pa
 
 
 def test_ctrl_c_mid_fit_says_how_to_resume_and_exits_130(tmp_path):
-    """Ctrl-C ended a fit with exit 1 and no word (SIGTERM saves and says how to resume)."""
+    """Ctrl-C ended a fit with exit 1 and no word (SIGTERM saves and says how to resume); the line
+    leads with ``error:`` as every other tool's interrupted line does."""
     run = tmp_path / "run"
     proc = quickstart(run, 3, "--data.splits", SMALL, "--trainer.callbacks+=interrupt_helper.CtrlCAt", check=False)
     assert proc.returncode == 130, proc.stderr[-3000:]
-    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("interrupted")]
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: interrupted (Ctrl-C) at step ")]
     assert len(lines) == 1 and "--ckpt_path last" in lines[0] and str(run / "checkpoints" / "last.ckpt") in lines[0]
     assert "Traceback" not in proc.stderr

@@ -360,7 +360,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
 
         if not INTERRUPTED:
             raise
-        print(INTERRUPTED.pop(), file=sys.stderr)
+        print(f"error: {INTERRUPTED.pop()}", file=sys.stderr)
         INTERRUPTED.clear()
         return 130
     return 0
