@@ -8,6 +8,7 @@ import subprocess
 
 import pytest
 import torch
+from conftest import CAMVID, needs
 from test_resume import quickstart
 
 pytestmark = pytest.mark.slow
@@ -153,3 +154,26 @@ def test_ctrl_c_mid_fit_says_how_to_resume_and_exits_130(tmp_path):
     lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error: interrupted (Ctrl-C) at step ")]
     assert len(lines) == 1 and "--ckpt_path last" in lines[0] and str(run / "checkpoints" / "last.ckpt") in lines[0]
     assert "Traceback" not in proc.stderr
+
+
+@needs(CAMVID)
+def test_a_label_set_of_one_class_is_one_line_before_training(tmp_path, monkeypatch, capsys):
+    """A segmentation model over one class has nothing to choose between: the run trained, then its
+    first validation ended in a traceback (``diag(): ... Got 0D``) from the 1x1 confusion matrix."""
+    from conftest import REPO, SHARED
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    labels = tmp_path / "road.yaml"
+    labels.write_text("names: [Road]\nvalue_map: {" + ", ".join(f"{v}: {0 if v == 3 else 255}" for v in range(12))
+                      + "}\n")
+    rc = main(["fit", "--config", "configs/camvid.yaml", "--data.root", str(CAMVID), "--data.labels", str(labels),
+               "--model.class_weights", "null", "--model.config", str(SHARED / "bench" / "dpt-bench-tiny.json"),
+               "--trainer.max_steps", "1", "--trainer.logger", "false", "--trainer.default_root_dir",
+               str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
+    assert "1 class (Road)" in errors[0] and "at least 2" in errors[0], errors
+    assert not list((tmp_path / "run").rglob("*.ckpt"))

@@ -45,7 +45,13 @@ class LabelledTask:
 
     @cached_property
     def label_set(self) -> LabelSet:
-        return LabelSet.from_dict(self.hparams.label_spec, source="model.label_spec")
+        labels = LabelSet.from_dict(self.hparams.label_spec, source="model.label_spec")
+        if labels.num_classes < 2:  # a source's own label set may hold one class; the model's may not
+            raise ConfigError(f"the model's label set has 1 class ({labels.names[0]}): a segmentation model "
+                              "chooses a class for each pixel, so it needs at least 2; for one class against "
+                              "the rest, name the rest too (e.g. names: [background, "
+                              f"{labels.names[0]}]) and map its mask values to it")
+        return labels
 
     @property
     def num_classes(self) -> int:
