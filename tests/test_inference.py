@@ -93,3 +93,12 @@ def test_flip_views_are_distinct_and_invert():
     assert flip_views(True) == flip_views("h") and flip_views(False) == flip_views(None) == flip_views("none")
     with pytest.raises(ValueError, match="flip must be one of"):
         flip_views("v")
+
+
+def test_slide_averages_windows_whose_logits_near_the_float32_limit_without_overflow():
+    # finite logits of a model on the edge of divergence: the overlap's sum (before it is divided by
+    # the window count) was inf, so the averaged logits and every probability from them were NaN
+    near_max = float(torch.finfo(torch.float32).max) * 0.9
+    images = torch.zeros(1, 3, 50, 70, dtype=torch.uint8)
+    out = slide_logits(lambda x: torch.full((x.shape[0], 2, *x.shape[-2:]), near_max), images, (32, 32), (21, 21))
+    assert torch.isfinite(out).all() and torch.allclose(out, torch.full_like(out, near_max))

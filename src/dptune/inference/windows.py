@@ -12,6 +12,7 @@ input image's own resolution.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Sequence
 
 import torch
@@ -98,18 +99,23 @@ def slide_logits(
     if (ph, pw) != (h, w):
         images = F.pad(images, (0, pw - w, 0, ph - h))
     boxes = [(y, x) for y in _starts(ph, wh, int(stride[0])) for x in _starts(pw, ww, int(stride[1]))]
-    total = None
     count = images.new_zeros((1, 1, ph, pw), dtype=torch.float32)
+    for y, x in boxes:
+        count[:, :, y : y + wh, x : x + ww] += 1
+    # each window's logits scaled down by a power of two at least the most windows over a pixel: their
+    # sum cannot overflow where each is finite (finite logits near the float32 limit would sum to inf),
+    # and scaling by a power of two is exact, so the mean is the plain sum / count to the bit
+    scale = 2.0 ** math.ceil(math.log2(float(count.max())))
+    total = None
     for i in range(0, len(boxes), max(1, batch // b)):
         chunk = boxes[i : i + max(1, batch // b)]
         crops = torch.cat([images[:, :, y : y + wh, x : x + ww] for y, x in chunk])
-        logits = _resize_logits(forward(crops).float(), (wh, ww))
+        logits = _resize_logits(forward(crops).float(), (wh, ww)) / scale
         if total is None:
             total = logits.new_zeros((b, logits.shape[1], ph, pw))
         for k, (y, x) in enumerate(chunk):
             total[:, :, y : y + wh, x : x + ww] += logits[k * b : (k + 1) * b]
-            count[:, :, y : y + wh, x : x + ww] += 1
-    return (total / count)[:, :, :h, :w]
+    return (total / count * scale)[:, :, :h, :w]
 
 
 def predict_probs(
