@@ -9,6 +9,7 @@ from __future__ import annotations
 import shutil
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from conftest import CAMVID, KITCHEN, needs
@@ -88,3 +89,48 @@ def test_export_refuses_a_model_whose_output_overflows(overflowing, part, tmp_pa
     err = errors(capsys)
     assert rc == 2 and len(err) == 1 and "NaN or infinite" in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+NEAR_MAX = float(torch.finfo(torch.float32).max) * 0.99
+
+
+def edges_near_the_limit(x: torch.Tensor) -> torch.Tensor:
+    """A finite depth output (1, h, w) for the input ``x``: a checkerboard of 0 and values near the
+    float32 limit, whose bicubic upsampling overshoots each edge past it."""
+    h, w = x.shape[-2:]
+    board = (torch.arange(h)[:, None] + torch.arange(w)[None, :]) % 2
+    return (board * NEAR_MAX).float()[None]
+
+
+def test_depth_upsampled_past_the_float32_limit_is_refused_not_written(overflowing):
+    # the model's output was checked, then post-processed: its bicubic upsampling made inf / NaN
+    # from finite values, and predict wrote the map (rc 0)
+    from PIL import Image
+
+    from dptune.errors import ModelOutputError
+    from dptune.inference.depth_predictor import DepthPredictor
+    from dptune.tools.multitask import load_joint, one_pass
+
+    image = np.asarray(Image.open(sorted(KITCHEN.glob(DEPTH_FRAMES))[0]).convert("RGB"))
+    p = DepthPredictor.load(str(overflowing / "depth"))
+    p.graph = lambda x: {"predicted_depth": edges_near_the_limit(x).numpy()}
+    with pytest.raises(ModelOutputError, match="upsampled to the image is NaN or infinite"):
+        p.predict(image)
+    seg, depth, _ = load_joint(str(overflowing), "cpu")
+
+    def joint(x):  # one backbone pass: finite logits, depth near the limit
+        return torch.zeros(1, seg.model.config.num_labels, *x.shape[-2:]), None, edges_near_the_limit(x)
+
+    with pytest.raises(ModelOutputError, match="upsampled to the image is NaN or infinite"):
+        one_pass(joint, seg, depth, image)
+
+
+def test_the_flip_average_of_depth_near_the_float32_limit_stays_finite():
+    from dptune.tools.depth import depth_views
+
+    class Constant:  # a depth model's prediction: finite, near the limit, whatever the view
+        def predict(self, image):
+            return np.full(image.shape[:2], NEAR_MAX, np.float32)
+
+    depth = depth_views(Constant(), np.zeros((4, 6, 3), np.uint8), flip="h")
+    assert np.isfinite(depth).all() and np.allclose(depth, NEAR_MAX), depth  # (a + b) / 2 was inf

@@ -59,9 +59,19 @@ class DepthPredictor:
         else:
             depth = depth_forward(self.model, x.to(self.device)).float().cpu()
         require_finite(depth, "the model's output")
-        out = self.processor.post_process_depth_estimation(_Outputs(depth), target_sizes=[(h, w)])
-        # the post-processing squeezes: a map 1 pixel tall or wide would lose that axis
-        return out[0]["predicted_depth"].numpy().astype(np.float32).reshape(h, w)
+        return resized_depth(self.processor, depth, h, w)
+
+
+def resized_depth(processor, depth: torch.Tensor, h: int, w: int) -> np.ndarray:
+    """float32 HxW: the model's depth output (1, h', w') upsampled by the processor's
+    ``post_process_depth_estimation`` to the image's (h, w). Bicubic overshoots an edge, so finite
+    values near the float32 limit can come out infinite: a ``ModelOutputError`` then, as for the
+    output itself."""
+    out = processor.post_process_depth_estimation(_Outputs(depth.float().cpu()), target_sizes=[(h, w)])
+    # the post-processing squeezes: a map 1 pixel tall or wide would lose that axis
+    depth = out[0]["predicted_depth"].numpy().astype(np.float32).reshape(h, w)
+    require_finite(depth, "the model's output, upsampled to the image")
+    return depth
 
 
 class _Outputs:

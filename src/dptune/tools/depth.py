@@ -91,7 +91,8 @@ def depth_views(predictor, image: np.ndarray, flip: str = "none") -> np.ndarray:
     mean of the image's prediction and its left-right mirror's (see ``mirror_note``)."""
     depth = predictor.predict(image)
     if flip != "none":
-        depth = (depth + predictor.predict(np.ascontiguousarray(image[:, ::-1]))[:, ::-1]) / 2
+        # halves summed: two finite maps near the float32 limit would sum to inf
+        depth = depth / 2 + predictor.predict(np.ascontiguousarray(image[:, ::-1]))[:, ::-1] / 2
     return np.clip(depth, 0, None)
 
 

@@ -34,8 +34,7 @@ def load_joint(ref: str, device: str, trust_remote_code: bool = False):
 def one_pass(joint, seg, depth, image: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """(class indices, top-class probability, depth clipped at 0) of one image from one backbone pass:
     what ``seg.predict`` and ``depth.predict`` give for the whole image, one view."""
-    from transformers.modeling_outputs import DepthEstimatorOutput
-
+    from dptune.inference.depth_predictor import resized_depth
     from dptune.metrics import require_finite
 
     h, w = image.shape[:2]
@@ -46,9 +45,7 @@ def one_pass(joint, seg, depth, image: np.ndarray) -> tuple[np.ndarray, np.ndarr
     require_finite(raw, "the model's depth output")
     up = torch.nn.functional.interpolate(logits.float(), size=(h, w), mode="bilinear", align_corners=False)[0]
     conf, pred = up.cpu().softmax(0).max(0)
-    metres = depth.processor.post_process_depth_estimation(DepthEstimatorOutput(predicted_depth=raw.float().cpu()),
-                                                           target_sizes=[(h, w)])[0]["predicted_depth"].numpy()
-    metres = metres.reshape(h, w)  # the post-processing squeezes a map 1 pixel tall or wide
+    metres = resized_depth(depth.processor, raw, h, w)
     return pred.numpy().astype(np.uint8), conf.numpy(), np.clip(metres, 0, None)
 
 
