@@ -245,7 +245,7 @@ def evaluate_depth(args) -> int:
         check_depth_size(name, image.shape[:2], gt)
         if (gt > 0).any():
             medians.append(float(np.median(gt[gt > 0])))
-        with of_image(name):
+        with of_image(source.name(i)):
             pred = torch.from_numpy(predictor.predict(image))[None]
         gt_t = torch.from_numpy(gt)[None]
         valid = valid_depth(gt_t, min_depth, max_depth)

@@ -133,7 +133,7 @@ def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool | str, s
     for i in tqdm(range(len(source)), desc="evaluating"):
         image, raw, name = source.load(i)
         mask = labels.encode(raw, name)
-        with of_image(name):
+        with of_image(source.name(i)):
             pred, _ = predictor.predict(image, mode=mode, flip=flip, scales=scales)
         valid = mask != IGNORE_INDEX
         confmat += np.bincount(mask[valid].astype(np.int64) * c + pred[valid], minlength=c * c).reshape(c, c)
