@@ -136,3 +136,24 @@ def test_the_flip_average_of_depth_near_the_float32_limit_stays_finite():
 
     depth = depth_views(Constant(), np.zeros((4, 6, 3), np.uint8), flip="h")
     assert np.isfinite(depth).all() and np.allclose(depth, NEAR_MAX), depth  # (a + b) / 2 was inf
+
+
+def test_a_serving_graph_whose_output_alone_is_nan_is_blamed_on_its_conversion(tiny_config):
+    # the torch model's output on the same input is checked first and is finite: the message said
+    # the weights overflowed, sending the user to retrain a model that was fine
+    from transformers import DPTConfig, DPTForSemanticSegmentation
+
+    from dptune.errors import ModelOutputError
+    from dptune.export.serving import Reference, _outputs
+
+    class Broken:  # an INT8 graph that quantization broke
+        path = Path("model_int8.onnx")
+
+        def __call__(self, x):
+            return {"logits": np.full((1, 3, 8, 8), np.nan, np.float32)}
+
+    model = DPTForSemanticSegmentation(DPTConfig(**tiny_config, num_labels=3)).eval()
+    x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
+    with pytest.raises(ModelOutputError, match=r"model_int8.onnx is NaN or infinite \(the INT8 quantization broke "
+                                               r"it: keep the offending nodes in float \(--int8-keep-float\)"):
+        _outputs(Reference(model, joint=False), {"int8": Broken()}, x)

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 
+from dptune.errors import of_image
 from dptune.export.serving_data import DEFAULT_COUNT, ServingData, prepare, serving_data
 from dptune.inference.onnx_runner import GRAPHS, OnnxGraph
 from dptune.metrics import require_finite
@@ -138,13 +139,28 @@ def _graphs(folder: Path, precisions: list[str]) -> dict[str, OnnxGraph | str]:
     return out
 
 
-def _run(g: OnnxGraph | str, x: np.ndarray) -> dict[str, np.ndarray] | None:
+# why a graph's output is NaN/inf where the torch model's (checked first, on the same input) is finite
+BROKEN_BY = {
+    "fp32": "the ONNX export broke it: run `dptune export --onnx` alone to see the parity check",
+    "int8": "the INT8 quantization broke it: keep the offending nodes in float (--int8-keep-float) or try another "
+            "--calibration-method",
+    "fp16": "the fp16 conversion overflows float16's range (65504): leave --onnx-fp16 out",
+}
+
+
+def _run(g: OnnxGraph | str, x: np.ndarray, precision: str) -> dict[str, np.ndarray] | None:
     if isinstance(g, str):
         return None
     outs = g(x)
     for name, value in outs.items():
-        require_finite(value, f"the output ({name}) of {g.path.name}")
+        require_finite(value, f"the output ({name}) of {g.path.name}", BROKEN_BY[precision])
     return outs
+
+
+def _outputs(ref: Reference, graphs: dict, x: np.ndarray) -> dict[str, dict[str, np.ndarray] | None]:
+    """Every model's outputs for one input: the torch model's first, so that a graph whose output
+    alone is NaN/inf is blamed on its conversion, not on the weights."""
+    return {"torch": ref(x), **{n: _run(g, x, n) for n, g in graphs.items()}}
 
 
 def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, folder: Path,
@@ -171,7 +187,8 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
                 image, raw, name = part.source.load(i)
                 mask = encoding.encode(raw, name)
                 x = prepare(processor, image)
-                outs = {"torch": ref(x), **{n: _run(g, x) for n, g in graphs.items()}}
+                with of_image(part.source.name(i)):
+                    outs = _outputs(ref, graphs, x)
                 ok = mask != 255
                 target = torch.from_numpy(mask[ok].astype(np.int64))
                 base = None
@@ -205,7 +222,8 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
             for i in part.held:
                 image, gt, _ = part.source.load(i)
                 x = prepare(processor, image)
-                outs = {"torch": ref(x), **{n: _run(g, x) for n, g in graphs.items()}}
+                with of_image(part.source.name(i)):
+                    outs = _outputs(ref, graphs, x)
                 g_t = torch.from_numpy(np.asarray(gt, np.float32))[None]
                 valid = valid_depth(g_t, lo, hi)
                 base = None

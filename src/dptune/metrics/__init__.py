@@ -22,15 +22,17 @@ def finite_rows(x: torch.Tensor) -> torch.Tensor:
     return ok
 
 
-def require_finite(output: torch.Tensor | np.ndarray, what: str) -> None:
+WEIGHTS_CAUSE = "the weights are non-finite or overflow the forward pass, e.g. after a learning rate too high"
+
+
+def require_finite(output: torch.Tensor | np.ndarray, what: str, cause: str = WEIGHTS_CAUSE) -> None:
     """A ``ModelOutputError`` unless every value of a model's ``output`` is finite; ``what`` names the
-    output (and the graph that gave it, where that is not the torch model)."""
+    output (and the graph that gave it, where that is not the torch model), ``cause`` what makes it so."""
     from dptune.errors import ModelOutputError
 
     x = torch.from_numpy(output) if isinstance(output, np.ndarray) else output.detach()
     if x.numel() and not bool(finite_rows(x.reshape(1, -1) if x.ndim < 2 else x).all()):
-        raise ModelOutputError(f"{what} is NaN or infinite (the weights are non-finite or overflow the forward "
-                               "pass, e.g. after a learning rate too high); no result from it")
+        raise ModelOutputError(f"{what} is NaN or infinite ({cause}); no result from it")
 
 
 def warn_if_nonfinite(metric: Metric, where: str) -> int:
