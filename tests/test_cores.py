@@ -27,6 +27,9 @@ def container(tmp_path, monkeypatch):
     ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16),
     ({"cpu.max": "4000000 100000\n"}, 16),  # a quota above the affinity: the affinity
     ({}, 16),  # no cgroup files (not Linux, or not mounted)
+    ({"cpu.max": "2e5 100000\n"}, 16),  # unreadable numbers: no quota known (was a traceback at import time)
+    ({"cpu.max": "max\n"}, 16),
+    ({"cpu/cpu.cfs_quota_us": "lots\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16),
 ])
 def test_usable_cores_is_the_affinity_capped_by_the_quota(container, files, expected):
     for name, text in files.items():

@@ -20,9 +20,9 @@ def usable_cores() -> int:
                 quota, period = path.read_text().split()[:2]
             else:
                 quota, period = path.read_text().strip(), (CGROUP / "cpu" / "cpu.cfs_period_us").read_text().strip()
-        except (OSError, ValueError):
+            if quota not in ("max", "-1") and int(period) > 0:
+                cores = min(cores, max(1, -(-int(quota) // int(period))))
+        except (OSError, ValueError):  # absent, or not the kernel's numbers: no quota known from this file
             continue
-        if quota not in ("max", "-1") and int(period) > 0:
-            cores = min(cores, max(1, -(-int(quota) // int(period))))
         break
     return max(1, cores)
