@@ -84,10 +84,11 @@ def test_evaluate_gives_no_score_for_a_model_whose_output_overflows(overflowing,
 
 
 @pytest.mark.parametrize("part", ["segmentation", "depth"])  # a joint export is exported from its checkpoint
-def test_export_refuses_a_model_whose_output_overflows(overflowing, part, tmp_path, capsys):
+@pytest.mark.parametrize("onnx", [["--onnx"], []])  # without an ONNX graph (and its parity check) it exited 0
+def test_export_refuses_a_model_whose_output_overflows(overflowing, part, onnx, tmp_path, capsys):
     source = tmp_path / "source"
     shutil.copytree(overflowing / part, source)
-    rc = export_main([str(source), str(tmp_path / "out"), "--onnx"])
+    rc = export_main([str(source), str(tmp_path / "out"), *onnx])
     err = errors(capsys)
     assert rc == 2 and len(err) == 1 and "NaN or infinite" in err[0], err
     assert not (tmp_path / "out").exists()

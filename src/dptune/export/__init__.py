@@ -40,6 +40,7 @@ from torch import nn
 
 from dptune.errors import ConfigError, first_line
 from dptune.export.card import depth_card, model_card, multitask_card, training_precision, warn_backend
+from dptune.export.checks import check_exportable
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
 from dptune.export.quantize import CALIBRATION_METHODS, TARGETS, KeepFloatError
 from dptune.export.serving import ServingOptions
@@ -355,6 +356,7 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     size = (processor.size["height"], processor.size["width"])
     if getattr(model.config, "is_hybrid", False):
         fit_hybrid_positions(model, size)
+    check_exportable(model, processor, size, fp16)  # before a file of it is written
     if not is_depth(model) and uses_backbone(model.config):
         remote_code(model, out)  # transformers' DPTForDepthEstimation takes any backbone itself
     if onnx:
