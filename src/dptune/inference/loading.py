@@ -57,6 +57,21 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
     return model, processor
 
 
+def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
+    """``model`` in eval mode on ``device``. The weights of a ``--fp16`` export are computed in
+    float32 on a CPU (exactly the stored values, and a CPU without native float16 is many times
+    slower in it); on a GPU they stay float16, and the predictors give them float16 inputs."""
+    model = model.eval().to(device)
+    if device.type == "cpu" and any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
+        model = model.float()
+    return model
+
+
+def input_dtype(model: torch.nn.Module) -> torch.dtype:
+    """The dtype a model's input must have: its weights'."""
+    return next(model.parameters()).dtype
+
+
 @dataclass
 class Loaded:
     """What a predictor needs of a model part."""

@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dptune.inference.loading import exported_labels, load_export, load_part
+from dptune.inference.loading import exported_labels, input_dtype, load_export, load_part, placed
 from dptune.inference.windows import FLIP_VIEWS, flip_views, predict_probs
 from dptune.labels import LabelSet
 from dptune.metrics import require_finite
@@ -47,7 +47,7 @@ class Predictor:
         graph = backend_graph(ref, backend, device, "logits")
         dev = torch.device(device)
         part = load_part(ref, "segmentation", trust_remote_code)
-        return cls(part.model.eval().to(dev), part.labels, part.preprocessing, dev, part.processor, graph)
+        return cls(placed(part.model, dev), part.labels, part.preprocessing, dev, part.processor, graph)
 
     @torch.no_grad()
     def logits(self, images: torch.Tensor) -> torch.Tensor:
@@ -60,7 +60,7 @@ class Predictor:
         if self.graph is not None:
             logits = torch.from_numpy(self.graph(pixel_values)["logits"])
         else:
-            logits = segment(self.model, pixel_values.to(self.device), with_aux=False)[0]
+            logits = segment(self.model, pixel_values.to(self.device, input_dtype(self.model)), with_aux=False)[0]
         require_finite(logits, "the model's output")  # NaN logits have an argmax: a mask, silently wrong
         return logits
 

@@ -1,0 +1,70 @@
+"""``dptune export --fp16`` stores float16 weights: it refuses a model that float16 cannot hold
+(weights or activations past 65504 would be stored or computed as inf), and its export is predicted
+on a CPU as on a GPU. Before, a weight of 1e5 was written as inf (exit 0), and predict on a CPU died
+on every image ("Input type (float) and bias type (c10::Half) should be the same")."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from test_joint_tools import save_joint_export
+from transformers import DPTForDepthEstimation, DPTForSemanticSegmentation
+
+from dptune.export import main as export_main
+from dptune.inference.depth_predictor import DepthPredictor
+from dptune.inference.predictor import Predictor
+
+
+@pytest.fixture(scope="module")
+def parts(tmp_path_factory) -> Path:
+    return save_joint_export(tmp_path_factory.mktemp("parts"), ["a", "b", "c"])
+
+
+def errors(capsys) -> list[str]:
+    return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+
+
+def test_an_fp16_export_predicts_on_a_cpu_what_the_float32_model_does(parts, tmp_path):
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    for part, cls in (("segmentation", Predictor), ("depth", DepthPredictor)):
+        out = tmp_path / part
+        assert export_main([str(parts / part), str(out), "--fp16"]) == 0
+        half, full = cls.load(str(out)), cls.load(str(parts / part))
+        assert {p.dtype for p in half.model.parameters()} == {torch.float32}  # the stored float16 values, in float32
+        if part == "segmentation":
+            (got, conf), (ref, ref_conf) = half.predict(image), full.predict(image)
+            assert (got == ref).mean() > 0.99 and np.abs(conf - ref_conf).max() < 1e-2
+        else:
+            got, ref = half.predict(image), full.predict(image)
+            assert np.abs(got - ref).max() <= 1e-2 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("scale,what", [(1e5, "weight .* holds values up to 1e\\+05, beyond float16's range"),
+                                        (6e4, "the float16 model's output .* NaN or infinite .*activations beyond float16's range")])
+def test_fp16_export_refuses_a_model_float16_cannot_hold(parts, scale, what, tmp_path, capsys):
+    source = tmp_path / "source"
+    model = DPTForSemanticSegmentation.from_pretrained(parts / "segmentation")
+    last = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.fill_(scale)  # finite in float32 (and its float32 output too); not in float16
+    model.save_pretrained(source)
+    (source / "preprocessor_config.json").write_text((parts / "segmentation" / "preprocessor_config.json").read_text())
+    rc = export_main([str(source), str(tmp_path / "out"), "--fp16"])
+    err = errors(capsys)
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {source}: --fp16: "), err
+    import re
+
+    assert re.search(what, err[0]) and "leave --fp16 out" in err[0], err
+    assert not (tmp_path / "out").exists()
+    assert export_main([str(source), str(tmp_path / "out32")]) == 0  # in float32 it exports
+
+
+def test_depth_fp16_export_keeps_a_depth_model_within_float16(parts, tmp_path):
+    model = DPTForDepthEstimation.from_pretrained(parts / "depth")
+    assert export_main([str(parts / "depth"), str(tmp_path / "out"), "--fp16"]) == 0
+    stored = DPTForDepthEstimation.from_pretrained(tmp_path / "out")
+    assert {p.dtype for p in stored.parameters()} == {torch.float16}
+    assert all(torch.equal(a.half(), b) for a, b in zip(model.parameters(), stored.parameters(), strict=True))
