@@ -158,3 +158,23 @@ def test_a_serving_graph_whose_output_alone_is_nan_is_blamed_on_its_conversion(t
     with pytest.raises(ModelOutputError, match=r"model_int8.onnx is NaN or infinite \(the INT8 quantization broke "
                                                r"it: keep the offending nodes in float \(--int8-keep-float\)"):
         _outputs(Reference(model, joint=False), {"int8": Broken()}, x)
+
+
+def test_onnx_parity_runs_the_model_on_inputs_a_real_image_can_give(tmp_path, monkeypatch):
+    # normal-distributed inputs reach |x| > 4 where this processor's images give [-1, 1]: a model fine
+    # on every image could overflow on them and be refused
+    from dptune.export.onnx import TaskOutput
+
+    source = save_joint_export(tmp_path / "src", ["a", "b", "c"]) / "segmentation"  # mean 0.5, std 0.5
+    seen = []
+    forward = TaskOutput.forward
+
+    def spy(self, pixel_values):
+        if not torch.jit.is_tracing():
+            seen.append((float(pixel_values.min()), float(pixel_values.max())))
+        return forward(self, pixel_values)
+
+    monkeypatch.setattr(TaskOutput, "forward", spy)
+    assert export_main([str(source), str(tmp_path / "out"), "--onnx"]) == 0
+    assert len(seen) >= 3, seen  # the pre-write check and the parity's shapes
+    assert all(-1 <= lo and hi <= 1 for lo, hi in seen), seen

@@ -360,7 +360,8 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     if not is_depth(model) and uses_backbone(model.config):
         remote_code(model, out)  # transformers' DPTForDepthEstimation takes any backbone itself
     if onnx:
-        write_onnx(model, out / "model.onnx", size, tolerance, keep_float_check(got, src, shown or out))
+        write_onnx(model, out / "model.onnx", size, tolerance, keep_float_check(got, src, shown or out),
+                   Preprocessing.from_processor(processor))
     served = {}
     if got.get("serving") and onnx:
         from dptune.export.serving import serve
@@ -426,7 +427,8 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
     if onnx:
         size = (got["processor"].size["height"], got["processor"].size["width"])
         err = export_joint_onnx(joint.float().eval(), out / "model.onnx", size,
-                                check=keep_float_check(got, src, shown or out))
+                                check=keep_float_check(got, src, shown or out),
+                                prep=Preprocessing.from_processor(got["processor"]))
         log.info("ONNX parity (both outputs): max relative difference %.2e", err)
         if err > tolerance:
             (out / "model.onnx").unlink()
@@ -461,10 +463,11 @@ def keep_float_check(got: dict, src: str, shown: Path) -> Callable[[Path], objec
 
 
 def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], tolerance: float,
-               check: Callable[[Path], object] | None = None) -> None:
+               check: Callable[[Path], object] | None = None, prep: Preprocessing | None = None) -> None:
     """``model.onnx``, kept only if ONNX Runtime reproduces torch within ``tolerance`` on square and
     non-square inputs (processor-size inputs only for DPT-Hybrid). ``check``: called with the graph
-    as soon as it is written, before the parity is measured."""
+    as soon as it is written, before the parity is measured. ``prep``: the processor's spec, whose
+    range of inputs the parity is measured on (see ``parity_input``)."""
     export_onnx(model, path, size)
     if check is not None:
         check(path)
@@ -474,7 +477,7 @@ def write_onnx(model: nn.Module, path: Path, size: tuple[int, int], tolerance: f
     else:
         shapes = [(1, *size), (2, *size)]
         log.info("ONNX: DPT-Hybrid graph takes %dx%d inputs only (dynamic batch)", *size)
-    err = onnx_parity(model, path, shapes)
+    err = onnx_parity(model, path, shapes, prep=prep)
     log.info("ONNX parity: max relative difference %.2e over %s", err, shapes)
     if err > tolerance:
         path.unlink()

@@ -62,8 +62,19 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], opset: int 
     return path
 
 
-def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]], seed: int = 0) -> float:
-    """Largest |torch - onnxruntime| / max|torch| over random inputs of the given (B, H, W) shapes."""
+def parity_input(b: int, h: int, w: int, g: torch.Generator, prep=None) -> torch.Tensor:
+    """A random (B, 3, H, W) model input: random pixels normalised by ``prep`` (a ``Preprocessing``)
+    where given, inside the range real images reach (a model fine on images may overflow on a
+    normal-distributed input far outside it); else a normal-distributed one."""
+    if prep is None:
+        return torch.randn(b, 3, h, w, generator=g)
+    return prep.pixel_values(torch.randint(0, 256, (b, 3, h, w), generator=g, dtype=torch.uint8), resize=False)
+
+
+def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]], seed: int = 0,
+                prep=None) -> float:
+    """Largest |torch - onnxruntime| / max|torch| over random inputs of the given (B, H, W) shapes
+    (see ``parity_input``)."""
     import onnxruntime as ort
 
     sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
@@ -71,7 +82,7 @@ def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]]
     g = torch.Generator().manual_seed(seed)
     worst = 0.0
     for b, h, w in shapes:
-        x = torch.randn(b, 3, h, w, generator=g)
+        x = parity_input(b, h, w, g, prep)
         with torch.no_grad():
             ref = wrapper(x).numpy()
         got = sess.run([wrapper.output], {"pixel_values": x.numpy()})[0]
@@ -84,7 +95,7 @@ def onnx_parity(model: nn.Module, path: Path, shapes: list[tuple[int, int, int]]
 def relative_difference(got: np.ndarray, ref: np.ndarray) -> float:
     """``max|got - ref| / max|ref|``; infinite where the graph's output is not finite (``max`` would
     skip a NaN), and a ``ModelOutputError`` where the torch model's own output is not."""
-    require_finite(ref, "the model's output on a random input")
+    require_finite(ref, "the model's output on a random image")
     d = float(np.abs(got - ref).max() / max(float(np.abs(ref).max()), 1e-12))
     return d if np.isfinite(d) else np.inf
 
@@ -102,10 +113,10 @@ class JointOutputs(nn.Module):
 
 
 def export_joint_onnx(joint: nn.Module, path: Path, size: tuple[int, int], opset: int = 17,
-                      check: Callable[[Path], object] | None = None) -> float:
+                      check: Callable[[Path], object] | None = None, prep=None) -> float:
     """One ONNX graph with both outputs (dynamic batch, height and width), and its parity: the
-    largest |torch - onnxruntime| / max|torch| over both outputs, square and non-square inputs.
-    ``check``: called with the graph as soon as it is written, before the parity is measured."""
+    largest |torch - onnxruntime| / max|torch| over both outputs, square and non-square inputs
+    (``prep``: see ``parity_input``). ``check``: called with the graph as soon as it is written, before the parity is measured."""
     import onnxruntime as ort
 
     wrapper = JointOutputs(joint).eval()
@@ -122,7 +133,7 @@ def export_joint_onnx(joint: nn.Module, path: Path, size: tuple[int, int], opset
     g = torch.Generator().manual_seed(0)
     worst = 0.0
     for b, h, w in [(1, *size), (2, size[0], size[1] + 2 * p)]:
-        x = torch.randn(b, 3, h, w, generator=g)
+        x = parity_input(b, h, w, g, prep)
         with torch.no_grad():
             refs = [r.numpy() for r in wrapper(x)]
         for ref, got in zip(refs, sess.run(["logits", "predicted_depth"], {"pixel_values": x.numpy()}), strict=True):
