@@ -356,6 +356,8 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     size = (processor.size["height"], processor.size["width"])
     if getattr(model.config, "is_hybrid", False):
         fit_hybrid_positions(model, size)
+    # written from float32 (a re-exported --fp16 export loads as float16); stored in float16 with fp16 only
+    model = model.float()
     check_exportable(model, processor, size, fp16)  # before a file of it is written
     if not is_depth(model) and uses_backbone(model.config):
         remote_code(model, out)  # transformers' DPTForDepthEstimation takes any backbone itself

@@ -104,7 +104,8 @@ def slide_logits(
         count[:, :, y : y + wh, x : x + ww] += 1
     # each window's logits scaled down by a power of two at least the most windows over a pixel: their
     # sum cannot overflow where each is finite (finite logits near the float32 limit would sum to inf),
-    # and scaling by a power of two is exact, so the mean is the plain sum / count to the bit
+    # and scaling by a power of two is exact (down to float32's smallest normal numbers, ~1e-38, far
+    # below any logit that matters), so the mean is the plain sum / count
     scale = 2.0 ** math.ceil(math.log2(float(count.max())))
     total = None
     for i in range(0, len(boxes), max(1, batch // b)):
