@@ -125,3 +125,18 @@ def test_a_picture_too_wide_for_jpeg_is_logged_as_png(tmp_path, monkeypatch):
     finally:
         wandb.finish()
     assert len(glob.glob(str(tmp_path / "wandb" / "offline-run-*" / "files" / "media" / "images" / "val" / "depth_*.png"))) == 1
+
+
+def test_the_colour_scale_of_depth_near_the_float32_limit_is_finite():
+    # a finite depth map of values near the limit (a model on the edge of divergence): the float32
+    # median overflowed, the legend read "inf m" and numpy warned on stderr
+    import warnings
+
+    from dptune.tasks.visuals import depth_range
+
+    depth = np.full((8, 8), 3e38, np.float32)
+    depth[:4] = 2.9e38
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        lo, hi = depth_range(depth)
+    assert np.isfinite([lo, hi]).all() and lo <= 2.9e38 and hi >= 3e38

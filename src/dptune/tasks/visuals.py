@@ -17,7 +17,8 @@ def depth_range(depth: np.ndarray, min_span: float = MIN_SPAN) -> tuple[float, f
     outliers), widened about its middle to at least ``min_span`` x the median depth, so that a
     near-constant map (a wall, a model that predicts one depth everywhere) shows as nearly one colour
     instead of its noise stretched over the whole colour map."""
-    valid = depth[np.isfinite(depth) & (depth > 0)]
+    # in float64: the median of float32 values near the float32 limit overflows (an "inf m" scale)
+    valid = depth[np.isfinite(depth) & (depth > 0)].astype(np.float64)
     if valid.size == 0:
         return 0.0, 1.0
     lo, hi = (float(v) for v in np.percentile(valid, [2, 98]))
