@@ -178,3 +178,30 @@ def test_onnx_parity_runs_the_model_on_inputs_a_real_image_can_give(tmp_path, mo
     assert export_main([str(source), str(tmp_path / "out"), "--onnx"]) == 0
     assert len(seen) >= 3, seen  # the pre-write check and the parity's shapes
     assert all(-1 <= lo and hi <= 1 for lo, hi in seen), seen
+
+
+@pytest.mark.parametrize("kw", [{}, {"mode": "slide"}, {"flip": "h", "scales": (0.5, 1.0)}])
+def test_logits_at_the_float32_limit_give_no_mask(overflowing, kw):
+    # finite logits exactly at the limit pass the output check; bilinear upsampling then rounds some
+    # past it to inf, and softmax made the confidences NaN (a mask was written)
+    from PIL import Image
+
+    from dptune.errors import ModelOutputError
+    from dptune.inference.predictor import Predictor
+
+    image = np.asarray(Image.open(sorted(CAMVID.glob(SEG_FRAMES))[0]).convert("RGB"))
+    p = Predictor.load(str(overflowing / "segmentation"))
+    top = float(torch.finfo(torch.float32).max)
+
+    def at_the_limit(x):  # classes alternating between +max and -max over the pixels
+        h, w = x.shape[-2:]
+        board = ((torch.arange(h)[:, None] + torch.arange(w)[None, :]) % 2 * 2 - 1).float() * top
+        return {"logits": torch.stack([board, -board, board])[None].expand(x.shape[0], -1, -1, -1).numpy()}
+
+    p.graph = at_the_limit
+    p.model.config.num_labels = 3
+    try:
+        pred, conf = p.predict(image, **kw)
+    except ModelOutputError:
+        return
+    assert np.isfinite(conf).all(), "a mask from NaN confidences"

@@ -95,6 +95,7 @@ class Predictor:
             x = self.pixel_values(image)
             lg = torch.nn.functional.interpolate(self.normalized_logits(x).float(), size=(h, w), mode="bilinear",
                                                  align_corners=False)[0].cpu()
+            require_finite(lg[None], "the model's output, upsampled to the image")  # logits at the float32 limit
             return class_map(lg, 0).numpy().astype(np.uint8), lg.softmax(0).max(0).values.numpy()
         probs = self.probs(image, mode, flip, scales, stride)
         conf, pred = probs.max(0)
@@ -109,5 +110,7 @@ class Predictor:
         check_image(image)
         x = torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1)[None]
         strides = [max(1, round(s * stride)) for s in self.size]
-        return predict_probs(self.normalized_logits, x, self.preprocessing, mode=mode, stride=strides, flip=flip,
-                             scales=scales, prepare=self.prepare)[0].cpu()
+        probs = predict_probs(self.normalized_logits, x, self.preprocessing, mode=mode, stride=strides, flip=flip,
+                              scales=scales, prepare=self.prepare)[0].cpu()
+        require_finite(probs[None], "the class probabilities from the model's output")  # its views resized, averaged
+        return probs
