@@ -104,3 +104,28 @@ def test_a_float16_export_whose_float16_activations_overflow_re_exports_in_float
         assert all(torch.equal(a.float(), b) for a, b in zip(model.parameters(), stored.parameters(), strict=True))
     assert export_main([str(source), str(tmp_path / "again16"), "--fp16"]) == 2
     assert "the output of layer head.head.4 reaches" in errors(capsys)[0]
+
+
+def test_a_folder_whose_config_says_float16_is_read_in_float32(parts, tmp_path):
+    # transformers loads weights in the config's dtype: a float32 weight of 7e4 became inf on load,
+    # and export, predict and fine-tuning from the folder saw a diverged model (or trained float16 weights)
+    import json
+
+    from dptune.models import build_model
+
+    source = tmp_path / "cfg16"
+    model = DPTForSemanticSegmentation.from_pretrained(parts / "segmentation")
+    aux = [m for m in model.auxiliary_head.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # not run to predict
+    with torch.no_grad():
+        aux.weight[0, 0, 0, 0] = 7e4
+    model.save_pretrained(source)
+    (source / "preprocessor_config.json").write_text((parts / "segmentation" / "preprocessor_config.json").read_text())
+    config = json.loads((source / "config.json").read_text())
+    (source / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
+    assert export_main([str(source), str(tmp_path / "out")]) == 0
+    stored = DPTForSemanticSegmentation.from_pretrained(tmp_path / "out", dtype=torch.float32)
+    assert all(torch.equal(a, b) for a, b in zip(model.parameters(), stored.parameters(), strict=True))
+    image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
+    assert Predictor.load(str(source)).predict(image)[0].shape == (48, 80)
+    tuned = build_model(["x", "y"], pretrained=str(source))
+    assert {p.dtype for p in tuned.parameters()} == {torch.float32}

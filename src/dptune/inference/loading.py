@@ -46,9 +46,10 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
         cfg = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         processor = AutoImageProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
         if any("DepthEstimation" in a for a in cfg.architectures or []):
-            model = AutoModelForDepthEstimation.from_pretrained(ref, config=cfg, trust_remote_code=trust_remote_code)
+            model = AutoModelForDepthEstimation.from_pretrained(ref, config=cfg, trust_remote_code=trust_remote_code,
+                                                                dtype=torch.float32)
         else:
-            model = model_class(cfg).from_pretrained(ref, config=cfg)
+            model = model_class(cfg).from_pretrained(ref, config=cfg, dtype=torch.float32)
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
@@ -58,13 +59,10 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
 
 
 def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
-    """``model`` in eval mode on ``device``. The weights of a ``--fp16`` export are computed in
-    float32 on a CPU (exactly the stored values, and a CPU without native float16 is many times
-    slower in it); on a GPU they stay float16, and the predictors give them float16 inputs."""
-    model = model.eval().to(device)
-    if device.type == "cpu" and any(p.dtype in (torch.float16, torch.bfloat16) for p in model.parameters()):
-        model = model.float()
-    return model
+    """``model`` in eval mode on ``device``, in float32: dptune's tools compute a ``--fp16`` export's
+    weights (loaded as float32, the stored values exactly) in float32 on any device (a CPU without
+    native float16 would be many times slower in it, and float16 activations can overflow)."""
+    return model.eval().to(device).float()
 
 
 def input_dtype(model: torch.nn.Module) -> torch.dtype:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 
+import torch
 from transformers import (
     DepthAnythingForDepthEstimation,
     DPTConfig,
@@ -107,7 +108,7 @@ def dpt_config_for_backbone(bb: PretrainedConfig) -> DPTConfig:
 def load_backbone_weights(model: DPTBackboneForSemanticSegmentation, ref: str) -> None:
     """Copy a bare backbone checkpoint (hub id or directory) into ``model.backbone``."""
     # the backbone class itself: AutoBackbone.from_pretrained asks the hub first, even for a directory
-    pretrained = type(model.backbone).from_pretrained(ref, config=model.config.backbone_config)
+    pretrained = type(model.backbone).from_pretrained(ref, config=model.config.backbone_config, dtype=torch.float32)
     missing, unexpected = model.backbone.load_state_dict(pretrained.state_dict(), strict=False)
     if missing or unexpected:
         raise ConfigError(f"{ref}: backbone weights do not fit (missing {missing[:3]}, unexpected {unexpected[:3]})")

@@ -52,7 +52,7 @@ def build_model(
         else:
             # a depth checkpoint's head does not fit a segmentation head: those weights start fresh
             model, info = model_class(cfg).from_pretrained(
-                ref, attn_implementation={"": attn_implementation}, ignore_mismatched_sizes=True,
+                ref, dtype=torch.float32, attn_implementation={"": attn_implementation}, ignore_mismatched_sizes=True,
                 output_loading_info=True,
             )
             # layers the checkpoint lacks, or has in another shape (a depth head), start from random weights
@@ -133,8 +133,8 @@ def load_exported(path: str) -> PreTrainedModel:
     if any("DepthEstimation" in a for a in cfg.architectures or []):
         from transformers import AutoModelForDepthEstimation
 
-        return AutoModelForDepthEstimation.from_pretrained(path)
-    return model_class(cfg).from_pretrained(path)
+        return AutoModelForDepthEstimation.from_pretrained(path, dtype=torch.float32)
+    return model_class(cfg).from_pretrained(path, dtype=torch.float32)
 
 
 def input_side(model: PreTrainedModel) -> int:

@@ -66,7 +66,7 @@ def build_depth_model(
             source = head_output(cfg)  # before _set_output says what this model will predict
             _set_output(cfg, mode, max_depth)
             model, info = depth_model_class(cfg).from_pretrained(
-                ref, config=cfg, ignore_mismatched_sizes=True, output_loading_info=True,
+                ref, config=cfg, dtype=torch.float32, ignore_mismatched_sizes=True, output_loading_info=True,
                 **({"attn_implementation": {"": attn_implementation}} if cfg.model_type == "dpt" else {}))
             missing = set(info["missing_keys"]) | {key for key, *_ in info["mismatched_keys"]}
             fresh = [(n, m) for n, m in head_layers(model) if f"{n}.weight" in missing]
