@@ -5,6 +5,7 @@ options' bad input as one line."""
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 from pathlib import Path
 
@@ -555,3 +556,38 @@ def test_the_histogram_calibrators_leave_stdout_to_the_export(seg_export, tmp_pa
         quantize_int8(seg_export / "model.onnx", tmp_path / f"{method}.onnx", iter(batches), method=method)
         out = capsys.readouterr()
         assert out.out == "" and "histogram" in out.err.lower(), (method, out.out[:200])
+
+
+def test_onnx_fp16_refuses_a_model_whose_activations_overflow_float16(sources, tmp_path, capsys):
+    # ONNX Runtime's CPU provider runs the fp16 graph's nodes in float32: its measurement could not
+    # see an overflow a GPU's float16 would make, and the card gave float32's scores as fp16's
+    from transformers import DPTForSemanticSegmentation
+
+    source = tmp_path / "loud"
+    shutil.copytree(sources["seg"], source)
+    model = DPTForSemanticSegmentation.from_pretrained(source)
+    last = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+    with torch.no_grad():
+        last.weight.fill_(3e4)  # logits near 1e6: finite in float32, inf in float16
+    model.save_pretrained(source)
+    rc, err = export_cli(capsys, source, tmp_path / "out", "--onnx-fp16", "--data", sources["seg_config"])
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {source}: --onnx-fp16: the output of layer "), err
+    assert "beyond float16's range" in err[0] and not (tmp_path / "out").exists()
+    rc, err = export_cli(capsys, source, tmp_path / "out32", "--int8", "--data", sources["seg_config"],
+                         "--calibration-count", "4")
+    assert rc == 0, err  # the INT8 graph (float32 activations between its quantized nodes) is not refused
+
+
+def test_onnx_fp16_of_a_joint_checkpoint_checks_each_part(sources, tmp_path, capsys):
+    from dptune.tasks.checkpoints import load_module
+
+    ckpt = torch.load(sources["joint"], weights_only=False)
+    key = [k for k in ckpt["state_dict"] if k.startswith("model.depth.head.") and k.endswith("weight")][-1]
+    ckpt["state_dict"][key] = torch.full_like(ckpt["state_dict"][key], 3e4)
+    run = tmp_path / "run"
+    shutil.copytree(sources["joint"].parent.parent, run)
+    torch.save(ckpt, run / "checkpoints" / "last.ckpt")
+    assert load_module(str(run / "checkpoints" / "last.ckpt")) is not None
+    rc, err = export_cli(capsys, run / "checkpoints" / "last.ckpt", tmp_path / "out", "--onnx-fp16")
+    assert rc == 2 and len(err) == 1 and "--onnx-fp16: the output of layer head." in err[0], err
+    assert not (tmp_path / "out").exists()

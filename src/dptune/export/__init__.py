@@ -358,7 +358,9 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
         fit_hybrid_positions(model, size)
     # written from float32 (a re-exported --fp16 export loads as float16); stored in float16 with fp16 only
     model = model.float()
-    check_exportable(model, processor, size, fp16)  # before a file of it is written
+    serving = (got.get("serving") or {}).get("options")
+    half = "--fp16" if fp16 else "--onnx-fp16" if serving is not None and serving.fp16 else None
+    check_exportable(model, processor, size, half)  # before a file of it is written
     if not is_depth(model) and uses_backbone(model.config):
         remote_code(model, out)  # transformers' DPTForDepthEstimation takes any backbone itself
     if onnx:
@@ -415,7 +417,9 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
     (``subfolder=``, also from a hub repo) and, with ``onnx``, ``out/model.onnx``: one graph, one
     backbone pass, outputs ``logits`` and ``predicted_depth``."""
     joint, metrics = got["model"], got["metrics"]
-    common = {"processor": got["processor"], "evaluation": got["evaluation"]}
+    common = {"processor": got["processor"], "evaluation": got["evaluation"],
+              # each part is checked for float16's range where --onnx-fp16 asks for it (served from the joint graph)
+              **({"serving": {"options": got["serving"]["options"]}} if got.get("serving") else {})}
     calibration = (got.get("serving") or {}).get("calibration")
     write_directory({**common, "model": joint.seg, "labels": got["labels"],
                      **({"serving": {"calibration": calibration}} if calibration else {}),

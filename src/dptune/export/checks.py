@@ -23,12 +23,14 @@ def probe_image(size: tuple[int, int], seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, 256, (*size, 3), dtype=np.uint8)
 
 
-def check_exportable(model: nn.Module, processor, size: tuple[int, int], fp16: bool) -> None:
-    """A ``ModelOutputError`` (NaN/inf weights or output) or ``ConfigError`` (``fp16`` out of
-    float16's range) naming what is wrong, before anything of the export is written. ``model`` is
-    float32 (what export writes from). One forward pass at the processor's size; with ``fp16`` every
-    layer's output in it is compared with float16's range, which is what a float16 model on a GPU
-    would overflow (a float16 pass itself would take minutes on a CPU without native float16)."""
+def check_exportable(model: nn.Module, processor, size: tuple[int, int], half: str | None = None) -> None:
+    """A ``ModelOutputError`` (NaN/inf weights or output) or ``ConfigError`` (out of float16's range
+    where ``half``, the option asking for float16 weights -- ``--fp16`` or ``--onnx-fp16`` -- is
+    given) naming what is wrong, before anything of the export is written. ``model`` is float32
+    (what export writes from). One forward pass at the processor's size; with ``half`` every layer's
+    output in it is compared with float16's range, which a float16 model on a GPU would overflow (a
+    float16 pass itself takes minutes on a CPU without native float16, and ONNX Runtime's CPU
+    provider computes an fp16 graph's nodes in float32, where nothing overflows)."""
     from dptune.export.onnx import TaskOutput
 
     for name, t in model.state_dict().items():
@@ -37,18 +39,18 @@ def check_exportable(model: nn.Module, processor, size: tuple[int, int], fp16: b
         if not bool(torch.isfinite(t).all()):
             raise ModelOutputError(f"weight {name} holds NaN or infinite values (a run that diverged); "
                                    "nothing exported")
-        if fp16 and not bool(torch.isfinite(t.half()).all()):
-            raise ConfigError(f"--fp16: weight {name} holds values up to {float(t.abs().max()):g}, beyond float16's "
-                              f"range ({FP16_MAX:g}): they would be stored as inf; export in float32 (leave --fp16 out)")
+        if half and not bool(torch.isfinite(t.half()).all()):
+            raise ConfigError(f"{half}: weight {name} holds values up to {float(t.abs().max()):g}, beyond float16's "
+                              f"range ({FP16_MAX:g}): float16 cannot hold them; leave {half} out")
     x = processor(images=probe_image(size), return_tensors="pt", input_data_format="channels_last")["pixel_values"]
     wrapper = TaskOutput(model).eval()
     where = f"on a {size[0]}x{size[1]} image"
-    with torch.no_grad(), largest_outputs(model, fp16) as largest:
+    with torch.no_grad(), largest_outputs(model, bool(half)) as largest:
         require_finite(wrapper(x.float()), f"the model's output ({wrapper.output}) {where}")
     if largest:
         layer, top = largest[0]
-        raise ConfigError(f"--fp16: the output of layer {layer} reaches {top:g} {where}, beyond float16's range "
-                          f"({FP16_MAX:g}): a float16 model computes inf there; export in float32 (leave --fp16 out)")
+        raise ConfigError(f"{half}: the output of layer {layer} reaches {top:g} {where}, beyond float16's range "
+                          f"({FP16_MAX:g}): a float16 model computes inf there; leave {half} out")
 
 
 class largest_outputs:

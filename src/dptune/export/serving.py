@@ -286,6 +286,11 @@ def serving_card(serving: dict, dynamic: bool, command: str | None = None) -> st
             lines += ["", f"INT8: calibrated on {g['calibration_images']} images ({g['calibration_source']}), "
                       f"{g['calibration_method']} ranges; weights {g.get('weights', 'int8 (per channel)')}. "
                       f"{KEPT_FLOAT}"]
+        if "fp16" in graphs:
+            lines += ["", "fp16: measured below with ONNX Runtime's CPU provider, which runs the float16 nodes it has "
+                      "no float16 kernel for in float32: its row is the cost of float16 weights, not of float16 "
+                      "arithmetic. Export checked that no layer's output reaches float16's range on an image at "
+                      "the processor's size, which a GPU's float16 would overflow."]
     measured = serving.get("measured")
     if measured:
         lines += ["", "### What each graph costs (measured at export)", "",
