@@ -149,3 +149,19 @@ def test_a_fresh_relative_head_trains_from_its_first_step_at_384():
         opt.step()
         losses.append(loss.item())
     assert losses[0] < 10 and min(losses[-3:]) < 0.95 * losses[0], losses
+
+
+def test_lstsq_alignment_of_a_constant_prediction_is_the_mean_inverse_depth():
+    # a head that predicts one value everywhere (e.g. 0, dead after a bad run) has no scale to fit:
+    # LAPACK's rank-deficient answer put every pixel at the 1e-8 floor, 1e8 m, and evaluate printed an
+    # abs_rel of 5e7; the best constant is the least-squares fit of the inverse depth, its mean
+    from dptune.metrics.depth import align
+
+    gt = torch.linspace(0.5, 4.0, 1000, dtype=torch.float64)
+    for value in (0.0, 2.0):
+        got = align(torch.full_like(gt, value), gt, "lstsq")
+        assert torch.allclose(got, torch.full_like(gt, 1.0 / float((1.0 / gt).mean())))
+    pred = torch.rand(1000, dtype=torch.float64)  # and a full-rank fit is numpy's least squares
+    a = np.stack([pred.numpy(), np.ones(1000)], 1)
+    ref = np.linalg.lstsq(a, 1.0 / gt.numpy(), rcond=None)[0]
+    assert torch.allclose(align(pred, gt, "lstsq"), 1.0 / torch.from_numpy(a @ ref).clamp(min=1e-8), rtol=1e-9)

@@ -69,8 +69,12 @@ def align(pred: torch.Tensor, gt: torch.Tensor, mode: str, max_depth: float | No
         return depth * (gt.median() / depth.median())
     if mode == "lstsq":
         target = 1.0 / gt.double()
-        a = torch.stack([pred, torch.ones_like(pred)], 1)
-        scale, shift = torch.linalg.lstsq(a, target[:, None]).solution[:, 0]
+        # the least-squares line in closed form, centred (stable); a constant prediction has no scale
+        # to fit, only the shift (LAPACK's rank-deficient answer left both 0: every pixel at the floor)
+        dp = pred - pred.mean()
+        var = (dp * dp).sum()
+        scale = (dp * (target - target.mean())).sum() / var if var > 0 else pred.new_zeros(())
+        shift = target.mean() - scale * pred.mean()
         floor = 1.0 / max_depth if max_depth else 1e-8
         return 1.0 / (scale * pred + shift).clamp(min=floor)
     raise ValueError(f"alignment must be median or lstsq, got {mode!r}")
