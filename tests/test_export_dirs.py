@@ -235,7 +235,7 @@ def test_a_symlinked_output_directory_is_followed_and_said(sources, tmp_path, ca
 def test_a_failed_export_leaves_nothing_and_keeps_the_earlier_one(sources, tmp_path, capsys, monkeypatch):
     import dptune.export as export
 
-    def fails(model, path, size, tolerance, check=None):
+    def fails(model, path, size, tolerance, check=None, prep=None):
         path.write_bytes(b"half a graph")
         raise ValueError("ONNX export differs from torch by 1.00e+00 (> 1e-04); not written")
 
