@@ -27,6 +27,21 @@ def errors(capsys) -> list[str]:
     return [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
 
 
+def last_conv(module: torch.nn.Module) -> torch.nn.Conv2d:
+    return [m for m in module.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+
+
+def altered(parts: Path, dest: Path, change, half: bool = False) -> tuple[Path, DPTForSemanticSegmentation]:
+    """The segmentation part of ``parts`` with ``change(model)`` made to its weights, saved in ``dest``
+    (in float16 where ``half``) with its image processor."""
+    model = DPTForSemanticSegmentation.from_pretrained(parts / "segmentation")
+    with torch.no_grad():
+        change(model)
+    (model.half() if half else model).save_pretrained(dest)
+    (dest / "preprocessor_config.json").write_text((parts / "segmentation" / "preprocessor_config.json").read_text())
+    return dest, model
+
+
 def test_an_fp16_export_predicts_on_a_cpu_what_the_float32_model_does(parts, tmp_path):
     image = np.random.default_rng(0).integers(0, 256, (48, 80, 3), dtype=np.uint8)
     for part, cls in (("segmentation", Predictor), ("depth", DepthPredictor)):
@@ -46,13 +61,8 @@ def test_an_fp16_export_predicts_on_a_cpu_what_the_float32_model_does(parts, tmp
                                         (6e4, "the output of layer head.head.4 reaches [0-9.e+]+ on a 64x64 image, "
                                               "beyond float16's range")])
 def test_fp16_export_refuses_a_model_float16_cannot_hold(parts, scale, what, tmp_path, capsys):
-    source = tmp_path / "source"
-    model = DPTForSemanticSegmentation.from_pretrained(parts / "segmentation")
-    last = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    with torch.no_grad():
-        last.weight.fill_(scale)  # finite in float32 (and its float32 output too); not in float16
-    model.save_pretrained(source)
-    (source / "preprocessor_config.json").write_text((parts / "segmentation" / "preprocessor_config.json").read_text())
+    # finite in float32 (and its float32 output too); not in float16
+    source, _ = altered(parts, tmp_path / "source", lambda m: last_conv(m.head).weight.fill_(scale))
     rc = export_main([str(source), str(tmp_path / "out"), "--fp16"])
     err = errors(capsys)
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {source}: --fp16: "), err
@@ -73,29 +83,17 @@ def test_depth_fp16_export_keeps_a_depth_model_within_float16(parts, tmp_path):
 
 def test_fp16_export_stores_a_weight_float16_rounds_to_its_largest_value(parts, tmp_path):
     # 65504 < x < 65520 rounds to 65504, not inf: no reason to refuse
-    source = tmp_path / "source"
-    model = DPTForSemanticSegmentation.from_pretrained(parts / "segmentation")
-    aux = [m for m in model.auxiliary_head.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # not run to predict
-    with torch.no_grad():
-        aux.weight[0, 0, 0, 0] = 65510.0
-    model.save_pretrained(source)
-    (source / "preprocessor_config.json").write_text((parts / "segmentation" / "preprocessor_config.json").read_text())
+    # in the auxiliary head, not run to predict
+    source, _ = altered(parts, tmp_path / "source", lambda m: last_conv(m.auxiliary_head).weight[0, 0].fill_(65510.0))
     assert export_main([str(source), str(tmp_path / "out"), "--fp16"]) == 0
     stored = DPTForSemanticSegmentation.from_pretrained(tmp_path / "out")
-    stored_aux = [m for m in stored.auxiliary_head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    assert float(stored_aux.weight[0, 0, 0, 0]) == 65504.0
+    assert float(last_conv(stored.auxiliary_head).weight.max()) == 65504.0
 
 
 def test_a_float16_export_whose_float16_activations_overflow_re_exports_in_float32(parts, tmp_path, capsys):
     # an --fp16 export (of another tool, or an older dptune) runs in float32 on a CPU: predict serves
     # it, and export refused it, checking it in float16 and blaming the weights
-    source = tmp_path / "half"
-    model = DPTForSemanticSegmentation.from_pretrained(parts / "segmentation")
-    last = [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
-    with torch.no_grad():
-        last.weight.fill_(6e4)
-    model.half().save_pretrained(source)
-    (source / "preprocessor_config.json").write_text((parts / "segmentation" / "preprocessor_config.json").read_text())
+    source, model = altered(parts, tmp_path / "half", lambda m: last_conv(m.head).weight.fill_(6e4), half=True)
     for extra in ([], ["--onnx"]):
         out = tmp_path / f"out{len(extra)}"
         assert export_main([str(source), str(out), *extra]) == 0, errors(capsys)
@@ -113,13 +111,7 @@ def test_a_folder_whose_config_says_float16_is_read_in_float32(parts, tmp_path):
 
     from dptune.models import build_model
 
-    source = tmp_path / "cfg16"
-    model = DPTForSemanticSegmentation.from_pretrained(parts / "segmentation")
-    aux = [m for m in model.auxiliary_head.modules() if isinstance(m, torch.nn.Conv2d)][-1]  # not run to predict
-    with torch.no_grad():
-        aux.weight[0, 0, 0, 0] = 7e4
-    model.save_pretrained(source)
-    (source / "preprocessor_config.json").write_text((parts / "segmentation" / "preprocessor_config.json").read_text())
+    source, model = altered(parts, tmp_path / "cfg16", lambda m: last_conv(m.auxiliary_head).weight[0, 0].fill_(7e4))
     config = json.loads((source / "config.json").read_text())
     (source / "config.json").write_text(json.dumps({**config, "dtype": "float16"}))
     assert export_main([str(source), str(tmp_path / "out")]) == 0
