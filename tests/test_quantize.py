@@ -578,16 +578,18 @@ def test_onnx_fp16_refuses_a_model_whose_activations_overflow_float16(sources, t
     assert rc == 0, err  # the INT8 graph (float32 activations between its quantized nodes) is not refused
 
 
-def test_onnx_fp16_of_a_joint_checkpoint_checks_each_part(sources, tmp_path, capsys):
+@pytest.mark.parametrize("part,extra", [("depth", []), ("seg", ["--calibrate-temperature"])])
+def test_onnx_fp16_of_a_joint_checkpoint_checks_each_part(sources, part, extra, tmp_path, capsys):
+    # with a temperature, the segmentation part's record replaced the options the check reads (recheck)
     from dptune.tasks.checkpoints import load_module
 
     ckpt = torch.load(sources["joint"], weights_only=False)
-    key = [k for k in ckpt["state_dict"] if k.startswith("model.depth.head.") and k.endswith("weight")][-1]
+    key = [k for k in ckpt["state_dict"] if k.startswith(f"model.{part}.head.") and k.endswith("weight")][-1]
     ckpt["state_dict"][key] = torch.full_like(ckpt["state_dict"][key], 3e4)
     run = tmp_path / "run"
     shutil.copytree(sources["joint"].parent.parent, run)
     torch.save(ckpt, run / "checkpoints" / "last.ckpt")
     assert load_module(str(run / "checkpoints" / "last.ckpt")) is not None
-    rc, err = export_cli(capsys, run / "checkpoints" / "last.ckpt", tmp_path / "out", "--onnx-fp16")
+    rc, err = export_cli(capsys, run / "checkpoints" / "last.ckpt", tmp_path / "out", "--onnx-fp16", *extra)
     assert rc == 2 and len(err) == 1 and "--onnx-fp16: the output of layer head." in err[0], err
     assert not (tmp_path / "out").exists()

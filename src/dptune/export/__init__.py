@@ -422,7 +422,7 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
               **({"serving": {"options": got["serving"]["options"]}} if got.get("serving") else {})}
     calibration = (got.get("serving") or {}).get("calibration")
     write_directory({**common, "model": joint.seg, "labels": got["labels"],
-                     **({"serving": {"calibration": calibration}} if calibration else {}),
+                     **({"serving": {**common.get("serving", {}), "calibration": calibration}} if calibration else {}),
                      "meta": {"task": "segmentation", "precision": got["meta"].get("precision")},
                      "metrics": metrics.get("segmentation", {})}, out / "segmentation", src, False, fp16, tolerance,
                     (shown or out) / "segmentation", said)
