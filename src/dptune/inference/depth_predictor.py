@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from dptune.inference.loading import input_dtype, load_part, placed
+from dptune.inference.loading import load_part, placed
 from dptune.metrics import require_finite
 from dptune.models.depth import depth_forward
 from dptune.preprocessing import Preprocessing, check_image
@@ -57,7 +57,7 @@ class DepthPredictor:
         if self.graph is not None:
             depth = torch.from_numpy(self.graph(x)["predicted_depth"])
         else:
-            depth = depth_forward(self.model, x.to(self.device, input_dtype(self.model))).float().cpu()
+            depth = depth_forward(self.model, x.to(self.device)).float().cpu()
         require_finite(depth, "the model's output")
         return resized_depth(self.processor, depth, h, w)
 

@@ -65,11 +65,6 @@ def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:
     return model.eval().to(device).float()
 
 
-def input_dtype(model: torch.nn.Module) -> torch.dtype:
-    """The dtype a model's input must have: its weights'."""
-    return next(model.parameters()).dtype
-
-
 @dataclass
 class Loaded:
     """What a predictor needs of a model part."""

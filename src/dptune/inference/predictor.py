@@ -9,7 +9,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from dptune.inference.loading import exported_labels, input_dtype, load_export, load_part, placed
+from dptune.inference.loading import exported_labels, load_export, load_part, placed
 from dptune.inference.windows import FLIP_VIEWS, flip_views, predict_probs
 from dptune.labels import LabelSet
 from dptune.metrics import require_finite
@@ -60,7 +60,7 @@ class Predictor:
         if self.graph is not None:
             logits = torch.from_numpy(self.graph(pixel_values)["logits"])
         else:
-            logits = segment(self.model, pixel_values.to(self.device, input_dtype(self.model)), with_aux=False)[0]
+            logits = segment(self.model, pixel_values.to(self.device), with_aux=False)[0]
         require_finite(logits, "the model's output")  # NaN logits have an argmax: a mask, silently wrong
         return logits
 

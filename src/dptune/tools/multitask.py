@@ -35,12 +35,11 @@ def one_pass(joint, seg, depth, image: np.ndarray) -> tuple[np.ndarray, np.ndarr
     """(class indices, top-class probability, depth clipped at 0) of one image from one backbone pass:
     what ``seg.predict`` and ``depth.predict`` give for the whole image, one view."""
     from dptune.inference.depth_predictor import resized_depth
-    from dptune.inference.loading import input_dtype
     from dptune.metrics import require_finite
 
     h, w = image.shape[:2]
     x = seg.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
-    x = x.to(seg.device, input_dtype(seg.model))
+    x = x.to(seg.device)
     logits, _, raw = joint(x)
     require_finite(logits, "the model's segmentation output")
     require_finite(raw, "the model's depth output")
