@@ -15,6 +15,7 @@ def container(tmp_path, monkeypatch):
     """A 16-core machine's affinity, and ``tmp_path`` standing in for the cgroup folder."""
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(cores, "CGROUP", tmp_path)
+    monkeypatch.setattr(cores, "PROC_CGROUP", tmp_path / "no-proc-self-cgroup", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return tmp_path
 
@@ -32,6 +33,33 @@ def container(tmp_path, monkeypatch):
     ({"cpu/cpu.cfs_quota_us": "lots\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16),
 ])
 def test_usable_cores_is_the_affinity_capped_by_the_quota(container, files, expected):
+    for name, text in files.items():
+        (container / name).parent.mkdir(parents=True, exist_ok=True)
+        (container / name).write_text(text)
+    assert cores.usable_cores() == expected
+
+
+@pytest.mark.parametrize("own,files,expected", [
+    # cgroup v2 without a namespace (a systemd slice, a batch job): the quota sits on the process's
+    # own cgroup or a parent of it, not on the root
+    ("0::/jobs.slice/job42.scope\n", {"jobs.slice/job42.scope/cpu.max": "200000 100000\n"}, 2),
+    ("0::/jobs.slice/job42.scope\n", {"jobs.slice/cpu.max": "300000 100000\n",
+                                       "jobs.slice/job42.scope/cpu.max": "max 100000\n"}, 3),
+    # the tightest on the way up wins, wherever it is
+    ("0::/a/b\n", {"cpu.max": "800000 100000\n", "a/cpu.max": "100000 100000\n", "a/b/cpu.max": "400000 100000\n"}, 1),
+    # cgroup v1: the cpu controller's line names the path (here a hybrid layout, as many hosts have)
+    ("1:cpu,cpuacct:/user/job7\n0::/\n", {"cpu/user/job7/cpu.cfs_quota_us": "400000\n",
+                                             "cpu/user/job7/cpu.cfs_period_us": "100000\n"}, 4),
+    # a container that mounts its own cgroup at the root: the path it names is not there; the root's quota
+    ("0::/docker/0123abcd\n", {"cpu.max": "200000 100000\n"}, 2),
+    # malformed lines and unreadable numbers on the way: skipped, the rest still read
+    ("garbage\n0::/x\n", {"x/cpu.max": "lots 100000\n", "cpu.max": "500000 100000\n"}, 5),
+])
+def test_the_quota_of_the_process_own_cgroup_counts(container, monkeypatch, own, files, expected):
+    """Before, only the cgroup root's files were read: a job given 2 CPUs in its own cgroup of a
+    16-core host sized threads and loader workers for 16."""
+    (container / "self-cgroup").write_text(own)
+    monkeypatch.setattr(cores, "PROC_CGROUP", container / "self-cgroup")
     for name, text in files.items():
         (container / name).parent.mkdir(parents=True, exist_ok=True)
         (container / name).write_text(text)
