@@ -41,7 +41,48 @@ def test_options_that_cannot_work_are_refused_in_one_line_before_anything_runs(c
     monkeypatch.setattr(bench, "run_job", lambda *a, **k: pytest.fail("a job ran"))
     for args, named in ((["--profile", "2", "--joint"], "--joint"), (["--profile", "2", "--data", "x.yaml"], "--data"),
                         (["--warmup", "0"], "at least 1"), (["--steps", "0"], "at least 1"),
-                        (["--json", "/nonexistent-folder/bench.json"], "/nonexistent-folder")):
+                        (["--json", "/nonexistent-folder/bench.json"], "/nonexistent-folder"),
+                        (["--rounds", "0", "--baseline"], "at least 1"), (["--rounds", "3"], "--baseline")):
         assert main(args) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and err[0].startswith(f"error: {args[0]}") and named in err[0], err
+
+
+def test_rounds_alternate_the_recipes_and_give_the_median_ratio(tiny_config_path, tmp_path, capsys, monkeypatch):
+    """A shared machine drifts: each round runs both recipes back to back, who goes first alternates,
+    and the ratio is the median of the rounds' ratios, not of a single pair."""
+    import dptune.tools.benchmark as bench
+
+    ran: list[str] = []
+    speeds = {"dptune": iter([9.0, 6.0, 8.0]), "hf_trainer": iter([6.0, 6.0, 5.0])}  # ratios 1.5, 1.0, 1.6
+
+    def fake(job, opts):
+        name = "dptune" if job is bench._time_dptune else "hf_trainer"
+        ran.append(name)
+        assert opts["profile"] == (2 if name == "dptune" and len(ran) <= 2 else 0)  # profiled once, in round 1
+        r = {"images_per_s": next(speeds[name]), "peak_mem_gib": 1.0}
+        return dict(r, profile=[]) if opts["profile"] else r
+
+    monkeypatch.setattr(bench, "run_job", fake)
+    out = tmp_path / "bench.json"
+    assert main(["--model", str(tiny_config_path), "--crop", "64", "--batch", "2", "--precision", "32-true",
+                 "--baseline", "--rounds", "3", "--profile", "2", "--json", str(out)]) == 0
+    assert ran == ["dptune", "hf_trainer", "hf_trainer", "dptune", "dptune", "hf_trainer"]
+    result = json.loads(out.read_text())
+    assert result["ratio_vs_hf_trainer"] == pytest.approx(1.5)
+    assert [r["ratio_vs_hf_trainer"] for r in result["rounds"]] == pytest.approx([1.5, 1.0, 1.6])
+    assert result["dptune"]["images_per_s"] == 9.0  # the first round's, where the profile was taken
+    assert "dptune / HF Trainer: 1.50x (median of 3 rounds: 1.50x, 1.00x, 1.60x)" in capsys.readouterr().out
+
+
+def test_the_hf_trainer_baseline_runs_and_gives_a_ratio(tiny_config_path, tmp_path, capsys):
+    """The plain Trainer recipe the ratio is taken against, for real (a tiny DPT, two timed steps)."""
+    out = tmp_path / "bench.json"
+    assert main(["--model", str(tiny_config_path), "--crop", "64", "--batch", "2", "--steps", "2", "--warmup", "1",
+                 "--precision", "32-true", "--baseline", "--json", str(out)]) == 0
+    result = json.loads(out.read_text())
+    for job in ("dptune", "hf_trainer"):
+        assert result[job]["images_per_s"] > 0 and result[job]["peak_mem_gib"] > 0
+    ratio = result["dptune"]["images_per_s"] / result["hf_trainer"]["images_per_s"]
+    assert result["ratio_vs_hf_trainer"] == pytest.approx(ratio)
+    assert f"dptune / HF Trainer: {ratio:.2f}x" in capsys.readouterr().out

@@ -1,13 +1,16 @@
 """Training throughput, peak memory and MFU of dptune, and the same for a plain HF Trainer.
 
-    python scripts/benchmark.py --model ../shared/bench/dpt-bench-tiny.json --crop 192 --batch 8 --baseline
+    python scripts/benchmark.py --model ../shared/bench/dpt-bench-tiny.json --crop 192 --batch 8 --baseline --rounds 3
     python scripts/benchmark.py --model dpt-large-ade --crop 512 --batch 16 --precision bf16-mixed \
         --device cuda --baseline --max-batch
     python scripts/benchmark.py --joint --model dpt-large-ade --crop 384 --precision 32-true --steps 5
 
 Each measurement runs in a fresh subprocess (clean peak memory, no shared caches), one after
 the other, on the same in-memory batches. Images/s are steady-state: time between the end of
-the first timed step and the end of the last, after ``--warmup`` untimed steps.
+the first timed step and the end of the last, after ``--warmup`` untimed steps. With ``--baseline
+--rounds N`` the two recipes run N times each, alternately (dptune first in odd rounds, the Trainer
+first in even ones), and the ratio is the median of the N rounds' ratios: a shared machine's speed
+drifts by 10-20% within minutes, and each round's pair runs back to back.
 MFU = (training FLOPs per image from ``dptune.models.flops``) x images/s / peak FLOP/s of the device.
 """
 
@@ -18,6 +21,7 @@ import json
 import os
 import platform
 import resource
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -255,6 +259,9 @@ def main(argv: list[str] | None = None) -> int:
                     help="auto (default: what is fast on this machine, see dptune.training.hardware), 32-true, bf16-mixed, 16-mixed")
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
     ap.add_argument("--baseline", action="store_true", help="also time the plain HF Trainer recipe")
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="with --baseline: time both recipes this many times, alternately, and give the median "
+                         "of the rounds' ratios (a shared machine's speed drifts within minutes)")
     ap.add_argument("--max-batch", action="store_true", help="largest batch, with and without checkpointing (GPU)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
@@ -280,13 +287,17 @@ def main(argv: list[str] | None = None) -> int:
     # the training step's timing starts at the end of a warm-up step; --joint times passes from the start
     warmup_least = 0 if args.joint or args.data else 1
     for flag, value, least in (("--profile", args.profile, 0), ("--warmup", args.warmup, warmup_least),
-                               ("--steps", args.steps, 1)):
+                               ("--steps", args.steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:
-            print(f"error: {flag} {value}: at least {least} ({'steps to profile after the timed ones' if flag == '--profile' else 'steps'})",
+            print(f"error: {flag} {value}: at least {least} ({'steps to profile after the timed ones' if flag == '--profile' else 'rounds' if flag == '--rounds' else 'steps'})",
                   file=sys.stderr)
             return 2
     if args.json and not Path(args.json).resolve().parent.is_dir():
         print(f"error: --json {args.json}: no folder {Path(args.json).resolve().parent} to write it in", file=sys.stderr)
+        return 2
+    if args.rounds > 1 and not args.baseline:
+        print(f"error: --rounds {args.rounds}: rounds alternate dptune and the HF Trainer; give --baseline too",
+              file=sys.stderr)
         return 2
     if args.profile and (args.joint or args.data):
         print(f"error: --profile profiles the training step; it does not apply to {'--joint' if args.joint else '--data'}",
@@ -345,22 +356,42 @@ def main(argv: list[str] | None = None) -> int:
                                "device": machine, "train_gflop_per_image": flops / 1e9, "peak_tflops": peak,
                                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     jobs = ["dptune"] + (["hf_trainer"] if args.baseline else [])
-    for job in jobs:
-        r = run_job({"dptune": _time_dptune, "hf_trainer": _time_hf_trainer}[job], opts)
-        if "error" not in r:
-            r["mfu"] = r["images_per_s"] * flops / (peak * 1e12)
-            print(f"{job:<11} {r['images_per_s']:8.2f} images/s  peak mem {r['peak_mem_gib']:6.2f} GiB  "
-                  f"MFU {100 * r['mfu']:5.1f}%")
+    timers = {"dptune": _time_dptune, "hf_trainer": _time_hf_trainer}
+    rounds: list[dict[str, Any]] = []
+    for n in range(args.rounds):
+        order = jobs if n % 2 == 0 else jobs[::-1]  # alternate who runs first: drift falls on both sides
+        this: dict[str, Any] = {}
+        for job in order:
+            # --profile profiles dptune's steps once, in the first round
+            r = run_job(timers[job], opts if n == 0 and job == "dptune" else dict(opts, profile=0))
+            if "error" not in r:
+                r["mfu"] = r["images_per_s"] * flops / (peak * 1e12)
+                print(f"{job:<11} {r['images_per_s']:8.2f} images/s  peak mem {r['peak_mem_gib']:6.2f} GiB  "
+                      f"MFU {100 * r['mfu']:5.1f}%" + (f"  (round {n + 1} of {args.rounds})" if args.rounds > 1 else ""))
+            else:
+                print(f"{job:<11} failed: {r['error']}")
+            for row in r.get("profile", []):
+                print(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.1f} ms/step  {row['calls_per_step']:4.1f}x  "
+                      f"{row['op']}  {row['shapes']}")
+            this[job] = r
+        if args.baseline and "error" not in this["dptune"] and "error" not in this["hf_trainer"]:
+            this["ratio_vs_hf_trainer"] = this["dptune"]["images_per_s"] / this["hf_trainer"]["images_per_s"]
+        rounds.append(this)
+        if any("error" in this[job] for job in jobs):
+            break  # a failed job fails the same way again
+    for job in jobs:  # the first round's figures (the profile was taken there)
+        results[job] = rounds[0][job]
+    failed = any("error" in r[job] for r in rounds for job in jobs)
+    if args.baseline and not failed:
+        ratios = sorted(r["ratio_vs_hf_trainer"] for r in rounds)
+        median = statistics.median(ratios)
+        results["ratio_vs_hf_trainer"] = median
+        if args.rounds > 1:
+            results["rounds"] = rounds
+            print(f"dptune / HF Trainer: {median:.2f}x (median of {len(ratios)} rounds: "
+                  + ", ".join(f"{r['ratio_vs_hf_trainer']:.2f}x" for r in rounds) + ")")
         else:
-            print(f"{job:<11} failed: {r['error']}")
-        for row in r.get("profile", []):
-            print(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.1f} ms/step  {row['calls_per_step']:4.1f}x  "
-                  f"{row['op']}  {row['shapes']}")
-        results[job] = r
-    if args.baseline and "error" not in results["dptune"] and "error" not in results["hf_trainer"]:
-        ratio = results["dptune"]["images_per_s"] / results["hf_trainer"]["images_per_s"]
-        results["ratio_vs_hf_trainer"] = ratio
-        print(f"dptune / HF Trainer: {ratio:.2f}x")
+            print(f"dptune / HF Trainer: {median:.2f}x")
     if args.max_batch and device == "cuda":
         for gc in (False, True):
             r = run_job(_max_batch, dict(opts, gradient_checkpointing=gc))
@@ -368,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"max batch{' (gradient checkpointing)' if gc else ''}: {r.get('max_batch', r.get('error'))}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    return 1 if any("error" in results[job] for job in jobs) else 0
+    return 1 if failed else 0
 
 
 if __name__ == "__main__":
