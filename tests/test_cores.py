@@ -16,6 +16,7 @@ def container(tmp_path, monkeypatch):
     monkeypatch.setattr(os, "sched_getaffinity", lambda pid: set(range(16)), raising=False)
     monkeypatch.setattr(cores, "CGROUP", tmp_path)
     monkeypatch.setattr(cores, "PROC_CGROUP", tmp_path / "no-proc-self-cgroup", raising=False)
+    monkeypatch.setattr(cores, "PROC_MOUNTINFO", tmp_path / "no-proc-self-mountinfo", raising=False)
     monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
     return tmp_path
 
@@ -31,6 +32,10 @@ def container(tmp_path, monkeypatch):
     ({"cpu.max": "2e5 100000\n"}, 16),  # unreadable numbers: no quota known (was a traceback at import time)
     ({"cpu.max": "max\n"}, 16),
     ({"cpu/cpu.cfs_quota_us": "lots\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16),
+    # numbers the kernel never writes: no quota, not a job starved to one core
+    ({"cpu.max": "0 100000\n"}, 16),
+    ({"cpu.max": "-5 100000\n"}, 16),
+    ({"cpu/cpu.cfs_quota_us": "-5\n", "cpu/cpu.cfs_period_us": "100000\n"}, 16),
 ])
 def test_usable_cores_is_the_affinity_capped_by_the_quota(container, files, expected):
     for name, text in files.items():
@@ -54,6 +59,8 @@ def test_usable_cores_is_the_affinity_capped_by_the_quota(container, files, expe
     ("0::/docker/0123abcd\n", {"cpu.max": "200000 100000\n"}, 2),
     # malformed lines and unreadable numbers on the way: skipped, the rest still read
     ("garbage\n0::/x\n", {"x/cpu.max": "lots 100000\n", "cpu.max": "500000 100000\n"}, 5),
+    # a path the kernel would not write: no traceback
+    ("0:://x\n", {"x/cpu.max": "300000 100000\n"}, 3),
 ])
 def test_the_quota_of_the_process_own_cgroup_counts(container, monkeypatch, own, files, expected):
     """Before, only the cgroup root's files were read: a job given 2 CPUs in its own cgroup of a
@@ -64,6 +71,66 @@ def test_the_quota_of_the_process_own_cgroup_counts(container, monkeypatch, own,
         (container / name).parent.mkdir(parents=True, exist_ok=True)
         (container / name).write_text(text)
     assert cores.usable_cores() == expected
+
+
+def _mountinfo(*mounts: tuple[str, str, str, str]) -> str:
+    """/proc/self/mountinfo lines: (hierarchy's folder mounted, mount point, fstype, super options)."""
+    return "".join(f"{30 + i} 23 0:{40 + i} {root} {point} rw,relatime - {fstype} {fstype} {opts}\n"
+                   for i, (root, point, fstype, opts) in enumerate(mounts))
+
+
+def _layout(monkeypatch, base, own: bytes, mounts: str, files: dict[str, str]) -> None:
+    (base / "self-cgroup").write_bytes(own)
+    (base / "self-mountinfo").write_text(mounts)
+    monkeypatch.setattr(cores, "PROC_CGROUP", base / "self-cgroup")
+    monkeypatch.setattr(cores, "PROC_MOUNTINFO", base / "self-mountinfo")
+    for name, text in files.items():
+        (base / name).parent.mkdir(parents=True, exist_ok=True)
+        (base / name).write_text(text)
+
+
+def test_a_container_mounting_its_own_cgroup_reads_it_from_the_mount_root(container, monkeypatch):
+    """Docker without a cgroup namespace: /proc/self/cgroup names the host's path, the mount shows the
+    container's own cgroup at /sys/fs/cgroup (mountinfo says which). A folder inside the container
+    named like one of the host's parents is not that parent: before, systemd's own system.slice
+    inside the container (1 CPU) was read as the host's and the job got 1 core of its 8."""
+    m = str(container)
+    _layout(monkeypatch, container,
+            b"0::/system.slice/docker-ab12.scope/user.slice/job\n",
+            _mountinfo(("/system.slice/docker-ab12.scope", m, "cgroup2", "rw")),
+            {"cpu.max": "800000 100000\n", "system.slice/cpu.max": "100000 100000\n",
+             "user.slice/job/cpu.max": "max 100000\n"})
+    assert cores.usable_cores() == 8
+
+
+def test_v1_read_where_the_mount_table_puts_the_cpu_controller(container, monkeypatch):
+    """cpu co-mounted with cpuacct in a folder of that name and no ``cpu`` link: before, missed (16)."""
+    point = container / "cpu,cpuacct"
+    _layout(monkeypatch, container, b"4:cpu,cpuacct:/slurm/job9\n3:memory:/slurm/job9\n",
+            _mountinfo(("/", str(point), "cgroup", "rw,cpu,cpuacct"), ("/", str(container / "memory"), "cgroup", "rw,memory")),
+            {"cpu,cpuacct/slurm/job9/cpu.cfs_quota_us": "200000\n", "cpu,cpuacct/slurm/job9/cpu.cfs_period_us": "100000\n",
+             "memory/slurm/job9/cpu.cfs_quota_us": "100000\n", "memory/slurm/job9/cpu.cfs_period_us": "100000\n"})
+    assert cores.usable_cores() == 2
+
+
+def test_a_mount_point_with_a_space_and_a_cgroup_name_in_latin1(container, monkeypatch):
+    """mountinfo writes a space as \\040; the kernel writes cgroup names as raw bytes (before: a
+    UnicodeDecodeError out of every default sized by the cores)."""
+    point = container / "cg root"
+    _layout(monkeypatch, container, b"0::/caf\xe9\n",
+            _mountinfo(("/", str(point).replace(" ", "\\040"), "cgroup2", "rw")), {"cg root/cpu.max": "max 100000\n"})
+    (point / os.fsdecode(b"caf\xe9")).mkdir()
+    (point / os.fsdecode(b"caf\xe9") / "cpu.max").write_text("300000 100000\n")
+    assert cores.usable_cores() == 3
+
+
+def test_a_process_outside_its_cgroup_namespace_root_is_not_given_its_quota(container, monkeypatch):
+    """/proc/self/cgroup says ``/../../user.slice/x`` (nsenter into a container's namespaces): the
+    quota at the mount is another cgroup's, and a folder named like the rest of the path is not
+    this process's cgroup."""
+    _layout(monkeypatch, container, b"0::/../../user.slice/x\n", _mountinfo(("/", str(container), "cgroup2", "rw")),
+            {"cpu.max": "200000 100000\n", "user.slice/x/cpu.max": "100000 100000\n"})
+    assert cores.usable_cores() == 16
 
 
 def test_every_default_sized_by_the_cores_follows_the_quota(container):

@@ -4,38 +4,81 @@ sessions and the training defaults both size their threads by it)."""
 from __future__ import annotations
 
 import os
-from pathlib import Path, PurePosixPath
+import re
+from pathlib import Path
 
-CGROUP = Path("/sys/fs/cgroup")  # where the CPU quota is read (cgroup v2 ``cpu.max``, v1 ``cpu/cpu.cfs_*``)
+CGROUP = Path("/sys/fs/cgroup")  # where the quota is read when the mount table is unknown (v2 ``cpu.max``, v1 ``cpu/``)
 PROC_CGROUP = Path("/proc/self/cgroup")  # which cgroup this process is in, per hierarchy
+PROC_MOUNTINFO = Path("/proc/self/mountinfo")  # where each cgroup hierarchy is mounted, and which part of it
 
 
-def _own_paths() -> tuple[str, str]:
-    """This process's cgroup path in the v2 hierarchy and in v1's ``cpu`` one ("/" where unknown)."""
-    v2 = v1 = "/"
+def _read(path: Path) -> str:
+    """A kernel file's text; names in it are raw bytes, decoded as the file system's names are."""
+    return os.fsdecode(path.read_bytes())
+
+
+def _own_paths() -> dict[str, str]:
+    """This process's cgroup path per hierarchy: ``"v2"`` and ``"v1"`` (v1's ``cpu`` controller)."""
+    own: dict[str, str] = {}
     try:
-        lines = PROC_CGROUP.read_text().splitlines()
+        lines = _read(PROC_CGROUP).splitlines()
     except OSError:
-        return v2, v1
+        return own
     for line in lines:
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         hier, controllers, path = parts
+        path = path.removesuffix(" (deleted)")
         if hier == "0" and controllers == "":
-            v2 = path or "/"
+            own["v2"] = path
         elif "cpu" in controllers.split(","):
-            v1 = path or "/"
-    return v2, v1
+            own["v1"] = path
+    return own
 
 
-def _folders(base: Path, path: str) -> list[Path]:
-    """``base`` joined with ``path`` and each of its parents up to ``base`` itself: a quota set on any
-    of them limits this process. A path the mount does not show (a container that mounts its own
-    cgroup at the root) leaves only folders that do not exist, and ``base``."""
-    rel = PurePosixPath(path if path.startswith("/") else "/" + path).relative_to("/")
-    parts = [p for p in rel.parts if p not in ("", ".", "..")]
-    return [base.joinpath(*parts[:i]) for i in range(len(parts), -1, -1)]
+def _unescape(field: str) -> str:
+    """mountinfo writes a space, tab, newline or backslash in a path as octal (``\\040``)."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def _mounts() -> list[tuple[str, Path, str]]:
+    """(hierarchy, mount point, the hierarchy's folder mounted there) of each cgroup2 mount and each
+    v1 mount holding the ``cpu`` controller; without a readable mount table, the usual places."""
+    mounts = []
+    try:
+        lines = _read(PROC_MOUNTINFO).splitlines()
+    except OSError:
+        lines = None
+    for line in lines or []:
+        fields = line.split(" ")
+        if "-" not in fields or fields.index("-") < 6 or len(fields) < fields.index("-") + 4:
+            continue
+        sep = fields.index("-")
+        fstype, super_opts = fields[sep + 1], fields[sep + 3].split(",")
+        if fstype == "cgroup2" or (fstype == "cgroup" and "cpu" in super_opts):
+            mounts.append(("v2" if fstype == "cgroup2" else "v1", Path(_unescape(fields[4])), _unescape(fields[3])))
+    if lines is None:
+        mounts = [("v2", CGROUP, "/"), ("v1", CGROUP / "cpu", "/")]
+    return mounts
+
+
+def _parts(path: str) -> list[str] | None:
+    """A cgroup path's folders, or None where it is not a plain path below the root (``..``: a
+    process outside its cgroup namespace's root)."""
+    parts = [p for p in path.split("/") if p not in ("", ".")]
+    return None if ".." in parts else parts
+
+
+def _folders(own: str, mount: Path, root: str) -> list[Path]:
+    """The folders, under ``mount``, of the process's cgroup ``own`` and each parent of it up to what
+    is mounted there (``root``, the hierarchy's folder shown at ``mount``): a quota on any of them
+    limits the process. A cgroup outside what is mounted shows none of them."""
+    own_parts, root_parts = _parts(own), _parts(root)
+    if own_parts is None or root_parts is None or own_parts[:len(root_parts)] != root_parts:
+        return []
+    rel = own_parts[len(root_parts):]
+    return [mount.joinpath(*rel[:i]) for i in range(len(rel), -1, -1)]
 
 
 def _quota(folder: Path, v1: bool) -> int | None:
@@ -43,11 +86,11 @@ def _quota(folder: Path, v1: bool) -> int | None:
     kernel's numbers."""
     try:
         if v1:
-            quota = (folder / "cpu.cfs_quota_us").read_text().strip()
-            period = (folder / "cpu.cfs_period_us").read_text().strip()
+            quota = _read(folder / "cpu.cfs_quota_us").strip()
+            period = _read(folder / "cpu.cfs_period_us").strip()
         else:
-            quota, period = (folder / "cpu.max").read_text().split()[:2]
-        if quota in ("max", "-1") or int(period) <= 0:
+            quota, period = _read(folder / "cpu.max").split()[:2]
+        if quota == "max" or int(quota) <= 0 or int(period) <= 0:  # -1 (v1) and max (v2): no quota
             return None
         return max(1, -(-int(quota) // int(period)))
     except (OSError, ValueError):
@@ -56,15 +99,15 @@ def _quota(folder: Path, v1: bool) -> int | None:
 
 def usable_cores() -> int:
     """The cores this process may use: its CPU affinity, capped by the tightest cgroup CPU quota on
-    the way from this process's own cgroup (``/proc/self/cgroup``) up to the root (containers,
-    systemd slices, SLURM). Everything dptune sizes by the machine's cores asks this (threads,
-    loader workers, ONNX Runtime sessions, the benchmarks' peak and their records)."""
+    the way from this process's own cgroup (``/proc/self/cgroup``) up to what is mounted of its
+    hierarchy (``/proc/self/mountinfo``): containers, systemd slices, SLURM. Everything dptune sizes
+    by the machine's cores asks this (threads, loader workers, ONNX Runtime sessions, the
+    benchmarks' peak and their records)."""
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    v2_path, v1_path = _own_paths()
-    candidates = [(f, False) for f in _folders(CGROUP, v2_path)]
-    candidates += [(f, True) for f in _folders(CGROUP / "cpu", v1_path)]
-    for folder, v1 in candidates:
-        granted = _quota(folder, v1)
-        if granted is not None:
-            cores = min(cores, granted)
+    own = _own_paths()
+    for hierarchy, mount, root in _mounts():
+        for folder in _folders(own.get(hierarchy, "/"), mount, root):
+            granted = _quota(folder, hierarchy == "v1")
+            if granted is not None:
+                cores = min(cores, granted)
     return max(1, cores)
