@@ -133,6 +133,37 @@ def test_a_process_outside_its_cgroup_namespace_root_is_not_given_its_quota(cont
     assert cores.usable_cores() == 16
 
 
+def test_a_mount_covered_by_a_later_one_is_not_read(container, monkeypatch):
+    """systemd in Docker on cgroup v1 (``-v /sys/fs/cgroup:/sys/fs/cgroup``): Docker's own cpu mount
+    (the container's cgroup, 8 CPUs) is covered by the host's hierarchy bound over it. The covered
+    entry is still in mountinfo; read as if it were shown, the host's user.slice (1 CPU) passed for
+    the job's parent. The host's view holds the container's cgroup under /docker/ab12."""
+    m = container
+    lines = [("/", m, "tmpfs", "rw"), ("/docker/ab12", m / "cpu", "cgroup", "rw,cpu,cpuacct"),
+             ("/", m, "tmpfs", "rw"), ("/", m / "cpu", "cgroup", "rw,cpu,cpuacct")]
+    ids = ["31 23", "32 31", "50 31", "51 50"]  # the host's tmpfs sits on Docker's, its cpu mount on it
+    table = "".join(f"{ids[i]} 0:{40 + i} {root} {point} rw - {fstype} {fstype} {opts}\n"
+                    for i, (root, point, fstype, opts) in enumerate(lines))
+    files = {"cpu/user.slice/cpu.cfs_quota_us": "100000\n", "cpu/user.slice/cpu.cfs_period_us": "100000\n",
+             "cpu/docker/ab12/cpu.cfs_quota_us": "800000\n", "cpu/docker/ab12/cpu.cfs_period_us": "100000\n"}
+    _layout(monkeypatch, container, b"4:cpu,cpuacct:/docker/ab12/user.slice/job\n", table, files)
+    assert cores.usable_cores() == 8
+
+
+def test_cgroup_names_are_split_at_newlines_only(container, monkeypatch):
+    """/proc/self/cgroup writes names raw: one holding \\x1e (or \\r) is one name, not a line break
+    that left the sibling ``job``'s quota to be read."""
+    _layout(monkeypatch, container, b"0::/job\x1e1\n", _mountinfo(("/", str(container), "cgroup2", "rw")),
+            {"job/cpu.max": "100000 100000\n", "job\x1e1/cpu.max": "400000 100000\n"})
+    assert cores.usable_cores() == 4
+
+
+def test_a_mounted_sub_cgroup_is_read_when_the_own_cgroup_is_unknown(container, monkeypatch):
+    _layout(monkeypatch, container, b"", _mountinfo(("/kubepods/pod1/c1", str(container), "cgroup2", "rw")),
+            {"cpu.max": "200000 100000\n"})
+    assert cores.usable_cores() == 2
+
+
 def test_every_default_sized_by_the_cores_follows_the_quota(container):
     """2 CPUs of a 16-core machine: no loader worker (on 16 cores: 8), ONNX Runtime and the inference
     benchmark on 2 threads, 2 cores in what the benchmarks record and in the training step's peak

@@ -21,7 +21,7 @@ def _own_paths() -> dict[str, str]:
     """This process's cgroup path per hierarchy: ``"v2"`` and ``"v1"`` (v1's ``cpu`` controller)."""
     own: dict[str, str] = {}
     try:
-        lines = _read(PROC_CGROUP).splitlines()
+        lines = _read(PROC_CGROUP).split("\n")  # not splitlines(): a cgroup name may hold \r or \x1c raw
     except OSError:
         return own
     for line in lines:
@@ -44,22 +44,36 @@ def _unescape(field: str) -> str:
 
 def _mounts() -> list[tuple[str, Path, str]]:
     """(hierarchy, mount point, the hierarchy's folder mounted there) of each cgroup2 mount and each
-    v1 mount holding the ``cpu`` controller; without a readable mount table, the usual places."""
-    mounts = []
+    v1 mount holding the ``cpu`` controller that a path reaches (not covered by a later mount, e.g.
+    a container run with ``-v /sys/fs/cgroup:/sys/fs/cgroup``); without a readable mount table, the
+    usual places."""
     try:
-        lines = _read(PROC_MOUNTINFO).splitlines()
+        lines = _read(PROC_MOUNTINFO).split("\n")
     except OSError:
-        lines = None
-    for line in lines or []:
+        return [("v2", CGROUP, "/"), ("v1", CGROUP / "cpu", "/"), ("v1", CGROUP / "cpu,cpuacct", "/")]
+    table = []  # (mount id, parent id, mount point, cgroup entry or None), in the kernel's order
+    for line in lines:
         fields = line.split(" ")
         if "-" not in fields or fields.index("-") < 6 or len(fields) < fields.index("-") + 4:
             continue
         sep = fields.index("-")
         fstype, super_opts = fields[sep + 1], fields[sep + 3].split(",")
+        entry = None
         if fstype == "cgroup2" or (fstype == "cgroup" and "cpu" in super_opts):
-            mounts.append(("v2" if fstype == "cgroup2" else "v1", Path(_unescape(fields[4])), _unescape(fields[3])))
-    if lines is None:
-        mounts = [("v2", CGROUP, "/"), ("v1", CGROUP / "cpu", "/")]
+            entry = ("v2" if fstype == "cgroup2" else "v1", Path(_unescape(fields[4])), _unescape(fields[3]))
+        table.append((fields[0], fields[1], _parts(_unescape(fields[4])) or [], entry))
+    parent_of = {mid: parent for mid, parent, _, _ in table}
+    mounts = []
+    for i, (mid, _, point, entry) in enumerate(table):
+        if entry is None:
+            continue
+        chain, up = set(), parent_of.get(mid)
+        while up is not None and up not in chain:  # the mounts this one sits on
+            chain.add(up)
+            up = parent_of.get(up)
+        # a later mount at this point or above it, not one this mount sits on, hides it
+        if not any(later != mid and later not in chain and point[:len(at)] == at for later, _, at, _ in table[i + 1:]):
+            mounts.append(entry)
     return mounts
 
 
@@ -70,10 +84,13 @@ def _parts(path: str) -> list[str] | None:
     return None if ".." in parts else parts
 
 
-def _folders(own: str, mount: Path, root: str) -> list[Path]:
+def _folders(own: str | None, mount: Path, root: str) -> list[Path]:
     """The folders, under ``mount``, of the process's cgroup ``own`` and each parent of it up to what
     is mounted there (``root``, the hierarchy's folder shown at ``mount``): a quota on any of them
-    limits the process. A cgroup outside what is mounted shows none of them."""
+    limits the process. A cgroup outside what is mounted shows none of them; where the process's
+    cgroup is unknown, the mount's own folder is read."""
+    if own is None:
+        return [mount]
     own_parts, root_parts = _parts(own), _parts(root)
     if own_parts is None or root_parts is None or own_parts[:len(root_parts)] != root_parts:
         return []
@@ -106,7 +123,7 @@ def usable_cores() -> int:
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     own = _own_paths()
     for hierarchy, mount, root in _mounts():
-        for folder in _folders(own.get(hierarchy, "/"), mount, root):
+        for folder in _folders(own.get(hierarchy), mount, root):
             granted = _quota(folder, hierarchy == "v1")
             if granted is not None:
                 cores = min(cores, granted)
