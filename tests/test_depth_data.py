@@ -45,6 +45,36 @@ def test_npy_and_float_tiff_are_metres_divided_by_scale(tmp_path):
 
 
 @needs(KITCHEN)
+def test_the_largest_16_bit_value_is_no_measurement():
+    """7-Scenes (and other Kinect data) mark "no reading" with 65535 as well as 0: frame 234 of the
+    kitchen holds 12 such pixels, which read as 65.535 m of valid depth (a model without max_depth
+    trained on them). A value at the top of an integer range is saturated, not a distance."""
+    import cv2
+
+    f = KITCHEN / "train" / "depth" / "frame-000234.png"
+    raw = cv2.imread(str(f), cv2.IMREAD_UNCHANGED)
+    assert raw.dtype == np.uint16 and int((raw == 65535).sum()) == 12
+    got = read_depth(str(f), 1000)
+    assert np.array_equal(got == 0, (raw == 0) | (raw == 65535))
+    np.testing.assert_allclose(got[(raw > 0) & (raw < 65535)], raw[(raw > 0) & (raw < 65535)] / 1000, rtol=1e-6)
+
+
+def test_saturated_integer_depth_is_invalid_in_every_reader(tmp_path):
+    import cv2
+
+    stored = np.array([[0, 1500], [65535, 3250]], np.uint16)
+    cv2.imwrite(str(tmp_path / "mm.png"), stored)
+    np.save(tmp_path / "mm.npy", stored)
+    np.save(tmp_path / "big.npy", np.array([[2**32 - 1, 7]], np.uint32))
+    for name in ("mm.png", "mm.npy"):
+        assert np.array_equal(read_depth(str(tmp_path / name), 1000), np.array([[0, 1.5], [0, 3.25]], np.float32))
+    assert np.array_equal(read_depth(str(tmp_path / "big.npy"), 1), np.array([[0, 7]], np.float32))
+    # float data has no such code: its largest finite values are depth
+    np.save(tmp_path / "f.npy", np.array([[65535.0, 2.0]], np.float32))
+    assert np.array_equal(read_depth(str(tmp_path / "f.npy"), 1000), np.array([[65.535, 0.002]], np.float32))
+
+
+@needs(KITCHEN)
 @pytest.mark.parametrize("store, scale, expected", [
     ("metres-in-png", None, "with data.depth_scale 1 the median would be"),  # AbsRel 61.9 without a word before
     ("millimetres", 1.0, "with data.depth_scale 1000 the median would be"),

@@ -19,7 +19,7 @@ def _model(max_depth, mode="metric"):
 
 
 @pytest.mark.parametrize("max_depth, dtype, per_metre", [
-    (10.0, "uint16", 1000.0), (65.535, "uint16", 1000.0), (80.0, "uint16", 256.0), (255.99, "uint16", 256.0),
+    (10.0, "uint16", 1000.0), (65.534, "uint16", 1000.0), (65.535, "uint16", 256.0), (80.0, "uint16", 256.0), (255.99, "uint16", 256.0),
     (300.0, "float32", 1.0), (None, "float32", 1.0)])
 def test_the_encoding_follows_the_model_range(max_depth, dtype, per_metre):
     enc = depth_encoding(_model(max_depth))

@@ -98,7 +98,7 @@ def depth_views(predictor, image: np.ndarray, flip: str = "none") -> np.ndarray:
 
 def depth_encoding(predictor) -> dict:
     """How predicted maps are stored (what ``depth_format.json`` says): a metric model's as 16-bit
-    millimetres when its max_depth fits (up to 65.535 m), else KITTI's 256 per metre (up to 255.99 m
+    millimetres when its max_depth fits (up to 65.534 m), else KITTI's 256 per metre (up to 255.99 m
     at 3.9 mm steps), else (a larger or no bound) float32 TIFF in metres; a relative model's as 16-bit
     scaled to 0-65535 per image."""
     if predictor.mode != "metric":
@@ -106,9 +106,11 @@ def depth_encoding(predictor) -> dict:
                 "meaning": "relative inverse depth (larger = nearer), scaled to 0-65535 per image"}
     max_depth = float(predictor.meta.get("max_depth") or "inf")
     for per_metre in (1000.0, 256.0):
-        if max_depth <= 65535 / per_metre:
+        # 65535, the top of the range, is kept for depth beyond it (clipped, said when written): dptune's
+        # reader, like Kinect data's, takes it as no measurement
+        if max_depth <= 65534 / per_metre:
             return {"file": "<stem>_depth.png", "dtype": "uint16", "metric": True, "value_per_metre": per_metre,
-                    "max_metres": round(65535 / per_metre, 3), "invalid": 0}
+                    "max_metres": round(65534 / per_metre, 3), "invalid": [0, 65535]}
     return {"file": "<stem>_depth.tiff", "dtype": "float32", "metric": True, "value_per_metre": 1.0, "invalid": 0}
 
 

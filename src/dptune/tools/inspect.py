@@ -67,7 +67,7 @@ class DepthStats:
     # the model's (min_depth, max_depth) from the config: depth outside it counts in no loss or metric
     depth_range: tuple[float, float | None] | None = None
     below: int = 0  # valid pixels under min_depth
-    above: int = 0  # valid pixels over max_depth (a sensor's "no reading" code, such as 65535 mm, lands here)
+    above: int = 0  # valid pixels over max_depth
 
     def median(self) -> float:
         """Median valid depth in metres, to the millimetre."""
