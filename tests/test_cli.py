@@ -177,3 +177,21 @@ def test_a_label_set_of_one_class_is_one_line_before_training(tmp_path, monkeypa
     assert rc == 2 and len(errors) == 1 and "Traceback" not in err, err[-2000:]
     assert "1 class (Road)" in errors[0] and "at least 2" in errors[0], errors
     assert not list((tmp_path / "run").rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("args, named", [
+    (["--config", "configs/depth/7scenes.yaml", "--data.cache", "disk"], "data.cache"),  # depth caches in memory only
+    (["--config", "configs/camvid.yaml", "--data.batch_size", "abc"], "data.batch_size"),
+    (["--config", "configs/camvid.yaml", "--model.lrr", "0.1"], "--model.lrr"),
+])
+def test_a_setting_of_the_wrong_type_or_name_is_one_line(args, named, monkeypatch, capsys):
+    """jsonargparse printed the whole usage (110 lines) and a two-line message before the error."""
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    rc = main(["fit", *args, "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0], err[:5]
+    assert "dptune fit --help" in err[0] or "--help" in err[0]

@@ -10,6 +10,7 @@ import warnings
 from typing import Any
 
 import yaml
+from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
@@ -232,7 +233,8 @@ class DPTuneCLI(LightningCLI):
         self.task = task
         kwargs.setdefault("trainer_class", DPTuneTrainer)  # precision: auto resolved for the machine
         register_loader()
-        mode = {"parser_mode": PARSER_MODE}
+        # a bad value or option raises (one line from ``main``) instead of printing the whole usage first
+        mode = {"parser_mode": PARSER_MODE, "exit_on_error": False}
         main_kwargs = {**mode, **({"prog": prog} if prog else {})}  # the usage line's name (``dptune``)
         kwargs.setdefault("parser_kwargs", {**main_kwargs, **{sub: mode for sub in self.subcommands()}})
         super().__init__(*args, **kwargs)
@@ -354,6 +356,12 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
         )
     except (DataError, ConfigError) as e:
         print(f"error: {e}", file=sys.stderr)
+        return 2
+    except ArgumentError as e:  # jsonargparse: an option that does not exist, a value of the wrong type
+        sub = next((a for a in argv if not a.startswith("-")), "")
+        command = " ".join([prog or os.path.basename(sys.argv[0] or "train.py")]
+                           + ([sub] if sub in DPTuneCLI.subcommands() else []))
+        print(f"error: {' '.join(str(e).split())} ({command} --help lists the settings)", file=sys.stderr)
         return 2
     except SystemExit:
         from dptune.training.callbacks import INTERRUPTED
