@@ -195,3 +195,32 @@ def test_a_setting_of_the_wrong_type_or_name_is_one_line(args, named, monkeypatc
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and named in err[0], err[:5]
     assert "dptune fit --help" in err[0] or "--help" in err[0]
+
+
+def test_a_starting_point_on_the_command_line_replaces_a_presets(monkeypatch, capsys, tmp_path):
+    """The backbone presets name a hub checkpoint; ``--model.config tiny.json`` beside one was refused
+    ("give exactly one of model.pretrained or model.config") where any other command-line value
+    replaces a config file's."""
+    import yaml
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    preset = ["fit", "--config", "configs/camvid.yaml", "--config", "configs/backbones/dinov2.yaml"]
+    tiny = "configs/models/dpt-dinov2-tiny.json"
+    with pytest.raises(SystemExit) as done:
+        main([*preset, "--model.config", tiny, "--print_config"])
+    assert done.value.code == 0
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["config"] == tiny and model["pretrained"] is None and model["backbone"] == "dinov2"
+    # the other way round: a hub id on the command line replaces a config file's model.config
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/quickstart.yaml", "--model.pretrained", "Intel/dpt-large-ade", "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["pretrained"] == "Intel/dpt-large-ade" and model["config"] is None
+    # both on the command line: still one line saying to give one
+    rc = main([*preset, "--model.config", tiny, "--model.pretrained", "facebook/dinov2-small",
+               "--trainer.default_root_dir", str(tmp_path)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
+    assert rc == 2 and len(err) == 1 and "exactly one of model.pretrained" in err[0], err

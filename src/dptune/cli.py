@@ -214,6 +214,21 @@ def renamed_args(args: list[str], said: set[str]) -> list[str]:
     return out
 
 
+STARTS = ("--model.pretrained", "--model.config")  # a model starts from exactly one
+
+
+def command_line_start(args: list[str]) -> list[str]:
+    """A starting point given on the command line replaces one a config file gave: ``--config
+    configs/backbones/dinov2.yaml --model.config tiny.json`` trains from ``tiny.json`` (the preset's
+    ``model.pretrained`` is set to null after everything else), as a command-line value replaces a
+    config's anywhere else. Both given on the command line stay an error."""
+    given = {key for key in STARTS for a in args if a == key or a.startswith(key + "=")}
+    if len(given) != 1:
+        return args
+    other = next(key for key in STARTS if key not in given)
+    return [*args, other, "null"]
+
+
 def register_loader() -> None:
     """jsonargparse's YAML loader, for config files and command-line values alike, with moved class
     paths renamed (``renamed``)."""
@@ -340,7 +355,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
               "RUN/checkpoints/last.ckpt --images 'photos/*.jpg' --out preds", file=sys.stderr)
         return 2
     try:
-        argv = renamed_args(argv, SAID)
+        argv = command_line_start(renamed_args(argv, SAID))
         task = task_from_args(argv)
         model_class, data_class = task_classes(task)
         DPTuneCLI(
