@@ -219,6 +219,12 @@ def test_a_starting_point_on_the_command_line_replaces_a_presets(monkeypatch, ca
         main(["fit", "--config", "configs/quickstart.yaml", "--model.pretrained", "Intel/dpt-large-ade", "--print_config"])
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     assert model["pretrained"] == "Intel/dpt-large-ade" and model["config"] is None
+    # clearing the preset's start on the command line, with the other from a second config file, still works
+    (tmp_path / "tiny.yaml").write_text(f"model:\n  config: {tiny}\n")
+    with pytest.raises(SystemExit):
+        main([*preset, "--config", str(tmp_path / "tiny.yaml"), "--model.pretrained", "null", "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["config"] == tiny and model["pretrained"] is None
     # both on the command line: still one line saying to give one
     rc = main([*preset, "--model.config", tiny, "--model.pretrained", "facebook/dinov2-small",
                "--trainer.default_root_dir", str(tmp_path)])

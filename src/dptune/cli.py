@@ -222,7 +222,13 @@ def command_line_start(args: list[str]) -> list[str]:
     configs/backbones/dinov2.yaml --model.config tiny.json`` trains from ``tiny.json`` (the preset's
     ``model.pretrained`` is set to null after everything else), as a command-line value replaces a
     config's anywhere else. Both given on the command line stay an error."""
-    given = {key for key in STARTS for a in args if a == key or a.startswith(key + "=")}
+    given = set()
+    for i, a in enumerate(args):
+        key, eq, value = a.partition("=")
+        if key in STARTS:
+            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+            if value.strip().lower() not in ("null", "none", "~", ""):  # clearing one is not starting from it
+                given.add(key)
     if len(given) != 1:
         return args
     other = next(key for key in STARTS if key not in given)
