@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 
 from dptune.tools.benchmark import main
@@ -42,37 +43,71 @@ def test_options_that_cannot_work_are_refused_in_one_line_before_anything_runs(c
     for args, named in ((["--profile", "2", "--joint"], "--joint"), (["--profile", "2", "--data", "x.yaml"], "--data"),
                         (["--warmup", "0"], "at least 1"), (["--steps", "0"], "at least 1"),
                         (["--json", "/nonexistent-folder/bench.json"], "/nonexistent-folder"),
-                        (["--rounds", "0", "--baseline"], "at least 1"), (["--rounds", "3"], "--baseline")):
+                        (["--rounds", "0", "--baseline"], "at least 1"), (["--rounds", "4"], "--baseline"),
+                        (["--rounds", "3", "--baseline"], "even number"),
+                        (["--rounds", "2", "--baseline", "--joint"], "--joint"),
+                        (["--rounds", "2", "--baseline", "--data", "x.yaml"], "--data")):
         assert main(args) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and err[0].startswith(f"error: {args[0]}") and named in err[0], err
 
 
-def test_rounds_alternate_the_recipes_and_give_the_median_ratio(tiny_config_path, tmp_path, capsys, monkeypatch):
-    """A shared machine drifts: each round runs both recipes back to back, who goes first alternates,
-    and the ratio is the median of the rounds' ratios, not of a single pair."""
+def _fake_jobs(monkeypatch, speeds: dict[str, list], ran: list[str]):
+    """run_job standing in for the timed processes: each job's images/s (or an error) in turn."""
     import dptune.tools.benchmark as bench
 
-    ran: list[str] = []
-    speeds = {"dptune": iter([9.0, 6.0, 8.0]), "hf_trainer": iter([6.0, 6.0, 5.0])}  # ratios 1.5, 1.0, 1.6
+    left = {k: iter(v) for k, v in speeds.items()}
 
     def fake(job, opts):
         name = "dptune" if job is bench._time_dptune else "hf_trainer"
         ran.append(name)
         assert opts["profile"] == (2 if name == "dptune" and len(ran) <= 2 else 0)  # profiled once, in round 1
-        r = {"images_per_s": next(speeds[name]), "peak_mem_gib": 1.0}
+        value = next(left[name])
+        if isinstance(value, str):
+            return {"error": value}
+        r = {"images_per_s": value, "peak_mem_gib": 1.0 + len(ran) / 10}
         return dict(r, profile=[]) if opts["profile"] else r
 
     monkeypatch.setattr(bench, "run_job", fake)
+
+
+def test_rounds_alternate_the_recipes_and_give_the_geometric_mean_ratio(tiny_config_path, tmp_path, capsys,
+                                                                          monkeypatch):
+    """A shared machine drifts: each round runs both recipes back to back, who goes first alternates
+    (each order equally often), and the ratio is the geometric mean of the rounds' ratios. Every
+    figure in the JSON is over the rounds, not the first round's."""
+    ran: list[str] = []
+    _fake_jobs(monkeypatch, {"dptune": [9.0, 6.0, 8.0, 6.0], "hf_trainer": [6.0, 6.0, 5.0, 5.0]}, ran)
     out = tmp_path / "bench.json"
     assert main(["--model", str(tiny_config_path), "--crop", "64", "--batch", "2", "--precision", "32-true",
-                 "--baseline", "--rounds", "3", "--profile", "2", "--json", str(out)]) == 0
-    assert ran == ["dptune", "hf_trainer", "hf_trainer", "dptune", "dptune", "hf_trainer"]
+                 "--baseline", "--rounds", "4", "--profile", "2", "--json", str(out)]) == 0
+    assert ran == ["dptune", "hf_trainer", "hf_trainer", "dptune"] * 2
     result = json.loads(out.read_text())
-    assert result["ratio_vs_hf_trainer"] == pytest.approx(1.5)
-    assert [r["ratio_vs_hf_trainer"] for r in result["rounds"]] == pytest.approx([1.5, 1.0, 1.6])
-    assert result["dptune"]["images_per_s"] == 9.0  # the first round's, where the profile was taken
-    assert "dptune / HF Trainer: 1.50x (median of 3 rounds: 1.50x, 1.00x, 1.60x)" in capsys.readouterr().out
+    ratios = [1.5, 1.0, 1.6, 1.2]
+    assert [r["ratio_vs_hf_trainer"] for r in result["rounds"]] == pytest.approx(ratios)
+    assert [r["first"] for r in result["rounds"]] == ["dptune", "hf_trainer"] * 2
+    assert result["ratio_vs_hf_trainer"] == pytest.approx(float(np.prod(ratios)) ** 0.25)
+    assert result["dptune"]["images_per_s"] == pytest.approx((9 * 6 * 8 * 6) ** 0.25)
+    assert result["dptune"]["images_per_s_rounds"] == [9.0, 6.0, 8.0, 6.0]
+    assert result["hf_trainer"]["peak_mem_gib"] == pytest.approx(1.7)  # the largest of its rounds
+    assert "profile" in result["dptune"] and "error" not in result
+    printed = capsys.readouterr().out
+    assert f"dptune / HF Trainer: {result['ratio_vs_hf_trainer']:.2f}x (geometric mean of 4 rounds" in printed
+    assert "1.50x, 1.00x, 1.60x, 1.20x" in printed
+
+
+def test_a_round_that_fails_is_in_the_json_and_the_exit_code(tiny_config_path, tmp_path, capsys, monkeypatch):
+    ran: list[str] = []
+    _fake_jobs(monkeypatch, {"dptune": [9.0, 6.0], "hf_trainer": [6.0, "out of memory"]}, ran)
+    out = tmp_path / "bench.json"
+    assert main(["--model", str(tiny_config_path), "--crop", "64", "--batch", "2", "--precision", "32-true",
+                 "--baseline", "--rounds", "4", "--profile", "2", "--json", str(out)]) == 1
+    assert ran == ["dptune", "hf_trainer", "hf_trainer", "dptune"]  # no round after the failed one
+    result = json.loads(out.read_text())
+    assert result["error"] == "round 2: hf_trainer: out of memory"
+    assert len(result["rounds"]) == 2 and "ratio_vs_hf_trainer" not in result
+    assert result["hf_trainer"] == {"error": "out of memory"}
+    assert "hf_trainer  failed: out of memory  (round 2 of 4)" in capsys.readouterr().out
 
 
 def test_the_hf_trainer_baseline_runs_and_gives_a_ratio(tiny_config_path, tmp_path, capsys):

@@ -1,6 +1,6 @@
 """Training throughput, peak memory and MFU of dptune, and the same for a plain HF Trainer.
 
-    python scripts/benchmark.py --model ../shared/bench/dpt-bench-tiny.json --crop 192 --batch 8 --baseline --rounds 3
+    python scripts/benchmark.py --model ../shared/bench/dpt-bench-tiny.json --crop 192 --batch 8 --baseline --rounds 4
     python scripts/benchmark.py --model dpt-large-ade --crop 512 --batch 16 --precision bf16-mixed \
         --device cuda --baseline --max-batch
     python scripts/benchmark.py --joint --model dpt-large-ade --crop 384 --precision 32-true --steps 5
@@ -8,9 +8,10 @@
 Each measurement runs in a fresh subprocess (clean peak memory, no shared caches), one after
 the other, on the same in-memory batches. Images/s are steady-state: time between the end of
 the first timed step and the end of the last, after ``--warmup`` untimed steps. With ``--baseline
---rounds N`` the two recipes run N times each, alternately (dptune first in odd rounds, the Trainer
-first in even ones), and the ratio is the median of the N rounds' ratios: a shared machine's speed
-drifts by 10-20% within minutes, and each round's pair runs back to back.
+--rounds N`` (N even) the two recipes run N times each, alternately (dptune first in odd rounds, the
+Trainer first in even ones), and the ratio is the geometric mean of the N rounds' ratios: a shared
+machine's speed drifts by 10-20% within minutes, each round's pair runs back to back, and each
+order runs equally often.
 MFU = (training FLOPs per image from ``dptune.models.flops``) x images/s / peak FLOP/s of the device.
 """
 
@@ -243,6 +244,59 @@ def _max_batch(opts: dict[str, Any]) -> dict[str, Any]:
     return {"max_batch": lo}
 
 
+def _timed_rounds(jobs: list[str], n_rounds: int, opts: dict[str, Any], flops: float,
+                  peak: float) -> tuple[list[dict[str, Any]], str | None]:
+    """Each job once per round, each in a fresh process; who runs first alternates, so with an even
+    number of rounds each order runs equally often (a first-run advantage cancels in the ratio).
+    Returns the rounds and the first error ("round N: job: message"), after which no round runs."""
+    timers = {"dptune": _time_dptune, "hf_trainer": _time_hf_trainer}
+    rounds: list[dict[str, Any]] = []
+    for n in range(n_rounds):
+        this: dict[str, Any] = {"first": (jobs if n % 2 == 0 else jobs[::-1])[0]}
+        for job in jobs if n % 2 == 0 else jobs[::-1]:
+            # --profile profiles dptune's steps once, in the first round
+            r = run_job(timers[job], opts if n == 0 and job == "dptune" else dict(opts, profile=0))
+            tag = f"  (round {n + 1} of {n_rounds})" if n_rounds > 1 else ""
+            if "error" in r:
+                print(f"{job:<11} failed: {r['error']}{tag}")
+            else:
+                r["mfu"] = r["images_per_s"] * flops / (peak * 1e12)
+                print(f"{job:<11} {r['images_per_s']:8.2f} images/s  peak mem {r['peak_mem_gib']:6.2f} GiB  "
+                      f"MFU {100 * r['mfu']:5.1f}%{tag}")
+            for row in r.get("profile", []):
+                print(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.1f} ms/step  {row['calls_per_step']:4.1f}x  "
+                      f"{row['op']}  {row['shapes']}")
+            this[job] = r
+        rounds.append(this)
+        failed = [job for job in jobs if "error" in this[job]]
+        if failed:  # a failed job fails the same way again
+            return rounds, f"round {n + 1}: {failed[0]}: {this[failed[0]]['error']}"
+        if "hf_trainer" in jobs:
+            this["ratio_vs_hf_trainer"] = this["dptune"]["images_per_s"] / this["hf_trainer"]["images_per_s"]
+    return rounds, None
+
+
+def _summary(rounds: list[dict[str, Any]], jobs: list[str], flops: float, peak: float) -> dict[str, Any]:
+    """Per job: images/s as the geometric mean over the rounds (one round: its figure), MFU from it,
+    the largest peak memory, the first round's profile; and the geometric mean of the rounds'
+    ratios. A job that failed keeps its error."""
+    out: dict[str, Any] = {}
+    for job in jobs:
+        runs = [r[job] for r in rounds if job in r]
+        if any("error" in x for x in runs):
+            out[job] = next(x for x in runs if "error" in x)
+            continue
+        ips = statistics.geometric_mean([x["images_per_s"] for x in runs])
+        out[job] = {**runs[0], "images_per_s": ips, "mfu": ips * flops / (peak * 1e12),
+                    "peak_mem_gib": max(x["peak_mem_gib"] for x in runs)}
+        if len(runs) > 1:
+            out[job]["images_per_s_rounds"] = [x["images_per_s"] for x in runs]
+    ratios = [r["ratio_vs_hf_trainer"] for r in rounds if "ratio_vs_hf_trainer" in r]
+    if ratios and len(ratios) == len(rounds):
+        out["ratio_vs_hf_trainer"] = statistics.geometric_mean(ratios)
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     if any(a == "--infer" or a.startswith("--infer=") for a in (sys.argv[1:] if argv is None else argv)):
         from dptune.tools.infer_bench import main as infer_main  # inference speed of an export instead
@@ -260,8 +314,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--device", default=None, choices=["cpu", "cuda"])
     ap.add_argument("--baseline", action="store_true", help="also time the plain HF Trainer recipe")
     ap.add_argument("--rounds", type=int, default=1,
-                    help="with --baseline: time both recipes this many times, alternately, and give the median "
-                         "of the rounds' ratios (a shared machine's speed drifts within minutes)")
+                    help="with --baseline: time both recipes this many times (1 or an even number), alternately, "
+                         "and give the geometric mean of the rounds' ratios (a shared machine's speed drifts within minutes)")
     ap.add_argument("--max-batch", action="store_true", help="largest batch, with and without checkpointing (GPU)")
     ap.add_argument("--gradient-checkpointing", action="store_true")
     ap.add_argument("--compile", action="store_true", help="torch.compile the forward pass")
@@ -295,9 +349,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         print(f"error: --json {args.json}: no folder {Path(args.json).resolve().parent} to write it in", file=sys.stderr)
         return 2
-    if args.rounds > 1 and not args.baseline:
-        print(f"error: --rounds {args.rounds}: rounds alternate dptune and the HF Trainer; give --baseline too",
+    if args.rounds > 1 and (not args.baseline or args.joint or args.data):
+        print(f"error: --rounds {args.rounds}: rounds alternate dptune and the HF Trainer's training steps; give "
+              "--baseline" + (f", not {'--joint' if args.joint else '--data'}" if args.joint or args.data else " too"),
               file=sys.stderr)
+        return 2
+    if args.rounds > 1 and args.rounds % 2:
+        print(f"error: --rounds {args.rounds}: give an even number (each recipe runs first in half of the rounds, "
+              "so an advantage of running first cancels) or 1", file=sys.stderr)
         return 2
     if args.profile and (args.joint or args.data):
         print(f"error: --profile profiles the training step; it does not apply to {'--joint' if args.joint else '--data'}",
@@ -356,42 +415,20 @@ def main(argv: list[str] | None = None) -> int:
                                "device": machine, "train_gflop_per_image": flops / 1e9, "peak_tflops": peak,
                                "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}
     jobs = ["dptune"] + (["hf_trainer"] if args.baseline else [])
-    timers = {"dptune": _time_dptune, "hf_trainer": _time_hf_trainer}
-    rounds: list[dict[str, Any]] = []
-    for n in range(args.rounds):
-        order = jobs if n % 2 == 0 else jobs[::-1]  # alternate who runs first: drift falls on both sides
-        this: dict[str, Any] = {}
-        for job in order:
-            # --profile profiles dptune's steps once, in the first round
-            r = run_job(timers[job], opts if n == 0 and job == "dptune" else dict(opts, profile=0))
-            if "error" not in r:
-                r["mfu"] = r["images_per_s"] * flops / (peak * 1e12)
-                print(f"{job:<11} {r['images_per_s']:8.2f} images/s  peak mem {r['peak_mem_gib']:6.2f} GiB  "
-                      f"MFU {100 * r['mfu']:5.1f}%" + (f"  (round {n + 1} of {args.rounds})" if args.rounds > 1 else ""))
-            else:
-                print(f"{job:<11} failed: {r['error']}")
-            for row in r.get("profile", []):
-                print(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.1f} ms/step  {row['calls_per_step']:4.1f}x  "
-                      f"{row['op']}  {row['shapes']}")
-            this[job] = r
-        if args.baseline and "error" not in this["dptune"] and "error" not in this["hf_trainer"]:
-            this["ratio_vs_hf_trainer"] = this["dptune"]["images_per_s"] / this["hf_trainer"]["images_per_s"]
-        rounds.append(this)
-        if any("error" in this[job] for job in jobs):
-            break  # a failed job fails the same way again
-    for job in jobs:  # the first round's figures (the profile was taken there)
-        results[job] = rounds[0][job]
-    failed = any("error" in r[job] for r in rounds for job in jobs)
-    if args.baseline and not failed:
-        ratios = sorted(r["ratio_vs_hf_trainer"] for r in rounds)
-        median = statistics.median(ratios)
-        results["ratio_vs_hf_trainer"] = median
+    rounds, error = _timed_rounds(jobs, args.rounds, opts, flops, peak)
+    results.update(_summary(rounds, jobs, flops, peak))
+    if args.rounds > 1:
+        results["rounds"] = rounds
+    if error:
+        results["error"] = error
+    elif args.baseline:
+        ratio = results["ratio_vs_hf_trainer"]
         if args.rounds > 1:
-            results["rounds"] = rounds
-            print(f"dptune / HF Trainer: {median:.2f}x (median of {len(ratios)} rounds: "
-                  + ", ".join(f"{r['ratio_vs_hf_trainer']:.2f}x" for r in rounds) + ")")
+            ratios = [r["ratio_vs_hf_trainer"] for r in rounds]
+            print(f"dptune / HF Trainer: {ratio:.2f}x (geometric mean of {len(ratios)} rounds, each recipe first in "
+                  f"half of them: " + ", ".join(f"{x:.2f}x" for x in ratios) + ")")
         else:
-            print(f"dptune / HF Trainer: {median:.2f}x")
+            print(f"dptune / HF Trainer: {ratio:.2f}x")
     if args.max_batch and device == "cuda":
         for gc in (False, True):
             r = run_job(_max_batch, dict(opts, gradient_checkpointing=gc))
@@ -399,7 +436,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"max batch{' (gradient checkpointing)' if gc else ''}: {r.get('max_batch', r.get('error'))}")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    return 1 if failed else 0
+    return 1 if error else 0
 
 
 if __name__ == "__main__":
