@@ -65,10 +65,11 @@ def test_saturated_integer_depth_is_invalid_in_every_reader(tmp_path):
     stored = np.array([[0, 1500], [65535, 3250]], np.uint16)
     cv2.imwrite(str(tmp_path / "mm.png"), stored)
     np.save(tmp_path / "mm.npy", stored)
-    np.save(tmp_path / "big.npy", np.array([[2**32 - 1, 7]], np.uint32))
     for name in ("mm.png", "mm.npy"):
         assert np.array_equal(read_depth(str(tmp_path / name), 1000), np.array([[0, 1.5], [0, 3.25]], np.float32))
-    assert np.array_equal(read_depth(str(tmp_path / "big.npy"), 1), np.array([[0, 7]], np.float32))
+    # the code is 16-bit data's: other integer types keep their largest value (a uint8 array's 255 was dropped)
+    np.save(tmp_path / "u8.npy", np.array([[100, 255]], np.uint8))
+    assert np.array_equal(read_depth(str(tmp_path / "u8.npy"), 100), np.array([[1.0, 2.55]], np.float32))
     # float data has no such code: its largest finite values are depth
     np.save(tmp_path / "f.npy", np.array([[65535.0, 2.0]], np.float32))
     assert np.array_equal(read_depth(str(tmp_path / "f.npy"), 1000), np.array([[65.535, 0.002]], np.float32))

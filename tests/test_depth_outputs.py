@@ -42,6 +42,19 @@ def test_far_depth_survives_and_dptune_reads_it_back_in_metres(tmp_path, max_dep
     assert write_depth(tmp_path, "mm", depth, np.zeros((48, 64, 3), np.uint8), mm, None)  # clipped: the caller warns
 
 
+def test_depth_that_would_be_stored_as_the_no_depth_code_is_said_to_be_clipped(tmp_path):
+    """65535 in a 16-bit map means no depth: a value that rounds to it (65.5346 m, an upsampling
+    overshoot past a 65.534 m bound) was stored as no depth without the clipped warning."""
+    enc = depth_encoding(_model(65.534))
+    depth = np.full((4, 4), 3.0, np.float32)
+    assert not write_depth(tmp_path, "in", depth, np.zeros((4, 4, 3), np.uint8), enc, None)
+    depth[0, 0] = 65.5346
+    assert write_depth(tmp_path, "edge", depth, np.zeros((4, 4, 3), np.uint8), enc, None)
+    depth[0, 0] = 65.5344  # stored as 65534: still depth
+    assert not write_depth(tmp_path, "top", depth, np.zeros((4, 4, 3), np.uint8), enc, None)
+    assert read_depth(str(tmp_path / "top_depth.png"))[0, 0] == pytest.approx(65.534)
+
+
 def test_a_depth_format_json_saying_otherwise_is_never_overwritten(tmp_path):
     (tmp_path / "depth_format.json").write_text('{"mine": "user notes"}')
     with pytest.raises(DataError, match="already there and describes other depth maps"):

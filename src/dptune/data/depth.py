@@ -159,14 +159,14 @@ def default_scale(raw: np.ndarray) -> float:
 
 def to_metres(raw: np.ndarray, scale: float | None) -> np.ndarray:
     """Stored depth values / ``scale`` (``None``: by type, see ``default_scale``) as float32 metres;
-    NaN, infinite and negative become 0 (invalid), and so does an integer type's largest value
-    (65535 in 16 bits: Kinect data such as 7-Scenes mark "no reading" with it; a saturated value is
-    not a distance). Readers refuse negative values before this (``check_negative``) unless told to
-    read them as invalid."""
+    NaN, infinite and negative become 0 (invalid), and so does 16-bit data's largest value, 65535
+    (Kinect data such as 7-Scenes mark "no reading" with it; a saturated value is not a distance;
+    other integer types keep every value). Readers refuse negative values before this
+    (``check_negative``) unless told to read them as invalid."""
     depth = raw.astype(np.float32) / np.float32(default_scale(raw) if scale is None else scale)
     invalid = ~np.isfinite(depth) | (depth < 0)
-    if raw.dtype.kind == "u":
-        invalid |= raw == np.iinfo(raw.dtype).max
+    if raw.dtype == np.uint16:
+        invalid |= raw == 65535
     depth[invalid] = 0.0
     return depth
 

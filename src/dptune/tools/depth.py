@@ -137,8 +137,9 @@ def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, enc:
     if enc["dtype"] == "float32":
         stored = depth.astype(np.float32)
     elif metric:
-        clipped = bool((depth * enc["value_per_metre"] > 65535).any())
-        stored = np.clip(np.round(depth * enc["value_per_metre"]), 0, 65535).astype(np.uint16)
+        scaled = np.round(depth.astype(np.float64) * enc["value_per_metre"])
+        clipped = bool((scaled > 65534).any())  # 65535 is the no-depth code: what lands there is beyond the range
+        stored = np.clip(scaled, 0, 65535).astype(np.uint16)
     else:
         stored = np.round(65535 * (depth - depth.min()) / max(float(np.ptp(depth)), 1e-12)).astype(np.uint16)
     imwrite(out / enc["file"].replace("<stem>", stem), stored)
