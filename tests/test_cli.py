@@ -230,3 +230,18 @@ def test_a_starting_point_on_the_command_line_replaces_a_presets(monkeypatch, ca
                "--trainer.default_root_dir", str(tmp_path)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:")]
     assert rc == 2 and len(err) == 1 and "exactly one of model.pretrained" in err[0], err
+
+
+@pytest.mark.parametrize("setting, named", [("--trainer.max_steps=-5", "max_steps"),
+                                            ("--trainer.devices=[0,", "devices")])
+def test_trainer_settings_lightning_refuses_are_one_line(setting, named, monkeypatch, capsys, tmp_path):
+    """Lightning's own checks when it builds the trainer ended in a 40-line traceback, exit 1."""
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    rc = main(["fit", "--config", "configs/quickstart.yaml", setting, "--trainer.default_root_dir", str(tmp_path)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert rc == 2 and len(err) == 1 and named in err[0], err
+    assert not list(tmp_path.rglob("*.ckpt"))

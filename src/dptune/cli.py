@@ -260,6 +260,16 @@ class DPTuneCLI(LightningCLI):
         kwargs.setdefault("parser_kwargs", {**main_kwargs, **{sub: mode for sub in self.subcommands()}})
         super().__init__(*args, **kwargs)
 
+    def instantiate_trainer(self, **kwargs: Any):
+        """Lightning's checks of the trainer settings (``max_steps=-5``, ``devices='[0,'`` on a CPU)
+        raise its own exceptions with a traceback; they are settings the user gave, said in one line."""
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:
+            return super().instantiate_trainer(**kwargs)
+        except (MisconfigurationException, TypeError, ValueError) as e:
+            raise ConfigError(f"trainer settings: {' '.join(str(e).split())}") from e
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--task", choices=list(TASKS), default="segmentation",
                             help="What to train: segmentation (default), depth, or multitask (both in one model); "
