@@ -136,7 +136,11 @@ def test_a_model_config_or_pretrained_folder_that_is_no_model_is_one_line(tmp_pa
             "--trainer.logger", "false"]
     cases = [(["--model.config", str(tmp_path / "img.jpg")], f"{tmp_path / 'img.jpg'}: not a text file"),
              (["--model.config", "null", "--model.pretrained", str(tmp_path / "empty")], "an empty folder"),
-             (["--model.config", "null", "--model.pretrained", str(tmp_path / "notes")], "a folder without config.json")]
+             (["--model.config", "null", "--model.pretrained", str(tmp_path / "notes")], "a folder without config.json"),
+             # a config JSON as the pretrained model went to torch.load: an unpickling traceback
+             (["--model.pretrained", str(REPO / "configs" / "models" / "dpt-tiny.json")],
+              "a DPTConfig JSON goes in model.config"),
+             (["--model.pretrained", str(tmp_path / "img.jpg")], "a file, not a model directory")]
     for extra, message in cases:
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err

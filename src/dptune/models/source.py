@@ -100,6 +100,9 @@ def resolve_pretrained(ref: str, part: str = "segmentation") -> str:
     multitask ``.ckpt`` or export directory) gives its ``part`` (``segmentation`` or ``depth``)."""
     if ref.endswith(".ckpt") and Path(ref).is_file():
         ref = _unpack_checkpoint(str(Path(ref).resolve()), Path(ref).stat().st_mtime_ns)
+    elif Path(ref).is_file():  # transformers would hand it to torch.load: an unpickling traceback
+        hint = "; a DPTConfig JSON goes in model.config" if ref.lower().endswith(".json") else ""
+        raise ConfigError(f"model.pretrained {ref}: a file, not a model directory, hub id or dptune .ckpt{hint}")
     return joint_part(ref, part)
 
 
