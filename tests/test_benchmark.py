@@ -45,8 +45,7 @@ def test_options_that_cannot_work_are_refused_in_one_line_before_anything_runs(c
                         (["--json", "/nonexistent-folder/bench.json"], "/nonexistent-folder"),
                         (["--rounds", "0", "--baseline"], "at least 1"), (["--rounds", "4"], "--baseline"),
                         (["--rounds", "3", "--baseline"], "even number"),
-                        (["--rounds", "2", "--baseline", "--joint"], "--joint"),
-                        (["--rounds", "2", "--baseline", "--data", "x.yaml"], "--data")):
+                        (["--baseline", "--joint"], "--joint"), (["--baseline", "--data", "x.yaml"], "--data")):
         assert main(args) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and err[0].startswith(f"error: {args[0]}") and named in err[0], err
@@ -121,3 +120,30 @@ def test_the_hf_trainer_baseline_runs_and_gives_a_ratio(tiny_config_path, tmp_pa
     ratio = result["dptune"]["images_per_s"] / result["hf_trainer"]["images_per_s"]
     assert result["ratio_vs_hf_trainer"] == pytest.approx(ratio)
     assert f"dptune / HF Trainer: {ratio:.2f}x" in capsys.readouterr().out
+
+
+def test_the_loader_benchmark_skips_what_a_source_cannot_do_and_fails_on_errors(tmp_path, monkeypatch, capsys):
+    """A synthetic source has no files for the PIL pipeline (an AttributeError row) nor for the disk
+    cache (a DataError row); both are skipped, said, and a real failure makes the exit code 1 (it was 0)."""
+    from conftest import REPO
+
+    import dptune.tools.loader_bench as lb
+
+    config = str(REPO / "configs" / "quickstart.yaml")
+    base = {"data": config, "root": None, "samples": 2, "tmp": str(tmp_path)}
+    assert "no image and mask files" in lb.time_loader({**base, "pipeline": "pil", "cache": False})["skipped"]
+    assert "folder sources only" in lb.time_loader({**base, "pipeline": "dptune", "cache": "disk"})["skipped"]
+    monkeypatch.setattr("dptune.tools.jobs.run_job", lambda job, opts: {"error": "DataError: broken"}
+                        if opts["cache"] == "memory" else {"images_per_s": 10.0})
+    assert main(["--data", config, "--samples", "2"]) == 1
+    assert "dptune_cached" in capsys.readouterr().out
+
+
+def test_a_model_config_that_cannot_be_used_is_one_line(tmp_path, capsys):
+    """A ConfigError from the model config was a traceback (exit 1)."""
+    (tmp_path / "typo.json").write_text('{"model_type": "dpt", "hidden_size": "32"}')
+    for model, said in ((str(tmp_path / "missing.json"), "model config not found"),
+                        (str(tmp_path / "typo.json"), "not a model config")):
+        assert main(["--model", model, "--steps", "1"]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert len(err) == 1 and err[0].startswith(f"error: {model}") and said in err[0], err

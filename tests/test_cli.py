@@ -140,7 +140,10 @@ def test_a_model_config_or_pretrained_folder_that_is_no_model_is_one_line(tmp_pa
              # a config JSON as the pretrained model went to torch.load: an unpickling traceback
              (["--model.pretrained", str(REPO / "configs" / "models" / "dpt-tiny.json")],
               "a DPTConfig JSON goes in model.config"),
-             (["--model.pretrained", str(tmp_path / "img.jpg")], "a file, not a model directory")]
+             (["--model.pretrained", str(tmp_path / "img.jpg")], "a file, not a model directory"),
+             # transformers 5 checks each setting's type: its StrictDataclassFieldValidationError was a traceback
+             (["--model.config", str(tmp_path / "typo.json")], "not a model config (Validation error for field 'hidden_size'")]
+    (tmp_path / "typo.json").write_text('{"model_type": "dpt", "hidden_size": "32"}')
     for extra, message in cases:
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err

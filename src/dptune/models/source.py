@@ -63,11 +63,13 @@ def load_config(config: str | Mapping[str, Any]) -> PretrainedConfig:
         raise ConfigError(f"{path}: a directory, not a model config (a DPTConfig JSON file)") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a model config is a JSON object of settings, not a {type(spec).__name__}")
+    from huggingface_hub.errors import StrictDataclassError  # transformers 5 checks each setting's type
+
     try:
         return _config_from_dict(spec)
-    except (TypeError, ValueError, KeyError) as e:
-        raise ConfigError(f"{path}: not a model config ({str(e).splitlines()[0] if str(e) else type(e).__name__})") \
-            from None
+    except (TypeError, ValueError, KeyError, StrictDataclassError) as e:
+        words = " ".join(str(e).split()) or type(e).__name__
+        raise ConfigError(f"{path}: not a model config ({words})") from None
 
 
 def _config_from_dict(spec: dict[str, Any]) -> PretrainedConfig:

@@ -298,6 +298,17 @@ def _summary(rounds: list[dict[str, Any]], jobs: list[str], flops: float, peak: 
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The benchmark; a model config or data that cannot be used is one error line, exit 2."""
+    from dptune.errors import ConfigError, DataError
+
+    try:
+        return _main(argv)
+    except (ConfigError, DataError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+
+
+def _main(argv: list[str] | None = None) -> int:
     if any(a == "--infer" or a.startswith("--infer=") for a in (sys.argv[1:] if argv is None else argv)):
         from dptune.tools.infer_bench import main as infer_main  # inference speed of an export instead
 
@@ -349,10 +360,13 @@ def main(argv: list[str] | None = None) -> int:
     if args.json and not Path(args.json).resolve().parent.is_dir():
         print(f"error: --json {args.json}: no folder {Path(args.json).resolve().parent} to write it in", file=sys.stderr)
         return 2
-    if args.rounds > 1 and (not args.baseline or args.joint or args.data):
+    if args.baseline and (args.joint or args.data):
+        print(f"error: --baseline times the HF Trainer's training steps; {'--joint' if args.joint else '--data'} "
+              "benchmarks something else", file=sys.stderr)
+        return 2
+    if args.rounds > 1 and not args.baseline:
         print(f"error: --rounds {args.rounds}: rounds alternate dptune and the HF Trainer's training steps; give "
-              "--baseline" + (f", not {'--joint' if args.joint else '--data'}" if args.joint or args.data else " too"),
-              file=sys.stderr)
+              "--baseline too", file=sys.stderr)
         return 2
     if args.rounds > 1 and args.rounds % 2:
         print(f"error: --rounds {args.rounds}: give an even number (each recipe runs first in half of the rounds, "

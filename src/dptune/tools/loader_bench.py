@@ -79,6 +79,8 @@ def time_loader(opts: dict[str, Any]) -> dict[str, Any]:
     data = dict(config.get("data") or {})
     if opts.get("root"):
         data["root"] = opts["root"]
+    if opts["cache"] == "disk" and data.get("source", "folder") != "folder":
+        return {"skipped": f"data.source {data['source']}: the disk cache reads folder sources only"}
     data.update(check=False, cache=opts["cache"], num_workers=0)
     if opts["cache"] == "disk":
         data["cache_dir"] = os.path.join(opts["tmp"], "cache")
@@ -86,6 +88,8 @@ def time_loader(opts: dict[str, Any]) -> dict[str, Any]:
     ds = dm.dataset("train")  # with a cache this decodes every sample once (and writes it), as train.py does
     if opts["pipeline"] == "pil":
         src = ds.source
+        if not (hasattr(src, "images") and getattr(src, "masks", None) is not None):
+            return {"skipped": f"{type(src).__name__}: no image and mask files for PIL to read"}
         ds = PILPipeline(list(zip(src.images, src.masks, strict=True)), dm.label_set, dm.crop_size[0],
                          dm.image_size[0], _preprocessing(config.get("model") or {}, dm.image_size), dm.scale_range)
     n = min(len(ds), opts["samples"])
@@ -112,12 +116,15 @@ def loader_benchmark(args) -> int:
     for name, o in runs:
         r = run_job(time_loader, {**base, **o})
         results[name] = r
+        if "skipped" in r:
+            print(f"{name:<14} skipped: {r['skipped']}")
+            continue
         print(f"{name:<14} {r.get('images_per_s', float('nan')):8.1f} images/s" + (f"  {r['error']}" if "error" in r else ""))
-    if "error" not in results["pil"]:
+    if "images_per_s" in results["pil"]:
         for name in ("dptune", "dptune_disk", "dptune_cached"):
             if "error" not in results[name]:
                 results[f"{name}_vs_pil"] = results[name]["images_per_s"] / results["pil"]["images_per_s"]
                 print(f"{name} / PIL: {results[f'{name}_vs_pil']:.2f}x")
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
-    return 0
+    return 1 if any("error" in r for r in results.values() if isinstance(r, dict)) else 0
