@@ -207,6 +207,27 @@ def test_evaluate_agrees_with_the_independent_scorer(depth_run, tmp_path, capsys
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["abs_rel"]
     assert scores["model's"] == scores["given"] != scores["low"], scores
 
+    # a map with no measurement (all 0 or 65535) is not scored, and said with its name (it was left out silently)
+    import shutil
+
+    import cv2
+
+    folder = tmp_path / "blank"
+    (folder / "rgb").mkdir(parents=True)
+    (folder / "depth").mkdir()
+    frames = sorted((KITCHEN / "val" / "rgb").glob("frame-00060[0-9].jpg"))
+    for f in frames:
+        shutil.copy(f, folder / "rgb" / f.name)
+        shutil.copy(KITCHEN / "val" / "depth" / f"{f.stem}.png", folder / "depth" / f"{f.stem}.png")
+    blank = folder / "depth" / f"{frames[1].stem}.png"
+    cv2.imwrite(str(blank), np.full_like(cv2.imread(str(blank), cv2.IMREAD_UNCHANGED), 65535))
+    capsys.readouterr()
+    assert evaluate_main(["--model", str(out), "--images", str(folder / "rgb" / "*.jpg"),
+                          "--depth", str(folder / "depth" / "{stem}.png"), "--json", str(tmp_path / "b.json")]) == 0
+    assert json.loads((tmp_path / "b.json").read_text())["images"] == 4
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert len(warned) == 1 and "1 of 5 images" in warned[0] and frames[1].name in warned[0], warned
+
     # what fit refuses, evaluate refuses too, in one line: no scale, no range, nothing scored, not metres
     capsys.readouterr()
     for extra, message in ((["--depth-scale", "0"], "--depth-scale must be a positive number"),

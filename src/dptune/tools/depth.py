@@ -242,7 +242,7 @@ def evaluate_depth(args) -> int:
     max_depth = args.max_depth if args.max_depth is not None else predictor.meta.get("max_depth")
     min_depth = args.min_depth if args.min_depth is not None else predictor.meta.get("min_depth") or 1e-3
     check_range(min_depth, max_depth, "--min-depth", "--max-depth")
-    metric, medians = DepthMetrics(min_depth, max_depth, None if align == "none" else align), []
+    metric, medians, unscored = DepthMetrics(min_depth, max_depth, None if align == "none" else align), [], []
     for i in tqdm(range(len(source)), desc="evaluating"):
         image, gt, name = source.load(i)
         check_depth_size(name, image.shape[:2], gt)
@@ -256,10 +256,16 @@ def evaluate_depth(args) -> int:
         if mask is not None:
             valid &= torch.from_numpy(mask)[None]
         metric.update(pred, gt_t, valid)
+        if not bool(valid.any()):
+            unscored.append(source.name(i))
     check_depth_values(args.depth, medians, source.used_scale)  # as training's pre-flight check does
+    where = f"ground truth inside [{min_depth:g}, {max_depth or math.inf:g}] m" + \
+        (f" within the {crop} crop" if crop != "none" else "")
     if not int(metric.images):
-        raise DataError(f"{args.depth}: no image had ground truth inside [{min_depth:g}, {max_depth or math.inf:g}] m"
-                        f"{' within the ' + crop + ' crop' if crop != 'none' else ''}: nothing was scored")
+        raise DataError(f"{args.depth}: no image had {where}: nothing was scored")
+    if unscored:  # scored on fewer images than given: say which, never silently
+        print(f"warning: {len(unscored)} of {len(source)} images had no {where} and are not scored "
+              f"(first: {unscored[0]})", file=sys.stderr)
     scores = {k: float(v) for k, v in metric.compute().items()}
     print(f"{int(metric.images)} images, {predictor.mode} depth, alignment {align}, crop {crop}")
     print("  ".join(f"{k} {scores[k]:.4f}" for k in NAMES))
