@@ -141,9 +141,11 @@ def test_a_model_config_or_pretrained_folder_that_is_no_model_is_one_line(tmp_pa
              (["--model.pretrained", str(REPO / "configs" / "models" / "dpt-tiny.json")],
               "a DPTConfig JSON goes in model.config"),
              (["--model.pretrained", str(tmp_path / "img.jpg")], "a file, not a model directory"),
+             (["--model.pretrained", str(tmp_path / "other.CKPT")], "other.CKPT"),  # read as a checkpoint: not one
              # transformers 5 checks each setting's type: its StrictDataclassFieldValidationError was a traceback
              (["--model.config", str(tmp_path / "typo.json")], "not a model config (Validation error for field 'hidden_size'")]
     (tmp_path / "typo.json").write_text('{"model_type": "dpt", "hidden_size": "32"}')
+    (tmp_path / "other.CKPT").write_bytes(b"not a checkpoint")
     for extra, message in cases:
         assert main([*base, *extra]) == 2
         err = capsys.readouterr().err
@@ -232,6 +234,11 @@ def test_a_starting_point_on_the_command_line_replaces_a_presets(monkeypatch, ca
         main([*preset, "--config", str(tmp_path / "tiny.yaml"), "--model.pretrained", "null", "--print_config"])
     model = yaml.safe_load(capsys.readouterr().out)["model"]
     assert model["config"] == tiny and model["pretrained"] is None
+    # the last value of a key counts: given, then cleared, it is not a starting point
+    with pytest.raises(SystemExit):
+        main([*preset, "--model.config", tiny, "--model.config", "null", "--print_config"])
+    model = yaml.safe_load(capsys.readouterr().out)["model"]
+    assert model["pretrained"] == "facebook/dinov2-small" and model["config"] is None
     # both on the command line: still one line saying to give one
     rc = main([*preset, "--model.config", tiny, "--model.pretrained", "facebook/dinov2-small",
                "--trainer.default_root_dir", str(tmp_path)])
@@ -252,3 +259,33 @@ def test_trainer_settings_lightning_refuses_are_one_line(setting, named, monkeyp
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
     assert rc == 2 and len(err) == 1 and named in err[0], err
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_a_bug_while_the_trainer_is_built_keeps_its_traceback(monkeypatch, tmp_path):
+    """Only Lightning's own checks become a "trainer settings" line: a TypeError from dptune's code
+    (a bug) was said as a setting the user gave, exit 2, no traceback."""
+    from conftest import REPO
+
+    import dptune.training.hardware as hardware
+    from dptune.cli import main
+
+    def bug(settings):
+        return None + 1
+
+    monkeypatch.chdir(REPO)
+    monkeypatch.setattr(hardware, "_threads_for", bug)
+    with pytest.raises(TypeError, match="NoneType"):
+        main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "1",
+              "--trainer.default_root_dir", str(tmp_path)])
+
+
+def test_an_inline_model_config_with_a_wrong_typed_setting_is_one_line(monkeypatch, capsys, tmp_path):
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    rc = main(["fit", "--config", "configs/quickstart.yaml", "--model.config", '{"model_type": "dpt", "hidden_size": "big"}',
+               "--trainer.default_root_dir", str(tmp_path)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: model.config: not a model config"), err

@@ -222,13 +222,13 @@ def command_line_start(args: list[str]) -> list[str]:
     configs/backbones/dinov2.yaml --model.config tiny.json`` trains from ``tiny.json`` (the preset's
     ``model.pretrained`` is set to null after everything else), as a command-line value replaces a
     config's anywhere else. Both given on the command line stay an error."""
-    given = set()
+    last: dict[str, str] = {}  # each key's last value on the command line: the one that counts
     for i, a in enumerate(args):
         key, eq, value = a.partition("=")
         if key in STARTS:
-            value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-            if value.strip().lower() not in ("null", "none", "~", ""):  # clearing one is not starting from it
-                given.add(key)
+            last[key] = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    # clearing one (null) is not starting from it
+    given = {key for key, value in last.items() if value.strip().lower() not in ("null", "none", "~", "")}
     if len(given) != 1:
         return args
     other = next(key for key in STARTS if key not in given)
@@ -263,11 +263,20 @@ class DPTuneCLI(LightningCLI):
     def instantiate_trainer(self, **kwargs: Any):
         """Lightning's checks of the trainer settings (``max_steps=-5``, ``devices='[0,'`` on a CPU)
         raise its own exceptions with a traceback; they are settings the user gave, said in one line."""
+        import traceback
+
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         try:
             return super().instantiate_trainer(**kwargs)
+        except (ConfigError, DataError):
+            raise  # dptune's own lines, as they are
         except (MisconfigurationException, TypeError, ValueError) as e:
+            # Lightning's checks only: a TypeError or ValueError raised elsewhere is a bug and keeps its traceback
+            frames = traceback.extract_tb(e.__traceback__)
+            if not isinstance(e, MisconfigurationException) and (
+                    not frames or f"{os.sep}lightning{os.sep}" not in frames[-1].filename):
+                raise
             raise ConfigError(f"trainer settings: {' '.join(str(e).split())}") from e
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:

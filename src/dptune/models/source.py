@@ -47,7 +47,7 @@ def load_config(config: str | Mapping[str, Any]) -> PretrainedConfig:
     """A ``DPTConfig`` (or a bare backbone's config, e.g. ``"model_type": "dinov2"``) from a JSON
     file, a directory holding ``config.json``, or a dict."""
     if isinstance(config, Mapping):
-        return _config_from_dict(dict(config))
+        return _checked_config(dict(config), "model.config")
     path = Path(config)
     if path.is_dir():
         path = path / "config.json"
@@ -63,13 +63,18 @@ def load_config(config: str | Mapping[str, Any]) -> PretrainedConfig:
         raise ConfigError(f"{path}: a directory, not a model config (a DPTConfig JSON file)") from None
     if not isinstance(spec, dict):
         raise ConfigError(f"{path}: a model config is a JSON object of settings, not a {type(spec).__name__}")
+    return _checked_config(spec, str(path))
+
+
+def _checked_config(spec: dict[str, Any], name: str) -> PretrainedConfig:
+    """``_config_from_dict``, a setting it refuses said in one line naming ``name``."""
     from huggingface_hub.errors import StrictDataclassError  # transformers 5 checks each setting's type
 
     try:
         return _config_from_dict(spec)
     except (TypeError, ValueError, KeyError, StrictDataclassError) as e:
         words = " ".join(str(e).split()) or type(e).__name__
-        raise ConfigError(f"{path}: not a model config ({words})") from None
+        raise ConfigError(f"{name}: not a model config ({words})") from None
 
 
 def _config_from_dict(spec: dict[str, Any]) -> PretrainedConfig:
@@ -100,7 +105,7 @@ def resolve_pretrained(ref: str, part: str = "segmentation") -> str:
     ``.ckpt`` (any task) written out once as a directory (weights, config, image processor), so
     that its backbone and neck can start a model of either task. A segmentation + depth source (a
     multitask ``.ckpt`` or export directory) gives its ``part`` (``segmentation`` or ``depth``)."""
-    if ref.endswith(".ckpt") and Path(ref).is_file():
+    if ref.lower().endswith(".ckpt") and Path(ref).is_file():
         ref = _unpack_checkpoint(str(Path(ref).resolve()), Path(ref).stat().st_mtime_ns)
     elif Path(ref).is_file():  # transformers would hand it to torch.load: an unpickling traceback
         hint = "; a DPTConfig JSON goes in model.config" if ref.lower().endswith(".json") else ""
