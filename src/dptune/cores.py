@@ -57,11 +57,11 @@ def _mounts() -> list[tuple[str, Path, str]]:
         if "-" not in fields or fields.index("-") < 6 or len(fields) < fields.index("-") + 4:
             continue
         sep = fields.index("-")
-        fstype, super_opts = fields[sep + 1], fields[sep + 3].split(",")
+        fstype, super_opts, point = fields[sep + 1], fields[sep + 3].split(","), _unescape(fields[4])
         entry = None
         if fstype == "cgroup2" or (fstype == "cgroup" and "cpu" in super_opts):
-            entry = ("v2" if fstype == "cgroup2" else "v1", Path(_unescape(fields[4])), _unescape(fields[3]))
-        table.append((fields[0], fields[1], _parts(_unescape(fields[4])) or [], entry))
+            entry = ("v2" if fstype == "cgroup2" else "v1", Path(point), _unescape(fields[3]))
+        table.append((fields[0], fields[1], _parts(point) or [], entry))
     parent_of = {mid: parent for mid, parent, _, _ in table}
     mounts = []
     for i, (mid, _, point, entry) in enumerate(table):

@@ -252,8 +252,9 @@ def _timed_rounds(jobs: list[str], n_rounds: int, opts: dict[str, Any], flops: f
     timers = {"dptune": _time_dptune, "hf_trainer": _time_hf_trainer}
     rounds: list[dict[str, Any]] = []
     for n in range(n_rounds):
-        this: dict[str, Any] = {"first": (jobs if n % 2 == 0 else jobs[::-1])[0]}
-        for job in jobs if n % 2 == 0 else jobs[::-1]:
+        order = jobs if n % 2 == 0 else jobs[::-1]
+        this: dict[str, Any] = {"first": order[0]}
+        for job in order:
             # --profile profiles dptune's steps once, in the first round
             r = run_job(timers[job], opts if n == 0 and job == "dptune" else dict(opts, profile=0))
             tag = f"  (round {n + 1} of {n_rounds})" if n_rounds > 1 else ""

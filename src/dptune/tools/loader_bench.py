@@ -122,7 +122,7 @@ def loader_benchmark(args) -> int:
         print(f"{name:<14} {r.get('images_per_s', float('nan')):8.1f} images/s" + (f"  {r['error']}" if "error" in r else ""))
     if "images_per_s" in results["pil"]:
         for name in ("dptune", "dptune_disk", "dptune_cached"):
-            if "error" not in results[name]:
+            if "images_per_s" in results[name]:  # not a failed or skipped row
                 results[f"{name}_vs_pil"] = results[name]["images_per_s"] / results["pil"]["images_per_s"]
                 print(f"{name} / PIL: {results[f'{name}_vs_pil']:.2f}x")
     if args.json:
