@@ -206,6 +206,52 @@ def test_a_setting_of_the_wrong_type_or_name_is_one_line(args, named, monkeypatc
     assert "dptune fit --help" in err[0] or "--help" in err[0]
 
 
+@pytest.mark.parametrize("text, where, shown", [
+    ("trainer:\n  max_epochs: abc\n", "trainer.max_epochs", ["int or null", "abc"]),
+    ("model:\n  lr: [1, 2]\n", "model.lr", ["float", "[1, 2]"]),
+    ("model:\n  nosuch: 3\n", "model.nosuch", ["no such setting"]),
+    ("trainer:\n  precision: 99x\n", "trainer.precision", ["'bf16-mixed'", "'auto'", "99x"]),
+])
+def test_a_config_files_bad_setting_names_the_file(text, where, shown, monkeypatch, capsys, tmp_path):
+    """A wrong value in a config file was one line naming the key but not the file that gave it (a run
+    takes several files), and a value of a Union type (``max_epochs: abc``) came with jsonargparse's
+    list of subtype errors."""
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(text)
+    rc = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(bad), "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1, err[:5]
+    assert err[0].startswith(f"error: {bad}: {where}: "), err[0]
+    assert all(s in err[0] for s in shown) and "<class" not in err[0] and "Subtypes" not in err[0], err[0]
+
+
+def test_a_bad_setting_names_where_it_was_given(monkeypatch, capsys, tmp_path):
+    """The same key in a file and on the command line: the error names the one that gave the bad value."""
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    good = tmp_path / "good.yaml"
+    good.write_text("data:\n  batch_size: 4\n")
+    rc = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(good), "--data.batch_size", "x",
+               "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and str(good) not in err[0], err
+    assert err[0].startswith("error: the command line: data.batch_size: expected int"), err[0]
+    # a config given before the subcommand, under its name, is named as well
+    nested = tmp_path / "nested.yaml"
+    nested.write_text("fit:\n  trainer:\n    max_epochs: abc\n")
+    rc = main(["--config", str(nested), "fit", "--config", "configs/quickstart.yaml", "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {nested}: trainer.max_epochs: "), err
+
+
 def test_a_starting_point_on_the_command_line_replaces_a_presets(monkeypatch, capsys, tmp_path):
     """The backbone presets name a hub checkpoint; ``--model.config tiny.json`` beside one was refused
     ("give exactly one of model.pretrained or model.config") where any other command-line value

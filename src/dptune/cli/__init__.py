@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import sys
@@ -14,9 +13,18 @@ from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
+from dptune.cli.args import (
+    PARSER_MODE,
+    SAID,
+    command_line_start,
+    config_files,
+    read_config,
+    register_loader,
+    renamed_args,
+    setting_error,
+)
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
-from dptune.labels import DuplicateKey, UniqueKeyLoader
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import Checkpoint, InterruptGuard, LRMonitor, ProgressLog, ValidationVisuals
@@ -115,51 +123,6 @@ def task_classes(task: str) -> tuple[type, type]:
     return SegmentationModule, SegmentationDataModule
 
 
-def config_files(args: list[str]) -> list[str]:
-    """The ``--config`` / ``-c`` values of a command line, in order."""
-    found = []
-    for i, arg in enumerate(args):
-        if arg in ("--config", "-c") and i + 1 < len(args):
-            found.append(args[i + 1])
-        elif arg.startswith("--config="):
-            found.append(arg.split("=", 1)[1])
-    return found
-
-
-def read_config(path: str) -> dict[str, Any] | None:
-    """The settings of a ``--config`` file; one line naming it when it is not YAML or not a mapping
-    of settings. None when ``path`` is no file (the parser also takes a config given inline)."""
-    if os.path.isdir(path):
-        raise ConfigError(f"{path}: a directory, not a config file")
-    if not os.path.isfile(path):
-        if "\n" in path or ":" in path or path.startswith("{"):
-            return None  # settings given inline
-        raise ConfigError(f"{path}: no such config file")
-    try:
-        with open(path, encoding="utf-8") as f:
-            spec = yaml.load(f, Loader=UniqueKeyLoader)
-    except DuplicateKey as e:
-        raise ConfigError(f"{path}: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
-    if spec is None:
-        raise ConfigError(f"{path}: an empty config (no settings in it); give a config with settings, or leave "
-                          "--config out")
-    if not isinstance(spec, dict):
-        raise ConfigError(f"{path}: a config holds settings as a mapping (key: value lines), "
-                          f"not a {type(spec).__name__}")
-    try:
-        json.dumps(spec, default=str)
-    except ValueError:
-        raise ConfigError(f"{path}: a YAML alias refers to itself (a setting that contains itself)") from None
-    return spec
-
-
 def task_from_args(args: list[str]) -> str:
     """The task a command line asks for: ``--task NAME``, else a ``task:`` key at the top of a
     ``--config`` file (the last one that has it), else segmentation. Every config file is read
@@ -176,72 +139,6 @@ def task_from_args(args: list[str]) -> str:
     if task not in TASKS:
         raise ConfigError(f"task {task!r}: dptune trains {' and '.join(TASKS)}")
     return task
-
-
-# modules whose classes a saved run config may name, and where they live now
-MOVED = {"dptune.callbacks.": "dptune.training.callbacks.", "dptune.strategies.": "dptune.training.strategies.",
-         "dptune.hardware.": "dptune.training.hardware."}
-PARSER_MODE = "dptune"
-SAID: set[str] = set()  # moved names already warned about in this process
-
-
-def renamed(value: Any, said: set[str]) -> Any:
-    """``value`` with class paths of ``MOVED`` modules spelled where they live now; one warning per
-    old name (``said``: the names already warned about)."""
-    if isinstance(value, dict):
-        return {k: renamed(v, said) for k, v in value.items()}
-    if isinstance(value, list):
-        return [renamed(v, said) for v in value]
-    if isinstance(value, str):
-        for old, new in MOVED.items():
-            if value.startswith(old):
-                now = new + value[len(old):]
-                if value not in said:
-                    said.add(value)
-                    log.warning("%s has moved to %s; read as that (update the config to silence this)", value, now)
-                return now
-    return value
-
-
-def renamed_args(args: list[str], said: set[str]) -> list[str]:
-    """Command-line values naming a moved class (``--trainer.strategy dptune.strategies.X`` or
-    ``--trainer.strategy=...``) renamed as a config's are; jsonargparse keeps a value it cannot
-    import as a plain string, so these are renamed before it reads them."""
-    out = []
-    for arg in args:
-        key, eq, value = arg.partition("=") if arg.startswith("--") else ("", "", arg)
-        out.append(f"{key}{eq}{renamed(value, said)}" if (eq or not key) else arg)
-    return out
-
-
-STARTS = ("--model.pretrained", "--model.config")  # a model starts from exactly one
-
-
-def command_line_start(args: list[str]) -> list[str]:
-    """A starting point given on the command line replaces one a config file gave: ``--config
-    configs/backbones/dinov2.yaml --model.config tiny.json`` trains from ``tiny.json`` (the preset's
-    ``model.pretrained`` is set to null after everything else), as a command-line value replaces a
-    config's anywhere else. Both given on the command line stay an error."""
-    last: dict[str, str] = {}  # each key's last value on the command line: the one that counts
-    for i, a in enumerate(args):
-        key, eq, value = a.partition("=")
-        if key in STARTS:
-            last[key] = value if eq else (args[i + 1] if i + 1 < len(args) else "")
-    # clearing one (null) is not starting from it
-    given = {key for key, value in last.items() if value.strip().lower() not in ("null", "none", "~", "")}
-    if len(given) != 1:
-        return args
-    other = next(key for key in STARTS if key not in given)
-    return [*args, other, "null"]
-
-
-def register_loader() -> None:
-    """jsonargparse's YAML loader, for config files and command-line values alike, with moved class
-    paths renamed (``renamed``)."""
-    from jsonargparse import get_loader, set_loader
-
-    plain = get_loader("yaml")
-    set_loader(PARSER_MODE, lambda text: renamed(plain(text), SAID), exceptions=(yaml.YAMLError,))
 
 
 class DPTuneCLI(LightningCLI):
@@ -401,7 +298,8 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
         sub = next((a for a in argv if not a.startswith("-")), "")
         command = " ".join([prog or os.path.basename(sys.argv[0] or "train.py")]
                            + ([sub] if sub in DPTuneCLI.subcommands() else []))
-        print(f"error: {' '.join(str(e).split())} ({command} --help lists the settings)", file=sys.stderr)
+        said = setting_error(str(e), argv) or " ".join(str(e).split())
+        print(f"error: {said} ({command} --help lists the settings)", file=sys.stderr)
         return 2
     except SystemExit:
         from dptune.training.callbacks import INTERRUPTED
