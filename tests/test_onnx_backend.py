@@ -271,6 +271,53 @@ def test_the_inference_benchmark_times_each_engine_and_says_what_it_ran_on(expor
     assert got["int8_speedup_vs_fp32_batch1"] > 0
 
 
+def test_the_profile_splits_each_graphs_time_into_arithmetic_and_the_rest(exports, tmp_path, capsys):
+    """--profile: ONNX Runtime's per-node times by operator type, the convolutions and matrix products
+    apart, so a user sees why an INT8 graph is as much faster as it is."""
+    from dptune.tools.benchmark import main
+
+    out = tmp_path / "bench.json"
+    assert main(["--infer", str(exports / "seg"), "--threads", "1", "--runs", "2", "--warmup", "1",
+                 "--engines", "ort-fp32,ort-int8", "--profile", "3", "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())["profile"]
+    for engine, integer in (("ort-fp32", False), ("ort-int8", True)):
+        row = prof[engine]
+        assert row["runs"] == 3 and 0 < row["kernels_ms"] <= row["run_ms"] * 1.05, row
+        assert sum(row["ms_by_op_type"].values()) == pytest.approx(row["kernels_ms"], rel=1e-3)
+        assert row["arithmetic_ms"] + row["rest_ms"] == pytest.approx(row["kernels_ms"])
+        assert 0 < row["arithmetic_share"] < 1
+        ops = set(row["ms_by_op_type"])
+        assert bool(ops & {"QLinearConv", "MatMulIntegerToFloat"}) == integer, ops
+    ratios = prof["int8_over_fp32"]
+    assert ratios["arithmetic"] > 0 and ratios["rest"] > 0 and ratios["kernels"] > 0
+    # without an ONNX Runtime CPU graph among the engines there is nothing to profile, and it says so
+    assert main(["--infer", str(exports / "seg"), "--threads", "1", "--runs", "1", "--warmup", "0",
+                 "--engines", "eager", "--profile", "2", "--json", str(out)]) == 0
+    assert "skipped" in json.loads(out.read_text())["profile"]
+
+
+def test_the_profile_leaves_out_the_warm_up_runs():
+    """A warm-up run (first-run allocations, the thread pool starting) is many times a steady run: the
+    nodes that start before the last warm-up run ends are not counted."""
+    from dptune.tools.ort_profile import summarize
+
+    events, t = [], 0
+    for i, (conv, add) in enumerate([(900, 500), (800, 400), (10, 4), (12, 6), (14, 2)]):
+        events.append({"cat": "Session", "name": "model_run", "ts": t, "dur": conv + add + 3})
+        events.append({"cat": "Node", "name": f"c{i}_kernel_time", "ts": t + 1, "dur": conv, "args": {"op_name": "Conv"}})
+        events.append({"cat": "Node", "name": f"a{i}_kernel_time", "ts": t + 2 + conv, "dur": add,
+                       "args": {"op_name": "Add"}})
+        events.append({"cat": "Node", "name": f"a{i}_fence_before", "ts": t + 2, "dur": 99})  # not a kernel
+        t += conv + add + 10
+    got = summarize(events, warmup=2)
+    assert got["runs"] == 3
+    assert got["arithmetic_ms"] == pytest.approx(12 / 1000) and got["rest_ms"] == pytest.approx(4 / 1000)
+    assert got["run_ms"] == pytest.approx((17 + 21 + 19) / 3 / 1000)
+    assert got["outside_kernels_ms"] == pytest.approx(3 / 1000)
+    with pytest.raises(ValueError, match="warm-up"):
+        summarize(events, warmup=5)
+
+
 def test_the_inference_benchmark_refuses_bad_counts_threads_and_engines_before_measuring(exports, capsys,
                                                                                         monkeypatch):
     import os
@@ -284,7 +331,8 @@ def test_the_inference_benchmark_refuses_bad_counts_threads_and_engines_before_m
     monkeypatch.setattr(infer_bench, "torch_model", measured)
     cores = len(os.sched_getaffinity(0))
     for option, value in (("--batch", "0"), ("--runs", "0"), ("--warmup", "-1"), ("--threads", "0"),
-                          ("--threads", str(cores + 1)), ("--engines", "eager,bogus"), ("--engines", ",")):
+                          ("--threads", str(cores + 1)), ("--engines", "eager,bogus"), ("--engines", ","),
+                          ("--profile", "-1"), ("--profile", "101")):
         rc = main(["--infer", str(exports / "seg"), option, value])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and option in err[0], (option, value, err)

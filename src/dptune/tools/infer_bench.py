@@ -17,6 +17,10 @@ joint model (one backbone pass, both heads), as the ONNX graph does. The CPU (mo
 vnni / amx flags), the threads and the versions are printed with the figures as one JSON document.
 Inputs are random ``pixel_values``: speed does not depend on the pixels.
 
+``--profile N`` adds, after the timing, N profiled batch-1 runs of each ONNX Runtime CPU graph at the
+export's size (``dptune.tools.ort_profile``): milliseconds by operator type, the arithmetic
+(convolutions, matrix products) apart from the rest, and how much faster INT8 makes each part.
+
 The threads: ``--threads`` (default: ``OMP_NUM_THREADS``, else the cores this process may use), the
 same number for torch's intra-op pool and ONNX Runtime's ``intra_op_num_threads``."""
 
@@ -242,11 +246,16 @@ def default_threads() -> int:
     return min(n, usable_cores()) if n > 0 else usable_cores()
 
 
+PROFILE_MAX = 100
+
+
 def check_options(args) -> None:
     """One line for options that cannot be measured with, before anything is loaded or timed."""
     for name, value, least in (("--batch", args.batch, 1), ("--runs", args.runs, 1), ("--warmup", args.warmup, 0)):
         if value < least:
             raise ConfigError(f"{name} must be at least {least}, got {value}")
+    if not 0 <= args.profile <= PROFILE_MAX:  # each profiled run adds about 1 MB of trace per graph, read at once
+        raise ConfigError(f"--profile must be between 0 (no profile) and {PROFILE_MAX} runs, got {args.profile}")
     cores = usable_cores()
     if args.threads is not None and not 1 <= args.threads <= cores:
         raise ConfigError(f"--threads must be between 1 and the {cores} core{'s' if cores != 1 else ''} this process "
@@ -270,6 +279,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help="comma-separated subset (a missing graph or provider is skipped and said)")
     ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--profile", type=int, default=0, metavar="N",
+                    help="after the timing, N profiled batch-1 runs of each ONNX Runtime CPU graph at the export's "
+                         "size: time by operator type, the arithmetic (convolutions, matrix products) apart from the "
+                         "rest, and for INT8 how much faster each part is (default 0: no profile)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--infer" in argv and argv.index("--infer") + 1 < len(argv) and argv[argv.index("--infer") + 1] in ("-h", "--help"):
         ap.print_help()  # "--infer --help": the help, not "expected one argument"
@@ -408,6 +421,16 @@ def run(export: Path, args, command: str = "") -> dict:
             for k, g in got.items():
                 out["engines"].setdefault(k, {})[name] = throughput(g, batch) if name == "throughput" else latency(g)
     out["load_average_1min"]["after"] = load_average()
+    if args.profile:
+        from dptune.tools.ort_profile import compare, profile_graph
+
+        prof = {}
+        for k, (g, _, _) in fns.items():
+            if k in ("ort-fp32", "ort-int8"):  # the CPU graphs
+                prof[k] = profile_graph(g.path, inputs(1, square), threads, args.profile, warmup=max(1, args.warmup))
+        if "ort-fp32" in prof and "ort-int8" in prof:
+            prof["int8_over_fp32"] = compare(prof["ort-fp32"], prof["ort-int8"])
+        out["profile"] = prof or {"skipped": "no ONNX Runtime CPU graph among the engines"}
     if not any("p50_ms" in row or "images_per_s" in row for e in out["engines"].values() for row in e.values()
                if isinstance(row, dict)):
         said = "; ".join(f"{k}: {v.get('skipped') or next((r['skipped'] for r in v.values() if isinstance(r, dict)), '')}"
