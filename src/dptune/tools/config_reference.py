@@ -222,7 +222,9 @@ def render() -> str:
         "or on the command line (`--model.lr 0.001`); the command line wins, and later `--config` files win",
         "over earlier ones. `task:` (or `--task`) picks the task and with it the `model` and `data` options",
         "below. `dptune fit --print_config` prints a run's whole resolved config; `validate` and `test` take",
-        "the same options.",
+        "the same options. A value of the wrong type, or a key no option has, stops the command with one line",
+        "naming the file (or the command line) that gave it, e.g. `error: run.yaml: trainer.max_epochs:",
+        "expected int or null, given abc`.",
         "",
     ]
 
