@@ -58,7 +58,7 @@ def _fake_jobs(monkeypatch, speeds: dict[str, list], ran: list[str]):
     left = {k: iter(v) for k, v in speeds.items()}
 
     def fake(job, opts):
-        name = "dptune" if job is bench._time_dptune else "hf_trainer"
+        name = "dptune" if job is bench.time_dptune else "hf_trainer"
         ran.append(name)
         assert opts["profile"] == (2 if name == "dptune" and len(ran) <= 2 else 0)  # profiled once, in round 1
         value = next(left[name])
