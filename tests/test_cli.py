@@ -211,6 +211,14 @@ def test_a_setting_of_the_wrong_type_or_name_is_one_line(args, named, monkeypatc
     ("model:\n  lr: [1, 2]\n", "model.lr", ["float", "[1, 2]"]),
     ("model:\n  nosuch: 3\n", "model.nosuch", ["no such setting"]),
     ("trainer:\n  precision: 99x\n", "trainer.precision", ["'bf16-mixed'", "'auto'", "99x"]),
+    # the preset sets each of these too: the file whose value was refused is named, not the first that has the key
+    ("trainer:\n  max_epochs: 1e3\n", "trainer.max_epochs", ["int or null", "1000.0"]),  # YAML 1.1: a string
+    ("trainer:\n  max_epochs:\n    a: 1\n", "trainer.max_epochs", ["int or null", "{'a': 1}"]),
+    ("model:\n  val_mode: sliding\n", "model.val_mode", ["one of 'resize', 'slide'", "sliding"]),
+    ("trainr:\n  max_epochs: 3\n", "trainr.max_epochs", ["no such setting"]),
+    ("trainer:\n  callbacks:\n    - class_path: lightning.pytorch.callbacks.EarlyStopping\n      init_args:\n"
+     "        monitor: val/mIoU\n        patience: abc\n", "trainer.callbacks", ["EarlyStopping: patience: expected int"]),
+    ("trainer:\n  callbacks:\n    - class_path: no.such.Cls\n", "trainer.callbacks", ["no.such.Cls: No module"]),
 ])
 def test_a_config_files_bad_setting_names_the_file(text, where, shown, monkeypatch, capsys, tmp_path):
     """A wrong value in a config file was one line naming the key but not the file that gave it (a run
@@ -250,6 +258,48 @@ def test_a_bad_setting_names_where_it_was_given(monkeypatch, capsys, tmp_path):
     rc = main(["--config", str(nested), "fit", "--config", "configs/quickstart.yaml", "--print_config"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {nested}: trainer.max_epochs: "), err
+
+
+@pytest.mark.parametrize("text, said", [
+    ("task: [1, 2]\n", "task: expected one of segmentation, depth, multitask, given [1, 2]"),  # was a TypeError
+    ("model: [1, 2, 3]\n", "model: a section of settings"),  # was accepted: every model setting dropped
+    ("fit:\n  trainer: [max_epochs, 3]\n", "fit.trainer: a section of settings"),
+    ("data: &a\n  x: *a\n", "a YAML alias refers to itself"),
+])
+def test_a_config_that_is_no_settings_is_one_line_naming_it(text, said, monkeypatch, capsys, tmp_path):
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "mine.yaml"
+    bad.write_text(text)
+    rc = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(bad), "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {bad}: ") and said in err[0], err
+
+
+def test_a_config_before_the_subcommand_holds_its_settings_under_its_name(monkeypatch, capsys, tmp_path):
+    """Given before ``fit``, a config's keys outside ``fit:`` were passed over without a word."""
+    import yaml
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    top, under = tmp_path / "top.yaml", tmp_path / "under.yaml"
+    top.write_text("data:\n  batch_size: 7\n")
+    under.write_text("fit:\n  data:\n    batch_size: 7\n")
+    rc = main(["--config", str(top), "fit", "--config", "configs/quickstart.yaml", "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and str(top) in err[0] and "data" in err[0] and "after the subcommand" in err[0]
+    with pytest.raises(SystemExit):
+        main(["--config", str(under), "fit", "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["batch_size"] == 7
+    # a path with a colon is a file that does not exist, not settings given inline
+    rc = main(["fit", "--config", str(tmp_path / "no:such.yaml"), "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and err == [f"error: {tmp_path / 'no:such.yaml'}: no such config file"], err
 
 
 def test_a_starting_point_on_the_command_line_replaces_a_presets(monkeypatch, capsys, tmp_path):

@@ -16,6 +16,7 @@ from lightning.pytorch.loggers import Logger
 from dptune.cli.args import (
     PARSER_MODE,
     SAID,
+    check_early_configs,
     command_line_start,
     config_files,
     read_config,
@@ -127,17 +128,19 @@ def task_from_args(args: list[str]) -> str:
     """The task a command line asks for: ``--task NAME``, else a ``task:`` key at the top of a
     ``--config`` file (the last one that has it), else segmentation. Every config file is read
     here, so that one that is not YAML or not a mapping is one line naming it."""
-    task = None
+    task, where = None, "--task"
     for path in config_files(args):
-        task = (read_config(path) or {}).get("task", task)
+        spec = read_config(path) or {}
+        if "task" in spec:
+            task, where = spec["task"], f"{path}: task"
     for i, arg in enumerate(args):
         if arg == "--task" and i + 1 < len(args):
-            task = args[i + 1]
+            task, where = args[i + 1], "--task"
         elif arg.startswith("--task="):
-            task = arg.split("=", 1)[1]
+            task, where = arg.split("=", 1)[1], "--task"
     task = task or "segmentation"
-    if task not in TASKS:
-        raise ConfigError(f"task {task!r}: dptune trains {' and '.join(TASKS)}")
+    if not isinstance(task, str) or task not in TASKS:
+        raise ConfigError(f"{where}: expected one of {', '.join(TASKS)}, given {task!r}")
     return task
 
 
@@ -278,6 +281,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
         return 2
     try:
         argv = command_line_start(renamed_args(argv, SAID))
+        check_early_configs(argv, DPTuneCLI.subcommands())
         task = task_from_args(argv)
         model_class, data_class = task_classes(task)
         DPTuneCLI(

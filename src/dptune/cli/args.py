@@ -19,6 +19,7 @@ from dptune.labels import DuplicateKey, UniqueKeyLoader
 
 log = logging.getLogger(__name__)
 
+
 def config_files(args: list[str]) -> list[str]:
     """The ``--config`` / ``-c`` values of a command line, in order."""
     found = []
@@ -30,13 +31,38 @@ def config_files(args: list[str]) -> list[str]:
     return found
 
 
+def check_early_configs(args: list[str], subcommands: set[str] | dict) -> None:
+    """A config file given before the subcommand (``train.py --config f.yaml fit``) is read by the
+    parser above the subcommands, which takes only settings under a subcommand's name (``fit:``) and
+    passed any other key over without a word; such a file is one line naming it and its keys."""
+    sub = next((i for i, a in enumerate(args) if a in subcommands), None)
+    if sub is None:
+        return
+    for path in config_files(args[:sub]):
+        spec = read_config(path)
+        if spec is None:  # inline settings
+            try:
+                spec = yaml.safe_load(path)
+            except yaml.YAMLError:
+                continue
+        stray = [str(k) for k in spec if k not in subcommands and k != "task"] if isinstance(spec, dict) else []
+        if stray:
+            raise ConfigError(f"{path}: given before the subcommand ({args[sub]}), a config holds settings under the "
+                              f"subcommand's name ({args[sub]}: ...); {', '.join(stray[:5])} would be ignored: give the "
+                              f"file after the subcommand ({args[sub]} --config {path})")
+
+
 def read_config(path: str) -> dict[str, Any] | None:
     """The settings of a ``--config`` file; one line naming it when it is not YAML or not a mapping
     of settings. None when ``path`` is no file (the parser also takes a config given inline)."""
     if os.path.isdir(path):
         raise ConfigError(f"{path}: a directory, not a config file")
     if not os.path.isfile(path):
-        if "\n" in path or ":" in path or path.startswith("{"):
+        try:
+            inline = isinstance(yaml.safe_load(path), dict)
+        except yaml.YAMLError:
+            inline = "\n" in path or path.lstrip().startswith("{")  # broken settings, said by the parser
+        if inline:
             return None  # settings given inline
         raise ConfigError(f"{path}: no such config file")
     try:
@@ -61,7 +87,29 @@ def read_config(path: str) -> dict[str, Any] | None:
         json.dumps(spec, default=str)
     except ValueError:
         raise ConfigError(f"{path}: a YAML alias refers to itself (a setting that contains itself)") from None
+    for where, section in _sections(spec):
+        raise ConfigError(f"{path}: {where}: a section of settings (key: value lines), not a "
+                          f"{type(section).__name__} ({_short(section)})")
     return spec
+
+
+SECTIONS = ("model", "data", "trainer")  # each a mapping of settings (optimizer: may name a class alone)
+
+
+def _sections(spec: dict) -> list[tuple[str, Any]]:
+    """The sections of a config (also under a subcommand's name) that hold something other than
+    settings: jsonargparse took ``model: [1, 2, 3]`` and dropped every model setting before it."""
+    bad = []
+    for prefix, level in [("", spec), *((f"{sub}.", spec[sub]) for sub in LightningCLI.subcommands()
+                                        if isinstance(spec.get(sub), dict))]:
+        bad += [(prefix + name, level[name]) for name in SECTIONS
+                if name in level and level[name] is not None and not isinstance(level[name], dict)]
+    return bad
+
+
+def _short(value: Any) -> str:
+    text = " ".join(str(value).split())
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # modules whose classes a saved run config may name, and where they live now
@@ -71,13 +119,18 @@ PARSER_MODE = "dptune"
 SAID: set[str] = set()  # moved names already warned about in this process
 
 
-def renamed(value: Any, said: set[str]) -> Any:
+def renamed(value: Any, said: set[str], _inside: frozenset[int] = frozenset()) -> Any:
     """``value`` with class paths of ``MOVED`` modules spelled where they live now; one warning per
-    old name (``said``: the names already warned about)."""
+    old name (``said``: the names already warned about). A value that contains itself (a YAML alias
+    inside its own anchor) is a ``yaml.YAMLError``, which jsonargparse reports as a bad config."""
+    if isinstance(value, (dict, list)):
+        if id(value) in _inside:
+            raise yaml.YAMLError("a YAML alias refers to itself (a setting that contains itself)")
+        _inside = _inside | {id(value)}
     if isinstance(value, dict):
-        return {k: renamed(v, said) for k, v in value.items()}
+        return {k: renamed(v, said, _inside) for k, v in value.items()}
     if isinstance(value, list):
-        return [renamed(v, said) for v in value]
+        return [renamed(v, said, _inside) for v in value]
     if isinstance(value, str):
         for old, new in MOVED.items():
             if value.startswith(old):
@@ -121,9 +174,10 @@ def command_line_start(args: list[str]) -> list[str]:
     return [*args, other, "null"]
 
 
-KEY_ERROR = re.compile(r'Parser key "([^"]+)": (.*)', re.S)  # jsonargparse: a value its type refuses
+KEY_ERROR = re.compile(r'Parser key "([^"]+)":\s*(.*)', re.S)  # jsonargparse: a value its type refuses
 # a key no class has: under a subcommand, or in a group (``model``) of it
-NO_OPTION = re.compile(r"(?:Subcommand '\w+'|Group '([\w.]+)') does not accept option '([^']+)'")
+NO_OPTION = re.compile(r"(?:Subcommand '\w+'|Group '([\w.]+)') does not accept option '([^']+)'"
+                       r"|Option '([^']+)' is not accepted")
 
 
 def _split_top(text: str) -> list[str]:
@@ -149,30 +203,73 @@ def _type_words(spec: str) -> str:
     return spec
 
 
+def _class_problem(text: str) -> str | None:
+    """The error jsonargparse found inside a ``class_path`` value (a callback's ``init_args``, a class
+    that does not import), which its message nests among the errors of every subtype it tried."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"(\s*)- Problem with given class_path '([^']+)':\s*(.*)$", line)
+        if not m:
+            continue
+        indent, inner = len(m.group(1)), [m.group(3)]
+        for nxt in lines[i + 1:]:
+            if len(nxt) - len(nxt.lstrip()) <= indent:
+                break
+            inner.append(nxt.strip())
+        said = " ".join(" ".join(inner).split())
+        key = re.match(r'Parser key "([^"]+)": (.*)', said)
+        return f"{m.group(2)}: {key.group(1)}: {_problem(key.group(2))}" if key else f"{m.group(2)}: {said}"
+    return None
+
+
 def _problem(text: str) -> str:
     """What jsonargparse says is wrong with a value, in a few words: ``expected int or null, given abc``."""
+    nested = _class_problem(text)
+    if nested:
+        return nested
     text = " ".join(text.split())
     union = re.search(r"Subtypes: \[(.*)\] Errors:.*Given value: (.*)$", text)
     if union:
         return f"expected {' or '.join(_type_words(t) for t in _split_top(union.group(1)))}, given {union.group(2)}"
-    plain = re.fullmatch(r"Expected a (<class '[\w.]+'>)\. Got value: (.*)", text)
+    plain = re.fullmatch(r"Expected a (.*)\. Got value: (.*)", text)
     if plain:
         return f"expected {_type_words(plain.group(1))}, given {plain.group(2)}"
     return text
 
 
-def _flat(spec: Any, prefix: str = "") -> dict[str, Any]:
+def _at(spec: Any, parts: list[str]) -> tuple[bool, Any]:
+    """The value at the dotted key ``parts`` of a config (nested mappings, or dotted keys such as
+    ``model.lr:`` at any level); (False, None) where it holds none."""
+    if not parts:
+        return True, spec
     if not isinstance(spec, dict):
-        return {prefix[:-1]: spec} if prefix else {}
-    out: dict[str, Any] = {}
-    for k, v in spec.items():
-        out.update(_flat(v, f"{prefix}{k}."))
-    return out
+        return False, None
+    for j in range(len(parts), 0, -1):
+        name = ".".join(parts[:j])
+        if name in spec:
+            found, value = _at(spec[name], parts[j:])
+            if found:
+                return True, value
+    return False, None
 
 
-def _sources(key: str, args: list[str]) -> list[tuple[str, str]]:
+def _as_read(text: str) -> Any:
+    """``text`` as jsonargparse reads a value or a config (its YAML loader: ``1e3`` is a float)."""
+    from jsonargparse import get_loader
+
+    try:
+        return get_loader("yaml")(text)
+    except Exception:  # noqa: BLE001 -- any value it cannot read is compared as the text it is
+        return text
+
+
+def _same(value: Any, given: str) -> bool:
+    return " ".join(str(value).split()) == " ".join(given.split())
+
+
+def _sources(key: str, args: list[str]) -> list[tuple[str, Any]]:
     """Where ``args`` set ``key``, in order: (a config file's path or "the command line", the value as
-    text). A config file may hold it under a subcommand (``fit: {trainer: ...}``)."""
+    jsonargparse reads it). A config file may hold it under a subcommand (``fit: {trainer: ...}``)."""
     found = []
     for i, arg in enumerate(args):
         name, eq, value = arg.partition("=")
@@ -180,33 +277,34 @@ def _sources(key: str, args: list[str]) -> list[tuple[str, str]]:
             continue
         value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
         if name in ("--config", "-c"):
+            where, text = value, value
             try:
-                spec = read_config(value)
-            except ConfigError:
-                spec = None
-            where = value
-            if spec is None:  # settings given inline
-                where = "the command line (--config)"
-                try:
-                    spec = yaml.safe_load(value)
-                except yaml.YAMLError:
-                    spec = None
-            flat = _flat(spec)
-            hits = [flat[k] for k in [key, *(f"{sub}.{key}" for sub in LightningCLI.subcommands())] if k in flat]
-            if hits:
-                found.append((where, str(hits[0])))
+                if os.path.isfile(value):
+                    with open(value, encoding="utf-8") as f:
+                        text = f.read()
+                else:
+                    where = "the command line (--config)"  # settings given inline
+                spec = _as_read(text)
+            except (OSError, UnicodeDecodeError):
+                continue
+            for k in [key, *(f"{sub}.{key}" for sub in LightningCLI.subcommands())]:
+                hit, got = _at(spec, k.split("."))
+                if hit:
+                    found.append((where, got))
+                    break
         elif name == f"--{key}":
-            found.append(("the command line", value))
+            found.append(("the command line", _as_read(value)))
     return found
 
 
 def setting_error(message: str, args: list[str]) -> str | None:
     """jsonargparse's error about one setting as ``WHERE: KEY: PROBLEM``, WHERE the config file (or the
     command line) that gave the value: jsonargparse checks each file as it reads it, so the first
-    place whose value is the one refused. None when the message is about no one setting."""
-    message = " ".join(message.split())
-    bad = KEY_ERROR.fullmatch(message)
-    unknown = NO_OPTION.fullmatch(message)
+    place whose value is the one refused (an unknown key: the first place that has it). WHERE is
+    left out when more than one place set the key and none holds the refused value as printed.
+    None when the message is about no one setting."""
+    bad = KEY_ERROR.search(message)  # the message keeps its lines: a nested class's error is read by its indent
+    unknown = NO_OPTION.search(" ".join(message.split()))
     if bad:
         key, problem = bad.group(1), _problem(bad.group(2))
         given = re.search(r"given (.*)$", problem)
@@ -220,7 +318,10 @@ def setting_error(message: str, args: list[str]) -> str | None:
         sub, _, rest = key.partition(".")
         if sub in LightningCLI.subcommands() and rest:
             key, found = rest, _sources(rest, args)
-    where = next((w for w, v in found if given is not None and v == given.group(1)), found[0][0] if found else None)
+    if given is None:
+        where = found[0][0] if found else None
+    else:
+        where = next((w for w, v in found if _same(v, given.group(1))), found[0][0] if len(found) == 1 else None)
     return f"{where}: {key}: {problem}" if where else f"{key}: {problem}"
 
 
