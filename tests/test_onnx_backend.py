@@ -278,11 +278,12 @@ def test_the_profile_splits_each_graphs_time_into_arithmetic_and_the_rest(export
 
     out = tmp_path / "bench.json"
     assert main(["--infer", str(exports / "seg"), "--threads", "1", "--runs", "2", "--warmup", "1",
-                 "--engines", "ort-fp32,ort-int8", "--profile", "3", "--json", str(out)]) == 0
+                 "--engines", "ort-fp32,ort-int8", "--profile", "5", "--json", str(out)]) == 0
     prof = json.loads(out.read_text())["profile"]
     for engine, integer in (("ort-fp32", False), ("ort-int8", True)):
         row = prof[engine]
-        assert row["runs"] == 3 and 0 < row["kernels_ms"] <= row["run_ms"] * 1.05, row
+        assert row["runs"] == 5 and 0 < row["kernels_ms"] <= row["run_ms"] * 1.05, row
+        assert (row["integer_arithmetic_ms"] > 0) == integer and row["float_arithmetic_ms"] > 0, row
         assert sum(row["ms_by_op_type"].values()) == pytest.approx(row["kernels_ms"], rel=1e-3)
         assert row["arithmetic_ms"] + row["rest_ms"] == pytest.approx(row["kernels_ms"])
         assert 0 < row["arithmetic_share"] < 1
@@ -290,10 +291,28 @@ def test_the_profile_splits_each_graphs_time_into_arithmetic_and_the_rest(export
         assert bool(ops & {"QLinearConv", "MatMulIntegerToFloat"}) == integer, ops
     ratios = prof["int8_over_fp32"]
     assert ratios["arithmetic"] > 0 and ratios["rest"] > 0 and ratios["kernels"] > 0
-    # without an ONNX Runtime CPU graph among the engines there is nothing to profile, and it says so
-    assert main(["--infer", str(exports / "seg"), "--threads", "1", "--runs", "1", "--warmup", "0",
-                 "--engines", "eager", "--profile", "2", "--json", str(out)]) == 0
-    assert "skipped" in json.loads(out.read_text())["profile"]
+    assert 0 < ratios["int8_float_arithmetic_share"] < 1  # the first convolution and attention products stay float
+
+
+def test_the_profile_runs_a_graph_at_the_one_batch_it_takes(exports, tmp_path):
+    """A graph with a fixed batch is timed at it only; the profile fed it batch 1 and ended in
+    ONNX Runtime's traceback, the timings lost."""
+    import shutil
+
+    import onnx
+
+    from dptune.tools.benchmark import main
+
+    fixed = tmp_path / "seg"
+    shutil.copytree(exports / "seg", fixed)
+    graph = onnx.load(str(fixed / "model.onnx"))
+    graph.graph.input[0].type.tensor_type.shape.dim[0].dim_value = 2
+    onnx.save(graph, str(fixed / "model.onnx"))
+    out = tmp_path / "bench.json"
+    assert main(["--infer", str(fixed), "--threads", "1", "--runs", "2", "--warmup", "1", "--batch", "2",
+                 "--engines", "ort-fp32", "--profile", "5", "--json", str(out)]) == 0
+    got = json.loads(out.read_text())
+    assert "skipped" in got["engines"]["ort-fp32"]["export_size"] and got["profile"]["ort-fp32"]["runs"] == 5
 
 
 def test_the_profile_leaves_out_the_warm_up_runs():
@@ -332,11 +351,14 @@ def test_the_inference_benchmark_refuses_bad_counts_threads_and_engines_before_m
     cores = len(os.sched_getaffinity(0))
     for option, value in (("--batch", "0"), ("--runs", "0"), ("--warmup", "-1"), ("--threads", "0"),
                           ("--threads", str(cores + 1)), ("--engines", "eager,bogus"), ("--engines", ","),
-                          ("--profile", "-1"), ("--profile", "101")):
+                          ("--profile", "-1"), ("--profile", "4"), ("--profile", "101")):
         rc = main(["--infer", str(exports / "seg"), option, value])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert rc == 2 and len(err) == 1 and err[0].startswith("error: ") and option in err[0], (option, value, err)
         assert "bogus" in err[0] or value != "eager,bogus"
+    rc = main(["--infer", str(exports / "seg"), "--engines", "eager", "--profile", "5"])  # nothing it could profile
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "--profile" in err[0] and "ort-fp32" in err[0], err
     assert main(["--infer", "--help"]) == 0  # the tool's own options, as benchmark --help says
     assert "--engines" in capsys.readouterr().out
 

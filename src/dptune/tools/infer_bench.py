@@ -246,7 +246,7 @@ def default_threads() -> int:
     return min(n, usable_cores()) if n > 0 else usable_cores()
 
 
-PROFILE_MAX = 100
+PROFILE_MIN, PROFILE_MAX = 5, 100
 
 
 def check_options(args) -> None:
@@ -254,8 +254,10 @@ def check_options(args) -> None:
     for name, value, least in (("--batch", args.batch, 1), ("--runs", args.runs, 1), ("--warmup", args.warmup, 0)):
         if value < least:
             raise ConfigError(f"{name} must be at least {least}, got {value}")
-    if not 0 <= args.profile <= PROFILE_MAX:  # each profiled run adds about 1 MB of trace per graph, read at once
-        raise ConfigError(f"--profile must be between 0 (no profile) and {PROFILE_MAX} runs, got {args.profile}")
+    # fewer runs are noise (one run's nodes vary by 5x); each profiled run adds about 1 MB of trace per graph
+    if args.profile and not PROFILE_MIN <= args.profile <= PROFILE_MAX:
+        raise ConfigError(f"--profile must be 0 (no profile) or between {PROFILE_MIN} and {PROFILE_MAX} runs, got "
+                          f"{args.profile}")
     cores = usable_cores()
     if args.threads is not None and not 1 <= args.threads <= cores:
         raise ConfigError(f"--threads must be between 1 and the {cores} core{'s' if cores != 1 else ''} this process "
@@ -265,6 +267,9 @@ def check_options(args) -> None:
     if unknown or not engines:
         raise ConfigError(f"--engines {args.engines}: " + (f"unknown {', '.join(unknown)}; " if unknown else "none named; ")
                           + f"choose from {', '.join(ENGINES)}")
+    if args.profile and not {"ort-fp32", "ort-int8"} & set(engines):
+        raise ConfigError(f"--profile profiles the ONNX Runtime CPU graphs: name ort-fp32 or ort-int8 in --engines "
+                          f"(given {args.engines})")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -280,9 +285,10 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated subset (a missing graph or provider is skipped and said)")
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
-                    help="after the timing, N profiled batch-1 runs of each ONNX Runtime CPU graph at the export's "
-                         "size: time by operator type, the arithmetic (convolutions, matrix products) apart from the "
-                         "rest, and for INT8 how much faster each part is (default 0: no profile)")
+                    help=f"after the timing, N ({PROFILE_MIN} to {PROFILE_MAX}) profiled batch-1 runs of each ONNX "
+                         "Runtime CPU graph at the export's size, after at least one untimed run: time by operator "
+                         "type, the integer and float arithmetic (convolutions, matrix products) apart from the rest, "
+                         "and for INT8 how much faster each part is (default 0: no profile)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--infer" in argv and argv.index("--infer") + 1 < len(argv) and argv[argv.index("--infer") + 1] in ("-h", "--help"):
         ap.print_help()  # "--infer --help": the help, not "expected one argument"
@@ -311,7 +317,8 @@ def main(argv: list[str] | None = None) -> int:
             print(f"error: --json {args.json}: could not be written ({e.strerror or e}); the figures are above",
                   file=sys.stderr)
             return 1
-    return 0
+    failed = [v for v in result.get("profile", {}).values() if isinstance(v, dict) and "error" in v]
+    return 1 if failed else 0  # a graph that could not be profiled was said above
 
 
 def run(export: Path, args, command: str = "") -> dict:
@@ -425,12 +432,17 @@ def run(export: Path, args, command: str = "") -> dict:
         from dptune.tools.ort_profile import compare, profile_graph
 
         prof = {}
-        for k, (g, _, _) in fns.items():
-            if k in ("ort-fp32", "ort-int8"):  # the CPU graphs
-                prof[k] = profile_graph(g.path, inputs(1, square), threads, args.profile, warmup=max(1, args.warmup))
-        if "ort-fp32" in prof and "ort-int8" in prof:
+        for k, (g, size, one_batch) in fns.items():
+            if k in ("ort-fp32", "ort-int8"):  # the CPU graphs, at the batch and size each takes
+                try:
+                    prof[k] = profile_graph(g.path, inputs(one_batch or 1, tuple(size or square)), threads,
+                                            args.profile, warmup=max(1, args.warmup))
+                except Exception as e:  # ONNX Runtime's own exception types; the timings above stand
+                    prof[k] = {"error": f"profiling failed: {first_line(e, 300)}"}
+                    print(f"error: --profile: {k}: {prof[k]['error']}", file=sys.stderr)
+        if "runs" in prof.get("ort-fp32", {}) and "runs" in prof.get("ort-int8", {}):
             prof["int8_over_fp32"] = compare(prof["ort-fp32"], prof["ort-int8"])
-        out["profile"] = prof or {"skipped": "no ONNX Runtime CPU graph among the engines"}
+        out["profile"] = prof or {"skipped": "no ONNX Runtime CPU graph was timed (no model.onnx / model_int8.onnx)"}
     if not any("p50_ms" in row or "images_per_s" in row for e in out["engines"].values() for row in e.values()
                if isinstance(row, dict)):
         said = "; ".join(f"{k}: {v.get('skipped') or next((r['skipped'] for r in v.values() if isinstance(r, dict)), '')}"

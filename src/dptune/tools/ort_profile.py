@@ -2,11 +2,13 @@
 EXPORT --profile N`` runs N profiled batch-1 runs of each CPU graph (after untimed warm-up runs) and
 sums ONNX Runtime's per-node kernel times by operator type.
 
-The operators split into the arithmetic that INT8 quantization changes (convolutions and matrix
-products, float or integer: ``ARITHMETIC``) and the rest (layout reorders, normalisation,
-activations, element-wise adds, resizes, the shape computations of a graph with dynamic sizes, and
-the INT8 graph's quantize / dequantize steps). An INT8 graph can only be as much faster than the
-fp32 one as its arithmetic is, diluted by the rest: ``compare`` says both ratios.
+The operators split into the arithmetic (convolutions and matrix products: ``ARITHMETIC``), of which
+the integer kernels are those INT8 quantization put in place (``INTEGER``; an INT8 graph also runs
+float ones: the convolutions and attention products it keeps in float, transposed convolutions), and
+the rest (layout reorders, normalisation, activations, element-wise adds, resizes, the shape
+computations of a graph with dynamic sizes, and the INT8 graph's quantize / dequantize steps). An
+INT8 graph can only be as much faster than the fp32 one as its arithmetic is, diluted by the rest:
+``compare`` says both ratios.
 
 ONNX Runtime's profiler adds a little time to every node, so profiled runs are slower than the
 timed runs of the benchmark (most in a graph of many small nodes): read the shares and the ratios,
@@ -27,6 +29,8 @@ ARITHMETIC = frozenset({
     "MatMul", "FusedMatMul", "Gemm", "FusedGemm", "MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul",
     "QGemm", "DynamicQuantizeMatMul", "QAttention", "Attention", "MultiHeadAttention",
 })
+INTEGER = frozenset({"QLinearConv", "ConvInteger", "MatMulIntegerToFloat", "MatMulInteger", "QLinearMatMul", "QGemm",
+                     "DynamicQuantizeMatMul", "QAttention"})
 TOP = 12  # operator types listed by name; the others are summed as "other"
 
 
@@ -68,13 +72,15 @@ def summarize(events: list[dict], warmup: int) -> dict:
     ms = {op: us / n / 1000 for op, us in by_op.items()}
     run_ms = sum(e["dur"] for e in counted) / n / 1000
     kernels = sum(ms.values())
-    arithmetic = sum(v for op, v in ms.items() if op in ARITHMETIC)
+    arithmetic = sum(v for op, v in ms.items() if op in ARITHMETIC | INTEGER)
+    integer = sum(v for op, v in ms.items() if op in INTEGER)
     ranked = sorted(ms.items(), key=lambda kv: -kv[1])
     listed = dict(ranked[:TOP])
     if len(ranked) > TOP:
         listed["other"] = sum(v for _, v in ranked[TOP:])
     return {"runs": n, "run_ms": run_ms, "kernels_ms": kernels, "outside_kernels_ms": max(0.0, run_ms - kernels),
-            "arithmetic_ms": arithmetic, "rest_ms": kernels - arithmetic,
+            "arithmetic_ms": arithmetic, "integer_arithmetic_ms": integer, "float_arithmetic_ms": arithmetic - integer,
+            "rest_ms": kernels - arithmetic,
             "arithmetic_share": arithmetic / kernels if kernels else 0.0,
             "ms_by_op_type": {op: round(v, 4) for op, v in listed.items()}}
 
@@ -87,6 +93,9 @@ def compare(fp32: dict, int8: dict) -> dict:
     return {"arithmetic": ratio(fp32["arithmetic_ms"], int8["arithmetic_ms"]),
             "rest": ratio(fp32["rest_ms"], int8["rest_ms"]),
             "kernels": ratio(fp32["kernels_ms"], int8["kernels_ms"]),
-            "note": "INT8 over fp32 in profiled runs: the arithmetic (convolutions, matrix products) and the rest "
-                    "(everything else the graph runs, quantize / dequantize included); the whole graph's gain lies "
-                    "between the two, weighted by the shares"}
+            "int8_float_arithmetic_share": (int8["float_arithmetic_ms"] / int8["arithmetic_ms"]
+                                            if int8["arithmetic_ms"] > 0 else None),
+            "note": "INT8 over fp32 in profiled runs: the arithmetic (convolutions, matrix products; in the INT8 "
+                    "graph integer kernels and the float ones it keeps, int8_float_arithmetic_share of it) and the "
+                    "rest (everything else the graph runs, quantize / dequantize included); the whole graph's gain "
+                    "lies between the two, weighted by the shares"}
