@@ -87,7 +87,9 @@ def read_config(path: str) -> dict[str, Any] | None:
         json.dumps(spec, default=str)
     except ValueError:
         raise ConfigError(f"{path}: a YAML alias refers to itself (a setting that contains itself)") from None
-    for where, section in _sections(spec):
+    bad = _sections(spec)
+    if bad:
+        where, section = bad[0]
         raise ConfigError(f"{path}: {where}: a section of settings (key: value lines), not a "
                           f"{type(section).__name__} ({_short(section)})")
     return spec
