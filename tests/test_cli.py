@@ -265,6 +265,7 @@ def test_a_bad_setting_names_where_it_was_given(monkeypatch, capsys, tmp_path):
     ("model: [1, 2, 3]\n", "model: a section of settings"),  # was accepted: every model setting dropped
     ("fit:\n  trainer: [max_epochs, 3]\n", "fit.trainer: a section of settings"),
     ("data: &a\n  x: *a\n", "a YAML alias refers to itself"),
+    ("fit: [1, 2]\n", "fit: a section of settings"),  # an AttributeError traceback
 ])
 def test_a_config_that_is_no_settings_is_one_line_naming_it(text, said, monkeypatch, capsys, tmp_path):
     from conftest import REPO
@@ -277,6 +278,34 @@ def test_a_config_that_is_no_settings_is_one_line_naming_it(text, said, monkeypa
     rc = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(bad), "--print_config"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {bad}: ") and said in err[0], err
+
+
+def test_a_section_may_be_a_file_of_its_settings_and_unclear_places_are_not_named(monkeypatch, capsys, tmp_path):
+    """``data: part.yaml`` is jsonargparse's (the section's settings in a file of their own); a value
+    refused with nothing to tell the places that set it apart names none of them (it named the first)."""
+    import yaml
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    (tmp_path / "part.yaml").write_text("batch_size: 4\n")
+    (tmp_path / "run.yaml").write_text(f"data: {tmp_path / 'part.yaml'}\n")
+    with pytest.raises(SystemExit):
+        main(["fit", "--config", "configs/quickstart.yaml", "--config", str(tmp_path / "run.yaml"), "--print_config"])
+    assert yaml.safe_load(capsys.readouterr().out)["data"]["batch_size"] == 4
+    rc = main(["fit", "--config", "configs/quickstart.yaml", "--data", str(tmp_path / "missing.yaml"), "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "quickstart.yaml" not in err[0] and "missing.yaml" in err[0], err
+    # a number as typed on the command line
+    rc = main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_epochs", "1e3", "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and err[0].startswith("error: the command line: trainer.max_epochs: expected int"), err
+    # keys that are no strings do not break the check for self-referencing aliases
+    (tmp_path / "date.yaml").write_text("model:\n  2024-01-01: 3\n")
+    rc = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(tmp_path / "date.yaml"), "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: "), err
 
 
 def test_a_config_before_the_subcommand_holds_its_settings_under_its_name(monkeypatch, capsys, tmp_path):

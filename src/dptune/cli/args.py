@@ -84,7 +84,7 @@ def read_config(path: str) -> dict[str, Any] | None:
         raise ConfigError(f"{path}: a config holds settings as a mapping (key: value lines), "
                           f"not a {type(spec).__name__}")
     try:
-        json.dumps(spec, default=str)
+        json.dumps(spec, default=str, skipkeys=True)  # keys that are no strings (dates) are jsonargparse's to refuse
     except ValueError:
         raise ConfigError(f"{path}: a YAML alias refers to itself (a setting that contains itself)") from None
     bad = _sections(spec)
@@ -95,17 +95,19 @@ def read_config(path: str) -> dict[str, Any] | None:
     return spec
 
 
-SECTIONS = ("model", "data", "trainer")  # each a mapping of settings (optimizer: may name a class alone)
+SECTIONS = ("model", "data", "trainer")  # each settings or a file of them (optimizer: may name a class alone)
 
 
 def _sections(spec: dict) -> list[tuple[str, Any]]:
     """The sections of a config (also under a subcommand's name) that hold something other than
     settings: jsonargparse took ``model: [1, 2, 3]`` and dropped every model setting before it."""
-    bad = []
+    bad = [(sub, spec[sub]) for sub in LightningCLI.subcommands()
+           if sub in spec and spec[sub] is not None and not isinstance(spec[sub], dict)]
     for prefix, level in [("", spec), *((f"{sub}.", spec[sub]) for sub in LightningCLI.subcommands()
                                         if isinstance(spec.get(sub), dict))]:
+        # a mapping of settings, or the path of a file that holds them (jsonargparse reads it)
         bad += [(prefix + name, level[name]) for name in SECTIONS
-                if name in level and level[name] is not None and not isinstance(level[name], dict)]
+                if name in level and level[name] is not None and not isinstance(level[name], (dict, str))]
     return bad
 
 
@@ -266,7 +268,9 @@ def _as_read(text: str) -> Any:
 
 
 def _same(value: Any, given: str) -> bool:
-    return " ".join(str(value).split()) == " ".join(given.split())
+    """Whether ``value`` (as a config holds it, or command-line text) is what jsonargparse printed."""
+    said = " ".join(given.split())
+    return any(" ".join(str(v).split()) == said for v in ([value, _as_read(value)] if isinstance(value, str) else [value]))
 
 
 def _sources(key: str, args: list[str]) -> list[tuple[str, Any]]:
@@ -295,7 +299,7 @@ def _sources(key: str, args: list[str]) -> list[tuple[str, Any]]:
                     found.append((where, got))
                     break
         elif name == f"--{key}":
-            found.append(("the command line", _as_read(value)))
+            found.append(("the command line", value))  # compared as given and as read (_same)
     return found
 
 
@@ -320,8 +324,10 @@ def setting_error(message: str, args: list[str]) -> str | None:
         sub, _, rest = key.partition(".")
         if sub in LightningCLI.subcommands() and rest:
             key, found = rest, _sources(rest, args)
-    if given is None:
+    if unknown:  # jsonargparse stops at the first place that names an unknown key
         where = found[0][0] if found else None
+    elif given is None:  # nothing to tell the places apart by
+        where = found[0][0] if len(found) == 1 else None
     else:
         where = next((w for w, v in found if _same(v, given.group(1))), found[0][0] if len(found) == 1 else None)
     return f"{where}: {key}: {problem}" if where else f"{key}: {problem}"
