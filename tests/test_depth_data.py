@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import numpy as np
 import pytest
 from conftest import DEPTH_FORMATS, KITCHEN, needs
@@ -204,3 +206,65 @@ def test_a_map_in_another_unit_than_its_split_is_named(tmp_path):
     dm = DepthDataModule(root=str(tmp_path), image_size=64, num_workers=0, splits=splits, on_bad_sample="skip")
     dm.setup("fit")
     assert len(dm.datasets["train"].indices) == 3 and dm.skipped["train"] == 1
+
+
+@pytest.mark.parametrize("spec, said", [
+    ('{"metric": false, "meaning": "relative inverse depth"}', "relative inverse depth"),
+    ('{"metric": true, "value_per_metre": "256"}', "value_per_metre '256'"),
+    ('{"metric": true, "value_per_metre": -256}', "value_per_metre -256"),
+    ('{"value_per_metre": 256}', 'no "metric" field'),
+    ('{"metric": true, "value_per_metre": 256', "not valid JSON"),
+])
+def test_a_depth_format_file_that_says_no_usable_scale_is_named(tmp_path, spec, said):
+    """predict writes depth_format.json beside its maps and the reader follows it; a broken one (or a
+    relative model's, metric: false) was passed over and the maps read as millimetres."""
+    from dptune.data.depth import DepthFolderSource
+
+    (tmp_path / "d").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d" / "a.png")
+    Image.fromarray(np.full((8, 8), 2560, np.uint16)).save(tmp_path / "d" / "a_depth.png")
+    (tmp_path / "d" / "depth_format.json").write_text(spec)
+    src = DepthFolderSource(str(tmp_path), "d/a.png", "d/{stem}_depth.png")
+    with pytest.raises(DataError, match="depth_format.json: .*" + re.escape(said)):
+        src.load(0)
+
+
+def test_a_depth_scale_given_against_the_depth_format_file_is_said(tmp_path, caplog):
+    from dptune.data.depth import DepthFolderSource
+
+    (tmp_path / "d").mkdir()
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d" / "a.png")
+    Image.fromarray(np.full((8, 8), 2560, np.uint16)).save(tmp_path / "d" / "a_depth.png")
+    (tmp_path / "d" / "depth_format.json").write_text('{"metric": true, "value_per_metre": 256}')
+    assert DepthFolderSource(str(tmp_path), "d/a.png", "d/{stem}_depth.png").load(0)[1].max() == pytest.approx(10.0)
+    with caplog.at_level("WARNING"):
+        got = DepthFolderSource(str(tmp_path), "d/a.png", "d/{stem}_depth.png", scale=1000.0).load(0)[1]
+    assert got.max() == pytest.approx(2.56) and "depth_format.json says 256" in caplog.text
+
+
+def test_a_label_template_that_gives_two_images_one_file_is_refused(tmp_path):
+    """Without {stem}, {name} or {dir} every image was paired with one depth map (or mask)."""
+    from dptune.data.depth import DepthFolderSource
+    from dptune.data.sources import FolderSource
+
+    for k in range(2):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"{k}.png")
+    with pytest.raises(DataError, match="same depth file"):
+        DepthFolderSource(str(tmp_path), "*.png", "depth.png")
+    with pytest.raises(DataError, match="same mask file"):
+        FolderSource(str(tmp_path), "*.png", "mask.png")
+
+
+def test_minus_infinity_is_no_measurement_like_nan_and_plus_infinity(tmp_path):
+    from dptune.data.depth import DepthFolderSource
+
+    Image.fromarray(np.zeros((4, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    d = np.full((4, 4), 2.0, np.float32)
+    d[0], d[1, 0], d[2, 0] = np.nan, np.inf, -np.inf
+    np.save(tmp_path / "a.npy", d)
+    got = DepthFolderSource(str(tmp_path), "a.png", "{stem}.npy").load(0)[1]
+    assert (got[0] == 0).all() and got[1, 0] == got[2, 0] == 0 and got[3].min() == 2.0
+    d[3, 3] = -1.0  # a finite negative value is still a bad file
+    np.save(tmp_path / "a.npy", d)
+    with pytest.raises(DataError, match="1 negative depth value"):
+        DepthFolderSource(str(tmp_path), "a.png", "{stem}.npy").load(0)

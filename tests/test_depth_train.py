@@ -239,6 +239,20 @@ def test_evaluate_agrees_with_the_independent_scorer(depth_run, tmp_path, capsys
         err = [ln for ln in said.splitlines() if ln.startswith("error")]
         assert len(err) == 1 and message in err[0] and "Traceback" not in said, (extra, err)
 
+    # one map in metres among millimetre maps: training names it as a bad map; evaluate scored it (AbsRel 270)
+    odd = folder / "depth" / f"{frames[2].stem}.png"
+    mm = cv2.imread(str(odd), cv2.IMREAD_UNCHANGED).astype(np.float64)
+    cv2.imwrite(str(odd), np.round(mm / 1000).astype(np.uint16))
+    assert evaluate_main(["--model", str(out), "--images", str(folder / "rgb" / "*.jpg"),
+                          "--depth", str(folder / "depth" / "{stem}.png")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(err) == 1 and odd.name in err[0] and "another unit" in err[0], err
+    # a template that gives every image the same map pairs them all with it: refused before anything runs
+    assert evaluate_main(["--model", str(out), "--images", images, "--depth", str(KITCHEN / "val" / "depth" /
+                                                                                 "frame-000600.png")]) == 2
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+    assert len(err) == 1 and "same depth file" in err[0] and "{stem}" in err[0], err
+
 
 def test_a_validation_that_scores_no_depth_image_is_nan_and_never_the_best_checkpoint(tmp_path):
     """No ground truth inside [min_depth, max_depth]: nothing is scored, so the figures are NaN (they

@@ -26,8 +26,8 @@ from dptune.data.dataset import check_same_size
 from dptune.data.sources import (
     HFSplit,
     image_header_size,
-    mask_path_for,
     match_images,
+    paths_for,
     read_bytes,
     read_image,
     read_paired_mask,
@@ -61,11 +61,13 @@ def check_negative(name: str, raw: np.ndarray, negative: NegativeDepth = "error"
     if raw.dtype.kind == "u" or negative == "invalid":
         return
     below = raw < 0
+    if raw.dtype.kind == "f":
+        below &= np.isfinite(raw)  # -inf is no value, as NaN and +inf are: read as no measurement (to_metres)
     n = int(np.count_nonzero(below))
     if n:
         raise DataError(f"{name}: {n} negative depth value(s) (lowest {float(raw[below].min()):g}); depth is a "
                         "distance (if this format marks missing depth with negative values, set data.negative_depth: "
-                        "invalid, or evaluate.py --negative-depth invalid, to read them as no measurement)")
+                        "invalid, or dptune evaluate --negative-depth invalid, to read them as no measurement)")
 
 
 def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
@@ -131,23 +133,51 @@ def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
 @functools.lru_cache(maxsize=64)
 def sidecar_scale(folder: str) -> float | None:
     """The stored value per metre that a ``depth_format.json`` in ``folder`` gives (dptune's predict
-    writes one beside its maps: millimetres, 256 per metre or float metres), else None."""
+    writes one beside its maps: millimetres, 256 per metre or float metres), else None (no such
+    file). A file that is there but says no usable scale is one line naming it and its fault: one
+    that says ``metric: false`` holds relative inverse depth, which no reading turns into distances."""
     import json
 
+    path = Path(folder, "depth_format.json")
     try:
-        spec = json.loads(Path(folder, "depth_format.json").read_text())
-    except (OSError, ValueError):
+        text = path.read_text()
+    except FileNotFoundError:
         return None
-    per_metre = spec.get("value_per_metre") if isinstance(spec, dict) and spec.get("metric") else None
-    return float(per_metre) if isinstance(per_metre, (int, float)) and per_metre > 0 else None
+    except OSError as e:
+        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
+    try:
+        spec = json.loads(text)
+    except ValueError as e:
+        raise DataError(f"{path}: not valid JSON ({e}); it says how the depth maps beside it are stored") from None
+    if not isinstance(spec, dict) or "metric" not in spec:
+        raise DataError(f"{path}: has no \"metric\" field; it says how the depth maps beside it are stored "
+                        "(metric: true and value_per_metre, as dptune predict writes)")
+    if spec["metric"] is False:
+        raise DataError(f"{path}: the maps beside it are relative inverse depth (metric: false), not distances; "
+                        "they cannot be read as depth")
+    per_metre = spec.get("value_per_metre")
+    if spec["metric"] is not True or isinstance(per_metre, bool) or not isinstance(per_metre, (int, float)) \
+            or not 0 < per_metre < math.inf:
+        raise DataError(f"{path}: expected metric: true and value_per_metre a positive number, got metric "
+                        f"{spec['metric']!r}, value_per_metre {per_metre!r}")
+    return float(per_metre)
+
+
+_DISAGREED: set[str] = set()  # folders already warned about
 
 
 def effective_scale(path: str, raw: np.ndarray, scale: float | None) -> float:
-    """The stored value per metre of a depth file: ``scale`` when given, else what a
-    ``depth_format.json`` beside it says, else by the data's type (``default_scale``)."""
+    """The stored value per metre of a depth file: ``scale`` when given (said once per folder when a
+    ``depth_format.json`` beside it says otherwise), else what that file says, else by the data's
+    type (``default_scale``)."""
+    folder = os.path.dirname(os.path.abspath(path))
+    beside = sidecar_scale(folder)
     if scale is not None:
+        if beside is not None and beside != scale and folder not in _DISAGREED:
+            _DISAGREED.add(folder)
+            log.warning("%s: depth_scale %g is used, while its depth_format.json says %g per metre", folder, scale,
+                        beside)
         return scale
-    beside = sidecar_scale(os.path.dirname(os.path.abspath(path)))
     return beside if beside is not None else default_scale(raw)
 
 
@@ -192,8 +222,8 @@ class DepthFolderSource:
     def __init__(self, root: str, images: str, depth: str, scale: float | None = None, masks: str | None = None,
                  rgb_masks: bool = False, negative: NegativeDepth = "error") -> None:
         self.images = match_images(root, images)
-        self.depths = [mask_path_for(p, depth, root) for p in self.images]
-        self.masks = [mask_path_for(p, masks, root) for p in self.images] if masks else None
+        self.depths = paths_for(self.images, depth, root, "depth")
+        self.masks = paths_for(self.images, masks, root, "mask") if masks else None
         self.scale, self.rgb_masks, self.negative = scale, rgb_masks, negative
 
     def __len__(self) -> int:

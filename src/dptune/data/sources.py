@@ -264,6 +264,20 @@ def mask_path_for(image_path: str, template: str, root: str) -> str:
     return os.path.normpath(filled)
 
 
+def paths_for(images: list[str], template: str, root: str, what: str) -> list[str]:
+    """Each image's ``what`` file (mask, depth map) by ``template`` (``mask_path_for``); one line when
+    two images get the same file (a template without ``{stem}``, ``{name}`` or ``{dir}`` pairs every
+    image with one label: every sample would train and score against it)."""
+    paths = [mask_path_for(p, template, root) for p in images]
+    first: dict[str, str] = {}
+    for image, path in zip(images, paths, strict=True):
+        if path in first:
+            raise DataError(f"{template}: gives the same {what} file {path} for {first[path]} and {image}; name each "
+                            "image's own file with {stem}, {name} or {dir} in the template")
+        first[path] = image
+    return paths
+
+
 def any_case_extension(pattern: str) -> str:
     """``pattern`` with the letters of its literal file extension matching either case: ``*.jpg``
     finds ``.JPG`` and ``.Jpg`` too (cameras and phones write upper case), ``*.jp*g`` ``.JPEG``.
@@ -363,7 +377,7 @@ class FolderSource:
     def __init__(self, root: str, images: str, masks: str, rgb_masks: bool = False) -> None:
         self.root = root
         self.images = match_images(root, images)
-        self.masks = [mask_path_for(p, masks, root) for p in self.images]
+        self.masks = paths_for(self.images, masks, root, "mask")
         self.rgb_masks = rgb_masks
 
     def __len__(self) -> int:

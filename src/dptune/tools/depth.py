@@ -26,6 +26,7 @@ import torch
 from tqdm.auto import tqdm
 
 from dptune.data.depth import (
+    PLAUSIBLE_DEPTH,
     DepthFolderSource,
     check_depth_size,
     check_depth_values,
@@ -247,7 +248,7 @@ def evaluate_depth(args) -> int:
         image, gt, name = source.load(i)
         check_depth_size(name, image.shape[:2], gt)
         if (gt > 0).any():
-            medians.append(float(np.median(gt[gt > 0])))
+            medians.append((float(np.median(gt[gt > 0])), name))
         with of_image(source.name(i)):
             pred = torch.from_numpy(predictor.predict(image))[None]
         gt_t = torch.from_numpy(gt)[None]
@@ -258,7 +259,14 @@ def evaluate_depth(args) -> int:
         metric.update(pred, gt_t, valid)
         if not bool(valid.any()):
             unscored.append(source.name(i))
-    check_depth_values(args.depth, medians, source.used_scale)  # as training's pre-flight check does
+    # as training's pre-flight check does: the split's unit, then each map's (one in another unit is a bad map)
+    check_depth_values(args.depth, [m for m, _ in medians], source.used_scale)
+    lo, hi = PLAUSIBLE_DEPTH
+    odd = [(m, n) for m, n in medians if not lo <= m <= hi]
+    if odd:
+        raise DataError(f"{odd[0][1]}: median valid depth {odd[0][0]:.4g} m is not plausible metres (stored value / "
+                        f"{source.used_scale:g}); is this map in another unit than the rest?"
+                        + (f" ({len(odd)} such maps; nothing was scored)" if len(odd) > 1 else " (nothing was scored)"))
     where = f"ground truth inside [{min_depth:g}, {max_depth or math.inf:g}] m" + \
         (f" within the {crop} crop" if crop != "none" else "")
     if not int(metric.images):
