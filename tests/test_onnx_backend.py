@@ -313,6 +313,24 @@ def test_the_profile_runs_a_graph_at_the_one_batch_it_takes(exports, tmp_path):
                  "--engines", "ort-fp32", "--profile", "5", "--json", str(out)]) == 0
     got = json.loads(out.read_text())
     assert "skipped" in got["engines"]["ort-fp32"]["export_size"] and got["profile"]["ort-fp32"]["runs"] == 5
+    assert got["profile"]["ort-fp32"]["batch"] == 2
+    # beside an INT8 graph that ran at batch 1, the two are not compared (per run, batch 2 costs more)
+    assert main(["--infer", str(fixed), "--threads", "1", "--runs", "2", "--warmup", "1", "--batch", "2",
+                 "--engines", "ort-fp32,ort-int8", "--profile", "5", "--json", str(out)]) == 0
+    prof = json.loads(out.read_text())["profile"]
+    assert prof["ort-int8"]["batch"] == 1 and "skipped" in prof["int8_over_fp32"], prof["int8_over_fp32"]
+    # a profile is not run for an export none of whose engines could be timed (it was, then thrown away)
+    from dptune.tools import ort_profile
+
+    called = []
+    real = ort_profile.profile_graph
+    ort_profile.profile_graph = lambda *a, **k: called.append(1) or real(*a, **k)
+    try:
+        assert main(["--infer", str(fixed), "--threads", "1", "--runs", "2", "--warmup", "1",
+                     "--engines", "ort-fp32", "--profile", "5"]) == 2
+    finally:
+        ort_profile.profile_graph = real
+    assert not called
 
 
 def test_the_profile_leaves_out_the_warm_up_runs():

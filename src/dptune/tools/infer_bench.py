@@ -18,7 +18,8 @@ vnni / amx flags), the threads and the versions are printed with the figures as 
 Inputs are random ``pixel_values``: speed does not depend on the pixels.
 
 ``--profile N`` adds, after the timing, N profiled batch-1 runs of each ONNX Runtime CPU graph at the
-export's size (``dptune.tools.ort_profile``): milliseconds by operator type, the arithmetic
+export's size (a graph that takes one batch or size only: at it; each entry records its batch and
+size, and INT8 is compared with fp32 only at the same; ``dptune.tools.ort_profile``): milliseconds by operator type, the arithmetic
 (convolutions, matrix products) apart from the rest, and how much faster INT8 makes each part.
 
 The threads: ``--threads`` (default: ``OMP_NUM_THREADS``, else the cores this process may use), the
@@ -286,7 +287,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", help="also write the results here")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help=f"after the timing, N ({PROFILE_MIN} to {PROFILE_MAX}) profiled batch-1 runs of each ONNX "
-                         "Runtime CPU graph at the export's size, after at least one untimed run: time by operator "
+                         "Runtime CPU graph at the export's size (a graph that takes one batch or size: at it, "
+                         "recorded), after at least one untimed run: time by operator "
                          "type, the integer and float arithmetic (convolutions, matrix products) apart from the rest, "
                          "and for INT8 how much faster each part is (default 0: no profile)")
     argv = sys.argv[1:] if argv is None else list(argv)
@@ -428,26 +430,32 @@ def run(export: Path, args, command: str = "") -> dict:
             for k, g in got.items():
                 out["engines"].setdefault(k, {})[name] = throughput(g, batch) if name == "throughput" else latency(g)
     out["load_average_1min"]["after"] = load_average()
+    if not any("p50_ms" in row or "images_per_s" in row for e in out["engines"].values() for row in e.values()
+               if isinstance(row, dict)):
+        said = "; ".join(f"{k}: {v.get('skipped') or next((r['skipped'] for r in v.values() if isinstance(r, dict)), '')}"
+                         for k, v in out["engines"].items())
+        raise ConfigError(f"{export}: no engine could be timed ({said})")
     if args.profile:
         from dptune.tools.ort_profile import compare, profile_graph
 
         prof = {}
         for k, (g, size, one_batch) in fns.items():
             if k in ("ort-fp32", "ort-int8"):  # the CPU graphs, at the batch and size each takes
+                batch, hw = one_batch or 1, tuple(size or square)
                 try:
-                    prof[k] = profile_graph(g.path, inputs(one_batch or 1, tuple(size or square)), threads,
-                                            args.profile, warmup=max(1, args.warmup))
+                    prof[k] = {"batch": batch, "size": list(hw),
+                               **profile_graph(g.path, inputs(batch, hw), threads, args.profile,
+                                               warmup=max(1, args.warmup))}
                 except Exception as e:  # ONNX Runtime's own exception types; the timings above stand
                     prof[k] = {"error": f"profiling failed: {first_line(e, 300)}"}
                     print(f"error: --profile: {k}: {prof[k]['error']}", file=sys.stderr)
-        if "runs" in prof.get("ort-fp32", {}) and "runs" in prof.get("ort-int8", {}):
-            prof["int8_over_fp32"] = compare(prof["ort-fp32"], prof["ort-int8"])
+        a, b = prof.get("ort-fp32", {}), prof.get("ort-int8", {})
+        if "runs" in a and "runs" in b:  # like with like only: graphs fed other batches or sizes are not compared
+            same = (a["batch"], a["size"]) == (b["batch"], b["size"])
+            prof["int8_over_fp32"] = compare(a, b) if same else {
+                "skipped": f"the graphs ran at other batches or sizes (fp32 {a['batch']} x {a['size']}, "
+                           f"int8 {b['batch']} x {b['size']})"}
         out["profile"] = prof or {"skipped": "no ONNX Runtime CPU graph was timed (no model.onnx / model_int8.onnx)"}
-    if not any("p50_ms" in row or "images_per_s" in row for e in out["engines"].values() for row in e.values()
-               if isinstance(row, dict)):
-        said = "; ".join(f"{k}: {v.get('skipped') or next((r['skipped'] for r in v.values() if isinstance(r, dict)), '')}"
-                         for k, v in out["engines"].items())
-        raise ConfigError(f"{export}: no engine could be timed ({said})")
     eager = out["engines"].get("ort-fp32", {}).get("export_size", {}).get("p50_ms")
     int8 = out["engines"].get("ort-int8", {}).get("export_size", {}).get("p50_ms")
     if eager and int8:
