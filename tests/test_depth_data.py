@@ -212,8 +212,7 @@ def test_a_map_in_another_unit_than_its_split_is_named(tmp_path):
     ('{"metric": false, "meaning": "relative inverse depth"}', "relative inverse depth"),
     ('{"metric": true, "value_per_metre": "256"}', "value_per_metre '256'"),
     ('{"metric": true, "value_per_metre": -256}', "value_per_metre -256"),
-    ('{"value_per_metre": 256}', 'no "metric" field'),
-    ('{"metric": true, "value_per_metre": 256', "not valid JSON"),
+    ('{"metric": true, "value_per_metre": 256', "not readable JSON"),
 ])
 def test_a_depth_format_file_that_says_no_usable_scale_is_named(tmp_path, spec, said):
     """predict writes depth_format.json beside its maps and the reader follows it; a broken one (or a
@@ -240,6 +239,17 @@ def test_a_depth_scale_given_against_the_depth_format_file_is_said(tmp_path, cap
     with caplog.at_level("WARNING"):
         got = DepthFolderSource(str(tmp_path), "d/a.png", "d/{stem}_depth.png", scale=1000.0).load(0)[1]
     assert got.max() == pytest.approx(2.56) and "depth_format.json says 256" in caplog.text
+    # a file by that name that is no depth format (a user's notes) is not followed; a broken one is passed
+    # over when a depth_scale is given (it is used whatever the file says)
+    from dptune.data.depth import sidecar_scale
+
+    (tmp_path / "d" / "depth_format.json").write_text('{"mine": "user notes"}')
+    sidecar_scale.cache_clear()  # read once per folder in a process
+    assert DepthFolderSource(str(tmp_path), "d/a.png", "d/{stem}_depth.png").load(0)[1].max() == pytest.approx(2.56)
+    (tmp_path / "d" / "depth_format.json").write_text('{"metric": true, "value_per_metre": "256"')
+    sidecar_scale.cache_clear()
+    got = DepthFolderSource(str(tmp_path), "d/a.png", "d/{stem}_depth.png", scale=256.0).load(0)[1]
+    assert got.max() == pytest.approx(10.0)
 
 
 def test_a_label_template_that_gives_two_images_one_file_is_refused(tmp_path):

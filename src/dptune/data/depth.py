@@ -131,35 +131,38 @@ def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=64)
-def sidecar_scale(folder: str) -> float | None:
+def sidecar_scale(folder: str, lenient: bool = False) -> float | None:
     """The stored value per metre that a ``depth_format.json`` in ``folder`` gives (dptune's predict
-    writes one beside its maps: millimetres, 256 per metre or float metres), else None (no such
-    file). A file that is there but says no usable scale is one line naming it and its fault: one
-    that says ``metric: false`` holds relative inverse depth, which no reading turns into distances."""
+    writes one beside its maps: millimetres, 256 per metre or float metres), else None: no such file,
+    or one without a ``metric`` field (not a depth format: a user's own notes by that name). A file
+    that says ``metric: false`` holds relative inverse depth, which no reading turns into distances:
+    one line naming it. So is one that is broken (bad JSON, no usable ``value_per_metre``), unless
+    ``lenient`` (a depth_scale was given, and is used whatever the file says)."""
     import json
 
     path = Path(folder, "depth_format.json")
+    way_out = "; remove or rename it, or give data.depth_scale (evaluate: --depth-scale)"
     try:
-        text = path.read_text()
+        spec = json.loads(path.read_text())
     except FileNotFoundError:
         return None
-    except OSError as e:
-        raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
-    try:
-        spec = json.loads(text)
-    except ValueError as e:
-        raise DataError(f"{path}: not valid JSON ({e}); it says how the depth maps beside it are stored") from None
+    except (OSError, ValueError) as e:
+        if lenient:
+            return None
+        raise DataError(f"{path}: not readable JSON ({e}); it would say how the depth maps beside it are "
+                        f"stored{way_out}") from None
     if not isinstance(spec, dict) or "metric" not in spec:
-        raise DataError(f"{path}: has no \"metric\" field; it says how the depth maps beside it are stored "
-                        "(metric: true and value_per_metre, as dptune predict writes)")
+        return None
     if spec["metric"] is False:
         raise DataError(f"{path}: the maps beside it are relative inverse depth (metric: false), not distances; "
                         "they cannot be read as depth")
     per_metre = spec.get("value_per_metre")
     if spec["metric"] is not True or isinstance(per_metre, bool) or not isinstance(per_metre, (int, float)) \
             or not 0 < per_metre < math.inf:
+        if lenient:
+            return None
         raise DataError(f"{path}: expected metric: true and value_per_metre a positive number, got metric "
-                        f"{spec['metric']!r}, value_per_metre {per_metre!r}")
+                        f"{spec['metric']!r}, value_per_metre {per_metre!r}{way_out}")
     return float(per_metre)
 
 
@@ -171,7 +174,7 @@ def effective_scale(path: str, raw: np.ndarray, scale: float | None) -> float:
     ``depth_format.json`` beside it says otherwise), else what that file says, else by the data's
     type (``default_scale``)."""
     folder = os.path.dirname(os.path.abspath(path))
-    beside = sidecar_scale(folder)
+    beside = sidecar_scale(folder, lenient=scale is not None)
     if scale is not None:
         if beside is not None and beside != scale and folder not in _DISAGREED:
             _DISAGREED.add(folder)

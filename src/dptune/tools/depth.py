@@ -24,6 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from tqdm.auto import tqdm
+from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dptune.data.depth import (
     PLAUSIBLE_DEPTH,
@@ -244,21 +245,22 @@ def evaluate_depth(args) -> int:
     min_depth = args.min_depth if args.min_depth is not None else predictor.meta.get("min_depth") or 1e-3
     check_range(min_depth, max_depth, "--min-depth", "--max-depth")
     metric, medians, unscored = DepthMetrics(min_depth, max_depth, None if align == "none" else align), [], []
-    for i in tqdm(range(len(source)), desc="evaluating"):
-        image, gt, name = source.load(i)
-        check_depth_size(name, image.shape[:2], gt)
-        if (gt > 0).any():
-            medians.append((float(np.median(gt[gt > 0])), name))
-        with of_image(source.name(i)):
-            pred = torch.from_numpy(predictor.predict(image))[None]
-        gt_t = torch.from_numpy(gt)[None]
-        valid = valid_depth(gt_t, min_depth, max_depth)
-        mask = eval_crop_mask(gt.shape, crop)
-        if mask is not None:
-            valid &= torch.from_numpy(mask)[None]
-        metric.update(pred, gt_t, valid)
-        if not bool(valid.any()):
-            unscored.append(source.name(i))
+    with logging_redirect_tqdm():  # a reader's warning (a depth_scale against depth_format.json) on its own line
+        for i in tqdm(range(len(source)), desc="evaluating"):
+            image, gt, name = source.load(i)
+            check_depth_size(name, image.shape[:2], gt)
+            if (gt > 0).any():
+                medians.append((float(np.median(gt[gt > 0])), name))
+            with of_image(source.name(i)):
+                pred = torch.from_numpy(predictor.predict(image))[None]
+            gt_t = torch.from_numpy(gt)[None]
+            valid = valid_depth(gt_t, min_depth, max_depth)
+            mask = eval_crop_mask(gt.shape, crop)
+            if mask is not None:
+                valid &= torch.from_numpy(mask)[None]
+            metric.update(pred, gt_t, valid)
+            if not bool(valid.any()):
+                unscored.append(source.name(i))
     # as training's pre-flight check does: the split's unit, then each map's (one in another unit is a bad map)
     check_depth_values(args.depth, [m for m, _ in medians], source.used_scale)
     lo, hi = PLAUSIBLE_DEPTH
