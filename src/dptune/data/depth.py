@@ -372,6 +372,16 @@ def check_depth_values(where: str, medians: list[float], scale: float) -> None:
                     f"plausible for metres (expected {lo:g}-{hi:g} m){hint}")
 
 
+def odd_unit(name: str, median: float, scale: float) -> str | None:
+    """One map's problem when its median valid depth is not plausible metres while its split's is (a
+    map in another unit among the rest: a bad sample), else None; ``scale``: stored values per metre."""
+    lo, hi = PLAUSIBLE_DEPTH
+    if lo <= median <= hi:
+        return None
+    return (f"{name}: median valid depth {median:.4g} m is not plausible metres (stored value / {scale:g}); is this "
+            "map in another unit than the rest of the split?")
+
+
 def check_depth_range(where: str, stats: list[tuple[str, float, float, float]], min_depth: float,
                       max_depth: float | None) -> None:
     """The model's valid range against a split's depth (each map's name and 1%, 50%, 99% valid

@@ -16,7 +16,6 @@ from dptune.data.base import (
     settle_problems,
 )
 from dptune.data.depth import (
-    PLAUSIBLE_DEPTH,
     DepthDataset,
     DepthFolderSource,
     HFDepthSource,
@@ -25,6 +24,7 @@ from dptune.data.depth import (
     check_depth_values,
     depth_train_transforms,
     eval_crop_mask,
+    odd_unit,
 )
 from dptune.data.sources import image_header_size
 from dptune.data.transforms import eval_preprocessing
@@ -201,12 +201,11 @@ class DepthDataModule(SplitDataModule):
         where = f"{self.config_path}.splits.{stage}"
         scale = getattr(ds.source, "used_scale", None) or getattr(ds.source, "scale", None) or 1000.0
         check_depth_values(where, [q[1] for q in stats.values()], scale)
-        lo, hi = PLAUSIBLE_DEPTH
-        odd = [i for i, q in stats.items() if not lo <= q[1] <= hi]
         name = ds.source.depths.__getitem__ if hasattr(ds.source, "depths") else ds.source.name
-        settle_problems([f"{name(i)}: median valid depth {stats[i][1]:.4g} m is not plausible metres (stored value / "
-                         f"{scale:g}); is this map in another unit than the rest of the split?" for i in odd],
-                        [i for i in good if i not in odd], len(good), stage, self.on_bad_sample)
+        problems = {i: odd_unit(name(i), q[1], scale) for i, q in stats.items()}
+        odd = [i for i, problem in problems.items() if problem]
+        settle_problems([problems[i] for i in odd], [i for i in good if i not in odd], len(good), stage,
+                        self.on_bad_sample)
         kept = [i for i in good if i not in odd]
         self.depth_stats[stage] = [(name(i), *stats[i]) for i in kept if i in stats]
         medians = [q[1] for i, q in stats.items() if i in kept]

@@ -27,11 +27,11 @@ from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
 from dptune.data.depth import (
-    PLAUSIBLE_DEPTH,
     DepthFolderSource,
     check_depth_size,
     check_depth_values,
     eval_crop_mask,
+    odd_unit,
     read_intrinsics,
 )
 from dptune.errors import ConfigError, DataError, of_image
@@ -263,12 +263,10 @@ def evaluate_depth(args) -> int:
                 unscored.append(source.name(i))
     # as training's pre-flight check does: the split's unit, then each map's (one in another unit is a bad map)
     check_depth_values(args.depth, [m for m, _ in medians], source.used_scale)
-    lo, hi = PLAUSIBLE_DEPTH
-    odd = [(m, n) for m, n in medians if not lo <= m <= hi]
+    odd = [p for p in (odd_unit(n, m, source.used_scale) for m, n in medians) if p]
     if odd:
-        raise DataError(f"{odd[0][1]}: median valid depth {odd[0][0]:.4g} m is not plausible metres (stored value / "
-                        f"{source.used_scale:g}); is this map in another unit than the rest?"
-                        + (f" ({len(odd)} such maps; nothing was scored)" if len(odd) > 1 else " (nothing was scored)"))
+        raise DataError(odd[0] + (f" ({len(odd)} such maps; nothing was scored)" if len(odd) > 1
+                                  else " (nothing was scored)"))
     where = f"ground truth inside [{min_depth:g}, {max_depth or math.inf:g}] m" + \
         (f" within the {crop} crop" if crop != "none" else "")
     if not int(metric.images):
