@@ -1,3 +1,4 @@
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +9,8 @@ from PIL import Image
 
 from dptune.data.base import collate
 from dptune.data.datamodule import SegmentationDataModule
-from dptune.data.sources import FolderSource, mask_path_for, read_image
+from dptune.data.sources import FolderSource, read_image
+from dptune.data.templates import mask_path_for
 from dptune.errors import DataError
 from dptune.labels import IGNORE_INDEX
 
@@ -22,6 +24,24 @@ def test_mask_template_placeholders():
     assert mask_path_for("/d/train/x.jpg", "m/{name}", "/d") == "/d/m/x.jpg"
     # a relative root, as in --data.root ../shared/data/dubai-aerial
     assert mask_path_for("../s/d/Tile 1/images/a.jpg", "{dir}/../masks/{stem}.png", "../s/d") == "../s/d/Tile 1/masks/a.png"
+
+
+@needs(CAMVID)
+def test_the_id_placeholder_pairs_images_and_masks_named_apart(tmp_path):
+    """docs/segmentation.md's example: ``img/frame_*.jpg`` with ``ann/label_{id}.png``."""
+    files = sorted((CAMVID / "train").glob("*.jpg"))[:3]
+    (tmp_path / "img").mkdir()
+    (tmp_path / "ann").mkdir()
+    for k, f in enumerate(files):
+        shutil.copy(f, tmp_path / "img" / f"frame_{k:04d}.jpg")
+        shutil.copy(CAMVID / "trainannot" / f"{f.stem}.png", tmp_path / "ann" / f"label_{k:04d}.png")
+    src = FolderSource(str(tmp_path), "img/frame_*.jpg", "ann/label_{id}.png")
+    assert [Path(m).name for m in src.masks] == ["label_0000.png", "label_0001.png", "label_0002.png"]
+    for k, f in enumerate(files):
+        _, mask, _ = src.load(k)
+        assert np.array_equal(mask, np.asarray(Image.open(CAMVID / "trainannot" / f"{f.stem}.png")))
+    assert mask_path_for(str(tmp_path / "img" / "frame_0007.JPG"), "ann/label_{id}.png", str(tmp_path),
+                         "img/frame_*.jpg") == str(tmp_path / "ann" / "label_0007.png")
 
 
 @needs(DUBAI)

@@ -278,3 +278,38 @@ def test_minus_infinity_is_no_measurement_like_nan_and_plus_infinity(tmp_path):
     np.save(tmp_path / "a.npy", d)
     with pytest.raises(DataError, match="1 negative depth value"):
         DepthFolderSource(str(tmp_path), "a.png", "{stem}.npy").load(0)
+
+
+@needs(DEPTH_FORMATS)
+def test_a_template_pairs_files_named_apart_by_the_part_the_glob_matched():
+    """NYU Depth v2 names a frame's image rgb_00045.jpg and its depth sync_depth_00045.png: no
+    {stem} template pairs them; {id} (what the glob's wildcards matched in the file name) does."""
+    from dptune.data.depth import DepthFolderSource
+
+    root = DEPTH_FORMATS / "nyu"
+    source = DepthFolderSource(str(root), "rgb/rgb_*.jpg", "depth/sync_depth_{id}.png", scale=1000.0)
+    assert len(source) == 3
+    for i, (image, depth) in enumerate(zip(source.images, source.depths, strict=True)):
+        number = image.rsplit("rgb_", 1)[1].removesuffix(".jpg")
+        assert depth == str(root / "depth" / f"sync_depth_{number}.png")
+        rgb, metres, _ = source.load(i)
+        raw = np.asarray(Image.open(depth)).astype(np.float64)
+        assert rgb.shape[:2] == metres.shape == raw.shape
+        np.testing.assert_allclose(metres, raw / 1000, rtol=1e-6)
+
+
+@pytest.mark.parametrize("template, problem", [("d/{foo}.png", "{foo}"), ("d/{stem.png", "{stem.png"),
+                                               ("d/{0}.png", "{0}"), ("d/{stem[9]}.png", "{stem[9]}")])
+def test_a_template_with_an_unknown_placeholder_is_one_line_naming_it(tmp_path, template, problem):
+    """A placeholder the template language does not have raised Python's KeyError (a traceback)."""
+    from dptune.data.depth import DepthFolderSource
+    from dptune.data.sources import FolderSource
+
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "a.png")
+    for make in (lambda: DepthFolderSource(str(tmp_path), "*.png", template),
+                 lambda: FolderSource(str(tmp_path), "*.png", template)):
+        with pytest.raises(DataError) as e:
+            make()
+        message = str(e.value)
+        assert message.startswith(template) and problem in message and "{stem}" in message and "{id}" in message
+        assert "\n" not in message

@@ -81,7 +81,8 @@ class SegmentationDataModule(SplitDataModule):
             source: ``folder`` (image glob + mask template), ``hf`` (Hugging Face dataset) or ``synthetic``.
             splits: Per stage (``train``, ``val``, ``test``) the split spec. folder:
                 ``{images: "train/*.jpg", masks: "trainannot/{stem}.png"}`` (placeholders ``{stem}``,
-                ``{name}``, ``{dir}``); hf: ``{split: validation}``; synthetic: ``{count: 200, seed: 0}``.
+                ``{name}``, ``{dir}``, and ``{id}``: what the glob's wildcards matched in the file name); hf:
+                ``{split: validation}``; synthetic: ``{count: 200, seed: 0}``.
             hf: For ``source: hf``: ``{dataset: <hub name or save_to_disk dir>, image_column, mask_column, config_name}``;
                 add ``streaming: true`` to stream instead of downloading (each process reads its own
                 shards; training repeats the stream, so set ``trainer.max_steps``; ``shuffle_buffer``

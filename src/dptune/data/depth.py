@@ -27,12 +27,12 @@ from dptune.data.sources import (
     HFSplit,
     image_header_size,
     match_images,
-    paths_for,
     read_bytes,
     read_image,
     read_paired_mask,
     row_image,
 )
+from dptune.data.templates import paths_for
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError
 from dptune.labels import LabelSet
@@ -219,14 +219,14 @@ def depth_header_size(path: str) -> tuple[int, int]:
 
 class DepthFolderSource:
     """Images matched by a glob, each paired with a depth file found by a path template
-    (``{stem}``, ``{name}``, ``{dir}``, as for masks), and optionally with a mask too (a sample
+    (``{stem}``, ``{name}``, ``{dir}``, ``{id}``, as for masks), and optionally with a mask too (a sample
     that carries both labels, for segmentation + depth in one model)."""
 
     def __init__(self, root: str, images: str, depth: str, scale: float | None = None, masks: str | None = None,
                  rgb_masks: bool = False, negative: NegativeDepth = "error") -> None:
         self.images = match_images(root, images)
-        self.depths = paths_for(self.images, depth, root, "depth")
-        self.masks = paths_for(self.images, masks, root, "mask") if masks else None
+        self.depths = paths_for(self.images, depth, root, "depth", images)
+        self.masks = paths_for(self.images, masks, root, "mask", images) if masks else None
         self.scale, self.rgb_masks, self.negative = scale, rgb_masks, negative
 
     def __len__(self) -> int:

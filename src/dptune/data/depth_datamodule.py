@@ -63,7 +63,8 @@ class DepthDataModule(SplitDataModule):
             source: ``folder`` (image glob + depth path template) or ``hf`` (Hugging Face dataset).
             splits: Per stage (``train``, ``val``, ``test``). folder:
                 ``{images: "train/rgb/*.jpg", depth: "train/depth/{stem}.png"}`` (placeholders
-                ``{stem}``, ``{name}``, ``{dir}``); hf: ``{split: validation}``.
+                ``{stem}``, ``{name}``, ``{dir}``, and ``{id}``: what the glob's wildcards matched in the file
+                name); hf: ``{split: validation}``.
             hf: For ``source: hf``: ``{dataset: <hub name or save_to_disk dir>, image_column, depth_column,
                 config_name}``.
             depth_scale: Stored value per metre: 1000 for millimetre PNGs (NYU, 7-Scenes), 256 for

@@ -12,13 +12,13 @@ import glob
 import logging
 import os
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any, BinaryIO, Protocol
 
 import cv2
 import numpy as np
 from PIL import Image
 
+from dptune.data.templates import paths_for
 from dptune.errors import DataError
 
 log = logging.getLogger(__name__)
@@ -253,31 +253,6 @@ def read_mask(path: str, rgb: bool) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- folder pairs
-def mask_path_for(image_path: str, template: str, root: str) -> str:
-    """Fill a mask template: ``{stem}`` file name without extension, ``{name}`` with it,
-    ``{dir}`` the image's folder relative to ``root``. Relative results are relative to ``root``."""
-    p = Path(image_path)
-    folder = os.path.relpath(p.parent, root) if not os.path.isabs(template) else str(p.parent.resolve())
-    filled = template.format(stem=p.stem, name=p.name, dir=folder)
-    if not os.path.isabs(filled):
-        filled = os.path.join(root, filled)
-    return os.path.normpath(filled)
-
-
-def paths_for(images: list[str], template: str, root: str, what: str) -> list[str]:
-    """Each image's ``what`` file (mask, depth map) by ``template`` (``mask_path_for``); one line when
-    two images get the same file (a template without ``{stem}``, ``{name}`` or ``{dir}`` pairs every
-    image with one label: every sample would train and score against it)."""
-    paths = [mask_path_for(p, template, root) for p in images]
-    first: dict[str, str] = {}
-    for image, path in zip(images, paths, strict=True):
-        if path in first:
-            raise DataError(f"{template}: gives the same {what} file {path} for {first[path]} and {image}; name each "
-                            "image's own file with {stem}, {name} or {dir} in the template")
-        first[path] = image
-    return paths
-
-
 def any_case_extension(pattern: str) -> str:
     """``pattern`` with the letters of its literal file extension matching either case: ``*.jpg``
     finds ``.JPG`` and ``.Jpg`` too (cameras and phones write upper case), ``*.jp*g`` ``.JPEG``.
@@ -377,7 +352,7 @@ class FolderSource:
     def __init__(self, root: str, images: str, masks: str, rgb_masks: bool = False) -> None:
         self.root = root
         self.images = match_images(root, images)
-        self.masks = paths_for(self.images, masks, root, "mask")
+        self.masks = paths_for(self.images, masks, root, "mask", images)
         self.rgb_masks = rgb_masks
 
     def __len__(self) -> int:

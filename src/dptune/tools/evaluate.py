@@ -167,7 +167,7 @@ def main(argv: list[str] | None = None) -> int:
                          "the config has data for, on its own source's split)")
     ap.add_argument("--root", help="data root (overrides the config's)")
     ap.add_argument("--images", help="image glob (relative to --root)")
-    ap.add_argument("--masks", help="mask template with {stem}/{name}/{dir}")
+    ap.add_argument("--masks", help="mask template with {stem}/{name}/{dir}/{id}")
     ap.add_argument("--labels", help="labels.yaml")
     ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
     ap.add_argument("--flip", nargs="?", const="h", default="none", choices=list(FLIP_VIEWS),
@@ -191,7 +191,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="allow a model whose config asks for code shipped with it (auto_map) to run that code; "
                          "never needed for dptune's exports")
     depth = ap.add_argument_group("depth models")
-    depth.add_argument("--depth", help="depth map template with {stem}/{name}/{dir}")
+    depth.add_argument("--depth", help="depth map template with {stem}/{name}/{dir}/{id}")
     depth.add_argument("--depth-scale", type=float, default=None,
                        help="stored value per metre (1000: mm PNG, 256: KITTI, 1: metres); default by file type: 1 for float, 1000 for integer files")
     depth.add_argument("--negative-depth", choices=["error", "invalid"], default="error",
