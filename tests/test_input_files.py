@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CAMVID, REPO, TINY, needs
+from conftest import CAMVID, KITCHEN, REPO, TINY, needs
 from PIL import Image, ImageOps
 
 from dptune.data.sources import FolderSource, image_header_size, read_image, read_mask
@@ -790,3 +790,15 @@ def test_an_interrupted_predict_says_in_its_list_that_it_is_incomplete(models, t
     spec = json.loads((out2 / "dptune-predict.json").read_text())
     assert (spec["inputs"], spec["inputs_done"], spec["complete"]) == (5, 2, False)
     assert sorted(spec["files"]) == sorted(p.name for p in out2.iterdir() if p.name != "dptune-predict.json")
+
+
+@needs(KITCHEN)
+def test_depth_labels_given_to_a_segmentation_model_say_what_the_model_is(models, capsys):
+    """`evaluate --model SEG --images ... --depth ...` said "give --config (and --split), or --images,
+    --masks and --labels", which reads as if the depth flags were not seen."""
+    seg = models / "segmentation"
+    args = ["--model", str(seg), "--images", str(KITCHEN / "val" / "rgb" / "*.jpg"),
+            "--depth", str(KITCHEN / "val" / "depth" / "{stem}.png"), "--depth-scale", "1000"]
+    assert evaluate_main(args) == 2
+    (line,) = errors(capsys)
+    assert "--depth" in line and str(seg) in line and "segmentation model" in line and "--masks" in line
