@@ -313,3 +313,34 @@ def test_a_template_with_an_unknown_placeholder_is_one_line_naming_it(tmp_path, 
         message = str(e.value)
         assert message.startswith(template) and problem in message and "{stem}" in message and "{id}" in message
         assert "\n" not in message
+
+
+@needs(KITCHEN)
+def test_a_map_in_another_unit_is_named_with_the_scale_its_own_folder_uses(tmp_path):
+    """Folders whose depth_format.json files give different scales: each map is read with its own
+    folder's, and the message naming an odd map gave the scale of whichever map was read last."""
+    import cv2
+
+    from dptune.data.depth import sidecar_scale
+    from dptune.data.depth_datamodule import DepthDataModule
+
+    frames = sorted((KITCHEN / "train" / "rgb").glob("*.jpg"))[:8]
+    for folder, part in (("a", frames[:3]), ("b", frames[3:])):
+        (tmp_path / folder / "depth").mkdir(parents=True)
+        for k, f in enumerate(part):
+            (tmp_path / folder / f.name).symlink_to(f)
+            mm = np.asarray(Image.open(KITCHEN / "train" / "depth" / f"{f.stem}.png")).astype(np.float64)
+            stored = np.round(mm / 1000) if folder == "a" and k == 1 else mm * (0.256 if folder == "b" else 1)
+            cv2.imwrite(str(tmp_path / folder / "depth" / f"{f.stem}.png"), np.round(stored).astype(np.uint16))
+    (tmp_path / "b" / "depth" / "depth_format.json").write_text('{"metric": true, "value_per_metre": 256}')
+    sidecar_scale.cache_clear()
+    splits = {"train": {"images": "*/*.jpg", "depth": "{dir}/depth/{stem}.png"}}
+    with pytest.raises(DataError) as e:
+        DepthDataModule(root=str(tmp_path), image_size=64, num_workers=0, splits=splits).setup("fit")
+    assert f"a/depth/{frames[1].stem}.png: median valid depth" in str(e.value)
+    assert "stored value / 1000)" in str(e.value), str(e.value)
+    dm = DepthDataModule(root=str(tmp_path), image_size=64, num_workers=0, splits=splits, on_bad_sample="skip")
+    dm.setup("fit")
+    assert len(dm.datasets["train"].indices) == 7
+    medians = {name: q[1] for name, *q in dm.depth_stats["train"]}
+    assert all(0.5 < m < 5 for m in medians.values()), medians  # both folders' maps read to metres

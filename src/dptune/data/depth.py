@@ -228,6 +228,7 @@ class DepthFolderSource:
         self.depths = paths_for(self.images, depth, root, "depth", images)
         self.masks = paths_for(self.images, masks, root, "mask", images) if masks else None
         self.scale, self.rgb_masks, self.negative = scale, rgb_masks, negative
+        self.used_scales: dict[int, float] = {}  # each read map's stored value per metre: what checks report
 
     def __len__(self) -> int:
         return len(self.images)
@@ -240,8 +241,8 @@ class DepthFolderSource:
             raise DataError(f"{self.images[i]}: no depth map (expected {self.depths[i]})")
         raw = read_raw_depth(self.depths[i], self.scale)
         check_negative(self.depths[i], raw, self.negative)
-        self.used_scale = effective_scale(self.depths[i], raw, self.scale)  # what the check reports
-        return to_metres(raw, self.used_scale)
+        self.used_scales[i] = effective_scale(self.depths[i], raw, self.scale)
+        return to_metres(raw, self.used_scales[i])
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         depth = self._depth(i)
@@ -260,6 +261,7 @@ class HFDepthSource(HFSplit):
                  scale: float | None = None, config_name: str | None = None, negative: NegativeDepth = "error") -> None:
         super().__init__(dataset, split, image_column, depth_column, config_name)
         self.depth_column, self.scale, self.negative = depth_column, scale, negative
+        self.used_scales: dict[int, float] = {}  # each read map's stored value per metre: what checks report
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         row, name = self.ds[i], self.name(i)
@@ -269,8 +271,8 @@ class HFDepthSource(HFSplit):
         if raw.ndim != 2 or raw.dtype.kind not in "uif":
             raise DataError(f"{name}: depth must be one channel of numbers, got {raw.dtype} {tuple(raw.shape)}")
         check_negative(name, raw, self.negative)
-        self.used_scale = self.scale if self.scale is not None else default_scale(raw)  # what the check reports
-        return image, to_metres(raw, self.used_scale), name
+        self.used_scales[i] = self.scale if self.scale is not None else default_scale(raw)
+        return image, to_metres(raw, self.used_scales[i]), name
 
 
 def eval_crop_mask(shape: tuple[int, int], crop: str) -> np.ndarray | None:
@@ -352,6 +354,15 @@ class DepthDataset(Dataset):
 
 
 PLAUSIBLE_DEPTH = (0.05, 1000.0)  # metres: what real scenes' median measured depth lies within
+
+
+def split_scale(source, read: list[int]) -> float:
+    """The stored value per metre most of a split's maps ``read`` were divided by (each map's is in
+    ``source.used_scales``; folders' depth_format.json files may differ), for the split's check."""
+    scales = [source.used_scales[i] for i in read if i in source.used_scales]
+    if not scales:
+        return source.scale or 1000.0
+    return max(set(scales), key=scales.count)
 
 
 def check_depth_values(where: str, medians: list[float], scale: float) -> None:

@@ -33,6 +33,7 @@ from dptune.data.depth import (
     eval_crop_mask,
     odd_unit,
     read_intrinsics,
+    split_scale,
 )
 from dptune.errors import ConfigError, DataError, of_image
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
@@ -250,7 +251,7 @@ def evaluate_depth(args) -> int:
             image, gt, name = source.load(i)
             check_depth_size(name, image.shape[:2], gt)
             if (gt > 0).any():
-                medians.append((float(np.median(gt[gt > 0])), name))
+                medians.append((float(np.median(gt[gt > 0])), name, i))
             with of_image(source.name(i)):
                 pred = torch.from_numpy(predictor.predict(image))[None]
             gt_t = torch.from_numpy(gt)[None]
@@ -262,8 +263,8 @@ def evaluate_depth(args) -> int:
             if not bool(valid.any()):
                 unscored.append(source.name(i))
     # as training's pre-flight check does: the split's unit, then each map's (one in another unit is a bad map)
-    check_depth_values(args.depth, [m for m, _ in medians], source.used_scale)
-    odd = [p for p in (odd_unit(n, m, source.used_scale) for m, n in medians) if p]
+    check_depth_values(args.depth, [m for m, _, _ in medians], split_scale(source, [i for _, _, i in medians]))
+    odd = [p for p in (odd_unit(n, m, source.used_scales[i]) for m, n, i in medians) if p]
     if odd:
         raise DataError(odd[0] + (f" ({len(odd)} such maps; nothing was scored)" if len(odd) > 1
                                   else " (nothing was scored)"))
