@@ -414,3 +414,32 @@ def test_an_inline_model_config_with_a_wrong_typed_setting_is_one_line(monkeypat
                "--trainer.default_root_dir", str(tmp_path)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
     assert rc == 2 and len(err) == 1 and err[0].startswith("error: model.config: not a model config"), err
+
+
+@pytest.mark.parametrize("settings, named", [
+    (["--model.lr", "-1"], "model.lr"),  # torch's ValueError traceback once the data had loaded
+    (["--model.lr", "0"], "model.lr"),  # trained nothing, without a word
+    (["--model.lr", "1e999"], "model.lr"),  # inf: diverged at step 2
+    (["--model.betas", "[1.5, 0.9]"], "model.betas"),
+    (["--model.weight_decay", "-0.1"], "model.weight_decay"),
+    (["--model.optimizer", "sgd", "--model.momentum", "-1"], "model.momentum"),
+    (["--model.warmup_ratio", "2"], "model.warmup_ratio"),
+    (["--model.warmup_steps", "-5"], "model.warmup_steps"),
+    (["--model.min_lr_ratio", "1.5"], "model.min_lr_ratio"),
+    (["--model.poly_power", "-1"], "model.poly_power"),
+    (["--model.layer_decay", "0"], "model.layer_decay"),
+    (["--model.head_lr_mult", "-1"], "model.head_lr_mult"),
+])
+def test_optimizer_settings_out_of_range_are_one_line_before_any_data_loads(settings, named, monkeypatch, capsys,
+                                                                           tmp_path):
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    rc = main(["fit", "--config", "configs/quickstart.yaml", *settings, "--trainer.max_steps", "2",
+               "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path)])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert rc == 2 and len(lines) == 1 and named in lines[0] and "Traceback" not in err, (settings, err[-1500:])
+    assert "checking" not in err and not list(tmp_path.rglob("*.ckpt"))

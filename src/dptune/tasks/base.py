@@ -19,7 +19,14 @@ from dptune.models.backbones import family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
 from dptune.models.normalization import resolve_normalization
 from dptune.preprocessing import Preprocessing
-from dptune.tasks.optim import NonFiniteSteps, WarmupPoly, any_nonfinite, nonfinite_tensors, param_groups
+from dptune.tasks.optim import (
+    NonFiniteSteps,
+    WarmupPoly,
+    any_nonfinite,
+    check_optimizer_settings,
+    nonfinite_tensors,
+    param_groups,
+)
 
 log = logging.getLogger(__name__)
 
@@ -118,6 +125,7 @@ class DPTTask(pl.LightningModule):
         """
         super().__init__()
         self.save_hyperparameters()  # the task's own arguments too (Lightning collects every __init__ frame)
+        check_optimizer_settings(self.hparams)  # before the network is built and any data loads
         try:
             self.configure_models()  # the hooks' order: see "what a task provides" below
         except (ValueError, ImportError) as e:

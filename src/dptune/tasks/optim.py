@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import re
 from collections.abc import Iterable
 from typing import Any
@@ -19,6 +20,45 @@ log = logging.getLogger(__name__)
 
 FSDP_PREFIX = "_fsdp_wrapped_module."  # what FSDP (use_orig_params) inserts into parameter names
 _TASK_PREFIX = re.compile(r"^(?:seg|depth)\.")  # the two models of a joint segmentation + depth DPT
+
+
+# each optimizer and schedule setting: (lowest, lowest allowed, highest, highest allowed, what it is)
+_RANGES = {
+    "lr": (0.0, False, math.inf, False, "the backbone's peak learning rate"),
+    "head_lr_mult": (0.0, True, math.inf, False, "the neck and heads' learning rate over the backbone's"),
+    "layer_decay": (0.0, False, math.inf, False, "each lower block's learning rate over the one above"),
+    "weight_decay": (0.0, True, math.inf, False, "the weight decay"),
+    "momentum": (0.0, True, 1.0, False, "SGD's momentum"),
+    "warmup_ratio": (0.0, True, 1.0, True, "the share of the steps that warm up"),
+    "warmup_steps": (0, True, math.inf, False, "the steps that warm up"),
+    "poly_power": (0.0, True, math.inf, False, "the exponent of the polynomial decay"),
+    "min_lr_ratio": (0.0, True, 1.0, True, "the final learning rate over the peak"),
+}
+
+
+def check_optimizer_settings(hp: Any) -> None:
+    """One line naming the first optimizer or schedule setting out of its range (before any data
+    loads): a negative or infinite learning rate crashed in torch or diverged, a zero one trained
+    nothing, a warmup or final ratio past 1 and a negative decay ran without a word."""
+    def bad(key: str, value: Any, lo: float, lo_ok: bool, hi: float, hi_ok: bool, what: str) -> str | None:
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if number and math.isfinite(value) and (value >= lo if lo_ok else value > lo) and \
+                (value <= hi if hi_ok else value < hi):
+            return None
+        limits = f"{'>=' if lo_ok else '>'} {lo:g}" + ("" if hi == math.inf else f" and {'<=' if hi_ok else '<'} {hi:g}")
+        return f"model.{key} ({what}) must be a finite number {limits}, got {value!r}"
+
+    for key, limits in _RANGES.items():
+        value = hp.get(key)
+        if value is None and key == "warmup_steps":  # None: warmup_ratio decides
+            continue
+        problem = bad(key, value, *limits)
+        if problem:
+            raise ConfigError(problem)
+    betas = hp.get("betas")
+    if not isinstance(betas, (list, tuple)) or len(betas) != 2 or any(bad("betas", b, 0.0, True, 1.0, False, "")
+                                                                    for b in betas):
+        raise ConfigError(f"model.betas (AdamW's two averaging rates) must be two numbers >= 0 and < 1, got {betas!r}")
 
 
 def canonical(name: str) -> str:
