@@ -85,7 +85,7 @@ def test_calibrated_export_serves_through_the_stock_class_and_pipeline_with_the_
     the card and dptune.json carry T and ECE before / after (lower after on the held-back images)."""
     from transformers import DPTForSemanticSegmentation, pipeline
 
-    from dptune.data.sources import read_image
+    from dptune.data.images import read_image
     from dptune.export import export
     from dptune.export.serving import ServingOptions
     from dptune.tasks.segmentation import SegmentationModule

@@ -9,7 +9,8 @@ from PIL import Image
 
 from dptune.data.base import collate
 from dptune.data.datamodule import SegmentationDataModule
-from dptune.data.sources import FolderSource, read_image
+from dptune.data.images import read_image
+from dptune.data.sources import FolderSource
 from dptune.data.templates import mask_path_for
 from dptune.errors import DataError
 from dptune.labels import IGNORE_INDEX

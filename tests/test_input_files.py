@@ -15,7 +15,8 @@ import pytest
 from conftest import CAMVID, KITCHEN, REPO, TINY, needs
 from PIL import Image, ImageOps
 
-from dptune.data.sources import FolderSource, image_header_size, read_image, read_mask
+from dptune.data.images import image_header_size, read_image, read_mask
+from dptune.data.sources import FolderSource
 from dptune.errors import ConfigError, DataError
 from dptune.tools.evaluate import main as evaluate_main
 from dptune.tools.inspect import main as inspect_main
@@ -611,7 +612,7 @@ def test_jpeg_files_beside_a_jpg_glob_are_counted_in_a_warning_never_dropped_sil
     and a glob that takes them, which does (upper case too)."""
     import logging
 
-    from dptune.data.sources import glob_files
+    from dptune.data.globs import glob_files
     from dptune.tools.outputs import list_images
 
     root = tmp_path / "d"

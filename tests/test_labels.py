@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 from conftest import CAMVID, DUBAI, needs
 
-from dptune.data.sources import read_mask
+from dptune.data.images import read_mask
 from dptune.errors import DataError
 from dptune.labels import IGNORE_INDEX, LabelSet
 

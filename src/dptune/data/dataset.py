@@ -12,7 +12,8 @@ import torch
 from torch.utils.data import Dataset
 
 from dptune.data.base import check_each
-from dptune.data.sources import Source, path_orientation
+from dptune.data.images import path_orientation
+from dptune.data.sources import Source
 from dptune.data.transforms import resize_like_processor
 from dptune.errors import DataError
 from dptune.labels import LabelSet

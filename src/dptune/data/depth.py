@@ -23,15 +23,9 @@ import torch
 from torch.utils.data import Dataset
 
 from dptune.data.dataset import check_same_size
-from dptune.data.sources import (
-    HFSplit,
-    image_header_size,
-    match_images,
-    read_bytes,
-    read_image,
-    read_paired_mask,
-    row_image,
-)
+from dptune.data.globs import match_images
+from dptune.data.images import image_header_size, read_bytes, read_image
+from dptune.data.sources import HFSplit, read_paired_mask, row_image
 from dptune.data.templates import paths_for
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError

@@ -27,7 +27,7 @@ from dptune.data.depth import (
     odd_unit,
     split_scale,
 )
-from dptune.data.sources import image_header_size
+from dptune.data.images import image_header_size
 from dptune.data.transforms import eval_preprocessing
 from dptune.errors import ConfigError, DataError
 from dptune.labels import load_labels

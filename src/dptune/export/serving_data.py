@@ -199,7 +199,7 @@ def cut(source, count: int, task: str, where: str) -> TaskData:
 
 
 def glob_images(pattern: str, count: int) -> list[str]:
-    from dptune.data.sources import glob_files
+    from dptune.data.globs import glob_files
 
     found = [p for p in glob_files(os.path.expanduser(pattern)) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
     if not found:
@@ -283,7 +283,7 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
 def prepare(processor, path_or_image) -> np.ndarray:
     """``pixel_values`` (1, 3, H, W) float32 of one image, as the exported image processor makes them
     (the image read upright, as ``pipeline`` reads it)."""
-    from dptune.data.sources import read_image
+    from dptune.data.images import read_image
 
     image = read_image(path_or_image) if isinstance(path_or_image, (str, Path)) else path_or_image
     return np.asarray(processor(images=image, return_tensors="np")["pixel_values"], dtype=np.float32)

@@ -79,7 +79,7 @@ def image_size(source: Any, i: int) -> tuple[int, int]:
     source is a folder, by decoding otherwise."""
     path = getattr(source, "images", None)
     if path is not None:
-        from dptune.data.sources import image_header_size
+        from dptune.data.images import image_header_size
 
         return image_header_size(path[i])
     image, _, _ = source.load(i)
@@ -94,7 +94,7 @@ def class_counts(enc: np.ndarray, labels: LabelSet) -> np.ndarray:
 
 def mask_counts(source: Any, labels: LabelSet, i: int) -> np.ndarray:
     """Per-class pixel counts of one encoded mask (ignore counted in the last slot)."""
-    from dptune.data.sources import read_mask
+    from dptune.data.images import read_mask
 
     if hasattr(source, "masks"):
         raw, name = read_mask(source.masks[i], labels.mask_format == "rgb"), source.masks[i]

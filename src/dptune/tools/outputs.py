@@ -15,7 +15,8 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from dptune.data.sources import glob_files, read_image, spelling_note
+from dptune.data.globs import glob_files, spelling_note
+from dptune.data.images import read_image
 from dptune.errors import ConfigError, DataError
 from dptune.models.folders import refuse_model_folders
 

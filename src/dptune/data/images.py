@@ -1,0 +1,249 @@
+"""Reading images and masks from files: the bytes, the EXIF orientation, truncated JPEGs, header
+sizes, and masks as stored (index or RGB)."""
+
+from __future__ import annotations
+
+import logging
+import os
+from typing import BinaryIO
+
+import cv2
+import numpy as np
+from PIL import Image
+
+from dptune.errors import DataError
+
+log = logging.getLogger(__name__)
+
+
+# ---------------------------------------------------------------------------- decoding
+def read_bytes(path: str) -> bytes:
+    try:
+        with open(path, "rb") as f:
+            return f.read()
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except OSError as e:
+        raise DataError(f"{path}: cannot read ({e.strerror or e})") from None
+
+
+DECODE_AS_STORED = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_ORIENTATION
+ORIENTATION = 0x0112  # the EXIF tag: how a viewer turns the stored pixels to show the picture upright
+
+
+def exif_orientation(im: Image.Image, data: bytes | None = None, decoded: bool = False) -> int:
+    """The EXIF orientation (1-8) still to apply to an opened image, read as
+    ``PIL.ImageOps.exif_transpose`` reads it; 1 when there is none (or it cannot be parsed, or the
+    decoders apply it themselves, as for TIFF). A PNG may keep its eXIf chunk after the
+    pixels, where PIL finds it only by decoding them (``decoded``: already done): with ``data``
+    (the file's bytes) that is done only when the bytes hold such a chunk; without either, such a
+    late chunk is looked for in the file."""
+    if im.format == "TIFF":
+        return 1  # PIL (its size from the moment it opens one) and OpenCV turn a TIFF upright themselves
+    if im.format == "PNG" and "exif" not in im.info and "Raw profile type exif" not in im.info:
+        if decoded:
+            return 1  # every chunk has been read: there is none
+        if data is None:
+            with open(im.filename, "rb") as f:  # type: ignore[arg-type]
+                data = f.read()
+        if b"eXIf" not in data:
+            return 1
+    try:
+        value = im.getexif().get(ORIENTATION, 1)
+    except Exception:  # a damaged EXIF block: the pixels as stored
+        return 1
+    return value if isinstance(value, int) and 1 <= value <= 8 else 1
+
+
+def apply_orientation(img: np.ndarray, orientation: int) -> np.ndarray:
+    """``img`` (H, W[, C]) turned upright as ``PIL.ImageOps.exif_transpose`` turns an image whose EXIF
+    orientation is ``orientation`` (2-8 mirror and/or rotate; 1 or anything else: unchanged)."""
+    turned = {
+        2: lambda a: a[:, ::-1],  # FLIP_LEFT_RIGHT
+        3: lambda a: a[::-1, ::-1],  # ROTATE_180
+        4: lambda a: a[::-1],  # FLIP_TOP_BOTTOM
+        5: lambda a: a.swapaxes(0, 1),  # TRANSPOSE
+        6: lambda a: np.rot90(a, -1),  # ROTATE_270 (a quarter turn clockwise)
+        7: lambda a: a[::-1, ::-1].swapaxes(0, 1),  # TRANSVERSE
+        8: lambda a: np.rot90(a, 1),  # ROTATE_90 (a quarter turn counter-clockwise)
+    }.get(orientation)
+    return img if turned is None else np.ascontiguousarray(turned(img))
+
+
+def file_orientation(data: bytes) -> int:
+    """The EXIF orientation of an image file's bytes (see ``exif_orientation``); 1 where PIL cannot open it."""
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            return exif_orientation(im, data)
+    except Exception:  # a format only OpenCV reads: no EXIF to follow
+        return 1
+
+
+JPEG_STANDALONE = {0x01, *range(0xD0, 0xD8)}  # TEM and RST0-7: markers without a length
+JPEG_SOS, JPEG_EOI = 0xDA, 0xD9
+
+
+def jpeg_scan_start(f: BinaryIO) -> int | None:
+    """Where the main image's entropy-coded data begins (just past its first SOS marker) in a JPEG
+    read from ``f`` (positioned anywhere; read from its SOI): each marker segment before it (APPn
+    such as EXIF with its thumbnail, COM, DQT, DHT, SOFn, ...) is skipped by its length, so an end
+    marker inside one does not count. None when the file ends (or an end marker comes) first.
+    Fill bytes (0xFF runs) are skipped, and stray bytes between segments are passed over up to the
+    next marker, as libjpeg does."""
+    f.seek(2)
+    while True:
+        byte = f.read(1)
+        if not byte:
+            return None
+        if byte != b"\xff":
+            continue  # stray data between segments: libjpeg skips it with a warning
+        marker = f.read(1)
+        while marker == b"\xff":
+            marker = f.read(1)
+        if not marker:
+            return None
+        code = marker[0]
+        if code == 0x00 or code in JPEG_STANDALONE or code == 0xD8:
+            continue
+        if code == JPEG_EOI:
+            return None
+        size = f.read(2)
+        if len(size) < 2:
+            return None
+        length = int.from_bytes(size, "big")
+        if code == JPEG_SOS:
+            return f.tell() - 4
+        if length < 2:
+            return None
+        start = f.tell()
+        f.seek(length - 2, os.SEEK_CUR)
+        if f.tell() != start + length - 2 or not f.read(1):  # a segment cut short: the file ends inside it
+            return None
+        f.seek(-1, os.SEEK_CUR)
+
+
+def check_jpeg_end(f: BinaryIO, path: str, chunk: int = 1 << 20) -> None:
+    """A JPEG (``f`` at any position) must hold an end-of-image marker after the start of its main
+    image's scan (``jpeg_scan_start``): a file cut short in its compressed data, which libjpeg
+    decodes with a grey bottom and only a warning, is one line. Data after the end marker (the video
+    of a Motion Photo, the second picture of an MPO, any other trailer) is left alone, as every
+    reader leaves it. Reads the header, the last bytes and, only when the file does not end with
+    the marker, the rest."""
+    scan = jpeg_scan_start(f)
+    if scan is None:
+        raise DataError(f"{path}: truncated JPEG (no image data: the file ends in its header)")
+    end = f.seek(0, os.SEEK_END)
+    f.seek(max(scan, end - 64))
+    if f.read().rstrip(b"\x00").endswith(b"\xff\xd9"):
+        return  # the usual file: its last bytes are the end marker
+    f.seek(scan)
+    tail = b""
+    while block := f.read(chunk):
+        if b"\xff\xd9" in tail[-1:] + block:
+            return
+        tail = block
+    raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
+
+
+def read_image(path: str) -> np.ndarray:
+    """Decode an image file to uint8 HxWx3 RGB, upright: its EXIF orientation applied as
+    ``PIL.ImageOps.exif_transpose`` (and so ``transformers``' ``load_image`` and ``pipeline``)
+    applies it, so a phone photo stored turned comes out as it is shown. Grayscale, RGBA and
+    16-bit are converted. The one reader of RGB image files: training, validation, predict,
+    evaluate and inspect, for segmentation, depth and joint models."""
+    data = read_bytes(path)
+    if not data:
+        raise DataError(f"{path}: empty file (0 bytes), not an image")
+    if data[:2] == b"\xff\xd8":
+        import io
+
+        check_jpeg_end(io.BytesIO(data), path)  # libjpeg decodes a truncated JPEG with a grey bottom, only warning
+    try:
+        # the pixels as stored, in colour: the orientation is applied below, once, as PIL reads it
+        # (OpenCV turns a TIFF upright itself, as PIL does: ``exif_orientation`` leaves TIFFs alone)
+        img = cv2.imdecode(np.frombuffer(data, np.uint8), DECODE_AS_STORED)
+    except cv2.error as e:
+        raise DataError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from None
+    if img is None:
+        raise DataError(f"{path}: not a readable image")
+    if img.dtype == np.uint16:
+        img = (img >> 8).astype(np.uint8)
+    elif img.dtype != np.uint8:
+        raise DataError(f"{path}: unsupported image type {img.dtype}")
+    if img.ndim == 2:
+        img = cv2.cvtColor(img, cv2.COLOR_GRAY2RGB)
+    elif img.shape[2] == 4:
+        img = cv2.cvtColor(img, cv2.COLOR_BGRA2RGB)
+    elif img.shape[2] == 3:
+        img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
+    else:
+        raise DataError(f"{path}: unsupported number of channels {img.shape[2]}")
+    return apply_orientation(img, file_orientation(data))
+
+
+def image_header_size(path: str) -> tuple[int, int]:
+    """(h, w) of the image as ``read_image`` returns it (EXIF orientation applied) from the file
+    header, without decoding the pixels."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(2)
+            if not head:
+                raise DataError(f"{path}: empty file (0 bytes), not an image")
+            if head == b"\xff\xd8":
+                check_jpeg_end(f, path)
+        with Image.open(path) as im:
+            if im.mode not in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "CMYK", "YCbCr"):
+                raise DataError(f"{path}: unsupported image mode {im.mode}")
+            h, w = im.size[1], im.size[0]
+            return (w, h) if exif_orientation(im) in (5, 6, 7, 8) else (h, w)
+    except FileNotFoundError:
+        raise DataError(f"{path}: file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        if isinstance(e, DataError):
+            raise
+        raise DataError(f"{path}: not a readable image ({e})") from None
+
+
+def pil_to_mask(im: Image.Image, rgb: bool, path: str) -> np.ndarray:
+    """A PIL mask to an array: palette masks give their indices (index format) or colours (rgb)."""
+    if rgb:
+        if im.mode in ("I;16", "I", "F"):
+            raise DataError(f"{path}: RGB mask expected, got a {im.mode} single-channel image")
+        return np.asarray(im.convert("RGB"))
+    if im.mode in ("L", "P", "I;16", "I;16B", "I;16L"):
+        arr = np.asarray(im)
+        return arr.astype(np.uint16) if arr.dtype.kind == "u" and arr.dtype.itemsize > 1 else arr
+    if im.mode == "I":
+        return np.asarray(im)
+    if im.mode in ("RGB", "RGBA", "LA"):
+        return np.asarray(im)  # LabelSet.encode accepts grey-as-RGB, refuses real colour
+    raise DataError(f"{path}: unsupported mask mode {im.mode}")
+
+
+def read_mask(path: str, rgb: bool) -> np.ndarray:
+    """Decode a mask file, upright as ``read_image`` reads images (an EXIF orientation applied; label
+    PNGs rarely carry one). PIL, not OpenCV: OpenCV cannot return a palette PNG's indices."""
+    try:
+        with Image.open(path) as im:
+            im.load()
+            # turned upright like its image (and like Hugging Face datasets decode masks)
+            return apply_orientation(pil_to_mask(im, rgb, path), exif_orientation(im, decoded=True))
+    except FileNotFoundError:
+        raise DataError(f"{path}: mask file not found") from None
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{path}: not a readable mask ({e})") from None
+
+
+
+def path_orientation(path: str) -> int:
+    """The EXIF orientation an image or label file carries (see ``exif_orientation``); 1 when it
+    has none, or is not a file PIL opens."""
+    if not os.path.isfile(path):
+        return 1
+    try:
+        with Image.open(path) as im:
+            return exif_orientation(im)
+    except (OSError, SyntaxError, ValueError):
+        return 1
