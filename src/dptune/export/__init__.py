@@ -236,7 +236,7 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
         with open(out / "README.md", "a") as card:
             card.write(training_precision(precision))
         meta["precision"] = precision
-    from dptune.export.serving import serving_sections
+    from dptune.export.serving_card import serving_sections
 
     with open(out / "README.md", "a") as card:  # serving graphs, their measured cost, calibration, depth values
         card.write(serving_sections(got, model, served, onnx_dynamic_size(model)))
@@ -289,7 +289,7 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
 
         served = serve(got, joint, out / "model.onnx", joint=True)
         record_joint(out, served)  # each part's dptune.json gets the figures of its task
-    from dptune.export.serving import serving_card
+    from dptune.export.serving_card import serving_card
 
     (out / "README.md").write_text(multitask_card(got["labels"], metrics, src, onnx, repo)
                                    + serving_card({**served, "calibration": calibration}, True)
