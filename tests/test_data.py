@@ -43,6 +43,9 @@ def test_the_id_placeholder_pairs_images_and_masks_named_apart(tmp_path):
         assert np.array_equal(mask, np.asarray(Image.open(CAMVID / "trainannot" / f"{f.stem}.png")))
     assert mask_path_for(str(tmp_path / "img" / "frame_0007.JPG"), "ann/label_{id}.png", str(tmp_path),
                          "img/frame_*.jpg") == str(tmp_path / "ann" / "label_0007.png")
+    # a string format pads: frame_7.jpg with label_00007.png
+    assert mask_path_for(str(tmp_path / "img" / "frame_7.jpg"), "ann/label_{id:0>5}.png", str(tmp_path),
+                         "img/frame_*.jpg") == str(tmp_path / "ann" / "label_00007.png")
 
 
 @needs(DUBAI)
@@ -341,3 +344,18 @@ def test_loader_workers_default_to_none_on_two_cores_else_half_up_to_eight(monke
         monkeypatch.setattr("os.sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)
         assert default_workers(None) == workers, cores
     assert default_workers(5) == 5 and default_workers(0) == 0
+
+
+@pytest.mark.parametrize("image, pattern, expected", [
+    ("rgb_00045.jpg", "rgb/rgb_*.jpg", "00045"), ("RGB_00045.JPG", "rgb_*.jpg", "00045"),
+    ("0001_rgb.jpeg", "*_rgb.jp*g", "0001"),  # the widened glob dptune itself suggests for .jpeg beside .jpg
+    ("0001_rgb.png", "*_rgb.*", "0001"), ("0001_rgb.png", "*_rgb.[jp][pn]g", "0001"),
+    ("frame-000000.color.png", "*.color.*", "frame-000000"), ("frame-000000.color.png", "frame-*.color.png", "000000"),
+    ("0001_left", "*_left", "0001"), ("rgb_7.jpg", "rgb_*", "7"), ("a_1_b_2.png", "a_*_b_*.png", "1_b_2"),
+    ("x7.png", "x?.png", "7"), ("x7.png", "x[0-9].png", "7"), ("xb.png", "x[!a].png", "b"),
+    ("a.jpg", "a.jpg", "a"), ("frame.png", "frame.*", "frame"), ("a.b.jpg", "s/**/*.jpg", "a.b"),
+])
+def test_the_id_is_what_the_file_name_wildcards_matched_whatever_the_extension(image, pattern, expected):
+    from dptune.data.templates import glob_id
+
+    assert glob_id(f"/d/{image}", pattern) == expected

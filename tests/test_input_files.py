@@ -803,3 +803,6 @@ def test_depth_labels_given_to_a_segmentation_model_say_what_the_model_is(models
     assert evaluate_main(args) == 2
     (line,) = errors(capsys)
     assert "--depth" in line and str(seg) in line and "segmentation model" in line and "--masks" in line
+    assert evaluate_main([*args, "--config", str(REPO / "configs" / "quickstart.yaml")]) == 2
+    (line,) = errors(capsys)
+    assert "segmentation model" in line and "leave out --depth" in line, line

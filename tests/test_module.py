@@ -232,3 +232,20 @@ def test_checkpoints_load_without_unpickling_code(tmp_path, tiny_config, monkeyp
 
 class _Opaque:
     """A class torch's safe loader does not allow."""
+
+
+@pytest.mark.parametrize("key, value", [("lr", 0.0), ("min_lr_ratio", 1.5), ("betas", [0.9, 1.0])])
+def test_a_checkpoint_saved_with_settings_that_cannot_train_still_serves(key, value, tiny_config, tmp_path):
+    """Training settings out of range are refused when a task is built to train; a checkpoint that
+    holds one (written before the check) still loads for predict, evaluate and export, which never
+    use them (load_module rebuilt the task with them and was refused)."""
+    from dptune.tasks.checkpoints import load_module
+
+    module = _module(tiny_config)
+    state = {"state_dict": module.state_dict(), "hyper_parameters": {**dict(module.hparams), key: value}}
+    module.on_save_checkpoint(state)
+    torch.save(state, tmp_path / "old.ckpt")
+    loaded = load_module(str(tmp_path / "old.ckpt"))
+    x = torch.rand(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(x).logits, module.eval().model(x).logits)

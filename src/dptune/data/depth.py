@@ -350,13 +350,22 @@ class DepthDataset(Dataset):
 PLAUSIBLE_DEPTH = (0.05, 1000.0)  # metres: what real scenes' median measured depth lies within
 
 
-def split_scale(source, read: list[int]) -> float:
-    """The stored value per metre most of a split's maps ``read`` were divided by (each map's is in
-    ``source.used_scales``; folders' depth_format.json files may differ), for the split's check."""
-    scales = [source.used_scales[i] for i in read if i in source.used_scales]
-    if not scales:
-        return source.scale or 1000.0
-    return max(set(scales), key=scales.count)
+def check_split_depth(where: str, medians: dict[int, float], source, name: Callable[[int], str]) -> float:
+    """``check_depth_values`` on a split's maps (``medians``: each map's median valid depth), the maps
+    read at each stored value per metre on their own (``source.used_scales``: folders'
+    depth_format.json files may differ, and a wrong one must not hide among the rest's metres);
+    returns the scale most maps were read at."""
+    groups: dict[float, list[int]] = {}
+    for i in medians:
+        groups.setdefault(source.used_scales.get(i, source.scale or 1000.0), []).append(i)
+    ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
+    if not ordered:
+        check_depth_values(where, [], source.scale or 1000.0)  # no valid pixel anywhere: says so
+    for scale, members in ordered:
+        part = where if len(ordered) == 1 else (f"{where}: the {len(members)} maps read as stored value / {scale:g} "
+                                                f"per metre (first: {name(members[0])})")
+        check_depth_values(part, [medians[i] for i in members], scale)
+    return ordered[0][0]
 
 
 def check_depth_values(where: str, medians: list[float], scale: float) -> None:
@@ -373,7 +382,7 @@ def check_depth_values(where: str, medians: list[float], scale: float) -> None:
     fixes = [s for s in (1.0, 256.0, 1000.0) if s != scale and lo <= median * scale / s <= hi]
     best = min(fixes, key=lambda s: abs(np.log(median * scale / s / 3.0))) if fixes else None
     hint = f"; with data.depth_scale {best:g} the median would be {median * scale / best:.3g} m" if best else ""
-    raise DataError(f"{where}: median valid depth {median:.4g} m (stored values / depth_scale {scale:g}) is not "
+    raise DataError(f"{where}: median valid depth {median:.4g} m (stored values / {scale:g} per metre) is not "
                     f"plausible for metres (expected {lo:g}-{hi:g} m){hint}")
 
 

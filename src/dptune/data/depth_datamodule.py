@@ -21,11 +21,10 @@ from dptune.data.depth import (
     HFDepthSource,
     check_depth_range,
     check_depth_size,
-    check_depth_values,
+    check_split_depth,
     depth_train_transforms,
     eval_crop_mask,
     odd_unit,
-    split_scale,
 )
 from dptune.data.images import image_header_size
 from dptune.data.transforms import eval_preprocessing
@@ -201,9 +200,8 @@ class DepthDataModule(SplitDataModule):
         each map's (a map in another unit among the rest is a bad sample); records each map's depth
         quantiles (``depth_stats``) for the model's range check. Returns the samples kept."""
         where = f"{self.config_path}.splits.{stage}"
-        scale = split_scale(ds.source, list(stats))
-        check_depth_values(where, [q[1] for q in stats.values()], scale)
         name = ds.source.depths.__getitem__ if hasattr(ds.source, "depths") else ds.source.name
+        scale = check_split_depth(where, {i: q[1] for i, q in stats.items()}, ds.source, name)
         problems = {i: odd_unit(name(i), q[1], ds.source.used_scales.get(i, scale)) for i, q in stats.items()}
         odd = [i for i, problem in problems.items() if problem]
         settle_problems([problems[i] for i in odd], [i for i in good if i not in odd], len(good), stage,
@@ -212,7 +210,7 @@ class DepthDataModule(SplitDataModule):
         self.depth_stats[stage] = [(name(i), *stats[i]) for i in kept if i in stats]
         medians = [q[1] for i, q in stats.items() if i in kept]
         used = sorted({ds.source.used_scales.get(i, scale) for i in kept if i in stats})
-        per = f"{scale:g}" if len(used) < 2 else " or ".join(f"{s:g}" for s in used) + " (by folder: their depth_format.json)"
+        per = f"{scale:g}" if len(used) < 2 else " or ".join(f"{s:g}" for s in used) + " (by folder)"
         log.info("%s: depth = stored value / %s per metre; median valid depth %.3g m over %d maps", where, per,
                  float(np.median(medians)), len(medians))
         return kept

@@ -21,16 +21,21 @@ _KNOWN = "{stem}, {name}, {dir} and {id}"
 
 def check_template(template: str) -> None:
     """One line naming the template when it holds a placeholder the language does not have (a
-    typo, an index or attribute, a format spec) or an unmatched brace."""
+    typo, an index or attribute, a conversion), a format spec strings do not take, or an unmatched
+    brace. A string format spec is kept: ``{id:0>5}`` pads the id with zeros to 5 characters."""
     try:
         fields = [(f, conv, spec) for _, f, spec, conv in string.Formatter().parse(template) if f is not None]
     except ValueError as e:
         raise DataError(f"{template}: not a path template ({e}); its placeholders are {_KNOWN}, and {{{{ or "
                         "}} writes a brace") from None
     for field, conv, spec in fields:
-        if field not in PLACEHOLDERS or conv or spec:
-            shown = "{" + field + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        shown = "{" + field + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}"
+        if field not in PLACEHOLDERS or conv or "{" in spec:
             raise DataError(f"{template}: unknown placeholder {shown}; a path template's placeholders are {_KNOWN}")
+        try:
+            format("0", spec)
+        except ValueError as e:
+            raise DataError(f"{template}: {shown}: not a format for a name ({e})") from None
 
 
 def _wildcards(tail: str) -> list[tuple[int, int]]:
@@ -50,16 +55,18 @@ def _wildcards(tail: str) -> list[tuple[int, int]]:
 
 
 def glob_id(image_path: str, pattern: str | None) -> str:
-    """What ``pattern``'s wildcards matched in the file name of ``image_path`` (which it matched),
-    less the extension: the stem without the glob's fixed text before the first wildcard and after
-    the last (up to the extension). A glob without wildcards in the file name: the whole stem."""
+    """What ``pattern``'s wildcards matched in the stem of ``image_path`` (a file it matched): the
+    glob's file-name part less its extension (``*_rgb.jp*g`` -> ``*_rgb``; wildcards in the extension
+    match the extension only), and the file's stem less that part's fixed text before its first
+    wildcard and after its last. No wildcard before the extension: the whole stem."""
     stem = Path(image_path).stem
     tail = os.path.basename(pattern or "")
-    spans = _wildcards(tail)
+    head, dot, _ = tail.rpartition(".")
+    spans = _wildcards(head if dot else tail)
     if not spans:
         return stem
-    before, after = tail[:spans[0][0]], tail[spans[-1][1]:]
-    after = after.rpartition(".")[0]  # the fixed text after the last wildcard, without the extension
+    part = head if dot else tail
+    before, after = part[:spans[0][0]], part[spans[-1][1]:]
     if len(before) + len(after) > len(stem):
         return stem
     return stem[len(before):len(stem) - len(after)]

@@ -34,6 +34,7 @@ _RANGES = {
     "poly_power": (0.0, True, math.inf, False, "the exponent of the polynomial decay"),
     "min_lr_ratio": (0.0, True, 1.0, True, "the final learning rate over the peak"),
 }
+TRAINING_SETTINGS = (*_RANGES, "betas")  # what only training reads: a model rebuilt to serve leaves them out
 
 
 def check_optimizer_settings(hp: Any) -> None:

@@ -29,11 +29,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dptune.data.depth import (
     DepthFolderSource,
     check_depth_size,
-    check_depth_values,
+    check_split_depth,
     eval_crop_mask,
     odd_unit,
     read_intrinsics,
-    split_scale,
 )
 from dptune.errors import ConfigError, DataError, of_image
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
@@ -263,7 +262,7 @@ def evaluate_depth(args) -> int:
             if not bool(valid.any()):
                 unscored.append(source.name(i))
     # as training's pre-flight check does: the split's unit, then each map's (one in another unit is a bad map)
-    check_depth_values(args.depth, [m for m, _, _ in medians], split_scale(source, [i for _, _, i in medians]))
+    check_split_depth(args.depth, {i: m for m, _, i in medians}, source, lambda i: source.depths[i])
     odd = [p for p in (odd_unit(n, m, source.used_scales[i]) for m, n, i in medians) if p]
     if odd:
         raise DataError(odd[0] + (f" ({len(odd)} such maps; nothing was scored)" if len(odd) > 1

@@ -217,8 +217,10 @@ def main(argv: list[str] | None = None) -> int:
         if task == "depth" or (task == "multitask" and args.depth):  # a joint model: the part the labels score
             return evaluate_depth(args)
         if args.depth and not args.masks:  # depth ground truth for a model without a depth output
-            raise DataError(f"--depth: {args.model} is a segmentation model (no depth output); score it with --masks "
-                            "and --labels (or --config), or give a depth model")
+            how = "leave out --depth to score it on the config's masks" if args.config else \
+                "score it with --masks and --labels (or --config)"
+            raise DataError(f"--depth: {args.model} is a segmentation model (no depth output); {how}, or give a "
+                            "depth model")
         source, labels = _source_and_labels(args)
         if args.held_back:
             source = held_back(source, args, "segmentation")
