@@ -172,7 +172,7 @@ def test_a_graph_is_looked_for_above_only_a_joint_exports_part_and_must_have_the
 
 
 def test_the_benchmark_interleaves_the_engines_in_blocks():
-    from dptune.tools.infer_bench import interleaved
+    from dptune.tools.engine_rounds import interleaved
 
     calls = []
     got = interleaved({e: (lambda x, e=e: calls.append(e)) for e in "abc"}, np.zeros(1), warmup=1, runs=6, block=5)
@@ -193,7 +193,7 @@ def test_the_benchmark_times_an_engine_apart_from_the_spinning_threads_of_the_on
     import threading
     import time
 
-    from dptune.tools.infer_bench import interleaved
+    from dptune.tools.engine_rounds import interleaved
 
     state = {"last": None, "until": 0.0}
     seen = []  # per call: did it start while the other engine's threads spun?
