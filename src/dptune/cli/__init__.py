@@ -19,6 +19,7 @@ from dptune.cli.args import (
     check_early_configs,
     command_line_start,
     config_files,
+    named_where,
     read_config,
     register_loader,
     renamed_args,
@@ -75,6 +76,7 @@ class LoggedSaveConfig(SaveConfigCallback):
         self.config = self.config.clone()
         if "ckpt_path" in self.config:
             self.config.ckpt_path = None
+        forget_derived_folders(self.config)
         super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -220,13 +222,34 @@ class DPTuneCLI(LightningCLI):
         cfg.trainer.default_root_dir = root
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        elif os.path.commonpath([os.path.abspath(cfg.checkpoint.dirpath), os.path.abspath(root)]) != os.path.abspath(root):
+            log.warning("checkpoint.dirpath %s lies outside trainer.default_root_dir %s: the checkpoints go there (a "
+                        "config.yaml of an earlier version names its run's folder; set checkpoint.dirpath null to "
+                        "follow the root)", cfg.checkpoint.dirpath, root)
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
             refuse_a_second_run(cfg.checkpoint.dirpath)
-        loggers = cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
-        for lg in loggers:
+        for lg in _loggers(cfg):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):
                 init.save_dir = root
+
+
+def _loggers(cfg) -> list:
+    return cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
+
+
+def forget_derived_folders(cfg) -> None:
+    """The checkpoint folder and the loggers' folder that ``before_instantiate_classes`` derived from
+    the run's root go back to null in the ``config.yaml`` written: given back as ``--config`` with
+    another ``--trainer.default_root_dir``, they follow the new root (they were written as the old
+    root's folders, and a continued run wrote its checkpoints over the first run's)."""
+    root = cfg.trainer.default_root_dir
+    if cfg.get("checkpoint") is not None and cfg.checkpoint.get("dirpath") == os.path.join(root, "checkpoints"):
+        cfg.checkpoint.dirpath = None
+    for lg in _loggers(cfg):
+        init = getattr(lg, "init_args", None)
+        if init is not None and init.get("save_dir") == root:
+            init.save_dir = None
 
 
 def refuse_a_second_run(dirpath: str) -> None:
@@ -296,7 +319,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
             args=argv,
         )
     except (DataError, ConfigError) as e:
-        print(f"error: {e}", file=sys.stderr)
+        print(f"error: {named_where(str(e), argv)}", file=sys.stderr)
         return 2
     except ArgumentError as e:  # jsonargparse: an option that does not exist, a value of the wrong type
         sub = next((a for a in argv if not a.startswith("-")), "")
