@@ -413,7 +413,7 @@ def test_an_inline_model_config_with_a_wrong_typed_setting_is_one_line(monkeypat
     rc = main(["fit", "--config", "configs/quickstart.yaml", "--model.config", '{"model_type": "dpt", "hidden_size": "big"}',
                "--trainer.default_root_dir", str(tmp_path)])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
-    assert rc == 2 and len(err) == 1 and err[0].startswith("error: model.config: not a model config"), err
+    assert rc == 2 and len(err) == 1 and err[0].startswith("error: the command line: model.config: not a model config"), err
 
 
 @pytest.mark.parametrize("settings, named", [
@@ -442,4 +442,30 @@ def test_optimizer_settings_out_of_range_are_one_line_before_any_data_loads(sett
     err = capsys.readouterr().err
     lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
     assert rc == 2 and len(lines) == 1 and named in lines[0] and "Traceback" not in err, (settings, err[-1500:])
+    assert lines[0].startswith(f"error: the command line: {named} "), lines  # where the value in effect was given
     assert "checking" not in err and not list(tmp_path.rglob("*.ckpt"))
+
+
+@pytest.mark.parametrize("text, named", [
+    ("model:\n  warmup_ratio: 1.5\n", "model.warmup_ratio"),
+    ("model:\n  lr: .inf\n", "model.lr"),
+    ("data:\n  splits:\n    train:\n      images: train/*.jpg\n      masks: trainannot/{idx}.png\n"
+     "    val:\n      images: val/*.jpg\n      masks: valannot/{stem}.png\n", "data.splits.train.masks"),
+])
+def test_a_setting_dptune_refuses_names_the_file_that_gave_it(text, named, monkeypatch, capsys, tmp_path):
+    """dptune's own checks (a range, a template) named the setting but not the config file it came
+    from, as jsonargparse's type errors do."""
+    from conftest import CAMVID, REPO, SHARED
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    mine = tmp_path / "mine.yaml"
+    mine.write_text(text)
+    rc = main(["fit", "--config", "configs/camvid.yaml", "--config", str(mine), "--data.root", str(CAMVID),
+               "--model.config", str(SHARED / "bench" / "dpt-bench-tiny.json"), "--trainer.max_steps", "1",
+               "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run")])
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {mine}: {named}"), err[-1500:]
+    assert not list(tmp_path.rglob("*.ckpt"))

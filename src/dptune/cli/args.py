@@ -333,6 +333,26 @@ def setting_error(message: str, args: list[str]) -> str | None:
     return f"{where}: {key}: {problem}" if where else f"{key}: {problem}"
 
 
+# dptune's own refusal of a setting starts with the setting's key: ``model.lr (...) must be ...``
+SETTING_FIRST = re.compile(r"^((?:model|data|trainer|checkpoint|progress)(?:\.[A-Za-z_]\w*)+)\b")
+
+
+def named_where(message: str, args: list[str]) -> str:
+    """``message`` (dptune's line about a setting it refused, starting with the setting's dotted key)
+    with the place that gave the value in effect put before it, as jsonargparse's refusals are said
+    (``setting_error``): the last config file (or the command line) in ``args`` that set the key, or
+    the nearest enclosing key (``data.splits`` given whole). Unchanged when no place set it."""
+    m = SETTING_FIRST.match(message)
+    if not m:
+        return message
+    parts = m.group(1).split(".")
+    for j in range(len(parts), 1, -1):
+        found = _sources(".".join(parts[:j]), args)
+        if found:
+            return f"{found[-1][0]}: {message}"
+    return message
+
+
 def register_loader() -> None:
     """jsonargparse's YAML loader, for config files and command-line values alike, with moved class
     paths renamed (``renamed``)."""

@@ -182,9 +182,18 @@ def setup_splits(splits: dict, stage: str | None, build: Callable[[str], object]
                  where: str = "data") -> None:
     """Build (and check) the datasets a Lightning stage needs; fitting needs a training split, and
     each evaluation split needs a sample for every process (``check_eval_shards``)."""
+    from dptune.data.templates import check_template
     from dptune.errors import DataError
 
     wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",), "predict": ()}.get(stage or "fit", STAGES)
+    for split in wanted:  # a label template's own mistake, named by its setting before any file is read
+        spec = splits.get(split)
+        for key in ("masks", "depth"):
+            if isinstance(spec, dict) and isinstance(spec.get(key), str):
+                try:
+                    check_template(spec[key])
+                except DataError as e:
+                    raise DataError(f"{where}.splits.{split}.{key}: {e}") from None
     built = {s: build(s) for s in wanted if s in splits}
     if stage == "fit" and "train" not in splits:
         raise DataError(f"{where}.splits needs a 'train' split to fit")
