@@ -806,3 +806,20 @@ def test_depth_labels_given_to_a_segmentation_model_say_what_the_model_is(models
     assert evaluate_main([*args, "--config", str(REPO / "configs" / "quickstart.yaml")]) == 2
     (line,) = errors(capsys)
     assert "segmentation model" in line and "leave out --depth" in line, line
+
+
+@needs(KITCHEN)
+def test_labels_for_the_part_a_model_lacks_are_refused_not_passed_over(models, capsys):
+    """A segmentation model given --masks and --depth scored the masks and never read --depth (exit
+    0); a depth model given --masks scored depth without a word about them; a joint model given both
+    scored depth only."""
+    images = str(CAMVID / "val" / "*.jpg")
+    masks = ["--masks", str(CAMVID / "valannot" / "{stem}.png"), "--labels", str(CAMVID / "labels.yaml")]
+    depth = ["--depth", str(KITCHEN / "val" / "depth" / "{stem}.png")]
+    for model, extra, said in ((models / "segmentation", [*masks, *depth], "leave out --depth"),
+                               (models / "depth", [*masks, *depth], "leave out --masks"),
+                               (models / "depth", masks, "--depth"),
+                               (models, [*masks, *depth], "--part")):
+        assert evaluate_main(["--model", str(model), "--images", images, *extra]) == 2, (model, extra)
+        (line,) = errors(capsys)
+        assert said in line and str(model) in line, line

@@ -226,7 +226,8 @@ def evaluate_depth(args) -> int:
     from dptune.inference.depth_predictor import DepthPredictor
 
     if not (args.images and args.depth):
-        raise DataError("for a depth model give --images and --depth (a template with {stem}), and --depth-scale")
+        raise DataError("for a depth model give --images and --depth (a path template: {stem}, {name}, {dir} or {id}); "
+                        "--depth-scale if the maps are not millimetres (16-bit) or metres (float)")
     if args.depth_scale is not None and not 0 < args.depth_scale < math.inf:
         raise ConfigError(f"--depth-scale must be a positive number of stored values per metre, got {args.depth_scale}")
     source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale,

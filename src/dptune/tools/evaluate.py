@@ -103,6 +103,24 @@ def confusion_image(confmat: np.ndarray, names: list[str], path: str, cell: int 
         raise DataError(f"--confusion {path}: could not be written ({e})") from None
 
 
+def check_labels_fit_model(args, task: str) -> None:
+    """Labels for a part the model does not have are refused, never passed over: depth maps for a
+    segmentation model, masks for a depth model; a joint model given both as files scores one part
+    per command (``--part``; a joint ``--config`` scores both)."""
+    masks = args.masks or args.labels
+    if task == "segmentation" and args.depth:
+        how = ("leave out --depth" + (" to score it on the config's masks" if args.config else "")
+               if args.config or masks else "score it with --masks and --labels (or --config)")
+        raise DataError(f"--depth: {args.model} is a segmentation model (no depth output); {how}, or give a "
+                        "depth model")
+    if task == "depth" and masks and not args.config:
+        how = "leave out --masks and --labels" if args.depth else "score it with --depth (a path template)"
+        raise DataError(f"--masks: {args.model} is a depth model (no classes); {how}, or give a segmentation model")
+    if task == "multitask" and args.depth and masks and not args.config and not args.part:
+        raise DataError(f"--masks and --depth: {args.model} is a segmentation + depth model, scored on files one part "
+                        "per command: add --part segmentation or --part depth (a joint --config scores both)")
+
+
 def _source_and_labels(args) -> tuple[object, LabelSet]:
     from dptune.data.datamodule import SegmentationDataModule
     from dptune.data.sources import FolderSource, build_source
@@ -214,13 +232,9 @@ def main(argv: list[str] | None = None) -> int:
             rc = evaluate_with_config(args, task, main, sys.argv[1:] if argv is None else list(argv))
             if rc is not None:
                 return rc
-        if task == "depth" or (task == "multitask" and args.depth):  # a joint model: the part the labels score
-            return evaluate_depth(args)
-        if args.depth and not args.masks:  # depth ground truth for a model without a depth output
-            how = "leave out --depth to score it on the config's masks" if args.config else \
-                "score it with --masks and --labels (or --config)"
-            raise DataError(f"--depth: {args.model} is a segmentation model (no depth output); {how}, or give a "
-                            "depth model")
+        check_labels_fit_model(args, task)
+        if task == "depth" or (task == "multitask" and args.depth and args.part != "segmentation"):
+            return evaluate_depth(args)  # a joint model given files: the part they label
         source, labels = _source_and_labels(args)
         if args.held_back:
             source = held_back(source, args, "segmentation")
