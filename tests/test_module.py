@@ -249,3 +249,9 @@ def test_a_checkpoint_saved_with_settings_that_cannot_train_still_serves(key, va
     x = torch.rand(1, 3, 64, 64)
     with torch.no_grad():
         assert torch.equal(loaded.model(x).logits, module.eval().model(x).logits)
+
+
+def test_heads_held_at_learning_rate_zero_are_said(tiny_config, caplog):
+    with caplog.at_level("WARNING"):
+        _module(tiny_config, head_lr_mult=0.0)
+    assert "model.head_lr_mult 0: the neck and heads do not train" in caplog.text

@@ -60,6 +60,9 @@ def check_optimizer_settings(hp: Any) -> None:
     if not isinstance(betas, (list, tuple)) or len(betas) != 2 or any(bad("betas", b, 0.0, True, 1.0, False, "")
                                                                     for b in betas):
         raise ConfigError(f"model.betas (AdamW's two averaging rates) must be two numbers >= 0 and < 1, got {betas!r}")
+    if hp.get("head_lr_mult") == 0:
+        log.warning("model.head_lr_mult 0: the neck and heads do not train (learning rate 0), newly initialised "
+                    "layers included")
 
 
 def canonical(name: str) -> str:
