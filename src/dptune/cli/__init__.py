@@ -19,6 +19,7 @@ from dptune.cli.args import (
     check_early_configs,
     command_line_start,
     config_files,
+    follow_the_root,
     named_where,
     read_config,
     register_loader,
@@ -76,7 +77,6 @@ class LoggedSaveConfig(SaveConfigCallback):
         self.config = self.config.clone()
         if "ckpt_path" in self.config:
             self.config.ckpt_path = None
-        forget_derived_folders(self.config)
         super().setup(trainer, pl_module, stage)
 
     def on_fit_start(self, trainer, pl_module) -> None:
@@ -154,6 +154,7 @@ class DPTuneCLI(LightningCLI):
 
     def __init__(self, *args: Any, task: str = "segmentation", prog: str | None = None, **kwargs: Any) -> None:
         self.task = task
+        self._argv = list(kwargs.get("args") or [])  # where each setting came from (config files' own folders)
         kwargs.setdefault("trainer_class", DPTuneTrainer)  # precision: auto resolved for the machine
         register_loader()
         # a bad value or option raises (one line from ``main``) instead of printing the whole usage first
@@ -220,12 +221,9 @@ class DPTuneCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         root = cfg.trainer.default_root_dir or DEFAULT_ROOT
         cfg.trainer.default_root_dir = root
+        follow_the_root(cfg, self._argv, _loggers(cfg))
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
-        elif os.path.commonpath([os.path.abspath(cfg.checkpoint.dirpath), os.path.abspath(root)]) != os.path.abspath(root):
-            log.warning("checkpoint.dirpath %s lies outside trainer.default_root_dir %s: the checkpoints go there (a "
-                        "config.yaml of an earlier version names its run's folder; set checkpoint.dirpath null to "
-                        "follow the root)", cfg.checkpoint.dirpath, root)
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
             refuse_a_second_run(cfg.checkpoint.dirpath)
         for lg in _loggers(cfg):
@@ -236,20 +234,6 @@ class DPTuneCLI(LightningCLI):
 
 def _loggers(cfg) -> list:
     return cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
-
-
-def forget_derived_folders(cfg) -> None:
-    """The checkpoint folder and the loggers' folder that ``before_instantiate_classes`` derived from
-    the run's root go back to null in the ``config.yaml`` written: given back as ``--config`` with
-    another ``--trainer.default_root_dir``, they follow the new root (they were written as the old
-    root's folders, and a continued run wrote its checkpoints over the first run's)."""
-    root = cfg.trainer.default_root_dir
-    if cfg.get("checkpoint") is not None and cfg.checkpoint.get("dirpath") == os.path.join(root, "checkpoints"):
-        cfg.checkpoint.dirpath = None
-    for lg in _loggers(cfg):
-        init = getattr(lg, "init_args", None)
-        if init is not None and init.get("save_dir") == root:
-            init.save_dir = None
 
 
 def refuse_a_second_run(dirpath: str) -> None:

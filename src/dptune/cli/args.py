@@ -353,6 +353,44 @@ def named_where(message: str, args: list[str]) -> str:
     return message
 
 
+def _same_path(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.normpath(a) == os.path.normpath(b)
+
+
+def _root_of(spec: Any) -> Any:
+    """The ``trainer.default_root_dir`` a config file sets (at the top or under a subcommand), else None."""
+    for key in ["trainer.default_root_dir", *(f"{s}.trainer.default_root_dir" for s in LightningCLI.subcommands())]:
+        hit, got = _at(spec, key.split("."))
+        if hit:
+            return got
+    return None
+
+
+def follow_the_root(cfg: Any, args: list[str], loggers: list) -> None:
+    """A run's config.yaml names that run's folders: its ``checkpoint.dirpath`` and its loggers'
+    ``save_dir``, derived from its ``trainer.default_root_dir``. Given back as ``--config`` with
+    another root, they follow the new root (they kept the earlier run's folders, and a run continued
+    elsewhere wrote over that run's checkpoints and into its W&B folder). A folder the file sets to
+    anything else than its own root's is left as it is."""
+    root = cfg.trainer.default_root_dir
+    for path in config_files(args):
+        old = _root_of(read_config(path)) if os.path.isfile(path) else None
+        if not isinstance(old, str) or _same_path(old, root):
+            continue
+        moved = []
+        if _same_path(cfg.checkpoint.dirpath, os.path.join(old, "checkpoints")):
+            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+            moved.append("checkpoint.dirpath")
+        for lg in loggers:
+            init = getattr(lg, "init_args", None)
+            if init is not None and _same_path(init.get("save_dir"), old):
+                init.save_dir = root
+                moved.append("the logger's save_dir")
+        if moved:
+            log.info("%s: %s named the folder of its own run (%s); this run's follow trainer.default_root_dir %s",
+                     path, " and ".join(moved), old, root)
+
+
 def register_loader() -> None:
     """jsonargparse's YAML loader, for config files and command-line values alike, with moved class
     paths renamed (``renamed``)."""
