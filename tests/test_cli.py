@@ -469,3 +469,25 @@ def test_a_setting_dptune_refuses_names_the_file_that_gave_it(text, named, monke
     lines = [ln for ln in err.splitlines() if ln.startswith("error:") or "Traceback" in ln]
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {mine}: {named}"), err[-1500:]
     assert not list(tmp_path.rglob("*.ckpt"))
+
+
+def test_the_place_named_is_the_last_that_set_the_key_or_a_key_around_it(tmp_path):
+    from dptune.cli.args import named_where
+
+    a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
+    a.write_text("data:\n  root: x\n  splits:\n    train:\n      images: i/*.jpg\n      masks: m/{stem}.png\n")
+    b.write_text("data:\n  batch_size: 2\n")  # a data section without the key
+    said = "data.splits.train.masks: m/{oops}.png: unknown placeholder {oops}"
+    splits = '{train: {images: i/*.jpg, masks: "m/{oops}.png"}}'
+    assert named_where(said, ["fit", "--config", str(a), "--config", str(b)]) == f"{a}: {said}"
+    assert named_where(said, ["fit", "--config", str(a), "--data.splits", splits]) == f"the command line: {said}"
+    assert named_where(said, ["fit", "--config", str(a), f"--data.splits={splits}", "--config", str(b)]) == \
+        f"the command line: {said}"
+    assert named_where(said, ["fit", "--config", str(a), "--data", f"{{splits: {splits}}}"]) == \
+        f"the command line: {said}"
+    assert named_where(said, ["fit", "--config", str(b)]) == said  # nobody set it: nothing to name
+    c = tmp_path / "c.yaml"
+    c.write_text(f"data: {a}\n")  # a section given as a file of its settings
+    assert named_where(said, ["fit", "--config", str(c)]) == f"{c}: {said}"
+    # a later file that sets the key wins over an earlier command-line value
+    assert named_where(said, ["fit", "--data.splits", splits, "--config", str(a)]) == f"{a}: {said}"

@@ -337,20 +337,50 @@ def setting_error(message: str, args: list[str]) -> str | None:
 SETTING_FIRST = re.compile(r"^((?:model|data|trainer|checkpoint|progress)(?:\.[A-Za-z_]\w*)+)\b")
 
 
+def _last_setter(parts: list[str], args: list[str]) -> str | None:
+    """The place (a config file, "the command line (--config)" or "the command line") of the last
+    argument in ``args`` that set the dotted key ``parts``: a config file holding it (at the top or
+    under a subcommand), or ``--KEY value`` where KEY is it or a key around it whose value holds it
+    (``--data.splits '{train: ...}'``; a value that is no mapping, a file, counts too)."""
+    last = None
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if not name.startswith("-"):
+            continue
+        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+        if name in ("--config", "-c"):
+            where, text = value, value
+            try:
+                if os.path.isfile(value):
+                    with open(value, encoding="utf-8") as f:
+                        text = f.read()
+                else:
+                    where = "the command line (--config)"
+                spec = _as_read(text)
+            except (OSError, UnicodeDecodeError):
+                continue
+            for pre in [[], *([s] for s in LightningCLI.subcommands())]:
+                # the key itself, or a key around it given as a file of its settings (``data: data.yaml``)
+                if _at(spec, [*pre, *parts])[0] or any(isinstance(_at(spec, [*pre, *parts[:j]])[1], str)
+                                                       for j in range(1, len(parts))):
+                    last = where
+            continue
+        key = name[2:].split(".")
+        if key == parts[:len(key)]:
+            rest, given = parts[len(key):], _as_read(value)
+            if not rest or not isinstance(given, dict) or _at(given, rest)[0]:
+                last = "the command line"
+    return last
+
+
 def named_where(message: str, args: list[str]) -> str:
     """``message`` (dptune's line about a setting it refused, starting with the setting's dotted key)
     with the place that gave the value in effect put before it, as jsonargparse's refusals are said
-    (``setting_error``): the last config file (or the command line) in ``args`` that set the key, or
-    the nearest enclosing key (``data.splits`` given whole). Unchanged when no place set it."""
+    (``setting_error``): the last argument that set the key or a key around it (``_last_setter``).
+    Unchanged when none did (a default)."""
     m = SETTING_FIRST.match(message)
-    if not m:
-        return message
-    parts = m.group(1).split(".")
-    for j in range(len(parts), 1, -1):
-        found = _sources(".".join(parts[:j]), args)
-        if found:
-            return f"{found[-1][0]}: {message}"
-    return message
+    where = _last_setter(m.group(1).split("."), args) if m else None
+    return f"{where}: {message}" if where else message
 
 
 def _same_path(a: Any, b: Any) -> bool:
