@@ -823,3 +823,17 @@ def test_labels_for_the_part_a_model_lacks_are_refused_not_passed_over(models, c
         assert evaluate_main(["--model", str(model), "--images", images, *extra]) == 2, (model, extra)
         (line,) = errors(capsys)
         assert said in line and str(model) in line, line
+
+
+@needs(KITCHEN)
+def test_a_part_asked_for_without_its_labels_is_refused(models, capsys):
+    """`--part depth` with masks only scored segmentation (the part's labels missing, the other's used)."""
+    images = str(CAMVID / "val" / "*.jpg")
+    masks = ["--masks", str(CAMVID / "valannot" / "{stem}.png"), "--labels", str(CAMVID / "labels.yaml")]
+    depth = ["--depth", str(KITCHEN / "val" / "depth" / "{stem}.png")]
+    for model, extra, said in ((models, ["--part", "depth", *masks], "--part depth"),
+                               (models, ["--part", "segmentation", *depth], "--part segmentation"),
+                               (models / "segmentation", ["--part", "depth", *depth], "--part depth")):
+        assert evaluate_main(["--model", str(model), "--images", images, *extra]) == 2, (model, extra)
+        (line,) = errors(capsys)
+        assert said in line and str(model) in line, line

@@ -108,6 +108,12 @@ def check_labels_fit_model(args, task: str) -> None:
     segmentation model, masks for a depth model; a joint model given both as files scores one part
     per command (``--part``; a joint ``--config`` scores both)."""
     masks = args.masks or args.labels
+    parts = {"segmentation": ("segmentation",), "depth": ("depth",), "multitask": ("segmentation", "depth")}[task]
+    if args.part and args.part not in parts:
+        raise DataError(f"--part {args.part}: {args.model} is a {task} model (no {args.part} output)")
+    if args.part and not args.config and not (args.depth if args.part == "depth" else masks):
+        need = "--depth (a path template)" if args.part == "depth" else "--masks and --labels"
+        raise DataError(f"--part {args.part}: give {need} to score the {args.part} part of {args.model}")
     if task == "segmentation" and args.depth:
         how = ("leave out --depth" + (" to score it on the config's masks" if args.config else "")
                if args.config or masks else "score it with --masks and --labels (or --config)")
