@@ -486,8 +486,47 @@ def test_the_place_named_is_the_last_that_set_the_key_or_a_key_around_it(tmp_pat
     assert named_where(said, ["fit", "--config", str(a), "--data", f"{{splits: {splits}}}"]) == \
         f"the command line: {said}"
     assert named_where(said, ["fit", "--config", str(b)]) == said  # nobody set it: nothing to name
+    section = tmp_path / "section.yaml"  # a section given as a file of its settings
+    section.write_text("splits:\n  train:\n    images: i/*.jpg\n    masks: m/{oops}.png\n")
     c = tmp_path / "c.yaml"
-    c.write_text(f"data: {a}\n")  # a section given as a file of its settings
-    assert named_where(said, ["fit", "--config", str(c)]) == f"{c}: {said}"
+    c.write_text(f"data: {section}\n")
+    assert named_where(said, ["fit", "--config", str(c)]) == f"{section}: {said}"  # the file that holds it
+    assert named_where(said, ["fit", "--config", str(a), "--data", str(section)]) == f"{section}: {said}"
+    # a section file without the key sets none of it: the earlier place's value is in effect
+    d = tmp_path / "d.yaml"
+    d.write_text("batch_size: 4\n")
+    e = tmp_path / "e.yaml"
+    e.write_text(f"data: {d}\n")
+    assert named_where(said, ["fit", "--config", str(a), "--data", str(d)]) == f"{a}: {said}"
+    assert named_where(said, ["fit", "--config", str(a), "--config", str(e)]) == f"{a}: {said}"
     # a later file that sets the key wins over an earlier command-line value
     assert named_where(said, ["fit", "--data.splits", splits, "--config", str(a)]) == f"{a}: {said}"
+
+
+def test_the_folders_a_run_config_names_for_its_root_follow_a_new_root_and_no_others(tmp_path):
+    from jsonargparse import Namespace
+
+    from dptune.cli.args import follow_the_root
+
+    old, new = tmp_path / "old", tmp_path / "new"
+    saved = tmp_path / "config.yaml"
+    saved.write_text(f"trainer:\n  default_root_dir: {old}\ncheckpoint:\n  dirpath: {old}/checkpoints\n")
+
+    def cfg(dirpath, save_dir):
+        logger = Namespace(class_path="x.Logger", init_args=Namespace(save_dir=save_dir))
+        return Namespace(trainer=Namespace(default_root_dir=str(new), logger=logger),
+                         checkpoint=Namespace(dirpath=dirpath))
+
+    args = ["fit", "--config", str(saved), "--trainer.default_root_dir", str(new)]
+    got = cfg(f"{old}/checkpoints", str(old))
+    follow_the_root(got, args, [got.trainer.logger])
+    assert got.checkpoint.dirpath == str(new / "checkpoints") and got.trainer.logger.init_args.save_dir == str(new)
+    # a folder given on the command line stays, even the earlier run's (the user asked for it)
+    got = cfg(f"{old}/checkpoints", str(old))
+    follow_the_root(got, [*args, "--checkpoint.dirpath", f"{old}/checkpoints"], [got.trainer.logger])
+    assert got.checkpoint.dirpath == f"{old}/checkpoints"
+    # another folder the file names stays too
+    got = cfg(str(tmp_path / "elsewhere"), str(tmp_path / "logs"))
+    follow_the_root(got, args, [got.trainer.logger])
+    assert got.checkpoint.dirpath == str(tmp_path / "elsewhere") and got.trainer.logger.init_args.save_dir == str(
+        tmp_path / "logs")

@@ -9,6 +9,7 @@ import json
 import logging
 import os
 import re
+from collections.abc import Iterator
 from typing import Any
 
 import yaml
@@ -273,26 +274,39 @@ def _same(value: Any, given: str) -> bool:
     return any(" ".join(str(v).split()) == said for v in ([value, _as_read(value)] if isinstance(value, str) else [value]))
 
 
+def _options(args: list[str]) -> Iterator[tuple[str, str]]:
+    """Each option of a command line with its value (``--key value`` or ``--key=value``), in order."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name.startswith("-"):
+            yield name, value if eq else (args[i + 1] if i + 1 < len(args) else "")
+
+
+def _config_read(value: str) -> tuple[str, Any] | None:
+    """A ``--config`` value as (where it is: the file, or "the command line (--config)" for settings
+    given inline; its settings as jsonargparse reads them); None when it cannot be read."""
+    where, text = value, value
+    try:
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                text = f.read()
+        else:
+            where = "the command line (--config)"  # settings given inline
+        return where, _as_read(text)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def _sources(key: str, args: list[str]) -> list[tuple[str, Any]]:
     """Where ``args`` set ``key``, in order: (a config file's path or "the command line", the value as
     jsonargparse reads it). A config file may hold it under a subcommand (``fit: {trainer: ...}``)."""
     found = []
-    for i, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        if not name.startswith("-"):
-            continue
-        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    for name, value in _options(args):
         if name in ("--config", "-c"):
-            where, text = value, value
-            try:
-                if os.path.isfile(value):
-                    with open(value, encoding="utf-8") as f:
-                        text = f.read()
-                else:
-                    where = "the command line (--config)"  # settings given inline
-                spec = _as_read(text)
-            except (OSError, UnicodeDecodeError):
+            read = _config_read(value)
+            if read is None:
                 continue
+            where, spec = read
             for k in [key, *(f"{sub}.{key}" for sub in LightningCLI.subcommands())]:
                 hit, got = _at(spec, k.split("."))
                 if hit:
@@ -337,39 +351,52 @@ def setting_error(message: str, args: list[str]) -> str | None:
 SETTING_FIRST = re.compile(r"^((?:model|data|trainer|checkpoint|progress)(?:\.[A-Za-z_]\w*)+)\b")
 
 
+def _held(value: Any, rest: list[str], base: str) -> str | None:
+    """Where ``value`` (given for a key around a setting) sets the setting at ``rest`` within it:
+    "" when it is a mapping holding it, a file's path when it names a file of settings holding it
+    (relative to ``base``, the folder of the config that names it, or to the working folder), else
+    None (it sets the section, not this setting)."""
+    if isinstance(value, dict):
+        return "" if _at(value, rest)[0] else None
+    if not isinstance(value, str):
+        return None
+    for path in dict.fromkeys([os.path.join(base, value), value]):
+        if os.path.isfile(path):
+            read = _config_read(path)
+            return path if read is not None and _at(read[1], rest)[0] else None
+    return None
+
+
 def _last_setter(parts: list[str], args: list[str]) -> str | None:
-    """The place (a config file, "the command line (--config)" or "the command line") of the last
-    argument in ``args`` that set the dotted key ``parts``: a config file holding it (at the top or
-    under a subcommand), or ``--KEY value`` where KEY is it or a key around it whose value holds it
-    (``--data.splits '{train: ...}'``; a value that is no mapping, a file, counts too)."""
+    """The place of the last argument in ``args`` that set the dotted key ``parts`` (a config file,
+    "the command line (--config)", "the command line", or a file of a section's settings that one of
+    them named): a config file holding it (at the top or under a subcommand, or in a file it gives
+    for a key around it: ``data: data.yaml``), or ``--KEY value`` where KEY is it or a key around it
+    whose value holds it (``--data.splits '{train: ...}'``, ``--data data.yaml``)."""
     last = None
-    for i, arg in enumerate(args):
-        name, eq, value = arg.partition("=")
-        if not name.startswith("-"):
-            continue
-        value = value if eq else (args[i + 1] if i + 1 < len(args) else "")
+    for name, value in _options(args):
         if name in ("--config", "-c"):
-            where, text = value, value
-            try:
-                if os.path.isfile(value):
-                    with open(value, encoding="utf-8") as f:
-                        text = f.read()
-                else:
-                    where = "the command line (--config)"
-                spec = _as_read(text)
-            except (OSError, UnicodeDecodeError):
+            read = _config_read(value)
+            if read is None:
                 continue
+            where, spec = read
+            base = os.path.dirname(value) if os.path.isfile(value) else "."
             for pre in [[], *([s] for s in LightningCLI.subcommands())]:
-                # the key itself, or a key around it given as a file of its settings (``data: data.yaml``)
-                if _at(spec, [*pre, *parts])[0] or any(isinstance(_at(spec, [*pre, *parts[:j]])[1], str)
-                                                       for j in range(1, len(parts))):
+                if _at(spec, [*pre, *parts])[0]:
                     last = where
+                    continue
+                for j in range(1, len(parts)):  # a key around it given as a file of its settings
+                    found, around = _at(spec, [*pre, *parts[:j]])
+                    held = _held(around, parts[j:], base) if found and isinstance(around, str) else None
+                    if held:
+                        last = held
             continue
         key = name[2:].split(".")
         if key == parts[:len(key)]:
-            rest, given = parts[len(key):], _as_read(value)
-            if not rest or not isinstance(given, dict) or _at(given, rest)[0]:
-                last = "the command line"
+            rest = parts[len(key):]
+            held = "" if not rest else _held(_as_read(value), rest, ".")
+            if held is not None:
+                last = held or "the command line"
     return last
 
 
@@ -408,7 +435,8 @@ def follow_the_root(cfg: Any, args: list[str], loggers: list) -> None:
         if not isinstance(old, str) or _same_path(old, root):
             continue
         moved = []
-        if _same_path(cfg.checkpoint.dirpath, os.path.join(old, "checkpoints")):
+        if _same_path(cfg.checkpoint.dirpath, os.path.join(old, "checkpoints")) and \
+                _last_setter(["checkpoint", "dirpath"], args) == path:  # the file's, not given after it
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
             moved.append("checkpoint.dirpath")
         for lg in loggers:
