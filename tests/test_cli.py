@@ -472,7 +472,7 @@ def test_a_setting_dptune_refuses_names_the_file_that_gave_it(text, named, monke
 
 
 def test_the_place_named_is_the_last_that_set_the_key_or_a_key_around_it(tmp_path):
-    from dptune.cli.args import named_where
+    from dptune.cli.places import named_where
 
     a, b = tmp_path / "a.yaml", tmp_path / "b.yaml"
     a.write_text("data:\n  root: x\n  splits:\n    train:\n      images: i/*.jpg\n      masks: m/{stem}.png\n")
@@ -506,7 +506,7 @@ def test_the_place_named_is_the_last_that_set_the_key_or_a_key_around_it(tmp_pat
 def test_the_folders_a_run_config_names_for_its_root_follow_a_new_root_and_no_others(tmp_path):
     from jsonargparse import Namespace
 
-    from dptune.cli.args import follow_the_root
+    from dptune.cli.places import follow_the_root
 
     old, new = tmp_path / "old", tmp_path / "new"
     saved = tmp_path / "config.yaml"

@@ -19,13 +19,11 @@ from dptune.cli.args import (
     check_early_configs,
     command_line_start,
     config_files,
-    follow_the_root,
-    named_where,
     read_config,
     register_loader,
     renamed_args,
-    setting_error,
 )
+from dptune.cli.places import follow_the_root, named_where, setting_error
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path

@@ -1,0 +1,287 @@
+"""Where a setting was given: jsonargparse's refusal of a setting and dptune's own, said as
+``WHERE: KEY: PROBLEM`` with the config file (or the command line) that gave the value, and the
+folders a run's config.yaml names for its own root following a new one."""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+from collections.abc import Iterator
+from typing import Any
+
+from lightning.pytorch.cli import LightningCLI
+
+from dptune.cli.args import config_files, read_config
+
+log = logging.getLogger(__name__)
+
+
+KEY_ERROR = re.compile(r'Parser key "([^"]+)":\s*(.*)', re.S)  # jsonargparse: a value its type refuses
+# a key no class has: under a subcommand, or in a group (``model``) of it
+NO_OPTION = re.compile(r"(?:Subcommand '\w+'|Group '([\w.]+)') does not accept option '([^']+)'"
+                       r"|Option '([^']+)' is not accepted")
+
+
+def _split_top(text: str) -> list[str]:
+    """``text`` split at the commas outside brackets (``a, Literal[b, c]`` -> ``a``, ``Literal[b, c]``)."""
+    parts, depth, start = [], 0, 0
+    for i, c in enumerate(text):
+        depth += c in "[(" and 1 or (-1 if c in "])" else 0)
+        if c == "," and depth == 0:
+            parts.append(text[start:i].strip())
+            start = i + 1
+    return [p for p in [*parts, text[start:].strip()] if p]
+
+
+def _type_words(spec: str) -> str:
+    """jsonargparse's spelling of a type as a user reads it: ``<class 'int'>`` -> int, NoneType -> null,
+    ``typing.Literal[1, 'a']`` -> one of 1, 'a'."""
+    spec = spec.strip().replace("typing.", "")
+    named = re.fullmatch(r"<class '(?:\w+\.)*(\w+)'>", spec)
+    if named:
+        return "null" if named.group(1) == "NoneType" else named.group(1)
+    if spec.startswith("Literal[") and spec.endswith("]"):
+        return "one of " + ", ".join(_split_top(spec[len("Literal["):-1]))
+    return spec
+
+
+def _class_problem(text: str) -> str | None:
+    """The error jsonargparse found inside a ``class_path`` value (a callback's ``init_args``, a class
+    that does not import), which its message nests among the errors of every subtype it tried."""
+    lines = text.splitlines()
+    for i, line in enumerate(lines):
+        m = re.match(r"(\s*)- Problem with given class_path '([^']+)':\s*(.*)$", line)
+        if not m:
+            continue
+        indent, inner = len(m.group(1)), [m.group(3)]
+        for nxt in lines[i + 1:]:
+            if len(nxt) - len(nxt.lstrip()) <= indent:
+                break
+            inner.append(nxt.strip())
+        said = " ".join(" ".join(inner).split())
+        key = re.match(r'Parser key "([^"]+)": (.*)', said)
+        return f"{m.group(2)}: {key.group(1)}: {_problem(key.group(2))}" if key else f"{m.group(2)}: {said}"
+    return None
+
+
+def _problem(text: str) -> str:
+    """What jsonargparse says is wrong with a value, in a few words: ``expected int or null, given abc``."""
+    nested = _class_problem(text)
+    if nested:
+        return nested
+    text = " ".join(text.split())
+    union = re.search(r"Subtypes: \[(.*)\] Errors:.*Given value: (.*)$", text)
+    if union:
+        return f"expected {' or '.join(_type_words(t) for t in _split_top(union.group(1)))}, given {union.group(2)}"
+    plain = re.fullmatch(r"Expected a (.*)\. Got value: (.*)", text)
+    if plain:
+        return f"expected {_type_words(plain.group(1))}, given {plain.group(2)}"
+    return text
+
+
+def _at(spec: Any, parts: list[str]) -> tuple[bool, Any]:
+    """The value at the dotted key ``parts`` of a config (nested mappings, or dotted keys such as
+    ``model.lr:`` at any level); (False, None) where it holds none."""
+    if not parts:
+        return True, spec
+    if not isinstance(spec, dict):
+        return False, None
+    for j in range(len(parts), 0, -1):
+        name = ".".join(parts[:j])
+        if name in spec:
+            found, value = _at(spec[name], parts[j:])
+            if found:
+                return True, value
+    return False, None
+
+
+def _as_read(text: str) -> Any:
+    """``text`` as jsonargparse reads a value or a config (its YAML loader: ``1e3`` is a float)."""
+    from jsonargparse import get_loader
+
+    try:
+        return get_loader("yaml")(text)
+    except Exception:  # noqa: BLE001 -- any value it cannot read is compared as the text it is
+        return text
+
+
+def _same(value: Any, given: str) -> bool:
+    """Whether ``value`` (as a config holds it, or command-line text) is what jsonargparse printed."""
+    said = " ".join(given.split())
+    return any(" ".join(str(v).split()) == said for v in ([value, _as_read(value)] if isinstance(value, str) else [value]))
+
+
+def _options(args: list[str]) -> Iterator[tuple[str, str]]:
+    """Each option of a command line with its value (``--key value`` or ``--key=value``), in order."""
+    for i, arg in enumerate(args):
+        name, eq, value = arg.partition("=")
+        if name.startswith("-"):
+            yield name, value if eq else (args[i + 1] if i + 1 < len(args) else "")
+
+
+def _config_read(value: str) -> tuple[str, Any] | None:
+    """A ``--config`` value as (where it is: the file, or "the command line (--config)" for settings
+    given inline; its settings as jsonargparse reads them); None when it cannot be read."""
+    where, text = value, value
+    try:
+        if os.path.isfile(value):
+            with open(value, encoding="utf-8") as f:
+                text = f.read()
+        else:
+            where = "the command line (--config)"  # settings given inline
+        return where, _as_read(text)
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
+def _sources(key: str, args: list[str]) -> list[tuple[str, Any]]:
+    """Where ``args`` set ``key``, in order: (a config file's path or "the command line", the value as
+    jsonargparse reads it). A config file may hold it under a subcommand (``fit: {trainer: ...}``)."""
+    found = []
+    for name, value in _options(args):
+        if name in ("--config", "-c"):
+            read = _config_read(value)
+            if read is None:
+                continue
+            where, spec = read
+            for k in [key, *(f"{sub}.{key}" for sub in LightningCLI.subcommands())]:
+                hit, got = _at(spec, k.split("."))
+                if hit:
+                    found.append((where, got))
+                    break
+        elif name == f"--{key}":
+            found.append(("the command line", value))  # compared as given and as read (_same)
+    return found
+
+
+def setting_error(message: str, args: list[str]) -> str | None:
+    """jsonargparse's error about one setting as ``WHERE: KEY: PROBLEM``, WHERE the config file (or the
+    command line) that gave the value: jsonargparse checks each file as it reads it, so the first
+    place whose value is the one refused (an unknown key: the first place that has it). WHERE is
+    left out when more than one place set the key and none holds the refused value as printed.
+    None when the message is about no one setting."""
+    bad = KEY_ERROR.search(message)  # the message keeps its lines: a nested class's error is read by its indent
+    unknown = NO_OPTION.search(" ".join(message.split()))
+    if bad:
+        key, problem = bad.group(1), _problem(bad.group(2))
+        given = re.search(r"given (.*)$", problem)
+    elif unknown:
+        key = ".".join(k for k in unknown.groups() if k)
+        problem, given = "no such setting", None
+    else:
+        return None
+    found = _sources(key, args)
+    if not found and unknown:  # a config given before the subcommand: its keys carry the subcommand's name
+        sub, _, rest = key.partition(".")
+        if sub in LightningCLI.subcommands() and rest:
+            key, found = rest, _sources(rest, args)
+    if unknown:  # jsonargparse stops at the first place that names an unknown key
+        where = found[0][0] if found else None
+    elif given is None:  # nothing to tell the places apart by
+        where = found[0][0] if len(found) == 1 else None
+    else:
+        where = next((w for w, v in found if _same(v, given.group(1))), found[0][0] if len(found) == 1 else None)
+    return f"{where}: {key}: {problem}" if where else f"{key}: {problem}"
+
+
+# dptune's own refusal of a setting starts with the setting's key: ``model.lr (...) must be ...``
+SETTING_FIRST = re.compile(r"^((?:model|data|trainer|checkpoint|progress)(?:\.[A-Za-z_]\w*)+)\b")
+
+
+def _held(value: Any, rest: list[str], base: str) -> str | None:
+    """Where ``value`` (given for a key around a setting) sets the setting at ``rest`` within it:
+    "" when it is a mapping holding it, a file's path when it names a file of settings holding it
+    (relative to ``base``, the folder of the config that names it, or to the working folder), else
+    None (it sets the section, not this setting)."""
+    if isinstance(value, dict):
+        return "" if _at(value, rest)[0] else None
+    if not isinstance(value, str):
+        return None
+    for path in dict.fromkeys([os.path.join(base, value), value]):
+        if os.path.isfile(path):
+            read = _config_read(path)
+            return path if read is not None and _at(read[1], rest)[0] else None
+    return None
+
+
+def _last_setter(parts: list[str], args: list[str]) -> str | None:
+    """The place of the last argument in ``args`` that set the dotted key ``parts`` (a config file,
+    "the command line (--config)", "the command line", or a file of a section's settings that one of
+    them named): a config file holding it (at the top or under a subcommand, or in a file it gives
+    for a key around it: ``data: data.yaml``), or ``--KEY value`` where KEY is it or a key around it
+    whose value holds it (``--data.splits '{train: ...}'``, ``--data data.yaml``)."""
+    last = None
+    for name, value in _options(args):
+        if name in ("--config", "-c"):
+            read = _config_read(value)
+            if read is None:
+                continue
+            where, spec = read
+            base = os.path.dirname(value) if os.path.isfile(value) else "."
+            for pre in [[], *([s] for s in LightningCLI.subcommands())]:
+                if _at(spec, [*pre, *parts])[0]:
+                    last = where
+                    continue
+                for j in range(1, len(parts)):  # a key around it given as a file of its settings
+                    found, around = _at(spec, [*pre, *parts[:j]])
+                    held = _held(around, parts[j:], base) if found and isinstance(around, str) else None
+                    if held:
+                        last = held
+            continue
+        key = name[2:].split(".")
+        if key == parts[:len(key)]:
+            rest = parts[len(key):]
+            held = "" if not rest else _held(_as_read(value), rest, ".")
+            if held is not None:
+                last = held or "the command line"
+    return last
+
+
+def named_where(message: str, args: list[str]) -> str:
+    """``message`` (dptune's line about a setting it refused, starting with the setting's dotted key)
+    with the place that gave the value in effect put before it, as jsonargparse's refusals are said
+    (``setting_error``): the last argument that set the key or a key around it (``_last_setter``).
+    Unchanged when none did (a default)."""
+    m = SETTING_FIRST.match(message)
+    where = _last_setter(m.group(1).split("."), args) if m else None
+    return f"{where}: {message}" if where else message
+
+
+def _same_path(a: Any, b: Any) -> bool:
+    return isinstance(a, str) and isinstance(b, str) and os.path.normpath(a) == os.path.normpath(b)
+
+
+def _root_of(spec: Any) -> Any:
+    """The ``trainer.default_root_dir`` a config file sets (at the top or under a subcommand), else None."""
+    for key in ["trainer.default_root_dir", *(f"{s}.trainer.default_root_dir" for s in LightningCLI.subcommands())]:
+        hit, got = _at(spec, key.split("."))
+        if hit:
+            return got
+    return None
+
+
+def follow_the_root(cfg: Any, args: list[str], loggers: list) -> None:
+    """A run's config.yaml names that run's folders: its ``checkpoint.dirpath`` and its loggers'
+    ``save_dir``, derived from its ``trainer.default_root_dir``. Given back as ``--config`` with
+    another root, they follow the new root (they kept the earlier run's folders, and a run continued
+    elsewhere wrote over that run's checkpoints and into its W&B folder). A folder the file sets to
+    anything else than its own root's is left as it is."""
+    root = cfg.trainer.default_root_dir
+    for path in config_files(args):
+        old = _root_of(read_config(path)) if os.path.isfile(path) else None
+        if not isinstance(old, str) or _same_path(old, root):
+            continue
+        moved = []
+        if _same_path(cfg.checkpoint.dirpath, os.path.join(old, "checkpoints")) and \
+                _last_setter(["checkpoint", "dirpath"], args) == path:  # the file's, not given after it
+            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+            moved.append("checkpoint.dirpath")
+        for lg in loggers:
+            init = getattr(lg, "init_args", None)
+            if init is not None and _same_path(init.get("save_dir"), old):
+                init.save_dir = root
+                moved.append("the logger's save_dir")
+        if moved:
+            log.info("%s: %s named the folder of its own run (%s); this run's follow trainer.default_root_dir %s",
+                     path, " and ".join(moved), old, root)
