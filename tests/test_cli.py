@@ -523,8 +523,9 @@ def test_the_folders_a_run_config_names_for_its_root_follow_a_new_root_and_no_ot
     assert got.checkpoint.dirpath == str(new / "checkpoints") and got.trainer.logger.init_args.save_dir == str(new)
     # a folder given on the command line stays, even the earlier run's (the user asked for it)
     got = cfg(f"{old}/checkpoints", str(old))
-    follow_the_root(got, [*args, "--checkpoint.dirpath", f"{old}/checkpoints"], [got.trainer.logger])
-    assert got.checkpoint.dirpath == f"{old}/checkpoints"
+    follow_the_root(got, [*args, "--checkpoint.dirpath", f"{old}/checkpoints", "--trainer.logger.init_args.save_dir",
+                          str(old)], [got.trainer.logger])
+    assert got.checkpoint.dirpath == f"{old}/checkpoints" and got.trainer.logger.init_args.save_dir == str(old)
     # another folder the file names stays too
     got = cfg(str(tmp_path / "elsewhere"), str(tmp_path / "logs"))
     follow_the_root(got, args, [got.trainer.logger])

@@ -277,9 +277,11 @@ def follow_the_root(cfg: Any, args: list[str], loggers: list) -> None:
                 _last_setter(["checkpoint", "dirpath"], args) == path:  # the file's, not given after it
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
             moved.append("checkpoint.dirpath")
+        # the file's (or found nowhere by key: a list of loggers), not given after it
+        save_dir_from_file = _last_setter(["trainer", "logger", "init_args", "save_dir"], args) in (path, None)
         for lg in loggers:
             init = getattr(lg, "init_args", None)
-            if init is not None and _same_path(init.get("save_dir"), old):
+            if init is not None and _same_path(init.get("save_dir"), old) and save_dir_from_file:
                 init.save_dir = root
                 moved.append("the logger's save_dir")
         if moved:
