@@ -107,10 +107,11 @@ def check_labels_fit_model(args, task: str) -> None:
     """Labels for a part the model does not have are refused, never passed over: depth maps for a
     segmentation model, masks for a depth model; a joint model given both as files scores one part
     per command (``--part``; a joint ``--config`` scores both)."""
+    from dptune.tools.multitask import PARTS, TASK_WORDS
+
     masks = args.masks or args.labels
-    parts = {"segmentation": ("segmentation",), "depth": ("depth",), "multitask": ("segmentation", "depth")}[task]
-    if args.part and args.part not in parts:
-        raise DataError(f"--part {args.part}: {args.model} is a {task} model (no {args.part} output)")
+    if args.part and args.part not in PARTS[task]:
+        raise DataError(f"--part {args.part}: {args.model} is a {TASK_WORDS[task]} model (no {args.part} output)")
     if args.part and not args.config and not (args.depth if args.part == "depth" else masks):
         need = "--depth (a path template)" if args.part == "depth" else "--masks and --labels"
         raise DataError(f"--part {args.part}: give {need} to score the {args.part} part of {args.model}")
