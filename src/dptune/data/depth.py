@@ -350,14 +350,18 @@ class DepthDataset(Dataset):
 PLAUSIBLE_DEPTH = (0.05, 1000.0)  # metres: what real scenes' median measured depth lies within
 
 
-def check_split_depth(where: str, medians: dict[int, float], source, name: Callable[[int], str]) -> float:
-    """``check_depth_values`` on a split's maps (``medians``: each map's median valid depth), the maps
-    read at each stored value per metre on their own (``source.used_scales``: folders'
-    depth_format.json files may differ, and a wrong one must not hide among the rest's metres);
-    returns the scale most maps were read at."""
+def check_split_depth(where: str, medians: dict[int, float], source,
+                      name: Callable[[int], str]) -> tuple[float, dict[int, str]]:
+    """The unit check of a split's maps (``medians``: each map's median valid depth), in fit's
+    pre-flight check and in ``evaluate`` alike: ``check_depth_values`` on the maps read at each stored
+    value per metre on their own (``source.used_scales``: folders' depth_format.json files may
+    differ, and a wrong one must not hide among the rest's metres), then each map's own
+    (``odd_unit``, with the scale it was read at). Returns the scale most maps were read at and the
+    problem of each map in another unit than the rest."""
+    scale_of = {i: source.used_scales.get(i, source.scale or 1000.0) for i in medians}
     groups: dict[float, list[int]] = {}
-    for i in medians:
-        groups.setdefault(source.used_scales.get(i, source.scale or 1000.0), []).append(i)
+    for i, scale in scale_of.items():
+        groups.setdefault(scale, []).append(i)
     ordered = sorted(groups.items(), key=lambda kv: -len(kv[1]))
     if not ordered:
         check_depth_values(where, [], source.scale or 1000.0)  # no valid pixel anywhere: says so
@@ -365,7 +369,8 @@ def check_split_depth(where: str, medians: dict[int, float], source, name: Calla
         part = where if len(ordered) == 1 else (f"{where}: the {len(members)} maps read as stored value / {scale:g} "
                                                 f"per metre (first: {name(members[0])})")
         check_depth_values(part, [medians[i] for i in members], scale)
-    return ordered[0][0]
+    odd = {i: problem for i in medians if (problem := odd_unit(name(i), medians[i], scale_of[i]))}
+    return ordered[0][0], odd
 
 
 def check_depth_values(where: str, medians: list[float], scale: float) -> None:

@@ -24,7 +24,6 @@ from dptune.data.depth import (
     check_split_depth,
     depth_train_transforms,
     eval_crop_mask,
-    odd_unit,
 )
 from dptune.data.images import image_header_size
 from dptune.data.transforms import eval_preprocessing
@@ -201,10 +200,9 @@ class DepthDataModule(SplitDataModule):
         quantiles (``depth_stats``) for the model's range check. Returns the samples kept."""
         where = f"{self.config_path}.splits.{stage}"
         name = ds.source.depths.__getitem__ if hasattr(ds.source, "depths") else ds.source.name
-        scale = check_split_depth(where, {i: q[1] for i, q in stats.items()}, ds.source, name)
-        problems = {i: odd_unit(name(i), q[1], ds.source.used_scales.get(i, scale)) for i, q in stats.items()}
-        odd = [i for i, problem in problems.items() if problem]
-        settle_problems([problems[i] for i in odd], [i for i in good if i not in odd], len(good), stage,
+        scale, problems = check_split_depth(where, {i: q[1] for i, q in stats.items()}, ds.source, name)
+        odd = list(problems)
+        settle_problems(list(problems.values()), [i for i in good if i not in odd], len(good), stage,
                         self.on_bad_sample)
         kept = [i for i in good if i not in odd]
         self.depth_stats[stage] = [(name(i), *stats[i]) for i in kept if i in stats]

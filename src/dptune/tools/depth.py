@@ -31,7 +31,6 @@ from dptune.data.depth import (
     check_depth_size,
     check_split_depth,
     eval_crop_mask,
-    odd_unit,
     read_intrinsics,
 )
 from dptune.errors import ConfigError, DataError, of_image
@@ -245,13 +244,13 @@ def evaluate_depth(args) -> int:
     max_depth = args.max_depth if args.max_depth is not None else predictor.meta.get("max_depth")
     min_depth = args.min_depth if args.min_depth is not None else predictor.meta.get("min_depth") or 1e-3
     check_range(min_depth, max_depth, "--min-depth", "--max-depth")
-    metric, medians, unscored = DepthMetrics(min_depth, max_depth, None if align == "none" else align), [], []
+    metric, medians, unscored = DepthMetrics(min_depth, max_depth, None if align == "none" else align), {}, []
     with logging_redirect_tqdm():  # a reader's warning (a depth_scale against depth_format.json) on its own line
         for i in tqdm(range(len(source)), desc="evaluating"):
             image, gt, name = source.load(i)
             check_depth_size(name, image.shape[:2], gt)
             if (gt > 0).any():
-                medians.append((float(np.median(gt[gt > 0])), name, i))
+                medians[i] = float(np.median(gt[gt > 0]))
             with of_image(source.name(i)):
                 pred = torch.from_numpy(predictor.predict(image))[None]
             gt_t = torch.from_numpy(gt)[None]
@@ -263,8 +262,8 @@ def evaluate_depth(args) -> int:
             if not bool(valid.any()):
                 unscored.append(source.name(i))
     # as training's pre-flight check does: the split's unit, then each map's (one in another unit is a bad map)
-    check_split_depth(args.depth, {i: m for m, _, i in medians}, source, lambda i: source.depths[i])
-    odd = [p for p in (odd_unit(n, m, source.used_scales[i]) for m, n, i in medians) if p]
+    _, problems = check_split_depth(args.depth, medians, source, lambda i: source.depths[i])
+    odd = list(problems.values())
     if odd:
         raise DataError(odd[0] + (f" ({len(odd)} such maps; nothing was scored)" if len(odd) > 1
                                   else " (nothing was scored)"))
