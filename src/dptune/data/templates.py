@@ -76,6 +76,11 @@ def mask_path_for(image_path: str, template: str, root: str, pattern: str | None
     """Fill a label template for one image (module docstring; ``pattern``: the glob that found the
     image, for ``{id}``). Relative results are relative to ``root``."""
     check_template(template)
+    return _filled(image_path, template, root, pattern)
+
+
+def _filled(image_path: str, template: str, root: str, pattern: str | None) -> str:
+    """``mask_path_for`` for a template already checked (``paths_for`` checks it once, not per image)."""
     p = Path(image_path)
     folder = os.path.relpath(p.parent, root) if not os.path.isabs(template) else str(p.parent.resolve())
     filled = template.format(stem=p.stem, name=p.name, dir=folder, id=glob_id(image_path, pattern))
@@ -89,7 +94,7 @@ def paths_for(images: list[str], template: str, root: str, what: str, pattern: s
     the images' glob); one line when two images get the same file (a template without a placeholder
     pairs every image with one label: every sample would train and score against it)."""
     check_template(template)
-    paths = [mask_path_for(p, template, root, pattern) for p in images]
+    paths = [_filled(p, template, root, pattern) for p in images]
     first: dict[str, str] = {}
     for image, path in zip(images, paths, strict=True):
         if path in first:
