@@ -135,23 +135,39 @@ def _config_read(value: str) -> tuple[str, Any] | None:
         return None
 
 
+def _given(args: list[str]) -> Iterator[tuple[str, str, Any]]:
+    """Each place of a command line that gives settings, in order, as (where, option, what it gives):
+    a readable ``--config`` as (its file, or "the command line (--config)" for settings given inline;
+    "--config"; its settings), any other option as ("the command line"; its name; its value's text)."""
+    for name, value in _options(args):
+        if name not in ("--config", "-c"):
+            yield "the command line", name, value
+            continue
+        read = _config_read(value)
+        if read is not None:
+            yield read[0], "--config", read[1]
+
+
+def _at_any_level(spec: Any, parts: list[str]) -> tuple[bool, Any]:
+    """``_at`` at the top of a config or under a subcommand's name (``fit: {trainer: ...}``)."""
+    for pre in [[], *([sub] for sub in LightningCLI.subcommands())]:
+        hit, got = _at(spec, [*pre, *parts])
+        if hit:
+            return True, got
+    return False, None
+
+
 def _sources(key: str, args: list[str]) -> list[tuple[str, Any]]:
     """Where ``args`` set ``key``, in order: (a config file's path or "the command line", the value as
     jsonargparse reads it). A config file may hold it under a subcommand (``fit: {trainer: ...}``)."""
     found = []
-    for name, value in _options(args):
-        if name in ("--config", "-c"):
-            read = _config_read(value)
-            if read is None:
-                continue
-            where, spec = read
-            for k in [key, *(f"{sub}.{key}" for sub in LightningCLI.subcommands())]:
-                hit, got = _at(spec, k.split("."))
-                if hit:
-                    found.append((where, got))
-                    break
+    for where, name, got in _given(args):
+        if name == "--config":
+            hit, value = _at_any_level(got, key.split("."))
+            if hit:
+                found.append((where, value))
         elif name == f"--{key}":
-            found.append(("the command line", value))  # compared as given and as read (_same)
+            found.append((where, got))  # compared as given and as read (_same)
     return found
 
 
@@ -212,29 +228,24 @@ def _last_setter(parts: list[str], args: list[str]) -> str | None:
     for a key around it: ``data: data.yaml``), or ``--KEY value`` where KEY is it or a key around it
     whose value holds it (``--data.splits '{train: ...}'``, ``--data data.yaml``)."""
     last = None
-    for name, value in _options(args):
-        if name in ("--config", "-c"):
-            read = _config_read(value)
-            if read is None:
+    for where, name, got in _given(args):
+        if name == "--config":
+            if _at_any_level(got, parts)[0]:
+                last = where
                 continue
-            where, spec = read
-            base = os.path.dirname(value) if os.path.isfile(value) else "."
-            for pre in [[], *([s] for s in LightningCLI.subcommands())]:
-                if _at(spec, [*pre, *parts])[0]:
-                    last = where
-                    continue
-                for j in range(1, len(parts)):  # a key around it given as a file of its settings
-                    found, around = _at(spec, [*pre, *parts[:j]])
-                    held = _held(around, parts[j:], base) if found and isinstance(around, str) else None
-                    if held:
-                        last = held
+            base = os.path.dirname(where) if os.path.isfile(where) else "."
+            for j in range(1, len(parts)):  # a key around it given as a file of its settings
+                found, around = _at_any_level(got, parts[:j])
+                held = _held(around, parts[j:], base) if found and isinstance(around, str) else None
+                if held:
+                    last = held
             continue
         key = name[2:].split(".")
         if key == parts[:len(key)]:
             rest = parts[len(key):]
-            held = "" if not rest else _held(_as_read(value), rest, ".")
+            held = "" if not rest else _held(_as_read(got), rest, ".")
             if held is not None:
-                last = held or "the command line"
+                last = held or where
     return last
 
 
@@ -252,15 +263,6 @@ def _same_path(a: Any, b: Any) -> bool:
     return isinstance(a, str) and isinstance(b, str) and os.path.normpath(a) == os.path.normpath(b)
 
 
-def _root_of(spec: Any) -> Any:
-    """The ``trainer.default_root_dir`` a config file sets (at the top or under a subcommand), else None."""
-    for key in ["trainer.default_root_dir", *(f"{s}.trainer.default_root_dir" for s in LightningCLI.subcommands())]:
-        hit, got = _at(spec, key.split("."))
-        if hit:
-            return got
-    return None
-
-
 def follow_the_root(cfg: Any, args: list[str], loggers: list) -> None:
     """A run's config.yaml names that run's folders: its ``checkpoint.dirpath`` and its loggers'
     ``save_dir``, derived from its ``trainer.default_root_dir``. Given back as ``--config`` with
@@ -269,7 +271,7 @@ def follow_the_root(cfg: Any, args: list[str], loggers: list) -> None:
     anything else than its own root's is left as it is."""
     root = cfg.trainer.default_root_dir
     for path in config_files(args):
-        old = _root_of(read_config(path)) if os.path.isfile(path) else None
+        old = _at_any_level(read_config(path), ["trainer", "default_root_dir"])[1] if os.path.isfile(path) else None
         if not isinstance(old, str) or _same_path(old, root):
             continue
         moved = []
