@@ -531,3 +531,52 @@ def test_the_folders_a_run_config_names_for_its_root_follow_a_new_root_and_no_ot
     follow_the_root(got, args, [got.trainer.logger])
     assert got.checkpoint.dirpath == str(tmp_path / "elsewhere") and got.trainer.logger.init_args.save_dir == str(
         tmp_path / "logs")
+
+
+def test_a_key_deep_inside_a_mapping_setting_changes_that_key_and_keeps_the_rest(monkeypatch, capsys, tmp_path):
+    """jsonargparse sets one key of a mapping setting from the command line and took anything deeper
+    as that key's whole value: ``--data.splits.train.count 32`` on the quickstart replaced the train
+    split by ``{count: 32}`` (its size and seed silently back to defaults), ``--data.splits.train.masks``
+    on CamVid lost the split's images (and blamed the config file), and on the joint config
+    ``--data.segmentation.splits.train.masks`` dropped both splits (``unknown stages ['train.masks']``)."""
+    import yaml
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+
+    def printed(*args: str) -> dict:
+        with pytest.raises(SystemExit):
+            main(["fit", *args, "--print_config"])
+        return yaml.safe_load(capsys.readouterr().out)
+
+    splits = printed("--config", "configs/quickstart.yaml", "--data.splits.train.count", "32")["data"]["splits"]
+    assert splits["train"] == {"count": 32, "seed": 0, "size": [128, 128]} and splits["val"]["count"] == 64, splits
+    splits = printed("--config", "configs/camvid.yaml", "--data.splits.train.masks=trainannot/{stem}_L.png",
+                     "--data.splits.val.images", "val/0001*.jpg")["data"]["splits"]
+    assert splits == {"train": {"images": "train/*.jpg", "masks": "trainannot/{stem}_L.png"},
+                      "val": {"images": "val/0001*.jpg", "masks": "valannot/{stem}.png"}}, splits
+    data = printed("--config", "configs/multitask/camvid-7scenes.yaml",
+                   "--data.segmentation.splits.train.masks", "{stem}.png", "--data.depth.splits.val.depth", "d/{id}.png",
+                   "--data.depth.root", "elsewhere")["data"]
+    assert data["segmentation"]["splits"] == {"train": {"images": "train/*.jpg", "masks": "{stem}.png"},
+                                              "val": {"images": "val/*.jpg", "masks": "valannot/{stem}.png"}}, data
+    assert data["segmentation"]["root"] == "../shared/data/camvid" and data["depth"]["root"] == "elsewhere"
+    assert data["depth"]["splits"]["val"] == {"images": "val/rgb/*.jpg", "depth": "d/{id}.png"}, data
+    # values typed as jsonargparse types them; later options see earlier ones; no config: built from nothing
+    splits = printed("--config", "configs/quickstart.yaml", "--data.splits.test.size", "[64, 96]",
+                     "--data.splits.test.count", "8")["data"]["splits"]
+    assert splits["test"] == {"size": [64, 96], "count": 8}, splits
+    # a setting that holds a list of sources has no key to reach into: one line naming the option
+    (tmp_path / "two.yaml").write_text(yaml.safe_dump({"data": {"segmentation": [
+        {"root": "a", "splits": {"train": {"images": "*.jpg", "masks": "{stem}.png"}}},
+        {"root": "b", "splits": {"train": {"images": "*.jpg", "masks": "{stem}.png"}}}]}}))
+    rc = main(["fit", "--config", "configs/multitask/camvid-7scenes.yaml", "--config", str(tmp_path / "two.yaml"),
+               "--data.segmentation.splits.train.masks", "x.png", "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "--data.segmentation.splits.train.masks" in err[0] and "list" in err[0], err
+    # a key inside a value that is no mapping
+    rc = main(["fit", "--config", "configs/camvid.yaml", "--data.splits.train.images.x", "1", "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "data.splits.train.images" in err[0] and "train/*.jpg" in err[0], err

@@ -19,6 +19,8 @@ from dptune.cli.args import (
     check_early_configs,
     command_line_start,
     config_files,
+    mapping_settings,
+    merge_deep_keys,
     read_config,
     register_loader,
     renamed_args,
@@ -199,6 +201,30 @@ class DPTuneCLI(LightningCLI):
             "checkpoint.filename": filename,
             "checkpoint.auto_insert_metric_name": False,
         })
+
+    def parse_arguments(self, parser: LightningArgumentParser, args: Any) -> None:
+        """A key deep inside a mapping setting (``--data.splits.train.masks X``) changes that key and
+        keeps the rest of the setting (``merge_deep_keys``)."""
+        settings = mapping_settings({"model": self.model_class, "data": self.datamodule_class})
+        if isinstance(args, list) and any(a.startswith(tuple(f"--{s}." for s in settings)) for a in args):
+            args = merge_deep_keys(args, settings, lambda before, setting: self._in_effect(parser, before, setting))
+        super().parse_arguments(parser, args)
+
+    def _in_effect(self, parser: LightningArgumentParser, args: list[str], setting: str) -> tuple[bool, Any]:
+        """What ``args`` (the start of a command line) make of ``setting``: (False, None) where the
+        parser refuses them (the whole command line's parse says why) or they print and stop."""
+        import contextlib
+        import io
+
+        sub = next((a for a in args if a in self.subcommands()), None)
+        if sub is None:
+            return False, None
+        try:
+            with contextlib.redirect_stdout(io.StringIO()), contextlib.redirect_stderr(io.StringIO()):
+                cfg = parser.parse_args([a for a in args if not a.startswith("--print_config")])
+        except (ArgumentError, ConfigError, DataError, SystemExit):
+            return False, None
+        return True, cfg[sub].get(setting)
 
     def _parse_ckpt_path(self) -> None:
         """Lightning's CLI puts the hyperparameters of a ``--ckpt_path`` file over the run's settings:

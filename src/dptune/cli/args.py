@@ -4,9 +4,13 @@ and a starting point given on the command line. Where a setting was given: ``dpt
 
 from __future__ import annotations
 
+import copy
+import inspect
 import json
 import logging
 import os
+import re
+from collections.abc import Callable
 from typing import Any
 
 import yaml
@@ -183,3 +187,77 @@ def register_loader() -> None:
 
     plain = get_loader("yaml")
     set_loader(PARSER_MODE, lambda text: renamed(plain(text), SAID), exceptions=(yaml.YAMLError,))
+
+
+def mapping_settings(sections: dict[str, type]) -> list[str]:
+    """The settings typed as a mapping of free keys (``data.splits``, ``data.segmentation``,
+    ``model.references``), from the ``__init__`` of each section's class and of its dptune bases
+    (whose settings a subclass takes through ``**kwargs``); the longest first."""
+    found = set()
+    for section, cls in sections.items():
+        for klass in cls.__mro__:
+            init = klass.__dict__.get("__init__")
+            if init is None or not klass.__module__.startswith("dptune."):
+                continue
+            for name, param in inspect.signature(init).parameters.items():
+                hint = param.annotation if isinstance(param.annotation, str) else repr(param.annotation)
+                if re.search(r"\bdict\b", hint):
+                    found.add(f"{section}.{name}")
+    return sorted(found, key=len, reverse=True)
+
+
+def command_line_value(text: str) -> Any:
+    """A value given on the command line, typed as jsonargparse types a value inside a mapping
+    (``64`` a number, ``[64, 96]`` a list, ``{stem}.png`` the string)."""
+    from jsonargparse import ArgumentParser
+
+    parser = ArgumentParser(exit_on_error=False, parser_mode=PARSER_MODE)
+    parser.add_argument("--value", type=Any)
+    return parser.parse_args(["--value", text]).value
+
+
+def merge_deep_keys(args: list[str], settings: list[str],
+                    in_effect: Callable[[list[str], str], tuple[bool, Any]]) -> list[str]:
+    """jsonargparse sets one key of a mapping setting from the command line (``--data.splits.train
+    '{...}'``) and took anything deeper as that key's whole value: ``--data.splits.train.masks X``
+    replaced the train split by ``{masks: X}`` (its images gone; a synthetic split's size and seed
+    silently back to their defaults), ``--data.segmentation.splits.train.masks X`` every split of
+    the source. Each such option becomes the key's whole value, merged: what the arguments before
+    it make of the setting (``in_effect(arguments, setting)``: whether they could be read, and the
+    value) with the one deeper key set. ``settings``: the mapping settings (``mapping_settings``)."""
+    out: list[str] = []
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        key, eq, given = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
+        setting = next((s for s in settings if key.startswith(s + ".")), None)
+        keys = key[len(setting) + 1:].split(".") if setting else []
+        if len(keys) < 2 or not all(keys) or (not eq and i + 1 >= len(args)):
+            out.append(arg)
+            i += 1
+            continue
+        value = given if eq else args[i + 1]
+        read, current = in_effect(out, setting)
+        i += 1 if eq else 2
+        if not read:  # the arguments before it are wrong: the parser says so, naming them
+            out += [arg] if eq else [arg, value]
+            continue
+        if isinstance(current, list):
+            raise ConfigError(f"--{key}: {setting} is a list here ({len(current)} entries), with no key {keys[0]!r} "
+                              f"to set; give the whole list (--{setting} '[...]') or set it in a config file")
+        if current is not None and not isinstance(current, dict):
+            raise ConfigError(f"--{key}: {setting} is {_short(repr(current))}, not a mapping of settings to set "
+                              f"{'.'.join(keys)} in")
+        top = copy.deepcopy(current.get(keys[0])) if current else None
+        node = top = {} if top is None else top
+        for depth, name in enumerate(keys[1:], start=1):
+            if not isinstance(node, dict):
+                raise ConfigError(f"--{key}: {'.'.join([setting, *keys[:depth]])} is {_short(repr(node))}, not a "
+                                  f"mapping of settings to set {'.'.join(keys[depth:])} in")
+            if depth == len(keys) - 1:
+                node[name] = command_line_value(value)
+            elif node.get(name) is None:
+                node[name] = {}
+            node = node[name]
+        out += [f"--{setting}.{keys[0]}", yaml.safe_dump(top, default_flow_style=True, width=float("inf")).strip()]
+    return out
