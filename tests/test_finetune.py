@@ -77,7 +77,7 @@ def test_a_fit_from_an_export_trains_every_module_in_train_mode(sources):
     assert probe["modules"] > 100 and probe["eval"] == [], probe["eval"][:10]
     assert "modules were in eval mode" in probe["stderr"] and "training in train mode (0 of" not in probe["stderr"]
     # Lightning's model summary (printed at fit start, before the first step) counts the modes too
-    summary = [ln for ln in probe["stdout"].splitlines() if "Modules in eval mode" in ln]
+    summary = [ln for ln in (probe["stdout"] + probe["stderr"]).splitlines() if "Modules in eval mode" in ln]
     assert summary and all(ln.split(":")[-1].split()[0] == "0" for ln in summary), summary
 
 

@@ -64,3 +64,52 @@ def test_a_negative_or_endless_interval_is_refused():
     for every in (-5, math.inf, math.nan):
         with pytest.raises(ConfigError, match="progress.every"):
             ProgressLog(every=every)
+
+
+def test_the_model_summary_shows_no_flops_it_did_not_count(tmp_path):
+    """Lightning's summary counts FLOPs only on an ``example_input_array`` (which dptune's tasks
+    leave unset: that forward would run on rank 0 alone and hang FSDP); every fit printed a FLOPs
+    column of zeros and "0 Total Flops". The table keeps everything else; a run that turns the
+    summary off gets none, and a module that has an example input keeps its FLOPs."""
+    import lightning.pytorch as pl
+
+    from dptune.training.hardware import DPTuneTrainer
+
+    class Tiny(pl.LightningModule):
+        def __init__(self, example: bool) -> None:
+            super().__init__()
+            self.layer = torch.nn.Linear(4, 4)
+            self.example_input_array = torch.zeros(2, 4) if example else None
+
+        def forward(self, x):
+            return self.layer(x)
+
+        def training_step(self, batch, i):
+            return self.layer(batch[0]).sum()
+
+        def train_dataloader(self):
+            return torch.utils.data.DataLoader(torch.utils.data.TensorDataset(torch.randn(4, 4)), batch_size=2)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    def summary(example: bool, **kwargs) -> str:
+        trainer = DPTuneTrainer(max_steps=1, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                                default_root_dir=tmp_path, precision="32-true", **kwargs)
+        seen: list[str] = []
+        handler = logging.Handler(logging.INFO)
+        handler.emit = lambda record: seen.append(record.getMessage())
+        where = logging.getLogger("lightning.pytorch.callbacks.model_summary")  # Lightning's own, not propagated
+        where.addHandler(handler)
+        try:
+            trainer.fit(Tiny(example))
+        finally:
+            where.removeHandler(handler)
+        return "\n".join(seen)
+
+    table = summary(False)
+    assert "Total params" in table and "layer" in table and "Linear" in table, table
+    assert "FLOPs" not in table and "Flops" not in table, table
+    counted = summary(True)
+    assert "Total Flops" in counted and "0         Total Flops" not in counted, counted
+    assert summary(False, enable_model_summary=False) == ""

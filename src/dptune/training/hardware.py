@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from dptune.cores import usable_cores
+from dptune.training.summary import with_model_table
 
 log = logging.getLogger("dptune")
 
@@ -126,6 +127,7 @@ class DPTuneTrainer(Trainer):
         self.precision_requested = AUTO if precision is None else precision
         self.precision_reason = reason
         threads = _threads_for(kwargs)
+        with_model_table(kwargs)
         super().__init__(*args, precision=resolved, **kwargs)
         if self.is_global_zero:
             if reason != "as given":
