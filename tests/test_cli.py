@@ -576,6 +576,15 @@ def test_a_key_deep_inside_a_mapping_setting_changes_that_key_and_keeps_the_rest
                "--data.segmentation.splits.train.masks", "x.png", "--print_config"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and "--data.segmentation.splits.train.masks" in err[0] and "list" in err[0], err
+    # a value that starts with -, given with =; the order of the config's keys is kept
+    splits = printed("--config", "configs/camvid.yaml", "--data.splits.val.masks=-{stem}.png")["data"]["splits"]
+    assert list(splits["val"].items()) == [("images", "val/*.jpg"), ("masks", "-{stem}.png")], splits
+    # a value forgotten, an empty key: one line naming the option (an empty key replaced the split)
+    for args in (["--data.splits.train.masks"], ["--data.splits.train.masks", "--data.batch_size", "2"],
+                 ["--data.splits.train..masks", "x"], ["--data.splits.train.masks.", "x"]):
+        rc = main(["fit", "--config", "configs/camvid.yaml", *args, "--print_config"])
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+        assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {args[0]}: "), (args, err)
     # a key inside a value that is no mapping
     rc = main(["fit", "--config", "configs/camvid.yaml", "--data.splits.train.images.x", "1", "--print_config"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]

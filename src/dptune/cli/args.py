@@ -213,7 +213,16 @@ def command_line_value(text: str) -> Any:
 
     parser = ArgumentParser(exit_on_error=False, parser_mode=PARSER_MODE)
     parser.add_argument("--value", type=Any)
-    return parser.parse_args(["--value", text]).value
+    return parser.parse_args([f"--value={text}"]).value
+
+
+def _an_option(arg: str) -> bool:
+    """``arg`` is an option, not a value (``-1`` and ``-.5`` are numbers)."""
+    try:
+        float(arg)
+    except ValueError:
+        return arg.startswith("-")
+    return False
 
 
 def merge_deep_keys(args: list[str], settings: list[str],
@@ -232,10 +241,14 @@ def merge_deep_keys(args: list[str], settings: list[str],
         key, eq, given = arg[2:].partition("=") if arg.startswith("--") else ("", "", "")
         setting = next((s for s in settings if key.startswith(s + ".")), None)
         keys = key[len(setting) + 1:].split(".") if setting else []
-        if len(keys) < 2 or not all(keys) or (not eq and i + 1 >= len(args)):
+        if setting and not all(keys):
+            raise ConfigError(f"--{key}: an empty key (two dots in a row, or one at the end)")
+        if len(keys) < 2:
             out.append(arg)
             i += 1
             continue
+        if not eq and (i + 1 >= len(args) or _an_option(args[i + 1])):
+            raise ConfigError(f"--{key}: expected a value (--{key} VALUE, or --{key}=VALUE for one that starts with -)")
         value = given if eq else args[i + 1]
         read, current = in_effect(out, setting)
         i += 1 if eq else 2
@@ -259,5 +272,6 @@ def merge_deep_keys(args: list[str], settings: list[str],
             elif node.get(name) is None:
                 node[name] = {}
             node = node[name]
-        out += [f"--{setting}.{keys[0]}", yaml.safe_dump(top, default_flow_style=True, width=float("inf")).strip()]
+        out += [f"--{setting}.{keys[0]}", yaml.safe_dump(top, default_flow_style=True, sort_keys=False,
+                                                               width=float("inf")).strip()]
     return out
