@@ -43,13 +43,11 @@ class LoggedSaveConfig(SaveConfigCallback):
     settings included, not only the model's and data's hyperparameters) to the logger."""
 
     def setup(self, trainer, pl_module, stage: str) -> None:
-        # a resume is checked against this run when Lightning reads the checkpoint, after setup: the
-        # run's config.yaml (and its W&B run) are written only once that check has passed, so a
-        # refused resume leaves the run's record as it was
-        if stage == "fit" and self.config.get("ckpt_path") is not None:
-            self._deferred = (trainer, pl_module, stage)
-            return
-        self._write(trainer, pl_module, stage)
+        # written when the stage starts, once every check has passed: the model's setup (after this
+        # one) and, on a resume, the check against this run when Lightning reads the checkpoint; a run
+        # refused before it starts leaves no config.yaml (and no W&B run) behind, and a refused
+        # resume leaves the run's record as it was
+        self._deferred = (trainer, pl_module, stage)
 
     def _write(self, trainer, pl_module, stage: str) -> None:
         """config.yaml records the run's settings, not where it resumed from: ``ckpt_path`` is left
@@ -84,6 +82,12 @@ class LoggedSaveConfig(SaveConfigCallback):
         if deferred is not None:
             self._deferred = None
             self._write(*deferred)
+
+    def on_validation_start(self, trainer, pl_module) -> None:
+        self.on_fit_start(trainer, pl_module)  # validate: no fit start
+
+    def on_test_start(self, trainer, pl_module) -> None:
+        self.on_fit_start(trainer, pl_module)
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         # under its own key: the model's hyperparameters, logged too, have a ``config`` of their own
