@@ -112,10 +112,14 @@ def test_bad_depth_files_are_named(tmp_path):
     eight = Image.fromarray((np.asarray(Image.open(good)) // 256).astype(np.uint8))
     for name in ("eight.png", "eight.tif", "eight.jpg"):  # 8-bit depth in any format (TIFF and JPEG trained before)
         eight.save(tmp_path / name)
+    # .npy of 8-bit integers read as millimetres (0.255 m at most), and the unit check then asked for a smaller scale
+    np.save(tmp_path / "eight.npy", np.asarray(eight))
+    np.save(tmp_path / "eight-signed.npy", (np.asarray(eight) // 2).astype(np.int8))
     for name, message in [("cut.png", "not a readable depth map"), ("eight.png", "8-bit image"),
-                          ("eight.tif", "8-bit image"), ("eight.jpg", "8-bit image"), ("missing.png", "file not found")]:
+                          ("eight.tif", "8-bit image"), ("eight.jpg", "8-bit image"), ("missing.png", "file not found"),
+                          ("eight.npy", "8-bit integers"), ("eight-signed.npy", "8-bit integers")]:
         with pytest.raises(DataError, match=message) as err:
-            read_depth(str(tmp_path / name), 1000)
+            read_depth(str(tmp_path / name), None if name.endswith(".npy") else 1000)  # .npy: no unit given
         assert name in str(err.value)
 
 

@@ -106,6 +106,11 @@ def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
             raise DataError(f"{path}: depth file not found") from None
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a readable .npy depth map ({e})") from None
+        if raw.dtype.kind in "ui" and raw.dtype.itemsize == 1 and scale is None:
+            # read as integers are (millimetres) they end at 0.255 m; a stated unit is the user's to give
+            raise DataError(f"{path}: 8-bit integers ({raw.dtype}) where 16-bit integers (millimetres) or floats "
+                            "(metres) are expected; 8-bit depth is usually a visualisation, not the measurement (if "
+                            "these values are depth in another unit, give data.depth_scale: stored values per metre)")
     else:
         data = read_bytes(path)
         raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
