@@ -121,6 +121,12 @@ def test_bad_depth_files_are_named(tmp_path):
         with pytest.raises(DataError, match=message) as err:
             read_depth(str(tmp_path / name), None if name.endswith(".npy") else 1000)  # .npy: no unit given
         assert name in str(err.value)
+    # a unit stated beside the files (dptune's depth_format.json) reads them
+    stated = tmp_path / "stated"
+    stated.mkdir()
+    np.save(stated / "eight.npy", np.asarray(eight))
+    (stated / "depth_format.json").write_text('{"metric": true, "value_per_metre": 100}')
+    assert read_depth(str(stated / "eight.npy")).max() == pytest.approx(np.asarray(eight).max() / 100)
 
 
 def test_augmentations_never_invent_depth():

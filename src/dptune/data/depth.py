@@ -106,11 +106,6 @@ def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
             raise DataError(f"{path}: depth file not found") from None
         except (OSError, ValueError) as e:
             raise DataError(f"{path}: not a readable .npy depth map ({e})") from None
-        if raw.dtype.kind in "ui" and raw.dtype.itemsize == 1 and scale is None:
-            # read as integers are (millimetres) they end at 0.255 m; a stated unit is the user's to give
-            raise DataError(f"{path}: 8-bit integers ({raw.dtype}) where 16-bit integers (millimetres) or floats "
-                            "(metres) are expected; 8-bit depth is usually a visualisation, not the measurement (if "
-                            "these values are depth in another unit, give data.depth_scale: stored values per metre)")
     else:
         data = read_bytes(path)
         raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
@@ -171,7 +166,7 @@ _DISAGREED: set[str] = set()  # folders already warned about
 def effective_scale(path: str, raw: np.ndarray, scale: float | None) -> float:
     """The stored value per metre of a depth file: ``scale`` when given (said once per folder when a
     ``depth_format.json`` beside it says otherwise), else what that file says, else by the data's
-    type (``default_scale``)."""
+    type (``default_scale``), which 8-bit integers have none of: one line naming the file."""
     folder = os.path.dirname(os.path.abspath(path))
     beside = sidecar_scale(folder, lenient=scale is not None)
     if scale is not None:
@@ -180,7 +175,14 @@ def effective_scale(path: str, raw: np.ndarray, scale: float | None) -> float:
             log.warning("%s: depth_scale %g is used, while its depth_format.json says %g per metre", folder, scale,
                         beside)
         return scale
-    return beside if beside is not None else default_scale(raw)
+    if beside is not None:
+        return beside
+    if raw.dtype.kind in "ui" and raw.dtype.itemsize == 1:  # (8-bit images are refused when read)
+        # read as integers are (millimetres) they would end at 0.255 m
+        raise DataError(f"{path}: 8-bit integers ({raw.dtype}) where 16-bit integers (millimetres) or floats "
+                        "(metres) are expected; 8-bit depth is usually a visualisation, not the measurement (if "
+                        "these values are depth in another unit, give data.depth_scale: stored values per metre)")
+    return default_scale(raw)
 
 
 def default_scale(raw: np.ndarray) -> float:
