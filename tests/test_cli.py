@@ -589,3 +589,22 @@ def test_a_key_deep_inside_a_mapping_setting_changes_that_key_and_keeps_the_rest
     rc = main(["fit", "--config", "configs/camvid.yaml", "--data.splits.train.images.x", "1", "--print_config"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and "data.splits.train.images" in err[0] and "train/*.jpg" in err[0], err
+
+
+@pytest.mark.parametrize("given, said", [
+    ("{model: {lr: 1e-3}", "settings given inline that are not valid YAML: expected ',' or '}'"),
+    ("model:\n  lr: [1e-3\n", "settings given inline that are not valid YAML"),
+    ("model: [1", "no such config file, nor settings given inline (not valid YAML"),
+])
+def test_broken_settings_given_inline_are_one_line_saying_so(given, said, monkeypatch, capsys):
+    """``--config`` takes a file or settings inline. Broken inline settings were jsonargparse's
+    ``config: while parsing a flow mapping in "<unicode string>" ...``, and a text with ": " that is
+    neither was only "no such config file"."""
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    rc = main(["fit", "--config", "configs/quickstart.yaml", "--config", given, "--print_config"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and said in err[0] and "<unicode string>" not in err[0], err

@@ -62,8 +62,15 @@ def read_config(path: str) -> dict[str, Any] | None:
     if not os.path.isfile(path):
         try:
             inline = isinstance(yaml.safe_load(path), dict)
-        except yaml.YAMLError:
-            inline = "\n" in path or path.lstrip().startswith("{")  # broken settings, said by the parser
+        except yaml.YAMLError as e:
+            broken = _yaml_problem(e)
+            if "\n" in path or path.lstrip().startswith("{"):
+                raise ConfigError(f"--config {_short(path)}: settings given inline that are not valid YAML: "
+                                  f"{broken}") from None
+            if ": " in path:
+                raise ConfigError(f"{path}: no such config file, nor settings given inline (not valid YAML: "
+                                  f"{broken})") from None
+            inline = False
         if inline:
             return None  # settings given inline
         raise ConfigError(f"{path}: no such config file")
@@ -73,10 +80,7 @@ def read_config(path: str) -> dict[str, Any] | None:
     except DuplicateKey as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
-        raise ConfigError(f"{path}: not valid YAML: {problem}{where}") from None
+        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
     if spec is None:
@@ -95,6 +99,13 @@ def read_config(path: str) -> dict[str, Any] | None:
         raise ConfigError(f"{path}: {where}: a section of settings (key: value lines), not a "
                           f"{type(section).__name__} ({_short(section)})")
     return spec
+
+
+def _yaml_problem(e: yaml.YAMLError) -> str:
+    """What the YAML parser found wrong, and where (line and column), in one line."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 SECTIONS = ("model", "data", "trainer")  # each settings or a file of them (optimizer: may name a class alone)
