@@ -118,6 +118,15 @@ def test_a_run_s_config_given_back_is_never_overwritten_and_does_not_resume_by_i
     assert "--ckpt_path last" in _one_error(again())
     assert config.read_bytes() == saved
 
+    # a validate run in the fit's folder (not given its config) leaves the fit's record as it is
+    env = dict(os.environ, WANDB_MODE="offline")
+    proc = run_python(REPO / "train.py", ["validate", "--config", "configs/quickstart.yaml", "--data.splits", SMALL,
+                                          "--trainer.default_root_dir", str(run), "--trainer.logger", "false",
+                                          "--ckpt_path", str(run / "checkpoints" / "last.ckpt")], REPO, env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert config.read_bytes() == saved and "is the record of the run there" in proc.stderr
+    assert yaml.safe_load((run / "config-3.yaml").read_text())["trainer"]["max_epochs"] == 5  # the quickstart's
+
 
 def test_a_model_config_or_pretrained_folder_that_is_no_model_is_one_line(tmp_path, monkeypatch, capsys):
     """--model.config given a JPEG was a UnicodeDecodeError traceback; --model.pretrained given an empty

@@ -367,3 +367,26 @@ def test_settings_the_joint_validation_cannot_honour_stop_with_one_line(task, se
     sources[task] = {**sources[task], **setting}
     with pytest.raises(ConfigError, match=message):
         MultiTaskDataModule(**sources, image_size=64)
+
+
+def test_a_stage_the_joint_data_cannot_serve_is_one_line_before_the_run_starts(monkeypatch, capsys):
+    """With no source holding a validation split, a joint fit trained without a word but
+    ModelCheckpoint's warning (no best checkpoint, no validation figure); ``dptune test`` on the
+    joint task was Lightning's traceback (it has no test stage)."""
+    from dptune.cli import main
+    from dptune.data.multitask_datamodule import MultiTaskDataModule
+    from dptune.errors import DataError
+
+    seg = {"root": str(CAMVID), "splits": {"train": {"images": "train/0001TP_006900.jpg", "masks": "trainannot/{stem}.png"}}}
+    depth = {"root": str(KITCHEN), "splits": {"train": {"images": "train/rgb/frame-000000.jpg", "depth": "train/depth/{stem}.png"}}}
+    from types import SimpleNamespace
+
+    for stage in ("fit", "validate"):
+        dm = MultiTaskDataModule(segmentation=seg, depth=depth, image_size=64, num_workers=0)
+        dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=stage), world_size=1)
+        with pytest.raises(DataError, match="no source has a 'val' split"):
+            dm.prepare_data()  # Lightning's first hook of a run, before it starts the W&B run
+    monkeypatch.chdir(REPO)
+    rc = main(["test", "--config", "configs/multitask/camvid-7scenes.yaml", "--model.config", "configs/models/dpt-tiny.json"])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and len(err) == 1 and "dptune evaluate" in err[0] and "--split test" in err[0], err

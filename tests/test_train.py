@@ -244,13 +244,16 @@ def test_planted_faults_stop_before_training_or_are_skipped(tmp_path, tiny_confi
     assert after == before  # nothing written over the input data
 
 
-@pytest.mark.parametrize("bad, said", [
+@pytest.mark.parametrize("sub, bad, said", [
     # found when the datamodule is set up
-    (["--data.splits.train.masks", "trainannot/{nope}.png"], "unknown placeholder {nope}"),
+    ("fit", ["--data.splits.train.masks", "trainannot/{nope}.png"], "unknown placeholder {nope}"),
     # found when the model is set up
-    (["--data.image_size", "72", "--data.crop_size", "72"], "not a multiple of 16"),
+    ("fit", ["--data.image_size", "72", "--data.crop_size", "72"], "not a multiple of 16"),
+    # a split the stage needs and the config lacks was found when its loader was asked for, after the run started
+    ("fit", ["--data.splits", json.dumps({"train": TRAIN})], "no 'val' split"),
+    ("test", [], "no 'test' split"),
 ])
-def test_a_fit_refused_before_it_trains_leaves_no_run_behind(tmp_path, bad, said):
+def test_a_fit_refused_before_it_trains_leaves_no_run_behind(tmp_path, sub, bad, said):
     """Lightning creates every logger's run before the datamodule and the model are set up: a fit
     that bad data or a size the backbone cannot take stopped there still left an (empty) W&B run --
     a crashed run on the user's W&B page when online -- and the run's config.yaml. The W&B run now
@@ -260,7 +263,7 @@ def test_a_fit_refused_before_it_trains_leaves_no_run_behind(tmp_path, bad, said
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
     run = tmp_path / "run"
-    proc = run_train([*camvid_args(run, config, epochs=1), *bad], cwd=tmp_path, check=False)
+    proc = run_train([sub, *camvid_args(run, config, epochs=1)[1:], *bad], cwd=tmp_path, check=False)
     err = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert proc.returncode == 2 and len(err) == 1 and said in err[0], proc.stderr[-3000:]
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*")) if run.exists() else []

@@ -53,24 +53,26 @@ class LoggedSaveConfig(SaveConfigCallback):
         """config.yaml records the run's settings, not where it resumed from: ``ckpt_path`` is left
         out (null), so that the file given back as ``--config`` starts what it says, and resuming
         stays a choice made on the command line (``--ckpt_path last``). A config.yaml this run was
-        given as ``--config`` is the user's input: it is left as it is, and this run's settings go
+        given as ``--config`` is the user's input, and one that a validate or test run finds in its
+        folder is the record of the run there: either is left as it is, and this run's settings go
         to the first free config-N.yaml beside it."""
         if self.already_saved:
             return
         log_dir = trainer.log_dir  # every process: it broadcasts
         if trainer.is_global_zero and log_dir is not None:
             inputs = {os.path.realpath(str(getattr(p, "absolute", None) or p)) for p in self.config.get("config") or []}
+            first = os.path.join(log_dir, self.config_filename)
+            # validate and test leave a run's record (a fit's config.yaml in the folder) as it is
+            kept = os.path.realpath(first) in inputs or (stage != "fit" and os.path.exists(first))
             name, n = self.config_filename, 1
-            while os.path.realpath(os.path.join(log_dir, name)) in inputs:
+            stem, ext = os.path.splitext(self.config_filename)
+            while kept and (name == self.config_filename or os.path.exists(os.path.join(log_dir, name))):
                 n += 1
-                stem, ext = os.path.splitext(self.config_filename)
                 name = f"{stem}-{n}{ext}"
-                while os.path.exists(os.path.join(log_dir, name)):
-                    n += 1
-                    name = f"{stem}-{n}{ext}"
             if name != self.config_filename:
-                log.info("%s is this run's --config and is left as it is; this run's settings are written to %s",
-                         os.path.join(log_dir, self.config_filename), os.path.join(log_dir, name))
+                why = "this run's --config" if os.path.realpath(first) in inputs else "the record of the run there"
+                log.info("%s is %s and is left as it is; this %s's settings are written to %s", first, why, stage,
+                         os.path.join(log_dir, name))
                 self.config_filename = name
         self.config = self.config.clone()
         if "ckpt_path" in self.config:
@@ -246,6 +248,10 @@ class DPTuneCLI(LightningCLI):
             check_ckpt_path(str(path), self.task, sub, dirpath=dirpath, root=root)
 
     def before_instantiate_classes(self) -> None:
+        if self.task == "multitask" and self.subcommand == "test":
+            raise ConfigError("test: the segmentation + depth task has no test stage; score a test split with "
+                              "dptune evaluate --model RUN/checkpoints/last.ckpt --config CONFIG --split test "
+                              "(or dptune validate, which scores the val splits)")
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         root = cfg.trainer.default_root_dir or DEFAULT_ROOT
         cfg.trainer.default_root_dir = root

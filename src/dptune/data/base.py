@@ -201,6 +201,24 @@ def setup_splits(splits: dict, stage: str | None, build: Callable[[str], object]
 
 
 _SPLIT_WORDS = {"val": "validation", "test": "test"}
+EVALUATED_ON = {"fit": "val", "validate": "val", "test": "test"}  # the split each stage scores
+
+
+def stage_of(trainer) -> str:
+    """The Lightning stage a trainer runs (fit, validate, test, predict)."""
+    fn = trainer.state.fn
+    return str(getattr(fn, "value", fn) or "fit")
+
+
+def check_evaluation_split(splits: dict, stage: str, where: str = "data") -> None:
+    """The split a stage scores (``EVALUATED_ON``) is in ``splits``: one line naming the setting,
+    before the run starts (Lightning asks for the loader once it has)."""
+    from dptune.errors import DataError
+
+    split = EVALUATED_ON.get(stage)
+    if split is not None and split not in splits:
+        raise DataError(f"{where}.splits has no {split!r} split (has {sorted(splits)}); {stage} scores the model on "
+                        f"its {_SPLIT_WORDS[split]} split")
 
 
 def check_eval_shards(where: str, datasets: dict[str, object], trainer) -> None:
@@ -267,6 +285,19 @@ class SplitDataModule(pl.LightningDataModule):
 
     def setup(self, stage: str | None = None) -> None:
         setup_splits(self.splits, stage, self.dataset, self.trainer, self.config_path)
+
+    def prepare_data(self) -> None:
+        """Lightning's first hook of a run, before it starts the run's loggers (the W&B run): in a
+        run of one process, the evaluation split the stage needs and the whole pre-flight check
+        (``setup``: its datasets are kept for Lightning's own call), so that a run refused for its
+        data leaves no run behind. The processes of a multi-process run check their data in
+        ``setup``: this hook runs on one of them while the others wait in a collective, which an
+        error here would break with a traceback of their own."""
+        if self.trainer is None or self.trainer.world_size != 1:
+            return
+        stage = stage_of(self.trainer)
+        check_evaluation_split(self.splits, stage, self.config_path)
+        self.setup(stage)
 
     def _loader(self, stage: str) -> DataLoader:
         ds = self.dataset(stage)

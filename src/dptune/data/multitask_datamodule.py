@@ -17,10 +17,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from dptune.data.base import ValidationSource, collate, default_workers, make_loader, rank
+from dptune.data.base import ValidationSource, collate, default_workers, make_loader, rank, stage_of
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet, default_palette
 
 Kind = Literal["segmentation", "depth", "both"]
@@ -225,6 +225,18 @@ class MultiTaskDataModule(pl.LightningDataModule):
         for s in self.sources:
             if s.has_depth:
                 s.dm.check_model_range(min_depth, max_depth)
+
+    def prepare_data(self) -> None:
+        """As ``SplitDataModule.prepare_data``: in a run of one process, before Lightning starts the
+        run's loggers, a stage that scores the validation splits needs a source with one, and the
+        data is checked (``setup``)."""
+        if self.trainer is None or self.trainer.world_size != 1:
+            return
+        stage = stage_of(self.trainer)
+        if stage in ("fit", "validate") and not self.val_sources:
+            raise DataError(f"data: no source has a 'val' split; {stage} scores each task on its sources' validation "
+                            "splits (give at least one source a val split)")
+        self.setup(stage)
 
     def setup(self, stage: str | None = None) -> None:
         for s in self.sources:

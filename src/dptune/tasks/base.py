@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from dptune.data.base import ValidationSource
+from dptune.data.base import ValidationSource, stage_of
 from dptune.errors import ConfigError, first_line
 from dptune.models.backbones import family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
@@ -215,9 +215,26 @@ class DPTTask(pl.LightningModule):
                 raise ConfigError(f"data.{what} {pair} is not a multiple of {m} (the backbone's patch size / stride); "
                                   f"use e.g. {fix}")
 
-    def setup(self, stage: str) -> None:
+    def check_stage(self, stage: str) -> None:
+        """What the stage refuses to start with: sizes the backbone cannot take (a task adds its own).
+        Run once per run: by ``prepare_data`` in a run of one process, else by ``setup``."""
         dm = getattr(self.trainer, "datamodule", None)
         self.check_sizes(image_size=self.hparams.image_size, crop_size=getattr(dm, "crop_size", None))
+
+    def prepare_data(self) -> None:
+        """Lightning's first hook of a run (after the datamodule's, which checked the data), before it
+        starts the run's loggers: in a run of one process the stage's checks (``check_stage``), so
+        that a run refused for its settings leaves no run behind. The processes of a multi-process
+        run check in ``setup`` (this hook runs on one of them, the others waiting)."""
+        if self.trainer.world_size == 1:
+            self.check_stage(stage_of(self.trainer))
+            self._checked_before_setup = stage_of(self.trainer)
+
+    def setup(self, stage: str) -> None:
+        if getattr(self, "_checked_before_setup", None) != stage:
+            self.check_stage(stage)
+        self._checked_before_setup = None
+        dm = getattr(self.trainer, "datamodule", None)
         size = self.hparams.image_size
         square = isinstance(size, int) or int(size[0]) == int(size[1])
         stock_vit = self.model.config.model_type == "dpt" and not uses_backbone(self.model.config)

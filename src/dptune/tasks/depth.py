@@ -78,11 +78,11 @@ class DepthModule(DPTTask):
         check_range(min_depth, max_depth)
         super().__init__(**kwargs)
 
-    def setup(self, stage: str) -> None:
+    def check_stage(self, stage: str) -> None:
         check_depth_precision(self.trainer)
-        super().setup(stage)
         if stage == "fit":  # the data's depth against the range this model trains and scores on
             check_data_range(self.trainer, self.hparams.min_depth, self.hparams.max_depth)
+        super().check_stage(stage)
 
     def configure_models(self) -> None:
         hp = self.hparams

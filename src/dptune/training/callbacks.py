@@ -52,33 +52,6 @@ class DPTuneWandbLogger(WandbLogger):
         mode = mode or wandb_mode()
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(project=project, save_dir=save_dir, mode=mode, **kwargs)
-        # W&B's TensorBoard sync needs its run before any TensorBoard writer: Lightning's order, kept
-        self._started = bool(self._wandb_init.get("sync_tensorboard"))
-
-    @property
-    def experiment(self) -> Any:
-        """The W&B run, created (``wandb.init``) when something first uses it. Lightning asks every
-        logger for its run before the datamodule and the model are set up, so a fit that bad data
-        or settings stopped there left an empty run (a crashed one on the W&B page when online);
-        until its first use, this gives a stand-in whose first attribute read creates the run."""
-        if self._experiment is None and not self._started:
-            return _RunOnFirstUse(self)
-        return WandbLogger.experiment.fget(self)
-
-    def start_run(self) -> Any:
-        """The W&B run, created now if it does not exist yet."""
-        self._started = True
-        return WandbLogger.experiment.fget(self)
-
-
-class _RunOnFirstUse:
-    """``DPTuneWandbLogger.experiment`` before the run exists: reading any attribute creates it."""
-
-    def __init__(self, logger: DPTuneWandbLogger) -> None:
-        self._logger = logger
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._logger.start_run(), name)
 
 
 class Checkpoint(ModelCheckpoint):
