@@ -113,3 +113,11 @@ def test_the_model_summary_shows_no_flops_it_did_not_count(tmp_path):
     counted = summary(True)
     assert "Total Flops" in counted and "0         Total Flops" not in counted, counted
     assert summary(False, enable_model_summary=False) == ""
+    # a summary callback of the run's own is kept (Rich's included), and Lightning's default is replaced
+    from lightning.pytorch.callbacks import ModelSummary, RichModelSummary
+
+    def summaries(**kwargs) -> list[str]:
+        trainer = DPTuneTrainer(logger=False, precision="32-true", default_root_dir=tmp_path, **kwargs)
+        return [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, ModelSummary)]
+
+    assert summaries(callbacks=[RichModelSummary()]) == ["RichModelSummary"] and summaries() == ["ModelTable"]

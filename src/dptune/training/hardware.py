@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from dptune.cores import usable_cores
-from dptune.training.summary import with_model_table
+from dptune.training.summary import gives_summary, use_model_table
 
 log = logging.getLogger("dptune")
 
@@ -127,8 +127,10 @@ class DPTuneTrainer(Trainer):
         self.precision_requested = AUTO if precision is None else precision
         self.precision_reason = reason
         threads = _threads_for(kwargs)
-        with_model_table(kwargs)
+        own_summary = gives_summary(kwargs)
         super().__init__(*args, precision=resolved, **kwargs)
+        if not own_summary:
+            use_model_table(self)
         if self.is_global_zero:
             if reason != "as given":
                 log.info("precision %s chosen: %s (--trainer.precision overrides)", self.precision, reason)

@@ -47,11 +47,16 @@ class ModelTable(ModelSummary):
         log.info("\n".join(["", lines[0], rule, *lines[1:], rule, *(f"{v!s:<10}{what}" for v, what in totals)]))
 
 
-def with_model_table(settings: dict[str, Any]) -> None:
-    """The trainer settings ``settings`` with ``ModelTable`` among their callbacks in place of the
-    summary Lightning would add, unless the run turns the summary off or gives one of its own."""
+def gives_summary(settings: dict[str, Any]) -> bool:
+    """The trainer settings ``settings`` turn the summary off or give a summary callback of their own."""
     callbacks = settings.get("callbacks")
     callbacks = [] if callbacks is None else list(callbacks) if isinstance(callbacks, (list, tuple)) else [callbacks]
-    if settings.get("enable_model_summary") is False or any(isinstance(cb, ModelSummary) for cb in callbacks):
-        return
-    settings["callbacks"] = [*callbacks, ModelTable()]
+    return settings.get("enable_model_summary") is False or any(isinstance(cb, ModelSummary) for cb in callbacks)
+
+
+def use_model_table(trainer: Any) -> None:
+    """``ModelTable`` in place of the summary callback Lightning added to ``trainer`` by default."""
+    from lightning.pytorch.callbacks import RichModelSummary
+
+    trainer.callbacks[:] = [ModelTable() if type(cb) in (ModelSummary, RichModelSummary) else cb
+                            for cb in trainer.callbacks]
