@@ -148,7 +148,9 @@ def check_each(indices: Sequence[int], check: Callable[[int], Any], desc: str,
             return i, None, str(e)
 
     with ThreadPoolExecutor(max(1, workers)) as pool:
-        yield from tqdm(pool.map(one, indices), total=len(indices), desc=desc, leave=False, disable=rank() != 0)
+        # a bar on a terminal only: in a log file its clearing left the next line after a carriage return
+        yield from tqdm(pool.map(one, indices), total=len(indices), desc=desc, leave=False,
+                        disable=True if rank() != 0 else None)
 
 
 def default_workers(num_workers: int | None) -> int:

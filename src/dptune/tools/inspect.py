@@ -113,7 +113,7 @@ def scan(stage: str, n: int, one: Callable[[int], Any], workers: int = 2) -> Ite
             return str(e)
 
     with ThreadPoolExecutor(workers) as pool:
-        yield from tqdm(pool.map(safe, range(n)), total=n, desc=stage, leave=False)
+        yield from tqdm(pool.map(safe, range(n)), total=n, desc=stage, leave=False, disable=None)  # terminals only
 
 
 def new_split_stats(stage: str, images: int, labels: LabelSet) -> SplitStats:
