@@ -198,6 +198,10 @@ def setting_error(message: str, args: list[str]) -> str | None:
         where = found[0][0] if len(found) == 1 else None
     else:
         where = next((w for w, v in found if _same(v, given.group(1))), found[0][0] if len(found) == 1 else None)
+        typed = next((v for w, v in found if w == where and isinstance(v, str) and _same(v, given.group(1))), None)
+        if typed is not None and isinstance(_as_read(typed), bool) and typed.strip() != given.group(1):
+            # YAML's words for true and false (yes, on, off, ...): said as typed, and how they were read
+            problem = f"{problem[:given.start(1)]}{typed} (read as {given.group(1).lower()})"
     return f"{where}: {key}: {problem}" if where else f"{key}: {problem}"
 
 
