@@ -6,4 +6,4 @@ import sys
 from dptune.command import launch
 
 if __name__ == "__main__":
-    sys.exit(launch("dptune.export"))
+    sys.exit(launch("dptune.export.cli"))

@@ -93,7 +93,8 @@ def test_an_fp16_export_leaves_the_model_it_was_given_in_float32(tmp_path):
 def test_export_leaves_the_modes_of_files_it_did_not_write(source, tmp_path):
     """A private key in the output directory (even one with a future timestamp) keeps its 0600 and
     its content: the export is refused there, --overwrite included (the directory holds no export)."""
-    from dptune.export import OutputDirError, export
+    from dptune.export import export
+    from dptune.export.target import OutputDirError
 
     out = tmp_path / "out"
     (out / "keys").mkdir(parents=True)

@@ -52,7 +52,7 @@ def sources(tmp_path_factory):
 
 
 def export_cli(capsys, *argv) -> tuple[int, list[str]]:
-    from dptune.export import main
+    from dptune.export.cli import main
 
     rc = main([str(a) for a in argv])
     return rc, error_lines(capsys.readouterr().err)

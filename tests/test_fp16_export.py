@@ -13,7 +13,7 @@ import torch
 from test_joint_tools import save_joint_export
 from transformers import DPTForDepthEstimation, DPTForSemanticSegmentation
 
-from dptune.export import main as export_main
+from dptune.export.cli import main as export_main
 from dptune.inference.depth_predictor import DepthPredictor
 from dptune.inference.predictor import Predictor
 

@@ -15,7 +15,7 @@ import torch
 from conftest import CAMVID, KITCHEN, needs
 from test_joint_tools import save_joint_export
 
-from dptune.export import main as export_main
+from dptune.export.cli import main as export_main
 from dptune.labels import LabelSet
 from dptune.tools.evaluate import main as evaluate_main
 from dptune.tools.predict import main as predict_main

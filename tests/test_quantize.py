@@ -75,7 +75,7 @@ def sources(tmp_path_factory):
 
 
 def export_cli(capsys, *argv) -> tuple[int, list[str]]:
-    from dptune.export import main
+    from dptune.export.cli import main
 
     rc = main([str(a) for a in argv])
     err = capsys.readouterr().err.replace("\r", "\n").splitlines()
@@ -481,7 +481,7 @@ def slow(*args, **kwargs):  # the INT8 calibration, made slow: the signal comes 
 
 
 serving.write_graphs = slow
-from dptune.export import main
+from dptune.export.cli import main
 
 sys.exit(main(sys.argv[2:]))
 """

@@ -880,7 +880,7 @@ def test_a_tiny_depth_anything_trains_a_step_exports_with_the_script_and_reloads
     """README:650-651: "a tiny Depth Anything built from its config was trained a step, exported and reloaded"."""
     from transformers import AutoModelForDepthEstimation
 
-    from dptune.export import main as export_main
+    from dptune.export.cli import main as export_main
     from dptune.tasks.depth import DepthModule
 
     torch.manual_seed(0)

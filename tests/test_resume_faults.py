@@ -212,7 +212,7 @@ def test_a_resume_with_nothing_left_to_train_says_so(seg, capsys):
 
 
 def test_predict_and_export_of_a_checkpoint_missing_a_tensor_are_one_line(seg, tmp_path, capsys):
-    from dptune.export import main as export
+    from dptune.export.cli import main as export
     from dptune.tools.predict import main as predict
 
     path = _damaged(seg, "missing-tensor")

@@ -185,7 +185,7 @@ def test_evaluate_bad_input_is_one_line(tmp_path, capsys):
 def test_export_cli_onnx_parity_and_re_export(exported, tmp_path):
     import onnxruntime as ort
 
-    from dptune.export import main as export_main
+    from dptune.export.cli import main as export_main
 
     out = tmp_path / "again"
     assert export_main([str(exported), str(out), "--onnx"]) == 0  # from an exported directory
@@ -215,7 +215,7 @@ def test_onnx_masks_equal_the_pipeline_on_real_frames(exported, tmp_path):
     import onnxruntime as ort
     from transformers import AutoImageProcessor, pipeline
 
-    from dptune.export import main as export_main
+    from dptune.export.cli import main as export_main
 
     out = tmp_path / "onnx"
     assert export_main([str(exported), str(out), "--onnx"]) == 0

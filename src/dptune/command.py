@@ -21,7 +21,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "fit": ("dptune.cli", "train (segmentation, depth, or both: --task / task: in the config)"),
     "validate": ("dptune.cli", "score a checkpoint on the validation split"),
     "test": ("dptune.cli", "score a checkpoint on the test split"),
-    "export": ("dptune.export", "a checkpoint as a plain transformers directory (+ ONNX)"),
+    "export": ("dptune.export.cli", "a checkpoint as a plain transformers directory (+ ONNX)"),
     "predict": ("dptune.tools.predict", "masks, depth maps or both for images"),
     "evaluate": ("dptune.tools.evaluate", "scores of a checkpoint or export on labelled data"),
     "inspect": ("dptune.tools.inspect", "class counts / depth statistics of a config's data"),
@@ -74,7 +74,7 @@ def launch(module: str, argv: list[str] | None = None, **kwargs) -> int:
 
 
 def export_main() -> int:  # the dptune-export script
-    return launch("dptune.export")
+    return launch("dptune.export.cli")
 
 
 def inspect_main() -> int:  # the dptune-inspect script
