@@ -282,3 +282,28 @@ def test_data_wholly_outside_the_model_range_stops_before_training(tmp_path):
     bad = run_train([*depth_args(tmp_path / "bad", config, epochs=1), "--model.min_depth", "5",
                      "--model.max_depth", "1"], cwd=tmp_path, check=False)
     assert bad.returncode == 2 and "model.max_depth must be above model.min_depth" in bad.stderr
+
+
+def test_a_datamodule_with_its_own_prepare_data_still_gets_every_check(tmp_path):
+    """The module's checks that read the data (the depth range) run before the W&B run only when the
+    datamodule has checked its data by then; a datamodule whose own ``prepare_data`` (Lightning's
+    place for downloads) does not call dptune's trained with max_depth 0.5 on 7-Scenes (median 1.9 m)."""
+    from dptune.data.depth_datamodule import DepthDataModule
+    from dptune.errors import DataError
+    from dptune.tasks.depth import DepthModule
+    from dptune.training.hardware import DPTuneTrainer
+
+    class Downloads(DepthDataModule):
+        def prepare_data(self) -> None:
+            pass  # a download, say; dptune's check is not called
+
+    splits = {"train": {"images": "train/rgb/frame-00000[0-3].jpg", "depth": "train/depth/{stem}.png"},
+              "val": {"images": "val/rgb/frame-00060[0-1].jpg", "depth": "val/depth/{stem}.png"}}
+    dm = Downloads(root=str(KITCHEN), splits=splits, depth_scale=1000, image_size=64, batch_size=2, num_workers=0)
+    (tmp_path / "tiny.json").write_text(json.dumps(DEPTH_TINY))
+    model = DepthModule(config=str(tmp_path / "tiny.json"), image_size=64, mode="metric", max_depth=0.5, init_depth=0.3)
+    trainer = DPTuneTrainer(max_epochs=1, limit_train_batches=1, limit_val_batches=1, logger=False,
+                            enable_checkpointing=False, enable_progress_bar=False, default_root_dir=tmp_path,
+                            precision="32-true")
+    with pytest.raises(DataError, match="inside the model's range"):
+        trainer.fit(model, dm)

@@ -86,8 +86,11 @@ def test_fit_on_a_stream_needs_max_steps_and_then_runs_them(tmp_path):
             "--data.image_size", "32", "--data.crop_size", "32", "--data.batch_size", "2", "--data.num_workers", "0",
             "--trainer.default_root_dir", str(tmp_path / "run"), "--trainer.logger", "false",
             "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true"]
-    proc = run_train(args, cwd=tmp_path, check=False)
+    # refused before the run starts: no W&B run is left (the refusal came after it, from configure_optimizers)
+    logged = args[:args.index("--trainer.logger")] + args[args.index("--trainer.logger") + 2:]
+    proc = run_train(logged, cwd=tmp_path, check=False)
     assert proc.returncode == 2 and "set --trainer.max_steps" in proc.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "run").exists(), sorted((tmp_path / "run").rglob("*"))
     run_train([*args, "--trainer.max_steps", "7", "--trainer.val_check_interval", "7"], cwd=tmp_path)
     import torch
 

@@ -270,3 +270,17 @@ def test_a_fit_refused_before_it_trains_leaves_no_run_behind(tmp_path, sub, bad,
     assert "checking train data" not in proc.stderr, proc.stderr[-3000:]
     left = sorted(str(p.relative_to(run)) for p in run.rglob("*")) if run.exists() else []
     assert left == [], left
+
+
+def test_a_fit_with_validation_turned_off_needs_no_val_split(tmp_path):
+    """A split the stage scores is refused up front only where Lightning would ask for its loader:
+    a train-only fit with ``--trainer.limit_val_batches 0`` trains (it was refused for the missing
+    val split it never reads)."""
+    from conftest import TINY
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    args = [*camvid_args(tmp_path / "run", config, epochs=1), "--data.splits", json.dumps({"train": TRAIN}),
+            "--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
+    run_train(args, cwd=tmp_path)
+    assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()

@@ -71,8 +71,8 @@ class LoggedSaveConfig(SaveConfigCallback):
                 name = f"{stem}-{n}{ext}"
             if name != self.config_filename:
                 why = "this run's --config" if os.path.realpath(first) in inputs else "the record of the run there"
-                log.info("%s is %s and is left as it is; this %s's settings are written to %s", first, why, stage,
-                         os.path.join(log_dir, name))
+                log.info("%s is %s and is left as it is; this %s run's settings are written to %s", first, why,
+                         getattr(stage, "value", stage), os.path.join(log_dir, name))
                 self.config_filename = name
         self.config = self.config.clone()
         if "ckpt_path" in self.config:

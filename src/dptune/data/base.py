@@ -212,6 +212,15 @@ def stage_of(trainer) -> str:
     return str(getattr(fn, "value", fn) or "fit")
 
 
+def asks_for_scores(trainer, stage: str) -> bool:
+    """Whether Lightning will ask for the loader of the split ``stage`` scores before training: a fit
+    asks at its start (the sanity check) unless validation is off (``limit_val_batches 0``) or has
+    no sanity check (then it may never ask: a validation interval past the run)."""
+    if stage != "fit":
+        return stage in EVALUATED_ON
+    return trainer.limit_val_batches != 0 and trainer.num_sanity_val_steps != 0
+
+
 def check_evaluation_split(splits: dict, stage: str, where: str = "data") -> None:
     """The split a stage scores (``EVALUATED_ON``) is in ``splits``: one line naming the setting,
     before the run starts (Lightning asks for the loader once it has)."""
@@ -298,8 +307,10 @@ class SplitDataModule(pl.LightningDataModule):
         if self.trainer is None or self.trainer.world_size != 1:
             return
         stage = stage_of(self.trainer)
-        check_evaluation_split(self.splits, stage, self.config_path)
+        if asks_for_scores(self.trainer, stage):
+            check_evaluation_split(self.splits, stage, self.config_path)
         self.setup(stage)
+        self.checked_stage = stage  # the module's checks of the data (its depth range) may run now
 
     def _loader(self, stage: str) -> DataLoader:
         ds = self.dataset(stage)

@@ -17,7 +17,15 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from dptune.data.base import ValidationSource, collate, default_workers, make_loader, rank, stage_of
+from dptune.data.base import (
+    ValidationSource,
+    asks_for_scores,
+    collate,
+    default_workers,
+    make_loader,
+    rank,
+    stage_of,
+)
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
 from dptune.errors import ConfigError, DataError
@@ -233,10 +241,11 @@ class MultiTaskDataModule(pl.LightningDataModule):
         if self.trainer is None or self.trainer.world_size != 1:
             return
         stage = stage_of(self.trainer)
-        if stage in ("fit", "validate") and not self.val_sources:
+        if stage in ("fit", "validate") and asks_for_scores(self.trainer, stage) and not self.val_sources:
             raise DataError(f"data: no source has a 'val' split; {stage} scores each task on its sources' validation "
                             "splits (give at least one source a val split)")
         self.setup(stage)
+        self.checked_stage = stage  # as SplitDataModule.prepare_data
 
     def setup(self, stage: str | None = None) -> None:
         for s in self.sources:

@@ -34,6 +34,10 @@ log = logging.getLogger(__name__)
 SIXTEEN_BIT_WEIGHTS = ("bf16-true", "16-true")
 
 
+STREAM_LENGTH = ("the training data is a stream (no length): set --trainer.max_steps for the LR schedule and "
+                 "--trainer.val_check_interval in steps")
+
+
 def wants_sync_batchnorm(trainer) -> bool:
     """SyncBatchNorm for multi-process GPU runs (NCCL); it has no CPU implementation."""
     return trainer is not None and trainer.world_size > 1 and trainer.strategy.root_device.type == "cuda"
@@ -216,19 +220,26 @@ class DPTTask(pl.LightningModule):
                                   f"use e.g. {fix}")
 
     def check_stage(self, stage: str) -> None:
-        """What the stage refuses to start with: sizes the backbone cannot take (a task adds its own).
-        Run once per run: by ``prepare_data`` in a run of one process, else by ``setup``."""
+        """What the stage refuses to start with: sizes the backbone cannot take, a stream of training
+        data without a run length (a task adds its own). Run once per run: by ``prepare_data`` in a
+        run of one process, else by ``setup``."""
         dm = getattr(self.trainer, "datamodule", None)
         self.check_sizes(image_size=self.hparams.image_size, crop_size=getattr(dm, "crop_size", None))
+        train = getattr(dm, "datasets", {}).get("train") if stage == "fit" else None
+        if self.trainer.max_steps in (None, -1) and isinstance(train, torch.utils.data.IterableDataset) \
+                and not hasattr(train, "__len__"):
+            raise ConfigError(STREAM_LENGTH)
 
     def prepare_data(self) -> None:
         """Lightning's first hook of a run (after the datamodule's, which checked the data), before it
         starts the run's loggers: in a run of one process the stage's checks (``check_stage``), so
         that a run refused for its settings leaves no run behind. The processes of a multi-process
         run check in ``setup`` (this hook runs on one of them, the others waiting)."""
-        if self.trainer.world_size == 1:
-            self.check_stage(stage_of(self.trainer))
-            self._checked_before_setup = stage_of(self.trainer)
+        stage = stage_of(self.trainer)
+        # only once the datamodule has checked its data here (one that overrides prepare_data may not)
+        if self.trainer.world_size == 1 and getattr(self.trainer.datamodule, "checked_stage", None) == stage:
+            self.check_stage(stage)
+            self._checked_before_setup = stage
 
     def setup(self, stage: str) -> None:
         if getattr(self, "_checked_before_setup", None) != stage:
@@ -341,8 +352,7 @@ class DPTTask(pl.LightningModule):
                                     weight_decay=hp.weight_decay, fused=self._fused_adamw())
         total = self.trainer.estimated_stepping_batches
         if not math.isfinite(total) or total <= 0:
-            raise ConfigError("the training data is a stream (no length): set --trainer.max_steps for the LR schedule "
-                              "and --trainer.val_check_interval in steps")
+            raise ConfigError(STREAM_LENGTH)
         total = int(total)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
         sched = WarmupPoly(opt, total, warmup, hp.poly_power, hp.min_lr_ratio)
