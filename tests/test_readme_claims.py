@@ -1208,7 +1208,9 @@ def test_export_fails_and_leaves_no_graph_when_onnx_runtime_does_not_reproduce_t
         return out
 
     monkeypatch.setattr(export, "export_onnx", drifted)
-    assert export.main([str(ckpt), str(tmp_path / "out"), "--onnx"]) == 2
+    from dptune.export.cli import main as export_main
+
+    assert export_main([str(ckpt), str(tmp_path / "out"), "--onnx"]) == 2
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
     assert len(err) == 1 and "ONNX export differs from torch" in err[0] and "not written" in err[0]
     assert not (tmp_path / "out" / "model.onnx").exists() and not (tmp_path / "out" / "model.safetensors").exists()

@@ -226,8 +226,8 @@ class DPTTask(pl.LightningModule):
         dm = getattr(self.trainer, "datamodule", None)
         self.check_sizes(image_size=self.hparams.image_size, crop_size=getattr(dm, "crop_size", None))
         train = getattr(dm, "datasets", {}).get("train") if stage == "fit" else None
-        if self.trainer.max_steps in (None, -1) and isinstance(train, torch.utils.data.IterableDataset) \
-                and not hasattr(train, "__len__"):
+        stream = isinstance(train, torch.utils.data.IterableDataset) and not hasattr(train, "__len__")
+        if stream and self.trainer.max_steps in (None, -1):
             raise ConfigError(STREAM_LENGTH)
 
     def prepare_data(self) -> None:
