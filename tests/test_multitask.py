@@ -384,7 +384,7 @@ def test_a_stage_the_joint_data_cannot_serve_is_one_line_before_the_run_starts(m
     for stage in ("fit", "validate"):
         dm = MultiTaskDataModule(segmentation=seg, depth=depth, image_size=64, num_workers=0)
         dm.trainer = SimpleNamespace(state=SimpleNamespace(fn=stage), world_size=1, limit_val_batches=1.0,
-                                     num_sanity_val_steps=2)
+                                     num_sanity_val_steps=0, check_val_every_n_epoch=1, max_epochs=1)
         with pytest.raises(DataError, match="no source has a 'val' split"):
             dm.prepare_data()  # Lightning's first hook of a run, before it starts the W&B run
     monkeypatch.chdir(REPO)

@@ -92,6 +92,10 @@ def test_fit_on_a_stream_needs_max_steps_and_then_runs_them(tmp_path):
     assert proc.returncode == 2 and "set --trainer.max_steps" in proc.stderr.strip().splitlines()[-1]
     assert not (tmp_path / "run").exists(), sorted((tmp_path / "run").rglob("*"))
     run_train([*args, "--trainer.max_steps", "7", "--trainer.val_check_interval", "7"], cwd=tmp_path)
+    # a whole number of batches per epoch bounds the run too
+    run_train([*args, "--trainer.limit_train_batches", "2", "--trainer.max_epochs", "1",
+               "--trainer.default_root_dir", str(tmp_path / "bounded")], cwd=tmp_path)
+    assert (tmp_path / "bounded" / "checkpoints" / "last.ckpt").is_file()
     import torch
 
     ckpt = torch.load(tmp_path / "run" / "checkpoints" / "last.ckpt", map_location="cpu")

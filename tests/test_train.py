@@ -251,6 +251,8 @@ def test_planted_faults_stop_before_training_or_are_skipped(tmp_path, tiny_confi
     ("fit", ["--data.image_size", "72", "--data.crop_size", "72"], "not a multiple of 16"),
     # a split the stage needs and the config lacks was found when its loader was asked for, after the run started
     ("fit", ["--data.splits", json.dumps({"train": TRAIN})], "no 'val' split"),
+    # no sanity check: the fit loop asks for the loader at its first epoch all the same
+    ("fit", ["--data.splits", json.dumps({"train": TRAIN}), "--trainer.num_sanity_val_steps", "0"], "no 'val' split"),
     ("test", [], "no 'test' split"),
 ])
 def test_a_fit_refused_before_it_trains_leaves_no_run_behind(tmp_path, sub, bad, said):

@@ -213,12 +213,14 @@ def stage_of(trainer) -> str:
 
 
 def asks_for_scores(trainer, stage: str) -> bool:
-    """Whether Lightning will ask for the loader of the split ``stage`` scores before training: a fit
-    asks at its start (the sanity check) unless validation is off (``limit_val_batches 0``) or has
-    no sanity check (then it may never ask: a validation interval past the run)."""
+    """Whether Lightning will ask for the loader of the split ``stage`` scores: a fit asks at its
+    start (the sanity check, or the fit loop's first epoch) unless validation is off
+    (``limit_val_batches 0``) or comes every N epochs with N past the run's epochs."""
     if stage != "fit":
         return stage in EVALUATED_ON
-    return trainer.limit_val_batches != 0 and trainer.num_sanity_val_steps != 0
+    every, epochs = trainer.check_val_every_n_epoch, trainer.max_epochs
+    past_the_run = every is not None and epochs not in (None, -1) and every > epochs
+    return trainer.limit_val_batches != 0 and not past_the_run
 
 
 def check_evaluation_split(splits: dict, stage: str, where: str = "data") -> None:

@@ -227,7 +227,9 @@ class DPTTask(pl.LightningModule):
         self.check_sizes(image_size=self.hparams.image_size, crop_size=getattr(dm, "crop_size", None))
         train = getattr(dm, "datasets", {}).get("train") if stage == "fit" else None
         stream = isinstance(train, torch.utils.data.IterableDataset) and not hasattr(train, "__len__")
-        if stream and self.trainer.max_steps in (None, -1):
+        # a stream's run is as long as max_steps, or as a whole number of batches per epoch says
+        batches = self.trainer.limit_train_batches if stream else None
+        if stream and self.trainer.max_steps in (None, -1) and not (isinstance(batches, int) and batches > 0):
             raise ConfigError(STREAM_LENGTH)
 
     def prepare_data(self) -> None:
