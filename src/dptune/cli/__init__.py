@@ -79,17 +79,20 @@ class LoggedSaveConfig(SaveConfigCallback):
             self.config.ckpt_path = None
         super().setup(trainer, pl_module, stage)
 
-    def on_fit_start(self, trainer, pl_module) -> None:
+    def _write_deferred(self) -> None:
         deferred = getattr(self, "_deferred", None)
         if deferred is not None:
             self._deferred = None
             self._write(*deferred)
 
+    def on_fit_start(self, trainer, pl_module) -> None:
+        self._write_deferred()
+
     def on_validation_start(self, trainer, pl_module) -> None:
-        self.on_fit_start(trainer, pl_module)  # validate: no fit start
+        self._write_deferred()  # validate (in a fit: already written at its start)
 
     def on_test_start(self, trainer, pl_module) -> None:
-        self.on_fit_start(trainer, pl_module)
+        self._write_deferred()
 
     def save_config(self, trainer, pl_module, stage: str) -> None:
         # under its own key: the model's hyperparameters, logged too, have a ``config`` of their own

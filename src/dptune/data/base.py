@@ -212,6 +212,16 @@ def stage_of(trainer) -> str:
     return str(getattr(fn, "value", fn) or "fit")
 
 
+def one_process_stage(trainer) -> str | None:
+    """The stage a run of one process is starting, for the checks of ``prepare_data`` (Lightning's
+    first hook, before it starts the run's loggers); None in a multi-process run (or outside a
+    run): there the hook runs on one process while the others wait in a collective, which an error
+    would break with a traceback of their own, so their checks stay in ``setup``."""
+    if trainer is None or trainer.world_size != 1:
+        return None
+    return stage_of(trainer)
+
+
 def asks_for_scores(trainer, stage: str) -> bool:
     """Whether Lightning will ask for the loader of the split ``stage`` scores: a fit asks at its
     start (the sanity check, or the fit loop's first epoch) unless validation is off
@@ -300,15 +310,13 @@ class SplitDataModule(pl.LightningDataModule):
         setup_splits(self.splits, stage, self.dataset, self.trainer, self.config_path)
 
     def prepare_data(self) -> None:
-        """Lightning's first hook of a run, before it starts the run's loggers (the W&B run): in a
-        run of one process, the evaluation split the stage needs and the whole pre-flight check
-        (``setup``: its datasets are kept for Lightning's own call), so that a run refused for its
-        data leaves no run behind. The processes of a multi-process run check their data in
-        ``setup``: this hook runs on one of them while the others wait in a collective, which an
-        error here would break with a traceback of their own."""
-        if self.trainer is None or self.trainer.world_size != 1:
+        """Before Lightning starts the run's loggers (the W&B run), in a run of one process
+        (``one_process_stage``): the evaluation split the stage needs and the whole pre-flight
+        check (``setup``: its datasets are kept for Lightning's own call), so that a run refused
+        for its data leaves no run behind."""
+        stage = one_process_stage(self.trainer)
+        if stage is None:
             return
-        stage = stage_of(self.trainer)
         if asks_for_scores(self.trainer, stage):
             check_evaluation_split(self.splits, stage, self.config_path)
         self.setup(stage)

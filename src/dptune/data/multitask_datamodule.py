@@ -23,8 +23,8 @@ from dptune.data.base import (
     collate,
     default_workers,
     make_loader,
+    one_process_stage,
     rank,
-    stage_of,
 )
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
@@ -238,9 +238,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
         """As ``SplitDataModule.prepare_data``: in a run of one process, before Lightning starts the
         run's loggers, a stage that scores the validation splits needs a source with one, and the
         data is checked (``setup``)."""
-        if self.trainer is None or self.trainer.world_size != 1:
+        stage = one_process_stage(self.trainer)
+        if stage is None:
             return
-        stage = stage_of(self.trainer)
         if stage in ("fit", "validate") and asks_for_scores(self.trainer, stage) and not self.val_sources:
             raise DataError(f"data: no source has a 'val' split; {stage} scores each task on its sources' validation "
                             "splits (give at least one source a val split)")

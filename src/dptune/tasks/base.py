@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch import nn
 
-from dptune.data.base import ValidationSource, stage_of
+from dptune.data.base import ValidationSource, one_process_stage
 from dptune.errors import ConfigError, first_line
 from dptune.models.backbones import family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
@@ -233,13 +233,12 @@ class DPTTask(pl.LightningModule):
             raise ConfigError(STREAM_LENGTH)
 
     def prepare_data(self) -> None:
-        """Lightning's first hook of a run (after the datamodule's, which checked the data), before it
-        starts the run's loggers: in a run of one process the stage's checks (``check_stage``), so
-        that a run refused for its settings leaves no run behind. The processes of a multi-process
-        run check in ``setup`` (this hook runs on one of them, the others waiting)."""
-        stage = stage_of(self.trainer)
+        """After the datamodule's (which checked the data), before Lightning starts the run's loggers,
+        in a run of one process (``one_process_stage``): the stage's checks (``check_stage``), so
+        that a run refused for its settings leaves no run behind."""
+        stage = one_process_stage(self.trainer)
         # only once the datamodule has checked its data here (one that overrides prepare_data may not)
-        if self.trainer.world_size == 1 and getattr(self.trainer.datamodule, "checked_stage", None) == stage:
+        if stage is not None and getattr(self.trainer.datamodule, "checked_stage", None) == stage:
             self.check_stage(stage)
             self._checked_before_setup = stage
 
