@@ -204,6 +204,9 @@ def test_a_label_set_of_one_class_is_one_line_before_training(tmp_path, monkeypa
     # a YAML word for true or false is said as typed (it was "given True")
     (["--config", "configs/camvid.yaml", "--data.batch_size", "yes"], "data.batch_size: expected int, given yes (read as true)"),
     (["--config", "configs/camvid.yaml", "--model.lr=off"], "model.lr: expected float, given off (read as false)"),
+    # one key of a mapping setting: it said "given NestedArg(key='mIoU', val='abc')"
+    (["--config", "configs/multitask/camvid-7scenes.yaml", "--model.references.mIoU", "abc"],
+     "the command line: model.references.mIoU: expected float, given abc"),
 ])
 def test_a_setting_of_the_wrong_type_or_name_is_one_line(args, named, monkeypatch, capsys):
     """jsonargparse printed the whole usage (110 lines) and a two-line message before the error."""

@@ -23,6 +23,10 @@ NO_OPTION = re.compile(r"(?:Subcommand '\w+'|Group '([\w.]+)') does not accept o
                        r"|Option '([^']+)' is not accepted")
 
 
+# jsonargparse's repr of one key of a mapping given on the command line, in its "given ..." text
+NESTED_ARG = re.compile(r"""given NestedArg\(key=(['"])(.*)\1, val=(['"])(.*)\3\)$""")
+
+
 def _split_top(text: str) -> list[str]:
     """``text`` split at the commas outside brackets (``a, Literal[b, c]`` -> ``a``, ``Literal[b, c]``)."""
     parts, depth, start = [], 0, 0
@@ -181,6 +185,11 @@ def setting_error(message: str, args: list[str]) -> str | None:
     unknown = NO_OPTION.search(" ".join(message.split()))
     if bad:
         key, problem = bad.group(1), _problem(bad.group(2))
+        nested = NESTED_ARG.search(problem)
+        if nested:  # one key of a mapping setting on the command line (--model.references.mIoU abc)
+            inner = re.search(r"dict\[str, (.+?)\]", problem)
+            key = f"{key}.{nested.group(2)}"
+            problem = f"expected {_type_words(inner.group(1)) if inner else 'another value'}, given {nested.group(4)}"
         given = re.search(r"given (.*)$", problem)
     elif unknown:
         key = ".".join(k for k in unknown.groups() if k)
