@@ -283,7 +283,7 @@ def test_intrinsics_that_are_not_a_pinhole_matrix_are_refused(tmp_path, text, ex
 
 def test_a_split_mostly_beyond_max_depth_is_warned_about(caplog):
     """Depth x8 (median 15 m) against max_depth 10: most valid pixels count in nothing; say so."""
-    from dptune.data.depth import check_depth_range
+    from dptune.data.depth_values import check_depth_range
 
     stats = [(f"d{i}.png", 9.0, 15.0, 20.0) for i in range(4)]
     with caplog.at_level(logging.WARNING, logger="dptune"):

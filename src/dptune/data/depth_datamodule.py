@@ -19,12 +19,11 @@ from dptune.data.depth import (
     DepthDataset,
     DepthFolderSource,
     HFDepthSource,
-    check_depth_range,
     check_depth_size,
-    check_split_depth,
     depth_train_transforms,
     eval_crop_mask,
 )
+from dptune.data.depth_values import check_depth_range, check_split_depth
 from dptune.data.images import image_header_size
 from dptune.data.transforms import eval_preprocessing
 from dptune.errors import ConfigError, DataError

@@ -29,10 +29,10 @@ from tqdm.contrib.logging import logging_redirect_tqdm
 from dptune.data.depth import (
     DepthFolderSource,
     check_depth_size,
-    check_split_depth,
     eval_crop_mask,
     read_intrinsics,
 )
+from dptune.data.depth_values import check_split_depth
 from dptune.errors import ConfigError, DataError, of_image
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
 from dptune.tasks.visuals import colorize_depth, depth_range
