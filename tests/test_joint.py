@@ -48,7 +48,7 @@ def test_a_mixed_batch_gives_each_task_gradients_from_its_own_samples_only():
     mask[1] = 255
     gt = torch.rand(3, 64, 64) * 3 + 0.5
     gt[0] = 0
-    seg_rows, depth_rows = labelled_rows(mask, gt)
+    seg_rows, depth_rows = labelled_rows(mask, gt > 0)
     assert seg_rows.tolist() == [0, 2] and depth_rows.tolist() == [1, 2]
     logits, _, depth = m(x, seg_rows, depth_rows)
     seg_loss = F.cross_entropy(F.interpolate(logits, size=(64, 64), mode="bilinear"), mask[seg_rows], ignore_index=255)

@@ -93,3 +93,30 @@ def test_a_joint_checkpoint_from_before_the_task_group_resumes(tmp_path, tiny_co
     assert "resume with a fresh optimizer state" in proc.stderr
     after = torch.load(tmp_path / "resumed" / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=True)
     assert after["global_step"] > ckpt["global_step"] and len(after["optimizer_states"][0]["param_groups"]) == 5
+
+
+@pytest.mark.parametrize("fill", ["beyond max_depth", "too few valid pixels"])
+def test_depth_rows_the_loss_cannot_use_leave_the_depth_term_out(fill):
+    """A depth row counted as labelled by any pixel > 0 made a depth loss of exactly 0 on a batch whose
+    depth lay wholly outside [min_depth, max_depth] (or had fewer valid pixels than the loss needs):
+    the learned weighting still added exp(-s) * 0 + s, pushing the depth weight up on a batch that
+    carries no depth, and train/loss_depth logged a 0 that pulled its epoch mean down."""
+    module = _module(weighting="uncertainty", max_depth=10.0).train()
+    torch.manual_seed(0)
+    image = torch.randint(0, 255, (4, 3, 64, 64), dtype=torch.uint8)
+    mask = torch.randint(0, 3, (4, 64, 64), dtype=torch.uint8)
+    mask[2:] = 255  # rows 2 and 3: depth only
+    depth = torch.zeros(4, 64, 64)
+    if fill == "beyond max_depth":
+        depth[2:] = 12.0
+    else:
+        depth[2:, 0, :10] = 2.0  # 10 valid pixels, fewer than the 16 the depth loss needs
+    losses, unused = module.losses({"image": image, "mask": mask, "depth": depth})
+    assert set(losses) == {"segmentation"}, losses
+    (module.weights(losses) + unused).backward()
+    grad = dict(zip(module.weights.tasks, module.weights.log_vars.grad.tolist(), strict=True))
+    assert grad["depth"] == 0.0 and grad["segmentation"] != 0.0, grad
+    depth[3] = 0.0
+    depth[3, :8, :8] = 3.0  # 64 valid pixels in range: row 3 is a depth row again
+    losses, _ = module.losses({"image": image, "mask": mask, "depth": depth})
+    assert set(losses) == {"segmentation", "depth"} and losses["depth"] > 0, losses

@@ -1,6 +1,8 @@
 """Depth losses on valid pixels only. Every loss is computed per image and averaged over the images
 that have at least ``min_valid`` valid pixels: an image with (almost) no ground truth contributes
-nothing, and a batch of such images gives 0 with a gradient, never NaN."""
+nothing, and a batch of such images gives 0 with a gradient, never NaN. One term is pooled over the
+batch instead: ``ssi``'s gradient matching, summed over the kept images' valid pixel pairs and
+divided by their count (MiDaS's batch-based reduction), so an image counts by its valid pixels."""
 
 from __future__ import annotations
 
@@ -8,6 +10,7 @@ import torch
 import torch.nn.functional as F
 
 EPS = 1e-3  # metres: predictions are clamped here before a logarithm or division
+MIN_VALID = 16  # valid pixels an image needs to count in a loss
 
 
 def _per_image(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -24,7 +27,7 @@ def _mean_over_images(per_image: torch.Tensor, n: torch.Tensor, min_valid: int, 
 
 
 def silog(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, variance_focus: float = 0.85,
-          min_valid: int = 16) -> torch.Tensor:
+          min_valid: int = MIN_VALID) -> torch.Tensor:
     """Scale-invariant log loss (Eigen et al. 2014; lambda 0.85 as in BTS/AdaBins), per image:
     sqrt(mean(d^2) - lambda * mean(d)^2), d = log(pred) - log(gt)."""
     d = torch.where(valid, pred.float().clamp(min=EPS).log() - gt.float().clamp(min=EPS).log(), 0.0)
@@ -34,12 +37,12 @@ def silog(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, variance_fo
     return _mean_over_images(per_image, n, min_valid, pred)
 
 
-def l1(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, min_valid: int = 16) -> torch.Tensor:
+def l1(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, min_valid: int = MIN_VALID) -> torch.Tensor:
     per_image, n = _per_image(torch.where(valid, (pred.float() - gt).abs(), 0.0), valid)
     return _mean_over_images(per_image, n, min_valid, pred)
 
 
-def berhu(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, min_valid: int = 16) -> torch.Tensor:
+def berhu(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, min_valid: int = MIN_VALID) -> torch.Tensor:
     """Reverse Huber (Laina et al. 2016): |x| up to c, (x^2 + c^2) / 2c beyond; c = 0.2 x the image's
     largest absolute error."""
     err = torch.where(valid, (pred.float() - gt).abs(), 0.0)
@@ -67,8 +70,9 @@ def _align_scale_shift(pred: torch.Tensor, target: torch.Tensor, valid: torch.Te
 
 
 def gradient_matching(residual: torch.Tensor, valid: torch.Tensor, scales: int = 4) -> torch.Tensor:
-    """MiDaS's multi-scale gradient matching: mean |d/dx R| + |d/dy R| of the aligned residual over
-    pairs of valid pixels, at ``scales`` resolutions (every 2**k-th pixel)."""
+    """MiDaS's multi-scale gradient matching: |d/dx R| + |d/dy R| of the aligned residual summed over
+    the batch's pairs of valid pixels and divided by the batch's valid pixels, at ``scales``
+    resolutions (every 2**k-th pixel)."""
     total = residual.new_zeros(())
     for k in range(scales):
         step = 2**k
@@ -80,7 +84,7 @@ def gradient_matching(residual: torch.Tensor, valid: torch.Tensor, scales: int =
 
 
 def scale_shift_invariant(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Tensor, grad_weight: float = 0.5,
-                          min_valid: int = 16) -> torch.Tensor:
+                          min_valid: int = MIN_VALID) -> torch.Tensor:
     """Relative depth (MiDaS, Ranftl et al. 2020): the prediction is affine-invariant inverse depth;
     per image it is aligned to the ground truth's inverse depth by least-squares scale and shift,
     then scored by mean absolute error plus ``grad_weight`` x multi-scale gradient matching."""

@@ -83,11 +83,13 @@ class JointDPT(nn.Module):
         return logits, aux, depth
 
 
-def labelled_rows(mask: torch.Tensor, depth: torch.Tensor, ignore: int = 255) -> tuple[torch.Tensor, torch.Tensor]:
+def labelled_rows(mask: torch.Tensor, depth_valid: torch.Tensor, ignore: int = 255,
+                  min_valid: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     """Indices of the samples with a segmentation label (any pixel not ``ignore``) and of those with
-    depth (any pixel > 0): a source without masks fills them with 255, one without depth with 0."""
+    depth a loss can use (``depth_valid``: the pixels that count; at least ``min_valid`` of them): a
+    source without masks fills them with 255, one without depth with 0."""
     seg = (mask != ignore).flatten(1).any(1).nonzero().flatten()
-    dep = (depth > 0).flatten(1).any(1).nonzero().flatten()
+    dep = (depth_valid.flatten(1).sum(1) >= min_valid).nonzero().flatten()
     return seg, dep
 
 

@@ -14,7 +14,7 @@ from torch import nn
 from dptune.data.base import ValidationSource
 from dptune.errors import ConfigError
 from dptune.losses import resize_per_sample
-from dptune.losses.depth import LOSSES, upsample_depth
+from dptune.losses.depth import LOSSES, MIN_VALID, upsample_depth
 from dptune.losses.segmentation import cross_entropy, upsample
 from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.depth import MIN_DEPTH, DepthMetrics, check_range, valid_depth, warn_if_none_scored
@@ -142,7 +142,10 @@ class MultiTaskModule(LabelledTask, DPTTask):
         still reaches the heads of a task with no sample in the batch: added to the total, it gives
         their weights a (zero) gradient, so every DDP process reduces the same parameters."""
         mask, depth = batch["mask"].long(), batch["depth"]
-        seg_rows, depth_rows = labelled_rows(mask, depth)
+        # a depth row is one the depth loss can use: enough pixels inside [min_depth, max_depth]; one
+        # without (depth beyond max_depth, a few pixels) would make a 0 loss the learned weighting and
+        # the logged loss would count
+        seg_rows, depth_rows = labelled_rows(mask, self.valid_depth(depth), min_valid=MIN_VALID)
         logits, aux, pred = self(batch["image"], seg_rows, depth_rows, with_aux=self.hparams.aux_weight > 0)
         out: dict[str, torch.Tensor] = {}
         unused = [t for t in (logits, aux, pred) if t is not None and t.shape[0] == 0]
