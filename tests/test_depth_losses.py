@@ -165,3 +165,18 @@ def test_lstsq_alignment_of_a_constant_prediction_is_the_mean_inverse_depth():
     a = np.stack([pred.numpy(), np.ones(1000)], 1)
     ref = np.linalg.lstsq(a, 1.0 / gt.numpy(), rcond=None)[0]
     assert torch.allclose(align(pred, gt, "lstsq"), 1.0 / torch.from_numpy(a @ ref).clamp(min=1e-8), rtol=1e-9)
+
+
+def test_median_alignment_uses_the_median_numpy_and_the_usual_protocol_use():
+    """torch.median gives the lower of the two middle values of an even count: the aligned depth
+    differed from np.median's (the Eigen / Monodepth protocol) on small or sparse images."""
+    from dptune.metrics.depth import align
+
+    pred = torch.tensor([1.0, 2.0, 4.0, 8.0])  # inverse depth: depth 1, 0.5, 0.25, 0.125
+    gt = torch.tensor([1.0, 2.0, 3.0, 5.0])
+    depth = 1.0 / pred.double().numpy()
+    ref = depth * np.median(gt.numpy()) / np.median(depth)
+    assert np.allclose(align(pred, gt, "median").numpy(), ref, rtol=1e-12), (align(pred, gt, "median"), ref)
+    odd = torch.tensor([1.0, 2.0, 4.0])
+    ref = (1.0 / odd.double().numpy()) * 2.0 / np.median(1.0 / odd.double().numpy())
+    assert np.allclose(align(odd, gt[:3], "median").numpy(), ref, rtol=1e-12)

@@ -59,6 +59,14 @@ def image_metrics(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
     ])
 
 
+def _median(values: torch.Tensor) -> torch.Tensor:
+    """The median as numpy and the evaluation protocols take it: the mean of the two middle values
+    of an even count (``torch.median`` gives the lower one)."""
+    v = values.flatten().sort().values
+    n = v.numel()
+    return (v[(n - 1) // 2] + v[n // 2]) / 2
+
+
 def align(pred: torch.Tensor, gt: torch.Tensor, mode: str, max_depth: float | None = None) -> torch.Tensor:
     """A relative prediction (affine-invariant inverse depth) turned into metres on one image's
     valid pixels: ``median`` scales the predicted depth (1 / prediction) to the ground truth's
@@ -66,7 +74,7 @@ def align(pred: torch.Tensor, gt: torch.Tensor, mode: str, max_depth: float | No
     pred = pred.double()
     if mode == "median":
         depth = 1.0 / pred.clamp(min=1e-8)
-        return depth * (gt.median() / depth.median())
+        return depth * (_median(gt.double()) / _median(depth))
     if mode == "lstsq":
         target = 1.0 / gt.double()
         # the least-squares line in closed form, centred (stable); a constant prediction has no scale
