@@ -139,7 +139,9 @@ def test_a_damaged_or_foreign_ckpt_as_the_start_is_one_line_naming_it(sources, t
     cases = {
         "empty.ckpt": (b"", "not a readable checkpoint"),
         "truncated.ckpt": (raw[:100_000], "not a readable checkpoint"),
-        "text.ckpt": (b"hello, not a checkpoint\n", "not a readable checkpoint"),
+        # it said "(empty, truncated or not a torch file: 101)": the unpickler's KeyError of a byte
+        "text.ckpt": (b"hello, not a checkpoint\n", r"not a readable checkpoint \(neither torch's zip format nor "
+                                                    r"a pickle: it starts with b'hello, not a checkpo'\)"),
         "no-config.ckpt": (edited(lambda c: c["dptune"].pop("model_config")), "without dptune.model_config"),
         "no-size.ckpt": (edited(lambda c: c["hyper_parameters"].pop("image_size")), "without hyper_parameters.image_size"),
         "bogus-task.ckpt": (edited(lambda c: c["dptune"].update(task="bogus")), "unknown dptune task 'bogus'"),

@@ -317,6 +317,35 @@ def test_evaluate_never_writes_among_its_inputs_nor_over_other_files(models, tmp
     assert json.loads((tmp_path / "report" / "s.json").read_text())["images"] == 2
 
 
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_evaluate_of_a_mask_of_another_size_than_its_image_is_one_line_naming_it(tmp_path, capsys, mode):
+    """A mask 10 rows short of its image was an IndexError traceback in the scoring loop (the
+    prediction is the image's size), naming no file."""
+    from dptune.labels import LabelSet
+    from dptune.tasks.segmentation import SegmentationModule
+
+    data = tmp_path / "data"
+    for sub in ("val", "valannot"):
+        (data / sub).mkdir(parents=True)
+    shutil.copy(CAMVID / "labels.yaml", data / "labels.yaml")
+    for frame in FRAMES[:2]:
+        shutil.copy(frame, data / "val" / frame.name)
+        shutil.copy(CAMVID / "valannot" / f"{frame.stem}.png", data / "valannot" / f"{frame.stem}.png")
+    short = data / "valannot" / f"{FRAMES[1].stem}.png"
+    Image.open(short).crop((0, 0, 480, 350)).save(short)
+    labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
+    model = tmp_path / "model"
+    m = SegmentationModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64).eval()
+    m.model.save_pretrained(model)
+    m.image_processor().save_pretrained(model)
+    rc = evaluate_main(["--model", str(model), "--images", "val/*.jpg", "--masks", "valannot/{stem}.png", "--labels",
+                        "labels.yaml", "--root", str(data), "--device", "cpu", "--mode", mode])
+    err = capsys.readouterr().err
+    lines = [ln.strip() for ln in err.replace("\r", "\n").splitlines() if ln.strip().startswith("error")]
+    assert rc == 2 and "Traceback" not in err, err[-2000:]
+    assert lines == [f"error: {short}: mask is 480x350 but its image is 480x360"], lines
+
+
 def test_inspect_never_writes_its_weights_over_the_config_or_among_the_data(tmp_path, capsys):
     data = tmp_path / "data"
     for sub in ("train", "trainannot"):
@@ -698,6 +727,19 @@ def test_predict_never_writes_into_another_models_folder(models, tmp_path, capsy
         assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --out {out}: is"), lines
         assert str(other) in lines[0]
         assert snapshot(tmp_path) == before
+
+
+def test_predict_into_its_own_models_folder_says_it_is_the_model(models, tmp_path, capsys):
+    """``--out MODEL/preds`` was refused as "inside MODEL, a folder of the inputs": the model is no input folder."""
+    model = tmp_path / "model"
+    shutil.copytree(models / "segmentation", model)
+    before = snapshot(tmp_path)
+    for out in (model, model / "preds"):
+        rc = predict_main(["--model", str(model), "--images", str(FRAMES[0]), "--out", str(out), "--device", "cpu"])
+        lines = errors(capsys)
+        assert rc == 2 and len(lines) == 1 and f"the folder of the model {model}" in lines[0], lines
+        assert "folder of the inputs" not in lines[0], lines
+    assert snapshot(tmp_path) == before
 
 
 def test_predict_lists_only_the_files_it_wrote(models, tmp_path, capsys):

@@ -434,7 +434,31 @@ def test_data_of_another_label_set_task_or_mask_shape_is_refused_before_the_slow
     cfg = write_config(tmp_path / "rgb.yaml", seg_data(rgb))
     rc, err = export_cli(capsys, sources["seg"], tmp_path / "f", "--int8", "--data", cfg)
     assert rc == 2 and len(err) == 1 and "3 channels" in err[0] and str(rgb / "valannot") in err[0], err
-    assert not any((tmp_path / d).exists() for d in "abcdef")
+    # a mask of another size than its image: it was read, resized into, and scored on without a word
+    short = tmp_path / "short"
+    (short / "val").mkdir(parents=True)
+    (short / "valannot").mkdir()
+    (short / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
+    frames = sorted(CAMVID.glob(SEG_IMAGES))[:8]
+    for p in frames:
+        (short / "val" / p.name).symlink_to(p)
+        (short / "valannot" / f"{p.stem}.png").symlink_to(CAMVID / "valannot" / f"{p.stem}.png")
+    bad = short / "valannot" / f"{frames[2].stem}.png"
+    bad.unlink()
+    Image.open(CAMVID / "valannot" / f"{frames[2].stem}.png").crop((0, 0, 480, 350)).save(bad)
+    cfg = write_config(tmp_path / "short.yaml", seg_data(short))
+    for out, extra in (("g", ["--int8"]), ("h", ["--calibrate-temperature"])):
+        rc, err = export_cli(capsys, sources["seg"], tmp_path / out, *extra, "--data", cfg)
+        assert rc == 2 and len(err) == 1 and f"{frames[2].stem}.png: mask is 480x350 but its image is 480x360" in err[0], err
+    # calibration images that are not images: found before the graphs are written, named as given
+    junk = tmp_path / "junk"
+    junk.mkdir()
+    for name in "abcd":
+        (junk / f"{name}.jpg").write_text("not an image")
+    rc, err = export_cli(capsys, sources["seg"], tmp_path / "i", "--int8", "--data", sources["seg_config"],
+                         "--calibration-images", str(junk / "*.jpg"))
+    assert rc == 2 and len(err) == 1 and f"{junk / 'a.jpg'}: not a readable image" in err[0], err
+    assert not any((tmp_path / d).exists() for d in "abcdefghi")
 
 
 def test_calibration_options_apply_only_with_what_they_set_and_the_refusal_lists_them(sources, tmp_path, capsys):

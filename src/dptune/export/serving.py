@@ -80,6 +80,7 @@ def segmentation_model(model: nn.Module, joint: bool) -> nn.Module:
 def calibrate(model: nn.Module, processor, labels, data: ServingData, joint: bool) -> dict:
     """Fit T on the segmentation split's fit part, fold it into ``model``; ECE before / after on
     the held-back part."""
+    from dptune.data.dataset import encode_sample
     from dptune.export.temperature import calibration_report, fold_temperature, pixel_logits
 
     seg = data.tasks["segmentation"]
@@ -90,8 +91,7 @@ def calibrate(model: nn.Module, processor, labels, data: ServingData, joint: boo
     def gather(indices: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
         xs, ys = [], []
         for i in indices:
-            image, raw, name = seg.source.load(i)
-            mask = labels.encode(raw, name)
+            image, mask = encode_sample(*seg.source.load(i), labels)
             x, y = pixel_logits(ref(prepare(processor, image))["logits"], mask, rng)
             xs.append(x)
             ys.append(y)
@@ -167,6 +167,7 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
             precisions: list[str], joint: bool) -> dict:
     """Each graph in ``folder`` (``precisions``) and the fp32 torch model scored on the held-back
     images of each task; returns ``{task: {"images": n, "torch": {...}, "fp32": {...}, ...}}``."""
+    from dptune.data.dataset import encode_sample
     from dptune.export.temperature import ECEBins
     from dptune.metrics.depth import DepthMetrics, valid_depth
     from dptune.metrics.segmentation import metrics_from_confmat
@@ -184,8 +185,7 @@ def measure(model: nn.Module, processor, labels, meta: dict, data: ServingData, 
             calibration = {n: ECEBins() for n in names}  # of what each graph serves: T was fitted on fp32 logits
             pixels = 0
             for i in part.held:
-                image, raw, name = part.source.load(i)
-                mask = encoding.encode(raw, name)
+                image, mask = encode_sample(*part.source.load(i), encoding)
                 x = prepare(processor, image)
                 with of_image(part.source.name(i)):
                     outs = _outputs(ref, graphs, x)

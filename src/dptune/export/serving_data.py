@@ -141,12 +141,15 @@ def source_labels(section: dict, model_labels, joint: bool, where: str):
 
 def check_readable(part: TaskData, where: str) -> None:
     """Read what the slow steps will read, before they start: every mask of the fit and held-back
-    images (shape, values) through the source's label set; a depth split's first held-back map."""
+    images (shape, values, size against its image's) through the source's label set; a depth
+    split's first held-back map."""
+    from dptune.data.dataset import check_same_size
+
     try:
         if part.task == "segmentation":
             for i in dict.fromkeys([*part.fit, *part.held]):
-                _, mask, name = part.source.probe(i)
-                part.labels.encode(mask, name)
+                image_hw, mask, name = part.source.probe(i)
+                check_same_size(name, image_hw, part.labels.encode(mask, name))
         elif part.held:
             part.source.load(part.held[0])
     except DataError as e:
@@ -207,7 +210,15 @@ def glob_images(pattern: str, count: int) -> list[str]:
     if len(found) < MIN_IMAGES:
         raise CalibrationError(f"--calibration-images {pattern}: {len(found)} image{'s' if len(found) != 1 else ''} "
                                f"match; calibration needs at least {MIN_IMAGES} (a few dozen is better)")
-    return [found[i] for i in spread(len(found), count)]
+    chosen = [found[i] for i in spread(len(found), count)]
+    from dptune.data.images import image_header_size
+
+    for path in chosen:  # each a readable image before the slow steps (its header, a JPEG's end)
+        try:
+            image_header_size(path)
+        except DataError as e:
+            raise CalibrationError(f"--calibration-images {pattern}: {e}") from None
+    return chosen
 
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}

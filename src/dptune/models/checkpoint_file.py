@@ -53,11 +53,27 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False,
                           "loading it could run code. If you trust its source, set DPTUNE_TRUST_CHECKPOINTS=1") from None
     except (EOFError, RuntimeError, KeyError, ValueError, OSError, IndexError, TypeError, AttributeError,
             UnicodeDecodeError, OverflowError) as e:
-        raise ConfigError(f"{path}: not a readable checkpoint (empty, truncated or not a torch file: "
-                          f"{_reason(str(e).strip(), e)})") from None
+        foreign = _foreign_start(path)
+        raise ConfigError(f"{path}: not a readable checkpoint ({foreign or 'empty, truncated or not a torch file: '}"
+                          f"{'' if foreign else _reason(str(e).strip(), e)})") from None
     if not isinstance(ckpt, dict):
         raise ConfigError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, not a dict)")
     return ckpt
+
+
+def _foreign_start(path: str) -> str | None:
+    """What the file is not, when its first bytes are neither torch's zip format nor a pickle (the
+    unpickler's own error is then a byte's code, ``101``); None when they are, or cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            head = f.read(24)
+    except OSError:
+        return None
+    if not head:
+        return "an empty file (0 bytes)"
+    if head.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive; a pickle of protocol 2 or later
+        return None
+    return f"neither torch's zip format nor a pickle: it starts with {head[:20]!r}"
 
 
 def _reason(text: str, e: BaseException) -> str:

@@ -152,12 +152,13 @@ def _source_and_labels(args) -> tuple[object, LabelSet]:
 
 
 def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool | str, scales: tuple[float, ...]) -> np.ndarray:
+    from dptune.data.dataset import encode_sample
+
     check_same_classes(predictor.labels.names, labels.names)
     c = predictor.labels.num_classes
     confmat = np.zeros((c, c), np.int64)
     for i in tqdm(range(len(source)), desc="evaluating"):
-        image, raw, name = source.load(i)
-        mask = labels.encode(raw, name)
+        image, mask = encode_sample(*source.load(i), labels)  # its values and its size against the image's
         with of_image(source.name(i)):
             pred, _ = predictor.predict(image, mode=mode, flip=flip, scales=scales)
         valid = mask != IGNORE_INDEX

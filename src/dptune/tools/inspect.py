@@ -92,15 +92,20 @@ def class_counts(enc: np.ndarray, labels: LabelSet) -> np.ndarray:
     return np.append(counts[: labels.num_classes], counts[IGNORE_INDEX])
 
 
-def mask_counts(source: Any, labels: LabelSet, i: int) -> np.ndarray:
-    """Per-class pixel counts of one encoded mask (ignore counted in the last slot)."""
+def mask_counts(source: Any, labels: LabelSet, i: int) -> tuple[tuple[int, int], np.ndarray]:
+    """Sample ``i``'s image size and the per-class pixel counts of its encoded mask (ignore counted in
+    the last slot); a mask of another size than its image is a ``DataError``, as in training."""
+    from dptune.data.dataset import check_same_size
     from dptune.data.images import read_mask
 
+    hw = image_size(source, i)
     if hasattr(source, "masks"):
         raw, name = read_mask(source.masks[i], labels.mask_format == "rgb"), source.masks[i]
     else:
         _, raw, name = source.load(i)
-    return class_counts(labels.encode(raw, name), labels)
+    mask = labels.encode(raw, name)
+    check_same_size(name, hw, mask)
+    return hw, class_counts(mask, labels)
 
 
 def scan(stage: str, n: int, one: Callable[[int], Any], workers: int = 2) -> Iterator[Any]:
@@ -128,7 +133,7 @@ def add_counts(stats: SplitStats, counts: np.ndarray) -> None:
 
 def inspect_split(stage: str, source: Any, labels: LabelSet, workers: int = 2) -> SplitStats:
     stats = new_split_stats(stage, len(source), labels)
-    for out in scan(stage, len(source), lambda i: (image_size(source, i), mask_counts(source, labels, i)), workers):
+    for out in scan(stage, len(source), lambda i: mask_counts(source, labels, i), workers):
         if isinstance(out, str):
             stats.problems.append(out)
             continue

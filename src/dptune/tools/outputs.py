@@ -72,17 +72,19 @@ def refuse_among_inputs(target: str | Path, files: Iterable[str | Path], flag: s
                         folders: Iterable[str | Path] = (), singles: Iterable[str | Path] = ()) -> None:
     """An output path (``flag`` names the option) that is an input (one of ``files``: data; of
     ``singles``: a config, a label file, a checkpoint), the folder of one of ``files``, one of
-    ``folders`` (an exported model) or inside such a folder stops here in one line: the inputs and
+    ``folders`` (an exported model's) or inside such a folder stops here in one line: the inputs and
     their folders stay byte-for-byte as they were."""
     t = Path(target).resolve()
     data = {Path(f).resolve() for f in files}
     if t in data | {Path(f).resolve() for f in singles}:
         raise ConfigError(f"{flag} {target}: is one of the inputs; it would be overwritten. Write to another path")
-    for d in sorted({f.parent for f in data} | {Path(d).resolve() for d in folders}):
+    models = {Path(d).resolve() for d in folders}
+    for d in sorted({f.parent for f in data} | models):
         if t == d or d in t.parents:
-            raise ConfigError(f"{flag} {target}: {'is' if t == d else 'is inside'} {d}, a folder of the inputs; "
-                              "dptune never writes among its inputs (it would add files to that folder, or "
-                              "replace some). Write to a folder of its own")
+            what = f"the folder of the model {d}" if d in models else f"{d}, a folder of the inputs"
+            raise ConfigError(f"{flag} {target}: {'is' if t == d else 'is inside'} {what}; dptune never writes among "
+                              "its inputs (it would add files to that folder, or replace some). Write to a folder "
+                              "of its own")
 
 
 def config_inputs(config: str | Path | None, root: str | None = None) -> list[Path]:
