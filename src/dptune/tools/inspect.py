@@ -98,11 +98,12 @@ def mask_counts(source: Any, labels: LabelSet, i: int) -> tuple[tuple[int, int],
     from dptune.data.dataset import check_same_size
     from dptune.data.images import read_mask
 
-    hw = image_size(source, i)
-    if hasattr(source, "masks"):
+    if hasattr(source, "masks"):  # a folder: the image's size from its header
+        hw = image_size(source, i)
         raw, name = read_mask(source.masks[i], labels.mask_format == "rgb"), source.masks[i]
-    else:
-        _, raw, name = source.load(i)
+    else:  # decoded once
+        image, raw, name = source.load(i)
+        hw = image.shape[:2]
     mask = labels.encode(raw, name)
     check_same_size(name, hw, mask)
     return hw, class_counts(mask, labels)
