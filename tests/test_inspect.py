@@ -145,3 +145,28 @@ def test_a_mask_of_another_size_than_its_image_is_a_problem_inspect_names(capsys
     out = capsys.readouterr().out
     assert rc != 0 and "3 images, 1 with problems" in out, out
     assert f"{short}: mask is 480x350 but its image is 480x360" in out, out
+
+
+def test_a_hugging_face_split_is_counted_as_stored_and_a_mask_of_another_size_is_named(capsys, tmp_path):
+    """inspect on a split that is no folder: each sample decoded once, its classes counted as numpy
+    counts the stored masks, and a mask of another size than its image named as a problem."""
+    import datasets
+
+    rng = np.random.default_rng(0)
+    imgs = [Image.fromarray(rng.integers(0, 255, (48, 64, 3), dtype=np.uint8)) for _ in range(3)]
+    masks = [rng.integers(0, 3, (48, 64), dtype=np.uint8) for _ in range(3)]
+    masks[2] = masks[2][:40]  # 8 rows short
+    feats = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    ds = datasets.Dataset.from_dict({"image": imgs, "annotation": [Image.fromarray(m) for m in masks]}, features=feats)
+    datasets.DatasetDict({"validation": ds}).save_to_disk(str(tmp_path / "hfds"))
+    config = tmp_path / "hf.yaml"
+    config.write_text(yaml.safe_dump({"data": {
+        "source": "hf", "hf": {"dataset": str(tmp_path / "hfds"), "image_column": "image", "mask_column": "annotation"},
+        "labels": {"names": ["a", "b", "c"]}, "splits": {"val": {"split": "validation"}}}}))
+    rc = main([str(config), "--splits", "val"])
+    out = capsys.readouterr().out
+    assert rc != 0 and "3 images, 1 with problems" in out and "mask is 64x40 but its image is 64x48" in out, out
+    counts = sum(np.bincount(m.ravel(), minlength=3) for m in masks[:2])
+    for name, n in zip(["a", "b", "c"], counts, strict=True):
+        line = next(ln for ln in out.splitlines() if ln.split()[:1] == [name])
+        assert int(line.split()[1]) == n, (name, line)
