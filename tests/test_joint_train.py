@@ -59,12 +59,19 @@ def test_a_two_process_joint_fit_with_single_task_batches_runs_to_the_end_and_le
 
 
 @pytest.mark.parametrize("aux_weight", [0.0, 0.4])
-def test_every_trainable_parameter_gets_a_gradient_from_a_single_task_batch(aux_weight):
+@pytest.mark.parametrize("labels", ["segmentation only", "nothing a loss can use"])
+@pytest.mark.parametrize("weighting", ["uncertainty", "fixed"])
+def test_every_trainable_parameter_gets_a_gradient_from_a_single_task_batch(aux_weight, labels, weighting):
     """What DDP (find_unused_parameters=False) needs of every step: a batch of segmentation samples
-    only, with or without the auxiliary head, reaches every trainable parameter."""
-    module = _module(aux_weight=aux_weight).train()
+    only, with or without the auxiliary head, reaches every trainable parameter; so does a batch
+    of depth samples whose depth no loss can use (beyond max_depth), which makes no loss at all
+    (the learned weights had no gradient on that process and DDP stopped)."""
+    module = _module(aux_weight=aux_weight, max_depth=10.0, weighting=weighting).train()
     batch = {"image": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
              "mask": torch.randint(0, 3, (2, 64, 64), dtype=torch.uint8), "depth": torch.zeros(2, 64, 64)}
+    if labels == "nothing a loss can use":
+        batch["mask"][:] = 255
+        batch["depth"][:] = 12.0
     module.training_step(batch, 0).backward()
     missing = [n for n, p in module.named_parameters() if p.requires_grad and p.grad is None]
     assert not missing, missing[:5]

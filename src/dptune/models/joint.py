@@ -108,7 +108,9 @@ class UncertaintyWeighting(nn.Module):
         self.log_vars = nn.Parameter(torch.zeros(len(self.tasks)))
 
     def forward(self, losses: dict[str, torch.Tensor]) -> torch.Tensor:
-        total = self.log_vars.new_zeros(())
+        # a zero that reaches every log-variance: a batch without one task (or, on one process, without
+        # any label a loss can use) still gives each a (zero) gradient, as DDP needs of every process
+        total = self.log_vars.sum() * 0.0
         for i, task in enumerate(self.tasks):
             if task in losses:
                 total = total + torch.exp(-self.log_vars[i]) * losses[task] + self.log_vars[i]

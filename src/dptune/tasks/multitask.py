@@ -172,7 +172,8 @@ class MultiTaskModule(LabelledTask, DPTTask):
         bs = batch["image"].shape[0]
         for task, value in losses.items():
             self.log(f"train/loss_{task}", value, batch_size=bs)
-        self.log("train/loss", total, prog_bar=True, batch_size=bs)
+        if losses:  # a batch with no label any loss can use has no loss to average in (its total is a zero)
+            self.log("train/loss", total, prog_bar=True, batch_size=bs)
         return total + unused
 
     # ------------------------------------------------------------------ validation: each source on its own data
