@@ -121,6 +121,27 @@ def test_a_ckpt_start_leaves_no_temporary_directory_behind(sources, tmp_path):
     assert set(Path(tempfile.gettempdir()).glob("dptune-ckpt-*")) == before
 
 
+@pytest.mark.parametrize("content, said", [
+    (b"<!DOCTYPE html>\n<html><body>Sign in</body></html>", "an HTML page"),
+    (b"version https://git-lfs.github.com/spec/v1\noid sha256:0\nsize 9\n", "a Git LFS pointer"),
+    (b"\x1f\x8b\x08\x00rest", "gzip-compressed"),
+    (b'{"model": 1}', "not a file torch writes: it starts with b'{\"model\": 1}'"),
+    (b"", "an empty file (0 bytes)"),
+])
+def test_a_file_that_is_no_checkpoint_says_what_it_is(tmp_path, content, said):
+    """The unpickler's error on a file torch did not write is a byte's code ("Unsupported operand 60"
+    for a web page a download returned, "101" for text): the line says what the file is instead."""
+    from dptune.errors import ConfigError
+    from dptune.models.checkpoint_file import load_checkpoint
+
+    path = tmp_path / "model.ckpt"
+    path.write_bytes(content)
+    with pytest.raises(ConfigError) as err:
+        load_checkpoint(str(path))
+    assert str(err.value).startswith(f"{path}: not a readable checkpoint (") and said in str(err.value), str(err.value)
+    assert "operand" not in str(err.value), str(err.value)
+
+
 def test_a_damaged_or_foreign_ckpt_as_the_start_is_one_line_naming_it(sources, tmp_path):
     """Empty, truncated, not a torch file, a dptune checkpoint missing what rebuilding needs, a task
     dptune does not know, a config that is no DPT: one line naming the file, never a traceback, and
@@ -140,8 +161,8 @@ def test_a_damaged_or_foreign_ckpt_as_the_start_is_one_line_naming_it(sources, t
         "empty.ckpt": (b"", "not a readable checkpoint"),
         "truncated.ckpt": (raw[:100_000], "not a readable checkpoint"),
         # it said "(empty, truncated or not a torch file: 101)": the unpickler's KeyError of a byte
-        "text.ckpt": (b"hello, not a checkpoint\n", r"not a readable checkpoint \(neither torch's zip format nor "
-                                                    r"a pickle: it starts with b'hello, not a checkpo'\)"),
+        "text.ckpt": (b"hello, not a checkpoint\n", r"not a readable checkpoint \(not a file torch writes: it "
+                                                    r"starts with b'hello, not a checkpo'\)"),
         "no-config.ckpt": (edited(lambda c: c["dptune"].pop("model_config")), "without dptune.model_config"),
         "no-size.ckpt": (edited(lambda c: c["hyper_parameters"].pop("image_size")), "without hyper_parameters.image_size"),
         "bogus-task.ckpt": (edited(lambda c: c["dptune"].update(task="bogus")), "unknown dptune task 'bogus'"),

@@ -47,8 +47,9 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False,
     except pickle.UnpicklingError as e:
         text = str(e).strip()
         if trusted or not any(mark in text for mark in _OBJECT_REFUSALS):
-            raise ConfigError(f"{path}: not a readable checkpoint (damaged, truncated or not a torch file: "
-                              f"{_reason(text, e)})") from None
+            foreign = _foreign_start(path)
+            raise ConfigError(f"{path}: not a readable checkpoint ({foreign or 'damaged, truncated or not a torch file: '}"
+                              f"{'' if foreign else _reason(text, e)})") from None
         raise ConfigError(f"{path}: holds Python objects beyond tensors and plain types ({_reason(text, e)}); "
                           "loading it could run code. If you trust its source, set DPTUNE_TRUST_CHECKPOINTS=1") from None
     except (EOFError, RuntimeError, KeyError, ValueError, OSError, IndexError, TypeError, AttributeError,
@@ -62,18 +63,25 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False,
 
 
 def _foreign_start(path: str) -> str | None:
-    """What the file is not, when its first bytes are neither torch's zip format nor a pickle (the
-    unpickler's own error is then a byte's code, ``101``); None when they are, or cannot be read."""
+    """What the file is, when its first bytes are not what torch writes (its zip format, or a pickle
+    of protocol 2 or later): the unpickler's own error is then a byte's code (``101``, ``Unsupported
+    operand 60``). None when they are, or cannot be read."""
     try:
         with open(path, "rb") as f:
-            head = f.read(24)
+            head = f.read(64)
     except OSError:
         return None
     if not head:
         return "an empty file (0 bytes)"
-    if head.startswith((b"PK\x03\x04", b"\x80")):  # a zip archive; a pickle of protocol 2 or later
+    if head.startswith((b"PK\x03\x04", b"\x80")):
         return None
-    return f"neither torch's zip format nor a pickle: it starts with {head[:20]!r}"
+    if head.startswith(b"version https://git-lfs"):
+        return "a Git LFS pointer, not the file it points to: fetch it with git lfs pull"
+    if head.lstrip().lower().startswith((b"<!doctype html", b"<html")):
+        return "an HTML page: a download that returned a web page instead of the file?"
+    if head.startswith(b"\x1f\x8b"):
+        return "a gzip-compressed file: decompress it first"
+    return f"not a file torch writes: it starts with {head[:20]!r}"
 
 
 def _reason(text: str, e: BaseException) -> str:
