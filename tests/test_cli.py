@@ -207,6 +207,12 @@ def test_a_label_set_of_one_class_is_one_line_before_training(tmp_path, monkeypa
     # one key of a mapping setting: it said "given NestedArg(key='mIoU', val='abc')"
     (["--config", "configs/multitask/camvid-7scenes.yaml", "--model.references.mIoU", "abc"],
      "the command line: model.references.mIoU: expected float, given abc"),
+    (["--config", "configs/multitask/camvid-7scenes.yaml", "--model.references.mIoU", "null"],
+     "the command line: model.references.mIoU: expected float, given null"),
+    (["--config", "configs/multitask/camvid-7scenes.yaml", "--model.references.mIoU", "[1,2]"],
+     "the command line: model.references.mIoU: expected float, given [1, 2]"),
+    (["--config", "configs/multitask/camvid-7scenes.yaml", "--model.references.mIoU="],
+     "the command line: model.references.mIoU: expected float, given an empty value"),
 ])
 def test_a_setting_of_the_wrong_type_or_name_is_one_line(args, named, monkeypatch, capsys):
     """jsonargparse printed the whole usage (110 lines) and a two-line message before the error."""

@@ -24,7 +24,14 @@ NO_OPTION = re.compile(r"(?:Subcommand '\w+'|Group '([\w.]+)') does not accept o
 
 
 # jsonargparse's repr of one key of a mapping given on the command line, in its "given ..." text
-NESTED_ARG = re.compile(r"""given NestedArg\(key=(['"])(.*)\1, val=(['"])(.*)\3\)$""")
+NESTED_ARG = re.compile(r"""given NestedArg\(key=(['"])(.*?)\1, val=(.*)\)$""")
+
+
+def _as_given(value: str) -> str:
+    """A value in jsonargparse's repr (``'abc'``, ``None``, ``[1, 2]``) as a user typed it."""
+    quoted = re.fullmatch(r"""(['"])(.*)\1""", value)
+    text = quoted.group(2) if quoted else "null" if value == "None" else value
+    return text if text.strip() else "an empty value"
 
 
 def _split_top(text: str) -> list[str]:
@@ -189,7 +196,7 @@ def setting_error(message: str, args: list[str]) -> str | None:
         if nested:  # one key of a mapping setting on the command line (--model.references.mIoU abc)
             inner = re.search(r"dict\[str, (.+?)\]", problem)
             key = f"{key}.{nested.group(2)}"
-            problem = f"expected {_type_words(inner.group(1)) if inner else 'another value'}, given {nested.group(4)}"
+            problem = f"expected {_type_words(inner.group(1)) if inner else 'another value'}, given {_as_given(nested.group(3))}"
         given = re.search(r"given (.*)$", problem)
     elif unknown:
         key = ".".join(k for k in unknown.groups() if k)
