@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -107,7 +108,7 @@ def test_a_photo_stored_turned_trains_aligned_with_its_label(tmp_path):
         assert tuple(batch["mask"].shape[-2:]) == (360, 480) and batch["sizes"][0] == (360, 480)
 
 
-def test_a_label_drawn_on_the_stored_pixels_is_one_line_that_names_exif(tmp_path):
+def test_a_label_drawn_on_the_stored_pixels_is_one_line_that_names_exif(tmp_path, capsys):
     frame = FRAMES[0]
     (tmp_path / "img").mkdir()
     (tmp_path / "ann").mkdir()
@@ -117,6 +118,14 @@ def test_a_label_drawn_on_the_stored_pixels_is_one_line_that_names_exif(tmp_path
     for read in (source.load, source.probe):
         with pytest.raises(DataError, match=r"ann/x\.png: is 360x480 but its image .*x\.jpg is 480x360 .*EXIF orientation \(6\)"):
             read(0)
+    # inspect says the same (it compared no sizes, then only the sizes)
+    shutil.copy(CAMVID / "labels.yaml", tmp_path / "labels.yaml")
+    config = tmp_path / "c.yaml"
+    config.write_text(json.dumps({"data": {"root": str(tmp_path), "labels": "labels.yaml",
+                                           "splits": {"val": {"images": "img/*.jpg", "masks": "ann/{stem}.png"}}}}))
+    assert inspect_main([str(config), "--splits", "val"]) != 0
+    assert re.search(r"ann/x\.png: is 360x480 but its image .*x\.jpg is 480x360 .*EXIF orientation \(6\)",
+                     capsys.readouterr().out)
 
 
 def test_predict_reads_a_turned_photo_as_pipeline_does(models, tmp_path):

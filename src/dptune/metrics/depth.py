@@ -62,9 +62,10 @@ def image_metrics(pred: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
 def _median(values: torch.Tensor) -> torch.Tensor:
     """The median as numpy and the evaluation protocols take it: the mean of the two middle values
     of an even count (``torch.median`` gives the lower one)."""
-    v = values.flatten().sort().values
+    v = values.flatten()
     n = v.numel()
-    return (v[(n - 1) // 2] + v[n // 2]) / 2
+    low = v.kthvalue((n - 1) // 2 + 1).values  # selection, not a whole sort
+    return low if n % 2 else (low + v.kthvalue(n // 2 + 1).values) / 2
 
 
 def align(pred: torch.Tensor, gt: torch.Tensor, mode: str, max_depth: float | None = None) -> torch.Tensor:

@@ -96,11 +96,9 @@ def mask_counts(source: Any, labels: LabelSet, i: int) -> tuple[tuple[int, int],
     """Sample ``i``'s image size and the per-class pixel counts of its encoded mask (ignore counted in
     the last slot); a mask of another size than its image is a ``DataError``, as in training."""
     from dptune.data.dataset import check_same_size
-    from dptune.data.images import read_mask
 
-    if hasattr(source, "masks"):  # a folder: the image's size from its header
-        hw = image_size(source, i)
-        raw, name = read_mask(source.masks[i], labels.mask_format == "rgb"), source.masks[i]
+    if hasattr(source, "probe"):  # a folder: the image's size from its header, a mask drawn on a turned photo named
+        hw, raw, name = source.probe(i)
     else:  # decoded once
         image, raw, name = source.load(i)
         hw = image.shape[:2]
