@@ -152,6 +152,32 @@ def test_hf_dataset_from_disk_with_reduce_labels(tmp_path):
                                splits={"train": {"split": "train"}}, num_workers=0).dataset("train")
 
 
+def test_a_saved_dataset_without_splits_or_with_an_empty_split_is_one_line(tmp_path):
+    """A folder holding one Dataset (not a DatasetDict) served any split name asked of it: train and
+    val were the same rows and a val mIoU came out with no word. A split of no rows was an
+    IndexError from inside datasets."""
+    import datasets
+
+    single = tmp_path / "single"
+    datasets.load_from_disk(str(_hf_dataset(tmp_path)))["train"].save_to_disk(str(single))
+    spec = {"source": "hf", "hf": {"dataset": str(single), "image_column": "image", "mask_column": "annotation"},
+            "labels": {"names": ["a", "b", "c"], "reduce_labels": True}, "image_size": 32, "crop_size": 32,
+            "batch_size": 2, "num_workers": 0}
+    dm = SegmentationDataModule(**spec, splits={"train": {"split": "train"}, "val": {"split": "validation"}})
+    with pytest.raises(DataError, match=r"single: holds one Dataset, not a DatasetDict of named splits: it has no "
+                                        r"split 'train'"):
+        dm.setup("fit")
+    rows = {"image": [], "annotation": []}
+    feats = datasets.Features({"image": datasets.Image(), "annotation": datasets.Image()})
+    empty = tmp_path / "empty"
+    datasets.DatasetDict({"train": datasets.load_from_disk(str(single)),
+                          "validation": datasets.Dataset.from_dict(rows, features=feats)}).save_to_disk(str(empty))
+    spec["hf"]["dataset"] = str(empty)
+    dm = SegmentationDataModule(**spec, splits={"train": {"split": "train"}, "val": {"split": "validation"}})
+    with pytest.raises(DataError, match=r"empty: split 'validation' holds no rows"):
+        dm.setup("fit")
+
+
 def _broken_copy(tmp_path):
     """A tiny folder dataset with a missing mask and a mask with an unknown value."""
     root = tmp_path / "d"

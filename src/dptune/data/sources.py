@@ -7,6 +7,8 @@ and ``name`` identifies the sample in error messages (usually the mask's file pa
 
 from __future__ import annotations
 
+import glob
+import json
 import logging
 import os
 from collections.abc import Sequence
@@ -27,7 +29,7 @@ from dptune.data.images import (
     read_mask,
 )
 from dptune.data.templates import paths_for
-from dptune.errors import DataError
+from dptune.errors import DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -105,12 +107,33 @@ def open_hf_split(dataset: str, split: str, config_name: str | None = None, stre
 
     if not os.path.isdir(dataset):
         return datasets.load_dataset(dataset, config_name, split=split, streaming=streaming)
-    ds = datasets.load_from_disk(dataset)
-    if isinstance(ds, datasets.DatasetDict):
-        if split not in ds:
-            raise DataError(f"{dataset}: no split {split!r} (has {sorted(ds)})")
-        ds = ds[split]
-    return ds.to_iterable_dataset(num_shards=num_shards) if streaming else ds
+    try:
+        ds = datasets.load_from_disk(dataset)
+    except (IndexError, ValueError, KeyError) as e:  # datasets' own errors on a split saved with no rows
+        empty = _empty_saved_splits(dataset)
+        if empty:
+            raise DataError(f"{dataset}: split {empty[0]!r} holds no rows (its folder has no data files)") from None
+        raise DataError(f"{dataset}: not readable as a save_to_disk dataset ({first_line(e)})") from None
+    if not isinstance(ds, datasets.DatasetDict):  # one Dataset: no split names, every split would be its rows
+        raise DataError(f"{dataset}: holds one Dataset, not a DatasetDict of named splits: it has no split {split!r} "
+                        "(each split asked of it would be the same rows); save a DatasetDict, e.g. "
+                        "datasets.DatasetDict({'train': ..., 'validation': ...}).save_to_disk(...)")
+    if split not in ds:
+        raise DataError(f"{dataset}: no split {split!r} (has {sorted(ds)})")
+    ds = ds[split]
+    if streaming:  # no more shards than rows (datasets refuses to cut 4 rows into 8)
+        return ds.to_iterable_dataset(num_shards=max(1, min(num_shards, len(ds))))
+    return ds
+
+
+def _empty_saved_splits(folder: str) -> list[str]:
+    """The splits of a saved DatasetDict whose folders hold no data file (saved with no rows)."""
+    try:
+        with open(os.path.join(folder, "dataset_dict.json")) as f:
+            names = json.load(f).get("splits") or []
+    except (OSError, ValueError, AttributeError):
+        return []
+    return [n for n in names if not glob.glob(os.path.join(folder, str(n), "*.arrow"))]
 
 
 class HFSplit:
