@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 import torch
 from conftest import DEPTH_FORMATS, KITCHEN, REPO, needs
 from PIL import Image
@@ -83,3 +84,22 @@ def test_nyu_recipe_on_a_hugging_face_stand_in(tmp_path):
     ref = np.asarray(Image.open(DEPTH_FORMATS / "nyu" / "depth" / "sync_depth_00000.png")).astype(np.float32) / 1000
     assert torch.allclose(torch.from_numpy(sample), torch.from_numpy(ref))
     one_step(cli)
+
+
+@pytest.mark.parametrize("setting", [["--data.hf.streaming", "true"], ["--data.hf.num_shards", "2"]])
+def test_depth_data_asked_to_stream_says_it_is_read_whole(tmp_path, setting):
+    """``streaming: true`` on a depth config was dropped without a word (the whole split downloaded);
+    ``num_shards`` was a TypeError of the source's constructor."""
+    import datasets
+
+    from dptune.errors import DataError
+
+    rows = {"image": [Image.new("RGB", (64, 48))] * 2, "depth_map": [np.ones((48, 64), np.float32)] * 2}
+    feats = datasets.Features({"image": datasets.Image(), "depth_map": datasets.Array2D((48, 64), "float32")})
+    ds = datasets.Dataset.from_dict(rows, features=feats)
+    datasets.DatasetDict({"train": ds, "validation": ds}).save_to_disk(str(tmp_path / "hf"))
+    cli = build(["--config", str(REPO / "configs" / "depth" / "nyu.yaml"), "--data.hf.dataset", str(tmp_path / "hf"),
+                 "--model.pretrained", stand_in(tmp_path), "--data.image_size", "32", *setting, *COMMON,
+                 "--trainer.default_root_dir", str(tmp_path / "run")])
+    with pytest.raises(DataError, match=rf"data\.hf\.{setting[0].split('.')[-1]}: depth data is read whole, not streamed"):
+        cli.datamodule.setup("fit")

@@ -170,3 +170,10 @@ def test_a_hugging_face_split_is_counted_as_stored_and_a_mask_of_another_size_is
     for name, n in zip(["a", "b", "c"], counts, strict=True):
         line = next(ln for ln in out.splitlines() if ln.split()[:1] == [name])
         assert int(line.split()[1]) == n, (name, line)
+    # a config that streams its training data: inspect reads the whole split all the same (it stopped
+    # on "HFSource.__init__() got an unexpected keyword argument 'streaming'")
+    spec = yaml.safe_load(config.read_text())
+    spec["data"]["hf"].update(streaming=True, num_shards=2)
+    config.write_text(yaml.safe_dump(spec))
+    rc = main([str(config), "--splits", "val"])
+    assert rc != 0 and "mask is 64x40 but its image is 64x48" in capsys.readouterr().out

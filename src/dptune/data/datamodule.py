@@ -181,9 +181,8 @@ class SegmentationDataModule(SplitDataModule):
                 raise DataError("data.hf.dataset: required for source hf")
             self.datasets[stage] = self._stream(stage)
             return self.datasets[stage]
-        hf = {k: v for k, v in self.hf.items() if k not in ("streaming", "shuffle_buffer", "num_shards")}
         src = build_source(
-            self.source_kind, dict(self.splits[stage]), self.root, self.label_set.mask_format == "rgb", stage, hf
+            self.source_kind, dict(self.splits[stage]), self.root, self.label_set.mask_format == "rgb", stage, self.hf
         )
         ds = SegmentationDataset(
             src, self.label_set, transform=self.train_transform() if stage == "train" else None,

@@ -25,6 +25,7 @@ from dptune.data.depth import (
 )
 from dptune.data.depth_values import check_depth_range, check_split_depth
 from dptune.data.images import image_header_size
+from dptune.data.sources import STREAM_SETTINGS
 from dptune.data.transforms import eval_preprocessing
 from dptune.errors import ConfigError, DataError
 from dptune.labels import load_labels
@@ -126,6 +127,10 @@ class DepthDataModule(SplitDataModule):
             if self.label_set is not None:
                 raise DataError("data.labels (masks beside depth) needs source: folder")
             if self.source_kind == "hf":
+                stream = [k for k in STREAM_SETTINGS if k in self.hf and (k != "streaming" or self.hf[k])]
+                if stream:  # it was dropped without a word: the whole split was downloaded
+                    raise DataError(f"data.hf.{stream[0]}: depth data is read whole, not streamed (streaming is for "
+                                    "segmentation data); remove it")
                 hf = {k: v for k, v in self.hf.items() if k != "streaming"}
                 return HFDepthSource(split=spec.get("split", stage), scale=self.depth_scale,
                                      negative=self.negative_depth, **hf)

@@ -257,13 +257,19 @@ class SyntheticSource:
         return np.clip(image, 0, 255).astype(np.uint8), mask, self.name(i)
 
 
+# settings of ``data.hf`` that only a stream reads (``dptune.data.streaming``)
+STREAM_SETTINGS = ("streaming", "shuffle_buffer", "num_shards")
+
+
 def build_source(kind: str, spec: dict[str, Any], root: str, rgb_masks: bool, stage: str, hf: dict[str, Any]) -> Source:
-    """One split's source from its YAML spec (see ``SegmentationDataModule``)."""
+    """One split's source from its YAML spec (see ``SegmentationDataModule``): the whole split, also
+    of a config that streams its training data (``inspect`` and ``evaluate`` read whole splits)."""
     try:
         if kind == "folder":
             return FolderSource(root, spec["images"], spec["masks"], rgb_masks)
         if kind == "hf":
-            return HFSource(split=spec.get("split", stage), rgb_masks=rgb_masks, **hf)
+            whole = {k: v for k, v in hf.items() if k not in STREAM_SETTINGS}
+            return HFSource(split=spec.get("split", stage), rgb_masks=rgb_masks, **whole)
         if kind == "synthetic":
             return SyntheticSource(**spec)
     except KeyError as e:
