@@ -1,3 +1,4 @@
+import re
 import shutil
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from dptune.data.images import read_image
 from dptune.data.sources import FolderSource
 from dptune.data.templates import mask_path_for
 from dptune.errors import DataError
-from dptune.labels import IGNORE_INDEX
+from dptune.labels import IGNORE_INDEX, LabelSet
 
 CAMVID_SPLITS = {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"},
                  "val": {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}}
@@ -176,6 +177,34 @@ def test_a_saved_dataset_without_splits_or_with_an_empty_split_is_one_line(tmp_p
     dm = SegmentationDataModule(**spec, splits={"train": {"split": "train"}, "val": {"split": "validation"}})
     with pytest.raises(DataError, match=r"empty: split 'validation' holds no rows"):
         dm.setup("fit")
+
+
+def test_hugging_face_rows_of_arrays_read_exactly_and_rows_without_pixels_say_what_they_hold(tmp_path):
+    """An image column of uint8 arrays (which datasets returns as lists of Python ints) was refused as
+    "image must be uint8, got int64"; a path string, encoded bytes or None were "got <U45", "got |S28873",
+    "got object"; an H x W x 1 mask was "index mask expected (one channel), got 1 channels"."""
+    import datasets
+
+    from dptune.data.sources import HFSource, row_image
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
+    mask = rng.integers(0, 3, (6, 8, 1), dtype=np.uint8)
+    feats = datasets.Features({"image": datasets.Array3D((6, 8, 3), "uint8"),
+                               "annotation": datasets.Array3D((6, 8, 1), "uint8")})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": [image], "annotation": [mask]}, features=feats)}
+                         ).save_to_disk(str(tmp_path / "arrays"))
+    src = HFSource(str(tmp_path / "arrays"), "train", "image", "annotation")
+    got, raw, name = src.load(0)
+    assert got.dtype == np.uint8 and np.array_equal(got, image)
+    labels = LabelSet(names=["a", "b", "c"], source="test")
+    assert np.array_equal(labels.encode(raw, name), mask[..., 0])
+    for value, said in ((str(tmp_path / "x.jpg"), "a string (a file path?)"), (b"\xff\xd8\xff", "encoded bytes"),
+                        (None, "no image (None)"), ({"bytes": b"", "path": None}, "a mapping (encoded bytes or a path?)")):
+        with pytest.raises(DataError, match=r"row#0: the image is " + re.escape(said) + r", not pixels; .*datasets\.Image"):
+            row_image(value, "row#0")
+    with pytest.raises(DataError, match=r"row#0: image must be 8-bit \(values 0-255\), got int64 with values 0 to 300"):
+        row_image(np.array([[[0, 300, 1]]]), "row#0")
 
 
 def _broken_copy(tmp_path):

@@ -184,11 +184,19 @@ def row_image(image: Any, name: str, upright: bool = True) -> np.ndarray:
         turned = exif_orientation(image, decoded=True) if upright else 1
         image = apply_orientation(np.asarray(image.convert("RGB")), turned)
     else:
+        if image is None or isinstance(image, (str, bytes, dict)):
+            what = ("no image (None)" if image is None else "a string (a file path?)" if isinstance(image, str)
+                    else "encoded bytes" if isinstance(image, bytes) else "a mapping (encoded bytes or a path?)")
+            raise DataError(f"{name}: the image is {what}, not pixels; give the column the datasets.Image() feature "
+                            "(dataset.cast_column(column, datasets.Image())) so that rows decode to pictures")
         image = np.asarray(image)
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
+        if image.dtype.kind in "iu" and image.dtype != np.uint8 and image.size and 0 <= image.min() <= image.max() <= 255:
+            image = image.astype(np.uint8)  # an array column of uint8 comes back as lists of Python ints: exact
     if image.dtype != np.uint8:
-        raise DataError(f"{name}: image must be uint8, got {image.dtype}")
+        raise DataError(f"{name}: image must be 8-bit (values 0-255), got {image.dtype}"
+                        + (f" with values {image.min():g} to {image.max():g}" if image.size and image.dtype.kind in "iuf" else ""))
     return np.ascontiguousarray(image[..., :3])
 
 

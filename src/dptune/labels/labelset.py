@@ -171,7 +171,9 @@ class LabelSet:
 
     def _encode_index(self, mask: np.ndarray, path: str | Path) -> np.ndarray:
         if mask.ndim == 3:
-            if mask.shape[2] >= 3 and np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(
+            if mask.shape[2] == 1:
+                mask = mask[..., 0]  # an H x W x 1 array: one channel
+            elif mask.shape[2] >= 3 and np.array_equal(mask[..., 0], mask[..., 1]) and np.array_equal(
                 mask[..., 0], mask[..., 2]
             ):
                 mask = mask[..., 0]  # a grey mask saved as RGB: all channels equal
