@@ -103,3 +103,21 @@ def test_depth_data_asked_to_stream_says_it_is_read_whole(tmp_path, setting):
                  "--trainer.default_root_dir", str(tmp_path / "run")])
     with pytest.raises(DataError, match=rf"data\.hf\.{setting[0].split('.')[-1]}: depth data is read whole, not streamed"):
         cli.datamodule.setup("fit")
+
+
+def test_an_8_bit_depth_column_without_a_unit_is_refused_as_8_bit_files_are(tmp_path):
+    """A Hugging Face depth column of 8-bit pictures (mode L) was read as millimetres (0.255 m at most)
+    and passed inspect; folder sources refuse 8-bit depth unless depth_scale says its unit."""
+    import datasets
+
+    from dptune.data.depth import HFDepthSource
+    from dptune.errors import DataError
+
+    depth = np.random.default_rng(0).integers(1, 255, (48, 64), dtype=np.uint8)
+    rows = {"image": [Image.new("RGB", (64, 48))], "depth": [Image.fromarray(depth)]}
+    feats = datasets.Features({"image": datasets.Image(), "depth": datasets.Image()})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=feats)}).save_to_disk(str(tmp_path / "hf"))
+    with pytest.raises(DataError, match=r"hf\[train\]#0: 8-bit integers \(uint8\) where 16-bit"):
+        HFDepthSource(str(tmp_path / "hf"), "train").load(0)
+    _, metres, _ = HFDepthSource(str(tmp_path / "hf"), "train", scale=10.0).load(0)  # a unit given: read
+    assert np.allclose(metres, depth / 10.0)

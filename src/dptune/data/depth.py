@@ -177,12 +177,17 @@ def effective_scale(path: str, raw: np.ndarray, scale: float | None) -> float:
         return scale
     if beside is not None:
         return beside
-    if raw.dtype.kind in "ui" and raw.dtype.itemsize == 1:  # (8-bit images are refused when read)
-        # read as integers are (millimetres) they would end at 0.255 m
-        raise DataError(f"{path}: 8-bit integers ({raw.dtype}) where 16-bit integers (millimetres) or floats "
+    check_not_8bit(path, raw)  # (8-bit images are refused when read)
+    return default_scale(raw)
+
+
+def check_not_8bit(name: str, raw: np.ndarray) -> None:
+    """Depth with no unit given must not be 8-bit integers: read as integers are (millimetres) it
+    would end at 0.255 m."""
+    if raw.dtype.kind in "ui" and raw.dtype.itemsize == 1:
+        raise DataError(f"{name}: 8-bit integers ({raw.dtype}) where 16-bit integers (millimetres) or floats "
                         "(metres) are expected; 8-bit depth is usually a visualisation, not the measurement (if "
                         "these values are depth in another unit, give data.depth_scale: stored values per metre)")
-    return default_scale(raw)
 
 
 def default_scale(raw: np.ndarray) -> float:
@@ -272,6 +277,8 @@ class HFDepthSource(HFSplit):
         if raw.ndim != 2 or raw.dtype.kind not in "uif":
             raise DataError(f"{name}: depth must be one channel of numbers, got {raw.dtype} {tuple(raw.shape)}")
         check_negative(name, raw, self.negative)
+        if self.scale is None:
+            check_not_8bit(name, raw)  # an 8-bit picture column (mode L) read as millimetres ends at 0.255 m
         self.used_scales[i] = self.scale if self.scale is not None else default_scale(raw)
         return image, to_metres(raw, self.used_scales[i]), name
 
