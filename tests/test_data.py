@@ -177,6 +177,14 @@ def test_a_saved_dataset_without_splits_or_with_an_empty_split_is_one_line(tmp_p
     dm = SegmentationDataModule(**spec, splits={"train": {"split": "train"}, "val": {"split": "validation"}})
     with pytest.raises(DataError, match=r"empty: split 'validation' holds no rows"):
         dm.setup("fit")
+    # parquet files, as a file or a folder of them: said to be what they are, with the way in
+    datasets.load_from_disk(str(single)).to_parquet(str(tmp_path / "train.parquet"))
+    for where, what in ((tmp_path / "train.parquet", "a file, not a directory"),
+                        (tmp_path, "a directory not written by save_to_disk")):
+        spec["hf"]["dataset"] = str(where)
+        dm = SegmentationDataModule(**spec, splits={"train": {"split": "train"}})
+        with pytest.raises(DataError, match=rf"{re.escape(str(where))}: {what}; data\.hf\.dataset takes a hub name"):
+            dm.setup("fit")
 
 
 def test_hugging_face_rows_of_arrays_read_exactly_and_rows_without_pixels_say_what_they_hold(tmp_path):
