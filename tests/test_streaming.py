@@ -4,6 +4,7 @@ shuffled training stream, bad examples named, and a real train.py fit on a strea
 from __future__ import annotations
 
 import json
+import re
 
 import numpy as np
 import pytest
@@ -73,6 +74,21 @@ def test_bad_example_is_named_or_skipped_and_counted(tmp_path):
     lenient = StreamingSegmentation(open_stream(str(path), "validation", num_shards=1), LABELS, "hf[validation]",
                                     on_bad_sample="skip")
     assert _rows(lenient) == [0, 1, 3] and lenient.skipped == 1
+
+
+def test_a_bad_example_of_a_training_stream_is_named_by_pass_and_skipped_on_each(tmp_path, caplog):
+    """A repeating, reshuffled training stream named a bad row "example 2" then "example 0" and
+    counted "2 skipped" for one bad row, as if two rows were bad."""
+    path = _dataset(tmp_path, 4, bad=2)
+    train = StreamingSegmentation(open_stream(str(path), "train", num_shards=1), LABELS, "hf[train]", train=True,
+                                  on_bad_sample="skip", shuffle_buffer=4)
+    with caplog.at_level("WARNING", logger="dptune.data.streaming"):
+        rows = _rows(train, limit=7)  # two whole passes of the 3 good rows, and the first of the third
+    assert sorted(rows[:6]) == [0, 0, 1, 1, 3, 3]
+    said = [r.getMessage() for r in caplog.records]
+    passes = [int(re.search(r"hf\[train\] rank 0 pass (\d+) example \d \(shuffled order\)", m).group(1)) for m in said]
+    assert passes[:2] == [1, 2] and passes == sorted(set(passes)) and train.skipped == len(passes), said  # once a pass
+    assert all("skipped again on each pass" in m for m in said), said
 
 
 def test_fit_on_a_stream_needs_max_steps_and_then_runs_them(tmp_path):

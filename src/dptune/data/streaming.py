@@ -86,18 +86,20 @@ class StreamingSegmentation(IterableDataset):
     def __iter__(self) -> Iterator[dict[str, Any]]:
         info = torch.utils.data.get_worker_info()
         where = f"{self.label} rank {self.rank}" + (f" worker {info.id}" if info else "")
-        for part in self.passes():
+        for p, part in enumerate(self.passes()):
             seen = 0
             for k, row in enumerate(part):
                 seen += 1
-                name = f"{where} example {k}"
+                # a training stream is reshuffled each pass: its examples are named by pass and place in it
+                name = f"{where} pass {p + 1} example {k} (shuffled order)" if self.train else f"{where} example {k}"
                 try:
                     yield self._item(row, name, k)
                 except DataError as e:
                     if self.on_bad_sample != "skip":
                         raise
                     self.skipped += 1
-                    log.warning("skipping %s (%d skipped so far)", e, self.skipped)
+                    log.warning("skipping %s (%d skipped so far%s)", e, self.skipped,
+                                "; a bad example is skipped again on each pass" if self.train else "")
             if seen == 0:
                 if self.train and info is None:
                     raise DataError(f"{where}: the stream is empty")
