@@ -211,8 +211,20 @@ def test_hugging_face_rows_of_arrays_read_exactly_and_rows_without_pixels_say_wh
                         (None, "no image (None)"), ({"bytes": b"", "path": None}, "a mapping (encoded bytes or a path?)")):
         with pytest.raises(DataError, match=r"row#0: the image is " + re.escape(said) + r", not pixels; .*datasets\.Image"):
             row_image(value, "row#0")
-    with pytest.raises(DataError, match=r"row#0: image must be 8-bit \(values 0-255\), got int64 with values 0 to 300"):
+    with pytest.raises(DataError, match=r"row#0: image must be uint8, got int64"):
         row_image(np.array([[[0, 300, 1]]]), "row#0")
+    # the column's declared type decides, not each row's values: a uint16 column is refused on every
+    # row (a dark one passed as 8-bit); a grey H x W x 1 uint8 column reads as RGB (it reached training
+    # as one channel)
+    feats = datasets.Features({"image": datasets.Array3D((6, 8, 1), "uint16"), "annotation": datasets.Array2D((6, 8), "uint8"),
+                               "grey": datasets.Array3D((6, 8, 1), "uint8")})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict(
+        {"image": [np.full((6, 8, 1), 200, np.uint16)], "annotation": [mask[..., 0]], "grey": [image[..., :1]]},
+        features=feats)}).save_to_disk(str(tmp_path / "wide"))
+    with pytest.raises(DataError, match=r"wide\[train\]#0: image must be uint8, got uint16"):
+        HFSource(str(tmp_path / "wide"), "train", "image", "annotation").load(0)
+    got, _, _ = HFSource(str(tmp_path / "wide"), "train", "grey", "annotation").load(0)
+    assert got.shape == (6, 8, 3) and np.array_equal(got, np.repeat(image[..., :1], 3, axis=2))
 
 
 def _broken_copy(tmp_path):

@@ -119,5 +119,11 @@ def test_an_8_bit_depth_column_without_a_unit_is_refused_as_8_bit_files_are(tmp_
     datasets.DatasetDict({"train": datasets.Dataset.from_dict(rows, features=feats)}).save_to_disk(str(tmp_path / "hf"))
     with pytest.raises(DataError, match=r"hf\[train\]#0: 8-bit integers \(uint8\) where 16-bit"):
         HFDepthSource(str(tmp_path / "hf"), "train").load(0)
+    # an Array2D column of uint8 too (its rows come back as lists of Python ints: int64)
+    feats = datasets.Features({"image": datasets.Image(), "depth": datasets.Array2D((48, 64), "uint8")})
+    datasets.DatasetDict({"train": datasets.Dataset.from_dict({"image": rows["image"], "depth": [depth]}, features=feats)}
+                         ).save_to_disk(str(tmp_path / "arr"))
+    with pytest.raises(DataError, match=r"arr\[train\]#0: 8-bit integers \(uint8\) where 16-bit"):
+        HFDepthSource(str(tmp_path / "arr"), "train").load(0)
     _, metres, _ = HFDepthSource(str(tmp_path / "hf"), "train", scale=10.0).load(0)  # a unit given: read
     assert np.allclose(metres, depth / 10.0)

@@ -25,7 +25,7 @@ from torch.utils.data import Dataset
 from dptune.data.dataset import check_same_size
 from dptune.data.globs import match_images
 from dptune.data.images import image_header_size, read_bytes, read_image
-from dptune.data.sources import HFSplit, read_paired_mask, row_image
+from dptune.data.sources import HFSplit, column_array, read_paired_mask, row_image
 from dptune.data.templates import paths_for
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError
@@ -272,8 +272,8 @@ class HFDepthSource(HFSplit):
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         row, name = self.ds[i], self.name(i)
         # as stored, not turned by an EXIF orientation: the depth map (an array) is read as stored too
-        image = row_image(row[self.image_column], name, upright=False)
-        raw = np.asarray(row[self.depth_column])
+        image = row_image(row[self.image_column], name, upright=False, dtype=self.dtypes.get(self.image_column))
+        raw = column_array(row[self.depth_column], self.dtypes.get(self.depth_column))
         if raw.ndim != 2 or raw.dtype.kind not in "uif":
             raise DataError(f"{name}: depth must be one channel of numbers, got {raw.dtype} {tuple(raw.shape)}")
         check_negative(name, raw, self.negative)

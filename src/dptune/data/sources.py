@@ -156,6 +156,7 @@ class HFSplit:
             if col not in ds.column_names:
                 raise DataError(f"{dataset}[{split}]: no column {col!r} (has {ds.column_names})")
         self.ds, self.label, self.image_column = ds, f"{dataset}[{split}]", image_column
+        self.dtypes = array_dtypes(ds.features)
 
     def __len__(self) -> int:
         return len(self.ds)
@@ -180,13 +181,31 @@ class HFSource(HFSplit):
         self.mask_column, self.rgb_masks = mask_column, rgb_masks
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
-        return decode_row(self.ds[i], self.name(i), self.image_column, self.mask_column, self.rgb_masks)
+        return decode_row(self.ds[i], self.name(i), self.image_column, self.mask_column, self.rgb_masks, self.dtypes)
 
 
-def row_image(image: Any, name: str, upright: bool = True) -> np.ndarray:
-    """uint8 HxWx3 from a dataset row's image (a PIL image or an array; grey becomes RGB). With
-    ``upright`` a PIL image is turned by its EXIF orientation (``datasets`` applies it itself; older
-    versions did not), as its label is (``decode_row``)."""
+def array_dtypes(features: Any) -> dict[str, str]:
+    """The declared element type of each array column of a dataset (``Array2D(..., "uint8")`` and
+    the like): ``datasets`` returns such a column's rows as lists of Python numbers, whose own type
+    (int64, float64) says nothing of what was stored."""
+    out = {}
+    for name, feature in (dict(features) if features else {}).items():
+        dtype = getattr(feature, "dtype", None)
+        if hasattr(feature, "shape") and isinstance(dtype, str):
+            out[name] = dtype
+    return out
+
+
+def column_array(value: Any, dtype: str | None) -> np.ndarray:
+    """A row's array value as stored: in its column's declared type where it has one."""
+    return np.asarray(value, dtype=dtype) if dtype and isinstance(value, (list, tuple)) else np.asarray(value)
+
+
+def row_image(image: Any, name: str, upright: bool = True, dtype: str | None = None) -> np.ndarray:
+    """uint8 HxWx3 from a dataset row's image (a PIL image or an array, ``dtype`` its column's
+    declared type; grey, 2-D or H x W x 1, becomes RGB). With ``upright`` a PIL image is turned by
+    its EXIF orientation (``datasets`` applies it itself; older versions did not), as its label is
+    (``decode_row``)."""
     if isinstance(image, Image.Image):
         image.load()
         turned = exif_orientation(image, decoded=True) if upright else 1
@@ -197,32 +216,37 @@ def row_image(image: Any, name: str, upright: bool = True) -> np.ndarray:
                     else "encoded bytes" if isinstance(image, bytes) else "a mapping (encoded bytes or a path?)")
             raise DataError(f"{name}: the image is {what}, not pixels; give the column the datasets.Image() feature "
                             "(dataset.cast_column(column, datasets.Image())) so that rows decode to pictures")
-        image = np.asarray(image)
+        image = column_array(image, dtype)
+        if image.ndim == 3 and image.shape[2] == 1:
+            image = image[..., 0]
         if image.ndim == 2:
             image = np.repeat(image[..., None], 3, axis=2)
-        if image.dtype.kind in "iu" and image.dtype != np.uint8 and image.size and 0 <= image.min() <= image.max() <= 255:
-            image = image.astype(np.uint8)  # an array column of uint8 comes back as lists of Python ints: exact
     if image.dtype != np.uint8:
-        raise DataError(f"{name}: image must be 8-bit (values 0-255), got {image.dtype}"
-                        + (f" with values {image.min():g} to {image.max():g}" if image.size and image.dtype.kind in "iuf" else ""))
+        raise DataError(f"{name}: image must be uint8, got {image.dtype}"
+                        + ("" if dtype else " (an array column declared as Array2D/Array3D of uint8 is read as such)"))
+    if image.ndim != 3 or image.shape[2] < 3:
+        raise DataError(f"{name}: image must be H x W x 3 (or grey), got shape {tuple(image.shape)}")
     return np.ascontiguousarray(image[..., :3])
 
 
 def decode_row(
-    row: dict[str, Any], name: str, image_column: str, mask_column: str, rgb_masks: bool
+    row: dict[str, Any], name: str, image_column: str, mask_column: str, rgb_masks: bool,
+    dtypes: dict[str, str] | None = None,
 ) -> tuple[np.ndarray, np.ndarray, str]:
-    """(uint8 HxWx3 image, raw mask, name) from a Hugging Face dataset row (PIL images or arrays);
-    both upright (their EXIF orientation applied)."""
+    """(uint8 HxWx3 image, raw mask, name) from a Hugging Face dataset row (PIL images or arrays;
+    ``dtypes``: the declared types of array columns, ``array_dtypes``); both upright (their EXIF
+    orientation applied)."""
+    dtypes = dtypes or {}
     try:
         image, mask = row[image_column], row[mask_column]
     except KeyError as e:
         raise DataError(f"{name}: no column {e} (has {sorted(row)})") from None
-    image = row_image(image, name)
+    image = row_image(image, name, dtype=dtypes.get(image_column))
     if isinstance(mask, Image.Image):
         mask.load()
         mask = apply_orientation(pil_to_mask(mask, rgb_masks, name), exif_orientation(mask, decoded=True))
     else:
-        mask = np.asarray(mask)
+        mask = column_array(mask, dtypes.get(mask_column))
     return image, mask, name
 
 

@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from dptune.data.dataset import encode_sample, make_item
-from dptune.data.sources import decode_row, open_hf_split
+from dptune.data.sources import array_dtypes, decode_row, open_hf_split
 from dptune.errors import DataError
 from dptune.labels import LabelSet
 
@@ -66,9 +66,10 @@ class StreamingSegmentation(IterableDataset):
         self.transform, self.image_size, self.train = transform, image_size, train
         self.on_bad_sample, self.shuffle_buffer, self.seed, self.rank = on_bad_sample, shuffle_buffer, seed, rank
         self.skipped = 0
+        self.dtypes = array_dtypes(getattr(stream, "features", None))  # a hub stream may not know its features
 
     def _item(self, row: dict[str, Any], name: str, index: int) -> dict[str, Any]:
-        image, raw, _ = decode_row(row, name, *self.columns, self.rgb_masks)
+        image, raw, _ = decode_row(row, name, *self.columns, self.rgb_masks, self.dtypes)
         return make_item(*encode_sample(image, raw, name, self.labels), index, self.transform, self.image_size)
 
     def passes(self) -> Iterator[Any]:
