@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from conftest import CAMVID, KITCHEN, TINY, needs
+from conftest import CAMVID, KITCHEN, REPO, TINY, needs
 from test_finetune import joint_args
 from test_train import run_train
 
@@ -127,3 +127,24 @@ def test_depth_rows_the_loss_cannot_use_leave_the_depth_term_out(fill):
     depth[3, :8, :8] = 3.0  # 64 valid pixels in range: row 3 is a depth row again
     losses, _ = module.losses({"image": image, "mask": mask, "depth": depth})
     assert set(losses) == {"segmentation", "depth"} and losses["depth"] > 0, losses
+
+
+@pytest.mark.parametrize("extra, name", [
+    ([], "best-epoch{epoch:02d}-mIoU{val/mIoU:.4f}"),
+    (["--checkpoint.monitor", "val/delta_m", "--checkpoint.mode", "max"], "best-epoch{epoch:02d}-deltam{val/delta_m:.4f}"),
+    (["--checkpoint.monitor", "val/delta_m", "--checkpoint.filename", "mine-{epoch}"], "mine-{epoch}"),
+])
+def test_the_best_checkpoint_is_named_after_what_selects_it(tmp_path, tiny_config_path, extra, name):
+    """Selected by val/delta_m (as joint.md recommends), the best checkpoint was still named
+    best-epoch00-mIoU0.0578.ckpt: the name read as the selection. A filename the user gives stays."""
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    from dptune.cli import DPTuneCLI, task_classes, trainer_defaults
+
+    model, data = task_classes("multitask")
+    cli = DPTuneCLI(model, data, task="multitask", trainer_defaults=trainer_defaults(), seed_everything_default=0,
+                    run=False, args=["--config", str(REPO / "configs" / "multitask" / "camvid-7scenes.yaml"),
+                                     "--model.config", str(tiny_config_path), "--trainer.logger", "false",
+                                     "--trainer.default_root_dir", str(tmp_path / "run"), *extra])
+    best = [c for c in cli.trainer.callbacks if isinstance(c, ModelCheckpoint)]
+    assert len(best) == 1 and best[0].filename == name, [c.filename for c in best]

@@ -261,12 +261,22 @@ class DPTuneCLI(LightningCLI):
         follow_the_root(cfg, self._argv, _loggers(cfg))
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        default_monitor, _, default_name = TASKS[self.task]["monitor"]
+        if cfg.checkpoint.filename == default_name and cfg.checkpoint.monitor not in (None, default_monitor):
+            cfg.checkpoint.filename = best_filename(cfg.checkpoint.monitor)  # named after what selects it
         if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
             refuse_a_second_run(cfg.checkpoint.dirpath)
         for lg in _loggers(cfg):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):
                 init.save_dir = root
+
+
+def best_filename(monitor: str) -> str:
+    """The best checkpoint's name for a run selected by ``monitor`` (``val/delta_m`` ->
+    ``best-epoch03-deltam0.0521.ckpt``)."""
+    short = monitor.rsplit("/", 1)[-1].replace("_", "")
+    return f"best-epoch{{epoch:02d}}-{short}{{{monitor}:.4f}}"
 
 
 def _loggers(cfg) -> list:
