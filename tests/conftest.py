@@ -125,3 +125,24 @@ def tiny_config_path(tmp_path: Path) -> Path:
     p = tmp_path / "dpt-tiny.json"
     p.write_text(json.dumps(TINY))
     return p
+
+
+def camvid_subset(root: Path, frames: list[Path], images: str = "val", masks: str = "valannot",
+                  short: int | None = None) -> Path | None:
+    """A CamVid folder of ``frames`` (symlinks to the shared files: ``root/images/*.jpg``,
+    ``root/masks/{stem}.png``, ``root/labels.yaml``). With ``short``, frame ``short``'s mask is a
+    real file 10 rows short of its image; its path is returned."""
+    from PIL import Image
+
+    (root / images).mkdir(parents=True)
+    (root / masks).mkdir()
+    (root / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
+    for p in frames:
+        (root / images / p.name).symlink_to(p)
+        (root / masks / f"{p.stem}.png").symlink_to(CAMVID / "valannot" / f"{p.stem}.png")
+    if short is None:
+        return None
+    bad = root / masks / f"{frames[short].stem}.png"
+    bad.unlink()
+    Image.open(CAMVID / "valannot" / f"{frames[short].stem}.png").crop((0, 0, 480, 350)).save(bad)
+    return bad

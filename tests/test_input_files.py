@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CAMVID, KITCHEN, REPO, TINY, needs
+from conftest import CAMVID, KITCHEN, REPO, TINY, camvid_subset, needs
 from PIL import Image, ImageOps
 
 from dptune.data.images import image_header_size, read_image, read_mask
@@ -52,6 +52,18 @@ def snapshot(folder: Path) -> dict[str, str]:
     """Every file and folder below ``folder`` with its content hash: what "byte-for-byte unchanged" compares."""
     return {str(p.relative_to(folder)): hashlib.sha256(p.read_bytes()).hexdigest() if p.is_file() else "dir"
             for p in sorted(folder.rglob("*"))}
+
+
+def camvid_model(path: Path) -> Path:
+    """A tiny random segmentation model of CamVid's label set, saved as a stock transformers directory."""
+    from dptune.labels import LabelSet
+    from dptune.tasks.segmentation import SegmentationModule
+
+    labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
+    m = SegmentationModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64).eval()
+    m.model.save_pretrained(path)
+    m.image_processor().save_pretrained(path)
+    return path
 
 
 def errors(capsys) -> list[str]:
@@ -290,8 +302,6 @@ def test_predict_replaces_its_own_files_and_no_others_unless_told(models, tmp_pa
 
 
 def test_evaluate_never_writes_among_its_inputs_nor_over_other_files(models, tmp_path, capsys):
-    from dptune.labels import LabelSet
-    from dptune.tasks.segmentation import SegmentationModule
 
     data = tmp_path / "data"
     for sub in ("val", "valannot"):
@@ -300,11 +310,7 @@ def test_evaluate_never_writes_among_its_inputs_nor_over_other_files(models, tmp
     for frame in FRAMES[:2]:
         shutil.copy(frame, data / "val" / frame.name)
         shutil.copy(CAMVID / "valannot" / f"{frame.stem}.png", data / "valannot" / f"{frame.stem}.png")
-    labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
-    model = tmp_path / "model"
-    m = SegmentationModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64).eval()
-    m.model.save_pretrained(model)
-    m.image_processor().save_pretrained(model)
+    model = camvid_model(tmp_path / "model")
     base = ["--model", str(model), "--images", "val/*.jpg", "--masks", "valannot/{stem}.png", "--labels",
             "labels.yaml", "--root", str(data), "--device", "cpu"]
     before = snapshot(tmp_path)
@@ -330,23 +336,10 @@ def test_evaluate_never_writes_among_its_inputs_nor_over_other_files(models, tmp
 def test_evaluate_of_a_mask_of_another_size_than_its_image_is_one_line_naming_it(tmp_path, capsys, mode):
     """A mask 10 rows short of its image was an IndexError traceback in the scoring loop (the
     prediction is the image's size), naming no file."""
-    from dptune.labels import LabelSet
-    from dptune.tasks.segmentation import SegmentationModule
 
     data = tmp_path / "data"
-    for sub in ("val", "valannot"):
-        (data / sub).mkdir(parents=True)
-    shutil.copy(CAMVID / "labels.yaml", data / "labels.yaml")
-    for frame in FRAMES[:2]:
-        shutil.copy(frame, data / "val" / frame.name)
-        shutil.copy(CAMVID / "valannot" / f"{frame.stem}.png", data / "valannot" / f"{frame.stem}.png")
-    short = data / "valannot" / f"{FRAMES[1].stem}.png"
-    Image.open(short).crop((0, 0, 480, 350)).save(short)
-    labels = LabelSet.from_yaml(CAMVID / "labels.yaml")
-    model = tmp_path / "model"
-    m = SegmentationModule(config=dict(TINY), label_spec=labels.to_dict(), image_size=64).eval()
-    m.model.save_pretrained(model)
-    m.image_processor().save_pretrained(model)
+    short = camvid_subset(data, FRAMES[:2], short=1)
+    model = camvid_model(tmp_path / "model")
     rc = evaluate_main(["--model", str(model), "--images", "val/*.jpg", "--masks", "valannot/{stem}.png", "--labels",
                         "labels.yaml", "--root", str(data), "--device", "cpu", "--mode", mode])
     err = capsys.readouterr().err

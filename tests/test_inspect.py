@@ -1,6 +1,6 @@
 import numpy as np
 import yaml
-from conftest import CAMVID, KITCHEN, REPO, needs
+from conftest import CAMVID, KITCHEN, REPO, camvid_subset, needs
 from PIL import Image
 
 from dptune.tools.inspect import class_weights, main
@@ -131,16 +131,7 @@ def test_a_mask_of_another_size_than_its_image_is_a_problem_inspect_names(capsys
     """inspect read each image's size and each mask's classes apart and never compared them: a split
     whose mask was 10 rows short was "0 with problems", exit 0, while fit and evaluate refuse it."""
     root = tmp_path / "data"
-    for sub in ("val", "valannot"):
-        (root / sub).mkdir(parents=True)
-    (root / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
-    frames = sorted((CAMVID / "val").glob("*.jpg"))[:3]
-    for p in frames:
-        (root / "val" / p.name).symlink_to(p)
-        (root / "valannot" / f"{p.stem}.png").symlink_to(CAMVID / "valannot" / f"{p.stem}.png")
-    short = root / "valannot" / f"{frames[1].stem}.png"
-    short.unlink()
-    Image.open(CAMVID / "valannot" / f"{frames[1].stem}.png").crop((0, 0, 480, 350)).save(short)
+    short = camvid_subset(root, sorted((CAMVID / "val").glob("*.jpg"))[:3], short=1)
     rc = main([str(REPO / "configs" / "camvid.yaml"), "--root", str(root), "--splits", "val"])
     out = capsys.readouterr().out
     assert rc != 0 and "3 images, 1 with problems" in out, out

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CAMVID, KITCHEN, TINY, needs
+from conftest import CAMVID, KITCHEN, TINY, camvid_subset, needs
 
 from dptune.labels import LabelSet
 
@@ -436,16 +436,8 @@ def test_data_of_another_label_set_task_or_mask_shape_is_refused_before_the_slow
     assert rc == 2 and len(err) == 1 and "3 channels" in err[0] and str(rgb / "valannot") in err[0], err
     # a mask of another size than its image: it was read, resized into, and scored on without a word
     short = tmp_path / "short"
-    (short / "val").mkdir(parents=True)
-    (short / "valannot").mkdir()
-    (short / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
     frames = sorted(CAMVID.glob(SEG_IMAGES))[:8]
-    for p in frames:
-        (short / "val" / p.name).symlink_to(p)
-        (short / "valannot" / f"{p.stem}.png").symlink_to(CAMVID / "valannot" / f"{p.stem}.png")
-    bad = short / "valannot" / f"{frames[2].stem}.png"
-    bad.unlink()
-    Image.open(CAMVID / "valannot" / f"{frames[2].stem}.png").crop((0, 0, 480, 350)).save(bad)
+    camvid_subset(short, frames, short=2)
     cfg = write_config(tmp_path / "short.yaml", seg_data(short))
     for out, extra in (("g", ["--int8"]), ("h", ["--calibrate-temperature"])):
         rc, err = export_cli(capsys, sources["seg"], tmp_path / out, *extra, "--data", cfg)
