@@ -23,9 +23,28 @@ log = logging.getLogger(__name__)
 
 def encode_sample(image: np.ndarray, raw: np.ndarray, name: str, labels: LabelSet) -> tuple[np.ndarray, np.ndarray]:
     """(image, class-index mask); an unknown mask value or a mask of another size is a ``DataError``."""
+    return image, encode_mask(raw, name, labels, image.shape[:2])
+
+
+def encode_mask(raw: np.ndarray, name: str, labels: LabelSet, image_hw: tuple[int, int]) -> np.ndarray:
+    """The class-index mask of ``raw``, whose image is ``image_hw`` (h, w); an unknown mask value or
+    a mask of another size is a ``DataError``."""
     mask = labels.encode(raw, name)
-    check_same_size(name, image.shape[:2], mask)
-    return image, mask
+    check_same_size(name, image_hw, mask)
+    return mask
+
+
+def read_sample(source: Source, i: int, decode_image: bool = True
+                ) -> tuple[np.ndarray | None, tuple[int, int], np.ndarray, str]:
+    """(image, or None when only its header was read; its (h, w); raw mask; name) of sample ``i``.
+    Without ``decode_image`` a source that can ``probe`` (a folder) reads just the image header (and
+    a JPEG's end marker; a label drawn on a turned photo's stored pixels is named there)."""
+    probe = getattr(source, "probe", None)
+    if decode_image or probe is None:
+        image, raw, name = source.load(i)
+        return image, image.shape[:2], raw, name
+    image_hw, raw, name = probe(i)
+    return None, image_hw, raw, name
 
 
 def check_same_size(name: str, image_hw: tuple[int, int], mask: np.ndarray) -> None:
@@ -97,16 +116,8 @@ class SegmentationDataset(Dataset):
 
         Without ``decode_image`` a folder source reads just the image header (and a JPEG's end
         marker): fast, but a corrupt image body then surfaces only when training reaches it."""
-        probe = getattr(self.source, "probe", None)
-        if decode_image or probe is None:
-            image, raw, name = self.source.load(i)
-            image_hw = image.shape[:2]
-        else:
-            image = None
-            image_hw, raw, name = probe(i)
-        mask = self.labels.encode(raw, name)
-        check_same_size(name, image_hw, mask)
-        return image, mask, self.labels.implicit_ignore_pixels(raw)
+        image, image_hw, raw, name = read_sample(self.source, i, decode_image)
+        return image, encode_mask(raw, name, self.labels, image_hw), self.labels.implicit_ignore_pixels(raw)
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k]

@@ -105,10 +105,12 @@ def open_hf_split(dataset: str, split: str, config_name: str | None = None, stre
     ``IterableDataset``: streamed from the hub, or a directory's Arrow files read as ``num_shards`` shards."""
     import datasets
 
-    local = ("a file, not a directory" if os.path.isfile(dataset)
-             else "a directory not written by save_to_disk" if os.path.isdir(dataset)
-             and not any(os.path.exists(os.path.join(dataset, f)) for f in ("dataset_dict.json", "dataset_info.json"))
-             else None)
+    local = None
+    if os.path.isfile(dataset):
+        local = "a file, not a directory"
+    elif os.path.isdir(dataset) and not any(os.path.exists(os.path.join(dataset, f))
+                                            for f in ("dataset_dict.json", "dataset_info.json")):
+        local = "a directory not written by save_to_disk"
     if local:
         raise DataError(f"{dataset}: {local}; data.hf.dataset takes a hub name or a directory written by "
                         "save_to_disk (load other files, such as parquet or an image folder, with datasets."

@@ -143,13 +143,13 @@ def check_readable(part: TaskData, where: str) -> None:
     """Read what the slow steps will read, before they start: every mask of the fit and held-back
     images (shape, values, size against its image's) through the source's label set; a depth
     split's first held-back map."""
-    from dptune.data.dataset import check_same_size
+    from dptune.data.dataset import encode_mask, read_sample
 
     try:
         if part.task == "segmentation":
             for i in dict.fromkeys([*part.fit, *part.held]):
-                image_hw, mask, name = part.source.probe(i)
-                check_same_size(name, image_hw, part.labels.encode(mask, name))
+                _, image_hw, mask, name = read_sample(part.source, i, decode_image=False)
+                encode_mask(mask, name, part.labels, image_hw)
         elif part.held:
             part.source.load(part.held[0])
     except DataError as e:
@@ -203,6 +203,7 @@ def cut(source, count: int, task: str, where: str) -> TaskData:
 
 def glob_images(pattern: str, count: int) -> list[str]:
     from dptune.data.globs import glob_files
+    from dptune.data.images import image_header_size
 
     found = [p for p in glob_files(os.path.expanduser(pattern)) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
     if not found:
@@ -211,8 +212,6 @@ def glob_images(pattern: str, count: int) -> list[str]:
         raise CalibrationError(f"--calibration-images {pattern}: {len(found)} image{'s' if len(found) != 1 else ''} "
                                f"match; calibration needs at least {MIN_IMAGES} (a few dozen is better)")
     chosen = [found[i] for i in spread(len(found), count)]
-    from dptune.data.images import image_header_size
-
     for path in chosen:  # each a readable image before the slow steps (its header, a JPEG's end)
         try:
             image_header_size(path)

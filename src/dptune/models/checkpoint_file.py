@@ -47,19 +47,22 @@ def load_checkpoint(path: str, map_location: Any = "cpu", mmap: bool = False,
     except pickle.UnpicklingError as e:
         text = str(e).strip()
         if trusted or not any(mark in text for mark in _OBJECT_REFUSALS):
-            foreign = _foreign_start(path)
-            raise ConfigError(f"{path}: not a readable checkpoint ({foreign or 'damaged, truncated or not a torch file: '}"
-                              f"{'' if foreign else _reason(text, e)})") from None
+            raise _unreadable(path, "damaged", _reason(text, e)) from None
         raise ConfigError(f"{path}: holds Python objects beyond tensors and plain types ({_reason(text, e)}); "
                           "loading it could run code. If you trust its source, set DPTUNE_TRUST_CHECKPOINTS=1") from None
     except (EOFError, RuntimeError, KeyError, ValueError, OSError, IndexError, TypeError, AttributeError,
             UnicodeDecodeError, OverflowError) as e:
-        foreign = _foreign_start(path)
-        raise ConfigError(f"{path}: not a readable checkpoint ({foreign or 'empty, truncated or not a torch file: '}"
-                          f"{'' if foreign else _reason(str(e).strip(), e)})") from None
+        raise _unreadable(path, "empty", _reason(str(e).strip(), e)) from None
     if not isinstance(ckpt, dict):
         raise ConfigError(f"{path}: not a checkpoint (holds a {type(ckpt).__name__}, not a dict)")
     return ckpt
+
+
+def _unreadable(path: str, first: str, reason: str) -> ConfigError:
+    """A checkpoint torch could not read: what the file is when its start says (``_foreign_start``),
+    else torch's ``reason`` (``first``: the likeliest damage, "damaged" or "empty")."""
+    said = _foreign_start(path) or f"{first}, truncated or not a torch file: {reason}"
+    return ConfigError(f"{path}: not a readable checkpoint ({said})")
 
 
 def _foreign_start(path: str) -> str | None:

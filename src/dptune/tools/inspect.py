@@ -74,18 +74,6 @@ class DepthStats:
         return float(np.searchsorted(np.cumsum(self.mm), (self.valid - 1) // 2 + 1)) / 1000
 
 
-def image_size(source: Any, i: int) -> tuple[int, int]:
-    """(h, w) as training reads the image (EXIF orientation applied): from the header when the
-    source is a folder, by decoding otherwise."""
-    path = getattr(source, "images", None)
-    if path is not None:
-        from dptune.data.images import image_header_size
-
-        return image_header_size(path[i])
-    image, _, _ = source.load(i)
-    return image.shape[:2]
-
-
 def class_counts(enc: np.ndarray, labels: LabelSet) -> np.ndarray:
     """Per-class pixel counts of an encoded mask (ignore counted in the last slot)."""
     counts = np.bincount(enc.ravel(), minlength=256)
@@ -95,16 +83,10 @@ def class_counts(enc: np.ndarray, labels: LabelSet) -> np.ndarray:
 def mask_counts(source: Any, labels: LabelSet, i: int) -> tuple[tuple[int, int], np.ndarray]:
     """Sample ``i``'s image size and the per-class pixel counts of its encoded mask (ignore counted in
     the last slot); a mask of another size than its image is a ``DataError``, as in training."""
-    from dptune.data.dataset import check_same_size
+    from dptune.data.dataset import encode_mask, read_sample
 
-    if hasattr(source, "probe"):  # a folder: the image's size from its header, a mask drawn on a turned photo named
-        hw, raw, name = source.probe(i)
-    else:  # decoded once
-        image, raw, name = source.load(i)
-        hw = image.shape[:2]
-    mask = labels.encode(raw, name)
-    check_same_size(name, hw, mask)
-    return hw, class_counts(mask, labels)
+    _, hw, raw, name = read_sample(source, i, decode_image=False)  # a folder: the image's header only
+    return hw, class_counts(encode_mask(raw, name, labels, hw), labels)
 
 
 def scan(stage: str, n: int, one: Callable[[int], Any], workers: int = 2) -> Iterator[Any]:
