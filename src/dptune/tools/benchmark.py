@@ -133,6 +133,36 @@ def _main(argv: list[str] | None = None) -> int:
         from dptune.tools.infer_bench import main as infer_main  # inference speed of an export instead
 
         return infer_main(argv)
+    args = _parser().parse_args(argv)
+    refusal = _refusal(args)
+    if refusal:
+        print(f"error: {refusal}", file=sys.stderr)
+        return 2
+    if args.data:
+        from dptune.tools.loader_bench import loader_benchmark
+
+        return loader_benchmark(args)
+    import torch
+
+    from dptune.models.dpt_backbone import uses_backbone
+    from dptune.training.hardware import resolve_precision
+
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    precision, why = resolve_precision(args.precision, device)
+    if why != "as given":
+        print(f"# precision {precision} chosen: {why} (--precision overrides)")
+    cfg = model_config(args.model, args.num_labels)
+    if args.baseline and uses_backbone(cfg):
+        print(f"error: {args.model}: plain transformers has no segmentation model for a "
+              f"{cfg.backbone_config.model_type} backbone, so there is no Trainer baseline to run", file=sys.stderr)
+        return 2
+    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'}"
+    if args.joint:
+        return _joint(args, cfg, device, precision, machine)
+    return _training(args, cfg, device, precision, machine)
+
+
+def _parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--model", default="dpt-bench-tiny", help=f"preset {sorted(PRESETS)} or a DPTConfig JSON")
     ap.add_argument("--num-labels", type=int, default=None, help="classes (default: the config's)")
@@ -168,62 +198,61 @@ def _main(argv: list[str] | None = None) -> int:
     ap.add_argument("--infer", metavar="EXPORT_DIR",
                     help="time an export's inference instead (torch eager / compiled, ONNX Runtime fp32 / int8 / fp16); "
                          "its own options: dptune benchmark --infer EXPORT_DIR --help")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def _refusal(args: argparse.Namespace) -> str | None:
+    """Why these options cannot run together, or None."""
     # the training step's timing starts at the end of a warm-up step; --joint times passes from the start
     warmup_least = 0 if args.joint or args.data else 1
     for flag, value, least in (("--profile", args.profile, 0), ("--warmup", args.warmup, warmup_least),
                                ("--steps", args.steps, 1), ("--rounds", args.rounds, 1)):
         if value < least:
-            print(f"error: {flag} {value}: at least {least} ({'steps to profile after the timed ones' if flag == '--profile' else 'rounds' if flag == '--rounds' else 'steps'})",
-                  file=sys.stderr)
-            return 2
+            what = {"--profile": "steps to profile after the timed ones", "--rounds": "rounds"}.get(flag, "steps")
+            return f"{flag} {value}: at least {least} ({what})"
     if args.json and not Path(args.json).resolve().parent.is_dir():
-        print(f"error: --json {args.json}: no folder {Path(args.json).resolve().parent} to write it in", file=sys.stderr)
-        return 2
-    if args.baseline and (args.joint or args.data):
-        print(f"error: --baseline times the HF Trainer's training steps; {'--joint' if args.joint else '--data'} "
-              "benchmarks something else", file=sys.stderr)
-        return 2
+        return f"--json {args.json}: no folder {Path(args.json).resolve().parent} to write it in"
+    other = "--joint" if args.joint else "--data" if args.data else None
+    if args.baseline and other:
+        return f"--baseline times the HF Trainer's training steps; {other} benchmarks something else"
     if args.rounds > 1 and not args.baseline:
-        print(f"error: --rounds {args.rounds}: rounds alternate dptune and the HF Trainer's training steps; give "
-              "--baseline too", file=sys.stderr)
-        return 2
+        return (f"--rounds {args.rounds}: rounds alternate dptune and the HF Trainer's training steps; give "
+                "--baseline too")
     if args.rounds > 1 and args.rounds % 2:
-        print(f"error: --rounds {args.rounds}: give an even number (each recipe runs first in half of the rounds, "
-              "so an advantage of running first cancels) or 1", file=sys.stderr)
-        return 2
-    if args.profile and (args.joint or args.data):
-        print(f"error: --profile profiles the training step; it does not apply to {'--joint' if args.joint else '--data'}",
-              file=sys.stderr)
-        return 2
-    import tempfile
+        return (f"--rounds {args.rounds}: give an even number (each recipe runs first in half of the rounds, "
+                "so an advantage of running first cancels) or 1")
+    if args.profile and other:
+        return f"--profile profiles the training step; it does not apply to {other}"
+    return None
 
+
+def _joint(args: argparse.Namespace, cfg: Any, device: str, precision: str, machine: str) -> int:
+    """--joint: batch-1 inference of one segmentation + depth DPT against the two single-task models."""
     import torch
 
-    from dptune.models.dpt_backbone import uses_backbone
+    from dptune.tools.joint_bench import joint_benchmark
+
+    print(f"# {args.model} {args.crop}x{args.crop} batch 1 inference, {precision} on {device} ({machine}), "
+          f"torch {torch.__version__}, {args.warmup} warm-up + {args.steps} timed passes each")
+    r = joint_benchmark(args, cfg, device, precision)
+    if args.json:
+        Path(args.json).write_text(json.dumps({**r, "model": args.model, "crop": args.crop, "device": machine,
+                                               "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}))
+    return 0
+
+
+def _training(args: argparse.Namespace, cfg: Any, device: str, precision: str, machine: str) -> int:
+    """The training step's throughput, MFU and peak memory (and the HF Trainer's with --baseline)."""
+    import tempfile
+
     from dptune.models.flops import train_flops
 
-    if args.data:
-        from dptune.tools.loader_bench import loader_benchmark
-
-        return loader_benchmark(args)
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    from dptune.training.hardware import resolve_precision
-
-    precision, why = resolve_precision(args.precision, device)
-    if why != "as given":
-        print(f"# precision {precision} chosen: {why} (--precision overrides)")
-    cfg = model_config(args.model, args.num_labels)
-    if args.baseline and uses_backbone(cfg):
-        print(f"error: {args.model}: plain transformers has no segmentation model for a "
-              f"{cfg.backbone_config.model_type} backbone, so there is no Trainer baseline to run", file=sys.stderr)
-        return 2
     opts = {"model": args.model, "num_labels": cfg.num_labels, "crop": args.crop, "batch": args.batch,
             "steps": args.steps, "warmup": args.warmup, "precision": precision, "device": device,
             "gradient_checkpointing": args.gradient_checkpointing, "compile": args.compile,
             "channels_last": args.channels_last, "gradient_clip_val": args.gradient_clip_val,
             "attention": args.attention, "profile": args.profile, "tmp": tempfile.mkdtemp(prefix="dptune-bench-")}
-    if args.attention == "auto" and not args.joint:
+    if args.attention == "auto":
         from dptune.models.attention import choose_attention
 
         kernel, why_kernel = choose_attention(cfg, device, precision, [args.crop])
@@ -232,17 +261,6 @@ def _main(argv: list[str] | None = None) -> int:
     if args.peak_tflops:
         peak, peak_src = args.peak_tflops, "--peak-tflops"
     flops, flops_src = train_flops(cfg, args.crop, args.crop)
-    machine = torch.cuda.get_device_name() if device == "cuda" else f"{platform.processor() or 'cpu'}"
-    if args.joint:
-        from dptune.tools.joint_bench import joint_benchmark
-
-        print(f"# {args.model} {args.crop}x{args.crop} batch 1 inference, {precision} on {device} ({machine}), "
-              f"torch {torch.__version__}, {args.warmup} warm-up + {args.steps} timed passes each")
-        r = joint_benchmark(args, cfg, device, precision)
-        if args.json:
-            Path(args.json).write_text(json.dumps({**r, "model": args.model, "crop": args.crop, "device": machine,
-                                                   "date": time.strftime("%Y-%m-%d"), "command": " ".join(sys.argv)}))
-        return 0
     print(f"# {args.model} crop {args.crop} batch {args.batch} {precision} on {device} ({machine}); "
           f"train GFLOP/image {flops / 1e9:.1f} ({flops_src}); peak {peak:.3g} TFLOP/s ({peak_src})")
     results: dict[str, Any] = {"model": args.model, "crop": args.crop, "batch": args.batch, "precision": precision,
@@ -256,13 +274,7 @@ def _main(argv: list[str] | None = None) -> int:
     if error:
         results["error"] = error
     elif args.baseline:
-        ratio = results["ratio_vs_hf_trainer"]
-        if args.rounds > 1:
-            ratios = [r["ratio_vs_hf_trainer"] for r in rounds]
-            print(f"dptune / HF Trainer: {ratio:.2f}x (geometric mean of {len(ratios)} rounds, each recipe first in "
-                  f"half of them: " + ", ".join(f"{x:.2f}x" for x in ratios) + ")")
-        else:
-            print(f"dptune / HF Trainer: {ratio:.2f}x")
+        _print_ratio(results["ratio_vs_hf_trainer"], rounds)
     if args.max_batch and device == "cuda":
         for gc in (False, True):
             r = run_job(max_batch, dict(opts, gradient_checkpointing=gc))
@@ -271,6 +283,15 @@ def _main(argv: list[str] | None = None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=2))
     return 1 if error else 0
+
+
+def _print_ratio(ratio: float, rounds: list[dict[str, Any]]) -> None:
+    if len(rounds) > 1:
+        ratios = [r["ratio_vs_hf_trainer"] for r in rounds]
+        print(f"dptune / HF Trainer: {ratio:.2f}x (geometric mean of {len(ratios)} rounds, each recipe first in "
+              f"half of them: " + ", ".join(f"{x:.2f}x" for x in ratios) + ")")
+    else:
+        print(f"dptune / HF Trainer: {ratio:.2f}x")
 
 
 if __name__ == "__main__":
