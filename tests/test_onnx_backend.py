@@ -398,9 +398,9 @@ def test_the_inference_benchmark_never_overwrites_a_file_it_did_not_write(export
     export, a folder or a path whose folder is missing is one line and nothing is written."""
     import shutil
 
-    from dptune.tools import infer_bench
+    from dptune.tools import infer_engines
 
-    monkeypatch.setattr(infer_bench, "interleaved", lambda *a, **k: pytest.fail("timed before checking --json"))
+    monkeypatch.setattr(infer_engines, "interleaved", lambda *a, **k: pytest.fail("timed before checking --json"))
     seg = tmp_path / "seg"
     shutil.copytree(exports / "seg", seg)
     notes = tmp_path / "notes.json"
@@ -472,12 +472,12 @@ def test_the_inference_benchmark_records_a_command_that_runs_and_batch_1_through
 
 def test_the_inference_benchmark_stops_on_ctrl_c_and_huge_batches_with_one_line(exports, tmp_path, capsys,
                                                                                   monkeypatch):
-    from dptune.tools import infer_bench
+    from dptune.tools import infer_engines
 
     def interrupted(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(infer_bench, "interleaved", interrupted)
+    monkeypatch.setattr(infer_engines, "interleaved", interrupted)
     out = tmp_path / "b.json"
     rc, err, _ = bench(capsys, exports / "seg", *QUICK, "--engines", "ort-fp32", "--json", out)
     assert rc == 130 and len(err) == 1 and "interrupted" in err[0] and not out.exists(), err
@@ -531,7 +531,7 @@ def test_the_inference_benchmark_writes_no_json_among_a_runs_checkpoints(tmp_pat
 def test_the_inference_benchmark_sizes_batches_by_the_memory_available(exports, capsys, monkeypatch):
     """A batch whose inference would not fit is one line before timing; an engine that runs out of
     memory while timing is one line too (ONNX Runtime's arena error was a traceback)."""
-    from dptune.tools import infer_bench
+    from dptune.tools import infer_bench, infer_engines
 
     monkeypatch.setattr(infer_bench, "available_memory", lambda: 50 * 2**20)
     rc, err, _ = bench(capsys, exports / "seg", *QUICK[:-2], "--batch", "64", "--engines", "ort-fp32")
@@ -540,7 +540,7 @@ def test_the_inference_benchmark_sizes_batches_by_the_memory_available(exports, 
     def arena(*a, **k):
         raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : bfc_arena.cc:360 AllocateRaw Failed to allocate memory")
 
-    monkeypatch.setattr(infer_bench, "interleaved", arena)
+    monkeypatch.setattr(infer_engines, "interleaved", arena)
     rc, err, _ = bench(capsys, exports / "seg", *QUICK, "--engines", "ort-fp32")
     assert rc == 2 and len(err) == 1 and "out of memory" in err[0] and "--batch" in err[0], err
 

@@ -32,77 +32,24 @@ import json
 import os
 import shlex
 import sys
-import time
 from pathlib import Path
 
-import numpy as np
 import torch
 
 from dptune.cores import usable_cores
-from dptune.errors import ConfigError, first_line
+from dptune.errors import ConfigError
 from dptune.inference.onnx_runner import cpu_info
-from dptune.tools.engine_rounds import interleaved, latency, load_average, throughput, versions
-
-
-def sizes(export: Path, config) -> tuple[tuple[int, int], tuple[int, int]]:
-    """The export's size (its processor's) and a non-square one, from the files alone."""
-    f = export / "preprocessor_config.json"
-    try:
-        size = json.loads(f.read_text())["size"]
-        h, w = int(size["height"]), int(size["width"])
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise ConfigError(f"{f}: no readable size (height and width) of the image processor ({type(e).__name__}: "
-                          f"{first_line(e, 300)})") from None
-    from dptune.models.build import config_input_side
-
-    p = config_input_side(config)
-    return (h, w), (h, max(p, int(round(w * 1.5 / p)) * p))
-
-
-# peak memory of one inference over the size of its fp32 input: measured 27x for the bench-tiny DPT
-# under ONNX Runtime (12 MB a 192x192 image), rounded up
-PEAK_PER_INPUT = 32
-
-
-def available_memory() -> int | None:
-    """Bytes this process may still allocate: the kernel's MemAvailable (free memory and the cache it
-    can drop), lowered to what the cgroup's memory.max leaves; None where neither can be read."""
-    got = []
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                got.append(int(line.split()[1]) * 1024)
-    except (OSError, ValueError, IndexError):
-        pass
-    try:
-        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
-        if limit != "max":
-            got.append(int(limit) - int(Path("/sys/fs/cgroup/memory.current").read_text()))
-    except (OSError, ValueError):
-        pass
-    return min(got) if got else None
-
-
-def out_of_memory(e: BaseException) -> bool:
-    """An allocation that failed: Python's MemoryError, torch's and ONNX Runtime's own errors."""
-    text = str(e).lower()
-    return isinstance(e, MemoryError) or any(w in text for w in ("out of memory", "allocateraw", "failed to allocate",
-                                                                   "bad_alloc", "unable to allocate"))
-
-
-def model_config(part: Path):
-    """The export's model config (no weights): one line when it cannot be read."""
-    from transformers import AutoConfig
-
-    try:
-        return AutoConfig.from_pretrained(str(part))
-    except Exception as e:  # OSError, ValueError, JSONDecodeError, KeyError for an unknown model_type
-        raise ConfigError(f"{part / 'config.json'}: cannot be read as a model config ({first_line(e, 300)})") from None
-
-
-def expected_output(config) -> str:
-    """What a task's graph output is called: ``predicted_depth`` for a depth model, else ``logits``."""
-    return "predicted_depth" if any("DepthEstimation" in a for a in config.architectures or []) else "logits"
+from dptune.tools.engine_rounds import load_average, versions
+from dptune.tools.infer_engines import Inputs, ort_engines, profile_graphs, time_engines, torch_engines
+from dptune.tools.infer_export import (
+    PEAK_PER_INPUT,
+    available_memory,
+    expected_output,
+    model_config,
+    sizes,
+    task_dir,
+    torch_model,
+)
 
 
 def check_json_out(path: str, export: Path) -> None:
@@ -127,37 +74,6 @@ def check_json_out(path: str, export: Path) -> None:
         if not ours:
             raise ConfigError(f"--json {path}: exists and was not written by benchmark --infer; it is left as it "
                               "is (give a new file name)")
-
-
-def task_dir(export: Path) -> Path:
-    """The directory holding the torch model (a joint export: its segmentation part; the depth part
-    is loaded beside it, see ``torch_model``)."""
-    if (export / "config.json").is_file():
-        return export
-    if (export / "segmentation" / "config.json").is_file():
-        return export / "segmentation"
-    raise ConfigError(f"{export}: not a dptune export (no config.json)")
-
-
-def torch_model(export: Path, part: Path) -> torch.nn.Module:
-    """``pixel_values -> output(s)`` in torch: the export's model, or for a joint export both parts as
-    one joint model (the depth part on the segmentation part's backbone, whose weights it shares).
-    One line when the weights cannot be loaded."""
-    from dptune.export.onnx import JointOutputs, TaskOutput
-    from dptune.models import load_exported
-
-    def load(d: Path):
-        try:
-            return load_exported(str(d)).eval().float()
-        except Exception as e:  # OSError, SafetensorError, ValueError: a damaged or incomplete export
-            raise ConfigError(f"{d}: the exported model cannot be loaded ({first_line(e, 300)})") from None
-
-    model = load(part)
-    if part == export:
-        return TaskOutput(model).eval()
-    from dptune.models.joint import JointDPT
-
-    return JointOutputs(JointDPT(model, load(export / "depth"))).eval()
 
 
 ENGINES = ("eager", "compiled", "ort-fp32", "ort-int8", "ort-fp16")
@@ -198,7 +114,7 @@ def check_options(args) -> None:
                           f"(given {args.engines})")
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--infer", metavar="EXPORT_DIR", help="an export directory (scripts/export.py); required")
     ap.add_argument("--threads", type=int, default=None,
@@ -216,6 +132,11 @@ def main(argv: list[str] | None = None) -> int:
                          "recorded), after at least one untimed run: time by operator "
                          "type, the integer and float arithmetic (convolutions, matrix products) apart from the rest, "
                          "and for INT8 how much faster each part is (default 0: no profile)")
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = parser()
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--infer" in argv and argv.index("--infer") + 1 < len(argv) and argv[argv.index("--infer") + 1] in ("-h", "--help"):
         ap.print_help()  # "--infer --help": the help, not "expected one argument"
@@ -249,14 +170,9 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def run(export: Path, args, command: str = "") -> dict:
-    from dptune.inference.onnx_runner import (
-        GRAPHS,
-        OnnxGraph,
-        check_output,
-        config_classes,
-        graphs_in,
-        require_onnxruntime,
-    )
+    """Every engine named in ``--engines`` timed at the export's size, a non-square size and batch N,
+    interleaved; the figures as one dict (what could not run is said in it)."""
+    from dptune.inference.onnx_runner import config_classes, graphs_in
 
     if not export.is_dir():
         raise ConfigError(f"{export}: not a directory")
@@ -276,9 +192,6 @@ def run(export: Path, args, command: str = "") -> dict:
                           f"{square[0]}x{square[1]} (about {PEAK_PER_INPUT}x its input), more than the "
                           f"{free / 2**30:.2f} GiB of memory available here; give a smaller --batch")
     engines = [e.strip() for e in args.engines.split(",") if e.strip()]
-    outputs = [expected_output(c) for c in configs]
-    classes = config_classes(part)  # as config.json names them (transformers would default to 2 without)
-    wrapper = torch_model(export, part) if {"eager", "compiled"} & set(engines) else None
     out: dict = {"export": str(export), "threads": threads,
                  "threads_note": "the same count for torch (set_num_threads) and ONNX Runtime (intra_op_num_threads)",
                  "cpu": cpu_info(), "versions": versions(),
@@ -286,74 +199,16 @@ def run(export: Path, args, command: str = "") -> dict:
                  "timing": "interleaved in rounds (at least 3): each engine a block of up to 5 timed runs in a row, after the previous engine's threads stopped spinning and one untimed run; the first engine rotating", "command": command}
     if part != export:
         out["note"] = "joint export: torch runs the joint model (both heads, one backbone pass), as the ONNX graphs do"
-    rng = np.random.default_rng(0)
-
-    def inputs(b: int, hw: tuple[int, int]) -> np.ndarray:
-        return rng.standard_normal((b, 3, *hw)).astype(np.float32)
-
+    inputs = Inputs()
     fns: dict = {}  # engine -> (run on a numpy batch, the one size it takes or None, the one batch or None)
-    if "eager" in engines:
-        fns["torch-eager"] = (lambda x: wrapper(torch.from_numpy(x)), None, None)
-    if "compiled" in engines:
-        try:
-            compiled = torch.compile(wrapper, dynamic=True)
-            t = time.perf_counter()
-            with torch.inference_mode():
-                compiled(torch.from_numpy(inputs(1, square)))
-            out["engines"]["torch-compiled"] = {"compile_s": time.perf_counter() - t}
-            fns["torch-compiled"] = (lambda x: compiled(torch.from_numpy(x)), None, None)
-        except Exception as e:  # no C compiler, an unsupported op: say why, time the rest
-            out["engines"]["torch-compiled"] = {"skipped": f"torch.compile failed: {first_line(e, 200)}"}
-    ort = require_onnxruntime("the ONNX Runtime timings")
-    available = ort.get_available_providers()
-    out["onnxruntime_providers"] = available
-    for precision in ("fp32", "int8", "fp16"):
-        if f"ort-{precision}" not in engines:
-            continue
-        path = export / GRAPHS[precision]
-        if not path.is_file():
-            out["engines"][f"ort-{precision}"] = {"skipped": f"no {path.name} in the export"}
-            continue
-        providers = [["CPUExecutionProvider"]]
-        if precision == "fp16":  # fp16 is for GPUs; on a CPU it is said and not timed
-            providers = [[p, "CPUExecutionProvider"] for p in ("CUDAExecutionProvider", "TensorrtExecutionProvider")
-                         if p in available]
-            if not providers:
-                out["engines"]["ort-fp16"] = {"skipped": "no CUDA / TensorRT execution provider here"}
-                continue
-        elif "CUDAExecutionProvider" in available and precision == "fp32":
-            providers.append(["CUDAExecutionProvider", "CPUExecutionProvider"])
-        for prov in providers:
-            g = OnnxGraph(path, providers=prov, threads=threads)
-            for name in outputs:  # another model's graph in this one's place
-                check_output(g, name, classes)
-            key = f"ort-{precision}" + ("" if prov[0] == "CPUExecutionProvider" else f"-{prov[0].removesuffix('ExecutionProvider').lower()}")
-            out["engines"][key] = {"file": path.name}
-            fns[key] = (g, g.fixed_size, g.fixed_batch)
+    if {"eager", "compiled"} & set(engines):
+        fns.update(torch_engines(engines, torch_model(export, part), lambda: inputs(1, square), out["engines"]))
+    outputs = [expected_output(c) for c in configs]
+    # the classes as config.json names them (transformers would default to 2 without)
+    fns.update(ort_engines(export, engines, threads, outputs, config_classes(part), out))
     out["load_average_1min"] = {"before": load_average()}
-    with torch.inference_mode():
-        for name, hw, batch in (("export_size", square, 1), ("non_square", wide, 1), ("throughput", square, args.batch)):
-            runs = args.runs if name != "throughput" else max(3, args.runs // args.batch)
-            able = {}
-            for k, (f, size, one_batch) in fns.items():
-                if size and tuple(size) != tuple(hw):
-                    out["engines"][k][name] = {"skipped": f"the graph takes {size[0]}x{size[1]} only"}
-                elif one_batch and one_batch != batch:
-                    out["engines"][k][name] = {"skipped": f"the graph takes batch {one_batch} only"}
-                else:
-                    able[k] = f
-            if not able:
-                continue
-            try:
-                got = interleaved(able, inputs(batch, hw), args.warmup if batch == 1 else max(1, args.warmup // 2),
-                                  runs)
-            except Exception as e:  # an engine that ran out of memory: one line; anything else is a defect, raised
-                if not out_of_memory(e):
-                    raise
-                raise ConfigError(f"--batch {batch}: out of memory at {hw[0]}x{hw[1]} ({first_line(e, 300)}); give a "
-                                  "smaller --batch") from None
-            for k, g in got.items():
-                out["engines"].setdefault(k, {})[name] = throughput(g, batch) if name == "throughput" else latency(g)
+    time_engines(fns, args, inputs, {"export_size": (square, 1), "non_square": (wide, 1),
+                                     "throughput": (square, args.batch)}, out["engines"])
     out["load_average_1min"]["after"] = load_average()
     if not any("p50_ms" in row or "images_per_s" in row for e in out["engines"].values() for row in e.values()
                if isinstance(row, dict)):
@@ -361,26 +216,7 @@ def run(export: Path, args, command: str = "") -> dict:
                          for k, v in out["engines"].items())
         raise ConfigError(f"{export}: no engine could be timed ({said})")
     if args.profile:
-        from dptune.tools.ort_profile import compare, profile_graph
-
-        prof = {}
-        for k, (g, size, one_batch) in fns.items():
-            if k in ("ort-fp32", "ort-int8"):  # the CPU graphs, at the batch and size each takes
-                batch, hw = one_batch or 1, tuple(size or square)
-                try:
-                    prof[k] = {"batch": batch, "size": list(hw),
-                               **profile_graph(g.path, inputs(batch, hw), threads, args.profile,
-                                               warmup=max(1, args.warmup))}
-                except Exception as e:  # ONNX Runtime's own exception types; the timings above stand
-                    prof[k] = {"error": f"profiling failed: {first_line(e, 300)}"}
-                    print(f"error: --profile: {k}: {prof[k]['error']}", file=sys.stderr)
-        a, b = prof.get("ort-fp32", {}), prof.get("ort-int8", {})
-        if "runs" in a and "runs" in b:  # like with like only: graphs fed other batches or sizes are not compared
-            same = (a["batch"], a["size"]) == (b["batch"], b["size"])
-            prof["int8_over_fp32"] = compare(a, b) if same else {
-                "skipped": f"the graphs ran at other batches or sizes (fp32 {a['batch']} x {a['size']}, "
-                           f"int8 {b['batch']} x {b['size']})"}
-        out["profile"] = prof or {"skipped": "no ONNX Runtime CPU graph was timed (no model.onnx / model_int8.onnx)"}
+        out["profile"] = profile_graphs(fns, args, inputs, square, threads)
     eager = out["engines"].get("ort-fp32", {}).get("export_size", {}).get("p50_ms")
     int8 = out["engines"].get("ort-int8", {}).get("export_size", {}).get("p50_ms")
     if eager and int8:
