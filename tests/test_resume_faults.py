@@ -76,7 +76,7 @@ def test_a_resume_trains_and_records_the_learning_rate_and_decay_this_run_sets(s
     optimizer and schedule kept the old LR and weight decay: --model.lr 0.123 trained at 5e-4."""
     assert ckpt(seg["last"])["hyper_parameters"]["lr"] == pytest.approx(5e-4)
     proc = run_train(fit_args(seg, "lr", "--model.lr", "0.123", "--model.weight_decay", "0.2"), cwd=seg["tmp"])
-    changes = [ln.split("checkpoints: ", 1)[1] for ln in proc.stderr.splitlines() if "resume: model." in ln]
+    changes = [ln[ln.index("resume: model."):] for ln in proc.stderr.splitlines() if "resume: model." in ln]
     assert changes == ["resume: model.lr 0.0005 -> 0.123 (this run's setting)",
                        "resume: model.weight_decay 0.05 -> 0.2 (this run's setting)"]  # and nothing else
     after = ckpt(seg["tmp"] / "lr" / "checkpoints" / "last.ckpt")
