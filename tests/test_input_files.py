@@ -644,7 +644,7 @@ def test_jpeg_files_beside_a_jpg_glob_are_counted_in_a_warning_never_dropped_sil
     import logging
 
     from dptune.data.globs import glob_files
-    from dptune.tools.outputs import list_images
+    from dptune.tools.inputs import list_images
 
     root = tmp_path / "d"
     (root / "train").mkdir(parents=True)

@@ -36,17 +36,8 @@ from dptune.data.depth_values import check_split_depth
 from dptune.errors import ConfigError, DataError, of_image
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
 from dptune.tasks.visuals import colorize_depth, depth_range
-from dptune.tools.outputs import (
-    failures,
-    imwrite,
-    json_is_ours,
-    parse_scales,
-    predict_each,
-    prepare_out,
-    refuse_output,
-    write_replacing,
-    write_text,
-)
+from dptune.tools.inputs import json_is_ours, parse_scales, refuse_output
+from dptune.tools.outputs import failures, imwrite, predict_each, prepare_out, write_replacing, write_text
 
 
 def intrinsics(spec: str) -> tuple[float, float, float, float]:

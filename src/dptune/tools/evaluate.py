@@ -42,7 +42,8 @@ from dptune.errors import DataError, of_image
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet, check_same_classes
 from dptune.metrics.segmentation import metrics_from_confmat
-from dptune.tools.outputs import json_is_ours, refuse_output, write_replacing, write_text
+from dptune.tools.inputs import json_is_ours, refuse_output
+from dptune.tools.outputs import write_replacing, write_text
 
 CONFUSION_TAG = "dptune evaluate: confusion matrix"  # the PNG's Software text: how a later run knows it wrote it
 
@@ -230,7 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from dptune.inference.predictor import Predictor
     from dptune.tools.depth import evaluate_depth
-    from dptune.tools.outputs import model_task
+    from dptune.tools.inputs import model_task
 
     try:
         task = model_task(args.model)

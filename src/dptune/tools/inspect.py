@@ -157,7 +157,7 @@ def check_weights_out(args: argparse.Namespace, files: list[str]) -> None:
     weights fragment unless ``--overwrite``."""
     from pathlib import Path
 
-    from dptune.tools.outputs import config_inputs, refuse_among_inputs
+    from dptune.tools.inputs import config_inputs, refuse_among_inputs
 
     # the config and every file it names (its label file, ...) are inputs too
     refuse_among_inputs(args.out, files, "--out", singles=config_inputs(args.config, args.root))

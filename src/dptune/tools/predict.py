@@ -44,17 +44,9 @@ import torch
 
 from dptune.errors import ConfigError, DataError
 from dptune.inference.windows import FLIP_VIEWS
+from dptune.tools.inputs import list_images, parse_scales, refuse_out_among_inputs
 from dptune.tools.masks import mask_files, write_masks
-from dptune.tools.outputs import (
-    MANIFEST,
-    failures,
-    list_images,
-    output_stems,
-    parse_scales,
-    predict_each,
-    prepare_out,
-    refuse_out_among_inputs,
-)
+from dptune.tools.outputs import MANIFEST, failures, output_stems, predict_each, prepare_out
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     from dptune.inference.predictor import Predictor
     from dptune.tools.depth import predict_depth
-    from dptune.tools.outputs import model_task
+    from dptune.tools.inputs import model_task
 
     try:
         paths = list_images(args.images)
