@@ -18,7 +18,7 @@ from torch.utils.data import DataLoader, Dataset
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.tasks.segmentation import SegmentationModule
-from dptune.training.callbacks import Checkpoint
+from dptune.training.checkpointing import Checkpoint
 
 
 def test_the_count_skips_up_to_its_limit_in_a_row_then_stops():
@@ -364,7 +364,7 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit(tiny_config):
     """SIGINT raises KeyboardInterrupt wherever Python is; in a finalizer (``__del__``, run by the
     garbage collector) it is printed as "Exception ignored" and lost, and the run trained to its end
     with exit 0 (adversarial review). The guard notes the signal and stops at the batch's end."""
-    from dptune.training.callbacks import InterruptGuard
+    from dptune.training.checkpointing import InterruptGuard
 
     guard = InterruptGuard()
     with _pythons_sigint():
@@ -382,7 +382,7 @@ def test_a_ctrl_c_that_python_swallowed_still_stops_the_fit(tiny_config):
 
 
 def test_a_ctrl_c_swallowed_after_the_last_batch_still_stops_the_fit(tiny_config):
-    from dptune.training.callbacks import InterruptGuard
+    from dptune.training.checkpointing import InterruptGuard
 
     with _pythons_sigint(), pytest.raises(SystemExit):
         _fit(_module(tiny_config), 2, [SwallowedCtrlC(), InterruptGuard()])
@@ -392,7 +392,7 @@ def test_a_fit_that_failed_leaves_no_handler_that_unguards_the_next_fit(tiny_con
     """A fit that fails skips the callbacks' teardown, and Lightning puts back the SIGINT handler it found
     at the fit's start: the guard's. The next fit in the process (a notebook, a sweep, the test suite)
     found a handler that was not Python's, left it, and lost a swallowed Ctrl-C (a CI run of the suite)."""
-    from dptune.training.callbacks import InterruptGuard
+    from dptune.training.checkpointing import InterruptGuard
 
     class Fails(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
@@ -410,7 +410,7 @@ def test_a_fit_that_failed_leaves_no_handler_that_unguards_the_next_fit(tiny_con
 
 
 def test_a_fit_without_a_ctrl_c_leaves_the_sigint_handler_as_it_was(tiny_config):
-    from dptune.training.callbacks import InterruptGuard
+    from dptune.training.checkpointing import InterruptGuard
 
     with _pythons_sigint():
         trainer = _fit(_module(tiny_config), 2, [InterruptGuard()])

@@ -1050,7 +1050,7 @@ def test_a_joint_validation_that_scores_nothing_is_nan_with_a_warning_and_never_
     from lightning.pytorch import Trainer
 
     from dptune.tasks.multitask import MultiTaskModule
-    from dptune.training.callbacks import Checkpoint
+    from dptune.training.checkpointing import Checkpoint
 
     caplog.set_level(logging.WARNING, logger="dptune")
     torch.manual_seed(0)
@@ -1340,7 +1340,7 @@ def test_sync_batchnorm_false_keeps_plain_batchnorm_on_a_multi_gpu_run():
 
 def test_a_checkpoint_write_that_dies_midway_leaves_the_previous_file_whole(tmp_path):
     """README:633-634: ``last.ckpt`` is "written to a temporary file and renamed, so never half-written"."""
-    from dptune.training.callbacks import Checkpoint
+    from dptune.training.checkpointing import Checkpoint
 
     class Killed(BaseException):
         pass

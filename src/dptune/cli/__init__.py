@@ -30,7 +30,8 @@ from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
-from dptune.training.callbacks import Checkpoint, InterruptGuard, LRMonitor, ProgressLog, ValidationVisuals
+from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
+from dptune.training.checkpointing import Checkpoint, InterruptGuard
 from dptune.training.hardware import DPTuneTrainer
 
 log = logging.getLogger(__name__)
@@ -360,7 +361,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {said} ({command} --help lists the settings)", file=sys.stderr)
         return 2
     except SystemExit:
-        from dptune.training.callbacks import INTERRUPTED
+        from dptune.training.checkpointing import INTERRUPTED
 
         if not INTERRUPTED:
             raise
