@@ -172,7 +172,7 @@ def _depth_folder(tmp_path: Path) -> Path:
 
 
 def test_negative_depth_is_reported_naming_the_file_and_count(tmp_path):
-    from dptune.data.depth import read_depth
+    from dptune.data.depth_files import read_depth
 
     np.save(tmp_path / "d.npy", np.array([[1.0, -0.5], [-2.0, np.nan]], np.float32))
     with pytest.raises(DataError) as err:
@@ -237,7 +237,7 @@ def test_evaluate_scores_depth_with_negative_values_only_when_told(tmp_path, cap
     ("0 0 320\n0 585 240\n0 0 1\n", "focal length"),
 ])
 def test_bad_camera_intrinsics_stop_naming_the_file(tmp_path, text, problem):
-    from dptune.data.depth import read_intrinsics
+    from dptune.data.depth_files import read_intrinsics
 
     path = tmp_path / "camera-intrinsics.txt"
     path.write_text(text)
@@ -251,7 +251,7 @@ def test_bad_camera_intrinsics_stop_naming_the_file(tmp_path, text, problem):
 
 @needs(KITCHEN)
 def test_real_camera_intrinsics_read():
-    from dptune.data.depth import read_intrinsics
+    from dptune.data.depth_files import read_intrinsics
 
     assert read_intrinsics(str(KITCHEN / "camera-intrinsics.txt")) == (585.0, 585.0, 320.0, 240.0)
     assert read_intrinsics("585,585,320,240.5") == (585.0, 585.0, 320.0, 240.5)
@@ -271,7 +271,7 @@ def test_predict_intrinsics_with_nan_stop(tmp_path):
     ("585 0 320\n0 585 240\n0 0 0\n", "not a pinhole camera matrix"),
 ])
 def test_intrinsics_that_are_not_a_pinhole_matrix_are_refused(tmp_path, text, expect):
-    from dptune.data.depth import read_intrinsics
+    from dptune.data.depth_files import read_intrinsics
 
     (tmp_path / "k.txt").write_text(text)
     with pytest.raises(DataError, match=expect):

@@ -10,7 +10,8 @@ from conftest import DEPTH_FORMATS, KITCHEN, needs
 from PIL import Image
 
 from dptune.data.base import collate
-from dptune.data.depth import depth_train_transforms, eval_crop_mask, read_depth
+from dptune.data.depth import depth_train_transforms, eval_crop_mask
+from dptune.data.depth_files import read_depth
 from dptune.errors import DataError
 
 
@@ -251,7 +252,7 @@ def test_a_depth_scale_given_against_the_depth_format_file_is_said(tmp_path, cap
     assert got.max() == pytest.approx(2.56) and "depth_format.json says 256" in caplog.text
     # a file by that name that is no depth format (a user's notes) is not followed; a broken one is passed
     # over when a depth_scale is given (it is used whatever the file says)
-    from dptune.data.depth import sidecar_scale
+    from dptune.data.depth_files import sidecar_scale
 
     (tmp_path / "d" / "depth_format.json").write_text('{"mine": "user notes"}')
     sidecar_scale.cache_clear()  # read once per folder in a process
@@ -333,8 +334,8 @@ def test_a_map_in_another_unit_is_named_with_the_scale_its_own_folder_uses(tmp_p
     folder's, and the message naming an odd map gave the scale of whichever map was read last."""
     import cv2
 
-    from dptune.data.depth import sidecar_scale
     from dptune.data.depth_datamodule import DepthDataModule
+    from dptune.data.depth_files import sidecar_scale
 
     frames = sorted((KITCHEN / "train" / "rgb").glob("*.jpg"))[:8]
     for folder, part in (("a", frames[:3]), ("b", frames[3:])):
@@ -365,8 +366,8 @@ def test_a_folder_whose_depth_format_file_gives_a_wrong_scale_is_checked_on_its_
     given). Each scale's maps are checked on their own, and the one at fault is named."""
     import cv2
 
-    from dptune.data.depth import sidecar_scale
     from dptune.data.depth_datamodule import DepthDataModule
+    from dptune.data.depth_files import sidecar_scale
 
     frames = sorted((KITCHEN / "train" / "rgb").glob("*.jpg"))[:6]
     for folder, part in (("a", frames[:3]), ("b", frames[3:])):

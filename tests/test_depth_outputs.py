@@ -9,7 +9,7 @@ from types import SimpleNamespace
 import numpy as np
 import pytest
 
-from dptune.data.depth import read_depth
+from dptune.data.depth_files import read_depth
 from dptune.errors import DataError
 from dptune.tools.depth import depth_encoding, write_depth, write_depth_format
 

@@ -97,7 +97,7 @@ def test_joint_slide_flip_scales_masks_as_the_segmentation_path_depth_mirrored(j
     dp = DepthPredictor.load(str(joint_export / "depth"))
     mirrored = (dp.predict(image) + dp.predict(np.ascontiguousarray(image[:, ::-1]))[:, ::-1]) / 2
     # no max_depth in this hand-made export: float32 metres in a TIFF, as depth_format.json says
-    from dptune.data.depth import read_depth
+    from dptune.data.depth_files import read_depth
 
     spec = __import__("json").loads((tmp_path / "joint" / "depth_format.json").read_text())
     depth = read_depth(str(tmp_path / "joint" / spec["file"].replace("<stem>", FRAME.stem)))

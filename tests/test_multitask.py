@@ -139,7 +139,7 @@ def _near_far_masks(tmp_path, frames):
     import numpy as np
     from PIL import Image
 
-    from dptune.data.depth import read_depth
+    from dptune.data.depth_files import read_depth
 
     (tmp_path / "masks").mkdir()
     for frame in frames:
@@ -295,7 +295,7 @@ def test_predict_writes_masks_and_depth_from_one_forward_equal_to_each_export(tm
     image = np.asarray(Image.open(frame).convert("RGB"))
     mask = np.asarray(Image.open(tmp_path / "p" / f"{frame.stem}.png"))
     assert np.array_equal(mask, Predictor.load(str(tmp_path / "out" / "segmentation")).predict(image)[0])
-    from dptune.data.depth import read_depth
+    from dptune.data.depth_files import read_depth
 
     spec = json.loads((tmp_path / "p" / "depth_format.json").read_text())  # no max_depth: float32 metres
     depth = read_depth(str(tmp_path / "p" / spec["file"].replace("<stem>", frame.stem)))

@@ -19,10 +19,10 @@ from dptune.data.depth import (
     DepthDataset,
     DepthFolderSource,
     HFDepthSource,
-    check_depth_size,
     depth_train_transforms,
     eval_crop_mask,
 )
+from dptune.data.depth_files import check_depth_size
 from dptune.data.depth_values import check_depth_range, check_split_depth
 from dptune.data.images import image_header_size
 from dptune.data.sources import STREAM_SETTINGS

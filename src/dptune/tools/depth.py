@@ -26,12 +26,8 @@ import torch
 from tqdm.auto import tqdm
 from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dptune.data.depth import (
-    DepthFolderSource,
-    check_depth_size,
-    eval_crop_mask,
-    read_intrinsics,
-)
+from dptune.data.depth import DepthFolderSource, eval_crop_mask
+from dptune.data.depth_files import check_depth_size, read_intrinsics
 from dptune.data.depth_values import check_split_depth
 from dptune.errors import ConfigError, DataError, of_image
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
