@@ -108,12 +108,41 @@ def test_two_process_validation_equals_one(depth_run):
 
     def metrics(stdout: str) -> dict[str, float]:
         return {key: float(next(ln for ln in stdout.splitlines() if f" {key} " in ln).split()[-2])
-                for key in ("val/abs_rel", "val/rmse", "val/silog", "val/delta1")}
+                for key in ("val/abs_rel", "val/rmse", "val/silog", "val/delta1", "val/loss")}
 
     a, b = metrics(one.stdout), metrics(two.stdout)
     for key in a:
         assert abs(a[key] - b[key]) < 1e-6, (key, a[key], b[key])
 
+
+
+def test_the_validation_loss_averages_the_images_it_scores_only(depth_run):
+    """A map with no valid depth counts in no loss and no metric (the datamodule says so): the loss
+    of a frame and such a map, one per batch, is the frame's alone (it was averaged with a 0)."""
+    import cv2
+
+    root = depth_run["tmp"] / "unscored"
+    (root / "rgb").mkdir(parents=True)
+    (root / "depth").mkdir()
+    frame = sorted((KITCHEN / "val" / "rgb").glob("frame-00060*.jpg"))[0]
+    depth = KITCHEN / "val" / "depth" / f"{frame.stem}.png"
+    for name in ("a", "b"):
+        (root / "rgb" / f"{name}.jpg").symlink_to(frame)
+    (root / "depth" / "a.png").symlink_to(depth)
+    cv2.imwrite(str(root / "depth" / "b.png"), np.zeros(cv2.imread(str(depth), cv2.IMREAD_UNCHANGED).shape, np.uint16))
+    common = ["validate", "--config", str(REPO / "configs" / "depth" / "7scenes.yaml"), "--data.root", str(root),
+              "--model.config", str(depth_run["config"]), "--data.image_size", "64", "--data.val_batch_size", "1",
+              "--trainer.logger", "false", "--trainer.precision", "32-true", "--trainer.accelerator", "cpu",
+              "--ckpt_path", str(depth_run["run"] / "checkpoints" / "last.ckpt")]
+
+    def loss(images: str, name: str) -> float:
+        split = {"val": {"images": images, "depth": "depth/{stem}.png"}}
+        proc = run_train([*common, "--data.splits", json.dumps(split), "--trainer.default_root_dir",
+                          str(root / name)], cwd=root)
+        return float(next(ln for ln in proc.stdout.splitlines() if " val/loss " in ln).split()[-2])
+
+    both, alone = loss("rgb/*.jpg", "both"), loss("rgb/a.jpg", "alone")
+    assert alone > 0 and abs(both - alone) < 1e-6 * alone, (both, alone)
 
 @needs(CAMVID)
 def test_a_segmentation_checkpoint_starts_a_depth_model_with_its_backbone_and_neck(tmp_path, tiny_config_path):

@@ -19,6 +19,12 @@ def _per_image(values: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor,
     return (values * valid).sum((-2, -1)) / n.clamp(min=1), n
 
 
+def scored_images(valid: torch.Tensor, min_valid: int = MIN_VALID) -> torch.Tensor:
+    """Which images of a (B, H, W) valid map a loss averages over: those with at least ``min_valid``
+    valid pixels."""
+    return valid.sum((-2, -1)) >= min_valid
+
+
 def _mean_over_images(per_image: torch.Tensor, n: torch.Tensor, min_valid: int, like: torch.Tensor) -> torch.Tensor:
     keep = n >= min_valid
     if not keep.any():
@@ -88,7 +94,7 @@ def scale_shift_invariant(pred: torch.Tensor, gt: torch.Tensor, valid: torch.Ten
     """Relative depth (MiDaS, Ranftl et al. 2020): the prediction is affine-invariant inverse depth;
     per image it is aligned to the ground truth's inverse depth by least-squares scale and shift,
     then scored by mean absolute error plus ``grad_weight`` x multi-scale gradient matching."""
-    keep = valid.sum((-2, -1)) >= min_valid
+    keep = scored_images(valid, min_valid)
     if not keep.any():
         return pred.sum() * 0.0
     pred, gt, valid = pred[keep].float(), gt[keep].float(), valid[keep]

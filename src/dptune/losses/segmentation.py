@@ -25,16 +25,23 @@ def cross_entropy(logits: torch.Tensor, target: torch.Tensor, weight: torch.Tens
 
     A batch with no labelled pixel gives 0, not NaN (mean reduction would divide by zero).
     """
+    total, labelled = cross_entropy_terms(logits, target, weight)
+    return total / labelled.clamp(min=1)
+
+
+def cross_entropy_terms(logits: torch.Tensor, target: torch.Tensor,
+                        weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The summed cross-entropy of the labelled pixels and what the mean divides it by: their count,
+    or with class ``weight`` their summed weights (as ``F.cross_entropy``'s mean does). A split's
+    mean is the sum of the batches' first terms over the sum of their second."""
     logits = upsample(logits, target.shape[-2:])
     if weight is not None:  # the class weights follow the module's dtype (bfloat16 under bf16-true)
         weight = weight.to(logits.dtype)
     total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
     valid = target != IGNORE_INDEX
     if weight is None:
-        denom = valid.sum()
-    else:
-        denom = (weight[target.clamp(max=logits.shape[1] - 1)] * valid).sum()
-    return total / denom.clamp(min=1)
+        return total, valid.sum()
+    return total, (weight[target.clamp(max=logits.shape[1] - 1)] * valid).sum()
 
 
 def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:

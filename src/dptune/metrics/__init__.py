@@ -54,3 +54,26 @@ def summed_state(metric: Metric, name: str) -> torch.Tensor:
     torchmetrics sums the states only inside ``compute``. Every process must call this (a collective)."""
     with metric.sync_context():
         return getattr(metric, name).clone()
+
+
+class SplitMean(Metric):
+    """A split's mean of per-batch means, each weighted by what it averages (labelled pixels, scored
+    images): sum(mean x weight) / sum(weight), both sums over every process (torchmetrics sums the
+    states in ``compute``), so the result is the same whatever the batches and shards. NaN when
+    nothing was weighed (no batch had anything to average)."""
+
+    full_state_update = False
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.add_state("total", torch.tensor(0.0), dist_reduce_fx="sum")
+        self.add_state("weight", torch.tensor(0.0), dist_reduce_fx="sum")
+
+    def update(self, mean: torch.Tensor, weight: torch.Tensor) -> None:
+        weight = weight.to(self.weight.dtype)
+        if bool(weight > 0):  # a batch with nothing to average adds nothing (its mean is a placeholder 0)
+            self.total += mean.detach().to(self.total.dtype) * weight
+            self.weight += weight
+
+    def compute(self) -> torch.Tensor:
+        return self.total / self.weight if bool(self.weight > 0) else torch.tensor(float("nan"))

@@ -16,6 +16,7 @@ from torch import nn
 
 from dptune.data.base import ValidationSource, one_process_stage
 from dptune.errors import ConfigError, first_line
+from dptune.metrics import SplitMean
 from dptune.models.backbones import family
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
 from dptune.models.normalization import resolve_normalization
@@ -149,6 +150,7 @@ class DPTTask(DivergenceGuard, pl.LightningModule):
         self.register_buffer("_shift", shift, persistent=False)
         self.configure_losses()
         self.configure_metrics()
+        self.eval_loss = nn.ModuleDict({stage: SplitMean() for stage in ("val", "test")})  # see log_eval_loss
         self.last_metrics: dict[str, Any] = {}
         self._nonfinite = NonFiniteSteps(nonfinite_skips)  # checks the setting now, before any data loads
         self._window_open = False  # an accumulation window (of batches, up to an optimizer step) has started
@@ -190,6 +192,14 @@ class DPTTask(DivergenceGuard, pl.LightningModule):
     def task_metadata(self) -> dict[str, Any]:
         """Task facts a checkpoint carries beside the weights (read by export and ``load_module``)."""
         return {}
+
+    def log_eval_loss(self, stage: str, mean: torch.Tensor, weight: torch.Tensor) -> None:
+        """``{stage}/loss``: the split's mean, each batch's ``mean`` weighted by what it averages
+        (``SplitMean``). Lightning's own epoch mean of a value logged with ``sync_dist`` averages the
+        processes' batch counts as integers (shards of 3 and 2 images: 2, so the loss came out 1.25x),
+        and counted a batch that scored nothing as a 0."""
+        self.eval_loss[stage].update(mean, weight)
+        self.log(f"{stage}/loss", self.eval_loss[stage])
 
     # ------------------------------------------------------------------ normalisation and sizes
     def _mean_std(self, pretrained, mean, std) -> tuple[list[float], list[float]]:

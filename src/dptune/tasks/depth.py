@@ -13,7 +13,7 @@ from torch import nn
 from dptune.data.depth import eval_crop_mask
 from dptune.errors import ConfigError
 from dptune.losses import resize_per_sample
-from dptune.losses.depth import LOSSES, upsample_depth
+from dptune.losses.depth import LOSSES, scored_images, upsample_depth
 from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.depth import MIN_DEPTH, NAMES, DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.models.depth import UNITS, build_depth_model, depth_forward
@@ -144,8 +144,8 @@ class DepthModule(DPTTask):
                 crop[b, :h, :w] = torch.from_numpy(eval_crop_mask((h, w), self.hparams.eval_crop))
             valid &= crop
         (self.val_metrics if stage == "val" else self.test_metrics).update(pred, depth, valid)
-        self.log(f"{stage}/loss", LOSSES[self.loss_name](pred, depth, valid), batch_size=depth.shape[0],
-                 sync_dist=True)
+        # the split's mean over the images the loss scores (an image without enough valid depth counts in none)
+        self.log_eval_loss(stage, LOSSES[self.loss_name](pred, depth, valid), scored_images(valid).sum())
         return {"preds": pred}
 
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:

@@ -15,7 +15,7 @@ from torch import nn
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
-from dptune.losses.segmentation import cross_entropy, dice_loss, lovasz_loss, upsample
+from dptune.losses.segmentation import cross_entropy, cross_entropy_terms, dice_loss, lovasz_loss, upsample
 from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.segmentation import ConfusionMatrix, class_map, metrics_from_confmat
 from dptune.models import build_model, segment
@@ -165,8 +165,8 @@ class SegmentationModule(LabelledTask, DPTTask):
         preds = class_map(logits)
         confmat = self.val_confmat if stage == "val" else self.test_confmat
         confmat.update(preds, target, logits)
-        self.log(f"{stage}/loss", cross_entropy(logits, target, self.class_weights), batch_size=target.shape[0],
-                 sync_dist=True)
+        total, labelled = cross_entropy_terms(logits, target, self.class_weights)
+        self.log_eval_loss(stage, total / labelled.clamp(min=1), labelled)  # the split's mean over labelled pixels
         return {"preds": preds}
 
     def eval_logits(self, images: torch.Tensor, sizes: list[tuple[int, int]], padded: torch.Size) -> torch.Tensor:
