@@ -669,6 +669,32 @@ def test_jpeg_files_beside_a_jpg_glob_are_counted_in_a_warning_never_dropped_sil
     assert glob_files(str(tmp_path / "only" / "*.jpg")) == []
 
 
+
+def test_a_folder_of_inputs_reads_every_image_type_and_names_what_it_leaves(tmp_path, caplog):
+    """predict --images FOLDER left GIF files out (the reader decodes them; a file path or glob read
+    them) and skipped other files and sub-folders without a word: a GIF is read, and one warning
+    counts what is not, with the glob that searches sub-folders."""
+    import logging
+
+    from dptune.tools.inputs import list_images
+
+    Image.open(FRAMES[0]).save(tmp_path / "a.gif")
+    shutil.copy(FRAMES[1], tmp_path / "b.png")
+    (tmp_path / "notes.txt").write_text("mine")
+    (tmp_path / "sub").mkdir()
+    shutil.copy(FRAMES[2], tmp_path / "sub" / "c.png")
+    with caplog.at_level(logging.WARNING):
+        found = list_images(str(tmp_path))
+    assert [Path(f).name for f in found] == ["a.gif", "b.png"]
+    assert read_image(found[0]).shape == read_image(str(FRAMES[0])).shape
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1 and "2 entries" in warned[0] and "notes.txt" in warned[0] and "sub/" in warned[0], warned
+    assert f"'{tmp_path}/**/*'" in warned[0], warned
+    (tmp_path / "a.gif").unlink()
+    (tmp_path / "b.png").unlink()
+    with pytest.raises(DataError, match=r"no images found in .*: 2 entries, none an image \(notes\.txt, sub/\)"):
+        list_images(str(tmp_path))
+
 # ============================================================================ a mask's own EXIF tag
 def test_a_mask_turned_by_its_own_stray_exif_tag_is_one_line_that_names_the_tag(tmp_path):
     from dptune.data.datamodule import SegmentationDataModule

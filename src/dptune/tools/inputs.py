@@ -5,6 +5,7 @@ in one line. Also the options the tools share (``--scales``) and what a model re
 from __future__ import annotations
 
 import json
+import logging
 import os
 from collections.abc import Iterable
 from pathlib import Path
@@ -13,15 +14,26 @@ from dptune.data.globs import glob_files, spelling_note
 from dptune.errors import ConfigError, DataError
 from dptune.models.folders import refuse_model_folders
 
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp")
+log = logging.getLogger(__name__)
+
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
 def list_images(spec: str) -> list[str]:
-    """A file, a folder (its images, the extension in any case) or a glob (the extension in any case)."""
+    """A file, a folder (its images, the extension in any case; what else it holds, sub-folders
+    included, is counted in one warning) or a glob (the extension in any case)."""
     if os.path.isdir(spec):
-        found = sorted(str(p) for p in Path(spec).iterdir() if p.is_file() and p.suffix.lower() in IMAGE_EXTS)
+        entries = sorted(Path(spec).iterdir())
+        found = [str(p) for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
+        left = [p.name + ("/" if p.is_dir() else "") for p in entries if str(p) not in found]
+        shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
         if not found:
-            raise DataError(f"no images found in {spec}")
+            raise DataError(f"no images found in {spec}" + (f": {len(left)} entries, none an image ({shown})"
+                                                             if left else " (an empty folder)"))
+        if left:
+            log.warning("%s: %d entries not read as images (%s; images are %s); sub-folders are not searched: "
+                        "give a glob such as '%s' to read them", spec, len(left), shown, " ".join(IMAGE_EXTS),
+                        os.path.join(spec, "**", "*"))
         return found
     if os.path.isfile(spec):
         return [spec]

@@ -17,7 +17,8 @@ left-right mirror). Segmentation + depth models write both sets of files and tak
 ``--mode``, ``--flip`` and ``--scales`` shape the masks as for a segmentation model, depth is the
 depth model's (see ``dptune.tools.multitask``).
 
-Inputs: a file, a folder (its images, extensions in any case) or a glob (``*.jpg`` takes ``.JPG``
+Inputs: a file, a folder (its images: .jpg .jpeg .png .bmp .tif .tiff .webp .gif, in any case; a
+warning counts what else it holds, sub-folders included) or a glob (``*.jpg`` takes ``.JPG``
 too; ``.jpeg`` files beside the ones it takes are counted in a warning that offers ``*.jp*g``). Each image is read upright: its EXIF orientation applied as ``transformers``' ``pipeline``
 applies it. ``<stem>`` is the file name without its extension; inputs from several folders keep
 their folders below their common one (``a/x.jpg``, ``b/x.jpg`` -> ``OUT/a/x.png``, ``OUT/b/x.png``),
