@@ -261,6 +261,37 @@ def test_a_failed_export_leaves_nothing_and_keeps_the_earlier_one(sources, tmp_p
     no_leftovers(earlier, tmp_path)
 
 
+def test_an_output_folder_that_cannot_be_written_is_named_not_the_source(sources, tmp_path, capsys, monkeypatch):
+    """On a read-only file system export said "CKPT: [Errno 30] Read-only file system: '.../.out.x.partial'":
+    the source named as if it were at fault, and a hidden folder. The output directory is named, for
+    a new directory and for an existing empty one."""
+    import errno
+
+    from dptune.export import target as target_module
+
+    def read_only(*a, dir=None, **k):
+        raise OSError(errno.EROFS, "Read-only file system", str(Path(dir) / ".out.x.partial"))
+
+    with monkeypatch.context() as m:
+        m.setattr(target_module.tempfile, "mkdtemp", read_only)
+        rc, err = export_cli(capsys, sources["vit"], tmp_path / "out")
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == f"error: {tmp_path / 'out'}: cannot be written (Read-only file system)", err
+    made = tmp_path / "made"
+    made.mkdir()
+    real_mkdir = Path.mkdir
+
+    def mkdir(self, *a, **k):
+        if self.parent == made:
+            raise OSError(errno.EROFS, "Read-only file system", str(self))
+        return real_mkdir(self, *a, **k)
+
+    with monkeypatch.context() as m:
+        m.setattr(Path, "mkdir", mkdir)
+        rc, err = export_cli(capsys, sources["vit"], made)
+    assert rc == 2 and err == [f"error: {made}: cannot be written (Read-only file system)"], err
+    no_leftovers(made, tmp_path)
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_a_new_export_directory_gets_the_mode_of_a_plain_mkdir(sources, tmp_path, capsys):
     """Built in a temporary directory (created 0700) and renamed into place: it must not stay private.

@@ -274,6 +274,26 @@ def test_a_damaged_tiff_is_the_one_line_naming_it_without_opencvs_own_log(models
     assert "cut.tif: not a readable image" in proc.stderr
     assert "[ERROR" not in proc.stderr and "[ WARN" not in proc.stderr and "grfmt_tiff" not in proc.stderr, proc.stderr
 
+
+def test_an_out_folder_that_cannot_be_written_is_one_line_naming_it(models, tmp_path, capsys, monkeypatch):
+    """A read-only --out said "error: [Errno 30] Read-only file system: 'OUT/.dptune-predict.json.x.tmp.json'",
+    naming a hidden file and not --out."""
+    import errno
+
+    from dptune.tools import outputs
+
+    def read_only(src, dst):
+        raise OSError(errno.EROFS, "Read-only file system", str(src))
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(FRAMES[0], tmp_path / "in" / "a.jpg")
+    (tmp_path / "out").mkdir()
+    monkeypatch.setattr(outputs.os, "replace", read_only)
+    rc = predict_main(["--model", str(models / "segmentation"), "--images", str(tmp_path / "in"), "--out",
+                       str(tmp_path / "out"), "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and lines == [f"error: --out {tmp_path / 'out'}: cannot be written (Read-only file system)"], lines
+
 # ============================================================================ never write among the inputs
 @pytest.mark.parametrize("model", ["segmentation", "depth", ""])
 def test_predict_never_writes_into_its_input_folder(models, tmp_path, capsys, model):

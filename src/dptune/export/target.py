@@ -97,6 +97,16 @@ def export_target(out: Path, src: Path, overwrite: bool) -> Path:
 
 
 @contextmanager
+def unwritable_named(target: Path) -> Iterator[None]:
+    """Making the export's folder where the file system refuses (read-only, no permission, full) is
+    an ``OutputDirError`` naming ``target``, not the hidden staging folder."""
+    try:
+        yield
+    except OSError as e:
+        raise OutputDirError(f"{target}: cannot be written ({e.strerror or e})") from None
+
+
+@contextmanager
 def staged(target: Path, replace: bool = False) -> Iterator[Path]:
     """A new hidden directory to build the export in, moved into place when the block completes and
     removed when it fails: nothing is mixed in, a failed export leaves nothing behind.
@@ -108,8 +118,9 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
     earlier ones deleted; if a move fails, the earlier entries are put back. Entries that appeared
     meanwhile in a directory that was empty are left alone unless ``replace`` (the export fails)."""
     if not target.is_dir():
-        target.parent.mkdir(parents=True, exist_ok=True)
-        stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
+        with unwritable_named(target):
+            target.parent.mkdir(parents=True, exist_ok=True)
+            stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
         try:
             yield stage
             mask = os.umask(0)
@@ -122,7 +133,8 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
         return
     tag = secrets.token_hex(4)
     stage, aside = target / f".dptune-export.{tag}.partial", target / f".dptune-export.{tag}.replaced"
-    stage.mkdir()
+    with unwritable_named(target):
+        stage.mkdir()
     try:
         yield stage
         earlier = [p for p in target.iterdir() if p != stage]

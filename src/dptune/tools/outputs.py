@@ -132,10 +132,13 @@ def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) ->
         raise ConfigError(f"--out {out}: {len(foreign)} file(s) there that predict did not write would be "
                           f"overwritten (first: {out / foreign[0]}); predict into another folder, or give "
                           "--overwrite")
-    for folder in sorted({(out / f).parent for f in planned} | {out}):
-        folder.mkdir(parents=True, exist_ok=True)
-    _listing = _Listing(out, ours, planned)
-    _listing.save()
+    try:  # the folders and the list first: a folder the file system refuses is named before any prediction
+        for folder in sorted({(out / f).parent for f in planned} | {out}):
+            folder.mkdir(parents=True, exist_ok=True)
+        _listing = _Listing(out, ours, planned)
+        _listing.save()
+    except OSError as e:
+        raise ConfigError(f"--out {out}: cannot be written ({e.strerror or e})") from None
     return out
 
 
