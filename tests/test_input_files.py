@@ -758,12 +758,12 @@ def test_predict_of_a_folder_without_images_is_one_line_and_makes_no_out(models,
     (tmp_path / "empty").mkdir()
     (tmp_path / "notes").mkdir()
     (tmp_path / "notes" / "a.txt").write_text("not an image")
-    for folder in ("empty", "notes"):
+    for folder, held in (("empty", " (an empty folder)"), ("notes", ": 1 entry, none an image (a.txt)")):
         out = tmp_path / f"preds-{folder}"
         rc = predict_main(["--model", str(models / "segmentation"), "--images", str(tmp_path / folder),
                            "--out", str(out), "--device", "cpu"])
         lines = errors(capsys)
-        assert rc == 2 and lines == [f"error: no images found in {tmp_path / folder}"], lines
+        assert rc == 2 and lines == [f"error: no images found in {tmp_path / folder}{held}"], lines
         assert not out.exists()
 
 

@@ -27,12 +27,13 @@ def list_images(spec: str) -> list[str]:
         found = [str(p) for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
         left = [p.name + ("/" if p.is_dir() else "") for p in entries if str(p) not in found]
         shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
+        entries = f"{len(left)} {'entry' if len(left) == 1 else 'entries'}"
         if not found:
-            raise DataError(f"no images found in {spec}" + (f": {len(left)} entries, none an image ({shown})"
+            raise DataError(f"no images found in {spec}" + (f": {entries}, none an image ({shown})"
                                                              if left else " (an empty folder)"))
         if left:
-            log.warning("%s: %d entries not read as images (%s; images are %s); sub-folders are not searched: "
-                        "give a glob such as '%s' to read them", spec, len(left), shown, " ".join(IMAGE_EXTS),
+            log.warning("%s: %s not read as images (%s; images are %s); sub-folders are not searched: "
+                        "give a glob such as '%s' to read them", spec, entries, shown, " ".join(IMAGE_EXTS),
                         os.path.join(spec, "**", "*"))
         return found
     if os.path.isfile(spec):
