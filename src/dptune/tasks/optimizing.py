@@ -1,0 +1,91 @@
+"""The optimizer and LR schedule of a task: parameter groups (backbone / neck and heads, weight
+decay, layer-wise LR decay, the task's own parameters), AdamW (fused where it may be) or SGD with
+momentum, the warmup-poly schedule over the run's optimizer steps, and resuming a checkpoint written
+before the task's own parameters had a group.
+
+A mixin of ``DPTTask`` (it reads the task's ``model``, ``hparams`` and ``trainer``)."""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Any
+
+import torch
+
+from dptune.errors import ConfigError
+from dptune.tasks.optim import WarmupPoly, param_groups
+
+log = logging.getLogger(__name__)
+
+STREAM_LENGTH = ("the training data is a stream (no length): set --trainer.max_steps for the LR schedule and "
+                 "--trainer.val_check_interval in steps")
+
+
+class Optimizing:
+    """Lightning's ``configure_optimizers`` and ``on_load_checkpoint`` for a task. Put it before
+    ``LightningModule`` in the bases."""
+
+    def param_groups(self) -> list[dict[str, Any]]:
+        """The network's groups (backbone / neck and heads, decay, layer-wise LR), and a ``task``
+        group (``lr * head_lr_mult``, no decay) for what the task owns beside the network, such as
+        learned loss weights. Every trainable parameter of the module is in exactly one group."""
+        hp = self.hparams
+        groups = param_groups(self.model, hp.lr, hp.head_lr_mult, hp.weight_decay, hp.layer_decay)
+        network = {id(p) for p in self.model.parameters()}
+        own = [p for p in self.parameters() if p.requires_grad and id(p) not in network]
+        if own:
+            groups.append({"params": own, "lr": hp.lr * hp.head_lr_mult, "weight_decay": 0.0, "name": "task"})
+        grouped = [id(p) for g in groups for p in g["params"]]
+        trainable = {id(p) for p in self.parameters() if p.requires_grad}
+        if len(grouped) != len(set(grouped)) or set(grouped) != trainable:
+            raise RuntimeError(f"optimizer groups cover {len(set(grouped))} of {len(trainable)} trainable parameters "
+                               f"({len(grouped) - len(set(grouped))} twice): a bug in {type(self).__name__}")
+        return groups
+
+    def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        """A run resumed from a checkpoint written before the task's own parameters (learned loss
+        weights) had an optimizer group: its optimizer and schedule lack the last, ``task`` group.
+        Add it, empty (those parameters restart their optimizer state), so that the resume works."""
+        groups = self.param_groups()
+        if groups[-1]["name"] != "task":
+            return
+        names = [g["name"] for g in groups]
+        for state in checkpoint.get("optimizer_states") or []:
+            saved = state.get("param_groups", [])
+            if [g.get("name") for g in saved] != names[:-1]:
+                continue
+            first = 1 + max((i for g in saved for i in g["params"]), default=-1)
+            task = {k: v for k, v in saved[-1].items() if k != "params"}
+            task.update(params=list(range(first, first + len(groups[-1]["params"]))), lr=groups[-1]["lr"],
+                        initial_lr=groups[-1]["lr"], weight_decay=0.0, name="task")
+            saved.append(task)
+            for sched in checkpoint.get("lr_schedulers") or []:
+                if len(sched.get("base_lrs", [])) == len(saved) - 1:
+                    sched["base_lrs"].append(groups[-1]["lr"])
+            log.info("the checkpoint's optimizer has no group for %s's own parameters (written before they had "
+                     "one): they resume with a fresh optimizer state", type(self).__name__)
+
+    def configure_optimizers(self) -> dict[str, Any]:
+        hp = self.hparams
+        if hp.optimizer == "sgd":
+            opt = torch.optim.SGD(self.param_groups(), lr=hp.lr, momentum=hp.momentum, weight_decay=hp.weight_decay)
+        else:
+            opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
+                                    weight_decay=hp.weight_decay, fused=self._fused_adamw())
+        total = self.trainer.estimated_stepping_batches
+        if not math.isfinite(total) or total <= 0:
+            raise ConfigError(STREAM_LENGTH)
+        total = int(total)
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
+        sched = WarmupPoly(opt, total, warmup, hp.poly_power, hp.min_lr_ratio)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _fused_adamw(self) -> bool:
+        """The fused AdamW kernel (CPU and CUDA) beats the per-tensor loop, but it unscales
+        gradients inside its step, so Lightning cannot clip gradients before it: with
+        ``gradient_clip_val`` set the optimizer is the unfused one."""
+        if any(p.device.type not in ("cpu", "cuda") for p in self.model.parameters()):
+            return False
+        clip = self.trainer.gradient_clip_val if self._trainer is not None else None
+        return not clip
