@@ -1,7 +1,7 @@
-"""What every dptune task shares: building the network, normalisation, parameter groups with
-layer-wise LR decay, the warmup-poly schedule, precision and memory switches, SyncBatchNorm,
-checkpoint metadata, the divergence guard (``divergence``) and rebuilding a task from its
-checkpoint. Nothing here knows what the heads predict: each task (``segmentation``, ``depth``)
+"""What every dptune task shares: building the network, normalisation, precision and memory
+switches, SyncBatchNorm, the evaluation loss, checkpoint metadata, the optimizer and schedule
+(``optimizing``: parameter groups with layer-wise LR decay, warmup-poly) and the divergence guard
+(``divergence``). Nothing here knows what the heads predict: each task (``segmentation``, ``depth``)
 owns its head, loss, metrics and export."""
 
 from __future__ import annotations
