@@ -145,7 +145,7 @@ def test_a_serving_graph_whose_output_alone_is_nan_is_blamed_on_its_conversion(t
     from transformers import DPTConfig, DPTForSemanticSegmentation
 
     from dptune.errors import ModelOutputError
-    from dptune.export.serving import Reference, _outputs
+    from dptune.export.measure import Reference, every_output
 
     class Broken:  # an INT8 graph that quantization broke
         path = Path("model_int8.onnx")
@@ -157,7 +157,7 @@ def test_a_serving_graph_whose_output_alone_is_nan_is_blamed_on_its_conversion(t
     x = np.random.default_rng(0).uniform(-1, 1, (1, 3, 32, 32)).astype(np.float32)
     with pytest.raises(ModelOutputError, match=r"model_int8.onnx is NaN or infinite \(the INT8 quantization broke "
                                                r"it: keep the offending nodes in float \(--int8-keep-float\)"):
-        _outputs(Reference(model, joint=False), {"int8": Broken()}, x)
+        every_output(Reference(model, joint=False), {"int8": Broken()}, x)
 
 
 def test_onnx_parity_runs_the_model_on_inputs_a_real_image_can_give(tmp_path, monkeypatch):
