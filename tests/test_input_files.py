@@ -294,6 +294,19 @@ def test_an_out_folder_that_cannot_be_written_is_one_line_naming_it(models, tmp_
     lines = errors(capsys)
     assert rc == 2 and lines == [f"error: --out {tmp_path / 'out'}: cannot be written (Read-only file system)"], lines
 
+
+@pytest.mark.parametrize("scales", ["0", "-1", "abc", "nan", "1e9", ""])
+def test_evaluate_refuses_scales_it_cannot_use_in_one_line_before_loading(tmp_path, capsys, scales):
+    """evaluate parsed --scales itself, unchecked: 1e9 was an OverflowError traceback, 0 and -1 said
+    "height and width must be > 0", abc "could not convert string to float", none naming the option
+    (predict checks them: 0.125 to 4)."""
+    model = camvid_model(tmp_path / "model")
+    rc = evaluate_main(["--model", str(model), "--root", str(CAMVID), "--images", "val/0016E5_0799*.jpg",
+                        "--masks", "valannot/{stem}.png", "--labels", "labels.yaml", "--scales", scales,
+                        "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --scales {scales!r}"), lines
+
 # ============================================================================ never write among the inputs
 @pytest.mark.parametrize("model", ["segmentation", "depth", ""])
 def test_predict_never_writes_into_its_input_folder(models, tmp_path, capsys, model):

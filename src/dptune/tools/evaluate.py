@@ -42,7 +42,7 @@ from dptune.errors import DataError, of_image
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet, check_same_classes
 from dptune.metrics.segmentation import metrics_from_confmat
-from dptune.tools.inputs import json_is_ours, refuse_output
+from dptune.tools.inputs import json_is_ours, parse_scales, refuse_output
 from dptune.tools.outputs import write_replacing, write_text
 
 CONFUSION_TAG = "dptune evaluate: confusion matrix"  # the PNG's Software text: how a later run knows it wrote it
@@ -184,7 +184,7 @@ def report(confmat: np.ndarray, names: list[str]) -> dict:
     return out
 
 
-def main(argv: list[str] | None = None) -> int:
+def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("--model", required=True, help="dptune .ckpt or exported directory")
     ap.add_argument("--config", help="train.py YAML whose data: section describes the split")
@@ -228,7 +228,11 @@ def main(argv: list[str] | None = None) -> int:
     depth.add_argument("--max-depth", type=float, default=None, help="default: the model's")
     depth.add_argument("--alignment", choices=["none", "median", "lstsq"], help="default: the model's")
     depth.add_argument("--eval-crop", choices=["none", "eigen", "garg"], help="default: the model's")
-    args = ap.parse_args(argv)
+    return ap
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
     from dptune.inference.predictor import Predictor
     from dptune.tools.depth import evaluate_depth
     from dptune.tools.inputs import model_task
@@ -251,21 +255,26 @@ def main(argv: list[str] | None = None) -> int:
                                     (args.confusion, "--confusion", confusion_is_ours)):
             if path:
                 refuse_output(path, flag, source_files(source), args, is_ours)
+        scales = parse_scales(args.scales)  # before the model loads
         predictor = Predictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code,
                                    backend=args.backend)
-        scales = tuple(float(s) for s in args.scales.split(","))
         confmat = evaluate(predictor, source, labels, args.mode, args.flip, scales)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    names = predictor.labels.names
+    return write_scores(args, confmat, predictor.labels.names, len(source), scales)
+
+
+def write_scores(args: argparse.Namespace, confmat: np.ndarray, names: list[str], images: int,
+                 scales: tuple[float, ...]) -> int:
+    """The scores printed, and written to ``--json`` / ``--confusion`` where asked; the exit status."""
     scores = report(confmat, names)
     print(f"mIoU {scores['mIoU']:.4f}  pixel_acc {scores['pixel_acc']:.4f}  mAcc {scores['mAcc']:.4f}"
-          f"  ({len(source)} images, mode {args.mode}{'' if args.flip == 'none' else ', flip ' + args.flip}, scales {args.scales})")
+          f"  ({images} images, mode {args.mode}{'' if args.flip == 'none' else ', flip ' + args.flip}, scales {args.scales})")
     for n, v in scores["IoU"].items():
         print(f"  {n:<20} {'-' if v is None else f'{v:.4f}'}")
     if args.json:
-        scores.update(model=args.model, mode=args.mode, flip=args.flip, scales=list(scales), images=len(source),
+        scores.update(model=args.model, mode=args.mode, flip=args.flip, scales=list(scales), images=images,
                       confusion=confmat.tolist())
         try:
             write_text(args.json, json.dumps(scores, indent=2) + "\n")
