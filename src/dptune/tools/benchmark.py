@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import os
 import platform
 import statistics
@@ -206,10 +207,15 @@ def _refusal(args: argparse.Namespace) -> str | None:
     # the training step's timing starts at the end of a warm-up step; --joint times passes from the start
     warmup_least = 0 if args.joint or args.data else 1
     for flag, value, least in (("--profile", args.profile, 0), ("--warmup", args.warmup, warmup_least),
-                               ("--steps", args.steps, 1), ("--rounds", args.rounds, 1)):
-        if value < least:
-            what = {"--profile": "steps to profile after the timed ones", "--rounds": "rounds"}.get(flag, "steps")
+                               ("--steps", args.steps, 1), ("--rounds", args.rounds, 1), ("--batch", args.batch, 1),
+                               ("--crop", args.crop, 1), ("--num-labels", args.num_labels, 1),
+                               ("--samples", args.samples, 1)):
+        if value is not None and value < least:
+            what = {"--profile": "steps to profile after the timed ones", "--rounds": "rounds", "--batch": "images",
+                    "--crop": "pixels", "--num-labels": "classes", "--samples": "samples"}.get(flag, "steps")
             return f"{flag} {value}: at least {least} ({what})"
+    if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
+        return f"--peak-tflops {args.peak_tflops}: the device's peak, a number above 0"
     if args.json and not Path(args.json).resolve().parent.is_dir():
         return f"--json {args.json}: no folder {Path(args.json).resolve().parent} to write it in"
     other = "--joint" if args.joint else "--data" if args.data else None
