@@ -307,6 +307,17 @@ def test_evaluate_refuses_scales_it_cannot_use_in_one_line_before_loading(tmp_pa
     lines = errors(capsys)
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --scales {scales!r}"), lines
 
+
+@pytest.mark.parametrize("alpha", ["2", "-0.5", "nan"])
+def test_predict_refuses_an_overlay_opacity_outside_0_to_1(models, tmp_path, capsys, alpha):
+    """--alpha 2 blended with a weight of -1 (uint8 colours wrapped), NaN gave undefined pixels: both
+    wrote overlays without a word."""
+    rc = predict_main(["--model", str(models / "segmentation"), "--images", str(FRAMES[0]), "--out",
+                       str(tmp_path / "out"), "--alpha", alpha, "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --alpha {float(alpha)}"), lines
+    assert not (tmp_path / "out").exists()
+
 # ============================================================================ never write among the inputs
 @pytest.mark.parametrize("model", ["segmentation", "depth", ""])
 def test_predict_never_writes_into_its_input_folder(models, tmp_path, capsys, model):

@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
                          "Depth averages only the left-right mirror")
     ap.add_argument("--scales", default="1", help="masks: comma-separated scales to average (depth: 1 only)")
     ap.add_argument("--confidence", action="store_true", help="also write the top-class probability (masks)")
-    ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity")
+    ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0 to 1")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "onnx-fp16"], default="torch",
                     help="run the export's ONNX graph instead of torch: onnx (model.onnx), onnx-int8 "
@@ -81,6 +81,8 @@ def main(argv: list[str] | None = None) -> int:
     from dptune.tools.inputs import model_task
 
     try:
+        if not 0 <= args.alpha <= 1:  # NaN too: a blend weight outside [0, 1] wraps the overlay's colours
+            raise ConfigError(f"--alpha {args.alpha}: the overlay's opacity, from 0 (the image) to 1 (the classes)")
         paths = list_images(args.images)
         stems = output_stems(paths)
         refuse_out_among_inputs(args.out, paths, stems, args.model)
