@@ -10,72 +10,59 @@ from dptune.inference.onnx_runner import GRAPHS
 
 def serving_card(serving: dict, dynamic: bool, command: str | None = None) -> str:
     """The card's section on the serving graphs, the measured cost, and the calibration."""
+    lines = _graphs_section(serving.get("graphs", {}), dynamic) if serving.get("graphs") or serving.get("measured") \
+        else []
+    lines += _cost_section(serving)
+    lines += _calibration_section(serving.get("calibration"))
+    if command and lines:
+        lines += ["", f"Written by `{command}`."]
+    return "\n".join(lines) + ("\n" if lines else "")
+
+
+def _graphs_section(graphs: dict, dynamic: bool) -> list[str]:
+    """The files, their precision and what each is for; the input; how INT8 was calibrated."""
     from dptune.export.quantize import KEPT_FLOAT
 
-    lines = []
-    graphs = serving.get("graphs", {})
-    if graphs or serving.get("measured"):
-        lines += ["", "## ONNX graphs for serving", "",
-                  "| file | precision | for |", "| --- | --- | --- |",
-                  f"| `{GRAPHS['fp32']}` | float32 | reference; any ONNX Runtime execution provider |"]
-        if "int8" in graphs:
-            lines.append(f"| `{GRAPHS['int8']}` | int8 (QDQ, static) | CPUs (ONNX Runtime CPU execution provider) |")
-        if "fp16" in graphs:
-            lines.append(f"| `{GRAPHS['fp16']}` | float16, float32 inputs/outputs | GPUs (CUDA / TensorRT providers) |")
-        lines += ["", "Input `pixel_values` (batch, 3, height, width), float32, prepared by the bundled image processor; "
-                  + ("batch, height and width are dynamic (height and width multiples of the patch size)."
-                     if dynamic else "the batch is dynamic; height and width are the processor's size only "
-                     "(DPT-Hybrid: its BiT stem's padding is fixed when traced).")]
-        if "int8" in graphs:
-            g = graphs["int8"]
-            lines += ["", f"INT8: calibrated on {g['calibration_images']} images ({g['calibration_source']}), "
-                      f"{g['calibration_method']} ranges; weights {g.get('weights', 'int8 (per channel)')}. "
-                      f"{KEPT_FLOAT}"]
-        if "fp16" in graphs:
-            lines += ["", "fp16: measured below with ONNX Runtime's CPU provider, which runs the float16 nodes it has "
-                      "no float16 kernel for in float32: its row is the cost of float16 weights, not of float16 "
-                      "arithmetic. Export checked that no layer's output reaches float16's range on an image at "
-                      "the processor's size, which a GPU's float16 would overflow."]
+    lines = ["", "## ONNX graphs for serving", "",
+             "| file | precision | for |", "| --- | --- | --- |",
+             f"| `{GRAPHS['fp32']}` | float32 | reference; any ONNX Runtime execution provider |"]
+    if "int8" in graphs:
+        lines.append(f"| `{GRAPHS['int8']}` | int8 (QDQ, static) | CPUs (ONNX Runtime CPU execution provider) |")
+    if "fp16" in graphs:
+        lines.append(f"| `{GRAPHS['fp16']}` | float16, float32 inputs/outputs | GPUs (CUDA / TensorRT providers) |")
+    lines += ["", "Input `pixel_values` (batch, 3, height, width), float32, prepared by the bundled image processor; "
+              + ("batch, height and width are dynamic (height and width multiples of the patch size)."
+                 if dynamic else "the batch is dynamic; height and width are the processor's size only "
+                 "(DPT-Hybrid: its BiT stem's padding is fixed when traced).")]
+    if "int8" in graphs:
+        g = graphs["int8"]
+        lines += ["", f"INT8: calibrated on {g['calibration_images']} images ({g['calibration_source']}), "
+                  f"{g['calibration_method']} ranges; weights {g.get('weights', 'int8 (per channel)')}. "
+                  f"{KEPT_FLOAT}"]
+    if "fp16" in graphs:
+        lines += ["", "fp16: measured below with ONNX Runtime's CPU provider, which runs the float16 nodes it has "
+                  "no float16 kernel for in float32: its row is the cost of float16 weights, not of float16 "
+                  "arithmetic. Export checked that no layer's output reaches float16's range on an image at "
+                  "the processor's size, which a GPU's float16 would overflow."]
+    return lines
+
+
+def _cost_section(serving: dict) -> list[str]:
+    """What each graph costs per task, the CPU it was measured on, and the command that reproduces it."""
     measured = serving.get("measured")
-    if measured:
-        lines += ["", "### What each graph costs (measured at export)", "",
-                  "Scored on validation images held back from calibration, whole images resized by the bundled "
-                  "image processor, outputs upsampled to the labels' size (as `pipeline` does); `torch` is the "
-                  "exported model run in float32 by PyTorch."]
-        for task, rows in measured.items():
-            lines.append("")
-            if task == "segmentation":
-                lines += [f"Segmentation, {rows['images']} held-back images:", "",
-                          "| model | mIoU | pixel accuracy | mIoU change | pixels agreeing with torch | ECE |",
-                          "| --- | --- | --- | --- | --- | --- |"]
-                for n, r in rows.items():
-                    if n == "images":
-                        continue
-                    if "skipped" in r:
-                        lines.append(f"| {n} | {r['skipped']} | | | | |")
-                        continue
-                    change = "-" if n == "torch" else f"{100 * r.get('mIoU_relative_change', 0):+.2f}%"
-                    ece = f"{r['ece']:.4f}" if r.get("ece") is not None else "-"
-                    lines.append(f"| {n} | {r['mIoU']:.4f} | {r['pixel_acc']:.4f} | {change} | "
-                                 f"{100 * r['agreement_with_torch']:.2f}% | {ece} |")
-            else:
-                lines += [f"Depth, {rows['images']} held-back images:", "",
-                          "| model | AbsRel | delta1 | AbsRel change | mean relative difference to torch |",
-                          "| --- | --- | --- | --- | --- |"]
-                for n, r in rows.items():
-                    if n == "images":
-                        continue
-                    if "skipped" in r:
-                        lines.append(f"| {n} | {r['skipped']} | | | |")
-                        continue
-                    change = "-" if n == "torch" else f"{100 * r.get('abs_rel_relative_change', 0):+.2f}%"
-                    lines.append(f"| {n} | {r['abs_rel']:.4f} | {r['delta1']:.4f} | {change} | "
-                                 f"{100 * r['rel_difference_to_torch']:.3f}% |")
-    if measured and any("segmentation" == t for t in measured):
+    if not measured:
+        return []
+    lines = ["", "### What each graph costs (measured at export)", "",
+             "Scored on validation images held back from calibration, whole images resized by the bundled "
+             "image processor, outputs upsampled to the labels' size (as `pipeline` does); `torch` is the "
+             "exported model run in float32 by PyTorch."]
+    for task, rows in measured.items():
+        lines += [""] + (_segmentation_rows(rows) if task == "segmentation" else _depth_rows(rows))
+    if "segmentation" in measured:
         lines += ["", "ECE: expected calibration error of each graph's top-1 softmax confidence (15 equal-width bins, "
                   "every labelled pixel of the held-back images): the confidence each graph serves."]
     by = serving.get("measured_by")
-    if measured and by:
+    if by:
         cpu = by.get("cpu", {})
         vnni = {True: "has VNNI", False: "no VNNI: int8 products are added in 16 bits", None: "not x86"}[cpu.get("vnni")]
         flags = ", ".join(cpu.get("flags") or []) or "no SIMD flags read"
@@ -85,20 +72,54 @@ def serving_card(serving: dict, dynamic: bool, command: str | None = None) -> st
         lines += ["", f"Reproduce the {task} int8 row on the same held-back images (listed in `dptune.json`, "
                   "`serving.data`; `--backend torch`, `onnx` or `onnx-fp16` for the other rows):", "",
                   f"    {evaluate.replace('EXPORT_DIR', '<this dir>')}"]
-    cal = serving.get("calibration")
-    if cal:
-        lines += ["", "## Calibrated confidence", "",
-                  f"The class probabilities are temperature-scaled: T = {cal['temperature']:.4f}, fitted on "
-                  f"{cal['fitted_on_images']} validation images (negative log-likelihood of the labelled pixels) and "
-                  "folded into the classifier's weights and bias, so `softmax(logits)` of the stock class, "
-                  "`pipeline(\"image-segmentation\")`, the ONNX graphs and `predict`'s confidence maps are the "
-                  "calibrated probabilities. The masks (argmax) are those of the uncalibrated model.", "",
-                  f"Expected calibration error ({cal['bins']} bins, top-1 confidence, labelled pixels of "
-                  f"{cal['held_back_images']} held-back images): {cal['ece_before']:.4f} before, "
-                  f"{cal['ece_after']:.4f} after; NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}."]
-    if command and lines:
-        lines += ["", f"Written by `{command}`."]
-    return "\n".join(lines) + ("\n" if lines else "")
+    return lines
+
+
+def _segmentation_rows(rows: dict) -> list[str]:
+    lines = [f"Segmentation, {rows['images']} held-back images:", "",
+             "| model | mIoU | pixel accuracy | mIoU change | pixels agreeing with torch | ECE |",
+             "| --- | --- | --- | --- | --- | --- |"]
+    for n, r in rows.items():
+        if n == "images":
+            continue
+        if "skipped" in r:
+            lines.append(f"| {n} | {r['skipped']} | | | | |")
+            continue
+        change = "-" if n == "torch" else f"{100 * r.get('mIoU_relative_change', 0):+.2f}%"
+        ece = f"{r['ece']:.4f}" if r.get("ece") is not None else "-"
+        lines.append(f"| {n} | {r['mIoU']:.4f} | {r['pixel_acc']:.4f} | {change} | "
+                     f"{100 * r['agreement_with_torch']:.2f}% | {ece} |")
+    return lines
+
+
+def _depth_rows(rows: dict) -> list[str]:
+    lines = [f"Depth, {rows['images']} held-back images:", "",
+             "| model | AbsRel | delta1 | AbsRel change | mean relative difference to torch |",
+             "| --- | --- | --- | --- | --- |"]
+    for n, r in rows.items():
+        if n == "images":
+            continue
+        if "skipped" in r:
+            lines.append(f"| {n} | {r['skipped']} | | | |")
+            continue
+        change = "-" if n == "torch" else f"{100 * r.get('abs_rel_relative_change', 0):+.2f}%"
+        lines.append(f"| {n} | {r['abs_rel']:.4f} | {r['delta1']:.4f} | {change} | "
+                     f"{100 * r['rel_difference_to_torch']:.3f}% |")
+    return lines
+
+
+def _calibration_section(cal: dict | None) -> list[str]:
+    if not cal:
+        return []
+    return ["", "## Calibrated confidence", "",
+            f"The class probabilities are temperature-scaled: T = {cal['temperature']:.4f}, fitted on "
+            f"{cal['fitted_on_images']} validation images (negative log-likelihood of the labelled pixels) and "
+            "folded into the classifier's weights and bias, so `softmax(logits)` of the stock class, "
+            "`pipeline(\"image-segmentation\")`, the ONNX graphs and `predict`'s confidence maps are the "
+            "calibrated probabilities. The masks (argmax) are those of the uncalibrated model.", "",
+            f"Expected calibration error ({cal['bins']} bins, top-1 confidence, labelled pixels of "
+            f"{cal['held_back_images']} held-back images): {cal['ece_before']:.4f} before, "
+            f"{cal['ece_after']:.4f} after; NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}."]
 
 
 def depth_values_card(meta: dict, model: nn.Module | None = None) -> str:
