@@ -31,6 +31,11 @@ DECODE_AS_STORED = cv2.IMREAD_COLOR | cv2.IMREAD_ANYDEPTH | cv2.IMREAD_IGNORE_OR
 ORIENTATION = 0x0112  # the EXIF tag: how a viewer turns the stored pixels to show the picture upright
 
 
+# the file types dptune reads as images where it lists a folder or filters a glob (predict, export's
+# calibration images); each is decoded by ``read_image`` (a GIF: its first frame)
+IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+
 def exif_orientation(im: Image.Image, data: bytes | None = None, decoded: bool = False) -> int:
     """The EXIF orientation (1-8) still to apply to an opened image, read as
     ``PIL.ImageOps.exif_transpose`` reads it; 1 when there is none (or it cannot be parsed, or the

@@ -203,9 +203,9 @@ def cut(source, count: int, task: str, where: str) -> TaskData:
 
 def glob_images(pattern: str, count: int) -> list[str]:
     from dptune.data.globs import glob_files
-    from dptune.data.images import image_header_size
+    from dptune.data.images import IMAGE_EXTS, image_header_size
 
-    found = [p for p in glob_files(os.path.expanduser(pattern)) if Path(p).suffix.lower() in IMAGE_SUFFIXES]
+    found = [p for p in glob_files(os.path.expanduser(pattern)) if Path(p).suffix.lower() in IMAGE_EXTS]
     if not found:
         raise CalibrationError(f"--calibration-images {pattern}: no images match")
     if len(found) < MIN_IMAGES:
@@ -218,9 +218,6 @@ def glob_images(pattern: str, count: int) -> list[str]:
         except DataError as e:
             raise CalibrationError(f"--calibration-images {pattern}: {e}") from None
     return chosen
-
-
-IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp"}
 
 
 def fitted_tasks(task: str, int8: bool, pattern: str | None, temperature: bool) -> list[str]:

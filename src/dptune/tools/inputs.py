@@ -11,13 +11,11 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from dptune.data.globs import glob_files, spelling_note
+from dptune.data.images import IMAGE_EXTS
 from dptune.errors import ConfigError, DataError
 from dptune.models.folders import refuse_model_folders
 
 log = logging.getLogger(__name__)
-
-IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
-
 
 def list_images(spec: str) -> list[str]:
     """A file, a folder (its images, the extension in any case; what else it holds, sub-folders
