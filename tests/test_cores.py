@@ -168,7 +168,7 @@ def test_every_default_sized_by_the_cores_follows_the_quota(container):
     """2 CPUs of a 16-core machine: no loader worker (on 16 cores: 8), ONNX Runtime and the inference
     benchmark on 2 threads, 2 cores in what the benchmarks record and in the training step's peak
     FLOP/s. Before, all but the training threads and ONNX Runtime's sessions read the affinity (16)."""
-    from dptune.data.base import default_workers
+    from dptune.data.loaders import default_workers
     from dptune.inference.onnx_runner import cpu_info, session_options
     from dptune.tools.benchmark import peak_tflops
     from dptune.tools.infer_bench import default_threads

@@ -8,9 +8,9 @@ import torch
 from conftest import CAMVID, DUBAI, needs
 from PIL import Image
 
-from dptune.data.base import collate
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.images import read_image
+from dptune.data.loaders import collate
 from dptune.data.sources import FolderSource
 from dptune.data.templates import mask_path_for
 from dptune.errors import DataError
@@ -413,7 +413,7 @@ def test_png_with_a_corrupt_body_is_caught_before_training(tmp_path):
 def test_loader_workers_default_to_none_on_two_cores_else_half_up_to_eight(monkeypatch):
     """README: no loader worker on machines with 2 cores or fewer, else half the cores up to 8 (the
     cores this process may use); an explicit data.num_workers wins."""
-    from dptune.data.base import default_workers
+    from dptune.data.loaders import default_workers
 
     for cores, workers in ((1, 0), (2, 0), (3, 1), (4, 2), (12, 6), (64, 8)):
         monkeypatch.setattr("os.sched_getaffinity", lambda _pid, n=cores: set(range(n)), raising=False)

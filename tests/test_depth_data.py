@@ -9,9 +9,9 @@ import pytest
 from conftest import DEPTH_FORMATS, KITCHEN, needs
 from PIL import Image
 
-from dptune.data.base import collate
 from dptune.data.depth import depth_train_transforms, eval_crop_mask
 from dptune.data.depth_files import read_depth
+from dptune.data.loaders import collate
 from dptune.errors import DataError
 
 

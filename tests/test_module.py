@@ -195,7 +195,7 @@ def test_slide_mode_overlays_line_up_with_their_masks_in_mixed_size_batches():
 
     from conftest import TINY
 
-    from dptune.data.base import collate
+    from dptune.data.loaders import collate
     from dptune.training.callbacks import ValidationVisuals
 
     rng = np.random.default_rng(0)

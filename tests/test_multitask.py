@@ -337,7 +337,7 @@ def test_loader_workers_of_the_joint_task_draw_different_augmentations():
     """Two workers read the same training sample over and over: every draw (crop, flip, scale)
     must differ. The joint set holds its sources' datasets; worker seeding must reach their
     transforms (it reached only a dataset's own ``transform``, so worker 1 replayed worker 0)."""
-    from dptune.data.base import collate, make_loader
+    from dptune.data.loaders import collate, make_loader
     from dptune.data.multitask_datamodule import MultiTaskDataModule
 
     seg = {"root": str(CAMVID), "splits": {"train": {"images": "train/0001TP_006900.jpg", "masks": "trainannot/{stem}.png"}}}

@@ -155,7 +155,7 @@ def test_a_task_written_for_build_network_is_told_its_hook_is_configure_models()
 def test_the_one_collate_gives_float32_depth_whatever_the_items_hold():
     """Depth batches are float32 (what the losses and metrics compute in) for items of any dtype,
     mixed ones included: the first item's dtype does not round the others."""
-    from dptune.data.base import collate
+    from dptune.data.loaders import collate
 
     def item(i, dtype, hw):
         return {"image": torch.zeros(3, *hw, dtype=torch.uint8), "depth": torch.full(hw, 1.0009765, dtype=dtype),

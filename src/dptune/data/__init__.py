@@ -1,7 +1,7 @@
-from dptune.data.base import collate
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.dataset import SegmentationDataset
 from dptune.data.images import read_image, read_mask
+from dptune.data.loaders import collate
 from dptune.data.sources import FolderSource, HFSource, SyntheticSource
 
 __all__ = [

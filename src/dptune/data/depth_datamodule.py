@@ -8,13 +8,7 @@ from typing import Any, Literal
 
 import numpy as np
 
-from dptune.data.base import (
-    SplitDataModule,
-    augment_seed,
-    check_each,
-    pair,
-    settle_problems,
-)
+from dptune.data.base import SplitDataModule, check_each, pair, settle_problems
 from dptune.data.depth import (
     DepthDataset,
     DepthFolderSource,
@@ -25,6 +19,7 @@ from dptune.data.depth import (
 from dptune.data.depth_files import check_depth_size
 from dptune.data.depth_values import check_depth_range, check_split_depth
 from dptune.data.images import image_header_size
+from dptune.data.loaders import augment_seed
 from dptune.data.sources import STREAM_SETTINGS
 from dptune.data.transforms import eval_preprocessing
 from dptune.errors import ConfigError, DataError

@@ -17,17 +17,10 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
 
-from dptune.data.base import (
-    ValidationSource,
-    asks_for_scores,
-    collate,
-    default_workers,
-    make_loader,
-    one_process_stage,
-    rank,
-)
+from dptune.data.base import ValidationSource, asks_for_scores, one_process_stage
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
+from dptune.data.loaders import collate, default_workers, make_loader, rank
 from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet, default_palette
 
