@@ -58,6 +58,13 @@ def test_a_saved_config_naming_classes_where_they_used_to_live_still_runs(tmp_pa
     assert len(notes) == 2, proc.stderr[-2000:]
     assert any("dptune.callbacks.DPTuneWandbLogger" in n and "dptune.training.callbacks.DPTuneWandbLogger" in n
                for n in notes)
+    # the checkpoint callback and the Ctrl-C guard moved on from dptune.training.callbacks to
+    # dptune.training.checkpointing: either old path of theirs resolves ("has no attribute" before)
+    proc = print_config("--config", "configs/quickstart.yaml", "--trainer.callbacks+=dptune.callbacks.InterruptGuard",
+                        "--trainer.callbacks+=dptune.training.callbacks.Checkpoint")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "class_path: dptune.training.checkpointing.InterruptGuard" in proc.stdout
+    assert "class_path: dptune.training.checkpointing.Checkpoint" in proc.stdout
 
 
 SMALL = json.dumps({"train": {"count": 8, "seed": 0, "size": [64, 64]}, "val": {"count": 4, "seed": 1, "size": [64, 64]}})

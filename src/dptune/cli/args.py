@@ -129,8 +129,11 @@ def _short(value: Any) -> str:
     return text if len(text) <= 60 else text[:57] + "..."
 
 
-# modules whose classes a saved run config may name, and where they live now
-MOVED = {"dptune.callbacks.": "dptune.training.callbacks.", "dptune.strategies.": "dptune.training.strategies.",
+# classes (a full name) and modules (a name ending in ".") that a saved run config may name, and
+# where they live now; a class's entry is read before its module's
+MOVED = {**{f"{module}.{name}": f"dptune.training.checkpointing.{name}"
+            for module in ("dptune.callbacks", "dptune.training.callbacks") for name in ("Checkpoint", "InterruptGuard")},
+         "dptune.callbacks.": "dptune.training.callbacks.", "dptune.strategies.": "dptune.training.strategies.",
          "dptune.hardware.": "dptune.training.hardware."}
 PARSER_MODE = "dptune"
 SAID: set[str] = set()  # moved names already warned about in this process
@@ -150,7 +153,7 @@ def renamed(value: Any, said: set[str], _inside: frozenset[int] = frozenset()) -
         return [renamed(v, said, _inside) for v in value]
     if isinstance(value, str):
         for old, new in MOVED.items():
-            if value.startswith(old):
+            if value == old or (old.endswith(".") and value.startswith(old)):
                 now = new + value[len(old):]
                 if value not in said:
                     said.add(value)
