@@ -219,7 +219,7 @@ def evaluate_depth(args) -> int:
     source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale,
                                negative=getattr(args, "negative_depth", "error"))
     if getattr(args, "held_back", False):  # the export's held-back images only (evaluate --held-back)
-        from dptune.export.serving_data import keep_held_back
+        from dptune.export.held_back import keep_held_back
 
         source = keep_held_back(source, args.root or ".", args.model, "depth")
     if args.json:

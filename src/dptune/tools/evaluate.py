@@ -169,7 +169,7 @@ def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool | str, s
 
 def held_back(source, args, task: str):
     """``source`` cut to the export's held-back ``task`` images (``--held-back``)."""
-    from dptune.export.serving_data import keep_held_back
+    from dptune.export.held_back import keep_held_back
 
     if not hasattr(source, "images"):
         raise DataError("--held-back: the images are not a folder split (give --config with a folder split, or "
