@@ -71,9 +71,9 @@ class SplitMean(Metric):
 
     def update(self, mean: torch.Tensor, weight: torch.Tensor) -> None:
         weight = weight.to(self.weight.dtype)
-        if bool(weight > 0):  # a batch with nothing to average adds nothing (its mean is a placeholder 0)
-            self.total += mean.detach().to(self.total.dtype) * weight
-            self.weight += weight
+        # a batch with nothing to average adds nothing (its mean is a placeholder); no wait for the device
+        self.total += torch.where(weight > 0, mean.detach().to(self.total.dtype) * weight, 0.0)
+        self.weight += weight
 
     def compute(self) -> torch.Tensor:
         return self.total / self.weight if bool(self.weight > 0) else torch.tensor(float("nan"))

@@ -30,7 +30,6 @@ log = logging.getLogger(__name__)
 SIXTEEN_BIT_WEIGHTS = ("bf16-true", "16-true")
 
 
-
 def wants_sync_batchnorm(trainer) -> bool:
     """SyncBatchNorm for multi-process GPU runs (NCCL); it has no CPU implementation."""
     return trainer is not None and trainer.world_size > 1 and trainer.strategy.root_device.type == "cuda"
