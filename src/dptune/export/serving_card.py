@@ -76,35 +76,34 @@ def _cost_section(serving: dict) -> list[str]:
 
 
 def _segmentation_rows(rows: dict) -> list[str]:
-    lines = [f"Segmentation, {rows['images']} held-back images:", "",
-             "| model | mIoU | pixel accuracy | mIoU change | pixels agreeing with torch | ECE |",
-             "| --- | --- | --- | --- | --- | --- |"]
-    for n, r in rows.items():
-        if n == "images":
-            continue
-        if "skipped" in r:
-            lines.append(f"| {n} | {r['skipped']} | | | | |")
-            continue
+    def cells(n: str, r: dict) -> list[str]:
         change = "-" if n == "torch" else f"{100 * r.get('mIoU_relative_change', 0):+.2f}%"
         ece = f"{r['ece']:.4f}" if r.get("ece") is not None else "-"
-        lines.append(f"| {n} | {r['mIoU']:.4f} | {r['pixel_acc']:.4f} | {change} | "
-                     f"{100 * r['agreement_with_torch']:.2f}% | {ece} |")
-    return lines
+        return [f"{r['mIoU']:.4f}", f"{r['pixel_acc']:.4f}", change, f"{100 * r['agreement_with_torch']:.2f}%", ece]
+
+    return _table(f"Segmentation, {rows['images']} held-back images:", rows, cells,
+                  ["mIoU", "pixel accuracy", "mIoU change", "pixels agreeing with torch", "ECE"])
 
 
 def _depth_rows(rows: dict) -> list[str]:
-    lines = [f"Depth, {rows['images']} held-back images:", "",
-             "| model | AbsRel | delta1 | AbsRel change | mean relative difference to torch |",
-             "| --- | --- | --- | --- | --- |"]
+    def cells(n: str, r: dict) -> list[str]:
+        change = "-" if n == "torch" else f"{100 * r.get('abs_rel_relative_change', 0):+.2f}%"
+        return [f"{r['abs_rel']:.4f}", f"{r['delta1']:.4f}", change, f"{100 * r['rel_difference_to_torch']:.3f}%"]
+
+    return _table(f"Depth, {rows['images']} held-back images:", rows, cells,
+                  ["AbsRel", "delta1", "AbsRel change", "mean relative difference to torch"])
+
+
+def _table(title: str, rows: dict, cells, header: list[str]) -> list[str]:
+    """A task's cost table: one row per model (``cells`` gives its figures), a skipped model's reason."""
+    lines = [title, "", "| " + " | ".join(["model", *header]) + " |", "| " + " | ".join(["---"] * (len(header) + 1)) + " |"]
     for n, r in rows.items():
         if n == "images":
             continue
         if "skipped" in r:
-            lines.append(f"| {n} | {r['skipped']} | | | |")
-            continue
-        change = "-" if n == "torch" else f"{100 * r.get('abs_rel_relative_change', 0):+.2f}%"
-        lines.append(f"| {n} | {r['abs_rel']:.4f} | {r['delta1']:.4f} | {change} | "
-                     f"{100 * r['rel_difference_to_torch']:.3f}% |")
+            lines.append(f"| {n} | {r['skipped']} |" + " |" * (len(header) - 1))
+        else:
+            lines.append("| " + " | ".join([n, *cells(n, r)]) + " |")
     return lines
 
 
