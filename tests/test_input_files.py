@@ -256,25 +256,6 @@ def test_predict_names_each_bad_file_goes_on_and_exits_non_zero_with_the_count(m
                 assert read_png(out / f"{stem}_depth.tiff").shape == shape, (model, stem)
 
 
-
-def test_a_damaged_tiff_is_the_one_line_naming_it_without_opencvs_own_log(models, tmp_path):
-    """A truncated TIFF printed three of OpenCV's log lines (libtiff's errors: ``[ERROR:0@1.1] global
-    grfmt_tiff.cpp ... TIFF_Error``) before dptune's line naming the file; the command's output is
-    its own lines."""
-    import subprocess
-    import sys
-
-    (tmp_path / "in").mkdir()
-    Image.open(FRAMES[0]).save(tmp_path / "whole.tif")
-    (tmp_path / "in" / "cut.tif").write_bytes((tmp_path / "whole.tif").read_bytes()[:5000])
-    proc = subprocess.run([sys.executable, "-m", "dptune.command", "predict", "--model", str(models / "segmentation"),
-                           "--images", str(tmp_path / "in"), "--out", str(tmp_path / "out"), "--device", "cpu"],
-                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
-    assert proc.returncode == 2, proc.stderr
-    assert "cut.tif: not a readable image" in proc.stderr
-    assert "[ERROR" not in proc.stderr and "[ WARN" not in proc.stderr and "grfmt_tiff" not in proc.stderr, proc.stderr
-
-
 def test_an_out_folder_that_cannot_be_written_is_one_line_naming_it(models, tmp_path, capsys, monkeypatch):
     """A read-only --out said "error: [Errno 30] Read-only file system: 'OUT/.dptune-predict.json.x.tmp.json'",
     naming a hidden file and not --out."""
@@ -317,6 +298,7 @@ def test_predict_refuses_an_overlay_opacity_outside_0_to_1(models, tmp_path, cap
     lines = errors(capsys)
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --alpha {float(alpha)}"), lines
     assert not (tmp_path / "out").exists()
+
 
 # ============================================================================ never write among the inputs
 @pytest.mark.parametrize("model", ["segmentation", "depth", ""])

@@ -66,24 +66,11 @@ def launch(module: str, argv: list[str] | None = None, **kwargs) -> int:
     ``dptune`` commands, the ``dptune-export`` / ``dptune-inspect`` scripts, ``train.py`` and
     ``scripts/*.py``."""
     try:
-        quiet_opencv()
         main = importlib.import_module(module).main
         return main(**kwargs) if argv is None else main(argv, **kwargs)
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); the command stopped before it finished", file=sys.stderr)
         return 130
-
-
-def quiet_opencv() -> None:
-    """OpenCV's own log lines off (libtiff's errors and warnings on a damaged TIFF: ``[ERROR:0@1.1]
-    global grfmt_tiff.cpp ...``): every dptune reader turns a failed decode into one line naming the
-    file. Loader workers, forked, keep the setting."""
-    try:
-        import cv2
-
-        cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_FATAL)
-    except (ImportError, AttributeError):  # an OpenCV build without its logging module: its lines stay
-        pass
 
 
 def export_main() -> int:  # the dptune-export script
