@@ -21,9 +21,12 @@ def list_images(spec: str) -> list[str]:
     """A file, a folder (its images, the extension in any case; what else it holds, sub-folders
     included, is counted in one warning) or a glob (the extension in any case)."""
     if os.path.isdir(spec):
-        entries = sorted(Path(spec).iterdir())
-        found = [str(p) for p in entries if p.is_file() and p.suffix.lower() in IMAGE_EXTS]
-        left = [p.name + ("/" if p.is_dir() else "") for p in entries if str(p) not in found]
+        found, left = [], []
+        for p in sorted(Path(spec).iterdir()):
+            if p.is_file() and p.suffix.lower() in IMAGE_EXTS:
+                found.append(str(p))
+            else:
+                left.append(entry_name(p))
         shown = ", ".join(left[:3]) + (", ..." if len(left) > 3 else "")
         entries = f"{len(left)} {'entry' if len(left) == 1 else 'entries'}"
         if not found:
@@ -41,6 +44,15 @@ def list_images(spec: str) -> list[str]:
         note = spelling_note(spec, [])
         raise DataError(f"{spec}: no images found" + (f"; {note}" if note else ""))
     return found
+
+
+def entry_name(p: Path) -> str:
+    """A folder entry as a message shows it, on one line: a folder with a trailing /, a link to nothing
+    said so, a name with a newline (or another unprintable character) escaped."""
+    name = p.name if p.name.isprintable() else repr(p.name)[1:-1]
+    if p.is_dir():
+        return name + "/"
+    return name + (" (a broken link)" if p.is_symlink() and not p.exists() else "")
 
 
 def refuse_among_inputs(target: str | Path, files: Iterable[str | Path], flag: str,
