@@ -292,6 +292,27 @@ def test_an_output_folder_that_cannot_be_written_is_named_not_the_source(sources
     assert rc == 2 and err == [f"error: {made}: cannot be written (Read-only file system)"], err
     no_leftovers(made, tmp_path)
 
+
+@pytest.mark.parametrize("how", ["safetensors", "oserror"])
+def test_an_export_that_fills_the_disk_is_one_line_naming_the_output(sources, tmp_path, capsys, monkeypatch, how):
+    """Exporting onto a full disk was a 25-line traceback ending in safetensors' "SafetensorError: Error
+    while serializing: I/O error: No space left on device (os error 28)" (not an OSError); a full disk
+    met by a plain write said the hidden staging file. One line naming the output, nothing left behind."""
+    import errno
+
+    from safetensors import SafetensorError
+    from transformers import PreTrainedModel
+
+    def full(self, *a, **k):
+        if how == "safetensors":
+            raise SafetensorError("Error while serializing: I/O error: No space left on device (os error 28)")
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / ".out.x.partial" / "config.json"))
+
+    monkeypatch.setattr(PreTrainedModel, "save_pretrained", full)
+    rc, err = export_cli(capsys, sources["vit"], tmp_path / "out")
+    assert rc == 2 and err == [f"error: {tmp_path / 'out'}: cannot be written (No space left on device)"], err
+    no_leftovers(tmp_path)
+
 @pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
 def test_a_new_export_directory_gets_the_mode_of_a_plain_mkdir(sources, tmp_path, capsys):
     """Built in a temporary directory (created 0700) and renamed into place: it must not stay private.

@@ -5,6 +5,7 @@ mode (``plain_file_modes``)."""
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import secrets
@@ -106,6 +107,36 @@ def unwritable_named(target: Path) -> Iterator[None]:
         raise OutputDirError(f"{target}: cannot be written ({e.strerror or e})") from None
 
 
+# the states of a disk that stop a write, whichever file it was (safetensors says them in its own words)
+DISK_STATES = {getattr(errno, code): why for code, why in (
+    ("ENOSPC", "No space left on device"), ("EDQUOT", "Disk quota exceeded"), ("EROFS", "Read-only file system"),
+    ("EFBIG", "File too large")) if hasattr(errno, code)}
+
+
+def disk_state(e: BaseException) -> str | None:
+    """Why a write failed when the disk itself refused it (full, over quota, read-only), else None:
+    an ``OSError`` of such an errno, or safetensors' ``SafetensorError`` ("I/O error: No space left on
+    device (os error 28)"), which is no ``OSError``."""
+    if isinstance(e, OSError):
+        return DISK_STATES.get(e.errno)
+    if type(e).__name__ == "SafetensorError":
+        return next((why for why in DISK_STATES.values() if why in str(e)), None)
+    return None
+
+
+@contextmanager
+def disk_refusal_named(target: Path) -> Iterator[None]:
+    """A write into the export that the disk refuses (``disk_state``) is an ``OutputDirError`` naming
+    ``target``; anything else is raised as it is."""
+    try:
+        yield
+    except Exception as e:
+        why = disk_state(e)
+        if why is None:
+            raise
+        raise OutputDirError(f"{target}: cannot be written ({why})") from None
+
+
 @contextmanager
 def staged(target: Path, replace: bool = False) -> Iterator[Path]:
     """A new hidden directory to build the export in, moved into place when the block completes and
@@ -122,7 +153,8 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
             target.parent.mkdir(parents=True, exist_ok=True)
             stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
         try:
-            yield stage
+            with disk_refusal_named(target):
+                yield stage
             mask = os.umask(0)
             os.umask(mask)
             stage.chmod(0o777 & ~mask)  # what a plain mkdir makes (mkdtemp's is 0700)
@@ -136,7 +168,8 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
     with unwritable_named(target):
         stage.mkdir()
     try:
-        yield stage
+        with disk_refusal_named(target):
+            yield stage
         earlier = [p for p in target.iterdir() if p != stage]
         if earlier and not replace:
             raise OutputDirError(f"{target}: {earlier[0].name} appeared there during the export; nothing written")
