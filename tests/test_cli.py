@@ -26,6 +26,10 @@ def test_a_bug_inside_the_run_keeps_its_traceback(tmp_path):
     (["--data.image_size", "72"], "data.image_size [72, 72] is not a multiple of 16"),
     (["--model.config", "no/such.json"], "no/such.json: model config not found"),
     (["--model.class_weights", "[1.0, 2.0]"], "model.class_weights has 2 values for 4 classes"),
+    # a monitor no validation logs stopped the run with Lightning's traceback after the first epoch
+    (["--checkpoint.monitor", "val/miou"], "checkpoint.monitor val/miou: validation logs no such value (val/mIoU,"),
+    (["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/accuracy"],
+     "EarlyStopping monitor val/accuracy: validation logs no such value"),
 ])
 def test_configuration_mistakes_end_in_one_line(tmp_path, args, message):
     proc = quickstart(tmp_path / "run", 1, *args, check=False)

@@ -129,6 +129,19 @@ def test_depth_rows_the_loss_cannot_use_leave_the_depth_term_out(fill):
     assert set(losses) == {"segmentation", "depth"} and losses["depth"] > 0, losses
 
 
+@needs(CAMVID)
+@needs(KITCHEN)
+def test_selecting_on_delta_m_without_references_stops_before_training(tmp_path, tiny_config_path):
+    """val/delta_m is logged only with model.references; without them the run trained and validated an
+    epoch, then stopped with Lightning's traceback ("could not find the monitored key")."""
+    run = tmp_path / "run"
+    proc = run_train([*joint_args(run, ["--model.config", str(tiny_config_path)]), "--checkpoint.monitor",
+                      "val/delta_m", "--checkpoint.mode", "max"], cwd=tmp_path, check=False)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert len(errors) == 1 and "val/delta_m" in errors[0] and "--model.references" in errors[0], errors
+    assert not (run / "checkpoints").exists()
+
 @pytest.mark.parametrize("extra, name", [
     ([], "best-epoch{epoch:02d}-mIoU{val/mIoU:.4f}"),
     (["--checkpoint.monitor", "val/delta_m", "--checkpoint.mode", "max"], "best-epoch{epoch:02d}-deltam{val/delta_m:.4f}"),

@@ -232,6 +232,32 @@ class DPTTask(DivergenceGuard, Optimizing, pl.LightningModule):
         batches = self.trainer.limit_train_batches if stream else None
         if stream and self.trainer.max_steps in (None, -1) and not (isinstance(batches, int) and batches > 0):
             raise ConfigError(STREAM_LENGTH)
+        if stage == "fit":
+            self.check_monitors()
+
+    def validation_keys(self) -> list[str]:
+        """The values validation logs (``fnmatch`` patterns where a name varies), for checking what a
+        checkpoint or early stopping monitors before the run (``check_monitors``)."""
+        return ["val/loss"]
+
+    def monitor_hint(self, monitor: str) -> str:
+        """What makes the task log ``monitor`` where it can (a task's setting), else nothing."""
+        return ""
+
+    def check_monitors(self) -> None:
+        """A callback monitoring a value no validation logs (a typo, ``val/delta_m`` without its
+        references) stopped the run with Lightning's traceback after the first epoch: one line now."""
+        import fnmatch
+
+        keys = [*self.validation_keys(), "train/*"]
+        for cb in getattr(self.trainer, "callbacks", None) or []:
+            monitor = getattr(cb, "monitor", None)
+            if not isinstance(monitor, str) or any(fnmatch.fnmatchcase(monitor, k) for k in keys):
+                continue
+            what = "checkpoint.monitor" if type(cb).__name__ == "Checkpoint" else f"{type(cb).__name__} monitor"
+            shown = [k for k in keys if k != "train/*"]
+            raise ConfigError(f"{what} {monitor}: validation logs no such value ({', '.join(shown[:8])}"
+                              f"{', ...' if len(shown) > 8 else ''}; or a train/ value){self.monitor_hint(monitor)}")
 
     def prepare_data(self) -> None:
         """After the datamodule's (which checked the data), before Lightning starts the run's loggers,

@@ -148,6 +148,9 @@ class DepthModule(DPTTask):
         self.log_eval_loss(stage, LOSSES[self.loss_name](pred, depth, valid), scored_images(valid).sum())
         return {"preds": pred}
 
+    def validation_keys(self) -> list[str]:
+        return [*(f"val/{name}" for name in NAMES), "val/loss"]
+
     def validation_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return self._eval_step(batch, "val")
 

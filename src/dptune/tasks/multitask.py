@@ -82,6 +82,16 @@ class MultiTaskModule(LabelledTask, DPTTask):
         check_range(min_depth, max_depth)
         super().__init__(**kwargs)
 
+    def validation_keys(self) -> list[str]:
+        keys = ["val/mIoU", "val/pixel_acc", "val/abs_rel", "val/rmse", "val/delta1", "val/*/mIoU", "val/*/abs_rel"]
+        return [*keys, "val/delta_m"] if self.hparams.references else keys
+
+    def monitor_hint(self, monitor: str) -> str:
+        if monitor == "val/delta_m" and not self.hparams.references:
+            return ("; val/delta_m is logged only with --model.references '{mIoU: M, abs_rel: A}', the single-task "
+                    "figures it compares with (docs/joint.md)")
+        return ""
+
     def check_stage(self, stage: str) -> None:
         check_depth_precision(self.trainer)
         if stage == "fit":  # each depth source's data against the range this model trains and scores on

@@ -189,6 +189,9 @@ class SegmentationModule(LabelledTask, DPTTask):
             out[b, :, :h, :w] = logits[0]
         return out
 
+    def validation_keys(self) -> list[str]:
+        return ["val/mIoU", "val/pixel_acc", "val/mAcc", "val/loss", *(f"val/IoU/{n}" for n in self.label_set.names)]
+
     def training_step(self, batch: dict[str, Any], batch_idx: int) -> dict[str, Any]:
         return self._shared_step(batch, "train")
 
