@@ -265,6 +265,11 @@ def test_without_weights_every_sample_is_drawn_once_per_epoch():
         MultiTaskDataModule(segmentation={**seg, "weight": 1.0}, depth=depth)
     with pytest.raises(ConfigError, match="each task needs a source"):
         MultiTaskDataModule(segmentation=[seg, {**seg, "name": "again"}])
+    # inf passed "> 0" and failed in the sampler (inf / inf: "invalid multinomial distribution"); a string
+    # or a bool is not a weight (data.segmentation is a dict setting, so nothing typed it): each one line
+    for weight in (0, -1, float("nan"), float("inf"), "abc", True):
+        with pytest.raises(ConfigError, match=r"data.segmentation source 'camvid': weight must be a finite number > 0"):
+            MultiTaskDataModule(segmentation={**seg, "weight": weight}, depth={**depth, "weight": 1.0})
 
 
 def test_predict_writes_masks_and_depth_from_one_forward_equal_to_each_export(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import bisect
 import logging
+import math
 import os
 from dataclasses import dataclass
 from typing import Any, Literal
@@ -183,8 +184,9 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def _source(task: str, j: int, spec: dict[str, Any], common: dict[str, Any]) -> MixSource:
         name = spec.pop("name", None) or os.path.basename(os.path.normpath(spec.get("root", "."))) or f"{task}{j}"
         weight = spec.pop("weight", None)
-        if weight is not None and not weight > 0:
-            raise ConfigError(f"data.{task} source {name!r}: weight must be > 0, got {weight}")
+        if weight is not None and (isinstance(weight, bool) or not isinstance(weight, (int, float))
+                                   or not 0 < weight < math.inf):
+            raise ConfigError(f"data.{task} source {name!r}: weight must be a finite number > 0, got {weight!r}")
         # what validation of the joint task does not do yet stops here, rather than being ignored
         if task == "segmentation" and spec.get("val_mode", "resize") == "slide":
             raise ConfigError(f"data.segmentation source {name!r}: val_mode 'slide' is not supported in "
