@@ -1075,6 +1075,41 @@ def test_a_joint_validation_that_scores_nothing_is_nan_with_a_warning_and_never_
     assert [p.name for p in (tmp_path / "checkpoints").iterdir()] == ["last.ckpt"]
 
 
+
+def test_a_joint_run_without_depth_to_validate_on_says_so_and_not_to_check_depth_scale(tmp_path, caplog):
+    """With no depth source holding a val split, every epoch warned "no depth image had a valid pixel
+    in [0.001, 10.0] m ... (is depth_scale right?)": a wrong hint. It says the validation has no depth."""
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+
+    from dptune.data.base import ValidationSource
+    from dptune.tasks.multitask import MultiTaskModule
+
+    class MasksOnly(pl.LightningDataModule):
+        def train_dataloader(self):
+            batch = {"image": torch.randint(0, 256, (2, 3, 64, 64), dtype=torch.uint8),
+                     "mask": torch.randint(0, 3, (2, 64, 64), dtype=torch.uint8), "depth": 1 + torch.rand(2, 64, 64)}
+            return DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
+
+        def val_dataloader(self):
+            batch = {"image": torch.randint(0, 256, (1, 3, 64, 64), dtype=torch.uint8),
+                     "mask": torch.randint(0, 3, (1, 64, 64), dtype=torch.uint8), "sizes": [(64, 64)]}
+            return DataLoader([batch], batch_size=None, collate_fn=lambda b: b)
+
+        def validation_sources(self):
+            return [ValidationSource("camvid", masks=True, depth=False)]
+
+    caplog.set_level(logging.WARNING, logger="dptune")
+    torch.manual_seed(0)
+    module = MultiTaskModule(config=dict(TINY), label_spec={"names": NAMES}, image_size=64)
+    pl.Trainer(max_epochs=2, logger=False, enable_progress_bar=False, enable_model_summary=False,
+               enable_checkpointing=False, num_sanity_val_steps=0, accelerator="cpu",
+               default_root_dir=tmp_path).fit(module, datamodule=MasksOnly())
+    assert math.isnan(module.last_metrics["val"]["abs_rel"]) and not math.isnan(module.last_metrics["val"]["mIoU"])
+    said = [r.getMessage() for r in caplog.records if "depth" in r.getMessage()]
+    assert len(said) == 1 and "no validation source has depth maps" in said[0], said
+    assert "depth_scale" not in caplog.text
+
 @pytest.mark.slow
 @needs(CAMVID)
 @needs(KITCHEN)

@@ -125,6 +125,11 @@ class MultiTaskModule(LabelledTask, DPTTask):
         self._undeclared_said = False
         seg = [k for k, s in enumerate(sources) if s.masks]
         depth = [k for k, s in enumerate(sources) if s.depth]
+        # a task no declared source validates on has NaN figures by design: said once, here, not as a data problem
+        self.unvalidated = [task for task, ks in (("segmentation", seg), ("depth", depth)) if sources and not ks]
+        for task in self.unvalidated if self._trainer is None or self.trainer.is_global_zero else []:
+            log.warning("no validation source has %s: the %s figures are NaN (give a %s source a val split to score it)",
+                        "masks" if task == "segmentation" else "depth maps", task, task)
         self.per_source = nn.ModuleDict(
             {**({f"seg{k}": ConfusionMatrix(self.num_classes) for k in seg} if len(seg) > 1 else {}),
              **({f"depth{k}": DepthMetrics(self.hparams.min_depth, self.hparams.max_depth)
@@ -248,8 +253,9 @@ class MultiTaskModule(LabelledTask, DPTTask):
                                                      "images": images["segmentation"]}}
         self.last_metrics["depth"] = {"val": {**depth, "images": images["depth"]}}
         if not self.trainer.sanity_checking and self.trainer.is_global_zero:
-            warn_if_none_scored(images["depth"], "val", self.hparams.min_depth, self.hparams.max_depth)
-            if not images["segmentation"]:
+            if "depth" not in self.unvalidated:
+                warn_if_none_scored(images["depth"], "val", self.hparams.min_depth, self.hparams.max_depth)
+            if not images["segmentation"] and "segmentation" not in self.unvalidated:
                 log.warning("val: no segmentation image had a labelled pixel: the segmentation figures are NaN (no "
                             "result)")
             log.info("epoch %d step %d val: %s", self.current_epoch, self.global_step,
