@@ -50,7 +50,9 @@ def test_options_that_cannot_work_are_refused_in_one_line_before_anything_runs(c
                         # ZeroDivisionError traceback, a negative peak a negative MFU
                         (["--batch", "0"], "at least 1"), (["--crop", "0"], "at least 1"),
                         (["--num-labels", "0"], "at least 1"), (["--samples", "0", "--data", "x.yaml"], "at least 1"),
-                        (["--peak-tflops", "-1"], "above 0"), (["--peak-tflops", "nan"], "above 0")):
+                        (["--peak-tflops", "-1"], "above 0"), (["--peak-tflops", "nan"], "above 0"),
+                        # -1 ran unclipped without a word, nan ended in a misleading Lightning exception
+                        (["--gradient-clip-val", "-1"], "above 0"), (["--gradient-clip-val", "nan"], "above 0")):
         assert main(args) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert len(err) == 1 and err[0].startswith(f"error: {args[0]}") and named in err[0], err

@@ -216,6 +216,8 @@ def _refusal(args: argparse.Namespace) -> str | None:
             return f"{flag} {value}: at least {least} ({what})"
     if args.peak_tflops is not None and not 0 < args.peak_tflops < math.inf:
         return f"--peak-tflops {args.peak_tflops}: the device's peak, a number above 0"
+    if args.gradient_clip_val is not None and not 0 < args.gradient_clip_val < math.inf:
+        return f"--gradient-clip-val {args.gradient_clip_val}: a gradient norm above 0 (leave it out to not clip)"
     if args.json and not Path(args.json).resolve().parent.is_dir():
         return f"--json {args.json}: no folder {Path(args.json).resolve().parent} to write it in"
     other = "--joint" if args.joint else "--data" if args.data else None

@@ -197,7 +197,8 @@ def predict_depth(args, paths: list[str], stems: list[str]) -> int:
             clipped.append(path)
 
     failed = predict_each(paths, stems, "predicting depth", one)
-    print(f"{len(paths) - len(failed)} depth maps in {out}: {enc['file']} ({words}; depth_format.json)")
+    done = len(paths) - len(failed)
+    print(f"{done} depth map{'' if done == 1 else 's'} in {out}: {enc['file']} ({words}; depth_format.json)")
     warn_clipped(clipped, enc)
     return failures(failed, len(paths))
 

@@ -90,7 +90,9 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
             clipped.append(path)
 
     failed = predict_each(paths, stems, "predicting masks and depth", one)
-    print(f"{len(paths) - len(failed)} masks and depth maps in {out} ({enc['file']}: {words}; depth_format.json)")
+    done = len(paths) - len(failed)
+    print(f"{done} {'mask and depth map' if done == 1 else 'masks and depth maps'} in {out} ({enc['file']}: {words}; "
+          "depth_format.json)")
     warn_clipped(clipped, enc)
     return failures(failed, len(paths))
 

@@ -112,7 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         write_masks(out, stem, image, pred, conf, predictor.labels, args)
 
     failed = predict_each(paths, stems, "predicting", one)
-    print(f"{len(paths) - len(failed)} predictions in {out}")
+    done = len(paths) - len(failed)
+    print(f"{done} prediction{'' if done == 1 else 's'} in {out}")
     return failures(failed, len(paths))
 
 
