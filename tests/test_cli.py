@@ -30,6 +30,8 @@ def test_a_bug_inside_the_run_keeps_its_traceback(tmp_path):
     (["--checkpoint.monitor", "val/miou"], "checkpoint.monitor val/miou: validation logs no such value (val/mIoU,"),
     (["--trainer.callbacks+=EarlyStopping", "--trainer.callbacks.monitor", "val/accuracy"],
      "EarlyStopping monitor val/accuracy: validation logs no such value"),
+    # class names are matched as they are: "val/IoU/dis[ck]" is no pattern that lets val/IoU/disc through
+    (["--checkpoint.monitor", "val/IoU/dis[ck]"], "checkpoint.monitor val/IoU/dis[ck]: validation logs no such value"),
 ])
 def test_configuration_mistakes_end_in_one_line(tmp_path, args, message):
     proc = quickstart(tmp_path / "run", 1, *args, check=False)

@@ -249,13 +249,15 @@ class DPTTask(DivergenceGuard, Optimizing, pl.LightningModule):
         references) stopped the run with Lightning's traceback after the first epoch: one line now."""
         import fnmatch
 
-        keys = [*self.validation_keys(), "train/*"]
+        keys = [*self.validation_keys(), "train/*", "epoch", "step"]  # Lightning offers epoch and step itself
         for cb in getattr(self.trainer, "callbacks", None) or []:
             monitor = getattr(cb, "monitor", None)
-            if not isinstance(monitor, str) or any(fnmatch.fnmatchcase(monitor, k) for k in keys):
+            # a name is matched as it is (a class may be called "Tree[s]"); only the task's "*" entries are patterns
+            if not isinstance(monitor, str) or any(monitor == k or ("*" in k and fnmatch.fnmatchcase(monitor, k))
+                                                   for k in keys):
                 continue
             what = "checkpoint.monitor" if type(cb).__name__ == "Checkpoint" else f"{type(cb).__name__} monitor"
-            shown = [k for k in keys if k != "train/*"]
+            shown = [k for k in keys if k not in ("train/*", "epoch", "step")]
             raise ConfigError(f"{what} {monitor}: validation logs no such value ({', '.join(shown[:8])}"
                               f"{', ...' if len(shown) > 8 else ''}; or a train/ value){self.monitor_hint(monitor)}")
 
