@@ -11,7 +11,7 @@ import os
 import secrets
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -97,14 +97,9 @@ def export_target(out: Path, src: Path, overwrite: bool) -> Path:
     return target
 
 
-@contextmanager
-def unwritable_named(target: Path) -> Iterator[None]:
-    """Making the export's folder where the file system refuses (read-only, no permission, full) is
-    an ``OutputDirError`` naming ``target``, not the hidden staging folder."""
-    try:
-        yield
-    except OSError as e:
-        raise OutputDirError(f"{target}: cannot be written ({e.strerror or e})") from None
+def os_refusal(e: BaseException) -> str | None:
+    """Why making a folder failed, for any ``OSError`` (read-only, no permission, full), else None."""
+    return (e.strerror or str(e)) if isinstance(e, OSError) else None
 
 
 # the states of a disk that stop a write, whichever file it was (safetensors says them in its own words)
@@ -125,16 +120,17 @@ def disk_state(e: BaseException) -> str | None:
 
 
 @contextmanager
-def disk_refusal_named(target: Path) -> Iterator[None]:
-    """A write into the export that the disk refuses (``disk_state``) is an ``OutputDirError`` naming
-    ``target``; anything else is raised as it is."""
+def refusal_named(target: Path, why: Callable[[BaseException], str | None]) -> Iterator[None]:
+    """An exception ``why`` reads as the file system refusing the write (``os_refusal`` while the
+    export's folder is made, ``disk_state`` while it is written) is an ``OutputDirError`` naming
+    ``target``, not the hidden staging folder; anything else is raised as it is."""
     try:
         yield
     except Exception as e:
-        why = disk_state(e)
-        if why is None:
+        reason = why(e)
+        if reason is None:
             raise
-        raise OutputDirError(f"{target}: cannot be written ({why})") from None
+        raise OutputDirError(f"{target}: cannot be written ({reason})") from None
 
 
 @contextmanager
@@ -149,11 +145,11 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
     earlier ones deleted; if a move fails, the earlier entries are put back. Entries that appeared
     meanwhile in a directory that was empty are left alone unless ``replace`` (the export fails)."""
     if not target.is_dir():
-        with unwritable_named(target):
+        with refusal_named(target, os_refusal):
             target.parent.mkdir(parents=True, exist_ok=True)
             stage = Path(tempfile.mkdtemp(prefix=f".{target.name}.", suffix=".partial", dir=target.parent))
         try:
-            with disk_refusal_named(target):
+            with refusal_named(target, disk_state):
                 yield stage
             mask = os.umask(0)
             os.umask(mask)
@@ -165,10 +161,10 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
         return
     tag = secrets.token_hex(4)
     stage, aside = target / f".dptune-export.{tag}.partial", target / f".dptune-export.{tag}.replaced"
-    with unwritable_named(target):
+    with refusal_named(target, os_refusal):
         stage.mkdir()
     try:
-        with disk_refusal_named(target):
+        with refusal_named(target, disk_state):
             yield stage
         earlier = [p for p in target.iterdir() if p != stage]
         if earlier and not replace:
