@@ -415,3 +415,16 @@ def test_a_fit_without_a_ctrl_c_leaves_the_sigint_handler_as_it_was(tiny_config)
     with _pythons_sigint():
         trainer = _fit(_module(tiny_config), 2, [InterruptGuard()])
         assert trainer.global_step == 2 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
+@pytest.mark.parametrize("monitor", ["val/IoU/Tree[s]", "val/IoU/a:b", "val/IoU/{x}", "val/mIoU"])
+def test_the_best_checkpoint_is_named_for_any_class_name(tmp_path, monitor):
+    """A monitor named after a class (val/IoU/<name>) goes into the best checkpoint's name with its
+    value; Lightning's filename template reads a name as a format field, where [ ] { } : stop it
+    (a class Tree[s] ended the run in a KeyError at the first best checkpoint)."""
+    from dptune.cli import best_filename
+
+    ckpt = Checkpoint(dirpath=tmp_path, monitor=monitor, filename=best_filename(monitor), auto_insert_metric_name=False)
+    path = ckpt.format_checkpoint_name({"epoch": torch.tensor(3), monitor: torch.tensor(0.25)})
+    name = path.rsplit("/", 1)[-1]
+    assert name.startswith("best-epoch03-") and name.endswith("0.2500.ckpt"), name

@@ -30,7 +30,7 @@ from dptune.errors import ConfigError, DataError
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
-from dptune.training.checkpointing import Checkpoint, InterruptGuard
+from dptune.training.checkpointing import Checkpoint, InterruptGuard, template_field
 from dptune.training.hardware import DPTuneTrainer
 
 log = logging.getLogger(__name__)
@@ -211,8 +211,8 @@ class DPTuneCLI(LightningCLI):
 def best_filename(monitor: str) -> str:
     """The best checkpoint's name for a run selected by ``monitor`` (``val/delta_m`` ->
     ``best-epoch03-deltam0.0521.ckpt``)."""
-    short = monitor.rsplit("/", 1)[-1].replace("_", "")
-    return f"best-epoch{{epoch:02d}}-{short}{{{monitor}:.4f}}"
+    short = "".join(c for c in monitor.rsplit("/", 1)[-1] if c.isalnum() or c in ".-")
+    return f"best-epoch{{epoch:02d}}-{short}{{{template_field(monitor)}:.4f}}"
 
 
 def _loggers(cfg) -> list:

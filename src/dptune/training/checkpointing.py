@@ -12,6 +12,8 @@ from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
 log = logging.getLogger(__name__)
 
+# what Lightning's filename template cannot hold in a field name ({0[name]:.4f}), percent-encoded
+_UNSAFE_IN_FIELD = {c: f"%{ord(c):02X}" for c in "%[]{}:"}
 INTERRUPTED: list[str] = []  # a fit stopped by Ctrl-C: what to tell the user (set by Checkpoint.on_exception)
 
 
@@ -28,6 +30,13 @@ class Checkpoint(ModelCheckpoint):
     """
 
     _in_exception = False
+
+    def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None,
+                               prefix: str | None = None) -> str:
+        """Lightning's names, where a logged value whose key holds ``[ ] { } :`` (``val/IoU/Tree[s]``,
+        named after a class) can be a field of the template too, as ``template_field(key)``."""
+        aliases = {template_field(k): v for k, v in metrics.items() if template_field(k) not in metrics}
+        return super().format_checkpoint_name({**metrics, **aliases}, filename, ver, prefix)
 
     def state_dict(self) -> dict[str, Any]:
         """Lightning's state, without the +-inf "no k-th best yet" sentinel: a checkpoint holds no
@@ -202,3 +211,10 @@ class InterruptGuard(Callback):
             gone = isinstance(earlier, InterruptGuard) and not earlier.active
             signal.signal(signal.SIGINT, signal.default_int_handler if gone else self._before)
         self._before = None
+
+
+def template_field(key: str) -> str:
+    """``key`` (a logged value's name) as a field of a checkpoint filename template:
+    ``{template_field("val/IoU/Tree[s]")}`` is ``{val/IoU/Tree%5Bs%5D}``, which ``Checkpoint`` fills in
+    with the value of ``val/IoU/Tree[s]``. Keys without those characters are unchanged."""
+    return "".join(_UNSAFE_IN_FIELD.get(c, c) for c in key)
