@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import CAMVID, KITCHEN, REPO, TINY, camvid_subset, needs
+from conftest import CAMVID, KITCHEN, REPO, TINY, camvid_subset, needs, run_python
 from PIL import Image, ImageOps
 
 from dptune.data.images import image_header_size, read_image, read_mask
@@ -979,3 +979,27 @@ def test_a_part_asked_for_without_its_labels_is_refused(models, capsys):
         assert evaluate_main(["--model", str(model), "--images", images, *extra]) == 2, (model, extra)
         (line,) = errors(capsys)
         assert said in line and str(model) in line, line
+
+
+def test_a_disk_that_refuses_writes_stops_predict_with_the_reason(models, tmp_path):
+    """A full disk (here: the OS's file size limit, a real refusal of the write) gave "libpng error:
+    Write Error" and "OUT/a_overlay.png: could not be written" for every input in turn, without a
+    reason; the disk is named once with its reason and predict stops."""
+    (tmp_path / "in").mkdir()
+    for frame in FRAMES:
+        shutil.copy(frame, tmp_path / "in" / frame.name)
+    script = tmp_path / "limited.py"
+    script.write_text("import resource, signal, sys\n"
+                      "signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # the write fails with EFBIG instead\n"
+                      "resource.setrlimit(resource.RLIMIT_FSIZE, (32768, resource.RLIM_INFINITY))\n"
+                      "from dptune.tools.predict import main\n"
+                      "sys.exit(main(sys.argv[1:]))\n")
+    out = tmp_path / "out"
+    proc = run_python(script, ["--model", models / "segmentation", "--images", tmp_path / "in", "--out", out,
+                               "--device", "cpu"], cwd=tmp_path)
+    lines = [ln.strip() for ln in proc.stderr.replace("\r", "\n").splitlines() if ln.strip().startswith("error")]
+    overlay = out / f"{FRAMES[0].stem}_overlay.png"
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr and "libpng" not in proc.stderr, proc.stderr
+    assert lines == [f"error: {tmp_path / 'in' / FRAMES[0].name}: {overlay}: cannot be written (File too large)",
+                     f"error: stopped at {tmp_path / 'in' / FRAMES[0].name}: {out} cannot be written (File too large); "
+                     f"0 of {len(FRAMES)} images predicted"], proc.stderr

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -54,3 +55,20 @@ class DataErrors(DataError):
         if self.hint:
             summary += f" {self.hint}"
         return "\n".join([*lines, summary])
+
+
+# the states of a disk that stop a write, whichever file it was (safetensors says them in its own words)
+DISK_STATES = {getattr(errno, code): why for code, why in (
+    ("ENOSPC", "No space left on device"), ("EDQUOT", "Disk quota exceeded"), ("EROFS", "Read-only file system"),
+    ("EFBIG", "File too large")) if hasattr(errno, code)}
+
+
+def disk_state(e: BaseException) -> str | None:
+    """Why a write failed when the disk itself refused it (full, over quota, read-only), else None:
+    an ``OSError`` of such an errno, or safetensors' ``SafetensorError`` ("I/O error: No space left on
+    device (os error 28)"), which is no ``OSError``."""
+    if isinstance(e, OSError):
+        return DISK_STATES.get(e.errno)
+    if type(e).__name__ == "SafetensorError":
+        return next((why for why in DISK_STATES.values() if why in str(e)), None)
+    return None

@@ -5,7 +5,6 @@ mode (``plain_file_modes``)."""
 
 from __future__ import annotations
 
-import errno
 import logging
 import os
 import secrets
@@ -15,7 +14,7 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, disk_state
 from dptune.models.folders import export_folder_around
 
 log = logging.getLogger(__name__)
@@ -100,23 +99,6 @@ def export_target(out: Path, src: Path, overwrite: bool) -> Path:
 def os_refusal(e: BaseException) -> str | None:
     """Why making a folder failed, for any ``OSError`` (read-only, no permission, full), else None."""
     return (e.strerror or str(e)) if isinstance(e, OSError) else None
-
-
-# the states of a disk that stop a write, whichever file it was (safetensors says them in its own words)
-DISK_STATES = {getattr(errno, code): why for code, why in (
-    ("ENOSPC", "No space left on device"), ("EDQUOT", "Disk quota exceeded"), ("EROFS", "Read-only file system"),
-    ("EFBIG", "File too large")) if hasattr(errno, code)}
-
-
-def disk_state(e: BaseException) -> str | None:
-    """Why a write failed when the disk itself refused it (full, over quota, read-only), else None:
-    an ``OSError`` of such an errno, or safetensors' ``SafetensorError`` ("I/O error: No space left on
-    device (os error 28)"), which is no ``OSError``."""
-    if isinstance(e, OSError):
-        return DISK_STATES.get(e.errno)
-    if type(e).__name__ == "SafetensorError":
-        return next((why for why in DISK_STATES.values() if why in str(e)), None)
-    return None
 
 
 @contextmanager

@@ -16,7 +16,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dptune.data.images import read_image
-from dptune.errors import ConfigError, DataError
+from dptune.errors import ConfigError, DataError, disk_state
 
 # every file name predict may derive from a stem: two inputs never share one (see ``output_stems``)
 OUTPUT_SUFFIXES = (".png", "_overlay.png", "_confidence.png", "_depth.png", "_depth.tiff", "_depth_color.png", ".ply")
@@ -96,6 +96,7 @@ class _Listing:
         self.saved_at, self.clock = time.monotonic(), time.monotonic
         self.inputs: int | None = None  # the run's inputs and how many were done (each save says so)
         self.done = 0
+        self.unsaved = ""  # why the last save failed, if it did
 
     def written(self, stem: str, force: bool = False) -> None:
         for f in self.by_stem.get(stem, []):
@@ -106,10 +107,18 @@ class _Listing:
             self.save()
 
     def save(self) -> None:
+        """The list written now. Once the run is under way, a refusal to write it is kept in
+        ``unsaved`` (said at the end) and the predictions go on."""
         spec: dict = {"written_by": "dptune predict", "files": sorted(self.files)}
         if self.inputs is not None:  # a run stopped part way (Ctrl-C, a crash) says so: complete false
             spec.update(inputs=self.inputs, inputs_done=self.done, complete=self.done == self.inputs)
-        write_text(self.out / MANIFEST, json.dumps(spec, indent=1) + "\n")
+        try:
+            write_text(self.out / MANIFEST, json.dumps(spec, indent=1) + "\n")
+            self.unsaved = ""
+        except OutputRefused as e:
+            if self.inputs is None:
+                raise
+            self.unsaved = str(e)
         self.saved_at = self.clock()
 
 
@@ -156,6 +165,8 @@ def write_replacing(path: str | Path, write: Callable[[str], object]) -> None:
     try:
         write(str(tmp))
         os.replace(tmp, path)
+    except OSError as e:  # named after the output, not the hidden file
+        raise OutputRefused(e.errno, e.strerror or str(e), str(path)) from None
     finally:
         if os.path.lexists(tmp):
             os.unlink(tmp)
@@ -167,14 +178,31 @@ def write_text(path: str | Path, text: str) -> None:
 
 
 def imwrite(path: Path, array: np.ndarray) -> None:
-    """``cv2.imwrite`` (through ``write_replacing``) that fails loudly (it returns False on a full
-    disk or a bad path)."""
+    """The image file at ``path`` (its format by the extension), through ``write_replacing``: OpenCV
+    encodes it and Python writes it, so that a disk that refuses the write says why (``cv2.imwrite``
+    returns False, and libpng prints an unnamed "Write Error")."""
+    ok, encoded = cv2.imencode(Path(path).suffix, array)
+    if not ok:
+        raise DataError(f"{path}: could not be encoded as {Path(path).suffix}")
+    write_replacing(path, lambda tmp: Path(tmp).write_bytes(encoded.tobytes()))
 
-    def write(tmp: str) -> None:
-        if not cv2.imwrite(tmp, array):
-            raise DataError(f"{path}: could not be written")
 
-    write_replacing(path, write)
+class OutputRefused(OSError):
+    """The file system refused to write an output: ``filename`` is the output (never the hidden
+    file it is written as first), ``strerror`` why."""
+
+    def __str__(self) -> str:
+        return f"{self.filename}: cannot be written ({self.strerror})"
+
+
+class Failed(list):
+    """The inputs ``predict_each`` did not predict, in order. ``stopped``: where and why it stopped
+    before the end (the disk refused a write, as it would every later one), else empty; ``unlisted``:
+    why the list of the files it wrote could not be saved, else empty."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stopped = self.unlisted = ""
 
 
 def predict_each(paths: list[str], stems: list[str], desc: str,
@@ -184,13 +212,13 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
     the inputs that failed."""
     global _listing
 
-    failed: list[str] = []
+    failed = Failed()
     listing, _listing = _listing, None
     if listing is not None:
         listing.inputs = len(paths)
         listing.save()  # from the start, the list says the run is under way (complete: false)
     try:
-        for path, stem in tqdm(list(zip(paths, stems, strict=True)), desc=desc):
+        for i, (path, stem) in enumerate(tqdm(list(zip(paths, stems, strict=True)), desc=desc)):
             try:
                 one(path, stem, read_image(path))
             except (ValueError, RuntimeError, OSError, cv2.error) as e:  # DataError is a ValueError
@@ -198,23 +226,34 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
                 why = (lines[-1] if isinstance(e, cv2.error) else lines[0]) if lines else type(e).__name__
                 tqdm.write(f"error: {why if why.startswith(path) else f'{path}: {why}'}", file=sys.stderr)  # own line
                 failed.append(path)
+                if isinstance(e, OutputRefused) and disk_state(e):
+                    failed.stopped = f"{path}: {Path(e.filename).parent} cannot be written ({disk_state(e)})"
+                    failed.extend(paths[i + 1:])
             finally:
                 if listing is not None:  # what this input wrote, even in part, is listed; nothing else
                     listing.written(stem)
             if listing is not None:  # predicted or named as failed: done (a Ctrl-C in it never gets here)
                 listing.done += 1
+            if failed.stopped:
+                break
     finally:
         if listing is not None:
             listing.save()
+            failed.unlisted = listing.unsaved
     return failed
 
 
-def failures(failed: list[str], total: int) -> int:
-    """The exit status, with one line that counts the failures (each was named as it happened)."""
-    if not failed:
-        return 0
-    print(f"error: {len(failed)} of {total} images could not be predicted (each named above, first {failed[0]}); "
-          f"the other {total - len(failed)} were predicted", file=sys.stderr)
-    return 2
+def failures(failed: Failed, total: int) -> int:
+    """The exit status, with one line that counts the failures (each was named as it happened) or
+    says where the run stopped, and one naming the list of written files if it could not be saved."""
+    if failed.unlisted:
+        print(f"error: {failed.unlisted}: it does not list all this run wrote, so a later predict into that folder "
+              "asks for --overwrite before replacing those files", file=sys.stderr)
+    if failed.stopped:
+        print(f"error: stopped at {failed.stopped}; {total - len(failed)} of {total} images predicted", file=sys.stderr)
+    elif failed:
+        print(f"error: {len(failed)} of {total} images could not be predicted (each named above, first {failed[0]}); "
+              f"the other {total - len(failed)} were predicted", file=sys.stderr)
+    return 2 if failed or failed.unlisted else 0
 
 
