@@ -17,12 +17,13 @@ from dptune.data.base import ValidationSource, one_process_stage
 from dptune.errors import ConfigError, first_line
 from dptune.metrics import SplitMean
 from dptune.models.backbones import family
-from dptune.models.dpt_backbone import input_multiple, uses_backbone
+from dptune.models.dpt_backbone import uses_backbone
 from dptune.models.normalization import resolve_normalization
 from dptune.preprocessing import Preprocessing
 from dptune.tasks.divergence import DivergenceGuard
 from dptune.tasks.optim import NonFiniteSteps, check_optimizer_settings
-from dptune.tasks.optimizing import STREAM_LENGTH, Optimizing
+from dptune.tasks.optimizing import Optimizing
+from dptune.tasks.stage_checks import StageChecks
 
 log = logging.getLogger(__name__)
 
@@ -35,7 +36,7 @@ def wants_sync_batchnorm(trainer) -> bool:
     return trainer is not None and trainer.world_size > 1 and trainer.strategy.root_device.type == "cuda"
 
 
-class DPTTask(DivergenceGuard, Optimizing, pl.LightningModule):
+class DPTTask(DivergenceGuard, Optimizing, StageChecks, pl.LightningModule):
     """Base of every task. A task implements the ``configure_*`` hooks (network, losses, metrics;
     see "what a task provides"), its forward pass, steps and ``task_metadata``."""
 
@@ -209,57 +210,6 @@ class DPTTask(DivergenceGuard, Optimizing, pl.LightningModule):
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         # in the buffers' dtype: float32, or bfloat16 when the whole module is (bf16-true; 0-255 is exact there)
         return torch.addcmul(self._shift, images.to(self._scale.dtype), self._scale)
-
-    def check_sizes(self, **sizes: Any) -> None:
-        """Image, crop and window sizes must be multiples of what the backbone divides by."""
-        m = input_multiple(self.model.config)
-        for what, size in sizes.items():
-            pair = [size, size] if isinstance(size, int) else list(size or [])
-            if any(int(v) % m for v in pair):
-                fix = [max(m, round(int(v) / m) * m) for v in pair]
-                raise ConfigError(f"data.{what} {pair} is not a multiple of {m} (the backbone's patch size / stride); "
-                                  f"use e.g. {fix}")
-
-    def check_stage(self, stage: str) -> None:
-        """What the stage refuses to start with: sizes the backbone cannot take, a stream of training
-        data without a run length (a task adds its own). Run once per run: by ``prepare_data`` in a
-        run of one process, else by ``setup``."""
-        dm = getattr(self.trainer, "datamodule", None)
-        self.check_sizes(image_size=self.hparams.image_size, crop_size=getattr(dm, "crop_size", None))
-        train = getattr(dm, "datasets", {}).get("train") if stage == "fit" else None
-        stream = isinstance(train, torch.utils.data.IterableDataset) and not hasattr(train, "__len__")
-        # a stream's run is as long as max_steps, or as a whole number of batches per epoch says
-        batches = self.trainer.limit_train_batches if stream else None
-        if stream and self.trainer.max_steps in (None, -1) and not (isinstance(batches, int) and batches > 0):
-            raise ConfigError(STREAM_LENGTH)
-        if stage == "fit":
-            self.check_monitors()
-
-    def validation_keys(self) -> list[str]:
-        """The values validation logs (``fnmatch`` patterns where a name varies), for checking what a
-        checkpoint or early stopping monitors before the run (``check_monitors``)."""
-        return ["val/loss"]
-
-    def monitor_hint(self, monitor: str) -> str:
-        """What makes the task log ``monitor`` where it can (a task's setting), else nothing."""
-        return ""
-
-    def check_monitors(self) -> None:
-        """A callback monitoring a value no validation logs (a typo, ``val/delta_m`` without its
-        references) stopped the run with Lightning's traceback after the first epoch: one line now."""
-        import fnmatch
-
-        keys = [*self.validation_keys(), "train/*", "epoch", "step"]  # Lightning offers epoch and step itself
-        for cb in getattr(self.trainer, "callbacks", None) or []:
-            monitor = getattr(cb, "monitor", None)
-            # a name is matched as it is (a class may be called "Tree[s]"); only the task's "*" entries are patterns
-            if not isinstance(monitor, str) or any(monitor == k or ("*" in k and fnmatch.fnmatchcase(monitor, k))
-                                                   for k in keys):
-                continue
-            what = "checkpoint.monitor" if type(cb).__name__ == "Checkpoint" else f"{type(cb).__name__} monitor"
-            shown = [k for k in keys if k not in ("train/*", "epoch", "step")]
-            raise ConfigError(f"{what} {monitor}: validation logs no such value ({', '.join(shown[:8])}"
-                              f"{', ...' if len(shown) > 8 else ''}; or a train/ value){self.monitor_hint(monitor)}")
 
     def prepare_data(self) -> None:
         """After the datamodule's (which checked the data), before Lightning starts the run's loggers,
