@@ -609,3 +609,19 @@ def test_onnx_fp16_of_a_joint_checkpoint_checks_each_part(sources, part, extra, 
     rc, err = export_cli(capsys, run / "checkpoints" / "last.ckpt", tmp_path / "out", "--onnx-fp16", *extra)
     assert rc == 2 and len(err) == 1 and "--onnx-fp16: the output of layer head." in err[0], err
     assert not (tmp_path / "out").exists()
+
+
+def test_int8_quantization_writes_its_temporary_graphs_beside_the_output(seg_export, tmp_path, monkeypatch):
+    """ONNX Runtime's quantization writes copies of the graph (pre-processed, augmented for
+    calibration) into temporary folders: in the system's temporary folder (often small on clusters), a
+    full one read as the export's own disk being full. They go beside the output and are removed."""
+    import tempfile
+
+    from dptune.export.quantize import quantize_int8
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "no-such-system-tmp"))
+    batches = [np.random.default_rng(i).standard_normal((1, 3, 64, 64)).astype(np.float32) for i in range(2)]
+    (tmp_path / "out").mkdir()
+    quantize_int8(seg_export / "model.onnx", tmp_path / "out" / "int8.onnx", batches)
+    assert [p.name for p in (tmp_path / "out").iterdir()] == ["int8.onnx"]
+    assert tempfile.tempdir == str(tmp_path / "no-such-system-tmp")

@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import shutil
 import sys
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -159,8 +160,8 @@ def quantize_int8(fp32: Path, out: Path, batches: Iterable[np.ndarray], method: 
         raise ValueError(f"--int8-target must be one of {', '.join(TARGETS)}, got {target!r}")
     # the names a user reads are model.onnx's (Netron, onnx.load); pre-processing keeps every Conv / MatMul name
     exclude = keep_float_names(fp32, exclude or [])
-    with tempfile.TemporaryDirectory(prefix="dptune-int8-") as tmp:
-        pre = Path(tmp) / "pre.onnx"
+    with temp_files_beside(out) as tmp:
+        pre = tmp / "pre.onnx"
         # shape inference and ORT's graph optimisation (constant folding, fusions) first, as ORT asks:
         # a bias behind an Identity node (deduplicated weights) is otherwise not quantized with its Conv
         _quiet(lambda: quant_pre_process(str(fp32), str(pre), skip_symbolic_shape=True))
@@ -186,6 +187,23 @@ def quantize_int8(fp32: Path, out: Path, batches: Iterable[np.ndarray], method: 
     return {"file": out.name, "format": "QDQ", "activations": "uint8 (per tensor)", "weights": TARGET_WORDS[target],
             "target": target, "reduce_range": target == "portable", "per_channel": True, "calibration_method": method, "quantized_op_types": QUANTIZED_OPS, "kept_float_nodes": kept,
             "quantize_nodes": quantized}
+
+
+@contextlib.contextmanager
+def temp_files_beside(out: Path) -> Iterator[Path]:
+    """A hidden folder beside ``out`` (in an export, inside its staging folder: on the disk the export
+    is written to), removed at the end, that is the default temporary folder meanwhile: ONNX Runtime's
+    quantization writes its copies of the graph (pre-processed, augmented for calibration; each the
+    size of the model) into ``tempfile``'s folders, which on a small system temporary folder (usual
+    on clusters) filled it and read as the export's own disk being full. Not for threads that make
+    temporary files of their own meanwhile (``tempfile.tempdir`` is one setting of the process)."""
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    before, tempfile.tempdir = tempfile.tempdir, str(scratch)
+    try:
+        yield scratch
+    finally:
+        tempfile.tempdir = before
+        shutil.rmtree(scratch, ignore_errors=True)
 
 
 def convert_fp16(fp32: Path, out: Path) -> dict:
