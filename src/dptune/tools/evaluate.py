@@ -101,7 +101,8 @@ def confusion_image(confmat: np.ndarray, names: list[str], path: str, cell: int 
     try:
         write_replacing(path, lambda tmp: Image.fromarray(img).save(tmp, pnginfo=info))
     except (OSError, ValueError) as e:  # no such folder, an extension PIL does not know
-        raise DataError(f"--confusion {path}: could not be written ({e})") from None
+        why = e.strerror if isinstance(e, OSError) and e.strerror else e
+        raise DataError(f"--confusion {path}: could not be written ({why})") from None
 
 
 def check_labels_fit_model(args, task: str) -> None:
