@@ -1,9 +1,11 @@
+import re
+
 import numpy as np
 import pytest
 from conftest import CAMVID, DUBAI, needs
 
 from dptune.data.images import read_mask
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet
 
 
@@ -126,3 +128,51 @@ def test_retargeted_rgb_masks_match_a_name_lookup_of_the_source_classes():
         lookup[i] = names.index(n)
     assert np.array_equal(joint.encode(raw), lookup[own.encode(raw)])
     assert joint.annotated == sorted(names.index(n) for n in own.names)
+
+
+@pytest.mark.parametrize("text,message", [
+    # YAML 1.1 reads No/On as booleans: the classes were trained as 'False' and 'True'
+    ("names: [Sky, No, On]", r"names\[1\] is False, not a class name \(YAML reads an unquoted No"),
+    ("names: [Sky, null]", r"names\[1\] is None, not a class name"),
+    ("names: [Sky, [Road]]", r"names\[1\] is \['Road'\], not a class name"),
+    ("names: [Sky, ' ']", r"names\[1\] is ' ', not a class name"),
+    # the string 'no' is truthy: every class moved down by one and class 0 was ignored
+    ("names: [a, b]\nreduce_labels: 'no'", r"reduce_labels must be true or false, got 'no'"),
+    # mask values were truncated: 1.7 labelled the pixels of value 1
+    ("names: [a, b]\nmap: {0: a, 1.7: b}", r"map: mask value 1.7 is not a whole number"),
+    ("names: [a, b]\nignore_values: [1.5]", r"ignore_values: mask value 1.5 is not a whole number"),
+    ("names: [a, b]\nignore_values: [true]", r"ignore_values: mask value True is not a whole number"),
+    ("names: [a, b]\nignore_values: 11", r"ignore_values must be a list of mask values, e.g. \[11\]"),
+    ("names: [a, b]\nmap: {0: a, 1: yes}", r"map target True must be a class name, an index or 'ignore' \(YAML"),
+    ("names: [a, b]\nmap: {0: a, abc: b}", r"map: mask value 'abc' is not a whole number"),
+    ("names: [a, b]\nmap: [0, 1]", r"'map' must be a mapping of mask value -> class"),
+    # colours were truncated: 128.9 became 128
+    ("names: [a, b]\ncolors: [[0, 0, 0], [128.9, 0, 0]]", r"colors: expected \[r, g, b\] with whole numbers 0-255"),
+    # one rule silently won over the other
+    ("names: [a, b]\nmap: {0: a, 1: b}\nvalue_map: {0: 1, 1: 0}", r"value_map and map each say how mask values"),
+    ("names: [a, b]\nmap: {0: a, 1: b}\nreduce_labels: true", r"map and reduce_labels each say how mask values"),
+])
+def test_label_values_yaml_would_turn_into_other_ones_are_refused(tmp_path, text, message):
+    path = tmp_path / "labels.yaml"
+    path.write_text(text)
+    with pytest.raises(DataError, match=f"^{re.escape(str(path))}: .*{message}"):
+        LabelSet.from_yaml(path)
+
+
+def test_the_same_label_rules_written_inline_are_one_line_too():
+    with pytest.raises(ConfigError, match=r"data.labels: ignore_values must be a list"):
+        LabelSet.from_dict({"names": ["a", "b"], "ignore_values": 11}, source="data.labels")
+    with pytest.raises(ConfigError, match=r"data.labels: map: mask value 'abc' is not a whole number"):
+        LabelSet.from_dict({"names": ["a", "b"], "map": {"abc": "a"}}, source="data.labels")
+    # what stays as it was: quoted digits are the number, a number is the name it reads as
+    ls = LabelSet.from_dict({"names": ["a", 12], "map": {"0": "a", 7: "12"}, "colors": [[0, 0, 0], ["255", 0, 0]]})
+    assert ls.names == ["a", "12"] and ls.value_map[0] == 0 and ls.value_map[7] == 1 and ls.colors[1] == [255, 0, 0]
+
+
+def test_a_label_file_that_is_a_folder_or_not_text_is_one_line(tmp_path):
+    (tmp_path / "dir.yaml").mkdir()
+    with pytest.raises(DataError, match=r"dir.yaml: is a folder, not a label file"):
+        LabelSet.from_yaml(tmp_path / "dir.yaml")
+    (tmp_path / "bin.yaml").write_bytes(b"names: [a, \xff\xfe]\n")
+    with pytest.raises(DataError, match=r"bin.yaml: not a UTF-8 text file"):
+        LabelSet.from_yaml(tmp_path / "bin.yaml")

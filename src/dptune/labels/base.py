@@ -38,10 +38,23 @@ def rgb_key(rgb: np.ndarray) -> np.ndarray:
     return (rgb[..., 0] << 16) | (rgb[..., 1] << 8) | rgb[..., 2]
 
 
+def whole_number(v: Any) -> int | None:
+    """``v`` as an int when it is one (a YAML integer, or digits in quotes: ``12`` and ``"12"``), else
+    None: a fraction (1.7), a boolean (YAML reads yes/no/on/off as true/false), anything else."""
+    if isinstance(v, bool):
+        return None
+    if isinstance(v, int):
+        return v
+    if isinstance(v, str) and v.strip().isdigit():
+        return int(v.strip())
+    return None
+
+
 def color_tuple(c: Sequence[int], what: str) -> tuple[int, int, int]:
-    if len(c) != 3 or any(not 0 <= int(v) <= 255 for v in c):
-        raise ConfigError(f"{what}: expected [r, g, b] with values 0-255, got {list(c)}")
-    return int(c[0]), int(c[1]), int(c[2])
+    values = [whole_number(v) for v in c] if isinstance(c, (list, tuple)) else []
+    if len(values) != 3 or any(v is None or not 0 <= v <= 255 for v in values):
+        raise ConfigError(f"{what}: expected [r, g, b] with whole numbers 0-255, got {c!r}")
+    return values[0], values[1], values[2]
 
 
 class DuplicateKey(ValueError):

@@ -76,6 +76,12 @@ class LabelSet:
             spec = yaml.load(path.read_text(), Loader=UniqueKeyLoader)  # a SafeLoader that refuses duplicate keys
         except FileNotFoundError:
             raise DataError(f"{path}: label file not found") from None
+        except IsADirectoryError:
+            raise DataError(f"{path}: is a folder, not a label file (labels.yaml)") from None
+        except UnicodeDecodeError as e:
+            raise DataError(f"{path}: not a UTF-8 text file (byte {e.start}); a label file is YAML text") from None
+        except OSError as e:
+            raise DataError(f"{path}: cannot be read ({e.strerror or e})") from None
         except DuplicateKey as e:
             raise DataError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
@@ -89,8 +95,10 @@ class LabelSet:
 
     @classmethod
     def from_dict(cls, spec: Mapping[str, Any], source: str = "<labels>") -> LabelSet:
-
-        return parse_label_spec(cls, dict(spec), source)
+        try:
+            return parse_label_spec(cls, dict(spec), source)
+        except (TypeError, KeyError) as e:  # a value of the wrong shape (colors: 5) the checks did not name
+            raise ConfigError(f"{source}: {e}") from None
 
     @classmethod
     def from_id2label(cls, id2label: Mapping[int | str, str], source: str = "<id2label>") -> LabelSet:

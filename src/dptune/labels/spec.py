@@ -20,12 +20,16 @@ from __future__ import annotations
 from typing import Any
 
 from dptune.errors import ConfigError
-from dptune.labels.base import IGNORE_INDEX, color_tuple
+from dptune.labels.base import IGNORE_INDEX, color_tuple, whole_number
 
 _KNOWN_KEYS = {
     "names", "colors", "mask_format", "ignore_values", "ignore_colors", "reduce_labels",
     "map", "color_map", "from_checkpoint", "value_map",
 }
+
+
+# YAML 1.1 reads yes/no/on/off/true/false (any case) as booleans and null/~ as nothing
+QUOTE_HINT = " (YAML reads an unquoted No, Yes, On, Off or Null as true/false/null: quote the name, e.g. 'No')"
 
 
 def _names_from_checkpoint(ref: str) -> list[str]:
@@ -45,27 +49,51 @@ def _target(value: Any, names: list[str], source: str) -> int:
         if value.lower() not in lowered:
             raise ConfigError(f"{source}: map target {value!r} is not a class name")
         return lowered.index(value.lower())
-    if isinstance(value, int) and (0 <= value < len(names) or value == IGNORE_INDEX):
+    if isinstance(value, int) and not isinstance(value, bool) and (0 <= value < len(names) or value == IGNORE_INDEX):
         return value
-    raise ConfigError(f"{source}: map target {value!r} must be a class name, an index or 'ignore'")
+    raise ConfigError(f"{source}: map target {value!r} must be a class name, an index or 'ignore'"
+                      f"{QUOTE_HINT if isinstance(value, bool) or value is None else ''}")
+
+
+def _mask_value(v: Any, where: str, source: str) -> int:
+    """A mask value of ``map``, ``value_map`` or ``ignore_values``: a whole number (never truncated)."""
+    n = whole_number(v)
+    if n is None:
+        raise ConfigError(f"{source}: {where}: mask value {v!r} is not a whole number (masks hold whole numbers)")
+    return n
+
+
+def _mapping(spec: dict[str, Any], key: str, source: str) -> dict:
+    value = spec[key] if spec[key] is not None else {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{source}: '{key}' must be a mapping of mask value -> class, got {value!r}")
+    return value
 
 
 def _index_map(spec: dict[str, Any], names: list[str], source: str) -> dict[int, int]:
+    rules = [k for k in ("value_map", "map", "reduce_labels") if spec.get(k) not in (None, False)]
+    if len(rules) > 1:  # each replaces "value i is class i": one would silently win
+        raise ConfigError(f"{source}: {' and '.join(rules)} each say how mask values become classes: give one")
     if "value_map" in spec:  # the checkpoint form written by LabelSet.to_dict
-        return {int(k): int(v) for k, v in spec["value_map"].items()}
+        return {_mask_value(k, "value_map", source): _mask_value(v, "value_map", source)
+                for k, v in _mapping(spec, "value_map", source).items()}
     if "map" in spec:
         value_map = {}
-        for k, v in (spec["map"] or {}).items():
-            if int(k) in value_map:  # 12 and "12" are one mask value: the second would silently win
-                raise ConfigError(f"{source}: mask value {int(k)} is mapped twice in 'map'")
-            value_map[int(k)] = _target(v, names, source)
+        for k, v in _mapping(spec, "map", source).items():
+            k = _mask_value(k, "map", source)
+            if k in value_map:  # 12 and "12" are one mask value: the second would silently win
+                raise ConfigError(f"{source}: mask value {k} is mapped twice in 'map'")
+            value_map[k] = _target(v, names, source)
     elif spec.get("reduce_labels"):
         value_map = {i + 1: i for i in range(len(names))}
         value_map[0] = IGNORE_INDEX
     else:
         value_map = {i: i for i in range(len(names))}
-    for v in spec.get("ignore_values") or []:
-        v = int(v)
+    ignored = spec.get("ignore_values") or []
+    if not isinstance(ignored, list):
+        raise ConfigError(f"{source}: ignore_values must be a list of mask values, e.g. [{ignored!r}]")
+    for v in ignored:
+        v = _mask_value(v, "ignore_values", source)
         if value_map.get(v, IGNORE_INDEX) != IGNORE_INDEX:
             raise ConfigError(f"{source}: value {v} is both a class and in ignore_values")
         value_map[v] = IGNORE_INDEX
@@ -111,7 +139,13 @@ def parse_label_spec(cls: type, spec: dict[str, Any], source: str) -> Any:
         names = _names_from_checkpoint(str(spec["from_checkpoint"]))
     if not names or not isinstance(names, list):
         raise ConfigError(f"{source}: 'names' must be a non-empty list (or give 'from_checkpoint')")
+    for i, n in enumerate(names):  # a number is the name it reads as (12); true/false/null/1.5/[..] are not names
+        if not (isinstance(n, str) and n.strip() or isinstance(n, int) and not isinstance(n, bool)):
+            hint = QUOTE_HINT if isinstance(n, bool) or n is None else ""
+            raise ConfigError(f"{source}: names[{i}] is {n!r}, not a class name{hint}")
     names = [str(n) for n in names]
+    if not isinstance(spec.get("reduce_labels", False), bool):
+        raise ConfigError(f"{source}: reduce_labels must be true or false, got {spec['reduce_labels']!r}")
     colors = spec.get("colors") or []
     mask_format = spec.get("mask_format", "index")
     if mask_format not in ("index", "rgb"):
