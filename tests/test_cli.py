@@ -32,6 +32,19 @@ def test_a_bug_inside_the_run_keeps_its_traceback(tmp_path):
      "EarlyStopping monitor val/accuracy: validation logs no such value"),
     # class names are matched as they are: "val/IoU/dis[ck]" is no pattern that lets val/IoU/disc through
     (["--checkpoint.monitor", "val/IoU/dis[ck]"], "checkpoint.monitor val/IoU/dis[ck]: validation logs no such value"),
+    # each of these ended in a traceback from torch, PIL or Lightning, or ran with the value misread
+    (["--data.batch_size", "0"], "data.batch_size 0: the images per batch, a whole number >= 1"),
+    (["--data.image_size", "0"], "data.image_size [0, 0] is not a size"),
+    (["--model.image_mean", "[0.5, 0.5]"], "model.image_mean [0.5, 0.5]: one value per colour channel (3: red, green, blue)"),
+    (["--model.image_std", "[0, 0, 0]"], "model.image_std [0.0, 0.0, 0.0]: the pixels are divided by it"),
+    (["--seed_everything", "-1"], "seed_everything -1: a seed is a whole number from 0 to 4294967295"),
+    (["--data.scale_range", "[2.0, 0.5]"], "data.scale_range [2.0, 0.5]: the smallest and largest rescale"),
+    (["--data.scale_range", "[-1, 0.5]"], "data.scale_range [-1.0, 0.5]: the smallest and largest rescale"),
+    (["--model.class_weights", "[1, -1, 1, 1]"], "model.class_weights [1.0, -1.0, 1.0, 1.0]: each class's"),
+    (["--model.aux_weight", "-1"], "model.aux_weight -1.0: the auxiliary head's share of the loss, a finite number >= 0"),
+    (["--model.slide_stride", "0"], "model.slide_stride 0.0: the sliding windows' step"),
+    (["--trainer.max_epochs", "0"], "trainer.max_epochs 0: a fit of 0 epochs trains nothing"),
+    (["--trainer.max_steps", "0"], "trainer.max_steps 0: a fit of 0 steps trains nothing"),
 ])
 def test_configuration_mistakes_end_in_one_line(tmp_path, args, message):
     proc = quickstart(tmp_path / "run", 1, *args, check=False)

@@ -154,6 +154,7 @@ class DPTuneCLI(LightningCLI):
         if isinstance(args, list) and any(a.startswith(tuple(f"--{s}." for s in settings)) for a in args):
             args = merge_deep_keys(args, settings, lambda before, setting: self._in_effect(parser, before, setting))
         super().parse_arguments(parser, args)
+        check_run_length_and_seed(self.config)
 
     def _in_effect(self, parser: LightningArgumentParser, args: list[str], setting: str) -> tuple[bool, Any]:
         """What ``args`` (the start of a command line) make of ``setting``: (False, None) where the
@@ -206,6 +207,21 @@ class DPTuneCLI(LightningCLI):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):
                 init.save_dir = root
+
+
+def check_run_length_and_seed(config) -> None:
+    """Said before anything is built: a seed Lightning refuses with a traceback (-1), and a fit of 0
+    epochs or steps, which Lightning ends at once with exit 0, no checkpoint and no word."""
+    sub = config.get("subcommand")
+    cfg = config[sub] if sub else config
+    seed = cfg.get("seed_everything")
+    if not (seed is None or isinstance(seed, bool) or isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
+        raise ConfigError(f"seed_everything {seed}: a seed is a whole number from 0 to 4294967295 (true draws one)")
+    if sub == "fit":
+        for key, unit in (("max_epochs", "epochs"), ("max_steps", "steps")):
+            if cfg.trainer.get(key) == 0:
+                raise ConfigError(f"trainer.{key} 0: a fit of 0 {unit} trains nothing and writes no checkpoint "
+                                  "(-1 sets no limit; dptune validate scores a checkpoint without training)")
 
 
 def best_filename(monitor: str) -> str:

@@ -171,12 +171,18 @@ class SplitDataModule(pl.LightningDataModule):
 
     def init_splits_and_loaders(self, splits: dict | None, batch_size: int, val_batch_size: int | None,
                                 num_workers: int | None, pin_memory: bool | None, persistent_workers: bool) -> None:
-        from dptune.errors import DataError
+        from dptune.errors import ConfigError, DataError
 
         self.splits = splits or {}
         unknown = set(self.splits) - set(STAGES)
         if unknown:
             raise DataError(f"data.splits: unknown stages {sorted(unknown)} (use {list(STAGES)})")
+        for key, value in (("batch_size", batch_size), ("val_batch_size", val_batch_size)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+                raise ConfigError(f"{self.config_path}.{key} {value}: the images per batch, a whole number >= 1")
+        if num_workers is not None and (isinstance(num_workers, bool) or num_workers < 0):
+            raise ConfigError(f"{self.config_path}.num_workers {num_workers}: loader processes, a whole number >= 0 "
+                              "(0 loads in the training process)")
         self.batch_size, self.val_batch_size = batch_size, val_batch_size or batch_size
         self.num_workers = default_workers(num_workers)
         self.pin_memory = torch.cuda.is_available() if pin_memory is None else pin_memory

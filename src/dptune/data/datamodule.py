@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 from typing import Any, Literal
 
@@ -15,7 +16,7 @@ from dptune.data.loaders import augment_seed, stream_seed
 from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
 from dptune.data.streaming import StreamingSegmentation, open_stream
 from dptune.data.transforms import build_transforms, default_train_transforms, eval_preprocessing
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 from dptune.labels import LabelSet, load_labels
 
 log = logging.getLogger(__name__)
@@ -119,7 +120,11 @@ class SegmentationDataModule(SplitDataModule):
         self.hf = hf or {}
         self.image_size = pair(image_size)
         self.crop_size = pair(crop_size) or self.image_size
-        self.scale_range = tuple(scale_range)
+        self.scale_range = tuple(float(v) for v in scale_range)
+        lo, hi = (self.scale_range + (math.nan, math.nan))[:2]
+        if len(self.scale_range) != 2 or not 0 < lo <= hi < math.inf:  # NaN too
+            raise ConfigError(f"data.scale_range {list(self.scale_range)}: the smallest and largest rescale of a "
+                              "training image, relative to image_size: 0 < smallest <= largest (e.g. [0.5, 2.0])")
         self.train_transforms_spec = train_transforms
         self.val_mode = val_mode
         self.cache = "memory" if cache is True else cache or None

@@ -8,6 +8,32 @@ import torch.nn.functional as F
 from dptune.labels import IGNORE_INDEX
 
 
+def check_loss_weight(key: str, value: float, what: str) -> None:
+    """A loss weight as set (``model.<key>``): a finite number >= 0 (0 turns its term off). A
+    negative one would push that term's error up, unnoticed."""
+    import math
+
+    from dptune.errors import ConfigError
+
+    if isinstance(value, bool) or not math.isfinite(float(value)) or value < 0:
+        raise ConfigError(f"model.{key} {value}: {what}, a finite number >= 0 (0 turns it off)")
+
+
+def check_class_weights(weights: list[float] | None, classes: int) -> None:
+    """``model.class_weights``: one finite weight >= 0 per class, at least one above 0."""
+    import math
+
+    from dptune.errors import ConfigError
+
+    if weights is None:
+        return
+    if len(weights) != classes:
+        raise ConfigError(f"model.class_weights has {len(weights)} values for {classes} classes")
+    if not all(math.isfinite(float(w)) and w >= 0 for w in weights) or not any(w > 0 for w in weights):
+        raise ConfigError(f"model.class_weights {list(weights)}: each class's weight in the cross-entropy, a finite "
+                          "number >= 0 (a negative one would push its error up), at least one above 0")
+
+
 def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.Tensor:
     """Bilinear resize to ``size``, in batch chunks when the result would pass the 2**31-element
     limit of CUDA's upsampling kernels (large batches of many-class logits)."""

@@ -41,12 +41,31 @@ def processor_normalization(pretrained: str) -> tuple[list[float], list[float]] 
     return mean, std
 
 
+def check_normalization(mean: Sequence[float] | None, std: Sequence[float] | None) -> None:
+    """``model.image_mean`` / ``image_std`` as set: three finite numbers each, the std's above 0."""
+    import math
+
+    from dptune.errors import ConfigError
+
+    for key, values in (("image_mean", mean), ("image_std", std)):
+        if values is None:
+            continue
+        values = [float(v) for v in values]
+        if len(values) != 3 or not all(math.isfinite(v) for v in values):
+            raise ConfigError(f"model.{key} {values}: one value per colour channel (3: red, green, blue), each a "
+                              "finite number in units of the 0-1 pixel range (ImageNet's: [0.485, 0.456, 0.406])")
+        if key == "image_std" and min(values) <= 0:
+            raise ConfigError(f"model.{key} {values}: the pixels are divided by it, so each value must be above 0 "
+                              "(ImageNet's: [0.229, 0.224, 0.225])")
+
+
 def resolve_normalization(mean: Sequence[float] | None, std: Sequence[float] | None, pretrained: str | None,
                           kind: str) -> tuple[list[float], list[float], str, bool]:
     """(mean, std, why, known): from (in order) the settings (``mean`` and ``std``), the
     ``pretrained`` checkpoint's image processor, or the statistics of the backbone family ``kind``
     (``family(config)``: vit, hybrid, beit, dinov2, swin...; ImageNet's, not ``known``, for a
     family without published ones). A setting given alone overrides its half of the others."""
+    check_normalization(mean, std)
     if mean is not None and std is not None:
         return list(mean), list(std), "model.image_mean/image_std", True
     found = processor_normalization(pretrained) if pretrained else None

@@ -15,7 +15,7 @@ from dptune.data.base import ValidationSource
 from dptune.errors import ConfigError
 from dptune.losses import resize_per_sample
 from dptune.losses.depth import LOSSES, MIN_VALID, upsample_depth
-from dptune.losses.segmentation import cross_entropy, upsample
+from dptune.losses.segmentation import check_loss_weight, cross_entropy, upsample
 from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.depth import MIN_DEPTH, DepthMetrics, check_range, valid_depth, warn_if_none_scored
 from dptune.metrics.segmentation import ConfusionMatrix, class_map, metrics_from_confmat
@@ -80,6 +80,7 @@ class MultiTaskModule(LabelledTask, DPTTask):
         if references and set(references) - {"mIoU", "abs_rel"}:
             raise ConfigError("model.references takes mIoU and abs_rel")
         check_range(min_depth, max_depth)
+        check_loss_weight("aux_weight", aux_weight, "the segmentation auxiliary head's share of the loss")
         super().__init__(**kwargs)
 
     def validation_keys(self) -> list[str]:

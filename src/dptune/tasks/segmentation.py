@@ -15,7 +15,15 @@ from torch import nn
 from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.losses import resize_per_sample
-from dptune.losses.segmentation import cross_entropy, cross_entropy_terms, dice_loss, lovasz_loss, upsample
+from dptune.losses.segmentation import (
+    check_class_weights,
+    check_loss_weight,
+    cross_entropy,
+    cross_entropy_terms,
+    dice_loss,
+    lovasz_loss,
+    upsample,
+)
 from dptune.metrics import summed_state, warn_if_nonfinite
 from dptune.metrics.segmentation import ConfusionMatrix, class_map, metrics_from_confmat
 from dptune.models import build_model, segment
@@ -93,6 +101,11 @@ class SegmentationModule(LabelledTask, DPTTask):
         """
         if label_spec is None:
             raise ConfigError("model.label_spec is empty: it comes from the datamodule's label set (see train.py)")
+        check_loss_weight("aux_weight", aux_weight, "the auxiliary head's share of the loss")
+        check_loss_weight("region_weight", region_weight, "the region loss's share of the loss")
+        if isinstance(slide_stride, bool) or not 0 < slide_stride <= 1:  # NaN too
+            raise ConfigError(f"model.slide_stride {slide_stride}: the sliding windows' step as a fraction of the window, "
+                              "above 0 (a 1-pixel step is thousands of windows per image) and at most 1 (no gaps)")
         super().__init__(**kwargs)
 
     def configure_models(self) -> None:
@@ -105,8 +118,7 @@ class SegmentationModule(LabelledTask, DPTTask):
 
     def configure_losses(self) -> None:
         class_weights = self.hparams.class_weights
-        if class_weights is not None and len(class_weights) != self.num_classes:
-            raise ConfigError(f"model.class_weights has {len(class_weights)} values for {self.num_classes} classes")
+        check_class_weights(class_weights, self.num_classes)
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
 

@@ -22,6 +22,8 @@ class StageChecks:
         m = input_multiple(self.model.config)
         for what, size in sizes.items():
             pair = [size, size] if isinstance(size, int) else list(size or [])
+            if any(int(v) <= 0 for v in pair):
+                raise ConfigError(f"data.{what} {pair} is not a size: height and width in pixels, multiples of {m}")
             if any(int(v) % m for v in pair):
                 fix = [max(m, round(int(v) / m) * m) for v in pair]
                 raise ConfigError(f"data.{what} {pair} is not a multiple of {m} (the backbone's patch size / stride); "
