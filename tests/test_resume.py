@@ -113,3 +113,27 @@ def test_a_run_continued_elsewhere_from_its_config_writes_only_where_it_is_told(
     assert after == before  # the earlier run's files, as they were
     assert (new / "checkpoints" / "last.ckpt").is_file() and _ckpt(new)["epoch"] == 1
     assert list(new.glob(logged))
+
+
+def test_a_warmup_as_long_as_the_run_is_said(tiny_config, caplog):
+    """model.warmup_steps 1000 in a 10-step run trained without a word at a tenth of the LR at most."""
+    import logging
+    from types import SimpleNamespace
+
+    from dptune.labels import LabelSet
+    from dptune.tasks.segmentation import SegmentationModule
+
+    said = {}
+    for steps in (1000, 10, 9, None):  # None: warmup_ratio 1.0 is the whole run, as asked
+        m = SegmentationModule(config=tiny_config, label_spec=LabelSet(names=["a", "b"]).to_dict(), image_size=64,
+                               warmup_steps=steps, warmup_ratio=1.0)
+        m._trainer = SimpleNamespace(gradient_clip_val=None, estimated_stepping_batches=10)
+        caplog.clear()
+        with caplog.at_level(logging.WARNING, logger="dptune"):
+            m.configure_optimizers()
+        said[steps] = [r.getMessage() for r in caplog.records if "warmup_steps" in r.getMessage()]
+    assert said[9] == said[None] == []
+    assert said[1000] == ["model.warmup_steps 1000 is not shorter than this run's 10 optimizer steps: the LR rises to "
+                          "1% of model.lr (0.0001) at the last step and never decays; set fewer warmup steps or use "
+                          "model.warmup_ratio (a share of the run)"]
+    assert "rises to 100% of model.lr" in said[10][0]
