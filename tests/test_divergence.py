@@ -428,3 +428,8 @@ def test_the_best_checkpoint_is_named_for_any_class_name(tmp_path, monitor):
     path = ckpt.format_checkpoint_name({"epoch": torch.tensor(3), monitor: torch.tensor(0.25)})
     name = path.rsplit("/", 1)[-1]
     assert name.startswith("best-epoch03-") and name.endswith("0.2500.ckpt"), name
+    # the user's own template names the value as it is logged
+    mine = Checkpoint(dirpath=tmp_path, monitor=monitor, filename="mine-{epoch}-{" + monitor + ":.3f}",
+                      auto_insert_metric_name=False)
+    path = mine.format_checkpoint_name({"epoch": torch.tensor(3), monitor: torch.tensor(0.25)})
+    assert path.rsplit("/", 1)[-1] == "mine-3-0.250.ckpt"

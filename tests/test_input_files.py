@@ -416,6 +416,25 @@ def test_inspect_never_writes_its_weights_over_the_config_or_among_the_data(tmp_
     assert inspect_main([*base, "--out", str(tmp_path / "w2.yaml")]) == 0  # its own fragment: replaced
 
 
+def test_inspect_weights_on_a_full_disk_are_one_line(tmp_path, capsys, monkeypatch):
+    """A full disk at --out ended inspect in a traceback (OSError: [Errno 28]) after the whole scan."""
+    import errno
+
+    from dptune.tools import outputs
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, "No space left on device", str(src))
+
+    monkeypatch.setattr(outputs.os, "replace", full)
+    config = tmp_path / "camvid.yaml"
+    shutil.copy(REPO / "configs" / "camvid.yaml", config)
+    rc = inspect_main([str(config), "--root", str(CAMVID), "--splits", "train", "--class-weights", "median", "--out",
+                       str(tmp_path / "w.yaml")])
+    assert rc == 2 and errors(capsys) == [f"error: --out {tmp_path / 'w.yaml'}: could not be written "
+                                          "(No space left on device)"]
+    assert list(tmp_path.iterdir()) == [config]
+
+
 # ============================================================================ code shipped with a model
 def test_an_export_asking_for_remote_code_never_prompts_and_says_how_to_allow_it(models, tmp_path, capsys,
                                                                                monkeypatch):

@@ -197,7 +197,7 @@ def temp_files_beside(out: Path) -> Iterator[Path]:
     size of the model) into ``tempfile``'s folders, which on a small system temporary folder (usual
     on clusters) filled it and read as the export's own disk being full. Not for threads that make
     temporary files of their own meanwhile (``tempfile.tempdir`` is one setting of the process)."""
-    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    scratch = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.resolve().parent))
     before, tempfile.tempdir = tempfile.tempdir, str(scratch)
     try:
         yield scratch

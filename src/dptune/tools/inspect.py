@@ -183,8 +183,12 @@ def write_weights(args: argparse.Namespace, results: dict[str, SplitStats]) -> i
     if args.out:
         from dptune.tools.outputs import write_text
 
-        write_text(args.out, f"# {args.class_weights}{WEIGHTS_HEADER}{args.config} (train split)\n"
-                   + yaml.safe_dump({"model": {"class_weights": w}}, default_flow_style=None))
+        try:
+            write_text(args.out, f"# {args.class_weights}{WEIGHTS_HEADER}{args.config} (train split)\n"
+                       + yaml.safe_dump({"model": {"class_weights": w}}, default_flow_style=None))
+        except OSError as e:  # a full disk: the weights were printed above
+            print(f"error: --out {args.out}: could not be written ({e.strerror or e})", file=sys.stderr)
+            return 2
     return 0
 
 

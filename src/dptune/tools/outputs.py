@@ -227,7 +227,8 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
                 tqdm.write(f"error: {why if why.startswith(path) else f'{path}: {why}'}", file=sys.stderr)  # own line
                 failed.append(path)
                 if isinstance(e, OutputRefused) and disk_state(e):
-                    failed.stopped = f"{path}: {Path(e.filename).parent} cannot be written ({disk_state(e)})"
+                    where = listing.out if listing is not None else Path(e.filename).parent
+                    failed.stopped = f"{path}: {where} cannot be written ({disk_state(e)})"
                     failed.extend(paths[i + 1:])
             finally:
                 if listing is not None:  # what this input wrote, even in part, is listed; nothing else

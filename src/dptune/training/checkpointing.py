@@ -34,9 +34,18 @@ class Checkpoint(ModelCheckpoint):
     def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None,
                                prefix: str | None = None) -> str:
         """Lightning's names, where a logged value whose key holds ``[ ] { } :`` (``val/IoU/Tree[s]``,
-        named after a class) can be a field of the template too, as ``template_field(key)``."""
-        aliases = {template_field(k): v for k, v in metrics.items() if template_field(k) not in metrics}
-        return super().format_checkpoint_name({**metrics, **aliases}, filename, ver, prefix)
+        named after a class) can be a field of the template, written as it is (``{val/IoU/Tree[s]:.4f}``)
+        or as ``template_field(key)``: Lightning's template reader stops at those characters."""
+        template = filename or self.filename
+        aliases = {}
+        for key, value in metrics.items():
+            field = template_field(key)
+            if field != key and field not in metrics:
+                aliases[field] = value
+                if template:
+                    template = template.replace("{" + key + ":", "{" + field + ":").replace("{" + key + "}",
+                                                                                         "{" + field + "}")
+        return super().format_checkpoint_name({**metrics, **aliases}, template, ver, prefix)
 
     def state_dict(self) -> dict[str, Any]:
         """Lightning's state, without the +-inf "no k-th best yet" sentinel: a checkpoint holds no
