@@ -313,6 +313,8 @@ def test_a_bad_setting_names_where_it_was_given(monkeypatch, capsys, tmp_path):
     ("fit:\n  trainer: [max_epochs, 3]\n", "fit.trainer: a section of settings"),
     ("data: &a\n  x: *a\n", "a YAML alias refers to itself"),
     ("fit: [1, 2]\n", "fit: a section of settings"),  # an AttributeError traceback
+    ("model:\n", "model: an empty section (nothing under it)"),  # "Unexpected config: model:", no file named
+    ("fit:\n  trainer:\n", "fit.trainer: an empty section"),
 ])
 def test_a_config_that_is_no_settings_is_one_line_naming_it(text, said, monkeypatch, capsys, tmp_path):
     from conftest import REPO

@@ -96,6 +96,9 @@ def read_config(path: str) -> dict[str, Any] | None:
     bad = _sections(spec)
     if bad:
         where, section = bad[0]
+        if section is None:
+            raise ConfigError(f"{path}: {where}: an empty section (nothing under it); give its settings as "
+                              "indented key: value lines, or leave the key out")
         raise ConfigError(f"{path}: {where}: a section of settings (key: value lines), not a "
                           f"{type(section).__name__} ({_short(section)})")
     return spec
@@ -120,7 +123,7 @@ def _sections(spec: dict) -> list[tuple[str, Any]]:
                                         if isinstance(spec.get(sub), dict))]:
         # a mapping of settings, or the path of a file that holds them (jsonargparse reads it)
         bad += [(prefix + name, level[name]) for name in SECTIONS
-                if name in level and level[name] is not None and not isinstance(level[name], (dict, str))]
+                if name in level and not isinstance(level[name], (dict, str))]  # null too: jsonargparse's "Unexpected config"
     return bad
 
 
