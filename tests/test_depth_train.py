@@ -336,3 +336,38 @@ def test_a_datamodule_with_its_own_prepare_data_still_gets_every_check(tmp_path)
                             precision="32-true")
     with pytest.raises(DataError, match="inside the model's range"):
         trainer.fit(model, dm)
+
+
+def test_evaluate_of_a_depth_model_averages_the_mirror_with_flip_and_refuses_what_it_cannot_use(depth_run, tmp_path,
+                                                                                               capsys):
+    """--flip, --mode slide and --scales were ignored by a depth model's evaluate: the scores were the
+    plain image's whatever was asked. With --flip the score is the same on a mirrored copy of the
+    data (the prediction averages an image and its mirror), which the plain prediction's is not."""
+    import cv2
+
+    from dptune.export import export
+    from dptune.tools.evaluate import main as evaluate_main
+
+    out = export(depth_run["run"] / "checkpoints" / "last.ckpt", tmp_path / "export")
+    for folder, turn in (("plain", lambda a: a), ("mirrored", lambda a: np.ascontiguousarray(a[:, ::-1]))):
+        (tmp_path / folder / "rgb").mkdir(parents=True)
+        (tmp_path / folder / "depth").mkdir()
+        for frame in sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[:3]:  # PNG: no JPEG re-encoding between the two
+            cv2.imwrite(str(tmp_path / folder / "rgb" / f"{frame.stem}.png"), turn(cv2.imread(str(frame))))
+            gt = cv2.imread(str(KITCHEN / "val" / "depth" / f"{frame.stem}.png"), cv2.IMREAD_UNCHANGED)
+            cv2.imwrite(str(tmp_path / folder / "depth" / f"{frame.stem}.png"), turn(gt))
+
+    def abs_rel(folder: str, *extra: str) -> float:
+        path = tmp_path / f"{folder}{'-'.join(extra)}.json"
+        assert evaluate_main(["--model", str(out), "--images", str(tmp_path / folder / "rgb" / "*.png"), "--depth",
+                              str(tmp_path / folder / "depth" / "{stem}.png"), *extra, "--json", str(path)]) == 0
+        return json.loads(path.read_text())["abs_rel"]
+
+    assert abs(abs_rel("plain", "--flip", "h") - abs_rel("mirrored", "--flip", "h")) < 1e-5
+    assert abs(abs_rel("plain") - abs_rel("mirrored")) > 1e-4
+    capsys.readouterr()
+    for extra in (["--mode", "slide"], ["--scales", "0.5,1"]):
+        assert evaluate_main(["--model", str(out), "--images", str(tmp_path / "plain" / "rgb" / "*.png"), "--depth",
+                              str(tmp_path / "plain" / "depth" / "{stem}.png"), *extra]) == 2
+        err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
+        assert len(err) == 1 and err[0].startswith(f"error: {extra[0]} ") and "a depth model predicts" in err[0], err

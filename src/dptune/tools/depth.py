@@ -62,7 +62,7 @@ def refuse_segmentation_options(args) -> None:
         raise ConfigError(f"--mode {args.mode}: {why}; sliding windows are for segmentation models")
     if parse_scales(args.scales) != (1.0,):
         raise ConfigError(f"--scales {args.scales}: {why}; multi-scale views are for segmentation models")
-    if args.confidence:
+    if getattr(args, "confidence", False):
         raise ConfigError("--confidence: a depth model has no class probabilities; it is for segmentation models")
 
 
@@ -74,14 +74,19 @@ def mirror_note(flip: str) -> str:
     return f"depth averaged with its left-right mirror{rest}"
 
 
-def depth_views(predictor, image: np.ndarray, flip: str = "none") -> np.ndarray:
-    """Depth (clipped at 0) of one uint8 HxWx3 image at its size; with any ``flip`` but ``none`` the
+def mirror_mean(predictor, image: np.ndarray, flip: str = "none") -> np.ndarray:
+    """The model's depth of one uint8 HxWx3 image at its size; with any ``flip`` but ``none`` the
     mean of the image's prediction and its left-right mirror's (see ``mirror_note``)."""
     depth = predictor.predict(image)
     if flip != "none":
         # halves summed: two finite maps near the float32 limit would sum to inf
         depth = depth / 2 + predictor.predict(np.ascontiguousarray(image[:, ::-1]))[:, ::-1] / 2
-    return np.clip(depth, 0, None)
+    return depth
+
+
+def depth_views(predictor, image: np.ndarray, flip: str = "none") -> np.ndarray:
+    """``mirror_mean`` clipped at 0: the depth predict writes."""
+    return np.clip(mirror_mean(predictor, image, flip), 0, None)
 
 
 def depth_encoding(predictor) -> dict:
@@ -217,6 +222,7 @@ def evaluate_depth(args) -> int:
                         "--depth-scale if the maps are not millimetres (16-bit) or metres (float)")
     if args.depth_scale is not None and not 0 < args.depth_scale < math.inf:
         raise ConfigError(f"--depth-scale must be a positive number of stored values per metre, got {args.depth_scale}")
+    refuse_segmentation_options(args)  # they were ignored: the scores of --mode slide were the whole image's
     source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale,
                                negative=getattr(args, "negative_depth", "error"))
     if getattr(args, "held_back", False):  # the export's held-back images only (evaluate --held-back)
@@ -233,6 +239,8 @@ def evaluate_depth(args) -> int:
     min_depth = args.min_depth if args.min_depth is not None else predictor.meta.get("min_depth") or 1e-3
     check_range(min_depth, max_depth, "--min-depth", "--max-depth")
     metric, medians, unscored = DepthMetrics(min_depth, max_depth, None if align == "none" else align), {}, []
+    if mirror_note(args.flip):
+        print(f"note: {mirror_note(args.flip)}", file=sys.stderr)
     with logging_redirect_tqdm():  # a reader's warning (a depth_scale against depth_format.json) on its own line
         for i in tqdm(range(len(source)), desc="evaluating"):
             image, gt, name = source.load(i)
@@ -240,7 +248,7 @@ def evaluate_depth(args) -> int:
             if (gt > 0).any():
                 medians[i] = float(np.median(gt[gt > 0]))
             with of_image(source.name(i)):
-                pred = torch.from_numpy(predictor.predict(image))[None]
+                pred = torch.from_numpy(np.ascontiguousarray(mirror_mean(predictor, image, args.flip)))[None]
             gt_t = torch.from_numpy(gt)[None]
             valid = valid_depth(gt_t, min_depth, max_depth)
             mask = eval_crop_mask(gt.shape, crop)

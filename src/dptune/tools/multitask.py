@@ -169,7 +169,13 @@ def evaluate_with_config(args, model_task: str, main, argv: list[str]) -> int | 
         rcs = []
         for part in parts:
             print(f"{part} ({one_source(args.config, data, part).get('root', '.')}, split {args.split}):")
-            rcs.append(main([*argv, "--part", part]))
+            extra = ["--part", part]
+            if part == "depth" and (args.mode != "whole" or args.scales.strip() != "1"):
+                # asked of both parts, they shape the masks; the depth part alone refuses them
+                print("note: --mode/--scales shape the masks; depth is scored on the whole image at one scale",
+                      file=sys.stderr)
+                extra += ["--mode", "whole", "--scales", "1"]
+            rcs.append(main([*argv, *extra]))
         return max(rcs)
     part = parts[0]
     section = data if ctask == part else one_source(args.config, data, part)
