@@ -1022,3 +1022,26 @@ def test_a_disk_that_refuses_writes_stops_predict_with_the_reason(models, tmp_pa
     assert lines == [f"error: {tmp_path / 'in' / FRAMES[0].name}: {overlay}: cannot be written (File too large)",
                      f"error: stopped at {tmp_path / 'in' / FRAMES[0].name}: {out} cannot be written (File too large); "
                      f"0 of {len(FRAMES)} images predicted"], proc.stderr
+
+
+def test_an_export_whose_weights_do_not_fit_its_config_is_one_line_never_run_at_random(tmp_path, capsys):
+    """A model.safetensors without the head's weights was scored with transformers' fresh random head
+    (a LOAD REPORT, then a different mIoU each run, exit 0); an id2label cut to fewer classes than the
+    weights ended in transformers' traceback."""
+    from safetensors.torch import load_file, save_file
+
+    base = ["--config", str(REPO / "configs" / "camvid.yaml"), "--root", str(CAMVID), "--split", "val"]
+    lacking = camvid_model(tmp_path / "lacking")
+    weights = load_file(lacking / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("head.head.4")}, lacking / "model.safetensors",
+              metadata={"format": "pt"})
+    cut = camvid_model(tmp_path / "cut")
+    config = json.loads((cut / "config.json").read_text())
+    config["id2label"] = {str(i): config["id2label"][str(i)] for i in range(5)}
+    config["label2id"] = {v: int(k) for k, v in config["id2label"].items()}
+    (cut / "config.json").write_text(json.dumps(config))
+    for model, said in ((lacking, "the weights file lacks 2 of the model's weights (head.head.4.bias, head.head.4.weight)"),
+                        (cut, "config.json and the weights do not fit each other")):
+        rc = evaluate_main(["--model", str(model), *base])
+        lines = errors(capsys)
+        assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {model}: {said}"), lines

@@ -11,7 +11,7 @@ from typing import Literal
 
 import torch
 
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, first_line
 from dptune.labels import LabelSet
 from dptune.preprocessing import Preprocessing
 
@@ -46,15 +46,26 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
         cfg = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         processor = AutoImageProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
         if any("DepthEstimation" in a for a in cfg.architectures or []):
-            model = AutoModelForDepthEstimation.from_pretrained(ref, config=cfg, trust_remote_code=trust_remote_code,
-                                                                dtype=torch.float32)
+            model, info = AutoModelForDepthEstimation.from_pretrained(
+                ref, config=cfg, trust_remote_code=trust_remote_code, dtype=torch.float32, output_loading_info=True)
         else:
-            model = model_class(cfg).from_pretrained(ref, config=cfg, dtype=torch.float32)
+            model, info = model_class(cfg).from_pretrained(ref, config=cfg, dtype=torch.float32,
+                                                           output_loading_info=True)
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
         raise ConfigError(f"{ref}: the model's config asks to run code shipped with it (auto_map), which is not run "
                           "unless you allow it: give --trust-remote-code if you trust where it came from") from None
+    except RuntimeError as e:  # a weight of another shape than config.json builds (id2label cut to fewer classes)
+        if "size mismatch" not in str(e) and "ignore_mismatched_sizes" not in str(e):
+            raise
+        raise ConfigError(f"{ref}: config.json and the weights do not fit each other (a weight of another shape: "
+                          f"{first_line(e, 200)}); a damaged or hand-edited export") from None
+    missing = sorted(info.get("missing_keys") or [])
+    if missing:  # transformers draws them at random and goes on: every score and mask would be noise
+        raise ConfigError(f"{ref}: the weights file lacks {len(missing)} of the model's weights ({', '.join(missing[:3])}"
+                          f"{', ...' if len(missing) > 3 else ''}); a damaged or foreign export: nothing is run with "
+                          "weights drawn at random")
     return model, processor
 
 
