@@ -1045,3 +1045,65 @@ def test_an_export_whose_weights_do_not_fit_its_config_is_one_line_never_run_at_
         rc = evaluate_main(["--model", str(model), *base])
         lines = errors(capsys)
         assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {model}: {said}"), lines
+
+
+def camvid_copy(root: Path, frames: list[Path], fill: int | None = None) -> Path:
+    """CamVid's labels and ``frames`` (with their masks, or masks of one value ``fill``) as a train and a val split."""
+    for split in ("train", "val"):
+        (root / split).mkdir(parents=True)
+        (root / f"{split}annot").mkdir()
+        for frame in frames:
+            shutil.copy(frame, root / split / frame.name)
+            mask = read_png(CAMVID / "valannot" / f"{frame.stem}.png")
+            Image.fromarray(mask if fill is None else np.full_like(mask, fill)).save(
+                root / f"{split}annot" / f"{frame.stem}.png")
+    shutil.copy(CAMVID / "labels.yaml", root / "labels.yaml")
+    return root
+
+
+def test_evaluate_and_inspect_refuse_what_they_cannot_score_or_write_before_the_work(tmp_path, capsys):
+    """Found by a user attack: masks with no labelled pixel scored NaN with exit 0 (and a --json with a
+    bare NaN, which is no JSON); class weights of such a split were NaN or all 0 and written; --splits
+    foo printed nothing, exit 0; --json and --confusion at one path kept only the picture; a
+    --confusion of another extension or a folder that takes no file failed after the whole scoring; a
+    named pipe as --json or --out hung the command (it read the file to see whether it was its own)."""
+    import os
+
+    config = str(REPO / "configs" / "camvid.yaml")
+    model = camvid_model(tmp_path / "model")
+    empty = camvid_copy(tmp_path / "empty", FRAMES[:2], fill=11)
+    some = camvid_copy(tmp_path / "some", FRAMES[:2])
+    os.mkfifo(tmp_path / "pipe.json")
+
+    def evaluate(root: Path, *extra: str) -> list[str]:
+        assert evaluate_main(["--model", str(model), "--config", config, "--root", str(root), *extra]) == 2
+        lines = errors(capsys)
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    def inspect(root: Path, *extra: str) -> list[str]:
+        assert inspect_main([config, "--root", str(root), *extra]) == 2
+        lines = errors(capsys)
+        assert len(lines) == 1, lines
+        return lines[0]
+
+    assert "masks have no labelled pixel" in evaluate(empty, "--json", str(tmp_path / "s.json"))
+    assert not (tmp_path / "s.json").exists()
+    assert "the train split has no labelled pixel" in inspect(empty, "--splits", "train", "--class-weights", "inverse",
+                                                              "--out", str(tmp_path / "w.yaml"))
+    assert not (tmp_path / "w.yaml").exists()
+    assert inspect(some, "--splits", "foo").startswith("error: --splits foo: comma-separated stages")
+    assert inspect(some, "--splits", "test").startswith("error: --splits: the config has no test split")
+    same = str(tmp_path / "c.png")
+    assert "--json and --confusion are one file" in evaluate(some, "--json", same, "--confusion", same)
+    assert "give a .png path" in evaluate(some, "--confusion", str(tmp_path / "c.txt"))
+    assert "not a regular file" in evaluate(some, "--json", str(tmp_path / "pipe.json"))
+    assert "not a regular file" in inspect(some, "--class-weights", "median", "--out", str(tmp_path / "pipe.json"))
+    if Path("/proc/self").is_dir():  # a folder that exists and takes no new file, whoever asks
+        assert "its folder cannot be written" in evaluate(some, "--json", "/proc/dptune-scores.json")
+    # a class the train split never shows gets weight 0, and is named
+    road = camvid_copy(tmp_path / "road", FRAMES[:1], fill=3)
+    assert inspect_main([config, "--root", str(road), "--splits", "train", "--class-weights", "median"]) == 0
+    warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
+    assert warned == ["warning: 10 class(es) have no pixel in the train split, weight 0: Sky, Building, Pole, "
+                      "Pavement, Tree, SignSymbol, Fence, Car, ..."], warned

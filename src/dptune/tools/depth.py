@@ -32,7 +32,7 @@ from dptune.data.depth_values import check_split_depth
 from dptune.errors import ConfigError, DataError, of_image
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
 from dptune.tasks.visuals import colorize_depth, depth_range
-from dptune.tools.inputs import json_is_ours, parse_scales, refuse_output
+from dptune.tools.inputs import json_is_ours, parse_scales, refuse_output, small_text
 from dptune.tools.outputs import failures, imwrite, predict_each, prepare_out, write_replacing, write_text
 
 
@@ -154,8 +154,8 @@ def write_depth_format(out: Path, enc: dict) -> str:
     path = out / "depth_format.json"
     if path.exists():
         try:
-            there = json.loads(path.read_text())
-        except (OSError, ValueError):
+            there = json.loads(small_text(path) or "")
+        except ValueError:
             there = None
         if there != enc:
             raise DataError(f"{path}: already there and describes other depth maps ({there}); predict into "

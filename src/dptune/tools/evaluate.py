@@ -38,7 +38,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from dptune.errors import DataError, of_image
+from dptune.errors import ConfigError, DataError, of_image
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet, check_same_classes
 from dptune.metrics.segmentation import metrics_from_confmat
@@ -252,6 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         source, labels = _source_and_labels(args)
         if args.held_back:
             source = held_back(source, args, "segmentation")
+        check_score_outputs(args)
         for path, flag, is_ours in ((args.json, "--json", json_is_ours),
                                     (args.confusion, "--confusion", confusion_is_ours)):
             if path:
@@ -266,9 +267,22 @@ def main(argv: list[str] | None = None) -> int:
     return write_scores(args, confmat, predictor.labels.names, len(source), scales)
 
 
+def check_score_outputs(args: argparse.Namespace) -> None:
+    """Before anything is scored: --confusion is a PNG (what evaluate recognises as its own to
+    replace), and --json and --confusion are two files (the second replaced the first)."""
+    if args.confusion and Path(args.confusion).suffix.lower() != ".png":
+        raise ConfigError(f"--confusion {args.confusion}: the confusion matrix is written as a PNG; give a .png path")
+    if args.json and args.confusion and Path(args.json).resolve() == Path(args.confusion).resolve():
+        raise ConfigError(f"--json and --confusion are one file ({args.json}): the picture would replace the scores")
+
+
 def write_scores(args: argparse.Namespace, confmat: np.ndarray, names: list[str], images: int,
                  scales: tuple[float, ...]) -> int:
     """The scores printed, and written to ``--json`` / ``--confusion`` where asked; the exit status."""
+    if not confmat.sum():  # every score would be NaN (and the JSON not JSON)
+        print(f"error: the {images} images' masks have no labelled pixel (every value is ignored): nothing to score; "
+              "nothing written", file=sys.stderr)
+        return 2
     scores = report(confmat, names)
     print(f"mIoU {scores['mIoU']:.4f}  pixel_acc {scores['pixel_acc']:.4f}  mAcc {scores['mAcc']:.4f}"
           f"  ({images} images, mode {args.mode}{'' if args.flip == 'none' else ', flip ' + args.flip}, scales {args.scales})")

@@ -164,11 +164,23 @@ def parse_scales(spec: str) -> tuple[float, ...]:
     return scales
 
 
+def small_text(path: str | Path, limit: int = 16 << 20) -> str | None:
+    """The text of a regular file of at most ``limit`` bytes, else None: what the tools read of a file
+    they may replace (a pipe or /dev/stdout would block the read, /dev/zero or a huge file fill memory)."""
+    try:
+        path = Path(path)
+        if not path.is_file() or path.stat().st_size > limit:
+            return None
+        return path.read_text()
+    except (OSError, UnicodeDecodeError):
+        return None
+
+
 def json_is_ours(path: Path) -> bool:
     """A scores file evaluate wrote (segmentation or depth)."""
     try:
-        spec = json.loads(Path(path).read_text())
-    except (OSError, ValueError):
+        spec = json.loads(small_text(path) or "")
+    except ValueError:
         return False
     return isinstance(spec, dict) and "model" in spec and ("mIoU" in spec or "abs_rel" in spec)
 
@@ -186,9 +198,24 @@ def refuse_output(path: str, flag: str, files: list[str], args, is_ours) -> None
         raise ConfigError(f"{flag} {path}: its folder {Path(path).parent} does not exist")
     if Path(path).is_dir():
         raise ConfigError(f"{flag} {path}: is a folder; give a file path")
+    if Path(path).exists() and not Path(path).is_file():  # a pipe, /dev/stdout: the write would replace the entry
+        raise ConfigError(f"{flag} {path}: not a regular file (a pipe, device or socket); give a file path")
+    probe_folder(path, flag)
     if Path(path).exists() and not args.overwrite and not is_ours(Path(path)):
         raise ConfigError(f"{flag} {path}: already there and not written by evaluate; give another path, or "
                           "--overwrite to replace it")
+
+
+def probe_folder(path: str | Path, flag: str) -> None:
+    """The folder of an output file takes a new file now (an empty hidden one, made and removed), so
+    that a folder the OS refuses (read-only, /proc) is said before the work, not after it."""
+    import tempfile
+
+    try:
+        with tempfile.NamedTemporaryFile(dir=Path(path).resolve().parent, prefix=".dptune-probe-"):
+            pass
+    except OSError as e:
+        raise ConfigError(f"{flag} {path}: its folder cannot be written ({e.strerror or e})") from None
 
 
 def model_task(ref: str) -> str:

@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from dptune.data.base import STAGES
 from dptune.errors import ConfigError, DataError
 from dptune.tools.split_stats import (
     SplitStats,
@@ -81,14 +82,20 @@ def quiet(spec: dict[str, Any]) -> dict[str, Any]:
 
 def inspect_config(task: str, data: dict[str, Any], stages: list[str],
                    check_out: Callable[[list[str]], None] | None = None,
-                   depth_range: tuple[float, float | None] | None = None) -> tuple[dict[str, SplitStats], bool]:
+                   depth_range: tuple[float, float | None] | None = None,
+                   named: bool = False) -> tuple[dict[str, SplitStats], bool]:
     """Print the report of a config's data; (segmentation results by split, whether any sample is bad).
+    ``named``: the user named the ``stages`` (each must be there), else the splits of the three there are.
     ``check_out`` (segmentation) sees the data's files before any is read; ``depth_range``: the
     model's (min_depth, max_depth), reported against the depth maps."""
     if task == "segmentation":
         from dptune.data.datamodule import SegmentationDataModule
 
         dm = SegmentationDataModule(**quiet(data), num_workers=0)
+        absent = [s for s in stages if s not in dm.splits]
+        if absent and (named or len(absent) == len(stages)):
+            raise ConfigError(f"--splits: the config has no {absent[0]} split (data.splits: "
+                              f"{', '.join(dm.splits) or 'none'})")
         sources = segmentation_sources(dm, stages)
         if check_out is not None:
             check_out([f for s in sources.values() for a in ("images", "masks") for f in getattr(s, a, None) or []])
@@ -157,18 +164,18 @@ def check_weights_out(args: argparse.Namespace, files: list[str]) -> None:
     weights fragment unless ``--overwrite``."""
     from pathlib import Path
 
-    from dptune.tools.inputs import config_inputs, refuse_among_inputs
+    from dptune.tools.inputs import config_inputs, probe_folder, refuse_among_inputs, small_text
 
     # the config and every file it names (its label file, ...) are inputs too
     refuse_among_inputs(args.out, files, "--out", singles=config_inputs(args.config, args.root))
     out = Path(args.out)
     if out.is_dir() or not out.resolve().parent.is_dir():
         raise ConfigError(f"--out {args.out}: give a file path in a folder that exists")
+    if out.exists() and not out.is_file():  # a pipe, /dev/stdout: the write would replace the entry
+        raise ConfigError(f"--out {args.out}: not a regular file (a pipe, device or socket); give a file path")
+    probe_folder(out, "--out")
     if out.exists() and not args.overwrite:
-        try:
-            first = out.read_text().split("\n", 1)[0]
-        except (OSError, UnicodeDecodeError):
-            first = ""
+        first = (small_text(out) or "").split("\n", 1)[0]
         if not (first.startswith("# ") and WEIGHTS_HEADER in first):
             raise ConfigError(f"--out {args.out}: already there and not a class-weights fragment inspect wrote; "
                               "give another path, or --overwrite to replace it")
@@ -178,8 +185,17 @@ def write_weights(args: argparse.Namespace, results: dict[str, SplitStats]) -> i
     if "train" not in results:
         print("error: --class-weights needs a train split", file=sys.stderr)
         return 2
-    w = class_weights(results["train"], args.class_weights)
+    train = results["train"]
+    if not train.pixels[:len(train.present)].sum():  # nothing to weigh: NaN (inverse) or all 0 (median)
+        print("error: --class-weights: the train split has no labelled pixel (every mask is ignore or unreadable); "
+              "no weights written", file=sys.stderr)
+        return 2
+    w = class_weights(train, args.class_weights)
     print(f"class_weights ({args.class_weights}): {w}")
+    absent = [name for name, n in zip(train.names, train.present, strict=True) if not n]
+    if absent:  # its weight says nothing: the split never teaches it
+        print(f"warning: {len(absent)} class(es) have no pixel in the train split, weight 0: {', '.join(absent[:8])}"
+              f"{', ...' if len(absent) > 8 else ''}", file=sys.stderr)
     if args.out:
         from dptune.tools.outputs import write_text
 
@@ -213,7 +229,8 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     ap.add_argument("config", help="train.py YAML config (any task); its data: section is used")
     ap.add_argument("--root", help="override data.root (segmentation and depth configs)")
-    ap.add_argument("--splits", default="train,val,test", help="comma-separated stages to inspect")
+    ap.add_argument("--splits", help="comma-separated stages to inspect, of train, val and test (default: those the "
+                                     "config has)")
     ap.add_argument("--class-weights", choices=["inverse", "median"],
                     help="segmentation configs: compute weights from the train split")
     ap.add_argument("--out", help="with --class-weights: write the weights as a YAML config fragment "
@@ -231,9 +248,13 @@ def main(argv: list[str] | None = None) -> int:
         data = dict(cfg.get("data") or {})
         if args.root:
             data["root"] = args.root
-        results, bad = inspect_config(task, data, args.splits.split(","),
+        stages = [s.strip() for s in (args.splits if args.splits is not None else ",".join(STAGES)).split(",")]
+        if not all(stages) or set(stages) - set(STAGES):
+            raise ConfigError(f"--splits {args.splits}: comma-separated stages, of {', '.join(STAGES)}")
+        results, bad = inspect_config(task, data, stages,
                                       (lambda files: check_weights_out(args, files)) if args.out else None,
-                                      model_depth_range(cfg, args.config) if task != "segmentation" else None)
+                                      model_depth_range(cfg, args.config) if task != "segmentation" else None,
+                                      named=args.splits is not None)
     except (DataError, ConfigError, OSError, yaml.YAMLError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

@@ -17,6 +17,7 @@ from tqdm.auto import tqdm
 
 from dptune.data.images import read_image
 from dptune.errors import ConfigError, DataError, disk_state
+from dptune.tools.inputs import small_text
 
 # every file name predict may derive from a stem: two inputs never share one (see ``output_stems``)
 OUTPUT_SUFFIXES = (".png", "_overlay.png", "_confidence.png", "_depth.png", "_depth.tiff", "_depth_color.png", ".ply")
@@ -54,9 +55,9 @@ def _manifest(out: Path) -> set[str]:
     if not path.exists():
         return set()
     try:
-        spec = json.loads(path.read_text())
+        spec = json.loads(small_text(path) or "")
         files = spec["files"] if spec.get("written_by") == "dptune predict" else None
-    except (OSError, ValueError, AttributeError, KeyError, TypeError):
+    except (ValueError, AttributeError, KeyError, TypeError):
         files = None
     if not isinstance(files, list):
         raise ConfigError(f"{path}: already there and not dptune's list of its predictions; predict into another "

@@ -26,6 +26,7 @@ class SplitStats:
     pixels: np.ndarray | None = None  # per class, plus ignore at index C
     present: np.ndarray | None = None  # pixels of the images in which each class appears
     problems: list[str] = field(default_factory=list)
+    names: list[str] = field(default_factory=list)  # the label set's classes
 
 
 @dataclass
@@ -80,7 +81,8 @@ def scan(stage: str, n: int, one: Callable[[int], Any], workers: int = 2) -> Ite
 
 def new_split_stats(stage: str, images: int, labels: LabelSet) -> SplitStats:
     c = labels.num_classes
-    return SplitStats(stage, images=images, pixels=np.zeros(c + 1, np.int64), present=np.zeros(c, np.int64))
+    return SplitStats(stage, images=images, pixels=np.zeros(c + 1, np.int64), present=np.zeros(c, np.int64),
+                      names=list(labels.names))
 
 
 def add_counts(stats: SplitStats, counts: np.ndarray) -> None:
