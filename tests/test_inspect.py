@@ -101,12 +101,12 @@ def test_multitask_config_reports_each_source_as_its_own_task_does(capsys, tmp_p
 
 
 def test_inspect_of_a_picture_or_a_yaml_list_is_one_line(tmp_path, capsys):
-    """``inspect img.jpg`` stopped with a UnicodeDecodeError traceback."""
+    """``inspect img.jpg`` stopped with a UnicodeDecodeError traceback; a folder named no file."""
     picture = tmp_path / "img.jpg"
     Image.new("RGB", (8, 8), (200, 30, 30)).save(picture)
     listing = tmp_path / "list.yaml"
     listing.write_text("- a\n- b\n")
-    for path in (picture, listing):
+    for path in (picture, listing, tmp_path, tmp_path / "missing.yaml"):  # a folder said "[Errno 21] Is a directory"
         rc = main([str(path)])
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {path}: "), err

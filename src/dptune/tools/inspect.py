@@ -215,6 +215,10 @@ def read_config_mapping(path: str) -> dict:
             cfg = yaml.safe_load(f)
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a YAML config (not text: a picture or other binary file?)") from None
+    except IsADirectoryError:
+        raise ConfigError(f"{path}: a folder, not a config file (dptune inspect CONFIG.yaml)") from None
+    except OSError as e:
+        raise ConfigError(f"{path}: cannot be read ({e.strerror or e})") from None
     except yaml.YAMLError as e:
         raise ConfigError(f"{path}: not readable YAML ({' '.join(str(e).split())})") from None
     if cfg is None:
