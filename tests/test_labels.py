@@ -136,6 +136,11 @@ def test_retargeted_rgb_masks_match_a_name_lookup_of_the_source_classes():
     ("names: [Sky, null]", r"names\[1\] is None, not a class name"),
     ("names: [Sky, [Road]]", r"names\[1\] is \['Road'\], not a class name"),
     ("names: [Sky, ' ']", r"names\[1\] is ' ', not a class name"),
+    # YAML reads zero-padded codes as numbers: 01 and 010 became '1' and '8'
+    ("names: [00, 01, 010]", r"names\[0\] is 0, not a class name \(YAML .* quote the name, e.g. 'No' or '01'\)"),
+    # a key left empty said nothing, and the other rule was dropped
+    ("names: [a, b]\nreduce_labels: true\nmap:\n", None),
+    ("names: [a, b]\nignore_values: 0", r"ignore_values must be a list of mask values, e.g. \[0\]"),
     # the string 'no' is truthy: every class moved down by one and class 0 was ignored
     ("names: [a, b]\nreduce_labels: 'no'", r"reduce_labels must be true or false, got 'no'"),
     # mask values were truncated: 1.7 labelled the pixels of value 1
@@ -155,6 +160,9 @@ def test_retargeted_rgb_masks_match_a_name_lookup_of_the_source_classes():
 def test_label_values_yaml_would_turn_into_other_ones_are_refused(tmp_path, text, message):
     path = tmp_path / "labels.yaml"
     path.write_text(text)
+    if message is None:  # read as written: the empty key is no rule, reduce_labels applies
+        assert LabelSet.from_yaml(path).value_map == {0: IGNORE_INDEX, 1: 0, 2: 1, IGNORE_INDEX: IGNORE_INDEX}
+        return
     with pytest.raises(DataError, match=f"^{re.escape(str(path))}: .*{message}"):
         LabelSet.from_yaml(path)
 
@@ -164,9 +172,11 @@ def test_the_same_label_rules_written_inline_are_one_line_too():
         LabelSet.from_dict({"names": ["a", "b"], "ignore_values": 11}, source="data.labels")
     with pytest.raises(ConfigError, match=r"data.labels: map: mask value 'abc' is not a whole number"):
         LabelSet.from_dict({"names": ["a", "b"], "map": {"abc": "a"}}, source="data.labels")
-    # what stays as it was: quoted digits are the number, a number is the name it reads as
-    ls = LabelSet.from_dict({"names": ["a", 12], "map": {"0": "a", 7: "12"}, "colors": [[0, 0, 0], ["255", 0, 0]]})
+    # what stays as it was: quoted digits are a mask value's number, a quoted number is a name
+    ls = LabelSet.from_dict({"names": ["a", "12"], "map": {"0": "a", 7: "12"}, "colors": [[0, 0, 0], ["255", 0, 0]]})
     assert ls.names == ["a", "12"] and ls.value_map[0] == 0 and ls.value_map[7] == 1 and ls.colors[1] == [255, 0, 0]
+    with pytest.raises(ConfigError, match=r"map: mask value '²' is not a whole number"):
+        LabelSet.from_dict({"names": ["a", "b"], "map": {"²": "a"}})
 
 
 def test_a_label_file_that_is_a_folder_or_not_text_is_one_line(tmp_path):

@@ -29,7 +29,8 @@ _KNOWN_KEYS = {
 
 
 # YAML 1.1 reads yes/no/on/off/true/false (any case) as booleans and null/~ as nothing
-QUOTE_HINT = " (YAML reads an unquoted No, Yes, On, Off or Null as true/false/null: quote the name, e.g. 'No')"
+QUOTE_HINT = (" (YAML reads an unquoted No, Yes, On, Off or Null as true/false/null, and 01, 0x10 or 1_000 as a "
+              "number: quote the name, e.g. 'No' or '01')")
 
 
 def _names_from_checkpoint(ref: str) -> list[str]:
@@ -71,13 +72,14 @@ def _mapping(spec: dict[str, Any], key: str, source: str) -> dict:
 
 
 def _index_map(spec: dict[str, Any], names: list[str], source: str) -> dict[int, int]:
+    # each replaces "value i is class i": one would silently win (a key left empty says nothing)
     rules = [k for k in ("value_map", "map", "reduce_labels") if spec.get(k) not in (None, False)]
-    if len(rules) > 1:  # each replaces "value i is class i": one would silently win
+    if len(rules) > 1:
         raise ConfigError(f"{source}: {' and '.join(rules)} each say how mask values become classes: give one")
-    if "value_map" in spec:  # the checkpoint form written by LabelSet.to_dict
+    if spec.get("value_map") is not None:  # the checkpoint form written by LabelSet.to_dict
         return {_mask_value(k, "value_map", source): _mask_value(v, "value_map", source)
                 for k, v in _mapping(spec, "value_map", source).items()}
-    if "map" in spec:
+    if spec.get("map") is not None:
         value_map = {}
         for k, v in _mapping(spec, "map", source).items():
             k = _mask_value(k, "map", source)
@@ -89,7 +91,7 @@ def _index_map(spec: dict[str, Any], names: list[str], source: str) -> dict[int,
         value_map[0] = IGNORE_INDEX
     else:
         value_map = {i: i for i in range(len(names))}
-    ignored = spec.get("ignore_values") or []
+    ignored = spec.get("ignore_values") if spec.get("ignore_values") is not None else []
     if not isinstance(ignored, list):
         raise ConfigError(f"{source}: ignore_values must be a list of mask values, e.g. [{ignored!r}]")
     for v in ignored:
@@ -139,11 +141,10 @@ def parse_label_spec(cls: type, spec: dict[str, Any], source: str) -> Any:
         names = _names_from_checkpoint(str(spec["from_checkpoint"]))
     if not names or not isinstance(names, list):
         raise ConfigError(f"{source}: 'names' must be a non-empty list (or give 'from_checkpoint')")
-    for i, n in enumerate(names):  # a number is the name it reads as (12); true/false/null/1.5/[..] are not names
-        if not (isinstance(n, str) and n.strip() or isinstance(n, int) and not isinstance(n, bool)):
-            hint = QUOTE_HINT if isinstance(n, bool) or n is None else ""
+    for i, n in enumerate(names):  # YAML reads 01 as 1, 0x10 as 16, No as false: only text is a name
+        if not (isinstance(n, str) and n.strip()):
+            hint = QUOTE_HINT if isinstance(n, (bool, int, float)) or n is None else ""
             raise ConfigError(f"{source}: names[{i}] is {n!r}, not a class name{hint}")
-    names = [str(n) for n in names]
     if not isinstance(spec.get("reduce_labels", False), bool):
         raise ConfigError(f"{source}: reduce_labels must be true or false, got {spec['reduce_labels']!r}")
     colors = spec.get("colors") or []
