@@ -45,6 +45,8 @@ def test_a_bug_inside_the_run_keeps_its_traceback(tmp_path):
     (["--model.slide_stride", "0"], "model.slide_stride 0.0: the sliding windows' step"),
     (["--trainer.max_epochs", "0"], "trainer.max_epochs 0: a fit of 0 epochs trains nothing"),
     (["--trainer.max_steps", "0"], "trainer.max_steps 0: a fit of 0 steps trains nothing"),
+    # a folder of files was called "a stream (no length)"
+    (["--trainer.limit_train_batches", "0"], "trainer.limit_train_batches 0: a fit of 0 batches trains nothing"),
 ])
 def test_configuration_mistakes_end_in_one_line(tmp_path, args, message):
     proc = quickstart(tmp_path / "run", 1, *args, check=False)
@@ -657,3 +659,29 @@ def test_broken_settings_given_inline_are_one_line_saying_so(given, said, monkey
     rc = main(["fit", "--config", "configs/quickstart.yaml", "--config", given, "--print_config"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and said in err[0] and "<unicode string>" not in err[0], err
+
+
+def test_a_seed_lightning_refuses_names_the_config_that_gave_it(tmp_path, monkeypatch, capsys):
+    """seed_everything -1 ended in Lightning's ValueError traceback; then in a line without its file."""
+    from conftest import REPO
+
+    from dptune.cli import main
+
+    monkeypatch.chdir(REPO)
+    bad = tmp_path / "seed.yaml"
+    bad.write_text("seed_everything: -1\n")
+    rc = main(["fit", "--config", "configs/quickstart.yaml", "--config", str(bad)])
+    err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
+    assert rc == 2 and err == [f"error: {bad}: seed_everything -1: a seed is a whole number from 0 to 4294967295 "
+                               "(true draws one)"], err
+
+
+def test_a_checkpoint_holding_a_setting_now_refused_still_loads_for_predict_and_export(tiny_config):
+    """A slide_stride of 1.5 stored by a run that never slid (val_mode resize), or negative class
+    weights, made the module refuse to be built, so predict and export refused the checkpoint."""
+    from dptune.labels import LabelSet
+    from dptune.tasks.segmentation import SegmentationModule
+
+    m = SegmentationModule(config=dict(tiny_config), label_spec=LabelSet(names=["a", "b"]).to_dict(), image_size=64,
+                           slide_stride=1.5, class_weights=[1.0, -0.1])
+    assert m.hparams.slide_stride == 1.5

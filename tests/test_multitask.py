@@ -362,6 +362,11 @@ def test_loader_workers_of_the_joint_task_draw_different_augmentations():
     ("depth", {"eval_crop": "eigen"}, "eval_crop 'eigen' is not supported in segmentation \\+ depth"),
     ("depth", {"eval_crop": None}, "eval_crop must be none, eigen or garg, got None"),
     ("segmentation", {"val_mode": None}, "val_mode must be resize, got None"),
+    # a source's own setting was named data.<setting>, not where it is
+    ("segmentation", {"scale_range": [1.5, 0.75]},
+     r"^data.segmentation source 'camvid': data.segmentation.scale_range \[1.5, 0.75\]: the smallest and largest"),
+    ("segmentation", {"labels": {"names": ["a", "b"], "ignore_values": 11}},
+     r"^data.segmentation source 'camvid': data.segmentation.labels: ignore_values must be a list"),
 ])
 def test_settings_the_joint_validation_cannot_honour_stop_with_one_line(task, setting, message):
     from dptune.data.multitask_datamodule import MultiTaskDataModule
@@ -396,3 +401,19 @@ def test_a_stage_the_joint_data_cannot_serve_is_one_line_before_the_run_starts(m
     rc = main(["test", "--config", "configs/multitask/camvid-7scenes.yaml", "--model.config", "configs/models/dpt-tiny.json"])
     err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
     assert rc == 2 and len(err) == 1 and "dptune evaluate" in err[0] and "--split test" in err[0], err
+
+
+@pytest.mark.parametrize("key", ["segmentation_weight", "depth_weight", "aux_weight"])
+def test_a_negative_loss_weight_of_the_joint_task_is_one_line_when_it_trains(tiny_config, key):
+    """--model.depth_weight -1 trained, pushing the depth error up; a checkpoint holding such a value
+    still loads (predict and export never use it)."""
+    from types import SimpleNamespace
+
+    from dptune.tasks.multitask import MultiTaskModule
+
+    m = MultiTaskModule(config=dict(tiny_config), label_spec={"names": ["a", "b"]}, image_size=64, max_depth=10.0,
+                        weighting="fixed", **{key: -1.0})
+    m._trainer = SimpleNamespace(datamodule=None, precision="32-true", limit_train_batches=1.0, max_steps=-1,
+                                 callbacks=[])
+    with pytest.raises(ConfigError, match=rf"^model.{key} -1.0: .*a finite number >= 0"):
+        m.check_stage("fit")

@@ -124,16 +124,17 @@ def test_a_warmup_as_long_as_the_run_is_said(tiny_config, caplog):
     from dptune.tasks.segmentation import SegmentationModule
 
     said = {}
-    for steps in (1000, 10, 9, None):  # None: warmup_ratio 1.0 is the whole run, as asked
+    for steps, ratio in ((1000, 0.05), (10, 0.05), (9, 0.05), (None, 1.0), (None, 0.9)):
         m = SegmentationModule(config=tiny_config, label_spec=LabelSet(names=["a", "b"]).to_dict(), image_size=64,
-                               warmup_steps=steps, warmup_ratio=1.0)
+                               warmup_steps=steps, warmup_ratio=ratio)
         m._trainer = SimpleNamespace(gradient_clip_val=None, estimated_stepping_batches=10)
         caplog.clear()
         with caplog.at_level(logging.WARNING, logger="dptune"):
             m.configure_optimizers()
-        said[steps] = [r.getMessage() for r in caplog.records if "warmup_steps" in r.getMessage()]
-    assert said[9] == said[None] == []
-    assert said[1000] == ["model.warmup_steps 1000 is not shorter than this run's 10 optimizer steps: the LR rises to "
-                          "1% of model.lr (0.0001) at the last step and never decays; set fewer warmup steps or use "
-                          "model.warmup_ratio (a share of the run)"]
-    assert "rises to 100% of model.lr" in said[10][0]
+        said[steps, ratio] = [r.getMessage() for r in caplog.records if "warmup" in r.getMessage()]
+    assert said[9, 0.05] == said[None, 0.9] == []
+    assert said[1000, 0.05] == ["model.warmup_steps 1000 is not shorter than this run's 10 optimizer steps: the LR "
+                                "rises to 1% of model.lr (0.0001) at the last step and never decays; set a shorter "
+                                "warmup (model.warmup_ratio below 1, or fewer model.warmup_steps)"]
+    assert "rises to 100% of model.lr" in said[10, 0.05][0]
+    assert said[None, 1.0][0].startswith("model.warmup_ratio 1 makes a warmup (10 steps) not shorter than")

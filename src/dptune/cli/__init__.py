@@ -218,8 +218,9 @@ def check_run_length_and_seed(config) -> None:
     if not (seed is None or isinstance(seed, bool) or isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
         raise ConfigError(f"seed_everything {seed}: a seed is a whole number from 0 to 4294967295 (true draws one)")
     if sub == "fit":
-        for key, unit in (("max_epochs", "epochs"), ("max_steps", "steps")):
-            if cfg.trainer.get(key) == 0:
+        for key, unit in (("max_epochs", "epochs"), ("max_steps", "steps"), ("limit_train_batches", "batches")):
+            value = cfg.trainer.get(key)
+            if value == 0 and not isinstance(value, bool):
                 raise ConfigError(f"trainer.{key} 0: a fit of 0 {unit} trains nothing and writes no checkpoint "
                                   "(-1 sets no limit; dptune validate scores a checkpoint without training)")
 

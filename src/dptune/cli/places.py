@@ -222,7 +222,7 @@ def setting_error(message: str, args: list[str]) -> str | None:
 
 
 # dptune's own refusal of a setting starts with the setting's key: ``model.lr (...) must be ...``
-SETTING_FIRST = re.compile(r"^((?:model|data|trainer|checkpoint|progress)(?:\.[A-Za-z_]\w*)+)\b")
+SETTING_FIRST = re.compile(r"^((?:model|data|trainer|checkpoint|progress)(?:\.[A-Za-z_]\w*)+|seed_everything)\b")
 
 
 def _held(value: Any, rest: list[str], base: str) -> str | None:

@@ -201,13 +201,20 @@ class MultiTaskDataModule(pl.LightningDataModule):
             raise ConfigError(f"data.depth source {name!r}: eval_crop {spec['eval_crop']!r} is not supported in "
                               "segmentation + depth training (it scores every valid pixel); score the exported "
                               f"depth part with scripts/evaluate.py --depth TEMPLATE --eval-crop {spec['eval_crop']}")
-        if task == "segmentation":
-            dm = SegmentationDataModule(**{**spec, **common, "crop_size": common["image_size"]})
-            dm.config_path = f"data.segmentation source {name!r}: data.segmentation"  # its messages name the source
-            return MixSource(name, "segmentation", dm, weight)
-        dm = DepthDataModule(**{**spec, **common, "crop_size": None})
-        dm.config_path = f"data.depth source {name!r}: data.depth"  # its messages name the source
-        return MixSource(name, "both" if dm.label_set is not None else "depth", dm, weight)
+        where = f"data.{task} source {name!r}: data.{task}"  # its messages name the source
+        try:
+            if task == "segmentation":
+                dm = SegmentationDataModule(**{**spec, **common, "crop_size": common["image_size"]})
+            else:
+                dm = DepthDataModule(**{**spec, **common, "crop_size": None})
+        except (ConfigError, DataError) as e:  # a source's own setting, said as data.<setting> by its datamodule
+            said = str(e)
+            if said.startswith("data.") and type(e) in (ConfigError, DataError):
+                raise type(e)(f"{where}{said[len('data'):]}") from None
+            raise
+        dm.config_path = where
+        return MixSource(name, "segmentation" if task == "segmentation" else "both" if dm.label_set is not None
+                         else "depth", dm, weight)
 
     @property
     def labels_spec(self) -> dict[str, Any]:

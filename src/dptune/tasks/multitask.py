@@ -80,7 +80,6 @@ class MultiTaskModule(LabelledTask, DPTTask):
         if references and set(references) - {"mIoU", "abs_rel"}:
             raise ConfigError("model.references takes mIoU and abs_rel")
         check_range(min_depth, max_depth)
-        check_loss_weight("aux_weight", aux_weight, "the segmentation auxiliary head's share of the loss")
         super().__init__(**kwargs)
 
     def validation_keys(self) -> list[str]:
@@ -97,6 +96,10 @@ class MultiTaskModule(LabelledTask, DPTTask):
         check_depth_precision(self.trainer)
         if stage == "fit":  # each depth source's data against the range this model trains and scores on
             check_data_range(self.trainer, self.hparams.min_depth, self.hparams.max_depth)
+            hp = self.hparams
+            check_loss_weight("aux_weight", hp.aux_weight, "the segmentation auxiliary head's share of the loss")
+            check_loss_weight("segmentation_weight", hp.segmentation_weight, "the segmentation loss's share (fixed weighting)")
+            check_loss_weight("depth_weight", hp.depth_weight, "the depth loss's share (fixed weighting)")
         super().check_stage(stage)
 
     def configure_models(self) -> None:

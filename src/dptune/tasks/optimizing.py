@@ -78,10 +78,12 @@ class Optimizing:
             raise ConfigError(STREAM_LENGTH)
         total = int(total)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
-        if warmup >= total and hp.warmup_steps is not None and getattr(self.trainer, "is_global_zero", True):
-            log.warning("model.warmup_steps %d is not shorter than this run's %d optimizer steps: the LR rises to "
-                        "%.0f%% of model.lr (%g) at the last step and never decays; set fewer warmup steps or use "
-                        "model.warmup_ratio (a share of the run)", warmup, total, 100 * min(1.0, total / warmup), hp.lr)
+        if warmup >= total and getattr(self.trainer, "is_global_zero", True):
+            given = (f"model.warmup_steps {warmup} is" if hp.warmup_steps is not None else
+                     f"model.warmup_ratio {hp.warmup_ratio:g} makes a warmup ({warmup} steps)")
+            log.warning("%s not shorter than this run's %d optimizer steps: the LR rises to %.0f%% of model.lr (%g) "
+                        "at the last step and never decays; set a shorter warmup (model.warmup_ratio below 1, or "
+                        "fewer model.warmup_steps)", given, total, 100 * min(1.0, total / max(warmup, 1)), hp.lr)
         sched = WarmupPoly(opt, total, warmup, hp.poly_power, hp.min_lr_ratio)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 

@@ -101,12 +101,20 @@ class SegmentationModule(LabelledTask, DPTTask):
         """
         if label_spec is None:
             raise ConfigError("model.label_spec is empty: it comes from the datamodule's label set (see train.py)")
-        check_loss_weight("aux_weight", aux_weight, "the auxiliary head's share of the loss")
-        check_loss_weight("region_weight", region_weight, "the region loss's share of the loss")
-        if isinstance(slide_stride, bool) or not 0 < slide_stride <= 1:  # NaN too
-            raise ConfigError(f"model.slide_stride {slide_stride}: the sliding windows' step as a fraction of the window, "
-                              "above 0 (a 1-pixel step is thousands of windows per image) and at most 1 (no gaps)")
         super().__init__(**kwargs)
+
+    def check_stage(self, stage: str) -> None:
+        """The settings a run uses, checked when it starts (a checkpoint that holds an unused one
+        still predicts and exports): the loss weights when it trains, the sliding windows' step."""
+        hp = self.hparams
+        if stage == "fit":
+            check_loss_weight("aux_weight", hp.aux_weight, "the auxiliary head's share of the loss")
+            check_loss_weight("region_weight", hp.region_weight, "the region loss's share of the loss")
+            check_class_weights(hp.class_weights, self.num_classes)
+        if isinstance(hp.slide_stride, bool) or not 0 < hp.slide_stride <= 1:  # NaN too
+            raise ConfigError(f"model.slide_stride {hp.slide_stride}: the sliding windows' step as a fraction of the "
+                              "window, above 0 (a 1-pixel step is thousands of windows per image) and at most 1 (no gaps)")
+        super().check_stage(stage)
 
     def configure_models(self) -> None:
         hp = self.hparams
@@ -118,7 +126,8 @@ class SegmentationModule(LabelledTask, DPTTask):
 
     def configure_losses(self) -> None:
         class_weights = self.hparams.class_weights
-        check_class_weights(class_weights, self.num_classes)
+        if class_weights is not None and len(class_weights) != self.num_classes:
+            raise ConfigError(f"model.class_weights has {len(class_weights)} values for {self.num_classes} classes")
         weights = torch.tensor(class_weights, dtype=torch.float32) if class_weights else None
         self.register_buffer("class_weights", weights, persistent=False)
 
