@@ -339,10 +339,25 @@ def test_predict_replaces_its_own_files_and_no_others_unless_told(models, tmp_pa
     assert (out / f"{frame.stem}.png").read_bytes() == b"my drawing" and len(list(out.iterdir())) == 2
     assert predict_main([*args, "--overwrite"]) == 0  # the user said so
     assert read_png(out / f"{frame.stem}.png").shape == (360, 480)
-    (out / f"{frame.stem}_overlay.png").write_bytes(b"")  # a file predict wrote: a rerun replaces it
-    assert predict_main(args) == 0
+    assert predict_main(args) == 0  # the files predict wrote, as it wrote them: a rerun replaces them
     assert read_png(out / f"{frame.stem}_overlay.png").shape[0] == 360
     assert (out / "notes.txt").read_text() == "mine"
+    # a mask corrected by hand since is the user's (a rerun replaced it without a word)
+    corrected = np.full((360, 480), 2, np.uint8)
+    Image.fromarray(corrected).save(out / f"{frame.stem}.png")
+    assert predict_main(args) == 2
+    lines = errors(capsys)
+    assert len(lines) == 1 and "or that changed since" in lines[0] and f"{frame.stem}.png" in lines[0], lines
+    assert (read_png(out / f"{frame.stem}.png") == corrected).all()
+    # a link of the user's to a file that is not there (a drive not mounted) is the user's too
+    assert predict_main([*args, "--overwrite"]) == 0
+    (out / f"{frame.stem}_overlay.png").unlink()
+    (out / f"{frame.stem}_overlay.png").symlink_to(tmp_path / "unmounted" / "mine.png")
+    assert predict_main(args) == 2
+    lines = errors(capsys)
+    assert len(lines) == 1 and f"(first: {out / frame.stem}_overlay.png)" in lines[0], lines
+    assert (out / f"{frame.stem}_overlay.png").is_symlink()
+    assert predict_main([*args, "--overwrite"]) == 0
 
 
 def test_evaluate_never_writes_among_its_inputs_nor_over_other_files(models, tmp_path, capsys):

@@ -48,21 +48,33 @@ def output_stems(paths: list[str]) -> list[str]:
     return stems
 
 
-def _manifest(out: Path) -> set[str]:
-    """The files a previous run listed in ``OUT/dptune-predict.json``; a file of that name that is
-    not such a list stops the run (it is the user's)."""
+def _manifest(out: Path) -> dict[str, list[int] | None]:
+    """The files a previous run listed in ``OUT/dptune-predict.json``, each with its size and
+    modification time as written (None in a list written before they were kept); a file of that
+    name that is not such a list stops the run (it is the user's)."""
     path = out / MANIFEST
     if not path.exists():
-        return set()
+        return {}
     try:
         spec = json.loads(small_text(path) or "")
         files = spec["files"] if spec.get("written_by") == "dptune predict" else None
+        stamps = spec.get("stamps") or {}
     except (ValueError, AttributeError, KeyError, TypeError):
         files = None
-    if not isinstance(files, list):
+    if not isinstance(files, list) or not isinstance(stamps, dict):
         raise ConfigError(f"{path}: already there and not dptune's list of its predictions; predict into another "
                           "folder")
-    return {str(f) for f in files}
+    return {str(f): stamps.get(str(f)) for f in files}
+
+
+def _stamp(path: Path) -> list[int] | None:
+    """Size and modification time of the entry at ``path``: what tells predict's file from one changed
+    since (a mask corrected by hand is the user's)."""
+    try:
+        st = path.lstat()
+    except OSError:
+        return None
+    return [st.st_size, st.st_mtime_ns]
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -84,10 +96,10 @@ class _Listing:
 
     SAVE_EVERY_S = 2.0
 
-    def __init__(self, out: Path, ours: set[str], planned: list[str]) -> None:
+    def __init__(self, out: Path, ours: dict[str, list[int] | None], planned: list[str]) -> None:
         import time
 
-        self.out, self.files = out, set(ours)
+        self.out, self.files, self.stamps = out, set(ours), {f: s for f, s in ours.items() if s is not None}
         self.before = {f: _identity(out / f) for f in planned}
         self.by_stem: dict[str, list[str]] = {}
         for f in planned:  # each planned name is one stem's + one of OUTPUT_SUFFIXES (see output_stems)
@@ -104,13 +116,15 @@ class _Listing:
             now = _identity(self.out / f)
             if now is not None and now != self.before[f]:
                 self.files.add(f)
+                self.stamps[f] = _stamp(self.out / f)
         if force or self.clock() - self.saved_at >= self.SAVE_EVERY_S:
             self.save()
 
     def save(self) -> None:
         """The list written now. Once the run is under way, a refusal to write it is kept in
         ``unsaved`` (said at the end) and the predictions go on."""
-        spec: dict = {"written_by": "dptune predict", "files": sorted(self.files)}
+        spec: dict = {"written_by": "dptune predict", "files": sorted(self.files),
+                      "stamps": {f: self.stamps[f] for f in sorted(self.files) if self.stamps.get(f)}}
         if self.inputs is not None:  # a run stopped part way (Ctrl-C, a crash) says so: complete false
             spec.update(inputs=self.inputs, inputs_done=self.done, complete=self.done == self.inputs)
         try:
@@ -136,12 +150,14 @@ def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) ->
     out = Path(out)
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder")
-    ours = {f for f in _manifest(out) if os.path.lexists(out / f)}  # a name listed but gone is no longer ours
-    foreign = [f for f in planned if f not in ours and (out / f).exists()]
+    # a name listed but gone is no longer ours, nor one changed since it was written (a mask corrected by hand)
+    ours = {f: stamp for f, stamp in _manifest(out).items()
+            if os.path.lexists(out / f) and stamp in (None, _stamp(out / f))}
+    foreign = [f for f in planned if f not in ours and os.path.lexists(out / f)]  # a link to nowhere is one too
     if foreign and not overwrite:
-        raise ConfigError(f"--out {out}: {len(foreign)} file(s) there that predict did not write would be "
-                          f"overwritten (first: {out / foreign[0]}); predict into another folder, or give "
-                          "--overwrite")
+        raise ConfigError(f"--out {out}: {len(foreign)} file(s) there that predict did not write, or that changed "
+                          f"since, would be overwritten (first: {out / foreign[0]}); predict into another folder, "
+                          "or give --overwrite")
     try:  # the folders and the list first: a folder the file system refuses is named before any prediction
         for folder in sorted({(out / f).parent for f in planned} | {out}):
             folder.mkdir(parents=True, exist_ok=True)

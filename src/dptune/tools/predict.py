@@ -28,7 +28,7 @@ in one line and the rest go on; the exit status is then 2, with the count.
 
 Inputs are never written: ``--out`` may not be an input, an input's folder or inside one (refused in
 one line before anything is written). ``OUT/dptune-predict.json`` lists the files predict wrote
-there; those are replaced by a later run, any other file in the way stops the run before
+there (size and time); those are replaced by a later run unless changed since, any other file in the way stops the run before
 anything is written unless ``--overwrite`` is given. Every file is written beside its place and
 then moved into it: a link found in ``--out`` at an output's name (to an input, say) is replaced,
 never written through. Loading a model never runs code shipped with
@@ -57,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--out", required=True, help="output folder: not an input, nor an input's folder or inside one")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace files in --out that predict did not write (its own, listed in "
-                         f"{MANIFEST}, are always replaced); without it such a file stops the run")
+                         f"{MANIFEST} and unchanged since, are always replaced); without it such a file stops the run")
     ap.add_argument("--trust-remote-code", action="store_true",
                     help="allow a model whose config asks for code shipped with it (auto_map) to run that code; "
                          "never needed for dptune's exports")
