@@ -1122,3 +1122,35 @@ def test_evaluate_and_inspect_refuse_what_they_cannot_score_or_write_before_the_
     warned = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("warning:")]
     assert warned == ["warning: 10 class(es) have no pixel in the train split, weight 0: Sky, Building, Pole, "
                       "Pavement, Tree, SignSymbol, Fence, Car, ..."], warned
+
+
+def test_an_input_that_runs_out_of_memory_or_has_a_newline_in_its_name_is_one_line(models, tmp_path, capsys,
+                                                                                    monkeypatch):
+    """A MemoryError (an 8000x6000 photo at --scales 1,4) ended predict in a traceback and the rest
+    of the folder was lost; a name with a newline split its line and lost the reason."""
+    from dptune.inference.predictor import Predictor
+
+    (tmp_path / "in").mkdir()
+    shutil.copy(FRAMES[0], tmp_path / "in" / "a.jpg")
+    shutil.copy(FRAMES[1], tmp_path / "in" / "b_huge.jpg")
+    (tmp_path / "in" / "c\nbad.png").write_text("not an image")
+    shutil.copy(FRAMES[2], tmp_path / "in" / "d.jpg")
+    plain = Predictor.predict
+
+    def predict(self, image, **kwargs):
+        if image.shape[0] == 360 and image[0, 0, 0] == huge[0, 0, 0] and (image == huge).all():
+            raise MemoryError
+        return plain(self, image, **kwargs)
+
+    huge = np.asarray(Image.open(FRAMES[1]).convert("RGB"))
+    monkeypatch.setattr(Predictor, "predict", predict)
+    rc = predict_main(["--model", str(models / "segmentation"), "--images", str(tmp_path / "in"), "--out",
+                       str(tmp_path / "out"), "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and lines == [
+        f"error: {tmp_path / 'in' / 'b_huge.jpg'}: out of memory predicting it (the image is too large for this "
+        "machine at these --scales)",
+        f"error: {tmp_path / 'in'}/c\\nbad.png: not a readable image",
+        f"error: 2 of 4 images could not be predicted (each named above, first {tmp_path / 'in' / 'b_huge.jpg'}); "
+        "the other 2 were predicted"], lines
+    assert (tmp_path / "out" / "d.png").exists()

@@ -238,10 +238,8 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
         for i, (path, stem) in enumerate(tqdm(list(zip(paths, stems, strict=True)), desc=desc)):
             try:
                 one(path, stem, read_image(path))
-            except (ValueError, RuntimeError, OSError, cv2.error) as e:  # DataError is a ValueError
-                lines = str(e).strip().splitlines()  # OpenCV's reason is its last line
-                why = (lines[-1] if isinstance(e, cv2.error) else lines[0]) if lines else type(e).__name__
-                tqdm.write(f"error: {why if why.startswith(path) else f'{path}: {why}'}", file=sys.stderr)  # own line
+            except (ValueError, RuntimeError, OSError, cv2.error, MemoryError) as e:  # DataError is a ValueError
+                tqdm.write(f"error: {shown(path)}: {failure_reason(e, path)}", file=sys.stderr)  # on its own line
                 failed.append(path)
                 if isinstance(e, OutputRefused) and disk_state(e):
                     where = listing.out if listing is not None else Path(e.filename).parent
@@ -261,6 +259,22 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
     return failed
 
 
+def shown(path: str) -> str:
+    """``path`` on one line: a name with a newline (or another unprintable character) escaped."""
+    return path if path.isprintable() else repr(path)[1:-1]
+
+
+def failure_reason(e: BaseException, path: str) -> str:
+    """Why one input failed, in one line, without the input's path (it is said before it)."""
+    if isinstance(e, MemoryError):  # a huge image, or --scales that make it one
+        return "out of memory predicting it (the image is too large for this machine at these --scales)"
+    text = str(e).strip()
+    if text.startswith(path):
+        text = text[len(path):].lstrip(": ")
+    lines = [ln for ln in text.splitlines() if ln.strip()]  # OpenCV's reason is its last line
+    return (lines[-1] if isinstance(e, cv2.error) else lines[0]) if lines else type(e).__name__
+
+
 def failures(failed: Failed, total: int) -> int:
     """The exit status, with one line that counts the failures (each was named as it happened) or
     says where the run stopped, and one naming the list of written files if it could not be saved."""
@@ -268,9 +282,11 @@ def failures(failed: Failed, total: int) -> int:
         print(f"error: {failed.unlisted}: it does not list all this run wrote, so a later predict into that folder "
               "asks for --overwrite before replacing those files", file=sys.stderr)
     if failed.stopped:
-        print(f"error: stopped at {failed.stopped}; {total - len(failed)} of {total} images predicted", file=sys.stderr)
+        print(f"error: stopped at {shown(failed.stopped)}; {total - len(failed)} of {total} images predicted",
+              file=sys.stderr)
     elif failed:
-        print(f"error: {len(failed)} of {total} images could not be predicted (each named above, first {failed[0]}); "
+        print(f"error: {len(failed)} of {total} images could not be predicted (each named above, first "
+              f"{shown(failed[0])}); "
               f"the other {total - len(failed)} were predicted", file=sys.stderr)
     return 2 if failed or failed.unlisted else 0
 
