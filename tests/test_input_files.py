@@ -1154,3 +1154,13 @@ def test_an_input_that_runs_out_of_memory_or_has_a_newline_in_its_name_is_one_li
         f"error: 2 of 4 images could not be predicted (each named above, first {tmp_path / 'in' / 'b_huge.jpg'}); "
         "the other 2 were predicted"], lines
     assert (tmp_path / "out" / "d.png").exists()
+
+
+@pytest.mark.parametrize("mode", ["whole", "slide"])
+def test_a_one_pixel_tall_image_is_predicted_at_any_scale_predict_accepts(models, tmp_path, capsys, mode):
+    """--scales 0.5 resized a 1x53 image to 0 rows: "height and width must be > 0"."""
+    (tmp_path / "in").mkdir()
+    Image.fromarray(np.random.default_rng(1).integers(0, 255, (1, 53, 3), np.uint8)).save(tmp_path / "in" / "row.png")
+    assert predict_main(["--model", str(models / "segmentation"), "--images", str(tmp_path / "in"), "--out",
+                         str(tmp_path / "out"), "--device", "cpu", "--mode", mode, "--scales", "0.125,0.5,1"]) == 0
+    assert read_png(tmp_path / "out" / "row.png").shape == (1, 53)

@@ -142,7 +142,8 @@ def predict_probs(
     out = None
     n = 0
     for scale in scales:
-        scaled = images if scale == 1.0 else prep.resize(images, (round(h * scale), round(w * scale)))
+        # at least a pixel a side: a 1-pixel-tall image at 0.5 was resized to nothing (PIL: "must be > 0")
+        scaled = images if scale == 1.0 else prep.resize(images, (max(1, round(h * scale)), max(1, round(w * scale))))
         for turns, flipped in views:
             if mode == "slide":
                 # windows of the turned image: a quarter turn swaps the sides of the window and stride
