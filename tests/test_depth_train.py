@@ -371,3 +371,7 @@ def test_evaluate_of_a_depth_model_averages_the_mirror_with_flip_and_refuses_wha
                               str(tmp_path / "plain" / "depth" / "{stem}.png"), *extra]) == 2
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.startswith("error")]
         assert len(err) == 1 and err[0].startswith(f"error: {extra[0]} ") and "a depth model predicts" in err[0], err
+    # --confusion was ignored too: nothing written, exit 0
+    assert evaluate_main(["--model", str(out), "--images", str(tmp_path / "plain" / "rgb" / "*.png"), "--depth",
+                          str(tmp_path / "plain" / "depth" / "{stem}.png"), "--confusion", str(tmp_path / "c.png")]) == 2
+    assert "a depth model has no classes, so no confusion matrix" in capsys.readouterr().err

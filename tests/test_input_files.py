@@ -349,6 +349,17 @@ def test_predict_replaces_its_own_files_and_no_others_unless_told(models, tmp_pa
     lines = errors(capsys)
     assert len(lines) == 1 and "or that changed since" in lines[0] and f"{frame.stem}.png" in lines[0], lines
     assert (read_png(out / f"{frame.stem}.png") == corrected).all()
+    # a copy of the folder (cp -r, tar: new times, same content) is still predict's own
+    assert predict_main([*args, "--overwrite"]) == 0
+    copy = tmp_path / "copy"
+    shutil.copytree(out, copy, copy_function=shutil.copy)
+    assert predict_main([*args[:-4], "--out", str(copy), "--device", "cpu"]) == 0
+    # a list written before stamps were kept: a file changed after the list was is the user's
+    listing = json.loads((copy / "dptune-predict.json").read_text())
+    del listing["stamps"]
+    (copy / "dptune-predict.json").write_text(json.dumps(listing))
+    Image.fromarray(corrected).save(copy / f"{frame.stem}.png")
+    assert predict_main([*args[:-4], "--out", str(copy), "--device", "cpu"]) == 2 and "changed since" in errors(capsys)[0]
     # a link of the user's to a file that is not there (a drive not mounted) is the user's too
     assert predict_main([*args, "--overwrite"]) == 0
     (out / f"{frame.stem}_overlay.png").unlink()
@@ -1056,10 +1067,19 @@ def test_an_export_whose_weights_do_not_fit_its_config_is_one_line_never_run_at_
     config["label2id"] = {v: int(k) for k, v in config["id2label"].items()}
     (cut / "config.json").write_text(json.dumps(config))
     for model, said in ((lacking, "the weights file lacks 2 of the model's weights (head.head.4.bias, head.head.4.weight)"),
-                        (cut, "config.json and the weights do not fit each other")):
+                        (cut, "config.json and the weights do not fit each other (auxiliary_head.head.4.bias is "
+                              "(11,) in the weights, (5,) by config.json and 3 more)")):
         rc = evaluate_main(["--model", str(model), *base])
-        lines = errors(capsys)
+        captured = capsys.readouterr().err
+        lines = [ln.strip() for ln in captured.splitlines() if ln.strip().startswith("error")]
         assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {model}: {said}"), lines
+        assert "LOAD REPORT" not in captured and "MISSING" not in captured, captured
+    # what prediction never uses may be left out of an export trimmed for serving
+    trimmed = camvid_model(tmp_path / "trimmed")
+    weights = load_file(trimmed / "model.safetensors")
+    save_file({k: v for k, v in weights.items() if not k.startswith("auxiliary_head.")
+               and not k.endswith("num_batches_tracked")}, trimmed / "model.safetensors", metadata={"format": "pt"})
+    assert evaluate_main(["--model", str(trimmed), *base]) == 0
 
 
 def camvid_copy(root: Path, frames: list[Path], fill: int | None = None) -> Path:
@@ -1114,6 +1134,8 @@ def test_evaluate_and_inspect_refuse_what_they_cannot_score_or_write_before_the_
     assert "give a .png path" in evaluate(some, "--confusion", str(tmp_path / "c.txt"))
     assert "not a regular file" in evaluate(some, "--json", str(tmp_path / "pipe.json"))
     assert "not a regular file" in inspect(some, "--class-weights", "median", "--out", str(tmp_path / "pipe.json"))
+    # "missing/.." resolves on paper, not on the disk: the whole scoring ran, then the write failed
+    assert "its folder cannot be written" in evaluate(some, "--json", str(tmp_path / "missing" / ".." / "s.json"))
     if Path("/proc/self").is_dir():  # a folder that exists and takes no new file, whoever asks
         assert "its folder cannot be written" in evaluate(some, "--json", "/proc/dptune-scores.json")
     # a class the train split never shows gets weight 0, and is named
@@ -1164,3 +1186,14 @@ def test_a_one_pixel_tall_image_is_predicted_at_any_scale_predict_accepts(models
     assert predict_main(["--model", str(models / "segmentation"), "--images", str(tmp_path / "in"), "--out",
                          str(tmp_path / "out"), "--device", "cpu", "--mode", mode, "--scales", "0.125,0.5,1"]) == 0
     assert read_png(tmp_path / "out" / "row.png").shape == (1, 53)
+
+
+def test_a_failure_naming_an_output_with_a_newline_keeps_its_reason_on_one_line():
+    """An input "good\\nname.jpg" whose output could not be written said only "OUT/good": the reason,
+    after the output's newline, was lost."""
+    import errno
+
+    from dptune.tools.outputs import OutputRefused, failure_reason
+
+    e = OutputRefused(errno.ENOSPC, "No space left on device", "out/good\nname.png")
+    assert failure_reason(e, "in/good\nname.jpg") == "out/good\\nname.png: cannot be written (No space left on device)"

@@ -68,6 +68,10 @@ def test_depth_config_refuses_segmentation_options_in_one_line(capsys):
                "--class-weights", "median"])
     err = capsys.readouterr().err.strip().splitlines()
     assert rc == 2 and len(err) == 1 and "--class-weights" in err[0] and "depth" in err[0]
+    # a split the config does not have printed nothing, exit 0
+    rc = main([str(REPO / "configs" / "depth" / "7scenes.yaml"), "--root", str(KITCHEN), "--splits", "test"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert rc == 2 and err == ["error: --splits: the config has no test split (data.splits: train, val)"], err
 
 
 @needs(KITCHEN)

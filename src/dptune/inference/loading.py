@@ -5,13 +5,15 @@ exported directory (of a segmentation + depth model, the part asked for)."""
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
 import torch
 
-from dptune.errors import ConfigError, first_line
+from dptune.errors import ConfigError
 from dptune.labels import LabelSet
 from dptune.preprocessing import Preprocessing
 
@@ -45,28 +47,48 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
     try:
         cfg = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
         processor = AutoImageProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
-        if any("DepthEstimation" in a for a in cfg.architectures or []):
-            model, info = AutoModelForDepthEstimation.from_pretrained(
-                ref, config=cfg, trust_remote_code=trust_remote_code, dtype=torch.float32, output_loading_info=True)
-        else:
-            model, info = model_class(cfg).from_pretrained(ref, config=cfg, dtype=torch.float32,
-                                                           output_loading_info=True)
+        with transformers_quiet():  # its LOAD REPORT table: what it says is said below in one line
+            if any("DepthEstimation" in a for a in cfg.architectures or []):
+                model, info = AutoModelForDepthEstimation.from_pretrained(
+                    ref, config=cfg, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                    output_loading_info=True, ignore_mismatched_sizes=True)
+            else:
+                model, info = model_class(cfg).from_pretrained(ref, config=cfg, dtype=torch.float32,
+                                                               output_loading_info=True, ignore_mismatched_sizes=True)
     except ValueError as e:
         if "trust_remote_code" not in str(e):
             raise
         raise ConfigError(f"{ref}: the model's config asks to run code shipped with it (auto_map), which is not run "
                           "unless you allow it: give --trust-remote-code if you trust where it came from") from None
-    except RuntimeError as e:  # a weight of another shape than config.json builds (id2label cut to fewer classes)
-        if "size mismatch" not in str(e) and "ignore_mismatched_sizes" not in str(e):
-            raise
-        raise ConfigError(f"{ref}: config.json and the weights do not fit each other (a weight of another shape: "
-                          f"{first_line(e, 200)}); a damaged or hand-edited export") from None
-    missing = sorted(info.get("missing_keys") or [])
+    mismatched = sorted(info.get("mismatched_keys") or [])
+    if mismatched:  # a weight of another shape than config.json builds (id2label cut to fewer classes)
+        key, *shapes = mismatched[0]
+        said = f"{key} is {tuple(shapes[0])} in the weights, {tuple(shapes[1])} by config.json" if len(shapes) == 2 \
+            else key
+        raise ConfigError(f"{ref}: config.json and the weights do not fit each other ({said}"
+                          f"{f' and {len(mismatched) - 1} more' if len(mismatched) > 1 else ''}); a damaged or "
+                          "hand-edited export")
+    # what prediction never uses: BatchNorm's step counters, the auxiliary head (training only)
+    missing = sorted(k for k in info.get("missing_keys") or []
+                     if not k.endswith("num_batches_tracked") and not k.startswith("auxiliary_head."))
     if missing:  # transformers draws them at random and goes on: every score and mask would be noise
         raise ConfigError(f"{ref}: the weights file lacks {len(missing)} of the model's weights ({', '.join(missing[:3])}"
                           f"{', ...' if len(missing) > 3 else ''}); a damaged or foreign export: nothing is run with "
                           "weights drawn at random")
     return model, processor
+
+
+@contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """``transformers``' own log at errors only, for the block."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
 
 
 def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

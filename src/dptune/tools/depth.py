@@ -223,6 +223,9 @@ def evaluate_depth(args) -> int:
     if args.depth_scale is not None and not 0 < args.depth_scale < math.inf:
         raise ConfigError(f"--depth-scale must be a positive number of stored values per metre, got {args.depth_scale}")
     refuse_segmentation_options(args)  # they were ignored: the scores of --mode slide were the whole image's
+    if getattr(args, "confusion", None):
+        raise ConfigError(f"--confusion {args.confusion}: a depth model has no classes, so no confusion matrix "
+                          "(--json writes its scores)")
     source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale,
                                negative=getattr(args, "negative_depth", "error"))
     if getattr(args, "held_back", False):  # the export's held-back images only (evaluate --held-back)

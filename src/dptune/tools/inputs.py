@@ -208,12 +208,14 @@ def refuse_output(path: str, flag: str, files: list[str], args, is_ours) -> None
 
 def probe_folder(path: str | Path, flag: str) -> None:
     """The folder of an output file takes a new file now (an empty hidden one, made and removed), so
-    that a folder the OS refuses (read-only, /proc) is said before the work, not after it."""
-    import tempfile
+    that a folder the OS refuses (read-only, /proc) is said before the work, not after it. The path is
+    given to the OS as written: "missing/../x.json" resolves on paper, not on the disk."""
+    import secrets
 
+    probe = os.path.join(os.path.dirname(str(path)) or ".", f".dptune-probe-{secrets.token_hex(6)}")
     try:
-        with tempfile.NamedTemporaryFile(dir=Path(path).resolve().parent, prefix=".dptune-probe-"):
-            pass
+        os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+        os.unlink(probe)
     except OSError as e:
         raise ConfigError(f"{flag} {path}: its folder cannot be written ({e.strerror or e})") from None
 

@@ -92,10 +92,7 @@ def inspect_config(task: str, data: dict[str, Any], stages: list[str],
         from dptune.data.datamodule import SegmentationDataModule
 
         dm = SegmentationDataModule(**quiet(data), num_workers=0)
-        absent = [s for s in stages if s not in dm.splits]
-        if absent and (named or len(absent) == len(stages)):
-            raise ConfigError(f"--splits: the config has no {absent[0]} split (data.splits: "
-                              f"{', '.join(dm.splits) or 'none'})")
+        check_splits(stages, named, dm.splits)
         sources = segmentation_sources(dm, stages)
         if check_out is not None:
             check_out([f for s in sources.values() for a in ("images", "masks") for f in getattr(s, a, None) or []])
@@ -104,7 +101,9 @@ def inspect_config(task: str, data: dict[str, Any], stages: list[str],
     if task == "depth":
         from dptune.data.depth_datamodule import DepthDataModule
 
-        return {}, any(report_depth(DepthDataModule(**quiet(data), num_workers=0), stages, depth_range))
+        dm = DepthDataModule(**quiet(data), num_workers=0)
+        check_splits(stages, named, dm.splits)
+        return {}, any(report_depth(dm, stages, depth_range))
     from dptune.data.multitask_datamodule import MultiTaskDataModule
 
     for key in ("segmentation", "depth"):
@@ -112,6 +111,7 @@ def inspect_config(task: str, data: dict[str, Any], stages: list[str],
         if specs:
             data[key] = [quiet(s) for s in specs] if isinstance(specs, list) else quiet(specs)
     dm, bad = MultiTaskDataModule(**data, num_workers=0), False
+    check_splits(stages, named, {stage for s in dm.sources for stage in s.dm.splits})
     for s in dm.sources:
         print(f"### {s.name} ({KINDS[s.kind]})")
         if s.kind == "segmentation":
@@ -119,6 +119,14 @@ def inspect_config(task: str, data: dict[str, Any], stages: list[str],
         else:
             bad |= any(report_depth(s.dm, stages, depth_range))
     return {}, bad
+
+
+def check_splits(stages: list[str], named: bool, there) -> None:
+    """Each split the user named (``--splits``) is in the config (``there``), and a report without
+    one (the default: those of train, val, test the config has) reports something."""
+    absent = [s for s in stages if s not in there]
+    if absent and (named or len(absent) == len(stages)):
+        raise ConfigError(f"--splits: the config has no {absent[0]} split (data.splits: {', '.join(there) or 'none'})")
 
 
 def model_depth_range(cfg: dict[str, Any], where: str) -> tuple[float, float | None]:

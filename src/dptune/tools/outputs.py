@@ -48,9 +48,9 @@ def output_stems(paths: list[str]) -> list[str]:
     return stems
 
 
-def _manifest(out: Path) -> dict[str, list[int] | None]:
-    """The files a previous run listed in ``OUT/dptune-predict.json``, each with its size and
-    modification time as written (None in a list written before they were kept); a file of that
+def _manifest(out: Path) -> dict[str, list | None]:
+    """The files a previous run listed in ``OUT/dptune-predict.json``, each with its stamp as written
+    (``_stamp``; None in a list written before stamps were kept); a file of that
     name that is not such a list stops the run (it is the user's)."""
     path = out / MANIFEST
     if not path.exists():
@@ -67,14 +67,37 @@ def _manifest(out: Path) -> dict[str, list[int] | None]:
     return {str(f): stamps.get(str(f)) for f in files}
 
 
-def _stamp(path: Path) -> list[int] | None:
-    """Size and modification time of the entry at ``path``: what tells predict's file from one changed
-    since (a mask corrected by hand is the user's)."""
+def _stamp(path: Path) -> list | None:
+    """Size, modification time and content hash of the file at ``path``, as predict wrote it: what
+    tells its file from one changed since (a mask corrected by hand is the user's). None for an
+    entry that is no regular file."""
+    import hashlib
+
+    try:
+        st = path.lstat()
+        if not path.is_file() or path.is_symlink():
+            return None
+        return [st.st_size, st.st_mtime_ns, hashlib.sha256(path.read_bytes()).hexdigest()[:32]]
+    except OSError:
+        return None
+
+
+def _unchanged(path: Path, stamp: list | None, listed_at: int) -> bool:
+    """The file at ``path`` is as predict wrote it: the same size and time, or (a copy: ``cp -r``,
+    tar) the same size and content; a list written before stamps were kept (``stamp`` None): not
+    modified after the list was (``listed_at``, its time)."""
     try:
         st = path.lstat()
     except OSError:
-        return None
-    return [st.st_size, st.st_mtime_ns]
+        return False
+    if stamp is None:
+        return st.st_mtime_ns <= listed_at
+    if len(stamp) < 3 or st.st_size != stamp[0]:
+        return False
+    if st.st_mtime_ns == stamp[1]:
+        return True
+    now = _stamp(path)
+    return now is not None and now[2] == stamp[2]
 
 
 def _identity(path: Path) -> tuple[int, int, int] | None:
@@ -96,7 +119,7 @@ class _Listing:
 
     SAVE_EVERY_S = 2.0
 
-    def __init__(self, out: Path, ours: dict[str, list[int] | None], planned: list[str]) -> None:
+    def __init__(self, out: Path, ours: dict[str, list | None], planned: list[str]) -> None:
         import time
 
         self.out, self.files, self.stamps = out, set(ours), {f: s for f, s in ours.items() if s is not None}
@@ -151,8 +174,9 @@ def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) ->
     if out.exists() and not out.is_dir():
         raise ConfigError(f"--out {out}: is a file, not a folder")
     # a name listed but gone is no longer ours, nor one changed since it was written (a mask corrected by hand)
+    listed_at = (out / MANIFEST).stat().st_mtime_ns if (out / MANIFEST).is_file() else 0
     ours = {f: stamp for f, stamp in _manifest(out).items()
-            if os.path.lexists(out / f) and stamp in (None, _stamp(out / f))}
+            if os.path.lexists(out / f) and _unchanged(out / f, stamp, listed_at)}
     foreign = [f for f in planned if f not in ours and os.path.lexists(out / f)]  # a link to nowhere is one too
     if foreign and not overwrite:
         raise ConfigError(f"--out {out}: {len(foreign)} file(s) there that predict did not write, or that changed "
@@ -271,6 +295,8 @@ def failure_reason(e: BaseException, path: str) -> str:
     text = str(e).strip()
     if text.startswith(path):
         text = text[len(path):].lstrip(": ")
+    if isinstance(e, OSError):  # one sentence, which may name an output whose name holds a newline
+        return shown(text) or type(e).__name__
     lines = [ln for ln in text.splitlines() if ln.strip()]  # OpenCV's reason is its last line
     return (lines[-1] if isinstance(e, cv2.error) else lines[0]) if lines else type(e).__name__
 

@@ -28,7 +28,7 @@ in one line and the rest go on; the exit status is then 2, with the count.
 
 Inputs are never written: ``--out`` may not be an input, an input's folder or inside one (refused in
 one line before anything is written). ``OUT/dptune-predict.json`` lists the files predict wrote
-there (size and time); those are replaced by a later run unless changed since, any other file in the way stops the run before
+there (size, time, content hash); those are replaced by a later run unless changed since, any other file in the way stops the run before
 anything is written unless ``--overwrite`` is given. Every file is written beside its place and
 then moved into it: a link found in ``--out`` at an output's name (to an input, say) is replaced,
 never written through. Loading a model never runs code shipped with
