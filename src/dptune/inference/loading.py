@@ -5,8 +5,6 @@ exported directory (of a segmentation + depth model, the part asked for)."""
 from __future__ import annotations
 
 import json
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -39,6 +37,7 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
     flag passed on.)"""
     from transformers import AutoConfig, AutoImageProcessor, AutoModelForDepthEstimation
 
+    from dptune.models.attention import transformers_quiet
     from dptune.models.backbones import model_class
     from dptune.models.folders import check_export_files
 
@@ -76,19 +75,6 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
                           f"{', ...' if len(missing) > 3 else ''}); a damaged or foreign export: nothing is run with "
                           "weights drawn at random")
     return model, processor
-
-
-@contextmanager
-def transformers_quiet() -> Iterator[None]:
-    """``transformers``' own log at errors only, for the block."""
-    from transformers.utils import logging as hf_logging
-
-    before = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()
-    try:
-        yield
-    finally:
-        hf_logging.set_verbosity(before)
 
 
 def placed(model: torch.nn.Module, device: torch.device) -> torch.nn.Module:

@@ -65,7 +65,7 @@ def _mask_value(v: Any, where: str, source: str) -> int:
 
 
 def _mapping(spec: dict[str, Any], key: str, source: str) -> dict:
-    value = spec[key] if spec[key] is not None else {}
+    value = spec[key]
     if not isinstance(value, dict):
         raise ConfigError(f"{source}: '{key}' must be a mapping of mask value -> class, got {value!r}")
     return value

@@ -2,29 +2,24 @@
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
+from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
 
 
 def check_loss_weight(key: str, value: float, what: str) -> None:
     """A loss weight as set (``model.<key>``): a finite number >= 0 (0 turns its term off). A
     negative one would push that term's error up, unnoticed."""
-    import math
-
-    from dptune.errors import ConfigError
-
     if isinstance(value, bool) or not math.isfinite(float(value)) or value < 0:
         raise ConfigError(f"model.{key} {value}: {what}, a finite number >= 0 (0 turns it off)")
 
 
 def check_class_weights(weights: list[float] | None, classes: int) -> None:
     """``model.class_weights``: one finite weight >= 0 per class, at least one above 0."""
-    import math
-
-    from dptune.errors import ConfigError
-
     if weights is None:
         return
     if len(weights) != classes:

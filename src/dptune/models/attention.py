@@ -20,8 +20,10 @@ the same way."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -64,15 +66,25 @@ def choose_attention(config, device_type: str, precision: object, sizes: list) -
     return auto_attention(device_type, precision, longest)
 
 
+@contextlib.contextmanager
+def transformers_quiet() -> Iterator[None]:
+    """``transformers``' own log at errors only, for the block."""
+    from transformers.utils import logging as hf_logging
+
+    before = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        yield
+    finally:
+        hf_logging.set_verbosity(before)
+
+
 def set_attention(model: torch.nn.Module, kernel: str) -> None:
     """``kernel`` on every transformers model inside ``model``; a model without sdpa (DPT-Hybrid's BiT
     stem, Depth Anything's head) or one transformers refuses the kernel for keeps its own."""
     from transformers import PreTrainedModel
-    from transformers.utils import logging as hf_logging
 
-    verbosity = hf_logging.get_verbosity()
-    hf_logging.set_verbosity_error()  # its note on sub-configs it sets without a sub-model (DINOv2, BEiT)
-    try:
+    with transformers_quiet():  # its note on sub-configs it sets without a sub-model (DINOv2, BEiT)
         for m in model.modules():
             if not isinstance(m, PreTrainedModel) or m.config._attn_implementation == kernel:
                 continue
@@ -82,8 +94,6 @@ def set_attention(model: torch.nn.Module, kernel: str) -> None:
                 m.set_attn_implementation(kernel)
             except ValueError:
                 continue
-    finally:
-        hf_logging.set_verbosity(verbosity)
 
 
 def _eager(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:

@@ -46,10 +46,15 @@ def list_images(spec: str) -> list[str]:
     return found
 
 
+def shown(path: str) -> str:
+    """``path`` on one line: a name with a newline (or another unprintable character) escaped."""
+    return path if path.isprintable() else repr(path)[1:-1]
+
+
 def entry_name(p: Path) -> str:
     """A folder entry as a message shows it, on one line: a folder with a trailing /, a link to nothing
     said so, a name with a newline (or another unprintable character) escaped."""
-    name = p.name if p.name.isprintable() else repr(p.name)[1:-1]
+    name = shown(p.name)
     if p.is_dir():
         return name + "/"
     return name + (" (a broken link)" if p.is_symlink() and not p.exists() else "")
@@ -198,20 +203,22 @@ def refuse_output(path: str, flag: str, files: list[str], args, is_ours) -> None
         raise ConfigError(f"{flag} {path}: its folder {Path(path).parent} does not exist")
     if Path(path).is_dir():
         raise ConfigError(f"{flag} {path}: is a folder; give a file path")
-    if Path(path).exists() and not Path(path).is_file():  # a pipe, /dev/stdout: the write would replace the entry
-        raise ConfigError(f"{flag} {path}: not a regular file (a pipe, device or socket); give a file path")
-    probe_folder(path, flag)
+    check_output_file(path, flag)
     if Path(path).exists() and not args.overwrite and not is_ours(Path(path)):
         raise ConfigError(f"{flag} {path}: already there and not written by evaluate; give another path, or "
                           "--overwrite to replace it")
 
 
-def probe_folder(path: str | Path, flag: str) -> None:
-    """The folder of an output file takes a new file now (an empty hidden one, made and removed), so
-    that a folder the OS refuses (read-only, /proc) is said before the work, not after it. The path is
-    given to the OS as written: "missing/../x.json" resolves on paper, not on the disk."""
+def check_output_file(path: str | Path, flag: str) -> None:
+    """An output file, before the work: no entry that is not a regular file (a pipe, /dev/stdout: the
+    write would replace the entry, and reading it to see whose it is would block), in a folder that
+    takes a new file now (an empty hidden one, made and removed), so that a folder the OS refuses
+    (read-only, /proc) is said before the work, not after it. The path is given to the OS as
+    written: "missing/../x.json" resolves on paper, not on the disk."""
     import secrets
 
+    if Path(path).exists() and not Path(path).is_file():
+        raise ConfigError(f"{flag} {path}: not a regular file (a pipe, device or socket); give a file path")
     probe = os.path.join(os.path.dirname(str(path)) or ".", f".dptune-probe-{secrets.token_hex(6)}")
     try:
         os.close(os.open(probe, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))

@@ -172,16 +172,14 @@ def check_weights_out(args: argparse.Namespace, files: list[str]) -> None:
     weights fragment unless ``--overwrite``."""
     from pathlib import Path
 
-    from dptune.tools.inputs import config_inputs, probe_folder, refuse_among_inputs, small_text
+    from dptune.tools.inputs import check_output_file, config_inputs, refuse_among_inputs, small_text
 
     # the config and every file it names (its label file, ...) are inputs too
     refuse_among_inputs(args.out, files, "--out", singles=config_inputs(args.config, args.root))
     out = Path(args.out)
     if out.is_dir() or not out.resolve().parent.is_dir():
         raise ConfigError(f"--out {args.out}: give a file path in a folder that exists")
-    if out.exists() and not out.is_file():  # a pipe, /dev/stdout: the write would replace the entry
-        raise ConfigError(f"--out {args.out}: not a regular file (a pipe, device or socket); give a file path")
-    probe_folder(out, "--out")
+    check_output_file(args.out, "--out")
     if out.exists() and not args.overwrite:
         first = (small_text(out) or "").split("\n", 1)[0]
         if not (first.startswith("# ") and WEIGHTS_HEADER in first):

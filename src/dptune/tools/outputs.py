@@ -17,7 +17,7 @@ from tqdm.auto import tqdm
 
 from dptune.data.images import read_image
 from dptune.errors import ConfigError, DataError, disk_state
-from dptune.tools.inputs import small_text
+from dptune.tools.inputs import shown, small_text
 
 # every file name predict may derive from a stem: two inputs never share one (see ``output_stems``)
 OUTPUT_SUFFIXES = (".png", "_overlay.png", "_confidence.png", "_depth.png", "_depth.tiff", "_depth_color.png", ".ply")
@@ -281,11 +281,6 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
             listing.save()
             failed.unlisted = listing.unsaved
     return failed
-
-
-def shown(path: str) -> str:
-    """``path`` on one line: a name with a newline (or another unprintable character) escaped."""
-    return path if path.isprintable() else repr(path)[1:-1]
 
 
 def failure_reason(e: BaseException, path: str) -> str:
