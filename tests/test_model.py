@@ -147,3 +147,77 @@ def test_classifiers_replaced_for_a_new_label_set_start_he(tmp_path, tiny_config
     assert abs(_he_ratio(new[2:]) - 1) < 0.2
     hf = build_model(names, pretrained=str(tmp_path / "seg"), fresh_init="hf")
     assert abs(hf.head.head[4].weight[2:].std().item() - 0.02) < 0.005  # transformers' own N(0, 0.02)
+
+
+def test_logits_past_cudas_upsampling_limit_are_made_in_chunks_with_the_same_numbers(tiny_config, monkeypatch):
+    """CUDA's bilinear upsampling refuses outputs of 2**31 elements or more: DPT-Large's head at 512 x 512
+    with 150 classes hit it from batch 55 on an H200 (gradient checkpointing fits such batches). Simulated
+    here with a lower limit that interpolate enforces as the CUDA kernel does; the head's layers before its
+    final upsampling still see the whole batch (BatchNorm's batch statistics), so training computes the same."""
+    import torch.nn.functional as F
+
+    import dptune.models.chunks as chunks
+    from dptune.losses.segmentation import cross_entropy
+
+    torch.manual_seed(0)
+    model = DPTForSemanticSegmentation(DPTConfig(**tiny_config, num_labels=5)).train()
+    model.config.semantic_classifier_dropout = 0.0
+    model.head.head[3].p = 0.0
+    x = torch.randn(6, 3, 64, 64)
+    target = torch.randint(0, 5, (6, 64, 64))
+    expected, _ = segment(model, x, with_aux=False)
+    expected_loss = cross_entropy(expected, target)
+    calls = []
+    interpolate = F.interpolate
+
+    def limited(inp, *args, **kwargs):
+        out = interpolate(inp, *args, **kwargs)
+        if out.shape[1] != 5:  # the neck's (at real sizes it reaches the limit at over twice the batch)
+            return out
+        calls.append(out.shape[0])
+        if out.numel() > limit:
+            raise RuntimeError(f"upsample_bilinear2d only supports output tensors with less than INT_MAX elements, "
+                               f"but got {list(out.shape)}")
+        return out
+
+    limit = 2 * 5 * 64 * 64  # two samples' logits at full size
+    monkeypatch.setattr(chunks, "ELEMENT_LIMIT", limit)
+    monkeypatch.setattr(F, "interpolate", limited)
+    logits, _ = segment(model, x, with_aux=False)
+    assert calls and max(calls) <= 2 and sum(calls) == 6, calls
+    torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
+    torch.testing.assert_close(cross_entropy(logits, target), expected_loss, rtol=1e-6, atol=1e-6)
+
+
+def test_cross_entropy_past_the_element_limit_runs_in_chunks_with_the_same_loss_and_gradient(monkeypatch):
+    """The full-size logits of 64 x 150 x 512 x 512 pass 2**31 elements; CUDA's softmax kernels then read
+    out of bounds (an H200 stopped with an illegal memory access). The loss sums per chunk of samples;
+    simulated with a lower limit that cross_entropy enforces."""
+    import torch.nn.functional as F
+
+    import dptune.losses.segmentation as seg_losses
+    import dptune.models.chunks as chunks
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, 8, 8, requires_grad=True)
+    target = torch.randint(0, 4, (5, 16, 16))
+    target[0, :3] = 255
+    weight = torch.tensor([1.0, 2.0, 0.5, 1.5])
+    expected = [seg_losses.cross_entropy(logits, target, w) for w in (None, weight)]
+    grads = [torch.autograd.grad(e, logits)[0] for e in expected]
+    ce, sizes = F.cross_entropy, []
+
+    def limited(inp, *args, **kwargs):
+        sizes.append(inp.shape[0])
+        if inp.numel() > limit:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return ce(inp, *args, **kwargs)
+
+    limit = 2 * 4 * 16 * 16
+    monkeypatch.setattr(chunks, "ELEMENT_LIMIT", limit)
+    monkeypatch.setattr(F, "cross_entropy", limited)
+    for w, e, g in zip((None, weight), expected, grads, strict=True):
+        got = seg_losses.cross_entropy(logits, target, w)
+        torch.testing.assert_close(got, e, rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(torch.autograd.grad(got, logits)[0], g, rtol=1e-6, atol=1e-7)
+    assert max(sizes) == 2 and sum(sizes) == 10, sizes

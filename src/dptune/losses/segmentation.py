@@ -9,6 +9,7 @@ import torch.nn.functional as F
 
 from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
+from dptune.models.chunks import samples_per_chunk
 
 
 def check_loss_weight(key: str, value: float, what: str) -> None:
@@ -35,8 +36,7 @@ def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.
     size = tuple(size)
     if tuple(logits.shape[-2:]) == size:
         return logits
-    per_sample = logits.shape[1] * size[0] * size[1]
-    chunk = max(1, (2**31 - 1) // per_sample)
+    chunk = samples_per_chunk(logits.shape[1] * size[0] * size[1])
     parts = [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in logits.split(chunk)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
@@ -54,11 +54,14 @@ def cross_entropy_terms(logits: torch.Tensor, target: torch.Tensor,
                         weight: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The summed cross-entropy of the labelled pixels and what the mean divides it by: their count,
     or with class ``weight`` their summed weights (as ``F.cross_entropy``'s mean does). A split's
-    mean is the sum of the batches' first terms over the sum of their second."""
-    logits = upsample(logits, target.shape[-2:])
+    mean is the sum of the batches' first terms over the sum of their second. Computed in batch
+    chunks where the upsampled logits would pass 2**31 elements (CUDA's softmax kernels index with 32
+    bits: an H200 stopped at an illegal memory access on 64 x 150 x 512 x 512)."""
     if weight is not None:  # the class weights follow the module's dtype (bfloat16 under bf16-true)
         weight = weight.to(logits.dtype)
-    total = F.cross_entropy(logits, target, weight=weight, ignore_index=IGNORE_INDEX, reduction="sum")
+    chunk = samples_per_chunk(logits.shape[1] * target.shape[-2] * target.shape[-1])
+    total = sum(F.cross_entropy(upsample(x, target.shape[-2:]), t, weight=weight, ignore_index=IGNORE_INDEX,
+                                reduction="sum") for x, t in zip(logits.split(chunk), target.split(chunk), strict=True))
     valid = target != IGNORE_INDEX
     if weight is None:
         return total, valid.sum()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 from transformers import DPTForSemanticSegmentation, PreTrainedModel
 
+from dptune.models.chunks import run_head
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
 
 # parameter names of the backbone (DPT's own ViT, or a transformers backbone); the rest is neck + heads
@@ -57,6 +58,6 @@ def segment(
     else:
         features = backbone_features(model, pixel_values)
         features = model.neck(features, patch_height=h // multiple, patch_width=w // multiple)
-    logits = model.head(features)
+    logits = run_head(model.head, features)
     aux = model.auxiliary_head(features[-1]) if with_aux and model.auxiliary_head is not None else None
     return logits, aux

@@ -20,6 +20,7 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dptune.models.build import input_side
+from dptune.models.chunks import run_head
 from dptune.models.dpt_backbone import uses_backbone
 from dptune.models.forward import backbone_features
 
@@ -77,7 +78,7 @@ class JointDPT(nn.Module):
         # gradient), so that every process of a DDP run reduces the same parameters and runs the same
         # SyncBatchNorm collectives whatever its batch holds
         neck = self._neck(self.seg, rows(seg_rows), h, w)
-        logits = self.seg.head(neck)
+        logits = run_head(self.seg.head, neck)
         aux = self.seg.auxiliary_head(neck[-1]) if with_aux and self.seg.auxiliary_head is not None else None
         depth = self.depth.head(self._neck(self.depth, rows(depth_rows), h, w))
         return logits, aux, depth
