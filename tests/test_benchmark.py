@@ -26,8 +26,15 @@ def test_profile_names_the_operators_that_take_the_step(tiny_config_path, tmp_pa
     backward = [r for r in rows if r["op"] == "aten::convolution_backward"]
     assert backward and backward[0]["shapes"] == "all" and all(r["share"] <= backward[0]["share"] for r in backward)
     assert all(r["ms_per_step"] > 0 and r["calls_per_step"] > 0 for r in rows)
+    # the forward pass split by the network's parts: the encoder, the neck (reassemble + fusion), the head
+    parts = {r["part"]: r for r in result["profile_parts"]}
+    within = ["embeddings", "encoder layers", "neck (reassemble + fusion)", "head"]
+    assert set(within) | {"network", "loss"} <= set(parts), parts
+    assert all(0 < r["share"] < 1 and r["ms_per_step"] > 0 for r in parts.values())
+    assert sum(parts[p]["ms_per_step"] for p in within) <= parts["network"]["ms_per_step"] * 1.001
+    assert not any(r["op"].startswith("dptune.") for r in rows)
     printed = capsys.readouterr().out
-    assert rows[0]["op"] in printed and "ms/step" in printed
+    assert rows[0]["op"] in printed and "ms/step" in printed and "within encoder layers" in printed
 
 
 def test_a_negative_profile_is_refused_in_one_line(capsys):

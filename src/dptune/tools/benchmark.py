@@ -87,6 +87,8 @@ def _timed_rounds(jobs: list[str], n_rounds: int, opts: dict[str, Any], flops: f
             for row in r.get("profile", []):
                 print(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.1f} ms/step  {row['calls_per_step']:4.1f}x  "
                       f"{row['op']}  {row['shapes']}")
+            for row in r.get("profile_parts", []):
+                print(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.1f} ms/step  within {row['part']}")
             this[job] = r
         rounds.append(this)
         failed = [job for job in jobs if "error" in this[job]]

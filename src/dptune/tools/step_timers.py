@@ -68,11 +68,16 @@ def time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
     data = [{"image": images[i % 4], "mask": masks[i % 4], "sizes": [(opts["crop"],) * 2] * opts["batch"]}
             for i in range(timed_end + profiled)]
     times: list[float] = []
-    profiler = torch.profiler.profile(record_shapes=True) if profiled else None
+    activities = [torch.profiler.ProfilerActivity.CPU]
+    if opts["device"] == "cuda":  # kernels' own time on the GPU, not the launches'
+        activities.append(torch.profiler.ProfilerActivity.CUDA)
+    profiler = torch.profiler.profile(activities=activities, record_shapes=True) if profiled else None
+    ranges: list[Any] = []
 
     class Timer(pl.Callback):
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             if profiler is not None and batch_idx == timed_end:
+                ranges.extend(part_ranges(pl_module))
                 profiler.start()
 
         def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
@@ -81,6 +86,8 @@ def time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
             times.append(time.perf_counter())
             if profiler is not None and batch_idx == len(data) - 1:
                 profiler.stop()
+                for hook in ranges:
+                    hook.remove()
 
     trainer = pl.Trainer(
         accelerator="gpu" if opts["device"] == "cuda" else "cpu", devices=1, precision=opts["precision"],
@@ -93,28 +100,100 @@ def time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
     ips = opts["batch"] * (len(timed) - 1) / (timed[-1] - timed[0])
     out = {"images_per_s": ips, "peak_mem_gib": peak_memory(opts["device"])}
     if profiler is not None:
-        out["profile"] = profile_rows(profiler, profiled)
+        out["profile"] = profile_rows(profiler, profiled, opts["device"])
+        out["profile_parts"] = part_rows(profiler, profiled, opts["device"])
         out["profiled_steps"] = profiled
     return out
 
 
-def profile_rows(prof, steps: int, top: int = 15) -> list[dict[str, Any]]:
-    """The operators that took the most of ``steps`` profiled training steps (self CPU time: the
-    operator's own kernels, not what it called): the ``top`` operators in all (``shapes`` "all"), then
-    the ``top`` by operator and input shapes, each with its milliseconds per step and its share of
-    all the profiled self time. Named ranges are left out of the rows (``Optimizer.step#AdamW.step``
-    spans Lightning's whole closure, forward and backward: its self time is the Python around them),
-    not out of the total."""
-    rows = []
+PART = "dptune.forward:"  # the named ranges of part_ranges
+
+
+def _part_name(name: str) -> str | None:
+    """The part of the step a module of the network belongs to (None: inside a part)."""
+    if name.startswith("dpt.encoder.layer.") and name.count(".") == 3:
+        return "encoder layers"  # transformers' encoder.forward is not called (models/forward.py)
+    return {"dpt.embeddings": "embeddings", "backbone": "backbone", "neck": "neck (reassemble + fusion)",
+            "head": "head", "auxiliary_head": "auxiliary head"}.get(name)
+
+
+def part_ranges(task) -> list[Any]:
+    """Put the task's forward pass, each top-level part of its network (embeddings, encoder layers,
+    neck, heads) and its loss in named profiler ranges; returns what undoes it."""
+    import torch
+
+    class Undo:
+        def __init__(self, fn):
+            self.remove = fn
+
+    def hooks(module, name: str) -> list[Any]:
+        box: list[Any] = []
+
+        def enter(_m, _args):
+            box.append(torch.profiler.record_function(PART + name).__enter__())
+
+        def leave(_m, _args, _out):
+            box.pop().__exit__(None, None, None)
+
+        return [module.register_forward_pre_hook(enter), module.register_forward_hook(leave)]
+
+    handles = hooks(task, "network")
+    for name, module in task.model.named_modules():
+        part = _part_name(name)
+        if part is not None:
+            handles += hooks(module, part)
+    loss = task.loss
+
+    def ranged_loss(*args, **kwargs):
+        with torch.profiler.record_function(PART + "loss"):
+            return loss(*args, **kwargs)
+
+    task.loss = ranged_loss
+    return [*handles, Undo(lambda: delattr(task, "loss"))]
+
+
+def _self_time(device: str) -> str:
+    # on a GPU the kernels' own time on the device; on a CPU the operators' own time
+    return "self_device_time_total" if device == "cuda" else "self_cpu_time_total"
+
+
+def _host_events(prof, by_shape: bool = False) -> list[Any]:
+    """The profile's events of the host: operators and named ranges. On a GPU the kernels are events
+    too, and so is each named range's span on the device: their time is their host operator's
+    device time already, so counting them as well would count it twice."""
+    return [e for e in prof.key_averages(group_by_input_shape=by_shape) if "CPU" in str(getattr(e, "device_type", "CPU"))]
+
+
+def profile_rows(prof, steps: int, device: str = "cpu", top: int = 15) -> list[dict[str, Any]]:
+    """The operators that took the most of ``steps`` profiled training steps (self time: the
+    operator's own kernels, not what it called; on a GPU their time on the device): the ``top``
+    operators in all (``shapes`` "all"), then the ``top`` by operator and input shapes, each with its
+    milliseconds per step and its share of all the profiled self time. Named ranges are left out of
+    the rows (``Optimizer.step#AdamW.step`` spans Lightning's whole closure, forward and backward: its
+    self time is the Python around them; ``part_rows`` reads dptune's own), not out of the total."""
+    rows, attr = [], _self_time(device)
     for by_shape in (False, True):
-        events = prof.key_averages(group_by_input_shape=by_shape)
-        total = sum(e.self_cpu_time_total for e in events) or 1.0
-        ops = [e for e in events if "#" not in e.key and not e.key.startswith("Optimizer.")]
-        for e in sorted(ops, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]:
+        events = _host_events(prof, by_shape)
+        total = sum(getattr(e, attr) for e in events) or 1.0
+        ops = [e for e in events if "#" not in e.key and not e.key.startswith(("Optimizer.", PART))]
+        for e in sorted(ops, key=lambda e: getattr(e, attr), reverse=True)[:top]:
             rows.append({"op": e.key, "shapes": str([list(x) for x in e.input_shapes if x])[:90] if by_shape else "all",
-                         "calls_per_step": e.count / steps, "ms_per_step": e.self_cpu_time_total / 1e3 / steps,
-                         "share": e.self_cpu_time_total / total})
+                         "calls_per_step": e.count / steps, "ms_per_step": getattr(e, attr) / 1e3 / steps,
+                         "share": getattr(e, attr) / total})
     return rows
+
+
+def part_rows(prof, steps: int, device: str = "cpu") -> list[dict[str, Any]]:
+    """The forward pass of the network, of each of its parts and the loss (``part_ranges``):
+    milliseconds per step with everything they ran, and the share of the whole profiled step's self
+    time (forward, loss, backward and optimizer); backward and optimizer time are in ``profile_rows``."""
+    events = _host_events(prof)
+    attr = _self_time(device)
+    total = sum(getattr(e, attr) for e in events) or 1.0
+    inclusive = "device_time_total" if device == "cuda" else "cpu_time_total"
+    return [{"part": e.key[len(PART):], "ms_per_step": getattr(e, inclusive) / 1e3 / steps,
+             "share": getattr(e, inclusive) / total}
+            for e in sorted(events, key=lambda e: getattr(e, inclusive), reverse=True) if e.key.startswith(PART)]
 
 
 def time_hf_trainer(opts: dict[str, Any]) -> dict[str, Any]:
