@@ -945,7 +945,7 @@ def test_predict_and_evaluate_of_a_damaged_export_are_one_line_naming_the_file(m
 def test_an_interrupted_predict_says_in_its_list_that_it_is_incomplete(models, tmp_path, monkeypatch, capsys):
     """A Ctrl-C part way left a folder of N of M predictions whose dptune-predict.json read like a
     finished run's (adversarial review): the list now says inputs, inputs done and complete."""
-    from dptune.tools import outputs
+    from dptune.tools import predict_run
 
     images = tmp_path / "in"
     images.mkdir()
@@ -960,7 +960,7 @@ def test_an_interrupted_predict_says_in_its_list_that_it_is_incomplete(models, t
     spec = json.loads((out / "dptune-predict.json").read_text())
     assert (spec["inputs"], spec["inputs_done"], spec["complete"]) == (5, 5, True)
 
-    real, seen = outputs.read_image, []
+    real, seen = predict_run.read_image, []
 
     def interrupted(path):
         seen.append(path)
@@ -971,7 +971,7 @@ def test_an_interrupted_predict_says_in_its_list_that_it_is_incomplete(models, t
             raise KeyboardInterrupt
         return real(path)
 
-    monkeypatch.setattr(outputs, "read_image", interrupted)
+    monkeypatch.setattr(predict_run, "read_image", interrupted)
     out2 = tmp_path / "preds2"
     with pytest.raises(KeyboardInterrupt):
         predict_main([*args[:-3], str(out2), "--device", "cpu"])
@@ -1193,7 +1193,8 @@ def test_a_failure_naming_an_output_with_a_newline_keeps_its_reason_on_one_line(
     after the output's newline, was lost."""
     import errno
 
-    from dptune.tools.outputs import OutputRefused, failure_reason
+    from dptune.tools.outputs import OutputRefused
+    from dptune.tools.predict_run import failure_reason
 
     e = OutputRefused(errno.ENOSPC, "No space left on device", "out/good\nname.png")
     assert failure_reason(e, "in/good\nname.jpg") == "out/good\\nname.png: cannot be written (No space left on device)"

@@ -33,7 +33,8 @@ from dptune.errors import ConfigError, DataError, of_image
 from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
 from dptune.tasks.visuals import colorize_depth, depth_range
 from dptune.tools.inputs import json_is_ours, parse_scales, refuse_output, small_text
-from dptune.tools.outputs import failures, imwrite, predict_each, prepare_out, write_replacing, write_text
+from dptune.tools.outputs import imwrite, write_replacing, write_text
+from dptune.tools.predict_run import failures, predict_each, prepare_out
 
 
 def intrinsics(spec: str) -> tuple[float, float, float, float]:

@@ -63,7 +63,7 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
     )
     from dptune.tools.inputs import parse_scales
     from dptune.tools.masks import mask_files, write_masks
-    from dptune.tools.outputs import failures, predict_each, prepare_out
+    from dptune.tools.predict_run import failures, predict_each, prepare_out
 
     scales = parse_scales(args.scales)
     seg, depth, joint = load_joint(args.model, args.device, trust_remote_code=args.trust_remote_code)

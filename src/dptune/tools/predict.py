@@ -47,7 +47,8 @@ from dptune.errors import ConfigError, DataError
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.tools.inputs import list_images, parse_scales, refuse_out_among_inputs
 from dptune.tools.masks import mask_files, write_masks
-from dptune.tools.outputs import MANIFEST, failures, output_stems, predict_each, prepare_out
+from dptune.tools.outputs import output_stems
+from dptune.tools.predict_run import MANIFEST, failures, predict_each, prepare_out
 
 
 def main(argv: list[str] | None = None) -> int:
