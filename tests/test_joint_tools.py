@@ -237,3 +237,22 @@ def test_evaluate_with_a_config_of_another_task_is_one_line(camvid_joint_export,
         err = [ln for ln in capsys.readouterr().err.splitlines() if ln.strip()]
         assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: --config {config}: a {words} config"), err
         assert "Traceback" not in err[0]
+
+
+@needs(CAMVID)
+def test_evaluate_of_both_parts_checks_its_outputs_before_scoring_either(camvid_joint_export, tmp_path, capsys):
+    """A joint config scoring both parts with --confusion x.txt refused the segmentation part in one
+    line and then scored the depth part anyway (a review): the outputs are checked before either part
+    runs. A --confusion PNG is the segmentation part's (a depth part has no confusion matrix)."""
+    from dptune.tools.evaluate import main as evaluate_main
+
+    config, _, _ = small_joint_config(tmp_path)
+    base = ["--model", str(camvid_joint_export), "--config", str(config), "--split", "val", "--device", "cpu"]
+    assert evaluate_main([*base, "--confusion", str(tmp_path / "c.txt")]) == 2
+    captured = capsys.readouterr()
+    err = [ln for ln in captured.err.splitlines() if ln.strip()]
+    assert len(err) == 1 and err[0].startswith("error: --confusion") and ".png" in err[0], err
+    assert score_lines(captured.out) == ([], []) and not (tmp_path / "c.txt").exists()
+    assert evaluate_main([*base, "--confusion", str(tmp_path / "c.png")]) == 0, capsys.readouterr().err
+    seg, depth = score_lines(capsys.readouterr().out)
+    assert len(seg) == 1 and len(depth) == 1 and (tmp_path / "c.png").stat().st_size > 0

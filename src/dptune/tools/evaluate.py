@@ -243,6 +243,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.config and not args.depth:  # each part the config has data for, on its own source's split
             from dptune.tools.multitask import evaluate_with_config
 
+            check_score_outputs(args)  # before any part is scored (a joint config scores two)
             rc = evaluate_with_config(args, task, main, sys.argv[1:] if argv is None else list(argv))
             if rc is not None:
                 return rc

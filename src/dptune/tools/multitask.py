@@ -140,6 +140,19 @@ def one_source(path: str, data: dict, part: str) -> dict:
     return {k: v for k, v in section.items() if k not in ("name", "weight")}
 
 
+def without_option(argv: list[str], flag: str) -> list[str]:
+    """``argv`` without ``flag`` and its value (``flag value`` or ``flag=value``)."""
+    out, skip = [], False
+    for a in argv:
+        if skip:
+            skip = False
+        elif a == flag:
+            skip = True
+        elif not a.startswith(flag + "="):
+            out.append(a)
+    return out
+
+
 def evaluate_with_config(args, model_task: str, main, argv: list[str]) -> int | None:
     """``evaluate --config``: each part of the model that the config has data for, on that part's own
     source and split with the config's settings (a joint model with a joint config: both, one after
@@ -175,7 +188,8 @@ def evaluate_with_config(args, model_task: str, main, argv: list[str]) -> int | 
                 print("note: --mode/--scales shape the masks; depth is scored on the whole image at one scale",
                       file=sys.stderr)
                 extra += ["--mode", "whole", "--scales", "1"]
-            rcs.append(main([*argv, *extra]))
+            # --confusion is the segmentation part's picture (checked before either part ran)
+            rcs.append(main([*(argv if part == "segmentation" else without_option(argv, "--confusion")), *extra]))
         return max(rcs)
     part = parts[0]
     section = data if ctask == part else one_source(args.config, data, part)
