@@ -276,7 +276,7 @@ def test_an_out_folder_that_cannot_be_written_is_one_line_naming_it(models, tmp_
     assert rc == 2 and lines == [f"error: --out {tmp_path / 'out'}: cannot be written (Read-only file system)"], lines
 
 
-@pytest.mark.parametrize("scales", ["0", "-1", "abc", "nan", "1e9", ""])
+@pytest.mark.parametrize("scales", ["0", "-1", "abc", "nan", "1e9", "", "1,1"])
 def test_evaluate_refuses_scales_it_cannot_use_in_one_line_before_loading(tmp_path, capsys, scales):
     """evaluate parsed --scales itself, unchecked: 1e9 was an OverflowError traceback, 0 and -1 said
     "height and width must be > 0", abc "could not convert string to float", none naming the option
@@ -920,8 +920,9 @@ def test_predict_with_a_folder_that_is_no_model_is_one_line(tmp_path, capsys):
     assert "Errno" not in lines[0] and not (tmp_path / "p").exists()
 
 
-@pytest.mark.parametrize("scales", ["0,1", "0,abc", "", "nan"])
+@pytest.mark.parametrize("scales", ["0,1", "0,abc", "", "nan", "1,1", "0.5,1,0.50"])
 def test_bad_scales_name_the_option(models, tmp_path, capsys, scales):
+    """A scale given twice (1,1) ran the same view twice and averaged it with itself, without a word."""
     rc = predict_main(["--model", str(models / "segmentation"), "--images", str(FRAMES[0]),
                        "--out", str(tmp_path / "p"), "--scales", scales, "--device", "cpu"])
     lines = errors(capsys)
@@ -1198,3 +1199,25 @@ def test_a_failure_naming_an_output_with_a_newline_keeps_its_reason_on_one_line(
 
     e = OutputRefused(errno.ENOSPC, "No space left on device", "out/good\nname.png")
     assert failure_reason(e, "in/good\nname.jpg") == "out/good\\nname.png: cannot be written (No space left on device)"
+
+
+def test_an_empty_output_path_is_refused_in_one_line(models, tmp_path, capsys, monkeypatch):
+    """``--json ''`` (an unset shell variable) made evaluate write no scores and say nothing, exit 0;
+    predict's ``--out ''`` is the current folder; the benchmark's failed at the end of its run."""
+    from dptune.tools.benchmark import main as bench_main
+    from dptune.tools.inspect import main as inspect_main
+
+    monkeypatch.chdir(tmp_path)
+    model = camvid_model(tmp_path / "model")
+    runs = [(evaluate_main, ["--model", str(model), "--root", str(CAMVID), "--images", "val/0016E5_0799*.jpg",
+                             "--masks", "valannot/{stem}.png", "--labels", "labels.yaml", "--json", ""], "--json"),
+            (evaluate_main, ["--model", str(model), "--confusion", " "], "--confusion"),
+            (predict_main, ["--model", str(models / "segmentation"), "--images", str(FRAMES[0]), "--out", ""], "--out"),
+            (inspect_main, ["--config", "x.yaml", "--out", ""], "--out"),
+            (bench_main, ["--json", ""], "--json")]
+    for main, args, flag in runs:
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"error: argument {flag}: an empty path" in err, (flag, err)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]

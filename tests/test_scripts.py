@@ -247,11 +247,13 @@ def test_onnx_masks_equal_the_pipeline_on_real_frames(exported, tmp_path):
 
 def test_evaluate_refuses_a_label_set_with_other_names_or_order(exported, tmp_path, capsys):
     """Same class count, other names (or the same names reordered): scoring would compare class i of
-    one label set with class i of the other. One line, exit 2."""
+    one label set with class i of the other. One line, exit 2, naming the model and the label file
+    (a class count that differs said "the model has 11 classes, the label set 10", naming neither)."""
     names = LabelSet.from_yaml(CAMVID / "labels.yaml").names
+    labels = tmp_path / "labels.yaml"
     for changed, message in [([*names[:3], "Street", *names[4:]], "class 3 is 'Road' in the model but 'Street'"),
-                             ([names[1], names[0], *names[2:]], "same classes in another order")]:
-        labels = tmp_path / "labels.yaml"
+                             ([names[1], names[0], *names[2:]], "same classes in another order"),
+                             (names[:-1], f"{exported}: the model has 11 classes, the label set {labels} 10")]:
         labels.write_text(json.dumps({"names": changed, "ignore_values": [11]}))
         rc = evaluate_main(["--model", str(exported), "--images", VAL, "--masks", "valannot/{stem}.png",
                             "--labels", str(labels), "--root", str(CAMVID)])

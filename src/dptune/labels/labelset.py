@@ -254,14 +254,15 @@ def _fmt_values(values: np.ndarray, limit: int = 8) -> str:
     return "[" + ", ".join(map(str, vals)) + more + "]"
 
 
-def check_same_classes(model_names: list[str], data_names: list[str]) -> None:
+def check_same_classes(model_names: list[str], data_names: list[str], model: str = "", labels: str = "") -> None:
     """The model's classes must be the data's, in the same order: a confusion matrix of two
     different label sets would score class i of one as class i of the other (evaluate and the
-    export's held-back scoring)."""
+    export's held-back scoring). ``model`` and ``labels``: where each came from, for the message."""
     if [n.lower() for n in model_names] == [n.lower() for n in data_names]:
         return
     if len(model_names) != len(data_names):
-        raise DataError(f"the model has {len(model_names)} classes, the label set {len(data_names)}")
+        raise DataError(f"{model + ': ' if model else ''}the model has {len(model_names)} classes, the label set"
+                        f"{' ' + labels if labels else ''} {len(data_names)}")
     if sorted(n.lower() for n in model_names) == sorted(n.lower() for n in data_names):
         raise DataError(f"the model and the label set have the same classes in another order (model: "
                         f"{model_names}, labels: {data_names}); list the names in the model's order")

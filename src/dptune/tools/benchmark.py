@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from dptune.tools.jobs import run_job
+from dptune.tools.paths import path_arg
 from dptune.tools.step_timers import PRESETS, max_batch, model_config, time_dptune, time_hf_trainer
 
 # dense bf16 / fp16 tensor-core peaks (no sparsity), TFLOP/s
@@ -197,7 +198,7 @@ def _parser() -> argparse.ArgumentParser:
     ap.add_argument("--samples", type=int, default=200, help="with --data: samples to time")
     ap.add_argument("--joint", action="store_true",
                     help="inference instead: one segmentation + depth DPT against the two single-task models")
-    ap.add_argument("--json", help="write results here")
+    ap.add_argument("--json", type=path_arg, help="write results here")
     ap.add_argument("--infer", metavar="EXPORT_DIR",
                     help="time an export's inference instead (torch eager / compiled, ONNX Runtime fp32 / int8 / fp16); "
                          "its own options: dptune benchmark --infer EXPORT_DIR --help")

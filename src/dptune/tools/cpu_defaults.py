@@ -29,6 +29,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from dptune.tools.paths import path_arg
+
 REPO = Path(__file__).resolve().parents[3]
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}
 STEP = ["--num-labels", "11", "--crop", "192", "--batch", "8", "--steps", "8", "--warmup", "2"]
@@ -104,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--isa", choices=["native", "avx2"], default="native")
     ap.add_argument("--rows", choices=["all", "step", "run"], default="all")
     ap.add_argument("--epochs", type=int, default=2, help="run rows: epochs of the CamVid recipe")
-    ap.add_argument("--json", help="write the rows here too")
+    ap.add_argument("--json", type=path_arg, help="write the rows here too")
     args = ap.parse_args(argv)
     if not Path(args.model).is_file():
         print(f"error: --model {args.model}: no such DPTConfig JSON", file=sys.stderr)

@@ -44,6 +44,7 @@ from dptune.labels import IGNORE_INDEX, LabelSet, check_same_classes
 from dptune.metrics.segmentation import metrics_from_confmat
 from dptune.tools.inputs import json_is_ours, parse_scales, refuse_output
 from dptune.tools.outputs import write_replacing, write_text
+from dptune.tools.paths import path_arg
 
 CONFUSION_TAG = "dptune evaluate: confusion matrix"  # the PNG's Software text: how a later run knows it wrote it
 
@@ -153,10 +154,11 @@ def _source_and_labels(args) -> tuple[object, LabelSet]:
     return FolderSource(root, args.images, args.masks, labels.mask_format == "rgb"), labels
 
 
-def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool | str, scales: tuple[float, ...]) -> np.ndarray:
+def evaluate(predictor, source, labels: LabelSet, mode: str, flip: bool | str, scales: tuple[float, ...],
+             model: str = "") -> np.ndarray:
     from dptune.data.dataset import encode_sample
 
-    check_same_classes(predictor.labels.names, labels.names)
+    check_same_classes(predictor.labels.names, labels.names, model, labels.source)
     c = predictor.labels.num_classes
     confmat = np.zeros((c, c), np.int64)
     for i in tqdm(range(len(source)), desc="evaluating"):
@@ -210,8 +212,8 @@ def parser() -> argparse.ArgumentParser:
                     help="score only the images an export's serving graphs were measured on (listed in its "
                          "dptune.json by export --int8 / --onnx-fp16 / --calibrate-temperature): with --backend "
                          "onnx-int8 it reproduces the card's int8 figures; the images must be among those given")
-    ap.add_argument("--json", help="write the scores here (not among the inputs)")
-    ap.add_argument("--confusion", help="write a row-normalised confusion-matrix picture here (.png; not among the "
+    ap.add_argument("--json", type=path_arg, help="write the scores here (not among the inputs)")
+    ap.add_argument("--confusion", type=path_arg, help="write a row-normalised confusion-matrix picture here (.png; not among the "
                                         "inputs)")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace an existing --json / --confusion file that evaluate did not write")
@@ -261,7 +263,7 @@ def main(argv: list[str] | None = None) -> int:
         scales = parse_scales(args.scales)  # before the model loads
         predictor = Predictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code,
                                    backend=args.backend)
-        confmat = evaluate(predictor, source, labels, args.mode, args.flip, scales)
+        confmat = evaluate(predictor, source, labels, args.mode, args.flip, scales, args.model)
     except (DataError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

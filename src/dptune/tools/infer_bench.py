@@ -50,6 +50,7 @@ from dptune.tools.infer_export import (
     task_dir,
     torch_model,
 )
+from dptune.tools.paths import path_arg
 
 
 def check_json_out(path: str, export: Path) -> None:
@@ -125,7 +126,7 @@ def parser() -> argparse.ArgumentParser:
     ap.add_argument("--warmup", type=int, default=5)
     ap.add_argument("--engines", default=",".join(ENGINES),
                     help="comma-separated subset (a missing graph or provider is skipped and said)")
-    ap.add_argument("--json", help="also write the results here")
+    ap.add_argument("--json", type=path_arg, help="also write the results here")
     ap.add_argument("--profile", type=int, default=0, metavar="N",
                     help=f"after the timing, N ({PROFILE_MIN} to {PROFILE_MAX}) profiled batch-1 runs of each ONNX "
                          "Runtime CPU graph at the export's size (a graph that takes one batch or size: at it, "

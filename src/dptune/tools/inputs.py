@@ -166,6 +166,9 @@ def parse_scales(spec: str) -> tuple[float, ...]:
     lo, hi = SCALE_RANGE
     if not scales or not all(lo <= s <= hi for s in scales):  # NaN and inf fail too
         raise ConfigError(f"--scales {spec!r}: give comma-separated factors from {lo:g} to {hi:g}, e.g. 0.75,1,1.25")
+    twice = next((s for i, s in enumerate(scales) if s in scales[:i]), None)
+    if twice is not None:  # the same view run twice and averaged with itself
+        raise ConfigError(f"--scales {spec!r}: {twice:g} is given twice; give each scale once")
     return scales
 
 

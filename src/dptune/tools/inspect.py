@@ -31,6 +31,7 @@ import yaml
 
 from dptune.data.base import STAGES
 from dptune.errors import ConfigError, DataError
+from dptune.tools.paths import path_arg
 from dptune.tools.split_stats import (
     SplitStats,
     class_weights,
@@ -243,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                                      "config has)")
     ap.add_argument("--class-weights", choices=["inverse", "median"],
                     help="segmentation configs: compute weights from the train split")
-    ap.add_argument("--out", help="with --class-weights: write the weights as a YAML config fragment "
+    ap.add_argument("--out", type=path_arg, help="with --class-weights: write the weights as a YAML config fragment "
                                   "(model.class_weights); not the config, not among the data")
     ap.add_argument("--overwrite", action="store_true",
                     help="let --out replace a file that is not inspect's own weights fragment")
