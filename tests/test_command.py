@@ -18,6 +18,10 @@ def test_every_command_answers_help(capsys):
         assert done.value.code == 0, name
         out = capsys.readouterr().out
         assert "usage:" in out and "dptune" in out, (name, out[:300])
+        # an example command continued on the next line keeps its line break (a backslash-newline
+        # in the module's docstring joined the lines with a run of spaces: "camvid.yaml         --root")
+        joined = [ln for ln in out.splitlines() if ln.lstrip().startswith("python ") and "    --" in ln.strip()]
+        assert not joined, (name, joined)
 
 
 def test_no_command_lists_them_and_an_unknown_one_is_one_line(capsys):

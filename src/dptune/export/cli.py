@@ -1,4 +1,4 @@
-"""``dptune export``: export to a directory plain ``transformers`` loads (and serves), optionally ONNX too.
+r"""``dptune export``: export to a directory plain ``transformers`` loads (and serves), optionally ONNX too.
 
     python scripts/export.py RUN/checkpoints/last.ckpt OUT [--onnx] [--fp16] [--push-to-hub user/repo] [--overwrite]
     python scripts/export.py RUN/checkpoints/last.ckpt OUT --int8 [--onnx-fp16] [--calibrate-temperature] \

@@ -1,4 +1,4 @@
-"""Training throughput, peak memory and MFU of dptune, and the same for a plain HF Trainer.
+r"""Training throughput, peak memory and MFU of dptune, and the same for a plain HF Trainer.
 
     python scripts/benchmark.py --model ../shared/bench/dpt-bench-tiny.json --crop 192 --batch 8 --baseline --rounds 4
     python scripts/benchmark.py --model dpt-large-ade --crop 512 --batch 16 --precision bf16-mixed \

@@ -1,4 +1,4 @@
-"""Score a model on labelled images: mIoU, pixel accuracy, mean accuracy, per-class IoU.
+r"""Score a model on labelled images: mIoU, pixel accuracy, mean accuracy, per-class IoU.
 
     python scripts/evaluate.py --model RUN/checkpoints/last.ckpt --config configs/camvid.yaml \
         --root ../shared/data/camvid --split val

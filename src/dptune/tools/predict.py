@@ -1,4 +1,4 @@
-"""Predict masks (segmentation models), depth maps (depth models) or both (segmentation + depth
+r"""Predict masks (segmentation models), depth maps (depth models) or both (segmentation + depth
 models) for images.
 
     python scripts/predict.py --model OUT --images "photos/*.jpg" --out preds
