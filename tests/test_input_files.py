@@ -274,6 +274,28 @@ def test_an_out_folder_that_cannot_be_written_is_one_line_naming_it(models, tmp_
                        str(tmp_path / "out"), "--device", "cpu"])
     lines = errors(capsys)
     assert rc == 2 and lines == [f"error: --out {tmp_path / 'out'}: cannot be written (Read-only file system)"], lines
+    # an --out that did not exist is not left behind, empty, by a run that wrote nothing
+    new = tmp_path / "new" / "out"
+    rc = predict_main(["--model", str(models / "segmentation"), "--images", str(tmp_path / "in"), "--out",
+                       str(new), "--device", "cpu"])
+    assert rc == 2 and errors(capsys) == [f"error: --out {new}: cannot be written (Read-only file system)"]
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_file_where_a_mirrored_output_folder_must_go_is_named(models, tmp_path, capsys):
+    """Inputs from two folders are mirrored below --out; a file in the way of one of those folders said
+    only "--out OUT: cannot be written (File exists)", naming no file, and left the folders it made."""
+    for sub in ("a", "b"):
+        (tmp_path / "in" / sub).mkdir(parents=True)
+        shutil.copy(FRAMES[0], tmp_path / "in" / sub / "x.jpg")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "b").write_text("the user's notes")
+    rc = predict_main(["--model", str(models / "segmentation"), "--images", str(tmp_path / "in" / "*" / "*.jpg"),
+                       "--out", str(out), "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and len(lines) == 1 and f"{out / 'b'} is a file where predict needs a folder" in lines[0], lines
+    assert sorted(p.name for p in out.iterdir()) == ["b"] and (out / "b").read_text() == "the user's notes"
 
 
 @pytest.mark.parametrize("scales", ["0", "-1", "abc", "nan", "1e9", "", "1,1"])

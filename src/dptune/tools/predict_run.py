@@ -156,12 +156,25 @@ def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) ->
         raise ConfigError(f"--out {out}: {len(foreign)} file(s) there that predict did not write, or that changed "
                           f"since, would be overwritten (first: {out / foreign[0]}); predict into another folder, "
                           "or give --overwrite")
+    made: list[Path] = []  # the folders this call made: removed again if the output cannot be prepared
     try:  # the folders and the list first: a folder the file system refuses is named before any prediction
         for folder in sorted({(out / f).parent for f in planned} | {out}):
+            blocker = next((p for p in (folder, *folder.parents) if os.path.lexists(p) and not p.is_dir()), None)
+            if blocker is not None:  # a file where one of the output's folders must go
+                raise ConfigError(f"--out {out}: {blocker} is a file where predict needs a folder; move it, or "
+                                  "predict into another folder")
+            made += [p for p in (*reversed(folder.parents), folder) if not os.path.lexists(p)]
             folder.mkdir(parents=True, exist_ok=True)
         _listing = _Listing(out, ours, planned)
         _listing.save()
-    except OSError as e:
+    except (OSError, ConfigError) as e:
+        for folder in reversed(made):
+            try:
+                folder.rmdir()  # only if still empty
+            except OSError:
+                pass
+        if isinstance(e, ConfigError):
+            raise
         raise ConfigError(f"--out {out}: cannot be written ({e.strerror or e})") from None
     return out
 
