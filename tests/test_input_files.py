@@ -1097,6 +1097,14 @@ def test_an_export_whose_weights_do_not_fit_its_config_is_one_line_never_run_at_
         lines = [ln.strip() for ln in captured.splitlines() if ln.strip().startswith("error")]
         assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: {model}: {said}"), lines
         assert "LOAD REPORT" not in captured and "MISSING" not in captured, captured
+    # a config.json of another kind of model (model_type bert) was loaded as a DPT without a word
+    foreign = camvid_model(tmp_path / "foreign")
+    config = json.loads((foreign / "config.json").read_text())
+    (foreign / "config.json").write_text(json.dumps({**config, "model_type": "bert"}))
+    rc = evaluate_main(["--model", str(foreign), *base])
+    lines = [ln.strip() for ln in capsys.readouterr().err.splitlines() if ln.strip().startswith("error")]
+    assert rc == 2 and len(lines) == 1, lines
+    assert lines[0].startswith(f"error: {foreign}: config.json says model_type 'bert'") and "not a DPT" in lines[0], lines
     # what prediction never uses may be left out of an export trimmed for serving
     trimmed = camvid_model(tmp_path / "trimmed")
     weights = load_file(trimmed / "model.safetensors")

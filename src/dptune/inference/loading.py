@@ -45,6 +45,9 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
         check_export_files(ref)
     try:
         cfg = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
+        if cfg.model_type not in ("dpt", "depth_anything"):  # DPT's classes would take any config's numbers
+            raise ConfigError(f"{ref}: config.json says model_type {cfg.model_type!r}: not a DPT or Depth Anything "
+                              "model, which is what dptune loads")
         processor = AutoImageProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
         with transformers_quiet():  # its LOAD REPORT table: what it says is said below in one line
             if any("DepthEstimation" in a for a in cfg.architectures or []):
