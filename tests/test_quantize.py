@@ -14,6 +14,7 @@ import pytest
 import torch
 import yaml
 from conftest import CAMVID, KITCHEN, TINY, camvid_subset, needs
+from PIL import Image
 
 from dptune.labels import LabelSet
 
@@ -625,3 +626,24 @@ def test_int8_quantization_writes_its_temporary_graphs_beside_the_output(seg_exp
     quantize_int8(seg_export / "model.onnx", tmp_path / "out" / "int8.onnx", batches)
     assert [p.name for p in (tmp_path / "out").iterdir()] == ["int8.onnx"]
     assert tempfile.tempdir == str(tmp_path / "no-such-system-tmp")
+
+
+@pytest.mark.parametrize("height", [1, 3, 4])
+def test_a_strip_image_is_prepared_as_the_pipeline_prepares_it(height, tmp_path):
+    """Calibration and held-back images 1-4 pixels tall: transformers guesses the channel axis of an
+    array without being told, so a 3 x 200 strip was read channels-first (calibrated on scrambled
+    pixels, without a word) and 1 x 200 or 4 x 200 failed with 'mean must have 1 elements', an
+    error that named the checkpoint."""
+    from transformers import DPTImageProcessor
+
+    from dptune.export.serving_data import prepare
+
+    rng = np.random.default_rng(0)
+    image = rng.integers(0, 256, (height, 200, 3), dtype=np.uint8)
+    proc = DPTImageProcessor(size={"height": 32, "width": 32}, do_pad=False)
+    got = prepare(proc, image)
+    expected = proc(images=image, return_tensors="np", input_data_format="channels_last")["pixel_values"]
+    assert got.shape == (1, 3, 32, 32) and np.array_equal(got, expected.astype(np.float32))
+    path = tmp_path / "strip.png"
+    Image.fromarray(image).save(path)
+    assert np.array_equal(prepare(proc, str(path)), got)

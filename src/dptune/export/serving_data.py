@@ -293,4 +293,6 @@ def prepare(processor, path_or_image) -> np.ndarray:
     from dptune.data.images import read_image
 
     image = read_image(path_or_image) if isinstance(path_or_image, (str, Path)) else path_or_image
-    return np.asarray(processor(images=image, return_tensors="np")["pixel_values"], dtype=np.float32)
+    # channels_last said: transformers guesses the axis of an array 1-4 pixels tall (a 3 x 200 strip was read channels-first)
+    return np.asarray(processor(images=image, return_tensors="np", input_data_format="channels_last")["pixel_values"],
+                      dtype=np.float32)
