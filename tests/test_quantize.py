@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 import yaml
-from conftest import CAMVID, KITCHEN, TINY, camvid_subset, needs
+from conftest import CAMVID, KITCHEN, REPO, TINY, camvid_subset, needs
 from PIL import Image
 
 from dptune.labels import LabelSet
@@ -246,7 +246,8 @@ def test_a_missing_onnxruntime_says_how_to_install_it(sources, tmp_path, capsys,
     assert not (tmp_path / "out").exists()
 
 
-def test_calibration_images_from_a_glob_are_left_out_of_the_held_back_part(sources):
+def test_calibration_images_from_a_glob_are_left_out_of_the_held_back_part(sources, tmp_path):
+    """... and a folder given as --calibration-images is its images (it said 'no images match')."""
     from dptune.export.serving_data import serving_data
 
     glob = str(CAMVID / "val" / "0016E5_0796*.jpg")
@@ -255,6 +256,28 @@ def test_calibration_images_from_a_glob_are_left_out_of_the_held_back_part(sourc
     assert len(chosen) == len(list(CAMVID.glob("val/0016E5_0796*.jpg"))) >= 4
     held = {Path(data.tasks["segmentation"].image(i)).resolve() for i in data.tasks["segmentation"].held}
     assert held and not held & chosen
+    folder = tmp_path / "calibration"
+    folder.mkdir()
+    for p in CAMVID.glob("val/0016E5_0796*.jpg"):
+        (folder / p.name).symlink_to(p)
+    by_folder = serving_data(str(sources["seg"]), "segmentation", str(sources["seg_config"]), str(folder), count=32)
+    assert {Path(p).resolve() for p in by_folder.calibration} == chosen
+
+
+def test_a_run_on_synthetic_shapes_asks_for_a_data_config_to_calibrate_on(tmp_path, capsys):
+    """The quickstart trains on synthetic shapes: export --int8 of its checkpoint said
+    'RUN/config.yaml: labels.yaml: label file not found', sending the user after a file that never
+    existed."""
+    import yaml
+
+    from dptune.export.serving_data import CalibrationError, serving_data
+
+    config = tmp_path / "config.yaml"
+    quick = yaml.safe_load((REPO / "configs" / "quickstart.yaml").read_text())
+    config.write_text(yaml.safe_dump(quick))
+    with pytest.raises(CalibrationError) as e:
+        serving_data(str(tmp_path / "last.ckpt"), "segmentation", str(config))
+    assert "synthetic shapes (data.source: synthetic), not a folder split; give --data CONFIG" in str(e.value)
 
 
 def test_a_joint_model_calibrates_on_at_most_the_count_split_between_its_tasks(sources, tmp_path, capsys):

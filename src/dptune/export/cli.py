@@ -59,7 +59,7 @@ def main(argv: list[str] | None = None) -> int:
                        help="segmentation: fit a temperature on validation images (NLL) and fold it into the "
                             "classifier, so confidences are calibrated (masks unchanged); ECE before/after in the card")
     serve.add_argument("--calibration-images", metavar="GLOB",
-                       help="INT8 calibration images (default: a few dozen images of the run's validation split)")
+                       help="INT8 calibration images, a glob or a folder (default: a few dozen images of the run's validation split)")
     serve.add_argument("--calibration-count", type=int, default=None, metavar="N",
                        help=f"calibration images used at most (default {DEFAULT_COUNT}; spread evenly over the split "
                             "or the glob's matches): INT8's, and the temperature's fit images; when both of a joint "

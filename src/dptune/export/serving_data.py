@@ -156,15 +156,25 @@ def check_readable(part: TaskData, where: str) -> None:
         raise CalibrationError(f"{where}: {e}") from None
 
 
+def check_folder_data(data: dict, task: str, config: Path) -> None:
+    """The images calibrated on and measured are a folder split's: a config of synthetic shapes (the
+    quickstart's) or of a Hugging Face dataset is one line saying what to give instead, before its
+    label file is looked for (the quickstart has none)."""
+    kind = data.get("source", "folder")
+    if kind == "folder" and not data.get("hf"):
+        return
+    what = "synthetic shapes (data.source: synthetic)" if kind == "synthetic" else "a Hugging Face dataset"
+    raise CalibrationError(f"{config}: the {task} data is {what}, not a folder split; give --data CONFIG naming a "
+                           "folder validation split")
+
+
 def _val_source(data: dict, task: str, config: Path, split: str = "val", rgb_masks: bool = False):
     """A folder source of the config's validation split for ``task``."""
     from dptune.data.depth import DepthFolderSource
     from dptune.data.sources import FolderSource
 
     splits = data.get("splits") or {}
-    if data.get("source", "folder") != "folder" or data.get("hf"):
-        raise CalibrationError(f"{config}: the {task} data is not a folder split (a Hugging Face dataset); give "
-                               "--data CONFIG naming a folder validation split")
+    check_folder_data(data, task, config)
     if split not in splits:
         raise CalibrationError(f"{config}: no {split!r} split in the {task} data (splits: {', '.join(splits) or 'none'})")
     spec, root = splits[split], str(data.get("root") or ".")
@@ -205,7 +215,10 @@ def glob_images(pattern: str, count: int) -> list[str]:
     from dptune.data.globs import glob_files
     from dptune.data.images import IMAGE_EXTS, image_header_size
 
-    found = [p for p in glob_files(os.path.expanduser(pattern)) if Path(p).suffix.lower() in IMAGE_EXTS]
+    spec = os.path.expanduser(pattern)
+    if Path(spec).is_dir():  # a folder: its images (as predict --images takes one)
+        spec = os.path.join(spec, "*")
+    found = [p for p in glob_files(spec) if Path(p).suffix.lower() in IMAGE_EXTS]
     if not found:
         raise CalibrationError(f"--calibration-images {pattern}: no images match")
     if len(found) < MIN_IMAGES:
@@ -265,6 +278,7 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
         # at most ``count`` in all, as the option says: split between a joint model's tasks when both fit
         share = (0 if t not in fitted else count if len(fitted) == 1
                  else count - count // 2 if t == "segmentation" else count // 2)
+        check_folder_data(section, t, config)
         own = source_labels(section, labels, task == "multitask", where) if t == "segmentation" else None
         rgb = own is not None and own.mask_format == "rgb"
         tasks[t] = cut(_val_source(section, t, config, rgb_masks=rgb), share, t, str(config))
