@@ -103,6 +103,28 @@ def test_a_ctrl_c_while_the_libraries_load_is_one_line_from_every_entry_point(tm
             (cmd, proc.returncode, proc.stderr[-1500:])
 
 
+def test_a_ctrl_c_after_the_command_finished_exits_with_its_status_at_once(tmp_path):
+    """Python's shutdown after an export takes seconds (collecting torch's objects); a Ctrl-C then made a
+    complete export exit 130 with no word (a user attack), or printed a traceback. Simulated by a
+    command whose shutdown is interrupted: the finished command's status, at once, nothing printed."""
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    (tmp_path / "slow_exit.py").write_text(
+        "import atexit, os, signal, time\n"
+        "def main(argv=None):\n    print('done')\n    return 0\n"
+        "def late():\n    os.kill(os.getpid(), signal.SIGINT)\n    time.sleep(5)\n"
+        "atexit.register(late)\n")
+    env = {**__import__("os").environ, "PYTHONPATH": f"{tmp_path}{__import__('os').pathsep}{repo / 'src'}"}
+    start = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-c", "import sys; from dptune.command import launch; "
+                           "sys.exit(launch('slow_exit'))"], capture_output=True, text=True, timeout=60, env=env)
+    took = time.perf_counter() - start
+    assert proc.returncode == 0 and proc.stdout == "done\n" and proc.stderr == "", proc.stderr[-1500:]
+    assert took < 4.5, took  # not the 5 s the interrupted shutdown would still have taken
+
+
 def test_an_abbreviated_option_is_refused_not_guessed(capsys):
     """argparse took any unique prefix (``--calibration-c 8``, ``--int8-keep NODE``): a script using one
     breaks, or silently means another option, once a new option shares the prefix. The tools take

@@ -261,6 +261,32 @@ def test_a_failed_export_leaves_nothing_and_keeps_the_earlier_one(sources, tmp_p
     no_leftovers(earlier, tmp_path)
 
 
+def test_an_earlier_export_entry_that_cannot_be_moved_is_named_and_the_export_kept(sources, tmp_path, capsys,
+                                                                                   monkeypatch):
+    """--overwrite over an export with an immutable file (chattr +i) said "CKPT: [Errno 1] Operation not
+    permitted: 'OUT/model.safetensors' -> 'OUT/.dptune-export.x.replaced/model.safetensors'": the source
+    named as at fault, and a hidden path. The entry and the reason are named; the earlier export stays."""
+    import errno
+
+    earlier = tmp_path / "earlier"
+    assert export_cli(capsys, sources["dino"], earlier)[0] == 0
+    before = tree(earlier)
+    real_rename = Path.rename
+
+    def rename(self, target):
+        if self.name == "model.safetensors" and self.parent == earlier:
+            raise OSError(errno.EPERM, "Operation not permitted", str(self), str(target))
+        return real_rename(self, target)
+
+    monkeypatch.setattr(Path, "rename", rename)
+    rc, err = export_cli(capsys, sources["vit"], earlier, "--overwrite")
+    assert rc == 2 and len(err) == 1, err
+    assert err[0] == (f"error: {earlier}: model.safetensors could not be moved (Operation not permitted); the "
+                      "folder is as it was, nothing written"), err
+    assert tree(earlier) == before
+    no_leftovers(earlier, tmp_path)
+
+
 def test_an_output_folder_that_cannot_be_written_is_named_not_the_source(sources, tmp_path, capsys, monkeypatch):
     """On a read-only file system export said "CKPT: [Errno 30] Read-only file system: '.../.out.x.partial'":
     the source named as if it were at fault, and a hidden folder. The output directory is named, for

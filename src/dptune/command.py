@@ -37,6 +37,7 @@ def usage() -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    entry = argv is None  # the process's own command line (the console script), not a call from Python
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help", "help"):
         print(usage())
@@ -54,23 +55,43 @@ def main(argv: list[str] | None = None) -> int:
         # the subcommand stays: LightningCLI reads it. sys.argv[0] stays the real script: Lightning's
         # DDP launcher starts the other processes by running it again (``python ABSPATH(argv[0])``
         # for the console script, ``python -m dptune.command`` when run as a module)
-        return launch("dptune.cli", argv, prog="dptune")
+        return launch("dptune.cli", argv, entry=False, prog="dptune")  # W&B finishes its run at exit
     sys.argv[0] = f"dptune {name}"  # argparse's usage line names the command
-    return launch(COMMANDS[name][0], argv[1:])
+    return launch(COMMANDS[name][0], argv[1:], entry=entry)
 
 
-def launch(module: str, argv: list[str] | None = None, **kwargs) -> int:
+def launch(module: str, argv: list[str] | None = None, entry: bool | None = None, **kwargs) -> int:
     """Import ``module`` (torch, transformers: seconds) and return its ``main(argv)``. A Ctrl-C that
     the command does not handle itself (one during those imports, or in a command without a handler
     of its own) is one line and exit 130, not a traceback. Every entry point goes through here: the
     ``dptune`` commands, the ``dptune-export`` / ``dptune-inspect`` scripts, ``train.py`` and
-    ``scripts/*.py``."""
+    ``scripts/*.py``. ``entry`` (default: no ``argv`` given, the process's own command line): once
+    the command has returned, a Ctrl-C exits at once with its status (``finished``)."""
     try:
         main = importlib.import_module(module).main
-        return main(**kwargs) if argv is None else main(argv, **kwargs)
+        rc = main(**kwargs) if argv is None else main(argv, **kwargs)
     except KeyboardInterrupt:
         print("error: interrupted (Ctrl-C); the command stopped before it finished", file=sys.stderr)
         return 130
+    return finished(rc) if (argv is None if entry is None else entry) else rc
+
+
+def finished(rc: int) -> int:
+    """The command is done: a Ctrl-C from now on (Python's shutdown after an export or a prediction
+    run takes seconds, collecting torch's objects) exits at once with ``rc``, the command's status,
+    not with 130 and no word, as if the finished work had failed (``export && upload`` skipped a
+    complete export). Only for a process's own command: it replaces the Ctrl-C handler; not for
+    training, whose W&B run is finished at exit."""
+    import os
+    import signal
+
+    def done(_signum, _frame) -> None:
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(rc if isinstance(rc, int) else 1)
+
+    signal.signal(signal.SIGINT, done)
+    return rc
 
 
 def export_main() -> int:  # the dptune-export script

@@ -161,10 +161,12 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
             for p in list(stage.iterdir()):
                 p.rename(target / p.name)
                 moved.append((target / p.name, stage / p.name))
-        except OSError:
+        except OSError as e:
             for now, was in reversed(moved):
                 now.rename(was)
-            raise
+            entry = Path(e.filename).name if e.filename else "an entry"  # never the hidden folder's path
+            raise OutputDirError(f"{target}: {entry} could not be moved ({e.strerror or e}); the folder is as it "
+                                 "was, nothing written") from None
         if earlier:
             log.info("replaced the earlier contents of %s", target)
             shutil.rmtree(aside)
