@@ -482,6 +482,26 @@ def test_a_truncated_checkpoint_is_one_line_naming_it_once(sources, tmp_path, ca
     assert not (tmp_path / "out").exists()
 
 
+def test_a_checkpoint_with_damaged_bytes_is_refused_by_its_checksums(sources, tmp_path, capsys):
+    """Bytes changed inside a weight (a bad disk, a broken copy) were exported without a word: the zip
+    format torch writes keeps a CRC-32 of each stored tensor, which nothing checked."""
+    import struct
+    import zipfile
+
+    bad = tmp_path / "flipped.ckpt"
+    data = bytearray(sources["joint"].read_bytes())
+    with zipfile.ZipFile(sources["joint"]) as z:
+        member = max(z.infolist(), key=lambda i: i.file_size)
+    name_len, extra_len = struct.unpack("<HH", data[member.header_offset + 26: member.header_offset + 30])
+    start = member.header_offset + 30 + name_len + extra_len + member.file_size // 2
+    data[start: start + 64] = bytes(b ^ 0x5A for b in data[start: start + 64])
+    bad.write_bytes(bytes(data))
+    rc, err = export_cli(capsys, bad, tmp_path / "out")
+    assert rc == 2 and len(err) == 1 and err[0].startswith(f"error: {bad}: damaged"), err
+    assert "checksum" in err[0] and member.filename in err[0], err
+    assert not (tmp_path / "out").exists()
+
+
 def damaged(src: Path, where: Path, name: str, how) -> Path:
     """A copy of the exported directory ``src`` with its file ``name`` changed by ``how(path)``."""
     import shutil
