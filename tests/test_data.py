@@ -434,3 +434,28 @@ def test_the_id_is_what_the_file_name_wildcards_matched_whatever_the_extension(i
     from dptune.data.templates import glob_id
 
     assert glob_id(f"/d/{image}", pattern) == expected
+
+
+def test_an_image_file_of_several_images_gives_its_first_and_says_so(tmp_path, caplog):
+    """A multi-page TIFF or an animated PNG was read as its first image without a word (the docs said so
+    of GIFs only): the rest of the file was dropped silently."""
+    import logging
+
+    from PIL import Image
+
+    from dptune.data.images import read_image
+
+    first = np.zeros((8, 12, 3), np.uint8)
+    first[:, :6] = 200
+    second = np.full((8, 12, 3), 50, np.uint8)
+    pages = [Image.fromarray(first), Image.fromarray(second)]
+    for name, kw in (("pages.tiff", {}), ("moving.png", {"duration": 100}), ("moving.gif", {"duration": 100})):
+        pages[0].save(tmp_path / name, save_all=True, append_images=pages[1:], **kw)
+    Image.fromarray(first).save(tmp_path / "one.tiff")
+    with caplog.at_level(logging.WARNING, logger="dptune.data.images"):
+        for name in ("pages.tiff", "moving.png", "moving.gif", "pages.tiff", "one.tiff"):
+            img = read_image(str(tmp_path / name))
+            assert np.abs(img.astype(int) - first).max() <= 2, name  # the first image (a GIF's palette rounds)
+    said = [r.getMessage() for r in caplog.records]
+    assert len(said) == 3 and all("holds 2 images (pages or frames); the first is read" in m for m in said), said
+    assert {m.split(":")[0] for m in said} == {str(tmp_path / n) for n in ("pages.tiff", "moving.png", "moving.gif")}

@@ -32,7 +32,7 @@ ORIENTATION = 0x0112  # the EXIF tag: how a viewer turns the stored pixels to sh
 
 
 # the file types dptune reads as images where it lists a folder or filters a glob (predict, export's
-# calibration images); each is decoded by ``read_image`` (a GIF: its first frame)
+# calibration images); each is decoded by ``read_image`` (a file of several images: its first, said)
 IMAGE_EXTS = (".jpg", ".jpeg", ".png", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 
@@ -185,7 +185,31 @@ def read_image(path: str) -> np.ndarray:
         img = cv2.cvtColor(img, cv2.COLOR_BGR2RGB)
     else:
         raise DataError(f"{path}: unsupported number of channels {img.shape[2]}")
+    note_frames(data, path)
     return apply_orientation(img, file_orientation(data))
+
+
+# the signatures of the formats that hold several images (TIFF pages, animated PNG / GIF / WebP)
+_MULTI_FRAME = (b"II*\x00", b"MM\x00*", b"\x89PNG", b"GIF8", b"RIFF")
+_said_frames: set[str] = set()
+
+
+def note_frames(data: bytes, path: str) -> None:
+    """A file that holds several images (a multi-page TIFF, an animated PNG, GIF or WebP) gives its
+    first, as OpenCV decodes it: said once per file in a warning, never silently (the rest would be
+    dropped without a word)."""
+    if not data.startswith(_MULTI_FRAME) or path in _said_frames:
+        return
+    import io
+
+    try:
+        with Image.open(io.BytesIO(data)) as im:
+            frames = getattr(im, "n_frames", 1)
+    except Exception:  # noqa: BLE001 -- OpenCV read it; PIL's view of the frames is only for the warning
+        return
+    if frames > 1:
+        _said_frames.add(path)
+        log.warning("%s: holds %d images (pages or frames); the first is read", path, frames)
 
 
 def image_header_size(path: str) -> tuple[int, int]:
