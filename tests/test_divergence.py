@@ -417,17 +417,20 @@ def test_a_fit_without_a_ctrl_c_leaves_the_sigint_handler_as_it_was(tiny_config)
         assert trainer.global_step == 2 and signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
-@pytest.mark.parametrize("monitor", ["val/IoU/Tree[s]", "val/IoU/a:b", "val/IoU/{x}", "val/mIoU"])
+@pytest.mark.parametrize("monitor", ["val/IoU/Tree[s]", "val/IoU/a:b", "val/IoU/{x}", "val/mIoU", "val/IoU/#1"])
 def test_the_best_checkpoint_is_named_for_any_class_name(tmp_path, monitor):
     """A monitor named after a class (val/IoU/<name>) goes into the best checkpoint's name with its
     value; Lightning's filename template reads a name as a format field, where [ ] { } : stop it
-    (a class Tree[s] ended the run in a KeyError at the first best checkpoint)."""
+    (a class Tree[s] ended the run in a KeyError at the first best checkpoint). A name ending in a
+    digit is kept apart from the value (class #1 gave best-epoch03-10.2500, read as 10.25)."""
     from dptune.cli import best_filename
 
     ckpt = Checkpoint(dirpath=tmp_path, monitor=monitor, filename=best_filename(monitor), auto_insert_metric_name=False)
     path = ckpt.format_checkpoint_name({"epoch": torch.tensor(3), monitor: torch.tensor(0.25)})
     name = path.rsplit("/", 1)[-1]
     assert name.startswith("best-epoch03-") and name.endswith("0.2500.ckpt"), name
+    value_at = name.rindex("0.2500")
+    assert not name[value_at - 1].isdigit(), name
     # the user's own template names the value as it is logged
     mine = Checkpoint(dirpath=tmp_path, monitor=monitor, filename="mine-{epoch}-{" + monitor + ":.3f}",
                       auto_insert_metric_name=False)

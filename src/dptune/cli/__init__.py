@@ -229,6 +229,8 @@ def best_filename(monitor: str) -> str:
     """The best checkpoint's name for a run selected by ``monitor`` (``val/delta_m`` ->
     ``best-epoch03-deltam0.0521.ckpt``)."""
     short = "".join(c for c in monitor.rsplit("/", 1)[-1] if c.isalnum() or c in ".-")
+    if short[-1:].isdigit() or short[-1:] == ".":  # class '#1': 'best-epoch03-1_0.2500', not '10.2500'
+        short += "_"
     return f"best-epoch{{epoch:02d}}-{short}{{{template_field(monitor)}:.4f}}"
 
 
