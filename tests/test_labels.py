@@ -156,6 +156,8 @@ def test_retargeted_rgb_masks_match_a_name_lookup_of_the_source_classes():
     # one rule silently won over the other
     ("names: [a, b]\nmap: {0: a, 1: b}\nvalue_map: {0: 1, 1: 0}", r"value_map and map each say how mask values"),
     ("names: [a, b]\nmap: {0: a, 1: b}\nreduce_labels: true", r"map and reduce_labels each say how mask values"),
+    # a YAML error says where, as a config file's does
+    ("names: [a, b]\nmap: {0: a, 1: b\n", r"not valid YAML: expected ',' or '}', but got '<stream end>' at line 3, column 1"),
 ])
 def test_label_values_yaml_would_turn_into_other_ones_are_refused(tmp_path, text, message):
     path = tmp_path / "labels.yaml"

@@ -72,3 +72,11 @@ def disk_state(e: BaseException) -> str | None:
     if type(e).__name__ == "SafetensorError":
         return next((why for why in DISK_STATES.values() if why in str(e)), None)
     return None
+
+
+def yaml_problem(e: BaseException) -> str:
+    """What the YAML parser found wrong, and where (line and column), in one line (config files and
+    label files alike)."""
+    mark = getattr(e, "problem_mark", None)
+    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
+    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"

@@ -16,7 +16,7 @@ from typing import Any
 import yaml
 from lightning.pytorch.cli import LightningCLI
 
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, yaml_problem
 from dptune.labels import DuplicateKey, UniqueKeyLoader
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,7 @@ def read_config(path: str) -> dict[str, Any] | None:
         try:
             inline = isinstance(yaml.safe_load(path), dict)
         except yaml.YAMLError as e:
-            broken = _yaml_problem(e)
+            broken = yaml_problem(e)
             if "\n" in path or path.lstrip().startswith("{"):
                 raise ConfigError(f"--config {_short(path)}: settings given inline that are not valid YAML: "
                                   f"{broken}") from None
@@ -80,7 +80,7 @@ def read_config(path: str) -> dict[str, Any] | None:
     except DuplicateKey as e:
         raise ConfigError(f"{path}: {e}") from None
     except yaml.YAMLError as e:
-        raise ConfigError(f"{path}: not valid YAML: {_yaml_problem(e)}") from None
+        raise ConfigError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
     except UnicodeDecodeError:
         raise ConfigError(f"{path}: not a text file, so not a YAML config") from None
     if spec is None:
@@ -102,13 +102,6 @@ def read_config(path: str) -> dict[str, Any] | None:
         raise ConfigError(f"{path}: {where}: a section of settings (key: value lines), not a "
                           f"{type(section).__name__} ({_short(section)})")
     return spec
-
-
-def _yaml_problem(e: yaml.YAMLError) -> str:
-    """What the YAML parser found wrong, and where (line and column), in one line."""
-    mark = getattr(e, "problem_mark", None)
-    where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
-    return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
 
 
 SECTIONS = ("model", "data", "trainer")  # each settings or a file of them (optimizer: may name a class alone)

@@ -11,7 +11,7 @@ from typing import Any
 import numpy as np
 import yaml
 
-from dptune.errors import ConfigError, DataError
+from dptune.errors import ConfigError, DataError, yaml_problem
 from dptune.labels.base import (
     IGNORE_INDEX,
     MAX_CLASSES,
@@ -85,7 +85,7 @@ class LabelSet:
         except DuplicateKey as e:
             raise DataError(f"{path}: {e}") from None
         except yaml.YAMLError as e:
-            raise DataError(f"{path}: not valid YAML ({str(e).splitlines()[0]})") from None
+            raise DataError(f"{path}: not valid YAML: {yaml_problem(e)}") from None
         if not isinstance(spec, Mapping):
             raise DataError(f"{path}: expected a mapping with at least 'names'")
         try:
