@@ -116,7 +116,9 @@ def test_bad_depth_files_are_named(tmp_path):
     # .npy of 8-bit integers read as millimetres (0.255 m at most), and the unit check then asked for a smaller scale
     np.save(tmp_path / "eight.npy", np.asarray(eight))
     np.save(tmp_path / "eight-signed.npy", (np.asarray(eight) // 2).astype(np.int8))
-    for name, message in [("cut.png", "not a readable depth map"), ("eight.png", "8-bit image"),
+    (tmp_path / "empty.png").write_bytes(b"")  # OpenCV's assertion traceback in fit, evaluate and inspect
+    for name, message in [("cut.png", "not a readable depth map"), ("empty.png", "empty file \\(0 bytes\\)"),
+                          ("eight.png", "8-bit image"),
                           ("eight.tif", "8-bit image"), ("eight.jpg", "8-bit image"), ("missing.png", "file not found"),
                           ("eight.npy", "8-bit integers"), ("eight-signed.npy", "8-bit integers")]:
         with pytest.raises(DataError, match=message) as err:
@@ -161,7 +163,7 @@ def test_eval_crops_and_padding():
     assert (batch["depth"][0, 4:] == 0).all() and (batch["depth"][1, :, 3:] == 0).all()  # padding is invalid
 
 
-@pytest.mark.parametrize("scale", [0, -1000])
+@pytest.mark.parametrize("scale", [0, -1000, 1e-300, 1e300])  # 0 or inf in float32, where maps are divided
 def test_a_depth_scale_that_is_no_scale_is_refused(scale):
     from dptune.data.depth_datamodule import DepthDataModule
     from dptune.errors import ConfigError

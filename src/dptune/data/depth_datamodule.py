@@ -97,7 +97,7 @@ class DepthDataModule(SplitDataModule):
         eval_crop_mask((8, 8), eval_crop)  # an unknown crop name stops here
         self.image_size, self.crop_size = pair(image_size), pair(crop_size)
         # settings as attributes: self.hparams is not reliable when another datamodule builds this one
-        if depth_scale is not None and not 0 < depth_scale < float("inf"):
+        if depth_scale is not None and not 0 < np.float32(depth_scale) < np.inf:  # maps are divided in float32
             raise ConfigError(f"data.depth_scale must be a positive number of stored values per metre, got {depth_scale}")
         self.depth_scale, self.jitter, self.eval_crop = depth_scale, jitter, eval_crop
         self.check, self.cache, self.on_bad_sample = check, cache, on_bad_sample

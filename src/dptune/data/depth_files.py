@@ -94,7 +94,12 @@ def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
             raise DataError(f"{path}: not a readable .npy depth map ({e})") from None
     else:
         data = read_bytes(path)
-        raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
+        if not data:  # OpenCV's decoder stops on an empty buffer with an assertion, not None
+            raise DataError(f"{path}: empty file (0 bytes), not a depth map")
+        try:
+            raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
+        except cv2.error as e:
+            raise DataError(f"{path}: not a readable depth map ({str(e).strip().splitlines()[-1]})") from None
         if raw is None:
             raise DataError(f"{path}: not a readable depth map (truncated or not an image)")
         if raw.dtype == np.uint8:  # PNG, TIFF or JPEG alike (JPEG is lossy on top)

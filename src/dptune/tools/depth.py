@@ -221,7 +221,7 @@ def evaluate_depth(args) -> int:
     if not (args.images and args.depth):
         raise DataError("for a depth model give --images and --depth (a path template: {stem}, {name}, {dir} or {id}); "
                         "--depth-scale if the maps are not millimetres (16-bit) or metres (float)")
-    if args.depth_scale is not None and not 0 < args.depth_scale < math.inf:
+    if args.depth_scale is not None and not 0 < np.float32(args.depth_scale) < np.inf:  # maps are divided in float32
         raise ConfigError(f"--depth-scale must be a positive number of stored values per metre, got {args.depth_scale}")
     refuse_segmentation_options(args)  # they were ignored: the scores of --mode slide were the whole image's
     if getattr(args, "confusion", None):
