@@ -253,7 +253,14 @@ def test_bad_samples_error_lists_each_file(tmp_path):
     lines = str(err.value).splitlines()
     assert any("img/2.png: no mask" in ln for ln in lines)
     assert any("ann/1.png: mask has values [200]" in ln for ln in lines)
-    assert lines[-1].startswith("2 bad sample(s)")
+    assert lines[-1].startswith("2 bad sample(s)") and "pass --data.on_bad_sample skip" in lines[-1]
+    # a source of a joint config: the hint names its own setting (--data.on_bad_sample is no setting there)
+    dm = SegmentationDataModule(root=str(root), splits={"train": {"images": "img/*.png", "masks": "ann/{stem}.png"}},
+                                image_size=32, num_workers=0)
+    dm.config_path = "data.segmentation"
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert "pass --data.segmentation.on_bad_sample skip" in str(err.value).splitlines()[-1]
 
 
 def test_bad_samples_skip(tmp_path, caplog):

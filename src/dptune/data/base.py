@@ -140,15 +140,17 @@ def check_eval_shards(where: str, datasets: dict[str, object], trainer) -> None:
                             "processes, trainer.devices x trainer.num_nodes, or give the split more images)")
 
 
-def settle_problems(problems: list[str], good: list[int], total: int, stage: str, on_bad_sample: str) -> None:
+def settle_problems(problems: list[str], good: list[int], total: int, stage: str, on_bad_sample: str,
+                    where: str = "data") -> None:
     """What the pre-flight check does with bad samples: stop listing them all (``error``), or log
-    each and how many were left out (``skip``); a split with no good sample left stops either way."""
+    each and how many were left out (``skip``); a split with no good sample left stops either way.
+    ``where``: the source's place in the config (``data.depth`` in a joint config), for the hint."""
     import logging
 
     from dptune.errors import DataError, DataErrors
 
     if problems and on_bad_sample == "error":
-        raise DataErrors(problems, hint="Fix them, or pass --data.on_bad_sample skip to leave them out.")
+        raise DataErrors(problems, hint=f"Fix them, or pass --{where}.on_bad_sample skip to leave them out.")
     if not problems:
         return
     log = logging.getLogger("dptune.data")

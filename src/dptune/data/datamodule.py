@@ -198,7 +198,7 @@ class SegmentationDataModule(SplitDataModule):
         found = scan(ds, f"checking {stage} data", keep=self.cache == "memory", store=store,
                      decode_images=self.check != "header")
         problems, good = found.problems, found.good
-        settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample)
+        settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample, self.config_path)
         if stage == "train":
             check_coverage(self.label_set, found.class_pixels, found.implicit_ignore, self._where(stage))
         ds.indices = good

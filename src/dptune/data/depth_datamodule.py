@@ -181,7 +181,7 @@ class DepthDataModule(SplitDataModule):
                 stats[i] = np.quantile(measured, (0.01, 0.5, 0.99))
             if keep:
                 cache[i] = out
-        settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample)
+        settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample, self.config_path)
         good = self._check_values(ds, stage, good, stats)
         if empty:
             log.warning("%s: %d depth map(s) have no valid pixel; they count in no loss and no metric", stage, empty)
@@ -202,7 +202,7 @@ class DepthDataModule(SplitDataModule):
         scale, problems = check_split_depth(where, {i: q[1] for i, q in stats.items()}, ds.source, name)
         odd = list(problems)
         settle_problems(list(problems.values()), [i for i in good if i not in odd], len(good), stage,
-                        self.on_bad_sample)
+                        self.on_bad_sample, self.config_path)
         kept = [i for i in good if i not in odd]
         self.depth_stats[stage] = [(name(i), *stats[i]) for i in kept if i in stats]
         medians = [q[1] for i, q in stats.items() if i in kept]
