@@ -296,6 +296,11 @@ def test_a_file_where_a_mirrored_output_folder_must_go_is_named(models, tmp_path
     lines = errors(capsys)
     assert rc == 2 and len(lines) == 1 and f"{out / 'b'} is a file where predict needs a folder" in lines[0], lines
     assert sorted(p.name for p in out.iterdir()) == ["b"] and (out / "b").read_text() == "the user's notes"
+    (tmp_path / "nowhere").symlink_to(tmp_path / "missing")
+    rc = predict_main(["--model", str(models / "segmentation"), "--images", str(FRAMES[0]), "--out",
+                       str(tmp_path / "nowhere"), "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and len(lines) == 1 and f"{tmp_path / 'nowhere'} is a link to nothing where" in lines[0], lines
 
 
 @pytest.mark.parametrize("scales", ["0", "-1", "abc", "nan", "1e9", "", "1,1"])
@@ -1234,7 +1239,9 @@ def test_a_failure_naming_an_output_with_a_newline_keeps_its_reason_on_one_line(
 def test_an_empty_output_path_is_refused_in_one_line(models, tmp_path, capsys, monkeypatch):
     """``--json ''`` (an unset shell variable) made evaluate write no scores and say nothing, exit 0;
     predict's ``--out ''`` is the current folder; the benchmark's failed at the end of its run."""
+    from dptune.export.cli import main as export_main
     from dptune.tools.benchmark import main as bench_main
+    from dptune.tools.config_reference import main as reference_main
     from dptune.tools.inspect import main as inspect_main
 
     monkeypatch.chdir(tmp_path)
@@ -1244,7 +1251,9 @@ def test_an_empty_output_path_is_refused_in_one_line(models, tmp_path, capsys, m
             (evaluate_main, ["--model", str(model), "--confusion", " "], "--confusion"),
             (predict_main, ["--model", str(models / "segmentation"), "--images", str(FRAMES[0]), "--out", ""], "--out"),
             (inspect_main, ["--config", "x.yaml", "--out", ""], "--out"),
-            (bench_main, ["--json", ""], "--json")]
+            (bench_main, ["--json", ""], "--json"),
+            (export_main, [str(models / "segmentation"), ""], "out_dir"),
+            (reference_main, ["--write", ""], "--write")]
     for main, args, flag in runs:
         with pytest.raises(SystemExit) as stop:
             main(args)

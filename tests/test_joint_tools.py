@@ -256,3 +256,13 @@ def test_evaluate_of_both_parts_checks_its_outputs_before_scoring_either(camvid_
     assert evaluate_main([*base, "--confusion", str(tmp_path / "c.png")]) == 0, capsys.readouterr().err
     seg, depth = score_lines(capsys.readouterr().out)
     assert len(seg) == 1 and len(depth) == 1 and (tmp_path / "c.png").stat().st_size > 0
+    # a picture of the user's, and an input mask: refused, nothing scored (a review saw depth scored after them)
+    (tmp_path / "mine.png").write_bytes((tmp_path / "c.png").read_bytes()[:100] + b"x")
+    mask = next((tmp_path / "streets" / "valannot").glob("*.png"))
+    for target, said in ((tmp_path / "mine.png", "not written by evaluate"), (mask, "")):
+        before = target.read_bytes()
+        assert evaluate_main([*base, "--confusion", str(target)]) == 2
+        captured = capsys.readouterr()
+        err = [ln for ln in captured.err.splitlines() if ln.startswith("error")]
+        assert len(err) == 1 and said in err[0] and score_lines(captured.out) == ([], []), (err, captured.out)
+        assert target.read_bytes() == before

@@ -183,8 +183,12 @@ def test_logits_past_cudas_upsampling_limit_are_made_in_chunks_with_the_same_num
     limit = 2 * 5 * 64 * 64  # two samples' logits at full size
     monkeypatch.setattr(chunks, "ELEMENT_LIMIT", limit)
     monkeypatch.setattr(F, "interpolate", limited)
+    heads = []  # the head is still called as a module (its hooks run: the benchmark's profile ranges)
+    hook = model.head.register_forward_hook(lambda *_: heads.append(1))
     logits, _ = segment(model, x, with_aux=False)
-    assert calls and max(calls) <= 2 and sum(calls) == 6, calls
+    hook.remove()
+    assert calls and max(calls) <= 2 and sum(calls) == 6 and heads == [1], (calls, heads)
+    assert isinstance(model.head.head[-1], torch.nn.Upsample)  # put back
     torch.testing.assert_close(logits, expected, rtol=0, atol=1e-6)
     torch.testing.assert_close(cross_entropy(logits, target), expected_loss, rtol=1e-6, atol=1e-6)
 
@@ -221,3 +225,32 @@ def test_cross_entropy_past_the_element_limit_runs_in_chunks_with_the_same_loss_
         torch.testing.assert_close(got, e, rtol=1e-6, atol=1e-6)
         torch.testing.assert_close(torch.autograd.grad(got, logits)[0], g, rtol=1e-6, atol=1e-7)
     assert max(sizes) == 2 and sum(sizes) == 10, sizes
+
+
+def test_the_dice_loss_past_the_element_limit_runs_in_chunks_with_the_same_loss_and_gradient(monkeypatch):
+    """The dice loss took the softmax of the whole batch's full-size logits (past 2**31 elements on
+    a GPU at 150 classes, 512 x 512, batch 55: the kernel the cross-entropy's crash came from)."""
+    import dptune.losses.segmentation as seg_losses
+    import dptune.models.chunks as chunks
+
+    torch.manual_seed(0)
+    logits = torch.randn(5, 4, 8, 8, requires_grad=True)
+    target = torch.randint(0, 4, (5, 16, 16))
+    target[0, :3] = 255
+    expected = seg_losses.dice_loss(logits, target)
+    grad = torch.autograd.grad(expected, logits)[0]
+    softmax, sizes = torch.Tensor.softmax, []
+
+    def limited(self, *args, **kwargs):
+        sizes.append(self.shape[0])
+        if self.numel() > limit:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return softmax(self, *args, **kwargs)
+
+    limit = 2 * 4 * 16 * 16
+    monkeypatch.setattr(chunks, "ELEMENT_LIMIT", limit)
+    monkeypatch.setattr(torch.Tensor, "softmax", limited)
+    got = seg_losses.dice_loss(logits, target)
+    torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
+    torch.testing.assert_close(torch.autograd.grad(got, logits)[0], grad, rtol=1e-5, atol=1e-7)
+    assert max(sizes) == 2 and sum(sizes) == 5, sizes

@@ -80,3 +80,14 @@ def yaml_problem(e: BaseException) -> str:
     mark = getattr(e, "problem_mark", None)
     where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""
     return f"{getattr(e, 'problem', None) or str(e).splitlines()[0]}{where}"
+
+
+def path_arg(value: str) -> str:
+    """argparse type of the tools' path options: an empty value (``--json ''``, an unset shell
+    variable) is refused, where it would be no file at all (evaluate wrote no scores and said
+    nothing) or the current folder (an export's files written into it)."""
+    import argparse
+
+    if not value.strip():
+        raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
+    return value

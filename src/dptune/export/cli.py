@@ -32,6 +32,7 @@ from pathlib import Path
 
 import torch
 
+from dptune.errors import path_arg
 from dptune.export import Interrupted, export
 from dptune.export.quantize import CALIBRATION_METHODS, TARGETS, KeepFloatError
 from dptune.export.serving import ServingOptions
@@ -43,7 +44,7 @@ from dptune.inference.onnx_runner import OnnxMissing
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.add_argument("source", help="dptune checkpoint (.ckpt) or an exported directory")
-    parser.add_argument("out_dir", help="output directory: new or empty (created if missing)")
+    parser.add_argument("out_dir", type=path_arg, help="output directory: new or empty (created if missing)")
     parser.add_argument("--onnx", action="store_true", help="also write model.onnx (dynamic batch/height/width)")
     parser.add_argument("--fp16", action="store_true", help="store the weights in float16")
     parser.add_argument("--push-to-hub", metavar="REPO", help="upload to this Hugging Face repo")

@@ -73,7 +73,20 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
     Per-class sums come from scatter-adds over the true class, not a one-hot tensor.
     """
-    logits = upsample(logits, target.shape[-2:])
+    num_classes = logits.shape[1]
+    chunk = samples_per_chunk(num_classes * target.shape[-2] * target.shape[-1])  # see cross_entropy_terms
+    inter = label_sum = prob_sum = 0
+    for x, y in zip(logits.split(chunk), target.split(chunk), strict=True):
+        sums = _dice_sums(upsample(x, y.shape[-2:]), y)
+        inter, label_sum, prob_sum = inter + sums[0], label_sum + sums[1], prob_sum + sums[2]
+    present = label_sum > 0
+    dice = (2 * inter + 1.0) / (prob_sum + label_sum + 1.0)
+    return 1 - (dice * present).sum() / present.sum().clamp(min=1)
+
+
+def _dice_sums(logits: torch.Tensor, target: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Per class: the labelled pixels' probability of their true class, their count, and the
+    probabilities summed over labelled pixels."""
     num_classes = logits.shape[1]
     probs = logits.float().softmax(1)
     valid = (target != IGNORE_INDEX).float()
@@ -82,10 +95,7 @@ def dice_loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     p_true = probs.gather(1, t.unsqueeze(1)).squeeze(1) * valid
     inter = zeros.scatter_add(0, t.flatten(), p_true.flatten())
     label_sum = zeros.scatter_add(0, t.flatten(), valid.flatten())
-    prob_sum = (probs * valid.unsqueeze(1)).sum((0, 2, 3))
-    present = label_sum > 0
-    dice = (2 * inter + 1.0) / (prob_sum + label_sum + 1.0)
-    return 1 - (dice * present).sum() / present.sum().clamp(min=1)
+    return inter, label_sum, (probs * valid.unsqueeze(1)).sum((0, 2, 3))
 
 
 def lovasz_loss(logits: torch.Tensor, target: torch.Tensor, stride: int = 1) -> torch.Tensor:

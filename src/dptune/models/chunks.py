@@ -21,10 +21,22 @@ def samples_per_chunk(per_sample: int) -> int:
     return max(1, ELEMENT_LIMIT // max(1, per_sample))
 
 
+class _InChunks(nn.Module):
+    """A layer run on ``chunk`` samples at a time (stands in for the head's upsampling while it runs)."""
+
+    def __init__(self, layer: nn.Module, chunk: int) -> None:
+        super().__init__()
+        self.layer, self.chunk = layer, chunk
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.layer(part) for part in x.split(self.chunk)])
+
+
 def run_head(head: nn.Module, features: Sequence[torch.Tensor]) -> torch.Tensor:
     """``head(features)`` for transformers' DPT segmentation head (a Sequential ending in a bilinear
     upsampling), with that last upsampling in batch chunks when its output would pass the limit. The
-    layers before it see the whole batch, so BatchNorm's batch statistics are the same."""
+    layers before it see the whole batch, so BatchNorm's batch statistics are the same; the head is
+    called as a module (its hooks run) with the upsampling swapped for the chunked one meanwhile."""
     layers = getattr(head, "head", None)
     if not (isinstance(layers, nn.Sequential) and isinstance(layers[-1], nn.Upsample)):
         return head(list(features))
@@ -34,5 +46,9 @@ def run_head(head: nn.Module, features: Sequence[torch.Tensor]) -> torch.Tensor:
     chunk = samples_per_chunk(head.config.num_labels * h * w)
     if x.shape[0] <= chunk:
         return head(list(features))
-    logits = layers[:-1](x)
-    return torch.cat([layers[-1](part) for part in logits.split(chunk)])
+    upsampling = layers[-1]
+    layers[-1] = _InChunks(upsampling, chunk)
+    try:
+        return head(list(features))
+    finally:
+        layers[-1] = upsampling

@@ -28,8 +28,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from dptune.errors import path_arg
 from dptune.tools.jobs import run_job
-from dptune.tools.paths import path_arg
 from dptune.tools.step_timers import PRESETS, max_batch, model_config, time_dptune, time_hf_trainer
 
 # dense bf16 / fp16 tensor-core peaks (no sparsity), TFLOP/s
@@ -90,6 +90,9 @@ def _timed_rounds(jobs: list[str], n_rounds: int, opts: dict[str, Any], flops: f
                       f"{row['op']}  {row['shapes']}")
             for row in r.get("profile_parts", []):
                 print(f"  {100 * row['share']:5.1f}%  {row['ms_per_step']:8.1f} ms/step  within {row['part']}")
+            if r.get("profile_parts") and opts.get("compile"):
+                print("  (--compile: the network's parts run inside the compiled graph, so only the network and the "
+                      "loss are timed as parts)")
             this[job] = r
         rounds.append(this)
         failed = [job for job in jobs if "error" in this[job]]

@@ -25,6 +25,8 @@ from typing import Any
 
 import yaml
 
+from dptune.errors import path_arg
+
 TASKS = ("segmentation", "depth", "multitask")
 TASK_TITLES = {"segmentation": "Segmentation", "depth": "Depth", "multitask": "Segmentation + depth"}
 DEFAULT_OUT = Path("docs") / "configuration.md"
@@ -275,7 +277,7 @@ def render() -> str:
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m dptune.tools.config_reference", description=__doc__.split("\n")[0], allow_abbrev=False)
-    ap.add_argument("--write", nargs="?", const=str(DEFAULT_OUT), metavar="PATH",
+    ap.add_argument("--write", nargs="?", const=str(DEFAULT_OUT), metavar="PATH", type=path_arg,
                     help=f"write the reference to PATH (default {DEFAULT_OUT}) instead of printing it")
     args = ap.parse_args(argv)
     import logging

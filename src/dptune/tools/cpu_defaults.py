@@ -29,7 +29,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from dptune.tools.paths import path_arg
+from dptune.errors import path_arg
 
 REPO = Path(__file__).resolve().parents[3]
 AVX2 = {"ONEDNN_MAX_CPU_ISA": "AVX2", "ATEN_CPU_CAPABILITY": "avx2"}

@@ -38,13 +38,12 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from dptune.errors import ConfigError, DataError, of_image
+from dptune.errors import ConfigError, DataError, of_image, path_arg
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet, check_same_classes
 from dptune.metrics.segmentation import metrics_from_confmat
 from dptune.tools.inputs import json_is_ours, parse_scales, refuse_output
 from dptune.tools.outputs import write_replacing, write_text
-from dptune.tools.paths import path_arg
 
 CONFUSION_TAG = "dptune evaluate: confusion matrix"  # the PNG's Software text: how a later run knows it wrote it
 
@@ -246,6 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             from dptune.tools.multitask import evaluate_with_config
 
             check_score_outputs(args)  # before any part is scored (a joint config scores two)
+            if args.confusion:  # a picture evaluate did not write, the config's files (the data's: in the part)
+                refuse_output(args.confusion, "--confusion", [], args, confusion_is_ours)
             rc = evaluate_with_config(args, task, main, sys.argv[1:] if argv is None else list(argv))
             if rc is not None:
                 return rc

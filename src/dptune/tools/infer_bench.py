@@ -37,7 +37,7 @@ from pathlib import Path
 import torch
 
 from dptune.cores import usable_cores
-from dptune.errors import ConfigError
+from dptune.errors import ConfigError, path_arg
 from dptune.inference.onnx_runner import cpu_info
 from dptune.tools.engine_rounds import load_average, versions
 from dptune.tools.infer_engines import Inputs, ort_engines, profile_graphs, time_engines, torch_engines
@@ -50,7 +50,6 @@ from dptune.tools.infer_export import (
     task_dir,
     torch_model,
 )
-from dptune.tools.paths import path_arg
 
 
 def check_json_out(path: str, export: Path) -> None:

@@ -30,8 +30,7 @@ from typing import Any
 import yaml
 
 from dptune.data.base import STAGES
-from dptune.errors import ConfigError, DataError
-from dptune.tools.paths import path_arg
+from dptune.errors import ConfigError, DataError, path_arg
 from dptune.tools.split_stats import (
     SplitStats,
     class_weights,

@@ -190,6 +190,8 @@ def evaluate_with_config(args, model_task: str, main, argv: list[str]) -> int | 
                 extra += ["--mode", "whole", "--scales", "1"]
             # --confusion is the segmentation part's picture (checked before either part ran)
             rcs.append(main([*(argv if part == "segmentation" else without_option(argv, "--confusion")), *extra]))
+            if rcs[-1]:  # said in its own line: the command stops there, as a single part's would
+                break
         return max(rcs)
     part = parts[0]
     section = data if ctask == part else one_source(args.config, data, part)

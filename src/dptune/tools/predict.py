@@ -43,12 +43,11 @@ import sys
 import numpy as np
 import torch
 
-from dptune.errors import ConfigError, DataError
+from dptune.errors import ConfigError, DataError, path_arg
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.tools.inputs import list_images, parse_scales, refuse_out_among_inputs
 from dptune.tools.masks import mask_files, write_masks
 from dptune.tools.outputs import output_stems
-from dptune.tools.paths import path_arg
 from dptune.tools.predict_run import MANIFEST, failures, predict_each, prepare_out
 
 

@@ -160,8 +160,9 @@ def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) ->
     try:  # the folders and the list first: a folder the file system refuses is named before any prediction
         for folder in sorted({(out / f).parent for f in planned} | {out}):
             blocker = next((p for p in (folder, *folder.parents) if os.path.lexists(p) and not p.is_dir()), None)
-            if blocker is not None:  # a file where one of the output's folders must go
-                raise ConfigError(f"--out {out}: {blocker} is a file where predict needs a folder; move it, or "
+            if blocker is not None:  # a file (or a link to nowhere) where one of the output's folders must go
+                what = "a link to nothing" if blocker.is_symlink() and not blocker.exists() else "a file"
+                raise ConfigError(f"--out {out}: {blocker} is {what} where predict needs a folder; move it, or "
                                   "predict into another folder")
             made += [p for p in (*reversed(folder.parents), folder) if not os.path.lexists(p)]
             folder.mkdir(parents=True, exist_ok=True)
