@@ -387,3 +387,37 @@ def test_a_folder_whose_depth_format_file_gives_a_wrong_scale_is_checked_on_its_
     assert "3 maps read as stored value / 1 per metre" in message and "b/depth/" in message, message
     median = float(re.search(r"median valid depth ([0-9.e+]+) m", message).group(1))
     assert median > 1000, message  # that folder's maps alone, read as metres: millimetre values
+
+
+@needs(KITCHEN)
+def test_a_depth_pairs_image_is_read_as_stored_like_its_depth_map(tmp_path):
+    """A photo with an EXIF orientation (3: turned 180 degrees) was turned upright while its depth map
+    was read as stored: trained against a map it no longer lined up with, without a word (a user
+    attack). The image is read as stored, as the depth map is (and as a Hugging Face depth source
+    already read it); the size check too (orientation 6 said 'depth map is 640x480 but its image is
+    480x640')."""
+    import shutil
+
+    from dptune.data.depth import DepthFolderSource
+    from dptune.data.depth_datamodule import DepthDataModule
+
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "depth").mkdir()
+    frames = sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[:2]
+    stored = []
+    for orientation, f in zip((3, 6), frames, strict=True):
+        img = Image.open(f)
+        exif = Image.Exif()
+        exif[0x0112] = orientation
+        img.save(tmp_path / "rgb" / f.name, exif=exif, quality=95)
+        stored.append(np.asarray(Image.open(tmp_path / "rgb" / f.name)))  # PIL leaves the orientation to exif_transpose
+        shutil.copy(KITCHEN / "val" / "depth" / f"{f.stem}.png", tmp_path / "depth" / f"{f.stem}.png")
+    source = DepthFolderSource(str(tmp_path), "rgb/*.jpg", "depth/{stem}.png", 1000)
+    for i in range(2):
+        image, depth, _ = source.load(i)
+        assert image.shape == stored[i].shape and depth.shape == image.shape[:2]
+        assert np.abs(image.astype(int) - stored[i]).mean() < 1.0
+    dm = DepthDataModule(root=str(tmp_path), depth_scale=1000, image_size=32, num_workers=0, check="header",
+                         splits={"train": {"images": "rgb/*.jpg", "depth": "depth/{stem}.png"}})
+    dm.setup("fit")  # the 90-degree one passes the size check: both as stored
+    assert len(dm.datasets["train"]) == 2

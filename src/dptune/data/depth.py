@@ -70,7 +70,8 @@ class DepthFolderSource:
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         depth = self._depth(i)
-        return read_image(self.images[i]), depth, self.depths[i]
+        # as stored, not turned by an EXIF orientation: the depth map is read as stored (as HFDepthSource does)
+        return read_image(self.images[i], upright=False), depth, self.depths[i]
 
     def mask(self, i: int) -> tuple[np.ndarray, str]:
         """The raw mask of sample ``i`` and its path."""
