@@ -421,3 +421,50 @@ def test_a_depth_pairs_image_is_read_as_stored_like_its_depth_map(tmp_path):
                          splits={"train": {"images": "rgb/*.jpg", "depth": "depth/{stem}.png"}})
     dm.setup("fit")  # the 90-degree one passes the size check: both as stored
     assert len(dm.datasets["train"]) == 2
+
+
+@needs(KITCHEN)
+def test_sparse_maps_that_no_loss_can_count_at_the_training_size_are_said(tmp_path, caplog):
+    """Maps of about 540 valid pixels (0.2%, a LiDAR-like scan) keep 3-10 once resized to 64x64, below
+    the 16 a loss needs to count an image: a whole split trained on nothing (loss and gradients 0)
+    with exit 0 and no word (a user attack). One such map is a warning naming it; a split of them stops."""
+    import logging
+
+    from dptune.data.depth_datamodule import DepthDataModule
+
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "depth").mkdir()
+    frames = sorted((KITCHEN / "train" / "rgb").glob("*.jpg"))[:3]
+    rng = np.random.default_rng(0)
+    for f in frames:
+        (tmp_path / "rgb" / f.name).symlink_to(f)
+        depth = np.asarray(Image.open(KITCHEN / "train" / "depth" / f"{f.stem}.png"))
+        keep = np.zeros(depth.shape, bool)
+        keep.flat[rng.choice(depth.size, 540, replace=False)] = True
+        Image.fromarray(np.where(keep & (depth < 65535), depth, 0).astype(np.uint16)).save(tmp_path / "depth" / f"{f.stem}.png")
+
+    def setup():
+        dm = DepthDataModule(root=str(tmp_path), depth_scale=1000, image_size=64, num_workers=0,
+                             splits={"train": {"images": "rgb/*.jpg", "depth": "depth/{stem}.png"}})
+        dm.setup("fit")
+        return dm
+
+    with pytest.raises(DataError, match=r"data.splits.train: 3 depth map\(s\) keep fewer than 16 valid pixels once "
+                                        r"resized to the training size 64x64 .* no map of the split counts"):
+        setup()
+    # one dense map among them: trained on, the sparse ones named in a warning
+    dense = frames[0].stem
+    (tmp_path / "depth" / f"{dense}.png").unlink()
+    (tmp_path / "depth" / f"{dense}.png").symlink_to(KITCHEN / "train" / "depth" / f"{dense}.png")
+    with caplog.at_level(logging.WARNING, logger="dptune.data.depth_datamodule"):
+        assert len(setup().datasets["train"]) == 3
+    said = [r.getMessage() for r in caplog.records if "valid pixels once resized" in r.getMessage()]
+    assert len(said) == 1 and "2 depth map(s)" in said[0] and str(tmp_path / "depth") in said[0], said
+    # a map with no valid pixel at all is named too (the warning only counted them)
+    empty = tmp_path / "depth" / f"{frames[1].stem}.png"
+    Image.fromarray(np.zeros((480, 640), np.uint16)).save(empty)
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dptune.data.depth_datamodule"):
+        setup()
+    said = [r.getMessage() for r in caplog.records if "no valid pixel" in r.getMessage()]
+    assert len(said) == 1 and f"(first: {empty})" in said[0], said

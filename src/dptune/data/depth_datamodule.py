@@ -24,6 +24,7 @@ from dptune.data.sources import STREAM_SETTINGS
 from dptune.data.transforms import eval_preprocessing
 from dptune.errors import ConfigError, DataError
 from dptune.labels import load_labels
+from dptune.losses.depth import MIN_VALID
 
 log = logging.getLogger(__name__)
 
@@ -169,22 +170,38 @@ class DepthDataModule(SplitDataModule):
             check_depth_size(ds.source.depths[i], image_header_size(ds.source.images[i], upright=False), depth)
             return None, depth
 
-        good, problems, cache, empty, stats = [], [], {}, 0, {}
+        good, problems, cache, empty, sparse, stats = [], [], {}, [], [], {}
         for i, out, problem in check_each(ds.indices, one, f"checking {stage} data"):
             if problem is not None:
                 problems.append(problem)
                 continue
             good.append(i)
             measured = out[1][out[1] > 0]
-            empty += not measured.size
-            if measured.size:  # per map: 1%, 50%, 99% of its valid depth
+            if not measured.size:
+                empty.append(i)
+            else:  # per map: 1%, 50%, 99% of its valid depth
                 stats[i] = np.quantile(measured, (0.01, 0.5, 0.99))
+                if stage == "train" and valid_at(out[1], self.image_size) < MIN_VALID:
+                    sparse.append(i)
             if keep:
                 cache[i] = out
         settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample, self.config_path)
         good = self._check_values(ds, stage, good, stats)
+        name = ds.source.depths.__getitem__ if hasattr(ds.source, "depths") else ds.source.name
         if empty:
-            log.warning("%s: %d depth map(s) have no valid pixel; they count in no loss and no metric", stage, empty)
+            log.warning("%s: %d depth map(s) have no valid pixel (first: %s); they count in no loss and no metric",
+                        stage, len(empty), name(empty[0]))
+        sparse = [i for i in sparse if i in good]
+        if sparse:
+            h, w = self.image_size
+            counted = len([i for i in good if i not in sparse and i not in empty])
+            said = (f"{self.config_path}.splits.{stage}: {len(sparse)} depth map(s) keep fewer than {MIN_VALID} valid "
+                    f"pixels once resized to the training size {h}x{w} (first: {name(sparse[0])}), the least a loss "
+                    "counts an image with")
+            if not counted:
+                raise DataError(f"{said}: no map of the split counts in the loss; train at a larger data.image_size, "
+                                "or densify the maps")
+            log.warning("%s; they count in no loss", said)
         self.skipped[stage] = len(ds.indices) - len(good)
         ds.indices, ds.cache = good, {i: cache[i] for i in good} if keep else None
 
@@ -211,3 +228,12 @@ class DepthDataModule(SplitDataModule):
         log.info("%s: depth = stored value / %s per metre; median valid depth %.3g m over %d maps", where, per,
                  float(np.median(medians)), len(medians))
         return kept
+
+
+def valid_at(depth: np.ndarray, size) -> int:
+    """Valid (> 0) pixels of ``depth`` once resized to the training ``size`` (h, w) by nearest
+    neighbour, as ``depth_train_transforms`` resizes it: what the loss sees of a sparse map."""
+    import cv2
+
+    h, w = int(size[0]), int(size[1])
+    return int(cv2.resize((depth > 0).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).sum())
