@@ -12,7 +12,7 @@ from PIL import Image
 from dptune.data.depth import depth_train_transforms, eval_crop_mask
 from dptune.data.depth_files import read_depth
 from dptune.data.loaders import collate
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 
 
 @needs(DEPTH_FORMATS)
@@ -237,8 +237,20 @@ def test_a_depth_format_file_that_says_no_usable_scale_is_named(tmp_path, spec, 
     Image.fromarray(np.full((8, 8), 2560, np.uint16)).save(tmp_path / "d" / "a_depth.png")
     (tmp_path / "d" / "depth_format.json").write_text(spec)
     src = DepthFolderSource(str(tmp_path), "d/a.png", "d/{stem}_depth.png")
-    with pytest.raises(DataError, match="depth_format.json: .*" + re.escape(said)):
+    with pytest.raises(ConfigError, match="depth_format.json: .*" + re.escape(said)):
         src.load(0)
+    # the folder's file, said once: not once per map as a bad sample, and not skipped map by map
+    for i in range(1, 4):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "d" / f"{i}.png")
+        Image.fromarray(np.full((8, 8), 2560, np.uint16)).save(tmp_path / "d" / f"{i}_depth.png")
+    from dptune.data.depth_datamodule import DepthDataModule
+
+    for skip in ("error", "skip"):
+        dm = DepthDataModule(root=str(tmp_path), image_size=8, num_workers=0, on_bad_sample=skip,
+                             splits={"train": {"images": "d/[0-9a].png", "depth": "d/{stem}_depth.png"}})
+        with pytest.raises(ConfigError) as err:
+            dm.setup("fit")
+        assert str(err.value).count("depth_format.json") == 1 and len(str(err.value).splitlines()) == 1, err.value
 
 
 def test_a_depth_scale_given_against_the_depth_format_file_is_said(tmp_path, caplog):

@@ -15,7 +15,7 @@ import cv2
 import numpy as np
 
 from dptune.data.images import image_header_size, read_bytes
-from dptune.errors import DataError
+from dptune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,8 @@ def sidecar_scale(folder: str, lenient: bool = False) -> float | None:
     or one without a ``metric`` field (not a depth format: a user's own notes by that name). A file
     that says ``metric: false`` holds relative inverse depth, which no reading turns into distances:
     one line naming it. So is one that is broken (bad JSON, no usable ``value_per_metre``), unless
-    ``lenient`` (a depth_scale was given, and is used whatever the file says)."""
+    ``lenient`` (a depth_scale was given, and is used whatever the file says). A ``ConfigError``, not
+    a ``DataError``: it is the folder's, not one sample's (said once, never skipped sample by sample)."""
     import json
 
     path = Path(folder, "depth_format.json")
@@ -134,19 +135,19 @@ def sidecar_scale(folder: str, lenient: bool = False) -> float | None:
     except (OSError, ValueError) as e:
         if lenient:
             return None
-        raise DataError(f"{path}: not readable JSON ({e}); it would say how the depth maps beside it are "
+        raise ConfigError(f"{path}: not readable JSON ({e}); it would say how the depth maps beside it are "
                         f"stored{way_out}") from None
     if not isinstance(spec, dict) or "metric" not in spec:
         return None
     if spec["metric"] is False:
-        raise DataError(f"{path}: the maps beside it are relative inverse depth (metric: false), not distances; "
+        raise ConfigError(f"{path}: the maps beside it are relative inverse depth (metric: false), not distances; "
                         "they cannot be read as depth")
     per_metre = spec.get("value_per_metre")
     if spec["metric"] is not True or isinstance(per_metre, bool) or not isinstance(per_metre, (int, float)) \
             or not 0 < per_metre < math.inf:
         if lenient:
             return None
-        raise DataError(f"{path}: expected metric: true and value_per_metre a positive number, got metric "
+        raise ConfigError(f"{path}: expected metric: true and value_per_metre a positive number, got metric "
                         f"{spec['metric']!r}, value_per_metre {per_metre!r}{way_out}")
     return float(per_metre)
 
