@@ -193,6 +193,24 @@ def test_logits_past_cudas_upsampling_limit_are_made_in_chunks_with_the_same_num
     torch.testing.assert_close(cross_entropy(logits, target), expected_loss, rtol=1e-6, atol=1e-6)
 
 
+def limit_kernel(monkeypatch, owner, name: str, limit: int) -> list[int]:
+    """``owner.name`` made to fail as a CUDA kernel does past ``limit`` elements (its first argument's),
+    with dptune's chunk limit lowered to it; returns the batch sizes it was called with."""
+    import dptune.models.chunks as chunks
+
+    real, sizes = getattr(owner, name), []
+
+    def limited(x, *args, **kwargs):
+        sizes.append(x.shape[0])
+        if x.numel() > limit:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return real(x, *args, **kwargs)
+
+    monkeypatch.setattr(chunks, "ELEMENT_LIMIT", limit)
+    monkeypatch.setattr(owner, name, limited)
+    return sizes
+
+
 def test_cross_entropy_past_the_element_limit_runs_in_chunks_with_the_same_loss_and_gradient(monkeypatch):
     """The full-size logits of 64 x 150 x 512 x 512 pass 2**31 elements; CUDA's softmax kernels then read
     out of bounds (an H200 stopped with an illegal memory access). The loss sums per chunk of samples;
@@ -200,7 +218,6 @@ def test_cross_entropy_past_the_element_limit_runs_in_chunks_with_the_same_loss_
     import torch.nn.functional as F
 
     import dptune.losses.segmentation as seg_losses
-    import dptune.models.chunks as chunks
 
     torch.manual_seed(0)
     logits = torch.randn(5, 4, 8, 8, requires_grad=True)
@@ -209,17 +226,7 @@ def test_cross_entropy_past_the_element_limit_runs_in_chunks_with_the_same_loss_
     weight = torch.tensor([1.0, 2.0, 0.5, 1.5])
     expected = [seg_losses.cross_entropy(logits, target, w) for w in (None, weight)]
     grads = [torch.autograd.grad(e, logits)[0] for e in expected]
-    ce, sizes = F.cross_entropy, []
-
-    def limited(inp, *args, **kwargs):
-        sizes.append(inp.shape[0])
-        if inp.numel() > limit:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return ce(inp, *args, **kwargs)
-
-    limit = 2 * 4 * 16 * 16
-    monkeypatch.setattr(chunks, "ELEMENT_LIMIT", limit)
-    monkeypatch.setattr(F, "cross_entropy", limited)
+    sizes = limit_kernel(monkeypatch, F, "cross_entropy", 2 * 4 * 16 * 16)
     for w, e, g in zip((None, weight), expected, grads, strict=True):
         got = seg_losses.cross_entropy(logits, target, w)
         torch.testing.assert_close(got, e, rtol=1e-6, atol=1e-6)
@@ -231,7 +238,6 @@ def test_the_dice_loss_past_the_element_limit_runs_in_chunks_with_the_same_loss_
     """The dice loss took the softmax of the whole batch's full-size logits (past 2**31 elements on
     a GPU at 150 classes, 512 x 512, batch 55: the kernel the cross-entropy's crash came from)."""
     import dptune.losses.segmentation as seg_losses
-    import dptune.models.chunks as chunks
 
     torch.manual_seed(0)
     logits = torch.randn(5, 4, 8, 8, requires_grad=True)
@@ -239,17 +245,7 @@ def test_the_dice_loss_past_the_element_limit_runs_in_chunks_with_the_same_loss_
     target[0, :3] = 255
     expected = seg_losses.dice_loss(logits, target)
     grad = torch.autograd.grad(expected, logits)[0]
-    softmax, sizes = torch.Tensor.softmax, []
-
-    def limited(self, *args, **kwargs):
-        sizes.append(self.shape[0])
-        if self.numel() > limit:
-            raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return softmax(self, *args, **kwargs)
-
-    limit = 2 * 4 * 16 * 16
-    monkeypatch.setattr(chunks, "ELEMENT_LIMIT", limit)
-    monkeypatch.setattr(torch.Tensor, "softmax", limited)
+    sizes = limit_kernel(monkeypatch, torch.Tensor, "softmax", 2 * 4 * 16 * 16)
     got = seg_losses.dice_loss(logits, target)
     torch.testing.assert_close(got, expected, rtol=1e-6, atol=1e-6)
     torch.testing.assert_close(torch.autograd.grad(got, logits)[0], grad, rtol=1e-5, atol=1e-7)

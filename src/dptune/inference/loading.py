@@ -35,7 +35,13 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
     own exports load with the stock or dptune class and never need it: the ``modeling_dptune.py``
     they ship is for plain ``transformers``. (What ``dptune.models.load_exported`` does, with the
     flag passed on.)"""
-    from transformers import AutoConfig, AutoImageProcessor, AutoModelForDepthEstimation
+    from transformers import (
+        AutoConfig,
+        AutoImageProcessor,
+        AutoModelForDepthEstimation,
+        DepthAnythingConfig,
+        DPTConfig,
+    )
 
     from dptune.models.attention import transformers_quiet
     from dptune.models.backbones import model_class
@@ -45,7 +51,7 @@ def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Mod
         check_export_files(ref)
     try:
         cfg = AutoConfig.from_pretrained(ref, trust_remote_code=trust_remote_code)
-        if cfg.model_type not in ("dpt", "depth_anything"):  # DPT's classes would take any config's numbers
+        if not isinstance(cfg, (DPTConfig, DepthAnythingConfig)):  # DPT's classes would take any config's numbers
             raise ConfigError(f"{ref}: config.json says model_type {cfg.model_type!r}: not a DPT or Depth Anything "
                               "model, which is what dptune loads")
         processor = AutoImageProcessor.from_pretrained(ref, trust_remote_code=trust_remote_code)
