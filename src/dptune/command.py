@@ -88,7 +88,7 @@ def finished(rc: int) -> int:
     def done(_signum, _frame) -> None:
         sys.stdout.flush()
         sys.stderr.flush()
-        os._exit(rc if isinstance(rc, int) else 1)
+        os._exit(rc if isinstance(rc, int) else 0 if rc is None else 1)  # as sys.exit(rc) would
 
     signal.signal(signal.SIGINT, done)
     return rc
