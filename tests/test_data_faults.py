@@ -235,8 +235,13 @@ def test_evaluate_scores_depth_with_negative_values_only_when_told(tmp_path, cap
     ("nan 0 320\n0 585 240\n0 0 1\n", "not finite"),
     ("585 0 320\n0 inf 240\n0 0 1\n", "not finite"),
     ("0 0 320\n0 585 240\n0 0 1\n", "focal length"),
+    # a user attack: points at infinity (1e-40), a normalised matrix (0.5), a skew dropped without a word
+    ("1e-40 0 320\n0 1e-40 240\n0 0 1\n", "in pixels, at least 1"),
+    ("0.5 0 0.5\n0 0.6 0.5\n0 0 1\n", "normalised"),
+    ("585 5 320\n0 585 240\n0 0 1\n", "is not a pinhole camera matrix"),
+    ("", "0 values"),  # numpy's own warning was printed first
 ])
-def test_bad_camera_intrinsics_stop_naming_the_file(tmp_path, text, problem):
+def test_bad_camera_intrinsics_stop_naming_the_file(tmp_path, text, problem, recwarn):
     from dptune.data.depth_files import read_intrinsics
 
     path = tmp_path / "camera-intrinsics.txt"
@@ -245,8 +250,11 @@ def test_bad_camera_intrinsics_stop_naming_the_file(tmp_path, text, problem):
         read_intrinsics(str(path))
     msg = str(err.value)
     assert "\n" not in msg and str(path) in msg and problem in msg, msg
+    assert not [w for w in recwarn if "loadtxt" in str(w.message)]
     with pytest.raises(DataError, match="not finite"):
         read_intrinsics("585,nan,320,240")
+    with pytest.raises(DataError, match="at least 1"):
+        read_intrinsics("1e-30,1e-30,320,240")
 
 
 @needs(KITCHEN)

@@ -1260,3 +1260,22 @@ def test_an_empty_output_path_is_refused_in_one_line(models, tmp_path, capsys, m
         err = capsys.readouterr().err
         assert stop.value.code == 2 and f"error: argument {flag}: an empty path" in err, (flag, err)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["model"]
+
+
+def test_a_device_this_torch_cannot_run_on_is_one_line(models, capsys):
+    """--device cuda on a CPU-only torch ended in 'Torch not compiled with CUDA enabled' (a traceback, exit 1)
+    at the first image; --device foo and mps the same way (a user attack)."""
+    import torch
+
+    wrong = ["foo", "mps"] + ([] if torch.cuda.is_available() else ["cuda", "cuda:1"])
+    for main, args in ((predict_main, ["--model", str(models / "segmentation"), "--images", str(FRAMES[0]),
+                                       "--out", "never"]),
+                       (evaluate_main, ["--model", str(models / "depth"), "--images", str(FRAMES[0])])):
+        for device in wrong:
+            if device == "mps" and getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+                continue
+            with pytest.raises(SystemExit) as stop:
+                main([*args, "--device", device])
+            err = capsys.readouterr().err
+            said = f"error: argument --device: {device if device != 'foo' else repr(device)}"
+            assert stop.value.code == 2 and said in err and "Traceback" not in err, err

@@ -91,3 +91,29 @@ def path_arg(value: str) -> str:
     if not value.strip():
         raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
     return value
+
+
+def device_arg(value: str) -> str:
+    """argparse type of ``--device``: a device this torch can run on, said in one line otherwise
+    (``--device cuda`` on a CPU-only torch ended in torch's 'Torch not compiled with CUDA enabled'
+    traceback at the first image)."""
+    import argparse
+
+    import torch
+
+    try:
+        device = torch.device(value)
+    except RuntimeError:
+        raise argparse.ArgumentTypeError(f"{value!r} is no device torch knows (cpu, cuda, cuda:1, mps, ...)") from None
+    kind = device.type
+    if kind == "cuda":
+        if not torch.cuda.is_available():
+            why = "this torch has no CUDA" if torch.version.cuda is None else "no CUDA GPU is visible"
+            raise argparse.ArgumentTypeError(f"{value}: {why} (torch {torch.__version__}); give --device cpu")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise argparse.ArgumentTypeError(f"{value}: there are {torch.cuda.device_count()} CUDA GPU(s) here")
+    elif kind == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise argparse.ArgumentTypeError(f"{value}: this torch has no MPS (Apple GPU) support; give --device cpu")
+    elif kind not in ("cpu", "cuda", "mps"):
+        raise argparse.ArgumentTypeError(f"{value}: dptune's tools run on cpu, cuda or mps")
+    return value

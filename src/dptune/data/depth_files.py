@@ -8,6 +8,7 @@ import functools
 import logging
 import math
 import os
+import warnings
 from pathlib import Path
 from typing import Literal
 
@@ -58,11 +59,13 @@ def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
     name = spec if is_file else f"--intrinsics {spec!r}"
     try:
         if is_file:
-            k = np.loadtxt(spec)
+            with warnings.catch_warnings():  # numpy's 'input contained no data' warning: said below in one line
+                warnings.simplefilter("ignore", UserWarning)
+                k = np.loadtxt(spec)
             if k.size != 9:
                 raise ValueError(f"{k.size} values, not a 3x3 matrix")
             k = k.reshape(3, 3)
-            if not np.allclose(k[2], (0, 0, 1)) or k[1, 0] != 0:
+            if not np.allclose(k[2], (0, 0, 1)) or k[1, 0] != 0 or k[0, 1] != 0:  # k[0, 1]: a skew, not modelled
                 rows = "; ".join(" ".join(f"{v:g}" for v in row) for row in k)
                 raise ValueError(f"[{rows}] is not a pinhole camera matrix [fx 0 cx; 0 fy cy; 0 0 1]"
                                  + (" (transposed?)" if np.allclose(k[:, 2], (0, 0, 1)) else ""))
@@ -77,8 +80,9 @@ def read_intrinsics(spec: str) -> tuple[float, float, float, float]:
         raise DataError(f"{name}: give fx,fy,cx,cy or a 3x3 matrix file")
     if not all(math.isfinite(v) for v in values):
         raise DataError(f"{name}: camera intrinsics fx, fy, cx, cy = {values} are not finite")
-    if values[0] <= 0 or values[1] <= 0:
-        raise DataError(f"{name}: focal length fx, fy = {values[0]:g}, {values[1]:g} must be > 0")
+    if values[0] < 1 or values[1] < 1:  # 1e-40 put points at infinity; 0.5 is a normalised matrix (x image size)
+        raise DataError(f"{name}: focal length fx, fy = {values[0]:g}, {values[1]:g}: in pixels, at least 1 (a "
+                        "matrix normalised by the image size is multiplied by its width and height first)")
     return values[0], values[1], values[2], values[3]
 
 

@@ -38,7 +38,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from dptune.errors import ConfigError, DataError, of_image, path_arg
+from dptune.errors import ConfigError, DataError, device_arg, of_image, path_arg
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet, check_same_classes
 from dptune.metrics.segmentation import metrics_from_confmat
@@ -203,7 +203,7 @@ def parser() -> argparse.ArgumentParser:
                     help="flip TTA: h (left-right, the default when given bare), hv (also up-down), d4 (also "
                          "90-degree turns: 8 views, for imagery with no up such as aerial tiles)")
     ap.add_argument("--scales", default="1", help="comma-separated test scales, e.g. 0.75,1,1.25")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "onnx-fp16"], default="torch",
                     help="run the export's ONNX graph instead of torch: onnx (model.onnx), onnx-int8 "
                          "(model_int8.onnx), onnx-fp16 (model_fp16.onnx); --model must be an exported directory")

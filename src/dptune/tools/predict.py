@@ -43,7 +43,7 @@ import sys
 import numpy as np
 import torch
 
-from dptune.errors import ConfigError, DataError, path_arg
+from dptune.errors import ConfigError, DataError, device_arg, path_arg
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.tools.inputs import list_images, parse_scales, refuse_out_among_inputs
 from dptune.tools.masks import mask_files, write_masks
@@ -70,7 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--scales", default="1", help="masks: comma-separated scales to average (depth: 1 only)")
     ap.add_argument("--confidence", action="store_true", help="also write the top-class probability (masks)")
     ap.add_argument("--alpha", type=float, default=0.5, help="overlay opacity, 0 to 1")
-    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--device", type=device_arg, default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--backend", choices=["torch", "onnx", "onnx-int8", "onnx-fp16"], default="torch",
                     help="run the export's ONNX graph instead of torch: onnx (model.onnx), onnx-int8 "
                          "(model_int8.onnx), onnx-fp16 (model_fp16.onnx); --model must be an exported directory")
