@@ -8,6 +8,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+from PIL import Image
 
 from dptune.data.depth_files import read_depth
 from dptune.errors import DataError
@@ -66,3 +67,14 @@ def test_a_depth_format_json_saying_otherwise_is_never_overwritten(tmp_path):
     write_depth_format(other, depth_encoding(_model(10.0)))  # the same description: fine
     with pytest.raises(DataError, match="describes other depth maps"):
         write_depth_format(other, depth_encoding(_model(80.0)))
+
+
+def test_depth_under_half_a_step_is_stored_as_depth_not_as_the_no_depth_code(tmp_path):
+    """0 means no depth in a 16-bit map: a metric model's 0.3 mm rounded to it, so the map said 'no depth'
+    where the .ply beside it kept the points (a user attack). It is stored as one step, the least depth."""
+    enc = depth_encoding(_model(10.0))
+    depth = np.array([[0.0003, 0.0], [0.0012, 2.0]], np.float32)
+    write_depth(tmp_path, "near", depth, np.zeros((2, 2, 3), np.uint8), enc, (585.0, 585.0, 1.0, 1.0))
+    stored = np.asarray(Image.open(tmp_path / enc["file"].replace("<stem>", "near")))
+    assert stored.tolist() == [[1, 0], [1, 2000]]
+    assert ((read_depth(str(tmp_path / "near_depth.png")) > 0) == (depth > 0)).all()

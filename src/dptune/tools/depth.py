@@ -133,6 +133,8 @@ def write_depth(out: Path, stem: str, depth: np.ndarray, image: np.ndarray, enc:
     elif metric:
         scaled = np.round(depth.astype(np.float64) * enc["value_per_metre"])
         clipped = bool((scaled > 65534).any())  # 65535 is the no-depth code: what lands there is beyond the range
+        # 0 is the no-depth code too: depth above 0 but under half a step is stored as one step (the .ply keeps it)
+        scaled[(scaled == 0) & (depth > 0)] = 1
         stored = np.clip(scaled, 0, 65535).astype(np.uint16)
     else:
         stored = np.round(65535 * (depth - depth.min()) / max(float(np.ptp(depth)), 1e-12)).astype(np.uint16)
