@@ -76,8 +76,9 @@ def report_depth(dm: Any, stages: list[str], depth_range: tuple[float, float | N
 
 
 def quiet(spec: dict[str, Any]) -> dict[str, Any]:
-    """A datamodule's settings for inspection: no pre-flight check, no cache (this reads every file once)."""
-    return {**spec, "check": False, "cache": False}
+    """A datamodule's settings for inspection: no pre-flight check, no cache (this reads every file
+    once), no loader workers (whatever the config sets: a config with num_workers was refused)."""
+    return {**spec, "check": False, "cache": False, "num_workers": 0}
 
 
 def inspect_config(task: str, data: dict[str, Any], stages: list[str],
@@ -91,7 +92,7 @@ def inspect_config(task: str, data: dict[str, Any], stages: list[str],
     if task == "segmentation":
         from dptune.data.datamodule import SegmentationDataModule
 
-        dm = SegmentationDataModule(**quiet(data), num_workers=0)
+        dm = SegmentationDataModule(**quiet(data))
         check_splits(stages, named, dm.splits)
         sources = segmentation_sources(dm, stages)
         if check_out is not None:
@@ -101,7 +102,7 @@ def inspect_config(task: str, data: dict[str, Any], stages: list[str],
     if task == "depth":
         from dptune.data.depth_datamodule import DepthDataModule
 
-        dm = DepthDataModule(**quiet(data), num_workers=0)
+        dm = DepthDataModule(**quiet(data))
         check_splits(stages, named, dm.splits)
         return {}, any(report_depth(dm, stages, depth_range))
     from dptune.data.multitask_datamodule import MultiTaskDataModule
@@ -110,7 +111,7 @@ def inspect_config(task: str, data: dict[str, Any], stages: list[str],
         specs = data.get(key)
         if specs:
             data[key] = [quiet(s) for s in specs] if isinstance(specs, list) else quiet(specs)
-    dm, bad = MultiTaskDataModule(**data, num_workers=0), False
+    dm, bad = MultiTaskDataModule(**{**data, "num_workers": 0}), False
     check_splits(stages, named, {stage for s in dm.sources for stage in s.dm.splits})
     for s in dm.sources:
         print(f"### {s.name} ({KINDS[s.kind]})")
