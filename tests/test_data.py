@@ -213,6 +213,14 @@ def test_hugging_face_rows_of_arrays_read_exactly_and_rows_without_pixels_say_wh
             row_image(value, "row#0")
     with pytest.raises(DataError, match=r"row#0: image must be uint8, got int64"):
         row_image(np.array([[[0, 300, 1]]]), "row#0")
+    # the mask column likewise (a class number, None, a path or bytes crashed deep in the size check or
+    # the label mapping with Python's own error: a user attack)
+    from dptune.data.sources import decode_row
+
+    for value, said in ((3, "the int64 value 3, not a label map"), (None, "no mask (None), not pixels"),
+                        ("ann/x.png", "a string (a file path?), not pixels"), (b"\x89PNG", "encoded bytes, not pixels")):
+        with pytest.raises(DataError, match=r"row#0: the mask in column 'label' is " + re.escape(said)):
+            decode_row({"image": image, "label": value}, "row#0", "image", "label", False)
     # the column's declared type decides, not each row's values: a uint16 column is refused on every
     # row (a dark one passed as 8-bit); a grey H x W x 1 uint8 column reads as RGB (it reached training
     # as one channel)

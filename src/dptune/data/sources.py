@@ -248,8 +248,21 @@ def decode_row(
         mask.load()
         mask = apply_orientation(pil_to_mask(mask, rgb_masks, name), exif_orientation(mask, decoded=True))
     else:
+        if mask is None or isinstance(mask, (str, bytes, dict)):
+            what = ("no mask (None)" if mask is None else "a string (a file path?)" if isinstance(mask, str)
+                    else "encoded bytes" if isinstance(mask, bytes) else "a mapping (encoded bytes or a path?)")
+            raise DataError(f"{name}: the mask in column {mask_column!r} is {what}, not pixels; give the column the "
+                            "datasets.Image() feature (dataset.cast_column(column, datasets.Image()))")
         mask = column_array(mask, dtypes.get(mask_column))
+        if mask.ndim not in (2, 3) or mask.dtype.kind not in "uif":  # a class number: a classification dataset?
+            raise DataError(f"{name}: the mask in column {mask_column!r} is {_short_value(mask)}, not a label map "
+                            "(H x W, or H x W x 3 for RGB masks); is mask_column the column of the masks?")
     return image, mask, name
+
+
+def _short_value(a: np.ndarray) -> str:
+    """An array as a mask column's error says it: a number, or its shape and type."""
+    return f"the {a.dtype} value {a.item()!r}" if a.ndim == 0 else f"an array of shape {tuple(a.shape)} ({a.dtype})"
 
 
 # ---------------------------------------------------------------------------- synthetic shapes
