@@ -474,3 +474,28 @@ def test_an_image_file_of_several_images_gives_its_first_and_says_so(tmp_path, c
     said = [r.getMessage() for r in caplog.records]
     assert len(said) == 3 and all("holds 2 images (pages or frames); the first is read" in m for m in said), said
     assert {m.split(":")[0] for m in said} == {str(tmp_path / n) for n in ("pages.tiff", "moving.png", "moving.gif")}
+
+
+def test_hf_settings_are_checked_before_anything_is_read(tmp_path, monkeypatch):
+    """A misspelt data.hf key was dropped when streaming (the run trained on the default column, exit 0)
+    and named 'HFSource.__init__()' otherwise; num_shards abc was a traceback, 0 and streaming: maybe were
+    taken; a local path that is not there became a Hub lookup and a 66-line traceback (a user attack)."""
+    from dptune.data.depth_datamodule import DepthDataModule
+    from dptune.data.sources import open_hf_split
+    from dptune.errors import ConfigError
+
+    splits = {"train": {"split": "train"}}
+    for hf, said in (({"dataset": "x", "mask_colum": "fine", "streaming": True}, r"data.hf.mask_colum: no such setting "
+                      r"\(did you mean mask_column\?"),
+                     ({"dataset": "x", "num_shards": "abc"}, r"data.hf.num_shards 'abc': a whole number >= 1"),
+                     ({"dataset": "x", "num_shards": 0}, r"data.hf.num_shards 0: a whole number >= 1"),
+                     ({"dataset": "x", "shuffle_buffer": -1}, r"data.hf.shuffle_buffer -1"),
+                     ({"dataset": "x", "streaming": "maybe"}, r"data.hf.streaming 'maybe': true or false")):
+        with pytest.raises(ConfigError, match=said):
+            SegmentationDataModule(source="hf", hf=hf, labels={"names": ["a"]}, splits=splits)
+    with pytest.raises(ConfigError, match=r"data.hf.mask_column: no such setting .*depth_column"):
+        DepthDataModule(source="hf", hf={"dataset": "x", "mask_column": "y"}, splits=splits)
+    (tmp_path / "ds").mkdir()
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(DataError, match=r"data.hf.dataset ds/does_not_exist: no such directory"):
+        open_hf_split("ds/does_not_exist", "train")

@@ -13,7 +13,7 @@ from dptune.data.base import SplitDataModule, pair, settle_problems
 from dptune.data.cache import DiskCache
 from dptune.data.dataset import SegmentationDataset, scan
 from dptune.data.loaders import augment_seed, stream_seed
-from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
+from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source, check_hf_settings
 from dptune.data.streaming import StreamingSegmentation, open_stream
 from dptune.data.transforms import build_transforms, default_train_transforms, eval_preprocessing
 from dptune.errors import ConfigError, DataError
@@ -118,6 +118,7 @@ class SegmentationDataModule(SplitDataModule):
         self.source_kind = source
         self.init_splits_and_loaders(splits, batch_size, val_batch_size, num_workers, pin_memory, persistent_workers)
         self.hf = hf or {}
+        check_hf_settings(self.hf, "segmentation")
         self.image_size = pair(image_size)
         self.crop_size = pair(crop_size) or self.image_size
         self.scale_range = tuple(float(v) for v in scale_range)

@@ -20,7 +20,7 @@ from dptune.data.depth_files import check_depth_size
 from dptune.data.depth_values import check_depth_range, check_split_depth
 from dptune.data.images import image_header_size
 from dptune.data.loaders import augment_seed
-from dptune.data.sources import STREAM_SETTINGS
+from dptune.data.sources import STREAM_SETTINGS, check_hf_settings
 from dptune.data.transforms import eval_preprocessing
 from dptune.errors import ConfigError, DataError
 from dptune.labels import load_labels
@@ -94,6 +94,7 @@ class DepthDataModule(SplitDataModule):
         super().__init__()
         self.save_hyperparameters()
         self.root, self.source_kind, self.hf = root, source, hf or {}
+        check_hf_settings(self.hf, "depth")
         self.init_splits_and_loaders(splits, batch_size, val_batch_size, num_workers, pin_memory, persistent_workers)
         eval_crop_mask((8, 8), eval_crop)  # an unknown crop name stops here
         self.image_size, self.crop_size = pair(image_size), pair(crop_size)

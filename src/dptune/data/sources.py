@@ -29,7 +29,7 @@ from dptune.data.images import (
     read_mask,
 )
 from dptune.data.templates import paths_for
-from dptune.errors import DataError, first_line
+from dptune.errors import ConfigError, DataError, first_line
 
 log = logging.getLogger(__name__)
 
@@ -116,7 +116,15 @@ def open_hf_split(dataset: str, split: str, config_name: str | None = None, stre
                         "save_to_disk (load other files, such as parquet or an image folder, with datasets."
                         "load_dataset and save them with save_to_disk)")
     if not os.path.isdir(dataset):
-        return datasets.load_dataset(dataset, config_name, split=split, streaming=streaming)
+        head = dataset.split("/")[0]
+        if dataset.startswith((".", "/", "~")) or ("/" in dataset and os.path.isdir(head)):
+            # a path whose folder is here: not a hub name (datasets would look it up on the Hub, a traceback offline)
+            raise DataError(f"data.hf.dataset {dataset}: no such directory (from {os.getcwd()})")
+        try:
+            return datasets.load_dataset(dataset, config_name, split=split, streaming=streaming)
+        except (ConnectionError, FileNotFoundError, OSError) as e:  # DatasetNotFoundError is a FileNotFoundError
+            raise DataError(f"data.hf.dataset {dataset}: not a local directory, and the Hugging Face Hub gave no such "
+                            f"dataset ({first_line(e)})") from None
     try:
         ds = datasets.load_from_disk(dataset)
     except (IndexError, ValueError, KeyError) as e:  # datasets' own errors on a split saved with no rows
@@ -314,6 +322,28 @@ class SyntheticSource:
 
 # settings of ``data.hf`` that only a stream reads (``dptune.data.streaming``)
 STREAM_SETTINGS = ("streaming", "shuffle_buffer", "num_shards")
+HF_SETTINGS = {"segmentation": ("dataset", "config_name", "image_column", "mask_column", *STREAM_SETTINGS),
+               "depth": ("dataset", "config_name", "image_column", "depth_column", *STREAM_SETTINGS)}
+
+
+def check_hf_settings(hf: dict[str, Any], task: str, where: str = "data") -> None:
+    """``data.hf``'s keys and the stream's settings, before anything is read: a misspelt key was dropped
+    when streaming (the run trained on the default column) and named a Python class otherwise;
+    ``num_shards abc`` was a traceback, 0 or -3 and ``streaming: maybe`` passed for something else."""
+    import difflib
+
+    known = HF_SETTINGS[task]
+    for key in hf:
+        if key not in known:
+            near = difflib.get_close_matches(str(key), known, n=1)
+            raise ConfigError(f"{where}.hf.{key}: no such setting ({'did you mean ' + near[0] + '? ' if near else ''}"
+                              f"data.hf takes {', '.join(known)})")
+    if "streaming" in hf and not isinstance(hf["streaming"], bool):
+        raise ConfigError(f"{where}.hf.streaming {hf['streaming']!r}: true or false")
+    for key in ("shuffle_buffer", "num_shards"):
+        value = hf.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
+            raise ConfigError(f"{where}.hf.{key} {value!r}: a whole number >= 1")
 
 
 def build_source(kind: str, spec: dict[str, Any], root: str, rgb_masks: bool, stage: str, hf: dict[str, Any]) -> Source:
