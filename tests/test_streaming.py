@@ -91,6 +91,21 @@ def test_a_bad_example_of_a_training_stream_is_named_by_pass_and_skipped_on_each
     assert all("skipped again on each pass" in m for m in said), said
 
 
+def test_a_training_stream_whose_every_example_is_skipped_stops_after_a_pass(tmp_path):
+    """Under on_bad_sample: skip a training stream of nothing but bad examples was passed over again and
+    again (4741 passes in 2 minutes, step 0, only Ctrl-C stopped it: a user attack)."""
+    path = _dataset(tmp_path, 3)
+    two = LabelSet(names=["a", "b"], value_map={1: 0, 2: 1}, source="t")  # mask value 0 (row 0, 3, ...) is no class
+    train = StreamingSegmentation(open_stream(str(path), "train", num_shards=1), two, "hf[train]", train=True,
+                                  on_bad_sample="skip", shuffle_buffer=3)
+    assert len(_rows(StreamingSegmentation(open_stream(str(path), "validation", num_shards=1), two, "v",
+                                           on_bad_sample="skip"))) == 2
+    train.labels = LabelSet(names=["a"], value_map={5: 0}, source="t")  # no row's values are classes
+    with pytest.raises(DataError, match=r"hf\[train\] rank 0: every one of the 3 examples of a pass was bad"):
+        _rows(train, limit=10)
+    assert train.skipped == 3
+
+
 def test_fit_on_a_stream_needs_max_steps_and_then_runs_them(tmp_path):
     from test_train import REPO, run_train
 

@@ -88,20 +88,26 @@ class StreamingSegmentation(IterableDataset):
         info = torch.utils.data.get_worker_info()
         where = f"{self.label} rank {self.rank}" + (f" worker {info.id}" if info else "")
         for p, part in enumerate(self.passes()):
-            seen = 0
+            seen = good = 0
             for k, row in enumerate(part):
                 seen += 1
                 # a training stream is reshuffled each pass: its examples are named by pass and place in it
                 name = f"{where} pass {p + 1} example {k} (shuffled order)" if self.train else f"{where} example {k}"
                 try:
-                    yield self._item(row, name, k)
+                    item = self._item(row, name, k)
                 except DataError as e:
                     if self.on_bad_sample != "skip":
                         raise
                     self.skipped += 1
                     log.warning("skipping %s (%d skipped so far%s)", e, self.skipped,
                                 "; a bad example is skipped again on each pass" if self.train else "")
+                    continue
+                good += 1
+                yield item
             if seen == 0:
                 if self.train and info is None:
                     raise DataError(f"{where}: the stream is empty")
                 return  # a worker with no shard of its own (more workers than shards)
+            if self.train and good == 0:  # every pass would skip them all again: it looped for ever
+                raise DataError(f"{where}: every one of the {seen} examples of a pass was bad and skipped; nothing "
+                                "to train on")
