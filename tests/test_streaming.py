@@ -156,3 +156,31 @@ def test_train_stream_first_pass_is_split_exactly_across_ranks(tmp_path, monkeyp
         first = next(dm._stream("train").passes())
         parts.append([int(np.asarray(row["image"])[0, 0, 0]) for row in first])
     assert sorted(parts[0] + parts[1]) == list(range(n)), parts
+
+
+def test_a_streamed_validation_that_scores_no_image_is_nan_and_never_the_best_checkpoint(tmp_path):
+    """Every validation example skipped (on_bad_sample: skip): the log said 'mIoU nan (0 images)' while
+    val/mIoU was logged as 0.0 and won best-epoch00-mIoU0.0000.ckpt (a user attack)."""
+    import datasets
+    from test_train import REPO, run_train
+
+    good = _dataset(tmp_path, 6)
+    bad_masks = [Image.fromarray(np.full((32, 48), 9, np.uint8)) for _ in range(3)]
+    imgs = [Image.fromarray(np.full((32, 48, 3), 100, np.uint8)) for _ in range(3)]
+    feats = datasets.Features({"image": datasets.Image(), "label": datasets.Image()})
+    train = datasets.load_from_disk(str(good))["train"]
+    path = tmp_path / "mixed"
+    datasets.DatasetDict({"train": train, "validation": datasets.Dataset.from_dict(
+        {"image": imgs, "label": bad_masks}, features=feats)}).save_to_disk(str(path))
+    run = tmp_path / "run"
+    proc = run_train(["fit", "--model.config", str(REPO / "configs" / "models" / "dpt-tiny.json"),
+                      "--data.source", "hf", "--data.hf", json.dumps({"dataset": str(path), "streaming": True}),
+                      "--data.labels", json.dumps({"names": ["a", "b", "c"]}), "--data.on_bad_sample", "skip",
+                      "--data.splits", json.dumps({"train": {"split": "train"}, "val": {"split": "validation"}}),
+                      "--data.image_size", "32", "--data.crop_size", "32", "--data.batch_size", "2",
+                      "--data.num_workers", "0", "--trainer.default_root_dir", str(run), "--trainer.logger", "false",
+                      "--trainer.enable_progress_bar", "false", "--trainer.precision", "32-true",
+                      "--trainer.max_steps", "2", "--trainer.val_check_interval", "2",
+                      "--trainer.num_sanity_val_steps", "0"], cwd=tmp_path)
+    assert "val: no image was scored" in proc.stderr, proc.stderr[-3000:]
+    assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("best-")]

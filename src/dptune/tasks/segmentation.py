@@ -227,8 +227,11 @@ class SegmentationModule(LabelledTask, DPTTask):
         images = int(summed_state(confmat, "images"))
         nonfinite = warn_if_nonfinite(confmat, stage) if not self.trainer.sanity_checking else 0
         confmat.reset()
+        if not images and not self.trainer.sanity_checking and self.trainer.is_global_zero:
+            # a stream whose every example was skipped: no result (NaN, never a best checkpoint), not a 0
+            log.warning("%s: no image was scored; the figures are NaN and no checkpoint is chosen on them", stage)
         for key in ("mIoU", "pixel_acc", "mAcc"):
-            value = m[key].float() if nonfinite else torch.nan_to_num(m[key].float(), nan=0.0)
+            value = m[key].float() if nonfinite or not images else torch.nan_to_num(m[key].float(), nan=0.0)
             self.log(f"{stage}/{key}", value, prog_bar=key == "mIoU")
         for name, iou in zip(self.label_set.names, m["IoU"].tolist(), strict=True):
             if not math.isnan(iou):
