@@ -266,3 +266,22 @@ def test_evaluate_of_both_parts_checks_its_outputs_before_scoring_either(camvid_
         err = [ln for ln in captured.err.splitlines() if ln.startswith("error")]
         assert len(err) == 1 and said in err[0] and score_lines(captured.out) == ([], []), (err, captured.out)
         assert target.read_bytes() == before
+
+
+def test_a_depth_map_with_no_depth_anywhere_is_said(joint_export, tmp_path, capsys):
+    """A model that predicts no depth (all 0) wrote an all-no-depth map and an empty point cloud, exit 0,
+    without a word (a user attack)."""
+    import shutil
+
+    from safetensors.torch import load_file, save_file
+
+    dead = shutil.copytree(joint_export / "depth", tmp_path / "dead")
+    weights = load_file(dead / "model.safetensors")
+    weights["head.head.4.weight"] = torch.zeros_like(weights["head.head.4.weight"])
+    weights["head.head.4.bias"] = torch.full_like(weights["head.head.4.bias"], -1e4)  # then the head's ReLU: 0
+    save_file(weights, dead / "model.safetensors", metadata={"format": "pt"})
+    assert predict(dead, tmp_path / "out", "--device", "cpu") == 0
+    err = capsys.readouterr().err
+    assert "warning: 1 depth map(s) have no depth above 0 anywhere" in err and str(FRAME) in err, err
+    assert predict(joint_export / "depth", tmp_path / "live", "--device", "cpu") == 0
+    assert "no depth above 0" not in capsys.readouterr().err

@@ -200,21 +200,31 @@ def predict_depth(args, paths: list[str], stems: list[str]) -> int:
     out = prepare_out(args.out, [f for s in stems for f in depth_files(s, enc, k)], args.overwrite)
     words = write_depth_format(out, enc)
 
+    empty: list[str] = []
+
     def one(path: str, stem: str, image: np.ndarray) -> None:
-        if write_depth(out, stem, depth_views(predictor, image, args.flip), image, enc, k):
+        depth = depth_views(predictor, image, args.flip)
+        if not (depth > 0).any():
+            empty.append(path)
+        if write_depth(out, stem, depth, image, enc, k):
             clipped.append(path)
 
     failed = predict_each(paths, stems, "predicting depth", one)
     done = len(paths) - len(failed)
     print(f"{done} depth map{'' if done == 1 else 's'} in {out}: {enc['file']} ({words}; depth_format.json)")
-    warn_clipped(clipped, enc)
+    warn_clipped(clipped, enc, empty)
     return failures(failed, len(paths))
 
 
-def warn_clipped(clipped: list[str], enc: dict) -> None:
+def warn_clipped(clipped: list[str], enc: dict, empty: list[str] | None = None) -> None:
+    """The warnings of a depth prediction run: maps clipped at the top of a 16-bit PNG, and maps with
+    no depth anywhere (all 0: no depth, and a point cloud with no point)."""
     if clipped:
         print(f"warning: {len(clipped)} depth map(s) reach beyond {enc['max_metres']:.3f} m, what a 16-bit PNG at "
               f"{enc['value_per_metre']:g} per metre holds; clipped there (first: {clipped[0]})", file=sys.stderr)
+    if empty:
+        print(f"warning: {len(empty)} depth map(s) have no depth above 0 anywhere: all no-depth, and no point in a "
+              f"point cloud (first: {empty[0]})", file=sys.stderr)
 
 
 def evaluate_depth(args) -> int:

@@ -79,6 +79,8 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
     out = prepare_out(args.out, planned, args.overwrite)
     words = write_depth_format(out, enc)
 
+    empty: list[str] = []
+
     def one(path: str, stem: str, image: np.ndarray) -> None:
         if shared:
             pred, conf, metres = one_pass(joint, seg, depth, image)
@@ -86,6 +88,8 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
             pred, conf = seg.predict(image, mode=args.mode, flip=args.flip, scales=scales)
             metres = depth_views(depth, image, args.flip)
         write_masks(out, stem, image, pred, conf, seg.labels, args)
+        if not (metres > 0).any():
+            empty.append(path)
         if write_depth(out, stem, metres, image, enc, k):
             clipped.append(path)
 
@@ -93,7 +97,7 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
     done = len(paths) - len(failed)
     print(f"{done} {'mask and depth map' if done == 1 else 'masks and depth maps'} in {out} ({enc['file']}: {words}; "
           "depth_format.json)")
-    warn_clipped(clipped, enc)
+    warn_clipped(clipped, enc, empty)
     return failures(failed, len(paths))
 
 
