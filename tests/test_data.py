@@ -497,5 +497,18 @@ def test_hf_settings_are_checked_before_anything_is_read(tmp_path, monkeypatch):
         DepthDataModule(source="hf", hf={"dataset": "x", "mask_column": "y"}, splits=splits)
     (tmp_path / "ds").mkdir()
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(DataError, match=r"data.hf.dataset ds/does_not_exist: no such directory"):
+    with pytest.raises(DataError, match=r"data.hf.dataset ./ds/does_not_exist: no such directory"):
+        open_hf_split("./ds/does_not_exist", "train")
+    # owner/name is a hub name even beside a folder called like its owner (a review): the Hub is asked
+    import datasets
+
+    asked = []
+    monkeypatch.setattr(datasets, "load_dataset", lambda name, *a, **k: asked.append(name) or "loaded")
+    assert open_hf_split("ds/sidewalk", "train") == "loaded" and asked == ["ds/sidewalk"]
+
+    def offline(name, *a, **k):
+        raise ConnectionError(f"Couldn't reach '{name}' on the Hub (LocalEntryNotFoundError)")
+
+    monkeypatch.setattr(datasets, "load_dataset", offline)
+    with pytest.raises(DataError, match=r"data.hf.dataset ds/does_not_exist: no such directory here .* Hub gave no"):
         open_hf_split("ds/does_not_exist", "train")

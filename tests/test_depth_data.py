@@ -402,12 +402,12 @@ def test_a_folder_whose_depth_format_file_gives_a_wrong_scale_is_checked_on_its_
 
 
 @needs(KITCHEN)
-def test_a_depth_pairs_image_is_read_as_stored_like_its_depth_map(tmp_path):
+def test_a_depth_map_is_turned_upright_with_its_image(tmp_path):
     """A photo with an EXIF orientation (3: turned 180 degrees) was turned upright while its depth map
     was read as stored: trained against a map it no longer lined up with, without a word (a user
-    attack). The image is read as stored, as the depth map is (and as a Hugging Face depth source
-    already read it); the size check too (orientation 6 said 'depth map is 640x480 but its image is
-    480x640')."""
+    attack; orientation 6 said 'depth map is 640x480 but its image is 480x640'). The map, stored with
+    the image's pixels as a sensor stores it, is turned with the image: both upright, as a mask drawn
+    on the upright image (a joint source's) lines up with them (a review)."""
     import shutil
 
     from dptune.data.depth import DepthFolderSource
@@ -416,7 +416,7 @@ def test_a_depth_pairs_image_is_read_as_stored_like_its_depth_map(tmp_path):
     (tmp_path / "rgb").mkdir()
     (tmp_path / "depth").mkdir()
     frames = sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[:2]
-    stored = []
+    stored, maps = [], []
     for orientation, f in zip((3, 6), frames, strict=True):
         img = Image.open(f)
         exif = Image.Exif()
@@ -424,14 +424,17 @@ def test_a_depth_pairs_image_is_read_as_stored_like_its_depth_map(tmp_path):
         img.save(tmp_path / "rgb" / f.name, exif=exif, quality=95)
         stored.append(np.asarray(Image.open(tmp_path / "rgb" / f.name)))  # PIL leaves the orientation to exif_transpose
         shutil.copy(KITCHEN / "val" / "depth" / f"{f.stem}.png", tmp_path / "depth" / f"{f.stem}.png")
+        maps.append(read_depth(str(tmp_path / "depth" / f"{f.stem}.png"), 1000))
     source = DepthFolderSource(str(tmp_path), "rgb/*.jpg", "depth/{stem}.png", 1000)
+    upright = [np.rot90(stored[0], 2), np.rot90(stored[1], -1)]  # what exif_transpose shows
+    turned = [np.rot90(maps[0], 2), np.rot90(maps[1], -1)]
     for i in range(2):
         image, depth, _ = source.load(i)
-        assert image.shape == stored[i].shape and depth.shape == image.shape[:2]
-        assert np.abs(image.astype(int) - stored[i]).mean() < 1.0
+        assert image.shape == upright[i].shape and np.abs(image.astype(int) - upright[i]).mean() < 1.0
+        assert np.array_equal(depth, turned[i])
     dm = DepthDataModule(root=str(tmp_path), depth_scale=1000, image_size=32, num_workers=0, check="header",
                          splits={"train": {"images": "rgb/*.jpg", "depth": "depth/{stem}.png"}})
-    dm.setup("fit")  # the 90-degree one passes the size check: both as stored
+    dm.setup("fit")  # the quarter-turned one passes the size check: both turned
     assert len(dm.datasets["train"]) == 2
 
 

@@ -1279,3 +1279,14 @@ def test_a_device_this_torch_cannot_run_on_is_one_line(models, capsys):
             err = capsys.readouterr().err
             said = f"error: argument --device: {device if device != 'foo' else repr(device)}"
             assert stop.value.code == 2 and said in err and "Traceback" not in err, err
+
+
+def test_an_option_that_takes_one_value_given_twice_is_refused(capsys):
+    """predict --images a --images b predicted b only and dropped a without a word (a user attack)."""
+    for main, args, flag in ((predict_main, ["--model", "m", "--images", "a.jpg", "--images", "b.jpg", "--out", "o"],
+                              "--images"),
+                             (evaluate_main, ["--model", "m", "--model", "n"], "--model")):
+        with pytest.raises(SystemExit) as stop:
+            main(args)
+        err = capsys.readouterr().err
+        assert stop.value.code == 2 and f"error: {flag} given twice" in err, err

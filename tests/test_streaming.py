@@ -101,9 +101,16 @@ def test_a_training_stream_whose_every_example_is_skipped_stops_after_a_pass(tmp
     assert len(_rows(StreamingSegmentation(open_stream(str(path), "validation", num_shards=1), two, "v",
                                            on_bad_sample="skip"))) == 2
     train.labels = LabelSet(names=["a"], value_map={5: 0}, source="t")  # no row's values are classes
-    with pytest.raises(DataError, match=r"hf\[train\] rank 0: every one of the 3 examples of a pass was bad"):
+    with pytest.raises(DataError, match=r"hf\[train\] rank 0: every one of the 3 examples of a pass was bad and "
+                                        r"skipped; nothing to train on"):
         _rows(train, limit=10)
     assert train.skipped == 3
+    # one process's shards only (DDP): said as its part, not as the whole data (a review)
+    rank = StreamingSegmentation(open_stream(str(path), "train", num_shards=2), train.labels, "hf[train]", train=True,
+                                 on_bad_sample="skip", rank=1, world_size=2)
+    with pytest.raises(DataError, match=r"rank 1: every one of the \d examples of a pass of its shards was bad .*"
+                                        r"data.hf.num_shards"):
+        _rows(rank, limit=10)
 
 
 def test_fit_on_a_stream_needs_max_steps_and_then_runs_them(tmp_path):

@@ -117,3 +117,20 @@ def device_arg(value: str) -> str:
     elif kind not in ("cpu", "cuda", "mps"):
         raise argparse.ArgumentTypeError(f"{value}: dptune's tools run on cpu, cuda or mps")
     return value
+
+
+def once_action():
+    """An argparse action for an option that takes one value: given twice (``--images a --images b``)
+    it is refused, where argparse kept the last and dropped the first without a word."""
+    import argparse
+
+    class Once(argparse.Action):
+        def __call__(self, parser, namespace, values, option_string=None):
+            if getattr(self, "_seen", False):
+                hint = " (a glob or a folder takes many images)" if self.dest == "images" else ""
+                parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}); "
+                             f"give it once{hint}")
+            self._seen = True
+            setattr(namespace, self.dest, values)
+
+    return Once

@@ -31,7 +31,7 @@ from dptune.data.depth_files import (
     to_metres,
 )
 from dptune.data.globs import match_images
-from dptune.data.images import read_image
+from dptune.data.images import apply_orientation, path_orientation, read_image
 from dptune.data.sources import HFSplit, column_array, read_paired_mask, row_image
 from dptune.data.templates import paths_for
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
@@ -66,12 +66,12 @@ class DepthFolderSource:
         raw = read_raw_depth(self.depths[i], self.scale)
         check_negative(self.depths[i], raw, self.negative)
         self.used_scales[i] = effective_scale(self.depths[i], raw, self.scale)
-        return to_metres(raw, self.used_scales[i])
+        # the map lines up with its image's pixels as stored (a sensor's): turned upright with them by the image's
+        # EXIF orientation, as the image is read (and as a label drawn on the upright image lines up)
+        return apply_orientation(to_metres(raw, self.used_scales[i]), path_orientation(self.images[i]))
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
-        depth = self._depth(i)
-        # as stored, not turned by an EXIF orientation: the depth map is read as stored (as HFDepthSource does)
-        return read_image(self.images[i], upright=False), depth, self.depths[i]
+        return read_image(self.images[i]), self._depth(i), self.depths[i]
 
     def mask(self, i: int) -> tuple[np.ndarray, str]:
         """The raw mask of sample ``i`` and its path."""

@@ -168,7 +168,7 @@ class DepthDataModule(SplitDataModule):
             if full:
                 return ds.load(i)
             depth = ds.source._depth(i)
-            check_depth_size(ds.source.depths[i], image_header_size(ds.source.images[i], upright=False), depth)
+            check_depth_size(ds.source.depths[i], image_header_size(ds.source.images[i]), depth)
             return None, depth
 
         good, problems, cache, empty, sparse, stats = [], [], {}, [], [], {}

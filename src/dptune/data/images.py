@@ -152,13 +152,12 @@ def check_jpeg_end(f: BinaryIO, path: str, chunk: int = 1 << 20) -> None:
     raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
 
 
-def read_image(path: str, upright: bool = True) -> np.ndarray:
+def read_image(path: str) -> np.ndarray:
     """Decode an image file to uint8 HxWx3 RGB, upright: its EXIF orientation applied as
     ``PIL.ImageOps.exif_transpose`` (and so ``transformers``' ``load_image`` and ``pipeline``)
     applies it, so a phone photo stored turned comes out as it is shown. Grayscale, RGBA and
     16-bit are converted. The one reader of RGB image files: training, validation, predict,
-    evaluate and inspect, for segmentation, depth and joint models. ``upright=False``: the pixels
-    as stored (a depth pair's image, whose depth map is read as stored)."""
+    evaluate and inspect, for segmentation, depth and joint models."""
     data = read_bytes(path)
     if not data:
         raise DataError(f"{path}: empty file (0 bytes), not an image")
@@ -187,7 +186,7 @@ def read_image(path: str, upright: bool = True) -> np.ndarray:
     else:
         raise DataError(f"{path}: unsupported number of channels {img.shape[2]}")
     note_frames(data, path)
-    return apply_orientation(img, file_orientation(data)) if upright else img
+    return apply_orientation(img, file_orientation(data))
 
 
 # the signatures of the formats that hold several images (TIFF pages, animated PNG / GIF / WebP)
@@ -213,9 +212,9 @@ def note_frames(data: bytes, path: str) -> None:
         log.warning("%s: holds %d images (pages or frames); the first is read", path, frames)
 
 
-def image_header_size(path: str, upright: bool = True) -> tuple[int, int]:
-    """(h, w) of the image as ``read_image`` returns it (EXIF orientation applied unless not
-    ``upright``) from the file header, without decoding the pixels."""
+def image_header_size(path: str) -> tuple[int, int]:
+    """(h, w) of the image as ``read_image`` returns it (EXIF orientation applied) from the file
+    header, without decoding the pixels."""
     try:
         with open(path, "rb") as f:
             head = f.read(2)
@@ -227,7 +226,7 @@ def image_header_size(path: str, upright: bool = True) -> tuple[int, int]:
             if im.mode not in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "CMYK", "YCbCr"):
                 raise DataError(f"{path}: unsupported image mode {im.mode}")
             h, w = im.size[1], im.size[0]
-            return (w, h) if upright and exif_orientation(im) in (5, 6, 7, 8) else (h, w)
+            return (w, h) if exif_orientation(im) in (5, 6, 7, 8) else (h, w)
     except FileNotFoundError:
         raise DataError(f"{path}: file not found") from None
     except (OSError, SyntaxError, ValueError) as e:

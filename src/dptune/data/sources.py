@@ -116,15 +116,13 @@ def open_hf_split(dataset: str, split: str, config_name: str | None = None, stre
                         "save_to_disk (load other files, such as parquet or an image folder, with datasets."
                         "load_dataset and save them with save_to_disk)")
     if not os.path.isdir(dataset):
-        head = dataset.split("/")[0]
-        if dataset.startswith((".", "/", "~")) or ("/" in dataset and os.path.isdir(head)):
-            # a path whose folder is here: not a hub name (datasets would look it up on the Hub, a traceback offline)
+        if dataset.startswith((".", "/", "~")):  # a path, not a hub name (owner/name): looked up on the Hub, a traceback
             raise DataError(f"data.hf.dataset {dataset}: no such directory (from {os.getcwd()})")
         try:
             return datasets.load_dataset(dataset, config_name, split=split, streaming=streaming)
         except (ConnectionError, FileNotFoundError, OSError) as e:  # DatasetNotFoundError is a FileNotFoundError
-            raise DataError(f"data.hf.dataset {dataset}: not a local directory, and the Hugging Face Hub gave no such "
-                            f"dataset ({first_line(e)})") from None
+            raise DataError(f"data.hf.dataset {dataset}: no such directory here ({os.getcwd()}), and the Hugging Face "
+                            f"Hub gave no such dataset ({first_line(e)})") from None
     try:
         ds = datasets.load_from_disk(dataset)
     except (IndexError, ValueError, KeyError) as e:  # datasets' own errors on a split saved with no rows

@@ -65,6 +65,7 @@ class StreamingSegmentation(IterableDataset):
         self.labels, self.label, self.columns, self.rgb_masks = labels, label, columns, rgb_masks
         self.transform, self.image_size, self.train = transform, image_size, train
         self.on_bad_sample, self.shuffle_buffer, self.seed, self.rank = on_bad_sample, shuffle_buffer, seed, rank
+        self.world_size = world_size
         self.skipped = 0
         self.dtypes = array_dtypes(getattr(stream, "features", None))  # a hub stream may not know its features
 
@@ -109,5 +110,9 @@ class StreamingSegmentation(IterableDataset):
                     raise DataError(f"{where}: the stream is empty")
                 return  # a worker with no shard of its own (more workers than shards)
             if self.train and good == 0:  # every pass would skip them all again: it looped for ever
-                raise DataError(f"{where}: every one of the {seen} examples of a pass was bad and skipped; nothing "
-                                "to train on")
+                part = info is not None or self.world_size > 1  # this worker's / process's shards of the stream
+                raise DataError(f"{where}: every one of the {seen} examples of a pass {'of its shards ' if part else ''}"
+                                "was bad and skipped; " + ("it has nothing to train on while the others wait (other "
+                                "shards may have data: fix the bad examples, or change data.hf.num_shards or "
+                                "data.num_workers so that each part gets some good ones)" if part else
+                                "nothing to train on"))
