@@ -193,7 +193,7 @@ def test_hugging_face_rows_of_arrays_read_exactly_and_rows_without_pixels_say_wh
     "got object"; an H x W x 1 mask was "index mask expected (one channel), got 1 channels"."""
     import datasets
 
-    from dptune.data.sources import HFSource, row_image
+    from dptune.data.hf_sources import HFSource, row_image
 
     rng = np.random.default_rng(0)
     image = rng.integers(0, 256, (6, 8, 3), dtype=np.uint8)
@@ -215,7 +215,7 @@ def test_hugging_face_rows_of_arrays_read_exactly_and_rows_without_pixels_say_wh
         row_image(np.array([[[0, 300, 1]]]), "row#0")
     # the mask column likewise (a class number, None, a path or bytes crashed deep in the size check or
     # the label mapping with Python's own error: a user attack)
-    from dptune.data.sources import decode_row
+    from dptune.data.hf_sources import decode_row
 
     for value, said in ((3, "the int64 value 3, not a label map"), (None, "no mask (None), not pixels"),
                         ("ann/x.png", "a string (a file path?), not pixels"), (b"\x89PNG", "encoded bytes, not pixels")):
@@ -481,7 +481,7 @@ def test_hf_settings_are_checked_before_anything_is_read(tmp_path, monkeypatch):
     and named 'HFSource.__init__()' otherwise; num_shards abc was a traceback, 0 and streaming: maybe were
     taken; a local path that is not there became a Hub lookup and a 66-line traceback (a user attack)."""
     from dptune.data.depth_datamodule import DepthDataModule
-    from dptune.data.sources import open_hf_split
+    from dptune.data.hf_sources import open_hf_split
     from dptune.errors import ConfigError
 
     splits = {"train": {"split": "train"}}

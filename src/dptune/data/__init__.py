@@ -1,8 +1,9 @@
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.dataset import SegmentationDataset
+from dptune.data.hf_sources import HFSource
 from dptune.data.images import read_image, read_mask
 from dptune.data.loaders import collate
-from dptune.data.sources import FolderSource, HFSource, SyntheticSource
+from dptune.data.sources import FolderSource, SyntheticSource
 
 __all__ = [
     "FolderSource", "HFSource", "SegmentationDataModule", "SegmentationDataset", "SyntheticSource",

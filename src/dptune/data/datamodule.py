@@ -12,8 +12,9 @@ import numpy as np
 from dptune.data.base import SplitDataModule, pair, settle_problems
 from dptune.data.cache import DiskCache
 from dptune.data.dataset import SegmentationDataset, scan
+from dptune.data.hf_sources import check_hf_settings
 from dptune.data.loaders import augment_seed, stream_seed
-from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source, check_hf_settings
+from dptune.data.sources import SYNTHETIC_COLORS, SYNTHETIC_NAMES, build_source
 from dptune.data.streaming import StreamingSegmentation, open_stream
 from dptune.data.transforms import build_transforms, default_train_transforms, eval_preprocessing
 from dptune.errors import ConfigError, DataError

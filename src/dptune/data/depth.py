@@ -31,8 +31,9 @@ from dptune.data.depth_files import (
     to_metres,
 )
 from dptune.data.globs import match_images
+from dptune.data.hf_sources import HFSplit, column_array, row_image
 from dptune.data.images import apply_orientation, path_orientation, read_image
-from dptune.data.sources import HFSplit, column_array, read_paired_mask, row_image
+from dptune.data.sources import read_paired_mask
 from dptune.data.templates import paths_for
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError

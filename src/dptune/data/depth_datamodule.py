@@ -18,9 +18,9 @@ from dptune.data.depth import (
 )
 from dptune.data.depth_files import check_depth_size
 from dptune.data.depth_values import check_depth_range, check_split_depth
+from dptune.data.hf_sources import STREAM_SETTINGS, check_hf_settings
 from dptune.data.images import image_header_size
 from dptune.data.loaders import augment_seed
-from dptune.data.sources import STREAM_SETTINGS, check_hf_settings
 from dptune.data.transforms import eval_preprocessing
 from dptune.errors import ConfigError, DataError
 from dptune.labels import load_labels

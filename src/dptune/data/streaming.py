@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from dptune.data.dataset import encode_sample, make_item
-from dptune.data.sources import array_dtypes, decode_row, open_hf_split
+from dptune.data.hf_sources import array_dtypes, decode_row, open_hf_split
 from dptune.errors import DataError
 from dptune.labels import LabelSet
 
