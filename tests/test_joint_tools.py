@@ -268,7 +268,7 @@ def test_evaluate_of_both_parts_checks_its_outputs_before_scoring_either(camvid_
         assert target.read_bytes() == before
 
 
-def test_a_depth_map_with_no_depth_anywhere_is_said(joint_export, tmp_path, capsys):
+def test_a_depth_map_with_no_depth_anywhere_or_a_camera_of_another_size_is_said(joint_export, tmp_path, capsys):
     """A model that predicts no depth (all 0) wrote an all-no-depth map and an empty point cloud, exit 0,
     without a word (a user attack)."""
     import shutil
@@ -285,3 +285,13 @@ def test_a_depth_map_with_no_depth_anywhere_is_said(joint_export, tmp_path, caps
     assert "warning: 1 depth map(s) have no depth above 0 anywhere" in err and str(FRAME) in err, err
     assert predict(joint_export / "depth", tmp_path / "live", "--device", "cpu") == 0
     assert "no depth above 0" not in capsys.readouterr().err
+    # intrinsics of another image size (principal point outside this one): the clouds would be skewed, said
+    h, w = np.asarray(Image.open(FRAME)).shape[:2]
+    for model in (joint_export, joint_export / "depth"):
+        assert predict(model, tmp_path / f"k{len(model.name)}", "--device", "cpu", "--intrinsics",
+                       f"585,585,{w + 50},{h / 2}") == 0
+        err = capsys.readouterr().err
+        assert "warning: 1 image(s) do not hold the --intrinsics' principal point" in err and str(FRAME) in err, err
+    assert predict(joint_export / "depth", tmp_path / "kin", "--device", "cpu", "--intrinsics",
+                   f"585,585,{w / 2},{h / 2}") == 0
+    assert "principal point" not in capsys.readouterr().err

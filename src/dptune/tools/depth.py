@@ -201,30 +201,48 @@ def predict_depth(args, paths: list[str], stems: list[str]) -> int:
     words = write_depth_format(out, enc)
 
     empty: list[str] = []
+    off: list[str] = []
 
     def one(path: str, stem: str, image: np.ndarray) -> None:
         depth = depth_views(predictor, image, args.flip)
         if not (depth > 0).any():
             empty.append(path)
+        if off_camera(k, depth.shape):
+            off.append(path)
         if write_depth(out, stem, depth, image, enc, k):
             clipped.append(path)
 
     failed = predict_each(paths, stems, "predicting depth", one)
     done = len(paths) - len(failed)
     print(f"{done} depth map{'' if done == 1 else 's'} in {out}: {enc['file']} ({words}; depth_format.json)")
-    warn_clipped(clipped, enc, empty)
+    warn_clipped(clipped, enc, empty, off)
     return failures(failed, len(paths))
 
 
-def warn_clipped(clipped: list[str], enc: dict, empty: list[str] | None = None) -> None:
-    """The warnings of a depth prediction run: maps clipped at the top of a 16-bit PNG, and maps with
-    no depth anywhere (all 0: no depth, and a point cloud with no point)."""
+def off_camera(k: tuple[float, float, float, float] | None, shape: tuple[int, ...]) -> bool:
+    """The principal point (cx, cy) of ``k`` lies outside an image of ``shape`` (h, w, as read:
+    upright): intrinsics of another image size, whose point cloud comes out skewed."""
+    if k is None:
+        return False
+    h, w = shape[:2]
+    return not (0 <= k[2] <= w and 0 <= k[3] <= h)
+
+
+def warn_clipped(clipped: list[str], enc: dict, empty: list[str] | None = None,
+                 off: list[str] | None = None) -> None:
+    """The warnings of a depth prediction run: maps clipped at the top of a 16-bit PNG, maps with no
+    depth anywhere (all 0: no depth, and a point cloud with no point), and images whose size does not
+    hold the --intrinsics' principal point (their clouds are skewed)."""
     if clipped:
         print(f"warning: {len(clipped)} depth map(s) reach beyond {enc['max_metres']:.3f} m, what a 16-bit PNG at "
               f"{enc['value_per_metre']:g} per metre holds; clipped there (first: {clipped[0]})", file=sys.stderr)
     if empty:
         print(f"warning: {len(empty)} depth map(s) have no depth above 0 anywhere: all no-depth, and no point in a "
               f"point cloud (first: {empty[0]})", file=sys.stderr)
+    if off:
+        print(f"warning: {len(off)} image(s) do not hold the --intrinsics' principal point (cx, cy) as read upright: "
+              f"the camera is another image size's, and their point clouds are skewed (first: {off[0]})",
+              file=sys.stderr)
 
 
 def evaluate_depth(args) -> int:

@@ -57,6 +57,7 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
         depth_files,
         depth_views,
         mirror_note,
+        off_camera,
         warn_clipped,
         write_depth,
         write_depth_format,
@@ -80,6 +81,7 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
     words = write_depth_format(out, enc)
 
     empty: list[str] = []
+    off: list[str] = []
 
     def one(path: str, stem: str, image: np.ndarray) -> None:
         if shared:
@@ -90,6 +92,8 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
         write_masks(out, stem, image, pred, conf, seg.labels, args)
         if not (metres > 0).any():
             empty.append(path)
+        if off_camera(k, metres.shape):
+            off.append(path)
         if write_depth(out, stem, metres, image, enc, k):
             clipped.append(path)
 
@@ -97,7 +101,7 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
     done = len(paths) - len(failed)
     print(f"{done} {'mask and depth map' if done == 1 else 'masks and depth maps'} in {out} ({enc['file']}: {words}; "
           "depth_format.json)")
-    warn_clipped(clipped, enc, empty)
+    warn_clipped(clipped, enc, empty, off)
     return failures(failed, len(paths))
 
 
