@@ -295,3 +295,17 @@ def test_a_depth_map_with_no_depth_anywhere_or_a_camera_of_another_size_is_said(
     assert predict(joint_export / "depth", tmp_path / "kin", "--device", "cpu", "--intrinsics",
                    f"585,585,{w / 2},{h / 2}") == 0
     assert "principal point" not in capsys.readouterr().err
+
+
+def test_outputs_of_an_earlier_run_that_this_run_does_not_write_are_said(joint_export, tmp_path, capsys):
+    """A rerun without --intrinsics into the same --out replaced the maps and left the earlier run's point
+    cloud beside them, with no note (a user attack)."""
+    out = tmp_path / "out"
+    assert predict(joint_export / "depth", out, "--device", "cpu", "--intrinsics", "585,585,240,180") == 0
+    cloud = out / f"{FRAME.stem}.ply"
+    assert cloud.exists()
+    capsys.readouterr()
+    assert predict(joint_export / "depth", out, "--device", "cpu") == 0
+    err = capsys.readouterr().err
+    assert "note: 1 file(s) an earlier predict wrote for these images stay as they were" in err and str(cloud) in err
+    assert cloud.exists()  # the user's to keep or remove

@@ -156,6 +156,10 @@ def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) ->
         raise ConfigError(f"--out {out}: {len(foreign)} file(s) there that predict did not write, or that changed "
                           f"since, would be overwritten (first: {out / foreign[0]}); predict into another folder, "
                           "or give --overwrite")
+    stale = stale_outputs(ours, planned)
+    if stale:  # e.g. a cloud of an earlier run with --intrinsics, beside this run's new map without one
+        print(f"note: {len(stale)} file(s) an earlier predict wrote for these images stay as they were, as this run "
+              f"writes no such file (first: {out / stale[0]})", file=sys.stderr)
     made: list[Path] = []  # the folders this call made: removed again if the output cannot be prepared
     try:  # the folders and the list first: a folder the file system refuses is named before any prediction
         for folder in sorted({(out / f).parent for f in planned} | {out}):
@@ -178,6 +182,17 @@ def prepare_out(out: str | Path, planned: list[str], overwrite: bool = False) ->
             raise
         raise ConfigError(f"--out {out}: cannot be written ({e.strerror or e})") from None
     return out
+
+
+def stale_outputs(ours: dict[str, list | None], planned: list[str]) -> list[str]:
+    """Files an earlier run wrote (``ours``) for the stems this run predicts, that this run does not
+    write (``planned``): left as they were, so they may no longer match this run's outputs."""
+    def stem(name: str) -> str | None:
+        return next((name[: -len(s)] for s in sorted(OUTPUT_SUFFIXES, key=len, reverse=True) if name.endswith(s)),
+                    None)
+
+    stems = {stem(f) for f in planned}
+    return sorted(f for f in ours if f not in set(planned) and stem(f) in stems)
 
 
 class Failed(list):
