@@ -309,3 +309,15 @@ def test_outputs_of_an_earlier_run_that_this_run_does_not_write_are_said(joint_e
     err = capsys.readouterr().err
     assert "note: 1 file(s) an earlier predict wrote for these images stay as they were" in err and str(cloud) in err
     assert cloud.exists()  # the user's to keep or remove
+
+
+def test_a_foreign_depth_format_file_in_out_is_refused_before_anything_is_written(joint_export, tmp_path, capsys):
+    """predict wrote its dptune-predict.json into the user's folder, then refused the depth_format.json
+    that was there (a user attack)."""
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "depth_format.json").write_text('{"note": "mine"}')
+    for model in (joint_export / "depth", joint_export):
+        assert predict(model, out, "--device", "cpu") == 2
+        assert "describes other depth maps" in capsys.readouterr().err
+        assert sorted(p.name for p in out.iterdir()) == ["depth_format.json"]

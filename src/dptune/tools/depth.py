@@ -154,7 +154,17 @@ def write_depth_format(out: Path, enc: dict) -> str:
     dptune's file) stops the run instead of being overwritten. Returns the encoding in words."""
     import json
 
-    path = out / "depth_format.json"
+    check_depth_format(out, enc)
+    write_text(out / "depth_format.json", json.dumps(enc, indent=2) + "\n")
+    return encoding_words(enc)
+
+
+def check_depth_format(out: str | Path, enc: dict) -> None:
+    """A ``depth_format.json`` already in ``out`` must say ``enc``: called before anything is written
+    there too (predict's list of its files was written before this refusal)."""
+    import json
+
+    path = Path(out) / "depth_format.json"
     if path.exists():
         try:
             there = json.loads(small_text(path) or "")
@@ -163,8 +173,6 @@ def write_depth_format(out: Path, enc: dict) -> str:
         if there != enc:
             raise DataError(f"{path}: already there and describes other depth maps ({there}); predict into "
                             "another folder (or remove it) so that it stays true for every map beside it")
-    write_text(path, json.dumps(enc, indent=2) + "\n")
-    return encoding_words(enc)
 
 
 def write_ply(path: Path, depth: np.ndarray, image: np.ndarray, k: tuple[float, float, float, float]) -> int:
@@ -197,6 +205,7 @@ def predict_depth(args, paths: list[str], stems: list[str]) -> int:
     if mirror_note(args.flip):
         print(f"note: {mirror_note(args.flip)}", file=sys.stderr)
     enc, clipped = depth_encoding(predictor), []
+    check_depth_format(args.out, enc)  # before prepare_out writes anything there
     out = prepare_out(args.out, [f for s in stems for f in depth_files(s, enc, k)], args.overwrite)
     words = write_depth_format(out, enc)
 

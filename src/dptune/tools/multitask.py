@@ -52,6 +52,7 @@ def one_pass(joint, seg, depth, image: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def predict_both(args, paths: list[str], stems: list[str]) -> int:
     """Masks and depth maps of ``paths`` into ``args.out`` (outputs named by ``stems``, see ``output_stems``)."""
     from dptune.tools.depth import (
+        check_depth_format,
         cloud_intrinsics,
         depth_encoding,
         depth_files,
@@ -77,6 +78,7 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
               + "".join(f"; {n}" for n in notes), file=sys.stderr)
     enc, clipped = depth_encoding(depth), []
     planned = [f for s in stems for f in mask_files(s, args.confidence) + depth_files(s, enc, k)]
+    check_depth_format(args.out, enc)  # before prepare_out writes anything there
     out = prepare_out(args.out, planned, args.overwrite)
     words = write_depth_format(out, enc)
 
