@@ -1206,8 +1206,8 @@ def test_an_input_that_runs_out_of_memory_or_has_a_newline_in_its_name_is_one_li
                        str(tmp_path / "out"), "--device", "cpu"])
     lines = errors(capsys)
     assert rc == 2 and lines == [
-        f"error: {tmp_path / 'in' / 'b_huge.jpg'}: out of memory predicting it (the image is too large for this "
-        "machine at these --scales)",
+        f"error: {tmp_path / 'in' / 'b_huge.jpg'}: out of memory predicting it (the image, at the sizes predicted, is "
+        "too large for this machine)",  # --scales is no option of a depth model's
         f"error: {tmp_path / 'in'}/c\\nbad.png: not a readable image",
         f"error: 2 of 4 images could not be predicted (each named above, first {tmp_path / 'in' / 'b_huge.jpg'}); "
         "the other 2 were predicted"], lines

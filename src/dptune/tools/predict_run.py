@@ -245,7 +245,7 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
 def failure_reason(e: BaseException, path: str) -> str:
     """Why one input failed, in one line, without the input's path (it is said before it)."""
     if isinstance(e, MemoryError):  # a huge image, or --scales that make it one
-        return "out of memory predicting it (the image is too large for this machine at these --scales)"
+        return "out of memory predicting it (the image, at the sizes predicted, is too large for this machine)"
     text = str(e).strip()
     if text.startswith(path):
         text = text[len(path):].lstrip(": ")
