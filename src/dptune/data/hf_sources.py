@@ -137,10 +137,9 @@ def row_image(image: Any, name: str, upright: bool = True, dtype: str | None = N
         image = apply_orientation(np.asarray(image.convert("RGB")), turned)
     else:
         if image is None or isinstance(image, (str, bytes, dict)):
-            what = ("no image (None)" if image is None else "a string (a file path?)" if isinstance(image, str)
-                    else "encoded bytes" if isinstance(image, bytes) else "a mapping (encoded bytes or a path?)")
-            raise DataError(f"{name}: the image is {what}, not pixels; give the column the datasets.Image() feature "
-                            "(dataset.cast_column(column, datasets.Image())) so that rows decode to pictures")
+            raise DataError(f"{name}: the image is {not_pixels(image, 'image')}, not pixels; give the column the "
+                            "datasets.Image() feature (dataset.cast_column(column, datasets.Image())) so that rows "
+                            "decode to pictures")
         image = column_array(image, dtype)
         if image.ndim == 3 and image.shape[2] == 1:
             image = image[..., 0]
@@ -152,6 +151,15 @@ def row_image(image: Any, name: str, upright: bool = True, dtype: str | None = N
     if image.ndim != 3 or image.shape[2] < 3:
         raise DataError(f"{name}: image must be H x W x 3 (or grey), got shape {tuple(image.shape)}")
     return np.ascontiguousarray(image[..., :3])
+
+
+def not_pixels(value: Any, what: str) -> str:
+    """What a row holds in place of an image's or mask's pixels (None, a path, encoded bytes, a dict)."""
+    if value is None:
+        return f"no {what} (None)"
+    if isinstance(value, str):
+        return "a string (a file path?)"
+    return "encoded bytes" if isinstance(value, bytes) else "a mapping (encoded bytes or a path?)"
 
 
 def decode_row(
@@ -172,10 +180,9 @@ def decode_row(
         mask = apply_orientation(pil_to_mask(mask, rgb_masks, name), exif_orientation(mask, decoded=True))
     else:
         if mask is None or isinstance(mask, (str, bytes, dict)):
-            what = ("no mask (None)" if mask is None else "a string (a file path?)" if isinstance(mask, str)
-                    else "encoded bytes" if isinstance(mask, bytes) else "a mapping (encoded bytes or a path?)")
-            raise DataError(f"{name}: the mask in column {mask_column!r} is {what}, not pixels; give the column the "
-                            "datasets.Image() feature (dataset.cast_column(column, datasets.Image()))")
+            raise DataError(f"{name}: the mask in column {mask_column!r} is {not_pixels(mask, 'mask')}, not pixels; "
+                            "give the column the datasets.Image() feature (dataset.cast_column(column, "
+                            "datasets.Image()))")
         mask = column_array(mask, dtypes.get(mask_column))
         if mask.ndim not in (2, 3) or mask.dtype.kind not in "uif":  # a class number: a classification dataset?
             raise DataError(f"{name}: the mask in column {mask_column!r} is {_short_value(mask)}, not a label map "
