@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import errno
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -86,8 +87,6 @@ def path_arg(value: str) -> str:
     """argparse type of the tools' path options: an empty value (``--json ''``, an unset shell
     variable) is refused, where it would be no file at all (evaluate wrote no scores and said
     nothing) or the current folder (an export's files written into it)."""
-    import argparse
-
     if not value.strip():
         raise argparse.ArgumentTypeError("an empty path; give a file or folder name")
     return value
@@ -97,8 +96,6 @@ def device_arg(value: str) -> str:
     """argparse type of ``--device``: a device this torch can run on, said in one line otherwise
     (``--device cuda`` on a CPU-only torch ended in torch's 'Torch not compiled with CUDA enabled'
     traceback at the first image)."""
-    import argparse
-
     import torch
 
     try:
@@ -119,18 +116,14 @@ def device_arg(value: str) -> str:
     return value
 
 
-def once_action():
+class Once(argparse.Action):
     """An argparse action for an option that takes one value: given twice (``--images a --images b``)
     it is refused, where argparse kept the last and dropped the first without a word."""
-    import argparse
 
-    class Once(argparse.Action):
-        def __call__(self, parser, namespace, values, option_string=None):
-            if getattr(self, "_seen", False):
-                hint = " (a glob or a folder takes many images)" if self.dest == "images" else ""
-                parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}); "
-                             f"give it once{hint}")
-            self._seen = True
-            setattr(namespace, self.dest, values)
-
-    return Once
+    def __call__(self, parser, namespace, values, option_string=None):
+        if getattr(self, "_seen", False):
+            hint = " (a glob or a folder takes many images)" if self.dest == "images" else ""
+            parser.error(f"{option_string} given twice ({getattr(namespace, self.dest)!r} and {values!r}); "
+                         f"give it once{hint}")
+        self._seen = True
+        setattr(namespace, self.dest, values)

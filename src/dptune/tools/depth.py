@@ -204,27 +204,17 @@ def predict_depth(args, paths: list[str], stems: list[str]) -> int:
     k = cloud_intrinsics(args.intrinsics, metric)
     if mirror_note(args.flip):
         print(f"note: {mirror_note(args.flip)}", file=sys.stderr)
-    enc, clipped = depth_encoding(predictor), []
-    check_depth_format(args.out, enc)  # before prepare_out writes anything there
-    out = prepare_out(args.out, [f for s in stems for f in depth_files(s, enc, k)], args.overwrite)
-    words = write_depth_format(out, enc)
-
-    empty: list[str] = []
-    off: list[str] = []
+    enc = depth_encoding(predictor)
+    writes = DepthWrites(args.out, [f for s in stems for f in depth_files(s, enc, k)], args.overwrite, enc, k)
 
     def one(path: str, stem: str, image: np.ndarray) -> None:
-        depth = depth_views(predictor, image, args.flip)
-        if not (depth > 0).any():
-            empty.append(path)
-        if off_camera(k, depth.shape):
-            off.append(path)
-        if write_depth(out, stem, depth, image, enc, k):
-            clipped.append(path)
+        writes.write(path, stem, depth_views(predictor, image, args.flip), image)
 
     failed = predict_each(paths, stems, "predicting depth", one)
     done = len(paths) - len(failed)
-    print(f"{done} depth map{'' if done == 1 else 's'} in {out}: {enc['file']} ({words}; depth_format.json)")
-    warn_clipped(clipped, enc, empty, off)
+    print(f"{done} depth map{'' if done == 1 else 's'} in {writes.out}: {enc['file']} ({writes.words}; "
+          "depth_format.json)")
+    writes.warn()
     return failures(failed, len(paths))
 
 
@@ -237,21 +227,44 @@ def off_camera(k: tuple[float, float, float, float] | None, shape: tuple[int, ..
     return not (0 <= k[2] <= w and 0 <= k[3] <= h)
 
 
-def warn_clipped(clipped: list[str], enc: dict, empty: list[str] | None = None,
-                 off: list[str] | None = None) -> None:
-    """The warnings of a depth prediction run: maps clipped at the top of a 16-bit PNG, maps with no
-    depth anywhere (all 0: no depth, and a point cloud with no point), and images whose size does not
-    hold the --intrinsics' principal point (their clouds are skewed)."""
-    if clipped:
-        print(f"warning: {len(clipped)} depth map(s) reach beyond {enc['max_metres']:.3f} m, what a 16-bit PNG at "
-              f"{enc['value_per_metre']:g} per metre holds; clipped there (first: {clipped[0]})", file=sys.stderr)
-    if empty:
-        print(f"warning: {len(empty)} depth map(s) have no depth above 0 anywhere: all no-depth, and no point in a "
-              f"point cloud (first: {empty[0]})", file=sys.stderr)
-    if off:
-        print(f"warning: {len(off)} image(s) do not hold the --intrinsics' principal point (cx, cy) as read upright: "
-              f"the camera is another image size's, and their point clouds are skewed (first: {off[0]})",
-              file=sys.stderr)
+class DepthWrites:
+    """The depth outputs of a predict run (depth and joint models alike): ``--out`` prepared (a
+    ``depth_format.json`` there checked before anything is written, then predict's list of files,
+    then the format file), each map written (``write``), and what the run says at its end (``warn``):
+    maps clipped at the top of a 16-bit PNG, maps with no depth anywhere (all no-depth, a point cloud
+    with no point), images that do not hold the --intrinsics' principal point (skewed clouds)."""
+
+    def __init__(self, out: str, planned: list[str], overwrite: bool, enc: dict,
+                 k: tuple[float, float, float, float] | None) -> None:
+        check_depth_format(out, enc)  # before prepare_out writes anything there
+        self.out = prepare_out(out, planned, overwrite)
+        self.words = write_depth_format(self.out, enc)
+        self.enc, self.k = enc, k
+        self.clipped: list[str] = []
+        self.empty: list[str] = []
+        self.off: list[str] = []
+
+    def write(self, path: str, stem: str, depth: np.ndarray, image: np.ndarray) -> None:
+        if not (depth > 0).any():
+            self.empty.append(path)
+        if off_camera(self.k, depth.shape):
+            self.off.append(path)
+        if write_depth(self.out, stem, depth, image, self.enc, self.k):
+            self.clipped.append(path)
+
+    def warn(self) -> None:
+        enc, clipped, empty, off = self.enc, self.clipped, self.empty, self.off
+        if clipped:
+            print(f"warning: {len(clipped)} depth map(s) reach beyond {enc['max_metres']:.3f} m, what a 16-bit PNG "
+                  f"at {enc['value_per_metre']:g} per metre holds; clipped there (first: {clipped[0]})",
+                  file=sys.stderr)
+        if empty:
+            print(f"warning: {len(empty)} depth map(s) have no depth above 0 anywhere: all no-depth, and no point "
+                  f"in a point cloud (first: {empty[0]})", file=sys.stderr)
+        if off:
+            print(f"warning: {len(off)} image(s) do not hold the --intrinsics' principal point (cx, cy) as read "
+                  f"upright: the camera is another image size's, and their point clouds are skewed (first: "
+                  f"{off[0]})", file=sys.stderr)
 
 
 def evaluate_depth(args) -> int:

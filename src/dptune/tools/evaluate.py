@@ -38,7 +38,7 @@ import torch
 import yaml
 from tqdm.auto import tqdm
 
-from dptune.errors import ConfigError, DataError, device_arg, of_image, once_action, path_arg
+from dptune.errors import ConfigError, DataError, Once, device_arg, of_image, path_arg
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.labels import IGNORE_INDEX, LabelSet, check_same_classes
 from dptune.metrics.segmentation import metrics_from_confmat
@@ -47,9 +47,6 @@ from dptune.tools.outputs import write_replacing, write_text
 
 CONFUSION_TAG = "dptune evaluate: confusion matrix"  # the PNG's Software text: how a later run knows it wrote it
 
-
-
-ONCE = once_action()  # options that take one value: given twice is refused
 
 def confusion_is_ours(path: Path) -> bool:
     """A confusion-matrix picture evaluate wrote (its PNG text says so)."""
@@ -191,16 +188,16 @@ def report(confmat: np.ndarray, names: list[str]) -> dict:
 
 def parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    ap.add_argument("--model", action=ONCE, required=True, help="dptune .ckpt or exported directory")
+    ap.add_argument("--model", action=Once, required=True, help="dptune .ckpt or exported directory")
     ap.add_argument("--config", help="train.py YAML whose data: section describes the split")
     ap.add_argument("--split", default="val")
     ap.add_argument("--part", choices=["segmentation", "depth"],
                     help="of a segmentation + depth model or config: score only this part (default: each part "
                          "the config has data for, on its own source's split)")
     ap.add_argument("--root", help="data root (overrides the config's)")
-    ap.add_argument("--images", action=ONCE, help="image glob (relative to --root)")
-    ap.add_argument("--masks", action=ONCE, help="mask template with {stem}/{name}/{dir}/{id}")
-    ap.add_argument("--labels", action=ONCE, help="labels.yaml")
+    ap.add_argument("--images", action=Once, help="image glob (relative to --root)")
+    ap.add_argument("--masks", action=Once, help="mask template with {stem}/{name}/{dir}/{id}")
+    ap.add_argument("--labels", action=Once, help="labels.yaml")
     ap.add_argument("--mode", choices=["whole", "slide"], default="whole")
     ap.add_argument("--flip", nargs="?", const="h", default="none", choices=list(FLIP_VIEWS),
                     help="flip TTA: h (left-right, the default when given bare), hv (also up-down), d4 (also "
@@ -223,7 +220,7 @@ def parser() -> argparse.ArgumentParser:
                     help="allow a model whose config asks for code shipped with it (auto_map) to run that code; "
                          "never needed for dptune's exports")
     depth = ap.add_argument_group("depth models")
-    depth.add_argument("--depth", action=ONCE, help="depth map template with {stem}/{name}/{dir}/{id}")
+    depth.add_argument("--depth", action=Once, help="depth map template with {stem}/{name}/{dir}/{id}")
     depth.add_argument("--depth-scale", type=float, default=None,
                        help="stored value per metre (1000: mm PNG, 256: KITTI, 1: metres); default by file type: 1 for float, 1000 for integer files")
     depth.add_argument("--negative-depth", choices=["error", "invalid"], default="error",

@@ -52,20 +52,16 @@ def one_pass(joint, seg, depth, image: np.ndarray) -> tuple[np.ndarray, np.ndarr
 def predict_both(args, paths: list[str], stems: list[str]) -> int:
     """Masks and depth maps of ``paths`` into ``args.out`` (outputs named by ``stems``, see ``output_stems``)."""
     from dptune.tools.depth import (
-        check_depth_format,
+        DepthWrites,
         cloud_intrinsics,
         depth_encoding,
         depth_files,
         depth_views,
         mirror_note,
-        off_camera,
-        warn_clipped,
-        write_depth,
-        write_depth_format,
     )
     from dptune.tools.inputs import parse_scales
     from dptune.tools.masks import mask_files, write_masks
-    from dptune.tools.predict_run import failures, predict_each, prepare_out
+    from dptune.tools.predict_run import failures, predict_each
 
     scales = parse_scales(args.scales)
     seg, depth, joint = load_joint(args.model, args.device, trust_remote_code=args.trust_remote_code)
@@ -76,14 +72,10 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
         notes = [mirror_note(args.flip)] if args.flip != "none" else []
         print("note: --mode/--flip/--scales shape the masks; depth is predicted on the whole image at one scale"
               + "".join(f"; {n}" for n in notes), file=sys.stderr)
-    enc, clipped = depth_encoding(depth), []
+    enc = depth_encoding(depth)
     planned = [f for s in stems for f in mask_files(s, args.confidence) + depth_files(s, enc, k)]
-    check_depth_format(args.out, enc)  # before prepare_out writes anything there
-    out = prepare_out(args.out, planned, args.overwrite)
-    words = write_depth_format(out, enc)
-
-    empty: list[str] = []
-    off: list[str] = []
+    writes = DepthWrites(args.out, planned, args.overwrite, enc, k)
+    out = writes.out
 
     def one(path: str, stem: str, image: np.ndarray) -> None:
         if shared:
@@ -92,18 +84,13 @@ def predict_both(args, paths: list[str], stems: list[str]) -> int:
             pred, conf = seg.predict(image, mode=args.mode, flip=args.flip, scales=scales)
             metres = depth_views(depth, image, args.flip)
         write_masks(out, stem, image, pred, conf, seg.labels, args)
-        if not (metres > 0).any():
-            empty.append(path)
-        if off_camera(k, metres.shape):
-            off.append(path)
-        if write_depth(out, stem, metres, image, enc, k):
-            clipped.append(path)
+        writes.write(path, stem, metres, image)
 
     failed = predict_each(paths, stems, "predicting masks and depth", one)
     done = len(paths) - len(failed)
-    print(f"{done} {'mask and depth map' if done == 1 else 'masks and depth maps'} in {out} ({enc['file']}: {words}; "
-          "depth_format.json)")
-    warn_clipped(clipped, enc, empty, off)
+    print(f"{done} {'mask and depth map' if done == 1 else 'masks and depth maps'} in {out} ({enc['file']}: "
+          f"{writes.words}; depth_format.json)")
+    writes.warn()
     return failures(failed, len(paths))
 
 

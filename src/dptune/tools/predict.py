@@ -43,20 +43,19 @@ import sys
 import numpy as np
 import torch
 
-from dptune.errors import ConfigError, DataError, device_arg, once_action, path_arg
+from dptune.errors import ConfigError, DataError, Once, device_arg, path_arg
 from dptune.inference.windows import FLIP_VIEWS
 from dptune.tools.inputs import list_images, parse_scales, refuse_out_among_inputs
 from dptune.tools.masks import mask_files, write_masks
 from dptune.tools.outputs import output_stems
 from dptune.tools.predict_run import MANIFEST, failures, predict_each, prepare_out
 
-ONCE = once_action()  # options that take one value: given twice is refused
 
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
-    ap.add_argument("--model", action=ONCE, required=True, help="dptune .ckpt or exported directory")
-    ap.add_argument("--images", action=ONCE, required=True, help="an image file, a folder or a glob (extensions in any case)")
-    ap.add_argument("--out", action=ONCE, required=True, type=path_arg, help="output folder: not an input, nor an input's folder or inside one")
+    ap.add_argument("--model", action=Once, required=True, help="dptune .ckpt or exported directory")
+    ap.add_argument("--images", action=Once, required=True, help="an image file, a folder or a glob (extensions in any case)")
+    ap.add_argument("--out", action=Once, required=True, type=path_arg, help="output folder: not an input, nor an input's folder or inside one")
     ap.add_argument("--overwrite", action="store_true",
                     help="replace files in --out that predict did not write (its own, listed in "
                          f"{MANIFEST} and unchanged since, are always replaced); without it such a file stops the run")
