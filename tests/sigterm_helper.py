@@ -43,11 +43,21 @@ class StepLog(pl.Callback):
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
         self._write({"step": trainer.global_step, "lr": self._lrs, "loss": float(torch.as_tensor(loss))})
 
+    def on_validation_end(self, trainer, pl_module) -> None:
+        if not trainer.sanity_checking:
+            scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
+            self._write({"validated": trainer.global_step, "epoch": trainer.current_epoch, "scores": scores})
+
 
 def read_log(path) -> tuple[list[dict], list[dict]]:
     """(start records, step records) of a StepLog file."""
     rows = [json.loads(line) for line in open(path)]
     return [r for r in rows if "start" in r], [r for r in rows if "step" in r]
+
+
+def validations(path) -> dict[int, dict[str, float]]:
+    """The validations a StepLog's runs ended (sanity checks left out): global step -> the val/ scores."""
+    return {r["validated"]: r["scores"] for r in map(json.loads, open(path)) if "validated" in r}
 
 
 class RaiseAt(pl.Callback):

@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import CAMVID, REPO, needs, run_python
-from sigterm_helper import read_log
+from sigterm_helper import read_log, validations
 from test_train import VAL, camvid_args
 
 pytestmark = [pytest.mark.slow, needs(CAMVID)]
@@ -73,3 +73,32 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_conf
     # no state), so the weights need not end equal: the loss only has to keep falling
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert end["lr_schedulers"][0]["last_epoch"] == ref["lr_schedulers"][0]["last_epoch"]
+
+
+@pytest.mark.parametrize("step", [2, 6])
+def test_sigterm_at_the_last_step_of_an_epoch_validates_that_epoch_on_resume(tmp_path, tiny_config_path, step):
+    """Preempted at an epoch's last training step (2: the first epoch's; 6: the run's last), Lightning
+    stops after the first of the epoch's 3 validation batches: the resumed run scores that epoch from
+    its first batch (as the uninterrupted run does) and, at the end, picks the best checkpoint, instead
+    of skipping the epoch's validation or refusing to resume with "nothing is left to train"."""
+    full = tmp_path / "full.log"
+    done, _ = _run([*_args(tmp_path / "full", tiny_config_path), "--trainer.callbacks+=sigterm_helper.StepLog",
+                    f"--trainer.callbacks.path={full}"], tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    run, log = tmp_path / "cut", tmp_path / "cut.log"
+    logged = ["--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"]
+    cut, _ = _run([*_args(run, tiny_config_path), "--trainer.callbacks+=sigterm_helper.SigtermAt",
+                   f"--trainer.callbacks.step={step}", *logged], tmp_path)
+    assert cut.returncode == 0 and "SIGTERM: saved" in cut.stderr, cut.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == step
+    assert list(validations(log)) == [2, 4][:step // 2 - 1]
+
+    resumed, _ = _run([*_args(run, tiny_config_path), "--ckpt_path", "last", *logged], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    scored, expected = validations(log), validations(full)
+    assert list(scored) == list(expected) == [2, 4, 6]
+    assert scored[step] == pytest.approx(expected[step], rel=1e-5) and "val/mIoU" in scored[step]
+    _, steps = read_log(log)
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 6
+    assert [p for p in (run / "checkpoints").iterdir() if p.name.startswith("best")]

@@ -168,6 +168,7 @@ class WarmupPoly(LRScheduler):
                  min_ratio: float = 0.0) -> None:
         self.total, self.warmup = max(1, int(total_steps)), int(warmup_steps)
         self.power, self.min_ratio = float(power), float(min_ratio)
+        self.validation_left = False  # the checkpoint to load ends inside a validation (a run at its end may resume)
         super().__init__(optimizer)
 
     def factor(self, step: int) -> float:
@@ -185,7 +186,7 @@ class WarmupPoly(LRScheduler):
         self._step_count = int(state.get("_step_count", self.last_epoch + 1))
         self.base_lrs = list(state.get("base_lrs", self.base_lrs))
         saved = state.get("total_steps")
-        if self.last_epoch >= self.total:
+        if self.last_epoch > self.total or (self.last_epoch == self.total and not self.validation_left):
             from dptune.errors import ConfigError
 
             raise ConfigError(f"the checkpoint has done {self.last_epoch} optimizer steps and this run has "

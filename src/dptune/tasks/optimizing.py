@@ -22,6 +22,31 @@ STREAM_LENGTH = ("the training data is a stream (no length): set --trainer.max_s
                  "--trainer.val_check_interval in steps")
 
 
+VAL_PROGRESS = ("loops", "fit_loop", "epoch_loop.val_loop.batch_progress")
+_CUT = {"ready": 1, "started": 1, "processed": 0, "completed": 0}  # Lightning's "mid-evaluation", at batch 0
+
+
+def mark_validation_cut(checkpoint: dict[str, Any]) -> None:
+    """Record in ``checkpoint`` that a validation of the fit was stopped before it ended: Lightning's
+    resume then runs that validation again from its first batch (the scores so far are not saved)."""
+    progress = checkpoint
+    for key in VAL_PROGRESS:
+        progress = progress.get(key) if isinstance(progress, dict) else None
+    if isinstance(progress, dict):
+        progress.update(total=dict(_CUT), current=dict(_CUT), is_last_batch=False)
+
+
+def validation_cut(checkpoint: dict[str, Any]) -> bool:
+    """Whether resuming ``checkpoint`` begins with a validation that was stopped before it ended."""
+    progress = checkpoint
+    for key in (*VAL_PROGRESS, "total"):
+        progress = progress.get(key) if isinstance(progress, dict) else None
+    if not isinstance(progress, dict):
+        return False
+    started, processed = progress.get("started", 0), progress.get("processed", 0)
+    return progress.get("ready") == started and processed == started - 1 and progress.get("completed") == processed
+
+
 class Optimizing:
     """Lightning's ``configure_optimizers`` and ``on_load_checkpoint`` for a task. Put it before
     ``LightningModule`` in the bases."""
@@ -46,7 +71,9 @@ class Optimizing:
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         """A run resumed from a checkpoint written before the task's own parameters (learned loss
         weights) had an optimizer group: its optimizer and schedule lack the last, ``task`` group.
-        Add it, empty (those parameters restart their optimizer state), so that the resume works."""
+        Add it, empty (those parameters restart their optimizer state), so that the resume works.
+        A checkpoint cut inside a validation has that validation left to run, even at the run's last step."""
+        self._validation_left = validation_cut(checkpoint)
         groups = self.param_groups()
         if groups[-1]["name"] != "task":
             return
@@ -85,6 +112,7 @@ class Optimizing:
                         "at the last step and never decays; set a shorter warmup (model.warmup_ratio below 1, or "
                         "fewer model.warmup_steps)", given, total, 100 * min(1.0, total / max(warmup, 1)), hp.lr)
         sched = WarmupPoly(opt, total, warmup, hp.poly_power, hp.min_lr_ratio)
+        sched.validation_left = getattr(self, "_validation_left", False)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
 
     def _fused_adamw(self) -> bool:

@@ -30,6 +30,7 @@ class Checkpoint(ModelCheckpoint):
     """
 
     _in_exception = False
+    _validation_cut = False  # on_exception: SIGTERM stopped a validation of the fit
 
     def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None,
                                prefix: str | None = None) -> str:
@@ -110,6 +111,10 @@ class Checkpoint(ModelCheckpoint):
         from lightning.pytorch.utilities.exceptions import SIGTERMException
 
         self._in_exception = True  # no collectives, no new exception: a non-finite state is left unwritten
+        # stopped inside a validation of the fit: its scores are lost with the process, so the checkpoint
+        # says the validation has not started (see on_save_checkpoint) and the resume runs all of it
+        self._validation_cut = (isinstance(exception, SIGTERMException) and trainer.validating
+                                and not trainer.sanity_checking)
         try:
             super().on_exception(trainer, pl_module, exception)
             if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit" and trainer.is_global_zero:
@@ -125,7 +130,19 @@ class Checkpoint(ModelCheckpoint):
                     log.warning("SIGTERM: saved %s at step %d; resume with --ckpt_path last",
                                 self.last_model_path, trainer.global_step)
         finally:
-            self._in_exception = False
+            self._in_exception = self._validation_cut = False
+
+    def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
+        """A checkpoint written at SIGTERM during a validation of the fit (SIGTERM at an epoch's last
+        training step is one: Lightning stops after the first validation batch) records that validation
+        as cut at its first batch, which Lightning's resume runs again from the start. Saved as it was, the
+        resume took the validation for done: the epoch was never scored nor its best checkpoint chosen,
+        and at the run's last step the resume had nothing left to train."""
+        from dptune.tasks.optimizing import mark_validation_cut
+
+        super().on_save_checkpoint(trainer, pl_module, checkpoint)
+        if self._validation_cut:
+            mark_validation_cut(checkpoint)
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
         """A NaN monitored value (nothing was scored) is no result: it never becomes "best"; nor
