@@ -685,3 +685,12 @@ def test_a_checkpoint_holding_a_setting_now_refused_still_loads_for_predict_and_
     m = SegmentationModule(config=dict(tiny_config), label_spec=LabelSet(names=["a", "b"]).to_dict(), image_size=64,
                            slide_stride=1.5, class_weights=[1.0, -0.1])
     assert m.hparams.slide_stride == 1.5
+
+
+def test_a_fit_without_checkpoints_runs_and_says_so(tmp_path):
+    """--trainer.enable_checkpointing false stopped every fit with Lightning's "found ModelCheckpoint in
+    callbacks list": the checkpoint callback is dptune's own, not one the user added."""
+    proc = quickstart(tmp_path / "run", 1, "--trainer.enable_checkpointing", "false")
+    assert not list((tmp_path / "run").rglob("*.ckpt"))
+    assert "enable_checkpointing false: no checkpoint is written" in proc.stderr
+    assert "best checkpoint:" not in proc.stderr

@@ -127,6 +127,15 @@ class DPTuneCLI(LightningCLI):
                 raise
             raise ConfigError(f"trainer settings: {' '.join(str(e).split())}") from e
 
+    def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
+        """``trainer.enable_checkpointing false`` leaves out dptune's own checkpoint callback (Lightning
+        refused the run for holding one); a ModelCheckpoint the user added is still Lightning's to refuse."""
+        if config.get("enable_checkpointing") is False:
+            callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
+            log.warning("trainer.enable_checkpointing false: no checkpoint is written (nothing to resume, "
+                        "export or predict with when the fit ends)")
+        return super()._instantiate_trainer(config, callbacks)
+
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--task", choices=list(TASKS), default="segmentation",
                             help="What to train: segmentation (default), depth, or multitask (both in one model); "
