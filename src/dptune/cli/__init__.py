@@ -24,13 +24,14 @@ from dptune.cli.args import (
     renamed_args,
 )
 from dptune.cli.places import follow_the_root, named_where, setting_error
+from dptune.cli.run_checks import best_filename, check_run_length_and_seed, refuse_a_second_run
 from dptune.cli.save_config import LoggedSaveConfig
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
-from dptune.training.checkpointing import Checkpoint, InterruptGuard, template_field
+from dptune.training.checkpointing import Checkpoint, InterruptGuard
 from dptune.training.hardware import DPTuneTrainer
 
 log = logging.getLogger(__name__)
@@ -218,50 +219,8 @@ class DPTuneCLI(LightningCLI):
                 init.save_dir = root
 
 
-def check_run_length_and_seed(config) -> None:
-    """Said before anything is built: a seed Lightning refuses with a traceback (-1), and a fit of 0
-    epochs or steps, which Lightning ends at once with exit 0, no checkpoint and no word."""
-    sub = config.get("subcommand")
-    cfg = config[sub] if sub else config
-    seed = cfg.get("seed_everything")
-    if not (seed is None or isinstance(seed, bool) or isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
-        raise ConfigError(f"seed_everything {seed}: a seed is a whole number from 0 to 4294967295 (true draws one)")
-    if sub == "fit":
-        for key, unit in (("max_epochs", "epochs"), ("max_steps", "steps"), ("limit_train_batches", "batches")):
-            value = cfg.trainer.get(key)
-            if value == 0 and not isinstance(value, bool):
-                raise ConfigError(f"trainer.{key} 0: a fit of 0 {unit} trains nothing and writes no checkpoint "
-                                  "(-1 sets no limit; dptune validate scores a checkpoint without training)")
-
-
-def best_filename(monitor: str) -> str:
-    """The best checkpoint's name for a run selected by ``monitor`` (``val/delta_m`` ->
-    ``best-epoch03-deltam0.0521.ckpt``)."""
-    short = "".join(c for c in monitor.rsplit("/", 1)[-1] if c.isalnum() or c in ".-")
-    if short[-1:].isdigit() or short[-1:] == ".":  # class '#1': 'best-epoch03-1_0.2500', not '10.2500'
-        short += "_"
-    return f"best-epoch{{epoch:02d}}-{short}{{{template_field(monitor)}:.4f}}"
-
-
 def _loggers(cfg) -> list:
     return cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
-
-
-def refuse_a_second_run(dirpath: str) -> None:
-    """A fit started afresh (no ``--ckpt_path``) into a checkpoint folder that already holds a run's
-    checkpoints would mix two runs (last-v1.ckpt beside last.ckpt, a second best-*, the run's
-    config.yaml rewritten): one line before anything is written. The other processes of a DDP run
-    start once rank 0 is running, and are not asked (the folder may hold its first checkpoint)."""
-    if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
-        return
-    if not os.path.isdir(dirpath):
-        return
-    found = sorted(f for f in os.listdir(dirpath) if f.endswith(".ckpt"))
-    if found:
-        shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-        raise ConfigError(f"{dirpath}: already holds the checkpoints of a run ({shown}); a new fit there would mix "
-                          "two runs: resume that run with --ckpt_path last, or start the new one in another "
-                          "--trainer.default_root_dir (or --checkpoint.dirpath)")
 
 
 def trainer_defaults() -> dict:
