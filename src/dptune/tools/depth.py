@@ -1,4 +1,4 @@
-"""The depth side of ``scripts/predict.py`` and ``scripts/evaluate.py``.
+"""The depth side of ``scripts/predict.py``; ``scripts/evaluate.py``'s is ``dptune.tools.depth_evaluate``.
 
 predict: ``<stem>_depth.png`` (16-bit: for metric models millimetres, i.e. value / 1000 = metres,
 or KITTI's value / 256 = metres when the model's range passes 65.535 m; relative models: the
@@ -10,29 +10,20 @@ wrong (``--mode slide`` and ``--scales`` are refused; of a segmentation + depth 
 to the masks). ``--flip`` (any setting) averages the prediction with that of the left-right
 mirror, the one flip depth trains with; up-down flips and turns show scenes a depth model has
 not seen.
-evaluate: AbsRel, SqRel, RMSE, RMSE log, log10, SILog, delta < 1.25^k per image on valid pixels,
-averaged over images, on any folder of images and depth maps.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import sys
 from pathlib import Path
 
 import numpy as np
-import torch
-from tqdm.auto import tqdm
-from tqdm.contrib.logging import logging_redirect_tqdm
 
-from dptune.data.depth import DepthFolderSource, eval_crop_mask
-from dptune.data.depth_files import check_depth_size, read_intrinsics
-from dptune.data.depth_values import check_split_depth
-from dptune.errors import ConfigError, DataError, of_image
-from dptune.metrics.depth import NAMES, DepthMetrics, check_range, valid_depth
+from dptune.data.depth_files import read_intrinsics
+from dptune.errors import ConfigError, DataError
 from dptune.tasks.visuals import colorize_depth, depth_range
-from dptune.tools.inputs import json_is_ours, parse_scales, refuse_output, small_text
+from dptune.tools.inputs import parse_scales, small_text
 from dptune.tools.outputs import imwrite, write_replacing, write_text
 from dptune.tools.predict_run import failures, predict_each, prepare_out
 
@@ -152,7 +143,6 @@ def write_depth_format(out: Path, enc: dict) -> str:
     """``depth_format.json`` beside the maps (how to read them; dptune's depth reader follows it),
     written before any map: one already there that says otherwise (another model's maps, or not
     dptune's file) stops the run instead of being overwritten. Returns the encoding in words."""
-    import json
 
     check_depth_format(out, enc)
     write_text(out / "depth_format.json", json.dumps(enc, indent=2) + "\n")
@@ -162,7 +152,6 @@ def write_depth_format(out: Path, enc: dict) -> str:
 def check_depth_format(out: str | Path, enc: dict) -> None:
     """A ``depth_format.json`` already in ``out`` must say ``enc``: called before anything is written
     there too (predict's list of its files was written before this refusal)."""
-    import json
 
     path = Path(out) / "depth_format.json"
     if path.exists():
@@ -265,71 +254,3 @@ class DepthWrites:
             print(f"warning: {len(off)} image(s) do not hold the --intrinsics' principal point (cx, cy) as read "
                   f"upright: the camera is another image size's, and their point clouds are skewed (first: "
                   f"{off[0]})", file=sys.stderr)
-
-
-def evaluate_depth(args) -> int:
-    from dptune.inference.depth_predictor import DepthPredictor
-
-    if not (args.images and args.depth):
-        raise DataError("for a depth model give --images and --depth (a path template: {stem}, {name}, {dir} or {id}); "
-                        "--depth-scale if the maps are not millimetres (16-bit) or metres (float)")
-    if args.depth_scale is not None and not 0 < np.float32(args.depth_scale) < np.inf:  # maps are divided in float32
-        raise ConfigError(f"--depth-scale must be a positive number of stored values per metre, got {args.depth_scale}")
-    refuse_segmentation_options(args)  # they were ignored: the scores of --mode slide were the whole image's
-    if getattr(args, "confusion", None):
-        raise ConfigError(f"--confusion {args.confusion}: a depth model has no classes, so no confusion matrix "
-                          "(--json writes its scores)")
-    source = DepthFolderSource(args.root or ".", args.images, args.depth, args.depth_scale,
-                               negative=getattr(args, "negative_depth", "error"))
-    if getattr(args, "held_back", False):  # the export's held-back images only (evaluate --held-back)
-        from dptune.export.held_back import keep_held_back
-
-        source = keep_held_back(source, args.root or ".", args.model, "depth")
-    if args.json:
-        refuse_output(args.json, "--json", [*source.images, *source.depths], args, json_is_ours)
-    predictor = DepthPredictor.load(args.model, args.device, trust_remote_code=args.trust_remote_code,
-                                    backend=getattr(args, "backend", "torch"))
-    align = args.alignment or predictor.meta.get("alignment") or ("none" if predictor.mode == "metric" else "lstsq")
-    crop = args.eval_crop or predictor.meta.get("eval_crop") or "none"
-    max_depth = args.max_depth if args.max_depth is not None else predictor.meta.get("max_depth")
-    min_depth = args.min_depth if args.min_depth is not None else predictor.meta.get("min_depth") or 1e-3
-    check_range(min_depth, max_depth, "--min-depth", "--max-depth")
-    metric, medians, unscored = DepthMetrics(min_depth, max_depth, None if align == "none" else align), {}, []
-    if mirror_note(args.flip):
-        print(f"note: {mirror_note(args.flip)}", file=sys.stderr)
-    with logging_redirect_tqdm():  # a reader's warning (a depth_scale against depth_format.json) on its own line
-        for i in tqdm(range(len(source)), desc="evaluating"):
-            image, gt, name = source.load(i)
-            check_depth_size(name, image.shape[:2], gt)
-            if (gt > 0).any():
-                medians[i] = float(np.median(gt[gt > 0]))
-            with of_image(source.name(i)):
-                pred = torch.from_numpy(np.ascontiguousarray(mirror_mean(predictor, image, args.flip)))[None]
-            gt_t = torch.from_numpy(gt)[None]
-            valid = valid_depth(gt_t, min_depth, max_depth)
-            mask = eval_crop_mask(gt.shape, crop)
-            if mask is not None:
-                valid &= torch.from_numpy(mask)[None]
-            metric.update(pred, gt_t, valid)
-            if not bool(valid.any()):
-                unscored.append(source.name(i))
-    # as training's pre-flight check does: the split's unit, then each map's (one in another unit is a bad map)
-    _, problems = check_split_depth(args.depth, medians, source, lambda i: source.depths[i])
-    odd = list(problems.values())
-    if odd:
-        raise DataError(odd[0] + (f" ({len(odd)} such maps; nothing was scored)" if len(odd) > 1
-                                  else " (nothing was scored)"))
-    where = f"ground truth inside [{min_depth:g}, {max_depth or math.inf:g}] m" + \
-        (f" within the {crop} crop" if crop != "none" else "")
-    if not int(metric.images):
-        raise DataError(f"{args.depth}: no image had {where}: nothing was scored")
-    if unscored:  # scored on fewer images than given: say which, never silently
-        print(f"warning: {len(unscored)} of {len(source)} images had no {where} and are not scored "
-              f"(first: {unscored[0]})", file=sys.stderr)
-    scores = {k: float(v) for k, v in metric.compute().items()}
-    print(f"{int(metric.images)} images, {predictor.mode} depth, alignment {align}, crop {crop}")
-    print("  ".join(f"{k} {scores[k]:.4f}" for k in NAMES))
-    if args.json:
-        write_text(args.json, json.dumps({"model": args.model, "images": int(metric.images), "alignment": align,
-                                          "eval_crop": crop, **scores}, indent=2) + "\n")
-    return 0

@@ -236,7 +236,7 @@ def parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
     from dptune.inference.predictor import Predictor
-    from dptune.tools.depth import evaluate_depth
+    from dptune.tools.depth_evaluate import evaluate_depth
     from dptune.tools.inputs import model_task
 
     try:

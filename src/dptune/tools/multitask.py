@@ -195,7 +195,7 @@ def evaluate_with_config(args, model_task: str, main, argv: list[str]) -> int | 
     if part == "segmentation":
         args.config_data = section
         return None
-    from dptune.tools.depth import evaluate_depth
+    from dptune.tools.depth_evaluate import evaluate_depth
 
     if section.get("source", "folder") != "folder":
         raise ConfigError(f"--config {args.config}: a {section.get('source')} depth source; evaluate reads image "
