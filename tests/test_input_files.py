@@ -1290,3 +1290,29 @@ def test_an_option_that_takes_one_value_given_twice_is_refused(capsys):
             main(args)
         err = capsys.readouterr().err
         assert stop.value.code == 2 and f"error: {flag} given twice" in err, err
+
+
+def test_an_image_or_depth_map_past_opencvs_pixel_limit_says_the_limit_and_how_to_raise_it(tmp_path):
+    """A 40000 x 30000 aerial PNG failed with OpenCV's "(-215:Assertion failed) pixels <=
+    CV_IO_MAX_IMAGE_PIXELS in function 'validateInputImageSize'". The limit is lowered here (it is
+    read when OpenCV loads) so that a 100 x 100 file passes it."""
+    import os
+    import subprocess
+    import sys
+
+    import cv2
+
+    cv2.imwrite(str(tmp_path / "tile.png"), np.zeros((100, 100, 3), np.uint8))
+    cv2.imwrite(str(tmp_path / "depth.png"), np.full((100, 100), 1000, np.uint16))
+    code = ("from dptune.data.images import read_image\nfrom dptune.data.depth_files import read_depth\n"
+            "from dptune.errors import DataError\nimport sys\n"
+            "for f, path in ((read_image, sys.argv[1]), (lambda p: read_depth(p, 1000), sys.argv[2])):\n"
+            "    try: f(path)\n    except DataError as e: print(e)\n")
+    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tile.png"), str(tmp_path / "depth.png")],
+                         capture_output=True, text=True, env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "1000"},
+                         timeout=120).stdout.splitlines()
+    assert len(out) == 2, out
+    for line, name in zip(out, ("tile.png", "depth.png"), strict=True):
+        assert line.startswith(str(tmp_path / name) + ": ")
+        assert "more pixels than OpenCV decodes (1,000; set the environment variable OPENCV_IO_MAX_IMAGE_PIXELS" in line
+        assert "Assertion" not in line and "loadsave" not in line

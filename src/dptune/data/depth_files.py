@@ -15,7 +15,7 @@ from typing import Literal
 import cv2
 import numpy as np
 
-from dptune.data.images import image_header_size, read_bytes
+from dptune.data.images import image_header_size, opencv_problem, read_bytes
 from dptune.errors import ConfigError, DataError
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def read_raw_depth(path: str, scale: float | None = None) -> np.ndarray:
         try:
             raw = cv2.imdecode(np.frombuffer(data, np.uint8), cv2.IMREAD_UNCHANGED | cv2.IMREAD_ANYDEPTH)
         except cv2.error as e:
-            raise DataError(f"{path}: not a readable depth map ({str(e).strip().splitlines()[-1]})") from None
+            raise DataError(f"{path}: not a readable depth map ({opencv_problem(e)})") from None
         if raw is None:
             raise DataError(f"{path}: not a readable depth map (truncated or not an image)")
         if raw.dtype == np.uint8:  # PNG, TIFF or JPEG alike (JPEG is lossy on top)

@@ -152,6 +152,18 @@ def check_jpeg_end(f: BinaryIO, path: str, chunk: int = 1 << 20) -> None:
     raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
 
 
+def opencv_problem(error: Exception) -> str:
+    """OpenCV's reason for not decoding a file, in words: the last line of its text, or, for a file
+    past its pixel limit (a large aerial tile), the limit and how to raise it."""
+    text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
+    if "CV_IO_MAX_IMAGE_PIXELS" not in text:
+        return text
+    limit = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "")
+    limit = f"{int(limit):,}" if limit.isdigit() else f"{1 << 30:,}"
+    return (f"more pixels than OpenCV decodes ({limit}; set the environment variable OPENCV_IO_MAX_IMAGE_PIXELS "
+            "higher to read it, memory permitting)")
+
+
 def read_image(path: str) -> np.ndarray:
     """Decode an image file to uint8 HxWx3 RGB, upright: its EXIF orientation applied as
     ``PIL.ImageOps.exif_transpose`` (and so ``transformers``' ``load_image`` and ``pipeline``)
@@ -170,7 +182,7 @@ def read_image(path: str) -> np.ndarray:
         # (OpenCV turns a TIFF upright itself, as PIL does: ``exif_orientation`` leaves TIFFs alone)
         img = cv2.imdecode(np.frombuffer(data, np.uint8), DECODE_AS_STORED)
     except cv2.error as e:
-        raise DataError(f"{path}: not a readable image ({str(e).strip().splitlines()[-1]})") from None
+        raise DataError(f"{path}: not a readable image ({opencv_problem(e)})") from None
     if img is None:
         raise DataError(f"{path}: not a readable image")
     if img.dtype == np.uint16:
