@@ -75,7 +75,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="run the export's ONNX graph instead of torch: onnx (model.onnx), onnx-int8 "
                          "(model_int8.onnx), onnx-fp16 (model_fp16.onnx); --model must be an exported directory")
     ap.add_argument("--intrinsics", help="depth and segmentation + depth models: fx,fy,cx,cy or a 3x3 camera "
-                                         "matrix file; writes <stem>.ply")
+                                         "matrix file, in pixels of the image as shown (upright: after its EXIF "
+                                         "orientation); writes <stem>.ply")
     args = ap.parse_args(argv)
     from dptune.inference.predictor import Predictor
     from dptune.tools.depth import predict_depth
