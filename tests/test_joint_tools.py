@@ -321,3 +321,25 @@ def test_a_foreign_depth_format_file_in_out_is_refused_before_anything_is_writte
         assert predict(model, out, "--device", "cpu") == 2
         assert "describes other depth maps" in capsys.readouterr().err
         assert sorted(p.name for p in out.iterdir()) == ["depth_format.json"]
+
+
+def test_intrinsics_are_of_the_upright_image_as_the_depth_map_is(joint_export, tmp_path, capsys):
+    """A photo stored 96 wide and 32 tall with EXIF orientation 6 is shown (and read) 32 wide and 96
+    tall: --intrinsics with the upright image's principal point (16, 48) fit it without a warning,
+    and each point of the cloud projects back onto a pixel of the upright image."""
+    stored = Image.open(FRAME).convert("RGB").resize((96, 32))
+    exif = Image.Exif()
+    exif[0x0112] = 6
+    (tmp_path / "in").mkdir()
+    photo = tmp_path / "in" / "turned.jpg"
+    stored.save(photo, exif=exif, quality=95)
+    out = tmp_path / "out"
+    assert predict_main(["--model", str(joint_export / "depth"), "--images", str(photo), "--out", str(out),
+                         "--device", "cpu", "--intrinsics", "50,50,16,48"]) == 0
+    assert "principal point" not in capsys.readouterr().err
+    assert np.asarray(Image.open(out / "turned_depth.tiff")).shape == (96, 32)
+    cloud = read_ply(out / "turned.ply")
+    x, y, z = (cloud[a].astype(np.float64) for a in "xyz")
+    u, v = x / z * 50 + 16, y / z * 50 + 48  # back to the pixel each point was made of
+    assert 0 < len(cloud) <= 96 * 32 and np.allclose(u, np.round(u), atol=1e-2) and np.allclose(v, np.round(v), atol=1e-2)
+    assert u.min() > -0.01 and u.max() < 31.01 and v.min() > -0.01 and v.max() < 95.01 and v.max() > 80
