@@ -13,7 +13,7 @@ import torch
 from conftest import CAMVID, KITCHEN, REPO, TINY, needs
 from test_depth_train import DEPTH_TINY, depth_args
 from test_finetune import joint_args
-from test_train import camvid_args, run_train
+from test_train import TRAIN, camvid_args, run_train
 
 pytestmark = [pytest.mark.slow, needs(CAMVID)]
 
@@ -305,3 +305,18 @@ def test_a_config_file_that_is_not_a_mapping_of_settings_is_one_line(tmp_path, c
     bad.write_text(text)
     for flag in (["--config", bad], [f"--config={bad}"], ["-c", bad]):
         stops(capsys, ["fit", *flag, "--trainer.default_root_dir", tmp_path / "run"], f"{bad}: ", problem)
+
+
+def test_a_resume_says_each_data_setting_it_changes(seg, caplog):
+    """A resume on another batch size and another training split trained on them without a word
+    (the model's settings were said, ``resume: model.lr ...``)."""
+    from dptune.cli import main
+
+    splits = json.loads(seg["args"][seg["args"].index("--data.splits") + 1])
+    splits["train"]["images"] = "train/0001TP_0069*.jpg"
+    args = fit_args(seg, "data", "--data.batch_size", "1", "--data.splits", json.dumps(splits))
+    with caplog.at_level("INFO", logger="dptune"):
+        assert main([str(a) for a in args]) == 0
+    said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume: data.")]
+    assert said == ["resume: data.batch_size 2 -> 1 (this run's setting)",
+                    f"resume: data.splits.train.images {TRAIN['images']} -> train/0001TP_0069*.jpg (this run's setting)"]

@@ -16,7 +16,15 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from dptune.errors import ConfigError
 from dptune.models.checkpoint_file import dptune_parts, is_remote, load_checkpoint
 from dptune.tasks.optim import TRAINING_SETTINGS
-from dptune.tasks.resume import apply_run_settings, check_epochs, check_resume, check_state_dict, check_task
+from dptune.tasks.resume import (
+    apply_run_settings,
+    check_epochs,
+    check_resume,
+    check_state_dict,
+    check_task,
+    data_changes,
+    show_setting,
+)
 
 __all__ = ["ResumeCheck", "check_ckpt_path", "check_resume", "load_checkpoint", "load_module", "task_class"]
 
@@ -137,6 +145,10 @@ class ResumeCheck(Callback):
         changed = check_resume(trainer.lightning_module, ckpt, path, stage, say=trainer.is_global_zero)
         if stage == "fit":
             check_epochs(ckpt, path, trainer.max_epochs)
+            saved, datamodule = ckpt.get("datamodule_hyper_parameters"), getattr(trainer, "datamodule", None)
+            if isinstance(saved, dict) and datamodule is not None and trainer.is_global_zero:
+                for key, old, new in data_changes(saved, dict(datamodule.hparams)):
+                    log.info("resume: %s %s -> %s (this run's setting)", key, show_setting(old), show_setting(new))
             self._pending = (ckpt, path, changed)
             if trainer.optimizers:  # a strategy that restores after setting up the optimizers
                 self.on_fit_start(trainer, trainer.lightning_module)

@@ -7,7 +7,8 @@ what it may not:
 
 - settings that only change the run (learning rate, weight decay, schedule, losses, evaluation,
   logging, precision switches; the trainer's run length, devices, checkpointing) are applied and
-  each change is logged: ``resume: model.lr 0.001 -> 0.123 (this run's setting)``;
+  each change is logged: ``resume: model.lr 0.001 -> 0.123 (this run's setting)``; so is each data
+  setting (``resume: data.batch_size 8 -> 16``: the data are the run's to change);
 - settings that say what the model is or what its outputs mean (the task, the network, the label
   set, the normalisation, the depth range and mode) stop the run with one line naming the setting
   and both values, as does a change that leaves the optimizer state without a place (another
@@ -106,8 +107,24 @@ def check_resume(module, ckpt: dict[str, Any], path: str, stage: str, say: bool 
         if _plain(saved[key]) != _plain(hp[key]):
             changed.append(f"model.{key}")
             if say:
-                log.info("%s: model.%s %s -> %s (this run's setting)", word, key, _show(saved[key]), _show(hp[key]))
+                log.info("%s: model.%s %s -> %s (this run's setting)", word, key, show_setting(saved[key]), show_setting(hp[key]))
     return changed
+
+
+def data_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "data") -> list[tuple[str, Any, Any]]:
+    """The data settings a resumed run changes against its checkpoint's (``datamodule_hyper_parameters``):
+    (``data.splits.train.images``, old, new), a mapping setting compared key by key. They are the run's
+    to change (another split, batch size, dataset), and a resume says each, as it says the model's."""
+    changes = []
+    for key in sorted(set(saved) | set(now), key=str):
+        if str(key).startswith("_"):
+            continue
+        old, new = _plain(saved.get(key)), _plain(now.get(key))
+        if isinstance(old, dict) and isinstance(new, dict):
+            changes += data_changes(old, new, f"{prefix}.{key}")
+        elif old != new:
+            changes.append((f"{prefix}.{key}", old, new))
+    return changes
 
 
 def _check_labels(old: dict[str, Any], new: dict[str, Any], path: str, fix: str) -> None:
@@ -119,7 +136,7 @@ def _check_labels(old: dict[str, Any], new: dict[str, Any], path: str, fix: str)
         if differ:
             key = differ[0]
             raise ConfigError(f"{path}: the same classes, but this run's label set reads masks differently: {key} is "
-                              f"{_show(old.get(key))} in the checkpoint, {_show(new.get(key))} in this run; the label "
+                              f"{show_setting(old.get(key))} in the checkpoint, {show_setting(new.get(key))} in this run; the label "
                               f"set (data.labels) is part of the model: {fix}")
         return
 
@@ -143,8 +160,8 @@ def _check_network(meta: dict[str, Any], module, path: str, word: str, fix: str)
         diff = _config_diff(old or {}, config.to_dict())
         if diff:
             key, a, b = diff
-            raise ConfigError(f"{path}: the checkpoint's {which}network has {key} {_show(a)}, the one this run builds "
-                              f"(model.config / model.pretrained) has {_show(b)}; a {word} cannot change the network: "
+            raise ConfigError(f"{path}: the checkpoint's {which}network has {key} {show_setting(a)}, the one this run builds "
+                              f"(model.config / model.pretrained) has {show_setting(b)}; a {word} cannot change the network: "
                               f"{fix}")
 
 
@@ -246,7 +263,7 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def _show(value: Any) -> str:
+def show_setting(value: Any) -> str:
     text = repr(_plain(value)) if not isinstance(value, str) else value
     return text if len(text) <= 80 else text[:77] + "..."
 
