@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import CAMVID, KITCHEN, REPO, TINY, needs
+from conftest import CAMVID, KITCHEN, REPO, TINY, needs, run_python
 from test_depth_train import DEPTH_TINY, depth_args
 from test_finetune import joint_args
 from test_train import TRAIN, camvid_args, run_train
@@ -320,3 +320,28 @@ def test_a_resume_says_each_data_setting_it_changes(seg, caplog):
     said = [r.getMessage() for r in caplog.records if r.getMessage().startswith("resume: data.")]
     assert said == ["resume: data.batch_size 2 -> 1 (this run's setting)",
                     f"resume: data.splits.train.images {TRAIN['images']} -> train/0001TP_0069*.jpg (this run's setting)"]
+
+
+def test_a_resume_in_the_run_s_folder_keeps_its_config_yaml_and_writes_changed_settings_beside_it(seg, tmp_path):
+    """A resume with --model.lr 0.123 in the run's own folder rewrote config.yaml: the record of the
+    settings the first part trained with was gone. A requeued job (the same command again) writes the
+    same file again, no third one."""
+    run = tmp_path / "run"
+    first = [str(a) for a in with_epochs(seg["args"], 1)]
+    first[first.index("--trainer.default_root_dir") + 1] = str(run)
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO / "tests"))
+    assert run_python(REPO / "train.py", first, tmp_path, env).returncode == 0
+    before = (run / "config.yaml").read_bytes()
+    cut = [*with_epochs(first, 3), "--model.lr", "0.123", "--ckpt_path", "last",
+           "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=3"]
+    proc = run_python(REPO / "train.py", cut, tmp_path, env)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert (run / "config.yaml").read_bytes() == before
+    assert "lr: 0.123" in (run / "config-2.yaml").read_text()
+    assert f"{run / 'config.yaml'} is the record of the run's earlier settings" in proc.stderr
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 3
+    after_cut = (run / "config-2.yaml").read_bytes()
+    proc = run_python(REPO / "train.py", cut, tmp_path, env)  # the requeued job: same settings, same record
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 6
+    assert (run / "config-2.yaml").read_bytes() == after_cut and not (run / "config-3.yaml").exists()

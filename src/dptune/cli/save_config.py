@@ -33,26 +33,44 @@ class LoggedSaveConfig(SaveConfigCallback):
         to the first free config-N.yaml beside it."""
         if self.already_saved:
             return
-        log_dir = trainer.log_dir  # every process: it broadcasts
-        if trainer.is_global_zero and log_dir is not None:
-            inputs = {os.path.realpath(str(getattr(p, "absolute", None) or p)) for p in self.config.get("config") or []}
-            first = os.path.join(log_dir, self.config_filename)
-            # validate and test leave a run's record (a fit's config.yaml in the folder) as it is
-            kept = os.path.realpath(first) in inputs or (stage != "fit" and os.path.exists(first))
-            name, n = self.config_filename, 1
-            stem, ext = os.path.splitext(self.config_filename)
-            while kept and (name == self.config_filename or os.path.exists(os.path.join(log_dir, name))):
-                n += 1
-                name = f"{stem}-{n}{ext}"
-            if name != self.config_filename:
-                why = "this run's --config" if os.path.realpath(first) in inputs else "the record of the run there"
-                log.info("%s is %s and is left as it is; this %s run's settings are written to %s", first, why,
-                         getattr(stage, "value", stage), os.path.join(log_dir, name))
-                self.config_filename = name
+        resumed = self.config.get("ckpt_path") is not None
         self.config = self.config.clone()
         if "ckpt_path" in self.config:
             self.config.ckpt_path = None
+        log_dir = trainer.log_dir  # every process: it broadcasts
+        if trainer.is_global_zero and log_dir is not None:
+            self._choose_name(log_dir, stage, resumed)
         super().setup(trainer, pl_module, stage)
+
+    def _choose_name(self, log_dir: str, stage, resumed: bool) -> None:
+        """config.yaml, or the first free config-N.yaml beside it where config.yaml is this run's
+        --config, the record of the run there (validate, test), or of the settings the run trained with
+        before this resume (a resumed fit whose settings differ from the latest record; a requeue with
+        the same settings writes the same file again)."""
+        inputs = {os.path.realpath(str(getattr(p, "absolute", None) or p)) for p in self.config.get("config") or []}
+        stem, ext = os.path.splitext(self.config_filename)
+        first = os.path.join(log_dir, self.config_filename)
+        names, n = [self.config_filename], 2
+        while os.path.exists(os.path.join(log_dir, f"{stem}-{n}{ext}")):
+            names.append(f"{stem}-{n}{ext}")
+            n += 1
+        if os.path.realpath(first) in inputs:
+            why = "this run's --config"
+        elif os.path.exists(first) and stage != "fit":
+            why = "the record of the run there"
+        elif os.path.exists(first) and resumed:
+            latest = os.path.join(log_dir, names[-1])
+            with open(latest, encoding="utf-8") as f:
+                if f.read() == self.parser.dump(self.config, skip_none=False):
+                    self.config_filename = names[-1]  # the same settings (a requeued job): the same file
+                    return
+            why = "the record of the run's earlier settings"
+        else:
+            return
+        name = f"{stem}-{n}{ext}"
+        log.info("%s is %s and is left as it is; this %s run's settings are written to %s", first, why,
+                 getattr(stage, "value", stage), os.path.join(log_dir, name))
+        self.config_filename = name
 
     def _write_deferred(self) -> None:
         deferred = getattr(self, "_deferred", None)
