@@ -569,3 +569,18 @@ def test_an_export_never_goes_inside_another_export(sources, tmp_path, capsys):
     assert tree(tmp_path) == before
     rc, err = export_cli(capsys, xsrc, xsrc, "--overwrite")  # the export itself is still replaced as a whole
     assert rc == 0, err
+
+
+def test_a_re_export_keeps_the_source_the_first_export_was_made_from(sources, tmp_path, capsys):
+    """Re-exporting an export (to add a graph, in place or elsewhere) wrote the export folder as the
+    source: the card said "Exported from `out`" and the record of the checkpoint it came from was gone."""
+    first = tmp_path / "first"
+    assert export_cli(capsys, sources["vit"], first)[0] == 0
+    again = tmp_path / "again"
+    assert export_cli(capsys, first, again)[0] == 0
+    assert export_cli(capsys, first, first, "--overwrite")[0] == 0
+    for out in (again, first):
+        record = json.loads((out / "dptune.json").read_text())
+        assert record["source"] == str(sources["vit"])
+        assert f"Exported from `{sources['vit'].name}`" in (out / "README.md").read_text()
+    assert json.loads((again / "dptune.json").read_text())["re_exported_from"] == str(first)

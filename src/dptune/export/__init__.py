@@ -18,6 +18,7 @@ from dptune.export.card import depth_card, model_card, multitask_card, training_
 from dptune.export.checks import check_exportable
 from dptune.export.onnx import export_joint_onnx, export_onnx, onnx_dynamic_size, onnx_parity
 from dptune.export.serving import ServingOptions
+from dptune.export.sources import is_depth, load_source
 from dptune.export.target import REMOTE_MODULE, export_target, plain_file_modes, staged
 from dptune.models import dpt_backbone
 from dptune.models.build import input_side
@@ -25,49 +26,6 @@ from dptune.models.dpt_backbone import uses_backbone
 from dptune.preprocessing import Preprocessing
 
 log = logging.getLogger(__name__)
-
-
-def is_depth(model: nn.Module) -> bool:
-    return "DepthEstimation" in type(model).__name__
-
-
-def _load(src: str) -> dict:
-    """What export needs from a checkpoint or an exported directory, for either task: model, image
-    processor, metrics, task metadata (label set or depth mode) and how the metrics were measured."""
-    if Path(src).is_dir():
-        from transformers import AutoImageProcessor
-
-        from dptune.models import load_exported
-        from dptune.models.folders import check_export_files, json_object
-        from dptune.models.source import is_joint_export
-
-        if is_joint_export(src):
-            raise ConfigError(f"{src}: a segmentation + depth export (segmentation/ and depth/); export again from "
-                              f"its checkpoint, or export one part ({Path(src) / 'segmentation'})")
-        check_export_files(src)  # each file read below, readable: one line naming a damaged one
-        model = load_exported(src)
-        card = Path(src) / "dptune.json"
-        meta = json_object(card, "dptune's record of the export") if card.exists() else {}
-        processor = AutoImageProcessor.from_pretrained(src)
-        # one height x width, as every dptune loader reads it: an export it cannot prepare images for is refused here
-        Preprocessing.from_processor(processor, source=str(Path(src) / "preprocessor_config.json"))
-        out = {"model": model, "processor": processor, "metrics": meta.get("metrics", {}),
-               "meta": meta, "evaluation": meta.get("evaluation", {})}
-        if not is_depth(model):
-            from dptune.inference.predictor import exported_labels
-
-            if card.exists() and "labels" not in meta:
-                raise ConfigError(f"{card}: no labels (the class names a segmentation export records)")
-            out["labels"] = exported_labels(src, model.config.id2label)
-        return out
-    from dptune.tasks.checkpoints import load_module
-
-    module = load_module(src)
-    return {"model": module.model, "processor": module.image_processor(), "metrics": module.checkpoint_metrics,
-            "meta": module.checkpoint_meta, "evaluation": module.checkpoint_evaluation,
-            "labels": getattr(module, "label_set", None), "task": module.task}
-
-
 
 
 def remote_code(model: nn.Module, out: Path) -> None:
@@ -126,7 +84,7 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     ``out_dir`` must be new or empty (``OutputDirError`` otherwise); with ``overwrite`` an earlier export
     there is replaced as a whole. The export is built in a hidden directory and moved into place complete."""
     target = export_target(Path(out_dir), Path(src), overwrite)
-    got = _load(str(src))
+    got = load_source(str(src))
     if serving is not None and serving.any:  # calibration data checked (and the temperature folded) first
         from dptune.export.serving import prepare_export
 
@@ -170,6 +128,9 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     it once the whole export is in place)."""
     model, processor, metrics, evaluation = got["model"], got["processor"], got["metrics"], got["evaluation"]
     warn_backend(evaluation, src)
+    # an export re-exported (to add a graph, in place or elsewhere) keeps the checkpoint it was made from
+    earlier = got["meta"].get("source") if Path(src).is_dir() else None
+    origin = earlier if isinstance(earlier, str) and earlier else src
     out.mkdir(parents=True, exist_ok=True)
     model.config.architectures = [type(model).__name__]
     size = (processor.size["height"], processor.size["width"])
@@ -198,12 +159,12 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     processor.save_pretrained(out)
     if is_depth(model):
         meta = {k: got["meta"].get(k) for k in ("task", "depth") if k in got["meta"]}
-        (out / "README.md").write_text(depth_card(got["meta"], processor, metrics, src))
+        (out / "README.md").write_text(depth_card(got["meta"], processor, metrics, origin))
         summary = f"depth, {got['meta'].get('depth', {}).get('mode', 'metric')}"
     else:
         labels = got["labels"]
         meta = {"labels": labels.to_dict()}
-        (out / "README.md").write_text(model_card(labels, processor, metrics, src, uses_backbone(model.config),
+        (out / "README.md").write_text(model_card(labels, processor, metrics, origin, uses_backbone(model.config),
                                                   evaluation))
         summary = f"{labels.num_classes} classes"
     precision = got["meta"].get("precision")
@@ -218,7 +179,8 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     if served or (got.get("serving") or {}).get("calibration"):
         meta["serving"] = {**served, **({"calibration": got["serving"]["calibration"]}
                                         if got["serving"].get("calibration") else {})}
-    (out / "dptune.json").write_text(json.dumps(nan_to_null({"source": src, **meta, "metrics": metrics,
+    again = {"re_exported_from": src} if origin != src else {}
+    (out / "dptune.json").write_text(json.dumps(nan_to_null({"source": origin, **again, **meta, "metrics": metrics,
                                                              "evaluation": evaluation}),
                                                 indent=2, default=str, allow_nan=False))
     if said is None:
