@@ -374,6 +374,22 @@ def test_binary_masks_stored_as_0_255_stop_with_the_fix_named(tmp_path):
     setup({"names": ["background", "Car"], "ignore_values": [255]})
 
 
+@needs(CAMVID)
+def test_a_training_split_without_a_labelled_pixel_stops(tmp_path):
+    """Masks that are 'no label' everywhere (255, stated as ignore) trained on nothing, exit 0, with a
+    'never occurs' warning per class (a user attack)."""
+    root = _binary_camvid(tmp_path, frames=2)
+    for mask in (root / "trainannot").glob("*.png"):
+        Image.fromarray(np.full((360, 480), 255, np.uint8)).save(mask)
+    split = {"train": {"images": "train/*.jpg", "masks": "trainannot/{stem}.png"}}
+    dm = SegmentationDataModule(root=str(root), labels={"names": ["background", "Car"], "ignore_values": [255]},
+                                splits=split, image_size=64, num_workers=0)
+    with pytest.raises(DataError) as err:
+        dm.setup("fit")
+    assert "trainannot/{stem}.png" in str(err.value)
+    assert "no labelled pixel in any of its 2 masks" in str(err.value)
+
+
 def test_label_file_round_trip_keeps_whether_255_was_stated():
     from dptune.labels import LabelSet
 

@@ -24,14 +24,17 @@ log = logging.getLogger(__name__)
 
 
 
-def check_coverage(labels: LabelSet, class_pixels: np.ndarray, implicit_ignore: int, where: str) -> None:
+def check_coverage(labels: LabelSet, class_pixels: np.ndarray, implicit_ignore: int, where: str, masks: int) -> None:
     """Stop when a class never occurs in the training masks while raw 255, which the label file
     never declared as "no label", does: binary masks stored as 0/255 would otherwise train on the
     background alone. An implied 255 with every class present, or an absent class without it,
-    is logged loudly instead."""
+    is logged loudly instead. Masks without a labelled pixel at all stop the run: nothing would be learnt."""
     classes = range(labels.num_classes) if labels.annotated is None else labels.annotated
     missing = [labels.names[c] for c in classes if class_pixels[c] == 0]
     total = int(class_pixels.sum())
+    if not int(class_pixels[:labels.num_classes].sum()) and not implicit_ignore:
+        raise DataError(f"{where}: no labelled pixel in any of its {masks} masks (every pixel is 'no label', "
+                        "255 or an ignore value of the label file): there is nothing to train on")
     if implicit_ignore and missing:
         share = implicit_ignore / max(1, total)
         # a map names every stored value: the other classes keep their index, 255 becomes the missing class
@@ -202,7 +205,7 @@ class SegmentationDataModule(SplitDataModule):
         problems, good = found.problems, found.good
         settle_problems(problems, good, len(ds.indices), stage, self.on_bad_sample, self.config_path)
         if stage == "train":
-            check_coverage(self.label_set, found.class_pixels, found.implicit_ignore, self._where(stage))
+            check_coverage(self.label_set, found.class_pixels, found.implicit_ignore, self._where(stage), len(good))
         ds.indices = good
         ds.cache = store if store is not None else found.cache if self.cache == "memory" else None
         self.skipped[stage] = len(problems)
