@@ -483,3 +483,28 @@ def test_sparse_maps_that_no_loss_can_count_at_the_training_size_are_said(tmp_pa
         setup()
     said = [r.getMessage() for r in caplog.records if "no valid pixel" in r.getMessage()]
     assert len(said) == 1 and f"(first: {empty})" in said[0], said
+
+
+@needs(KITCHEN)
+@pytest.mark.parametrize("orientation", [3, 6])
+def test_a_depth_map_beside_a_tiff_image_is_turned_as_its_image_is(tmp_path, orientation):
+    """A TIFF image with an orientation tag is turned upright by its decoders (OpenCV and PIL alike),
+    so dptune's own EXIF step skips it; the depth map beside it was left as stored: misaligned (3:
+    the same size, silently) or refused as another size (6) (a user attack)."""
+    import shutil
+
+    from dptune.data.depth import DepthFolderSource
+
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "depth").mkdir()
+    f = sorted((KITCHEN / "val" / "rgb").glob("*.jpg"))[0]
+    stored = np.asarray(Image.open(f))
+    exif = Image.Exif()
+    exif[0x0112] = orientation
+    Image.fromarray(stored).save(tmp_path / "rgb" / f"{f.stem}.tif", exif=exif)
+    shutil.copy(KITCHEN / "val" / "depth" / f"{f.stem}.png", tmp_path / "depth" / f"{f.stem}.png")
+    stored_map = read_depth(str(tmp_path / "depth" / f"{f.stem}.png"), 1000)
+    k = {3: 2, 6: -1}[orientation]
+    image, depth, _ = DepthFolderSource(str(tmp_path), "rgb/*.tif", "depth/{stem}.png", 1000).load(0)
+    assert np.array_equal(image, np.rot90(stored, k))  # the decoder's turn
+    assert np.array_equal(depth, np.rot90(stored_map, k))

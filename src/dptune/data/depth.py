@@ -32,7 +32,7 @@ from dptune.data.depth_files import (
 )
 from dptune.data.globs import match_images
 from dptune.data.hf_sources import HFSplit, column_array, row_image
-from dptune.data.images import apply_orientation, path_orientation, read_image
+from dptune.data.images import apply_orientation, read_image, sensor_orientation
 from dptune.data.sources import read_paired_mask
 from dptune.data.templates import paths_for
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
@@ -68,8 +68,8 @@ class DepthFolderSource:
         check_negative(self.depths[i], raw, self.negative)
         self.used_scales[i] = effective_scale(self.depths[i], raw, self.scale)
         # the map lines up with its image's pixels as stored (a sensor's): turned upright with them by the image's
-        # EXIF orientation, as the image is read (and as a label drawn on the upright image lines up)
-        return apply_orientation(to_metres(raw, self.used_scales[i]), path_orientation(self.images[i]))
+        # EXIF orientation (or a TIFF's tag), as the image is read (and as a label drawn on the upright image lines up)
+        return apply_orientation(to_metres(raw, self.used_scales[i]), sensor_orientation(self.images[i]))
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         return read_image(self.images[i]), self._depth(i), self.depths[i]

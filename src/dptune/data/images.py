@@ -278,6 +278,23 @@ def read_mask(path: str, rgb: bool) -> np.ndarray:
 
 
 
+def sensor_orientation(path: str) -> int:
+    """The orientation that turns the pixels an image file stores upright, whoever applies it: the
+    EXIF orientation dptune applies (``path_orientation``), or a TIFF's orientation tag, which its
+    decoders apply themselves. A map stored with the image's pixels as a sensor stores them (depth)
+    is turned by it, to line up with the image as it is read."""
+    if not os.path.isfile(path):
+        return 1
+    try:
+        with Image.open(path) as im:
+            if im.format == "TIFF":
+                tag = im.getexif().get(0x0112, 1)
+                return tag if isinstance(tag, int) and 1 <= tag <= 8 else 1
+            return exif_orientation(im)
+    except (OSError, SyntaxError, ValueError):
+        return 1
+
+
 def path_orientation(path: str) -> int:
     """The EXIF orientation an image or label file carries (see ``exif_orientation``); 1 when it
     has none, or is not a file PIL opens."""
