@@ -138,3 +138,27 @@ def test_a_warmup_as_long_as_the_run_is_said(tiny_config, caplog):
                                 "warmup (model.warmup_ratio below 1, or fewer model.warmup_steps)"]
     assert "rises to 100% of model.lr" in said[10, 0.05][0]
     assert said[None, 1.0][0].startswith("model.warmup_ratio 1 makes a warmup (10 steps) not shorter than")
+
+
+def test_a_run_moved_to_another_folder_resumes_there_with_its_last_and_best_checkpoints(tmp_path):
+    """A run copied to another folder (scratch to home) and resumed there wrote last-v1.ckpt beside a
+    stale last.ckpt (which export took) and forgot its best score: a second best-*.ckpt stayed
+    beside the first, and an epoch worse than the earlier best was reported as the best checkpoint."""
+    import shutil
+
+    from sigterm_helper import validations
+
+    first, log = tmp_path / "scratch", tmp_path / "steps.log"
+    logged = ("--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}")
+    quickstart(first, 1, *logged)
+    moved = Path(shutil.copytree(first, tmp_path / "home"))
+    shutil.rmtree(first)  # gone, as scratch space is
+    proc = quickstart(moved, 3, *logged, "--ckpt_path", "last")
+    names = sorted(p.name for p in (moved / "checkpoints").iterdir())
+    assert [n for n in names if n.startswith("last")] == ["last.ckpt"], names
+    assert _ckpt(moved)["global_step"] == 12
+    best = [n for n in names if n.startswith("best")]
+    scores = validations(log)
+    assert len(best) == 1 and len(scores) == 3, names
+    assert best[0].endswith(f"{max(s['val/mIoU'] for s in scores.values()):.4f}.ckpt"), (best, scores)
+    assert f"best checkpoint: {moved / 'checkpoints' / best[0]}" in proc.stderr

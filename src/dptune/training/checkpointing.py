@@ -63,6 +63,22 @@ class Checkpoint(ModelCheckpoint):
                     state[key] = None
         return state
 
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """A run moved to another folder with its checkpoints (scratch to home) and resumed there keeps
+        its best score and its last and best files, followed to the new folder; Lightning forgot them
+        (the folder's path changed), wrote last-v1.ckpt beside a stale last.ckpt, and chose a best
+        among the resumed epochs only. A checkpoint resumed into a folder without those files starts
+        the folder's best afresh, as Lightning does."""
+        old = state_dict.get("dirpath")
+        if old and self.dirpath and old != self.dirpath:
+            followed = _follow(state_dict, str(old), str(self.dirpath))
+            if followed is not None:
+                if os.path.realpath(old) != os.path.realpath(self.dirpath):
+                    log.info("resume: the run's checkpoints moved from %s to %s; its last and best checkpoints "
+                             "are followed there", old, self.dirpath)
+                state_dict = followed
+        super().load_state_dict(state_dict)
+
     @staticmethod
     def _nonfinite(trainer: pl.Trainer) -> list[str]:
         """This process's parameters, buffers and optimizer state tensors that hold a NaN or inf."""
@@ -183,6 +199,26 @@ class Checkpoint(ModelCheckpoint):
     def on_train_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
         super().on_train_end(trainer, pl_module)
         self._refresh_last(trainer)
+
+
+def _follow(state: dict[str, Any], old: str, new: str) -> dict[str, Any] | None:
+    """``state`` (a ModelCheckpoint's) with every checkpoint path in ``old`` moved to ``new``; None
+    when one of them is not in ``new`` (not a moved run's folder)."""
+
+    def moved(path: str) -> str | None:
+        if not path:
+            return path
+        if os.path.normpath(os.path.dirname(path)) != os.path.normpath(old):
+            return None
+        there = os.path.join(new, os.path.basename(path))
+        return there if os.path.isfile(there) else None
+
+    keys = ("best_model_path", "kth_best_model_path", "last_model_path")
+    paths = {k: moved(state.get(k) or "") for k in keys}
+    best_k = {moved(p): v for p, v in (state.get("best_k_models") or {}).items()}
+    if any(v is None for v in paths.values()) or None in best_k:
+        return None
+    return {**state, **paths, "best_k_models": best_k, "dirpath": new}
 
 
 class InterruptGuard(Callback):
