@@ -1304,15 +1304,43 @@ def test_an_image_or_depth_map_past_opencvs_pixel_limit_says_the_limit_and_how_t
 
     cv2.imwrite(str(tmp_path / "tile.png"), np.zeros((100, 100, 3), np.uint8))
     cv2.imwrite(str(tmp_path / "depth.png"), np.full((100, 100), 1000, np.uint16))
-    code = ("from dptune.data.images import read_image\nfrom dptune.data.depth_files import read_depth\n"
+    cv2.imwrite(str(tmp_path / "mask.png"), np.zeros((100, 100), np.uint8))
+    code = ("from dptune.data.images import read_image, read_mask\nfrom dptune.data.depth_files import read_depth\n"
             "from dptune.errors import DataError\nimport sys\n"
-            "for f, path in ((read_image, sys.argv[1]), (lambda p: read_depth(p, 1000), sys.argv[2])):\n"
+            "for f, path in ((read_image, sys.argv[1]), (lambda p: read_depth(p, 1000), sys.argv[2]),\n"
+            "                (lambda p: read_mask(p, False), sys.argv[3])):\n"
             "    try: f(path)\n    except DataError as e: print(e)\n")
-    out = subprocess.run([sys.executable, "-c", code, str(tmp_path / "tile.png"), str(tmp_path / "depth.png")],
+    out = subprocess.run([sys.executable, "-c", code, *(str(tmp_path / f) for f in ("tile.png", "depth.png", "mask.png"))],
                          capture_output=True, text=True, env={**os.environ, "OPENCV_IO_MAX_IMAGE_PIXELS": "1000"},
                          timeout=120).stdout.splitlines()
-    assert len(out) == 2, out
-    for line, name in zip(out, ("tile.png", "depth.png"), strict=True):
+    assert len(out) == 3, out
+    for line, name in zip(out, ("tile.png", "depth.png", "mask.png"), strict=True):
         assert line.startswith(str(tmp_path / name) + ": ")
         assert "more pixels than OpenCV decodes (1,000; set the environment variable OPENCV_IO_MAX_IMAGE_PIXELS" in line
         assert "Assertion" not in line and "loadsave" not in line
+
+
+def test_images_and_masks_past_pils_own_pixel_limit_are_read_as_opencv_reads_them(tmp_path, monkeypatch):
+    """PIL refuses to open more than 179 M pixels ("could be decompression bomb DOS attack"): a large
+    aerial tile that OpenCV decodes (up to 2**30 pixels) stopped a header check, a depth pair and its
+    mask with a raw DecompressionBombError. PIL's limit is lowered here so a 60 x 40 file passes it."""
+    import cv2
+    from PIL import Image
+
+    from dptune.data.images import (
+        image_header_size,
+        path_orientation,
+        read_image,
+        read_mask,
+        sensor_orientation,
+    )
+
+    cv2.imwrite(str(tmp_path / "tile.png"), np.zeros((40, 60, 3), np.uint8))
+    mask = np.arange(2400, dtype=np.uint8).reshape(40, 60) % 3
+    Image.fromarray(mask).save(tmp_path / "mask.png")
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 500)
+    tile = str(tmp_path / "tile.png")
+    assert image_header_size(tile) == (40, 60) and read_image(tile).shape == (40, 60, 3)
+    assert path_orientation(tile) == 1 and sensor_orientation(tile) == 1
+    assert np.array_equal(read_mask(str(tmp_path / "mask.png"), rgb=False), mask)
+    assert Image.MAX_IMAGE_PIXELS == 500  # PIL's own setting is left as it was

@@ -3,8 +3,10 @@ sizes, and masks as stored (index or RGB)."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+from collections.abc import Iterator
 from typing import BinaryIO
 
 import cv2
@@ -80,7 +82,7 @@ def file_orientation(data: bytes) -> int:
     import io
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with pil_image(io.BytesIO(data)) as im:
             return exif_orientation(im, data)
     except Exception:  # a format only OpenCV reads: no EXIF to follow
         return 1
@@ -152,16 +154,38 @@ def check_jpeg_end(f: BinaryIO, path: str, chunk: int = 1 << 20) -> None:
     raise DataError(f"{path}: truncated JPEG (no end-of-image marker)")
 
 
+def pixel_limit() -> int:
+    """The most pixels an image or mask dptune reads may have: OpenCV's limit (2**30 unless the
+    environment variable OPENCV_IO_MAX_IMAGE_PIXELS says otherwise)."""
+    value = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "")
+    return int(value) if value.isdigit() else 1 << 30
+
+
+def too_many_pixels() -> str:
+    return (f"more pixels than OpenCV decodes ({pixel_limit():,}; set the environment variable "
+            "OPENCV_IO_MAX_IMAGE_PIXELS higher to read it, memory permitting)")
+
+
 def opencv_problem(error: Exception) -> str:
     """OpenCV's reason for not decoding a file, in words: the last line of its text, or, for a file
     past its pixel limit (a large aerial tile), the limit and how to raise it."""
     text = str(error).strip().splitlines()[-1] if str(error).strip() else type(error).__name__
-    if "CV_IO_MAX_IMAGE_PIXELS" not in text:
-        return text
-    limit = os.environ.get("OPENCV_IO_MAX_IMAGE_PIXELS", "")
-    limit = f"{int(limit):,}" if limit.isdigit() else f"{1 << 30:,}"
-    return (f"more pixels than OpenCV decodes ({limit}; set the environment variable OPENCV_IO_MAX_IMAGE_PIXELS "
-            "higher to read it, memory permitting)")
+    return too_many_pixels() if "CV_IO_MAX_IMAGE_PIXELS" in text else text
+
+
+@contextlib.contextmanager
+def pil_image(src: str | BinaryIO) -> Iterator[Image.Image]:
+    """``PIL.Image.open`` without PIL's own decompression-bomb limit (179 M pixels), which stopped
+    the header, EXIF and mask reads of a large aerial tile that OpenCV decodes with a raw traceback:
+    the files are the user's own, and every image and mask is held to one limit (``pixel_limit``;
+    ``read_mask`` checks it). PIL's setting is put back when the file is closed."""
+    before = Image.MAX_IMAGE_PIXELS
+    Image.MAX_IMAGE_PIXELS = None
+    try:
+        with Image.open(src) as im:
+            yield im
+    finally:
+        Image.MAX_IMAGE_PIXELS = before
 
 
 def read_image(path: str) -> np.ndarray:
@@ -215,7 +239,7 @@ def note_frames(data: bytes, path: str) -> None:
     import io
 
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with pil_image(io.BytesIO(data)) as im:
             frames = getattr(im, "n_frames", 1)
     except Exception:  # noqa: BLE001 -- OpenCV read it; PIL's view of the frames is only for the warning
         return
@@ -234,7 +258,7 @@ def image_header_size(path: str) -> tuple[int, int]:
                 raise DataError(f"{path}: empty file (0 bytes), not an image")
             if head == b"\xff\xd8":
                 check_jpeg_end(f, path)
-        with Image.open(path) as im:
+        with pil_image(path) as im:
             if im.mode not in ("1", "L", "P", "RGB", "RGBA", "LA", "I;16", "I;16B", "I;16L", "I", "CMYK", "YCbCr"):
                 raise DataError(f"{path}: unsupported image mode {im.mode}")
             h, w = im.size[1], im.size[0]
@@ -267,7 +291,9 @@ def read_mask(path: str, rgb: bool) -> np.ndarray:
     """Decode a mask file, upright as ``read_image`` reads images (an EXIF orientation applied; label
     PNGs rarely carry one). PIL, not OpenCV: OpenCV cannot return a palette PNG's indices."""
     try:
-        with Image.open(path) as im:
+        with pil_image(path) as im:
+            if im.size[0] * im.size[1] > pixel_limit():
+                raise DataError(f"{path}: not a readable mask ({too_many_pixels()})")
             im.load()
             # turned upright like its image (and like Hugging Face datasets decode masks)
             return apply_orientation(pil_to_mask(im, rgb, path), exif_orientation(im, decoded=True))
@@ -286,7 +312,7 @@ def sensor_orientation(path: str) -> int:
     if not os.path.isfile(path):
         return 1
     try:
-        with Image.open(path) as im:
+        with pil_image(path) as im:
             if im.format == "TIFF":
                 tag = im.getexif().get(0x0112, 1)
                 return tag if isinstance(tag, int) and 1 <= tag <= 8 else 1
@@ -301,7 +327,7 @@ def path_orientation(path: str) -> int:
     if not os.path.isfile(path):
         return 1
     try:
-        with Image.open(path) as im:
+        with pil_image(path) as im:
             return exif_orientation(im)
     except (OSError, SyntaxError, ValueError):
         return 1
