@@ -19,6 +19,14 @@ class SigtermAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermInSanityCheck(pl.Callback):
+    """SIGTERM to itself after the first batch of the sanity check (before any training step)."""
+
+    def on_validation_batch_end(self, trainer, *args, **kwargs) -> None:
+        if trainer.sanity_checking and trainer.is_global_zero:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class StepLog(pl.Callback):
     """Appends one JSON line per optimizer step (step, the LR of every group, the loss) to ``path``,
     and at the start of training a fingerprint of the weights and optimizer state it starts from."""
@@ -44,7 +52,7 @@ class StepLog(pl.Callback):
         self._write({"step": trainer.global_step, "lr": self._lrs, "loss": float(torch.as_tensor(loss))})
 
     def on_validation_end(self, trainer, pl_module) -> None:
-        if not trainer.sanity_checking:
+        if not trainer.sanity_checking and trainer.is_global_zero:
             scores = {k: float(v) for k, v in trainer.callback_metrics.items() if k.startswith("val/")}
             self._write({"validated": trainer.global_step, "epoch": trainer.current_epoch, "scores": scores})
 

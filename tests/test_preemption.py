@@ -102,3 +102,34 @@ def test_sigterm_at_the_last_step_of_an_epoch_validates_that_epoch_on_resume(tmp
     assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6]
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 6
     assert [p for p in (run / "checkpoints").iterdir() if p.name.startswith("best")]
+    # the finished run is finished: its checkpoint holds no cut validation to resume for (a review)
+    again, _ = _run([*_args(run, tiny_config_path), "--ckpt_path", "last"], tmp_path)
+    assert again.returncode == 2 and "nothing is left to train" in again.stderr, again.stderr[-2000:]
+
+
+def test_sigterm_in_a_two_process_validation_of_uneven_shards_ends_it_then_stops(tmp_path, tiny_config_path):
+    """2 processes, 5 validation images in batches of 2: shards of 3 and 2 images, 2 batches and 1.
+    SIGTERM at the epoch's last step: Lightning stopped the first process after its first validation
+    batch while the second, at its last batch, went on to the metric sync: hung until killed (a
+    review). The validation ends, then the run stops; the resume scores the rest as one process would."""
+    run, log = tmp_path / "cut", tmp_path / "cut.log"
+    ddp = ["--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+           "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"]
+    cut, _ = _run([*_args(run, tiny_config_path), *ddp, "--trainer.callbacks+=sigterm_helper.SigtermAt",
+                   "--trainer.callbacks.step=1"], tmp_path)
+    assert cut.returncode == 0 and "SIGTERM: saved" in cut.stderr, cut.stderr[-3000:]
+    assert list(validations(log)) == [1]  # 4 frames on 2 processes: one step per epoch
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 1
+    resumed, _ = _run([*_args(run, tiny_config_path), *ddp, "--ckpt_path", "last"], tmp_path)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert list(validations(log)) == [1, 2, 3]
+
+
+def test_sigterm_before_the_first_step_says_no_checkpoint_was_written(tmp_path, tiny_config_path):
+    """SIGTERM during the sanity check logged "SIGTERM: saved  at step 0" (no file, no path; a review)."""
+    run = tmp_path / "cut"
+    cut, _ = _run([*_args(run, tiny_config_path), "--trainer.callbacks+=sigterm_helper.SigtermInSanityCheck"],
+                  tmp_path)
+    assert cut.returncode == 0, cut.stderr[-3000:]
+    assert "SIGTERM at step 0: no checkpoint was written" in cut.stderr and "SIGTERM: saved" not in cut.stderr
+    assert not (run / "checkpoints" / "last.ckpt").exists()

@@ -26,14 +26,21 @@ VAL_PROGRESS = ("loops", "fit_loop", "epoch_loop.val_loop.batch_progress")
 _CUT = {"ready": 1, "started": 1, "processed": 0, "completed": 0}  # Lightning's "mid-evaluation", at batch 0
 
 
-def mark_validation_cut(checkpoint: dict[str, Any]) -> None:
-    """Record in ``checkpoint`` that a validation of the fit was stopped before it ended: Lightning's
-    resume then runs that validation again from its first batch (the scores so far are not saved)."""
+def mark_validation_cut(checkpoint: dict[str, Any], cut: bool = True) -> None:
+    """Record in ``checkpoint`` that a validation of the fit was stopped before it ended (``cut``):
+    Lightning's resume then runs that validation again from its first batch (the scores so far are
+    not saved). Otherwise record its validations as whole: after such a resume Lightning's count
+    holds the cut's batch on top of the whole validation's, which reads as another cut."""
     progress = checkpoint
     for key in VAL_PROGRESS:
         progress = progress.get(key) if isinstance(progress, dict) else None
-    if isinstance(progress, dict):
+    if not isinstance(progress, dict):
+        return
+    if cut:
         progress.update(total=dict(_CUT), current=dict(_CUT), is_last_batch=False)
+    elif validation_cut(checkpoint):
+        total = progress["total"]
+        total.update(ready=total["completed"], started=total["completed"], processed=total["completed"])
 
 
 def validation_cut(checkpoint: dict[str, Any]) -> bool:

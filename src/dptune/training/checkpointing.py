@@ -31,6 +31,7 @@ class Checkpoint(ModelCheckpoint):
 
     _in_exception = False
     _validation_cut = False  # on_exception: SIGTERM stopped a validation of the fit
+    _sigterm_after_validation = False  # a multi-process run's SIGTERM, held until its validation ends
 
     def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None,
                                prefix: str | None = None) -> str:
@@ -142,23 +143,43 @@ class Checkpoint(ModelCheckpoint):
             if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
                 if self._last_global_step_saved != trainer.global_step:
                     self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
-                if trainer.is_global_zero:
-                    log.warning("SIGTERM: saved %s at step %d; resume with --ckpt_path last",
-                                self.last_model_path, trainer.global_step)
+                last = self.last_model_path if self.last_model_path and os.path.isfile(self.last_model_path) else None
+                if trainer.is_global_zero and last:
+                    log.warning("SIGTERM: saved %s at step %d; resume with --ckpt_path last", last, trainer.global_step)
+                elif trainer.is_global_zero:
+                    log.warning("SIGTERM at step %d: no checkpoint was written (nothing trained yet); the run starts "
+                                "from the beginning when started again", trainer.global_step)
         finally:
             self._in_exception = self._validation_cut = False
+
+    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
+        """In a run of several processes a SIGTERM lets the validation end before the run stops (at its
+        next training step or epoch end). dptune scores every validation image once, so processes may
+        hold different numbers of batches; Lightning stops a validation at the first batch after SIGTERM
+        that is not the process's last, so one process stopped while another went on to the epoch's
+        metric sync, and the run hung until killed."""
+        connector = trainer._signal_connector
+        if trainer.world_size > 1 and connector.received_sigterm:
+            connector.received_sigterm = False
+            self._sigterm_after_validation = True
+
+    def _sigterm_deferred(self, trainer: pl.Trainer) -> None:
+        if self._sigterm_after_validation:
+            self._sigterm_after_validation = False
+            trainer._signal_connector.received_sigterm = True
 
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """A checkpoint written at SIGTERM during a validation of the fit (SIGTERM at an epoch's last
         training step is one: Lightning stops after the first validation batch) records that validation
         as cut at its first batch, which Lightning's resume runs again from the start. Saved as it was, the
         resume took the validation for done: the epoch was never scored nor its best checkpoint chosen,
-        and at the run's last step the resume had nothing left to train."""
+        and at the run's last step the resume had nothing left to train. Every other checkpoint records
+        its validations as whole (a cut one that was run again counts one batch too many, which would
+        read as another cut: a finished run would resume, and train nothing, instead of being refused)."""
         from dptune.tasks.optimizing import mark_validation_cut
 
         super().on_save_checkpoint(trainer, pl_module, checkpoint)
-        if self._validation_cut:
-            mark_validation_cut(checkpoint)
+        mark_validation_cut(checkpoint, cut=self._validation_cut)
 
     def _save_topk_checkpoint(self, trainer: pl.Trainer, monitor_candidates: dict[str, Any]) -> None:
         """A NaN monitored value (nothing was scored) is no result: it never becomes "best"; nor
@@ -192,6 +213,7 @@ class Checkpoint(ModelCheckpoint):
             self._refresh_last(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
+        self._sigterm_deferred(trainer)
         super().on_validation_end(trainer, pl_module)
         if not trainer.sanity_checking and not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
