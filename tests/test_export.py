@@ -130,3 +130,19 @@ def test_a_validation_that_scored_nothing_has_no_figures_in_cards_or_json():
     assert "mIoU 0.5000 on 3 validation images" in top and f"- depth: {NOT_SCORED}" in top and "nan" not in top
     text = json.dumps(nan_to_null({"val": {**nan, "IoU": [0.5, math.nan]}}), allow_nan=False)
     assert json.loads(text)["val"]["abs_rel"] is None and json.loads(text)["val"]["IoU"] == [0.5, None]
+
+
+def test_an_onnx_export_prints_no_tracer_warnings_and_checks_the_graph_instead(source, tmp_path, caplog):
+    """Six "might not generalize to other inputs" TracerWarnings (shape checks of transformers and
+    dptune, constant for a traced size) met every ONNX export; the parity check at square,
+    non-square and batch-2 inputs is what tells whether the graph generalizes."""
+    import warnings
+
+    from dptune.export import export
+
+    with warnings.catch_warnings(record=True) as seen, caplog.at_level("INFO", logger="dptune"):
+        warnings.simplefilter("always")
+        export(str(source), tmp_path / "out", onnx=True)
+    assert not [w for w in seen if issubclass(w.category, torch.jit.TracerWarning)]
+    parity = [r.getMessage() for r in caplog.records if r.getMessage().startswith("ONNX parity")]
+    assert parity and "(1, 64, 64), (2, 64, 96)" in parity[0]

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+import warnings
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -57,9 +59,22 @@ def export_onnx(model: nn.Module, path: Path, size: tuple[int, int], opset: int 
         x = torch.randn(1, 3, *size)
         dyn = {0: "batch"}
     out_dyn = dyn if wrapper.output == "logits" else {k - (k > 0): v for k, v in dyn.items()}  # (B, H, W) depth
-    torch.onnx.export(wrapper, (x,), str(path), input_names=["pixel_values"], output_names=[wrapper.output],
-                      dynamic_axes={"pixel_values": dyn, wrapper.output: out_dyn}, opset_version=opset, dynamo=False)
+    with tracing_quietly():
+        torch.onnx.export(wrapper, (x,), str(path), input_names=["pixel_values"], output_names=[wrapper.output],
+                          dynamic_axes={"pixel_values": dyn, wrapper.output: out_dyn}, opset_version=opset,
+                          dynamo=False)
     return path
+
+
+@contextlib.contextmanager
+def tracing_quietly() -> Iterator[None]:
+    """The tracer's "might not generalize to other inputs" warnings (six per DPT: shape checks of
+    transformers and dptune that are constant for a traced size) left out: an export never trusts
+    the trace on faith, it checks the graph against torch at square, non-square and other batch
+    sizes (``onnx_parity``) and refuses one that differs."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", torch.jit.TracerWarning)
+        yield
 
 
 def parity_input(b: int, h: int, w: int, g: torch.Generator, prep=None) -> torch.Tensor:
@@ -123,10 +138,12 @@ def export_joint_onnx(joint: nn.Module, path: Path, size: tuple[int, int], opset
     p = input_side(joint.seg)
     x = torch.randn(1, 3, *((s // p) // 2 * 2 * p + p for s in size))  # odd grid: see export_onnx
     dyn = {0: "batch", 2: "height", 3: "width"}
-    torch.onnx.export(wrapper, (x,), str(path), input_names=["pixel_values"], output_names=["logits", "predicted_depth"],
-                      dynamic_axes={"pixel_values": dyn, "logits": dyn, "predicted_depth": {0: "batch", 1: "height",
-                                                                                           2: "width"}},
-                      opset_version=opset, dynamo=False)
+    with tracing_quietly():
+        torch.onnx.export(wrapper, (x,), str(path), input_names=["pixel_values"],
+                          output_names=["logits", "predicted_depth"],
+                          dynamic_axes={"pixel_values": dyn, "logits": dyn,
+                                        "predicted_depth": {0: "batch", 1: "height", 2: "width"}},
+                          opset_version=opset, dynamo=False)
     if check is not None:
         check(path)
     sess = ort.InferenceSession(str(path), session_options(), providers=["CPUExecutionProvider"])
