@@ -1344,3 +1344,29 @@ def test_images_and_masks_past_pils_own_pixel_limit_are_read_as_opencv_reads_the
     assert path_orientation(tile) == 1 and sensor_orientation(tile) == 1
     assert np.array_equal(read_mask(str(tmp_path / "mask.png"), rgb=False), mask)
     assert Image.MAX_IMAGE_PIXELS == 500  # PIL's own setting is left as it was
+
+
+def test_reading_files_from_many_threads_leaves_pils_pixel_limit_as_it_was(tmp_path):
+    """The data check reads files from a thread pool: the lifted limits of concurrent reads were
+    put back out of order, and PIL's decompression-bomb check stayed off for the whole process (a
+    review)."""
+    import sys
+    from concurrent.futures import ThreadPoolExecutor
+
+    from PIL import Image
+
+    from dptune.data.images import image_header_size, read_mask
+
+    paths = []
+    for i in range(16):
+        Image.fromarray(np.full((40, 60), i % 3, np.uint8)).save(tmp_path / f"m{i}.png")
+        paths.append(str(tmp_path / f"m{i}.png"))
+    before, interval = Image.MAX_IMAGE_PIXELS, sys.getswitchinterval()
+    sys.setswitchinterval(1e-6)  # threads take turns often, as on a loaded machine
+    try:
+        with ThreadPoolExecutor(8) as pool:
+            for _ in range(100):
+                list(pool.map(lambda p: (read_mask(p, rgb=False), image_header_size(p)), paths))
+    finally:
+        sys.setswitchinterval(interval)
+    assert Image.MAX_IMAGE_PIXELS == before is not None

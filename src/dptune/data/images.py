@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import threading
 from collections.abc import Iterator
 from typing import BinaryIO
 
@@ -178,14 +179,20 @@ def pil_image(src: str | BinaryIO) -> Iterator[Image.Image]:
     """``PIL.Image.open`` without PIL's own decompression-bomb limit (179 M pixels), which stopped
     the header, EXIF and mask reads of a large aerial tile that OpenCV decodes with a raw traceback:
     the files are the user's own, and every image and mask is held to one limit (``pixel_limit``;
-    ``read_mask`` checks it). PIL's setting is put back when the file is closed."""
-    before = Image.MAX_IMAGE_PIXELS
-    Image.MAX_IMAGE_PIXELS = None
-    try:
-        with Image.open(src) as im:
-            yield im
-    finally:
-        Image.MAX_IMAGE_PIXELS = before
+    ``read_mask`` checks it). PIL reads its limit from a module global (at open, and again when a
+    TIFF is decoded), so the file is read under a lock that lifts it and puts PIL's setting back
+    when the file is closed: the data check reads files from several threads at once."""
+    with _PIL_LIMIT:
+        before = Image.MAX_IMAGE_PIXELS
+        Image.MAX_IMAGE_PIXELS = None
+        try:
+            with Image.open(src) as im:
+                yield im
+        finally:
+            Image.MAX_IMAGE_PIXELS = before
+
+
+_PIL_LIMIT = threading.RLock()
 
 
 def read_image(path: str) -> np.ndarray:
