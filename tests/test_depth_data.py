@@ -508,3 +508,34 @@ def test_a_depth_map_beside_a_tiff_image_is_turned_as_its_image_is(tmp_path, ori
     image, depth, _ = DepthFolderSource(str(tmp_path), "rgb/*.tif", "depth/{stem}.png", 1000).load(0)
     assert np.array_equal(image, np.rot90(stored, k))  # the decoder's turn
     assert np.array_equal(depth, np.rot90(stored_map, k))
+
+
+@pytest.mark.parametrize("image_ext,image_tag,depth_tag", [(".tif", 3, 3), (".tif", 6, 6), (".jpg", 6, 6),
+                                                            (".tif", 3, 1), (".png", 1, 3), (".jpg", 6, 3)])
+def test_a_tiff_depth_map_with_its_own_orientation_tag_lines_up_or_is_named(tmp_path, image_ext, image_tag, depth_tag):
+    """OpenCV turns a TIFF depth map by its own orientation tag as it decodes it; the map was then
+    turned again by its image's orientation (tags 3 and 3: a full turn, silently misaligned; a
+    review). A map whose own tag is its image's is upright already; one whose tag differs is named."""
+    from dptune.data.depth import DepthFolderSource
+
+    (tmp_path / "rgb").mkdir()
+    (tmp_path / "depth").mkdir()
+    img = np.zeros((6, 10, 3), np.uint8)
+    img[0, 0] = 255  # the same corner marked in both, as stored
+    dep = np.full((6, 10), 1000, np.uint16)
+    dep[0, 0] = 5000
+    for arr, path, tag in ((img, tmp_path / "rgb" / f"a{image_ext}", image_tag),
+                           (dep, tmp_path / "depth" / "a.tif", depth_tag)):
+        exif = Image.Exif()
+        if tag != 1:
+            exif[0x0112] = tag
+        Image.fromarray(arr).save(path, exif=exif, **({"quality": 100} if image_ext == ".jpg" and arr is img else {}))
+    source = DepthFolderSource(str(tmp_path), f"rgb/*{image_ext}", "depth/{stem}.tif", 1000)
+    if depth_tag not in (1, image_tag):
+        with pytest.raises(DataError) as err:
+            source.load(0)
+        assert str(tmp_path / "depth" / "a.tif") in str(err.value) and f"orientation tag {depth_tag}" in str(err.value)
+        return
+    image, depth, _ = source.load(0)
+    assert image.shape[:2] == depth.shape
+    assert np.unravel_index(np.argmax(image[..., 0]), depth.shape) == np.unravel_index(np.argmax(depth), depth.shape)

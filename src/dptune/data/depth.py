@@ -32,7 +32,7 @@ from dptune.data.depth_files import (
 )
 from dptune.data.globs import match_images
 from dptune.data.hf_sources import HFSplit, column_array, row_image
-from dptune.data.images import apply_orientation, read_image, sensor_orientation
+from dptune.data.images import apply_orientation, decoder_orientation, read_image, sensor_orientation
 from dptune.data.sources import read_paired_mask
 from dptune.data.templates import paths_for
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
@@ -67,9 +67,19 @@ class DepthFolderSource:
         raw = read_raw_depth(self.depths[i], self.scale)
         check_negative(self.depths[i], raw, self.negative)
         self.used_scales[i] = effective_scale(self.depths[i], raw, self.scale)
-        # the map lines up with its image's pixels as stored (a sensor's): turned upright with them by the image's
-        # EXIF orientation (or a TIFF's tag), as the image is read (and as a label drawn on the upright image lines up)
-        return apply_orientation(to_metres(raw, self.used_scales[i]), sensor_orientation(self.images[i]))
+        return apply_orientation(to_metres(raw, self.used_scales[i]), self._turn(i))
+
+    def _turn(self, i: int) -> int:
+        """The map lines up with its image's pixels as stored (a sensor's): it is turned upright with them
+        by the image's EXIF orientation (or a TIFF image's tag), as the image is read (and as a label drawn on
+        the upright image lines up). A TIFF map's own tag, which OpenCV applies as it reads the map, is
+        that turn already when it is the image's; another one would leave the two apart: named."""
+        image, own = sensor_orientation(self.images[i]), decoder_orientation(self.depths[i])
+        if own in (1, image):
+            return image if own == 1 else 1
+        raise DataError(f"{self.depths[i]}: carries orientation tag {own}, which its readers apply, while its image "
+                        f"{self.images[i]} is turned by {image}: the two would not line up; store the map with "
+                        "its image's pixels and no orientation tag")
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         return read_image(self.images[i]), self._depth(i), self.depths[i]

@@ -316,16 +316,28 @@ def sensor_orientation(path: str) -> int:
     EXIF orientation dptune applies (``path_orientation``), or a TIFF's orientation tag, which its
     decoders apply themselves. A map stored with the image's pixels as a sensor stores them (depth)
     is turned by it, to line up with the image as it is read."""
-    if not os.path.isfile(path):
+    return decoder_orientation(path) if is_tiff(path) else path_orientation(path)
+
+
+def is_tiff(path: str) -> bool:
+    try:
+        with open(path, "rb") as f:
+            return f.read(4) in (b"II*\x00", b"MM\x00*")
+    except OSError:
+        return False
+
+
+def decoder_orientation(path: str) -> int:
+    """The orientation a file's decoders apply themselves as they read it: a TIFF's orientation tag
+    (OpenCV, any read mode, and PIL alike); 1 for every other format (dptune applies their EXIF)."""
+    if not is_tiff(path):
         return 1
     try:
         with pil_image(path) as im:
-            if im.format == "TIFF":
-                tag = im.getexif().get(0x0112, 1)
-                return tag if isinstance(tag, int) and 1 <= tag <= 8 else 1
-            return exif_orientation(im)
+            tag = im.getexif().get(0x0112, 1)
     except (OSError, SyntaxError, ValueError):
         return 1
+    return tag if isinstance(tag, int) and 1 <= tag <= 8 else 1
 
 
 def path_orientation(path: str) -> int:
