@@ -694,3 +694,11 @@ def test_a_fit_without_checkpoints_runs_and_says_so(tmp_path):
     assert not list((tmp_path / "run").rglob("*.ckpt"))
     assert "enable_checkpointing false: no checkpoint is written" in proc.stderr
     assert "best checkpoint:" not in proc.stderr
+    # stopped, it still says so: Ctrl-C (130 and the line), SIGTERM (exit 0, so it must not read as a whole run)
+    off = ("--trainer.enable_checkpointing", "false", "--data.splits", SMALL)
+    proc = quickstart(tmp_path / "c", 3, *off, "--trainer.callbacks+=interrupt_helper.CtrlCAt", check=False)
+    assert proc.returncode == 130 and "error: interrupted (Ctrl-C) at step " in proc.stderr, proc.stderr[-2000:]
+    assert "nothing was saved (trainer.enable_checkpointing false)" in proc.stderr
+    proc = quickstart(tmp_path / "t", 3, *off, "--trainer.callbacks+=sigterm_helper.SigtermAt",
+                      "--trainer.callbacks.step=1")
+    assert "SIGTERM: the run stopped at step 1 of " in proc.stderr and "nothing was saved" in proc.stderr

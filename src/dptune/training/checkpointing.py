@@ -283,7 +283,19 @@ class InterruptGuard(Callback):
     on_train_batch_end = on_validation_batch_end = on_train_end = _raise_lost
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
+        """A fit without checkpoints (``trainer.enable_checkpointing false``, so no ``Checkpoint`` to say
+        it) stopped by Ctrl-C or SIGTERM says so: SIGTERM ends the process with 0, which read as a whole run."""
+        from lightning.pytorch.utilities.exceptions import SIGTERMException
+
         self.pending, self.active = False, False  # it stopped the run
+        if trainer.checkpoint_callback is not None or trainer.state.fn != "fit" or not trainer.is_global_zero:
+            return
+        if isinstance(exception, KeyboardInterrupt):
+            INTERRUPTED.append(f"interrupted (Ctrl-C) at step {trainer.global_step}; nothing was saved "
+                               "(trainer.enable_checkpointing false)")
+        elif isinstance(exception, SIGTERMException):
+            log.warning("SIGTERM: the run stopped at step %d of %d; nothing was saved (trainer.enable_checkpointing "
+                        "false)", trainer.global_step, trainer.estimated_stepping_batches)
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         import signal
