@@ -341,7 +341,15 @@ def test_a_resume_in_the_run_s_folder_keeps_its_config_yaml_and_writes_changed_s
     assert f"{run / 'config.yaml'} is the record of the run's earlier settings" in proc.stderr
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 3
     after_cut = (run / "config-2.yaml").read_bytes()
-    proc = run_python(REPO / "train.py", cut, tmp_path, env)  # the requeued job: same settings, same record
+    # a validate in the folder writes its own record; the requeued job given the run's record back as
+    # --config has the same settings: it rewrites that record as it is, and writes no other (a review)
+    scored = run_python(REPO / "train.py", ["validate", "--config", str(run / "config-2.yaml"), "--ckpt_path", "last"],
+                        tmp_path, env)
+    assert scored.returncode == 0, scored.stderr[-3000:]
+    records = sorted(p.name for p in run.glob("config*.yaml"))
+    proc = run_python(REPO / "train.py", ["fit", "--config", str(run / "config-2.yaml"), "--ckpt_path", "last"],
+                      tmp_path, env)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 6
-    assert (run / "config-2.yaml").read_bytes() == after_cut and not (run / "config-3.yaml").exists()
+    assert (run / "config-2.yaml").read_bytes() == after_cut
+    assert sorted(p.name for p in run.glob("config*.yaml")) == records

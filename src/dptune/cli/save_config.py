@@ -45,8 +45,9 @@ class LoggedSaveConfig(SaveConfigCallback):
     def _choose_name(self, log_dir: str, stage, resumed: bool) -> None:
         """config.yaml, or the first free config-N.yaml beside it where config.yaml is this run's
         --config, the record of the run there (validate, test), or of the settings the run trained with
-        before this resume (a resumed fit whose settings differ from the latest record; a requeue with
-        the same settings writes the same file again)."""
+        before this resume (a resumed fit whose settings no record holds; a requeue with the same
+        settings, its own config.yaml given back as --config or not, writes the record that holds them
+        again, as it is)."""
         inputs = {os.path.realpath(str(getattr(p, "absolute", None) or p)) for p in self.config.get("config") or []}
         stem, ext = os.path.splitext(self.config_filename)
         first = os.path.join(log_dir, self.config_filename)
@@ -54,16 +55,16 @@ class LoggedSaveConfig(SaveConfigCallback):
         while os.path.exists(os.path.join(log_dir, f"{stem}-{n}{ext}")):
             names.append(f"{stem}-{n}{ext}")
             n += 1
+        if resumed and stage == "fit" and os.path.exists(first):
+            same = self._same_record(log_dir, names)
+            if same is not None:
+                self.config_filename = same  # the same settings (a requeued job): the same file, rewritten as it is
+                return
         if os.path.realpath(first) in inputs:
             why = "this run's --config"
         elif os.path.exists(first) and stage != "fit":
             why = "the record of the run there"
         elif os.path.exists(first) and resumed:
-            latest = os.path.join(log_dir, names[-1])
-            with open(latest, encoding="utf-8") as f:
-                if f.read() == self.parser.dump(self.config, skip_none=False):
-                    self.config_filename = names[-1]  # the same settings (a requeued job): the same file
-                    return
             why = "the record of the run's earlier settings"
         else:
             return
@@ -71,6 +72,19 @@ class LoggedSaveConfig(SaveConfigCallback):
         log.info("%s is %s and is left as it is; this %s run's settings are written to %s", first, why,
                  getattr(stage, "value", stage), os.path.join(log_dir, name))
         self.config_filename = name
+
+    def _same_record(self, log_dir: str, names: list[str]) -> str | None:
+        """The record among ``names`` (config.yaml, config-N.yaml: a fit's, a validate's, the run's own
+        --config) that holds exactly this run's settings, if one does."""
+        text = self.parser.dump(self.config, skip_none=False)
+        for name in reversed(names):
+            try:
+                with open(os.path.join(log_dir, name), encoding="utf-8") as f:
+                    if f.read() == text:
+                        return name
+            except (OSError, UnicodeDecodeError):
+                continue
+        return None
 
     def _write_deferred(self) -> None:
         deferred = getattr(self, "_deferred", None)
