@@ -162,3 +162,31 @@ def test_a_run_moved_to_another_folder_resumes_there_with_its_last_and_best_chec
     assert len(best) == 1 and len(scores) == 3, names
     assert best[0].endswith(f"{max(s['val/mIoU'] for s in scores.values()):.4f}.ckpt"), (best, scores)
     assert f"best checkpoint: {moved / 'checkpoints' / best[0]}" in proc.stderr
+
+
+@pytest.mark.parametrize("kept", [["best-a.ckpt", "last.ckpt"], ["best-b.ckpt", "last.ckpt"]])
+def test_a_moved_run_resumed_from_a_best_checkpoint_follows_the_files_that_are_there(tmp_path, kept):
+    """A best-*.ckpt records the top-k files of its moment; the run removed one of them later. Resumed
+    in a moved folder, the whole record was dropped (one file missing) and Lightning wrote last-v1.ckpt
+    beside a stale last.ckpt (a review). The files that are there are followed; the best and the k-th
+    are those among them."""
+    import warnings
+
+    from dptune.training.checkpointing import Checkpoint
+
+    old, new = tmp_path / "scratch" / "checkpoints", tmp_path / "home" / "checkpoints"
+    new.mkdir(parents=True)
+    for name in kept:
+        (new / name).write_bytes(b"x")
+    state = {"monitor": "val/mIoU", "best_model_score": torch.tensor(0.5), "best_model_path": str(old / "best-a.ckpt"),
+             "current_score": torch.tensor(0.3), "dirpath": str(old),
+             "best_k_models": {str(old / "best-a.ckpt"): torch.tensor(0.5), str(old / "best-b.ckpt"): torch.tensor(0.3)},
+             "kth_best_model_path": str(old / "best-b.ckpt"), "last_model_path": str(old / "last.ckpt")}
+    cb = Checkpoint(dirpath=str(new), monitor="val/mIoU", mode="max", save_top_k=2, save_last=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # Lightning's "The dirpath has changed ... won't be reloaded"
+        cb.load_state_dict(state)
+    best = kept[0]
+    assert cb.last_model_path == str(new / "last.ckpt")
+    assert list(cb.best_k_models) == [str(new / best)] and cb.best_model_path == cb.kth_best_model_path == str(new / best)
+    assert float(cb.best_model_score) == pytest.approx(0.5 if best == "best-a.ckpt" else 0.3)

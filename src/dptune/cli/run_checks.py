@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 
 from dptune.errors import ConfigError
-from dptune.training.checkpointing import template_field
+from dptune.training.checkpoint_state import template_field
 
 
 def check_run_length_and_seed(config) -> None:

@@ -10,10 +10,10 @@ from typing import Any
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
+from dptune.training.checkpoint_state import follow_moved, template_field
+
 log = logging.getLogger(__name__)
 
-# what Lightning's filename template cannot hold in a field name ({0[name]:.4f}), percent-encoded
-_UNSAFE_IN_FIELD = {c: f"%{ord(c):02X}" for c in "%[]{}:"}
 INTERRUPTED: list[str] = []  # a fit stopped by Ctrl-C: what to tell the user (set by Checkpoint.on_exception)
 
 
@@ -72,7 +72,7 @@ class Checkpoint(ModelCheckpoint):
         the folder's best afresh, as Lightning does."""
         old = state_dict.get("dirpath")
         if old and self.dirpath and old != self.dirpath:
-            followed = _follow(state_dict, str(old), str(self.dirpath))
+            followed = follow_moved(state_dict, str(old), str(self.dirpath), self.mode)
             if followed is not None:
                 if os.path.realpath(old) != os.path.realpath(self.dirpath):
                     log.info("resume: the run's checkpoints moved from %s to %s; its last and best checkpoints "
@@ -223,26 +223,6 @@ class Checkpoint(ModelCheckpoint):
         self._refresh_last(trainer)
 
 
-def _follow(state: dict[str, Any], old: str, new: str) -> dict[str, Any] | None:
-    """``state`` (a ModelCheckpoint's) with every checkpoint path in ``old`` moved to ``new``; None
-    when one of them is not in ``new`` (not a moved run's folder)."""
-
-    def moved(path: str) -> str | None:
-        if not path:
-            return path
-        if os.path.normpath(os.path.dirname(path)) != os.path.normpath(old):
-            return None
-        there = os.path.join(new, os.path.basename(path))
-        return there if os.path.isfile(there) else None
-
-    keys = ("best_model_path", "kth_best_model_path", "last_model_path")
-    paths = {k: moved(state.get(k) or "") for k in keys}
-    best_k = {moved(p): v for p, v in (state.get("best_k_models") or {}).items()}
-    if any(v is None for v in paths.values()) or None in best_k:
-        return None
-    return {**state, **paths, "best_k_models": best_k, "dirpath": new}
-
-
 class InterruptGuard(Callback):
     """A Ctrl-C is never lost. Python turns SIGINT into a KeyboardInterrupt wherever the program is;
     when that is a finalizer (``__del__``, run by the garbage collector inside any call) Python prints
@@ -307,10 +287,3 @@ class InterruptGuard(Callback):
             gone = isinstance(earlier, InterruptGuard) and not earlier.active
             signal.signal(signal.SIGINT, signal.default_int_handler if gone else self._before)
         self._before = None
-
-
-def template_field(key: str) -> str:
-    """``key`` (a logged value's name) as a field of a checkpoint filename template:
-    ``{template_field("val/IoU/Tree[s]")}`` is ``{val/IoU/Tree%5Bs%5D}``, which ``Checkpoint`` fills in
-    with the value of ``val/IoU/Tree[s]``. Keys without those characters are unchanged."""
-    return "".join(_UNSAFE_IN_FIELD.get(c, c) for c in key)
