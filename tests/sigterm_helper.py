@@ -9,13 +9,13 @@ import torch
 
 
 class SigtermAt(pl.Callback):
-    """SIGTERM to itself at a given step (preemption)."""
+    """SIGTERM to itself at a given step (preemption), in the process of the given rank only."""
 
-    def __init__(self, step: int = 5) -> None:
-        self.step = step
+    def __init__(self, step: int = 5, rank: int = 0) -> None:
+        self.step, self.rank = step, rank
 
     def on_train_batch_end(self, trainer, *args, **kwargs) -> None:
-        if trainer.global_step == self.step and trainer.is_global_zero:
+        if trainer.global_step == self.step and trainer.global_rank == self.rank:
             os.kill(os.getpid(), signal.SIGTERM)
 
 

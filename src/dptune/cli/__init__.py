@@ -33,6 +33,7 @@ from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
 from dptune.training.checkpointing import Checkpoint, InterruptGuard
 from dptune.training.hardware import DPTuneTrainer
+from dptune.training.preemption import SigtermSync
 
 log = logging.getLogger(__name__)
 
@@ -227,7 +228,8 @@ def trainer_defaults() -> dict:
     return {
         "default_root_dir": DEFAULT_ROOT,
         "logger": {"class_path": "dptune.training.callbacks.DPTuneWandbLogger", "init_args": {"project": "dptune"}},
-        "callbacks": [LRMonitor(logging_interval="step"), ValidationVisuals(), ResumeCheck(), InterruptGuard()],
+        "callbacks": [LRMonitor(logging_interval="step"), ValidationVisuals(), ResumeCheck(), InterruptGuard(),
+                      SigtermSync()],
         "log_every_n_steps": 10,
         # a bar only on a terminal; redirected output (nohup, SLURM) gets progress lines (ProgressLog)
         "enable_progress_bar": sys.stdout.isatty(),

@@ -31,7 +31,6 @@ class Checkpoint(ModelCheckpoint):
 
     _in_exception = False
     _validation_cut = False  # on_exception: SIGTERM stopped a validation of the fit
-    _sigterm_after_validation = False  # a multi-process run's SIGTERM, held until its validation ends
 
     def format_checkpoint_name(self, metrics: dict[str, Any], filename: str | None = None, ver: int | None = None,
                                prefix: str | None = None) -> str:
@@ -152,22 +151,6 @@ class Checkpoint(ModelCheckpoint):
         finally:
             self._in_exception = self._validation_cut = False
 
-    def on_validation_batch_end(self, trainer: pl.Trainer, *args: Any, **kwargs: Any) -> None:
-        """In a run of several processes a SIGTERM lets the validation end before the run stops (at its
-        next training step or epoch end). dptune scores every validation image once, so processes may
-        hold different numbers of batches; Lightning stops a validation at the first batch after SIGTERM
-        that is not the process's last, so one process stopped while another went on to the epoch's
-        metric sync, and the run hung until killed."""
-        connector = trainer._signal_connector
-        if trainer.world_size > 1 and connector.received_sigterm:
-            connector.received_sigterm = False
-            self._sigterm_after_validation = True
-
-    def _sigterm_deferred(self, trainer: pl.Trainer) -> None:
-        if self._sigterm_after_validation:
-            self._sigterm_after_validation = False
-            trainer._signal_connector.received_sigterm = True
-
     def on_save_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule, checkpoint: dict[str, Any]) -> None:
         """A checkpoint written at SIGTERM during a validation of the fit (SIGTERM at an epoch's last
         training step is one: Lightning stops after the first validation batch) records that validation
@@ -213,7 +196,6 @@ class Checkpoint(ModelCheckpoint):
             self._refresh_last(trainer)
 
     def on_validation_end(self, trainer: pl.Trainer, pl_module: pl.LightningModule) -> None:
-        self._sigterm_deferred(trainer)
         super().on_validation_end(trainer, pl_module)
         if not trainer.sanity_checking and not self._should_save_on_train_epoch_end(trainer):
             self._refresh_last(trainer)
