@@ -50,3 +50,17 @@ def test_ddp_fit_logs_once_and_validation_is_exact(tmp_path, tiny_config_path):
     for key in one:
         assert abs(one[key] - two[key]) < 1e-6, (key, one[key], two[key])
         assert abs(one[key] - three[key]) < 1e-5 * max(1.0, abs(one[key])), (key, one[key], three[key])
+
+
+def test_two_processes_with_fewer_images_each_than_a_batch_train_on_a_partial_one(tmp_path, tiny_config_path):
+    """4 training images, batch 3: one process trains one batch of 3; two processes (2 images each)
+    dropped their only, partial batch, trained on nothing and stopped with "the training data is a
+    stream (no length)" (a user attack): the partial batch was dropped by the split's size, not the
+    process's share."""
+    run = tmp_path / "run"
+    train = {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"}  # 4 frames
+    args = camvid_args(run, tiny_config_path, epochs=1, train=train)
+    proc = run_train([*args, "--data.batch_size", "3", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                      "--trainer.strategy", "ddp", "--trainer.logger", "false"], cwd=tmp_path)
+    assert "stream" not in proc.stderr
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 1

@@ -125,11 +125,15 @@ def make_loader(ds, stage: str, batch_size: int, trainer, num_workers: int, pin_
     """The loader of every datamodule: a training loader (shuffled unless a ``sampler`` draws, last
     partial batch dropped) or an evaluation loader (each sample on exactly one process); workers
     reseed the augmentations (``seed_worker``)."""
-    if sampler is None and not streaming and stage != "train" and trainer is not None and trainer.world_size > 1:
-        sampler = EvalDistributedSampler(ds, trainer.world_size, trainer.global_rank)
+    world = trainer.world_size if trainer is not None else 1
+    if sampler is None and not streaming and stage != "train" and world > 1:
+        sampler = EvalDistributedSampler(ds, world, trainer.global_rank)
+    # a partial batch is dropped only where this process has a whole one (its share of the split:
+    # 4 images on 2 processes in batches of 3 train on 2 each, not on none)
+    whole = streaming or (stage == "train" and -(-len(ds) // world) > batch_size)
     return DataLoader(
         ds, batch_size=batch_size, shuffle=stage == "train" and not streaming and sampler is None, sampler=sampler,
-        drop_last=stage == "train" and (streaming or len(ds) > batch_size), num_workers=num_workers,
+        drop_last=stage == "train" and whole, num_workers=num_workers,
         pin_memory=pin_memory, persistent_workers=persistent_workers, collate_fn=collate_fn,
         worker_init_fn=seed_worker,
     )
