@@ -107,9 +107,17 @@ class Optimizing:
         else:
             opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
                                     weight_decay=hp.weight_decay, fused=self._fused_adamw())
-        total = self.trainer.estimated_stepping_batches
-        if not math.isfinite(total) or total <= 0:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        try:  # Lightning sizes the training loader here: its checks of the limits raise (limit_train_batches 0.1 of 4)
+            total = self.trainer.estimated_stepping_batches
+        except MisconfigurationException as e:
+            raise ConfigError(f"trainer settings: {' '.join(str(e).split())}") from None
+        if not math.isfinite(total):
             raise ConfigError(STREAM_LENGTH)
+        if total <= 0:
+            raise ConfigError("the training split gives this run no optimizer step (no whole batch on a process, or "
+                              "trainer.limit_train_batches / max_steps): lower data.batch_size or add training images")
         total = int(total)
         warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
         if warmup >= total and getattr(self.trainer, "is_global_zero", True):
