@@ -64,3 +64,14 @@ def test_two_processes_with_fewer_images_each_than_a_batch_train_on_a_partial_on
                       "--trainer.strategy", "ddp", "--trainer.logger", "false"], cwd=tmp_path)
     assert "stream" not in proc.stderr
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 1
+
+
+def test_trainer_sync_batchnorm_in_a_cpu_run_of_two_processes_is_one_line(tmp_path, tiny_config_path):
+    """PyTorch's "SyncBatchNorm layers only work with GPU modules" ended a 2-process CPU fit in a
+    traceback from each process at its first step (a user attack)."""
+    args = camvid_args(tmp_path / "run", tiny_config_path, epochs=1)
+    proc = run_train([*args, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--trainer.sync_batchnorm", "true", "--trainer.logger", "false"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "trainer.sync_batchnorm true: PyTorch syncs BatchNorm on GPUs only" in errors[0]

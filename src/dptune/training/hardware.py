@@ -129,6 +129,12 @@ class DPTuneTrainer(Trainer):
         threads = _threads_for(kwargs)
         own_summary = gives_summary(kwargs)
         super().__init__(*args, precision=resolved, **kwargs)
+        if kwargs.get("sync_batchnorm") and self.world_size > 1 and self.strategy.root_device.type != "cuda":
+            from dptune.errors import ConfigError
+
+            raise ConfigError(f"trainer.sync_batchnorm true: PyTorch syncs BatchNorm on GPUs only, this run is on "
+                              f"{self.strategy.root_device.type}; leave it out (dptune's model.sync_batchnorm, on by "
+                              "default, syncs the neck's and heads' BatchNorm in multi-GPU runs)")
         if not own_summary:
             use_model_table(self)
         if self.is_global_zero:
