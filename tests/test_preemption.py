@@ -152,3 +152,43 @@ def test_sigterm_before_the_first_step_says_no_checkpoint_was_written(tmp_path, 
     assert cut.returncode == 0, cut.stderr[-3000:]
     assert "SIGTERM at step 0: no checkpoint was written" in cut.stderr and "SIGTERM: saved" not in cut.stderr
     assert not (run / "checkpoints" / "last.ckpt").exists()
+
+
+def test_sigterm_to_the_launcher_while_a_two_process_run_starts_ends_the_other_process_too(tmp_path, tiny_config_path):
+    """SIGTERM to the first process while the run starts (before Lightning's handlers are set up)
+    ended it alone; the process it had started waited for it for good (a user attack: alive after
+    842 s). Whenever the signal comes, no process of the run outlives the launcher by long."""
+    import signal
+    import subprocess
+    import sys
+
+    args = [*_args(tmp_path / "run", tiny_config_path), "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+            "--trainer.strategy", "ddp"]
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO / "tests"))
+    parent = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    child = None
+    try:
+        for _ in range(240):  # until the second process is there
+            found = subprocess.run(["pgrep", "-P", str(parent.pid)], capture_output=True, text=True).stdout.split()
+            if found:
+                child = int(found[0])
+                break
+            time.sleep(0.25)
+        assert child is not None, "the run never started its second process"
+        time.sleep(1.0)
+        parent.send_signal(signal.SIGTERM)
+        parent.wait(timeout=120)
+        for _ in range(120):
+            if not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z":
+                break
+            time.sleep(0.25)
+        else:
+            raise AssertionError(f"process {child} outlived the launcher by 30 s")
+    finally:
+        for pid in (parent.pid, child):
+            if pid is not None:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass

@@ -67,6 +67,7 @@ def launch(module: str, argv: list[str] | None = None, entry: bool | None = None
     ``dptune`` commands, the ``dptune-export`` / ``dptune-inspect`` scripts, ``train.py`` and
     ``scripts/*.py``. ``entry`` (default: no ``argv`` given, the process's own command line): once
     the command has returned, a Ctrl-C exits at once with its status (``finished``)."""
+    end_with_the_launcher()  # before the imports: they take seconds, and the launcher may end meanwhile
     try:
         main = importlib.import_module(module).main
         rc = main(**kwargs) if argv is None else main(argv, **kwargs)
@@ -74,6 +75,30 @@ def launch(module: str, argv: list[str] | None = None, entry: bool | None = None
         print("error: interrupted (Ctrl-C); the command stopped before it finished", file=sys.stderr)
         return 130
     return finished(rc) if (argv is None if entry is None else entry) else rc
+
+
+def end_with_the_launcher() -> None:
+    """A process that Lightning's launcher started for a run of several processes (LOCAL_RANK 1, 2,
+    ...) has Linux end it when the launcher ends: a SIGTERM to the launcher while the run started
+    (before Lightning had set up its handlers) ended the launcher alone, and the other processes
+    waited for it for good. One whose launcher has ended already (it started dptune, whose PID it
+    passed on) ends at once. The first process passes its PID on; elsewhere (another OS) nothing."""
+    import os
+    import signal
+
+    if os.environ.get("LOCAL_RANK", "0") in ("", "0"):
+        os.environ["DPTUNE_LAUNCHER_PID"] = str(os.getpid())
+        return
+    if not sys.platform.startswith("linux"):
+        return
+    import ctypes
+
+    try:
+        ctypes.CDLL(None, use_errno=True).prctl(1, int(signal.SIGKILL), 0, 0, 0)  # PR_SET_PDEATHSIG
+    except (OSError, AttributeError):
+        return
+    if os.environ.get("DPTUNE_LAUNCHER_PID") not in (None, str(os.getppid())):
+        os._exit(1)  # started by a dptune launcher that is gone
 
 
 def finished(rc: int) -> int:

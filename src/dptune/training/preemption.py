@@ -1,5 +1,5 @@
 """SIGTERM in a run of several processes: every process stops at the same training step
-(``SigtermSync``)."""
+(``SigtermSync``; a process the launcher started ends with it: ``dptune.command.end_with_the_launcher``)."""
 
 from __future__ import annotations
 
@@ -75,3 +75,4 @@ class SigtermSync(Callback):
 
     def teardown(self, trainer: pl.Trainer, pl_module: pl.LightningModule, stage: str) -> None:
         self._installed = self._noted = self._held = False
+
