@@ -353,3 +353,15 @@ def test_a_resume_in_the_run_s_folder_keeps_its_config_yaml_and_writes_changed_s
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 6
     assert (run / "config-2.yaml").read_bytes() == after_cut
     assert sorted(p.name for p in run.glob("config*.yaml")) == records
+
+
+def test_a_long_setting_a_resume_changes_is_shown_where_it_changes():
+    """resume: data.root /lustre/.../lef... -> /lustre/.../lef...: two cluster paths cut at 77
+    characters read as the same one (a review); each is shown from a little before they differ."""
+    from dptune.tasks.resume import show_setting
+
+    old = "/lustre/scratch/project/users/someone/datasets/cityscapes_fine_2048x1024/leftImg8bit/train/aachen"
+    new = old.replace("aachen", "bochum")
+    shown = show_setting(old, new), show_setting(new, old)
+    assert shown[0] != shown[1] and shown[0].endswith("aachen") and shown[1].endswith("bochum")
+    assert all(len(s) <= 83 for s in shown)

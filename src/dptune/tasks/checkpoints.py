@@ -148,7 +148,8 @@ class ResumeCheck(Callback):
             saved, datamodule = ckpt.get("datamodule_hyper_parameters"), getattr(trainer, "datamodule", None)
             if isinstance(saved, dict) and datamodule is not None and trainer.is_global_zero:
                 for key, old, new in data_changes(saved, dict(datamodule.hparams)):
-                    log.info("resume: %s %s -> %s (this run's setting)", key, show_setting(old), show_setting(new))
+                    log.info("resume: %s %s -> %s (this run's setting)", key, show_setting(old, new),
+                             show_setting(new, old))
             self._pending = (ckpt, path, changed)
             if trainer.optimizers:  # a strategy that restores after setting up the optimizers
                 self.on_fit_start(trainer, trainer.lightning_module)

@@ -107,7 +107,8 @@ def check_resume(module, ckpt: dict[str, Any], path: str, stage: str, say: bool 
         if _plain(saved[key]) != _plain(hp[key]):
             changed.append(f"model.{key}")
             if say:
-                log.info("%s: model.%s %s -> %s (this run's setting)", word, key, show_setting(saved[key]), show_setting(hp[key]))
+                log.info("%s: model.%s %s -> %s (this run's setting)", word, key, show_setting(saved[key], hp[key]),
+                         show_setting(hp[key], saved[key]))
     return changed
 
 
@@ -263,9 +264,19 @@ def _plain(value: Any) -> Any:
     return value
 
 
-def show_setting(value: Any) -> str:
+def show_setting(value: Any, other: Any = None) -> str:
+    """``value`` in at most about 80 characters; beside ``other`` (the value it is shown against),
+    from a little before where the two first differ, so that two long paths that differ near their
+    end do not read as the same one cut short."""
     text = repr(_plain(value)) if not isinstance(value, str) else value
-    return text if len(text) <= 80 else text[:77] + "..."
+    if len(text) <= 80:
+        return text
+    start = 0
+    if other is not None:
+        against = repr(_plain(other)) if not isinstance(other, str) else other
+        same = next((i for i, (a, b) in enumerate(zip(text, against, strict=False)) if a != b), min(len(text), len(against)))
+        start = max(0, min(same - 20, len(text) - 77))
+    return ("..." if start else "") + text[start:start + 77] + ("..." if start + 77 < len(text) else "")
 
 
 def epochs_done(ckpt: dict[str, Any]) -> int:
