@@ -75,3 +75,36 @@ def test_trainer_sync_batchnorm_in_a_cpu_run_of_two_processes_is_one_line(tmp_pa
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and "trainer.sync_batchnorm true: PyTorch syncs BatchNorm on GPUs only" in errors[0]
+
+
+def test_an_image_that_fails_in_one_process_mid_run_is_one_line_in_each_and_exit_2(tmp_path, tiny_config_path):
+    """A validation image whose header reads but whose body does not (--data.check header), read by the
+    second process: that process said the file in one line, the first dumped gloo's "Connection closed
+    by peer" traceback and the run exited 1 (a user attack). Each process says one line; exit 2."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    root = tmp_path / "data"
+    for sub in ("train", "trainannot", "val", "valannot"):
+        (root / sub).mkdir(parents=True)
+        for f in sorted((CAMVID / sub).glob("0001TP_0069*" if sub.startswith("train") else "0016E5_0799*")):
+            (root / sub / f.name).symlink_to(f)
+    (root / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
+    bad = root / "val" / "0016E5_07997.jpg"  # the second process's second image (every other one is its)
+    bad.unlink()
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(Image.open(CAMVID / "val" / bad.name))).save(buf, format="PNG")
+    data = bytearray(buf.getvalue())
+    data[len(data) // 2:len(data) // 2 + 4096] = b"\xff" * 4096  # the pixels, not the header
+    bad.write_bytes(bytes(data))
+    run = tmp_path / "run"
+    args = camvid_args(run, tiny_config_path, epochs=1, root=root)
+    proc = run_train([*args, "--data.check", "header", "--data.cache", "false", "--trainer.accelerator", "cpu",
+                      "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.logger", "false"],
+                     cwd=tmp_path, check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert any(str(bad) in ln for ln in errors), errors

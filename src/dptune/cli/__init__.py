@@ -27,7 +27,7 @@ from dptune.cli.places import follow_the_root, named_where, setting_error
 from dptune.cli.run_checks import best_filename, check_run_length_and_seed, refuse_a_second_run
 from dptune.cli.save_config import LoggedSaveConfig
 from dptune.data.datamodule import SegmentationDataModule
-from dptune.errors import ConfigError, DataError
+from dptune.errors import ConfigError, DataError, first_line
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
@@ -224,6 +224,18 @@ def _loggers(cfg) -> list:
     return cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
 
 
+# what gloo and NCCL raise in the other processes of a run when one of them ended (bad data found
+# while training, a setting refused by one process)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+             "NCCL communicator was aborted", "Broken pipe")
+
+
+def peer_stopped(e: BaseException) -> bool:
+    """A collective of a run of several processes failed because another process of the run ended."""
+    several = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") or os.environ.get("LOCAL_RANK") is not None
+    return several and any(m in str(e) for m in PEER_GONE)
+
+
 def trainer_defaults() -> dict:
     return {
         "default_root_dir": DEFAULT_ROOT,
@@ -283,6 +295,13 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
                            + ([sub] if sub in DPTuneCLI.subcommands() else []))
         said = setting_error(str(e), argv) or " ".join(str(e).split())
         print(f"error: {said} ({command} --help lists the settings)", file=sys.stderr)
+        return 2
+    except RuntimeError as e:
+        if not peer_stopped(e):
+            raise
+        print(f"error: another process of this run stopped (its own line above says why); process "
+              f"{os.environ.get('RANK', os.environ.get('LOCAL_RANK', '?'))} stops too ({first_line(e, 120)})",
+              file=sys.stderr)
         return 2
     except SystemExit:
         from dptune.training.checkpointing import INTERRUPTED
