@@ -190,3 +190,18 @@ def test_a_moved_run_resumed_from_a_best_checkpoint_follows_the_files_that_are_t
     assert cb.last_model_path == str(new / "last.ckpt")
     assert list(cb.best_k_models) == [str(new / best)] and cb.best_model_path == cb.kth_best_model_path == str(new / best)
     assert float(cb.best_model_score) == pytest.approx(0.5 if best == "best-a.ckpt" else 0.3)
+
+
+def test_a_resume_on_two_processes_follows_the_length_of_its_own_epochs(tmp_path):
+    """3 epochs on one process (4 steps each: 12), resumed on two (2 steps each) for a 4th epoch:
+    Lightning counted 4 x 2 = 8 steps, below the 12 done, and the resume was refused as having nothing
+    left to train (a user attack; the other way round the schedule ended before the run did). The run
+    takes the 2 steps of its 4th epoch and the schedule ends with it."""
+    run = tmp_path / "run"
+    quickstart(run, 3)
+    assert _ckpt(run)["global_step"] == 12
+    proc = quickstart(run, 4, "--ckpt_path", "last", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                      "--trainer.strategy", "ddp")
+    assert "this run has 14" in proc.stderr, proc.stderr[-3000:]
+    end = _ckpt(run)
+    assert end["global_step"] == 14 and end["lr_schedulers"][0]["last_epoch"] == 14

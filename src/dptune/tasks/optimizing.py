@@ -54,6 +54,21 @@ def validation_cut(checkpoint: dict[str, Any]) -> bool:
     return progress.get("ready") == started and processed == started - 1 and progress.get("completed") == processed
 
 
+def resume_point(checkpoint: dict[str, Any]) -> tuple[int, int, int] | None:
+    """Where a checkpoint's run stands: (optimizer steps, whole epochs, batches into the next epoch);
+    None for a checkpoint without Lightning's loop state."""
+    try:
+        loop = checkpoint["loops"]["fit_loop"]
+        epochs = loop["epoch_progress"]["current"]
+        batches = int(loop["epoch_loop.batch_progress"]["current"]["completed"])
+        step = int(checkpoint["global_step"])
+    except (KeyError, TypeError, ValueError):
+        return None
+    if int(epochs["processed"]) > int(epochs["completed"]):  # written as the epoch's validation ended
+        return step, int(epochs["processed"]), 0
+    return step, int(epochs["completed"]), batches
+
+
 class Optimizing:
     """Lightning's ``configure_optimizers`` and ``on_load_checkpoint`` for a task. Put it before
     ``LightningModule`` in the bases."""
@@ -81,6 +96,7 @@ class Optimizing:
         Add it, empty (those parameters restart their optimizer state), so that the resume works.
         A checkpoint cut inside a validation has that validation left to run, even at the run's last step."""
         self._validation_left = validation_cut(checkpoint)
+        self._resumed = resume_point(checkpoint)
         groups = self.param_groups()
         if groups[-1]["name"] != "task":
             return
@@ -115,6 +131,7 @@ class Optimizing:
             raise ConfigError(f"trainer settings: {' '.join(str(e).split())}") from None
         if not math.isfinite(total):
             raise ConfigError(STREAM_LENGTH)
+        total = self._steps_of_resumed_run(total)
         if total <= 0:
             raise ConfigError("the training split gives this run no optimizer step (no whole batch on a process, or "
                               "trainer.limit_train_batches / max_steps): lower data.batch_size or add training images")
@@ -129,6 +146,22 @@ class Optimizing:
         sched = WarmupPoly(opt, total, warmup, hp.poly_power, hp.min_lr_ratio)
         sched.validation_left = getattr(self, "_validation_left", False)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _steps_of_resumed_run(self, estimated: int) -> int:
+        """The optimizer steps this run ends at. Lightning counts max_epochs of this run's epochs; a run
+        resumed on another number of processes (or batch size) has epochs of another length, so its
+        schedule ended early or late, and a checkpoint of more steps than that count was refused as
+        having nothing left to train: the steps done, then the rest of this epoch and the epochs left
+        at this run's length."""
+        resumed, trainer = getattr(self, "_resumed", None), self.trainer
+        if resumed is None or not trainer.max_epochs or trainer.max_epochs < 0 or \
+                not math.isfinite(trainer.num_training_batches):
+            return estimated
+        step, epochs, batches_in_epoch = resumed
+        per_epoch = math.ceil(trainer.num_training_batches / trainer.accumulate_grad_batches)
+        total = step + max(0, per_epoch - batches_in_epoch // trainer.accumulate_grad_batches) * (batches_in_epoch > 0) \
+            + max(0, trainer.max_epochs - epochs - (batches_in_epoch > 0)) * per_epoch
+        return min(total, trainer.max_steps) if trainer.max_steps and trainer.max_steps > 0 else total
 
     def _fused_adamw(self) -> bool:
         """The fused AdamW kernel (CPU and CUDA) beats the per-tensor loop, but it unscales
