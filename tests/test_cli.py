@@ -47,6 +47,8 @@ def test_a_bug_inside_the_run_keeps_its_traceback(tmp_path):
     (["--trainer.max_steps", "0"], "trainer.max_steps 0: a fit of 0 steps trains nothing"),
     # a folder of files was called "a stream (no length)"
     (["--trainer.limit_train_batches", "0"], "trainer.limit_train_batches 0: a fit of 0 batches trains nothing"),
+    # the first process waited for the other node's for good, without a word
+    (["--trainer.num_nodes", "2"], "trainer.num_nodes 2: this process was not started as one node of several"),
     # a tenth of 4 batches is none: Lightning's traceback
     (["--trainer.limit_train_batches", "0.1"], "trainer settings: You requested to check 0.1 of the `train_dataloader`"),
 ])

@@ -135,6 +135,7 @@ class DPTuneTrainer(Trainer):
             raise ConfigError(f"trainer.sync_batchnorm true: PyTorch syncs BatchNorm on GPUs only, this run is on "
                               f"{self.strategy.root_device.type}; leave it out (dptune's model.sync_batchnorm, on by "
                               "default, syncs the neck's and heads' BatchNorm in multi-GPU runs)")
+        check_nodes(self)
         if not own_summary:
             use_model_table(self)
         if self.is_global_zero:
@@ -142,3 +143,22 @@ class DPTuneTrainer(Trainer):
                 log.info("precision %s chosen: %s (--trainer.precision overrides)", self.precision, reason)
             if threads:
                 log.info(threads)
+
+
+def check_nodes(trainer: Trainer) -> None:
+    """``trainer.num_nodes`` above 1 in a process that no launcher started as one node of several
+    (no torchrun, SLURM or other cluster environment; no MASTER_ADDR / NODE_RANK of one's own): the
+    first process waited for the other nodes' processes for good, without a word."""
+    import os
+
+    from lightning.fabric.plugins.environments import LightningEnvironment
+
+    env = trainer._accelerator_connector.cluster_environment
+    if trainer.num_nodes <= 1 or not isinstance(env, LightningEnvironment) or \
+            any(k in os.environ for k in ("NODE_RANK", "MASTER_ADDR", "GROUP_RANK")):
+        return
+    from dptune.errors import ConfigError
+
+    raise ConfigError(f"trainer.num_nodes {trainer.num_nodes}: this process was not started as one node of several "
+                      f"(no torchrun, SLURM job or NODE_RANK / MASTER_ADDR), so it would wait for the other nodes' "
+                      "processes for good: start it on each node as docs/distributed.md shows, or leave num_nodes out")
