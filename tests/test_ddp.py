@@ -28,6 +28,8 @@ def test_ddp_fit_logs_once_and_validation_is_exact(tmp_path, tiny_config_path):
     assert len(list((run / "wandb").glob("offline-run-*"))) == 1  # rank 0 only
     assert len([p for p in (run / "checkpoints").iterdir() if p.name.startswith("best-")]) == 1
     assert proc.stderr.count("val: mIoU") + proc.stdout.count("val: mIoU") == 1
+    # said once a run, not by each process; no advice to average values that are summed exactly (a user attack)
+    assert proc.stderr.count("normalisation: mean") == 1 and "sync_dist=True" not in proc.stderr
     ckpt = run / "checkpoints" / "last.ckpt"
     saved = torch.load(ckpt, map_location="cpu")
     assert saved["global_step"] == 2  # 7 frames / (2 x 2), rounded down

@@ -204,7 +204,10 @@ class DPTTask(DivergenceGuard, Optimizing, StageChecks, pl.LightningModule):
         the backbone family's published statistics (``resolve_normalization``, which the loader
         benchmark reads too); one log line says which."""
         mean, std, why, known = resolve_normalization(mean, std, pretrained, family(self.model.config))
-        (log.info if known else log.warning)("normalisation: mean %s std %s (%s)", mean, std, why)
+        from dptune.data.loaders import rank
+
+        if rank() == 0:  # said once a run, not by every process
+            (log.info if known else log.warning)("normalisation: mean %s std %s (%s)", mean, std, why)
         return mean, std
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:

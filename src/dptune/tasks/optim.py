@@ -192,7 +192,9 @@ class WarmupPoly(LRScheduler):
             raise ConfigError(f"the checkpoint has done {self.last_epoch} optimizer steps and this run has "
                               f"{self.total} in all: nothing is left to train; raise --trainer.max_epochs (or "
                               "max_steps) to extend the run")
-        if saved is not None and int(saved) != self.total:
+        from dptune.data.loaders import rank
+
+        if saved is not None and int(saved) != self.total and rank() == 0:
             log.info("LR schedule: the checkpoint's run had %d optimizer steps, this run has %d; the schedule "
                      "follows this run (warmup %d steps, resuming at step %d)", saved, self.total, self.warmup,
                      self.last_epoch)

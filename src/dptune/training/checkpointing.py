@@ -73,7 +73,9 @@ class Checkpoint(ModelCheckpoint):
         if old and self.dirpath and old != self.dirpath:
             followed = follow_moved(state_dict, str(old), str(self.dirpath), self.mode)
             if followed is not None:
-                if os.path.realpath(old) != os.path.realpath(self.dirpath):
+                from dptune.data.loaders import rank
+
+                if os.path.realpath(old) != os.path.realpath(self.dirpath) and rank() == 0:
                     log.info("resume: the run's checkpoints moved from %s to %s; its last and best checkpoints "
                              "are followed there", old, self.dirpath)
                 state_dict = followed
