@@ -191,3 +191,17 @@ def test_a_streamed_validation_that_scores_no_image_is_nan_and_never_the_best_ch
                       "--trainer.num_sanity_val_steps", "0"], cwd=tmp_path)
     assert "val: no image was scored" in proc.stderr, proc.stderr[-3000:]
     assert not [p.name for p in (run / "checkpoints").iterdir() if p.name.startswith("best-")]
+
+
+def test_a_hugging_face_row_past_pils_own_pixel_limit_reads_as_from_a_folder(tmp_path, monkeypatch):
+    """A 182 M-pixel tile and its mask in a save_to_disk dataset stopped the data check with a raw
+    DecompressionBombError from ``datasets``' PIL decoding, where the same files in a folder read (a
+    review). PIL's limit is lowered here so that a 32 x 48 row passes it."""
+    from dptune.data.hf_sources import HFSource
+
+    path = _dataset(tmp_path, 2)
+    monkeypatch.setattr(Image, "MAX_IMAGE_PIXELS", 100)
+    source = HFSource(str(path), "train", "image", "label")
+    image, mask, _ = source.load(1)
+    assert image.shape == (32, 48, 3) and image[0, 0, 0] == 1 and int(mask.max()) == 1
+    assert Image.MAX_IMAGE_PIXELS == 100

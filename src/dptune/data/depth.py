@@ -31,7 +31,7 @@ from dptune.data.depth_files import (
     to_metres,
 )
 from dptune.data.globs import match_images
-from dptune.data.hf_sources import HFSplit, column_array, row_image
+from dptune.data.hf_sources import HFSplit, column_array, past_pils_limit, row_image
 from dptune.data.images import apply_orientation, decoder_orientation, read_image, sensor_orientation
 from dptune.data.sources import read_paired_mask
 from dptune.data.templates import paths_for
@@ -100,6 +100,9 @@ class HFDepthSource(HFSplit):
         self.used_scales: dict[int, float] = {}  # each read map's stored value per metre: what checks report
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
+        return past_pils_limit(lambda: self._load(i))
+
+    def _load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         row, name = self.ds[i], self.name(i)
         # as stored, not turned by an EXIF orientation: the depth map (an array) is read as stored too
         image = row_image(row[self.image_column], name, upright=False, dtype=self.dtypes.get(self.image_column))

@@ -7,13 +7,16 @@ from __future__ import annotations
 import glob
 import json
 import os
-from typing import Any
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 import numpy as np
 from PIL import Image
 
-from dptune.data.images import apply_orientation, exif_orientation, pil_to_mask
+from dptune.data.images import apply_orientation, exif_orientation, pil_limit_lifted, pil_to_mask
 from dptune.errors import ConfigError, DataError, first_line
+
+T = TypeVar("T")
 
 
 def open_hf_split(dataset: str, split: str, config_name: str | None = None, streaming: bool = False,
@@ -106,7 +109,8 @@ class HFSource(HFSplit):
         self.mask_column, self.rgb_masks = mask_column, rgb_masks
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
-        return decode_row(self.ds[i], self.name(i), self.image_column, self.mask_column, self.rgb_masks, self.dtypes)
+        return past_pils_limit(lambda: decode_row(self.ds[i], self.name(i), self.image_column, self.mask_column,
+                                                  self.rgb_masks, self.dtypes))
 
 
 def array_dtypes(features: Any) -> dict[str, str]:
@@ -219,3 +223,14 @@ def check_hf_settings(hf: dict[str, Any], task: str, where: str = "data") -> Non
         value = hf.get(key)
         if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 1):
             raise ConfigError(f"{where}.hf.{key} {value!r}: a whole number >= 1")
+
+
+def past_pils_limit(read: Callable[[], T]) -> T:
+    """``read()`` (a row of a Hugging Face dataset, decoded), and again with PIL's own 179 M-pixel
+    decompression-bomb limit lifted where it stopped it (``datasets`` decodes with PIL): a large
+    aerial tile reads as it does from a folder."""
+    try:
+        return read()
+    except Image.DecompressionBombError:
+        with pil_limit_lifted():
+            return read()

@@ -179,15 +179,21 @@ def pil_image(src: str | BinaryIO) -> Iterator[Image.Image]:
     """``PIL.Image.open`` without PIL's own decompression-bomb limit (179 M pixels), which stopped
     the header, EXIF and mask reads of a large aerial tile that OpenCV decodes with a raw traceback:
     the files are the user's own, and every image and mask is held to one limit (``pixel_limit``;
-    ``read_mask`` checks it). PIL reads its limit from a module global (at open, and again when a
-    TIFF is decoded), so the file is read under a lock that lifts it and puts PIL's setting back
-    when the file is closed: the data check reads files from several threads at once."""
+    ``read_mask`` checks it). See ``pil_limit_lifted``."""
+    with pil_limit_lifted(), Image.open(src) as im:
+        yield im
+
+
+@contextlib.contextmanager
+def pil_limit_lifted() -> Iterator[None]:
+    """PIL's decompression-bomb limit lifted in the block. PIL reads it from a module global (when it
+    opens a file, and again when it decodes a TIFF), so the block holds a lock and PIL's setting is
+    put back at its end: the data check reads files from several threads at once."""
     with _PIL_LIMIT:
         before = Image.MAX_IMAGE_PIXELS
         Image.MAX_IMAGE_PIXELS = None
         try:
-            with Image.open(src) as im:
-                yield im
+            yield
         finally:
             Image.MAX_IMAGE_PIXELS = before
 
