@@ -268,6 +268,9 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
     exception is a bug (ours or a library's) and keeps its traceback. ``prog``: the name usage
     lines give the command (``dptune`` from the dptune command; else the script's name)."""
     _quiet()
+    from dptune.training.checkpointing import INTERRUPTED
+
+    INTERRUPTED.clear()  # this run's own: a fit stopped outside main (Lightning used directly) leaves its line behind
     argv = sys.argv[1:] if args is None else list(args)
     if argv[:1] == ["predict"]:
         print("error: train.py has no predict subcommand; predict with scripts/predict.py --model "
@@ -307,8 +310,6 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
               file=sys.stderr)
         return 2
     except SystemExit:
-        from dptune.training.checkpointing import INTERRUPTED
-
         if not INTERRUPTED:
             raise
         print(f"error: {INTERRUPTED.pop()}", file=sys.stderr)
