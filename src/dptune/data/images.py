@@ -254,30 +254,35 @@ def read_mask(path: str, rgb: bool) -> np.ndarray:
 
 def sensor_orientation(path: str) -> int:
     """The orientation that turns the pixels an image file stores upright, whoever applies it: the
-    EXIF orientation dptune applies (``path_orientation``), or a TIFF's orientation tag, which its
+    EXIF orientation dptune applies (``exif_orientation``), or a TIFF's orientation tag, which its
     decoders apply themselves. A map stored with the image's pixels as a sensor stores them (depth)
-    is turned by it, to line up with the image as it is read."""
-    return decoder_orientation(path) if is_tiff(path) else path_orientation(path)
-
-
-def is_tiff(path: str) -> bool:
+    is turned by it, to line up with the image as it is read. One open of the file's header."""
+    if not os.path.isfile(path):
+        return 1
     try:
-        with open(path, "rb") as f:
-            return f.read(4) in (b"II*\x00", b"MM\x00*")
-    except OSError:
-        return False
+        with pil_image(path) as im:
+            return tiff_tag(im) if im.format == "TIFF" else exif_orientation(im)
+    except (OSError, SyntaxError, ValueError):
+        return 1
 
 
 def decoder_orientation(path: str) -> int:
     """The orientation a file's decoders apply themselves as they read it: a TIFF's orientation tag
-    (OpenCV, any read mode, and PIL alike); 1 for every other format (dptune applies their EXIF)."""
-    if not is_tiff(path):
-        return 1
+    (OpenCV, any read mode, and PIL alike); 1 for every other format (dptune applies their EXIF),
+    told from the file's first 4 bytes without opening it as an image."""
     try:
+        with open(path, "rb") as f:
+            if f.read(4) not in (b"II*\x00", b"MM\x00*"):
+                return 1
         with pil_image(path) as im:
-            tag = im.getexif().get(0x0112, 1)
+            return tiff_tag(im)
     except (OSError, SyntaxError, ValueError):
         return 1
+
+
+def tiff_tag(im: Image.Image) -> int:
+    """An opened TIFF's orientation tag (1-8), 1 where it has none or another value."""
+    tag = im.getexif().get(ORIENTATION, 1)
     return tag if isinstance(tag, int) and 1 <= tag <= 8 else 1
 
 

@@ -26,15 +26,21 @@ VAL_PROGRESS = ("loops", "fit_loop", "epoch_loop.val_loop.batch_progress")
 _CUT = {"ready": 1, "started": 1, "processed": 0, "completed": 0}  # Lightning's "mid-evaluation", at batch 0
 
 
+def _val_progress(checkpoint: dict[str, Any]) -> dict[str, Any] | None:
+    """The validation loop's batch progress in a checkpoint's loop state (None where it has none)."""
+    progress: Any = checkpoint
+    for key in VAL_PROGRESS:
+        progress = progress.get(key) if isinstance(progress, dict) else None
+    return progress if isinstance(progress, dict) else None
+
+
 def mark_validation_cut(checkpoint: dict[str, Any], cut: bool = True) -> None:
     """Record in ``checkpoint`` that a validation of the fit was stopped before it ended (``cut``):
     Lightning's resume then runs that validation again from its first batch (the scores so far are
     not saved). Otherwise record its validations as whole: after such a resume Lightning's count
     holds the cut's batch on top of the whole validation's, which reads as another cut."""
-    progress = checkpoint
-    for key in VAL_PROGRESS:
-        progress = progress.get(key) if isinstance(progress, dict) else None
-    if not isinstance(progress, dict):
+    progress = _val_progress(checkpoint)
+    if progress is None:
         return
     if cut:
         progress.update(total=dict(_CUT), current=dict(_CUT), is_last_batch=False)
@@ -45,9 +51,7 @@ def mark_validation_cut(checkpoint: dict[str, Any], cut: bool = True) -> None:
 
 def validation_cut(checkpoint: dict[str, Any]) -> bool:
     """Whether resuming ``checkpoint`` begins with a validation that was stopped before it ended."""
-    progress = checkpoint
-    for key in (*VAL_PROGRESS, "total"):
-        progress = progress.get(key) if isinstance(progress, dict) else None
+    progress = (_val_progress(checkpoint) or {}).get("total")
     if not isinstance(progress, dict):
         return False
     started, processed = progress.get("started", 0), progress.get("processed", 0)
