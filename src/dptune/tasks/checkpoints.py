@@ -23,7 +23,7 @@ from dptune.tasks.resume import (
     check_state_dict,
     check_task,
     data_changes,
-    show_setting,
+    say_change,
 )
 
 __all__ = ["ResumeCheck", "check_ckpt_path", "check_resume", "load_checkpoint", "load_module", "task_class"]
@@ -148,8 +148,7 @@ class ResumeCheck(Callback):
             saved, datamodule = ckpt.get("datamodule_hyper_parameters"), getattr(trainer, "datamodule", None)
             if isinstance(saved, dict) and datamodule is not None and trainer.is_global_zero:
                 for key, old, new in data_changes(saved, dict(datamodule.hparams)):
-                    log.info("resume: %s %s -> %s (this run's setting)", key, show_setting(old, new),
-                             show_setting(new, old))
+                    say_change("resume", key, old, new)
             self._pending = (ckpt, path, changed)
             if trainer.optimizers:  # a strategy that restores after setting up the optimizers
                 self.on_fit_start(trainer, trainer.lightning_module)

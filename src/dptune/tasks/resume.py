@@ -107,8 +107,7 @@ def check_resume(module, ckpt: dict[str, Any], path: str, stage: str, say: bool 
         if _plain(saved[key]) != _plain(hp[key]):
             changed.append(f"model.{key}")
             if say:
-                log.info("%s: model.%s %s -> %s (this run's setting)", word, key, show_setting(saved[key], hp[key]),
-                         show_setting(hp[key], saved[key]))
+                say_change(word, f"model.{key}", saved[key], hp[key])
     return changed
 
 
@@ -262,6 +261,11 @@ def _plain(value: Any) -> Any:
     if isinstance(value, (list, tuple)):
         return [_plain(v) for v in value]
     return value
+
+
+def say_change(word: str, key: str, old: Any, new: Any) -> None:
+    """``resume: model.lr 0.0005 -> 0.123 (this run's setting)``: one setting this run changes."""
+    log.info("%s: %s %s -> %s (this run's setting)", word, key, show_setting(old, new), show_setting(new, old))
 
 
 def show_setting(value: Any, other: Any = None) -> str:
