@@ -28,7 +28,8 @@ class SigtermInSanityCheck(pl.Callback):
 
 
 class StepLog(pl.Callback):
-    """Appends one JSON line per optimizer step (step, the LR of every group, the loss) to ``path``,
+    """Appends one JSON line per optimizer step (step, the LR of every group, the loss, the epoch, the
+    process and the samples of its batch) to ``path``,
     and at the start of training a fingerprint of the weights and optimizer state it starts from."""
 
     def __init__(self, path: str) -> None:
@@ -49,7 +50,8 @@ class StepLog(pl.Callback):
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
         loss = outputs["loss"] if isinstance(outputs, dict) else outputs
-        self._write({"step": trainer.global_step, "lr": self._lrs, "loss": float(torch.as_tensor(loss))})
+        self._write({"step": trainer.global_step, "lr": self._lrs, "loss": float(torch.as_tensor(loss)),
+                     "epoch": trainer.current_epoch, "rank": trainer.global_rank, "index": batch["index"].tolist()})
 
     def on_validation_end(self, trainer, pl_module) -> None:
         if not trainer.sanity_checking and trainer.is_global_zero:
@@ -61,6 +63,14 @@ def read_log(path) -> tuple[list[dict], list[dict]]:
     """(start records, step records) of a StepLog file."""
     rows = [json.loads(line) for line in open(path)]
     return [r for r in rows if "start" in r], [r for r in rows if "step" in r]
+
+
+def trained_per_epoch(steps: list[dict]) -> dict[int, list[int]]:
+    """The samples each epoch trained, over every process, in the order of the steps (and ranks)."""
+    out: dict[int, list[int]] = {}
+    for s in sorted(steps, key=lambda s: (s["step"], s["rank"])):
+        out.setdefault(s["epoch"], []).extend(s["index"])
+    return out
 
 
 def validations(path) -> dict[int, dict[str, float]]:

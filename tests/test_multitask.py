@@ -126,10 +126,15 @@ def test_mixed_stream_fills_the_missing_label_and_follows_the_weights():
     assert len(data) == 40
     assert (data[0]["depth"] == 0).all() and (data[35]["mask"] == 255).all()  # "no label" of the other task
     assert (data[29]["mask"] == 1).all() and (data[30]["depth"] == 1).all()
-    from torch.utils.data import WeightedRandomSampler
+    from dptune.data.order import TrainOrder
 
     weights = source_weights([30, 10], [1.0, 3.0])  # a quarter of the samples from segmentation
-    drawn = list(WeightedRandomSampler(weights, 4000, generator=torch.Generator().manual_seed(0)))
+    order = TrainOrder(data, num_replicas=1, rank=0, seed=0, weights=torch.tensor(weights))
+    drawn = []
+    for epoch in range(100):  # 40 draws an epoch, each epoch its own
+        order.set_epoch(epoch)
+        drawn += list(order)
+    assert list(order) != drawn[-80:-40]
     share = sum(k < 30 for k in drawn) / len(drawn)
     assert abs(share - 0.25) < 0.03
 

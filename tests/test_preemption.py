@@ -10,7 +10,7 @@ import time
 import pytest
 import torch
 from conftest import CAMVID, REPO, needs, run_python
-from sigterm_helper import read_log, validations
+from sigterm_helper import read_log, trained_per_epoch, validations
 from test_train import VAL, camvid_args
 
 pytestmark = [pytest.mark.slow, needs(CAMVID)]
@@ -69,8 +69,11 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_conf
     assert [s["step"] for s in steps] == [s["step"] for s in ref_steps] == [1, 2, 3, 4, 5, 6]
     for a, b in zip(steps, ref_steps, strict=True):
         assert a["lr"] == pytest.approx(b["lr"], rel=1e-12, abs=1e-15)
-    # the data order after a mid-epoch resume is not Lightning's to restore (a plain DataLoader has
-    # no state), so the weights need not end equal: the loss only has to keep falling
+    # and on the same images in the same order: the interrupted epoch (steps 3-4) trains the image
+    # its first step had not reached (a fresh shuffle trained some twice and others not at all)
+    assert trained_per_epoch(steps) == trained_per_epoch(ref_steps)
+    assert all(sorted(seen) == [0, 1, 2, 3] for seen in trained_per_epoch(steps).values())
+    # random augmentations are drawn afresh after a resume, so the weights need not end equal
     assert steps[-1]["loss"] < steps[0]["loss"]
     assert end["lr_schedulers"][0]["last_epoch"] == ref["lr_schedulers"][0]["last_epoch"]
 
@@ -131,17 +134,22 @@ def test_sigterm_to_one_process_of_two_mid_epoch_stops_both_at_the_same_step(tmp
     whatever collective the others were in: the run hung for good (a user attack, 8 of 9 tries); a
     signal to the child alone stopped it alone. Both processes stop after the step, last.ckpt holds it."""
     run = tmp_path / "cut"
+    log = ["--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={tmp_path}/cut.log"]
     args = [*_args(run, tiny_config_path), "--data.batch_size", "1", "--trainer.accelerator", "cpu",
             "--trainer.devices", "2", "--trainer.strategy", "ddp", "--trainer.callbacks+=sigterm_helper.SigtermAt",
-            "--trainer.callbacks.step=1", f"--trainer.callbacks.rank={rank}"]
+            "--trainer.callbacks.step=1", f"--trainer.callbacks.rank={rank}", *log]
     cut, _ = _run(args, tmp_path)
     assert cut.returncode == 0 and "SIGTERM: saved" in cut.stderr, cut.stderr[-3000:]
     saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert saved["global_step"] == 1  # 2 frames a process, batch 1: mid-epoch
     resumed, _ = _run([*_args(run, tiny_config_path), "--data.batch_size", "1", "--trainer.accelerator", "cpu",
-                       "--trainer.devices", "2", "--trainer.strategy", "ddp", "--ckpt_path", "last"], tmp_path)
+                       "--trainer.devices", "2", "--trainer.strategy", "ddp", "--ckpt_path", "last", *log], tmp_path)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 6
+    # each epoch, the interrupted one too, trained each of the 4 frames once over the two processes
+    # (Lightning restarted the interrupted epoch's loader: its second step took the first step's frames)
+    per_epoch = trained_per_epoch(read_log(tmp_path / "cut.log")[1])
+    assert sorted(per_epoch) == [0, 1, 2] and all(sorted(seen) == [0, 1, 2, 3] for seen in per_epoch.values())
 
 
 def test_sigterm_before_the_first_step_says_no_checkpoint_was_written(tmp_path, tiny_config_path):

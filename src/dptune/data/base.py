@@ -14,6 +14,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset
 
 from dptune.data.loaders import collate, default_workers, make_loader, rank
+from dptune.data.order import OrderState
 
 STAGES = ("train", "val", "test")
 
@@ -162,7 +163,7 @@ def settle_problems(problems: list[str], good: list[int], total: int, stage: str
 
 
 
-class SplitDataModule(pl.LightningDataModule):
+class SplitDataModule(OrderState, pl.LightningDataModule):
     """What the segmentation and the depth datamodules share: their ``splits`` (train / val / test),
     the loader settings, the datasets a stage needs, built and checked in ``setup``, and the loaders
     (``make_loader``, ``collate``; a stream shuffles itself and is already this process's part). A
@@ -212,8 +213,10 @@ class SplitDataModule(pl.LightningDataModule):
     def _loader(self, stage: str) -> DataLoader:
         ds = self.dataset(stage)
         size = self.batch_size if stage == "train" else self.val_batch_size
+        streaming = isinstance(ds, IterableDataset)
+        order = self.train_order(ds, size) if stage == "train" and not streaming else None
         return make_loader(ds, stage, size, self.trainer, self.num_workers, self.pin_memory, self.persistent_workers,
-                           collate, streaming=isinstance(ds, IterableDataset))
+                           collate, streaming=streaming, sampler=order)
 
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")

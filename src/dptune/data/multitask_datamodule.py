@@ -16,12 +16,13 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset, WeightedRandomSampler
+from torch.utils.data import DataLoader, Dataset
 
 from dptune.data.base import ValidationSource, asks_for_scores, one_process_stage
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
 from dptune.data.loaders import collate, default_workers, make_loader, rank
+from dptune.data.order import OrderState
 from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet, default_palette
 
@@ -121,7 +122,7 @@ def class_list_line(label_set: LabelSet, sources: list[MixSource]) -> str:
     return f"model classes ({label_set.num_classes}): {classes} (classes each source labels: {labelled})"
 
 
-class MultiTaskDataModule(pl.LightningDataModule):
+class MultiTaskDataModule(OrderState, pl.LightningDataModule):
     def __init__(
         self,
         segmentation: dict[str, Any] | list[dict[str, Any]] | None = None,
@@ -260,11 +261,10 @@ class MultiTaskDataModule(pl.LightningDataModule):
     def train_dataloader(self) -> DataLoader:
         datasets = [s.dm.dataset("train") for s in self.sources]
         data = JointTrainSet(datasets)
-        sampler = None
+        weights = None
         if self.sources[0].weight is not None:
-            weights = source_weights([len(d) for d in datasets], [s.weight for s in self.sources])
-            generator = torch.Generator().manual_seed(torch.initial_seed() % 2**32)  # same on every rank
-            sampler = WeightedRandomSampler(weights, num_samples=len(data), replacement=True, generator=generator)
+            weights = torch.tensor(source_weights([len(d) for d in datasets], [s.weight for s in self.sources]))
+        sampler = self.train_order(data, self.batch_size, weights)
         return make_loader(data, "train", self.batch_size, self.trainer, self.num_workers,
                            self.sources[0].dm.pin_memory, self.num_workers > 0, collate, sampler=sampler)
 
