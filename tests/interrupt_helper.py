@@ -1,4 +1,4 @@
-"""A callback that stands in for Ctrl-C: KeyboardInterrupt at the second epoch's first step."""
+"""A callback that stands in for Ctrl-C: KeyboardInterrupt at a batch (default the first) of the second epoch."""
 
 from __future__ import annotations
 
@@ -6,6 +6,9 @@ import lightning.pytorch as pl
 
 
 class CtrlCAt(pl.Callback):
-    def on_train_batch_start(self, trainer, *args, **kwargs) -> None:
-        if trainer.current_epoch == 1:
+    def __init__(self, batch: int = 0) -> None:
+        self.batch = batch
+
+    def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
+        if trainer.current_epoch == 1 and batch_idx == self.batch:
             raise KeyboardInterrupt

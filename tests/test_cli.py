@@ -206,6 +206,18 @@ def test_ctrl_c_mid_fit_says_how_to_resume_and_exits_130(tmp_path):
     assert "Traceback" not in proc.stderr
 
 
+def test_ctrl_c_after_the_last_checkpoint_says_which_step_it_holds(tmp_path):
+    """Ctrl-C at step 6 of a run whose last.ckpt was written at the end of epoch 0 (step 4): the line
+    said "resume from the last checkpoint" without saying that the two steps since are not in it."""
+    run = tmp_path / "run"
+    proc = quickstart(run, 3, "--data.splits", SMALL, "--data.batch_size", "2",
+                      "--trainer.callbacks+=interrupt_helper.CtrlCAt", "--trainer.callbacks.batch=2", check=False)
+    assert proc.returncode == 130, proc.stderr[-3000:]
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 4
+    line = next(ln for ln in proc.stderr.splitlines() if ln.startswith("error: interrupted (Ctrl-C) at step 6;"))
+    assert "it holds step 4: the 2 steps since are not in it" in line, line
+
+
 @needs(CAMVID)
 def test_a_label_set_of_one_class_is_one_line_before_training(tmp_path, monkeypatch, capsys):
     """A segmentation model over one class has nothing to choose between: the run trained, then its

@@ -122,6 +122,8 @@ class Checkpoint(ModelCheckpoint):
             os.replace(partial, filepath)
         trainer.strategy.barrier("dptune-checkpoint")
         self._last_checkpoint_saved = filepath
+        if filepath == self.last_model_path:
+            self._last_step_saved = trainer.global_step  # what a Ctrl-C line says last.ckpt holds
 
     def on_exception(self, trainer: pl.Trainer, pl_module: pl.LightningModule, exception: BaseException) -> None:
         """On SIGTERM (preemption; Lightning stops at the next step) write ``last.ckpt`` mid-epoch,
@@ -138,9 +140,13 @@ class Checkpoint(ModelCheckpoint):
             if isinstance(exception, KeyboardInterrupt) and trainer.state.fn == "fit" and trainer.is_global_zero:
                 # Lightning ends a Ctrl-C with a bare exit 1; dptune.cli.main turns it into this line and 130
                 last = self.last_model_path if self.last_model_path and os.path.isfile(self.last_model_path) else None
+                held = getattr(self, "_last_step_saved", None)
+                since = trainer.global_step - held if held is not None and last else 0
                 INTERRUPTED.append(f"interrupted (Ctrl-C) at step {trainer.global_step}; "
                                    + (f"resume from the last checkpoint with --ckpt_path last ({last})" if last else
-                                      "no checkpoint was written yet: start the run again"))
+                                      "no checkpoint was written yet: start the run again")
+                                   + (f"; it holds step {held}: the {since} step{'s' * (since > 1)} since "
+                                      f"{'are' if since > 1 else 'is'} not in it" if since > 0 else ""))
             if isinstance(exception, SIGTERMException) and self.save_last and trainer.state.fn == "fit":
                 if self._last_global_step_saved != trainer.global_step:
                     self._save_last_checkpoint(trainer, self._monitor_candidates(trainer))
