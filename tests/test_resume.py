@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import REPO, run_python
-from sigterm_helper import read_log
+from sigterm_helper import read_log, trained_per_epoch, validations
 
 pytestmark = pytest.mark.slow
 
@@ -205,3 +205,22 @@ def test_a_resume_on_two_processes_follows_the_length_of_its_own_epochs(tmp_path
     assert "this run has 14" in proc.stderr, proc.stderr[-3000:]
     end = _ckpt(run)
     assert end["global_step"] == 14 and end["lr_schedulers"][0]["last_epoch"] == 14
+
+
+def test_a_mid_epoch_resume_with_a_smaller_batch_trains_the_rest_of_the_epoch_and_validates_it(tmp_path):
+    """Cut at step 2 of 4 (batches of 8), resumed with batches of 4: Lightning counts 8 - 2 = 6 steps left
+    in the epoch, 24 samples, where 16 are left: the order ran out after 4 steps and the epoch ended
+    without its validation. The epoch trains the 16 it had not reached and 8 from its start, then is
+    scored, and the schedule ends with the run."""
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    logged = ["--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"]
+    quickstart(run, 2, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=2", *logged)
+    assert _ckpt(run)["global_step"] == 2
+    proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", "4", *logged)
+    assert "epoch 0 continues with the 16 of its 32 training samples it had not reached, and 8 from its start" \
+        in proc.stderr, proc.stderr[-3000:]
+    seen = trained_per_epoch(read_log(log)[1])
+    assert len(seen[0]) == 40 and sorted(set(seen[0])) == list(range(32)) and sorted(seen[1]) == list(range(32))
+    assert sorted(validations(log)) == [8, 16]
+    end = _ckpt(run)
+    assert end["global_step"] == 16 and end["lr_schedulers"][0]["last_epoch"] == 16

@@ -38,7 +38,7 @@ class TrainOrder(DistributedSampler):
         super().__init__(dataset, num_replicas=num_replicas, rank=rank, shuffle=True, seed=seed, drop_last=False)
         self.n = len(dataset)
         self.weights = None if weights is None else torch.as_tensor(weights, dtype=torch.double)
-        self.resume: tuple[int, int] | None = None  # (epoch, positions of its order already trained)
+        self.resume: tuple[int, int, int | None] | None = None  # (epoch, positions trained, see resume_at)
 
     def order(self, epoch: int) -> torch.Tensor:
         """The whole order of ``epoch`` (every process's positions)."""
@@ -47,9 +47,12 @@ class TrainOrder(DistributedSampler):
             return torch.randperm(self.n, generator=g)
         return torch.multinomial(self.weights, self.n, replacement=True, generator=g)
 
-    def resume_at(self, epoch: int, consumed: int) -> None:
+    def resume_at(self, epoch: int, consumed: int, left: int | None = None) -> None:
+        """Leave out the first ``consumed`` positions of ``epoch``'s order; with ``left`` (the samples
+        per process that the epoch's remaining steps take, as Lightning counts them) the rest is made
+        that long at least, from the epoch's first positions, so that the epoch ends where Lightning ends it."""
         self.epoch = epoch  # a loader with workers draws its first indices before Lightning sets the epoch
-        self.resume = (epoch, consumed) if consumed > 0 else None
+        self.resume = (epoch, consumed, left) if consumed > 0 else None
 
     def set_epoch(self, epoch: int) -> None:
         super().set_epoch(epoch)
@@ -59,7 +62,12 @@ class TrainOrder(DistributedSampler):
     def __iter__(self):
         order = self.order(self.epoch)
         if self.resume is not None and self.resume[0] == self.epoch:
-            order = order[self.resume[1]:]
+            _, consumed, left = self.resume
+            rest = order[consumed:]
+            short = (left or 0) * self.num_replicas - len(rest)
+            if short > 0:  # another batch size or number of processes: Lightning runs more steps than are left
+                rest = torch.cat([rest, order.repeat(math.ceil(short / len(order)))[:short]])
+            order = rest
         if len(order) == 0:
             return iter([])
         total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
@@ -83,23 +91,32 @@ class OrderState:
         trainer = self.trainer
         world, me = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         state = self._resume_order
-        seed = int(state["seed"]) if state else torch.initial_seed() % 2**32  # a resumed run keeps its orders
+        seed = state["seed"] if state else torch.initial_seed() % 2**32  # a resumed run keeps its orders
         order = TrainOrder(dataset, world, me, seed, weights)
-        if state:
-            if state["size"] != len(dataset):
-                log.warning("resume: the training split has %d samples, the checkpoint's run had %d: the "
-                            "interrupted epoch's order starts over", len(dataset), state["size"])
-            elif not state["done"] and state["consumed"] > 0:
-                order.resume_at(state["epoch"], state["consumed"])
-                # Lightning warns that a plain loader cannot resume mid-epoch; this order does
-                warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-                if me == 0:
-                    log.info("resume: epoch %d continues with the %d of its %d training samples it had not reached",
-                             state["epoch"], max(0, len(dataset) - state["consumed"]), len(dataset))
-            else:
-                order.resume_at(state["epoch"] + 1, 0)
+        if state and state["size"] != len(dataset):
+            log.warning("resume: the training split has %d samples, the checkpoint's run had %d: the interrupted "
+                        "epoch's order starts over", len(dataset), state["size"])
+        elif state and not state["done"] and state["consumed"] > 0:
+            left = len(order) - state["batches"] * batch_size  # Lightning counts the steps done in the old batches
+            order.resume_at(state["epoch"], state["consumed"], left)
+            # Lightning warns that a plain loader cannot resume mid-epoch; this order does
+            warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
+            if me == 0:
+                self._say_resumed(state, len(dataset), left * world)
+        elif state:
+            order.resume_at(state["epoch"] + 1, 0)
         self._order, self._order_batch = order, batch_size
         return order
+
+    @staticmethod
+    def _say_resumed(state: dict[str, Any], n: int, takes: int) -> None:
+        rest = max(0, n - state["consumed"])
+        extra = ("" if takes == rest or rest == 0 else
+                 f", and {takes - rest} from its start" if takes > rest else
+                 f"; {rest - max(takes, 0)} of them are not trained in this epoch")
+        log.info("resume: epoch %d continues with the %d of its %d training samples it had not reached%s%s",
+                 state["epoch"], rest, n, extra, "" if not extra else
+                 " (Lightning counts the steps left in this epoch from the checkpoint's batches)")
 
     def state_dict(self) -> dict[str, Any]:
         order, trainer = self._order, self.trainer
@@ -107,9 +124,21 @@ class OrderState:
             return {}
         loop = trainer.fit_loop.epoch_loop
         batches = loop.batch_progress.current.processed
-        return {"seed": order.seed, "size": order.n, "epoch": order.epoch,
+        return {"seed": order.seed, "size": order.n, "epoch": order.epoch, "batches": batches,
                 "consumed": batches * self._order_batch * order.num_replicas,
                 "done": batches >= trainer.num_training_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        self._resume_order = dict(state_dict) if state_dict else None
+        self._resume_order = None
+        if not state_dict:
+            return  # a checkpoint without it (written before dptune recorded the order): a fresh order
+        try:
+            state = {key: int(state_dict[key]) for key in ("seed", "size", "epoch", "batches", "consumed")}
+            state["done"] = bool(state_dict["done"])
+        except (KeyError, TypeError, ValueError):
+            state = None
+        if state is None or min(state.values()) < 0 or state["seed"] >= 2**63:
+            log.warning("resume: the checkpoint's record of the training order is not one dptune wrote (%.200r); "
+                        "the interrupted epoch's order starts over", state_dict)
+            return
+        self._resume_order = state
