@@ -73,8 +73,14 @@ def test_sigterm_mid_epoch_then_resume_matches_uninterrupted(tmp_path, tiny_conf
     # its first step had not reached (a fresh shuffle trained some twice and others not at all)
     assert trained_per_epoch(steps) == trained_per_epoch(ref_steps)
     assert all(sorted(seen) == [0, 1, 2, 3] for seen in trained_per_epoch(steps).values())
-    # random augmentations are drawn afresh after a resume, so the weights need not end equal
-    assert steps[-1]["loss"] < steps[0]["loss"]
+    # with the same augmentations and dropout: the run ends with the uninterrupted run's weights and moments
+    # (they differed: Lightning restores no random state, and the loader drew afresh)
+    assert [s["loss"] for s in steps] == [s["loss"] for s in ref_steps]
+    for key, value in ref["state_dict"].items():
+        assert torch.equal(end["state_dict"][key], value), key
+    for a, b in zip(end["optimizer_states"][0]["state"].values(), ref["optimizer_states"][0]["state"].values(),
+                    strict=True):
+        assert torch.equal(a["exp_avg"], b["exp_avg"]) and torch.equal(a["exp_avg_sq"], b["exp_avg_sq"])
     assert end["lr_schedulers"][0]["last_epoch"] == ref["lr_schedulers"][0]["last_epoch"]
 
 
@@ -200,3 +206,16 @@ def test_sigterm_to_the_launcher_while_a_two_process_run_starts_ends_the_other_p
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:
                     pass
+
+
+def test_two_processes_without_a_seed_share_one_order(tmp_path, tiny_config_path):
+    """With ``--seed_everything false`` each process has its own initial seed: each drew its own order
+    and took its half of it, so a quarter of the samples trained twice an epoch and as many never (a
+    user attack). The processes take rank 0's seed."""
+    log = tmp_path / "steps.log"
+    proc, _ = _run([*_args(tmp_path / "run", tiny_config_path), "--data.batch_size", "1", "--trainer.accelerator",
+                    "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--seed_everything", "false",
+                    "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"], tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    per_epoch = trained_per_epoch(read_log(log)[1])
+    assert sorted(per_epoch) == [0, 1, 2] and all(sorted(seen) == [0, 1, 2, 3] for seen in per_epoch.values())

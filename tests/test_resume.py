@@ -211,13 +211,20 @@ def test_a_mid_epoch_resume_with_a_smaller_batch_trains_the_rest_of_the_epoch_an
     """Cut at step 2 of 4 (batches of 8), resumed with batches of 4: Lightning counts 8 - 2 = 6 steps left
     in the epoch, 24 samples, where 16 are left: the order ran out after 4 steps and the epoch ended
     without its validation. The epoch trains the 16 it had not reached and 8 from its start, then is
-    scored, and the schedule ends with the run."""
+    scored, and the schedule ends with the run. Cut again at step 3 and resumed, the record counted the
+    steps since the first resume in the new batches (12 positions where 20 were trained) and the epoch
+    trained 8 samples a third time (a user attack)."""
     run, log = tmp_path / "run", tmp_path / "steps.log"
     logged = ["--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"]
     quickstart(run, 2, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=2", *logged)
     assert _ckpt(run)["global_step"] == 2
-    proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", "4", *logged)
+    proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", "4", *logged,
+                      "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=3")
     assert "epoch 0 continues with the 16 of its 32 training samples it had not reached, and 8 from its start" \
+        in proc.stderr, proc.stderr[-3000:]
+    assert _ckpt(run)["global_step"] == 3
+    proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", "4", *logged)
+    assert "epoch 0 continues with the 12 of its 32 training samples it had not reached, and 8 from its start" \
         in proc.stderr, proc.stderr[-3000:]
     seen = trained_per_epoch(read_log(log)[1])
     assert len(seen[0]) == 40 and sorted(set(seen[0])) == list(range(32)) and sorted(seen[1]) == list(range(32))

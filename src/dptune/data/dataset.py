@@ -13,6 +13,7 @@ from torch.utils.data import Dataset
 
 from dptune.data.base import check_each
 from dptune.data.images import path_orientation
+from dptune.data.order import reseed
 from dptune.data.sources import Source
 from dptune.data.transforms import resize_like_processor
 from dptune.errors import DataError
@@ -121,6 +122,7 @@ class SegmentationDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k]
+        reseed(self.transform, k)
         return make_item(*self.load(i), i, self.transform, self.image_size)
 
 

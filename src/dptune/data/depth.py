@@ -33,6 +33,7 @@ from dptune.data.depth_files import (
 from dptune.data.globs import match_images
 from dptune.data.hf_sources import HFSplit, column_array, past_pils_limit, row_image
 from dptune.data.images import apply_orientation, decoder_orientation, read_image, sensor_orientation
+from dptune.data.order import reseed
 from dptune.data.sources import read_paired_mask
 from dptune.data.templates import paths_for
 from dptune.data.transforms import PhotometricJitter, resize_like_processor
@@ -180,6 +181,7 @@ class DepthDataset(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         i = self.indices[k]
+        reseed(self.transform, k)
         image, depth, *mask = self.load(i)
         targets = {"depth": depth, **({"mask": mask[0]} if mask else {})}
         if self.transform is not None:

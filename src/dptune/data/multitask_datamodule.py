@@ -22,7 +22,7 @@ from dptune.data.base import ValidationSource, asks_for_scores, one_process_stag
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.data.depth_datamodule import DepthDataModule
 from dptune.data.loaders import collate, default_workers, make_loader, rank
-from dptune.data.order import OrderState
+from dptune.data.order import Drawn, OrderState
 from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet, default_palette
 
@@ -62,7 +62,7 @@ class JointTrainSet(Dataset):
 
     def __getitem__(self, k: int) -> dict[str, Any]:
         s = bisect.bisect_right(self.starts, k) - 1
-        item = dict(self.datasets[s][k - self.starts[s]])
+        item = dict(self.datasets[s][k.moved(k - self.starts[s]) if isinstance(k, Drawn) else k - self.starts[s]])
         shape = (item["mask"] if "mask" in item else item["depth"]).shape
         item.setdefault("depth", torch.zeros(shape, dtype=torch.float32))
         item.setdefault("mask", torch.full(shape, IGNORE_INDEX, dtype=torch.uint8))

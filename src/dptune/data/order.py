@@ -10,6 +10,7 @@ checkpoint how far into its epoch the run was, and a resumed run's order leaves 
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import warnings
@@ -19,6 +20,47 @@ import torch
 from torch.utils.data import DistributedSampler
 
 log = logging.getLogger(__name__)
+
+
+_M64 = 2**64 - 1
+
+
+def _mix(*parts: int) -> int:
+    """One 63-bit seed from several whole numbers (a seed, an epoch, a position): each part folded in
+    by SplitMix64's finalizer, so that neighbouring numbers give unrelated seeds."""
+    h = 0
+    for p in parts:
+        z = ((h ^ (int(p) & _M64)) + 0x9E3779B97F4A7C15) & _M64
+        z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _M64
+        z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _M64
+        h = z ^ (z >> 31)
+    return h >> 1
+
+
+class Drawn(int):
+    """A sample index as the training order yields it, with the seed of that sample's augmentations
+    (``reseed``): a function of the run's seed, the epoch and the position in the epoch's order, so
+    that the same epoch draws the same augmentations whatever the loader workers or a resume."""
+
+    seed: int
+
+    def __new__(cls, index: int, seed: int) -> Drawn:
+        obj = super().__new__(cls, index)
+        obj.seed = seed
+        return obj
+
+    def __getnewargs__(self) -> tuple[int, int]:  # pickled to loader workers
+        return int(self), self.seed
+
+    def moved(self, index: int) -> Drawn:
+        """The same draw as an index into a part of the dataset (a joint set's source)."""
+        return Drawn(index, self.seed)
+
+
+def reseed(transform, k: int) -> None:
+    """Before a training sample's augmentations: seed them from its draw (a plain index: left as is)."""
+    if isinstance(k, Drawn) and transform is not None and hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(k.seed % 2**32)
 
 
 class TrainOrder(DistributedSampler):
@@ -42,7 +84,7 @@ class TrainOrder(DistributedSampler):
 
     def order(self, epoch: int) -> torch.Tensor:
         """The whole order of ``epoch`` (every process's positions)."""
-        g = torch.Generator().manual_seed((self.seed * 1_000_003 + epoch) % 2**63)
+        g = torch.Generator().manual_seed(_mix(self.seed, epoch))
         if self.weights is None:
             return torch.randperm(self.n, generator=g)
         return torch.multinomial(self.weights, self.n, replacement=True, generator=g)
@@ -61,21 +103,40 @@ class TrainOrder(DistributedSampler):
 
     def __iter__(self):
         order = self.order(self.epoch)
+        positions = torch.arange(len(order))
         if self.resume is not None and self.resume[0] == self.epoch:
             _, consumed, left = self.resume
-            rest = order[consumed:]
-            short = (left or 0) * self.num_replicas - len(rest)
+            positions = positions[consumed:]
+            short = (left or 0) * self.num_replicas - len(positions)
             if short > 0:  # another batch size or number of processes: Lightning runs more steps than are left
-                rest = torch.cat([rest, order.repeat(math.ceil(short / len(order)))[:short]])
-            order = rest
-        if len(order) == 0:
+                positions = torch.cat([positions, torch.arange(len(order)).repeat(math.ceil(short / len(order)))[:short]])
+        if len(positions) == 0:
             return iter([])
-        total = math.ceil(len(order) / self.num_replicas) * self.num_replicas
-        padded = order.repeat(math.ceil(total / len(order)))[:total]
-        return iter(padded[self.rank::self.num_replicas].tolist())
+        total = math.ceil(len(positions) / self.num_replicas) * self.num_replicas
+        mine = positions.repeat(math.ceil(total / len(positions)))[:total][self.rank::self.num_replicas].tolist()
+        indices = order[mine].tolist()
+        return (Drawn(i, _mix(self.seed, self.epoch, p)) for i, p in zip(indices, mine, strict=True))
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.num_replicas)  # a whole epoch's share: Lightning counts its steps from it
+
+
+def sample_identity(dataset) -> str:
+    """A short fingerprint of which samples a training set holds, in its order: the kept indices of
+    each source and its image file names where it has them (a joint set: each of its sets)."""
+    parts: list[str] = []
+
+    def walk(ds) -> None:
+        if getattr(ds, "datasets", None):
+            for child in ds.datasets:
+                walk(child)
+            return
+        images = getattr(getattr(ds, "source", None), "images", None)
+        names = [getattr(p, "name", str(p)) for p in images] if isinstance(images, list) else []
+        parts.append(repr((len(ds), list(getattr(ds, "indices", [])), names)))
+
+    walk(dataset)
+    return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
 class OrderState:
@@ -86,26 +147,35 @@ class OrderState:
     _order: TrainOrder | None = None
     _order_batch: int = 0
     _resume_order: dict[str, Any] | None = None
+    _resumed_at: tuple[int, int, int] | None = None  # (epoch, positions skipped, Lightning's batches then)
 
     def train_order(self, dataset, batch_size: int, weights: torch.Tensor | None = None) -> TrainOrder:
         trainer = self.trainer
         world, me = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
-        state = self._resume_order
+        state, identity = self._resume_order, sample_identity(dataset)
         seed = state["seed"] if state else torch.initial_seed() % 2**32  # a resumed run keeps its orders
+        if world > 1:  # one order for all: without seed_everything each process has its own initial seed
+            seed = int(trainer.strategy.broadcast(seed, src=0))
         order = TrainOrder(dataset, world, me, seed, weights)
-        if state and state["size"] != len(dataset):
-            log.warning("resume: the training split has %d samples, the checkpoint's run had %d: the interrupted "
-                        "epoch's order starts over", len(dataset), state["size"])
-        elif state and not state["done"] and state["consumed"] > 0:
+        self._order, self._order_batch, self._identity, self._resumed_at = order, batch_size, identity, None
+        if not state:
+            return order
+        if state["identity"] != identity or state["size"] != len(dataset):
+            if me == 0:
+                log.warning("resume: the training set holds other samples than the checkpoint's run had (%d, was "
+                            "%d; or other files or samples left out): the interrupted epoch is drawn afresh, so some "
+                            "samples are trained twice in it and others not", len(dataset), state["size"])
+            order.resume_at(state["epoch"] + state["done"], 0)
+        elif not state["done"] and state["consumed"] > 0:
             left = len(order) - state["batches"] * batch_size  # Lightning counts the steps done in the old batches
             order.resume_at(state["epoch"], state["consumed"], left)
+            self._resumed_at = (state["epoch"], state["consumed"], state["batches"])
             # Lightning warns that a plain loader cannot resume mid-epoch; this order does
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
             if me == 0:
                 self._say_resumed(state, len(dataset), left * world)
-        elif state:
-            order.resume_at(state["epoch"] + 1, 0)
-        self._order, self._order_batch = order, batch_size
+        else:
+            order.resume_at(state["epoch"] + state["done"], 0)
         return order
 
     @staticmethod
@@ -118,27 +188,41 @@ class OrderState:
                  state["epoch"], rest, n, extra, "" if not extra else
                  " (Lightning counts the steps left in this epoch from the checkpoint's batches)")
 
+    def batch_seed(self, batch_idx: int, rank: int) -> int | None:
+        """The seed of torch's random numbers (dropout) for a training batch: of the run's seed, the
+        epoch, the batch and the process; None without a training order (a stream)."""
+        order = self._order
+        return None if order is None else _mix(order.seed, order.epoch, batch_idx, rank, 1)
+
     def state_dict(self) -> dict[str, Any]:
         order, trainer = self._order, self.trainer
         if order is None or trainer is None or trainer.state.fn != "fit":
             return {}
-        loop = trainer.fit_loop.epoch_loop
-        batches = loop.batch_progress.current.processed
-        return {"seed": order.seed, "size": order.n, "epoch": order.epoch, "batches": batches,
-                "consumed": batches * self._order_batch * order.num_replicas,
-                "done": batches >= trainer.num_training_batches}
+        batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
+        per_batch = self._order_batch * order.num_replicas
+        consumed = batches * per_batch
+        if self._resumed_at is not None and self._resumed_at[0] == order.epoch:
+            # resumed in this epoch, maybe with another batch size: positions skipped then + trained since
+            epoch, skipped, then = self._resumed_at
+            consumed = skipped + (batches - then) * per_batch
+        return {"seed": order.seed, "size": order.n, "identity": self._identity, "epoch": order.epoch,
+                "batches": batches, "consumed": consumed, "done": batches >= trainer.num_training_batches}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_order = None
         if not state_dict:
-            return  # a checkpoint without it (written before dptune recorded the order): a fresh order
+            return  # a checkpoint without it (written before dptune recorded the order): Lightning warns
         try:
             state = {key: int(state_dict[key]) for key in ("seed", "size", "epoch", "batches", "consumed")}
-            state["done"] = bool(state_dict["done"])
-        except (KeyError, TypeError, ValueError):
-            state = None
-        if state is None or min(state.values()) < 0 or state["seed"] >= 2**63:
-            log.warning("resume: the checkpoint's record of the training order is not one dptune wrote (%.200r); "
-                        "the interrupted epoch's order starts over", state_dict)
+            state["done"], state["identity"] = state_dict["done"], state_dict["identity"]
+            good = (isinstance(state["done"], bool) and isinstance(state["identity"], str)
+                    and min(state[k] for k in ("seed", "size", "epoch", "batches", "consumed")) >= 0
+                    and state["seed"] < 2**63)
+        except (KeyError, TypeError, ValueError, OverflowError):
+            good = False
+        if not good:
+            log.warning("resume: the checkpoint's record of the training order is not one dptune wrote (%.200r): "
+                        "the interrupted epoch is drawn afresh, so some of its samples are trained twice and others "
+                        "not in it", state_dict)
             return
         self._resume_order = state

@@ -285,6 +285,16 @@ class DPTTask(DivergenceGuard, Optimizing, StageChecks, pl.LightningModule):
                      "unused by the forward pass%s", switched, len(list(self.modules())), len(frozen),
                      f" ({', '.join(frozen[:4])}{', ...' if len(frozen) > 4 else ''})" if frozen else "")
 
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> Any:
+        """Torch's random numbers (dropout) for this batch seeded from the run's seed, the epoch, the
+        batch and the process (the datamodule's ``batch_seed``): a resumed run draws what the
+        uninterrupted one does."""
+        datamodule = getattr(self._trainer, "datamodule", None)
+        seed = datamodule.batch_seed(batch_idx, self.global_rank) if hasattr(datamodule, "batch_seed") else None
+        if seed is not None:
+            torch.manual_seed(seed)
+        return super().on_train_batch_start(batch, batch_idx)
+
     # ------------------------------------------------------------------ export support
     def image_processor(self):
         """The ``DPTImageProcessor`` that reproduces validation preprocessing for plain transformers."""

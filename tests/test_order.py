@@ -1,0 +1,103 @@
+"""The training order: each epoch's samples and augmentations are a function of the run's seed and
+the epoch, the same whatever the loader workers, and split exactly over processes."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import CAMVID, needs
+
+from dptune.data.order import TrainOrder
+
+SPLITS = {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"}}
+
+
+def _batches(workers: int, epoch: int) -> list[dict]:
+    from dptune.data.datamodule import SegmentationDataModule
+
+    torch.manual_seed(7)  # the run's seed (Lightning's seed_everything)
+    dm = SegmentationDataModule(root=str(CAMVID), splits=SPLITS, image_size=96, crop_size=64, batch_size=2,
+                                num_workers=workers, cache=False)
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    loader.sampler.set_epoch(epoch)
+    torch.manual_seed(1234 + workers)  # what else drew from torch's generator must not matter
+    return list(loader)
+
+
+@needs(CAMVID)
+def test_an_epoch_draws_the_same_samples_and_augmentations_with_or_without_loader_workers():
+    """Augmentations were drawn from each worker's own random stream: another number of workers (or a
+    resume) trained on other crops and flips of the same images."""
+    for epoch in (0, 1):
+        plain, workers = _batches(0, epoch), _batches(2, epoch)
+        assert [b["index"].tolist() for b in plain] == [b["index"].tolist() for b in workers]
+        for a, b in zip(plain, workers, strict=True):
+            assert torch.equal(a["image"], b["image"]) and torch.equal(a["mask"], b["mask"])
+    one, two = _batches(0, 0), _batches(0, 1)
+    assert not all(torch.equal(a["image"], b["image"]) for a, b in zip(one, two, strict=True))
+
+
+@pytest.mark.parametrize("n", [10, 11, 3])
+def test_processes_share_each_epoch_and_a_resume_on_other_processes_takes_the_rest(n):
+    """Two processes take disjoint halves of the epoch's order (padded from its start to an even
+    count, as DistributedSampler); resumed after 4 positions on 3 processes, they take the rest."""
+    data = list(range(n))
+    two = [TrainOrder(data, 2, r, seed=5) for r in range(2)]
+    for o in two:
+        o.set_epoch(3)
+    drawn = [list(map(int, o)) for o in two]
+    assert len(drawn[0]) == len(drawn[1]) == len(two[0]) == -(-n // 2)
+    whole = two[0].order(3).tolist()
+    assert sorted(drawn[0][:n // 2] + drawn[1][:n // 2]) == sorted(whole[:n // 2 * 2])
+    assert set(drawn[0]) | set(drawn[1]) == set(data)
+    three = [TrainOrder(data, 3, r, seed=5) for r in range(3)]
+    for o in three:
+        o.resume_at(3, 4)
+    rest = [i for o in three for i in map(int, o)]
+    assert set(rest) == set(whole[4:]) and len(rest) == -(-(n - 4) // 3) * 3 if n > 4 else rest == []
+    for o in three:
+        o.set_epoch(4)  # the next epoch is whole again
+    assert sorted({i for o in three for i in map(int, o)}) == data
+
+
+def test_neighbouring_epochs_and_seeds_draw_unrelated_orders():
+    """The seed of an epoch's order mixed the numbers so poorly that epochs 98 and 99 drew the same order."""
+    orders = {tuple(TrainOrder(list(range(12)), 1, 0, seed=s).order(e).tolist()) for s in range(4) for e in range(200)}
+    assert len(orders) == 800
+
+
+def test_a_damaged_order_record_is_one_warning_and_a_fresh_epoch(caplog):
+    """A record with an infinite count was a raw OverflowError traceback (a user attack)."""
+    from dptune.data.order import OrderState
+
+    good = {"seed": 0, "size": 32, "identity": "ab", "epoch": 0, "batches": 2, "consumed": 16, "done": False}
+    for bad in ({**good, "consumed": float("inf")}, {**good, "done": "False"}, {**good, "seed": -1},
+                {**good, "batches": None}, {k: v for k, v in good.items() if k != "identity"}, [1, 2]):
+        state = OrderState()
+        caplog.clear()
+        state.load_state_dict(bad)
+        assert state._resume_order is None
+        assert "not one dptune wrote" in caplog.text and "trained twice" in caplog.text
+    state = OrderState()
+    state.load_state_dict(good)
+    assert state._resume_order == good
+
+
+@needs(CAMVID)
+def test_a_training_set_with_other_samples_of_the_same_count_is_told_apart():
+    """A resume whose ``on_bad_sample skip`` left out another file (same count) took the positions of
+    the checkpoint's set as its own: samples trained twice and others never, without a word."""
+    from dptune.data.datamodule import SegmentationDataModule
+    from dptune.data.order import sample_identity
+
+    dm = SegmentationDataModule(root=str(CAMVID), splits=SPLITS, image_size=96, crop_size=64, batch_size=2,
+                                num_workers=0, cache=False)
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    before = sample_identity(ds)
+    assert sample_identity(ds) == before
+    ds.indices = [0, 1, 3]  # sample 2 left out, then sample 3
+    other = sample_identity(ds)
+    ds.indices = [0, 1, 2]
+    assert len({before, other, sample_identity(ds)}) == 3
