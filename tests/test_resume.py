@@ -231,3 +231,56 @@ def test_a_mid_epoch_resume_with_a_smaller_batch_trains_the_rest_of_the_epoch_an
     assert sorted(validations(log)) == [8, 16]
     end = _ckpt(run)
     assert end["global_step"] == 16 and end["lr_schedulers"][0]["last_epoch"] == 16
+
+
+def test_a_resume_from_a_checkpoint_written_every_n_steps_trains_what_the_whole_run_trains(tmp_path):
+    """A ``ModelCheckpoint(every_n_train_steps=6)`` file of a 12-step run is written as a training batch
+    ends, before Lightning counts it complete: the schedule was set one batch short (the LR differed
+    from step 7 on, 5.83e-4 against 5.45e-4; a review). Resumed from it, the run trains the same steps
+    at the same LRs on the same samples and ends with the same weights."""
+    full, log, res = tmp_path / "full", tmp_path / "full.log", tmp_path / "res.log"
+    every = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+             f"--trainer.callbacks.dirpath={tmp_path / 'every'}", "--trainer.callbacks.every_n_train_steps=6",
+             "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename=s{step}"]
+    quickstart(full, 3, *every, "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}")
+    quickstart(tmp_path / "resumed", 3, "--ckpt_path", str(tmp_path / "every" / "sstep=6.ckpt"),
+               "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={res}")
+    (_, ref), (_, steps) = read_log(log), read_log(res)
+    assert [s["step"] for s in steps] == list(range(7, 13))
+    for a, b in zip(steps, ref[6:], strict=True):
+        assert a["lr"] == pytest.approx(b["lr"], rel=1e-12) and a["index"] == b["index"]
+    end, ref_end = _ckpt(tmp_path / "resumed"), _ckpt(full)
+    assert all(torch.equal(end["state_dict"][k], v) for k, v in ref_end["state_dict"].items())
+
+
+def test_a_run_stopped_at_max_steps_mid_epoch_and_extended_does_not_claim_to_continue_that_epoch(tmp_path):
+    """Stopped by max_steps 6 in the middle of epoch 1 and extended: Lightning counts epoch 1 as done
+    and draws epoch 2's order, but the log said epoch 1 continued (a review)."""
+    run = tmp_path / "run"
+    quickstart(run, 3, "--trainer.max_steps", "6")
+    proc = quickstart(run, 3, "--ckpt_path", "last", "--trainer.max_steps", "12")
+    assert "continues with the" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_overfit_batches_writes_no_training_order_into_its_checkpoints(tmp_path):
+    """Lightning puts its own sampler in for overfit_batches: a resume from a SIGTERM in epoch 1 said
+    "epoch 0 continues" with samples of an order that never trained (a review)."""
+    run = tmp_path / "run"
+    quickstart(run, 3, "--trainer.overfit_batches", "2", "--trainer.callbacks+=sigterm_helper.SigtermAt",
+               "--trainer.callbacks.step=3")
+    assert _ckpt(run)["global_step"] == 3 and not _ckpt(run).get("SegmentationDataModule")
+    proc = quickstart(run, 3, "--ckpt_path", "last", "--trainer.overfit_batches", "2")
+    assert "continues with the" not in proc.stderr, proc.stderr[-3000:]
+
+
+def test_loaders_made_again_each_epoch_keep_the_order_after_a_resume(tmp_path):
+    """With reload_dataloaders_every_n_epochs 1 the resume line came again at every reload (a review);
+    the loaders made again keep the run's order: each epoch trains each sample once."""
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    args = ["--trainer.reload_dataloaders_every_n_epochs", "1", "--seed_everything", "true",
+            "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"]
+    quickstart(run, 3, *args, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=6")
+    proc = quickstart(run, 3, "--ckpt_path", "last", *args)
+    assert proc.stderr.count("continues with the") == 1, proc.stderr[-3000:]
+    seen = trained_per_epoch(read_log(log)[1])
+    assert sorted(seen) == [0, 1, 2] and all(sorted(v) == list(range(32)) for v in seen.values())

@@ -148,34 +148,41 @@ class OrderState:
     _order_batch: int = 0
     _resume_order: dict[str, Any] | None = None
     _resumed_at: tuple[int, int, int] | None = None  # (epoch, positions skipped, Lightning's batches then)
+    _said_resume = False
 
     def train_order(self, dataset, batch_size: int, weights: torch.Tensor | None = None) -> TrainOrder:
         trainer = self.trainer
         world, me = (trainer.world_size, trainer.global_rank) if trainer is not None else (1, 0)
         state, identity = self._resume_order, sample_identity(dataset)
-        seed = state["seed"] if state else torch.initial_seed() % 2**32  # a resumed run keeps its orders
+        # a resumed run keeps its orders, and so does a loader made again
+        seed = state["seed"] if state else self._order.seed if self._order is not None else torch.initial_seed() % 2**32
         if world > 1:  # one order for all: without seed_everything each process has its own initial seed
             seed = int(trainer.strategy.broadcast(seed, src=0))
         order = TrainOrder(dataset, world, me, seed, weights)
         self._order, self._order_batch, self._identity, self._resumed_at = order, batch_size, identity, None
-        if not state:
+        # the epoch Lightning runs next, as far as its loops know (a loader with workers draws its first
+        # indices before Lightning sets it): 0 while the loader is made before the loops are restored
+        # (Lightning's estimated_stepping_batches makes it), the epoch itself when made again each epoch
+        loops = trainer.fit_loop.epoch_progress.current.processed if trainer is not None else 0
+        if not state or loops > state["epoch"]:
+            order.set_epoch(loops)
             return order
         if state["identity"] != identity or state["size"] != len(dataset):
-            if me == 0:
+            if me == 0 and not self._said_resume:
                 log.warning("resume: the training set holds other samples than the checkpoint's run had (%d, was "
                             "%d; or other files or samples left out): the interrupted epoch is drawn afresh, so some "
                             "samples are trained twice in it and others not", len(dataset), state["size"])
-            order.resume_at(state["epoch"] + state["done"], 0)
         elif not state["done"] and state["consumed"] > 0:
             left = len(order) - state["batches"] * batch_size  # Lightning counts the steps done in the old batches
             order.resume_at(state["epoch"], state["consumed"], left)
             self._resumed_at = (state["epoch"], state["consumed"], state["batches"])
             # Lightning warns that a plain loader cannot resume mid-epoch; this order does
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-            if me == 0:
+            if me == 0 and not self._said_resume:
                 self._say_resumed(state, len(dataset), left * world)
         else:
             order.resume_at(state["epoch"] + state["done"], 0)
+        self._said_resume = True  # a loader made again in the same epoch resumes it again, without a word
         return order
 
     @staticmethod
@@ -198,6 +205,9 @@ class OrderState:
         order, trainer = self._order, self.trainer
         if order is None or trainer is None or trainer.state.fn != "fit":
             return {}
+        loader = getattr(trainer.fit_loop, "_combined_loader", None)
+        if loader is None or not any(getattr(dl, "sampler", None) is order for dl in loader.flattened):
+            return {}  # Lightning put another sampler in (overfit_batches): this order is not what trains
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
         per_batch = self._order_batch * order.num_replicas
         consumed = batches * per_batch
@@ -206,7 +216,10 @@ class OrderState:
             epoch, skipped, then = self._resumed_at
             consumed = skipped + (batches - then) * per_batch
         return {"seed": order.seed, "size": order.n, "identity": self._identity, "epoch": order.epoch,
-                "batches": batches, "consumed": consumed, "done": batches >= trainer.num_training_batches}
+                "batches": batches, "consumed": consumed,
+                # Lightning counts an epoch stopped by max_steps as done: a longer run goes on with the next
+                "done": batches >= trainer.num_training_batches
+                or trainer.fit_loop.epoch_progress.current.processed > order.epoch}
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         self._resume_order = None

@@ -64,7 +64,9 @@ def resume_point(checkpoint: dict[str, Any]) -> tuple[int, int, int] | None:
     try:
         loop = checkpoint["loops"]["fit_loop"]
         epochs = loop["epoch_progress"]["current"]
-        batches = int(loop["epoch_loop.batch_progress"]["current"]["completed"])
+        # processed, not completed: a checkpoint written as a batch ends (every_n_train_steps) is saved
+        # before Lightning counts the batch complete, and Lightning completes it on restart
+        batches = int(loop["epoch_loop.batch_progress"]["current"]["processed"])
         step = int(checkpoint["global_step"])
     except (KeyError, TypeError, ValueError):
         return None
