@@ -718,3 +718,24 @@ def test_a_fit_without_checkpoints_runs_and_says_so(tmp_path):
     proc = quickstart(tmp_path / "t", 3, *off, "--trainer.callbacks+=sigterm_helper.SigtermAt",
                       "--trainer.callbacks.step=1")
     assert "SIGTERM: the run stopped at step 1 of " in proc.stderr and "nothing was saved" in proc.stderr
+
+
+def test_seed_everything_true_draws_a_seed_and_records_it(tmp_path):
+    """``--seed_everything true`` ("true draws one", the error line says) ran every run with seed 0:
+    Lightning 2.6 seeds 0 for true, so two such runs trained the same weights. Two runs draw two seeds,
+    each the one config.yaml records, and train different weights; a run given a drawn seed repeats its run."""
+    import yaml
+
+    seeds, weights = [], []
+    for name, seed_arg in (("a", "true"), ("b", "true"), ("c", None)):
+        run = tmp_path / name
+        quickstart(run, 1, "--data.splits", SMALL, "--seed_everything", seed_arg or str(seeds[0]),
+                   "--trainer.limit_val_batches", "1", "--trainer.precision", "32-true")
+        seed = yaml.safe_load((run / "config.yaml").read_text())["seed_everything"]
+        assert isinstance(seed, int) and not isinstance(seed, bool)
+        seeds.append(seed)
+        weights.append(torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["state_dict"])
+    assert seeds[0] != seeds[1] and seeds[2] == seeds[0]
+    keys = [k for k, v in weights[0].items() if v.is_floating_point()]
+    assert not all(torch.equal(weights[0][k], weights[1][k]) for k in keys)
+    assert all(torch.equal(weights[0][k], weights[2][k]) for k in keys)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import sys
 import warnings
 from typing import Any
@@ -166,6 +167,12 @@ class DPTuneCLI(LightningCLI):
             args = merge_deep_keys(args, settings, lambda before, setting: self._in_effect(parser, before, setting))
         super().parse_arguments(parser, args)
         check_run_length_and_seed(self.config)
+        sub = self.config.get("subcommand")
+        cfg = self.config[sub] if sub else self.config
+        if cfg.get("seed_everything") is True:
+            # Lightning 2.6 seeds 0 for true; dptune draws one (the processes a launcher starts take the
+            # first's, which Lightning passes in PL_GLOBAL_SEED); config.yaml records it
+            cfg["seed_everything"] = int(os.environ.get("PL_GLOBAL_SEED") or random.SystemRandom().randrange(2**32))
 
     def _in_effect(self, parser: LightningArgumentParser, args: list[str], setting: str) -> tuple[bool, Any]:
         """What ``args`` (the start of a command line) make of ``setting``: (False, None) where the
