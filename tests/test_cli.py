@@ -720,12 +720,13 @@ def test_a_fit_without_checkpoints_runs_and_says_so(tmp_path):
     assert "SIGTERM: the run stopped at step 1 of " in proc.stderr and "nothing was saved" in proc.stderr
 
 
-def test_seed_everything_true_draws_a_seed_and_records_it(tmp_path):
+def test_seed_everything_true_draws_a_seed_and_records_it(tmp_path, monkeypatch):
     """``--seed_everything true`` ("true draws one", the error line says) ran every run with seed 0:
     Lightning 2.6 seeds 0 for true, so two such runs trained the same weights. Two runs draw two seeds,
     each the one config.yaml records, and train different weights; a run given a drawn seed repeats its run."""
     import yaml
 
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # left over from an earlier seed_everything in the shell's process
     seeds, weights = [], []
     for name, seed_arg in (("a", "true"), ("b", "true"), ("c", None)):
         run = tmp_path / name

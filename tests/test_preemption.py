@@ -208,13 +208,14 @@ def test_sigterm_to_the_launcher_while_a_two_process_run_starts_ends_the_other_p
                     pass
 
 
-def test_two_processes_without_a_seed_share_one_order(tmp_path, tiny_config_path):
+@pytest.mark.parametrize("seed", ["false", "true"])
+def test_two_processes_without_a_seed_share_one_order(tmp_path, tiny_config_path, seed):
     """With ``--seed_everything false`` each process has its own initial seed: each drew its own order
     and took its half of it, so a quarter of the samples trained twice an epoch and as many never (a
-    user attack). The processes take rank 0's seed."""
+    user attack). The processes take rank 0's seed (also the one ``true`` draws)."""
     log = tmp_path / "steps.log"
     proc, _ = _run([*_args(tmp_path / "run", tiny_config_path), "--data.batch_size", "1", "--trainer.accelerator",
-                    "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--seed_everything", "false",
+                    "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp", "--seed_everything", seed,
                     "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"], tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     per_epoch = trained_per_epoch(read_log(log)[1])

@@ -170,9 +170,11 @@ class DPTuneCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
         if cfg.get("seed_everything") is True:
-            # Lightning 2.6 seeds 0 for true; dptune draws one (the processes a launcher starts take the
-            # first's, which Lightning passes in PL_GLOBAL_SEED); config.yaml records it
-            cfg["seed_everything"] = int(os.environ.get("PL_GLOBAL_SEED") or random.SystemRandom().randrange(2**32))
+            # Lightning 2.6 seeds 0 for true; dptune draws one, and config.yaml records it. The processes
+            # Lightning's launcher starts (LOCAL_RANK set) take the first's, passed in PL_GLOBAL_SEED; a
+            # PL_GLOBAL_SEED left in the environment of a run of its own is not a seed it was given
+            given = os.environ.get("PL_GLOBAL_SEED") if os.environ.get("LOCAL_RANK") else None
+            cfg["seed_everything"] = int(given or random.SystemRandom().randrange(2**32))
 
     def _in_effect(self, parser: LightningArgumentParser, args: list[str], setting: str) -> tuple[bool, Any]:
         """What ``args`` (the start of a command line) make of ``setting``: (False, None) where the
