@@ -19,6 +19,17 @@ class SigtermAt(pl.Callback):
             os.kill(os.getpid(), signal.SIGTERM)
 
 
+class SigtermAtBatch(pl.Callback):
+    """SIGTERM to itself as a given training batch of a given epoch ends (one inside an accumulation window)."""
+
+    def __init__(self, epoch: int = 0, batch: int = 0) -> None:
+        self.epoch, self.batch = epoch, batch
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if trainer.current_epoch == self.epoch and batch_idx == self.batch and trainer.global_rank == 0:
+            os.kill(os.getpid(), signal.SIGTERM)
+
+
 class SigtermInSanityCheck(pl.Callback):
     """SIGTERM to itself after the first batch of the sanity check (before any training step)."""
 

@@ -284,3 +284,20 @@ def test_loaders_made_again_each_epoch_keep_the_order_after_a_resume(tmp_path):
     assert proc.stderr.count("continues with the") == 1, proc.stderr[-3000:]
     seen = trained_per_epoch(read_log(log)[1])
     assert sorted(seen) == [0, 1, 2] and all(sorted(v) == list(range(32)) for v in seen.values())
+
+
+def test_sigterm_inside_an_accumulation_window_loses_none_of_its_batches(tmp_path):
+    """Batches of 8 accumulated in pairs; SIGTERM as the first batch of epoch 1's second window ends:
+    the run stopped before the window's step, the checkpoint held the step before it, and the resume
+    stepped on the window's second batch alone (its first batch's gradient lost, the weights differed
+    from the uninterrupted run's; a review). The run stops at the window's end and resumes exactly."""
+    full, run = tmp_path / "full", tmp_path / "run"
+    acc = ["--trainer.accumulate_grad_batches", "2", "--trainer.precision", "32-true"]
+    quickstart(full, 3, *acc)
+    cut = quickstart(run, 3, *acc, "--trainer.callbacks+=sigterm_helper.SigtermAtBatch",
+                     "--trainer.callbacks.epoch=1", "--trainer.callbacks.batch=2")
+    assert "SIGTERM: saved" in cut.stderr and _ckpt(run)["global_step"] == 4, cut.stderr[-3000:]
+    quickstart(run, 3, *acc, "--ckpt_path", "last")
+    end, ref = _ckpt(run), _ckpt(full)
+    assert end["global_step"] == ref["global_step"] == 6
+    assert all(torch.equal(end["state_dict"][k], v) for k, v in ref["state_dict"].items())
