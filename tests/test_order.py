@@ -101,3 +101,57 @@ def test_a_training_set_with_other_samples_of_the_same_count_is_told_apart():
     other = sample_identity(ds)
     ds.indices = [0, 1, 2]
     assert len({before, other, sample_identity(ds)}) == 3
+
+
+def _flips(seeding) -> dict[str, int]:
+    """Which of the four flip combinations 2000 samples get from [HorizontalFlip, VerticalFlip]."""
+    import collections
+
+    import numpy as np
+
+    from dptune.data.transforms import build_transforms
+
+    t = build_transforms([{"name": "HorizontalFlip", "p": 0.5}, {"name": "VerticalFlip", "p": 0.5}])
+    image = np.arange(4, dtype=np.uint8).reshape(2, 2, 1).repeat(3, 2)
+    kinds = {(0, 1, 2, 3): "none", (1, 0, 3, 2): "h", (2, 3, 0, 1): "v", (3, 2, 1, 0): "h+v"}
+    return collections.Counter(kinds[tuple(out.ravel())] for out in seeding(t, image))
+
+
+def test_each_transform_of_a_pipeline_draws_its_own_numbers():
+    """Albumentations' set_random_seed gives every transform of a pipeline the same seed: after each
+    per-sample reseed they drew the same numbers, so a horizontal flip came only with a vertical one
+    (and in the default pipeline a flip only with a zoomed-out, jittered crop; f3 review). Seeded
+    once (the workers' and processes' seed) two such transforms were locked together too."""
+    from dptune.data.order import reseed
+    from dptune.data.transforms import seed_augmentations
+
+    def per_sample(t, image):
+        order = TrainOrder(list(range(2000)), 1, 0, seed=0)
+        for d in order:
+            reseed(t, d)
+            yield t(image=image)["image"][..., 0]
+
+    def once(t, image):
+        seed_augmentations(t, 3)
+        for _ in range(2000):
+            yield t(image=image)["image"][..., 0]
+
+    for seeding in (per_sample, once):
+        counts = _flips(seeding)
+        assert set(counts) == {"none", "h", "v", "h+v"} and min(counts.values()) > 400, (seeding.__name__, counts)
+
+
+def test_a_sample_drawn_twice_in_an_epoch_gets_other_augmentations_the_second_time():
+    """5 samples on 2 processes: the padding repeats the epoch's first sample on the second process; a
+    resume with a smaller batch takes the epoch's first samples again. Each repeat carried the seed of the
+    first draw: the same augmented copy trained twice (f3 review)."""
+    data = list(range(5))
+    drawn = [d for r in range(2) for d in TrainOrder(data, 2, r, seed=1)]
+    assert len(drawn) == 6 and len({int(d) for d in drawn}) == 5 and len({d.seed for d in drawn}) == 6
+    first = list(TrainOrder(data, 1, 0, seed=1))
+    resumed = TrainOrder(data, 1, 0, seed=1)
+    resumed.resume_at(0, 3, left=4)  # 2 positions left, Lightning's steps take 4: 2 from the start again
+    rest = list(resumed)
+    assert [int(d) for d in rest] == [int(d) for d in first[3:] + first[:2]]
+    assert [d.seed for d in rest[:2]] == [d.seed for d in first[3:]]  # as in the uninterrupted epoch
+    assert not {d.seed for d in rest[2:]} & {d.seed for d in first}

@@ -21,7 +21,7 @@ from dptune.data.depth_values import check_depth_range, check_split_depth
 from dptune.data.hf_sources import STREAM_SETTINGS, check_hf_settings
 from dptune.data.images import image_header_size
 from dptune.data.loaders import augment_seed
-from dptune.data.transforms import eval_preprocessing
+from dptune.data.transforms import eval_preprocessing, seed_augmentations
 from dptune.errors import ConfigError, DataError
 from dptune.labels import load_labels
 from dptune.losses.depth import MIN_VALID
@@ -146,7 +146,7 @@ class DepthDataModule(SplitDataModule):
         transform = None
         if train:
             transform = depth_train_transforms(self.image_size, self.crop_size, self.jitter)
-            transform.set_random_seed(augment_seed())
+            seed_augmentations(transform, augment_seed())
         ds = DepthDataset(self._source(stage), transform=transform,
                           image_size=None if train else eval_preprocessing(self.trainer, self.image_size),
                           labels=self.label_set)

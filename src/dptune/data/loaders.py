@@ -44,14 +44,16 @@ def seed_worker(worker_id: int) -> None:
     too), so that workers do not replay the main process's random stream; each dataset gets its own."""
     import cv2
 
+    from dptune.data.transforms import seed_augmentations
+
     cv2.setNumThreads(0)  # OpenCV's own thread pool would oversubscribe the cores the workers share
     info = torch.utils.data.get_worker_info()
     if info is None:
         return
     for k, ds in enumerate(_datasets(info.dataset)):
         transform = getattr(ds, "transform", None)
-        if transform is not None and hasattr(transform, "set_random_seed"):
-            transform.set_random_seed((augment_seed() + 7919 * k) % 2**32)
+        if transform is not None:
+            seed_augmentations(transform, (augment_seed() + 7919 * k) % 2**32)
 
 
 class EvalDistributedSampler(DistributedSampler):

@@ -59,8 +59,10 @@ class Drawn(int):
 
 def reseed(transform, k: int) -> None:
     """Before a training sample's augmentations: seed them from its draw (a plain index: left as is)."""
-    if isinstance(k, Drawn) and transform is not None and hasattr(transform, "set_random_seed"):
-        transform.set_random_seed(k.seed % 2**32)
+    if isinstance(k, Drawn) and transform is not None:
+        from dptune.data.transforms import seed_augmentations
+
+        seed_augmentations(transform, k.seed)
 
 
 class TrainOrder(DistributedSampler):
@@ -103,19 +105,22 @@ class TrainOrder(DistributedSampler):
 
     def __iter__(self):
         order = self.order(self.epoch)
-        positions = torch.arange(len(order))
+        n = len(order)
+        positions, passes = torch.arange(n), torch.zeros(n, dtype=torch.long)  # a position's pass: its draw's
         if self.resume is not None and self.resume[0] == self.epoch:
             _, consumed, left = self.resume
-            positions = positions[consumed:]
+            positions, passes = positions[consumed:], passes[consumed:]
             short = (left or 0) * self.num_replicas - len(positions)
             if short > 0:  # another batch size or number of processes: Lightning runs more steps than are left
-                positions = torch.cat([positions, torch.arange(len(order)).repeat(math.ceil(short / len(order)))[:short]])
+                extra = torch.arange(short)  # the epoch's first positions again: their second pass
+                positions, passes = torch.cat([positions, extra % n]), torch.cat([passes, 1 + extra // n])
         if len(positions) == 0:
             return iter([])
-        total = math.ceil(len(positions) / self.num_replicas) * self.num_replicas
-        mine = positions.repeat(math.ceil(total / len(positions)))[:total][self.rank::self.num_replicas].tolist()
-        indices = order[mine].tolist()
-        return (Drawn(i, _mix(self.seed, self.epoch, p)) for i, p in zip(indices, mine, strict=True))
+        slots = torch.arange(math.ceil(len(positions) / self.num_replicas) * self.num_replicas)
+        slots = slots[self.rank::self.num_replicas]  # padded from the start to a multiple of the processes
+        mine, again = positions[slots % len(positions)], passes[slots % len(positions)] + slots // len(positions)
+        return (Drawn(i, _mix(self.seed, self.epoch, p, k) if k else _mix(self.seed, self.epoch, p))
+                for i, p, k in zip(order[mine].tolist(), mine.tolist(), again.tolist(), strict=True))
 
     def __len__(self) -> int:
         return math.ceil(self.n / self.num_replicas)  # a whole epoch's share: Lightning counts its steps from it

@@ -162,6 +162,18 @@ def _enforce_mask_rules(name: str, kwargs: dict[str, Any], cls: type) -> dict[st
     return kwargs
 
 
+def seed_augmentations(transform, seed: int) -> None:
+    """Seed a pipeline: one numpy and one Python random stream that all its transforms draw from in
+    turn. (Albumentations' ``set_random_seed`` gives each transform its own stream from the same seed,
+    so two transforms drew the same numbers: a horizontal flip came only with a vertical one.)"""
+    import random
+
+    if hasattr(transform, "set_random_state"):
+        transform.set_random_state(np.random.default_rng(seed), random.Random(seed))
+    elif hasattr(transform, "set_random_seed"):
+        transform.set_random_seed(seed)
+
+
 def build_transforms(spec: Sequence[dict[str, Any]], seed: int | None = None) -> A.Compose:
     """A ``Compose`` from a list of ``{name: <albumentations or dptune class>, **kwargs}``."""
     steps = []
@@ -177,7 +189,10 @@ def build_transforms(spec: Sequence[dict[str, Any]], seed: int | None = None) ->
             steps.append(cls(**_enforce_mask_rules(name, kwargs, cls)))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"transforms[{i}] {name}: {e}") from None
-    return A.Compose(steps, seed=seed)
+    pipeline = A.Compose(steps)
+    if seed is not None:
+        seed_augmentations(pipeline, seed)
+    return pipeline
 
 
 def resize_like_processor(image: np.ndarray, size: Sequence[int] | Preprocessing,
