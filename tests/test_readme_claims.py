@@ -824,15 +824,21 @@ def test_depth_validation_scores_what_the_depth_estimation_pipeline_predicts(dep
     pipe = pipeline("depth-estimation", model=str(depth_export))
     metrics = DepthMetrics(depth["min_depth"], depth["max_depth"])
     frames = sorted(KITCHEN.glob("val/rgb/frame-00060[0-9].jpg"))
+    pixels = 0
     for f in frames:
         gt = torch.from_numpy(np.asarray(Image.open(KITCHEN / "val" / "depth" / f"{f.stem}.png")).astype(np.float32)
                               / 1000)[None]
         pred = pipe(Image.open(f))["predicted_depth"].float().reshape(gt.shape)
-        metrics.update(pred, gt, valid_depth(gt, depth["min_depth"], depth["max_depth"]))
+        valid = valid_depth(gt, depth["min_depth"], depth["max_depth"])
+        metrics.update(pred, gt, valid)
+        pixels += int(valid.sum())
     ours = {k: float(v) for k, v in metrics.compute().items()}
     assert val["images"] == len(frames) == 5
-    for key in ("abs_rel", "rmse", "delta1", "silog"):
+    for key in ("abs_rel", "rmse", "silog"):
         assert ours[key] == pytest.approx(val[key], rel=1e-6), key  # bilinear would be 1e-4 off
+    # delta1 counts pixels within 1.25x: float rounding between the two paths may move a pixel that sits
+    # on the threshold (one pixel is 1 / pixels; seen once in a full run of the suite: 1 pixel)
+    assert abs(ours["delta1"] - val["delta1"]) <= 2 / pixels
 
 
 @pytest.mark.slow
