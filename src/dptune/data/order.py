@@ -177,6 +177,7 @@ class OrderState:
                 log.warning("resume: the training set holds other samples than the checkpoint's run had (%d, was "
                             "%d; or other files or samples left out): the interrupted epoch is drawn afresh, so some "
                             "samples are trained twice in it and others not", len(dataset), state["size"])
+            order.resume_at(state["epoch"] + state["done"], 0)
         elif not state["done"] and state["consumed"] > 0:
             left = len(order) - state["batches"] * batch_size  # Lightning counts the steps done in the old batches
             order.resume_at(state["epoch"], state["consumed"], left)
