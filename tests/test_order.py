@@ -155,3 +155,21 @@ def test_a_sample_drawn_twice_in_an_epoch_gets_other_augmentations_the_second_ti
     assert [int(d) for d in rest] == [int(d) for d in first[3:] + first[:2]]
     assert [d.seed for d in rest[:2]] == [d.seed for d in first[3:]]  # as in the uninterrupted epoch
     assert not {d.seed for d in rest[2:]} & {d.seed for d in first}
+
+
+def test_the_resume_line_says_what_the_rest_of_the_epoch_trains(caplog):
+    """33 samples on 2 processes in batches of 8, cut after one step: the line said "the 17 ... and 1 from
+    its start" where the resume trains 16 (each process drops its last partial batch, as every epoch
+    does; f4 review). And with batches of 16 after 8, how many wait."""
+    import logging
+
+    from dptune.data.order import OrderState
+
+    state = {"seed": 0, "size": 33, "epoch": 0, "batches": 1, "consumed": 16, "done": False, "identity": "x"}
+    with caplog.at_level(logging.INFO, logger="dptune.data.order"):
+        OrderState._say_resumed(state, 33, 16, 17, 8, 2)
+        OrderState._say_resumed({**state, "size": 32, "consumed": 16, "batches": 2}, 32, 0, 32, 16, 1)
+    lines = [r.getMessage() for r in caplog.records]
+    assert lines[0] == "resume: epoch 0 continues with the 16 of its 33 training samples it had not reached"
+    assert lines[1].startswith("resume: epoch 0 continues with 0 of the 16 of its 32 training samples it had not "
+                               "reached; 16 of them are not trained in this epoch")

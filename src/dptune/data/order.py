@@ -144,6 +144,19 @@ def sample_identity(dataset) -> str:
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
+def _steps_per_epoch(trainer, share: int, batch_size: int) -> int:
+    """The training batches of an epoch as Lightning counts them: a process's share in batches (the last
+    partial one dropped where a process has a whole one, as ``make_loader`` does), within
+    ``limit_train_batches``."""
+    steps = share // batch_size if share > batch_size else math.ceil(share / batch_size)
+    limit = getattr(trainer, "limit_train_batches", None)
+    if isinstance(limit, float) and limit < 1:
+        steps = int(steps * limit)
+    elif isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
+        steps = min(steps, limit)
+    return steps
+
+
 class OrderState:
     """Datamodule hooks (put before ``LightningDataModule`` among the bases): each checkpoint holds
     the training order's seed, its epoch and how many of the epoch's positions the run had trained
@@ -179,26 +192,29 @@ class OrderState:
                             "samples are trained twice in it and others not", len(dataset), state["size"])
             order.resume_at(state["epoch"] + state["done"], 0)
         elif not state["done"] and state["consumed"] > 0:
-            left = len(order) - state["batches"] * batch_size  # Lightning counts the steps done in the old batches
+            # the samples per process that the steps Lightning leaves in the epoch take (it counts the steps
+            # done in the checkpoint's batches; a last partial batch is dropped where a process has a whole one)
+            left = max(0, _steps_per_epoch(trainer, len(order), batch_size) - state["batches"]) * batch_size
             order.resume_at(state["epoch"], state["consumed"], left)
             self._resumed_at = (state["epoch"], state["consumed"], state["batches"])
             # Lightning warns that a plain loader cannot resume mid-epoch; this order does
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
             if me == 0 and not self._said_resume:
-                self._say_resumed(state, len(dataset), left * world)
+                self._say_resumed(state, len(dataset), left * world, len(order), batch_size, world)
         else:
             order.resume_at(state["epoch"] + state["done"], 0)
         self._said_resume = True  # a loader made again in the same epoch resumes it again, without a word
         return order
 
     @staticmethod
-    def _say_resumed(state: dict[str, Any], n: int, takes: int) -> None:
+    def _say_resumed(state: dict[str, Any], n: int, takes: int, share: int, batch_size: int, world: int) -> None:
         rest = max(0, n - state["consumed"])
-        extra = ("" if takes == rest or rest == 0 else
-                 f", and {takes - rest} from its start" if takes > rest else
-                 f"; {rest - max(takes, 0)} of them are not trained in this epoch")
-        log.info("resume: epoch %d continues with the %d of its %d training samples it had not reached%s%s",
-                 state["epoch"], rest, n, extra, "" if not extra else
+        dropped = (share % batch_size) * world if share > batch_size else 0  # every epoch leaves these out
+        extra = (f", and {takes - rest} from its start" if takes > rest else
+                 f"; {rest - takes - dropped} of them are not trained in this epoch" if rest - takes > dropped else "")
+        some = f"the {min(takes, rest)}" if takes >= rest - dropped else f"{takes} of the {rest}"
+        log.info("resume: epoch %d continues with %s of its %d training samples it had not reached%s%s",
+                 state["epoch"], some, n, extra, "" if not extra else
                  " (Lightning counts the steps left in this epoch from the checkpoint's batches)")
 
     def batch_seed(self, batch_idx: int, rank: int) -> int | None:
