@@ -301,3 +301,17 @@ def test_sigterm_inside_an_accumulation_window_loses_none_of_its_batches(tmp_pat
     end, ref = _ckpt(run), _ckpt(full)
     assert end["global_step"] == ref["global_step"] == 6
     assert all(torch.equal(end["state_dict"][k], v) for k, v in ref["state_dict"].items())
+
+
+def test_a_resume_keeps_its_seed_and_its_config_says_so(tmp_path):
+    """Resumed with another --seed_everything (or true, as a requeue script repeats it), the run went on
+    from the checkpoint's seed without a word while config-2.yaml recorded the new one: given back, that
+    seed did not repeat the run (f4 review). The resume says it keeps the checkpoint's seed and records it."""
+    import yaml
+
+    run = tmp_path / "run"
+    quickstart(run, 2, "--seed_everything", "7", "--trainer.callbacks+=sigterm_helper.SigtermAt",
+               "--trainer.callbacks.step=2")
+    proc = quickstart(run, 2, "--ckpt_path", "last", "--seed_everything", "true")
+    assert "resume: seed_everything true -> 7 (the checkpoint's run's" in proc.stderr, proc.stderr[-3000:]
+    assert yaml.safe_load((run / "config-2.yaml").read_text())["seed_everything"] == 7

@@ -169,6 +169,7 @@ class DPTuneCLI(LightningCLI):
         check_run_length_and_seed(self.config)
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
+        self._seed_given = cfg.get("seed_everything")
         if cfg.get("seed_everything") is True:
             # Lightning 2.6 seeds 0 for true; dptune draws one, and config.yaml records it. The processes
             # Lightning's launcher starts (LOCAL_RANK set) take the first's, passed in PL_GLOBAL_SEED; a
@@ -205,7 +206,15 @@ class DPTuneCLI(LightningCLI):
             cfg = self.config[sub]
             root = cfg.trainer.default_root_dir or DEFAULT_ROOT
             dirpath = cfg.checkpoint.dirpath or os.path.join(root, "checkpoints")
-            check_ckpt_path(str(path), self.task, sub, dirpath=dirpath, root=root)
+            seed = check_ckpt_path(str(path), self.task, sub, dirpath=dirpath, root=root)
+            if sub == "fit" and seed is not None and cfg.get("seed_everything") is not False \
+                    and cfg.get("seed_everything") != seed:
+                # the run's orders, augmentations and dropout go on from the checkpoint's seed; config.yaml says so
+                if not os.environ.get("LOCAL_RANK"):
+                    log.info("resume: seed_everything %s -> %d (the checkpoint's run's: its training order, "
+                             "augmentations and dropout go on from it)",
+                             "true" if self._seed_given is True else cfg.get("seed_everything"), seed)
+                cfg["seed_everything"] = seed
 
     def before_instantiate_classes(self) -> None:
         if self.task == "multitask" and self.subcommand == "test":

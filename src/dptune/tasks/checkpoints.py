@@ -89,26 +89,38 @@ def lightning_path(path: str, stage: str, dirpath: str, root: str) -> str | None
     return None
 
 
-def check_ckpt_path(path: str, task: str, stage: str, dirpath: str | None = None, root: str | None = None) -> None:
+def check_ckpt_path(path: str, task: str, stage: str, dirpath: str | None = None,
+                    root: str | None = None) -> int | None:
     """What can be said of ``--ckpt_path`` before anything is built: a URL is refused (Lightning
     would unpickle it with ``weights_only=False``), a file that is not a readable dptune checkpoint
     or is one of another task is one line, and so are ``last`` / ``best`` / ``hpc`` that stand for
     no file (``dirpath``: the run's checkpoint folder; ``root``: its default_root_dir). Reads the
-    metadata only (the tensors are mapped)."""
+    metadata only (the tensors are mapped). Returns the seed of the checkpoint's training order, if any."""
     if is_remote(path):
         raise ConfigError(f"--ckpt_path {path}: a URL; train.py resumes and scores local files only (Lightning would "
                           "unpickle a remote one with weights_only=False, which can run code): download it first "
                           "and pass its path")
     if path.lower() == "registry" or path.lower().startswith("registry:"):
-        return
+        return None
     if path in _LIGHTNING_PATHS:
         if dirpath is None:
-            return
+            return None
         path = lightning_path(path, stage, dirpath, root or os.path.dirname(dirpath))
         if path is None:
-            return
-    meta, _ = dptune_parts(load_checkpoint(path, mmap=True), path)
+            return None
+    ckpt = load_checkpoint(path, mmap=True)
+    meta, _ = dptune_parts(ckpt, path)
     check_task(meta.get("task", "segmentation"), task, path, stage)
+    return order_seed(ckpt)
+
+
+def order_seed(ckpt: dict[str, Any]) -> int | None:
+    """The seed of a checkpoint's training order (the datamodule's record; ``dptune.data.order``), if it has one."""
+    for key, value in ckpt.items():
+        if key.endswith("DataModule") and isinstance(value, dict) and "identity" in value:
+            seed = value.get("seed")
+            return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32 else None
+    return None
 
 
 class _CheckedIO(TorchCheckpointIO):
