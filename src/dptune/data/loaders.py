@@ -31,11 +31,11 @@ def stream_seed() -> int:
     return torch.initial_seed() % 2**32
 
 
-def _datasets(ds) -> list:
+def datasets_of(ds) -> list:
     """``ds`` and every dataset it is made of (``datasets``: a joint set, ``ConcatDataset``), depth first."""
     found = [ds]
     for child in getattr(ds, "datasets", None) or []:
-        found.extend(_datasets(child))
+        found.extend(datasets_of(child))
     return found
 
 
@@ -50,7 +50,7 @@ def seed_worker(worker_id: int) -> None:
     info = torch.utils.data.get_worker_info()
     if info is None:
         return
-    for k, ds in enumerate(_datasets(info.dataset)):
+    for k, ds in enumerate(datasets_of(info.dataset)):
         transform = getattr(ds, "transform", None)
         if transform is not None:
             seed_augmentations(transform, (augment_seed() + 7919 * k) % 2**32)
@@ -121,6 +121,12 @@ def default_workers(num_workers: int | None) -> int:
     return 0 if cores <= 2 else min(8, cores // 2)
 
 
+def drops_last_batch(share: int, batch_size: int) -> bool:
+    """Whether a training loader drops its last partial batch: where a process's share of the split
+    holds a whole batch (4 images on 2 processes in batches of 3 train on 2 each, not on none)."""
+    return share > batch_size
+
+
 def make_loader(ds, stage: str, batch_size: int, trainer, num_workers: int, pin_memory: bool,
                 persistent_workers: bool, collate_fn: Callable, streaming: bool = False,
                 sampler: torch.utils.data.Sampler | None = None) -> DataLoader:
@@ -132,7 +138,7 @@ def make_loader(ds, stage: str, batch_size: int, trainer, num_workers: int, pin_
         sampler = EvalDistributedSampler(ds, world, trainer.global_rank)
     # a partial batch is dropped only where this process has a whole one (its share of the split:
     # 4 images on 2 processes in batches of 3 train on 2 each, not on none)
-    whole = streaming or (stage == "train" and -(-len(ds) // world) > batch_size)
+    whole = streaming or (stage == "train" and drops_last_batch(-(-len(ds) // world), batch_size))
     return DataLoader(
         ds, batch_size=batch_size, shuffle=stage == "train" and not streaming and sampler is None, sampler=sampler,
         drop_last=stage == "train" and whole, num_workers=num_workers,

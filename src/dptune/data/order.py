@@ -19,6 +19,8 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler
 
+from dptune.data.loaders import datasets_of, drops_last_batch
+
 log = logging.getLogger(__name__)
 
 
@@ -130,17 +132,12 @@ def sample_identity(dataset) -> str:
     """A short fingerprint of which samples a training set holds, in its order: the kept indices of
     each source and its image file names where it has them (a joint set: each of its sets)."""
     parts: list[str] = []
-
-    def walk(ds) -> None:
+    for ds in datasets_of(dataset):
         if getattr(ds, "datasets", None):
-            for child in ds.datasets:
-                walk(child)
-            return
+            continue  # a joint set: its sets follow
         images = getattr(getattr(ds, "source", None), "images", None)
         names = [getattr(p, "name", str(p)) for p in images] if isinstance(images, list) else []
         parts.append(repr((len(ds), list(getattr(ds, "indices", [])), names)))
-
-    walk(dataset)
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -148,7 +145,7 @@ def _steps_per_epoch(trainer, share: int, batch_size: int) -> int:
     """The training batches of an epoch as Lightning counts them: a process's share in batches (the last
     partial one dropped where a process has a whole one, as ``make_loader`` does), within
     ``limit_train_batches``."""
-    steps = share // batch_size if share > batch_size else math.ceil(share / batch_size)
+    steps = share // batch_size if drops_last_batch(share, batch_size) else math.ceil(share / batch_size)
     limit = getattr(trainer, "limit_train_batches", None)
     if isinstance(limit, float) and limit < 1:
         steps = int(steps * limit)
@@ -209,7 +206,8 @@ class OrderState:
     @staticmethod
     def _say_resumed(state: dict[str, Any], n: int, takes: int, share: int, batch_size: int, world: int) -> None:
         rest = max(0, n - state["consumed"])
-        dropped = (share % batch_size) * world if share > batch_size else 0  # every epoch leaves these out
+        # a last partial batch every epoch leaves out
+        dropped = (share % batch_size) * world if drops_last_batch(share, batch_size) else 0
         extra = (f", and {takes - rest} from its start" if takes > rest else
                  f"; {rest - takes - dropped} of them are not trained in this epoch" if rest - takes > dropped else "")
         some = f"the {min(takes, rest)}" if takes >= rest - dropped else f"{takes} of the {rest}"
