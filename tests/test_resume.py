@@ -87,6 +87,16 @@ def test_fused_adamw_only_without_clipping(tiny_config):
         assert bool(opt.defaults["fused"]) is fused, clip
 
 
+def _contents(folder):
+    """Each file under ``folder`` by its digest, each link by where it points: W&B links
+    logs/debug-core.log to a file in ~/.cache/wandb that its service process may still append to after
+    the run ended (a run elsewhere did not write it)."""
+    import hashlib
+
+    return {p: os.readlink(p) if p.is_symlink() else hashlib.sha256(p.read_bytes()).hexdigest()
+            for p in folder.rglob("*") if p.is_symlink() or p.is_file()}
+
+
 @pytest.mark.parametrize("logger, logged", [([], "wandb/offline-run-*"),
                                             (["--trainer.logger", "lightning.pytorch.loggers.CSVLogger"],
                                              "**/metrics.csv")])
@@ -94,8 +104,6 @@ def test_a_run_continued_elsewhere_from_its_config_writes_only_where_it_is_told(
     """`fit --config RUN/config.yaml --ckpt_path RUN/checkpoints/last.ckpt --trainer.default_root_dir
     NEW` wrote its checkpoints (and W&B run) into RUN, over RUN's own: config.yaml held the checkpoint
     folder and log folder derived from RUN's root as if the user had set them."""
-    import hashlib
-
     run, new = tmp_path / "run", tmp_path / "new"
     env = dict(os.environ, WANDB_MODE="offline", PYTHONPATH=str(REPO / "tests"))
     first = ["fit", "--config", "configs/quickstart.yaml", "--data.splits", json.dumps(SPLITS), "--data.image_size", "64",
@@ -103,13 +111,13 @@ def test_a_run_continued_elsewhere_from_its_config_writes_only_where_it_is_told(
              "--trainer.default_root_dir", str(run), *logger]  # dptune's own logger: W&B, offline
     proc = run_python(REPO / "train.py", first, REPO, env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    before = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    before = _contents(run)
     config = next(run.rglob("config.yaml"))  # beside the checkpoints, or in the CSV logger's version folder
     args = ["fit", "--config", str(config), "--ckpt_path", str(run / "checkpoints" / "last.ckpt"),
             "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(new)]
     proc = run_python(REPO / "train.py", args, REPO, env, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    after = {p: hashlib.sha256(p.read_bytes()).hexdigest() for p in run.rglob("*") if p.is_file()}
+    after = _contents(run)
     assert after == before  # the earlier run's files, as they were
     assert (new / "checkpoints" / "last.ckpt").is_file() and _ckpt(new)["epoch"] == 1
     assert list(new.glob(logged))
