@@ -110,3 +110,24 @@ def test_an_image_that_fails_in_one_process_mid_run_is_one_line_in_each_and_exit
     assert "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert any(str(bad) in ln for ln in errors), errors
+
+
+def test_a_bad_file_every_process_finds_before_training_is_said_once(tmp_path, tiny_config_path):
+    """Every process of a run checks the data before training; each printed the same error line, so a
+    2-process run said each bad file twice. The line is said once; both processes exit 2."""
+    root = tmp_path / "data"
+    for sub in ("train", "trainannot", "val", "valannot"):
+        (root / sub).mkdir(parents=True)
+        for f in sorted((CAMVID / sub).glob("0001TP_0069*" if sub.startswith("train") else "0016E5_0799*")):
+            (root / sub / f.name).symlink_to(f)
+    (root / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
+    bad = sorted((root / "trainannot").iterdir())[0]
+    bad.unlink()
+    bad.write_bytes(b"not a png")
+    args = camvid_args(tmp_path / "run", tiny_config_path, epochs=1, root=root)
+    proc = run_train([*args, "--trainer.accelerator", "cpu", "--trainer.devices", "2", "--trainer.strategy", "ddp",
+                      "--trainer.logger", "false"], cwd=tmp_path, check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and str(bad) in errors[0], proc.stderr[-3000:]
+    assert proc.stderr.count("bad sample(s) found before training") == 1, proc.stderr[-3000:]

@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
+import os
+import tempfile
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 
@@ -13,6 +17,48 @@ def first_line(e: BaseException, limit: int | None = None) -> str:
     when the message is empty: what a one-line error quotes of a library's exception."""
     text = str(e).strip()
     return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def said_by_another_process(line: str, within_s: float = 600.0) -> bool:
+    """Whether another process of this run on this machine has already printed ``line``: every process
+    of a run of several checks the data before training and finds the same bad files, and each printed
+    the same line. The first process to claim a line prints it. A run is its launcher's process (which
+    Lightning's launcher children know by ``DPTUNE_LAUNCHER_PID``, see ``dptune.command``) or torchrun's
+    run id, with its main port; a claim older than ``within_s`` is taken over. Anything else (one
+    process, no temporary folder) prints."""
+    several = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") or os.environ.get("LOCAL_RANK") is not None
+    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
+    run = elastic if elastic not in ("", "none") else os.environ.get("DPTUNE_LAUNCHER_PID")
+    if not several or not run or not os.environ.get("MASTER_PORT"):
+        return False
+    key = f"{run}:{os.environ.get('MASTER_ADDR', '')}:{os.environ['MASTER_PORT']}\n{line}"
+    mark = os.path.join(tempfile.gettempdir(), "dptune-said-" + hashlib.sha1(key.encode()).hexdigest()[:24])
+    try:
+        os.close(os.open(mark, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644))
+        _sweep(os.path.dirname(mark), within_s)
+        return False
+    except FileExistsError:
+        try:
+            if time.time() - os.stat(mark).st_mtime < within_s:
+                return True
+            os.utime(mark)
+        except OSError:
+            pass
+        return False
+    except OSError:
+        return False
+
+
+def _sweep(folder: str, within_s: float) -> None:
+    """Remove earlier runs' claims (older than ``within_s``)."""
+    import glob
+
+    for old in glob.glob(os.path.join(folder, "dptune-said-*")):
+        try:
+            if time.time() - os.stat(old).st_mtime > within_s:
+                os.unlink(old)
+        except OSError:
+            pass
 
 
 class ConfigError(ValueError):

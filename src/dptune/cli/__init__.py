@@ -28,7 +28,7 @@ from dptune.cli.places import follow_the_root, named_where, setting_error
 from dptune.cli.run_checks import best_filename, check_run_length_and_seed, refuse_a_second_run
 from dptune.cli.save_config import LoggedSaveConfig
 from dptune.data.datamodule import SegmentationDataModule
-from dptune.errors import ConfigError, DataError, first_line
+from dptune.errors import ConfigError, DataError, first_line, said_by_another_process
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
 from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
@@ -311,7 +311,9 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
             args=argv,
         )
     except (DataError, ConfigError) as e:
-        print(f"error: {named_where(str(e), argv)}", file=sys.stderr)
+        said = f"error: {named_where(str(e), argv)}"
+        if not said_by_another_process(said):
+            print(said, file=sys.stderr)
         return 2
     except ArgumentError as e:  # jsonargparse: an option that does not exist, a value of the wrong type
         sub = next((a for a in argv if not a.startswith("-")), "")
