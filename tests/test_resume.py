@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 from pathlib import Path
 
@@ -320,6 +321,14 @@ def test_a_resume_keeps_its_seed_and_its_config_says_so(tmp_path):
     run = tmp_path / "run"
     quickstart(run, 2, "--seed_everything", "7", "--trainer.callbacks+=sigterm_helper.SigtermAt",
                "--trainer.callbacks.step=2")
+    shutil.copy(run / "checkpoints" / "last.ckpt", run / "checkpoints" / "resume.ckpt")
     proc = quickstart(run, 2, "--ckpt_path", "last", "--seed_everything", "true")
     assert "resume: seed_everything true -> 7 (the checkpoint's run's" in proc.stderr, proc.stderr[-3000:]
     assert yaml.safe_load((run / "config-2.yaml").read_text())["seed_everything"] == 7
+    # false (no seeding) too went on from the checkpoint's seed, and its config recorded false (g1 review)
+    (run / "checkpoints" / "last.ckpt").unlink()
+    (run / "checkpoints" / "resume.ckpt").rename(run / "checkpoints" / "last.ckpt")
+    proc = quickstart(run, 2, "--ckpt_path", "last", "--seed_everything", "false")
+    assert "resume: seed_everything false -> 7 (the checkpoint's run's" in proc.stderr, proc.stderr[-3000:]
+    # the same settings as the first resume's: its record holds them (a config-3.yaml said false)
+    assert {yaml.safe_load(p.read_text())["seed_everything"] for p in run.glob("config-*.yaml")} == {7}

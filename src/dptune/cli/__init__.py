@@ -207,13 +207,14 @@ class DPTuneCLI(LightningCLI):
             root = cfg.trainer.default_root_dir or DEFAULT_ROOT
             dirpath = cfg.checkpoint.dirpath or os.path.join(root, "checkpoints")
             seed = check_ckpt_path(str(path), self.task, sub, dirpath=dirpath, root=root)
-            if sub == "fit" and seed is not None and cfg.get("seed_everything") is not False \
-                    and cfg.get("seed_everything") != seed:
+            given = cfg.get("seed_everything")  # false too: the orders go on from the checkpoint's seed
+            if sub == "fit" and seed is not None and (given is False or given != seed):
                 # the run's orders, augmentations and dropout go on from the checkpoint's seed; config.yaml says so
                 if not os.environ.get("LOCAL_RANK"):
                     log.info("resume: seed_everything %s -> %d (the checkpoint's run's: its training order, "
                              "augmentations and dropout go on from it)",
-                             "true" if self._seed_given is True else cfg.get("seed_everything"), seed)
+                             str(self._seed_given).lower() if isinstance(self._seed_given, bool)
+                             else cfg.get("seed_everything"), seed)
                 cfg["seed_everything"] = seed
 
     def before_instantiate_classes(self) -> None:
