@@ -160,7 +160,9 @@ def test_a_sample_drawn_twice_in_an_epoch_gets_other_augmentations_the_second_ti
 def test_the_resume_line_says_what_the_rest_of_the_epoch_trains(caplog):
     """33 samples on 2 processes in batches of 8, cut after one step: the line said "the 17 ... and 1 from
     its start" where the resume trains 16 (each process drops its last partial batch, as every epoch
-    does; f4 review). And with batches of 16 after 8, how many wait."""
+    does; f4 review). With batches of 16 after 8, how many wait; the counts it gives add up to the
+    samples not reached (it said "8 of the 13 ...; 4 of them are not trained" where 5 were not: g1
+    review); after an earlier resume that went on into the epoch's second pass, what it draws again."""
     import logging
 
     from dptune.data.order import OrderState
@@ -169,7 +171,57 @@ def test_the_resume_line_says_what_the_rest_of_the_epoch_trains(caplog):
     with caplog.at_level(logging.INFO, logger="dptune.data.order"):
         OrderState._say_resumed(state, 33, 16, 17, 8, 2)
         OrderState._say_resumed({**state, "size": 32, "consumed": 16, "batches": 2}, 32, 0, 32, 16, 1)
+        OrderState._say_resumed({**state, "size": 17, "consumed": 4, "batches": 1}, 17, 8, 17, 8, 1)
+        OrderState._say_resumed({**state, "size": 32, "consumed": 44, "batches": 13}, 32, 6, 32, 2, 1)
+        OrderState._say_resumed({**state, "size": 32, "consumed": 24, "batches": 3}, 32, 26, 32, 2, 1)
     lines = [r.getMessage() for r in caplog.records]
-    assert lines[0] == "resume: epoch 0 continues with the 16 of its 33 training samples it had not reached"
+    assert lines[0] == ("resume: epoch 0 continues with 16 of the 17 of its 33 training samples it had not reached; "
+                        "the other 1 is left out, as every epoch's last partial batch is")
     assert lines[1].startswith("resume: epoch 0 continues with 0 of the 16 of its 32 training samples it had not "
-                               "reached; 16 of them are not trained in this epoch")
+                               "reached; the other 16 are not trained in this epoch (Lightning counts")
+    assert lines[2].startswith("resume: epoch 0 continues with 8 of the 13 of its 17 training samples it had not "
+                               "reached; the other 5 are not trained in this epoch (Lightning counts")
+    assert lines[3].startswith("resume: epoch 0 had reached each of its 32 training samples; it continues with 6 "
+                               "of them drawn a second time (Lightning counts")
+    assert lines[4].startswith("resume: epoch 0 continues with the 8 of its 32 training samples it had not "
+                               "reached, and 18 from its start (Lightning counts")
+
+
+def test_a_second_resume_in_an_epoch_continues_its_second_pass():
+    """8 samples in batches of 6, cut after one step, resumed in batches of 2 (the 2 left and 4 from the
+    epoch's start), cut again after 2 of those: the second resume drew the epoch's first samples again,
+    with the augmentation seeds they had just trained with (g1 review), not the 2 after them."""
+    data = list(range(8))
+    first = TrainOrder(data, 1, 0, seed=3)
+    first.resume_at(0, 6, left=6)
+    once = list(first)
+    assert [d.seed for d in once[:2]] == [d.seed for d in list(TrainOrder(data, 1, 0, seed=3))[6:]]
+    again = TrainOrder(data, 1, 0, seed=3)
+    again.resume_at(0, 10, left=2)  # positions 6, 7 and 0, 1 (second pass) trained
+    twice = list(again)
+    assert [(int(d), d.seed) for d in twice] == [(int(d), d.seed) for d in once[4:6]]
+
+
+def test_an_end_of_epoch_checkpoint_with_another_training_set_says_no_epoch_was_cut(caplog):
+    """An end-of-epoch checkpoint resumed on a training set of 31 samples (32 before) warned that the
+    interrupted epoch was drawn afresh, with samples trained twice: no epoch was interrupted (g1 review)."""
+    import logging
+    from types import SimpleNamespace
+
+    from dptune.data.order import OrderState
+
+    class State(OrderState):
+        trainer = SimpleNamespace(world_size=1, global_rank=0,
+                                  fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(
+                                      current=SimpleNamespace(processed=0))))
+
+    done = {"seed": 0, "size": 32, "identity": "ab", "epoch": 0, "batches": 4, "consumed": 32, "done": True}
+    for record, cut in ((done, False), ({**done, "batches": 2, "consumed": 16, "done": False}, True)):
+        state = State()
+        state.load_state_dict(record)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="dptune.data.order"):
+            order = state.train_order(list(range(31)), 8)
+        assert order.epoch == 1 - cut  # the next epoch, or the cut one drawn afresh
+        assert "the training set holds other samples than the checkpoint's run had (31, was 32" in caplog.text
+        assert ("trained twice" in caplog.text) is cut, caplog.text

@@ -108,16 +108,17 @@ class TrainOrder(DistributedSampler):
     def __iter__(self):
         order = self.order(self.epoch)
         n = len(order)
-        positions, passes = torch.arange(n), torch.zeros(n, dtype=torch.long)  # a position's pass: its draw's
+        start, end = 0, n  # draws of the epoch: draw t is position t % n in its pass t // n
         if self.resume is not None and self.resume[0] == self.epoch:
-            _, consumed, left = self.resume
-            positions, passes = positions[consumed:], passes[consumed:]
-            short = (left or 0) * self.num_replicas - len(positions)
-            if short > 0:  # another batch size or number of processes: Lightning runs more steps than are left
-                extra = torch.arange(short)  # the epoch's first positions again: their second pass
-                positions, passes = torch.cat([positions, extra % n]), torch.cat([passes, 1 + extra // n])
-        if len(positions) == 0:
+            # another batch size or number of processes: Lightning may run more steps than positions are left,
+            # which take the epoch's first positions again (their second pass), and an earlier resume may have
+            # gone on into that pass already
+            _, start, left = self.resume
+            end = max(n, start + (left or 0) * self.num_replicas)
+        if end <= start or n == 0:
             return iter([])
+        drawn = torch.arange(start, end)
+        positions, passes = drawn % n, drawn // n
         slots = torch.arange(math.ceil(len(positions) / self.num_replicas) * self.num_replicas)
         slots = slots[self.rank::self.num_replicas]  # padded from the start to a multiple of the processes
         mine, again = positions[slots % len(positions)], passes[slots % len(positions)] + slots // len(positions)
@@ -184,9 +185,11 @@ class OrderState:
             return order
         if state["identity"] != identity or state["size"] != len(dataset):
             if me == 0 and not self._said_resume:
+                cut = not state["done"] and state["consumed"] > 0
                 log.warning("resume: the training set holds other samples than the checkpoint's run had (%d, was "
-                            "%d; or other files or samples left out): the interrupted epoch is drawn afresh, so some "
-                            "samples are trained twice in it and others not", len(dataset), state["size"])
+                            "%d; or other files or samples left out)%s", len(dataset), state["size"],
+                            ": the interrupted epoch is drawn afresh, so some samples are trained twice in it and "
+                            "others not" if cut else "; the next epochs are drawn from this set")
             order.resume_at(state["epoch"] + state["done"], 0)
         elif not state["done"] and state["consumed"] > 0:
             # the samples per process that the steps Lightning leaves in the epoch take (it counts the steps
@@ -205,15 +208,23 @@ class OrderState:
 
     @staticmethod
     def _say_resumed(state: dict[str, Any], n: int, takes: int, share: int, batch_size: int, world: int) -> None:
-        rest = max(0, n - state["consumed"])
-        # a last partial batch every epoch leaves out
-        dropped = (share % batch_size) * world if drops_last_batch(share, batch_size) else 0
-        extra = (f", and {takes - rest} from its start" if takes > rest else
-                 f"; {rest - takes - dropped} of them are not trained in this epoch" if rest - takes > dropped else "")
-        some = f"the {min(takes, rest)}" if takes >= rest - dropped else f"{takes} of the {rest}"
-        log.info("resume: epoch %d continues with %s of its %d training samples it had not reached%s%s",
-                 state["epoch"], some, n, extra, "" if not extra else
-                 " (Lightning counts the steps left in this epoch from the checkpoint's batches)")
+        """One line: what the rest of the interrupted epoch trains (``takes`` samples, all processes)."""
+        consumed, why = state["consumed"], " (Lightning counts the steps left in this epoch from the checkpoint's batches)"
+        rest = max(0, n - consumed)
+        if consumed >= n:  # an earlier resume went on into the epoch's second pass
+            said = (f"had reached each of its {n} training samples; it continues with {takes} of them drawn a second "
+                    f"time{why}")
+        elif takes >= rest:
+            said = f"continues with the {rest} of its {n} training samples it had not reached"
+            said += f", and {takes - rest} from its start{why}" if takes > rest else ""
+        else:
+            other = rest - takes
+            # a last partial batch that every epoch leaves out (each process drops its own)
+            dropped = (share % batch_size) * world if drops_last_batch(share, batch_size) else 0
+            said = (f"continues with {takes} of the {rest} of its {n} training samples it had not reached; the other "
+                    f"{other} {'is' if other == 1 else 'are'} " + ("left out, as every epoch's last partial batch is"
+                                                                   if other <= dropped else f"not trained in this epoch{why}"))
+        log.info("resume: epoch %d %s", state["epoch"], said)
 
     def batch_seed(self, batch_idx: int, rank: int) -> int | None:
         """The seed of torch's random numbers (dropout) for a training batch: of the run's seed, the
