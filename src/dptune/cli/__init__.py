@@ -204,8 +204,8 @@ class DPTuneCLI(LightningCLI):
         path = self.config[sub].get("ckpt_path") if sub else None
         if path is not None:
             cfg = self.config[sub]
-            root = cfg.trainer.default_root_dir or DEFAULT_ROOT
-            dirpath = cfg.checkpoint.dirpath or os.path.join(root, "checkpoints")
+            self._settle_folders(cfg)  # `last` is the run's folder's: a run config given back names its old one
+            root, dirpath = cfg.trainer.default_root_dir, cfg.checkpoint.dirpath
             seed = check_ckpt_path(str(path), self.task, sub, dirpath=dirpath, root=root)
             given = cfg.get("seed_everything")  # false too: the orders go on from the checkpoint's seed
             if sub == "fit" and seed is not None and (given is False or given != seed):
@@ -217,22 +217,30 @@ class DPTuneCLI(LightningCLI):
                              else cfg.get("seed_everything"), seed)
                 cfg["seed_everything"] = seed
 
+    def _settle_folders(self, cfg) -> None:
+        """The run's root and checkpoint folder, as the run will use them (a run config given back with
+        another root: its folders follow the new root). Once settled, settling again changes nothing."""
+        root = cfg.trainer.default_root_dir or DEFAULT_ROOT
+        cfg.trainer.default_root_dir = root
+        follow_the_root(cfg, self._argv, _loggers(cfg))
+        if cfg.checkpoint.dirpath is None:
+            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+
     def before_instantiate_classes(self) -> None:
         if self.task == "multitask" and self.subcommand == "test":
             raise ConfigError("test: the segmentation + depth task has no test stage; score a test split with "
                               "dptune evaluate --model RUN/checkpoints/last.ckpt --config CONFIG --split test "
                               "(or dptune validate, which scores the val splits)")
         cfg = self.config[self.subcommand] if self.subcommand else self.config
-        root = cfg.trainer.default_root_dir or DEFAULT_ROOT
-        cfg.trainer.default_root_dir = root
-        follow_the_root(cfg, self._argv, _loggers(cfg))
-        if cfg.checkpoint.dirpath is None:
-            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        self._settle_folders(cfg)
+        root = cfg.trainer.default_root_dir
         default_monitor, _, default_name = TASKS[self.task]["monitor"]
         if cfg.checkpoint.filename == default_name and cfg.checkpoint.monitor not in (None, default_monitor):
             cfg.checkpoint.filename = best_filename(cfg.checkpoint.monitor)  # named after what selects it
-        if self.subcommand == "fit" and cfg.get("ckpt_path") is None:
-            refuse_a_second_run(cfg.checkpoint.dirpath)
+        ckpt = cfg.get("ckpt_path")
+        if self.subcommand == "fit" and (ckpt is None or str(ckpt) not in ("last", "hpc")
+                                         and not str(ckpt).lower().startswith("registry")):
+            refuse_a_second_run(cfg.checkpoint.dirpath, resuming=None if ckpt is None else str(ckpt))
         for lg in _loggers(cfg):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):

@@ -10,14 +10,19 @@ from dptune.training.checkpoint_state import template_field
 
 
 def check_run_length_and_seed(config) -> None:
-    """Said before anything is built: a seed Lightning refuses with a traceback (-1), and a fit of 0
-    epochs or steps, which Lightning ends at once with exit 0, no checkpoint and no word."""
+    """Said before anything is built: a seed Lightning refuses with a traceback (-1), a fit of 0
+    epochs or steps, which Lightning ends at once with exit 0, no checkpoint and no word, and an
+    accumulation of 0 batches (Lightning's ZeroDivisionError) or fewer."""
     sub = config.get("subcommand")
     cfg = config[sub] if sub else config
     seed = cfg.get("seed_everything")
     if not (seed is None or isinstance(seed, bool) or isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
         raise ConfigError(f"seed_everything {seed}: a seed is a whole number from 0 to 4294967295 (true draws one)")
     if sub == "fit":
+        acc = cfg.trainer.get("accumulate_grad_batches")
+        if acc is not None and (isinstance(acc, bool) or not isinstance(acc, int) or acc < 1):
+            raise ConfigError(f"trainer.accumulate_grad_batches {acc}: the batches each optimizer step adds up, a "
+                              "whole number from 1 (1: a step every batch)")
         for key, unit in (("max_epochs", "epochs"), ("max_steps", "steps"), ("limit_train_batches", "batches")):
             value = cfg.trainer.get(key)
             if value == 0 and not isinstance(value, bool):
@@ -34,19 +39,24 @@ def best_filename(monitor: str) -> str:
     return f"best-epoch{{epoch:02d}}-{short}{{{template_field(monitor)}:.4f}}"
 
 
-def refuse_a_second_run(dirpath: str) -> None:
+def refuse_a_second_run(dirpath: str, resuming: str | None = None) -> None:
     """A fit started afresh (no ``--ckpt_path``) into a checkpoint folder that already holds a run's
     checkpoints would mix two runs (last-v1.ckpt beside last.ckpt, a second best-*, the run's
-    config.yaml rewritten): one line before anything is written. The other processes of a DDP run
-    start once rank 0 is running, and are not asked (the folder may hold its first checkpoint)."""
+    config.yaml rewritten): one line before anything is written. So would a checkpoint of another
+    folder resumed there (``resuming``: its path; it wrote over the folder's last.ckpt). The other
+    processes of a DDP run start once rank 0 is running, and are not asked (the folder may hold its
+    first checkpoint)."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return
     if not os.path.isdir(dirpath):
         return
+    if resuming is not None and os.path.realpath(os.path.dirname(os.path.abspath(resuming))) == os.path.realpath(dirpath):
+        return  # the folder's own run
     found = sorted(f for f in os.listdir(dirpath) if f.endswith(".ckpt"))
     if found:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
-        raise ConfigError(f"{dirpath}: already holds the checkpoints of a run ({shown}); a new fit there would mix "
-                          "two runs: resume that run with --ckpt_path last, or start the new one in another "
-                          "--trainer.default_root_dir (or --checkpoint.dirpath)")
-
+        what = "a new fit" if resuming is None else f"resuming {resuming}"
+        fix = ("start the new one in another --trainer.default_root_dir (or --checkpoint.dirpath)" if resuming is None
+               else f"resume {resuming} in another --trainer.default_root_dir (or --checkpoint.dirpath)")
+        raise ConfigError(f"{dirpath}: already holds the checkpoints of a run ({shown}); {what} there would mix "
+                          f"two runs: resume that run with --ckpt_path last, or {fix}")

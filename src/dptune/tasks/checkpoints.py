@@ -23,6 +23,7 @@ from dptune.tasks.resume import (
     check_state_dict,
     check_task,
     data_changes,
+    order_record,
     say_change,
 )
 
@@ -82,6 +83,8 @@ def lightning_path(path: str, stage: str, dirpath: str, root: str) -> str | None
     last = os.path.join(dirpath, "last.ckpt")
     if os.path.isfile(last):
         return last
+    if os.path.islink(last):  # a link to a disk not mounted: not "no last.ckpt yet", which a fit replaces
+        raise ConfigError(f"--ckpt_path last: {last} is a link to {os.readlink(last)}, which does not exist")
     if stage != "fit":
         raise ConfigError(f"--ckpt_path last: no {last} ({stage} would score an untrained model); give the "
                           "checkpoint's path, or the run's --trainer.default_root_dir")
@@ -96,6 +99,8 @@ def check_ckpt_path(path: str, task: str, stage: str, dirpath: str | None = None
     or is one of another task is one line, and so are ``last`` / ``best`` / ``hpc`` that stand for
     no file (``dirpath``: the run's checkpoint folder; ``root``: its default_root_dir). Reads the
     metadata only (the tensors are mapped). Returns the seed of the checkpoint's training order, if any."""
+    if not path.strip():
+        raise ConfigError("--ckpt_path is empty: give a checkpoint file, or last (the run folder's last.ckpt)")
     if is_remote(path):
         raise ConfigError(f"--ckpt_path {path}: a URL; train.py resumes and scores local files only (Lightning would "
                           "unpickle a remote one with weights_only=False, which can run code): download it first "
@@ -116,11 +121,8 @@ def check_ckpt_path(path: str, task: str, stage: str, dirpath: str | None = None
 
 def order_seed(ckpt: dict[str, Any]) -> int | None:
     """The seed of a checkpoint's training order (the datamodule's record; ``dptune.data.order``), if it has one."""
-    for key, value in ckpt.items():
-        if key.endswith("DataModule") and isinstance(value, dict) and "identity" in value:
-            seed = value.get("seed")
-            return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32 else None
-    return None
+    seed = (order_record(ckpt) or {}).get("seed")
+    return seed if isinstance(seed, int) and not isinstance(seed, bool) and 0 <= seed < 2**32 else None
 
 
 class _CheckedIO(TorchCheckpointIO):
@@ -156,7 +158,7 @@ class ResumeCheck(Callback):
         stage = trainer.state.fn.value if trainer.state.fn is not None else "fit"
         changed = check_resume(trainer.lightning_module, ckpt, path, stage, say=trainer.is_global_zero)
         if stage == "fit":
-            check_epochs(ckpt, path, trainer.max_epochs)
+            check_epochs(ckpt, path, trainer.max_epochs, trainer.max_steps)
             saved, datamodule = ckpt.get("datamodule_hyper_parameters"), getattr(trainer, "datamodule", None)
             if isinstance(saved, dict) and datamodule is not None and trainer.is_global_zero:
                 for key, old, new in data_changes(saved, dict(datamodule.hparams)):

@@ -293,12 +293,37 @@ def epochs_done(ckpt: dict[str, Any]) -> int:
         return int(ckpt.get("epoch") or 0)
 
 
-def check_epochs(ckpt: dict[str, Any], path: str, max_epochs: int | None) -> None:
+def order_record(ckpt: dict[str, Any]) -> dict[str, Any] | None:
+    """A checkpoint's record of its training order (the datamodule's; ``dptune.data.order``), if it has one."""
+    for key, value in ckpt.items():
+        if key.endswith("DataModule") and isinstance(value, dict) and "identity" in value:
+            return value
+    return None
+
+
+def check_epochs(ckpt: dict[str, Any], path: str, max_epochs: int | None, max_steps: int | None = None) -> None:
     """One line, before anything is restored or written, when this run's ``max_epochs`` is below the
     epochs the checkpoint has trained (Lightning raised a MisconfigurationException with a traceback,
-    after the run's config.yaml was written)."""
+    after the run's config.yaml was written), or when it leaves nothing to train: ``max_epochs`` at
+    the epochs trained (a checkpoint cut inside the next epoch: Lightning said nothing, trained
+    nothing and exited 0) or ``max_steps`` at the steps done. A checkpoint cut inside a validation
+    still has that validation to run."""
+    from dptune.tasks.optimizing import validation_cut
+
     done = epochs_done(ckpt)
     if max_epochs is not None and max_epochs != -1 and done > max_epochs:
         raise ConfigError(f"{path}: the checkpoint has trained {done} epochs; this run sets trainer.max_epochs "
                           f"{max_epochs}, below that: resume with --trainer.max_epochs {done + 1} or more to train "
                           f"on, or start a new run from its weights: --model.pretrained {path} without --ckpt_path")
+    if validation_cut(ckpt):
+        return
+    record = order_record(ckpt) or {}
+    part = " and part of the next" if record.get("done") is False and record.get("batches", 0) > 0 else ""
+    step = ckpt.get("global_step")
+    if max_epochs is not None and max_epochs != -1 and done == max_epochs:
+        raise ConfigError(f"{path}: the checkpoint has trained {done} epochs{part}; this run sets "
+                          f"trainer.max_epochs {max_epochs}: nothing is left to train; resume with "
+                          f"--trainer.max_epochs {done + 1} or more to train on")
+    if max_steps is not None and max_steps != -1 and isinstance(step, int) and step >= max_steps:
+        raise ConfigError(f"{path}: the checkpoint has done {step} optimizer steps; this run sets trainer.max_steps "
+                          f"{max_steps}: nothing is left to train; raise --trainer.max_steps (or -1: no limit)")

@@ -1,0 +1,108 @@
+"""A resume or a scoring run pointed at the wrong place, or given a setting that cannot run: one line
+and a non-zero exit, nothing of another run overwritten (g2 review, a user's attack)."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+
+import pytest
+import torch
+from test_resume import quickstart
+
+pytestmark = pytest.mark.slow
+
+
+def _digests(folder) -> dict:
+    return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
+
+
+def _error(proc) -> str:
+    lines = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 2 and len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    return lines[0]
+
+
+@pytest.fixture(scope="module")
+def one_epoch(tmp_path_factory):
+    run = tmp_path_factory.mktemp("one") / "run"
+    quickstart(run, 1)
+    return run
+
+
+def test_last_of_a_run_config_given_back_with_a_new_root_is_that_root_s(one_epoch, tmp_path):
+    """`validate --config RUN/config.yaml --trainer.default_root_dir NEW --ckpt_path last` scored an
+    untrained model and exited 0 (`last` was looked for in RUN's folder, and Lightning looked in NEW's);
+    a fit the same way trained from epoch 0 without a word."""
+    new = tmp_path / "validate"
+    said = _error(_given_back(one_epoch, "validate", new))
+    assert f"no {new / 'checkpoints' / 'last.ckpt'}" in said
+    new = tmp_path / "fit"
+    proc = _given_back(one_epoch, "fit", new, "--trainer.max_epochs", "2")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"--ckpt_path last: no {new / 'checkpoints' / 'last.ckpt'} yet; the run starts from the beginning" \
+        in proc.stderr, proc.stderr[-3000:]
+
+
+def _given_back(run, sub, new, *extra):
+    from conftest import REPO, run_python
+
+    env = dict(os.environ, WANDB_MODE="offline")
+    args = [sub, "--config", str(run / "config.yaml"), "--trainer.default_root_dir", str(new), "--ckpt_path", "last",
+            "--trainer.logger", "false", *extra]
+    return run_python(REPO / "train.py", args, REPO, env, timeout=600)
+
+
+def test_a_checkpoint_resumed_into_another_run_s_folder_is_refused(one_epoch, tmp_path):
+    """Run A's last.ckpt resumed with B's root, B holding a run of its own: B's last.ckpt was overwritten
+    and the log said A's checkpoints had moved to B."""
+    other = tmp_path / "b"
+    quickstart(other, 1, "--seed_everything", "3")
+    before = _digests(other / "checkpoints")
+    proc = quickstart(other, 2, "--ckpt_path", str(one_epoch / "checkpoints" / "last.ckpt"), check=False)
+    said = _error(proc)
+    assert str(other / "checkpoints") in said and "already holds the checkpoints of a run" in said
+    assert _digests(other / "checkpoints") == before and not (other / "config-2.yaml").exists()
+
+
+@pytest.mark.parametrize("value", ["0", "-1"])
+def test_accumulate_grad_batches_below_one_is_one_line(tmp_path, value):
+    """0 ended in Lightning's ZeroDivisionError traceback; -1 in "lower data.batch_size"."""
+    said = _error(quickstart(tmp_path / "run", 1, "--trainer.accumulate_grad_batches", value, check=False))
+    assert f"trainer.accumulate_grad_batches {value}" in said
+
+
+def test_a_mid_epoch_checkpoint_resumed_with_max_epochs_at_its_epoch_is_nothing_left_to_train(tmp_path):
+    """Cut in epoch 2 (index 1) and resumed with --trainer.max_epochs 1: it said it continued the epoch,
+    trained nothing and exited 0, last.ckpt as it was."""
+    run = tmp_path / "run"
+    quickstart(run, 2, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=6")
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 6
+    before = _digests(run / "checkpoints")
+    said = _error(quickstart(run, 1, "--ckpt_path", "last", check=False))
+    assert "nothing is left to train" in said and "--trainer.max_epochs 2" in said
+    assert _digests(run / "checkpoints") == before and not (run / "config-2.yaml").exists()
+
+
+def test_a_resume_refused_as_nothing_left_to_train_writes_no_config(one_epoch):
+    """It wrote a config-2.yaml (max_steps 1) of a run that never trained, and config-3.yaml the next time."""
+    names = sorted(p.name for p in one_epoch.iterdir())
+    said = _error(quickstart(one_epoch, 2, "--trainer.max_steps", "1", "--ckpt_path", "last", check=False))
+    assert "nothing is left to train" in said
+    assert sorted(p.name for p in one_epoch.iterdir()) == names
+
+
+def test_a_last_checkpoint_that_is_a_broken_link_is_one_line(tmp_path):
+    """last.ckpt linked to an unmounted disk: "no last.ckpt yet; the run starts from the beginning", and
+    the run replaced the link with its own file."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "checkpoints" / "last.ckpt").symlink_to(tmp_path / "unmounted" / "last.ckpt")
+    said = _error(quickstart(run, 1, "--ckpt_path", "last", check=False))
+    assert str(run / "checkpoints" / "last.ckpt") in said and "unmounted" in said
+    assert (run / "checkpoints" / "last.ckpt").is_symlink()
+
+
+def test_an_empty_ckpt_path_is_named(tmp_path):
+    said = _error(quickstart(tmp_path / "run", 1, "--ckpt_path", "", check=False))
+    assert "--ckpt_path" in said
