@@ -720,7 +720,7 @@ def test_a_fit_without_checkpoints_runs_and_says_so(tmp_path):
     assert "SIGTERM: the run stopped at step 1 of " in proc.stderr and "nothing was saved" in proc.stderr
 
 
-def test_seed_everything_true_draws_a_seed_and_records_it(tmp_path, monkeypatch):
+def test_seed_everything_true_or_false_draws_a_seed_and_records_it(tmp_path, monkeypatch):
     """``--seed_everything true`` ("true draws one", the error line says) ran every run with seed 0:
     Lightning 2.6 seeds 0 for true, so two such runs trained the same weights. Two runs draw two seeds,
     each the one config.yaml records, and train different weights; a run given a drawn seed repeats its run."""
@@ -728,12 +728,16 @@ def test_seed_everything_true_draws_a_seed_and_records_it(tmp_path, monkeypatch)
 
     monkeypatch.setenv("PL_GLOBAL_SEED", "0")  # left over from an earlier seed_everything in the shell's process
     seeds, weights = [], []
-    for name, seed_arg in (("a", "true"), ("b", "true"), ("c", None)):
+    # false (no seed) drew one too: the training order and augmentations are always seeded, and its
+    # config.yaml said false, which given back did not repeat the run (g2 review)
+    for name, seed_arg in (("a", "true"), ("b", "false"), ("c", None)):
         run = tmp_path / name
-        quickstart(run, 1, "--data.splits", SMALL, "--seed_everything", seed_arg or str(seeds[0]),
-                   "--trainer.limit_val_batches", "1", "--trainer.precision", "32-true")
+        proc = quickstart(run, 1, "--data.splits", SMALL, "--seed_everything", seed_arg or str(seeds[0]),
+                          "--trainer.limit_val_batches", "1", "--trainer.precision", "32-true")
         seed = yaml.safe_load((run / "config.yaml").read_text())["seed_everything"]
         assert isinstance(seed, int) and not isinstance(seed, bool)
+        assert (f"seed_everything {seed_arg}: this run's seed is {seed} (config.yaml records it" in proc.stderr) \
+            is (seed_arg is not None), proc.stderr[-2000:]
         seeds.append(seed)
         weights.append(torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["state_dict"])
     assert seeds[0] != seeds[1] and seeds[2] == seeds[0]

@@ -55,6 +55,7 @@ def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
     assert [g["lr"] for g in end["optimizer_states"][0]["param_groups"]] == pytest.approx(
         [g["lr"] for g in end_ref["optimizer_states"][0]["param_groups"]], rel=1e-9, abs=1e-15)
     assert end["lr_schedulers"][0]["total_steps"] == end_ref["lr_schedulers"][0]["total_steps"] == 12
+    assert "LR schedule: the checkpoint's run had 4 optimizer steps, this run has 12" in resumed.stderr  # the new length
     # the resumed run started from the checkpoint's weights and Adam moments, not from scratch
     weights = sum(v.double().abs().sum().item() for v in one["state_dict"].values() if v.is_floating_point())
     moments = sum(s["exp_avg"].double().abs().sum().item() for s in one["optimizer_states"][0]["state"].values())

@@ -170,8 +170,9 @@ class DPTuneCLI(LightningCLI):
         sub = self.config.get("subcommand")
         cfg = self.config[sub] if sub else self.config
         self._seed_given = cfg.get("seed_everything")
-        if cfg.get("seed_everything") is True:
-            # Lightning 2.6 seeds 0 for true; dptune draws one, and config.yaml records it. The processes
+        if isinstance(cfg.get("seed_everything"), bool):
+            # Lightning 2.6 seeds 0 for true; dptune draws one, and config.yaml records it. So it does for
+            # false (no seed): the training order and augmentations are always seeded. The processes
             # Lightning's launcher starts (LOCAL_RANK set) take the first's, passed in PL_GLOBAL_SEED; a
             # PL_GLOBAL_SEED left in the environment of a run of its own is not a seed it was given
             given = os.environ.get("PL_GLOBAL_SEED") if os.environ.get("LOCAL_RANK") else None
@@ -202,20 +203,22 @@ class DPTuneCLI(LightningCLI):
         readable dptune checkpoint, one of another task."""
         sub = self.config.get("subcommand")
         path = self.config[sub].get("ckpt_path") if sub else None
+        seed = None
         if path is not None:
             cfg = self.config[sub]
             self._settle_folders(cfg)  # `last` is the run's folder's: a run config given back names its old one
             root, dirpath = cfg.trainer.default_root_dir, cfg.checkpoint.dirpath
             seed = check_ckpt_path(str(path), self.task, sub, dirpath=dirpath, root=root)
-            given = cfg.get("seed_everything")  # false too: the orders go on from the checkpoint's seed
-            if sub == "fit" and seed is not None and (given is False or given != seed):
-                # the run's orders, augmentations and dropout go on from the checkpoint's seed; config.yaml says so
-                if not os.environ.get("LOCAL_RANK"):
-                    log.info("resume: seed_everything %s -> %d (the checkpoint's run's: its training order, "
-                             "augmentations and dropout go on from it)",
-                             str(self._seed_given).lower() if isinstance(self._seed_given, bool)
-                             else cfg.get("seed_everything"), seed)
-                cfg["seed_everything"] = seed
+        say = sub == "fit" and not os.environ.get("LOCAL_RANK")  # the first process says it
+        if say and seed is not None and self.config[sub].get("seed_everything") != seed:
+            # the run's orders, augmentations and dropout go on from the checkpoint's seed; config.yaml says so
+            log.info("resume: seed_everything %s -> %d (the checkpoint's run's: its training order, augmentations "
+                     "and dropout go on from it)", _said(self._seed_given), seed)
+        elif say and seed is None and isinstance(self._seed_given, bool):
+            log.info("seed_everything %s: this run's seed is %d (config.yaml records it: give it back to repeat "
+                     "the run)", _said(self._seed_given), self.config[sub].get("seed_everything"))
+        if seed is not None and sub == "fit":
+            self.config[sub]["seed_everything"] = seed
 
     def _settle_folders(self, cfg) -> None:
         """The run's root and checkpoint folder, as the run will use them (a run config given back with
@@ -245,6 +248,10 @@ class DPTuneCLI(LightningCLI):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):
                 init.save_dir = root
+
+
+def _said(value: Any) -> str:
+    return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _loggers(cfg) -> list:
