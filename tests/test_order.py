@@ -225,3 +225,26 @@ def test_an_end_of_epoch_checkpoint_with_another_training_set_says_no_epoch_was_
         assert order.epoch == 1 - cut  # the next epoch, or the cut one drawn afresh
         assert "the training set holds other samples than the checkpoint's run had (31, was 32" in caplog.text
         assert ("trained twice" in caplog.text) is cut, caplog.text
+
+
+@needs(CAMVID)
+def test_the_same_training_set_in_another_folder_is_the_same_set(tmp_path):
+    """A run resumed with --data.root on a copy of its data (scratch to home) warned that the training
+    set held other samples and drew the interrupted epoch afresh: the fingerprint held the full paths
+    (g2 review). The files' places within the folder are what it holds."""
+    from dptune.data.datamodule import SegmentationDataModule
+    from dptune.data.order import sample_identity
+
+    copy = tmp_path / "camvid"
+    for sub in ("train", "trainannot"):
+        (copy / sub).mkdir(parents=True)
+        for f in (CAMVID / sub).glob("0001TP_0069*"):
+            (copy / sub / f.name).write_bytes(f.read_bytes())
+    (copy / "labels.yaml").write_bytes((CAMVID / "labels.yaml").read_bytes())
+    identities = []
+    for root in (CAMVID, copy):
+        dm = SegmentationDataModule(root=str(root), splits=SPLITS, image_size=96, crop_size=64, batch_size=2,
+                                    num_workers=0, cache=False)
+        dm.setup("fit")
+        identities.append(sample_identity(dm.dataset("train")))
+    assert identities[0] == identities[1]

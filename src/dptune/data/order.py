@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import math
+import os
 import warnings
 from typing import Any
 
@@ -137,9 +138,24 @@ def sample_identity(dataset) -> str:
         if getattr(ds, "datasets", None):
             continue  # a joint set: its sets follow
         images = getattr(getattr(ds, "source", None), "images", None)
-        names = [getattr(p, "name", str(p)) for p in images] if isinstance(images, list) else []
-        parts.append(repr((len(ds), list(getattr(ds, "indices", [])), names)))
+        parts.append(repr((len(ds), list(getattr(ds, "indices", [])), _places(images))))
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
+
+
+def _places(images) -> list[str]:
+    """Image files by their places within the folder that holds them all: the same set copied or
+    moved elsewhere (scratch to home) is the same set."""
+    if not isinstance(images, list) or not images:
+        return []
+    paths = [os.fspath(p) if isinstance(p, (str, os.PathLike)) else str(p) for p in images]
+    try:
+        base = os.path.commonpath([os.path.dirname(p) for p in paths])
+    except ValueError:  # absolute and relative paths mixed, or other drives
+        return [os.path.basename(p) for p in paths]
+    if not base:
+        return paths
+    cut = len(base.rstrip(os.sep)) + 1  # a slice, not relpath: millions of files
+    return [p[cut:] if p.startswith(base) else os.path.relpath(p, base) for p in paths]
 
 
 def _steps_per_epoch(trainer, share: int, batch_size: int) -> int:
