@@ -244,6 +244,8 @@ def test_a_label_set_of_one_class_is_one_line_before_training(tmp_path, monkeypa
 @pytest.mark.parametrize("args, named", [
     (["--config", "configs/depth/7scenes.yaml", "--data.cache", "disk"], "data.cache"),  # depth caches in memory only
     (["--config", "configs/camvid.yaml", "--data.batch_size", "abc"], "data.batch_size"),
+    # a blank value: jsonargparse's whole "Does not validate against any of the Union subtypes" (g2 review)
+    (["--config", "configs/camvid.yaml", "--seed_everything", " "], "seed_everything: expected bool or int, given an empty value"),
     (["--config", "configs/camvid.yaml", "--model.lrr", "0.1"], "--model.lrr"),
     # a YAML word for true or false is said as typed (it was "given True")
     (["--config", "configs/camvid.yaml", "--data.batch_size", "yes"], "data.batch_size: expected int, given yes (read as true)"),

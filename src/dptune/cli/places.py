@@ -82,9 +82,10 @@ def _problem(text: str) -> str:
     if nested:
         return nested
     text = " ".join(text.split())
-    union = re.search(r"Subtypes: \[(.*)\] Errors:.*Given value: (.*)$", text)
+    union = re.search(r"Subtypes: \[(.*)\] Errors:.*Given value:(.*)$", text)  # a blank value leaves no space
     if union:
-        return f"expected {' or '.join(_type_words(t) for t in _split_top(union.group(1)))}, given {union.group(2)}"
+        given = union.group(2).strip() or "an empty value"
+        return f"expected {' or '.join(_type_words(t) for t in _split_top(union.group(1)))}, given {given}"
     plain = re.fullmatch(r"Expected a (.*)\. Got value: (.*)", text)
     if plain:
         return f"expected {_type_words(plain.group(1))}, given {plain.group(2)}"
