@@ -79,6 +79,16 @@ def test_trainer_sync_batchnorm_in_a_cpu_run_of_two_processes_is_one_line(tmp_pa
     assert len(errors) == 1 and "trainer.sync_batchnorm true: PyTorch syncs BatchNorm on GPUs only" in errors[0]
 
 
+def _linked_subset(root):
+    """A small CamVid folder of links: 4 training frames, 5 validation frames (files may be replaced)."""
+    for sub in ("train", "trainannot", "val", "valannot"):
+        (root / sub).mkdir(parents=True)
+        for f in sorted((CAMVID / sub).glob("0001TP_0069*" if sub.startswith("train") else "0016E5_0799*")):
+            (root / sub / f.name).symlink_to(f)
+    (root / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
+    return root
+
+
 def test_an_image_that_fails_in_one_process_mid_run_is_one_line_in_each_and_exit_2(tmp_path, tiny_config_path):
     """A validation image whose header reads but whose body does not (--data.check header), read by the
     second process: that process said the file in one line, the first dumped gloo's "Connection closed
@@ -88,12 +98,7 @@ def test_an_image_that_fails_in_one_process_mid_run_is_one_line_in_each_and_exit
     import numpy as np
     from PIL import Image
 
-    root = tmp_path / "data"
-    for sub in ("train", "trainannot", "val", "valannot"):
-        (root / sub).mkdir(parents=True)
-        for f in sorted((CAMVID / sub).glob("0001TP_0069*" if sub.startswith("train") else "0016E5_0799*")):
-            (root / sub / f.name).symlink_to(f)
-    (root / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
+    root = _linked_subset(tmp_path / "data")
     bad = root / "val" / "0016E5_07997.jpg"  # the second process's second image (every other one is its)
     bad.unlink()
     buf = io.BytesIO()
@@ -115,12 +120,7 @@ def test_an_image_that_fails_in_one_process_mid_run_is_one_line_in_each_and_exit
 def test_a_bad_file_every_process_finds_before_training_is_said_once(tmp_path, tiny_config_path):
     """Every process of a run checks the data before training; each printed the same error line, so a
     2-process run said each bad file twice. The line is said once; both processes exit 2."""
-    root = tmp_path / "data"
-    for sub in ("train", "trainannot", "val", "valannot"):
-        (root / sub).mkdir(parents=True)
-        for f in sorted((CAMVID / sub).glob("0001TP_0069*" if sub.startswith("train") else "0016E5_0799*")):
-            (root / sub / f.name).symlink_to(f)
-    (root / "labels.yaml").symlink_to(CAMVID / "labels.yaml")
+    root = _linked_subset(tmp_path / "data")
     bad = sorted((root / "trainannot").iterdir())[0]
     bad.unlink()
     bad.write_bytes(b"not a png")
