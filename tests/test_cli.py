@@ -246,6 +246,7 @@ def test_a_label_set_of_one_class_is_one_line_before_training(tmp_path, monkeypa
     (["--config", "configs/camvid.yaml", "--data.batch_size", "abc"], "data.batch_size"),
     # a blank value: jsonargparse's whole "Does not validate against any of the Union subtypes" (g2 review)
     (["--config", "configs/camvid.yaml", "--seed_everything", " "], "seed_everything: expected bool or int, given an empty value"),
+    (["--config", "configs/camvid.yaml", "--trainer.max_steps", " "], "trainer.max_steps: expected int, given an empty value"),
     (["--config", "configs/camvid.yaml", "--model.lrr", "0.1"], "--model.lrr"),
     # a YAML word for true or false is said as typed (it was "given True")
     (["--config", "configs/camvid.yaml", "--data.batch_size", "yes"], "data.batch_size: expected int, given yes (read as true)"),
@@ -746,3 +747,21 @@ def test_seed_everything_true_or_false_draws_a_seed_and_records_it(tmp_path, mon
     keys = [k for k, v in weights[0].items() if v.is_floating_point()]
     assert not all(torch.equal(weights[0][k], weights[1][k]) for k in keys)
     assert all(torch.equal(weights[0][k], weights[2][k]) for k in keys)
+
+
+def test_under_torchrun_the_first_process_says_the_seed(tmp_path):
+    """torchrun sets LOCAL_RANK in every process, 0 in the first: the drawn seed's line (and a resume's)
+    was said by none (g3 review)."""
+    import sys
+
+    from conftest import REPO
+    from test_resume import SPLITS
+
+    args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1", "train.py", "fit",
+            "--config", "configs/quickstart.yaml", "--data.splits", json.dumps(SPLITS), "--data.image_size", "64",
+            "--data.crop_size", "64", "--trainer.max_steps", "1", "--trainer.limit_val_batches", "1",
+            "--trainer.logger", "false", "--trainer.default_root_dir", str(tmp_path / "run"), "--seed_everything", "true"]
+    proc = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=600,
+                          env=dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stderr.count("seed_everything true: this run's seed is") == 1, proc.stderr[-3000:]

@@ -43,9 +43,13 @@ def test_one_process_and_runs_without_a_run_key_always_say_it(run_env):
     line = "error: data/x.png: not a readable mask"
     run_env.delenv("LOCAL_RANK")
     assert not said_by_another_process(line) and not said_by_another_process(line)  # one process: every line
-    run_env.setenv("LOCAL_RANK", "1")
-    run_env.delenv("DPTUNE_LAUNCHER_PID")  # torchrun without a run id: nothing ties its processes together
-    run_env.setenv("TORCHELASTIC_RUN_ID", "none")
+    run_env.setenv("LOCAL_RANK", "0")
+    run_env.setenv("WORLD_SIZE", "1")  # torchrun of one process
+    run_env.setenv("TORCHELASTIC_RUN_ID", "job-17")
     assert not said_by_another_process(line) and not said_by_another_process(line)
-    run_env.setenv("TORCHELASTIC_RUN_ID", "job-17")  # torchrun with one
+    run_env.delenv("DPTUNE_LAUNCHER_PID")
+    run_env.setenv("WORLD_SIZE", "2")  # torchrun of two: the processes of one launch share its agent
+    assert not said_by_another_process(line) and said_by_another_process(line)
+    # the same command launched again (a static rendezvous: the same run id and port), by another agent
+    run_env.setattr("os.getppid", lambda: 999999)
     assert not said_by_another_process(line) and said_by_another_process(line)

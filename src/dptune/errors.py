@@ -22,13 +22,17 @@ def first_line(e: BaseException, limit: int | None = None) -> str:
 def said_by_another_process(line: str, within_s: float = 600.0) -> bool:
     """Whether another process of this run on this machine has already printed ``line``: every process
     of a run of several checks the data before training and finds the same bad files, and each printed
-    the same line. The first process to claim a line prints it. A run is its launcher's process (which
-    Lightning's launcher children know by ``DPTUNE_LAUNCHER_PID``, see ``dptune.command``) or torchrun's
-    run id, with its main port; a claim older than ``within_s`` is taken over. Anything else (one
-    process, no temporary folder) prints."""
-    several = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") or os.environ.get("LOCAL_RANK") is not None
-    elastic = os.environ.get("TORCHELASTIC_RUN_ID", "none")
-    run = elastic if elastic not in ("", "none") else os.environ.get("DPTUNE_LAUNCHER_PID")
+    the same line. The first process to claim a line prints it. A run is one launch: its launcher's
+    process (Lightning's launcher children know it by ``DPTUNE_LAUNCHER_PID``, see ``dptune.command``;
+    torchrun's processes are children of its agent), with its main port, so a command run again says its
+    lines again; a claim older than ``within_s`` is taken over. Anything else (one process, no
+    temporary folder) prints."""
+    world = os.environ.get("WORLD_SIZE")
+    several = world not in ("", "0", "1") if world is not None else os.environ.get("LOCAL_RANK") is not None
+    if os.environ.get("TORCHELASTIC_RUN_ID") is not None:  # torchrun: one agent per launch and machine
+        run = f"{os.environ['TORCHELASTIC_RUN_ID']}:{os.getppid()}"
+    else:
+        run = os.environ.get("DPTUNE_LAUNCHER_PID")
     if not several or not run or not os.environ.get("MASTER_PORT"):
         return False
     key = f"{run}:{os.environ.get('MASTER_ADDR', '')}:{os.environ['MASTER_PORT']}\n{line}"

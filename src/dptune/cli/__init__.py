@@ -209,7 +209,7 @@ class DPTuneCLI(LightningCLI):
             self._settle_folders(cfg)  # `last` is the run's folder's: a run config given back names its old one
             root, dirpath = cfg.trainer.default_root_dir, cfg.checkpoint.dirpath
             seed = check_ckpt_path(str(path), self.task, sub, dirpath=dirpath, root=root)
-        say = sub == "fit" and not os.environ.get("LOCAL_RANK")  # the first process says it
+        say = sub == "fit" and _first_process()
         if say and seed is not None and self.config[sub].get("seed_everything") != seed:
             # the run's orders, augmentations and dropout go on from the checkpoint's seed; config.yaml says so
             log.info("resume: seed_everything %s -> %d (the checkpoint's run's: its training order, augmentations "
@@ -248,6 +248,15 @@ class DPTuneCLI(LightningCLI):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):
                 init.save_dir = root
+
+
+def _first_process() -> bool:
+    """Whether this is the run's first process, which says what the run is: torchrun sets RANK in every
+    process (LOCAL_RANK 0 too in its first); Lightning's launcher starts the others with LOCAL_RANK 1, 2, ..."""
+    rank = os.environ.get("RANK")
+    if rank:
+        return rank == "0"
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
 
 
 def _said(value: Any) -> str:

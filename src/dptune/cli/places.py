@@ -86,9 +86,9 @@ def _problem(text: str) -> str:
     if union:
         given = union.group(2).strip() or "an empty value"
         return f"expected {' or '.join(_type_words(t) for t in _split_top(union.group(1)))}, given {given}"
-    plain = re.fullmatch(r"Expected a (.*)\. Got value: (.*)", text)
+    plain = re.fullmatch(r"Expected a (.*)\. Got value:(.*)", text)
     if plain:
-        return f"expected {_type_words(plain.group(1))}, given {plain.group(2)}"
+        return f"expected {_type_words(plain.group(1))}, given {plain.group(2).strip() or 'an empty value'}"
     return text
 
 
