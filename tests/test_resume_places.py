@@ -65,6 +65,21 @@ def test_a_checkpoint_resumed_into_another_run_s_folder_is_refused(one_epoch, tm
     assert _digests(other / "checkpoints") == before and not (other / "config-2.yaml").exists()
 
 
+def test_the_run_s_own_checkpoints_by_any_path_resume(one_epoch, tmp_path):
+    """Its hpc_ckpt_*.ckpt (Lightning writes it in the root) and a link to its last.ckpt were refused as
+    another run's (g3 review)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    shutil.copy(run / "checkpoints" / "last.ckpt", run / "hpc_ckpt_1.ckpt")
+    (tmp_path / "latest.ckpt").symlink_to(run / "checkpoints" / "last.ckpt")
+    for epochs, path in ((2, run / "hpc_ckpt_1.ckpt"), (3, tmp_path / "latest.ckpt")):
+        proc = quickstart(run, epochs, "--ckpt_path", str(path), check=False)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 4 * epochs
+
+
 @pytest.mark.parametrize("value", ["0", "-1"])
 def test_accumulate_grad_batches_below_one_is_one_line(tmp_path, value):
     """0 ended in Lightning's ZeroDivisionError traceback; -1 in "lower data.batch_size"."""

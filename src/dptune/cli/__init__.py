@@ -243,7 +243,7 @@ class DPTuneCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path")
         if self.subcommand == "fit" and (ckpt is None or str(ckpt) not in ("last", "hpc")
                                          and not str(ckpt).lower().startswith("registry")):
-            refuse_a_second_run(cfg.checkpoint.dirpath, resuming=None if ckpt is None else str(ckpt))
+            refuse_a_second_run(cfg.checkpoint.dirpath, resuming=None if ckpt is None else str(ckpt), root=root)
         for lg in _loggers(cfg):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):

@@ -39,19 +39,20 @@ def best_filename(monitor: str) -> str:
     return f"best-epoch{{epoch:02d}}-{short}{{{template_field(monitor)}:.4f}}"
 
 
-def refuse_a_second_run(dirpath: str, resuming: str | None = None) -> None:
+def refuse_a_second_run(dirpath: str, resuming: str | None = None, root: str | None = None) -> None:
     """A fit started afresh (no ``--ckpt_path``) into a checkpoint folder that already holds a run's
     checkpoints would mix two runs (last-v1.ckpt beside last.ckpt, a second best-*, the run's
     config.yaml rewritten): one line before anything is written. So would a checkpoint of another
-    folder resumed there (``resuming``: its path; it wrote over the folder's last.ckpt). The other
+    folder resumed there (``resuming``: its path; it wrote over the folder's last.ckpt; ``root``: the
+    run's root, where Lightning writes its hpc checkpoints). The other
     processes of a DDP run start once rank 0 is running, and are not asked (the folder may hold its
     first checkpoint)."""
     if os.environ.get("LOCAL_RANK", "0") != "0" or os.environ.get("NODE_RANK", "0") != "0":
         return
     if not os.path.isdir(dirpath):
         return
-    if resuming is not None and os.path.realpath(os.path.dirname(os.path.abspath(resuming))) == os.path.realpath(dirpath):
-        return  # the folder's own run
+    if resuming is not None and _own(resuming, dirpath, root):
+        return
     found = sorted(f for f in os.listdir(dirpath) if f.endswith(".ckpt"))
     if found:
         shown = ", ".join(found[:3]) + (", ..." if len(found) > 3 else "")
@@ -60,3 +61,12 @@ def refuse_a_second_run(dirpath: str, resuming: str | None = None) -> None:
                else f"resume {resuming} in another --trainer.default_root_dir (or --checkpoint.dirpath)")
         raise ConfigError(f"{dirpath}: already holds the checkpoints of a run ({shown}); {what} there would mix "
                           f"two runs: resume that run with --ckpt_path last, or {fix}")
+
+
+def _own(path: str, dirpath: str, root: str | None) -> bool:
+    """Whether the checkpoint file ``path`` (a link: the file it names) is the run's own: in its checkpoint
+    folder, or an ``hpc_ckpt_*.ckpt`` Lightning wrote in its root."""
+    real = os.path.realpath(path)
+    where = os.path.dirname(real)
+    return where == os.path.realpath(dirpath) or (
+        root is not None and where == os.path.realpath(root) and os.path.basename(real).startswith("hpc_ckpt_"))
