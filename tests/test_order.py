@@ -248,3 +248,32 @@ def test_the_same_training_set_in_another_folder_is_the_same_set(tmp_path):
         dm.setup("fit")
         identities.append(sample_identity(dm.dataset("train")))
     assert identities[0] == identities[1]
+
+
+@needs(CAMVID)
+def test_a_checkpoint_of_the_earlier_fingerprint_resumes_in_order(caplog):
+    """Checkpoints written before the fingerprint held places within the folder hold the paths as given:
+    resumed, their interrupted epoch was drawn afresh (g3 review, on nested Dubai tiles)."""
+    import logging
+    from types import SimpleNamespace
+
+    from dptune.data.datamodule import SegmentationDataModule
+    from dptune.data.order import OrderState, sample_identity
+
+    dm = SegmentationDataModule(root=str(CAMVID), splits=SPLITS, image_size=96, crop_size=64, batch_size=2,
+                                num_workers=0, cache=False)
+    dm.setup("fit")
+    ds = dm.dataset("train")
+    assert sample_identity(ds, legacy=True) != sample_identity(ds)
+
+    class State(OrderState):
+        trainer = SimpleNamespace(world_size=1, global_rank=0, limit_train_batches=1.0,
+                                  fit_loop=SimpleNamespace(epoch_progress=SimpleNamespace(
+                                      current=SimpleNamespace(processed=0))))
+
+    state = State()
+    state.load_state_dict({"seed": 0, "size": len(ds), "identity": sample_identity(ds, legacy=True), "epoch": 0,
+                           "batches": 1, "consumed": 2, "done": False})
+    with caplog.at_level(logging.INFO, logger="dptune.data.order"):
+        order = state.train_order(ds, 2)
+    assert "other samples" not in caplog.text and order.resume == (0, 2, len(ds) - 2), caplog.text

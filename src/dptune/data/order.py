@@ -130,15 +130,19 @@ class TrainOrder(DistributedSampler):
         return math.ceil(self.n / self.num_replicas)  # a whole epoch's share: Lightning counts its steps from it
 
 
-def sample_identity(dataset) -> str:
+def sample_identity(dataset, legacy: bool = False) -> str:
     """A short fingerprint of which samples a training set holds, in its order: the kept indices of
-    each source and its image file names where it has them (a joint set: each of its sets)."""
+    each source and its image files' places within their folder where it has them (a joint set: each
+    of its sets). ``legacy``: the fingerprint checkpoints written before 2026-12-05 hold (the paths as
+    given, names of ``Path`` objects), which a resume of such a checkpoint also accepts."""
     parts: list[str] = []
     for ds in datasets_of(dataset):
         if getattr(ds, "datasets", None):
             continue  # a joint set: its sets follow
         images = getattr(getattr(ds, "source", None), "images", None)
-        parts.append(repr((len(ds), list(getattr(ds, "indices", [])), _places(images))))
+        names = ([getattr(p, "name", str(p)) for p in images] if isinstance(images, list) else []) if legacy \
+            else _places(images)
+        parts.append(repr((len(ds), list(getattr(ds, "indices", [])), names)))
     return hashlib.sha1("|".join(parts).encode()).hexdigest()[:16]
 
 
@@ -199,7 +203,7 @@ class OrderState:
         if not state or loops > state["epoch"]:
             order.set_epoch(loops)
             return order
-        if state["identity"] != identity or state["size"] != len(dataset):
+        if state["identity"] not in (identity, sample_identity(dataset, legacy=True)) or state["size"] != len(dataset):
             if me == 0 and not self._said_resume:
                 cut = not state["done"] and state["consumed"] > 0
                 log.warning("resume: the training set holds other samples than the checkpoint's run had (%d, was "
