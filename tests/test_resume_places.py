@@ -121,3 +121,14 @@ def test_a_last_checkpoint_that_is_a_broken_link_is_one_line(tmp_path):
 def test_an_empty_ckpt_path_is_named(tmp_path):
     said = _error(quickstart(tmp_path / "run", 1, "--ckpt_path", "", check=False))
     assert "--ckpt_path" in said
+
+
+def test_a_validation_cut_at_the_last_step_of_max_steps_is_said_on_resume(tmp_path):
+    """SIGTERM in the validation at max_steps: the resume passed the check (a cut validation is left to
+    run) and Lightning, at max_steps, ran nothing: no score, no word, exit 0 (g3 review)."""
+    run = tmp_path / "run"
+    limit = ["--trainer.max_steps", "8", "--data.val_batch_size", "2"]  # 4 validation batches: one is cut
+    quickstart(run, -1, *limit, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=8")
+    proc = quickstart(run, -1, *limit, "--ckpt_path", "last")
+    assert "which Lightning does not run again once max_steps is reached" in proc.stderr, proc.stderr[-3000:]
+    assert "dptune validate --ckpt_path" in proc.stderr

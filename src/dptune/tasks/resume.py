@@ -307,7 +307,8 @@ def check_epochs(ckpt: dict[str, Any], path: str, max_epochs: int | None, max_st
     after the run's config.yaml was written), or when it leaves nothing to train: ``max_epochs`` at
     the epochs trained (a checkpoint cut inside the next epoch: Lightning said nothing, trained
     nothing and exited 0) or ``max_steps`` at the steps done. A checkpoint cut inside a validation
-    still has that validation to run."""
+    still has that validation to run, except at ``max_steps`` (Lightning's fit stops before it): a warning
+    says to score it."""
     from dptune.tasks.optimizing import validation_cut
 
     done = epochs_done(ckpt)
@@ -315,11 +316,18 @@ def check_epochs(ckpt: dict[str, Any], path: str, max_epochs: int | None, max_st
         raise ConfigError(f"{path}: the checkpoint has trained {done} epochs; this run sets trainer.max_epochs "
                           f"{max_epochs}, below that: resume with --trainer.max_epochs {done + 1} or more to train "
                           f"on, or start a new run from its weights: --model.pretrained {path} without --ckpt_path")
+    step = ckpt.get("global_step")
     if validation_cut(ckpt):
+        if max_steps is not None and max_steps != -1 and isinstance(step, int) and step >= max_steps:
+            from dptune.data.loaders import rank
+
+            if rank() == 0:  # Lightning's fit runs nothing once max_steps is reached, the cut validation neither
+                log.warning("resume: %s stopped inside the validation at this run's last step (trainer.max_steps "
+                            "%d), which Lightning does not run again once max_steps is reached: the run is done; "
+                            "score that checkpoint with dptune validate --ckpt_path %s", path, max_steps, path)
         return
     record = order_record(ckpt) or {}
     part = " and part of the next" if record.get("done") is False and record.get("batches", 0) > 0 else ""
-    step = ckpt.get("global_step")
     if max_epochs is not None and max_epochs != -1 and done == max_epochs:
         raise ConfigError(f"{path}: the checkpoint has trained {done} epochs{part}; this run sets "
                           f"trainer.max_epochs {max_epochs}: nothing is left to train; resume with "
