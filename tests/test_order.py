@@ -68,12 +68,16 @@ def test_neighbouring_epochs_and_seeds_draw_unrelated_orders():
 
 
 def test_a_damaged_order_record_is_one_warning_and_a_fresh_epoch(caplog):
-    """A record with an infinite count was a raw OverflowError traceback (a user attack)."""
+    """A record with an infinite count was a raw OverflowError traceback (a user attack). Each bad record
+    below is a warning and an epoch drawn afresh."""
     from dptune.data.order import OrderState
 
     good = {"seed": 0, "size": 32, "identity": "ab", "epoch": 0, "batches": 2, "consumed": 16, "done": False}
     for bad in ({**good, "consumed": float("inf")}, {**good, "done": "False"}, {**good, "seed": -1},
-                {**good, "batches": None}, {k: v for k, v in good.items() if k != "identity"}, [1, 2]):
+                {**good, "batches": None}, {k: v for k, v in good.items() if k != "identity"}, [1, 2],
+                # a string count was taken as its number; a seed seed_everything refuses (order_seed drops it,
+                # so the run's seed was the command's while its order followed the record's; g5 review)
+                {**good, "batches": "2"}, {**good, "seed": 2**32}, {**good, "size": 32.0}):
         state = OrderState()
         caplog.clear()
         state.load_state_dict(bad)

@@ -132,3 +132,89 @@ def test_a_validation_cut_at_the_last_step_of_max_steps_is_said_on_resume(tmp_pa
     proc = quickstart(run, -1, *limit, "--ckpt_path", "last")
     assert "which Lightning does not run again once max_steps is reached" in proc.stderr, proc.stderr[-3000:]
     assert "dptune validate --ckpt_path" in proc.stderr
+
+
+def test_a_relative_path_that_starts_with_registry_is_a_file_and_is_refused_in_another_run_s_folder(one_epoch, tmp_path):
+    """`--ckpt_path registry_copies/b.ckpt` (a file) was taken for Lightning's model registry, passed the
+    check, and the resume wrote over the other run's last.ckpt (g5 review)."""
+    import shutil
+
+    from conftest import REPO, run_python
+
+    other = tmp_path / "b"
+    quickstart(other, 1, "--seed_everything", "3")
+    before = _digests(other / "checkpoints")
+    (tmp_path / "registry_copies").mkdir()
+    shutil.copy(one_epoch / "checkpoints" / "last.ckpt", tmp_path / "registry_copies" / "a.ckpt")
+    args = ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--model.config",
+            str(REPO / "configs" / "models" / "dpt-tiny.json"), "--data.image_size", "64", "--data.crop_size", "64",
+            "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(other), "--trainer.logger", "false",
+            "--ckpt_path", "registry_copies/a.ckpt"]
+    said = _error(run_python(REPO / "train.py", args, tmp_path, dict(os.environ, WANDB_MODE="offline"), timeout=600))
+    assert "resuming registry_copies/a.ckpt there would mix two runs" in said
+    assert _digests(other / "checkpoints") == before
+
+
+def test_a_hand_edited_order_record_of_another_type_is_a_warning_not_a_traceback(one_epoch, tmp_path):
+    """A record whose `batches` is a string: TypeError in the nothing-left check, which reads the record
+    before the record's own check (g5 review)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(one_epoch, run)
+    ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    key = next(k for k in ckpt if k.endswith("DataModule"))
+    ckpt[key].update(done=False, batches="2")
+    torch.save(ckpt, tmp_path / "hand.ckpt")
+    proc = quickstart(tmp_path / "new", 2, "--ckpt_path", str(tmp_path / "hand.ckpt"), check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert "not one dptune wrote" in proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.fixture(scope="module")
+def cut_at_step_3(tmp_path_factory):
+    """Batches of 8 (4 steps an epoch), cut at step 3 of epoch 0."""
+    run = tmp_path_factory.mktemp("cut3") / "run"
+    quickstart(run, 2, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=3")
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 3
+    return run
+
+
+def test_a_resume_whose_larger_batches_leave_the_epoch_no_step_says_its_validation_does_not_run(cut_at_step_3, tmp_path):
+    """Resumed with batches of 16 (2 steps an epoch, fewer than the 3 done): Lightning ended epoch 0 with
+    no step and no validation; the log said only "continues with 0 of the 8" (g5 review)."""
+    import shutil
+
+    from sigterm_helper import validations
+
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    shutil.copytree(cut_at_step_3, run)
+    proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", "16",
+                      "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}")
+    assert "resume: epoch 0 ends at once" in proc.stderr and "its validation is not run" in proc.stderr, \
+        proc.stderr[-3000:]
+    assert f"dptune validate --ckpt_path {run / 'checkpoints' / 'last.ckpt'}" in proc.stderr
+    assert "continues with 0 of" not in proc.stderr
+    assert len(validations(log)) == 1  # epoch 1's: Lightning ran none for epoch 0
+
+
+def test_a_resume_whose_larger_batches_leave_nothing_to_train_writes_no_config(cut_at_step_3, tmp_path):
+    """max_epochs 1 and batches of 16: the schedule's check refused it after config-2.yaml was written
+    (g5 review)."""
+    import shutil
+
+    run = tmp_path / "run"
+    shutil.copytree(cut_at_step_3, run)
+    names = sorted(p.name for p in run.iterdir())
+    said = _error(quickstart(run, 1, "--ckpt_path", "last", "--data.batch_size", "16", check=False))
+    assert "nothing is left to train" in said
+    assert sorted(p.name for p in run.iterdir()) == names
+
+
+@pytest.mark.parametrize("key", ["--trainer.default_root_dir", "--checkpoint.dirpath", "--trainer.val_check_interval"])
+def test_a_blank_folder_or_interval_is_one_line(tmp_path, key):
+    """`--trainer.default_root_dir ""` trained into runs/dptune, `--checkpoint.dirpath ""` wrote checkpoints
+    into the working folder past the check for a run there, a blank interval said "Invalid time format" (g5)."""
+    said = _error(quickstart(tmp_path / "run", 1, key, "", check=False))
+    assert f"{key[2:]}: given an empty value" in said
+    assert not (tmp_path / "run").exists()

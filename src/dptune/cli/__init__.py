@@ -29,7 +29,7 @@ from dptune.cli.run_checks import best_filename, check_run_length_and_seed, refu
 from dptune.cli.save_config import LoggedSaveConfig
 from dptune.data.datamodule import SegmentationDataModule
 from dptune.errors import ConfigError, DataError, first_line, said_by_another_process
-from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path
+from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path, is_registry
 from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
 from dptune.training.checkpointing import Checkpoint, InterruptGuard
@@ -241,8 +241,7 @@ class DPTuneCLI(LightningCLI):
         if cfg.checkpoint.filename == default_name and cfg.checkpoint.monitor not in (None, default_monitor):
             cfg.checkpoint.filename = best_filename(cfg.checkpoint.monitor)  # named after what selects it
         ckpt = cfg.get("ckpt_path")
-        if self.subcommand == "fit" and (ckpt is None or str(ckpt) not in ("last", "hpc")
-                                         and not str(ckpt).lower().startswith("registry")):
+        if self.subcommand == "fit" and (ckpt is None or str(ckpt) not in ("last", "hpc") and not is_registry(str(ckpt))):
             refuse_a_second_run(cfg.checkpoint.dirpath, resuming=None if ckpt is None else str(ckpt), root=root)
         for lg in _loggers(cfg):
             init = getattr(lg, "init_args", None)

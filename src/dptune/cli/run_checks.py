@@ -8,13 +8,23 @@ import os
 from dptune.errors import ConfigError
 from dptune.training.checkpoint_state import template_field
 
+# settings where an empty string means nothing (a folder, a time, a file name): jsonargparse takes it as a str
+BLANK_REFUSED = (("trainer", "default_root_dir"), ("trainer", "val_check_interval"), ("trainer", "max_time"),
+                 ("checkpoint", "dirpath"), ("checkpoint", "filename"))
+
 
 def check_run_length_and_seed(config) -> None:
     """Said before anything is built: a seed Lightning refuses with a traceback (-1), a fit of 0
     epochs or steps, which Lightning ends at once with exit 0, no checkpoint and no word, and an
-    accumulation of 0 batches (Lightning's ZeroDivisionError) or fewer."""
+    accumulation of 0 batches (Lightning's ZeroDivisionError) or fewer, and a blank folder or time
+    (``--trainer.default_root_dir ""`` trained into the built-in root, ``--checkpoint.dirpath ""`` into
+    the working folder, past the check for a run already there)."""
     sub = config.get("subcommand")
     cfg = config[sub] if sub else config
+    for section, key in BLANK_REFUSED:
+        value = (cfg.get(section) or {}).get(key)
+        if isinstance(value, str) and not value.strip():
+            raise ConfigError(f"{section}.{key}: given an empty value; leave it out for the default, or give one")
     seed = cfg.get("seed_everything")
     if not (seed is None or isinstance(seed, bool) or isinstance(seed, int) and 0 <= seed <= 2**32 - 1):
         raise ConfigError(f"seed_everything {seed}: a seed is a whole number from 0 to 4294967295 (true draws one)")

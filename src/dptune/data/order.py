@@ -219,12 +219,26 @@ class OrderState:
             self._resumed_at = (state["epoch"], state["consumed"], state["batches"])
             # Lightning warns that a plain loader cannot resume mid-epoch; this order does
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-            if me == 0 and not self._said_resume:
+            if me == 0 and not self._said_resume and left == 0:
+                self._say_nothing_left(state, len(dataset), getattr(trainer, "ckpt_path", None))
+            elif me == 0 and not self._said_resume:
                 self._say_resumed(state, len(dataset), left * world, len(order), batch_size, world)
         else:
             order.resume_at(state["epoch"] + state["done"], 0)
         self._said_resume = True  # a loader made again in the same epoch resumes it again, without a word
         return order
+
+    @staticmethod
+    def _say_nothing_left(state: dict[str, Any], n: int, path: str | None) -> None:
+        """The interrupted epoch gets no step (the checkpoint's batches are a whole epoch of this run's, at
+        a larger batch or on more processes): Lightning ends it at once, and runs none of its validation."""
+        rest = max(0, n - state["consumed"])
+        what = (f"the {rest} of its {n} training samples it had not reached are not trained in it" if rest else
+                f"it had reached each of its {n} training samples")
+        log.warning("resume: epoch %d ends at once: Lightning counts the steps left in it from the checkpoint's %d "
+                    "batches, a whole epoch of this run's (another batch size or number of processes); %s, and its "
+                    "validation is not run: score the checkpoint's weights, which are that epoch's last, with "
+                    "dptune validate --ckpt_path %s", state["epoch"], state["batches"], what, path or "CKPT")
 
     @staticmethod
     def _say_resumed(state: dict[str, Any], n: int, takes: int, share: int, batch_size: int, world: int) -> None:
@@ -277,12 +291,13 @@ class OrderState:
         if not state_dict:
             return  # a checkpoint without it (written before dptune recorded the order): Lightning warns
         try:
-            state = {key: int(state_dict[key]) for key in ("seed", "size", "epoch", "batches", "consumed")}
+            # as written: Python ints (a string or float is a hand-made record), the seed one that
+            # seed_everything takes (the command's seed check reads the same record: order_seed)
+            state = {key: state_dict[key] for key in ("seed", "size", "epoch", "batches", "consumed")}
             state["done"], state["identity"] = state_dict["done"], state_dict["identity"]
-            good = (isinstance(state["done"], bool) and isinstance(state["identity"], str)
-                    and min(state[k] for k in ("seed", "size", "epoch", "batches", "consumed")) >= 0
-                    and state["seed"] < 2**63)
-        except (KeyError, TypeError, ValueError, OverflowError):
+            good = (all(type(state[k]) is int and state[k] >= 0 for k in ("seed", "size", "epoch", "batches", "consumed"))
+                    and isinstance(state["done"], bool) and isinstance(state["identity"], str) and state["seed"] < 2**32)
+        except (KeyError, TypeError):
             good = False
         if not good:
             log.warning("resume: the checkpoint's record of the training order is not one dptune wrote (%.200r): "

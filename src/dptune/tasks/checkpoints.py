@@ -92,6 +92,12 @@ def lightning_path(path: str, stage: str, dirpath: str, root: str) -> str | None
     return None
 
 
+def is_registry(path: str) -> bool:
+    """Whether ``--ckpt_path`` names Lightning's model registry (``registry``, ``registry:NAME``), not a file
+    (``registry_copies/b.ckpt`` is a file)."""
+    return path.lower() == "registry" or path.lower().startswith("registry:")
+
+
 def check_ckpt_path(path: str, task: str, stage: str, dirpath: str | None = None,
                     root: str | None = None) -> int | None:
     """What can be said of ``--ckpt_path`` before anything is built: a URL is refused (Lightning
@@ -105,7 +111,7 @@ def check_ckpt_path(path: str, task: str, stage: str, dirpath: str | None = None
         raise ConfigError(f"--ckpt_path {path}: a URL; train.py resumes and scores local files only (Lightning would "
                           "unpickle a remote one with weights_only=False, which can run code): download it first "
                           "and pass its path")
-    if path.lower() == "registry" or path.lower().startswith("registry:"):
+    if is_registry(path):
         return None
     if path in _LIGHTNING_PATHS:
         if dirpath is None:

@@ -181,17 +181,23 @@ class WarmupPoly(LRScheduler):
         return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "base_lrs": list(self.base_lrs),
                 "total_steps": self.total, "warmup_steps": self.warmup}
 
+    def check_left(self, done: int) -> None:
+        """One line where a checkpoint of ``done`` optimizer steps leaves this run nothing to train (its
+        epochs may be shorter: another batch size or number of processes). ``apply_run_settings`` asks
+        before the run writes anything, ``load_state_dict`` again when it restores."""
+        if done > self.total or (done == self.total and not self.validation_left):
+            from dptune.errors import ConfigError
+
+            raise ConfigError(f"the checkpoint has done {done} optimizer steps and this run has "
+                              f"{self.total} in all: nothing is left to train; raise --trainer.max_epochs (or "
+                              "max_steps) to extend the run")
+
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.last_epoch = int(state["last_epoch"])
         self._step_count = int(state.get("_step_count", self.last_epoch + 1))
         self.base_lrs = list(state.get("base_lrs", self.base_lrs))
         saved = state.get("total_steps")
-        if self.last_epoch > self.total or (self.last_epoch == self.total and not self.validation_left):
-            from dptune.errors import ConfigError
-
-            raise ConfigError(f"the checkpoint has done {self.last_epoch} optimizer steps and this run has "
-                              f"{self.total} in all: nothing is left to train; raise --trainer.max_epochs (or "
-                              "max_steps) to extend the run")
+        self.check_left(self.last_epoch)
         from dptune.data.loaders import rank
 
         if saved is not None and int(saved) != self.total and rank() == 0:

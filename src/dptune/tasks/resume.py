@@ -223,7 +223,8 @@ def apply_run_settings(trainer, ckpt: dict[str, Any], path: str, changed: list[s
     the fused switch, ...) from the checkpoint, and the schedule its base learning rates: so a
     resume would train at the old run's settings whatever this run says. Here the checkpoint's
     groups and base learning rates are made this run's (just configured, before Lightning restores
-    them); the moments and the schedule's position stay the checkpoint's."""
+    them); the moments and the schedule's position stay the checkpoint's. A checkpoint that leaves this
+    run's schedule no step is refused here, before the run writes its config file."""
     schedulers = ckpt.get("lr_schedulers") or []
     for optimizer, saved in zip(trainer.optimizers, ckpt.get("optimizer_states") or [], strict=False):
         groups, mine = saved.get("param_groups", []), optimizer.param_groups
@@ -247,6 +248,8 @@ def apply_run_settings(trainer, ckpt: dict[str, Any], path: str, changed: list[s
     for config, sched in zip(trainer.lr_scheduler_configs, schedulers, strict=False):
         if "base_lrs" in sched and hasattr(config.scheduler, "base_lrs"):
             sched["base_lrs"] = list(config.scheduler.base_lrs)
+        if hasattr(config.scheduler, "check_left") and isinstance(sched.get("last_epoch"), int):
+            config.scheduler.check_left(sched["last_epoch"])  # before the run's config file is written
 
 
 def _layout(groups: list[tuple[Any, int]]) -> str:
@@ -327,7 +330,8 @@ def check_epochs(ckpt: dict[str, Any], path: str, max_epochs: int | None, max_st
                             "score that checkpoint with dptune validate --ckpt_path %s", path, max_steps, path)
         return
     record = order_record(ckpt) or {}
-    part = " and part of the next" if record.get("done") is False and record.get("batches", 0) > 0 else ""
+    batches = record.get("batches")  # read before the record's own check (OrderState): a hand-made one is any type
+    part = " and part of the next" if record.get("done") is False and type(batches) is int and batches > 0 else ""
     if max_epochs is not None and max_epochs != -1 and done == max_epochs:
         raise ConfigError(f"{path}: the checkpoint has trained {done} epochs{part}; this run sets "
                           f"trainer.max_epochs {max_epochs}: nothing is left to train; resume with "
