@@ -6,6 +6,7 @@ import signal
 
 import lightning.pytorch as pl
 import torch
+from lightning.pytorch.strategies import SingleDeviceStrategy
 
 
 class SigtermAt(pl.Callback):
@@ -94,3 +95,12 @@ class RaiseAt(pl.Callback):
 
     def on_train_batch_start(self, *args, **kwargs) -> None:
         raise ValueError("planted bug")
+
+
+class LateRestore(SingleDeviceStrategy):
+    """A one-device strategy that reads the checkpoint after setting up the optimizers, as FSDP and
+    DeepSpeed do (Lightning's ``restore_checkpoint_after_setup``)."""
+
+    @property
+    def restore_checkpoint_after_setup(self) -> bool:
+        return True

@@ -77,7 +77,7 @@ def test_a_damaged_order_record_is_one_warning_and_a_fresh_epoch(caplog):
                 {**good, "batches": None}, {k: v for k, v in good.items() if k != "identity"}, [1, 2],
                 # a string count was taken as its number; a seed seed_everything refuses (order_seed drops it,
                 # so the run's seed was the command's while its order followed the record's; g5 review)
-                {**good, "batches": "2"}, {**good, "seed": 2**32}, {**good, "size": 32.0}):
+                {**good, "batches": "2"}, {**good, "seed": 2**32}, {**good, "size": 32.0}, {**good, "consumed": 2**70}):
         state = OrderState()
         caplog.clear()
         state.load_state_dict(bad)

@@ -131,12 +131,13 @@ def test_a_validation_cut_at_the_last_step_of_max_steps_is_said_on_resume(tmp_pa
     quickstart(run, -1, *limit, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=8")
     proc = quickstart(run, -1, *limit, "--ckpt_path", "last")
     assert "which Lightning does not run again once max_steps is reached" in proc.stderr, proc.stderr[-3000:]
-    assert "dptune validate --ckpt_path" in proc.stderr
+    assert "dptune validate --config RUN/config.yaml --ckpt_path" in proc.stderr
 
 
 def test_a_relative_path_that_starts_with_registry_is_a_file_and_is_refused_in_another_run_s_folder(one_epoch, tmp_path):
     """`--ckpt_path registry_copies/b.ckpt` (a file) was taken for Lightning's model registry, passed the
     check, and the resume wrote over the other run's last.ckpt (g5 review)."""
+    import importlib.util
     import shutil
 
     from conftest import REPO, run_python
@@ -146,13 +147,17 @@ def test_a_relative_path_that_starts_with_registry_is_a_file_and_is_refused_in_a
     before = _digests(other / "checkpoints")
     (tmp_path / "registry_copies").mkdir()
     shutil.copy(one_epoch / "checkpoints" / "last.ckpt", tmp_path / "registry_copies" / "a.ckpt")
-    args = ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--model.config",
-            str(REPO / "configs" / "models" / "dpt-tiny.json"), "--data.image_size", "64", "--data.crop_size", "64",
-            "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(other), "--trainer.logger", "false",
-            "--ckpt_path", "registry_copies/a.ckpt"]
-    said = _error(run_python(REPO / "train.py", args, tmp_path, dict(os.environ, WANDB_MODE="offline"), timeout=600))
-    assert "resuming registry_copies/a.ckpt there would mix two runs" in said
-    assert _digests(other / "checkpoints") == before
+    # `registry` itself is a file too where Lightning's registry package (litmodels) is not installed (g6)
+    shutil.copy(one_epoch / "checkpoints" / "last.ckpt", tmp_path / "registry")
+    names = ["registry_copies/a.ckpt"] + ([] if importlib.util.find_spec("litmodels") else ["registry"])
+    for name in names:
+        args = ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--model.config",
+                str(REPO / "configs" / "models" / "dpt-tiny.json"), "--data.image_size", "64", "--data.crop_size",
+                "64", "--trainer.max_epochs", "2", "--trainer.default_root_dir", str(other), "--trainer.logger",
+                "false", "--ckpt_path", name]
+        proc = run_python(REPO / "train.py", args, tmp_path, dict(os.environ, WANDB_MODE="offline"), timeout=600)
+        assert f"resuming {name} there would mix two runs" in _error(proc)
+        assert _digests(other / "checkpoints") == before
 
 
 def test_a_hand_edited_order_record_of_another_type_is_a_warning_not_a_traceback(one_epoch, tmp_path):
@@ -182,7 +187,9 @@ def cut_at_step_3(tmp_path_factory):
 
 def test_a_resume_whose_larger_batches_leave_the_epoch_no_step_says_its_validation_does_not_run(cut_at_step_3, tmp_path):
     """Resumed with batches of 16 (2 steps an epoch, fewer than the 3 done): Lightning ended epoch 0 with
-    no step and no validation; the log said only "continues with 0 of the 8" (g5 review)."""
+    no step and no validation; the log said only "continues with 0 of the 8" (g5 review). The warning
+    named last.ckpt, which the run then wrote over with epoch 1's weights (g6 review): the checkpoint is
+    kept under the epoch's name, and the command given scores it."""
     import shutil
 
     from sigterm_helper import validations
@@ -193,9 +200,34 @@ def test_a_resume_whose_larger_batches_leave_the_epoch_no_step_says_its_validati
                       "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}")
     assert "resume: epoch 0 ends at once" in proc.stderr and "its validation is not run" in proc.stderr, \
         proc.stderr[-3000:]
-    assert f"dptune validate --ckpt_path {run / 'checkpoints' / 'last.ckpt'}" in proc.stderr
+    kept = run / "checkpoints" / "epoch00-not-validated.ckpt"
+    assert f"dptune validate --config RUN/config.yaml --ckpt_path {kept}" in proc.stderr, proc.stderr[-3000:]
     assert "continues with 0 of" not in proc.stderr
     assert len(validations(log)) == 1  # epoch 1's: Lightning ran none for epoch 0
+    assert torch.load(kept, map_location="cpu")["global_step"] == 3
+    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 5
+
+
+def test_a_cut_validation_resumed_with_larger_batches_is_run_without_a_warning(tmp_path):
+    """Cut inside the validation in the middle of epoch 0 (val_check_interval 0.5), resumed with batches
+    of 16: Lightning runs that validation on the checkpoint's weights, and the warning said it did not (g6)."""
+    run = tmp_path / "run"
+    every = ["--trainer.val_check_interval", "0.5", "--data.val_batch_size", "2"]
+    quickstart(run, 2, *every, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=2")
+    proc = quickstart(run, 2, *every, "--ckpt_path", "last", "--data.batch_size", "16")
+    assert "ends at once" not in proc.stderr and "epoch 0 step 2 val:" in proc.stderr, proc.stderr[-3000:]
+
+
+def test_a_strategy_that_restores_after_its_optimizers_runs_a_validation_cut_at_the_last_step(tmp_path):
+    """FSDP and DeepSpeed read the checkpoint after configure_optimizers: the schedule did not know that a
+    validation was left, and a resume cut in the run's last validation was refused as nothing left to
+    train, after config-2.yaml was written (g6 review)."""
+    run = tmp_path / "run"
+    limit = ["--data.val_batch_size", "2"]  # 4 validation batches: one is cut
+    quickstart(run, 1, *limit, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=4")
+    proc = quickstart(run, 1, *limit, "--ckpt_path", "last", "--trainer.strategy",
+                      '{"class_path": "sigterm_helper.LateRestore"}')
+    assert "epoch 0 step 4 val:" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_resume_whose_larger_batches_leave_nothing_to_train_writes_no_config(cut_at_step_3, tmp_path):
@@ -206,9 +238,10 @@ def test_a_resume_whose_larger_batches_leave_nothing_to_train_writes_no_config(c
     run = tmp_path / "run"
     shutil.copytree(cut_at_step_3, run)
     names = sorted(p.name for p in run.iterdir())
-    said = _error(quickstart(run, 1, "--ckpt_path", "last", "--data.batch_size", "16", check=False))
-    assert "nothing is left to train" in said
+    proc = quickstart(run, 1, "--ckpt_path", "last", "--data.batch_size", "16", check=False)
+    assert "nothing is left to train" in _error(proc)
     assert sorted(p.name for p in run.iterdir()) == names
+    assert "ends at once" not in proc.stderr  # a warning of a run that does not run (g6)
 
 
 @pytest.mark.parametrize("key", ["--trainer.default_root_dir", "--checkpoint.dirpath", "--trainer.val_check_interval"])

@@ -106,7 +106,12 @@ class TrainOrder(DistributedSampler):
         if self.resume is not None and self.resume[0] != epoch:
             self.resume = None  # the interrupted epoch is over: later ones are whole
 
+    first_iter = None  # said as the run first draws from this order (OrderState: an epoch that gets no step)
+
     def __iter__(self):
+        if self.first_iter is not None:
+            said, self.first_iter = self.first_iter, None
+            said()
         order = self.order(self.epoch)
         n = len(order)
         start, end = 0, n  # draws of the epoch: draw t is position t % n in its pass t // n
@@ -162,6 +167,30 @@ def _places(images) -> list[str]:
     return [p[cut:] if p.startswith(base) else os.path.relpath(p, base) for p in paths]
 
 
+def _keep_weights(path: str | None, epoch: int, trainer) -> str:
+    """``path``, or where this run's checkpoints would write over it (its last.ckpt), a hard link to it (a
+    copy where the file system has none) named after the epoch, which no later save replaces (a save
+    writes a new file and renames it over the old name)."""
+    import shutil
+
+    folder = getattr(getattr(trainer, "checkpoint_callback", None), "dirpath", None)
+    if not path or not os.path.isfile(path) or folder is None or \
+            os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
+        return path or "CKPT"
+    kept, n = os.path.join(folder, f"epoch{epoch:02d}-not-validated.ckpt"), 1
+    while os.path.exists(kept):
+        kept, n = os.path.join(folder, f"epoch{epoch:02d}-not-validated-v{n}.ckpt"), n + 1
+    try:
+        os.link(os.path.realpath(path), kept)
+    except OSError:
+        try:
+            shutil.copy2(path, kept)
+        except OSError as e:
+            log.warning("could not keep %s as %s (%s): the run writes over it", path, kept, e)
+            return path
+    return kept
+
+
 def _steps_per_epoch(trainer, share: int, batch_size: int) -> int:
     """The training batches of an epoch as Lightning counts them: a process's share in batches (the last
     partial one dropped where a process has a whole one, as ``make_loader`` does), within
@@ -185,6 +214,7 @@ class OrderState:
     _resume_order: dict[str, Any] | None = None
     _resumed_at: tuple[int, int, int] | None = None  # (epoch, positions skipped, Lightning's batches then)
     _said_resume = False
+    _pending_note = None  # a resume's warning, said as the run first draws from its order
 
     def train_order(self, dataset, batch_size: int, weights: torch.Tensor | None = None) -> TrainOrder:
         trainer = self.trainer
@@ -219,26 +249,40 @@ class OrderState:
             self._resumed_at = (state["epoch"], state["consumed"], state["batches"])
             # Lightning warns that a plain loader cannot resume mid-epoch; this order does
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-            if me == 0 and not self._said_resume and left == 0:
-                self._say_nothing_left(state, len(dataset), getattr(trainer, "ckpt_path", None))
-            elif me == 0 and not self._said_resume:
+            # a validation cut by the signal is run again by Lightning, on the checkpoint's weights
+            cut = getattr(getattr(trainer, "lightning_module", None), "_validation_left", False)
+            if me == 0 and not self._said_resume and left == 0 and not cut:
+                # said once the run starts the epoch: past every check that may still refuse the resume
+                self._pending_note = lambda: self._say_nothing_left(state, len(dataset), trainer)
+            elif me == 0 and not self._said_resume and left > 0:
                 self._say_resumed(state, len(dataset), left * world, len(order), batch_size, world)
         else:
             order.resume_at(state["epoch"] + state["done"], 0)
         self._said_resume = True  # a loader made again in the same epoch resumes it again, without a word
+        if self._pending_note is not None:
+            order.first_iter = self._say_pending  # the loader the run draws from may be one made later
         return order
 
+    def _say_pending(self) -> None:
+        note, self._pending_note = self._pending_note, None
+        if note is not None:
+            note()
+
     @staticmethod
-    def _say_nothing_left(state: dict[str, Any], n: int, path: str | None) -> None:
-        """The interrupted epoch gets no step (the checkpoint's batches are a whole epoch of this run's, at
-        a larger batch or on more processes): Lightning ends it at once, and runs none of its validation."""
+    def _say_nothing_left(state: dict[str, Any], n: int, trainer) -> None:
+        """The interrupted epoch gets no step (the checkpoint's batches are a whole epoch of this run's, at a
+        larger batch, on more processes or within a lower limit_train_batches): Lightning ends it at once, and
+        runs none of its validation. The checkpoint's weights are that epoch's last: kept where this run would
+        write over them, and named with the command that scores them."""
         rest = max(0, n - state["consumed"])
         what = (f"the {rest} of its {n} training samples it had not reached are not trained in it" if rest else
                 f"it had reached each of its {n} training samples")
+        kept = _keep_weights(getattr(trainer, "ckpt_path", None), state["epoch"], trainer)
         log.warning("resume: epoch %d ends at once: Lightning counts the steps left in it from the checkpoint's %d "
-                    "batches, a whole epoch of this run's (another batch size or number of processes); %s, and its "
-                    "validation is not run: score the checkpoint's weights, which are that epoch's last, with "
-                    "dptune validate --ckpt_path %s", state["epoch"], state["batches"], what, path or "CKPT")
+                    "batches, a whole epoch of this run's (another batch size, number of processes or "
+                    "limit_train_batches); %s, and its validation is not run. The checkpoint holds that epoch's last "
+                    "weights (%s): score them with dptune validate --config RUN/config.yaml --ckpt_path %s",
+                    state["epoch"], state["batches"], what, kept, kept)
 
     @staticmethod
     def _say_resumed(state: dict[str, Any], n: int, takes: int, share: int, batch_size: int, world: int) -> None:
@@ -295,7 +339,8 @@ class OrderState:
             # seed_everything takes (the command's seed check reads the same record: order_seed)
             state = {key: state_dict[key] for key in ("seed", "size", "epoch", "batches", "consumed")}
             state["done"], state["identity"] = state_dict["done"], state_dict["identity"]
-            good = (all(type(state[k]) is int and state[k] >= 0 for k in ("seed", "size", "epoch", "batches", "consumed"))
+            good = (all(type(state[k]) is int and 0 <= state[k] < 2**63 for k in ("seed", "size", "epoch", "batches",
+                                                                                 "consumed"))
                     and isinstance(state["done"], bool) and isinstance(state["identity"], str) and state["seed"] < 2**32)
         except (KeyError, TypeError):
             good = False

@@ -93,9 +93,13 @@ def lightning_path(path: str, stage: str, dirpath: str, root: str) -> str | None
 
 
 def is_registry(path: str) -> bool:
-    """Whether ``--ckpt_path`` names Lightning's model registry (``registry``, ``registry:NAME``), not a file
-    (``registry_copies/b.ckpt`` is a file)."""
-    return path.lower() == "registry" or path.lower().startswith("registry:")
+    """Whether Lightning takes ``--ckpt_path`` for its model registry: ``registry`` or ``registry:NAME``
+    where the registry's package (litmodels) is installed; otherwise it is a file, as for Lightning
+    (``registry_copies/b.ckpt`` always is)."""
+    import importlib.util
+
+    named = path.lower() == "registry" or path.lower().startswith("registry:")
+    return named and importlib.util.find_spec("litmodels") is not None
 
 
 def check_ckpt_path(path: str, task: str, stage: str, dirpath: str | None = None,

@@ -181,11 +181,13 @@ class WarmupPoly(LRScheduler):
         return {"last_epoch": self.last_epoch, "_step_count": self._step_count, "base_lrs": list(self.base_lrs),
                 "total_steps": self.total, "warmup_steps": self.warmup}
 
-    def check_left(self, done: int) -> None:
+    def check_left(self, done: int, validation_left: bool | None = None) -> None:
         """One line where a checkpoint of ``done`` optimizer steps leaves this run nothing to train (its
         epochs may be shorter: another batch size or number of processes). ``apply_run_settings`` asks
-        before the run writes anything, ``load_state_dict`` again when it restores."""
-        if done > self.total or (done == self.total and not self.validation_left):
+        before the run writes anything (with the checkpoint's ``validation_left``: a strategy that restores after
+        setting up the optimizers has not told the schedule yet), ``load_state_dict`` again when it restores."""
+        left = self.validation_left if validation_left is None else validation_left
+        if done > self.total or (done == self.total and not left):
             from dptune.errors import ConfigError
 
             raise ConfigError(f"the checkpoint has done {done} optimizer steps and this run has "

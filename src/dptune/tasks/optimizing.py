@@ -103,6 +103,7 @@ class Optimizing:
         A checkpoint cut inside a validation has that validation left to run, even at the run's last step."""
         self._validation_left = validation_cut(checkpoint)
         self._resumed = resume_point(checkpoint)
+        self._fit_schedule_to_the_checkpoint()
         groups = self.param_groups()
         if groups[-1]["name"] != "task":
             return
@@ -121,6 +122,17 @@ class Optimizing:
                     sched["base_lrs"].append(groups[-1]["lr"])
             log.info("the checkpoint's optimizer has no group for %s's own parameters (written before they had "
                      "one): they resume with a fresh optimizer state", type(self).__name__)
+
+    def _fit_schedule_to_the_checkpoint(self) -> None:
+        """A strategy that restores after setting up the optimizers (FSDP, DeepSpeed) reads the checkpoint
+        after ``configure_optimizers`` made the schedule: its length and whether a cut validation is left
+        are made the checkpoint's here, before the schedule's state is restored."""
+        trainer = self._trainer
+        for config in getattr(trainer, "lr_scheduler_configs", None) or []:
+            sched = config.scheduler
+            if isinstance(sched, WarmupPoly):
+                sched.validation_left = self._validation_left
+                sched.total = max(1, int(self._steps_of_resumed_run(trainer.estimated_stepping_batches)))
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams

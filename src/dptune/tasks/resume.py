@@ -249,7 +249,10 @@ def apply_run_settings(trainer, ckpt: dict[str, Any], path: str, changed: list[s
         if "base_lrs" in sched and hasattr(config.scheduler, "base_lrs"):
             sched["base_lrs"] = list(config.scheduler.base_lrs)
         if hasattr(config.scheduler, "check_left") and isinstance(sched.get("last_epoch"), int):
-            config.scheduler.check_left(sched["last_epoch"])  # before the run's config file is written
+            from dptune.tasks.optimizing import validation_cut  # (optimizing imports this module)
+
+            # before the run's config file is written
+            config.scheduler.check_left(sched["last_epoch"], validation_cut(ckpt))
 
 
 def _layout(groups: list[tuple[Any, int]]) -> str:
@@ -327,7 +330,7 @@ def check_epochs(ckpt: dict[str, Any], path: str, max_epochs: int | None, max_st
             if rank() == 0:  # Lightning's fit runs nothing once max_steps is reached, the cut validation neither
                 log.warning("resume: %s stopped inside the validation at this run's last step (trainer.max_steps "
                             "%d), which Lightning does not run again once max_steps is reached: the run is done; "
-                            "score that checkpoint with dptune validate --ckpt_path %s", path, max_steps, path)
+                            "score that checkpoint with dptune validate --config RUN/config.yaml --ckpt_path %s", path, max_steps, path)
         return
     record = order_record(ckpt) or {}
     batches = record.get("batches")  # read before the record's own check (OrderState): a hand-made one is any type
