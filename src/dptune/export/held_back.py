@@ -4,6 +4,7 @@ the list its ``dptune.json`` records, and a folder source cut to them."""
 from __future__ import annotations
 
 import os
+from collections import Counter
 from pathlib import Path
 
 from dptune.export.serving_data import CalibrationError, relative_to
@@ -26,8 +27,20 @@ def held_back_images(model_dir: str | Path, task: str) -> tuple[str, list[str]]:
             data = ((json.loads(meta_path.read_text()).get("serving") or {}).get("data") or {}).get(task) or {}
         except (OSError, ValueError, AttributeError):
             data = {}
-        if data.get("held_back"):
-            return str(data.get("root") or "."), list(data["held_back"])
+        held = data.get("held_back") if isinstance(data, dict) else None
+        if held:
+            # a hand-edited list: a string is not a list of its letters, and an image listed twice was scored twice
+            if not isinstance(held, list) or not all(isinstance(rel, str) and rel for rel in held):
+                raise CalibrationError(f"{meta_path}: serving.data.{task}.held_back is not a list of image paths "
+                                       f"(given {str(held)[:80]})")
+            twice = sorted(rel for rel, n in Counter(held).items() if n > 1)
+            if twice:
+                raise CalibrationError(f"{meta_path}: serving.data.{task}.held_back lists {len(twice)} image(s) more "
+                                       f"than once (first: {twice[0]}): each would be scored that many times")
+            root = data.get("root")
+            if root is not None and not isinstance(root, str):
+                raise CalibrationError(f"{meta_path}: serving.data.{task}.root is not a folder path (given {root!r})")
+            return str(root or "."), list(held)
     raise CalibrationError(f"--held-back: {d} records no held-back {task} images (export it with --int8, --onnx-fp16 "
                            "or --calibrate-temperature, which measure on them)")
 

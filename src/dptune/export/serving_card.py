@@ -53,7 +53,8 @@ def _cost_section(serving: dict) -> list[str]:
     if not measured:
         return []
     lines = ["", "### What each graph costs (measured at export)", "",
-             "Scored on validation images held back from calibration, whole images resized by the bundled "
+             "Scored on validation images held back from calibration (by file path: a copy of one given as a "
+             "calibration image is not recognised), whole images resized by the bundled "
              "image processor, outputs upsampled to the labels' size (as `pipeline` does); `torch` is the "
              "exported model run in float32 by PyTorch."]
     for task, rows in measured.items():
@@ -115,8 +116,10 @@ def _calibration_section(cal: dict | None) -> list[str]:
             f"{cal['fitted_on_images']} validation images (negative log-likelihood of the labelled pixels) and "
             "folded into the classifier's weights and bias, so `softmax(logits)` of the stock class, "
             "`pipeline(\"image-segmentation\")`, the ONNX graphs and `predict`'s confidence maps are the "
-            "calibrated probabilities. The masks (argmax) are those of the uncalibrated model.", "",
-            f"Expected calibration error ({cal['bins']} bins, top-1 confidence, labelled pixels of "
+            "calibrated probabilities. The masks (argmax) of one view are those of the uncalibrated model; "
+            "`predict`'s test-time augmentation (`--flip`, `--scales`) averages the views' probabilities, "
+            "which the temperature changes, so its masks can differ in a few per cent of pixels.", "",
+            f"Expected calibration error ({cal['bins']} bins, top-1 confidence, up to 20,000 sampled labelled pixels each of "
             f"{cal['held_back_images']} held-back images): {cal['ece_before']:.4f} before, "
             f"{cal['ece_after']:.4f} after; NLL {cal['nll_before']:.4f} -> {cal['nll_after']:.4f}."]
 

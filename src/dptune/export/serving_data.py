@@ -298,7 +298,7 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
         calibration = [d.image(i) for d in tasks.values() for i in d.fit] if int8 else []
     for d in tasks.values():
         check_readable(d, where)
-    return ServingData(calibration, tasks, str(config), pattern)
+    return ServingData(calibration, tasks, os.path.abspath(config), pattern)  # the card's command runs from anywhere
 
 
 def prepare(processor, path_or_image) -> np.ndarray:

@@ -6,7 +6,8 @@ classifier, the last 1x1 convolution of the segmentation head: ``W / T``, ``b / 
 that convolution is linear (the head's bilinear upsampling, ``pipeline``'s resize) so the model
 outputs ``logits / T`` exactly: the stock ``DPTForSemanticSegmentation``, ``pipeline("image-segmentation")``,
 the ONNX graphs and ``predict``'s confidence maps all serve calibrated probabilities with no extra code.
-``T > 0``, so every argmax (every mask) is unchanged.
+``T > 0``, so every argmax of one view (every single-view mask) is unchanged; an average of several views'
+probabilities (test-time augmentation) is not, and its masks can differ.
 
 The expected calibration error (ECE: 15 equal-width confidence bins, |accuracy - confidence| weighted
 by the bins' pixel counts, over labelled pixels) is measured before and after on held-back images."""

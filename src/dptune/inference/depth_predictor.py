@@ -11,7 +11,8 @@ import torch
 
 from dptune.inference.loading import load_part, placed
 from dptune.metrics import require_finite
-from dptune.models.depth import depth_forward
+from dptune.models.depth import depth_forward, depth_multiple
+from dptune.models.forward import check_multiple
 from dptune.preprocessing import Preprocessing, check_image
 
 
@@ -54,7 +55,8 @@ class DepthPredictor:
         h, w = image.shape[:2]
         # channels last said, not guessed (transformers guesses channels first for an image 1 or 3 pixels tall)
         x = self.processor(images=image, return_tensors="pt", input_data_format="channels_last")["pixel_values"]
-        if self.graph is not None:
+        if self.graph is not None:  # the size the torch path takes (depth_forward checks it)
+            check_multiple(x, depth_multiple(self.model.config))
             depth = torch.from_numpy(self.graph(x)["predicted_depth"])
         else:
             depth = depth_forward(self.model, x.to(self.device)).float().cpu()

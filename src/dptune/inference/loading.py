@@ -4,7 +4,6 @@ exported directory (of a segmentation + depth model, the part asked for)."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
@@ -18,13 +17,54 @@ from dptune.preprocessing import Preprocessing
 
 def exported_labels(ref: str, id2label: dict) -> LabelSet:
     """The label set of an exported directory: dptune.json's (names and colours) when the export
-    wrote one, else the names in config.json's id2label with a default palette."""
+    wrote one, else the names in config.json's id2label with a default palette. A dptune.json without
+    labels, or with labels of another shape, is one line naming it (it was a raw KeyError)."""
+    from dptune.models.folders import json_object
+
     card = Path(ref) / "dptune.json"
     if card.exists():
-        labels = LabelSet.from_dict(json.loads(card.read_text())["labels"], source=str(card))
+        spec = json_object(card, "dptune's record of the export", key="labels")["labels"]
+        if not isinstance(spec, dict):
+            raise ConfigError(f"{card}: labels is a JSON {type(spec).__name__}, not the object of class names and "
+                              "colours an export writes")
+        labels = LabelSet.from_dict(spec, source=f"{card} labels")
         if labels.names == [id2label[i] for i in sorted(id2label)]:
             return labels
     return LabelSet.from_id2label(id2label, source=ref)
+
+
+DEPTH_MODES = ("metric", "relative")
+
+
+def exported_depth(ref: str, config) -> dict:
+    """dptune.json's depth record (mode, units, min/max depth, alignment, eval crop), checked: each value
+    of the type the export writes, and its mode config.json's (a mode edited in one of the two files
+    changed how the depth was written, without a word)."""
+    from dptune.models.folders import json_object
+
+    card = Path(ref) / "dptune.json"
+    if not card.exists():
+        return {}
+    meta = json_object(card, "dptune's record of the export").get("depth", {})
+    if not isinstance(meta, dict):
+        raise ConfigError(f"{card}: depth is a JSON {type(meta).__name__}, not the object (mode, units, depth range) "
+                          "an export writes")
+    mode = meta.get("mode")
+    if mode is not None and mode not in DEPTH_MODES:
+        raise ConfigError(f"{card}: depth.mode {mode!r}: metric or relative")
+    own = getattr(config, "depth_mode", None)
+    if mode is not None and own in DEPTH_MODES and mode != own:
+        raise ConfigError(f"{card}: depth.mode {mode!r}, but config.json's depth_mode is {own!r}: the two records "
+                          "of the export disagree (a hand-edited file); make them the same")
+    for key in ("min_depth", "max_depth"):
+        value = meta.get(key)
+        if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0):
+            raise ConfigError(f"{card}: depth.{key} {value!r}: a depth in metres (a number, 0 or more) or null")
+    for key in ("alignment", "eval_crop", "units"):
+        value = meta.get(key)
+        if value is not None and not isinstance(value, str):
+            raise ConfigError(f"{card}: depth.{key} {value!r}: a name (text) or null")
+    return meta
 
 
 def load_export(ref: str, trust_remote_code: bool = False) -> tuple[torch.nn.Module, object]:
@@ -116,9 +156,8 @@ def load_part(ref: str, part: Literal["segmentation", "depth"], trust_remote_cod
         if part == "segmentation":
             return Loaded(model, processor, Preprocessing.from_processor(processor, ref),
                           labels=exported_labels(ref, model.config.id2label))
-        card = Path(ref) / "dptune.json"
-        meta = json.loads(card.read_text()).get("depth", {}) if card.exists() else {}
-        return Loaded(model, processor, Preprocessing.from_processor(processor, ref), meta=meta)
+        return Loaded(model, processor, Preprocessing.from_processor(processor, ref),
+                      meta=exported_depth(ref, model.config))
     from dptune.tasks.checkpoints import load_module
 
     module = load_module(ref)

@@ -15,6 +15,8 @@ from dptune.labels import LabelSet
 from dptune.metrics import require_finite
 from dptune.metrics.segmentation import class_map
 from dptune.models import segment
+from dptune.models.dpt_backbone import input_multiple
+from dptune.models.forward import check_multiple
 from dptune.preprocessing import Preprocessing, check_image
 
 __all__ = ["Predictor", "exported_labels", "load_export"]
@@ -57,7 +59,8 @@ class Predictor:
 
     @torch.no_grad()
     def normalized_logits(self, pixel_values: torch.Tensor) -> torch.Tensor:
-        if self.graph is not None:
+        if self.graph is not None:  # the size the torch path takes (segment checks it), checked before the graph
+            check_multiple(pixel_values, input_multiple(self.model.config))
             logits = torch.from_numpy(self.graph(pixel_values)["logits"])
         else:
             logits = segment(self.model, pixel_values.to(self.device), with_aux=False)[0]

@@ -22,7 +22,7 @@ from dptune.errors import ConfigError
 from dptune.models.backbones import depth_model_class, dpt_config_for_backbone, load_backbone_weights
 from dptune.models.build import freeze_unused, he_init, head_layers
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
-from dptune.models.forward import backbone_features
+from dptune.models.forward import backbone_features, check_multiple
 from dptune.models.source import model_source
 
 log = logging.getLogger(__name__)
@@ -152,14 +152,17 @@ def start_at(model: PreTrainedModel, last: nn.Conv2d, depth: float) -> None:
         last.bias.fill_(depth / scale)
 
 
+def depth_multiple(config) -> int:
+    """What a depth model's input height and width must be multiples of."""
+    return input_multiple(config) if config.model_type == "dpt" else config.patch_size
+
+
 def depth_forward(model: PreTrainedModel, pixel_values: torch.Tensor) -> torch.Tensor:
     """(B, h, w) predicted depth for normalised images of any H x W divisible by the patch size.
     DPT's own ViT (and Hybrid) get the patch grid passed to the neck, which the stock forward does
     not do; models on a ``transformers`` backbone and Depth Anything pass it themselves."""
-    multiple = input_multiple(model.config) if model.config.model_type == "dpt" else model.config.patch_size
+    multiple = check_multiple(pixel_values, depth_multiple(model.config))
     h, w = pixel_values.shape[-2:]
-    if h % multiple or w % multiple:
-        raise ValueError(f"input {h}x{w} is not a multiple of {multiple} (the backbone's patch size / stride)")
     if isinstance(model, DPTForDepthEstimation) and not uses_backbone(model.config):
         features = backbone_features(model, pixel_values)
         features = model.neck(features, patch_height=h // multiple, patch_width=w // multiple)

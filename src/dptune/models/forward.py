@@ -38,6 +38,15 @@ def backbone_features(model: DPTForSemanticSegmentation, pixel_values: torch.Ten
     return features
 
 
+def check_multiple(pixel_values: torch.Tensor, multiple: int) -> int:
+    """``multiple``, where the input's height and width are multiples of it (the backbone's patch size or
+    stride); a ``ValueError`` otherwise (an exported graph runs on such an input and gives a cropped map)."""
+    h, w = pixel_values.shape[-2:]
+    if h % multiple or w % multiple:
+        raise ValueError(f"input {h}x{w} is not a multiple of {multiple} (the backbone's patch size / stride)")
+    return multiple
+
+
 def segment(
     model: PreTrainedModel, pixel_values: torch.Tensor, with_aux: bool = True
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
@@ -49,10 +58,8 @@ def segment(
     as much as the main head). Logits come at the input resolution when the patch grid is even in both
     directions; otherwise the neck rounds the grid up and callers resize (loss and metrics do).
     """
-    multiple = input_multiple(model.config)
+    multiple = check_multiple(pixel_values, input_multiple(model.config))
     h, w = pixel_values.shape[-2:]
-    if h % multiple or w % multiple:
-        raise ValueError(f"input {h}x{w} is not a multiple of {multiple} (the backbone's patch size / stride)")
     if uses_backbone(model.config):
         features = model.features(pixel_values)
     else:

@@ -1,0 +1,89 @@
+"""An export's own records edited by hand, or an input its graph cannot take: one line naming the file
+and the problem, never a traceback nor a mask or score silently other than the model's (g7 review)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+from conftest import CAMVID, KITCHEN, needs
+from test_onnx_backend import exports  # noqa: F401  (the module fixture: tiny segmentation and depth exports)
+
+pytest.importorskip("onnxruntime")
+pytestmark = [needs(CAMVID), needs(KITCHEN)]
+
+
+def _copy(exports, name, tmp_path):  # noqa: F811
+    out = tmp_path / name
+    shutil.copytree(exports / name, out)
+    return out
+
+
+def _edit(path, change) -> None:
+    spec = json.loads(path.read_text())
+    change(spec)
+    path.write_text(json.dumps(spec))
+
+
+def _one_error(capsys) -> str:
+    err = capsys.readouterr().err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error")]
+    assert len(lines) == 1 and "Traceback" not in err, err[-3000:]
+    return lines[0]
+
+
+def _predict(model, image, out, *extra) -> int:
+    from dptune.tools.predict import main
+
+    return main(["--model", str(model), "--images", str(image), "--out", str(out), *map(str, extra)])
+
+
+def _set_depth(key, value):
+    return lambda spec: spec["depth"].__setitem__(key, value)
+
+
+@pytest.mark.parametrize("name, change, said", [
+    ("seg", lambda spec: spec.clear(), "no labels"),  # KeyError: 'labels'
+    ("seg", lambda spec: spec.__setitem__("labels", "x"), "labels is a JSON str"),  # "dictionary update sequence ..."
+    ("depth", lambda spec: spec.__setitem__("depth", "metric"), "depth is a JSON str"),  # AttributeError
+    ("depth", _set_depth("mode", "relative"), "config.json's depth_mode is 'metric'"),  # relative depth, silently
+    ("depth", _set_depth("max_depth", "ten"), "depth.max_depth 'ten'"),  # "could not convert string to float"
+])
+def test_a_hand_edited_dptune_json_is_one_line_naming_it(exports, tmp_path, capsys, name, change, said):  # noqa: F811
+    model = _copy(exports, name, tmp_path)
+    _edit(model / "dptune.json", change)
+    image = sorted(CAMVID.glob("val/*.jpg"))[0] if name == "seg" else sorted(KITCHEN.glob("val/rgb/*.jpg"))[0]
+    assert _predict(model, image, tmp_path / "out") == 2
+    line = _one_error(capsys)
+    assert str(model / "dptune.json") in line and said in line, line
+    assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("change, said", [
+    (lambda held: held[:4] * 3, "more than once"),  # 4 images scored 3 times each, as 12
+    (lambda held: held[0], "not a list of image paths"),  # read letter by letter
+])
+def test_a_hand_edited_held_back_list_is_one_line(exports, tmp_path, capsys, change, said):  # noqa: F811
+    from dptune.tools.evaluate import main
+
+    model = _copy(exports, "seg", tmp_path)
+    data = lambda spec: spec["serving"]["data"]["segmentation"]  # noqa: E731
+    _edit(model / "dptune.json", lambda spec: data(spec).__setitem__("held_back", change(data(spec)["held_back"])))
+    rc = main(["--model", str(model), "--root", str(CAMVID), "--images", "val/*.jpg", "--masks", "valannot/{stem}.png",
+               "--labels", "labels.yaml", "--backend", "onnx", "--held-back"])
+    line = _one_error(capsys)
+    assert rc == 2 and "held_back" in line and said in line, line
+
+
+def test_the_onnx_backend_refuses_an_input_size_the_model_cannot_take(exports, tmp_path, capsys):  # noqa: F811
+    """A processor size of 100x150 (not a multiple of the patch size 16): torch refused it, the graph gave
+    96x160 logits that were upsampled into a mask, exit 0."""
+    for name, image in (("seg", sorted(CAMVID.glob("val/*.jpg"))[0]), ("depth", sorted(KITCHEN.glob("val/rgb/*.jpg"))[0])):
+        model = _copy(exports, name, tmp_path)
+        _edit(model / "preprocessor_config.json", lambda spec: spec.__setitem__("size", {"height": 100, "width": 150}))
+        for backend in ("torch", "onnx"):
+            assert _predict(model, image, tmp_path / f"{name}-{backend}", "--backend", backend) == 2
+            err = capsys.readouterr().err  # the image's line, then how many images could not be predicted
+            assert f"{image}: input 100x150 is not a multiple of" in err and "Traceback" not in err, err[-2000:]
+            assert not list((tmp_path / f"{name}-{backend}").glob(f"{image.stem}*.png"))
