@@ -87,3 +87,25 @@ def test_the_onnx_backend_refuses_an_input_size_the_model_cannot_take(exports, t
             err = capsys.readouterr().err  # the image's line, then how many images could not be predicted
             assert f"{image}: input 100x150 is not a multiple of" in err and "Traceback" not in err, err[-2000:]
             assert not list((tmp_path / f"{name}-{backend}").glob(f"{image.stem}*.png"))
+
+
+def test_a_calibrated_export_re_exported_keeps_saying_its_temperature_and_is_not_calibrated_twice(exports, tmp_path):  # noqa: F811
+    """Re-exported, the temperature stayed in the weights but the card's section and dptune.json's record
+    were gone; calibrated again, the card gave T = 1.0 and "the masks are those of the uncalibrated model"
+    for a model whose T was 8.6 (g7 review)."""
+    import torch
+
+    from dptune.errors import ConfigError
+    from dptune.export import export
+    from dptune.export.serving import ServingOptions
+
+    data = str(exports / "data.yaml")
+    with torch.no_grad():
+        export(str(exports / "seg-src"), tmp_path / "cal", serving=ServingOptions(temperature=True, data=data, count=4))
+        export(str(tmp_path / "cal"), tmp_path / "again")
+    record = json.loads((tmp_path / "cal" / "dptune.json").read_text())["serving"]["calibration"]
+    assert json.loads((tmp_path / "again" / "dptune.json").read_text())["serving"]["calibration"] == record
+    assert "## Calibrated confidence" in (tmp_path / "again" / "README.md").read_text()
+    with pytest.raises(ConfigError, match="calibrated already"), torch.no_grad():
+        export(str(tmp_path / "cal"), tmp_path / "twice", serving=ServingOptions(temperature=True, data=data, count=4))
+    assert not (tmp_path / "twice").exists()

@@ -85,6 +85,9 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     there is replaced as a whole. The export is built in a hidden directory and moved into place complete."""
     target = export_target(Path(out_dir), Path(src), overwrite)
     got = load_source(str(src))
+    kept = _earlier_calibration(got, str(src), serving)
+    if kept:  # an export re-exported: its weights hold the temperature, and its records say so again
+        got["calibration_kept"] = kept
     if serving is not None and serving.any:  # calibration data checked (and the temperature folded) first
         from dptune.export.serving import prepare_export
 
@@ -106,6 +109,22 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
         except Interrupted as e:
             raise Interrupted(e.signal, f"the export is complete in {out}; its upload to {push_to_hub} was not") from None
     return out
+
+
+def _earlier_calibration(got: dict, src: str, serving) -> dict | None:
+    """The temperature an export given as the source was calibrated with (folded into its weights), which
+    its re-export keeps saying; calibrating it again would fit a second temperature on top of the first,
+    and its card would give T as the second alone: one line then."""
+    earlier = ((got.get("meta") or {}).get("serving") or {}).get("calibration") if Path(src).is_dir() else None
+    if not isinstance(earlier, dict):
+        return None
+    if serving is not None and getattr(serving, "temperature", False):
+        from dptune.errors import ConfigError
+
+        raise ConfigError(f"--calibrate-temperature: {src} is calibrated already (T = {earlier.get('temperature')}, "
+                          f"folded into its weights); calibrate from the checkpoint it was exported from "
+                          f"({(got.get('meta') or {}).get('source') or 'its run'})")
+    return earlier
 
 
 def nan_to_null(value):
@@ -176,9 +195,9 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
 
     with open(out / "README.md", "a") as card:  # serving graphs, their measured cost, calibration, depth values
         card.write(serving_sections(got, model, served, onnx_dynamic_size(model)))
-    if served or (got.get("serving") or {}).get("calibration"):
-        meta["serving"] = {**served, **({"calibration": got["serving"]["calibration"]}
-                                        if got["serving"].get("calibration") else {})}
+    calibration = (got.get("serving") or {}).get("calibration") or got.get("calibration_kept")
+    if served or calibration:
+        meta["serving"] = {**served, **({"calibration": calibration} if calibration else {})}
     again = {"re_exported_from": src} if origin != src else {}
     (out / "dptune.json").write_text(json.dumps(nan_to_null({"source": origin, **again, **meta, "metrics": metrics,
                                                              "evaluation": evaluation}),

@@ -151,7 +151,7 @@ def depth_values_card(meta: dict, model: nn.Module | None = None) -> str:
 def serving_sections(got: dict, model: nn.Module, served: dict, dynamic: bool) -> str:
     """What a task directory's card says beyond the run: serving graphs and their cost, calibrated
     confidence, and (depth) what the output values mean."""
-    calibration = (got.get("serving") or {}).get("calibration")
+    calibration = (got.get("serving") or {}).get("calibration") or got.get("calibration_kept")
     text = serving_card({**served, "calibration": calibration}, dynamic)
     if "DepthEstimation" in type(model).__name__:
         text += depth_values_card(got.get("meta") or {}, model)
