@@ -206,6 +206,9 @@ def test_a_resume_whose_larger_batches_leave_the_epoch_no_step_says_its_validati
     assert len(validations(log)) == 1  # epoch 1's: Lightning ran none for epoch 0
     assert torch.load(kept, map_location="cpu")["global_step"] == 3
     assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 5
+    # the kept file resumed in its turn is kept as it is: no second link to it (g8)
+    proc = quickstart(run, 2, "--ckpt_path", str(kept), "--data.batch_size", "16")
+    assert f"--ckpt_path {kept}" in proc.stderr and not list(run.glob("checkpoints/epoch00-not-validated-v*.ckpt")), proc.stderr[-3000:]
 
 
 def test_a_cut_validation_resumed_with_larger_batches_is_run_without_a_warning(tmp_path):

@@ -179,6 +179,8 @@ def _keep_weights(path: str | None, epoch: int, trainer) -> str:
         return path or "CKPT"
     kept, n = os.path.join(folder, f"epoch{epoch:02d}-not-validated.ckpt"), 1
     while os.path.exists(kept):
+        if os.path.samefile(kept, path):  # kept already (a resume of this checkpoint again, or of the kept file)
+            return kept
         kept, n = os.path.join(folder, f"epoch{epoch:02d}-not-validated-v{n}.ckpt"), n + 1
     try:
         os.link(os.path.realpath(path), kept)
