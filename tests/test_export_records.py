@@ -109,3 +109,23 @@ def test_a_calibrated_export_re_exported_keeps_saying_its_temperature_and_is_not
     with pytest.raises(ConfigError, match="calibrated already"), torch.no_grad():
         export(str(tmp_path / "cal"), tmp_path / "twice", serving=ServingOptions(temperature=True, data=data, count=4))
     assert not (tmp_path / "twice").exists()
+
+
+def test_copies_of_validation_images_given_as_calibration_images_are_not_held_back(exports, tmp_path):  # noqa: F811
+    """Copies were matched by path only: calibrated on them, the export measured on them too, and the card
+    said its figures were of images held back from calibration (g7 review)."""
+    import torch
+    from test_onnx_backend import EVAL_IMAGES
+
+    from dptune.export import export
+    from dptune.export.serving import ServingOptions
+
+    split = sorted(CAMVID.glob(EVAL_IMAGES))
+    (tmp_path / "cal").mkdir()
+    for p in split[:4]:
+        shutil.copy(p, tmp_path / "cal" / f"copy_{p.name}")
+    with torch.no_grad():
+        export(str(exports / "seg-src"), tmp_path / "out", serving=ServingOptions(
+            int8=True, data=str(exports / "data.yaml"), calibration_images=str(tmp_path / "cal"), count=4))
+    held = json.loads((tmp_path / "out" / "dptune.json").read_text())["serving"]["data"]["segmentation"]["held_back"]
+    assert sorted(held) == sorted(p.relative_to(CAMVID).as_posix() for p in split[4:])

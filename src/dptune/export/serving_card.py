@@ -53,8 +53,8 @@ def _cost_section(serving: dict) -> list[str]:
     if not measured:
         return []
     lines = ["", "### What each graph costs (measured at export)", "",
-             "Scored on validation images held back from calibration (by file path: a copy of one given as a "
-             "calibration image is not recognised), whole images resized by the bundled "
+             "Scored on validation images held back from calibration (by path and by content: a copy of a "
+             "calibration image is not held back), whole images resized by the bundled "
              "image processor, outputs upsampled to the labels' size (as `pipeline` does); `torch` is the "
              "exported model run in float32 by PyTorch."]
     for task, rows in measured.items():

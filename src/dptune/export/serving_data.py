@@ -211,6 +211,37 @@ def cut(source, count: int, task: str, where: str) -> TaskData:
     return TaskData(task, source, fit, [rest[i] for i in spread(len(rest), MAX_HELD)])
 
 
+def _same_content(paths: list[str]):
+    """A test of whether a file has the bytes of one of ``paths`` (a copy of a calibration image among the
+    validation images): by size first, hashed only where a size matches."""
+    import hashlib
+
+    def digest(path: str) -> str:
+        with open(path, "rb") as f:
+            return hashlib.sha1(f.read()).hexdigest()
+
+    by_size: dict[int, list[str]] = {}
+    for p in paths:
+        try:
+            by_size.setdefault(os.path.getsize(p), []).append(p)
+        except OSError:
+            continue
+    digests: dict[int, set[str]] = {}
+
+    def same(path: str) -> bool:
+        try:
+            size = os.path.getsize(path)
+            if size not in by_size:
+                return False
+            if size not in digests:
+                digests[size] = {digest(p) for p in by_size[size]}
+            return digest(path) in digests[size]
+        except OSError:  # an unreadable file is said by the readability check
+            return False
+
+    return same
+
+
 def glob_images(pattern: str, count: int) -> list[str]:
     from dptune.data.globs import glob_files
     from dptune.data.images import IMAGE_EXTS, image_header_size
@@ -285,10 +316,10 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
         tasks[t].root, tasks[t].section, tasks[t].labels = str(section.get("root") or "."), section, own
     if pattern:
         calibration = glob_images(pattern, count)
-        chosen = {os.path.realpath(p) for p in calibration}
-        for d in tasks.values():  # the held-back images are never calibration ones
+        chosen, same = {os.path.realpath(p) for p in calibration}, _same_content(calibration)
+        for d in tasks.values():  # the held-back images are never calibration ones, nor copies of them
             pool = [i for i in range(len(d.source)) if i not in set(d.fit)]
-            held = [i for i in pool if os.path.realpath(d.image(i)) not in chosen]
+            held = [i for i in pool if os.path.realpath(d.image(i)) not in chosen and not same(d.image(i))]
             d.held = [held[i] for i in spread(len(held), MAX_HELD)]
             if len(d.held) < MIN_IMAGES:
                 raise CalibrationError(f"--calibration-images {pattern}: leaves {len(d.held)} held-back {d.task} "
