@@ -129,3 +129,21 @@ def test_copies_of_validation_images_given_as_calibration_images_are_not_held_ba
             int8=True, data=str(exports / "data.yaml"), calibration_images=str(tmp_path / "cal"), count=4))
     held = json.loads((tmp_path / "out" / "dptune.json").read_text())["serving"]["data"]["segmentation"]["held_back"]
     assert sorted(held) == sorted(p.relative_to(CAMVID).as_posix() for p in split[4:])
+
+
+def test_files_a_calibration_glob_matches_that_are_no_images_are_said(tmp_path, caplog):
+    """`--calibration-images "dir/*"` left notes.txt out without a word (g7 review)."""
+    import logging
+
+    import numpy as np
+    from PIL import Image
+
+    from dptune.export.serving_data import glob_images
+
+    for i in range(4):
+        Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
+    (tmp_path / "notes.txt").write_text("not an image")
+    with caplog.at_level(logging.INFO, logger="dptune.export.serving_data"):
+        assert len(glob_images(str(tmp_path / "*"), 32)) == 4
+    assert "1 matched file is not an image by its extension and left out" in caplog.text
+    assert str(tmp_path / "notes.txt") in caplog.text

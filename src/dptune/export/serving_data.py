@@ -13,6 +13,7 @@ Images are prepared exactly as the exported image processor prepares them (``pix
 
 from __future__ import annotations
 
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,8 @@ import numpy as np
 import yaml
 
 from dptune.errors import ConfigError, DataError
+
+log = logging.getLogger(__name__)
 
 MIN_IMAGES = 4  # fewer calibration images than this give activation ranges of no use
 DEFAULT_COUNT = 32  # "a few dozen"
@@ -249,7 +252,13 @@ def glob_images(pattern: str, count: int) -> list[str]:
     spec = os.path.expanduser(pattern)
     if Path(spec).is_dir():  # a folder: its images (as predict --images takes one)
         spec = os.path.join(spec, "*")
-    found = [p for p in glob_files(spec) if Path(p).suffix.lower() in IMAGE_EXTS]
+    matched = glob_files(spec)
+    found = [p for p in matched if Path(p).suffix.lower() in IMAGE_EXTS]
+    images = set(found)
+    other = [p for p in matched if p not in images]
+    if other and found:  # said, not dropped silently (predict --images calls such a file an unreadable image)
+        log.info("--calibration-images %s: %d matched file%s not an image by its extension and left out (first: %s)",
+                 pattern, len(other), " is" if len(other) == 1 else "s are", other[0])
     if not found:
         raise CalibrationError(f"--calibration-images {pattern}: no images match")
     if len(found) < MIN_IMAGES:
