@@ -33,13 +33,11 @@ def exported_labels(ref: str, id2label: dict) -> LabelSet:
     return LabelSet.from_id2label(id2label, source=ref)
 
 
-DEPTH_MODES = ("metric", "relative")
-
-
 def exported_depth(ref: str, config) -> dict:
     """dptune.json's depth record (mode, units, min/max depth, alignment, eval crop), checked: each value
     of the type the export writes, and its mode config.json's (a mode edited in one of the two files
     changed how the depth was written, without a word)."""
+    from dptune.models.depth import UNITS  # the depth modes
     from dptune.models.folders import json_object
 
     card = Path(ref) / "dptune.json"
@@ -50,10 +48,10 @@ def exported_depth(ref: str, config) -> dict:
         raise ConfigError(f"{card}: depth is a JSON {type(meta).__name__}, not the object (mode, units, depth range) "
                           "an export writes")
     mode = meta.get("mode")
-    if mode is not None and mode not in DEPTH_MODES:
+    if mode is not None and mode not in UNITS:
         raise ConfigError(f"{card}: depth.mode {mode!r}: metric or relative")
     own = getattr(config, "depth_mode", None)
-    if mode is not None and own in DEPTH_MODES and mode != own:
+    if mode is not None and own in UNITS and mode != own:
         raise ConfigError(f"{card}: depth.mode {mode!r}, but config.json's depth_mode is {own!r}: the two records "
                           "of the export disagree (a hand-edited file); make them the same")
     for key in ("min_depth", "max_depth"):

@@ -132,7 +132,7 @@ class Optimizing:
             sched = config.scheduler
             if isinstance(sched, WarmupPoly):
                 sched.validation_left = self._validation_left
-                sched.total = max(1, int(self._steps_of_resumed_run(trainer.estimated_stepping_batches)))
+                sched.total = self._run_steps()
 
     def configure_optimizers(self) -> dict[str, Any]:
         hp = self.hparams
@@ -141,6 +141,21 @@ class Optimizing:
         else:
             opt = torch.optim.AdamW(self.param_groups(), lr=hp.lr, betas=tuple(hp.betas),
                                     weight_decay=hp.weight_decay, fused=self._fused_adamw())
+        total = self._run_steps()
+        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
+        if warmup >= total and getattr(self.trainer, "is_global_zero", True):
+            given = (f"model.warmup_steps {warmup} is" if hp.warmup_steps is not None else
+                     f"model.warmup_ratio {hp.warmup_ratio:g} makes a warmup ({warmup} steps)")
+            log.warning("%s not shorter than this run's %d optimizer steps: the LR rises to %.0f%% of model.lr (%g) "
+                        "at the last step and never decays; set a shorter warmup (model.warmup_ratio below 1, or "
+                        "fewer model.warmup_steps)", given, total, 100 * min(1.0, total / max(warmup, 1)), hp.lr)
+        sched = WarmupPoly(opt, total, warmup, hp.poly_power, hp.min_lr_ratio)
+        sched.validation_left = getattr(self, "_validation_left", False)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+
+    def _run_steps(self) -> int:
+        """The optimizer steps of this run, which the schedule spans: Lightning's estimate, counted for a
+        resumed run by ``_steps_of_resumed_run``; one line where the settings give none or no length."""
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         try:  # Lightning sizes the training loader here: its checks of the limits raise (limit_train_batches 0.1 of 4)
@@ -153,17 +168,7 @@ class Optimizing:
         if total <= 0:
             raise ConfigError("the training split gives this run no optimizer step (no whole batch on a process, or "
                               "trainer.limit_train_batches / max_steps): lower data.batch_size or add training images")
-        total = int(total)
-        warmup = hp.warmup_steps if hp.warmup_steps is not None else int(round(hp.warmup_ratio * total))
-        if warmup >= total and getattr(self.trainer, "is_global_zero", True):
-            given = (f"model.warmup_steps {warmup} is" if hp.warmup_steps is not None else
-                     f"model.warmup_ratio {hp.warmup_ratio:g} makes a warmup ({warmup} steps)")
-            log.warning("%s not shorter than this run's %d optimizer steps: the LR rises to %.0f%% of model.lr (%g) "
-                        "at the last step and never decays; set a shorter warmup (model.warmup_ratio below 1, or "
-                        "fewer model.warmup_steps)", given, total, 100 * min(1.0, total / max(warmup, 1)), hp.lr)
-        sched = WarmupPoly(opt, total, warmup, hp.poly_power, hp.min_lr_ratio)
-        sched.validation_left = getattr(self, "_validation_left", False)
-        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step", "frequency": 1}}
+        return int(total)
 
     def _steps_of_resumed_run(self, estimated: int) -> int:
         """The optimizer steps this run ends at. Lightning counts max_epochs of this run's epochs; a run
