@@ -422,3 +422,38 @@ def test_a_negative_loss_weight_of_the_joint_task_is_one_line_when_it_trains(tin
                                  callbacks=[])
     with pytest.raises(ConfigError, match=rf"^model.{key} -1.0: .*a finite number >= 0"):
         m.check_stage("fit")
+
+
+def test_a_joint_run_resumed_mid_epoch_with_larger_batches_trains_the_rest_of_the_epoch(tmp_path, monkeypatch):
+    """19 joint samples cut at step 3 in batches of 2 (6 trained), resumed in batches of 4: the checkpoint's
+    3 batches are counted as 1 of the new ones (the datamodule's length is the joint set's), so 3 steps
+    take the 12 after the 6 trained and the epoch is validated."""
+    from sigterm_helper import read_log, validations
+
+    config = tmp_path / "tiny.json"
+    config.write_text(json.dumps(TINY))
+    seg = {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"},
+           "val": {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}}
+    depth = {"train": {"images": "train/rgb/frame-0000[0-2]*.jpg", "depth": "train/depth/{stem}.png"},
+             "val": {"images": "val/rgb/frame-00060[0-4].jpg", "depth": "val/depth/{stem}.png"}}
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))  # the callbacks' module, for the training process
+
+    def fit(*extra: str):
+        return run_train(["fit", "--config", str(REPO / "configs" / "multitask" / "camvid-7scenes.yaml"),
+                          "--data.segmentation.root", str(CAMVID), "--data.depth.root", str(KITCHEN),
+                          "--data.segmentation.splits", json.dumps(seg), "--data.depth.splits", json.dumps(depth),
+                          "--model.config", str(config), "--data.image_size", "64", "--data.num_workers", "0",
+                          "--trainer.max_epochs", "1", "--trainer.precision", "32-true", "--trainer.logger", "false",
+                          "--trainer.enable_progress_bar", "false", "--trainer.callbacks+=sigterm_helper.StepLog",
+                          f"--trainer.callbacks.path={log}", "--trainer.default_root_dir", str(run), *extra],
+                         cwd=tmp_path)
+
+    fit("--data.batch_size", "2", "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=3")
+    proc = fit("--data.batch_size", "4", "--ckpt_path", "last")
+    assert "the checkpoint's 3 training batches count as 1 at this run's batch size and number of processes (3 of " \
+           "the epoch's 4 steps left)" in proc.stderr, proc.stderr[-3000:]
+    assert "continues with 12 of the 13 of its 19 training samples it had not reached; the other 1 is left out" \
+        in proc.stderr
+    steps = read_log(log)[1]
+    assert [s["step"] for s in steps] == [1, 2, 3, 4, 5, 6] and sorted(validations(log)) == [6]

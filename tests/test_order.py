@@ -169,26 +169,90 @@ def test_the_resume_line_says_what_the_rest_of_the_epoch_trains(caplog):
     review); after an earlier resume that went on into the epoch's second pass, what it draws again."""
     import logging
 
-    from dptune.data.order import OrderState
+    from dptune.data.order_resume import say_resumed
 
     state = {"seed": 0, "size": 33, "epoch": 0, "batches": 1, "consumed": 16, "done": False, "identity": "x"}
-    with caplog.at_level(logging.INFO, logger="dptune.data.order"):
-        OrderState._say_resumed(state, 33, 16, 17, 8, 2)
-        OrderState._say_resumed({**state, "size": 32, "consumed": 16, "batches": 2}, 32, 0, 32, 16, 1)
-        OrderState._say_resumed({**state, "size": 17, "consumed": 4, "batches": 1}, 17, 8, 17, 8, 1)
-        OrderState._say_resumed({**state, "size": 32, "consumed": 44, "batches": 13}, 32, 6, 32, 2, 1)
-        OrderState._say_resumed({**state, "size": 32, "consumed": 24, "batches": 3}, 32, 26, 32, 2, 1)
+    with caplog.at_level(logging.INFO, logger="dptune.data.order_resume"):
+        say_resumed(state, 33, 16, 17, 8, 2)
+        say_resumed({**state, "size": 32, "consumed": 16, "batches": 2}, 32, 0, 32, 16, 1)
+        say_resumed({**state, "size": 17, "consumed": 4, "batches": 1}, 17, 8, 17, 8, 1)
+        say_resumed({**state, "size": 32, "consumed": 44, "batches": 13}, 32, 6, 32, 2, 1)
+        say_resumed({**state, "size": 32, "consumed": 24, "batches": 3}, 32, 26, 32, 2, 1)
     lines = [r.getMessage() for r in caplog.records]
     assert lines[0] == ("resume: epoch 0 continues with 16 of the 17 of its 33 training samples it had not reached; "
                         "the other 1 is left out, as every epoch's last partial batch is")
     assert lines[1].startswith("resume: epoch 0 continues with 0 of the 16 of its 32 training samples it had not "
-                               "reached; the other 16 are not trained in this epoch (Lightning counts")
+                               "reached; the other 16 are not trained in this epoch (the steps this run")
     assert lines[2].startswith("resume: epoch 0 continues with 8 of the 13 of its 17 training samples it had not "
-                               "reached; the other 5 are not trained in this epoch (Lightning counts")
+                               "reached; the other 5 are not trained in this epoch (the steps this run")
     assert lines[3].startswith("resume: epoch 0 had reached each of its 32 training samples; it continues with 6 "
-                               "of them drawn a second time (Lightning counts")
+                               "of them drawn a second time (the steps this run")
     assert lines[4].startswith("resume: epoch 0 continues with the 8 of its 32 training samples it had not "
-                               "reached, and 18 from its start (Lightning counts")
+                               "reached, and 18 from its start (the steps this run")
+
+
+def _cut(batches: int, consumed: int, gap: int = 0, earlier: int = 0) -> dict:
+    """A checkpoint's loop state and order record, cut ``batches`` into epoch 0 (``earlier`` batches of
+    epochs before), written after the batch (``gap`` 0) or as it ended (1: not yet counted complete)."""
+    def counts(k: int) -> dict:
+        return {"ready": k, "started": k, "processed": k, "completed": k - gap}
+    return {"loops": {"fit_loop": {"epoch_loop.batch_progress": {"current": counts(batches),
+                                                                 "total": counts(batches + earlier)},
+                                   "epoch_loop.state_dict": {"_batches_that_stepped": batches + earlier}}},
+            "DM": {"seed": 1, "size": 32, "identity": "x", "epoch": 0, "batches": batches, "consumed": consumed,
+                   "done": False}}
+
+
+@pytest.mark.parametrize("batches, consumed, batch, world, limit, gap, now", [
+    (3, 24, 16, 1, 1.0, 0, 1),  # 24 trained, batches of 16: 1 (8 drawn again at the end)
+    (2, 16, 4, 1, 1.0, 0, 4),   # smaller batches: exactly the 16 trained
+    (3, 24, 32, 1, 1.0, 0, 0),  # one step an epoch: at most one short of it
+    (1, 8, 8, 2, 1.0, 0, 0),    # two processes take 16 a step
+    (2, 16, 8, 2, 1.0, 0, 1),
+    (3, 24, 4, 1, 5, 0, 4),     # limit_train_batches 5: one short of the epoch's 5
+    (3, 24, 4, 1, 0.5, 0, 3),   # 0.5 of 8
+    (3, 24, 16, 1, 1.0, 1, 1),  # written as the batch ended
+    (1, 8, 16, 1, 1.0, 1, 0),   # ... at a count of 0: counted complete now, as Lightning would
+])
+def test_rebatch_counts_the_samples_trained_in_this_run_s_batches(batches, consumed, batch, world, limit, gap, now):
+    """The checkpoint's count of the interrupted epoch's batches (Lightning's loop state and the order
+    record) made this run's: the samples trained, in this run's batches on its processes, rounded down,
+    at most one short of the epoch (so it ends with a step and its validation); each of Lightning's
+    counts by as much, what tells its restart where the batch stood kept (a count of 0 written as its
+    batch ended: complete, and the logger's step on by one, as that restart counts it)."""
+    from types import SimpleNamespace
+
+    from dptune.data.order_resume import rebatch
+
+    ckpt = _cut(batches, consumed, gap, earlier=8)
+    trainer = SimpleNamespace(world_size=world, limit_train_batches=limit)
+    assert rebatch(ckpt, "DM", 32, batch, trainer) == ((batches, now) if now != batches else None)
+    progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]
+    kept = gap if now > 0 else 0
+    assert progress["current"] == {"ready": now, "started": now, "processed": now, "completed": now - kept}
+    assert progress["total"] == {"ready": now + 8, "started": now + 8, "processed": now + 8, "completed": now + 8 - kept}
+    assert ckpt["DM"]["batches"] == now and ckpt["DM"]["consumed"] == consumed
+    stepped = ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
+    assert stepped == batches + 8 + (gap and not now)
+
+
+def test_rebatch_leaves_what_it_cannot_re_express():
+    """No change for a record that ends its epoch, counts nothing, is of another set, or is not dptune's;
+    a record whose batches are not the loop state's is said to disagree."""
+    from types import SimpleNamespace
+
+    from dptune.data.order_resume import rebatch
+
+    trainer = SimpleNamespace(world_size=1, limit_train_batches=1.0)
+    for change in ({"done": True}, {"consumed": 0}, {"size": 31}, {"batches": "3"}, {"seed": 2**32}):
+        ckpt = _cut(3, 24)
+        ckpt["DM"].update(change)
+        assert rebatch(ckpt, "DM", 32, 16, trainer) is None
+        assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 3
+    ckpt = _cut(3, 24)
+    ckpt["DM"]["batches"] = 2
+    assert rebatch(ckpt, "DM", 32, 16, trainer) == "disagrees"
+    assert rebatch({"DM": _cut(3, 24)["DM"]}, "DM", 32, 16, trainer) is None  # no loop state
 
 
 def test_a_second_resume_in_an_epoch_continues_its_second_pass():
@@ -224,7 +288,7 @@ def test_an_end_of_epoch_checkpoint_with_another_training_set_says_no_epoch_was_
         state = State()
         state.load_state_dict(record)
         caplog.clear()
-        with caplog.at_level(logging.INFO, logger="dptune.data.order"):
+        with caplog.at_level(logging.INFO, logger="dptune.data.order_resume"):
             order = state.train_order(list(range(31)), 8)
         assert order.epoch == 1 - cut  # the next epoch, or the cut one drawn afresh
         assert "the training set holds other samples than the checkpoint's run had (31, was 32" in caplog.text
@@ -278,6 +342,6 @@ def test_a_checkpoint_of_the_earlier_fingerprint_resumes_in_order(caplog):
     state = State()
     state.load_state_dict({"seed": 0, "size": len(ds), "identity": sample_identity(ds, legacy=True), "epoch": 0,
                            "batches": 1, "consumed": 2, "done": False})
-    with caplog.at_level(logging.INFO, logger="dptune.data.order"):
+    with caplog.at_level(logging.INFO, logger="dptune.data.order_resume"):
         order = state.train_order(ds, 2)
     assert "other samples" not in caplog.text and order.resume == (0, 2, len(ds) - 2), caplog.text

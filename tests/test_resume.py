@@ -217,30 +217,50 @@ def test_a_resume_on_two_processes_follows_the_length_of_its_own_epochs(tmp_path
     assert end["global_step"] == 14 and end["lr_schedulers"][0]["last_epoch"] == 14
 
 
+def test_a_mid_epoch_resume_on_two_processes_trains_the_rest_of_the_epoch_and_validates_it(tmp_path):
+    """Cut at step 2 of 4 on one process (16 of 32 samples), resumed on two (2 steps of 16 an epoch):
+    Lightning counted the checkpoint's 2 batches as a whole epoch and ended it at once, without its
+    validation. Counted as 1 of this run's, the epoch trains the 16 it had not reached, split between
+    the processes, and is scored."""
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    logged = ["--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"]
+    quickstart(run, 2, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=2", *logged)
+    proc = quickstart(run, 2, "--ckpt_path", "last", *logged, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                      "--trainer.strategy", "ddp")
+    assert "epoch 0 continues with the 16 of its 32 training samples it had not reached\n" in proc.stderr, \
+        proc.stderr[-3000:]
+    seen = trained_per_epoch(read_log(log)[1])
+    assert sorted(seen[0]) == list(range(32)) and sorted(seen[1]) == list(range(32))
+    assert sorted(validations(log)) == [3, 5]
+    end = _ckpt(run)
+    assert end["global_step"] == 5 and end["lr_schedulers"][0]["last_epoch"] == 5
+
+
 def test_a_mid_epoch_resume_with_a_smaller_batch_trains_the_rest_of_the_epoch_and_validates_it(tmp_path):
-    """Cut at step 2 of 4 (batches of 8), resumed with batches of 4: Lightning counts 8 - 2 = 6 steps left
-    in the epoch, 24 samples, where 16 are left: the order ran out after 4 steps and the epoch ended
-    without its validation. The epoch trains the 16 it had not reached and 8 from its start, then is
-    scored, and the schedule ends with the run. Cut again at step 3 and resumed, the record counted the
-    steps since the first resume in the new batches (12 positions where 20 were trained) and the epoch
-    trained 8 samples a third time (a user attack)."""
+    """Cut at step 2 of 4 (batches of 8), resumed with batches of 4: Lightning counted the checkpoint's 2
+    batches as 2 of the new size, so 8 - 2 = 6 steps, 24 samples, where 16 were left, and the epoch trained
+    8 of its samples twice (an earlier fix made the order run on into the epoch's start rather than end the
+    epoch without its validation). The checkpoint's count is made this run's (4 batches of 4): the epoch
+    trains the 16 it had not reached, each once, then is scored, and the schedule ends with the run. Cut
+    again at step 3 and resumed, the rest is the 12 the epoch still had not reached."""
     run, log = tmp_path / "run", tmp_path / "steps.log"
     logged = ["--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"]
     quickstart(run, 2, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=2", *logged)
     assert _ckpt(run)["global_step"] == 2
     proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", "4", *logged,
                       "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=3")
-    assert "epoch 0 continues with the 16 of its 32 training samples it had not reached, and 8 from its start" \
-        in proc.stderr, proc.stderr[-3000:]
+    assert "epoch 0: the checkpoint's 2 training batches count as 4 at this run's batch size" in proc.stderr
+    assert "epoch 0 continues with the 16 of its 32 training samples it had not reached\n" in proc.stderr, \
+        proc.stderr[-3000:]
     assert _ckpt(run)["global_step"] == 3
     proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", "4", *logged)
-    assert "epoch 0 continues with the 12 of its 32 training samples it had not reached, and 8 from its start" \
-        in proc.stderr, proc.stderr[-3000:]
+    assert "epoch 0 continues with the 12 of its 32 training samples it had not reached\n" in proc.stderr, \
+        proc.stderr[-3000:]
     seen = trained_per_epoch(read_log(log)[1])
-    assert len(seen[0]) == 40 and sorted(set(seen[0])) == list(range(32)) and sorted(seen[1]) == list(range(32))
-    assert sorted(validations(log)) == [8, 16]
+    assert sorted(seen[0]) == list(range(32)) and sorted(seen[1]) == list(range(32))
+    assert sorted(validations(log)) == [6, 14]
     end = _ckpt(run)
-    assert end["global_step"] == 16 and end["lr_schedulers"][0]["last_epoch"] == 16
+    assert end["global_step"] == 14 and end["lr_schedulers"][0]["last_epoch"] == 14
 
 
 def test_a_resume_from_a_checkpoint_written_every_n_steps_trains_what_the_whole_run_trains(tmp_path):

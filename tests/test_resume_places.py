@@ -10,6 +10,8 @@ import pytest
 import torch
 from test_resume import quickstart
 
+from dptune.data.order import TrainOrder
+
 pytestmark = pytest.mark.slow
 
 
@@ -185,30 +187,33 @@ def cut_at_step_3(tmp_path_factory):
     return run
 
 
-def test_a_resume_whose_larger_batches_leave_the_epoch_no_step_says_its_validation_does_not_run(cut_at_step_3, tmp_path):
-    """Resumed with batches of 16 (2 steps an epoch, fewer than the 3 done): Lightning ended epoch 0 with
-    no step and no validation; the log said only "continues with 0 of the 8" (g5 review). The warning
-    named last.ckpt, which the run then wrote over with epoch 1's weights (g6 review): the checkpoint is
-    kept under the epoch's name, and the command given scores it."""
+@pytest.mark.parametrize("batch, validated", [(16, [4, 6]), (32, [4, 5])])
+def test_a_resume_with_larger_batches_trains_the_rest_of_the_epoch_and_validates_it(cut_at_step_3, tmp_path, batch,
+                                                                                    validated):
+    """Resumed with batches of 16 (2 steps an epoch) or 32 (1), fewer than the 3 done: Lightning counted the
+    checkpoint's 3 batches of 8 as 3 of the new size and ended epoch 0 with no step and no validation (g5;
+    then only said, with the checkpoint kept). The count is made this run's, at most one batch short of
+    the epoch: the epoch trains the 8 samples it had not reached (and the rest of that batch from its
+    start) and is scored; the schedule ends with the run."""
     import shutil
 
-    from sigterm_helper import validations
+    from sigterm_helper import read_log, trained_per_epoch, validations
 
     run, log = tmp_path / "run", tmp_path / "steps.log"
     shutil.copytree(cut_at_step_3, run)
-    proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", "16",
+    order = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    first = TrainOrder(range(32), 1, 0, seed=next(v for k, v in order.items() if k.endswith("DataModule"))["seed"])
+    proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", str(batch),
                       "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}")
-    assert "resume: epoch 0 ends at once" in proc.stderr and "its validation is not run" in proc.stderr, \
-        proc.stderr[-3000:]
-    kept = run / "checkpoints" / "epoch00-not-validated.ckpt"
-    assert f"dptune validate --config RUN/config.yaml --ckpt_path {kept}" in proc.stderr, proc.stderr[-3000:]
-    assert "continues with 0 of" not in proc.stderr
-    assert len(validations(log)) == 1  # epoch 1's: Lightning ran none for epoch 0
-    assert torch.load(kept, map_location="cpu")["global_step"] == 3
-    assert torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")["global_step"] == 5
-    # the kept file resumed in its turn is kept as it is: no second link to it (g8)
-    proc = quickstart(run, 2, "--ckpt_path", str(kept), "--data.batch_size", "16")
-    assert f"--ckpt_path {kept}" in proc.stderr and not list(run.glob("checkpoints/epoch00-not-validated-v*.ckpt")), proc.stderr[-3000:]
+    assert f"epoch 0: the checkpoint's 3 training batches count as {1 if batch == 16 else 0} at this run's" in proc.stderr
+    assert f"epoch 0 continues with the 8 of its 32 training samples it had not reached, and {batch - 8} from its " \
+           "start" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(validations(log)) == validated
+    rest = trained_per_epoch(read_log(log)[1])[0]
+    assert rest[:8] == first.order(0)[24:].tolist() and rest[8:] == first.order(0)[:batch - 8].tolist()
+    end = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert end["global_step"] == validated[-1] == end["lr_schedulers"][0]["last_epoch"]
+    assert not list(run.glob("checkpoints/*not-validated*"))
 
 
 def test_a_cut_validation_resumed_with_larger_batches_is_run_without_a_warning(tmp_path):
@@ -219,6 +224,9 @@ def test_a_cut_validation_resumed_with_larger_batches_is_run_without_a_warning(t
     quickstart(run, 2, *every, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=2")
     proc = quickstart(run, 2, *every, "--ckpt_path", "last", "--data.batch_size", "16")
     assert "ends at once" not in proc.stderr and "epoch 0 step 2 val:" in proc.stderr, proc.stderr[-3000:]
+    # Lightning runs the cut validation at the checkpoint's count, a whole epoch of batches of 16: said
+    assert "epoch 0 continues with 0 of the 16 of its 32 training samples it had not reached; the other 16 are " \
+           "not trained in this epoch" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_strategy_that_restores_after_its_optimizers_runs_a_validation_cut_at_the_last_step(tmp_path):
@@ -233,18 +241,31 @@ def test_a_strategy_that_restores_after_its_optimizers_runs_a_validation_cut_at_
     assert "epoch 0 step 4 val:" in proc.stderr, proc.stderr[-3000:]
 
 
-def test_a_resume_whose_larger_batches_leave_nothing_to_train_writes_no_config(cut_at_step_3, tmp_path):
-    """max_epochs 1 and batches of 16: the schedule's check refused it after config-2.yaml was written
-    (g5 review)."""
+def test_a_resume_with_larger_batches_in_the_last_epoch_trains_its_rest(cut_at_step_3, tmp_path):
+    """max_epochs 1 and batches of 16: the checkpoint's 3 batches of 8 were a whole epoch at the new size,
+    and the resume was refused as having nothing left to train (g5: before config-2.yaml was written). The
+    8 samples the epoch had not reached are left: one step (with 8 from the epoch's start), then the
+    epoch's validation."""
     import shutil
 
     run = tmp_path / "run"
     shutil.copytree(cut_at_step_3, run)
-    names = sorted(p.name for p in run.iterdir())
-    proc = quickstart(run, 1, "--ckpt_path", "last", "--data.batch_size", "16", check=False)
-    assert "nothing is left to train" in _error(proc)
-    assert sorted(p.name for p in run.iterdir()) == names
-    assert "ends at once" not in proc.stderr  # a warning of a run that does not run (g6)
+    proc = quickstart(run, 1, "--ckpt_path", "last", "--data.batch_size", "16")
+    assert "epoch 0 step 4 val:" in proc.stderr, proc.stderr[-3000:]
+    end = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert end["global_step"] == 4 == end["lr_schedulers"][0]["last_epoch"]
+
+
+def test_a_hand_edited_count_of_batches_is_drawn_afresh_with_a_warning(cut_at_step_3, tmp_path):
+    """An order record whose batches are not the loop state's (hand-edited): which of them to re-express
+    at the new batch size cannot be told, so the epoch is drawn afresh, and said."""
+    ckpt = torch.load(cut_at_step_3 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    key = next(k for k in ckpt if k.endswith("DataModule"))
+    ckpt[key].update(batches=2)
+    torch.save(ckpt, tmp_path / "hand.ckpt")
+    proc = quickstart(tmp_path / "new", 2, "--ckpt_path", str(tmp_path / "hand.ckpt"), "--data.batch_size", "16")
+    assert "counts 2 batches, its loop state 3: not a record dptune wrote" in proc.stderr, proc.stderr[-3000:]
+    assert "continues with" not in proc.stderr
 
 
 @pytest.mark.parametrize("key", ["--trainer.default_root_dir", "--checkpoint.dirpath", "--trainer.val_check_interval"])

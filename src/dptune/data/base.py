@@ -218,6 +218,10 @@ class SplitDataModule(OrderState, pl.LightningDataModule):
         return make_loader(ds, stage, size, self.trainer, self.num_workers, self.pin_memory, self.persistent_workers,
                            collate, streaming=streaming, sampler=order)
 
+    def train_length(self) -> int | None:
+        ds = self.dataset("train")
+        return None if isinstance(ds, IterableDataset) else len(ds)
+
     def train_dataloader(self) -> DataLoader:
         return self._loader("train")
 

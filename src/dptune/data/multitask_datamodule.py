@@ -16,7 +16,7 @@ from typing import Any, Literal
 
 import lightning.pytorch as pl
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, IterableDataset
 
 from dptune.data.base import ValidationSource, asks_for_scores, one_process_stage
 from dptune.data.datamodule import SegmentationDataModule
@@ -257,6 +257,10 @@ class MultiTaskDataModule(OrderState, pl.LightningDataModule):
         if not self._logged_classes and rank() == 0:
             log.info("%s", class_list_line(self.label_set, [s for s in self.sources if s.has_masks]))
             self._logged_classes = True
+
+    def train_length(self) -> int | None:
+        datasets = [s.dm.dataset("train") for s in self.sources]
+        return None if any(isinstance(d, IterableDataset) for d in datasets) else len(JointTrainSet(datasets))
 
     def train_dataloader(self) -> DataLoader:
         datasets = [s.dm.dataset("train") for s in self.sources]

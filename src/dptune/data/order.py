@@ -20,7 +20,14 @@ from typing import Any
 import torch
 from torch.utils.data import DistributedSampler
 
-from dptune.data.loaders import datasets_of, drops_last_batch
+from dptune.data.loaders import datasets_of
+from dptune.data.order_resume import (
+    checked_record,
+    rebatch,
+    say_rebatched,
+    say_resumed,
+    steps_per_epoch,
+)
 
 log = logging.getLogger(__name__)
 
@@ -106,12 +113,7 @@ class TrainOrder(DistributedSampler):
         if self.resume is not None and self.resume[0] != epoch:
             self.resume = None  # the interrupted epoch is over: later ones are whole
 
-    first_iter = None  # said as the run first draws from this order (OrderState: an epoch that gets no step)
-
     def __iter__(self):
-        if self.first_iter is not None:
-            said, self.first_iter = self.first_iter, None
-            said()
         order = self.order(self.epoch)
         n = len(order)
         start, end = 0, n  # draws of the epoch: draw t is position t % n in its pass t // n
@@ -167,45 +169,6 @@ def _places(images) -> list[str]:
     return [p[cut:] if p.startswith(base) else os.path.relpath(p, base) for p in paths]
 
 
-def _keep_weights(path: str | None, epoch: int, trainer) -> str:
-    """``path``, or where this run's checkpoints would write over it (its last.ckpt), a hard link to it (a
-    copy where the file system has none) named after the epoch, which no later save replaces (a save
-    writes a new file and renames it over the old name)."""
-    import shutil
-
-    folder = getattr(getattr(trainer, "checkpoint_callback", None), "dirpath", None)
-    if not path or not os.path.isfile(path) or folder is None or \
-            os.path.dirname(os.path.realpath(path)) != os.path.realpath(folder):
-        return path or "CKPT"
-    kept, n = os.path.join(folder, f"epoch{epoch:02d}-not-validated.ckpt"), 1
-    while os.path.exists(kept):
-        if os.path.samefile(kept, path):  # kept already (a resume of this checkpoint again, or of the kept file)
-            return kept
-        kept, n = os.path.join(folder, f"epoch{epoch:02d}-not-validated-v{n}.ckpt"), n + 1
-    try:
-        os.link(os.path.realpath(path), kept)
-    except OSError:
-        try:
-            shutil.copy2(path, kept)
-        except OSError as e:
-            log.warning("could not keep %s as %s (%s): the run writes over it", path, kept, e)
-            return path
-    return kept
-
-
-def _steps_per_epoch(trainer, share: int, batch_size: int) -> int:
-    """The training batches of an epoch as Lightning counts them: a process's share in batches (the last
-    partial one dropped where a process has a whole one, as ``make_loader`` does), within
-    ``limit_train_batches``."""
-    steps = share // batch_size if drops_last_batch(share, batch_size) else math.ceil(share / batch_size)
-    limit = getattr(trainer, "limit_train_batches", None)
-    if isinstance(limit, float) and limit < 1:
-        steps = int(steps * limit)
-    elif isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
-        steps = min(steps, limit)
-    return steps
-
-
 class OrderState:
     """Datamodule hooks (put before ``LightningDataModule`` among the bases): each checkpoint holds
     the training order's seed, its epoch and how many of the epoch's positions the run had trained
@@ -216,7 +179,6 @@ class OrderState:
     _resume_order: dict[str, Any] | None = None
     _resumed_at: tuple[int, int, int] | None = None  # (epoch, positions skipped, Lightning's batches then)
     _said_resume = False
-    _pending_note = None  # a resume's warning, said as the run first draws from its order
 
     def train_order(self, dataset, batch_size: int, weights: torch.Tensor | None = None) -> TrainOrder:
         trainer = self.trainer
@@ -244,67 +206,44 @@ class OrderState:
                             "others not" if cut else "; the next epochs are drawn from this set")
             order.resume_at(state["epoch"] + state["done"], 0)
         elif not state["done"] and state["consumed"] > 0:
-            # the samples per process that the steps Lightning leaves in the epoch take (it counts the steps
-            # done in the checkpoint's batches; a last partial batch is dropped where a process has a whole one)
-            left = max(0, _steps_per_epoch(trainer, len(order), batch_size) - state["batches"]) * batch_size
+            # the samples per process that the steps Lightning leaves in the epoch take: it counts the steps
+            # done in the checkpoint's batches (made this run's by ``rebatch``, but where a validation was cut);
+            # a last partial batch is dropped where a process has a whole one
+            left = max(0, steps_per_epoch(trainer, len(order), batch_size) - state["batches"]) * batch_size
             order.resume_at(state["epoch"], state["consumed"], left)
             self._resumed_at = (state["epoch"], state["consumed"], state["batches"])
             # Lightning warns that a plain loader cannot resume mid-epoch; this order does
             warnings.filterwarnings("ignore", message="You're resuming from a checkpoint that ended before the epoch")
-            # a validation cut by the signal is run again by Lightning, on the checkpoint's weights
-            cut = getattr(getattr(trainer, "lightning_module", None), "_validation_left", False)
-            if me == 0 and not self._said_resume and left == 0 and not cut:
-                # said once the run starts the epoch: past every check that may still refuse the resume
-                self._pending_note = lambda: self._say_nothing_left(state, len(dataset), trainer)
-            elif me == 0 and not self._said_resume and left > 0:
-                self._say_resumed(state, len(dataset), left * world, len(order), batch_size, world)
+            if me == 0 and not self._said_resume:
+                say_resumed(state, len(dataset), left * world, len(order), batch_size, world)
         else:
             order.resume_at(state["epoch"] + state["done"], 0)
         self._said_resume = True  # a loader made again in the same epoch resumes it again, without a word
-        if self._pending_note is not None:
-            order.first_iter = self._say_pending  # the loader the run draws from may be one made later
         return order
 
-    def _say_pending(self) -> None:
-        note, self._pending_note = self._pending_note, None
-        if note is not None:
-            note()
+    def train_length(self) -> int | None:
+        """The training set's number of samples (None: a stream, which has no order)."""
+        return None
 
-    @staticmethod
-    def _say_nothing_left(state: dict[str, Any], n: int, trainer) -> None:
-        """The interrupted epoch gets no step (the checkpoint's batches are a whole epoch of this run's, at a
-        larger batch, on more processes or within a lower limit_train_batches): Lightning ends it at once, and
-        runs none of its validation. The checkpoint's weights are that epoch's last: kept where this run would
-        write over them, and named with the command that scores them."""
-        rest = max(0, n - state["consumed"])
-        what = (f"the {rest} of its {n} training samples it had not reached are not trained in it" if rest else
-                f"it had reached each of its {n} training samples")
-        kept = _keep_weights(getattr(trainer, "ckpt_path", None), state["epoch"], trainer)
-        log.warning("resume: epoch %d ends at once: Lightning counts the steps left in it from the checkpoint's %d "
-                    "batches, a whole epoch of this run's (another batch size, number of processes or "
-                    "limit_train_batches); %s, and its validation is not run. The checkpoint holds that epoch's last "
-                    "weights (%s): score them with dptune validate --config RUN/config.yaml --ckpt_path %s",
-                    state["epoch"], state["batches"], what, kept, kept)
-
-    @staticmethod
-    def _say_resumed(state: dict[str, Any], n: int, takes: int, share: int, batch_size: int, world: int) -> None:
-        """One line: what the rest of the interrupted epoch trains (``takes`` samples, all processes)."""
-        consumed, why = state["consumed"], " (Lightning counts the steps left in this epoch from the checkpoint's batches)"
-        rest = max(0, n - consumed)
-        if consumed >= n:  # an earlier resume went on into the epoch's second pass
-            said = (f"had reached each of its {n} training samples; it continues with {takes} of them drawn a second "
-                    f"time{why}")
-        elif takes >= rest:
-            said = f"continues with the {rest} of its {n} training samples it had not reached"
-            said += f", and {takes - rest} from its start{why}" if takes > rest else ""
-        else:
-            other = rest - takes
-            # a last partial batch that every epoch leaves out (each process drops its own)
-            dropped = (share % batch_size) * world if drops_last_batch(share, batch_size) else 0
-            said = (f"continues with {takes} of the {rest} of its {n} training samples it had not reached; the other "
-                    f"{other} {'is' if other == 1 else 'are'} " + ("left out, as every epoch's last partial batch is"
-                                                                   if other <= dropped else f"not trained in this epoch{why}"))
-        log.info("resume: epoch %d %s", state["epoch"], said)
+    def rebatch(self, ckpt: dict[str, Any]) -> None:
+        """Before Lightning restores its loops from ``ckpt`` (a resumed fit): its count of the interrupted
+        epoch's batches made this run's (``order_resume.rebatch``), so that the steps Lightning leaves in
+        the epoch take what the epoch's order has left."""
+        trainer, n = self.trainer, self.train_length()
+        if trainer is None or n is None:
+            return
+        key = type(self).__qualname__
+        done = rebatch(ckpt, key, n, self.batch_size, trainer)
+        if done == "disagrees":
+            if trainer.is_global_zero:
+                log.warning("resume: the checkpoint's record of the training order counts %r batches, its loop state "
+                            "%r: not a record dptune wrote; the interrupted epoch is drawn afresh, so some of its "
+                            "samples are trained twice and others not in it", ckpt[key].get("batches"),
+                            ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"].get("processed"))
+            ckpt[key] = {}
+        elif done is not None and trainer.is_global_zero:
+            steps = steps_per_epoch(trainer, math.ceil(n / trainer.world_size), self.batch_size)
+            say_rebatched(ckpt[key]["epoch"], *done, steps)
 
     def batch_seed(self, batch_idx: int, rank: int) -> int | None:
         """The seed of torch's random numbers (dropout) for a training batch: of the run's seed, the
@@ -336,17 +275,8 @@ class OrderState:
         self._resume_order = None
         if not state_dict:
             return  # a checkpoint without it (written before dptune recorded the order): Lightning warns
-        try:
-            # as written: Python ints (a string or float is a hand-made record), the seed one that
-            # seed_everything takes (the command's seed check reads the same record: order_seed)
-            state = {key: state_dict[key] for key in ("seed", "size", "epoch", "batches", "consumed")}
-            state["done"], state["identity"] = state_dict["done"], state_dict["identity"]
-            good = (all(type(state[k]) is int and 0 <= state[k] < 2**63 for k in ("seed", "size", "epoch", "batches",
-                                                                                 "consumed"))
-                    and isinstance(state["done"], bool) and isinstance(state["identity"], str) and state["seed"] < 2**32)
-        except (KeyError, TypeError):
-            good = False
-        if not good:
+        state = checked_record(state_dict)
+        if state is None:
             log.warning("resume: the checkpoint's record of the training order is not one dptune wrote (%.200r): "
                         "the interrupted epoch is drawn afresh, so some of its samples are trained twice and others "
                         "not in it", state_dict)

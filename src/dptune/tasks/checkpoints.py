@@ -16,6 +16,7 @@ from lightning.pytorch.plugins.io import TorchCheckpointIO
 from dptune.errors import ConfigError
 from dptune.models.checkpoint_file import dptune_parts, is_remote, load_checkpoint
 from dptune.tasks.optim import TRAINING_SETTINGS
+from dptune.tasks.optimizing import validation_cut
 from dptune.tasks.resume import (
     apply_run_settings,
     check_epochs,
@@ -173,6 +174,8 @@ class ResumeCheck(Callback):
             if isinstance(saved, dict) and datamodule is not None and trainer.is_global_zero:
                 for key, old, new in data_changes(saved, dict(datamodule.hparams)):
                     say_change("resume", key, old, new)
+            if hasattr(datamodule, "rebatch") and not validation_cut(ckpt):
+                datamodule.rebatch(ckpt)  # a cut validation is run again at the checkpoint's count
             self._pending = (ckpt, path, changed)
             if trainer.optimizers:  # a strategy that restores after setting up the optimizers
                 self.on_fit_start(trainer, trainer.lightning_module)
