@@ -92,7 +92,8 @@ def test_the_onnx_backend_refuses_an_input_size_the_model_cannot_take(exports, t
 def test_a_calibrated_export_re_exported_keeps_saying_its_temperature_and_is_not_calibrated_twice(exports, tmp_path):  # noqa: F811
     """Re-exported, the temperature stayed in the weights but the card's section and dptune.json's record
     were gone; calibrated again, the card gave T = 1.0 and "the masks are those of the uncalibrated model"
-    for a model whose T was 8.6 (g7 review)."""
+    for a model whose T was 8.6 (g7 review). The record was kept, but not the list of held-back images its
+    figures were measured on: evaluate --held-back said none were recorded."""
     import torch
 
     from dptune.errors import ConfigError
@@ -106,6 +107,10 @@ def test_a_calibrated_export_re_exported_keeps_saying_its_temperature_and_is_not
     record = json.loads((tmp_path / "cal" / "dptune.json").read_text())["serving"]["calibration"]
     assert json.loads((tmp_path / "again" / "dptune.json").read_text())["serving"]["calibration"] == record
     assert "## Calibrated confidence" in (tmp_path / "again" / "README.md").read_text()
+    # and the images its figures were measured on, which evaluate --held-back scores
+    from dptune.export.held_back import held_back_images
+
+    assert held_back_images(tmp_path / "again", "segmentation") == held_back_images(tmp_path / "cal", "segmentation")
     with pytest.raises(ConfigError, match="calibrated already"), torch.no_grad():
         export(str(tmp_path / "cal"), tmp_path / "twice", serving=ServingOptions(temperature=True, data=data, count=4))
     assert not (tmp_path / "twice").exists()

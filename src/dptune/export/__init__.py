@@ -86,8 +86,9 @@ def export(src: str, out_dir: str | Path, onnx: bool = False, fp16: bool = False
     target = export_target(Path(out_dir), Path(src), overwrite)
     got = load_source(str(src))
     kept = _earlier_calibration(got, str(src), serving)
-    if kept:  # an export re-exported: its weights hold the temperature, and its records say so again
-        got["calibration_kept"] = kept
+    if kept:  # an export re-exported: its weights hold the temperature, and its records say so again, with the
+        got["calibration_kept"] = kept  # images its figures were measured on (evaluate --held-back reads them)
+        got["calibration_data_kept"] = (got["meta"].get("serving") or {}).get("data")
     if serving is not None and serving.any:  # calibration data checked (and the temperature folded) first
         from dptune.export.serving import prepare_export
 
@@ -198,6 +199,9 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     calibration = (got.get("serving") or {}).get("calibration") or got.get("calibration_kept")
     if served or calibration:
         meta["serving"] = {**served, **({"calibration": calibration} if calibration else {})}
+        kept = got.get("calibration_data_kept")
+        if calibration and "data" not in meta["serving"] and isinstance(kept, dict):
+            meta["serving"]["data"] = kept
     again = {"re_exported_from": src} if origin != src else {}
     (out / "dptune.json").write_text(json.dumps(nan_to_null({"source": origin, **again, **meta, "metrics": metrics,
                                                              "evaluation": evaluation}),
