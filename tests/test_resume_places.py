@@ -133,7 +133,7 @@ def test_a_validation_cut_at_the_last_step_of_max_steps_is_said_on_resume(tmp_pa
     quickstart(run, -1, *limit, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=8")
     proc = quickstart(run, -1, *limit, "--ckpt_path", "last")
     assert "which Lightning does not run again once max_steps is reached" in proc.stderr, proc.stderr[-3000:]
-    assert "dptune validate --config RUN/config.yaml --ckpt_path" in proc.stderr
+    assert f"dptune validate --config {run / 'config.yaml'} --ckpt_path" in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_relative_path_that_starts_with_registry_is_a_file_and_is_refused_in_another_run_s_folder(one_epoch, tmp_path):

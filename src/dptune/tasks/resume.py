@@ -307,6 +307,16 @@ def order_record(ckpt: dict[str, Any]) -> dict[str, Any] | None:
     return None
 
 
+def _run_config(path: str) -> str:
+    """The config.yaml of the run that wrote the checkpoint ``path`` (beside its checkpoints/ folder), or
+    where it would be."""
+    from pathlib import Path
+
+    here = Path(path).resolve().parent
+    found = next((d / "config.yaml" for d in (here, here.parent) if (d / "config.yaml").is_file()), None)
+    return str(found) if found else "RUN/config.yaml"
+
+
 def check_epochs(ckpt: dict[str, Any], path: str, max_epochs: int | None, max_steps: int | None = None) -> None:
     """One line, before anything is restored or written, when this run's ``max_epochs`` is below the
     epochs the checkpoint has trained (Lightning raised a MisconfigurationException with a traceback,
@@ -330,7 +340,8 @@ def check_epochs(ckpt: dict[str, Any], path: str, max_epochs: int | None, max_st
             if rank() == 0:  # Lightning's fit runs nothing once max_steps is reached, the cut validation neither
                 log.warning("resume: %s stopped inside the validation at this run's last step (trainer.max_steps "
                             "%d), which Lightning does not run again once max_steps is reached: the run is done; "
-                            "score that checkpoint with dptune validate --config RUN/config.yaml --ckpt_path %s", path, max_steps, path)
+                            "score that checkpoint with dptune validate --config %s --ckpt_path %s (from where the "
+                            "run started: its paths are relative to there)", path, max_steps, _run_config(path), path)
         return
     record = order_record(ckpt) or {}
     batches = record.get("batches")  # read before the record's own check (OrderState): a hand-made one is any type
