@@ -196,7 +196,9 @@ def _cut(batches: int, consumed: int, gap: int = 0, earlier: int = 0) -> dict:
     epochs before), written after the batch (``gap`` 0) or as it ended (1: not yet counted complete)."""
     def counts(k: int) -> dict:
         return {"ready": k, "started": k, "processed": k, "completed": k - gap}
-    return {"loops": {"fit_loop": {"epoch_loop.batch_progress": {"current": counts(batches),
+    return {"loops": {"fit_loop": {"epoch_progress": {"current": {"ready": 1, "started": 1, "processed": 0,
+                                                                  "completed": 0}},
+                                   "epoch_loop.batch_progress": {"current": counts(batches),
                                                                  "total": counts(batches + earlier)},
                                    "epoch_loop.state_dict": {"_batches_that_stepped": batches + earlier}}},
             "DM": {"seed": 1, "size": 32, "identity": "x", "epoch": 0, "batches": batches, "consumed": consumed,
@@ -249,9 +251,10 @@ def test_rebatch_leaves_what_it_cannot_re_express():
         ckpt["DM"].update(change)
         assert rebatch(ckpt, "DM", 32, 16, trainer) is None
         assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 3
-    ckpt = _cut(3, 24)
-    ckpt["DM"]["batches"] = 2
-    assert rebatch(ckpt, "DM", 32, 16, trainer) == "disagrees"
+    for key, value in (("batches", 2), ("epoch", 1)):
+        ckpt = _cut(3, 24)
+        ckpt["DM"][key] = value
+        assert rebatch(ckpt, "DM", 32, 16, trainer) == "disagrees"
     assert rebatch({"DM": _cut(3, 24)["DM"]}, "DM", 32, 16, trainer) is None  # no loop state
 
 

@@ -23,6 +23,7 @@ from torch.utils.data import DistributedSampler
 from dptune.data.loaders import datasets_of
 from dptune.data.order_resume import (
     checked_record,
+    loop_epoch,
     rebatch,
     say_rebatched,
     say_resumed,
@@ -236,10 +237,12 @@ class OrderState:
         done = rebatch(ckpt, key, n, self.batch_size, trainer)
         if done == "disagrees":
             if trainer.is_global_zero:
-                log.warning("resume: the checkpoint's record of the training order counts %r batches, its loop state "
-                            "%r: not a record dptune wrote; the interrupted epoch is drawn afresh, so some of its "
-                            "samples are trained twice and others not in it", ckpt[key].get("batches"),
-                            ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"].get("processed"))
+                log.warning("resume: the checkpoint's record of the training order is at batch %r of epoch %r, its "
+                            "loop state at batch %r of epoch %r: not a record dptune wrote; the interrupted epoch is "
+                            "drawn afresh, so some of its samples are trained twice and others not in it",
+                            ckpt[key].get("batches"), ckpt[key].get("epoch"),
+                            ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"].get("processed"),
+                            loop_epoch(ckpt))
             ckpt[key] = {}
         elif done is not None and trainer.is_global_zero:
             steps = steps_per_epoch(trainer, math.ceil(n / trainer.world_size), self.batch_size)

@@ -60,6 +60,15 @@ def _batch_progress(ckpt: dict[str, Any]) -> tuple[dict[str, int], dict[str, int
     return current, total
 
 
+def loop_epoch(ckpt: dict[str, Any]) -> int | None:
+    """The epoch a checkpoint written inside it was in, as Lightning's loop state counts (None: no such count)."""
+    try:
+        epoch = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]["processed"]
+    except (KeyError, TypeError):
+        return None
+    return epoch if type(epoch) is int else None
+
+
 def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer) -> tuple[int, int] | str | None:
     """Lightning counts the steps left in an interrupted epoch from the checkpoint's batches: at another
     batch size or number of processes those are the old run's batches, so the resumed epoch took more
@@ -71,13 +80,15 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer) ->
     number of this run's batches), and at most one batch short of the epoch, which so ends with a step
     and its validation. Nothing changes where the record is not dptune's, counts no batch, ends its
     epoch, or holds another set of ``n``. Returns (the checkpoint's batches, this run's) where it
-    changed them; ``"disagrees"`` where the record's batches are not the loop state's (a hand-made record)."""
+    changed them; ``"disagrees"`` where the record's epoch or batches are not the loop state's (a hand-made
+    record)."""
     state, progress = checked_record(ckpt.get(key)), _batch_progress(ckpt)
     if state is None or progress is None or state["done"] or state["consumed"] == 0 or state["size"] != n:
         return None
     current, total = progress
     batches, gap = current["processed"], current["processed"] - current["completed"]
-    if batches != state["batches"] or gap not in (0, 1) or any(current[k] != batches for k in _STAGES[:3]):
+    if batches != state["batches"] or gap not in (0, 1) or any(current[k] != batches for k in _STAGES[:3]) \
+            or loop_epoch(ckpt) != state["epoch"]:
         return "disagrees"  # Lightning writes ready = started = processed, and completed one less as a batch ends
     world = max(1, int(getattr(trainer, "world_size", 1) or 1))
     steps = steps_per_epoch(trainer, math.ceil(n / world), batch_size)
