@@ -143,12 +143,12 @@ def test_files_a_calibration_glob_matches_that_are_no_images_are_said(tmp_path, 
     import numpy as np
     from PIL import Image
 
-    from dptune.export.serving_data import glob_images
+    from dptune.export.calibration_images import glob_images
 
     for i in range(4):
         Image.fromarray(np.full((8, 8, 3), 40 * i, np.uint8)).save(tmp_path / f"{i}.png")
     (tmp_path / "notes.txt").write_text("not an image")
-    with caplog.at_level(logging.INFO, logger="dptune.export.serving_data"):
+    with caplog.at_level(logging.INFO, logger="dptune.export.calibration_images"):
         assert len(glob_images(str(tmp_path / "*"), 32)) == 4
     assert "1 matched file is not an image by its extension and left out" in caplog.text
     assert str(tmp_path / "notes.txt") in caplog.text

@@ -13,7 +13,6 @@ Images are prepared exactly as the exported image processor prepares them (``pix
 
 from __future__ import annotations
 
-import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,16 +21,10 @@ import numpy as np
 import yaml
 
 from dptune.errors import ConfigError, DataError
+from dptune.export.calibration_images import MIN_IMAGES, CalibrationError, glob_images, same_content, spread
 
-log = logging.getLogger(__name__)
-
-MIN_IMAGES = 4  # fewer calibration images than this give activation ranges of no use
 DEFAULT_COUNT = 32  # "a few dozen"
 MAX_HELD = 100  # held-back images scored per task (the measurement's time stays in seconds on a CPU)
-
-
-class CalibrationError(ConfigError):
-    """Calibration or measurement data that cannot be used; the message names the file or glob."""
 
 
 @dataclass
@@ -194,13 +187,6 @@ def _val_source(data: dict, task: str, config: Path, split: str = "val", rgb_mas
         raise CalibrationError(f"{config}: {e}") from None
 
 
-def spread(n: int, k: int) -> list[int]:
-    """``k`` of ``range(n)`` evenly spaced (all when ``k >= n``)."""
-    if k >= n:
-        return list(range(n))
-    return sorted({int(round(x)) for x in np.linspace(0, n - 1, k)})
-
-
 def cut(source, count: int, task: str, where: str) -> TaskData:
     """``source`` cut into up to ``count`` fit images (0: none, nothing is fitted on this split) and
     up to ``MAX_HELD`` of the rest, held back for the measurement."""
@@ -212,65 +198,6 @@ def cut(source, count: int, task: str, where: str) -> TaskData:
     fit = spread(n, min(count, n // 2)) if count else []
     rest = [i for i in range(n) if i not in set(fit)]
     return TaskData(task, source, fit, [rest[i] for i in spread(len(rest), MAX_HELD)])
-
-
-def _same_content(paths: list[str]):
-    """A test of whether a file has the bytes of one of ``paths`` (a copy of a calibration image among the
-    validation images): by size first, hashed only where a size matches."""
-    import hashlib
-
-    def digest(path: str) -> str:
-        with open(path, "rb") as f:
-            return hashlib.sha1(f.read()).hexdigest()
-
-    by_size: dict[int, list[str]] = {}
-    for p in paths:
-        try:
-            by_size.setdefault(os.path.getsize(p), []).append(p)
-        except OSError:
-            continue
-    digests: dict[int, set[str]] = {}
-
-    def same(path: str) -> bool:
-        try:
-            size = os.path.getsize(path)
-            if size not in by_size:
-                return False
-            if size not in digests:
-                digests[size] = {digest(p) for p in by_size[size]}
-            return digest(path) in digests[size]
-        except OSError:  # an unreadable file is said by the readability check
-            return False
-
-    return same
-
-
-def glob_images(pattern: str, count: int) -> list[str]:
-    from dptune.data.globs import glob_files
-    from dptune.data.images import IMAGE_EXTS, image_header_size
-
-    spec = os.path.expanduser(pattern)
-    if Path(spec).is_dir():  # a folder: its images (as predict --images takes one)
-        spec = os.path.join(spec, "*")
-    matched = glob_files(spec)
-    found = [p for p in matched if Path(p).suffix.lower() in IMAGE_EXTS]
-    images = set(found)
-    other = [p for p in matched if p not in images]
-    if other and found:  # said, not dropped silently (predict --images calls such a file an unreadable image)
-        log.info("--calibration-images %s: %d matched file%s not an image by its extension and left out (first: %s)",
-                 pattern, len(other), " is" if len(other) == 1 else "s are", other[0])
-    if not found:
-        raise CalibrationError(f"--calibration-images {pattern}: no images match")
-    if len(found) < MIN_IMAGES:
-        raise CalibrationError(f"--calibration-images {pattern}: {len(found)} image{'s' if len(found) != 1 else ''} "
-                               f"match; calibration needs at least {MIN_IMAGES} (a few dozen is better)")
-    chosen = [found[i] for i in spread(len(found), count)]
-    for path in chosen:  # each a readable image before the slow steps (its header, a JPEG's end)
-        try:
-            image_header_size(path)
-        except DataError as e:
-            raise CalibrationError(f"--calibration-images {pattern}: {e}") from None
-    return chosen
 
 
 def fitted_tasks(task: str, int8: bool, pattern: str | None, temperature: bool) -> list[str]:
@@ -325,7 +252,7 @@ def serving_data(src: str, task: str, data_config: str | None = None, pattern: s
         tasks[t].root, tasks[t].section, tasks[t].labels = str(section.get("root") or "."), section, own
     if pattern:
         calibration = glob_images(pattern, count)
-        chosen, same = {os.path.realpath(p) for p in calibration}, _same_content(calibration)
+        chosen, same = {os.path.realpath(p) for p in calibration}, same_content(calibration)
         for d in tasks.values():  # the held-back images are never calibration ones, nor copies of them
             pool = [i for i in range(len(d.source)) if i not in set(d.fit)]
             held = [i for i in pool if os.path.realpath(d.image(i)) not in chosen and not same(d.image(i))]
