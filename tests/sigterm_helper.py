@@ -97,6 +97,18 @@ class RaiseAt(pl.Callback):
         raise ValueError("planted bug")
 
 
+class RaiseInStep(pl.Callback):
+    """Raises ``ValueError`` inside the training step after ``step`` optimizer steps (before its backward
+    pass): a checkpoint written on the exception has the batch started and not processed."""
+
+    def __init__(self, step: int = 3) -> None:
+        self.step = step
+
+    def on_before_backward(self, trainer, *args, **kwargs) -> None:
+        if trainer.global_step >= self.step:
+            raise ValueError("planted bug")
+
+
 class LateRestore(SingleDeviceStrategy):
     """A one-device strategy that reads the checkpoint after setting up the optimizers, as FSDP and
     DeepSpeed do (Lightning's ``restore_checkpoint_after_setup``)."""

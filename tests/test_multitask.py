@@ -451,8 +451,8 @@ def test_a_joint_run_resumed_mid_epoch_with_larger_batches_trains_the_rest_of_th
 
     fit("--data.batch_size", "2", "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=3")
     proc = fit("--data.batch_size", "4", "--ckpt_path", "last")
-    assert "the checkpoint's 3 training batches count as 1 at this run's batch size and number of processes (3 of " \
-           "the epoch's 4 steps left)" in proc.stderr, proc.stderr[-3000:]
+    assert "the checkpoint's 3 batches of it count as 1 at this run's batch size and number of processes (3 " \
+           "batches of the epoch's 4 left)" in proc.stderr, proc.stderr[-3000:]
     assert "continues with 12 of the 13 of its 19 training samples it had not reached; the other 1 is left out" \
         in proc.stderr
     steps = read_log(log)[1]

@@ -191,51 +191,82 @@ def test_the_resume_line_says_what_the_rest_of_the_epoch_trains(caplog):
                                "reached, and 18 from its start (the steps this run")
 
 
-def _cut(batches: int, consumed: int, gap: int = 0, earlier: int = 0) -> dict:
-    """A checkpoint's loop state and order record, cut ``batches`` into epoch 0 (``earlier`` batches of
-    epochs before), written after the batch (``gap`` 0) or as it ended (1: not yet counted complete)."""
+_FORMS = {"after": (0, 0), "ended": (0, -1), "raised": (1, 0)}  # (ready/started, completed) beside processed
+
+
+def _cut(batches: int, consumed: int, form: str = "after", earlier: int = 0, done: bool = False) -> dict:
+    """A checkpoint's loop state and order record, ``batches`` into epoch 0 (``earlier`` batches of epochs
+    before), in the form Lightning writes it: after the batch (SIGTERM), as it ended (every_n_train_steps:
+    not yet counted complete) or inside the next one (save_on_exception: started, not processed)."""
+    more, less = _FORMS[form]
+
     def counts(k: int) -> dict:
-        return {"ready": k, "started": k, "processed": k, "completed": k - gap}
+        return {"ready": k + more, "started": k + more, "processed": k, "completed": k + less}
     return {"loops": {"fit_loop": {"epoch_progress": {"current": {"ready": 1, "started": 1, "processed": 0,
                                                                   "completed": 0}},
                                    "epoch_loop.batch_progress": {"current": counts(batches),
                                                                  "total": counts(batches + earlier)},
                                    "epoch_loop.state_dict": {"_batches_that_stepped": batches + earlier}}},
             "DM": {"seed": 1, "size": 32, "identity": "x", "epoch": 0, "batches": batches, "consumed": consumed,
-                   "done": False}}
+                   "done": done}}
 
 
-@pytest.mark.parametrize("batches, consumed, batch, world, limit, gap, now", [
-    (3, 24, 16, 1, 1.0, 0, 1),  # 24 trained, batches of 16: 1 (8 drawn again at the end)
-    (2, 16, 4, 1, 1.0, 0, 4),   # smaller batches: exactly the 16 trained
-    (3, 24, 32, 1, 1.0, 0, 0),  # one step an epoch: at most one short of it
-    (1, 8, 8, 2, 1.0, 0, 0),    # two processes take 16 a step
-    (2, 16, 8, 2, 1.0, 0, 1),
-    (3, 24, 4, 1, 5, 0, 4),     # limit_train_batches 5: one short of the epoch's 5
-    (3, 24, 4, 1, 0.5, 0, 3),   # 0.5 of 8
-    (3, 24, 16, 1, 1.0, 1, 1),  # written as the batch ended
-    (1, 8, 16, 1, 1.0, 1, 0),   # ... at a count of 0: counted complete now, as Lightning would
+@pytest.mark.parametrize("batches, consumed, batch, world, limit, form, now", [
+    (3, 24, 16, 1, 1.0, "after", 1),  # 24 trained, batches of 16: 1 (8 drawn again at the end)
+    (2, 16, 4, 1, 1.0, "after", 4),   # smaller batches: exactly the 16 trained
+    (3, 24, 32, 1, 1.0, "after", 0),  # one step an epoch: at most one short of it
+    (3, 24, 64, 1, 1.0, "after", 0),  # batches larger than the set: one of the set's 32
+    (1, 8, 8, 2, 1.0, "after", 0),    # two processes take 16 a step
+    (2, 16, 8, 2, 1.0, "after", 1),
+    (3, 24, 4, 1, 5, "after", 4),     # limit_train_batches 5: one short of the epoch's 5
+    (3, 24, 4, 1, 0.5, "after", 3),   # 0.5 of 8
+    (3, 24, 16, 1, 1.0, "ended", 1),  # written as the batch ended
+    (1, 8, 16, 1, 1.0, "ended", 0),   # ... at a count of 0: written as that batch complete
+    (3, 24, 16, 1, 1.0, "raised", 1),  # written inside the next batch
+    (3, 24, 8, 1, 1.0, "raised", 3),  # ... at the same size: nothing to change
 ])
-def test_rebatch_counts_the_samples_trained_in_this_run_s_batches(batches, consumed, batch, world, limit, gap, now):
+def test_rebatch_counts_the_samples_trained_in_this_run_s_batches(batches, consumed, batch, world, limit, form, now):
     """The checkpoint's count of the interrupted epoch's batches (Lightning's loop state and the order
     record) made this run's: the samples trained, in this run's batches on its processes, rounded down,
     at most one short of the epoch (so it ends with a step and its validation); each of Lightning's
-    counts by as much, what tells its restart where the batch stood kept (a count of 0 written as its
-    batch ended: complete, and the logger's step on by one, as that restart counts it)."""
+    counts by as much, so that its restart reads the same form. A count of 0 written as its batch ended
+    is written as that batch complete; Lightning's restart at 0 from a complete batch counts the logger's
+    step once on its own, which the restart from the batch's end does too, and from a SIGTERM one does not."""
     from types import SimpleNamespace
 
     from dptune.data.order_resume import rebatch
 
-    ckpt = _cut(batches, consumed, gap, earlier=8)
+    ckpt = _cut(batches, consumed, form, earlier=8)
     trainer = SimpleNamespace(world_size=world, limit_train_batches=limit)
-    assert rebatch(ckpt, "DM", 32, batch, trainer) == ((batches, now) if now != batches else None)
+    steps = {16: 2, 4: 8, 32: 1, 64: 1, 8: 4 // world}[batch] if limit == 1.0 else {5: 5, 0.5: 4}[limit]
+    assert rebatch(ckpt, "DM", 32, batch, trainer) == ((batches, now, steps) if now != batches else None)
+    more, less = _FORMS[form]
+    if form == "ended" and now == 0:
+        less = 0
     progress = ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]
-    kept = gap if now > 0 else 0
-    assert progress["current"] == {"ready": now, "started": now, "processed": now, "completed": now - kept}
-    assert progress["total"] == {"ready": now + 8, "started": now + 8, "processed": now + 8, "completed": now + 8 - kept}
+    for part, base in (("current", now), ("total", now + 8)):
+        assert progress[part] == {"ready": base + more, "started": base + more, "processed": base,
+                                  "completed": base + less}
     assert ckpt["DM"]["batches"] == now and ckpt["DM"]["consumed"] == consumed
     stepped = ckpt["loops"]["fit_loop"]["epoch_loop.state_dict"]["_batches_that_stepped"]
-    assert stepped == batches + 8 + (gap and not now)
+    assert stepped == batches + 8 - (now == 0 and form == "after")
+
+
+@pytest.mark.parametrize("interval, done, now", [(0.5, False, 4), (0.25, False, 4), (0.375, False, 3),
+                                                 (3, False, 3), (1.0, True, 8), (0.5, True, 8)])
+def test_a_cut_validation_is_counted_at_a_validation_point(interval, done, now):
+    """A checkpoint cut inside a validation: Lightning runs that validation again only where its restored
+    count is one of its validation points, so the count is rounded down to one at this run's size (the
+    validation at an epoch's end: the whole epoch). 20 samples of 32 trained, batches of 4 (8 an epoch)."""
+    from types import SimpleNamespace
+
+    from dptune.data.order_resume import rebatch
+
+    ckpt = _cut(32 // 8 if done else 2, 32 if done else 20, done=done)
+    trainer = SimpleNamespace(world_size=1, limit_train_batches=1.0, val_check_interval=interval,
+                              check_val_every_n_epoch=1)
+    assert rebatch(ckpt, "DM", 32, 4, trainer, cut=True)[1] == now
+    assert rebatch(_cut(2, 20, done=done), "DM", 32, 4, trainer, cut=False) == (None if done else (2, 5, 8))
 
 
 def test_rebatch_leaves_what_it_cannot_re_express():
@@ -246,7 +277,8 @@ def test_rebatch_leaves_what_it_cannot_re_express():
     from dptune.data.order_resume import rebatch
 
     trainer = SimpleNamespace(world_size=1, limit_train_batches=1.0)
-    for change in ({"done": True}, {"consumed": 0}, {"size": 31}, {"batches": "3"}, {"seed": 2**32}):
+    for change in ({"done": True}, {"consumed": 0}, {"size": 31}, {"batches": "3"}, {"seed": 2**32},
+                   {"consumed": 2**63 - 1}):
         ckpt = _cut(3, 24)
         ckpt["DM"].update(change)
         assert rebatch(ckpt, "DM", 32, 16, trainer) is None

@@ -249,7 +249,7 @@ def test_a_mid_epoch_resume_with_a_smaller_batch_trains_the_rest_of_the_epoch_an
     assert _ckpt(run)["global_step"] == 2
     proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", "4", *logged,
                       "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=3")
-    assert "epoch 0: the checkpoint's 2 training batches count as 4 at this run's batch size" in proc.stderr
+    assert "epoch 0: the checkpoint's 2 batches of it count as 4 at this run's batch size" in proc.stderr
     assert "epoch 0 continues with the 16 of its 32 training samples it had not reached\n" in proc.stderr, \
         proc.stderr[-3000:]
     assert _ckpt(run)["global_step"] == 3

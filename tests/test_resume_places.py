@@ -187,14 +187,15 @@ def cut_at_step_3(tmp_path_factory):
     return run
 
 
-@pytest.mark.parametrize("batch, validated", [(16, [4, 6]), (32, [4, 5])])
+@pytest.mark.parametrize("batch, validated", [(16, [4, 6]), (32, [4, 5]), (64, [4, 5])])
 def test_a_resume_with_larger_batches_trains_the_rest_of_the_epoch_and_validates_it(cut_at_step_3, tmp_path, batch,
                                                                                     validated):
     """Resumed with batches of 16 (2 steps an epoch) or 32 (1), fewer than the 3 done: Lightning counted the
     checkpoint's 3 batches of 8 as 3 of the new size and ended epoch 0 with no step and no validation (g5;
     then only said, with the checkpoint kept). The count is made this run's, at most one batch short of
     the epoch: the epoch trains the 8 samples it had not reached (and the rest of that batch from its
-    start) and is scored; the schedule ends with the run."""
+    start) and is scored; the schedule ends with the run. Batches of 64, more than the 32 samples: the
+    step took 64 draws, each sample up to three times (g10); an epoch's batch is the set's 32."""
     import shutil
 
     from sigterm_helper import read_log, trained_per_epoch, validations
@@ -205,28 +206,99 @@ def test_a_resume_with_larger_batches_trains_the_rest_of_the_epoch_and_validates
     first = TrainOrder(range(32), 1, 0, seed=next(v for k, v in order.items() if k.endswith("DataModule"))["seed"])
     proc = quickstart(run, 2, "--ckpt_path", "last", "--data.batch_size", str(batch),
                       "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}")
-    assert f"epoch 0: the checkpoint's 3 training batches count as {1 if batch == 16 else 0} at this run's" in proc.stderr
-    assert f"epoch 0 continues with the 8 of its 32 training samples it had not reached, and {batch - 8} from its " \
+    step = min(batch, 32)
+    assert f"epoch 0: the checkpoint's 3 batches of it count as {1 if batch == 16 else 0} at this run's" in proc.stderr
+    assert f"epoch 0 continues with the 8 of its 32 training samples it had not reached, and {step - 8} from its " \
            "start" in proc.stderr, proc.stderr[-3000:]
     assert sorted(validations(log)) == validated
     rest = trained_per_epoch(read_log(log)[1])[0]
-    assert rest[:8] == first.order(0)[24:].tolist() and rest[8:] == first.order(0)[:batch - 8].tolist()
+    assert rest[:8] == first.order(0)[24:].tolist() and rest[8:] == first.order(0)[:step - 8].tolist()
     end = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
     assert end["global_step"] == validated[-1] == end["lr_schedulers"][0]["last_epoch"]
     assert not list(run.glob("checkpoints/*not-validated*"))
 
 
-def test_a_cut_validation_resumed_with_larger_batches_is_run_without_a_warning(tmp_path):
-    """Cut inside the validation in the middle of epoch 0 (val_check_interval 0.5), resumed with batches
-    of 16: Lightning runs that validation on the checkpoint's weights, and the warning said it did not (g6)."""
-    run = tmp_path / "run"
-    every = ["--trainer.val_check_interval", "0.5", "--data.val_batch_size", "2"]
+@pytest.mark.parametrize("batch, validated", [(16, [2, 3, 4, 5]), (4, [2, 6, 10, 14])])
+def test_a_validation_cut_mid_epoch_is_run_again_at_another_batch_size(tmp_path, batch, validated):
+    """Cut inside the validation in the middle of epoch 0 (val_check_interval 0.5, after 16 samples),
+    resumed with batches of 16 or 4: Lightning runs a cut validation again only where its restored count
+    is a validation point. Kept at the checkpoint's 2 batches, at batches of 4 (a validation every 4) it
+    was not: the validation was never run, and 8 samples were trained twice (g9, g10); at batches of 16 the
+    rest of the epoch was not trained. Counted at a validation point of this run's, it is run, and the
+    epoch then trains the samples it had not reached."""
+    from sigterm_helper import read_log, trained_per_epoch, validations
+
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    every = ["--trainer.val_check_interval", "0.5", "--data.val_batch_size", "2",
+             "--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"]
     quickstart(run, 2, *every, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=2")
-    proc = quickstart(run, 2, *every, "--ckpt_path", "last", "--data.batch_size", "16")
-    assert "ends at once" not in proc.stderr and "epoch 0 step 2 val:" in proc.stderr, proc.stderr[-3000:]
-    # Lightning runs the cut validation at the checkpoint's count, a whole epoch of batches of 16: said
-    assert "epoch 0 continues with 0 of the 16 of its 32 training samples it had not reached; the other 16 are " \
-           "not trained in this epoch" in proc.stderr, proc.stderr[-3000:]
+    proc = quickstart(run, 2, *every, "--ckpt_path", "last", "--data.batch_size", str(batch))
+    assert "epoch 0 step 2 val:" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(validations(log)) == validated
+    seen = trained_per_epoch(read_log(log)[1])
+    assert sorted(seen[0]) == list(range(32)) and sorted(seen[1]) == list(range(32))
+
+
+def test_a_validation_cut_at_an_epoch_s_end_is_run_again_with_smaller_batches(tmp_path):
+    """Cut inside epoch 0's last validation (4 batches of 8), resumed with batches of 4: Lightning took the
+    4 batches for half of an 8-batch epoch, trained its first 16 samples again, and never ran the cut
+    validation, without a word (g10). Counted as the whole epoch at the new size, the validation is run
+    and epoch 1 follows."""
+    from sigterm_helper import read_log, trained_per_epoch, validations
+
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    logged = ["--data.val_batch_size", "2", "--trainer.callbacks+=sigterm_helper.StepLog",
+              f"--trainer.callbacks.path={log}"]
+    quickstart(run, 2, *logged, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=4")
+    proc = quickstart(run, 2, *logged, "--ckpt_path", "last", "--data.batch_size", "4")
+    assert "epoch 0 step 4 val:" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(validations(log)) == [4, 12]
+    seen = trained_per_epoch(read_log(log)[1])
+    assert sorted(seen[0]) == list(range(32)) and sorted(seen[1]) == list(range(32))
+
+
+def test_a_checkpoint_written_on_an_exception_resumes_the_rest_of_its_epoch(tmp_path):
+    """`checkpoint.save_on_exception` writes the loop state of a batch started and not processed (ready 4,
+    processed 3): the resume took it for a hand-made record, drew the epoch afresh and trained 8 samples
+    twice and 8 not at all, even at the same batch size (g9). Lightning's restart counts its 3 complete
+    batches, and so does the order."""
+    from sigterm_helper import read_log, trained_per_epoch, validations
+
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    logged = ["--trainer.callbacks+=sigterm_helper.StepLog", f"--trainer.callbacks.path={log}"]
+    quickstart(run, 2, *logged, "--checkpoint.save_on_exception", "true",
+               "--trainer.callbacks+=sigterm_helper.RaiseInStep", "--trainer.callbacks.step=3", check=False)
+    proc = quickstart(run, 2, *logged, "--ckpt_path", "last")
+    assert "epoch 0 continues with the 8 of its 32 training samples it had not reached\n" in proc.stderr, \
+        proc.stderr[-3000:]
+    seen = trained_per_epoch(read_log(log)[1])
+    assert sorted(seen[0]) == list(range(32)) and sorted(validations(log)) == [4, 8]
+
+
+@pytest.mark.parametrize("damage, said", [
+    (lambda p: p.pop("current"), "loops.fit_loop['epoch_loop.batch_progress'].current is missing"),  # KeyError
+    (lambda p: p["current"].update(processed=-1), ".current.processed is -1, not a count"),  # no step, unsaid
+    (lambda p: p["total"].update(ready=3.0), ".total.ready is 3.0, not a count"),
+])
+def test_a_damaged_loop_state_is_one_line_naming_the_file(cut_at_step_3, tmp_path, damage, said):
+    """Lightning reads the loop state without a check: a missing count was a KeyError traceback, a negative
+    or float one a run whose interrupted epoch got no step and no validation, said as the batch size's doing
+    (g10)."""
+    ckpt = torch.load(cut_at_step_3 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    damage(ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"])
+    torch.save(ckpt, tmp_path / "hand.ckpt")
+    line = _error(quickstart(tmp_path / "new", 2, "--ckpt_path", str(tmp_path / "hand.ckpt"), check=False))
+    assert f"{tmp_path / 'hand.ckpt'}: its loop state (where the run stands) is damaged: " in line and said in line
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_hand_edited_count_far_beyond_the_set_is_not_a_traceback(cut_at_step_3, tmp_path):
+    """consumed 2**63 - 1: an int64 overflow traceback as the order drew its positions (g10)."""
+    ckpt = torch.load(cut_at_step_3 / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
+    next(v for k, v in ckpt.items() if k.endswith("DataModule"))["consumed"] = 2**63 - 1
+    torch.save(ckpt, tmp_path / "hand.ckpt")
+    proc = quickstart(tmp_path / "new", 2, "--ckpt_path", str(tmp_path / "hand.ckpt"), "--data.batch_size", "16")
+    assert "not one dptune wrote" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr[-3000:]
 
 
 def test_a_strategy_that_restores_after_its_optimizers_runs_a_validation_cut_at_the_last_step(tmp_path):

@@ -27,6 +27,7 @@ from dptune.data.order_resume import (
     rebatch,
     say_rebatched,
     say_resumed,
+    step_samples,
     steps_per_epoch,
 )
 
@@ -210,7 +211,8 @@ class OrderState:
             # the samples per process that the steps Lightning leaves in the epoch take: it counts the steps
             # done in the checkpoint's batches (made this run's by ``rebatch``, but where a validation was cut);
             # a last partial batch is dropped where a process has a whole one
-            left = max(0, steps_per_epoch(trainer, len(order), batch_size) - state["batches"]) * batch_size
+            left = max(0, steps_per_epoch(trainer, len(order), batch_size) - state["batches"]) * \
+                step_samples(len(order), batch_size)
             order.resume_at(state["epoch"], state["consumed"], left)
             self._resumed_at = (state["epoch"], state["consumed"], state["batches"])
             # Lightning warns that a plain loader cannot resume mid-epoch; this order does
@@ -226,15 +228,15 @@ class OrderState:
         """The training set's number of samples (None: a stream, which has no order)."""
         return None
 
-    def rebatch(self, ckpt: dict[str, Any]) -> None:
-        """Before Lightning restores its loops from ``ckpt`` (a resumed fit): its count of the interrupted
-        epoch's batches made this run's (``order_resume.rebatch``), so that the steps Lightning leaves in
-        the epoch take what the epoch's order has left."""
+    def rebatch(self, ckpt: dict[str, Any], cut: bool = False) -> None:
+        """Before Lightning restores its loops from ``ckpt`` (a resumed fit; ``cut``: inside a validation):
+        its count of the interrupted epoch's batches made this run's (``order_resume.rebatch``), so that
+        the steps Lightning leaves in the epoch take what the epoch's order has left."""
         trainer, n = self.trainer, self.train_length()
         if trainer is None or n is None:
             return
         key = type(self).__qualname__
-        done = rebatch(ckpt, key, n, self.batch_size, trainer)
+        done = rebatch(ckpt, key, n, self.batch_size, trainer, cut)
         if done == "disagrees":
             if trainer.is_global_zero:
                 log.warning("resume: the checkpoint's record of the training order is at batch %r of epoch %r, its "
@@ -245,8 +247,7 @@ class OrderState:
                             loop_epoch(ckpt))
             ckpt[key] = {}
         elif done is not None and trainer.is_global_zero:
-            steps = steps_per_epoch(trainer, math.ceil(n / trainer.world_size), self.batch_size)
-            say_rebatched(ckpt[key]["epoch"], *done, steps)
+            say_rebatched(ckpt[key]["epoch"], *done)
 
     def batch_seed(self, batch_idx: int, rank: int) -> int | None:
         """The seed of torch's random numbers (dropout) for a training batch: of the run's seed, the
@@ -262,7 +263,7 @@ class OrderState:
         if loader is None or not any(getattr(dl, "sampler", None) is order for dl in loader.flattened):
             return {}  # Lightning put another sampler in (overfit_batches): this order is not what trains
         batches = trainer.fit_loop.epoch_loop.batch_progress.current.processed
-        per_batch = self._order_batch * order.num_replicas
+        per_batch = step_samples(len(order), self._order_batch) * order.num_replicas
         consumed = batches * per_batch
         if self._resumed_at is not None and self._resumed_at[0] == order.epoch:
             # resumed in this epoch, maybe with another batch size: positions skipped then + trained since

@@ -19,7 +19,8 @@ _STAGES = ("ready", "started", "processed", "completed")
 
 
 def checked_record(record: Any) -> dict[str, Any] | None:
-    """The order record as dptune writes it (Python ints below 2**63, the seed one that
+    """The order record as dptune writes it (Python ints below 2**48, far above any count of samples,
+    so that positions and draws stay within int64; the seed one that
     seed_everything takes, ``done`` a bool, ``identity`` a string), or None: a hand-made record or
     none (``{}``: a checkpoint written before dptune recorded the order)."""
     if not isinstance(record, dict):
@@ -29,7 +30,7 @@ def checked_record(record: Any) -> dict[str, Any] | None:
         state["done"], state["identity"] = record["done"], record["identity"]
     except KeyError:
         return None
-    good = (all(type(state[k]) is int and 0 <= state[k] < 2**63 for k in COUNTS)
+    good = (all(type(state[k]) is int and 0 <= state[k] < 2**48 for k in COUNTS)
             and isinstance(state["done"], bool) and isinstance(state["identity"], str) and state["seed"] < 2**32)
     return state if good else None
 
@@ -47,7 +48,7 @@ def steps_per_epoch(trainer, share: int, batch_size: int) -> int:
     return steps
 
 
-def _batch_progress(ckpt: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]] | None:
+def batch_progress(ckpt: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]] | None:
     progress: Any = ckpt
     for key in BATCH_PROGRESS:
         progress = progress.get(key) if isinstance(progress, dict) else None
@@ -69,7 +70,34 @@ def loop_epoch(ckpt: dict[str, Any]) -> int | None:
     return epoch if type(epoch) is int else None
 
 
-def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer) -> tuple[int, int] | str | None:
+def step_samples(share: int, batch_size: int) -> int:
+    """The samples a process's training batch holds: ``batch_size``, or its whole share where that is less
+    (an epoch of one partial batch, which ``make_loader`` keeps)."""
+    return min(batch_size, share) if share > 0 else batch_size
+
+
+def restart_count(current: dict[str, int], total: dict[str, int]) -> int:
+    """The batches of the interrupted epoch that Lightning's restart counts done: its completed count,
+    and one more where the checkpoint was written as a batch ended (the total counts ready = started =
+    processed = completed + 1), which the restart counts complete."""
+    on_batch_end = total["started"] == total["ready"] == total["processed"] == total["completed"] + 1
+    return current["completed"] + on_batch_end
+
+
+def val_check_batch(trainer, steps: int) -> int | None:
+    """Every how many training batches of an epoch of ``steps`` Lightning validates (as its fit loop sets
+    ``val_check_batch``); None where it validates by time or by batches across epochs."""
+    interval = getattr(trainer, "val_check_interval", 1.0)
+    if getattr(trainer, "_val_check_time_interval", None) is not None or \
+            getattr(trainer, "check_val_every_n_epoch", 1) is None:
+        return None
+    if isinstance(interval, int) and not isinstance(interval, bool):
+        return max(1, interval)
+    return max(1, int(steps * interval)) if isinstance(interval, float) else None
+
+
+def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
+            cut: bool = False) -> tuple[int, int, int] | str | None:
     """Lightning counts the steps left in an interrupted epoch from the checkpoint's batches: at another
     batch size or number of processes those are the old run's batches, so the resumed epoch took more
     or fewer samples than its order had left (a whole epoch of the new run's batches: no step, and no
@@ -78,40 +106,55 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer) ->
     batches of ``batch_size`` on ``trainer.world_size`` processes, rounded down (up to a batch of
     samples may be drawn a second time at the epoch's end, as where the samples trained are not a whole
     number of this run's batches), and at most one batch short of the epoch, which so ends with a step
-    and its validation. Nothing changes where the record is not dptune's, counts no batch, ends its
-    epoch, or holds another set of ``n``. Returns (the checkpoint's batches, this run's) where it
-    changed them; ``"disagrees"`` where the record's epoch or batches are not the loop state's (a hand-made
-    record)."""
-    state, progress = checked_record(ckpt.get(key)), _batch_progress(ckpt)
-    if state is None or progress is None or state["done"] or state["consumed"] == 0 or state["size"] != n:
+    and its validation. A checkpoint ``cut`` inside a validation: Lightning runs it again only where its
+    count is a validation point, so the count is one (the epoch's end for a validation cut there; else
+    rounded down to one, or the epoch's start). Nothing changes where the record is not dptune's,
+    counts no batch, ends its epoch (uncut), or holds another set of ``n``. Returns (the checkpoint's
+    batches, this run's, the epoch's batches) where it changed them; ``"disagrees"`` where the record's
+    epoch or batches are not what Lightning's restart reads from the loop state (a hand-made record)."""
+    state, progress = checked_record(ckpt.get(key)), batch_progress(ckpt)
+    if state is None or progress is None or state["consumed"] == 0 or state["size"] != n or \
+            (state["done"] and not cut):
         return None
     current, total = progress
-    batches, gap = current["processed"], current["processed"] - current["completed"]
-    if batches != state["batches"] or gap not in (0, 1) or any(current[k] != batches for k in _STAGES[:3]) \
-            or loop_epoch(ckpt) != state["epoch"]:
-        return "disagrees"  # Lightning writes ready = started = processed, and completed one less as a batch ends
+    batches = restart_count(current, total)
+    if batches != state["batches"] or loop_epoch(ckpt) != state["epoch"]:
+        return "disagrees"
     world = max(1, int(getattr(trainer, "world_size", 1) or 1))
-    steps = steps_per_epoch(trainer, math.ceil(n / world), batch_size)
-    now = max(0, min(state["consumed"] // (batch_size * world), steps - 1))
-    if now == batches or steps < 1:
+    share = math.ceil(n / world)
+    steps = steps_per_epoch(trainer, share, batch_size)
+    if steps < 1:
         return None
-    # every count by as much (Lightning's restart reads their differences), but a batch written as it ended
-    # (completed one less) at a count of 0: Lightning would count it complete on restart, one of this run's
-    drop = gap if now < gap else 0
+    now = max(0, min(state["consumed"] // (step_samples(share, batch_size) * world), steps - 1))
+    every = val_check_batch(trainer, steps) if cut else None
+    if cut and state["done"]:
+        now = steps
+    elif every is not None:
+        now -= now % every
+    if now == batches:
+        return None
+    # every count by as much: Lightning's restart reads their differences. A count of 0 written as a batch
+    # ended (completed one less) is written as that batch complete: the restart would have completed it
+    ended = now == 0 and total["completed"] + 1 == total["processed"] == total["started"] == total["ready"]
     for part in (current, total):
         for stage in _STAGES:
-            part[stage] += now - batches + (drop if stage == "completed" else 0)
+            part[stage] += now - batches + (1 if ended and stage == "completed" else 0)
     stepped = ckpt["loops"]["fit_loop"].get("epoch_loop.state_dict")
-    if drop and isinstance(stepped, dict) and type(stepped.get("_batches_that_stepped")) is int:
-        stepped["_batches_that_stepped"] += 1  # the logger's step, which that restart would have counted
+    if now == 0 and not ended and current["ready"] == current["completed"] and isinstance(stepped, dict) and \
+            type(stepped.get("_batches_that_stepped")) is int and stepped["_batches_that_stepped"] > 0:
+        # Lightning's restart at a count of 0 spends an iteration on no batch, which counts the logger's step
+        stepped["_batches_that_stepped"] -= 1
     ckpt[key]["batches"] = now
-    return batches, now
+    return batches, now, steps
 
 
 def say_rebatched(epoch: int, batches: int, now: int, steps: int) -> None:
     """One line: the checkpoint's batches of the interrupted epoch counted in this run's (``rebatch``)."""
-    log.info("resume: epoch %d: the checkpoint's %d training batches count as %d at this run's batch size and "
-             "number of processes (%d of the epoch's %d steps left)", epoch, batches, now, steps - now, steps)
+    def count(k: int) -> str:
+        return f"{k} batch" if k == 1 else f"{k} batches"
+
+    log.info("resume: epoch %d: the checkpoint's %s of it count as %d at this run's batch size and number of "
+             "processes (%s of the epoch's %d left)", epoch, count(batches), now, count(steps - now), steps)
 
 
 def say_resumed(state: dict[str, Any], n: int, takes: int, share: int, batch_size: int, world: int) -> None:

@@ -174,8 +174,8 @@ class ResumeCheck(Callback):
             if isinstance(saved, dict) and datamodule is not None and trainer.is_global_zero:
                 for key, old, new in data_changes(saved, dict(datamodule.hparams)):
                     say_change("resume", key, old, new)
-            if hasattr(datamodule, "rebatch") and not validation_cut(ckpt):
-                datamodule.rebatch(ckpt)  # a cut validation is run again at the checkpoint's count
+            if hasattr(datamodule, "rebatch"):  # the interrupted epoch's batches counted in this run's
+                datamodule.rebatch(ckpt, cut=validation_cut(ckpt))
             self._pending = (ckpt, path, changed)
             if trainer.optimizers:  # a strategy that restores after setting up the optimizers
                 self.on_fit_start(trainer, trainer.lightning_module)
