@@ -5,8 +5,10 @@ from __future__ import annotations
 import shutil
 import subprocess
 import sys
+import time
 
 import pytest
+from conftest import REPO
 
 from dptune.command import COMMANDS, main
 
@@ -135,3 +137,39 @@ def test_an_abbreviated_option_is_refused_not_guessed(capsys):
         with pytest.raises(SystemExit) as done:
             main([name, "--hel"])
         assert done.value.code == 2 and capsys.readouterr().out == "", name  # no help printed, exit 0
+
+
+def test_a_launched_process_that_stops_on_an_error_lets_its_launcher_exit_first(tmp_path):
+    """Lightning's launcher kills itself with SIGKILL once a process it started has exited with an error:
+    where the launcher took a few seconds longer to say the same bad file (a loaded machine), a
+    2-process run ended with status -9 instead of 2 (test_ddp's bad-file test failed so in a full suite
+    on one core). A started process waits for its launcher to exit first (up to a bound), and returns at
+    once in the launcher itself."""
+    import subprocess
+    import sys
+    import textwrap
+
+    out = tmp_path / "waited"
+    child = tmp_path / "child.py"
+    child.write_text(textwrap.dedent(f"""
+        import sys, time
+        sys.path.insert(0, {str(REPO / "src")!r})
+        from dptune.errors import wait_for_the_launcher
+        start = time.monotonic()
+        wait_for_the_launcher(30)
+        open({str(out)!r}, "w").write(str(time.monotonic() - start))
+    """))
+    launcher = textwrap.dedent(f"""
+        import os, subprocess, sys, time
+        env = dict(os.environ, LOCAL_RANK=sys.argv[1], DPTUNE_LAUNCHER_PID=str(os.getpid()))
+        subprocess.Popen([sys.executable, {str(child)!r}], env=env)
+        time.sleep(3)  # the launcher's own error takes this long; it exits without waiting for the child
+    """)
+    for rank, low, high in (("1", 2.5, 25), ("0", 0, 2)):
+        out.unlink(missing_ok=True)
+        subprocess.run([sys.executable, "-c", launcher, rank], check=True, timeout=60)
+        for _ in range(300):
+            if out.exists() and out.read_text():
+                break
+            time.sleep(0.1)
+        assert low <= float(out.read_text()) <= high, (rank, out.read_text())

@@ -6,6 +6,7 @@ import argparse
 import errno
 import hashlib
 import os
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -17,6 +18,23 @@ def first_line(e: BaseException, limit: int | None = None) -> str:
     when the message is empty: what a one-line error quotes of a library's exception."""
     text = str(e).strip()
     return text.splitlines()[0][:limit] if text else type(e).__name__
+
+
+def wait_for_the_launcher(within_s: float = 30.0) -> None:
+    """In a process Lightning's launcher started (``dptune.command.end_with_the_launcher``), before it exits on an error
+    every process of the run finds (bad data or settings): wait, up to ``within_s``, for the launcher to
+    exit first. The launcher watches its children and kills itself with SIGKILL once one of them has
+    exited with an error: where it took a few seconds longer than this one to say the same error (a
+    loaded machine), the run ended with status -9 (137) instead of 2. The launcher's end ends this
+    process (Linux; elsewhere it waits the bound); a launcher still running after ``within_s`` is stuck
+    (the error was this process's alone), and this process exits for it to be ended."""
+    launcher = os.environ.get("DPTUNE_LAUNCHER_PID")
+    if os.environ.get("LOCAL_RANK", "0") in ("", "0") or not launcher or launcher != str(os.getppid()):
+        return
+    sys.stderr.flush()
+    end = time.monotonic() + within_s
+    while time.monotonic() < end and str(os.getppid()) == launcher:
+        time.sleep(0.2)
 
 
 def said_by_another_process(line: str, within_s: float = 600.0) -> bool:

@@ -28,7 +28,7 @@ from dptune.cli.places import follow_the_root, named_where, setting_error
 from dptune.cli.run_checks import best_filename, check_run_length_and_seed, refuse_a_second_run
 from dptune.cli.save_config import LoggedSaveConfig
 from dptune.data.datamodule import SegmentationDataModule
-from dptune.errors import ConfigError, DataError, first_line, said_by_another_process
+from dptune.errors import ConfigError, DataError, first_line, said_by_another_process, wait_for_the_launcher
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path, is_registry
 from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
@@ -338,6 +338,7 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
         said = f"error: {named_where(str(e), argv)}"
         if not said_by_another_process(said):
             print(said, file=sys.stderr)
+        wait_for_the_launcher()  # its exit status is the run's: 2, not the SIGKILL of its child watcher
         return 2
     except ArgumentError as e:  # jsonargparse: an option that does not exist, a value of the wrong type
         sub = next((a for a in argv if not a.startswith("-")), "")
