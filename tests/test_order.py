@@ -239,7 +239,7 @@ def test_rebatch_counts_the_samples_trained_in_this_run_s_batches(batches, consu
     ckpt = _cut(batches, consumed, form, earlier=8)
     trainer = SimpleNamespace(world_size=world, limit_train_batches=limit)
     steps = {16: 2, 4: 8, 32: 1, 64: 1, 8: 4 // world}[batch] if limit == 1.0 else {5: 5, 0.5: 4}[limit]
-    assert rebatch(ckpt, "DM", 32, batch, trainer) == ((batches, now, steps) if now != batches else None)
+    assert rebatch(ckpt, "DM", 32, batch, trainer) == ((batches, now, steps, False) if now != batches else None)
     more, less = _FORMS[form]
     if form == "ended" and now == 0:
         less = 0
@@ -252,21 +252,30 @@ def test_rebatch_counts_the_samples_trained_in_this_run_s_batches(batches, consu
     assert stepped == batches + 8 - (now == 0 and form == "after")
 
 
-@pytest.mark.parametrize("interval, done, now", [(0.5, False, 4), (0.25, False, 4), (0.375, False, 3),
-                                                 (3, False, 3), (1.0, True, 8), (0.5, True, 8)])
-def test_a_cut_validation_is_counted_at_a_validation_point(interval, done, now):
+@pytest.mark.parametrize("interval, every_n, done, now", [
+    (0.5, 1, False, 4), (0.25, 1, False, 4), (0.375, 1, False, 3), (3, 1, False, 3),
+    (1.0, 1, True, 8), (0.5, 1, True, 8),
+    (3, 1, True, 6), (0.375, 1, True, 6),  # the epoch's end (8) is no validation point: the last one before it
+    (3, None, False, 4),  # validation every 3 batches of the run: 8 before this epoch, so at counts 1, 4, 7
+])
+def test_a_cut_validation_is_counted_at_a_validation_point(interval, every_n, done, now):
     """A checkpoint cut inside a validation: Lightning runs that validation again only where its restored
-    count is one of its validation points, so the count is rounded down to one at this run's size (the
-    validation at an epoch's end: the whole epoch). 20 samples of 32 trained, batches of 4 (8 an epoch)."""
+    count is one of its validation points, so the count is the last one at or before the samples trained
+    at this run's size (the validation at an epoch's end: the epoch's end where it is one; the checkpoint's
+    last batch ends the epoch after it). 20 samples of 32 trained, batches of 4 (8 an epoch)."""
     from types import SimpleNamespace
 
     from dptune.data.order_resume import rebatch
 
-    ckpt = _cut(32 // 8 if done else 2, 32 if done else 20, done=done)
+    ckpt = _cut(32 // 8 if done else 2, 32 if done else 20, earlier=8, done=done)
     trainer = SimpleNamespace(world_size=1, limit_train_batches=1.0, val_check_interval=interval,
-                              check_val_every_n_epoch=1)
-    assert rebatch(ckpt, "DM", 32, 4, trainer, cut=True)[1] == now
-    assert rebatch(_cut(2, 20, done=done), "DM", 32, 4, trainer, cut=False) == (None if done else (2, 5, 8))
+                              check_val_every_n_epoch=every_n)
+    assert rebatch(ckpt, "DM", 32, 4, trainer, cut=True) == (4 if done else 2, now, 8, False)
+    assert ckpt["DM"]["done"] is done
+    assert rebatch(_cut(2, 20, done=done), "DM", 32, 4, trainer, cut=False) == (None if done else (2, 5, 8, False))
+    # by time: no validation point to count at, said
+    trainer._val_check_time_interval = 60.0
+    assert rebatch(_cut(2, 20), "DM", 32, 4, trainer, cut=True)[3] is True
 
 
 def test_rebatch_leaves_what_it_cannot_re_express():

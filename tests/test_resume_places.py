@@ -257,6 +257,33 @@ def test_a_validation_cut_at_an_epoch_s_end_is_run_again_with_smaller_batches(tm
     assert sorted(seen[0]) == list(range(32)) and sorted(seen[1]) == list(range(32))
 
 
+@pytest.mark.parametrize("every, step, batch, validated, steps", [
+    (["--trainer.val_check_interval", "0.5"], 4, "6", [2, 4, 6, 8], 9),  # epoch 0's end; 5 batches of 6, every 2
+    (["--trainer.check_val_every_n_epoch", "null", "--trainer.val_check_interval", "3"], 3, "16", [3, 6], 7),
+])
+def test_a_cut_validation_whose_count_is_no_validation_point_of_the_new_run_is_run_again(tmp_path, every, step,
+                                                                                         batch, validated, steps):
+    """Epoch 0's last validation cut, resumed in batches of 6 (5 an epoch, a validation every 2): the count
+    was made the epoch's 5, no validation point, so the cut validation was never run, a 5th batch of samples
+    the epoch had trained was trained, and the schedule ended one step early (g11). Validating every 3
+    batches of the run (check_val_every_n_epoch null), the count was not aligned at all (g11). Counted at the
+    last validation point at or before it, the validation is run, and the epoch ends there (at a validation
+    point before the samples trained, the epoch's last batches are filled from its start, and said)."""
+    from sigterm_helper import read_log, trained_per_epoch, validations
+
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    args = [*every, "--data.val_batch_size", "2", "--trainer.callbacks+=sigterm_helper.StepLog",
+            f"--trainer.callbacks.path={log}"]
+    quickstart(run, 2, *args, "--trainer.callbacks+=sigterm_helper.SigtermAt", f"--trainer.callbacks.step={step}")
+    proc = quickstart(run, 2, *args, "--ckpt_path", "last", "--data.batch_size", batch)
+    assert f"epoch 0 step {step} val:" in proc.stderr and f"this run has {steps};" in proc.stderr, proc.stderr[-3000:]
+    assert sorted(validations(log)) == validated
+    end = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert end["global_step"] == steps
+    seen = trained_per_epoch(read_log(log)[1])  # every sample of each epoch (epoch 0's last batches filled)
+    assert sorted(set(seen[0])) == list(range(32)) and len(seen[1]) == len(set(seen[1]))
+
+
 def test_a_checkpoint_written_on_an_exception_resumes_the_rest_of_its_epoch(tmp_path):
     """`checkpoint.save_on_exception` writes the loop state of a batch started and not processed (ready 4,
     processed 3): the resume took it for a hand-made record, drew the epoch afresh and trained 8 samples

@@ -27,7 +27,8 @@ def wait_for_the_launcher(within_s: float = 30.0) -> None:
     exited with an error: where it took a few seconds longer than this one to say the same error (a
     loaded machine), the run ended with status -9 (137) instead of 2. The launcher's end ends this
     process (Linux; elsewhere it waits the bound); a launcher still running after ``within_s`` is stuck
-    (the error was this process's alone), and this process exits for it to be ended."""
+    (the error was this process's alone, and the launcher waits for it in a collective), and this process
+    exits for it to be ended."""
     launcher = os.environ.get("DPTUNE_LAUNCHER_PID")
     if os.environ.get("LOCAL_RANK", "0") in ("", "0") or not launcher or launcher != str(os.getppid()):
         return

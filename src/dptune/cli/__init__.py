@@ -336,9 +336,13 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
         )
     except (DataError, ConfigError) as e:
         said = f"error: {named_where(str(e), argv)}"
-        if not said_by_another_process(said):
+        first = not said_by_another_process(said)
+        if first:
             print(said, file=sys.stderr)
-        wait_for_the_launcher()  # its exit status is the run's: 2, not the SIGKILL of its child watcher
+        # the launcher's exit status is the run's: 2, not the SIGKILL of its child watcher. Said by another
+        # process already, the error is the run's: the launcher is on its way out; else it may be this
+        # process's alone, and the launcher blocked in a collective with it, so not long
+        wait_for_the_launcher(10.0 if first else 30.0)
         return 2
     except ArgumentError as e:  # jsonargparse: an option that does not exist, a value of the wrong type
         sub = next((a for a in argv if not a.startswith("-")), "")

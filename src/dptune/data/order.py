@@ -247,7 +247,13 @@ class OrderState:
                             loop_epoch(ckpt))
             ckpt[key] = {}
         elif done is not None and trainer.is_global_zero:
-            say_rebatched(ckpt[key]["epoch"], *done)
+            say_rebatched(ckpt[key]["epoch"], *done[:3])
+            if done[3]:
+                log.warning("resume: the validation the checkpoint's run was cut in is not run again: Lightning "
+                            "runs it only at one of its validation points, and this run's batches have none at "
+                            "or before the samples trained (trainer.val_check_interval by time, or in batches "
+                            "across epochs); score the checkpoint with dptune validate --ckpt_path %s",
+                            getattr(trainer, "ckpt_path", None) or "CKPT")
 
     def batch_seed(self, batch_idx: int, rank: int) -> int | None:
         """The seed of torch's random numbers (dropout) for a training batch: of the run's seed, the

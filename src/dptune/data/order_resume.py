@@ -84,20 +84,28 @@ def restart_count(current: dict[str, int], total: dict[str, int]) -> int:
     return current["completed"] + on_batch_end
 
 
-def val_check_batch(trainer, steps: int) -> int | None:
-    """Every how many training batches of an epoch of ``steps`` Lightning validates (as its fit loop sets
-    ``val_check_batch``); None where it validates by time or by batches across epochs."""
-    interval = getattr(trainer, "val_check_interval", 1.0)
-    if getattr(trainer, "_val_check_time_interval", None) is not None or \
-            getattr(trainer, "check_val_every_n_epoch", 1) is None:
+def validates_at(trainer, steps: int, epoch: int, earlier: int):
+    """Whether Lightning's restart at a count of the epoch's batches (``steps`` an epoch; ``earlier``: the
+    run's batches before this epoch) is one of its validation points, as its training loop asks
+    (``_should_check_val_fx`` at the batch before the count; a count of 0 asks at batch -1): a function
+    of the count, or None where it validates by time. No validation this epoch: never."""
+    interval, every_n = getattr(trainer, "val_check_interval", 1.0), getattr(trainer, "check_val_every_n_epoch", 1)
+    if getattr(trainer, "limit_val_batches", 1) == 0 or (every_n is not None and (epoch + 1) % every_n):
+        return lambda count: False
+    if getattr(trainer, "_val_check_time_interval", None) is not None:
         return None
     if isinstance(interval, int) and not isinstance(interval, bool):
-        return max(1, interval)
-    return max(1, int(steps * interval)) if isinstance(interval, float) else None
+        every = max(1, interval)
+    elif isinstance(interval, float):
+        every = max(1, int(steps * interval))
+    else:
+        return None
+    return (lambda count: count % every == 0) if every_n is not None else \
+        (lambda count: (earlier + count) % every == 0)  # across epochs: the run's count of batches
 
 
 def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
-            cut: bool = False) -> tuple[int, int, int] | str | None:
+            cut: bool = False) -> tuple[int, int, int, bool] | str | None:
     """Lightning counts the steps left in an interrupted epoch from the checkpoint's batches: at another
     batch size or number of processes those are the old run's batches, so the resumed epoch took more
     or fewer samples than its order had left (a whole epoch of the new run's batches: no step, and no
@@ -107,10 +115,12 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
     samples may be drawn a second time at the epoch's end, as where the samples trained are not a whole
     number of this run's batches), and at most one batch short of the epoch, which so ends with a step
     and its validation. A checkpoint ``cut`` inside a validation: Lightning runs it again only where its
-    count is a validation point, so the count is one (the epoch's end for a validation cut there; else
-    rounded down to one, or the epoch's start). Nothing changes where the record is not dptune's,
+    count is a validation point, so the count is the last one at or before it (for a validation cut at
+    an epoch's end, the epoch's end where that is one; the checkpoint's last batch of the epoch still
+    ends the epoch after that validation). Nothing changes where the record is not dptune's,
     counts no batch, ends its epoch (uncut), or holds another set of ``n``. Returns (the checkpoint's
-    batches, this run's, the epoch's batches) where it changed them; ``"disagrees"`` where the record's
+    batches, this run's, the epoch's batches, whether a cut validation is not run again: no validation
+    point to count at) where it changed them; ``"disagrees"`` where the record's
     epoch or batches are not what Lightning's restart reads from the loop state (a hand-made record)."""
     state, progress = checked_record(ckpt.get(key)), batch_progress(ckpt)
     if state is None or progress is None or state["consumed"] == 0 or state["size"] != n or \
@@ -126,11 +136,11 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
     if steps < 1:
         return None
     now = max(0, min(state["consumed"] // (step_samples(share, batch_size) * world), steps - 1))
-    every = val_check_batch(trainer, steps) if cut else None
-    if cut and state["done"]:
-        now = steps
-    elif every is not None:
-        now -= now % every
+    point = validates_at(trainer, steps, state["epoch"], total["ready"] - current["ready"])
+    if cut:  # the last validation point at or before the count (an epoch's end: the whole epoch)
+        now = steps if state["done"] else now
+        while point is not None and now > 0 and not point(now):
+            now -= 1
     if now == batches:
         return None
     # every count by as much: Lightning's restart reads their differences. A count of 0 written as a batch
@@ -140,12 +150,14 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
         for stage in _STAGES:
             part[stage] += now - batches + (1 if ended and stage == "completed" else 0)
     stepped = ckpt["loops"]["fit_loop"].get("epoch_loop.state_dict")
-    if now == 0 and not ended and current["ready"] == current["completed"] and isinstance(stepped, dict) and \
-            type(stepped.get("_batches_that_stepped")) is int and stepped["_batches_that_stepped"] > 0:
-        # Lightning's restart at a count of 0 spends an iteration on no batch, which counts the logger's step
+    if now == 0 and not ended and not cut and current["ready"] == current["completed"] and point is not None \
+            and point(0) and isinstance(stepped, dict) and type(stepped.get("_batches_that_stepped")) is int \
+            and stepped["_batches_that_stepped"] > 0:
+        # Lightning's restart at a count of 0 after a whole batch, where it asks for a validation, spends an
+        # iteration on no batch (it takes that validation as run), which counts the logger's step
         stepped["_batches_that_stepped"] -= 1
     ckpt[key]["batches"] = now
-    return batches, now, steps
+    return batches, now, steps, cut and (point is None or not point(now))
 
 
 def say_rebatched(epoch: int, batches: int, now: int, steps: int) -> None:

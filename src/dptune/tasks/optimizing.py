@@ -72,6 +72,10 @@ def resume_point(checkpoint: dict[str, Any]) -> tuple[int, int, int] | None:
         return None
     if int(epochs["processed"]) > int(epochs["completed"]):  # written as the epoch's validation ended
         return step, int(epochs["processed"]), 0
+    if loop["epoch_loop.batch_progress"].get("is_last_batch") is True and batches > 0:
+        # written after the epoch's last batch (in its validation): Lightning trains no more of it, whatever its
+        # count of batches at this run's size
+        return step, int(epochs["completed"]) + 1, 0
     return step, int(epochs["completed"]), batches
 
 
