@@ -300,6 +300,46 @@ def test_a_checkpoint_written_on_an_exception_resumes_the_rest_of_its_epoch(tmp_
         proc.stderr[-3000:]
     seen = trained_per_epoch(read_log(log)[1])
     assert sorted(seen[0]) == list(range(32)) and sorted(validations(log)) == [4, 8]
+    # the schedule spans the steps the run takes (the batch started on the exception is trained again)
+    assert read_log(log)[1][-1]["lr"][0] > 0  # at LR 0 where the schedule was a step short
+
+
+@pytest.mark.parametrize("batch, steps", [("8", 8), ("6", 9)])
+def test_a_run_stopped_after_an_epoch_it_does_not_validate_resumes_the_next_one(tmp_path, batch, steps):
+    """check_val_every_n_epoch 2, SIGTERM at epoch 0's last step: the epoch ended, but the loop state still
+    holds its 4 batches, which the schedule took for 4 batches into epoch 1: "nothing is left to train"
+    (g12). The run trains epoch 1 whole, and the schedule ends with it."""
+    from sigterm_helper import read_log, trained_per_epoch
+
+    run, log = tmp_path / "run", tmp_path / "steps.log"
+    args = ["--trainer.check_val_every_n_epoch", "2", "--trainer.callbacks+=sigterm_helper.StepLog",
+            f"--trainer.callbacks.path={log}"]
+    quickstart(run, 2, *args, "--trainer.callbacks+=sigterm_helper.SigtermAt", "--trainer.callbacks.step=4")
+    proc = quickstart(run, 2, *args, "--ckpt_path", "last", "--data.batch_size", batch)
+    end = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert end["global_step"] == steps == end["lr_schedulers"][0]["last_epoch"], proc.stderr[-3000:]
+    assert f"this run has {steps};" in proc.stderr or batch == "8"  # said where the length changes
+    assert len(set(trained_per_epoch(read_log(log)[1])[1])) >= 30
+
+
+def test_a_checkpoint_written_at_an_epoch_s_last_batch_resumed_with_smaller_batches_trains_the_next_epoch(tmp_path):
+    """A ModelCheckpoint(every_n_train_steps=4) file of epoch 0's last batch, resumed in batches of 6 (5 an
+    epoch): Lightning's restart counted 4 batches, below the new epoch's 5, took them for the next epoch's,
+    and epoch 1 trained one batch of 6 samples, unsaid (g12). Counted as the whole of epoch 0 at the new
+    size, epoch 1 trains its 5 batches."""
+    from sigterm_helper import read_log, trained_per_epoch
+
+    every = ["--trainer.callbacks+=lightning.pytorch.callbacks.ModelCheckpoint",
+             f"--trainer.callbacks.dirpath={tmp_path / 'every'}", "--trainer.callbacks.every_n_train_steps=4",
+             "--trainer.callbacks.save_top_k=-1", "--trainer.callbacks.filename=s{step}"]
+    quickstart(tmp_path / "run", 1, *every)
+    log = tmp_path / "steps.log"
+    proc = quickstart(tmp_path / "new", 2, "--ckpt_path", str(tmp_path / "every" / "sstep=4.ckpt"),
+                      "--data.batch_size", "6", "--trainer.callbacks+=sigterm_helper.StepLog",
+                      f"--trainer.callbacks.path={log}")
+    assert "this run has 9;" in proc.stderr, proc.stderr[-3000:]
+    assert [s["step"] for s in read_log(log)[1]] == [5, 6, 7, 8, 9]
+    assert len(set(trained_per_epoch(read_log(log)[1])[1])) == 30
 
 
 @pytest.mark.parametrize("damage, said", [

@@ -104,6 +104,16 @@ def validates_at(trainer, steps: int, epoch: int, earlier: int):
         (lambda count: (earlier + count) % every == 0)  # across epochs: the run's count of batches
 
 
+def epoch_started(ckpt: dict[str, Any]) -> bool:
+    """Whether the checkpoint was written inside an epoch (Lightning's epoch progress: one more epoch ready
+    than completed), not after one ended."""
+    try:
+        epochs = ckpt["loops"]["fit_loop"]["epoch_progress"]["current"]
+        return int(epochs["ready"]) > int(epochs["completed"])
+    except (KeyError, TypeError, ValueError):
+        return False
+
+
 def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
             cut: bool = False) -> tuple[int, int, int, bool] | str | None:
     """Lightning counts the steps left in an interrupted epoch from the checkpoint's batches: at another
@@ -123,8 +133,13 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
     point to count at) where it changed them; ``"disagrees"`` where the record's
     epoch or batches are not what Lightning's restart reads from the loop state (a hand-made record)."""
     state, progress = checked_record(ckpt.get(key)), batch_progress(ckpt)
-    if state is None or progress is None or state["consumed"] == 0 or state["size"] != n or \
-            (state["done"] and not cut):
+    if state is None or progress is None or state["consumed"] == 0 or state["size"] != n:
+        return None
+    # an epoch whose samples were all trained, and whose restart Lightning begins inside it (an epoch ended
+    # and validated has begun none since): counted as a whole epoch of this run's, so that the restart ends it
+    # (a count below the new epoch's length was taken for the next epoch's first batches, which it then skipped)
+    inside = loop_epoch(ckpt) is not None and epoch_started(ckpt)
+    if state["done"] and not (cut or inside):
         return None
     current, total = progress
     batches = restart_count(current, total)
@@ -137,8 +152,9 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
         return None
     now = max(0, min(state["consumed"] // (step_samples(share, batch_size) * world), steps - 1))
     point = validates_at(trainer, steps, state["epoch"], total["ready"] - current["ready"])
+    if state["done"]:
+        now = steps
     if cut:  # the last validation point at or before the count (an epoch's end: the whole epoch)
-        now = steps if state["done"] else now
         while point is not None and now > 0 and not point(now):
             now -= 1
     if now == batches:

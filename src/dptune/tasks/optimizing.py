@@ -64,19 +64,23 @@ def resume_point(checkpoint: dict[str, Any]) -> tuple[int, int, int] | None:
     try:
         loop = checkpoint["loops"]["fit_loop"]
         epochs = loop["epoch_progress"]["current"]
+        progress = loop["epoch_loop.batch_progress"]
         # processed, not completed: a checkpoint written as a batch ends (every_n_train_steps) is saved
         # before Lightning counts the batch complete, and Lightning completes it on restart
-        batches = int(loop["epoch_loop.batch_progress"]["current"]["processed"])
+        batches, ready = int(progress["current"]["processed"]), int(progress["current"]["ready"])
         step = int(checkpoint["global_step"])
+        done, started = int(epochs["completed"]), int(epochs["ready"])
     except (KeyError, TypeError, ValueError):
         return None
-    if int(epochs["processed"]) > int(epochs["completed"]):  # written as the epoch's validation ended
+    if int(epochs["processed"]) > done:  # written as the epoch's validation ended
         return step, int(epochs["processed"]), 0
-    if loop["epoch_loop.batch_progress"].get("is_last_batch") is True and batches > 0:
-        # written after the epoch's last batch (in its validation): Lightning trains no more of it, whatever its
-        # count of batches at this run's size
-        return step, int(epochs["completed"]) + 1, 0
-    return step, int(epochs["completed"]), batches
+    if started == done:  # written after the epoch ended (no validation in it): its batches are a past epoch's
+        return step, done, 0
+    if progress.get("is_last_batch") is True and batches > 0 and ready == batches:
+        # the epoch's last batch trained (a validation cut after it): Lightning trains no more of the epoch,
+        # whatever its count of batches at this run's size (a batch started on an exception is trained again)
+        return step, done + 1, 0
+    return step, done, batches
 
 
 class Optimizing:
