@@ -272,14 +272,15 @@ def test_a_cut_validation_is_counted_at_a_validation_point(interval, every_n, do
                               check_val_every_n_epoch=every_n)
     assert rebatch(ckpt, "DM", 32, 4, trainer, cut=True) == (4 if done else 2, now, 8, False)
     assert ckpt["DM"]["done"] is done
-    assert rebatch(_cut(2, 20, done=done), "DM", 32, 4, trainer, cut=False) == (None if done else (2, 5, 8, False))
+    # uncut: the samples trained, or (done, inside the epoch's restart) the whole epoch
+    assert rebatch(_cut(2, 20, done=done), "DM", 32, 4, trainer, cut=False) == (2, 8 if done else 5, 8, False)
     # by time: no validation point to count at, said
     trainer._val_check_time_interval = 60.0
     assert rebatch(_cut(2, 20), "DM", 32, 4, trainer, cut=True)[3] is True
 
 
 def test_rebatch_leaves_what_it_cannot_re_express():
-    """No change for a record that ends its epoch, counts nothing, is of another set, or is not dptune's;
+    """No change for a record of an epoch that ended, counts nothing, is of another set, or is not dptune's;
     a record whose batches are not the loop state's is said to disagree."""
     from types import SimpleNamespace
 
@@ -290,6 +291,8 @@ def test_rebatch_leaves_what_it_cannot_re_express():
                    {"consumed": 2**63 - 1}):
         ckpt = _cut(3, 24)
         ckpt["DM"].update(change)
+        if change.get("done"):  # an epoch that ended (and was validated): Lightning's restart begins no epoch
+            ckpt["loops"]["fit_loop"]["epoch_progress"]["current"].update(ready=1, processed=1, completed=1)
         assert rebatch(ckpt, "DM", 32, 16, trainer) is None
         assert ckpt["loops"]["fit_loop"]["epoch_loop.batch_progress"]["current"]["processed"] == 3
     for key, value in (("batches", 2), ("epoch", 1)):
