@@ -14,8 +14,7 @@ from dptune.data.loaders import drops_last_batch
 log = logging.getLogger(__name__)
 
 COUNTS = ("seed", "size", "epoch", "batches", "consumed")
-BATCH_PROGRESS = ("loops", "fit_loop", "epoch_loop.batch_progress")
-_STAGES = ("ready", "started", "processed", "completed")
+STAGES = ("ready", "started", "processed", "completed")  # the counts of a Lightning progress
 
 
 def checked_record(record: Any) -> dict[str, Any] | None:
@@ -48,15 +47,40 @@ def steps_per_epoch(trainer, share: int, batch_size: int) -> int:
     return steps
 
 
+BATCHES = "epoch_loop.batch_progress"  # the fit loop's count of the epoch's batches
+_PROGRESS = ("epoch_progress", BATCHES)
+
+
+def damaged_loops(loops: Any, names: tuple[str, ...] = _PROGRESS) -> str | None:
+    """What is wrong with the counts a resume restarts from (Lightning's epoch and batch progress of the
+    fit loop, which it reads without a check), or None: each a count of ``ready``, ``started``,
+    ``processed`` and ``completed``, whole numbers from 0, for the run (``total``) and the epoch (``current``)."""
+    fit = loops.get("fit_loop") if isinstance(loops, dict) else None
+    if not isinstance(fit, dict):
+        return "loops.fit_loop is missing"
+    for name in names:
+        progress = fit.get(name)
+        if not isinstance(progress, dict):
+            return f"loops.fit_loop[{name!r}] is missing"
+        for part in ("total", "current"):
+            counts = progress.get(part)
+            if not isinstance(counts, dict):
+                return f"loops.fit_loop[{name!r}].{part} is missing"
+            for stage in STAGES:
+                value = counts.get(stage)
+                if type(value) is not int or value < 0:
+                    return f"loops.fit_loop[{name!r}].{part}.{stage} is {value!r}, not a count"
+    return None
+
+
 def batch_progress(ckpt: dict[str, Any]) -> tuple[dict[str, int], dict[str, int]] | None:
-    progress: Any = ckpt
-    for key in BATCH_PROGRESS:
-        progress = progress.get(key) if isinstance(progress, dict) else None
-    if not isinstance(progress, dict):
+    """The fit loop's batch progress of a checkpoint (current, total), or None where its counts are damaged
+    (``damaged_loops``) or the run's total is below the epoch's."""
+    if damaged_loops(ckpt.get("loops"), (BATCHES,)) is not None:
         return None
-    current, total = progress.get("current"), progress.get("total")
-    if not all(isinstance(p, dict) and all(type(p.get(k)) is int and p[k] >= 0 for k in _STAGES)
-               for p in (current, total)) or any(total[k] < current[k] for k in _STAGES):
+    progress = ckpt["loops"]["fit_loop"][BATCHES]
+    current, total = progress["current"], progress["total"]
+    if any(total[k] < current[k] for k in STAGES):
         return None
     return current, total
 
@@ -76,12 +100,16 @@ def step_samples(share: int, batch_size: int) -> int:
     return min(batch_size, share) if share > 0 else batch_size
 
 
+def written_as_a_batch_ended(total: dict[str, int]) -> bool:
+    """Whether the run's batch counts are those of a checkpoint written as a batch ended, before Lightning
+    counted it complete (ready = started = processed = completed + 1): Lightning's restart completes it."""
+    return total["started"] == total["ready"] == total["processed"] == total["completed"] + 1
+
+
 def restart_count(current: dict[str, int], total: dict[str, int]) -> int:
     """The batches of the interrupted epoch that Lightning's restart counts done: its completed count,
-    and one more where the checkpoint was written as a batch ended (the total counts ready = started =
-    processed = completed + 1), which the restart counts complete."""
-    on_batch_end = total["started"] == total["ready"] == total["processed"] == total["completed"] + 1
-    return current["completed"] + on_batch_end
+    and the batch it completes where the checkpoint was written as that batch ended."""
+    return current["completed"] + written_as_a_batch_ended(total)
 
 
 def validates_at(trainer, steps: int, epoch: int, earlier: int):
@@ -138,8 +166,7 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
     # an epoch whose samples were all trained, and whose restart Lightning begins inside it (an epoch ended
     # and validated has begun none since): counted as a whole epoch of this run's, so that the restart ends it
     # (a count below the new epoch's length was taken for the next epoch's first batches, which it then skipped)
-    inside = loop_epoch(ckpt) is not None and epoch_started(ckpt)
-    if state["done"] and not (cut or inside):
+    if state["done"] and not (cut or epoch_started(ckpt)):
         return None
     current, total = progress
     batches = restart_count(current, total)
@@ -161,9 +188,9 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
         return None
     # every count by as much: Lightning's restart reads their differences. A count of 0 written as a batch
     # ended (completed one less) is written as that batch complete: the restart would have completed it
-    ended = now == 0 and total["completed"] + 1 == total["processed"] == total["started"] == total["ready"]
+    ended = now == 0 and written_as_a_batch_ended(total)
     for part in (current, total):
-        for stage in _STAGES:
+        for stage in STAGES:
             part[stage] += now - batches + (1 if ended and stage == "completed" else 0)
     stepped = ckpt["loops"]["fit_loop"].get("epoch_loop.state_dict")
     if now == 0 and not ended and not cut and current["ready"] == current["completed"] and point is not None \

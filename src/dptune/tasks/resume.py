@@ -24,6 +24,7 @@ from typing import Any
 
 import torch
 
+from dptune.data.order_resume import damaged_loops
 from dptune.errors import ConfigError
 from dptune.models.checkpoint_file import dptune_parts
 
@@ -114,31 +115,6 @@ def check_resume(module, ckpt: dict[str, Any], path: str, stage: str, say: bool 
             if say:
                 say_change(word, f"model.{key}", saved[key], hp[key])
     return changed
-
-
-_PROGRESS = ("epoch_progress", "epoch_loop.batch_progress")
-
-
-def damaged_loops(loops: Any) -> str | None:
-    """What is wrong with the counts a resume restarts from (Lightning's epoch and batch progress of the
-    fit loop, which it reads without a check), or None: each a count of ``ready``, ``started``,
-    ``processed`` and ``completed``, whole numbers from 0, for the run (``total``) and the epoch (``current``)."""
-    fit = loops.get("fit_loop") if isinstance(loops, dict) else None
-    if not isinstance(fit, dict):
-        return "loops.fit_loop is missing"
-    for name in _PROGRESS:
-        progress = fit.get(name)
-        if not isinstance(progress, dict):
-            return f"loops.fit_loop[{name!r}] is missing"
-        for part in ("total", "current"):
-            counts = progress.get(part)
-            if not isinstance(counts, dict):
-                return f"loops.fit_loop[{name!r}].{part} is missing"
-            for stage in ("ready", "started", "processed", "completed"):
-                value = counts.get(stage)
-                if type(value) is not int or value < 0:
-                    return f"loops.fit_loop[{name!r}].{part}.{stage} is {value!r}, not a count"
-    return None
 
 
 def data_changes(saved: dict[str, Any], now: dict[str, Any], prefix: str = "data") -> list[tuple[str, Any, Any]]:
