@@ -17,16 +17,19 @@ from dptune.labels import LabelSet
 pytestmark = [needs(CAMVID), needs(KITCHEN)]
 
 
+# a joint run's splits: 10 CamVid frames and 9 of the 7-Scenes kitchen, with a few of each to validate on
+SEG_SPLITS = {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"},
+              "val": {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}}
+DEPTH_SPLITS = {"train": {"images": "train/rgb/frame-0000[0-2]*.jpg", "depth": "train/depth/{stem}.png"},
+                "val": {"images": "val/rgb/frame-00060[0-4].jpg", "depth": "val/depth/{stem}.png"}}
+
 @pytest.mark.slow
 def test_joint_fit_validates_each_task_and_rebuilds_from_its_checkpoint(tmp_path, monkeypatch):
     from dptune.tasks.checkpoints import load_module
 
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    seg = {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"},
-           "val": {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}}
-    depth = {"train": {"images": "train/rgb/frame-0000[0-2]*.jpg", "depth": "train/depth/{stem}.png"},
-             "val": {"images": "val/rgb/frame-00060[0-4].jpg", "depth": "val/depth/{stem}.png"}}
+    seg, depth = SEG_SPLITS, DEPTH_SPLITS  # read only
     run = tmp_path / "run"
     run_train(["fit", "--config", str(REPO / "configs" / "multitask" / "camvid-7scenes.yaml"),
                "--data.segmentation.root", str(CAMVID), "--data.depth.root", str(KITCHEN),
@@ -432,10 +435,7 @@ def test_a_joint_run_resumed_mid_epoch_with_larger_batches_trains_the_rest_of_th
 
     config = tmp_path / "tiny.json"
     config.write_text(json.dumps(TINY))
-    seg = {"train": {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"},
-           "val": {"images": "val/0016E5_0799*.jpg", "masks": "valannot/{stem}.png"}}
-    depth = {"train": {"images": "train/rgb/frame-0000[0-2]*.jpg", "depth": "train/depth/{stem}.png"},
-             "val": {"images": "val/rgb/frame-00060[0-4].jpg", "depth": "val/depth/{stem}.png"}}
+    seg, depth = SEG_SPLITS, DEPTH_SPLITS  # read only
     run, log = tmp_path / "run", tmp_path / "steps.log"
     monkeypatch.setenv("PYTHONPATH", str(REPO / "tests"))  # the callbacks' module, for the training process
 
