@@ -14,6 +14,7 @@ import torch
 import yaml
 from conftest import CAMVID, KITCHEN, REPO, TINY, needs, run_python
 
+from dptune import cores
 from dptune.training import hardware
 from dptune.training.hardware import resolve_precision
 
@@ -27,13 +28,13 @@ def test_explicit_precision_is_used_as_given():
 
 
 def test_cpu_without_native_bf16_runs_fp32(monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
+    monkeypatch.setattr(cores, "cpu_flags", lambda: {"avx2", "fma", "avx512f"})
     assert resolve_precision("auto", "cpu")[0] == "32-true"
     assert "no avx512_bf16" in resolve_precision(None, "cpu")[1]
 
 
 def test_cpu_with_native_bf16_runs_bf16(monkeypatch):
-    monkeypatch.setattr(hardware, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
+    monkeypatch.setattr(cores, "cpu_flags", lambda: {"avx2", "avx512f", "avx512_bf16"})
     monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
     monkeypatch.setattr(torch.backends.cpu, "get_cpu_capability", lambda: "AVX512")
     assert resolve_precision("auto", "cpu") == ("bf16-mixed", "CPU with native bf16 (avx512_bf16, torch dispatches AVX512)")

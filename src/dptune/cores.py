@@ -1,5 +1,6 @@
-"""The cores this process may use, read where the package's lowest layer can import it (ONNX Runtime's
-sessions and the training defaults both size their threads by it)."""
+"""The cores this process may use, and whether its CPU runs bf16 natively, read where the package's lowest
+layer can import them (ONNX Runtime's sessions and the training defaults size their threads by the cores;
+the precision ``auto`` picks and the models' resize kernel follow the bf16 support)."""
 
 from __future__ import annotations
 
@@ -128,3 +129,36 @@ def usable_cores() -> int:
             if granted is not None:
                 cores = min(cores, granted)
     return max(1, cores)
+
+
+def cpu_flags() -> set[str]:
+    """The CPU feature flags Linux reports (empty elsewhere)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    return set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return set()
+
+
+def cpu_native_bf16() -> tuple[bool, str]:
+    """Whether this CPU runs bf16 matrix products natively, and the evidence, in words."""
+    import torch  # here, not at the top: ONNX Runtime's sessions read the cores without torch
+
+    try:
+        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        onednn = False
+    flags = cpu_flags()
+    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
+    capability = torch.backends.cpu.get_cpu_capability()
+    if flags and not native:
+        return False, f"CPU without native bf16 (torch dispatches {capability}; no avx512_bf16/amx_bf16 flag)"
+    if not onednn:
+        return False, f"CPU without bf16 support in oneDNN (torch dispatches {capability})"
+    if capability not in ("AVX512", "AMX"):
+        return False, f"CPU restricted to {capability} kernels (ATEN_CPU_CAPABILITY)"
+    evidence = "/".join(native) if native else "oneDNN bf16"
+    return True, f"CPU with native bf16 ({evidence}, torch dispatches {capability})"

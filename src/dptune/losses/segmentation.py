@@ -10,6 +10,7 @@ import torch.nn.functional as F
 from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
 from dptune.models.chunks import samples_per_chunk
+from dptune.models.resize import resize_bilinear
 
 
 def check_loss_weight(key: str, value: float, what: str) -> None:
@@ -37,7 +38,7 @@ def upsample(logits: torch.Tensor, size: tuple[int, int] | torch.Size) -> torch.
     if tuple(logits.shape[-2:]) == size:
         return logits
     chunk = samples_per_chunk(logits.shape[1] * size[0] * size[1])
-    parts = [F.interpolate(x, size=size, mode="bilinear", align_corners=False) for x in logits.split(chunk)]
+    parts = [resize_bilinear(x, size) for x in logits.split(chunk)]
     return parts[0] if len(parts) == 1 else torch.cat(parts)
 
 

@@ -10,8 +10,8 @@ from __future__ import annotations
 import torch
 from transformers import DPTForSemanticSegmentation, PreTrainedModel
 
-from dptune.models.chunks import run_head
 from dptune.models.dpt_backbone import input_multiple, uses_backbone
+from dptune.models.heads import run_head
 
 # parameter names of the backbone (DPT's own ViT, or a transformers backbone); the rest is neck + heads
 BACKBONE_PREFIXES = ("dpt.", "backbone.")

@@ -20,9 +20,9 @@ from torch import nn
 from transformers import PreTrainedModel
 
 from dptune.models.build import input_side
-from dptune.models.chunks import run_head
 from dptune.models.dpt_backbone import uses_backbone
 from dptune.models.forward import backbone_features
+from dptune.models.heads import run_head
 
 
 def tie_backbones(seg: PreTrainedModel, depth: PreTrainedModel, share_reassemble: bool = False) -> None:

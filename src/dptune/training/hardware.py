@@ -20,7 +20,7 @@ from typing import Any, Literal
 import torch
 from lightning.pytorch import Trainer
 
-from dptune.cores import usable_cores
+from dptune.cores import cpu_native_bf16, usable_cores
 from dptune.training.summary import gives_summary, use_model_table
 
 log = logging.getLogger("dptune")
@@ -31,37 +31,6 @@ PrecisionSetting = Literal[
     64, 32, 16, "transformer-engine", "transformer-engine-float16", "16-true", "16-mixed", "bf16-true", "bf16-mixed",
     "32-true", "64-true", "64", "32", "16", "bf16", "auto",
 ] | None
-
-
-def cpu_flags() -> set[str]:
-    """The CPU feature flags Linux reports (empty elsewhere)."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
-    except OSError:
-        pass
-    return set()
-
-
-def cpu_native_bf16() -> tuple[bool, str]:
-    """Whether this CPU runs bf16 matrix products natively, and the evidence, in words."""
-    try:
-        onednn = bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
-    except (AttributeError, RuntimeError):
-        onednn = False
-    flags = cpu_flags()
-    native = sorted(flags & {"avx512_bf16", "amx_bf16"})
-    capability = torch.backends.cpu.get_cpu_capability()
-    if flags and not native:
-        return False, f"CPU without native bf16 (torch dispatches {capability}; no avx512_bf16/amx_bf16 flag)"
-    if not onednn:
-        return False, f"CPU without bf16 support in oneDNN (torch dispatches {capability})"
-    if capability not in ("AVX512", "AMX"):
-        return False, f"CPU restricted to {capability} kernels (ATEN_CPU_CAPABILITY)"
-    evidence = "/".join(native) if native else "oneDNN bf16"
-    return True, f"CPU with native bf16 ({evidence}, torch dispatches {capability})"
 
 
 def fit_threads() -> str | None:

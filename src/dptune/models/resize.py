@@ -1,0 +1,132 @@
+"""Bilinear resizing as two matrix products, where that is the faster kernel.
+
+A bilinear resize of an (N, C, h, w) tensor to (H, W) is ``A @ x @ B.T``: ``A`` (H x h) and ``B``
+(W x w) hold each output row's and column's two interpolation weights. PyTorch's own kernel
+(``upsample_bilinear2d``) is slow in bfloat16 on a CPU, its backward most of all; the two products
+run on the CPU's bf16 matrix units. dptune uses them for the segmentation head's final 2x upsampling
+and the loss's upsampling of the auxiliary logits (whose outputs go to the loss), in bfloat16 on a
+CPU with native bf16: a bench-tiny CamVid training step ran 1.06x as fast (docs/benchmarks.md,
+"Bilinear upsampling as matrix products"; ``python -m dptune.tools.resize_step``). Not used: in
+float32 (the products gained little or lost, most under an AVX2 dispatch), on a GPU (not measured),
+in the depth head (its upsampling feeds convolutions, which ran slower on the products' layout), and
+while a graph is traced or compiled (an exported graph keeps its ``Resize`` and dynamic sizes). Both
+compute the same function (``tests/test_resize.py``).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dptune.cores import cpu_native_bf16
+
+
+@functools.lru_cache(maxsize=64)
+def _weights(n_in: int, n_out: int, align_corners: bool, ratio: float | None, dtype: torch.dtype,
+             device: torch.device) -> torch.Tensor:
+    """(n_out, n_in): output position i reads input positions i0 and i1 with weights 1 - t and t,
+    where PyTorch's bilinear kernel reads them (``area_pixel_compute_source_index``): the source
+    position is clamped at 0 and i1 stays at the last input position past it."""
+    with torch.inference_mode(False):  # cached: a tensor made under inference mode could not join a graph later
+        dst = torch.arange(n_out, dtype=torch.float64)
+        if align_corners:
+            src = dst * ((n_in - 1) / (n_out - 1) if n_out > 1 else 0.0)
+        else:
+            scale = ratio if ratio is not None else n_in / n_out
+            src = ((dst + 0.5) * scale - 0.5).clamp(min=0.0)
+        i0 = src.floor().long().clamp(max=n_in - 1)
+        i1 = (i0 + 1).clamp(max=n_in - 1)
+        t = src - i0
+        out = torch.zeros(n_out, n_in, dtype=torch.float64)
+        rows = torch.arange(n_out)
+        out.index_put_((rows, i0), 1 - t, accumulate=True)
+        out.index_put_((rows, i1), t, accumulate=True)
+        return out.to(dtype=dtype, device=device)
+
+
+def products_pay(x: torch.Tensor) -> bool:
+    """Whether resizing ``x`` as matrix products is the faster kernel: bfloat16 on a CPU with native
+    bf16, outside tracing and compiling."""
+    if not _ENABLED[0]:
+        return False
+    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4:
+        return False
+    if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
+        return False
+    return _native_bf16()
+
+
+@functools.cache
+def _native_bf16() -> bool:
+    return cpu_native_bf16()[0]
+
+
+_ENABLED = [True]
+
+
+@contextmanager
+def kernel_only() -> Iterator[None]:
+    """PyTorch's kernel for every resize while it lasts (to time the two against each other)."""
+    _ENABLED[0] = False
+    try:
+        yield
+    finally:
+        _ENABLED[0] = True
+
+
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False,
+                    scale_factor: tuple[float, float] | None = None) -> torch.Tensor:
+    """``F.interpolate(x, size, mode="bilinear", align_corners=align_corners)``, as matrix products
+    where they pay (``products_pay``). ``scale_factor``, where the caller's resize was given one, is
+    what PyTorch reads the source positions by (not in / out) when corners are not aligned."""
+    if products_pay(x):
+        return bilinear_products(x, size, align_corners, scale_factor)
+    if scale_factor is not None:
+        return F.interpolate(x, scale_factor=scale_factor, mode="bilinear", align_corners=align_corners)
+    return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def bilinear_products(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False,
+                      scale_factor: tuple[float, float] | None = None) -> torch.Tensor:
+    """The bilinear resize of (N, C, h, w) ``x`` to ``size`` as ``A @ x @ B.T``, in ``x``'s dtype."""
+    (h, w), (big_h, big_w) = x.shape[-2:], (int(size[0]), int(size[1]))
+    ratios = (None, None) if scale_factor is None else (1.0 / scale_factor[0], 1.0 / scale_factor[1])
+    rows = _weights(h, big_h, align_corners, ratios[0], x.dtype, x.device)
+    cols = _weights(w, big_w, align_corners, ratios[1], x.dtype, x.device)
+    with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the kernel they replace
+        return rows @ x @ cols.T
+
+
+class ProductUpsample(nn.Module):
+    """Stands in for a bilinear ``nn.Upsample`` of a head while dptune's forward runs it (the head keeps
+    its own module otherwise, so exports and the stock classes see no change): the same function, as
+    matrix products where they pay."""
+
+    def __init__(self, layer: nn.Upsample) -> None:
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        up = self.layer
+        if not products_pay(x):
+            return up(x)
+        if up.size is not None:
+            return resize_bilinear(x, _pair(up.size), bool(up.align_corners))
+        scale = _pair(up.scale_factor)
+        size = (math.floor(x.shape[-2] * scale[0]), math.floor(x.shape[-1] * scale[1]))
+        return resize_bilinear(x, size, bool(up.align_corners), None if up.recompute_scale_factor else scale)
+
+
+def _pair(value) -> tuple:
+    return tuple(value) if isinstance(value, (tuple, list)) else (value, value)
+
+
+def bilinear_upsampling(layer: nn.Module) -> bool:
+    """Whether ``layer`` is an ``nn.Upsample`` a ``ProductUpsample`` can stand in for."""
+    return isinstance(layer, nn.Upsample) and layer.mode == "bilinear"

@@ -1,0 +1,83 @@
+"""Times a segmentation training step with the head's bilinear upsampling as matrix products
+(``dptune.models.resize``) against PyTorch's kernel, in one process, the two alternating:
+
+    python -m dptune.tools.resize_step [--rounds 12] [--model ../shared/bench/dpt-bench-tiny.json]
+
+The step is dptune's segmentation module's under the CamVid recipe's losses, on random data: the
+bench-tiny model (11 classes) on a batch of 8 at 192 x 192 under bf16 autocast, cross-entropy + Dice
+on the logits, the auxiliary head's cross-entropy at 0.4, backward and a fused AdamW step. Each round times two steps of each kernel after three
+warm-up steps; medians over the rounds. The products run only in bfloat16 on a CPU with native bf16
+(elsewhere both rows time PyTorch's kernel, as said in the first line).
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from dptune.models.resize import kernel_only, products_pay
+from dptune.tools.step_timers import PRESETS
+
+
+def make_step(config: Path, batch: int = 8, crop: int = 192, classes: int = 11):
+    """One training step of dptune's segmentation module with the CamVid recipe's losses."""
+    from dptune.labels import LabelSet
+    from dptune.models import load_config
+    from dptune.tasks.segmentation import SegmentationModule
+
+    torch.manual_seed(0)
+    cfg = load_config(str(config))
+    cfg.num_labels = classes
+    module = SegmentationModule(
+        config=cfg.to_dict(), label_spec=LabelSet(names=[f"class{i}" for i in range(classes)]).to_dict(),
+        image_size=crop, lr=5e-4, region_loss="dice", aux_weight=0.4, warmup_steps=0,
+        attn_implementation="eager",  # what ``auto`` picks on a CPU in bf16
+    ).train()
+    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=5e-4, fused=True)
+    images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8)
+    target = torch.randint(0, classes, (batch, crop, crop))
+
+    def step() -> None:
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss = module.loss(*module(images), target)["loss"]
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def main(argv: list[str] | None = None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--model", type=Path, default=PRESETS["dpt-bench-tiny"], help="a DPTConfig JSON")
+    args = ap.parse_args(argv)
+    used = products_pay(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16))
+    print(f"# products {'used' if used else 'not used on this machine'}; {torch.get_num_threads()} threads")
+    step = make_step(args.model)
+    for _ in range(3):
+        step()
+    took: dict[str, list[float]] = {"products": [], "kernel": []}
+    for _ in range(args.rounds):
+        for name in took:
+            start = time.perf_counter()
+            if name == "kernel":
+                with kernel_only():
+                    step()
+                    step()
+            else:
+                step()
+                step()
+            took[name].append((time.perf_counter() - start) / 2)
+    med = {k: statistics.median(v) * 1e3 for k, v in took.items()}
+    for name, ms in med.items():
+        print(f"{name:8s} median {ms:7.1f} ms/step  best {min(took[name]) * 1e3:7.1f}")
+    print(f"products over kernel: {med['kernel'] / med['products']:.3f}x the steps per second")
+
+
+if __name__ == "__main__":
+    main()
