@@ -72,6 +72,21 @@ def test_products_run_in_bfloat16_on_a_native_cpu_only(native, monkeypatch):
     assert not resize.products_pay(x.bfloat16())
 
 
+def test_sizes_past_the_cost_limit_keep_pytorchs_kernel(native, monkeypatch):
+    """The products' cost per output element grows with the sizes (a whole row and column), the kernel's
+    does not: past ``MAX_COST`` multiply-adds per element (2048 x 2048 logits from 1024 x 1024) the kernel runs."""
+    calls = []
+    kernel = F.interpolate
+    monkeypatch.setattr(F, "interpolate", lambda *a, **k: calls.append(1) or kernel(*a, **k))
+    small = torch.randn(1, 2, 96, 96, dtype=torch.bfloat16)
+    big = torch.randn(1, 2, 1024, 1024, dtype=torch.bfloat16)
+    assert resize.products_cost((96, 96), (192, 192)) <= resize.MAX_COST < resize.products_cost((1024, 1024), (2048, 2048))
+    resize.resize_bilinear(small, (192, 192))
+    assert calls == []
+    resize.resize_bilinear(big, (2048, 2048))
+    assert calls == [1]
+
+
 def test_a_traced_graph_keeps_pytorchs_resize(native):
     seen = []
 

@@ -62,6 +62,12 @@ def products_pay(x: torch.Tensor) -> bool:
     return _native_bf16()
 
 
+# the most multiply-adds per output element at which the products are used: on the 2-core AMX Xeon they
+# were as fast as the kernel or faster, forward and backward, at every size timed, up to 1024 (a 1024 x 2048
+# frame's logits from 512 x 1024; ``python -m dptune.tools.resize_step --sizes``); past it, not timed
+MAX_COST = 1024
+
+
 @functools.cache
 def _native_bf16() -> bool:
     return cpu_native_bf16()[0]
@@ -85,7 +91,7 @@ def resize_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool 
     """``F.interpolate(x, size, mode="bilinear", align_corners=align_corners)``, as matrix products
     where they pay (``products_pay``). ``scale_factor``, where the caller's resize was given one, is
     what PyTorch reads the source positions by (not in / out) when corners are not aligned."""
-    if products_pay(x):
+    if products_pay(x) and products_cost(x.shape[-2:], size) <= MAX_COST:
         return bilinear_products(x, size, align_corners, scale_factor)
     if scale_factor is not None:
         return F.interpolate(x, scale_factor=scale_factor, mode="bilinear", align_corners=align_corners)
@@ -100,7 +106,17 @@ def bilinear_products(x: torch.Tensor, size: tuple[int, int], align_corners: boo
     rows = _weights(h, big_h, align_corners, ratios[0], x.dtype, x.device)
     cols = _weights(w, big_w, align_corners, ratios[1], x.dtype, x.device)
     with torch.autocast(x.device.type, enabled=False):  # in x's dtype, as the kernel they replace
-        return rows @ x @ cols.T
+        if h * w * big_w + big_h * h * big_w < big_h * h * w + big_h * w * big_w:  # the cheaper order
+            return rows @ (x @ cols.T)
+        return (rows @ x) @ cols.T
+
+
+def products_cost(small: tuple[int, int], big: tuple[int, int]) -> float:
+    """Multiply-adds per output element of the products (in their cheaper order): each output element
+    reads two inputs, the products a whole row and column of the matrices, so their cost grows with the
+    sizes where the kernel's does not."""
+    (h, w), (big_h, big_w) = small, big
+    return min(h * w / big_w + w, h * w / big_h + h)
 
 
 class ProductUpsample(nn.Module):

@@ -2,12 +2,17 @@
 (``dptune.models.resize``) against PyTorch's kernel, in one process, the two alternating:
 
     python -m dptune.tools.resize_step [--rounds 12] [--model ../shared/bench/dpt-bench-tiny.json]
+    python -m dptune.tools.resize_step --sizes      # the resize alone, forward + backward, at several sizes
 
 The step is dptune's segmentation module's under the CamVid recipe's losses, on random data: the
 bench-tiny model (11 classes) on a batch of 8 at 192 x 192 under bf16 autocast, cross-entropy + Dice
 on the logits, the auxiliary head's cross-entropy at 0.4, backward and a fused AdamW step. Each round times two steps of each kernel after three
 warm-up steps; medians over the rounds. The products run only in bfloat16 on a CPU with native bf16
 (elsewhere both rows time PyTorch's kernel, as said in the first line).
+
+``--sizes`` times the resize alone in bfloat16 (forward + backward, best of ``--rounds``, the two
+alternating) from the head's logits up to sizes past ``dptune.models.resize.MAX_COST``, where dptune
+leaves the resize to PyTorch's kernel.
 """
 
 from __future__ import annotations
@@ -19,7 +24,7 @@ from pathlib import Path
 
 import torch
 
-from dptune.models.resize import kernel_only, products_pay
+from dptune.models.resize import bilinear_products, kernel_only, products_cost, products_pay
 from dptune.tools.step_timers import PRESETS
 
 
@@ -51,11 +56,48 @@ def make_step(config: Path, batch: int = 8, crop: int = 192, classes: int = 11):
     return step
 
 
+# (N, C, h, w) -> (H, W): the bench-tiny head, its auxiliary logits, CamVid validation logits, DPT-Large's
+# head at 384 and 512 px (150 classes), and a 1024 x 2048 frame's (19 classes)
+SIZES = [((8, 11, 96, 96), (192, 192)), ((8, 11, 12, 12), (192, 192)), ((8, 11, 180, 240), (360, 480)),
+         ((2, 150, 192, 192), (384, 384)), ((1, 150, 256, 256), (512, 512)), ((1, 19, 384, 384), (768, 768)),
+         ((1, 19, 512, 1024), (1024, 2048))]
+
+
+def time_sizes(rounds: int) -> None:
+    import torch.nn.functional as F
+
+    print("# (N, C, h, w) -> (H, W): multiply-adds per output element; ms forward, forward + backward: kernel, products")
+    for shape, big in SIZES:
+        gen = torch.Generator().manual_seed(0)
+        x = torch.randn(*shape, generator=gen).bfloat16().requires_grad_(True)
+        grad = torch.randn(*shape[:2], *big, generator=gen).bfloat16()
+        kernels = {"kernel": lambda x=x, big=big: F.interpolate(x, size=big, mode="bilinear", align_corners=False),
+                   "products": lambda x=x, big=big: bilinear_products(x, big)}
+        best = {(name, part): float("inf") for name in kernels for part in ("forward", "both")}
+        for r in range(rounds + 1):
+            for name, run in kernels.items():
+                start = time.perf_counter()
+                out = run()
+                forward = time.perf_counter() - start
+                out.backward(grad)
+                both = time.perf_counter() - start
+                x.grad = None
+                if r:
+                    best[name, "forward"] = min(best[name, "forward"], forward)
+                    best[name, "both"] = min(best[name, "both"], both)
+        ms = "  ".join(f"{best[k, p] * 1e3:7.1f}" for p in ("forward", "both") for k in kernels)
+        print(f"{shape} -> {big}  {products_cost(shape[-2:], big):5.0f}  {ms}", flush=True)
+
+
 def main(argv: list[str] | None = None) -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--model", type=Path, default=PRESETS["dpt-bench-tiny"], help="a DPTConfig JSON")
+    ap.add_argument("--sizes", action="store_true", help="time the resize alone at several sizes instead")
     args = ap.parse_args(argv)
+    if args.sizes:
+        time_sizes(args.rounds)
+        return
     used = products_pay(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16))
     print(f"# products {'used' if used else 'not used on this machine'}; {torch.get_num_threads()} threads")
     step = make_step(args.model)
