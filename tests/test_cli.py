@@ -765,3 +765,14 @@ def test_under_torchrun_the_first_process_says_the_seed(tmp_path):
                           env=dict(os.environ, WANDB_MODE="disabled", OMP_NUM_THREADS="1"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert proc.stderr.count("seed_everything true: this run's seed is") == 1, proc.stderr[-3000:]
+
+
+def test_every_task_has_its_command_line_settings_and_classes():
+    """The tasks are named once (``dptune.TASKS``: checkpoints, configs, inspect and the reference read
+    it); the command line keeps each one's links and "best" checkpoint, and builds its classes."""
+    from dptune import TASKS
+    from dptune.cli.tasks import TASK_SETTINGS, task_classes
+
+    assert tuple(TASK_SETTINGS) == TASKS
+    classes = {task: task_classes(task) for task in TASKS}
+    assert len({c for pair in classes.values() for c in pair}) == 2 * len(TASKS)

@@ -2,8 +2,11 @@
 
 from dptune.errors import DataError
 
-__all__ = ["IGNORE_INDEX", "DataError", "LabelSet"]
+__all__ = ["IGNORE_INDEX", "TASKS", "DataError", "LabelSet"]
 __version__ = "0.1.0"
+
+# what a run trains, a checkpoint holds and a config names (``task:``)
+TASKS = ("segmentation", "depth", "multitask")
 
 
 def __getattr__(name: str):

@@ -12,25 +12,24 @@ from typing import Any
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
 
+from dptune import TASKS
 from dptune.cli.args import (
     PARSER_MODE,
     SAID,
     check_early_configs,
     command_line_start,
-    config_files,
     mapping_settings,
     merge_deep_keys,
-    read_config,
     register_loader,
     renamed_args,
 )
 from dptune.cli.places import follow_the_root, named_where, setting_error
+from dptune.cli.processes import first_process, peer_stopped
 from dptune.cli.run_checks import best_filename, check_run_length_and_seed, refuse_a_second_run
 from dptune.cli.save_config import LoggedSaveConfig
-from dptune.data.datamodule import SegmentationDataModule
+from dptune.cli.tasks import TASK_SETTINGS, task_classes, task_from_args
 from dptune.errors import ConfigError, DataError, first_line, said_by_another_process, wait_for_the_launcher
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path, is_registry
-from dptune.tasks.segmentation import SegmentationModule
 from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
 from dptune.training.checkpointing import Checkpoint, InterruptGuard
 from dptune.training.hardware import DPTuneTrainer
@@ -39,59 +38,6 @@ from dptune.training.preemption import SigtermSync
 log = logging.getLogger(__name__)
 
 DEFAULT_ROOT = "runs/dptune"
-
-
-# per task: the module, the datamodule, data facts linked into the model, what "best" means
-TASKS: dict[str, dict[str, Any]] = {
-    "segmentation": {
-        "links": [("data.labels_spec", "model.label_spec", "instantiate"), ("data.image_size", "model.image_size", None),
-                  ("data.val_mode", "model.val_mode", None)],
-        "monitor": ("val/mIoU", "max", "best-epoch{epoch:02d}-mIoU{val/mIoU:.4f}"),
-    },
-    "depth": {
-        "links": [("data.image_size", "model.image_size", None), ("data.eval_crop", "model.eval_crop", None)],
-        "monitor": ("val/abs_rel", "min", "best-epoch{epoch:02d}-absrel{val/abs_rel:.4f}"),
-    },
-    # with model.references set, --checkpoint.monitor val/delta_m --checkpoint.mode max selects on both tasks
-    "multitask": {
-        "links": [("data.labels_spec", "model.label_spec", "instantiate"), ("data.image_size", "model.image_size", None)],
-        "monitor": ("val/mIoU", "max", "best-epoch{epoch:02d}-mIoU{val/mIoU:.4f}"),
-    },
-}
-
-
-def task_classes(task: str) -> tuple[type, type]:
-    if task == "depth":
-        from dptune.data.depth_datamodule import DepthDataModule
-        from dptune.tasks.depth import DepthModule
-
-        return DepthModule, DepthDataModule
-    if task == "multitask":
-        from dptune.data.multitask_datamodule import MultiTaskDataModule
-        from dptune.tasks.multitask import MultiTaskModule
-
-        return MultiTaskModule, MultiTaskDataModule
-    return SegmentationModule, SegmentationDataModule
-
-
-def task_from_args(args: list[str]) -> str:
-    """The task a command line asks for: ``--task NAME``, else a ``task:`` key at the top of a
-    ``--config`` file (the last one that has it), else segmentation. Every config file is read
-    here, so that one that is not YAML or not a mapping is one line naming it."""
-    task, where = None, "--task"
-    for path in config_files(args):
-        spec = read_config(path) or {}
-        if "task" in spec:
-            task, where = spec["task"], f"{path}: task"
-    for i, arg in enumerate(args):
-        if arg == "--task" and i + 1 < len(args):
-            task, where = args[i + 1], "--task"
-        elif arg.startswith("--task="):
-            task, where = arg.split("=", 1)[1], "--task"
-    task = task or "segmentation"
-    if not isinstance(task, str) or task not in TASKS:
-        raise ConfigError(f"{where}: expected one of {', '.join(TASKS)}, given {task!r}")
-    return task
 
 
 class DPTuneCLI(LightningCLI):
@@ -144,11 +90,11 @@ class DPTuneCLI(LightningCLI):
                             help="What to train: segmentation (default), depth, or multitask (both in one model); "
                                  "a config file may say it as task: depth")
         # data facts reach the model once, by link, never written twice
-        for source, target, when in TASKS[self.task]["links"]:
+        for source, target, when in TASK_SETTINGS[self.task]["links"]:
             parser.link_arguments(source, target, **({"apply_on": when} if when else {}))
         parser.add_lightning_class_args(Checkpoint, "checkpoint")
         parser.add_lightning_class_args(ProgressLog, "progress")
-        monitor, mode, filename = TASKS[self.task]["monitor"]
+        monitor, mode, filename = TASK_SETTINGS[self.task]["monitor"]
         parser.set_defaults({
             "task": self.task,
             "checkpoint.monitor": monitor,
@@ -209,7 +155,7 @@ class DPTuneCLI(LightningCLI):
             self._settle_folders(cfg)  # `last` is the run's folder's: a run config given back names its old one
             root, dirpath = cfg.trainer.default_root_dir, cfg.checkpoint.dirpath
             seed = check_ckpt_path(str(path), self.task, sub, dirpath=dirpath, root=root)
-        say = sub == "fit" and _first_process()
+        say = sub == "fit" and first_process()
         if say and seed is not None and self.config[sub].get("seed_everything") != seed:
             # the run's orders, augmentations and dropout go on from the checkpoint's seed; config.yaml says so
             log.info("resume: seed_everything %s -> %d (the checkpoint's run's: its training order, augmentations "
@@ -237,7 +183,7 @@ class DPTuneCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         self._settle_folders(cfg)
         root = cfg.trainer.default_root_dir
-        default_monitor, _, default_name = TASKS[self.task]["monitor"]
+        default_monitor, _, default_name = TASK_SETTINGS[self.task]["monitor"]
         if cfg.checkpoint.filename == default_name and cfg.checkpoint.monitor not in (None, default_monitor):
             cfg.checkpoint.filename = best_filename(cfg.checkpoint.monitor)  # named after what selects it
         ckpt = cfg.get("ckpt_path")
@@ -249,33 +195,12 @@ class DPTuneCLI(LightningCLI):
                 init.save_dir = root
 
 
-def _first_process() -> bool:
-    """Whether this is the run's first process, which says what the run is: torchrun sets RANK in every
-    process (LOCAL_RANK 0 too in its first); Lightning's launcher starts the others with LOCAL_RANK 1, 2, ..."""
-    rank = os.environ.get("RANK")
-    if rank:
-        return rank == "0"
-    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
-
-
 def _said(value: Any) -> str:
     return str(value).lower() if isinstance(value, bool) else str(value)
 
 
 def _loggers(cfg) -> list:
     return cfg.trainer.logger if isinstance(cfg.trainer.logger, list) else [cfg.trainer.logger]
-
-
-# what gloo and NCCL raise in the other processes of a run when one of them ended (bad data found
-# while training, a setting refused by one process)
-PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
-             "NCCL communicator was aborted", "Broken pipe")
-
-
-def peer_stopped(e: BaseException) -> bool:
-    """A collective of a run of several processes failed because another process of the run ended."""
-    several = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") or os.environ.get("LOCAL_RANK") is not None
-    return several and any(m in str(e) for m in PEER_GONE)
 
 
 def trainer_defaults() -> dict:

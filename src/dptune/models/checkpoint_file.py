@@ -11,6 +11,7 @@ from typing import Any
 
 import torch
 
+from dptune import TASKS
 from dptune.errors import ConfigError
 
 
@@ -117,7 +118,6 @@ def _reason(text: str, e: BaseException) -> str:
     return first.split(". ")[0]  # torch's zip reader goes on about how files get corrupted
 
 
-TASKS = ("segmentation", "depth", "multitask")
 
 
 def dptune_parts(ckpt: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:

@@ -19,14 +19,13 @@ from dptune.tasks.optim import TRAINING_SETTINGS
 from dptune.tasks.optimizing import validation_cut
 from dptune.tasks.resume import (
     apply_run_settings,
-    check_epochs,
     check_resume,
     check_state_dict,
     check_task,
     data_changes,
-    order_record,
     say_change,
 )
+from dptune.tasks.resume_length import check_epochs, order_record
 
 __all__ = ["ResumeCheck", "check_ckpt_path", "check_resume", "load_checkpoint", "load_module", "task_class"]
 

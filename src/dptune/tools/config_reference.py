@@ -25,9 +25,9 @@ from typing import Any
 
 import yaml
 
+from dptune import TASKS
 from dptune.errors import path_arg
 
-TASKS = ("segmentation", "depth", "multitask")
 TASK_TITLES = {"segmentation": "Segmentation", "depth": "Depth", "multitask": "Segmentation + depth"}
 DEFAULT_OUT = Path("docs") / "configuration.md"
 OWN_TOP_LEVEL = ("task",)  # the top-level options dptune adds (the others are LightningCLI's)

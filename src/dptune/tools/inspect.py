@@ -29,6 +29,7 @@ from typing import Any
 
 import yaml
 
+from dptune import TASKS
 from dptune.data.base import STAGES
 from dptune.errors import ConfigError, DataError, path_arg
 from dptune.tools.split_stats import (
@@ -40,7 +41,6 @@ from dptune.tools.split_stats import (
     inspect_split,
 )
 
-TASKS = ("segmentation", "depth", "multitask")
 KINDS = {"segmentation": "segmentation", "depth": "depth", "both": "depth + segmentation"}  # of a multitask source
 BUILDS = {"train": "fit", "val": "validate", "test": "test"}  # the Lightning stage that builds each split
 

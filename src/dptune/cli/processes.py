@@ -1,0 +1,26 @@
+"""Which process of a run this is, and whether a failed collective means another process of the run ended."""
+
+from __future__ import annotations
+
+import os
+
+
+def first_process() -> bool:
+    """Whether this is the run's first process, which says what the run is: torchrun sets RANK in every
+    process (LOCAL_RANK 0 too in its first); Lightning's launcher starts the others with LOCAL_RANK 1, 2, ..."""
+    rank = os.environ.get("RANK")
+    if rank:
+        return rank == "0"
+    return os.environ.get("LOCAL_RANK", "0") in ("", "0") and os.environ.get("NODE_RANK", "0") in ("", "0")
+
+
+# what gloo and NCCL raise in the other processes of a run when one of them ended (bad data found
+# while training, a setting refused by one process)
+PEER_GONE = ("Connection closed by peer", "Connection reset by peer", "remote worker crashing",
+             "NCCL communicator was aborted", "Broken pipe")
+
+
+def peer_stopped(e: BaseException) -> bool:
+    """A collective of a run of several processes failed because another process of the run ended."""
+    several = os.environ.get("WORLD_SIZE", "1") not in ("", "0", "1") or os.environ.get("LOCAL_RANK") is not None
+    return several and any(m in str(e) for m in PEER_GONE)
