@@ -54,22 +54,40 @@ def native(monkeypatch):
     monkeypatch.setattr(resize, "_native_bf16", lambda: True)
 
 
-def test_products_run_in_bfloat16_on_a_native_cpu_only(native, monkeypatch):
+def test_products_run_in_bfloat16_with_autograd_on_a_native_cpu_only(native, monkeypatch):
     def refused(*args, **kwargs):
         raise AssertionError("PyTorch's kernel ran")
 
     x = torch.randn(2, 11, 24, 24)
+    tracked = x.bfloat16().requires_grad_(True)
     expected = F.interpolate(x.bfloat16().float(), size=(48, 48), mode="bilinear", align_corners=False)
-    assert resize.products_pay(x.bfloat16()) and not resize.products_pay(x)  # float32 keeps the kernel
+    assert resize.products_pay(tracked)
+    assert not resize.products_pay(x.requires_grad_(True))  # float32 keeps the kernel
+    assert not resize.products_pay(tracked.detach())  # a forward alone (validation, prediction) too
+    with torch.no_grad():
+        assert not resize.products_pay(tracked)
     with monkeypatch.context() as m:
         m.setattr(F, "interpolate", refused)
-        got = resize.resize_bilinear(x.bfloat16(), (48, 48))
+        got = resize.resize_bilinear(tracked, (48, 48))
     assert got.dtype == torch.bfloat16
     torch.testing.assert_close(got.float(), expected, rtol=0, atol=2e-2)  # bf16 rounding of the result
     with resize.kernel_only():
-        assert not resize.products_pay(x.bfloat16())
+        assert not resize.products_pay(tracked)
     monkeypatch.setattr(resize, "_native_bf16", lambda: False)
-    assert not resize.products_pay(x.bfloat16())
+    assert not resize.products_pay(tracked)
+
+
+def test_a_forward_alone_and_float32_keep_the_heads_own_upsampling(native):
+    """Validation and prediction (no autograd) and float32 training run the head as transformers built
+    it: its upsampling module runs (hooks on it fire) and is never swapped."""
+    model = _model()
+    seen = []
+    model.head.head[-1].register_forward_hook(lambda m, i, o: seen.append((i[0].dtype, torch.is_grad_enabled())))
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        segment(model, x)
+    segment(model, x)
+    assert seen == [(torch.bfloat16, False), (torch.float32, True)]
 
 
 def test_sizes_past_the_cost_limit_keep_pytorchs_kernel(native, monkeypatch):
@@ -78,8 +96,8 @@ def test_sizes_past_the_cost_limit_keep_pytorchs_kernel(native, monkeypatch):
     calls = []
     kernel = F.interpolate
     monkeypatch.setattr(F, "interpolate", lambda *a, **k: calls.append(1) or kernel(*a, **k))
-    small = torch.randn(1, 2, 96, 96, dtype=torch.bfloat16)
-    big = torch.randn(1, 2, 1024, 1024, dtype=torch.bfloat16)
+    small = torch.randn(1, 2, 96, 96, dtype=torch.bfloat16, requires_grad=True)
+    big = torch.randn(1, 2, 1024, 1024, dtype=torch.bfloat16, requires_grad=True)
     assert resize.products_cost((96, 96), (192, 192)) <= resize.MAX_COST < resize.products_cost((1024, 1024), (2048, 2048))
     resize.resize_bilinear(small, (192, 192))
     assert calls == []
@@ -94,7 +112,7 @@ def test_a_traced_graph_keeps_pytorchs_resize(native):
         seen.append(resize.products_pay(x))
         return resize.resize_bilinear(x, (8, 8))
 
-    torch.jit.trace(f, torch.randn(1, 2, 4, 4, dtype=torch.bfloat16), check_trace=False)
+    torch.jit.trace(f, torch.randn(1, 2, 4, 4, dtype=torch.bfloat16, requires_grad=True), check_trace=False)
     assert seen == [False]
 
 

@@ -1,8 +1,10 @@
-"""DPT's heads as dptune's forward passes run them: the head's own modules, with its bilinear
-upsampling swapped, while it runs, for the same function as a faster kernel
-(``dptune.models.resize``) and, for a segmentation head, in batch chunks where its output would pass
-CUDA's element limit (``dptune.models.chunks``). The head is called as a module (its hooks run) and
-keeps its own layers otherwise, so exports and the stock classes see no change."""
+"""DPT's segmentation head as dptune's forward passes run it: the head's own modules, with its final
+bilinear upsampling swapped, while it runs, for the same function as matrix products where they pay
+(``dptune.models.resize``: training in bf16 on a CPU) and in batch chunks where its output would pass
+CUDA's element limit (``dptune.models.chunks``). The head is called as a module (its hooks run; a hook
+on the upsampling module itself does not while the products stand in for it) and keeps its own layers
+otherwise, so exports and the stock classes see no change. One model run from two threads at once
+could interleave the swaps (as the chunks' swap could before)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,7 @@ import torch
 from torch import nn
 
 from dptune.models.chunks import InChunks, samples_per_chunk
-from dptune.models.resize import ProductUpsample, bilinear_upsampling
+from dptune.models.resize import ProductUpsample, bilinear_upsampling, products_may_run
 
 
 @contextmanager
@@ -39,7 +41,11 @@ def run_head(head: nn.Module, features: Sequence[torch.Tensor]) -> torch.Tensor:
     scale = float(upsampling.scale_factor)
     h, w = (math.floor(n * scale) for n in x.shape[-2:])  # the layers before keep the size
     chunk = samples_per_chunk(head.config.num_labels * h * w)
-    layer = ProductUpsample(upsampling)
-    with _swapped(layers, -1, layer if x.shape[0] <= chunk else InChunks(layer, chunk)):
+    layer = ProductUpsample(upsampling) if products_may_run(x.device) else upsampling
+    if x.shape[0] > chunk:
+        layer = InChunks(layer, chunk)
+    if layer is upsampling:
+        return head(list(features))
+    with _swapped(layers, -1, layer):
         return head(list(features))
 

@@ -3,14 +3,20 @@
 A bilinear resize of an (N, C, h, w) tensor to (H, W) is ``A @ x @ B.T``: ``A`` (H x h) and ``B``
 (W x w) hold each output row's and column's two interpolation weights. PyTorch's own kernel
 (``upsample_bilinear2d``) is slow in bfloat16 on a CPU, its backward most of all; the two products
-run on the CPU's bf16 matrix units. dptune uses them for the segmentation head's final 2x upsampling
-and the loss's upsampling of the auxiliary logits (whose outputs go to the loss), in bfloat16 on a
-CPU with native bf16: a bench-tiny CamVid training step ran 1.06x as fast (docs/benchmarks.md,
-"Bilinear upsampling as matrix products"; ``python -m dptune.tools.resize_step``). Not used: in
-float32 (the products gained little or lost, most under an AVX2 dispatch), on a GPU (not measured),
-in the depth head (its upsampling feeds convolutions, which ran slower on the products' layout), and
-while a graph is traced or compiled (an exported graph keeps its ``Resize`` and dynamic sizes). Both
-compute the same function (``tests/test_resize.py``).
+run on the CPU's bf16 matrix units. dptune uses them in training (autograd recording, a backward to
+follow), in bfloat16 on a CPU with native bf16, for the segmentation head's final 2x upsampling and the
+loss's upsampling of the auxiliary logits (whose outputs go to the loss): a bench-tiny CamVid training
+step ran 1.09x as fast (docs/benchmarks.md, "Bilinear upsampling as matrix products"; ``python -m
+dptune.tools.resize_step``). Not used: in a forward alone (validation, prediction: the kernel was as
+fast or faster there on the channels-last logits a convolution gives), in float32 (the products gained
+little or lost, most under an AVX2 dispatch), on a GPU (not measured), in the depth head (its
+upsampling feeds convolutions, which ran slower on the products' layout), and while a graph is traced
+or compiled (an exported graph keeps its ``Resize`` and dynamic sizes).
+
+Both compute the same function (``tests/test_resize.py``: values and gradients equal in float64). In
+bfloat16 the products round once more than the kernel (their intermediate, and weights such as 95/191
+that bf16 cannot hold): errors against the exact resize up to about twice the kernel's, within bf16's
+rounding. They hold an (N, C, H, w) intermediate: about twice the kernel's memory for the resize.
 """
 
 from __future__ import annotations
@@ -50,16 +56,22 @@ def _weights(n_in: int, n_out: int, align_corners: bool, ratio: float | None, dt
         return out.to(dtype=dtype, device=device)
 
 
-def products_pay(x: torch.Tensor) -> bool:
-    """Whether resizing ``x`` as matrix products is the faster kernel: bfloat16 on a CPU with native
-    bf16, outside tracing and compiling."""
-    if not _ENABLED[0]:
-        return False
-    if x.device.type != "cpu" or x.dtype != torch.bfloat16 or x.dim() != 4:
+def products_may_run(device: torch.device) -> bool:
+    """Whether resizes on ``device`` may run as products now: on a CPU with native bf16, with autograd
+    recording (a backward will follow), outside tracing and compiling."""
+    if not _ENABLED[0] or device.type != "cpu" or not torch.is_grad_enabled():
         return False
     if torch.jit.is_tracing() or torch.onnx.is_in_onnx_export() or torch.compiler.is_compiling():
         return False
     return _native_bf16()
+
+
+def products_pay(x: torch.Tensor) -> bool:
+    """Whether resizing ``x`` as matrix products is the faster kernel: a bfloat16 (N, C, h, w) tensor that
+    autograd tracks, where ``products_may_run``. The gain is the backward's: in a forward alone
+    (validation, prediction) the kernel was as fast or faster on the channels-last logits a CPU
+    convolution gives (150 classes, 2 x 384 x 384: products 0.65x the kernel's speed)."""
+    return x.dtype == torch.bfloat16 and x.dim() == 4 and x.requires_grad and products_may_run(x.device)
 
 
 # the most multiply-adds per output element at which the products are used: on the 2-core AMX Xeon they
