@@ -186,3 +186,15 @@ def test_the_timing_tool_times_both_kernels(tmp_path):
     assert re.search(r"^products median +[0-9.]+ ms/step", out.stdout, re.M), out.stdout
     assert re.search(r"^kernel +median +[0-9.]+ ms/step", out.stdout, re.M), out.stdout
     assert re.search(r"^products over kernel: [0-9.]+x", out.stdout, re.M), out.stdout
+
+
+@pytest.mark.parametrize("args,said", [
+    (["--rounds", "0"], "--rounds 0: at least 1"),
+    (["--sizes", "--rounds", "-1"], "--rounds -1: at least 1"),
+    (["--model", "no-such.json"], "no-such.json: model config not found"),
+    (["--model", "configs/models/depth-anything-tiny.json"], "this tool times DPT segmentation"),
+])
+def test_the_timing_tool_refuses_what_it_cannot_time_in_one_line(args, said):
+    out = subprocess.run([sys.executable, "-m", "dptune.tools.resize_step", *args], cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    assert out.returncode == 2 and said in out.stderr and "Traceback" not in out.stderr, out.stderr

@@ -19,24 +19,26 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import time
-from pathlib import Path
 
 import torch
 
+from dptune.errors import ConfigError
 from dptune.models.resize import bilinear_products, kernel_only, products_cost, products_pay
-from dptune.tools.step_timers import PRESETS
+from dptune.tools.step_timers import PRESETS, model_config
 
 
-def make_step(config: Path, batch: int = 8, crop: int = 192, classes: int = 11):
-    """One training step of dptune's segmentation module with the CamVid recipe's losses."""
+def make_step(cfg, batch: int = 8, crop: int = 192, classes: int = 11):
+    """One training step of dptune's segmentation module with the CamVid recipe's losses, on a DPT config
+    (``classes`` classes; the crop rounded to what its backbone's input must be a multiple of)."""
     from dptune.labels import LabelSet
-    from dptune.models import load_config
+    from dptune.models.dpt_backbone import input_multiple
     from dptune.tasks.segmentation import SegmentationModule
 
     torch.manual_seed(0)
-    cfg = load_config(str(config))
-    cfg.num_labels = classes
+    multiple = input_multiple(cfg)
+    crop = max(multiple, round(crop / multiple) * multiple)
     module = SegmentationModule(
         config=cfg.to_dict(), label_spec=LabelSet(names=[f"class{i}" for i in range(classes)]).to_dict(),
         image_size=crop, lr=5e-4, region_loss="dice", aux_weight=0.4, warmup_steps=0,
@@ -66,10 +68,14 @@ SIZES = [((8, 11, 96, 96), (192, 192)), ((8, 11, 12, 12), (192, 192)), ((8, 11, 
 def time_sizes(rounds: int) -> None:
     import torch.nn.functional as F
 
-    print("# (N, C, h, w) -> (H, W): multiply-adds per output element; ms forward, forward + backward: kernel, products")
-    for shape, big in SIZES:
+    print("# (N, C, h, w) -> (H, W), layout: multiply-adds per output element; ms forward, forward + backward: "
+          "kernel, products")
+    for (shape, big), layout in ((size, layout) for size in SIZES for layout in ("contiguous", "channels-last")):
         gen = torch.Generator().manual_seed(0)
-        x = torch.randn(*shape, generator=gen).bfloat16().requires_grad_(True)
+        x = torch.randn(*shape, generator=gen).bfloat16()
+        if layout == "channels-last":  # as a CPU convolution gives bf16 logits
+            x = x.contiguous(memory_format=torch.channels_last)
+        x.requires_grad_(True)
         grad = torch.randn(*shape[:2], *big, generator=gen).bfloat16()
         kernels = {"kernel": lambda x=x, big=big: F.interpolate(x, size=big, mode="bilinear", align_corners=False),
                    "products": lambda x=x, big=big: bilinear_products(x, big)}
@@ -86,21 +92,33 @@ def time_sizes(rounds: int) -> None:
                     best[name, "forward"] = min(best[name, "forward"], forward)
                     best[name, "both"] = min(best[name, "both"], both)
         ms = "  ".join(f"{best[k, p] * 1e3:7.1f}" for p in ("forward", "both") for k in kernels)
-        print(f"{shape} -> {big}  {products_cost(shape[-2:], big):5.0f}  {ms}", flush=True)
+        print(f"{shape} -> {big} {layout:13s} {products_cost(shape[-2:], big):5.0f}  {ms}", flush=True)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--rounds", type=int, default=12)
-    ap.add_argument("--model", type=Path, default=PRESETS["dpt-bench-tiny"], help="a DPTConfig JSON")
+    ap.add_argument("--rounds", type=int, default=12, help="timed rounds (at least 1)")
+    ap.add_argument("--model", default="dpt-bench-tiny", help=f"a preset {sorted(PRESETS)} or a DPTConfig JSON "
+                    "(DPT segmentation: model_type dpt)")
     ap.add_argument("--sizes", action="store_true", help="time the resize alone at several sizes instead")
     args = ap.parse_args(argv)
+    if args.rounds < 1:
+        ap.error(f"--rounds {args.rounds}: at least 1")
     if args.sizes:
         time_sizes(args.rounds)
-        return
-    used = products_pay(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16))
+        return 0
+    try:
+        cfg = model_config(args.model, 11)
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if cfg.model_type != "dpt":
+        print(f"error: {args.model}: a {cfg.model_type} config; this tool times DPT segmentation (model_type dpt)",
+              file=sys.stderr)
+        return 2
+    used = products_pay(torch.zeros(1, 1, 2, 2, dtype=torch.bfloat16, requires_grad=True))
     print(f"# products {'used' if used else 'not used on this machine'}; {torch.get_num_threads()} threads")
-    step = make_step(args.model)
+    step = make_step(cfg)
     for _ in range(3):
         step()
     took: dict[str, list[float]] = {"products": [], "kernel": []}
@@ -119,7 +137,8 @@ def main(argv: list[str] | None = None) -> None:
     for name, ms in med.items():
         print(f"{name:8s} median {ms:7.1f} ms/step  best {min(took[name]) * 1e3:7.1f}")
     print(f"products over kernel: {med['kernel'] / med['products']:.3f}x the steps per second")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())
