@@ -6,7 +6,7 @@ A bilinear resize of an (N, C, h, w) tensor to (H, W) is ``A @ x @ B.T``: ``A`` 
 run on the CPU's bf16 matrix units. dptune uses them in training (autograd recording, a backward to
 follow), in bfloat16 on a CPU with native bf16, for the segmentation head's final 2x upsampling and the
 loss's upsampling of the auxiliary logits (whose outputs go to the loss): a bench-tiny CamVid training
-step ran 1.09x as fast (docs/benchmarks.md, "Bilinear upsampling as matrix products"; ``python -m
+step ran 1.07-1.09x as fast (docs/benchmarks.md, "Bilinear upsampling as matrix products"; ``python -m
 dptune.tools.resize_step``). Not used: in a forward alone (validation, prediction: the kernel was as
 fast or faster there on the channels-last logits a convolution gives), in float32 (the products gained
 little or lost, most under an AVX2 dispatch), on a GPU (not measured), in the depth head (its
@@ -74,10 +74,11 @@ def products_pay(x: torch.Tensor) -> bool:
     return x.dtype == torch.bfloat16 and x.dim() == 4 and x.requires_grad and products_may_run(x.device)
 
 
-# the most multiply-adds per output element at which the products are used: on the 2-core AMX Xeon they
-# were as fast as the kernel or faster, forward and backward, at every size timed, up to 1024 (a 1024 x 2048
-# frame's logits from 512 x 1024; ``python -m dptune.tools.resize_step --sizes``); past it, not timed
-MAX_COST = 1024
+# the most multiply-adds per output element at which the products are used: on the 2-core AMX Xeon their
+# forward + backward was faster than the kernel's at every size timed up to 576 (19 classes, 384 x 384 ->
+# 768 x 768), on contiguous and on channels-last input, and 1.5x slower at 1024 on channels-last input
+# (a 1024 x 2048 frame's logits; ``python -m dptune.tools.resize_step --sizes``)
+MAX_COST = 576
 
 
 @functools.cache
