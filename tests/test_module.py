@@ -255,3 +255,42 @@ def test_heads_held_at_learning_rate_zero_are_said(tiny_config, caplog):
     with caplog.at_level("WARNING"):
         _module(tiny_config, head_lr_mult=0.0)
     assert "model.head_lr_mult 0: the neck and heads do not train" in caplog.text
+
+
+@pytest.mark.parametrize("kind", ["channel", "element", "none"])
+def test_head_dropout_drops_whole_channels_single_activations_or_nothing(tiny_config, kind):
+    """``head_dropout``: ``channel`` (the default) zeroes whole feature maps of a sample in both heads, the
+    cheap draw on a CPU; ``element`` single activations, as transformers' heads do; ``none`` nothing. The
+    kept values are scaled by 1 / (1 - p) in training; validation runs them unchanged."""
+    m = _module(tiny_config) if kind == "channel" else _module(tiny_config, head_dropout=kind)
+    seen = []
+    for head in (m.model.head, m.model.auxiliary_head):
+        layer = head.head[3]  # conv, norm, activation, dropout, classifier
+        expected = {"channel": torch.nn.Dropout2d, "element": torch.nn.Dropout, "none": torch.nn.Identity}[kind]
+        assert type(layer) is expected
+        if kind != "none":
+            layer.p = 0.5  # (0.1 as built) for a clear count of what is dropped
+        layer.register_forward_hook(lambda mod, i, o: seen.append((i[0].detach(), o.detach())))
+    torch.manual_seed(0)
+    images = torch.randint(0, 256, (4, 3, 64, 64), dtype=torch.uint8)
+    m(images)
+    assert len(seen) == 2  # both heads ran (training with the auxiliary head)
+    for x, y in seen:
+        live = x != 0  # after a ReLU: the activations dropout can change
+        zeroed = (y == 0) & live
+        kept = (y != 0) & live
+        if kind == "none":
+            assert torch.equal(x, y)
+            continue
+        torch.testing.assert_close(y[kept], x[kept] * 2.0)  # 1 / (1 - 0.5)
+        assert 0.3 < zeroed.sum() / live.sum() < 0.7
+        planes = zeroed.flatten(2).any(2), (kept.flatten(2)).any(2)  # per (sample, channel): any zeroed / kept
+        mixed = (planes[0] & planes[1]).sum()
+        if kind == "channel":
+            assert mixed == 0  # a feature map is dropped or kept as a whole
+        else:
+            assert mixed > 0.5 * planes[0].numel()
+    seen.clear()
+    m.eval()
+    m(images, with_aux=True)
+    assert all(torch.equal(x, y) for x, y in seen)
