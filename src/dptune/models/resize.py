@@ -70,7 +70,7 @@ def products_pay(x: torch.Tensor) -> bool:
     """Whether resizing ``x`` as matrix products is the faster kernel: a bfloat16 (N, C, h, w) tensor that
     autograd tracks, where ``products_may_run``. The gain is the backward's: in a forward alone
     (validation, prediction) the kernel was as fast or faster on the channels-last logits a CPU
-    convolution gives (150 classes, 2 x 384 x 384: products 0.65x the kernel's speed)."""
+    convolution gives (150 classes, 2 x 192 x 192 -> 384 x 384: 38.1 against 80.9 ms, ``resize_step --sizes``)."""
     return x.dtype == torch.bfloat16 and x.dim() == 4 and x.requires_grad and products_may_run(x.device)
 
 
