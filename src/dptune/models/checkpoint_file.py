@@ -118,8 +118,6 @@ def _reason(text: str, e: BaseException) -> str:
     return first.split(". ")[0]  # torch's zip reader goes on about how files get corrupted
 
 
-
-
 def dptune_parts(ckpt: dict[str, Any], path: str) -> tuple[dict[str, Any], dict[str, Any]]:
     """(the ``dptune`` metadata, the hyperparameters) of a dptune checkpoint; one line naming what is
     missing when it is not one (or not a whole one)."""

@@ -30,22 +30,22 @@ def _swapped(layers: nn.Sequential, index: int, layer: nn.Module) -> Iterator[No
 
 
 def run_head(head: nn.Module, features: Sequence[torch.Tensor]) -> torch.Tensor:
-    """``head(features)`` for transformers' DPT segmentation head (a Sequential ending in a bilinear
-    upsampling). The layers before the upsampling see the whole batch, so BatchNorm's batch statistics
-    are the same with chunks."""
+    """``head(features)`` for transformers' DPT segmentation head (a Sequential ending in an upsampling,
+    bilinear in every DPT). The layers before the upsampling see the whole batch, so BatchNorm's batch
+    statistics are the same with chunks."""
     layers = getattr(head, "head", None)
-    if not (isinstance(layers, nn.Sequential) and bilinear_upsampling(layers[-1])):
+    if not (isinstance(layers, nn.Sequential) and isinstance(layers[-1], nn.Upsample)):
         return head(list(features))
     upsampling = layers[-1]
     x = features[head.config.head_in_index]
     scale = float(upsampling.scale_factor)
     h, w = (math.floor(n * scale) for n in x.shape[-2:])  # the layers before keep the size
     chunk = samples_per_chunk(head.config.num_labels * h * w)
-    layer = ProductUpsample(upsampling) if products_may_run(x.device) else upsampling
+    products = bilinear_upsampling(upsampling) and products_may_run(x.device)
+    layer = ProductUpsample(upsampling) if products else upsampling
     if x.shape[0] > chunk:
         layer = InChunks(layer, chunk)
     if layer is upsampling:
         return head(list(features))
     with _swapped(layers, -1, layer):
         return head(list(features))
-

@@ -99,16 +99,18 @@ def kernel_only() -> Iterator[None]:
         _ENABLED[0] = True
 
 
-def resize_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False,
-                    scale_factor: tuple[float, float] | None = None) -> torch.Tensor:
+def resize_bilinear(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False) -> torch.Tensor:
     """``F.interpolate(x, size, mode="bilinear", align_corners=align_corners)``, as matrix products
-    where they pay (``products_pay``). ``scale_factor``, where the caller's resize was given one, is
-    what PyTorch reads the source positions by (not in / out) when corners are not aligned."""
-    if products_pay(x) and products_cost(x.shape[-2:], size) <= MAX_COST:
-        return bilinear_products(x, size, align_corners, scale_factor)
-    if scale_factor is not None:
-        return F.interpolate(x, scale_factor=scale_factor, mode="bilinear", align_corners=align_corners)
+    where they pay (``use_products``)."""
+    if use_products(x, size):
+        return bilinear_products(x, size, align_corners)
     return F.interpolate(x, size=tuple(size), mode="bilinear", align_corners=align_corners)
+
+
+def use_products(x: torch.Tensor, size: tuple[int, int]) -> bool:
+    """Whether resizing ``x`` to ``size`` runs as products: where they pay (``products_pay``), up to
+    ``MAX_COST`` multiply-adds per output element."""
+    return products_pay(x) and products_cost(x.shape[-2:], size) <= MAX_COST
 
 
 def bilinear_products(x: torch.Tensor, size: tuple[int, int], align_corners: bool = False,
@@ -143,13 +145,14 @@ class ProductUpsample(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         up = self.layer
-        if not products_pay(x):
-            return up(x)
         if up.size is not None:
-            return resize_bilinear(x, _pair(up.size), bool(up.align_corners))
-        scale = _pair(up.scale_factor)
-        size = (math.floor(x.shape[-2] * scale[0]), math.floor(x.shape[-1] * scale[1]))
-        return resize_bilinear(x, size, bool(up.align_corners), None if up.recompute_scale_factor else scale)
+            size, scale = _pair(up.size), None
+        else:
+            scale = _pair(up.scale_factor)
+            size = (math.floor(x.shape[-2] * scale[0]), math.floor(x.shape[-1] * scale[1]))
+        if not use_products(x, size):
+            return up(x)
+        return bilinear_products(x, size, bool(up.align_corners), None if up.recompute_scale_factor else scale)
 
 
 def _pair(value) -> tuple:
