@@ -468,7 +468,7 @@ def test_a_bug_while_the_trainer_is_built_keeps_its_traceback(monkeypatch, tmp_p
         return None + 1
 
     monkeypatch.chdir(REPO)
-    monkeypatch.setattr(hardware, "_threads_for", bug)
+    monkeypatch.setattr(hardware, "_cpu_settings_for", bug)
     with pytest.raises(TypeError, match="NoneType"):
         main(["fit", "--config", "configs/quickstart.yaml", "--trainer.max_steps", "1",
               "--trainer.default_root_dir", str(tmp_path)])

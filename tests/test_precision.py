@@ -15,7 +15,7 @@ import yaml
 from conftest import CAMVID, KITCHEN, REPO, TINY, needs, run_python
 
 from dptune import cores
-from dptune.training import hardware
+from dptune.training import hardware, memory
 from dptune.training.hardware import resolve_precision
 
 # what torch dispatches on an AVX2-only CPU: both torch's own kernels and oneDNN held to AVX2
@@ -104,6 +104,8 @@ def test_a_run_logs_and_records_its_precision(tmp_path, extra, expect, requested
     assert bool(chosen) == (requested == "auto"), proc.stderr[-3000:]
     if chosen:
         assert "32-true" in chosen[0] and "AVX2" in chosen[0]
+    if memory.glibc() is not None and memory.left_to() is None:  # a CPU run's allocator setting, said once
+        assert sum("glibc malloc keeps freed blocks" in line for line in proc.stderr.splitlines()) == 1, proc.stderr[-3000:]
     ckpt = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)
     assert ckpt["dptune"]["precision"]["precision"] == expect
     assert ckpt["dptune"]["precision"]["requested"] == requested

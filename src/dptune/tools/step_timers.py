@@ -54,6 +54,7 @@ def time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
 
     from dptune.labels import LabelSet
     from dptune.tasks.segmentation import SegmentationModule
+    from dptune.training.memory import keep_freed_memory
 
     cfg = model_config(opts["model"], opts["num_labels"])
     names = [f"class{i}" for i in range(cfg.num_labels)]
@@ -89,6 +90,8 @@ def time_dptune(opts: dict[str, Any]) -> dict[str, Any]:
                 for hook in ranges:
                     hook.remove()
 
+    if opts["device"] != "cuda":  # what ``dptune fit`` sets on a CPU (the plain recipe keeps glibc's defaults)
+        keep_freed_memory()
     trainer = pl.Trainer(
         accelerator="gpu" if opts["device"] == "cuda" else "cpu", devices=1, precision=opts["precision"],
         max_steps=len(data), logger=False, enable_checkpointing=False, enable_progress_bar=False,

@@ -21,6 +21,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from dptune.cores import cpu_native_bf16, usable_cores
+from dptune.training.memory import keep_freed_memory
 from dptune.training.summary import gives_summary, use_model_table
 
 log = logging.getLogger("dptune")
@@ -81,8 +82,11 @@ def _resolve_for(precision: Any, settings: dict[str, Any]) -> tuple[Any, str]:
     return resolve_precision(precision, settings.get("accelerator", AUTO), settings.get("strategy", AUTO))
 
 
-def _threads_for(settings: dict[str, Any]) -> str | None:
-    return None if _uses_cuda(settings.get("accelerator", AUTO)) else fit_threads()
+def _cpu_settings_for(settings: dict[str, Any]) -> list[str]:
+    """A CPU run's threads and allocator (``dptune.training.memory``), set here; what changed, in words."""
+    if _uses_cuda(settings.get("accelerator", AUTO)):
+        return []
+    return [said for said in (fit_threads(), keep_freed_memory()) if said]
 
 
 class DPTuneTrainer(Trainer):
@@ -95,7 +99,7 @@ class DPTuneTrainer(Trainer):
         resolved, reason = _resolve_for(precision, kwargs)
         self.precision_requested = AUTO if precision is None else precision
         self.precision_reason = reason
-        threads = _threads_for(kwargs)
+        cpu_settings = _cpu_settings_for(kwargs)
         own_summary = gives_summary(kwargs)
         super().__init__(*args, precision=resolved, **kwargs)
         if kwargs.get("sync_batchnorm") and self.world_size > 1 and self.strategy.root_device.type != "cuda":
@@ -110,8 +114,8 @@ class DPTuneTrainer(Trainer):
         if self.is_global_zero:
             if reason != "as given":
                 log.info("precision %s chosen: %s (--trainer.precision overrides)", self.precision, reason)
-            if threads:
-                log.info(threads)
+            for said in cpu_settings:
+                log.info(said)
 
 
 def check_nodes(trainer: Trainer) -> None:
