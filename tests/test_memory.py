@@ -81,3 +81,31 @@ def test_what_leaves_malloc_to_the_user_is_named(env, named):
                                  {"LD_PRELOAD": " "}])
 def test_nothing_of_the_users_leaves_malloc_to_dptune(env):
     assert memory.left_to(env) is None
+
+
+def _tool(*args: str, **env: str) -> subprocess.CompletedProcess:
+    clean = {k: v for k, v in os.environ.items() if k not in (*memory.USER_SETTINGS, memory.OPT_OUT, "LD_PRELOAD")}
+    return subprocess.run([sys.executable, "-m", "dptune.tools.malloc_step", *args], env=dict(clean, **env),
+                          capture_output=True, text=True, timeout=600)
+
+
+def test_the_step_tool_times_both_settings_and_counts_the_faults_it_saves():
+    out = _tool("--rounds", "1", "--steps", "5", "--tasks", "depth")
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = {line.split()[1]: line.split() for line in out.stdout.splitlines() if line.startswith("depth ")
+            and line.split()[1] in ("dptune", "system")}
+    assert float(rows["dptune"][4]) < 50 < float(rows["system"][4]), out.stdout  # faults per step
+    assert "x the steps per second" in out.stdout
+
+
+@pytest.mark.parametrize("args, env, said", [
+    (["--rounds", "0"], {}, "--rounds 0"),
+    (["--steps", "-1"], {}, "--steps -1"),
+    (["--tasks", "pose"], {}, "--tasks 'pose'"),
+    (["--tasks", " , "], {}, "--tasks"),
+    ([], {"DPTUNE_MALLOC": "system"}, "DPTUNE_MALLOC=system"),
+])
+def test_the_step_tool_refuses_bad_settings_in_one_line(args, env, said):
+    out = _tool(*args, **env)
+    err = [line for line in out.stderr.splitlines() if "error" in line]
+    assert out.returncode == 2 and len(err) == 1 and said in err[0] and "Traceback" not in out.stderr, out.stderr
