@@ -6,11 +6,12 @@ from __future__ import annotations
 import logging
 import os
 from typing import Any
+from weakref import proxy
 
 import lightning.pytorch as pl
 from lightning.pytorch.callbacks import Callback, ModelCheckpoint
 
-from dptune.training.checkpoint_state import follow_moved, template_field
+from dptune.training.checkpoint_state import follow_moved, same_file, template_field, twin_file
 
 log = logging.getLogger(__name__)
 
@@ -22,7 +23,8 @@ class Checkpoint(ModelCheckpoint):
 
     Lightning 2.6 only refreshes ``last.ckpt`` when a top-k checkpoint is written in the same
     step, so a run whose metric stops improving would leave a stale ``last.ckpt`` to resume
-    from or export.
+    from or export. At a step that wrote a best checkpoint, ``last.ckpt`` is a hard link to it (the
+    same bytes, written once: ``checkpoint_state.twin_file``).
 
     A run whose weights or optimizer state hold a NaN or inf has diverged: no checkpoint of it is
     written or selected as best (the run stops with one line instead; while Lightning handles
@@ -117,9 +119,20 @@ class Checkpoint(ModelCheckpoint):
                 return
         # atomic: a job killed while writing leaves the previous file, never half of a new one
         partial = f"{filepath}.partial"
-        super()._save_checkpoint(trainer, partial)
-        if trainer.is_global_zero:
-            os.replace(partial, filepath)
+        twin = None if self._in_exception or filepath != self.last_model_path else \
+            twin_file(getattr(self, "_written", None), trainer.global_step, filepath, len(trainer.checkpoint_callbacks))
+        if twin is None:
+            super()._save_checkpoint(trainer, partial)
+            if trainer.is_global_zero:
+                os.replace(partial, filepath)
+            self._written = (trainer.global_step, filepath, self.last_model_path)
+        else:
+            if trainer.is_global_zero:
+                same_file(twin, partial)
+                os.replace(partial, filepath)
+            self._last_global_step_saved = trainer.global_step
+            for logger in trainer.loggers if trainer.is_global_zero else []:
+                logger.after_save_checkpoint(proxy(self))  # as Lightning's own save tells them
         trainer.strategy.barrier("dptune-checkpoint")
         self._last_checkpoint_saved = filepath
         if filepath == self.last_model_path:
