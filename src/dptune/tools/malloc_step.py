@@ -7,8 +7,10 @@ Two steps, on random data at the recipes' sizes: **depth**, the 7-Scenes recipe'
 model, a batch of 8 at 224 x 224, SILog, metric head up to 10 m) and **segmentation**, CamVid's (bench-tiny,
 11 classes, a batch of 8 at 192 x 192, cross-entropy + Dice and the auxiliary head at 0.4); forward,
 loss, backward and a fused AdamW step under the precision ``auto`` picks (said in the first line), with
-the attention ``auto`` picks. Per process: 3 warm-up steps, then ``--steps`` timed; the median step and the
-minor page faults per step (the kernel's count of fresh pages touched). Medians over the rounds.
+the attention ``auto`` picks. Per process: 3 warm-up steps, then ``--steps`` timed; the median step in
+wall-clock and in CPU time (all the process's threads: on a machine shared with other work, the wall clock
+also holds their time) and the minor page faults per step (the kernel's count of fresh pages touched).
+Medians over the rounds. The models are the bench-tiny ones of ``../shared/bench``, written into the tool.
 """
 
 from __future__ import annotations
@@ -26,36 +28,48 @@ TASKS = ("depth", "segmentation")
 SETTINGS = ("dptune", "system")  # dptune's setting, glibc's defaults
 
 
-def make_depth_step(batch: int = 8, size: int = 224):
-    """The 7-Scenes recipe's training step (``configs/depth/7scenes.yaml``) on the bench-tiny depth model."""
+# the bench-tiny models of ../shared/bench (dpt-bench-tiny.json, dpt-depth-bench-tiny.json), written here so
+# that the tool runs without that folder
+BENCH_TINY = {"hidden_size": 192, "num_hidden_layers": 6, "num_attention_heads": 3, "intermediate_size": 768,
+              "image_size": 192, "patch_size": 16, "backbone_out_indices": [1, 3, 4, 5],
+              "neck_hidden_sizes": [48, 96, 192, 192], "fusion_hidden_size": 64, "reassemble_factors": [4, 2, 1, 0.5]}
+
+
+def make_step(task: str, batch: int = 8):
+    """One training step of the 7-Scenes depth recipe (224 x 224) or the CamVid segmentation recipe (192 x
+    192, 11 classes, Dice and the auxiliary head at 0.4) on the bench-tiny model, random data, with the
+    precision and attention ``auto`` picks on this CPU."""
     import torch
+    from transformers import DPTConfig
 
     from dptune.models.attention import auto_attention
-    from dptune.tasks.depth import DepthModule
-    from dptune.tools.step_timers import REPO, model_config
     from dptune.training.hardware import resolve_precision
 
     torch.manual_seed(0)
-    cfg = model_config(str(REPO.parent / "shared" / "bench" / "dpt-depth-bench-tiny.json"), None)
-    tokens = (size // cfg.patch_size) ** 2 + 1
-    module = DepthModule(config=cfg.to_dict(), mode="metric", max_depth=10.0, init_depth=2.0, image_size=size,
-                         lr=5e-4, weight_decay=0.05, warmup_steps=0,
-                         attn_implementation=auto_attention("cpu", resolve_precision("auto", "cpu")[0], tokens)[0],
-                         ).train()
-    return _step(module, torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8),
-                 torch.rand(batch, size, size) * 4 + 0.5)
+    precision = resolve_precision("auto", "cpu")[0]
+    size = 224 if task == "depth" else 192
+    common = dict(image_size=size, lr=5e-4, weight_decay=0.05, warmup_steps=0,
+                  attn_implementation=auto_attention("cpu", precision, (size // 16) ** 2 + 1)[0])
+    if task == "depth":
+        from dptune.tasks.depth import DepthModule
 
+        module = DepthModule(config=DPTConfig(**BENCH_TINY).to_dict(), mode="metric", max_depth=10.0,
+                             init_depth=2.0, **common)
+        target = torch.rand(batch, size, size) * 4 + 0.5
+    else:
+        from dptune.labels import LabelSet
+        from dptune.tasks.segmentation import SegmentationModule
 
-def _step(module, images, target):
-    import torch
-
-    from dptune.training.hardware import resolve_precision
-
+        cfg = DPTConfig(**BENCH_TINY, use_auxiliary_head=True, auxiliary_loss_weight=0.4, num_labels=11)
+        module = SegmentationModule(config=cfg.to_dict(), label_spec=LabelSet(names=[f"c{i}" for i in range(11)]).to_dict(),
+                                    region_loss="dice", aux_weight=0.4, **common)
+        target = torch.randint(0, 11, (batch, size, size))
+    module.train()
+    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=5e-4, fused=True)
-    bf16 = resolve_precision("auto", "cpu")[0] == "bf16-mixed"
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
             out = module(images)
             losses = module.loss(*out, target) if isinstance(out, tuple) else module.loss(out, target)
             loss = losses["loss"] if isinstance(losses, dict) else losses
@@ -70,25 +84,30 @@ def child(task: str, steps: int) -> dict[str, float]:
     """One process's timing of one task's step (run with ``--child TASK``)."""
     from dptune.training.memory import keep_freed_memory
 
-    keep_freed_memory()  # a no-op under DPTUNE_MALLOC=system
-    if task == "depth":
-        step = make_depth_step()
-    else:
-        from dptune.tools.resize_step import make_step
-        from dptune.tools.step_timers import model_config
-
-        step = make_step(model_config("dpt-bench-tiny", 11))
+    said = keep_freed_memory()
+    step = make_step(task)
     for _ in range(3):
         step()
-    took, faults = [], []
+    took, cpu, faults = [], [], []
     for _ in range(steps):
         before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         step()
         took.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
         faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return {"ms": statistics.median(took) * 1e3, "faults": statistics.median(faults),
-            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+    return {"ms": statistics.median(took) * 1e3, "cpu_ms": statistics.median(cpu) * 1e3,
+            "faults": statistics.median(faults),
+            "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+            "kept": bool(said and said.startswith("glibc malloc keeps"))}
+
+
+def failure(proc: subprocess.CompletedProcess) -> str:
+    """Why a child process failed, in one line."""
+    if proc.returncode < 0:
+        return f"killed by signal {-proc.returncode}"
+    lines = [line.strip() for line in proc.stderr.splitlines() if line.strip()]
+    return lines[-1] if lines else f"exit status {proc.returncode}, nothing on stderr"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -100,22 +119,32 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.rounds < 1 or args.steps < 1:
         ap.error(f"--rounds {args.rounds} --steps {args.steps}: at least 1 each")
-    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    tasks = list(dict.fromkeys(t.strip() for t in args.tasks.split(",") if t.strip()))
     if not tasks or any(t not in TASKS for t in tasks):
         ap.error(f"--tasks {args.tasks!r}: comma-separated, of {list(TASKS)}")
     if args.child:
         print(json.dumps(child(args.child, args.steps)))
         return 0
+    from dptune.errors import ConfigError
     from dptune.training.hardware import resolve_precision
-    from dptune.training.memory import left_to
+    from dptune.training.memory import glibc, left_to
 
-    if left_to() is not None:
-        print(f"error: {left_to()}: this tool sets the allocator itself; run it without", file=sys.stderr)
+    try:
+        left = left_to()
+    except ConfigError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    if left is not None:
+        print(f"error: {left}: this tool sets the allocator itself; run it without", file=sys.stderr)
+        return 2
+    if glibc() is None:
+        print("error: this process's malloc is not glibc's (another OS or C library, or an allocator in LD_PRELOAD): "
+              "there is no setting to time", file=sys.stderr)
         return 2
     import torch
 
-    print(f"# precision {resolve_precision('auto', 'cpu')[0]}, {torch.get_num_threads()} threads; "
-          "median ms per step, minor page faults per step, peak RSS MiB")
+    print(f"# precision {resolve_precision('auto', 'cpu')[0]}, {torch.get_num_threads()} threads; median per step: "
+          "wall-clock ms, CPU ms (all threads; a busy machine's other work stays out), minor page faults; peak RSS")
     for task in tasks:
         rows: dict[str, list[dict[str, float]]] = {s: [] for s in SETTINGS}
         for r in range(args.rounds):
@@ -124,15 +153,19 @@ def main(argv: list[str] | None = None) -> int:
                 proc = subprocess.run([sys.executable, "-m", "dptune.tools.malloc_step", "--child", task,
                                        "--steps", str(args.steps)], env=env, capture_output=True, text=True)
                 if proc.returncode != 0:
-                    print(f"error: the {task} step ({setting}) failed: {proc.stderr.strip().splitlines()[-1:]}",
-                          file=sys.stderr)
+                    print(f"error: the {task} step ({setting}) failed: {failure(proc)}", file=sys.stderr)
                     return 1
-                rows[setting].append(json.loads(proc.stdout.strip().splitlines()[-1]))
+                row = json.loads(proc.stdout.strip().splitlines()[-1])
+                if row.pop("kept") != (setting == "dptune"):
+                    print(f"error: the {task} step ({setting}) ran with the other allocator setting", file=sys.stderr)
+                    return 1
+                rows[setting].append(row)
         med = {s: {k: statistics.median(r[k] for r in rows[s]) for k in rows[s][0]} for s in SETTINGS}
         for s in SETTINGS:
-            print(f"{task:12s} {s:7s} {med[s]['ms']:7.1f} ms  {med[s]['faults']:8.0f} faults  "
-                  f"{med[s]['peak_rss_mib']:7.0f} MiB", flush=True)
-        print(f"{task:12s} dptune's setting: {med['system']['ms'] / med['dptune']['ms']:.3f}x the steps per second")
+            print(f"{task:12s} {s:7s} {med[s]['ms']:7.1f} ms  {med[s]['cpu_ms']:7.1f} CPU ms  {med[s]['faults']:8.0f} "
+                  f"faults  {med[s]['peak_rss_mib']:7.0f} MiB", flush=True)
+        print(f"{task:12s} dptune's setting: {med['system']['ms'] / med['dptune']['ms']:.3f}x the steps per second, "
+              f"{med['system']['cpu_ms'] / med['dptune']['cpu_ms']:.3f}x per CPU second")
     return 0
 
 

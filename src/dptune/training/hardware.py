@@ -21,7 +21,7 @@ import torch
 from lightning.pytorch import Trainer
 
 from dptune.cores import cpu_native_bf16, usable_cores
-from dptune.training.memory import keep_freed_memory
+from dptune.training.memory import KeepFreedMemory, keep_freed_memory
 from dptune.training.summary import gives_summary, use_model_table
 
 log = logging.getLogger("dptune")
@@ -82,10 +82,11 @@ def _resolve_for(precision: Any, settings: dict[str, Any]) -> tuple[Any, str]:
     return resolve_precision(precision, settings.get("accelerator", AUTO), settings.get("strategy", AUTO))
 
 
-def _cpu_settings_for(settings: dict[str, Any]) -> list[str]:
-    """A CPU run's threads and allocator (``dptune.training.memory``), set here; what changed, in words."""
+def _cpu_settings_for(settings: dict[str, Any]) -> list[str] | None:
+    """A CPU run's threads and allocator (``dptune.training.memory``), set here; what was done, in words
+    (None for a CUDA run)."""
     if _uses_cuda(settings.get("accelerator", AUTO)):
-        return []
+        return None
     return [said for said in (fit_threads(), keep_freed_memory()) if said]
 
 
@@ -108,13 +109,15 @@ class DPTuneTrainer(Trainer):
             raise ConfigError(f"trainer.sync_batchnorm true: PyTorch syncs BatchNorm on GPUs only, this run is on "
                               f"{self.strategy.root_device.type}; leave it out (dptune's model.sync_batchnorm, on by "
                               "default, syncs the neck's and heads' BatchNorm in multi-GPU runs)")
+        if cpu_settings is not None:  # every process of the run, a spawned one too, keeps freed memory
+            self.callbacks.append(KeepFreedMemory())
         check_nodes(self)
         if not own_summary:
             use_model_table(self)
         if self.is_global_zero:
             if reason != "as given":
                 log.info("precision %s chosen: %s (--trainer.precision overrides)", self.precision, reason)
-            for said in cpu_settings:
+            for said in cpu_settings or []:
                 log.info(said)
 
 
