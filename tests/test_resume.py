@@ -44,6 +44,9 @@ def test_resume_into_a_longer_run_follows_the_longer_schedule(tmp_path):
     one = _ckpt(run)
     resumed = quickstart(run, 3, "--trainer.callbacks+=sigterm_helper.StepLog", log, "--ckpt_path", "last")
     assert "the schedule follows this run" in resumed.stderr
+    # the finished run's last.ckpt, written at the validation that ended its epoch, is dptune's own record:
+    # it was said to be "not a record dptune wrote", its epoch "drawn afresh"
+    assert "not a record dptune wrote" not in resumed.stderr and "drawn afresh" not in resumed.stderr, resumed.stderr
 
     _, ref = read_log(f"{full}.log")
     starts, got = read_log(f"{run}.log")

@@ -165,8 +165,10 @@ def rebatch(ckpt: dict[str, Any], key: str, n: int, batch_size: int, trainer,
         return None
     # an epoch whose samples were all trained, and whose restart Lightning begins inside it (an epoch ended
     # and validated has begun none since): counted as a whole epoch of this run's, so that the restart ends it
-    # (a count below the new epoch's length was taken for the next epoch's first batches, which it then skipped)
-    if state["done"] and not (cut or epoch_started(ckpt)):
+    # (a count below the new epoch's length was taken for the next epoch's first batches, which it then skipped).
+    # Written at the validation that ends the epoch (the last.ckpt of a finished run, extended by a resume),
+    # Lightning's loop state counts the epoch processed already and starts the next: nothing to count either
+    if state["done"] and not cut and (not epoch_started(ckpt) or loop_epoch(ckpt) == state["epoch"] + 1):
         return None
     current, total = progress
     batches = restart_count(current, total)
