@@ -56,10 +56,16 @@ def same_file(source: str, path: str) -> None:
     try:
         os.link(source, path)
     except OSError:
-        shutil.copyfile(source, path)
+        try:
+            shutil.copyfile(source, path)
+        except BaseException:  # a full disk: no half copy left behind
+            if os.path.lexists(path):
+                os.remove(path)
+            raise
 
 
-def twin_file(written: tuple[int, str, str] | None, step: int, last: str, callbacks: int) -> str | None:
+def twin_file(written: tuple[int, str, str] | None, step: int, last: str, callbacks: int,
+              clocked: bool = False) -> str | None:
     """The file a step wrote already that holds what its ``last.ckpt`` would: the step's best checkpoint,
     written (``written``: its step, its path, the last checkpoint its state named) with this same
     ``last.ckpt`` named as the last one (every such pair of a run but its first). Each file holds the
@@ -67,8 +73,10 @@ def twin_file(written: tuple[int, str, str] | None, step: int, last: str, callba
     state names its best and last files, the same in both); the second write of the same bytes took about
     as long as the first (0.5 s for the 7-Scenes recipe's 55 MB here), in every epoch that improved. None
     where the state could differ or the file cannot be linked: another step, another checkpoint callback
-    (``callbacks`` > 1: its state may change between the two writes), a remote folder."""
-    if written is None or callbacks != 1 or "://" in last and not last.startswith("file://"):
+    (``callbacks`` > 1: its state may change between the two writes), state that follows the clock
+    (``clocked``: Lightning's ``Timer`` of ``max_time`` records the time trained at each write), a remote
+    folder."""
+    if written is None or callbacks != 1 or clocked or "://" in last and not last.startswith("file://"):
         return None
     at, path, last_then = written
     return path if at == step and path != last and last_then == last else None

@@ -9,7 +9,7 @@ from typing import Any
 from weakref import proxy
 
 import lightning.pytorch as pl
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, ModelCheckpoint, Timer
 
 from dptune.training.checkpoint_state import follow_moved, same_file, template_field, twin_file
 
@@ -120,7 +120,8 @@ class Checkpoint(ModelCheckpoint):
         # atomic: a job killed while writing leaves the previous file, never half of a new one
         partial = f"{filepath}.partial"
         twin = None if self._in_exception or filepath != self.last_model_path else \
-            twin_file(getattr(self, "_written", None), trainer.global_step, filepath, len(trainer.checkpoint_callbacks))
+            twin_file(getattr(self, "_written", None), trainer.global_step, filepath, len(trainer.checkpoint_callbacks),
+                      clocked=any(isinstance(cb, Timer) for cb in trainer.callbacks))
         if twin is None:
             super()._save_checkpoint(trainer, partial)
             if trainer.is_global_zero:
