@@ -18,21 +18,27 @@ pytestmark = pytest.mark.skipif(memory.glibc() is None, reason="glibc's malloc o
 # a CPU trainer built the way ``dptune fit`` builds it, then a step's worth of large tensors (51 MB each: the
 # 7-Scenes depth head's feature maps under 32-true, what an AVX2 CPU runs) made, written and freed 21
 # times; page faults counted per step
+FAULTS = """
+def faults(steps):
+    def step():
+        kept = [torch.empty(8, 32, 224, 224).fill_(1.0) for _ in range(3)]
+        return sum(float(t[0, 0, 0, 0]) for t in kept)
+    step()
+    per = []
+    for _ in range(steps):
+        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+        step()
+        per.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+    return sorted(per)[steps // 2]  # the median step: a thread of Lightning's may take a block once
+"""
+
 ALLOCATE = """
 import resource, sys, torch
 if sys.argv[1] == "trainer":
     from dptune.training.hardware import DPTuneTrainer
     DPTuneTrainer(accelerator="cpu", devices=1, logger=False, enable_checkpointing=False, enable_progress_bar=False)
-def step():
-    kept = [torch.empty(8, 32, 224, 224).fill_(1.0) for _ in range(3)]
-    return sum(float(t[0, 0, 0, 0]) for t in kept)
-step()
-faults = []
-for _ in range(21):
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-    step()
-    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-print(sorted(faults)[10])  # the median step: a thread of Lightning's may take a block once
+""" + FAULTS + """
+print(faults(21))
 """
 
 TENSOR_PAGES = 8 * 32 * 224 * 224 * 4 // 4096  # 4 KiB pages of one tensor
@@ -149,18 +155,7 @@ SPAWNED = """
 import os, resource, sys, torch, lightning.pytorch as pl
 from torch.utils.data import DataLoader, TensorDataset
 from dptune.training.hardware import DPTuneTrainer
-
-def faults():
-    def step():
-        kept = [torch.empty(8, 32, 224, 224).fill_(1.0) for _ in range(3)]
-        return sum(float(t[0, 0, 0, 0]) for t in kept)
-    step()
-    per = []
-    for _ in range(5):
-        before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-        step()
-        per.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
-    return sorted(per)[2]
+""" + FAULTS + """
 
 class M(pl.LightningModule):
     def __init__(self):
@@ -170,7 +165,7 @@ class M(pl.LightningModule):
         if i == 0:
             from dptune.training import memory
             kept = bool(memory.keep_freed_memory() is None and memory._said and memory._said.startswith("glibc malloc keeps"))
-            print(f"rank {self.global_rank} pid {os.getpid()} faults {faults()} kept {kept}", flush=True)
+            print(f"rank {self.global_rank} pid {os.getpid()} faults {faults(5)} kept {kept}", flush=True)
         return self.l(batch[0]).sum()
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.1)
