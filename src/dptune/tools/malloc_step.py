@@ -43,41 +43,23 @@ def make_step(task: str, batch: int = 8):
     from transformers import DPTConfig
 
     from dptune.models.attention import auto_attention
+    from dptune.tools.resize_step import make_step as segmentation_step
+    from dptune.tools.resize_step import module_step
     from dptune.training.hardware import resolve_precision
 
-    torch.manual_seed(0)
     precision = resolve_precision("auto", "cpu")[0]
     size = 224 if task == "depth" else 192
-    common = dict(image_size=size, lr=5e-4, weight_decay=0.05, warmup_steps=0,
-                  attn_implementation=auto_attention("cpu", precision, (size // 16) ** 2 + 1)[0])
-    if task == "depth":
-        from dptune.tasks.depth import DepthModule
-
-        module = DepthModule(config=DPTConfig(**BENCH_TINY).to_dict(), mode="metric", max_depth=10.0,
-                             init_depth=2.0, **common)
-        target = torch.rand(batch, size, size) * 4 + 0.5
-    else:
-        from dptune.labels import LabelSet
-        from dptune.tasks.segmentation import SegmentationModule
-
+    attention = auto_attention("cpu", precision, (size // 16) ** 2 + 1)[0]
+    if task != "depth":
         cfg = DPTConfig(**BENCH_TINY, use_auxiliary_head=True, auxiliary_loss_weight=0.4, num_labels=11)
-        module = SegmentationModule(config=cfg.to_dict(), label_spec=LabelSet(names=[f"c{i}" for i in range(11)]).to_dict(),
-                                    region_loss="dice", aux_weight=0.4, **common)
-        target = torch.randint(0, 11, (batch, size, size))
-    module.train()
-    images = torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8)
-    opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=5e-4, fused=True)
+        return segmentation_step(cfg, batch, size, 11, bf16=precision == "bf16-mixed", attention=attention)
+    from dptune.tasks.depth import DepthModule
 
-    def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=precision == "bf16-mixed"):
-            out = module(images)
-            losses = module.loss(*out, target) if isinstance(out, tuple) else module.loss(out, target)
-            loss = losses["loss"] if isinstance(losses, dict) else losses
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-
-    return step
+    torch.manual_seed(0)
+    module = DepthModule(config=DPTConfig(**BENCH_TINY).to_dict(), mode="metric", max_depth=10.0, init_depth=2.0,
+                         image_size=size, lr=5e-4, warmup_steps=0, attn_implementation=attention)
+    return module_step(module, torch.randint(0, 256, (batch, 3, size, size), dtype=torch.uint8),
+                       torch.rand(batch, size, size) * 4 + 0.5, precision == "bf16-mixed")
 
 
 def child(task: str, steps: int) -> dict[str, float]:

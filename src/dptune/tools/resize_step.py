@@ -29,9 +29,11 @@ from dptune.models.resize import bilinear_products, kernel_only, products_cost, 
 from dptune.tools.step_timers import PRESETS, model_config
 
 
-def make_step(cfg, batch: int = 8, crop: int = 192, classes: int = 11):
+def make_step(cfg, batch: int = 8, crop: int = 192, classes: int = 11, bf16: bool = True,
+              attention: str = "eager"):
     """One training step of dptune's segmentation module with the CamVid recipe's losses, on a DPT config
-    (``classes`` classes; the crop rounded to what its backbone's input must be a multiple of)."""
+    (``classes`` classes; the crop rounded to what its backbone's input must be a multiple of), under bf16
+    autocast (``bf16``) with ``attention`` (eager: what ``auto`` picks on a CPU in bf16)."""
     from dptune.labels import LabelSet
     from dptune.models.dpt_backbone import input_multiple
     from dptune.tasks.segmentation import SegmentationModule
@@ -41,16 +43,23 @@ def make_step(cfg, batch: int = 8, crop: int = 192, classes: int = 11):
     crop = max(multiple, round(crop / multiple) * multiple)
     module = SegmentationModule(
         config=cfg.to_dict(), label_spec=LabelSet(names=[f"class{i}" for i in range(classes)]).to_dict(),
-        image_size=crop, lr=5e-4, region_loss="dice", aux_weight=0.4, warmup_steps=0,
-        attn_implementation="eager",  # what ``auto`` picks on a CPU in bf16
-    ).train()
+        image_size=crop, lr=5e-4, region_loss="dice", aux_weight=0.4, warmup_steps=0, attn_implementation=attention,
+    )
+    return module_step(module, torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8),
+                       torch.randint(0, classes, (batch, crop, crop)), bf16)
+
+
+def module_step(module, images: torch.Tensor, target: torch.Tensor, bf16: bool):
+    """A training step of a dptune task module on one batch: forward, its loss, backward and a fused AdamW
+    step (bf16 autocast where ``bf16``)."""
+    module.train()
     opt = torch.optim.AdamW([p for p in module.parameters() if p.requires_grad], lr=5e-4, fused=True)
-    images = torch.randint(0, 256, (batch, 3, crop, crop), dtype=torch.uint8)
-    target = torch.randint(0, classes, (batch, crop, crop))
 
     def step() -> None:
-        with torch.autocast("cpu", dtype=torch.bfloat16):
-            loss = module.loss(*module(images), target)["loss"]
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = module(images)
+            losses = module.loss(*out, target) if isinstance(out, tuple) else module.loss(out, target)
+            loss = losses["loss"] if isinstance(losses, dict) else losses
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
