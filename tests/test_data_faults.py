@@ -107,10 +107,13 @@ def test_the_joint_class_list_is_logged_once_at_setup(caplog):
 # ---------------------------------------------------------------------------------------- DDP, 1 val image
 @pytest.mark.slow
 @needs(CAMVID)
-def test_fewer_validation_images_than_processes_stops_before_training(tmp_path, tiny_config_path):
+@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
+def test_fewer_validation_images_than_processes_stops_before_training(tmp_path, tiny_config_path, strategy):
     """Two gloo processes, one validation image: one process would score nothing, which Lightning
     answers with a crash on that rank and collective errors (or a hang) on the others. It stops
-    before training in one line, saying how many images for how many processes."""
+    before training in one line, saying how many images for how many processes. Under ``ddp_spawn`` the
+    error is raised in the spawned processes, and torch hands the launching one its traceback as text (it
+    ended in that traceback, exit status 1)."""
     from test_train import TRAIN
 
     args = ["fit", "--config", str(REPO / "configs" / "camvid.yaml"), "--data.root", str(CAMVID),
@@ -121,7 +124,7 @@ def test_fewer_validation_images_than_processes_stops_before_training(tmp_path, 
             "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-            "--trainer.strategy", "ddp"]
+            "--trainer.strategy", strategy]
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)

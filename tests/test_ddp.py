@@ -131,3 +131,26 @@ def test_a_bad_file_every_process_finds_before_training_is_said_once(tmp_path, t
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and str(bad) in errors[0], proc.stderr[-3000:]
     assert proc.stderr.count("bad sample(s) found before training") == 1, proc.stderr[-3000:]
+
+
+def test_ddp_spawn_from_the_command_line_trains(tmp_path, tiny_config_path):
+    """``--trainer.strategy ddp_spawn`` ended in a KeyError from each spawned process: they unpickle the
+    config-saving callback's parser, whose YAML loader (dptune's parser mode) only the launching process had
+    registered, and its check of the config looked the loader up."""
+    run = tmp_path / "run"
+    args = camvid_args(run, tiny_config_path, epochs=1)
+    proc = run_train([*args, "--trainer.accelerator", "cpu", "--trainer.devices", "2",
+                      "--trainer.strategy", "ddp_spawn"], cwd=tmp_path, check=False)
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert (run / "config.yaml").is_file()
+    runs = list((run / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1  # rank 0 only
+    # the spawned process attaches to the run the launching one created: its pictures go into that run's folder,
+    # not a wandb folder in the working directory
+    assert list(runs[0].glob("files/media/images/**/*.png")), sorted(p.name for p in runs[0].rglob("*"))
+    assert not (tmp_path / "wandb").exists(), sorted(str(p) for p in (tmp_path / "wandb").rglob("*"))[:5]
+    # dptune's log lines and warning filters hold in the spawned processes too
+    assert "val: mIoU" in proc.stderr and "sync_dist=True" not in proc.stderr, proc.stderr[-3000:]
+    saved = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu")
+    assert saved["global_step"] == 2  # 7 frames / (2 x 2), rounded down, as with ddp
+    assert saved["dptune"]["metrics"]["val"]["images"] == 5

@@ -53,6 +53,24 @@ class DPTuneWandbLogger(WandbLogger):
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(project=project, save_dir=save_dir, mode=mode, **kwargs)
 
+    # Pickled for the processes ``ddp_spawn`` starts, Lightning's logger creates the W&B run in the launching
+    # process and the spawned one attaches to it; the attached run's folder is then taken from the spawned
+    # process's working directory (wandb 0.31), where its pictures went (a ``wandb`` folder beside the
+    # command, not the run's). The run's root folder travels with the logger and is the spawned process's
+    # ``WANDB_DIR``, which the attached run takes its folder from.
+    def __getstate__(self) -> dict[str, Any]:
+        state = super().__getstate__()
+        root = getattr(getattr(self._experiment, "settings", None), "root_dir", None)
+        state["_dptune_wandb_dir"] = os.path.abspath(root) if isinstance(root, str) and root else None
+        return state
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        state = dict(state)
+        root = state.pop("_dptune_wandb_dir", None)
+        self.__dict__.update(state)
+        if root:
+            os.environ["WANDB_DIR"] = root
+
 
 class LRMonitor(LearningRateMonitor):
     """``LearningRateMonitor`` that stays quiet instead of failing when logging is off."""
