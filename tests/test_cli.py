@@ -576,7 +576,7 @@ def test_the_place_named_is_the_last_that_set_the_key_or_a_key_around_it(tmp_pat
 def test_the_folders_a_run_config_names_for_its_root_follow_a_new_root_and_no_others(tmp_path):
     from jsonargparse import Namespace
 
-    from dptune.cli.places import follow_the_root
+    from dptune.cli.run_root import follow_the_root
 
     old, new = tmp_path / "old", tmp_path / "new"
     saved = tmp_path / "config.yaml"

@@ -22,10 +22,11 @@ from dptune.cli.args import (
     merge_deep_keys,
     renamed_args,
 )
-from dptune.cli.places import follow_the_root, named_where, setting_error
+from dptune.cli.places import named_where, setting_error
 from dptune.cli.process_log import ProcessLog, quiet
 from dptune.cli.processes import first_process, peer_stopped, spawned_error
 from dptune.cli.run_checks import best_filename, check_run_length_and_seed, refuse_a_second_run
+from dptune.cli.run_root import follow_the_root
 from dptune.cli.save_config import LoggedSaveConfig
 from dptune.cli.tasks import TASK_SETTINGS, task_classes, task_from_args
 from dptune.errors import ConfigError, DataError, first_line, said_by_another_process, wait_for_the_launcher

@@ -1,6 +1,7 @@
 """Where a setting was given: jsonargparse's refusal of a setting and dptune's own, said as
-``WHERE: KEY: PROBLEM`` with the config file (or the command line) that gave the value, and the
-folders a run's config.yaml names for its own root following a new one."""
+``WHERE: KEY: PROBLEM`` with the config file (or the command line) that gave the value
+(``setting_error``, ``named_where``); which argument set a key last (``last_setter``, which
+``dptune.cli.run_root`` reads too)."""
 
 from __future__ import annotations
 
@@ -11,8 +12,6 @@ from collections.abc import Iterator
 from typing import Any
 
 from lightning.pytorch.cli import LightningCLI
-
-from dptune.cli.args import config_files, read_config
 
 log = logging.getLogger(__name__)
 
@@ -160,7 +159,7 @@ def _given(args: list[str]) -> Iterator[tuple[str, str, Any]]:
             yield read[0], "--config", read[1]
 
 
-def _at_any_level(spec: Any, parts: list[str]) -> tuple[bool, Any]:
+def at_any_level(spec: Any, parts: list[str]) -> tuple[bool, Any]:
     """``_at`` at the top of a config or under a subcommand's name (``fit: {trainer: ...}``)."""
     for pre in [[], *([sub] for sub in LightningCLI.subcommands())]:
         hit, got = _at(spec, [*pre, *parts])
@@ -175,7 +174,7 @@ def _sources(key: str, args: list[str]) -> list[tuple[str, Any]]:
     found = []
     for where, name, got in _given(args):
         if name == "--config":
-            hit, value = _at_any_level(got, key.split("."))
+            hit, value = at_any_level(got, key.split("."))
             if hit:
                 found.append((where, value))
         elif name == f"--{key}":
@@ -242,7 +241,7 @@ def _held(value: Any, rest: list[str], base: str) -> str | None:
     return None
 
 
-def _last_setter(parts: list[str], args: list[str]) -> str | None:
+def last_setter(parts: list[str], args: list[str]) -> str | None:
     """The place of the last argument in ``args`` that set the dotted key ``parts`` (a config file,
     "the command line (--config)", "the command line", or a file of a section's settings that one of
     them named): a config file holding it (at the top or under a subcommand, or in a file it gives
@@ -251,12 +250,12 @@ def _last_setter(parts: list[str], args: list[str]) -> str | None:
     last = None
     for where, name, got in _given(args):
         if name == "--config":
-            if _at_any_level(got, parts)[0]:
+            if at_any_level(got, parts)[0]:
                 last = where
                 continue
             base = os.path.dirname(where) if os.path.isfile(where) else "."
             for j in range(1, len(parts)):  # a key around it given as a file of its settings
-                found, around = _at_any_level(got, parts[:j])
+                found, around = at_any_level(got, parts[:j])
                 held = _held(around, parts[j:], base) if found and isinstance(around, str) else None
                 if held:
                     last = held
@@ -273,40 +272,8 @@ def _last_setter(parts: list[str], args: list[str]) -> str | None:
 def named_where(message: str, args: list[str]) -> str:
     """``message`` (dptune's line about a setting it refused, starting with the setting's dotted key)
     with the place that gave the value in effect put before it, as jsonargparse's refusals are said
-    (``setting_error``): the last argument that set the key or a key around it (``_last_setter``).
+    (``setting_error``): the last argument that set the key or a key around it (``last_setter``).
     Unchanged when none did (a default)."""
     m = SETTING_FIRST.match(message)
-    where = _last_setter(m.group(1).split("."), args) if m else None
+    where = last_setter(m.group(1).split("."), args) if m else None
     return f"{where}: {message}" if where else message
-
-
-def _same_path(a: Any, b: Any) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and os.path.normpath(a) == os.path.normpath(b)
-
-
-def follow_the_root(cfg: Any, args: list[str], loggers: list) -> None:
-    """A run's config.yaml names that run's folders: its ``checkpoint.dirpath`` and its loggers'
-    ``save_dir``, derived from its ``trainer.default_root_dir``. Given back as ``--config`` with
-    another root, they follow the new root (they kept the earlier run's folders, and a run continued
-    elsewhere wrote over that run's checkpoints and into its W&B folder). A folder the file sets to
-    anything else than its own root's is left as it is."""
-    root = cfg.trainer.default_root_dir
-    for path in config_files(args):
-        old = _at_any_level(read_config(path), ["trainer", "default_root_dir"])[1] if os.path.isfile(path) else None
-        if not isinstance(old, str) or _same_path(old, root):
-            continue
-        moved = []
-        if _same_path(cfg.checkpoint.dirpath, os.path.join(old, "checkpoints")) and \
-                _last_setter(["checkpoint", "dirpath"], args) == path:  # the file's, not given after it
-            cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
-            moved.append("checkpoint.dirpath")
-        # the file's (or found nowhere by key: a list of loggers), not given after it
-        save_dir_from_file = _last_setter(["trainer", "logger", "init_args", "save_dir"], args) in (path, None)
-        for lg in loggers:
-            init = getattr(lg, "init_args", None)
-            if init is not None and _same_path(init.get("save_dir"), old) and save_dir_from_file:
-                init.save_dir = root
-                moved.append("the logger's save_dir")
-        if moved:
-            log.info("%s: %s named the folder of its own run (%s); this run's follow trainer.default_root_dir %s",
-                     path, " and ".join(moved), old, root)
