@@ -14,9 +14,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from conftest import CAMVID, KITCHEN, REPO, needs
 
-from dptune.errors import ConfigError, DataError
+from dptune.errors import ConfigError, DataError, DataErrors
 from dptune.labels import LabelSet
 
 CAMVID_TRAIN = {"images": "train/0001TP_0069*.jpg", "masks": "trainannot/{stem}.png"}
@@ -107,13 +108,10 @@ def test_the_joint_class_list_is_logged_once_at_setup(caplog):
 # ---------------------------------------------------------------------------------------- DDP, 1 val image
 @pytest.mark.slow
 @needs(CAMVID)
-@pytest.mark.parametrize("strategy", ["ddp", "ddp_spawn"])
-def test_fewer_validation_images_than_processes_stops_before_training(tmp_path, tiny_config_path, strategy):
+def test_fewer_validation_images_than_processes_stops_before_training(tmp_path, tiny_config_path):
     """Two gloo processes, one validation image: one process would score nothing, which Lightning
     answers with a crash on that rank and collective errors (or a hang) on the others. It stops
-    before training in one line, saying how many images for how many processes. Under ``ddp_spawn`` the
-    error is raised in the spawned processes, and torch hands the launching one its traceback as text (it
-    ended in that traceback, exit status 1)."""
+    before training in one line, saying how many images for how many processes."""
     from test_train import TRAIN
 
     args = ["fit", "--config", str(REPO / "configs" / "camvid.yaml"), "--data.root", str(CAMVID),
@@ -124,7 +122,7 @@ def test_fewer_validation_images_than_processes_stops_before_training(tmp_path, 
             "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(tmp_path / "run"),
             "--trainer.logger", "false", "--trainer.enable_progress_bar", "false",
             "--trainer.precision", "32-true", "--trainer.accelerator", "cpu", "--trainer.devices", "2",
-            "--trainer.strategy", strategy]
+            "--trainer.strategy", "ddp"]
     env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1", OMP_NUM_THREADS="1")
     proc = subprocess.Popen([sys.executable, str(REPO / "train.py"), *args], cwd=tmp_path, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
@@ -304,3 +302,30 @@ def test_a_split_mostly_beyond_max_depth_is_warned_about(caplog):
     with caplog.at_level(logging.WARNING, logger="dptune"):
         check_depth_range("data.splits.train", [(f"d{i}.png", 1.0, 3.0, 9.0) for i in range(4)], 0.001, 10.0)
     assert not caplog.records
+
+
+class _Raises(torch.utils.data.Dataset):
+    def __init__(self, error):
+        self.error = error
+
+    def __len__(self):
+        return 2
+
+    def __getitem__(self, i):
+        raise self.error
+
+
+@pytest.mark.parametrize("error", [
+    DataError("photos/a.jpg: truncated JPEG (no end-of-image marker)"),
+    ConfigError("data.splits.train: no such transform 'flipp'"),
+    DataErrors(["a.png: not an image", "b.png: truncated"], hint="fix or remove them"),
+])
+def test_an_error_from_a_loader_worker_keeps_its_own_message(error):
+    """With ``--data.num_workers`` >= 1 a bad file read in a loader worker came to the command as the same
+    class built from "Caught DataError in DataLoader worker process 0." and the worker's whole traceback,
+    which was printed after ``error:`` (a review). The error keeps the message it was raised with."""
+    loader = torch.utils.data.DataLoader(_Raises(error), num_workers=1)
+    with pytest.raises(type(error)) as got:
+        next(iter(loader))
+    assert str(got.value) == str(error)
+    assert "Traceback" not in str(got.value) and "worker" not in str(got.value)

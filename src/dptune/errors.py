@@ -6,6 +6,7 @@ import argparse
 import errno
 import hashlib
 import os
+import re
 import sys
 import tempfile
 import time
@@ -84,13 +85,35 @@ def _sweep(folder: str, within_s: float) -> None:
             pass
 
 
+# what PyTorch's DataLoader makes of an exception raised in a loader worker: it raises the same class again in
+# the main process, built from this line, the worker's traceback and the original message
+_FROM_A_WORKER = re.compile(r"Caught \w+ in DataLoader worker process \d+\.\nOriginal Traceback \(most recent call last\):\n")
+_LAST_RAISED = re.compile(r"^dptune\.errors\.\w+: ", re.M)
+
+
+def as_raised(message: object) -> object:
+    """The message a dptune error was raised with, where PyTorch's DataLoader raised it again from a loader
+    worker's (``--data.num_workers`` >= 1): its text was a worker's traceback ending in that message, which
+    the command printed whole after ``error:``. Any other message as it is."""
+    if not isinstance(message, str) or not _FROM_A_WORKER.match(message):
+        return message
+    found = list(_LAST_RAISED.finditer(message))
+    return message[found[-1].end():].rstrip("\n") if found else message
+
+
 class ConfigError(ValueError):
     """A setting that cannot work (conflicting options, a size the backbone cannot take, a model
     reference that does not resolve). The message names the setting and, where one exists, the fix."""
 
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(as_raised(a) for a in args))
+
 
 class DataError(ValueError):
     """Bad input data. The message names the file and what is wrong with it."""
+
+    def __init__(self, *args: object) -> None:
+        super().__init__(*(as_raised(a) for a in args))
 
 
 class ModelOutputError(ValueError):
@@ -111,7 +134,12 @@ def of_image(name: str) -> Iterator[None]:
 class DataErrors(DataError):
     """Several bad files found in one pass; ``problems`` holds one line per file."""
 
-    def __init__(self, problems: list[str], total: int | None = None, hint: str = "") -> None:
+    def __init__(self, problems: list[str] | str, total: int | None = None, hint: str = "") -> None:
+        if isinstance(problems, str):  # raised again from a loader worker's text: the lines as rendered there
+            text = str(as_raised(problems))
+            self.problems, self.total, self.hint = text.splitlines(), 0, ""
+            ValueError.__init__(self, text)
+            return
         self.problems = problems
         self.total = total if total is not None else len(problems)
         self.hint = hint
