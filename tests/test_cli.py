@@ -778,37 +778,16 @@ def test_every_task_has_its_command_line_settings_and_classes():
     assert len({c for pair in classes.values() for c in pair}) == 2 * len(TASKS)
 
 
-def test_a_spawned_process_error_is_read_back_from_its_traceback_text():
-    """What ddp_spawn's launching process gets of an error in a process it started is that process's
-    formatted traceback: dptune's two kinds of error (subclasses as their base, messages of several lines
-    whole) come back as themselves; any other last exception, a bug, does not."""
-    from dptune.cli.processes import spawned_error
-    from dptune.errors import ConfigError, DataError, DataErrors
+@pytest.mark.parametrize("setting", ["--trainer.default_root_dir", "--checkpoint.dirpath"])
+def test_a_run_folder_that_cannot_be_a_folder_is_one_line(tmp_path, setting):
+    """A file where the run's folder (or a parent of it) should be ended the fit in a NotADirectoryError
+    traceback when the config was first written, with and without several processes (a user attack)."""
+    from test_resume import quickstart
 
-    def traceback_of(exc: BaseException, cause: BaseException | None = None) -> str:
-        import traceback
-
-        try:
-            try:
-                if cause is not None:
-                    raise cause
-            except BaseException:
-                raise exc  # noqa: B904 - chained implicitly, as code that fails while handling an error does
-            raise exc
-        except BaseException as e:
-            return "".join(traceback.format_exception(e))
-
-    got = spawned_error(traceback_of(DataError("data/a.png: not an image")))
-    assert type(got) is DataError and str(got) == "data/a.png: not an image"
-    got = spawned_error(traceback_of(ConfigError("model.lr must be > 0")))
-    assert type(got) is ConfigError and str(got) == "model.lr must be > 0"
-    several = DataErrors(["a.png: truncated", "b.png: not an image"])
-    got = spawned_error(traceback_of(several))
-    assert type(got) is DataError and str(got) == str(several) and "b.png" in str(got)
-    # the last exception decides: a bug raised while handling a DataError keeps its traceback, and the reverse
-    # is the DataError
-    assert spawned_error(traceback_of(KeyError("dptune"), DataError("x.png: bad"))) is None
-    got = spawned_error(traceback_of(DataError("x.png: bad"), KeyError("dptune")))
-    assert type(got) is DataError and str(got) == "x.png: bad"
-    assert spawned_error(traceback_of(RuntimeError("dptune.errors.DataError: not at a line's start"))) is None
-    assert spawned_error("") is None
+    blocker = tmp_path / "afile"
+    blocker.write_text("not a folder")
+    proc = quickstart(tmp_path / "run", 1, setting, str(blocker / "run"), check=False)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and setting[2:] in errors[0] and f"{blocker} is a file, not a folder" in errors[0], errors
+    assert blocker.read_text() == "not a folder"

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 from types import SimpleNamespace
 
 import torch
@@ -121,3 +122,70 @@ def test_the_model_summary_shows_no_flops_it_did_not_count(tmp_path):
         return [type(cb).__name__ for cb in trainer.callbacks if isinstance(cb, ModelSummary)]
 
     assert summaries(callbacks=[RichModelSummary()]) == ["RichModelSummary"] and summaries() == ["ModelTable"]
+
+
+SPAWNED_LOGGER = """
+import copy, multiprocessing as mp, os, pickle, sys
+
+def child(logger, q):
+    q.put((os.environ.get("WANDB_DIR"), logger.experiment.dir))
+
+if __name__ == "__main__":
+    from dptune.training.callbacks import DPTuneWandbLogger
+    logger = DPTuneWandbLogger(save_dir=sys.argv[1], mode="offline")
+    before = os.environ.get("WANDB_DIR")
+    copy.deepcopy(logger), pickle.loads(pickle.dumps(logger))
+    print("unchanged", os.environ.get("WANDB_DIR") == before)
+    ctx = mp.get_context("spawn")
+    q = ctx.Queue()
+    p = ctx.Process(target=child, args=(logger, q))
+    p.start()
+    env, folder = q.get(timeout=300)
+    p.join()
+    print("child", env, folder)
+    print("parent", logger.experiment.dir)
+    logger.experiment.finish()
+"""
+
+
+def test_a_spawned_process_attaches_to_the_wandb_run_in_its_own_folder(tmp_path):
+    """ddp_spawn (Python API) pickles the logger; the W&B run is created in the launching process and the
+    started one attaches to it, and the attached run's folder was the started process's working directory
+    (its pictures went into a ``wandb`` folder there, a review). The run's root travels with the logger; a
+    copy or a pickle round trip in one process leaves its environment as it was."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "spawned_logger.py"
+    script.write_text(SPAWNED_LOGGER)
+    cwd = tmp_path / "elsewhere"
+    cwd.mkdir()
+    env = {k: v for k, v in os.environ.items() if k != "WANDB_DIR"}
+    out = subprocess.run([sys.executable, str(script), str(tmp_path / "root")], cwd=cwd, capture_output=True,
+                         text=True, timeout=600, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    lines = dict(line.split(" ", 1) for line in out.stdout.splitlines() if " " in line)
+    assert lines["unchanged"] == "True", out.stdout
+    child_dir = lines["child"].split()[1]
+    assert child_dir == lines["parent"] and child_dir.startswith(str(tmp_path / "root")), out.stdout
+    assert not (cwd / "wandb").exists()
+
+
+def test_wandb_mode_set_but_empty_is_unset_and_an_unknown_one_is_one_line(monkeypatch):
+    """``WANDB_MODE=`` (set, empty) ended a run in a traceback from wandb's settings (a user attack): it is
+    read as unset, as a shell means it; a mode W&B does not take is a ConfigError naming where it was given."""
+    import pytest
+
+    from dptune.errors import ConfigError
+    from dptune.training.callbacks import DPTuneWandbLogger, wandb_mode
+
+    monkeypatch.setenv("WANDB_MODE", "")
+    monkeypatch.delenv("WANDB_API_KEY", raising=False)
+    monkeypatch.setenv("NETRC", "/nonexistent/netrc")
+    assert wandb_mode() == "offline" and "WANDB_MODE" not in os.environ
+    monkeypatch.setenv("WANDB_MODE", "ofline")
+    with pytest.raises(ConfigError, match="WANDB_MODE 'ofline': W&B takes one of online, offline, disabled"):
+        wandb_mode()
+    monkeypatch.delenv("WANDB_MODE")
+    with pytest.raises(ConfigError, match="trainer.logger.init_args.mode 'dry'"):
+        DPTuneWandbLogger(mode="dry")

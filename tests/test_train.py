@@ -26,16 +26,15 @@ def run_train(args: list[str], cwd: Path, check: bool = True) -> subprocess.Comp
     return proc
 
 
-def wandb_offline_config(run: Path) -> dict:
-    """The run config an offline W&B run recorded (its last config record), read from the run's
-    ``.wandb`` file: a LevelDB-style log (7-byte W&B header, 32 KiB blocks of records with a 7-byte
-    header: crc, length, type) of ``Record`` protobufs. Offline runs write no ``config.yaml``."""
+def wandb_records(run: Path) -> list:
+    """The ``Record`` protobufs of an offline W&B run, read from the run's ``.wandb`` file: a LevelDB-style
+    log (7-byte W&B header, 32 KiB blocks of records with a 7-byte header: crc, length, type)."""
     import struct
 
     from wandb.proto import wandb_internal_pb2 as pb
 
     raw = next(run.glob("*.wandb")).read_bytes()
-    pos, pending, config = 7, b"", {}
+    pos, pending, records = 7, b"", []
     while pos + 7 <= len(raw):
         if 32768 - pos % 32768 < 7:  # a block's tail too short for a record header is padding
             pos += 32768 - pos % 32768
@@ -46,9 +45,23 @@ def wandb_offline_config(run: Path) -> dict:
             record = pb.Record()
             record.ParseFromString(pending)
             pending = b""
-            if record.WhichOneof("record_type") == "config":
-                config = {item.key: json.loads(item.value_json) for item in record.config.update}
+            records.append(record)
+    return records
+
+
+def wandb_offline_config(run: Path) -> dict:
+    """The run config an offline W&B run recorded (its last config record). Offline runs write no
+    ``config.yaml``."""
+    config = {}
+    for record in wandb_records(run):
+        if record.WhichOneof("record_type") == "config":
+            config = {item.key: json.loads(item.value_json) for item in record.config.update}
     return config
+
+
+def wandb_exit_codes(run: Path) -> list[int]:
+    """The exit codes an offline W&B run recorded (one ``exit`` record per finish)."""
+    return [r.exit.exit_code for r in wandb_records(run) if r.WhichOneof("record_type") == "exit"]
 
 
 def camvid_args(run: Path, config: Path, epochs: int, train=TRAIN, root: Path = CAMVID) -> list[str]:
@@ -286,3 +299,55 @@ def test_a_fit_with_validation_turned_off_needs_no_val_split(tmp_path):
             "--trainer.limit_val_batches", "0", "--trainer.logger", "false"]
     run_train(args, cwd=tmp_path)
     assert (tmp_path / "run" / "checkpoints" / "last.ckpt").is_file()
+
+
+TWICE = """
+import json, sys
+from dptune.cli import main
+codes = [main(json.loads(a)) for a in sys.argv[1:]]
+print("codes", codes)
+"""
+
+
+def test_commands_run_one_after_another_in_a_process_each_get_their_wandb_run(tmp_path, tiny_config_path):
+    """A notebook calling ``dptune.cli.main`` twice: the second fit attached to the first fit's W&B run, which
+    was never finished, and logged its metrics and pictures into the first run's folder (a review); a run that
+    stopped on a bad image was marked as ended with exit code 0. Each command's run is its own and ends with
+    the command's exit status."""
+    import shutil
+    import subprocess
+    import sys
+
+    data = tmp_path / "data"
+    data.mkdir()
+    shutil.copy(CAMVID / "labels.yaml", data)
+    for split, stems in (("train", ["0001TP_006690", "0001TP_006720"]), ("val", ["0016E5_07959", "0016E5_07961"])):
+        (data / split).mkdir()
+        (data / f"{split}annot").mkdir()
+        for stem in stems:
+            shutil.copy(CAMVID / split / f"{stem}.jpg", data / split)
+            shutil.copy(CAMVID / f"{split}annot" / f"{stem}.png", data / f"{split}annot")
+    bad = tmp_path / "bad"
+    shutil.copytree(data, bad)
+    jpg = bad / "train" / "0001TP_006720.jpg"
+    jpg.write_bytes(jpg.read_bytes()[:2000])  # truncated: found when a loader reads it, mid-epoch
+    splits = {"train": {"images": "train/*.jpg", "masks": "trainannot/{stem}.png"},
+              "val": {"images": "val/*.jpg", "masks": "valannot/{stem}.png"}}
+
+    def args(root: Path, run: Path) -> str:
+        got = camvid_args(run, tiny_config_path, epochs=1, train=splits["train"], root=root)
+        got[got.index("--data.splits") + 1] = json.dumps(splits)
+        return json.dumps([*got, "--data.check", "false", "--data.cache", "false"])
+
+    script = tmp_path / "twice.py"
+    script.write_text(TWICE)
+    env = dict(os.environ, WANDB_MODE="offline", PYTHONUNBUFFERED="1")
+    proc = subprocess.run([sys.executable, str(script), args(data, tmp_path / "a"), args(data, tmp_path / "b"),
+                           args(bad, tmp_path / "c")], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0 and "codes [0, 0, 2]" in proc.stdout, (proc.stdout[-2000:], proc.stderr[-3000:])
+    runs = {name: list((tmp_path / name / "wandb").glob("offline-run-*")) for name in "abc"}
+    assert all(len(found) == 1 for found in runs.values()), runs
+    assert len({found[0].name for found in runs.values()}) == 3
+    assert wandb_exit_codes(runs["a"][0]) == [0] and wandb_exit_codes(runs["b"][0]) == [0]
+    assert wandb_exit_codes(runs["c"][0]) == [2]

@@ -6,11 +6,11 @@ import logging
 import os
 import random
 import sys
+import warnings
 from typing import Any
 
 from jsonargparse import ArgumentError
 from lightning.pytorch.cli import LightningArgumentParser, LightningCLI
-from torch.multiprocessing import ProcessRaisedException
 
 from dptune import TASKS
 from dptune.cli.args import (
@@ -20,12 +20,17 @@ from dptune.cli.args import (
     command_line_start,
     mapping_settings,
     merge_deep_keys,
+    register_loader,
     renamed_args,
 )
 from dptune.cli.places import named_where, setting_error
-from dptune.cli.process_log import ProcessLog, quiet
-from dptune.cli.processes import first_process, peer_stopped, spawned_error
-from dptune.cli.run_checks import best_filename, check_run_length_and_seed, refuse_a_second_run
+from dptune.cli.processes import first_process, peer_stopped, refuse_started_processes
+from dptune.cli.run_checks import (
+    best_filename,
+    check_run_folder,
+    check_run_length_and_seed,
+    refuse_a_second_run,
+)
 from dptune.cli.run_root import follow_the_root
 from dptune.cli.save_config import LoggedSaveConfig
 from dptune.cli.tasks import TASK_SETTINGS, task_classes, task_from_args
@@ -51,6 +56,7 @@ class DPTuneCLI(LightningCLI):
         self.task = task
         self._argv = list(kwargs.get("args") or [])  # where each setting came from (config files' own folders)
         kwargs.setdefault("trainer_class", DPTuneTrainer)  # precision: auto resolved for the machine
+        register_loader()
         # a bad value or option raises (one line from ``main``) instead of printing the whole usage first
         mode = {"parser_mode": PARSER_MODE, "exit_on_error": False}
         main_kwargs = {**mode, **({"prog": prog} if prog else {})}  # the usage line's name (``dptune``)
@@ -65,7 +71,7 @@ class DPTuneCLI(LightningCLI):
         from lightning.fabric.utilities.exceptions import MisconfigurationException
 
         try:
-            return super().instantiate_trainer(**kwargs)
+            trainer = super().instantiate_trainer(**kwargs)
         except (ConfigError, DataError):
             raise  # dptune's own lines, as they are
         except (MisconfigurationException, TypeError, ValueError) as e:
@@ -75,6 +81,8 @@ class DPTuneCLI(LightningCLI):
                     not frames or f"{os.sep}lightning{os.sep}" not in frames[-1].filename):
                 raise
             raise ConfigError(f"trainer settings: {' '.join(str(e).split())}") from e
+        refuse_started_processes(trainer)
+        return trainer
 
     def _instantiate_trainer(self, config: dict[str, Any], callbacks: list) -> Any:
         """``trainer.enable_checkpointing false`` leaves out dptune's own checkpoint callback (Lightning
@@ -83,8 +91,7 @@ class DPTuneCLI(LightningCLI):
             callbacks = [c for c in callbacks if not isinstance(c, Checkpoint)]
             log.warning("trainer.enable_checkpointing false: no checkpoint is written (nothing to resume, "
                         "export or predict with when the fit ends)")
-        # the processes ddp_spawn starts configure their logging as this one did
-        return super()._instantiate_trainer(config, [*callbacks, ProcessLog()])
+        return super()._instantiate_trainer(config, callbacks)
 
     def add_arguments_to_parser(self, parser: LightningArgumentParser) -> None:
         parser.add_argument("--task", choices=list(TASKS), default="segmentation",
@@ -184,6 +191,9 @@ class DPTuneCLI(LightningCLI):
         cfg = self.config[self.subcommand] if self.subcommand else self.config
         self._settle_folders(cfg)
         root = cfg.trainer.default_root_dir
+        check_run_folder(root, "trainer.default_root_dir")
+        if self.subcommand == "fit":
+            check_run_folder(cfg.checkpoint.dirpath, "checkpoint.dirpath")
         default_monitor, _, default_name = TASK_SETTINGS[self.task]["monitor"]
         if cfg.checkpoint.filename == default_name and cfg.checkpoint.monitor not in (None, default_monitor):
             cfg.checkpoint.filename = best_filename(cfg.checkpoint.monitor)  # named after what selects it
@@ -216,11 +226,38 @@ def trainer_defaults() -> dict:
     }
 
 
+def _quiet() -> None:
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    warnings.filterwarnings("ignore", message=".*does not have many workers.*")
+    warnings.filterwarnings("ignore", message=".*LeafSpec.*")
+    # validation logs values it has summed over every process itself (exact, each image once): Lightning's
+    # advice to average them across processes (14 lines per validation of a 2-process run) does not apply
+    warnings.filterwarnings("ignore", message=".*sync_dist=True.*")
+    # dptune always hands LightningCLI its argv itself (renamed class paths, the subcommand of the
+    # dptune command): a plain command line is no mistake
+    warnings.filterwarnings("ignore", message="LightningCLI's args parameter is intended")
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    logging.getLogger("dptune").setLevel(logging.INFO)
+
+
 def main(args: list[str] | None = None, prog: str | None = None) -> int:
     """Run the CLI. Bad data and settings end in one line per problem and exit code 2; any other
     exception is a bug (ours or a library's) and keeps its traceback. ``prog``: the name usage
-    lines give the command (``dptune`` from the dptune command; else the script's name)."""
-    quiet()
+    lines give the command (``dptune`` from the dptune command; else the script's name). A W&B run
+    the command started ends with it, marked with its exit status."""
+    from dptune.training.callbacks import current_wandb_run, finish_wandb_run
+
+    before, code = current_wandb_run(), 1
+    try:
+        code = _main(args, prog)
+        return code
+    finally:
+        finish_wandb_run(before, code)
+
+
+def _main(args: list[str] | None, prog: str | None) -> int:
+    _quiet()
     from dptune.training.checkpointing import INTERRUPTED
 
     INTERRUPTED.clear()  # this run's own: a fit stopped outside main (Lightning used directly) leaves its line behind
@@ -234,23 +271,17 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
         check_early_configs(argv, DPTuneCLI.subcommands())
         task = task_from_args(argv)
         model_class, data_class = task_classes(task)
-        try:
-            DPTuneCLI(
-                model_class,
-                data_class,
-                task=task,
-                prog=prog,
-                trainer_defaults=trainer_defaults(),
-                seed_everything_default=0,
-                save_config_callback=LoggedSaveConfig,
-                save_config_kwargs={"overwrite": True},
-                args=argv,
-            )
-        except ProcessRaisedException as e:  # ddp_spawn: a process it started raised (torch gives its traceback)
-            error = spawned_error(str(e))
-            if error is None:
-                raise
-            raise error from None
+        DPTuneCLI(
+            model_class,
+            data_class,
+            task=task,
+            prog=prog,
+            trainer_defaults=trainer_defaults(),
+            seed_everything_default=0,
+            save_config_callback=LoggedSaveConfig,
+            save_config_kwargs={"overwrite": True},
+            args=argv,
+        )
     except (DataError, ConfigError) as e:
         said = f"error: {named_where(str(e), argv)}"
         first = not said_by_another_process(said)

@@ -199,12 +199,6 @@ def register_loader() -> None:
     set_loader(PARSER_MODE, lambda text: renamed(plain(text), SAID), exceptions=(yaml.YAMLError,))
 
 
-# Registered in every process that imports the CLI, not only where a command line is parsed: the processes
-# that ``ddp_spawn`` starts unpickle the config-saving callback's parser (this module comes with its class)
-# and check the config with this parser mode's loader before writing it.
-register_loader()
-
-
 def mapping_settings(sections: dict[str, type]) -> list[str]:
     """The settings typed as a mapping of free keys (``data.splits``, ``data.segmentation``,
     ``model.references``), from the ``__init__`` of each section's class and of its dptune bases

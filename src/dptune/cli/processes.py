@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import re
 
 
 def first_process() -> bool:
@@ -27,22 +26,19 @@ def peer_stopped(e: BaseException) -> bool:
     return several and any(m in str(e) for m in PEER_GONE)
 
 
-def spawned_error(text: str) -> Exception | None:
-    """The ``DataError`` or ``ConfigError`` that a process ``ddp_spawn`` started raised, from the text torch
-    hands the launching process (``ProcessRaisedException``: the process's traceback, formatted): the last
-    exception of that traceback, where it is one of those two kinds (its subclasses as their base); None
-    for any other exception, which is a bug and keeps its traceback."""
-    from dptune import errors
+def refuse_started_processes(trainer) -> None:
+    """A strategy whose processes Lightning starts from the launching one (``ddp_spawn``, ``ddp_fork``,
+    ``ddp_notebook``: its multiprocessing launcher) is refused by the command line in one line, before any
+    process starts. The command's multi-process runs are ``ddp``: each process runs the command itself, so
+    each has dptune's signal handling, logging and error lines. Under ``ddp_spawn`` the launcher died on a
+    SIGTERM with its processes unsaved (ddp saves and exits 0), a Ctrl-C's line said no checkpoint had been
+    written when one had, the data's log lines were lost, and the W&B run was the launcher's."""
+    from lightning.pytorch.strategies import DDPStrategy
 
-    found = list(re.finditer(r"^dptune\.errors\.(\w+): ", text, re.M))
-    if not found:
-        return None
-    last = found[-1]
-    said = text[last.end():].rstrip()
-    if re.search(r"^Traceback \(most recent call last\):|^\s+File \"", said, re.M):
-        return None  # not the last exception of the traceback
-    kind = getattr(errors, last.group(1), None)
-    for base in (errors.DataError, errors.ConfigError):
-        if isinstance(kind, type) and issubclass(kind, base):
-            return base(said)
-    return None
+    method = getattr(trainer.strategy, "_start_method", "popen")  # DDPStrategy's start_method argument
+    if isinstance(trainer.strategy, DDPStrategy) and method != "popen":
+        from dptune.errors import ConfigError
+
+        raise ConfigError(f"trainer.strategy: processes started from this one ({method}) are not supported by the "
+                          "command line; use --trainer.strategy ddp, which starts every process as this command "
+                          "(the same training and results; preemption, Ctrl-C and errors handled in each)")

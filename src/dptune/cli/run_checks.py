@@ -80,3 +80,20 @@ def _own(path: str, dirpath: str, root: str | None) -> bool:
     where = os.path.dirname(real)
     return where == os.path.realpath(dirpath) or (
         root is not None and where == os.path.realpath(root) and os.path.basename(real).startswith("hpc_ckpt_"))
+
+
+def check_run_folder(path: str, setting: str) -> None:
+    """A folder the run writes into (its root, its checkpoints): one that exists, or whose nearest existing
+    parent is a folder this process can write in. Checked before anything is built, made nowhere; a file in
+    the way or a read-only parent ended the run in a traceback when the config was first written."""
+    import pathlib
+
+    folder = pathlib.Path(path).expanduser()
+    for there in [folder, *folder.parents]:
+        if not there.exists():
+            continue
+        if not there.is_dir():
+            raise ConfigError(f"{setting} {path}: {there} is a file, not a folder")
+        if not os.access(there, os.W_OK | os.X_OK):
+            raise ConfigError(f"{setting} {path}: {there} is not writable by this user")
+        return

@@ -15,7 +15,7 @@ from torch import nn
 
 from dptune.data.base import ValidationSource, one_process_stage
 from dptune.errors import ConfigError, first_line
-from dptune.metrics import SplitMean
+from dptune.metrics import SplitMean, private_states
 from dptune.models.backbones import family
 from dptune.models.dpt_backbone import uses_backbone
 from dptune.models.normalization import resolve_normalization
@@ -228,6 +228,7 @@ class DPTTask(DivergenceGuard, Optimizing, StageChecks, pl.LightningModule):
         if getattr(self, "_checked_before_setup", None) != stage:
             self.check_stage(stage)
         self._checked_before_setup = None
+        private_states(self)  # not shared with other processes (ddp_spawn)
         dm = getattr(self.trainer, "datamodule", None)
         size = self.hparams.image_size
         square = isinstance(size, int) or int(size[0]) == int(size[1])

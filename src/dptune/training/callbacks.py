@@ -26,8 +26,10 @@ def wandb_mode() -> str:
     An explicit ``WANDB_MODE`` wins.
     """
     explicit = os.environ.get("WANDB_MODE")
-    if explicit:
-        return explicit
+    if explicit == "":  # set but empty: unset, as a shell means it (wandb itself refused it with a traceback)
+        del os.environ["WANDB_MODE"]
+    elif explicit is not None:
+        return checked_mode(explicit, "WANDB_MODE")
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -37,6 +39,40 @@ def wandb_mode() -> str:
     except OSError:
         pass
     return "offline"
+
+
+# the modes wandb 0.31 takes (its Settings.mode); "dryrun" and "run" are old names of offline and online
+WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
+
+
+def checked_mode(mode: str, where: str) -> str:
+    """``mode`` when W&B takes it; else a ``ConfigError`` naming where it was given (wandb refused it
+    with a traceback from its settings)."""
+    if mode not in WANDB_MODES:
+        from dptune.errors import ConfigError
+
+        raise ConfigError(f"{where} {mode!r}: W&B takes one of {', '.join(WANDB_MODES[:4])}")
+    return mode
+
+
+def current_wandb_run() -> Any:
+    """The W&B run in progress in this process (``wandb.run``), None without one or without wandb loaded."""
+    wandb = sys.modules.get("wandb")
+    return getattr(wandb, "run", None) if wandb is not None else None
+
+
+def finish_wandb_run(before: Any, exit_code: int) -> None:
+    """End the W&B run a command started (one other than ``before``, the run in progress when it began),
+    marked with the command's exit status. Left open, the next command in the same process (a notebook
+    calling ``dptune.cli.main`` twice) attached to it and logged into the first run's folder, and a run
+    that stopped on bad data was marked as finished with exit code 0 when the process exited."""
+    run = current_wandb_run()
+    if run is None or run is before:
+        return
+    try:
+        run.finish(exit_code=exit_code)
+    except Exception as e:  # the command's own outcome stands; a run that cannot be closed is said
+        log.warning("the W&B run %s could not be closed: %s", getattr(run, "id", "?"), e)
 
 
 class DPTuneWandbLogger(WandbLogger):
@@ -49,15 +85,15 @@ class DPTuneWandbLogger(WandbLogger):
             save_dir: Where the run folder goes; ``train.py`` sets it to ``trainer.default_root_dir``.
             mode: ``online``, ``offline`` or ``disabled``; default: online when credentials exist.
         """
-        mode = mode or wandb_mode()
+        mode = checked_mode(mode, "trainer.logger.init_args.mode") if mode else wandb_mode()
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(project=project, save_dir=save_dir, mode=mode, **kwargs)
 
-    # Pickled for the processes ``ddp_spawn`` starts, Lightning's logger creates the W&B run in the launching
-    # process and the spawned one attaches to it; the attached run's folder is then taken from the spawned
-    # process's working directory (wandb 0.31), where its pictures went (a ``wandb`` folder beside the
-    # command, not the run's). The run's root folder travels with the logger and is the spawned process's
-    # ``WANDB_DIR``, which the attached run takes its folder from.
+    # Pickled for the processes ``ddp_spawn`` starts (the Python API; the command line runs ddp), Lightning's
+    # logger creates the W&B run in the launching process and the spawned one attaches to it; the attached
+    # run's folder is then taken from the spawned process's working directory (wandb 0.31), where its pictures
+    # went (a ``wandb`` folder beside the command, not the run's). The run's root folder travels with the
+    # logger and is the spawned process's ``WANDB_DIR``, which the attached run takes its folder from.
     def __getstate__(self) -> dict[str, Any]:
         state = super().__getstate__()
         root = getattr(getattr(self._experiment, "settings", None), "root_dir", None)
@@ -65,10 +101,14 @@ class DPTuneWandbLogger(WandbLogger):
         return state
 
     def __setstate__(self, state: dict[str, Any]) -> None:
+        import multiprocessing
+
         state = dict(state)
         root = state.pop("_dptune_wandb_dir", None)
         self.__dict__.update(state)
-        if root:
+        # only in a process being started (multiprocessing's own test: the flag is up while the process unpickles
+        # what it was given); a copy made in this process changes nothing
+        if root and getattr(multiprocessing.current_process(), "_inheriting", False):
             os.environ["WANDB_DIR"] = root
 
 
