@@ -9,4 +9,4 @@ import sys
 from dptune.command import launch
 
 if __name__ == "__main__":
-    sys.exit(launch("dptune.cli", entry=False))  # W&B finishes its run at exit: a Ctrl-C then stays Python's
+    sys.exit(launch("dptune.cli", entry=False))  # main closes its W&B run; a Ctrl-C at exit stays Python's

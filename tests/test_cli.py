@@ -791,3 +791,63 @@ def test_a_run_folder_that_cannot_be_a_folder_is_one_line(tmp_path, setting):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and setting[2:] in errors[0] and f"{blocker} is a file, not a folder" in errors[0], errors
     assert blocker.read_text() == "not a folder"
+
+
+def _logged_quickstart(run, *extra: str, wandb_mode: str | None = "offline"):
+    """The quickstart of tests/test_resume.py, 1 epoch, with its W&B logger on (offline)."""
+    from conftest import REPO, run_python
+    from test_resume import SPLITS
+
+    args = ["fit", "--config", "configs/quickstart.yaml", "--data.splits", json.dumps(SPLITS),
+            "--data.image_size", "64", "--data.crop_size", "64", "--data.batch_size", "8",
+            "--trainer.max_epochs", "1", "--trainer.default_root_dir", str(run),
+            "--trainer.enable_progress_bar", "false", *extra]
+    env = {k: v for k, v in os.environ.items() if k not in ("WANDB_MODE", "WANDB_API_KEY")}
+    env.update(PYTHONPATH=str(REPO / "tests"), NETRC=str(run) + ".no-netrc")
+    if wandb_mode is not None:
+        env["WANDB_MODE"] = wandb_mode
+    return run_python(REPO / "train.py", args, REPO, env, timeout=600)
+
+
+@pytest.mark.parametrize("wandb_mode,extra,said", [
+    ("bogus", [], "WANDB_MODE 'bogus': W&B takes one of online, offline, disabled"),
+    ("bogus", ["--trainer.logger.init_args.mode", "offline"], "WANDB_MODE 'bogus'"),
+    (None, ["--trainer.logger.init_args.mode", "Offline"], "trainer.logger.init_args.mode 'Offline'"),
+])
+def test_a_wandb_mode_wandb_does_not_take_is_one_line(tmp_path, wandb_mode, extra, said):
+    """An unknown W&B mode ended in jsonargparse's traceback (it builds the logger as one choice of a typed
+    setting and reports any error raised there as its own), with dptune's line inside it (a review)."""
+    proc = _logged_quickstart(tmp_path / "run", *extra, wandb_mode=wandb_mode)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and said in errors[0], errors
+
+
+def test_wandb_mode_set_but_empty_with_a_mode_given_trains_and_a_sigterm_run_ends_as_exit_0(tmp_path):
+    """``WANDB_MODE=`` with ``--trainer.logger.init_args.mode offline`` still ended in wandb's traceback (only
+    the mode dptune picks itself read the variable; wandb reads it whatever the mode). A run stopped by SIGTERM,
+    its checkpoint saved, exits 0 and its W&B run was marked with exit code 1 (Lightning ends it with a
+    SystemExit whose code is None; a review): marked 0, as the command exits."""
+    from test_train import wandb_exit_codes
+
+    run = tmp_path / "run"
+    proc = _logged_quickstart(run, "--trainer.logger.init_args.mode", "offline",
+                              "--trainer.callbacks+=sigterm_helper.SigtermAtBatch", wandb_mode="")
+    assert proc.returncode == 0 and "SIGTERM: saved" in proc.stderr, proc.stderr[-3000:]
+    found = list((run / "wandb").glob("offline-run-*"))
+    assert len(found) == 1 and wandb_exit_codes(found[0]) == [0]
+
+
+def test_a_run_folder_through_a_dangling_link_is_one_line(tmp_path):
+    """A run folder (or a parent of it) that is a link whose target is gone, as a ``runs -> /scratch/...``
+    link after the scratch space was purged, passed the folder check and ended in a FileExistsError
+    traceback when the config was first written (a review)."""
+    from test_resume import quickstart
+
+    link = tmp_path / "runs"
+    link.symlink_to(tmp_path / "purged")
+    for root in (link, link / "run1"):
+        proc = quickstart(root, 1, check=False)
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+        errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+        assert len(errors) == 1 and f"{link} is a link to {tmp_path / 'purged'}, which does not exist" in errors[0]

@@ -323,3 +323,12 @@ def test_the_cross_entropy_of_bfloat16_logits_is_summed_in_float32():
     mean = cross_entropy(logits, target, weight.bfloat16())
     assert abs(float(mean) / (ref_total / ref_weight) - 1) < 1e-5
     assert mean.dtype == torch.float32
+
+
+def test_the_cross_entropy_of_float64_logits_stays_float64():
+    """At least float32 (a review: the float32 of bf16-true's fix took 64-true's float64 down)."""
+    from dptune.losses.segmentation import cross_entropy
+
+    logits = torch.randn(2, 5, 8, 8, dtype=torch.float64)
+    target = torch.randint(0, 5, (2, 32, 32))
+    assert cross_entropy(logits, target, torch.rand(5, dtype=torch.float64)).dtype == torch.float64

@@ -189,3 +189,33 @@ def test_wandb_mode_set_but_empty_is_unset_and_an_unknown_one_is_one_line(monkey
     monkeypatch.delenv("WANDB_MODE")
     with pytest.raises(ConfigError, match="trainer.logger.init_args.mode 'dry'"):
         DPTuneWandbLogger(mode="dry")
+
+
+def test_a_ctrl_c_while_the_wandb_run_closes_keeps_the_command_status(caplog, tmp_path):
+    """Closing a command's W&B run (an online upload can take a while) interrupted by Ctrl-C turned a finished
+    fit into "the command stopped before it finished", exit 130 (a review): the run is said to be left open,
+    with the command to sync it, and the command's status stands."""
+    from dptune.training.callbacks import finish_wandb_run
+
+    class Run:
+        id, dir = "abc123", str(tmp_path / "wandb" / "run-abc123" / "files")
+
+        def finish(self, exit_code):
+            raise KeyboardInterrupt
+
+    import sys as _sys
+    from types import SimpleNamespace as NS
+
+    fake = NS(run=Run())
+    old = _sys.modules.get("wandb")
+    _sys.modules["wandb"] = fake
+    try:
+        with caplog.at_level(logging.WARNING, logger="dptune"):
+            finish_wandb_run(None, 0)  # returns: no KeyboardInterrupt out of it
+    finally:
+        if old is None:
+            del _sys.modules["wandb"]
+        else:
+            _sys.modules["wandb"] = old
+    said = [r.getMessage() for r in caplog.records]
+    assert any("abc123 was not closed (interrupted (Ctrl-C))" in m and "wandb sync" in m for m in said), said

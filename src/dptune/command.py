@@ -55,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
         # the subcommand stays: LightningCLI reads it. sys.argv[0] stays the real script: Lightning's
         # DDP launcher starts the other processes by running it again (``python ABSPATH(argv[0])``
         # for the console script, ``python -m dptune.command`` when run as a module)
-        return launch("dptune.cli", argv, entry=False, prog="dptune")  # W&B finishes its run at exit
+        return launch("dptune.cli", argv, entry=False, prog="dptune")  # main closes its W&B run itself
     sys.argv[0] = f"dptune {name}"  # argparse's usage line names the command
     return launch(COMMANDS[name][0], argv[1:], entry=entry)
 
@@ -106,7 +106,7 @@ def finished(rc: int) -> int:
     run takes seconds, collecting torch's objects) exits at once with ``rc``, the command's status,
     not with 130 and no word, as if the finished work had failed (``export && upload`` skipped a
     complete export). Only for a process's own command: it replaces the Ctrl-C handler; not for
-    training, whose W&B run is finished at exit."""
+    training (fit, validate, test), which keeps Python's own handling at exit."""
     import os
     import signal
 

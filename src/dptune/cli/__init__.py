@@ -36,7 +36,13 @@ from dptune.cli.save_config import LoggedSaveConfig
 from dptune.cli.tasks import TASK_SETTINGS, task_classes, task_from_args
 from dptune.errors import ConfigError, DataError, first_line, said_by_another_process, wait_for_the_launcher
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path, is_registry
-from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
+from dptune.training.callbacks import (
+    LRMonitor,
+    ProgressLog,
+    ValidationVisuals,
+    checked_mode,
+    environment_mode,
+)
 from dptune.training.checkpointing import Checkpoint, InterruptGuard
 from dptune.training.hardware import DPTuneTrainer
 from dptune.training.preemption import SigtermSync
@@ -204,6 +210,12 @@ class DPTuneCLI(LightningCLI):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):
                 init.save_dir = root
+            if str(getattr(lg, "class_path", "")).endswith("WandbLogger"):
+                # here, not only in the logger: jsonargparse turns an error raised while it builds one of a
+                # setting's typed choices into a ValueError of its own, with a traceback
+                environment_mode()
+                if init is not None and init.get("mode"):
+                    checked_mode(init.mode, "trainer.logger.init_args.mode")
 
 
 def _said(value: Any) -> str:
@@ -252,6 +264,9 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
     try:
         code = _main(args, prog)
         return code
+    except SystemExit as e:  # Lightning ends a run stopped by SIGTERM (its checkpoint saved) this way, code None
+        code = e.code if isinstance(e.code, int) else int(e.code is not None)
+        raise
     finally:
         finish_wandb_run(before, code)
 

@@ -36,7 +36,12 @@ def refuse_started_processes(trainer) -> None:
     from lightning.pytorch.strategies import DDPStrategy
 
     method = getattr(trainer.strategy, "_start_method", "popen")  # DDPStrategy's start_method argument
-    if isinstance(trainer.strategy, DDPStrategy) and method != "popen":
+    try:
+        device = trainer.strategy.root_device.type
+    except Exception:  # noqa: BLE001 - a strategy that cannot say it yet is left to Lightning
+        device = None
+    # on CPUs and GPUs; a TPU's strategy (XLA, a DDPStrategy that forks) has no ddp to use instead
+    if isinstance(trainer.strategy, DDPStrategy) and method != "popen" and device in ("cpu", "cuda", "mps"):
         from dptune.errors import ConfigError
 
         raise ConfigError(f"trainer.strategy: processes started from this one ({method}) are not supported by the "

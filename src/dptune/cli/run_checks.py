@@ -91,6 +91,8 @@ def check_run_folder(path: str, setting: str) -> None:
     folder = pathlib.Path(path).expanduser()
     for there in [folder, *folder.parents]:
         if not there.exists():
+            if there.is_symlink():  # a link whose target is gone (a purged scratch folder)
+                raise ConfigError(f"{setting} {path}: {there} is a link to {os.readlink(there)}, which does not exist")
             continue
         if not there.is_dir():
             raise ConfigError(f"{setting} {path}: {there} is a file, not a folder")

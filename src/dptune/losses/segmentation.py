@@ -58,12 +58,13 @@ def cross_entropy_terms(logits: torch.Tensor, target: torch.Tensor,
     mean is the sum of the batches' first terms over the sum of their second. Computed in batch
     chunks where the upsampled logits would pass 2**31 elements (CUDA's softmax kernels index with 32
     bits: an H200 stopped at an illegal memory access on 64 x 150 x 512 x 512)."""
-    # in float32 whatever the logits' dtype: a sum over a batch's pixels in bfloat16 (bf16-true, where the class
-    # weights are bfloat16 too) came out 0.2-0.7% off (8 significant bits); autocast runs it in float32 already
+    # in at least float32 whatever the logits' dtype: a sum over a batch's pixels in bfloat16 (bf16-true, where
+    # the class weights are bfloat16 too) came out 0.2-0.7% off (8 significant bits); autocast runs it in float32
+    dtype = torch.promote_types(logits.dtype, torch.float32)  # float64 stays (64-true)
     if weight is not None:
-        weight = weight.float()
+        weight = weight.to(dtype)
     chunk = samples_per_chunk(logits.shape[1] * target.shape[-2] * target.shape[-1])
-    total = sum(F.cross_entropy(upsample(x, target.shape[-2:]).float(), t, weight=weight, ignore_index=IGNORE_INDEX,
+    total = sum(F.cross_entropy(upsample(x, target.shape[-2:]).to(dtype), t, weight=weight, ignore_index=IGNORE_INDEX,
                                 reduction="sum") for x, t in zip(logits.split(chunk), target.split(chunk), strict=True))
     valid = target != IGNORE_INDEX
     if weight is None:

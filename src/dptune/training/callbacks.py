@@ -25,11 +25,9 @@ def wandb_mode() -> str:
 
     An explicit ``WANDB_MODE`` wins.
     """
-    explicit = os.environ.get("WANDB_MODE")
-    if explicit == "":  # set but empty: unset, as a shell means it (wandb itself refused it with a traceback)
-        del os.environ["WANDB_MODE"]
-    elif explicit is not None:
-        return checked_mode(explicit, "WANDB_MODE")
+    explicit = environment_mode()
+    if explicit is not None:
+        return explicit
     if os.environ.get("WANDB_API_KEY"):
         return "online"
     netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
@@ -39,6 +37,17 @@ def wandb_mode() -> str:
     except OSError:
         pass
     return "offline"
+
+
+def environment_mode() -> str | None:
+    """``WANDB_MODE`` as W&B will read it (wandb reads the variable whatever mode a logger is given): None
+    when unset, or set but empty, which is then removed (a shell's empty value means unset; wandb refused it
+    with a traceback); a value W&B does not take is a ``ConfigError``."""
+    explicit = os.environ.get("WANDB_MODE")
+    if explicit == "":
+        del os.environ["WANDB_MODE"]
+        return None
+    return None if explicit is None else checked_mode(explicit, "WANDB_MODE")
 
 
 # the modes wandb 0.31 takes (its Settings.mode); "dryrun" and "run" are old names of offline and online
@@ -71,8 +80,11 @@ def finish_wandb_run(before: Any, exit_code: int) -> None:
         return
     try:
         run.finish(exit_code=exit_code)
-    except Exception as e:  # the command's own outcome stands; a run that cannot be closed is said
-        log.warning("the W&B run %s could not be closed: %s", getattr(run, "id", "?"), e)
+    except (Exception, KeyboardInterrupt) as e:  # the command's own outcome stands; a run left open is said
+        folder = os.path.dirname(getattr(run, "dir", "") or "")
+        why = "interrupted (Ctrl-C)" if isinstance(e, KeyboardInterrupt) else str(e)
+        log.warning("the W&B run %s was not closed (%s)%s", getattr(run, "id", "?"), why,
+                    f"; what it logged is in {folder}: wandb sync {folder}" if folder else "")
 
 
 class DPTuneWandbLogger(WandbLogger):
@@ -85,6 +97,7 @@ class DPTuneWandbLogger(WandbLogger):
             save_dir: Where the run folder goes; ``train.py`` sets it to ``trainer.default_root_dir``.
             mode: ``online``, ``offline`` or ``disabled``; default: online when credentials exist.
         """
+        environment_mode()  # checked whatever the mode given here: wandb reads it anyway
         mode = checked_mode(mode, "trainer.logger.init_args.mode") if mode else wandb_mode()
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(project=project, save_dir=save_dir, mode=mode, **kwargs)
