@@ -851,3 +851,58 @@ def test_a_run_folder_through_a_dangling_link_is_one_line(tmp_path):
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
         errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
         assert len(errors) == 1 and f"{link} is a link to {tmp_path / 'purged'}, which does not exist" in errors[0]
+
+
+def test_a_second_fit_into_a_run_folder_given_with_a_tilde_is_refused(tmp_path):
+    """``trainer.default_root_dir: ~/run`` (a config file does not expand it): the check for a run already in
+    the folder looked for './~/run/checkpoints', found nothing, and the second fit wrote -v1 checkpoints beside
+    the first run's and its config.yaml over the first's (a user attack); W&B made a folder named '~' in the
+    working directory. ``~`` is expanded once, where the run's folders are settled."""
+    from conftest import REPO, run_python
+    from test_resume import SPLITS
+
+    home, cwd = tmp_path / "home", tmp_path / "cwd"
+    home.mkdir(), cwd.mkdir()
+    args = ["fit", "--config", str(REPO / "configs" / "quickstart.yaml"), "--data.splits", json.dumps(SPLITS),
+            "--data.image_size", "64", "--data.crop_size", "64", "--data.batch_size", "8",
+            "--model.config", str(REPO / "configs" / "models" / "dpt-tiny.json"),
+            "--trainer.max_epochs", "1", "--trainer.default_root_dir", "~/run", "--trainer.enable_progress_bar", "false"]
+    env = dict(os.environ, HOME=str(home), WANDB_MODE="offline", PYTHONPATH=str(REPO / "tests"))
+    first = run_python(REPO / "train.py", args, cwd, env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    config = (home / "run" / "config.yaml").read_bytes()
+    second = run_python(REPO / "train.py", args, cwd, env, timeout=600)
+    assert second.returncode == 2 and "already holds the checkpoints of a run" in second.stderr, second.stderr[-3000:]
+    assert (home / "run" / "config.yaml").read_bytes() == config
+    assert not list((home / "run" / "checkpoints").glob("*-v1.ckpt")) and not (cwd / "~").exists()
+
+
+@pytest.mark.parametrize("case", ["save_dir_file", "wandb_file", "config_folder"])
+def test_files_in_the_way_of_the_run_files_are_one_line(tmp_path, case):
+    """A file where the logger's save_dir is, a file named wandb in the run folder, a folder named config.yaml
+    there: tracebacks (NotADirectoryError, FileExistsError, jsonargparse's PathError; a user attack)."""
+    run = tmp_path / "run"
+    run.mkdir()
+    extra, said = [], ""
+    if case == "save_dir_file":
+        (tmp_path / "afile").write_text("x")
+        extra, said = ["--trainer.logger.init_args.save_dir", str(tmp_path / "afile")], f"{tmp_path / 'afile'} is a file"
+    elif case == "wandb_file":
+        (run / "wandb").write_text("x")
+        said = f"{run / 'wandb'} is a file, not a folder"
+    else:
+        (run / "config.yaml").mkdir()
+        said = f"{run / 'config.yaml'} is a folder, where the run writes a file"
+    proc = _logged_quickstart(run, *extra)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and said in errors[0], errors
+
+
+def test_online_wandb_without_credentials_is_one_line(tmp_path):
+    """``WANDB_MODE=online`` with no credentials: wandb's UsageError traceback at the first log, after the
+    data checks (a user attack); one line before anything is built."""
+    proc = _logged_quickstart(tmp_path / "run", wandb_mode="online")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and "WANDB_MODE online: no W&B credentials" in errors[0], errors

@@ -329,3 +329,24 @@ def test_an_error_from_a_loader_worker_keeps_its_own_message(error):
         next(iter(loader))
     assert str(got.value) == str(error)
     assert "Traceback" not in str(got.value) and "worker" not in str(got.value)
+
+
+@needs(CAMVID)
+def test_an_image_that_is_a_dangling_link_is_a_bad_sample_not_dropped(tmp_path):
+    """A training image that is a link whose target is gone was left out of the glob's files without a word
+    (one batch fewer, a user attack); it is read, and named as a file that is not there."""
+    from dptune.data.datamodule import SegmentationDataModule
+
+    root = tmp_path / "data"
+    for sub in ("train", "trainannot"):
+        (root / sub).mkdir(parents=True)
+    for stem in ("0001TP_006690", "0001TP_006720"):
+        (root / "train" / f"{stem}.jpg").write_bytes((CAMVID / "train" / f"{stem}.jpg").read_bytes())
+        (root / "trainannot" / f"{stem}.png").write_bytes((CAMVID / "trainannot" / f"{stem}.png").read_bytes())
+    (root / "labels.yaml").write_bytes((CAMVID / "labels.yaml").read_bytes())
+    (root / "train" / "0001TP_006690.jpg").unlink()
+    (root / "train" / "0001TP_006690.jpg").symlink_to(tmp_path / "gone.jpg")
+    dm = SegmentationDataModule(root=str(root), labels="labels.yaml", image_size=64, num_workers=0,
+                                splits={"train": {"images": "train/*.jpg", "masks": "trainannot/{stem}.png"}})
+    with pytest.raises(DataError, match="0001TP_006690.jpg"):
+        dm.setup("fit")

@@ -27,6 +27,7 @@ from dptune.cli.places import named_where, setting_error
 from dptune.cli.processes import first_process, peer_stopped, refuse_started_processes
 from dptune.cli.run_checks import (
     best_filename,
+    check_run_file,
     check_run_folder,
     check_run_length_and_seed,
     refuse_a_second_run,
@@ -80,7 +81,7 @@ class DPTuneCLI(LightningCLI):
             trainer = super().instantiate_trainer(**kwargs)
         except (ConfigError, DataError):
             raise  # dptune's own lines, as they are
-        except (MisconfigurationException, TypeError, ValueError) as e:
+        except (MisconfigurationException, TypeError, ValueError, ImportError) as e:
             # Lightning's checks only: a TypeError or ValueError raised elsewhere is a bug and keeps its traceback
             frames = traceback.extract_tb(e.__traceback__)
             if not isinstance(e, MisconfigurationException) and (
@@ -183,11 +184,15 @@ class DPTuneCLI(LightningCLI):
     def _settle_folders(self, cfg) -> None:
         """The run's root and checkpoint folder, as the run will use them (a run config given back with
         another root: its folders follow the new root). Once settled, settling again changes nothing."""
-        root = cfg.trainer.default_root_dir or DEFAULT_ROOT
+        # ``~`` expanded once, here: Lightning expands it where it writes, dptune's checks did not (a second fit
+        # into '~/run' passed the check for a run already there), and W&B made a folder named '~'
+        root = os.path.expanduser(str(cfg.trainer.default_root_dir or DEFAULT_ROOT))
         cfg.trainer.default_root_dir = root
         follow_the_root(cfg, self._argv, _loggers(cfg))
         if cfg.checkpoint.dirpath is None:
             cfg.checkpoint.dirpath = os.path.join(root, "checkpoints")
+        elif isinstance(cfg.checkpoint.dirpath, str):
+            cfg.checkpoint.dirpath = os.path.expanduser(cfg.checkpoint.dirpath)
 
     def before_instantiate_classes(self) -> None:
         if self.task == "multitask" and self.subcommand == "test":
@@ -198,6 +203,7 @@ class DPTuneCLI(LightningCLI):
         self._settle_folders(cfg)
         root = cfg.trainer.default_root_dir
         check_run_folder(root, "trainer.default_root_dir")
+        check_run_file(os.path.join(root, "config.yaml"), "trainer.default_root_dir")
         if self.subcommand == "fit":
             check_run_folder(cfg.checkpoint.dirpath, "checkpoint.dirpath")
         default_monitor, _, default_name = TASK_SETTINGS[self.task]["monitor"]
@@ -210,12 +216,16 @@ class DPTuneCLI(LightningCLI):
             init = getattr(lg, "init_args", None)
             if init is not None and "save_dir" in init and init.save_dir in (None, "."):
                 init.save_dir = root
+            elif init is not None and isinstance(init.get("save_dir"), str):
+                init.save_dir = os.path.expanduser(init.save_dir)
             if str(getattr(lg, "class_path", "")).endswith("WandbLogger"):
                 # here, not only in the logger: jsonargparse turns an error raised while it builds one of a
                 # setting's typed choices into a ValueError of its own, with a traceback
-                environment_mode()
+                environment_mode(credentials=True)
                 if init is not None and init.get("mode"):
-                    checked_mode(init.mode, "trainer.logger.init_args.mode")
+                    checked_mode(init.mode, "trainer.logger.init_args.mode", credentials=True)
+                if init is not None and isinstance(init.get("save_dir"), str):  # W&B writes into save_dir/wandb
+                    check_run_folder(os.path.join(init.save_dir, "wandb"), "trainer.logger.init_args.save_dir")
 
 
 def _said(value: Any) -> str:

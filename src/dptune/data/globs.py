@@ -79,7 +79,10 @@ def glob_files(pattern: str, shown: str | None = None) -> list[str]:
     ``any_case_extension``), sorted, each once. Files beside them left out only for another
     spelling of the extension (``.jpeg`` beside ``*.jpg``, see ``other_spellings``) are counted in
     a warning, once per pattern (``shown``: as the user wrote it), never dropped without a word."""
-    found = sorted({p for p in glob.glob(any_case_extension(pattern), recursive=True) if os.path.isfile(p)})
+    # a link whose target is gone stays in: read, it is a bad sample named as such (left out, it was dropped
+    # without a word); folders that match are not files
+    found = sorted({p for p in glob.glob(any_case_extension(pattern), recursive=True)
+                    if os.path.isfile(p) or (os.path.islink(p) and not os.path.exists(p))})
     if found and pattern not in _warned_spellings:
         note = spelling_note(pattern, found, shown)
         if note:

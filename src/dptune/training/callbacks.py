@@ -10,6 +10,7 @@ import sys
 import time
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlparse
 
 import lightning.pytorch as pl
 import numpy as np
@@ -28,39 +29,48 @@ def wandb_mode() -> str:
     explicit = environment_mode()
     if explicit is not None:
         return explicit
-    if os.environ.get("WANDB_API_KEY"):
-        return "online"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        if "api.wandb.ai" in netrc.read_text():
-            return "online"
-    except OSError:
-        pass
-    return "offline"
+    return "online" if has_credentials() else "offline"
 
 
-def environment_mode() -> str | None:
+def environment_mode(credentials: bool = False) -> str | None:
     """``WANDB_MODE`` as W&B will read it (wandb reads the variable whatever mode a logger is given): None
     when unset, or set but empty, which is then removed (a shell's empty value means unset; wandb refused it
-    with a traceback); a value W&B does not take is a ``ConfigError``."""
+    with a traceback); a value W&B does not take is a ``ConfigError`` (see ``checked_mode``)."""
     explicit = os.environ.get("WANDB_MODE")
     if explicit == "":
         del os.environ["WANDB_MODE"]
         return None
-    return None if explicit is None else checked_mode(explicit, "WANDB_MODE")
+    return None if explicit is None else checked_mode(explicit, "WANDB_MODE", credentials)
+
+
+def has_credentials() -> bool:
+    """W&B credentials this process can use: ``WANDB_API_KEY``, or a netrc entry for the W&B host
+    (``WANDB_BASE_URL``'s, by default api.wandb.ai), which ``wandb login`` writes."""
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
+    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return host in netrc.read_text()
+    except OSError:
+        return False
 
 
 # the modes wandb 0.31 takes (its Settings.mode); "dryrun" and "run" are old names of offline and online
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
-def checked_mode(mode: str, where: str) -> str:
+def checked_mode(mode: str, where: str, credentials: bool = False) -> str:
     """``mode`` when W&B takes it; else a ``ConfigError`` naming where it was given (wandb refused it
-    with a traceback from its settings)."""
-    if mode not in WANDB_MODES:
-        from dptune.errors import ConfigError
+    with a traceback from its settings). With ``credentials``, an online mode without credentials is one
+    too (wandb stopped the run at its first log, after the data checks, with a traceback)."""
+    from dptune.errors import ConfigError
 
+    if mode not in WANDB_MODES:
         raise ConfigError(f"{where} {mode!r}: W&B takes one of {', '.join(WANDB_MODES[:4])}")
+    if credentials and mode in ("online", "run", "shared") and not has_credentials():
+        raise ConfigError(f"{where} {mode}: no W&B credentials (wandb login, or WANDB_API_KEY); "
+                          "or log offline (WANDB_MODE=offline) and upload later with wandb sync")
     return mode
 
 
