@@ -219,3 +219,26 @@ def test_a_ctrl_c_while_the_wandb_run_closes_keeps_the_command_status(caplog, tm
             _sys.modules["wandb"] = old
     said = [r.getMessage() for r in caplog.records]
     assert any("abc123 was not closed (interrupted (Ctrl-C))" in m and "wandb sync" in m for m in said), said
+
+
+def test_wandb_credentials_are_read_from_the_netrc_entries_wandb_uses(tmp_path, monkeypatch):
+    """``wandb login`` of wandb 0.31 writes its default server (api.forge.coreweave.com) into the netrc, which
+    dptune did not count, so its default mode was offline for a logged-in user (a review); an entry without a
+    password counted, and ``NETRC`` with ``~`` was not expanded."""
+    from dptune.training.callbacks import has_credentials, wandb_mode
+
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    netrc = tmp_path / ".netrc-wandb"
+    monkeypatch.setenv("NETRC", "~/.netrc-wandb")
+    assert not has_credentials() and wandb_mode() == "offline"
+    netrc.write_text("machine api.forge.coreweave.com\n  login user\n  password " + "a" * 40 + "\n")
+    netrc.chmod(0o600)
+    assert has_credentials() and wandb_mode() == "online"
+    netrc.write_text("machine api.wandb.ai login user\n")  # no password: wandb finds no key
+    assert not has_credentials()
+    netrc.write_text("machine wandb.corp.example login user password " + "b" * 40 + "\n")
+    assert not has_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.corp.example")
+    assert has_credentials()

@@ -27,7 +27,6 @@ from dptune.cli.places import named_where, setting_error
 from dptune.cli.processes import first_process, peer_stopped, refuse_started_processes
 from dptune.cli.run_checks import (
     best_filename,
-    check_run_file,
     check_run_folder,
     check_run_length_and_seed,
     refuse_a_second_run,
@@ -203,7 +202,6 @@ class DPTuneCLI(LightningCLI):
         self._settle_folders(cfg)
         root = cfg.trainer.default_root_dir
         check_run_folder(root, "trainer.default_root_dir")
-        check_run_file(os.path.join(root, "config.yaml"), "trainer.default_root_dir")
         if self.subcommand == "fit":
             check_run_folder(cfg.checkpoint.dirpath, "checkpoint.dirpath")
         default_monitor, _, default_name = TASK_SETTINGS[self.task]["monitor"]
@@ -221,10 +219,11 @@ class DPTuneCLI(LightningCLI):
             if str(getattr(lg, "class_path", "")).endswith("WandbLogger"):
                 # here, not only in the logger: jsonargparse turns an error raised while it builds one of a
                 # setting's typed choices into a ValueError of its own, with a traceback
-                environment_mode(credentials=True)
+                mode = environment_mode()
                 if init is not None and init.get("mode"):
-                    checked_mode(init.mode, "trainer.logger.init_args.mode", credentials=True)
-                if init is not None and isinstance(init.get("save_dir"), str):  # W&B writes into save_dir/wandb
+                    mode = checked_mode(init.mode, "trainer.logger.init_args.mode")
+                writes = mode != "disabled" and init is not None and isinstance(init.get("save_dir"), str)
+                if writes:  # W&B writes into save_dir/wandb
                     check_run_folder(os.path.join(init.save_dir, "wandb"), "trainer.logger.init_args.save_dir")
 
 

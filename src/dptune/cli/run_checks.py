@@ -100,9 +100,3 @@ def check_run_folder(path: str, setting: str) -> None:
             raise ConfigError(f"{setting} {path}: {there} is not writable by this user")
         return
 
-
-def check_run_file(path: str, setting: str) -> None:
-    """A file the run writes (its config.yaml): a folder of that name in its place ended the run in a
-    jsonargparse traceback."""
-    if os.path.isdir(path):
-        raise ConfigError(f"{setting}: {path} is a folder, where the run writes a file")

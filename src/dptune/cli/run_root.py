@@ -14,7 +14,8 @@ log = logging.getLogger(__name__)
 
 
 def _same_path(a: Any, b: Any) -> bool:
-    return isinstance(a, str) and isinstance(b, str) and os.path.normpath(a) == os.path.normpath(b)
+    return (isinstance(a, str) and isinstance(b, str)
+            and os.path.normpath(os.path.expanduser(a)) == os.path.normpath(os.path.expanduser(b)))
 
 
 def follow_the_root(cfg: Any, args: list[str], loggers: list) -> None:

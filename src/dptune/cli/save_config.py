@@ -40,6 +40,11 @@ class LoggedSaveConfig(SaveConfigCallback):
         log_dir = trainer.log_dir  # every process: it broadcasts
         if trainer.is_global_zero and log_dir is not None:
             self._choose_name(log_dir, stage, resumed)
+            target = os.path.join(log_dir, self.config_filename)
+            if os.path.isdir(target):  # jsonargparse refused it with a traceback
+                from dptune.errors import ConfigError
+
+                raise ConfigError(f"{target} is a folder, where the run writes its config: move it away")
         super().setup(trainer, pl_module, stage)
 
     def _choose_name(self, log_dir: str, stage, resumed: bool) -> None:

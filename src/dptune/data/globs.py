@@ -74,15 +74,15 @@ def spelling_note(pattern: str, found: Sequence[str], shown: str | None = None) 
             f"{os.path.join(head, tail.rpartition('.')[0] + '.' + wider)!r}, to take them")
 
 
-def glob_files(pattern: str, shown: str | None = None) -> list[str]:
+def glob_files(pattern: str, shown: str | None = None, dangling: bool = False) -> list[str]:
     """The files a glob matches (``**`` recursive; the file extension in either case, see
     ``any_case_extension``), sorted, each once. Files beside them left out only for another
     spelling of the extension (``.jpeg`` beside ``*.jpg``, see ``other_spellings``) are counted in
     a warning, once per pattern (``shown``: as the user wrote it), never dropped without a word."""
-    # a link whose target is gone stays in: read, it is a bad sample named as such (left out, it was dropped
-    # without a word); folders that match are not files
+    # with ``dangling`` (a split's images) a link whose target is gone stays in: read, it is a bad sample named
+    # as such (left out, it was dropped from the training data without a word); folders that match are not files
     found = sorted({p for p in glob.glob(any_case_extension(pattern), recursive=True)
-                    if os.path.isfile(p) or (os.path.islink(p) and not os.path.exists(p))})
+                    if os.path.isfile(p) or (dangling and os.path.islink(p) and not os.path.exists(p))})
     if found and pattern not in _warned_spellings:
         note = spelling_note(pattern, found, shown)
         if note:
@@ -96,7 +96,7 @@ def match_images(root: str, images: str) -> list[str]:
     in any case (``*.jpg`` takes ``.JPG`` too; ``.jpeg`` files beside them are counted in a
     warning); none is an error (that names such files when the folder holds them)."""
     pattern = images if os.path.isabs(images) else os.path.join(root, images)
-    found = glob_files(pattern, shown=images)
+    found = glob_files(pattern, shown=images, dangling=True)
     if not found:
         note = spelling_note(pattern, [], images)
         raise DataError(f"{pattern}: no images match" + (f"; {note}" if note else ""))

@@ -32,7 +32,7 @@ def wandb_mode() -> str:
     return "online" if has_credentials() else "offline"
 
 
-def environment_mode(credentials: bool = False) -> str | None:
+def environment_mode() -> str | None:
     """``WANDB_MODE`` as W&B will read it (wandb reads the variable whatever mode a logger is given): None
     when unset, or set but empty, which is then removed (a shell's empty value means unset; wandb refused it
     with a traceback); a value W&B does not take is a ``ConfigError`` (see ``checked_mode``)."""
@@ -40,37 +40,53 @@ def environment_mode(credentials: bool = False) -> str | None:
     if explicit == "":
         del os.environ["WANDB_MODE"]
         return None
-    return None if explicit is None else checked_mode(explicit, "WANDB_MODE", credentials)
+    return None if explicit is None else checked_mode(explicit, "WANDB_MODE")
+
+
+def _wandb_hosts() -> set[str]:
+    """The W&B servers whose netrc entry wandb uses: ``WANDB_BASE_URL``'s, wandb's default (api.forge.coreweave.com
+    in wandb 0.31) and api.wandb.ai."""
+    urls = [os.environ.get("WANDB_BASE_URL"), "https://api.wandb.ai"]
+    try:
+        from wandb.sdk.wandb_settings import Settings
+
+        urls.append(Settings.model_fields["base_url"].default)
+    except Exception:  # noqa: BLE001 - another wandb version: the other hosts still count
+        pass
+    return {host for url in urls if url and (host := urlparse(url).hostname)}
 
 
 def has_credentials() -> bool:
-    """W&B credentials this process can use: ``WANDB_API_KEY``, or a netrc entry for the W&B host
-    (``WANDB_BASE_URL``'s, by default api.wandb.ai), which ``wandb login`` writes."""
-    if os.environ.get("WANDB_API_KEY"):
+    """Whether W&B finds credentials without asking, as far as dptune can tell (it picks online only then):
+    ``WANDB_API_KEY``, an identity token file, or a netrc entry with a password for a W&B server
+    (``_wandb_hosts``; ``NETRC``, ``~/.netrc``, ``~/_netrc``). A server chosen with ``wandb login --host``
+    alone (wandb's settings file) is not read: set ``WANDB_MODE=online`` or ``WANDB_BASE_URL``."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    host = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").hostname or "api.wandb.ai"
-    netrc = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
-    try:
-        return host in netrc.read_text()
-    except OSError:
-        return False
+    hosts = _wandb_hosts()
+    for name in dict.fromkeys(n for n in (os.environ.get("NETRC"), "~/.netrc", "~/_netrc") if n):
+        try:
+            entries = netrc.netrc(os.path.expanduser(name))
+        except (OSError, netrc.NetrcParseError):
+            continue
+        if any((found := entries.authenticators(host)) and found[2] for host in hosts):
+            return True
+    return False
 
 
 # the modes wandb 0.31 takes (its Settings.mode); "dryrun" and "run" are old names of offline and online
 WANDB_MODES = ("online", "offline", "disabled", "shared", "dryrun", "run")
 
 
-def checked_mode(mode: str, where: str, credentials: bool = False) -> str:
+def checked_mode(mode: str, where: str) -> str:
     """``mode`` when W&B takes it; else a ``ConfigError`` naming where it was given (wandb refused it
-    with a traceback from its settings). With ``credentials``, an online mode without credentials is one
-    too (wandb stopped the run at its first log, after the data checks, with a traceback)."""
-    from dptune.errors import ConfigError
-
+    with a traceback from its settings)."""
     if mode not in WANDB_MODES:
+        from dptune.errors import ConfigError
+
         raise ConfigError(f"{where} {mode!r}: W&B takes one of {', '.join(WANDB_MODES[:4])}")
-    if credentials and mode in ("online", "run", "shared") and not has_credentials():
-        raise ConfigError(f"{where} {mode}: no W&B credentials (wandb login, or WANDB_API_KEY); "
-                          "or log offline (WANDB_MODE=offline) and upload later with wandb sync")
     return mode
 
 
@@ -111,6 +127,22 @@ class DPTuneWandbLogger(WandbLogger):
         mode = checked_mode(mode, "trainer.logger.init_args.mode") if mode else wandb_mode()
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(project=project, save_dir=save_dir, mode=mode, **kwargs)
+
+    @property
+    def experiment(self) -> Any:
+        """Lightning's run, made at the first log; wandb's refusal to go online without credentials (its
+        ``UsageError``, a traceback after the data checks) is one line that says what to do."""
+        try:
+            return super().experiment
+        except Exception as e:
+            import wandb.errors
+
+            if isinstance(e, wandb.errors.UsageError):
+                from dptune.errors import ConfigError
+
+                raise ConfigError(f"W&B: {' '.join(str(e).split())} (or log offline: WANDB_MODE=offline, and "
+                                  "upload later with wandb sync)") from None
+            raise
 
     # Pickled for the processes ``ddp_spawn`` starts (the Python API; the command line runs ddp), Lightning's
     # logger creates the W&B run in the launching process and the spawned one attaches to it; the attached
