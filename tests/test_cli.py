@@ -877,7 +877,7 @@ def test_a_second_fit_into_a_run_folder_given_with_a_tilde_is_refused(tmp_path):
     assert not list((home / "run" / "checkpoints").glob("*-v1.ckpt")) and not (cwd / "~").exists()
 
 
-@pytest.mark.parametrize("case", ["save_dir_file", "wandb_file", "config_folder"])
+@pytest.mark.parametrize("case", ["save_dir_file", "wandb_file", "config_folder", "config_dangling"])
 def test_files_in_the_way_of_the_run_files_are_one_line(tmp_path, case):
     """A file where the logger's save_dir is, a file named wandb in the run folder, a folder named config.yaml
     there: tracebacks (NotADirectoryError, FileExistsError, jsonargparse's PathError; a user attack)."""
@@ -890,13 +890,18 @@ def test_files_in_the_way_of_the_run_files_are_one_line(tmp_path, case):
     elif case == "wandb_file":
         (run / "wandb").write_text("x")
         said = f"{run / 'wandb'} is a file, not a folder"
-    else:
+    elif case == "config_folder":
         (run / "config.yaml").mkdir()
         said = f"{run / 'config.yaml'} is a folder, where the run writes its config"
+    else:
+        (run / "config.yaml").symlink_to(tmp_path / "gone" / "c.yaml")
+        said = f"{run / 'config.yaml'} is a link to {tmp_path / 'gone' / 'c.yaml'}, which does not exist"
     proc = _logged_quickstart(run, *extra)
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and said in errors[0], errors
+    # refused before anything is built: no W&B run left behind (a review found one after the check had moved)
+    assert not list(run.glob("wandb/offline-run-*"))
 
 
 def test_online_wandb_without_credentials_is_one_line(tmp_path):

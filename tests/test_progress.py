@@ -242,3 +242,16 @@ def test_wandb_credentials_are_read_from_the_netrc_entries_wandb_uses(tmp_path, 
     assert not has_credentials()
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.corp.example")
     assert has_credentials()
+    # wandb reads one file and the one server it will use (a review): another server's entry does not count,
+    # nor does ~/.netrc when NETRC names another file, nor a file that is not text
+    netrc.write_text("machine api.wandb.ai login user password " + "c" * 40 + "\n")
+    assert not has_credentials()
+    monkeypatch.delenv("WANDB_BASE_URL")
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password " + "d" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    monkeypatch.setenv("NETRC", str(tmp_path / "git.netrc"))
+    assert not has_credentials()
+    (tmp_path / "git.netrc").write_bytes(b"machine example.org login user password caf\xe9\n")
+    assert not has_credentials() and wandb_mode() == "offline"
+    monkeypatch.setenv("WANDB_BASE_URL", "http://[bad")
+    assert not has_credentials()

@@ -32,7 +32,7 @@ from dptune.cli.run_checks import (
     refuse_a_second_run,
 )
 from dptune.cli.run_root import follow_the_root
-from dptune.cli.save_config import LoggedSaveConfig
+from dptune.cli.save_config import LoggedSaveConfig, check_config_file
 from dptune.cli.tasks import TASK_SETTINGS, task_classes, task_from_args
 from dptune.errors import ConfigError, DataError, first_line, said_by_another_process, wait_for_the_launcher
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path, is_registry
@@ -225,6 +225,12 @@ class DPTuneCLI(LightningCLI):
                 writes = mode != "disabled" and init is not None and isinstance(init.get("save_dir"), str)
                 if writes:  # W&B writes into save_dir/wandb
                     check_run_folder(os.path.join(init.save_dir, "wandb"), "trainer.logger.init_args.save_dir")
+        first = next(iter(_loggers(cfg)), None)
+        if first in (None, False) or str(getattr(first, "class_path", "")).endswith("WandbLogger"):
+            # config.yaml goes to the W&B logger's save_dir (or the root without a logger); other loggers'
+            # folders only the trainer knows, and the callback checks them there
+            folder = getattr(getattr(first, "init_args", None), "save_dir", None) or root  # save_dir set above
+            check_config_file(os.path.join(os.path.expanduser(str(folder)), "config.yaml"), "trainer.default_root_dir")
 
 
 def _said(value: Any) -> str:

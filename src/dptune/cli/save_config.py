@@ -39,12 +39,8 @@ class LoggedSaveConfig(SaveConfigCallback):
             self.config.ckpt_path = None
         log_dir = trainer.log_dir  # every process: it broadcasts
         if trainer.is_global_zero and log_dir is not None:
+            check_config_file(os.path.join(log_dir, self.config_filename), "the run's log folder")
             self._choose_name(log_dir, stage, resumed)
-            target = os.path.join(log_dir, self.config_filename)
-            if os.path.isdir(target):  # jsonargparse refused it with a traceback
-                from dptune.errors import ConfigError
-
-                raise ConfigError(f"{target} is a folder, where the run writes its config: move it away")
         super().setup(trainer, pl_module, stage)
 
     def _choose_name(self, log_dir: str, stage, resumed: bool) -> None:
@@ -112,3 +108,15 @@ class LoggedSaveConfig(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, Logger):
                 logger.log_hyperparams({"resolved_config": resolved})
+
+
+def check_config_file(path: str, setting: str) -> None:
+    """Where a run writes its config.yaml: a folder or a link whose target is gone there ended the run in a
+    jsonargparse traceback (one that blamed the run's folder), or was taken for the record of an earlier run.
+    The command line checks it before anything is built (no W&B run is made for a run refused here); this
+    callback checks it again for loggers whose folder only the trainer knows."""
+    if os.path.isdir(path) or (os.path.islink(path) and not os.path.exists(path)):
+        from dptune.errors import ConfigError
+
+        what = "a folder" if os.path.isdir(path) else f"a link to {os.readlink(path)}, which does not exist"
+        raise ConfigError(f"{setting}: {path} is {what}, where the run writes its config: move it away")

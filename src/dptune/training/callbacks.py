@@ -44,36 +44,43 @@ def environment_mode() -> str | None:
 
 
 def _wandb_hosts() -> set[str]:
-    """The W&B servers whose netrc entry wandb uses: ``WANDB_BASE_URL``'s, wandb's default (api.forge.coreweave.com
-    in wandb 0.31) and api.wandb.ai."""
-    urls = [os.environ.get("WANDB_BASE_URL"), "https://api.wandb.ai"]
-    try:
-        from wandb.sdk.wandb_settings import Settings
+    """The netrc machines wandb looks up: ``WANDB_BASE_URL``'s server when it is set (host, and host:port as
+    ``wandb login`` writes it); else wandb's default server (api.forge.coreweave.com in wandb 0.31) and
+    api.wandb.ai. A URL that does not parse names no machine."""
+    given = os.environ.get("WANDB_BASE_URL")
+    urls = [given] if given else ["https://api.wandb.ai"]
+    if not given:
+        try:
+            from wandb.sdk.wandb_settings import Settings
 
-        urls.append(Settings.model_fields["base_url"].default)
-    except Exception:  # noqa: BLE001 - another wandb version: the other hosts still count
-        pass
-    return {host for url in urls if url and (host := urlparse(url).hostname)}
+            urls.append(Settings.model_fields["base_url"].default)
+        except Exception:  # noqa: BLE001 - another wandb version: api.wandb.ai still counts
+            pass
+    hosts = set()
+    for url in urls:
+        try:
+            parsed = urlparse(url)
+            hosts.update(h for h in (parsed.hostname, parsed.netloc) if h)
+        except ValueError:
+            continue
+    return hosts
 
 
 def has_credentials() -> bool:
-    """Whether W&B finds credentials without asking, as far as dptune can tell (it picks online only then):
-    ``WANDB_API_KEY``, an identity token file, or a netrc entry with a password for a W&B server
-    (``_wandb_hosts``; ``NETRC``, ``~/.netrc``, ``~/_netrc``). A server chosen with ``wandb login --host``
-    alone (wandb's settings file) is not read: set ``WANDB_MODE=online`` or ``WANDB_BASE_URL``."""
+    """Whether W&B finds credentials without asking, as far as dptune can tell (its default mode is online only
+    then): ``WANDB_API_KEY``, an identity token file, or an entry with a password for a W&B machine
+    (``_wandb_hosts``) in the one netrc file wandb reads (``NETRC`` when set, else ``~/.netrc``); a file that
+    cannot be read or parsed holds none. A server chosen with ``wandb login --host`` alone (wandb's settings
+    file) is not read: set ``WANDB_MODE=online`` or ``WANDB_BASE_URL``."""
     import netrc
 
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    hosts = _wandb_hosts()
-    for name in dict.fromkeys(n for n in (os.environ.get("NETRC"), "~/.netrc", "~/_netrc") if n):
-        try:
-            entries = netrc.netrc(os.path.expanduser(name))
-        except (OSError, netrc.NetrcParseError):
-            continue
-        if any((found := entries.authenticators(host)) and found[2] for host in hosts):
-            return True
-    return False
+    try:
+        entries = netrc.netrc(os.path.expanduser(os.environ.get("NETRC") or "~/.netrc"))
+    except (OSError, ValueError, netrc.NetrcParseError):  # ValueError: a file that is not text
+        return False
+    return any((found := entries.authenticators(host)) and found[2] for host in _wandb_hosts())
 
 
 # the modes wandb 0.31 takes (its Settings.mode); "dryrun" and "run" are old names of offline and online
@@ -130,18 +137,19 @@ class DPTuneWandbLogger(WandbLogger):
 
     @property
     def experiment(self) -> Any:
-        """Lightning's run, made at the first log; wandb's refusal to go online without credentials (its
-        ``UsageError``, a traceback after the data checks) is one line that says what to do."""
+        """Lightning's run, made at the first log; wandb's refusals (no credentials, a bad key, a setting it
+        does not take, the server out of reach: a traceback after the data checks) are one line."""
         try:
             return super().experiment
         except Exception as e:
             import wandb.errors
 
-            if isinstance(e, wandb.errors.UsageError):
+            if isinstance(e, wandb.errors.Error):  # a setting, credentials, the server out of reach
                 from dptune.errors import ConfigError
 
-                raise ConfigError(f"W&B: {' '.join(str(e).split())} (or log offline: WANDB_MODE=offline, and "
-                                  "upload later with wandb sync)") from None
+                online = self._wandb_init.get("mode") not in ("offline", "dryrun", "disabled")
+                hint = " (or log offline: WANDB_MODE=offline, and upload later with wandb sync)" if online else ""
+                raise ConfigError(f"W&B: {' '.join(str(e).split())}{hint}") from None
             raise
 
     # Pickled for the processes ``ddp_spawn`` starts (the Python API; the command line runs ddp), Lightning's
