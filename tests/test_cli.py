@@ -793,7 +793,7 @@ def test_a_run_folder_that_cannot_be_a_folder_is_one_line(tmp_path, setting):
     assert blocker.read_text() == "not a folder"
 
 
-def _logged_quickstart(run, *extra: str, wandb_mode: str | None = "offline"):
+def _logged_quickstart(run, *extra: str, wandb_mode: str | None = "offline", **env_extra: str):
     """The quickstart of tests/test_resume.py, 1 epoch, with its W&B logger on (offline)."""
     from conftest import REPO, run_python
     from test_resume import SPLITS
@@ -806,6 +806,7 @@ def _logged_quickstart(run, *extra: str, wandb_mode: str | None = "offline"):
     env.update(PYTHONPATH=str(REPO / "tests"), NETRC=str(run) + ".no-netrc")
     if wandb_mode is not None:
         env["WANDB_MODE"] = wandb_mode
+    env.update(env_extra)
     return run_python(REPO / "train.py", args, REPO, env, timeout=600)
 
 
@@ -912,3 +913,13 @@ def test_online_wandb_without_credentials_is_one_line(tmp_path):
     assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: W&B: ") and "WANDB_MODE=offline" in errors[0], errors
+
+
+def test_a_wandb_server_address_wandb_does_not_take_is_one_line(tmp_path):
+    """``WANDB_BASE_URL=https://app.wandb.ai`` (the UI's address, not the API's) ended an offline run in a
+    pydantic ValidationError traceback from wandb's settings when the run started (a review)."""
+    proc = _logged_quickstart(tmp_path / "run", WANDB_BASE_URL="https://app.wandb.ai")
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: W&B: ") and "app.wandb.ai" in errors[0], errors
+    assert "log offline" not in errors[0]  # it is offline already

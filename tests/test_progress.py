@@ -238,6 +238,8 @@ def test_wandb_credentials_are_read_from_the_netrc_entries_wandb_uses(tmp_path, 
     assert has_credentials() and wandb_mode() == "online"
     netrc.write_text("machine api.wandb.ai login user\n")  # no password: wandb finds no key
     assert not has_credentials()
+    netrc.write_text("machine api.wandb.ai login user password " + "e" * 40 + "\n")  # an older wandb login's
+    assert has_credentials()  # the default server's upstream (a review: dropped when dptune read hosts itself)
     netrc.write_text("machine wandb.corp.example login user password " + "b" * 40 + "\n")
     assert not has_credentials()
     monkeypatch.setenv("WANDB_BASE_URL", "https://wandb.corp.example")

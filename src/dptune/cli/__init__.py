@@ -230,7 +230,8 @@ class DPTuneCLI(LightningCLI):
             # config.yaml goes to the W&B logger's save_dir (or the root without a logger); other loggers'
             # folders only the trainer knows, and the callback checks them there
             folder = getattr(getattr(first, "init_args", None), "save_dir", None) or root  # save_dir set above
-            check_config_file(os.path.join(os.path.expanduser(str(folder)), "config.yaml"), "trainer.default_root_dir")
+            setting = "trainer.default_root_dir" if folder == root else "trainer.logger.init_args.save_dir"
+            check_config_file(os.path.join(os.path.expanduser(str(folder)), "config.yaml"), setting)
 
 
 def _said(value: Any) -> str:

@@ -53,7 +53,7 @@ class LoggedSaveConfig(SaveConfigCallback):
         stem, ext = os.path.splitext(self.config_filename)
         first = os.path.join(log_dir, self.config_filename)
         names, n = [self.config_filename], 2
-        while os.path.exists(os.path.join(log_dir, f"{stem}-{n}{ext}")):
+        while os.path.lexists(os.path.join(log_dir, f"{stem}-{n}{ext}")):  # a dangling link's name is taken too
             names.append(f"{stem}-{n}{ext}")
             n += 1
         if resumed and stage == "fit" and os.path.exists(first):

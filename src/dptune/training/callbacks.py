@@ -43,44 +43,45 @@ def environment_mode() -> str | None:
     return None if explicit is None else checked_mode(explicit, "WANDB_MODE")
 
 
-def _wandb_hosts() -> set[str]:
-    """The netrc machines wandb looks up: ``WANDB_BASE_URL``'s server when it is set (host, and host:port as
-    ``wandb login`` writes it); else wandb's default server (api.forge.coreweave.com in wandb 0.31) and
-    api.wandb.ai. A URL that does not parse names no machine."""
-    given = os.environ.get("WANDB_BASE_URL")
-    urls = [given] if given else ["https://api.wandb.ai"]
-    if not given:
-        try:
-            from wandb.sdk.wandb_settings import Settings
+def _wandb_netrc_key() -> bool | None:
+    """wandb's own netrc lookup for the server it will use (``WANDB_BASE_URL``, else its default): whether it
+    finds a key; None where this wandb has no such lookup (another version), False where it refuses the
+    address or the entry (it says why when the run starts)."""
+    try:
+        from wandb.sdk.lib import urls
+        from wandb.sdk.lib.wbauth import wbnetrc
+    except ImportError:
+        return None
+    try:
+        return bool(wbnetrc.read_netrc_auth(host=os.environ.get("WANDB_BASE_URL") or urls.DEFAULT_BASE_URL))
+    except Exception:  # noqa: BLE001 - an address or key wandb does not take: no credentials to go online with
+        return False
 
-            urls.append(Settings.model_fields["base_url"].default)
-        except Exception:  # noqa: BLE001 - another wandb version: api.wandb.ai still counts
-            pass
-    hosts = set()
-    for url in urls:
-        try:
-            parsed = urlparse(url)
-            hosts.update(h for h in (parsed.hostname, parsed.netloc) if h)
-        except ValueError:
-            continue
-    return hosts
+
+def _netrc_key() -> bool:
+    """Without wandb's lookup: an entry with a password in the netrc file (``NETRC``, else ``~/.netrc``) for
+    ``WANDB_BASE_URL``'s host:port, else for api.wandb.ai; a file that cannot be read or parsed holds none."""
+    import netrc
+
+    try:
+        entries = netrc.netrc(os.path.expanduser(os.environ.get("NETRC") or "~/.netrc"))
+        machine = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
+    except (OSError, ValueError, netrc.NetrcParseError):  # ValueError: a file that is not text, a bad URL
+        return False
+    found = entries.authenticators(machine) if machine else None
+    return bool(found and found[2])
 
 
 def has_credentials() -> bool:
-    """Whether W&B finds credentials without asking, as far as dptune can tell (its default mode is online only
-    then): ``WANDB_API_KEY``, an identity token file, or an entry with a password for a W&B machine
-    (``_wandb_hosts``) in the one netrc file wandb reads (``NETRC`` when set, else ``~/.netrc``); a file that
-    cannot be read or parsed holds none. A server chosen with ``wandb login --host`` alone (wandb's settings
-    file) is not read: set ``WANDB_MODE=online`` or ``WANDB_BASE_URL``."""
-    import netrc
-
+    """Whether W&B finds credentials without asking (dptune's default mode is online only then):
+    ``WANDB_API_KEY``, an identity token file, or the netrc entry wandb's own lookup finds for the server it
+    will use (``_wandb_netrc_key``; ``_netrc_key`` where this wandb has none). A server chosen only with
+    ``wandb login --host`` (wandb's settings file) is not read: set ``WANDB_MODE=online`` or
+    ``WANDB_BASE_URL`` there."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    try:
-        entries = netrc.netrc(os.path.expanduser(os.environ.get("NETRC") or "~/.netrc"))
-    except (OSError, ValueError, netrc.NetrcParseError):  # ValueError: a file that is not text
-        return False
-    return any((found := entries.authenticators(host)) and found[2] for host in _wandb_hosts())
+    found = _wandb_netrc_key()
+    return _netrc_key() if found is None else found
 
 
 # the modes wandb 0.31 takes (its Settings.mode); "dryrun" and "run" are old names of offline and online
@@ -144,7 +145,10 @@ class DPTuneWandbLogger(WandbLogger):
         except Exception as e:
             import wandb.errors
 
-            if isinstance(e, wandb.errors.Error):  # a setting, credentials, the server out of reach
+            # wandb's own errors (credentials, a bad key, the server out of reach) and its settings' validation
+            # (pydantic's ValueError: a WANDB_BASE_URL it does not take)
+            settings = isinstance(e, ValueError) and type(e).__module__.startswith("pydantic")
+            if isinstance(e, wandb.errors.Error) or settings:
                 from dptune.errors import ConfigError
 
                 online = self._wandb_init.get("mode") not in ("offline", "dryrun", "disabled")
