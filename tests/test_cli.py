@@ -923,3 +923,21 @@ def test_a_wandb_server_address_wandb_does_not_take_is_one_line(tmp_path):
     errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
     assert len(errors) == 1 and errors[0].startswith("error: W&B: ") and "app.wandb.ai" in errors[0], errors
     assert "log offline" not in errors[0]  # it is offline already
+
+
+def test_validate_into_a_run_folder_with_a_dangling_config_n_link_takes_the_next_name(tmp_path):
+    """A validate run writes the first free config-N.yaml beside the run's config.yaml; a dangling link at
+    config-2.yaml was taken for a free name and ended the command in jsonargparse's traceback (a review)."""
+    from test_resume import quickstart
+
+    run = tmp_path / "run"
+    quickstart(run, 1)
+    (run / "config-2.yaml").symlink_to(tmp_path / "gone" / "x.yaml")
+    from conftest import REPO, run_python
+    from test_resume import SPLITS
+
+    out = run_python(REPO / "train.py", ["validate", "--config", str(run / "config.yaml"), "--data.splits",
+                                         json.dumps(SPLITS), "--ckpt_path", str(run / "checkpoints" / "last.ckpt")],
+                     REPO, dict(os.environ, WANDB_MODE="offline"), timeout=600)
+    assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
+    assert (run / "config-3.yaml").is_file() and (run / "config-2.yaml").is_symlink()
