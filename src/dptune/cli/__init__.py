@@ -27,12 +27,13 @@ from dptune.cli.places import named_where, setting_error
 from dptune.cli.processes import first_process, peer_stopped, refuse_started_processes
 from dptune.cli.run_checks import (
     best_filename,
+    check_config_file,
     check_run_folder,
     check_run_length_and_seed,
     refuse_a_second_run,
 )
 from dptune.cli.run_root import follow_the_root
-from dptune.cli.save_config import LoggedSaveConfig, check_config_file
+from dptune.cli.save_config import LoggedSaveConfig
 from dptune.cli.tasks import TASK_SETTINGS, task_classes, task_from_args
 from dptune.errors import ConfigError, DataError, first_line, said_by_another_process, wait_for_the_launcher
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path, is_registry
@@ -231,7 +232,7 @@ class DPTuneCLI(LightningCLI):
             # folders only the trainer knows, and the callback checks them there
             folder = getattr(getattr(first, "init_args", None), "save_dir", None) or root  # save_dir set above
             setting = "trainer.default_root_dir" if folder == root else "trainer.logger.init_args.save_dir"
-            check_config_file(os.path.join(os.path.expanduser(str(folder)), "config.yaml"), setting)
+            check_config_file(os.path.join(str(folder), "config.yaml"), setting)  # both expanded above
 
 
 def _said(value: Any) -> str:

@@ -92,7 +92,7 @@ def check_run_folder(path: str, setting: str) -> None:
     for there in [folder, *folder.parents]:
         if not there.exists():
             if there.is_symlink():  # a link whose target is gone (a purged scratch folder)
-                raise ConfigError(f"{setting} {path}: {there} is a link to {os.readlink(there)}, which does not exist")
+                raise ConfigError(f"{setting} {path}: {there} is {_dangling(str(there))}")
             continue
         if not there.is_dir():
             raise ConfigError(f"{setting} {path}: {there} is a file, not a folder")
@@ -100,3 +100,16 @@ def check_run_folder(path: str, setting: str) -> None:
             raise ConfigError(f"{setting} {path}: {there} is not writable by this user")
         return
 
+
+def check_config_file(path: str, setting: str) -> None:
+    """Where a run writes its config.yaml: a folder or a link whose target is gone there ended the run in a
+    jsonargparse traceback (one that blamed the run's folder), or was taken for the record of an earlier run.
+    The command line checks it before anything is built (no W&B run is made for a run refused here);
+    ``LoggedSaveConfig`` checks it again for loggers whose folder only the trainer knows."""
+    if os.path.isdir(path) or (os.path.islink(path) and not os.path.exists(path)):
+        what = "a folder" if os.path.isdir(path) else _dangling(path)
+        raise ConfigError(f"{setting}: {path} is {what}, where the run writes its config: move it away")
+
+
+def _dangling(link: str) -> str:
+    return f"a link to {os.readlink(link)}, which does not exist"

@@ -10,6 +10,8 @@ import yaml
 from lightning.pytorch.cli import SaveConfigCallback
 from lightning.pytorch.loggers import Logger
 
+from dptune.cli.run_checks import check_config_file
+
 log = logging.getLogger(__name__)
 
 
@@ -108,15 +110,3 @@ class LoggedSaveConfig(SaveConfigCallback):
         for logger in trainer.loggers:
             if isinstance(logger, Logger):
                 logger.log_hyperparams({"resolved_config": resolved})
-
-
-def check_config_file(path: str, setting: str) -> None:
-    """Where a run writes its config.yaml: a folder or a link whose target is gone there ended the run in a
-    jsonargparse traceback (one that blamed the run's folder), or was taken for the record of an earlier run.
-    The command line checks it before anything is built (no W&B run is made for a run refused here); this
-    callback checks it again for loggers whose folder only the trainer knows."""
-    if os.path.isdir(path) or (os.path.islink(path) and not os.path.exists(path)):
-        from dptune.errors import ConfigError
-
-        what = "a folder" if os.path.isdir(path) else f"a link to {os.readlink(path)}, which does not exist"
-        raise ConfigError(f"{setting}: {path} is {what}, where the run writes its config: move it away")

@@ -131,8 +131,11 @@ class DPTuneWandbLogger(WandbLogger):
             save_dir: Where the run folder goes; ``train.py`` sets it to ``trainer.default_root_dir``.
             mode: ``online``, ``offline`` or ``disabled``; default: online when credentials exist.
         """
-        environment_mode()  # checked whatever the mode given here: wandb reads it anyway
-        mode = checked_mode(mode, "trainer.logger.init_args.mode") if mode else wandb_mode()
+        if mode:
+            environment_mode()  # checked whatever the mode given here: wandb reads it anyway
+            mode = checked_mode(mode, "trainer.logger.init_args.mode")
+        else:
+            mode = wandb_mode()  # reads and checks WANDB_MODE itself
         os.environ.setdefault("WANDB_SILENT", "true")
         super().__init__(project=project, save_dir=save_dir, mode=mode, **kwargs)
 
