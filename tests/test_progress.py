@@ -177,7 +177,8 @@ def test_wandb_mode_set_but_empty_is_unset_and_an_unknown_one_is_one_line(monkey
     import pytest
 
     from dptune.errors import ConfigError
-    from dptune.training.callbacks import DPTuneWandbLogger, wandb_mode
+    from dptune.training.callbacks import DPTuneWandbLogger
+    from dptune.training.wandb_runs import wandb_mode
 
     monkeypatch.setenv("WANDB_MODE", "")
     monkeypatch.delenv("WANDB_API_KEY", raising=False)
@@ -195,7 +196,7 @@ def test_a_ctrl_c_while_the_wandb_run_closes_keeps_the_command_status(caplog, tm
     """Closing a command's W&B run (an online upload can take a while) interrupted by Ctrl-C turned a finished
     fit into "the command stopped before it finished", exit 130 (a review): the run is said to be left open,
     with the command to sync it, and the command's status stands."""
-    from dptune.training.callbacks import finish_wandb_run
+    from dptune.training.wandb_runs import finish_wandb_run
 
     class Run:
         id, dir = "abc123", str(tmp_path / "wandb" / "run-abc123" / "files")
@@ -225,7 +226,7 @@ def test_wandb_credentials_are_read_from_the_netrc_entries_wandb_uses(tmp_path, 
     """``wandb login`` of wandb 0.31 writes its default server (api.forge.coreweave.com) into the netrc, which
     dptune did not count, so its default mode was offline for a logged-in user (a review); an entry without a
     password counted, and ``NETRC`` with ``~`` was not expanded."""
-    from dptune.training.callbacks import has_credentials, wandb_mode
+    from dptune.training.wandb_runs import has_credentials, wandb_mode
 
     for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE"):
         monkeypatch.delenv(key, raising=False)

@@ -215,7 +215,8 @@ def test_a_fit_writes_the_resolved_config_and_a_best_checkpoint_named_by_epoch_a
 
 def test_wandb_is_online_only_with_credentials_and_never_asks(tmp_path, monkeypatch):
     """README:31 and :217-218: offline unless logged in (``WANDB_API_KEY`` or ``~/.netrc``), never a prompt."""
-    from dptune.training.callbacks import DPTuneWandbLogger, wandb_mode
+    from dptune.training.callbacks import DPTuneWandbLogger
+    from dptune.training.wandb_runs import wandb_mode
 
     for var in ("WANDB_MODE", "WANDB_API_KEY", "NETRC"):
         monkeypatch.delenv(var, raising=False)

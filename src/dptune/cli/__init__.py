@@ -37,16 +37,11 @@ from dptune.cli.save_config import LoggedSaveConfig
 from dptune.cli.tasks import TASK_SETTINGS, task_classes, task_from_args
 from dptune.errors import ConfigError, DataError, first_line, said_by_another_process, wait_for_the_launcher
 from dptune.tasks.checkpoints import ResumeCheck, check_ckpt_path, is_registry
-from dptune.training.callbacks import (
-    LRMonitor,
-    ProgressLog,
-    ValidationVisuals,
-    checked_mode,
-    environment_mode,
-)
+from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
 from dptune.training.checkpointing import Checkpoint, InterruptGuard
 from dptune.training.hardware import DPTuneTrainer
 from dptune.training.preemption import SigtermSync
+from dptune.training.wandb_runs import checked_mode, current_wandb_run, environment_mode, finish_wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -275,8 +270,6 @@ def main(args: list[str] | None = None, prog: str | None = None) -> int:
     exception is a bug (ours or a library's) and keeps its traceback. ``prog``: the name usage
     lines give the command (``dptune`` from the dptune command; else the script's name). A W&B run
     the command started ends with it, marked with its exit status."""
-    from dptune.training.callbacks import current_wandb_run, finish_wandb_run
-
     before, code = current_wandb_run(), 1
     try:
         code = _main(args, prog)
