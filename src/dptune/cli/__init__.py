@@ -27,10 +27,10 @@ from dptune.cli.places import named_where, setting_error
 from dptune.cli.processes import first_process, peer_stopped, refuse_started_processes
 from dptune.cli.run_checks import (
     best_filename,
-    check_config_file,
     check_run_folder,
     check_run_length_and_seed,
     refuse_a_second_run,
+    settle_logger_folders,
 )
 from dptune.cli.run_root import follow_the_root
 from dptune.cli.save_config import LoggedSaveConfig
@@ -41,7 +41,7 @@ from dptune.training.callbacks import LRMonitor, ProgressLog, ValidationVisuals
 from dptune.training.checkpointing import Checkpoint, InterruptGuard
 from dptune.training.hardware import DPTuneTrainer
 from dptune.training.preemption import SigtermSync
-from dptune.training.wandb_runs import checked_mode, current_wandb_run, environment_mode, finish_wandb_run
+from dptune.training.wandb_runs import current_wandb_run, finish_wandb_run
 
 log = logging.getLogger(__name__)
 
@@ -206,28 +206,7 @@ class DPTuneCLI(LightningCLI):
         ckpt = cfg.get("ckpt_path")
         if self.subcommand == "fit" and (ckpt is None or str(ckpt) not in ("last", "hpc") and not is_registry(str(ckpt))):
             refuse_a_second_run(cfg.checkpoint.dirpath, resuming=None if ckpt is None else str(ckpt), root=root)
-        for lg in _loggers(cfg):
-            init = getattr(lg, "init_args", None)
-            if init is not None and "save_dir" in init and init.save_dir in (None, "."):
-                init.save_dir = root
-            elif init is not None and isinstance(init.get("save_dir"), str):
-                init.save_dir = os.path.expanduser(init.save_dir)
-            if str(getattr(lg, "class_path", "")).endswith("WandbLogger"):
-                # here, not only in the logger: jsonargparse turns an error raised while it builds one of a
-                # setting's typed choices into a ValueError of its own, with a traceback
-                mode = environment_mode()
-                if init is not None and init.get("mode"):
-                    mode = checked_mode(init.mode, "trainer.logger.init_args.mode")
-                writes = mode != "disabled" and init is not None and isinstance(init.get("save_dir"), str)
-                if writes:  # W&B writes into save_dir/wandb
-                    check_run_folder(os.path.join(init.save_dir, "wandb"), "trainer.logger.init_args.save_dir")
-        first = next(iter(_loggers(cfg)), None)
-        if first in (None, False) or str(getattr(first, "class_path", "")).endswith("WandbLogger"):
-            # config.yaml goes to the W&B logger's save_dir (or the root without a logger); other loggers'
-            # folders only the trainer knows, and the callback checks them there
-            folder = getattr(getattr(first, "init_args", None), "save_dir", None) or root  # save_dir set above
-            setting = "trainer.default_root_dir" if folder == root else "trainer.logger.init_args.save_dir"
-            check_config_file(os.path.join(str(folder), "config.yaml"), setting)  # both expanded above
+        settle_logger_folders(_loggers(cfg), root)
 
 
 def _said(value: Any) -> str:

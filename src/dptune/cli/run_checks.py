@@ -1,5 +1,5 @@
-"""Checks of a fit before anything is built or written: the run length and seed, a checkpoint folder
-that already holds a run, and the best checkpoint's file name."""
+"""Checks of a run before anything is built or written: the run length and seed, a checkpoint folder
+that already holds a run, the best checkpoint's file name, and the folders the run and its loggers write in."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ import os
 
 from dptune.errors import ConfigError
 from dptune.training.checkpoint_state import template_field
+from dptune.training.wandb_runs import checked_mode, environment_mode
 
 # settings where an empty string means nothing (a folder, a time, a file name): jsonargparse takes it as a str
 BLANK_REFUSED = (("trainer", "default_root_dir"), ("trainer", "val_check_interval"), ("trainer", "max_time"),
@@ -113,3 +114,30 @@ def check_config_file(path: str, setting: str) -> None:
 
 def _dangling(link: str) -> str:
     return f"a link to {os.readlink(link)}, which does not exist"
+
+
+def settle_logger_folders(loggers: list, root: str) -> None:
+    """The loggers' folders as the run will use them (``save_dir`` unset or ``.``: the run's ``root``; ``~``
+    expanded), checked with the W&B mode before anything is built, and where config.yaml goes. ``loggers``:
+    the trainer's logger settings (class_path and init_args; ``None`` or ``False`` for none)."""
+    for lg in loggers:
+        init = getattr(lg, "init_args", None)
+        if init is not None and "save_dir" in init and init.save_dir in (None, "."):
+            init.save_dir = root
+        elif init is not None and isinstance(init.get("save_dir"), str):
+            init.save_dir = os.path.expanduser(init.save_dir)
+        if str(getattr(lg, "class_path", "")).endswith("WandbLogger"):
+            # here, not only in the logger: jsonargparse turns an error raised while it builds one of a
+            # setting's typed choices into a ValueError of its own, with a traceback
+            mode = environment_mode()
+            if init is not None and init.get("mode"):
+                mode = checked_mode(init.mode, "trainer.logger.init_args.mode")
+            if mode != "disabled" and init is not None and isinstance(init.get("save_dir"), str):
+                check_run_folder(os.path.join(init.save_dir, "wandb"), "trainer.logger.init_args.save_dir")
+    first = next(iter(loggers), None)
+    if first in (None, False) or str(getattr(first, "class_path", "")).endswith("WandbLogger"):
+        # config.yaml goes to the W&B logger's save_dir (or the root without a logger); other loggers'
+        # folders only the trainer knows, and the callback checks them there
+        folder = getattr(getattr(first, "init_args", None), "save_dir", None) or root  # save_dir set above
+        setting = "trainer.default_root_dir" if folder == root else "trainer.logger.init_args.save_dir"
+        check_config_file(os.path.join(str(folder), "config.yaml"), setting)  # both expanded above
