@@ -925,6 +925,42 @@ def test_a_wandb_server_address_wandb_does_not_take_is_one_line(tmp_path):
     assert "log offline" not in errors[0]  # it is offline already
 
 
+def test_an_empty_wandb_variable_counts_as_unset(tmp_path):
+    """``WANDB_BASE_URL=`` (exported, empty) ended every W&B run, offline ones too, in wandb's settings error
+    after the model and data were built (a review); wandb refuses most of its variables empty."""
+    proc = _logged_quickstart(tmp_path / "run", WANDB_BASE_URL="", WANDB_INIT_TIMEOUT="", WANDB_TAGS="")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert list((tmp_path / "run").glob("wandb/offline-run-*"))
+
+
+@pytest.mark.parametrize("case", ["short_netrc_key", "spaced_key", "binary_netrc"])
+def test_credentials_wandb_refuses_are_one_line_with_the_right_advice(tmp_path, case):
+    """A netrc key wandb refuses made the run log offline without a word (the same key in WANDB_API_KEY stopped
+    it in one line); a key with a trailing space was refused with the advice to log offline, which fails the
+    same way; a netrc that is not text under WANDB_MODE=online was wandb's UnicodeDecodeError traceback (a review)."""
+    netrc = tmp_path / "netrc"
+    env = {"NETRC": str(netrc), "WANDB_INIT_TIMEOUT": "5"}
+    mode = None
+    if case == "short_netrc_key":
+        netrc.write_text("machine api.forge.coreweave.com login user password abc123\n")
+        said, offline_advice = "40+ characters", True
+    elif case == "spaced_key":
+        env["WANDB_API_KEY"] = "a" * 40 + " "
+        said, offline_advice = "whitespace", False
+    else:
+        netrc.write_bytes(bytes(range(128, 256)) * 2)
+        mode, said, offline_advice = "online", f"{netrc}: not a text file", False
+    netrc.touch()
+    netrc.chmod(0o600)
+    proc = _logged_quickstart(tmp_path / "run", wandb_mode=mode, **env)
+    # wandb's telemetry thread (online runs) logs its own tracebacks at exit when it reads a netrc that is not text
+    ours = proc.stderr.split("ERROR opentelemetry")[0]
+    assert proc.returncode == 2 and "Traceback" not in ours, proc.stderr[-3000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and errors[0].startswith("error: W&B: ") and said in errors[0], errors
+    assert ("WANDB_MODE=offline" in errors[0]) == offline_advice, errors
+
+
 def test_validate_into_a_run_folder_with_a_dangling_config_n_link_takes_the_next_name(tmp_path):
     """A validate run writes the first free config-N.yaml beside the run's config.yaml; a dangling link at
     config-2.yaml was taken for a free name and ended the command in jsonargparse's traceback (a review)."""

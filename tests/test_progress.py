@@ -258,3 +258,32 @@ def test_wandb_credentials_are_read_from_the_netrc_entries_wandb_uses(tmp_path, 
     assert not has_credentials() and wandb_mode() == "offline"
     monkeypatch.setenv("WANDB_BASE_URL", "http://[bad")
     assert not has_credentials()
+
+
+def test_wandb_credentials_are_looked_up_for_the_server_wandbs_settings_file_names(tmp_path, monkeypatch):
+    """A server chosen with ``wandb login --host`` (wandb's settings file) was not read: dptune counted the default
+    server's netrc entry and went online where wandb found no key, and did not count that server's own entry
+    (a review). Empty WANDB_* variables count as unset (an empty WANDB_BASE_URL made every run, offline ones too,
+    end in wandb's settings error)."""
+    from dptune.training.wandb_runs import environment_mode, has_credentials
+
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE", "NETRC",
+                "WANDB_CONFIG_DIR"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password " + "a" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert has_credentials()
+    settings = tmp_path / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\nbase_url = https://wandb.corp.example\n")
+    assert not has_credentials()  # wandb uses wandb.corp.example, for which the netrc has no key
+    (tmp_path / ".netrc").write_text("machine wandb.corp.example login user password " + "b" * 40 + "\n")
+    assert has_credentials()
+    monkeypatch.setenv("WANDB_BASE_URL", "https://api.wandb.ai")  # the variable wins over the file, as in wandb
+    assert not has_credentials()
+    for key in ("WANDB_BASE_URL", "WANDB_INIT_TIMEOUT", "WANDB_PROJECT"):
+        monkeypatch.setenv(key, "")
+    assert environment_mode() is None and has_credentials()
+    assert not {"WANDB_BASE_URL", "WANDB_INIT_TIMEOUT", "WANDB_PROJECT"} & set(os.environ)

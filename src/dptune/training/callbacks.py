@@ -16,7 +16,13 @@ import numpy as np
 from lightning.pytorch.callbacks import Callback, LearningRateMonitor
 from lightning.pytorch.loggers import WandbLogger
 
-from dptune.training.wandb_runs import checked_mode, environment_mode, wandb_mode
+from dptune.training.wandb_runs import (
+    checked_mode,
+    environment_mode,
+    settings_refused,
+    unreadable_netrc,
+    wandb_mode,
+)
 
 log = logging.getLogger(__name__)
 
@@ -48,15 +54,19 @@ class DPTuneWandbLogger(WandbLogger):
         except Exception as e:
             import wandb.errors
 
+            from dptune.errors import ConfigError
+
             # wandb's own errors (credentials, a bad key, the server out of reach) and its settings' validation
-            # (pydantic's ValueError: a WANDB_BASE_URL it does not take)
+            # (pydantic's ValueError: a WANDB_BASE_URL it does not take); logging offline is advised where it helps
             settings = isinstance(e, ValueError) and type(e).__module__.startswith("pydantic")
             if isinstance(e, wandb.errors.Error) or settings:
-                from dptune.errors import ConfigError
-
                 online = self._wandb_init.get("mode") not in ("offline", "dryrun", "disabled")
-                hint = " (or log offline: WANDB_MODE=offline, and upload later with wandb sync)" if online else ""
+                hint = (" (or log offline: WANDB_MODE=offline, and upload later with wandb sync)"
+                        if online and not settings and not settings_refused() else "")
                 raise ConfigError(f"W&B: {' '.join(str(e).split())}{hint}") from None
+            if isinstance(e, UnicodeDecodeError):  # wandb reads the netrc without catching this
+                raise ConfigError(f"W&B: {unreadable_netrc() or 'a file it reads'}: not a text file ({e.reason})"
+                                  ) from None
             raise
 
     # Pickled for the processes ``ddp_spawn`` starts (the Python API; the command line runs ddp), Lightning's

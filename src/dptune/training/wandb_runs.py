@@ -25,27 +25,67 @@ def wandb_mode() -> str:
 
 def environment_mode() -> str | None:
     """``WANDB_MODE`` as W&B will read it (wandb reads the variable whatever mode a logger is given): None
-    when unset, or set but empty, which is then removed (a shell's empty value means unset; wandb refused it
-    with a traceback); a value W&B does not take is a ``ConfigError`` (see ``checked_mode``)."""
+    when unset, or set but empty; a value W&B does not take is a ``ConfigError`` (see ``checked_mode``).
+    Every ``WANDB_*`` variable set but empty is removed first (a shell's empty value means unset; wandb's
+    settings refused most of them, an empty ``WANDB_BASE_URL`` ended offline runs too)."""
+    for name in [name for name, value in os.environ.items() if name.startswith("WANDB_") and value == ""]:
+        del os.environ[name]
     explicit = os.environ.get("WANDB_MODE")
-    if explicit == "":
-        del os.environ["WANDB_MODE"]
-        return None
     return None if explicit is None else checked_mode(explicit, "WANDB_MODE")
 
 
-def _wandb_netrc_key() -> bool | None:
-    """wandb's own netrc lookup for the server it will use (``WANDB_BASE_URL``, else its default): whether it
-    finds a key; None where this wandb has no such lookup (another version), False where it refuses the
-    address or the entry (it says why when the run starts)."""
+def _wandb_settings() -> Any:
+    """wandb's settings as a run would start from them: its settings file (``wandb login --host``;
+    ``WANDB_CONFIG_DIR``/settings or ~/.config/wandb/settings), then the ``WANDB_*`` variables; raises what
+    wandb raises for a setting it does not take."""
+    from wandb.sdk.wandb_settings import Settings
+
+    settings = Settings(silent=True)
+    folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
+    settings.settings_system = os.path.join(os.path.expanduser(folder), "settings")
+    settings.update_from_system_settings()
+    settings.update_from_env_vars(dict(os.environ))
+    return settings
+
+
+def settings_refused() -> bool:
+    """Whether wandb refuses its settings whatever the mode (a key with spaces around it, a bad address):
+    logging offline would not help then."""
     try:
-        from wandb.sdk.lib import urls
+        _wandb_settings()
+    except ImportError:
+        return False
+    except Exception:  # noqa: BLE001 - wandb's refusal, whatever its type
+        return True
+    return False
+
+
+def _wandb_server() -> str:
+    """The server wandb will use: ``WANDB_BASE_URL``, else its settings file's, else its default (that where
+    the settings cannot be read: the run's start says why)."""
+    from wandb.sdk.lib import urls
+
+    try:
+        return str(_wandb_settings().base_url)
+    except Exception:  # noqa: BLE001 - a setting wandb refuses; it says which when the run starts
+        return os.environ.get("WANDB_BASE_URL") or urls.DEFAULT_BASE_URL
+
+
+def _wandb_netrc_key() -> bool | None:
+    """wandb's own netrc lookup for the server it will use (``_wandb_server``): whether it finds a key; None
+    where this wandb has no such lookup (another version). A key wandb refuses is a login (the run goes online
+    and wandb's refusal is one line: offline, the login was ignored without a word); an address it refuses is
+    none (the run's start says why)."""
+    try:
+        import wandb.errors
         from wandb.sdk.lib.wbauth import wbnetrc
     except ImportError:
         return None
     try:
-        return bool(wbnetrc.read_netrc_auth(host=os.environ.get("WANDB_BASE_URL") or urls.DEFAULT_BASE_URL))
-    except Exception:  # noqa: BLE001 - an address or key wandb does not take: no credentials to go online with
+        return bool(wbnetrc.read_netrc_auth(host=_wandb_server()))
+    except wandb.errors.AuthenticationError:
+        return True
+    except Exception:  # noqa: BLE001 - an address wandb does not take: no credentials to go online with
         return False
 
 
@@ -61,6 +101,19 @@ def _netrc_key() -> bool:
         return False
     found = entries.authenticators(machine) if machine else None
     return bool(found and found[2])
+
+
+def unreadable_netrc() -> str | None:
+    """The netrc file wandb reads (``NETRC``, else ~/.netrc) when it is not UTF-8 text, else None."""
+    path = os.path.expanduser(os.environ.get("NETRC") or "~/.netrc")
+    try:
+        with open(path, encoding="utf-8") as f:
+            f.read()
+    except UnicodeDecodeError:
+        return path
+    except OSError:
+        pass
+    return None
 
 
 def has_credentials() -> bool:
