@@ -539,3 +539,20 @@ def test_a_tiff_depth_map_with_its_own_orientation_tag_lines_up_or_is_named(tmp_
     image, depth, _ = source.load(0)
     assert image.shape[:2] == depth.shape
     assert np.unravel_index(np.argmax(image[..., 0]), depth.shape) == np.unravel_index(np.argmax(depth), depth.shape)
+
+
+def test_the_training_resize_keeps_depth_on_its_image_pixels():
+    """The image is area-averaged and the depth map was resized with OpenCV's nearest neighbour, which samples
+    at floor(i * scale): at 640x480 -> 224x224 every depth pixel came from 1.4 source columns left and 1.0 rows
+    above its image pixel (a review). Depth is resized by the centred nearest neighbour: no depth averaged
+    across an edge, none shifted."""
+    x = np.tile(np.arange(640, dtype=np.float32), (480, 1))
+    y = np.tile(np.arange(480, dtype=np.float32)[:, None], (1, 640))
+    image = np.stack([x / 640 * 255, y / 480 * 255, np.zeros_like(x)], -1).round().astype(np.uint8)
+    pipe = depth_train_transforms((224, 224), None, jitter=False)
+    pipe.set_random_seed(0)
+    for depth, channel, scale in ((x + 1, 0, 640), (y + 1, 1, 480)):
+        out = pipe(image=image, depth=depth)
+        offset = (out["depth"] - 1) - out["image"][..., channel].astype(float) / 255 * scale
+        assert abs(offset.mean()) < 0.5, offset.mean()  # source pixels (the image's 8-bit coding: +-1.3)
+        assert set(np.unique(out["depth"])) <= set(np.unique(depth))  # nothing averaged

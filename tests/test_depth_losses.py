@@ -176,7 +176,41 @@ def test_median_alignment_uses_the_median_numpy_and_the_usual_protocol_use():
     gt = torch.tensor([1.0, 2.0, 3.0, 5.0])
     depth = 1.0 / pred.double().numpy()
     ref = depth * np.median(gt.numpy()) / np.median(depth)
-    assert np.allclose(align(pred, gt, "median").numpy(), ref, rtol=1e-12), (align(pred, gt, "median"), ref)
+    aligned = align(pred, gt, "median", max_depth=10.0)  # a bound past every value: none clipped
+    assert np.allclose(aligned.numpy(), ref, rtol=1e-12), (aligned, ref)
     odd = torch.tensor([1.0, 2.0, 4.0])
     ref = (1.0 / odd.double().numpy()) * 2.0 / np.median(1.0 / odd.double().numpy())
-    assert np.allclose(align(odd, gt[:3], "median").numpy(), ref, rtol=1e-12)
+    assert np.allclose(align(odd, gt[:3], "median", max_depth=10.0).numpy(), ref, rtol=1e-12)
+    assert float(align(pred, gt, "median").max()) == 5.0  # without one, the image's farthest ground truth
+
+
+@pytest.mark.parametrize("alignment", ["lstsq", "median"])
+def test_relative_metrics_without_a_maximum_depth_stay_finite_and_sane(alignment):
+    """Relative depth is scored after alignment; where the aligned inverse depth is <= 0 (lstsq) or the
+    prediction is 0 (median, a ReLU head), the depth was floored at 1e-8 inverse depth, 1e8 m, with no
+    maximum to clip to by default: one pixel made AbsRel ~5e4 and RMSE ~6e6 m (a review). Without
+    ``max_depth`` an aligned prediction is clipped to the image's farthest valid ground truth; with it, to
+    ``max_depth`` as before."""
+    torch.manual_seed(0)
+    g = torch.linspace(0.8, 8.0, 4096).reshape(1, 64, 64)
+    p = 1 / g + 0.08 * torch.randn(1, 64, 64)  # noisy inverse depth: some aligned values go <= 0
+    p = p.clamp(min=0) if alignment == "median" else p
+    capped = DepthMetrics(max_depth=8.0, alignment=alignment)
+    capped.update(p, g, g > 0)
+    free = DepthMetrics(alignment=alignment)
+    free.update(p, g, g > 0)
+    a, b = capped.compute(), free.compute()
+    for name in NAMES:  # 8.0 m is the farthest ground truth: the same clip
+        assert float(b[name]) == pytest.approx(float(a[name]), rel=1e-12), name
+    assert float(b["abs_rel"]) < 1 and float(b["rmse"]) < 8
+
+
+def test_a_minimum_depth_of_zero_is_refused():
+    """``model.min_depth: 0`` was accepted and then a ReLU head's 0 made rmse_log and log10 inf and silog NaN
+    for the whole split, while ``dptune evaluate`` of the same model used 1 mm (a review)."""
+    from dptune.errors import ConfigError
+    from dptune.metrics.depth import check_range
+
+    with pytest.raises(ConfigError, match="model.min_depth must be a depth > 0"):
+        check_range(0.0, 10.0)
+    check_range(1e-6, None)

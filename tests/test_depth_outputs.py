@@ -78,3 +78,24 @@ def test_depth_under_half_a_step_is_stored_as_depth_not_as_the_no_depth_code(tmp
     stored = np.asarray(Image.open(tmp_path / enc["file"].replace("<stem>", "near")))
     assert stored.tolist() == [[1, 0], [1, 2000]]
     assert ((read_depth(str(tmp_path / "near_depth.png")) > 0) == (depth > 0)).all()
+
+
+def test_a_stock_dpt_depth_directory_is_read_as_relative_inverse_depth(tmp_path):
+    """A directory saved by plain transformers from ``DPTForDepthEstimation`` (``Intel/dpt-large``,
+    ``dpt-hybrid-midas``: MiDaS's relative inverse depth, no ``depth_mode``) was taken for metric metres by
+    predict and evaluate (depth TIFFs saying metres, a point cloud of inverse depth, unaligned scores), while
+    dptune's own ``head_mode`` of the same config says relative (a review)."""
+    import torch
+    from conftest import TINY
+    from transformers import DPTConfig, DPTForDepthEstimation, DPTImageProcessor
+
+    from dptune.inference.depth_predictor import DepthPredictor
+
+    cfg = DPTConfig(**{k: v for k, v in TINY.items() if k not in ("use_auxiliary_head", "num_labels")})
+    cfg.architectures = ["DPTForDepthEstimation"]
+    torch.manual_seed(0)
+    DPTForDepthEstimation(cfg).save_pretrained(tmp_path / "stock")
+    DPTImageProcessor(size={"height": 64, "width": 64}).save_pretrained(tmp_path / "stock")
+    predictor = DepthPredictor.load(str(tmp_path / "stock"))
+    assert predictor.mode == "relative"
+    assert depth_encoding(predictor)["metric"] is False

@@ -36,7 +36,7 @@ from dptune.data.images import apply_orientation, decoder_orientation, read_imag
 from dptune.data.order import reseed
 from dptune.data.sources import read_paired_mask
 from dptune.data.templates import paths_for
-from dptune.data.transforms import PhotometricJitter, resize_like_processor
+from dptune.data.transforms import MASK_RESIZE, PhotometricJitter, resize_like_processor
 from dptune.errors import ConfigError, DataError
 from dptune.labels import LabelSet
 
@@ -135,11 +135,11 @@ def eval_crop_mask(shape: tuple[int, int], crop: str) -> np.ndarray | None:
 
 
 def depth_train_transforms(size: Sequence[int], crop: Sequence[int] | None, jitter: bool = True) -> A.Compose:
-    """Resize to ``size`` (h, w) (image area-averaged, depth nearest), optional random ``crop``,
+    """Resize to ``size`` (h, w) (image area-averaged, depth centred nearest), optional random ``crop``,
     horizontal flip, and photometric jitter of the image. No random rescale: zooming an image
     changes the depth it shows, so metric depth would have to change with it."""
     h, w = int(size[0]), int(size[1])
-    steps: list[Any] = [A.Resize(h, w, interpolation=cv2.INTER_AREA, mask_interpolation=cv2.INTER_NEAREST)]
+    steps: list[Any] = [A.Resize(h, w, interpolation=cv2.INTER_AREA, mask_interpolation=MASK_RESIZE)]
     if crop is not None and tuple(crop) != (h, w):
         steps.append(A.RandomCrop(int(crop[0]), int(crop[1])))
     steps.append(A.HorizontalFlip(p=0.5))

@@ -21,7 +21,7 @@ from dptune.data.depth_values import check_depth_range, check_split_depth
 from dptune.data.hf_sources import STREAM_SETTINGS, check_hf_settings
 from dptune.data.images import image_header_size
 from dptune.data.loaders import augment_seed
-from dptune.data.transforms import eval_preprocessing, seed_augmentations
+from dptune.data.transforms import MASK_RESIZE, eval_preprocessing, seed_augmentations
 from dptune.errors import ConfigError, DataError
 from dptune.labels import load_labels
 from dptune.losses.depth import MIN_VALID
@@ -237,4 +237,4 @@ def valid_at(depth: np.ndarray, size) -> int:
     import cv2
 
     h, w = int(size[0]), int(size[1])
-    return int(cv2.resize((depth > 0).astype(np.uint8), (w, h), interpolation=cv2.INTER_NEAREST).sum())
+    return int(cv2.resize((depth > 0).astype(np.uint8), (w, h), interpolation=MASK_RESIZE).sum())

@@ -17,6 +17,11 @@ from dptune.errors import ConfigError
 from dptune.labels import IGNORE_INDEX
 from dptune.preprocessing import Preprocessing, processor_backend
 
+# how masks and depth maps are resized: the nearest neighbour of each output pixel's centre, as the image's
+# area and bilinear resizes place it (OpenCV's INTER_NEAREST samples at floor(i * scale): a mask shrunk 2.5x
+# sat 0.75 source pixels up and left of its image); no value is averaged or invented
+MASK_RESIZE = cv2.INTER_NEAREST_EXACT
+
 
 class RandomScaleCrop(A.DualTransform):
     """Rescale, then take a random ``crop`` window, padding with 255 where the image is smaller.
@@ -98,7 +103,7 @@ class RandomScaleCrop(A.DualTransform):
         return self._apply(img, ys, xs, 0, cv2.INTER_AREA if shrinking else cv2.INTER_LINEAR)
 
     def apply_to_mask(self, mask: np.ndarray, ys: tuple = (), xs: tuple = (), **params: Any) -> np.ndarray:
-        return self._apply(mask, ys, xs, self.fill_mask, cv2.INTER_NEAREST)
+        return self._apply(mask, ys, xs, self.fill_mask, MASK_RESIZE)
 
 
 class PhotometricJitter(A.ImageOnlyTransform):
@@ -154,12 +159,25 @@ def _enforce_mask_rules(name: str, kwargs: dict[str, Any], cls: type) -> dict[st
 
     params = inspect.signature(cls.__init__).parameters
     if "mask_interpolation" in params:
-        if kwargs.get("mask_interpolation", cv2.INTER_NEAREST) != cv2.INTER_NEAREST:
-            raise ConfigError(f"{name}: mask_interpolation must be nearest (0); masks hold class indices")
-        kwargs["mask_interpolation"] = cv2.INTER_NEAREST
+        if kwargs.get("mask_interpolation", MASK_RESIZE) not in (cv2.INTER_NEAREST, MASK_RESIZE):
+            raise ConfigError(f"{name}: mask_interpolation must be nearest (0) or centred nearest (6); masks hold "
+                              "class indices")
+        kwargs.setdefault("mask_interpolation", MASK_RESIZE)
     if "fill_mask" in params:
         kwargs.setdefault("fill_mask", IGNORE_INDEX)
     return kwargs
+
+
+def _built(cls: type, kwargs: dict[str, Any], given: dict[str, Any]) -> Any:
+    """``cls(**kwargs)``; a warp whose albumentations class takes only OpenCV's first five flags (Rotate,
+    Affine: they sample each pixel's centre already) keeps nearest where the centred resize was chosen for it."""
+    try:
+        return cls(**kwargs)
+    except ValueError as e:
+        chosen = "mask_interpolation" not in given and kwargs.get("mask_interpolation") == MASK_RESIZE
+        if not chosen or "mask_interpolation" not in str(e):
+            raise
+        return cls(**{**kwargs, "mask_interpolation": cv2.INTER_NEAREST})
 
 
 def seed_augmentations(transform, seed: int) -> None:
@@ -186,7 +204,7 @@ def build_transforms(spec: Sequence[dict[str, Any]], seed: int | None = None) ->
         if cls is None:
             raise ConfigError(f"transforms[{i}]: unknown transform {name!r} (not in albumentations or dptune)")
         try:
-            steps.append(cls(**_enforce_mask_rules(name, kwargs, cls)))
+            steps.append(_built(cls, _enforce_mask_rules(name, dict(kwargs), cls), kwargs))
         except (TypeError, ValueError) as e:
             raise ConfigError(f"transforms[{i}] {name}: {e}") from None
     pipeline = A.Compose(steps)

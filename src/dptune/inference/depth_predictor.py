@@ -11,7 +11,7 @@ import torch
 
 from dptune.inference.loading import load_part, placed
 from dptune.metrics import require_finite
-from dptune.models.depth import depth_forward, depth_multiple
+from dptune.models.depth import depth_forward, depth_multiple, head_mode
 from dptune.models.forward import check_multiple
 from dptune.preprocessing import Preprocessing, check_image
 
@@ -26,7 +26,10 @@ class DepthPredictor:
 
     @property
     def mode(self) -> str:
-        return self.meta.get("mode", getattr(self.model.config, "depth_mode", "metric"))
+        """``metric`` or ``relative``: what dptune's export says, else what the checkpoint's config says
+        (``head_mode``: the published DPT depth checkpoints, saying nothing, are MiDaS's relative inverse depth)."""
+        config = getattr(self.model, "config", None)
+        return self.meta.get("mode") or (head_mode(config) if config is not None else None) or "metric"
 
     @property
     def preprocessing(self) -> Preprocessing:

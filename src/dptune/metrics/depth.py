@@ -23,12 +23,14 @@ MIN_DEPTH = 1e-3  # metres: the depth models' default model.min_depth (1 mm)
 
 def check_range(min_depth: float, max_depth: float | None, low: str = "model.min_depth",
                 high: str = "model.max_depth") -> None:
-    """A valid-depth range that can hold a measurement: 0 <= min_depth < max_depth (None: no maximum);
-    ``low`` and ``high`` name the settings in the message."""
+    """A valid-depth range that can hold a measurement: 0 < min_depth < max_depth (None: no maximum; predictions
+    are clipped to min_depth, so it must be above 0 for the log metrics); ``low`` and ``high`` name the
+    settings in the message."""
     from dptune.errors import ConfigError
 
-    if not 0 <= min_depth < math.inf:
-        raise ConfigError(f"{low} must be a depth >= 0 in metres, got {min_depth}")
+    if not 0 < min_depth < math.inf:
+        raise ConfigError(f"{low} must be a depth > 0 in metres (predictions are clipped to it; the log metrics "
+                          f"need it above 0), got {min_depth}")
     if max_depth is not None and not min_depth < max_depth < math.inf:
         raise ConfigError(f"{high} must be above {low} ({min_depth}) or left out, got {max_depth}")
 
@@ -71,11 +73,15 @@ def _median(values: torch.Tensor) -> torch.Tensor:
 def align(pred: torch.Tensor, gt: torch.Tensor, mode: str, max_depth: float | None = None) -> torch.Tensor:
     """A relative prediction (affine-invariant inverse depth) turned into metres on one image's
     valid pixels: ``median`` scales the predicted depth (1 / prediction) to the ground truth's
-    median; ``lstsq`` fits scale and shift of the inverse depth by least squares (MiDaS's protocol)."""
+    median; ``lstsq`` fits scale and shift of the inverse depth by least squares (MiDaS's protocol).
+    Aligned depth is clipped to ``max_depth``, else to the image's farthest valid ground truth (where the
+    aligned inverse depth is 0 or below, or the prediction 0: an unbounded depth, which one pixel of would
+    decide the image's RMSE)."""
     pred = pred.double()
+    far = float(max_depth) if max_depth else float(gt.max())
     if mode == "median":
-        depth = 1.0 / pred.clamp(min=1e-8)
-        return depth * (_median(gt.double()) / _median(depth))
+        depth = 1.0 / pred.clamp(min=1e-8)  # the prediction's own scale is unknown: clipped once scaled
+        return (depth * (_median(gt.double()) / _median(depth))).clamp(max=far)
     if mode == "lstsq":
         target = 1.0 / gt.double()
         # the least-squares line in closed form, centred (stable); a constant prediction has no scale
@@ -84,8 +90,7 @@ def align(pred: torch.Tensor, gt: torch.Tensor, mode: str, max_depth: float | No
         var = (dp * dp).sum()
         scale = (dp * (target - target.mean())).sum() / var if var > 0 else pred.new_zeros(())
         shift = target.mean() - scale * pred.mean()
-        floor = 1.0 / max_depth if max_depth else 1e-8
-        return 1.0 / (scale * pred + shift).clamp(min=floor)
+        return 1.0 / (scale * pred + shift).clamp(min=1.0 / far)
     raise ValueError(f"alignment must be median or lstsq, got {mode!r}")
 
 
