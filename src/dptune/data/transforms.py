@@ -170,7 +170,7 @@ def _enforce_mask_rules(name: str, kwargs: dict[str, Any], cls: type) -> dict[st
 
 def _built(cls: type, kwargs: dict[str, Any], given: dict[str, Any]) -> Any:
     """``cls(**kwargs)``; a warp whose albumentations class takes only OpenCV's first five flags (Rotate,
-    Affine: they sample each pixel's centre already) keeps nearest where the centred resize was chosen for it."""
+    Affine) keeps OpenCV's nearest where the centred one was chosen for it (the only one it takes)."""
     try:
         return cls(**kwargs)
     except ValueError as e:
