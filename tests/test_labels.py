@@ -188,3 +188,58 @@ def test_a_label_file_that_is_a_folder_or_not_text_is_one_line(tmp_path):
     (tmp_path / "bin.yaml").write_bytes(b"names: [a, \xff\xfe]\n")
     with pytest.raises(DataError, match=r"bin.yaml: not a UTF-8 text file"):
         LabelSet.from_yaml(tmp_path / "bin.yaml")
+
+
+@needs(DUBAI)
+@pytest.mark.parametrize("kind", ["rgb16_png", "grey_as_rgb16_png", "rgba16_png", "rgb16_tiff"])
+def test_a_mask_of_more_than_8_bits_per_colour_channel_is_one_line(tmp_path, kind):
+    """PIL reads a 16-bit colour PNG or TIFF as 8-bit RGB keeping the high byte: a real colour mask's colours
+    all became (0, 0, 0), ignored, and an index mask stored as 16-bit grey in three channels all became class
+    0, without a word (a user attack). Refused naming the file; single-channel 16-bit masks read whole."""
+    import cv2
+
+    dubai = DUBAI / "labels.yaml"
+    src = next(m for m in sorted(DUBAI.glob("*/masks/*.png")) if cv2.imread(str(m)) is not None)
+    colour = cv2.imread(str(src))  # BGR, 8-bit
+    if kind == "grey_as_rgb16_png":
+        colour = np.dstack([colour[..., 0]] * 3)
+    if kind == "rgba16_png":
+        colour = np.dstack([colour, np.full(colour.shape[:2], 255, np.uint8)])
+    path = tmp_path / ("m.tif" if kind == "rgb16_tiff" else "m.png")
+    cv2.imwrite(str(path), colour.astype(np.uint16))
+    with pytest.raises(DataError, match=f"{path}: 16 bits per colour channel"):
+        read_mask(str(path), rgb=kind != "grey_as_rgb16_png")
+    assert LabelSet.from_yaml(dubai).mask_format == "rgb"
+    grey = tmp_path / "g.png"
+    cv2.imwrite(str(grey), np.arange(20, dtype=np.uint16).reshape(4, 5) * 1000)
+    assert read_mask(str(grey), rgb=False).max() == 19000  # one channel of 16 bits: read whole
+
+
+@pytest.mark.parametrize("rgb", [True, False])
+def test_a_mask_with_transparent_pixels_is_one_line(tmp_path, rgb):
+    """A mask's alpha channel was dropped: pixels made transparent to mean "no label" counted as their colour's
+    class (a user attack). A mask whose alpha is not opaque everywhere is refused, naming the file and count;
+    an opaque RGBA mask reads as its colours."""
+    from PIL import Image
+
+    rgba = np.zeros((4, 6, 4), np.uint8)
+    rgba[..., :3] = 7
+    rgba[..., 3] = 255
+    Image.fromarray(rgba).save(tmp_path / "opaque.png")
+    assert read_mask(str(tmp_path / "opaque.png"), rgb=rgb)[..., 0].max() == 7
+    rgba[:, :3, 3] = 0
+    Image.fromarray(rgba).save(tmp_path / "m.png")
+    with pytest.raises(DataError, match=r"m.png: 12 of 24 pixels are transparent"):
+        read_mask(str(tmp_path / "m.png"), rgb=rgb)
+
+
+def test_a_jpeg_mask_is_one_line(tmp_path):
+    """JPEG's lossy coding invents values at every edge: a mask saved as JPEG trained with its noise as real
+    classes (a class no mask has got 954 pixels) whenever the noise hit a valid value (a user attack)."""
+    from PIL import Image
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 3
+    Image.fromarray(mask).save(tmp_path / "m.jpg", quality=100)
+    with pytest.raises(DataError, match=r"m.jpg: a JPEG mask"):
+        read_mask(str(tmp_path / "m.jpg"), rgb=False)

@@ -221,6 +221,13 @@ def image_header_size(path: str) -> tuple[int, int]:
 
 def pil_to_mask(im: Image.Image, rgb: bool, path: str) -> np.ndarray:
     """A PIL mask to an array: palette masks give their indices (index format) or colours (rgb)."""
+    if im.mode in ("RGBA", "LA", "PA"):
+        alpha = np.asarray(im.getchannel("A"))
+        clear = int((alpha < 255).sum())
+        if clear:  # read as colours, transparent pixels would keep the class of the colour under them
+            raise DataError(f"{path}: {clear} of {alpha.size} pixels are transparent; a mask's labels are its colours "
+                            "or values, not its transparency: give unlabelled pixels a colour or value the label "
+                            "file ignores (save the mask without transparency)")
     if rgb:
         if im.mode in ("I;16", "I", "F"):
             raise DataError(f"{path}: RGB mask expected, got a {im.mode} single-channel image")
@@ -235,6 +242,19 @@ def pil_to_mask(im: Image.Image, rgb: bool, path: str) -> np.ndarray:
     raise DataError(f"{path}: unsupported mask mode {im.mode}")
 
 
+def _stored_bits(im: Image.Image) -> int:
+    """Bits per channel the file stores, from its decoder's raw mode (``RGB;16B``: 16); 8 where it says none."""
+    import re
+
+    for tile in im.tile or ():
+        args = tile[3] if len(tile) > 3 else None
+        raw = args if isinstance(args, str) else args[0] if isinstance(args, tuple) and args else ""
+        found = re.search(r";(\d+)", raw if isinstance(raw, str) else "")
+        if found:
+            return int(found.group(1))
+    return 8
+
+
 def read_mask(path: str, rgb: bool) -> np.ndarray:
     """Decode a mask file, upright as ``read_image`` reads images (an EXIF orientation applied; label
     PNGs rarely carry one). PIL, not OpenCV: OpenCV cannot return a palette PNG's indices."""
@@ -242,6 +262,13 @@ def read_mask(path: str, rgb: bool) -> np.ndarray:
         with pil_image(path) as im:
             if im.size[0] * im.size[1] > pixel_limit():
                 raise DataError(f"{path}: not a readable mask ({too_many_pixels()})")
+            if im.format in ("JPEG", "MPO"):
+                raise DataError(f"{path}: a JPEG mask; JPEG's lossy coding changes label values at every edge "
+                                "(into values of no class, or of another): save masks as PNG")
+            bits = _stored_bits(im) if im.format in ("PNG", "TIFF") else 8  # (a BMP's ;16 is 5-6-5 packed)
+            if bits > 8 and im.mode in ("RGB", "RGBA", "LA"):  # PIL keeps the high byte of each channel
+                raise DataError(f"{path}: {bits} bits per colour channel, which are read as 8; save the mask with "
+                                "8-bit channels (index or colour), or as one channel of 16 bits")
             im.load()
             # turned upright like its image (and like Hugging Face datasets decode masks)
             return apply_orientation(pil_to_mask(im, rgb, path), exif_orientation(im, decoded=True))
