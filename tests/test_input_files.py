@@ -316,6 +316,18 @@ def test_evaluate_refuses_scales_it_cannot_use_in_one_line_before_loading(tmp_pa
     assert rc == 2 and len(lines) == 1 and lines[0].startswith(f"error: --scales {scales!r}"), lines
 
 
+@pytest.mark.parametrize("given", [["--images", "val/0016E5_07959.jpg"], ["--masks", "nowhere/{stem}.png"],
+                                   ["--labels", "no-such-labels.yaml"]])
+def test_evaluate_with_a_config_refuses_files_the_config_would_replace(tmp_path, capsys, given):
+    """``evaluate --config C --split val --images X --masks M --labels L`` scored the config's split with the
+    config's labels, exit 0, whatever the three named, files that did not exist included (a user attack)."""
+    config = tmp_path / "c.yaml"
+    config.write_text(f"data:\n  root: {CAMVID}\n")
+    rc = evaluate_main(["--model", str(tmp_path / "no-model"), "--config", str(config), *given, "--device", "cpu"])
+    lines = errors(capsys)
+    assert rc == 2 and len(lines) == 1 and f"{given[0]} and --config" in lines[0], lines
+
+
 @pytest.mark.parametrize("alpha", ["2", "-0.5", "nan"])
 def test_predict_refuses_an_overlay_opacity_outside_0_to_1(models, tmp_path, capsys, alpha):
     """--alpha 2 blended with a weight of -1 (uint8 colours wrapped), NaN gave undefined pixels: both

@@ -235,6 +235,11 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    replaced = [flag for flag in ("--images", "--masks", "--labels") if getattr(args, flag[2:])]
+    if args.config and replaced and not args.depth:  # the config's split would be scored, these unread
+        print(f"error: {replaced[0]} and --config: a config names its split's images, masks and labels; give "
+              "--config (and --split), or --images, --masks and --labels without it", file=sys.stderr)
+        return 2
     from dptune.inference.predictor import Predictor
     from dptune.tools.depth_evaluate import evaluate_depth
     from dptune.tools.inputs import model_task
