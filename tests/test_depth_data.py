@@ -556,3 +556,18 @@ def test_the_training_resize_keeps_depth_on_its_image_pixels():
         offset = (out["depth"] - 1) - out["image"][..., channel].astype(float) / 255 * scale
         assert abs(offset.mean()) < 0.5, offset.mean()  # source pixels (the image's 8-bit coding: +-1.3)
         assert set(np.unique(out["depth"])) <= set(np.unique(depth))  # nothing averaged
+
+
+def test_a_label_template_that_gives_an_image_back_as_its_own_label_is_refused(tmp_path):
+    """An image glob that matched the masks themselves (``--data.splits.train.images "train/mask/*.png"``)
+    trained each mask as its own image, exit 0 (a user attack)."""
+    from dptune.data.depth import DepthFolderSource
+    from dptune.data.sources import FolderSource
+
+    (tmp_path / "mask").mkdir()
+    for k in range(2):
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / "mask" / f"{k}.png")
+    with pytest.raises(DataError, match=r"mask/\{stem\}.png: gives mask file .*0.png for itself"):
+        FolderSource(str(tmp_path), "mask/*.png", "mask/{stem}.png")
+    with pytest.raises(DataError, match="gives depth file .* for itself"):
+        DepthFolderSource(str(tmp_path), "mask/*.png", "{dir}/{name}")

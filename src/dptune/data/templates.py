@@ -92,11 +92,15 @@ def _filled(image_path: str, template: str, root: str, pattern: str | None) -> s
 def paths_for(images: list[str], template: str, root: str, what: str, pattern: str | None = None) -> list[str]:
     """Each image's ``what`` file (mask, depth map) by ``template`` (``mask_path_for``; ``pattern``:
     the images' glob); one line when two images get the same file (a template without a placeholder
-    pairs every image with one label: every sample would train and score against it)."""
+    pairs every image with one label: every sample would train and score against it) or an image is its
+    own (the images' glob matched the labels)."""
     check_template(template)
     paths = [_filled(p, template, root, pattern) for p in images]
     first: dict[str, str] = {}
     for image, path in zip(images, paths, strict=True):
+        if os.path.normpath(os.path.abspath(image)) == os.path.abspath(path):
+            raise DataError(f"{template}: gives {what} file {path} for itself: the images' glob matches the "
+                            f"{what} files; point it at the images")
         if path in first:
             raise DataError(f"{template}: gives the same {what} file {path} for {first[path]} and {image}; name each "
                             f"image's own file with {_KNOWN.replace(' and ', ' or ')} in the template")
