@@ -528,3 +528,26 @@ def test_hf_settings_are_checked_before_anything_is_read(tmp_path, monkeypatch):
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(DataError, match=r"data.hf.dataset ds/does_not_exist: no such directory here .* Hub gave no"):
         open_hf_split("ds/does_not_exist", "train")
+
+
+@needs(CAMVID)
+def test_a_validation_split_sharing_images_with_training_is_said(caplog):
+    """A val split that names training images was scored (and picked the best checkpoint) on images the model
+    trains on, without a word (a user attack): a warning counts them and names the first."""
+    import logging
+
+    shared = {"train": CAMVID_SPLITS["train"],
+              "val": {"images": "train/0001TP_00696*.jpg", "masks": "trainannot/{stem}.png"}}
+    dm = SegmentationDataModule(root=str(CAMVID), splits=shared, image_size=64, crop_size=64, batch_size=2,
+                                num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        dm.setup("fit")
+    n = len(dm.dataset("val"))
+    said = [r.getMessage() for r in caplog.records if "also in the train split" in r.getMessage()]
+    assert len(said) == 1 and f"data.splits.val: {n} of its {n} images are also in the train split" in said[0], said
+    caplog.clear()
+    apart = SegmentationDataModule(root=str(CAMVID), splits=CAMVID_SPLITS, image_size=64, crop_size=64,
+                                   batch_size=2, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        apart.setup("fit")
+    assert not [r for r in caplog.records if "also in the train split" in r.getMessage()]

@@ -13,7 +13,7 @@ import lightning.pytorch as pl
 import torch
 from torch.utils.data import DataLoader, IterableDataset
 
-from dptune.data.loaders import collate, default_workers, make_loader, rank
+from dptune.data.loaders import collate, datasets_of, default_workers, make_loader, rank
 from dptune.data.order import OrderState
 
 STAGES = ("train", "val", "test")
@@ -80,6 +80,35 @@ def setup_splits(splits: dict, stage: str | None, build: Callable[[str], object]
     if stage == "fit" and "train" not in splits:
         raise DataError(f"{where}.splits needs a 'train' split to fit")
     check_eval_shards(where, built, trainer)
+    if "train" in built and rank() == 0:
+        say_shared_images(built, where)
+
+
+def _image_files(ds) -> list[str]:
+    """The image files a dataset reads (of each source it is made of), resolved; none for a hub dataset."""
+    import os
+
+    files = []
+    for part in datasets_of(ds):
+        images = getattr(getattr(part, "source", None), "images", None)
+        if isinstance(images, list):
+            files.extend(os.path.realpath(p) for p in images)
+    return files
+
+
+def say_shared_images(built: dict, where: str) -> None:
+    """A warning for each evaluation split that shares image files with the train split: its scores (and the
+    best checkpoint they pick) would be on images the model trains on."""
+    import logging
+
+    train = set(_image_files(built["train"]))
+    for split in ("val", "test"):
+        files = _image_files(built[split]) if split in built else []
+        shared = [f for f in files if f in train]
+        if shared:
+            logging.getLogger(__name__).warning(
+                "%s.splits.%s: %d of its %d images are also in the train split (first: %s): its scores are on "
+                "images the model trains on", where, split, len(shared), len(files), shared[0])
 
 
 _SPLIT_WORDS = {"val": "validation", "test": "test"}
