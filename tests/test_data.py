@@ -551,3 +551,27 @@ def test_a_validation_split_sharing_images_with_training_is_said(caplog):
     with caplog.at_level(logging.WARNING, logger="dptune"):
         apart.setup("fit")
     assert not [r for r in caplog.records if "also in the train split" in r.getMessage()]
+
+
+def test_images_left_out_of_the_glob_only_by_their_format_but_labelled_are_said(tmp_path, caplog):
+    """Three of six training images saved as PNG (their masks kept) trained on the other three, exit 0, without
+    a word (a user attack): a warning counts the labelled images beside the split's that its glob leaves out
+    only for their extension. A glob taking a subset of a folder, and the masks beside the images, are not
+    counted."""
+    import logging
+
+    for k in range(6):
+        Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"f{k}.{'png' if k < 3 else 'jpg'}")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"f{k}_mask.png")
+    Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / "g0.png")  # no mask: not a sample
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        src = FolderSource(str(tmp_path), "*.jpg", "{stem}_mask.png")
+    said = [r.getMessage() for r in caplog.records]
+    assert len(src) == 3 and len(said) == 1, said
+    assert "3 image file(s) beside the images of '*.jpg' have a mask but do not match it" in said[0], said
+    assert "f0.png" in said[0]
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        assert len(FolderSource(str(tmp_path), "f[345].jpg", "{stem}_mask.png")) == 3  # a subset: on purpose
+        assert len(FolderSource(str(tmp_path), "f[012].png", "{stem}_mask.png")) == 3
+    assert not caplog.records, [r.getMessage() for r in caplog.records]

@@ -105,4 +105,49 @@ def paths_for(images: list[str], template: str, root: str, what: str, pattern: s
             raise DataError(f"{template}: gives the same {what} file {path} for {first[path]} and {image}; name each "
                             f"image's own file with {_KNOWN.replace(' and ', ' or ')} in the template")
         first[path] = image
+    if pattern:
+        _say_labelled_left_out(images, paths, template, root, what, pattern)
     return paths
+
+
+# the extensions of image files a split's folder may hold beside its images
+IMAGE_EXTENSIONS = {"jpg", "jpeg", "jpe", "jfif", "png", "bmp", "tif", "tiff", "webp"}
+
+
+def _say_labelled_left_out(images: list[str], labels: list[str], template: str, root: str, what: str,
+                           pattern: str) -> None:
+    """A warning counting the files beside ``images`` that the glob ``pattern`` leaves out only for their
+    image extension (``a.png`` beside ``*.jpg``) and that have a ``what`` file by ``template``: samples the
+    user labelled, dropped without a word otherwise. Another spelling of the glob's own format (``.jpeg``
+    beside ``*.jpg``) is said by ``dptune.data.globs``."""
+    import fnmatch
+    import logging
+
+    from dptune.data.globs import SAME_FORMAT_EXTENSIONS
+
+    tail = os.path.basename(pattern)
+    ext = tail.rpartition(".")[2].lower()
+    same = next((g for g in SAME_FORMAT_EXTENSIONS if ext in g), {ext})
+    taken = set(images) | set(labels)
+    missed = []
+    for folder in sorted({os.path.dirname(p) for p in images}):
+        try:
+            names = sorted(os.listdir(folder))
+        except OSError:
+            continue
+        for name in names:
+            base, dot, other = name.rpartition(".")
+            path = os.path.join(folder, name)
+            if (not dot or other.lower() not in IMAGE_EXTENSIONS - same or path in taken
+                    or not fnmatch.fnmatchcase(f"{base}.{tail.rpartition('.')[2]}", tail)):
+                continue
+            try:
+                label = _filled(path, template, root, pattern)
+            except (DataError, ValueError, KeyError, IndexError):  # an {id} the glob does not give for it
+                continue
+            if label != os.path.normpath(path) and os.path.isfile(label):
+                missed.append(path)
+    if missed:
+        logging.getLogger(__name__).warning(
+            "%d image file(s) beside the images of %r have a %s but do not match it (e.g. %s): another image "
+            "format; widen the glob to take them", len(missed), pattern, what, os.path.basename(missed[0]))
