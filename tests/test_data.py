@@ -575,3 +575,24 @@ def test_images_left_out_of_the_glob_only_by_their_format_but_labelled_are_said(
         assert len(FolderSource(str(tmp_path), "f[345].jpg", "{stem}_mask.png")) == 3  # a subset: on purpose
         assert len(FolderSource(str(tmp_path), "f[012].png", "{stem}_mask.png")) == 3
     assert not caplog.records, [r.getMessage() for r in caplog.records]
+
+
+def test_the_two_data_warnings_are_said_once_and_a_copy_in_another_format_is_no_sample_left_out(tmp_path, caplog):
+    """The shared-images warning came twice per fit (prepare_data runs the stage's setup, Lightning again); the
+    left-out warning counted copies of the split's images in another format (a.png beside a.jpg, one mask
+    each), which the glob the warning advised then refused as two images of one mask (a review)."""
+    import logging
+
+    for k in range(3):
+        for ext in ("jpg", "png"):
+            Image.fromarray(np.zeros((8, 8, 3), np.uint8)).save(tmp_path / f"f{k}.{ext}")
+        Image.fromarray(np.zeros((8, 8), np.uint8)).save(tmp_path / f"f{k}_mask.png")
+    (tmp_path / "labels.yaml").write_text("names: [a, b]\n")
+    split = {"images": "*.jpg", "masks": "{stem}_mask.png"}
+    dm = SegmentationDataModule(root=str(tmp_path), splits={"train": split, "val": split}, labels="labels.yaml",
+                                image_size=8, crop_size=8, batch_size=1, num_workers=0)
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        dm.setup("fit")
+        dm.setup("fit")
+    said = [r.getMessage() for r in caplog.records]
+    assert sum("also in the train split" in m for m in said) == 1 and not any("beside" in m for m in said), said

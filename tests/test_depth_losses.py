@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from dptune.losses.depth import LOSSES, berhu, l1, scale_shift_invariant, silog
-from dptune.metrics.depth import NAMES, DepthMetrics
+from dptune.metrics.depth import NAMES, DepthMetrics, align
 
 
 def _np_metrics(p: np.ndarray, g: np.ndarray) -> np.ndarray:
@@ -181,28 +181,38 @@ def test_median_alignment_uses_the_median_numpy_and_the_usual_protocol_use():
     odd = torch.tensor([1.0, 2.0, 4.0])
     ref = (1.0 / odd.double().numpy()) * 2.0 / np.median(1.0 / odd.double().numpy())
     assert np.allclose(align(odd, gt[:3], "median", max_depth=10.0).numpy(), ref, rtol=1e-12)
-    assert float(align(pred, gt, "median").max()) == 5.0  # without one, the image's farthest ground truth
+    assert float(align(torch.tensor([0.0, 2.0, 4.0, 8.0]), gt, "median").max()) == 50.0  # else 10x the farthest
 
 
 @pytest.mark.parametrize("alignment", ["lstsq", "median"])
-def test_relative_metrics_without_a_maximum_depth_stay_finite_and_sane(alignment):
+def test_relative_metrics_without_a_maximum_depth_stay_finite_and_keep_real_errors(alignment):
     """Relative depth is scored after alignment; where the aligned inverse depth is <= 0 (lstsq) or the
     prediction is 0 (median, a ReLU head), the depth was floored at 1e-8 inverse depth, 1e8 m, with no
     maximum to clip to by default: one pixel made AbsRel ~5e4 and RMSE ~6e6 m (a review). Without
-    ``max_depth`` an aligned prediction is clipped to the image's farthest valid ground truth; with it, to
+    ``max_depth`` an aligned prediction is clipped to 10 times the image's farthest valid ground truth (at the
+    farthest itself, a prediction 10x too far was forgiven: AbsRel 0, a second review); with it, to
     ``max_depth`` as before."""
     torch.manual_seed(0)
     g = torch.linspace(0.8, 8.0, 4096).reshape(1, 64, 64)
     p = 1 / g + 0.08 * torch.randn(1, 64, 64)  # noisy inverse depth: some aligned values go <= 0
     p = p.clamp(min=0) if alignment == "median" else p
-    capped = DepthMetrics(max_depth=8.0, alignment=alignment)
+    capped = DepthMetrics(max_depth=80.0, alignment=alignment)
     capped.update(p, g, g > 0)
     free = DepthMetrics(alignment=alignment)
     free.update(p, g, g > 0)
     a, b = capped.compute(), free.compute()
-    for name in NAMES:  # 8.0 m is the farthest ground truth: the same clip
+    for name in NAMES:  # 10 x 8.0 m, the farthest ground truth: the same clip
         assert float(b[name]) == pytest.approx(float(a[name]), rel=1e-12), name
-    assert float(b["abs_rel"]) < 1 and float(b["rmse"]) < 8
+    assert float(b["abs_rel"]) < 1 and float(b["rmse"]) < 80
+    assert float(align(p.flatten(), g.flatten(), alignment).max()) > 8.0  # past the farthest: not forgiven
+    if alignment == "median":  # (lstsq fits any two-level prediction exactly)
+        gt = torch.full((1, 10, 10), 2.0)
+        gt[0, :4] = 4.0
+        far = gt.clone()
+        far[0, :4] = 40.0  # 10x too far where the ground truth is farthest
+        m = DepthMetrics(alignment=alignment)
+        m.update(1 / far, gt, gt > 0)
+        assert float(m.compute()["abs_rel"]) == pytest.approx(0.4 * 9, rel=1e-6)  # 40 pixels 9x off (1/40 in float32)
 
 
 def test_a_minimum_depth_of_zero_is_refused():

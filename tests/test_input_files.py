@@ -557,6 +557,23 @@ def test_a_disk_cache_entry_decoded_before_exif_orientation_is_not_served(tmp_pa
     assert 0 not in cache
 
 
+def test_a_disk_cache_entry_written_before_the_mask_checks_is_not_served(tmp_path, monkeypatch):
+    """The data check takes a cached sample as checked: masks the reader now refuses (JPEG-coded, 16-bit
+    colour channels, labels under transparency), cached by the reader before, trained on as they were read
+    (a review). The decoder version in the key moved on with the reader."""
+    from dptune.data import cache as disk
+    from dptune.data.sources import FolderSource
+    from dptune.labels import load_labels
+
+    labels = load_labels("labels.yaml", str(CAMVID))
+    source = FolderSource(str(CAMVID), "val/0016E5_07997.jpg", "valannot/{stem}.png")
+    monkeypatch.setattr(disk, "DECODER", 2)  # the reader before the mask checks
+    disk.DiskCache(source, labels, tmp_path / "cache").put(0, np.zeros((4, 4, 3), np.uint8), np.zeros((4, 4), np.uint8))
+    assert 0 in disk.DiskCache(source, labels, tmp_path / "cache")
+    monkeypatch.undo()
+    assert 0 not in disk.DiskCache(source, labels, tmp_path / "cache")
+
+
 @pytest.mark.parametrize("where", ["export", "checkpoint"])
 def test_predict_never_writes_into_the_models_folder(models, tmp_path, capsys, where):
     """``--out`` at (or inside) an exported model, or in the folder of the checkpoint predicted with,

@@ -216,20 +216,26 @@ def test_a_mask_of_more_than_8_bits_per_colour_channel_is_one_line(tmp_path, kin
 
 
 @pytest.mark.parametrize("rgb", [True, False])
-def test_a_mask_with_transparent_pixels_is_one_line(tmp_path, rgb):
-    """A mask's alpha channel was dropped: pixels made transparent to mean "no label" counted as their colour's
-    class (a user attack). A mask whose alpha is not opaque everywhere is refused, naming the file and count;
-    an opaque RGBA mask reads as its colours."""
+def test_a_mask_with_labels_under_transparent_pixels_is_one_line(tmp_path, rgb):
+    """A mask's alpha channel was dropped: pixels made transparent to mean "no label" counted as the classes of
+    the colours under them (a user attack). Transparent pixels over several colours are refused, naming the
+    file and count; a transparent background saved as one colour (an editor's label-layer export) reads as
+    that colour, as before (refusing it refused valid masks: a review)."""
     from PIL import Image
 
     rgba = np.zeros((4, 6, 4), np.uint8)
     rgba[..., :3] = 7
+    rgba[:, 3:, :3] = 9
     rgba[..., 3] = 255
     Image.fromarray(rgba).save(tmp_path / "opaque.png")
-    assert read_mask(str(tmp_path / "opaque.png"), rgb=rgb)[..., 0].max() == 7
-    rgba[:, :3, 3] = 0
+    assert read_mask(str(tmp_path / "opaque.png"), rgb=rgb)[..., 0].max() == 9
+    rgba[:, :2, :3] = 0
+    rgba[:, :2, 3] = 0  # a cleared, transparent background of one colour
+    Image.fromarray(rgba).save(tmp_path / "background.png")
+    assert np.unique(read_mask(str(tmp_path / "background.png"), rgb=rgb)[..., 0]).tolist() == [0, 7, 9]
+    rgba[:, 2:5, 3] = 0  # labels 7 and 9 hidden under transparency
     Image.fromarray(rgba).save(tmp_path / "m.png")
-    with pytest.raises(DataError, match=r"m.png: 12 of 24 pixels are transparent"):
+    with pytest.raises(DataError, match=r"m.png: 20 of 24 pixels are transparent and hold 3 different colours"):
         read_mask(str(tmp_path / "m.png"), rgb=rgb)
 
 
@@ -243,3 +249,28 @@ def test_a_jpeg_mask_is_one_line(tmp_path):
     Image.fromarray(mask).save(tmp_path / "m.jpg", quality=100)
     with pytest.raises(DataError, match=r"m.jpg: a JPEG mask"):
         read_mask(str(tmp_path / "m.jpg"), rgb=False)
+
+
+def test_masks_from_a_hub_dataset_get_the_same_coding_checks(tmp_path):
+    """A hub dataset's mask column skipped the JPEG and 16-bit colour checks folder masks get (a review)."""
+    import cv2
+    import datasets
+    from PIL import Image
+
+    from dptune.data.hf_sources import decode_row
+
+    mask = np.zeros((32, 32), np.uint8)
+    mask[8:24, 8:24] = 3
+    Image.fromarray(mask).save(tmp_path / "m.jpg", quality=100)
+    Image.fromarray(mask).save(tmp_path / "m.webp", quality=90)  # lossy WebP
+    cv2.imwrite(str(tmp_path / "m16.png"), np.dstack([mask] * 3).astype(np.uint16) * 1000)
+    Image.fromarray(mask).save(tmp_path / "ok.png")
+    files = [str(tmp_path / n) for n in ("m.jpg", "m.webp", "m16.png", "ok.png")]
+    ds = datasets.Dataset.from_dict({"image": [files[-1]] * 4, "mask": files})
+    ds = ds.cast_column("image", datasets.Image()).cast_column("mask", datasets.Image())
+    for i, said in enumerate(["a JPEG mask", "a lossy WebP mask", "16 bits per colour channel"]):
+        with pytest.raises(DataError, match=f"row{i}: {said}"):
+            decode_row(ds[i], f"row{i}", "image", "mask", rgb_masks=i == 2)
+    assert decode_row(ds[3], "row3", "image", "mask", rgb_masks=False)[1].max() == 3
+    with pytest.raises(DataError, match="m.webp: a lossy WebP mask"):
+        read_mask(files[1], rgb=False)

@@ -4,6 +4,7 @@ stage builds and scores, and the base class (the loaders, their seeding and batc
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -96,6 +97,9 @@ def _image_files(ds) -> list[str]:
     return files
 
 
+_SAID_SHARED: weakref.WeakSet = weakref.WeakSet()  # evaluation datasets already compared with training's
+
+
 def say_shared_images(built: dict, where: str) -> None:
     """A warning for each evaluation split that shares image files with the train split: its scores (and the
     best checkpoint they pick) would be on images the model trains on."""
@@ -104,6 +108,9 @@ def say_shared_images(built: dict, where: str) -> None:
     train = set(_image_files(built["train"]))
     for split in ("val", "test"):
         files = _image_files(built[split]) if split in built else []
+        if not files or built[split] in _SAID_SHARED:  # a stage's setup can run twice (prepare_data)
+            continue
+        _SAID_SHARED.add(built[split])  # (a dataset of dptune's: it has image files)
         shared = [f for f in files if f in train]
         if shared:
             logging.getLogger(__name__).warning(

@@ -22,8 +22,9 @@ import numpy as np
 from dptune.errors import DataError
 from dptune.labels import LabelSet
 
-# bumped whenever decoding changes what a file reads as (2: EXIF orientation applied)
-DECODER = 2
+# bumped whenever decoding changes what a file reads as (2: EXIF orientation applied; 3: masks that are
+# JPEG-coded, of 16-bit colour channels or with labels under transparency refused)
+DECODER = 3
 
 
 def default_cache_dir() -> Path:

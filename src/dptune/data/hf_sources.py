@@ -13,7 +13,13 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from dptune.data.images import apply_orientation, exif_orientation, pil_limit_lifted, pil_to_mask
+from dptune.data.images import (
+    apply_orientation,
+    check_mask_coding,
+    exif_orientation,
+    pil_limit_lifted,
+    pil_to_mask,
+)
 from dptune.errors import ConfigError, DataError, first_line
 
 T = TypeVar("T")
@@ -180,6 +186,11 @@ def decode_row(
         raise DataError(f"{name}: no column {e} (has {sorted(row)})") from None
     image = row_image(image, name, dtype=dtypes.get(image_column))
     if isinstance(mask, Image.Image):
+        check_mask_coding(mask, name)
+        stored = getattr(mask, "filename", "")
+        if not mask.tile and stored and os.path.isfile(stored):  # decoded already: its file says how it is stored
+            with Image.open(stored) as raw, open(stored, "rb") as f:
+                check_mask_coding(raw, name, f.read(16))
         mask.load()
         mask = apply_orientation(pil_to_mask(mask, rgb_masks, name), exif_orientation(mask, decoded=True))
     else:

@@ -222,11 +222,16 @@ def image_header_size(path: str) -> tuple[int, int]:
 def pil_to_mask(im: Image.Image, rgb: bool, path: str) -> np.ndarray:
     """A PIL mask to an array: palette masks give their indices (index format) or colours (rgb)."""
     if im.mode in ("RGBA", "LA", "PA"):
-        alpha = np.asarray(im.getchannel("A"))
-        clear = int((alpha < 255).sum())
-        if clear:  # read as colours, transparent pixels would keep the class of the colour under them
-            raise DataError(f"{path}: {clear} of {alpha.size} pixels are transparent; a mask's labels are its colours "
-                            "or values, not its transparency: give unlabelled pixels a colour or value the label "
+        # masks are read by colour (or value), transparency aside: a transparent background an editor saved as
+        # one colour reads as that colour; transparent pixels over several colours (labels hidden, or edges
+        # blended) are refused, as their colours would count as labels the mask does not show
+        pixels = np.asarray(im)
+        clear = pixels[..., -1] < 255
+        colours = np.unique(pixels[..., :-1][clear], axis=0) if clear.any() else ()
+        if len(colours) > 1:
+            raise DataError(f"{path}: {int(clear.sum())} of {clear.size} pixels are transparent and hold "
+                            f"{len(colours)} different colours or values under it; a mask's labels are its colours "
+                            "or values, not its transparency: give unlabelled pixels one colour or value the label "
                             "file ignores (save the mask without transparency)")
     if rgb:
         if im.mode in ("I;16", "I", "F"):
@@ -240,6 +245,20 @@ def pil_to_mask(im: Image.Image, rgb: bool, path: str) -> np.ndarray:
     if im.mode in ("RGB", "RGBA", "LA"):
         return np.asarray(im)  # LabelSet.encode accepts grey-as-RGB, refuses real colour
     raise DataError(f"{path}: unsupported mask mode {im.mode}")
+
+
+def check_mask_coding(im: Image.Image, name: str, head: bytes = b"") -> None:
+    """One line naming the mask when its file's coding changes its values as read: JPEG's or lossy WebP's
+    compression (edge noise read as classes; ``head``: the file's first 16 bytes, where WebP says which), or
+    colour channels of more than 8 bits (PIL keeps each one's high byte). Before ``im.load()``: the
+    decoder's description is gone after it."""
+    if im.format in ("JPEG", "MPO") or (im.format == "WEBP" and head[12:16] == b"VP8 "):
+        raise DataError(f"{name}: a {'JPEG' if im.format != 'WEBP' else 'lossy WebP'} mask; lossy coding changes "
+                        "label values at every edge (into values of no class, or of another): save masks as PNG")
+    bits = _stored_bits(im) if im.format in ("PNG", "TIFF") else 8  # (a BMP's ;16 is 5-6-5 packed)
+    if bits > 8 and im.mode in ("RGB", "RGBA", "LA"):
+        raise DataError(f"{name}: {bits} bits per colour channel, which are read as 8; save the mask with "
+                        "8-bit channels (index or colour), or as one channel of 16 bits")
 
 
 def _stored_bits(im: Image.Image) -> int:
@@ -262,13 +281,8 @@ def read_mask(path: str, rgb: bool) -> np.ndarray:
         with pil_image(path) as im:
             if im.size[0] * im.size[1] > pixel_limit():
                 raise DataError(f"{path}: not a readable mask ({too_many_pixels()})")
-            if im.format in ("JPEG", "MPO"):
-                raise DataError(f"{path}: a JPEG mask; JPEG's lossy coding changes label values at every edge "
-                                "(into values of no class, or of another): save masks as PNG")
-            bits = _stored_bits(im) if im.format in ("PNG", "TIFF") else 8  # (a BMP's ;16 is 5-6-5 packed)
-            if bits > 8 and im.mode in ("RGB", "RGBA", "LA"):  # PIL keeps the high byte of each channel
-                raise DataError(f"{path}: {bits} bits per colour channel, which are read as 8; save the mask with "
-                                "8-bit channels (index or colour), or as one channel of 16 bits")
+            with open(path, "rb") as f:
+                check_mask_coding(im, path, f.read(16))
             im.load()
             # turned upright like its image (and like Hugging Face datasets decode masks)
             return apply_orientation(pil_to_mask(im, rgb, path), exif_orientation(im, decoded=True))

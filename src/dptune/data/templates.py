@@ -105,7 +105,7 @@ def paths_for(images: list[str], template: str, root: str, what: str, pattern: s
             raise DataError(f"{template}: gives the same {what} file {path} for {first[path]} and {image}; name each "
                             f"image's own file with {_KNOWN.replace(' and ', ' or ')} in the template")
         first[path] = image
-    if pattern:
+    if pattern and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:  # said once per run
         _say_labelled_left_out(images, paths, template, root, what, pattern)
     return paths
 
@@ -145,7 +145,8 @@ def _say_labelled_left_out(images: list[str], labels: list[str], template: str, 
                 label = _filled(path, template, root, pattern)
             except (DataError, ValueError, KeyError, IndexError):  # an {id} the glob does not give for it
                 continue
-            if label != os.path.normpath(path) and os.path.isfile(label):
+            # (a label of a matched image: a copy of that image in another format, not a sample left out)
+            if label != os.path.normpath(path) and label not in taken and os.path.isfile(label):
                 missed.append(path)
     if missed:
         logging.getLogger(__name__).warning(

@@ -19,6 +19,7 @@ log = logging.getLogger(__name__)
 NAMES = ("abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog", "delta1", "delta2", "delta3")
 LOWER_IS_BETTER = {"abs_rel", "sq_rel", "rmse", "rmse_log", "log10", "silog"}
 MIN_DEPTH = 1e-3  # metres: the depth models' default model.min_depth (1 mm)
+FAR_BOUND = 10.0  # without max_depth, aligned relative depth is clipped to this many times an image's farthest
 
 
 def check_range(min_depth: float, max_depth: float | None, low: str = "model.min_depth",
@@ -74,11 +75,12 @@ def align(pred: torch.Tensor, gt: torch.Tensor, mode: str, max_depth: float | No
     """A relative prediction (affine-invariant inverse depth) turned into metres on one image's
     valid pixels: ``median`` scales the predicted depth (1 / prediction) to the ground truth's
     median; ``lstsq`` fits scale and shift of the inverse depth by least squares (MiDaS's protocol).
-    Aligned depth is clipped to ``max_depth``, else to the image's farthest valid ground truth (where the
-    aligned inverse depth is 0 or below, or the prediction 0: an unbounded depth, which one pixel of would
-    decide the image's RMSE)."""
+    Aligned depth is clipped to ``max_depth`` (MiDaS's protocol), else to ``FAR_BOUND`` times the image's
+    farthest valid ground truth: where the aligned inverse depth is 0 or below, or the prediction 0, the depth
+    is unbounded, and one such pixel decided the image's RMSE (1e8 m); a bound at the farthest ground truth
+    itself would forgive every overestimate past it."""
     pred = pred.double()
-    far = float(max_depth) if max_depth else float(gt.max())
+    far = float(max_depth) if max_depth else FAR_BOUND * float(gt.max())
     if mode == "median":
         depth = 1.0 / pred.clamp(min=1e-8)  # the prediction's own scale is unknown: clipped once scaled
         return (depth * (_median(gt.double()) / _median(depth))).clamp(max=far)
