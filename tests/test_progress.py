@@ -228,9 +228,11 @@ def test_wandb_credentials_are_read_from_the_netrc_entries_wandb_uses(tmp_path, 
     password counted, and ``NETRC`` with ``~`` was not expanded."""
     from dptune.training.wandb_runs import has_credentials, wandb_mode
 
-    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE"):
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE", "WANDB_CONFIG_DIR",
+                "WANDB_DIR"):
         monkeypatch.delenv(key, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)  # wandb reads ./wandb/settings too (a review: the test read the repo's)
     netrc = tmp_path / ".netrc-wandb"
     monkeypatch.setenv("NETRC", "~/.netrc-wandb")
     assert not has_credentials() and wandb_mode() == "offline"
@@ -287,3 +289,46 @@ def test_wandb_credentials_are_looked_up_for_the_server_wandbs_settings_file_nam
         monkeypatch.setenv(key, "")
     assert environment_mode() is None and has_credentials()
     assert not {"WANDB_BASE_URL", "WANDB_INIT_TIMEOUT", "WANDB_PROJECT"} & set(os.environ)
+
+
+def test_wandbs_own_settings_choose_the_mode_and_hold_credentials_and_stay_quiet(tmp_path, monkeypatch, capfd,
+                                                                               caplog):
+    """``wandb offline`` / ``wandb disabled`` (a mode in wandb's settings file) were overridden: with a netrc
+    login dptune sent the run online, where it failed without a network; a key in wandb's settings (SageMaker
+    writes one) was not counted; reading wandb's settings early printed a bad file's report a second time
+    (and once more per process); a settings file that is not text was "a file it reads"; a netrc that is not
+    text, holding the user's key, made the run offline without a word (a review)."""
+    import logging
+
+    from dptune.training.wandb_runs import has_credentials, unreadable_file, wandb_mode
+
+    for key in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_BASE_URL", "WANDB_MODE", "NETRC",
+                "WANDB_CONFIG_DIR", "WANDB_DIR", "WANDB_DISABLED"):
+        monkeypatch.delenv(key, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password " + "a" * 40 + "\n")
+    (tmp_path / ".netrc").chmod(0o600)
+    assert wandb_mode() == "online"
+    workspace = tmp_path / "wandb" / "settings"
+    workspace.parent.mkdir()
+    for mode in ("offline", "disabled"):  # what `wandb offline` / `wandb disabled` write
+        workspace.write_text(f"[default]\nmode = {mode}\n")
+        assert wandb_mode() == mode
+    workspace.unlink()
+    (tmp_path / ".netrc").unlink()
+    settings = tmp_path / ".config" / "wandb" / "settings"
+    settings.parent.mkdir(parents=True)
+    settings.write_text("[default]\napi_key = " + "b" * 40 + "\n")
+    assert has_credentials() and wandb_mode() == "online"
+    settings.write_text("[default]\nmode = bogus\n")
+    capfd.readouterr()
+    wandb_mode()  # wandb's own report of the bad file comes once, when the run starts
+    assert "Failed to load settings" not in capfd.readouterr().err
+    settings.write_bytes(b"[default]\nentity = caf\xe9\n")
+    assert unreadable_file() == str(settings)
+    settings.unlink()
+    (tmp_path / ".netrc").write_bytes(b"machine api.wandb.ai login caf\xe9 password " + b"c" * 40 + b"\n")
+    with caplog.at_level(logging.WARNING, logger="dptune"):
+        assert wandb_mode() == "offline"
+    assert any(f"{tmp_path / '.netrc'} is not a text file" in r.getMessage() for r in caplog.records), caplog.text

@@ -20,7 +20,7 @@ from dptune.training.wandb_runs import (
     checked_mode,
     environment_mode,
     settings_refused,
-    unreadable_netrc,
+    unreadable_file,
     wandb_mode,
 )
 
@@ -65,7 +65,7 @@ class DPTuneWandbLogger(WandbLogger):
                         if online and not settings and not settings_refused() else "")
                 raise ConfigError(f"W&B: {' '.join(str(e).split())}{hint}") from None
             if isinstance(e, UnicodeDecodeError):  # wandb reads the netrc without catching this
-                raise ConfigError(f"W&B: {unreadable_netrc() or 'a file it reads'}: not a text file ({e.reason})"
+                raise ConfigError(f"W&B: {unreadable_file() or 'a file it reads'}: not a text file ({e.reason})"
                                   ) from None
             raise
 

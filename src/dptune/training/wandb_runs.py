@@ -6,6 +6,8 @@ from __future__ import annotations
 import logging
 import os
 import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 from urllib.parse import urlparse
 
@@ -15,12 +17,16 @@ log = logging.getLogger(__name__)
 def wandb_mode() -> str:
     """``online`` only when credentials exist; never a login prompt, never a hang waiting for one.
 
-    An explicit ``WANDB_MODE`` wins.
+    An explicit ``WANDB_MODE`` wins, then a mode wandb's settings files hold (``wandb offline``,
+    ``wandb disabled``; ``WANDB_DISABLED``).
     """
     explicit = environment_mode()
     if explicit is not None:
         return explicit
-    return "online" if has_credentials() else "offline"
+    settings = _settings_or_none()
+    if settings is not None and "mode" in settings.model_fields_set:
+        return checked_mode(str(settings.mode), "wandb's settings file: mode")
+    return "online" if has_credentials(settings) else "offline"
 
 
 def environment_mode() -> str | None:
@@ -34,18 +40,44 @@ def environment_mode() -> str | None:
     return None if explicit is None else checked_mode(explicit, "WANDB_MODE")
 
 
+@contextmanager
+def _quiet_wandb() -> Iterator[None]:
+    """wandb's terminal lines held back (its own report of a bad settings file comes when the run starts:
+    read here too, it was printed twice, and once more per process)."""
+    try:
+        from wandb.errors import term
+    except ImportError:
+        yield
+        return
+    before = term._silent
+    term._silent = True
+    try:
+        yield
+    finally:
+        term._silent = before
+
+
 def _wandb_settings() -> Any:
-    """wandb's settings as a run would start from them: its settings file (``wandb login --host``;
-    ``WANDB_CONFIG_DIR``/settings or ~/.config/wandb/settings), then the ``WANDB_*`` variables; raises what
-    wandb raises for a setting it does not take."""
+    """wandb's settings as a run would start from them: its settings files (``wandb login --host``,
+    ``wandb offline``: ``WANDB_CONFIG_DIR``/settings or ~/.config/wandb/settings, and ./wandb/settings), then
+    the ``WANDB_*`` variables; raises what wandb raises for a setting it does not take."""
     from wandb.sdk.wandb_settings import Settings
 
-    settings = Settings(silent=True)
-    folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
-    settings.settings_system = os.path.join(os.path.expanduser(folder), "settings")
-    settings.update_from_system_settings()
-    settings.update_from_env_vars(dict(os.environ))
+    with _quiet_wandb():
+        settings = Settings(silent=True)
+        folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
+        settings.settings_system = os.path.join(os.path.expanduser(folder), "settings")
+        settings.update_from_system_settings()
+        settings.update_from_env_vars(dict(os.environ))
     return settings
+
+
+def _settings_or_none() -> Any:
+    """``_wandb_settings``, or None where wandb is missing or refuses them (the run's start says why)."""
+    try:
+        return _wandb_settings()
+    except Exception:  # noqa: BLE001 - wandb's refusal, whatever its type
+        return None
 
 
 def settings_refused() -> bool:
@@ -60,31 +92,34 @@ def settings_refused() -> bool:
     return False
 
 
-def _wandb_server() -> str:
+def _wandb_server(settings: Any = None) -> str:
     """The server wandb will use: ``WANDB_BASE_URL``, else its settings file's, else its default (that where
     the settings cannot be read: the run's start says why)."""
     from wandb.sdk.lib import urls
 
-    try:
-        return str(_wandb_settings().base_url)
-    except Exception:  # noqa: BLE001 - a setting wandb refuses; it says which when the run starts
-        return os.environ.get("WANDB_BASE_URL") or urls.DEFAULT_BASE_URL
+    settings = settings if settings is not None else _settings_or_none()
+    return str(settings.base_url) if settings is not None else os.environ.get("WANDB_BASE_URL") or urls.DEFAULT_BASE_URL
 
 
-def _wandb_netrc_key() -> bool | None:
+def _wandb_netrc_key(settings: Any = None) -> bool | None:
     """wandb's own netrc lookup for the server it will use (``_wandb_server``): whether it finds a key; None
     where this wandb has no such lookup (another version). A key wandb refuses is a login (the run goes online
     and wandb's refusal is one line: offline, the login was ignored without a word); an address it refuses is
-    none (the run's start says why)."""
+    none (the run's start says why); a netrc that is not text is none, said in a warning."""
     try:
         import wandb.errors
         from wandb.sdk.lib.wbauth import wbnetrc
     except ImportError:
         return None
     try:
-        return bool(wbnetrc.read_netrc_auth(host=_wandb_server()))
+        with _quiet_wandb():
+            return bool(wbnetrc.read_netrc_auth(host=_wandb_server(settings)))
     except wandb.errors.AuthenticationError:
         return True
+    except UnicodeDecodeError:
+        log.warning("W&B: %s is not a text file: no credentials read from it; the run logs offline",
+                    unreadable_file() or "the netrc file")
+        return False
     except Exception:  # noqa: BLE001 - an address wandb does not take: no credentials to go online with
         return False
 
@@ -103,28 +138,35 @@ def _netrc_key() -> bool:
     return bool(found and found[2])
 
 
-def unreadable_netrc() -> str | None:
-    """The netrc file wandb reads (``NETRC``, else ~/.netrc) when it is not UTF-8 text, else None."""
-    path = os.path.expanduser(os.environ.get("NETRC") or "~/.netrc")
-    try:
-        with open(path, encoding="utf-8") as f:
-            f.read()
-    except UnicodeDecodeError:
-        return path
-    except OSError:
-        pass
+def unreadable_file() -> str | None:
+    """The first file wandb reads as text that is not UTF-8: its netrc (``NETRC``, else ~/.netrc) or a settings
+    file (``WANDB_CONFIG_DIR``/settings or ~/.config/wandb/settings, ./wandb/settings); None if none is."""
+    folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
+    for path in (os.environ.get("NETRC") or "~/.netrc", os.path.join(folder, "settings"),
+                 os.path.join(os.environ.get("WANDB_DIR") or ".", "wandb", "settings")):
+        path = os.path.expanduser(path)
+        try:
+            with open(path, encoding="utf-8") as f:
+                f.read()
+        except UnicodeDecodeError:
+            return path
+        except OSError:
+            continue
     return None
 
 
-def has_credentials() -> bool:
+def has_credentials(settings: Any = None) -> bool:
     """Whether W&B finds credentials without asking (dptune's default mode is online only then):
-    ``WANDB_API_KEY``, an identity token file, or the netrc entry wandb's own lookup finds for the server it
-    will use (``_wandb_netrc_key``; ``_netrc_key`` where this wandb has none). A server chosen only with
-    ``wandb login --host`` (wandb's settings file) is not read: set ``WANDB_MODE=online`` or
-    ``WANDB_BASE_URL`` there."""
+    ``WANDB_API_KEY``, an identity token file, a key in wandb's settings (``settings``: ``_wandb_settings``,
+    read when not given), or the netrc entry wandb's own lookup finds for the server it will use
+    (``WANDB_BASE_URL``, else its settings file's, else its default; ``_netrc_key`` where this wandb has no
+    lookup)."""
     if os.environ.get("WANDB_API_KEY") or os.environ.get("WANDB_IDENTITY_TOKEN_FILE"):
         return True
-    found = _wandb_netrc_key()
+    settings = settings if settings is not None else _settings_or_none()
+    if settings is not None and getattr(settings, "api_key", None):
+        return True
+    found = _wandb_netrc_key(settings)
     return _netrc_key() if found is None else found
 
 
