@@ -272,5 +272,30 @@ def test_masks_from_a_hub_dataset_get_the_same_coding_checks(tmp_path):
         with pytest.raises(DataError, match=f"row{i}: {said}"):
             decode_row(ds[i], f"row{i}", "image", "mask", rgb_masks=i == 2)
     assert decode_row(ds[3], "row3", "image", "mask", rgb_masks=False)[1].max() == 3
+    # a hub dataset holds its files' bytes (parquet): decoded by datasets, the coding could no longer be told
+    # (a second review); dptune's sources read the mask column undecoded and open it themselves
+    from dptune.data.hf_sources import HFSource
+
+    held = datasets.Dataset.from_dict({"image": [{"bytes": open(files[-1], "rb").read(), "path": None}] * 4,
+                                       "mask": [{"bytes": open(f, "rb").read(), "path": None} for f in files]})
+    held = held.cast_column("image", datasets.Image()).cast_column("mask", datasets.Image())
+    datasets.DatasetDict({"train": held}).save_to_disk(str(tmp_path / "hub"))
+    for i, said in enumerate(["a JPEG mask", "a lossy WebP mask", "16 bits per colour channel"]):
+        with pytest.raises(DataError, match=f"#{i}: {said}"):
+            HFSource(str(tmp_path / "hub"), "train", "image", "mask", rgb_masks=i == 2).load(i)
+    assert HFSource(str(tmp_path / "hub"), "train", "image", "mask").load(3)[1].max() == 3
     with pytest.raises(DataError, match="m.webp: a lossy WebP mask"):
         read_mask(files[1], rgb=False)
+
+
+def test_grey_with_alpha_and_bilevel_index_masks_read_as_their_values(tmp_path):
+    """A grey mask with an alpha channel (an editor's "grayscale with alpha" export) was refused as "2 channels",
+    and a 1-bit mask as "unsupported mask mode 1", while the same masks as RGBA or 8-bit grey read (a review)."""
+    from PIL import Image
+
+    values = np.array([[0, 1, 2], [2, 1, 0]], np.uint8)
+    Image.fromarray(np.dstack([values, np.full_like(values, 255)]), "LA").save(tmp_path / "la.png")
+    assert np.array_equal(read_mask(str(tmp_path / "la.png"), rgb=False), values)
+    Image.fromarray(values.astype(bool)).save(tmp_path / "bits.png")
+    assert Image.open(tmp_path / "bits.png").mode == "1"
+    assert np.array_equal(read_mask(str(tmp_path / "bits.png"), rgb=False), values.astype(bool).astype(np.uint8))

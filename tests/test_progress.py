@@ -315,6 +315,20 @@ def test_wandbs_own_settings_choose_the_mode_and_hold_credentials_and_stay_quiet
     for mode in ("offline", "disabled"):  # what `wandb offline` / `wandb disabled` write
         workspace.write_text(f"[default]\nmode = {mode}\n")
         assert wandb_mode() == mode
+    workspace.write_text("[default]\nmode = online\n")  # `wandb enabled`: online with credentials only
+    assert wandb_mode() == "online"
+    (tmp_path / ".netrc").unlink()
+    assert wandb_mode() == "offline"
+    (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password " + "a" * 40 + "\n")
+    # wandb says a bad settings file's trouble once: read by dptune first, in silence, it must still say it
+    workspace.write_text("mode = offline\n")  # no [default] section
+    capfd.readouterr()
+    wandb_mode()
+    assert "Error reading settings" not in capfd.readouterr().err
+    from wandb.sdk.wandb_settings import Settings
+
+    Settings().update_from_system_settings()  # as the run's start reads it
+    assert "Error reading settings" in capfd.readouterr().err
     workspace.unlink()
     (tmp_path / ".netrc").unlink()
     settings = tmp_path / ".config" / "wandb" / "settings"
@@ -328,6 +342,11 @@ def test_wandbs_own_settings_choose_the_mode_and_hold_credentials_and_stay_quiet
     settings.write_bytes(b"[default]\nentity = caf\xe9\n")
     assert unreadable_file() == str(settings)
     settings.unlink()
+    workspace.write_bytes(b"[default]\nentity = caf\xe9\n")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "elsewhere"))  # wandb reads the working folder's all the same
+    assert unreadable_file() == os.path.join("wandb", "settings")
+    monkeypatch.delenv("WANDB_DIR")
+    workspace.unlink()
     (tmp_path / ".netrc").write_bytes(b"machine api.wandb.ai login caf\xe9 password " + b"c" * 40 + b"\n")
     with caplog.at_level(logging.WARNING, logger="dptune"):
         assert wandb_mode() == "offline"

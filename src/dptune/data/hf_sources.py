@@ -113,6 +113,7 @@ class HFSource(HFSplit):
     ) -> None:
         super().__init__(dataset, split, image_column, mask_column, config_name)
         self.mask_column, self.rgb_masks = mask_column, rgb_masks
+        self.ds = undecoded_masks(self.ds, mask_column)
 
     def load(self, i: int) -> tuple[np.ndarray, np.ndarray, str]:
         return past_pils_limit(lambda: decode_row(self.ds[i], self.name(i), self.image_column, self.mask_column,
@@ -185,6 +186,8 @@ def decode_row(
     except KeyError as e:
         raise DataError(f"{name}: no column {e} (has {sorted(row)})") from None
     image = row_image(image, name, dtype=dtypes.get(image_column))
+    if isinstance(mask, dict) and (mask.get("bytes") or isinstance(mask.get("path"), str) and os.path.isfile(mask["path"])):
+        mask = _encoded_mask(mask, name)  # a mask column read undecoded (``undecoded_masks``)
     if isinstance(mask, Image.Image):
         check_mask_coding(mask, name)
         stored = getattr(mask, "filename", "")
@@ -203,6 +206,31 @@ def decode_row(
             raise DataError(f"{name}: the mask in column {mask_column!r} is {_short_value(mask)}, not a label map "
                             "(H x W, or H x W x 3 for RGB masks); is mask_column the column of the masks?")
     return image, mask, name
+
+
+def _encoded_mask(mask: dict[str, Any], name: str) -> Image.Image:
+    """A mask a row holds as its file's bytes (or path), opened with its coding checked: decoded by ``datasets``,
+    a mask's 16-bit colour channels or lossy WebP coding could no longer be told (``check_mask_coding``)."""
+    import io
+
+    try:
+        data = mask.get("bytes") or open(mask["path"], "rb").read()
+        im = Image.open(io.BytesIO(data))
+    except (OSError, SyntaxError, ValueError) as e:
+        raise DataError(f"{name}: the mask is not a readable image ({e})") from None
+    check_mask_coding(im, name, data[:16])
+    return im
+
+
+def undecoded_masks(ds: Any, column: str) -> Any:
+    """``ds`` with its mask ``column`` read as the files' bytes (``decode_row`` opens them, their coding
+    checked) where it is a ``datasets.Image`` column; else as it is."""
+    import datasets
+
+    feature = (getattr(ds, "features", None) or {}).get(column)
+    if isinstance(feature, datasets.Image) and feature.decode:
+        return ds.cast_column(column, datasets.Image(decode=False))
+    return ds
 
 
 def _short_value(a: np.ndarray) -> str:

@@ -237,12 +237,16 @@ def pil_to_mask(im: Image.Image, rgb: bool, path: str) -> np.ndarray:
         if im.mode in ("I;16", "I", "F"):
             raise DataError(f"{path}: RGB mask expected, got a {im.mode} single-channel image")
         return np.asarray(im.convert("RGB"))
+    if im.mode == "1":  # a bilevel mask: 0 and 1
+        return np.asarray(im).astype(np.uint8)
+    if im.mode in ("LA", "PA"):  # grey (or palette index) with alpha: the values, transparency checked above
+        return np.asarray(im.getchannel(0))
     if im.mode in ("L", "P", "I;16", "I;16B", "I;16L"):
         arr = np.asarray(im)
         return arr.astype(np.uint16) if arr.dtype.kind == "u" and arr.dtype.itemsize > 1 else arr
     if im.mode == "I":
         return np.asarray(im)
-    if im.mode in ("RGB", "RGBA", "LA"):
+    if im.mode in ("RGB", "RGBA"):
         return np.asarray(im)  # LabelSet.encode accepts grey-as-RGB, refuses real colour
     raise DataError(f"{path}: unsupported mask mode {im.mode}")
 

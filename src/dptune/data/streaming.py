@@ -21,7 +21,7 @@ import torch
 from torch.utils.data import IterableDataset
 
 from dptune.data.dataset import encode_sample, make_item
-from dptune.data.hf_sources import array_dtypes, decode_row, open_hf_split
+from dptune.data.hf_sources import array_dtypes, decode_row, open_hf_split, undecoded_masks
 from dptune.errors import DataError
 from dptune.labels import LabelSet
 
@@ -61,7 +61,7 @@ class StreamingSegmentation(IterableDataset):
         rank: int = 0,
         world_size: int = 1,
     ) -> None:
-        self.stream = shard_for_rank(stream, rank, world_size)
+        self.stream = shard_for_rank(undecoded_masks(stream, columns[1]), rank, world_size)
         self.labels, self.label, self.columns, self.rgb_masks = labels, label, columns, rgb_masks
         self.transform, self.image_size, self.train = transform, image_size, train
         self.on_bad_sample, self.shuffle_buffer, self.seed, self.rank = on_bad_sample, shuffle_buffer, seed, rank

@@ -17,14 +17,15 @@ log = logging.getLogger(__name__)
 def wandb_mode() -> str:
     """``online`` only when credentials exist; never a login prompt, never a hang waiting for one.
 
-    An explicit ``WANDB_MODE`` wins, then a mode wandb's settings files hold (``wandb offline``,
-    ``wandb disabled``; ``WANDB_DISABLED``).
+    An explicit ``WANDB_MODE`` wins, then an offline or disabled mode wandb's settings files hold
+    (``wandb offline``, ``wandb disabled``; ``wandb enabled`` writes ``online``, which goes online only with
+    credentials, as no setting does).
     """
     explicit = environment_mode()
     if explicit is not None:
         return explicit
     settings = _settings_or_none()
-    if settings is not None and "mode" in settings.model_fields_set:
+    if settings is not None and "mode" in settings.model_fields_set and str(settings.mode) not in ("online", "run"):
         return checked_mode(str(settings.mode), "wandb's settings file: mode")
     return "online" if has_credentials(settings) else "offline"
 
@@ -46,15 +47,18 @@ def _quiet_wandb() -> Iterator[None]:
     read here too, it was printed twice, and once more per process)."""
     try:
         from wandb.errors import term
-    except ImportError:
+
+        before, said = term._silent, set(term._printed_messages)
+    except (ImportError, AttributeError):  # another wandb: its lines are printed
         yield
         return
-    before = term._silent
     term._silent = True
     try:
         yield
     finally:
+        # wandb remembers its once-only lines even when silent: forgotten again, so that the run's start says them
         term._silent = before
+        term._printed_messages.intersection_update(said)
 
 
 def _wandb_settings() -> Any:
@@ -143,7 +147,7 @@ def unreadable_file() -> str | None:
     file (``WANDB_CONFIG_DIR``/settings or ~/.config/wandb/settings, ./wandb/settings); None if none is."""
     folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
     for path in (os.environ.get("NETRC") or "~/.netrc", os.path.join(folder, "settings"),
-                 os.path.join(os.environ.get("WANDB_DIR") or ".", "wandb", "settings")):
+                 os.path.join("wandb", "settings")):  # the working folder's (read before WANDB_DIR applies)
         path = os.path.expanduser(path)
         try:
             with open(path, encoding="utf-8") as f:
