@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import subprocess
+from pathlib import Path
 
 import pytest
 import torch
@@ -977,3 +978,29 @@ def test_validate_into_a_run_folder_with_a_dangling_config_n_link_takes_the_next
                      REPO, dict(os.environ, WANDB_MODE="offline"), timeout=600)
     assert out.returncode == 0 and "Traceback" not in out.stderr, out.stderr[-3000:]
     assert (run / "config-3.yaml").is_file() and (run / "config-2.yaml").is_symlink()
+
+
+def test_a_monitor_whose_best_is_lowest_selects_the_lowest(tmp_path):
+    """``--checkpoint.monitor val/loss`` kept the segmentation default ``mode: max``: the run named its worst
+    epoch (the highest loss) "best" without a word (a review). The mode follows what the monitor measures, in a
+    log line; every value the tasks log has a known direction."""
+    import re
+
+    import yaml
+
+    from dptune.cli.run_checks import monitor_mode
+
+    assert [monitor_mode(k) for k in ("val/loss", "train/loss_aux", "val/abs_rel", "val/k1/abs_rel", "val/silog",
+                                       "val/IoU/loss", "val/mIoU", "val/delta1", "val/delta_m", "epoch")] == \
+        ["min", "min", "min", "min", "min", "max", "max", "max", "max", None]
+    run = tmp_path / "run"
+    proc = _logged_quickstart(run, "--checkpoint.monitor", "val/loss", "--trainer.max_epochs", "2",
+                              "--checkpoint.save_top_k", "-1", wandb_mode="disabled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "checkpoint.monitor val/loss: best is lowest, so checkpoint.mode is min (was max)" in proc.stderr
+    scores = {p.name: float(re.search(r"loss([\d.]+)\.ckpt", p.name).group(1))
+              for p in (run / "checkpoints").glob("best-*.ckpt")}
+    state = torch.load(run / "checkpoints" / "last.ckpt", map_location="cpu", weights_only=False)["callbacks"]
+    best = next(v["best_model_path"] for k, v in state.items() if "best_model_path" in v)
+    assert len(scores) == 2 and Path(best).name == min(scores, key=scores.get), (scores, best)
+    assert yaml.safe_load((run / "config.yaml").read_text())["checkpoint"]["mode"] == "min"

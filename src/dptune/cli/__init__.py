@@ -31,6 +31,7 @@ from dptune.cli.run_checks import (
     check_run_length_and_seed,
     refuse_a_second_run,
     settle_logger_folders,
+    settle_monitor_mode,
 )
 from dptune.cli.run_root import follow_the_root
 from dptune.cli.save_config import LoggedSaveConfig
@@ -203,6 +204,7 @@ class DPTuneCLI(LightningCLI):
         default_monitor, _, default_name = TASK_SETTINGS[self.task]["monitor"]
         if cfg.checkpoint.filename == default_name and cfg.checkpoint.monitor not in (None, default_monitor):
             cfg.checkpoint.filename = best_filename(cfg.checkpoint.monitor)  # named after what selects it
+        settle_monitor_mode(cfg.checkpoint)
         ckpt = cfg.get("ckpt_path")
         if self.subcommand == "fit" and (ckpt is None or str(ckpt) not in ("last", "hpc") and not is_registry(str(ckpt))):
             refuse_a_second_run(cfg.checkpoint.dirpath, resuming=None if ckpt is None else str(ckpt), root=root)

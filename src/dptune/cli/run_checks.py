@@ -50,6 +50,40 @@ def best_filename(monitor: str) -> str:
     return f"best-epoch{{epoch:02d}}-{short}{{{template_field(monitor)}:.4f}}"
 
 
+# names of logged values whose best is the highest (any "loss" and the depth errors are best lowest)
+HIGHER_IS_BETTER = {"mIoU", "pixel_acc", "mAcc", "delta1", "delta2", "delta3", "delta_m"}
+
+
+def monitor_mode(monitor: str) -> str | None:
+    """``min`` or ``max``: which end of a value validation (or training) logs is best, by its name
+    (``val/IoU/<class>`` a class's IoU, ``val/<source>/abs_rel`` a source's); None for a name dptune does not
+    know (``epoch``, ``step``, a callback's own)."""
+    from dptune.metrics.depth import LOWER_IS_BETTER
+
+    parts = monitor.split("/")
+    name = parts[-1]
+    if len(parts) == 3 and parts[1] == "IoU":
+        return "max"
+    if name.startswith("loss") or name in LOWER_IS_BETTER:
+        return "min"
+    return "max" if name in HIGHER_IS_BETTER else None
+
+
+def settle_monitor_mode(checkpoint) -> None:
+    """The best checkpoint's ``mode`` by what it monitors (``monitor_mode``): the task's default mode went with
+    any monitor, so ``--checkpoint.monitor val/loss`` kept the highest loss, the worst epoch, as "best". A
+    mode that says otherwise is set right, in a log line."""
+    import logging
+
+    monitor = checkpoint.get("monitor")
+    mode = monitor_mode(monitor) if isinstance(monitor, str) else None
+    if mode is not None and checkpoint.get("mode") != mode:
+        logging.getLogger("dptune.cli").info("checkpoint.monitor %s: best is %s, so checkpoint.mode is %s (was %s)",
+                                             monitor, "lowest" if mode == "min" else "highest", mode,
+                                             checkpoint.get("mode"))
+        checkpoint.mode = mode
+
+
 def refuse_a_second_run(dirpath: str, resuming: str | None = None, root: str | None = None) -> None:
     """A fit started afresh (no ``--ckpt_path``) into a checkpoint folder that already holds a run's
     checkpoints would mix two runs (last-v1.ckpt beside last.ckpt, a second best-*, the run's
