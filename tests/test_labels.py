@@ -299,3 +299,29 @@ def test_grey_with_alpha_and_bilevel_index_masks_read_as_their_values(tmp_path):
     Image.fromarray(values.astype(bool)).save(tmp_path / "bits.png")
     assert Image.open(tmp_path / "bits.png").mode == "1"
     assert np.array_equal(read_mask(str(tmp_path / "bits.png"), rgb=False), values.astype(bool).astype(np.uint8))
+
+
+def test_class_names_match_with_surrounding_spaces_aside(tmp_path):
+    """ADE20K's published id2label writes "bed " (with a space): a user's ``bed`` started a fresh classifier row
+    while the checkpoint's trained one was dropped, and ``map: {8: bed}`` was "not a class name" (a review)."""
+    import torch
+    from transformers import DPTConfig, DPTForSemanticSegmentation
+
+    from dptune.models.build import adapt_classifiers
+
+    names = {0: "wall", 1: "bed ", 2: "floor"}
+    torch.manual_seed(0)
+    model = DPTForSemanticSegmentation(DPTConfig(hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                                                 intermediate_size=64, image_size=32, patch_size=16,
+                                                 neck_hidden_sizes=[16, 16, 16, 16], fusion_hidden_size=16,
+                                                 num_labels=3, id2label=names, label2id={v: k for k, v in names.items()}))
+    def classifier():
+        return [m for m in model.head.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+
+    before = classifier().weight[1].detach().clone()
+    assert adapt_classifiers(model, ["bed", "Wall", "mattress"]) == ["bed", "Wall"]
+    assert torch.equal(classifier().weight[0], before)
+    spec = LabelSet.from_dict({"names": ["wall", "bed "], "map": {8: "bed", 1: "WALL"}})
+    assert spec.encode(np.array([[8, 1]], np.uint8)).tolist() == [[1, 0]]
+    with pytest.raises(ConfigError, match="unique"):
+        LabelSet.from_dict({"names": ["bed", "bed "]})

@@ -15,10 +15,11 @@ from dptune.labels.base import (
     UniqueKeyLoader,
     color_tuple,
     default_palette,
+    name_key,
 )
 from dptune.labels.labelset import LabelSet, check_same_classes, load_labels
 
 __all__ = [
     "IGNORE_INDEX", "MAX_CLASSES", "DuplicateKey", "LabelSet", "MaskFormat", "check_same_classes", "UniqueKeyLoader", "color_tuple",
-    "default_palette", "load_labels",
+    "default_palette", "load_labels", "name_key",
 ]

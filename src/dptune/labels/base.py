@@ -82,3 +82,9 @@ class UniqueKeyLoader(yaml.SafeLoader):
                                     "the last, so say it once")
             seen[key] = line
         return super().construct_mapping(node, deep=deep)
+
+
+def name_key(name: object) -> str:
+    """A class name as names are matched (a checkpoint's to a label file's, a map's target to a class):
+    case and surrounding spaces aside (ADE20K's published id2label writes "bed " with a space)."""
+    return str(name).strip().lower()

@@ -20,6 +20,7 @@ from dptune.labels.base import (
     UniqueKeyLoader,
     color_tuple,
     default_palette,
+    name_key,
     rgb_key,
 )
 from dptune.labels.spec import parse_label_spec
@@ -50,7 +51,7 @@ class LabelSet:
             raise ConfigError(f"{self.source}: a label set needs at least one class name")
         if len(self.names) > MAX_CLASSES:
             raise ConfigError(f"{self.source}: at most {MAX_CLASSES} classes (255 means ignore), got {len(self.names)}")
-        if len(set(n.lower() for n in self.names)) != len(self.names):
+        if len(set(name_key(n) for n in self.names)) != len(self.names):
             raise ConfigError(f"{self.source}: class names must be unique (case-insensitive)")
         if not self.colors:
             self.colors = default_palette(len(self.names))
@@ -114,12 +115,12 @@ class LabelSet:
         value (or colour) -> this set's class -> the class of the same name in ``names``. Every
         class of this set must be in ``names``; classes of ``names`` this set lacks are never
         annotated by its masks (``annotated``)."""
-        where = {n.lower(): i for i, n in enumerate(names)}
-        missing = [n for n in self.names if n.lower() not in where]
+        where = {name_key(n): i for i, n in enumerate(names)}
+        missing = [n for n in self.names if name_key(n) not in where]
         if missing:
             raise ConfigError(f"{self.source}: classes {missing} are not in the model's label set {list(names)} "
                               "(add them there, or map them to another class or to ignore in this source's labels)")
-        to = [where[n.lower()] for n in self.names]
+        to = [where[name_key(n)] for n in self.names]
 
         def move(v: int) -> int:
             return IGNORE_INDEX if v == IGNORE_INDEX else to[v]
@@ -258,14 +259,14 @@ def check_same_classes(model_names: list[str], data_names: list[str], model: str
     """The model's classes must be the data's, in the same order: a confusion matrix of two
     different label sets would score class i of one as class i of the other (evaluate and the
     export's held-back scoring). ``model`` and ``labels``: where each came from, for the message."""
-    if [n.lower() for n in model_names] == [n.lower() for n in data_names]:
+    if [name_key(n) for n in model_names] == [name_key(n) for n in data_names]:
         return
     if len(model_names) != len(data_names):
         raise DataError(f"{model + ': ' if model else ''}the model has {len(model_names)} classes, the label set"
                         f"{' ' + labels if labels else ''} {len(data_names)}")
-    if sorted(n.lower() for n in model_names) == sorted(n.lower() for n in data_names):
+    if sorted(name_key(n) for n in model_names) == sorted(name_key(n) for n in data_names):
         raise DataError(f"the model and the label set have the same classes in another order (model: "
                         f"{model_names}, labels: {data_names}); list the names in the model's order")
-    i = next(i for i, (a, b) in enumerate(zip(model_names, data_names, strict=True)) if a.lower() != b.lower())
+    i = next(i for i, (a, b) in enumerate(zip(model_names, data_names, strict=True)) if name_key(a) != name_key(b))
     raise DataError(f"class {i} is {model_names[i]!r} in the model but {data_names[i]!r} in the label set "
                     f"(model: {model_names}, labels: {data_names})")

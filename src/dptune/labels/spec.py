@@ -20,7 +20,7 @@ from __future__ import annotations
 from typing import Any
 
 from dptune.errors import ConfigError
-from dptune.labels.base import IGNORE_INDEX, color_tuple, whole_number
+from dptune.labels.base import IGNORE_INDEX, color_tuple, name_key, whole_number
 
 _KNOWN_KEYS = {
     "names", "colors", "mask_format", "ignore_values", "ignore_colors", "reduce_labels",
@@ -46,10 +46,10 @@ def _target(value: Any, names: list[str], source: str) -> int:
     if isinstance(value, str):
         if value.lower() == "ignore":
             return IGNORE_INDEX
-        lowered = [n.lower() for n in names]
-        if value.lower() not in lowered:
+        lowered = [name_key(n) for n in names]
+        if name_key(value) not in lowered:
             raise ConfigError(f"{source}: map target {value!r} is not a class name")
-        return lowered.index(value.lower())
+        return lowered.index(name_key(value))
     if isinstance(value, int) and not isinstance(value, bool) and (0 <= value < len(names) or value == IGNORE_INDEX):
         return value
     raise ConfigError(f"{source}: map target {value!r} must be a class name, an index or 'ignore'"

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, DPTConfig, PreTrainedModel
 
-from dptune.labels import IGNORE_INDEX
+from dptune.labels import IGNORE_INDEX, name_key
 from dptune.models.backbones import dpt_config_for_backbone, load_backbone_weights, model_class
 from dptune.models.dpt_backbone import input_multiple
 from dptune.models.forward import segment
@@ -191,16 +191,16 @@ def adapt_classifiers(model: PreTrainedModel, names: Sequence[str],
                       init: Callable[[nn.Module], None] | None = None) -> list[str]:
     """Point the classifiers at ``names``; copy rows of classes the checkpoint already knows.
 
-    Matching is by class name, case-insensitive. A replaced classifier starts from ``init``
+    Matching is by class name, case and surrounding spaces aside (``name_key``). A replaced classifier starts from ``init``
     (a per-layer initialiser; default: PyTorch's) before the known rows are copied in, so the
     rows of new classes start like every other fresh layer. Returns the carried class names.
     """
-    old = {str(v).lower(): int(k) for k, v in model.config.id2label.items()}
+    old = {name_key(v): int(k) for k, v in model.config.id2label.items()}
     new_names = list(names)
-    same = [n.lower() for n in new_names] == [
-        str(model.config.id2label[i]).lower() for i in range(len(model.config.id2label))
+    same = [name_key(n) for n in new_names] == [
+        name_key(model.config.id2label[i]) for i in range(len(model.config.id2label))
     ]
-    carried = [n for n in new_names if n.lower() in old]
+    carried = [n for n in new_names if name_key(n) in old]
     if not same:
         for container, idx in _classifiers(model):
             prev: nn.Conv2d = container[idx]
@@ -209,7 +209,7 @@ def adapt_classifiers(model: PreTrainedModel, names: Sequence[str],
                 init(conv)
             with torch.no_grad():
                 for j, name in enumerate(new_names):
-                    i = old.get(name.lower())
+                    i = old.get(name_key(name))
                     if i is not None and i < prev.out_channels:
                         conv.weight[j] = prev.weight[i]
                         conv.bias[j] = prev.bias[i]
