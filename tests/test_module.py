@@ -332,3 +332,32 @@ def test_the_cross_entropy_of_float64_logits_stays_float64():
     logits = torch.randn(2, 5, 8, 8, dtype=torch.float64)
     target = torch.randint(0, 5, (2, 32, 32))
     assert cross_entropy(logits, target, torch.rand(5, dtype=torch.float64)).dtype == torch.float64
+
+
+def test_the_auxiliary_weight_in_the_models_config_is_the_runs(tiny_config, tmp_path):
+    """The export's config.json kept the source checkpoint's auxiliary_loss_weight (0.4) whatever the run
+    trained with: with aux_weight 0 (a head never trained) plain transformers fine-tuning the export added 0.4 x
+    that head's loss (a review). The model's config carries the run's weight, and the export writes it."""
+    import json
+
+    for weight in (0.0, 0.2):
+        m = _module(tiny_config, aux_weight=weight)
+        assert m.model.config.auxiliary_loss_weight == weight
+        m.model.save_pretrained(tmp_path / str(weight))
+        assert json.loads((tmp_path / str(weight) / "config.json").read_text())["auxiliary_loss_weight"] == weight
+
+
+def test_an_auxiliary_weight_without_an_auxiliary_head_is_said(tmp_path):
+    """``aux_weight`` with a model that has no auxiliary head trained the main head's loss alone without a word
+    (a review): a log line says the setting has no effect."""
+    import json
+
+    from conftest import TINY
+    from test_cli import _logged_quickstart
+
+    config = tmp_path / "noaux.json"
+    config.write_text(json.dumps({**TINY, "use_auxiliary_head": False}))
+    proc = _logged_quickstart(tmp_path / "run", "--model.config", str(config), "--model.aux_weight", "0.4",
+                              wandb_mode="disabled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "model.aux_weight 0.4: this model has no auxiliary head" in proc.stderr

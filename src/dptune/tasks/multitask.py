@@ -109,6 +109,8 @@ class MultiTaskModule(LabelledTask, DPTTask):
         depth = build_depth_model(hp.pretrained, hp.config, self.built_attention, hp.backbone, hp.fresh_init,
                                   hp.depth_mode, hp.max_depth, hp.init_depth)
         self.model = JointDPT(seg, depth, hp.share_reassemble)
+        if seg.auxiliary_head is not None:  # the run's weight in the segmentation part's config.json
+            seg.config.auxiliary_loss_weight = float(hp.aux_weight)
         if hp.aux_weight <= 0 and self.model.seg.auxiliary_head is not None:
             self.model.seg.auxiliary_head.requires_grad_(False)  # never run, so never trained (and DDP needs it so)
 

@@ -111,6 +111,9 @@ class SegmentationModule(LabelledTask, DPTTask):
             check_loss_weight("aux_weight", hp.aux_weight, "the auxiliary head's share of the loss")
             check_loss_weight("region_weight", hp.region_weight, "the region loss's share of the loss")
             check_class_weights(hp.class_weights, self.num_classes)
+            if hp.aux_weight > 0 and self.model.auxiliary_head is None and self.trainer.is_global_zero:
+                log.info("model.aux_weight %s: this model has no auxiliary head (use_auxiliary_head false in its "
+                         "config), so the loss is the main head's alone", hp.aux_weight)
         if isinstance(hp.slide_stride, bool) or not 0 < hp.slide_stride <= 1:  # NaN too
             raise ConfigError(f"model.slide_stride {hp.slide_stride}: the sliding windows' step as a fraction of the "
                               "window, above 0 (a 1-pixel step is thousands of windows per image) and at most 1 (no gaps)")
@@ -121,6 +124,10 @@ class SegmentationModule(LabelledTask, DPTTask):
         self.model = build_model(self.label_set.names, hp.pretrained, hp.config, self.built_attention, hp.backbone,
                                  hp.fresh_init)
         _set_head_dropout(self.model, hp.head_dropout)
+        if self.model.auxiliary_head is not None:
+            # the run's weight, not the source checkpoint's, in the checkpoint and the export's config.json (plain
+            # transformers fine-tuning the export adds that share of a head this run may not have trained)
+            self.model.config.auxiliary_loss_weight = float(hp.aux_weight)
         if hp.aux_weight <= 0 and self.model.auxiliary_head is not None:
             self.model.auxiliary_head.requires_grad_(False)  # never run (see forward), so never trained
 
