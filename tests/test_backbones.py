@@ -239,3 +239,28 @@ def test_swinv2_logit_scale_and_position_bias_mlp_get_no_weight_decay():
                if p.requires_grad and ("logit_scale" in n or "continuous_position_bias_mlp" in n)]
     assert len(special) >= 10 and not decayed & set(special)
     assert any(n.endswith("attention.self.query.weight") for n in decayed)  # ordinary weights still decay
+
+
+def test_a_dinov2_backbone_with_register_tokens_trains_segmentation_and_refuses_depth_in_one_line(tmp_path):
+    """DINOv2 with registers puts register tokens after the class token: the neck folded them as patches and the
+    model's first image ended in a reshape traceback (a review). Segmentation drops them before the neck (its
+    export ships that code); a depth model, which exports load in transformers' own class, is refused."""
+    import json
+
+    import torch
+
+    from dptune.errors import ConfigError
+    from dptune.models.build import build_model
+    from dptune.models.depth import build_depth_model
+
+    spec = json.loads((REPO / "configs" / "models" / "dpt-dinov2-tiny.json").read_text())
+    spec["backbone_config"].update(model_type="dinov2_with_registers", num_register_tokens=4)
+    path = tmp_path / "reg.json"
+    path.write_text(json.dumps(spec))
+    model = build_model(["a", "b"], None, str(path)).eval()
+    plain = dict(spec, backbone_config={**spec["backbone_config"], "model_type": "dinov2", "num_register_tokens": 0})
+    with torch.no_grad():
+        assert model(torch.zeros(1, 3, 56, 56)).logits.shape == \
+            build_model(["a", "b"], None, plain).eval()(torch.zeros(1, 3, 56, 56)).logits.shape
+    with pytest.raises(ConfigError, match="4 register tokens"):
+        build_depth_model(None, str(path))

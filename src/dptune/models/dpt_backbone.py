@@ -69,6 +69,10 @@ class DPTBackboneForSemanticSegmentation(DPTPreTrainedModel):
     def features(self, pixel_values: torch.Tensor) -> list[torch.Tensor]:
         """The neck's output for normalised images."""
         maps = list(self.backbone(pixel_values).feature_maps)
+        # DINOv2 with registers puts its register tokens after the class token: the neck folds the rest
+        registers = int(getattr(self.config.backbone_config, "num_register_tokens", 0) or 0)
+        if registers:
+            maps = [torch.cat([m[:, :1], m[:, 1 + registers:]], dim=1) if m.dim() == 3 else m for m in maps]
         patch = _patch_size(self.config.backbone_config)
         h, w = pixel_values.shape[-2:]
         # ViT-like backbones give tokens (B, 1 + h*w, C); the neck needs the grid to fold them
