@@ -16,7 +16,8 @@ import pytest
 from conftest import CAMVID, KITCHEN, REPO, TINY, camvid_subset, needs, run_python
 from PIL import Image, ImageOps
 
-from dptune.data.images import image_header_size, read_image, read_mask
+from dptune.data.images import image_header_size, read_image
+from dptune.data.masks import read_mask
 from dptune.data.sources import FolderSource
 from dptune.errors import ConfigError, DataError
 from dptune.tools.evaluate import main as evaluate_main
@@ -1334,7 +1335,7 @@ def test_an_image_or_depth_map_past_opencvs_pixel_limit_says_the_limit_and_how_t
     cv2.imwrite(str(tmp_path / "tile.png"), np.zeros((100, 100, 3), np.uint8))
     cv2.imwrite(str(tmp_path / "depth.png"), np.full((100, 100), 1000, np.uint16))
     cv2.imwrite(str(tmp_path / "mask.png"), np.zeros((100, 100), np.uint8))
-    code = ("from dptune.data.images import read_image, read_mask\nfrom dptune.data.depth_files import read_depth\n"
+    code = ("from dptune.data.images import read_image\nfrom dptune.data.masks import read_mask\nfrom dptune.data.depth_files import read_depth\n"
             "from dptune.errors import DataError\nimport sys\n"
             "for f, path in ((read_image, sys.argv[1]), (lambda p: read_depth(p, 1000), sys.argv[2]),\n"
             "                (lambda p: read_mask(p, False), sys.argv[3])):\n"
@@ -1356,13 +1357,8 @@ def test_images_and_masks_past_pils_own_pixel_limit_are_read_as_opencv_reads_the
     import cv2
     from PIL import Image
 
-    from dptune.data.images import (
-        image_header_size,
-        path_orientation,
-        read_image,
-        read_mask,
-        sensor_orientation,
-    )
+    from dptune.data.images import image_header_size, path_orientation, read_image, sensor_orientation
+    from dptune.data.masks import read_mask
 
     cv2.imwrite(str(tmp_path / "tile.png"), np.zeros((40, 60, 3), np.uint8))
     mask = np.arange(2400, dtype=np.uint8).reshape(40, 60) % 3
@@ -1384,7 +1380,8 @@ def test_reading_files_from_many_threads_leaves_pils_pixel_limit_as_it_was(tmp_p
 
     from PIL import Image
 
-    from dptune.data.images import image_header_size, read_mask
+    from dptune.data.images import image_header_size
+    from dptune.data.masks import read_mask
 
     paths = []
     for i in range(16):

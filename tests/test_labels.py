@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 from conftest import CAMVID, DUBAI, needs
 
-from dptune.data.images import read_mask
+from dptune.data.masks import read_mask
 from dptune.errors import ConfigError, DataError
 from dptune.labels import IGNORE_INDEX, LabelSet
 

@@ -195,7 +195,7 @@ def test_sources_map_their_label_sets_by_name_and_a_source_may_carry_both_labels
             assert np.array_equal(mask, expected) and (depth > 0).mean() > 0.5
     dubai_ds = dm.sources[1].dm.dataset("train")
     image, mask = dubai_ds.load(dubai_ds.indices[0])
-    from dptune.data.images import read_mask
+    from dptune.data.masks import read_mask
 
     raw = read_mask(dubai_ds.source.masks[dubai_ds.indices[0]], rgb=True)
     by_name = np.array([names.index(n) for n in own.names] + [255] * (256 - own.num_classes), np.uint8)

@@ -13,13 +13,8 @@ from typing import Any, TypeVar
 import numpy as np
 from PIL import Image
 
-from dptune.data.images import (
-    apply_orientation,
-    check_mask_coding,
-    exif_orientation,
-    pil_limit_lifted,
-    pil_to_mask,
-)
+from dptune.data.images import apply_orientation, exif_orientation, pil_limit_lifted
+from dptune.data.masks import check_mask_coding, pil_to_mask
 from dptune.errors import ConfigError, DataError, first_line
 
 T = TypeVar("T")

@@ -18,12 +18,8 @@ import numpy as np
 
 from dptune.data.globs import match_images
 from dptune.data.hf_sources import STREAM_SETTINGS, HFSource
-from dptune.data.images import (
-    image_header_size,
-    path_orientation,
-    read_image,
-    read_mask,
-)
+from dptune.data.images import image_header_size, path_orientation, read_image
+from dptune.data.masks import read_mask
 from dptune.data.templates import paths_for
 from dptune.errors import DataError
 
