@@ -264,3 +264,12 @@ def test_a_dinov2_backbone_with_register_tokens_trains_segmentation_and_refuses_
             build_model(["a", "b"], None, plain).eval()(torch.zeros(1, 3, 56, 56)).logits.shape
     with pytest.raises(ConfigError, match="4 register tokens"):
         build_depth_model(None, str(path))
+    # a bare backbone's config and Depth Anything's hold it elsewhere: refused all the same (a second review)
+    bare = json.loads((REPO / "configs" / "models" / "dinov2-tiny-backbone.json").read_text())
+    bare.update(model_type="dinov2_with_registers", num_register_tokens=4)
+    anything = json.loads((REPO / "configs" / "models" / "depth-anything-tiny.json").read_text())
+    anything["backbone_config"].update(model_type="dinov2_with_registers", num_register_tokens=4)
+    for name, spec in (("bare.json", bare), ("anything.json", anything)):
+        (tmp_path / name).write_text(json.dumps(spec))
+        with pytest.raises(ConfigError, match="4 register tokens"):
+            build_depth_model(None, str(tmp_path / name))

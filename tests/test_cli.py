@@ -988,7 +988,7 @@ def test_a_monitor_whose_best_is_lowest_selects_the_lowest(tmp_path):
 
     import yaml
 
-    from dptune.cli.run_checks import monitor_mode
+    from dptune.metrics.directions import monitor_mode
 
     assert [monitor_mode(k) for k in ("val/loss", "train/loss_aux", "val/abs_rel", "val/k1/abs_rel", "val/silog",
                                        "val/IoU/loss", "val/mIoU", "val/delta1", "val/delta_m", "epoch")] == \
@@ -1004,3 +1004,30 @@ def test_a_monitor_whose_best_is_lowest_selects_the_lowest(tmp_path):
     best = next(v["best_model_path"] for k, v in state.items() if "best_model_path" in v)
     assert len(scores) == 2 and Path(best).name == min(scores, key=scores.get), (scores, best)
     assert yaml.safe_load((run / "config.yaml").read_text())["checkpoint"]["mode"] == "min"
+
+
+def test_a_resume_whose_mode_now_follows_its_monitor_keeps_its_checkpoints_and_early_stopping_is_checked(tmp_path):
+    """A run that selected val/loss by the default max (before the mode followed the monitor), resumed: Lightning
+    files the checkpoint callback's state under a key holding the mode, so none of it came back: last-v1.ckpt
+    beside a stale last.ckpt and a second best file (a review). An EarlyStopping on mIoU kept its default min and
+    stopped a run as mIoU rose: one line now."""
+    run = tmp_path / "run"
+    proc = _logged_quickstart(run, "--checkpoint.monitor", "val/loss", wandb_mode="disabled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    last = run / "checkpoints" / "last.ckpt"
+    ckpt = torch.load(last, map_location="cpu", weights_only=False)
+    key = next(k for k in ckpt["callbacks"] if "'monitor': 'val/loss'" in k)
+    ckpt["callbacks"][key.replace("'mode': 'min'", "'mode': 'max'")] = ckpt["callbacks"].pop(key)  # the earlier run's
+    torch.save(ckpt, run / "checkpoints" / "old.ckpt")
+    (run / "checkpoints" / "old.ckpt").replace(last)  # (last.ckpt is a hard link to the best: replaced, not written)
+    proc = _logged_quickstart(run, "--checkpoint.monitor", "val/loss", "--trainer.max_epochs", "3",
+                              "--ckpt_path", "last", wandb_mode="disabled")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "now by min (what val/loss measures); its last and best checkpoints are kept" in proc.stderr
+    names = sorted(p.name for p in (run / "checkpoints").glob("*.ckpt"))
+    assert len(names) == 2 and "last.ckpt" in names and not any("-v1" in n for n in names), names
+    stopped = _logged_quickstart(tmp_path / "run2", "--trainer.callbacks+=EarlyStopping",
+                                 "--trainer.callbacks.monitor", "val/mIoU", wandb_mode="disabled")
+    errors = [ln for ln in stopped.stderr.splitlines() if ln.startswith("error:")]
+    assert stopped.returncode == 2 and len(errors) == 1, stopped.stderr[-3000:]
+    assert "EarlyStopping monitor val/mIoU: best is highest, but its mode is min" in errors[0]

@@ -321,7 +321,13 @@ def test_class_names_match_with_surrounding_spaces_aside(tmp_path):
     before = classifier().weight[1].detach().clone()
     assert adapt_classifiers(model, ["bed", "Wall", "mattress"]) == ["bed", "Wall"]
     assert torch.equal(classifier().weight[0], before)
-    spec = LabelSet.from_dict({"names": ["wall", "bed "], "map": {8: "bed", 1: "WALL"}})
-    assert spec.encode(np.array([[8, 1]], np.uint8)).tolist() == [[1, 0]]
-    with pytest.raises(ConfigError, match="unique"):
+    spec = LabelSet.from_dict({"names": ["wall", "bed "], "map": {8: "bed", 1: "WALL", 3: "ignore "}})
+    assert spec.encode(np.array([[8, 1, 3]], np.uint8)).tolist() == [[1, 0, 255]]
+    with pytest.raises(ConfigError, match="unique, case and surrounding spaces aside: 'bed' and 'bed '"):
         LabelSet.from_dict({"names": ["bed", "bed "]})
+    # a checkpoint naming two classes alike: the first one's row is carried, as before names were trimmed
+    alike = {0: "Car", 1: "car ", 2: "road"}
+    model.config.id2label, model.config.label2id = alike, {v: k for k, v in alike.items()}
+    first = classifier().weight[0].detach().clone()
+    adapt_classifiers(model, ["car", "road", "x"])
+    assert torch.equal(classifier().weight[0], first)

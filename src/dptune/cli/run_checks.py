@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 
 from dptune.errors import ConfigError
+from dptune.metrics.directions import monitor_mode
 from dptune.training.checkpoint_state import template_field
 from dptune.training.wandb_runs import checked_mode, environment_mode
 
@@ -48,25 +49,6 @@ def best_filename(monitor: str) -> str:
     if short[-1:].isdigit() or short[-1:] == ".":  # class '#1': 'best-epoch03-1_0.2500', not '10.2500'
         short += "_"
     return f"best-epoch{{epoch:02d}}-{short}{{{template_field(monitor)}:.4f}}"
-
-
-# names of logged values whose best is the highest (any "loss" and the depth errors are best lowest)
-HIGHER_IS_BETTER = {"mIoU", "pixel_acc", "mAcc", "delta1", "delta2", "delta3", "delta_m"}
-
-
-def monitor_mode(monitor: str) -> str | None:
-    """``min`` or ``max``: which end of a value validation (or training) logs is best, by its name
-    (``val/IoU/<class>`` a class's IoU, ``val/<source>/abs_rel`` a source's); None for a name dptune does not
-    know (``epoch``, ``step``, a callback's own)."""
-    from dptune.metrics.depth import LOWER_IS_BETTER
-
-    parts = monitor.split("/")
-    name = parts[-1]
-    if len(parts) == 3 and parts[1] == "IoU":
-        return "max"
-    if name.startswith("loss") or name in LOWER_IS_BETTER:
-        return "min"
-    return "max" if name in HIGHER_IS_BETTER else None
 
 
 def settle_monitor_mode(checkpoint) -> None:

@@ -51,8 +51,12 @@ class LabelSet:
             raise ConfigError(f"{self.source}: a label set needs at least one class name")
         if len(self.names) > MAX_CLASSES:
             raise ConfigError(f"{self.source}: at most {MAX_CLASSES} classes (255 means ignore), got {len(self.names)}")
-        if len(set(name_key(n) for n in self.names)) != len(self.names):
-            raise ConfigError(f"{self.source}: class names must be unique (case-insensitive)")
+        seen: dict[str, str] = {}
+        for n in self.names:
+            if name_key(n) in seen:
+                raise ConfigError(f"{self.source}: class names must be unique, case and surrounding spaces aside: "
+                                  f"{seen[name_key(n)]!r} and {n!r}")
+            seen[name_key(n)] = n
         if not self.colors:
             self.colors = default_palette(len(self.names))
         if len(self.colors) != len(self.names):

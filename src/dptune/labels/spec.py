@@ -44,7 +44,7 @@ def _names_from_checkpoint(ref: str) -> list[str]:
 def _target(value: Any, names: list[str], source: str) -> int:
     """A map target: class name (case-insensitive), class index, or 'ignore'/255."""
     if isinstance(value, str):
-        if value.lower() == "ignore":
+        if name_key(value) == "ignore":
             return IGNORE_INDEX
         lowered = [name_key(n) for n in names]
         if name_key(value) not in lowered:

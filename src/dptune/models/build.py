@@ -195,7 +195,9 @@ def adapt_classifiers(model: PreTrainedModel, names: Sequence[str],
     (a per-layer initialiser; default: PyTorch's) before the known rows are copied in, so the
     rows of new classes start like every other fresh layer. Returns the carried class names.
     """
-    old = {name_key(v): int(k) for k, v in model.config.id2label.items()}
+    old: dict[str, int] = {}
+    for k, v in sorted(model.config.id2label.items(), key=lambda kv: int(kv[0])):
+        old.setdefault(name_key(v), int(k))  # two names alike ("Car", "car "): the first one's row
     new_names = list(names)
     same = [name_key(n) for n in new_names] == [
         name_key(model.config.id2label[i]) for i in range(len(model.config.id2label))

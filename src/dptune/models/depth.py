@@ -61,11 +61,12 @@ def build_depth_model(
     if mode not in MODES:
         raise ConfigError(f"model.mode must be metric or relative, not {mode!r}")
     ref, cfg = model_source(pretrained, config, backbone, "depth", fresh_init)
-    registers = getattr(getattr(cfg, "backbone_config", None), "num_register_tokens", 0) or 0
-    if cfg.model_type == "dpt" and registers:  # its neck would fold them as patches (a shape error at the first image)
+    # a bare backbone's config is the backbone's own; DPT and Depth Anything hold theirs
+    registers = getattr(getattr(cfg, "backbone_config", None) or cfg, "num_register_tokens", 0) or 0
+    if registers:  # their necks would fold them as patches (a shape error at the first image)
         raise ConfigError(f"{pretrained or config or backbone}: a depth model on a backbone with {registers} register "
-                          "tokens (dinov2_with_registers): transformers' DPTForDepthEstimation, which depth exports "
-                          "load in, cannot run it; use a backbone without registers (dinov2)")
+                          "tokens (dinov2_with_registers): transformers' depth models, which depth exports load in, "
+                          "cannot run it; use a backbone without registers (dinov2)")
     if ref is not None:
         if cfg.model_type in ("dpt", "depth_anything"):
             source = head_output(cfg)  # before _set_output says what this model will predict

@@ -98,6 +98,9 @@ class MultiTaskModule(LabelledTask, DPTTask):
             check_data_range(self.trainer, self.hparams.min_depth, self.hparams.max_depth)
             hp = self.hparams
             check_loss_weight("aux_weight", hp.aux_weight, "the segmentation auxiliary head's share of the loss")
+            if hp.aux_weight > 0 and self.model.seg.auxiliary_head is None and self.trainer.is_global_zero:
+                log.info("model.aux_weight %s: this model has no auxiliary head (use_auxiliary_head false in its "
+                         "config), so the segmentation loss is the main head's alone", hp.aux_weight)
             check_loss_weight("segmentation_weight", hp.segmentation_weight, "the segmentation loss's share (fixed weighting)")
             check_loss_weight("depth_weight", hp.depth_weight, "the depth loss's share (fixed weighting)")
         super().check_stage(stage)

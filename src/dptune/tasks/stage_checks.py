@@ -10,6 +10,7 @@ from typing import Any
 import torch
 
 from dptune.errors import ConfigError
+from dptune.metrics.directions import monitor_mode
 from dptune.models.dpt_backbone import input_multiple
 from dptune.tasks.optimizing import STREAM_LENGTH
 
@@ -69,3 +70,11 @@ class StageChecks:
             shown = [k for k in keys if k not in ("train/*", "epoch", "step")]
             raise ConfigError(f"{what} {monitor}: validation logs no such value ({', '.join(shown[:8])}"
                               f"{', ...' if len(shown) > 8 else ''}; or a train/ value){self.monitor_hint(monitor)}")
+        for cb in getattr(self.trainer, "callbacks", None) or []:
+            # the command line sets dptune's best checkpoint's mode by its monitor; a callback the user added keeps
+            # the mode it was given (EarlyStopping's default min stopped a run as its mIoU rose, without a word)
+            monitor, mode = getattr(cb, "monitor", None), getattr(cb, "mode", None)
+            best = monitor_mode(monitor) if isinstance(monitor, str) else None
+            if best is not None and mode in ("min", "max") and mode != best:
+                raise ConfigError(f"{type(cb).__name__} monitor {monitor}: best is {'lowest' if best == 'min' else 'highest'}"
+                                  f", but its mode is {mode}; give it mode {best} (--trainer.callbacks.mode {best})")

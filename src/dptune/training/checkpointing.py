@@ -65,6 +65,25 @@ class Checkpoint(ModelCheckpoint):
                     state[key] = None
         return state
 
+    def on_load_checkpoint(self, trainer: pl.Trainer, pl_module: pl.LightningModule,
+                           checkpoint: dict[str, Any]) -> None:
+        """A run resumed with the other mode (its monitor's own since the mode follows it: an earlier run kept
+        the task's default) keeps its last and best files: Lightning files this callback's state under a key
+        that holds the mode, so none of it came back (last-v1.ckpt beside a stale last.ckpt, a second best
+        file). Its best is chosen by the new mode from the next validation on."""
+        states = checkpoint.get("callbacks")
+        if not isinstance(states, dict) or self.state_key in states:
+            return
+        other = "max" if self.mode == "min" else "min"
+        earlier = self.state_key.replace(f"'mode': '{self.mode}'", f"'mode': '{other}'")
+        if earlier in states:
+            states[self.state_key] = states.pop(earlier)
+            from dptune.data.loaders import rank
+
+            if rank() == 0:
+                log.info("resume: the run chose its best checkpoint by mode %s, now by %s (what %s measures); its "
+                         "last and best checkpoints are kept", other, self.mode, self.monitor)
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """A run moved to another folder with its checkpoints (scratch to home) and resumed there keeps
         its best score and its last and best files, followed to the new folder; Lightning forgot them
