@@ -321,6 +321,11 @@ def test_wandbs_own_settings_choose_the_mode_and_hold_credentials_and_stay_quiet
     assert wandb_mode() == "offline"
     (tmp_path / ".netrc").write_text("machine api.wandb.ai login user password " + "a" * 40 + "\n")
     # wandb says a bad settings file's trouble once: read by dptune first, in silence, it must still say it
+    from wandb.errors import term
+
+    monkeypatch.setattr(term, "_silent", False)  # as a fresh process has it (a logger made earlier silences it)
+    monkeypatch.setattr(term, "_printed_messages", set())
+    monkeypatch.delenv("WANDB_SILENT", raising=False)
     workspace.write_text("mode = offline\n")  # no [default] section
     capfd.readouterr()
     wandb_mode()
