@@ -584,3 +584,52 @@ def test_a_re_export_keeps_the_source_the_first_export_was_made_from(sources, tm
         assert record["source"] == str(sources["vit"])
         assert f"Exported from `{sources['vit'].name}`" in (out / "README.md").read_text()
     assert json.loads((again / "dptune.json").read_text())["re_exported_from"] == str(first)
+
+
+def test_the_staged_swap_refuses_a_concurrent_export_and_puts_the_earlier_one_back_when_interrupted(tmp_path,
+                                                                                                    monkeypatch):
+    """Two --overwrite exports into one folder at once: the first swapped the second's half-built folder aside
+    and deleted it, and the second ended in a traceback. A Ctrl-C / SIGTERM between the moves of the swap left the
+    earlier export half hidden. A folder made at a new export's path meanwhile was a raw errno naming the hidden
+    staging folder (a user attack)."""
+    from pathlib import Path
+
+    from dptune.export.target import OutputDirError, staged
+
+    target = tmp_path / "export"
+    target.mkdir()
+    for name in ("config.json", "model.safetensors", "dptune.json"):
+        (target / name).write_text("earlier")
+    with pytest.raises(OutputDirError, match="another export is writing into it"):
+        with staged(target, replace=True) as stage:
+            (stage / "config.json").write_text("new")
+            other = target / ".dptune-export.0000beef.partial"
+            other.mkdir()
+            (other / "model.onnx").write_text("the other export's")
+    assert (other / "model.onnx").read_text() == "the other export's"
+    assert sorted(p.name for p in target.iterdir() if not p.name.startswith(".")) == \
+        ["config.json", "dptune.json", "model.safetensors"]
+    other.joinpath("model.onnx").unlink()
+    other.rmdir()
+    rename, calls = Path.rename, []
+
+    def interrupted_on_the_third(self, to):
+        calls.append(self)
+        if len(calls) == 3:
+            raise KeyboardInterrupt
+        return rename(self, to)
+
+    with pytest.raises(KeyboardInterrupt):
+        with staged(target, replace=True) as stage:
+            (stage / "config.json").write_text("new")
+            monkeypatch.setattr(Path, "rename", interrupted_on_the_third)
+    monkeypatch.undo()
+    assert {p.name: p.read_text() for p in target.iterdir() if p.is_file()} == \
+        {"config.json": "earlier", "model.safetensors": "earlier", "dptune.json": "earlier"}
+    fresh = tmp_path / "fresh"
+    with pytest.raises(OutputDirError, match=f"{fresh}: notes.txt appeared there during the export"):
+        with staged(fresh) as stage:
+            (stage / "config.json").write_text("new")
+            fresh.mkdir()
+            (fresh / "notes.txt").write_text("mine")
+    assert (fresh / "notes.txt").read_text() == "mine"

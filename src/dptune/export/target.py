@@ -136,7 +136,12 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
             mask = os.umask(0)
             os.umask(mask)
             stage.chmod(0o777 & ~mask)  # what a plain mkdir makes (mkdtemp's is 0700)
-            stage.rename(target)
+            try:
+                stage.rename(target)
+            except OSError as e:  # a folder made there meanwhile (another export, the user)
+                what = ", ".join(sorted(p.name for p in target.iterdir())[:3]) if target.is_dir() else "a file"
+                raise OutputDirError(f"{target}: {what} appeared there during the export ({e.strerror or e}); "
+                                     "nothing written") from None
         finally:
             if stage.exists():
                 shutil.rmtree(stage)
@@ -149,6 +154,10 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
         with refusal_named(target, disk_state):
             yield stage
         earlier = [p for p in target.iterdir() if p != stage]
+        busy = [p.name for p in earlier if p.name.startswith(".dptune-export.") and p.name.endswith(".partial")]
+        if busy:  # moved aside and deleted, another export's folder would fail it halfway (a traceback)
+            raise OutputDirError(f"{target}: another export is writing into it ({busy[0]}); nothing written by "
+                                 "this one: run one export at a time into a folder")
         if earlier and not replace:
             raise OutputDirError(f"{target}: {earlier[0].name} appeared there during the export; nothing written")
         moved: list[tuple[Path, Path]] = []
@@ -161,9 +170,11 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
             for p in list(stage.iterdir()):
                 p.rename(target / p.name)
                 moved.append((target / p.name, stage / p.name))
-        except OSError as e:
+        except BaseException as e:  # a move refused, or Ctrl-C / SIGTERM halfway: the earlier export put back
             for now, was in reversed(moved):
                 now.rename(was)
+            if not isinstance(e, OSError):
+                raise
             entry = Path(e.filename).name if e.filename else "an entry"  # never the hidden folder's path
             raise OutputDirError(f"{target}: {entry} could not be moved ({e.strerror or e}); the folder is as it "
                                  "was, nothing written") from None
