@@ -1396,3 +1396,32 @@ def test_reading_files_from_many_threads_leaves_pils_pixel_limit_as_it_was(tmp_p
     finally:
         sys.setswitchinterval(interval)
     assert Image.MAX_IMAGE_PIXELS == before is not None
+
+
+def test_a_predict_stopped_by_sigterm_lists_what_it_wrote_and_says_so(models, tmp_path):
+    """A SIGTERM (a batch scheduler, ``timeout``, ``docker stop``) ended predict at once: no line, exit -15, and
+    dptune-predict.json without the prediction it had written, so the rerun was refused for a file "predict did
+    not write" (a user attack). It stops as a Ctrl-C does: the list saved, one line, exit 143."""
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    images = tmp_path / "in"
+    images.mkdir()
+    for i in range(100):  # far more than predict gets through before the signal
+        (images / f"f{i:02d}.jpg").symlink_to(FRAMES[i % len(FRAMES)])
+    out = tmp_path / "preds"
+    proc = subprocess.Popen([sys.executable, "-m", "dptune.command", "predict", "--model", str(models / "segmentation"),
+                             "--images", str(images), "--out", str(out), "--device", "cpu"],
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 240
+    while not (out / "f00.png").exists() and time.monotonic() < deadline and proc.poll() is None:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert proc.returncode == 143 and lines == ["error: interrupted (SIGTERM); the command stopped before it finished"], err
+    spec = json.loads((out / "dptune-predict.json").read_text())
+    written = sorted(p.name for p in out.iterdir() if p.name != "dptune-predict.json")
+    assert spec["complete"] is False and written and sorted(spec["files"]) == written, (spec, written)

@@ -71,9 +71,10 @@ def launch(module: str, argv: list[str] | None = None, entry: bool | None = None
     try:
         main = importlib.import_module(module).main
         rc = main(**kwargs) if argv is None else main(argv, **kwargs)
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); the command stopped before it finished", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as e:  # (a SIGTERM a command takes as one: ``dptune.errors.Terminated``)
+        print(f"error: interrupted ({getattr(e, 'said', 'Ctrl-C')}); the command stopped before it finished",
+              file=sys.stderr)
+        return getattr(e, "exit_code", 130)
     return finished(rc) if (argv is None if entry is None else entry) else rc
 
 

@@ -161,6 +161,35 @@ DISK_STATES = {getattr(errno, code): why for code, why in (
     ("EFBIG", "File too large")) if hasattr(errno, code)}
 
 
+class Terminated(KeyboardInterrupt):
+    """A SIGTERM (a batch scheduler's, ``timeout``'s, ``docker stop``'s) taken as a Ctrl-C by a command that saves
+    what it did when interrupted (``sigterm_interrupts``); the command line says it and exits 143."""
+
+    said, exit_code = "SIGTERM", 143
+
+
+@contextmanager
+def sigterm_interrupts() -> Iterator[None]:
+    """In the block, SIGTERM raises ``Terminated`` (otherwise it ends the process at once, past every
+    ``finally``); a SIGTERM the process ignores stays ignored; only the main thread may set it."""
+    import signal
+
+    def stop(signum, frame):
+        raise Terminated()
+
+    before = None
+    try:
+        if signal.getsignal(signal.SIGTERM) is not signal.SIG_IGN:
+            before = signal.signal(signal.SIGTERM, stop)
+    except ValueError:  # not the main thread
+        pass
+    try:
+        yield
+    finally:
+        if before is not None:
+            signal.signal(signal.SIGTERM, before)
+
+
 def disk_state(e: BaseException) -> str | None:
     """Why a write failed when the disk itself refused it (full, over quota, read-only), else None:
     an ``OSError`` of such an errno, or safetensors' ``SafetensorError`` ("I/O error: No space left on

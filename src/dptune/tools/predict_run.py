@@ -15,7 +15,7 @@ import numpy as np
 from tqdm.auto import tqdm
 
 from dptune.data.images import read_image
-from dptune.errors import ConfigError, disk_state
+from dptune.errors import ConfigError, disk_state, sigterm_interrupts
 from dptune.tools.inputs import shown, small_text
 from dptune.tools.outputs import OUTPUT_SUFFIXES, OutputRefused, write_text
 
@@ -218,23 +218,24 @@ def predict_each(paths: list[str], stems: list[str], desc: str,
         listing.inputs = len(paths)
         listing.save()  # from the start, the list says the run is under way (complete: false)
     try:
-        for i, (path, stem) in enumerate(tqdm(list(zip(paths, stems, strict=True)), desc=desc)):
-            try:
-                one(path, stem, read_image(path))
-            except (ValueError, RuntimeError, OSError, cv2.error, MemoryError) as e:  # DataError is a ValueError
-                tqdm.write(f"error: {shown(path)}: {failure_reason(e, path)}", file=sys.stderr)  # on its own line
-                failed.append(path)
-                if isinstance(e, OutputRefused) and disk_state(e):
-                    where = listing.out if listing is not None else Path(e.filename).parent
-                    failed.stopped = f"{path}: {where} cannot be written ({disk_state(e)})"
-                    failed.extend(paths[i + 1:])
-            finally:
-                if listing is not None:  # what this input wrote, even in part, is listed; nothing else
-                    listing.written(stem)
-            if listing is not None:  # predicted or named as failed: done (a Ctrl-C in it never gets here)
-                listing.done += 1
-            if failed.stopped:
-                break
+        with sigterm_interrupts():  # a SIGTERM ends the run as a Ctrl-C does: what it wrote is listed
+            for i, (path, stem) in enumerate(tqdm(list(zip(paths, stems, strict=True)), desc=desc)):
+                try:
+                    one(path, stem, read_image(path))
+                except (ValueError, RuntimeError, OSError, cv2.error, MemoryError) as e:  # DataError is a ValueError
+                    tqdm.write(f"error: {shown(path)}: {failure_reason(e, path)}", file=sys.stderr)  # on its own line
+                    failed.append(path)
+                    if isinstance(e, OutputRefused) and disk_state(e):
+                        where = listing.out if listing is not None else Path(e.filename).parent
+                        failed.stopped = f"{path}: {where} cannot be written ({disk_state(e)})"
+                        failed.extend(paths[i + 1:])
+                finally:
+                    if listing is not None:  # what this input wrote, even in part, is listed; nothing else
+                        listing.written(stem)
+                if listing is not None:  # predicted or named as failed: done (a Ctrl-C in it never gets here)
+                    listing.done += 1
+                if failed.stopped:
+                    break
     finally:
         if listing is not None:
             listing.save()
