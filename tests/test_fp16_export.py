@@ -121,3 +121,19 @@ def test_a_folder_whose_config_says_float16_is_read_in_float32(parts, tmp_path):
     assert Predictor.load(str(source)).predict(image)[0].shape == (48, 80)
     tuned = build_model(["x", "y"], pretrained=str(source))
     assert {p.dtype for p in tuned.parameters()} == {torch.float32}
+
+
+def test_an_fp16_exports_graph_and_figures_are_of_the_weights_it_stores(parts, tmp_path):
+    """With --fp16 the ONNX graph (and the card's figures, measured on the same model) came from the float32
+    weights before they were rounded to the float16 ones stored: the card's torch row differed from what
+    ``dptune evaluate`` measured on the export (a user attack). The rounded weights are what every part uses."""
+    import onnx
+    from onnx import numpy_helper
+
+    out = tmp_path / "out"
+    assert export_main([str(parts / "segmentation"), str(out), "--fp16", "--onnx"]) == 0
+    stored = DPTForSemanticSegmentation.from_pretrained(out, dtype=torch.float16)
+    weight = last_conv(stored.head).weight.detach().float().numpy()
+    graph = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer}
+    same = [name for name, value in graph.items() if value.shape == weight.shape and np.array_equal(value, weight)]
+    assert same, "the graph holds no initializer equal to the stored float16 classifier weight"

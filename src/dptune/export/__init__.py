@@ -161,6 +161,10 @@ def write_directory(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tole
     serving = (got.get("serving") or {}).get("options")
     half = "--fp16" if fp16 else "--onnx-fp16" if serving is not None and serving.fp16 else None
     check_exportable(model, processor, size, half)  # before a file of it is written
+    if fp16:  # the float16 weights it stores, in float32: the ONNX graph and the card's figures are of those
+        import copy
+
+        model = copy.deepcopy(model).half().float()  # a copy: the caller's model stays as it was (see below)
     if not is_depth(model) and uses_backbone(model.config):
         remote_code(model, out)  # transformers' DPTForDepthEstimation takes any backbone itself
     if onnx:
