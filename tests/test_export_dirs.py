@@ -603,7 +603,7 @@ def test_the_staged_swap_refuses_a_concurrent_export_and_puts_the_earlier_one_ba
     with pytest.raises(OutputDirError, match="another export is writing into it"):
         with staged(target, replace=True) as stage:
             (stage / "config.json").write_text("new")
-            other = target / ".dptune-export.0000beef.partial"
+            other = target / ".dptune-export.1-0000beef.partial"  # a live process's (PID 1 always runs)
             other.mkdir()
             (other / "model.onnx").write_text("the other export's")
     assert (other / "model.onnx").read_text() == "the other export's"
@@ -611,6 +611,16 @@ def test_the_staged_swap_refuses_a_concurrent_export_and_puts_the_earlier_one_ba
         ["config.json", "dptune.json", "model.safetensors"]
     other.joinpath("model.onnx").unlink()
     other.rmdir()
+    import subprocess
+    import sys
+
+    gone = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    left = target / f".dptune-export.{int(gone.stdout)}-0000beef.partial"  # a killed export's: cleared, not refused
+    left.mkdir()
+    with staged(target, replace=True) as stage:
+        for name in ("config.json", "model.safetensors", "dptune.json"):
+            (stage / name).write_text("earlier")
+    assert not left.exists()
     rename, calls = Path.rename, []
 
     def interrupted_on_the_third(self, to):

@@ -115,6 +115,23 @@ def refusal_named(target: Path, why: Callable[[BaseException], str | None]) -> I
         raise OutputDirError(f"{target}: cannot be written ({reason})") from None
 
 
+def _building(name: str) -> bool:
+    """Whether ``name`` is the staging folder of an export another live process is building in the same folder
+    (``.dptune-export.<pid>-<tag>.partial``); one a killed export left is not (an overwrite clears it)."""
+    import re
+
+    found = re.fullmatch(r"\.dptune-export\.(\d+)-[0-9a-f]+\.partial", name)
+    if not found or int(found.group(1)) == os.getpid():
+        return False
+    try:
+        os.kill(int(found.group(1)), 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # alive, another user's
+        return True
+    return True
+
+
 @contextmanager
 def staged(target: Path, replace: bool = False) -> Iterator[Path]:
     """A new hidden directory to build the export in, moved into place when the block completes and
@@ -146,7 +163,7 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
             if stage.exists():
                 shutil.rmtree(stage)
         return
-    tag = secrets.token_hex(4)
+    tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # the process it is building: a dead one's is left over
     stage, aside = target / f".dptune-export.{tag}.partial", target / f".dptune-export.{tag}.replaced"
     with refusal_named(target, os_refusal):
         stage.mkdir()
@@ -154,7 +171,7 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
         with refusal_named(target, disk_state):
             yield stage
         earlier = [p for p in target.iterdir() if p != stage]
-        busy = [p.name for p in earlier if p.name.startswith(".dptune-export.") and p.name.endswith(".partial")]
+        busy = [p.name for p in earlier if _building(p.name)]
         if busy:  # moved aside and deleted, another export's folder would fail it halfway (a traceback)
             raise OutputDirError(f"{target}: another export is writing into it ({busy[0]}); nothing written by "
                                  "this one: run one export at a time into a folder")
