@@ -112,3 +112,21 @@ def test_a_copy_that_fails_leaves_no_half_file(tmp_path, monkeypatch):
     with pytest.raises(OSError, match="No space"):
         same_file(str(source), str(path))
     assert not path.exists() and source.read_bytes() == b"state" * 1000
+
+
+def test_a_state_saved_under_the_other_mode_keeps_its_files_ranked_by_the_new_one(tmp_path):
+    """Re-keyed as it was, the top-k bookkeeping of a run saved under mode max was read under min: its k-th (the
+    lowest loss, the best now) was the first file deleted, and a better epoch was not saved (a review)."""
+    from dptune.training.checkpointing import Checkpoint
+
+    cb = Checkpoint(dirpath=str(tmp_path), monitor="val/loss", mode="min", save_top_k=2)
+    a, b = str(tmp_path / "best-00-5.0.ckpt"), str(tmp_path / "best-01-4.0.ckpt")
+    saved = {"monitor": "val/loss", "best_model_score": torch.tensor(5.0), "best_model_path": a,
+             "current_score": torch.tensor(2.0), "dirpath": str(tmp_path), "best_k_models": {a: torch.tensor(5.0),
+             b: torch.tensor(4.0)}, "kth_best_model_path": b, "kth_value": torch.tensor(4.0), "last_model_path": ""}
+    earlier = cb.state_key.replace("'mode': 'min'", "'mode': 'max'")
+    checkpoint = {"callbacks": {earlier: saved}}
+    cb.on_load_checkpoint(None, None, checkpoint)
+    cb.load_state_dict(checkpoint["callbacks"][cb.state_key])
+    assert (cb.best_model_path, float(cb.best_model_score)) == (b, 4.0)
+    assert (cb.kth_best_model_path, float(cb.kth_value)) == (a, 5.0)

@@ -643,3 +643,30 @@ def test_the_staged_swap_refuses_a_concurrent_export_and_puts_the_earlier_one_ba
             fresh.mkdir()
             (fresh / "notes.txt").write_text("mine")
     assert (fresh / "notes.txt").read_text() == "mine"
+
+
+def test_what_a_killed_export_left_is_cleared_by_the_next_and_a_live_one_is_named(tmp_path):
+    """A kill -9 mid-export left its hidden staging folder: every later export there was refused as "holds files
+    an export does not write" (or "not empty"), the hidden folder presented as the user's (a review)."""
+    import subprocess
+    import sys
+
+    from dptune.export.target import OutputDirError, export_target, staged
+
+    gone = int(subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True,
+                              text=True).stdout)
+    src = tmp_path / "run.ckpt"
+    src.write_text("x")
+    empty, earlier = tmp_path / "empty", tmp_path / "earlier"
+    for folder in (empty, earlier):
+        (folder / f".dptune-export.{gone}-0a1b2c3d.partial").mkdir(parents=True)
+    for name in ("config.json", "dptune.json"):
+        (earlier / name).write_text("earlier")
+    assert export_target(empty, src, overwrite=False) == empty.resolve()
+    with staged(empty) as stage:
+        (stage / "config.json").write_text("new")
+    assert sorted(p.name for p in empty.iterdir()) == ["config.json"]
+    assert export_target(earlier, src, overwrite=True) == earlier.resolve()
+    (earlier / ".dptune-export.1-0a1b2c3d.partial").mkdir()  # a live process's
+    with pytest.raises(OutputDirError, match="another export is writing into it"):
+        export_target(earlier, src, overwrite=True)

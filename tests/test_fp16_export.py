@@ -137,3 +137,26 @@ def test_an_fp16_exports_graph_and_figures_are_of_the_weights_it_stores(parts, t
     graph = {t.name: numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer}
     same = [name for name, value in graph.items() if value.shape == weight.shape and np.array_equal(value, weight)]
     assert same, "the graph holds no initializer equal to the stored float16 classifier weight"
+
+
+def test_a_joint_fp16_exports_graph_is_of_the_weights_its_parts_store(tmp_path):
+    """The joint export's --fp16 graph (and its serving figures) came from the unrounded float32 weights while
+    its parts store float16 ones (a second review); the caller's model stays float32."""
+    import onnx
+    from conftest import TINY
+    from onnx import numpy_helper
+
+    from dptune.export import export_multitask
+    from dptune.tasks.multitask import MultiTaskModule
+
+    module = MultiTaskModule(config=dict(TINY), label_spec={"names": ["a", "b", "c"]}, image_size=64)
+    got = {"model": module.model, "processor": module.image_processor(), "metrics": {}, "meta": {},
+           "evaluation": {}, "labels": module.label_set}
+    out = tmp_path / "joint"
+    out.mkdir()
+    export_multitask(got, out, "joint.ckpt", onnx=True, fp16=True, tolerance=1e-2)
+    stored = DPTForSemanticSegmentation.from_pretrained(out / "segmentation", dtype=torch.float16)
+    weight = last_conv(stored.head).weight.detach().float().numpy()
+    graph = [numpy_helper.to_array(t) for t in onnx.load(str(out / "model.onnx")).graph.initializer]
+    assert any(v.shape == weight.shape and np.array_equal(v, weight) for v in graph)
+    assert {p.dtype for p in module.model.parameters()} == {torch.float32}

@@ -238,9 +238,14 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
                                                                "precision": got["meta"].get("precision")},
                      "metrics": metrics.get("depth", {})}, out / "depth", src, False, fp16, tolerance,
                     (shown or out) / "depth", said)
+    joint = joint.float().eval()
+    if fp16:  # the float16 weights its parts store, in float32: the graph and the card's figures are of those
+        import copy
+
+        joint = copy.deepcopy(joint).half().float().eval()
     if onnx:
         size = (got["processor"].size["height"], got["processor"].size["width"])
-        err = export_joint_onnx(joint.float().eval(), out / "model.onnx", size,
+        err = export_joint_onnx(joint, out / "model.onnx", size,
                                 check=keep_float_check(got, src, shown or out),
                                 prep=Preprocessing.from_processor(got["processor"]))
         log.info("ONNX parity (both outputs): max relative difference %.2e", err)

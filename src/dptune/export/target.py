@@ -45,6 +45,8 @@ def foreign_entries(path: Path) -> list[str]:
     replaces a directory as a whole only when it holds a dptune export and nothing else."""
     foreign = []
     for p in sorted(path.iterdir()):
+        if _leftover(p.name):
+            continue
         if p.name in PART_DIRS and p.is_dir() and not p.is_symlink():
             foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir())
                         if q.name not in EXPORT_FILES or not q.is_file() or q.is_symlink()]
@@ -72,6 +74,11 @@ def export_target(out: Path, src: Path, overwrite: bool) -> Path:
                              "of its own (inside another it would be mixed into that model, and a later --overwrite "
                              "of that one refused)")
     entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
+    live = [e for e in entries if _building(e)]
+    if live:
+        raise OutputDirError(f"{out}: another export is writing into it ({live[0]}); run one export at a time into "
+                             "a folder")
+    entries = [e for e in entries if not _leftover(e)]  # a killed export's: cleared by this one
     if not entries:
         return target
     shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
@@ -113,6 +120,14 @@ def refusal_named(target: Path, why: Callable[[BaseException], str | None]) -> I
         if reason is None:
             raise
         raise OutputDirError(f"{target}: cannot be written ({reason})") from None
+
+
+def _leftover(name: str) -> bool:
+    """Whether ``name`` is what a killed export left in its folder (its staging folder, or the earlier export's
+    files it had moved aside): removed by the next export there, never counted as the user's files."""
+    import re
+
+    return bool(re.fullmatch(r"\.dptune-export\.[0-9a-f-]+\.(partial|replaced)", name)) and not _building(name)
 
 
 def _building(name: str) -> bool:
@@ -175,8 +190,9 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
         if busy:  # moved aside and deleted, another export's folder would fail it halfway (a traceback)
             raise OutputDirError(f"{target}: another export is writing into it ({busy[0]}); nothing written by "
                                  "this one: run one export at a time into a folder")
-        if earlier and not replace:
-            raise OutputDirError(f"{target}: {earlier[0].name} appeared there during the export; nothing written")
+        new = [p for p in earlier if not _leftover(p.name)]  # a killed export's leftovers go with the rest
+        if new and not replace:
+            raise OutputDirError(f"{target}: {new[0].name} appeared there during the export; nothing written")
         moved: list[tuple[Path, Path]] = []
         try:
             if earlier:
@@ -197,7 +213,13 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
                                  "was, nothing written") from None
         if earlier:
             log.info("replaced the earlier contents of %s", target)
-            shutil.rmtree(aside)
+            try:
+                shutil.rmtree(aside)
+            except BaseException as e:  # a Ctrl-C / SIGTERM now: the new export is in place, whatever is said
+                shutil.rmtree(aside, ignore_errors=True)
+                if hasattr(e, "after") and e.after is None:
+                    e.after = f"the export into {target} was complete"
+                raise
     finally:
         if stage.is_dir():
             shutil.rmtree(stage)  # only what this export wrote

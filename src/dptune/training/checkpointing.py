@@ -77,7 +77,13 @@ class Checkpoint(ModelCheckpoint):
         other = "max" if self.mode == "min" else "min"
         earlier = self.state_key.replace(f"'mode': '{self.mode}'", f"'mode': '{other}'")
         if earlier in states:
-            states[self.state_key] = states.pop(earlier)
+            state = states[self.state_key] = dict(states.pop(earlier))
+            kept = {path: float(score) for path, score in (state.get("best_k_models") or {}).items()}
+            if kept:  # the best and the k-th of the files kept, by the new mode (the old k-th is the new best)
+                best, kth = (min, max) if self.mode == "min" else (max, min)
+                first, last = best(kept, key=kept.get), kth(kept, key=kept.get)
+                state.update(best_model_path=first, best_model_score=state["best_k_models"][first],
+                             kth_best_model_path=last, kth_value=state["best_k_models"][last])
             from dptune.data.loaders import rank
 
             if rank() == 0:
