@@ -240,9 +240,7 @@ def export_multitask(got: dict, out: Path, src: str, onnx: bool, fp16: bool, tol
                     (shown or out) / "depth", said)
     joint = joint.float().eval()
     if fp16:  # the float16 weights its parts store, in float32: the graph and the card's figures are of those
-        import copy
-
-        joint = copy.deepcopy(joint).half().float().eval()
+        joint = joint.half().float()  # in place (nothing reads the unrounded model after this; a copy cost memory)
     if onnx:
         size = (got["processor"].size["height"], got["processor"].size["width"])
         err = export_joint_onnx(joint, out / "model.onnx", size,

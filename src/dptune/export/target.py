@@ -45,8 +45,6 @@ def foreign_entries(path: Path) -> list[str]:
     replaces a directory as a whole only when it holds a dptune export and nothing else."""
     foreign = []
     for p in sorted(path.iterdir()):
-        if _leftover(p.name):
-            continue
         if p.name in PART_DIRS and p.is_dir() and not p.is_symlink():
             foreign += [f"{p.name}/{q.name}" for q in sorted(p.iterdir())
                         if q.name not in EXPORT_FILES or not q.is_file() or q.is_symlink()]
@@ -74,11 +72,9 @@ def export_target(out: Path, src: Path, overwrite: bool) -> Path:
                              "of its own (inside another it would be mixed into that model, and a later --overwrite "
                              "of that one refused)")
     entries = sorted(p.name for p in target.iterdir()) if target.is_dir() else []
-    live = [e for e in entries if _building(e)]
-    if live:
-        raise OutputDirError(f"{out}: another export is writing into it ({live[0]}); run one export at a time into "
-                             "a folder")
-    entries = [e for e in entries if not _leftover(e)]  # a killed export's: cleared by this one
+    staging = [e for e in entries if _staging(e)]
+    if staging:  # never deleted here: a live export's folder, or the only copy of an earlier export
+        raise OutputDirError(f"{out}: holds {staging[0]}, {_staging_words(staging[0])}")
     if not entries:
         return target
     shown = ", ".join(entries[:3]) + (f" and {len(entries) - 3} more" if len(entries) > 3 else "")
@@ -122,29 +118,22 @@ def refusal_named(target: Path, why: Callable[[BaseException], str | None]) -> I
         raise OutputDirError(f"{target}: cannot be written ({reason})") from None
 
 
-def _leftover(name: str) -> bool:
-    """Whether ``name`` is what a killed export left in its folder (its staging folder, or the earlier export's
-    files it had moved aside): removed by the next export there, never counted as the user's files."""
+def _staging(name: str) -> bool:
+    """Whether ``name`` is an export's hidden folder in the folder it exports into: its staging folder
+    (``.partial``) or the earlier export's files it moves aside (``.replaced``)."""
     import re
 
-    return bool(re.fullmatch(r"\.dptune-export\.[0-9a-f-]+\.(partial|replaced)", name)) and not _building(name)
+    return bool(re.fullmatch(r"\.dptune-export\.[0-9a-f-]+\.(partial|replaced)", name))
 
 
-def _building(name: str) -> bool:
-    """Whether ``name`` is the staging folder of an export another live process is building in the same folder
-    (``.dptune-export.<pid>-<tag>.partial``); one a killed export left is not (an overwrite clears it)."""
-    import re
-
-    found = re.fullmatch(r"\.dptune-export\.(\d+)-[0-9a-f]+\.partial", name)
-    if not found or int(found.group(1)) == os.getpid():
-        return False
-    try:
-        os.kill(int(found.group(1)), 0)
-    except ProcessLookupError:
-        return False
-    except OSError:  # alive, another user's
-        return True
-    return True
+def _staging_words(name: str) -> str:
+    """What an export's hidden folder found in its output folder is, and what to do (nothing is deleted by
+    dptune: whether another export still writes there, in this machine or another, it cannot tell)."""
+    if name.endswith(".replaced"):
+        return ("the earlier export's files that an export stopped midway (killed) had moved aside: move them back "
+                "up into the folder (or delete that folder if the export is not wanted), then export again")
+    return ("the hidden folder of an export writing there now, or of one that was stopped midway (killed): run one "
+            "export at a time into a folder, and delete it once no export is running there")
 
 
 @contextmanager
@@ -178,7 +167,7 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
             if stage.exists():
                 shutil.rmtree(stage)
         return
-    tag = f"{os.getpid()}-{secrets.token_hex(4)}"  # the process it is building: a dead one's is left over
+    tag = secrets.token_hex(4)
     stage, aside = target / f".dptune-export.{tag}.partial", target / f".dptune-export.{tag}.replaced"
     with refusal_named(target, os_refusal):
         stage.mkdir()
@@ -186,13 +175,11 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
         with refusal_named(target, disk_state):
             yield stage
         earlier = [p for p in target.iterdir() if p != stage]
-        busy = [p.name for p in earlier if _building(p.name)]
+        busy = [p.name for p in earlier if _staging(p.name)]
         if busy:  # moved aside and deleted, another export's folder would fail it halfway (a traceback)
-            raise OutputDirError(f"{target}: another export is writing into it ({busy[0]}); nothing written by "
-                                 "this one: run one export at a time into a folder")
-        new = [p for p in earlier if not _leftover(p.name)]  # a killed export's leftovers go with the rest
-        if new and not replace:
-            raise OutputDirError(f"{target}: {new[0].name} appeared there during the export; nothing written")
+            raise OutputDirError(f"{target}: holds {busy[0]}, {_staging_words(busy[0])}; nothing written by this one")
+        if earlier and not replace:
+            raise OutputDirError(f"{target}: {earlier[0].name} appeared there during the export; nothing written")
         moved: list[tuple[Path, Path]] = []
         try:
             if earlier:
@@ -216,9 +203,12 @@ def staged(target: Path, replace: bool = False) -> Iterator[Path]:
             try:
                 shutil.rmtree(aside)
             except BaseException as e:  # a Ctrl-C / SIGTERM now: the new export is in place, whatever is said
-                shutil.rmtree(aside, ignore_errors=True)
                 if hasattr(e, "after") and e.after is None:
                     e.after = f"the export into {target} was complete"
+                try:
+                    shutil.rmtree(aside, ignore_errors=True)
+                except BaseException:  # a second Ctrl-C: the earlier files stay aside, the export stands
+                    pass
                 raise
     finally:
         if stage.is_dir():
