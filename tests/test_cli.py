@@ -1031,3 +1031,4 @@ def test_a_resume_whose_mode_now_follows_its_monitor_keeps_its_checkpoints_and_e
     errors = [ln for ln in stopped.stderr.splitlines() if ln.startswith("error:")]
     assert stopped.returncode == 2 and len(errors) == 1, stopped.stderr[-3000:]
     assert "EarlyStopping monitor val/mIoU: best is highest, but its mode is min" in errors[0]
+    assert "right after the --trainer.callbacks+= that adds it" in errors[0]  # the flag sets the last one added

@@ -77,4 +77,6 @@ class StageChecks:
             best = monitor_mode(monitor) if isinstance(monitor, str) else None
             if best is not None and mode in ("min", "max") and mode != best:
                 raise ConfigError(f"{type(cb).__name__} monitor {monitor}: best is {'lowest' if best == 'min' else 'highest'}"
-                                  f", but its mode is {mode}; give it mode {best} (--trainer.callbacks.mode {best})")
+                                  f", but its mode is {mode}; give it mode {best} (mode: {best} in its entry of trainer.callbacks, or "
+                                  f"--trainer.callbacks.mode {best} right after the --trainer.callbacks+= that adds it: "
+                                  "that flag sets the callback added last)")
