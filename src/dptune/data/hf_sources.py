@@ -182,13 +182,14 @@ def decode_row(
         raise DataError(f"{name}: no column {e} (has {sorted(row)})") from None
     image = row_image(image, name, dtype=dtypes.get(image_column))
     if isinstance(mask, dict) and (mask.get("bytes") or isinstance(mask.get("path"), str) and os.path.isfile(mask["path"])):
-        mask = _encoded_mask(mask, name)  # a mask column read undecoded (``undecoded_masks``)
-    if isinstance(mask, Image.Image):
+        mask = _encoded_mask(mask, name)  # a mask column read undecoded (``undecoded_masks``): its coding checked
+    elif isinstance(mask, Image.Image):
         check_mask_coding(mask, name)
         stored = getattr(mask, "filename", "")
         if not mask.tile and stored and os.path.isfile(stored):  # decoded already: its file says how it is stored
             with Image.open(stored) as raw, open(stored, "rb") as f:
                 check_mask_coding(raw, name, f.read(16))
+    if isinstance(mask, Image.Image):
         mask.load()
         mask = apply_orientation(pil_to_mask(mask, rgb_masks, name), exif_orientation(mask, decoded=True))
     else:

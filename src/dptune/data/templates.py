@@ -13,6 +13,7 @@ import os
 import string
 from pathlib import Path
 
+from dptune.data.loaders import rank
 from dptune.errors import DataError
 
 PLACEHOLDERS = ("stem", "name", "dir", "id")
@@ -105,7 +106,7 @@ def paths_for(images: list[str], template: str, root: str, what: str, pattern: s
             raise DataError(f"{template}: gives the same {what} file {path} for {first[path]} and {image}; name each "
                             f"image's own file with {_KNOWN.replace(' and ', ' or ')} in the template")
         first[path] = image
-    if pattern and int(os.environ.get("RANK", os.environ.get("LOCAL_RANK", "0"))) == 0:  # said once per run
+    if pattern and rank() == 0:  # said once per run
         _say_labelled_left_out(images, paths, template, root, what, pattern)
     return paths
 

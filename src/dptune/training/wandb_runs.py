@@ -69,11 +69,21 @@ def _wandb_settings() -> Any:
 
     with _quiet_wandb():
         settings = Settings(silent=True)
-        folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
-        settings.settings_system = os.path.join(os.path.expanduser(folder), "settings")
+        settings.settings_system = _settings_file()
         settings.update_from_system_settings()
         settings.update_from_env_vars(dict(os.environ))
     return settings
+
+
+def _settings_file() -> str:
+    """wandb's own settings file: ``WANDB_CONFIG_DIR``/settings, else ~/.config/wandb/settings."""
+    folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
+    return os.path.join(os.path.expanduser(folder), "settings")
+
+
+def _netrc_file() -> str:
+    """The netrc file wandb reads: ``NETRC``, else ~/.netrc."""
+    return os.path.expanduser(os.environ.get("NETRC") or "~/.netrc")
 
 
 def _settings_or_none() -> Any:
@@ -134,7 +144,7 @@ def _netrc_key() -> bool:
     import netrc
 
     try:
-        entries = netrc.netrc(os.path.expanduser(os.environ.get("NETRC") or "~/.netrc"))
+        entries = netrc.netrc(_netrc_file())
         machine = urlparse(os.environ.get("WANDB_BASE_URL") or "https://api.wandb.ai").netloc
     except (OSError, ValueError, netrc.NetrcParseError):  # ValueError: a file that is not text, a bad URL
         return False
@@ -145,10 +155,8 @@ def _netrc_key() -> bool:
 def unreadable_file() -> str | None:
     """The first file wandb reads as text that is not UTF-8: its netrc (``NETRC``, else ~/.netrc) or a settings
     file (``WANDB_CONFIG_DIR``/settings or ~/.config/wandb/settings, ./wandb/settings); None if none is."""
-    folder = os.environ.get("WANDB_CONFIG_DIR") or os.path.join("~", ".config", "wandb")
-    for path in (os.environ.get("NETRC") or "~/.netrc", os.path.join(folder, "settings"),
+    for path in (_netrc_file(), _settings_file(),
                  os.path.join("wandb", "settings")):  # the working folder's (read before WANDB_DIR applies)
-        path = os.path.expanduser(path)
         try:
             with open(path, encoding="utf-8") as f:
                 f.read()
