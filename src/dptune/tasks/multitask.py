@@ -24,7 +24,7 @@ from dptune.models.depth import build_depth_model
 from dptune.models.joint import JointDPT, UncertaintyWeighting, labelled_rows
 from dptune.tasks.base import DPTTask
 from dptune.tasks.depth import check_data_range, check_depth_precision
-from dptune.tasks.segmentation import LabelledTask
+from dptune.tasks.segmentation import LabelledTask, say_unused_aux_weight, set_aux_weight
 from dptune.tasks.visuals import joint_samples, log_validation_images
 
 log = logging.getLogger(__name__)
@@ -98,9 +98,7 @@ class MultiTaskModule(LabelledTask, DPTTask):
             check_data_range(self.trainer, self.hparams.min_depth, self.hparams.max_depth)
             hp = self.hparams
             check_loss_weight("aux_weight", hp.aux_weight, "the segmentation auxiliary head's share of the loss")
-            if hp.aux_weight > 0 and self.model.seg.auxiliary_head is None and self.trainer.is_global_zero:
-                log.info("model.aux_weight %s: this model has no auxiliary head (use_auxiliary_head false in its "
-                         "config), so the segmentation loss is the main head's alone", hp.aux_weight)
+            say_unused_aux_weight(self.model.seg, hp.aux_weight, self.trainer)
             check_loss_weight("segmentation_weight", hp.segmentation_weight, "the segmentation loss's share (fixed weighting)")
             check_loss_weight("depth_weight", hp.depth_weight, "the depth loss's share (fixed weighting)")
         super().check_stage(stage)
@@ -112,10 +110,7 @@ class MultiTaskModule(LabelledTask, DPTTask):
         depth = build_depth_model(hp.pretrained, hp.config, self.built_attention, hp.backbone, hp.fresh_init,
                                   hp.depth_mode, hp.max_depth, hp.init_depth)
         self.model = JointDPT(seg, depth, hp.share_reassemble)
-        if seg.auxiliary_head is not None:  # the run's weight in the segmentation part's config.json
-            seg.config.auxiliary_loss_weight = float(hp.aux_weight)
-        if hp.aux_weight <= 0 and self.model.seg.auxiliary_head is not None:
-            self.model.seg.auxiliary_head.requires_grad_(False)  # never run, so never trained (and DDP needs it so)
+        set_aux_weight(seg, hp.aux_weight)
 
     def configure_losses(self) -> None:
         """Learned task weights (``uncertainty``) are the task's own parameters, beside the network:

@@ -47,6 +47,24 @@ def _set_head_dropout(model: nn.Module, kind: str) -> None:
                 head.head[i] = nn.Dropout2d(m.p) if kind == "channel" else nn.Identity()
 
 
+def set_aux_weight(model: nn.Module, aux_weight: float) -> None:
+    """A segmentation model's auxiliary head as a run with ``aux_weight`` uses it: the run's weight, not the
+    source checkpoint's, in its config (the checkpoint's and the export's config.json: plain transformers
+    fine-tuning the export adds that share of a head this run may not have trained), and, at 0, frozen (never
+    run, so never trained; DDP needs it so)."""
+    if model.auxiliary_head is not None:
+        model.config.auxiliary_loss_weight = float(aux_weight)
+        if aux_weight <= 0:
+            model.auxiliary_head.requires_grad_(False)
+
+
+def say_unused_aux_weight(model: nn.Module, aux_weight: float, trainer) -> None:
+    """A log line where ``aux_weight`` has no effect: the model has no auxiliary head."""
+    if aux_weight > 0 and model.auxiliary_head is None and trainer.is_global_zero:
+        log.info("model.aux_weight %s: this model has no auxiliary head (use_auxiliary_head false in its config), "
+                 "so the segmentation loss is the main head's alone", aux_weight)
+
+
 class LabelledTask:
     """Mixin of the tasks that predict classes: their label set, read from ``model.label_spec``
     (``self.hparams``) when first asked, so that every ``configure_*`` hook may use it."""
@@ -111,9 +129,7 @@ class SegmentationModule(LabelledTask, DPTTask):
             check_loss_weight("aux_weight", hp.aux_weight, "the auxiliary head's share of the loss")
             check_loss_weight("region_weight", hp.region_weight, "the region loss's share of the loss")
             check_class_weights(hp.class_weights, self.num_classes)
-            if hp.aux_weight > 0 and self.model.auxiliary_head is None and self.trainer.is_global_zero:
-                log.info("model.aux_weight %s: this model has no auxiliary head (use_auxiliary_head false in its "
-                         "config), so the loss is the main head's alone", hp.aux_weight)
+            say_unused_aux_weight(self.model, hp.aux_weight, self.trainer)
         if isinstance(hp.slide_stride, bool) or not 0 < hp.slide_stride <= 1:  # NaN too
             raise ConfigError(f"model.slide_stride {hp.slide_stride}: the sliding windows' step as a fraction of the "
                               "window, above 0 (a 1-pixel step is thousands of windows per image) and at most 1 (no gaps)")
@@ -124,12 +140,7 @@ class SegmentationModule(LabelledTask, DPTTask):
         self.model = build_model(self.label_set.names, hp.pretrained, hp.config, self.built_attention, hp.backbone,
                                  hp.fresh_init)
         _set_head_dropout(self.model, hp.head_dropout)
-        if self.model.auxiliary_head is not None:
-            # the run's weight, not the source checkpoint's, in the checkpoint and the export's config.json (plain
-            # transformers fine-tuning the export adds that share of a head this run may not have trained)
-            self.model.config.auxiliary_loss_weight = float(hp.aux_weight)
-        if hp.aux_weight <= 0 and self.model.auxiliary_head is not None:
-            self.model.auxiliary_head.requires_grad_(False)  # never run (see forward), so never trained
+        set_aux_weight(self.model, hp.aux_weight)
 
     def configure_losses(self) -> None:
         class_weights = self.hparams.class_weights
